@@ -1,0 +1,60 @@
+"""The error hierarchy of edgeopt.
+
+Every error a user can cause (a bad file, bad data, a bad option, an op we do
+not support) is an :class:`EdgeoptError`. The CLI prints its message on one
+line and exits non-zero; any other exception is a bug in edgeopt.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EdgeoptError",
+    "ModelError",
+    "DataError",
+    "ConfigError",
+    "UnsupportedOpError",
+    "PassError",
+    "CodegenError",
+]
+
+
+class EdgeoptError(Exception):
+    """Base of every error a user can cause; the message says what to do."""
+
+    exit_code = 1
+
+
+class ModelError(EdgeoptError):
+    """The model file is missing, corrupt, or not usable as given."""
+
+    exit_code = 2
+
+
+class DataError(EdgeoptError):
+    """Input or calibration data does not match the model or is invalid."""
+
+    exit_code = 3
+
+
+class ConfigError(EdgeoptError):
+    """An option, recipe key or configuration value is invalid."""
+
+    exit_code = 4
+
+
+class UnsupportedOpError(EdgeoptError):
+    """An op is not supported by the requested stage."""
+
+    exit_code = 5
+
+
+class PassError(EdgeoptError):
+    """A graph pass could not be applied."""
+
+    exit_code = 6
+
+
+class CodegenError(EdgeoptError):
+    """Code generation refused the model or failed to build it."""
+
+    exit_code = 7

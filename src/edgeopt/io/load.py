@@ -1,0 +1,187 @@
+"""Load an ONNX model from any common exporter into an ``onnx_ir`` model.
+
+Exporters differ in what they write; loading normalizes, on a copy, what every
+later stage would otherwise trip over:
+
+* weights in external data files are read from beside the model;
+* graph inputs that shadow initializers (old PyTorch/Caffe2 exporters) become
+  plain constants; initializers no node uses are dropped;
+* dynamic input dimensions are fixed from ``input_shapes`` (``--input-shape``),
+  and a model that still has dynamic inputs is refused with the name of the
+  input to fix when ``require_static`` is set;
+* shapes of every value are inferred (with constant data propagation).
+
+The file on disk is never modified.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from edgeopt.errors import ModelError
+
+__all__ = ["SUPPORTED_OPSETS", "load_model", "parse_input_shapes", "read_model_proto"]
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_OPSETS = range(11, 22)
+
+
+def parse_input_shapes(specs: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Parse ``NAME=1x3x224x224`` strings into ``{name: shape}``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, sep, dims_text = spec.rpartition("=")
+        if not sep or not name or not dims_text:
+            raise ModelError(f"--input-shape {spec!r} is not NAME=DIMS: write it like input=1x3x224x224")
+        try:
+            dims = tuple(int(d) for d in dims_text.lower().replace(",", "x").split("x"))
+        except ValueError:
+            raise ModelError(f"--input-shape {spec!r}: dims must be integers like 1x3x224x224") from None
+        if any(d <= 0 for d in dims):
+            raise ModelError(f"--input-shape {spec!r}: every dim must be a positive integer")
+        shapes[name] = dims
+    return shapes
+
+
+def read_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX file (and its external data) or raise a one-line ModelError."""
+    file = Path(path)
+    if not file.exists():
+        raise ModelError(f"model file {file} not found: check the path")
+    if file.is_dir():
+        raise ModelError(f"{file} is a folder, not an .onnx model file")
+    try:
+        proto = onnx.load(str(file), load_external_data=True)
+    except FileNotFoundError as error:
+        raise ModelError(f"{file}: external weight file missing ({Path(error.filename or '').name}): "
+                         "keep the data file next to the model") from None
+    except Exception as error:  # protobuf raises DecodeError, RuntimeWarning, ValueError...
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"{file} is not a valid ONNX model ({first_line}): "
+                         "is the file truncated or of another format?") from None
+    if not proto.graph.node:
+        raise ModelError(f"{file} is not a valid ONNX model (its graph has no nodes)")
+    return proto
+
+
+def _default_opset(proto: onnx.ModelProto) -> int:
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            return opset.version
+    raise ModelError("model imports no default ONNX opset: it was not written by a standard exporter")
+
+
+def _drop_shadowing_inputs(graph: onnx.GraphProto) -> None:
+    initializer_names = {t.name for t in graph.initializer}
+    kept = [v for v in graph.input if v.name not in initializer_names]
+    if len(kept) != len(graph.input):
+        del graph.input[:]
+        graph.input.extend(kept)
+
+
+def _used_names(graph: onnx.GraphProto) -> set[str]:
+    used = {name for node in graph.node for name in node.input}
+    used.update(v.name for v in graph.output)
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in [attribute.g, *attribute.graphs]:
+                used.update(_used_names(subgraph))
+    return used
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = _used_names(graph)
+    kept = [t for t in graph.initializer if t.name in used]
+    if len(kept) != len(graph.initializer):
+        logger.info("dropped %d unused initializers", len(graph.initializer) - len(kept))
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
+    dims: list[int | str | None] = []
+    for dim in value.type.tensor_type.shape.dim:
+        if dim.HasField("dim_value") and dim.dim_value > 0:
+            dims.append(dim.dim_value)
+        else:
+            dims.append(dim.dim_param or None)
+    return dims
+
+
+def _fix_input_shapes(graph: onnx.GraphProto, shapes: Mapping[str, Sequence[int]]) -> None:
+    by_name = {v.name: v for v in graph.input}
+    for name, shape in shapes.items():
+        if name not in by_name:
+            raise ModelError(f"--input-shape names {name!r}, but the model's inputs are: {', '.join(by_name)}")
+        value = by_name[name]
+        current = _dims(value)
+        if value.type.tensor_type.HasField("shape") and len(current) != len(shape):
+            raise ModelError(f"--input-shape {name}: model input has rank {len(current)} "
+                             f"({'x'.join(str(d or '?') for d in current)}), got {len(shape)} dims")
+        for position, (old, new) in enumerate(zip(current, shape)):
+            if isinstance(old, int) and old != new:
+                raise ModelError(f"--input-shape {name}: dim {position} is fixed to {old} in the model, got {new}")
+        tensor_shape = value.type.tensor_type.shape
+        tensor_shape.ClearField("dim")
+        for size in shape:
+            tensor_shape.dim.add().dim_value = int(size)
+
+
+def _check_static(graph: onnx.GraphProto) -> None:
+    for value in graph.input:
+        dims = _dims(value)
+        if not value.type.tensor_type.HasField("shape") or any(not isinstance(d, int) for d in dims):
+            shown = "x".join(str(d) if d is not None else "?" for d in dims) or "unknown"
+            example = "x".join(str(d) if isinstance(d, int) else "1" for d in dims) or "1x3x224x224"
+            raise ModelError(f"input {value.name!r} has dynamic shape {shown}: "
+                             f"fix it with --input-shape {value.name}={example}")
+
+
+def _clear_symbolic_shapes(graph: onnx.GraphProto) -> None:
+    """Forget exporter-written intermediate/output shapes so inference recomputes them."""
+    del graph.value_info[:]
+    for value in graph.output:
+        if any(not isinstance(d, int) for d in _dims(value)):
+            value.type.tensor_type.ClearField("shape")
+
+
+def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as error:  # inference is best effort; runtime fills the gaps
+        logger.warning("ONNX shape inference failed (%s); shapes come from running the model", error)
+        return proto
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    require_static: bool = True,
+) -> ir.Model:
+    """Load, validate and normalize an ONNX model; the file is never modified."""
+    proto = read_model_proto(path)
+    opset = _default_opset(proto)
+    if opset not in SUPPORTED_OPSETS:
+        logger.warning("model uses opset %d; edgeopt is tested with opsets %d-%d",
+                       opset, SUPPORTED_OPSETS.start, SUPPORTED_OPSETS.stop - 1)
+    graph = proto.graph
+    _drop_shadowing_inputs(graph)
+    _drop_unused_initializers(graph)
+    if input_shapes:
+        _fix_input_shapes(graph, input_shapes)
+    if require_static:
+        _check_static(graph)
+    _clear_symbolic_shapes(graph)
+    proto = _infer_shapes(proto)
+    try:
+        return ir.from_proto(proto)
+    except Exception as error:
+        raise ModelError(f"{path}: cannot read the graph ({str(error).splitlines()[0]})") from None

@@ -1,0 +1,31 @@
+"""Helpers over ``onnx_ir`` that every stage needs.
+
+The in-memory model type of edgeopt is :class:`onnx_ir.Model`; this package
+adds the small queries passes and analyses share: the constant behind a value
+(initializer or ``Constant`` node), static shapes and numpy dtypes, the model's
+real inputs, and the default-domain opset.
+"""
+
+from __future__ import annotations
+
+from edgeopt.ir.values import (
+    InputSpec,
+    constant_array,
+    default_opset,
+    is_constant,
+    model_inputs,
+    numpy_dtype,
+    static_shape,
+    value_bytes,
+)
+
+__all__ = [
+    "InputSpec",
+    "constant_array",
+    "default_opset",
+    "is_constant",
+    "model_inputs",
+    "numpy_dtype",
+    "static_shape",
+    "value_bytes",
+]

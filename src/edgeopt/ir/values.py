@@ -1,0 +1,129 @@
+"""Queries on values of an ``onnx_ir`` graph: constants, shapes, dtypes, inputs.
+
+A value is *constant* when it is an initializer that is not also a graph input,
+or the output of a ``Constant`` node. Shapes are *static* when every dimension
+is a known integer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = [
+    "InputSpec",
+    "constant_array",
+    "default_opset",
+    "is_constant",
+    "model_inputs",
+    "numpy_dtype",
+    "static_shape",
+    "value_bytes",
+]
+
+Dim = int | str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputSpec:
+    """Name, shape and dtype of one model input; a dim is an int, a symbol or None."""
+
+    name: str
+    shape: tuple[Dim, ...]
+    dtype: np.dtype
+
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(d, int) for d in self.shape)
+
+    def shape_text(self) -> str:
+        return "x".join(str(d) if d is not None else "?" for d in self.shape)
+
+
+def _constant_node_array(node: ir.Node) -> np.ndarray | None:
+    attrs = node.attributes
+    if "value" in attrs:
+        return np.asarray(attrs["value"].as_tensor().numpy())
+    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                       ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in attrs:
+            return np.asarray(attrs[key].value, dtype=dtype)
+    return None
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The numpy array behind ``value`` if it is a constant, else None."""
+    if value is None:
+        return None
+    if value.const_value is not None and not value.is_graph_input():
+        return np.asarray(value.const_value.numpy())
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
+        return _constant_node_array(producer)
+    return None
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    """True for initializers (that are not graph inputs) and Constant outputs."""
+    if value is None:
+        return False
+    if value.const_value is not None and not value.is_graph_input():
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant"
+
+
+def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The shape of ``value`` as ints, or None when unknown or dynamic."""
+    if value is None:
+        return None
+    if value.shape is None:
+        array = constant_array(value)
+        return tuple(array.shape) if array is not None else None
+    dims = []
+    for dim in value.shape.dims:
+        if not isinstance(dim, int):
+            return None
+        dims.append(dim)
+    return tuple(dims)
+
+
+def numpy_dtype(value: ir.Value) -> np.dtype | None:
+    """The numpy dtype of ``value``, or None when its type is unknown."""
+    if value.dtype is None:
+        array = constant_array(value)
+        return array.dtype if array is not None else None
+    try:
+        return np.dtype(value.dtype.numpy())
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def value_bytes(value: ir.Value) -> int | None:
+    """Bytes the tensor occupies (static shape x itemsize), or None if unknown."""
+    shape = static_shape(value)
+    dtype = numpy_dtype(value)
+    if shape is None or dtype is None:
+        return None
+    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+def model_inputs(model: ir.Model) -> list[InputSpec]:
+    """The inputs a caller must feed: graph inputs that are not initializers."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers:
+            continue
+        dims = tuple(value.shape.dims) if value.shape is not None else ()
+        shape = tuple(d if isinstance(d, int) else (d.value if d.value else None) for d in dims)
+        dtype = numpy_dtype(value) or np.dtype(np.float32)
+        specs.append(InputSpec(name=value.name, shape=shape, dtype=dtype))
+    return specs
+
+
+def default_opset(model: ir.Model) -> int:
+    """The version of the default ONNX domain the model imports."""
+    opsets = model.opset_imports
+    return int(opsets.get("", opsets.get("ai.onnx", 0)))

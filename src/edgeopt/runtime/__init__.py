@@ -1,0 +1,1 @@
+"""Execution back ends: ONNX Runtime (``ort``) and the integer reference."""
