@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from edgeopt.io.load import SUPPORTED_OPSETS, load_model, parse_input_shapes
+from edgeopt.io.load import SUPPORTED_OPSETS, load_model, model_file_bytes, parse_input_shapes
 from edgeopt.io.save import atomic_write_bytes, model_to_bytes, save_model
 
 __all__ = [
     "SUPPORTED_OPSETS",
     "atomic_write_bytes",
     "load_model",
+    "model_file_bytes",
     "model_to_bytes",
     "parse_input_shapes",
     "save_model",

@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from edgeopt.errors import ModelError
 
-__all__ = ["SUPPORTED_OPSETS", "load_model", "parse_input_shapes", "read_model_proto"]
+__all__ = ["SUPPORTED_OPSETS", "load_model", "model_file_bytes", "parse_input_shapes", "read_model_proto"]
 
 logger = logging.getLogger(__name__)
 
@@ -185,3 +185,13 @@ def load_model(
         return ir.from_proto(proto)
     except Exception as error:
         raise ModelError(f"{path}: cannot read the graph ({str(error).splitlines()[0]})") from None
+
+
+def model_file_bytes(path: str | os.PathLike) -> int:
+    """Size on disk of a model file plus the external data files it references."""
+    file = Path(path)
+    proto = onnx.load(str(file), load_external_data=False)
+    locations = {entry.value for tensor in proto.graph.initializer
+                 for entry in tensor.external_data if entry.key == "location"}
+    sidecars = [file.parent / location for location in sorted(locations)]
+    return file.stat().st_size + sum(p.stat().st_size for p in sidecars if p.is_file())

@@ -1,0 +1,375 @@
+"""Per-node compute cost and parameter count of a model.
+
+MACs (multiply-accumulates) follow the papers / model-zoo convention; ``out``
+is the number of elements of the node's first output, ``in`` of its first input:
+
+* Conv (any spatial rank, weight ``[C_out, C_in/g, k...]``):
+  ``N * C_out * prod(out_spatial) * (C_in/g) * prod(k)`` = ``out * prod(weight[1:])``.
+  Depthwise is ``g == C_in``. QLinearConv and ConvInteger use the same formula.
+* ConvTranspose (weight ``[C_in, C_out/g, k...]``): every input pixel scatters
+  a kernel, ``N * C_in * prod(in_spatial) * (C_out/g) * prod(k)`` = ``in * prod(weight[1:])``.
+* Gemm: ``M * N * K`` with ``K = A.shape[0] if transA else A.shape[1]``.
+* MatMul (numpy broadcasting, 1-D operands promoted and squeezed):
+  ``prod(batch) * M * N * K`` = ``out * A.shape[-1]``. Same for QLinearMatMul,
+  MatMulInteger, and MatMulNBits (``K`` from its attribute).
+
+``other_flops`` counts the remaining arithmetic:
+
+* bias adds of Conv/ConvTranspose/Gemm/MatMulNBits: ``out``;
+* elementwise ops (Add, Mul, Relu, Clip, Sigmoid, Erf, HardSwish, Exp, Pow,
+  comparisons...): one per output element, ``out``;
+* MaxPool/AveragePool/LpPool: ``out * prod(kernel_shape)``;
+* GlobalAveragePool/GlobalMaxPool, Reduce*, ArgMax/ArgMin: ``in``;
+* Softmax/LogSoftmax: ``3 * in`` (exp, sum, divide);
+* BatchNormalization: ``2 * out`` (scale and shift once folded);
+* LayerNormalization/InstanceNormalization/GroupNormalization: ``7 * in``
+  (mean, centre, square, variance, normalize, scale, shift);
+* Resize: nearest ``0``, linear ``4 * out``, cubic ``16 * out`` (2-D taps);
+* data movement and format conversion (Reshape, Transpose, Concat, Gather,
+  Slice, Pad, Cast, QuantizeLinear/DequantizeLinear...): ``0``.
+
+Ops with no rule cost 0 and are listed in ``CostReport.uncounted_ops``; nodes
+whose needed shapes are unknown cost 0 and are listed in ``unknown_nodes``.
+Nodes inside If/Loop/Scan bodies are not counted (``subgraph_nodes`` says how
+many were skipped).
+
+Parameters: a constant input (initializer or Constant output) with more than
+one element is a *weight* when its dtype is floating point, an integer of at
+most 8 bits (quantized weights), or int32 fed to DequantizeLinear or as the
+QLinearConv bias (quantized bias). Scales and zero points of quantization ops
+and int64 shape/index tensors are not weights. Each weight is counted once,
+on the first node (in execution order) that consumes it. ``params`` counts its
+elements, ``weight_bytes`` its stored bytes; ``param_bytes_fp32/fp16/int8``
+are ``params * 4/2/1``. Every total of :class:`CostReport` is the sum of its rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import onnx_ir as ir
+
+from edgeopt.analysis._graph import execution_steps, is_constant_node, subgraphs
+from edgeopt.ir import constant_array, numpy_dtype, static_shape, value_bytes
+
+__all__ = ["CostReport", "NodeCost", "analyze_cost"]
+
+logger = logging.getLogger(__name__)
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeCost:
+    """The cost of one node; ``output_shapes`` entries are None when unknown."""
+
+    name: str
+    op_type: str
+    output_shapes: tuple[Shape | None, ...]
+    output_dtype: str
+    params: int
+    weight_bytes: int
+    macs: int
+    other_flops: int
+    activation_bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class CostReport:
+    """Per-node rows (in execution order) and their totals."""
+
+    nodes: tuple[NodeCost, ...]
+    macs: int
+    other_flops: int
+    params: int
+    weight_bytes: int
+    activation_bytes: int
+    param_bytes_fp32: int
+    param_bytes_fp16: int
+    param_bytes_int8: int
+    unknown_nodes: tuple[str, ...]
+    uncounted_ops: tuple[str, ...]
+    subgraph_nodes: int
+
+    @property
+    def flops(self) -> int:
+        """Total floating point operations: two per MAC plus the others."""
+        return 2 * self.macs + self.other_flops
+
+
+class _UnknownShape(Exception):
+    """A shape a cost rule needs is not statically known."""
+
+
+# ---------------------------------------------------------------- shapes
+
+
+def _shape(value: ir.Value | None) -> Shape:
+    shape = static_shape(value)
+    if shape is None:
+        raise _UnknownShape
+    return shape
+
+
+def _elements(value: ir.Value | None) -> int:
+    return math.prod(_shape(value))
+
+
+def _input(node: ir.Node, position: int) -> ir.Value | None:
+    return node.inputs[position] if position < len(node.inputs) else None
+
+
+def _has_input(node: ir.Node, position: int) -> bool:
+    return _input(node, position) is not None
+
+
+def _attribute(node: ir.Node, name: str, default: object) -> object:
+    attribute = node.attributes.get(name)
+    return default if attribute is None else attribute.value
+
+
+# ---------------------------------------------------------------- cost rules
+# Each rule returns (macs, other_flops) or raises _UnknownShape.
+
+Cost = tuple[int, int]
+
+
+def _conv(node: ir.Node, weight: int = 1, bias: int | None = 2) -> Cost:
+    out = _elements(node.outputs[0])
+    macs = out * math.prod(_shape(_input(node, weight))[1:])
+    return macs, out if bias is not None and _has_input(node, bias) else 0
+
+
+def _conv_transpose(node: ir.Node) -> Cost:
+    macs = _elements(node.inputs[0]) * math.prod(_shape(_input(node, 1))[1:])
+    return macs, _elements(node.outputs[0]) if _has_input(node, 2) else 0
+
+
+def _gemm(node: ir.Node) -> Cost:
+    a_shape = _shape(node.inputs[0])
+    k = a_shape[0] if _attribute(node, "transA", 0) else a_shape[1]
+    out = _elements(node.outputs[0])
+    return out * k, out if _has_input(node, 2) else 0
+
+
+def _matmul(node: ir.Node, a: int = 0) -> Cost:
+    return _elements(node.outputs[0]) * _shape(node.inputs[a])[-1], 0
+
+
+def _matmul_nbits(node: ir.Node) -> Cost:
+    out = _elements(node.outputs[0])
+    return out * int(_attribute(node, "K", 0)), out if _has_input(node, 5) else 0
+
+
+def _per_output(node: ir.Node, factor: int = 1) -> Cost:
+    return 0, factor * _elements(node.outputs[0])
+
+
+def _per_input(node: ir.Node, factor: int = 1) -> Cost:
+    return 0, factor * _elements(node.inputs[0])
+
+
+def _pool(node: ir.Node) -> Cost:
+    kernel = _attribute(node, "kernel_shape", ())
+    return 0, _elements(node.outputs[0]) * math.prod(kernel)
+
+
+def _resize(node: ir.Node) -> Cost:
+    mode = _attribute(node, "mode", "nearest")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    taps = {"linear": 4, "cubic": 16}.get(mode, 0)
+    return 0, taps * _elements(node.outputs[0]) if taps else 0
+
+
+def _free(node: ir.Node) -> Cost:
+    return 0, 0
+
+
+_ELEMENTWISE = """
+    Add Sub Mul Div Pow Mod Max Min Sum Mean Relu LeakyRelu PRelu Elu Selu Celu
+    ThresholdedRelu Clip Sigmoid HardSigmoid HardSwish Tanh Erf Gelu FastGelu
+    BiasGelu QuickGelu Mish Softplus Softsign Exp Log Sqrt Reciprocal Neg Abs
+    Sign Floor Ceil Round Sin Cos Tan Asin Acos Atan Sinh Cosh Asinh Acosh Atanh
+    Equal Less LessOrEqual Greater GreaterOrEqual And Or Xor Not Where IsNaN
+    IsInf BitShift BitwiseAnd BitwiseOr BitwiseXor BitwiseNot
+""".split()
+
+_REDUCTIONS = """
+    GlobalAveragePool GlobalMaxPool GlobalLpPool ReduceMean ReduceSum ReduceMax
+    ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceSumSquare ReduceLogSum
+    ReduceLogSumExp ArgMax ArgMin
+""".split()
+
+_DATA_MOVEMENT = """
+    Reshape Transpose Concat Gather GatherElements GatherND Slice Split
+    SplitToSequence Squeeze Unsqueeze Flatten Identity Pad Tile Expand Shape
+    Size Cast CastLike DepthToSpace SpaceToDepth Scatter ScatterND
+    ScatterElements Dropout QuantizeLinear DequantizeLinear DynamicQuantizeLinear
+    ConstantOfShape Range NonZero OneHot ReverseSequence Trilu EyeLike Compress
+    Optional OptionalGetElement OptionalHasElement
+""".split()
+
+_CONTROL_FLOW = ("If", "Loop", "Scan")
+
+_RULES: dict[str, Callable[[ir.Node], Cost]] = {
+    "Conv": _conv,
+    "QLinearConv": partial(_conv, weight=3, bias=8),
+    "ConvInteger": partial(_conv, weight=1, bias=None),
+    "ConvTranspose": _conv_transpose,
+    "Gemm": _gemm,
+    "MatMul": _matmul,
+    "MatMulInteger": _matmul,
+    "QLinearMatMul": _matmul,
+    "MatMulNBits": _matmul_nbits,
+    "MaxPool": _pool,
+    "AveragePool": _pool,
+    "LpPool": _pool,
+    "Softmax": partial(_per_input, factor=3),
+    "LogSoftmax": partial(_per_input, factor=3),
+    "BatchNormalization": partial(_per_output, factor=2),
+    "LayerNormalization": partial(_per_input, factor=7),
+    "InstanceNormalization": partial(_per_input, factor=7),
+    "GroupNormalization": partial(_per_input, factor=7),
+    "Resize": _resize,
+    "Upsample": _resize,
+    **{op: _per_output for op in _ELEMENTWISE},
+    **{op: _per_input for op in _REDUCTIONS},
+    **{op: _free for op in (*_DATA_MOVEMENT, *_CONTROL_FLOW)},
+}
+
+
+# ---------------------------------------------------------------- weights
+
+# Input positions that hold scales and zero points, not weights.
+_QUANTIZATION_PARAMETERS: dict[str, frozenset[int]] = {
+    "QuantizeLinear": frozenset({1, 2}),
+    "DequantizeLinear": frozenset({1, 2}),
+    "QLinearConv": frozenset({1, 2, 4, 5, 6, 7}),
+    "QLinearMatMul": frozenset({1, 2, 4, 5, 6, 7}),
+    "ConvInteger": frozenset({2, 3}),
+    "MatMulInteger": frozenset({2, 3}),
+    "MatMulNBits": frozenset({2, 3, 4}),
+}
+
+# (op_type, position) where an int32 constant is a quantized bias.
+_INT32_WEIGHTS = frozenset({("DequantizeLinear", 0), ("QLinearConv", 8)})
+
+
+def _constant_tensor(value: ir.Value) -> ir.TensorProtocol | None:
+    if value.const_value is not None and not value.is_graph_input():
+        return value.const_value
+    producer = value.producer()
+    if producer is None or not is_constant_node(producer):
+        return None
+    if "value" in producer.attributes:
+        return producer.attributes["value"].as_tensor()
+    array = constant_array(value)
+    return ir.tensor(array) if array is not None else None
+
+
+def _is_weight_dtype(dtype: ir.DataType, op_type: str, position: int) -> bool:
+    if dtype.is_floating_point():
+        return True
+    if dtype.is_integer() and dtype.bitwidth <= 8:
+        return True
+    return dtype == ir.DataType.INT32 and (op_type, position) in _INT32_WEIGHTS
+
+
+def _node_weights(node: ir.Node, seen: set[int]) -> tuple[int, int]:
+    """(elements, stored bytes) of the weights first consumed by ``node``; updates ``seen``."""
+    params = stored_bytes = 0
+    skipped = _QUANTIZATION_PARAMETERS.get(node.op_type, frozenset())
+    for position, value in enumerate(node.inputs):
+        if value is None or position in skipped or id(value) in seen:
+            continue
+        tensor = _constant_tensor(value)
+        if tensor is None or tensor.size <= 1 or not _is_weight_dtype(tensor.dtype, node.op_type, position):
+            continue
+        seen.add(id(value))
+        params += tensor.size
+        stored_bytes += tensor.nbytes
+    return params, stored_bytes
+
+
+# ---------------------------------------------------------------- rows
+
+
+def _output_dtype(node: ir.Node) -> str:
+    dtype = numpy_dtype(node.outputs[0]) if node.outputs else None
+    return dtype.name if dtype is not None else "unknown"
+
+
+def _activation_bytes(node: ir.Node) -> int | None:
+    """Bytes of the node's outputs, or None when a size is unknown."""
+    sizes = [value_bytes(value) for value in node.outputs if value.name]
+    return None if None in sizes else sum(sizes)
+
+
+def _compute_cost(node: ir.Node) -> Cost | None:
+    rule = _RULES.get(node.op_type)
+    if rule is None:
+        return 0, 0
+    try:
+        return rule(node)
+    except (_UnknownShape, IndexError):
+        return None
+
+
+def _node_cost(name: str, node: ir.Node, seen: set[int]) -> tuple[NodeCost, bool]:
+    """The row for ``node`` and whether some shape it needed was unknown."""
+    cost = _compute_cost(node)
+    activation_bytes = _activation_bytes(node)
+    params, weight_bytes = _node_weights(node, seen)
+    row = NodeCost(
+        name=name, op_type=node.op_type, output_dtype=_output_dtype(node),
+        output_shapes=tuple(static_shape(v) for v in node.outputs if v.name),
+        params=params, weight_bytes=weight_bytes,
+        macs=cost[0] if cost else 0, other_flops=cost[1] if cost else 0,
+        activation_bytes=activation_bytes or 0,
+    )
+    return row, cost is None or activation_bytes is None
+
+
+def _count_subgraph_nodes(nodes: list[ir.Node]) -> int:
+    count = 0
+    for node in nodes:
+        for graph in subgraphs(node):
+            count += sum(1 for _ in graph.all_nodes())
+    if count:
+        logger.info("%d nodes inside If/Loop/Scan bodies are not counted in the cost", count)
+    return count
+
+
+def _report(rows: list[NodeCost], unknown: list[str], nodes: list[ir.Node]) -> CostReport:
+    params = sum(row.params for row in rows)
+    return CostReport(
+        nodes=tuple(rows),
+        macs=sum(row.macs for row in rows),
+        other_flops=sum(row.other_flops for row in rows),
+        params=params,
+        weight_bytes=sum(row.weight_bytes for row in rows),
+        activation_bytes=sum(row.activation_bytes for row in rows),
+        param_bytes_fp32=4 * params, param_bytes_fp16=2 * params, param_bytes_int8=params,
+        unknown_nodes=tuple(unknown),
+        uncounted_ops=tuple(sorted({n.op_type for n in nodes if n.op_type not in _RULES})),
+        subgraph_nodes=_count_subgraph_nodes(nodes),
+    )
+
+
+def analyze_cost(model: ir.Model) -> CostReport:
+    """MACs, other FLOPs, parameters and activation bytes of every node (see module doc)."""
+    seen: set[int] = set()
+    rows, unknown = [], []
+    steps = execution_steps(model.graph)
+    for name, node in steps:
+        row, is_unknown = _node_cost(name, node, seen)
+        rows.append(row)
+        if is_unknown:
+            unknown.append(name)
+    if unknown:
+        logger.info("cost of %d nodes is partly unknown (unknown shapes): %s", len(unknown), ", ".join(unknown[:5]))
+    return _report(rows, unknown, [node for _, node in steps])

@@ -1,0 +1,198 @@
+"""Latency, throughput and peak memory of one or more models, measured side by side.
+
+Each model runs in its own worker process, so its peak resident memory
+(``ru_maxrss``) is its own. The parent drives the workers in turn, one
+inference each (A B A B ...), so a drift of the shared machine's speed hits
+every model alike and the ratios against the first model stay meaningful.
+Latency is the wall time of ``session.run`` inside the worker.
+
+Statistics: min, median and 90th percentile of the per-inference latency;
+throughput = samples per inference / median latency.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import resource
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgeopt.errors import ConfigError, EdgeoptError
+
+__all__ = ["BenchConfig", "BenchResult", "BenchTarget", "ModelTiming", "bench_models"]
+
+Feeds = Sequence[Mapping[str, np.ndarray]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    """How to time: inferences measured, warm-up inferences, intra-op threads."""
+
+    runs: int = 100
+    warmup: int = 10
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.runs < 1:
+            raise ConfigError(f"--runs must be at least 1, got {self.runs}")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must be 0 or more, got {self.warmup}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchTarget:
+    """One model to time: its display name, serialized ONNX and size on disk."""
+
+    name: str
+    onnx_bytes: bytes = field(repr=False)
+    file_bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelTiming:
+    """Measured numbers of one model."""
+
+    name: str
+    file_bytes: int
+    latencies_ms: tuple[float, ...] = field(repr=False)
+    samples_per_run: int
+    peak_rss_bytes: int
+    baseline_rss_bytes: int
+
+    @property
+    def min_ms(self) -> float:
+        return float(np.min(self.latencies_ms))
+
+    @property
+    def median_ms(self) -> float:
+        return float(np.median(self.latencies_ms))
+
+    @property
+    def p90_ms(self) -> float:
+        return float(np.percentile(self.latencies_ms, 90))
+
+    @property
+    def throughput_per_s(self) -> float:
+        return self.samples_per_run * 1000.0 / self.median_ms
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "file_bytes": self.file_bytes, "min_ms": self.min_ms,
+                "median_ms": self.median_ms, "p90_ms": self.p90_ms,
+                "throughput_per_s": self.throughput_per_s, "runs": len(self.latencies_ms),
+                "peak_rss_bytes": self.peak_rss_bytes,
+                "model_rss_bytes": self.peak_rss_bytes - self.baseline_rss_bytes}
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchResult:
+    """Timings of every model, in the order given; ratios are against the first."""
+
+    models: tuple[ModelTiming, ...]
+    config: BenchConfig
+    cpu_count: int
+
+    def ratios(self) -> list[float]:
+        base = self.models[0].median_ms
+        return [m.median_ms / base for m in self.models]
+
+    def to_dict(self) -> dict:
+        rows = [m.to_dict() | {"median_ratio_vs_first": r} for m, r in zip(self.models, self.ratios())]
+        return {"models": rows, "runs": self.config.runs, "warmup": self.config.warmup,
+                "threads": self.config.threads, "cpu_count": self.cpu_count}
+
+
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _worker(model_bytes: bytes, feeds: Feeds, threads: int | None, pipe) -> None:
+    """Build a session, then answer each 'run' request with one timed inference."""
+    from edgeopt.runtime.ort import OrtSession
+
+    try:
+        baseline = _max_rss_bytes()
+        session = OrtSession(model_bytes, threads=threads)
+        pipe.send(("ready", baseline))
+        index = 0
+        while pipe.recv() == "run":
+            feed = feeds[index % len(feeds)]
+            start = time.perf_counter()
+            session.run(feed)
+            pipe.send(("ms", (time.perf_counter() - start) * 1000.0))
+            index += 1
+        pipe.send(("rss", _max_rss_bytes()))
+    except EdgeoptError as error:
+        pipe.send(("error", str(error)))
+
+
+class _Worker:
+    def __init__(self, context, model_bytes: bytes, feeds: Feeds, threads: int | None) -> None:
+        self.pipe, child = context.Pipe()
+        self.process = context.Process(target=_worker, args=(model_bytes, feeds, threads, child), daemon=True)
+        self.process.start()
+        self.baseline_rss_bytes = self._expect("ready")
+
+    def _expect(self, tag: str):
+        kind, value = self.pipe.recv()
+        if kind == "error":
+            raise EdgeoptError(value)
+        if kind != tag:
+            raise RuntimeError(f"bench worker sent {kind!r}, expected {tag!r}")
+        return value
+
+    def time_one(self) -> float:
+        self.pipe.send("run")
+        return self._expect("ms")
+
+    def finish(self) -> int:
+        self.pipe.send("stop")
+        rss = self._expect("rss")
+        self.process.join(timeout=10)
+        return rss
+
+
+def bench_models(
+    targets: Sequence[BenchTarget],
+    feeds_per_model: Sequence[Feeds],
+    config: BenchConfig,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> BenchResult:
+    """Time each target on its feeds, interleaved, each in its own process."""
+    context = mp.get_context("spawn")
+    workers = [_Worker(context, t.onnx_bytes, feeds, config.threads) for t, feeds in zip(targets, feeds_per_model)]
+    times: list[list[float]] = [[] for _ in workers]
+    total = (config.warmup + config.runs) * len(workers)
+    done = 0
+    try:
+        for step in range(config.warmup + config.runs):
+            for index, worker in enumerate(workers):
+                elapsed = worker.time_one()
+                if step >= config.warmup:
+                    times[index].append(elapsed)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+        peaks = [w.finish() for w in workers]
+    finally:
+        for worker in workers:
+            if worker.process.is_alive():
+                worker.process.kill()
+    timings = tuple(
+        ModelTiming(name=target.name, file_bytes=target.file_bytes, latencies_ms=tuple(t),
+                    samples_per_run=_batch_size(feeds[0]), peak_rss_bytes=peak,
+                    baseline_rss_bytes=w.baseline_rss_bytes)
+        for target, feeds, t, peak, w in zip(targets, feeds_per_model, times, peaks, workers))
+    return BenchResult(models=timings, config=config, cpu_count=os.cpu_count() or 1)
+
+
+def _batch_size(feed: Mapping[str, np.ndarray]) -> int:
+    first = next(iter(feed.values()))
+    return int(first.shape[0]) if first.ndim else 1
+

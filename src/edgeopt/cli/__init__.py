@@ -1,0 +1,5 @@
+"""The ``edgeopt`` command line: parse, call the API, render. Nothing else."""
+
+from edgeopt.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,220 @@
+"""The commands. Each parses its options, calls one function of :mod:`edgeopt.api`, renders."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+
+from edgeopt import __version__, api
+from edgeopt.bench import BenchConfig
+from edgeopt.cli import state
+from edgeopt.cli.render import bytes_text, count_text, print_json, progress_bar, table
+from edgeopt.errors import DataError
+from edgeopt.io import parse_input_shapes
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    name="edgeopt",
+    help="Make trained neural networks small, low-bit, fast and deployable on phones and microcontrollers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+InputShapeOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--input-shape", metavar="NAME=DIMS",
+                 help="Fix a dynamic input shape, e.g. input=1x3x224x224 (repeatable)."),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"edgeopt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")] = 0,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    state.debug = debug
+    logging.getLogger().setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG))
+
+
+# ----------------------------------------------------------------------- inspect
+
+
+@app.command()
+def inspect(
+    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
+    input_shape: InputShapeOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Per-node table of op, output shape, dtype, params, MACs and activation bytes, with totals."""
+    result = api.inspect(model, input_shapes=parse_input_shapes(input_shape or []))
+    if json_output:
+        print_json(result.to_dict())
+        return
+    _render_inspect(result)
+
+
+def _render_inspect(result: api.InspectResult) -> None:
+    rows = table(f"{result.name} (opset {result.opset}{', ' + result.producer if result.producer else ''})",
+                 [("#", "right"), ("node", "left"), ("op", "left"), ("output shape", "left"), ("dtype", "left"),
+                  ("params", "right"), ("MACs", "right"), ("activation", "right")])
+    for index, node in enumerate(result.cost.nodes):
+        shapes = ", ".join("x".join(map(str, s)) if s is not None else "?" for s in node.output_shapes)
+        rows.add_row(str(index), node.name, node.op_type, shapes, node.output_dtype, count_text(node.params),
+                     count_text(node.macs), bytes_text(node.activation_bytes))
+    state.stdout.print(rows)
+    _render_inspect_totals(result)
+
+
+def _render_inspect_totals(result: api.InspectResult) -> None:
+    cost, memory = result.cost, result.memory
+    lines = [
+        ("inputs", ", ".join(f"{i.name} {i.shape_text()} {i.dtype}" for i in result.inputs)),
+        ("MACs", f"{count_text(cost.macs)} ({cost.macs:,})"),
+        ("other FLOPs", f"{count_text(cost.other_flops)} ({cost.other_flops:,})"),
+        ("parameters", f"{count_text(cost.params)} ({cost.params:,})"),
+        ("weights", f"{bytes_text(cost.param_bytes_fp32)} fp32 / {bytes_text(cost.param_bytes_fp16)} fp16 / "
+                    f"{bytes_text(cost.param_bytes_int8)} int8"),
+        ("peak activation RAM", f"{bytes_text(memory.peak_activation_bytes)} ({memory.peak_activation_bytes:,} B, "
+                                f"greedy arena plan; lower bound {memory.lower_bound_bytes:,} B at {memory.peak_node})"),
+    ]
+    if cost.unknown_nodes:
+        lines.append(("not counted", f"{len(cost.unknown_nodes)} nodes with unknown shapes"))
+    totals = table("totals", [("", "left"), ("", "left")])
+    totals.show_header = False
+    for key, value in lines:
+        totals.add_row(key, value)
+    state.stdout.print(totals)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _read_npy(path: Path) -> dict[str, np.ndarray] | np.ndarray:
+    if not path.is_file():
+        raise DataError(f"input file {path} not found")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise DataError(f"{path} is not a readable .npy/.npz file ({str(error).splitlines()[0]})") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            return {key: loaded[key] for key in loaded.files}
+    return loaded
+
+
+def _parse_inputs(specs: list[str]) -> dict[str, np.ndarray]:
+    """``NAME=file.npy`` or ``file.npy`` (key "" = the model's only input) or ``file.npz``."""
+    arrays: dict[str, np.ndarray] = {}
+    for spec in specs:
+        name, sep, path_text = spec.partition("=")
+        if not sep:
+            name, path_text = "", spec
+        loaded = _read_npy(Path(path_text))
+        if isinstance(loaded, dict):
+            arrays.update(loaded)
+        else:
+            arrays[name] = loaded
+    return arrays
+
+
+@app.command()
+def run(
+    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
+    inputs: Annotated[list[str], typer.Option("--input", "-i", metavar="[NAME=]FILE.npy",
+                                              help="Input array (.npy, or .npz keyed by input name); "
+                                                   "N stacked samples for a batch-1 input run one by one.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the outputs, one .npy per output.")],
+    json_output: JsonOption = False,
+) -> None:
+    """Run a model in ONNX Runtime (CPU) and write its outputs as .npy files."""
+    arrays = _parse_inputs(inputs)
+    with progress_bar("running", enabled=not json_output) as update:
+        result = api.run(model, arrays, output_dir=output, progress=update)
+    if json_output:
+        print_json(result.to_dict())
+        return
+    rows = table(f"{result.samples} sample(s) -> {output}", [("output", "left"), ("shape", "left"),
+                                                             ("dtype", "left"), ("file", "left")])
+    for (name, array), file in zip(result.outputs.items(), result.files):
+        rows.add_row(name, "x".join(map(str, array.shape)), str(array.dtype), str(file))
+    state.stdout.print(rows)
+
+
+# ------------------------------------------------------------------------- bench
+
+
+@app.command()
+def bench(
+    models: Annotated[list[Path], typer.Argument(help="One or more ONNX models; ratios are against the first.")],
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads (default: ORT's).")] = None,
+    runs: Annotated[int, typer.Option("--runs", help="Timed inferences per model.")] = 100,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed warm-up inferences per model.")] = 10,
+    data: Annotated[Optional[str], typer.Option("--data", help="Real inputs: folder of .npy/.npz, images, "
+                                                               "or module:function.")] = None,
+    input_shape: InputShapeOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Latency (min/median/p90), throughput, peak RSS and file size; several models run interleaved."""
+    config = BenchConfig(runs=runs, warmup=warmup, threads=threads)
+    with progress_bar("benchmarking", enabled=not json_output) as update:
+        result = api.bench(models, config=config, data=data,
+                           input_shapes=parse_input_shapes(input_shape or []), progress=update)
+    if json_output:
+        print_json(result.to_dict())
+        return
+    render_bench(result)
+
+
+def render_bench(result) -> None:
+    rows = table(f"ONNX Runtime CPU, {result.config.runs} runs after {result.config.warmup} warm-up, "
+                 f"threads={result.config.threads or 'default'}, interleaved",
+                 [("model", "left"), ("min ms", "right"), ("median ms", "right"), ("p90 ms", "right"),
+                  ("vs first", "right"), ("samples/s", "right"), ("peak RSS", "right"), ("file", "right")])
+    for timing, ratio in zip(result.models, result.ratios()):
+        rows.add_row(timing.name, f"{timing.min_ms:.3f}", f"{timing.median_ms:.3f}", f"{timing.p90_ms:.3f}",
+                     f"{ratio:.2f}x", f"{timing.throughput_per_s:,.0f}", bytes_text(timing.peak_rss_bytes),
+                     bytes_text(timing.file_bytes))
+    state.stdout.print(rows)
+
+
+# -------------------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the demo's artifacts.")] = Path("demo-out"),
+    runs: Annotated[int, typer.Option("--runs", help="Timed inferences per model in the benchmark.")] = 200,
+    json_output: JsonOption = False,
+) -> None:
+    """Run every stage that exists on the bundled digits CNN and print a short summary."""
+    from edgeopt.demo import run_demo
+
+    with progress_bar("demo", enabled=not json_output) as update:
+        result = run_demo(output, runs=runs, progress=update)
+    if json_output:
+        print_json(result.to_dict())
+        return
+    _render_inspect_totals(result.inspect)
+    render_bench(result.bench)
+    summary = table("demo summary", [("", "left"), ("", "left")])
+    summary.show_header = False
+    for key, value in result.summary_lines():
+        summary.add_row(key, value)
+    state.stdout.print(summary)

@@ -1,0 +1,48 @@
+"""Entry point: runs the Typer app and turns user errors into one line and an exit code.
+
+Exit codes: 0 success; 1-7 an :class:`EdgeoptError` (its ``exit_code``);
+2 also for a command-line usage error (Typer's own); 70 an internal error (a
+bug, whose traceback ``--debug`` shows); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from edgeopt.cli import state
+from edgeopt.cli.app import app
+from edgeopt.errors import EdgeoptError
+
+__all__ = ["main"]
+
+INTERNAL_ERROR = 70
+
+
+def _fail(message: str, code: int) -> int:
+    state.stderr.print(f"[bold red]error:[/] {message}", markup=True)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
+    try:
+        app(args=argv, prog_name="edgeopt")
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except EdgeoptError as error:
+        if state.debug:
+            raise
+        return _fail(str(error), error.exit_code)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as error:  # a bug: one line unless --debug
+        if state.debug:
+            raise
+        return _fail(f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback "
+                     "and please report it)", INTERNAL_ERROR)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    sys.exit(_run(argv))

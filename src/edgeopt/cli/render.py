@@ -1,0 +1,58 @@
+"""Rendering of result objects for people (rich tables) and machines (JSON)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgeopt.cli import state
+
+__all__ = ["bytes_text", "count_text", "print_json", "progress_bar", "table"]
+
+
+def count_text(value: float) -> str:
+    """1234567 -> '1.23 M' (SI prefixes, the model-zoo convention for MACs/params)."""
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {suffix}"
+    return f"{value:.0f}"
+
+
+def bytes_text(value: float) -> str:
+    """Binary units: 1536 -> '1.5 KiB'."""
+    for factor, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if abs(value) >= factor:
+            return f"{value / factor:.1f} {suffix}"
+    return f"{value:.0f} B"
+
+
+def print_json(data: dict) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def table(title: str | None, columns: list[tuple[str, str]]) -> Table:
+    """A table with (header, justify) columns."""
+    result = Table(title=title, title_justify="left", header_style="bold")
+    for header, justify in columns:
+        result.add_column(header, justify=justify)
+    return result
+
+
+@contextmanager
+def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[int, int | None], None]]:
+    """A progress bar on stderr; yields ``update(done, total)``. Silent when disabled."""
+    if not enabled:
+        yield lambda done, total: None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=state.stderr, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update

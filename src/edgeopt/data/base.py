@@ -1,0 +1,234 @@
+"""The data source protocol, and how stacked arrays are cut into samples.
+
+A :class:`DataSource` is an iterable of validated batches
+``{input_name: np.ndarray}``; iterating it again starts over. Subclasses
+implement ``_feeds()``, yielding raw ``(feed, where)`` pairs; the base class
+passes each through :func:`~edgeopt.data.feeds.check_feed`.
+
+*Stacked* arrays (a big .npy file, arrays given in memory) hold many samples
+along axis 0. For an input of shape ``[B, *rest]`` an array is cut as:
+
+* ``[*rest]`` (one sample without the batch axis): one batch, axis added;
+* ``[N*B, *rest]``: N batches of B rows (B is 1 when the batch dim is dynamic);
+* anything else: one batch as is, which ``check_feed`` then accepts or
+  refuses with the expected shape.
+
+Cutting slices lazily, so a memory-mapped file is read one sample at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeopt.data.feeds import check_feed, dims_match
+from edgeopt.errors import ConfigError, DataError
+from edgeopt.ir.values import InputSpec
+
+__all__ = [
+    "ArraySource",
+    "DataSource",
+    "IterableSource",
+    "TakeSource",
+    "dataset_from_arrays",
+    "split_stacked",
+    "take",
+]
+
+Feed = dict[str, np.ndarray]
+
+
+class DataSource(ABC):
+    """An iterable of validated batches for one model's inputs."""
+
+    def __init__(self, specs: Sequence[InputSpec]) -> None:
+        self._specs = tuple(specs)
+
+    @property
+    def specs(self) -> tuple[InputSpec, ...]:
+        """The model inputs every batch is checked against."""
+        return self._specs
+
+    @property
+    def num_samples(self) -> int | None:
+        """How many batches one pass yields, or None when not known in advance."""
+        return None
+
+    def __iter__(self) -> Iterator[Feed]:
+        for feed, where in self._feeds():
+            yield check_feed(self._specs, feed, where=where)
+
+    def __len__(self) -> int:
+        count = self.num_samples
+        if count is None:
+            raise TypeError(f"the length of {self.describe()} is not known in advance")
+        return count
+
+    @abstractmethod
+    def _feeds(self) -> Iterator[tuple[Mapping[str, object], str]]:
+        """Raw ``(feed, where)`` pairs; ``where`` names the origin for error messages."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """One line for logs and reports, e.g. ``folder calib/ (200 .npy files, one sample each)``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Cut:
+    """How one stacked array becomes batches: ``count`` slices of ``rows``, or whole."""
+
+    count: int
+    rows: int = 0
+    add_axis: bool = False
+
+
+def _plan_cut(spec: InputSpec | None, shape: tuple[int, ...]) -> _Cut:
+    if spec is None or not spec.shape:
+        return _Cut(count=1)
+    first, rest = spec.shape[0], spec.shape[1:]
+    if dims_match(rest, shape):
+        return _Cut(count=1, add_axis=True)
+    rows = first if isinstance(first, int) else 1
+    stackable = isinstance(first, int) or len(spec.shape) > 1
+    if stackable and shape and rows > 0 and shape[0] % rows == 0 and dims_match(rest, shape[1:]):
+        return _Cut(count=shape[0] // rows, rows=rows)
+    return _Cut(count=1)
+
+
+def _cut(array: np.ndarray, cut: _Cut, index: int) -> np.ndarray:
+    if cut.add_axis:
+        return array[np.newaxis]
+    if cut.rows == 0:
+        return array
+    return array[index * cut.rows:(index + 1) * cut.rows]
+
+
+def stacked_count(specs: Sequence[InputSpec], shapes: Mapping[str, tuple[int, ...]], *, where: str) -> int:
+    """How many batches :func:`split_stacked` yields for arrays of these shapes."""
+    by_name = {spec.name: spec for spec in specs}
+    counts = {name: _plan_cut(by_name[name], shape).count for name, shape in shapes.items() if name in by_name}
+    if len(set(counts.values())) > 1:
+        shown = ", ".join(f"{name}: {count}" for name, count in counts.items())
+        raise DataError(f"{where} holds different numbers of samples per input ({shown}): "
+                        "stack the same number of samples for every input")
+    # with no known input name there is one feed, so check_feed can name the problem
+    return next(iter(counts.values()), 1)
+
+
+def split_stacked(
+    specs: Sequence[InputSpec],
+    arrays: Mapping[str, np.ndarray],
+    *,
+    where: str,
+) -> Iterator[tuple[dict[str, np.ndarray], str]]:
+    """Cut arrays stacked on axis 0 into per-batch feeds, all inputs in lockstep."""
+    by_name = {spec.name: spec for spec in specs}
+    shapes = {name: tuple(np.shape(array)) for name, array in arrays.items()}
+    count = stacked_count(specs, shapes, where=where)
+    cuts = {name: _plan_cut(by_name.get(name), shape) for name, shape in shapes.items()}
+    for index in range(count):
+        label = where if count == 1 else f"{where} [sample {index}]"
+        yield {name: _cut(arrays[name], cuts[name], index) for name in arrays}, label
+
+
+class ArraySource(DataSource):
+    """Samples cut from in-memory arrays stacked on axis 0, one per input name."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> None:
+        super().__init__(specs)
+        if not arrays:
+            raise DataError("no arrays given: pass {input_name: array} with samples stacked on axis 0")
+        self._arrays = {name: np.asarray(array) for name, array in arrays.items()}
+        shapes = {name: array.shape for name, array in self._arrays.items()}
+        self._count = stacked_count(self._specs, shapes, where="arrays")
+        if self._count == 0:
+            raise DataError("the arrays given hold no samples: pass arrays stacked on axis 0")
+
+    @property
+    def num_samples(self) -> int:
+        return self._count
+
+    def _feeds(self) -> Iterator[tuple[Mapping[str, object], str]]:
+        return split_stacked(self._specs, self._arrays, where="arrays")
+
+    def describe(self) -> str:
+        return f"arrays {', '.join(self._arrays)} ({self._count} samples)"
+
+
+def dataset_from_arrays(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> ArraySource:
+    """A source yielding the samples of in-memory arrays stacked on axis 0."""
+    return ArraySource(arrays, specs)
+
+
+def as_feed(item: object, specs: Sequence[InputSpec], *, where: str) -> dict[str, object]:
+    """One batch from a user's item: a mapping, or a bare array for a single-input model.
+
+    An array missing only the batch axis gets one; nothing else is reshaped.
+    """
+    if isinstance(item, Mapping):
+        feed = dict(item)
+    elif len(specs) == 1 and hasattr(item, "__array__"):
+        feed = {specs[0].name: item}
+    else:
+        inputs = ", ".join(spec.name for spec in specs)
+        raise DataError(f"{where} is a {type(item).__name__}, not a dict of arrays keyed by input name "
+                        f"({inputs}): yield {{name: array}} dicts")
+    by_name = {spec.name: spec for spec in specs}
+    for name, value in feed.items():
+        spec = by_name.get(name)
+        if spec is not None and spec.shape and dims_match(spec.shape[1:], np.shape(value)):
+            feed[name] = np.asarray(value)[np.newaxis]
+    return feed
+
+
+class IterableSource(DataSource):
+    """Batches from any Python iterable of ``{name: array}`` dicts (or arrays, single input)."""
+
+    def __init__(self, items: Iterable[object], specs: Sequence[InputSpec], *, label: str = "") -> None:
+        super().__init__(specs)
+        self._items = items
+        self._label = label or f"Python {type(items).__name__}"
+
+    @property
+    def num_samples(self) -> int | None:
+        return len(self._items) if hasattr(self._items, "__len__") else None
+
+    def _feeds(self) -> Iterator[tuple[Mapping[str, object], str]]:
+        for index, item in enumerate(self._items):
+            where = f"{self._label} item {index}"
+            yield as_feed(item, self._specs, where=where), where
+
+    def describe(self) -> str:
+        count = self.num_samples
+        return self._label + (f" ({count} batches)" if count is not None else "")
+
+
+class TakeSource(DataSource):
+    """The first ``limit`` batches of another source."""
+
+    def __init__(self, source: DataSource, limit: int) -> None:
+        super().__init__(source.specs)
+        self._source = source
+        self._limit = limit
+
+    @property
+    def num_samples(self) -> int | None:
+        inner = self._source.num_samples
+        return None if inner is None else min(inner, self._limit)
+
+    def _feeds(self) -> Iterator[tuple[Mapping[str, object], str]]:
+        return itertools.islice(self._source._feeds(), self._limit)
+
+    def describe(self) -> str:
+        return f"{self._source.describe()}, first {self._limit}"
+
+
+def take(source: DataSource, limit: int) -> DataSource:
+    """The first ``limit`` batches of ``source`` (a source yielding one sample per batch gives samples)."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"the number of samples to take must be a positive integer, got {limit!r}")
+    return TakeSource(source, limit)

@@ -1,0 +1,143 @@
+"""Check one batch of input data against the model's inputs.
+
+A *feed* is ``{input_name: array}``. It is valid for a model when it names
+exactly the model's inputs, every array has the input's rank, every static dim
+matches (a dynamic dim, a symbol or ``None``, accepts any size), and the
+values are finite numbers. Arrays are cast to the input's dtype only when that
+is unambiguous:
+
+* any float or integer data into a float input (float64 → float32 included);
+* integer data into an integer input when every value fits the target type;
+* booleans into any numeric input;
+* float data into an integer input is refused: rounding would be a guess.
+
+The returned arrays are C-contiguous, of the input's dtype, and owned by the
+caller: read-only (e.g. memory-mapped) or strided data is copied once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from edgeopt.errors import DataError
+from edgeopt.ir.values import InputSpec
+
+__all__ = ["check_feed", "dims_match", "shape_text"]
+
+_NUMERIC_KINDS = "biuf"
+
+
+def shape_text(shape: Sequence[int | str | None]) -> str:
+    """``1x3x?x?`` for a shape whose dynamic dims (symbols or None) show as ``?``."""
+    if not shape:
+        return "scalar"
+    return "x".join(str(d) if isinstance(d, int) else "?" for d in shape)
+
+
+def dims_match(expected: Sequence[int | str | None], got: Sequence[int]) -> bool:
+    """True when ``got`` has the rank of ``expected`` and agrees on every static dim."""
+    if len(expected) != len(got):
+        return False
+    return all(not isinstance(want, int) or want == have for want, have in zip(expected, got))
+
+
+def _input_list(specs: Sequence[InputSpec]) -> str:
+    return ", ".join(spec.name for spec in specs)
+
+
+def _check_names(specs: Sequence[InputSpec], feed: Mapping[str, object], where: str) -> None:
+    names = {spec.name for spec in specs}
+    for name in feed:
+        if name not in names:
+            raise DataError(f"{where} has data for {name!r}, which is not a model input "
+                            f"(the model's inputs are: {_input_list(specs)}): rename it")
+    for spec in specs:
+        if spec.name not in feed:
+            raise DataError(f"{where} has no data for model input {spec.name!r} "
+                            f"(the model's inputs are: {_input_list(specs)}): add an array named {spec.name!r}")
+
+
+def _as_array(value: object, name: str, where: str) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as error:
+        raise DataError(f"{where}: the data for input {name!r} is not an array "
+                        f"({str(error).splitlines()[0]}): give a numeric numpy array") from None
+    if array.dtype.kind not in _NUMERIC_KINDS:
+        raise DataError(f"{where}: input {name!r} holds {array.dtype} data, not real numbers: "
+                        "save numeric arrays (float32, int64, uint8, ...)")
+    return array
+
+
+def _check_shape(spec: InputSpec, array: np.ndarray, where: str) -> None:
+    if dims_match(spec.shape, array.shape):
+        return
+    rank_note = f" (rank {array.ndim}, the model wants rank {len(spec.shape)})" if array.ndim != len(spec.shape) else ""
+    raise DataError(f"{where}: input {spec.name!r} wants shape {shape_text(spec.shape)} "
+                    f"but got {shape_text(array.shape)}{rank_note}: reshape or resize the data")
+
+
+def _check_int_range(spec: InputSpec, array: np.ndarray, where: str) -> None:
+    if array.size == 0 or array.dtype.kind == "b" or np.can_cast(array.dtype, spec.dtype, casting="safe"):
+        return
+    info = np.iinfo(spec.dtype)
+    low, high = int(array.min()), int(array.max())
+    if low < info.min or high > info.max:
+        raise DataError(f"{where}: input {spec.name!r} wants {spec.dtype} but the values span "
+                        f"{low}..{high}: bring them into {info.min}..{info.max}")
+
+
+def _check_cast(spec: InputSpec, array: np.ndarray, where: str) -> None:
+    want, have = spec.dtype.kind, array.dtype.kind
+    if array.dtype == spec.dtype or want == "f":
+        return
+    if want in "iu" and have in "biu":
+        _check_int_range(spec, array, where)
+        return
+    raise DataError(f"{where}: input {spec.name!r} wants {spec.dtype} but the data is {array.dtype}: "
+                    f"convert it (array.astype(np.{spec.dtype})) if that is what you mean")
+
+
+def _check_finite(spec: InputSpec, array: np.ndarray, where: str) -> None:
+    if array.dtype.kind != "f" or np.isfinite(array).all():
+        return
+    what = "NaN" if np.isnan(array).any() else "Inf"
+    raise DataError(f"{where} holds {what} values in input {spec.name!r}: clean the data")
+
+
+def _owned(spec: InputSpec, array: np.ndarray, where: str) -> np.ndarray:
+    """Cast/copy once; a downcast that overflows (1e300 into float32) is reported."""
+    needs_copy = isinstance(array, np.memmap) or not array.flags.writeable
+    if array.dtype == spec.dtype and array.flags.c_contiguous and not needs_copy:
+        return array
+    result = np.array(array, dtype=spec.dtype, order="C")
+    if spec.dtype.kind == "f" and array.dtype.kind == "f" and spec.dtype.itemsize < array.dtype.itemsize:
+        if not np.isfinite(result).all():
+            raise DataError(f"{where}: input {spec.name!r} holds values beyond the {spec.dtype} range: "
+                            "rescale the data")
+    return result
+
+
+def check_feed(
+    specs: Sequence[InputSpec],
+    feed: Mapping[str, object],
+    *,
+    where: str,
+) -> dict[str, np.ndarray]:
+    """Validate one batch against the model inputs and return it as owned arrays.
+
+    Raises a one-line :class:`DataError` naming the input and ``where`` (the
+    source, e.g. a file path) for unknown or missing inputs, wrong shapes,
+    non-numeric or lossy dtypes, and NaN or Inf values.
+    """
+    _check_names(specs, feed, where)
+    checked: dict[str, np.ndarray] = {}
+    for spec in specs:
+        array = _as_array(feed[spec.name], spec.name, where)
+        _check_shape(spec, array, where)
+        _check_cast(spec, array, where)
+        _check_finite(spec, array, where)
+        checked[spec.name] = _owned(spec, array, where)
+    return checked

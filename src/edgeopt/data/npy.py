@@ -1,0 +1,219 @@
+"""Samples stored as NumPy files: one .npy/.npz file, or a folder of them.
+
+Layouts of a folder (detected, in this order):
+
+a. **Files at the top level**, sorted naturally (``s2`` before ``s10``):
+   a ``.npy`` file per sample for a single-input model, or a ``.npz`` per
+   sample holding one array per input name. A file may also hold many samples
+   stacked on axis 0 (``[N, *rest]`` for an input ``[1, *rest]``), or one sample
+   without the batch axis (``[*rest]``); see :mod:`edgeopt.data.base`.
+b. **One subfolder per input name** (multi-input models), each holding one
+   file per sample; files pair up by position in natural order, and every
+   subfolder must hold the same number.
+
+Other files (``manifest.json``, ``README``, hidden files) are ignored. Data is
+read lazily: ``.npy`` files are memory-mapped and sliced one sample at a time,
+so a file far bigger than RAM streams. ``.npz`` members are read whole when
+their file is reached: stack big data sets in ``.npy``. Nothing is ever
+unpickled (``allow_pickle=False``).
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from edgeopt.data.base import DataSource, split_stacked, stacked_count
+from edgeopt.errors import DataError
+from edgeopt.ir.values import InputSpec
+
+__all__ = ["NpyFileSource", "NpyFolderSource", "list_files", "natural_key", "read_arrays"]
+
+DATA_SUFFIXES = (".npy", ".npz")
+_T = TypeVar("_T")
+
+
+def natural_key(name: str) -> list[int | str]:
+    """Sort key that orders embedded numbers by value: ``s2`` before ``s10``."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def list_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
+    """Visible files directly in ``folder`` with one of ``suffixes``, naturally sorted."""
+    files = [p for p in folder.iterdir()
+             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes]
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def _read_error(path: Path, error: Exception) -> DataError:
+    text = str(error)
+    if "Python objects" in text or "Object arrays" in text:
+        return DataError(f"{path} holds Python objects, which edgeopt never unpickles: "
+                         "save plain numeric arrays (np.save with a float or int array)")
+    if "pickled" in text:
+        return DataError(f"{path} is not in .npy format (a pickle or another format): "
+                         "save the array with np.save")
+    first_line = text.splitlines()[0] if text else type(error).__name__
+    return DataError(f"cannot read {path} ({first_line}): is it a complete .npy/.npz file?")
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise _read_error(path, error) from None
+
+
+def _open_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise _read_error(path, error) from None
+
+
+def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes of an .npz's members from their headers, without reading the data."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.namelist():
+                with archive.open(member) as stream:
+                    reader = readers.get(np.lib.format.read_magic(stream))
+                    if reader is None:  # a rare header version: read the arrays instead
+                        return {key: array.shape for key, array in _open_npz(path).items()}
+                    shapes[member.removesuffix(".npy")] = reader(stream)[0]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise _read_error(path, error) from None
+    return shapes
+
+
+def _by_input(path: Path, keyed: Mapping[str, _T], specs: Sequence[InputSpec]) -> dict[str, _T]:
+    """Key a file's arrays (or shapes) by input name; a lone array feeds a lone input."""
+    if len(specs) == 1 and len(keyed) == 1:
+        return {specs[0].name: next(iter(keyed.values()))}
+    if path.suffix.lower() == ".npy":
+        names = ", ".join(spec.name for spec in specs)
+        raise DataError(f"{path} holds one array but the model has {len(specs)} inputs ({names}): "
+                        "save one .npz per sample with an array per input name, or use one subfolder per input")
+    return dict(keyed)
+
+
+def read_arrays(path: Path, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
+    """The arrays of one .npy/.npz file keyed by input name (.npy memory-mapped)."""
+    if path.suffix.lower() == ".npz":
+        return _by_input(path, _open_npz(path), specs)
+    return _by_input(path, {"": _open_npy(path)}, specs)
+
+
+def _read_shapes(path: Path, specs: Sequence[InputSpec]) -> dict[str, tuple[int, ...]]:
+    if path.suffix.lower() == ".npz":
+        return _by_input(path, _npz_shapes(path), specs)
+    return _by_input(path, {"": _open_npy(path).shape}, specs)
+
+
+def _check_path(path: Path) -> None:
+    if not path.exists():
+        raise DataError(f"data path {path} not found: check the --data path")
+
+
+class NpyFileSource(DataSource):
+    """The samples of one .npy/.npz file, stacked on axis 0 (.npz: one array per input)."""
+
+    def __init__(self, path: str | Path, specs: Sequence[InputSpec]) -> None:
+        super().__init__(specs)
+        self._path = Path(path)
+        _check_path(self._path)
+        if self._path.is_dir() or self._path.suffix.lower() not in DATA_SUFFIXES:
+            raise DataError(f"{self._path} is not a .npy or .npz file")
+
+    @cached_property
+    def num_samples(self) -> int:
+        shapes = _read_shapes(self._path, self._specs)
+        return stacked_count(self._specs, shapes, where=str(self._path))
+
+    def _feeds(self) -> Iterator[tuple[Mapping[str, object], str]]:
+        arrays = read_arrays(self._path, self._specs)
+        return split_stacked(self._specs, arrays, where=str(self._path))
+
+    def describe(self) -> str:
+        return f"file {self._path} ({self.num_samples} samples)"
+
+
+def _input_subfolders(folder: Path, specs: Sequence[InputSpec]) -> dict[str, list[Path]]:
+    """Layout (b): ``{input: files}``, or {} when no subfolder is named after an input."""
+    present = [spec.name for spec in specs if (folder / spec.name).is_dir()]
+    if not present:
+        return {}
+    missing = [spec.name for spec in specs if spec.name not in present]
+    if missing:
+        raise DataError(f"data folder {folder} has subfolders for inputs {', '.join(present)} "
+                        f"but none for {', '.join(missing)}: add one subfolder per input")
+    files = {name: list_files(folder / name, DATA_SUFFIXES) for name in present}
+    counts = {len(found) for found in files.values()}
+    if len(counts) > 1 or 0 in counts:
+        shown = ", ".join(f"{name}/: {len(found)}" for name, found in files.items())
+        raise DataError(f"data folder {folder}: the input subfolders hold different numbers of "
+                        f".npy/.npz files ({shown}): give every input one file per sample")
+    return files
+
+
+def _single_array(path: Path, spec: InputSpec) -> np.ndarray:
+    arrays = read_arrays(path, [spec])
+    if spec.name not in arrays:
+        raise DataError(f"{path} holds {len(arrays)} arrays ({', '.join(arrays)}): "
+                        f"a file in subfolder {spec.name}/ must hold one array")
+    return arrays[spec.name]
+
+
+class NpyFolderSource(DataSource):
+    """A folder of .npy/.npz files; the layout is detected (see the module docstring)."""
+
+    def __init__(self, path: str | Path, specs: Sequence[InputSpec]) -> None:
+        super().__init__(specs)
+        self._path = Path(path)
+        _check_path(self._path)
+        if not self._path.is_dir():
+            raise DataError(f"data path {self._path} is not a folder")
+        self._files = list_files(self._path, DATA_SUFFIXES)
+        self._subfolders = {} if self._files else _input_subfolders(self._path, self._specs)
+        if not self._files and not self._subfolders:
+            raise DataError(f"data folder {self._path} holds no .npy or .npz files")
+
+    @cached_property
+    def num_samples(self) -> int:
+        if self._subfolders:
+            return len(next(iter(self._subfolders.values())))
+        return sum(stacked_count(self._specs, _read_shapes(file, self._specs), where=str(file))
+                   for file in self._files)
+
+    def _feeds(self) -> Iterator[tuple[Mapping[str, object], str]]:
+        if self._subfolders:
+            yield from self._paired_feeds()
+            return
+        for file in self._files:
+            yield from split_stacked(self._specs, read_arrays(file, self._specs), where=str(file))
+
+    def _paired_feeds(self) -> Iterator[tuple[Mapping[str, object], str]]:
+        specs = {spec.name: spec for spec in self._specs}
+        for paths in zip(*self._subfolders.values()):
+            named = dict(zip(self._subfolders, paths))
+            arrays = {name: _single_array(path, specs[name]) for name, path in named.items()}
+            yield from split_stacked(self._specs, arrays, where=" + ".join(map(str, paths)))
+
+    def describe(self) -> str:
+        if self._subfolders:
+            folders = ", ".join(f"{name}/" for name in self._subfolders)
+            return f"folder {self._path}/ (one subfolder per input: {folders}; {self.num_samples} samples)"
+        kinds = "/".join(sorted({file.suffix.lower() for file in self._files}))
+        plural = "s" if len(self._files) != 1 else ""
+        count = self.num_samples
+        each = "one sample each" if count == len(self._files) else f"{count} samples"
+        return f"folder {self._path}/ ({len(self._files)} {kinds} file{plural}, {each})"

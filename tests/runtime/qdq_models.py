@@ -1,0 +1,192 @@
+"""Small float ONNX models and their QDQ versions made by ONNX Runtime's quantizer.
+
+Until edgeopt's own quantizer exists, ``onnxruntime.quantization.quantize_static``
+(QDQ format, per-channel int8 weights, 8-bit activations) makes the QDQ models
+the reference interpreter and the C generator are tested on; it follows the
+same scheme (symmetric per-channel weights, asymmetric activations, int32 bias).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import tempfile
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = ["FLOAT_BUILDERS", "calibration_batches", "float_model", "quantize_with_ort"]
+
+_OPSET = 17
+
+
+def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+class _Builder:
+    """Tiny graph builder: each call adds a node and returns its output name."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.count = 0
+
+    def _name(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}{self.count}"
+
+    def const(self, array: np.ndarray, prefix: str = "c") -> str:
+        name = self._name(prefix)
+        self.inits.append(_init(name, array))
+        return name
+
+    def node(self, op: str, inputs: list[str], **attrs) -> str:
+        out = self._name(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out + "_node", **attrs))
+        return out
+
+    def conv(self, x: str, cin: int, cout: int, k: int = 3, stride: int = 1, group: int = 1,
+             dilation: int = 1, pad: int | None = None, bias: bool = True) -> str:
+        pad = (k // 2) * dilation if pad is None else pad
+        weight = (self.rng.standard_normal((cout, cin // group, k, k)) * (1.0 / np.sqrt(cin // group * k * k)))
+        inputs = [x, self.const(weight.astype(np.float32), "w")]
+        if bias:
+            inputs.append(self.const((self.rng.standard_normal(cout) * 0.1).astype(np.float32), "b"))
+        return self.node("Conv", inputs, kernel_shape=[k, k], strides=[stride, stride], group=group,
+                         dilations=[dilation, dilation], pads=[pad] * 4)
+
+    def gemm(self, x: str, cin: int, cout: int) -> str:
+        weight = (self.rng.standard_normal((cout, cin)) / np.sqrt(cin)).astype(np.float32)
+        bias = (self.rng.standard_normal(cout) * 0.1).astype(np.float32)
+        return self.node("Gemm", [x, self.const(weight, "w"), self.const(bias, "b")], transB=1)
+
+    def model(self, output: str, input_shape: tuple[int, ...], output_shape=None) -> onnx.ModelProto:
+        self.nodes[-1].output[0] = "output" if self.nodes[-1].output[0] == output else self.nodes[-1].output[0]
+        graph = helper.make_graph(
+            self.nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(input_shape))],
+            [helper.make_tensor_value_info("output", TensorProto.FLOAT, output_shape)], self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)], ir_version=8)
+        model = onnx.shape_inference.infer_shapes(model)
+        onnx.checker.check_model(model)
+        return model
+
+
+def conv_relu() -> onnx.ModelProto:
+    b = _Builder(1)
+    x = b.node("Relu", [b.conv("input", 3, 8, stride=2)])
+    x = b.node("Relu", [b.conv(x, 8, 16, k=3, dilation=2)])
+    x = b.node("Clip", [b.conv(x, 16, 8, k=1), b.const(np.float32(0.0)), b.const(np.float32(6.0))])
+    return b.model(b.conv(x, 8, 4, k=3, pad=0), (1, 3, 16, 16))
+
+
+def depthwise_separable() -> onnx.ModelProto:
+    b = _Builder(2)
+    x = b.node("Relu", [b.conv("input", 3, 16, stride=2)])
+    x = b.node("Clip", [b.conv(x, 16, 16, group=16), b.const(np.float32(0.0)), b.const(np.float32(6.0))])
+    x = b.node("Relu", [b.conv(x, 16, 24, k=1)])
+    x = b.conv(x, 24, 24, k=5, stride=2, group=24)
+    return b.model(b.conv(x, 24, 8, k=1), (1, 3, 16, 16))
+
+
+def residual_add() -> onnx.ModelProto:
+    b = _Builder(3)
+    stem = b.node("Relu", [b.conv("input", 3, 16)])
+    y = b.conv(b.node("Relu", [b.conv(stem, 16, 16)]), 16, 16)
+    x = b.node("Relu", [b.node("Add", [stem, y])])
+    gate = b.node("Sigmoid", [b.conv(x, 16, 16, k=1)])
+    x = b.node("Mul", [x, gate])
+    return b.model(b.conv(x, 16, 8, k=1), (1, 3, 12, 12))
+
+
+def concat_pools() -> onnx.ModelProto:
+    b = _Builder(4)
+    stem = b.node("Relu", [b.conv("input", 3, 8)])
+    left = b.node("MaxPool", [stem], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    right = b.node("AveragePool", [b.conv(stem, 8, 12)], kernel_shape=[2, 2], strides=[2, 2])
+    mid = b.node("AveragePool", [stem], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    x = b.node("Concat", [left, right, mid], axis=1)
+    x = b.node("GlobalAveragePool", [b.conv(x, 28, 16, k=1)])
+    x = b.node("Flatten", [x], axis=1)
+    return b.model(b.gemm(x, 16, 10), (1, 3, 16, 16))
+
+
+def gemm_classifier() -> onnx.ModelProto:
+    b = _Builder(5)
+    x = b.node("Relu", [b.gemm("input", 32, 64)])
+    x = b.node("Relu", [b.gemm(x, 64, 32)])
+    return b.model(b.gemm(x, 32, 10), (4, 32))
+
+
+def lut_activations() -> onnx.ModelProto:
+    b = _Builder(6)
+    x = b.node("HardSwish", [b.conv("input", 3, 16, stride=2)])
+    x = b.node("Sigmoid", [b.conv(x, 16, 16, k=1)])
+    x = b.node("Tanh", [b.conv(x, 16, 16, group=16)])
+    x = b.node("HardSigmoid", [b.conv(x, 16, 8, k=1)])
+    x = b.node("Reshape", [x, b.const(np.array([1, 8, -1], dtype=np.int64))])
+    x = b.node("Transpose", [x], perm=[0, 2, 1])
+    return b.model(b.node("Softmax", [x], axis=-1), (1, 3, 8, 8))
+
+
+def pad_resize_reduce() -> onnx.ModelProto:
+    b = _Builder(7)
+    x = b.node("Relu", [b.conv("input", 3, 8, stride=2)])
+    x = b.node("Pad", [x, b.const(np.array([0, 0, 1, 2, 0, 0, 2, 1], dtype=np.int64))])
+    x = b.conv(x, 8, 8, k=3, pad=0)
+    x = b.node("Resize", [x, "", b.const(np.array([1, 1, 2, 2], dtype=np.float32))], mode="nearest")
+    x = b.node("ReduceMean", [b.conv(x, 8, 8, k=1), b.const(np.array([2, 3], dtype=np.int64))], keepdims=1)
+    x = b.node("Squeeze", [x, b.const(np.array([2, 3], dtype=np.int64))])
+    return b.model(b.gemm(x, 8, 4), (1, 3, 16, 16))
+
+
+FLOAT_BUILDERS = {
+    "conv_relu": conv_relu,
+    "depthwise_separable": depthwise_separable,
+    "residual_add": residual_add,
+    "concat_pools": concat_pools,
+    "gemm_classifier": gemm_classifier,
+    "lut_activations": lut_activations,
+    "pad_resize_reduce": pad_resize_reduce,
+}
+
+
+def float_model(name: str) -> onnx.ModelProto:
+    return FLOAT_BUILDERS[name]()
+
+
+def calibration_batches(model: onnx.ModelProto, count: int = 8, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    value = model.graph.input[0]
+    shape = [d.dim_value for d in value.type.tensor_type.shape.dim]
+    return [{value.name: rng.standard_normal(shape).astype(np.float32)} for _ in range(count)]
+
+
+class _Reader:
+    def __init__(self, batches):
+        self._iter = iter(batches)
+
+    def get_next(self):
+        return next(self._iter, None)
+
+
+def quantize_with_ort(model: onnx.ModelProto, *, activation: str = "int8", batches=None,
+                      preprocess: bool = False) -> onnx.ModelProto:
+    """QDQ-quantize ``model`` with ONNX Runtime: per-channel int8 weights, int8/uint8 activations."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    reader_type = type("Reader", (_Reader, CalibrationDataReader), {})
+    batches = batches if batches is not None else calibration_batches(model)
+    activation_type = QuantType.QInt8 if activation == "int8" else QuantType.QUInt8
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = pathlib.Path(tmp) / "f.onnx", pathlib.Path(tmp) / "q.onnx"
+        onnx.save(model, str(src))
+        if preprocess:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+            pre = pathlib.Path(tmp) / "p.onnx"
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            src = pre
+        quantize_static(str(src), str(dst), reader_type(batches), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=activation_type, weight_type=QuantType.QInt8)
+        return onnx.load(str(dst))
