@@ -176,38 +176,64 @@ def _lowest_free_offset(size: int, busy: list[tuple[int, int]], alignment: int) 
     return candidate
 
 
-def _placement_order(lifetimes: Sequence[TensorLifetime]) -> list[TensorLifetime]:
-    return sorted(lifetimes, key=lambda t: (-t.size_bytes, t.start, t.name))
+def _conflicts(lifetimes: Sequence[TensorLifetime]) -> list[list[int]]:
+    """For each tensor (by index), the tensors of non-zero size live at a common step.
+
+    A sweep over start steps: O(T log T + number of conflicting pairs).
+    """
+    by_start = sorted((i for i, t in enumerate(lifetimes) if t.size_bytes), key=lambda i: lifetimes[i].start)
+    conflicts: list[list[int]] = [[] for _ in lifetimes]
+    for position, first in enumerate(by_start):
+        end = lifetimes[first].end
+        for later in range(position + 1, len(by_start)):
+            second = by_start[later]
+            if lifetimes[second].start > end:
+                break
+            conflicts[first].append(second)
+            conflicts[second].append(first)
+    return conflicts
+
+
+def _placement_order(lifetimes: Sequence[TensorLifetime]) -> list[int]:
+    """Largest first; ties by earlier start, then name (deterministic plans)."""
+    return sorted(range(len(lifetimes)),
+                  key=lambda i: (-lifetimes[i].size_bytes, lifetimes[i].start, lifetimes[i].name))
+
+
+def _check_unique_names(lifetimes: Sequence[TensorLifetime]) -> None:
+    names: set[str] = set()
+    for lifetime in lifetimes:
+        if lifetime.name in names:
+            raise ValueError(f"tensor {lifetime.name!r} appears twice: lifetime names must be unique")
+        names.add(lifetime.name)
 
 
 def greedy_arena_plan(lifetimes: Sequence[TensorLifetime], *, alignment: int = 16) -> ArenaPlan:
     """Place tensors largest first, each at the lowest aligned offset free for its whole lifetime."""
     if alignment < 1:
         raise ConfigError(f"arena alignment must be a positive number of bytes, got {alignment}")
-    placed: list[tuple[TensorLifetime, int]] = []
-    offsets: dict[str, int] = {}
-    for tensor in _placement_order(lifetimes):
-        busy = [(offset, offset + other.size_bytes) for other, offset in placed
-                if other.size_bytes and other.overlaps_in_time(tensor)]
-        offsets[tensor.name] = _lowest_free_offset(tensor.size_bytes, busy, alignment) if tensor.size_bytes else 0
-        placed.append((tensor, offsets[tensor.name]))
-    arena_bytes = max((offsets[t.name] + t.size_bytes for t in lifetimes), default=0)
-    return ArenaPlan(offsets=offsets, arena_bytes=arena_bytes,
-                     lower_bound_bytes=lower_bound_bytes(lifetimes), alignment=alignment)
+    _check_unique_names(lifetimes)
+    conflicts = _conflicts(lifetimes)
+    offsets: dict[int, int] = {}
+    for index in _placement_order(lifetimes):
+        size = lifetimes[index].size_bytes
+        busy = [(offsets[other], offsets[other] + lifetimes[other].size_bytes)
+                for other in conflicts[index] if other in offsets]
+        offsets[index] = _lowest_free_offset(size, busy, alignment) if size else 0
+    arena_bytes = max((offsets[i] + t.size_bytes for i, t in enumerate(lifetimes)), default=0)
+    return ArenaPlan(offsets={lifetimes[i].name: offset for i, offset in sorted(offsets.items())},
+                     arena_bytes=arena_bytes, lower_bound_bytes=lower_bound_bytes(lifetimes), alignment=alignment)
 
 
 def check_no_overlap(plan: ArenaPlan, lifetimes: Sequence[TensorLifetime]) -> tuple[tuple[str, str], ...]:
-    """Pairs of tensors live at the same step whose byte ranges in ``plan`` intersect; () when valid."""
-    by_start = sorted((t for t in lifetimes if t.size_bytes), key=lambda t: t.start)
+    """Pairs of tensors live at a common step whose byte ranges in ``plan`` intersect; () when valid."""
     violations = []
-    for index, first in enumerate(by_start):
-        low = plan.offsets[first.name]
-        for second in by_start[index + 1:]:
-            if second.start > first.end:
-                break
-            other = plan.offsets[second.name]
-            if low < other + second.size_bytes and other < low + first.size_bytes:
-                violations.append((first.name, second.name))
+    for first, others in enumerate(_conflicts(lifetimes)):
+        a, low = lifetimes[first], plan.offsets[lifetimes[first].name]
+        for second in (o for o in others if o > first):
+            b, other = lifetimes[second], plan.offsets[lifetimes[second].name]
+            if low < other + b.size_bytes and other < low + a.size_bytes:
+                violations.append((a.name, b.name))
     return tuple(violations)
 
 

@@ -1,0 +1,36 @@
+"""Calibration, evaluation and benchmark data: one interface for ``--data``.
+
+A data source is an iterable of batches ``{input_name: np.ndarray}``, each
+checked against the model inputs (:func:`check_feed`). Sources stream: files
+are opened one at a time and big stacked .npy files are memory-mapped, so a
+data set never has to fit in memory. :func:`open_data` picks the source for a
+folder of .npy/.npz files, a folder of images plus an :class:`ImagePreprocess`,
+a .npy/.npz file, a ``module:function`` or an in-memory iterable.
+"""
+
+from __future__ import annotations
+
+from edgeopt.data.base import ArraySource, DataSource, IterableSource, TakeSource, dataset_from_arrays, take
+from edgeopt.data.callable import CallableSource
+from edgeopt.data.feeds import check_feed
+from edgeopt.data.images import ImageDtype, ImageFolderSource, ImagePreprocess, Layout
+from edgeopt.data.npy import NpyFileSource, NpyFolderSource
+from edgeopt.data.sources import open_data
+
+__all__ = [
+    "ArraySource",
+    "CallableSource",
+    "DataSource",
+    "ImageDtype",
+    "ImageFolderSource",
+    "ImagePreprocess",
+    "IterableSource",
+    "Layout",
+    "NpyFileSource",
+    "NpyFolderSource",
+    "TakeSource",
+    "check_feed",
+    "dataset_from_arrays",
+    "open_data",
+    "take",
+]

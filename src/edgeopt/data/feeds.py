@@ -112,7 +112,8 @@ def _owned(spec: InputSpec, array: np.ndarray, where: str) -> np.ndarray:
     needs_copy = isinstance(array, np.memmap) or not array.flags.writeable
     if array.dtype == spec.dtype and array.flags.c_contiguous and not needs_copy:
         return array
-    result = np.array(array, dtype=spec.dtype, order="C")
+    with np.errstate(over="ignore"):  # an overflow is reported below, as a DataError
+        result = np.array(array, dtype=spec.dtype, order="C")
     if spec.dtype.kind == "f" and array.dtype.kind == "f" and spec.dtype.itemsize < array.dtype.itemsize:
         if not np.isfinite(result).all():
             raise DataError(f"{where}: input {spec.name!r} holds values beyond the {spec.dtype} range: "

@@ -29,3 +29,23 @@ __all__ = [
     "static_shape",
     "value_bytes",
 ]
+
+from edgeopt.ir.rewrite import (  # noqa: E402  (appended: graph-rewrite builders)
+    add_initializer,
+    consumers,
+    node_label,
+    remove_nodes,
+    replace_value,
+    replace_value_refusal,
+    unique_value_name,
+)
+
+__all__ += [
+    "add_initializer",
+    "consumers",
+    "node_label",
+    "remove_nodes",
+    "replace_value",
+    "replace_value_refusal",
+    "unique_value_name",
+]

@@ -1,0 +1,126 @@
+"""Batches produced by the user's own Python function, named ``module:function``.
+
+``module:function`` imports ``module`` (from ``sys.path``); ``path/to/file.py:function``
+loads that file. The function takes no arguments and is called once per pass
+over the data. It returns either
+
+* an iterable (list, generator, ``torch.utils.data.DataLoader``...) whose
+  items are batches: ``{input_name: array}`` dicts, or bare arrays for a
+  single-input model; an array missing only the batch axis gets one;
+* or the whole data set at once: a ``{input_name: array}`` mapping or a bare
+  array, samples stacked on axis 0 (cut as in :mod:`edgeopt.data.base`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+from edgeopt.data.base import DataSource, as_feed, split_stacked
+from edgeopt.errors import DataError
+from edgeopt.ir.values import InputSpec
+
+__all__ = ["CallableSource", "looks_like_callable"]
+
+_FUNCTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def looks_like_callable(text: str) -> bool:
+    """True for ``module:function`` or ``file.py:function`` (and not a Windows drive path)."""
+    target, sep, function = text.rpartition(":")
+    return bool(sep and target and len(target) > 1 and _FUNCTION_NAME.match(function))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _import_file(path: Path, spec_text: str) -> object:
+    if not path.is_file():
+        raise DataError(f"--data {spec_text}: file {path} not found")
+    module_name = f"edgeopt_user_data_{abs(hash(path.resolve()))}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise DataError(f"--data {spec_text}: cannot load {path} as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _import(target: str, spec_text: str) -> object:
+    try:
+        if target.endswith(".py") or "/" in target or "\\" in target:
+            return _import_file(Path(target), spec_text)
+        return importlib.import_module(target)
+    except DataError:
+        raise
+    except Exception as error:  # the user's module may raise anything while importing
+        raise DataError(f"--data {spec_text}: importing {target} failed ({_first_line(error)}): "
+                        "check the module path and that it imports on its own") from error
+
+
+def load_function(spec_text: str) -> Callable[[], object]:
+    """The function named by ``module:function`` or ``file.py:function``."""
+    target, sep, name = spec_text.rpartition(":")
+    if not looks_like_callable(spec_text):
+        raise DataError(f"--data {spec_text!r} is not module:function or path/to/file.py:function")
+    module = _import(target, spec_text)
+    function = getattr(module, name, None)
+    if function is None:
+        raise DataError(f"--data {spec_text}: {target} has no attribute {name!r}")
+    if not callable(function):
+        raise DataError(f"--data {spec_text}: {name} is a {type(function).__name__}, not a function")
+    return function
+
+
+class CallableSource(DataSource):
+    """Batches from a user function ``module:function`` (see the module docstring)."""
+
+    def __init__(self, spec_text: str, specs: Sequence[InputSpec]) -> None:
+        super().__init__(specs)
+        self._spec_text = spec_text
+        self._function = load_function(spec_text)
+
+    def _call(self) -> object:
+        try:
+            return self._function()
+        except Exception as error:  # a failure inside user code is reported, with its cause chained
+            raise DataError(f"--data {self._spec_text}: the function raised ({_first_line(error)})") from error
+
+    def _feeds(self) -> Iterator[tuple[Mapping[str, object], str]]:
+        result = self._call()
+        if isinstance(result, Mapping) or hasattr(result, "__array__"):
+            yield from split_stacked(self._specs, self._stacked(result), where=self._spec_text)
+        elif isinstance(result, Iterable) and not isinstance(result, (str, bytes)):
+            yield from self._items(result)
+        else:
+            raise DataError(f"--data {self._spec_text} returned a {type(result).__name__}, "
+                            "not an iterable of {input_name: array} dicts")
+
+    def _stacked(self, result: object) -> Mapping[str, object]:
+        if isinstance(result, Mapping):
+            return result
+        if len(self._specs) != 1:
+            raise DataError(f"--data {self._spec_text} returned one array but the model has "
+                            f"{len(self._specs)} inputs: return {{input_name: array}} dicts")
+        return {self._specs[0].name: result}
+
+    def _items(self, items: Iterable[object]) -> Iterator[tuple[Mapping[str, object], str]]:
+        try:
+            for index, item in enumerate(items):
+                where = f"{self._spec_text} item {index}"
+                yield as_feed(item, self._specs, where=where), where
+        except DataError:
+            raise
+        except Exception as error:  # the user's generator failed mid-way
+            raise DataError(f"--data {self._spec_text}: iterating the result failed "
+                            f"({_first_line(error)})") from error
+
+    def describe(self) -> str:
+        return f"function {self._spec_text}"

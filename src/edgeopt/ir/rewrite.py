@@ -1,0 +1,114 @@
+"""Builders for graph rewrites: new initializers, node labels, value replacement.
+
+A rewrite never edits a tensor in place: a folded weight is a *new*
+initializer, and the old one stays for any other reader until dead-code
+elimination drops it. Replacing a value moves every use (and a graph-output
+slot) to the new value; a graph output keeps its name, so the model's
+interface is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = [
+    "add_initializer",
+    "consumers",
+    "node_label",
+    "remove_nodes",
+    "replace_value",
+    "replace_value_refusal",
+    "unique_value_name",
+]
+
+
+def node_label(node: ir.Node) -> str:
+    """A name for messages: the node's name, or its op type and first output."""
+    if node.name:
+        return node.name
+    output = node.outputs[0].name if node.outputs and node.outputs[0].name else "?"
+    return f"{node.op_type}(->{output})"
+
+
+def consumers(value: ir.Value) -> list[ir.Node]:
+    """The distinct nodes that read ``value``, in first-use order."""
+    seen: dict[int, ir.Node] = {}
+    for usage in value.uses():
+        seen.setdefault(id(usage.node), usage.node)
+    return list(seen.values())
+
+
+def _graph_value_names(graph: ir.Graph) -> set[str]:
+    names = {v.name for v in graph.inputs if v.name}
+    names.update(graph.initializers)
+    names.update(v.name for node in graph for v in node.outputs if v.name)
+    return names
+
+
+def unique_value_name(graph: ir.Graph, hint: str) -> str:
+    """``hint`` if no value of ``graph`` has that name, else ``hint_1``, ``hint_2``..."""
+    taken = _graph_value_names(graph)
+    if hint not in taken:
+        return hint
+    index = 1
+    while f"{hint}_{index}" in taken:
+        index += 1
+    return f"{hint}_{index}"
+
+
+def add_initializer(graph: ir.Graph, array: np.ndarray, name_hint: str) -> ir.Value:
+    """Register ``array`` as a new initializer of ``graph`` and return its value."""
+    array = np.ascontiguousarray(array)
+    name = unique_value_name(graph, name_hint)
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, name=name),
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def replace_value_refusal(old: ir.Value, new: ir.Value) -> str | None:
+    """Why ``old`` cannot be replaced by ``new`` (None when it can).
+
+    Replacing is always possible unless ``old`` is a graph output and ``new``
+    is already part of the graph's interface (an input, an initializer or
+    another output): the output would lose its name.
+    """
+    if not old.is_graph_output():
+        return None
+    if new.is_graph_input() or new.is_initializer() or new.is_graph_output():
+        return f"{old.name!r} is a graph output and {new.name!r} is a graph input, initializer or output"
+    return None
+
+
+def replace_value(old: ir.Value, new: ir.Value) -> None:
+    """Point every use of ``old`` (and its graph-output slot) at ``new``.
+
+    When ``old`` is a graph output, ``new`` takes its name so the model's
+    interface is unchanged; check :func:`replace_value_refusal` first. Type and
+    shape known on ``old`` but not on ``new`` are carried over.
+    """
+    if new.type is None and old.type is not None:
+        new.type = old.type
+    if new.shape is None and old.shape is not None:
+        new.shape = old.shape
+    is_output = old.is_graph_output()
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if is_output:
+        name = old.name
+        old.name = None
+        new.name = name
+
+
+def remove_nodes(graph: ir.Graph, nodes: Iterable[ir.Node]) -> None:
+    """Remove ``nodes`` (whose outputs nothing else reads) and detach their inputs."""
+    nodes = [n for n in dict.fromkeys(nodes) if n.graph is graph]
+    if nodes:
+        graph.remove(nodes, safe=True)
+

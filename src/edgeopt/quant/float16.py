@@ -1,0 +1,529 @@
+"""Half-precision conversion: float16 weights and compute, or bfloat16 weight storage.
+
+**fp16** (:class:`Fp16Config`). Every float32 tensor a node reads or writes
+becomes float16 where the op's ONNX schema allows float16 at that input or
+output; positions the schema fixes to float32 (Resize ``scales``, LayerNorm
+``Mean``/``InvStdDev``) keep float32. Constants are rounded to nearest
+even, values beyond the float16 range (|x| > 65504) are clamped to
+±65504 and counted, values below the smallest subnormal (2**-24) flush to 0
+and are counted. A node stays float32 when the user excludes it, when it is
+outside the ONNX domain or carries subgraphs, or when :data:`FLOAT32_OPS`
+names it for a numeric reason; Cast nodes join the float32 and float16 parts
+(one Cast per value and target type). With ``keep_io_float32`` the model
+still takes and returns float32. Attributes that carry a float type follow
+their node: ``Cast.to``, ``ConstantOfShape.value``, ``Constant.value``.
+ONNX Runtime's CPU provider has float16 kernels for some ops (Conv, MatMul,
+LayerNorm ...) and runs the others in float32 through casts it inserts when
+the session is built, so an fp16 model runs everywhere, though on x86 CPU it
+is mainly a size win.
+
+**bf16** (:class:`Bf16Config`). ONNX Runtime's CPU provider has almost no
+bfloat16 kernels, so bf16 here means *weights stored in bfloat16, compute
+float32*: each float32 constant (with more than one element) that is read at
+a data position becomes a bfloat16 tensor followed by ``Cast(to=FLOAT)``.
+The file is about half the size and runs on every runtime; ONNX Runtime
+folds the casts when it loads the model. bfloat16 keeps float32's exponent,
+so nothing clamps; it keeps 8 significant bits (relative error <= 2**-9).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from edgeopt import ir as eir
+from edgeopt.errors import ConfigError
+from edgeopt.quant.formats import BFLOAT16, FLOAT16, Format
+from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
+
+__all__ = ["FLOAT32_OPS", "Bf16Config", "Fp16Config", "HalfArray", "quantize_bf16", "quantize_fp16", "to_float16"]
+
+logger = logging.getLogger(__name__)
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+FLOAT16_TINY = 2.0**-25  # values below half the smallest subnormal round to zero
+
+_FLOAT = ir.DataType.FLOAT
+_FLOAT16 = ir.DataType.FLOAT16
+_BFLOAT16 = ir.DataType.BFLOAT16
+_ONNX_DOMAINS = ("", "ai.onnx")
+
+_SUM_OVERFLOWS = "sums over many elements can exceed the float16 range (65504)"
+_DTYPE_ATTRIBUTE = "its output type comes from a dtype attribute; it samples in float32"
+
+#: Default-domain ops kept in float32 under fp16, and why. Ops whose schema
+#: has no float16 (Range, NonMaxSuppression ...) need no entry: the schema
+#: check keeps them float32 and says so.
+FLOAT32_OPS: Mapping[str, str] = {
+    "CumSum": "running sums lose precision and overflow in float16",
+    "ReduceSum": _SUM_OVERFLOWS,
+    "ReduceSumSquare": _SUM_OVERFLOWS,
+    "ReduceL1": _SUM_OVERFLOWS,
+    "ReduceL2": _SUM_OVERFLOWS,
+    "ReduceLogSumExp": "exp overflows float16 above 11",
+    "ReduceProd": "products overflow float16",
+    "RoiAlign": "box coordinates need float32 precision",
+    "RandomNormal": _DTYPE_ATTRIBUTE,
+    "RandomUniform": _DTYPE_ATTRIBUTE,
+    "RandomNormalLike": _DTYPE_ATTRIBUTE,
+    "RandomUniformLike": _DTYPE_ATTRIBUTE,
+    "Bernoulli": _DTYPE_ATTRIBUTE,
+    "Multinomial": _DTYPE_ATTRIBUTE,
+    "EyeLike": _DTYPE_ATTRIBUTE,
+}
+
+
+def _check_names(names: tuple[str, ...], key: str) -> None:
+    if not isinstance(names, tuple) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"{key} must be a tuple of node names or op types, got {names!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fp16Config:
+    """Float16 weights and compute.
+
+    ``keep_io_float32``: the model still takes and returns float32 (Casts at
+    the boundary). ``exclude``: node names or op types to keep in float32, on
+    top of :data:`FLOAT32_OPS`.
+    """
+
+    keep_io_float32: bool = True
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.keep_io_float32, bool):
+            raise ConfigError(f"keep_io_float32 must be true or false, got {self.keep_io_float32!r}")
+        _check_names(self.exclude, "exclude")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bf16Config:
+    """Bfloat16 weight storage, float32 compute.
+
+    ``exclude``: node names or op types whose weights stay float32.
+    """
+
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_names(self.exclude, "exclude")
+
+
+# ---------------------------------------------------------------------------
+# numerics
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class HalfArray:
+    """A float32 array rounded to float16, with what the rounding lost."""
+
+    array: np.ndarray
+    clamped: int
+    flushed: int
+
+
+def to_float16(array: np.ndarray) -> HalfArray:
+    """Round to nearest float16, clamping |x| > 65504 to ±65504 (NaN and inf pass through)."""
+    finite = np.isfinite(array)
+    clamped = int(np.count_nonzero(finite & (np.abs(array) > FLOAT16_MAX)))
+    flushed = int(np.count_nonzero((array != 0) & (np.abs(array) < FLOAT16_TINY)))
+    clipped = np.where(finite, np.clip(array, -FLOAT16_MAX, FLOAT16_MAX), array)
+    return HalfArray(array=clipped.astype(np.float16), clamped=clamped, flushed=flushed)
+
+
+# ---------------------------------------------------------------------------
+# which positions of a node carry "the" float type
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Positions:
+    """Input and output indices whose type constraint admits float16."""
+
+    inputs: frozenset[int]
+    outputs: frozenset[int]
+    variadic_from: int | None  # inputs at or past this index share the last formal input
+
+
+@functools.cache
+def _positions(op_type: str, opset: int) -> _Positions | None:
+    try:
+        schema = onnx.defs.get_schema(op_type, max_inclusive_version=opset, domain="")
+    except onnx.defs.SchemaError:
+        return None
+    signature = ir.schemas.OpSignature.from_op_schema(schema)
+    half = ir.TensorType(_FLOAT16)
+
+    def admits(params) -> frozenset[int]:
+        return frozenset(i for i, p in enumerate(params) if half in p.type_constraint.allowed_types)
+
+    inputs = signature.inputs
+    variadic_from = len(inputs) - 1 if inputs and inputs[-1].variadic else None
+    return _Positions(inputs=admits(inputs), outputs=admits(signature.outputs), variadic_from=variadic_from)
+
+
+def _input_admits_half(positions: _Positions, index: int) -> bool:
+    if positions.variadic_from is not None and index > positions.variadic_from:
+        index = positions.variadic_from
+    return index in positions.inputs
+
+
+def _float_values(values: Iterable[ir.Value | None]) -> list[ir.Value]:
+    return [v for v in values if v is not None and v.dtype == _FLOAT]
+
+
+# ---------------------------------------------------------------------------
+# planning: which nodes go low, which values are constants
+# ---------------------------------------------------------------------------
+
+
+def _is_constant_node(node: ir.Node) -> bool:
+    return node.op_type == "Constant" and node.domain in _ONNX_DOMAINS
+
+
+def _keep_float32_reason(node: ir.Node, exclude: tuple[str, ...], opset: int, *,
+                         numeric_ops: Mapping[str, str]) -> str | None:
+    """Why ``node`` must stay float32, or None when it may compute in half precision."""
+    if node.name in exclude or node.op_type in exclude:
+        return "excluded by config"
+    if node.domain not in _ONNX_DOMAINS:
+        return f"op of domain {node.domain!r}: no float16 schema to check"
+    if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()):
+        return "control flow: its subgraphs are kept float32"
+    if node.op_type in numeric_ops:
+        return numeric_ops[node.op_type]
+    if any(v is not None and v.dtype is None for v in (*node.inputs, *node.outputs)):
+        return "tensor types unknown (shape inference could not type it)"
+    positions = _positions(node.op_type, opset)
+    if positions is None:
+        return f"no ONNX schema for {node.op_type} at opset {opset}"
+    if _float_values(node.inputs) and not positions.inputs:
+        return "the ONNX schema has no float16 for this op"
+    return None
+
+
+@dataclass
+class _Plan:
+    """Which nodes compute in the low type, and the type each float32 use wants."""
+
+    graph: ir.Graph
+    opset: int
+    low: ir.DataType
+    io_dtype: ir.DataType
+    low_nodes: set[ir.Node] = field(default_factory=set)
+    kept: list[tuple[ir.Node, str]] = field(default_factory=list)
+
+    def wanted(self, node: ir.Node, index: int) -> ir.DataType:
+        """The type input ``index`` of ``node`` reads a float32 value in."""
+        if node.graph is not self.graph or node not in self.low_nodes:
+            return _FLOAT
+        positions = _positions(node.op_type, self.opset)
+        return self.low if positions is not None and _input_admits_half(positions, index) else _FLOAT
+
+    def wants(self, value: ir.Value) -> set[ir.DataType]:
+        wanted = {self.wanted(use.node, use.idx) for use in value.uses()}
+        if value.is_graph_output():
+            wanted.add(self.io_dtype)
+        return wanted
+
+    def produces_low(self, value: ir.Value) -> bool:
+        node = value.producer()
+        if node is None or node not in self.low_nodes:
+            return False
+        positions = _positions(node.op_type, self.opset)
+        return positions is not None and value.index() in positions.outputs
+
+
+def _plan(graph: ir.Graph, exclude: tuple[str, ...], opset: int, low: ir.DataType, *,
+          numeric_ops: Mapping[str, str], io_dtype: ir.DataType) -> _Plan:
+    plan = _Plan(graph=graph, opset=opset, low=low, io_dtype=io_dtype)
+    for node in graph:
+        if _is_constant_node(node):
+            continue
+        reason = _keep_float32_reason(node, exclude, opset, numeric_ops=numeric_ops)
+        if reason is None:
+            plan.low_nodes.add(node)
+        elif _float_values([*node.inputs, *node.outputs]):
+            plan.kept.append((node, reason))
+    return plan
+
+
+def _is_constant(value: ir.Value) -> bool:
+    producer = value.producer()
+    return (value.is_initializer() and not value.is_graph_input()) or (
+        producer is not None and _is_constant_node(producer))
+
+
+def _all_float_values(graph: ir.Graph) -> list[ir.Value]:
+    values = [v for v in graph.inputs if v.dtype == _FLOAT]
+    values += [v for v in graph.initializers.values() if v.dtype == _FLOAT and not v.is_graph_input()]
+    for node in graph:
+        values += _float_values(node.outputs)
+    return values
+
+
+def _home(plan: _Plan, value: ir.Value) -> ir.DataType:
+    """The type ``value`` is stored in after conversion."""
+    if value.is_graph_input():
+        return plan.io_dtype
+    if _is_constant(value):
+        return plan.low if plan.wants(value) == {plan.low} else _FLOAT
+    return plan.low if plan.produces_low(value) else _FLOAT
+
+
+# ---------------------------------------------------------------------------
+# graph edits
+# ---------------------------------------------------------------------------
+
+
+def _all_values(graph: ir.Graph) -> Iterable[ir.Value]:
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph.all_nodes():
+        yield from node.outputs
+
+
+class _Namer:
+    """Fresh value and node names that collide with nothing in the graph."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self._taken = {v.name for v in _all_values(graph) if v.name}
+        self._taken |= {n.name for n in graph.all_nodes() if n.name}
+
+    def __call__(self, base: str) -> str:
+        name, count = base, 1
+        while name in self._taken:
+            name, count = f"{base}_{count}", count + 1
+        self._taken.add(name)
+        return name
+
+
+_SUFFIX = {_FLOAT: "float32", _FLOAT16: "float16", _BFLOAT16: "bfloat16"}
+
+
+class _Casts:
+    """One Cast per (value, target type), shared by all uses that need it."""
+
+    def __init__(self, graph: ir.Graph, namer: _Namer) -> None:
+        self._graph, self._namer = graph, namer
+        self._made: dict[tuple[ir.Value, ir.DataType], ir.Value] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self._made)
+
+    def get(self, value: ir.Value, dtype: ir.DataType) -> ir.Value:
+        key = (value, dtype)
+        if key not in self._made:
+            self._made[key] = self.make(value, dtype, self._namer(f"{value.name}_{_SUFFIX[dtype]}"))
+        return self._made[key]
+
+    def make(self, value: ir.Value, dtype: ir.DataType, output_name: str) -> ir.Value:
+        """A new Cast of ``value`` to ``dtype`` whose output is called ``output_name``."""
+        node = ir.Node("", "Cast", [value], [ir.AttrInt64("to", dtype)], num_outputs=1,
+                       name=self._namer(f"{output_name}_cast"))
+        output = node.outputs[0]
+        output.name = output_name
+        output.type = ir.TensorType(dtype)
+        output.shape = value.shape.copy() if value.shape is not None else None
+        self._graph.append(node)
+        return output
+
+
+@dataclass
+class _WeightLog:
+    """Constants converted, and what rounding did to them."""
+
+    tensors: list[TensorQuantInfo] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    clamped: int = 0
+    flushed: int = 0
+
+
+def _store_constant(value: ir.Value, array: np.ndarray) -> None:
+    """Replace the tensor behind constant ``value`` (initializer or Constant node)."""
+    tensor = ir.Tensor(array, name=value.name)
+    producer = value.producer()
+    if producer is None:
+        value.const_value = tensor
+    else:
+        producer.attributes.clear()
+        producer.attributes["value"] = ir.AttrTensor("value", tensor)
+    value.type = ir.TensorType(tensor.dtype)
+
+
+def _convert_constant(value: ir.Value, low_format: Format, log: _WeightLog) -> None:
+    array = np.asarray(eir.constant_array(value), dtype=np.float32)
+    if low_format is FLOAT16:
+        half = to_float16(array)
+        low, log.clamped, log.flushed = half.array, log.clamped + half.clamped, log.flushed + half.flushed
+    else:
+        low = array.astype(low_format.numpy_dtype)
+    _store_constant(value, low)
+    log.bytes_before += array.nbytes
+    log.bytes_after += low.nbytes
+    consumer = next(iter(value.consumers()), None)
+    value_range = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    log.tensors.append(TensorQuantInfo(
+        name=value.name, kind="weight", op_type=consumer.op_type if consumer else "", format=low_format.name,
+        range=value_range, scale=(), zero_point=(), method="round-to-nearest"))
+
+
+def _retype_node_attributes(node: ir.Node, low: ir.DataType) -> None:
+    """Attributes that name the output's float type follow the node into ``low``."""
+    if node.op_type == "Cast" and node.attributes.get_int("to") == _FLOAT:
+        node.attributes["to"] = ir.AttrInt64("to", low)
+    elif node.op_type == "ConstantOfShape":
+        fill = node.attributes.get_tensor("value")
+        scalar = fill.numpy() if fill is not None else np.zeros(1, np.float32)
+        node.attributes["value"] = ir.AttrTensor("value", ir.Tensor(to_float16(scalar).array))
+
+
+def _infer_types(model: ir.Model) -> None:
+    common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+
+
+def _float_nodes(kept: Iterable[tuple[ir.Node, str]]) -> tuple[FloatNode, ...]:
+    return tuple(FloatNode(node.name or node.op_type, node.op_type, reason) for node, reason in kept)
+
+
+def _kept_note(float_nodes: Iterable[FloatNode]) -> str | None:
+    groups = Counter((node.op_type, node.reason) for node in float_nodes)
+    if not groups:
+        return None
+    parts = [f"{op} x{count} ({reason})" for (op, reason), count in sorted(groups.items())]
+    return "kept in float32: " + "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------
+# fp16
+# ---------------------------------------------------------------------------
+
+
+def _convert_fp16(plan: _Plan, log: _WeightLog) -> dict[ir.Value, ir.DataType]:
+    """Give every float32 value its home type; returns the homes."""
+    homes = {value: _home(plan, value) for value in _all_float_values(plan.graph)}
+    for value, home in homes.items():
+        if home == _FLOAT16 and _is_constant(value):
+            _convert_constant(value, FLOAT16, log)
+        elif home == _FLOAT16:
+            value.type = ir.TensorType(_FLOAT16)
+    for node in plan.low_nodes:
+        if any(homes.get(v) == _FLOAT16 for v in node.outputs):
+            _retype_node_attributes(node, _FLOAT16)
+    return homes
+
+
+def _rewire(plan: _Plan, homes: Mapping[ir.Value, ir.DataType], casts: _Casts) -> None:
+    """Uses that read a value in another type than it is stored in read a Cast of it."""
+    for value, home in homes.items():
+        for use in list(value.uses()):
+            wanted = plan.wanted(use.node, use.idx)
+            if wanted != home:
+                use.node.replace_input_with(use.idx, casts.get(value, wanted))
+
+
+def _fix_outputs(graph: ir.Graph, homes: Mapping[ir.Value, ir.DataType], io_dtype: ir.DataType,
+                 casts: _Casts, namer: _Namer) -> int:
+    """Graph outputs keep their names and ``io_dtype``: a Cast takes over the name."""
+    fixed = 0
+    for position, value in enumerate(list(graph.outputs)):
+        if homes.get(value, io_dtype) == io_dtype:
+            continue
+        name = value.name
+        value.name = namer(f"{name}_{_SUFFIX[homes[value]]}")
+        graph.outputs[position] = casts.make(value, io_dtype, name)
+        fixed += 1
+    return fixed
+
+
+@register_scheme(Fp16Config)
+def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | None = None, *,
+                  progress: ProgressCallback | None = None) -> QuantResult:
+    """Float16 weights and compute; see the module docstring. ``data`` is not used."""
+    _infer_types(model)
+    graph, opset = model.graph, eir.default_opset(model)
+    io_dtype = _FLOAT if config.keep_io_float32 else _FLOAT16
+    plan = _plan(graph, config.exclude, opset, _FLOAT16, numeric_ops=FLOAT32_OPS, io_dtype=io_dtype)
+    log = _WeightLog()
+    homes = _convert_fp16(plan, log)
+    namer = _Namer(graph)
+    casts = _Casts(graph, namer)
+    _rewire(plan, homes, casts)
+    input_casts = sum(1 for v in graph.inputs if v.dtype == _FLOAT and any(
+        u.node.op_type == "Cast" for u in v.uses()))
+    output_casts = _fix_outputs(graph, homes, io_dtype, casts, namer)
+    graph.sort()
+    float_nodes = _float_nodes(plan.kept)
+    notes = [
+        f"float16 weights and compute: {len(log.tensors)} float32 constants converted, "
+        f"{log.bytes_before} -> {log.bytes_after} bytes",
+        f"{log.clamped} weight values beyond ±65504 clamped to the float16 range, "
+        f"{log.flushed} below 2**-25 rounded to 0",
+        (f"inputs and outputs stay float32: {input_casts + output_casts} Cast nodes at the graph boundary"
+         if config.keep_io_float32 else "inputs and outputs are float16"),
+        f"{casts.count} Cast nodes in all join the float32 and float16 parts",
+        "ONNX Runtime's CPU provider runs ops without a float16 kernel in float32 through casts it "
+        "inserts: on x86 CPU expect a size win, not a speed win",
+    ]
+    kept = _kept_note(float_nodes)
+    notes += [kept] if kept else []
+    details = {"weights_converted": len(log.tensors), "weight_bytes_before": log.bytes_before,
+               "weight_bytes_after": log.bytes_after, "clamped_values": log.clamped,
+               "flushed_values": log.flushed, "casts_inserted": casts.count}
+    return QuantResult(model=model, scheme="fp16", tensors=tuple(log.tensors), float_nodes=float_nodes,
+                       notes=tuple(notes), config=config, details=details)
+
+
+# ---------------------------------------------------------------------------
+# bf16: weights stored low, compute float32
+# ---------------------------------------------------------------------------
+
+
+def _reads_constant(node: ir.Node) -> bool:
+    return any(_is_constant(v) for v in _float_values(node.inputs))
+
+
+@register_scheme(Bf16Config)
+def quantize_bf16(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | None = None, *,
+                  progress: ProgressCallback | None = None) -> QuantResult:
+    """Bfloat16 weight storage with float32 compute; see the module docstring. ``data`` is not used."""
+    _infer_types(model)
+    graph, opset = model.graph, eir.default_opset(model)
+    plan = _plan(graph, config.exclude, opset, _BFLOAT16, numeric_ops={}, io_dtype=_FLOAT)
+    log = _WeightLog()
+    casts = _Casts(graph, _Namer(graph))
+    scalars = 0
+    for value in [v for v in _all_float_values(graph) if _is_constant(v) and plan.wants(v) == {_BFLOAT16}]:
+        if eir.constant_array(value).size <= 1:
+            scalars += 1  # no size to win; keeps epsilons and math constants exact
+            continue
+        uses = list(value.uses())
+        _convert_constant(value, BFLOAT16, log)
+        restored = casts.get(value, _FLOAT)
+        for use in uses:
+            use.node.replace_input_with(use.idx, restored)
+    graph.sort()
+    float_nodes = _float_nodes((node, reason) for node, reason in plan.kept if _reads_constant(node))
+    notes = [
+        "weights stored in bf16, compute float32: each converted weight is cast back to float32 "
+        "before use (ONNX Runtime folds these casts at load), so the model runs on any runtime",
+        f"{len(log.tensors)} float32 constants stored as bfloat16, {log.bytes_before} -> {log.bytes_after} bytes",
+        f"{scalars} scalar constants left float32 (no size to win)",
+    ]
+    kept = _kept_note(float_nodes)
+    notes += [kept.replace("kept in float32", "weights kept in float32")] if kept else []
+    details = {"weights_converted": len(log.tensors), "weight_bytes_before": log.bytes_before,
+               "weight_bytes_after": log.bytes_after, "casts_inserted": casts.count}
+    return QuantResult(model=model, scheme="bf16", tensors=tuple(log.tensors), float_nodes=float_nodes,
+                       notes=tuple(notes), config=config, details=details)

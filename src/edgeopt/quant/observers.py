@@ -1,0 +1,315 @@
+"""Streaming statistics of a tensor, and the ranges chosen from them.
+
+Observers follow the estimator discipline: the constructor stores settings,
+``update(array)`` streams one batch in (and keeps nothing of it), ``result()``
+returns a frozen value. Memory is fixed by the settings, never by the data.
+
+``HistogramObserver`` counts values on a grid anchored at zero: bin ``g``
+covers ``[g * width, (g + 1) * width)`` and the histogram holds ``num_bins``
+consecutive bins starting at ``start``. When a batch falls outside, the
+width doubles (pairs of bins merge exactly: ``g -> floor(g / 2)``) until the
+union fits, so the result depends only on the sequence of batches. The
+covered range always includes 0, and folding the negative bins onto the
+positive ones gives the histogram of ``|x|`` exactly.
+
+Range choosers (``lo <= 0 <= hi`` is not required of them; the qparams step
+widens to include 0):
+
+* :func:`percentile_range`: drop ``(100 - p)%`` of the mass at each end;
+* :func:`entropy_range`: TensorRT's calibration -- the clipping threshold
+  ``t`` that minimizes KL(P || Q), P the histogram clipped at ``t`` (outliers
+  added to the last bin), Q the same histogram merged into the format's
+  levels and expanded back. One-sided for non-negative tensors, on ``|x|``
+  (a symmetric threshold) otherwise;
+* :func:`mse_range`: the range ``c * [min, max]`` minimizing the expected
+  squared error :func:`expected_mse` = rounding noise ``scale**2 / 12`` on the
+  mass inside plus the squared clipping distance of the mass outside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "HistogramObserver",
+    "HistogramStats",
+    "MinMaxObserver",
+    "MinMaxStats",
+    "entropy_range",
+    "expected_mse",
+    "mse_range",
+    "percentile_range",
+]
+
+
+def _finite_values(array) -> np.ndarray:
+    values = np.asarray(array, dtype=np.float64).reshape(-1)
+    if values.size and not np.isfinite(values).all():
+        values = values[np.isfinite(values)]
+    return values
+
+
+@dataclass(frozen=True, kw_only=True)
+class MinMaxStats:
+    """Smallest and largest value seen (per channel along ``axis`` when set), and how many."""
+
+    min: float | np.ndarray
+    max: float | np.ndarray
+    count: int
+    axis: int | None = None
+
+    @property
+    def range(self) -> tuple[float, float]:
+        return float(np.min(self.min)), float(np.max(self.max))
+
+
+class MinMaxObserver:
+    """Running min and max of a tensor, over all values or per slice along ``axis``."""
+
+    def __init__(self, *, axis: int | None = None) -> None:
+        self.axis = axis
+        self._min: float | np.ndarray = math.inf
+        self._max: float | np.ndarray = -math.inf
+        self._count = 0
+
+    def update(self, array) -> None:
+        array = np.asarray(array)
+        if self.axis is None:
+            values = _finite_values(array)
+            if values.size:
+                self._min = min(self._min, float(values.min()))
+                self._max = max(self._max, float(values.max()))
+            self._count += int(values.size)
+            return
+        moved = np.moveaxis(np.asarray(array, dtype=np.float64), self.axis, 0).reshape(array.shape[self.axis], -1)
+        finite = np.isfinite(moved)
+        self._min = np.minimum(self._min, np.where(finite, moved, np.inf).min(axis=1, initial=np.inf))
+        self._max = np.maximum(self._max, np.where(finite, moved, -np.inf).max(axis=1, initial=-np.inf))
+        self._count += int(finite.sum())
+
+    def result(self) -> MinMaxStats:
+        if self.axis is None:
+            minimum = self._min if self._count else 0.0
+            maximum = self._max if self._count else 0.0
+            return MinMaxStats(min=minimum, max=maximum, count=self._count)
+        minimum, maximum = np.array(self._min, dtype=np.float64), np.array(self._max, dtype=np.float64)
+        minimum[~np.isfinite(minimum)] = 0.0
+        maximum[~np.isfinite(maximum)] = 0.0
+        minimum.setflags(write=False)
+        maximum.setflags(write=False)
+        return MinMaxStats(min=minimum, max=maximum, count=self._count, axis=self.axis)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HistogramStats:
+    """Counts on ``num_bins`` bins of equal ``width``; bin ``i`` covers
+    ``[(start + i) * width, (start + i + 1) * width)``. ``min``/``max`` are the
+    exact extremes seen, ``zeros`` the number of exact zeros (also counted in
+    their bin). ``counts`` is read-only."""
+
+    counts: np.ndarray
+    width: float
+    start: int
+    min: float
+    max: float
+    zeros: int = 0
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def edges(self) -> np.ndarray:
+        return (self.start + np.arange(len(self.counts) + 1)) * self.width
+
+    @property
+    def centers(self) -> np.ndarray:
+        return (self.start + np.arange(len(self.counts)) + 0.5) * self.width
+
+    def absolute(self) -> np.ndarray:
+        """Counts of ``|x|`` on bins ``[j * width, (j + 1) * width)``, j >= 0 (exact fold)."""
+        size = max(self.start + len(self.counts), -self.start, 0)
+        folded = np.zeros(size, dtype=np.int64)
+        index = self.start + np.arange(len(self.counts))
+        positive = index >= 0
+        np.add.at(folded, index[positive], self.counts[positive])
+        np.add.at(folded, -index[~positive] - 1, self.counts[~positive])
+        return folded
+
+
+class HistogramObserver:
+    """Streaming histogram on a zero-anchored grid whose bin width doubles as the range grows."""
+
+    def __init__(self, *, num_bins: int = 2048) -> None:
+        if num_bins < 16 or num_bins % 2:
+            raise ValueError("num_bins must be an even number >= 16")
+        self.num_bins = num_bins
+        self._counts: np.ndarray | None = None
+        self._width = 0.0
+        self._start = 0
+        self._pending_zeros = 0  # zeros seen before any non-zero value fixed the grid
+        self._zeros = 0
+        self._min = math.inf
+        self._max = -math.inf
+
+    def update(self, array) -> None:
+        values = _finite_values(array)
+        if not values.size:
+            return
+        lo, hi = float(values.min()), float(values.max())
+        self._min, self._max = min(self._min, lo), max(self._max, hi)
+        self._zeros += int(np.count_nonzero(values == 0.0))
+        if self._counts is None:
+            if lo == 0.0 and hi == 0.0:
+                self._pending_zeros += values.size
+                return
+            self._init_grid(lo, hi)
+        self._cover(lo, hi)
+        index = np.floor(values / self._width).astype(np.int64) - self._start
+        self._counts += np.bincount(index, minlength=self.num_bins)
+
+    def _init_grid(self, lo: float, hi: float) -> None:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        # n - 1 bins of width (hi - lo) / (n - 1) always fit [lo, hi] on the
+        # zero-anchored grid, whatever the offset of lo within its bin.
+        self._width = (hi - lo) / (self.num_bins - 1)
+        self._start = math.floor(lo / self._width)
+        self._counts = np.zeros(self.num_bins, dtype=np.int64)
+        self._counts[-self._start] += self._pending_zeros
+        self._pending_zeros = 0
+
+    def _cover(self, lo: float, hi: float) -> None:
+        first = min(self._start, math.floor(lo / self._width))
+        stop = max(self._start + self.num_bins, math.floor(hi / self._width) + 1)
+        if stop - first <= self.num_bins and first == self._start:
+            return
+        shift = 0
+        while stop - first > self.num_bins:
+            shift += 1
+            first, stop = first // 2, (stop - 1) // 2 + 1
+        global_index = (self._start + np.arange(self.num_bins)) >> shift
+        counts = np.zeros(self.num_bins, dtype=np.int64)
+        np.add.at(counts, global_index - first, self._counts)
+        self._counts, self._start, self._width = counts, first, self._width * 2**shift
+
+    def result(self) -> HistogramStats:
+        if self._counts is None:  # nothing or only zeros seen: one bin around 0
+            counts = np.zeros(self.num_bins, dtype=np.int64)
+            counts[0] = self._pending_zeros
+            counts.setflags(write=False)
+            return HistogramStats(counts=counts, width=0.0, start=0, min=0.0, max=0.0, zeros=self._zeros)
+        counts = self._counts.copy()
+        counts.setflags(write=False)
+        return HistogramStats(counts=counts, width=self._width, start=self._start, min=self._min, max=self._max,
+                              zeros=self._zeros)
+
+
+# --------------------------------------------------------------------------
+# range choosers
+# --------------------------------------------------------------------------
+
+
+def percentile_range(hist: HistogramStats, percentile: float) -> tuple[float, float]:
+    """The range keeping the central ``percentile`` % of each tail: ``[P(100-p), P(p)]``."""
+    total = hist.total
+    if total == 0 or hist.width == 0.0:
+        return hist.min, hist.max
+    cumulative = np.cumsum(hist.counts)
+    tail = total * (100.0 - percentile) / 100.0
+    low_bin = int(np.searchsorted(cumulative, tail, side="right"))
+    high_bin = int(np.searchsorted(cumulative, total - tail, side="left"))
+    edges = hist.edges
+    lo = max(float(edges[min(low_bin, len(hist.counts) - 1)]), hist.min)
+    hi = min(float(edges[min(high_bin, len(hist.counts) - 1) + 1]), hist.max)
+    return min(lo, hi), max(lo, hi)
+
+
+def _kl_divergence(counts: np.ndarray, stop: int, num_levels: int) -> float:
+    """KL(P || Q) for the threshold at bin ``stop`` (TensorRT's calibration)."""
+    kept = counts[:stop].astype(np.float64)
+    reference = kept.copy()
+    reference[-1] += counts[stop:].sum()
+    group = (np.arange(stop) * num_levels) // stop
+    nonzero = kept > 0
+    group_sum = np.bincount(group, weights=kept, minlength=num_levels)
+    group_nonzero = np.bincount(group, weights=nonzero, minlength=num_levels)
+    expanded = np.where(nonzero, group_sum[group] / np.maximum(group_nonzero[group], 1), 0.0)
+    p = reference / reference.sum()
+    q_total = expanded.sum()
+    if q_total == 0:
+        return math.inf
+    q = expanded / q_total
+    support = p > 0
+    # Bins with mass in P but none in Q (the outlier bin) get a small floor
+    # instead of infinite divergence, as TensorRT smooths.
+    q = np.where(support & (q == 0), 1e-4 / stop, q)
+    return float(np.sum(p[support] * np.log(p[support] / q[support])))
+
+
+def _entropy_threshold_bins(counts: np.ndarray, num_levels: int) -> int:
+    """Number of leading bins whose clipping minimizes KL; coarse stride then refine."""
+    nonzero = np.flatnonzero(counts)
+    size = int(nonzero[-1]) + 1 if nonzero.size else 0
+    if size <= num_levels:
+        return max(size, 1)
+    stride = max(1, (size - num_levels) // 128)
+    coarse = list(range(num_levels, size + 1, stride))
+    if coarse[-1] != size:
+        coarse.append(size)
+    best = min(coarse, key=lambda stop: (_kl_divergence(counts, stop, num_levels), stop))
+    fine = range(max(num_levels, best - stride + 1), min(size, best + stride - 1) + 1)
+    return min(fine, key=lambda stop: (_kl_divergence(counts, stop, num_levels), stop))
+
+
+def entropy_range(hist: HistogramStats, num_quant_bins: int = 256) -> tuple[float, float]:
+    """KL-divergence threshold (TensorRT): one-sided if min >= 0, else symmetric on ``|x|``.
+
+    ``num_quant_bins`` is the number of levels of the format over the full
+    range (256 for 8 bits); a symmetric threshold gives half of them to ``|x|``.
+    """
+    if hist.total == 0 or hist.width == 0.0:
+        return hist.min, hist.max
+    if hist.min >= 0.0:  # the grid starts at or below 0: bins from index -start on are [0, ...)
+        stop = _entropy_threshold_bins(hist.counts[-hist.start:], num_quant_bins)
+        return hist.min, min(stop * hist.width, hist.max)
+    stop = _entropy_threshold_bins(hist.absolute(), num_quant_bins // 2)
+    threshold = stop * hist.width
+    return max(-threshold, hist.min), min(threshold, hist.max)
+
+
+def expected_mse(hist: HistogramStats, lo, hi, num_levels: int) -> np.ndarray:
+    """Estimated mean squared quantization error of ranges ``[lo, hi]`` (vectorized over ranges).
+
+    In-range mass contributes the rounding noise ``scale**2 / 12`` (except
+    exact zeros, which quantize exactly); mass outside contributes its squared
+    distance to the nearest bound (bin centers, plus the in-bin variance
+    ``width**2 / 12``).
+    """
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)[..., None]
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)[..., None]
+    total = hist.total
+    if total == 0 or hist.width == 0.0:
+        return np.zeros(np.broadcast(lo, hi).shape[:-1])
+    centers = hist.centers
+    counts = hist.counts.astype(np.float64)
+    scale = (hi - lo) / (num_levels - 1)
+    clipped = np.clip(centers, lo, hi)
+    inside = (centers >= lo) & (centers <= hi)
+    clipping = np.where(inside, 0.0, (centers - clipped) ** 2 + hist.width**2 / 12.0)
+    noisy_mass = (counts * inside).sum(axis=-1, keepdims=True) - hist.zeros
+    errors = (clipping * counts).sum(axis=-1, keepdims=True) + noisy_mass * scale**2 / 12.0
+    return errors[..., 0] / total
+
+
+def mse_range(hist: HistogramStats, num_levels: int = 256, num_candidates: int = 200) -> tuple[float, float]:
+    """The range ``c * [min(min, 0), max(max, 0)]``, c in (0, 1], of least :func:`expected_mse`."""
+    if hist.total == 0 or hist.width == 0.0:
+        return hist.min, hist.max
+    lo, hi = min(hist.min, 0.0), max(hist.max, 0.0)
+    fractions = np.arange(1, num_candidates + 1, dtype=np.float64) / num_candidates
+    errors = expected_mse(hist, fractions * lo, fractions * hi, num_levels)
+    best = float(fractions[int(np.argmin(errors))])  # argmin: the first (smallest) of equals
+    return max(best * lo, hist.min), min(best * hi, hist.max)

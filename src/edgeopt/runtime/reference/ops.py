@@ -1,0 +1,210 @@
+"""The table of integer op semantics: the spec the interpreter runs and the C emitter follows.
+
+Each entry maps an op kind of the lowered program to a plain numpy function
+``f(*inputs, params=..., rounding=...) -> array`` over int8 inputs (stored
+layout, NHWC for rank 4) and to the name of the C kernel that implements the
+same arithmetic. All arithmetic is integer: accumulators are exact (int64, or
+float64 sums that stay far below 2**53 and so are exact integers), requantization
+is :func:`multiply_by_quantized_multiplier`, and the result is clamped to int8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeopt.runtime.reference.fixed_point import multiply_by_quantized_multiplier as mbqm
+from edgeopt.runtime.reference.program import (
+    AddParams,
+    AvgPoolParams,
+    ConcatParams,
+    Conv2dParams,
+    FullyConnectedParams,
+    LutParams,
+    MaxPoolParams,
+    MeanParams,
+    MulParams,
+    PadParams,
+    RequantizeParams,
+    ReshapeParams,
+    ResizeNearestParams,
+    SoftmaxParams,
+    TransposeParams,
+)
+
+__all__ = ["OPS", "OpSpec"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpSpec:
+    """One op kind: its numpy semantics, parameter type and C kernel name."""
+
+    kind: str
+    reference: Callable[..., np.ndarray]
+    params_type: type
+    c_kernel: str
+
+
+def _finish(acc: np.ndarray, multiplier, shift, zero_point: int, act_min: int, act_max: int,
+            rounding: str) -> np.ndarray:
+    """Requantize an int32 accumulator, add the output zero point and clamp to the act range."""
+    out = mbqm(acc, multiplier, shift, rounding) + zero_point
+    return np.clip(out, act_min, act_max).astype(np.int8)
+
+
+def _centered(x: np.ndarray, zero_point: int) -> np.ndarray:
+    return x.astype(np.int64) - zero_point
+
+
+def conv2d(x: np.ndarray, *, params: Conv2dParams, rounding: str) -> np.ndarray:
+    p = params
+    n, h, w, _ = x.shape
+    out_channels, kh, kw, group_channels = p.weight.shape
+    top, left, bottom, right = p.pads
+    padded = np.pad(_centered(x, p.input_zero_point).astype(np.float64),
+                    ((0, 0), (top, bottom), (left, right), (0, 0)))
+    (sh, sw), (dh, dw) = p.strides, p.dilations
+    oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    groups, per_group = p.group, out_channels // p.group
+    weight = p.weight.astype(np.float64).reshape(groups, per_group, kh, kw, group_channels)
+    acc = np.zeros((groups, n * oh * ow, per_group))
+    for i in range(kh):
+        for j in range(kw):
+            patch = padded[:, i * dh: i * dh + sh * (oh - 1) + 1: sh, j * dw: j * dw + sw * (ow - 1) + 1: sw]
+            patch = patch.reshape(n * oh * ow, groups, group_channels).transpose(1, 0, 2)
+            acc += patch @ weight[:, :, i, j, :].transpose(0, 2, 1)
+    acc = acc.transpose(1, 0, 2).reshape(n, oh, ow, out_channels).astype(np.int64) + p.bias
+    return _finish(acc, p.multiplier, p.shift, p.output_zero_point, p.act_min, p.act_max, rounding)
+
+
+def fully_connected(x: np.ndarray, *, params: FullyConnectedParams, rounding: str) -> np.ndarray:
+    p = params
+    acc = _centered(x, p.input_zero_point).astype(np.float64) @ p.weight.astype(np.float64).T
+    acc = acc.astype(np.int64) + p.bias
+    return _finish(acc, p.multiplier, p.shift, p.output_zero_point, p.act_min, p.act_max, rounding)
+
+
+def add(a: np.ndarray, b: np.ndarray, *, params: AddParams, rounding: str) -> np.ndarray:
+    p = params
+    scaled = [mbqm(_centered(x, zp) << p.left_shift, m, s, rounding)
+              for x, zp, m, s in zip((a, b), p.input_zero_points, p.input_multipliers, p.input_shifts)]
+    return _finish(scaled[0] + scaled[1], p.output_multiplier, p.output_shift, p.output_zero_point,
+                   p.act_min, p.act_max, rounding)
+
+
+def mul(a: np.ndarray, b: np.ndarray, *, params: MulParams, rounding: str) -> np.ndarray:
+    p = params
+    product = _centered(a, p.input_zero_points[0]) * _centered(b, p.input_zero_points[1])
+    return _finish(product, p.output_multiplier, p.output_shift, p.output_zero_point,
+                   p.act_min, p.act_max, rounding)
+
+
+def _windows(padded: np.ndarray, kernel, strides, out_hw):
+    """Yield the (N, OH, OW, C) slice of every kernel tap."""
+    (kh, kw), (sh, sw), (oh, ow) = kernel, strides, out_hw
+    for i in range(kh):
+        for j in range(kw):
+            yield padded[:, i: i + sh * (oh - 1) + 1: sh, j: j + sw * (ow - 1) + 1: sw]
+
+
+def _pool_out_hw(x: np.ndarray, kernel, strides, pads) -> tuple[int, int]:
+    top, left, bottom, right = pads
+    return ((x.shape[1] + top + bottom - kernel[0]) // strides[0] + 1,
+            (x.shape[2] + left + right - kernel[1]) // strides[1] + 1)
+
+
+def _pad_hw(x: np.ndarray, pads, value) -> np.ndarray:
+    top, left, bottom, right = pads
+    return np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=value)
+
+
+def max_pool(x: np.ndarray, *, params: MaxPoolParams, rounding: str) -> np.ndarray:
+    p = params
+    out_hw = _pool_out_hw(x, p.kernel, p.strides, p.pads)
+    padded = _pad_hw(x.astype(np.int32), p.pads, -(1 << 20))
+    out = np.maximum.reduce(list(_windows(padded, p.kernel, p.strides, out_hw)))
+    return np.clip(out, p.act_min, p.act_max).astype(np.int8)
+
+
+def avg_pool(x: np.ndarray, *, params: AvgPoolParams, rounding: str) -> np.ndarray:
+    p = params
+    out_hw = _pool_out_hw(x, p.kernel, p.strides, p.pads)
+    total = sum(_windows(_pad_hw(_centered(x, p.input_zero_point), p.pads, 0), p.kernel, p.strides, out_hw))
+    if p.count_include_pad:
+        count = np.full(total.shape, p.kernel[0] * p.kernel[1], dtype=np.int64)
+    else:
+        ones = _pad_hw(np.ones(x.shape, dtype=np.int64), p.pads, 0)
+        count = sum(_windows(ones, p.kernel, p.strides, out_hw))
+    return _finish(total, p.multiplier[count], p.shift[count], p.output_zero_point,
+                   p.act_min, p.act_max, rounding)
+
+
+def mean(x: np.ndarray, *, params: MeanParams, rounding: str) -> np.ndarray:
+    p = params
+    total = _centered(x, p.input_zero_point).reshape(p.outer, p.reduce, p.inner).sum(axis=1)
+    return _finish(total, p.multiplier, p.shift, p.output_zero_point, -128, 127, rounding)
+
+
+def requantize(x: np.ndarray, *, params: RequantizeParams, rounding: str) -> np.ndarray:
+    p = params
+    return _finish(_centered(x, p.input_zero_point), p.multiplier, p.shift, p.output_zero_point,
+                   p.act_min, p.act_max, rounding)
+
+
+def lut(x: np.ndarray, *, params: LutParams, rounding: str) -> np.ndarray:
+    return params.table[x.astype(np.int64) + 128]
+
+
+def softmax(x: np.ndarray, *, params: SoftmaxParams, rounding: str) -> np.ndarray:
+    p = params
+    x = x.astype(np.int64)
+    e = p.exp_table[x - x.max(axis=-1, keepdims=True) + 255].astype(np.int64)
+    denominator = e.sum(axis=-1, keepdims=True) << 16
+    out = (e * p.inverse_scale + (denominator >> 1)) // denominator + p.output_zero_point
+    return np.clip(out, -128, 127).astype(np.int8)
+
+
+def pad(x: np.ndarray, *, params: PadParams, rounding: str) -> np.ndarray:
+    return np.pad(x, params.pads, constant_values=params.value)
+
+
+def resize_nearest(x: np.ndarray, *, params: ResizeNearestParams, rounding: str) -> np.ndarray:
+    return x[:, params.row_index][:, :, params.col_index]
+
+
+def transpose(x: np.ndarray, *, params: TransposeParams, rounding: str) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(params.perm))
+
+
+def reshape(x: np.ndarray, *, params: ReshapeParams, rounding: str) -> np.ndarray:
+    return x.reshape(params.shape)
+
+
+def concat(*xs: np.ndarray, params: ConcatParams, rounding: str) -> np.ndarray:
+    return np.concatenate(xs, axis=params.axis)
+
+
+def _spec(kind, reference, params_type, c_kernel) -> tuple[str, OpSpec]:
+    return kind, OpSpec(kind=kind, reference=reference, params_type=params_type, c_kernel=c_kernel)
+
+
+OPS: dict[str, OpSpec] = dict([
+    _spec("conv2d", conv2d, Conv2dParams, "eo_conv2d_s8"),
+    _spec("fully_connected", fully_connected, FullyConnectedParams, "eo_fully_connected_s8"),
+    _spec("add", add, AddParams, "eo_add_s8"),
+    _spec("mul", mul, MulParams, "eo_mul_s8"),
+    _spec("max_pool", max_pool, MaxPoolParams, "eo_max_pool_s8"),
+    _spec("avg_pool", avg_pool, AvgPoolParams, "eo_avg_pool_s8"),
+    _spec("mean", mean, MeanParams, "eo_mean_s8"),
+    _spec("requantize", requantize, RequantizeParams, "eo_requantize_s8"),
+    _spec("lut", lut, LutParams, "eo_lut_s8"),
+    _spec("softmax", softmax, SoftmaxParams, "eo_softmax_s8"),
+    _spec("pad", pad, PadParams, "eo_pad_s8"),
+    _spec("resize_nearest", resize_nearest, ResizeNearestParams, "eo_resize_nearest_s8"),
+    _spec("transpose", transpose, TransposeParams, "eo_transpose_s8"),
+    _spec("reshape", reshape, ReshapeParams, "eo_copy_s8"),
+    _spec("concat", concat, ConcatParams, "eo_concat_s8"),
+])

@@ -1,0 +1,268 @@
+"""The integer program a QDQ model lowers to: tensors, constants and a schedule of ops.
+
+Every activation is an int8 tensor with one scale and zero point (real value
+``scale * (q - zero_point)``). Rank-4 activations are stored NHWC (ONNX's
+NCHW is the *logical* layout); ``TensorInfo.layout`` is the permutation from
+logical to stored axes, so ``stored = logical.transpose(layout)``.
+
+An :class:`IntOp` names its kind (a key of the ops table in ``ops.py``), its
+input and output tensors, and a frozen parameter object in which every
+quantization detail (int8 weights in the kernel's layout, int32 bias,
+fixed-point multipliers and shifts, zero points, clamp range, lookup tables)
+was folded at lowering time. Nothing in a program is float except the scales
+kept for quantizing inputs and dequantizing outputs at the boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "AddParams",
+    "AvgPoolParams",
+    "ConcatParams",
+    "Conv2dParams",
+    "FullyConnectedParams",
+    "IntOp",
+    "LutParams",
+    "MaxPoolParams",
+    "MeanParams",
+    "MulParams",
+    "PadParams",
+    "Program",
+    "ProgramIO",
+    "RequantizeParams",
+    "ReshapeParams",
+    "ResizeNearestParams",
+    "SoftmaxParams",
+    "TensorInfo",
+    "TransposeParams",
+    "stored_layout",
+]
+
+_NHWC = (0, 2, 3, 1)
+
+
+def stored_layout(rank: int) -> tuple[int, ...]:
+    """Logical-to-stored axis permutation: NCHW -> NHWC for rank 4, identity otherwise."""
+    return _NHWC if rank == 4 else tuple(range(rank))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorInfo:
+    """An int8 tensor: stored shape, quantization, and its logical (ONNX) layout."""
+
+    name: str
+    shape: tuple[int, ...]
+    scale: float
+    zero_point: int
+    layout: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def logical_shape(self) -> tuple[int, ...]:
+        inverse = np.argsort(self.layout)
+        return tuple(self.shape[i] for i in inverse)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Conv2dParams:
+    """NHWC conv; weight is OHWI with I = input channels / group (depthwise: group = C_in)."""
+
+    weight: np.ndarray  # int8 (O, KH, KW, I/group)
+    bias: np.ndarray  # int32 (O,)
+    multiplier: np.ndarray  # int32 (O,) Q31
+    shift: np.ndarray  # int32 (O,)
+    input_zero_point: int
+    output_zero_point: int
+    strides: tuple[int, int]
+    dilations: tuple[int, int]
+    pads: tuple[int, int, int, int]  # top, left, bottom, right
+    group: int
+    act_min: int
+    act_max: int
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class FullyConnectedParams:
+    """y[..., o] = requant(sum_k (x[..., k] - zp_in) * weight[o, k] + bias[o])."""
+
+    weight: np.ndarray  # int8 (O, K)
+    bias: np.ndarray  # int32 (O,)
+    multiplier: np.ndarray  # int32 (O,)
+    shift: np.ndarray  # int32 (O,)
+    input_zero_point: int
+    output_zero_point: int
+    act_min: int
+    act_max: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class AddParams:
+    """TFLite's quantized add: both inputs moved to a common scale with ``left_shift`` headroom."""
+
+    input_zero_points: tuple[int, int]
+    input_multipliers: tuple[int, int]
+    input_shifts: tuple[int, int]
+    output_multiplier: int
+    output_shift: int
+    output_zero_point: int
+    left_shift: int
+    act_min: int
+    act_max: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class MulParams:
+    """y = requant((a - zp_a) * (b - zp_b)) with multiplier s_a * s_b / s_y."""
+
+    input_zero_points: tuple[int, int]
+    output_multiplier: int
+    output_shift: int
+    output_zero_point: int
+    act_min: int
+    act_max: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaxPoolParams:
+    """NHWC max pool over the valid part of each window; same quantization in and out."""
+
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    act_min: int
+    act_max: int
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class AvgPoolParams:
+    """y = requant(sum(x - zp_in)) with multiplier ``s_in / (count * s_out)`` picked by window count."""
+
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    count_include_pad: bool
+    input_zero_point: int
+    output_zero_point: int
+    multiplier: np.ndarray  # int32 (KH*KW + 1,), indexed by count
+    shift: np.ndarray
+    act_min: int
+    act_max: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeanParams:
+    """Mean over the middle axis of a stored tensor viewed as (outer, reduce, inner)."""
+
+    outer: int
+    reduce: int
+    inner: int
+    input_zero_point: int
+    output_zero_point: int
+    multiplier: int  # s_in / (reduce * s_out)
+    shift: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequantizeParams:
+    """y = clamp(requant(x - zp_in) + zp_out): rescale, or a clamp (Relu/Clip) when scales match."""
+
+    input_zero_point: int
+    output_zero_point: int
+    multiplier: int
+    shift: int
+    act_min: int
+    act_max: int
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LutParams:
+    """y = table[x + 128]; the table was computed at lowering time from the scales."""
+
+    table: np.ndarray  # int8 (256,)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class SoftmaxParams:
+    """Softmax over the last stored axis in fixed point.
+
+    e = exp_table[x - max + 255] (Q16 of exp(s_in * (x - max))), then
+    y = zp_out + floor((e * inverse_scale + sum / 2) / sum) with
+    inverse_scale = round(2**16 / s_out) and sum = sum(e) << 16 (int64).
+    """
+
+    exp_table: np.ndarray  # int32 (256,)
+    inverse_scale: int
+    output_zero_point: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class PadParams:
+    """Constant padding of the stored tensor, ``pads[axis] = (before, after)``."""
+
+    pads: tuple[tuple[int, int], ...]
+    value: int
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ResizeNearestParams:
+    """NHWC nearest resize: y[n, i, j, c] = x[n, row_index[i], col_index[j], c]."""
+
+    row_index: np.ndarray  # int32 (OH,)
+    col_index: np.ndarray  # int32 (OW,)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransposeParams:
+    perm: tuple[int, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReshapeParams:
+    """Same bytes, new shape (a copy, or nothing when the planner aliases it)."""
+
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConcatParams:
+    """Concatenation along a stored axis; inputs already share the output's quantization."""
+
+    axis: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class IntOp:
+    """One scheduled integer op; ``node`` is the ONNX node it came from (for messages)."""
+
+    kind: str
+    inputs: tuple[str, ...]
+    output: str
+    params: object
+    node: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProgramIO:
+    """A model input or output: the ONNX value name and the program tensor behind it."""
+
+    name: str
+    tensor: str
+    is_float: bool
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Program:
+    """Tensors, int8 constants and the op schedule of a lowered model."""
+
+    tensors: dict[str, TensorInfo]
+    constants: dict[str, np.ndarray] = field(default_factory=dict)  # int8, stored layout
+    ops: tuple[IntOp, ...]
+    inputs: tuple[ProgramIO, ...]
+    outputs: tuple[ProgramIO, ...]

@@ -1,0 +1,180 @@
+"""The CLI as a user meets it: inspect, run, bench on real architectures, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edgeopt.runtime.ort import OrtSession
+from tests.conftest import assert_one_line_error
+from tests.models import (
+    TORCH_MODELS,
+    build_onnx,
+    constant_weights_model,
+    dynamic_input_model,
+    external_data_model,
+)
+
+COMMANDS = ["inspect", "run", "bench", "demo"]
+README = Path(__file__).parents[2] / "README.md"
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_every_command_has_help(cli, command):
+    result = cli(*([command] if command else []), "--help")
+    assert result.code == 0
+    assert "Usage:" in result.stdout
+
+
+def test_every_command_is_in_the_readme():
+    text = README.read_text()
+    for command in COMMANDS:
+        assert f"edgeopt {command}" in text, command
+
+
+@pytest.mark.parametrize("name", sorted(TORCH_MODELS))
+def test_inspect_real_architectures_totals_match_rows(cli, tmp_path, name):
+    path = build_onnx(name, tmp_path)
+    result = cli("inspect", path, "--json")
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert {"macs", "params", "peak_activation_bytes", "nodes"} <= set(report)
+    assert report["macs"] == sum(n["macs"] for n in report["nodes"]) > 0
+    assert report["params"] == sum(n["params"] for n in report["nodes"]) > 0
+    assert report["lower_bound_bytes"] <= report["peak_activation_bytes"] <= report["naive_activation_bytes"]
+    assert not report["unknown_nodes"]
+    human = cli("inspect", path)
+    assert human.code == 0 and "peak activation RAM" in human.stdout
+
+
+def test_inspect_counts_torch_parameters_exactly(cli, tmp_path):
+    from tests.models import build_torch
+
+    module, _ = build_torch("resnet")
+    expected = sum(p.numel() for p in module.parameters())
+    # BatchNorm running statistics are weights of the exported graph too.
+    expected += sum(b.numel() for n, b in module.named_buffers() if "running" in n)
+    report = json.loads(cli("inspect", build_onnx("resnet", tmp_path), "--json").stdout)
+    assert report["params"] == expected
+
+
+def test_inspect_constant_node_and_external_weights(cli, tmp_path):
+    # Conv 4x3x3x3 + bias 4, Gemm 10x64 + bias 10
+    expected = 4 * 3 * 3 * 3 + 4 + 10 * 64 + 10
+    for builder in (constant_weights_model, external_data_model):
+        report = json.loads(cli("inspect", builder(tmp_path / f"{builder.__name__}.onnx"), "--json").stdout)
+        assert report["params"] == expected, builder.__name__
+
+
+def test_run_writes_one_npy_per_output_and_matches_ort(cli, tmp_path):
+    path = build_onnx("mobilenet_v3", tmp_path)
+    x = np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    result = cli("run", path, "--input", f"input={tmp_path / 'x.npy'}", "-o", tmp_path / "out")
+    assert result.code == 0, result.stderr
+    expected = OrtSession(path).run({"input": x})["output"]
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "output.npy"), expected)
+
+
+def test_run_stacked_samples_one_by_one_without_name(cli, tmp_path):
+    path = build_onnx("resnet", tmp_path)
+    batch = np.random.default_rng(1).normal(size=(5, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "batch.npy", batch)
+    result = cli("run", path, "-i", tmp_path / "batch.npy", "-o", tmp_path / "out", "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["samples"] == 5
+    outputs = np.load(tmp_path / "out" / "output.npy")
+    session = OrtSession(path)
+    expected = np.concatenate([session.run({"input": batch[i:i + 1]})["output"] for i in range(5)])
+    np.testing.assert_allclose(outputs, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_run_dynamic_model_takes_shape_from_data(cli, tmp_path):
+    path = dynamic_input_model(tmp_path / "dyn.onnx")
+    np.save(tmp_path / "x.npy", np.ones((2, 3, 5, 7), np.float32))
+    result = cli("run", path, "-i", tmp_path / "x.npy", "-o", tmp_path / "out")
+    assert result.code == 0, result.stderr
+    assert np.load(tmp_path / "out" / "output.npy").shape[:2] == (2, 4)
+
+
+def test_bench_two_models_side_by_side(cli, tmp_path):
+    first, second = build_onnx("resnet", tmp_path), build_onnx("mobilenet_v2", tmp_path)
+    result = cli("bench", first, second, "--runs", "5", "--warmup", "1", "--threads", "1", "--json")
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)
+    rows = report["models"]
+    assert [r["name"] for r in rows] == [first.name, second.name]
+    assert rows[0]["median_ratio_vs_first"] == 1.0
+    for row in rows:
+        assert row["runs"] == 5 and 0 < row["min_ms"] <= row["median_ms"] <= row["p90_ms"]
+        assert row["peak_rss_bytes"] > 0 and row["file_bytes"] == Path(tmp_path / row["name"]).stat().st_size
+
+
+def test_bench_with_real_data_folder(cli, tmp_path):
+    path = build_onnx("mobilenet_v2", tmp_path)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(3):
+        np.save(folder / f"s{i}.npy", np.full((1, 3, 32, 32), i, np.float32))
+    result = cli("bench", path, "--runs", "3", "--warmup", "0", "--data", folder)
+    assert result.code == 0, result.stderr
+    assert "median ms" in result.stdout
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def test_missing_model_file(cli, tmp_path):
+    assert_one_line_error(cli("inspect", tmp_path / "nope.onnx"), "not found")
+
+
+def test_truncated_and_non_onnx_files(cli, tmp_path):
+    good = build_onnx("resnet", tmp_path).read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(good[: len(good) // 3])
+    assert_one_line_error(cli("inspect", tmp_path / "cut.onnx"), "not a valid ONNX model")
+    (tmp_path / "notes.onnx").write_text("this is not a model\n" * 50)
+    assert_one_line_error(cli("bench", tmp_path / "notes.onnx"), "not a valid ONNX model")
+
+
+def test_wrong_input_name_shape_and_dtype(cli, tmp_path):
+    path = build_onnx("resnet", tmp_path)
+    np.save(tmp_path / "ok.npy", np.zeros((1, 3, 32, 32), np.float32))
+    np.save(tmp_path / "shape.npy", np.zeros((1, 3, 31, 32), np.float32))
+    np.save(tmp_path / "dtype.npy", np.array([["a"] * 32] * 3))
+    out = tmp_path / "out"
+    assert_one_line_error(cli("run", path, "-i", f"image={tmp_path / 'ok.npy'}", "-o", out), "image", "input")
+    assert_one_line_error(cli("run", path, "-i", f"input={tmp_path / 'shape.npy'}", "-o", out), "input")
+    assert_one_line_error(cli("run", path, "-i", f"input={tmp_path / 'dtype.npy'}", "-o", out), "input")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_nan_input_is_refused(cli, tmp_path):
+    path = build_onnx("resnet", tmp_path)
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    x[0, 0, 0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    assert_one_line_error(cli("run", path, "-i", tmp_path / "nan.npy", "-o", tmp_path / "out"), "NaN")
+
+
+def test_dynamic_dim_without_input_shape(cli, tmp_path):
+    path = dynamic_input_model(tmp_path / "dyn.onnx")
+    name = onnx.load(str(path)).graph.input[0].name
+    assert_one_line_error(cli("inspect", path), name, "--input-shape")
+    fixed = cli("inspect", path, "--input-shape", f"{name}=1x3x16x16", "--json")
+    assert fixed.code == 0 and json.loads(fixed.stdout)["macs"] == 1 * 8 * 16 * 16 * 3 * 3 * 3 + 1 * 4 * 16 * 16 * 8
+
+
+def test_empty_data_folder(cli, tmp_path):
+    path = build_onnx("resnet", tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(cli("bench", path, "--data", tmp_path / "empty", "--runs", "1"), "empty")
+
+
+def test_bad_option_values(cli, tmp_path):
+    path = build_onnx("resnet", tmp_path)
+    assert_one_line_error(cli("bench", path, "--runs", "0"), "--runs")
+    assert_one_line_error(cli("inspect", path, "--input-shape", "input"), "--input-shape")

@@ -1,0 +1,90 @@
+"""check_feed: one batch against the model inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeopt.data import check_feed
+from edgeopt.errors import DataError
+from tests.data.helpers import IMAGE, TOKENS, VECTOR, spec
+
+
+def test_valid_feed_is_returned_as_owned_contiguous_arrays():
+    data = np.arange(8, dtype=np.float32).reshape(4, 2).T[:1]  # a strided view
+    data.flags.writeable = False
+    out = check_feed([spec("x", (1, 4))], {"x": data}, where="t")
+    assert out["x"].flags.c_contiguous and out["x"].flags.writeable
+    np.testing.assert_array_equal(out["x"], data)
+
+
+def test_dynamic_dims_accept_any_size():
+    for batch in (1, 7):
+        out = check_feed([TOKENS], {"ids": np.zeros((batch, 5), np.int64)}, where="t")
+        assert out["ids"].shape == (batch, 5)
+    free = spec("x", (None, "n"))
+    assert check_feed([free], {"x": np.zeros((3, 11), np.float32)}, where="t")["x"].shape == (3, 11)
+
+
+def test_float64_and_int_data_cast_into_float_input():
+    out = check_feed([VECTOR], {"x": np.ones((1, 4), np.float64)}, where="t")
+    assert out["x"].dtype == np.float32
+    out = check_feed([VECTOR], {"x": np.arange(4).reshape(1, 4)}, where="t")
+    assert out["x"].dtype == np.float32 and out["x"][0, 3] == 3.0
+
+
+def test_int32_data_cast_into_int64_input():
+    out = check_feed([TOKENS], {"ids": np.ones((2, 5), np.int32)}, where="t")
+    assert out["ids"].dtype == np.int64
+
+
+def test_unknown_input_name_lists_the_models_inputs():
+    with pytest.raises(DataError, match=r"s\.npy has data for 'image', .*model's inputs are: input"):
+        check_feed([IMAGE], {"image": np.zeros((1, 3, 8, 8), np.float32)}, where="s.npy")
+
+
+def test_missing_input_is_named():
+    specs = [spec("a", (1, 2)), spec("b", (1, 2))]
+    with pytest.raises(DataError, match=r"no data for model input 'b'"):
+        check_feed(specs, {"a": np.zeros((1, 2), np.float32)}, where="s.npz")
+
+
+def test_wrong_shape_shows_expected_with_question_marks():
+    dynamic = spec("input", ("n", 3, None, None))
+    with pytest.raises(DataError, match=r"s\.npy: input 'input' wants shape \?x3x\?x\? but got 1x1x8x8"):
+        check_feed([dynamic], {"input": np.zeros((1, 1, 8, 8), np.float32)}, where="s.npy")
+
+
+def test_wrong_rank_says_so():
+    with pytest.raises(DataError, match=r"wants shape 1x3x8x8 but got 3x8x8 \(rank 3, the model wants rank 4\)"):
+        check_feed([IMAGE], {"input": np.zeros((3, 8, 8), np.float32)}, where="s.npy")
+
+
+def test_non_numeric_dtype_is_refused():
+    with pytest.raises(DataError, match=r"input 'x' holds <U1 data, not real numbers"):
+        check_feed([VECTOR], {"x": np.array([["a", "b", "c", "d"]])}, where="t")
+
+
+def test_float_data_into_int_input_is_refused():
+    with pytest.raises(DataError, match=r"input 'ids' wants int64 but the data is float32: convert it"):
+        check_feed([TOKENS], {"ids": np.ones((1, 5), np.float32)}, where="t")
+
+
+def test_int_values_out_of_range_are_refused():
+    small = spec("q", (1, 2), np.int8)
+    with pytest.raises(DataError, match=r"wants int8 but the values span 0\.\.300"):
+        check_feed([small], {"q": np.array([[0, 300]], np.int64)}, where="t")
+    assert check_feed([small], {"q": np.array([[-5, 100]], np.int64)}, where="t")["q"].dtype == np.int8
+
+
+@pytest.mark.parametrize(("bad", "word"), [(np.nan, "NaN"), (np.inf, "Inf"), (-np.inf, "Inf")])
+def test_nan_and_inf_are_refused(bad, word):
+    data = np.zeros((1, 4), np.float32)
+    data[0, 2] = bad
+    with pytest.raises(DataError, match=rf"^x\.npy holds {word} values in input 'x': clean the data$"):
+        check_feed([VECTOR], {"x": data}, where="x.npy")
+
+
+def test_float64_beyond_float32_range_is_refused():
+    with pytest.raises(DataError, match=r"beyond the float32 range"):
+        check_feed([VECTOR], {"x": np.full((1, 4), 1e300)}, where="t")

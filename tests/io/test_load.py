@@ -1,0 +1,100 @@
+"""Loading real-world ONNX quirks: Constant weights, external data, dynamic dims, shadowed inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from edgeopt import ir as eir
+from edgeopt.errors import ModelError
+from edgeopt.io import load_model, parse_input_shapes, save_model
+from tests.models import (
+    constant_weights_model,
+    dynamic_input_model,
+    external_data_model,
+    shadowed_initializer_model,
+    tf_style_model,
+)
+
+
+def test_parse_input_shapes():
+    assert parse_input_shapes(["x=1x3x224x224", "mask=1,16"]) == {"x": (1, 3, 224, 224), "mask": (1, 16)}
+    for bad in ["x", "x=", "x=1xAx3", "x=1x0x3"]:
+        with pytest.raises(ModelError):
+            parse_input_shapes([bad])
+
+
+def test_dynamic_input_needs_a_shape_and_names_the_input(tmp_path):
+    path = dynamic_input_model(tmp_path / "dyn.onnx")
+    with pytest.raises(ModelError, match="--input-shape"):
+        load_model(path)
+    name = onnx.load(str(path)).graph.input[0].name
+    model = load_model(path, input_shapes={name: (1, 3, 16, 16)})
+    assert eir.model_inputs(model)[0].shape == (1, 3, 16, 16)
+    assert all(eir.static_shape(v) is not None for node in model.graph for v in node.outputs)
+
+
+def test_fixing_a_static_dim_differently_is_refused(tmp_path):
+    path = dynamic_input_model(tmp_path / "dyn.onnx")
+    name = onnx.load(str(path)).graph.input[0].name
+    with pytest.raises(ModelError, match="dim 1 is fixed to 3"):
+        load_model(path, input_shapes={name: (1, 4, 16, 16)})
+    with pytest.raises(ModelError, match="model's inputs are"):
+        load_model(path, input_shapes={"nope": (1, 3, 16, 16)})
+
+
+def test_shadowed_inputs_become_constants_and_unused_initializers_go(tmp_path):
+    path = shadowed_initializer_model(tmp_path / "shadow.onnx")
+    proto = onnx.load(str(path))
+    model = load_model(path)
+    initializer_names = {t.name for t in proto.graph.initializer}
+    assert all(spec.name not in initializer_names for spec in eir.model_inputs(model))
+    used = {v.name for node in model.graph for v in node.inputs if v is not None}
+    assert set(model.graph.initializers) <= used
+
+
+def test_constant_node_weights_are_readable(tmp_path):
+    model = load_model(constant_weights_model(tmp_path / "const.onnx"))
+    constants = [n for n in model.graph if n.op_type == "Constant"]
+    assert constants
+    assert all(eir.constant_array(n.outputs[0]) is not None for n in constants)
+
+
+def test_external_data_is_loaded_and_the_files_are_untouched(tmp_path):
+    path = external_data_model(tmp_path / "ext.onnx")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    model = load_model(path)
+    weights = [v for v in model.graph.initializers.values()]
+    assert weights and all(np.asarray(v.const_value.numpy()).size > 0 for v in weights)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_tf_style_nhwc_model_loads(tmp_path):
+    model = load_model(tf_style_model(tmp_path / "tf.onnx"))
+    assert [n.op_type for n in model.graph][:2] == ["Transpose", "Conv"]
+
+
+def test_missing_truncated_and_foreign_files_are_model_errors(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        load_model(tmp_path / "missing.onnx")
+    good = constant_weights_model(tmp_path / "good.onnx")
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    with pytest.raises(ModelError, match="not a valid ONNX model"):
+        load_model(truncated)
+    foreign = tmp_path / "image.onnx"
+    foreign.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    with pytest.raises(ModelError, match="not a valid ONNX model"):
+        load_model(foreign)
+    with pytest.raises(ModelError, match="folder"):
+        load_model(tmp_path)
+
+
+def test_saving_is_atomic_and_round_trips(tmp_path):
+    model = load_model(constant_weights_model(tmp_path / "m.onnx"))
+    target = save_model(model, tmp_path / "out.onnx")
+    assert load_model(target) is not None
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    with pytest.raises(ModelError, match="does not exist"):
+        save_model(model, tmp_path / "no" / "such" / "dir.onnx")
