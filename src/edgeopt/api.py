@@ -21,6 +21,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.analysis import CostReport, MemoryReport, analyze_cost, memory_report
 from edgeopt.bench import BenchConfig, BenchResult, BenchTarget, bench_models
+from edgeopt.data import ImagePreprocess
 from edgeopt.errors import DataError, ModelError
 from edgeopt.io import atomic_write_bytes, load_model, model_file_bytes, model_to_bytes
 
@@ -194,14 +195,15 @@ def run(model: ModelSource, inputs: Mapping[str, np.ndarray], *, output_dir: str
 # ------------------------------------------------------------------------- bench
 
 
-def _bench_feeds(model: ir.Model, data: str | os.PathLike | Iterable | None, count: int) -> list[dict]:
+def _bench_feeds(model: ir.Model, data: str | os.PathLike | Iterable | None, count: int,
+                 preprocess: ImagePreprocess | None) -> list[dict]:
     from edgeopt.data import open_data, take
     from edgeopt.runtime.ort import random_feed
 
     specs = eir.model_inputs(model)
     if data is None:
         return [random_feed(specs, seed=i) for i in range(min(count, 4))]
-    feeds = list(take(open_data(data, specs), count))
+    feeds = list(take(open_data(data, specs, preprocess=preprocess), count))
     if not feeds:
         raise DataError(f"--data {data} gave no samples")
     return feeds
@@ -214,6 +216,7 @@ def _file_bytes(model: ModelSource, onnx_bytes: bytes) -> int:
 def bench(models: Sequence[ModelSource], *, config: BenchConfig = BenchConfig(),
           data: str | os.PathLike | Iterable | None = None,
           input_shapes: Mapping[str, Sequence[int]] | None = None,
+          preprocess: ImagePreprocess | None = None,
           progress: Progress | None = None) -> BenchResult:
     """Time models side by side in ONNX Runtime: latency, throughput, peak RSS, file size."""
     if not models:
@@ -224,7 +227,7 @@ def bench(models: Sequence[ModelSource], *, config: BenchConfig = BenchConfig(),
         onnx_bytes = model_to_bytes(loaded)
         targets.append(BenchTarget(name=_model_name(model), onnx_bytes=onnx_bytes,
                                    file_bytes=_file_bytes(model, onnx_bytes)))
-        feeds.append(_bench_feeds(loaded, data, config.runs + config.warmup))
+        feeds.append(_bench_feeds(loaded, data, config.runs + config.warmup, preprocess))
     return bench_models(targets, feeds, config, progress=progress)
 
 

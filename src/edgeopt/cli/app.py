@@ -13,6 +13,7 @@ from edgeopt import __version__, api
 from edgeopt.bench import BenchConfig
 from edgeopt.cli import state
 from edgeopt.cli.render import bytes_text, count_text, print_json, progress_bar, table
+from edgeopt.data import ImagePreprocess
 from edgeopt.errors import DataError
 from edgeopt.io import parse_input_shapes
 
@@ -29,6 +30,12 @@ app = typer.Typer(
 )
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+PreprocessOption = Annotated[
+    Optional[str],
+    typer.Option("--preprocess", metavar="SPEC",
+                 help="Image preprocessing for an image --data folder, e.g. "
+                      "size=224x224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=nchw,dtype=float32."),
+]
 InputShapeOption = Annotated[
     Optional[list[str]],
     typer.Option("--input-shape", metavar="NAME=DIMS",
@@ -168,14 +175,15 @@ def bench(
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed warm-up inferences per model.")] = 10,
     data: Annotated[Optional[str], typer.Option("--data", help="Real inputs: folder of .npy/.npz, images, "
                                                                "or module:function.")] = None,
+    preprocess: PreprocessOption = None,
     input_shape: InputShapeOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Latency (min/median/p90), throughput, peak RSS and file size; several models run interleaved."""
     config = BenchConfig(runs=runs, warmup=warmup, threads=threads)
     with progress_bar("benchmarking", enabled=not json_output) as update:
-        result = api.bench(models, config=config, data=data,
-                           input_shapes=parse_input_shapes(input_shape or []), progress=update)
+        result = api.bench(models, config=config, data=data, input_shapes=parse_input_shapes(input_shape or []),
+                           preprocess=ImagePreprocess.parse(preprocess) if preprocess else None, progress=update)
     if json_output:
         print_json(result.to_dict())
         return

@@ -135,6 +135,13 @@ def split_stacked(
         yield {name: _cut(arrays[name], cuts[name], index) for name in arrays}, label
 
 
+def _read_only(array: object) -> np.ndarray:
+    """A read-only view, so check_feed hands out copies and the caller's data stays untouched."""
+    view = np.asarray(array).view()
+    view.flags.writeable = False
+    return view
+
+
 class ArraySource(DataSource):
     """Samples cut from in-memory arrays stacked on axis 0, one per input name."""
 
@@ -142,7 +149,7 @@ class ArraySource(DataSource):
         super().__init__(specs)
         if not arrays:
             raise DataError("no arrays given: pass {input_name: array} with samples stacked on axis 0")
-        self._arrays = {name: np.asarray(array) for name, array in arrays.items()}
+        self._arrays = {name: _read_only(array) for name, array in arrays.items()}
         shapes = {name: array.shape for name, array in self._arrays.items()}
         self._count = stacked_count(self._specs, shapes, where="arrays")
         if self._count == 0:
@@ -180,7 +187,7 @@ def as_feed(item: object, specs: Sequence[InputSpec], *, where: str) -> dict[str
     by_name = {spec.name: spec for spec in specs}
     for name, value in feed.items():
         spec = by_name.get(name)
-        if spec is not None and spec.shape and dims_match(spec.shape[1:], np.shape(value)):
+        if spec is not None and _plan_cut(spec, np.shape(value)).add_axis:
             feed[name] = np.asarray(value)[np.newaxis]
     return feed
 

@@ -48,8 +48,12 @@ def _import_file(path: Path, spec_text: str) -> object:
     if module_spec is None or module_spec.loader is None:
         raise DataError(f"--data {spec_text}: cannot load {path} as a Python module")
     module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module
-    module_spec.loader.exec_module(module)
+    sys.modules[module_name] = module  # dataclasses and pickling look the module up here
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
     return module
 
 

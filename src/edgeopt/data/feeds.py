@@ -11,8 +11,9 @@ is unambiguous:
 * booleans into any numeric input;
 * float data into an integer input is refused: rounding would be a guess.
 
-The returned arrays are C-contiguous, of the input's dtype, and owned by the
-caller: read-only (e.g. memory-mapped) or strided data is copied once.
+The returned arrays are C-contiguous and of the input's dtype. Read-only
+(e.g. memory-mapped), strided or cast data is copied once; a writable array
+that already fits is returned as given.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def check_feed(
     *,
     where: str,
 ) -> dict[str, np.ndarray]:
-    """Validate one batch against the model inputs and return it as owned arrays.
+    """Validate one batch against the model inputs and return it, cast where lossless.
 
     Raises a one-line :class:`DataError` naming the input and ``where`` (the
     source, e.g. a file path) for unknown or missing inputs, wrong shapes,

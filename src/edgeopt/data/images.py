@@ -31,7 +31,7 @@ from PIL import Image
 
 from edgeopt.data.base import DataSource
 from edgeopt.data.feeds import shape_text
-from edgeopt.data.npy import natural_key
+from edgeopt.data.npy import check_path, natural_key
 from edgeopt.errors import ConfigError, DataError
 from edgeopt.ir.values import InputSpec
 
@@ -261,8 +261,9 @@ class ImageFolderSource(DataSource):
                  preprocess: ImagePreprocess | None = None) -> None:
         super().__init__(specs)
         self._path = Path(path)
+        check_path(self._path)
         if not self._path.is_dir():
-            raise DataError(f"image folder {self._path} not found: check the --data path")
+            raise DataError(f"image data {self._path} is not a folder: put the images in a folder")
         if len(self._specs) != 1:
             names = ", ".join(spec.name for spec in self._specs)
             raise DataError(f"image folders feed single-input models; this model has inputs {names}: "

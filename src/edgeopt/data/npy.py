@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import TypeVar
@@ -33,7 +33,7 @@ from edgeopt.data.base import DataSource, split_stacked, stacked_count
 from edgeopt.errors import DataError
 from edgeopt.ir.values import InputSpec
 
-__all__ = ["NpyFileSource", "NpyFolderSource", "list_files", "natural_key", "read_arrays"]
+__all__ = ["NpyFileSource", "NpyFolderSource", "check_path", "list_files", "natural_key", "read_arrays"]
 
 DATA_SUFFIXES = (".npy", ".npz")
 _T = TypeVar("_T")
@@ -119,7 +119,8 @@ def _read_shapes(path: Path, specs: Sequence[InputSpec]) -> dict[str, tuple[int,
     return _by_input(path, {"": _open_npy(path).shape}, specs)
 
 
-def _check_path(path: Path) -> None:
+def check_path(path: Path) -> None:
+    """Refuse a data path that does not exist, with what to do."""
     if not path.exists():
         raise DataError(f"data path {path} not found: check the --data path")
 
@@ -130,7 +131,7 @@ class NpyFileSource(DataSource):
     def __init__(self, path: str | Path, specs: Sequence[InputSpec]) -> None:
         super().__init__(specs)
         self._path = Path(path)
-        _check_path(self._path)
+        check_path(self._path)
         if self._path.is_dir() or self._path.suffix.lower() not in DATA_SUFFIXES:
             raise DataError(f"{self._path} is not a .npy or .npz file")
 
@@ -165,12 +166,13 @@ def _input_subfolders(folder: Path, specs: Sequence[InputSpec]) -> dict[str, lis
     return files
 
 
-def _single_array(path: Path, spec: InputSpec) -> np.ndarray:
-    arrays = read_arrays(path, [spec])
-    if spec.name not in arrays:
-        raise DataError(f"{path} holds {len(arrays)} arrays ({', '.join(arrays)}): "
+def _single(path: Path, spec: InputSpec, read: Callable[[Path, Sequence[InputSpec]], dict[str, _T]]) -> _T:
+    """The one array (or shape) of a file in an input's subfolder."""
+    keyed = read(path, [spec])
+    if spec.name not in keyed:
+        raise DataError(f"{path} holds {len(keyed)} arrays ({', '.join(keyed)}): "
                         f"a file in subfolder {spec.name}/ must hold one array")
-    return arrays[spec.name]
+    return keyed[spec.name]
 
 
 class NpyFolderSource(DataSource):
@@ -179,7 +181,7 @@ class NpyFolderSource(DataSource):
     def __init__(self, path: str | Path, specs: Sequence[InputSpec]) -> None:
         super().__init__(specs)
         self._path = Path(path)
-        _check_path(self._path)
+        check_path(self._path)
         if not self._path.is_dir():
             raise DataError(f"data path {self._path} is not a folder")
         self._files = list_files(self._path, DATA_SUFFIXES)
@@ -189,24 +191,22 @@ class NpyFolderSource(DataSource):
 
     @cached_property
     def num_samples(self) -> int:
-        if self._subfolders:
-            return len(next(iter(self._subfolders.values())))
-        return sum(stacked_count(self._specs, _read_shapes(file, self._specs), where=str(file))
-                   for file in self._files)
+        """Counted from the file headers; no data is read."""
+        return sum(stacked_count(self._specs, shapes, where=where) for shapes, where in self._read_all(_read_shapes))
 
     def _feeds(self) -> Iterator[tuple[Mapping[str, object], str]]:
-        if self._subfolders:
-            yield from self._paired_feeds()
-            return
-        for file in self._files:
-            yield from split_stacked(self._specs, read_arrays(file, self._specs), where=str(file))
+        for arrays, where in self._read_all(read_arrays):
+            yield from split_stacked(self._specs, arrays, where=where)
 
-    def _paired_feeds(self) -> Iterator[tuple[Mapping[str, object], str]]:
+    def _read_all(self, read: Callable[[Path, Sequence[InputSpec]], dict[str, _T]]) -> Iterator[tuple[dict[str, _T], str]]:
+        """``read`` applied per file, or per set of paired subfolder files, keyed by input name."""
+        if not self._subfolders:
+            yield from ((read(file, self._specs), str(file)) for file in self._files)
+            return
         specs = {spec.name: spec for spec in self._specs}
         for paths in zip(*self._subfolders.values()):
             named = dict(zip(self._subfolders, paths))
-            arrays = {name: _single_array(path, specs[name]) for name, path in named.items()}
-            yield from split_stacked(self._specs, arrays, where=" + ".join(map(str, paths)))
+            yield {name: _single(path, specs[name], read) for name, path in named.items()}, " + ".join(map(str, paths))
 
     def describe(self) -> str:
         if self._subfolders:

@@ -28,6 +28,7 @@ widens to include 0):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -182,17 +183,19 @@ class HistogramObserver:
         self._pending_zeros = 0
 
     def _cover(self, lo: float, hi: float) -> None:
-        first = min(self._start, math.floor(lo / self._width))
-        stop = max(self._start + self.num_bins, math.floor(hi / self._width) + 1)
-        if stop - first <= self.num_bins and first == self._start:
+        low_index, high_index = math.floor(lo / self._width), math.floor(hi / self._width)
+        if self._start <= low_index and high_index < self._start + self.num_bins:
             return
+        # The span that must fit: the occupied bins, the new values and 0.
+        occupied = np.flatnonzero(self._counts) + self._start
+        first = min(low_index, int(occupied[0]) if occupied.size else 0, 0)
+        stop = max(high_index, int(occupied[-1]) if occupied.size else 0, 0) + 1
         shift = 0
         while stop - first > self.num_bins:
             shift += 1
             first, stop = first // 2, (stop - 1) // 2 + 1
-        global_index = (self._start + np.arange(self.num_bins)) >> shift
         counts = np.zeros(self.num_bins, dtype=np.int64)
-        np.add.at(counts, global_index - first, self._counts)
+        np.add.at(counts, (occupied >> shift) - first, self._counts[occupied - self._start])
         self._counts, self._start, self._width = counts, first, self._width * 2**shift
 
     def result(self) -> HistogramStats:
@@ -272,6 +275,11 @@ def entropy_range(hist: HistogramStats, num_quant_bins: int = 256) -> tuple[floa
     """
     if hist.total == 0 or hist.width == 0.0:
         return hist.min, hist.max
+    # Exact zeros quantize exactly whatever the threshold: leaving them out
+    # keeps a ReLU's spike at 0 from dominating P.
+    counts = hist.counts.copy()
+    counts[-hist.start] -= hist.zeros
+    hist = dataclasses.replace(hist, counts=counts, zeros=0)
     if hist.min >= 0.0:  # the grid starts at or below 0: bins from index -start on are [0, ...)
         stop = _entropy_threshold_bins(hist.counts[-hist.start:], num_quant_bins)
         return hist.min, min(stop * hist.width, hist.max)
@@ -305,11 +313,19 @@ def expected_mse(hist: HistogramStats, lo, hi, num_levels: int) -> np.ndarray:
 
 
 def mse_range(hist: HistogramStats, num_levels: int = 256, num_candidates: int = 200) -> tuple[float, float]:
-    """The range ``c * [min(min, 0), max(max, 0)]``, c in (0, 1], of least :func:`expected_mse`."""
+    """The range ``[a * min, b * max]``, a, b on a grid in (0, 1], of least :func:`expected_mse`.
+
+    Starts from the best proportional range (a = b), then improves each
+    bound with the other fixed (coordinate descent, a few rounds).
+    """
     if hist.total == 0 or hist.width == 0.0:
         return hist.min, hist.max
-    lo, hi = min(hist.min, 0.0), max(hist.max, 0.0)
+    lowest, highest = min(hist.min, 0.0), max(hist.max, 0.0)
     fractions = np.arange(1, num_candidates + 1, dtype=np.float64) / num_candidates
-    errors = expected_mse(hist, fractions * lo, fractions * hi, num_levels)
-    best = float(fractions[int(np.argmin(errors))])  # argmin: the first (smallest) of equals
-    return max(best * lo, hist.min), min(best * hi, hist.max)
+    best = fractions[int(np.argmin(expected_mse(hist, fractions * lowest, fractions * highest, num_levels)))]
+    lo, hi = best * lowest, best * highest
+    for _ in range(3):
+        # argmin takes the first (smallest) of equal errors: deterministic.
+        hi = highest * fractions[int(np.argmin(expected_mse(hist, lo, fractions * highest, num_levels)))]
+        lo = lowest * fractions[int(np.argmin(expected_mse(hist, fractions * lowest, hi, num_levels)))]
+    return max(float(lo), hist.min), min(float(hi), hist.max)

@@ -1,0 +1,157 @@
+"""Small structural queries the rules share: op tests, scalar constants, chains.
+
+The one algorithm here is :func:`follow_product`. Exporters write a scaled
+product like ``x * clip(x + 3, 0, 6) / 6`` in any association and order
+(``(x * c) / 6``, ``x * (c * (1/6))``, ``(x / 6) * c``...). Starting from
+``c``, it walks the chain of single-consumer Mul/Div nodes, collecting scalar
+factors and (at most once) ``x`` or ``x`` times a scalar, and stops as soon
+as the collected product is ``target * x * c``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+
+__all__ = [
+    "ProductChain",
+    "clip_bounds",
+    "follow_product",
+    "is_op",
+    "other_input",
+    "producer_op",
+    "scalar",
+    "shape_text",
+    "sole_consumer",
+]
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def is_op(node: ir.Node | None, *op_types: str) -> bool:
+    """True when ``node`` is one of ``op_types`` in the default ONNX domain."""
+    return node is not None and node.domain in _DEFAULT_DOMAINS and node.op_type in op_types
+
+
+def producer_op(value: ir.Value | None, *op_types: str) -> ir.Node | None:
+    """The producer of ``value`` if it is one of ``op_types``, else None."""
+    producer = value.producer() if value is not None else None
+    return producer if is_op(producer, *op_types) else None
+
+
+def scalar(value: ir.Value | None) -> float | None:
+    """The number behind a one-element constant, else None."""
+    array = eir.constant_array(value)
+    if array is None or array.size != 1 or not np.issubdtype(array.dtype, np.number):
+        return None
+    return float(array.reshape(()))
+
+
+def other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
+    """For a binary node reading ``value``, its other input."""
+    if len(node.inputs) != 2:
+        return None
+    first, second = node.inputs
+    return second if first is value else first
+
+
+def sole_consumer(value: ir.Value) -> ir.Node | None:
+    """The only node reading ``value``, when there is exactly one and it is not a graph output."""
+    if value.is_graph_output():
+        return None
+    readers = eir.consumers(value)
+    return readers[0] if len(readers) == 1 else None
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
+    """The constant (min, max) of a Clip: attributes before opset 11, inputs after."""
+    low, high = -math.inf, math.inf
+    if "min" in node.attributes or "max" in node.attributes:
+        return (node.attributes.get_float("min", low), node.attributes.get_float("max", high))
+    for position in (1, 2):
+        bound = node.inputs[position] if len(node.inputs) > position else None
+        if bound is None:
+            continue
+        number = scalar(bound)
+        if number is None:
+            return None
+        if position == 1:
+            low = number
+        else:
+            high = number
+    return (low, high)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProductChain:
+    """Mul/Div nodes from a start value to ``output``, which equals ``scale * [x *] start``."""
+
+    nodes: tuple[ir.Node, ...]
+    output: ir.Value
+
+
+def _scaled_copy(value: ir.Value, x: ir.Value) -> tuple[ir.Node, float] | None:
+    """``value = x * s`` or ``x / s`` with scalar ``s``, read only once: (node, factor)."""
+    node = producer_op(value, "Mul", "Div")
+    if node is None or sole_consumer(value) is None:
+        return None
+    if node.inputs[0] is x or (node.op_type == "Mul" and node.inputs[1] is x):
+        number = scalar(other_input(node, x))
+        if number is None or number == 0:
+            return None
+        return node, (1.0 / number if node.op_type == "Div" else number)
+    return None
+
+
+def _step(node: ir.Node, current: ir.Value, x: ir.Value | None) -> tuple[float, ir.Node | None, bool] | None:
+    """One link of the chain: (scalar factor, extra node absorbed, whether it brought x)."""
+    other = other_input(node, current)
+    if other is None:
+        return None
+    number = scalar(other)
+    if node.op_type == "Div":
+        if node.inputs[0] is not current or number is None or number == 0:
+            return None
+        return 1.0 / number, None, False
+    if number is not None:
+        return number, None, False
+    if x is not None and other is x:
+        return 1.0, None, True
+    scaled = _scaled_copy(other, x) if x is not None else None
+    if scaled is not None:
+        return scaled[1], scaled[0], True
+    return None
+
+
+def follow_product(start: ir.Value, x: ir.Value | None, target: float, *,
+                   rel_tol: float = 1e-4, max_links: int = 4) -> ProductChain | None:
+    """The shortest chain from ``start`` to ``target * [x *] start``; None if there is none.
+
+    With ``x`` None the chain may only scale by constants; otherwise ``x`` must
+    be multiplied in exactly once.
+    """
+    current, nodes, factor, has_x = start, [], 1.0, x is None
+    for _ in range(max_links):
+        node = sole_consumer(current)
+        if not is_op(node, "Mul", "Div"):
+            return None
+        step = _step(node, current, None if has_x else x)
+        if step is None:
+            return None
+        number, extra, brings_x = step
+        factor *= number
+        has_x = has_x or brings_x
+        nodes.extend(n for n in (extra, node) if n is not None)
+        current = node.outputs[0]
+        if has_x and math.isclose(factor, target, rel_tol=rel_tol):
+            return ProductChain(nodes=tuple(nodes), output=current)
+    return None

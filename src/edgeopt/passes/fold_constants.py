@@ -1,0 +1,147 @@
+"""Fold constant subgraphs into initializers.
+
+A node whose inputs are all constants computes the same tensor on every run;
+evaluating it once (numpy, :mod:`edgeopt.passes._constant_ops`) and storing
+the result as an initializer removes the node. Exporters leave many such
+nodes: ``Constant`` nodes holding weights and scalars, and the shape
+arithmetic around Reshape (``Shape -> Gather -> Unsqueeze -> Concat``), whose
+``Shape`` is itself constant once the input shape is static. Later rules
+then see plain initializers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+from edgeopt.passes._constant_ops import CONSTANT_OPS
+from edgeopt.passes._report import ReportedPassResult
+from edgeopt.passes._rules import Match, Rule, RuleContext, RulePass, run_on_copy
+
+__all__ = ["DEFAULT_MAX_ELEMENTS", "FoldConstantsPass", "fold_constants"]
+
+#: Results larger than this (and larger than every input) are not materialized.
+DEFAULT_MAX_ELEMENTS = 1 << 20
+
+# Quantization structure is meaningful even on constant weights: never fold it.
+_KEPT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+
+
+@dataclasses.dataclass
+class _ConstantNode(Match):
+    node: ir.Node
+    result: np.ndarray | None = None
+
+
+def _attribute_kwargs(node: ir.Node) -> dict[str, object]:
+    kwargs = {}
+    for name, attribute in node.attributes.items():
+        value = attribute.value
+        kwargs[name] = list(value) if isinstance(value, tuple) else value
+    return kwargs
+
+
+def _shape_result(node: ir.Node) -> np.ndarray | None:
+    shape = eir.static_shape(node.inputs[0])
+    if shape is None:
+        return None
+    if node.op_type == "Size":
+        return np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
+    start = node.attributes.get_int("start", 0)
+    end = node.attributes.get_int("end", None)
+    return np.array(shape[start:end], dtype=np.int64)
+
+
+class FoldConstantRule(Rule):
+    """Evaluate a node whose inputs are all constants (or a Shape/Size of a static shape)."""
+
+    name = "fold-constant"
+    verb = "folded"
+
+    def __init__(self, max_elements: int = DEFAULT_MAX_ELEMENTS) -> None:
+        self.max_elements = max_elements
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        if node.op_type in _KEPT_OPS:
+            return None
+        if node.op_type == "Constant":
+            return _ConstantNode(nodes=(node,), node=node)
+        if node.op_type in ("Shape", "Size") and eir.static_shape(node.inputs[0]) is not None:
+            return _ConstantNode(nodes=(node,), node=node)
+        inputs = [v for v in node.inputs if v is not None]
+        if inputs and all(eir.is_constant(v) for v in inputs):
+            return _ConstantNode(nodes=(node,), node=node)
+        return None
+
+    def check(self, match: _ConstantNode, context: RuleContext) -> str | None:
+        node = match.node
+        if len(node.outputs) != 1:
+            return f"{node.op_type} has {len(node.outputs)} outputs"
+        if node.outputs[0].is_graph_output():
+            return f"its output {node.outputs[0].name!r} is a graph output"
+        result = self._evaluate(node)
+        if isinstance(result, str):
+            return result
+        largest_input = max((eir.constant_array(v).size for v in node.inputs
+                             if v is not None and eir.is_constant(v)), default=0)
+        if result.size > self.max_elements and result.size > largest_input:
+            return f"result would have {result.size} elements (limit {self.max_elements})"
+        match.result = result
+        return None
+
+    def _evaluate(self, node: ir.Node) -> np.ndarray | str:
+        if node.op_type == "Constant":
+            array = eir.constant_array(node.outputs[0])
+            return array if array is not None else "sparse or string Constant"
+        if node.op_type in ("Shape", "Size"):
+            return _shape_result(node)
+        function = CONSTANT_OPS.get(node.op_type)
+        if function is None:
+            return f"no constant evaluator for {node.op_type}"
+        arrays = [eir.constant_array(v) if v is not None else None for v in node.inputs]
+        try:
+            return np.asarray(function(*arrays, **_attribute_kwargs(node)))
+        except Exception as error:  # an invalid or unusual node: leave it to the runtime
+            return f"evaluation failed ({type(error).__name__}: {error})"
+
+    def rewrite(self, match: _ConstantNode, context: RuleContext) -> str:
+        output = match.node.outputs[0]
+        name = output.name or f"{match.node.op_type}_folded"
+        output.name = None
+        value = eir.add_initializer(context.graph, match.result, name)
+        eir.replace_value(output, value)
+        eir.remove_nodes(context.graph, [match.node])
+        return f"folded into initializer {value.name!r} {list(match.result.shape)}"
+
+
+class FoldConstantsPass(RulePass):
+    """Replace constant-only nodes by initializers.
+
+    Rewrites:
+
+    * ``Constant`` nodes -> initializers of the same name;
+    * ``Shape``/``Size`` of a value with a static shape -> int64 initializer;
+    * any op of :data:`~edgeopt.passes._constant_ops.CONSTANT_OPS` (Reshape,
+      Unsqueeze, Cast, Concat, Gather, Slice, Add, Mul, ...) whose inputs are
+      all constants -> its result.
+
+    Leaves (with a reason): ops without an evaluator, results over
+    ``max_elements`` that are larger than every input (a huge Expand or
+    ConstantOfShape), outputs that are graph outputs, multi-output nodes.
+    Never folds Quantize/DequantizeLinear. Preconditions: none; shapes need
+    to be inferred (as ``load_model`` does) for Shape folding. Rewrites the
+    model it is given (main graph only).
+    """
+
+    name = "fold-constants"
+
+    def __init__(self, max_elements: int = DEFAULT_MAX_ELEMENTS) -> None:
+        self.rules = (FoldConstantRule(max_elements),)
+
+
+def fold_constants(model: ir.Model, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> ReportedPassResult:
+    """Fold constant subgraphs on a copy of ``model``; the input is not modified."""
+    return run_on_copy(FoldConstantsPass(max_elements), model)

@@ -1,0 +1,165 @@
+"""Typed configuration of int8 post-training quantization.
+
+The contract (DESIGN.md, "Quantization semantics"): weights int8 symmetric
+per output channel in [-127, 127]; activations 8-bit asymmetric per tensor;
+bias int32 at ``input_scale * weight_scale``. The *target* decides the
+activation type: ONNX Runtime on x86 runs u8 activations x s8 weights in its
+fast integer kernels (s8-activation QDQ models are slower than float there),
+so ``Target.ORT`` means uint8 activations; ``Target.MCU`` keeps the TFLite
+int8 scheme. ``activation_format`` overrides the choice (``--scheme``).
+
+Granularity is a value: :class:`PerTensor`, :class:`PerChannel` (``axis=None``
+means the output-channel axis of the op that reads the weight: 0 for Conv,
+1 for ConvTranspose, by ``transB`` for Gemm, the last for MatMul) or
+:class:`PerBlock` (weight-only schemes).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+from edgeopt.errors import ConfigError
+from edgeopt.quant.formats import INT8, UINT8, Format
+
+__all__ = [
+    "CalibrationConfig",
+    "CalibrationMethod",
+    "Granularity",
+    "Int8Config",
+    "PerBlock",
+    "PerChannel",
+    "PerTensor",
+    "Target",
+]
+
+
+class Target(enum.Enum):
+    """Where the quantized model runs."""
+
+    ORT = "ort"  # ONNX Runtime on CPU (x86: u8 activations x s8 weights)
+    MCU = "mcu"  # microcontrollers: TFLite/CMSIS-NN int8 scheme
+
+
+class CalibrationMethod(enum.Enum):
+    """How an activation's range is chosen from the calibration data."""
+
+    MINMAX = "minmax"  # smallest and largest value seen
+    PERCENTILE = "percentile"  # drop the outermost (100 - p)% of each tail
+    ENTROPY = "entropy"  # KL-divergence threshold (TensorRT)
+    MSE = "mse"  # least expected quantization + clipping error
+    AUTO = "auto"  # per tensor, the method of least estimated error
+
+    @property
+    def needs_histogram(self) -> bool:
+        return self is not CalibrationMethod.MINMAX
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One scale for the whole tensor."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerChannel:
+    """One scale per slice along ``axis`` (None: the op's output-channel axis)."""
+
+    axis: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.axis is not None and not isinstance(self.axis, int):
+            raise ConfigError(f"PerChannel axis must be an integer or None, got {self.axis!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerBlock:
+    """One scale per ``size`` consecutive values along the reduction axis."""
+
+    size: int = 32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or self.size < 16 or self.size & (self.size - 1):
+            raise ConfigError(f"PerBlock size must be a power of two >= 16, got {self.size!r}")
+
+
+Granularity = PerTensor | PerChannel | PerBlock
+
+_ACTIVATION_FORMATS = (UINT8, INT8)
+
+
+def _require_enum(value: object, enum_type: type[enum.Enum], key: str) -> None:
+    if not isinstance(value, enum_type):
+        allowed = ", ".join(f"{enum_type.__name__}.{m.name}" for m in enum_type)
+        raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationConfig:
+    """What one calibration pass observes and how it turns statistics into ranges.
+
+    ``activation_format`` sets the number of levels the entropy and MSE
+    searches assume.
+    """
+
+    method: CalibrationMethod = CalibrationMethod.MINMAX
+    percentile: float = 99.999
+    num_bins: int = 2048
+    activation_format: Format = UINT8
+
+    def __post_init__(self) -> None:
+        _require_enum(self.method, CalibrationMethod, "calibration method")
+        if not isinstance(self.percentile, (int, float)) or not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile!r}")
+        if not isinstance(self.num_bins, int) or self.num_bins < 256 or self.num_bins % 2:
+            raise ConfigError(f"num_bins must be an even integer >= 256, got {self.num_bins!r}")
+        if self.activation_format not in _ACTIVATION_FORMATS:
+            raise ConfigError(f"activation_format must be uint8 or int8, got {self.activation_format!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int8Config:
+    """Int8 post-training quantization to a QDQ model.
+
+    ``exclude`` names nodes (by node name or op type) that stay float.
+    ``activation_format`` None means: chosen by ``target`` (ORT: uint8,
+    MCU: int8). ``verify_tolerance`` is the largest relative output change
+    accepted when an opset < 13 model is converted to 13.
+    """
+
+    target: Target = Target.ORT
+    calibration: CalibrationMethod = CalibrationMethod.MINMAX
+    weight_granularity: PerTensor | PerChannel = PerChannel()
+    activation_format: Format | None = None
+    exclude: tuple[str, ...] = ()
+    percentile: float = 99.999
+    num_bins: int = 2048
+    verify_tolerance: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _require_enum(self.target, Target, "target")
+        _require_enum(self.calibration, CalibrationMethod, "calibration")
+        if not isinstance(self.weight_granularity, (PerTensor, PerChannel)):
+            raise ConfigError("weight_granularity of int8 must be PerTensor() or PerChannel(), "
+                              f"got {self.weight_granularity!r}")
+        if self.activation_format is not None and self.activation_format not in _ACTIVATION_FORMATS:
+            raise ConfigError(f"activation_format must be uint8, int8 or None (from the target), "
+                              f"got {self.activation_format!r}")
+        if isinstance(self.exclude, str) or not all(isinstance(n, str) and n for n in self.exclude):
+            raise ConfigError(f"exclude must be a tuple of node names or op types, got {self.exclude!r}")
+        if not isinstance(self.verify_tolerance, (int, float)) or not math.isfinite(self.verify_tolerance) \
+                or self.verify_tolerance <= 0:
+            raise ConfigError(f"verify_tolerance must be a positive number, got {self.verify_tolerance!r}")
+        self.calibration_config  # validates percentile and num_bins  # noqa: B018
+
+    @property
+    def activations(self) -> Format:
+        """The activation format: the explicit override, else the target's."""
+        if self.activation_format is not None:
+            return self.activation_format
+        return UINT8 if self.target is Target.ORT else INT8
+
+    @property
+    def calibration_config(self) -> CalibrationConfig:
+        return CalibrationConfig(method=self.calibration, percentile=self.percentile, num_bins=self.num_bins,
+                                 activation_format=self.activations)

@@ -1,0 +1,108 @@
+"""CallableSource: the user's own ``module:function``."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from edgeopt.data import CallableSource, open_data
+from edgeopt.errors import DataError
+from tests.data.helpers import VECTOR, spec
+
+MODULE = '''
+import numpy as np
+
+def batches():
+    for i in range(3):
+        yield {"x": np.full((1, 4), i, np.float32)}
+
+def bare_arrays():
+    return [np.ones(4), np.zeros(4)]
+
+def stacked():
+    return np.zeros((5, 4))
+
+def broken():
+    raise RuntimeError("database is down")
+
+def wrong_items():
+    return ["x", "y"]
+
+def number():
+    return 3
+
+def bad_shape():
+    yield {"x": np.zeros((2, 2), np.float32)}
+
+not_a_function = 42
+'''
+
+
+@pytest.fixture
+def module_file(tmp_path):
+    path = tmp_path / "my_data.py"
+    path.write_text(textwrap.dedent(MODULE))
+    return path
+
+
+def test_file_function_yielding_dicts(module_file):
+    source = open_data(f"{module_file}:batches", [VECTOR])
+    assert isinstance(source, CallableSource)
+    assert [b["x"][0, 0] for b in source] == [0, 1, 2]
+    assert [b["x"][0, 0] for b in source] == [0, 1, 2]  # each pass calls the function again
+    assert source.describe() == f"function {module_file}:batches"
+
+
+def test_importable_module_function(module_file, monkeypatch):
+    monkeypatch.syspath_prepend(str(module_file.parent))
+    monkeypatch.delitem(sys.modules, "my_data", raising=False)
+    assert len(list(open_data("my_data:batches", [VECTOR]))) == 3
+
+
+def test_bare_arrays_are_wrapped_for_a_single_input(module_file):
+    batches = list(CallableSource(f"{module_file}:bare_arrays", [VECTOR]))
+    assert [b["x"].shape for b in batches] == [(1, 4), (1, 4)]
+    assert batches[0]["x"].dtype == np.float32
+
+
+def test_a_returned_array_is_cut_into_samples(module_file):
+    assert len(list(CallableSource(f"{module_file}:stacked", [VECTOR]))) == 5
+
+
+def test_bare_arrays_need_a_single_input_model(module_file):
+    two = [spec("x", (1, 4)), spec("y", (1, 4))]
+    with pytest.raises(DataError, match=r"item 0 is a ndarray, not a dict of arrays keyed by input name \(x, y\)"):
+        list(CallableSource(f"{module_file}:bare_arrays", two))
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ("no_such_module_xyz:f", r"importing no_such_module_xyz failed \(ModuleNotFoundError"),
+    ("{file}:missing", r"has no attribute 'missing'"),
+    ("{file}:not_a_function", r"not_a_function is a int, not a function"),
+    ("{dir}/absent.py:f", r"file .*absent\.py not found"),
+])
+def test_import_errors_are_one_line(module_file, target, message):
+    text = target.format(file=module_file, dir=module_file.parent)
+    with pytest.raises(DataError, match=message) as caught:
+        CallableSource(text, [VECTOR])
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("function", "message"), [
+    ("broken", r"the function raised \(RuntimeError: database is down\)"),
+    ("wrong_items", r"item 0 is a str, not a dict of arrays"),
+    ("number", r"returned a int, not an iterable"),
+    ("bad_shape", r"bad_shape item 0: input 'x' wants shape 1x4 but got 2x2"),
+])
+def test_wrong_results_are_data_errors(module_file, function, message):
+    with pytest.raises(DataError, match=message):
+        list(CallableSource(f"{module_file}:{function}", [VECTOR]))
+
+
+def test_module_that_fails_to_import(tmp_path):
+    (tmp_path / "bad.py").write_text("import numpy\nraise ImportError('needs torchvision')\n")
+    with pytest.raises(DataError, match=r"importing .*bad\.py failed \(ImportError: needs torchvision\)"):
+        CallableSource(f"{tmp_path / 'bad.py'}:f", [VECTOR])
