@@ -94,6 +94,7 @@ def test_one_subfolder_per_input_pairs_files_by_sorted_name(tmp_path):
     batches = list(source)
     assert [(b["a"][0, 0], b["b"][0, 0]) for b in batches] == [(1, 1), (2, 2), (10, 10)]
     assert batches[0]["b"].shape == (1, 3)
+    assert len(source) == 3
     assert source.describe() == f"folder {tmp_path}/ (one subfolder per input: a/, b/; 3 samples)"
 
 

@@ -136,7 +136,7 @@ def pad_resize_reduce() -> onnx.ModelProto:
     x = b.node("Pad", [x, b.const(np.array([0, 0, 1, 2, 0, 0, 2, 1], dtype=np.int64))])
     x = b.conv(x, 8, 8, k=3, pad=0)
     x = b.node("Resize", [x, "", b.const(np.array([1, 1, 2, 2], dtype=np.float32))], mode="nearest")
-    x = b.node("ReduceMean", [b.conv(x, 8, 8, k=1), b.const(np.array([2, 3], dtype=np.int64))], keepdims=1)
+    x = b.node("ReduceMean", [b.conv(x, 8, 8, k=1)], axes=[2, 3], keepdims=1)
     x = b.node("Squeeze", [x, b.const(np.array([2, 3], dtype=np.int64))])
     return b.model(b.gemm(x, 8, 4), (1, 3, 16, 16))
 

@@ -73,9 +73,11 @@ def _as_array(value: object, name: str, where: str) -> np.ndarray:
 
 
 def _check_shape(spec: InputSpec, array: np.ndarray, where: str) -> None:
-    if dims_match(spec.shape, array.shape):
+    if not spec.rank_known or dims_match(spec.shape, array.shape):
         return
-    rank_note = f" (rank {array.ndim}, the model wants rank {len(spec.shape)})" if array.ndim != len(spec.shape) else ""
+    rank_note = ""
+    if array.ndim != len(spec.shape):
+        rank_note = f" (rank {array.ndim}, the model wants rank {len(spec.shape)})"
     raise DataError(f"{where}: input {spec.name!r} wants shape {shape_text(spec.shape)} "
                     f"but got {shape_text(array.shape)}{rank_note}: reshape or resize the data")
 

@@ -84,9 +84,11 @@ class ImagePreprocess:
         _check_floats("mean", self.mean, positive=False)
         _check_floats("std", self.std, positive=True)
         if not isinstance(self.layout, Layout):
-            raise ConfigError(f"layout={self.layout!r} must be a Layout: {', '.join(m.value for m in Layout)}")
+            choices = ", ".join(m.value for m in Layout)
+            raise ConfigError(f"layout={self.layout!r} must be a Layout: {choices}")
         if not isinstance(self.dtype, ImageDtype):
-            raise ConfigError(f"dtype={self.dtype!r} must be an ImageDtype: {', '.join(m.value for m in ImageDtype)}")
+            choices = ", ".join(m.value for m in ImageDtype)
+            raise ConfigError(f"dtype={self.dtype!r} must be an ImageDtype: {choices}")
         normalizes = self.mean != (0.0,) or self.std != (1.0,)
         if normalizes and self.dtype in (ImageDtype.UINT8, ImageDtype.INT8):
             raise ConfigError(f"mean/std apply to float32 images only; dtype={self.dtype.value} keeps raw pixels")
@@ -132,7 +134,8 @@ def _parse_floats(key: str) -> Callable[[str], tuple[float, ...]]:
         try:
             return tuple(float(v) for v in value.split("/"))
         except ValueError:
-            raise ConfigError(f"{key}={value!r} must be numbers separated by '/', like 0.485/0.456/0.406") from None
+            raise ConfigError(f"{key}={value!r} must be numbers separated by '/', "
+                              "like 0.485/0.456/0.406") from None
     return parse
 
 
@@ -195,7 +198,8 @@ def _resolve_size(spec: InputSpec, layout: Layout, size: tuple[int, int] | None)
 def _resolve_dtype(spec: InputSpec, dtype: ImageDtype) -> ImageDtype:
     if dtype is not ImageDtype.AUTO:
         return dtype
-    return {np.dtype(np.uint8): ImageDtype.UINT8, np.dtype(np.int8): ImageDtype.INT8}.get(spec.dtype, ImageDtype.FLOAT32)
+    raw = {np.dtype(np.uint8): ImageDtype.UINT8, np.dtype(np.int8): ImageDtype.INT8}
+    return raw.get(spec.dtype, ImageDtype.FLOAT32)
 
 
 def _per_channel(key: str, values: tuple[float, ...], channels: int) -> np.ndarray:
@@ -292,6 +296,8 @@ class ImageFolderSource(DataSource):
         plan = self._plan
         dims = (plan.channels, plan.height, plan.width) if plan.layout is Layout.NCHW else (
             plan.height, plan.width, plan.channels)
-        values = f", mean={self._preprocess.mean}, std={self._preprocess.std}" if plan.dtype is ImageDtype.FLOAT32 else ""
+        values = ""
+        if plan.dtype is ImageDtype.FLOAT32:
+            values = f", mean={self._preprocess.mean}, std={self._preprocess.std}"
         return (f"image folder {self._path}/ ({len(self._images)} images as {plan.batch}x{shape_text(dims)} "
                 f"{plan.layout.value.upper()} {plan.dtype.value}{values})")

@@ -37,6 +37,7 @@ __all__ = ["NpyFileSource", "NpyFolderSource", "check_path", "list_files", "natu
 
 DATA_SUFFIXES = (".npy", ".npz")
 _T = TypeVar("_T")
+_Reader = Callable[[Path, Sequence[InputSpec]], dict[str, _T]]  # read_arrays or _read_shapes
 
 
 def natural_key(name: str) -> list[int | str]:
@@ -166,7 +167,7 @@ def _input_subfolders(folder: Path, specs: Sequence[InputSpec]) -> dict[str, lis
     return files
 
 
-def _single(path: Path, spec: InputSpec, read: Callable[[Path, Sequence[InputSpec]], dict[str, _T]]) -> _T:
+def _single(path: Path, spec: InputSpec, read: _Reader[_T]) -> _T:
     """The one array (or shape) of a file in an input's subfolder."""
     keyed = read(path, [spec])
     if spec.name not in keyed:
@@ -192,13 +193,14 @@ class NpyFolderSource(DataSource):
     @cached_property
     def num_samples(self) -> int:
         """Counted from the file headers; no data is read."""
-        return sum(stacked_count(self._specs, shapes, where=where) for shapes, where in self._read_all(_read_shapes))
+        counts = (stacked_count(self._specs, shapes, where=where) for shapes, where in self._read_all(_read_shapes))
+        return sum(counts)
 
     def _feeds(self) -> Iterator[tuple[Mapping[str, object], str]]:
         for arrays, where in self._read_all(read_arrays):
             yield from split_stacked(self._specs, arrays, where=where)
 
-    def _read_all(self, read: Callable[[Path, Sequence[InputSpec]], dict[str, _T]]) -> Iterator[tuple[dict[str, _T], str]]:
+    def _read_all(self, read: _Reader[_T]) -> Iterator[tuple[dict[str, _T], str]]:
         """``read`` applied per file, or per set of paired subfolder files, keyed by input name."""
         if not self._subfolders:
             yield from ((read(file, self._specs), str(file)) for file in self._files)
@@ -206,7 +208,8 @@ class NpyFolderSource(DataSource):
         specs = {spec.name: spec for spec in self._specs}
         for paths in zip(*self._subfolders.values()):
             named = dict(zip(self._subfolders, paths))
-            yield {name: _single(path, specs[name], read) for name, path in named.items()}, " + ".join(map(str, paths))
+            keyed = {name: _single(path, specs[name], read) for name, path in named.items()}
+            yield keyed, " + ".join(map(str, paths))
 
     def describe(self) -> str:
         if self._subfolders:

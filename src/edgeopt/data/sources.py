@@ -97,7 +97,12 @@ def _open_array(array: object, specs: Sequence[InputSpec]) -> DataSource:
     return dataset_from_arrays({specs[0].name: array}, specs)
 
 
-def open_data(data: DataSpec, specs: Sequence[InputSpec], *, preprocess: ImagePreprocess | None = None) -> DataSource:
+def open_data(
+    data: DataSpec,
+    specs: Sequence[InputSpec],
+    *,
+    preprocess: ImagePreprocess | None = None,
+) -> DataSource:
     """The source for ``data`` (see the module docstring); batches are checked against ``specs``."""
     if isinstance(data, DataSource):
         return data

@@ -33,10 +33,11 @@ class InputSpec:
     name: str
     shape: tuple[Dim, ...]
     dtype: np.dtype
+    rank_known: bool = True
 
     @property
     def is_static(self) -> bool:
-        return all(isinstance(d, int) for d in self.shape)
+        return self.rank_known and all(isinstance(d, int) for d in self.shape)
 
     def shape_text(self) -> str:
         return "x".join(str(d) if d is not None else "?" for d in self.shape)
@@ -119,7 +120,7 @@ def model_inputs(model: ir.Model) -> list[InputSpec]:
         dims = tuple(value.shape.dims) if value.shape is not None else ()
         shape = tuple(d if isinstance(d, int) else (d.value if d.value else None) for d in dims)
         dtype = numpy_dtype(value) or np.dtype(np.float32)
-        specs.append(InputSpec(name=value.name, shape=shape, dtype=dtype))
+        specs.append(InputSpec(name=value.name, shape=shape, dtype=dtype, rank_known=value.shape is not None))
     return specs
 
 

@@ -150,7 +150,7 @@ class Int8Config:
         if not isinstance(self.verify_tolerance, (int, float)) or not math.isfinite(self.verify_tolerance) \
                 or self.verify_tolerance <= 0:
             raise ConfigError(f"verify_tolerance must be a positive number, got {self.verify_tolerance!r}")
-        self.calibration_config  # validates percentile and num_bins  # noqa: B018
+        _ = self.calibration_config  # validates percentile and num_bins
 
     @property
     def activations(self) -> Format:

@@ -292,7 +292,7 @@ def _all_values(graph: ir.Graph) -> Iterable[ir.Value]:
         yield from node.outputs
 
 
-class _Namer:
+class UniqueNames:
     """Fresh value and node names that collide with nothing in the graph."""
 
     def __init__(self, graph: ir.Graph) -> None:
@@ -313,7 +313,7 @@ _SUFFIX = {_FLOAT: "float32", _FLOAT16: "float16", _BFLOAT16: "bfloat16"}
 class _Casts:
     """One Cast per (value, target type), shared by all uses that need it."""
 
-    def __init__(self, graph: ir.Graph, namer: _Namer) -> None:
+    def __init__(self, graph: ir.Graph, namer: UniqueNames) -> None:
         self._graph, self._namer = graph, namer
         self._made: dict[tuple[ir.Value, ir.DataType], ir.Value] = {}
 
@@ -434,7 +434,7 @@ def _rewire(plan: _Plan, homes: Mapping[ir.Value, ir.DataType], casts: _Casts) -
 
 
 def _fix_outputs(graph: ir.Graph, homes: Mapping[ir.Value, ir.DataType], io_dtype: ir.DataType,
-                 casts: _Casts, namer: _Namer) -> int:
+                 casts: _Casts, namer: UniqueNames) -> int:
     """Graph outputs keep their names and ``io_dtype``: a Cast takes over the name."""
     fixed = 0
     for position, value in enumerate(list(graph.outputs)):
@@ -457,7 +457,7 @@ def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | N
     plan = _plan(graph, config.exclude, opset, _FLOAT16, numeric_ops=FLOAT32_OPS, io_dtype=io_dtype)
     log = _WeightLog()
     homes = _convert_fp16(plan, log)
-    namer = _Namer(graph)
+    namer = UniqueNames(graph)
     casts = _Casts(graph, namer)
     _rewire(plan, homes, casts)
     input_casts = sum(1 for v in graph.inputs if v.dtype == _FLOAT and any(
@@ -502,7 +502,7 @@ def quantize_bf16(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | N
     graph, opset = model.graph, eir.default_opset(model)
     plan = _plan(graph, config.exclude, opset, _BFLOAT16, numeric_ops={}, io_dtype=_FLOAT)
     log = _WeightLog()
-    casts = _Casts(graph, _Namer(graph))
+    casts = _Casts(graph, UniqueNames(graph))
     scalars = 0
     for value in [v for v in _all_float_values(graph) if _is_constant(v) and plan.wants(v) == {_BFLOAT16}]:
         if eir.constant_array(value).size <= 1:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
@@ -18,7 +21,8 @@ from edgeopt import ir as eir
 from edgeopt.errors import DataError, ModelError
 from edgeopt.io import model_to_bytes
 
-__all__ = ["OrtSession", "fill_missing_shapes", "ort_version", "random_feed"]
+__all__ = ["OrtSession", "fill_missing_shapes", "observing_session", "optimized_model", "ort_version",
+           "random_feed"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,3 +131,34 @@ def fill_missing_shapes(model: ir.Model, feed: Mapping[str, np.ndarray] | None =
         value.dtype = ir.DataType.from_numpy(array.dtype)
     logger.info("filled %d shapes by running the model", len(missing))
     return len(missing)
+
+
+def observing_session(model: ir.Model, names: Sequence[str], *, threads: int | None = None,
+                      optimize: bool = True) -> OrtSession:
+    """A session whose outputs are the model's outputs followed by the intermediate tensors ``names``.
+
+    ``names`` must be produced by nodes (graph inputs are in the feed
+    already). ONNX Runtime keeps a requested tensor intact through its graph
+    optimizations, so ``optimize`` only trades session build time for speed.
+    """
+    return OrtSession(_with_all_outputs(model, names), threads=threads, optimize=optimize)
+
+
+def optimized_model(model: ir.Model, *, threads: int | None = None) -> ir.Model:
+    """The graph ONNX Runtime actually runs after its optimizations (QDQ fusions, layout).
+
+    Used to check which integer kernels (QLinearConv, QLinearMatMul ...) a
+    QDQ model turns into. Written by ORT to a temporary file and read back.
+    """
+    import onnx  # local: ORT writes protobuf
+
+    options = _session_options(threads, optimize=True)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "optimized.onnx"
+        options.optimized_model_filepath = str(path)
+        try:
+            ort.InferenceSession(_session_bytes(model), options, providers=["CPUExecutionProvider"])
+        except Exception as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ModelError(f"ONNX Runtime cannot load the model: {message}") from None
+        return ir.from_proto(onnx.load(str(path)))

@@ -1,0 +1,152 @@
+"""Fold a constant per-channel (or scalar) Mul/Div/Add/Sub after a layer into it.
+
+Exporters that fold BatchNormalization themselves (TensorFlow, Keras, some
+PyTorch paths) leave ``Conv -> Mul(s) -> Add(t)`` behind, with ``s`` and
+``t`` shaped ``[C,1,1]``, ``[1,C,1,1]`` or scalars. Since
+``s * (W x + b) = (s W) x + s b`` and ``(W x + b) + t = W x + (b + t)``, each
+op folds into the weight and bias, one at a time (a Mul then an Add is two
+folds). The constant must vary only along the channel axis (axis 1):
+anything else would change different pixels differently, which no weight
+can express.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+from edgeopt.passes._conv import (
+    LinearParts,
+    as_channel_vector,
+    fold_refusal,
+    linear_parts,
+    store_parts,
+    vector_refusal,
+)
+from edgeopt.passes._matching import producer_op
+from edgeopt.passes._report import ReportedPassResult
+from edgeopt.passes._rules import Match, Rule, RuleContext, RulePass, run_on_copy
+
+__all__ = ["FoldAffinePass", "fold_affine"]
+
+_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm")
+
+
+@dataclasses.dataclass
+class _LayerAffine(Match):
+    layer: ir.Node
+    op: ir.Node
+    constant: ir.Value
+    parts: LinearParts | None = None
+    vector: np.ndarray | None = None
+
+
+def _find_layer_and_constant(node: ir.Node, commutative: bool) -> _LayerAffine | None:
+    if len(node.inputs) != 2:
+        return None
+    orders = [(0, 1), (1, 0)] if commutative else [(0, 1)]
+    for layer_index, constant_index in orders:
+        layer = producer_op(node.inputs[layer_index], *_LAYER_OPS)
+        constant = node.inputs[constant_index]
+        if layer is not None and eir.is_constant(constant):
+            return _LayerAffine(nodes=(layer, node), layer=layer, op=node, constant=constant)
+    return None
+
+
+def _check(match: _LayerAffine) -> str | None:
+    reason = fold_refusal(match.layer, match.op)
+    if reason is not None:
+        return reason
+    parts = linear_parts(match.layer)
+    if isinstance(parts, str):
+        return parts
+    array = eir.constant_array(match.constant)
+    if not np.issubdtype(array.dtype, np.floating):
+        return f"constant is {array.dtype}, not float"
+    reason = vector_refusal(array, parts.output_rank, parts.channels)
+    if reason is not None:
+        return reason
+    match.parts, match.vector = parts, as_channel_vector(array, parts.channels)
+    return None
+
+
+def _finish(match: _LayerAffine, context: RuleContext) -> str:
+    eir.replace_value(match.op.outputs[0], match.layer.outputs[0])
+    eir.remove_nodes(context.graph, [match.op])
+    return f"folded into {eir.node_label(match.layer)}"
+
+
+class ScaleIntoLayerRule(Rule):
+    """Layer -> Mul(constant) or Div(constant): scale the weight and bias per channel."""
+
+    name = "scale-into-layer"
+    anchor_ops = frozenset({"Mul", "Div"})
+    verb = "folded"
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        return _find_layer_and_constant(node, commutative=node.op_type == "Mul")
+
+    def check(self, match: _LayerAffine, context: RuleContext) -> str | None:
+        reason = _check(match)
+        if reason is None and match.op.op_type == "Div" and not np.all(match.vector):
+            return "divides by zero in some channel"
+        return reason
+
+    def rewrite(self, match: _LayerAffine, context: RuleContext) -> str:
+        scale = 1.0 / match.vector if match.op.op_type == "Div" else match.vector
+        parts = match.parts
+        store_parts(context.graph, parts.node, parts.scaled(scale), parts.bias_or_zero() * scale)
+        return _finish(match, context)
+
+
+class ShiftIntoLayerRule(Rule):
+    """Layer -> Add(constant) or Sub(constant): add the shift to the bias."""
+
+    name = "shift-into-layer"
+    anchor_ops = frozenset({"Add", "Sub"})
+    verb = "folded"
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        return _find_layer_and_constant(node, commutative=node.op_type == "Add")
+
+    def check(self, match: _LayerAffine, context: RuleContext) -> str | None:
+        return _check(match)
+
+    def rewrite(self, match: _LayerAffine, context: RuleContext) -> str:
+        shift = -match.vector if match.op.op_type == "Sub" else match.vector
+        parts = match.parts
+        store_parts(context.graph, parts.node, None, parts.bias_or_zero() + shift)
+        return _finish(match, context)
+
+
+class FoldAffinePass(RulePass):
+    """Fold constant per-channel or scalar Mul/Div/Add/Sub after a Conv, ConvTranspose or Gemm.
+
+    Rewrites (repeatedly, so ``Conv -> Mul -> Add`` folds completely):
+
+    * ``Mul(layer, s)`` / ``Mul(s, layer)`` / ``Div(layer, s)`` -> weight and
+      bias scaled per output channel;
+    * ``Add(layer, t)`` / ``Add(t, layer)`` / ``Sub(layer, t)`` -> ``t`` added
+      to the bias (created when absent).
+
+    ``s`` and ``t`` are float constants shaped ``[C,1,1]``, ``[1,C,1,1]``,
+    ``[1,C]`` (Gemm) or one element. Preconditions (else left, with the
+    reason): the layer's output is read only by that op and is not a graph
+    output; weight and bias are float constants; the constant varies only
+    along the channel axis ("constant has shape [1,1,4,4], not
+    per-channel"); no division by zero. ``Sub(t, layer)`` is not matched.
+    Rewrites the model it is given.
+    """
+
+    name = "fold-affine"
+
+    def __init__(self) -> None:
+        self.rules = (ScaleIntoLayerRule(), ShiftIntoLayerRule())
+
+
+def fold_affine(model: ir.Model) -> ReportedPassResult:
+    """Fold per-channel affine ops into layers on a copy of ``model``; the input is not modified."""
+    return run_on_copy(FoldAffinePass(), model)

@@ -1,0 +1,113 @@
+"""Tables computed at lowering time: activation lookup tables, softmax exp table, resize indices.
+
+These are data, computed once in float from the scales (as TFLite does for its
+LUT activations); the runtime that reads them is integer only.
+
+* LUT: ``table[q + 128] = clamp(round_half_even(f(s_in * (q - zp_in)) / s_out) + zp_out)``
+  for all 256 int8 inputs, evaluated in float32 like ONNX Runtime's
+  DequantizeLinear -> f -> QuantizeLinear.
+* Softmax: ``exp_table[d + 255] = round(2**16 * exp(s_in * d))`` for ``d = x - max`` in [-255, 0].
+* Resize (nearest): the source row/column of every output row/column, from ONNX's
+  ``coordinate_transformation_mode`` and ``nearest_mode``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt.errors import UnsupportedOpError
+from edgeopt.runtime.reference.program import LutParams, SoftmaxParams
+
+__all__ = ["lut_params", "nearest_indices", "softmax_params"]
+
+
+def _gelu(x: np.ndarray, node: ir.Node) -> np.ndarray:
+    erf = np.vectorize(math.erf)
+    return (0.5 * x * (1.0 + erf(x.astype(np.float64) / math.sqrt(2.0)))).astype(np.float32)
+
+
+def _unary(node: ir.Node, x: np.ndarray) -> np.ndarray:
+    from edgeopt.runtime.reference.lower import attribute
+
+    one, zero = np.float32(1), np.float32(0)
+    match node.op_type:
+        case "Sigmoid":
+            return one / (one + np.exp(-x))
+        case "Tanh":
+            return np.tanh(x)
+        case "HardSigmoid":
+            alpha, beta = np.float32(attribute(node, "alpha", 0.2)), np.float32(attribute(node, "beta", 0.5))
+            return np.clip(alpha * x + beta, zero, one)
+        case "HardSwish":
+            return x * np.clip(x * np.float32(1 / 6) + np.float32(0.5), zero, one)
+        case "LeakyRelu":
+            return np.where(x >= 0, x, x * np.float32(attribute(node, "alpha", 0.01)))
+        case "Elu":
+            return np.where(x >= 0, x, np.float32(attribute(node, "alpha", 1.0)) * (np.exp(x) - one))
+        case "Gelu":
+            return _gelu(x, node)
+    raise UnsupportedOpError(f"{node.op_type} ({node.name}): no lookup table")
+
+
+def lut_params(node: ir.Node, source, plan) -> LutParams:
+    q = np.arange(-128, 128, dtype=np.int32)
+    x = (q - source.zero_point).astype(np.float32) * np.float32(source.scale)
+    with np.errstate(over="ignore"):
+        y = _unary(node, x).astype(np.float32)
+    out = np.rint(y / np.float32(plan.qparams.scale)) + plan.qparams.zero_point
+    return LutParams(table=np.clip(out, plan.act_min, plan.act_max).astype(np.int8))
+
+
+def softmax_params(source, target) -> SoftmaxParams:
+    d = np.arange(-255, 1, dtype=np.float64)
+    exp_table = np.rint(np.exp(source.scale * d) * 65536.0).astype(np.int32)
+    return SoftmaxParams(exp_table=exp_table, inverse_scale=int(round(65536.0 / target.scale)),
+                         output_zero_point=target.zero_point)
+
+
+def _text(value, default: str) -> str:
+    if value is None:
+        return default
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _source_coordinate(mode: str, x: np.ndarray, scale: float, size_in: int, size_out: int) -> np.ndarray:
+    if mode == "half_pixel":
+        return (x + 0.5) / scale - 0.5
+    if mode == "pytorch_half_pixel":
+        return (x + 0.5) / scale - 0.5 if size_out > 1 else np.zeros_like(x)
+    if mode == "asymmetric":
+        return x / scale
+    if mode == "align_corners":
+        return x * (size_in - 1) / (size_out - 1) if size_out > 1 else np.zeros_like(x)
+    if mode == "tf_half_pixel_for_nn":
+        return (x + 0.5) / scale
+    raise UnsupportedOpError(f"Resize coordinate_transformation_mode={mode} is not supported")
+
+
+def _round_nearest(mode: str, x: np.ndarray) -> np.ndarray:
+    if mode == "round_prefer_floor":
+        return np.ceil(x - 0.5)
+    if mode == "round_prefer_ceil":
+        return np.floor(x + 0.5)
+    if mode == "floor":
+        return np.floor(x)
+    if mode == "ceil":
+        return np.ceil(x)
+    raise UnsupportedOpError(f"Resize nearest_mode={mode} is not supported")
+
+
+def nearest_indices(node: ir.Node, opset: int, size_in: int, size_out: int, scale: float | None) -> np.ndarray:
+    """Source index of every output position along one axis (ONNX Resize, mode=nearest)."""
+    from edgeopt.runtime.reference.lower import attribute
+
+    old = opset < 11 or node.op_type == "Upsample"
+    transform = "asymmetric" if old else _text(attribute(node, "coordinate_transformation_mode"), "half_pixel")
+    rounding = "floor" if old else _text(attribute(node, "nearest_mode"), "round_prefer_floor")
+    scale = scale if scale else size_out / size_in
+    x = np.arange(size_out, dtype=np.float64)
+    index = _round_nearest(rounding, _source_coordinate(transform, x, scale, size_in, size_out))
+    return np.clip(index, 0, size_in - 1).astype(np.int32)
