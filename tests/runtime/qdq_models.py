@@ -190,3 +190,45 @@ def quantize_with_ort(model: onnx.ModelProto, *, activation: str = "int8", batch
         quantize_static(str(src), str(dst), reader_type(batches), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=activation_type, weight_type=QuantType.QInt8)
         return onnx.load(str(dst))
+
+
+def to_ir(model: onnx.ModelProto):
+    """Load a QDQ proto through edgeopt's loader (shape inference included)."""
+    from edgeopt.io.load import load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "m.onnx"
+        onnx.save(model, str(path))
+        return load_model(path)
+
+
+def torch_qdq_model(name: str, *, activation: str = "int8") -> onnx.ModelProto:
+    """A tests/models.py architecture, exported, BN-folded by ORT's pre-processing, QDQ-quantized."""
+    import models
+
+    with tempfile.TemporaryDirectory() as tmp:
+        float_proto = onnx.load(str(models.build_onnx(name, tmp)))
+    return quantize_with_ort(float_proto, activation=activation, preprocess=True,
+                             batches=calibration_batches(float_proto, 8))
+
+
+def agreement(reference, session, batches) -> tuple[float, float, int]:
+    """(fraction within 1 LSB, fraction exact, max LSB difference) of reference vs ORT int8 outputs.
+
+    ORT's float output is quantized back with the output's scale and zero point
+    (exact, since it is the DequantizeLinear of ORT's int8 result).
+    """
+    within = exact = total = 0
+    worst = 0
+    for batch in batches:
+        ours = reference.run(batch)
+        theirs = session.run(batch)
+        for name, q in ours.items():
+            info = reference.output_info(name)
+            ort_q = np.clip(np.rint(theirs[name] / np.float32(info.scale)) + info.zero_point, -128, 127)
+            diff = np.abs(q.astype(np.int64) - ort_q.astype(np.int64))
+            within += int((diff <= 1).sum())
+            exact += int((diff == 0).sum())
+            total += diff.size
+            worst = max(worst, int(diff.max()))
+    return within / total, exact / total, worst

@@ -19,6 +19,7 @@ __all__ = [
     "consumers",
     "node_label",
     "remove_nodes",
+    "replace_nodes",
     "replace_value",
     "replace_value_refusal",
     "unique_value_name",
@@ -61,7 +62,9 @@ def unique_value_name(graph: ir.Graph, hint: str) -> str:
 
 def add_initializer(graph: ir.Graph, array: np.ndarray, name_hint: str) -> ir.Value:
     """Register ``array`` as a new initializer of ``graph`` and return its value."""
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array)
+    if not array.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d array into 1-d)
+        array = array.copy()
     name = unique_value_name(graph, name_hint)
     value = ir.Value(
         name=name,
@@ -112,3 +115,17 @@ def remove_nodes(graph: ir.Graph, nodes: Iterable[ir.Node]) -> None:
     if nodes:
         graph.remove(nodes, safe=True)
 
+
+
+def replace_nodes(graph: ir.Graph, old_nodes: Iterable[ir.Node], old_output: ir.Value,
+                  new_nodes: list[ir.Node]) -> None:
+    """Replace a matched subgraph computing ``old_output`` by ``new_nodes``.
+
+    The new nodes go right before ``old_output``'s producer (their inputs
+    exist by then); readers of ``old_output`` read the last new node's first
+    output, which takes the old name if it was a graph output; then the old
+    nodes are removed.
+    """
+    graph.insert_before(old_output.producer(), new_nodes)
+    replace_value(old_output, new_nodes[-1].outputs[0])
+    remove_nodes(graph, old_nodes)

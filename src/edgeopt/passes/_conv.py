@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
+from edgeopt.passes._matching import shape_text
 
 __all__ = [
     "LINEAR_OPS",
@@ -100,7 +101,7 @@ def linear_parts(node: ir.Node) -> LinearParts | str:
         return f"{label} bias is not a constant"
     channels = _channels(node, weight)
     if bias is not None and not (bias.size == 1 or (bias.shape[-1] == channels and bias.size == channels)):
-        return f"{label} bias has shape {list(bias.shape)}, not per output channel"
+        return f"{label} bias has shape {shape_text(bias.shape)}, not per output channel"
     if bias is not None and node.op_type == "Gemm":  # fold beta in; store_parts sets beta = 1
         bias = bias * node.attributes.get_float("beta", 1.0)
     return LinearParts(node=node, weight=weight, bias=bias, channels=channels)
@@ -123,7 +124,7 @@ def vector_refusal(array: np.ndarray, output_rank: int, channels: int) -> str | 
     """Why a constant does not broadcast along the channel axis (1) only, or None."""
     if array.size == 1 and array.ndim <= output_rank:
         return None
-    shown = list(array.shape)
+    shown = shape_text(array.shape)
     if array.ndim > output_rank:
         return f"constant has shape {shown}, of higher rank than the output ({output_rank})"
     padded = (1,) * (output_rank - array.ndim) + tuple(array.shape)

@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.passes._constant_ops import CONSTANT_OPS
+from edgeopt.passes._matching import shape_text
 from edgeopt.passes._report import ReportedPassResult
 from edgeopt.passes._rules import Match, Rule, RuleContext, RulePass, run_on_copy
 
@@ -114,7 +115,7 @@ class FoldConstantRule(Rule):
         value = eir.add_initializer(context.graph, match.result, name)
         eir.replace_value(output, value)
         eir.remove_nodes(context.graph, [match.node])
-        return f"folded into initializer {value.name!r} {list(match.result.shape)}"
+        return f"folded into initializer {value.name!r} {shape_text(match.result.shape)}"
 
 
 class FoldConstantsPass(RulePass):

@@ -142,6 +142,9 @@ class Int8Config:
         if not isinstance(self.weight_granularity, (PerTensor, PerChannel)):
             raise ConfigError("weight_granularity of int8 must be PerTensor() or PerChannel(), "
                               f"got {self.weight_granularity!r}")
+        if isinstance(self.weight_granularity, PerChannel) and self.weight_granularity.axis is not None:
+            raise ConfigError("int8 weights are quantized per output channel, whose axis each op decides "
+                              "(Conv 0, ConvTranspose 1, Gemm by transB, MatMul last): use PerChannel()")
         if self.activation_format is not None and self.activation_format not in _ACTIVATION_FORMATS:
             raise ConfigError(f"activation_format must be uint8, int8 or None (from the target), "
                               f"got {self.activation_format!r}")

@@ -315,17 +315,14 @@ class _Casts:
 
     def __init__(self, graph: ir.Graph, namer: UniqueNames) -> None:
         self._graph, self._namer = graph, namer
-        self._made: dict[tuple[ir.Value, ir.DataType], ir.Value] = {}
-
-    @property
-    def count(self) -> int:
-        return len(self._made)
+        self._shared: dict[tuple[ir.Value, ir.DataType], ir.Value] = {}
+        self.made: list[ir.Node] = []
 
     def get(self, value: ir.Value, dtype: ir.DataType) -> ir.Value:
         key = (value, dtype)
-        if key not in self._made:
-            self._made[key] = self.make(value, dtype, self._namer(f"{value.name}_{_SUFFIX[dtype]}"))
-        return self._made[key]
+        if key not in self._shared:
+            self._shared[key] = self.make(value, dtype, self._namer(f"{value.name}_{_SUFFIX[dtype]}"))
+        return self._shared[key]
 
     def make(self, value: ir.Value, dtype: ir.DataType, output_name: str) -> ir.Value:
         """A new Cast of ``value`` to ``dtype`` whose output is called ``output_name``."""
@@ -336,7 +333,12 @@ class _Casts:
         output.type = ir.TensorType(dtype)
         output.shape = value.shape.copy() if value.shape is not None else None
         self._graph.append(node)
+        self.made.append(node)
         return output
+
+    def at_boundary(self) -> int:
+        """How many Casts read a graph input or write a graph output."""
+        return sum(1 for node in self.made if node.inputs[0].is_graph_input() or node.outputs[0].is_graph_output())
 
 
 @dataclass
@@ -434,17 +436,14 @@ def _rewire(plan: _Plan, homes: Mapping[ir.Value, ir.DataType], casts: _Casts) -
 
 
 def _fix_outputs(graph: ir.Graph, homes: Mapping[ir.Value, ir.DataType], io_dtype: ir.DataType,
-                 casts: _Casts, namer: UniqueNames) -> int:
+                 casts: _Casts, namer: UniqueNames) -> None:
     """Graph outputs keep their names and ``io_dtype``: a Cast takes over the name."""
-    fixed = 0
     for position, value in enumerate(list(graph.outputs)):
         if homes.get(value, io_dtype) == io_dtype:
             continue
         name = value.name
         value.name = namer(f"{name}_{_SUFFIX[homes[value]]}")
         graph.outputs[position] = casts.make(value, io_dtype, name)
-        fixed += 1
-    return fixed
 
 
 @register_scheme(Fp16Config)
@@ -460,9 +459,7 @@ def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | N
     namer = UniqueNames(graph)
     casts = _Casts(graph, namer)
     _rewire(plan, homes, casts)
-    input_casts = sum(1 for v in graph.inputs if v.dtype == _FLOAT and any(
-        u.node.op_type == "Cast" for u in v.uses()))
-    output_casts = _fix_outputs(graph, homes, io_dtype, casts, namer)
+    _fix_outputs(graph, homes, io_dtype, casts, namer)
     graph.sort()
     float_nodes = _float_nodes(plan.kept)
     notes = [
@@ -470,17 +467,18 @@ def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | N
         f"{log.bytes_before} -> {log.bytes_after} bytes",
         f"{log.clamped} weight values beyond ±65504 clamped to the float16 range, "
         f"{log.flushed} below 2**-25 rounded to 0",
-        (f"inputs and outputs stay float32: {input_casts + output_casts} Cast nodes at the graph boundary"
+        (f"inputs and outputs stay float32: {casts.at_boundary()} Cast nodes at the graph boundary"
          if config.keep_io_float32 else "inputs and outputs are float16"),
-        f"{casts.count} Cast nodes in all join the float32 and float16 parts",
+        f"{len(casts.made)} Cast nodes in all join the float32 and float16 parts",
         "ONNX Runtime's CPU provider runs ops without a float16 kernel in float32 through casts it "
         "inserts: on x86 CPU expect a size win, not a speed win",
     ]
     kept = _kept_note(float_nodes)
     notes += [kept] if kept else []
+    logger.info("fp16: %s", notes[0])
     details = {"weights_converted": len(log.tensors), "weight_bytes_before": log.bytes_before,
                "weight_bytes_after": log.bytes_after, "clamped_values": log.clamped,
-               "flushed_values": log.flushed, "casts_inserted": casts.count}
+               "flushed_values": log.flushed, "casts_inserted": len(casts.made)}
     return QuantResult(model=model, scheme="fp16", tensors=tuple(log.tensors), float_nodes=float_nodes,
                        notes=tuple(notes), config=config, details=details)
 
@@ -523,7 +521,8 @@ def quantize_bf16(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | N
     ]
     kept = _kept_note(float_nodes)
     notes += [kept.replace("kept in float32", "weights kept in float32")] if kept else []
+    logger.info("bf16: %s", notes[1])
     details = {"weights_converted": len(log.tensors), "weight_bytes_before": log.bytes_before,
-               "weight_bytes_after": log.bytes_after, "casts_inserted": casts.count}
+               "weight_bytes_after": log.bytes_after, "casts_inserted": len(casts.made)}
     return QuantResult(model=model, scheme="bf16", tensors=tuple(log.tensors), float_nodes=float_nodes,
                        notes=tuple(notes), config=config, details=details)

@@ -1,0 +1,70 @@
+"""Rich tables for ``edgeopt compare`` (per-layer and output fidelity) and the int8 speed check."""
+
+from __future__ import annotations
+
+import math
+
+from edgeopt.cli import state
+from edgeopt.cli.render import table
+from edgeopt.quant.compare import CompareResult
+from edgeopt.quant.speed import SpeedCheck
+
+__all__ = ["render_compare", "render_speed"]
+
+
+def _db(value: float) -> str:
+    return "inf" if value == math.inf else f"{value:.2f}"
+
+
+def _number(value: float, digits: int) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _scale_text(scale: float, zero_point: int | None, dtype: str) -> str:
+    zero_text = "per-axis" if zero_point is None else str(zero_point)
+    return f"{scale:.4g} / {zero_text} {dtype}"
+
+
+def render_compare(result: CompareResult, *, limit: int | None = None) -> None:
+    """Output rows, then per-layer rows worst SQNR first (the first ``limit`` if given), then coverage."""
+    outputs = table(f"outputs over {result.samples} sample(s)",
+                    [("output", "left"), ("SQNR dB", "right"), ("cosine", "right"), ("max abs err", "right"),
+                     ("top-1 agreement", "right")])
+    for row in result.outputs:
+        top1 = "-" if row.top1_agreement is None else f"{row.top1_agreement:.1%}"
+        outputs.add_row(row.name, _db(row.sqnr_db), _number(row.cosine, 5), f"{row.max_abs_error:.4g}", top1)
+    state.stdout.print(outputs)
+    layers = table("quantized tensors, worst first",
+                   [("#", "right"), ("tensor", "left"), ("op", "left"), ("scale / zero point", "left"),
+                    ("SQNR dB", "right"), ("cosine", "right"), ("max abs err", "right")])
+    for index, row in enumerate(result.layers[:limit]):
+        layers.add_row(str(index + 1), row.tensor, row.op_type,
+                       _scale_text(row.scale, row.zero_point, row.zero_point_dtype),
+                       _db(row.sqnr_db), _number(row.cosine, 5), f"{row.max_abs_error:.4g}")
+    state.stdout.print(layers)
+    state.stdout.print(_coverage_line(result))
+
+
+def _coverage_line(result: CompareResult) -> str:
+    line = f"matched {result.matched} of {result.quantized_tensors} quantized activations to float tensors"
+    if result.unmatched:
+        line += f"; {len(result.unmatched)} have no float counterpart (removed or renamed by passes)"
+    if result.skipped:
+        line += f"; {len(result.skipped)} skipped (shapes differ)"
+    return line
+
+
+def render_speed(check: SpeedCheck) -> None:
+    """Float vs int8 latency, the speedup, and the reasons when int8 is not faster."""
+    rows = table(f"ONNX Runtime CPU, median of {check.runs} interleaved runs, threads={check.threads or 'default'}",
+                 [("model", "left"), ("median ms", "right")])
+    rows.add_row("float", f"{check.float_ms:.3f}")
+    rows.add_row("int8 (QDQ)", f"{check.quant_ms:.3f}")
+    state.stdout.print(rows)
+    if not check.slower:
+        state.stdout.print(f"int8 is {check.speedup:.2f}x faster than float on this machine")
+        return
+    state.stderr.print(f"warning: int8 is not faster than float on this machine "
+                       f"({check.speedup:.2f}x, {check.quant_ms:.3f} ms vs {check.float_ms:.3f} ms)")
+    for reason in check.reasons or ("no cause visible in the model or CPU: rerun with more runs",):
+        state.stderr.print(f"  - {reason}", markup=False, highlight=False)

@@ -1,0 +1,1 @@
+"""Code generation from QDQ models: ``codegen.c`` writes integer-only C99."""

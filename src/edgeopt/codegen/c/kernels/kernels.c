@@ -1,0 +1,242 @@
+/* edgeopt int8 kernels; see kernels.h. Portable C99, no malloc, no float. */
+#include "kernels.h"
+
+#include <string.h>
+
+static int32_t clamp32(int32_t x, int32_t lo, int32_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+#if !EO_SINGLE_ROUNDING
+/* gemmlowp SaturatingRoundingDoublingHighMul: round(a * b / 2^31), quotient truncated toward zero. */
+static int64_t srdhm(int64_t a, int64_t b) {
+    int64_t product, total;
+    if (a == INT32_MIN && b == INT32_MIN) return INT32_MAX;
+    product = a * b;
+    total = product + (product >= 0 ? ((int64_t)1 << 30) : (1 - ((int64_t)1 << 30)));
+    return total >= 0 ? total >> 31 : -((-total) >> 31);
+}
+
+/* gemmlowp RoundingDivideByPOT: x / 2^exponent rounded half away from zero. */
+static int64_t rdbpot(int64_t x, int exponent) {
+    int64_t mask = ((int64_t)1 << exponent) - 1;
+    int64_t remainder = x & mask;
+    int64_t threshold = (mask >> 1) + (x < 0 ? 1 : 0);
+    return (x >> exponent) + (remainder > threshold ? 1 : 0);
+}
+#endif
+
+int32_t eo_requantize(int32_t x, int32_t multiplier, int32_t shift) {
+#if EO_SINGLE_ROUNDING
+    int total = 31 - shift;
+    return (int32_t)(((int64_t)x * multiplier + ((int64_t)1 << (total - 1))) >> total);
+#else
+    int left = shift > 0 ? shift : 0;
+    int right = shift > 0 ? 0 : -shift;
+    return (int32_t)rdbpot(srdhm((int64_t)x * ((int64_t)1 << left), multiplier), right);
+#endif
+}
+
+static int8_t finish(int32_t acc, int32_t multiplier, int32_t shift, int32_t zero_point, int32_t lo, int32_t hi) {
+    return (int8_t)clamp32(eo_requantize(acc, multiplier, shift) + zero_point, lo, hi);
+}
+
+void eo_conv2d_s8(const eo_conv2d_params *p, const int8_t *in, int8_t *out) {
+    int per_group = p->out_c / p->group, group_channels = p->c / p->group;
+    int b, oy, ox, o, ky, kx, ic;
+    for (b = 0; b < p->n; ++b)
+        for (oy = 0; oy < p->out_h; ++oy)
+            for (ox = 0; ox < p->out_w; ++ox)
+                for (o = 0; o < p->out_c; ++o) {
+                    int first = (o / per_group) * group_channels;
+                    int32_t acc = p->bias[o];
+                    for (ky = 0; ky < p->kernel_h; ++ky) {
+                        int y = oy * p->stride_h - p->pad_top + ky * p->dilation_h;
+                        if (y < 0 || y >= p->h) continue;
+                        for (kx = 0; kx < p->kernel_w; ++kx) {
+                            int x = ox * p->stride_w - p->pad_left + kx * p->dilation_w;
+                            const int8_t *src, *wt;
+                            if (x < 0 || x >= p->w) continue;
+                            src = in + (((long)b * p->h + y) * p->w + x) * p->c + first;
+                            wt = p->weight + (((long)o * p->kernel_h + ky) * p->kernel_w + kx) * group_channels;
+                            for (ic = 0; ic < group_channels; ++ic)
+                                acc += ((int32_t)src[ic] - p->input_zero_point) * wt[ic];
+                        }
+                    }
+                    out[(((long)b * p->out_h + oy) * p->out_w + ox) * p->out_c + o] =
+                        finish(acc, p->multiplier[o], p->shift[o], p->output_zero_point, p->act_min, p->act_max);
+                }
+}
+
+void eo_fully_connected_s8(const eo_fully_connected_params *p, const int8_t *in, int8_t *out) {
+    int r, o, k;
+    for (r = 0; r < p->rows; ++r)
+        for (o = 0; o < p->out_features; ++o) {
+            const int8_t *x = in + (long)r * p->depth, *wt = p->weight + (long)o * p->depth;
+            int32_t acc = p->bias[o];
+            for (k = 0; k < p->depth; ++k) acc += ((int32_t)x[k] - p->input_zero_point) * wt[k];
+            out[(long)r * p->out_features + o] =
+                finish(acc, p->multiplier[o], p->shift[o], p->output_zero_point, p->act_min, p->act_max);
+        }
+}
+
+#define EO_FOR4(shape) \
+    for (i0 = 0; i0 < (shape)[0]; ++i0) for (i1 = 0; i1 < (shape)[1]; ++i1) \
+    for (i2 = 0; i2 < (shape)[2]; ++i2) for (i3 = 0; i3 < (shape)[3]; ++i3)
+#define EO_AT(s) (i0 * (s)[0] + i1 * (s)[1] + i2 * (s)[2] + i3 * (s)[3])
+
+void eo_add_s8(const eo_add_params *p, const int8_t *a, const int8_t *b, int8_t *out) {
+    int i0, i1, i2, i3;
+    long index = 0;
+    EO_FOR4(p->shape) {
+        int32_t x = ((int32_t)a[EO_AT(p->a_stride)] - p->a_zero_point) * (1 << p->left_shift);
+        int32_t y = ((int32_t)b[EO_AT(p->b_stride)] - p->b_zero_point) * (1 << p->left_shift);
+        int32_t sum = eo_requantize(x, p->a_multiplier, p->a_shift) + eo_requantize(y, p->b_multiplier, p->b_shift);
+        out[index++] = finish(sum, p->output_multiplier, p->output_shift, p->output_zero_point, p->act_min, p->act_max);
+    }
+}
+
+void eo_mul_s8(const eo_mul_params *p, const int8_t *a, const int8_t *b, int8_t *out) {
+    int i0, i1, i2, i3;
+    long index = 0;
+    EO_FOR4(p->shape) {
+        int32_t product = ((int32_t)a[EO_AT(p->a_stride)] - p->a_zero_point)
+                        * ((int32_t)b[EO_AT(p->b_stride)] - p->b_zero_point);
+        out[index++] = finish(product, p->output_multiplier, p->output_shift, p->output_zero_point,
+                              p->act_min, p->act_max);
+    }
+}
+
+void eo_max_pool_s8(const eo_max_pool_params *p, const int8_t *in, int8_t *out) {
+    int b, oy, ox, ch, ky, kx;
+    for (b = 0; b < p->n; ++b)
+        for (oy = 0; oy < p->out_h; ++oy)
+            for (ox = 0; ox < p->out_w; ++ox)
+                for (ch = 0; ch < p->c; ++ch) {
+                    int32_t best = -1000000;
+                    for (ky = 0; ky < p->kernel_h; ++ky) {
+                        int y = oy * p->stride_h - p->pad_top + ky;
+                        if (y < 0 || y >= p->h) continue;
+                        for (kx = 0; kx < p->kernel_w; ++kx) {
+                            int x = ox * p->stride_w - p->pad_left + kx;
+                            int32_t v;
+                            if (x < 0 || x >= p->w) continue;
+                            v = in[(((long)b * p->h + y) * p->w + x) * p->c + ch];
+                            if (v > best) best = v;
+                        }
+                    }
+                    out[(((long)b * p->out_h + oy) * p->out_w + ox) * p->c + ch] =
+                        (int8_t)clamp32(best, p->act_min, p->act_max);
+                }
+}
+
+void eo_avg_pool_s8(const eo_avg_pool_params *p, const int8_t *in, int8_t *out) {
+    int b, oy, ox, ch, ky, kx;
+    for (b = 0; b < p->n; ++b)
+        for (oy = 0; oy < p->out_h; ++oy)
+            for (ox = 0; ox < p->out_w; ++ox)
+                for (ch = 0; ch < p->c; ++ch) {
+                    int32_t sum = 0, count = 0;
+                    for (ky = 0; ky < p->kernel_h; ++ky) {
+                        int y = oy * p->stride_h - p->pad_top + ky;
+                        if (y < 0 || y >= p->h) continue;
+                        for (kx = 0; kx < p->kernel_w; ++kx) {
+                            int x = ox * p->stride_w - p->pad_left + kx;
+                            if (x < 0 || x >= p->w) continue;
+                            sum += (int32_t)in[(((long)b * p->h + y) * p->w + x) * p->c + ch] - p->input_zero_point;
+                            ++count;
+                        }
+                    }
+                    if (p->count_include_pad) count = p->kernel_h * p->kernel_w;
+                    out[(((long)b * p->out_h + oy) * p->out_w + ox) * p->c + ch] =
+                        finish(sum, p->multiplier[count], p->shift[count], p->output_zero_point,
+                               p->act_min, p->act_max);
+                }
+}
+
+void eo_mean_s8(const eo_mean_params *p, const int8_t *in, int8_t *out) {
+    int o, r, i;
+    for (o = 0; o < p->outer; ++o)
+        for (i = 0; i < p->inner; ++i) {
+            int32_t sum = 0;
+            for (r = 0; r < p->reduce; ++r)
+                sum += (int32_t)in[((long)o * p->reduce + r) * p->inner + i] - p->input_zero_point;
+            out[(long)o * p->inner + i] = finish(sum, p->multiplier, p->shift, p->output_zero_point, -128, 127);
+        }
+}
+
+void eo_requantize_s8(const eo_requantize_params *p, const int8_t *in, int8_t *out) {
+    int i;
+    for (i = 0; i < p->size; ++i)
+        out[i] = finish((int32_t)in[i] - p->input_zero_point, p->multiplier, p->shift, p->output_zero_point,
+                        p->act_min, p->act_max);
+}
+
+void eo_lut_s8(const eo_lut_params *p, const int8_t *in, int8_t *out) {
+    int i;
+    for (i = 0; i < p->size; ++i) out[i] = p->table[(int)in[i] + 128];
+}
+
+void eo_softmax_s8(const eo_softmax_params *p, const int8_t *in, int8_t *out) {
+    int r, i;
+    for (r = 0; r < p->rows; ++r) {
+        const int8_t *x = in + (long)r * p->depth;
+        int8_t *y = out + (long)r * p->depth;
+        int32_t max = -128;
+        int64_t denominator = 0;
+        for (i = 0; i < p->depth; ++i) if (x[i] > max) max = x[i];
+        for (i = 0; i < p->depth; ++i) denominator += p->exp_table[x[i] - max + 255];
+        denominator <<= 16;
+        for (i = 0; i < p->depth; ++i) {
+            int64_t e = p->exp_table[x[i] - max + 255];
+            int64_t q = (e * p->inverse_scale + (denominator >> 1)) / denominator + p->output_zero_point;
+            y[i] = (int8_t)(q > 127 ? 127 : (q < -128 ? -128 : q));
+        }
+    }
+}
+
+void eo_pad_s8(const eo_pad_params *p, const int8_t *in, int8_t *out) {
+    int out_shape[4], i0, i1, i2, i3, d;
+    long index = 0;
+    for (d = 0; d < 4; ++d) out_shape[d] = p->in_shape[d] + p->before[d] + p->after[d];
+    EO_FOR4(out_shape) {
+        int s0 = i0 - p->before[0], s1 = i1 - p->before[1], s2 = i2 - p->before[2], s3 = i3 - p->before[3];
+        int inside = s0 >= 0 && s0 < p->in_shape[0] && s1 >= 0 && s1 < p->in_shape[1]
+                  && s2 >= 0 && s2 < p->in_shape[2] && s3 >= 0 && s3 < p->in_shape[3];
+        out[index++] = inside ? in[((((long)s0 * p->in_shape[1] + s1) * p->in_shape[2] + s2) * p->in_shape[3]) + s3]
+                              : p->value;
+    }
+}
+
+void eo_resize_nearest_s8(const eo_resize_nearest_params *p, const int8_t *in, int8_t *out) {
+    int b, oy, ox;
+    for (b = 0; b < p->n; ++b)
+        for (oy = 0; oy < p->out_h; ++oy)
+            for (ox = 0; ox < p->out_w; ++ox)
+                memcpy(out + (((long)b * p->out_h + oy) * p->out_w + ox) * p->c,
+                       in + (((long)b * p->h + p->row_index[oy]) * p->w + p->col_index[ox]) * p->c, (size_t)p->c);
+}
+
+void eo_transpose_s8(const eo_transpose_params *p, const int8_t *in, int8_t *out) {
+    long in_stride[EO_MAX_RANK], stride[EO_MAX_RANK], total = 1, i;
+    int out_shape[EO_MAX_RANK], index[EO_MAX_RANK], d;
+    for (d = p->rank - 1; d >= 0; --d) { in_stride[d] = total; total *= p->in_shape[d]; }
+    for (d = 0; d < p->rank; ++d) { out_shape[d] = p->in_shape[p->perm[d]]; stride[d] = in_stride[p->perm[d]]; index[d] = 0; }
+    for (i = 0; i < total; ++i) {
+        long source = 0;
+        for (d = 0; d < p->rank; ++d) source += index[d] * stride[d];
+        out[i] = in[source];
+        for (d = p->rank - 1; d >= 0; --d) {
+            if (++index[d] < out_shape[d]) break;
+            index[d] = 0;
+        }
+    }
+}
+
+void eo_copy_s8(const eo_copy_params *p, const int8_t *in, int8_t *out) {
+    if (in != out) memmove(out, in, (size_t)p->size);
+}
+
+void eo_concat_s8(const eo_concat_params *p, const int8_t *in, int8_t *out) {
+    int o;
+    for (o = 0; o < p->outer; ++o)
+        memcpy(out + (long)o * p->out_block + p->offset, in + (long)o * p->in_block, (size_t)p->in_block);
+}

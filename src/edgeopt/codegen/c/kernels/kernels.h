@@ -1,0 +1,99 @@
+/* edgeopt int8 kernels: portable C99, no malloc, no float.
+ * Tensors are int8, NHWC for rank 4. Every kernel is the C version of the
+ * function of the same name in edgeopt/runtime/reference/ops.py, and must
+ * match it bit for bit. Requantization rounding is chosen at compile time:
+ * EO_SINGLE_ROUNDING=1 (CMSIS-NN single rounding) or 0 (TFLite double rounding). */
+#ifndef EO_KERNELS_H
+#define EO_KERNELS_H
+
+#include <stdint.h>
+
+#ifndef EO_SINGLE_ROUNDING
+#define EO_SINGLE_ROUNDING 0
+#endif
+
+int32_t eo_requantize(int32_t x, int32_t multiplier, int32_t shift);
+
+typedef struct {
+    int n, h, w, c, out_h, out_w, out_c, kernel_h, kernel_w, group;
+    int stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left;
+    int32_t input_zero_point, output_zero_point, act_min, act_max;
+    const int8_t *weight; const int32_t *bias, *multiplier, *shift;
+} eo_conv2d_params;
+void eo_conv2d_s8(const eo_conv2d_params *p, const int8_t *in, int8_t *out);
+
+typedef struct {
+    int rows, depth, out_features;
+    int32_t input_zero_point, output_zero_point, act_min, act_max;
+    const int8_t *weight; const int32_t *bias, *multiplier, *shift;
+} eo_fully_connected_params;
+void eo_fully_connected_s8(const eo_fully_connected_params *p, const int8_t *in, int8_t *out);
+
+/* Broadcasting binary ops over 4-D shapes (rank padded on the left); stride 0 broadcasts. */
+typedef struct {
+    int shape[4]; int a_stride[4]; int b_stride[4];
+    int32_t a_zero_point, b_zero_point, a_multiplier, b_multiplier, a_shift, b_shift;
+    int32_t output_multiplier, output_shift, output_zero_point, left_shift, act_min, act_max;
+} eo_add_params;
+void eo_add_s8(const eo_add_params *p, const int8_t *a, const int8_t *b, int8_t *out);
+
+typedef struct {
+    int shape[4]; int a_stride[4]; int b_stride[4];
+    int32_t a_zero_point, b_zero_point, output_multiplier, output_shift, output_zero_point, act_min, act_max;
+} eo_mul_params;
+void eo_mul_s8(const eo_mul_params *p, const int8_t *a, const int8_t *b, int8_t *out);
+
+typedef struct {
+    int n, h, w, c, out_h, out_w, kernel_h, kernel_w, stride_h, stride_w, pad_top, pad_left;
+    int32_t act_min, act_max;
+} eo_max_pool_params;
+void eo_max_pool_s8(const eo_max_pool_params *p, const int8_t *in, int8_t *out);
+
+typedef struct {
+    int n, h, w, c, out_h, out_w, kernel_h, kernel_w, stride_h, stride_w, pad_top, pad_left;
+    int pad_bottom, pad_right, count_include_pad;
+    int32_t input_zero_point, output_zero_point, act_min, act_max;
+    const int32_t *multiplier, *shift; /* indexed by window count */
+} eo_avg_pool_params;
+void eo_avg_pool_s8(const eo_avg_pool_params *p, const int8_t *in, int8_t *out);
+
+typedef struct {
+    int outer, reduce, inner;
+    int32_t input_zero_point, output_zero_point, multiplier, shift;
+} eo_mean_params;
+void eo_mean_s8(const eo_mean_params *p, const int8_t *in, int8_t *out);
+
+typedef struct {
+    int size;
+    int32_t input_zero_point, output_zero_point, multiplier, shift, act_min, act_max;
+} eo_requantize_params;
+void eo_requantize_s8(const eo_requantize_params *p, const int8_t *in, int8_t *out);
+
+typedef struct { int size; const int8_t *table; } eo_lut_params;
+void eo_lut_s8(const eo_lut_params *p, const int8_t *in, int8_t *out);
+
+typedef struct {
+    int rows, depth; const int32_t *exp_table; int64_t inverse_scale; int32_t output_zero_point;
+} eo_softmax_params;
+void eo_softmax_s8(const eo_softmax_params *p, const int8_t *in, int8_t *out);
+
+typedef struct { int in_shape[4]; int before[4]; int after[4]; int8_t value; } eo_pad_params;
+void eo_pad_s8(const eo_pad_params *p, const int8_t *in, int8_t *out);
+
+typedef struct {
+    int n, h, w, c, out_h, out_w; const int32_t *row_index, *col_index;
+} eo_resize_nearest_params;
+void eo_resize_nearest_s8(const eo_resize_nearest_params *p, const int8_t *in, int8_t *out);
+
+#define EO_MAX_RANK 6
+typedef struct { int rank; int in_shape[EO_MAX_RANK]; int perm[EO_MAX_RANK]; } eo_transpose_params;
+void eo_transpose_s8(const eo_transpose_params *p, const int8_t *in, int8_t *out);
+
+typedef struct { int size; } eo_copy_params;
+void eo_copy_s8(const eo_copy_params *p, const int8_t *in, int8_t *out);
+
+/* Copies one concat input: outer blocks of in_block bytes into out blocks of out_block bytes at offset. */
+typedef struct { int outer, in_block, out_block, offset; } eo_concat_params;
+void eo_concat_s8(const eo_concat_params *p, const int8_t *in, int8_t *out);
+
+#endif

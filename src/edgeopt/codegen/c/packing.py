@@ -1,0 +1,257 @@
+"""C parameter packing, one function per op kind of the ops table.
+
+``PACKERS[kind](op, context)`` returns the C declarations the op needs (its
+``const`` weight/table arrays and its parameter struct) and the kernel call.
+The kernel name comes from the ops table (``OPS[kind].c_kernel``), so the
+reference semantics and the C code are looked up from one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeopt.runtime.reference.ops import OPS
+from edgeopt.runtime.reference.program import IntOp, Program
+
+__all__ = ["PACKERS", "PackContext", "c_array"]
+
+_C_TYPES = {np.dtype(np.int8): "int8_t", np.dtype(np.int32): "int32_t"}
+
+
+def c_array(name: str, array: np.ndarray) -> str:
+    """``static const <type> name[n] = {...};`` (flash) for an int8/int32 array."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    c_type = _C_TYPES[flat.dtype]
+    rows = [", ".join(str(int(v)) for v in flat[i:i + 24]) for i in range(0, max(len(flat), 1), 24)]
+    body = ",\n    ".join(row for row in rows if row) or "0"
+    return f"static const {c_type} {name}[{max(len(flat), 1)}] = {{\n    {body}\n}};"
+
+
+@dataclass(frozen=True)
+class PackContext:
+    """What a packer needs besides the op: the program and C expressions of tensor pointers."""
+
+    program: Program
+    pointer: Callable[[str], str]
+    index: int
+
+    def shape(self, tensor: str) -> tuple[int, ...]:
+        return self.program.tensors[tensor].shape
+
+    def size(self, tensor: str) -> int:
+        return self.program.tensors[tensor].size
+
+
+def _struct(c_type: str, name: str, fields: dict[str, object]) -> str:
+    body = ", ".join(f".{key} = {_c_value(value)}" for key, value in fields.items())
+    return f"static const {c_type} {name} = {{{body}}};"
+
+
+def _c_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "{" + ", ".join(_c_value(v) for v in value) + "}"
+    return str(int(value)) if not isinstance(value, str) else value
+
+
+def _call(op: IntOp, ctx: PackContext, params: str, inputs=None) -> str:
+    args = ", ".join(ctx.pointer(name) for name in (inputs or op.inputs))
+    return f"{OPS[op.kind].c_kernel}(&{params}, {args}, {ctx.pointer(op.output)});"
+
+
+def _requant_arrays(prefix: str, p) -> list[str]:
+    return [c_array(f"{prefix}_bias", p.bias), c_array(f"{prefix}_multiplier", p.multiplier),
+            c_array(f"{prefix}_shift", p.shift)]
+
+
+def pack_conv2d(op: IntOp, ctx: PackContext):
+    p, name = op.params, f"op{ctx.index}"
+    n, h, w, c = ctx.shape(op.inputs[0])
+    _, out_h, out_w, out_c = ctx.shape(op.output)
+    decls = [c_array(f"{name}_weight", p.weight), *_requant_arrays(name, p)]
+    decls.append(_struct("eo_conv2d_params", f"{name}_params", dict(
+        n=n, h=h, w=w, c=c, out_h=out_h, out_w=out_w, out_c=out_c, kernel_h=p.weight.shape[1],
+        kernel_w=p.weight.shape[2], group=p.group, stride_h=p.strides[0], stride_w=p.strides[1],
+        dilation_h=p.dilations[0], dilation_w=p.dilations[1], pad_top=p.pads[0], pad_left=p.pads[1],
+        input_zero_point=p.input_zero_point, output_zero_point=p.output_zero_point, act_min=p.act_min,
+        act_max=p.act_max, weight=f"{name}_weight", bias=f"{name}_bias", multiplier=f"{name}_multiplier",
+        shift=f"{name}_shift")))
+    return decls, _call(op, ctx, f"{name}_params")
+
+
+def pack_fully_connected(op: IntOp, ctx: PackContext):
+    p, name = op.params, f"op{ctx.index}"
+    out_features, depth = p.weight.shape
+    decls = [c_array(f"{name}_weight", p.weight), *_requant_arrays(name, p)]
+    decls.append(_struct("eo_fully_connected_params", f"{name}_params", dict(
+        rows=ctx.size(op.inputs[0]) // depth, depth=depth, out_features=out_features,
+        input_zero_point=p.input_zero_point, output_zero_point=p.output_zero_point, act_min=p.act_min,
+        act_max=p.act_max, weight=f"{name}_weight", bias=f"{name}_bias", multiplier=f"{name}_multiplier",
+        shift=f"{name}_shift")))
+    return decls, _call(op, ctx, f"{name}_params")
+
+
+def _broadcast_strides(in_shape, out_shape) -> list[int]:
+    shape = (1,) * (4 - len(in_shape)) + tuple(in_shape)
+    contiguous = [int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(4)]
+    return [0 if shape[d] == 1 and out_shape[d] != 1 else contiguous[d] for d in range(4)]
+
+
+def _binary_geometry(op: IntOp, ctx: PackContext) -> dict[str, object]:
+    out = ctx.shape(op.output)
+    if len(out) > 4:
+        raise ValueError(f"{op.node}: broadcasting ops support rank <= 4")
+    out4 = (1,) * (4 - len(out)) + tuple(out)
+    return dict(shape=out4, a_stride=_broadcast_strides(ctx.shape(op.inputs[0]), out4),
+                b_stride=_broadcast_strides(ctx.shape(op.inputs[1]), out4))
+
+
+def pack_add(op: IntOp, ctx: PackContext):
+    p, name = op.params, f"op{ctx.index}_params"
+    fields = _binary_geometry(op, ctx) | dict(
+        a_zero_point=p.input_zero_points[0], b_zero_point=p.input_zero_points[1],
+        a_multiplier=p.input_multipliers[0], b_multiplier=p.input_multipliers[1],
+        a_shift=p.input_shifts[0], b_shift=p.input_shifts[1], output_multiplier=p.output_multiplier,
+        output_shift=p.output_shift, output_zero_point=p.output_zero_point, left_shift=p.left_shift,
+        act_min=p.act_min, act_max=p.act_max)
+    return [_struct("eo_add_params", name, fields)], _call(op, ctx, name)
+
+
+def pack_mul(op: IntOp, ctx: PackContext):
+    p, name = op.params, f"op{ctx.index}_params"
+    fields = _binary_geometry(op, ctx) | dict(
+        a_zero_point=p.input_zero_points[0], b_zero_point=p.input_zero_points[1],
+        output_multiplier=p.output_multiplier, output_shift=p.output_shift,
+        output_zero_point=p.output_zero_point, act_min=p.act_min, act_max=p.act_max)
+    return [_struct("eo_mul_params", name, fields)], _call(op, ctx, name)
+
+
+def _pool_fields(op: IntOp, ctx: PackContext) -> dict[str, object]:
+    p = op.params
+    n, h, w, c = ctx.shape(op.inputs[0])
+    _, out_h, out_w, _ = ctx.shape(op.output)
+    return dict(n=n, h=h, w=w, c=c, out_h=out_h, out_w=out_w, kernel_h=p.kernel[0], kernel_w=p.kernel[1],
+                stride_h=p.strides[0], stride_w=p.strides[1], pad_top=p.pads[0], pad_left=p.pads[1])
+
+
+def pack_max_pool(op: IntOp, ctx: PackContext):
+    name = f"op{ctx.index}_params"
+    fields = _pool_fields(op, ctx) | dict(act_min=op.params.act_min, act_max=op.params.act_max)
+    return [_struct("eo_max_pool_params", name, fields)], _call(op, ctx, name)
+
+
+def pack_avg_pool(op: IntOp, ctx: PackContext):
+    p, prefix = op.params, f"op{ctx.index}"
+    decls = [c_array(f"{prefix}_multiplier", p.multiplier), c_array(f"{prefix}_shift", p.shift)]
+    fields = _pool_fields(op, ctx) | dict(
+        pad_bottom=p.pads[2], pad_right=p.pads[3], count_include_pad=int(p.count_include_pad),
+        input_zero_point=p.input_zero_point, output_zero_point=p.output_zero_point, act_min=p.act_min,
+        act_max=p.act_max, multiplier=f"{prefix}_multiplier", shift=f"{prefix}_shift")
+    decls.append(_struct("eo_avg_pool_params", f"{prefix}_params", fields))
+    return decls, _call(op, ctx, f"{prefix}_params")
+
+
+def pack_mean(op: IntOp, ctx: PackContext):
+    p, name = op.params, f"op{ctx.index}_params"
+    fields = dict(outer=p.outer, reduce=p.reduce, inner=p.inner, input_zero_point=p.input_zero_point,
+                  output_zero_point=p.output_zero_point, multiplier=p.multiplier, shift=p.shift)
+    return [_struct("eo_mean_params", name, fields)], _call(op, ctx, name)
+
+
+def pack_requantize(op: IntOp, ctx: PackContext):
+    p, name = op.params, f"op{ctx.index}_params"
+    fields = dict(size=ctx.size(op.output), input_zero_point=p.input_zero_point,
+                  output_zero_point=p.output_zero_point, multiplier=p.multiplier, shift=p.shift,
+                  act_min=p.act_min, act_max=p.act_max)
+    return [_struct("eo_requantize_params", name, fields)], _call(op, ctx, name)
+
+
+def pack_lut(op: IntOp, ctx: PackContext):
+    prefix = f"op{ctx.index}"
+    decls = [c_array(f"{prefix}_table", op.params.table),
+             _struct("eo_lut_params", f"{prefix}_params", dict(size=ctx.size(op.output), table=f"{prefix}_table"))]
+    return decls, _call(op, ctx, f"{prefix}_params")
+
+
+def pack_softmax(op: IntOp, ctx: PackContext):
+    p, prefix = op.params, f"op{ctx.index}"
+    depth = ctx.shape(op.output)[-1]
+    decls = [c_array(f"{prefix}_exp", p.exp_table),
+             _struct("eo_softmax_params", f"{prefix}_params", dict(
+                 rows=ctx.size(op.output) // depth, depth=depth, exp_table=f"{prefix}_exp",
+                 inverse_scale=f"(int64_t){p.inverse_scale}", output_zero_point=p.output_zero_point))]
+    return decls, _call(op, ctx, f"{prefix}_params")
+
+
+def pack_pad(op: IntOp, ctx: PackContext):
+    p, name = op.params, f"op{ctx.index}_params"
+    shape = ctx.shape(op.inputs[0])
+    if len(shape) > 4:
+        raise ValueError(f"{op.node}: Pad supports rank <= 4")
+    fill = 4 - len(shape)
+    fields = dict(in_shape=(1,) * fill + tuple(shape), before=(0,) * fill + tuple(b for b, _ in p.pads),
+                  after=(0,) * fill + tuple(a for _, a in p.pads), value=p.value)
+    return [_struct("eo_pad_params", name, fields)], _call(op, ctx, name)
+
+
+def pack_resize_nearest(op: IntOp, ctx: PackContext):
+    p, prefix = op.params, f"op{ctx.index}"
+    n, h, w, c = ctx.shape(op.inputs[0])
+    _, out_h, out_w, _ = ctx.shape(op.output)
+    decls = [c_array(f"{prefix}_rows", p.row_index.astype(np.int32)),
+             c_array(f"{prefix}_cols", p.col_index.astype(np.int32)),
+             _struct("eo_resize_nearest_params", f"{prefix}_params", dict(
+                 n=n, h=h, w=w, c=c, out_h=out_h, out_w=out_w, row_index=f"{prefix}_rows",
+                 col_index=f"{prefix}_cols"))]
+    return decls, _call(op, ctx, f"{prefix}_params")
+
+
+def pack_transpose(op: IntOp, ctx: PackContext):
+    shape, perm = ctx.shape(op.inputs[0]), op.params.perm
+    if len(shape) > 6:
+        raise ValueError(f"{op.node}: Transpose supports rank <= 6")
+    pad = 6 - len(shape)
+    fields = dict(rank=len(shape), in_shape=tuple(shape) + (1,) * pad, perm=tuple(perm) + (0,) * pad)
+    name = f"op{ctx.index}_params"
+    return [_struct("eo_transpose_params", name, fields)], _call(op, ctx, name)
+
+
+def pack_reshape(op: IntOp, ctx: PackContext):
+    name = f"op{ctx.index}_params"
+    return [_struct("eo_copy_params", name, dict(size=ctx.size(op.output)))], _call(op, ctx, name)
+
+
+def pack_concat(op: IntOp, ctx: PackContext):
+    axis, out_shape = op.params.axis, ctx.shape(op.output)
+    outer = int(np.prod(out_shape[:axis], dtype=np.int64))
+    out_block = int(np.prod(out_shape[axis:], dtype=np.int64))
+    decls, calls, offset = [], [], 0
+    for position, tensor in enumerate(op.inputs):
+        in_block = int(np.prod(ctx.shape(tensor)[axis:], dtype=np.int64))
+        name = f"op{ctx.index}_in{position}_params"
+        decls.append(_struct("eo_concat_params", name, dict(outer=outer, in_block=in_block,
+                                                             out_block=out_block, offset=offset)))
+        calls.append(_call(op, ctx, name, inputs=[tensor]))
+        offset += in_block
+    return decls, "\n    ".join(calls)
+
+
+PACKERS = {
+    "conv2d": pack_conv2d,
+    "fully_connected": pack_fully_connected,
+    "add": pack_add,
+    "mul": pack_mul,
+    "max_pool": pack_max_pool,
+    "avg_pool": pack_avg_pool,
+    "mean": pack_mean,
+    "requantize": pack_requantize,
+    "lut": pack_lut,
+    "softmax": pack_softmax,
+    "pad": pack_pad,
+    "resize_nearest": pack_resize_nearest,
+    "transpose": pack_transpose,
+    "reshape": pack_reshape,
+    "concat": pack_concat,
+}

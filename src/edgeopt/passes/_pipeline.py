@@ -1,0 +1,64 @@
+"""The default float pipeline run before quantization.
+
+Order matters: constants must be initializers before rules can read them,
+BatchNormalization must be folded before an exporter's leftover Mul/Add can
+join the same Conv, and the last dead-code sweep drops the weights folding
+replaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from edgeopt.passes._report import PassReport
+from edgeopt.passes._rules import RulePass
+from edgeopt.passes.eliminate_dead_code import EliminateDeadCodePass
+from edgeopt.passes.fold_affine import FoldAffinePass
+from edgeopt.passes.fold_batchnorm import FoldBatchNormPass
+from edgeopt.passes.fold_constants import FoldConstantsPass
+from edgeopt.passes.fuse_activations import FuseActivationsPass
+
+__all__ = ["PipelineResult", "default_passes", "optimize_for_quantization"]
+
+
+def default_passes() -> list[RulePass]:
+    """The stages of :func:`optimize_for_quantization`, in order."""
+    return [
+        # Constant nodes and shape arithmetic become initializers, so rules see constants.
+        FoldConstantsPass(),
+        # Identity/Dropout and orphaned nodes go, so "only reader" checks count real readers.
+        EliminateDeadCodePass(),
+        # BatchNormalization after Conv/ConvTranspose/Gemm/MatMul becomes part of the weights.
+        FoldBatchNormPass(),
+        # Per-channel Mul/Add left by exporters that pre-fold BatchNorm folds the same way.
+        FoldAffinePass(),
+        # Spelled-out hardswish, GELU, LayerNorm and SiLU become single ops (or are annotated).
+        FuseActivationsPass(),
+        # The weights folding replaced, and nodes fusion orphaned, are dropped.
+        EliminateDeadCodePass(),
+    ]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineResult:
+    """The optimized model and one report per stage, in order."""
+
+    model: ir.Model
+    modified: bool
+    reports: tuple[PassReport, ...]
+
+    def explain(self, *, include_applied: bool = False) -> list[str]:
+        """Lines like ``fold-batchnorm: Conv_12 + BN_13: not folded: Conv output has 2 consumers``."""
+        return [f"{report.name}: {line}" for report in self.reports
+                for line in report.explain(include_applied=include_applied)]
+
+
+def optimize_for_quantization(model: ir.Model) -> PipelineResult:
+    """Run the default float passes on a copy of ``model``; the input is not modified."""
+    working = model.clone()
+    reports = []
+    for stage in default_passes():
+        reports.append(stage(working).report)
+    return PipelineResult(model=working, modified=any(r.modified for r in reports), reports=tuple(reports))

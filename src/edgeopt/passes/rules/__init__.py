@@ -1,0 +1,21 @@
+"""Fusion rules that recognize activations and normalizations written out op by op."""
+
+from __future__ import annotations
+
+from edgeopt.passes.rules.activations import (
+    PATTERN_KEY,
+    ClipHardSigmoidRule,
+    GeluRule,
+    HardSigmoidMulRule,
+    SiluRule,
+)
+from edgeopt.passes.rules.layer_norm import LayerNormRule
+
+__all__ = [
+    "PATTERN_KEY",
+    "ClipHardSigmoidRule",
+    "GeluRule",
+    "HardSigmoidMulRule",
+    "LayerNormRule",
+    "SiluRule",
+]

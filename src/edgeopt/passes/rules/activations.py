@@ -1,0 +1,222 @@
+"""Rules that recognize activations exporters write out op by op.
+
+* hardsigmoid ``clip(x + 3, 0, 6) / 6 = HardSigmoid(x; alpha=1/6, beta=1/2)``;
+* hardswish ``x * clip(x + 3, 0, 6) / 6 = x * HardSigmoid(x) = HardSwish(x)``
+  (opset >= 14), in any association of the product (``x * relu6(x + 3) *
+  (1/6)``, ``(x / 6) * clip(...)``...), see
+  :func:`~edgeopt.passes._matching.follow_product`;
+* SiLU ``x * sigmoid(x)``: ONNX has ``Swish`` only from opset 24, so below
+  that the nodes are annotated (``metadata_props["edgeopt.pattern"] =
+  "silu"``) for the quantizer, not rewritten;
+* GELU ``0.5 * x * (1 + erf(x / sqrt(2)))`` (also ``x * 0.7071``): ``Gelu``
+  from opset 20, annotated ``"gelu"`` below that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+from edgeopt.passes._matching import (
+    ProductChain,
+    clip_bounds,
+    follow_product,
+    other_input,
+    producer_op,
+    scalar,
+    sole_consumer,
+)
+from edgeopt.passes._rules import Match, Rule, RuleContext
+
+__all__ = [
+    "PATTERN_KEY",
+    "ClipHardSigmoidRule",
+    "GeluRule",
+    "HardSigmoidMulRule",
+    "SiluRule",
+    "annotate",
+]
+
+#: Node metadata key naming the activation a group of nodes computes.
+PATTERN_KEY = "edgeopt.pattern"
+
+HARDSWISH_OPSET = 14
+GELU_OPSET = 20
+SWISH_OPSET = 24
+
+
+def annotate(nodes: tuple[ir.Node, ...], pattern: str) -> None:
+    for node in nodes:
+        node.metadata_props[PATTERN_KEY] = pattern
+
+
+def _is_annotated(node: ir.Node) -> bool:
+    return PATTERN_KEY in node.metadata_props
+
+
+def _fuse(context: RuleContext, old_nodes: tuple[ir.Node, ...], chain: ProductChain, new: ir.Node) -> str:
+    eir.replace_nodes(context.graph, old_nodes, chain.output, [new])
+    return f"fused into {new.op_type}"
+
+
+def _close(number: float | None, expected: float, rel_tol: float = 1e-6) -> bool:
+    return number is not None and math.isclose(number, expected, rel_tol=rel_tol)
+
+
+@dataclasses.dataclass
+class _ClipMatch(Match):
+    add: ir.Node
+    clip: ir.Node
+    x: ir.Value
+    op_type: str = ""
+    chain: ProductChain | None = None
+
+
+class ClipHardSigmoidRule(Rule):
+    """``clip(x + 3, 0, 6) / 6`` -> HardSigmoid, and ``x * clip(x + 3, 0, 6) / 6`` -> HardSwish."""
+
+    name = "clip-hard-activation"
+    anchor_ops = frozenset({"Clip"})
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        add = producer_op(node.inputs[0], "Add")
+        if add is None:
+            return None
+        for x, three in (add.inputs, reversed(add.inputs)):
+            if _close(scalar(three), 3.0) and scalar(x) is None:
+                return _ClipMatch(nodes=(add, node), add=add, clip=node, x=x)
+        return None
+
+    def check(self, match: _ClipMatch, context: RuleContext) -> str | None:
+        bounds = clip_bounds(match.clip)
+        if bounds is None or bounds[0] != 0 or not _close(bounds[1], 6.0):
+            return f"Clip bounds are {bounds if bounds else 'not constant'}, not (0, 6)"
+        if sole_consumer(match.add.outputs[0]) is not match.clip:
+            return "x + 3 has other readers"
+        clipped = match.clip.outputs[0]
+        with_x = follow_product(clipped, match.x, 1 / 6)
+        alone = follow_product(clipped, None, 1 / 6)
+        if with_x is not None and context.opset >= HARDSWISH_OPSET:
+            match.op_type, match.chain = "HardSwish", with_x
+        elif alone is not None:
+            match.op_type, match.chain = "HardSigmoid", alone
+        elif with_x is not None:
+            return f"HardSwish needs opset >= {HARDSWISH_OPSET} (model has {context.opset})"
+        else:
+            return "the Clip output is not scaled by 1/6 (as in x * clip(x + 3, 0, 6) / 6)"
+        return None
+
+    def rewrite(self, match: _ClipMatch, context: RuleContext) -> str:
+        attributes = {"alpha": 1 / 6, "beta": 0.5} if match.op_type == "HardSigmoid" else None
+        new = ir.node(match.op_type, [match.x], attributes,
+                      name=f"{eir.node_label(match.chain.nodes[-1])}_{match.op_type}")
+        return _fuse(context, (match.add, match.clip, *match.chain.nodes), match.chain, new)
+
+
+@dataclasses.dataclass
+class _ChainMatch(Match):
+    head: ir.Node
+    chain: ProductChain
+
+
+class HardSigmoidMulRule(Rule):
+    """``x * HardSigmoid(x; alpha=1/6, beta=1/2)`` -> HardSwish (opset >= 14)."""
+
+    name = "hardsigmoid-mul"
+
+    anchor_ops = frozenset({"HardSigmoid"})
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        alpha = node.attributes.get_float("alpha", 0.2)
+        beta = node.attributes.get_float("beta", 0.5)
+        if not (_close(alpha, 1 / 6, 1e-5) and _close(beta, 0.5)):
+            return None
+        chain = follow_product(node.outputs[0], node.inputs[0], 1.0)
+        return _ChainMatch(nodes=(node, *chain.nodes), head=node, chain=chain) if chain else None
+
+    def check(self, match: _ChainMatch, context: RuleContext) -> str | None:
+        if context.opset < HARDSWISH_OPSET:
+            return f"HardSwish needs opset >= {HARDSWISH_OPSET} (model has {context.opset})"
+        return None
+
+    def rewrite(self, match: _ChainMatch, context: RuleContext) -> str:
+        new = ir.node("HardSwish", [match.head.inputs[0]], name=f"{eir.node_label(match.head)}_HardSwish")
+        return _fuse(context, match.nodes, match.chain, new)
+
+
+class SiluRule(Rule):
+    """``x * sigmoid(x)`` -> Swish (opset >= 24), else annotated ``silu``."""
+
+    name = "silu"
+    anchor_ops = frozenset({"Sigmoid"})
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        if _is_annotated(node):
+            return None
+        chain = follow_product(node.outputs[0], node.inputs[0], 1.0)
+        return _ChainMatch(nodes=(node, *chain.nodes), head=node, chain=chain) if chain else None
+
+    def rewrite(self, match: _ChainMatch, context: RuleContext) -> str:
+        if context.opset >= SWISH_OPSET:
+            new = ir.node("Swish", [match.head.inputs[0]], name=f"{eir.node_label(match.head)}_Swish")
+            return _fuse(context, match.nodes, match.chain, new)
+        annotate(match.nodes, "silu")
+        return f"annotated as silu (Swish needs opset >= {SWISH_OPSET}, model has {context.opset})"
+
+
+@dataclasses.dataclass
+class _GeluMatch(Match):
+    scale: ir.Node
+    erf: ir.Node
+    add: ir.Node
+    x: ir.Value
+    chain: ProductChain | None = None
+
+
+def _erf_argument(erf: ir.Node) -> tuple[ir.Node, ir.Value] | None:
+    """``erf(x / sqrt(2))`` or ``erf(x * (1 / sqrt(2)))``: (that Div/Mul, x)."""
+    scale = producer_op(erf.inputs[0], "Div", "Mul")
+    if scale is None or sole_consumer(erf.inputs[0]) is not erf:
+        return None
+    for x, constant in ((scale.inputs[0], scale.inputs[1]), (scale.inputs[1], scale.inputs[0])):
+        number = scalar(constant)
+        expected = math.sqrt(2) if scale.op_type == "Div" else 1 / math.sqrt(2)
+        if _close(number, expected, 1e-3) and scalar(x) is None:
+            return scale, x
+        if scale.op_type == "Div":
+            break
+    return None
+
+
+class GeluRule(Rule):
+    """``0.5 * x * (1 + erf(x / sqrt(2)))`` -> Gelu (opset >= 20), else annotated ``gelu``."""
+
+    name = "gelu"
+    anchor_ops = frozenset({"Erf"})
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        argument = _erf_argument(node)
+        add = sole_consumer(node.outputs[0])
+        if argument is None or _is_annotated(node) or add is None or add.op_type != "Add":
+            return None
+        if not _close(scalar(other_input(add, node.outputs[0])), 1.0):
+            return None
+        scale, x = argument
+        return _GeluMatch(nodes=(scale, node, add), scale=scale, erf=node, add=add, x=x)
+
+    def check(self, match: _GeluMatch, context: RuleContext) -> str | None:
+        match.chain = follow_product(match.add.outputs[0], match.x, 0.5)
+        if match.chain is None:
+            return "1 + erf(x / sqrt(2)) is not multiplied by 0.5 * x"
+        return None
+
+    def rewrite(self, match: _GeluMatch, context: RuleContext) -> str:
+        nodes = (match.scale, match.erf, match.add, *match.chain.nodes)
+        if context.opset >= GELU_OPSET:
+            new = ir.node("Gelu", [match.x], name=f"{eir.node_label(match.erf)}_Gelu")
+            return _fuse(context, nodes, match.chain, new)
+        annotate(nodes, "gelu")
+        return f"annotated as gelu (Gelu needs opset >= {GELU_OPSET}, model has {context.opset})"

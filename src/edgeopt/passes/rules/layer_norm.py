@@ -1,0 +1,179 @@
+"""LayerNorm written out op by op -> one LayerNormalization (opset >= 17).
+
+Exporters (and hand-written modules) spell ``(x - mean) / sqrt(var + eps) *
+gamma + beta`` over the trailing axes as::
+
+    mean = ReduceMean(x, axes)          d = Sub(x, mean)
+    var  = ReduceMean(Pow(d, 2), axes)  (or Mul(d, d))
+    n    = Div(d, Sqrt(Add(var, eps)))  (or Mul(d, Reciprocal(...)))
+    y    = Add(Mul(n, gamma), beta)     (gamma and beta optional)
+
+The reduced axes must be the trailing ones (``LayerNormalization`` normalizes
+``x.shape[axis:]``), both ReduceMeans keep dims, and every intermediate has
+exactly the readers the formula gives it. gamma and beta are absorbed when
+they are constants that broadcast to the normalized shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+from edgeopt.passes._matching import is_op, other_input, scalar, sole_consumer
+from edgeopt.passes._rules import Match, Rule, RuleContext
+
+__all__ = ["LayerNormRule"]
+
+LAYER_NORM_OPSET = 17
+
+
+def _reduce_axes(node: ir.Node) -> list[int] | None:
+    """The constant axes of a ReduceMean (attribute before opset 18, input after)."""
+    if "axes" in node.attributes:
+        return list(node.attributes.get_ints("axes"))
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        axes = eir.constant_array(node.inputs[1])
+        return [int(a) for a in axes.reshape(-1)] if axes is not None else None
+    return None
+
+
+@dataclasses.dataclass
+class _LayerNormMatch(Match):
+    mean: ir.Node
+    sub: ir.Node
+    x: ir.Value
+    body: list[ir.Node] = dataclasses.field(default_factory=list)
+    axis: int = -1
+    epsilon: float = 1e-5
+    scale: np.ndarray | None = None
+    bias: np.ndarray | None = None
+
+
+def _trailing_axis(axes: list[int] | None, rank: int | None) -> int | str:
+    if axes is None:
+        return "ReduceMean axes are not constant"
+    if rank is None:
+        if all(a < 0 for a in axes) and sorted(axes) == list(range(-len(axes), 0)):
+            return -len(axes)
+        return "the rank of x is unknown"
+    normalized = sorted(a + rank if a < 0 else a for a in axes)
+    if normalized != list(range(rank - len(axes), rank)):
+        return f"ReduceMean axes {axes} are not the trailing axes of a rank-{rank} input"
+    return normalized[0] - rank
+
+
+def _split_d_readers(d: ir.Value) -> tuple[ir.Node, ir.Node] | str:
+    """(square, normalize) among the two readers of ``d = x - mean``."""
+    readers = eir.consumers(d)
+    if d.is_graph_output() or len(readers) != 2:
+        return f"x - mean has {len(readers)} readers (expected its square and the division)"
+    for square, normalize in (readers, readers[::-1]):
+        squares = (is_op(square, "Pow") and square.inputs[0] is d and scalar(square.inputs[1]) == 2.0) \
+            or (is_op(square, "Mul") and square.inputs[0] is d and square.inputs[1] is d)
+        if squares and is_op(normalize, "Div", "Mul"):
+            return square, normalize
+    return "x - mean is not squared (Pow 2 or Mul) and divided"
+
+
+def _follow(value: ir.Value, op_type: str) -> ir.Node | None:
+    reader = sole_consumer(value)
+    return reader if is_op(reader, op_type) else None
+
+
+def _variance_chain(match: _LayerNormMatch, square: ir.Node, normalize: ir.Node) -> str | None:
+    variance = _follow(square.outputs[0], "ReduceMean")
+    if variance is None or _reduce_axes(variance) != _reduce_axes(match.mean):
+        return "the square is not averaged over the same axes"
+    if variance.attributes.get_int("keepdims", 1) != 1 or match.mean.attributes.get_int("keepdims", 1) != 1:
+        return "a ReduceMean drops the reduced axes (keepdims=0)"
+    add = _follow(variance.outputs[0], "Add")
+    epsilon = scalar(other_input(add, variance.outputs[0])) if add is not None else None
+    sqrt = _follow(add.outputs[0], "Sqrt") if add is not None else None
+    if epsilon is None or sqrt is None:
+        return "the variance is not followed by Add(epsilon) -> Sqrt"
+    steps = [square, variance, add, sqrt]
+    if normalize.op_type == "Mul":
+        reciprocal = _follow(sqrt.outputs[0], "Reciprocal")
+        if reciprocal is None or other_input(normalize, match.sub.outputs[0]) is not reciprocal.outputs[0]:
+            return "x - mean is not divided by the standard deviation"
+        steps.append(reciprocal)
+    elif normalize.inputs[0] is not match.sub.outputs[0] or normalize.inputs[1] is not sqrt.outputs[0] \
+            or sole_consumer(sqrt.outputs[0]) is not normalize:
+        return "x - mean is not divided by the standard deviation"
+    match.body, match.epsilon = [*steps, normalize], epsilon
+    return None
+
+
+def _fit(array: np.ndarray, normalized: tuple[int, ...], rank: int) -> np.ndarray | None:
+    """``array`` broadcast to the normalized shape, if it broadcasts only there."""
+    if array.ndim > rank:
+        return None
+    while array.ndim > len(normalized) and array.shape[0] == 1:
+        array = array.reshape(array.shape[1:])
+    if array.ndim > len(normalized) or np.broadcast_shapes(array.shape, normalized) != normalized:
+        return None
+    return np.broadcast_to(array, normalized).copy()
+
+
+def _absorb(match: _LayerNormMatch, op_type: str, normalized: tuple[int, ...], rank: int) -> np.ndarray | None:
+    """Take the constant of a following Mul (gamma) or Add (beta) into the match."""
+    output = match.body[-1].outputs[0]
+    node = _follow(output, op_type)
+    constant = eir.constant_array(other_input(node, output)) if node is not None else None
+    fitted = _fit(constant, normalized, rank) if constant is not None else None
+    if fitted is not None:
+        match.body.append(node)
+    return fitted
+
+
+class LayerNormRule(Rule):
+    """ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div[/Mul/Add] -> LayerNormalization."""
+
+    name = "layer-norm"
+    anchor_ops = frozenset({"ReduceMean"})
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        sub = sole_consumer(node.outputs[0])
+        x = node.inputs[0]
+        if not is_op(sub, "Sub") or sub.inputs[0] is not x or sub.inputs[1] is not node.outputs[0]:
+            return None
+        return _LayerNormMatch(nodes=(node, sub), mean=node, sub=sub, x=x)
+
+    def check(self, match: _LayerNormMatch, context: RuleContext) -> str | None:
+        if context.opset < LAYER_NORM_OPSET:
+            return f"LayerNormalization needs opset >= {LAYER_NORM_OPSET} (model has {context.opset})"
+        readers = _split_d_readers(match.sub.outputs[0])
+        if isinstance(readers, str):
+            return readers
+        reason = _variance_chain(match, *readers)
+        if reason is not None:
+            return reason
+        rank = len(match.x.shape) if match.x.shape is not None else None
+        axis = _trailing_axis(_reduce_axes(match.mean), rank)
+        if isinstance(axis, str):
+            return axis
+        dims = tuple(match.x.shape.dims[axis:]) if match.x.shape is not None else ()
+        if not dims or not all(isinstance(d, int) for d in dims):
+            return "the normalized dims of x are not static"
+        match.axis = axis
+        match.scale = _absorb(match, "Mul", dims, rank)
+        match.bias = _absorb(match, "Add", dims, rank)
+        if match.scale is None:
+            match.scale = np.ones(dims)
+        return None
+
+    def rewrite(self, match: _LayerNormMatch, context: RuleContext) -> str:
+        graph = context.graph
+        dtype = eir.numpy_dtype(match.x) or np.dtype(np.float32)
+        name = eir.node_label(match.mean)
+        inputs = [match.x, eir.add_initializer(graph, match.scale.astype(dtype), f"{name}.scale")]
+        if match.bias is not None:
+            inputs.append(eir.add_initializer(graph, match.bias.astype(dtype), f"{name}.bias"))
+        new = ir.node("LayerNormalization", inputs, {"axis": match.axis, "epsilon": match.epsilon},
+                      name=f"{name}_LayerNormalization")
+        old = [match.mean, match.sub, *match.body]
+        eir.replace_nodes(graph, old, match.body[-1].outputs[0], [new])
+        return f"fused into LayerNormalization (axis={match.axis})"

@@ -1,0 +1,28 @@
+"""``quantize(model, config, data)``: dispatch on the type of ``config``.
+
+Each scheme registers a handler for its config type
+(:func:`edgeopt.quant.registry.register_scheme`); this function finds it,
+hands it a private copy of the model (the caller's model is never
+modified) and returns the handler's :class:`QuantResult`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import onnx_ir as ir
+
+from edgeopt.quant.registry import Batch, ProgressCallback, QuantResult, handler_for
+
+__all__ = ["quantize"]
+
+
+def quantize(model: ir.Model, config: object, data: Iterable[Batch] | None = None, *,
+             progress: ProgressCallback | None = None) -> QuantResult:
+    """Quantize a copy of ``model`` with the scheme registered for ``type(config)``.
+
+    ``data``: calibration batches ``{input_name: array}`` (schemes that need
+    none accept None). ``progress(done, total)`` is called per batch.
+    """
+    handler = handler_for(config)
+    return handler(model.clone(), config, data, progress=progress)

@@ -1,0 +1,353 @@
+"""Per-layer and per-output fidelity of a QDQ model to the float model it came from.
+
+Matching works on any QDQ graph (edgeopt's or another quantizer's). For every
+``DequantizeLinear`` whose input comes from a ``QuantizeLinear`` of an
+activation ``T`` (not a constant), the DQ output is what the quantized model's
+consumers read in place of ``T``; its float counterpart is
+
+1. ``T`` itself when the float model has a tensor of that name, else the DQ
+   output's name (a quantizer renames a quantized graph output's producer and
+   gives the DQ the output's name);
+2. then followed through single ``Relu``/``Clip`` consumers that the quantized
+   model no longer has: a quantizer drops them because the Q range clamps.
+
+Tensors a pass removed (BatchNorm folded, ...) have no counterpart and are
+only counted. Both models run once per batch in ONNX Runtime with the matched
+tensors exposed as extra outputs; each batch updates the streaming meters of
+:mod:`edgeopt.metrics` and is dropped, so memory does not grow with the data.
+Exposing a DQ output keeps ORT from fusing it into an integer kernel, so the
+numbers are those of the QDQ graph's float simulation (they differ from the
+fused kernels' only by rounding).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+from edgeopt.data import open_data, take
+from edgeopt.errors import DataError
+from edgeopt.metrics import AgreementMeter, FidelityMeter, json_number, looks_like_class_scores
+
+__all__ = [
+    "CompareResult",
+    "LayerComparison",
+    "OutputComparison",
+    "TensorMatch",
+    "compare_models",
+    "layer_sqnr",
+    "match_tensors",
+]
+
+logger = logging.getLogger(__name__)
+
+ModelSource = str | os.PathLike | ir.Model
+Progress = Callable[[int, int | None], None]
+
+_QDQ_DOMAINS = ("", "ai.onnx", "com.microsoft")
+_RANGE_CLAMPS = ("Relu", "Clip")  # a quantizer may drop these: the Q range clamps instead
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorMatch:
+    """A float-model tensor and the DequantizeLinear output standing in for it in the QDQ model.
+
+    ``scale`` is the Q node's (the largest one for a per-axis Q: the coarsest
+    step); ``zero_point`` is None when a per-axis Q has several.
+    """
+
+    float_name: str
+    quant_name: str
+    op_type: str
+    scale: float
+    zero_point: int | None
+    zero_point_dtype: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerComparison:
+    """Fidelity of one quantized activation to its float counterpart."""
+
+    tensor: str
+    quant_tensor: str
+    op_type: str
+    scale: float
+    zero_point: int | None
+    zero_point_dtype: str
+    sqnr_db: float
+    cosine: float
+    max_abs_error: float
+
+    def to_dict(self) -> dict:
+        return {"tensor": self.tensor, "quant_tensor": self.quant_tensor, "op_type": self.op_type,
+                "scale": json_number(self.scale), "zero_point": self.zero_point,
+                "zero_point_dtype": self.zero_point_dtype, "sqnr_db": json_number(self.sqnr_db),
+                "cosine": json_number(self.cosine), "max_abs_error": json_number(self.max_abs_error)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputComparison:
+    """Fidelity of one graph output; ``top1_agreement`` only for class scores ``[N, C]``."""
+
+    name: str
+    sqnr_db: float
+    cosine: float
+    max_abs_error: float
+    top1_agreement: float | None
+
+    def to_dict(self) -> dict:
+        top1 = None if self.top1_agreement is None else json_number(self.top1_agreement)
+        return {"name": self.name, "sqnr_db": json_number(self.sqnr_db), "cosine": json_number(self.cosine),
+                "max_abs_error": json_number(self.max_abs_error), "top1_agreement": top1}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompareResult:
+    """Per-layer rows (worst SQNR first) and per-output rows over ``samples`` batches.
+
+    ``quantized_tensors`` counts the activation Q/DQ pairs of the QDQ model;
+    ``unmatched`` names those without a float counterpart; ``skipped`` those
+    whose shapes differ between the models.
+    """
+
+    samples: int
+    layers: tuple[LayerComparison, ...]
+    outputs: tuple[OutputComparison, ...]
+    quantized_tensors: int
+    unmatched: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def matched(self) -> int:
+        return len(self.layers)
+
+    def to_dict(self) -> dict:
+        return {"samples": self.samples, "quantized_tensors": self.quantized_tensors, "matched": self.matched,
+                "unmatched": list(self.unmatched), "skipped": list(self.skipped),
+                "outputs": [o.to_dict() for o in self.outputs], "layers": [r.to_dict() for r in self.layers]}
+
+
+# ----------------------------------------------------------------------- matching
+
+
+def _is_op(node: ir.Node | None, op_type: str) -> bool:
+    return node is not None and node.op_type == op_type and node.domain in _QDQ_DOMAINS
+
+
+def _value_names(graph: ir.Graph) -> dict[str, ir.Value]:
+    values = {v.name: v for v in graph.inputs if v.name}
+    values.update((v.name, v) for node in graph for v in node.outputs if v.name)
+    return values
+
+
+def _activation_pairs(model: ir.Model) -> list[tuple[ir.Node, ir.Node]]:
+    """(QuantizeLinear, DequantizeLinear) pairs on activations, in graph order."""
+    pairs = []
+    for node in model.graph:
+        if not _is_op(node, "DequantizeLinear") or node.inputs[0] is None:
+            continue
+        quantize = node.inputs[0].producer()
+        if _is_op(quantize, "QuantizeLinear") and not eir.is_constant(quantize.inputs[0]):
+            pairs.append((quantize, node))
+    return pairs
+
+
+def _follow_clamps(value: ir.Value, quant_names: set[str]) -> ir.Value:
+    while True:
+        users = eir.consumers(value)
+        if len(users) != 1 or users[0].op_type not in _RANGE_CLAMPS or not users[0].outputs:
+            return value
+        clamped = users[0].outputs[0]
+        if clamped.name in quant_names:
+            return value
+        value = clamped
+
+
+def _zero_point(quantize: ir.Node) -> tuple[int | None, str]:
+    zero_value = quantize.inputs[2] if len(quantize.inputs) > 2 else None
+    array = eir.constant_array(zero_value)
+    if array is None:
+        dtype_attr = quantize.attributes.get("output_dtype")
+        dtype = ir.DataType(dtype_attr.value).name.lower() if dtype_attr is not None else "uint8"
+        return 0, dtype
+    values = np.unique(array)
+    return (int(values[0]) if values.size == 1 else None), str(array.dtype)
+
+
+def _scale(quantize: ir.Node) -> float:
+    array = eir.constant_array(quantize.inputs[1])
+    return float(np.max(array)) if array is not None and array.size else math.nan
+
+
+def _match(quantize: ir.Node, dequantize: ir.Node, float_values: Mapping[str, ir.Value],
+           quant_names: set[str]) -> TensorMatch | None:
+    names = (quantize.inputs[0].name, dequantize.outputs[0].name)
+    found = next((float_values[n] for n in names if n in float_values), None)
+    if found is None:
+        return None
+    value = _follow_clamps(found, quant_names)
+    producer = value.producer()
+    zero_point, zero_point_dtype = _zero_point(quantize)
+    return TensorMatch(float_name=value.name, quant_name=dequantize.outputs[0].name,
+                       op_type=producer.op_type if producer is not None else "input",
+                       scale=_scale(quantize), zero_point=zero_point, zero_point_dtype=zero_point_dtype)
+
+
+def _matches(float_model: ir.Model, quant_model: ir.Model) -> tuple[list[TensorMatch], list[str], int]:
+    """Matches (one per float tensor), names of unmatched DQ outputs, number of activation pairs."""
+    float_values = _value_names(float_model.graph)
+    quant_names = set(_value_names(quant_model.graph))
+    matched: dict[str, TensorMatch] = {}
+    unmatched = []
+    pairs = _activation_pairs(quant_model)
+    for quantize, dequantize in pairs:
+        match = _match(quantize, dequantize, float_values, quant_names)
+        if match is None:
+            unmatched.append(dequantize.outputs[0].name)
+        else:
+            matched.setdefault(match.float_name, match)
+    return list(matched.values()), unmatched, len(pairs)
+
+
+def match_tensors(float_model: ir.Model, quant_model: ir.Model) -> tuple[TensorMatch, ...]:
+    """The quantized activations of ``quant_model`` that have a counterpart in ``float_model``."""
+    return tuple(_matches(float_model, quant_model)[0])
+
+
+# ------------------------------------------------------------------------ running
+
+
+def _load(model: ModelSource) -> ir.Model:
+    if isinstance(model, ir.Model):
+        return model
+    from edgeopt.io import load_model
+
+    return load_model(model, require_static=False)
+
+
+def _check_interfaces(float_model: ir.Model, quant_model: ir.Model) -> list[str]:
+    """The output names both models have; refuses models with different inputs."""
+    float_inputs = [s.name for s in eir.model_inputs(float_model)]
+    quant_inputs = [s.name for s in eir.model_inputs(quant_model)]
+    if sorted(float_inputs) != sorted(quant_inputs):
+        raise DataError(f"the models have different inputs (float: {', '.join(float_inputs)}; quantized: "
+                        f"{', '.join(quant_inputs)}): compare a QDQ model with the float model it came from")
+    quant_outputs = {v.name for v in quant_model.graph.outputs}
+    common = [v.name for v in float_model.graph.outputs if v.name in quant_outputs]
+    if not common:
+        raise DataError(f"the models share no output name (float: {', '.join(v.name for v in float_model.graph.outputs)}"
+                        f"; quantized: {', '.join(sorted(quant_outputs))}): "
+                        "compare a QDQ model with the float model it came from")
+    return common
+
+
+class _Meters:
+    """The meters of one comparison: per matched tensor, per output, top-1 where it applies."""
+
+    def __init__(self, matches: list[TensorMatch], outputs: list[str]) -> None:
+        self.matches = {m.float_name: m for m in matches}
+        self.layers = {m.float_name: FidelityMeter(m.float_name) for m in matches}
+        self.outputs = {name: FidelityMeter(name) for name in outputs}
+        self.agreement: dict[str, AgreementMeter] = {}
+        self.skipped: list[str] = []
+        self.samples = 0
+
+    def _first_batch(self, reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray]) -> None:
+        for name in list(self.layers):
+            quant_name = self.matches[name].quant_name
+            if reference[name].shape != test[quant_name].shape:
+                logger.warning("tensor %s has shape %s in the float model but %s in the quantized model: skipped",
+                               name, reference[name].shape, test[quant_name].shape)
+                del self.layers[name]
+                self.skipped.append(name)
+        self.agreement = {name: AgreementMeter(name) for name in self.outputs
+                          if looks_like_class_scores(reference[name].shape)}
+
+    def update(self, reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray]) -> None:
+        if self.samples == 0:
+            self._first_batch(reference, test)
+        for name, meter in self.layers.items():
+            meter.update(reference[name], test[self.matches[name].quant_name])
+        for name, meter in self.outputs.items():
+            meter.update(reference[name], test[name])
+        for name, meter in self.agreement.items():
+            meter.update(reference[name], test[name])
+        self.samples += 1
+
+    def layer_rows(self) -> list[LayerComparison]:
+        rows = []
+        for name, meter in self.layers.items():
+            match, fidelity = self.matches[name], meter.result()
+            rows.append(LayerComparison(tensor=name, quant_tensor=match.quant_name, op_type=match.op_type,
+                                        scale=match.scale, zero_point=match.zero_point,
+                                        zero_point_dtype=match.zero_point_dtype, sqnr_db=fidelity.sqnr_db,
+                                        cosine=fidelity.cosine, max_abs_error=fidelity.max_abs_error))
+        return sorted(rows, key=lambda r: (math.isnan(r.sqnr_db), r.sqnr_db, r.tensor))
+
+    def output_rows(self) -> list[OutputComparison]:
+        rows = []
+        for name, meter in self.outputs.items():
+            fidelity, agreement = meter.result(), self.agreement.get(name)
+            rows.append(OutputComparison(name=name, sqnr_db=fidelity.sqnr_db, cosine=fidelity.cosine,
+                                         max_abs_error=fidelity.max_abs_error,
+                                         top1_agreement=agreement.result().value if agreement else None))
+        return rows
+
+
+def _sessions(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatch], outputs: list[str]):
+    """Observing sessions and the names each must return per batch."""
+    from edgeopt.runtime.ort import observing_session
+
+    float_inputs = {s.name for s in eir.model_inputs(float_model)}
+    float_names = [m.float_name for m in matches if m.float_name not in float_inputs]
+    quant_names = [m.quant_name for m in matches]
+    float_fetch = list(dict.fromkeys([*outputs, *float_names]))
+    quant_fetch = list(dict.fromkeys([*outputs, *quant_names]))
+    return ((observing_session(float_model, float_names), float_fetch),
+            (observing_session(quant_model, quant_names), quant_fetch))
+
+
+def compare_models(float_model: ModelSource, quant_model: ModelSource, data: object, *,
+                   max_samples: int | None = None, progress: Progress | None = None) -> CompareResult:
+    """Per-layer SQNR/cosine/max error of ``quant_model``'s activations, and output-level metrics.
+
+    ``data`` is anything :func:`edgeopt.data.open_data` takes; ``max_samples``
+    limits the batches read; ``progress(done, total)`` is called per batch
+    (``total`` is None when the source does not know its length).
+    """
+    float_ir, quant_ir = _load(float_model), _load(quant_model)
+    outputs = _check_interfaces(float_ir, quant_ir)
+    matches, unmatched, pairs = _matches(float_ir, quant_ir)
+    source = open_data(data, eir.model_inputs(float_ir))
+    source = take(source, max_samples) if max_samples is not None else source
+    meters = _Meters(matches, outputs)
+    _stream(source, _sessions(float_ir, quant_ir, matches, outputs), meters, progress)
+    if meters.samples == 0:
+        raise DataError("the data gave no samples: point --data at at least one sample")
+    return CompareResult(samples=meters.samples, layers=tuple(meters.layer_rows()),
+                         outputs=tuple(meters.output_rows()), quantized_tensors=pairs,
+                         unmatched=tuple(unmatched), skipped=tuple(meters.skipped))
+
+
+def _stream(source: Iterable[dict[str, np.ndarray]], sessions, meters: _Meters, progress: Progress | None) -> None:
+    (float_session, float_fetch), (quant_session, quant_fetch) = sessions
+    total = getattr(source, "num_samples", None)
+    for feed in source:
+        reference = feed | float_session.run(feed, float_fetch)
+        meters.update(reference, quant_session.run(feed, quant_fetch))
+        if progress is not None:
+            progress(meters.samples, total)
+
+
+def layer_sqnr(float_model: ModelSource, quant_model: ModelSource, data: object, *,
+               max_samples: int | None = None) -> dict[str, float]:
+    """SQNR (dB) of every matched quantized activation, keyed by the float tensor's name."""
+    result = compare_models(float_model, quant_model, data, max_samples=max_samples)
+    return {row.tensor: row.sqnr_db for row in result.layers}

@@ -1,0 +1,105 @@
+"""Which ops run in integer, and how their tensors are quantized: one table.
+
+The QDQ builder reads this table and nothing else to decide placement. An
+op is listed when ONNX Runtime fuses ``DequantizeLinear -> op ->
+QuantizeLinear`` into an integer kernel (QLinearConv, QLinearMatMul, QGemm,
+QLinearAdd, QLinearMul, QLinearConcat, QLinearAveragePool,
+QLinearGlobalAveragePool, QLinearSigmoid, QLinearLeakyRelu, or the int8
+version of a data-movement op) and the TFLite int8 scheme has the same
+kernel. Everything else stays float and is reported.
+
+Roles:
+
+* ``WEIGHTED``: Conv, ConvTranspose, Gemm, MatMul -- input 0 is an activation,
+  input 1 a weight (int8 symmetric, per output channel along
+  ``weight_axis``), input 2 a bias (int32).
+* ``ARITHMETIC``: inputs and output quantized with their own scales.
+* ``SHARED``: data movement (pooling by max, reshapes, nearest/linear resize,
+  concatenation): the float inputs and the output share one scale, so the
+  integer kernel copies values without requantizing.
+* ``ACTIVATION``: Relu and Clip are never quantized alone; after a
+  quantized op whose only consumer they are, they fuse: the producer's
+  output gets no Q/DQ, the activation's output does, and the clamp becomes
+  the quantization range (ONNX Runtime drops the activation).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+__all__ = ["OP_RULES", "OpRole", "OpRule", "QUANTIZED_OP_TYPES", "is_quantized_op", "weight_axis"]
+
+
+class OpRole(enum.Enum):
+    WEIGHTED = "weighted"
+    ARITHMETIC = "arithmetic"
+    SHARED = "shared"
+    ACTIVATION = "activation"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpRule:
+    """``activation_inputs``: indices of the inputs that get Q/DQ (None: all of them)."""
+
+    role: OpRole
+    activation_inputs: tuple[int, ...] | None = (0,)
+
+
+_WEIGHTED = OpRule(role=OpRole.WEIGHTED)
+_UNARY = OpRule(role=OpRole.ARITHMETIC)
+_BINARY = OpRule(role=OpRole.ARITHMETIC, activation_inputs=(0, 1))
+_MOVE = OpRule(role=OpRole.SHARED)
+_FUSED = OpRule(role=OpRole.ACTIVATION)
+
+OP_RULES: dict[str, OpRule] = {
+    "Conv": _WEIGHTED,
+    "ConvTranspose": _WEIGHTED,
+    "Gemm": _WEIGHTED,
+    "MatMul": OpRule(role=OpRole.WEIGHTED, activation_inputs=(0, 1)),  # input 1: weight if constant
+    "Add": _BINARY,
+    "Mul": _BINARY,
+    "AveragePool": _UNARY,
+    "GlobalAveragePool": _UNARY,
+    "Sigmoid": _UNARY,
+    "LeakyRelu": _UNARY,
+    "Concat": OpRule(role=OpRole.SHARED, activation_inputs=None),
+    "MaxPool": _MOVE,
+    "Reshape": _MOVE,
+    "Flatten": _MOVE,
+    "Transpose": _MOVE,
+    "Squeeze": _MOVE,
+    "Unsqueeze": _MOVE,
+    "Resize": _MOVE,
+    "Relu": _FUSED,
+    "Clip": _FUSED,
+}
+
+QUANTIZED_OP_TYPES = frozenset(OP_RULES)
+
+# Ops that produce a quantized output a fused Relu/Clip can clamp.
+FUSING_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul"})
+
+
+def is_quantized_op(node: ir.Node) -> bool:
+    return node.domain in ("", "ai.onnx") and node.op_type in OP_RULES
+
+
+def weight_axis(node: ir.Node, weight_rank: int) -> int | None:
+    """The output-channel axis of ``node``'s weight, or None when per-channel does not apply.
+
+    Conv [Cout, Cin/g, k...]: 0. ConvTranspose [Cin, Cout/g, k...]: 1 when
+    group == 1 (with groups, axis 1 does not index output channels). Gemm:
+    0 with transB (weight [N, K]) else 1. MatMul [..., K, N]: the last axis.
+    """
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1 if node.attributes.get_int("group", 1) == 1 else None
+    if node.op_type == "Gemm":
+        return 0 if node.attributes.get_int("transB", 0) else 1
+    if node.op_type == "MatMul":
+        return weight_rank - 1 if weight_rank >= 2 else None
+    return None

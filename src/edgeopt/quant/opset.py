@@ -1,0 +1,94 @@
+"""Explicit opset upgrade for quantization, checked on the calibration data.
+
+Per-channel DequantizeLinear (the ``axis`` attribute) needs opset 13; models
+exported at opset 11 or 12 are converted with ``onnx.version_converter`` --
+never silently: the conversion is reported, and :class:`OpsetCheck`
+compares the converted float model with the original on the first
+calibration batches (a conversion that changes the outputs is refused).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+from edgeopt.errors import ModelError
+from edgeopt.runtime.ort import OrtSession
+
+__all__ = ["OpsetCheck", "OpsetConversion", "convert_opset"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpsetConversion:
+    """An opset upgrade and how well the converted model matched the original."""
+
+    from_opset: int
+    to_opset: int
+    batches_checked: int
+    max_abs_diff: float
+
+    def note(self) -> str:
+        return (f"converted opset {self.from_opset} -> {self.to_opset} (per-channel QDQ needs opset 13); "
+                f"float outputs match the original on {self.batches_checked} calibration batches "
+                f"(max abs diff {self.max_abs_diff:.3g})")
+
+
+def convert_opset(model: ir.Model, version: int) -> ir.Model:
+    """A new model converted to ``version`` of the default domain with onnx.version_converter."""
+    import onnx  # local: the converter works on protobuf
+    from onnx import version_converter
+
+    source = eir.default_opset(model)
+    try:
+        proto = version_converter.convert_version(ir.to_proto(model), version)
+        onnx.checker.check_model(proto)
+    except Exception as error:  # the converter raises plain RuntimeError/ValueError
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ModelError(f"cannot convert the model from opset {source} to {version} ({first_line}): "
+                         f"re-export it at opset {version} or newer") from None
+    logger.info("converted opset %d -> %d", source, version)
+    return ir.from_proto(proto)
+
+
+class OpsetCheck:
+    """Calibration hook: run original and converted model on the first batches, compare outputs."""
+
+    def __init__(self, original: ir.Model, converted: ir.Model, *, max_batches: int = 4,
+                 tolerance: float = 1e-4) -> None:
+        self.max_batches = max_batches
+        self.tolerance = tolerance
+        self._original = OrtSession(original, optimize=False)
+        self._converted = OrtSession(converted, optimize=False)
+        self._source = eir.default_opset(original)
+        self._target = eir.default_opset(converted)
+        self.batches_checked = 0
+        self.max_abs_diff = 0.0
+
+    def update(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+        if self.batches_checked >= self.max_batches:
+            return
+        expected = self._original.run(feed)
+        got = self._converted.run(feed)
+        for name, want in expected.items():
+            have = got[name]
+            if have.shape != want.shape:
+                raise ModelError(f"converting opset {self._source} -> {self._target} changed the shape of "
+                                 f"output {name!r}: re-export the model at opset 13 or newer")
+            difference = float(np.max(np.abs(have.astype(np.float64) - want), initial=0.0))
+            self.max_abs_diff = max(self.max_abs_diff, difference)
+            bound = self.tolerance * max(1.0, float(np.max(np.abs(want), initial=0.0)))
+            if difference > bound:
+                raise ModelError(f"converting opset {self._source} -> {self._target} changed output {name!r} "
+                                 f"(max abs diff {difference:.3g}): re-export the model at opset 13 or newer")
+        self.batches_checked += 1
+
+    def result(self) -> OpsetConversion:
+        return OpsetConversion(from_opset=self._source, to_opset=self._target,
+                               batches_checked=self.batches_checked, max_abs_diff=self.max_abs_diff)

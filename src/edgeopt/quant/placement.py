@@ -1,0 +1,309 @@
+"""Where QuantizeLinear/DequantizeLinear go: a plan computed before calibration.
+
+The plan says which nodes run in integer (by the op table in
+:mod:`edgeopt.quant.ops`), which float tensors get a Q -> DQ pair (and so
+must be calibrated), which constants are quantized as weights (per output
+channel), biases (int32) or constant operands (like activations), which
+tensors share one scale, and which nodes stay float and why.
+
+Rules, in order:
+
+1. A node is a candidate when its op is in the table, it computes on float32
+   tensors, it is not excluded (by node name or op type) or kept float, and
+   its own preconditions hold (constant weight and bias, Gemm alpha = beta
+   = 1, Resize not cubic ...). Nodes the float passes annotated as one
+   spelled-out activation (``edgeopt.pattern``: silu, gelu) stay float
+   together: one activation, one output range.
+2. Relu/Clip (0 within the clamp) after a candidate Conv/ConvTranspose/Gemm/MatMul/Add/Mul that
+   has it as its only consumer is fused: the producer's output gets no Q/DQ,
+   the activation's output does (its clamp becomes the quantization range).
+3. Every float input (non-constant: Q -> DQ, constant: quantized
+   initializer -> DQ) and the output of a candidate is quantized; one Q/DQ per
+   tensor, read by every consumer.
+4. Data-movement ops (MaxPool, Reshape, Transpose, Resize ...) join their
+   input and output into one scale group (``groups``: the integer kernel
+   copies values, ONNX Runtime drops their Q/DQ only when the scales are
+   equal). Concat joins its inputs and output too (``concat_groups``), which
+   the TFLite kernel requires; the builder may relax it for ONNX Runtime,
+   whose QLinearConcat requantizes (see :func:`edgeopt.quant.qdq.activation_qparams`).
+
+The plan is a frozen value: calibration reads ``activations``, the builder
+(:mod:`edgeopt.quant.qdq`) reads the rest; accuracy tools re-plan with
+``keep_float`` to leave chosen nodes in float.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+from edgeopt.errors import ConfigError, ModelError
+from edgeopt.passes import PATTERN_KEY, activation_clamp
+from edgeopt.quant.ops import FUSING_PRODUCERS, OP_RULES, OpRole, weight_axis
+from edgeopt.quant.registry import FloatNode
+
+__all__ = [
+    "BiasUse",
+    "QdqPlan",
+    "UnionFind",
+    "WeightUse",
+    "check_exclude",
+    "check_not_quantized",
+    "plan_qdq",
+]
+
+_QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm",
+                            "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+                            "MatMulNBits", "QAttention", "QEmbedLayerNormalization"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightUse:
+    """Input 1 of ``node`` is the constant ``tensor``, quantized per channel along ``axis``."""
+
+    node: str
+    tensor: str
+    axis: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BiasUse:
+    """Input 2 of ``node`` is the constant ``tensor``: int32 at scale(``input``) x scale(``weight``)."""
+
+    node: str
+    tensor: str
+    input: str
+    weight: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class QdqPlan:
+    """Everything the builder needs; tensors are listed in graph order."""
+
+    nodes: tuple[str, ...]
+    fused: tuple[tuple[str, str], ...]  # (activation node, producer node)
+    activations: tuple[str, ...]  # computed tensors that get Q -> DQ: calibrate these
+    constants: tuple[str, ...]  # constant operands quantized like activations
+    weights: tuple[WeightUse, ...]
+    biases: tuple[BiasUse, ...]
+    groups: tuple[tuple[str, ...], ...]  # tensors that must share one scale (two or more each)
+    concat_groups: tuple[tuple[str, ...], ...]  # tensors joined by Concat (share unless relaxed)
+    clamped: tuple[str, ...]  # outputs of fused activations that clamp at 0 (never negative)
+    float_nodes: tuple[FloatNode, ...]
+
+
+def check_not_quantized(model: ir.Model) -> None:
+    """ModelError when the model already holds quantized ops."""
+    for node in model.graph.all_nodes():
+        if node.op_type in _QUANTIZED_OPS or node.op_type.startswith("QLinear"):
+            raise ModelError(f"model is already quantized (node {node.name or node.op_type!r} is "
+                             f"{node.op_type}): quantize the float model instead")
+
+
+def check_exclude(model: ir.Model, exclude: Iterable[str]) -> None:
+    """ConfigError naming each exclude entry that is neither a node name nor an op type."""
+    names = [node.name for node in model.graph if node.name]
+    op_types = {node.op_type for node in model.graph}
+    for entry in exclude:
+        if entry in op_types or entry in names:
+            continue
+        similar = difflib.get_close_matches(entry, names, n=5, cutoff=0.5) or names[:5]
+        raise ConfigError(f"--exclude {entry!r} is neither a node name nor an op type of the model; "
+                          f"similar node names: {', '.join(similar) or 'none'}")
+
+
+def _is_float(value: ir.Value | None, non_float: Collection[str]) -> bool:
+    if value is None or value.name in non_float:
+        return False
+    return value.dtype is None or value.dtype == ir.DataType.FLOAT
+
+
+def _clamp_allows_fusion(node: ir.Node) -> bool:
+    """Relu/Clip fuse when 0 lies within their clamp (the quantized range always contains 0)."""
+    clamp = activation_clamp(node)
+    return clamp is not None and clamp[0] <= 0.0 <= clamp[1]
+
+
+def _weighted_refusal(node: ir.Node) -> str | None:
+    inputs = node.inputs
+    weight_is_constant = len(inputs) > 1 and eir.is_constant(inputs[1])
+    if node.op_type in ("Conv", "ConvTranspose") and not weight_is_constant:
+        return "its weight is not a constant"
+    if len(inputs) > 2 and inputs[2] is not None:
+        if not eir.is_constant(inputs[2]):
+            return "its bias is not a constant"
+        if node.op_type == "Gemm" and len(eir.constant_array(inputs[2]).shape) != 1:
+            return "its bias C is not a vector"
+    if node.op_type == "Gemm":
+        if node.attributes.get_float("alpha", 1.0) != 1.0 or node.attributes.get_float("beta", 1.0) != 1.0:
+            return "Gemm with alpha or beta != 1"
+    return None
+
+
+def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str]) -> str | None:
+    """Why ``node`` stays float, or None when it can run in integer."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in OP_RULES:
+        return f"no integer kernel for {node.op_type}"
+    if node.name in exclude or node.op_type in exclude:
+        return "excluded (--exclude)"
+    if node.name in keep_float:
+        return "kept float on request"
+    if PATTERN_KEY in node.metadata_props:
+        return f"part of a spelled-out {node.metadata_props[PATTERN_KEY]} activation (kept as one float op)"
+    if OP_RULES[node.op_type].role is OpRole.WEIGHTED:
+        return _weighted_refusal(node)
+    if node.op_type == "Resize" and node.attributes.get_string("mode", "nearest") == "cubic":
+        return "cubic Resize has no integer kernel"
+    if node.op_type == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].uses():
+        return "MaxPool indices output is used"
+    return None
+
+
+def _computes_float(node: ir.Node, non_float: Collection[str]) -> bool:
+    return bool(node.outputs) and _is_float(node.outputs[0], non_float) and node.op_type != "Constant"
+
+
+def _fused_activation(producer: ir.Node, candidates: dict[str, ir.Node]) -> ir.Node | None:
+    output = producer.outputs[0]
+    uses = list(output.uses())
+    if producer.op_type not in FUSING_PRODUCERS or len(uses) != 1 or output.is_graph_output():
+        return None
+    consumer, index = uses[0]
+    if index != 0 or consumer.name not in candidates or consumer.op_type not in ("Relu", "Clip"):
+        return None
+    if not _clamp_allows_fusion(consumer):
+        return None
+    return consumer
+
+
+class UnionFind:
+    """Union-find over tensor names; groups come out in order of first appearance."""
+
+    def __init__(self) -> None:
+        self._parent: dict[str, str] = {}
+
+    def find(self, name: str) -> str:
+        self._parent.setdefault(name, name)
+        while self._parent[name] != name:
+            self._parent[name] = self._parent[self._parent[name]]
+            name = self._parent[name]
+        return name
+
+    def union(self, names: Iterable[str]) -> None:
+        roots = [self.find(n) for n in names]
+        for root in roots[1:]:
+            if root != roots[0]:
+                self._parent[root] = roots[0]
+
+    def clusters(self) -> tuple[tuple[str, ...], ...]:
+        """Every set, singletons included."""
+        members: dict[str, list[str]] = {}
+        for name in self._parent:
+            members.setdefault(self.find(name), []).append(name)
+        return tuple(tuple(group) for group in members.values())
+
+    def groups(self) -> tuple[tuple[str, ...], ...]:
+        """The sets of two or more names."""
+        return tuple(group for group in self.clusters() if len(group) > 1)
+
+
+class _Planner:
+    def __init__(self, graph: ir.Graph, non_float: Collection[str]) -> None:
+        self.graph = graph
+        self.non_float = non_float
+        self.activations: dict[str, None] = {}
+        self.constants: dict[str, None] = {}
+        self.weights: list[WeightUse] = []
+        self.biases: list[BiasUse] = []
+        self.groups = UnionFind()
+        self.concat_groups = UnionFind()
+
+    def add_node(self, node: ir.Node, output: ir.Value) -> None:
+        rule = OP_RULES[node.op_type]
+        indices = rule.activation_inputs if rule.activation_inputs is not None else range(len(node.inputs))
+        weight = node.inputs[1] if rule.role is OpRole.WEIGHTED else None
+        if weight is not None and eir.is_constant(weight):
+            self.weights.append(WeightUse(node=node.name, tensor=weight.name,
+                                          axis=weight_axis(node, eir.constant_array(weight).ndim)))
+        shared = []
+        for index in indices:
+            value = node.inputs[index] if index < len(node.inputs) else None
+            if value is weight or not _is_float(value, self.non_float):
+                continue
+            (self.constants if eir.is_constant(value) else self.activations)[value.name] = None
+            shared.append(value.name)
+        self.activations[output.name] = None
+        if node.op_type == "Concat":
+            self.concat_groups.union([*shared, output.name])
+        elif rule.role is OpRole.SHARED:
+            self.groups.union([*shared, output.name])
+        if rule.role is OpRole.WEIGHTED and len(node.inputs) > 2 and node.inputs[2] is not None:
+            self.biases.append(BiasUse(node=node.name, tensor=node.inputs[2].name,
+                                       input=node.inputs[0].name, weight=node.inputs[1].name))
+
+    def ordered(self, names: dict[str, None]) -> tuple[str, ...]:
+        order = {v.name: i for i, v in enumerate(self.graph.inputs)}
+        for node in self.graph:
+            for value in node.outputs:
+                order.setdefault(value.name, len(order))
+        return tuple(sorted(names, key=lambda n: (order.get(n, -1), n)))
+
+
+def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Collection[str] = (),
+             non_float: Collection[str] = ()) -> QdqPlan:
+    """Plan Q/DQ placement on ``model`` (not modified).
+
+    ``exclude``: node names or op types that stay float (the user's
+    ``--exclude``); ``keep_float``: node names that stay float (accuracy
+    tools); ``non_float``: tensors found not to be float32 whose dtype the
+    graph does not record.
+    """
+    graph = model.graph
+    names = [node.name for node in graph]
+    if not all(names) or len(set(names)) != len(names):
+        raise ValueError("plan_qdq needs unique node names: run onnx_ir's NameFixPass on the model first")
+    candidates: dict[str, ir.Node] = {}
+    float_nodes: list[FloatNode] = []
+    refusals: dict[str, str] = {}
+    for node in graph:
+        if not _computes_float(node, non_float):
+            continue
+        reason = _refusal(node, exclude, keep_float)
+        if reason is None:
+            candidates[node.name] = node
+        else:
+            refusals[node.name] = reason
+    fused = {}
+    for node in candidates.values():
+        activation = _fused_activation(node, candidates)
+        if activation is not None:
+            fused[activation.name] = node.name
+    planner = _Planner(graph, non_float)
+    for node in graph:
+        if node.name not in candidates or node.name in fused:
+            continue
+        if OP_RULES[node.op_type].role is OpRole.ACTIVATION:
+            refusals[node.name] = f"{node.op_type} is quantized only fused after a Conv, Gemm, MatMul, Add or Mul"
+            continue
+        activation = next((candidates[a] for a, p in fused.items() if p == node.name), None)
+        planner.add_node(node, (activation or node).outputs[0])
+    for node in graph:
+        if node.name in refusals:
+            float_nodes.append(FloatNode(node.name, node.op_type, refusals[node.name]))
+    quantized = [n.name for n in graph if n.name in candidates and n.name not in refusals]
+    return QdqPlan(
+        nodes=tuple(quantized),
+        fused=tuple(fused.items()),
+        activations=planner.ordered(planner.activations),
+        constants=planner.ordered(planner.constants),
+        weights=tuple(planner.weights),
+        biases=tuple(planner.biases),
+        groups=planner.groups.groups(),
+        concat_groups=planner.concat_groups.groups(),
+        clamped=tuple(candidates[a].outputs[0].name for a in fused if activation_clamp(candidates[a])[0] == 0.0),
+        float_nodes=tuple(float_nodes),
+    )

@@ -1,0 +1,116 @@
+"""compile_c: memory plan, bad input rules of issue 4, the build check, verify naming a layer."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+
+import pytest
+
+import qdq_models as q
+from edgeopt.analysis.memory import TensorLifetime, check_no_overlap, greedy_arena_plan
+from edgeopt.codegen.c import compile_c, verify
+from edgeopt.codegen.c.build import build
+from edgeopt.codegen.c.plan import exact_arena_plan, plan_memory
+from edgeopt.errors import CodegenError, ConfigError, ModelError, UnsupportedOpError
+from edgeopt.runtime.reference import lower
+
+logging.getLogger("root").setLevel(logging.ERROR)
+needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+
+
+def _qdq(name="conv_relu"):
+    return q.to_ir(q.quantize_with_ort(q.float_model(name)))
+
+
+@pytest.mark.parametrize("name", sorted(q.FLOAT_BUILDERS))
+def test_no_two_live_tensors_overlap(name):
+    memory = plan_memory(lower(_qdq(name)))
+    assert check_no_overlap(memory.plan, memory.lifetimes) == ()
+    assert memory.lower_bound_bytes <= memory.arena_bytes <= memory.greedy_bytes
+
+
+def test_exact_search_beats_greedy_on_a_hand_computable_case():
+    # Greedy (largest first) puts b at 0 and a above it; c then has no room
+    # under either, though a, b at [0, 48) and c reusing a's slot fits in 64.
+    lifetimes = [TensorLifetime(name="a", size_bytes=32, start=0, end=1),
+                 TensorLifetime(name="b", size_bytes=48, start=1, end=2),
+                 TensorLifetime(name="c", size_bytes=32, start=2, end=3),
+                 TensorLifetime(name="d", size_bytes=16, start=0, end=3)]
+    greedy = greedy_arena_plan(lifetimes, alignment=16)
+    exact = exact_arena_plan(lifetimes, greedy, 16)
+    assert exact.arena_bytes == exact.lower_bound_bytes == 96
+    assert check_no_overlap(exact, lifetimes) == ()
+
+
+@needs_gcc
+def test_output_files_and_arena_macro(tmp_path):
+    result = compile_c(_qdq(), tmp_path / "out", device="cortex-m7", name="net")
+    assert {"net.h", "net.c", "kernels.c", "kernels.h", "main.c", "Makefile"} <= set(result.files)
+    header = (tmp_path / "out" / "net.h").read_text()
+    assert re.search(rf"#define NET_ARENA_BYTES {result.arena_bytes}\b", header)
+    assert "int net_run(const int8_t *input0, int8_t *output0);" in header
+    assert "float" not in (tmp_path / "out" / "kernels.c").read_text()
+    build(tmp_path / "out", "net")
+
+
+def test_unsupported_ops_are_refused_before_writing(tmp_path):
+    b = q._Builder(1)
+    x = b.node("Erf", [b.node("Relu", [b.conv("input", 3, 4)])])
+    model = q.to_ir(q.quantize_with_ort(b.model(b.conv(x, 4, 4, k=1), (1, 3, 8, 8))))
+    with pytest.raises(UnsupportedOpError, match=r"Erf \(erf"):
+        compile_c(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_float_model_says_quantize_first(tmp_path):
+    with pytest.raises(ModelError, match="edgeopt quantize"):
+        compile_c(q.to_ir(q.float_model("conv_relu")), tmp_path / "out")
+
+
+def test_existing_folder_needs_force(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(CodegenError, match="--force"):
+        compile_c(_qdq(), tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").exists()
+    compile_c(_qdq(), tmp_path / "out", force=True)
+    assert not (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_bad_options_are_config_errors(tmp_path):
+    for options in ({"name": "9lives"}, {"rounding": "up"}, {"device": "pdp-11"}):
+        with pytest.raises(ConfigError):
+            compile_c(_qdq(), tmp_path / "out", **options)
+
+
+@needs_gcc
+def test_model_too_big_for_device_still_writes_but_build_fails(tmp_path):
+    model = q.to_ir(q.quantize_with_ort(q.float_model("residual_add")))
+    result = compile_c(model, tmp_path / "out", device="cortex-m0plus")
+    assert result.fits  # 7 KB fits 32 KB; shrink the device to force a miss
+    from edgeopt.codegen.c import api
+    api.DEVICE_SRAM_BYTES["tiny-test"] = 1024
+    try:
+        result = compile_c(model, tmp_path / "tiny", device="tiny-test")
+    finally:
+        del api.DEVICE_SRAM_BYTES["tiny-test"]
+    assert not result.fits and result.missing_bytes == result.arena_bytes - 1024
+    assert (tmp_path / "tiny" / "model.c").exists()
+    with pytest.raises(CodegenError):
+        build(tmp_path / "tiny", "model")
+
+
+@needs_gcc
+def test_verify_names_the_first_layer_that_differs(tmp_path):
+    model = _qdq("depthwise_separable")
+    compile_c(model, tmp_path / "out")
+    source = tmp_path / "out" / "model.c"
+    text = source.read_text()
+    marker = "static const int32_t op2_bias[16] = {\n    "
+    assert marker in text
+    source.write_text(text.replace(marker, marker + "100000 + "))
+    result = verify(tmp_path / "out", [dict(batch) for batch in q.calibration_batches(q.float_model("depthwise_separable"), 1)])
+    assert not result.bit_exact
+    assert result.first_mismatch.step == 2 and result.first_mismatch.kind == "conv2d"

@@ -1,0 +1,267 @@
+"""FuseActivationsPass: spelled-out hardswish, hardsigmoid, LayerNorm, GELU, SiLU become single ops."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from onnx import helper
+from torch import nn
+from torch.nn import functional as F
+
+from edgeopt.passes import PATTERN_KEY, activation_clamp, following_clamp, fuse_activations, is_relu6
+
+from ._helpers import (
+    assert_same_outputs,
+    computing_ops,
+    explain,
+    export_torch,
+    make_model,
+    op_types,
+    random_weight,
+    weight,
+)
+
+
+# --------------------------------------------------------------------------
+# hardswish / hardsigmoid
+# --------------------------------------------------------------------------
+
+
+def _hard_graph(tail, *, opset: int = 17, clip_as_attributes: bool = False):
+    """x -> Add(3) -> Clip(0, 6) -> ``tail`` nodes ending in ``y``."""
+    clip = (helper.make_node("Clip", ["p"], ["c"], name="clip", min=0.0, max=6.0) if clip_as_attributes
+            else helper.make_node("Clip", ["p", "zero", "six"], ["c"], name="clip"))
+    nodes = [helper.make_node("Add", ["x", "three"], ["p"], name="add3"), clip, *tail]
+    constants = [weight("three", 3.0), weight("six_c", 6.0), weight("sixth", 1 / 6)]
+    if not clip_as_attributes:
+        constants += [weight("zero", 0.0), weight("six", 6.0)]
+    return make_model(nodes, [("x", [2, 4, 5])], [("y", [2, 4, 5])], constants, opset=opset)
+
+
+HARDSWISH_TAILS = {
+    "x*clip/6": [helper.make_node("Mul", ["x", "c"], ["m"], name="mul"),
+                 helper.make_node("Div", ["m", "six_c"], ["y"], name="div")],
+    "clip*x*(1/6)": [helper.make_node("Mul", ["c", "x"], ["m"], name="mul"),
+                     helper.make_node("Mul", ["m", "sixth"], ["y"], name="scale")],
+    "(x/6)*clip": [helper.make_node("Div", ["x", "six_c"], ["xs"], name="div"),
+                   helper.make_node("Mul", ["xs", "c"], ["y"], name="mul")],
+    "x*(clip/6)": [helper.make_node("Div", ["c", "six_c"], ["h"], name="div"),
+                   helper.make_node("Mul", ["x", "h"], ["y"], name="mul")],
+}
+
+
+@pytest.mark.parametrize("tail", HARDSWISH_TAILS.values(), ids=HARDSWISH_TAILS.keys())
+def test_hardswish_spellings_become_hardswish(tail):
+    model = _hard_graph(tail)
+    result = fuse_activations(model)
+    assert op_types(result.model) == ["HardSwish"]
+    assert result.model.graph.outputs[0].name == "y"
+    assert_same_outputs(model, result.model)
+
+
+def test_hardsigmoid_spelling_becomes_hardsigmoid():
+    model = _hard_graph([helper.make_node("Div", ["c", "six_c"], ["y"], name="div")])
+    result = fuse_activations(model)
+    assert op_types(result.model) == ["HardSigmoid"]
+    assert_same_outputs(model, result.model)
+
+
+def test_below_opset_14_hardswish_is_left_with_the_reason():
+    model = _hard_graph(HARDSWISH_TAILS["x*clip/6"], opset=13)
+    result = fuse_activations(model)
+    assert explain(result) == ["add3 + clip: not fused: HardSwish needs opset >= 14 (model has 13)"]
+    assert op_types(result.model) == ["Add", "Clip", "Mul", "Div"]
+
+
+def test_opset_10_clip_attributes_still_give_hardsigmoid_and_keep_the_mul():
+    model = _hard_graph(HARDSWISH_TAILS["x*(clip/6)"], opset=10, clip_as_attributes=True)
+    result = fuse_activations(model)
+    assert op_types(result.model) == ["HardSigmoid", "Mul"]
+    assert "HardSwish needs opset >= 14 (model has 10)" in explain(result)[0]
+    assert_same_outputs(model, result.model)
+
+
+def test_wrong_clip_bounds_are_reported():
+    model = _hard_graph(HARDSWISH_TAILS["x*clip/6"])
+    model.graph.initializers["six"].const_value = __import__("onnx_ir").tensor(np.array(5.0, np.float32))
+    assert explain(fuse_activations(model)) == ["add3 + clip: not fused: Clip bounds are (0.0, 5.0), not (0, 6)"]
+
+
+class ManualHardswish(nn.Module):
+    def forward(self, x):
+        return x * F.relu6(x + 3) / 6
+
+
+class HardswishViaHardsigmoid(nn.Module):
+    def forward(self, x):
+        return x * F.hardsigmoid(x)
+
+
+@pytest.mark.parametrize("module", [ManualHardswish(), HardswishViaHardsigmoid()], ids=["relu6", "hardsigmoid"])
+def test_torch_hardswish_spellings(tmp_path, module):
+    model = export_torch(module, (1, 4, 6, 6), tmp_path)
+    result = fuse_activations(model)
+    assert computing_ops(result.model) == ["HardSwish"]
+    assert_same_outputs(model, result.model)
+
+
+def test_squeeze_excite_gate_is_not_hardswish():
+    nodes = [helper.make_node("HardSigmoid", ["g"], ["h"], name="gate", alpha=1 / 6, beta=0.5),
+             helper.make_node("Mul", ["x", "h"], ["y"], name="scale")]
+    model = make_model(nodes, [("x", [1, 4, 3, 3]), ("g", [1, 4, 1, 1])], [("y", [1, 4, 3, 3])])
+    result = fuse_activations(model)
+    assert not result.modified and op_types(result.model) == ["HardSigmoid", "Mul"]
+
+
+# --------------------------------------------------------------------------
+# LayerNorm
+# --------------------------------------------------------------------------
+
+
+class ManualLayerNorm(nn.Module):
+    def __init__(self, dim=8):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+        self.beta = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        mean = x.mean(-1, keepdim=True)
+        var = (x - mean).pow(2).mean(-1, keepdim=True)
+        return self.gamma * ((x - mean) / torch.sqrt(var + 1e-5)) + self.beta
+
+
+def test_torch_manual_layer_norm_becomes_layer_normalization(tmp_path):
+    model = export_torch(ManualLayerNorm(), (2, 5, 8), tmp_path)
+    assert "LayerNormalization" not in op_types(model)
+    result = fuse_activations(model)
+    assert computing_ops(result.model) == ["LayerNormalization"]
+    assert_same_outputs(model, result.model)
+
+
+def _layer_norm_nodes(axes_input: bool, *, with_affine: bool = True):
+    reduce = (lambda i, o, n: helper.make_node("ReduceMean", [i, "axes"], [o], name=n)) if axes_input \
+        else (lambda i, o, n: helper.make_node("ReduceMean", [i], [o], name=n, axes=[-2, -1]))
+    nodes = [reduce("x", "mean", "mean"),
+             helper.make_node("Sub", ["x", "mean"], ["d"], name="sub"),
+             helper.make_node("Mul", ["d", "d"], ["sq"], name="square"),
+             reduce("sq", "var", "var"),
+             helper.make_node("Add", ["var", "eps"], ["ve"], name="add_eps"),
+             helper.make_node("Sqrt", ["ve"], ["std"], name="sqrt"),
+             helper.make_node("Reciprocal", ["std"], ["inv"], name="inv"),
+             helper.make_node("Mul", ["d", "inv"], ["n" if with_affine else "y"], name="normalize")]
+    if with_affine:
+        nodes += [helper.make_node("Mul", ["gamma", "n"], ["g"], name="gamma_mul"),
+                  helper.make_node("Add", ["g", "beta"], ["y"], name="beta_add")]
+    return nodes
+
+
+@pytest.mark.parametrize("opset, with_affine", [(17, True), (18, True), (17, False)])
+def test_two_axis_layer_norm_with_reciprocal(opset, with_affine):
+    constants = [weight("eps", 1e-3), random_weight("gamma", [1, 4, 6], low=0.5, high=1.5),
+                 random_weight("beta", [6]), __import__("onnx").numpy_helper.from_array(
+                     np.array([-2, -1], np.int64), "axes")]
+    model = make_model(_layer_norm_nodes(opset >= 18, with_affine=with_affine), [("x", [3, 4, 6])],
+                       [("y", [3, 4, 6])], constants, opset=opset)
+    result = fuse_activations(model)
+    assert op_types(result.model) == ["LayerNormalization"]
+    node = result.model.graph.node(0)
+    assert node.attributes.get_int("axis") == -2
+    assert_same_outputs(model, result.model)
+
+
+def test_layer_norm_over_a_leading_axis_is_reported():
+    nodes = _layer_norm_nodes(False)
+    for node in (nodes[0], nodes[3]):
+        node.attribute[0].ints[:] = [1]
+    model = make_model(nodes, [("x", [3, 4, 6])], [("y", [3, 4, 6])],
+                       [weight("eps", 1e-3), random_weight("gamma", [4, 1]), random_weight("beta", [4, 1])])
+    [line] = explain(fuse_activations(model))
+    assert line == "mean + sub: not fused: ReduceMean axes [1] are not the trailing axes of a rank-3 input"
+
+
+# --------------------------------------------------------------------------
+# GELU and SiLU
+# --------------------------------------------------------------------------
+
+
+class ManualGelu(nn.Module):
+    def forward(self, x):
+        return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+@pytest.mark.parametrize("module", [ManualGelu(), nn.GELU()], ids=["manual", "nn.GELU"])
+def test_torch_gelu_is_annotated_below_opset_20_and_fused_from_20(tmp_path, module):
+    model = export_torch(module, (2, 16), tmp_path, opset=17)
+    result = fuse_activations(model)
+    assert "Erf" in computing_ops(result.model)
+    assert {n.metadata_props.get(PATTERN_KEY) for n in result.model.graph if n.op_type != "Constant"} == {"gelu"}
+    assert result.report.applied[0].message == "annotated as gelu (Gelu needs opset >= 20, model has 17)"
+    assert_same_outputs(model, result.model)
+
+    model = export_torch(ManualGelu(), (2, 16), tmp_path, opset=20)
+    result = fuse_activations(model)
+    assert computing_ops(result.model) == ["Gelu"]
+    assert_same_outputs(model, result.model)
+
+
+def test_gelu_with_mul_by_inverse_sqrt2():
+    nodes = [helper.make_node("Mul", ["x", "inv_sqrt2"], ["s"], name="scale"),
+             helper.make_node("Erf", ["s"], ["e"], name="erf"),
+             helper.make_node("Add", ["one", "e"], ["p"], name="plus_one"),
+             helper.make_node("Mul", ["p", "half"], ["h"], name="half_mul"),
+             helper.make_node("Mul", ["h", "x"], ["y"], name="x_mul")]
+    model = make_model(nodes, [("x", [2, 8])], [("y", [2, 8])],
+                       [weight("inv_sqrt2", 0.7071), weight("one", 1.0), weight("half", 0.5)], opset=20)
+    result = fuse_activations(model)
+    assert op_types(result.model) == ["Gelu"]
+    assert_same_outputs(model, result.model, atol=1e-4)
+
+
+def test_torch_silu_is_annotated_and_still_runs(tmp_path):
+    class Silu(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(x)
+
+    model = export_torch(Silu(), (2, 8), tmp_path)
+    result = fuse_activations(model)
+    assert computing_ops(result.model) == ["Sigmoid", "Mul"]
+    assert [n.metadata_props.get(PATTERN_KEY) for n in result.model.graph] == ["silu", "silu"]
+    assert_same_outputs(model, result.model)
+    assert not fuse_activations(result.model).modified  # annotating twice is not a change
+
+
+def test_silu_becomes_swish_from_opset_24():
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"], name="sigmoid"),
+             helper.make_node("Mul", ["x", "s"], ["y"], name="mul")]
+    model = make_model(nodes, [("x", [2, 8])], [("y", [2, 8])], opset=24)
+    result = fuse_activations(model)
+    assert op_types(result.model) == ["Swish"]
+    assert_same_outputs(model, result.model)
+
+
+# --------------------------------------------------------------------------
+# clamps for the quantizer
+# --------------------------------------------------------------------------
+
+
+def test_activation_clamp_reads_relu_and_constant_clips():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[1, 1]),
+             helper.make_node("Clip", ["c", "zero", "six"], ["r6"], name="relu6"),
+             helper.make_node("Relu", ["r6"], ["r"], name="relu"),
+             helper.make_node("Clip", ["r", "", "six"], ["upper"], name="upper_only"),
+             helper.make_node("Clip", ["upper", "x_min"], ["y"], name="computed")]
+    model = make_model(nodes, [("x", [1, 2, 2, 2]), ("x_min", [])], [("y", [1, 2, 2, 2])],
+                       [random_weight("w", [2, 2, 1, 1]), weight("zero", 0.0), weight("six", 6.0)])
+    conv, relu6, relu, upper, computed = model.graph
+    assert activation_clamp(relu6) == (0.0, 6.0) and is_relu6(relu6)
+    assert activation_clamp(relu) == (0.0, math.inf)
+    assert activation_clamp(upper) == (-math.inf, 6.0)
+    assert activation_clamp(computed) is None and activation_clamp(conv) is None
+    assert following_clamp(conv) == (relu6, (0.0, 6.0))
+
+    legacy = make_model([helper.make_node("Clip", ["x"], ["y"], name="clip", min=-1.0, max=1.0)],
+                        [("x", [2])], [("y", [2])], opset=10)
+    assert activation_clamp(legacy.graph.node(0)) == (-1.0, 1.0)

@@ -1,0 +1,201 @@
+"""compare_models: per-layer and output fidelity of QDQ models made by ONNX Runtime's quantizer."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import numpy_helper
+
+from edgeopt.errors import DataError
+from edgeopt.quant.compare import compare_models, layer_sqnr, match_tensors
+from tests.models import build_onnx
+
+INPUT_SHAPE = (1, 3, 32, 32)
+
+
+def _samples(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"input": rng.standard_normal(INPUT_SHAPE).astype(np.float32)} for _ in range(count)]
+
+
+def quantize_qdq(float_path: pathlib.Path, quant_path: pathlib.Path) -> pathlib.Path:
+    """ORT's static QDQ quantizer: per-channel int8 weights, uint8 activations, 16 random samples."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._samples = iter(_samples(16, seed=0))
+
+        def get_next(self):
+            return next(self._samples, None)
+
+    quantize_static(str(float_path), str(quant_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return quant_path
+
+
+@pytest.fixture(scope="module")
+def mobilenet(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
+    folder = tmp_path_factory.mktemp("compare")
+    float_path = build_onnx("mobilenet_v2", folder)
+    return float_path, quantize_qdq(float_path, folder / "mobilenet_v2_qdq.onnx")
+
+
+@pytest.fixture(scope="module")
+def result(mobilenet):
+    float_path, quant_path = mobilenet
+    return compare_models(float_path, quant_path, _samples(8, seed=1))
+
+
+def test_every_quantized_activation_of_an_ort_model_is_matched(result):
+    assert result.samples == 8
+    assert result.quantized_tensors > 20
+    assert result.matched == result.quantized_tensors
+    assert result.unmatched == () and result.skipped == ()
+
+
+def test_layers_are_sorted_worst_first(result):
+    sqnrs = [row.sqnr_db for row in result.layers]
+    assert sqnrs == sorted(sqnrs)
+    assert all(math.isfinite(s) and s > 10 for s in sqnrs)
+    assert all(0.9 < row.cosine <= 1.0 for row in result.layers)
+
+
+def test_rows_carry_op_type_and_the_q_nodes_scale(result):
+    ops = {row.op_type for row in result.layers}
+    assert {"input", "Conv", "Add", "Gemm"} <= ops
+    assert all(row.scale > 0 and row.zero_point_dtype == "uint8" for row in result.layers)
+    assert all(0 <= row.zero_point <= 255 for row in result.layers)
+
+
+def test_a_clip_the_quantizer_dropped_is_compared_at_its_output(result, mobilenet):
+    # ORT removes ReLU6 (Clip) after a Conv/BN: its Q range clamps instead.
+    float_path, quant_path = mobilenet
+    assert not any(n.op_type == "Clip" for n in onnx.load(str(quant_path)).graph.node)
+    clipped = [row for row in result.layers if row.op_type == "Clip"]
+    assert clipped and all(row.tensor.endswith("Clip_output_0") for row in clipped)
+
+
+def test_output_metrics(result):
+    (output,) = result.outputs
+    assert output.name == "output"
+    assert math.isfinite(output.sqnr_db) and output.sqnr_db > 10
+    assert 0.99 < output.cosine <= 1.0
+    assert output.top1_agreement is not None and 0.0 <= output.top1_agreement <= 1.0
+
+
+def test_to_dict_is_strict_json(result):
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert data["matched"] == result.matched
+    assert data["layers"][0]["tensor"] == result.layers[0].tensor
+    assert set(data["outputs"][0]) == {"name", "sqnr_db", "cosine", "max_abs_error", "top1_agreement"}
+
+
+def test_a_model_compared_with_itself_is_exact(mobilenet):
+    float_path, quant_path = mobilenet
+    same = compare_models(quant_path, quant_path, _samples(2, seed=2))
+    assert same.layers and all(row.sqnr_db == math.inf and row.cosine == 1.0 for row in same.layers)
+    floats = compare_models(float_path, float_path, _samples(2, seed=2))
+    assert floats.layers == () and floats.quantized_tensors == 0
+    (output,) = floats.outputs
+    assert (output.sqnr_db, output.cosine, output.top1_agreement) == (math.inf, 1.0, 1.0)
+    assert json.loads(json.dumps(floats.to_dict(), allow_nan=False))["outputs"][0]["sqnr_db"] == "inf"
+
+
+def _damage_residual_branch(float_path: pathlib.Path, quant_path: pathlib.Path) -> tuple[str, onnx.ModelProto]:
+    """Make the Q of the last residual branch 100x coarser (its DQ keeps the true scale)."""
+    float_proto, quant = onnx.load(str(float_path)), onnx.load(str(quant_path))
+    uses = [name for node in float_proto.graph.node for name in node.input]
+    add = [node for node in float_proto.graph.node if node.op_type == "Add"][-1]
+    branch = next(name for name in add.input if uses.count(name) == 1)
+    scales = {init.name: numpy_helper.to_array(init) for init in quant.graph.initializer}
+    quantize = next(n for n in quant.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == branch)
+    quant.graph.initializer.append(numpy_helper.from_array(scales[quantize.input[1]] * 100, "damaged_scale"))
+    quantize.input[1] = "damaged_scale"
+    return branch, quant
+
+
+def test_a_damaged_scale_makes_its_tensor_the_worst(mobilenet):
+    float_path, quant_path = mobilenet
+    branch, damaged = _damage_residual_branch(float_path, quant_path)
+    result = compare_models(float_path, ir.from_proto(damaged), _samples(4, seed=3))
+    assert result.layers[0].tensor == branch
+    assert result.layers[0].sqnr_db < 3.0
+
+
+def test_tensors_missing_from_the_float_model_are_counted_not_compared(mobilenet):
+    float_path, quant_path = mobilenet
+    quant = onnx.load(str(quant_path))
+    quantize = next(n for n in quant.graph.node if n.op_type == "QuantizeLinear" and n.input[0].endswith("Add_output_0"))
+    old = quantize.input[0]
+    for node in quant.graph.node:  # as if a pass had rewritten the Add under a new name
+        node.input[:] = ["renamed_add" if name == old else name for name in node.input]
+        node.output[:] = ["renamed_add" if name == old else name for name in node.output]
+    result = compare_models(float_path, ir.from_proto(quant), _samples(2, seed=4))
+    assert len(result.unmatched) == 1 and result.matched == result.quantized_tensors - 1
+    assert old not in {row.tensor for row in result.layers}
+
+
+def test_streams_with_a_sample_limit_and_reports_progress(mobilenet):
+    float_path, quant_path = mobilenet
+    calls = []
+    generator = (sample for sample in _samples(6, seed=5))
+    result = compare_models(float_path, quant_path, generator, max_samples=3,
+                            progress=lambda done, total: calls.append((done, total)))
+    assert result.samples == 3
+    assert calls == [(1, None), (2, None), (3, None)]
+
+
+def test_layer_sqnr_keys_float_tensors(mobilenet, result):
+    float_path, quant_path = mobilenet
+    sqnr = layer_sqnr(float_path, quant_path, _samples(8, seed=1))
+    assert sqnr == {row.tensor: row.sqnr_db for row in result.layers}
+
+
+def test_match_tensors_pairs_float_names_with_dq_outputs(mobilenet):
+    float_path, quant_path = mobilenet
+    matches = match_tensors(ir.load(str(float_path)), ir.load(str(quant_path)))
+    by_name = {m.float_name: m for m in matches}
+    assert by_name["input"].quant_name == "input_DequantizeLinear_Output"
+    assert by_name["output"].quant_name == "output" and by_name["output"].op_type == "Gemm"
+
+
+def test_models_with_different_inputs_are_refused(mobilenet, tmp_path):
+    float_path, quant_path = mobilenet
+    quant = onnx.load(str(quant_path))
+    quant.graph.input[0].name = "image"
+    for node in quant.graph.node:
+        node.input[:] = ["image" if name == "input" else name for name in node.input]
+    with pytest.raises(DataError, match="different inputs"):
+        compare_models(float_path, ir.from_proto(quant), _samples(1, seed=6))
+
+
+def test_models_without_a_common_output_are_refused(mobilenet):
+    float_path, quant_path = mobilenet
+    quant = onnx.load(str(quant_path))
+    quant.graph.output[0].name = "logits"
+    for node in quant.graph.node:
+        node.output[:] = ["logits" if name == "output" else name for name in node.output]
+    with pytest.raises(DataError, match="no output name"):
+        compare_models(float_path, ir.from_proto(quant), _samples(1, seed=6))
+
+
+def test_empty_data_is_refused(mobilenet):
+    float_path, quant_path = mobilenet
+    with pytest.raises(DataError, match="no samples"):
+        compare_models(float_path, quant_path, [])
+
+
+def test_render_compare_prints_the_worst_tensor(result, capsys):
+    from edgeopt.cli.render_compare import render_compare
+
+    render_compare(result, limit=3)
+    out = capsys.readouterr().out
+    assert "worst first" in out and "top-1 agreement" in out
+    assert f"matched {result.matched} of {result.quantized_tensors}" in out

@@ -1,0 +1,291 @@
+"""fp16 (weights and compute) and bf16 (weights stored, compute float32) conversion.
+
+Thresholds: float16 keeps 11 significant bits, so one rounding costs about
+-71 dB and a network of a few dozen rounded layers stays far above 40 dB;
+bfloat16 keeps 8 bits (about -53 dB per rounding) applied to weights only,
+so 25 dB leaves wide room on the same networks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeopt import ir as eir
+from edgeopt.errors import ConfigError
+from edgeopt.io import load_model, model_to_bytes
+from edgeopt.quant import quantize
+from edgeopt.quant.float16 import FLOAT32_OPS, Bf16Config, Fp16Config, to_float16
+from edgeopt.runtime.ort import OrtSession, random_feed
+from tests.models import build_onnx
+
+FP16_MIN_SQNR_DB = 40.0
+BF16_MIN_SQNR_DB = 25.0
+
+
+def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
+    noise = np.sum((reference.astype(np.float64) - other) ** 2)
+    return float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / max(noise, 1e-30)))
+
+
+def run_both(model: ir.Model, converted: ir.Model, seed: int = 0) -> tuple[dict, dict]:
+    feed = random_feed(eir.model_inputs(model), seed=seed)
+    return OrtSession(model).run(feed), OrtSession(converted).run(feed)
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    return sum(np.asarray(v.const_value.numpy()).nbytes for v in model.graph.initializers.values())
+
+
+def check_types(model: ir.Model) -> None:
+    """ONNX's strict checker: every node's input and output types satisfy its schema."""
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+
+def casts_agree(model: ir.Model) -> bool:
+    return all(node.attributes.get_int("to") == node.outputs[0].dtype
+               for node in model.graph if node.op_type == "Cast")
+
+
+@pytest.fixture(scope="module")
+def torch_models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("torch")
+    return {name: build_onnx(name, folder) for name in ("mobilenet_v3", "transformer")}
+
+
+# --------------------------------------------------------------------------
+# configs and numerics
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Fp16Config(exclude="Conv"),
+    lambda: Fp16Config(exclude=("",)),
+    lambda: Fp16Config(keep_io_float32="yes"),
+    lambda: Bf16Config(exclude=["Conv"]),
+])
+def test_bad_config_is_a_config_error(make):
+    with pytest.raises(ConfigError):
+        make()
+
+
+def test_configs_are_frozen_and_keyword_only():
+    with pytest.raises(TypeError):
+        Fp16Config(True)  # noqa: FBT003
+    with pytest.raises(AttributeError):
+        Fp16Config().exclude = ("Conv",)
+
+
+def test_to_float16_clamps_to_the_range_and_counts():
+    half = to_float16(np.array([1e5, -7e4, 65504.0, 1.0, 1e-9, 0.0, np.inf], dtype=np.float32))
+    assert half.array.dtype == np.float16
+    assert half.array.tolist() == [65504.0, -65504.0, 65504.0, 1.0, 0.0, 0.0, np.inf]
+    assert (half.clamped, half.flushed) == (2, 1)
+
+
+# --------------------------------------------------------------------------
+# fp16 on real architectures
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3", "transformer"])
+def test_fp16_runs_in_ort_with_float32_io_and_high_sqnr(torch_models, name):
+    model = load_model(torch_models[name])
+    result = quantize(model, Fp16Config(), data=None)
+    converted = result.model
+    assert result.scheme == "fp16"
+    assert [v.dtype for v in converted.graph.inputs] == [ir.DataType.FLOAT]
+    assert [v.dtype for v in converted.graph.outputs] == [ir.DataType.FLOAT]
+    assert [v.name for v in converted.graph.outputs] == [v.name for v in model.graph.outputs]
+    reference, outputs = run_both(model, converted)
+    for key, value in reference.items():
+        assert outputs[key].dtype == np.float32
+        assert sqnr_db(value, outputs[key]) >= FP16_MIN_SQNR_DB
+    check_types(converted)
+    assert casts_agree(converted)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3", "transformer"])
+def test_fp16_halves_the_weights(torch_models, name):
+    model = load_model(torch_models[name])
+    result = quantize(model, Fp16Config(), data=None)
+    details = result.details
+    assert details["weight_bytes_after"] * 2 == details["weight_bytes_before"]
+    assert initializer_bytes(result.model) * 2 == initializer_bytes(model)
+    ratio = len(model_to_bytes(result.model)) / len(model_to_bytes(model))
+    assert ratio < 0.6  # half the weights plus the graph structure
+    assert any("bytes" in note for note in result.notes)
+
+
+def test_fp16_leaves_the_input_model_untouched(torch_models):
+    model = load_model(torch_models["transformer"])
+    before = model_to_bytes(model)
+    quantize(model, Fp16Config(), data=None)
+    assert model_to_bytes(model) == before
+
+
+def test_fp16_excluded_op_type_stays_float32(torch_models):
+    model = load_model(torch_models["transformer"])
+    result = quantize(model, Fp16Config(exclude=("Softmax",)), data=None)
+    softmaxes = [n for n in result.model.graph if n.op_type == "Softmax"]
+    assert softmaxes
+    for node in softmaxes:
+        assert [v.dtype for v in (*node.inputs, *node.outputs)] == [ir.DataType.FLOAT] * 2
+    assert {(n.op_type, n.reason) for n in result.float_nodes} == {("Softmax", "excluded by config")}
+    reference, outputs = run_both(model, result.model)
+    assert sqnr_db(reference["output"], outputs["output"]) >= FP16_MIN_SQNR_DB
+
+
+def test_fp16_without_float32_io_takes_and_returns_float16(torch_models):
+    model = load_model(torch_models["mobilenet_v3"])
+    converted = quantize(model, Fp16Config(keep_io_float32=False), data=None).model
+    assert converted.graph.inputs[0].dtype == ir.DataType.FLOAT16
+    assert converted.graph.outputs[0].dtype == ir.DataType.FLOAT16
+    feed = random_feed(eir.model_inputs(model))
+    reference = OrtSession(model).run(feed)["output"]
+    output = OrtSession(converted).run({"input": feed["input"].astype(np.float16)})["output"]
+    assert output.dtype == np.float16
+    assert sqnr_db(reference, output.astype(np.float32)) >= FP16_MIN_SQNR_DB
+
+
+# --------------------------------------------------------------------------
+# fp16: ops whose attributes or inputs carry float types
+# --------------------------------------------------------------------------
+
+
+def odd_ops_model(tmp_path, big_weight: float = 0.5):
+    """Resize, ConstantOfShape, Constant(value_float), CumSum, Cast to float, Range, LayerNorm, shared weight.
+
+    x [1,4,8,8] -> Resize x2 (scales initializer) + ConstantOfShape(0.25)
+    -> * Constant(value_float) * w_big -> CumSum -> Cast(to=FLOAT) + Range(0, 16)
+    -> LayerNorm (Mean output is a graph output) -> Conv "keep_me" and Conv
+    "conv_b" (same weight) -> Add -> y [1,4,16,16]; opset 17.
+    """
+    rng = np.random.default_rng(0)
+    conv_w = (rng.standard_normal((4, 4, 1, 1)) * 0.3).astype(np.float32)
+    initializers = [
+        numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+        numpy_helper.from_array(np.array([1, 4, 16, 16], np.int64), "fill_shape"),
+        numpy_helper.from_array(np.array(3, np.int64), "cumsum_axis"),
+        numpy_helper.from_array(np.array([1.0, big_weight, 1e-9, 1.0], np.float32).reshape(1, 1, 1, 4).repeat(4, 3)
+                                .reshape(1, 1, 1, 16), "w_big"),
+        numpy_helper.from_array((rng.random(16) + 0.5).astype(np.float32), "ln_scale"),
+        numpy_helper.from_array((rng.standard_normal(16) * 0.1).astype(np.float32), "ln_bias"),
+        numpy_helper.from_array(conv_w, "conv_w"),
+    ]
+    f32 = lambda v, name: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(  # noqa: E731
+        np.array(v, np.float32), name))
+    nodes = [
+        helper.make_node("Resize", ["x", "", "scales"], ["up"], name="resize", mode="nearest"),
+        helper.make_node("ConstantOfShape", ["fill_shape"], ["fill"], name="fill",
+                         value=numpy_helper.from_array(np.array([0.25], np.float32))),
+        helper.make_node("Add", ["up", "fill"], ["a"], name="add_fill"),
+        helper.make_node("Constant", [], ["k"], name="k", value_float=0.5),
+        helper.make_node("Mul", ["a", "k"], ["m"], name="mul_k"),
+        helper.make_node("Mul", ["m", "w_big"], ["mw"], name="mul_w"),
+        helper.make_node("CumSum", ["mw", "cumsum_axis"], ["cs"], name="cumsum"),
+        helper.make_node("Cast", ["cs"], ["cc"], name="cast_float", to=TensorProto.FLOAT),
+        f32(0.0, "start"), f32(16.0, "limit"), f32(1.0, "delta"),
+        helper.make_node("Range", ["start", "limit", "delta"], ["ramp"], name="range"),
+        helper.make_node("Add", ["cc", "ramp"], ["r"], name="add_ramp"),
+        helper.make_node("LayerNormalization", ["r", "ln_scale", "ln_bias"], ["ln", "mean"], name="ln", axis=-1),
+        helper.make_node("Conv", ["ln", "conv_w"], ["ca"], name="keep_me"),
+        helper.make_node("Conv", ["ln", "conv_w"], ["cb"], name="conv_b"),
+        helper.make_node("Add", ["ca", "cb"], ["y"], name="add_out"),
+    ]
+    graph = helper.make_graph(
+        nodes, "odd_ops", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16]),
+         helper.make_tensor_value_info("mean", TensorProto.FLOAT, [1, 4, 16, 1])],
+        initializer=initializers)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.checker.check_model(proto, full_check=True)
+    path = tmp_path / "odd_ops.onnx"
+    onnx.save(proto, path)
+    return load_model(path)
+
+
+def _node(model: ir.Model, name: str) -> ir.Node:
+    return next(n for n in model.graph if n.name == name)
+
+
+def test_fp16_float_typed_attributes_and_inputs(tmp_path):
+    model = odd_ops_model(tmp_path)
+    result = quantize(model, Fp16Config(exclude=("keep_me",)), data=None)
+    converted = result.model
+    check_types(converted)
+    assert casts_agree(converted)
+    float16, float32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
+    resize = _node(converted, "resize")
+    assert (resize.inputs[0].dtype, resize.inputs[2].dtype) == (float16, float32)  # scales stay float32
+    fill = _node(converted, "fill")
+    assert fill.attributes.get_tensor("value").dtype == float16
+    assert _node(converted, "cast_float").attributes.get_int("to") == float16
+    assert _node(converted, "mul_k").inputs[1].dtype == float16  # Constant value_float converted
+    assert _node(converted, "ln").outputs[1].dtype == float32  # Mean: float or bfloat16 only
+    for name in ("cumsum", "range", "keep_me"):
+        node = _node(converted, name)
+        assert all(v.dtype != float16 for v in (*node.inputs, *node.outputs) if v is not None), name
+    assert _node(converted, "keep_me").inputs[1].const_value.dtype == float32  # shared weight kept exact
+    assert _node(converted, "conv_b").inputs[1].dtype == float16
+    kept = {n.node_name: n.reason for n in result.float_nodes}
+    assert kept["cumsum"] == FLOAT32_OPS["CumSum"]
+    assert kept["keep_me"] == "excluded by config"
+    assert "float16" in kept["range"]
+    assert {v.name: v.dtype for v in converted.graph.outputs} == {"y": float32, "mean": float32}
+    reference, outputs = run_both(model, converted)
+    for key in ("y", "mean"):
+        assert outputs[key].dtype == np.float32
+        assert sqnr_db(reference[key], outputs[key]) >= FP16_MIN_SQNR_DB
+
+
+def test_fp16_counts_clamped_and_flushed_weights(tmp_path):
+    model = odd_ops_model(tmp_path, big_weight=1e5)
+    result = quantize(model, Fp16Config(), data=None)
+    assert result.details["clamped_values"] == 4  # 1e5 appears once in each group of four
+    assert result.details["flushed_values"] == 4  # and so does 1e-9
+    assert any(note.startswith("4 weight values beyond ±65504 clamped") for note in result.notes)
+    assert _node(result.model, "mul_w").inputs[1].const_value.numpy().max() == np.float16(65504)
+
+
+# --------------------------------------------------------------------------
+# bf16: weights stored in bfloat16, compute float32
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3", "transformer"])
+def test_bf16_stores_weights_low_and_computes_float32(torch_models, name):
+    model = load_model(torch_models[name])
+    result = quantize(model, Bf16Config(), data=None)
+    converted = result.model
+    assert result.scheme == "bf16"
+    assert any("weights stored in bf16, compute float32" in note for note in result.notes)
+    stored = [v for v in converted.graph.initializers.values() if v.dtype == ir.DataType.BFLOAT16]
+    assert len(stored) == result.details["weights_converted"] > 0
+    for value in stored:  # each is read only by a Cast back to float32
+        assert {(u.node.op_type, u.node.attributes.get_int("to")) for u in value.uses()} == {
+            ("Cast", ir.DataType.FLOAT)}
+    for node in converted.graph:
+        assert all(v.dtype != ir.DataType.BFLOAT16 for v in node.outputs if node.op_type != "Constant")
+    assert result.details["weight_bytes_after"] * 2 == result.details["weight_bytes_before"]
+    assert len(model_to_bytes(converted)) / len(model_to_bytes(model)) < 0.65
+    reference, outputs = run_both(model, converted)
+    for key, value in reference.items():
+        assert outputs[key].dtype == np.float32
+        assert sqnr_db(value, outputs[key]) >= BF16_MIN_SQNR_DB
+    check_types(converted)
+
+
+def test_bf16_keeps_float32_positions_and_excluded_weights(tmp_path):
+    model = odd_ops_model(tmp_path)
+    result = quantize(model, Bf16Config(exclude=("keep_me",)), data=None)
+    converted = result.model
+    assert _node(converted, "resize").inputs[2].const_value.dtype == ir.DataType.FLOAT  # scales
+    assert _node(converted, "keep_me").inputs[1].const_value.dtype == ir.DataType.FLOAT  # shared, excluded
+    assert "ln_scale" in {t.name for t in result.tensors}
+    reference, outputs = run_both(model, converted)
+    assert sqnr_db(reference["y"], outputs["y"]) >= BF16_MIN_SQNR_DB
+    check_types(converted)

@@ -1,0 +1,356 @@
+"""Int4 weight-only block quantization: packer, reference, MatMulNBits and DequantizeLinear lowering.
+
+SQNR thresholds from the theory: symmetric 4-bit min/max quantization has
+step ``max|w| / 7`` and noise ``step**2 / 12``; for Gaussian weights the
+expected block max |w| is about 2.4 sigma over 32 values and 2.9 sigma over
+128, so the weight SQNR is about 20 dB (b = 32) and 18.5 dB (b = 128). A
+layer's output inherits it, and the independent errors of L layers add
+(-10*log10(L) dB): the two-layer test MLP is expected near 17 dB and
+15.5 dB (measured 16.8 and 15.1); the thresholds sit 2 dB below. Correctness
+proper is checked against the reference: ONNX Runtime's MatMulNBits must
+compute what the float model computes with the reference-dequantized
+weights, to float rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeopt import ir as eir
+from edgeopt.errors import ConfigError
+from edgeopt.io import load_model, model_to_bytes
+from edgeopt.quant import quantize
+from edgeopt.quant.config import PerBlock, PerChannel
+from edgeopt.quant.formats import INT4, INT8, UINT4
+from edgeopt.quant.int4 import (
+    AccuracyLevel,
+    Int4WeightConfig,
+    MatMulNBitsWeight,
+    decode_matmul_nbits,
+    encode_matmul_nbits,
+    pack_nibbles,
+    quantize_blocks,
+    unpack_nibbles,
+)
+from edgeopt.runtime.ort import OrtSession
+from tests.models import build_onnx
+
+WEIGHT_MIN_SQNR_DB = {32: 19.5, 128: 18.0}  # Gaussian weights, by block size
+INT4_MLP_MIN_SQNR_DB = {32: 15.0, 128: 13.5}  # two quantized layers
+MATCHES_REFERENCE_DB = 60.0  # MatMulNBits vs float MatMul on the dequantized weights: rounding only
+
+
+def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
+    noise = np.sum((reference.astype(np.float64) - other) ** 2)
+    return float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / max(noise, 1e-30)))
+
+
+def gaussian_feed(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {s.name: rng.standard_normal(s.shape).astype(np.float32) for s in eir.model_inputs(model)}
+
+
+def save(graph: onnx.GraphProto, path, opset: int = 17) -> ir.Model:
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, path)
+    return load_model(path)
+
+
+def mlp(tmp_path, *, batch: int = 32, dims=(256, 384, 64)) -> ir.Model:
+    """input [32,256] -> MatMul "fc1" + Add -> Relu -> Gemm "fc2" (transB=1, bias) -> output [32,64].
+
+    Weights are Gaussian / sqrt(K), as trained layers roughly are.
+    """
+    rng = np.random.default_rng(0)
+    (k1, n1), (k2, n2) = zip(dims[:-1], dims[1:])
+    w1 = (rng.standard_normal((k1, n1)) / np.sqrt(k1)).astype(np.float32)
+    w2 = (rng.standard_normal((n2, k2)) / np.sqrt(k2)).astype(np.float32)  # [N, K]: transB
+    initializers = [numpy_helper.from_array(w1, "fc1.weight"),
+                    numpy_helper.from_array((rng.standard_normal(n1) * 0.1).astype(np.float32), "fc1.bias"),
+                    numpy_helper.from_array(w2, "fc2.weight"),
+                    numpy_helper.from_array((rng.standard_normal(n2) * 0.1).astype(np.float32), "fc2.bias")]
+    nodes = [helper.make_node("MatMul", ["input", "fc1.weight"], ["h"], name="fc1"),
+             helper.make_node("Add", ["h", "fc1.bias"], ["hb"], name="fc1_bias"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "fc2.weight", "fc2.bias"], ["output"], name="fc2", transB=1)]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, k1])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, n2])],
+                              initializer=initializers)
+    return save(graph, tmp_path / "mlp.onnx")
+
+
+def fake_quantized(model: ir.Model, config: Int4WeightConfig, names: set[str]) -> ir.Model:
+    """A copy of ``model`` whose weights ``names`` hold their reference dequantization, in float."""
+    copy = ir.from_proto(ir.to_proto(model))
+    for node in copy.graph:
+        weight = node.inputs[1] if node.op_type in ("MatMul", "Gemm") else None
+        if weight is None or weight.name not in names:
+            continue
+        array = eir.constant_array(weight)
+        transposed = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
+        alpha = node.attributes.get_float("alpha", 1.0) if node.op_type == "Gemm" else 1.0
+        effective = (array.T if transposed else array) * np.float32(alpha)
+        restored = quantize_blocks(effective, config.block_size, config.weight_format).dequantize() / np.float32(alpha)
+        weight.const_value = ir.Tensor(np.ascontiguousarray(restored.T if transposed else restored), name=weight.name)
+    return copy
+
+
+def assert_matches_reference(model: ir.Model, result, config: Int4WeightConfig) -> None:
+    feed = gaussian_feed(model)
+    expected = OrtSession(fake_quantized(model, config, {t.name for t in result.tensors})).run(feed)
+    actual = OrtSession(result.model).run(feed)
+    for key, value in expected.items():
+        assert sqnr_db(value, actual[key]) >= MATCHES_REFERENCE_DB, key
+
+
+def op_types(model: ir.Model) -> list[str]:
+    return [node.op_type for node in model.graph]
+
+
+# --------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Int4WeightConfig(granularity=PerBlock(size=24)),
+    lambda: Int4WeightConfig(granularity=PerBlock(size=8)),
+    lambda: Int4WeightConfig(granularity=PerChannel()),
+    lambda: Int4WeightConfig(weight_format=INT8),
+    lambda: Int4WeightConfig(accuracy_level=7),
+    lambda: Int4WeightConfig(exclude="fc1"),
+])
+def test_bad_config_is_a_config_error(make):
+    with pytest.raises(ConfigError):
+        make()
+
+
+def test_default_config_is_symmetric_int4_in_blocks_of_32():
+    config = Int4WeightConfig()
+    assert (config.block_size, config.weight_format, config.accuracy_level) == (32, INT4, None)
+
+
+# --------------------------------------------------------------------------
+# the packer and the reference
+# --------------------------------------------------------------------------
+
+
+def test_pack_puts_the_first_value_in_the_low_nibble():
+    assert pack_nibbles(np.array([1, 2, 3]), UINT4).tolist() == [0x21, 0x03]
+    assert pack_nibbles(np.array([-1, -8, 7]), INT4).tolist() == [0x8F, 0x07]
+
+
+def test_pack_refuses_values_outside_the_format():
+    with pytest.raises(ValueError):
+        pack_nibbles(np.array([8]), INT4)
+    with pytest.raises(ValueError):
+        pack_nibbles(np.array([-1]), UINT4)
+
+
+@pytest.mark.parametrize("fmt", [INT4, UINT4], ids=lambda f: f.name)
+@given(data=st.data())
+def test_unpack_inverts_pack(fmt, data):
+    shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=9))
+    values = data.draw(hnp.arrays(fmt.numpy_dtype, shape, elements=st.integers(fmt.qmin, fmt.qmax)))
+    packed = pack_nibbles(values, fmt)
+    assert packed.dtype == np.uint8 and packed.shape == (*shape[:-1], (shape[-1] + 1) // 2)
+    unpacked = unpack_nibbles(packed, shape[-1], fmt)
+    assert unpacked.dtype == fmt.numpy_dtype
+    np.testing.assert_array_equal(unpacked, values)
+
+
+def test_symmetric_blocks_use_max_abs_over_7():
+    weight = np.zeros((32, 2), np.float32)
+    weight[:16, 0] = np.linspace(-3.5, 1.0, 16)  # block 0 of column 0: max |w| = 3.5
+    weight[16:, 0] = 0.7  # block 1 of column 0: max |w| = 0.7
+    quantized = quantize_blocks(weight, 16, INT4)
+    np.testing.assert_allclose(quantized.scale, [[0.5, 1.0], [0.1, 1.0]])  # all-zero block: scale 1
+    assert quantized.q[:16, 0].tolist()[:2] == [-7, -6] and quantized.q[16:, 0].tolist() == [7] * 16
+    assert not quantized.zero_point.any()
+
+
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_gaussian_weight_sqnr_matches_the_theory(block_size):
+    weight = np.random.default_rng(0).standard_normal((1024, 256)).astype(np.float32)
+    restored = quantize_blocks(weight, block_size, INT4).dequantize()
+    assert sqnr_db(weight, restored) >= WEIGHT_MIN_SQNR_DB[block_size]
+
+
+@pytest.mark.parametrize("fmt", [INT4, UINT4], ids=lambda f: f.name)
+@pytest.mark.parametrize(("k", "n", "block_size"), [(64, 5, 32), (80, 3, 32), (16, 1, 32), (300, 4, 128)])
+def test_matmul_nbits_layout_decodes_exactly_to_the_reference(fmt, k, n, block_size):
+    weight = np.random.default_rng(k * n).standard_normal((k, n)).astype(np.float32)
+    quantized = quantize_blocks(weight, block_size, fmt)
+    encoded = encode_matmul_nbits(quantized)
+    n_blocks = -(-k // block_size)
+    assert encoded.packed.shape == (n, n_blocks, block_size // 2) and encoded.packed.dtype == np.uint8
+    assert encoded.scales.shape == (n * n_blocks,) and encoded.scales.dtype == np.float32
+    if fmt is INT4:
+        assert encoded.zero_points is None
+    else:
+        assert encoded.zero_points.shape == (n * ((n_blocks + 1) // 2),)
+    np.testing.assert_array_equal(decode_matmul_nbits(encoded), quantized.dequantize())
+
+
+# --------------------------------------------------------------------------
+# lowering on models
+# --------------------------------------------------------------------------
+
+
+def packed_weights(model: ir.Model, node: ir.Node) -> MatMulNBitsWeight:
+    constant = [None if v is None else eir.constant_array(v) for v in node.inputs]
+    attributes = node.attributes
+    return MatMulNBitsWeight(packed=constant[1], scales=constant[2],
+                             zero_points=constant[3] if len(constant) > 3 else None,
+                             k=attributes.get_int("K"), n=attributes.get_int("N"),
+                             block_size=attributes.get_int("block_size"))
+
+
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_mlp_becomes_matmul_nbits_that_ort_runs(tmp_path, block_size):
+    model = mlp(tmp_path)
+    config = Int4WeightConfig(granularity=PerBlock(size=block_size))
+    result = quantize(model, config, data=None)
+    converted = result.model
+    assert op_types(converted).count("MatMulNBits") == 2
+    assert "MatMul" not in op_types(converted) and "Gemm" not in op_types(converted)
+    assert converted.opset_imports["com.microsoft"] == 1
+    assert {v.name for v in converted.graph.initializers.values()}.isdisjoint({"fc1.weight", "fc2.weight"})
+    feed = gaussian_feed(model)
+    reference, output = OrtSession(model).run(feed)["output"], OrtSession(converted).run(feed)["output"]
+    assert sqnr_db(reference, output) >= INT4_MLP_MIN_SQNR_DB[block_size]
+    assert_matches_reference(model, result, config)
+    assert len(model_to_bytes(converted)) < 0.2 * len(model_to_bytes(model))
+
+
+def test_packed_weights_in_the_model_decode_exactly(tmp_path):
+    model = mlp(tmp_path)
+    config = Int4WeightConfig()
+    converted = quantize(model, config, data=None).model
+    w1 = eir.constant_array(next(n for n in model.graph if n.name == "fc1").inputs[1])
+    w2 = eir.constant_array(next(n for n in model.graph if n.name == "fc2").inputs[1]).T
+    nbits = [n for n in converted.graph if n.op_type == "MatMulNBits"]
+    for node, weight in zip(nbits, (w1, w2)):
+        expected = quantize_blocks(weight, 32, INT4).dequantize()
+        np.testing.assert_array_equal(decode_matmul_nbits(packed_weights(converted, node)), expected)
+    fc2 = nbits[1]
+    assert len(fc2.inputs) == 6 and fc2.inputs[3] is None  # bias in MatMulNBits' bias input
+
+
+def test_asymmetric_uint4_carries_zero_points_and_accuracy_level(tmp_path):
+    model = mlp(tmp_path)
+    config = Int4WeightConfig(weight_format=UINT4, accuracy_level=AccuracyLevel.FLOAT32)
+    result = quantize(model, config, data=None)
+    for node in (n for n in result.model.graph if n.op_type == "MatMulNBits"):
+        assert node.inputs[3] is not None and eir.constant_array(node.inputs[3]).dtype == np.uint8
+        assert node.attributes.get_int("accuracy_level") == 1
+    assert {t.format for t in result.tensors} == {"uint4"}
+    assert_matches_reference(model, result, config)
+
+
+def test_input_model_is_not_modified(tmp_path):
+    model = mlp(tmp_path)
+    before = model_to_bytes(model)
+    quantize(model, Int4WeightConfig(), data=None)
+    assert model_to_bytes(model) == before
+
+
+def test_excluded_node_stays_float(tmp_path):
+    model = mlp(tmp_path)
+    result = quantize(model, Int4WeightConfig(exclude=("fc1",)), data=None)
+    fc1 = next(n for n in result.model.graph if n.name == "fc1")
+    assert fc1.op_type == "MatMul" and fc1.inputs[1].const_value.dtype == ir.DataType.FLOAT
+    assert [(n.node_name, n.reason) for n in result.float_nodes] == [("fc1", "excluded by config")]
+    assert op_types(result.model).count("MatMulNBits") == 1
+
+
+def gemm_model(tmp_path, *, c_shape, alpha=0.5, beta=2.0, trans_a=0, c_input=False) -> ir.Model:
+    """input [4,48] -> Gemm(alpha, beta, transB=0, C) -> output [4,40]; C constant or a graph input."""
+    rng = np.random.default_rng(1)
+    initializers = [numpy_helper.from_array(rng.standard_normal((48, 40)).astype(np.float32), "w")]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, [48, 4] if trans_a else [4, 48])]
+    if c_input:
+        inputs.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, list(c_shape)))
+    else:
+        initializers.append(numpy_helper.from_array(rng.standard_normal(c_shape).astype(np.float32), "c"))
+    node = helper.make_node("Gemm", ["input", "w", "c"], ["output"], name="gemm", alpha=alpha, beta=beta,
+                            transA=trans_a)
+    graph = helper.make_graph([node], "gemm", inputs,
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [4, 40])],
+                              initializer=initializers)
+    return save(graph, tmp_path / "gemm.onnx")
+
+
+@pytest.mark.parametrize(("c_shape", "c_input", "lowered"), [
+    ((40,), False, ["MatMulNBits"]),
+    ((1, 40), False, ["MatMulNBits"]),
+    ((4, 40), False, ["MatMulNBits", "Add"]),
+    ((4, 40), True, ["MatMulNBits", "Add"]),
+])
+def test_gemm_folds_alpha_and_beta(tmp_path, c_shape, c_input, lowered):
+    model = gemm_model(tmp_path, c_shape=c_shape, c_input=c_input, beta=1.0 if c_input else 2.0)
+    config = Int4WeightConfig(granularity=PerBlock(size=16))
+    result = quantize(model, config, data=None)
+    assert op_types(result.model) == lowered
+    assert_matches_reference(model, result, config)
+
+
+@pytest.mark.parametrize(("kwargs", "reason"), [
+    (dict(trans_a=1), "transA=1"),
+    (dict(c_input=True, beta=3.0), "beta=3.0"),
+])
+def test_gemm_that_cannot_be_lowered_stays_float_with_a_reason(tmp_path, kwargs, reason):
+    model = gemm_model(tmp_path, c_shape=(4, 40), **kwargs)
+    result = quantize(model, Int4WeightConfig(), data=None)
+    assert op_types(result.model) == ["Gemm"]
+    assert len(result.float_nodes) == 1 and reason in result.float_nodes[0].reason
+    assert any(note.startswith("left float: Gemm x1") for note in result.notes)
+
+
+def batched_weight_model(tmp_path, opset: int) -> ir.Model:
+    """input [2,3,80] @ constant weight [2,80,24] -> output [2,3,24]."""
+    weight = np.random.default_rng(2).standard_normal((2, 80, 24)).astype(np.float32)
+    node = helper.make_node("MatMul", ["input", "w"], ["output"], name="bmm")
+    graph = helper.make_graph([node], "bmm", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 3, 80])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [2, 3, 24])],
+                              initializer=[numpy_helper.from_array(weight, "w")])
+    return save(graph, tmp_path / f"bmm{opset}.onnx", opset=opset)
+
+
+@pytest.mark.parametrize("fmt", [INT4, UINT4], ids=lambda f: f.name)
+def test_3d_weight_uses_blocked_dequantize_linear_at_opset_21(tmp_path, fmt):
+    model = batched_weight_model(tmp_path, opset=21)
+    config = Int4WeightConfig(weight_format=fmt)
+    result = quantize(model, config, data=None)
+    assert op_types(result.model) == ["DequantizeLinear", "MatMul"]
+    dequantize_node = result.model.graph.node(0)
+    assert dequantize_node.inputs[0].dtype == fmt.onnx_type
+    assert (dequantize_node.attributes.get_int("axis"), dequantize_node.attributes.get_int("block_size")) == (1, 32)
+    assert result.details["dequantize_linear"] == 1
+    assert_matches_reference(model, result, config)
+
+
+def test_3d_weight_below_opset_21_stays_float(tmp_path):
+    model = batched_weight_model(tmp_path, opset=17)
+    result = quantize(model, Int4WeightConfig(), data=None)
+    assert op_types(result.model) == ["MatMul"]
+    assert "opset 21" in result.float_nodes[0].reason
+
+
+def test_torch_transformer_linears_become_matmul_nbits(tmp_path):
+    model = load_model(build_onnx("transformer", tmp_path))
+    config = Int4WeightConfig()
+    result = quantize(model, config, data=None)
+    linears = [n for n in model.graph if n.op_type in ("MatMul", "Gemm") and eir.is_constant(n.inputs[1])]
+    assert op_types(result.model).count("MatMulNBits") == len(linears) > 0
+    attention = {n.node_name for n in result.float_nodes}
+    assert len(attention) == 4 and all("not a constant" in n.reason for n in result.float_nodes)
+    assert_matches_reference(model, result, config)

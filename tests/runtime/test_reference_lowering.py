@@ -1,0 +1,67 @@
+"""Lowering refuses what it cannot run, and the interpreter exposes every tensor."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import qdq_models as q
+from edgeopt.errors import ConfigError, DataError, ModelError, UnsupportedOpError
+from edgeopt.runtime.reference import OPS, ReferenceModel, lower
+
+
+def _qdq_with_float_islands() -> onnx.ModelProto:
+    b = q._Builder(9)
+    x = b.node("Relu", [b.conv("input", 3, 4)])
+    x = b.node("Erf", [x])
+    x = b.node("Sin", [x])
+    return b.model(b.conv(x, 4, 4, k=1), (1, 3, 8, 8))
+
+
+def test_float_model_is_refused_with_advice():
+    with pytest.raises(ModelError, match="edgeopt quantize"):
+        lower(q.to_ir(q.float_model("conv_relu")))
+
+
+def test_every_unsupported_op_is_listed_with_its_node_name():
+    model = q.to_ir(q.quantize_with_ort(_qdq_with_float_islands()))
+    with pytest.raises(UnsupportedOpError) as error:
+        lower(model)
+    assert "Erf (erf" in str(error.value) and "Sin (sin" in str(error.value)
+
+
+def test_trace_has_every_op_output_in_stored_layout():
+    model = q.to_ir(q.quantize_with_ort(q.float_model("concat_pools")))
+    reference = ReferenceModel(model)
+    trace = reference.trace(q.calibration_batches(q.float_model("concat_pools"), 1)[0])
+    for op in reference.program.ops:
+        assert trace[op.output].dtype == np.int8
+        assert trace[op.output].shape == reference.program.tensors[op.output].shape
+
+
+def test_int8_input_equals_quantized_float_input():
+    float_model = q.float_model("residual_add")
+    reference = ReferenceModel(q.to_ir(q.quantize_with_ort(float_model)))
+    batch = q.calibration_batches(float_model, 1)[0]
+    info = reference.program.tensors[reference.program.inputs[0].tensor]
+    quantized = np.clip(np.rint(batch["input"] / np.float32(info.scale)) + info.zero_point, -128, 127)
+    assert np.array_equal(reference.run(batch)["output"],
+                          reference.run({"input": quantized.astype(np.int8)})["output"])
+
+
+def test_bad_rounding_and_bad_input_shape_are_user_errors():
+    model = q.to_ir(q.quantize_with_ort(q.float_model("conv_relu")))
+    with pytest.raises(ConfigError):
+        ReferenceModel(model, rounding="banker")
+    with pytest.raises(DataError):
+        ReferenceModel(model).run({"input": np.zeros((1, 3, 4, 4), np.float32)})
+
+
+def test_every_program_op_kind_is_in_the_table():
+    for name in q.FLOAT_BUILDERS:
+        program = lower(q.to_ir(q.quantize_with_ort(q.float_model(name))))
+        assert {op.kind for op in program.ops} <= set(OPS)
+        for op in program.ops:
+            assert isinstance(op.params, OPS[op.kind].params_type)
