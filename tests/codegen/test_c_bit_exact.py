@@ -39,7 +39,8 @@ def test_small_models(name, rounding, tmp_path):
     _assert_bit_exact(q.to_ir(q.quantize_with_ort(q.float_model(name))), tmp_path / "c", rounding)
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3", "resnet"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", pytest.param("mobilenet_v3", marks=pytest.mark.slow),
+                                  pytest.param("resnet", marks=pytest.mark.slow)])
 def test_torch_architectures(name, tmp_path):
     _assert_bit_exact(q.to_ir(q.torch_qdq_model(name)), tmp_path / "c", "double")
 
@@ -54,7 +55,7 @@ _BLOCKS = ["conv", "depthwise", "residual", "maxpool", "avgpool", "sigmoid", "co
 
 def _random_model(blocks, channels, size, seed):
     b = q._Builder(seed)
-    x, c = "input", channels
+    x, c = b.conv("input", channels, channels, k=1), channels  # ORT leaves ops on the raw input in float
     for block in blocks:
         if block == "conv":
             x = b.node("Relu", [b.conv(x, c, c + 2, k=3)])
@@ -77,11 +78,25 @@ def _random_model(blocks, channels, size, seed):
     return b.model(b.conv(x, c, 4, k=1), (1, channels, size, size))
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
-@given(blocks=st.lists(st.sampled_from(_BLOCKS), min_size=1, max_size=4),
-       channels=st.integers(1, 6), size=st.integers(3, 9), seed=st.integers(0, 1000),
-       data_scale=st.floats(0.05, 20.0), rounding=st.sampled_from(["double", "single"]))
+_GRAPHS = dict(blocks=st.lists(st.sampled_from(_BLOCKS), min_size=1, max_size=4),
+               channels=st.integers(1, 6), size=st.integers(3, 9), seed=st.integers(0, 1000),
+               data_scale=st.floats(0.05, 20.0), rounding=st.sampled_from(["double", "single"]))
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
+@given(**_GRAPHS)
 def test_random_graphs(blocks, channels, size, seed, data_scale, rounding, tmp_path_factory):
+    _check_random_graph(blocks, channels, size, seed, data_scale, rounding, tmp_path_factory)
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(**_GRAPHS)
+def test_many_random_graphs(blocks, channels, size, seed, data_scale, rounding, tmp_path_factory):
+    _check_random_graph(blocks, channels, size, seed, data_scale, rounding, tmp_path_factory)
+
+
+def _check_random_graph(blocks, channels, size, seed, data_scale, rounding, tmp_path_factory):
     float_model = _random_model(blocks, channels, size, seed)
     batches = [{k: v * np.float32(data_scale) for k, v in batch.items()}
                for batch in q.calibration_batches(float_model, 4, seed)]

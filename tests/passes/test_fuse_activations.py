@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 import torch
-from onnx import helper
+from onnx import helper, numpy_helper
 from torch import nn
 from torch.nn import functional as F
 
@@ -86,7 +87,7 @@ def test_opset_10_clip_attributes_still_give_hardsigmoid_and_keep_the_mul():
 
 def test_wrong_clip_bounds_are_reported():
     model = _hard_graph(HARDSWISH_TAILS["x*clip/6"])
-    model.graph.initializers["six"].const_value = __import__("onnx_ir").tensor(np.array(5.0, np.float32))
+    model.graph.initializers["six"].const_value = ir.tensor(np.array(5.0, np.float32))
     assert explain(fuse_activations(model)) == ["add3 + clip: not fused: Clip bounds are (0.0, 5.0), not (0, 6)"]
 
 
@@ -161,8 +162,7 @@ def _layer_norm_nodes(axes_input: bool, *, with_affine: bool = True):
 @pytest.mark.parametrize("opset, with_affine", [(17, True), (18, True), (17, False)])
 def test_two_axis_layer_norm_with_reciprocal(opset, with_affine):
     constants = [weight("eps", 1e-3), random_weight("gamma", [1, 4, 6], low=0.5, high=1.5),
-                 random_weight("beta", [6]), __import__("onnx").numpy_helper.from_array(
-                     np.array([-2, -1], np.int64), "axes")]
+                 random_weight("beta", [6]), numpy_helper.from_array(np.array([-2, -1], np.int64), "axes")]
     model = make_model(_layer_norm_nodes(opset >= 18, with_affine=with_affine), [("x", [3, 4, 6])],
                        [("y", [3, 4, 6])], constants, opset=opset)
     result = fuse_activations(model)

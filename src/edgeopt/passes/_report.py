@@ -50,9 +50,10 @@ class PassReport:
         return tuple(o for o in self.outcomes if not o.applied)
 
     def explain(self, *, include_applied: bool = False) -> list[str]:
-        """One line per refusal (and per rewrite when asked), plus the pass's notes."""
-        shown = self.outcomes if include_applied else self.refused
-        return [*self.notes, *(o.describe() for o in shown)]
+        """One line per refusal; with ``include_applied`` also the notes and every rewrite."""
+        if not include_applied:
+            return [o.describe() for o in self.refused]
+        return [*self.notes, *(o.describe() for o in self.outcomes)]
 
 
 @dataclasses.dataclass

@@ -8,7 +8,8 @@ A rule looks at one *anchor* node at a time:
    not candidates.
 2. ``check(match, context)`` returns the *reason* a candidate cannot be
    rewritten ("Conv output has 2 consumers"), or None. It may record derived
-   values (folded weights) on the match for ``rewrite``.
+   values (folded weights, the rest of the pattern's nodes) on the match for
+   ``rewrite``.
 3. ``rewrite(match, context)`` edits the graph and returns what it did
    ("folded into Conv_12").
 
@@ -137,8 +138,8 @@ class RulePass(ir.passes.InPlacePass):
         match = rule.pattern(node, context)
         if match is None:
             return None
-        labels = match.labels()
         reason = rule.check(match, context)
+        labels = match.labels()  # after check, which may extend the match
         if reason is not None:
             return RuleOutcome(rule=rule.name, nodes=labels, applied=False, verb=rule.verb, message=reason)
         message = rule.rewrite(match, context)

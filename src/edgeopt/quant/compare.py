@@ -27,6 +27,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
@@ -46,10 +47,14 @@ __all__ = [
     "match_tensors",
 ]
 
+if TYPE_CHECKING:
+    from edgeopt.runtime.ort import OrtSession
+
 logger = logging.getLogger(__name__)
 
 ModelSource = str | os.PathLike | ir.Model
 Progress = Callable[[int, int | None], None]
+_Observed = tuple["OrtSession", list[str]]  # a session and the names to fetch from it per batch
 
 _QDQ_DOMAINS = ("", "ai.onnx", "com.microsoft")
 _RANGE_CLAMPS = ("Relu", "Clip")  # a quantizer may drop these: the Q range clamps instead
@@ -240,10 +245,11 @@ def _check_interfaces(float_model: ir.Model, quant_model: ir.Model) -> list[str]
         raise DataError(f"the models have different inputs (float: {', '.join(float_inputs)}; quantized: "
                         f"{', '.join(quant_inputs)}): compare a QDQ model with the float model it came from")
     quant_outputs = {v.name for v in quant_model.graph.outputs}
-    common = [v.name for v in float_model.graph.outputs if v.name in quant_outputs]
+    float_outputs = [v.name for v in float_model.graph.outputs]
+    common = [name for name in float_outputs if name in quant_outputs]
     if not common:
-        raise DataError(f"the models share no output name (float: {', '.join(v.name for v in float_model.graph.outputs)}"
-                        f"; quantized: {', '.join(sorted(quant_outputs))}): "
+        raise DataError(f"the models share no output name (float: {', '.join(float_outputs)}; "
+                        f"quantized: {', '.join(sorted(quant_outputs))}): "
                         "compare a QDQ model with the float model it came from")
     return common
 
@@ -301,7 +307,8 @@ class _Meters:
         return rows
 
 
-def _sessions(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatch], outputs: list[str]):
+def _sessions(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatch],
+              outputs: list[str]) -> tuple[_Observed, _Observed]:
     """Observing sessions and the names each must return per batch."""
     from edgeopt.runtime.ort import observing_session
 
@@ -336,7 +343,8 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
                          unmatched=tuple(unmatched), skipped=tuple(meters.skipped))
 
 
-def _stream(source: Iterable[dict[str, np.ndarray]], sessions, meters: _Meters, progress: Progress | None) -> None:
+def _stream(source: Iterable[dict[str, np.ndarray]], sessions: tuple[_Observed, _Observed], meters: _Meters,
+            progress: Progress | None) -> None:
     (float_session, float_fetch), (quant_session, quant_fetch) = sessions
     total = getattr(source, "num_samples", None)
     for feed in source:

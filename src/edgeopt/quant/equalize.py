@@ -70,6 +70,10 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 _CONV_FAMILY = frozenset({"Conv"})
 _DENSE_FAMILY = frozenset({"Gemm", "MatMul"})
 _HOMOGENEOUS = frozenset({"Relu", "LeakyRelu"})
+_LINEAR = ("Conv", "Gemm", "MatMul")
+# Elementwise activations that end a pair (named as such in the report).
+_NON_HOMOGENEOUS = frozenset({"HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Celu",
+                              "Softplus", "Softsign", "Mish", "Swish", "Erf", "ThresholdedRelu"})
 _SCALE_BOUNDS = (1e-6, 1e6)  # a scale outside this means a near-dead channel: clamped
 
 
@@ -149,14 +153,12 @@ def _is_op(node: ir.Node | None, *op_types: str) -> bool:
 
 
 def _sole_reader(value: ir.Value) -> ir.Node | str:
-    """The one node reading ``value`` as its input 0, or why there is not one."""
+    """The one node reading ``value``, or why there is not one."""
     if value.is_graph_output():
         return f"its output {value.name!r} is a graph output"
     readers = eir.consumers(value)
     if len(readers) != 1:
         return f"its output {value.name!r} has {len(readers)} readers"
-    if readers[0].inputs[0] is not value:
-        return f"its output is not the data input of {eir.node_label(readers[0])}"
     return readers[0]
 
 
@@ -180,8 +182,10 @@ def _activation_refusal(node: ir.Node, replace_relu6: bool) -> str | None:
     """Why ``node`` does not commute with a positive per-channel scale (None when it does)."""
     if _is_op(node, *_HOMOGENEOUS):
         return None
-    if not _is_op(node, "Clip"):
+    if _is_op(node, *_NON_HOMOGENEOUS):
         return f"{node.op_type} {eir.node_label(node)!r} is not positive-homogeneous"
+    if not _is_op(node, "Clip"):
+        return f"it feeds {node.op_type} {eir.node_label(node)!r}, not a Conv/Gemm/MatMul or a ReLU"
     bounds = _clip_bounds(node)
     if bounds is None:
         return f"Clip {eir.node_label(node)!r} has computed bounds"
@@ -306,15 +310,18 @@ def _follow(node: ir.Node, replace_relu6: bool) -> tuple[ir.Node | None, ir.Node
     if isinstance(reader, str):
         return reader
     activation = None
-    if not _is_op(reader, "Conv", "Gemm", "MatMul"):
+    if not _is_op(reader, *_LINEAR):
         refusal = _activation_refusal(reader, replace_relu6)
         if refusal is not None:
             return refusal
         activation, reader = reader, _sole_reader(reader.outputs[0])
         if isinstance(reader, str):
-            return f"{activation.op_type}: {reader}"
-    if not _is_op(reader, "Conv", "Gemm", "MatMul"):
+            return f"after {activation.op_type}, {reader}"
+    if not _is_op(reader, *_LINEAR):
         return f"it feeds {reader.op_type} {eir.node_label(reader)!r}, not a Conv/Gemm/MatMul"
+    source = (activation or node).outputs[0]
+    if reader.inputs[0] is not source:
+        return f"it feeds the weight input of {eir.node_label(reader)!r}"
     return activation, reader
 
 
@@ -373,7 +380,7 @@ def _collect_pairs(graph: ir.Graph, replace_relu6: bool) -> tuple[list[_Pair], l
     layers: dict[int, _Layer] = {}
     pairs, skipped = [], []
     for node in graph:
-        if not _is_op(node, "Conv", "Gemm", "MatMul"):
+        if not _is_op(node, *_LINEAR):
             continue
         found = _pair_for(node, layers, replace_relu6)
         if isinstance(found, str):

@@ -294,22 +294,31 @@ def expected_mse(hist: HistogramStats, lo, hi, num_levels: int) -> np.ndarray:
     In-range mass contributes the rounding noise ``scale**2 / 12`` (except
     exact zeros, which quantize exactly); mass outside contributes its squared
     distance to the nearest bound (bin centers, plus the in-bin variance
-    ``width**2 / 12``).
+    ``width**2 / 12``). Prefix sums of the counts and their first and second
+    moments make each range O(log bins).
     """
-    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)[..., None]
-    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)[..., None]
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    lo, hi = np.broadcast_arrays(lo, hi)
     total = hist.total
     if total == 0 or hist.width == 0.0:
-        return np.zeros(np.broadcast(lo, hi).shape[:-1])
+        return np.zeros(lo.shape)
     centers = hist.centers
     counts = hist.counts.astype(np.float64)
+    moments = [np.concatenate([[0.0], np.cumsum(counts * centers**power)]) for power in range(3)]
+    below = np.searchsorted(centers, lo, side="left")  # bins [0, below) lie under lo
+    above = np.searchsorted(centers, hi, side="right")  # bins [above, n) lie over hi
+
+    def clipped(bound, start, stop):  # sum of count * (center - bound)**2 + in-bin variance
+        mass, first, second = (m[stop] - m[start] for m in moments)
+        return second - 2.0 * bound * first + bound**2 * mass + mass * hist.width**2 / 12.0, mass
+
+    low_error, low_mass = clipped(lo, 0, below)
+    high_error, high_mass = clipped(hi, above, len(centers))
+    noisy_mass = np.maximum(total - low_mass - high_mass - hist.zeros, 0.0)
     scale = (hi - lo) / (num_levels - 1)
-    clipped = np.clip(centers, lo, hi)
-    inside = (centers >= lo) & (centers <= hi)
-    clipping = np.where(inside, 0.0, (centers - clipped) ** 2 + hist.width**2 / 12.0)
-    noisy_mass = (counts * inside).sum(axis=-1, keepdims=True) - hist.zeros
-    errors = (clipping * counts).sum(axis=-1, keepdims=True) + noisy_mass * scale**2 / 12.0
-    return errors[..., 0] / total
+    error = np.maximum(low_error, 0.0) + np.maximum(high_error, 0.0) + noisy_mass * scale**2 / 12.0
+    return error / total
 
 
 def mse_range(hist: HistogramStats, num_levels: int = 256, num_candidates: int = 200) -> tuple[float, float]:

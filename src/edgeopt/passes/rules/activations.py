@@ -92,8 +92,10 @@ class ClipHardSigmoidRule(Rule):
 
     def check(self, match: _ClipMatch, context: RuleContext) -> str | None:
         bounds = clip_bounds(match.clip)
-        if bounds is None or bounds[0] != 0 or not _close(bounds[1], 6.0):
-            return f"Clip bounds are {bounds if bounds else 'not constant'}, not (0, 6)"
+        if bounds is None:
+            return "Clip bounds are not constants"
+        if bounds[0] != 0 or not _close(bounds[1], 6.0):
+            return f"Clip bounds are {bounds}, not (0, 6)"
         if sole_consumer(match.add.outputs[0]) is not match.clip:
             return "x + 3 has other readers"
         clipped = match.clip.outputs[0]
@@ -107,13 +109,14 @@ class ClipHardSigmoidRule(Rule):
             return f"HardSwish needs opset >= {HARDSWISH_OPSET} (model has {context.opset})"
         else:
             return "the Clip output is not scaled by 1/6 (as in x * clip(x + 3, 0, 6) / 6)"
+        match.nodes = (match.add, match.clip, *match.chain.nodes)
         return None
 
     def rewrite(self, match: _ClipMatch, context: RuleContext) -> str:
         attributes = {"alpha": 1 / 6, "beta": 0.5} if match.op_type == "HardSigmoid" else None
         new = ir.node(match.op_type, [match.x], attributes,
                       name=f"{eir.node_label(match.chain.nodes[-1])}_{match.op_type}")
-        return _fuse(context, (match.add, match.clip, *match.chain.nodes), match.chain, new)
+        return _fuse(context, match.nodes, match.chain, new)
 
 
 @dataclasses.dataclass
@@ -126,7 +129,6 @@ class HardSigmoidMulRule(Rule):
     """``x * HardSigmoid(x; alpha=1/6, beta=1/2)`` -> HardSwish (opset >= 14)."""
 
     name = "hardsigmoid-mul"
-
     anchor_ops = frozenset({"HardSigmoid"})
 
     def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
@@ -211,10 +213,11 @@ class GeluRule(Rule):
         match.chain = follow_product(match.add.outputs[0], match.x, 0.5)
         if match.chain is None:
             return "1 + erf(x / sqrt(2)) is not multiplied by 0.5 * x"
+        match.nodes = (match.scale, match.erf, match.add, *match.chain.nodes)
         return None
 
     def rewrite(self, match: _GeluMatch, context: RuleContext) -> str:
-        nodes = (match.scale, match.erf, match.add, *match.chain.nodes)
+        nodes = match.nodes
         if context.opset >= GELU_OPSET:
             new = ir.node("Gelu", [match.x], name=f"{eir.node_label(match.erf)}_Gelu")
             return _fuse(context, nodes, match.chain, new)

@@ -65,6 +65,18 @@ def _trailing_axis(axes: list[int] | None, rank: int | None) -> int | str:
     return normalized[0] - rank
 
 
+def _normalized_dims(match: _LayerNormMatch) -> tuple[int, tuple[int, ...]] | str:
+    """(axis, static normalized dims) of the reduction, or why there are none."""
+    rank = len(match.x.shape) if match.x.shape is not None else None
+    axis = _trailing_axis(_reduce_axes(match.mean), rank)
+    if isinstance(axis, str):
+        return axis
+    dims = tuple(match.x.shape.dims[axis:]) if match.x.shape is not None else ()
+    if not dims or not all(isinstance(d, int) for d in dims):
+        return "the normalized dims of x are not static"
+    return axis, dims
+
+
 def _split_d_readers(d: ir.Value) -> tuple[ir.Node, ir.Node] | str:
     """(square, normalize) among the two readers of ``d = x - mean``."""
     readers = eir.consumers(d)
@@ -151,14 +163,11 @@ class LayerNormRule(Rule):
         reason = _variance_chain(match, *readers)
         if reason is not None:
             return reason
-        rank = len(match.x.shape) if match.x.shape is not None else None
-        axis = _trailing_axis(_reduce_axes(match.mean), rank)
-        if isinstance(axis, str):
-            return axis
-        dims = tuple(match.x.shape.dims[axis:]) if match.x.shape is not None else ()
-        if not dims or not all(isinstance(d, int) for d in dims):
-            return "the normalized dims of x are not static"
-        match.axis = axis
+        normalized = _normalized_dims(match)
+        if isinstance(normalized, str):
+            return normalized
+        match.axis, dims = normalized
+        rank = len(match.x.shape)
         match.scale = _absorb(match, "Mul", dims, rank)
         match.bias = _absorb(match, "Add", dims, rank)
         if match.scale is None:

@@ -1,0 +1,264 @@
+"""speed_check: float vs int8 timing structure (never a speed), and the slowdown reasons on synthetic evidence."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeopt.errors import ConfigError, DataError
+from edgeopt.quant.speed import (
+    TINY_MODEL_MS,
+    FloatIsland,
+    KernelCount,
+    SpeedEvidence,
+    float_islands,
+    int8_dot_product_instructions,
+    kernel_count,
+    read_cpu_flags,
+    signed_activations,
+    slowdown_reasons,
+    speed_check,
+)
+from tests.models import build_onnx
+
+# ------------------------------------------------------------------ real models
+
+
+def _quantize(float_path: pathlib.Path, quant_path: pathlib.Path) -> pathlib.Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            rng = np.random.default_rng(0)
+            self._samples = iter([{"input": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)}
+                                  for _ in range(16)])
+
+        def get_next(self):
+            return next(self._samples, None)
+
+    quantize_static(str(float_path), str(quant_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return quant_path
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
+    folder = tmp_path_factory.mktemp("speed")
+    float_path = build_onnx("resnet", folder)
+    return float_path, _quantize(float_path, folder / "resnet_qdq.onnx")
+
+
+@pytest.fixture(scope="module")
+def check(resnet):
+    return speed_check(*resnet, runs=10, threads=1)
+
+
+def test_speed_check_reports_medians_and_their_ratio(check):
+    assert check.float_ms > 0 and check.quant_ms > 0
+    assert check.speedup == pytest.approx(check.float_ms / check.quant_ms)
+    assert check.slower == (check.speedup < 1.0)
+    assert (check.runs, check.threads) == (10, 1)
+
+
+def test_reasons_are_given_only_when_int8_is_slower(check):
+    assert all(isinstance(reason, str) and reason for reason in check.reasons)
+    if not check.slower:
+        assert check.reasons == ()
+
+
+def test_evidence_of_an_ort_qdq_model_with_batchnorm_left_in(check):
+    # Without ORT's pre-processing the BatchNormalization nodes stay, between Q/DQ pairs.
+    evidence = check.evidence
+    assert {island.op_type for island in evidence.islands} == {"BatchNormalization"}
+    assert evidence.signed_activations == ()
+    assert evidence.kernels is not None and evidence.kernels.integer_kernels > 0
+    assert evidence.kernels.unfused_qdq > 0
+
+
+def test_speed_check_to_dict_is_json(check):
+    data = json.loads(json.dumps(check.to_dict(), allow_nan=False))
+    assert {"float_ms", "quant_ms", "speedup", "slower", "reasons", "evidence"} <= set(data)
+    assert data["evidence"]["float_islands"][0]["op_type"] == "BatchNormalization"
+
+
+def test_render_speed(check, capsys):
+    from edgeopt.cli.render_compare import render_speed
+
+    render_speed(check)
+    captured = capsys.readouterr()
+    assert "int8 (QDQ)" in captured.out
+    assert ("not faster" in captured.err) == check.slower
+
+
+def test_models_with_different_inputs_are_refused(resnet):
+    float_path, quant_path = resnet
+    quant = onnx.load(str(quant_path))
+    quant.graph.input[0].name = "image"
+    for node in quant.graph.node:
+        node.input[:] = ["image" if name == "input" else name for name in node.input]
+    with pytest.raises(DataError, match="different inputs"):
+        speed_check(float_path, ir.from_proto(quant), runs=1)
+
+
+def test_bad_settings_are_refused(resnet):
+    with pytest.raises(ConfigError, match="runs"):
+        speed_check(*resnet, runs=0)
+    with pytest.raises(ConfigError, match="threads"):
+        speed_check(*resnet, threads=0)
+
+
+# ---------------------------------------------------------------- CPU features
+
+
+def test_cpu_flags_are_read_from_the_x86_flags_line(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Fake\nflags\t\t: fpu sse2 avx2 avx512_vnni\n\n"
+                       "processor\t: 1\nflags\t\t: fpu\n")
+    assert read_cpu_flags(cpuinfo) == frozenset({"fpu", "sse2", "avx2", "avx512_vnni"})
+
+
+def test_cpu_flags_are_read_from_the_arm_features_line(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\nCPU implementer\t: 0x41\n")
+    assert read_cpu_flags(cpuinfo) == frozenset({"fp", "asimd", "asimddp"})
+
+
+def test_cpu_flags_of_a_missing_file_are_unknown(tmp_path):
+    assert read_cpu_flags(tmp_path / "absent") is None
+
+
+def test_int8_dot_product_instructions():
+    assert int8_dot_product_instructions({"avx2", "fma"}, "x86_64") == ()
+    assert int8_dot_product_instructions({"avx2", "avx512_vnni"}, "x86_64") == ("avx512_vnni",)
+    assert int8_dot_product_instructions({"avx_vnni"}, "AMD64") == ("avx_vnni",)
+    assert int8_dot_product_instructions({"asimd", "asimddp", "i8mm"}, "aarch64") == ("asimddp", "i8mm")
+    assert int8_dot_product_instructions({"asimd"}, "aarch64") == ()
+    assert int8_dot_product_instructions(None, "x86_64") is None
+    assert int8_dot_product_instructions({"avx512_vnni"}, "riscv64") is None
+
+
+# ------------------------------------------------------------ synthetic graphs
+
+
+def _qdq_model(*, island_op: str = "Tanh", activation_dtype=np.uint8) -> ir.Model:
+    """input -Q/DQ-> Conv (int8 weight via DQ) -Q/DQ-> island_op -Q/DQ-> Sub(weight DQ) -> output."""
+    zero = np.zeros((), activation_dtype)
+    inits = [numpy_helper.from_array(np.float32(0.05), "s"), numpy_helper.from_array(zero, "z"),
+             numpy_helper.from_array(np.ones((4, 3, 3, 3), np.int8), "w_q"),
+             numpy_helper.from_array(np.full(4, 0.01, np.float32), "w_s"),
+             numpy_helper.from_array(np.zeros(4, np.int8), "w_z"),
+             numpy_helper.from_array(np.ones((1, 4, 1, 1), np.int8), "b_q"),
+             numpy_helper.from_array(np.float32(0.1), "b_s")]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["input", "s", "z"], ["x_q"], name="q_in"),
+        helper.make_node("DequantizeLinear", ["x_q", "s", "z"], ["x_dq"], name="dq_in"),
+        helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"], name="dq_w", axis=0),
+        helper.make_node("Conv", ["x_dq", "w"], ["conv"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("QuantizeLinear", ["conv", "s", "z"], ["conv_q"], name="q_conv"),
+        helper.make_node("DequantizeLinear", ["conv_q", "s", "z"], ["conv_dq"], name="dq_conv"),
+        helper.make_node(island_op, ["conv_dq"], ["act"], name="island"),
+        helper.make_node("QuantizeLinear", ["act", "s", "z"], ["act_q"], name="q_act"),
+        helper.make_node("DequantizeLinear", ["act_q", "s", "z"], ["act_dq"], name="dq_act"),
+        helper.make_node("DequantizeLinear", ["b_q", "b_s"], ["b"], name="dq_b"),
+        helper.make_node("Sub", ["act_dq", "b"], ["output"], name="sub"),
+    ]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_float_islands_are_ops_without_an_integer_path_reading_a_dequantized_activation():
+    # Conv reads a DQ'd activation but has an integer kernel; Sub reads a DQ'd activation
+    # and is not in ORT's QDQ fusions; the weight DQ feeding Conv is not an activation.
+    islands = float_islands(_qdq_model(island_op="Tanh"))
+    assert islands == (FloatIsland(node="island", op_type="Tanh"), FloatIsland(node="sub", op_type="Sub"))
+
+
+def test_an_op_ort_runs_in_int8_is_not_an_island():
+    assert float_islands(_qdq_model(island_op="Sigmoid")) == (FloatIsland(node="sub", op_type="Sub"),)
+
+
+def test_a_float_model_has_no_islands(tmp_path):
+    assert float_islands(ir.load(str(build_onnx("resnet", tmp_path)))) == ()
+
+
+def test_signed_activations_are_found_by_the_zero_point_dtype():
+    assert signed_activations(_qdq_model(activation_dtype=np.int8)) == ("input", "conv", "act")
+    assert signed_activations(_qdq_model(activation_dtype=np.uint8)) == ()
+
+
+def test_kernel_count_ignores_the_conversions_at_the_graph_edges():
+    nodes = [
+        helper.make_node("QuantizeLinear", ["input", "s", "z"], ["x_q"]),
+        helper.make_node("QLinearConv", ["x_q", "s", "z", "w_q", "w_s", "w_z", "s", "z"], ["y_q"],
+                         domain="com.microsoft"),
+        helper.make_node("DequantizeLinear", ["y_q", "s", "z"], ["y"]),
+        helper.make_node("Softmax", ["y"], ["p"]),
+        helper.make_node("QuantizeLinear", ["p", "s", "z"], ["p_q"]),
+        helper.make_node("DequantizeLinear", ["p_q", "s", "z"], ["output"]),
+    ]
+    graph = helper.make_graph(nodes, "optimized", [helper.make_tensor_value_info("input", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                                  helper.make_opsetid("com.microsoft", 1)]))
+    assert kernel_count(model) == KernelCount(integer_kernels=1, unfused_qdq=2)
+
+
+# --------------------------------------------------------------------- reasons
+
+
+def _evidence(**changes) -> SpeedEvidence:
+    clean = dict(machine="x86_64", dot_product=("avx512_vnni",), islands=(), signed_activations=(),
+                 float_ms=1.0, kernels=KernelCount(integer_kernels=10, unfused_qdq=0))
+    return SpeedEvidence(**(clean | changes))
+
+
+def test_clean_evidence_gives_no_reason():
+    assert slowdown_reasons(_evidence()) == ()
+    assert slowdown_reasons(_evidence(dot_product=None, kernels=None)) == ()
+
+
+def test_a_cpu_without_int8_dot_product_is_a_reason():
+    (reason,) = slowdown_reasons(_evidence(dot_product=()))
+    assert "no int8 dot-product" in reason and "VNNI" in reason
+    (reason,) = slowdown_reasons(_evidence(machine="aarch64", dot_product=()))
+    assert "asimddp" in reason
+
+
+def test_float_islands_are_a_reason_listing_their_ops():
+    islands = (FloatIsland(node="a", op_type="Softplus"), FloatIsland(node="b", op_type="Erf"),
+               FloatIsland(node="c", op_type="Softplus"))
+    (reason,) = slowdown_reasons(_evidence(islands=islands))
+    assert reason.startswith("3 float islands") and "Softplus x2, Erf" in reason
+
+
+def test_int8_activations_are_a_reason_on_x86_only():
+    (reason,) = slowdown_reasons(_evidence(signed_activations=("conv1", "conv2")))
+    assert "2 activations are int8 (e.g. conv1)" in reason and "uint8" in reason
+    assert slowdown_reasons(_evidence(machine="aarch64", dot_product=("asimddp",),
+                                      signed_activations=("conv1",))) == ()
+
+
+def test_a_tiny_model_is_a_reason():
+    (reason,) = slowdown_reasons(_evidence(float_ms=TINY_MODEL_MS / 2))
+    assert "overhead" in reason and f"{TINY_MODEL_MS / 2:.3f} ms" in reason
+
+
+def test_unfused_qdq_and_missing_integer_kernels_are_reasons():
+    (reason,) = slowdown_reasons(_evidence(kernels=KernelCount(integer_kernels=3, unfused_qdq=12)))
+    assert reason.startswith("12 QuantizeLinear/DequantizeLinear nodes remain")
+    (reason,) = slowdown_reasons(_evidence(kernels=KernelCount(integer_kernels=0, unfused_qdq=12)))
+    assert "no node into an integer kernel" in reason
+
+
+def test_several_reasons_come_most_fundamental_first():
+    reasons = slowdown_reasons(_evidence(dot_product=(), float_ms=0.01,
+                                         islands=(FloatIsland(node="n", op_type="Erf"),)))
+    assert len(reasons) == 3
+    assert "dot-product" in reasons[0] and "overhead" in reasons[1] and "float islands" in reasons[2]
