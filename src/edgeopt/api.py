@@ -11,7 +11,7 @@ import io as _io
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,16 +22,22 @@ from edgeopt import ir as eir
 from edgeopt.analysis import CostReport, MemoryReport, analyze_cost, memory_report
 from edgeopt.bench import BenchConfig, BenchResult, BenchTarget, bench_models
 from edgeopt.data import ImagePreprocess
-from edgeopt.errors import DataError, ModelError
+from edgeopt.errors import ConfigError, DataError, ModelError
+from edgeopt.quant.compare import CompareResult
+from edgeopt.quant.registry import QuantResult
+from edgeopt.quant.speed import SpeedCheck
 from edgeopt.io import atomic_write_bytes, load_model, model_file_bytes, model_to_bytes
 
 __all__ = [
     "InspectResult",
+    "QuantizeReport",
     "RunResult",
     "bench",
+    "compare",
     "from_torch",
     "inspect",
     "load",
+    "quantize",
     "run",
 ]
 
@@ -241,3 +247,150 @@ def from_torch(module, example_inputs, *, path: str | os.PathLike | None = None,
 
     return export_torch(module, example_inputs, path=path, opset=opset,
                         input_names=input_names, output_names=output_names)
+
+
+# ---------------------------------------------------------------------- quantize
+
+
+MIN_CALIBRATION_SAMPLES = 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeReport:
+    """A quantized model, where it was written, and what it measured."""
+
+    result: QuantResult
+    output: Path | None
+    float_bytes: int
+    quant_bytes: int
+    calibration_samples: int
+    fidelity: CompareResult | None = None
+    speed: SpeedCheck | None = None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def model(self) -> ir.Model:
+        return self.result.model
+
+    def to_dict(self) -> dict:
+        result = self.result
+        return {
+            "scheme": result.scheme, "output": str(self.output) if self.output else None,
+            "float_bytes": self.float_bytes, "quant_bytes": self.quant_bytes,
+            "calibration_samples": self.calibration_samples,
+            "notes": list(result.notes), "warnings": list(self.warnings),
+            "float_nodes": [{"node": f.node_name, "op_type": f.op_type, "reason": f.reason}
+                            for f in result.float_nodes],
+            "fidelity": self.fidelity.to_dict() if self.fidelity else None,
+            "speed": self.speed.to_dict() if self.speed else None,
+            "tensors": [{"name": t.name, "kind": t.kind, "op_type": t.op_type, "format": t.format,
+                         "range": list(t.range), "scale": list(t.scale[:8]), "zero_point": list(t.zero_point[:8]),
+                         "method": t.method} for t in result.tensors],
+        }
+
+
+class _CountingSource:
+    """Pass batches through and count them (for the report and the too-few warning)."""
+
+    def __init__(self, source) -> None:
+        self._source = source
+        self.count = 0
+        self.num_samples = getattr(source, "num_samples", None)
+
+    def __iter__(self):
+        self.count = 0
+        for batch in self._source:
+            self.count += 1
+            yield batch
+
+
+def _calibration_source(model: ir.Model, data, preprocess: ImagePreprocess | None, max_samples: int | None):
+    from edgeopt.data import open_data, take
+
+    source = open_data(data, eir.model_inputs(model), preprocess=preprocess)
+    return take(source, max_samples) if max_samples is not None else source
+
+
+def _same_file(a: ModelSource, b: str | os.PathLike | None) -> bool:
+    if b is None or isinstance(a, ir.Model):
+        return False
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def quantize(model: ModelSource, config: object, data=None, *, output: str | os.PathLike | None = None,
+             preprocess: ImagePreprocess | None = None, max_samples: int | None = None,
+             check_fidelity: bool = True, check_speed: bool = True,
+             progress: Progress | None = None) -> QuantizeReport:
+    """Quantize ``model`` with ``config`` (Int8Config, Fp16Config, Bf16Config, Int4WeightConfig).
+
+    Calibration ``data`` is anything ``--data`` takes; required for int8. The
+    output is written atomically to ``output`` (never over the input). After
+    quantizing, fidelity to the float model (output SQNR, top-1 agreement) is
+    measured on up to 64 calibration samples, and float vs quantized latency
+    in ONNX Runtime, with the reasons when the quantized model is slower.
+    """
+    from edgeopt.quant import Int8Config
+    from edgeopt.quant import quantize as run_scheme
+
+    if _same_file(model, output):
+        raise ConfigError("-o/--output must differ from the input model: edgeopt never overwrites its input")
+    loaded = load(model, require_static=False)
+    source = None
+    if data is not None:
+        source = _CountingSource(_calibration_source(loaded, data, preprocess, max_samples))
+    elif isinstance(config, Int8Config):
+        raise ConfigError("int8 quantization needs calibration data: give --data (a folder of .npy, images, "
+                          "or module:function)")
+    result = run_scheme(loaded, config, source, progress=progress)
+    quant_bytes = model_to_bytes(result.model)
+    if output is not None:
+        atomic_write_bytes(output, quant_bytes)
+    warnings = []
+    if source is not None and source.count < MIN_CALIBRATION_SAMPLES and isinstance(config, Int8Config):
+        warnings.append(f"only {source.count} calibration samples: ranges may not cover real inputs "
+                        f"(use at least {MIN_CALIBRATION_SAMPLES}, ideally a few hundred)")
+    reiterable = data is not None and not isinstance(data, Iterator)
+    fidelity = _fidelity(loaded, result.model, data, preprocess) if check_fidelity and reiterable else None
+    speed = _speed(loaded, result.model) if check_speed else None
+    if speed is not None and speed.slower:
+        warnings.append(f"the quantized model is slower than float here ({speed.quant_ms:.3f} ms vs "
+                        f"{speed.float_ms:.3f} ms): " + "; ".join(speed.reasons or ("no cause found",)))
+    for warning in warnings:
+        logger.warning(warning)
+    return QuantizeReport(result=result, output=Path(output) if output is not None else None,
+                          float_bytes=len(model_to_bytes(loaded)), quant_bytes=len(quant_bytes),
+                          calibration_samples=source.count if source is not None else 0,
+                          fidelity=fidelity, speed=speed, warnings=tuple(warnings))
+
+
+FIDELITY_SAMPLES = 64
+
+
+def _fidelity(float_model: ir.Model, quant_model: ir.Model, data, preprocess) -> CompareResult:
+    from edgeopt.quant.compare import compare_models
+
+    return compare_models(float_model, quant_model, _calibration_source(float_model, data, preprocess, None),
+                          max_samples=FIDELITY_SAMPLES)
+
+
+def _speed(float_model: ir.Model, quant_model: ir.Model) -> SpeedCheck | None:
+    from edgeopt.quant.speed import speed_check
+
+    if not all(spec.is_static for spec in eir.model_inputs(float_model)):
+        logger.info("speed check skipped: the model has dynamic input dims")
+        return None
+    return speed_check(float_model, quant_model, runs=50, threads=1)
+
+
+# ----------------------------------------------------------------------- compare
+
+
+def compare(float_model: ModelSource, quant_model: ModelSource, data, *, preprocess: ImagePreprocess | None = None,
+            max_samples: int | None = None, progress: Progress | None = None) -> CompareResult:
+    """Per-layer SQNR and cosine of a quantized model against its float model, worst first."""
+    from edgeopt.quant.compare import compare_models
+
+    float_ir = load(float_model, require_static=False)
+    quant_ir = load(quant_model, require_static=False)
+    source = _calibration_source(float_ir, data, preprocess, max_samples)
+    return compare_models(float_ir, quant_ir, source, progress=progress)

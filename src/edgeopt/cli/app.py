@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 from pathlib import Path
 from typing import Annotated, Optional
@@ -226,3 +227,136 @@ def demo(
     for key, value in result.summary_lines():
         summary.add_row(key, value)
     state.stdout.print(summary)
+
+
+# ---------------------------------------------------------------------- quantize
+
+
+class Scheme(str, enum.Enum):
+    int8 = "int8"
+    uint8 = "uint8"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    int4_weight = "int4-weight"
+
+
+class TargetChoice(str, enum.Enum):
+    ort = "ort"
+    mcu = "mcu"
+
+
+class CalibrationChoice(str, enum.Enum):
+    minmax = "minmax"
+    percentile = "percentile"
+    entropy = "entropy"
+    mse = "mse"
+    auto = "auto"
+
+
+def _quant_config(scheme: Scheme, target: TargetChoice, calibration: CalibrationChoice, per_tensor: bool,
+                  exclude: tuple[str, ...], block_size: int):
+    from edgeopt import quant
+    from edgeopt.quant.float16 import Bf16Config, Fp16Config
+    from edgeopt.quant.int4 import Int4WeightConfig
+
+    if scheme in (Scheme.int8, Scheme.uint8):
+        return quant.Int8Config(
+            target=quant.Target[target.name.upper()], calibration=quant.CalibrationMethod[calibration.name.upper()],
+            weight_granularity=quant.PerTensor() if per_tensor else quant.PerChannel(),
+            activation_format=quant.format_named("uint8") if scheme is Scheme.uint8 else None, exclude=exclude)
+    if scheme is Scheme.fp16:
+        return Fp16Config(exclude=exclude)
+    if scheme is Scheme.bf16:
+        return Bf16Config(exclude=exclude)
+    return Int4WeightConfig(granularity=quant.PerBlock(size=block_size), exclude=exclude)
+
+
+@app.command()
+def quantize(
+    model: Annotated[Path, typer.Argument(help="Float ONNX model.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Quantized ONNX model to write.")],
+    data: Annotated[Optional[str], typer.Option("--data", help="Calibration data: folder of .npy/.npz, images, "
+                                                               "or module:function (required for int8).")] = None,
+    scheme: Annotated[Scheme, typer.Option("--scheme", help="int8 (activations by --target), uint8, fp16, bf16, "
+                                                            "int4-weight.")] = Scheme.int8,
+    target: Annotated[TargetChoice, typer.Option("--target", help="ort: u8 activations x s8 weights (ONNX Runtime "
+                                                                  "on x86); mcu: TFLite int8 scheme.")] = TargetChoice.ort,
+    calibration: Annotated[CalibrationChoice, typer.Option("--calibration", help="How activation ranges are chosen.")]
+    = CalibrationChoice.minmax,
+    per_tensor: Annotated[bool, typer.Option("--per-tensor", help="Per-tensor weights (default per channel).")] = False,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", metavar="NODE_OR_OPTYPE",
+                                                         help="Keep this node or op type in float (repeatable).")] = None,
+    block_size: Annotated[int, typer.Option("--block-size", help="Block size of int4-weight.")] = 32,
+    max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="Use at most N calibration samples.")]
+    = None,
+    preprocess: PreprocessOption = None,
+    speed_check: Annotated[bool, typer.Option("--speed-check/--no-speed-check",
+                                              help="Time float vs quantized in ONNX Runtime afterwards.")] = True,
+    json_output: JsonOption = False,
+) -> None:
+    """Quantize a float model (int8 QDQ calibrated on --data, fp16, bf16 or int4 weight-only)."""
+    config = _quant_config(scheme, target, calibration, per_tensor, tuple(exclude or ()), block_size)
+    with progress_bar("calibrating", enabled=not json_output) as update:
+        report = api.quantize(model, config, data, output=output, max_samples=max_samples,
+                              preprocess=ImagePreprocess.parse(preprocess) if preprocess else None,
+                              check_speed=speed_check, progress=update)
+    if json_output:
+        print_json(report.to_dict())
+        return
+    _render_quantize(report)
+
+
+def _render_quantize(report: api.QuantizeReport) -> None:
+    from edgeopt.cli.render_compare import render_speed
+
+    result = report.result
+    for note in result.notes:
+        state.stdout.print(f"note: {note}")
+    if result.float_nodes:
+        rows = table(f"{len(result.float_nodes)} node(s) left in float", [("node", "left"), ("op", "left"),
+                                                                          ("reason", "left")])
+        for node in result.float_nodes:
+            rows.add_row(node.node_name, node.op_type, node.reason)
+        state.stdout.print(rows)
+    summary = table(f"{result.scheme} -> {report.output}", [("", "left"), ("", "left")])
+    summary.show_header = False
+    summary.add_row("size", f"{bytes_text(report.float_bytes)} -> {bytes_text(report.quant_bytes)} "
+                            f"({report.quant_bytes / report.float_bytes:.2f}x)")
+    if report.calibration_samples:
+        summary.add_row("calibration", f"{report.calibration_samples} samples")
+    if report.fidelity is not None:
+        for out in report.fidelity.outputs:
+            top1 = f", top-1 agreement {out.top1_agreement:.2%}" if out.top1_agreement is not None else ""
+            summary.add_row(f"fidelity {out.name}", f"SQNR {out.sqnr_db:.2f} dB, cosine {out.cosine:.5f}{top1} "
+                                                    f"(on {report.fidelity.samples} calibration samples)")
+    state.stdout.print(summary)
+    if report.speed is not None:
+        render_speed(report.speed)
+    for warning in report.warnings:
+        state.stderr.print(f"warning: {warning}")
+
+
+# ----------------------------------------------------------------------- compare
+
+
+@app.command()
+def compare(
+    float_model: Annotated[Path, typer.Argument(help="The float ONNX model.")],
+    quant_model: Annotated[Path, typer.Argument(help="Its quantized (QDQ) version.")],
+    data: Annotated[str, typer.Option("--data", help="Inputs to compare on: folder of .npy/.npz, images, "
+                                                     "or module:function.")],
+    max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="Use at most N samples.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Show only the N worst layers.")] = None,
+    preprocess: PreprocessOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Per-layer SQNR and cosine of a quantized model against its float model, worst first."""
+    from edgeopt.cli.render_compare import render_compare
+
+    with progress_bar("comparing", enabled=not json_output) as update:
+        result = api.compare(float_model, quant_model, data, max_samples=max_samples,
+                             preprocess=ImagePreprocess.parse(preprocess) if preprocess else None, progress=update)
+    if json_output:
+        print_json(result.to_dict())
+        return
+    render_compare(result, limit=limit)
