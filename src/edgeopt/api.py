@@ -22,7 +22,8 @@ from edgeopt import ir as eir
 from edgeopt.analysis import CostReport, MemoryReport, analyze_cost, memory_report
 from edgeopt.bench import BenchConfig, BenchResult, BenchTarget, bench_models
 from edgeopt.data import ImagePreprocess
-from edgeopt.errors import ConfigError, DataError, ModelError
+from edgeopt.errors import ConfigError, DataError, EdgeoptError, ModelError
+from edgeopt.quant.accuracy import AccuracyGoal, AccuracySearch, accuracy_aware_quantize
 from edgeopt.quant.compare import CompareResult
 from edgeopt.quant.registry import QuantResult
 from edgeopt.quant.speed import SpeedCheck
@@ -266,6 +267,7 @@ class QuantizeReport:
     calibration_samples: int
     fidelity: CompareResult | None = None
     speed: SpeedCheck | None = None
+    search: AccuracySearch | None = None
     warnings: tuple[str, ...] = ()
 
     @property
@@ -283,6 +285,7 @@ class QuantizeReport:
                             for f in result.float_nodes],
             "fidelity": self.fidelity.to_dict() if self.fidelity else None,
             "speed": self.speed.to_dict() if self.speed else None,
+            "accuracy_search": self.search.to_dict() if self.search else None,
             "tensors": [{"name": t.name, "kind": t.kind, "op_type": t.op_type, "format": t.format,
                          "range": list(t.range), "scale": list(t.scale[:8]), "zero_point": list(t.zero_point[:8]),
                          "method": t.method} for t in result.tensors],
@@ -317,8 +320,36 @@ def _same_file(a: ModelSource, b: str | os.PathLike | None) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
+def _evaluator(evaluate: str | Callable[[str], float] | None) -> Callable[[ir.Model], float] | None:
+    """Wrap the user's ``evaluate(model_path) -> score`` so it takes a model (saved to a temp file)."""
+    import tempfile
+
+    from edgeopt.data.callable import load_function
+
+    if evaluate is None:
+        return None
+    function = load_function(evaluate, option="--eval") if isinstance(evaluate, str) else evaluate
+
+    def score(model: ir.Model) -> float:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder, "candidate.onnx")
+            path.write_bytes(model_to_bytes(model))
+            try:
+                value = float(function(str(path)))
+            except EdgeoptError:
+                raise
+            except Exception as error:  # the user's evaluation code failed
+                raise DataError(f"--eval {evaluate}: the function raised {type(error).__name__}: {error}") from error
+        if not np.isfinite(value):
+            raise DataError(f"--eval {evaluate} returned {value}: it must return a finite score")
+        return value
+
+    return score
+
+
 def quantize(model: ModelSource, config: object, data=None, *, output: str | os.PathLike | None = None,
              preprocess: ImagePreprocess | None = None, max_samples: int | None = None,
+             goal: AccuracyGoal | None = None, evaluate: str | Callable[[str], float] | None = None,
              check_fidelity: bool = True, check_speed: bool = True,
              progress: Progress | None = None) -> QuantizeReport:
     """Quantize ``model`` with ``config`` (Int8Config, Fp16Config, Bf16Config, Int4WeightConfig).
@@ -328,6 +359,10 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     quantizing, fidelity to the float model (output SQNR, top-1 agreement) is
     measured on up to 64 calibration samples, and float vs quantized latency
     in ONNX Runtime, with the reasons when the quantized model is slower.
+
+    With an accuracy ``goal`` (int8 only), the most damaging layers go back to
+    float one by one until it is met (``evaluate(model_path) -> score`` for a
+    ``max_drop`` goal; output SQNR on the calibration data for ``min_sqnr_db``).
     """
     from edgeopt.quant import Int8Config
     from edgeopt.quant import quantize as run_scheme
@@ -341,11 +376,22 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     elif isinstance(config, Int8Config):
         raise ConfigError("int8 quantization needs calibration data: give --data (a folder of .npy, images, "
                           "or module:function)")
-    result = run_scheme(loaded, config, source, progress=progress)
+    search = None
+    if goal is not None:
+        if not isinstance(config, Int8Config):
+            raise ConfigError("--max-drop/--min-sqnr apply to int8 quantization only")
+        search = accuracy_aware_quantize(loaded, config, source, goal, evaluate=_evaluator(evaluate),
+                                         progress=progress)
+        result = search.result
+    else:
+        result = run_scheme(loaded, config, source, progress=progress)
     quant_bytes = model_to_bytes(result.model)
     if output is not None:
         atomic_write_bytes(output, quant_bytes)
     warnings = []
+    if search is not None and not search.met:
+        warnings.append(f"accuracy goal not met ({search.goal.describe()}): best score {search.best_score:.3f} "
+                        f"with {len(search.best_excluded)} node(s) back in float; {search.stopped_because}")
     if source is not None and source.count < MIN_CALIBRATION_SAMPLES and isinstance(config, Int8Config):
         warnings.append(f"only {source.count} calibration samples: ranges may not cover real inputs "
                         f"(use at least {MIN_CALIBRATION_SAMPLES}, ideally a few hundred)")
@@ -360,7 +406,7 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     return QuantizeReport(result=result, output=Path(output) if output is not None else None,
                           float_bytes=len(model_to_bytes(loaded)), quant_bytes=len(quant_bytes),
                           calibration_samples=source.count if source is not None else 0,
-                          fidelity=fidelity, speed=speed, warnings=tuple(warnings))
+                          fidelity=fidelity, speed=speed, search=search, warnings=tuple(warnings))
 
 
 FIDELITY_SAMPLES = 64

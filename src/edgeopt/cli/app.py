@@ -15,7 +15,8 @@ from edgeopt.bench import BenchConfig
 from edgeopt.cli import state
 from edgeopt.cli.render import bytes_text, count_text, print_json, progress_bar, table
 from edgeopt.data import ImagePreprocess
-from edgeopt.errors import DataError
+from edgeopt.errors import ConfigError, DataError
+from edgeopt.quant.accuracy import AccuracyGoal
 from edgeopt.io import parse_input_shapes
 
 __all__ = ["app"]
@@ -289,6 +290,17 @@ def quantize(
     block_size: Annotated[int, typer.Option("--block-size", help="Block size of int4-weight.")] = 32,
     max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="Use at most N calibration samples.")]
     = None,
+    evaluate: Annotated[Optional[str], typer.Option("--eval", metavar="MODULE:FUNCTION",
+                                                    help="Your metric: function(model_path) -> score, higher is "
+                                                         "better (e.g. accuracy in %).")] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="With --eval: return the most damaging "
+                                                                         "layers to float until the score drops "
+                                                                         "at most this much.")] = None,
+    min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", metavar="DB",
+                                                      help="Without labels: the same loop until the output SQNR "
+                                                           "against the float model reaches DB.")] = None,
+    time_budget: Annotated[str, typer.Option("--time-budget", help="Limit of the accuracy loop, e.g. 90s, 10m, "
+                                                                   "1h.")] = "10m",
     preprocess: PreprocessOption = None,
     speed_check: Annotated[bool, typer.Option("--speed-check/--no-speed-check",
                                               help="Time float vs quantized in ONNX Runtime afterwards.")] = True,
@@ -296,9 +308,14 @@ def quantize(
 ) -> None:
     """Quantize a float model (int8 QDQ calibrated on --data, fp16, bf16 or int4 weight-only)."""
     config = _quant_config(scheme, target, calibration, per_tensor, tuple(exclude or ()), block_size)
-    with progress_bar("calibrating", enabled=not json_output) as update:
-        report = api.quantize(model, config, data, output=output, max_samples=max_samples,
-                              preprocess=ImagePreprocess.parse(preprocess) if preprocess else None,
+    goal = None
+    if max_drop is not None or min_sqnr is not None:
+        goal = AccuracyGoal(max_drop=max_drop, min_sqnr_db=min_sqnr, time_budget_s=_seconds(time_budget))
+    elif evaluate is not None:
+        raise ConfigError("--eval is used with --max-drop: give the largest score drop you accept")
+    with progress_bar("calibrating" if goal is None else "accuracy search", enabled=not json_output) as update:
+        report = api.quantize(model, config, data, output=output, max_samples=max_samples, goal=goal,
+                              evaluate=evaluate, preprocess=ImagePreprocess.parse(preprocess) if preprocess else None,
                               check_speed=speed_check, progress=update)
     if json_output:
         print_json(report.to_dict())
@@ -306,10 +323,38 @@ def quantize(
     _render_quantize(report)
 
 
+def _seconds(text: str) -> float:
+    """'90s', '10m', '1h' or plain seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text and text[-1].lower() in units else (text, "s")
+    try:
+        value = float(number) * units[unit.lower()]
+    except ValueError:
+        raise ConfigError(f"--time-budget {text!r}: write it like 90s, 10m or 1h") from None
+    if value <= 0:
+        raise ConfigError(f"--time-budget {text!r} must be positive")
+    return value
+
+
+def _render_search(search) -> None:
+    rows = table(f"accuracy search: {search.goal.describe()} -> {search.stopped_because}",
+                 [("round", "right"), ("float nodes", "right"), ("score", "right"), ("next back to float", "left"),
+                  ("why", "left")])
+    for index, step in enumerate(search.steps):
+        rows.add_row(str(index), str(len(step.excluded)), f"{step.score:.3f}",
+                     f"{step.next_node} ({step.next_op_type})" if step.next_node else "", step.reason or "")
+    state.stdout.print(rows)
+    float_text = "" if search.float_score == float("inf") else f" (float model {search.float_score:.3f})"
+    state.stdout.print(f"best: score {search.best_score:.3f}{float_text} with {len(search.best_excluded)} node(s) "
+                       f"back in float: {', '.join(search.best_excluded) or 'none'}")
+
+
 def _render_quantize(report: api.QuantizeReport) -> None:
     from edgeopt.cli.render_compare import render_speed
 
     result = report.result
+    if report.search is not None:
+        _render_search(report.search)
     for note in result.notes:
         state.stdout.print(f"note: {note}")
     if result.float_nodes:

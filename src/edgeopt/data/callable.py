@@ -24,7 +24,7 @@ from edgeopt.data.base import DataSource, as_feed, split_stacked
 from edgeopt.errors import DataError
 from edgeopt.ir.values import InputSpec
 
-__all__ = ["CallableSource", "looks_like_callable"]
+__all__ = ["CallableSource", "load_function", "looks_like_callable"]
 
 _FUNCTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -40,13 +40,13 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
-def _import_file(path: Path, spec_text: str) -> object:
+def _import_file(path: Path, spec_text: str, option: str) -> object:
     if not path.is_file():
-        raise DataError(f"--data {spec_text}: file {path} not found")
+        raise DataError(f"{option} {spec_text}: file {path} not found")
     module_name = f"edgeopt_user_data_{abs(hash(path.resolve()))}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     if module_spec is None or module_spec.loader is None:
-        raise DataError(f"--data {spec_text}: cannot load {path} as a Python module")
+        raise DataError(f"{option} {spec_text}: cannot load {path} as a Python module")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module  # dataclasses and pickling look the module up here
     try:
@@ -57,29 +57,29 @@ def _import_file(path: Path, spec_text: str) -> object:
     return module
 
 
-def _import(target: str, spec_text: str) -> object:
+def _import(target: str, spec_text: str, option: str) -> object:
     try:
         if target.endswith(".py") or "/" in target or "\\" in target:
-            return _import_file(Path(target), spec_text)
+            return _import_file(Path(target), spec_text, option)
         return importlib.import_module(target)
     except DataError:
         raise
     except Exception as error:  # the user's module may raise anything while importing
-        raise DataError(f"--data {spec_text}: importing {target} failed ({_first_line(error)}): "
+        raise DataError(f"{option} {spec_text}: importing {target} failed ({_first_line(error)}): "
                         "check the module path and that it imports on its own") from error
 
 
-def load_function(spec_text: str) -> Callable[[], object]:
-    """The function named by ``module:function`` or ``file.py:function``."""
+def load_function(spec_text: str, option: str = "--data") -> Callable[..., object]:
+    """The function named by ``module:function`` or ``file.py:function``; ``option`` names it in errors."""
     target, sep, name = spec_text.rpartition(":")
     if not looks_like_callable(spec_text):
-        raise DataError(f"--data {spec_text!r} is not module:function or path/to/file.py:function")
-    module = _import(target, spec_text)
+        raise DataError(f"{option} {spec_text!r} is not module:function or path/to/file.py:function")
+    module = _import(target, spec_text, option)
     function = getattr(module, name, None)
     if function is None:
-        raise DataError(f"--data {spec_text}: {target} has no attribute {name!r}")
+        raise DataError(f"{option} {spec_text}: {target} has no attribute {name!r}")
     if not callable(function):
-        raise DataError(f"--data {spec_text}: {name} is a {type(function).__name__}, not a function")
+        raise DataError(f"{option} {spec_text}: {name} is a {type(function).__name__}, not a function")
     return function
 
 

@@ -11,10 +11,12 @@ after add theirs. Subtracting it from the bias, ``b' = b - e mu`` with
 layer right on average. Per op:
 
 * Conv ``W[M, C/g, k...]``: ``shift_o = sum_{c,k} e[o, c, k] mu[g(o) C/g + c]``
-  with ``g(o) = o // (M/g)`` the group of output channel ``o``. Where the
-  kernel overlaps the zero padding, fewer inputs contribute and the true
-  shift is smaller; the correction uses the interior value everywhere (the
-  standard approximation; exact for unpadded and 1x1 convolutions).
+  with ``g(o) = o // (M/g)`` the group of output channel ``o``. This takes
+  every kernel tap's expected input to be the channel mean, i.e. spatially
+  stationary statistics: exact for 1x1 stride-1 convolutions; for larger
+  kernels each tap sees a shifted window, and where the kernel overlaps zero
+  padding the true shift is smaller. That is the standard approximation:
+  one correction per channel, right on average over positions.
 * Gemm ``y = alpha A B + beta C``: ``shift = alpha mu e`` (``e`` as ``[K, N]``;
   ``transB`` transposes it) and ``C' = C - shift / beta``; a Gemm without
   ``C`` gets one.

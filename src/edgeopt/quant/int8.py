@@ -72,6 +72,12 @@ def _prepare(model: ir.Model) -> None:
             logger.info("shape inference skipped (%s)", str(error).splitlines()[0] if str(error) else error)
 
 
+def _vanished_excludes(model: ir.Model, exclude: tuple[str, ...]) -> list[str]:
+    present = {node.name for node in model.graph} | {node.op_type for node in model.graph}
+    return [f"--exclude {entry!r}: no such node after the float passes (folded into its neighbour)"
+            for entry in exclude if entry not in present]
+
+
 @register_scheme(Int8Config)
 def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | None, *,
                   progress: ProgressCallback | None = None) -> QuantResult:
@@ -88,6 +94,7 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
         hooks.append(check)
     model, optimization = _optimize(model)
     _prepare(model)
+    notes.extend(_vanished_excludes(model, config.exclude))
     plan = plan_qdq(model, exclude=config.exclude)
     calibration = calibrate(model, data, plan.activations, config.calibration_config,
                             progress=progress, hooks=hooks)

@@ -79,17 +79,26 @@ class MinMaxObserver:
     def update(self, array) -> None:
         array = np.asarray(array)
         if self.axis is None:
-            values = _finite_values(array)
-            if values.size:
-                self._min = min(self._min, float(values.min()))
-                self._max = max(self._max, float(values.max()))
-            self._count += int(values.size)
+            self._update_all(array)
             return
         moved = np.moveaxis(np.asarray(array, dtype=np.float64), self.axis, 0).reshape(array.shape[self.axis], -1)
         finite = np.isfinite(moved)
         self._min = np.minimum(self._min, np.where(finite, moved, np.inf).min(axis=1, initial=np.inf))
         self._max = np.maximum(self._max, np.where(finite, moved, -np.inf).max(axis=1, initial=-np.inf))
         self._count += int(finite.sum())
+
+    def _update_all(self, array: np.ndarray) -> None:
+        if not array.size:
+            return
+        low, high = float(array.min()), float(array.max())
+        count = array.size
+        if not (math.isfinite(low) and math.isfinite(high)):  # rare: pay for a filtered copy
+            values = _finite_values(array)
+            if not values.size:
+                return
+            low, high, count = float(values.min()), float(values.max()), values.size
+        self._min, self._max = min(self._min, low), max(self._max, high)
+        self._count += int(count)
 
     def result(self) -> MinMaxStats:
         if self.axis is None:

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-from edgeopt.codegen.c.packing import PACKERS, PackContext
+from edgeopt.codegen.c.packing import PACKERS, PackContext, c_array
 from edgeopt.codegen.c.plan import MemoryPlan
 from edgeopt.runtime.reference.program import Program
 
@@ -97,7 +97,6 @@ def _model_c(program: Program, plan: MemoryPlan, name: str, device_sram_bytes: i
 
     decls, calls = [], []
     for tensor, array in program.constants.items():
-        from edgeopt.codegen.c.packing import c_array
         decls.append(c_array(f"const_{_ident(tensor).lower()}", array))
     for step, op in enumerate(program.ops):
         op_decls, call = PACKERS[op.kind](op, PackContext(program, pointer, step))

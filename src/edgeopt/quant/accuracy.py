@@ -1,0 +1,232 @@
+"""Accuracy-aware int8: put the most damaging layers back in float until the metric is within budget.
+
+The metric is either the user's (``evaluate(model) -> score``, higher is
+better; the goal is ``float_score - score <= max_drop``) or, without labels,
+the lowest output SQNR of the quantized model against the float model on the
+calibration data (goal ``sqnr >= min_sqnr_db``).
+
+Each round quantizes with the current exclusion set, measures the metric, and
+if it misses the goal measures every quantized activation against the float
+model (:func:`edgeopt.quant.compare.compare_models`). The damage a node does is
+measured, not guessed: the SQNR of its quantized inputs minus the SQNR of its
+output, i.e. the decibels of fidelity lost inside that node. The node with the
+largest damage goes back to float and the next round starts. The loop ends
+when the goal is met, the time budget would be exceeded by another round, or
+no quantized node is left; the best model seen is returned either way, with
+every step and its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from edgeopt import ir as eir
+from edgeopt.errors import ConfigError
+from edgeopt.quant.api import quantize
+from edgeopt.quant.compare import CompareResult, compare_models
+from edgeopt.quant.config import Int8Config
+from edgeopt.quant.registry import QuantResult
+
+__all__ = ["AccuracyGoal", "AccuracySearch", "AccuracyStep", "accuracy_aware_quantize"]
+
+logger = logging.getLogger(__name__)
+
+Evaluate = Callable[[ir.Model], float]
+
+# Samples of the calibration data used to measure per-layer and output SQNR each round.
+FIDELITY_SAMPLES = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccuracyGoal:
+    """Exactly one of ``max_drop`` (score points, needs an evaluate function) or ``min_sqnr_db``."""
+
+    max_drop: float | None = None
+    min_sqnr_db: float | None = None
+    time_budget_s: float = 600.0
+    max_float_nodes: int = 32
+
+    def __post_init__(self) -> None:
+        if (self.max_drop is None) == (self.min_sqnr_db is None):
+            raise ConfigError("give exactly one accuracy goal: --max-drop (with --eval) or --min-sqnr")
+        for key, value in (("max_drop", self.max_drop), ("min_sqnr_db", self.min_sqnr_db)):
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")
+        if not self.time_budget_s > 0:
+            raise ConfigError(f"time budget must be positive, got {self.time_budget_s!r} s")
+        if self.max_float_nodes < 1:
+            raise ConfigError(f"max_float_nodes must be at least 1, got {self.max_float_nodes}")
+
+    def met(self, score: float, float_score: float) -> bool:
+        if self.max_drop is not None:
+            return float_score - score <= self.max_drop
+        return score >= self.min_sqnr_db
+
+    def describe(self) -> str:
+        if self.max_drop is not None:
+            return f"accuracy drop <= {self.max_drop:g}"
+        return f"output SQNR >= {self.min_sqnr_db:g} dB"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccuracyStep:
+    """One round: the score with the nodes excluded so far, and the node chosen next (if any)."""
+
+    excluded: tuple[str, ...]
+    score: float
+    seconds: float
+    next_node: str | None = None
+    next_op_type: str | None = None
+    reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"excluded": list(self.excluded), "score": self.score, "seconds": self.seconds,
+                "next_node": self.next_node, "next_op_type": self.next_op_type, "reason": self.reason}
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccuracySearch:
+    """The best model found, the goal, and how the search went."""
+
+    result: QuantResult
+    goal: AccuracyGoal
+    float_score: float
+    best_score: float
+    best_excluded: tuple[str, ...]
+    met: bool
+    steps: tuple[AccuracyStep, ...]
+    stopped_because: str
+
+    def to_dict(self) -> dict:
+        return {"goal": self.goal.describe(), "float_score": self.float_score, "best_score": self.best_score,
+                "met": self.met, "float_nodes_added": list(self.best_excluded),
+                "stopped_because": self.stopped_because, "steps": [s.to_dict() for s in self.steps]}
+
+
+def _base_model(model: ir.Model) -> ir.Model:
+    """The optimized float model, named as the quantizer will name it, so exclusions refer to real nodes."""
+    from edgeopt.passes import optimize_for_quantization
+    from edgeopt.quant.int8 import QDQ_OPSET
+    from edgeopt.quant.opset import convert_opset
+
+    base = convert_opset(model, QDQ_OPSET) if eir.default_opset(model) < QDQ_OPSET else model.clone()
+    base = optimize_for_quantization(base).model
+    common_passes.NameFixPass()(base)
+    return base
+
+
+def _output_sqnr(comparison: CompareResult) -> float:
+    return min((o.sqnr_db for o in comparison.outputs), default=-math.inf)
+
+
+def _node_damage(quant_model: ir.Model, comparison: CompareResult) -> list[tuple[float, ir.Node, str]]:
+    """(damage dB, node, reason) for each node producing a quantized activation, worst first."""
+    sqnr = {row.tensor: row.sqnr_db for row in comparison.layers}
+    values = {v.name: v for node in quant_model.graph for v in node.outputs}
+    ranked = []
+    for row in comparison.layers:
+        value = values.get(row.tensor)
+        node = value.producer() if value is not None else None
+        if node is None or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        input_sqnr = [sqnr[name] for name in _quantized_inputs(node) if name in sqnr]
+        upstream = min(input_sqnr) if input_sqnr else math.inf
+        damage = (upstream - row.sqnr_db) if math.isfinite(upstream) else -row.sqnr_db
+        reason = (f"output SQNR {row.sqnr_db:.1f} dB, {damage:.1f} dB lost inside the node"
+                  if math.isfinite(upstream) else f"output SQNR {row.sqnr_db:.1f} dB")
+        ranked.append((damage, node, reason))
+    ranked.sort(key=lambda item: (-item[0], item[1].name))
+    return ranked
+
+
+def _quantized_inputs(node: ir.Node) -> list[str]:
+    """Float names of a node's inputs that arrive through a Q -> DQ pair."""
+    names = []
+    for value in node.inputs:
+        dequantize = value.producer() if value is not None else None
+        if dequantize is None or dequantize.op_type != "DequantizeLinear":
+            continue
+        quantize_node = dequantize.inputs[0].producer() if dequantize.inputs[0] is not None else None
+        if quantize_node is not None and quantize_node.op_type == "QuantizeLinear":
+            names.append(quantize_node.inputs[0].name)
+    return names
+
+
+class _Search:
+    """The state of one search: the base model, the data, the metric, the clock."""
+
+    def __init__(self, base: ir.Model, config: Int8Config, data: Iterable, goal: AccuracyGoal,
+                 evaluate: Evaluate | None) -> None:
+        self.base, self.config, self.data, self.goal, self.evaluate = base, config, data, goal, evaluate
+        self.started = time.monotonic()
+
+    def quantize(self, excluded: tuple[str, ...]) -> QuantResult:
+        config = replace(self.config, exclude=tuple(dict.fromkeys(self.config.exclude + excluded)))
+        return quantize(self.base, config, self.data)
+
+    def compare(self, quant_model: ir.Model) -> CompareResult:
+        return compare_models(self.base, quant_model, self.data, max_samples=FIDELITY_SAMPLES)
+
+    def score(self, quant_model: ir.Model, comparison: CompareResult) -> float:
+        return self.evaluate(quant_model) if self.evaluate is not None else _output_sqnr(comparison)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+def accuracy_aware_quantize(model: ir.Model, config: Int8Config, data: Iterable, goal: AccuracyGoal, *,
+                            evaluate: Evaluate | None = None,
+                            progress: Callable[[int, int | None], None] | None = None) -> AccuracySearch:
+    """Int8-quantize ``model``, returning float the most damaging nodes until ``goal`` is met.
+
+    ``data`` must be re-iterable (a data source or a list): every round
+    calibrates and measures on it. ``evaluate(model) -> score`` is required
+    for ``goal.max_drop``.
+    """
+    if goal.max_drop is not None and evaluate is None:
+        raise ConfigError("--max-drop needs --eval module:function to score a model")
+    search = _Search(_base_model(model), config, data, goal, evaluate)
+    float_score = evaluate(search.base) if evaluate is not None else math.inf
+    steps: list[AccuracyStep] = []
+    best: tuple[float, QuantResult, tuple[str, ...]] | None = None
+    excluded: tuple[str, ...] = ()
+    stopped = "no quantized node left to return to float"
+    while True:
+        round_start = time.monotonic()
+        result = search.quantize(excluded)
+        comparison = search.compare(result.model)
+        score = search.score(result.model, comparison)
+        if best is None or score > best[0]:
+            best = (score, result, excluded)
+        if progress is not None:
+            progress(len(steps) + 1, None)
+        if goal.met(score, float_score):
+            steps.append(AccuracyStep(excluded=excluded, score=score, seconds=time.monotonic() - round_start))
+            stopped = f"goal met ({goal.describe()})"
+            break
+        candidates = [c for c in _node_damage(result.model, comparison) if c[1].name not in excluded]
+        round_seconds = time.monotonic() - round_start
+        if not candidates or len(excluded) >= goal.max_float_nodes:
+            steps.append(AccuracyStep(excluded=excluded, score=score, seconds=round_seconds))
+            stopped = stopped if not candidates else f"{goal.max_float_nodes} nodes already back in float"
+            break
+        damage, node, reason = candidates[0]
+        steps.append(AccuracyStep(excluded=excluded, score=score, seconds=round_seconds,
+                                  next_node=node.name, next_op_type=node.op_type, reason=reason))
+        if search.elapsed() + round_seconds > goal.time_budget_s:
+            stopped = f"time budget of {goal.time_budget_s:g} s would be exceeded by another round"
+            break
+        logger.info("score %.3f misses the goal; returning %s (%s) to float: %s", score, node.name,
+                    node.op_type, reason)
+        excluded = excluded + (node.name,)
+    best_score, best_result, best_excluded = best
+    return AccuracySearch(result=best_result, goal=goal, float_score=float_score, best_score=best_score,
+                          best_excluded=best_excluded, met=goal.met(best_score, float_score),
+                          steps=tuple(steps), stopped_because=stopped)
