@@ -292,8 +292,10 @@ def prepare_case(name: str, *, seed: int, calib_samples: int, work: pathlib.Path
 
 def ort_preprocess(case: Case, work: pathlib.Path) -> None:
     """ORT's recommended step before quantize_static (symbolic shapes, graph optimization)."""
+    import onnxruntime as ort
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    ort.set_default_logger_severity(3)
     path = work / f"{case.name}-fp32-prep.onnx"
     start = time.perf_counter()
     try:
@@ -325,10 +327,21 @@ def quantize_row(case: Case, setting: Setting, work: pathlib.Path, calib_path: p
     return row
 
 
+def merge_repeats(first: Row, again: Row) -> Row:
+    """Keep the smaller wall time and peak RSS of two runs of one setting (same output model)."""
+    if first.error or again.error:
+        return first if first.error else again
+    first.wall_s = min(first.wall_s, again.wall_s)
+    first.peak_rss_mb = min(first.peak_rss_mb, again.peak_rss_mb)
+    first.baseline_rss_mb = min(first.baseline_rss_mb, again.baseline_rss_mb)
+    return first
+
+
 def predict(path: pathlib.Path, images: np.ndarray, input_name: str) -> np.ndarray:
     """Logits of every image, batch 1, in ONNX Runtime (default graph optimizations)."""
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return np.concatenate([session.run(None, {input_name: image[None]})[0].reshape(1, -1) for image in images])
 
@@ -388,12 +401,16 @@ def run_case(name: str, args: argparse.Namespace, work: pathlib.Path) -> Case:
     calib_path = work / f"{name}-calib.npy"
     np.save(calib_path, case.calib)
     ort_preprocess(case, work)
-    for setting in settings(args):
-        print(f"[{name}] {setting.tool} {setting.label} ...", file=sys.stderr, flush=True)
-        if setting.tool == "edgeopt" and not args.edgeopt_available:
-            case.rows.append(Row(setting=setting, error="n/a (edgeopt.quant not available yet)"))
-            continue
-        case.rows.append(quantize_row(case, setting, work, calib_path))
+    for repeat in range(args.repeats):
+        rows = []
+        for setting in settings(args):
+            print(f"[{name}] {setting.tool} {setting.label} (run {repeat + 1}/{args.repeats}) ...",
+                  file=sys.stderr, flush=True)
+            if setting.tool == "edgeopt" and not args.edgeopt_available:
+                rows.append(Row(setting=setting, error="n/a (edgeopt.quant not available yet)"))
+            else:
+                rows.append(quantize_row(case, setting, work, calib_path))
+        case.rows = rows if not case.rows else [merge_repeats(a, b) for a, b in zip(case.rows, rows)]
     evaluate(case)
     print(f"[{name}] timing {len(case.rows) + 1} models ...", file=sys.stderr, flush=True)
     time_latency(case, args.runs)
@@ -462,16 +479,19 @@ def check_targets(case: Case, which: str, row: Row, ort_rows: list[Row], ort_bes
     checks.append(Check("peak RSS <= ORT", case.name, f"{who} {row.peak_rss_mb:.0f} MB",
                         f"{other.setting.label} {other.peak_rss_mb:.0f} MB",
                         f"{row.peak_rss_mb - other.peak_rss_mb:+.0f} MB", row.peak_rss_mb <= other.peak_rss_mb))
-    if row.latency_ms is not None and ort_best.latency_ms is not None:
-        ratio = row.latency_ms / ort_best.latency_ms
-        checks.append(Check("int8 latency <= 1.05x ORT's", case.name, f"{who} {row.latency_ms:.3f} ms",
-                            f"{ort_best.setting.label} {ort_best.latency_ms:.3f} ms", f"{ratio:.2f}x",
-                            ratio <= 1.05))
-        if case.name in CONV_MODELS and case.float_latency_ms:
-            speedup = case.float_latency_ms / row.latency_ms
-            checks.append(Check("int8 >= 1.5x faster than fp32 (conv)", case.name,
-                                f"{who} {row.latency_ms:.3f} ms", f"fp32 {case.float_latency_ms:.3f} ms",
-                                f"{speedup:.2f}x", speedup >= 1.5))
+    timed = [r for r in ort_rows if r.latency_ms is not None]
+    if row.latency_ms is None or not timed:
+        return checks
+    fastest = min(timed, key=lambda r: r.latency_ms)
+    ratio = row.latency_ms / fastest.latency_ms
+    checks.append(Check("int8 latency <= 1.05x ORT's fastest", case.name, f"{who} {row.latency_ms:.3f} ms",
+                        f"{fastest.setting.label} {fastest.latency_ms:.3f} ms", f"{ratio:.2f}x", ratio <= 1.05))
+    if case.name in CONV_MODELS and case.float_latency_ms:
+        speedup = case.float_latency_ms / row.latency_ms
+        checks.append(Check("int8 >= 1.5x faster than fp32 (conv)", case.name,
+                            f"{who} {speedup:.2f}x ({row.latency_ms:.3f} ms)",
+                            f"{fastest.setting.label} {case.float_latency_ms / fastest.latency_ms:.2f}x",
+                            f"fp32 {case.float_latency_ms:.3f} ms", speedup >= 1.5))
     return checks
 
 
@@ -565,6 +585,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--calib-samples", type=int, default=200)
     parser.add_argument("--runs", type=int, default=200, help="timed inferences per model")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="quantize each setting this many times, interleaved; keep the least time and RSS")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: demo + mobilenet_v2, minmax only, 100 samples, 50 runs")
     parser.add_argument("--markdown", type=pathlib.Path, help="also write the report here")
@@ -579,6 +601,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.models = [m for m in args.models if m in ("demo", "mobilenet_v2")] or ["demo"]
         args.edgeopt_methods, args.ort_methods = ["minmax"], ["MinMax"]
         args.calib_samples, args.runs = min(args.calib_samples, 100), min(args.runs, 50)
+        args.repeats = 1
     return args
 
 

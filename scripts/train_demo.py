@@ -155,6 +155,14 @@ def onnx_accuracy(path: pathlib.Path, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.asarray(predictions) == y))
 
 
+CALIBRATION_SAMPLES = 256
+
+
+def write_calibration(x_train: np.ndarray, path: pathlib.Path) -> None:
+    """The first CALIBRATION_SAMPLES training images (stacked, float32): the demo's int8 calibration data."""
+    np.save(path, np.ascontiguousarray(x_train[:CALIBRATION_SAMPLES], dtype=np.float32), allow_pickle=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=60)
@@ -179,6 +187,7 @@ def main() -> None:
         if accuracy < MIN_TEST_ACCURACY:
             raise SystemExit(f"test accuracy {accuracy:.4f} < {MIN_TEST_ACCURACY}; assets not written")
         np.savez_compressed(staging / "digits_test.npz", x=x_test, y=y_test)
+        write_calibration(x_train, staging / "digits_calib.npy")
         summary = {
             "test_accuracy": round(accuracy, 6),
             "train_samples": int(len(y_train)),
@@ -188,7 +197,7 @@ def main() -> None:
             "torch_version": torch.__version__,
         }
         (staging / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
-        for name in ("demo.onnx", "digits_test.npz", "demo.json"):
+        for name in ("demo.onnx", "digits_test.npz", "digits_calib.npy", "demo.json"):
             os.replace(staging / name, args.out_dir / name)
     print(f"trained in {train_seconds:.1f} s; test accuracy (onnxruntime) {accuracy:.4f}")
 

@@ -37,6 +37,11 @@ def demo_data() -> tuple[np.ndarray, np.ndarray]:
         return data["x"], data["y"]
 
 
+def demo_calibration_path() -> Path:
+    """256 digits training images (N x 1 x 8 x 8, stacked): the demo's calibration data."""
+    return Path(str(resources.files("edgeopt") / "assets" / "digits_calib.npy"))
+
+
 def top1_accuracy(model: api.ModelSource, images: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of samples whose arg-max logit is the label (ONNX Runtime, one sample at a time)."""
     logits = next(iter(api.run(model, {"": images}).outputs.values()))
@@ -50,41 +55,56 @@ class DemoResult:
     output_dir: Path
     inspect: api.InspectResult
     float_accuracy: float
+    int8_accuracy: float
+    quantize: api.QuantizeReport
     test_samples: int
     bench: BenchResult
 
     def summary_lines(self) -> list[tuple[str, str]]:
-        timing = self.bench.models[0]
+        float_timing, int8_timing = self.bench.models[:2]
+        drop = (self.float_accuracy - self.int8_accuracy) * 100
         return [
             ("model", f"{self.inspect.name}: {self.inspect.cost.params:,} params, {self.inspect.cost.macs:,} MACs"),
             ("float accuracy", f"{self.float_accuracy:.2%} on {self.test_samples} digits test images"),
-            ("ORT latency", f"{timing.median_ms:.3f} ms median ({timing.p90_ms:.3f} ms p90)"),
+            ("int8 accuracy", f"{self.int8_accuracy:.2%} ({drop:+.2f} points drop; "
+                              f"calibrated on {self.quantize.calibration_samples} training images)"),
+            ("size", f"{float_timing.file_bytes:,} B float -> {int8_timing.file_bytes:,} B int8 "
+                     f"(weights {self.inspect.cost.param_bytes_fp32:,} B -> {self.inspect.cost.param_bytes_int8:,} B)"),
+            ("ORT latency", f"float {float_timing.median_ms:.3f} ms, int8 {int8_timing.median_ms:.3f} ms median "
+                            f"({float_timing.median_ms / int8_timing.median_ms:.2f}x)"),
             ("artifacts", str(self.output_dir)),
         ]
 
     def to_dict(self) -> dict:
         return {"output_dir": str(self.output_dir), "inspect": self.inspect.to_dict(),
-                "float_accuracy": self.float_accuracy, "test_samples": self.test_samples,
+                "float_accuracy": self.float_accuracy, "int8_accuracy": self.int8_accuracy,
+                "quantize": self.quantize.to_dict(), "test_samples": self.test_samples,
                 "bench": self.bench.to_dict()}
 
 
 def run_demo(output_dir: str | os.PathLike, *, runs: int = 200, progress: Progress | None = None) -> DemoResult:
-    """Inspect, evaluate and benchmark the demo model; artifacts go to ``output_dir``."""
+    """Inspect, evaluate, quantize to int8 and benchmark the demo model; artifacts go to ``output_dir``."""
+    from edgeopt.quant import Int8Config
+
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    model_path = folder / "demo.onnx"
+    model_path, int8_path = folder / "demo.onnx", folder / "demo.int8.onnx"
     shutil.copyfile(demo_model_path(), model_path)
-    steps = 3
+    steps = 5
     _step(progress, 0, steps)
     inspected = api.inspect(model_path)
     _step(progress, 1, steps)
     images, labels = demo_data()
     accuracy = top1_accuracy(model_path, images, labels)
     _step(progress, 2, steps)
-    timing = api.bench([model_path], config=BenchConfig(runs=runs, warmup=max(1, runs // 10), threads=1))
+    quantized = api.quantize(model_path, Int8Config(), demo_calibration_path(), output=int8_path, check_speed=False)
     _step(progress, 3, steps)
-    result = DemoResult(output_dir=folder, inspect=inspected, float_accuracy=accuracy,
-                        test_samples=len(labels), bench=timing)
+    int8_accuracy = top1_accuracy(int8_path, images, labels)
+    _step(progress, 4, steps)
+    timing = api.bench([model_path, int8_path], config=BenchConfig(runs=runs, warmup=max(1, runs // 10), threads=1))
+    _step(progress, 5, steps)
+    result = DemoResult(output_dir=folder, inspect=inspected, float_accuracy=accuracy, int8_accuracy=int8_accuracy,
+                        quantize=quantized, test_samples=len(labels), bench=timing)
     (folder / "summary.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     return result
 

@@ -183,9 +183,10 @@ class HistogramObserver:
 
     def _init_grid(self, lo: float, hi: float) -> None:
         lo, hi = min(lo, 0.0), max(hi, 0.0)
-        # n - 1 bins of width (hi - lo) / (n - 1) always fit [lo, hi] on the
-        # zero-anchored grid, whatever the offset of lo within its bin.
-        self._width = (hi - lo) / (self.num_bins - 1)
+        # n - 2 bins' worth of width leaves a bin of slack, so [lo, hi] fits the
+        # zero-anchored grid whatever the offset of lo within its bin and the
+        # rounding of lo / width.
+        self._width = (hi - lo) / (self.num_bins - 2)
         self._start = math.floor(lo / self._width)
         self._counts = np.zeros(self.num_bins, dtype=np.int64)
         self._counts[-self._start] += self._pending_zeros

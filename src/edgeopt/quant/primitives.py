@@ -173,10 +173,11 @@ def quantize_multiplier(real) -> tuple[np.ndarray, np.ndarray]:
 
 
 def saturating_rounding_doubling_high_mul(a, b) -> np.ndarray:
-    """gemmlowp SaturatingRoundingDoublingHighMul: ``round(a * b / 2**31)``, int32 in and out.
+    """gemmlowp SaturatingRoundingDoublingHighMul: ``a * b / 2**31`` rounded, int32 in and out.
 
-    The nudge rounds half away from zero; the quotient truncates toward zero
-    as C integer division does; ``INT32_MIN * INT32_MIN`` saturates.
+    The nudge (``2**30``, or ``1 - 2**30`` for a negative product) and C's
+    truncating division round to nearest with ties toward +infinity
+    (1.5 -> 2, -1.5 -> -1); ``INT32_MIN * INT32_MIN`` saturates to INT32_MAX.
     """
     a = np.asarray(a, dtype=np.int64)
     b = np.asarray(b, dtype=np.int64)

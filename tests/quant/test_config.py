@@ -1,0 +1,103 @@
+"""Typed int8 configuration and dispatch on config types."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from edgeopt.errors import ConfigError
+from edgeopt.quant import (
+    CalibrationConfig,
+    CalibrationMethod,
+    Int8Config,
+    PerBlock,
+    PerChannel,
+    PerTensor,
+    Target,
+    format_named,
+    quantize,
+)
+from edgeopt.quant.formats import INT8, INT32, UINT8
+from edgeopt.quant.int8 import quantize_int8
+from edgeopt.quant.registry import QuantResult, handler_for, register_scheme, registered_schemes
+
+from .int8_models import GraphBuilder
+
+
+def test_the_target_decides_the_activation_type():
+    assert Int8Config().activations is UINT8  # ONNX Runtime on x86: u8 activations x s8 weights
+    assert Int8Config(target=Target.MCU).activations is INT8  # TFLite int8 scheme
+    assert Int8Config(target=Target.MCU, activation_format=UINT8).activations is UINT8
+    assert Int8Config(activation_format=INT8).calibration_config.activation_format is INT8
+
+
+def test_defaults_follow_the_contract():
+    config = Int8Config()
+    assert config.weight_granularity == PerChannel()
+    assert config.calibration is CalibrationMethod.MINMAX
+    assert dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen
+
+
+@pytest.mark.parametrize("arguments, fragment", [
+    ({"target": "ort"}, "target must be one of Target.ORT, Target.MCU"),
+    ({"calibration": "entropy"}, "CalibrationMethod.ENTROPY"),
+    ({"percentile": 40.0}, "percentile must be in (50, 100]"),
+    ({"num_bins": 100}, "num_bins"),
+    ({"weight_granularity": PerChannel(axis=1)}, "use PerChannel()"),
+    ({"weight_granularity": PerBlock(size=32)}, "PerTensor() or PerChannel()"),
+    ({"activation_format": INT32}, "activation_format must be uint8, int8"),
+    ({"exclude": "Conv"}, "exclude must be a tuple"),
+    ({"verify_tolerance": 0.0}, "verify_tolerance"),
+])
+def test_invalid_settings_are_config_errors(arguments, fragment):
+    with pytest.raises(ConfigError, match=None) as error:
+        Int8Config(**arguments)
+    assert fragment in str(error.value)
+
+
+def test_granularity_values_validate():
+    assert PerTensor() == PerTensor() and PerChannel(axis=0) != PerChannel()
+    with pytest.raises(ConfigError):
+        PerBlock(size=24)
+    with pytest.raises(ConfigError):
+        CalibrationConfig(activation_format=INT32)
+
+
+def test_format_names_resolve_or_list_the_known_ones():
+    assert format_named("uint8") is UINT8
+    with pytest.raises(ConfigError, match="use one of int8_symmetric, int8, uint8"):
+        format_named("uint7")
+
+
+def test_dispatch_is_on_the_config_type():
+    assert handler_for(Int8Config()) is quantize_int8
+    assert Int8Config in registered_schemes()
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class UnknownConfig:
+        bits: int = 3
+
+    with pytest.raises(ConfigError, match="no quantization scheme takes a UnknownConfig"):
+        quantize(GraphBuilder().model(["y"], [1]), UnknownConfig())
+
+
+def test_a_new_scheme_is_a_config_and_a_handler():
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class IdentityConfig:
+        pass
+
+    seen = []
+
+    @register_scheme(IdentityConfig)
+    def identity(model, config, data, *, progress=None):
+        seen.append(model)
+        return QuantResult(model=model, scheme="identity")
+
+    builder = GraphBuilder()
+    builder.node("Relu", ["x"], "y")
+    model = builder.model(["y"], [1, 4])
+    result = quantize(model, IdentityConfig())
+    assert result.scheme == "identity" and seen[0] is not model  # the handler gets a private copy
+    with pytest.raises(TypeError, match="already registered"):
+        register_scheme(IdentityConfig)(lambda *a, **k: None)
