@@ -97,8 +97,11 @@ def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _by_input(path: Path, keyed: Mapping[str, _T], specs: Sequence[InputSpec]) -> dict[str, _T]:
-    """Key a file's arrays (or shapes) by input name; a lone array feeds a lone input."""
-    if len(specs) == 1 and len(keyed) == 1:
+    """Key a file's arrays (or shapes) by input name; a lone unnamed array (.npy, or np.savez's
+    ``arr_0``) feeds a lone input, while a named .npz member must carry the input's name."""
+    lone_key = next(iter(keyed)) if len(keyed) == 1 else None
+    unnamed = path.suffix.lower() == ".npy" or lone_key == "arr_0"
+    if len(specs) == 1 and len(keyed) == 1 and unnamed:
         return {specs[0].name: next(iter(keyed.values()))}
     if path.suffix.lower() == ".npy":
         names = ", ".join(spec.name for spec in specs)

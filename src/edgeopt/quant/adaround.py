@@ -217,6 +217,18 @@ def _optimize_torch(problem: _Problem, config: AdaRoundConfig) -> np.ndarray:
     floor, target = tensor(problem.floor), tensor(problem.floor + problem.rest)
     gram, samples = tensor(problem.gram), tensor(problem.samples)
     v = torch.nn.Parameter(tensor(_initial_v(problem.rest)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices: threads only contend (and one thread is deterministic)
+    try:
+        _torch_steps(v, floor, target, gram, samples, config)
+    finally:
+        torch.set_num_threads(threads)
+    return v.detach().numpy().astype(np.float64)
+
+
+def _torch_steps(v, floor, target, gram, samples, config: AdaRoundConfig) -> None:
+    import torch
+
     optimizer = torch.optim.Adam([v], lr=config.learning_rate, betas=_ADAM_BETAS, eps=_ADAM_EPS)
     for step in range(config.iterations):
         soft = torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0.0, 1.0)
@@ -229,7 +241,6 @@ def _optimize_torch(problem: _Problem, config: AdaRoundConfig) -> np.ndarray:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return v.detach().numpy().astype(np.float64)
 
 
 def _use_torch(backend: Backend) -> bool:

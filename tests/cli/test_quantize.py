@@ -1,0 +1,167 @@
+"""`edgeopt quantize` and `edgeopt compare` as a user meets them, including bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from edgeopt.demo import demo_calibration_path, demo_data, demo_model_path
+from tests.conftest import assert_one_line_error
+from tests.models import build_onnx, dynamic_input_model
+
+
+@pytest.fixture
+def calib(tmp_path):
+    """A folder of 32 single-sample .npy files for the demo model."""
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for index, sample in enumerate(np.load(demo_calibration_path())[:32]):
+        np.save(folder / f"sample{index}.npy", sample[np.newaxis])
+    return folder
+
+
+def test_int8_demo_keeps_accuracy_and_reports_fidelity(cli, tmp_path):
+    out = tmp_path / "demo.int8.onnx"
+    result = cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", out, "--json",
+                 "--no-speed-check")
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["scheme"] == "int8" and report["calibration_samples"] == 256
+    assert any("uint8" in note for note in report["notes"])  # the ORT target's activation type is printed
+    logits = report["fidelity"]["outputs"][0]
+    assert float(logits["sqnr_db"]) > 25 and float(logits["top1_agreement"]) > 0.97
+    images, labels = demo_data()
+    from edgeopt.demo import top1_accuracy
+
+    assert top1_accuracy(demo_model_path(), images, labels) - top1_accuracy(out, images, labels) <= 0.005
+
+
+def test_quantize_is_byte_identical_across_runs(cli, tmp_path, calib):
+    for name in ("a.onnx", "b.onnx"):
+        assert cli("quantize", demo_model_path(), "--data", calib, "-o", tmp_path / name,
+                   "--no-speed-check", "--calibration", "percentile").code == 0
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("scheme", ["fp16", "bf16", "int4-weight"])
+def test_other_schemes_need_no_data(cli, tmp_path, scheme):
+    model = build_onnx("transformer", tmp_path)
+    result = cli("quantize", model, "--scheme", scheme, "-o", tmp_path / "q.onnx", "--no-speed-check", "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["quant_bytes"] < model.stat().st_size
+
+
+def test_min_sqnr_search_returns_layers_to_float(cli, tmp_path, calib):
+    out = tmp_path / "q.onnx"
+    result = cli("quantize", demo_model_path(), "--data", calib, "-o", out, "--min-sqnr", "33",
+                 "--no-speed-check", "--json")
+    assert result.code == 0, result.stderr
+    search = json.loads(result.stdout)["accuracy_search"]
+    assert search["met"] and search["best_score"] >= 33
+    assert search["float_nodes_added"], "the plain int8 model is below 33 dB, so some node must go back to float"
+
+
+def test_compare_lists_layers_worst_first(cli, tmp_path, calib):
+    out = tmp_path / "q.onnx"
+    assert cli("quantize", demo_model_path(), "--data", calib, "-o", out, "--no-speed-check").code == 0
+    result = cli("compare", demo_model_path(), out, "--data", calib, "--json")
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)
+    sqnr = [float(row["sqnr_db"]) for row in report["layers"]]
+    assert sqnr == sorted(sqnr) and len(sqnr) > 10
+    assert {"tensor", "op_type", "scale", "cosine"} <= set(report["layers"][0])
+
+
+def test_dynamic_model_takes_shapes_from_data(cli, tmp_path):
+    model = dynamic_input_model(tmp_path / "dyn.onnx")
+    folder = tmp_path / "varying"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index, (height, width) in enumerate([(8, 8), (12, 10), (16, 16), (9, 13)] * 5):
+        np.save(folder / f"s{index}.npy", rng.normal(size=(1, 3, height, width)).astype(np.float32))
+    result = cli("quantize", model, "--data", folder, "-o", tmp_path / "q.onnx", "--no-speed-check")
+    assert result.code == 0, result.stderr
+
+
+def test_opset11_model_is_converted_and_reported(cli, tmp_path):
+    model = build_onnx("resnet", tmp_path, opset=11)
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(16):
+        np.save(folder / f"s{index}.npy", rng.normal(size=(1, 3, 32, 32)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    result = cli("quantize", model, "--data", folder, "-o", out, "--no-speed-check", "--json")
+    assert result.code == 0, result.stderr
+    assert any("13" in note for note in json.loads(result.stdout)["notes"])
+    assert max(o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")) >= 13
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def _write(folder, name, array):
+    folder.mkdir(exist_ok=True)
+    np.save(folder / name, array)
+    return folder
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("nan", "NaN"), ("inf", "Inf"), ("shape", "input"), ("dtype", "input"), ("empty", "no .npy"),
+])
+def test_bad_calibration_data(cli, tmp_path, case, fragment):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    good = np.zeros((1, 1, 8, 8), np.float32)
+    if case == "nan":
+        good[0, 0, 0, 0] = np.nan
+    if case == "inf":
+        good[0, 0, 0, 0] = np.inf
+    if case != "empty":
+        array = {"shape": np.zeros((1, 1, 7, 8), np.float32), "dtype": np.array(["x"] * 64)}.get(case, good)
+        np.save(folder / "s0.npy", array)
+    out = tmp_path / "q.onnx"
+    assert_one_line_error(cli("quantize", demo_model_path(), "--data", folder, "-o", out), fragment)
+    assert not out.exists()
+
+
+def test_wrong_input_name_in_npz(cli, tmp_path):
+    np.savez(tmp_path / "s.npz", image=np.zeros((1, 1, 8, 8), np.float32))
+    out = tmp_path / "q.onnx"
+    assert_one_line_error(cli("quantize", demo_model_path(), "--data", tmp_path / "s.npz", "-o", out), "image")
+    assert not out.exists()
+
+
+def test_too_few_samples_is_a_warning(cli, tmp_path):
+    folder = _write(tmp_path / "few", "s.npy", np.load(demo_calibration_path())[:2])
+    result = cli("quantize", demo_model_path(), "--data", folder, "-o", tmp_path / "q.onnx", "--no-speed-check")
+    assert result.code == 0 and "only 2 calibration samples" in result.stderr
+
+
+def test_already_quantized_model_is_refused(cli, tmp_path, calib):
+    once = tmp_path / "q.onnx"
+    assert cli("quantize", demo_model_path(), "--data", calib, "-o", once, "--no-speed-check").code == 0
+    assert_one_line_error(cli("quantize", once, "--data", calib, "-o", tmp_path / "qq.onnx"), "already quantized")
+    assert not (tmp_path / "qq.onnx").exists()
+
+
+def test_unknown_exclude_and_missing_data(cli, tmp_path, calib):
+    out = tmp_path / "q.onnx"
+    assert_one_line_error(cli("quantize", demo_model_path(), "--data", calib, "-o", out, "--exclude", "Conv_99"),
+                          "Conv_99")
+    assert_one_line_error(cli("quantize", demo_model_path(), "-o", out), "--data")
+    assert_one_line_error(cli("quantize", demo_model_path(), "--data", calib, "-o", demo_model_path()), "input")
+    assert not out.exists()
+
+
+def test_the_input_model_is_never_modified(cli, tmp_path, calib):
+    model = build_onnx("mobilenet_v3", tmp_path)
+    before = model.read_bytes()
+    folder = tmp_path / "d"
+    folder.mkdir()
+    np.save(folder / "s.npy", np.random.default_rng(0).normal(size=(8, 3, 32, 32)).astype(np.float32))
+    assert cli("quantize", model, "--data", folder, "-o", tmp_path / "q.onnx", "--no-speed-check").code == 0
+    assert model.read_bytes() == before

@@ -1,0 +1,110 @@
+"""Calibration: one streaming ONNX Runtime pass, bounded memory, every method's range."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from edgeopt.errors import DataError
+from edgeopt.quant import CalibrationConfig, CalibrationMethod, calibrate
+from edgeopt.runtime.ort import observing_session
+
+from .int8_models import GraphBuilder, batches
+
+SHAPE = (1, 3, 16, 16)
+
+
+def _conv_relu_model():
+    b = GraphBuilder(seed=1)
+    b.node("Relu", [b.conv("x", 3, 8, "conv")], "relu")
+    b.conv("relu", 8, 4, "y", k=1)
+    return b.model(["y"], SHAPE)
+
+
+def _stream(count: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        yield {"x": rng.standard_normal(SHAPE).astype(np.float32)}
+
+
+def test_minmax_ranges_are_the_extremes_over_all_batches():
+    model = _conv_relu_model()
+    data = batches(SHAPE, 6)
+    result = calibrate(model, data, ["x", "conv", "relu", "y"], CalibrationConfig())
+    session = observing_session(model, ["conv", "relu"])
+    outputs = [session.run(feed) for feed in data]
+    for name in ("conv", "relu", "y"):
+        values = np.stack([o[name] for o in outputs])
+        assert result.tensors[name].range == (float(values.min()), float(values.max()))
+    inputs = np.stack([feed["x"] for feed in data])
+    assert result.tensors["x"].range == (float(inputs.min()), float(inputs.max()))  # graph input, from the feed
+    assert result.num_batches == 6 and list(result.tensors) == ["x", "conv", "relu", "y"]
+
+
+def test_histogram_methods_all_come_from_one_pass():
+    calls = []
+    result = calibrate(_conv_relu_model(), _stream(5), ["relu", "y"],
+                       CalibrationConfig(method=CalibrationMethod.AUTO),
+                       progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, None), (2, None), (3, None), (4, None), (5, None)]  # a generator has no length
+    for tensor in result.tensors.values():
+        assert set(tensor.ranges) == {CalibrationMethod.MINMAX, CalibrationMethod.PERCENTILE,
+                                      CalibrationMethod.ENTROPY, CalibrationMethod.MSE}
+        assert tensor.method == min(tensor.errors, key=tensor.errors.get)  # auto: least estimated error
+    entropy = result.with_method(CalibrationMethod.ENTROPY)
+    assert all(t.method is CalibrationMethod.ENTROPY for t in entropy.tensors.values())
+    assert entropy.ranges()["y"] == result.tensors["y"].ranges[CalibrationMethod.ENTROPY]
+
+
+def test_progress_knows_the_total_of_a_sized_data_set():
+    calls = []
+    calibrate(_conv_relu_model(), batches(SHAPE, 3), ["y"], CalibrationConfig(),
+              progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_minmax_does_not_keep_histograms_or_switch_to_them():
+    result = calibrate(_conv_relu_model(), batches(SHAPE, 2), ["y"], CalibrationConfig())
+    assert result.tensors["y"].histogram is None
+    with pytest.raises(ValueError, match="needs histograms"):
+        result.with_method(CalibrationMethod.MSE)
+
+
+def _peak_bytes(count: int, method: CalibrationMethod) -> int:
+    model = _conv_relu_model()
+    config = CalibrationConfig(method=method)
+    tracemalloc.start()
+    try:
+        calibrate(model, _stream(count), ["x", "conv", "relu", "y"], config)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("method", [CalibrationMethod.MINMAX, CalibrationMethod.AUTO])
+def test_memory_stays_bounded_whatever_the_number_of_batches(method):
+    short, long = _peak_bytes(20, method), _peak_bytes(500, method)
+    batch_bytes = 8 * 16 * 16 * 4
+    assert long < short + 4 * batch_bytes, (short, long)  # no per-batch state survives
+    assert long < 2_000_000
+
+
+def test_bad_data_is_a_data_error():
+    model = _conv_relu_model()
+    config = CalibrationConfig()
+    with pytest.raises(DataError, match="calibration needs data"):
+        calibrate(model, None, ["y"], config)
+    with pytest.raises(DataError, match="wrap a single batch in a list"):
+        calibrate(model, {"x": np.zeros(SHAPE, np.float32)}, ["y"], config)
+    with pytest.raises(DataError, match="calibration data is empty"):
+        calibrate(model, [], ["y"], config)
+    with pytest.raises(DataError, match="calibration batch 1"):
+        calibrate(model, [{"image": np.zeros(SHAPE, np.float32)}], ["y"], config)
+
+
+def test_float64_batches_are_cast_to_the_model_input_type():
+    data = [{"x": np.random.default_rng(0).standard_normal(SHAPE)}]
+    result = calibrate(_conv_relu_model(), data, ["x"], CalibrationConfig())
+    assert result.tensors["x"].is_float

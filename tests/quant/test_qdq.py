@@ -1,0 +1,241 @@
+"""Q/DQ placement on small graphs: what is quantized, which scales are shared, what ORT fuses."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from edgeopt import ir as eir
+from edgeopt.errors import ConfigError, ModelError
+from edgeopt.quant import Int8Config, PerTensor, Target, quantize
+from edgeopt.quant.formats import INT8, UINT8
+
+from .int8_models import GraphBuilder, batches, ort_op_counts, sqnr_db
+
+SHAPE = (1, 8, 8, 8)
+
+
+def _quantize(model: ir.Model, config: Int8Config = Int8Config(), shape=SHAPE):
+    return quantize(model, config, batches(shape, 4))
+
+
+def _nodes(model: ir.Model, op_type: str) -> list[ir.Node]:
+    return [node for node in model.graph if node.op_type == op_type]
+
+
+def _quantized_tensors(model: ir.Model) -> set[str]:
+    return {node.inputs[0].name for node in _nodes(model, "QuantizeLinear")}
+
+
+def _scale_of(model: ir.Model, tensor: str) -> ir.Value:
+    return next(n for n in _nodes(model, "QuantizeLinear") if n.inputs[0].name == tensor).inputs[1]
+
+
+def _initializer(model: ir.Model, name: str) -> np.ndarray:
+    return model.graph.initializers[name].const_value.numpy()
+
+
+# --------------------------------------------------------------------------
+# conv nets
+# --------------------------------------------------------------------------
+
+
+def _conv_relu_conv() -> ir.Model:
+    b = GraphBuilder(seed=0)
+    b.node("Relu", [b.conv("x", 8, 16, "conv1")], "relu1")
+    b.conv("relu1", 16, 8, "y")
+    return b.model(["y"], SHAPE, [SHAPE])
+
+
+def test_conv_relu_conv_gets_one_qdq_per_tensor_after_the_relu():
+    result = _quantize(_conv_relu_conv())
+    model = result.model
+    assert _quantized_tensors(model) == {"x", "relu1", "y_float"}  # not conv1: its Relu is fused
+    assert [o.name for o in model.graph.outputs] == ["y"]  # the output keeps its name, on the DQ
+    assert ort_op_counts(model)["QLinearConv"] == 2
+    assert "Conv" not in ort_op_counts(model) and "FusedConv" not in ort_op_counts(model)
+    relu = result.tensor("relu1")
+    assert relu.zero_point == (0,) and relu.range[0] == 0.0  # the clamp is the range: zero point = qmin
+    assert sqnr_db(_conv_relu_conv(), model, batches(SHAPE, 4, seed=9)) > 30
+
+
+def test_weights_are_int8_per_output_channel_and_bias_int32_at_the_product_scale():
+    result = _quantize(_conv_relu_conv())
+    model = result.model
+    weight = _initializer(model, "conv1.weight_quantized")
+    scale = _initializer(model, "conv1.weight_scale")
+    assert weight.dtype == np.int8 and weight.min() >= -127 and scale.shape == (16,)
+    float_weight = eir.constant_array(_conv_relu_conv().graph.initializers["conv1.weight"])
+    np.testing.assert_array_equal(scale, np.abs(float_weight).max(axis=(1, 2, 3)).astype(np.float32) / np.float32(127))
+    bias, bias_scale = _initializer(model, "conv1.bias_quantized"), _initializer(model, "conv1.bias_scale")
+    input_scale = _initializer(model, "x_scale")
+    assert bias.dtype == np.int32
+    np.testing.assert_array_equal(bias_scale, input_scale * scale)
+    dq = next(n for n in _nodes(model, "DequantizeLinear") if n.inputs[0].name == "conv1.weight_quantized")
+    assert dq.attributes.get_int("axis") == 0
+    assert "conv1.weight" not in model.graph.initializers  # the float weight is gone
+    assert result.tensor("conv1.weight").scale == tuple(float(s) for s in scale)
+
+
+def test_per_tensor_weights_when_asked():
+    model = _quantize(_conv_relu_conv(), Int8Config(weight_granularity=PerTensor())).model
+    assert _initializer(model, "conv1.weight_scale").shape == ()
+    assert ort_op_counts(model)["QLinearConv"] == 2
+
+
+def test_depthwise_conv_has_one_scale_per_channel():
+    b = GraphBuilder(seed=2)
+    depthwise = b.conv("x", 8, 8, "dw", group=8)
+    b.node("Clip", [depthwise, b.constant("low", 0.0), b.constant("high", 6.0)], "relu6")
+    b.conv("relu6", 8, 4, "y", k=1)
+    model = _quantize(b.model(["y"], SHAPE)).model
+    assert _initializer(model, "dw.weight_scale").shape == (8,)
+    assert "dw" not in _quantized_tensors(model)  # ReLU6 (Clip 0..6) fused like Relu
+    assert ort_op_counts(model)["QLinearConv"] == 2
+
+
+def _residual() -> ir.Model:
+    b = GraphBuilder(seed=3)
+    branch = b.conv(b.node("Relu", [b.conv("x", 8, 8, "conv1")], "relu1"), 8, 8, "conv2")
+    b.node("Relu", [b.node("Add", ["x", branch], "add")], "y")
+    return b.model(["y"], SHAPE)
+
+
+def test_residual_add_becomes_qlinearadd_with_its_relu_fused():
+    model = _quantize(_residual()).model
+    counts = ort_op_counts(model)
+    assert counts["QLinearAdd"] == 1 and counts["QLinearConv"] == 2
+    assert "add" not in _quantized_tensors(model) and {"x", "conv2"} <= _quantized_tensors(model)
+
+
+def _concat(second_relu: bool) -> ir.Model:
+    b = GraphBuilder(seed=4)
+    left = b.node("Relu", [b.conv("x", 8, 8, "left")], "left_relu")
+    right = b.conv("x", 8, 8, "right")
+    if second_relu:
+        right = b.node("Relu", [right], "right_relu")
+    b.node("Concat", [left, right], "cat", axis=1)
+    b.conv("cat", 16, 4, "y", k=1)
+    return b.model(["y"], SHAPE)
+
+
+def test_concat_inputs_and_output_share_one_scale():
+    for target in Target:
+        model = _quantize(_concat(second_relu=True), Int8Config(target=target)).model
+        scales = {_scale_of(model, t).name for t in ("left_relu", "right_relu", "cat")}
+        assert len(scales) == 1, target
+    assert ort_op_counts(_quantize(_concat(second_relu=True)).model)["QLinearConv"] == 3
+
+
+def test_concat_sharing_does_not_undo_a_fused_relu_on_onnx_runtime():
+    """A signed concat input would give the Relu output a zero point above qmin: ORT could
+    not fold the Relu any more and would run that Conv in float. QLinearConcat requantizes,
+    so for ORT the Relu output keeps its own scale; the MCU target (TFLite) shares strictly."""
+    ort_model = _quantize(_concat(second_relu=False)).model
+    assert _scale_of(ort_model, "left_relu").name != _scale_of(ort_model, "cat").name
+    assert _scale_of(ort_model, "right").name == _scale_of(ort_model, "cat").name
+    assert ort_op_counts(ort_model)["QLinearConv"] == 3
+    mcu_model = _quantize(_concat(second_relu=False), Int8Config(target=Target.MCU)).model
+    assert len({_scale_of(mcu_model, t).name for t in ("left_relu", "right", "cat")}) == 1
+
+
+def test_data_movement_ops_share_their_input_scale():
+    b = GraphBuilder(seed=5)
+    relu = b.node("Relu", [b.conv("x", 8, 8, "conv")], "relu")
+    pooled = b.node("MaxPool", [relu], "pool", kernel_shape=[2, 2], strides=[2, 2])
+    b.node("Transpose", [pooled], "t", perm=[0, 1, 3, 2])
+    b.conv("t", 8, 4, "y")
+    model = _quantize(b.model(["y"], SHAPE)).model
+    assert len({_scale_of(model, t).name for t in ("relu", "pool", "t")}) == 1
+    counts = ort_op_counts(model)
+    assert counts["QLinearConv"] == 2 and "DequantizeLinear" in counts  # only at the graph output
+
+
+# --------------------------------------------------------------------------
+# Gemm and MatMul
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trans_b, axis", [(1, 0), (0, 1)])
+def test_gemm_weight_axis_follows_transB(trans_b, axis):
+    b = GraphBuilder(seed=6)
+    shape = (32, 16) if trans_b else (16, 32)
+    b.node("Gemm", ["x", b.weight("fc.weight", shape), b.weight("fc.bias", (32,))], "y", transB=trans_b)
+    result = _quantize(b.model(["y"], (2, 16)), shape=(2, 16))
+    assert result.tensor("fc.weight").axis == axis and len(result.tensor("fc.weight").scale) == 32
+    assert result.tensor("fc.bias").format == "int32"
+    assert ort_op_counts(result.model)["QGemm"] == 1
+
+
+def test_matmul_weight_is_per_column_and_two_activations_quantize_both():
+    b = GraphBuilder(seed=7)
+    projected = b.node("MatMul", ["x", b.weight("w", (16, 24))], "proj")
+    b.node("MatMul", [projected, b.node("Transpose", [projected], "proj_t", perm=[0, 2, 1])], "y")
+    result = _quantize(b.model(["y"], (1, 5, 16)), shape=(1, 5, 16))
+    assert result.tensor("w").axis == 1 and len(result.tensor("w").scale) == 24
+    assert {"x", "proj", "proj_t"} <= _quantized_tensors(result.model)
+    assert ort_op_counts(result.model)["QLinearMatMul"] == 2
+
+
+def test_conv_transpose_is_per_channel_on_axis_1_only_without_groups():
+    b = GraphBuilder(seed=8)
+    b.node("ConvTranspose", ["x", b.weight("up.weight", (8, 4, 2, 2)), b.weight("up.bias", (4,))], "up",
+           strides=[2, 2])
+    b.node("ConvTranspose", ["up", b.weight("up2.weight", (4, 2, 2, 2))], "y", strides=[2, 2], group=2)
+    result = _quantize(b.model(["y"], SHAPE))
+    assert result.tensor("up.weight").axis == 1 and len(result.tensor("up.weight").scale) == 4
+    assert result.tensor("up2.weight").axis is None
+    assert len(result.tensor("up.bias").scale) == 4
+
+
+# --------------------------------------------------------------------------
+# what stays float, and refusals
+# --------------------------------------------------------------------------
+
+
+def _mixed() -> ir.Model:
+    b = GraphBuilder(seed=9)
+    conv = b.conv("x", 8, 8, "conv")
+    softmax = b.node("Softmax", [conv], "softmax", axis=1)
+    b.node("Add", [softmax, b.weight("offset", (1, 8, 1, 1))], "y")
+    return b.model(["y"], SHAPE)
+
+
+def test_ops_without_integer_kernels_stay_float_and_are_listed():
+    result = _quantize(_mixed())
+    assert result.float_nodes == (("softmax", "Softmax", "no integer kernel for Softmax"),)
+    assert {"conv", "softmax"} <= _quantized_tensors(result.model)  # inputs of quantized consumers
+    offset = result.tensor("offset")
+    assert offset.kind == "constant" and offset.format == "uint8"
+
+
+def test_exclude_by_name_or_op_type_keeps_nodes_float():
+    result = _quantize(_conv_relu_conv(), Int8Config(exclude=("y",)))
+    assert ("y", "Conv", "excluded (--exclude)") in result.float_nodes
+    assert "y.weight_quantized" not in result.model.graph.initializers
+    by_type = _quantize(_conv_relu_conv(), Int8Config(exclude=("Conv",)))
+    assert {n.node_name for n in by_type.float_nodes} == {"conv1", "y", "relu1"}
+    assert not _nodes(by_type.model, "QuantizeLinear")
+
+
+def test_unknown_exclude_names_it_and_suggests_similar_nodes():
+    with pytest.raises(ConfigError) as error:
+        _quantize(_conv_relu_conv(), Int8Config(exclude=("conv_1",)))
+    message = str(error.value)
+    assert "'conv_1'" in message and "conv1" in message
+
+
+def test_an_already_quantized_model_is_refused():
+    quantized = _quantize(_conv_relu_conv()).model
+    with pytest.raises(ModelError, match="already quantized"):
+        _quantize(quantized)
+
+
+def test_mcu_target_quantizes_activations_to_int8():
+    result = _quantize(_conv_relu_conv(), Int8Config(target=Target.MCU))
+    assert result.tensor("relu1").format == "int8" and result.tensor("relu1").zero_point == (-128,)
+    assert _initializer(result.model, "x_zero_point").dtype == np.int8
+    assert result.details["activation_format"] == INT8.name
+    assert "target mcu: activations int8" in result.notes[0]
+    assert _quantize(_conv_relu_conv()).details["activation_format"] == UINT8.name
