@@ -195,6 +195,9 @@ def _numpy_gradient(v: np.ndarray, problem: _Problem, beta: float | None, config
 
 
 def _optimize_numpy(problem: _Problem, config: AdaRoundConfig) -> np.ndarray:
+    import os
+    if os.environ.get("AR32"):
+        problem = _Problem(*(None if a is None else a.astype(np.float32) for a in (problem.floor, problem.rest, problem.gram, problem.samples)))
     v = _initial_v(problem.rest)
     first, second = np.zeros_like(v), np.zeros_like(v)
     (beta1, beta2) = _ADAM_BETAS

@@ -39,12 +39,18 @@ __all__ = ["OPS", "OpSpec"]
 
 @dataclass(frozen=True, kw_only=True)
 class OpSpec:
-    """One op kind: its numpy semantics, parameter type and C kernel name."""
+    """One op kind: its numpy semantics, parameter type and C kernel name.
+
+    ``in_place``: the C kernel may write its output over an input of the same
+    size (each output element is written after the last read of the input
+    elements at and before it), so the planner can alias the two.
+    """
 
     kind: str
     reference: Callable[..., np.ndarray]
     params_type: type
     c_kernel: str
+    in_place: bool = False
 
 
 def _finish(acc: np.ndarray, multiplier, shift, zero_point: int, act_min: int, act_max: int,
@@ -187,24 +193,25 @@ def concat(*xs: np.ndarray, params: ConcatParams, rounding: str) -> np.ndarray:
     return np.concatenate(xs, axis=params.axis)
 
 
-def _spec(kind, reference, params_type, c_kernel) -> tuple[str, OpSpec]:
-    return kind, OpSpec(kind=kind, reference=reference, params_type=params_type, c_kernel=c_kernel)
+def _spec(kind, reference, params_type, c_kernel, in_place=False) -> tuple[str, OpSpec]:
+    return kind, OpSpec(kind=kind, reference=reference, params_type=params_type, c_kernel=c_kernel,
+                        in_place=in_place)
 
 
 OPS: dict[str, OpSpec] = dict([
     _spec("conv2d", conv2d, Conv2dParams, "eo_conv2d_s8"),
     _spec("fully_connected", fully_connected, FullyConnectedParams, "eo_fully_connected_s8"),
-    _spec("add", add, AddParams, "eo_add_s8"),
-    _spec("mul", mul, MulParams, "eo_mul_s8"),
+    _spec("add", add, AddParams, "eo_add_s8", in_place=True),
+    _spec("mul", mul, MulParams, "eo_mul_s8", in_place=True),
     _spec("max_pool", max_pool, MaxPoolParams, "eo_max_pool_s8"),
     _spec("avg_pool", avg_pool, AvgPoolParams, "eo_avg_pool_s8"),
     _spec("mean", mean, MeanParams, "eo_mean_s8"),
-    _spec("requantize", requantize, RequantizeParams, "eo_requantize_s8"),
-    _spec("lut", lut, LutParams, "eo_lut_s8"),
-    _spec("softmax", softmax, SoftmaxParams, "eo_softmax_s8"),
+    _spec("requantize", requantize, RequantizeParams, "eo_requantize_s8", in_place=True),
+    _spec("lut", lut, LutParams, "eo_lut_s8", in_place=True),
+    _spec("softmax", softmax, SoftmaxParams, "eo_softmax_s8", in_place=True),
     _spec("pad", pad, PadParams, "eo_pad_s8"),
     _spec("resize_nearest", resize_nearest, ResizeNearestParams, "eo_resize_nearest_s8"),
     _spec("transpose", transpose, TransposeParams, "eo_transpose_s8"),
-    _spec("reshape", reshape, ReshapeParams, "eo_copy_s8"),
+    _spec("reshape", reshape, ReshapeParams, "eo_copy_s8", in_place=True),
     _spec("concat", concat, ConcatParams, "eo_concat_s8"),
 ])

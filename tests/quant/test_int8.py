@@ -1,0 +1,170 @@
+"""Int8 post-training quantization end to end, on the real small architectures.
+
+SQNR thresholds (dB, int8: u8 activations per tensor, s8 weights per output
+channel, int32 bias) against the float model in ONNX Runtime:
+conv nets >= 30 dB, the transformer encoder (LayerNorm, GELU and Softmax in
+float) >= 25 dB.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from edgeopt.errors import DataError, ModelError
+from edgeopt.io import load_model, model_to_bytes
+from edgeopt.quant import CalibrationMethod, Int8Config, quantize
+from edgeopt.quant.opset import OpsetCheck
+from edgeopt.runtime.ort import OrtSession
+from tests.models import TORCH_MODELS, build_onnx, dynamic_input_model
+
+from .int8_models import ort_op_counts, sqnr_db
+
+CONV_NET_SQNR_DB = 30.0
+TRANSFORMER_SQNR_DB = 25.0
+
+
+def _images(shape, count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Smooth image-like inputs: low-resolution noise upsampled, plus fine noise, normalized."""
+    rng = np.random.default_rng(seed)
+    n, c, h, w = shape
+    feeds = []
+    for _ in range(count):
+        coarse = rng.uniform(0, 1, (n, c, h // 4, w // 4))
+        image = np.kron(coarse, np.ones((1, 1, 4, 4))) + rng.normal(0, 0.05, shape)
+        feeds.append({"input": ((image - 0.45) / 0.25).astype(np.float32)})
+    return feeds
+
+
+def _inputs(name: str, count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    shape = TORCH_MODELS[name][1]
+    if len(shape) == 4:
+        return _images(shape, count, seed)
+    rng = np.random.default_rng(seed)
+    return [{"input": rng.standard_normal(shape).astype(np.float32)} for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    cache = {}
+
+    def get(name: str, opset: int = 17):
+        if (name, opset) not in cache:
+            cache[name, opset] = load_model(build_onnx(name, folder, opset))
+        return cache[name, opset]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet_v2", "mobilenet_v3", "unet"])
+def test_conv_nets_keep_30_db(models, name):
+    model = models(name)
+    result = quantize(model, Int8Config(), _inputs(name, 16, seed=0))
+    sqnr = sqnr_db(model, result.model, _inputs(name, 8, seed=1))
+    assert sqnr >= CONV_NET_SQNR_DB, f"{name}: {sqnr:.1f} dB"
+    counts = ort_op_counts(result.model)
+    assert counts["QLinearConv"] >= 8 and "FusedConv" not in counts
+
+
+def test_transformer_runs_its_matmuls_in_integer(models):
+    model = models("transformer")
+    result = quantize(model, Int8Config(calibration=CalibrationMethod.AUTO), _inputs("transformer", 16, 0))
+    assert sqnr_db(model, result.model, _inputs("transformer", 8, 1)) >= TRANSFORMER_SQNR_DB
+    assert ort_op_counts(result.model)["QLinearMatMul"] >= 8
+    reasons = {(n.op_type, n.reason) for n in result.float_nodes}
+    assert ("LayerNormalization", "no integer kernel for LayerNormalization") in reasons
+
+
+@pytest.mark.parametrize("method", list(CalibrationMethod))
+def test_every_calibration_method_gives_a_working_model(models, method):
+    model = models("resnet")
+    result = quantize(model, Int8Config(calibration=method), _inputs("resnet", 8, 0))
+    assert sqnr_db(model, result.model, _inputs("resnet", 4, 1)) >= CONV_NET_SQNR_DB
+    activations = [t for t in result.tensors if t.kind == "activation"]
+    if method is CalibrationMethod.AUTO:
+        assert {t.method for t in activations} <= {m.value for m in CalibrationMethod} - {"auto"}
+    else:
+        assert {t.method for t in activations} == {method.value}
+
+
+def test_same_model_data_and_settings_give_byte_identical_output(models):
+    model = models("mobilenet_v3")
+    data = _inputs("mobilenet_v3", 6, 0)
+    config = Int8Config(calibration=CalibrationMethod.AUTO)
+    first = model_to_bytes(quantize(model, config, data).model)
+    second = model_to_bytes(quantize(model, config, iter(data)).model)
+    assert first == second
+
+
+def test_the_input_model_is_not_modified(models):
+    model = models("efficientnet")
+    before = model_to_bytes(model)
+    result = quantize(model, Int8Config(), _inputs("efficientnet", 4, 0))
+    assert model_to_bytes(model) == before
+    assert result.model is not model
+    silu = [n for n in result.float_nodes if "silu" in n.reason]
+    assert silu and {n.op_type for n in silu} == {"Sigmoid", "Mul"}  # one float activation, not split
+
+
+def test_opset_11_is_converted_to_13_and_checked(models):
+    model = models("mobilenet_v2", opset=11)
+    result = quantize(model, Int8Config(), _inputs("mobilenet_v2", 8, 0))
+    conversion = result.details["opset_conversion"]
+    assert (conversion.from_opset, conversion.to_opset, conversion.batches_checked) == (11, 13, 4)
+    assert conversion.max_abs_diff <= 1e-5
+    assert any("converted opset 11 -> 13" in note for note in result.notes)
+    assert result.model.opset_imports[""] == 13 and model.opset_imports[""] == 11
+    assert sqnr_db(model, result.model, _inputs("mobilenet_v2", 4, 1)) >= CONV_NET_SQNR_DB
+    assert ort_op_counts(result.model)["QLinearConv"] >= 8
+
+
+def test_a_conversion_that_changes_outputs_is_refused(models):
+    original = models("resnet")
+    changed = original.clone()
+    bias = next(v for name, v in changed.graph.initializers.items() if name.endswith("bias"))
+    bias.const_value = ir.tensor(bias.const_value.numpy() + 1.0)
+    check = OpsetCheck(original, changed)
+    with pytest.raises(ModelError, match="changed output 'output'"):
+        check.update(_inputs("resnet", 1, 0)[0], {})
+
+
+def test_dynamic_dims_are_quantized_from_data_of_varying_shapes(tmp_path):
+    model = load_model(dynamic_input_model(tmp_path / "dynamic.onnx"), require_static=False)
+    rng = np.random.default_rng(0)
+    data = [{"input": rng.standard_normal((n, 3, h, w)).astype(np.float32)}
+            for n, h, w in [(1, 8, 8), (2, 16, 12), (1, 5, 7), (3, 10, 10)]]
+    result = quantize(model, Int8Config(), data)
+    unseen = [{"input": rng.standard_normal((2, 3, 9, 13)).astype(np.float32)}]
+    assert sqnr_db(model, result.model, unseen) >= CONV_NET_SQNR_DB
+    assert [str(d) for d in result.model.graph.inputs[0].shape] == ["N", "3", "H", "W"]
+
+
+def test_dynamic_batch_export_quantizes(tmp_path):
+    model = load_model(build_onnx("resnet", tmp_path, 17, dynamic_batch=True), require_static=False)
+    data = [{"input": feed["input"].repeat(n, axis=0)} for feed, n in zip(_images((1, 3, 32, 32), 3, 0), (1, 4, 2))]
+    result = quantize(model, Int8Config(), data)
+    batch = {"input": np.concatenate([f["input"] for f in _images((1, 3, 32, 32), 5, 1)])}
+    assert OrtSession(result.model).run(batch)["output"].shape == (5, 10)
+
+
+def test_result_reports_tensors_notes_and_reusable_calibration(models):
+    calls = []
+    data = _inputs("resnet", 5, 0)
+    result = quantize(models("resnet"), Int8Config(calibration=CalibrationMethod.MSE), data,
+                      progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (5, 5)
+    assert result.scheme == "int8" and result.config == Int8Config(calibration=CalibrationMethod.MSE)
+    assert result.notes[0].startswith("target ort: activations uint8")
+    kinds = {t.kind for t in result.tensors}
+    assert kinds == {"activation", "weight", "bias"}
+    calibration = result.details["calibration"]
+    assert calibration.num_batches == 5
+    entropy = calibration.with_method(CalibrationMethod.ENTROPY)  # no second pass over the data
+    assert set(entropy.ranges()) == set(calibration.ranges())
+
+
+def test_missing_data_is_a_data_error(models):
+    with pytest.raises(DataError, match="calibration needs data"):
+        quantize(models("resnet"), Int8Config())
