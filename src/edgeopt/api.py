@@ -8,6 +8,7 @@ subclasses for anything a user can cause.
 from __future__ import annotations
 
 import io as _io
+import json
 import logging
 import os
 import re
@@ -35,11 +36,13 @@ __all__ = [
     "RunResult",
     "bench",
     "compare",
+    "compile_model",
     "from_torch",
     "inspect",
     "load",
     "quantize",
     "run",
+    "verify",
 ]
 
 logger = logging.getLogger(__name__)
@@ -180,10 +183,15 @@ def _write_outputs(outputs: Mapping[str, np.ndarray], folder: Path) -> tuple[Pat
 
 def run(model: ModelSource, inputs: Mapping[str, np.ndarray], *, output_dir: str | os.PathLike | None = None,
         progress: Progress | None = None) -> RunResult:
-    """Run ``model`` in ONNX Runtime; N stacked samples for a batch-1 input run one by one."""
+    """Run ``model`` in ONNX Runtime; N stacked samples for a batch-1 input run one by one.
+
+    A folder written by ``compile_model`` runs its generated C, built on the host.
+    """
     from edgeopt.data import check_feed
     from edgeopt.runtime.ort import OrtSession
 
+    if _is_c_folder(model):
+        return _run_c(model, inputs, output_dir, progress)
     loaded = load(model, require_static=False)
     specs = eir.model_inputs(loaded)
     feeds = _sample_feeds(specs, _name_unnamed(specs, inputs))
@@ -225,9 +233,15 @@ def bench(models: Sequence[ModelSource], *, config: BenchConfig = BenchConfig(),
           input_shapes: Mapping[str, Sequence[int]] | None = None,
           preprocess: ImagePreprocess | None = None,
           progress: Progress | None = None) -> BenchResult:
-    """Time models side by side in ONNX Runtime: latency, throughput, peak RSS, file size."""
+    """Time models side by side in ONNX Runtime: latency, throughput, peak RSS, file size.
+
+    Folders written by ``compile_model`` are timed in their C timing harness on the host.
+    """
     if not models:
         raise ModelError("bench needs at least one model")
+    if any(_is_c_folder(model) for model in models):
+        return _bench_with_c(models, config=config, data=data, input_shapes=input_shapes, preprocess=preprocess,
+                             progress=progress)
     targets, feeds = [], []
     for model in models:
         loaded = load(model, input_shapes=input_shapes)
@@ -442,3 +456,96 @@ def compare(float_model: ModelSource, quant_model: ModelSource, data, *, preproc
     quant_ir = load(quant_model, require_static=False)
     source = _calibration_source(float_ir, data, preprocess, max_samples)
     return compare_models(float_ir, quant_ir, source, progress=progress)
+
+
+# ------------------------------------------------------------- compile / verify
+
+
+def _is_c_folder(model: ModelSource) -> bool:
+    from edgeopt.codegen.c import is_c_folder
+
+    return not isinstance(model, ir.Model) and is_c_folder(model)
+
+
+def compile_model(model: ModelSource, output: str | os.PathLike, *, target: str = "c",
+                  device: str | os.PathLike = "x86-host", name: str = "model", rounding: str = "double",
+                  force: bool = False, measure: bool = True):
+    """Generate deployable code for an int8 QDQ model and report what it costs.
+
+    ``target="c"``: portable C99 into the folder ``output`` (see
+    :mod:`edgeopt.codegen.c`). Unsupported ops are refused, listed with their
+    nodes, before anything is written. With ``measure`` the code is built and
+    timed on the host (flash, stack estimate, latency; needs gcc). The report
+    goes to ``output/report.json``; a model that does not fit ``device`` is
+    still written, and the report's ``fits``/``misses()`` say by how much.
+    """
+    from edgeopt.codegen.c import compile_c
+    from edgeopt.codegen.c.report import CompileReport, measure_host
+
+    if target != "c":
+        raise ConfigError(f"--target {target!r} is not supported: the only code generation target is c")
+    result = compile_c(load(model), output, device=device, name=name, rounding=rounding, force=force)
+    host = None
+    if measure:
+        try:
+            host = measure_host(result.out_dir)
+        except EdgeoptError as error:
+            logger.warning("host measurement skipped: %s", error)
+    report = CompileReport(result=result, host=host)
+    report.write()
+    return report
+
+
+def verify(out_dir: str | os.PathLike, data, *, preprocess: ImagePreprocess | None = None,
+           max_samples: int | None = None):
+    """Run the C code in ``out_dir`` and the reference interpreter on ``data``; name the first layer that differs."""
+    from edgeopt.codegen.c import verify as verify_c
+    from edgeopt.codegen.c.host import HostProgram
+    from edgeopt.data import open_data, take
+
+    source = open_data(data, HostProgram(out_dir).input_specs, preprocess=preprocess)
+    return verify_c(out_dir, take(source, max_samples) if max_samples is not None else source)
+
+
+def _run_c(folder: str | os.PathLike, inputs: Mapping[str, np.ndarray], output_dir, progress) -> RunResult:
+    from edgeopt.codegen.c.host import HostProgram
+
+    program = HostProgram(folder)
+    feeds = _sample_feeds(program.input_specs, _name_unnamed(program.input_specs, inputs))
+    outputs = program.run(feeds)
+    if progress is not None:
+        progress(len(feeds), len(feeds))
+    files = _write_outputs(outputs, Path(output_dir)) if output_dir is not None else ()
+    return RunResult(outputs=outputs, samples=len(feeds), files=files)
+
+
+def _c_timing(folder: str | os.PathLike, config: BenchConfig, data, preprocess):
+    from edgeopt.bench.latency import ModelTiming
+    from edgeopt.codegen.c.host import HostProgram
+    from edgeopt.data import open_data, take
+    from edgeopt.runtime.ort import random_feed
+
+    program = HostProgram(folder)
+    specs = program.input_specs
+    feed = (next(iter(take(open_data(data, specs, preprocess=preprocess), 1)), None) if data is not None
+            else random_feed(specs, seed=0))
+    if feed is None:
+        raise DataError(f"--data {data} gave no samples")
+    timing = program.time(feed, config.runs)
+    report = Path(folder) / "report.json"
+    flash = json.loads(report.read_text()).get("flash_bytes") if report.is_file() else None
+    return ModelTiming(name=f"{Path(folder).name}/ [C, host gcc -O2]", file_bytes=flash or 0,
+                       latencies_ms=timing.latencies_ms, samples_per_run=1, peak_rss_bytes=timing.peak_rss_bytes,
+                       baseline_rss_bytes=0)
+
+
+def _bench_with_c(models: Sequence[ModelSource], *, config: BenchConfig, data, input_shapes, preprocess,
+                  progress) -> BenchResult:
+    """ONNX models side by side in ONNX Runtime, then each C folder in its timing harness, in the order given."""
+    onnx_models = [m for m in models if not _is_c_folder(m)]
+    onnx_result = bench(onnx_models, config=config, data=data, input_shapes=input_shapes, preprocess=preprocess,
+                        progress=progress) if onnx_models else None
+    onnx_timings = iter(onnx_result.models if onnx_result else ())
+    timings = tuple(_c_timing(m, config, data, preprocess) if _is_c_folder(m) else next(onnx_timings)
+                    for m in models)
+    return BenchResult(models=timings, config=config, cpu_count=os.cpu_count() or 1)

@@ -3,7 +3,9 @@
 The model (``assets/demo.onnx``) is a small CNN with a depthwise conv, batch
 norm, ReLU6/hardswish, an SE block and a residual add, trained on
 scikit-learn's digits by ``scripts/train_demo.py``; ``assets/digits_test.npz``
-is its held-out test split (the demo's evaluation data).
+is its held-out test split (the demo's evaluation data). The last stage
+compiles the int8 model to C for a Cortex-M4 board, runs the C on the host on
+every test image and checks its accuracy against the reference interpreter's.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import numpy as np
 
 from edgeopt import api
 from edgeopt.bench import BenchConfig, BenchResult
+from edgeopt.codegen.c.report import CompileReport
 
-__all__ = ["DemoResult", "demo_data", "demo_model_path", "run_demo"]
+__all__ = ["DemoC", "DemoResult", "demo_c", "demo_data", "demo_model_path", "run_demo"]
 
 Progress = Callable[[int, int | None], None]
 
@@ -48,6 +51,53 @@ def top1_accuracy(model: api.ModelSource, images: np.ndarray, labels: np.ndarray
     return float(np.mean(np.argmax(logits.reshape(len(labels), -1), axis=1) == labels))
 
 
+DEMO_DEVICE = "cortex-m4"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoC:
+    """The int8 demo model as C: its report, and its accuracy next to the reference interpreter's."""
+
+    report: CompileReport
+    accuracy: float
+    reference_accuracy: float
+
+    def summary_lines(self) -> list[tuple[str, str]]:
+        result, host = self.report.result, self.report.host
+        same = "equal" if self.accuracy == self.reference_accuracy else "DIFFERENT"
+        lines = [("C accuracy", f"{self.accuracy:.2%} (reference interpreter {self.reference_accuracy:.2%}: {same})"),
+                 ("C arena", f"{result.arena_bytes:,} B (lower bound {result.lower_bound_bytes:,} B)")]
+        if host is not None:
+            lines += [("C flash", f"{self.report.flash_bytes:,} B = weights {result.weight_bytes:,} B + code "
+                                  f"{self.report.code_bytes:,} B (host gcc -O2 objects)"),
+                      ("C host latency", f"{host.latency_ms:.3f} ms per inference" if host.latency_ms else "-")]
+        fit = "fits" if self.report.fits else "does NOT fit: " + "; ".join(self.report.misses())
+        lines.append((f"C on {result.device}", f"{fit}; {self.report.estimated_device_latency_ms:.2f} ms (estimate)"))
+        return lines
+
+    def to_dict(self) -> dict:
+        return {"report": self.report.to_dict(), "accuracy": self.accuracy,
+                "reference_accuracy": self.reference_accuracy}
+
+
+def demo_c(int8_path: Path, out_dir: Path, images: np.ndarray, labels: np.ndarray) -> DemoC:
+    """Compile the int8 model to C, run it on the host on every test image, and the reference interpreter too."""
+    from edgeopt.runtime.reference import ReferenceModel
+
+    report = api.compile_model(int8_path, out_dir, device=DEMO_DEVICE, force=True)
+    c_logits = next(iter(api.run(out_dir, {"": images}).outputs.values()))
+    reference = ReferenceModel(api.load(int8_path))
+    name = reference.input_names[0]
+    reference_logits = np.concatenate([next(iter(reference.run_float({name: images[i:i + 1]}).values()))
+                                       for i in range(len(images))])
+    return DemoC(report=report, accuracy=_accuracy(c_logits, labels),
+                 reference_accuracy=_accuracy(reference_logits, labels))
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(logits.reshape(len(labels), -1), axis=1) == labels))
+
+
 @dataclass(frozen=True, kw_only=True)
 class DemoResult:
     """Numbers measured by the demo, and where its artifacts are."""
@@ -59,6 +109,7 @@ class DemoResult:
     quantize: api.QuantizeReport
     test_samples: int
     bench: BenchResult
+    c_code: DemoC | None = None
 
     def summary_lines(self) -> list[tuple[str, str]]:
         float_timing, int8_timing = self.bench.models[:2]
@@ -72,6 +123,7 @@ class DemoResult:
                      f"(weights {self.inspect.cost.param_bytes_fp32:,} B -> {self.inspect.cost.param_bytes_int8:,} B)"),
             ("ORT latency", f"float {float_timing.median_ms:.3f} ms, int8 {int8_timing.median_ms:.3f} ms median "
                             f"({float_timing.median_ms / int8_timing.median_ms:.2f}x)"),
+            *(self.c_code.summary_lines() if self.c_code is not None else []),
             ("artifacts", str(self.output_dir)),
         ]
 
@@ -79,7 +131,7 @@ class DemoResult:
         return {"output_dir": str(self.output_dir), "inspect": self.inspect.to_dict(),
                 "float_accuracy": self.float_accuracy, "int8_accuracy": self.int8_accuracy,
                 "quantize": self.quantize.to_dict(), "test_samples": self.test_samples,
-                "bench": self.bench.to_dict()}
+                "bench": self.bench.to_dict(), "c": self.c_code.to_dict() if self.c_code is not None else None}
 
 
 def run_demo(output_dir: str | os.PathLike, *, runs: int = 200, progress: Progress | None = None) -> DemoResult:
@@ -90,7 +142,7 @@ def run_demo(output_dir: str | os.PathLike, *, runs: int = 200, progress: Progre
     folder.mkdir(parents=True, exist_ok=True)
     model_path, int8_path = folder / "demo.onnx", folder / "demo.int8.onnx"
     shutil.copyfile(demo_model_path(), model_path)
-    steps = 5
+    steps = 6
     _step(progress, 0, steps)
     inspected = api.inspect(model_path)
     _step(progress, 1, steps)
@@ -103,8 +155,10 @@ def run_demo(output_dir: str | os.PathLike, *, runs: int = 200, progress: Progre
     _step(progress, 4, steps)
     timing = api.bench([model_path, int8_path], config=BenchConfig(runs=runs, warmup=max(1, runs // 10), threads=1))
     _step(progress, 5, steps)
+    c_code = demo_c(int8_path, folder / "c", images, labels)
+    _step(progress, 6, steps)
     result = DemoResult(output_dir=folder, inspect=inspected, float_accuracy=accuracy, int8_accuracy=int8_accuracy,
-                        quantize=quantized, test_samples=len(labels), bench=timing)
+                        quantize=quantized, test_samples=len(labels), bench=timing, c_code=c_code)
     (folder / "summary.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     return result
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 import qdq_models as q
-from edgeopt.analysis.memory import TensorLifetime, check_no_overlap, greedy_arena_plan
+from edgeopt.analysis.memory import ArenaPlan, TensorLifetime, check_no_overlap, greedy_arena_plan
 from edgeopt.codegen.c import compile_c, verify
 from edgeopt.codegen.c.build import build
 from edgeopt.codegen.c.plan import exact_arena_plan, plan_memory
@@ -27,8 +27,13 @@ def _qdq(name="conv_relu"):
 @pytest.mark.parametrize("name", sorted(q.FLOAT_BUILDERS))
 def test_no_two_live_tensors_overlap(name):
     memory = plan_memory(lower(_qdq(name)))
-    assert check_no_overlap(memory.plan, memory.lifetimes) == ()
+    assert check_no_overlap(memory.plan, memory.buffers) == ()
     assert memory.lower_bound_bytes <= memory.arena_bytes <= memory.greedy_bytes
+    # Tensor by tensor: two tensors live at one step share bytes only when an op writes one over the other.
+    tensors = ArenaPlan(offsets={t.name: memory.offset(t.name) for t in memory.lifetimes},
+                        arena_bytes=memory.arena_bytes, lower_bound_bytes=0, alignment=16)
+    assert set(check_no_overlap(tensors, memory.lifetimes)) <= {
+        pair for source, target in memory.in_place for pair in ((source, target), (target, source))}
 
 
 def test_exact_search_beats_greedy_on_a_hand_computable_case():
@@ -82,7 +87,7 @@ def test_existing_folder_needs_force(tmp_path):
 
 
 def test_bad_options_are_config_errors(tmp_path):
-    for options in ({"name": "9lives"}, {"rounding": "up"}, {"device": "pdp-11"}):
+    for options in ({"name": "9lives"}, {"rounding": "up"}, {"device": "pdp-11"}, {"device": tmp_path / "no.yaml"}):
         with pytest.raises(ConfigError):
             compile_c(_qdq(), tmp_path / "out", **options)
 
@@ -91,16 +96,14 @@ def test_bad_options_are_config_errors(tmp_path):
 def test_model_too_big_for_device_still_writes_but_build_fails(tmp_path):
     model = q.to_ir(q.quantize_with_ort(q.float_model("residual_add")))
     result = compile_c(model, tmp_path / "out", device="cortex-m0plus")
-    assert result.fits  # 7 KB fits 32 KB; shrink the device to force a miss
-    from edgeopt.codegen.c import api
-    api.DEVICE_SRAM_BYTES["tiny-test"] = 1024
-    try:
-        result = compile_c(model, tmp_path / "tiny", device="tiny-test")
-    finally:
-        del api.DEVICE_SRAM_BYTES["tiny-test"]
+    assert result.fits  # 7 KB fits 32 KB; a board of our own with 1 KiB forces a miss
+    board = tmp_path / "tiny.yaml"
+    board.write_text("board: test\nflash_bytes: 64 KiB\nsram_bytes: 1 KiB\nclock_mhz: 16\n"
+                     "int8_macs_per_cycle: 0.25\nfp32_macs_per_cycle: 0.01\n")
+    result = compile_c(model, tmp_path / "tiny", device=board)
     assert not result.fits and result.missing_bytes == result.arena_bytes - 1024
     assert (tmp_path / "tiny" / "model.c").exists()
-    with pytest.raises(CodegenError):
+    with pytest.raises(CodegenError, match=f"{result.missing_bytes} bytes missing"):
         build(tmp_path / "tiny", "model")
 
 

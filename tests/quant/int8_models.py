@@ -12,7 +12,7 @@ import collections
 from collections.abc import Sequence
 
 import numpy as np
-import onnx  # noqa: F401  (NodeProto/TensorProto annotations)
+import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 

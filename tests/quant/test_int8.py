@@ -17,7 +17,15 @@ from edgeopt.io import load_model, model_to_bytes
 from edgeopt.quant import CalibrationMethod, Int8Config, quantize
 from edgeopt.quant.opset import OpsetCheck
 from edgeopt.runtime.ort import OrtSession
-from tests.models import TORCH_MODELS, build_onnx, dynamic_input_model
+from tests.models import (
+    TORCH_MODELS,
+    build_onnx,
+    constant_weights_model,
+    dynamic_input_model,
+    external_data_model,
+    shadowed_initializer_model,
+    tf_style_model,
+)
 
 from .int8_models import ort_op_counts, sqnr_db
 
@@ -168,3 +176,18 @@ def test_result_reports_tensors_notes_and_reusable_calibration(models):
 def test_missing_data_is_a_data_error(models):
     with pytest.raises(DataError, match="calibration needs data"):
         quantize(models("resnet"), Int8Config())
+
+
+@pytest.mark.parametrize("builder, input_name, shape", [
+    (constant_weights_model, "input", (1, 3, 8, 8)),
+    (external_data_model, "input", (1, 3, 8, 8)),
+    (tf_style_model, "input_1", (1, 16, 16, 3)),
+    (shadowed_initializer_model, "input", (1, 3, 8, 8)),
+])
+def test_odd_exporter_graphs_quantize(tmp_path, builder, input_name, shape):
+    model = load_model(builder(tmp_path / "model.onnx"))
+    rng = np.random.default_rng(0)
+    data = [{input_name: rng.standard_normal(shape).astype(np.float32)} for _ in range(8)]
+    result = quantize(model, Int8Config(), data)
+    assert sqnr_db(model, result.model, data) >= CONV_NET_SQNR_DB
+    assert ort_op_counts(result.model)["QLinearConv"] == 1 and result.float_nodes == ()

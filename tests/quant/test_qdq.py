@@ -239,3 +239,19 @@ def test_mcu_target_quantizes_activations_to_int8():
     assert result.details["activation_format"] == INT8.name
     assert "target mcu: activations int8" in result.notes[0]
     assert _quantize(_conv_relu_conv()).details["activation_format"] == UINT8.name
+
+
+def test_unary_ops_and_resize_run_in_integer():
+    b = GraphBuilder(seed=10)
+    sigmoid = b.node("Sigmoid", [b.conv("x", 8, 8, "c1")], "sigmoid")
+    leaky = b.node("LeakyRelu", [b.conv(sigmoid, 8, 8, "c2")], "leaky", alpha=0.1)
+    pooled = b.node("AveragePool", [leaky], "avg", kernel_shape=[2, 2], strides=[2, 2])
+    upsampled = b.node("Resize", [pooled, "", b.constant("scales", [1, 1, 2, 2])], "up", mode="nearest")
+    b.conv(upsampled, 8, 4, "y")
+    result = _quantize(b.model(["y"], SHAPE))
+    counts = ort_op_counts(result.model)
+    for op_type in ("QLinearSigmoid", "QLinearLeakyRelu", "QLinearAveragePool"):
+        assert counts[op_type] == 1, op_type
+    assert counts["QLinearConv"] == 3 and counts["DequantizeLinear"] == 1  # Resize runs on uint8
+    assert _scale_of(result.model, "up").name == _scale_of(result.model, "avg").name
+    assert result.float_nodes == ()

@@ -405,3 +405,6 @@ def compare(
         print_json(result.to_dict())
         return
     render_compare(result, limit=limit)
+
+
+from edgeopt.cli import deploy  # noqa: E402,F401  (registers compile, verify)

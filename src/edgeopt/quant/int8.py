@@ -2,11 +2,13 @@
 
 Steps, on the private copy the caller hands in:
 
-1. refuse a model that is already quantized; check ``exclude`` names;
+1. refuse a model that is already quantized;
 2. opset < 13: convert to 13 (per-channel QDQ needs it), reported, and
    checked against the original on the first calibration batches;
 3. ``edgeopt.passes.optimize_for_quantization`` when available (fold
-   BatchNorm/affine into Conv, fuse activations), then unique names;
+   BatchNorm/affine into Conv, fuse activations), then unique names; every
+   ``exclude`` entry must name a node or op type of the given or the
+   optimized model;
 4. plan Q/DQ placement (:mod:`edgeopt.quant.placement`);
 5. one streaming calibration pass over the planned activations;
 6. insert Q/DQ with ranges from the configured method (:mod:`edgeopt.quant.qdq`).
@@ -83,7 +85,7 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
                   progress: ProgressCallback | None = None) -> QuantResult:
     """Int8 QDQ quantization of ``model`` (rewritten in place) calibrated on ``data``."""
     check_not_quantized(model)
-    check_exclude(model, config.exclude)
+    given = model
     notes = [_activation_note(config)]
     logger.info(notes[0])
     hooks, check = [], None
@@ -94,6 +96,7 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
         hooks.append(check)
     model, optimization = _optimize(model)
     _prepare(model)
+    check_exclude([given, model], config.exclude)
     notes.extend(_vanished_excludes(model, config.exclude))
     plan = plan_qdq(model, exclude=config.exclude)
     calibration = calibrate(model, data, plan.activations, config.calibration_config,

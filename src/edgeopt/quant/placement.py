@@ -104,10 +104,14 @@ def check_not_quantized(model: ir.Model) -> None:
                              f"{node.op_type}): quantize the float model instead")
 
 
-def check_exclude(model: ir.Model, exclude: Iterable[str]) -> None:
-    """ConfigError naming each exclude entry that is neither a node name nor an op type."""
-    names = [node.name for node in model.graph if node.name]
-    op_types = {node.op_type for node in model.graph}
+def check_exclude(models: Iterable[ir.Model], exclude: Iterable[str]) -> None:
+    """ConfigError naming the first exclude entry that is neither a node name nor an op type of any of ``models``.
+
+    (The user's model and its optimized form: a user names nodes of the
+    file, accuracy tools name nodes of the model they quantized.)
+    """
+    names = list(dict.fromkeys(node.name for model in models for node in model.graph if node.name))
+    op_types = {node.op_type for model in models for node in model.graph}
     for entry in exclude:
         if entry in op_types or entry in names:
             continue
@@ -253,21 +257,10 @@ class _Planner:
         return tuple(sorted(names, key=lambda n: (order.get(n, -1), n)))
 
 
-def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Collection[str] = (),
-             non_float: Collection[str] = ()) -> QdqPlan:
-    """Plan Q/DQ placement on ``model`` (not modified).
-
-    ``exclude``: node names or op types that stay float (the user's
-    ``--exclude``); ``keep_float``: node names that stay float (accuracy
-    tools); ``non_float``: tensors found not to be float32 whose dtype the
-    graph does not record.
-    """
-    graph = model.graph
-    names = [node.name for node in graph]
-    if not all(names) or len(set(names)) != len(names):
-        raise ValueError("plan_qdq needs unique node names: run onnx_ir's NameFixPass on the model first")
+def _triage(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[str],
+            non_float: Collection[str]) -> tuple[dict[str, ir.Node], dict[str, str]]:
+    """Float-computing nodes split into integer candidates and refusals (name -> reason)."""
     candidates: dict[str, ir.Node] = {}
-    float_nodes: list[FloatNode] = []
     refusals: dict[str, str] = {}
     for node in graph:
         if not _computes_float(node, non_float):
@@ -277,26 +270,37 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
             candidates[node.name] = node
         else:
             refusals[node.name] = reason
-    fused = {}
-    for node in candidates.values():
-        activation = _fused_activation(node, candidates)
-        if activation is not None:
-            fused[activation.name] = node.name
+    return candidates, refusals
+
+
+def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Collection[str] = (),
+             non_float: Collection[str] = ()) -> QdqPlan:
+    """Plan Q/DQ placement on ``model`` (not modified).
+
+    ``exclude``: node names or op types that stay float (the user's
+    ``--exclude``); ``keep_float``: node names that stay float (accuracy
+    tools); ``non_float``: tensors found not to be float32 whose dtype the
+    graph does not record. Node names must be unique (NameFixPass).
+    """
+    graph = model.graph
+    names = [node.name for node in graph]
+    if not all(names) or len(set(names)) != len(names):
+        raise ValueError("plan_qdq needs unique node names: run onnx_ir's NameFixPass on the model first")
+    candidates, refusals = _triage(graph, exclude, keep_float, non_float)
+    fused_by_producer = {node.name: activation for node in candidates.values()
+                         if (activation := _fused_activation(node, candidates)) is not None}
+    fused = {activation.name: producer for producer, activation in fused_by_producer.items()}
     planner = _Planner(graph, non_float)
-    for node in graph:
-        if node.name not in candidates or node.name in fused:
+    for node in candidates.values():
+        if node.name in fused:
             continue
         if OP_RULES[node.op_type].role is OpRole.ACTIVATION:
             refusals[node.name] = f"{node.op_type} is quantized only fused after a Conv, Gemm, MatMul, Add or Mul"
             continue
-        activation = next((candidates[a] for a, p in fused.items() if p == node.name), None)
-        planner.add_node(node, (activation or node).outputs[0])
-    for node in graph:
-        if node.name in refusals:
-            float_nodes.append(FloatNode(node.name, node.op_type, refusals[node.name]))
-    quantized = [n.name for n in graph if n.name in candidates and n.name not in refusals]
+        planner.add_node(node, fused_by_producer.get(node.name, node).outputs[0])
+    clamped = [a.outputs[0].name for a in fused_by_producer.values() if activation_clamp(a)[0] == 0.0]
     return QdqPlan(
-        nodes=tuple(quantized),
+        nodes=tuple(name for name in candidates if name not in refusals),
         fused=tuple(fused.items()),
         activations=planner.ordered(planner.activations),
         constants=planner.ordered(planner.constants),
@@ -304,6 +308,6 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
         biases=tuple(planner.biases),
         groups=planner.groups.groups(),
         concat_groups=planner.concat_groups.groups(),
-        clamped=tuple(candidates[a].outputs[0].name for a in fused if activation_clamp(candidates[a])[0] == 0.0),
-        float_nodes=tuple(float_nodes),
+        clamped=tuple(clamped),
+        float_nodes=tuple(FloatNode(n.name, n.op_type, refusals[n.name]) for n in graph if n.name in refusals),
     )

@@ -68,11 +68,13 @@ class TensorQuantInfo:
 
     ``kind`` is ``"activation"``, ``"weight"`` or ``"bias"``; ``op_type`` is the
     op that produces (activation) or consumes (weight, bias) it. ``range`` is
-    the float interval the format covers (for per-channel tensors: the
-    smallest min and the largest max over channels); ``scale`` and
+    the float range the parameters were chosen for: the calibrated range of
+    an activation (for tensors sharing a scale: the union over the group),
+    the min and max of a constant's values (over all channels); ``scale`` and
     ``zero_point`` are tuples with one entry per channel (or block), a single
-    entry for per-tensor. ``method`` names the calibration method (or
-    ``"minmax"`` for weights) and ``format`` the low-bit format.
+    entry for per-tensor, along ``axis``. ``method`` names the calibration
+    method (``"minmax"`` for weights, ``"derived"`` for biases) and
+    ``format`` the low-bit format's name in :mod:`edgeopt.quant.formats`.
     """
 
     name: str
@@ -93,8 +95,11 @@ class QuantResult:
     ``scheme`` is a short name (``"int8"``, ``"fp16"`` ...); ``notes`` are
     one-line facts a user should read (opset converted, activation type
     chosen for the target ...). ``config`` is the config the handler ran with;
-    ``details`` holds scheme-specific values (for int8: the
-    ``CalibrationResult`` that later tools can reuse) keyed by name.
+    ``details`` holds scheme-specific values keyed by name -- for int8:
+    ``calibration`` (the ``CalibrationResult``, reusable without a new pass),
+    ``plan`` (the ``QdqPlan``), ``opset_conversion`` (``OpsetConversion`` or
+    None), ``activation_format`` (``"uint8"``/``"int8"``) and
+    ``optimization`` (the float passes' result, or None).
     """
 
     model: ir.Model

@@ -1,10 +1,14 @@
 """``compile_c`` and ``verify``: the C target of ``edgeopt compile`` and ``edgeopt verify``.
 
 ``compile_c`` lowers the QDQ model (refusing unsupported ops before anything
-is written), plans the arena, emits the project into a temporary folder next
-to ``out_dir`` and renames it into place. The folder also holds the QDQ model
-(``reference.onnx``) and ``edgeopt_c.json`` so ``verify`` can rebuild the
-reference and compare it with the C code tensor by tensor.
+is written), picks the execution order of least peak memory, plans the arena
+(in-place ops, greedy then exact placement), emits the project into a
+temporary folder next to ``out_dir`` and renames it into place. The folder
+also holds the QDQ model (``reference.onnx``), ``memory_map.json`` (every
+tensor's offset, size and live steps) and ``edgeopt_c.json`` (name, rounding,
+device, schedule, input/output quantization) so ``verify`` can rebuild the
+reference in the same order and compare it with the C code tensor by tensor,
+and :class:`~edgeopt.codegen.c.host.HostProgram` can run the code on the host.
 """
 
 from __future__ import annotations
@@ -21,28 +25,25 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from edgeopt.codegen.c.build import build, run_binary
+from edgeopt.analysis.memory import lower_bound_bytes as lower_bound_of
+from edgeopt.codegen.c.build import build, run_batch
 from edgeopt.codegen.c.emit import emit_sources
-from edgeopt.codegen.c.plan import plan_memory
+from edgeopt.codegen.c.plan import MemoryPlan, plan_memory, program_lifetimes
+from edgeopt.codegen.c.schedule import Schedule, choose_schedule, reorder
+from edgeopt.devices import DeviceProfile, load_device
 from edgeopt.errors import CodegenError, ConfigError
 from edgeopt.io import load_model, save_model
 from edgeopt.runtime.reference import ReferenceModel, lower
 from edgeopt.runtime.reference.fixed_point import ROUNDINGS
+from edgeopt.runtime.reference.program import Program
 
-__all__ = ["DEVICE_SRAM_BYTES", "CompileResult", "LayerMismatch", "VerifyResult", "compile_c", "verify"]
+__all__ = ["MANIFEST", "CompileResult", "LayerMismatch", "VerifyResult", "compile_c", "is_c_folder",
+           "read_manifest", "verify"]
 
 logger = logging.getLogger(__name__)
 
-# SRAM of typical boards per core, until device profiles (devices/*.yaml) provide them.
-DEVICE_SRAM_BYTES: dict[str, int | None] = {
-    "host": None,
-    "cortex-m0plus": 32 * 1024,
-    "cortex-m4": 192 * 1024,
-    "cortex-m33": 256 * 1024,
-    "cortex-m7": 512 * 1024,
-    "cortex-m55": 2 * 1024 * 1024,
-}
-_MANIFEST = "edgeopt_c.json"
+MANIFEST = "edgeopt_c.json"
+MEMORY_MAP = "memory_map.json"
 _REFERENCE_MODEL = "reference.onnx"
 
 
@@ -55,14 +56,28 @@ class CompileResult:
     lower_bound_bytes: int
     greedy_arena_bytes: int
     plan_method: str
+    plan_optimal: bool
+    graph_order_lower_bound_bytes: int  # before reordering and in-place
+    schedule_method: str
+    in_place_ops: int
     weight_bytes: int
-    device: str
-    device_sram_bytes: int | None
+    macs: int
+    profile: DeviceProfile
     rounding: str
+    name: str
+
+    @property
+    def device(self) -> str:
+        return self.profile.name
+
+    @property
+    def device_sram_bytes(self) -> int:
+        return self.profile.sram_bytes
 
     @property
     def fits(self) -> bool:
-        return self.device_sram_bytes is None or self.arena_bytes <= self.device_sram_bytes
+        """The arena fits the device's SRAM (the build check of the generated code)."""
+        return self.arena_bytes <= self.device_sram_bytes
 
     @property
     def missing_bytes(self) -> int:
@@ -90,13 +105,23 @@ class VerifyResult:
         return self.first_mismatch is None
 
 
-def _check_options(name: str, rounding: str, device: str) -> None:
+def _check_options(name: str, rounding: str) -> None:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise ConfigError(f"--name {name!r} must be a C identifier (letters, digits, underscore)")
     if rounding not in ROUNDINGS:
         raise ConfigError(f"--rounding {rounding!r} is not one of: {', '.join(ROUNDINGS)}")
-    if device not in DEVICE_SRAM_BYTES:
-        raise ConfigError(f"--device {device!r} is not one of: {', '.join(DEVICE_SRAM_BYTES)}")
+
+
+def program_macs(program: Program) -> int:
+    """Multiply-accumulates of the convolutions and fully connected layers."""
+    total = 0
+    for op in program.ops:
+        if op.kind == "conv2d":
+            weight = op.params.weight  # (O, KH, KW, I/group)
+            total += program.tensors[op.output].size * int(np.prod(weight.shape[1:]))
+        elif op.kind == "fully_connected":
+            total += program.tensors[op.output].size * op.params.weight.shape[1]
+    return int(total)
 
 
 def _weight_bytes(program) -> int:
@@ -106,6 +131,32 @@ def _weight_bytes(program) -> int:
     return int(total)
 
 
+def _io_manifest(program: Program, ios) -> list[dict]:
+    return [{"name": io.name, "tensor": io.tensor, "is_float": io.is_float,
+             "stored_shape": list(program.tensors[io.tensor].shape),
+             "layout": list(program.tensors[io.tensor].layout),
+             "scale": program.tensors[io.tensor].scale, "zero_point": program.tensors[io.tensor].zero_point}
+            for io in ios]
+
+
+def _memory_map(program: Program, plan: MemoryPlan) -> dict:
+    """Which tensor where, when: offsets, sizes, live steps, the op that writes each one."""
+    writer = {op.output: (step, op) for step, op in enumerate(program.ops)}
+    written_over = {target: source for source, target in plan.in_place}
+    tensors = []
+    for lifetime in sorted(plan.lifetimes, key=lambda t: (plan.offset(t.name), t.start)):
+        step, op = writer.get(lifetime.name, (None, None))
+        tensors.append({"tensor": lifetime.name, "offset": plan.offset(lifetime.name), "bytes": lifetime.size_bytes,
+                        "first_step": lifetime.start, "last_step": lifetime.end,
+                        "written_by": op.node if op is not None else "(model input)",
+                        "in_place_over": written_over.get(lifetime.name)})
+    steps = [{"step": step, "kind": op.kind, "node": op.node, "output": op.output} for step, op in
+             enumerate(program.ops)]
+    return {"arena_bytes": plan.arena_bytes, "lower_bound_bytes": plan.lower_bound_bytes,
+            "alignment": plan.plan.alignment, "method": plan.method, "optimal": plan.optimal,
+            "tensors": tensors, "schedule": steps}
+
+
 def _write_folder(out_dir: Path, files: Mapping[str, str], model: ir.Model, manifest: dict, force: bool) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -113,7 +164,7 @@ def _write_folder(out_dir: Path, files: Mapping[str, str], model: ir.Model, mani
         for file_name, text in files.items():
             (staging / file_name).write_text(text)
         save_model(model, staging / _REFERENCE_MODEL)
-        (staging / _MANIFEST).write_text(json.dumps(manifest, indent=2))
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out_dir.exists() and force:
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
@@ -122,28 +173,56 @@ def _write_folder(out_dir: Path, files: Mapping[str, str], model: ir.Model, mani
         raise
 
 
-def compile_c(model: ir.Model, out_dir: str | Path, *, device: str = "host", name: str = "model",
-              rounding: str = "double", force: bool = False) -> CompileResult:
+def compile_c(model: ir.Model, out_dir: str | Path, *, device: str | Path | DeviceProfile = "x86-host",
+              name: str = "model", rounding: str = "double", force: bool = False) -> CompileResult:
     """Generate the C project of a QDQ model; see the module docstring."""
-    _check_options(name, rounding, device)
+    _check_options(name, rounding)
+    profile = load_device(device)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise CodegenError(f"output folder {out_dir} exists: choose another -o or pass --force to overwrite it")
-    program = lower(model)
+    lowered = lower(model)
+    schedule = choose_schedule(lowered)
+    program = reorder(lowered, schedule.order)
     plan = plan_memory(program)
-    sram = DEVICE_SRAM_BYTES[device]
-    sources = emit_sources(program, plan, name=name, rounding=rounding, device_sram_bytes=sram)
-    manifest = {"name": name, "rounding": rounding, "device": device, "arena_bytes": plan.arena_bytes}
-    _write_folder(out_dir, sources.files, model, manifest, force)
-    result = CompileResult(out_dir=out_dir, files=tuple(sorted(sources.files)), ops=len(program.ops),
-                           arena_bytes=plan.arena_bytes, lower_bound_bytes=plan.lower_bound_bytes,
-                           greedy_arena_bytes=plan.greedy_bytes, plan_method=plan.method,
-                           weight_bytes=_weight_bytes(program), device=device, device_sram_bytes=sram,
-                           rounding=rounding)
+    sources = emit_sources(program, plan, name=name, rounding=rounding, device_sram_bytes=profile.sram_bytes)
+    files = dict(sources.files) | {MEMORY_MAP: json.dumps(_memory_map(program, plan), indent=2)}
+    _write_folder(out_dir, files, model, _manifest(program, plan, schedule, profile, name, rounding), force)
+    graph_order_bound = lower_bound_of(program_lifetimes(lowered))
+    result = _result(out_dir, files, program, plan, schedule, profile, name, rounding, graph_order_bound)
     if not result.fits:
         logger.warning("arena of %d bytes does not fit %s (%d bytes of SRAM): %d bytes short; the build check fails",
-                       result.arena_bytes, device, sram, result.missing_bytes)
+                       result.arena_bytes, profile.name, profile.sram_bytes, result.missing_bytes)
     return result
+
+
+def _manifest(program: Program, plan: MemoryPlan, schedule: Schedule, profile: DeviceProfile, name: str,
+              rounding: str) -> dict:
+    return {"name": name, "rounding": rounding, "device": profile.to_dict(), "arena_bytes": plan.arena_bytes,
+            "schedule": list(schedule.order), "inputs": _io_manifest(program, program.inputs),
+            "outputs": _io_manifest(program, program.outputs)}
+
+
+def _result(out_dir, files, program, plan, schedule, profile, name, rounding, graph_order_bound) -> CompileResult:
+    return CompileResult(out_dir=out_dir, files=tuple(sorted(files)), ops=len(program.ops),
+                         arena_bytes=plan.arena_bytes, lower_bound_bytes=plan.lower_bound_bytes,
+                         greedy_arena_bytes=plan.greedy_bytes, plan_method=plan.method, plan_optimal=plan.optimal,
+                         graph_order_lower_bound_bytes=graph_order_bound, schedule_method=schedule.method,
+                         in_place_ops=len(plan.in_place), weight_bytes=_weight_bytes(program),
+                         macs=program_macs(program), profile=profile,
+                         rounding=rounding, name=name)
+
+
+def is_c_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by ``compile_c``."""
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(out_dir: str | Path) -> dict:
+    out_dir = Path(out_dir)
+    if not is_c_folder(out_dir):
+        raise CodegenError(f"{out_dir} is not a folder written by `edgeopt compile --target c`")
+    return json.loads((out_dir / MANIFEST).read_text())
 
 
 def _compare(reference: ReferenceModel, trace: bytes, expected: dict[str, np.ndarray]) -> tuple[int, LayerMismatch | None]:
@@ -163,17 +242,15 @@ def _compare(reference: ReferenceModel, trace: bytes, expected: dict[str, np.nda
 def verify(out_dir: str | Path, data: Iterable[Mapping[str, np.ndarray]]) -> VerifyResult:
     """Run the generated C (built with tracing) and the reference on ``data``; name the first layer that differs."""
     out_dir = Path(out_dir)
-    manifest_file = out_dir / _MANIFEST
-    if not manifest_file.exists():
-        raise CodegenError(f"{out_dir} is not a folder written by `edgeopt compile --target c`")
-    manifest = json.loads(manifest_file.read_text())
-    reference = ReferenceModel(load_model(out_dir / _REFERENCE_MODEL), rounding=manifest["rounding"])
+    manifest = read_manifest(out_dir)
+    program = reorder(lower(load_model(out_dir / _REFERENCE_MODEL)), manifest["schedule"])
+    reference = ReferenceModel(program, rounding=manifest["rounding"])
     binary = build(out_dir, f"{manifest['name']}_trace")
     batches = compared = 0
     for feed in data:
         expected = reference.trace(feed)
-        inputs = [expected[io.tensor] for io in reference.program.inputs]
-        _, trace = run_binary(binary, inputs, trace=True)
+        sample = b"".join(expected[io.tensor].tobytes() for io in reference.program.inputs)
+        _, trace = run_batch(binary, sample, trace=True)
         count, mismatch = _compare(reference, trace, expected)
         batches, compared = batches + 1, compared + count
         if mismatch is not None:

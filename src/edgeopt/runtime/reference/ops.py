@@ -42,8 +42,8 @@ class OpSpec:
     """One op kind: its numpy semantics, parameter type and C kernel name.
 
     ``in_place``: the C kernel may write its output over an input of the same
-    size (each output element is written after the last read of the input
-    elements at and before it), so the planner can alias the two.
+    size, because it reads element ``i`` of that input only before it writes
+    element ``i`` of the output; the planner may then alias the two.
     """
 
     kind: str

@@ -1,0 +1,124 @@
+"""The deployment commands: ``compile`` (QDQ model -> C project with a report) and ``verify`` (C vs reference).
+
+Registered on the app of :mod:`edgeopt.cli.app`, which imports this module.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgeopt import api
+from edgeopt.cli import state
+from edgeopt.cli.app import JsonOption, PreprocessOption, app
+from edgeopt.cli.render import bytes_text, count_text, print_json, table
+from edgeopt.data import ImagePreprocess
+from edgeopt.errors import CodegenError
+
+__all__ = ["compile_command", "verify_command"]
+
+
+class CodeTarget(str, enum.Enum):
+    c = "c"
+
+
+class Rounding(str, enum.Enum):
+    double = "double"
+    single = "single"
+
+
+@app.command("compile")
+def compile_command(
+    model: Annotated[Path, typer.Argument(help="int8 QDQ ONNX model (from `edgeopt quantize`).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the generated project.")],
+    target: Annotated[CodeTarget, typer.Option("--target", help="Code to generate: c (portable C99, int8, "
+                                                                "static arena).")] = CodeTarget.c,
+    device: Annotated[str, typer.Option("--device", help="Device profile the code must fit: a built-in name "
+                                                         "(cortex-m0plus, cortex-m4, cortex-m7, cortex-m33, "
+                                                         "cortex-m55, cortex-a53, cortex-a76, x86-host) or a "
+                                                         "profile .yaml.")] = "x86-host",
+    name: Annotated[str, typer.Option("--name", help="C name of the model (files NAME.c/.h, NAME_run()).")]
+    = "model",
+    rounding: Annotated[Rounding, typer.Option("--rounding", help="Requantization rounding: double (TFLite) or "
+                                                                  "single (CMSIS-NN).")] = Rounding.double,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the output folder if it exists.")] = False,
+    measure: Annotated[bool, typer.Option("--measure/--no-measure", help="Build and time the code on the host "
+                                                                         "(flash, stack, latency).")] = True,
+    json_output: JsonOption = False,
+) -> None:
+    """Generate C for an int8 model: arena plan, flash/RAM/latency report, fit against a device."""
+    report = api.compile_model(model, output, target=target.value, device=device, name=name,
+                               rounding=rounding.value, force=force, measure=measure)
+    if json_output:
+        print_json(report.to_dict())
+    else:
+        _render_compile(model, report)
+    if not report.fits:
+        raise CodegenError(f"the model does not fit {report.result.device}: " + "; ".join(report.misses())
+                           + f" (code written to {report.result.out_dir}; its build check fails)")
+
+
+def _spare(spare: int | None, total: int, what: str) -> str:
+    if spare is None:
+        return f"{what} not measured"
+    if spare < 0:
+        return f"{what} {-spare:,} B MISSING of {bytes_text(total)}"
+    return f"{what} {spare:,} B to spare of {bytes_text(total)}"
+
+
+def _render_compile(model: Path, report) -> None:
+    result, host, profile = report.result, report.host, report.result.profile
+    bound = "optimal" if result.plan_optimal else "best found in the search budget"
+    rows = [("arena", f"{result.arena_bytes:,} B (lower bound {result.lower_bound_bytes:,} B; {result.plan_method} "
+                      f"plan, {bound}; greedy alone {result.greedy_arena_bytes:,} B)"),
+            ("planner", f"{result.in_place_ops} op(s) run in place; execution order: {result.schedule_method}; "
+                        f"lower bound before reordering and in-place {result.graph_order_lower_bound_bytes:,} B")]
+    if host is not None:
+        rows += [("RAM", f"{report.ram_bytes:,} B = arena + stack {host.stack_bytes:,} B (estimate: gcc "
+                         "-fstack-usage frames of the deepest call chain, host)"),
+                 ("flash", f"{report.flash_bytes:,} B = weights {result.weight_bytes:,} B + code "
+                           f"{report.code_bytes:,} B (size of {host.compiler} objects: a proxy for the MCU's)")]
+        if host.latency_ms is not None:
+            rows.append(("host latency", f"{host.latency_ms:.3f} ms per inference (median of {host.runs} runs, "
+                                         f"min {host.latency_min_ms:.3f} ms; C on this machine)"))
+    else:
+        rows.append(("flash", f"weights {result.weight_bytes:,} B; code not measured (no host build)"))
+    rows += [("device", f"{profile.name}: {profile.board}"),
+             ("fit", _spare(report.flash_spare_bytes, profile.flash_bytes, "flash") + "; "
+                     + _spare(report.sram_spare_bytes, profile.sram_bytes, "SRAM")),
+             ("device latency", f"{report.estimated_device_latency_ms:.3f} ms (estimate: {count_text(result.macs)} "
+                                f"MACs / ({profile.int8_macs_per_cycle:g} MACs/cycle x {profile.clock_mhz:g} MHz))"),
+             ("files", f"{result.out_dir}/: {', '.join(result.files)}, report.json")]
+    summary = table(f"{model.name} -> C99, {result.ops} ops, {result.rounding} rounding", [("", "left"), ("", "left")])
+    summary.show_header = False
+    for key, value in rows:
+        summary.add_row(key, value)
+    state.stdout.print(summary)
+
+
+@app.command("verify")
+def verify_command(
+    folder: Annotated[Path, typer.Argument(help="Folder written by `edgeopt compile --target c`.")],
+    data: Annotated[str, typer.Option("--data", help="Inputs: folder of .npy/.npz, images, or module:function.")],
+    max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="Use at most N samples.")] = None,
+    preprocess: PreprocessOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Run the generated C and the reference interpreter on --data; name the first layer that differs."""
+    result = api.verify(folder, data, max_samples=max_samples,
+                        preprocess=ImagePreprocess.parse(preprocess) if preprocess else None)
+    mismatch = result.first_mismatch
+    if json_output:
+        print_json({"bit_exact": result.bit_exact, "samples": result.batches,
+                    "tensors_compared": result.tensors_compared,
+                    "first_mismatch": None if mismatch is None else vars(mismatch)})
+    elif mismatch is None:
+        state.stdout.print(f"bit-exact: {result.batches} sample(s), {result.tensors_compared:,} tensors "
+                           "compared (every op's output, C vs reference)")
+    if mismatch is not None:
+        raise CodegenError(f"C differs from the reference at step {mismatch.step}, node {mismatch.node} "
+                           f"({mismatch.kind}), tensor {mismatch.tensor!r}: {mismatch.differing_elements} "
+                           f"element(s) differ, by up to {mismatch.max_abs_difference} (sample {result.batches})")

@@ -1,0 +1,179 @@
+"""edgeopt compile / verify, and run / bench on a compiled folder, as a user meets them (issue 4)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "runtime"))
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+import qdq_models as q  # noqa: E402
+from edgeopt import api  # noqa: E402
+from edgeopt.runtime.reference import ReferenceModel  # noqa: E402
+from tests.conftest import assert_one_line_error  # noqa: E402
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("make") is None,
+                                reason="needs gcc and make")
+
+
+def _batches(model, count, seed=0):
+    return [dict(batch) for batch in q.calibration_batches(model, count, seed=seed)]
+
+
+@pytest.fixture(scope="module")
+def qdq_path(tmp_path_factory) -> Path:
+    """residual_add (conv, residual Add, Sigmoid gate, Mul) quantized by edgeopt for the MCU target."""
+    from edgeopt.quant import Int8Config, Target
+
+    folder = tmp_path_factory.mktemp("models")
+    float_model = q.float_model("residual_add")
+    onnx.save(float_model, str(folder / "net.onnx"))
+    api.quantize(folder / "net.onnx", Int8Config(target=Target.MCU), _batches(float_model, 16),
+                 output=folder / "net.int8.onnx", check_fidelity=False, check_speed=False)
+    return folder / "net.int8.onnx"
+
+
+@pytest.fixture(scope="module")
+def compiled(qdq_path, tmp_path_factory) -> Path:
+    from edgeopt.cli.main import _run
+
+    out = tmp_path_factory.mktemp("c") / "out"
+    assert _run(["compile", str(qdq_path), "--target", "c", "-o", str(out), "--device", "cortex-m7"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    for index, batch in enumerate(_batches(q.float_model("residual_add"), 4, seed=1)):
+        np.save(folder / f"{index}.npy", batch["input"])
+    return folder
+
+
+def test_compile_writes_the_project_report_and_memory_map(compiled):
+    assert {"model.c", "model.h", "kernels.c", "kernels.h", "main.c", "bench.c", "Makefile", "report.json",
+            "memory_map.json", "edgeopt_c.json", "reference.onnx"} <= {p.name for p in compiled.iterdir()}
+    report = json.loads((compiled / "report.json").read_text())
+    assert {"arena_bytes", "lower_bound_bytes", "weights_bytes", "code_bytes", "flash_bytes", "ram_bytes",
+            "stack_bytes_estimate", "device_latency_ms_estimate", "fit", "host"} <= set(report)
+    assert report["lower_bound_bytes"] <= report["arena_bytes"] <= report["greedy_arena_bytes"]
+    assert report["flash_bytes"] == report["weights_bytes"] + report["code_bytes"] > report["weights_bytes"] > 0
+    assert report["ram_bytes"] == report["arena_bytes"] + report["stack_bytes_estimate"]
+    assert report["host"]["latency_ms"] > 0 and report["device"]["name"] == "cortex-m7"
+    assert report["fit"]["fits"] and report["fit"]["sram_spare_bytes"] == 512 * 1024 - report["ram_bytes"]
+    memory_map = json.loads((compiled / "memory_map.json").read_text())
+    assert memory_map["arena_bytes"] == report["arena_bytes"]
+    assert all(t["offset"] + t["bytes"] <= report["arena_bytes"] for t in memory_map["tensors"])
+
+
+def test_compile_prints_the_report(cli, qdq_path, tmp_path):
+    result = cli("compile", qdq_path, "-o", tmp_path / "out", "--device", "cortex-m4", "--no-measure")
+    assert result.code == 0, result.stderr
+    for fragment in ("arena", "lower bound", "weights", "cortex-m4", "STM32F446RE", "(estimate"):
+        assert fragment in result.stdout, fragment
+
+
+def test_verify_is_bit_exact(cli, compiled, data_folder):
+    result = cli("verify", compiled, "--data", data_folder)
+    assert result.code == 0, result.stderr
+    assert "bit-exact: 4 sample(s)" in result.stdout
+    report = json.loads(cli("verify", compiled, "--data", data_folder, "--json").stdout)
+    assert report["bit_exact"] and report["tensors_compared"] > 4
+
+
+def test_verify_names_the_layer_that_differs(cli, compiled, data_folder, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(compiled, broken)
+    source = broken / "model.c"
+    text = source.read_text()
+    marker = re.search(r"static const int32_t op0_bias\[\d+\] = \{\n    ", text).group(0)
+    source.write_text(text.replace(marker, marker + "100000 + "))
+    result = cli("verify", broken, "--data", data_folder)
+    assert_one_line_error(result, "differs from the reference at step 0", "conv2d")
+
+
+def test_run_folder_matches_the_reference(cli, compiled, qdq_path, tmp_path):
+    x = np.concatenate([b["input"] for b in _batches(q.float_model("residual_add"), 5, seed=2)])
+    np.save(tmp_path / "x.npy", x)
+    result = cli("run", compiled, "--input", f"input={tmp_path / 'x.npy'}", "-o", tmp_path / "out")
+    assert result.code == 0, result.stderr
+    reference = ReferenceModel(api.load(qdq_path))
+    name = reference.output_names[0]
+    expected = np.concatenate([reference.run_float({"input": x[i:i + 1]})[name] for i in range(len(x))])
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / f"{name}.npy"), expected)
+
+
+def test_run_folder_passes_int8_inputs_as_they_are(compiled, qdq_path):
+    reference = ReferenceModel(api.load(qdq_path))
+    info = reference.program.tensors[reference.program.inputs[0].tensor]
+    x = np.random.default_rng(3).integers(-128, 128, size=info.logical_shape).astype(np.int8)
+    ours = api.run(compiled, {"input": x}).outputs
+    theirs = reference.run_float({"input": x})
+    np.testing.assert_array_equal(ours[reference.output_names[0]], theirs[reference.output_names[0]])
+
+
+def test_bench_folder_next_to_onnx(cli, compiled, qdq_path):
+    result = cli("bench", compiled, qdq_path, "--runs", "20", "--json")
+    assert result.code == 0, result.stderr
+    rows = json.loads(result.stdout)["models"]
+    assert "[C, host gcc -O2]" in rows[0]["name"] and rows[0]["median_ms"] > 0 and rows[0]["runs"] == 20
+    assert rows[1]["name"] == qdq_path.name
+
+
+def test_unsupported_ops_are_listed_with_their_nodes_before_writing(cli, tmp_path):
+    b = q._Builder(1)
+    x = b.node("Erf", [b.node("Relu", [b.conv("input", 3, 4)])])
+    x = b.node("Erf", [b.conv(x, 4, 4, k=1)])
+    path = tmp_path / "erf.onnx"
+    onnx.save(q.quantize_with_ort(b.model(b.conv(x, 4, 4, k=1), (1, 3, 8, 8))), str(path))
+    result = cli("compile", path, "-o", tmp_path / "out")
+    assert_one_line_error(result, "cannot lower 2 op(s)", "Erf (erf", "Erf (erf_")
+    assert not (tmp_path / "out").exists()
+
+
+def test_float_model_says_quantize_first(cli, tmp_path):
+    path = tmp_path / "float.onnx"
+    onnx.save(q.float_model("conv_relu"), str(path))
+    assert_one_line_error(cli("compile", path, "-o", tmp_path / "out"), "edgeopt quantize")
+
+
+def test_existing_folder_is_not_overwritten_without_force(cli, qdq_path, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep")
+    assert_one_line_error(cli("compile", qdq_path, "-o", tmp_path / "out", "--no-measure"), "--force")
+    assert (tmp_path / "out" / "mine.txt").read_text() == "keep"
+    assert cli("compile", qdq_path, "-o", tmp_path / "out", "--no-measure", "--force").code == 0
+    assert not (tmp_path / "out" / "mine.txt").exists()
+
+
+def test_device_too_small_writes_the_code_says_bytes_missing_and_the_build_fails(cli, qdq_path, tmp_path):
+    board = tmp_path / "tiny.yaml"
+    board.write_text("board: a test board\nflash_bytes: 4 KiB\nsram_bytes: 1 KiB\nclock_mhz: 16\n"
+                     "int8_macs_per_cycle: 0.25\nfp32_macs_per_cycle: 0.01\n")
+    result = cli("compile", qdq_path, "-o", tmp_path / "out", "--device", board)
+    assert_one_line_error(result, "does not fit tiny", "bytes missing", "build check fails")
+    assert (tmp_path / "out" / "model.c").exists() and (tmp_path / "out" / "report.json").exists()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["fit"]["sram_spare_bytes"] < 0 and report["fit"]["flash_spare_bytes"] < 0
+    build = subprocess.run(["make", "-s"], cwd=tmp_path / "out", capture_output=True, text=True)
+    assert build.returncode != 0 and "eo_arena_fits_device" in build.stderr
+
+
+def test_bad_device_and_target(cli, qdq_path, tmp_path):
+    assert_one_line_error(cli("compile", qdq_path, "-o", tmp_path / "out", "--device", "pdp-11"),
+                          "unknown device 'pdp-11'", "cortex-m4")
+    assert cli("compile", qdq_path, "-o", tmp_path / "out", "--target", "verilog").code == 2
+
+
+def test_verify_and_run_need_a_compiled_folder(cli, tmp_path, data_folder):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(cli("verify", tmp_path / "empty", "--data", data_folder), "edgeopt compile")
