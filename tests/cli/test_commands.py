@@ -19,7 +19,7 @@ from tests.models import (
     external_data_model,
 )
 
-COMMANDS = ["inspect", "run", "bench", "demo", "quantize", "compare"]
+COMMANDS = ["inspect", "run", "bench", "demo", "quantize", "compare", "compile", "verify"]
 README = Path(__file__).parents[2] / "README.md"
 
 

@@ -122,9 +122,8 @@ def test_never_worse_than_nearest_on_its_samples_per_row(seed, groups, rows, wid
 def test_groups_are_independent_problems(layer):
     weight, scale, train, _ = layer
     config = AdaRoundConfig(iterations=100, backend=Backend.NUMPY)
-    halves = np.stack([weight[:16], weight[16:]]), np.stack([train[:, :64], train[:, :64]])
-    together = adaround_layer(halves[0], halves[1], scale.reshape(2, 16), config)
-    apart = [adaround_layer(weight[:16], train, scale[:16], config), adaround_layer(weight[16:], train, scale[16:], config)]
+    together = adaround_layer(weight.reshape(2, 16, 64), np.stack([train, train]), scale.reshape(2, 16), config)
+    apart = [adaround_layer(weight[rows], train, scale[rows], config) for rows in (slice(0, 16), slice(16, 32))]
     assert np.array_equal(together, np.stack(apart))
 
 

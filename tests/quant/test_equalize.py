@@ -163,9 +163,11 @@ def test_int8_model_improves(dw_net):
 
 
 def test_rewrites_in_place_keeping_names_and_no_dead_weights(dw_net):
+    original = model_to_bytes(dw_net)
     model = dw_net.clone()
     names = sorted(model.graph.initializers)
     equalize(model)
+    assert model_to_bytes(dw_net) == original  # the copy's tensors are new, the source's untouched
     assert sorted(model.graph.initializers) == names
     assert all(value.uses() for value in model.graph.initializers.values())
 

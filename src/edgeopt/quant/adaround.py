@@ -34,7 +34,10 @@ and the input's rows (weight ``[K, N]`` viewed as ``[N, K]``).
 
 Samples: up to ``max_samples`` rows (patch positions) per layer, reservoir-
 sampled from the calibration stream with a seeded generator: deterministic
-for a given data order, memory ``max_samples x K`` floats per layer.
+for a given data order, memory ``max_samples x K`` float32 per layer, all
+layers at once (one pass over the data). Inputs are the float model's. A
+layer with fewer samples than weights per output channel would overfit and
+is left to round-to-nearest.
 
 Backends: numpy (float64, always) and torch (float32, autograd, faster on big
 layers) when it is importable; ``Backend.AUTO`` picks torch then. Same math,
@@ -436,10 +439,11 @@ class AdaRoundResult:
     axes: Mapping[str, int | None]
     layers: tuple[RoundedLayer, ...]
     skipped: tuple[tuple[str, str], ...]
+    granularity: PerTensor | PerChannel = PerChannel()
 
     def weight_quantizer(self):
         """``quantize_weight(weight, node)`` for bias correction: these weights, nearest for others."""
-        nearest = round_to_nearest()
+        nearest = round_to_nearest(self.granularity)
 
         def quantize_weight(weight: np.ndarray, node: ir.Node) -> np.ndarray:
             name = node.inputs[1].name
@@ -543,7 +547,8 @@ def adaround_weights(model: ir.Model, samples: Mapping[str, np.ndarray], *,
             logger.info("adaround %s: output mse %.3g -> %.3g", name, report.mse_nearest, report.mse_adaround)
         if progress is not None:
             progress(done, len(samples))
-    return AdaRoundResult(weights=weights, scales=scales, axes=axes, layers=tuple(layers), skipped=tuple(skipped))
+    return AdaRoundResult(weights=weights, scales=scales, axes=axes, layers=tuple(layers), skipped=tuple(skipped),
+                          granularity=granularity)
 
 
 def adaround_model(model: ir.Model, data: Iterable[Batch], *, nodes: Sequence[str] | None = None,

@@ -201,6 +201,10 @@ class BiasCorrectionReport:
     def modified(self) -> bool:
         return bool(self.corrected)
 
+    def explain(self) -> list[str]:
+        lines = [f"{c.node}: bias {c.tensor!r} corrected (max shift {c.max_shift:.3g})" for c in self.corrected]
+        return lines + [f"{node}: bias not corrected: {reason}" for node, reason in self.skipped]
+
 
 def _conv_shift(error: np.ndarray, mean: np.ndarray, group: int) -> np.ndarray:
     outputs, per_group = error.shape[:2]

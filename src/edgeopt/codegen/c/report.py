@@ -24,8 +24,6 @@ x clock)); see :mod:`edgeopt.devices`.
 from __future__ import annotations
 
 import json
-import logging
-import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +38,6 @@ from edgeopt.io import atomic_write_bytes
 
 __all__ = ["REPORT", "CompileReport", "HostMeasurement", "measure_host"]
 
-logger = logging.getLogger(__name__)
 
 REPORT = "report.json"
 _TARGET_SECONDS = 0.3
