@@ -32,7 +32,8 @@ def assert_one_line_error(result: CliResult, *fragments: str) -> None:
     assert result.code != 0, result
     assert "Traceback" not in result.stderr + result.stdout
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    message = " ".join(lines)
-    assert message.startswith("error:"), result.stderr
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and len(errors[0]) > len("error: "), result.stderr
+    message = errors[0]
     for fragment in fragments:
         assert fragment in message, (fragment, message)

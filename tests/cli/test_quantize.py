@@ -165,3 +165,31 @@ def test_the_input_model_is_never_modified(cli, tmp_path, calib):
     np.save(folder / "s.npy", np.random.default_rng(0).normal(size=(8, 3, 32, 32)).astype(np.float32))
     assert cli("quantize", model, "--data", folder, "-o", tmp_path / "q.onnx", "--no-speed-check").code == 0
     assert model.read_bytes() == before
+
+
+def test_accuracy_algorithms_run_and_are_reported(cli, tmp_path, calib):
+    result = cli("quantize", demo_model_path(), "--data", calib, "-o", tmp_path / "q.onnx", "--no-speed-check",
+                 "--equalize", "--bias-correct", "--json")
+    assert result.code == 0, result.stderr
+    notes = " ".join(json.loads(result.stdout)["notes"])
+    assert "cross-layer equalization" in notes and "bias correction: 14 layers corrected" in notes
+
+
+def test_smoothquant_on_a_transformer(cli, tmp_path):
+    model = build_onnx("transformer", tmp_path)
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(16, 16, 32)).astype(np.float32))
+    result = cli("quantize", model, "--data", tmp_path / "x.npy", "-o", tmp_path / "q.onnx", "--no-speed-check",
+                 "--smoothquant", "0.5", "--json")
+    assert result.code == 0, result.stderr
+    assert "SmoothQuant (alpha 0.5)" in " ".join(json.loads(result.stdout)["notes"])
+
+
+@pytest.mark.slow
+def test_adaround_improves_or_keeps_fidelity(cli, tmp_path):
+    def sqnr(*flags):
+        result = cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", tmp_path / "q.onnx",
+                     "--no-speed-check", "--json", *flags)
+        assert result.code == 0, result.stderr
+        return float(json.loads(result.stdout)["fidelity"]["outputs"][0]["sqnr_db"])
+
+    assert sqnr("--adaround") >= sqnr() - 0.1

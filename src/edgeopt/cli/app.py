@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -254,8 +255,18 @@ class CalibrationChoice(str, enum.Enum):
     auto = "auto"
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Int8Algorithms:
+    """The accuracy algorithms switched on from the command line."""
+
+    equalize: bool
+    bias_correct: bool
+    adaround: bool
+    smoothquant_alpha: float | None
+
+
 def _quant_config(scheme: Scheme, target: TargetChoice, calibration: CalibrationChoice, per_tensor: bool,
-                  exclude: tuple[str, ...], block_size: int):
+                  exclude: tuple[str, ...], block_size: int, algorithms: _Int8Algorithms):
     from edgeopt import quant
     from edgeopt.quant.float16 import Bf16Config, Fp16Config
     from edgeopt.quant.int4 import Int4WeightConfig
@@ -264,7 +275,9 @@ def _quant_config(scheme: Scheme, target: TargetChoice, calibration: Calibration
         return quant.Int8Config(
             target=quant.Target[target.name.upper()], calibration=quant.CalibrationMethod[calibration.name.upper()],
             weight_granularity=quant.PerTensor() if per_tensor else quant.PerChannel(),
-            activation_format=quant.format_named("uint8") if scheme is Scheme.uint8 else None, exclude=exclude)
+            activation_format=quant.format_named("uint8") if scheme is Scheme.uint8 else None, exclude=exclude,
+            equalize=algorithms.equalize, bias_correct=algorithms.bias_correct, adaround=algorithms.adaround,
+            smoothquant_alpha=algorithms.smoothquant_alpha)
     if scheme is Scheme.fp16:
         return Fp16Config(exclude=exclude)
     if scheme is Scheme.bf16:
@@ -288,6 +301,15 @@ def quantize(
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", metavar="NODE_OR_OPTYPE",
                                                          help="Keep this node or op type in float (repeatable).")] = None,
     block_size: Annotated[int, typer.Option("--block-size", help="Block size of int4-weight.")] = 32,
+    equalize: Annotated[bool, typer.Option("--equalize", help="Cross-layer equalization of consecutive convs "
+                                                              "(depthwise-separable nets).")] = False,
+    bias_correct: Annotated[bool, typer.Option("--bias-correct", help="Correct the mean shift int8 weights "
+                                                                      "cause in each layer's output.")] = False,
+    adaround: Annotated[bool, typer.Option("--adaround", help="Learn each weight's rounding from calibration "
+                                                              "activations (slower).")] = False,
+    smoothquant: Annotated[Optional[float], typer.Option("--smoothquant", metavar="ALPHA",
+                                                         help="Migrate activation outliers of MatMul/Gemm inputs "
+                                                              "into the weights (transformers), e.g. 0.5.")] = None,
     max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="Use at most N calibration samples.")]
     = None,
     evaluate: Annotated[Optional[str], typer.Option("--eval", metavar="MODULE:FUNCTION",
@@ -307,7 +329,9 @@ def quantize(
     json_output: JsonOption = False,
 ) -> None:
     """Quantize a float model (int8 QDQ calibrated on --data, fp16, bf16 or int4 weight-only)."""
-    config = _quant_config(scheme, target, calibration, per_tensor, tuple(exclude or ()), block_size)
+    algorithms = _Int8Algorithms(equalize=equalize, bias_correct=bias_correct, adaround=adaround,
+                                 smoothquant_alpha=smoothquant)
+    config = _quant_config(scheme, target, calibration, per_tensor, tuple(exclude or ()), block_size, algorithms)
     goal = None
     if max_drop is not None or min_sqnr is not None:
         goal = AccuracyGoal(max_drop=max_drop, min_sqnr_db=min_sqnr, time_budget_s=_seconds(time_budget))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from rich.text import Text
+
 from edgeopt.cli import state
 from edgeopt.cli.app import app
 from edgeopt.errors import EdgeoptError
@@ -20,7 +22,7 @@ INTERNAL_ERROR = 70
 
 
 def _fail(message: str, code: int) -> int:
-    state.stderr.print(f"[bold red]error:[/] {message}", markup=True)
+    state.stderr.print(Text.assemble(("error:", "bold red"), f" {message}"))
     return code
 
 

@@ -45,7 +45,7 @@ def table(title: str | None, columns: list[tuple[str, str]]) -> Table:
 @contextmanager
 def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[int, int | None], None]]:
     """A progress bar on stderr; yields ``update(done, total)``. Silent when disabled."""
-    if not enabled:
+    if not enabled or not state.stderr.is_terminal:
         yield lambda done, total: None
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

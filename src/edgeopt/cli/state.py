@@ -10,5 +10,6 @@ from rich.console import Console
 _PIPE_WIDTH = 150
 
 debug = False
-stdout = Console(highlight=False, width=None if sys.stdout.isatty() else _PIPE_WIDTH)
-stderr = Console(stderr=True, highlight=False)
+# Messages carry user text (node names, shapes like [1,8,1,1]): no markup, no hard wrapping.
+stdout = Console(highlight=False, markup=False, soft_wrap=True, width=None if sys.stdout.isatty() else _PIPE_WIDTH)
+stderr = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)

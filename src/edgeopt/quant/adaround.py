@@ -343,6 +343,8 @@ def _conv_geometry(node: ir.Node, weight: np.ndarray, spatial: tuple[int, int]) 
 def _conv_patches(node: ir.Node, weight: np.ndarray, batch: np.ndarray, reservoir: _Reservoir) -> None:
     pads, strides, dilations, (height, width) = _conv_geometry(node, weight, batch.shape[2:])
     candidates, slots = reservoir.choose(batch.shape[0] * height * width)
+    if len(candidates) == 0:  # the reservoir is full and keeps none of this batch
+        return
     image, y, x = np.unravel_index(candidates, (batch.shape[0], height, width))
     padded = np.pad(batch, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     rows = (y * strides[0])[:, None] + np.arange(weight.shape[2]) * dilations[0]

@@ -122,6 +122,10 @@ class Int8Config:
     """Int8 post-training quantization to a QDQ model.
 
     ``exclude`` names nodes (by node name or op type) that stay float.
+    ``equalize`` (cross-layer equalization), ``bias_correct`` (empirical bias
+    correction), ``adaround`` (learned weight rounding) and
+    ``smoothquant_alpha`` (SmoothQuant migration strength for MatMul/Gemm
+    inputs) switch on the accuracy algorithms; all are off by default.
     ``activation_format`` None means: chosen by ``target`` (ORT: uint8,
     MCU: int8). ``verify_tolerance`` is the largest relative output change
     accepted when an opset < 13 model is converted to 13.
@@ -135,9 +139,19 @@ class Int8Config:
     percentile: float = 99.999
     num_bins: int = 2048
     verify_tolerance: float = 1e-4
+    equalize: bool = False
+    bias_correct: bool = False
+    adaround: bool = False
+    smoothquant_alpha: float | None = None
 
     def __post_init__(self) -> None:
         _require_enum(self.target, Target, "target")
+        for key in ("equalize", "bias_correct", "adaround"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key} must be True or False, got {getattr(self, key)!r}")
+        if self.smoothquant_alpha is not None and not (isinstance(self.smoothquant_alpha, (int, float))
+                                                       and 0.0 < self.smoothquant_alpha < 1.0):
+            raise ConfigError(f"smoothquant alpha must be in (0, 1), got {self.smoothquant_alpha!r}")
         _require_enum(self.calibration, CalibrationMethod, "calibration")
         if not isinstance(self.weight_granularity, (PerTensor, PerChannel)):
             raise ConfigError("weight_granularity of int8 must be PerTensor() or PerChannel(), "

@@ -27,8 +27,12 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from edgeopt import ir as eir
+from edgeopt.quant.adaround import AdaRoundConfig, LayerInputSampler, adaround_weights
+from edgeopt.quant.bias_correction import ChannelMeanHook, correct_biases, correction_inputs, round_to_nearest
 from edgeopt.quant.calibrate import calibrate
-from edgeopt.quant.config import Int8Config, PerTensor, Target
+from edgeopt.quant.config import CalibrationConfig, Int8Config, PerTensor, Target
+from edgeopt.quant.equalize import equalize
+from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
 from edgeopt.quant.opset import OpsetCheck, OpsetConversion, convert_opset
 from edgeopt.quant.placement import check_exclude, check_not_quantized, plan_qdq
 from edgeopt.quant.qdq import insert_qdq
@@ -80,6 +84,49 @@ def _vanished_excludes(model: ir.Model, exclude: tuple[str, ...]) -> list[str]:
             for entry in exclude if entry not in present]
 
 
+def _float_rewrites(model: ir.Model, config: Int8Config, data: Iterable[Batch] | None) -> list[str]:
+    """Float-exact rewrites that make the model easier to quantize: CLE, then SmoothQuant."""
+    notes = []
+    if config.equalize:
+        report = equalize(model)
+        notes.append(f"cross-layer equalization: {len(report.equalized)} layer pairs equalized, "
+                     f"{len(report.skipped)} skipped")
+    if config.smoothquant_alpha is not None:
+        hook = ChannelAbsMaxHook(smoothing_inputs(model))
+        if hook.tensors:
+            calibrate(model, data, list(hook.tensors), CalibrationConfig(), hooks=[hook])
+            report = smooth(model, hook.result(), alpha=config.smoothquant_alpha)
+            notes.append(f"SmoothQuant (alpha {config.smoothquant_alpha:g}): {len(report.smoothed)} inputs "
+                         f"smoothed, {len(report.skipped)} skipped")
+    return notes
+
+
+class _AccuracyHooks:
+    """Statistics for bias correction and AdaRound, gathered in the one calibration pass."""
+
+    def __init__(self, model: ir.Model, plan, config: Int8Config) -> None:
+        self.config = config
+        self.means = ChannelMeanHook(correction_inputs(model)) if config.bias_correct else None
+        self.sampler = (LayerInputSampler(model, [use.node for use in plan.weights],
+                                          max_samples=AdaRoundConfig().max_samples) if config.adaround else None)
+        self.hooks = [h for h in (self.means, self.sampler) if h is not None]
+        self.tensors = [t for h in self.hooks for t in h.tensors]
+        self.replan = config.bias_correct  # bias correction may give a bias-less Conv a bias input
+
+    def apply(self, model: ir.Model) -> tuple[dict, list[str]]:
+        notes, rounded, quantizer = [], {}, round_to_nearest(self.config.weight_granularity)
+        if self.sampler is not None:
+            result = adaround_weights(model, self.sampler.result(), config=AdaRoundConfig(),
+                                      granularity=self.config.weight_granularity)
+            rounded, quantizer = dict(result.weights), result.weight_quantizer()
+            notes.append(f"AdaRound: {len(result.weights)} weights learned, {len(result.skipped)} layers skipped")
+        if self.means is not None:
+            report = correct_biases(model, self.means.result(), quantize_weight=quantizer)
+            notes.append(f"bias correction: {len(report.corrected)} layers corrected, "
+                         f"{len(report.skipped)} skipped")
+        return rounded, notes
+
+
 @register_scheme(Int8Config)
 def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | None, *,
                   progress: ProgressCallback | None = None) -> QuantResult:
@@ -98,12 +145,17 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     _prepare(model)
     check_exclude([given, model], config.exclude)
     notes.extend(_vanished_excludes(model, config.exclude))
+    notes.extend(_float_rewrites(model, config, data))
     plan = plan_qdq(model, exclude=config.exclude)
-    calibration = calibrate(model, data, plan.activations, config.calibration_config,
-                            progress=progress, hooks=hooks)
-    if calibration.non_float & set(plan.activations):
+    extra = _AccuracyHooks(model, plan, config)
+    calibration = calibrate(model, data, list(dict.fromkeys([*plan.activations, *extra.tensors])),
+                            config.calibration_config, progress=progress, hooks=[*hooks, *extra.hooks])
+    rounded, extra_notes = extra.apply(model)
+    notes.extend(extra_notes)
+    if calibration.non_float & set(plan.activations) or extra.replan:
         plan = plan_qdq(model, exclude=config.exclude, non_float=calibration.non_float)
-    tensors = insert_qdq(model, plan, calibration.ranges(), config, methods=calibration.methods())
+    tensors = insert_qdq(model, plan, calibration.ranges(), config, methods=calibration.methods(),
+                         rounded_weights=rounded)
     conversion: OpsetConversion | None = check.result() if check is not None else None
     if conversion is not None:
         notes.append(conversion.note())

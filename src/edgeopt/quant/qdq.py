@@ -149,6 +149,7 @@ class _QdqInserter:
         self.weight_cache: dict[tuple[str, int | None], tuple[ir.Value, np.ndarray]] = {}
         self.infos: list[TensorQuantInfo] = []
         self.replaced: set[str] = set()
+        self.rounded_weights: dict[str, np.ndarray] = {}  # AdaRound's ints replace round-to-nearest
 
     def param_values(self, name: str) -> tuple[ir.Value, ir.Value]:
         params = self.params[name]
@@ -225,6 +226,7 @@ class _QdqInserter:
         if key not in self.weight_cache:
             array = eir.constant_array(self.build.values[tensor])
             quantized, scale, zero_point = quantize_per_channel(array, axis, INT8_SYMMETRIC)
+            quantized = self.rounded_weights.get(tensor, quantized)
             inputs = [self.build.initializer(f"{tensor}_quantized", quantized),
                       self.build.initializer(f"{tensor}_scale", scale),
                       self.build.initializer(f"{tensor}_zero_point", zero_point.astype(np.int8))]
@@ -269,12 +271,15 @@ class _QdqInserter:
 
 
 def insert_qdq(model: ir.Model, plan: QdqPlan, ranges: Mapping[str, tuple[float, float]], config: Int8Config,
-               *, methods: Mapping[str, str] | None = None) -> tuple[TensorQuantInfo, ...]:
+               *, methods: Mapping[str, str] | None = None,
+               rounded_weights: Mapping[str, np.ndarray] | None = None) -> tuple[TensorQuantInfo, ...]:
     """Rewrite ``model`` in place to QDQ form following ``plan``; return what was quantized.
 
     ``ranges`` holds the calibrated range of every tensor in
     ``plan.activations`` (constants are measured here); ``methods`` names the
-    calibration method per tensor for the report.
+    calibration method per tensor for the report. ``rounded_weights`` holds
+    int8 weights rounded otherwise than to nearest (AdaRound), keyed by weight
+    name; their scales are the same per-channel scales used here.
     """
     all_ranges = dict(ranges)
     for name in plan.constants:
@@ -285,6 +290,7 @@ def insert_qdq(model: ir.Model, plan: QdqPlan, ranges: Mapping[str, tuple[float,
         raise ValueError(f"no calibrated range for {', '.join(missing[:5])}")
     params = activation_qparams(plan, all_ranges, config.activations, relax_concat=config.target is Target.ORT)
     inserter = _QdqInserter(model, plan, params, config)
+    inserter.rounded_weights = dict(rounded_weights or {})
     methods = methods or {}
     for name in plan.activations:
         inserter.activation(name, methods.get(name, config.calibration.value))

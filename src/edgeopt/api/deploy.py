@@ -1,0 +1,80 @@
+"""Deploy: ``compile_model`` (QDQ int8 -> C), ``verify``, and running compiled C like a model."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt.api._common import ModelSource, load
+from edgeopt.api.model import RunResult, _name_unnamed, _sample_feeds, _write_outputs
+from edgeopt.data import ImagePreprocess
+from edgeopt.errors import ConfigError, EdgeoptError
+
+__all__ = ["compile_model", "is_compiled_folder", "run_compiled", "verify"]
+
+logger = logging.getLogger(__name__)
+
+
+def is_compiled_folder(model: ModelSource) -> bool:
+    from edgeopt.codegen.c import is_c_folder
+
+    return not isinstance(model, ir.Model) and is_c_folder(model)
+
+
+def compile_model(model: ModelSource, output: str | os.PathLike, *, target: str = "c",
+                  device: str | os.PathLike = "x86-host", name: str = "model", rounding: str = "double",
+                  force: bool = False, measure: bool = True):
+    """Generate deployable code for an int8 QDQ model and report what it costs.
+
+    ``target="c"``: portable C99 into the folder ``output`` (see
+    :mod:`edgeopt.codegen.c`). Unsupported ops are refused, listed with their
+    nodes, before anything is written. With ``measure`` the code is built and
+    timed on the host (flash, stack estimate, latency; needs gcc). The report
+    goes to ``output/report.json``; a model that does not fit ``device`` is
+    still written, and the report's ``fits``/``misses()`` say by how much.
+    """
+    from edgeopt.codegen.c import compile_c
+    from edgeopt.codegen.c.report import CompileReport, measure_host
+
+    if target != "c":
+        raise ConfigError(f"--target {target!r} is not supported: the only code generation target is c")
+    result = compile_c(load(model), output, device=device, name=name, rounding=rounding, force=force)
+    host = None
+    if measure:
+        try:
+            host = measure_host(result.out_dir)
+        except EdgeoptError as error:
+            logger.warning("host measurement skipped: %s", error)
+    report = CompileReport(result=result, host=host)
+    report.write()
+    return report
+
+
+def verify(out_dir: str | os.PathLike, data, *, preprocess: ImagePreprocess | None = None,
+           max_samples: int | None = None):
+    """Run the C code in ``out_dir`` and the reference interpreter on ``data``; name the first layer that differs."""
+    from edgeopt.codegen.c import verify as verify_c
+    from edgeopt.codegen.c.host import HostProgram
+    from edgeopt.data import open_data, take
+
+    source = open_data(data, HostProgram(out_dir).input_specs, preprocess=preprocess)
+    return verify_c(out_dir, take(source, max_samples) if max_samples is not None else source)
+
+
+def run_compiled(folder: str | os.PathLike, inputs: Mapping[str, np.ndarray], output_dir, progress) -> RunResult:
+    from edgeopt.codegen.c.host import HostProgram
+
+    program = HostProgram(folder)
+    feeds = _sample_feeds(program.input_specs, _name_unnamed(program.input_specs, inputs))
+    outputs = program.run(feeds)
+    if progress is not None:
+        progress(len(feeds), len(feeds))
+    files = _write_outputs(outputs, Path(output_dir)) if output_dir is not None else ()
+    return RunResult(outputs=outputs, samples=len(feeds), files=files)
+
+

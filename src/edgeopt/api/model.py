@@ -1,0 +1,174 @@
+"""Look at and run a model: ``inspect``, ``run``, ``from_torch``."""
+
+from __future__ import annotations
+
+import io as _io
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+from edgeopt.analysis import CostReport, MemoryReport, analyze_cost, memory_report
+from edgeopt.api._common import ModelSource, Progress, load, model_name
+from edgeopt.errors import DataError
+from edgeopt.io import atomic_write_bytes
+
+__all__ = ["InspectResult", "RunResult", "from_torch", "inspect", "run"]
+
+
+# ----------------------------------------------------------------------- inspect
+
+
+@dataclass(frozen=True, kw_only=True)
+class InspectResult:
+    """What a model costs: per-node rows, totals and activation memory."""
+
+    name: str
+    opset: int
+    producer: str
+    inputs: tuple[eir.InputSpec, ...]
+    outputs: tuple[tuple[str, tuple, str], ...]
+    cost: CostReport
+    memory: MemoryReport
+
+    def to_dict(self) -> dict:
+        cost, memory = self.cost, self.memory
+        return {
+            "model": self.name, "opset": self.opset, "producer": self.producer,
+            "inputs": [{"name": i.name, "shape": list(i.shape), "dtype": str(i.dtype)} for i in self.inputs],
+            "outputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in self.outputs],
+            "macs": cost.macs, "params": cost.params, "other_flops": cost.other_flops,
+            "peak_activation_bytes": memory.peak_activation_bytes,
+            "lower_bound_bytes": memory.lower_bound_bytes,
+            "naive_activation_bytes": memory.naive_bytes,
+            "peak_node": memory.peak_node,
+            "weight_bytes": {"stored": cost.weight_bytes, "fp32": cost.param_bytes_fp32,
+                             "fp16": cost.param_bytes_fp16, "int8": cost.param_bytes_int8},
+            "unknown_nodes": list(cost.unknown_nodes),
+            "nodes": [{"name": n.name, "op_type": n.op_type,
+                       "output_shapes": [list(s) if s is not None else None for s in n.output_shapes],
+                       "dtype": n.output_dtype, "params": n.params, "macs": n.macs,
+                       "other_flops": n.other_flops, "activation_bytes": n.activation_bytes}
+                      for n in cost.nodes],
+        }
+
+
+def inspect(model: ModelSource, *, input_shapes: Mapping[str, Sequence[int]] | None = None) -> InspectResult:
+    """Per-node op, shape, dtype, params, MACs, activation bytes; totals and peak activation RAM."""
+    loaded = load(model, input_shapes=input_shapes)
+    outputs = tuple((v.name, eir.static_shape(v) or (), str(eir.numpy_dtype(v))) for v in loaded.graph.outputs)
+    return InspectResult(name=model_name(model), opset=eir.default_opset(loaded),
+                         producer=" ".join(p for p in (loaded.producer_name, loaded.producer_version) if p),
+                         inputs=tuple(eir.model_inputs(loaded)), outputs=outputs,
+                         cost=analyze_cost(loaded), memory=memory_report(loaded))
+
+
+# --------------------------------------------------------------------------- run
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunResult:
+    """Outputs of running a model, and the files they were written to."""
+
+    outputs: dict[str, np.ndarray] = field(repr=False)
+    samples: int
+    files: tuple[Path, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"samples": self.samples,
+                "outputs": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in self.outputs.items()},
+                "files": [str(f) for f in self.files]}
+
+
+def _split_samples(spec: eir.InputSpec, array: np.ndarray) -> list[np.ndarray] | None:
+    """Per-sample arrays when ``array`` stacks N samples for a batch-1 input, else None."""
+    if spec.shape and array.ndim == len(spec.shape) - 1:
+        return [array[np.newaxis]]
+    if spec.shape and spec.shape[0] == 1 and array.ndim == len(spec.shape) and array.shape[0] > 1:
+        return [array[i:i + 1] for i in range(array.shape[0])]
+    return None
+
+
+def _name_unnamed(specs: Sequence[eir.InputSpec], arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Give the array passed without a name ("") to the model's only input."""
+    named = dict(arrays)
+    if "" in named:
+        if len(specs) != 1:
+            raise DataError(f"the model has {len(specs)} inputs ({', '.join(s.name for s in specs)}): "
+                            "name each one, --input NAME=file.npy")
+        named[specs[0].name] = named.pop("")
+    return named
+
+
+def _sample_feeds(specs: Sequence[eir.InputSpec], arrays: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    by_name = {spec.name: spec for spec in specs}
+    split = {name: (_split_samples(by_name[name], array) if name in by_name else None)
+             for name, array in arrays.items()}
+    counts = {name: len(parts) for name, parts in split.items() if parts is not None}
+    if not counts:
+        return [dict(arrays)]
+    if len(set(counts.values())) > 1:
+        shown = ", ".join(f"{n}: {c}" for n, c in counts.items())
+        raise DataError(f"inputs hold different numbers of stacked samples ({shown}): give each input the same N")
+    total = next(iter(counts.values()))
+    return [{name: (parts[i] if parts is not None else arrays[name]) for name, parts in split.items()}
+            for i in range(total)]
+
+
+def _safe_file_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "output"
+
+
+def _write_outputs(outputs: Mapping[str, np.ndarray], folder: Path) -> tuple[Path, ...]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name, array in outputs.items():
+        buffer = _io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        files.append(atomic_write_bytes(folder / f"{_safe_file_name(name)}.npy", buffer.getvalue()))
+    return tuple(files)
+
+
+def run(model: ModelSource, inputs: Mapping[str, np.ndarray], *, output_dir: str | os.PathLike | None = None,
+        progress: Progress | None = None) -> RunResult:
+    """Run ``model`` in ONNX Runtime; N stacked samples for a batch-1 input run one by one.
+
+    A folder written by ``compile_model`` runs its generated C, built on the host.
+    """
+    from edgeopt.data import check_feed
+    from edgeopt.runtime.ort import OrtSession
+
+    from edgeopt.api.deploy import is_compiled_folder, run_compiled
+
+    if is_compiled_folder(model):
+        return run_compiled(model, inputs, output_dir, progress)
+    loaded = load(model, require_static=False)
+    specs = eir.model_inputs(loaded)
+    feeds = _sample_feeds(specs, _name_unnamed(specs, inputs))
+    session = OrtSession(loaded)
+    results: list[dict[str, np.ndarray]] = []
+    for index, feed in enumerate(feeds):
+        results.append(session.run(check_feed(specs, feed, where="--input")))
+        if progress is not None:
+            progress(index + 1, len(feeds))
+    outputs = {name: (np.concatenate([r[name] for r in results]) if len(results) > 1 else results[0][name])
+               for name in session.output_names}
+    files = _write_outputs(outputs, Path(output_dir)) if output_dir is not None else ()
+    return RunResult(outputs=outputs, samples=len(feeds), files=files)
+
+
+# ------------------------------------------------------------------------- torch
+
+
+def from_torch(module, example_inputs, *, path: str | os.PathLike | None = None, opset: int = 17,
+               input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None) -> ir.Model:
+    """Export a ``torch.nn.Module`` to ONNX (eval mode) and load it; saved to ``path`` if given."""
+    from edgeopt.io.torch_export import export_torch
+
+    return export_torch(module, example_inputs, path=path, opset=opset,
+                        input_names=input_names, output_names=output_names)

@@ -1,0 +1,220 @@
+"""Quantize a model and measure what it cost: ``quantize``, ``compare``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+from edgeopt.api._common import ModelSource, Progress, load
+from edgeopt.data import ImagePreprocess
+from edgeopt.errors import ConfigError, DataError, EdgeoptError
+from edgeopt.io import atomic_write_bytes, model_to_bytes
+from edgeopt.quant.accuracy import AccuracyGoal, AccuracySearch, accuracy_aware_quantize
+from edgeopt.quant.compare import CompareResult
+from edgeopt.quant.registry import QuantResult
+from edgeopt.quant.speed import SpeedCheck
+
+__all__ = ["QuantizeReport", "compare", "quantize"]
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------- quantize
+
+
+MIN_CALIBRATION_SAMPLES = 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeReport:
+    """A quantized model, where it was written, and what it measured."""
+
+    result: QuantResult
+    output: Path | None
+    float_bytes: int
+    quant_bytes: int
+    calibration_samples: int
+    fidelity: CompareResult | None = None
+    speed: SpeedCheck | None = None
+    search: AccuracySearch | None = None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def model(self) -> ir.Model:
+        return self.result.model
+
+    def to_dict(self) -> dict:
+        result = self.result
+        return {
+            "scheme": result.scheme, "output": str(self.output) if self.output else None,
+            "float_bytes": self.float_bytes, "quant_bytes": self.quant_bytes,
+            "calibration_samples": self.calibration_samples,
+            "notes": list(result.notes), "warnings": list(self.warnings),
+            "float_nodes": [{"node": f.node_name, "op_type": f.op_type, "reason": f.reason}
+                            for f in result.float_nodes],
+            "fidelity": self.fidelity.to_dict() if self.fidelity else None,
+            "speed": self.speed.to_dict() if self.speed else None,
+            "accuracy_search": self.search.to_dict() if self.search else None,
+            "tensors": [{"name": t.name, "kind": t.kind, "op_type": t.op_type, "format": t.format,
+                         "range": list(t.range), "scale": list(t.scale[:8]), "zero_point": list(t.zero_point[:8]),
+                         "method": t.method} for t in result.tensors],
+        }
+
+
+class _CountingSource:
+    """Pass batches through and count them (for the report and the too-few warning)."""
+
+    def __init__(self, source) -> None:
+        self._source = source
+        self.count = 0
+        self.num_samples = getattr(source, "num_samples", None)
+
+    def __iter__(self):
+        self.count = 0
+        for batch in self._source:
+            self.count += 1
+            yield batch
+
+
+def _calibration_source(model: ir.Model, data, preprocess: ImagePreprocess | None, max_samples: int | None):
+    from edgeopt.data import open_data, take
+
+    source = open_data(data, eir.model_inputs(model), preprocess=preprocess)
+    return take(source, max_samples) if max_samples is not None else source
+
+
+def _same_file(a: ModelSource, b: str | os.PathLike | None) -> bool:
+    if b is None or isinstance(a, ir.Model):
+        return False
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _evaluator(evaluate: str | Callable[[str], float] | None) -> Callable[[ir.Model], float] | None:
+    """Wrap the user's ``evaluate(model_path) -> score`` so it takes a model (saved to a temp file)."""
+    import tempfile
+
+    from edgeopt.data.callable import load_function
+
+    if evaluate is None:
+        return None
+    function = load_function(evaluate, option="--eval") if isinstance(evaluate, str) else evaluate
+
+    def score(model: ir.Model) -> float:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder, "candidate.onnx")
+            path.write_bytes(model_to_bytes(model))
+            try:
+                value = float(function(str(path)))
+            except EdgeoptError:
+                raise
+            except Exception as error:  # the user's evaluation code failed
+                raise DataError(f"--eval {evaluate}: the function raised {type(error).__name__}: {error}") from error
+        if not np.isfinite(value):
+            raise DataError(f"--eval {evaluate} returned {value}: it must return a finite score")
+        return value
+
+    return score
+
+
+def quantize(model: ModelSource, config: object, data=None, *, output: str | os.PathLike | None = None,
+             preprocess: ImagePreprocess | None = None, max_samples: int | None = None,
+             goal: AccuracyGoal | None = None, evaluate: str | Callable[[str], float] | None = None,
+             check_fidelity: bool = True, check_speed: bool = True,
+             progress: Progress | None = None) -> QuantizeReport:
+    """Quantize ``model`` with ``config`` (Int8Config, Fp16Config, Bf16Config, Int4WeightConfig).
+
+    Calibration ``data`` is anything ``--data`` takes; required for int8. The
+    output is written atomically to ``output`` (never over the input). After
+    quantizing, fidelity to the float model (output SQNR, top-1 agreement) is
+    measured on up to 64 calibration samples, and float vs quantized latency
+    in ONNX Runtime, with the reasons when the quantized model is slower.
+
+    With an accuracy ``goal`` (int8 only), the most damaging layers go back to
+    float one by one until it is met (``evaluate(model_path) -> score`` for a
+    ``max_drop`` goal; output SQNR on the calibration data for ``min_sqnr_db``).
+    """
+    from edgeopt.quant import Int8Config
+    from edgeopt.quant import quantize as run_scheme
+
+    if _same_file(model, output):
+        raise ConfigError("-o/--output must differ from the input model: edgeopt never overwrites its input")
+    loaded = load(model, require_static=False)
+    source = None
+    if data is not None:
+        source = _CountingSource(_calibration_source(loaded, data, preprocess, max_samples))
+    elif isinstance(config, Int8Config):
+        raise ConfigError("int8 quantization needs calibration data: give --data (a folder of .npy, images, "
+                          "or module:function)")
+    search = None
+    if goal is not None:
+        if not isinstance(config, Int8Config):
+            raise ConfigError("--max-drop/--min-sqnr apply to int8 quantization only")
+        search = accuracy_aware_quantize(loaded, config, source, goal, evaluate=_evaluator(evaluate),
+                                         progress=progress)
+        result = search.result
+    else:
+        result = run_scheme(loaded, config, source, progress=progress)
+    quant_bytes = model_to_bytes(result.model)
+    if output is not None:
+        atomic_write_bytes(output, quant_bytes)
+    warnings = []
+    if search is not None and not search.met:
+        warnings.append(f"accuracy goal not met ({search.goal.describe()}): best score {search.best_score:.3f} "
+                        f"with {len(search.best_excluded)} node(s) back in float; {search.stopped_because}")
+    if source is not None and source.count < MIN_CALIBRATION_SAMPLES and isinstance(config, Int8Config):
+        warnings.append(f"only {source.count} calibration samples: ranges may not cover real inputs "
+                        f"(use at least {MIN_CALIBRATION_SAMPLES}, ideally a few hundred)")
+    reiterable = data is not None and not isinstance(data, Iterator)
+    fidelity = _fidelity(loaded, result.model, data, preprocess) if check_fidelity and reiterable else None
+    speed = _speed(loaded, result.model) if check_speed else None
+    if speed is not None and speed.slower:
+        logger.info("the quantized model is slower than float here (%.3f ms vs %.3f ms): %s", speed.quant_ms,
+                    speed.float_ms, "; ".join(speed.reasons or ("no cause found",)))
+    return QuantizeReport(result=result, output=Path(output) if output is not None else None,
+                          float_bytes=len(model_to_bytes(loaded)), quant_bytes=len(quant_bytes),
+                          calibration_samples=source.count if source is not None else 0,
+                          fidelity=fidelity, speed=speed, search=search, warnings=tuple(warnings))
+
+
+FIDELITY_SAMPLES = 64
+
+
+def _fidelity(float_model: ir.Model, quant_model: ir.Model, data, preprocess) -> CompareResult:
+    from edgeopt.quant.compare import compare_models
+
+    return compare_models(float_model, quant_model, _calibration_source(float_model, data, preprocess, None),
+                          max_samples=FIDELITY_SAMPLES)
+
+
+def _speed(float_model: ir.Model, quant_model: ir.Model) -> SpeedCheck | None:
+    from edgeopt.quant.speed import speed_check
+
+    if not all(spec.is_static for spec in eir.model_inputs(float_model)):
+        logger.info("speed check skipped: the model has dynamic input dims")
+        return None
+    return speed_check(float_model, quant_model, runs=50, threads=1)
+
+
+# ----------------------------------------------------------------------- compare
+
+
+def compare(float_model: ModelSource, quant_model: ModelSource, data, *, preprocess: ImagePreprocess | None = None,
+            max_samples: int | None = None, progress: Progress | None = None) -> CompareResult:
+    """Per-layer SQNR and cosine of a quantized model against its float model, worst first."""
+    from edgeopt.quant.compare import compare_models
+
+    from edgeopt.passes import optimize_for_quantization
+
+    # The quantizer folds BatchNorm and affine ops into convs and keeps the convs' output names, so
+    # per-layer rows compare against the float model after the same float-exact passes.
+    float_ir = optimize_for_quantization(load(float_model, require_static=False)).model
+    quant_ir = load(quant_model, require_static=False)
+    source = _calibration_source(float_ir, data, preprocess, max_samples)
+    return compare_models(float_ir, quant_ir, source, progress=progress)
