@@ -112,8 +112,8 @@ def test_the_input_model_is_not_modified(models):
     result = quantize(model, Int8Config(), _inputs("efficientnet", 4, 0))
     assert model_to_bytes(model) == before
     assert result.model is not model
-    silu = [n for n in result.float_nodes if "silu" in n.reason]
-    assert silu and {n.op_type for n in silu} == {"Sigmoid", "Mul"}  # one float activation, not split
+    # SiLU (x * sigmoid(x)) runs as integer Sigmoid and Mul: nothing of it stays float.
+    assert not [n for n in result.float_nodes if n.op_type in ("Sigmoid", "Mul")]
 
 
 def test_opset_11_is_converted_to_13_and_checked(models):

@@ -182,3 +182,16 @@ def test_entropy_is_fast_on_a_full_histogram():
     entropy_range(stats, LEVELS)
     mse_range(stats, LEVELS)
     assert time.perf_counter() - start < 0.5
+
+
+def test_entropy_never_clips_most_of_a_narrow_gate_distribution():
+    # An SE gate: hard-sigmoid outputs all within [0.447, 0.571], far from 0. The KL search alone
+    # put its threshold at 0.447, clamping every gate to one constant.
+    rng = np.random.default_rng(0)
+    for gate in (rng.uniform(0.447, 0.571, size=20000), 0.447 + rng.exponential(0.02, size=20000),
+                 np.r_[np.full(15000, 0.447), rng.uniform(0.447, 0.571, size=5000)]):
+        gate = np.minimum(gate, 0.571).astype(np.float32)
+        observer = HistogramObserver(num_bins=2048)
+        observer.update(gate)
+        lo, hi = entropy_range(observer.result())
+        assert np.mean((gate < lo) | (gate > hi)) <= 0.011

@@ -108,6 +108,18 @@ class BenchResult:
 
 
 def _max_rss_bytes() -> int:
+    """This process's own peak resident memory.
+
+    Linux's ``ru_maxrss`` survives fork+exec, so a spawned worker would report
+    its parent's peak; ``VmHWM`` in /proc/self/status is the process's own.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -41,7 +41,7 @@ from edgeopt.quant.observers import (
     percentile_range,
 )
 from edgeopt.quant.registry import Batch, ProgressCallback
-from edgeopt.runtime.ort import observing_session
+from edgeopt.runtime.ort import RANGE_SUFFIXES, range_session
 
 __all__ = ["BatchHook", "CalibrationResult", "TensorCalibration", "calibrate"]
 
@@ -141,6 +141,13 @@ class _TensorObserver:
         self.minmax = MinMaxObserver()
         self.histogram = HistogramObserver(num_bins=config.num_bins) if config.method.needs_histogram else None
 
+    def update_range(self, low: np.ndarray, high: np.ndarray) -> None:
+        """A batch reduced to its min and max by ONNX Runtime (min/max-only observation)."""
+        if self.dtype is None:
+            self.dtype = low.dtype
+        if low.dtype == np.float32:
+            self.minmax.update_range(float(low), float(high), 1)
+
     def update(self, array: np.ndarray) -> None:
         if self.dtype is None:
             self.dtype = array.dtype
@@ -177,6 +184,21 @@ def _check_data(data: object) -> None:
                         f"(got a {type(data).__name__}): wrap a single batch in a list")
 
 
+def _range_names(names: Sequence[str]) -> list[str]:
+    return [name + suffix for name in names for suffix in RANGE_SUFFIXES]
+
+
+def _observe(observer: _TensorObserver, name: str, feed: Batch, outputs: Mapping[str, np.ndarray],
+             input_names: set[str]) -> None:
+    """Feed the observer the tensor itself, or its min and max when ONNX Runtime reduced it."""
+    if name in input_names:
+        observer.update(feed[name])
+    elif name in outputs:
+        observer.update(outputs[name])
+    else:
+        observer.update_range(outputs[name + RANGE_SUFFIXES[0]], outputs[name + RANGE_SUFFIXES[1]])
+
+
 def calibrate(
     model: ir.Model,
     data: Iterable[Batch],
@@ -193,15 +215,20 @@ def calibrate(
     input_names = {spec.name for spec in specs}
     computed = [name for name in names if name not in input_names]
     model_outputs = [value.name for value in model.graph.outputs] if hooks else []
-    fetch = list(dict.fromkeys([*model_outputs, *computed]))
-    session = observing_session(model, computed)
+    # Tensors only min/max-observed come back as two scalars reduced inside ONNX Runtime; histograms
+    # and hooks need the whole tensor.
+    hook_tensors = {t for hook in hooks for t in getattr(hook, "tensors", ())} | set(model_outputs)
+    whole = [n for n in computed if config.method.needs_histogram or n in hook_tensors]
+    reduced = [n for n in computed if n not in set(whole)]
+    fetch = list(dict.fromkeys([*model_outputs, *whole, *_range_names(reduced)]))
+    session = range_session(model, whole, reduced)
     observers = {name: _TensorObserver(name, config) for name in names}
     total, done = _length(data), 0
     for batch in data:
         feed = check_feed(specs, batch, where=f"calibration batch {done + 1}")
         outputs = session.run(feed, fetch) if fetch else {}
         for name, observer in observers.items():
-            observer.update(feed[name] if name in input_names else outputs[name])
+            _observe(observer, name, feed, outputs, input_names)
         for hook in hooks:
             hook.update(feed, outputs)
         done += 1

@@ -87,6 +87,14 @@ class MinMaxObserver:
         self._max = np.maximum(self._max, np.where(finite, moved, -np.inf).max(axis=1, initial=-np.inf))
         self._count += int(finite.sum())
 
+    def update_range(self, low: float, high: float, count: int) -> None:
+        """Fold in a batch already reduced to its min and max (e.g. inside ONNX Runtime)."""
+        if self.axis is not None:
+            raise ValueError("update_range is for per-tensor observers (axis=None)")
+        if math.isfinite(low) and math.isfinite(high):
+            self._min, self._max = min(self._min, low), max(self._max, high)
+            self._count += count
+
     def _update_all(self, array: np.ndarray) -> None:
         if not array.size:
             return
@@ -292,10 +300,34 @@ def entropy_range(hist: HistogramStats, num_quant_bins: int = 256) -> tuple[floa
     hist = dataclasses.replace(hist, counts=counts, zeros=0)
     if hist.min >= 0.0:  # the grid starts at or below 0: bins from index -start on are [0, ...)
         stop = _entropy_threshold_bins(hist.counts[-hist.start:], num_quant_bins)
-        return hist.min, min(stop * hist.width, hist.max)
-    stop = _entropy_threshold_bins(hist.absolute(), num_quant_bins // 2)
-    threshold = stop * hist.width
-    return max(-threshold, hist.min), min(threshold, hist.max)
+        chosen = hist.min, min(stop * hist.width, hist.max)
+    else:
+        stop = _entropy_threshold_bins(hist.absolute(), num_quant_bins // 2)
+        threshold = stop * hist.width
+        chosen = max(-threshold, hist.min), min(threshold, hist.max)
+    return _limit_clipping(hist, chosen)
+
+
+# The KL search assumes mass concentrated near 0; on a narrow distribution far from 0 (an SE gate
+# living in [0.45, 0.57]) it can put the threshold below nearly all the data. A range may clip at
+# most this fraction of the calibration values; past that the percentile range replaces it.
+MAX_CLIPPED_FRACTION = 0.01
+_FALLBACK_PERCENTILE = 99.99
+
+
+def clipped_fraction(hist: HistogramStats, lo: float, hi: float) -> float:
+    """Fraction of the histogram's mass in bins lying wholly outside ``[lo, hi]``."""
+    if hist.total == 0:
+        return 0.0
+    edges = hist.edges
+    outside = hist.counts[(edges[1:] < lo) | (edges[:-1] > hi)].sum()
+    return float(outside) / float(hist.total)
+
+
+def _limit_clipping(hist: HistogramStats, chosen: tuple[float, float]) -> tuple[float, float]:
+    if clipped_fraction(hist, *chosen) <= MAX_CLIPPED_FRACTION:
+        return chosen
+    return percentile_range(hist, _FALLBACK_PERCENTILE)
 
 
 def expected_mse(hist: HistogramStats, lo, hi, num_levels: int) -> np.ndarray:

@@ -12,7 +12,7 @@ Rules, in order:
    tensors, it is not excluded (by node name or op type) or kept float, and
    its own preconditions hold (constant weight and bias, Gemm alpha = beta
    = 1, Resize not cubic ...). Nodes the float passes annotated as one
-   spelled-out activation (``edgeopt.pattern``: silu, gelu) stay float
+   spelled-out activation (``edgeopt.pattern``: gelu) stay float
    together: one activation, one output range.
 2. Relu/Clip (0 within the clamp) after a candidate Conv/ConvTranspose/Gemm/MatMul/Add/Mul that
    has it as its only consumer is fused: the producer's output gets no Q/DQ,
@@ -156,7 +156,9 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
         return "excluded (--exclude)"
     if node.name in keep_float:
         return "kept float on request"
-    if PATTERN_KEY in node.metadata_props:
+    # SiLU = x * sigmoid(x) quantizes well as its two ops (integer Sigmoid and Mul kernels exist on
+    # ONNX Runtime and the MCU); GELU's Erf chain loses too much precision between its small ops.
+    if node.metadata_props.get(PATTERN_KEY, "silu") != "silu":
         return f"part of a spelled-out {node.metadata_props[PATTERN_KEY]} activation (kept as one float op)"
     if OP_RULES[node.op_type].role is OpRole.WEIGHTED:
         return _weighted_refusal(node)

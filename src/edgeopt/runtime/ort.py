@@ -21,8 +21,8 @@ from edgeopt import ir as eir
 from edgeopt.errors import DataError, ModelError
 from edgeopt.io import model_to_bytes
 
-__all__ = ["OrtSession", "fill_missing_shapes", "observing_session", "optimized_model", "ort_version",
-           "random_feed"]
+__all__ = ["RANGE_SUFFIXES", "OrtSession", "fill_missing_shapes", "observing_session", "optimized_model",
+           "ort_version", "random_feed", "range_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,28 @@ def observing_session(model: ir.Model, names: Sequence[str], *, threads: int | N
     optimizations, so ``optimize`` only trades session build time for speed.
     """
     return OrtSession(_with_all_outputs(model, names), threads=threads, optimize=optimize)
+
+
+RANGE_SUFFIXES = ("__edgeopt_min", "__edgeopt_max")
+
+
+def range_session(model: ir.Model, full: Sequence[str], reduced: Sequence[str], *,
+                  threads: int | None = None) -> OrtSession:
+    """A session returning the tensors ``full`` whole and, for each of ``reduced``, only its min and max.
+
+    The min and max are computed inside ONNX Runtime (ReduceMin/ReduceMax over
+    all axes, outputs ``{name}__edgeopt_min`` / ``__edgeopt_max``), so a
+    min/max calibration fetches two scalars per tensor instead of the tensor.
+    """
+    import onnx  # local: the extra nodes are added to the session's protobuf copy
+
+    proto = onnx.load_from_string(_with_all_outputs(model, full))
+    for name in reduced:
+        for op_type, suffix in zip(("ReduceMin", "ReduceMax"), RANGE_SUFFIXES):
+            proto.graph.node.append(onnx.helper.make_node(op_type, [name], [name + suffix], keepdims=0,
+                                                          name=name + suffix))
+            proto.graph.output.append(onnx.ValueInfoProto(name=name + suffix))
+    return OrtSession(proto.SerializeToString(), threads=threads)
 
 
 def optimized_model(model: ir.Model, *, threads: int | None = None) -> ir.Model:
