@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP_CORE := $(VENV)/.installed-core
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all tflm-venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP_TEST)
 
 test-all: $(STAMP_TEST)
 	$(BIN)/python -m pytest -q -m ''
+
+# TensorFlow + TFLite Micro for benchmarks/mcu_vs_tflm.py, kept out of the main venv.
+tflm-venv:
+	$(PYTHON) -m venv .venv-tflm
+	.venv-tflm/bin/python -m pip install --quiet -e '.[tflm]'
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .hypothesis

@@ -6,7 +6,10 @@ import logging
 import re
 import shutil
 
+import numpy as np
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 import qdq_models as q
 from edgeopt.analysis.memory import ArenaPlan, TensorLifetime, check_no_overlap, greedy_arena_plan
@@ -118,3 +121,42 @@ def test_verify_names_the_first_layer_that_differs(tmp_path):
     result = verify(tmp_path / "out", [dict(batch) for batch in q.calibration_batches(q.float_model("depthwise_separable"), 1)])
     assert not result.bit_exact
     assert result.first_mismatch.step == 2 and result.first_mismatch.kind == "conv2d"
+
+
+def _qdq_conv_clip(low: np.ndarray, high: np.ndarray):
+    """Hand-built QDQ: input -> Q/DQ -> Conv (int8 weights) -> Clip(low, high) -> Q/DQ -> output."""
+    rng = np.random.default_rng(0)
+    weight = rng.integers(-127, 128, (4, 3, 3, 3), dtype=np.int8)
+    inits = [numpy_helper.from_array(np.float32(1 / 64), "s_in"), numpy_helper.from_array(np.int8(0), "z"),
+             numpy_helper.from_array(weight, "w_q"), numpy_helper.from_array(np.float32(1 / 256), "s_w"),
+             numpy_helper.from_array(np.float32(6 / 127), "s_out"),
+             numpy_helper.from_array(np.asarray(low, np.float32), "low"),
+             numpy_helper.from_array(np.asarray(high, np.float32), "high")]
+    nodes = [helper.make_node("QuantizeLinear", ["input", "s_in", "z"], ["x_q"], name="q_in"),
+             helper.make_node("DequantizeLinear", ["x_q", "s_in", "z"], ["x"], name="dq_in"),
+             helper.make_node("DequantizeLinear", ["w_q", "s_w", "z"], ["w"], name="dq_w"),
+             helper.make_node("Conv", ["x", "w"], ["y"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["y", "low", "high"], ["c"], name="relu6"),
+             helper.make_node("QuantizeLinear", ["c", "s_out", "z"], ["c_q"], name="q_out"),
+             helper.make_node("DequantizeLinear", ["c_q", "s_out", "z"], ["output"], name="dq_out")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_clip_bounds_may_be_one_element_arrays(tmp_path):
+    # ONNX Runtime runs Clip with min/max of shape [1] (or [1, 1]); compile_c takes the single value.
+    x = np.random.default_rng(1).uniform(-2, 2, (1, 3, 6, 6)).astype(np.float32)
+    scalar = compile_c(q.to_ir(_qdq_conv_clip(np.float32(0), np.float32(6))), tmp_path / "scalar")
+    for shape in ((1,), (1, 1)):
+        proto = _qdq_conv_clip(np.zeros(shape), np.full(shape, 6.0))
+        ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+        result = compile_c(q.to_ir(proto), tmp_path / f"shape{len(shape)}")
+        assert result.ops == scalar.ops and result.arena_bytes == scalar.arena_bytes
+        assert (tmp_path / f"shape{len(shape)}" / "model.c").read_text() == (tmp_path / "scalar" / "model.c").read_text()
+
+
+def test_clip_bounds_of_several_elements_are_refused(tmp_path):
+    proto = _qdq_conv_clip(np.zeros(2), np.float32(6))
+    with pytest.raises(UnsupportedOpError, match=r"Clip \(relu6\): Clip min must be a scalar.*shape \[2\]"):
+        compile_c(q.to_ir(proto), tmp_path / "out")

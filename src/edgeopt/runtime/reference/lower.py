@@ -203,7 +203,11 @@ class Lowering:
             array = eir.constant_array(value) if value is not None else None
             if value is not None and array is None:
                 raise UnsupportedOpError(f"{node_label(node)}: Clip bounds must be constants")
-            bounds.append(default if array is None else float(array))
+            if array is not None and array.size != 1:  # ONNX Runtime also accepts shape [1]; any size-1 array
+                which = "min" if index == 1 else "max"
+                raise UnsupportedOpError(f"{node_label(node)}: Clip {which} must be a scalar (or a one-element "
+                                         f"array), got shape {list(array.shape)}")
+            bounds.append(default if array is None else float(array.item()))
         return bounds[0], bounds[1]
 
     def output_plan(self, node: ir.Node) -> OutputPlan:
