@@ -193,3 +193,10 @@ def test_adaround_improves_or_keeps_fidelity(cli, tmp_path):
         return float(json.loads(result.stdout)["fidelity"]["outputs"][0]["sqnr_db"])
 
     assert sqnr("--adaround") >= sqnr() - 0.1
+
+
+def test_the_quantized_model_ships_with_its_numbers(cli, tmp_path, calib):
+    out = tmp_path / "demo.int8.onnx"
+    assert cli("quantize", demo_model_path(), "--data", calib, "-o", out, "--no-speed-check").code == 0
+    report = json.loads((tmp_path / "demo.int8.report.json").read_text())
+    assert report["output"] == str(out) and report["fidelity"]["outputs"][0]["sqnr_db"]

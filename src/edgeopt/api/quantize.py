@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -131,7 +132,8 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     """Quantize ``model`` with ``config`` (Int8Config, Fp16Config, Bf16Config, Int4WeightConfig).
 
     Calibration ``data`` is anything ``--data`` takes; required for int8. The
-    output is written atomically to ``output`` (never over the input). After
+    output is written atomically to ``output`` (never over the input), and
+    its measured numbers beside it in ``<stem>.report.json``. After
     quantizing, fidelity to the float model (output SQNR, top-1 agreement) is
     measured on up to 64 calibration samples, and float vs quantized latency
     in ONNX Runtime, with the reasons when the quantized model is slower.
@@ -177,10 +179,19 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     if speed is not None and speed.slower:
         logger.info("the quantized model is slower than float here (%.3f ms vs %.3f ms): %s", speed.quant_ms,
                     speed.float_ms, "; ".join(speed.reasons or ("no cause found",)))
-    return QuantizeReport(result=result, output=Path(output) if output is not None else None,
-                          float_bytes=len(model_to_bytes(loaded)), quant_bytes=len(quant_bytes),
-                          calibration_samples=source.count if source is not None else 0,
-                          fidelity=fidelity, speed=speed, search=search, warnings=tuple(warnings))
+    report = QuantizeReport(result=result, output=Path(output) if output is not None else None,
+                            float_bytes=len(model_to_bytes(loaded)), quant_bytes=len(quant_bytes),
+                            calibration_samples=source.count if source is not None else 0,
+                            fidelity=fidelity, speed=speed, search=search, warnings=tuple(warnings))
+    if output is not None:  # the artifact ships with its measured numbers
+        atomic_write_bytes(report_path(output), json.dumps(report.to_dict(), indent=2, default=str).encode())
+    return report
+
+
+def report_path(output: str | os.PathLike) -> Path:
+    """Where the numbers of a quantized model go: ``model.int8.onnx`` -> ``model.int8.report.json``."""
+    path = Path(output)
+    return path.with_name(f"{path.stem}.report.json")
 
 
 FIDELITY_SAMPLES = 64
