@@ -151,9 +151,10 @@ def test_clip_bounds_may_be_one_element_arrays(tmp_path):
     for shape in ((1,), (1, 1)):
         proto = _qdq_conv_clip(np.zeros(shape), np.full(shape, 6.0))
         ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
-        result = compile_c(q.to_ir(proto), tmp_path / f"shape{len(shape)}")
+        out = tmp_path / f"shape{len(shape)}"
+        result = compile_c(q.to_ir(proto), out)
         assert result.ops == scalar.ops and result.arena_bytes == scalar.arena_bytes
-        assert (tmp_path / f"shape{len(shape)}" / "model.c").read_text() == (tmp_path / "scalar" / "model.c").read_text()
+        assert (out / "model.c").read_text() == (tmp_path / "scalar" / "model.c").read_text()
 
 
 def test_clip_bounds_of_several_elements_are_refused(tmp_path):

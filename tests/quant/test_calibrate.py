@@ -108,3 +108,18 @@ def test_float64_batches_are_cast_to_the_model_input_type():
     data = [{"x": np.random.default_rng(0).standard_normal(SHAPE)}]
     result = calibrate(_conv_relu_model(), data, ["x"], CalibrationConfig())
     assert result.tensors["x"].is_float
+
+
+def test_a_model_that_fixes_its_batch_falls_back_to_one_sample_per_run(tmp_path):
+    from edgeopt.io import load_model
+    from tests.models import build_onnx
+
+    model = load_model(build_onnx("transformer", tmp_path))  # reshapes to constant [1, 16, 4, 8]
+    rng = np.random.default_rng(0)
+    data = [{"input": rng.standard_normal((1, 16, 32)).astype(np.float32)} for _ in range(20)]
+    names = [n.outputs[0].name for n in model.graph if n.op_type == "Softmax"]
+    result = calibrate(model, data, names, CalibrationConfig())
+    session = observing_session(model, names)
+    values = np.stack([session.run(feed, names)[names[0]] for feed in data])
+    assert result.num_batches == 20
+    assert result.tensors[names[0]].range == (float(values.min()), float(values.max()))

@@ -33,7 +33,7 @@ def ort_version() -> str:
 
 def _session_options(threads: int | None, optimize: bool) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # ORT errors surface as exceptions; its log would repeat them
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -147,17 +147,31 @@ def observing_session(model: ir.Model, names: Sequence[str], *, threads: int | N
 RANGE_SUFFIXES = ("__edgeopt_min", "__edgeopt_max")
 
 
+def _free_batch_dim(graph) -> None:
+    """Make dim 0 of the inputs and outputs symbolic and forget intermediate shapes (protobuf graph)."""
+    for value in [*graph.input, *graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims):
+            dims[0].Clear()
+            dims[0].dim_param = "edgeopt_batch"
+    del graph.value_info[:]
+
+
 def range_session(model: ir.Model, full: Sequence[str], reduced: Sequence[str], *,
-                  threads: int | None = None) -> OrtSession:
+                  threads: int | None = None, free_batch: bool = False) -> OrtSession:
     """A session returning the tensors ``full`` whole and, for each of ``reduced``, only its min and max.
 
     The min and max are computed inside ONNX Runtime (ReduceMin/ReduceMax over
     all axes, outputs ``{name}__edgeopt_min`` / ``__edgeopt_max``), so a
     min/max calibration fetches two scalars per tensor instead of the tensor.
+    With ``free_batch`` the session's batch dim is symbolic, so several
+    batch-1 samples can run as one batch (the caller checks the model allows it).
     """
     import onnx  # local: the extra nodes are added to the session's protobuf copy
 
     proto = onnx.load_from_string(_with_all_outputs(model, full))
+    if free_batch:
+        _free_batch_dim(proto.graph)
     for name in reduced:
         for op_type, suffix in zip(("ReduceMin", "ReduceMax"), RANGE_SUFFIXES):
             proto.graph.node.append(onnx.helper.make_node(op_type, [name], [name + suffix], keepdims=0,
