@@ -216,7 +216,7 @@ def _groups(data: Iterable[Batch], specs: Sequence[eir.InputSpec], size: int) ->
     group: list[dict] = []
     for index, batch in enumerate(data):
         feed = check_feed(specs, batch, where=f"calibration batch {index + 1}")
-        if group and (len(group) == size or _shapes(feed) != _shapes(group[0])):
+        if group and (len(group) == size or not _same_shapes(feed, group[0])):
             yield group
             group = []
         group.append(feed)
@@ -224,8 +224,11 @@ def _groups(data: Iterable[Batch], specs: Sequence[eir.InputSpec], size: int) ->
         yield group
 
 
-def _shapes(feed: Mapping[str, np.ndarray]) -> tuple:
-    return tuple((name, array.shape) for name, array in sorted(feed.items()))
+def _same_shapes(feed: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]) -> bool:
+    for name, array in feed.items():
+        if array.shape != other[name].shape:
+            return False
+    return True
 
 
 class _Runner:
@@ -300,6 +303,7 @@ def calibrate(
                 done += 1
                 if progress is not None:
                     progress(done, total)
+        del feeds  # before the next group is read: at most one group is alive
     if done == 0:
         raise DataError("calibration data is empty: give at least one batch")
     logger.info("calibrated %d tensors on %d batches", len(names), done)
