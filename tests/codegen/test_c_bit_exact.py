@@ -50,7 +50,8 @@ def test_uint8_activation_model_is_bit_exact(tmp_path):
     _assert_bit_exact(model, tmp_path / "c", "single")
 
 
-_BLOCKS = ["conv", "depthwise", "residual", "maxpool", "avgpool", "sigmoid", "concat", "hardswish"]
+_BLOCKS = ["conv", "depthwise", "residual", "basic_block", "maxpool", "avgpool", "sigmoid", "concat",
+           "hardswish"]
 
 
 def _random_model(blocks, channels, size, seed):
@@ -62,8 +63,11 @@ def _random_model(blocks, channels, size, seed):
             c += 2
         elif block == "depthwise":
             x = b.conv(x, c, c, k=3, group=c)
-        elif block == "residual":
+        elif block == "residual":  # the conv reads the shortcut: not fused
             x = b.node("Add", [x, b.conv(x, c, c, k=1)])
+        elif block == "basic_block":  # fused into conv2d_add, written over the shortcut
+            y = b.conv(b.node("Relu", [b.conv(x, c, c, k=3)]), c, c, k=3)
+            x = b.node("Relu", [b.node("Add", [y, x] if seed % 3 else [x, y])])
         elif block == "maxpool":
             x = b.node("MaxPool", [x], kernel_shape=[2, 2], strides=[1, 1], pads=[0, 0, 1, 1])
         elif block == "avgpool":

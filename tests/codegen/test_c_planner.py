@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 
@@ -14,7 +15,7 @@ import qdq_models as q
 from edgeopt.analysis.memory import TensorLifetime, check_no_overlap, greedy_arena_plan, lower_bound_bytes
 from edgeopt.codegen.c import compile_c, verify
 from edgeopt.codegen.c.plan import exact_arena_plan, plan_memory, program_lifetimes
-from edgeopt.codegen.c.schedule import choose_schedule, reorder
+from edgeopt.codegen.c.schedule import choose_schedule, in_place_input, reorder
 from edgeopt.devices import DeviceProfile, known_devices, load_device
 from edgeopt.errors import ConfigError
 from edgeopt.runtime.reference import IntOp, Program, ProgramIO, TensorInfo, lower
@@ -165,3 +166,87 @@ def test_profile_numbers_are_consistent_across_the_family():
     m = [load_device(n) for n in ("cortex-m0plus", "cortex-m4", "cortex-m7", "cortex-m55")]
     assert [p.int8_macs_per_cycle for p in m] == sorted(p.int8_macs_per_cycle for p in m)
     assert np.all([p.sram_bytes <= p.flash_bytes for p in m])
+
+
+# ------------------------------------------------------------------ conv -> residual Add fusion
+
+
+def _tensor_overlaps(memory) -> list[tuple[str, str]]:
+    """Tensors live at a common step whose bytes overlap, aliases (one buffer) excepted."""
+    clashes = []
+    for i, a in enumerate(memory.lifetimes):
+        for b in memory.lifetimes[i + 1:]:
+            if memory.buffer_of[a.name] == memory.buffer_of[b.name] or not a.overlaps_in_time(b):
+                continue
+            a_start, b_start = memory.offset(a.name), memory.offset(b.name)
+            if a_start < b_start + b.size_bytes and b_start < a_start + a.size_bytes and a.size_bytes and b.size_bytes:
+                clashes.append((a.name, b.name))
+    return clashes
+
+
+def _two_blocks():
+    """Two basic blocks, Add(conv branch, shortcut); the second block's shortcut is read again by a Mul."""
+    b = q._Builder(11)
+    x0 = b.node("Relu", [b.conv("input", 3, 8)])
+    x1 = b.node("Relu", [b.node("Add", [b.conv(b.node("Relu", [b.conv(x0, 8, 8)]), 8, 8), x0])])
+    x2 = b.node("Add", [b.conv(b.node("Relu", [b.conv(x1, 8, 8)]), 8, 8), x1])
+    return b.model(b.conv(b.node("Mul", [x2, x1]), 8, 4, k=1), (1, 3, 10, 10))
+
+
+@pytest.mark.parametrize("name", sorted(q.FLOAT_BUILDERS))
+def test_no_two_live_tensors_share_bytes_unless_aliased(name):
+    program = lower(_qdq(name))
+    memory = plan_memory(reorder(program, choose_schedule(program).order))
+    assert _tensor_overlaps(memory) == []
+
+
+def test_fused_add_is_written_over_the_shortcut_and_lowers_the_bound():
+    model = _qdq("residual_add")
+    fused, unfused = lower(model), lower(model, fuse=False)
+    memory = plan_memory(reorder(fused, choose_schedule(fused).order))
+    (op,) = [op for op in fused.ops if op.kind == "conv2d_add"]
+    conv_input, shortcut = op.inputs
+    assert (shortcut, op.output) in memory.in_place
+    assert memory.buffer_of[op.output] == memory.buffer_of[shortcut] != memory.buffer_of[conv_input]
+    unfused_memory = plan_memory(reorder(unfused, choose_schedule(unfused).order))
+    # the block holds 2 activations instead of 3: 2 x 12 x 12 x 16 B
+    assert memory.lower_bound_bytes == 2 * 2304 < unfused_memory.lower_bound_bytes == 3 * 2304
+    assert memory.arena_bytes == memory.lower_bound_bytes
+
+
+def test_shortcut_still_read_later_is_not_overwritten():
+    program = lower(q.to_ir(q.quantize_with_ort(_two_blocks())))
+    fused = [op for op in program.ops if op.kind == "conv2d_add"]
+    assert len(fused) == 2
+    memory = plan_memory(reorder(program, choose_schedule(program).order))
+    aliased = {target: source for source, target in memory.in_place}
+    first, second = fused
+    assert aliased.get(first.output) == first.inputs[1]  # x0 dies at the first block's add
+    assert aliased.get(second.output) is None  # x1 is read again by the Mul
+    assert _tensor_overlaps(memory) == []
+
+
+def test_in_place_never_picks_an_input_also_read_at_another_position():
+    program = _two_branches()
+    op = IntOp(kind="conv2d_add", inputs=("a1", "a1"), output="b1", params=None, node="n")
+    assert in_place_input(op, program, lambda name: True) is None
+    op = IntOp(kind="conv2d_add", inputs=("b1", "a1"), output="c", params=None, node="n")
+    assert in_place_input(op, program, lambda name: True) is None  # a1 is 1000 B, c 10 B
+    op = IntOp(kind="conv2d_add", inputs=("x", "b1"), output="a1", params=None, node="n")
+    assert in_place_input(op, program, lambda name: True) == "b1"
+
+
+@needs_gcc
+def test_fused_blocks_are_bit_exact_in_c(tmp_path):
+    float_model = _two_blocks()
+    model = q.to_ir(q.quantize_with_ort(float_model))
+    result = compile_c(model, tmp_path / "c")
+    memory_map = json.loads((tmp_path / "c" / "memory_map.json").read_text())
+    over = {t["tensor"]: t["in_place_over"] for t in memory_map["tensors"]}
+    fused = [step for step in memory_map["schedule"] if step["kind"] == "conv2d_add"]
+    assert len(fused) == 2 and sum(over[step["output"]] is not None for step in fused) == 1
+    assert result.lower_bound_bytes == memory_map["lower_bound_bytes"]
+    feeds = [{k: v * np.float32(s) for k, v in batch.items()}
+             for s, batch in zip((0.5, 4.0), q.calibration_batches(float_model, 2))]
+    outcome = verify(tmp_path / "c", feeds)
+    assert outcome.bit_exact, outcome.first_mismatch

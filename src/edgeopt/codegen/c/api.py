@@ -13,6 +13,7 @@ and :class:`~edgeopt.codegen.c.host.HostProgram` can run the code on the host.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -53,11 +54,11 @@ class CompileResult:
     files: tuple[str, ...]
     ops: int
     arena_bytes: int
-    lower_bound_bytes: int
+    lower_bound_bytes: int  # max over steps of live buffer bytes: fused ops, chosen order, in-place aliases
     greedy_arena_bytes: int
     plan_method: str
     plan_optimal: bool
-    graph_order_lower_bound_bytes: int  # before reordering and in-place
+    graph_order_lower_bound_bytes: int  # of the same (fused) ops, before reordering and in-place
     schedule_method: str
     in_place_ops: int
     weight_bytes: int
@@ -116,19 +117,29 @@ def program_macs(program: Program) -> int:
     """Multiply-accumulates of the convolutions and fully connected layers."""
     total = 0
     for op in program.ops:
-        if op.kind == "conv2d":
-            weight = op.params.weight  # (O, KH, KW, I/group)
+        if op.kind in ("conv2d", "conv2d_add"):
+            conv = op.params if op.kind == "conv2d" else op.params.conv
+            weight = conv.weight  # (O, KH, KW, I/group)
             total += program.tensors[op.output].size * int(np.prod(weight.shape[1:]))
         elif op.kind == "fully_connected":
             total += program.tensors[op.output].size * op.params.weight.shape[1]
     return int(total)
 
 
+def _array_bytes(params) -> int:
+    """Bytes of the arrays in a params object, nested params (a fused op's) included."""
+    total = 0
+    for value in vars(params).values():
+        if isinstance(value, np.ndarray):
+            total += value.nbytes
+        elif dataclasses.is_dataclass(value):
+            total += _array_bytes(value)
+    return total
+
+
 def _weight_bytes(program) -> int:
     total = sum(a.nbytes for a in program.constants.values())
-    for op in program.ops:
-        total += sum(value.nbytes for value in vars(op.params).values() if isinstance(value, np.ndarray))
-    return int(total)
+    return int(total + sum(_array_bytes(op.params) for op in program.ops))
 
 
 def _io_manifest(program: Program, ios) -> list[dict]:
@@ -240,7 +251,11 @@ def _compare(reference: ReferenceModel, trace: bytes, expected: dict[str, np.nda
 
 
 def verify(out_dir: str | Path, data: Iterable[Mapping[str, np.ndarray]]) -> VerifyResult:
-    """Run the generated C (built with tracing) and the reference on ``data``; name the first layer that differs."""
+    """Run the generated C (built with tracing) and the reference on ``data``; name the first layer that differs.
+
+    Both run the fused program: a ``conv2d_add`` op is one layer, named ``"<conv node>+<add node>"``, whose
+    tensor is the Add's output (the conv's intermediate int8 tensor exists in neither).
+    """
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     program = reorder(lower(load_model(out_dir / _REFERENCE_MODEL)), manifest["schedule"])

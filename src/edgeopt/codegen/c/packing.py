@@ -46,11 +46,13 @@ class PackContext:
 
 
 def _struct(c_type: str, name: str, fields: dict[str, object]) -> str:
-    body = ", ".join(f".{key} = {_c_value(value)}" for key, value in fields.items())
-    return f"static const {c_type} {name} = {{{body}}};"
+    return f"static const {c_type} {name} = {_c_value(fields)};"
 
 
 def _c_value(value) -> str:
+    """A C initializer: dicts are structs (designated fields), lists and tuples arrays."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f".{key} = {_c_value(field)}" for key, field in value.items()) + "}"
     if isinstance(value, (list, tuple)):
         return "{" + ", ".join(_c_value(v) for v in value) + "}"
     return str(int(value)) if not isinstance(value, str) else value
@@ -66,18 +68,32 @@ def _requant_arrays(prefix: str, p) -> list[str]:
             c_array(f"{prefix}_shift", p.shift)]
 
 
-def pack_conv2d(op: IntOp, ctx: PackContext):
-    p, name = op.params, f"op{ctx.index}"
-    n, h, w, c = ctx.shape(op.inputs[0])
-    _, out_h, out_w, out_c = ctx.shape(op.output)
+def _conv_fields(p, name: str, in_shape, out_shape) -> tuple[list[str], dict[str, object]]:
+    """The const arrays and the ``eo_conv2d_params`` fields of conv params ``p`` (arrays named ``name_*``)."""
+    n, h, w, c = in_shape
+    _, out_h, out_w, out_c = out_shape
     decls = [c_array(f"{name}_weight", p.weight), *_requant_arrays(name, p)]
-    decls.append(_struct("eo_conv2d_params", f"{name}_params", dict(
+    fields = dict(
         n=n, h=h, w=w, c=c, out_h=out_h, out_w=out_w, out_c=out_c, kernel_h=p.weight.shape[1],
         kernel_w=p.weight.shape[2], group=p.group, stride_h=p.strides[0], stride_w=p.strides[1],
         dilation_h=p.dilations[0], dilation_w=p.dilations[1], pad_top=p.pads[0], pad_left=p.pads[1],
         input_zero_point=p.input_zero_point, output_zero_point=p.output_zero_point, act_min=p.act_min,
         act_max=p.act_max, weight=f"{name}_weight", bias=f"{name}_bias", multiplier=f"{name}_multiplier",
-        shift=f"{name}_shift")))
+        shift=f"{name}_shift")
+    return decls, fields
+
+
+def pack_conv2d(op: IntOp, ctx: PackContext):
+    name = f"op{ctx.index}"
+    decls, fields = _conv_fields(op.params, name, ctx.shape(op.inputs[0]), ctx.shape(op.output))
+    decls.append(_struct("eo_conv2d_params", f"{name}_params", fields))
+    return decls, _call(op, ctx, f"{name}_params")
+
+
+def pack_conv2d_add(op: IntOp, ctx: PackContext):
+    name = f"op{ctx.index}"
+    decls, conv = _conv_fields(op.params.conv, name, ctx.shape(op.inputs[0]), ctx.shape(op.output))
+    decls.append(_struct("eo_conv2d_add_params", f"{name}_params", dict(conv=conv, add=_add_fields(op.params.add))))
     return decls, _call(op, ctx, f"{name}_params")
 
 
@@ -108,14 +124,18 @@ def _binary_geometry(op: IntOp, ctx: PackContext) -> dict[str, object]:
                 b_stride=_broadcast_strides(ctx.shape(op.inputs[1]), out4))
 
 
+def _add_fields(p) -> dict[str, object]:
+    """The quantization fields of ``eo_add_params`` (the geometry is the caller's)."""
+    return dict(a_zero_point=p.input_zero_points[0], b_zero_point=p.input_zero_points[1],
+                a_multiplier=p.input_multipliers[0], b_multiplier=p.input_multipliers[1],
+                a_shift=p.input_shifts[0], b_shift=p.input_shifts[1], output_multiplier=p.output_multiplier,
+                output_shift=p.output_shift, output_zero_point=p.output_zero_point, left_shift=p.left_shift,
+                act_min=p.act_min, act_max=p.act_max)
+
+
 def pack_add(op: IntOp, ctx: PackContext):
-    p, name = op.params, f"op{ctx.index}_params"
-    fields = _binary_geometry(op, ctx) | dict(
-        a_zero_point=p.input_zero_points[0], b_zero_point=p.input_zero_points[1],
-        a_multiplier=p.input_multipliers[0], b_multiplier=p.input_multipliers[1],
-        a_shift=p.input_shifts[0], b_shift=p.input_shifts[1], output_multiplier=p.output_multiplier,
-        output_shift=p.output_shift, output_zero_point=p.output_zero_point, left_shift=p.left_shift,
-        act_min=p.act_min, act_max=p.act_max)
+    name = f"op{ctx.index}_params"
+    fields = _binary_geometry(op, ctx) | _add_fields(op.params)
     return [_struct("eo_add_params", name, fields)], _call(op, ctx, name)
 
 
@@ -240,6 +260,7 @@ def pack_concat(op: IntOp, ctx: PackContext):
 
 PACKERS = {
     "conv2d": pack_conv2d,
+    "conv2d_add": pack_conv2d_add,
     "fully_connected": pack_fully_connected,
     "add": pack_add,
     "mul": pack_mul,

@@ -7,10 +7,11 @@ step (the caller reads them after the run). Constants are ``const`` arrays in
 flash and take no arena space. The kernels need no scratch memory
 (convolutions accumulate straight from the input).
 
-In place: when an op's kernel may overwrite its input (``OPS[kind].in_place``:
-elementwise requantize/LUT/Add/Mul/Softmax, and Reshape) and an input of the
-output's size is read for the last time by that op, output and input share
-one *buffer*. Buffers, not tensors, are placed; a buffer lives from its first
+In place: when an op's kernel may overwrite an input (``OPS[kind].in_place``
+lists the positions: elementwise requantize/LUT/Add/Mul/Softmax, Reshape, and
+the shortcut -- never the conv input -- of a fused ``conv2d_add``) and an input
+of the output's size at such a position is read for the last time by that op,
+output and input share one *buffer*. Buffers, not tensors, are placed; a buffer lives from its first
 tensor's start to its last tensor's end and is as large as its largest.
 
 Placement: the greedy best-fit planner of :mod:`edgeopt.analysis.memory`

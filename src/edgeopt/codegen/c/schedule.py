@@ -41,14 +41,16 @@ class Schedule:
 
 
 def in_place_input(op: IntOp, program: Program, dies_here) -> str | None:
-    """The input ``op`` may overwrite: same size as the output, not a constant or model output, dying at ``op``."""
-    if not OPS[op.kind].in_place:
-        return None
+    """The input ``op`` may overwrite: at a position the kernel allows (``OPS[kind].in_place``), not also
+    read at another position, the output's size, not a constant or model output, dying at ``op``."""
+    allowed = OPS[op.kind].in_place
     outputs = {io.tensor for io in program.outputs}
     size = program.tensors[op.output].size
-    for name in op.inputs:
-        if (name not in program.constants and name not in outputs and program.tensors[name].size == size
-                and dies_here(name)):
+    for position in allowed:
+        name = op.inputs[position]
+        read_elsewhere = any(other == name for index, other in enumerate(op.inputs) if index not in allowed)
+        if (not read_elsewhere and name not in program.constants and name not in outputs
+                and program.tensors[name].size == size and dies_here(name)):
             return name
     return None
 

@@ -25,6 +25,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.errors import ModelError, UnsupportedOpError
 from edgeopt.runtime.reference.fixed_point import quantize_multiplier
+from edgeopt.runtime.reference.fuse import fuse_conv_add
 from edgeopt.runtime.reference.program import (
     IntOp,
     Program,
@@ -330,8 +331,12 @@ def _run_node(lowering: Lowering, node: ir.Node, handlers) -> None:
         lowering.failed.update(v.name for v in node.outputs)
 
 
-def lower(model: ir.Model) -> Program:
-    """The integer program of a QDQ model; raises UnsupportedOpError listing every op it cannot lower."""
+def lower(model: ir.Model, *, fuse: bool = True) -> Program:
+    """The integer program of a QDQ model; raises UnsupportedOpError listing every op it cannot lower.
+
+    ``fuse``: replace each conv -> residual Add pair by one ``conv2d_add`` op (bit-identical results,
+    one activation less live; see :mod:`edgeopt.runtime.reference.fuse`).
+    """
     from edgeopt.runtime.reference.handlers import HANDLERS
 
     if not _is_quantized(model):
@@ -347,5 +352,6 @@ def lower(model: ir.Model) -> Program:
                                  + "; ".join(lowering.errors))
     used = {t for op in lowering.ops for t in op.inputs}
     constants = {name: array for name, array in lowering.constants.items() if name in used}
-    return Program(tensors=lowering.tensors, constants=constants, ops=tuple(lowering.ops),
-                   inputs=tuple(lowering.inputs), outputs=outputs)
+    program = Program(tensors=lowering.tensors, constants=constants, ops=tuple(lowering.ops),
+                      inputs=tuple(lowering.inputs), outputs=outputs)
+    return fuse_conv_add(program) if fuse else program

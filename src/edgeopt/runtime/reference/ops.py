@@ -20,6 +20,7 @@ from edgeopt.runtime.reference.program import (
     AddParams,
     AvgPoolParams,
     ConcatParams,
+    Conv2dAddParams,
     Conv2dParams,
     FullyConnectedParams,
     LutParams,
@@ -41,16 +42,18 @@ __all__ = ["OPS", "OpSpec"]
 class OpSpec:
     """One op kind: its numpy semantics, parameter type and C kernel name.
 
-    ``in_place``: the C kernel may write its output over an input of the same
-    size, because it reads element ``i`` of that input only before it writes
-    element ``i`` of the output; the planner may then alias the two.
+    ``in_place``: positions of the inputs the C kernel may write its output
+    over (when of the output's size), because it reads element ``i`` of such an
+    input only before it writes element ``i`` of the output; the planner may
+    then alias the two. An input read across a window (a conv's input) is never
+    listed.
     """
 
     kind: str
     reference: Callable[..., np.ndarray]
     params_type: type
     c_kernel: str
-    in_place: bool = False
+    in_place: tuple[int, ...] = ()
 
 
 def _finish(acc: np.ndarray, multiplier, shift, zero_point: int, act_min: int, act_max: int,
@@ -99,6 +102,11 @@ def add(a: np.ndarray, b: np.ndarray, *, params: AddParams, rounding: str) -> np
               for x, zp, m, s in zip((a, b), p.input_zero_points, p.input_multipliers, p.input_shifts)]
     return _finish(scaled[0] + scaled[1], p.output_multiplier, p.output_shift, p.output_zero_point,
                    p.act_min, p.act_max, rounding)
+
+
+def conv2d_add(x: np.ndarray, shortcut: np.ndarray, *, params: Conv2dAddParams, rounding: str) -> np.ndarray:
+    """The unfused pair, by definition: the conv's int8 result (rounded and clamped) added to ``shortcut``."""
+    return add(conv2d(x, params=params.conv, rounding=rounding), shortcut, params=params.add, rounding=rounding)
 
 
 def mul(a: np.ndarray, b: np.ndarray, *, params: MulParams, rounding: str) -> np.ndarray:
@@ -193,7 +201,7 @@ def concat(*xs: np.ndarray, params: ConcatParams, rounding: str) -> np.ndarray:
     return np.concatenate(xs, axis=params.axis)
 
 
-def _spec(kind, reference, params_type, c_kernel, in_place=False) -> tuple[str, OpSpec]:
+def _spec(kind, reference, params_type, c_kernel, in_place=()) -> tuple[str, OpSpec]:
     return kind, OpSpec(kind=kind, reference=reference, params_type=params_type, c_kernel=c_kernel,
                         in_place=in_place)
 
@@ -201,17 +209,18 @@ def _spec(kind, reference, params_type, c_kernel, in_place=False) -> tuple[str, 
 OPS: dict[str, OpSpec] = dict([
     _spec("conv2d", conv2d, Conv2dParams, "eo_conv2d_s8"),
     _spec("fully_connected", fully_connected, FullyConnectedParams, "eo_fully_connected_s8"),
-    _spec("add", add, AddParams, "eo_add_s8", in_place=True),
-    _spec("mul", mul, MulParams, "eo_mul_s8", in_place=True),
+    _spec("conv2d_add", conv2d_add, Conv2dAddParams, "eo_conv2d_add_s8", in_place=(1,)),
+    _spec("add", add, AddParams, "eo_add_s8", in_place=(0, 1)),
+    _spec("mul", mul, MulParams, "eo_mul_s8", in_place=(0, 1)),
     _spec("max_pool", max_pool, MaxPoolParams, "eo_max_pool_s8"),
     _spec("avg_pool", avg_pool, AvgPoolParams, "eo_avg_pool_s8"),
     _spec("mean", mean, MeanParams, "eo_mean_s8"),
-    _spec("requantize", requantize, RequantizeParams, "eo_requantize_s8", in_place=True),
-    _spec("lut", lut, LutParams, "eo_lut_s8", in_place=True),
-    _spec("softmax", softmax, SoftmaxParams, "eo_softmax_s8", in_place=True),
+    _spec("requantize", requantize, RequantizeParams, "eo_requantize_s8", in_place=(0,)),
+    _spec("lut", lut, LutParams, "eo_lut_s8", in_place=(0,)),
+    _spec("softmax", softmax, SoftmaxParams, "eo_softmax_s8", in_place=(0,)),
     _spec("pad", pad, PadParams, "eo_pad_s8"),
     _spec("resize_nearest", resize_nearest, ResizeNearestParams, "eo_resize_nearest_s8"),
     _spec("transpose", transpose, TransposeParams, "eo_transpose_s8"),
-    _spec("reshape", reshape, ReshapeParams, "eo_copy_s8", in_place=True),
+    _spec("reshape", reshape, ReshapeParams, "eo_copy_s8", in_place=(0,)),
     _spec("concat", concat, ConcatParams, "eo_concat_s8"),
 ])

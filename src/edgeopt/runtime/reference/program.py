@@ -23,6 +23,7 @@ __all__ = [
     "AddParams",
     "AvgPoolParams",
     "ConcatParams",
+    "Conv2dAddParams",
     "Conv2dParams",
     "FullyConnectedParams",
     "IntOp",
@@ -115,6 +116,20 @@ class AddParams:
     left_shift: int
     act_min: int
     act_max: int
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Conv2dAddParams:
+    """A conv whose int8 output feeds only an Add with a same-shape tensor: ``add(conv(x), shortcut)``.
+
+    ``conv`` requantizes to the intermediate int8 tensor (its clamp included) exactly as the
+    unfused conv does; ``add`` is oriented so that its operand 0 is that intermediate and
+    operand 1 the shortcut (TFLite's add is symmetric in its operands, so the orientation
+    does not change a bit).
+    """
+
+    conv: Conv2dParams
+    add: AddParams
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -39,31 +39,37 @@ static int8_t finish(int32_t acc, int32_t multiplier, int32_t shift, int32_t zer
     return (int8_t)clamp32(eo_requantize(acc, multiplier, shift) + zero_point, lo, hi);
 }
 
+/* The int32 accumulator of output (b, oy, ox, o): bias + sum over the window of (x - zp) * w. */
+static inline int32_t conv_accumulator(const eo_conv2d_params *p, const int8_t *in, int b, int oy, int ox, int o) {
+    int group_channels = p->c / p->group;
+    int first = (o / (p->out_c / p->group)) * group_channels;
+    int ky, kx, ic;
+    int32_t acc = p->bias[o];
+    for (ky = 0; ky < p->kernel_h; ++ky) {
+        int y = oy * p->stride_h - p->pad_top + ky * p->dilation_h;
+        if (y < 0 || y >= p->h) continue;
+        for (kx = 0; kx < p->kernel_w; ++kx) {
+            int x = ox * p->stride_w - p->pad_left + kx * p->dilation_w;
+            const int8_t *src, *wt;
+            if (x < 0 || x >= p->w) continue;
+            src = in + (((long)b * p->h + y) * p->w + x) * p->c + first;
+            wt = p->weight + (((long)o * p->kernel_h + ky) * p->kernel_w + kx) * group_channels;
+            for (ic = 0; ic < group_channels; ++ic)
+                acc += ((int32_t)src[ic] - p->input_zero_point) * wt[ic];
+        }
+    }
+    return acc;
+}
+
 void eo_conv2d_s8(const eo_conv2d_params *p, const int8_t *in, int8_t *out) {
-    int per_group = p->out_c / p->group, group_channels = p->c / p->group;
-    int b, oy, ox, o, ky, kx, ic;
+    int b, oy, ox, o;
     for (b = 0; b < p->n; ++b)
         for (oy = 0; oy < p->out_h; ++oy)
             for (ox = 0; ox < p->out_w; ++ox)
-                for (o = 0; o < p->out_c; ++o) {
-                    int first = (o / per_group) * group_channels;
-                    int32_t acc = p->bias[o];
-                    for (ky = 0; ky < p->kernel_h; ++ky) {
-                        int y = oy * p->stride_h - p->pad_top + ky * p->dilation_h;
-                        if (y < 0 || y >= p->h) continue;
-                        for (kx = 0; kx < p->kernel_w; ++kx) {
-                            int x = ox * p->stride_w - p->pad_left + kx * p->dilation_w;
-                            const int8_t *src, *wt;
-                            if (x < 0 || x >= p->w) continue;
-                            src = in + (((long)b * p->h + y) * p->w + x) * p->c + first;
-                            wt = p->weight + (((long)o * p->kernel_h + ky) * p->kernel_w + kx) * group_channels;
-                            for (ic = 0; ic < group_channels; ++ic)
-                                acc += ((int32_t)src[ic] - p->input_zero_point) * wt[ic];
-                        }
-                    }
+                for (o = 0; o < p->out_c; ++o)
                     out[(((long)b * p->out_h + oy) * p->out_w + ox) * p->out_c + o] =
-                        finish(acc, p->multiplier[o], p->shift[o], p->output_zero_point, p->act_min, p->act_max);
-                }
+                        finish(conv_accumulator(p, in, b, oy, ox, o), p->multiplier[o], p->shift[o],
+                               p->output_zero_point, p->act_min, p->act_max);
 }
 
 void eo_fully_connected_s8(const eo_fully_connected_params *p, const int8_t *in, int8_t *out) {
@@ -83,15 +89,37 @@ void eo_fully_connected_s8(const eo_fully_connected_params *p, const int8_t *in,
     for (i2 = 0; i2 < (shape)[2]; ++i2) for (i3 = 0; i3 < (shape)[3]; ++i3)
 #define EO_AT(s) (i0 * (s)[0] + i1 * (s)[1] + i2 * (s)[2] + i3 * (s)[3])
 
+/* TFLite's quantized add of one pair: both moved to a common scale with left_shift headroom, then requantized. */
+static int8_t add_pair(const eo_add_params *p, int8_t a, int8_t b) {
+    int32_t x = ((int32_t)a - p->a_zero_point) * (1 << p->left_shift);
+    int32_t y = ((int32_t)b - p->b_zero_point) * (1 << p->left_shift);
+    int32_t sum = eo_requantize(x, p->a_multiplier, p->a_shift) + eo_requantize(y, p->b_multiplier, p->b_shift);
+    return finish(sum, p->output_multiplier, p->output_shift, p->output_zero_point, p->act_min, p->act_max);
+}
+
 void eo_add_s8(const eo_add_params *p, const int8_t *a, const int8_t *b, int8_t *out) {
     int i0, i1, i2, i3;
     long index = 0;
     EO_FOR4(p->shape) {
-        int32_t x = ((int32_t)a[EO_AT(p->a_stride)] - p->a_zero_point) * (1 << p->left_shift);
-        int32_t y = ((int32_t)b[EO_AT(p->b_stride)] - p->b_zero_point) * (1 << p->left_shift);
-        int32_t sum = eo_requantize(x, p->a_multiplier, p->a_shift) + eo_requantize(y, p->b_multiplier, p->b_shift);
-        out[index++] = finish(sum, p->output_multiplier, p->output_shift, p->output_zero_point, p->act_min, p->act_max);
+        int8_t x = a[EO_AT(p->a_stride)], y = b[EO_AT(p->b_stride)];
+        out[index++] = add_pair(p, x, y);
     }
+}
+
+/* out may be shortcut (in place): element (b, oy, ox, o) of shortcut is read just before that element of
+ * out is written, and the conv reads only in. */
+void eo_conv2d_add_s8(const eo_conv2d_add_params *p, const int8_t *in, const int8_t *shortcut, int8_t *out) {
+    const eo_conv2d_params *conv = &p->conv;
+    int b, oy, ox, o;
+    for (b = 0; b < conv->n; ++b)
+        for (oy = 0; oy < conv->out_h; ++oy)
+            for (ox = 0; ox < conv->out_w; ++ox)
+                for (o = 0; o < conv->out_c; ++o) {
+                    long index = (((long)b * conv->out_h + oy) * conv->out_w + ox) * conv->out_c + o;
+                    int8_t t = finish(conv_accumulator(conv, in, b, oy, ox, o), conv->multiplier[o], conv->shift[o],
+                                      conv->output_zero_point, conv->act_min, conv->act_max);
+                    out[index] = add_pair(&p->add, t, shortcut[index]);
+                }
 }
 
 void eo_mul_s8(const eo_mul_params *p, const int8_t *a, const int8_t *b, int8_t *out) {

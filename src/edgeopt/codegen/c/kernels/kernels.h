@@ -37,6 +37,11 @@ typedef struct {
 } eo_add_params;
 void eo_add_s8(const eo_add_params *p, const int8_t *a, const int8_t *b, int8_t *out);
 
+/* out = add(conv(in), shortcut) element by element, the conv's int8 result rounded and clamped first;
+ * add's shape and strides are unused (no broadcasting). out may be shortcut (in place), never in. */
+typedef struct { eo_conv2d_params conv; eo_add_params add; } eo_conv2d_add_params;
+void eo_conv2d_add_s8(const eo_conv2d_add_params *p, const int8_t *in, const int8_t *shortcut, int8_t *out);
+
 typedef struct {
     int shape[4]; int a_stride[4]; int b_stride[4];
     int32_t a_zero_point, b_zero_point, output_multiplier, output_shift, output_zero_point, act_min, act_max;
