@@ -203,12 +203,19 @@ def _observe(observer: _TensorObserver, name: str, feed: Batch, outputs: Mapping
 # min/max and histograms, a tenth of the per-call overhead. Only without hooks (they see single
 # samples) and when every input has batch dim 1; a model that hard-codes its batch (a Reshape to
 # [1, ...]) fails the first group's check and falls back to one sample per run.
+# Groups stay small for big inputs, where per-call overhead no longer matters and a batch's
+# activations would dominate peak memory: at most GROUP_INPUT_BYTES of input per group.
 GROUP_SIZE = 16
+GROUP_INPUT_BYTES = 1 << 20
 
 
-def _can_group(specs: Sequence[eir.InputSpec], hooks: Sequence[BatchHook]) -> bool:
-    return not hooks and bool(specs) and all(spec.rank_known and spec.shape and spec.shape[0] == 1
-                                              for spec in specs)
+def _group_size(specs: Sequence[eir.InputSpec], hooks: Sequence[BatchHook]) -> int:
+    groupable = not hooks and bool(specs) and all(spec.is_static and spec.shape and spec.shape[0] == 1
+                                                  for spec in specs)
+    if not groupable:
+        return 1
+    sample_bytes = sum(int(np.prod(spec.shape)) * spec.dtype.itemsize for spec in specs)
+    return max(1, min(GROUP_SIZE, GROUP_INPUT_BYTES // max(sample_bytes, 1)))
 
 
 def _groups(data: Iterable[Batch], specs: Sequence[eir.InputSpec], size: int) -> Iterator[list[dict]]:
@@ -288,7 +295,7 @@ def calibrate(
     whole = [n for n in computed if config.method.needs_histogram or n in hook_tensors]
     reduced = [n for n in computed if n not in set(whole)]
     fetch = list(dict.fromkeys([*model_outputs, *whole, *_range_names(reduced)]))
-    runner = _Runner(model, whole, reduced, fetch, group=GROUP_SIZE if _can_group(specs, hooks) else 1)
+    runner = _Runner(model, whole, reduced, fetch, group=_group_size(specs, hooks))
     observers = {name: _TensorObserver(name, config) for name in names}
     total, done = _length(data), 0
     for feeds in _groups(data, specs, runner.group):

@@ -31,9 +31,12 @@ def ort_version() -> str:
     return ort.__version__
 
 
-def _session_options(threads: int | None, optimize: bool) -> ort.SessionOptions:
+def _session_options(threads: int | None, optimize: bool, lean: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 4  # ORT errors surface as exceptions; its log would repeat them
+    if lean:  # calibration: many runs of one model, memory matters more than allocation speed
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -61,10 +64,16 @@ class OrtSession:
     """A CPU inference session; ``run`` takes and returns ``{name: array}``."""
 
     def __init__(self, model: ir.Model | bytes | str | os.PathLike, *, threads: int | None = None,
-                 optimize: bool = True) -> None:
-        source = str(model) if isinstance(model, (str, os.PathLike)) else _session_bytes(model)
+                 optimize: bool = True, lean: bool = False, prepared: bool = False) -> None:
+        """``prepared``: ``model`` is bytes this module already serialized for ONNX Runtime
+        (IR version checked), so they are not parsed again; ``lean``: no memory arena or
+        pre-planned memory pattern (smaller peak for long calibration runs)."""
+        if isinstance(model, (str, os.PathLike)):
+            source = str(model)
+        else:
+            source = model if prepared and isinstance(model, bytes) else _session_bytes(model)
         try:
-            self._session = ort.InferenceSession(source, _session_options(threads, optimize),
+            self._session = ort.InferenceSession(source, _session_options(threads, optimize, lean),
                                                  providers=["CPUExecutionProvider"])
         except Exception as error:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -99,8 +108,8 @@ def random_feed(specs: Sequence[eir.InputSpec], seed: int = 0) -> dict[str, np.n
     return feed
 
 
-def _with_all_outputs(model: ir.Model, names: Sequence[str]) -> bytes:
-    """Serialize a copy of ``model`` whose outputs also list ``names``."""
+def _output_proto(model: ir.Model, names: Sequence[str]):
+    """A protobuf copy of ``model`` whose outputs also list ``names`` (IR version lowered for ORT)."""
     import onnx  # local: only for adding output declarations on the copy
 
     proto = ir.to_proto(model)
@@ -109,7 +118,12 @@ def _with_all_outputs(model: ir.Model, names: Sequence[str]) -> bytes:
         if name not in existing:
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
     proto.ir_version = min(proto.ir_version, _MAX_IR_VERSION)
-    return proto.SerializeToString()
+    return proto
+
+
+def _with_all_outputs(model: ir.Model, names: Sequence[str]) -> bytes:
+    """Serialize a copy of ``model`` whose outputs also list ``names``."""
+    return _output_proto(model, names).SerializeToString()
 
 
 def fill_missing_shapes(model: ir.Model, feed: Mapping[str, np.ndarray] | None = None) -> int:
@@ -169,7 +183,7 @@ def range_session(model: ir.Model, full: Sequence[str], reduced: Sequence[str], 
     """
     import onnx  # local: the extra nodes are added to the session's protobuf copy
 
-    proto = onnx.load_from_string(_with_all_outputs(model, full))
+    proto = _output_proto(model, full)
     if free_batch:
         _free_batch_dim(proto.graph)
     for name in reduced:
@@ -177,7 +191,9 @@ def range_session(model: ir.Model, full: Sequence[str], reduced: Sequence[str], 
             proto.graph.node.append(onnx.helper.make_node(op_type, [name], [name + suffix], keepdims=0,
                                                           name=name + suffix))
             proto.graph.output.append(onnx.ValueInfoProto(name=name + suffix))
-    return OrtSession(proto.SerializeToString(), threads=threads)
+    data = proto.SerializeToString()
+    del proto  # one serialized copy of the weights at a time
+    return OrtSession(data, threads=threads, lean=True, prepared=True)
 
 
 def optimized_model(model: ir.Model, *, threads: int | None = None) -> ir.Model:
