@@ -48,6 +48,8 @@ __all__ = [
     "external_data_model",
     "mobilenet_v2_like",
     "mobilenet_v3_like",
+    "ort_qdq_model",
+    "depthwise_separable_spread",
     "resnet_like",
     "shadowed_initializer_model",
     "tf_style_model",
@@ -602,3 +604,49 @@ def _save(model: onnx.ModelProto, path) -> pathlib.Path:
     path = pathlib.Path(path)
     onnx.save(model, str(path))
     return path
+
+
+# --------------------------------------------------------------------------
+# other tools' output, for tests that read models edgeopt did not write
+# --------------------------------------------------------------------------
+
+
+def ort_qdq_model(float_path, quant_path, samples) -> pathlib.Path:
+    """ONNX Runtime's static QDQ quantizer on ``samples`` ({input: array} dicts): per-channel int8
+    weights, uint8 activations."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._samples = iter(samples)
+
+        def get_next(self):
+            return next(self._samples, None)
+
+    quantize_static(str(float_path), str(quant_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return pathlib.Path(quant_path)
+
+
+def depthwise_separable_spread() -> nn.Module:
+    """A depthwise-separable CNN whose BatchNorm gammas spread over 2.5 decades (input 1x3x16x16).
+
+    After BN folding its per-channel weight ranges differ by the same factor: the case
+    cross-layer equalization and bias correction exist for. Seeded with torch.manual_seed(0).
+    """
+    def conv_bn_relu(cin: int, cout: int, kernel: int, groups: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, bias=False),
+                nn.BatchNorm2d(cout), nn.ReLU()]
+
+    torch.manual_seed(0)
+    module = nn.Sequential(
+        *conv_bn_relu(3, 16, 3, 1), *conv_bn_relu(16, 16, 3, 16), *conv_bn_relu(16, 32, 1, 1),
+        *conv_bn_relu(32, 32, 3, 32), *conv_bn_relu(32, 24, 1, 1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10))
+    with torch.no_grad():
+        for bn in (m for m in module.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.weight.copy_(10 ** torch.empty(bn.num_features).uniform_(-1.5, 1.0))
+            bn.bias.normal_(0, 0.3)
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+    return module.eval()

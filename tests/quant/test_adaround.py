@@ -16,11 +16,9 @@ import time
 import numpy as np
 import onnx_ir as ir
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
-from torch import nn
 
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
@@ -37,6 +35,7 @@ from edgeopt.quant.config import PerTensor
 from edgeopt.quant.equalize import replace_constant_input
 from edgeopt.quant.primitives import dequantize, quantize_per_channel
 from edgeopt.runtime.ort import OrtSession
+from tests.models import depthwise_separable_spread
 from tests.passes._helpers import export_torch, make_model, random_weight
 
 FAST = AdaRoundConfig(iterations=300)
@@ -201,24 +200,9 @@ def test_sampler_reports_layers_it_cannot_handle():
 # --------------------------------------------------------------------------
 
 
-def _conv_bn_relu(cin: int, cout: int, kernel: int, groups: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(cout), nn.ReLU()]
-
-
 @pytest.fixture(scope="module")
 def dw_net(tmp_path_factory) -> ir.Model:
-    torch.manual_seed(0)
-    module = nn.Sequential(
-        *_conv_bn_relu(3, 16, 3, 1), *_conv_bn_relu(16, 16, 3, 16), *_conv_bn_relu(16, 32, 1, 1),
-        *_conv_bn_relu(32, 32, 3, 32), *_conv_bn_relu(32, 24, 1, 1),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10))
-    with torch.no_grad():
-        for bn in (m for m in module.modules() if isinstance(m, nn.BatchNorm2d)):
-            bn.weight.copy_(10 ** torch.empty(bn.num_features).uniform_(-1.5, 1.0))
-            bn.bias.normal_(0, 0.3)
-            bn.running_mean.normal_(0, 0.1)
-            bn.running_var.uniform_(0.5, 1.5)
+    module = depthwise_separable_spread()
     return optimize_for_quantization(export_torch(module, (1, 3, 16, 16), tmp_path_factory.mktemp("ar"))).model
 
 

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 
 from edgeopt.errors import DataError
 from edgeopt.quant.compare import compare_models, layer_sqnr, match_tensors
-from tests.models import build_onnx
+from tests.models import build_onnx, ort_qdq_model
 
 INPUT_SHAPE = (1, 3, 32, 32)
 
@@ -26,18 +26,7 @@ def _samples(count: int, seed: int) -> list[dict[str, np.ndarray]]:
 
 def quantize_qdq(float_path: pathlib.Path, quant_path: pathlib.Path) -> pathlib.Path:
     """ORT's static QDQ quantizer: per-channel int8 weights, uint8 activations, 16 random samples."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._samples = iter(_samples(16, seed=0))
-
-        def get_next(self):
-            return next(self._samples, None)
-
-    quantize_static(str(float_path), str(quant_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return quant_path
+    return ort_qdq_model(float_path, quant_path, _samples(16, seed=0))
 
 
 @pytest.fixture(scope="module")

@@ -25,26 +25,15 @@ from edgeopt.quant.speed import (
     slowdown_reasons,
     speed_check,
 )
-from tests.models import build_onnx
+from tests.models import build_onnx, ort_qdq_model
 
 # ------------------------------------------------------------------ real models
 
 
 def _quantize(float_path: pathlib.Path, quant_path: pathlib.Path) -> pathlib.Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            rng = np.random.default_rng(0)
-            self._samples = iter([{"input": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)}
-                                  for _ in range(16)])
-
-        def get_next(self):
-            return next(self._samples, None)
-
-    quantize_static(str(float_path), str(quant_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return quant_path
+    rng = np.random.default_rng(0)
+    samples = [{"input": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)} for _ in range(16)]
+    return ort_qdq_model(float_path, quant_path, samples)
 
 
 @pytest.fixture(scope="module")
