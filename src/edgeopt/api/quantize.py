@@ -16,7 +16,7 @@ from edgeopt import ir as eir
 from edgeopt.api._common import ModelSource, Progress, load
 from edgeopt.data import ImagePreprocess
 from edgeopt.errors import ConfigError, DataError, EdgeoptError
-from edgeopt.io import atomic_write_bytes, model_to_bytes
+from edgeopt.io import atomic_write_bytes, model_file_bytes, model_to_bytes
 from edgeopt.quant.accuracy import AccuracyGoal, AccuracySearch, accuracy_aware_quantize
 from edgeopt.quant.compare import CompareResult
 from edgeopt.quant.registry import QuantResult
@@ -180,12 +180,17 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
         logger.info("the quantized model is slower than float here (%.3f ms vs %.3f ms): %s", speed.quant_ms,
                     speed.float_ms, "; ".join(speed.reasons or ("no cause found",)))
     report = QuantizeReport(result=result, output=Path(output) if output is not None else None,
-                            float_bytes=len(model_to_bytes(loaded)), quant_bytes=len(quant_bytes),
+                            float_bytes=_float_bytes(model, loaded), quant_bytes=len(quant_bytes),
                             calibration_samples=source.count if source is not None else 0,
                             fidelity=fidelity, speed=speed, search=search, warnings=tuple(warnings))
     if output is not None:  # the artifact ships with its measured numbers
         atomic_write_bytes(report_path(output), json.dumps(report.to_dict(), indent=2, default=str).encode())
     return report
+
+
+def _float_bytes(model: ModelSource, loaded: ir.Model) -> int:
+    """Size of the float model: its file(s) on disk, or serialized when it came from memory."""
+    return len(model_to_bytes(loaded)) if isinstance(model, ir.Model) else model_file_bytes(model)
 
 
 def report_path(output: str | os.PathLike) -> Path:

@@ -70,7 +70,7 @@ def add_initializer(graph: ir.Graph, array: np.ndarray, name_hint: str) -> ir.Va
         name=name,
         shape=ir.Shape(array.shape),
         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=name),
+        const_value=ir.Tensor(np.asarray(array), name=name),
     )
     graph.register_initializer(value)
     return value

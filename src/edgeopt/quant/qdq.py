@@ -114,7 +114,7 @@ class _Builder:
 
     def initializer(self, base: str, array: np.ndarray) -> ir.Value:
         name = self.unique(base)
-        tensor = ir.tensor(array, name=name)
+        tensor = ir.Tensor(np.asarray(array), name=name)  # the array is numpy already: skip ir.tensor's dispatch
         value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
                          const_value=tensor)
         self.graph.register_initializer(value)
