@@ -182,10 +182,7 @@ def _import_both_tools() -> None:
 
     import edgeopt.api  # noqa: F401
     import edgeopt.io  # noqa: F401
-    try:
-        import edgeopt.quant  # noqa: F401
-    except ImportError:
-        pass
+    import edgeopt.quant  # noqa: F401
 
 
 def _quantize_ort(payload: dict, feeds: list[dict]) -> None:
@@ -596,19 +593,9 @@ def _time_pairs(case: Case, fp32, feeds: list, config, float_ms: list[float]) ->
         row.latency_ms, row.relative = result.models[1].median_ms, result.ratios()[1]
 
 
-def edgeopt_quantizer_available() -> bool:
-    try:
-        from edgeopt.quant import CalibrationMethod, Int8Config, quantize  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def edgeopt_default_method() -> str:
+    from edgeopt.quant import Int8Config
 
-
-def edgeopt_default_method() -> str | None:
-    try:
-        from edgeopt.quant import Int8Config
-    except ImportError:
-        return None
     return Int8Config().calibration.value
 
 
@@ -622,10 +609,7 @@ def run_case(name: str, args: argparse.Namespace, work: pathlib.Path) -> Case:
         for setting in settings(args, name):
             print(f"[{name}] {setting.tool} {setting.label} (run {repeat + 1}/{args.repeats}) ...",
                   file=sys.stderr, flush=True)
-            if setting.tool == "edgeopt" and not args.edgeopt_available:
-                rows.append(Row(setting=setting, error="n/a (edgeopt.quant not available yet)"))
-            else:
-                rows.append(quantize_row(case, setting, work, calib_path))
+            rows.append(quantize_row(case, setting, work, calib_path))
         case.rows = rows if not case.rows else [merge_repeats(a, b) for a, b in zip(case.rows, rows)]
     evaluate(case)
     print(f"[{name}] timing {len(case.rows) + 1} models ...", file=sys.stderr, flush=True)
@@ -760,7 +744,7 @@ def check_targets(case: Case, which: str, row: Row, ort_rows: list[Row], ort_bes
     return checks
 
 
-def all_checks(cases: list[Case], default_method: str | None) -> list[Check]:
+def all_checks(cases: list[Case], default_method: str) -> list[Check]:
     checks = []
     for case in cases:
         ort_rows = _evaluated([r for r in case.rows if r.setting.tool == "ort"])
@@ -829,7 +813,7 @@ def notes(cases: list[Case]) -> list[str]:
 
 
 def report(cases: list[Case], checks: list[Check], env: dict, args: argparse.Namespace,
-           default_method: str | None) -> str:
+           default_method: str) -> str:
     lines = ["## quantize_vs_ort: edgeopt vs onnxruntime.quantization.quantize_static", "",
              *environment_markdown(env),
              f"- seed {args.seed}; 32x32 models: {args.calib_samples} calibration samples (digits training split, "
@@ -841,7 +825,7 @@ def report(cases: list[Case], checks: list[Check], env: dict, args: argparse.Nam
              f"'-'); latency {min(args.runs, FIDELITY_RUNS)} runs; settings limited to edgeopt "
              f"{' + '.join(FIDELITY_EDGEOPT_METHODS)} and ORT {' + '.join(FIDELITY_ORT_METHODS)} after "
              "quant_pre_process",
-             f"- edgeopt default calibration: {default_method or 'n/a (quantizer not available)'}; "
+             f"- edgeopt default calibration: {default_method}; "
              f"each setting quantized {args.repeats}x, least time and RSS kept",
              f"- load average (1 min) at start {args.load_start:.2f}, at end {os.getloadavg()[0]:.2f} "
              f"on {os.cpu_count()} cores (other work on the machine inflates and blurs times)",
@@ -906,7 +890,6 @@ def main(argv: list[str]) -> int:
         return 0
     env = environment([str(pathlib.Path(sys.argv[0])), *argv])
     args.load_start = os.getloadavg()[0]
-    args.edgeopt_available = edgeopt_quantizer_available()
     default_method = edgeopt_default_method()
     work = prepare_cache_dir() / "run"
     shutil.rmtree(work, ignore_errors=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
 
 import qdq_models as q
 from edgeopt.errors import ConfigError, DataError, ModelError, UnsupportedOpError

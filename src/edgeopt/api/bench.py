@@ -23,12 +23,12 @@ __all__ = ["bench"]
 # ------------------------------------------------------------------------- bench
 
 
-def _bench_feeds(model: ir.Model, data: str | os.PathLike | Iterable | None, count: int,
+def _bench_feeds(specs: Sequence[eir.InputSpec], data: str | os.PathLike | Iterable | None, count: int,
                  preprocess: ImagePreprocess | None) -> list[dict]:
+    """Up to ``count`` real samples from ``data``, or a few random feeds of the inputs' shapes."""
     from edgeopt.data import open_data, take
     from edgeopt.runtime.ort import random_feed
 
-    specs = eir.model_inputs(model)
     if data is None:
         return [random_feed(specs, seed=i) for i in range(min(count, 4))]
     feeds = list(take(open_data(data, specs, preprocess=preprocess), count))
@@ -61,22 +61,16 @@ def bench(models: Sequence[ModelSource], *, config: BenchConfig = BenchConfig(),
         onnx_bytes = model_to_bytes(loaded)
         targets.append(BenchTarget(name=model_name(model), onnx_bytes=onnx_bytes,
                                    file_bytes=_file_bytes(model, onnx_bytes)))
-        feeds.append(_bench_feeds(loaded, data, config.runs + config.warmup, preprocess))
+        feeds.append(_bench_feeds(eir.model_inputs(loaded), data, config.runs + config.warmup, preprocess))
     return bench_models(targets, feeds, config, progress=progress)
 
 
 def _c_timing(folder: str | os.PathLike, config: BenchConfig, data, preprocess):
     from edgeopt.bench.latency import ModelTiming
     from edgeopt.codegen.c.host import HostProgram
-    from edgeopt.data import open_data, take
-    from edgeopt.runtime.ort import random_feed
 
     program = HostProgram(folder)
-    specs = program.input_specs
-    feed = (next(iter(take(open_data(data, specs, preprocess=preprocess), 1)), None) if data is not None
-            else random_feed(specs, seed=0))
-    if feed is None:
-        raise DataError(f"--data {data} gave no samples")
+    feed = _bench_feeds(program.input_specs, data, 1, preprocess)[0]
     timing = program.time(feed, config.runs)
     report = Path(folder) / "report.json"
     flash = json.loads(report.read_text()).get("flash_bytes") if report.is_file() else None

@@ -39,6 +39,11 @@ PreprocessOption = Annotated[
                  help="Image preprocessing for an image --data folder, e.g. "
                       "size=224x224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=nchw,dtype=float32."),
 ]
+def parse_preprocess(text: str | None) -> ImagePreprocess | None:
+    """The ``--preprocess`` spec, or None when the option was not given."""
+    return ImagePreprocess.parse(text) if text else None
+
+
 InputShapeOption = Annotated[
     Optional[list[str]],
     typer.Option("--input-shape", metavar="NAME=DIMS",
@@ -186,7 +191,7 @@ def bench(
     config = BenchConfig(runs=runs, warmup=warmup, threads=threads)
     with progress_bar("benchmarking", enabled=not json_output) as update:
         result = api.bench(models, config=config, data=data, input_shapes=parse_input_shapes(input_shape or []),
-                           preprocess=ImagePreprocess.parse(preprocess) if preprocess else None, progress=update)
+                           preprocess=parse_preprocess(preprocess), progress=update)
     if json_output:
         print_json(result.to_dict())
         return
@@ -339,7 +344,7 @@ def quantize(
         raise ConfigError("--eval is used with --max-drop: give the largest score drop you accept")
     with progress_bar("calibrating" if goal is None else "accuracy search", enabled=not json_output) as update:
         report = api.quantize(model, config, data, output=output, max_samples=max_samples, goal=goal,
-                              evaluate=evaluate, preprocess=ImagePreprocess.parse(preprocess) if preprocess else None,
+                              evaluate=evaluate, preprocess=parse_preprocess(preprocess),
                               check_speed=speed_check, progress=update)
     if json_output:
         print_json(report.to_dict())
@@ -424,7 +429,7 @@ def compare(
 
     with progress_bar("comparing", enabled=not json_output) as update:
         result = api.compare(float_model, quant_model, data, max_samples=max_samples,
-                             preprocess=ImagePreprocess.parse(preprocess) if preprocess else None, progress=update)
+                             preprocess=parse_preprocess(preprocess), progress=update)
     if json_output:
         print_json(result.to_dict())
         return

@@ -13,9 +13,8 @@ import typer
 
 from edgeopt import api
 from edgeopt.cli import state
-from edgeopt.cli.app import JsonOption, PreprocessOption, app
+from edgeopt.cli.app import JsonOption, PreprocessOption, app, parse_preprocess
 from edgeopt.cli.render import bytes_text, count_text, print_json, table
-from edgeopt.data import ImagePreprocess
 from edgeopt.errors import CodegenError
 
 __all__ = ["compile_command", "verify_command"]
@@ -109,7 +108,7 @@ def verify_command(
 ) -> None:
     """Run the generated C and the reference interpreter on --data; name the first layer that differs."""
     result = api.verify(folder, data, max_samples=max_samples,
-                        preprocess=ImagePreprocess.parse(preprocess) if preprocess else None)
+                        preprocess=parse_preprocess(preprocess))
     mismatch = result.first_mismatch
     if json_output:
         print_json({"bit_exact": result.bit_exact, "samples": result.batches,

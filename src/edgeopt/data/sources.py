@@ -23,29 +23,14 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from edgeopt.data.base import ArraySource, DataSource, IterableSource, TakeSource, dataset_from_arrays, take
+from edgeopt.data.base import DataSource, IterableSource, dataset_from_arrays
 from edgeopt.data.callable import CallableSource, looks_like_callable
-from edgeopt.data.images import IMAGE_SUFFIXES, ImageDtype, ImageFolderSource, ImagePreprocess, Layout
+from edgeopt.data.images import IMAGE_SUFFIXES, ImageFolderSource, ImagePreprocess
 from edgeopt.data.npy import DATA_SUFFIXES, NpyFileSource, NpyFolderSource, list_files
 from edgeopt.errors import DataError
 from edgeopt.ir.values import InputSpec
 
-__all__ = [
-    "ArraySource",
-    "CallableSource",
-    "DataSource",
-    "ImageDtype",
-    "ImageFolderSource",
-    "ImagePreprocess",
-    "IterableSource",
-    "Layout",
-    "NpyFileSource",
-    "NpyFolderSource",
-    "TakeSource",
-    "dataset_from_arrays",
-    "open_data",
-    "take",
-]
+__all__ = ["open_data"]
 
 logger = logging.getLogger(__name__)
 

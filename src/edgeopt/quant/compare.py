@@ -36,6 +36,7 @@ from edgeopt import ir as eir
 from edgeopt.data import open_data, take
 from edgeopt.errors import DataError
 from edgeopt.metrics import AgreementMeter, FidelityMeter, json_number, looks_like_class_scores
+from edgeopt.quant.ops import is_op
 
 __all__ = [
     "CompareResult",
@@ -56,7 +57,6 @@ ModelSource = str | os.PathLike | ir.Model
 Progress = Callable[[int, int | None], None]
 _Observed = tuple["OrtSession", list[str]]  # a session and the names to fetch from it per batch
 
-_QDQ_DOMAINS = ("", "ai.onnx", "com.microsoft")
 _RANGE_CLAMPS = ("Relu", "Clip")  # a quantizer may drop these: the Q range clamps instead
 
 
@@ -142,10 +142,6 @@ class CompareResult:
 # ----------------------------------------------------------------------- matching
 
 
-def _is_op(node: ir.Node | None, op_type: str) -> bool:
-    return node is not None and node.op_type == op_type and node.domain in _QDQ_DOMAINS
-
-
 def _value_names(graph: ir.Graph) -> dict[str, ir.Value]:
     values = {v.name: v for v in graph.inputs if v.name}
     values.update((v.name, v) for node in graph for v in node.outputs if v.name)
@@ -156,10 +152,10 @@ def _activation_pairs(model: ir.Model) -> list[tuple[ir.Node, ir.Node]]:
     """(QuantizeLinear, DequantizeLinear) pairs on activations, in graph order."""
     pairs = []
     for node in model.graph:
-        if not _is_op(node, "DequantizeLinear") or node.inputs[0] is None:
+        if not is_op(node, "DequantizeLinear") or node.inputs[0] is None:
             continue
         quantize = node.inputs[0].producer()
-        if _is_op(quantize, "QuantizeLinear") and not eir.is_constant(quantize.inputs[0]):
+        if is_op(quantize, "QuantizeLinear") and not eir.is_constant(quantize.inputs[0]):
             pairs.append((quantize, node))
     return pairs
 

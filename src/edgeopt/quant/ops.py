@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-__all__ = ["OP_RULES", "OpRole", "OpRule", "QUANTIZED_OP_TYPES", "is_quantized_op", "weight_axis"]
+__all__ = ["OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule", "QUANTIZED_OP_TYPES", "is_op", "is_quantized_op",
+           "weight_axis"]
 
 
 class OpRole(enum.Enum):
@@ -81,6 +82,16 @@ QUANTIZED_OP_TYPES = frozenset(OP_RULES)
 
 # Ops that produce a quantized output a fused Relu/Clip can clamp.
 FUSING_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul"})
+
+
+# Domains whose QuantizeLinear/DequantizeLinear (and QLinear*) ops a QDQ model may use: ONNX's and
+# ONNX Runtime's contrib domain (written by other quantizers).
+QDQ_DOMAINS = ("", "ai.onnx", "com.microsoft")
+
+
+def is_op(node: ir.Node | None, op_type: str) -> bool:
+    """True when ``node`` is ``op_type`` in one of the QDQ domains."""
+    return node is not None and node.op_type == op_type and node.domain in QDQ_DOMAINS
 
 
 def is_quantized_op(node: ir.Node) -> bool:

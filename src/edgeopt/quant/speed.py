@@ -35,6 +35,7 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError, DataError
+from edgeopt.quant.ops import QDQ_DOMAINS, is_op
 
 __all__ = [
     "INT8_CAPABLE_OPS",
@@ -60,7 +61,6 @@ _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 _X86_DOT_PRODUCT = ("avx512_vnni", "avx_vnni", "avx_vnni_int8", "amx_int8")
 _ARM_DOT_PRODUCT = ("asimddp", "i8mm", "sve2")
 
-_QDQ_DOMAINS = ("", "ai.onnx", "com.microsoft")
 
 # Ops that ONNX Runtime's CPU QDQ fusions turn into integer kernels or run on
 # the 8-bit data directly (data movement, max pooling, clamps folded into Q).
@@ -102,10 +102,6 @@ def int8_dot_product_instructions(flags: Iterable[str] | None, machine: str) -> 
     return tuple(name for name in names if name in present)
 
 
-def _is_op(node: ir.Node | None, op_type: str) -> bool:
-    return node is not None and node.op_type == op_type and node.domain in _QDQ_DOMAINS
-
-
 @dataclass(frozen=True, kw_only=True)
 class FloatIsland:
     """A node that reads a dequantized activation and runs in float."""
@@ -119,7 +115,7 @@ def float_islands(model: ir.Model, *, int8_ops: frozenset[str] = INT8_CAPABLE_OP
     islands = []
     for node in model.graph:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") or (
-                node.op_type in int8_ops and node.domain in _QDQ_DOMAINS):
+                node.op_type in int8_ops and node.domain in QDQ_DOMAINS):
             continue
         if any(_is_activation_dequantize(value) for value in node.inputs):
             islands.append(FloatIsland(node=eir.node_label(node), op_type=node.op_type))
@@ -128,7 +124,7 @@ def float_islands(model: ir.Model, *, int8_ops: frozenset[str] = INT8_CAPABLE_OP
 
 def _is_activation_dequantize(value: ir.Value | None) -> bool:
     producer = value.producer() if value is not None else None
-    return _is_op(producer, "DequantizeLinear") and not eir.is_constant(producer.inputs[0])
+    return is_op(producer, "DequantizeLinear") and not eir.is_constant(producer.inputs[0])
 
 
 def _quantized_dtype(node: ir.Node) -> str:
@@ -145,7 +141,7 @@ def _quantized_dtype(node: ir.Node) -> str:
 def signed_activations(model: ir.Model) -> tuple[str, ...]:
     """Activations that QuantizeLinear nodes quantize to int8 (signed)."""
     return tuple(node.inputs[0].name for node in model.graph
-                 if _is_op(node, "QuantizeLinear") and not eir.is_constant(node.inputs[0])
+                 if is_op(node, "QuantizeLinear") and not eir.is_constant(node.inputs[0])
                  and _quantized_dtype(node) == "int8")
 
 
