@@ -16,7 +16,7 @@ from edgeopt import ir as eir
 from edgeopt.api._common import ModelSource, Progress, load
 from edgeopt.data import ImagePreprocess
 from edgeopt.errors import ConfigError, DataError, EdgeoptError
-from edgeopt.io import atomic_write_bytes, model_file_bytes, model_to_bytes
+from edgeopt.io import FILE_BYTES_KEY, atomic_write_bytes, model_file_bytes, model_to_bytes
 from edgeopt.quant.accuracy import AccuracyGoal, AccuracySearch, accuracy_aware_quantize
 from edgeopt.quant.compare import CompareResult
 from edgeopt.quant.registry import QuantResult
@@ -148,6 +148,7 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     if _same_file(model, output):
         raise ConfigError("-o/--output must differ from the input model: edgeopt never overwrites its input")
     loaded = load(model, require_static=False)
+    float_bytes = _float_bytes(model, loaded)
     source = None
     if data is not None:
         source = _CountingSource(_calibration_source(loaded, data, preprocess, max_samples))
@@ -162,7 +163,12 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
                                          progress=progress)
         result = search.result
     else:
-        result = run_scheme(loaded, config, source, progress=progress)
+        # A model loaded here from a file is the scheme's to rewrite: weights the float passes
+        # replace are freed rather than kept for the checks below, which load the file again.
+        owned = not isinstance(model, ir.Model)
+        result = run_scheme(loaded, config, source, progress=progress, in_place=owned)
+        if owned:
+            loaded = None
     quant_bytes = model_to_bytes(result.model)
     if output is not None:
         atomic_write_bytes(output, quant_bytes)
@@ -174,13 +180,15 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
         warnings.append(f"only {source.count} calibration samples: ranges may not cover real inputs "
                         f"(use at least {MIN_CALIBRATION_SAMPLES}, ideally a few hundred)")
     reiterable = data is not None and not isinstance(data, Iterator)
+    if loaded is None and ((check_fidelity and reiterable) or check_speed):
+        loaded = load(model, require_static=False)
     fidelity = _fidelity(loaded, result.model, data, preprocess) if check_fidelity and reiterable else None
     speed = _speed(loaded, result.model) if check_speed else None
     if speed is not None and speed.slower:
         logger.info("the quantized model is slower than float here (%.3f ms vs %.3f ms): %s", speed.quant_ms,
                     speed.float_ms, "; ".join(speed.reasons or ("no cause found",)))
     report = QuantizeReport(result=result, output=Path(output) if output is not None else None,
-                            float_bytes=_float_bytes(model, loaded), quant_bytes=len(quant_bytes),
+                            float_bytes=float_bytes, quant_bytes=len(quant_bytes),
                             calibration_samples=source.count if source is not None else 0,
                             fidelity=fidelity, speed=speed, search=search, warnings=tuple(warnings))
     if output is not None:  # the artifact ships with its measured numbers
@@ -189,8 +197,11 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
 
 
 def _float_bytes(model: ModelSource, loaded: ir.Model) -> int:
-    """Size of the float model: its file(s) on disk, or serialized when it came from memory."""
-    return len(model_to_bytes(loaded)) if isinstance(model, ir.Model) else model_file_bytes(model)
+    """Size of the float model: its file(s) on disk (noted when loaded), or serialized when it came
+    from memory."""
+    if isinstance(model, ir.Model):
+        return len(model_to_bytes(model))
+    return loaded.meta.get(FILE_BYTES_KEY) or model_file_bytes(model)
 
 
 def report_path(output: str | os.PathLike) -> Path:

@@ -21,12 +21,14 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
 from edgeopt.errors import ModelError
+from edgeopt.runtime.memory import return_freed_memory
 
-__all__ = ["SUPPORTED_OPSETS", "load_model", "model_file_bytes", "parse_input_shapes", "read_model_proto"]
+__all__ = ["FILE_BYTES_KEY", "SUPPORTED_OPSETS", "load_model", "model_file_bytes", "parse_input_shapes", "read_model_proto"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +54,27 @@ def parse_input_shapes(specs: Iterable[str]) -> dict[str, tuple[int, ...]]:
 
 def read_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
     """Read an ONNX file (and its external data) or raise a one-line ModelError."""
+    return _read_model(path)[0]
+
+
+def _external_files(proto: onnx.ModelProto, folder: Path) -> list[Path]:
+    """The data files the graph's initializers reference."""
+    locations = {entry.value for tensor in proto.graph.initializer
+                 for entry in tensor.external_data if entry.key == "location"}
+    return [folder / location for location in sorted(locations)]
+
+
+def _read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, int]:
+    """The model with its external data loaded, and its size on disk (file plus data files)."""
     file = Path(path)
     if not file.exists():
         raise ModelError(f"model file {file} not found: check the path")
     if file.is_dir():
         raise ModelError(f"{file} is a folder, not an .onnx model file")
     try:
-        proto = onnx.load(str(file), load_external_data=True)
+        proto = onnx.load(str(file), load_external_data=False)
+        sidecars = _external_files(proto, file.parent)
+        onnx.external_data_helper.load_external_data_for_model(proto, str(file.parent))
     except FileNotFoundError as error:
         raise ModelError(f"{file}: external weight file missing ({Path(error.filename or '').name}): "
                          "keep the data file next to the model") from None
@@ -68,7 +84,7 @@ def read_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
                          "is the file truncated or of another format?") from None
     if not proto.graph.node:
         raise ModelError(f"{file} is not a valid ONNX model (its graph has no nodes)")
-    return proto
+    return proto, file.stat().st_size + sum(p.stat().st_size for p in sidecars if p.is_file())
 
 
 def _default_opset(proto: onnx.ModelProto) -> int:
@@ -152,6 +168,38 @@ def _clear_symbolic_shapes(graph: onnx.GraphProto) -> None:
             value.type.tensor_type.ClearField("shape")
 
 
+# Weights move out of the protobuf into numpy arrays before shape inference: ONNX's inference
+# serializes and re-parses the whole model (three copies of the weights at once, and 0.2 s on a
+# ResNet-18), and a protobuf arena is freed only as a whole, so a model whose IR still points into
+# it would keep every original weight alive after passes replace them (BatchNorm folding).
+# Small tensors stay (shape inference propagates their values), as do types whose raw bytes
+# numpy cannot view (bfloat16, float8, int4 ...).
+_DETACH_MIN_BYTES = 1024
+_DETACHABLE = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                         onnx.TensorProto.INT8, onnx.TensorProto.UINT8})
+
+
+def _detach_weights(graph: onnx.GraphProto) -> dict[str, ir.Tensor]:
+    """Move large initializers' data out of ``graph`` into numpy-backed tensors (dims stay)."""
+    detached: dict[str, ir.Tensor] = {}
+    for tensor in graph.initializer:
+        if (tensor.data_type not in _DETACHABLE or tensor.data_location == onnx.TensorProto.EXTERNAL
+                or len(tensor.raw_data) < _DETACH_MIN_BYTES):
+            continue
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+        array = np.frombuffer(tensor.raw_data, dtype=dtype).astype(dtype.newbyteorder("="))  # owned copy
+        array = array.reshape(tuple(tensor.dims))
+        detached[tensor.name] = ir.Tensor(array, name=tensor.name, doc_string=tensor.doc_string or None)
+        tensor.ClearField("raw_data")
+    return detached
+
+
+def _attach_weights(model: ir.Model, detached: Mapping[str, ir.Tensor]) -> None:
+    initializers = model.graph.initializers
+    for name, tensor in detached.items():
+        initializers[name].const_value = tensor
+
+
 def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
@@ -167,7 +215,8 @@ def load_model(
     require_static: bool = True,
 ) -> ir.Model:
     """Load, validate and normalize an ONNX model; the file is never modified."""
-    proto = read_model_proto(path)
+    return_freed_memory()
+    proto, file_bytes = _read_model(path)
     opset = _default_opset(proto)
     if opset not in SUPPORTED_OPSETS:
         logger.warning("model uses opset %d; edgeopt is tested with opsets %d-%d",
@@ -180,18 +229,23 @@ def load_model(
     if require_static:
         _check_static(graph)
     _clear_symbolic_shapes(graph)
+    detached = _detach_weights(graph)
+    del graph  # the original protobuf (and its arena) goes once inference has copied it
     proto = _infer_shapes(proto)
     try:
-        return ir.from_proto(proto)
+        model = ir.from_proto(proto)
     except Exception as error:
         raise ModelError(f"{path}: cannot read the graph ({str(error).splitlines()[0]})") from None
+    _attach_weights(model, detached)
+    model.meta[FILE_BYTES_KEY] = file_bytes
+    return model
+
+
+FILE_BYTES_KEY = "edgeopt.file_bytes"  # Model.meta: size on disk of the file a model was loaded from
 
 
 def model_file_bytes(path: str | os.PathLike) -> int:
     """Size on disk of a model file plus the external data files it references."""
     file = Path(path)
-    proto = onnx.load(str(file), load_external_data=False)
-    locations = {entry.value for tensor in proto.graph.initializer
-                 for entry in tensor.external_data if entry.key == "location"}
-    sidecars = [file.parent / location for location in sorted(locations)]
+    sidecars = _external_files(onnx.load(str(file), load_external_data=False), file.parent)
     return file.stat().st_size + sum(p.stat().st_size for p in sidecars if p.is_file())

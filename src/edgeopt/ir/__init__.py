@@ -33,6 +33,7 @@ __all__ = [
 from edgeopt.ir.rewrite import (  # noqa: E402  (appended: graph-rewrite builders)
     add_initializer,
     consumers,
+    drop_if_unused,
     node_label,
     remove_nodes,
     replace_nodes,
@@ -44,6 +45,7 @@ from edgeopt.ir.rewrite import (  # noqa: E402  (appended: graph-rewrite builder
 __all__ += [
     "add_initializer",
     "consumers",
+    "drop_if_unused",
     "node_label",
     "remove_nodes",
     "replace_nodes",

@@ -17,6 +17,7 @@ import onnx_ir as ir
 __all__ = [
     "add_initializer",
     "consumers",
+    "drop_if_unused",
     "node_label",
     "remove_nodes",
     "replace_nodes",
@@ -74,6 +75,15 @@ def add_initializer(graph: ir.Graph, array: np.ndarray, name_hint: str) -> ir.Va
     )
     graph.register_initializer(value)
     return value
+
+
+def drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
+    """Unregister initializer ``value`` once nothing reads it, so its data can be freed now
+    rather than at the next dead-code sweep (a pass that rewrites every weight of a large model
+    would otherwise hold the old and the new weights at once)."""
+    if (value is not None and value.is_initializer() and not value.uses() and not value.is_graph_output()
+            and not value.is_graph_input() and graph.initializers.get(value.name) is value):
+        graph.initializers.pop(value.name)
 
 
 def replace_value_refusal(old: ir.Value, new: ir.Value) -> str | None:

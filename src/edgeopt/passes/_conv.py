@@ -146,12 +146,15 @@ def store_parts(graph: ir.Graph, node: ir.Node, weight: np.ndarray | None, bias:
     """
     dtype = eir.constant_array(node.inputs[1]).dtype
     hint = node.inputs[1].name or f"{eir.node_label(node)}.weight"
+    old_weight = node.inputs[1]
     if weight is not None:
         node.replace_input_with(1, eir.add_initializer(graph, weight.astype(dtype), f"{hint}_folded"))
+        eir.drop_if_unused(graph, old_weight)
     old_bias = node.inputs[2] if len(node.inputs) > 2 else None
     bias_hint = f"{old_bias.name}_folded" if old_bias is not None and old_bias.name else f"{hint}_bias"
     if len(node.inputs) < 3:
         node.resize_inputs(3)
     node.replace_input_with(2, eir.add_initializer(graph, bias.astype(dtype), bias_hint))
+    eir.drop_if_unused(graph, old_bias)
     if node.op_type == "Gemm":
         node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)

@@ -55,9 +55,10 @@ class PipelineResult:
                 for line in report.explain(include_applied=include_applied)]
 
 
-def optimize_for_quantization(model: ir.Model) -> PipelineResult:
-    """Run the default float passes on a copy of ``model``; the input is not modified."""
-    working = model.clone()
+def optimize_for_quantization(model: ir.Model, *, in_place: bool = False) -> PipelineResult:
+    """Run the default float passes on a copy of ``model`` (the input is not modified), or on
+    ``model`` itself with ``in_place`` (the weights folding replaces are then freed as it goes)."""
+    working = model if in_place else model.clone()
     reports = []
     for stage in default_passes():
         reports.append(stage(working).report)

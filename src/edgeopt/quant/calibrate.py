@@ -5,11 +5,13 @@ Each batch updates one min/max observer per tensor (and a histogram
 observer when the method needs one) and is then dropped: memory is the
 observers' fixed state plus one batch, whatever the size of the data.
 
-From the statistics every method's range is computed (min/max, percentile,
+From the statistics each method's range follows (min/max, percentile,
 entropy, MSE when histograms were kept), with the histogram-estimated
 quantization error of each range. ``AUTO`` picks, per tensor, the method of
-least estimated error. The result keeps all of them, so accuracy tools can
-switch methods without running the data again.
+least estimated error. The result keeps the statistics and computes a range
+when it is first asked for (the searches cost more than the data pass on
+small models), so accuracy tools can switch methods without running the
+data again.
 
 Hooks (``update(feed, outputs)``) see every batch and the model outputs,
 e.g. to check a converted model against the original on the same data.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import types
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -41,7 +43,14 @@ from edgeopt.quant.observers import (
     percentile_range,
 )
 from edgeopt.quant.registry import Batch, ProgressCallback
-from edgeopt.runtime.ort import RANGE_SUFFIXES, range_session
+from edgeopt.runtime.memory import return_freed_memory
+from edgeopt.runtime.ort import (
+    PACKED_RANGE_OUTPUTS,
+    RANGE_SUFFIXES,
+    OrtSession,
+    batch_one_reshapes,
+    range_session,
+)
 
 __all__ = ["BatchHook", "CalibrationResult", "TensorCalibration", "calibrate"]
 
@@ -60,8 +69,9 @@ class TensorCalibration:
 
     ``ranges`` has MINMAX always, and PERCENTILE, ENTROPY, MSE when a
     histogram was kept; ``errors`` the estimated mean squared quantization
-    error of each of those ranges (empty without a histogram). ``method`` is
-    the method in use (for AUTO: the one chosen).
+    error of each of those ranges (empty without a histogram). Both are
+    read-only mappings computing a value when first read. ``method`` is the
+    method in use (for AUTO: the one chosen).
     """
 
     name: str
@@ -118,21 +128,74 @@ def _chosen_method(method: CalibrationMethod, ranges: Mapping, errors: Mapping) 
     return method
 
 
-def _method_ranges(minmax: MinMaxStats, histogram: HistogramStats | None,
-                   config: CalibrationConfig) -> tuple[dict, dict]:
-    ranges = {CalibrationMethod.MINMAX: minmax.range}
-    if histogram is None:
-        return ranges, {}
-    levels = config.activation_format.num_levels
-    ranges[CalibrationMethod.PERCENTILE] = percentile_range(histogram, config.percentile)
-    ranges[CalibrationMethod.ENTROPY] = entropy_range(histogram, levels)
-    ranges[CalibrationMethod.MSE] = mse_range(histogram, levels)
-    errors = {m: float(expected_mse(histogram, r[0], r[1], levels)) for m, r in ranges.items()}
-    return ranges, errors
+class _MethodTable:
+    """The range and estimated error of each method for one tensor, each computed when first asked for."""
+
+    def __init__(self, minmax: MinMaxStats, histogram: HistogramStats | None, config: CalibrationConfig) -> None:
+        self.minmax, self.histogram, self.config = minmax, histogram, config
+        self.methods = (CalibrationMethod.MINMAX,) if histogram is None else _HISTOGRAM_METHODS
+        self._ranges: dict[CalibrationMethod, tuple[float, float]] = {}
+        self._errors: dict[CalibrationMethod, float] = {}
+
+    def range(self, method: CalibrationMethod) -> tuple[float, float]:
+        if method not in self._ranges:
+            self._ranges[method] = self._search(method)
+        return self._ranges[method]
+
+    def error(self, method: CalibrationMethod) -> float:
+        if not self._errors:  # errors are there to be compared: all at once, in one vectorized call
+            low, high = zip(*(self.range(m) for m in self.methods))
+            levels = self.config.activation_format.num_levels
+            errors = expected_mse(self.histogram, np.array(low), np.array(high), levels)
+            self._errors.update(zip(self.methods, map(float, errors)))
+        return self._errors[method]
+
+    def _search(self, method: CalibrationMethod) -> tuple[float, float]:
+        levels = self.config.activation_format.num_levels
+        if method is CalibrationMethod.MINMAX:
+            return self.minmax.range
+        if method is CalibrationMethod.PERCENTILE:
+            return percentile_range(self.histogram, self.config.percentile)
+        if method is CalibrationMethod.ENTROPY:
+            return entropy_range(self.histogram, levels)
+        return mse_range(self.histogram, levels)
+
+
+_HISTOGRAM_METHODS = (CalibrationMethod.MINMAX, CalibrationMethod.PERCENTILE, CalibrationMethod.ENTROPY,
+                      CalibrationMethod.MSE)
+
+
+class _LazyMapping(Mapping):
+    """Read-only ``{key: value(key)}`` over fixed keys; ``value`` runs when a key is read (it caches)."""
+
+    def __init__(self, keys: Sequence, value: Callable) -> None:
+        self._keys, self._value = tuple(keys), value
+
+    def __getitem__(self, key):
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._value(key)
+
+    def __contains__(self, key) -> bool:  # without computing the value
+        return key in self._keys
+
+    def __iter__(self) -> Iterator:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        return f"{{{', '.join(f'{key}: ...' for key in self._keys)}}}"
 
 
 class _TensorObserver:
-    """Min/max (+ histogram) of one tensor; remembers the dtype of the first batch."""
+    """Min/max (+ histogram) of one tensor; remembers the dtype of the first batch.
+
+    Histogram methods see whole tensors, and the histogram observer keeps their
+    min and max too; min/max-only observation also takes a batch's extremes
+    reduced inside ONNX Runtime (``update_range``, ``update_packed``).
+    """
 
     def __init__(self, name: str, config: CalibrationConfig) -> None:
         self.name = name
@@ -148,24 +211,56 @@ class _TensorObserver:
         if low.dtype == np.float32:
             self.minmax.update_range(float(low), float(high), 1)
 
+    def update_packed(self, low: float, high: float, batches: int) -> None:
+        """The min and max of a float32 tensor over ``batches`` batches, folded by :class:`_PackedRanges`."""
+        self.dtype = np.dtype(np.float32)
+        self.minmax.update_range(low, high, batches)
+
     def update(self, array: np.ndarray) -> None:
         if self.dtype is None:
             self.dtype = array.dtype
         if array.dtype != np.float32:
             return
-        self.minmax.update(array)
-        if self.histogram is not None:
+        if self.histogram is not None:  # it keeps the min and max too
             self.histogram.update(array)
+        else:
+            self.minmax.update(array)
 
     def result(self) -> TensorCalibration:
-        minmax = self.minmax.result()
         histogram = self.histogram.result() if self.histogram is not None else None
-        ranges, errors = _method_ranges(minmax, histogram, self.config)
+        minmax = self.histogram.minmax() if self.histogram is not None else self.minmax.result()
+        table = _MethodTable(minmax, histogram, self.config)
+        ranges = _LazyMapping(table.methods, table.range)
+        errors = _LazyMapping(table.methods if histogram is not None else (), table.error)
         return TensorCalibration(
             name=self.name, dtype=self.dtype if self.dtype is not None else np.dtype(np.float32),
-            minmax=minmax, histogram=histogram, ranges=types.MappingProxyType(ranges),
-            errors=types.MappingProxyType(errors),
+            minmax=minmax, histogram=histogram, ranges=ranges, errors=errors,
             method=_chosen_method(self.config.method, ranges, errors))
+
+
+class _PackedRanges:
+    """Running min and max of the float32 tensors whose extremes ONNX Runtime packs in two arrays.
+
+    Per tensor the same fold as :meth:`MinMaxObserver.update_range` batch by
+    batch (a batch with a non-finite extreme is skipped; equal values keep the
+    one seen first), on arrays instead of one Python call per tensor.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self._min = np.full(len(self.names), np.inf)
+        self._max = np.full(len(self.names), -np.inf)
+        self._batches = np.zeros(len(self.names), dtype=np.int64)
+
+    def update(self, low: np.ndarray, high: np.ndarray) -> None:
+        finite = np.isfinite(low) & np.isfinite(high)
+        self._min = np.where(finite & (low < self._min), low, self._min)
+        self._max = np.where(finite & (high > self._max), high, self._max)
+        self._batches += finite
+
+    def fold_into(self, observers: Mapping[str, _TensorObserver]) -> None:
+        for name, low, high, batches in zip(self.names, self._min, self._max, self._batches):
+            observers[name].update_packed(float(low), float(high), int(batches))
 
 
 def _length(data: Iterable) -> int | None:
@@ -188,21 +283,54 @@ def _range_names(names: Sequence[str]) -> list[str]:
     return [name + suffix for name in names for suffix in RANGE_SUFFIXES]
 
 
-def _observe(observer: _TensorObserver, name: str, feed: Batch, outputs: Mapping[str, np.ndarray],
-             input_names: set[str]) -> None:
-    """Feed the observer the tensor itself, or its min and max when ONNX Runtime reduced it."""
-    if name in input_names:
-        observer.update(feed[name])
-    elif name in outputs:
-        observer.update(outputs[name])
-    else:
-        observer.update_range(outputs[name + RANGE_SUFFIXES[0]], outputs[name + RANGE_SUFFIXES[1]])
+def _float32_outputs(model: ir.Model, names: Sequence[str]) -> list[str]:
+    """Those of ``names`` that nodes of the graph declare float32."""
+    declared = {value.name: value.dtype for node in model.graph for value in node.outputs}
+    return [name for name in names if declared.get(name) == ir.DataType.FLOAT]
+
+
+class _Observation:
+    """The observer of every tensor, and where in a run's feed and outputs each one reads its batch.
+
+    Graph inputs come from the feed; ``whole`` tensors whole from the outputs;
+    the others as min and max reduced inside ONNX Runtime: packed in two
+    arrays for the tensors declared float32, two scalars each for the rest.
+    """
+
+    def __init__(self, names: Sequence[str], config: CalibrationConfig, *, inputs: set[str],
+                 whole: Sequence[str], packed: Sequence[str]) -> None:
+        self.observers = {name: _TensorObserver(name, config) for name in names}
+        self.inputs = [name for name in names if name in inputs]
+        self.whole, self.packed = list(whole), _PackedRanges(packed)
+        done = {*self.inputs, *self.whole, *self.packed.names}
+        self.reduced = [name for name in names if name not in done]
+
+    @property
+    def fetch(self) -> list[str]:
+        """The session outputs one run must return."""
+        return [*self.whole, *_range_names(self.reduced), *(PACKED_RANGE_OUTPUTS if self.packed.names else ())]
+
+    def update(self, feed: Batch, outputs: Mapping[str, np.ndarray]) -> None:
+        for name in self.inputs:
+            self.observers[name].update(feed[name])
+        for name in self.whole:
+            self.observers[name].update(outputs[name])
+        for name in self.reduced:
+            self.observers[name].update_range(outputs[name + RANGE_SUFFIXES[0]], outputs[name + RANGE_SUFFIXES[1]])
+        if self.packed.names:
+            self.packed.update(outputs[PACKED_RANGE_OUTPUTS[0]], outputs[PACKED_RANGE_OUTPUTS[1]])
+
+    def results(self) -> dict[str, TensorCalibration]:
+        self.packed.fold_into(self.observers)
+        return {name: observer.result() for name, observer in self.observers.items()}
 
 
 # Batch-1 samples run GROUP_SIZE at a time on a copy of the model with a free batch dim: the same
 # min/max and histograms, a tenth of the per-call overhead. Only without hooks (they see single
-# samples) and when every input has batch dim 1; a model that hard-codes its batch (a Reshape to
-# [1, ...]) fails the first group's check and falls back to one sample per run.
+# samples) and when every input has batch dim 1. A constant Reshape target [1, ...] follows the
+# batch on that copy ([0, ...]: see batch_one_reshapes), checked once: the first group must give
+# what its samples give one by one. A model that fixes its batch otherwise fails the first group's
+# check and falls back to one sample per run.
 # Groups stay small for big inputs, where per-call overhead no longer matters and a batch's
 # activations would dominate peak memory: at most GROUP_INPUT_BYTES of input per group.
 GROUP_SIZE = 16
@@ -241,36 +369,78 @@ def _same_shapes(feed: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]
 class _Runner:
     """Runs groups of feeds as one batch while the model allows it, else one by one."""
 
-    def __init__(self, model: ir.Model, whole: Sequence[str], reduced: Sequence[str], fetch: Sequence[str], *,
-                 group: int) -> None:
-        self.model, self.whole, self.reduced = model, whole, reduced
+    def __init__(self, model: ir.Model, observation: _Observation, fetch: Sequence[str], *, group: int) -> None:
+        self.model, self.observation = model, observation
         self.outputs = [value.name for value in model.graph.outputs]
         self.fetch = list(fetch)
         self.group = group
         self.grouped = group > 1
-        self.session = range_session(model, whole, reduced, free_batch=self.grouped)
+        # Reshapes rewritten to follow the batch are trusted once the first group matches single runs.
+        self.unverified = self.grouped and bool(batch_one_reshapes(model))
+        self.session = self._session(free_batch=self.grouped)
+
+    def _session(self, *, free_batch: bool) -> OrtSession:
+        observation = self.observation
+        return range_session(self.model, observation.whole, observation.reduced, packed=observation.packed.names,
+                             free_batch=free_batch)
 
     def run(self, feeds: list[dict]) -> Iterator[tuple[dict, dict]]:
         if self.grouped and len(feeds) > 1:
             joined = {name: np.concatenate([feed[name] for feed in feeds]) for name in feeds[0]}
-            outputs = self._try_group(joined, len(feeds))
+            outputs = self._try_group(joined, feeds)
             if outputs is not None:
                 yield joined, outputs
                 return
         for feed in feeds:
             yield feed, (self.session.run(feed, self.fetch) if self.fetch else {})
 
-    def _try_group(self, feed: dict, count: int) -> dict | None:
+    def _try_group(self, feed: dict, feeds: list[dict]) -> dict | None:
+        names = list(dict.fromkeys([*self.fetch, *self.outputs]))
         try:
-            outputs = self.session.run(feed, list(dict.fromkeys([*self.fetch, *self.outputs])))
+            outputs = self.session.run(feed, names)
         except DataError:
             outputs = None
-        if outputs is not None and all(outputs[o].shape[:1] == (count,) for o in self.outputs):
+        if (outputs is not None and all(outputs[o].shape[:1] == (len(feeds),) for o in self.outputs)
+                and (not self.unverified or self._same_as_single_runs(outputs, feeds, names))):
+            self.unverified = False
             return outputs
         logger.info("the model does not batch (it fixes its batch size): calibrating one sample per run")
         self.grouped = False
-        self.session = range_session(self.model, self.whole, self.reduced)
+        self.session = self._session(free_batch=False)
         return None
+
+    def _same_as_single_runs(self, outputs: Mapping[str, np.ndarray], feeds: list[dict], names: list[str]) -> bool:
+        try:
+            singles = [self.session.run(feed, names) for feed in feeds]
+        except DataError:
+            return False
+        return all(_matches(outputs[name], _joined(name, [single[name] for single in singles])) for name in names)
+
+
+def _joined(name: str, parts: list[np.ndarray]) -> np.ndarray | None:
+    """What one run of the samples together must give for output ``name``, from their single runs:
+    the least (greatest) of the minima (maxima), else the tensors stacked along the batch dim."""
+    if name.endswith(RANGE_SUFFIXES[0]):
+        return np.asarray(np.minimum.reduce(parts))
+    if name.endswith(RANGE_SUFFIXES[1]):
+        return np.asarray(np.maximum.reduce(parts))
+    return np.concatenate(parts) if parts[0].ndim else None
+
+
+def _matches(actual: np.ndarray, expected: np.ndarray | None) -> bool:
+    """Same shape, dtype and values; floats up to rounding relative to the tensor's magnitude (a
+    batch may sum in another order: a ReduceMean differs by ~1e-7 of its largest value, while
+    mixing samples up changes values by their own size)."""
+    if expected is None or actual.shape != expected.shape or actual.dtype != expected.dtype:
+        return False
+    if not np.issubdtype(actual.dtype, np.inexact):
+        return bool(np.array_equal(actual, expected))
+    magnitude = float(np.max(np.abs(expected[np.isfinite(expected)]), initial=0.0))
+    return bool(np.allclose(actual, expected, rtol=_MATCH_TOLERANCE, atol=_MATCH_TOLERANCE * magnitude,
+                            equal_nan=True))
+
+
+_MATCH_TOLERANCE = 1e-5
 
 
 def calibrate(
@@ -284,24 +454,25 @@ def calibrate(
 ) -> CalibrationResult:
     """Observe ``tensors`` (graph inputs or node outputs) over ``data`` in one ORT pass."""
     _check_data(data)
+    return_freed_memory()
     names = list(dict.fromkeys(tensors))
     specs = eir.model_inputs(model)
     input_names = {spec.name for spec in specs}
     computed = [name for name in names if name not in input_names]
     model_outputs = [value.name for value in model.graph.outputs] if hooks else []
-    # Tensors only min/max-observed come back as two scalars reduced inside ONNX Runtime; histograms
-    # and hooks need the whole tensor.
+    # Tensors only min/max-observed come back as their min and max reduced inside ONNX Runtime;
+    # histograms and hooks need the whole tensor.
     hook_tensors = {t for hook in hooks for t in getattr(hook, "tensors", ())} | set(model_outputs)
     whole = [n for n in computed if config.method.needs_histogram or n in hook_tensors]
     reduced = [n for n in computed if n not in set(whole)]
-    fetch = list(dict.fromkeys([*model_outputs, *whole, *_range_names(reduced)]))
-    runner = _Runner(model, whole, reduced, fetch, group=_group_size(specs, hooks))
-    observers = {name: _TensorObserver(name, config) for name in names}
+    observation = _Observation(names, config, inputs=input_names, whole=whole,
+                               packed=_float32_outputs(model, reduced))
+    fetch = list(dict.fromkeys([*model_outputs, *observation.fetch]))
+    runner = _Runner(model, observation, fetch, group=_group_size(specs, hooks))
     total, done = _length(data), 0
     for feeds in _groups(data, specs, runner.group):
         for feed, outputs in runner.run(feeds):
-            for name, observer in observers.items():
-                _observe(observer, name, feed, outputs, input_names)
+            observation.update(feed, outputs)
             for hook in hooks:
                 hook.update(feed, outputs)
             samples = len(next(iter(feed.values()))) if runner.grouped else 1
@@ -314,5 +485,5 @@ def calibrate(
     if done == 0:
         raise DataError("calibration data is empty: give at least one batch")
     logger.info("calibrated %d tensors on %d batches", len(names), done)
-    results = {name: observer.result() for name, observer in observers.items()}
+    results = observation.results()
     return CalibrationResult(tensors=types.MappingProxyType(results), config=config, num_batches=done)

@@ -34,7 +34,7 @@ from edgeopt.quant.config import CalibrationConfig, Int8Config, PerTensor, Targe
 from edgeopt.quant.equalize import equalize
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
 from edgeopt.quant.opset import OpsetCheck, OpsetConversion, convert_opset
-from edgeopt.quant.placement import check_exclude, check_not_quantized, plan_qdq
+from edgeopt.quant.placement import NodeIndex, check_exclude, check_not_quantized, plan_qdq
 from edgeopt.quant.qdq import insert_qdq
 from edgeopt.quant.registry import Batch, ProgressCallback, QuantResult, register_scheme
 
@@ -59,12 +59,12 @@ def _granularity(config: Int8Config) -> str:
 
 
 def _optimize(model: ir.Model) -> tuple[ir.Model, object | None]:
-    """Run ``edgeopt.passes.optimize_for_quantization`` when the passes package provides it."""
+    """Run ``edgeopt.passes.optimize_for_quantization`` on ``model`` itself (already the scheme's own)."""
     try:
         from edgeopt.passes import optimize_for_quantization
     except ImportError:
         return model, None
-    result = optimize_for_quantization(model)
+    result = optimize_for_quantization(model, in_place=True)
     return result.model, result
 
 
@@ -132,14 +132,14 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
                   progress: ProgressCallback | None = None) -> QuantResult:
     """Int8 QDQ quantization of ``model`` (rewritten in place) calibrated on ``data``."""
     check_not_quantized(model)
-    given = model
+    given = NodeIndex.of(model)  # not the model: the weights the float passes replace can be freed
     notes = [_activation_note(config)]
     logger.info(notes[0])
     hooks, check = [], None
     if eir.default_opset(model) < QDQ_OPSET:
-        original = model
-        model = convert_opset(original, QDQ_OPSET)
-        check = OpsetCheck(original, model, tolerance=config.verify_tolerance)
+        converted = convert_opset(model, QDQ_OPSET)
+        check = OpsetCheck(model, converted, tolerance=config.verify_tolerance)
+        model = converted
         hooks.append(check)
     model, optimization = _optimize(model)
     _prepare(model)

@@ -48,6 +48,7 @@ from edgeopt.quant.registry import FloatNode
 
 __all__ = [
     "BiasUse",
+    "NodeIndex",
     "QdqPlan",
     "UnionFind",
     "WeightUse",
@@ -104,14 +105,28 @@ def check_not_quantized(model: ir.Model) -> None:
                              f"{node.op_type}): quantize the float model instead")
 
 
-def check_exclude(models: Iterable[ir.Model], exclude: Iterable[str]) -> None:
+@dataclass(frozen=True)
+class NodeIndex:
+    """The node names and op types of a model (what ``--exclude`` may name), without the model."""
+
+    names: tuple[str, ...]
+    op_types: frozenset[str]
+
+    @classmethod
+    def of(cls, model: ir.Model) -> NodeIndex:
+        return cls(names=tuple(node.name for node in model.graph if node.name),
+                   op_types=frozenset(node.op_type for node in model.graph))
+
+
+def check_exclude(models: Iterable[ir.Model | NodeIndex], exclude: Iterable[str]) -> None:
     """ConfigError naming the first exclude entry that is neither a node name nor an op type of any of ``models``.
 
     (The user's model and its optimized form: a user names nodes of the
     file, accuracy tools name nodes of the model they quantized.)
     """
-    names = list(dict.fromkeys(node.name for model in models for node in model.graph if node.name))
-    op_types = {node.op_type for model in models for node in model.graph}
+    indexes = [m if isinstance(m, NodeIndex) else NodeIndex.of(m) for m in models]
+    names = list(dict.fromkeys(name for index in indexes for name in index.names))
+    op_types = set().union(*(index.op_types for index in indexes))
     for entry in exclude:
         if entry in op_types or entry in names:
             continue

@@ -97,12 +97,16 @@ def quantize(x, scale, zero_point, fmt: Format, axis: int | None = None,
     length = x.shape[axis] if axis is not None else 0
     scale = _along_axis(np.asarray(scale, dtype=np.float32), x.ndim, axis, block_size, length)
     zero_point = _along_axis(np.asarray(zero_point, dtype=np.int64), x.ndim, axis, block_size, length)
+    # Integers up to 2**24 are exact in float32: adding the zero point and clamping there is exact
+    # for 8- and 16-bit formats (anything larger saturates either way); wider formats use float64.
+    work = np.float32 if max(abs(fmt.qmin), abs(fmt.qmax)) < 2**24 else np.float64
     with np.errstate(over="ignore", invalid="ignore"):
-        scaled = np.rint(x / scale)
-    # Bound before the int64 cast (inf, huge values); the clamp below decides.
-    scaled = np.clip(np.nan_to_num(scaled), -(2.0**40), 2.0**40)
-    q = scaled.astype(np.int64) + zero_point
-    return np.clip(q, fmt.qmin, fmt.qmax).astype(fmt.numpy_dtype)
+        scaled = np.asarray(np.rint(x / scale), dtype=work)
+    nan = np.isnan(scaled)
+    if nan.any():  # NaN quantizes as 0.0 would, to the zero point; +-inf saturate in the clamp
+        scaled[nan] = 0.0
+    scaled += zero_point.astype(work)
+    return np.clip(scaled, fmt.qmin, fmt.qmax, out=scaled).astype(fmt.numpy_dtype)
 
 
 def dequantize(q, scale, zero_point=0, axis: int | None = None, block_size: int | None = None) -> np.ndarray:

@@ -1,7 +1,8 @@
 """ONNX Runtime on CPU: the only module of edgeopt that imports onnxruntime.
 
-Sessions are built from an in-memory ``onnx_ir`` model (serialized once) or a
-file path. ``observe_all`` builds a session that also returns every
+Sessions are built from an in-memory ``onnx_ir`` model (serialized without its
+large weights, which ONNX Runtime reads from edgeopt's own arrays), serialized
+bytes, or a file path. ``observe_all`` builds a session that also returns every
 intermediate tensor, which shape filling and per-layer comparison use.
 """
 
@@ -13,7 +14,11 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import types
+from dataclasses import dataclass
+
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -21,8 +26,8 @@ from edgeopt import ir as eir
 from edgeopt.errors import DataError, ModelError
 from edgeopt.io import model_to_bytes
 
-__all__ = ["RANGE_SUFFIXES", "OrtSession", "fill_missing_shapes", "observing_session", "optimized_model",
-           "ort_version", "random_feed", "range_session"]
+__all__ = ["PACKED_RANGE_OUTPUTS", "RANGE_SUFFIXES", "OrtSession", "batch_one_reshapes", "fill_missing_shapes",
+           "observing_session", "optimized_model", "ort_version", "random_feed", "range_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +36,9 @@ def ort_version() -> str:
     return ort.__version__
 
 
-def _session_options(threads: int | None, optimize: bool, lean: bool = False) -> ort.SessionOptions:
+def _session_options(threads: int | None, optimize: bool) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 4  # ORT errors surface as exceptions; its log would repeat them
-    if lean:  # calibration: many runs of one model, memory matters more than allocation speed
-        options.enable_cpu_mem_arena = False
-        options.enable_mem_pattern = False
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -50,31 +52,82 @@ def _session_options(threads: int | None, optimize: bool, lean: bool = False) ->
 _MAX_IR_VERSION = 11
 
 
-def _session_bytes(model: ir.Model | bytes) -> bytes:
-    import onnx  # local: only to patch the IR version of the session's copy
+# Initializers of at least this size reach ONNX Runtime as OrtValues over edgeopt's own arrays
+# (SessionOptions.add_external_initializers, no copy) instead of inside the serialized model:
+# no protobuf copy of the weights, no parse of it by ONNX Runtime, nothing for it to copy.
+EXTERNAL_MIN_BYTES = 1 << 14
+_IN_MEMORY = "edgeopt-in-memory"  # placeholder location; ORT takes these tensors from the options
+_EXTERNAL_DTYPES = frozenset(np.dtype(t) for t in (np.float32, np.float16, np.float64, np.int8, np.uint8,
+                                                   np.int16, np.uint16, np.int32, np.int64, np.bool_))
 
-    proto = ir.to_proto(model) if isinstance(model, ir.Model) else onnx.load_from_string(model)
+
+@dataclass(frozen=True)
+class SessionModel:
+    """A model as ONNX Runtime takes it: protobuf without its large weights, and the weights."""
+
+    proto: onnx.ModelProto
+    initializers: Mapping[str, np.ndarray]
+
+
+def session_model(model: ir.Model) -> SessionModel:
+    """``model`` as protobuf (IR version lowered for ONNX Runtime) with its large top-level
+    initializers left out as references to in-memory arrays (the model's own, not copies)."""
+    arrays, swapped = {}, {}
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes < EXTERNAL_MIN_BYTES or isinstance(tensor, ir.ExternalTensor):
+            continue
+        array = tensor.numpy()
+        if array.dtype not in _EXTERNAL_DTYPES:
+            continue
+        arrays[name] = np.ascontiguousarray(array)
+        swapped[name] = tensor
+        value.const_value = ir.ExternalTensor(_IN_MEMORY, 0, array.nbytes, tensor.dtype, shape=tensor.shape,
+                                              name=name)
+    try:
+        proto = ir.to_proto(model)
+    finally:  # the model gets its tensors back whatever happened
+        for name, tensor in swapped.items():
+            model.graph.initializers[name].const_value = tensor
+    proto.ir_version = min(proto.ir_version, _MAX_IR_VERSION)
+    return SessionModel(proto=proto, initializers=types.MappingProxyType(arrays))
+
+
+def _session_bytes(model: bytes) -> bytes:
+    """Serialized ``model`` with an IR version ONNX Runtime takes."""
+    proto = onnx.load_from_string(model)
     if proto.ir_version <= _MAX_IR_VERSION:
-        return model_to_bytes(model) if isinstance(model, ir.Model) else model
+        return model
     proto.ir_version = _MAX_IR_VERSION
     return proto.SerializeToString()
+
+
+def _as_session_input(model: ir.Model | bytes | SessionModel) -> tuple[bytes, Mapping[str, np.ndarray]]:
+    if isinstance(model, ir.Model):
+        model = session_model(model)
+    if isinstance(model, SessionModel):
+        return model.proto.SerializeToString(), model.initializers
+    return _session_bytes(model), {}
 
 
 class OrtSession:
     """A CPU inference session; ``run`` takes and returns ``{name: array}``."""
 
-    def __init__(self, model: ir.Model | bytes | str | os.PathLike, *, threads: int | None = None,
-                 optimize: bool = True, lean: bool = False, prepared: bool = False) -> None:
-        """``prepared``: ``model`` is bytes this module already serialized for ONNX Runtime
-        (IR version checked), so they are not parsed again; ``lean``: no memory arena or
-        pre-planned memory pattern (smaller peak for long calibration runs)."""
+    def __init__(self, model: ir.Model | SessionModel | bytes | str | os.PathLike, *,
+                 threads: int | None = None, optimize: bool = True) -> None:
+        """``model``: an in-memory model (its large weights are handed to ONNX Runtime without a
+        copy, see :func:`session_model`), serialized bytes, or a file path."""
+        options = _session_options(threads, optimize)
+        self._weights: list[ort.OrtValue] = []  # ONNX Runtime reads them for the session's life
         if isinstance(model, (str, os.PathLike)):
             source = str(model)
         else:
-            source = model if prepared and isinstance(model, bytes) else _session_bytes(model)
+            source, initializers = _as_session_input(model)
+            if initializers:
+                self._weights = [ort.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()]
+                options.add_external_initializers(list(initializers), self._weights)
         try:
-            self._session = ort.InferenceSession(source, _session_options(threads, optimize, lean),
-                                                 providers=["CPUExecutionProvider"])
+            self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as error:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ModelError(f"ONNX Runtime cannot load the model: {message}") from None
@@ -108,22 +161,14 @@ def random_feed(specs: Sequence[eir.InputSpec], seed: int = 0) -> dict[str, np.n
     return feed
 
 
-def _output_proto(model: ir.Model, names: Sequence[str]):
-    """A protobuf copy of ``model`` whose outputs also list ``names`` (IR version lowered for ORT)."""
-    import onnx  # local: only for adding output declarations on the copy
-
-    proto = ir.to_proto(model)
-    existing = {o.name for o in proto.graph.output}
+def _with_all_outputs(model: ir.Model, names: Sequence[str]) -> SessionModel:
+    """:func:`session_model` of ``model`` whose outputs also list ``names``."""
+    prepared = session_model(model)
+    existing = {o.name for o in prepared.proto.graph.output}
     for name in names:
         if name not in existing:
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    proto.ir_version = min(proto.ir_version, _MAX_IR_VERSION)
-    return proto
-
-
-def _with_all_outputs(model: ir.Model, names: Sequence[str]) -> bytes:
-    """Serialize a copy of ``model`` whose outputs also list ``names``."""
-    return _output_proto(model, names).SerializeToString()
+            prepared.proto.graph.output.append(onnx.ValueInfoProto(name=name))
+    return prepared
 
 
 def fill_missing_shapes(model: ir.Model, feed: Mapping[str, np.ndarray] | None = None) -> int:
@@ -159,6 +204,7 @@ def observing_session(model: ir.Model, names: Sequence[str], *, threads: int | N
 
 
 RANGE_SUFFIXES = ("__edgeopt_min", "__edgeopt_max")
+PACKED_RANGE_OUTPUTS = tuple("__edgeopt_packed" + suffix for suffix in RANGE_SUFFIXES)
 
 
 def _free_batch_dim(graph) -> None:
@@ -171,29 +217,84 @@ def _free_batch_dim(graph) -> None:
     del graph.value_info[:]
 
 
+def batch_one_reshapes(model: ir.Model) -> dict[str, np.ndarray]:
+    """The Reshapes that fix the batch at a literal 1, by output name, each with a target that follows it.
+
+    A Reshape of a tensor whose dim 0 is 1 to a constant target starting with
+    1 (``[1, -1, 4, 16]``) fixes the batch at 1. The same target with ``0``
+    first ("copy the input's dim 0", allowzero off) gives the same result at
+    batch 1 and keeps a larger batch: the free-batch session uses it. Other
+    ways of fixing the batch are not rewritten; the caller checks grouped
+    results against single samples before trusting them.
+    """
+    targets = {}
+    for node in model.graph:
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        target = eir.constant_array(node.inputs[1])
+        shape = eir.static_shape(node.inputs[0])
+        if (target is None or target.ndim != 1 or not target.size or int(target[0]) != 1 or not shape
+                or shape[0] != 1 or node.attributes.get_int("allowzero", 0) or not node.outputs[0].name):
+            continue
+        targets[node.outputs[0].name] = np.concatenate([[0], target[1:]]).astype(np.int64)
+    return targets
+
+
+def _follow_batch(graph, targets: Mapping[str, np.ndarray]) -> None:
+    """Point each Reshape of ``targets`` (by output name) at its batch-following target (protobuf graph)."""
+    for node in graph.node:
+        if node.op_type == "Reshape" and node.output and node.output[0] in targets:
+            name = node.output[0] + "__edgeopt_batch_shape"
+            graph.initializer.append(onnx.numpy_helper.from_array(targets[node.output[0]], name))
+            node.input[1] = name
+
+
+def _add_range_nodes(graph, reduced: Sequence[str], packed: Sequence[str]) -> None:
+    """ReduceMin/ReduceMax over all axes of each tensor: two scalar outputs per tensor of ``reduced``,
+    and for ``packed`` (all float32) two 1-D outputs :data:`PACKED_RANGE_OUTPUTS` in their order."""
+    helper = onnx.helper
+    for name in reduced:
+        for op_type, suffix in zip(("ReduceMin", "ReduceMax"), RANGE_SUFFIXES):
+            graph.node.append(helper.make_node(op_type, [name], [name + suffix], keepdims=0, name=name + suffix))
+            graph.output.append(onnx.ValueInfoProto(name=name + suffix))
+    if not packed:
+        return
+    # Each tensor flattened (a view), then reduced keeping its one axis: shape [1], ready to concatenate.
+    flat_shape = "__edgeopt_flat_shape"
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], np.int64), flat_shape))
+    for name in packed:
+        graph.node.append(helper.make_node("Reshape", [name, flat_shape], [name + "__edgeopt_flat"],
+                                           name=name + "__edgeopt_flat"))
+    for op_type, suffix, output in zip(("ReduceMin", "ReduceMax"), RANGE_SUFFIXES, PACKED_RANGE_OUTPUTS):
+        for name in packed:
+            graph.node.append(helper.make_node(op_type, [name + "__edgeopt_flat"], [name + suffix], keepdims=1,
+                                               name=name + suffix))
+        graph.node.append(helper.make_node("Concat", [name + suffix for name in packed], [output], axis=0,
+                                           name=output))
+        graph.output.append(onnx.ValueInfoProto(name=output))
+
+
 def range_session(model: ir.Model, full: Sequence[str], reduced: Sequence[str], *,
-                  threads: int | None = None, free_batch: bool = False) -> OrtSession:
-    """A session returning the tensors ``full`` whole and, for each of ``reduced``, only its min and max.
+                  packed: Sequence[str] = (), threads: int | None = None, free_batch: bool = False) -> OrtSession:
+    """A session returning the tensors ``full`` whole and, for each of ``reduced`` and ``packed``, only
+    its min and max.
 
     The min and max are computed inside ONNX Runtime (ReduceMin/ReduceMax over
     all axes, outputs ``{name}__edgeopt_min`` / ``__edgeopt_max``), so a
     min/max calibration fetches two scalars per tensor instead of the tensor.
-    With ``free_batch`` the session's batch dim is symbolic, so several
-    batch-1 samples can run as one batch (the caller checks the model allows it).
+    Those of the float32 tensors ``packed`` come concatenated, in order, in
+    two 1-D outputs :data:`PACKED_RANGE_OUTPUTS`: two arrays per run, however
+    many tensors. With ``free_batch`` the session's batch dim is symbolic and
+    the Reshapes of :func:`batch_one_reshapes` follow it, so several batch-1
+    samples can run as one batch (the caller checks the model allows it).
     """
-    import onnx  # local: the extra nodes are added to the session's protobuf copy
-
-    proto = _output_proto(model, full)
+    prepared = _with_all_outputs(model, full)
+    proto = prepared.proto
     if free_batch:
         _free_batch_dim(proto.graph)
-    for name in reduced:
-        for op_type, suffix in zip(("ReduceMin", "ReduceMax"), RANGE_SUFFIXES):
-            proto.graph.node.append(onnx.helper.make_node(op_type, [name], [name + suffix], keepdims=0,
-                                                          name=name + suffix))
-            proto.graph.output.append(onnx.ValueInfoProto(name=name + suffix))
-    data = proto.SerializeToString()
-    del proto  # one serialized copy of the weights at a time
-    return OrtSession(data, threads=threads, lean=True, prepared=True)
+        _follow_batch(proto.graph, batch_one_reshapes(model))
+    _add_range_nodes(proto.graph, reduced, packed)
+    return OrtSession(prepared, threads=threads)
 
 
 def optimized_model(model: ir.Model, *, threads: int | None = None) -> ir.Model:
@@ -202,14 +303,12 @@ def optimized_model(model: ir.Model, *, threads: int | None = None) -> ir.Model:
     Used to check which integer kernels (QLinearConv, QLinearMatMul ...) a
     QDQ model turns into. Written by ORT to a temporary file and read back.
     """
-    import onnx  # local: ORT writes protobuf
-
     options = _session_options(threads, optimize=True)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "optimized.onnx"
         options.optimized_model_filepath = str(path)
         try:
-            ort.InferenceSession(_session_bytes(model), options, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(_session_bytes(model_to_bytes(model)), options, providers=["CPUExecutionProvider"])
         except Exception as error:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ModelError(f"ONNX Runtime cannot load the model: {message}") from None
