@@ -48,7 +48,6 @@ from edgeopt.runtime.ort import (
     PACKED_RANGE_OUTPUTS,
     RANGE_SUFFIXES,
     OrtSession,
-    batch_one_reshapes,
     range_session,
 )
 
@@ -328,9 +327,10 @@ class _Observation:
 # Batch-1 samples run GROUP_SIZE at a time on a copy of the model with a free batch dim: the same
 # min/max and histograms, a tenth of the per-call overhead. Only without hooks (they see single
 # samples) and when every input has batch dim 1. A constant Reshape target [1, ...] follows the
-# batch on that copy ([0, ...]: see batch_one_reshapes), checked once: the first group must give
-# what its samples give one by one. A model that fixes its batch otherwise fails the first group's
-# check and falls back to one sample per run.
+# batch on that copy ([0, ...]: see batch_one_reshapes). Trusted only once the first group gave
+# what its samples give one by one: a model that fixes its batch fails to run, or mixes samples up
+# (a seq-first Transpose before a Reshape [-1, ...], a fixed dim that equals the group size) and
+# fails that check; either way it falls back to one sample per run.
 # Groups stay small for big inputs, where per-call overhead no longer matters and a batch's
 # activations would dominate peak memory: at most GROUP_INPUT_BYTES of input per group.
 GROUP_SIZE = 16
@@ -375,8 +375,8 @@ class _Runner:
         self.fetch = list(fetch)
         self.group = group
         self.grouped = group > 1
-        # Reshapes rewritten to follow the batch are trusted once the first group matches single runs.
-        self.unverified = self.grouped and bool(batch_one_reshapes(model))
+        # Grouping is trusted once the first group matches its samples' single runs.
+        self.unverified = self.grouped
         self.session = self._session(free_batch=self.grouped)
 
     def _session(self, *, free_batch: bool) -> OrtSession:

@@ -36,8 +36,10 @@ def ort_version() -> str:
     return ort.__version__
 
 
-def _session_options(threads: int | None, optimize: bool) -> ort.SessionOptions:
+def _session_options(threads: int | None, optimize: bool, spin: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    if not spin:  # idle worker threads sleep instead of busy-waiting for the next run
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 4  # ORT errors surface as exceptions; its log would repeat them
     if threads:
         options.intra_op_num_threads = threads
@@ -114,10 +116,12 @@ class OrtSession:
     """A CPU inference session; ``run`` takes and returns ``{name: array}``."""
 
     def __init__(self, model: ir.Model | SessionModel | bytes | str | os.PathLike, *,
-                 threads: int | None = None, optimize: bool = True) -> None:
+                 threads: int | None = None, optimize: bool = True, spin: bool = True) -> None:
         """``model``: an in-memory model (its large weights are handed to ONNX Runtime without a
-        copy, see :func:`session_model`), serialized bytes, or a file path."""
-        options = _session_options(threads, optimize)
+        copy, see :func:`session_model`), serialized bytes, or a file path. ``spin=False``: ONNX
+        Runtime's worker threads sleep between runs rather than spin, leaving the cores to
+        Python's work in between (calibration statistics); spinning suits back-to-back runs."""
+        options = _session_options(threads, optimize, spin)
         self._weights: list[ort.OrtValue] = []  # ONNX Runtime reads them for the session's life
         if isinstance(model, (str, os.PathLike)):
             source = str(model)
@@ -294,7 +298,8 @@ def range_session(model: ir.Model, full: Sequence[str], reduced: Sequence[str], 
         _free_batch_dim(proto.graph)
         _follow_batch(proto.graph, batch_one_reshapes(model))
     _add_range_nodes(proto.graph, reduced, packed)
-    return OrtSession(prepared, threads=threads)
+    # Between runs the observers' numpy work needs the cores that spinning ORT threads would hold.
+    return OrtSession(prepared, threads=threads, spin=False)
 
 
 def optimized_model(model: ir.Model, *, threads: int | None = None) -> ir.Model:

@@ -1,0 +1,176 @@
+"""Grouped calibration runs: batch-1 samples run 16 at a time only when that changes nothing.
+
+A model that fixes its batch at 1 may fail at batch 16, or run and silently
+mix samples. Either way the calibrated ranges must be those of running the
+samples one by one: the reference here is the float model run per sample
+(``observing_session``), reduced with numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeopt.quant import CalibrationConfig, calibrate
+from edgeopt.runtime.ort import batch_one_reshapes, observing_session, range_session
+
+SAMPLES = 40  # groups of 16, 16 and 8
+FALLBACK_MESSAGE = "the model does not batch"
+
+
+def _model(nodes: Sequence[onnx.NodeProto], input_shape: Sequence[int], output_shape: Sequence[int],
+           initializers: Sequence[tuple[str, np.ndarray]] = ()) -> ir.Model:
+    """x -> nodes -> y, intermediate shapes inferred (as ``load_model`` does)."""
+    tensors = [numpy_helper.from_array(array, name) for name, array in initializers]
+    graph = helper.make_graph(list(nodes), "grouping",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(output_shape))],
+                              initializer=tensors)
+    opsets = [helper.make_opsetid("", 17)]
+    proto = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
+    return ir.from_proto(onnx.shape_inference.infer_shapes(proto, strict_mode=True))
+
+
+def _shape(*dims: int) -> np.ndarray:
+    return np.array(dims, dtype=np.int64)
+
+
+def _samples(shape: Sequence[int], seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(SAMPLES)]
+
+
+def _tensor_names(model: ir.Model) -> list[str]:
+    return ["x", *(node.outputs[0].name for node in model.graph)]
+
+
+def _per_sample_ranges(model: ir.Model, data, names: Sequence[str]) -> dict[str, tuple[float, float]]:
+    computed = [name for name in names if name != "x"]
+    session = observing_session(model, computed)
+    runs = [{**session.run(feed), "x": feed["x"]} for feed in data]
+    ranges = {}
+    for name in names:
+        values = np.stack([run[name] for run in runs])
+        ranges[name] = (float(values.min()), float(values.max()))
+    return ranges
+
+
+def _calibrated_ranges(model: ir.Model, data, names: Sequence[str]) -> dict[str, tuple[float, float]]:
+    result = calibrate(model, iter(data), names, CalibrationConfig())
+    assert result.num_batches == len(data)
+    return {name: result.tensors[name].range for name in names}
+
+
+def _batch_fixed_by_constant_reshapes() -> ir.Model:
+    """x[1,16,8] -> Reshape [16,8] (no batch dim) -> MatMul W -> Reshape [1,16,8] -> Relu -> y.
+
+    Neither Reshape starts a batch-1 input with a literal 1 target, so nothing
+    is rewritten: at batch 16 the first Reshape cannot fit 16 samples.
+    """
+    weight = np.random.default_rng(1).standard_normal((8, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("Reshape", ["x", "flat_shape"], ["flat"], name="flat"),
+        helper.make_node("MatMul", ["flat", "w"], ["mixed"], name="mixed"),
+        helper.make_node("Reshape", ["mixed", "batch_shape"], ["unflat"], name="unflat"),
+        helper.make_node("Relu", ["unflat"], ["y"], name="y"),
+    ]
+    return _model(nodes, (1, 16, 8), (1, 16, 8),
+                  [("flat_shape", _shape(16, 8)), ("w", weight), ("batch_shape", _shape(1, 16, 8))])
+
+
+def test_a_batch_fixed_without_a_leading_one_falls_back_to_single_samples(caplog):
+    model = _batch_fixed_by_constant_reshapes()
+    assert batch_one_reshapes(model) == {}  # nothing to rewrite: the grouped run itself must fail
+    data = _samples((1, 16, 8))
+    names = _tensor_names(model)
+    with caplog.at_level(logging.INFO, logger="edgeopt.quant.calibrate"):
+        ranges = _calibrated_ranges(model, data, names)
+    assert FALLBACK_MESSAGE in caplog.text
+    assert ranges == _per_sample_ranges(model, data, names)
+
+
+def _softmax_over_a_batch_moved_off_dim_0() -> ir.Model:
+    """x[1,1,32] -> Transpose(1,0,2) -> Reshape [1,-1] -> Softmax -> Reshape [1,-1,32] -> Transpose(1,0,2).
+
+    At batch 1 both Transposes are no-ops and Softmax normalizes each sample's
+    32 values. Both Reshapes have a batch-1 input and a target [1, ...], so the
+    free-batch session rewrites them to [0, ...]; but the first Transpose moved
+    the batch to dim 1, so at batch N the Softmax normalizes all 32 N values
+    together while y still comes out [N, 1, 32]: only comparing the first
+    group with single runs catches it.
+    """
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["moved"], name="moved", perm=[1, 0, 2]),
+        helper.make_node("Reshape", ["moved", "flat_shape"], ["flat"], name="flat"),
+        helper.make_node("Softmax", ["flat"], ["softmax"], name="softmax", axis=-1),
+        helper.make_node("Reshape", ["softmax", "unflat_shape"], ["unflat"], name="unflat"),
+        helper.make_node("Transpose", ["unflat"], ["y"], name="y", perm=[1, 0, 2]),
+    ]
+    return _model(nodes, (1, 1, 32), (1, 1, 32),
+                  [("flat_shape", _shape(1, -1)), ("unflat_shape", _shape(1, -1, 32))])
+
+
+def test_rewritten_reshapes_that_mix_samples_are_caught_by_the_single_sample_check(caplog):
+    model = _softmax_over_a_batch_moved_off_dim_0()
+    assert set(batch_one_reshapes(model)) == {"flat", "unflat"}
+    data = _samples((1, 1, 32))
+    names = _tensor_names(model)
+    # The premise: on the free-batch session 16 samples run, keep y's shape and give wrong values.
+    grouped = range_session(model, ["softmax", "y"], [], free_batch=True).run(
+        {"x": np.concatenate([feed["x"] for feed in data[:16]])}, ["y"])["y"]
+    single = observing_session(model, []).run
+    assert grouped.shape == (16, 1, 32)
+    assert not np.allclose(grouped, np.concatenate([single(feed)["y"] for feed in data[:16]]))
+    with caplog.at_level(logging.INFO, logger="edgeopt.quant.calibrate"):
+        ranges = _calibrated_ranges(model, data, names)
+    assert FALLBACK_MESSAGE in caplog.text
+    assert ranges == _per_sample_ranges(model, data, names)
+
+
+def _softmax_after_a_leading_minus_one_reshape() -> ir.Model:
+    """x[1,4,8] -> Transpose(1,0,2) -> Reshape [-1, 32] -> Softmax -> y[1,32].
+
+    A seq-first layout (as exported from ``batch_first=False`` attention): the
+    Reshape's ``-1`` absorbs the batch, so at batch N y is [N, 32] -- the right
+    shape -- but each row holds pieces of 4 samples. No Reshape starts with a
+    literal 1, so ``batch_one_reshapes`` rewrites nothing.
+    """
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["moved"], name="moved", perm=[1, 0, 2]),
+        helper.make_node("Reshape", ["moved", "rows_shape"], ["rows"], name="rows"),
+        helper.make_node("Softmax", ["rows"], ["y"], name="y", axis=-1),
+    ]
+    return _model(nodes, (1, 4, 8), (1, 32), [("rows_shape", _shape(-1, 32))])
+
+
+def test_grouped_runs_that_mix_samples_without_any_rewrite_are_caught():
+    model = _softmax_after_a_leading_minus_one_reshape()
+    assert batch_one_reshapes(model) == {}
+    data = _samples((1, 4, 8))
+    names = _tensor_names(model)
+    assert _calibrated_ranges(model, data, names) == _per_sample_ranges(model, data, names)
+
+
+def _rows_of_sixteen() -> ir.Model:
+    """x[1,16,8] -> Reshape [16,-1] -> ReduceMean(axis 1) -> y[16,1]: a fixed dim that equals the group size.
+
+    At batch 16, y is [16, 1] (dim 0 matches the group) but row i is the mean
+    of sample i instead of the mean of row i of the one sample.
+    """
+    nodes = [
+        helper.make_node("Reshape", ["x", "rows_shape"], ["rows"], name="rows"),
+        helper.make_node("ReduceMean", ["rows"], ["y"], name="y", axes=[1], keepdims=1),
+    ]
+    return _model(nodes, (1, 16, 8), (16, 1), [("rows_shape", _shape(16, -1))])
+
+
+def test_a_fixed_dim_equal_to_the_group_size_is_not_taken_for_the_batch():
+    model = _rows_of_sixteen()
+    data = _samples((1, 16, 8))
+    names = _tensor_names(model)
+    assert _calibrated_ranges(model, data, names) == _per_sample_ranges(model, data, names)
