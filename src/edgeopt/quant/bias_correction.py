@@ -117,6 +117,8 @@ class ChannelMeanHook:
     The calibration pass must fetch these tensors (graph inputs come from the feed).
     """
 
+    groupable = True  # per-channel sums/maxima: the same whatever the batching
+
     def __init__(self, tensors: Mapping[str, int]) -> None:
         self.tensors = dict(tensors)
         self._observers = {name: ChannelMeanObserver(axis=axis) for name, axis in self.tensors.items()}

@@ -59,6 +59,13 @@ _METHOD_ORDER = tuple(CalibrationMethod)
 
 
 class BatchHook(Protocol):
+    """Sees every batch (``feed``) and what the pass fetched for it (``outputs``).
+
+    A hook whose statistics do not depend on how samples are batched (sums, maxima over all
+    samples) sets a class attribute ``groupable = True``: the pass may then hand it several
+    batch-1 samples run as one batch. Without it, calibration runs the samples one by one.
+    """
+
     def update(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None: ...
 
 
@@ -325,8 +332,8 @@ class _Observation:
 
 
 # Batch-1 samples run GROUP_SIZE at a time on a copy of the model with a free batch dim: the same
-# min/max and histograms, a tenth of the per-call overhead. Only without hooks (they see single
-# samples) and when every input has batch dim 1. A constant Reshape target [1, ...] follows the
+# min/max and histograms, a tenth of the per-call overhead. Only when every hook is groupable
+# (see BatchHook) and every input has batch dim 1. A constant Reshape target [1, ...] follows the
 # batch on that copy ([0, ...]: see batch_one_reshapes). Trusted only once the first group gave
 # what its samples give one by one: a model that fixes its batch fails to run, or mixes samples up
 # (a seq-first Transpose before a Reshape [-1, ...], a fixed dim that equals the group size) and
@@ -338,8 +345,8 @@ GROUP_INPUT_BYTES = 1 << 20
 
 
 def _group_size(specs: Sequence[eir.InputSpec], hooks: Sequence[BatchHook]) -> int:
-    groupable = not hooks and bool(specs) and all(spec.is_static and spec.shape and spec.shape[0] == 1
-                                                  for spec in specs)
+    groupable = (all(getattr(hook, "groupable", False) for hook in hooks) and bool(specs)
+                 and all(spec.is_static and spec.shape and spec.shape[0] == 1 for spec in specs))
     if not groupable:
         return 1
     sample_bytes = sum(int(np.prod(spec.shape)) * spec.dtype.itemsize for spec in specs)

@@ -106,6 +106,8 @@ class ChannelAbsMaxHook:
     the calibration pass must fetch them (graph inputs come from the feed).
     """
 
+    groupable = True  # per-channel sums/maxima: the same whatever the batching
+
     def __init__(self, tensors: Mapping[str, int]) -> None:
         self.tensors = dict(tensors)
         self._observers = {name: ChannelAbsMaxObserver(axis=axis) for name, axis in self.tensors.items()}
