@@ -826,8 +826,9 @@ def report(cases: list[Case], checks: list[Check], env: dict, args: argparse.Nam
              f"'-'); latency {min(args.runs, FIDELITY_RUNS)} runs; settings limited to edgeopt "
              f"{' + '.join(FIDELITY_EDGEOPT_METHODS)} and ORT {' + '.join(FIDELITY_ORT_METHODS)} after "
              "quant_pre_process",
-             f"- edgeopt default calibration: {default_method}; "
-             f"each setting quantized {args.repeats}x, least time and RSS kept",
+             f"- edgeopt default calibration: {default_method}; every edgeopt row is "
+             "`Int8Config(calibration=M)` with the other defaults (bias correction on, equalization and "
+             f"AdaRound off); each setting quantized {args.repeats}x, least time and RSS kept",
              f"- load average (1 min) at start {args.load_start:.2f}, at end {os.getloadavg()[0]:.2f} "
              f"on {os.cpu_count()} cores (other work on the machine inflates and blurs times)",
              "- one test image is 0.22 points; ORT's `Distribution` method is meant for float8 "

@@ -301,15 +301,16 @@ def quantize(
     target: Annotated[TargetChoice, typer.Option("--target", help="ort: u8 activations x s8 weights (ONNX Runtime "
                                                                   "on x86); mcu: TFLite int8 scheme.")] = TargetChoice.ort,
     calibration: Annotated[CalibrationChoice, typer.Option("--calibration", help="How activation ranges are chosen.")]
-    = CalibrationChoice.minmax,
+    = CalibrationChoice.percentile,
     per_tensor: Annotated[bool, typer.Option("--per-tensor", help="Per-tensor weights (default per channel).")] = False,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", metavar="NODE_OR_OPTYPE",
                                                          help="Keep this node or op type in float (repeatable).")] = None,
     block_size: Annotated[int, typer.Option("--block-size", help="Block size of int4-weight.")] = 32,
     equalize: Annotated[bool, typer.Option("--equalize", help="Cross-layer equalization of consecutive convs "
                                                               "(depthwise-separable nets).")] = False,
-    bias_correct: Annotated[bool, typer.Option("--bias-correct", help="Correct the mean shift int8 weights "
-                                                                      "cause in each layer's output.")] = False,
+    bias_correct: Annotated[bool, typer.Option("--bias-correct/--no-bias-correct",
+                                               help="Correct the mean shift int8 weights cause in each layer's "
+                                                    "output.")] = True,
     adaround: Annotated[bool, typer.Option("--adaround", help="Learn each weight's rounding from calibration "
                                                               "activations (slower).")] = False,
     smoothquant: Annotated[Optional[float], typer.Option("--smoothquant", metavar="ALPHA",

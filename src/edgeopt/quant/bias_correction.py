@@ -89,10 +89,18 @@ class ChannelMeanObserver:
         self._count: np.ndarray | None = None
 
     def update(self, array) -> None:
-        array = np.asarray(array, dtype=np.float64)
-        rows = np.moveaxis(array, self.axis, 0).reshape(array.shape[self.axis], -1)
-        finite = np.isfinite(rows)
-        total, count = np.where(finite, rows, 0.0).sum(axis=1), finite.sum(axis=1)
+        array = np.asarray(array)
+        axis = self.axis % array.ndim
+        others = tuple(a for a in range(array.ndim) if a != axis)
+        total = array.sum(axis=others, dtype=np.float64)
+        # A float32/float64 sum in float64 cannot overflow, so finite sums mean finite values: the
+        # masked pass below is only paid for a batch with NaN or infinity in it.
+        if np.isfinite(total).all():
+            count = np.full(array.shape[axis], array.size // max(array.shape[axis], 1), dtype=np.int64)
+        else:
+            finite = np.isfinite(array)
+            total = np.where(finite, array, 0.0).sum(axis=others, dtype=np.float64)
+            count = finite.sum(axis=others)
         if self._sum is None:
             self._sum, self._count = total, count
         else:

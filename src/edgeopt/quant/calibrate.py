@@ -391,15 +391,16 @@ class _Runner:
         return range_session(self.model, observation.whole, observation.reduced, packed=observation.packed.names,
                              free_batch=free_batch)
 
-    def run(self, feeds: list[dict]) -> Iterator[tuple[dict, dict]]:
+    def run(self, feeds: list[dict]) -> Iterator[tuple[dict, dict, int]]:
+        """``(feed, outputs, samples)``: the group as one run, or each feed alone."""
         if self.grouped and len(feeds) > 1:
             joined = {name: np.concatenate([feed[name] for feed in feeds]) for name in feeds[0]}
             outputs = self._try_group(joined, feeds)
             if outputs is not None:
-                yield joined, outputs
+                yield joined, outputs, len(feeds)
                 return
         for feed in feeds:
-            yield feed, (self.session.run(feed, self.fetch) if self.fetch else {})
+            yield feed, (self.session.run(feed, self.fetch) if self.fetch else {}), 1
 
     def _try_group(self, feed: dict, feeds: list[dict]) -> dict | None:
         names = list(dict.fromkeys([*self.fetch, *self.outputs]))
@@ -477,18 +478,16 @@ def calibrate(
     fetch = list(dict.fromkeys([*model_outputs, *observation.fetch]))
     runner = _Runner(model, observation, fetch, group=_group_size(specs, hooks))
     total, done = _length(data), 0
-    for feeds in _groups(data, specs, runner.group):
-        for feed, outputs in runner.run(feeds):
-            observation.update(feed, outputs)
-            for hook in hooks:
-                hook.update(feed, outputs)
-            samples = len(next(iter(feed.values()))) if runner.grouped else 1
-            del feed, outputs  # keep nothing of a batch
-            for _ in range(samples):
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-        del feeds  # before the next group is read: at most one group is alive
+    runs = (run for feeds in _groups(data, specs, runner.group) for run in runner.run(feeds))
+    for feed, outputs, samples in runs:
+        observation.update(feed, outputs)
+        for hook in hooks:
+            hook.update(feed, outputs)
+        del feed, outputs  # keep nothing of a batch
+        for _ in range(samples):
+            done += 1
+            if progress is not None:
+                progress(done, total)
     if done == 0:
         raise DataError("calibration data is empty: give at least one batch")
     logger.info("calibrated %d tensors on %d batches", len(names), done)
