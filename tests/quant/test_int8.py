@@ -80,7 +80,11 @@ def test_transformer_runs_its_matmuls_in_integer(models):
     model = models("transformer")
     result = quantize(model, Int8Config(calibration=CalibrationMethod.AUTO), _inputs("transformer", 16, 0))
     assert sqnr_db(model, result.model, _inputs("transformer", 8, 1)) >= TRANSFORMER_SQNR_DB
-    assert ort_op_counts(result.model)["QLinearMatMul"] >= 8
+    counts = ort_op_counts(result.model)
+    # The Linears (13 MatMul + Add(bias) fused into Gemm, and the head) run as QGemm with an int32
+    # bias; the attention products q k^T and softmax v as QLinearMatMul.
+    assert counts["QGemm"] == 14 and counts["QLinearMatMul"] == 4
+    assert sum(t.kind == "bias" and t.format == "int32" for t in result.tensors) == 14
     reasons = {(n.op_type, n.reason) for n in result.float_nodes}
     assert ("LayerNormalization", "no integer kernel for LayerNormalization") in reasons
 

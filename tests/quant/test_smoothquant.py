@@ -21,7 +21,7 @@ from onnx import helper
 
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
-from edgeopt.io import model_to_bytes
+from edgeopt.io import load_model, model_to_bytes
 from edgeopt.passes import optimize_for_quantization
 from edgeopt.quant.equalize import replace_constant_input
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, ChannelAbsMaxObserver, smooth, smoothing_inputs
@@ -124,9 +124,22 @@ def test_folds_into_layer_norms_and_preserves_outputs(transformer):
     assert all(s.folded_into.endswith("LayerNormalization") for s in report.smoothed)
     assert [len(s.layers) for s in report.smoothed] == [3, 1, 3, 1]  # q, k, v share one scale; MLP in
     reasons = dict(report.skipped)
-    assert "comes from a graph input" in reasons["input"] and "insert_mul=True" in reasons["input"]
+    # The embedding Linear reads the input (of known shape) as Gemm rows Reshape(input, [-1, 32]).
+    assert "comes from a graph input" in reasons["input_rows"] and "insert_mul=True" in reasons["input_rows"]
     assert len(reasons) == 6  # embed, 2x out-projection, 2x MLP out (after GELU), head (after ReduceMean)
     assert [n.op_type for n in model.graph] == [n.op_type for n in transformer.graph]
+
+
+def test_looks_through_the_rows_reshape_of_linears_fused_into_gemm(tmp_path):
+    # With shapes inferred (load_model), every Linear is a Gemm reading Reshape(X, [-1, K]);
+    # q, k and v share that Reshape, and 1/s still folds into the LayerNorm before it.
+    model = optimize_for_quantization(load_model(build_onnx("transformer", tmp_path))).model
+    assert sum(node.op_type == "Gemm" for node in model.graph) == 14  # 13 fused Linears + the head
+    smoothed = model.clone()
+    report = smooth(smoothed, _abs_max(model, _feeds(8, seed=0)))
+    assert [len(s.layers) for s in report.smoothed] == [3, 1, 3, 1]
+    assert all(s.folded_into.endswith("LayerNormalization") and s.tensor.endswith("_rows") for s in report.smoothed)
+    assert_same_outputs(model, smoothed, atol=1e-5, rtol=1e-4)
 
 
 def test_outlier_ratio_is_reduced_in_the_smoothed_model(outlier_transformer):

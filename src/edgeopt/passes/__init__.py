@@ -24,6 +24,7 @@ from edgeopt.passes.fuse_activations import (
     fuse_activations,
     is_relu6,
 )
+from edgeopt.passes.fuse_matmul_add import FuseMatMulAddPass, fuse_matmul_add
 
 #: Every pass class, for meta-tests and the CLI's ``passes`` listing.
 ALL_PASSES: tuple[type[RulePass], ...] = (
@@ -31,6 +32,7 @@ ALL_PASSES: tuple[type[RulePass], ...] = (
     EliminateDeadCodePass,
     FoldBatchNormPass,
     FoldAffinePass,
+    FuseMatMulAddPass,
     FuseActivationsPass,
 )
 
@@ -42,6 +44,7 @@ __all__ = [
     "FoldBatchNormPass",
     "FoldConstantsPass",
     "FuseActivationsPass",
+    "FuseMatMulAddPass",
     "Match",
     "PassReport",
     "PipelineResult",
@@ -58,6 +61,7 @@ __all__ = [
     "fold_constants",
     "following_clamp",
     "fuse_activations",
+    "fuse_matmul_add",
     "is_relu6",
     "optimize_for_quantization",
 ]

@@ -2,8 +2,9 @@
 
 Order matters: constants must be initializers before rules can read them,
 BatchNormalization must be folded before an exporter's leftover Mul/Add can
-join the same Conv, and the last dead-code sweep drops the weights folding
-replaced.
+join the same Conv (and before MatMul + Add become a Gemm: a BatchNorm after
+a MatMul leaves exactly that pair), and the last dead-code sweep drops the
+weights folding replaced.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from edgeopt.passes.fold_affine import FoldAffinePass
 from edgeopt.passes.fold_batchnorm import FoldBatchNormPass
 from edgeopt.passes.fold_constants import FoldConstantsPass
 from edgeopt.passes.fuse_activations import FuseActivationsPass
+from edgeopt.passes.fuse_matmul_add import FuseMatMulAddPass
 
 __all__ = ["PipelineResult", "default_passes", "optimize_for_quantization"]
 
@@ -34,6 +36,8 @@ def default_passes() -> list[RulePass]:
         FoldBatchNormPass(),
         # Per-channel Mul/Add left by exporters that pre-fold BatchNorm folds the same way.
         FoldAffinePass(),
+        # MatMul + Add(bias) (an exported Linear, or what BatchNorm folding left) becomes one Gemm.
+        FuseMatMulAddPass(),
         # Spelled-out hardswish, GELU, LayerNorm and SiLU become single ops (or are annotated).
         FuseActivationsPass(),
         # The weights folding replaced, and nodes fusion orphaned, are dropped.

@@ -20,7 +20,8 @@ channel and absorb it better. A channel with ``m_j = 0`` or ``w_j = 0`` keeps
 
 ``X / s`` costs nothing when folded into the op that produces ``X``, provided
 ``X`` is read only by the smoothed layers (else the other readers would see
-``X / s``):
+``X / s``). Reshapes that keep the last axis are looked through (a Linear on
+``[B, S, K]`` runs as a Gemm on rows ``Reshape(X, [-1, K])``). The producer:
 
 * ``LayerNormalization`` over the last axis (the standard case, pre-norm
   attention and MLP blocks): ``gamma' = gamma / s``, ``beta' = beta / s``;
@@ -197,8 +198,27 @@ def _linear_site(value: ir.Value, channels: int) -> _Site | None:
     return _Site(kind="linear", node=producer, bias_add=bias_add)
 
 
+def _keeps_last_axis(source: ir.Value, value: ir.Value) -> bool:
+    dims = [v.shape.dims[-1] if v.shape is not None and len(v.shape) else None for v in (source, value)]
+    return isinstance(dims[0], int) and dims[0] == dims[1]
+
+
+def _through_reshapes(value: ir.Value) -> ir.Value:
+    """The tensor ``value`` is a reshaped copy of, through Reshapes that keep the last axis (a Gemm's
+    rows ``[-1, K]`` of ``[B, S, K]``) and whose input they alone read: channel ``j`` is the same
+    channel in both, so dividing it at the source divides it in ``value``."""
+    while _is_op(producer := value.producer(), "Reshape"):
+        source = producer.inputs[0]
+        if (source is None or source.is_graph_output() or len(eir.consumers(source)) != 1
+                or not _keeps_last_axis(source, value)):
+            break
+        value = source
+    return value
+
+
 def _site(value: ir.Value, targets: list[ir.Node], channels: int, insert_mul: bool) -> _Site | str:
-    producer = value.producer()
+    origin = _through_reshapes(value)
+    producer = origin.producer()
     readers = eir.consumers(value)
     exclusive = len(readers) == len(targets) and not value.is_graph_output()
     reason = f"{value.name!r} is also read by nodes that are not smoothed" if not exclusive else None
@@ -207,7 +227,7 @@ def _site(value: ir.Value, targets: list[ir.Node], channels: int, insert_mul: bo
         if reason is None:
             return _Site(kind="LayerNormalization", node=producer)
     elif exclusive:
-        site = _linear_site(value, channels)
+        site = _linear_site(origin, channels)
         if site is not None:
             return site
         source = f"{producer.op_type} {eir.node_label(producer)!r}" if producer is not None else "a graph input"
