@@ -47,6 +47,7 @@ from edgeopt.quant.config import PerChannel, PerTensor
 from edgeopt.quant.equalize import replace_constant_input
 from edgeopt.quant.ops import weight_axis
 from edgeopt.quant.primitives import dequantize, quantize_per_channel
+from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES
 
 __all__ = [
     "BiasCorrectionReport",
@@ -106,6 +107,18 @@ class ChannelMeanObserver:
         else:
             self._sum, self._count = self._sum + total, self._count + count
 
+    def update_mean(self, mean: np.ndarray, count: int) -> None:
+        """Fold in a batch already reduced to its channel means over ``count`` values each (channels
+        whose mean is not finite, from a NaN or infinity in the batch, are left out of it)."""
+        mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+        finite = np.isfinite(mean)
+        total = np.where(finite, mean * count, 0.0)
+        counted = np.where(finite, count, 0).astype(np.int64)
+        if self._sum is None:
+            self._sum, self._count = total, counted
+        else:
+            self._sum, self._count = self._sum + total, self._count + counted
+
     def result(self) -> ChannelMeans:
         if self._sum is None:
             empty = np.zeros(0)
@@ -122,10 +135,12 @@ class ChannelMeanHook:
     """A calibration hook (``update(feed, outputs)``) that averages the channels of ``tensors``.
 
     ``tensors`` maps a tensor name to its channel axis (:func:`correction_inputs`).
-    The calibration pass must fetch these tensors (graph inputs come from the feed).
+    The calibration pass gives each tensor whole, or (``channel_means``) its per-channel
+    mean and element count computed inside ONNX Runtime (graph inputs come from the feed).
     """
 
-    groupable = True  # per-channel sums/maxima: the same whatever the batching
+    groupable = True  # per-channel sums: the same whatever the batching
+    channel_means = True
 
     def __init__(self, tensors: Mapping[str, int]) -> None:
         self.tensors = dict(tensors)
@@ -133,6 +148,10 @@ class ChannelMeanHook:
 
     def update(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         for name, observer in self._observers.items():
+            mean = outputs.get(name + CHANNEL_MEAN_SUFFIXES[0])
+            if mean is not None and np.issubdtype(mean.dtype, np.floating) and mean.size:
+                observer.update_mean(mean, int(outputs[name + CHANNEL_MEAN_SUFFIXES[1]]) // mean.size)
+                continue
             array = outputs[name] if name in outputs else feed.get(name)
             if array is not None and np.issubdtype(np.asarray(array).dtype, np.floating):
                 observer.update(array)

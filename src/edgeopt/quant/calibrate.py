@@ -45,6 +45,7 @@ from edgeopt.quant.observers import (
 from edgeopt.quant.registry import Batch, ProgressCallback
 from edgeopt.runtime.memory import return_freed_memory
 from edgeopt.runtime.ort import (
+    CHANNEL_MEAN_SUFFIXES,
     PACKED_RANGE_OUTPUTS,
     RANGE_SUFFIXES,
     OrtSession,
@@ -304,17 +305,21 @@ class _Observation:
     """
 
     def __init__(self, names: Sequence[str], config: CalibrationConfig, *, inputs: set[str],
-                 whole: Sequence[str], packed: Sequence[str]) -> None:
+                 whole: Sequence[str], packed: Sequence[str],
+                 channel_means: Mapping[str, tuple[int, int]] | None = None) -> None:
         self.observers = {name: _TensorObserver(name, config) for name in names}
         self.inputs = [name for name in names if name in inputs]
         self.whole, self.packed = list(whole), _PackedRanges(packed)
+        self.channel_means = dict(channel_means or {})  # for hooks: name -> (channel axis, rank)
         done = {*self.inputs, *self.whole, *self.packed.names}
         self.reduced = [name for name in names if name not in done]
 
     @property
     def fetch(self) -> list[str]:
         """The session outputs one run must return."""
-        return [*self.whole, *_range_names(self.reduced), *(PACKED_RANGE_OUTPUTS if self.packed.names else ())]
+        means = [name + suffix for name in self.channel_means for suffix in CHANNEL_MEAN_SUFFIXES]
+        return [*self.whole, *_range_names(self.reduced), *(PACKED_RANGE_OUTPUTS if self.packed.names else ()),
+                *means]
 
     def update(self, feed: Batch, outputs: Mapping[str, np.ndarray]) -> None:
         for name in self.inputs:
@@ -389,7 +394,7 @@ class _Runner:
     def _session(self, *, free_batch: bool) -> OrtSession:
         observation = self.observation
         return range_session(self.model, observation.whole, observation.reduced, packed=observation.packed.names,
-                             free_batch=free_batch)
+                             channel_means=observation.channel_means, free_batch=free_batch)
 
     def run(self, feeds: list[dict]) -> Iterator[tuple[dict, dict, int]]:
         """``(feed, outputs, samples)``: the group as one run, or each feed alone."""
@@ -432,6 +437,10 @@ def _joined(name: str, parts: list[np.ndarray]) -> np.ndarray | None:
         return np.asarray(np.minimum.reduce(parts))
     if name.endswith(RANGE_SUFFIXES[1]):
         return np.asarray(np.maximum.reduce(parts))
+    if name.endswith(CHANNEL_MEAN_SUFFIXES[0]):  # samples of one shape: the mean of their means
+        return np.asarray(np.mean(parts, axis=0, dtype=np.float64), dtype=parts[0].dtype)
+    if name.endswith(CHANNEL_MEAN_SUFFIXES[1]):
+        return np.asarray(np.sum(parts), dtype=parts[0].dtype)
     return np.concatenate(parts) if parts[0].ndim else None
 
 
@@ -449,6 +458,18 @@ def _matches(actual: np.ndarray, expected: np.ndarray | None) -> bool:
 
 
 _MATCH_TOLERANCE = 1e-5
+
+
+def _channel_mean_axes(model: ir.Model, wanted: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    """(channel axis, rank) of each tensor whose rank is known (the others are fetched whole)."""
+    values = {v.name: v for node in model.graph for v in node.outputs if v.name in wanted}
+    axes = {}
+    for name, axis in wanted.items():
+        value = values.get(name)
+        rank = len(value.shape) if value is not None and value.shape is not None else None
+        if rank and -rank <= axis < rank:
+            axes[name] = (axis % rank, rank)
+    return axes
 
 
 def calibrate(
@@ -469,12 +490,18 @@ def calibrate(
     computed = [name for name in names if name not in input_names]
     model_outputs = [value.name for value in model.graph.outputs] if hooks else []
     # Tensors only min/max-observed come back as their min and max reduced inside ONNX Runtime;
-    # histograms and hooks need the whole tensor.
-    hook_tensors = {t for hook in hooks for t in getattr(hook, "tensors", ())} | set(model_outputs)
+    # histograms and hooks need the whole tensor, except hooks that only want channel means.
+    wanted_means = {t: axis for hook in hooks if getattr(hook, "channel_means", False)
+                    for t, axis in hook.tensors.items()}
+    hook_tensors = {t for hook in hooks for t in getattr(hook, "tensors", ()) if t not in wanted_means}
+    hook_tensors |= set(model_outputs)
     whole = [n for n in computed if config.method.needs_histogram or n in hook_tensors]
+    means = _channel_mean_axes(model, {t: a for t, a in wanted_means.items()
+                                       if t not in input_names and t not in set(whole)})
+    whole += [t for t in wanted_means if t not in input_names and t not in set(whole) and t not in means]
     reduced = [n for n in computed if n not in set(whole)]
     observation = _Observation(names, config, inputs=input_names, whole=whole,
-                               packed=_float32_outputs(model, reduced))
+                               packed=_float32_outputs(model, reduced), channel_means=means)
     fetch = list(dict.fromkeys([*model_outputs, *observation.fetch]))
     runner = _Runner(model, observation, fetch, group=_group_size(specs, hooks))
     total, done = _length(data), 0

@@ -26,8 +26,9 @@ from edgeopt import ir as eir
 from edgeopt.errors import DataError, ModelError
 from edgeopt.io import model_to_bytes
 
-__all__ = ["PACKED_RANGE_OUTPUTS", "RANGE_SUFFIXES", "OrtSession", "batch_one_reshapes", "fill_missing_shapes",
-           "observing_session", "optimized_model", "ort_version", "random_feed", "range_session"]
+__all__ = ["CHANNEL_MEAN_SUFFIXES", "PACKED_RANGE_OUTPUTS", "RANGE_SUFFIXES", "OrtSession", "batch_one_reshapes",
+           "fill_missing_shapes", "observing_session", "optimized_model", "ort_version", "random_feed",
+           "range_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -278,8 +279,29 @@ def _add_range_nodes(graph, reduced: Sequence[str], packed: Sequence[str]) -> No
         graph.output.append(onnx.ValueInfoProto(name=output))
 
 
+CHANNEL_MEAN_SUFFIXES = ("__edgeopt_channel_mean", "__edgeopt_size")
+
+
+def _add_channel_mean_nodes(graph, channel_means: Mapping[str, tuple[int, int]], opset: int) -> None:
+    """For each tensor (name -> (channel axis, rank)): its mean over every other axis ([C]) and its
+    number of elements (a scalar), so a caller gets per-channel sums without fetching the tensor."""
+    helper = onnx.helper
+    for name, (axis, rank) in channel_means.items():
+        axes = [a for a in range(rank) if a != axis]
+        mean, size = (name + suffix for suffix in CHANNEL_MEAN_SUFFIXES)
+        if opset >= 18:  # ReduceMean takes its axes as an input from opset 18 on
+            axes_name = mean + "_axes"
+            graph.initializer.append(onnx.numpy_helper.from_array(np.array(axes, np.int64), axes_name))
+            graph.node.append(helper.make_node("ReduceMean", [name, axes_name], [mean], keepdims=0, name=mean))
+        else:
+            graph.node.append(helper.make_node("ReduceMean", [name], [mean], axes=axes, keepdims=0, name=mean))
+        graph.node.append(helper.make_node("Size", [name], [size], name=size))
+        graph.output.extend([onnx.ValueInfoProto(name=mean), onnx.ValueInfoProto(name=size)])
+
+
 def range_session(model: ir.Model, full: Sequence[str], reduced: Sequence[str], *,
-                  packed: Sequence[str] = (), threads: int | None = None, free_batch: bool = False) -> OrtSession:
+                  packed: Sequence[str] = (), channel_means: Mapping[str, tuple[int, int]] | None = None,
+                  threads: int | None = None, free_batch: bool = False) -> OrtSession:
     """A session returning the tensors ``full`` whole and, for each of ``reduced`` and ``packed``, only
     its min and max.
 
@@ -291,6 +313,8 @@ def range_session(model: ir.Model, full: Sequence[str], reduced: Sequence[str], 
     many tensors. With ``free_batch`` the session's batch dim is symbolic and
     the Reshapes of :func:`batch_one_reshapes` follow it, so several batch-1
     samples can run as one batch (the caller checks the model allows it).
+    ``channel_means`` (name -> (channel axis, rank)) adds each tensor's per-channel mean and size
+    (outputs ``{name}`` + :data:`CHANNEL_MEAN_SUFFIXES`).
     """
     prepared = _with_all_outputs(model, full)
     proto = prepared.proto
@@ -298,6 +322,8 @@ def range_session(model: ir.Model, full: Sequence[str], reduced: Sequence[str], 
         _free_batch_dim(proto.graph)
         _follow_batch(proto.graph, batch_one_reshapes(model))
     _add_range_nodes(proto.graph, reduced, packed)
+    if channel_means:
+        _add_channel_mean_nodes(proto.graph, channel_means, eir.default_opset(model))
     # Between runs the observers' numpy work needs the cores that spinning ORT threads would hold.
     return OrtSession(prepared, threads=threads, spin=False)
 
