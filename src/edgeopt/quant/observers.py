@@ -209,8 +209,7 @@ class HistogramObserver:
         and its bit pattern is that of ``2**52`` plus ``n``. The index is in
         ``[0, num_bins)`` because :meth:`_cover` made the grid hold ``[lo, hi]``.
         """
-        index = values.astype(np.float64)
-        index /= self._width
+        index = np.divide(values, self._width, dtype=np.float64)  # float32 widens exactly, in the same pass
         np.floor(index, out=index)
         index += _TWO_52 - self._start
         bits = index.view(np.int64)
