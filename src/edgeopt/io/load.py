@@ -187,8 +187,10 @@ def _detach_weights(graph: onnx.GraphProto) -> dict[str, ir.Tensor]:
                 or len(tensor.raw_data) < _DETACH_MIN_BYTES):
             continue
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
-        array = np.frombuffer(tensor.raw_data, dtype=dtype).astype(dtype.newbyteorder("="))  # owned copy
-        array = array.reshape(tuple(tensor.dims))
+        # A read-only view of the bytes object (the one copy made): passes build new arrays.
+        array = np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tuple(tensor.dims))
+        if not dtype.isnative:  # big-endian host: the data is little-endian
+            array = array.astype(dtype.newbyteorder("="))
         detached[tensor.name] = ir.Tensor(array, name=tensor.name, doc_string=tensor.doc_string or None)
         tensor.ClearField("raw_data")
     return detached
