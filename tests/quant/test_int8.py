@@ -195,3 +195,24 @@ def test_odd_exporter_graphs_quantize(tmp_path, builder, input_name, shape):
     result = quantize(model, Int8Config(), data)
     assert sqnr_db(model, result.model, data) >= CONV_NET_SQNR_DB
     assert ort_op_counts(result.model)["QLinearConv"] == 1 and result.float_nodes == ()
+
+
+def test_a_linear_of_a_model_without_shapes_still_becomes_gemm():
+    """MatMul + bias on a 3-D tensor, in a model built without any inferred shapes: quantize infers
+    them first, so the float passes fuse the pair and the bias is int32."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["mm"]),
+         helper.make_node("Add", ["mm", "b"], ["y"])], "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(rng.normal(size=(8, 6)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.normal(size=6).astype(np.float32), "b")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert model.graph.node(1).inputs[0].shape is None  # the MatMul reads a value of unknown rank
+    feeds = [{"x": rng.normal(size=(1, 4, 8)).astype(np.float32)} for _ in range(8)]
+    result = quantize(model, Int8Config(), feeds)
+    assert [n.op_type for n in result.model.graph if n.op_type in ("Gemm", "MatMul", "Add")] == ["Gemm"]
+    assert sqnr_db(model, result.model, feeds) > CONV_NET_SQNR_DB

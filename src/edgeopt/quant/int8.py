@@ -68,6 +68,18 @@ def _optimize(model: ir.Model) -> tuple[ir.Model, object | None]:
     return result.model, result
 
 
+def _infer_matmul_ranks(model: ir.Model) -> None:
+    """ONNX shape inference first when a MatMul input has no known rank (a model built or loaded
+    without shapes): the float passes need it to fuse MatMul + bias into Gemm."""
+    if not any(node.op_type == "MatMul" and node.inputs and node.inputs[0] is not None
+               and node.inputs[0].shape is None for node in model.graph):
+        return
+    try:
+        common_passes.ShapeInferencePass()(model)
+    except Exception as error:  # best effort: the passes then leave those MatMuls alone
+        logger.info("shape inference skipped (%s)", str(error).splitlines()[0] if str(error) else error)
+
+
 def _prepare(model: ir.Model) -> None:
     """Unique node/value names (the plan refers to names) and dtypes where ONNX can infer them."""
     common_passes.NameFixPass()(model)
@@ -141,6 +153,7 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
         check = OpsetCheck(model, converted, tolerance=config.verify_tolerance)
         model = converted
         hooks.append(check)
+    _infer_matmul_ranks(model)
     model, optimization = _optimize(model)
     _prepare(model)
     check_exclude([given, model], config.exclude)
