@@ -88,7 +88,7 @@ def test_a_batch_fixed_without_a_leading_one_falls_back_to_single_samples(caplog
     assert batch_one_reshapes(model) == {}  # nothing to rewrite: the grouped run itself must fail
     data = _samples((1, 16, 8))
     names = _tensor_names(model)
-    with caplog.at_level(logging.INFO, logger="edgeopt.quant.calibrate"):
+    with caplog.at_level(logging.INFO, logger="edgeopt.quant.grouping"):
         ranges = _calibrated_ranges(model, data, names)
     assert FALLBACK_MESSAGE in caplog.text
     assert ranges == _per_sample_ranges(model, data, names)
@@ -126,7 +126,7 @@ def test_rewritten_reshapes_that_mix_samples_are_caught_by_the_single_sample_che
     single = observing_session(model, []).run
     assert grouped.shape == (16, 1, 32)
     assert not np.allclose(grouped, np.concatenate([single(feed)["y"] for feed in data[:16]]))
-    with caplog.at_level(logging.INFO, logger="edgeopt.quant.calibrate"):
+    with caplog.at_level(logging.INFO, logger="edgeopt.quant.grouping"):
         ranges = _calibrated_ranges(model, data, names)
     assert FALLBACK_MESSAGE in caplog.text
     assert ranges == _per_sample_ranges(model, data, names)

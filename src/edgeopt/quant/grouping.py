@@ -1,0 +1,147 @@
+"""Running calibration samples in groups: several batch-1 samples as one ONNX Runtime run.
+
+Batch-1 samples run GROUP_SIZE at a time on a copy of the model with a free
+batch dim: the same min/max and histograms, a tenth of the per-call overhead.
+Only when every hook is groupable (see ``calibrate.BatchHook``) and every
+input has batch dim 1. A constant Reshape target [1, ...] follows the batch
+on that copy ([0, ...]: see ``batch_one_reshapes``). Grouping is trusted only
+once the first group gave what its samples give one by one: a model that
+fixes its batch fails to run, or mixes samples up (a seq-first Transpose
+before a Reshape [-1, ...], a fixed dim that equals the group size) and fails
+that check; either way it falls back to one sample per run. Groups stay small
+for big inputs, where per-call overhead no longer matters and a batch's
+activations would dominate peak memory: at most GROUP_INPUT_BYTES of input
+per group.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+from edgeopt.data import check_feed
+from edgeopt.errors import DataError
+from edgeopt.quant.registry import Batch
+from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES, RANGE_SUFFIXES, OrtSession, range_session
+
+__all__ = ["GROUP_INPUT_BYTES", "GROUP_SIZE", "Runner", "group_size", "groups"]
+
+logger = logging.getLogger(__name__)
+
+GROUP_SIZE = 16
+GROUP_INPUT_BYTES = 1 << 20
+
+
+def group_size(specs: Sequence[eir.InputSpec], hooks: Sequence[object]) -> int:
+    groupable = (all(getattr(hook, "groupable", False) for hook in hooks) and bool(specs)
+                 and all(spec.is_static and spec.shape and spec.shape[0] == 1 for spec in specs))
+    if not groupable:
+        return 1
+    sample_bytes = sum(int(np.prod(spec.shape)) * spec.dtype.itemsize for spec in specs)
+    return max(1, min(GROUP_SIZE, GROUP_INPUT_BYTES // max(sample_bytes, 1)))
+
+
+def groups(data: Iterable[Batch], specs: Sequence[eir.InputSpec], size: int) -> Iterator[list[dict]]:
+    """Checked feeds, in runs of up to ``size`` with identical shapes (in data order)."""
+    group: list[dict] = []
+    for index, batch in enumerate(data):
+        feed = check_feed(specs, batch, where=f"calibration batch {index + 1}")
+        if group and (len(group) == size or not _same_shapes(feed, group[0])):
+            yield group
+            group = []
+        group.append(feed)
+    if group:
+        yield group
+
+
+def _same_shapes(feed: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]) -> bool:
+    for name, array in feed.items():
+        if array.shape != other[name].shape:
+            return False
+    return True
+
+
+class Runner:
+    """Runs groups of feeds as one batch while the model allows it, else one by one."""
+
+    def __init__(self, model: ir.Model, observation, fetch: Sequence[str], *, group: int) -> None:
+        self.model, self.observation = model, observation
+        self.outputs = [value.name for value in model.graph.outputs]
+        self.fetch = list(fetch)
+        self.group = group
+        self.grouped = group > 1
+        # Grouping is trusted once the first group matches its samples' single runs.
+        self.unverified = self.grouped
+        self.session = self._session(free_batch=self.grouped)
+
+    def _session(self, *, free_batch: bool) -> OrtSession:
+        observation = self.observation
+        return range_session(self.model, observation.whole, observation.reduced, packed=observation.packed.names,
+                             channel_means=observation.channel_means, free_batch=free_batch)
+
+    def run(self, feeds: list[dict]) -> Iterator[tuple[dict, dict, int]]:
+        """``(feed, outputs, samples)``: the group as one run, or each feed alone."""
+        if self.grouped and len(feeds) > 1:
+            joined = {name: np.concatenate([feed[name] for feed in feeds]) for name in feeds[0]}
+            outputs = self._try_group(joined, feeds)
+            if outputs is not None:
+                yield joined, outputs, len(feeds)
+                return
+        for feed in feeds:
+            yield feed, (self.session.run(feed, self.fetch) if self.fetch else {}), 1
+
+    def _try_group(self, feed: dict, feeds: list[dict]) -> dict | None:
+        names = list(dict.fromkeys([*self.fetch, *self.outputs]))
+        try:
+            outputs = self.session.run(feed, names)
+        except DataError:
+            outputs = None
+        if (outputs is not None and all(outputs[o].shape[:1] == (len(feeds),) for o in self.outputs)
+                and (not self.unverified or self._same_as_single_runs(outputs, feeds, names))):
+            self.unverified = False
+            return outputs
+        logger.info("the model does not batch (it fixes its batch size): calibrating one sample per run")
+        self.grouped = False
+        self.session = self._session(free_batch=False)
+        return None
+
+    def _same_as_single_runs(self, outputs: Mapping[str, np.ndarray], feeds: list[dict], names: list[str]) -> bool:
+        try:
+            singles = [self.session.run(feed, names) for feed in feeds]
+        except DataError:
+            return False
+        return all(_matches(outputs[name], _joined(name, [single[name] for single in singles])) for name in names)
+
+
+def _joined(name: str, parts: list[np.ndarray]) -> np.ndarray | None:
+    """What one run of the samples together must give for output ``name``, from their single runs:
+    the least (greatest) of the minima (maxima), else the tensors stacked along the batch dim."""
+    if name.endswith(RANGE_SUFFIXES[0]):
+        return np.asarray(np.minimum.reduce(parts))
+    if name.endswith(RANGE_SUFFIXES[1]):
+        return np.asarray(np.maximum.reduce(parts))
+    if name.endswith(CHANNEL_MEAN_SUFFIXES[0]):  # samples of one shape: the mean of their means
+        return np.asarray(np.mean(parts, axis=0, dtype=np.float64), dtype=parts[0].dtype)
+    if name.endswith(CHANNEL_MEAN_SUFFIXES[1]):
+        return np.asarray(np.sum(parts), dtype=parts[0].dtype)
+    return np.concatenate(parts) if parts[0].ndim else None
+
+
+def _matches(actual: np.ndarray, expected: np.ndarray | None) -> bool:
+    """Same shape, dtype and values; floats up to rounding relative to the tensor's magnitude (a
+    batch may sum in another order: a ReduceMean differs by ~1e-7 of its largest value, while
+    mixing samples up changes values by their own size)."""
+    if expected is None or actual.shape != expected.shape or actual.dtype != expected.dtype:
+        return False
+    if not np.issubdtype(actual.dtype, np.inexact):
+        return bool(np.array_equal(actual, expected))
+    magnitude = float(np.max(np.abs(expected[np.isfinite(expected)]), initial=0.0))
+    return bool(np.allclose(actual, expected, rtol=_MATCH_TOLERANCE, atol=_MATCH_TOLERANCE * magnitude,
+                            equal_nan=True))
+
+
+_MATCH_TOLERANCE = 1e-5
