@@ -123,3 +123,34 @@ def test_a_model_that_fixes_its_batch_falls_back_to_one_sample_per_run(tmp_path)
     values = np.stack([session.run(feed, names)[names[0]] for feed in data])
     assert result.num_batches == 20
     assert result.tensors[names[0]].range == (float(values.min()), float(values.max()))
+
+
+class _WholeTensorHook:
+    """Reads its tensor whole from every run (as AdaRound's input sampler does)."""
+
+    def __init__(self, name: str) -> None:
+        self.tensors, self.batches = (name,), []
+
+    def update(self, feed, outputs) -> None:
+        self.batches.append(outputs[self.tensors[0]].copy())
+
+
+def test_a_tensor_one_hook_reads_whole_stays_whole_for_a_channel_means_hook_too():
+    """Bias correction (channel means, reduced inside ONNX Runtime) with AdaRound (whole layer
+    inputs) on min/max calibration: the shared tensor comes whole, and both hooks get their data."""
+    from edgeopt.quant.bias_correction import ChannelMeanHook
+
+    import onnx
+    import onnx_ir as ir
+
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(ir.to_proto(_conv_relu_model())))
+    assert [v.shape for n in model.graph for v in n.outputs if v.name == "relu"] == [ir.Shape([1, 8, 16, 16])]
+    data = batches(SHAPE, 4)
+    means, whole = ChannelMeanHook({"relu": 1}), _WholeTensorHook("relu")
+    calibrate(model, data, ["relu"], CalibrationConfig(), hooks=[means, whole])
+    relu = np.concatenate(whole.batches)
+    assert relu.shape == (4, 8, 16, 16)
+    np.testing.assert_allclose(means.result()["relu"], relu.mean(axis=(0, 2, 3)), rtol=1e-6)
+    alone = ChannelMeanHook({"relu": 1})  # alone, it gets the means computed inside ONNX Runtime
+    calibrate(model, data, ["relu"], CalibrationConfig(), hooks=[alone])
+    np.testing.assert_allclose(alone.result()["relu"], relu.mean(axis=(0, 2, 3)), rtol=1e-5)

@@ -360,15 +360,16 @@ def calibrate(
     computed = [name for name in names if name not in input_names]
     model_outputs = [value.name for value in model.graph.outputs] if hooks else []
     # Tensors only min/max-observed come back as their min and max reduced inside ONNX Runtime;
-    # histograms and hooks need the whole tensor, except hooks that only want channel means.
-    wanted_means = {t: axis for hook in hooks if getattr(hook, "channel_means", False)
-                    for t, axis in hook.tensors.items()}
-    hook_tensors = {t for hook in hooks for t in getattr(hook, "tensors", ()) if t not in wanted_means}
-    hook_tensors |= set(model_outputs)
-    whole = [n for n in computed if config.method.needs_histogram or n in hook_tensors]
-    means = _channel_mean_axes(model, {t: a for t, a in wanted_means.items()
-                                       if t not in input_names and t not in set(whole)})
-    whole += [t for t in wanted_means if t not in input_names and t not in set(whole) and t not in means]
+    # histograms and hooks need the whole tensor. Hooks that only want channel means get them
+    # reduced inside ONNX Runtime too, unless the tensor comes whole anyway (another hook reads it).
+    mean_hooks = [hook for hook in hooks if getattr(hook, "channel_means", False)]
+    read_whole = {t for hook in hooks if hook not in mean_hooks for t in getattr(hook, "tensors", ())}
+    whole = [n for n in computed if config.method.needs_histogram or n in read_whole or n in model_outputs]
+    fetched, observed = set(whole), set(computed)
+    wanted_means = {t: axis for hook in mean_hooks for t, axis in hook.tensors.items()
+                    if t in observed and t not in fetched}
+    means = _channel_mean_axes(model, wanted_means)
+    whole += [t for t in wanted_means if t not in means]  # rank unknown: fetched whole after all
     reduced = [n for n in computed if n not in set(whole)]
     observation = _Observation(names, config, inputs=input_names, whole=whole,
                                packed=_float32_outputs(model, reduced), channel_means=means)
