@@ -28,11 +28,13 @@ import onnx_ir as ir
 from edgeopt.errors import ModelError
 from edgeopt.runtime.memory import return_freed_memory
 
-__all__ = ["FILE_BYTES_KEY", "SUPPORTED_OPSETS", "load_model", "model_file_bytes", "parse_input_shapes", "read_model_proto"]
+__all__ = ["FILE_BYTES_KEY", "SUPPORTED_OPSETS", "load_model", "model_file_bytes", "parse_input_shapes",
+           "read_model_proto"]
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_OPSETS = range(11, 22)
+FILE_BYTES_KEY = "edgeopt.file_bytes"  # Model.meta: size on disk of the file a model was loaded from
 
 
 def parse_input_shapes(specs: Iterable[str]) -> dict[str, tuple[int, ...]]:
@@ -241,9 +243,6 @@ def load_model(
     _attach_weights(model, detached)
     model.meta[FILE_BYTES_KEY] = file_bytes
     return model
-
-
-FILE_BYTES_KEY = "edgeopt.file_bytes"  # Model.meta: size on disk of the file a model was loaded from
 
 
 def model_file_bytes(path: str | os.PathLike) -> int:

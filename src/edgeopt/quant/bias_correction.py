@@ -102,22 +102,21 @@ class ChannelMeanObserver:
             finite = np.isfinite(array)
             total = np.where(finite, array, 0.0).sum(axis=others, dtype=np.float64)
             count = finite.sum(axis=others)
-        if self._sum is None:
-            self._sum, self._count = total, count
-        else:
-            self._sum, self._count = self._sum + total, self._count + count
+        self._add(total, count)
 
     def update_mean(self, mean: np.ndarray, count: int) -> None:
         """Fold in a batch already reduced to its channel means over ``count`` values each (channels
         whose mean is not finite, from a NaN or infinity in the batch, are left out of it)."""
         mean = np.asarray(mean, dtype=np.float64).reshape(-1)
         finite = np.isfinite(mean)
-        total = np.where(finite, mean * count, 0.0)
-        counted = np.where(finite, count, 0).astype(np.int64)
+        self._add(np.where(finite, mean * count, 0.0), np.where(finite, count, 0).astype(np.int64))
+
+    def _add(self, total: np.ndarray, count: np.ndarray) -> None:
+        """Fold in one batch's per-channel sums and value counts."""
         if self._sum is None:
-            self._sum, self._count = total, counted
+            self._sum, self._count = total, count
         else:
-            self._sum, self._count = self._sum + total, self._count + counted
+            self._sum, self._count = self._sum + total, self._count + count
 
     def result(self) -> ChannelMeans:
         if self._sum is None:

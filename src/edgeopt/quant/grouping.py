@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 GROUP_SIZE = 16
 GROUP_INPUT_BYTES = 1 << 20
+_MATCH_TOLERANCE = 1e-5  # of a tensor's magnitude: summation order, not mixed-up samples (see _matches)
 
 
 def group_size(specs: Sequence[eir.InputSpec], hooks: Sequence[object]) -> int:
@@ -143,5 +144,3 @@ def _matches(actual: np.ndarray, expected: np.ndarray | None) -> bool:
     return bool(np.allclose(actual, expected, rtol=_MATCH_TOLERANCE, atol=_MATCH_TOLERANCE * magnitude,
                             equal_nan=True))
 
-
-_MATCH_TOLERANCE = 1e-5

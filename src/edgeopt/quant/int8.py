@@ -68,26 +68,28 @@ def _optimize(model: ir.Model) -> tuple[ir.Model, object | None]:
     return result.model, result
 
 
-def _infer_matmul_ranks(model: ir.Model) -> None:
-    """ONNX shape inference first when a MatMul input has no known rank (a model built or loaded
-    without shapes): the float passes need it to fuse MatMul + bias into Gemm."""
-    if not any(node.op_type == "MatMul" and node.inputs and node.inputs[0] is not None
-               and node.inputs[0].shape is None for node in model.graph):
-        return
+def _infer_shapes(model: ir.Model) -> None:
+    """ONNX shape and type inference, best effort (what it cannot infer stays unknown)."""
     try:
         common_passes.ShapeInferencePass()(model)
-    except Exception as error:  # best effort: the passes then leave those MatMuls alone
+    except Exception as error:
         logger.info("shape inference skipped (%s)", str(error).splitlines()[0] if str(error) else error)
 
 
+def _infer_matmul_ranks(model: ir.Model) -> None:
+    """Shapes first when a MatMul input has no known rank (a model built or loaded without
+    shapes): the float passes need it to fuse MatMul + bias into Gemm."""
+    if any(node.op_type == "MatMul" and node.inputs and node.inputs[0] is not None
+           and node.inputs[0].shape is None for node in model.graph):
+        _infer_shapes(model)
+
+
 def _prepare(model: ir.Model) -> None:
-    """Unique node/value names (the plan refers to names) and dtypes where ONNX can infer them."""
+    """Unique node/value names (the plan refers to names) and dtypes where ONNX can infer them
+    (calibration records the dtypes it sees for the rest)."""
     common_passes.NameFixPass()(model)
     if any(value.dtype is None for node in model.graph for value in node.outputs):
-        try:
-            common_passes.ShapeInferencePass()(model)
-        except Exception as error:  # best effort: calibration records the dtypes it sees
-            logger.info("shape inference skipped (%s)", str(error).splitlines()[0] if str(error) else error)
+        _infer_shapes(model)
 
 
 def _vanished_excludes(model: ir.Model, exclude: tuple[str, ...]) -> list[str]:
