@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -221,7 +222,8 @@ class HistogramObserver:
         # n - 2 bins' worth of width leaves a bin of slack, so [lo, hi] fits the
         # zero-anchored grid whatever the offset of lo within its bin and the
         # rounding of lo / width.
-        self._width = (hi - lo) / (self.num_bins - 2)
+        # (a span of denormals would divide to a zero width: the smallest normal float keeps it > 0)
+        self._width = max((hi - lo) / (self.num_bins - 2), sys.float_info.min)
         self._start = math.floor(lo / self._width)
         self._counts = np.zeros(self.num_bins, dtype=np.int64)
         self._counts[-self._start] += self._pending_zeros
