@@ -952,7 +952,8 @@ def results_table(cases: list[Case]) -> list[str]:
             speedup = 1 / row.relative if row.relative else None
             top1, drop = ("-", "-") if case.fidelity_only else (f"{100 * row.accuracy:.2f}",
                                                                   f"{_drop(case, row):+.2f}")
-            rows.append([case.name, s.tool, s.label, top1, drop, _fmt(row.sqnr_db, ".1f"), f"{100 * row.agreement:.1f}", f"{row.wall_s:.2f}",
+            rows.append([case.name, s.tool, s.label, top1, drop, _fmt(row.sqnr_db, ".1f"),
+                         f"{100 * row.agreement:.1f}", f"{row.wall_s:.2f}",
                          f"{row.peak_rss_mb:.0f}", _fmt(row.latency_ms, ".3f"),
                          "-" if speedup is None else f"{speedup:.2f}x"])
     return markdown_table(headers, rows, right=[False] * 3 + [True] * 8)

@@ -46,6 +46,20 @@ def test_quantize_is_byte_identical_across_runs(cli, tmp_path, calib):
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
 
+def test_the_python_api_mirrors_the_cli(cli, tmp_path, calib):
+    # `import edgeopt` is enough: the function and its configuration are at the top level
+    import edgeopt
+
+    assert cli("quantize", demo_model_path(), "--data", calib, "-o", tmp_path / "cli.onnx", "--no-speed-check",
+               "--calibration", "minmax", "--equalize").code == 0
+    report = edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(calibration=edgeopt.CalibrationMethod.MINMAX,
+                                                                    equalize=True),
+                              calib, output=tmp_path / "api.onnx", check_speed=False)
+    assert (tmp_path / "api.onnx").read_bytes() == (tmp_path / "cli.onnx").read_bytes()
+    assert report.fidelity.outputs[0].sqnr_db > 25 and report.result.model is not None
+    assert all(getattr(edgeopt, name) is not None for name in edgeopt.__all__)
+
+
 @pytest.mark.parametrize("scheme", ["fp16", "bf16", "int4-weight"])
 def test_other_schemes_need_no_data(cli, tmp_path, scheme):
     model = build_onnx("transformer", tmp_path)

@@ -20,6 +20,7 @@ from edgeopt.quant.speed import (
     float_islands,
     int8_dot_product_instructions,
     kernel_count,
+    model_precision,
     read_cpu_flags,
     signed_activations,
     slowdown_reasons,
@@ -83,6 +84,32 @@ def test_render_speed(check, capsys):
     captured = capsys.readouterr()
     assert "int8 (QDQ)" in captured.out
     assert ("not faster" in captured.err) == check.slower
+
+
+def test_an_ort_qdq_model_reads_as_int8(resnet):
+    from edgeopt.io import load_model
+
+    assert model_precision(load_model(resnet[1])) == "int8"
+    assert model_precision(load_model(resnet[0])) == "float32"
+
+
+@pytest.mark.parametrize(("scheme", "precision", "label"), [("Fp16Config", "float16", "fp16"),
+                                                            ("Bf16Config", "bfloat16", "bf16"),
+                                                            ("Int4WeightConfig", "int4", "int4 weights")])
+def test_other_precisions_are_timed_and_explained_as_themselves(resnet, scheme, precision, label, capsys):
+    # An fp16 model slower than float on CPU must not be told about integer kernels and float islands.
+    import edgeopt
+    from edgeopt.cli.render_compare import render_speed
+
+    converted = edgeopt.quantize(str(resnet[0]), getattr(edgeopt, scheme)(), check_fidelity=False,
+                                 check_speed=False).result.model
+    assert model_precision(converted) == precision
+    result = speed_check(resnet[0], converted, runs=3, threads=1)
+    assert result.label == label and result.evidence.to_dict()["precision"] == precision
+    render_speed(result)
+    captured = capsys.readouterr()
+    assert label in captured.out and "int8" not in captured.out + captured.err
+    assert all("integer kernel" not in reason and "int8" not in reason for reason in result.reasons)
 
 
 def test_models_with_different_inputs_are_refused(resnet):
@@ -244,6 +271,16 @@ def test_unfused_qdq_and_missing_integer_kernels_are_reasons():
     assert reason.startswith("12 QuantizeLinear/DequantizeLinear nodes remain")
     (reason,) = slowdown_reasons(_evidence(kernels=KernelCount(integer_kernels=0, unfused_qdq=12)))
     assert "no node into an integer kernel" in reason
+
+
+def test_half_precision_and_weight_only_models_get_their_own_reasons():
+    (tiny_fp16, *_) = slowdown_reasons(_evidence(precision="float16", runtime_casts=3, float_ms=1.0))
+    assert "computes this fp16 model in float32" in tiny_fp16 and "3 Cast nodes" in tiny_fp16
+    (reason,) = slowdown_reasons(_evidence(precision="bfloat16", runtime_casts=0, dot_product=()))
+    assert "bf16 model in float32" in reason and "Cast" not in reason  # no int8 dot-product talk
+    reasons = slowdown_reasons(_evidence(precision="int4", float_ms=TINY_MODEL_MS / 2,
+                                         islands=(FloatIsland(node="n", op_type="Erf"),)))
+    assert len(reasons) == 2 and "int4 weight-only" in reasons[0] and "overhead" in reasons[1]
 
 
 def test_several_reasons_come_most_fundamental_first():

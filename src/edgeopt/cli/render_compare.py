@@ -55,16 +55,17 @@ def _coverage_line(result: CompareResult) -> str:
 
 
 def render_speed(check: SpeedCheck) -> None:
-    """Float vs int8 latency, the speedup, and the reasons when int8 is not faster."""
+    """Float vs quantized latency, the speedup, and the reasons when the quantized model is not faster."""
     state.stdout.print(f"ONNX Runtime CPU, median of {check.runs} interleaved runs, "
                        f"threads={check.threads or 'default'}")
     rows = table(None, [("model", "left"), ("median ms", "right"), ("speedup", "right")])
     rows.add_row("float", f"{check.float_ms:.3f}", "1.00x")
-    rows.add_row("int8 (QDQ)", f"{check.quant_ms:.3f}", f"{check.speedup:.2f}x")
+    rows.add_row(check.label, f"{check.quant_ms:.3f}", f"{check.speedup:.2f}x")
     state.stdout.print(rows)
     if not check.slower:
         return
-    state.stderr.print(f"warning: int8 is not faster than float on this machine ({check.speedup:.2f}x)",
+    state.stderr.print(f"warning: the {check.label} model is not faster than float on this machine "
+                       f"({check.speedup:.2f}x)",
                        markup=False, highlight=False)
     for reason in check.reasons or ("no cause visible in the model or CPU: rerun with more runs",):
         state.stderr.print(f"  - {reason}", markup=False, highlight=False)

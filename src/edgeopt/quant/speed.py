@@ -1,4 +1,4 @@
-"""Is the int8 model faster than the float one on this machine, and if not, why?
+"""Is the quantized model faster than the float one on this machine, and if not, why?
 
 Timing: both models run in ONNX Runtime in this process on the same random
 inputs, interleaved (float, quant, then quant, float, ...) so a drift of the
@@ -17,6 +17,12 @@ When speedup < 1 the reasons edgeopt can see are listed:
   dominates;
 * Q/DQ nodes left unfused in the graph ONNX Runtime actually runs (read back
   from its optimizer), or no integer kernel at all.
+
+The precision of the quantized model is read from its graph
+(:func:`model_precision`): the integer-kernel reasons above apply to int8
+models; an fp16/bf16 model is told that ONNX Runtime's CPU provider computes
+it in float32 (with the Cast nodes counted in the graph it runs), an int4
+weight-only model that its compute stays float.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ __all__ = [
     "float_islands",
     "int8_dot_product_instructions",
     "kernel_count",
+    "model_precision",
     "read_cpu_flags",
     "signed_activations",
     "slowdown_reasons",
@@ -77,6 +84,29 @@ _INTEGER_KERNELS = frozenset({"ConvInteger", "MatMulInteger", "MatMulIntegerToFl
 
 
 # ---------------------------------------------------------------------- evidence
+
+# model_precision() values and how a report names them
+PRECISION_LABELS = {"int8": "int8 (QDQ)", "int4": "int4 weights", "float16": "fp16", "bfloat16": "bf16",
+                    "float32": "float32"}
+_LOW_BIT_WEIGHTS = frozenset({ir.DataType.INT4, ir.DataType.UINT4})
+
+
+def model_precision(model: ir.Model) -> str:
+    """What a quantized model computes or stores in, read from its graph: "int8" (activations are
+    quantized), "int4" (weight-only block quantization), "float16", "bfloat16", else "float32"."""
+    if any(is_op(node, "QuantizeLinear") and not eir.is_constant(node.inputs[0]) for node in model.graph):
+        return "int8"
+    if any(node.op_type == "MatMulNBits" or (is_op(node, "DequantizeLinear") and node.inputs[0] is not None
+                                             and node.inputs[0].dtype in _LOW_BIT_WEIGHTS)
+           for node in model.graph):
+        return "int4"
+    stored = {value.dtype for value in model.graph.initializers.values()}
+    stored |= {ir.DataType(node.attributes["to"].value) for node in model.graph
+               if node.op_type == "Cast" and "to" in node.attributes}
+    for dtype, name in ((ir.DataType.FLOAT16, "float16"), (ir.DataType.BFLOAT16, "bfloat16")):
+        if dtype in stored:
+            return name
+    return "float32"
 
 
 def read_cpu_flags(path: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str] | None:
@@ -183,9 +213,15 @@ class SpeedEvidence:
     signed_activations: tuple[str, ...]
     float_ms: float
     kernels: KernelCount | None = None
+    precision: str = "int8"  # model_precision() of the quantized model
+    runtime_casts: int = 0  # Cast nodes in the graph ONNX Runtime runs
+
+    @property
+    def label(self) -> str:
+        return PRECISION_LABELS.get(self.precision, self.precision)
 
     def to_dict(self) -> dict:
-        return {"machine": self.machine,
+        return {"machine": self.machine, "precision": self.precision, "runtime_casts": self.runtime_casts,
                 "int8_dot_product": None if self.dot_product is None else list(self.dot_product),
                 "float_islands": [{"node": i.node, "op_type": i.op_type} for i in self.islands],
                 "signed_activations": list(self.signed_activations),
@@ -224,7 +260,23 @@ def _tiny_reason(evidence: SpeedEvidence) -> str | None:
     if evidence.float_ms >= TINY_MODEL_MS:
         return None
     return (f"the float model runs in {evidence.float_ms:.3f} ms: per-call overhead dominates, "
-            "int8 kernels cannot pay off on a model this small")
+            "lower-precision kernels cannot pay off on a model this small")
+
+
+def _half_precision_reason(evidence: SpeedEvidence) -> str | None:
+    if evidence.precision not in ("float16", "bfloat16"):
+        return None
+    casts = (f"; {evidence.runtime_casts} Cast nodes convert between {evidence.label} and float32 in the graph "
+             "it runs" if evidence.runtime_casts else "")
+    return (f"ONNX Runtime's CPU provider computes this {evidence.label} model in float32 (it has few "
+            f"{evidence.label} kernels){casts}: on CPU expect a smaller file, not a faster model")
+
+
+def _weight_only_reason(evidence: SpeedEvidence) -> str | None:
+    if evidence.precision != "int4":
+        return None
+    return ("int4 weight-only: the weights are unpacked at run time and the compute stays float, so the gain "
+            "is size and memory traffic, a speed-up only on large memory-bound MatMuls")
 
 
 def _kernels_reason(evidence: SpeedEvidence) -> str | None:
@@ -242,8 +294,11 @@ def _kernels_reason(evidence: SpeedEvidence) -> str | None:
 
 
 def slowdown_reasons(evidence: SpeedEvidence) -> tuple[str, ...]:
-    """Every reason ``evidence`` shows why int8 may not beat float, most fundamental first."""
-    checks = (_cpu_reason, _tiny_reason, _kernels_reason, _islands_reason, _signed_reason)
+    """Every reason ``evidence`` shows why the quantized model may not beat float, most fundamental first."""
+    if evidence.precision == "int8":
+        checks = (_cpu_reason, _tiny_reason, _kernels_reason, _islands_reason, _signed_reason)
+    else:
+        checks = (_half_precision_reason, _weight_only_reason, _tiny_reason)
     return tuple(reason for check in checks if (reason := check(evidence)) is not None)
 
 
@@ -264,6 +319,11 @@ class SpeedCheck:
     @property
     def speedup(self) -> float:
         return self.float_ms / self.quant_ms
+
+    @property
+    def label(self) -> str:
+        """How the quantized model is named in a report: "int8 (QDQ)", "fp16", "bf16", "int4 weights"."""
+        return self.evidence.label
 
     @property
     def slower(self) -> bool:
@@ -313,14 +373,16 @@ def _evidence(quant_model: ir.Model, float_ms: float, threads: int | None) -> Sp
     from edgeopt.runtime.ort import optimized_model
 
     machine = platform.machine() or "unknown"
+    optimized = optimized_model(quant_model, threads=threads)
     return SpeedEvidence(machine=machine, dot_product=int8_dot_product_instructions(read_cpu_flags(), machine),
                          islands=float_islands(quant_model), signed_activations=signed_activations(quant_model),
-                         float_ms=float_ms, kernels=kernel_count(optimized_model(quant_model, threads=threads)))
+                         float_ms=float_ms, kernels=kernel_count(optimized), precision=model_precision(quant_model),
+                         runtime_casts=sum(1 for node in optimized.graph if node.op_type == "Cast"))
 
 
 def speed_check(float_model: ModelSource, quant_model: ModelSource, *, runs: int = 50,
                 threads: int | None = None) -> SpeedCheck:
-    """Time float vs quantized side by side in ONNX Runtime; list reasons when int8 is slower."""
+    """Time float vs quantized side by side in ONNX Runtime; list reasons when the quantized model is slower."""
     from edgeopt.runtime.ort import OrtSession, random_feed
 
     if runs < 1:
