@@ -209,3 +209,31 @@ def test_int8_model_improves_with_means_from_a_calibration_hook(dw_net):
     before = sqnr_db(reference, _outputs(quantize(dw_net, plain, calibration).model, test_feeds))
     after = sqnr_db(reference, _outputs(quantize(corrected, plain, calibration).model, test_feeds))
     assert after > before + INT8_GAIN_DB, (before, after)
+
+
+def test_a_layer_left_float_keeps_its_bias(dw_net):
+    # An excluded layer runs its float weights: it has no weight error, and a correction would add one.
+    from edgeopt.quant import Int8Config, quantize
+
+    calibration = _feeds(16, (1, 3, 16, 16), seed=0)
+    convs = [node.name for node in dw_net.graph if node.op_type == "Conv"]
+    excluded, quantized = convs[1], convs[2]
+
+    def biases(config: Int8Config) -> dict[str, np.ndarray]:
+        model = quantize(dw_net, config, calibration).model
+        by_node = {node.name: node for node in model.graph}
+        return {name: _constant_behind(by_node[name].inputs[2]) for name in (excluded, quantized)}
+
+    corrected = biases(Int8Config(exclude=(excluded,)))
+    plain = biases(Int8Config(exclude=(excluded,), bias_correct=False))
+    np.testing.assert_array_equal(corrected[excluded], plain[excluded])
+    assert not np.allclose(corrected[quantized], plain[quantized])
+
+
+def _constant_behind(value: ir.Value) -> np.ndarray:
+    """A bias's values, through the DequantizeLinear of an int32 bias."""
+    node = value.producer()
+    if node is None:
+        return eir.constant_array(value)
+    quantized, scale = eir.constant_array(node.inputs[0]), eir.constant_array(node.inputs[1])
+    return quantized.astype(np.float64) * scale

@@ -32,6 +32,7 @@ from edgeopt.errors import ConfigError
 from edgeopt.quant.api import quantize
 from edgeopt.quant.compare import CompareResult, compare_models
 from edgeopt.quant.config import Int8Config
+from edgeopt.quant.ops import is_op
 from edgeopt.quant.registry import QuantResult
 
 __all__ = ["AccuracyGoal", "AccuracySearch", "AccuracyStep", "accuracy_aware_quantize"]
@@ -129,21 +130,36 @@ def _output_sqnr(comparison: CompareResult) -> float:
 def _node_damage(quant_model: ir.Model, comparison: CompareResult) -> list[tuple[float, ir.Node, str]]:
     """(damage dB, node, reason) for each node producing a quantized activation, worst first."""
     sqnr = {row.tensor: row.sqnr_db for row in comparison.layers}
-    values = {v.name: v for node in quant_model.graph for v in node.outputs}
     ranked = []
-    for row in comparison.layers:
-        value = values.get(row.tensor)
-        node = value.producer() if value is not None else None
-        if node is None or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            continue
+    for node, sqnr_db in _quantized_producers(quant_model, comparison):
         input_sqnr = [sqnr[name] for name in _quantized_inputs(node) if name in sqnr]
         upstream = min(input_sqnr) if input_sqnr else math.inf
-        damage = (upstream - row.sqnr_db) if math.isfinite(upstream) else -row.sqnr_db
-        reason = (f"output SQNR {row.sqnr_db:.1f} dB, {damage:.1f} dB lost inside the node"
-                  if math.isfinite(upstream) else f"output SQNR {row.sqnr_db:.1f} dB")
+        damage = (upstream - sqnr_db) if math.isfinite(upstream) else -sqnr_db
+        reason = (f"output SQNR {sqnr_db:.1f} dB, {damage:.1f} dB lost inside the node"
+                  if math.isfinite(upstream) else f"output SQNR {sqnr_db:.1f} dB")
         ranked.append((damage, node, reason))
     ranked.sort(key=lambda item: (-item[0], item[1].name))
     return ranked
+
+
+def _quantized_producers(quant_model: ir.Model, comparison: CompareResult) -> list[tuple[ir.Node, float]]:
+    """(node, SQNR dB of its quantized output) for the compared activations, and for the nodes whose
+    output is quantized on its way to a graph output (compared as a model output, not a layer)."""
+    values = {v.name: v for node in quant_model.graph for v in node.outputs}
+    producers = []
+    for row in comparison.layers:
+        value = values.get(row.tensor)
+        node = value.producer() if value is not None else None
+        if node is not None and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            producers.append((node, row.sqnr_db))
+    graph_outputs = {value.name: value for value in quant_model.graph.outputs}
+    for row in comparison.outputs:
+        dequantize = graph_outputs[row.name].producer() if row.name in graph_outputs else None
+        quantize_node = dequantize.inputs[0].producer() if is_op(dequantize, "DequantizeLinear") else None
+        node = quantize_node.inputs[0].producer() if is_op(quantize_node, "QuantizeLinear") else None
+        if node is not None and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            producers.append((node, row.sqnr_db))
+    return producers
 
 
 def _quantized_inputs(node: ir.Node) -> list[str]:

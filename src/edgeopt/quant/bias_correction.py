@@ -31,12 +31,14 @@ corrections.
 
 The quantized weight ``W~`` comes from ``quantize_weight(W, node)``, by
 default round-to-nearest int8 per output channel (:func:`round_to_nearest`);
-AdaRound's weights plug in the same way.
+AdaRound's weights plug in the same way. Only layers whose weight is
+quantized are corrected (``layers``): one that stays float (``--exclude``,
+the accuracy search) has no weight error, and a shift would add one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,11 +180,18 @@ def _float_weight(node: ir.Node) -> np.ndarray | None:
     return weight if weight is not None and np.issubdtype(weight.dtype, np.floating) else None
 
 
-def correction_inputs(model: ir.Model) -> dict[str, int]:
-    """The tensors whose channel means bias correction needs: input name -> channel axis."""
+def _corrected_layers(model: ir.Model, layers: Collection[str] | None) -> list[ir.Node]:
+    """Conv/Gemm/MatMul nodes with an input, among ``layers`` (node names; None: all of them)."""
+    return [node for node in model.graph if _is_linear(node) and node.inputs[0] is not None
+            and (layers is None or node.name in layers)]
+
+
+def correction_inputs(model: ir.Model, layers: Collection[str] | None = None) -> dict[str, int]:
+    """The tensors whose channel means bias correction needs: input name -> channel axis.
+    ``layers``: the names of the nodes whose weights are quantized (None: every linear layer)."""
     tensors: dict[str, int] = {}
-    for node in model.graph:
-        if _is_linear(node) and node.inputs[0] is not None and _float_weight(node) is not None:
+    for node in _corrected_layers(model, layers):
+        if _float_weight(node) is not None:
             tensors.setdefault(node.inputs[0].name, _input_channel_axis(node))
     return tensors
 
@@ -320,20 +329,21 @@ def _correct_layer(graph: ir.Graph, node: ir.Node, mean: np.ndarray | None,
 
 
 def correct_biases(model: ir.Model, input_means: Mapping[str, np.ndarray], *,
-                   quantize_weight: WeightQuantizer | None = None) -> BiasCorrectionReport:
+                   quantize_weight: WeightQuantizer | None = None,
+                   layers: Collection[str] | None = None) -> BiasCorrectionReport:
     """Move each Conv/Gemm/MatMul bias by ``-(W~ - W) E[x]``, in place.
 
     ``input_means`` maps a layer's input tensor name to its per-channel mean
     (:class:`ChannelMeanHook`); ``quantize_weight`` gives the dequantized
     weight the quantized model will use (default :func:`round_to_nearest`).
-    The weights are not changed. Rewrites the model it is given; a bias read
-    only by its layer keeps its name, a Conv/Gemm without bias gets one.
+    ``layers`` names the nodes whose weights are quantized (None: every
+    Conv/Gemm/MatMul); the others are left alone. The weights are not
+    changed. Rewrites the model it is given; a bias read only by its layer
+    keeps its name, a Conv/Gemm without bias gets one.
     """
     quantize_weight = quantize_weight or round_to_nearest()
     corrected, skipped = [], []
-    for node in list(model.graph):
-        if not _is_linear(node) or node.inputs[0] is None:
-            continue
+    for node in _corrected_layers(model, layers):
         outcome = _correct_layer(model.graph, node, input_means.get(node.inputs[0].name), quantize_weight)
         if isinstance(outcome, str):
             skipped.append((eir.node_label(node), outcome))

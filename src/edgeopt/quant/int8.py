@@ -120,7 +120,10 @@ class _AccuracyHooks:
 
     def __init__(self, model: ir.Model, plan, config: Int8Config) -> None:
         self.config = config
-        self.means = ChannelMeanHook(correction_inputs(model)) if config.bias_correct else None
+        # only the layers whose weights are quantized have a weight error to correct
+        self.quantized_layers = frozenset(use.node for use in plan.weights)
+        self.means = (ChannelMeanHook(correction_inputs(model, self.quantized_layers)) if config.bias_correct
+                      else None)
         self.sampler = (LayerInputSampler(model, [use.node for use in plan.weights],
                                           max_samples=AdaRoundConfig().max_samples) if config.adaround else None)
         self.hooks = [h for h in (self.means, self.sampler) if h is not None]
@@ -135,7 +138,8 @@ class _AccuracyHooks:
             rounded, quantizer = dict(result.weights), result.weight_quantizer()
             notes.append(f"AdaRound: {len(result.weights)} weights learned, {len(result.skipped)} layers skipped")
         if self.means is not None:
-            report = correct_biases(model, self.means.result(), quantize_weight=quantizer)
+            report = correct_biases(model, self.means.result(), quantize_weight=quantizer,
+                                    layers=self.quantized_layers)
             notes.append(f"bias correction: {len(report.corrected)} layers corrected, "
                          f"{len(report.skipped)} skipped")
         return rounded, notes
