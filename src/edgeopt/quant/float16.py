@@ -24,27 +24,38 @@ a data position becomes a bfloat16 tensor followed by ``Cast(to=FLOAT)``.
 The file is about half the size and runs on every runtime; ONNX Runtime
 folds the casts when it loads the model. bfloat16 keeps float32's exponent,
 so nothing clamps; it keeps 8 significant bits (relative error <= 2**-9).
+
+Which nodes compute in the low type and which type each value is stored in
+is planned by :mod:`edgeopt.quant.float16_plan`; this module converts the
+constants, inserts the Casts and reports.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
+from edgeopt.quant.float16_plan import (
+    FLOAT32_OPS,
+    HalfPrecisionPlan,
+    all_float_values,
+    float_values,
+    is_constant,
+    plan_half_precision,
+)
 from edgeopt.quant.formats import BFLOAT16, FLOAT16, Format
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 
-__all__ = ["FLOAT32_OPS", "Bf16Config", "Fp16Config", "HalfArray", "quantize_bf16", "quantize_fp16", "to_float16"]
+__all__ = ["FLOAT32_OPS", "Bf16Config", "Fp16Config", "HalfArray", "UniqueNames", "quantize_bf16", "quantize_fp16",
+           "to_float16"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,31 +65,6 @@ FLOAT16_TINY = 2.0**-25  # values below half the smallest subnormal round to zer
 _FLOAT = ir.DataType.FLOAT
 _FLOAT16 = ir.DataType.FLOAT16
 _BFLOAT16 = ir.DataType.BFLOAT16
-_ONNX_DOMAINS = ("", "ai.onnx")
-
-_SUM_OVERFLOWS = "sums over many elements can exceed the float16 range (65504)"
-_DTYPE_ATTRIBUTE = "its output type comes from a dtype attribute; it samples in float32"
-
-#: Default-domain ops kept in float32 under fp16, and why. Ops whose schema
-#: has no float16 (Range, NonMaxSuppression ...) need no entry: the schema
-#: check keeps them float32 and says so.
-FLOAT32_OPS: Mapping[str, str] = {
-    "CumSum": "running sums lose precision and overflow in float16",
-    "ReduceSum": _SUM_OVERFLOWS,
-    "ReduceSumSquare": _SUM_OVERFLOWS,
-    "ReduceL1": _SUM_OVERFLOWS,
-    "ReduceL2": _SUM_OVERFLOWS,
-    "ReduceLogSumExp": "exp overflows float16 above 11",
-    "ReduceProd": "products overflow float16",
-    "RoiAlign": "box coordinates need float32 precision",
-    "RandomNormal": _DTYPE_ATTRIBUTE,
-    "RandomUniform": _DTYPE_ATTRIBUTE,
-    "RandomNormalLike": _DTYPE_ATTRIBUTE,
-    "RandomUniformLike": _DTYPE_ATTRIBUTE,
-    "Bernoulli": _DTYPE_ATTRIBUTE,
-    "Multinomial": _DTYPE_ATTRIBUTE,
-    "EyeLike": _DTYPE_ATTRIBUTE,
-}
 
 
 def _check_names(names: tuple[str, ...], key: str) -> None:
@@ -138,146 +124,6 @@ def to_float16(array: np.ndarray) -> HalfArray:
     flushed = int(np.count_nonzero((array != 0) & (np.abs(array) < FLOAT16_TINY)))
     clipped = np.where(finite, np.clip(array, -FLOAT16_MAX, FLOAT16_MAX), array)
     return HalfArray(array=clipped.astype(np.float16), clamped=clamped, flushed=flushed)
-
-
-# ---------------------------------------------------------------------------
-# which positions of a node carry "the" float type
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Positions:
-    """Input and output indices whose type constraint admits float16."""
-
-    inputs: frozenset[int]
-    outputs: frozenset[int]
-    variadic_from: int | None  # inputs at or past this index share the last formal input
-
-
-@functools.cache
-def _positions(op_type: str, opset: int) -> _Positions | None:
-    try:
-        schema = onnx.defs.get_schema(op_type, max_inclusive_version=opset, domain="")
-    except onnx.defs.SchemaError:
-        return None
-    signature = ir.schemas.OpSignature.from_op_schema(schema)
-    half = ir.TensorType(_FLOAT16)
-
-    def admits(params) -> frozenset[int]:
-        return frozenset(i for i, p in enumerate(params) if half in p.type_constraint.allowed_types)
-
-    inputs = signature.inputs
-    variadic_from = len(inputs) - 1 if inputs and inputs[-1].variadic else None
-    return _Positions(inputs=admits(inputs), outputs=admits(signature.outputs), variadic_from=variadic_from)
-
-
-def _input_admits_half(positions: _Positions, index: int) -> bool:
-    if positions.variadic_from is not None and index > positions.variadic_from:
-        index = positions.variadic_from
-    return index in positions.inputs
-
-
-def _float_values(values: Iterable[ir.Value | None]) -> list[ir.Value]:
-    return [v for v in values if v is not None and v.dtype == _FLOAT]
-
-
-# ---------------------------------------------------------------------------
-# planning: which nodes go low, which values are constants
-# ---------------------------------------------------------------------------
-
-
-def _is_constant_node(node: ir.Node) -> bool:
-    return node.op_type == "Constant" and node.domain in _ONNX_DOMAINS
-
-
-def _keep_float32_reason(node: ir.Node, exclude: tuple[str, ...], opset: int, *,
-                         numeric_ops: Mapping[str, str]) -> str | None:
-    """Why ``node`` must stay float32, or None when it may compute in half precision."""
-    if node.name in exclude or node.op_type in exclude:
-        return "excluded by config"
-    if node.domain not in _ONNX_DOMAINS:
-        return f"op of domain {node.domain!r}: no float16 schema to check"
-    if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()):
-        return "control flow: its subgraphs are kept float32"
-    if node.op_type in numeric_ops:
-        return numeric_ops[node.op_type]
-    if any(v is not None and v.dtype is None for v in (*node.inputs, *node.outputs)):
-        return "tensor types unknown (shape inference could not type it)"
-    positions = _positions(node.op_type, opset)
-    if positions is None:
-        return f"no ONNX schema for {node.op_type} at opset {opset}"
-    if _float_values(node.inputs) and not positions.inputs:
-        return "the ONNX schema has no float16 for this op"
-    return None
-
-
-@dataclass
-class _Plan:
-    """Which nodes compute in the low type, and the type each float32 use wants."""
-
-    graph: ir.Graph
-    opset: int
-    low: ir.DataType
-    io_dtype: ir.DataType
-    low_nodes: set[ir.Node] = field(default_factory=set)
-    kept: list[tuple[ir.Node, str]] = field(default_factory=list)
-
-    def wanted(self, node: ir.Node, index: int) -> ir.DataType:
-        """The type input ``index`` of ``node`` reads a float32 value in."""
-        if node.graph is not self.graph or node not in self.low_nodes:
-            return _FLOAT
-        positions = _positions(node.op_type, self.opset)
-        return self.low if positions is not None and _input_admits_half(positions, index) else _FLOAT
-
-    def wants(self, value: ir.Value) -> set[ir.DataType]:
-        wanted = {self.wanted(use.node, use.idx) for use in value.uses()}
-        if value.is_graph_output():
-            wanted.add(self.io_dtype)
-        return wanted
-
-    def produces_low(self, value: ir.Value) -> bool:
-        node = value.producer()
-        if node is None or node not in self.low_nodes:
-            return False
-        positions = _positions(node.op_type, self.opset)
-        return positions is not None and value.index() in positions.outputs
-
-
-def _plan(graph: ir.Graph, exclude: tuple[str, ...], opset: int, low: ir.DataType, *,
-          numeric_ops: Mapping[str, str], io_dtype: ir.DataType) -> _Plan:
-    plan = _Plan(graph=graph, opset=opset, low=low, io_dtype=io_dtype)
-    for node in graph:
-        if _is_constant_node(node):
-            continue
-        reason = _keep_float32_reason(node, exclude, opset, numeric_ops=numeric_ops)
-        if reason is None:
-            plan.low_nodes.add(node)
-        elif _float_values([*node.inputs, *node.outputs]):
-            plan.kept.append((node, reason))
-    return plan
-
-
-def _is_constant(value: ir.Value) -> bool:
-    producer = value.producer()
-    return (value.is_initializer() and not value.is_graph_input()) or (
-        producer is not None and _is_constant_node(producer))
-
-
-def _all_float_values(graph: ir.Graph) -> list[ir.Value]:
-    values = [v for v in graph.inputs if v.dtype == _FLOAT]
-    values += [v for v in graph.initializers.values() if v.dtype == _FLOAT and not v.is_graph_input()]
-    for node in graph:
-        values += _float_values(node.outputs)
-    return values
-
-
-def _home(plan: _Plan, value: ir.Value) -> ir.DataType:
-    """The type ``value`` is stored in after conversion."""
-    if value.is_graph_input():
-        return plan.io_dtype
-    if _is_constant(value):
-        return plan.low if plan.wants(value) == {plan.low} else _FLOAT
-    return plan.low if plan.produces_low(value) else _FLOAT
 
 
 # ---------------------------------------------------------------------------
@@ -412,11 +258,11 @@ def _kept_note(float_nodes: Iterable[FloatNode]) -> str | None:
 # ---------------------------------------------------------------------------
 
 
-def _convert_fp16(plan: _Plan, log: _WeightLog) -> dict[ir.Value, ir.DataType]:
+def _convert_fp16(plan: HalfPrecisionPlan, log: _WeightLog) -> dict[ir.Value, ir.DataType]:
     """Give every float32 value its home type; returns the homes."""
-    homes = {value: _home(plan, value) for value in _all_float_values(plan.graph)}
+    homes = {value: plan.home(value) for value in all_float_values(plan.graph)}
     for value, home in homes.items():
-        if home == _FLOAT16 and _is_constant(value):
+        if home == _FLOAT16 and is_constant(value):
             _convert_constant(value, FLOAT16, log)
         elif home == _FLOAT16:
             value.type = ir.TensorType(_FLOAT16)
@@ -426,7 +272,7 @@ def _convert_fp16(plan: _Plan, log: _WeightLog) -> dict[ir.Value, ir.DataType]:
     return homes
 
 
-def _rewire(plan: _Plan, homes: Mapping[ir.Value, ir.DataType], casts: _Casts) -> None:
+def _rewire(plan: HalfPrecisionPlan, homes: Mapping[ir.Value, ir.DataType], casts: _Casts) -> None:
     """Uses that read a value in another type than it is stored in read a Cast of it."""
     for value, home in homes.items():
         for use in list(value.uses()):
@@ -453,7 +299,7 @@ def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | N
     _infer_types(model)
     graph, opset = model.graph, eir.default_opset(model)
     io_dtype = _FLOAT if config.keep_io_float32 else _FLOAT16
-    plan = _plan(graph, config.exclude, opset, _FLOAT16, numeric_ops=FLOAT32_OPS, io_dtype=io_dtype)
+    plan = plan_half_precision(graph, config.exclude, opset, _FLOAT16, numeric_ops=FLOAT32_OPS, io_dtype=io_dtype)
     log = _WeightLog()
     homes = _convert_fp16(plan, log)
     namer = UniqueNames(graph)
@@ -489,7 +335,7 @@ def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | N
 
 
 def _reads_constant(node: ir.Node) -> bool:
-    return any(_is_constant(v) for v in _float_values(node.inputs))
+    return any(is_constant(v) for v in float_values(node.inputs))
 
 
 @register_scheme(Bf16Config)
@@ -498,11 +344,11 @@ def quantize_bf16(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | N
     """Bfloat16 weight storage with float32 compute; see the module docstring. ``data`` is not used."""
     _infer_types(model)
     graph, opset = model.graph, eir.default_opset(model)
-    plan = _plan(graph, config.exclude, opset, _BFLOAT16, numeric_ops={}, io_dtype=_FLOAT)
+    plan = plan_half_precision(graph, config.exclude, opset, _BFLOAT16, numeric_ops={}, io_dtype=_FLOAT)
     log = _WeightLog()
     casts = _Casts(graph, UniqueNames(graph))
     scalars = 0
-    for value in [v for v in _all_float_values(graph) if _is_constant(v) and plan.wants(v) == {_BFLOAT16}]:
+    for value in [v for v in all_float_values(graph) if is_constant(v) and plan.wants(v) == {_BFLOAT16}]:
         if eir.constant_array(value).size <= 1:
             scalars += 1  # no size to win; keeps epsilons and math constants exact
             continue

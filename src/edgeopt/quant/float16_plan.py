@@ -1,0 +1,207 @@
+"""Half-precision planning: which nodes compute in the low type, and which type each float32 value lives in.
+
+A node may compute in the low type (float16, or bfloat16 for weight
+storage) unless, checked in this order: the config excludes it by name or op
+type; its op is outside the ONNX domain; it carries subgraphs; the
+``numeric_ops`` table (:data:`FLOAT32_OPS` under fp16) names its op, with
+the reason; a tensor it touches is untyped; its op has no ONNX schema at the
+model's opset; or it reads float32 but its schema admits float16 at no
+input. Nodes kept float32 that touch float32 tensors are listed with that
+reason; Constant nodes are not planned (their values are constants, like
+initializers).
+
+Only positions whose schema type constraint admits float16 carry the low
+type (inputs past a variadic formal share its constraint); the others keep
+float32 (Resize ``scales``, LayerNorm ``Mean``/``InvStdDev``). A use of a
+float32 value *wants* the low type at such an input of a low node, float32
+anywhere else, and a graph output wants the I/O type. Each value's *home*,
+the type it is stored in, is then: the I/O type for a graph input; for a
+constant, the low type when every use wants it and float32 otherwise; for
+any other value, the low type when a low node writes it at a position that
+admits float16. The rewrite (:mod:`edgeopt.quant.float16`) casts wherever a
+use wants another type than the value's home.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import onnx
+import onnx_ir as ir
+
+__all__ = ["FLOAT32_OPS", "HalfPrecisionPlan", "all_float_values", "float_values", "is_constant",
+           "plan_half_precision"]
+
+_FLOAT = ir.DataType.FLOAT
+_FLOAT16 = ir.DataType.FLOAT16
+
+_ONNX_DOMAINS = ("", "ai.onnx")
+
+_SUM_OVERFLOWS = "sums over many elements can exceed the float16 range (65504)"
+_DTYPE_ATTRIBUTE = "its output type comes from a dtype attribute; it samples in float32"
+
+#: Default-domain ops kept in float32 under fp16, and why. Ops whose schema
+#: has no float16 (Range, NonMaxSuppression ...) need no entry: the schema
+#: check keeps them float32 and says so.
+FLOAT32_OPS: Mapping[str, str] = {
+    "CumSum": "running sums lose precision and overflow in float16",
+    "ReduceSum": _SUM_OVERFLOWS,
+    "ReduceSumSquare": _SUM_OVERFLOWS,
+    "ReduceL1": _SUM_OVERFLOWS,
+    "ReduceL2": _SUM_OVERFLOWS,
+    "ReduceLogSumExp": "exp overflows float16 above 11",
+    "ReduceProd": "products overflow float16",
+    "RoiAlign": "box coordinates need float32 precision",
+    "RandomNormal": _DTYPE_ATTRIBUTE,
+    "RandomUniform": _DTYPE_ATTRIBUTE,
+    "RandomNormalLike": _DTYPE_ATTRIBUTE,
+    "RandomUniformLike": _DTYPE_ATTRIBUTE,
+    "Bernoulli": _DTYPE_ATTRIBUTE,
+    "Multinomial": _DTYPE_ATTRIBUTE,
+    "EyeLike": _DTYPE_ATTRIBUTE,
+}
+
+
+# ---------------------------------------------------------------------------
+# which positions of a node carry "the" float type
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Positions:
+    """Input and output indices whose type constraint admits float16."""
+
+    inputs: frozenset[int]
+    outputs: frozenset[int]
+    variadic_from: int | None  # inputs at or past this index share the last formal input
+
+
+@functools.cache
+def _positions(op_type: str, opset: int) -> _Positions | None:
+    try:
+        schema = onnx.defs.get_schema(op_type, max_inclusive_version=opset, domain="")
+    except onnx.defs.SchemaError:
+        return None
+    signature = ir.schemas.OpSignature.from_op_schema(schema)
+    half = ir.TensorType(_FLOAT16)
+
+    def admits(params) -> frozenset[int]:
+        return frozenset(i for i, p in enumerate(params) if half in p.type_constraint.allowed_types)
+
+    inputs = signature.inputs
+    variadic_from = len(inputs) - 1 if inputs and inputs[-1].variadic else None
+    return _Positions(inputs=admits(inputs), outputs=admits(signature.outputs), variadic_from=variadic_from)
+
+
+def _input_admits_half(positions: _Positions, index: int) -> bool:
+    if positions.variadic_from is not None and index > positions.variadic_from:
+        index = positions.variadic_from
+    return index in positions.inputs
+
+
+def float_values(values: Iterable[ir.Value | None]) -> list[ir.Value]:
+    """The float32 ones of ``values`` (absent optional inputs skipped)."""
+    return [v for v in values if v is not None and v.dtype == _FLOAT]
+
+
+# ---------------------------------------------------------------------------
+# planning: which nodes go low, which values are constants
+# ---------------------------------------------------------------------------
+
+
+def _is_constant_node(node: ir.Node) -> bool:
+    return node.op_type == "Constant" and node.domain in _ONNX_DOMAINS
+
+
+def _keep_float32_reason(node: ir.Node, exclude: tuple[str, ...], opset: int, *,
+                         numeric_ops: Mapping[str, str]) -> str | None:
+    """Why ``node`` must stay float32, or None when it may compute in half precision."""
+    if node.name in exclude or node.op_type in exclude:
+        return "excluded by config"
+    if node.domain not in _ONNX_DOMAINS:
+        return f"op of domain {node.domain!r}: no float16 schema to check"
+    if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()):
+        return "control flow: its subgraphs are kept float32"
+    if node.op_type in numeric_ops:
+        return numeric_ops[node.op_type]
+    if any(v is not None and v.dtype is None for v in (*node.inputs, *node.outputs)):
+        return "tensor types unknown (shape inference could not type it)"
+    positions = _positions(node.op_type, opset)
+    if positions is None:
+        return f"no ONNX schema for {node.op_type} at opset {opset}"
+    if float_values(node.inputs) and not positions.inputs:
+        return "the ONNX schema has no float16 for this op"
+    return None
+
+
+@dataclass
+class HalfPrecisionPlan:
+    """Which nodes compute in the low type, and the type each float32 use wants."""
+
+    graph: ir.Graph
+    opset: int
+    low: ir.DataType
+    io_dtype: ir.DataType
+    low_nodes: set[ir.Node] = field(default_factory=set)
+    kept: list[tuple[ir.Node, str]] = field(default_factory=list)
+
+    def wanted(self, node: ir.Node, index: int) -> ir.DataType:
+        """The type input ``index`` of ``node`` reads a float32 value in."""
+        if node.graph is not self.graph or node not in self.low_nodes:
+            return _FLOAT
+        positions = _positions(node.op_type, self.opset)
+        return self.low if positions is not None and _input_admits_half(positions, index) else _FLOAT
+
+    def wants(self, value: ir.Value) -> set[ir.DataType]:
+        wanted = {self.wanted(use.node, use.idx) for use in value.uses()}
+        if value.is_graph_output():
+            wanted.add(self.io_dtype)
+        return wanted
+
+    def produces_low(self, value: ir.Value) -> bool:
+        node = value.producer()
+        if node is None or node not in self.low_nodes:
+            return False
+        positions = _positions(node.op_type, self.opset)
+        return positions is not None and value.index() in positions.outputs
+
+    def home(self, value: ir.Value) -> ir.DataType:
+        """The type ``value`` is stored in after conversion."""
+        if value.is_graph_input():
+            return self.io_dtype
+        if is_constant(value):
+            return self.low if self.wants(value) == {self.low} else _FLOAT
+        return self.low if self.produces_low(value) else _FLOAT
+
+
+def plan_half_precision(graph: ir.Graph, exclude: tuple[str, ...], opset: int, low: ir.DataType, *,
+                        numeric_ops: Mapping[str, str], io_dtype: ir.DataType) -> HalfPrecisionPlan:
+    """The nodes of ``graph`` that compute in ``low``, and those kept float32 with the reason."""
+    plan = HalfPrecisionPlan(graph=graph, opset=opset, low=low, io_dtype=io_dtype)
+    for node in graph:
+        if _is_constant_node(node):
+            continue
+        reason = _keep_float32_reason(node, exclude, opset, numeric_ops=numeric_ops)
+        if reason is None:
+            plan.low_nodes.add(node)
+        elif float_values([*node.inputs, *node.outputs]):
+            plan.kept.append((node, reason))
+    return plan
+
+
+def is_constant(value: ir.Value) -> bool:
+    """An initializer that is not a graph input, or the output of a Constant node."""
+    producer = value.producer()
+    return (value.is_initializer() and not value.is_graph_input()) or (
+        producer is not None and _is_constant_node(producer))
+
+
+def all_float_values(graph: ir.Graph) -> list[ir.Value]:
+    """Every float32 value of ``graph``: inputs, initializers, node outputs (not subgraphs)."""
+    values = [v for v in graph.inputs if v.dtype == _FLOAT]
+    values += [v for v in graph.initializers.values() if v.dtype == _FLOAT and not v.is_graph_input()]
+    for node in graph:
+        values += float_values(node.outputs)
+    return values
