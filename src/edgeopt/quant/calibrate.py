@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import types
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -377,15 +378,28 @@ def calibrate(
     runner = Runner(model, observation, fetch, group=group_size(specs, hooks))
     total, done = _length(data), 0
     runs = (run for feeds in groups(data, specs, runner.group) for run in runner.run(feeds))
-    for feed, outputs, samples in runs:
+
+    def observe(feed: Batch, outputs: Mapping[str, np.ndarray]) -> None:
         observation.update(feed, outputs)
         for hook in hooks:
             hook.update(feed, outputs)
-        del feed, outputs  # keep nothing of a batch
-        for _ in range(samples):
-            done += 1
-            if progress is not None:
-                progress(done, total)
+
+    # Observing a batch (histograms, hooks) overlaps ONNX Runtime's run of the next one: one
+    # worker thread takes the batches in order, at most one behind, so results are those of a
+    # plain loop and no more than two batches' outputs are alive at once.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeopt-observe") as worker:
+        pending = None
+        for feed, outputs, samples in runs:
+            if pending is not None:
+                pending.result()
+            pending = worker.submit(observe, feed, outputs)
+            del feed, outputs  # the worker holds the batch until it is observed
+            for _ in range(samples):
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+        if pending is not None:
+            pending.result()
     if done == 0:
         raise DataError("calibration data is empty: give at least one batch")
     logger.info("calibrated %d tensors on %d batches", len(names), done)
