@@ -270,6 +270,8 @@ def test_excluded_node_stays_float(tmp_path):
     assert fc1.op_type == "MatMul" and fc1.inputs[1].const_value.dtype == ir.DataType.FLOAT
     assert [(n.node_name, n.reason) for n in result.float_nodes] == [("fc1", "excluded by config")]
     assert op_types(result.model).count("MatMulNBits") == 1
+    with pytest.raises(ConfigError, match="'fc9' is neither a node name nor an op type"):
+        quantize(model, Int4WeightConfig(exclude=("fc9",)), data=None)
 
 
 def gemm_model(tmp_path, *, c_shape, alpha=0.5, beta=2.0, trans_a=0, c_input=False) -> ir.Model:

@@ -51,6 +51,7 @@ from edgeopt.errors import ConfigError
 from edgeopt.quant.config import PerBlock
 from edgeopt.quant.float16 import UniqueNames
 from edgeopt.quant.formats import INT4, UINT4, Format
+from edgeopt.quant.placement import check_exclude
 from edgeopt.quant.primitives import choose_qparams, dequantize, quantize
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 
@@ -436,6 +437,7 @@ def _kept_note(float_nodes: Iterable[FloatNode]) -> list[str]:
 def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batch] | None = None, *,
                   progress: ProgressCallback | None = None) -> QuantResult:
     """Int4 weight-only block quantization of MatMul/Gemm; see the module docstring. ``data`` is not used."""
+    check_exclude([model], config.exclude)
     graph, opset = model.graph, eir.default_opset(model)
     names = UniqueNames(graph)
     tensors, float_nodes, lowered = [], [], Counter()

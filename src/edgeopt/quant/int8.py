@@ -34,7 +34,7 @@ from edgeopt.quant.config import CalibrationConfig, Int8Config, PerTensor, Targe
 from edgeopt.quant.equalize import equalize
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
 from edgeopt.quant.opset import OpsetCheck, OpsetConversion, convert_opset
-from edgeopt.quant.placement import NodeIndex, check_exclude, check_not_quantized, plan_qdq
+from edgeopt.quant.placement import NodeIndex, check_exclude, check_not_quantized, plan_qdq, vanished_excludes
 from edgeopt.quant.qdq import insert_qdq
 from edgeopt.quant.registry import Batch, ProgressCallback, QuantResult, register_scheme
 
@@ -90,12 +90,6 @@ def _prepare(model: ir.Model) -> None:
     common_passes.NameFixPass()(model)
     if any(value.dtype is None for node in model.graph for value in node.outputs):
         _infer_shapes(model)
-
-
-def _vanished_excludes(model: ir.Model, exclude: tuple[str, ...]) -> list[str]:
-    present = {node.name for node in model.graph} | {node.op_type for node in model.graph}
-    return [f"--exclude {entry!r}: no such node after the float passes (folded into its neighbour)"
-            for entry in exclude if entry not in present]
 
 
 def _float_rewrites(model: ir.Model, config: Int8Config, data: Iterable[Batch] | None) -> list[str]:
@@ -163,7 +157,7 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     model, optimization = _optimize(model)
     _prepare(model)
     check_exclude([given, model], config.exclude)
-    notes.extend(_vanished_excludes(model, config.exclude))
+    notes.extend(vanished_excludes(model, config.exclude))
     notes.extend(_float_rewrites(model, config, data))
     plan = plan_qdq(model, exclude=config.exclude)
     extra = _AccuracyHooks(model, plan, config)

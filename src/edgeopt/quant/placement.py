@@ -55,6 +55,7 @@ __all__ = [
     "check_exclude",
     "check_not_quantized",
     "plan_qdq",
+    "vanished_excludes",
 ]
 
 _QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm",
@@ -133,6 +134,13 @@ def check_exclude(models: Iterable[ir.Model | NodeIndex], exclude: Iterable[str]
         similar = difflib.get_close_matches(entry, names, n=5, cutoff=0.5) or names[:5]
         raise ConfigError(f"--exclude {entry!r} is neither a node name nor an op type of the model; "
                           f"similar node names: {', '.join(similar) or 'none'}")
+
+
+def vanished_excludes(model: ir.Model, exclude: Iterable[str]) -> list[str]:
+    """Notes for the exclude entries that name no node or op type of ``model`` after the float passes."""
+    present = {node.name for node in model.graph} | {node.op_type for node in model.graph}
+    return [f"--exclude {entry!r}: no such node after the float passes (folded into its neighbour)"
+            for entry in exclude if entry not in present]
 
 
 def _is_float(value: ir.Value | None, non_float: Collection[str]) -> bool:
