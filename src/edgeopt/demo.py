@@ -4,8 +4,10 @@ The model (``assets/demo.onnx``) is a small CNN with a depthwise conv, batch
 norm, ReLU6/hardswish, an SE block and a residual add, trained on
 scikit-learn's digits by ``scripts/train_demo.py``; ``assets/digits_test.npz``
 is its held-out test split (the demo's evaluation data). The last stage
-compiles the int8 model to C for a Cortex-M4 board, runs the C on the host on
-every test image and checks its accuracy against the reference interpreter's.
+quantizes the model for the microcontroller scheme (int8 activations, every
+output quantized), compiles it to C for a Cortex-M4 board, runs the C on the
+host on every test image and checks its accuracy against the reference
+interpreter's.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ DEMO_DEVICE = "cortex-m4"
 
 @dataclass(frozen=True, kw_only=True)
 class DemoC:
-    """The int8 demo model as C: its report, and its accuracy next to the reference interpreter's."""
+    """The demo model quantized for the MCU target, as C: its report, and its accuracy next to the
+    reference interpreter's."""
 
     report: CompileReport
     accuracy: float
@@ -80,10 +83,15 @@ class DemoC:
                 "reference_accuracy": self.reference_accuracy}
 
 
-def demo_c(int8_path: Path, out_dir: Path, images: np.ndarray, labels: np.ndarray) -> DemoC:
-    """Compile the int8 model to C, run it on the host on every test image, and the reference interpreter too."""
+def demo_c(model_path: Path, out_dir: Path, images: np.ndarray, labels: np.ndarray) -> DemoC:
+    """Quantize the float model for the MCU target, compile it to C, run it on the host on every test
+    image, and the reference interpreter too."""
+    from edgeopt.quant import Int8Config, Target
     from edgeopt.runtime.reference import ReferenceModel
 
+    int8_path = out_dir.parent / f"{model_path.stem}.mcu.onnx"
+    api.quantize(model_path, Int8Config(target=Target.MCU), demo_calibration_path(), output=int8_path,
+                 check_fidelity=False, check_speed=False)
     report = api.compile_model(int8_path, out_dir, device=DEMO_DEVICE, force=True)
     c_logits = next(iter(api.run(out_dir, {"": images}).outputs.values()))
     reference = ReferenceModel(api.load(int8_path))
@@ -155,7 +163,7 @@ def run_demo(output_dir: str | os.PathLike, *, runs: int = 200, progress: Progre
     _step(progress, 4, steps)
     timing = api.bench([model_path, int8_path], config=BenchConfig(runs=runs, warmup=max(1, runs // 10), threads=1))
     _step(progress, 5, steps)
-    c_code = demo_c(int8_path, folder / "c", images, labels)
+    c_code = demo_c(model_path, folder / "c", images, labels)
     _step(progress, 6, steps)
     result = DemoResult(output_dir=folder, inspect=inspected, float_accuracy=accuracy, int8_accuracy=int8_accuracy,
                         quantize=quantized, test_samples=len(labels), bench=timing, c_code=c_code)

@@ -154,12 +154,22 @@ def _quantized_producers(quant_model: ir.Model, comparison: CompareResult) -> li
             producers.append((node, row.sqnr_db))
     graph_outputs = {value.name: value for value in quant_model.graph.outputs}
     for row in comparison.outputs:
-        dequantize = graph_outputs[row.name].producer() if row.name in graph_outputs else None
-        quantize_node = dequantize.inputs[0].producer() if is_op(dequantize, "DequantizeLinear") else None
-        node = quantize_node.inputs[0].producer() if is_op(quantize_node, "QuantizeLinear") else None
+        node = _output_writer(graph_outputs.get(row.name))
         if node is not None and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             producers.append((node, row.sqnr_db))
     return producers
+
+
+def _output_writer(output: ir.Value | None) -> ir.Node | None:
+    """The node computing a graph output: behind its Q -> DQ pair, or writing it in float from
+    quantized inputs (a Gemm/MatMul left with a float output); None when it runs all in float."""
+    node = output.producer() if output is not None else None
+    if is_op(node, "DequantizeLinear"):
+        quantize_node = node.inputs[0].producer()
+        return quantize_node.inputs[0].producer() if is_op(quantize_node, "QuantizeLinear") else None
+    reads_quantized = node is not None and any(is_op(v.producer(), "DequantizeLinear")
+                                               for v in node.inputs if v is not None)
+    return node if reads_quantized else None
 
 
 def _quantized_inputs(node: ir.Node) -> list[str]:

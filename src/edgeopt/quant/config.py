@@ -132,8 +132,13 @@ class Int8Config:
     (it helps some depthwise nets, costs others), AdaRound costs 20-50x the
     time for a few tenths of a dB, so both are opt-in.
     ``activation_format`` None means: chosen by ``target`` (ORT: uint8,
-    MCU: int8). ``verify_tolerance`` is the largest relative output change
-    accepted when an opset < 13 model is converted to 13.
+    MCU: int8). ``quantize_outputs`` None means: chosen by ``target`` too. For
+    ORT, a graph output written by a Gemm or a MatMul with a constant weight
+    stays float (no Q/DQ after it): ONNX Runtime fuses the pair into QGemm /
+    MatMulIntegerToFloat with a float output, so the logits are not rounded to
+    256 levels at no cost in speed; the MCU scheme quantizes every output (the
+    C kernels write int8). ``verify_tolerance`` is the largest relative output
+    change accepted when an opset < 13 model is converted to 13.
     """
 
     target: Target = Target.ORT
@@ -148,9 +153,13 @@ class Int8Config:
     bias_correct: bool = True
     adaround: bool = False
     smoothquant_alpha: float | None = None
+    quantize_outputs: bool | None = None
 
     def __post_init__(self) -> None:
         _require_enum(self.target, Target, "target")
+        if self.quantize_outputs is not None and not isinstance(self.quantize_outputs, bool):
+            raise ConfigError(f"quantize_outputs must be True, False or None (from the target), "
+                              f"got {self.quantize_outputs!r}")
         for key in ("equalize", "bias_correct", "adaround"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be True or False, got {getattr(self, key)!r}")
@@ -180,6 +189,11 @@ class Int8Config:
         if self.activation_format is not None:
             return self.activation_format
         return UINT8 if self.target is Target.ORT else INT8
+
+    @property
+    def outputs_quantized(self) -> bool:
+        """Whether graph outputs of Gemm/MatMul get a Q/DQ pair: the explicit choice, else the target's."""
+        return self.quantize_outputs if self.quantize_outputs is not None else self.target is Target.MCU
 
     @property
     def calibration_config(self) -> CalibrationConfig:

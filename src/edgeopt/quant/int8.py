@@ -159,14 +159,15 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     check_exclude([given, model], config.exclude)
     notes.extend(vanished_excludes(model, config.exclude))
     notes.extend(_float_rewrites(model, config, data))
-    plan = plan_qdq(model, exclude=config.exclude)
+    plan = plan_qdq(model, exclude=config.exclude, quantize_outputs=config.outputs_quantized)
     extra = _AccuracyHooks(model, plan, config)
     calibration = calibrate(model, data, list(dict.fromkeys([*plan.activations, *extra.tensors])),
                             config.calibration_config, progress=progress, hooks=[*hooks, *extra.hooks])
     rounded, extra_notes = extra.apply(model)
     notes.extend(extra_notes)
     if calibration.non_float & set(plan.activations) or extra.replan:
-        plan = plan_qdq(model, exclude=config.exclude, non_float=calibration.non_float)
+        plan = plan_qdq(model, exclude=config.exclude, non_float=calibration.non_float,
+                        quantize_outputs=config.outputs_quantized)
     tensors = insert_qdq(model, plan, calibration.ranges(), config, methods=calibration.methods(),
                          rounded_weights=rounded)
     conversion: OpsetConversion | None = check.result() if check is not None else None

@@ -241,9 +241,10 @@ class UnionFind:
 
 
 class _Planner:
-    def __init__(self, graph: ir.Graph, non_float: Collection[str]) -> None:
+    def __init__(self, graph: ir.Graph, non_float: Collection[str], *, quantize_outputs: bool = True) -> None:
         self.graph = graph
         self.non_float = non_float
+        self.quantize_outputs = quantize_outputs
         self.activations: dict[str, None] = {}
         self.constants: dict[str, None] = {}
         self.weights: list[WeightUse] = []
@@ -265,7 +266,8 @@ class _Planner:
                 continue
             (self.constants if eir.is_constant(value) else self.activations)[value.name] = None
             shared.append(value.name)
-        self.activations[output.name] = None
+        if self.quantize_outputs or not _float_output_fuses(node, output, weight):
+            self.activations[output.name] = None
         if node.op_type == "Concat":
             self.concat_groups.union([*shared, output.name])
         elif rule.role is OpRole.SHARED:
@@ -280,6 +282,13 @@ class _Planner:
             for value in node.outputs:
                 order.setdefault(value.name, len(order))
         return tuple(sorted(names, key=lambda n: (order.get(n, -1), n)))
+
+
+def _float_output_fuses(node: ir.Node, output: ir.Value, weight: ir.Value | None) -> bool:
+    """A graph output that only a Gemm or a constant-weight MatMul writes, and nothing else reads:
+    ONNX Runtime fuses DQ -> Gemm/MatMul with no Q after it into an integer kernel with a float output."""
+    return (node.op_type in ("Gemm", "MatMul") and output is node.outputs[0] and output.is_graph_output()
+            and not output.uses() and weight is not None and eir.is_constant(weight))
 
 
 def _triage(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[str],
@@ -299,13 +308,16 @@ def _triage(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[st
 
 
 def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Collection[str] = (),
-             non_float: Collection[str] = ()) -> QdqPlan:
+             non_float: Collection[str] = (), quantize_outputs: bool = True) -> QdqPlan:
     """Plan Q/DQ placement on ``model`` (not modified).
 
     ``exclude``: node names or op types that stay float (the user's
     ``--exclude``); ``keep_float``: node names that stay float (accuracy
     tools); ``non_float``: tensors found not to be float32 whose dtype the
     graph does not record. Node names must be unique (NameFixPass).
+    ``quantize_outputs`` False: a graph output written by a Gemm or a MatMul
+    with a constant weight (and read by nothing else) stays float; ONNX
+    Runtime runs such a pair as QGemm / MatMulIntegerToFloat with a float output.
     """
     graph = model.graph
     names = [node.name for node in graph]
@@ -315,7 +327,7 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     fused_by_producer = {node.name: activation for node in candidates.values()
                          if (activation := _fused_activation(node, candidates)) is not None}
     fused = {activation.name: producer for producer, activation in fused_by_producer.items()}
-    planner = _Planner(graph, non_float)
+    planner = _Planner(graph, non_float, quantize_outputs=quantize_outputs)
     for node in candidates.values():
         if node.name in fused:
             continue

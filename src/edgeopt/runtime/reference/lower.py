@@ -234,7 +234,9 @@ class Lowering:
                 break
             current = user.outputs[0]
         raise UnsupportedOpError(f"{node_label(node)}: its output is not quantized (a float island): "
-                                 "quantize the model so every op output reaches a QuantizeLinear")
+                                 "quantize the model so every op output reaches a QuantizeLinear "
+                                 "(`edgeopt quantize --target mcu` does; the ort target leaves a last "
+                                 "Gemm/MatMul's output float)")
 
     # -- constants --------------------------------------------------------------------
 
