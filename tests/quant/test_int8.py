@@ -116,6 +116,9 @@ def test_every_calibration_method_gives_a_working_model(models, method):
     activations = [t for t in result.tensors if t.kind == "activation"]
     if method is CalibrationMethod.AUTO:
         assert {t.method for t in activations} <= {m.value for m in CalibrationMethod} - {"auto"}
+        (note,) = [n for n in result.notes if n.startswith("auto calibration")]  # how many got which range
+        counts = [int(part.rsplit(" ", 1)[1]) for part in note.split(": ", 1)[1].split(", ")]
+        assert sum(counts) == sum(t.method != "derived" for t in activations)
     else:
         assert {t.method for t in activations} == {method.value}
 

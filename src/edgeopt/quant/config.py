@@ -49,7 +49,7 @@ class CalibrationMethod(enum.Enum):
     PERCENTILE = "percentile"  # drop the outermost (100 - p)% of each tail
     ENTROPY = "entropy"  # KL-divergence threshold (TensorRT)
     MSE = "mse"  # least expected quantization + clipping error
-    AUTO = "auto"  # per tensor, the method of least estimated error
+    AUTO = "auto"  # per tensor, the range of least estimated error (nearly always MSE's, which minimizes it)
 
     @property
     def needs_histogram(self) -> bool:

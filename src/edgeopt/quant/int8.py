@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import types
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -30,7 +31,7 @@ from edgeopt import ir as eir
 from edgeopt.quant.adaround import AdaRoundConfig, LayerInputSampler, adaround_weights
 from edgeopt.quant.bias_correction import ChannelMeanHook, correct_biases, correction_inputs, round_to_nearest
 from edgeopt.quant.calibrate import calibrate
-from edgeopt.quant.config import CalibrationConfig, Int8Config, PerTensor, Target
+from edgeopt.quant.config import CalibrationConfig, CalibrationMethod, Int8Config, PerTensor, Target
 from edgeopt.quant.equalize import equalize
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
 from edgeopt.quant.opset import OpsetCheck, OpsetConversion, convert_opset
@@ -109,6 +110,13 @@ def _float_rewrites(model: ir.Model, config: Int8Config, data: Iterable[Batch] |
     return notes
 
 
+def _auto_note(methods: Mapping[str, str], activations: Iterable[str]) -> str:
+    """How many of the quantized activations ``auto`` gave each method's range."""
+    chosen = Counter(methods[name] for name in activations if name in methods)
+    listed = ", ".join(f"{method} {count}" for method, count in chosen.most_common())
+    return f"auto calibration, the range of least estimated error per tensor: {listed}"
+
+
 class _AccuracyHooks:
     """Statistics for bias correction and AdaRound, gathered in the one calibration pass."""
 
@@ -165,6 +173,8 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
                             config.calibration_config, progress=progress, hooks=[*hooks, *extra.hooks])
     rounded, extra_notes = extra.apply(model)
     notes.extend(extra_notes)
+    if config.calibration is CalibrationMethod.AUTO:
+        notes.append(_auto_note(calibration.methods(), plan.activations))
     if calibration.non_float & set(plan.activations) or extra.replan:
         plan = plan_qdq(model, exclude=config.exclude, non_float=calibration.non_float,
                         quantize_outputs=config.outputs_quantized)
