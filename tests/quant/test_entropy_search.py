@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
-from edgeopt.quant.observers import _entropy_threshold_bins, _KlDivergence
+from edgeopt.quant.range_choosers import _entropy_threshold_bins, _KlDivergence
 
 HISTOGRAMS_PER_FAMILY = 80
 

@@ -29,9 +29,8 @@ from edgeopt.io import load_model, model_to_bytes
 from edgeopt.quant import quantize
 from edgeopt.quant.config import PerBlock, PerChannel
 from edgeopt.quant.formats import INT4, INT8, UINT4
-from edgeopt.quant.int4 import (
-    AccuracyLevel,
-    Int4WeightConfig,
+from edgeopt.quant.int4 import AccuracyLevel, Int4WeightConfig
+from edgeopt.quant.int4_blocks import (
     MatMulNBitsWeight,
     decode_matmul_nbits,
     encode_matmul_nbits,

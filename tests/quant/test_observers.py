@@ -7,14 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeopt.quant.observers import (
-    HistogramObserver,
-    MinMaxObserver,
-    entropy_range,
-    expected_mse,
-    mse_range,
-    percentile_range,
-)
+from edgeopt.quant.observers import HistogramObserver, MinMaxObserver
+from edgeopt.quant.range_choosers import entropy_range, expected_mse, mse_range, percentile_range
 
 LEVELS = 256
 

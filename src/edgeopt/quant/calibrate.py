@@ -33,16 +33,8 @@ from edgeopt import ir as eir
 from edgeopt.errors import DataError
 from edgeopt.quant.config import CalibrationConfig, CalibrationMethod
 from edgeopt.quant.grouping import Runner, group_size, groups
-from edgeopt.quant.observers import (
-    HistogramObserver,
-    HistogramStats,
-    MinMaxObserver,
-    MinMaxStats,
-    entropy_range,
-    expected_mse,
-    mse_range,
-    percentile_range,
-)
+from edgeopt.quant.observers import HistogramObserver, HistogramStats, MinMaxObserver, MinMaxStats
+from edgeopt.quant.range_choosers import entropy_range, expected_mse, mse_range, percentile_range
 from edgeopt.quant.registry import Batch, ProgressCallback
 from edgeopt.runtime.memory import return_freed_memory
 from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES, PACKED_RANGE_OUTPUTS, RANGE_SUFFIXES
