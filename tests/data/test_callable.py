@@ -62,6 +62,15 @@ def test_importable_module_function(module_file, monkeypatch):
     assert len(list(open_data("my_data:batches", [VECTOR]))) == 3
 
 
+def test_a_module_of_the_current_directory_is_found(module_file, monkeypatch):
+    # as `python -m` would: the user runs edgeopt in their project and names its module
+    monkeypatch.chdir(module_file.parent)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(module_file.parent))])
+    monkeypatch.delitem(sys.modules, "my_data", raising=False)
+    assert len(list(open_data("my_data:batches", [VECTOR]))) == 3
+    assert str(module_file.parent) not in sys.path  # searched for the import only
+
+
 def test_bare_arrays_are_wrapped_for_a_single_input(module_file):
     batches = list(CallableSource(f"{module_file}:bare_arrays", [VECTOR]))
     assert [b["x"].shape for b in batches] == [(1, 4), (1, 4)]

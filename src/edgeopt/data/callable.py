@@ -1,7 +1,8 @@
 """Batches produced by the user's own Python function, named ``module:function``.
 
-``module:function`` imports ``module`` (from ``sys.path``); ``path/to/file.py:function``
-loads that file. The function takes no arguments and is called once per pass
+``module:function`` imports ``module`` from ``sys.path`` and, after it, the current
+directory (as ``python -m`` would find a module of the project you run in);
+``path/to/file.py:function`` loads that file. The function takes no arguments and is called once per pass
 over the data. It returns either
 
 * an iterable (list, generator, ``torch.utils.data.DataLoader``...) whose
@@ -57,11 +58,23 @@ def _import_file(path: Path, spec_text: str, option: str) -> object:
     return module
 
 
+def _import_module(target: str) -> object:
+    """``importlib.import_module``, with the current directory searched last for the time of the call."""
+    here = str(Path.cwd())
+    if here in sys.path or "" in sys.path:
+        return importlib.import_module(target)
+    sys.path.append(here)
+    try:
+        return importlib.import_module(target)
+    finally:
+        sys.path.remove(here)
+
+
 def _import(target: str, spec_text: str, option: str) -> object:
     try:
         if target.endswith(".py") or "/" in target or "\\" in target:
             return _import_file(Path(target), spec_text, option)
-        return importlib.import_module(target)
+        return _import_module(target)
     except DataError:
         raise
     except Exception as error:  # the user's module may raise anything while importing
