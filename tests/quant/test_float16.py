@@ -304,6 +304,16 @@ def test_bf16_stores_weights_low_and_computes_float32(torch_models, name):
     check_types(converted)
 
 
+def test_bf16_of_an_opset_11_model_is_converted_to_13_and_loads(tmp_path):
+    # Cast from bfloat16 is not in opset 11: written as is, ONNX Runtime refuses the graph
+    model = load_model(build_onnx("mobilenet_v3", tmp_path, 11))
+    result = quantize(model, Bf16Config(), data=None)
+    assert eir.default_opset(result.model) == 13
+    assert any(note.startswith("converted opset 11 -> 13") for note in result.notes)
+    reference, outputs = run_both(model, result.model)
+    assert sqnr_db(reference["output"], outputs["output"]) >= BF16_MIN_SQNR_DB
+
+
 def test_bf16_keeps_float32_positions_and_excluded_weights(tmp_path):
     model = odd_ops_model(tmp_path)
     result = quantize(model, Bf16Config(exclude=("keep_me",)), data=None)

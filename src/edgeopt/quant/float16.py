@@ -58,6 +58,7 @@ from edgeopt.quant.float16_plan import (
     plan_half_precision,
 )
 from edgeopt.quant.formats import BFLOAT16, FLOAT16, Format
+from edgeopt.quant.opset import convert_opset
 from edgeopt.quant.placement import check_exclude, vanished_excludes
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 
@@ -369,6 +370,9 @@ def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | N
 # ---------------------------------------------------------------------------
 
 
+_BF16_CAST_OPSET = 13  # Cast to and from bfloat16 is in the ONNX standard from opset 13
+
+
 def _reads_constant(node: ir.Node) -> bool:
     return any(is_constant(v) for v in float_values(node.inputs))
 
@@ -377,6 +381,13 @@ def _reads_constant(node: ir.Node) -> bool:
 def quantize_bf16(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | None = None, *,
                   progress: ProgressCallback | None = None) -> QuantResult:
     """Bfloat16 weight storage with float32 compute; see the module docstring. ``data`` is not used."""
+    opset_notes = []
+    if eir.default_opset(model) < _BF16_CAST_OPSET:
+        check_exclude([model], config.exclude)  # names of the given model, before the conversion
+        source = eir.default_opset(model)
+        model = convert_opset(model, _BF16_CAST_OPSET)
+        opset_notes.append(f"converted opset {source} -> {_BF16_CAST_OPSET}: Cast from bfloat16, which "
+                           "restores each weight, exists from opset 13")
     passes = _float_passes(model, config)
     _infer_types(model)
     graph, opset = model.graph, eir.default_opset(model)
@@ -400,6 +411,7 @@ def quantize_bf16(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | N
         "before use (ONNX Runtime folds these casts at load), so the model runs on any runtime",
         f"{len(log.tensors)} float32 constants stored as bfloat16, {log.bytes_before} -> {log.bytes_after} bytes",
         f"{scalars} scalar constants left float32 (no size to win)",
+        *opset_notes,
         *passes,
     ]
     kept = _kept_note(float_nodes)
