@@ -302,6 +302,8 @@ def test_gemm_folds_alpha_and_beta(tmp_path, c_shape, c_input, lowered):
     result = quantize(model, config, data=None)
     assert op_types(result.model) == lowered
     assert_matches_reference(model, result, config)
+    read = {v.name for node in result.model.graph for v in node.inputs if v is not None}
+    assert set(result.model.graph.initializers) <= read  # the Gemm's old weight and C are gone
 
 
 @pytest.mark.parametrize(("kwargs", "reason"), [

@@ -301,12 +301,15 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
             float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, target))
             continue
         quantized = quantize_blocks(target.weight, config.block_size, config.weight_format)
+        constants = dict.fromkeys([target.weight_value, *(v for v in node.inputs[1:]
+                                                          if v is not None and eir.is_constant(v))])
         if target.lowering is _Lowering.MATMUL_NBITS:
             bytes_after += _lower_matmul_nbits(graph, names, target, config, quantized)
         else:
             bytes_after += _lower_dequantize_linear(graph, names, target, quantized)
         bytes_before += target.weight.nbytes
-        _drop_if_unused(graph, target.weight_value)
+        for value in constants:  # a Gemm's bias moved into MatMulNBits' bias input leaves its old copy
+            _drop_if_unused(graph, value)
         lowered[target.lowering] += 1
         tensors.append(_tensor_info(target, quantized))
     if lowered[_Lowering.MATMUL_NBITS]:
