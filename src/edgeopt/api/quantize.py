@@ -169,7 +169,7 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
         result = run_scheme(loaded, config, source, progress=progress, in_place=owned)
         if owned:
             loaded = None
-    quant_bytes = model_to_bytes(result.model)
+    quant_bytes = model_to_bytes(result.model, value_info=False)  # inferable annotations: size only
     if output is not None:
         atomic_write_bytes(output, quant_bytes)
     warnings = []

@@ -38,9 +38,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return target
 
 
-def model_to_bytes(model: ir.Model) -> bytes:
-    """Serialize a model to ONNX protobuf bytes (deterministic for equal models)."""
+def model_to_bytes(model: ir.Model, *, value_info: bool = True) -> bytes:
+    """Serialize a model to ONNX protobuf bytes (deterministic for equal models).
+
+    ``value_info`` False leaves out the type and shape annotations of intermediate values:
+    any runtime infers them again, and on a small QDQ model they are a quarter of the file.
+    """
     proto = ir.to_proto(model)
+    if not value_info:
+        del proto.graph.value_info[:]
     if proto.ByteSize() > _PROTOBUF_LIMIT_BYTES:
         raise ModelError("model is larger than 2 GB: protobuf cannot hold it in one file")
     return proto.SerializeToString(deterministic=True)
