@@ -17,9 +17,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 import pytest
-import torch
 from onnx import helper
-from torch import nn
 
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
@@ -29,38 +27,18 @@ from edgeopt.quant.equalize import equalize, replace_constant_input
 from edgeopt.quant.ops import weight_axis
 from edgeopt.quant.primitives import dequantize, quantize_per_channel
 from edgeopt.runtime.ort import OrtSession
-from tests.models import build_onnx
+from tests.models import build_onnx, depthwise_separable_spread
 from tests.passes._helpers import assert_same_outputs, export_torch, make_model, random_weight, weight
 
 PER_TENSOR_GAIN_DB = 6.0  # measured 9.9
 INT8_GAIN_DB = 3.0  # measured 5.0
 
 
-def _conv_bn_relu(cin: int, cout: int, kernel: int, groups: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(cout), nn.ReLU()]
-
-
-def _imbalanced_dw_separable() -> nn.Module:
-    torch.manual_seed(0)
-    module = nn.Sequential(
-        *_conv_bn_relu(3, 16, 3, 1), *_conv_bn_relu(16, 16, 3, 16),  # stem, depthwise
-        *_conv_bn_relu(16, 32, 1, 1), *_conv_bn_relu(32, 32, 3, 32),  # pointwise, depthwise
-        *_conv_bn_relu(32, 24, 1, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10))
-    with torch.no_grad():
-        for bn in (m for m in module.modules() if isinstance(m, nn.BatchNorm2d)):
-            bn.weight.copy_(10 ** torch.empty(bn.num_features).uniform_(-1.5, 1.0))
-            bn.bias.normal_(0, 0.3)
-            bn.running_mean.normal_(0, 0.1)
-            bn.running_var.uniform_(0.5, 1.5)
-    return module
-
-
 @pytest.fixture(scope="module")
 def dw_net(tmp_path_factory) -> ir.Model:
     """BN-folded depthwise-separable ReLU net, input [1, 3, 16, 16]."""
     folder = tmp_path_factory.mktemp("dw")
-    return optimize_for_quantization(export_torch(_imbalanced_dw_separable(), (1, 3, 16, 16), folder)).model
+    return optimize_for_quantization(export_torch(depthwise_separable_spread(), (1, 3, 16, 16), folder)).model
 
 
 def _weight_fake_quantized(model: ir.Model, per_channel: bool) -> ir.Model:
