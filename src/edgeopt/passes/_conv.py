@@ -29,6 +29,7 @@ __all__ = [
     "LinearParts",
     "as_channel_vector",
     "fold_refusal",
+    "foldable_parts",
     "linear_parts",
     "store_parts",
     "vector_refusal",
@@ -105,6 +106,12 @@ def linear_parts(node: ir.Node) -> LinearParts | str:
     if bias is not None and node.op_type == "Gemm":  # fold beta in; store_parts sets beta = 1
         bias = bias * node.attributes.get_float("beta", 1.0)
     return LinearParts(node=node, weight=weight, bias=bias, channels=channels)
+
+
+def foldable_parts(node: ir.Node, follower: ir.Node) -> LinearParts | str:
+    """``node``'s constant weight and bias when ``follower`` may fold into it, else why not."""
+    reason = fold_refusal(node, follower)
+    return reason if reason is not None else linear_parts(node)
 
 
 def fold_refusal(node: ir.Node, follower: ir.Node) -> str | None:

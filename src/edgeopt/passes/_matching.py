@@ -24,6 +24,7 @@ __all__ = [
     "follow_product",
     "is_op",
     "other_input",
+    "producer_and_constant",
     "producer_op",
     "scalar",
     "shape_text",
@@ -36,6 +37,20 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 def is_op(node: ir.Node | None, *op_types: str) -> bool:
     """True when ``node`` is one of ``op_types`` in the default ONNX domain."""
     return node is not None and node.domain in _DEFAULT_DOMAINS and node.op_type in op_types
+
+
+def producer_and_constant(node: ir.Node, op_types: tuple[str, ...], *,
+                          commutative: bool) -> tuple[ir.Node, ir.Value] | None:
+    """For a binary ``node``: the producer of its first input if it is one of ``op_types`` and the other
+    input is a constant (with ``commutative``, also the other way round), else None."""
+    if len(node.inputs) != 2:
+        return None
+    for producer_index in ((0, 1) if commutative else (0,)):
+        producer = producer_op(node.inputs[producer_index], *op_types)
+        constant = node.inputs[1 - producer_index]
+        if producer is not None and eir.is_constant(constant):
+            return producer, constant
+    return None
 
 
 def producer_op(value: ir.Value | None, *op_types: str) -> ir.Node | None:

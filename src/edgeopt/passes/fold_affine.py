@@ -21,12 +21,11 @@ from edgeopt import ir as eir
 from edgeopt.passes._conv import (
     LinearParts,
     as_channel_vector,
-    fold_refusal,
-    linear_parts,
+    foldable_parts,
     store_parts,
     vector_refusal,
 )
-from edgeopt.passes._matching import producer_op
+from edgeopt.passes._matching import producer_and_constant
 from edgeopt.passes._report import ReportedPassResult
 from edgeopt.passes._rules import Match, Rule, RuleContext, RulePass, run_on_copy
 
@@ -45,22 +44,15 @@ class _LayerAffine(Match):
 
 
 def _find_layer_and_constant(node: ir.Node, commutative: bool) -> _LayerAffine | None:
-    if len(node.inputs) != 2:
+    found = producer_and_constant(node, _LAYER_OPS, commutative=commutative)
+    if found is None:
         return None
-    orders = [(0, 1), (1, 0)] if commutative else [(0, 1)]
-    for layer_index, constant_index in orders:
-        layer = producer_op(node.inputs[layer_index], *_LAYER_OPS)
-        constant = node.inputs[constant_index]
-        if layer is not None and eir.is_constant(constant):
-            return _LayerAffine(nodes=(layer, node), layer=layer, op=node, constant=constant)
-    return None
+    layer, constant = found
+    return _LayerAffine(nodes=(layer, node), layer=layer, op=node, constant=constant)
 
 
 def _check(match: _LayerAffine) -> str | None:
-    reason = fold_refusal(match.layer, match.op)
-    if reason is not None:
-        return reason
-    parts = linear_parts(match.layer)
+    parts = foldable_parts(match.layer, match.op)
     if isinstance(parts, str):
         return parts
     array = eir.constant_array(match.constant)

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.passes._conv import LINEAR_OPS, LinearParts, fold_refusal, linear_parts, store_parts
+from edgeopt.passes._conv import LINEAR_OPS, LinearParts, foldable_parts, store_parts
 from edgeopt.passes._matching import producer_op
 from edgeopt.passes._report import ReportedPassResult
 from edgeopt.passes._rules import Match, Rule, RuleContext, RulePass, run_on_copy
@@ -56,10 +56,7 @@ class _LinearBatchNorm(Match):
 
 
 def _check_linear_batchnorm(match: _LinearBatchNorm) -> str | None:
-    reason = fold_refusal(match.linear, match.bn)
-    if reason is not None:
-        return reason
-    parts = linear_parts(match.linear)
+    parts = foldable_parts(match.linear, match.bn)
     if isinstance(parts, str):
         return parts
     affine = batchnorm_affine(match.bn, parts.channels)

@@ -29,8 +29,8 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.passes._conv import fold_refusal, linear_parts
-from edgeopt.passes._matching import is_op, producer_op, shape_text
+from edgeopt.passes._conv import foldable_parts
+from edgeopt.passes._matching import is_op, producer_and_constant, shape_text
 from edgeopt.passes._report import ReportedPassResult
 from edgeopt.passes._rules import Match, Rule, RuleContext, RulePass, run_on_copy
 
@@ -78,21 +78,15 @@ def _leading_dims(value: ir.Value) -> tuple[int | None, ...] | str:
 
 
 def _match(add: ir.Node) -> _LinearAdd | None:
-    if len(add.inputs) != 2:
+    found = producer_and_constant(add, ("MatMul",), commutative=True)
+    if found is None:
         return None
-    for matmul_index in (0, 1):
-        matmul = producer_op(add.inputs[matmul_index], "MatMul")
-        constant = add.inputs[1 - matmul_index]
-        if matmul is not None and eir.is_constant(constant):
-            return _LinearAdd(nodes=(matmul, add), matmul=matmul, add=add, constant=constant)
-    return None
+    matmul, constant = found
+    return _LinearAdd(nodes=(matmul, add), matmul=matmul, add=add, constant=constant)
 
 
 def _check(match: _LinearAdd) -> str | None:
-    reason = fold_refusal(match.matmul, match.add)
-    if reason is not None:
-        return reason
-    parts = linear_parts(match.matmul)
+    parts = foldable_parts(match.matmul, match.add)
     if isinstance(parts, str):
         return parts
     leading = _leading_dims(match.matmul.inputs[0])
