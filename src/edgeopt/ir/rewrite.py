@@ -78,11 +78,16 @@ def add_initializer(graph: ir.Graph, array: np.ndarray, name_hint: str) -> ir.Va
 
 
 def drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
-    """Unregister initializer ``value`` once nothing reads it, so its data can be freed now
-    rather than at the next dead-code sweep (a pass that rewrites every weight of a large model
-    would otherwise hold the old and the new weights at once)."""
-    if (value is not None and value.is_initializer() and not value.uses() and not value.is_graph_output()
-            and not value.is_graph_input() and graph.initializers.get(value.name) is value):
+    """Remove a constant nothing reads any more -- an initializer, or the ``Constant`` node that
+    makes it -- so its data can be freed now rather than at the next dead-code sweep (a pass that
+    rewrites every weight of a large model would otherwise hold the old and the new weights at once)."""
+    if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
+        return
+    producer = value.producer()
+    if producer is not None:
+        if producer.op_type == "Constant" and producer.graph is graph:
+            graph.remove(producer, safe=True)
+    elif value.is_initializer() and graph.initializers.get(value.name) is value:
         graph.initializers.pop(value.name)
 
 

@@ -261,17 +261,6 @@ def _lower_dequantize_linear(graph: ir.Graph, names: UniqueNames, target: _Targe
     return (quantized.q.size + 1) // 2 + quantized.scale.nbytes + zero_point_bytes
 
 
-def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
-    """Remove a weight no node reads any more (initializer or Constant node)."""
-    if value.uses() or value.is_graph_output():
-        return
-    producer = value.producer()
-    if producer is not None:
-        graph.remove(producer, safe=True)
-    elif value.name in graph.initializers:
-        graph.initializers.pop(value.name)
-
-
 def _tensor_info(target: _Target, quantized: BlockQuantizedWeight) -> TensorQuantInfo:
     return TensorQuantInfo(
         name=target.weight_value.name, kind="weight", op_type=target.node.op_type, format=quantized.format.name,
@@ -309,7 +298,7 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
             bytes_after += _lower_dequantize_linear(graph, names, target, quantized)
         bytes_before += target.weight.nbytes
         for value in constants:  # a Gemm's bias moved into MatMulNBits' bias input leaves its old copy
-            _drop_if_unused(graph, value)
+            eir.drop_if_unused(graph, value)
         lowered[target.lowering] += 1
         tensors.append(_tensor_info(target, quantized))
     if lowered[_Lowering.MATMUL_NBITS]:
