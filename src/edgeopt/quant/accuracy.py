@@ -143,46 +143,41 @@ def _node_damage(quant_model: ir.Model, comparison: CompareResult) -> list[tuple
 
 
 def _quantized_producers(quant_model: ir.Model, comparison: CompareResult) -> list[tuple[ir.Node, float]]:
-    """(node, SQNR dB of its quantized output) for the compared activations, and for the nodes whose
-    output is quantized on its way to a graph output (compared as a model output, not a layer)."""
+    """(node, SQNR dB of its quantized output) for the compared activations, and for the nodes
+    writing a graph output (compared as a model output, not a layer)."""
     values = {v.name: v for node in quant_model.graph for v in node.outputs}
-    producers = []
-    for row in comparison.layers:
-        value = values.get(row.tensor)
-        node = value.producer() if value is not None else None
-        if node is not None and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            producers.append((node, row.sqnr_db))
     graph_outputs = {value.name: value for value in quant_model.graph.outputs}
-    for row in comparison.outputs:
-        node = _output_writer(graph_outputs.get(row.name))
-        if node is not None and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            producers.append((node, row.sqnr_db))
-    return producers
+    found = [(_producer(values.get(row.tensor)), row.sqnr_db) for row in comparison.layers]
+    found += [(_output_writer(graph_outputs.get(row.name)), row.sqnr_db) for row in comparison.outputs]
+    return [(node, sqnr_db) for node, sqnr_db in found
+            if node is not None and node.op_type not in ("QuantizeLinear", "DequantizeLinear")]
+
+
+def _producer(value: ir.Value | None) -> ir.Node | None:
+    return value.producer() if value is not None else None
+
+
+def _carried(value: ir.Value | None) -> ir.Value | None:
+    """The float value a QuantizeLinear -> DequantizeLinear pair carries to ``value``, if it is one."""
+    dequantize = _producer(value)
+    quantize_node = _producer(dequantize.inputs[0]) if is_op(dequantize, "DequantizeLinear") else None
+    return quantize_node.inputs[0] if is_op(quantize_node, "QuantizeLinear") else None
 
 
 def _output_writer(output: ir.Value | None) -> ir.Node | None:
     """The node computing a graph output: behind its Q -> DQ pair, or writing it in float from
     quantized inputs (a Gemm/MatMul left with a float output); None when it runs all in float."""
-    node = output.producer() if output is not None else None
-    if is_op(node, "DequantizeLinear"):
-        quantize_node = node.inputs[0].producer()
-        return quantize_node.inputs[0].producer() if is_op(quantize_node, "QuantizeLinear") else None
-    reads_quantized = node is not None and any(is_op(v.producer(), "DequantizeLinear")
-                                               for v in node.inputs if v is not None)
+    carried = _carried(output)
+    if carried is not None:
+        return _producer(carried)
+    node = _producer(output)
+    reads_quantized = node is not None and any(is_op(_producer(v), "DequantizeLinear") for v in node.inputs)
     return node if reads_quantized else None
 
 
 def _quantized_inputs(node: ir.Node) -> list[str]:
     """Float names of a node's inputs that arrive through a Q -> DQ pair."""
-    names = []
-    for value in node.inputs:
-        dequantize = value.producer() if value is not None else None
-        if dequantize is None or dequantize.op_type != "DequantizeLinear":
-            continue
-        quantize_node = dequantize.inputs[0].producer() if dequantize.inputs[0] is not None else None
-        if quantize_node is not None and quantize_node.op_type == "QuantizeLinear":
-            names.append(quantize_node.inputs[0].name)
-    return names
+    return [carried.name for carried in map(_carried, node.inputs) if carried is not None]
 
 
 class _Search:
