@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import types
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -363,7 +363,8 @@ def calibrate(
                     if t in observed and t not in fetched}
     means = _channel_mean_axes(model, wanted_means)
     whole += [t for t in wanted_means if t not in means]  # rank unknown: fetched whole after all
-    reduced = [n for n in computed if n not in set(whole)]
+    fetched = set(whole)
+    reduced = [n for n in computed if n not in fetched]
     observation = _Observation(names, config, inputs=input_names, whole=whole,
                                packed=_float32_outputs(model, reduced), channel_means=means)
     fetch = list(dict.fromkeys([*model_outputs, *observation.fetch]))

@@ -23,7 +23,6 @@ import onnxruntime as ort
 
 from edgeopt import ir as eir
 from edgeopt.errors import DataError, ModelError
-from edgeopt.io import model_to_bytes
 
 __all__ = ["CHANNEL_MEAN_SUFFIXES", "PACKED_RANGE_OUTPUTS", "RANGE_SUFFIXES", "OrtSession", "batch_one_reshapes",
            "fill_missing_shapes", "observing_session", "optimized_model", "ort_version", "random_feed",
@@ -87,12 +86,23 @@ def session_model(model: ir.Model) -> SessionModel:
         value.const_value = ir.ExternalTensor(_IN_MEMORY, 0, array.nbytes, tensor.dtype, shape=tensor.shape,
                                               name=name)
     try:
-        proto = ir.to_proto(model)
+        proto = _ort_proto(model)
     finally:  # the model gets its tensors back whatever happened
         for name, tensor in swapped.items():
             model.graph.initializers[name].const_value = tensor
-    proto.ir_version = min(proto.ir_version, _MAX_IR_VERSION)
     return SessionModel(proto=proto, initializers=types.MappingProxyType(arrays))
+
+
+def _ort_proto(model: ir.Model) -> onnx.ModelProto:
+    """``model`` as protobuf with an IR version ONNX Runtime takes."""
+    proto = ir.to_proto(model)
+    proto.ir_version = min(proto.ir_version, _MAX_IR_VERSION)
+    return proto
+
+
+def _load_error(error: Exception) -> ModelError:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelError(f"ONNX Runtime cannot load the model: {message}")
 
 
 def _session_bytes(model: bytes) -> bytes:
@@ -133,8 +143,7 @@ class OrtSession:
         try:
             self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as error:
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ModelError(f"ONNX Runtime cannot load the model: {message}") from None
+            raise _load_error(error) from None
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
 
@@ -338,8 +347,7 @@ def optimized_model(model: ir.Model, *, threads: int | None = None) -> ir.Model:
         path = Path(folder) / "optimized.onnx"
         options.optimized_model_filepath = str(path)
         try:
-            ort.InferenceSession(_session_bytes(model_to_bytes(model)), options, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(_ort_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as error:
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ModelError(f"ONNX Runtime cannot load the model: {message}") from None
+            raise _load_error(error) from None
         return ir.from_proto(onnx.load(str(path)))
