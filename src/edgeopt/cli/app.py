@@ -39,6 +39,8 @@ PreprocessOption = Annotated[
                  help="Image preprocessing for an image --data folder, e.g. "
                       "size=224x224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=nchw,dtype=float32."),
 ]
+
+
 def parse_preprocess(text: str | None) -> ImagePreprocess | None:
     """The ``--preprocess`` spec, or None when the option was not given."""
     return ImagePreprocess.parse(text) if text else None

@@ -2,8 +2,8 @@
 
 ``module:function`` imports ``module`` from ``sys.path`` and, after it, the current
 directory (as ``python -m`` would find a module of the project you run in);
-``path/to/file.py:function`` loads that file. The function takes no arguments and is called once per pass
-over the data. It returns either
+``path/to/file.py:function`` loads that file. The function takes no arguments
+and is called once per pass over the data. It returns either
 
 * an iterable (list, generator, ``torch.utils.data.DataLoader``...) whose
   items are batches: ``{input_name: array}`` dicts, or bare arrays for a

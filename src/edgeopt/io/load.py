@@ -66,6 +66,10 @@ def _external_files(proto: onnx.ModelProto, folder: Path) -> list[Path]:
     return [folder / location for location in sorted(locations)]
 
 
+def _disk_bytes(file: Path, sidecars: Iterable[Path]) -> int:
+    return file.stat().st_size + sum(p.stat().st_size for p in sidecars if p.is_file())
+
+
 def _read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, int]:
     """The model with its external data loaded, and its size on disk (file plus data files)."""
     file = Path(path)
@@ -86,7 +90,7 @@ def _read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, int]:
                          "is the file truncated or of another format?") from None
     if not proto.graph.node:
         raise ModelError(f"{file} is not a valid ONNX model (its graph has no nodes)")
-    return proto, file.stat().st_size + sum(p.stat().st_size for p in sidecars if p.is_file())
+    return proto, _disk_bytes(file, sidecars)
 
 
 def _default_opset(proto: onnx.ModelProto) -> int:
@@ -248,5 +252,4 @@ def load_model(
 def model_file_bytes(path: str | os.PathLike) -> int:
     """Size on disk of a model file plus the external data files it references."""
     file = Path(path)
-    sidecars = _external_files(onnx.load(str(file), load_external_data=False), file.parent)
-    return file.stat().st_size + sum(p.stat().st_size for p in sidecars if p.is_file())
+    return _disk_bytes(file, _external_files(onnx.load(str(file), load_external_data=False), file.parent))
