@@ -13,11 +13,13 @@ from collections.abc import Iterator
 import onnx_ir as ir
 from onnx_ir.traversal import RecursiveGraphIterator
 
+from edgeopt import ir as eir
+
 __all__ = ["execution_steps", "is_constant_node", "node_label", "step_of_nodes", "subgraphs"]
 
 
 def is_constant_node(node: ir.Node) -> bool:
-    return node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+    return eir.is_op(node, "Constant")
 
 
 def node_label(node: ir.Node, index: int) -> str:

@@ -9,10 +9,12 @@ real inputs, and the default-domain opset.
 from __future__ import annotations
 
 from edgeopt.ir.values import (
+    ONNX_DOMAINS,
     InputSpec,
     constant_array,
     default_opset,
     is_constant,
+    is_op,
     model_inputs,
     numpy_dtype,
     static_shape,
@@ -20,10 +22,12 @@ from edgeopt.ir.values import (
 )
 
 __all__ = [
+    "ONNX_DOMAINS",
     "InputSpec",
     "constant_array",
     "default_opset",
     "is_constant",
+    "is_op",
     "model_inputs",
     "numpy_dtype",
     "static_shape",

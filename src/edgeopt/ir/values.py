@@ -1,4 +1,4 @@
-"""Queries on values of an ``onnx_ir`` graph: constants, shapes, dtypes, inputs.
+"""Queries on values of an ``onnx_ir`` graph: constants, shapes, dtypes, inputs, op tests.
 
 A value is *constant* when it is an initializer that is not also a graph input,
 or the output of a ``Constant`` node. Shapes are *static* when every dimension
@@ -13,10 +13,12 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = [
+    "ONNX_DOMAINS",
     "InputSpec",
     "constant_array",
     "default_opset",
     "is_constant",
+    "is_op",
     "model_inputs",
     "numpy_dtype",
     "static_shape",
@@ -24,6 +26,14 @@ __all__ = [
 ]
 
 Dim = int | str | None
+
+#: The names of the default ONNX operator domain.
+ONNX_DOMAINS = ("", "ai.onnx")
+
+
+def is_op(node: ir.Node | None, *op_types: str) -> bool:
+    """True when ``node`` is one of ``op_types`` in the default ONNX domain."""
+    return node is not None and node.domain in ONNX_DOMAINS and node.op_type in op_types
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,7 +71,7 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     if value.const_value is not None and not value.is_graph_input():
         return np.asarray(value.const_value.numpy())
     producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
+    if is_op(producer, "Constant"):
         return _constant_node_array(producer)
     return None
 

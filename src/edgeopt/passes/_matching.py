@@ -31,12 +31,7 @@ __all__ = [
     "sole_consumer",
 ]
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
-
-
-def is_op(node: ir.Node | None, *op_types: str) -> bool:
-    """True when ``node`` is one of ``op_types`` in the default ONNX domain."""
-    return node is not None and node.domain in _DEFAULT_DOMAINS and node.op_type in op_types
+is_op = eir.is_op
 
 
 def producer_and_constant(node: ir.Node, op_types: tuple[str, ...], *,

@@ -36,7 +36,6 @@ __all__ = ["Match", "Rule", "RuleContext", "RulePass", "run_on_copy"]
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +71,7 @@ class Rule(abc.ABC):
     verb: ClassVar[str] = "fused"
 
     def anchors(self, node: ir.Node) -> bool:
-        if node.domain not in _DEFAULT_DOMAINS:
+        if node.domain not in eir.ONNX_DOMAINS:
             return False
         return not self.anchor_ops or node.op_type in self.anchor_ops
 

@@ -32,7 +32,7 @@ from edgeopt.errors import ConfigError
 from edgeopt.quant.api import quantize
 from edgeopt.quant.compare import CompareResult, compare_models
 from edgeopt.quant.config import Int8Config
-from edgeopt.quant.ops import is_op
+from edgeopt.quant.ops import is_qdq_op
 from edgeopt.quant.registry import QuantResult
 
 __all__ = ["AccuracyGoal", "AccuracySearch", "AccuracyStep", "accuracy_aware_quantize"]
@@ -160,8 +160,8 @@ def _producer(value: ir.Value | None) -> ir.Node | None:
 def _carried(value: ir.Value | None) -> ir.Value | None:
     """The float value a QuantizeLinear -> DequantizeLinear pair carries to ``value``, if it is one."""
     dequantize = _producer(value)
-    quantize_node = _producer(dequantize.inputs[0]) if is_op(dequantize, "DequantizeLinear") else None
-    return quantize_node.inputs[0] if is_op(quantize_node, "QuantizeLinear") else None
+    quantize_node = _producer(dequantize.inputs[0]) if is_qdq_op(dequantize, "DequantizeLinear") else None
+    return quantize_node.inputs[0] if is_qdq_op(quantize_node, "QuantizeLinear") else None
 
 
 def _output_writer(output: ir.Value | None) -> ir.Node | None:
@@ -171,7 +171,7 @@ def _output_writer(output: ir.Value | None) -> ir.Node | None:
     if carried is not None:
         return _producer(carried)
     node = _producer(output)
-    reads_quantized = node is not None and any(is_op(_producer(v), "DequantizeLinear") for v in node.inputs)
+    reads_quantized = node is not None and any(is_qdq_op(_producer(v), "DequantizeLinear") for v in node.inputs)
     return node if reads_quantized else None
 
 

@@ -141,7 +141,7 @@ def _layer_refusal(node: ir.Node | None) -> str | None:
     """Why ``node`` is not a layer AdaRound handles (None when it is)."""
     if node is None:
         return "no node of that name"
-    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "Gemm", "MatMul"):
+    if not eir.is_op(node, "Conv", "Gemm", "MatMul"):
         return f"{node.op_type} is not a Conv/Gemm/MatMul"
     weight = eir.constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None or not np.issubdtype(weight.dtype, np.floating):

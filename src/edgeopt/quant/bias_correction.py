@@ -63,7 +63,6 @@ __all__ = [
     "round_to_nearest",
 ]
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 _LINEAR = ("Conv", "Gemm", "MatMul")
 
 #: ``quantize_weight(weight, node)`` -> the dequantized weight, same shape and layout.
@@ -172,7 +171,7 @@ def _input_channel_axis(node: ir.Node) -> int:
 
 
 def _is_linear(node: ir.Node) -> bool:
-    return node.domain in _DEFAULT_DOMAINS and node.op_type in _LINEAR
+    return eir.is_op(node, *_LINEAR)
 
 
 def _float_weight(node: ir.Node) -> np.ndarray | None:

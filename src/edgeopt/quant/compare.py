@@ -36,7 +36,7 @@ from edgeopt import ir as eir
 from edgeopt.data import open_data, take
 from edgeopt.errors import DataError
 from edgeopt.metrics import AgreementMeter, FidelityMeter, json_number, looks_like_class_scores
-from edgeopt.quant.ops import is_op
+from edgeopt.quant.ops import is_qdq_op
 
 __all__ = [
     "CompareResult",
@@ -152,10 +152,10 @@ def _activation_pairs(model: ir.Model) -> list[tuple[ir.Node, ir.Node]]:
     """(QuantizeLinear, DequantizeLinear) pairs on activations, in graph order."""
     pairs = []
     for node in model.graph:
-        if not is_op(node, "DequantizeLinear") or node.inputs[0] is None:
+        if not is_qdq_op(node, "DequantizeLinear") or node.inputs[0] is None:
             continue
         quantize = node.inputs[0].producer()
-        if is_op(quantize, "QuantizeLinear") and not eir.is_constant(quantize.inputs[0]):
+        if is_qdq_op(quantize, "QuantizeLinear") and not eir.is_constant(quantize.inputs[0]):
             pairs.append((quantize, node))
     return pairs
 

@@ -66,7 +66,6 @@ __all__ = [
     "replace_constant_input",
 ]
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 _CONV_FAMILY = frozenset({"Conv"})
 _DENSE_FAMILY = frozenset({"Gemm", "MatMul"})
 _HOMOGENEOUS = frozenset({"Relu", "LeakyRelu"})
@@ -148,9 +147,6 @@ def replace_constant_input(graph: ir.Graph, node: ir.Node, index: int, array: np
     return new
 
 
-def _is_op(node: ir.Node | None, *op_types: str) -> bool:
-    return node is not None and node.domain in _DEFAULT_DOMAINS and node.op_type in op_types
-
 
 def _sole_reader(value: ir.Value) -> ir.Node | str:
     """The one node reading ``value``, or why there is not one."""
@@ -180,11 +176,11 @@ def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
 
 def _activation_refusal(node: ir.Node, replace_relu6: bool) -> str | None:
     """Why ``node`` does not commute with a positive per-channel scale (None when it does)."""
-    if _is_op(node, *_HOMOGENEOUS):
+    if eir.is_op(node, *_HOMOGENEOUS):
         return None
-    if _is_op(node, *_NON_HOMOGENEOUS):
+    if eir.is_op(node, *_NON_HOMOGENEOUS):
         return f"{node.op_type} {eir.node_label(node)!r} is not positive-homogeneous"
-    if not _is_op(node, "Clip"):
+    if not eir.is_op(node, "Clip"):
         return f"it feeds {node.op_type} {eir.node_label(node)!r}, not a Conv/Gemm/MatMul or a ReLU"
     bounds = _clip_bounds(node)
     if bounds is None:
@@ -310,14 +306,14 @@ def _follow(node: ir.Node, replace_relu6: bool) -> tuple[ir.Node | None, ir.Node
     if isinstance(reader, str):
         return reader
     activation = None
-    if not _is_op(reader, *_LINEAR):
+    if not eir.is_op(reader, *_LINEAR):
         refusal = _activation_refusal(reader, replace_relu6)
         if refusal is not None:
             return refusal
         activation, reader = reader, _sole_reader(reader.outputs[0])
         if isinstance(reader, str):
             return f"after {activation.op_type}, {reader}"
-    if not _is_op(reader, *_LINEAR):
+    if not eir.is_op(reader, *_LINEAR):
         return f"it feeds {reader.op_type} {eir.node_label(reader)!r}, not a Conv/Gemm/MatMul"
     source = (activation or node).outputs[0]
     if reader.inputs[0] is not source:
@@ -338,7 +334,7 @@ def _pair_for(node: ir.Node, layers: dict[int, _Layer], replace_relu6: bool) -> 
         return second
     if first.family is not second.family:
         return f"{node.op_type} -> {successor.op_type} mixes a convolution and a dense layer"
-    if _is_op(successor, "Gemm") and successor.attributes.get_int("transA", 0):
+    if eir.is_op(successor, "Gemm") and successor.attributes.get_int("transA", 0):
         return f"{eir.node_label(successor)} reads its input transposed (transA=1)"
     channels = first.weight.shape[first.output_axis]
     if second.input_ranges().size != channels:
@@ -380,7 +376,7 @@ def _collect_pairs(graph: ir.Graph, replace_relu6: bool) -> tuple[list[_Pair], l
     layers: dict[int, _Layer] = {}
     pairs, skipped = [], []
     for node in graph:
-        if not _is_op(node, *_LINEAR):
+        if not eir.is_op(node, *_LINEAR):
             continue
         found = _pair_for(node, layers, replace_relu6)
         if isinstance(found, str):
@@ -404,7 +400,7 @@ def _store(graph: ir.Graph, pairs: list[_Pair]) -> tuple[str, ...]:
     replaced = []
     for pair in pairs:
         clip = pair.activation
-        if clip is not None and _is_op(clip, "Clip") and _clip_bounds(clip) == (0.0, 6.0):
+        if clip is not None and eir.is_op(clip, "Clip") and _clip_bounds(clip) == (0.0, 6.0):
             replaced.append(eir.node_label(clip))
             _replace_clip_by_relu(graph, clip)
     return tuple(replaced)

@@ -31,13 +31,14 @@ from dataclasses import dataclass, field
 import onnx
 import onnx_ir as ir
 
+from edgeopt import ir as eir
+
 __all__ = ["FLOAT32_OPS", "HalfPrecisionPlan", "all_float_values", "float_values", "is_constant",
            "plan_half_precision"]
 
 _FLOAT = ir.DataType.FLOAT
 _FLOAT16 = ir.DataType.FLOAT16
 
-_ONNX_DOMAINS = ("", "ai.onnx")
 
 _SUM_OVERFLOWS = "sums over many elements can exceed the float16 range (65504)"
 _DTYPE_ATTRIBUTE = "its output type comes from a dtype attribute; it samples in float32"
@@ -112,7 +113,7 @@ def float_values(values: Iterable[ir.Value | None]) -> list[ir.Value]:
 
 
 def _is_constant_node(node: ir.Node) -> bool:
-    return node.op_type == "Constant" and node.domain in _ONNX_DOMAINS
+    return eir.is_op(node, "Constant")
 
 
 def _keep_float32_reason(node: ir.Node, exclude: tuple[str, ...], opset: int, *,
@@ -120,7 +121,7 @@ def _keep_float32_reason(node: ir.Node, exclude: tuple[str, ...], opset: int, *,
     """Why ``node`` must stay float32, or None when it may compute in half precision."""
     if node.name in exclude or node.op_type in exclude:
         return "excluded by config"
-    if node.domain not in _ONNX_DOMAINS:
+    if node.domain not in eir.ONNX_DOMAINS:
         return f"op of domain {node.domain!r}: no float16 schema to check"
     if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()):
         return "control flow: its subgraphs are kept float32"

@@ -284,7 +284,7 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
     names = UniqueNames(graph)
     tensors, float_nodes, lowered = [], [], Counter()
     bytes_before = bytes_after = 0
-    for node in [n for n in graph if n.op_type in ("MatMul", "Gemm") and n.domain in ("", "ai.onnx")]:
+    for node in [n for n in graph if eir.is_op(n, "MatMul", "Gemm")]:
         target = _match(node, config, opset)
         if isinstance(target, str):
             float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, target))

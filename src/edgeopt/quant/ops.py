@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-__all__ = ["OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule", "QUANTIZED_OP_TYPES", "is_op", "is_quantized_op",
+__all__ = ["OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule", "QUANTIZED_OP_TYPES", "is_qdq_op",
            "weight_axis"]
 
 
@@ -89,13 +89,9 @@ FUSING_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", 
 QDQ_DOMAINS = ("", "ai.onnx", "com.microsoft")
 
 
-def is_op(node: ir.Node | None, op_type: str) -> bool:
+def is_qdq_op(node: ir.Node | None, op_type: str) -> bool:
     """True when ``node`` is ``op_type`` in one of the QDQ domains."""
     return node is not None and node.op_type == op_type and node.domain in QDQ_DOMAINS
-
-
-def is_quantized_op(node: ir.Node) -> bool:
-    return node.domain in ("", "ai.onnx") and node.op_type in OP_RULES
 
 
 def weight_axis(node: ir.Node, weight_rank: int) -> int | None:

@@ -173,7 +173,7 @@ def _weighted_refusal(node: ir.Node) -> str | None:
 
 def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str]) -> str | None:
     """Why ``node`` stays float, or None when it can run in integer."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in OP_RULES:
+    if not eir.is_op(node, *OP_RULES):
         return f"no integer kernel for {node.op_type}"
     if node.name in exclude or node.op_type in exclude:
         return "excluded (--exclude)"

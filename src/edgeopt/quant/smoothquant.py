@@ -62,7 +62,6 @@ __all__ = [
     "smoothing_inputs",
 ]
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 _SCALE_BOUNDS = (1e-5, 1e5)
 
 
@@ -130,13 +129,10 @@ class ChannelAbsMaxHook:
 # --------------------------------------------------------------------------
 
 
-def _is_op(node: ir.Node | None, *op_types: str) -> bool:
-    return node is not None and node.domain in _DEFAULT_DOMAINS and node.op_type in op_types
-
 
 def _row_weight(node: ir.Node) -> np.ndarray | None:
     """The constant weight of a smoothable layer as ``[K, N]`` (K = input channels), else None."""
-    if not _is_op(node, "MatMul", "Gemm") or len(node.inputs) < 2:
+    if not eir.is_op(node, "MatMul", "Gemm") or len(node.inputs) < 2:
         return None
     if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
         return None
@@ -184,7 +180,7 @@ def _layer_norm_refusal(node: ir.Node, channels: int) -> str | None:
 def _linear_site(value: ir.Value, channels: int) -> _Site | None:
     """A MatMul/Gemm [+ Add(constant)] producing ``value`` whose output columns can take ``1 / s``."""
     producer, bias_add = value.producer(), None
-    if _is_op(producer, "Add"):
+    if eir.is_op(producer, "Add"):
         constants = [v for v in producer.inputs if eir.constant_array(v) is not None]
         others = [v for v in producer.inputs if eir.constant_array(v) is None]
         if len(constants) != 1 or len(others) != 1 or eir.constant_array(constants[0]).size not in (1, channels):
@@ -207,7 +203,7 @@ def _through_reshapes(value: ir.Value) -> ir.Value:
     """The tensor ``value`` is a reshaped copy of, through Reshapes that keep the last axis (a Gemm's
     rows ``[-1, K]`` of ``[B, S, K]``) and whose input they alone read: channel ``j`` is the same
     channel in both, so dividing it at the source divides it in ``value``."""
-    while _is_op(producer := value.producer(), "Reshape"):
+    while eir.is_op(producer := value.producer(), "Reshape"):
         source = producer.inputs[0]
         if (source is None or source.is_graph_output() or len(eir.consumers(source)) != 1
                 or not _keeps_last_axis(source, value)):
@@ -222,7 +218,7 @@ def _site(value: ir.Value, targets: list[ir.Node], channels: int, insert_mul: bo
     readers = eir.consumers(value)
     exclusive = len(readers) == len(targets) and not value.is_graph_output()
     reason = f"{value.name!r} is also read by nodes that are not smoothed" if not exclusive else None
-    if exclusive and _is_op(producer, "LayerNormalization"):
+    if exclusive and eir.is_op(producer, "LayerNormalization"):
         reason = _layer_norm_refusal(producer, channels)
         if reason is None:
             return _Site(kind="LayerNormalization", node=producer)

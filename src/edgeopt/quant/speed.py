@@ -41,7 +41,7 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError, DataError
-from edgeopt.quant.ops import QDQ_DOMAINS, is_op
+from edgeopt.quant.ops import QDQ_DOMAINS, is_qdq_op
 
 __all__ = [
     "INT8_CAPABLE_OPS",
@@ -94,9 +94,9 @@ _LOW_BIT_WEIGHTS = frozenset({ir.DataType.INT4, ir.DataType.UINT4})
 def model_precision(model: ir.Model) -> str:
     """What a quantized model computes or stores in, read from its graph: "int8" (activations are
     quantized), "int4" (weight-only block quantization), "float16", "bfloat16", else "float32"."""
-    if any(is_op(node, "QuantizeLinear") and not eir.is_constant(node.inputs[0]) for node in model.graph):
+    if any(is_qdq_op(node, "QuantizeLinear") and not eir.is_constant(node.inputs[0]) for node in model.graph):
         return "int8"
-    if any(node.op_type == "MatMulNBits" or (is_op(node, "DequantizeLinear") and node.inputs[0] is not None
+    if any(node.op_type == "MatMulNBits" or (is_qdq_op(node, "DequantizeLinear") and node.inputs[0] is not None
                                              and node.inputs[0].dtype in _LOW_BIT_WEIGHTS)
            for node in model.graph):
         return "int4"
@@ -154,7 +154,7 @@ def float_islands(model: ir.Model, *, int8_ops: frozenset[str] = INT8_CAPABLE_OP
 
 def _is_activation_dequantize(value: ir.Value | None) -> bool:
     producer = value.producer() if value is not None else None
-    return is_op(producer, "DequantizeLinear") and not eir.is_constant(producer.inputs[0])
+    return is_qdq_op(producer, "DequantizeLinear") and not eir.is_constant(producer.inputs[0])
 
 
 def _quantized_dtype(node: ir.Node) -> str:
@@ -171,7 +171,7 @@ def _quantized_dtype(node: ir.Node) -> str:
 def signed_activations(model: ir.Model) -> tuple[str, ...]:
     """Activations that QuantizeLinear nodes quantize to int8 (signed)."""
     return tuple(node.inputs[0].name for node in model.graph
-                 if is_op(node, "QuantizeLinear") and not eir.is_constant(node.inputs[0])
+                 if is_qdq_op(node, "QuantizeLinear") and not eir.is_constant(node.inputs[0])
                  and _quantized_dtype(node) == "int8")
 
 

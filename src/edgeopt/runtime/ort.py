@@ -242,7 +242,7 @@ def batch_one_reshapes(model: ir.Model) -> dict[str, np.ndarray]:
     """
     targets = {}
     for node in model.graph:
-        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        if not eir.is_op(node, "Reshape") or len(node.inputs) < 2:
             continue
         target = eir.constant_array(node.inputs[1])
         shape = eir.static_shape(node.inputs[0])

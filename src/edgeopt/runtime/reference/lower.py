@@ -37,7 +37,6 @@ from edgeopt.runtime.reference.program import (
 
 __all__ = ["QParams", "lower"]
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 CLAMP_OPS = ("Relu", "Clip")
 MOVEMENT_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity")
 
@@ -321,7 +320,7 @@ def _is_quantized(model: ir.Model) -> bool:
 
 
 def _run_node(lowering: Lowering, node: ir.Node, handlers) -> None:
-    handler = handlers.get(node.op_type) if node.domain in _DEFAULT_DOMAINS else None
+    handler = handlers.get(node.op_type) if node.domain in eir.ONNX_DOMAINS else None
     try:
         if handler is None:
             raise UnsupportedOpError(f"{node_label(node)}")
