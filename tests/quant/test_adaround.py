@@ -32,7 +32,6 @@ from edgeopt.quant.adaround import (
 )
 from edgeopt.quant.bias_correction import round_to_nearest
 from edgeopt.quant.config import PerTensor
-from edgeopt.quant.equalize import replace_constant_input
 from edgeopt.quant.primitives import dequantize, quantize_per_channel
 from edgeopt.runtime.ort import OrtSession
 from tests.models import depthwise_separable_spread
@@ -221,7 +220,7 @@ def _weight_quantized(model: ir.Model, quantize_weight) -> ir.Model:
     for node in list(copy.graph):
         weight = eir.constant_array(node.inputs[1]) if node.op_type in ("Conv", "Gemm") else None
         if weight is not None:
-            replace_constant_input(copy.graph, node, 1, quantize_weight(weight, node), node.inputs[1].name)
+            eir.replace_constant_input(copy.graph, node, 1, quantize_weight(weight, node), node.inputs[1].name)
     return copy
 
 

@@ -28,7 +28,6 @@ from edgeopt.quant.bias_correction import (
 )
 from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.config import CalibrationConfig, PerChannel, PerTensor
-from edgeopt.quant.equalize import replace_constant_input
 from edgeopt.runtime.ort import OrtSession, observing_session
 from tests.models import depthwise_separable_spread
 from tests.passes._helpers import export_torch, make_model, random_weight
@@ -48,7 +47,7 @@ def _weight_quantized(model: ir.Model, quantize_weight) -> ir.Model:
     for node in list(copy.graph):
         weight = eir.constant_array(node.inputs[1]) if node.op_type in ("Conv", "Gemm", "MatMul") else None
         if weight is not None:
-            replace_constant_input(copy.graph, node, 1, quantize_weight(weight, node), node.inputs[1].name)
+            eir.replace_constant_input(copy.graph, node, 1, quantize_weight(weight, node), node.inputs[1].name)
     return copy
 
 

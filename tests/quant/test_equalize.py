@@ -23,7 +23,7 @@ from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
 from edgeopt.io import model_to_bytes
 from edgeopt.passes import optimize_for_quantization
-from edgeopt.quant.equalize import equalize, replace_constant_input
+from edgeopt.quant.equalize import equalize
 from edgeopt.quant.ops import weight_axis
 from edgeopt.quant.primitives import dequantize, quantize_per_channel
 from edgeopt.runtime.ort import OrtSession
@@ -49,7 +49,7 @@ def _weight_fake_quantized(model: ir.Model, per_channel: bool) -> ir.Model:
         if weight is not None:
             axis = weight_axis(node, weight.ndim) if per_channel else None
             q, scale, zero_point = quantize_per_channel(weight, axis)
-            replace_constant_input(copy.graph, node, 1, dequantize(q, scale, zero_point, axis=axis),
+            eir.replace_constant_input(copy.graph, node, 1, dequantize(q, scale, zero_point, axis=axis),
                                    node.inputs[1].name)
     return copy
 

@@ -23,7 +23,6 @@ from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
 from edgeopt.io import load_model, model_to_bytes
 from edgeopt.passes import optimize_for_quantization
-from edgeopt.quant.equalize import replace_constant_input
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, ChannelAbsMaxObserver, smooth, smoothing_inputs
 from edgeopt.runtime.ort import OrtSession, observing_session
 from tests.models import build_onnx
@@ -76,10 +75,10 @@ def _with_outliers(model: ir.Model) -> ir.Model:
         factors[list(OUTLIER_CHANNELS)] = OUTLIER_FACTOR
         for index in (1, 2):
             array = eir.constant_array(node.inputs[index])
-            replace_constant_input(copy.graph, node, index, array * factors, node.inputs[index].name)
+            eir.replace_constant_input(copy.graph, node, index, array * factors, node.inputs[index].name)
         for reader in eir.consumers(node.outputs[0]):
             weight = eir.constant_array(reader.inputs[1])
-            replace_constant_input(copy.graph, reader, 1, weight / factors[:, None], reader.inputs[1].name)
+            eir.replace_constant_input(copy.graph, reader, 1, weight / factors[:, None], reader.inputs[1].name)
     return copy
 
 

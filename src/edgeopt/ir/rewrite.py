@@ -20,6 +20,7 @@ __all__ = [
     "drop_if_unused",
     "node_label",
     "remove_nodes",
+    "replace_constant_input",
     "replace_nodes",
     "replace_value",
     "replace_value_refusal",
@@ -75,6 +76,29 @@ def add_initializer(graph: ir.Graph, array: np.ndarray, name_hint: str) -> ir.Va
     )
     graph.register_initializer(value)
     return value
+
+
+def replace_constant_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray,
+                           name_hint: str) -> ir.Value:
+    """Make input ``index`` of ``node`` a new initializer holding ``array``.
+
+    The old tensor is never written. An initializer that only ``node`` reads
+    is dropped and its name reused (so names in a QDQ plan stay valid); a
+    constant that others read stays for them and the new one gets a fresh
+    name. ``node`` gains the input slot if it had fewer inputs.
+    """
+    if len(node.inputs) <= index:
+        node.resize_inputs(index + 1)
+    old = node.inputs[index]
+    sole_reader = (old is not None and old.name in graph.initializers and not old.is_graph_input()
+                   and not old.is_graph_output() and all(use.node is node for use in old.uses()))
+    if sole_reader:
+        node.replace_input_with(index, None)
+        graph.initializers.pop(old.name)
+        name_hint = old.name
+    new = add_initializer(graph, array, name_hint)
+    node.replace_input_with(index, new)
+    return new
 
 
 def drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:

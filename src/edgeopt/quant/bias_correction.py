@@ -46,7 +46,6 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.quant.config import PerChannel, PerTensor
-from edgeopt.quant.equalize import replace_constant_input
 from edgeopt.quant.ops import weight_axis
 from edgeopt.quant.primitives import dequantize, quantize_per_channel
 from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES
@@ -320,7 +319,7 @@ def _correct_layer(graph: ir.Graph, node: ir.Node, mean: np.ndarray | None,
         return bias
     old = holder.inputs[index] if len(holder.inputs) > index else None
     hint = old.name if old is not None and old.name else f"{node.inputs[1].name}_bias"
-    stored = replace_constant_input(graph, holder, index, bias, hint)
+    stored = eir.replace_constant_input(graph, holder, index, bias, hint)
     if holder.op_type == "Gemm":
         holder.attributes["beta"] = ir.AttrFloat32("beta", divisor)
     return CorrectedLayer(node=eir.node_label(node), tensor=stored.name, max_shift=float(np.abs(shift).max()),

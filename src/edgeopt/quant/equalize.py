@@ -63,7 +63,6 @@ __all__ = [
     "EqualizedPair",
     "SkippedPair",
     "equalize",
-    "replace_constant_input",
 ]
 
 _CONV_FAMILY = frozenset({"Conv"})
@@ -122,30 +121,6 @@ class EqualizeReport:
 # --------------------------------------------------------------------------
 # graph helpers
 # --------------------------------------------------------------------------
-
-
-def replace_constant_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray,
-                           name_hint: str) -> ir.Value:
-    """Make input ``index`` of ``node`` a new initializer holding ``array``.
-
-    The old tensor is never written. An initializer that only ``node`` reads
-    is dropped and its name reused (so names in a QDQ plan stay valid); a
-    constant that others read stays for them and the new one gets a fresh
-    name. ``node`` gains the input slot if it had fewer inputs.
-    """
-    if len(node.inputs) <= index:
-        node.resize_inputs(index + 1)
-    old = node.inputs[index]
-    sole_reader = (old is not None and old.name in graph.initializers and not old.is_graph_input()
-                   and not old.is_graph_output() and all(use.node is node for use in old.uses()))
-    if sole_reader:
-        node.replace_input_with(index, None)
-        graph.initializers.pop(old.name)
-        name_hint = old.name
-    new = eir.add_initializer(graph, array, name_hint)
-    node.replace_input_with(index, new)
-    return new
-
 
 
 def _sole_reader(value: ir.Value) -> ir.Node | str:
@@ -257,11 +232,11 @@ class _Layer:
 
     def store(self, graph: ir.Graph) -> None:
         hint = self.node.inputs[1].name or f"{eir.node_label(self.node)}.weight"
-        replace_constant_input(graph, self.node, 1, self.weight.astype(self.dtype), hint)
+        eir.replace_constant_input(graph, self.node, 1, self.weight.astype(self.dtype), hint)
         if self.bias is not None:
             old = self.node.inputs[2]
             shape = eir.constant_array(old).shape
-            replace_constant_input(graph, self.node, 2, self.bias.reshape(shape).astype(self.dtype),
+            eir.replace_constant_input(graph, self.node, 2, self.bias.reshape(shape).astype(self.dtype),
                                    old.name or f"{hint}_bias")
 
 

@@ -50,7 +50,6 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
-from edgeopt.quant.equalize import replace_constant_input
 
 __all__ = [
     "ChannelAbsMax",
@@ -280,7 +279,7 @@ def _scale_input(graph: ir.Graph, node: ir.Node, index: int, factors: np.ndarray
         scaled = (array.astype(np.float64) * factors.reshape(-1, 1)).astype(array.dtype)
     else:
         scaled = _scale_vector(factors, array)
-    replace_constant_input(graph, node, index, scaled, node.inputs[index].name or eir.node_label(node))
+    eir.replace_constant_input(graph, node, index, scaled, node.inputs[index].name or eir.node_label(node))
 
 
 def _scale_weight_rows(graph: ir.Graph, node: ir.Node, factors: np.ndarray) -> None:
@@ -288,7 +287,7 @@ def _scale_weight_rows(graph: ir.Graph, node: ir.Node, factors: np.ndarray) -> N
     transposed = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
     array = eir.constant_array(node.inputs[1]).astype(np.float64)
     scaled = array * (factors.reshape(1, -1) if transposed else factors.reshape(-1, 1))
-    replace_constant_input(graph, node, 1, scaled.astype(eir.constant_array(node.inputs[1]).dtype),
+    eir.replace_constant_input(graph, node, 1, scaled.astype(eir.constant_array(node.inputs[1]).dtype),
                            node.inputs[1].name)
 
 
