@@ -28,7 +28,7 @@ import math
 import pathlib
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -378,6 +378,7 @@ def export_onnx(
     *,
     opset: int = 17,
     dynamic_batch: bool = False,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
 ) -> pathlib.Path:
@@ -385,7 +386,8 @@ def export_onnx(
 
     Defaults name a single input ``input`` and a single output ``output``
     (``input_0``.., ``output_0``.. when there are several). With
-    ``dynamic_batch`` dim 0 of every input and output is the symbol ``N``.
+    ``dynamic_batch`` dim 0 of every input and output is the symbol ``N``;
+    ``dynamic_axes`` (torch's ``{name: {dim: symbol}}``) names others.
     The module's train/eval flag is restored afterwards.
     """
     path = pathlib.Path(path)
@@ -399,7 +401,6 @@ def export_onnx(
             outputs = module(*example_inputs)
         count = len(outputs) if isinstance(outputs, (tuple, list)) else 1
         output_names = list(output_names or _default_names("output", count))
-        dynamic_axes = None
         if dynamic_batch:
             dynamic_axes = {name: {0: "N"} for name in [*input_names, *output_names]}
         with warnings.catch_warnings():

@@ -19,9 +19,11 @@ from edgeopt.quant.opset import OpsetCheck
 from edgeopt.runtime.ort import OrtSession
 from tests.models import (
     TORCH_MODELS,
+    MultiHeadSelfAttention,
     build_onnx,
     constant_weights_model,
     dynamic_input_model,
+    export_onnx,
     external_data_model,
     shadowed_initializer_model,
     tf_style_model,
@@ -87,6 +89,29 @@ def test_transformer_runs_its_matmuls_in_integer(models):
     assert sum(t.kind == "bias" and t.format == "int32" for t in result.tensors) == 14
     reasons = {(n.op_type, n.reason) for n in result.float_nodes}
     assert ("LayerNormalization", "no integer kernel for LayerNormalization") in reasons
+
+
+def test_softmax_probabilities_get_the_fixed_range_not_a_calibrated_one(tmp_path):
+    # Over sequences of 2 to 24 tokens, attention probabilities near 1 (short sequences) are rare: a
+    # calibrated range clips them, and ONNX Runtime's fused QLinearSoftmax even wraps a value above
+    # the range to 0. On 2-token inputs: 0.8 dB with the calibrated range, 23.5 dB with the fixed one.
+    import torch
+
+    from edgeopt.quant import Target
+
+    torch.manual_seed(0)
+    path = export_onnx(MultiHeadSelfAttention(32, 4), torch.zeros(1, 24, 32), tmp_path / "attention.onnx",
+                       dynamic_axes={"input": {1: "S"}, "output": {1: "S"}})
+    model = load_model(path, require_static=False)
+    rng = np.random.default_rng(0)
+    calibration = [{"input": rng.standard_normal((1, int(length), 32)).astype(np.float32)}
+                   for length in rng.integers(2, 25, 16)]
+    short = [{"input": rng.standard_normal((1, 2, 32)).astype(np.float32)} for _ in range(8)]
+    for target, zero_point in ((Target.ORT, 0), (Target.MCU, -128)):
+        result = quantize(model, Int8Config(target=target), calibration)
+        fixed = [t for t in result.tensors if t.method == "fixed: softmax"]
+        assert [(t.op_type, t.scale, t.zero_point) for t in fixed] == [("Softmax", (1 / 256,), (zero_point,))]
+        assert sqnr_db(model, result.model, short) >= 20.0, target
 
 
 def test_the_ort_target_leaves_the_classifier_logits_float(models):

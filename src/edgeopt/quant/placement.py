@@ -26,6 +26,12 @@ Rules, in order:
    equal). Concat joins its inputs and output too (``concat_groups``), which
    the TFLite kernel requires; the builder may relax it for ONNX Runtime,
    whose QLinearConcat requantizes (see :func:`edgeopt.quant.qdq.activation_qparams`).
+5. A Softmax output that gets a Q/DQ (a quantized MatMul reads the attention
+   probabilities) is listed in ``probabilities``: its range is fixed to
+   ``[0, 1)`` with scale ``1 / 256``, as TFLite and ONNX Runtime's quantizer
+   fix it, not calibrated. A calibrated range misses the peaks of shorter
+   sequences, and ONNX Runtime's fused QLinearSoftmax wraps a probability
+   above the range to 0 instead of clamping it.
 
 The plan is a frozen value: calibration reads ``activations``, the builder
 (:mod:`edgeopt.quant.qdq`) reads the rest; accuracy tools re-plan with
@@ -96,6 +102,7 @@ class QdqPlan:
     concat_groups: tuple[tuple[str, ...], ...]  # tensors joined by Concat (share unless relaxed)
     clamped: tuple[str, ...]  # outputs of fused activations that clamp at 0 (never negative)
     float_nodes: tuple[FloatNode, ...]
+    probabilities: tuple[str, ...] = ()  # Softmax outputs: fixed range [0, 1), not calibrated
 
 
 def check_not_quantized(model: ir.Model) -> None:
@@ -336,10 +343,12 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
             continue
         planner.add_node(node, fused_by_producer.get(node.name, node).outputs[0])
     clamped = [a.outputs[0].name for a in fused_by_producer.values() if activation_clamp(a)[0] == 0.0]
+    softmax_outputs = {node.outputs[0].name for node in graph if eir.is_op(node, "Softmax")}
+    activations = planner.ordered(planner.activations)
     return QdqPlan(
         nodes=tuple(name for name in candidates if name not in refusals),
         fused=tuple(fused.items()),
-        activations=planner.ordered(planner.activations),
+        activations=activations,
         constants=planner.ordered(planner.constants),
         weights=tuple(planner.weights),
         biases=tuple(planner.biases),
@@ -347,4 +356,5 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
         concat_groups=planner.concat_groups.groups(),
         clamped=tuple(clamped),
         float_nodes=tuple(FloatNode(n.name, n.op_type, refusals[n.name]) for n in graph if n.name in refusals),
+        probabilities=tuple(name for name in activations if name in softmax_outputs),
     )

@@ -8,7 +8,8 @@ For each planned item, in graph order:
   the float tensor becomes ``t_float``). Scale and zero point come from
   ``choose_qparams`` on the range (the union over a scale group; the group
   shares one pair of initializers named after its first tensor; see
-  :func:`activation_qparams` for Concat);
+  :func:`activation_qparams` for Concat); a Softmax output's range is fixed,
+  not calibrated (:func:`probability_range`);
 * constant operand ``c`` (of Add, Mul, Concat ...): ``c_quantized`` in the
   activation format with its own min/max (or its group's) -> DQ, read by the
   quantized consumers;
@@ -37,7 +38,7 @@ from edgeopt.quant.placement import QdqPlan, UnionFind
 from edgeopt.quant.primitives import choose_qparams, quantize, quantize_bias, quantize_per_channel
 from edgeopt.quant.registry import TensorQuantInfo
 
-__all__ = ["activation_qparams", "insert_qdq"]
+__all__ = ["activation_qparams", "insert_qdq", "probability_range"]
 
 
 @dataclass(frozen=True)
@@ -285,13 +286,16 @@ def insert_qdq(model: ir.Model, plan: QdqPlan, ranges: Mapping[str, tuple[float,
     for name in plan.constants:
         array = eir.constant_array(_value_named(model.graph, name))
         all_ranges[name] = (float(array.min(initial=0.0)), float(array.max(initial=0.0)))
+    methods = dict(methods or {})
+    for name in _probability_tensors(plan):
+        all_ranges[name] = probability_range(config.activations)
+        methods[name] = "fixed: softmax"
     missing = [name for name in plan.activations if name not in all_ranges]
     if missing:
         raise ValueError(f"no calibrated range for {', '.join(missing[:5])}")
     params = activation_qparams(plan, all_ranges, config.activations, relax_concat=config.target is Target.ORT)
     inserter = _QdqInserter(model, plan, params, config)
     inserter.rounded_weights = dict(rounded_weights or {})
-    methods = methods or {}
     for name in plan.activations:
         inserter.activation(name, methods.get(name, config.calibration.value))
     for name in plan.constants:
@@ -302,6 +306,21 @@ def insert_qdq(model: ir.Model, plan: QdqPlan, ranges: Mapping[str, tuple[float,
         inserter.bias(use.node, use.tensor, use.input, use.weight)
     inserter.remove_unused_constants()
     return tuple(inserter.infos)
+
+
+def probability_range(fmt: Format) -> tuple[float, float]:
+    """The fixed range of a Softmax output: ``[0, 1 - 1/n]`` over the format's ``n`` levels, which
+    gives scale ``1/n`` and zero point ``qmin`` (1/256 for 8 bits, TFLite's and ONNX Runtime's choice)."""
+    return 0.0, (fmt.num_levels - 1) / fmt.num_levels
+
+
+def _probability_tensors(plan: QdqPlan) -> list[str]:
+    """The Softmax outputs of the plan and the tensors that share their scale."""
+    tensors = set(plan.probabilities)
+    for group in plan.groups:
+        if tensors.intersection(group):
+            tensors.update(group)
+    return sorted(tensors)
 
 
 def _value_named(graph: ir.Graph, name: str) -> ir.Value:
