@@ -171,6 +171,40 @@ def test_unknown_exclude_and_missing_data(cli, tmp_path, calib):
     assert not out.exists()
 
 
+def test_an_unwritable_output_is_refused_before_any_work(cli, tmp_path, calib):
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    assert_one_line_error(cli("quantize", demo_model_path(), "--data", calib, "-o", folder), "is a folder", "-o")
+    (tmp_path / "q.report.json").mkdir()  # where the numbers would go
+    assert_one_line_error(cli("quantize", demo_model_path(), "--data", calib, "-o", tmp_path / "q.onnx"),
+                          "q.report.json", "is a folder")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_an_error_after_quantizing_leaves_no_output(cli, tmp_path):
+    # fp16 needs no data; given data is used for the fidelity check after the conversion, and a
+    # mismatch found there must not leave the converted model behind
+    model = build_onnx("transformer", tmp_path)
+    folder = _write(tmp_path / "wrong", "s.npy", np.zeros((1, 3, 32, 32), np.float32))
+    out = tmp_path / "q.onnx"
+    assert_one_line_error(cli("quantize", model, "--scheme", "fp16", "--data", folder, "-o", out), "shape")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_outputs_get_the_usual_permissions(cli, tmp_path, calib):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        assert cli("quantize", demo_model_path(), "--data", calib, "-o", tmp_path / "q.onnx",
+                   "--no-speed-check").code == 0
+    finally:
+        os.umask(previous)
+    for name in ("q.onnx", "q.report.json"):  # not the 0600 of a temporary file
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
 def test_the_input_model_is_never_modified(cli, tmp_path, calib):
     model = build_onnx("mobilenet_v3", tmp_path)
     before = model.read_bytes()

@@ -16,7 +16,7 @@ from edgeopt import ir as eir
 from edgeopt.api._common import ModelSource, Progress, load
 from edgeopt.data import ImagePreprocess
 from edgeopt.errors import ConfigError, DataError, EdgeoptError
-from edgeopt.io import FILE_BYTES_KEY, atomic_write_bytes, model_file_bytes, model_to_bytes
+from edgeopt.io import FILE_BYTES_KEY, atomic_write_bytes, check_writable, model_file_bytes, model_to_bytes
 from edgeopt.quant.accuracy import AccuracyGoal, AccuracySearch, accuracy_aware_quantize
 from edgeopt.quant.compare import CompareResult
 from edgeopt.quant.registry import QuantResult
@@ -147,6 +147,9 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
 
     if _same_file(model, output):
         raise ConfigError("-o/--output must differ from the input model: edgeopt never overwrites its input")
+    if output is not None:  # before any work, not after it
+        check_writable(output)
+        check_writable(report_path(output))
     loaded = load(model, require_static=False)
     float_bytes = _float_bytes(model, loaded)
     source = None
@@ -170,8 +173,6 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
         if owned:
             loaded = None
     quant_bytes = model_to_bytes(result.model, value_info=False)  # inferable annotations: size only
-    if output is not None:
-        atomic_write_bytes(output, quant_bytes)
     warnings = []
     if search is not None and not search.met:
         warnings.append(f"accuracy goal not met ({search.goal.describe()}): best score {search.best_score:.3f} "
@@ -191,7 +192,8 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
                             float_bytes=float_bytes, quant_bytes=len(quant_bytes),
                             calibration_samples=source.count if source is not None else 0,
                             fidelity=fidelity, speed=speed, search=search, warnings=tuple(warnings))
-    if output is not None:  # the artifact ships with its measured numbers
+    if output is not None:  # written last: an error in the checks above leaves nothing behind
+        atomic_write_bytes(output, quant_bytes)  # and the artifact ships with its measured numbers
         atomic_write_bytes(report_path(output), json.dumps(report.to_dict(), indent=2, default=str).encode())
     return report
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from edgeopt.io.load import FILE_BYTES_KEY, SUPPORTED_OPSETS, load_model, model_file_bytes, parse_input_shapes
-from edgeopt.io.save import atomic_write_bytes, model_to_bytes, save_model
+from edgeopt.io.save import atomic_write_bytes, check_writable, model_to_bytes, save_model
 
 __all__ = [
     "FILE_BYTES_KEY",
     "SUPPORTED_OPSETS",
     "atomic_write_bytes",
+    "check_writable",
     "load_model",
     "model_file_bytes",
     "model_to_bytes",

@@ -14,28 +14,52 @@ import onnx_ir as ir
 
 from edgeopt.errors import ModelError
 
-__all__ = ["atomic_write_bytes", "model_to_bytes", "save_model"]
+__all__ = ["atomic_write_bytes", "check_writable", "model_to_bytes", "save_model"]
 
 _PROTOBUF_LIMIT_BYTES = 2**31 - 1
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; the folder must exist."""
+def check_writable(path: str | os.PathLike) -> Path:
+    """Refuse, before any work, an output path that cannot be written: its folder is missing or
+    read-only, or the path is a folder."""
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise ModelError(f"output folder {folder} does not exist: create it or choose another -o path")
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    if target.is_dir():
+        raise ModelError(f"output {target} is a folder: give a file path to -o")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ModelError(f"output folder {folder} is not writable: choose another -o path")
+    return target
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; the folder must exist. The file gets the usual
+    permissions (``0o666`` less the umask), not the private ones of a temporary file."""
+    target = check_writable(path)
+    try:
+        handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as error:
+        raise ModelError(f"cannot write {target}: {error.strerror}") from error
     try:
         with os.fdopen(handle, "wb") as stream:
+            os.fchmod(stream.fileno(), 0o666 & ~_umask())
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temp_name, target)
-    except BaseException:
+    except BaseException as error:
         Path(temp_name).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise ModelError(f"cannot write {target}: {error.strerror or error}") from error
         raise
     return target
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def model_to_bytes(model: ir.Model, *, value_info: bool = True) -> bytes:
