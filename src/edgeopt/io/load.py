@@ -9,7 +9,8 @@ later stage would otherwise trip over:
 * dynamic input dimensions are fixed from ``input_shapes`` (``--input-shape``),
   and a model that still has dynamic inputs is refused with the name of the
   input to fix when ``require_static`` is set;
-* shapes of every value are inferred (with constant data propagation).
+* shapes of every value are inferred (with constant data propagation); a graph
+  output whose shape inference cannot find keeps the one the exporter wrote.
 
 The file on disk is never modified.
 """
@@ -166,12 +167,32 @@ def _check_static(graph: onnx.GraphProto) -> None:
                              f"fix it with --input-shape {value.name}={example}")
 
 
-def _clear_symbolic_shapes(graph: onnx.GraphProto) -> None:
-    """Forget exporter-written intermediate/output shapes so inference recomputes them."""
+def _clear_symbolic_shapes(graph: onnx.GraphProto) -> dict[str, onnx.TensorShapeProto]:
+    """Forget exporter-written intermediate/output shapes so inference recomputes them.
+
+    Returns the output shapes cleared, for :func:`_restore_output_shapes`.
+    """
     del graph.value_info[:]
+    cleared: dict[str, onnx.TensorShapeProto] = {}
     for value in graph.output:
         if any(not isinstance(d, int) for d in _dims(value)):
+            cleared[value.name] = onnx.TensorShapeProto()
+            cleared[value.name].CopyFrom(value.type.tensor_type.shape)
             value.type.tensor_type.ClearField("shape")
+    return cleared
+
+
+def _restore_output_shapes(graph: onnx.GraphProto, cleared: Mapping[str, onnx.TensorShapeProto]) -> None:
+    """Give the exporter's shape back to outputs whose shape inference could not find.
+
+    Before opset 13 inference loses even the rank of a Reshape whose target is computed at run
+    time, as ``x.view(x.size(0), -1)`` exports (Shape -> Gather -> Unsqueeze -> Concat, ops that
+    propagate data only from opset 13), and ONNX's checker requires a shape on every graph output.
+    """
+    for value in graph.output:
+        tensor_type = value.type.tensor_type
+        if value.name in cleared and not tensor_type.HasField("shape"):
+            tensor_type.shape.CopyFrom(cleared[value.name])
 
 
 # Weights move out of the protobuf into numpy arrays before shape inference: ONNX's inference
@@ -236,10 +257,11 @@ def load_model(
         _fix_input_shapes(graph, input_shapes)
     if require_static:
         _check_static(graph)
-    _clear_symbolic_shapes(graph)
+    output_shapes = _clear_symbolic_shapes(graph)
     detached = _detach_weights(graph)
     del graph  # the original protobuf (and its arena) goes once inference has copied it
     proto = _infer_shapes(proto)
+    _restore_output_shapes(proto.graph, output_shapes)
     try:
         model = ir.from_proto(proto)
     except Exception as error:

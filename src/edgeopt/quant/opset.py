@@ -46,6 +46,11 @@ def convert_opset(model: ir.Model, version: int) -> ir.Model:
     from onnx import version_converter
 
     source = eir.default_opset(model)
+    unshaped = _unshaped_graph_value(model)
+    if unshaped is not None:
+        raise ModelError(f"cannot convert the model from opset {source} to {version}: graph input or output "
+                         f"{unshaped.name!r} has no shape, not even a rank, and ONNX's checker requires one: "
+                         f"give it a shape, or re-export the model at opset {version} or newer")
     try:
         proto = version_converter.convert_version(ir.to_proto(model), version)
         onnx.checker.check_model(proto)
@@ -55,6 +60,14 @@ def convert_opset(model: ir.Model, version: int) -> ir.Model:
                          f"re-export it at opset {version} or newer") from None
     logger.info("converted opset %d -> %d", source, version)
     return ir.from_proto(proto)
+
+
+def _unshaped_graph_value(model: ir.Model) -> ir.Value | None:
+    """A tensor graph input or output of unknown rank: legal in a TypeProto, refused by the checker."""
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        if isinstance(value.type, ir.TensorType) and value.shape is None:
+            return value
+    return None
 
 
 class OpsetCheck:
