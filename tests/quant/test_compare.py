@@ -13,7 +13,7 @@ import pytest
 from onnx import numpy_helper
 
 from edgeopt.errors import DataError
-from edgeopt.quant.compare import compare_models, layer_sqnr, match_tensors
+from edgeopt.quant.compare import compare_models, layer_sqnr, match_tensors, missing_qdq_note
 from tests.models import build_onnx, ort_qdq_model
 
 INPUT_SHAPE = (1, 3, 32, 32)
@@ -184,6 +184,12 @@ def test_models_without_a_common_output_are_refused(mobilenet):
         compare_models(float_path, ir.from_proto(quant), _samples(1, seed=6))
 
 
+def test_a_model_without_q_or_dq_nodes_is_noted(mobilenet):
+    float_path, quant_path = mobilenet
+    assert missing_qdq_note(ir.load(str(quant_path))) is None
+    assert "no QuantizeLinear/DequantizeLinear node" in missing_qdq_note(ir.load(str(float_path)))
+
+
 def test_empty_data_is_refused(mobilenet):
     float_path, quant_path = mobilenet
     with pytest.raises(DataError, match="no samples"):
@@ -197,3 +203,66 @@ def test_render_compare_prints_the_worst_tensor(result, capsys):
     out = capsys.readouterr().out
     assert "worst first" in out and "top-1 agreement" in out
     assert f"matched {result.matched} of {result.quantized_tensors}" in out
+
+
+# --------------------------------------------- outputs as the user's model gives them
+
+SOFTMAX_SCALE = 0.3 / 255  # too fine for softmax outputs (up to 1): Q saturates, QLinearSoftmax gives 0
+
+
+def _softmax_models() -> tuple[ir.Model, ir.Model]:
+    """``x -> Softmax -> MatMul`` in float, and its QDQ version with a too-fine Softmax output scale.
+
+    ONNX Runtime fuses ``DQ -> Softmax -> Q`` into QLinearSoftmax, which gives 0 where
+    the float simulation saturates; with int8 activations, exposing the DQ output
+    ``x_dq`` (a matched tensor) keeps that fusion from happening.
+    """
+    helper, float32 = onnx.helper, onnx.TensorProto.FLOAT
+    weight = numpy_helper.from_array(np.random.default_rng(7).standard_normal((5, 4)).astype(np.float32), "w")
+    inputs = [helper.make_tensor_value_info("x", float32, [2, 5])]
+    outputs = [helper.make_tensor_value_info("y", float32, [2, 4])]
+    float_nodes = [helper.make_node("Softmax", ["x"], ["s"], axis=-1), helper.make_node("MatMul", ["s", "w"], ["y"])]
+    quant_nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["x_q"]),
+                   helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zero"], ["x_dq"]),
+                   helper.make_node("Softmax", ["x_dq"], ["s"], axis=-1),
+                   helper.make_node("QuantizeLinear", ["s", "s_scale", "s_zero"], ["s_q"]),
+                   helper.make_node("DequantizeLinear", ["s_q", "s_scale", "s_zero"], ["s_dq"]),
+                   helper.make_node("MatMul", ["s_dq", "w"], ["y"])]
+    quant_constants = [numpy_helper.from_array(np.array(0.02, np.float32), "x_scale"),
+                       numpy_helper.from_array(np.array(0, np.int8), "x_zero"),
+                       numpy_helper.from_array(np.array(SOFTMAX_SCALE, np.float32), "s_scale"),
+                       numpy_helper.from_array(np.array(-128, np.int8), "s_zero")]
+    models = []
+    for nodes, constants in ((float_nodes, []), (quant_nodes, quant_constants)):
+        graph = helper.make_graph(nodes, "softmax", inputs, outputs, initializer=[weight, *constants])
+        models.append(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    return ir.from_proto(models[0]), ir.from_proto(models[1])
+
+
+def _ort_outputs(model: ir.Model, feeds: list[dict[str, np.ndarray]], expose: tuple[str, ...] = ()) -> list[np.ndarray]:
+    """Output ``y`` of a default ONNX Runtime session, with the tensors ``expose`` as extra outputs."""
+    import onnxruntime as ort
+
+    proto = ir.to_proto(model)
+    proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in expose)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [session.run(["y"], feed)[0] for feed in feeds]
+
+
+def test_output_metrics_are_those_of_the_quantized_model_run_as_is():
+    float_model, quant_model = _softmax_models()
+    rng = np.random.default_rng(8)
+    feeds = [{"x": rng.standard_normal((2, 5)).astype(np.float32)} for _ in range(4)]
+    reference, fused = _ort_outputs(float_model, feeds), _ort_outputs(quant_model, feeds)
+    assert not np.allclose(fused, _ort_outputs(quant_model, feeds, expose=("x_dq",)))  # the case is real
+
+    result = compare_models(float_model, quant_model, feeds)
+    error = np.concatenate([(r - f).ravel() for r, f in zip(reference, fused)]).astype(np.float64)
+    energy = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
+    (output,) = result.outputs
+    assert output.sqnr_db == pytest.approx(10 * math.log10(energy / float(error @ error)), rel=1e-6)
+    assert output.max_abs_error == pytest.approx(float(np.max(np.abs(error))), rel=1e-6)
+    agreement = np.mean([np.argmax(r, -1) == np.argmax(f, -1) for r, f in zip(reference, fused)])
+    assert output.top1_agreement == pytest.approx(agreement)
+    # Per-layer rows still come from the QDQ graph with every matched tensor exposed.
+    assert {row.tensor for row in result.layers} == {"x", "s"}

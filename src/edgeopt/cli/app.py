@@ -423,7 +423,7 @@ def compare(
     data: Annotated[str, typer.Option("--data", help="Inputs to compare on: folder of .npy/.npz, images, "
                                                      "or module:function.")],
     max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="Use at most N samples.")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Show only the N worst layers.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Show only the N worst layers.")] = None,
     preprocess: PreprocessOption = None,
     json_output: JsonOption = False,
 ) -> None:

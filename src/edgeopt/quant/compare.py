@@ -12,12 +12,27 @@ consumers read in place of ``T``; its float counterpart is
    model no longer has: a quantizer drops them because the Q range clamps.
 
 Tensors a pass removed (BatchNorm folded, ...) have no counterpart and are
-only counted. Both models run once per batch in ONNX Runtime with the matched
-tensors exposed as extra outputs; each batch updates the streaming meters of
-:mod:`edgeopt.metrics` and is dropped, so memory does not grow with the data.
-Exposing a DQ output keeps ORT from fusing it into an integer kernel, so the
-numbers are those of the QDQ graph's float simulation (they differ from the
-fused kernels' only by rounding).
+only counted.
+
+Per batch, the float model runs once with its matched tensors exposed as
+extra outputs (a float graph's fusions change only float rounding), and the
+quantized model runs twice:
+
+* **output rows** (SQNR, cosine, max abs error, top-1 agreement) come from
+  the quantized model as a user runs it: an unmodified session with ONNX
+  Runtime's default graph optimizations, so its integer kernels
+  (QLinearConv, QLinearMatMul, QLinearSoftmax, ...) are the ones measured;
+* **per-layer rows** come from a session with the matched DQ outputs exposed
+  as extra outputs. Exposing a tensor can keep ORT from fusing the nodes
+  around it (with int8 activations it often does), so these rows measure
+  the QDQ graph's float simulation, which can differ from the fused kernels
+  by more than rounding (a Softmax output scale too fine for its range
+  saturates in the simulation and gives 0 in QLinearSoftmax). Read them as
+  where the quantization error arises, the output rows as what the model
+  gives.
+
+Each batch updates the streaming meters of :mod:`edgeopt.metrics` and is
+dropped, so memory does not grow with the data.
 """
 
 from __future__ import annotations
@@ -46,6 +61,7 @@ __all__ = [
     "compare_models",
     "layer_sqnr",
     "match_tensors",
+    "missing_qdq_note",
 ]
 
 if TYPE_CHECKING:
@@ -55,7 +71,7 @@ logger = logging.getLogger(__name__)
 
 ModelSource = str | os.PathLike | ir.Model
 Progress = Callable[[int, int | None], None]
-_Observed = tuple["OrtSession", list[str]]  # a session and the names to fetch from it per batch
+_Arrays = dict[str, np.ndarray]  # tensors by name
 
 _RANGE_CLAMPS = ("Relu", "Clip")  # a quantizer may drop these: the Q range clamps instead
 
@@ -115,7 +131,8 @@ class OutputComparison:
 
 @dataclass(frozen=True, kw_only=True)
 class CompareResult:
-    """Per-layer rows (worst SQNR first) and per-output rows over ``samples`` batches.
+    """Per-layer rows (worst SQNR first, QDQ simulation) and per-output rows (the quantized model run
+    as is) over ``samples`` batches.
 
     ``quantized_tensors`` counts the activation Q/DQ pairs of the QDQ model;
     ``unmatched`` names those without a float counterpart; ``skipped`` those
@@ -217,6 +234,15 @@ def _matches(float_model: ir.Model, quant_model: ir.Model) -> tuple[list[TensorM
     return list(matched.values()), unmatched, len(pairs)
 
 
+def missing_qdq_note(model: ir.Model) -> str | None:
+    """Why ``model`` will have no per-layer rows, when it holds no QuantizeLinear/DequantizeLinear node
+    (a float, fp16 or QOperator model, or the two models given in the wrong order); else None."""
+    if any(is_qdq_op(node, op) for node in model.graph for op in ("QuantizeLinear", "DequantizeLinear")):
+        return None
+    return ("the second model has no QuantizeLinear/DequantizeLinear node: only its outputs are compared, "
+            "no layer (per-layer rows need an int8 QDQ model, as edgeopt quantize writes, given second)")
+
+
 def match_tensors(float_model: ir.Model, quant_model: ir.Model) -> tuple[TensorMatch, ...]:
     """The quantized activations of ``quant_model`` that have a counterpart in ``float_model``."""
     return tuple(_matches(float_model, quant_model)[0])
@@ -261,26 +287,29 @@ class _Meters:
         self.skipped: list[str] = []
         self.samples = 0
 
-    def _first_batch(self, reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray]) -> None:
+    def _first_batch(self, reference: Mapping[str, np.ndarray], layers: Mapping[str, np.ndarray]) -> None:
         for name in list(self.layers):
             quant_name = self.matches[name].quant_name
-            if reference[name].shape != test[quant_name].shape:
+            if reference[name].shape != layers[quant_name].shape:
                 logger.warning("tensor %s has shape %s in the float model but %s in the quantized model: skipped",
-                               name, reference[name].shape, test[quant_name].shape)
+                               name, reference[name].shape, layers[quant_name].shape)
                 del self.layers[name]
                 self.skipped.append(name)
         self.agreement = {name: AgreementMeter(name) for name in self.outputs
                           if looks_like_class_scores(reference[name].shape)}
 
-    def update(self, reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray]) -> None:
+    def update(self, reference: Mapping[str, np.ndarray], layers: Mapping[str, np.ndarray],
+               outputs: Mapping[str, np.ndarray]) -> None:
+        """``reference``: the float model's tensors; ``layers``: the quantized model's DQ outputs (by
+        their names); ``outputs``: its graph outputs from the session that runs it as is."""
         if self.samples == 0:
-            self._first_batch(reference, test)
+            self._first_batch(reference, layers)
         for name, meter in self.layers.items():
-            meter.update(reference[name], test[self.matches[name].quant_name])
+            meter.update(reference[name], layers[self.matches[name].quant_name])
         for name, meter in self.outputs.items():
-            meter.update(reference[name], test[name])
+            meter.update(reference[name], outputs[name])
         for name, meter in self.agreement.items():
-            meter.update(reference[name], test[name])
+            meter.update(reference[name], outputs[name])
         self.samples += 1
 
     def layer_rows(self) -> list[LayerComparison]:
@@ -303,23 +332,51 @@ class _Meters:
         return rows
 
 
-def _sessions(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatch],
-              outputs: list[str]) -> tuple[_Observed, _Observed]:
-    """Observing sessions and the names each must return per batch."""
-    from edgeopt.runtime.ort import observing_session
+@dataclass(frozen=True, kw_only=True)
+class _Runs:
+    """The sessions of one comparison and the names each returns per batch.
+
+    ``layer_session`` is None when nothing is matched: the quantized model then runs once per batch.
+    """
+
+    float_session: OrtSession
+    float_names: list[str]
+    output_session: OrtSession
+    outputs: list[str]
+    layer_session: OrtSession | None
+    layer_names: list[str]
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> tuple[_Arrays, _Arrays, _Arrays]:
+        """The float model's tensors (and the feed), the quantized DQ outputs, the quantized outputs."""
+        reference = dict(feed) | self.float_session.run(feed, self.float_names)
+        layers = self.layer_session.run(feed, self.layer_names) if self.layer_session is not None else {}
+        return reference, layers, self.output_session.run(feed, self.outputs)
+
+
+def _runs(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatch], outputs: list[str]) -> _Runs:
+    """The float model with its matched tensors exposed; the quantized model as is, for the outputs;
+    and the quantized model with its matched DQ outputs exposed, for the per-layer rows."""
+    from edgeopt.runtime.ort import OrtSession, observing_session
 
     float_inputs = {s.name for s in eir.model_inputs(float_model)}
     float_names = [m.float_name for m in matches if m.float_name not in float_inputs]
-    quant_names = [m.quant_name for m in matches]
-    float_fetch = list(dict.fromkeys([*outputs, *float_names]))
-    quant_fetch = list(dict.fromkeys([*outputs, *quant_names]))
-    return ((observing_session(float_model, float_names), float_fetch),
-            (observing_session(quant_model, quant_names), quant_fetch))
+    layer_names = [m.quant_name for m in matches]
+    return _Runs(float_session=observing_session(float_model, float_names),
+                 float_names=list(dict.fromkeys([*outputs, *float_names])),
+                 output_session=OrtSession(quant_model), outputs=outputs,
+                 layer_session=observing_session(quant_model, layer_names) if layer_names else None,
+                 layer_names=layer_names)
 
 
 def compare_models(float_model: ModelSource, quant_model: ModelSource, data: object, *,
                    max_samples: int | None = None, progress: Progress | None = None) -> CompareResult:
     """Per-layer SQNR/cosine/max error of ``quant_model``'s activations, and output-level metrics.
+
+    The output rows are those of ``quant_model`` run as is (ONNX Runtime's
+    default optimizations, its fused integer kernels); the per-layer rows
+    those of its QDQ simulation with the matched tensors exposed (see the
+    module docstring). A model without Q/DQ nodes (fp16, or the float model
+    itself) gets output rows only.
 
     ``data`` is anything :func:`edgeopt.data.open_data` takes; ``max_samples``
     limits the batches read; ``progress(done, total)`` is called per batch
@@ -331,7 +388,7 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     source = open_data(data, eir.model_inputs(float_ir))
     source = take(source, max_samples) if max_samples is not None else source
     meters = _Meters(matches, outputs)
-    _stream(source, _sessions(float_ir, quant_ir, matches, outputs), meters, progress)
+    _stream(source, _runs(float_ir, quant_ir, matches, outputs), meters, progress)
     if meters.samples == 0:
         raise DataError("the data gave no samples: point --data at at least one sample")
     return CompareResult(samples=meters.samples, layers=tuple(meters.layer_rows()),
@@ -339,13 +396,11 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
                          unmatched=tuple(unmatched), skipped=tuple(meters.skipped))
 
 
-def _stream(source: Iterable[dict[str, np.ndarray]], sessions: tuple[_Observed, _Observed], meters: _Meters,
+def _stream(source: Iterable[dict[str, np.ndarray]], runs: _Runs, meters: _Meters,
             progress: Progress | None) -> None:
-    (float_session, float_fetch), (quant_session, quant_fetch) = sessions
     total = getattr(source, "num_samples", None)
     for feed in source:
-        reference = feed | float_session.run(feed, float_fetch)
-        meters.update(reference, quant_session.run(feed, quant_fetch))
+        meters.update(*runs.run(feed))
         if progress is not None:
             progress(meters.samples, total)
 
