@@ -12,7 +12,6 @@ interpreter's.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -25,6 +24,7 @@ import numpy as np
 from edgeopt import api
 from edgeopt.bench import BenchConfig, BenchResult
 from edgeopt.codegen.c.report import CompileReport
+from edgeopt.metrics import json_text
 
 __all__ = ["DemoC", "DemoResult", "demo_c", "demo_data", "demo_model_path", "run_demo"]
 
@@ -167,7 +167,7 @@ def run_demo(output_dir: str | os.PathLike, *, runs: int = 200, progress: Progre
     _step(progress, 6, steps)
     result = DemoResult(output_dir=folder, inspect=inspected, float_accuracy=accuracy, int8_accuracy=int8_accuracy,
                         quantize=quantized, test_samples=len(labels), bench=timing, c_code=c_code)
-    (folder / "summary.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    (folder / "summary.json").write_text(json_text(result.to_dict()))
     return result
 
 

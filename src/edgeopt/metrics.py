@@ -20,6 +20,7 @@ The meters follow the estimator discipline: the constructor stores settings
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ __all__ = [
     "accuracy",
     "cosine_similarity",
     "json_number",
+    "json_text",
     "looks_like_class_scores",
     "max_abs_error",
     "sqnr_db",
@@ -47,6 +49,21 @@ __all__ = [
 def json_number(value: float) -> float | str:
     """``value`` for strict JSON: finite floats as is, else ``"inf"``, ``"-inf"`` or ``"nan"``."""
     return float(value) if math.isfinite(value) else str(float(value))
+
+
+def json_text(data) -> str:
+    """``data`` as strict JSON text (indented): every non-finite float, wherever it sits, written as
+    :func:`json_number` writes it, since ``Infinity`` and ``NaN`` are not JSON; other objects by ``str``."""
+    def strict(item):
+        if isinstance(item, float):
+            return json_number(item)
+        if isinstance(item, dict):
+            return {key: strict(value) for key, value in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [strict(value) for value in item]
+        return item
+
+    return json.dumps(strict(data), indent=2, default=str, allow_nan=False)
 
 
 def looks_like_class_scores(shape: Sequence[int]) -> bool:

@@ -68,13 +68,22 @@ def test_other_schemes_need_no_data(cli, tmp_path, scheme):
     assert json.loads(result.stdout)["quant_bytes"] < model.stat().st_size
 
 
+def _strict_json(text: str):
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def test_min_sqnr_search_returns_layers_to_float(cli, tmp_path, calib):
     out = tmp_path / "q.onnx"
     result = cli("quantize", demo_model_path(), "--data", calib, "-o", out, "--min-sqnr", "33",
                  "--no-speed-check", "--json")
     assert result.code == 0, result.stderr
-    search = json.loads(result.stdout)["accuracy_search"]
-    assert search["met"] and search["best_score"] >= 33
+    report = _strict_json(result.stdout)  # the float model's SQNR is infinite: "inf", not Infinity
+    assert report == _strict_json(out.with_name("q.report.json").read_text())
+    search = report["accuracy_search"]
+    assert search["met"] and search["best_score"] >= 33 and search["float_score"] == "inf"
     assert search["float_nodes_added"], "the plain int8 model is below 33 dB, so some node must go back to float"
 
 
@@ -159,6 +168,14 @@ def test_already_quantized_model_is_refused(cli, tmp_path, calib):
     once = tmp_path / "q.onnx"
     assert cli("quantize", demo_model_path(), "--data", calib, "-o", once, "--no-speed-check").code == 0
     assert_one_line_error(cli("quantize", once, "--data", calib, "-o", tmp_path / "qq.onnx"), "already quantized")
+    for scheme in ("fp16", "bf16", "int4-weight"):  # every scheme starts from the float32 model
+        assert_one_line_error(cli("quantize", once, "--scheme", scheme, "-o", tmp_path / "qq.onnx"),
+                              "already quantized")
+    half = tmp_path / "half.onnx"  # an fp16 model came back byte-identical, labelled int8
+    assert cli("quantize", demo_model_path(), "--scheme", "fp16", "-o", half, "--no-speed-check").code == 0
+    for scheme in ("int8", "fp16", "int4-weight"):
+        assert_one_line_error(cli("quantize", half, "--scheme", scheme, "--data", calib, "-o", tmp_path / "qq.onnx"),
+                              "already converted to float16", "float32 model")
     assert not (tmp_path / "qq.onnx").exists()
 
 

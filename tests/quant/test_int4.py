@@ -24,7 +24,7 @@ from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeopt import ir as eir
-from edgeopt.errors import ConfigError
+from edgeopt.errors import ConfigError, ModelError
 from edgeopt.io import load_model, model_to_bytes
 from edgeopt.quant import quantize
 from edgeopt.quant.config import PerBlock, PerChannel
@@ -122,6 +122,7 @@ def op_types(model: ir.Model) -> list[str]:
 @pytest.mark.parametrize("make", [
     lambda: Int4WeightConfig(granularity=PerBlock(size=24)),
     lambda: Int4WeightConfig(granularity=PerBlock(size=8)),
+    lambda: Int4WeightConfig(granularity=PerBlock(size=512)),  # MatMulNBits refuses it at load
     lambda: Int4WeightConfig(granularity=PerChannel()),
     lambda: Int4WeightConfig(weight_format=INT8),
     lambda: Int4WeightConfig(accuracy_level=7),
@@ -273,6 +274,19 @@ def test_excluded_node_stays_float(tmp_path):
         quantize(model, Int4WeightConfig(exclude=("fc9",)), data=None)
 
 
+def test_nothing_to_quantize_is_an_error_not_an_unchanged_model(tmp_path):
+    model = mlp(tmp_path)
+    with pytest.raises(ModelError, match="no MatMul/Gemm weight to quantize .fc1: excluded by config"):
+        quantize(model, Int4WeightConfig(exclude=("MatMul", "Gemm")), data=None)
+
+
+def test_a_block_wider_than_k_is_noted(tmp_path):
+    model = gemm_model(tmp_path, c_shape=(40,))  # K = 48
+    notes = quantize(model, Int4WeightConfig(granularity=PerBlock(size=64)), data=None).notes
+    assert any("1 layer(s) have K below the block size 64" in note for note in notes)
+    assert not any("below the block" in note for note in quantize(model, Int4WeightConfig(), data=None).notes)
+
+
 def gemm_model(tmp_path, *, c_shape, alpha=0.5, beta=2.0, trans_a=0, c_input=False) -> ir.Model:
     """input [4,48] -> Gemm(alpha, beta, transB=0, C) -> output [4,40]; C constant or a graph input."""
     rng = np.random.default_rng(1)
@@ -310,12 +324,10 @@ def test_gemm_folds_alpha_and_beta(tmp_path, c_shape, c_input, lowered):
     (dict(trans_a=1), "transA=1"),
     (dict(c_input=True, beta=3.0), "beta=3.0"),
 ])
-def test_gemm_that_cannot_be_lowered_stays_float_with_a_reason(tmp_path, kwargs, reason):
-    model = gemm_model(tmp_path, c_shape=(4, 40), **kwargs)
-    result = quantize(model, Int4WeightConfig(), data=None)
-    assert op_types(result.model) == ["Gemm"]
-    assert len(result.float_nodes) == 1 and reason in result.float_nodes[0].reason
-    assert any(note.startswith("left float: Gemm x1") for note in result.notes)
+def test_gemm_that_cannot_be_lowered_is_named_with_its_reason(tmp_path, kwargs, reason):
+    model = gemm_model(tmp_path, c_shape=(4, 40), **kwargs)  # the only layer: nothing left to quantize
+    with pytest.raises(ModelError, match=f"gemm: .*{reason}"):
+        quantize(model, Int4WeightConfig(), data=None)
 
 
 def batched_weight_model(tmp_path, opset: int) -> ir.Model:
@@ -343,9 +355,8 @@ def test_3d_weight_uses_blocked_dequantize_linear_at_opset_21(tmp_path, fmt):
 
 def test_3d_weight_below_opset_21_stays_float(tmp_path):
     model = batched_weight_model(tmp_path, opset=17)
-    result = quantize(model, Int4WeightConfig(), data=None)
-    assert op_types(result.model) == ["MatMul"]
-    assert "opset 21" in result.float_nodes[0].reason
+    with pytest.raises(ModelError, match="bmm: its weight is 3-D: .*opset 21"):
+        quantize(model, Int4WeightConfig(), data=None)
 
 
 def test_torch_transformer_linears_become_matmul_nbits(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from edgeopt.api._common import ModelSource, Progress, load
 from edgeopt.data import ImagePreprocess
 from edgeopt.errors import ConfigError, DataError, EdgeoptError
 from edgeopt.io import FILE_BYTES_KEY, atomic_write_bytes, check_writable, model_file_bytes, model_to_bytes
+from edgeopt.metrics import json_text
 from edgeopt.quant.accuracy import AccuracyGoal, AccuracySearch, accuracy_aware_quantize
 from edgeopt.quant.compare import CompareResult
 from edgeopt.quant.registry import QuantResult
@@ -194,7 +194,7 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
                             fidelity=fidelity, speed=speed, search=search, warnings=tuple(warnings))
     if output is not None:  # written last: an error in the checks above leaves nothing behind
         atomic_write_bytes(output, quant_bytes)  # and the artifact ships with its measured numbers
-        atomic_write_bytes(report_path(output), json.dumps(report.to_dict(), indent=2, default=str).encode())
+        atomic_write_bytes(report_path(output), json_text(report.to_dict()).encode())
     return report
 
 
@@ -237,13 +237,15 @@ def _speed(float_model: ir.Model, quant_model: ir.Model) -> SpeedCheck | None:
 def compare(float_model: ModelSource, quant_model: ModelSource, data, *, preprocess: ImagePreprocess | None = None,
             max_samples: int | None = None, progress: Progress | None = None) -> CompareResult:
     """Per-layer SQNR and cosine of a quantized model against its float model, worst first."""
-    from edgeopt.quant.compare import compare_models
+    from edgeopt.quant.compare import compare_models, missing_qdq_note
 
     from edgeopt.passes import optimize_for_quantization
 
+    quant_ir = load(quant_model, require_static=False)
+    if (note := missing_qdq_note(quant_ir)) is not None:
+        logger.warning(note)
     # The quantizer folds BatchNorm and affine ops into convs and keeps the convs' output names, so
     # per-layer rows compare against the float model after the same float-exact passes.
     float_ir = optimize_for_quantization(load(float_model, require_static=False)).model
-    quant_ir = load(quant_model, require_static=False)
     source = _calibration_source(float_ir, data, preprocess, max_samples)
     return compare_models(float_ir, quant_ir, source, progress=progress)

@@ -45,6 +45,29 @@ def _run(argv: list[str] | None) -> int:
     return 0
 
 
+class _LogLine(logging.Formatter):
+    """``warning: message``, in the style of the CLI's other lines; each message once (data that is
+    opened again for the checks after quantizing must not repeat its warnings)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        line = self.format(record)
+        if line in self._seen:
+            return False
+        self._seen.add(line)
+        return True
+
+
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    handler = logging.StreamHandler()
+    line = _LogLine()
+    handler.setFormatter(line)
+    handler.addFilter(line)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     sys.exit(_run(argv))

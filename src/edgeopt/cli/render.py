@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -10,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from edgeopt.cli import state
+from edgeopt.metrics import json_text
 
 __all__ = ["bytes_text", "count_text", "print_json", "progress_bar", "table"]
 
@@ -31,7 +31,7 @@ def bytes_text(value: float) -> str:
 
 
 def print_json(data: dict) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    print(json_text(data))
 
 
 def table(title: str | None, columns: list[tuple[str, str]]) -> Table:

@@ -29,6 +29,7 @@ import onnx_ir.passes.common as common_passes
 
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
+from edgeopt.metrics import json_number
 from edgeopt.quant.api import quantize
 from edgeopt.quant.compare import CompareResult, compare_models
 from edgeopt.quant.config import Int8Config
@@ -88,7 +89,7 @@ class AccuracyStep:
     reason: str | None = None
 
     def to_dict(self) -> dict:
-        return {"excluded": list(self.excluded), "score": self.score, "seconds": self.seconds,
+        return {"excluded": list(self.excluded), "score": json_number(self.score), "seconds": self.seconds,
                 "next_node": self.next_node, "next_op_type": self.next_op_type, "reason": self.reason}
 
 
@@ -106,7 +107,8 @@ class AccuracySearch:
     stopped_because: str
 
     def to_dict(self) -> dict:
-        return {"goal": self.goal.describe(), "float_score": self.float_score, "best_score": self.best_score,
+        return {"goal": self.goal.describe(), "float_score": json_number(self.float_score),
+                "best_score": json_number(self.best_score),
                 "met": self.met, "float_nodes_added": list(self.best_excluded),
                 "stopped_because": self.stopped_because, "steps": [s.to_dict() for s in self.steps]}
 

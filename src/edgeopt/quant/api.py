@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 import onnx_ir as ir
 
+from edgeopt.quant.placement import check_not_quantized
 from edgeopt.quant.registry import Batch, ProgressCallback, QuantResult, handler_for
 
 __all__ = ["quantize"]
@@ -25,9 +26,11 @@ def quantize(model: ir.Model, config: object, data: Iterable[Batch] | None = Non
     """Quantize a copy of ``model`` with the scheme registered for ``type(config)``.
 
     ``data``: calibration batches ``{input_name: array}`` (schemes that need
-    none accept None). ``progress(done, total)`` is called per batch.
+    none accept None). ``progress(done, total)`` is called per batch. A model
+    already quantized or converted to float16/bfloat16 is refused (ModelError).
     """
     handler = handler_for(config)
+    check_not_quantized(model)
     if not in_place:
         model = model.clone()
     return handler(model, config, data, progress=progress)

@@ -74,14 +74,17 @@ class PerChannel:
 
 @dataclass(frozen=True, kw_only=True)
 class PerBlock:
-    """One scale per ``size`` consecutive values along the reduction axis."""
+    """One scale per ``size`` consecutive values along the reduction axis (16 to 256, a power of two)."""
 
     size: int = 32
 
     def __post_init__(self) -> None:
-        if not isinstance(self.size, int) or self.size < 16 or self.size & (self.size - 1):
-            raise ConfigError(f"PerBlock size must be a power of two >= 16, got {self.size!r}")
+        if not isinstance(self.size, int) or self.size not in _BLOCK_SIZES:
+            raise ConfigError(f"block size (--block-size) must be one of {', '.join(map(str, _BLOCK_SIZES))} "
+                              f"(what ONNX Runtime's MatMulNBits runs), got {self.size!r}")
 
+
+_BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 Granularity = PerTensor | PerChannel | PerBlock
 

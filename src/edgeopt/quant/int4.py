@@ -36,7 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.errors import ConfigError
+from edgeopt.errors import ConfigError, ModelError
 from edgeopt.quant.config import PerBlock
 from edgeopt.quant.float16 import UniqueNames
 from edgeopt.quant.formats import INT4, UINT4, Format
@@ -283,13 +283,14 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
     graph, opset = model.graph, eir.default_opset(model)
     names = UniqueNames(graph)
     tensors, float_nodes, lowered = [], [], Counter()
-    bytes_before = bytes_after = 0
+    bytes_before = bytes_after = short = 0
     for node in [n for n in graph if eir.is_op(n, "MatMul", "Gemm")]:
         target = _match(node, config, opset)
         if isinstance(target, str):
             float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, target))
             continue
         quantized = quantize_blocks(target.weight, config.block_size, config.weight_format)
+        short += target.weight.shape[-2] < config.block_size  # K of the [..., K, N] weight
         constants = dict.fromkeys([target.weight_value, *(v for v in node.inputs[1:]
                                                           if v is not None and eir.is_constant(v))])
         if target.lowering is _Lowering.MATMUL_NBITS:
@@ -301,6 +302,10 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
             eir.drop_if_unused(graph, value)
         lowered[target.lowering] += 1
         tensors.append(_tensor_info(target, quantized))
+    if not tensors:
+        reasons = "; ".join(f"{f.node_name}: {f.reason}" for f in float_nodes[:3]) or "the model has none"
+        raise ModelError(f"no MatMul/Gemm weight to quantize ({reasons}): int4-weight quantizes the constant "
+                         "weights of MatMul/Gemm only; use int8 or fp16 for this model")
     if lowered[_Lowering.MATMUL_NBITS]:
         model.opset_imports.setdefault(_MS_DOMAIN, 1)
     fmt = config.weight_format
@@ -313,6 +318,8 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
             "" if config.accuracy_level is None
             else f"; MatMulNBits accuracy_level={int(config.accuracy_level)} ({config.accuracy_level.name})"),
         *_kept_note(float_nodes),
+        *([f"{short} layer(s) have K below the block size {config.block_size}: each of their columns is one "
+           "block padded to full size, so a smaller --block-size stores them in fewer bytes"] if short else []),
     ]
     logger.info("int4: %s", notes[0])
     details = {"matmul_nbits": lowered[_Lowering.MATMUL_NBITS],

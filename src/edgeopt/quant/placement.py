@@ -105,12 +105,21 @@ class QdqPlan:
     probabilities: tuple[str, ...] = ()  # Softmax outputs: fixed range [0, 1), not calibrated
 
 
+_HALF_TYPES = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+
+
 def check_not_quantized(model: ir.Model) -> None:
-    """ModelError when the model already holds quantized ops."""
+    """ModelError when the model already holds quantized ops or half-precision weights: every
+    scheme starts from the float32 model (converting again would write a model that claims a
+    precision it does not have, or quantize rounded weights a second time)."""
     for node in model.graph.all_nodes():
         if node.op_type in _QUANTIZED_OPS or node.op_type.startswith("QLinear"):
             raise ModelError(f"model is already quantized (node {node.name or node.op_type!r} is "
                              f"{node.op_type}): quantize the float model instead")
+    half = [value for value in model.graph.initializers.values() if value.dtype in _HALF_TYPES]
+    if half:
+        raise ModelError(f"model is already converted to {_HALF_TYPES[half[0].dtype]} ({len(half)} weight(s), "
+                         f"e.g. {half[0].name!r}): quantize the float32 model instead")
 
 
 @dataclass(frozen=True)
