@@ -129,19 +129,42 @@ def _output_sqnr(comparison: CompareResult) -> float:
     return min((o.sqnr_db for o in comparison.outputs), default=-math.inf)
 
 
-def _node_damage(quant_model: ir.Model, comparison: CompareResult) -> list[tuple[float, ir.Node, str]]:
-    """(damage dB, node, reason) for each node producing a quantized activation, worst first."""
+def _node_damage(result: QuantResult, comparison: CompareResult) -> list[tuple[float, ir.Node, str]]:
+    """(damage dB, node, reason) for each quantized node that returning to float would help, worst first.
+
+    A float node's output (a Softmax, say) is quantized only because quantized nodes read it: its
+    damage goes to those readers, since returning the float node itself would change nothing.
+    """
     sqnr = {row.tensor: row.sqnr_db for row in comparison.layers}
+    float_nodes = {f.node_name for f in result.float_nodes}
     ranked = []
-    for node, sqnr_db in _quantized_producers(quant_model, comparison):
+    for node, sqnr_db in _quantized_producers(result.model, comparison):
         input_sqnr = [sqnr[name] for name in _quantized_inputs(node) if name in sqnr]
         upstream = min(input_sqnr) if input_sqnr else math.inf
         damage = (upstream - sqnr_db) if math.isfinite(upstream) else -sqnr_db
         reason = (f"output SQNR {sqnr_db:.1f} dB, {damage:.1f} dB lost inside the node"
                   if math.isfinite(upstream) else f"output SQNR {sqnr_db:.1f} dB")
-        ranked.append((damage, node, reason))
+        if node.name not in float_nodes:
+            ranked.append((damage, node, reason))
+            continue
+        for reader in _readers_through_qdq(node):
+            if reader.name not in float_nodes:
+                ranked.append((damage, reader, f"reads {node.name} ({node.op_type}, float) quantized: {reason}"))
     ranked.sort(key=lambda item: (-item[0], item[1].name))
-    return ranked
+    seen: set[str] = set()  # a node reached twice (its own output, a float node it reads) counts once
+    return [item for item in ranked if not (item[1].name in seen or seen.add(item[1].name))]
+
+
+def _readers_through_qdq(node: ir.Node) -> list[ir.Node]:
+    """The nodes reading ``node``'s outputs through a QuantizeLinear -> DequantizeLinear pair."""
+    readers = []
+    for output in node.outputs:
+        for quantize_use in output.uses():
+            if is_qdq_op(quantize_use.node, "QuantizeLinear"):
+                for dequantize_use in quantize_use.node.outputs[0].uses():
+                    if is_qdq_op(dequantize_use.node, "DequantizeLinear"):
+                        readers += [use.node for use in dequantize_use.node.outputs[0].uses()]
+    return readers
 
 
 def _quantized_producers(quant_model: ir.Model, comparison: CompareResult) -> list[tuple[ir.Node, float]]:
@@ -234,7 +257,7 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config, data: Iterable,
             steps.append(AccuracyStep(excluded=excluded, score=score, seconds=time.monotonic() - round_start))
             stopped = f"goal met ({goal.describe()})"
             break
-        candidates = [c for c in _node_damage(result.model, comparison) if c[1].name not in excluded]
+        candidates = [c for c in _node_damage(result, comparison) if c[1].name not in excluded]
         round_seconds = time.monotonic() - round_start
         if not candidates or len(excluded) >= goal.max_float_nodes:
             steps.append(AccuracyStep(excluded=excluded, score=score, seconds=round_seconds))
@@ -250,6 +273,14 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config, data: Iterable,
                     node.op_type, reason)
         excluded = excluded + (node.name,)
     best_score, best_result, best_excluded = best
+    best_result = _labelled(best_result, set(best_excluded) - set(config.exclude))
     return AccuracySearch(result=best_result, goal=goal, float_score=float_score, best_score=best_score,
                           best_excluded=best_excluded, met=goal.met(best_score, float_score),
                           steps=tuple(steps), stopped_because=stopped)
+
+
+def _labelled(result: QuantResult, returned: set[str]) -> QuantResult:
+    """``result`` with the nodes the search returned to float saying so (they went through exclude)."""
+    float_nodes = tuple(f._replace(reason="returned to float by the accuracy search") if f.node_name in returned
+                        else f for f in result.float_nodes)
+    return replace(result, float_nodes=float_nodes)
