@@ -222,6 +222,16 @@ def test_outputs_get_the_usual_permissions(cli, tmp_path, calib):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
 
 
+@pytest.mark.parametrize(("scheme", "option", "applies"), [
+    ("fp16", ["--adaround"], "int8 and uint8"), ("bf16", ["--calibration", "mse"], "int8 and uint8"),
+    ("int4-weight", ["--smoothquant", "0.5"], "int8 and uint8"), ("int8", ["--block-size", "64"], "int4-weight"),
+])
+def test_an_option_the_scheme_would_ignore_is_an_error(cli, tmp_path, calib, scheme, option, applies):
+    result = cli("quantize", demo_model_path(), "--scheme", scheme, *option, "--data", calib, "-o", tmp_path / "q.onnx")
+    assert_one_line_error(result, option[0], f"--scheme {applies} only")
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def test_the_input_model_is_never_modified(cli, tmp_path, calib):
     model = build_onnx("mobilenet_v3", tmp_path)
     before = model.read_bytes()

@@ -26,11 +26,15 @@ def test_dynamic_dims_accept_any_size():
     assert check_feed([free], {"x": np.zeros((3, 11), np.float32)}, where="t")["x"].shape == (3, 11)
 
 
-def test_float64_and_int_data_cast_into_float_input():
+def test_float64_and_int_data_cast_into_float_input(caplog):
     out = check_feed([VECTOR], {"x": np.ones((1, 4), np.float64)}, where="t")
-    assert out["x"].dtype == np.float32
-    out = check_feed([VECTOR], {"x": np.arange(4).reshape(1, 4)}, where="t")
-    assert out["x"].dtype == np.float32 and out["x"][0, 3] == 3.0
+    assert out["x"].dtype == np.float32 and not caplog.records
+    pixels = spec("pixels", (1, 4))  # a name no other test feeds integers to: warned once per process
+    for _ in range(3):  # raw uint8 pixels are the classic mistake: said once, not per batch
+        out = check_feed([pixels], {"pixels": np.arange(4, dtype=np.uint8).reshape(1, 4)}, where="t")
+    assert out["pixels"].dtype == np.float32 and out["pixels"][0, 3] == 3.0
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "input 'pixels' gets uint8 data, cast to float32" in warnings[0]
 
 
 def test_int32_data_cast_into_int64_input():

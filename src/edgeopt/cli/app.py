@@ -249,6 +249,9 @@ class Scheme(str, enum.Enum):
     int4_weight = "int4-weight"
 
 
+BLOCK_SIZE = 32  # --block-size's default
+
+
 class TargetChoice(str, enum.Enum):
     ort = "ort"
     mcu = "mcu"
@@ -278,6 +281,7 @@ def _quant_config(scheme: Scheme, target: TargetChoice, calibration: Calibration
     from edgeopt.quant.float16 import Bf16Config, Fp16Config
     from edgeopt.quant.int4 import Int4WeightConfig
 
+    _refuse_options_of_other_schemes(scheme, target, calibration, per_tensor, block_size, algorithms)
     if scheme in (Scheme.int8, Scheme.uint8):
         return quant.Int8Config(
             target=quant.Target[target.name.upper()], calibration=quant.CalibrationMethod[calibration.name.upper()],
@@ -290,6 +294,23 @@ def _quant_config(scheme: Scheme, target: TargetChoice, calibration: Calibration
     if scheme is Scheme.bf16:
         return Bf16Config(exclude=exclude)
     return Int4WeightConfig(granularity=quant.PerBlock(size=block_size), exclude=exclude)
+
+
+def _refuse_options_of_other_schemes(scheme: Scheme, target: TargetChoice, calibration: CalibrationChoice,
+                                     per_tensor: bool, block_size: int, algorithms: _Int8Algorithms) -> None:
+    """An option the chosen scheme would silently ignore is an error: the user meant something by it."""
+    int8 = scheme in (Scheme.int8, Scheme.uint8)
+    given = {
+        "--target": target is not TargetChoice.ort, "--calibration": calibration is not CalibrationChoice.percentile,
+        "--per-tensor": per_tensor, "--equalize": algorithms.equalize, "--no-bias-correct": not algorithms.bias_correct,
+        "--adaround": algorithms.adaround, "--smoothquant": algorithms.smoothquant_alpha is not None,
+    } if not int8 else {}
+    if scheme is not Scheme.int4_weight:
+        given["--block-size"] = block_size != BLOCK_SIZE
+    ignored = [option for option, set_ in given.items() if set_]
+    if ignored:
+        applies = "int4-weight" if ignored[0] == "--block-size" else "int8 and uint8"
+        raise ConfigError(f"{ignored[0]} applies to --scheme {applies} only, not {scheme.value}: drop it")
 
 
 @app.command()
@@ -307,7 +328,7 @@ def quantize(
     per_tensor: Annotated[bool, typer.Option("--per-tensor", help="Per-tensor weights (default per channel).")] = False,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", metavar="NODE_OR_OPTYPE",
                                                          help="Keep this node or op type in float (repeatable).")] = None,
-    block_size: Annotated[int, typer.Option("--block-size", help="Block size of int4-weight.")] = 32,
+    block_size: Annotated[int, typer.Option("--block-size", help="Block size of int4-weight.")] = BLOCK_SIZE,
     equalize: Annotated[bool, typer.Option("--equalize", help="Cross-layer equalization of consecutive convs "
                                                               "(depthwise-separable nets).")] = False,
     bias_correct: Annotated[bool, typer.Option("--bias-correct/--no-bias-correct",

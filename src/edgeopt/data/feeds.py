@@ -6,7 +6,9 @@ matches (a dynamic dim, a symbol or ``None``, accepts any size), and the
 values are finite numbers. Arrays are cast to the input's dtype only when that
 is unambiguous:
 
-* any float or integer data into a float input (float64 → float32 included);
+* any float or integer data into a float input (float64 → float32 included;
+  integer data is warned about once per input and dtype: raw 0-255 pixels
+  given to a model trained on normalized ones calibrate the wrong ranges);
 * integer data into an integer input when every value fits the target type;
 * booleans into any numeric input;
 * float data into an integer input is refused: rounding would be a guess.
@@ -18,6 +20,7 @@ that already fits is returned as given.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -28,6 +31,9 @@ from edgeopt.ir.values import InputSpec
 __all__ = ["check_feed", "dims_match", "shape_text"]
 
 _NUMERIC_KINDS = "biuf"
+
+logger = logging.getLogger(__name__)
+_warned_casts: set[tuple[str, str, str]] = set()  # (input, data dtype, input dtype) already warned about
 
 
 def shape_text(shape: Sequence[int | str | None]) -> str:
@@ -94,7 +100,15 @@ def _check_int_range(spec: InputSpec, array: np.ndarray, where: str) -> None:
 
 def _check_cast(spec: InputSpec, array: np.ndarray, where: str) -> None:
     want, have = spec.dtype.kind, array.dtype.kind
-    if array.dtype == spec.dtype or want == "f":
+    if array.dtype == spec.dtype:
+        return
+    if want == "f":
+        key = (spec.name, str(array.dtype), str(spec.dtype))
+        if have in "iu" and key not in _warned_casts:
+            _warned_casts.add(key)
+            logger.warning("%s: input %r gets %s data, cast to %s as is: if the model was trained on "
+                           "normalized values, normalize the data the same way first", where, spec.name,
+                           array.dtype, spec.dtype)
         return
     if want in "iu" and have in "biu":
         _check_int_range(spec, array, where)
