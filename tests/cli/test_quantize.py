@@ -232,6 +232,17 @@ def test_an_option_the_scheme_would_ignore_is_an_error(cli, tmp_path, calib, sch
     assert not (tmp_path / "q.onnx").exists()
 
 
+def test_a_model_with_nothing_in_int8_is_said_to_be_float(tmp_path, calib):
+    import edgeopt
+
+    op_types = tuple(sorted({node.op_type for node in onnx.load(demo_model_path()).graph.node}))
+    report = edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(exclude=op_types), calib,
+                              check_fidelity=False, check_speed=False)
+    assert not report.result.tensors
+    assert any(warning.startswith("no node runs in int8: the model written is the float model")
+               for warning in report.warnings)
+
+
 def test_the_input_model_is_never_modified(cli, tmp_path, calib):
     model = build_onnx("mobilenet_v3", tmp_path)
     before = model.read_bytes()

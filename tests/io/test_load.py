@@ -68,6 +68,9 @@ def test_external_data_is_loaded_and_the_files_are_untouched(tmp_path):
     weights = [v for v in model.graph.initializers.values()]
     assert weights and all(np.asarray(v.const_value.numpy()).size > 0 for v in weights)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    (tmp_path / "ext.onnx.data").unlink()
+    with pytest.raises(ModelError, match=r"ext\.onnx: its external weight file ext\.onnx\.data is missing"):
+        load_model(path)
 
 
 def test_tf_style_nhwc_model_loads(tmp_path):

@@ -158,6 +158,8 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     elif isinstance(config, Int8Config):
         raise ConfigError("int8 quantization needs calibration data: give --data (a folder of .npy, images, "
                           "or module:function)")
+    if evaluate is not None and (goal is None or goal.max_drop is None):
+        raise ConfigError("--eval is used with --max-drop: give the largest score drop you accept")
     search = None
     if goal is not None:
         if not isinstance(config, Int8Config):
@@ -177,6 +179,9 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     if search is not None and not search.met:
         warnings.append(f"accuracy goal not met ({search.goal.describe()}): best score {search.best_score:.3f} "
                         f"with {len(search.best_excluded)} node(s) back in float; {search.stopped_because}")
+    if isinstance(config, Int8Config) and not result.tensors:
+        warnings.append(f"no node runs in int8: the model written is the float model ({len(result.float_nodes)} "
+                        "node(s) kept float, listed above)")
     if source is not None and source.count < MIN_CALIBRATION_SAMPLES and isinstance(config, Int8Config):
         warnings.append(f"only {source.count} calibration samples: ranges may not cover real inputs "
                         f"(use at least {MIN_CALIBRATION_SAMPLES}, ideally a few hundred)")

@@ -364,8 +364,6 @@ def quantize(
     goal = None
     if max_drop is not None or min_sqnr is not None:
         goal = AccuracyGoal(max_drop=max_drop, min_sqnr_db=min_sqnr, time_budget_s=_seconds(time_budget))
-    elif evaluate is not None:
-        raise ConfigError("--eval is used with --max-drop: give the largest score drop you accept")
     with progress_bar("calibrating" if goal is None else "accuracy search", enabled=not json_output) as update:
         report = api.quantize(model, config, data, output=output, max_samples=max_samples, goal=goal,
                               evaluate=evaluate, preprocess=parse_preprocess(preprocess),

@@ -81,9 +81,12 @@ def _read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, int]:
     try:
         proto = onnx.load(str(file), load_external_data=False)
         sidecars = _external_files(proto, file.parent)
+        missing = [sidecar for sidecar in sidecars if not sidecar.is_file()]
+        if missing:
+            raise FileNotFoundError(2, "missing", str(missing[0]))
         onnx.external_data_helper.load_external_data_for_model(proto, str(file.parent))
     except FileNotFoundError as error:
-        raise ModelError(f"{file}: external weight file missing ({Path(error.filename or '').name}): "
+        raise ModelError(f"{file}: its external weight file {Path(error.filename or '').name} is missing: "
                          "keep the data file next to the model") from None
     except Exception as error:  # protobuf raises DecodeError, RuntimeWarning, ValueError...
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -32,7 +32,16 @@ __all__ = [
     "PerChannel",
     "PerTensor",
     "Target",
+    "check_exclude_names",
 ]
+
+
+def check_exclude_names(names: object) -> None:
+    """ConfigError unless ``names`` is a tuple of non-empty node names or op types (``exclude``)."""
+    if not isinstance(names, tuple) or not all(isinstance(name, str) for name in names):
+        raise ConfigError(f"exclude must be a tuple of node names or op types, got {names!r}")
+    if not all(name.strip() for name in names):
+        raise ConfigError("--exclude got an empty name: give node names or op types (see edgeopt inspect)")
 
 
 class Target(enum.Enum):
@@ -179,8 +188,7 @@ class Int8Config:
         if self.activation_format is not None and self.activation_format not in _ACTIVATION_FORMATS:
             raise ConfigError(f"activation_format must be uint8, int8 or None (from the target), "
                               f"got {self.activation_format!r}")
-        if isinstance(self.exclude, str) or not all(isinstance(n, str) and n for n in self.exclude):
-            raise ConfigError(f"exclude must be a tuple of node names or op types, got {self.exclude!r}")
+        check_exclude_names(self.exclude)
         if not isinstance(self.verify_tolerance, (int, float)) or not math.isfinite(self.verify_tolerance) \
                 or self.verify_tolerance <= 0:
             raise ConfigError(f"verify_tolerance must be a positive number, got {self.verify_tolerance!r}")

@@ -49,6 +49,7 @@ import onnx_ir.passes.common as common_passes
 
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
+from edgeopt.quant.config import check_exclude_names
 from edgeopt.quant.float16_plan import (
     FLOAT32_OPS,
     HalfPrecisionPlan,
@@ -75,11 +76,6 @@ _FLOAT16 = ir.DataType.FLOAT16
 _BFLOAT16 = ir.DataType.BFLOAT16
 
 
-def _check_names(names: tuple[str, ...], key: str) -> None:
-    if not isinstance(names, tuple) or not all(isinstance(n, str) and n for n in names):
-        raise ConfigError(f"{key} must be a tuple of node names or op types, got {names!r}")
-
-
 @dataclass(frozen=True, kw_only=True)
 class Fp16Config:
     """Float16 weights and compute.
@@ -98,7 +94,7 @@ class Fp16Config:
         for key in ("keep_io_float32", "float_passes"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
-        _check_names(self.exclude, "exclude")
+        check_exclude_names(self.exclude)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,7 +111,7 @@ class Bf16Config:
     def __post_init__(self) -> None:
         if not isinstance(self.float_passes, bool):
             raise ConfigError(f"float_passes must be true or false, got {self.float_passes!r}")
-        _check_names(self.exclude, "exclude")
+        check_exclude_names(self.exclude)
 
 
 # ---------------------------------------------------------------------------

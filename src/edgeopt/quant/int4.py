@@ -37,7 +37,7 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError, ModelError
-from edgeopt.quant.config import PerBlock
+from edgeopt.quant.config import PerBlock, check_exclude_names
 from edgeopt.quant.float16 import UniqueNames
 from edgeopt.quant.formats import INT4, UINT4, Format
 from edgeopt.quant.int4_blocks import BlockQuantizedWeight, encode_matmul_nbits, pack_nibbles, quantize_blocks
@@ -94,8 +94,7 @@ class Int4WeightConfig:
         if self.accuracy_level is not None and not isinstance(self.accuracy_level, AccuracyLevel):
             allowed = ", ".join(f"AccuracyLevel.{m.name}" for m in AccuracyLevel)
             raise ConfigError(f"accuracy_level must be None or one of {allowed}, got {self.accuracy_level!r}")
-        if isinstance(self.exclude, str) or not all(isinstance(n, str) and n for n in self.exclude):
-            raise ConfigError(f"exclude must be a tuple of node names or op types, got {self.exclude!r}")
+        check_exclude_names(self.exclude)
 
     @property
     def block_size(self) -> int:
