@@ -217,3 +217,16 @@ def test_a_tensor_with_other_readers_is_left_alone():
     report = smooth(model, {"n": np.array([1.0, 9.0, 1.0, 1.0])})
     assert not report.smoothed
     assert "also read by nodes that are not smoothed" in dict(report.skipped)["n"]
+
+
+def test_a_shape_reader_does_not_block_smoothing():
+    # Dynamic attention reshapes read a LayerNorm output's shape (x.shape[0]); scaling channels keeps it.
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], axis=-1),
+             helper.make_node("MatMul", ["n", "w"], ["y"]), helper.make_node("Shape", ["n"], ["shape"]),
+             helper.make_node("Cast", ["shape"], ["s"], to=1)]
+    inits = [random_weight("gamma", (4,), 1), random_weight("beta", (4,), 2), random_weight("w", (4, 4), 3)]
+    model = make_model(nodes, [("x", [2, 4])], [("y", [2, 4]), ("s", [2])], inits)
+    original = model.clone()
+    report = smooth(model, {"n": np.array([1.0, 9.0, 1.0, 1.0])})
+    assert [s.tensor for s in report.smoothed] == ["n"] and not report.skipped
+    assert_same_outputs(original, model)

@@ -100,6 +100,7 @@ def _float_rewrites(model: ir.Model, config: Int8Config, data: Iterable[Batch] |
         report = equalize(model)
         notes.append(f"cross-layer equalization: {len(report.equalized)} layer pairs equalized, "
                      f"{len(report.skipped)} skipped")
+        notes += _first_skips([f"not equalized: {s.first}: {s.reason}" for s in report.skipped])
     if config.smoothquant_alpha is not None:
         hook = ChannelAbsMaxHook(smoothing_inputs(model))
         if hook.tensors:
@@ -107,7 +108,20 @@ def _float_rewrites(model: ir.Model, config: Int8Config, data: Iterable[Batch] |
             report = smooth(model, hook.result(), alpha=config.smoothquant_alpha)
             notes.append(f"SmoothQuant (alpha {config.smoothquant_alpha:g}): {len(report.smoothed)} inputs "
                          f"smoothed, {len(report.skipped)} skipped")
+            notes += _first_skips([f"not smoothed: {reason}" for _, reason in report.skipped])
+        else:
+            notes.append("SmoothQuant: no MatMul/Gemm with a constant weight reads an activation: nothing to smooth")
     return notes
+
+
+_SKIPS_SHOWN = 5
+
+
+def _first_skips(skips: list[str]) -> list[str]:
+    """Why the first few were skipped (a user who asked for the algorithm wants to know), and how
+    many more."""
+    more = [f"  ... and {len(skips) - _SKIPS_SHOWN} more"] if len(skips) > _SKIPS_SHOWN else []
+    return [f"  {skip}" for skip in skips[:_SKIPS_SHOWN]] + more
 
 
 def _auto_note(methods: Mapping[str, str], activations: Iterable[str]) -> str:

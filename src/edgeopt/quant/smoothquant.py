@@ -214,7 +214,8 @@ def _through_reshapes(value: ir.Value) -> ir.Value:
 def _site(value: ir.Value, targets: list[ir.Node], channels: int, insert_mul: bool) -> _Site | str:
     origin = _through_reshapes(value)
     producer = origin.producer()
-    readers = eir.consumers(value)
+    # Shape and Size read only the shape, which scaling channels keeps (dynamic attention reshapes)
+    readers = [reader for reader in eir.consumers(value) if not eir.is_op(reader, "Shape", "Size")]
     exclusive = len(readers) == len(targets) and not value.is_graph_output()
     reason = f"{value.name!r} is also read by nodes that are not smoothed" if not exclusive else None
     if exclusive and eir.is_op(producer, "LayerNormalization"):
