@@ -207,34 +207,42 @@ def test_render_compare_prints_the_worst_tensor(result, capsys):
 
 # --------------------------------------------- outputs as the user's model gives them
 
-SOFTMAX_SCALE = 0.3 / 255  # too fine for softmax outputs (up to 1): Q saturates, QLinearSoftmax gives 0
+def _matmul_models() -> tuple[ir.Model, ir.Model]:
+    """``x -> MatMul -> MatMul`` in float, and its QDQ version with int8 activations.
 
-
-def _softmax_models() -> tuple[ir.Model, ir.Model]:
-    """``x -> Softmax -> MatMul`` in float, and its QDQ version with a too-fine Softmax output scale.
-
-    ONNX Runtime fuses ``DQ -> Softmax -> Q`` into QLinearSoftmax, which gives 0 where
-    the float simulation saturates; with int8 activations, exposing the DQ output
-    ``x_dq`` (a matched tensor) keeps that fusion from happening.
+    ONNX Runtime runs the QDQ version as integer kernels (QLinearMatMul, then
+    MatMulIntegerToFloat); exposing the DQ output ``h_dq`` (a matched tensor)
+    keeps it from fusing across it, so that session computes the float
+    simulation, whose outputs differ in float rounding at least. (A Softmax
+    whose output scale is too fine used to differ by far more: ONNX Runtime
+    before 1.32 wrapped QLinearSoftmax's saturated outputs to 0.)
     """
     helper, float32 = onnx.helper, onnx.TensorProto.FLOAT
-    weight = numpy_helper.from_array(np.random.default_rng(7).standard_normal((5, 4)).astype(np.float32), "w")
-    inputs = [helper.make_tensor_value_info("x", float32, [2, 5])]
-    outputs = [helper.make_tensor_value_info("y", float32, [2, 4])]
-    float_nodes = [helper.make_node("Softmax", ["x"], ["s"], axis=-1), helper.make_node("MatMul", ["s", "w"], ["y"])]
+    rng = np.random.default_rng(7)
+    weights = {"w1": rng.standard_normal((16, 16)).astype(np.float32), "w2": rng.standard_normal((16, 4)).astype(np.float32)}
+    inputs = [helper.make_tensor_value_info("x", float32, [8, 16])]
+    outputs = [helper.make_tensor_value_info("y", float32, [8, 4])]
+    float_nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])]
+    float_constants = [numpy_helper.from_array(array, name) for name, array in weights.items()]
+    quant_constants = [numpy_helper.from_array(np.array(scale, np.float32), f"{name}_scale")
+                       for name, scale in (("x", 0.03), ("h", 0.1))]
+    quant_constants += [numpy_helper.from_array(np.array(0, np.int8), f"{name}_zero") for name in ("x", "h")]
+    for name, array in weights.items():  # int8 per output channel
+        scale = (np.abs(array).max(0) / 127).astype(np.float32)
+        quant_constants += [numpy_helper.from_array(np.round(array / scale).astype(np.int8), f"{name}_q"),
+                            numpy_helper.from_array(scale, f"{name}_scale"),
+                            numpy_helper.from_array(np.zeros(array.shape[1], np.int8), f"{name}_zero")]
     quant_nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["x_q"]),
                    helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zero"], ["x_dq"]),
-                   helper.make_node("Softmax", ["x_dq"], ["s"], axis=-1),
-                   helper.make_node("QuantizeLinear", ["s", "s_scale", "s_zero"], ["s_q"]),
-                   helper.make_node("DequantizeLinear", ["s_q", "s_scale", "s_zero"], ["s_dq"]),
-                   helper.make_node("MatMul", ["s_dq", "w"], ["y"])]
-    quant_constants = [numpy_helper.from_array(np.array(0.02, np.float32), "x_scale"),
-                       numpy_helper.from_array(np.array(0, np.int8), "x_zero"),
-                       numpy_helper.from_array(np.array(SOFTMAX_SCALE, np.float32), "s_scale"),
-                       numpy_helper.from_array(np.array(-128, np.int8), "s_zero")]
+                   helper.make_node("DequantizeLinear", ["w1_q", "w1_scale", "w1_zero"], ["w1"], axis=1),
+                   helper.make_node("MatMul", ["x_dq", "w1"], ["h"]),
+                   helper.make_node("QuantizeLinear", ["h", "h_scale", "h_zero"], ["h_q"]),
+                   helper.make_node("DequantizeLinear", ["h_q", "h_scale", "h_zero"], ["h_dq"]),
+                   helper.make_node("DequantizeLinear", ["w2_q", "w2_scale", "w2_zero"], ["w2"], axis=1),
+                   helper.make_node("MatMul", ["h_dq", "w2"], ["y"])]
     models = []
-    for nodes, constants in ((float_nodes, []), (quant_nodes, quant_constants)):
-        graph = helper.make_graph(nodes, "softmax", inputs, outputs, initializer=[weight, *constants])
+    for nodes, constants in ((float_nodes, float_constants), (quant_nodes, quant_constants)):
+        graph = helper.make_graph(nodes, "matmuls", inputs, outputs, initializer=constants)
         models.append(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
     return ir.from_proto(models[0]), ir.from_proto(models[1])
 
@@ -250,19 +258,24 @@ def _ort_outputs(model: ir.Model, feeds: list[dict[str, np.ndarray]], expose: tu
 
 
 def test_output_metrics_are_those_of_the_quantized_model_run_as_is():
-    float_model, quant_model = _softmax_models()
+    float_model, quant_model = _matmul_models()
     rng = np.random.default_rng(8)
-    feeds = [{"x": rng.standard_normal((2, 5)).astype(np.float32)} for _ in range(4)]
+    feeds = [{"x": rng.standard_normal((8, 16)).astype(np.float32)} for _ in range(4)]
     reference, fused = _ort_outputs(float_model, feeds), _ort_outputs(quant_model, feeds)
-    assert not np.allclose(fused, _ort_outputs(quant_model, feeds, expose=("x_dq",)))  # the case is real
+    simulated = _ort_outputs(quant_model, feeds, expose=("h_dq",))
+    assert not np.array_equal(fused, simulated)  # the case is real
+
+    def errors(outputs):
+        return np.concatenate([(r - f).ravel() for r, f in zip(reference, outputs)]).astype(np.float64)
 
     result = compare_models(float_model, quant_model, feeds)
-    error = np.concatenate([(r - f).ravel() for r, f in zip(reference, fused)]).astype(np.float64)
     energy = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
     (output,) = result.outputs
-    assert output.sqnr_db == pytest.approx(10 * math.log10(energy / float(error @ error)), rel=1e-6)
-    assert output.max_abs_error == pytest.approx(float(np.max(np.abs(error))), rel=1e-6)
+    error = errors(fused)
+    assert output.sqnr_db == pytest.approx(10 * math.log10(energy / float(error @ error)), rel=1e-9)
+    assert output.max_abs_error == pytest.approx(float(np.max(np.abs(error))), rel=1e-9)
+    assert output.max_abs_error != pytest.approx(float(np.max(np.abs(errors(simulated)))), rel=1e-9)
     agreement = np.mean([np.argmax(r, -1) == np.argmax(f, -1) for r, f in zip(reference, fused)])
     assert output.top1_agreement == pytest.approx(agreement)
     # Per-layer rows still come from the QDQ graph with every matched tensor exposed.
-    assert {row.tensor for row in result.layers} == {"x", "s"}
+    assert {row.tensor for row in result.layers} == {"x", "h"}

@@ -27,7 +27,8 @@ quantized model runs twice:
   around it (with int8 activations it often does), so these rows measure
   the QDQ graph's float simulation, which can differ from the fused kernels
   by more than rounding (a Softmax output scale too fine for its range
-  saturates in the simulation and gives 0 in QLinearSoftmax). Read them as
+  saturates in the simulation and gave 0 in QLinearSoftmax before ONNX
+  Runtime 1.32). Read them as
   where the quantization error arises, the output rows as what the model
   gives.
 

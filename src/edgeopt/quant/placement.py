@@ -30,8 +30,8 @@ Rules, in order:
    probabilities) is listed in ``probabilities``: its range is fixed to
    ``[0, 1)`` with scale ``1 / 256``, as TFLite and ONNX Runtime's quantizer
    fix it, not calibrated. A calibrated range misses the peaks of shorter
-   sequences, and ONNX Runtime's fused QLinearSoftmax wraps a probability
-   above the range to 0 instead of clamping it.
+   sequences, and ONNX Runtime's fused QLinearSoftmax (before 1.32) wraps a
+   probability above the range to 0 instead of clamping it.
 
 The plan is a frozen value: calibration reads ``activations``, the builder
 (:mod:`edgeopt.quant.qdq`) reads the rest; accuracy tools re-plan with
