@@ -85,6 +85,24 @@ def real_multiplier(real: float) -> tuple[int, int]:
     return quantize_multiplier(real) if real > 0 else (0, 0)
 
 
+def conv_pads(node: ir.Node, in_hw, kernel, strides, dilations) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) padding of a Conv or pool: its ``pads``, or what ``auto_pad`` implies."""
+    auto_pad = attribute(node, "auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad in ("NOTSET", "VALID"):
+        pads = list(attribute(node, "pads", [0, 0, 0, 0])) if auto_pad == "NOTSET" else [0, 0, 0, 0]
+        return pads[0], pads[1], pads[2], pads[3]
+    begin, end = [], []
+    for size, k, s, d in zip(in_hw, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+        small, large = total // 2, total - total // 2
+        begin.append(small if auto_pad == "SAME_UPPER" else large)
+        end.append(large if auto_pad == "SAME_UPPER" else small)
+    return begin[0], begin[1], end[0], end[1]
+
+
 def clamp_range(qparams: QParams, low: float, high: float) -> tuple[int, int]:
     """The int8 range a fused activation with real range [low, high] leaves."""
     act_min, act_max = -128, 127

@@ -1,0 +1,248 @@
+"""Lowering of the ops that keep their input's quantization: pools, means, data movement.
+
+Max pooling, reshapes, transposes, concatenation, padding and nearest resize
+copy or select quantized values, so their output shares the input's scale and
+zero point (the QDQ plan puts them in one scale group); average pooling and
+means requantize once. Rank-4 activations are NHWC in the program, so axes
+are mapped through the tensor's layout. The handlers are registered in
+:data:`edgeopt.runtime.reference.handlers.HANDLERS`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+from edgeopt.errors import UnsupportedOpError
+from edgeopt.runtime.reference.lower import (
+    Lowering,
+    attribute,
+    clamp_range,
+    conv_pads,
+    node_label,
+    real_multiplier,
+)
+from edgeopt.runtime.reference.program import (
+    AvgPoolParams,
+    ConcatParams,
+    MaxPoolParams,
+    MeanParams,
+    PadParams,
+    ReshapeParams,
+    ResizeNearestParams,
+    TransposeParams,
+    stored_layout,
+)
+from edgeopt.runtime.reference.tables import nearest_indices
+
+__all__ = [
+    "lower_average_pool",
+    "lower_concat",
+    "lower_global_average_pool",
+    "lower_global_max_pool",
+    "lower_max_pool",
+    "lower_movement",
+    "lower_pad",
+    "lower_reduce_mean",
+    "lower_resize",
+]
+
+
+def _same_params(lo: Lowering, kind: str, inputs, node: ir.Node, params, out_shape=None) -> None:
+    """Emit an op that keeps its input's quantization, then requantize if the output's differs."""
+    value = node.outputs[0]
+    source = lo.params_of(inputs[0])
+    plan = lo.output_plan(node) if kind in ("max_pool",) else None
+    target = plan.qparams if plan is not None else source
+    logical = lo.logical_shape(value)
+    if target == source:
+        name = lo.add_tensor(value.name, logical, source)
+        lo.emit(kind, inputs, name, params, node)
+    else:
+        temp = lo.add_tensor(value.name + "__pre", logical, source)
+        lo.emit(kind, inputs, temp, params, node)
+        name = lo.requantize(temp, target, value.name, node)
+    lo.bind(value, name)
+    for clamp in plan.absorbed if plan is not None else ():
+        lo.absorbed.add(id(clamp))
+        lo.bind(clamp.outputs[0], name)
+
+
+def _pool_geometry(lo: Lowering, node: ir.Node, x: str, kernel) -> tuple[tuple[int, int], tuple[int, ...]]:
+    strides = tuple(attribute(node, "strides", [1, 1]))
+    if any(d != 1 for d in attribute(node, "dilations", [1, 1])):
+        raise UnsupportedOpError(f"{node_label(node)}: dilated pooling is not supported")
+    _, h, w, _ = lo.tensors[x].shape
+    top, left, bottom, right = conv_pads(node, (h, w), kernel, strides, (1, 1))
+    out_h, out_w = lo.logical_shape(node.outputs[0])[2:]
+    bottom += max(0, (out_h - 1) * strides[0] + kernel[0] - (h + top + bottom))  # ceil_mode
+    right += max(0, (out_w - 1) * strides[1] + kernel[1] - (w + left + right))
+    return strides, (top, left, bottom, right)
+
+
+def _rank4(lo: Lowering, node: ir.Node) -> str:
+    x = lo.activation(node.inputs[0], node)
+    if len(lo.tensors[x].shape) != 4:
+        raise UnsupportedOpError(f"{node_label(node)}: only 2-D (NCHW) pooling is supported")
+    return x
+
+
+def lower_max_pool(lo: Lowering, node: ir.Node) -> None:
+    x = _rank4(lo, node)
+    if len(node.outputs) > 1 and node.outputs[1].name:
+        raise UnsupportedOpError(f"{node_label(node)}: MaxPool indices output is not supported")
+    kernel = tuple(attribute(node, "kernel_shape"))
+    strides, pads = _pool_geometry(lo, node, x, kernel)
+    plan = lo.output_plan(node)
+    act_min, act_max = clamp_range(lo.params_of(x), -math.inf, math.inf)
+    if plan.qparams == lo.params_of(x):
+        act_min, act_max = plan.act_min, plan.act_max
+    params = MaxPoolParams(kernel=kernel, strides=strides, pads=pads, act_min=act_min, act_max=act_max)
+    _same_params(lo, "max_pool", [x], node, params)
+
+
+def lower_global_max_pool(lo: Lowering, node: ir.Node) -> None:
+    x = _rank4(lo, node)
+    kernel = tuple(lo.tensors[x].shape[1:3])
+    params = MaxPoolParams(kernel=kernel, strides=(1, 1), pads=(0, 0, 0, 0), act_min=-128, act_max=127)
+    _same_params(lo, "max_pool", [x], node, params)
+
+
+def _average(lo: Lowering, node: ir.Node, x: str, kernel, strides, pads, include_pad: bool) -> None:
+    plan, source = lo.output_plan(node), lo.params_of(x)
+    counts = range(kernel[0] * kernel[1] + 1)
+    pairs = [real_multiplier(source.scale / (c * plan.qparams.scale)) if c else (0, 0) for c in counts]
+    params = AvgPoolParams(kernel=kernel, strides=strides, pads=pads, count_include_pad=include_pad,
+                           input_zero_point=source.zero_point, output_zero_point=plan.qparams.zero_point,
+                           multiplier=np.array([m for m, _ in pairs], np.int32),
+                           shift=np.array([s for _, s in pairs], np.int32),
+                           act_min=plan.act_min, act_max=plan.act_max)
+    lo.finish("avg_pool", [x], plan, params, node)
+
+
+def lower_average_pool(lo: Lowering, node: ir.Node) -> None:
+    x = _rank4(lo, node)
+    kernel = tuple(attribute(node, "kernel_shape"))
+    strides, pads = _pool_geometry(lo, node, x, kernel)
+    _average(lo, node, x, kernel, strides, pads, bool(attribute(node, "count_include_pad", 0)))
+
+
+def _mean(lo: Lowering, node: ir.Node, x: str, stored_axes: list[int]) -> None:
+    shape = lo.tensors[x].shape
+    stored_axes = sorted(stored_axes)
+    if stored_axes != list(range(stored_axes[0], stored_axes[-1] + 1)):
+        raise UnsupportedOpError(f"{node_label(node)}: reducing non-adjacent axes (in NHWC) is not supported")
+    plan, source = lo.output_plan(node), lo.params_of(x)
+    outer = int(np.prod(shape[:stored_axes[0]], dtype=np.int64))
+    reduce = int(np.prod(shape[stored_axes[0]:stored_axes[-1] + 1], dtype=np.int64))
+    inner = int(np.prod(shape[stored_axes[-1] + 1:], dtype=np.int64))
+    multiplier, shift = real_multiplier(source.scale / (reduce * plan.qparams.scale))
+    params = MeanParams(outer=outer, reduce=reduce, inner=inner, input_zero_point=source.zero_point,
+                        output_zero_point=plan.qparams.zero_point, multiplier=multiplier, shift=shift)
+    lo.finish("mean", [x], plan, params, node)
+
+
+def lower_global_average_pool(lo: Lowering, node: ir.Node) -> None:
+    _mean(lo, node, _rank4(lo, node), [1, 2])
+
+
+def lower_reduce_mean(lo: Lowering, node: ir.Node) -> None:
+    x = lo.activation(node.inputs[0], node)
+    info = lo.tensors[x]
+    rank = len(info.shape)
+    axes = attribute(node, "axes", None)
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        axes = eir.constant_array(node.inputs[1])
+    axes = list(range(rank)) if axes is None or len(axes) == 0 else [int(a) % rank for a in axes]
+    _mean(lo, node, x, [info.layout.index(a) for a in axes])
+
+
+def lower_concat(lo: Lowering, node: ir.Node) -> None:
+    plan = lo.output_plan(node)
+    inputs = []
+    for index, value in enumerate(node.inputs):
+        tensor = lo.activation(value, node)
+        if lo.params_of(tensor) != plan.qparams:
+            tensor = lo.requantize(tensor, plan.qparams, f"{plan.value.name}__in{index}", node)
+        inputs.append(tensor)
+    rank = len(lo.logical_shape(plan.value))
+    axis = int(attribute(node, "axis")) % rank
+    lo.finish("concat", inputs, plan, ConcatParams(axis=stored_layout(rank).index(axis)), node)
+
+
+def lower_movement(lo: Lowering, node: ir.Node) -> None:
+    """Reshape/Flatten/Squeeze/Unsqueeze/Transpose/Identity as int8 data movement in stored layout."""
+    x = lo.activation(node.inputs[0], node)
+    info, value = lo.tensors[x], node.outputs[0]
+    out_logical = lo.logical_shape(value)
+    out_layout = stored_layout(len(out_logical))
+    to_logical = tuple(int(a) for a in np.argsort(info.layout))
+    qparams = lo.params_of(x)
+    if node.op_type == "Transpose":
+        perm = attribute(node, "perm", list(range(len(info.shape)))[::-1])
+        total = tuple(int(to_logical[p]) for p in (perm[a] for a in out_layout))
+        name = lo.add_tensor(value.name, out_logical, qparams)
+        lo.emit("transpose", [x], name, TransposeParams(perm=total), node)
+    elif _same_order(info, out_logical, out_layout):
+        name = lo.add_tensor(value.name, out_logical, qparams)
+        lo.emit("reshape", [x], name, ReshapeParams(shape=lo.tensors[name].shape), node)
+    else:
+        name = _reshape_through_logical(lo, node, x, to_logical, out_logical, out_layout)
+    lo.bind(value, name)
+
+
+def _same_order(info, out_logical, out_layout) -> bool:
+    index = np.arange(info.size).reshape(info.shape).transpose(np.argsort(info.layout))
+    return bool((index.reshape(out_logical).transpose(out_layout).ravel() == np.arange(info.size)).all())
+
+
+def _reshape_through_logical(lo: Lowering, node, x, to_logical, out_logical, out_layout) -> str:
+    value, qparams = node.outputs[0], lo.params_of(x)
+    identity_out = tuple(out_layout) == tuple(range(len(out_layout)))
+    temp = value.name if identity_out else value.name + "__logical"
+    lo.add_stored_tensor(temp, out_logical, qparams, range(len(out_logical)))
+    lo.emit("transpose", [x], temp, TransposeParams(perm=to_logical), node)
+    if identity_out:
+        return temp
+    name = lo.add_tensor(value.name, out_logical, qparams)
+    return lo.emit("transpose", [temp], name, TransposeParams(perm=tuple(out_layout)), node)
+
+
+def lower_pad(lo: Lowering, node: ir.Node) -> None:
+    x = lo.activation(node.inputs[0], node)
+    mode = attribute(node, "mode", "constant")
+    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+        raise UnsupportedOpError(f"{node_label(node)}: only constant padding is supported")
+    pads = attribute(node, "pads") if lo.opset < 11 else eir.constant_array(node.inputs[1])
+    value = 0.0
+    if lo.opset < 11:
+        value = float(attribute(node, "value", 0.0))
+    elif len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+        value = float(lo.real_constant(node.inputs[2], node).reshape(()))
+    info, source = lo.tensors[x], lo.params_of(x)
+    rank = len(info.shape)
+    if pads is None or len(pads) != 2 * rank or min(pads) < 0 or (len(node.inputs) > 3 and node.inputs[3]):
+        raise UnsupportedOpError(f"{node_label(node)}: needs constant non-negative pads over all axes")
+    stored = tuple((int(pads[a]), int(pads[a + rank])) for a in info.layout)
+    fill = int(np.clip(source.zero_point + np.rint(value / source.scale), -128, 127))
+    _same_params(lo, "pad", [x], node, PadParams(pads=stored, value=fill))
+
+
+def lower_resize(lo: Lowering, node: ir.Node) -> None:
+    x = _rank4(lo, node)
+    mode = attribute(node, "mode", "nearest")
+    if (mode.decode() if isinstance(mode, bytes) else mode) != "nearest":
+        raise UnsupportedOpError(f"{node_label(node)}: only nearest Resize is supported (mode={mode})")
+    in_shape, out_shape = lo.tensors[x].logical_shape, lo.logical_shape(node.outputs[0])
+    if in_shape[:2] != out_shape[:2]:
+        raise UnsupportedOpError(f"{node_label(node)}: Resize may only scale H and W")
+    scale_index = 1 if node.op_type == "Upsample" or lo.opset < 11 else 2
+    scales_value = node.inputs[scale_index] if len(node.inputs) > scale_index else None
+    scales = eir.constant_array(scales_value) if scales_value is not None and scales_value.name else None
+    rows, cols = (nearest_indices(node, lo.opset, in_shape[a], out_shape[a],
+                                  None if scales is None or scales.size == 0 else float(scales[a]))
+                  for a in (2, 3))
+    _same_params(lo, "resize_nearest", [x], node, ResizeNearestParams(row_index=rows, col_index=cols))
