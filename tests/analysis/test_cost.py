@@ -264,5 +264,6 @@ def test_real_mobilenet_macs_match_torch_module_formula(tmp_path):
     _assert_totals(report)
     assert report.macs == expected_macs
     assert report.unknown_nodes == () and report.uncounted_ops == ()
-    running_stats = sum(b.numel() for name, b in module.named_buffers() if name.endswith(("running_mean", "running_var")))
+    running_stats = sum(b.numel() for name, b in module.named_buffers()
+                        if name.endswith(("running_mean", "running_var")))
     assert report.params == sum(p.numel() for p in module.parameters()) + running_stats

@@ -75,7 +75,8 @@ def _random_model(blocks, channels, size, seed):
         elif block == "sigmoid":
             x = b.node("Mul", [x, b.node("Sigmoid", [x])])
         elif block == "hardswish":
-            x = b.conv(b.node("HardSwish", [x]), c, c, k=1)  # ORT quantizes HardSwish's output only for a consumer it quantizes
+            # ORT quantizes HardSwish's output only for a consumer it quantizes
+            x = b.conv(b.node("HardSwish", [x]), c, c, k=1)
         elif block == "concat":
             x = b.node("Concat", [x, b.conv(x, c, 3, k=1)], axis=1)
             c += 3

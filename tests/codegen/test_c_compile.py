@@ -118,7 +118,8 @@ def test_verify_names_the_first_layer_that_differs(tmp_path):
     text = source.read_text()
     marker = re.search(r"static const int32_t op2_bias\[\d+\] = \{\n    ", text).group(0)
     source.write_text(text.replace(marker, marker + "100000 + "))
-    result = verify(tmp_path / "out", [dict(batch) for batch in q.calibration_batches(q.float_model("depthwise_separable"), 1)])
+    batches = q.calibration_batches(q.float_model("depthwise_separable"), 1)
+    result = verify(tmp_path / "out", [dict(batch) for batch in batches])
     assert not result.bit_exact
     assert result.first_mismatch.step == 2 and result.first_mismatch.kind == "conv2d"
 

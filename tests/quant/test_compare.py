@@ -219,7 +219,8 @@ def _matmul_models() -> tuple[ir.Model, ir.Model]:
     """
     helper, float32 = onnx.helper, onnx.TensorProto.FLOAT
     rng = np.random.default_rng(7)
-    weights = {"w1": rng.standard_normal((16, 16)).astype(np.float32), "w2": rng.standard_normal((16, 4)).astype(np.float32)}
+    shapes = {"w1": (16, 16), "w2": (16, 4)}
+    weights = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
     inputs = [helper.make_tensor_value_info("x", float32, [8, 16])]
     outputs = [helper.make_tensor_value_info("y", float32, [8, 4])]
     float_nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])]

@@ -109,7 +109,8 @@ def _render_inspect_totals(result: api.InspectResult) -> None:
         ("weights", f"{bytes_text(cost.param_bytes_fp32)} fp32 / {bytes_text(cost.param_bytes_fp16)} fp16 / "
                     f"{bytes_text(cost.param_bytes_int8)} int8"),
         ("peak activation RAM", f"{bytes_text(memory.peak_activation_bytes)} ({memory.peak_activation_bytes:,} B, "
-                                f"greedy arena plan; lower bound {memory.lower_bound_bytes:,} B at {memory.peak_node})"),
+                                f"greedy arena plan; lower bound {memory.lower_bound_bytes:,} B "
+                                f"at {memory.peak_node})"),
     ]
     if cost.unknown_nodes:
         lines.append(("not counted", f"{len(cost.unknown_nodes)} nodes with unknown shapes"))
@@ -322,12 +323,13 @@ def quantize(
     scheme: Annotated[Scheme, typer.Option("--scheme", help="int8 (activations by --target), uint8, fp16, bf16, "
                                                             "int4-weight.")] = Scheme.int8,
     target: Annotated[TargetChoice, typer.Option("--target", help="ort: u8 activations x s8 weights (ONNX Runtime "
-                                                                  "on x86); mcu: TFLite int8 scheme.")] = TargetChoice.ort,
+                                                                  "on x86); mcu: TFLite int8 scheme.")]
+    = TargetChoice.ort,
     calibration: Annotated[CalibrationChoice, typer.Option("--calibration", help="How activation ranges are chosen.")]
     = CalibrationChoice.percentile,
     per_tensor: Annotated[bool, typer.Option("--per-tensor", help="Per-tensor weights (default per channel).")] = False,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", metavar="NODE_OR_OPTYPE",
-                                                         help="Keep this node or op type in float (repeatable).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(
+        "--exclude", metavar="NODE_OR_OPTYPE", help="Keep this node or op type in float (repeatable).")] = None,
     block_size: Annotated[int, typer.Option("--block-size", help="Block size of int4-weight.")] = BLOCK_SIZE,
     equalize: Annotated[bool, typer.Option("--equalize", help="Cross-layer equalization of consecutive convs "
                                                               "(depthwise-separable nets).")] = False,

@@ -236,7 +236,8 @@ def read_manifest(out_dir: str | Path) -> dict:
     return json.loads((out_dir / MANIFEST).read_text())
 
 
-def _compare(reference: ReferenceModel, trace: bytes, expected: dict[str, np.ndarray]) -> tuple[int, LayerMismatch | None]:
+def _compare(reference: ReferenceModel, trace: bytes,
+             expected: dict[str, np.ndarray]) -> tuple[int, LayerMismatch | None]:
     data, position = np.frombuffer(trace, np.int8), 0
     for step, op in enumerate(reference.program.ops):
         size = reference.program.tensors[op.output].size
