@@ -91,6 +91,19 @@ def test_transformer_runs_its_matmuls_in_integer(models):
     assert ("LayerNormalization", "no integer kernel for LayerNormalization") in reasons
 
 
+def test_an_excluded_node_runs_in_float_in_onnx_runtime(models):
+    # Between a DQ and a Q, ONNX Runtime fuses an Add into QLinearAdd, and a Conv with float weights
+    # into QLinearConv with weights it quantizes itself: an excluded node must read float inputs.
+    model = models("resnet")
+    calibration = _inputs("resnet", 8, seed=0)
+    conv = [node.name for node in model.graph if node.op_type == "Conv"][-1]
+    base = ort_op_counts(quantize(model, Int8Config(), calibration).model)
+    no_add = ort_op_counts(quantize(model, Int8Config(exclude=("Add",)), calibration).model)
+    one_conv = ort_op_counts(quantize(model, Int8Config(exclude=(conv,)), calibration).model)
+    assert base["QLinearAdd"] >= 2 and no_add["QLinearAdd"] == 0 and no_add["QLinearConv"] < base["QLinearConv"]
+    assert one_conv["QLinearConv"] < base["QLinearConv"] and one_conv["Conv"] + one_conv["FusedConv"] >= 1
+
+
 def test_softmax_probabilities_get_the_fixed_range_not_a_calibrated_one(tmp_path):
     # Over sequences of 2 to 24 tokens, attention probabilities near 1 (short sequences) are rare: a
     # calibrated range clips them, and ONNX Runtime's fused QLinearSoftmax (before 1.32) even wraps a

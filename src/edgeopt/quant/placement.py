@@ -26,7 +26,12 @@ Rules, in order:
    equal). Concat joins its inputs and output too (``concat_groups``), which
    the TFLite kernel requires; the builder may relax it for ONNX Runtime,
    whose QLinearConcat requantizes (see :func:`edgeopt.quant.qdq.activation_qparams`).
-5. A Softmax output that gets a Q/DQ (a quantized MatMul reads the attention
+5. A node kept float that has an integer kernel (``--exclude``, the
+   accuracy search) reads its inputs before their Q/DQ pairs
+   (``kept_float``); its producers then write a float edge too. Between a
+   DequantizeLinear and a QuantizeLinear, ONNX Runtime would fuse it into its
+   integer kernel again.
+6. A Softmax output that gets a Q/DQ (a quantized MatMul reads the attention
    probabilities) is listed in ``probabilities``: its range is fixed to
    ``[0, 1)`` with scale ``1 / 256``, as TFLite and ONNX Runtime's quantizer
    fix it, not calibrated. A calibrated range misses the peaks of shorter
@@ -103,6 +108,7 @@ class QdqPlan:
     clamped: tuple[str, ...]  # outputs of fused activations that clamp at 0 (never negative)
     float_nodes: tuple[FloatNode, ...]
     probabilities: tuple[str, ...] = ()  # Softmax outputs: fixed range [0, 1), not calibrated
+    kept_float: tuple[str, ...] = ()  # excluded nodes ONNX Runtime could fuse: they read float inputs
 
 
 _HALF_TYPES = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
@@ -366,4 +372,14 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
         clamped=tuple(clamped),
         float_nodes=tuple(FloatNode(n.name, n.op_type, refusals[n.name]) for n in graph if n.name in refusals),
         probabilities=tuple(name for name in activations if name in softmax_outputs),
+        kept_float=tuple(node.name for node in graph if _kept_float(node, exclude, keep_float)),
     )
+
+
+def _kept_float(node: ir.Node, exclude: Collection[str], keep_float: Collection[str]) -> bool:
+    """An op with an integer kernel that the user (or an accuracy tool) keeps float. It reads its
+    inputs before their Q/DQ pairs: between a DequantizeLinear and a QuantizeLinear ONNX Runtime would
+    fuse it into that kernel again (QLinearAdd, QLinearConv with weights it quantizes itself), and
+    the node would not be float at all. Relu/Clip are not fused by themselves, so they read DQ."""
+    return (eir.is_op(node, *OP_RULES) and OP_RULES[node.op_type].role is not OpRole.ACTIVATION
+            and (node.name in exclude or node.op_type in exclude or node.name in keep_float))

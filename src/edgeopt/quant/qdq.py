@@ -151,6 +151,7 @@ class _QdqInserter:
         self.infos: list[TensorQuantInfo] = []
         self.replaced: set[str] = set()
         self.rounded_weights: dict[str, np.ndarray] = {}  # AdaRound's ints replace round-to-nearest
+        self.kept_float = frozenset(plan.kept_float)  # they read the float tensors
 
     def param_values(self, name: str) -> tuple[ir.Value, ir.Value]:
         params = self.params[name]
@@ -170,8 +171,10 @@ class _QdqInserter:
 
     def activation(self, name: str, method: str) -> None:
         build, value = self.build, self.build.values[name]
+        uses = [(node, index) for node, index in value.uses() if node.name not in self.kept_float]
+        if not uses and not value.is_graph_output():  # read only by nodes kept float: nothing to quantize
+            return
         scale_value, zero_point_value = self.param_values(name)
-        uses = list(value.uses())
         quantized = ir.Value(name=build.unique(f"{name}_quantized"), shape=value.shape,
                              type=ir.TensorType(self.format.onnx_type))
         q = ir.node("QuantizeLinear", [value, scale_value, zero_point_value], outputs=[quantized],
