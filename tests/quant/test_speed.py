@@ -273,6 +273,23 @@ def test_unfused_qdq_and_missing_integer_kernels_are_reasons():
     assert "no node into an integer kernel" in reason
 
 
+def test_layers_left_in_float_between_int8_kernels_are_a_reason(resnet):
+    # An excluded Conv reads float inputs, so it and the node writing them run in float in ORT.
+    from edgeopt.io import load_model
+    from edgeopt.quant import Int8Config, quantize
+    from edgeopt.runtime.ort import optimized_model
+
+    model = load_model(resnet[0])
+    conv = next(node.name for node in model.graph if node.op_type == "Conv")
+    calibration = [{"input": np.random.default_rng(i).standard_normal((1, 3, 32, 32)).astype(np.float32)}
+                   for i in range(4)]
+    kept = quantize(model, Int8Config(exclude=(conv,)), calibration).model
+    counts = kernel_count(optimized_model(kept))
+    assert counts.float_layers and counts.integer_kernels
+    reasons = slowdown_reasons(_evidence(kernels=counts))
+    assert any(r.startswith(f"{sum(counts.float_layers.values())} layers run in float") for r in reasons)
+
+
 def test_half_precision_and_weight_only_models_get_their_own_reasons():
     (tiny_fp16, *_) = slowdown_reasons(_evidence(precision="float16", runtime_casts=3, float_ms=1.0))
     assert "computes this fp16 model in float32" in tiny_fp16 and "3 Cast nodes" in tiny_fp16

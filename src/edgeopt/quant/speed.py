@@ -33,7 +33,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -175,15 +175,23 @@ def signed_activations(model: ir.Model) -> tuple[str, ...]:
                  and _quantized_dtype(node) == "int8")
 
 
+# Compute-heavy layers that, under these names in the graph ONNX Runtime runs, compute in float.
+_FLOAT_LAYERS = frozenset({"Conv", "FusedConv", "ConvTranspose", "NhwcFusedConv", "MatMul", "FusedMatMul", "Gemm",
+                           "FusedGemm"})
+
+
 @dataclass(frozen=True, kw_only=True)
 class KernelCount:
-    """In the graph ONNX Runtime runs: integer kernels, and Q/DQ nodes left away from the graph's edges."""
+    """In the graph ONNX Runtime runs: integer kernels, Q/DQ nodes left away from the graph's edges,
+    and compute-heavy layers that run in float (``{op_type: count}``)."""
 
     integer_kernels: int
     unfused_qdq: int
+    float_layers: Mapping[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"integer_kernels": self.integer_kernels, "unfused_qdq": self.unfused_qdq}
+        return {"integer_kernels": self.integer_kernels, "unfused_qdq": self.unfused_qdq,
+                "float_layers": dict(self.float_layers)}
 
 
 def _is_edge_conversion(node: ir.Node) -> bool:
@@ -200,7 +208,8 @@ def kernel_count(optimized: ir.Model) -> KernelCount:
     unfused = sum(1 for node in optimized.graph
                   if node.op_type in ("QuantizeLinear", "DequantizeLinear")
                   and not _is_edge_conversion(node))
-    return KernelCount(integer_kernels=integer, unfused_qdq=unfused)
+    float_layers = Counter(node.op_type for node in optimized.graph if node.op_type in _FLOAT_LAYERS)
+    return KernelCount(integer_kernels=integer, unfused_qdq=unfused, float_layers=dict(float_layers.most_common()))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -293,10 +302,21 @@ def _kernels_reason(evidence: SpeedEvidence) -> str | None:
     return None
 
 
+def _float_layers_reason(evidence: SpeedEvidence) -> str | None:
+    kernels = evidence.kernels
+    if kernels is None or not kernels.float_layers or not kernels.integer_kernels:
+        return None
+    ops = ", ".join(f"{op} x{count}" if count > 1 else op for op, count in kernels.float_layers.items())
+    return (f"{sum(kernels.float_layers.values())} layers run in float in the graph ONNX Runtime runs ({ops}), "
+            "between int8 kernels: nodes kept float (--exclude, the accuracy search) and the nodes writing "
+            "their inputs")
+
+
 def slowdown_reasons(evidence: SpeedEvidence) -> tuple[str, ...]:
     """Every reason ``evidence`` shows why the quantized model may not beat float, most fundamental first."""
     if evidence.precision == "int8":
-        checks = (_cpu_reason, _tiny_reason, _kernels_reason, _islands_reason, _signed_reason)
+        checks = (_cpu_reason, _tiny_reason, _kernels_reason, _float_layers_reason, _islands_reason,
+                  _signed_reason)
     else:
         checks = (_half_precision_reason, _weight_only_reason, _tiny_reason)
     return tuple(reason for check in checks if (reason := check(evidence)) is not None)
