@@ -243,6 +243,25 @@ def test_a_model_with_nothing_in_int8_is_said_to_be_float(tmp_path, calib):
                for warning in report.warnings)
 
 
+def test_samples_are_counted_not_batches(tmp_path, calib):
+    # Batches of 8, 5, 1 and 16 rows are 30 samples; --max-samples bounds the fidelity check too, and
+    # the accuracy search reports the samples calibration used, not those of its last fidelity pass.
+    import edgeopt
+    from edgeopt.quant.accuracy import AccuracyGoal
+
+    model = build_onnx("resnet", tmp_path, dynamic_batch=True)
+    rng = np.random.default_rng(0)
+    batches = [{"input": rng.standard_normal((rows, 3, 32, 32)).astype(np.float32)} for rows in (8, 5, 1, 16)]
+    report = edgeopt.quantize(model, edgeopt.Int8Config(), batches, check_speed=False)
+    assert (report.calibration_samples, report.calibration_batches, report.fidelity.samples) == (30, 4, 4)
+    assert report.to_dict()["calibration_samples"] == 30
+    limited = edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), calib, max_samples=10, check_speed=False)
+    assert (limited.calibration_samples, limited.fidelity.samples) == (10, 10)
+    searched = edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), demo_calibration_path(),
+                                check_speed=False, goal=AccuracyGoal(min_sqnr_db=0.0))
+    assert searched.calibration_samples == 256  # all of them; its fidelity pass reads 64
+
+
 def test_the_input_model_is_never_modified(cli, tmp_path, calib):
     model = build_onnx("mobilenet_v3", tmp_path)
     before = model.read_bytes()

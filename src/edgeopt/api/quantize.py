@@ -41,7 +41,8 @@ class QuantizeReport:
     output: Path | None
     float_bytes: int
     quant_bytes: int
-    calibration_samples: int
+    calibration_samples: int  # samples (rows of the batches)
+    calibration_batches: int = 0
     fidelity: CompareResult | None = None
     speed: SpeedCheck | None = None
     search: AccuracySearch | None = None
@@ -56,7 +57,7 @@ class QuantizeReport:
         return {
             "scheme": result.scheme, "output": str(self.output) if self.output else None,
             "float_bytes": self.float_bytes, "quant_bytes": self.quant_bytes,
-            "calibration_samples": self.calibration_samples,
+            "calibration_samples": self.calibration_samples, "calibration_batches": self.calibration_batches,
             "notes": list(result.notes), "warnings": list(self.warnings),
             "float_nodes": [{"node": f.node_name, "op_type": f.op_type, "reason": f.reason}
                             for f in result.float_nodes],
@@ -70,17 +71,22 @@ class QuantizeReport:
 
 
 class _CountingSource:
-    """Pass batches through and count them (for the report and the too-few warning)."""
+    """Pass batches through and count them and their samples (the leading dim of a batch's first
+    array), for the report and the too-few warning: the most of any pass (the accuracy search's
+    later passes stop at the fidelity check's 64)."""
 
     def __init__(self, source) -> None:
         self._source = source
-        self.count = 0
+        self.count = self.samples = 0
         self.num_samples = getattr(source, "num_samples", None)
 
     def __iter__(self):
-        self.count = 0
+        count = samples = 0
         for batch in self._source:
-            self.count += 1
+            first = next(iter(batch.values()), None)
+            count += 1
+            samples += int(first.shape[0]) if getattr(first, "ndim", 0) else 1
+            self.count, self.samples = max(self.count, count), max(self.samples, samples)
             yield batch
 
 
@@ -182,20 +188,22 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     if isinstance(config, Int8Config) and not result.tensors:
         warnings.append(f"no node runs in int8: the model written is the float model ({len(result.float_nodes)} "
                         "node(s) kept float, listed above)")
-    if source is not None and source.count < MIN_CALIBRATION_SAMPLES and isinstance(config, Int8Config):
-        warnings.append(f"only {source.count} calibration samples: ranges may not cover real inputs "
+    if source is not None and source.samples < MIN_CALIBRATION_SAMPLES and isinstance(config, Int8Config):
+        warnings.append(f"only {source.samples} calibration samples: ranges may not cover real inputs "
                         f"(use at least {MIN_CALIBRATION_SAMPLES}, ideally a few hundred)")
     reiterable = data is not None and not isinstance(data, Iterator)
     if loaded is None and ((check_fidelity and reiterable) or check_speed):
         loaded = load(model, require_static=False)
-    fidelity = _fidelity(loaded, result.model, data, preprocess) if check_fidelity and reiterable else None
+    fidelity = (_fidelity(loaded, result.model, data, preprocess, max_samples)
+                if check_fidelity and reiterable else None)
     speed = _speed(loaded, result.model) if check_speed else None
     if speed is not None and speed.slower:
         logger.info("the quantized model is slower than float here (%.3f ms vs %.3f ms): %s", speed.quant_ms,
                     speed.float_ms, "; ".join(speed.reasons or ("no cause found",)))
     report = QuantizeReport(result=result, output=Path(output) if output is not None else None,
                             float_bytes=float_bytes, quant_bytes=len(quant_bytes),
-                            calibration_samples=source.count if source is not None else 0,
+                            calibration_samples=source.samples if source is not None else 0,
+                            calibration_batches=source.count if source is not None else 0,
                             fidelity=fidelity, speed=speed, search=search, warnings=tuple(warnings))
     if output is not None:  # written last: an error in the checks above leaves nothing behind
         atomic_write_bytes(output, quant_bytes)  # and the artifact ships with its measured numbers
@@ -220,11 +228,14 @@ def report_path(output: str | os.PathLike) -> Path:
 FIDELITY_SAMPLES = 64
 
 
-def _fidelity(float_model: ir.Model, quant_model: ir.Model, data, preprocess) -> CompareResult:
+def _fidelity(float_model: ir.Model, quant_model: ir.Model, data, preprocess,
+              max_samples: int | None) -> CompareResult:
+    """Fidelity on the first calibration batches: at most 64, and no more than ``--max-samples``."""
     from edgeopt.quant.compare import compare_models
 
+    batches = FIDELITY_SAMPLES if max_samples is None else min(FIDELITY_SAMPLES, max_samples)
     return compare_models(float_model, quant_model, _calibration_source(float_model, data, preprocess, None),
-                          max_samples=FIDELITY_SAMPLES)
+                          max_samples=batches)
 
 
 def _speed(float_model: ir.Model, quant_model: ir.Model) -> SpeedCheck | None:

@@ -341,8 +341,8 @@ def quantize(
     smoothquant: Annotated[Optional[float], typer.Option("--smoothquant", metavar="ALPHA",
                                                          help="Migrate activation outliers of MatMul/Gemm inputs "
                                                               "into the weights (transformers), e.g. 0.5.")] = None,
-    max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="Use at most N calibration samples.")]
-    = None,
+    max_samples: Annotated[Optional[int], typer.Option(
+        "--max-samples", help="Use at most N calibration batches (samples, for data of batch 1).")] = None,
     evaluate: Annotated[Optional[str], typer.Option("--eval", metavar="MODULE:FUNCTION",
                                                     help="Your metric: function(model_path) -> score, higher is "
                                                          "better (e.g. accuracy in %).")] = None,
@@ -420,13 +420,16 @@ def _render_quantize(report: api.QuantizeReport) -> None:
     summary.show_header = False
     summary.add_row("size", f"{bytes_text(report.float_bytes)} -> {bytes_text(report.quant_bytes)} "
                             f"({report.quant_bytes / report.float_bytes:.2f}x)")
+    batched = report.calibration_batches != report.calibration_samples  # batches of more than one sample
     if report.calibration_samples:
-        summary.add_row("calibration", f"{report.calibration_samples} samples")
+        summary.add_row("calibration", f"{report.calibration_samples} samples"
+                                       + (f" in {report.calibration_batches} batches" if batched else ""))
     if report.fidelity is not None:
+        unit = "calibration batches" if batched else "calibration samples"
         for out in report.fidelity.outputs:
             top1 = f", top-1 agreement {out.top1_agreement:.2%}" if out.top1_agreement is not None else ""
             summary.add_row(f"fidelity {out.name}", f"SQNR {out.sqnr_db:.2f} dB, cosine {out.cosine:.5f}{top1} "
-                                                    f"(on {report.fidelity.samples} calibration samples)")
+                                                    f"(on {report.fidelity.samples} {unit})")
     state.stdout.print(summary)
     if report.speed is not None:
         render_speed(report.speed)
