@@ -252,8 +252,9 @@ def test_samples_are_counted_not_batches(tmp_path, calib):
     model = build_onnx("resnet", tmp_path, dynamic_batch=True)
     rng = np.random.default_rng(0)
     batches = [{"input": rng.standard_normal((rows, 3, 32, 32)).astype(np.float32)} for rows in (8, 5, 1, 16)]
-    report = edgeopt.quantize(model, edgeopt.Int8Config(), batches, check_speed=False)
+    report = edgeopt.quantize(model, edgeopt.Int8Config(), batches)
     assert (report.calibration_samples, report.calibration_batches, report.fidelity.samples) == (30, 4, 4)
+    assert report.speed is not None and report.speed.runs == 50  # dynamic batch: timed on the first batch
     assert report.to_dict()["calibration_samples"] == 30
     limited = edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), calib, max_samples=10, check_speed=False)
     assert (limited.calibration_samples, limited.fidelity.samples) == (10, 10)

@@ -196,7 +196,7 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
         loaded = load(model, require_static=False)
     fidelity = (_fidelity(loaded, result.model, data, preprocess, max_samples)
                 if check_fidelity and reiterable else None)
-    speed = _speed(loaded, result.model) if check_speed else None
+    speed = _speed(loaded, result.model, data, preprocess) if check_speed else None
     if speed is not None and speed.slower:
         logger.info("the quantized model is slower than float here (%.3f ms vs %.3f ms): %s", speed.quant_ms,
                     speed.float_ms, "; ".join(speed.reasons or ("no cause found",)))
@@ -238,13 +238,19 @@ def _fidelity(float_model: ir.Model, quant_model: ir.Model, data, preprocess,
                           max_samples=batches)
 
 
-def _speed(float_model: ir.Model, quant_model: ir.Model) -> SpeedCheck | None:
+def _speed(float_model: ir.Model, quant_model: ir.Model, data, preprocess) -> SpeedCheck | None:
+    """Float vs quantized latency; a model with dynamic input dims is timed on the first calibration
+    batch (the sizes it will see), else on random inputs of its static shapes."""
     from edgeopt.quant.speed import speed_check
 
+    feed = None
     if not all(spec.is_static for spec in eir.model_inputs(float_model)):
-        logger.info("speed check skipped: the model has dynamic input dims")
-        return None
-    return speed_check(float_model, quant_model, runs=50, threads=1)
+        if data is None or isinstance(data, Iterator):
+            logger.warning("speed check skipped: the model has dynamic input dims, and no re-readable --data "
+                           "gives their sizes")
+            return None
+        feed = next(iter(_calibration_source(float_model, data, preprocess, 1)))
+    return speed_check(float_model, quant_model, runs=50, threads=1, feed=feed)
 
 
 # ----------------------------------------------------------------------- compare
