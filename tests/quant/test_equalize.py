@@ -167,7 +167,7 @@ def test_relu6_is_skipped_by_default_with_the_reason(tmp_path):
     original = model.clone()
     report = equalize(model)
     reasons = [s.reason for s in report.skipped]
-    assert any("ReLU6" in r and "replace_relu6=True" in r for r in reasons)
+    assert any("ReLU6" in r and "--equalize-relu6 equalizes through it" in r for r in reasons)
     assert not any(p.activation == "Clip" for p in report.equalized)
     assert_same_outputs(original, model)
 
@@ -260,3 +260,19 @@ def test_weight_shared_with_another_layer_is_left_to_it():
 def _spread(node: ir.Node) -> float:
     ranges = _output_ranges(node)
     return float(ranges.max() / ranges.min())
+
+
+def test_int8_equalizes_through_relu6_only_when_asked(tmp_path):
+    # The equalize_relu6 option (--equalize-relu6) is the way to run CLE on a ReLU6 MobileNetV2.
+    from edgeopt.quant import Int8Config, quantize
+
+    model = ir.load(build_onnx("mobilenet_v2", tmp_path))
+    rng = np.random.default_rng(0)
+    data = [{"input": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)} for _ in range(4)]
+    notes = {relu6: next(n for n in quantize(model, Int8Config(equalize=True, equalize_relu6=relu6), data).notes
+                         if n.startswith("cross-layer equalization"))
+             for relu6 in (False, True)}
+    pairs = {relu6: int(note.split(": ")[1].split(" ")[0]) for relu6, note in notes.items()}
+    assert pairs[True] > pairs[False] and "ReLU6 turned into ReLU" in notes[True]
+    with pytest.raises(ConfigError, match="set equalize too"):
+        Int8Config(equalize_relu6=True)

@@ -271,6 +271,7 @@ class _Int8Algorithms:
     """The accuracy algorithms switched on from the command line."""
 
     equalize: bool
+    equalize_relu6: bool
     bias_correct: bool
     adaround: bool
     smoothquant_alpha: float | None
@@ -288,7 +289,8 @@ def _quant_config(scheme: Scheme, target: TargetChoice, calibration: Calibration
             target=quant.Target[target.name.upper()], calibration=quant.CalibrationMethod[calibration.name.upper()],
             weight_granularity=quant.PerTensor() if per_tensor else quant.PerChannel(),
             activation_format=quant.format_named("uint8") if scheme is Scheme.uint8 else None, exclude=exclude,
-            equalize=algorithms.equalize, bias_correct=algorithms.bias_correct, adaround=algorithms.adaround,
+            equalize=algorithms.equalize or algorithms.equalize_relu6, equalize_relu6=algorithms.equalize_relu6,
+            bias_correct=algorithms.bias_correct, adaround=algorithms.adaround,
             smoothquant_alpha=algorithms.smoothquant_alpha)
     if scheme is Scheme.fp16:
         return Fp16Config(exclude=exclude)
@@ -303,7 +305,8 @@ def _refuse_options_of_other_schemes(scheme: Scheme, target: TargetChoice, calib
     int8 = scheme in (Scheme.int8, Scheme.uint8)
     given = {
         "--target": target is not TargetChoice.ort, "--calibration": calibration is not CalibrationChoice.percentile,
-        "--per-tensor": per_tensor, "--equalize": algorithms.equalize, "--no-bias-correct": not algorithms.bias_correct,
+        "--per-tensor": per_tensor, "--equalize": algorithms.equalize, "--equalize-relu6": algorithms.equalize_relu6,
+        "--no-bias-correct": not algorithms.bias_correct,
         "--adaround": algorithms.adaround, "--smoothquant": algorithms.smoothquant_alpha is not None,
     } if not int8 else {}
     if scheme is not Scheme.int4_weight:
@@ -333,6 +336,9 @@ def quantize(
     block_size: Annotated[int, typer.Option("--block-size", help="Block size of int4-weight.")] = BLOCK_SIZE,
     equalize: Annotated[bool, typer.Option("--equalize", help="Cross-layer equalization of consecutive convs "
                                                               "(depthwise-separable nets).")] = False,
+    equalize_relu6: Annotated[bool, typer.Option(
+        "--equalize-relu6", help="With --equalize: equalize through ReLU6 by making it a ReLU (MobileNetV2; "
+                                 "changes the float model where a value exceeds 6).")] = False,
     bias_correct: Annotated[bool, typer.Option("--bias-correct/--no-bias-correct",
                                                help="Correct the mean shift int8 weights cause in each layer's "
                                                     "output.")] = True,
@@ -360,8 +366,8 @@ def quantize(
     json_output: JsonOption = False,
 ) -> None:
     """Quantize a float model (int8 QDQ calibrated on --data, fp16, bf16 or int4 weight-only)."""
-    algorithms = _Int8Algorithms(equalize=equalize, bias_correct=bias_correct, adaround=adaround,
-                                 smoothquant_alpha=smoothquant)
+    algorithms = _Int8Algorithms(equalize=equalize, equalize_relu6=equalize_relu6, bias_correct=bias_correct,
+                                 adaround=adaround, smoothquant_alpha=smoothquant)
     config = _quant_config(scheme, target, calibration, per_tensor, tuple(exclude or ()), block_size, algorithms)
     goal = None
     if max_drop is not None or min_sqnr is not None:

@@ -142,7 +142,10 @@ class Int8Config:
     across the benchmark's CNNs and transformer (BENCHMARKS.md) at a
     calibration cost still well under ONNX Runtime's; equalization is mixed
     (it helps some depthwise nets, costs others), AdaRound costs 20-50x the
-    time for a few tenths of a dB, so both are opt-in.
+    time for a few tenths of a dB, so both are opt-in. ``equalize_relu6``
+    (with ``equalize``) equalizes through ReLU6 too by turning each such
+    ReLU6 into a ReLU (Nagel et al.'s recipe for MobileNetV2; it changes the
+    float model wherever a pre-activation exceeded 6, and is reported).
     ``activation_format`` None means: chosen by ``target`` (ORT: uint8,
     MCU: int8). ``quantize_outputs`` None means: chosen by ``target`` too. For
     ORT, a graph output written by a Gemm or a MatMul with a constant weight
@@ -162,6 +165,7 @@ class Int8Config:
     num_bins: int = 2048
     verify_tolerance: float = 1e-4
     equalize: bool = False
+    equalize_relu6: bool = False
     bias_correct: bool = True
     adaround: bool = False
     smoothquant_alpha: float | None = None
@@ -172,9 +176,11 @@ class Int8Config:
         if self.quantize_outputs is not None and not isinstance(self.quantize_outputs, bool):
             raise ConfigError(f"quantize_outputs must be True, False or None (from the target), "
                               f"got {self.quantize_outputs!r}")
-        for key in ("equalize", "bias_correct", "adaround"):
+        for key in ("equalize", "equalize_relu6", "bias_correct", "adaround"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be True or False, got {getattr(self, key)!r}")
+        if self.equalize_relu6 and not self.equalize:
+            raise ConfigError("equalize_relu6 (--equalize-relu6) is a way of equalizing: set equalize too")
         if self.smoothquant_alpha is not None and not (isinstance(self.smoothquant_alpha, (int, float))
                                                        and 0.0 < self.smoothquant_alpha < 1.0):
             raise ConfigError(f"smoothquant alpha must be in (0, 1), got {self.smoothquant_alpha!r}")

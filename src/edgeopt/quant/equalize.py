@@ -165,7 +165,7 @@ def _activation_refusal(node: ir.Node, replace_relu6: bool) -> str | None:
     if bounds == (0.0, 6.0):
         return None if replace_relu6 else (
             f"ReLU6 {eir.node_label(node)!r} is not positive-homogeneous (scaling moves its clip point "
-            "per channel); pass replace_relu6=True to equalize through it as a ReLU")
+            "per channel); --equalize-relu6 equalizes through it as a ReLU")
     return f"Clip {eir.node_label(node)!r} to {bounds} is not positive-homogeneous"
 
 

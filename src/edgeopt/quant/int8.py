@@ -97,9 +97,11 @@ def _float_rewrites(model: ir.Model, config: Int8Config, data: Iterable[Batch] |
     """Float-exact rewrites that make the model easier to quantize: CLE, then SmoothQuant."""
     notes = []
     if config.equalize:
-        report = equalize(model)
+        report = equalize(model, replace_relu6=config.equalize_relu6)
         notes.append(f"cross-layer equalization: {len(report.equalized)} layer pairs equalized, "
-                     f"{len(report.skipped)} skipped")
+                     f"{len(report.skipped)} skipped" + (f"; {len(report.relu6_replaced)} ReLU6 turned into ReLU "
+                                                         "(the float model changes where a value exceeded 6)"
+                                                         if report.relu6_replaced else ""))
         notes += _first_skips([f"not equalized: {s.first}: {s.reason}" for s in report.skipped])
     if config.smoothquant_alpha is not None:
         hook = ChannelAbsMaxHook(smoothing_inputs(model))

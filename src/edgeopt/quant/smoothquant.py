@@ -228,7 +228,7 @@ def _site(value: ir.Value, targets: list[ir.Node], channels: int, insert_mul: bo
             return site
         source = f"{producer.op_type} {eir.node_label(producer)!r}" if producer is not None else "a graph input"
         reason = f"{value.name!r} comes from {source}, which cannot absorb 1/s"
-    return _Site(kind="Mul") if insert_mul else f"{reason} (insert_mul=True would insert a Mul)"
+    return _Site(kind="Mul") if insert_mul else reason
 
 
 # --------------------------------------------------------------------------
