@@ -48,7 +48,7 @@ import numpy as np
 from edgeopt.errors import ConfigError
 from edgeopt.quant.formats import INT8_SYMMETRIC
 
-__all__ = ["AdaRoundConfig", "Backend", "adaround_layer", "channel_scales"]
+__all__ = ["AdaRoundConfig", "Backend", "adaround_layer", "backend_used", "channel_scales"]
 
 _ZETA, _GAMMA = 1.1, -0.1
 _ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8
@@ -226,6 +226,12 @@ def _torch_steps(v, floor, target, gram, samples, config: AdaRoundConfig) -> Non
 
 def _use_torch(backend: Backend) -> bool:
     return backend is Backend.TORCH or (backend is Backend.AUTO and _torch_available())
+
+
+def backend_used(backend: Backend = Backend.AUTO) -> Backend:
+    """The backend ``backend`` resolves to here (AUTO: torch when importable): the two optimize the
+    same loss but round a few weights differently, so the report names it."""
+    return Backend.TORCH if _use_torch(backend) else Backend.NUMPY
 
 
 def _learned_ints(problem: _Problem, config: AdaRoundConfig) -> np.ndarray:

@@ -29,6 +29,7 @@ import onnx_ir.passes.common as common_passes
 
 from edgeopt import ir as eir
 from edgeopt.quant.adaround import AdaRoundConfig, LayerInputSampler, adaround_weights
+from edgeopt.quant.adaround_solver import backend_used
 from edgeopt.quant.bias_correction import ChannelMeanHook, correct_biases, correction_inputs, round_to_nearest
 from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.config import CalibrationConfig, CalibrationMethod, Int8Config, PerTensor, Target
@@ -154,7 +155,9 @@ class _AccuracyHooks:
             result = adaround_weights(model, self.sampler.result(), config=AdaRoundConfig(),
                                       granularity=self.config.weight_granularity)
             rounded, quantizer = dict(result.weights), result.weight_quantizer()
-            notes.append(f"AdaRound: {len(result.weights)} weights learned, {len(result.skipped)} layers skipped")
+            backend = backend_used(AdaRoundConfig().backend).value
+            notes.append(f"AdaRound ({backend} backend; the torch and numpy backends round a few weights "
+                         f"differently): {len(result.weights)} weights learned, {len(result.skipped)} layers skipped")
         if self.means is not None:
             report = correct_biases(model, self.means.result(), quantize_weight=quantizer,
                                     layers=self.quantized_layers)
