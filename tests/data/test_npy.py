@@ -198,3 +198,29 @@ def test_stacked_file_streams_without_loading_it_whole(tmp_path):
     tracemalloc.stop()
     assert (count, last) == (2000, 1999)
     assert peak_bytes < 256 * 1024, peak_bytes  # the whole file is 8 MB
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["stored", "compressed"])
+def test_stacked_npz_streams_without_loading_it_whole(tmp_path, save):
+    """The same 2000 samples in an .npz (stored or deflated): read from the zip stream one sample at
+    a time, equal to np.load's, and a second pass (which starts over) too."""
+    rows = np.arange(2000, dtype=np.float32)[:, None] + np.zeros((1, 1024), np.float32)
+    save(tmp_path / "big.npz", x=rows, y=np.arange(2000, dtype=np.int64)[:, None])
+    source = open_data(tmp_path / "big.npz", [spec("x", (1, 1024)), spec("y", (1, 1), np.int64)])
+    for _ in range(2):
+        tracemalloc.start()
+        count = 0
+        for batch in source:
+            assert np.array_equal(batch["x"], rows[count:count + 1]) and batch["y"][0, 0] == count
+            count += 1
+        _, peak_bytes = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert count == 2000
+        assert peak_bytes < 512 * 1024, peak_bytes  # x alone is 8 MB
+
+
+def test_npz_members_of_other_layouts_are_read_whole(tmp_path):
+    # Fortran order cannot stream by rows; a scalar has no rows: both are read with np.load.
+    np.savez(tmp_path / "f.npz", a=np.asfortranarray(np.arange(12, dtype=np.float32).reshape(6, 2)),
+             b=np.ones((6, 3), np.int64))
+    assert [batch["a"].tolist() for batch in open_data(tmp_path / "f.npz", PAIR)][1] == [[2.0, 3.0]]

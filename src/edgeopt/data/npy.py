@@ -13,9 +13,9 @@ b. **One subfolder per input name** (multi-input models), each holding one
 
 Other files (``manifest.json``, ``README``, hidden files) are ignored. Data is
 read lazily: ``.npy`` files are memory-mapped and sliced one sample at a time,
-so a file far bigger than RAM streams. ``.npz`` members are read whole when
-their file is reached: stack big data sets in ``.npy``. Nothing is ever
-unpickled (``allow_pickle=False``).
+so a file far bigger than RAM streams; ``.npz`` members (compressed or not)
+are read from their zip stream a sample at a time as they are sliced. Nothing
+is ever unpickled (``allow_pickle=False``).
 """
 
 from __future__ import annotations
@@ -71,7 +71,89 @@ def _open_npy(path: Path) -> np.ndarray:
         raise _read_error(path, error) from None
 
 
-def _open_npz(path: Path) -> dict[str, np.ndarray]:
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+class _NpzRows:
+    """One .npz member read on demand, rows in order from its zip stream (a zip member cannot be
+    memory-mapped): slicing ``[a:b]`` on axis 0 reads just those rows, so stacked samples stream
+    like a memory-mapped .npy. Reading backwards reopens the member; anything else reads it whole."""
+
+    def __init__(self, path: Path, member: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path, self.member, self.shape, self.dtype = path, member, shape, dtype
+        self.ndim = len(shape)
+        self._row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize if shape else 0
+        self._stream = None
+        self._next_row = 0
+
+    def _seek_row(self, row: int) -> None:
+        if self._stream is None or row < self._next_row:
+            self.close()
+            self._archive = zipfile.ZipFile(self.path)
+            self._stream = self._archive.open(self.member)
+            _HEADER_READERS[np.lib.format.read_magic(self._stream)](self._stream)
+            self._next_row = 0
+        while self._next_row < row:  # skip in chunks of at most 64 rows
+            step = min(row - self._next_row, 64)
+            self._read_exactly(step * self._row_bytes)
+            self._next_row += step
+
+    def _read_exactly(self, size: int) -> bytearray:
+        data = bytearray(self._stream.read(size))
+        if len(data) != size:
+            raise DataError(f"cannot read {self.path} (member {self.member} ends early): "
+                            "is it a complete .npy/.npz file?")
+        return data
+
+    def __getitem__(self, key):
+        if not (isinstance(key, slice) and key.step in (None, 1) and self.ndim):
+            return np.asarray(self)[key]
+        start, stop, _ = key.indices(self.shape[0])
+        self._seek_row(start)
+        rows = max(stop - start, 0)
+        array = np.frombuffer(self._read_exactly(rows * self._row_bytes), dtype=self.dtype)
+        self._next_row += rows
+        return array.reshape((rows, *self.shape[1:]))
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self[0:self.shape[0]] if self.ndim else self._whole_scalar()
+        return whole if dtype is None else whole.astype(dtype)
+
+    def _whole_scalar(self) -> np.ndarray:
+        with np.load(self.path, allow_pickle=False) as archive:
+            return archive[self.member.removesuffix(".npy")]
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._archive.close()
+            self._stream = None
+
+
+def _npz_headers(path: Path) -> dict[str, tuple[str, tuple[int, ...], bool, np.dtype]] | None:
+    """``{key: (member, shape, fortran_order, dtype)}`` from an .npz's headers, without reading the data;
+    None for a rare header version."""
+    headers = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.namelist():
+                with archive.open(member) as stream:
+                    reader = _HEADER_READERS.get(np.lib.format.read_magic(stream))
+                    if reader is None:
+                        return None
+                    shape, fortran_order, dtype = reader(stream)
+                    headers[member.removesuffix(".npy")] = (member, shape, fortran_order, dtype)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise _read_error(path, error) from None
+    return headers
+
+
+def _open_npz(path: Path) -> dict[str, np.ndarray | _NpzRows]:
+    """The members of an .npz: plain C-order arrays as :class:`_NpzRows` (read as they are sliced),
+    others (Fortran order, a rare header version) read whole. Objects are refused, never unpickled."""
+    headers = _npz_headers(path)
+    if headers is not None and all(not fortran and not dtype.hasobject for _, _, fortran, dtype in headers.values()):
+        return {key: _NpzRows(path, member, shape, dtype) for key, (member, shape, _, dtype) in headers.items()}
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
@@ -81,19 +163,10 @@ def _open_npz(path: Path) -> dict[str, np.ndarray]:
 
 def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Shapes of an .npz's members from their headers, without reading the data."""
-    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-    shapes: dict[str, tuple[int, ...]] = {}
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for member in archive.namelist():
-                with archive.open(member) as stream:
-                    reader = readers.get(np.lib.format.read_magic(stream))
-                    if reader is None:  # a rare header version: read the arrays instead
-                        return {key: array.shape for key, array in _open_npz(path).items()}
-                    shapes[member.removesuffix(".npy")] = reader(stream)[0]
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
-        raise _read_error(path, error) from None
-    return shapes
+    headers = _npz_headers(path)
+    if headers is None:  # a rare header version: read the arrays instead
+        return {key: np.shape(array) for key, array in _open_npz(path).items()}
+    return {key: shape for key, (_, shape, _, _) in headers.items()}
 
 
 def _by_input(path: Path, keyed: Mapping[str, _T], specs: Sequence[InputSpec]) -> dict[str, _T]:
