@@ -65,6 +65,20 @@ def test_progress_knows_the_total_of_a_sized_data_set():
     assert calls == [(1, 3), (2, 3), (3, 3)]
 
 
+def test_progress_knows_the_total_of_a_data_folder(tmp_path):
+    # a data source has no len() but counts its samples from the file headers
+    from edgeopt import ir as eir
+    from edgeopt.data import open_data
+
+    model = _conv_relu_model()
+    for index, feed in enumerate(batches(SHAPE, 3)):
+        np.save(tmp_path / f"s{index}.npy", feed["x"])
+    calls = []
+    calibrate(model, open_data(tmp_path, eir.model_inputs(model)), ["y"], CalibrationConfig(),
+              progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
 def test_minmax_does_not_keep_histograms_or_switch_to_them():
     result = calibrate(_conv_relu_model(), batches(SHAPE, 2), ["y"], CalibrationConfig())
     assert result.tensors["y"].histogram is None

@@ -258,10 +258,11 @@ class _PackedRanges:
 
 
 def _length(data: Iterable) -> int | None:
+    """How many batches ``data`` holds if known: its length, or a data source's ``num_samples``."""
     try:
         return len(data)  # type: ignore[arg-type]
     except TypeError:
-        return None
+        return getattr(data, "num_samples", None)
 
 
 def _check_data(data: object) -> None:
