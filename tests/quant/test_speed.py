@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeopt.errors import ConfigError, DataError
-from edgeopt.quant.speed import (
-    TINY_MODEL_MS,
+from edgeopt.quant.speed import TINY_MODEL_MS, slowdown_reasons, speed_check
+from edgeopt.quant.speed_evidence import (
     FloatIsland,
     KernelCount,
     SpeedEvidence,
@@ -23,8 +23,6 @@ from edgeopt.quant.speed import (
     model_precision,
     read_cpu_flags,
     signed_activations,
-    slowdown_reasons,
-    speed_check,
 )
 from tests.models import build_onnx, ort_qdq_model
 

@@ -16,7 +16,11 @@ When speedup < 1 the reasons edgeopt can see are listed:
 * a tiny model: when float inference takes < 0.05 ms the per-call overhead
   dominates;
 * Q/DQ nodes left unfused in the graph ONNX Runtime actually runs (read back
-  from its optimizer), or no integer kernel at all.
+  from its optimizer), or no integer kernel at all;
+* compute-heavy layers that run in float there between int8 kernels (nodes
+  kept float and the nodes writing their inputs).
+
+The evidence is gathered in :mod:`edgeopt.quant.speed_evidence`.
 
 The precision of the quantized model is read from its graph
 (:func:`model_precision`): the integer-kernel reasons above apply to int8
@@ -32,210 +36,30 @@ import platform
 import statistics
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError, DataError
-from edgeopt.quant.ops import QDQ_DOMAINS, is_qdq_op
+from edgeopt.quant.speed_evidence import (
+    X86_MACHINES,
+    SpeedEvidence,
+    float_islands,
+    int8_dot_product_instructions,
+    kernel_count,
+    model_precision,
+    read_cpu_flags,
+    signed_activations,
+)
 
-__all__ = [
-    "INT8_CAPABLE_OPS",
-    "TINY_MODEL_MS",
-    "FloatIsland",
-    "KernelCount",
-    "SpeedCheck",
-    "SpeedEvidence",
-    "float_islands",
-    "int8_dot_product_instructions",
-    "kernel_count",
-    "model_precision",
-    "read_cpu_flags",
-    "signed_activations",
-    "slowdown_reasons",
-    "speed_check",
-]
+__all__ = ["TINY_MODEL_MS", "SpeedCheck", "slowdown_reasons", "speed_check"]
 
 ModelSource = str | os.PathLike | ir.Model
 
 TINY_MODEL_MS = 0.05
-
-_X86 = ("x86_64", "amd64", "i386", "i686", "x86")
-_X86_DOT_PRODUCT = ("avx512_vnni", "avx_vnni", "avx_vnni_int8", "amx_int8")
-_ARM_DOT_PRODUCT = ("asimddp", "i8mm", "sve2")
-
-
-# Ops that ONNX Runtime's CPU QDQ fusions turn into integer kernels or run on
-# the 8-bit data directly (data movement, max pooling, clamps folded into Q).
-INT8_CAPABLE_OPS = frozenset({
-    "Add", "ArgMax", "AveragePool", "Clip", "Concat", "Conv", "ConvTranspose", "DepthToSpace", "Flatten",
-    "Gather", "GatherElements", "Gemm", "GlobalAveragePool", "Identity", "LeakyRelu", "MatMul", "MaxPool",
-    "Mul", "Pad", "Relu", "Reshape", "Resize", "Sigmoid", "Slice", "Softmax", "SpaceToDepth", "Split",
-    "Squeeze", "Transpose", "Unsqueeze", "Where",
-})
-
-# Kernels of the graph ONNX Runtime runs that compute on 8-bit data.
-_INTEGER_KERNELS = frozenset({"ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "QGemm",
-                              "DynamicQuantizeMatMul", "QAttention", "MatMulNBits"})
-
-
-# ---------------------------------------------------------------------- evidence
-
-# model_precision() values and how a report names them
-PRECISION_LABELS = {"int8": "int8 (QDQ)", "int4": "int4 weights", "float16": "fp16", "bfloat16": "bf16",
-                    "float32": "float32"}
-_LOW_BIT_WEIGHTS = frozenset({ir.DataType.INT4, ir.DataType.UINT4})
-
-
-def model_precision(model: ir.Model) -> str:
-    """What a quantized model computes or stores in, read from its graph: "int8" (activations are
-    quantized), "int4" (weight-only block quantization), "float16", "bfloat16", else "float32"."""
-    if any(is_qdq_op(node, "QuantizeLinear") and not eir.is_constant(node.inputs[0]) for node in model.graph):
-        return "int8"
-    if any(node.op_type == "MatMulNBits" or (is_qdq_op(node, "DequantizeLinear") and node.inputs[0] is not None
-                                             and node.inputs[0].dtype in _LOW_BIT_WEIGHTS)
-           for node in model.graph):
-        return "int4"
-    stored = {value.dtype for value in model.graph.initializers.values()}
-    stored |= {ir.DataType(node.attributes["to"].value) for node in model.graph
-               if node.op_type == "Cast" and "to" in node.attributes}
-    for dtype, name in ((ir.DataType.FLOAT16, "float16"), (ir.DataType.BFLOAT16, "bfloat16")):
-        if dtype in stored:
-            return name
-    return "float32"
-
-
-def read_cpu_flags(path: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str] | None:
-    """The CPU feature flags (x86 ``flags``, Arm ``Features``), or None when not readable (not Linux)."""
-    try:
-        text = Path(path).read_text(errors="replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            return frozenset(value.split())
-    return None
-
-
-def int8_dot_product_instructions(flags: Iterable[str] | None, machine: str) -> tuple[str, ...] | None:
-    """The int8 dot-product instructions among ``flags``; None when the CPU or flags are unknown."""
-    names = _X86_DOT_PRODUCT if machine.lower() in _X86 else (
-        _ARM_DOT_PRODUCT if machine.lower().startswith(("arm", "aarch64")) else None)
-    if flags is None or names is None:
-        return None
-    present = set(flags)
-    return tuple(name for name in names if name in present)
-
-
-@dataclass(frozen=True, kw_only=True)
-class FloatIsland:
-    """A node that reads a dequantized activation and runs in float."""
-
-    node: str
-    op_type: str
-
-
-def float_islands(model: ir.Model, *, int8_ops: frozenset[str] = INT8_CAPABLE_OPS) -> tuple[FloatIsland, ...]:
-    """Nodes fed by an activation DequantizeLinear whose op has no integer path (not in ``int8_ops``)."""
-    islands = []
-    for node in model.graph:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") or (
-                node.op_type in int8_ops and node.domain in QDQ_DOMAINS):
-            continue
-        if any(_is_activation_dequantize(value) for value in node.inputs):
-            islands.append(FloatIsland(node=eir.node_label(node), op_type=node.op_type))
-    return tuple(islands)
-
-
-def _is_activation_dequantize(value: ir.Value | None) -> bool:
-    producer = value.producer() if value is not None else None
-    return is_qdq_op(producer, "DequantizeLinear") and not eir.is_constant(producer.inputs[0])
-
-
-def _quantized_dtype(node: ir.Node) -> str:
-    zero_point = node.inputs[2] if len(node.inputs) > 2 else None
-    if zero_point is not None and zero_point.dtype is not None:
-        return zero_point.dtype.name.lower()
-    array = eir.constant_array(zero_point)
-    if array is not None:
-        return str(array.dtype)
-    attribute = node.attributes.get("output_dtype")
-    return ir.DataType(attribute.value).name.lower() if attribute is not None and attribute.value else "uint8"
-
-
-def signed_activations(model: ir.Model) -> tuple[str, ...]:
-    """Activations that QuantizeLinear nodes quantize to int8 (signed)."""
-    return tuple(node.inputs[0].name for node in model.graph
-                 if is_qdq_op(node, "QuantizeLinear") and not eir.is_constant(node.inputs[0])
-                 and _quantized_dtype(node) == "int8")
-
-
-# Compute-heavy layers that, under these names in the graph ONNX Runtime runs, compute in float.
-_FLOAT_LAYERS = frozenset({"Conv", "FusedConv", "ConvTranspose", "NhwcFusedConv", "MatMul", "FusedMatMul", "Gemm",
-                           "FusedGemm"})
-
-
-@dataclass(frozen=True, kw_only=True)
-class KernelCount:
-    """In the graph ONNX Runtime runs: integer kernels, Q/DQ nodes left away from the graph's edges,
-    and compute-heavy layers that run in float (``{op_type: count}``)."""
-
-    integer_kernels: int
-    unfused_qdq: int
-    float_layers: Mapping[str, int] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"integer_kernels": self.integer_kernels, "unfused_qdq": self.unfused_qdq,
-                "float_layers": dict(self.float_layers)}
-
-
-def _is_edge_conversion(node: ir.Node) -> bool:
-    """Quantizing a graph input or dequantizing a graph output: needed by any int8 model."""
-    if node.op_type == "QuantizeLinear":
-        return node.inputs[0] is not None and node.inputs[0].is_graph_input()
-    return any(output.is_graph_output() for output in node.outputs)
-
-
-def kernel_count(optimized: ir.Model) -> KernelCount:
-    """Count integer kernels and unfused Q/DQ nodes in ONNX Runtime's optimized graph."""
-    integer = sum(1 for node in optimized.graph
-                  if node.op_type.startswith("QLinear") or node.op_type in _INTEGER_KERNELS)
-    unfused = sum(1 for node in optimized.graph
-                  if node.op_type in ("QuantizeLinear", "DequantizeLinear")
-                  and not _is_edge_conversion(node))
-    float_layers = Counter(node.op_type for node in optimized.graph if node.op_type in _FLOAT_LAYERS)
-    return KernelCount(integer_kernels=integer, unfused_qdq=unfused, float_layers=dict(float_layers.most_common()))
-
-
-@dataclass(frozen=True, kw_only=True)
-class SpeedEvidence:
-    """What the reasons are read from; ``dot_product`` is None when the CPU's flags are unknown."""
-
-    machine: str
-    dot_product: tuple[str, ...] | None
-    islands: tuple[FloatIsland, ...]
-    signed_activations: tuple[str, ...]
-    float_ms: float
-    kernels: KernelCount | None = None
-    precision: str = "int8"  # model_precision() of the quantized model
-    runtime_casts: int = 0  # Cast nodes in the graph ONNX Runtime runs
-
-    @property
-    def label(self) -> str:
-        return PRECISION_LABELS.get(self.precision, self.precision)
-
-    def to_dict(self) -> dict:
-        return {"machine": self.machine, "precision": self.precision, "runtime_casts": self.runtime_casts,
-                "int8_dot_product": None if self.dot_product is None else list(self.dot_product),
-                "float_islands": [{"node": i.node, "op_type": i.op_type} for i in self.islands],
-                "signed_activations": list(self.signed_activations),
-                "kernels": self.kernels.to_dict() if self.kernels is not None else None}
-
 
 # ----------------------------------------------------------------------- reasons
 
@@ -243,7 +67,7 @@ class SpeedEvidence:
 def _cpu_reason(evidence: SpeedEvidence) -> str | None:
     if evidence.dot_product is None or evidence.dot_product:
         return None
-    wanted = "AVX512-VNNI or AVX-VNNI" if evidence.machine.lower() in _X86 else "asimddp or i8mm"
+    wanted = "AVX512-VNNI or AVX-VNNI" if evidence.machine.lower() in X86_MACHINES else "asimddp or i8mm"
     return (f"this CPU ({evidence.machine}) has no int8 dot-product instructions ({wanted}): "
             "ONNX Runtime's int8 kernels gain little over float here")
 
@@ -258,7 +82,7 @@ def _islands_reason(evidence: SpeedEvidence) -> str | None:
 
 
 def _signed_reason(evidence: SpeedEvidence) -> str | None:
-    if not evidence.signed_activations or evidence.machine.lower() not in _X86:
+    if not evidence.signed_activations or evidence.machine.lower() not in X86_MACHINES:
         return None
     count, first = len(evidence.signed_activations), evidence.signed_activations[0]
     return (f"{count} activations are int8 (e.g. {first}): ONNX Runtime's fast x86 kernels take uint8 "
