@@ -263,6 +263,12 @@ def test_samples_are_counted_not_batches(tmp_path, calib):
     assert searched.calibration_samples == 256  # all of them; its fidelity pass reads 64
 
 
+def test_the_mcu_target_warns_that_a_node_kept_float_cannot_be_compiled(cli, tmp_path, calib):
+    result = cli("quantize", demo_model_path(), "--data", calib, "--target", "mcu", "--exclude", "Add",
+                 "-o", tmp_path / "q.onnx", "--no-speed-check")
+    assert result.code == 0 and "kept float" in result.stderr and "cannot become C" in result.stderr
+
+
 def test_the_input_model_is_never_modified(cli, tmp_path, calib):
     model = build_onnx("mobilenet_v3", tmp_path)
     before = model.read_bytes()

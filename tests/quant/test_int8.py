@@ -104,6 +104,24 @@ def test_an_excluded_node_runs_in_float_in_onnx_runtime(models):
     assert one_conv["QLinearConv"] < base["QLinearConv"] and one_conv["Conv"] + one_conv["FusedConv"] >= 1
 
 
+def test_an_excluded_node_behind_data_movement_stays_float(models):
+    # The attention MatMul reads Transposes of Reshapes: ORT moves a DequantizeLinear past them, so
+    # they read float inputs too (and say why), or the MatMul would be fused back into QLinearMatMul.
+    from edgeopt.quant import Target
+
+    model = models("transformer")
+    calibration = _inputs("transformer", 8, seed=0)
+    attention = next(node.name for node in model.graph if node.op_type == "MatMul"
+                     and not any(v.const_value is not None for v in node.inputs))
+    base = ort_op_counts(quantize(model, Int8Config(), calibration).model)
+    result = quantize(model, Int8Config(exclude=(attention,)), calibration)
+    kept = ort_op_counts(result.model)
+    assert kept["QLinearMatMul"] == base["QLinearMatMul"] - 1 and kept["MatMul"] == base["MatMul"] + 1
+    assert any(f.reason == f"moves data only for {attention!r}, which is kept float" for f in result.float_nodes)
+    mcu = quantize(model, Int8Config(exclude=(attention,), target=Target.MCU), calibration)
+    assert any(f.node_name == attention for f in mcu.float_nodes)
+
+
 def test_softmax_probabilities_get_the_fixed_range_not_a_calibrated_one(tmp_path):
     # Over sequences of 2 to 24 tokens, attention probabilities near 1 (short sequences) are rare: a
     # calibrated range clips them, and ONNX Runtime's fused QLinearSoftmax (before 1.32) even wraps a

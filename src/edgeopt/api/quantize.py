@@ -17,8 +17,9 @@ from edgeopt.data import ImagePreprocess
 from edgeopt.errors import ConfigError, DataError, EdgeoptError
 from edgeopt.io import FILE_BYTES_KEY, atomic_write_bytes, check_writable, model_file_bytes, model_to_bytes
 from edgeopt.metrics import json_text
-from edgeopt.quant.accuracy import AccuracyGoal, AccuracySearch, accuracy_aware_quantize
+from edgeopt.quant.accuracy import RETURNED, AccuracyGoal, AccuracySearch, accuracy_aware_quantize
 from edgeopt.quant.compare import CompareResult
+from edgeopt.quant.placement import EXCLUDED
 from edgeopt.quant.registry import QuantResult
 from edgeopt.quant.speed import SpeedCheck
 
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 MIN_CALIBRATION_SAMPLES = 16
+_KEPT_REASONS = (EXCLUDED, RETURNED)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,7 +150,7 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     float one by one until it is met (``evaluate(model_path) -> score`` for a
     ``max_drop`` goal; output SQNR on the calibration data for ``min_sqnr_db``).
     """
-    from edgeopt.quant import Int8Config
+    from edgeopt.quant import Int8Config, Target
     from edgeopt.quant import quantize as run_scheme
 
     if _same_file(model, output):
@@ -185,6 +187,11 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     if search is not None and not search.met:
         warnings.append(f"accuracy goal not met ({search.goal.describe()}): best score {search.best_score:.3f} "
                         f"with {len(search.best_excluded)} node(s) back in float; {search.stopped_because}")
+    kept = [f.node_name for f in result.float_nodes if f.reason in _KEPT_REASONS]
+    if isinstance(config, Int8Config) and config.target is Target.MCU and kept:
+        warnings.append(f"{len(kept)} node(s) kept float ({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}): "
+                        "edgeopt compile lowers all-int8 models only, so this model runs in ONNX Runtime but "
+                        "cannot become C; drop --exclude (or the accuracy goal) for the mcu target")
     if isinstance(config, Int8Config) and not result.tensors:
         warnings.append(f"no node runs in int8: the model written is the float model ({len(result.float_nodes)} "
                         "node(s) kept float, listed above)")

@@ -337,7 +337,7 @@ def quantize(
     equalize: Annotated[bool, typer.Option("--equalize", help="Cross-layer equalization of consecutive convs "
                                                               "(depthwise-separable nets).")] = False,
     equalize_relu6: Annotated[bool, typer.Option(
-        "--equalize-relu6", help="With --equalize: equalize through ReLU6 by making it a ReLU (MobileNetV2; "
+        "--equalize-relu6", help="--equalize, and through ReLU6 too by making it a ReLU (MobileNetV2; "
                                  "changes the float model where a value exceeds 6).")] = False,
     bias_correct: Annotated[bool, typer.Option("--bias-correct/--no-bias-correct",
                                                help="Correct the mean shift int8 weights cause in each layer's "

@@ -34,11 +34,15 @@ from edgeopt.quant.api import quantize
 from edgeopt.quant.compare import CompareResult, compare_models
 from edgeopt.quant.config import Int8Config
 from edgeopt.quant.ops import is_qdq_op
+from edgeopt.quant.placement import DATA_MOVEMENT_OPS
 from edgeopt.quant.registry import QuantResult
 
-__all__ = ["AccuracyGoal", "AccuracySearch", "AccuracyStep", "accuracy_aware_quantize"]
+__all__ = ["RETURNED", "AccuracyGoal", "AccuracySearch", "AccuracyStep", "accuracy_aware_quantize"]
 
 logger = logging.getLogger(__name__)
+
+#: The reason a node the search returned to float stays float.
+RETURNED = "returned to float by the accuracy search"
 
 Evaluate = Callable[[ir.Model], float]
 
@@ -139,6 +143,8 @@ def _node_damage(result: QuantResult, comparison: CompareResult) -> list[tuple[f
     float_nodes = {f.node_name for f in result.float_nodes}
     ranked = []
     for node, sqnr_db in _quantized_producers(result.model, comparison):
+        if eir.is_op(node, *DATA_MOVEMENT_OPS):  # lossless: returning it to float changes no value
+            continue
         input_sqnr = [sqnr[name] for name in _quantized_inputs(node) if name in sqnr]
         upstream = min(input_sqnr) if input_sqnr else math.inf
         damage = (upstream - sqnr_db) if math.isfinite(upstream) else -sqnr_db
@@ -153,6 +159,20 @@ def _node_damage(result: QuantResult, comparison: CompareResult) -> list[tuple[f
     ranked.sort(key=lambda item: (-item[0], item[1].name))
     seen: set[str] = set()  # a node reached twice (its own output, a float node it reads) counts once
     return [item for item in ranked if not (item[1].name in seen or seen.add(item[1].name))]
+
+
+def _quantized_readers(result: QuantResult) -> list[tuple[float, ir.Node, str]]:
+    """Nodes still reading a quantized activation whose own output is not compared (its readers are
+    float): no damage is measured for them, but the search must be able to return them too."""
+    float_nodes = {f.node_name for f in result.float_nodes}
+    found = []
+    for node in result.model.graph:
+        if node.name in float_nodes or is_qdq_op(node, "QuantizeLinear") or is_qdq_op(node, "DequantizeLinear"):
+            continue
+        inputs = _quantized_inputs(node)
+        if inputs:
+            found.append((0.0, node, f"still reads {inputs[0]} quantized"))
+    return found
 
 
 def _readers_through_qdq(node: ir.Node) -> list[ir.Node]:
@@ -258,6 +278,7 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config, data: Iterable,
             stopped = f"goal met ({goal.describe()})"
             break
         candidates = [c for c in _node_damage(result, comparison) if c[1].name not in excluded]
+        candidates = candidates or [c for c in _quantized_readers(result) if c[1].name not in excluded]
         round_seconds = time.monotonic() - round_start
         if not candidates or len(excluded) >= goal.max_float_nodes:
             steps.append(AccuracyStep(excluded=excluded, score=score, seconds=round_seconds))
@@ -281,6 +302,6 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config, data: Iterable,
 
 def _labelled(result: QuantResult, returned: set[str]) -> QuantResult:
     """``result`` with the nodes the search returned to float saying so (they went through exclude)."""
-    float_nodes = tuple(f._replace(reason="returned to float by the accuracy search") if f.node_name in returned
+    float_nodes = tuple(f._replace(reason=RETURNED) if f.node_name in returned
                         else f for f in result.float_nodes)
     return replace(result, float_nodes=float_nodes)

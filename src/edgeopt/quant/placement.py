@@ -58,6 +58,8 @@ from edgeopt.quant.ops import FUSING_PRODUCERS, OP_RULES, OpRole, weight_axis
 from edgeopt.quant.registry import FloatNode
 
 __all__ = [
+    "DATA_MOVEMENT_OPS",
+    "EXCLUDED",
     "BiasUse",
     "NodeIndex",
     "QdqPlan",
@@ -68,6 +70,9 @@ __all__ = [
     "plan_qdq",
     "vanished_excludes",
 ]
+
+#: The reason a node the user's --exclude names stays float.
+EXCLUDED = "excluded (--exclude)"
 
 _QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm",
                             "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
@@ -198,7 +203,7 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
     if not eir.is_op(node, *OP_RULES):
         return f"no integer kernel for {node.op_type}"
     if node.name in exclude or node.op_type in exclude:
-        return "excluded (--exclude)"
+        return EXCLUDED
     if node.name in keep_float:
         return "kept float on request"
     # SiLU = x * sigmoid(x) quantizes well as its two ops (integer Sigmoid and Mul kernels exist on
@@ -360,6 +365,7 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     clamped = [a.outputs[0].name for a in fused_by_producer.values() if activation_clamp(a)[0] == 0.0]
     softmax_outputs = {node.outputs[0].name for node in graph if eir.is_op(node, "Softmax")}
     activations = planner.ordered(planner.activations)
+    kept = _kept_float_closure(graph, exclude, keep_float, refusals)
     return QdqPlan(
         nodes=tuple(name for name in candidates if name not in refusals),
         fused=tuple(fused.items()),
@@ -372,8 +378,33 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
         clamped=tuple(clamped),
         float_nodes=tuple(FloatNode(n.name, n.op_type, refusals[n.name]) for n in graph if n.name in refusals),
         probabilities=tuple(name for name in activations if name in softmax_outputs),
-        kept_float=tuple(node.name for node in graph if _kept_float(node, exclude, keep_float)),
+        kept_float=tuple(node.name for node in graph if node.name in kept),
     )
+
+
+# Ops ONNX Runtime's QDQ optimizer moves a DequantizeLinear past (they reorder values, not change them).
+DATA_MOVEMENT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split", "Expand",
+              "MaxPool", "Identity")
+
+
+def _kept_float_closure(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[str],
+                        refusals: dict[str, str]) -> set[str]:
+    """The nodes kept float, plus the data-movement ops (Transpose, Reshape, Slice ...) read only by
+    them, transitively: ONNX Runtime moves a DequantizeLinear past such an op, which would put the
+    kept node between a DQ and a Q again. Those not already float join ``refusals`` with the reason."""
+    kept = {node.name for node in graph if _kept_float(node, exclude, keep_float)}
+    stack = [node for node in graph if node.name in kept]
+    while stack:
+        reader = stack.pop()
+        for value in reader.inputs:
+            mover = value.producer() if value is not None else None
+            if (mover is None or mover.name in kept or not eir.is_op(mover, *DATA_MOVEMENT_OPS)
+                    or value.is_graph_output() or any(use.name not in kept for use in eir.consumers(value))):
+                continue
+            kept.add(mover.name)
+            refusals.setdefault(mover.name, f"moves data only for {eir.node_label(reader)!r}, which is kept float")
+            stack.append(mover)
+    return kept
 
 
 def _kept_float(node: ir.Node, exclude: Collection[str], keep_float: Collection[str]) -> bool:
