@@ -254,7 +254,10 @@ def test_samples_are_counted_not_batches(tmp_path, calib):
     batches = [{"input": rng.standard_normal((rows, 3, 32, 32)).astype(np.float32)} for rows in (8, 5, 1, 16)]
     report = edgeopt.quantize(model, edgeopt.Int8Config(), batches)
     assert (report.calibration_samples, report.calibration_batches, report.fidelity.samples) == (30, 4, 4)
-    assert report.speed is not None and report.speed.runs == 50  # dynamic batch: timed on the first batch
+    assert report.fidelity.rows == 30 and report.fidelity.to_dict()["rows"] == 30
+    assert report.speed is not None and report.speed.inputs == "input 8x3x32x32"  # timed on the first batch
+    once = edgeopt.quantize(model, edgeopt.Int8Config(), iter(batches))  # a one-shot iterator: said, not silent
+    assert once.speed is None and any(w.startswith("speed check skipped") for w in once.warnings)
     assert report.to_dict()["calibration_samples"] == 30
     limited = edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), calib, max_samples=10, check_speed=False)
     assert (limited.calibration_samples, limited.fidelity.samples) == (10, 10)

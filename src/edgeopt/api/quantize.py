@@ -203,7 +203,12 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
         loaded = load(model, require_static=False)
     fidelity = (_fidelity(loaded, result.model, data, preprocess, max_samples)
                 if check_fidelity and reiterable else None)
-    speed = _speed(loaded, result.model, data, preprocess) if check_speed else None
+    speed = None
+    if check_speed and not reiterable and not all(spec.is_static for spec in eir.model_inputs(loaded)):
+        warnings.append("speed check skipped: the model has dynamic input dims, and no re-readable data "
+                        "gives their sizes (a folder, a file, or a module:function returning a list)")
+    elif check_speed:
+        speed = _speed(loaded, result.model, data, preprocess)
     if speed is not None and speed.slower:
         logger.info("the quantized model is slower than float here (%.3f ms vs %.3f ms): %s", speed.quant_ms,
                     speed.float_ms, "; ".join(speed.reasons or ("no cause found",)))
@@ -252,10 +257,6 @@ def _speed(float_model: ir.Model, quant_model: ir.Model, data, preprocess) -> Sp
 
     feed = None
     if not all(spec.is_static for spec in eir.model_inputs(float_model)):
-        if data is None or isinstance(data, Iterator):
-            logger.warning("speed check skipped: the model has dynamic input dims, and no re-readable --data "
-                           "gives their sizes")
-            return None
         feed = next(iter(_calibration_source(float_model, data, preprocess, 1)))
     return speed_check(float_model, quant_model, runs=50, threads=1, feed=feed)
 

@@ -426,16 +426,18 @@ def _render_quantize(report: api.QuantizeReport) -> None:
     summary.show_header = False
     summary.add_row("size", f"{bytes_text(report.float_bytes)} -> {bytes_text(report.quant_bytes)} "
                             f"({report.quant_bytes / report.float_bytes:.2f}x)")
-    batched = report.calibration_batches != report.calibration_samples  # batches of more than one sample
     if report.calibration_samples:
+        batched = report.calibration_batches != report.calibration_samples  # batches of several samples
         summary.add_row("calibration", f"{report.calibration_samples} samples"
                                        + (f" in {report.calibration_batches} batches" if batched else ""))
     if report.fidelity is not None:
-        unit = "calibration batches" if batched else "calibration samples"
-        for out in report.fidelity.outputs:
+        fidelity = report.fidelity
+        counted = f"{fidelity.rows} calibration samples" + (
+            f" in {fidelity.samples} batches" if fidelity.rows != fidelity.samples else "")
+        for out in fidelity.outputs:
             top1 = f", top-1 agreement {out.top1_agreement:.2%}" if out.top1_agreement is not None else ""
             summary.add_row(f"fidelity {out.name}", f"SQNR {out.sqnr_db:.2f} dB, cosine {out.cosine:.5f}{top1} "
-                                                    f"(on {report.fidelity.samples} {unit})")
+                                                    f"(on {counted})")
     state.stdout.print(summary)
     if report.speed is not None:
         render_speed(report.speed)

@@ -27,7 +27,9 @@ def _scale_text(scale: float, zero_point: int | None, dtype: str) -> str:
 
 def render_compare(result: CompareResult, *, limit: int | None = None) -> None:
     """Output rows, then per-layer rows worst SQNR first (the first ``limit`` if given), then coverage."""
-    outputs = table(f"outputs over {result.samples} sample(s)",
+    counted = (f"{result.rows} samples in {result.samples} batches" if result.rows != result.samples
+               else f"{result.samples} sample(s)")
+    outputs = table(f"outputs over {counted}",
                     [("output", "left"), ("SQNR dB", "right"), ("cosine", "right"), ("max abs err", "right"),
                      ("top-1 agreement", "right")])
     for row in result.outputs:
@@ -56,8 +58,9 @@ def _coverage_line(result: CompareResult) -> str:
 
 def render_speed(check: SpeedCheck) -> None:
     """Float vs quantized latency, the speedup, and the reasons when the quantized model is not faster."""
+    timed_on = "" if check.inputs == "random" else f", on the first data batch ({check.inputs})"
     state.stdout.print(f"ONNX Runtime CPU, median of {check.runs} interleaved runs, "
-                       f"threads={check.threads or 'default'}")
+                       f"threads={check.threads or 'default'}{timed_on}")
     rows = table(None, [("model", "left"), ("median ms", "right"), ("speedup", "right")])
     rows.add_row("float", f"{check.float_ms:.3f}", "1.00x")
     rows.add_row(check.label, f"{check.quant_ms:.3f}", f"{check.speedup:.2f}x")

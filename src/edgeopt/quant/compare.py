@@ -133,7 +133,7 @@ class OutputComparison:
 @dataclass(frozen=True, kw_only=True)
 class CompareResult:
     """Per-layer rows (worst SQNR first, QDQ simulation) and per-output rows (the quantized model run
-    as is) over ``samples`` batches.
+    as is) over ``samples`` batches holding ``rows`` samples (the leading dim of the first output).
 
     ``quantized_tensors`` counts the activation Q/DQ pairs of the QDQ model;
     ``unmatched`` names those without a float counterpart; ``skipped`` those
@@ -146,13 +146,15 @@ class CompareResult:
     quantized_tensors: int
     unmatched: tuple[str, ...]
     skipped: tuple[str, ...] = ()
+    rows: int = 0
 
     @property
     def matched(self) -> int:
         return len(self.layers)
 
     def to_dict(self) -> dict:
-        return {"samples": self.samples, "quantized_tensors": self.quantized_tensors, "matched": self.matched,
+        return {"samples": self.samples, "rows": self.rows, "quantized_tensors": self.quantized_tensors,
+                "matched": self.matched,
                 "unmatched": list(self.unmatched), "skipped": list(self.skipped),
                 "outputs": [o.to_dict() for o in self.outputs], "layers": [r.to_dict() for r in self.layers]}
 
@@ -286,7 +288,7 @@ class _Meters:
         self.outputs = {name: FidelityMeter(name) for name in outputs}
         self.agreement: dict[str, AgreementMeter] = {}
         self.skipped: list[str] = []
-        self.samples = 0
+        self.samples = self.rows = 0
 
     def _first_batch(self, reference: Mapping[str, np.ndarray], layers: Mapping[str, np.ndarray]) -> None:
         for name in list(self.layers):
@@ -312,6 +314,8 @@ class _Meters:
         for name, meter in self.agreement.items():
             meter.update(reference[name], outputs[name])
         self.samples += 1
+        first = next(iter(outputs.values()), None)
+        self.rows += int(first.shape[0]) if getattr(first, "ndim", 0) else 1
 
     def layer_rows(self) -> list[LayerComparison]:
         rows = []
@@ -394,7 +398,7 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
         raise DataError("the data gave no samples: point --data at at least one sample")
     return CompareResult(samples=meters.samples, layers=tuple(meters.layer_rows()),
                          outputs=tuple(meters.output_rows()), quantized_tensors=pairs,
-                         unmatched=tuple(unmatched), skipped=tuple(meters.skipped))
+                         unmatched=tuple(unmatched), skipped=tuple(meters.skipped), rows=meters.rows)
 
 
 def _stream(source: Iterable[dict[str, np.ndarray]], runs: _Runs, meters: _Meters,

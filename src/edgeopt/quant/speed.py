@@ -159,6 +159,7 @@ class SpeedCheck:
     threads: int | None
     evidence: SpeedEvidence
     reasons: tuple[str, ...] = ()
+    inputs: str = "random"  # what was timed: "random" (the static shapes), or the feed's shapes
 
     @property
     def speedup(self) -> float:
@@ -175,7 +176,7 @@ class SpeedCheck:
 
     def to_dict(self) -> dict:
         return {"float_ms": self.float_ms, "quant_ms": self.quant_ms, "speedup": self.speedup,
-                "slower": self.slower, "runs": self.runs, "threads": self.threads,
+                "slower": self.slower, "runs": self.runs, "threads": self.threads, "inputs": self.inputs,
                 "reasons": list(self.reasons), "evidence": self.evidence.to_dict()}
 
 
@@ -238,10 +239,13 @@ def speed_check(float_model: ModelSource, quant_model: ModelSource, *, runs: int
         raise ConfigError(f"threads must be at least 1, got {threads}")
     float_ir, quant_ir = _load(float_model), _load(quant_model)
     _check_inputs(float_ir, quant_ir)
+    given = feed
     feed = dict(feed) if feed is not None else random_feed(eir.model_inputs(float_ir))
     sessions = (OrtSession(float_ir, threads=threads), OrtSession(quant_ir, threads=threads))
     float_ms, quant_ms = _interleaved_medians(sessions, feed, runs)
     evidence = _evidence(quant_ir, float_ms, threads)
     reasons = slowdown_reasons(evidence) if float_ms < quant_ms else ()
+    inputs = "random" if given is None else ", ".join(
+        f"{name} {'x'.join(map(str, np.shape(array)))}" for name, array in feed.items())
     return SpeedCheck(float_ms=float_ms, quant_ms=quant_ms, runs=runs, threads=threads,
-                      evidence=evidence, reasons=reasons)
+                      evidence=evidence, reasons=reasons, inputs=inputs)
