@@ -13,14 +13,14 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.api._common import ModelSource, Progress, load
-from edgeopt.data import ImagePreprocess
+from edgeopt.data import ImagePreprocess, batch_rows
 from edgeopt.errors import ConfigError, DataError, EdgeoptError
 from edgeopt.io import FILE_BYTES_KEY, atomic_write_bytes, check_writable, model_file_bytes, model_to_bytes
 from edgeopt.metrics import json_text
 from edgeopt.quant.accuracy import RETURNED, AccuracyGoal, AccuracySearch, accuracy_aware_quantize
 from edgeopt.quant.compare import CompareResult
 from edgeopt.quant.placement import EXCLUDED
-from edgeopt.quant.registry import QuantResult
+from edgeopt.quant.registry import Batch, QuantResult
 from edgeopt.quant.speed import SpeedCheck
 
 __all__ = ["QuantizeReport", "compare", "quantize"]
@@ -85,9 +85,7 @@ class _CountingSource:
     def __iter__(self):
         count = samples = 0
         for batch in self._source:
-            first = next(iter(batch.values()), None)
-            count += 1
-            samples += int(first.shape[0]) if getattr(first, "ndim", 0) else 1
+            count, samples = count + 1, samples + batch_rows(batch)
             self.count, self.samples = max(self.count, count), max(self.samples, samples)
             yield batch
 
@@ -204,11 +202,14 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     fidelity = (_fidelity(loaded, result.model, data, preprocess, max_samples)
                 if check_fidelity and reiterable else None)
     speed = None
-    if check_speed and not reiterable and not all(spec.is_static for spec in eir.model_inputs(loaded)):
-        warnings.append("speed check skipped: the model has dynamic input dims, and no re-readable data "
-                        "gives their sizes (a folder, a file, or a module:function returning a list)")
-    elif check_speed:
-        speed = _speed(loaded, result.model, data, preprocess)
+    if check_speed:
+        dynamic = not all(spec.is_static for spec in eir.model_inputs(loaded))
+        if dynamic and not reiterable:
+            warnings.append("speed check skipped: the model has dynamic input dims, and no re-readable data "
+                            "gives their sizes (a folder, a file, or a module:function returning a list)")
+        else:  # a model with dynamic dims is timed on the first calibration batch: the sizes it will see
+            feed = next(iter(_calibration_source(loaded, data, preprocess, 1))) if dynamic else None
+            speed = _speed(loaded, result.model, feed)
     if speed is not None and speed.slower:
         logger.info("the quantized model is slower than float here (%.3f ms vs %.3f ms): %s", speed.quant_ms,
                     speed.float_ms, "; ".join(speed.reasons or ("no cause found",)))
@@ -250,14 +251,10 @@ def _fidelity(float_model: ir.Model, quant_model: ir.Model, data, preprocess,
                           max_samples=batches)
 
 
-def _speed(float_model: ir.Model, quant_model: ir.Model, data, preprocess) -> SpeedCheck | None:
-    """Float vs quantized latency; a model with dynamic input dims is timed on the first calibration
-    batch (the sizes it will see), else on random inputs of its static shapes."""
+def _speed(float_model: ir.Model, quant_model: ir.Model, feed: Batch | None) -> SpeedCheck:
+    """Float vs quantized latency on ``feed``, or on random inputs of the models' static shapes."""
     from edgeopt.quant.speed import speed_check
 
-    feed = None
-    if not all(spec.is_static for spec in eir.model_inputs(float_model)):
-        feed = next(iter(_calibration_source(float_model, data, preprocess, 1)))
     return speed_check(float_model, quant_model, runs=50, threads=1, feed=feed)
 
 

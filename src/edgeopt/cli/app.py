@@ -14,7 +14,7 @@ import typer
 from edgeopt import __version__, api
 from edgeopt.bench import BenchConfig
 from edgeopt.cli import state
-from edgeopt.cli.render import bytes_text, count_text, print_json, progress_bar, table
+from edgeopt.cli.render import bytes_text, count_text, in_batches, print_json, progress_bar, table
 from edgeopt.data import ImagePreprocess
 from edgeopt.errors import ConfigError, DataError
 from edgeopt.quant.accuracy import AccuracyGoal
@@ -427,13 +427,11 @@ def _render_quantize(report: api.QuantizeReport) -> None:
     summary.add_row("size", f"{bytes_text(report.float_bytes)} -> {bytes_text(report.quant_bytes)} "
                             f"({report.quant_bytes / report.float_bytes:.2f}x)")
     if report.calibration_samples:
-        batched = report.calibration_batches != report.calibration_samples  # batches of several samples
         summary.add_row("calibration", f"{report.calibration_samples} samples"
-                                       + (f" in {report.calibration_batches} batches" if batched else ""))
+                                       f"{in_batches(report.calibration_samples, report.calibration_batches)}")
     if report.fidelity is not None:
         fidelity = report.fidelity
-        counted = f"{fidelity.rows} calibration samples" + (
-            f" in {fidelity.samples} batches" if fidelity.rows != fidelity.samples else "")
+        counted = f"{fidelity.rows} calibration samples{in_batches(fidelity.rows, fidelity.samples)}"
         for out in fidelity.outputs:
             top1 = f", top-1 agreement {out.top1_agreement:.2%}" if out.top1_agreement is not None else ""
             summary.add_row(f"fidelity {out.name}", f"SQNR {out.sqnr_db:.2f} dB, cosine {out.cosine:.5f}{top1} "

@@ -11,7 +11,7 @@ from rich.table import Table
 from edgeopt.cli import state
 from edgeopt.metrics import json_text
 
-__all__ = ["bytes_text", "count_text", "print_json", "progress_bar", "table"]
+__all__ = ["bytes_text", "count_text", "in_batches", "print_json", "progress_bar", "table"]
 
 
 def count_text(value: float) -> str:
@@ -28,6 +28,11 @@ def bytes_text(value: float) -> str:
         if abs(value) >= factor:
             return f"{value / factor:.1f} {suffix}"
     return f"{value:.0f} B"
+
+
+def in_batches(samples: int, batches: int) -> str:
+    """`` in M batches`` after a count of samples, when the batches hold more than one sample each."""
+    return f" in {batches} batches" if batches != samples else ""
 
 
 def print_json(data: dict) -> None:

@@ -10,7 +10,15 @@ a .npy/.npz file, a ``module:function`` or an in-memory iterable.
 
 from __future__ import annotations
 
-from edgeopt.data.base import ArraySource, DataSource, IterableSource, TakeSource, dataset_from_arrays, take
+from edgeopt.data.base import (
+    ArraySource,
+    DataSource,
+    IterableSource,
+    TakeSource,
+    batch_rows,
+    dataset_from_arrays,
+    take,
+)
 from edgeopt.data.callable import CallableSource
 from edgeopt.data.feeds import check_feed
 from edgeopt.data.images import ImageDtype, ImageFolderSource, ImagePreprocess, Layout
@@ -29,6 +37,7 @@ __all__ = [
     "NpyFileSource",
     "NpyFolderSource",
     "TakeSource",
+    "batch_rows",
     "check_feed",
     "dataset_from_arrays",
     "open_data",

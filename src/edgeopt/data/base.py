@@ -34,6 +34,7 @@ __all__ = [
     "DataSource",
     "IterableSource",
     "TakeSource",
+    "batch_rows",
     "dataset_from_arrays",
     "split_stacked",
     "take",
@@ -164,6 +165,13 @@ class ArraySource(DataSource):
 
     def describe(self) -> str:
         return f"arrays {', '.join(self._arrays)} ({self._count} samples)"
+
+
+def batch_rows(arrays: Mapping[str, object]) -> int:
+    """The samples in a batch of arrays (a feed, or a model's outputs): the leading dim of the first
+    array, 1 for a scalar."""
+    first = next(iter(arrays.values()), None)
+    return int(first.shape[0]) if getattr(first, "ndim", 0) else 1
 
 
 def dataset_from_arrays(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> ArraySource:

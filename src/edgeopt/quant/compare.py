@@ -28,9 +28,8 @@ quantized model runs twice:
   the QDQ graph's float simulation, which can differ from the fused kernels
   by more than rounding (a Softmax output scale too fine for its range
   saturates in the simulation and gave 0 in QLinearSoftmax before ONNX
-  Runtime 1.32). Read them as
-  where the quantization error arises, the output rows as what the model
-  gives.
+  Runtime 1.32). Read them as where the quantization error arises, the
+  output rows as what the model gives.
 
 Each batch updates the streaming meters of :mod:`edgeopt.metrics` and is
 dropped, so memory does not grow with the data.
@@ -49,7 +48,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.data import open_data, take
+from edgeopt.data import batch_rows, open_data, take
 from edgeopt.errors import DataError
 from edgeopt.metrics import AgreementMeter, FidelityMeter, json_number, looks_like_class_scores
 from edgeopt.quant.ops import is_qdq_op
@@ -141,12 +140,12 @@ class CompareResult:
     """
 
     samples: int
+    rows: int
     layers: tuple[LayerComparison, ...]
     outputs: tuple[OutputComparison, ...]
     quantized_tensors: int
     unmatched: tuple[str, ...]
     skipped: tuple[str, ...] = ()
-    rows: int = 0
 
     @property
     def matched(self) -> int:
@@ -314,8 +313,7 @@ class _Meters:
         for name, meter in self.agreement.items():
             meter.update(reference[name], outputs[name])
         self.samples += 1
-        first = next(iter(outputs.values()), None)
-        self.rows += int(first.shape[0]) if getattr(first, "ndim", 0) else 1
+        self.rows += batch_rows(outputs)
 
     def layer_rows(self) -> list[LayerComparison]:
         rows = []

@@ -1,17 +1,17 @@
 """Int8 post-training quantization to a QDQ model (the handler for :class:`Int8Config`).
 
-Steps, on the private copy the caller hands in:
+Steps, on the private copy the caller (:func:`edgeopt.quant.quantize`, which
+has refused a model already quantized) hands in:
 
-1. refuse a model that is already quantized;
-2. opset < 13: convert to 13 (per-channel QDQ needs it), reported, and
+1. opset < 13: convert to 13 (per-channel QDQ needs it), reported, and
    checked against the original on the first calibration batches;
-3. ``edgeopt.passes.optimize_for_quantization`` when available (fold
+2. ``edgeopt.passes.optimize_for_quantization`` when available (fold
    BatchNorm/affine into Conv, fuse activations), then unique names; every
    ``exclude`` entry must name a node or op type of the given or the
    optimized model;
-4. plan Q/DQ placement (:mod:`edgeopt.quant.placement`);
-5. one streaming calibration pass over the planned activations;
-6. insert Q/DQ with ranges from the configured method (:mod:`edgeopt.quant.qdq`).
+3. plan Q/DQ placement (:mod:`edgeopt.quant.placement`);
+4. one streaming calibration pass over the planned activations;
+5. insert Q/DQ with ranges from the configured method (:mod:`edgeopt.quant.qdq`).
 
 The activation type follows the target (ORT on x86: uint8, MCU: int8) and is
 logged and written into the result's notes.
@@ -36,7 +36,7 @@ from edgeopt.quant.config import CalibrationConfig, CalibrationMethod, Int8Confi
 from edgeopt.quant.equalize import equalize
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
 from edgeopt.quant.opset import OpsetCheck, OpsetConversion, convert_opset
-from edgeopt.quant.placement import NodeIndex, check_exclude, check_not_quantized, plan_qdq, vanished_excludes
+from edgeopt.quant.placement import NodeIndex, check_exclude, plan_qdq, vanished_excludes
 from edgeopt.quant.qdq import insert_qdq
 from edgeopt.quant.registry import Batch, ProgressCallback, QuantResult, register_scheme
 
@@ -170,7 +170,6 @@ class _AccuracyHooks:
 def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | None, *,
                   progress: ProgressCallback | None = None) -> QuantResult:
     """Int8 QDQ quantization of ``model`` (rewritten in place) calibrated on ``data``."""
-    check_not_quantized(model)
     given = NodeIndex.of(model)  # not the model: the weights the float passes replace can be freed
     notes = [_activation_note(config)]
     logger.info(notes[0])

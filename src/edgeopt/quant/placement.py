@@ -73,6 +73,11 @@ __all__ = [
 
 #: The reason a node the user's --exclude names stays float.
 EXCLUDED = "excluded (--exclude)"
+_KEPT_ON_REQUEST = "kept float on request"  # plan_qdq(keep_float=...)
+
+# Ops ONNX Runtime's QDQ optimizer moves a DequantizeLinear past (they reorder values, not change them).
+DATA_MOVEMENT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split",
+                     "Expand", "MaxPool", "Identity")
 
 _QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm",
                             "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
@@ -205,7 +210,7 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
     if node.name in exclude or node.op_type in exclude:
         return EXCLUDED
     if node.name in keep_float:
-        return "kept float on request"
+        return _KEPT_ON_REQUEST
     # SiLU = x * sigmoid(x) quantizes well as its two ops (integer Sigmoid and Mul kernels exist on
     # ONNX Runtime and the MCU); GELU's Erf chain loses too much precision between its small ops.
     if node.metadata_props.get(PATTERN_KEY, "silu") != "silu":
@@ -365,7 +370,7 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     clamped = [a.outputs[0].name for a in fused_by_producer.values() if activation_clamp(a)[0] == 0.0]
     softmax_outputs = {node.outputs[0].name for node in graph if eir.is_op(node, "Softmax")}
     activations = planner.ordered(planner.activations)
-    kept = _kept_float_closure(graph, exclude, keep_float, refusals)
+    kept = _kept_float_closure(graph, refusals)
     return QdqPlan(
         nodes=tuple(name for name in candidates if name not in refusals),
         fused=tuple(fused.items()),
@@ -382,17 +387,13 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     )
 
 
-# Ops ONNX Runtime's QDQ optimizer moves a DequantizeLinear past (they reorder values, not change them).
-DATA_MOVEMENT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split", "Expand",
-              "MaxPool", "Identity")
 
-
-def _kept_float_closure(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[str],
-                        refusals: dict[str, str]) -> set[str]:
-    """The nodes kept float, plus the data-movement ops (Transpose, Reshape, Slice ...) read only by
-    them, transitively: ONNX Runtime moves a DequantizeLinear past such an op, which would put the
-    kept node between a DQ and a Q again. Those not already float join ``refusals`` with the reason."""
-    kept = {node.name for node in graph if _kept_float(node, exclude, keep_float)}
+def _kept_float_closure(graph: ir.Graph, refusals: dict[str, str]) -> set[str]:
+    """The nodes kept float (:func:`_kept_float`), plus the data-movement ops (Transpose, Reshape,
+    Slice ...) read only by them, transitively: ONNX Runtime moves a DequantizeLinear past such an
+    op, which would put the kept node between a DQ and a Q again. Those not already float join
+    ``refusals`` with the reason."""
+    kept = {node.name for node in graph if _kept_float(node, refusals.get(node.name))}
     stack = [node for node in graph if node.name in kept]
     while stack:
         reader = stack.pop()
@@ -407,10 +408,10 @@ def _kept_float_closure(graph: ir.Graph, exclude: Collection[str], keep_float: C
     return kept
 
 
-def _kept_float(node: ir.Node, exclude: Collection[str], keep_float: Collection[str]) -> bool:
-    """An op with an integer kernel that the user (or an accuracy tool) keeps float. It reads its
-    inputs before their Q/DQ pairs: between a DequantizeLinear and a QuantizeLinear ONNX Runtime would
-    fuse it into that kernel again (QLinearAdd, QLinearConv with weights it quantizes itself), and
-    the node would not be float at all. Relu/Clip are not fused by themselves, so they read DQ."""
-    return (eir.is_op(node, *OP_RULES) and OP_RULES[node.op_type].role is not OpRole.ACTIVATION
-            and (node.name in exclude or node.op_type in exclude or node.name in keep_float))
+def _kept_float(node: ir.Node, refusal: str | None) -> bool:
+    """An op with an integer kernel that the user (or an accuracy tool) keeps float (its refusal says
+    so). It reads its inputs before their Q/DQ pairs: between a DequantizeLinear and a QuantizeLinear
+    ONNX Runtime would fuse it into that kernel again (QLinearAdd, QLinearConv with weights it
+    quantizes itself), and the node would not be float at all. Relu/Clip are not fused by
+    themselves, so they read DQ."""
+    return refusal in (EXCLUDED, _KEPT_ON_REQUEST) and OP_RULES[node.op_type].role is not OpRole.ACTIVATION

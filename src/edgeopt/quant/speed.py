@@ -43,6 +43,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
+from edgeopt.data.feeds import shape_text
 from edgeopt.errors import ConfigError, DataError
 from edgeopt.quant.speed_evidence import (
     X86_MACHINES,
@@ -239,13 +240,12 @@ def speed_check(float_model: ModelSource, quant_model: ModelSource, *, runs: int
         raise ConfigError(f"threads must be at least 1, got {threads}")
     float_ir, quant_ir = _load(float_model), _load(quant_model)
     _check_inputs(float_ir, quant_ir)
-    given = feed
+    inputs = "random" if feed is None else ", ".join(f"{name} {shape_text(np.shape(array))}"
+                                                     for name, array in feed.items())
     feed = dict(feed) if feed is not None else random_feed(eir.model_inputs(float_ir))
     sessions = (OrtSession(float_ir, threads=threads), OrtSession(quant_ir, threads=threads))
     float_ms, quant_ms = _interleaved_medians(sessions, feed, runs)
     evidence = _evidence(quant_ir, float_ms, threads)
     reasons = slowdown_reasons(evidence) if float_ms < quant_ms else ()
-    inputs = "random" if given is None else ", ".join(
-        f"{name} {'x'.join(map(str, np.shape(array)))}" for name, array in feed.items())
     return SpeedCheck(float_ms=float_ms, quant_ms=quant_ms, runs=runs, threads=threads,
                       evidence=evidence, reasons=reasons, inputs=inputs)
