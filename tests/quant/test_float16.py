@@ -80,10 +80,12 @@ def test_configs_are_frozen_and_keyword_only():
 
 
 def test_to_float16_clamps_to_the_range_and_counts():
-    half = to_float16(np.array([1e5, -7e4, 65504.0, 1.0, 1e-9, 0.0, np.inf], dtype=np.float32))
+    values = [1e5, -7e4, 65504.0, 1.0, 1e-9, 0.0, np.inf, 2.0**-25, -(2.0**-25), 2.0**-24]
+    half = to_float16(np.array(values, dtype=np.float32))
     assert half.array.dtype == np.float16
-    assert half.array.tolist() == [65504.0, -65504.0, 65504.0, 1.0, 0.0, 0.0, np.inf]
-    assert (half.clamped, half.flushed) == (2, 1)
+    # 2**-25 is half the smallest subnormal: a tie, rounded to even (zero); 2**-24 is that subnormal
+    assert half.array.tolist() == [65504.0, -65504.0, 65504.0, 1.0, 0.0, 0.0, np.inf, 0.0, 0.0, 2.0**-24]
+    assert (half.clamped, half.flushed) == (2, 3)
 
 
 # --------------------------------------------------------------------------
@@ -274,6 +276,27 @@ def test_fp16_counts_clamped_and_flushed_weights(tmp_path):
     assert result.details["flushed_values"] == 4  # and so does 1e-9
     assert any(note.startswith("4 weight values beyond ±65504 clamped") for note in result.notes)
     assert _node(result.model, "mul_w").inputs[1].const_value.numpy().max() == np.float16(65504)
+
+
+def test_fp16_types_every_output_of_a_variadic_op(tmp_path):
+    """Split's outputs 1..n share output 0's type constraint: all float16, no Casts between them."""
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 24)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]),
+         helper.make_node("Split", ["h"], ["a", "b", "c"], axis=1, num_outputs=3),
+         helper.make_node("Mul", ["a", "b"], ["ab"]), helper.make_node("Add", ["ab", "c"], ["y"])],
+        "split", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], initializer=[weight])
+    path = tmp_path / "split.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    model = load_model(path)
+    converted = quantize(model, Fp16Config(), data=None).model
+    check_types(converted)
+    split = next(node for node in converted.graph if node.op_type == "Split")
+    assert [v.dtype for v in split.outputs] == [ir.DataType.FLOAT16] * 3
+    assert sum(node.op_type == "Cast" for node in converted.graph) == 2  # the graph boundary only
+    reference, outputs = run_both(model, converted)
+    assert sqnr_db(reference["y"], outputs["y"]) >= FP16_MIN_SQNR_DB
 
 
 # --------------------------------------------------------------------------

@@ -69,7 +69,6 @@ __all__ = ["FLOAT32_OPS", "Bf16Config", "Fp16Config", "HalfArray", "UniqueNames"
 logger = logging.getLogger(__name__)
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
-FLOAT16_TINY = 2.0**-25  # values below half the smallest subnormal round to zero
 
 _FLOAT = ir.DataType.FLOAT
 _FLOAT16 = ir.DataType.FLOAT16
@@ -132,9 +131,10 @@ def to_float16(array: np.ndarray) -> HalfArray:
     """Round to nearest float16, clamping |x| > 65504 to ±65504 (NaN and inf pass through)."""
     finite = np.isfinite(array)
     clamped = int(np.count_nonzero(finite & (np.abs(array) > FLOAT16_MAX)))
-    flushed = int(np.count_nonzero((array != 0) & (np.abs(array) < FLOAT16_TINY)))
-    clipped = np.where(finite, np.clip(array, -FLOAT16_MAX, FLOAT16_MAX), array)
-    return HalfArray(array=clipped.astype(np.float16), clamped=clamped, flushed=flushed)
+    clipped = np.where(finite, np.clip(array, -FLOAT16_MAX, FLOAT16_MAX), array).astype(np.float16)
+    # at most 2**-25 (half the smallest subnormal, ties to even) rounds to zero: counted from the result
+    flushed = int(np.count_nonzero((array != 0) & (clipped == 0)))
+    return HalfArray(array=clipped, clamped=clamped, flushed=flushed)
 
 
 # ---------------------------------------------------------------------------
@@ -343,7 +343,7 @@ def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | N
         f"float16 weights and compute: {len(log.tensors)} float32 constants converted, "
         f"{log.bytes_before} -> {log.bytes_after} bytes",
         f"{log.clamped} weight values beyond ±65504 clamped to the float16 range, "
-        f"{log.flushed} below 2**-25 rounded to 0",
+        f"{log.flushed} of magnitude 2**-25 or less rounded to 0",
         (f"inputs and outputs stay float32: {casts.at_boundary()} Cast nodes at the graph boundary"
          if config.keep_io_float32 else "inputs and outputs are float16"),
         f"{len(casts.made)} Cast nodes in all join the float32 and float16 parts",

@@ -77,6 +77,20 @@ class _Positions:
     inputs: frozenset[int]
     outputs: frozenset[int]
     variadic_from: int | None  # inputs at or past this index share the last formal input
+    variadic_outputs_from: int | None  # the same for outputs (Split's outputs 1..n)
+
+    def admits_input(self, index: int) -> bool:
+        return _at(self.inputs, self.variadic_from, index)
+
+    def admits_output(self, index: int) -> bool:
+        return _at(self.outputs, self.variadic_outputs_from, index)
+
+
+def _at(admitted: frozenset[int], variadic_from: int | None, index: int) -> bool:
+    """Whether position ``index`` admits float16, a variadic tail counting as its formal parameter."""
+    if variadic_from is not None and index > variadic_from:
+        index = variadic_from
+    return index in admitted
 
 
 @functools.cache
@@ -91,15 +105,12 @@ def _positions(op_type: str, opset: int) -> _Positions | None:
     def admits(params) -> frozenset[int]:
         return frozenset(i for i, p in enumerate(params) if half in p.type_constraint.allowed_types)
 
-    inputs = signature.inputs
-    variadic_from = len(inputs) - 1 if inputs and inputs[-1].variadic else None
-    return _Positions(inputs=admits(inputs), outputs=admits(signature.outputs), variadic_from=variadic_from)
+    def variadic_from(params) -> int | None:
+        return len(params) - 1 if params and params[-1].variadic else None
 
-
-def _input_admits_half(positions: _Positions, index: int) -> bool:
-    if positions.variadic_from is not None and index > positions.variadic_from:
-        index = positions.variadic_from
-    return index in positions.inputs
+    inputs, outputs = signature.inputs, signature.outputs
+    return _Positions(inputs=admits(inputs), outputs=admits(outputs), variadic_from=variadic_from(inputs),
+                      variadic_outputs_from=variadic_from(outputs))
 
 
 def float_values(values: Iterable[ir.Value | None]) -> list[ir.Value]:
@@ -153,7 +164,7 @@ class HalfPrecisionPlan:
         if node.graph is not self.graph or node not in self.low_nodes:
             return _FLOAT
         positions = _positions(node.op_type, self.opset)
-        return self.low if positions is not None and _input_admits_half(positions, index) else _FLOAT
+        return self.low if positions is not None and positions.admits_input(index) else _FLOAT
 
     def wants(self, value: ir.Value) -> set[ir.DataType]:
         wanted = {self.wanted(use.node, use.idx) for use in value.uses()}
@@ -166,7 +177,7 @@ class HalfPrecisionPlan:
         if node is None or node not in self.low_nodes:
             return False
         positions = _positions(node.op_type, self.opset)
-        return positions is not None and value.index() in positions.outputs
+        return positions is not None and positions.admits_output(value.index())
 
     def home(self, value: ir.Value) -> ir.DataType:
         """The type ``value`` is stored in after conversion."""
