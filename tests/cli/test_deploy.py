@@ -147,12 +147,27 @@ def test_float_model_says_quantize_first(cli, tmp_path):
 
 
 def test_existing_folder_is_not_overwritten_without_force(cli, qdq_path, tmp_path):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "mine.txt").write_text("keep")
+    assert cli("compile", qdq_path, "-o", tmp_path / "out", "--no-measure").code == 0
     assert_one_line_error(cli("compile", qdq_path, "-o", tmp_path / "out", "--no-measure"), "--force")
-    assert (tmp_path / "out" / "mine.txt").read_text() == "keep"
     assert cli("compile", qdq_path, "-o", tmp_path / "out", "--no-measure", "--force").code == 0
-    assert not (tmp_path / "out" / "mine.txt").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "mine.txt").write_text("keep")
+    assert_one_line_error(cli("compile", qdq_path, "-o", tmp_path / "mine", "--no-measure", "--force"),
+                          "did not write", "mine.txt")
+    assert (tmp_path / "mine" / "mine.txt").read_text() == "keep"
+
+
+def test_the_input_model_is_never_replaced(cli, qdq_path, tmp_path):
+    """A model inside a compiled folder (its reference.onnx, or one the user put there) would go with it."""
+    assert cli("compile", qdq_path, "-o", tmp_path / "out", "--no-measure").code == 0
+    inside = tmp_path / "out" / "reference.onnx"
+    before = inside.read_bytes()
+    assert_one_line_error(cli("compile", inside, "-o", tmp_path / "out", "--no-measure", "--force"),
+                          "inside the output folder")
+    assert inside.read_bytes() == before
+    assert_one_line_error(cli("compile", qdq_path, "-o", qdq_path, "--no-measure", "--force"), "is a file")
+    np.save(tmp_path / "x.npy", np.zeros(1, dtype=np.float32))
+    assert_one_line_error(cli("run", qdq_path, "-i", tmp_path / "x.npy", "-o", qdq_path), "is a file")
 
 
 def test_device_too_small_writes_the_code_says_bytes_missing_and_the_build_fails(cli, qdq_path, tmp_path):

@@ -188,6 +188,22 @@ def test_unknown_exclude_and_missing_data(cli, tmp_path, calib):
     assert not out.exists()
 
 
+def test_output_over_an_external_data_file_of_the_input_is_refused(cli, tmp_path):
+    """-o naming the input's weight file (or a report landing on it) would destroy the input model."""
+    model = tmp_path / "m.onnx"
+    onnx.save(onnx.load(demo_model_path()), model, save_as_external_data=True, location="m.onnx.data",
+              size_threshold=0)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    assert_one_line_error(cli("quantize", model, "--scheme", "fp16", "-o", tmp_path / "m.onnx.data"),
+                          "m.onnx.data", "overwrite")
+    (tmp_path / "weights").mkdir()
+    onnx.save(onnx.load(demo_model_path()), tmp_path / "weights" / "w.onnx", save_as_external_data=True,
+              location="w.report.json", size_threshold=0)  # where -o w.json puts its numbers
+    assert_one_line_error(cli("quantize", tmp_path / "weights" / "w.onnx", "--scheme", "fp16",
+                              "-o", tmp_path / "weights" / "w.json"), "w.report.json", "overwrite")
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
+
+
 def test_an_unwritable_output_is_refused_before_any_work(cli, tmp_path, calib):
     folder = tmp_path / "existing"
     folder.mkdir()

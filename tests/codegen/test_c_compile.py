@@ -79,14 +79,22 @@ def test_float_model_says_quantize_first(tmp_path):
         compile_c(q.to_ir(q.float_model("conv_relu")), tmp_path / "out")
 
 
-def test_existing_folder_needs_force(tmp_path):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("mine")
+def test_existing_folder_needs_force_and_force_replaces_only_a_compiled_folder(tmp_path):
+    compile_c(_qdq(), tmp_path / "out")
+    (tmp_path / "out" / "stale.c").write_text("from an earlier run")
     with pytest.raises(CodegenError, match="--force"):
         compile_c(_qdq(), tmp_path / "out")
-    assert (tmp_path / "out" / "keep.txt").exists()
+    assert (tmp_path / "out" / "stale.c").exists()
     compile_c(_qdq(), tmp_path / "out", force=True)
-    assert not (tmp_path / "out" / "keep.txt").exists()
+    assert not (tmp_path / "out" / "stale.c").exists()
+    (tmp_path / "mine").mkdir()  # the user's own folder (or the current one): never deleted
+    (tmp_path / "mine" / "keep.txt").write_text("mine")
+    with pytest.raises(CodegenError, match="did not write"):
+        compile_c(_qdq(), tmp_path / "mine", force=True)
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "mine"
+    (tmp_path / "file.c").write_text("")
+    with pytest.raises(CodegenError, match="is a file"):
+        compile_c(_qdq(), tmp_path / "file.c", force=True)
 
 
 def test_bad_options_are_config_errors(tmp_path):

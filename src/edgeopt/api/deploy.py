@@ -43,6 +43,9 @@ def compile_model(model: ModelSource, output: str | os.PathLike, *, target: str 
 
     if target != "c":
         raise ConfigError(f"--target {target!r} is not supported: the only code generation target is c")
+    if not isinstance(model, ir.Model) and Path(output).resolve() in Path(model).resolve().parents:
+        raise ConfigError(f"the model {model} is inside the output folder {output}: compiling would replace it; "
+                          "choose another -o")
     result = compile_c(load(model), output, device=device, name=name, rounding=rounding, force=force)
     host = None
     if measure:

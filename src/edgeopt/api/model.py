@@ -16,7 +16,7 @@ from edgeopt import ir as eir
 from edgeopt.analysis import CostReport, MemoryReport, analyze_cost, memory_report
 from edgeopt.api._common import ModelSource, Progress, load, model_name
 from edgeopt.errors import DataError
-from edgeopt.io import atomic_write_bytes
+from edgeopt.io import atomic_write_bytes, make_output_folder
 
 __all__ = ["InspectResult", "RunResult", "from_torch", "inspect", "run"]
 
@@ -125,7 +125,7 @@ def _safe_file_name(name: str) -> str:
 
 
 def _write_outputs(outputs: Mapping[str, np.ndarray], folder: Path) -> tuple[Path, ...]:
-    folder.mkdir(parents=True, exist_ok=True)
+    make_output_folder(folder)
     files = []
     for name, array in outputs.items():
         buffer = _io.BytesIO()
@@ -145,6 +145,8 @@ def run(model: ModelSource, inputs: Mapping[str, np.ndarray], *, output_dir: str
 
     from edgeopt.api.deploy import is_compiled_folder, run_compiled
 
+    if output_dir is not None:
+        make_output_folder(output_dir, create=False)  # before any work
     if is_compiled_folder(model):
         return run_compiled(model, inputs, output_dir, progress)
     loaded = load(model, require_static=False)

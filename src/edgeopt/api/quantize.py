@@ -15,7 +15,8 @@ from edgeopt import ir as eir
 from edgeopt.api._common import ModelSource, Progress, load
 from edgeopt.data import ImagePreprocess, batch_rows
 from edgeopt.errors import ConfigError, DataError, EdgeoptError
-from edgeopt.io import FILE_BYTES_KEY, atomic_write_bytes, check_writable, model_file_bytes, model_to_bytes
+from edgeopt.io import (FILE_BYTES_KEY, atomic_write_bytes, check_writable, model_file_bytes, model_files,
+                        model_to_bytes)
 from edgeopt.metrics import json_text
 from edgeopt.quant.accuracy import RETURNED, AccuracyGoal, AccuracySearch, accuracy_aware_quantize
 from edgeopt.quant.compare import CompareResult
@@ -97,10 +98,16 @@ def _calibration_source(model: ir.Model, data, preprocess: ImagePreprocess | Non
     return take(source, max_samples) if max_samples is not None else source
 
 
-def _same_file(a: ModelSource, b: str | os.PathLike | None) -> bool:
-    if b is None or isinstance(a, ir.Model):
-        return False
-    return Path(a).resolve() == Path(b).resolve()
+def _overwrites_input(model: ModelSource, output: str | os.PathLike | None) -> Path | None:
+    """The input file (the model or one of its external data files) that ``output`` or its report would
+    replace, if any."""
+    if output is None or isinstance(model, ir.Model):
+        return None
+    inputs = {file.resolve(): file for file in model_files(model)}
+    for written in (Path(output), report_path(output)):
+        if written.resolve() in inputs:
+            return inputs[written.resolve()]
+    return None
 
 
 def _evaluator(evaluate: str | Callable[[str], float] | None) -> Callable[[ir.Model], float] | None:
@@ -151,8 +158,10 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     from edgeopt.quant import Int8Config, Target
     from edgeopt.quant import quantize as run_scheme
 
-    if _same_file(model, output):
-        raise ConfigError("-o/--output must differ from the input model: edgeopt never overwrites its input")
+    overwritten = _overwrites_input(model, output)
+    if overwritten is not None:
+        raise ConfigError(f"-o/--output {output} would overwrite the input model's file {overwritten}: "
+                          "write elsewhere (edgeopt never overwrites its input)")
     if output is not None:  # before any work, not after it
         check_writable(output)
         check_writable(report_path(output))

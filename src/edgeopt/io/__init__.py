@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from edgeopt.io.load import FILE_BYTES_KEY, SUPPORTED_OPSETS, load_model, model_file_bytes, parse_input_shapes
-from edgeopt.io.save import atomic_write_bytes, check_writable, model_to_bytes, save_model
+from edgeopt.io.load import (FILE_BYTES_KEY, SUPPORTED_OPSETS, load_model, model_file_bytes, model_files,
+                             parse_input_shapes)
+from edgeopt.io.save import atomic_write_bytes, check_writable, make_output_folder, model_to_bytes, save_model
 
 __all__ = [
     "FILE_BYTES_KEY",
@@ -11,7 +12,9 @@ __all__ = [
     "atomic_write_bytes",
     "check_writable",
     "load_model",
+    "make_output_folder",
     "model_file_bytes",
+    "model_files",
     "model_to_bytes",
     "parse_input_shapes",
     "save_model",

@@ -278,3 +278,12 @@ def model_file_bytes(path: str | os.PathLike) -> int:
     """Size on disk of a model file plus the external data files it references."""
     file = Path(path)
     return _disk_bytes(file, _external_files(onnx.load(str(file), load_external_data=False), file.parent))
+
+
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """The model file and the external data files it references (none when it cannot be read)."""
+    file = Path(path)
+    try:
+        return [file, *_external_files(onnx.load(str(file), load_external_data=False), file.parent)]
+    except Exception:  # unreadable: loading it reports that, in its own words
+        return [file]

@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from edgeopt.errors import ModelError
 
-__all__ = ["atomic_write_bytes", "check_writable", "model_to_bytes", "save_model"]
+__all__ = ["atomic_write_bytes", "check_writable", "make_output_folder", "model_to_bytes", "save_model"]
 
 _PROTOBUF_LIMIT_BYTES = 2**31 - 1
 
@@ -31,6 +31,20 @@ def check_writable(path: str | os.PathLike) -> Path:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ModelError(f"output folder {folder} is not writable: choose another -o path")
     return target
+
+
+def make_output_folder(path: str | os.PathLike, *, create: bool = True) -> Path:
+    """The output folder ``path`` (``-o`` of the commands that write several files), created with its
+    parents unless ``create`` is False (a check before any work); refused when it is a file."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ModelError(f"output {folder} is a file: -o takes a folder here (it is created if missing)")
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ModelError(f"cannot create the output folder {folder}: {error.strerror or error}") from error
+    return folder
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -168,6 +168,23 @@ def _memory_map(program: Program, plan: MemoryPlan) -> dict:
             "tensors": tensors, "schedule": steps}
 
 
+def check_output_folder(out_dir: Path, *, force: bool) -> None:
+    """Refuse an ``-o`` that is a file, or a non-empty folder unless ``force``; even with ``force``, a folder
+    edgeopt compile did not write (no manifest: the user's own files, the current folder) is kept."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise CodegenError(f"output {out_dir} is a file: -o takes a folder (it is created if missing)")
+    entries = sorted(entry.name for entry in out_dir.iterdir())
+    if not entries:
+        return
+    if not force:
+        raise CodegenError(f"output folder {out_dir} exists: choose another -o or pass --force to overwrite it")
+    if MANIFEST not in entries:
+        raise CodegenError(f"output folder {out_dir} holds files edgeopt compile did not write "
+                           f"(e.g. {entries[0]}): --force replaces only a folder it wrote; choose another -o")
+
+
 def _write_folder(out_dir: Path, files: Mapping[str, str], model: ir.Model, manifest: dict, force: bool) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -190,8 +207,7 @@ def compile_c(model: ir.Model, out_dir: str | Path, *, device: str | Path | Devi
     _check_options(name, rounding)
     profile = load_device(device)
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise CodegenError(f"output folder {out_dir} exists: choose another -o or pass --force to overwrite it")
+    check_output_folder(out_dir, force=force)
     lowered = lower(model)
     schedule = choose_schedule(lowered)
     program = reorder(lowered, schedule.order)
