@@ -368,3 +368,42 @@ def test_torch_transformer_linears_become_matmul_nbits(tmp_path):
     attention = {n.node_name for n in result.float_nodes}
     assert len(attention) == 4 and all("not a constant" in n.reason for n in result.float_nodes)
     assert_matches_reference(model, result, config)
+
+
+def shared_weight_model(tmp_path, *, also_added: bool, opset: int = 17, batched: bool = False) -> ir.Model:
+    """x @ w -> Tanh -> @ w (a tied weight read by two MatMuls), optionally + w (a third, float reader)."""
+    shape = (2, 64, 64) if batched else (64, 64)
+    weight = (np.random.default_rng(2).standard_normal(shape) * 0.2).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="mm1"), helper.make_node("Tanh", ["a"], ["t"]),
+             helper.make_node("MatMul", ["t", "w"], ["b" if also_added else "y"], name="mm2")]
+    if also_added:
+        nodes.append(helper.make_node("Add", ["b", "w"], ["y"], name="add_w"))
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+                              initializer=[numpy_helper.from_array(weight, "w")])
+    return save(graph, tmp_path / f"tied{int(also_added)}{opset}.onnx", opset=opset)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["matmul_nbits", "dequantize_linear"])
+def test_a_weight_read_by_two_matmuls_is_stored_once(tmp_path, batched):
+    model = shared_weight_model(tmp_path, also_added=False, opset=21 if batched else 17, batched=batched)
+    config = Int4WeightConfig()
+    result = quantize(model, config, data=None)
+    constants = result.model.graph.initializers
+    assert len(constants) == 2, list(constants)  # the packed weight and its scales, once
+    assert result.details["weight_bytes_before"] == 4 * 64 * 64 * (2 if batched else 1)
+    assert result.details["weight_bytes_after"] == sum(v.const_value.nbytes for v in constants.values())
+    assert len(model_to_bytes(result.model)) < len(model_to_bytes(model)) / 4
+    assert_matches_reference(model, result, config)
+
+
+def test_a_quantized_weight_other_nodes_read_stays_and_is_noted(tmp_path):
+    model = shared_weight_model(tmp_path, also_added=True)
+    result = quantize(model, Int4WeightConfig(), data=None)
+    assert "w" in result.model.graph.initializers  # the Add still reads the float weight
+    assert any("stay in the model in float32 too, 16384 bytes" in note and "Add" in note for note in result.notes)
+    add = next(node for node in result.model.graph if node.op_type == "Add")
+    np.testing.assert_array_equal(eir.constant_array(add.inputs[1]), eir.constant_array(model.graph.initializers["w"]))
+    assert op_types(result.model).count("MatMulNBits") == 2
+    feed = gaussian_feed(model)
+    assert sqnr_db(OrtSession(model).run(feed)["y"], OrtSession(result.model).run(feed)["y"]) >= 15.0

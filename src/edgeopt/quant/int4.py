@@ -27,6 +27,7 @@ Lowering, per node:
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 from collections import Counter
 from collections.abc import Iterable
@@ -124,6 +125,18 @@ class _Target:
     addend: ir.Value | np.ndarray | None = None  # added after the product when it is not a row bias
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Encoded:
+    """A quantized weight's new constants (quantized values, scales, zero points or None), shared by
+    every node that reads the same weight, and their bytes."""
+
+    values: tuple[ir.Value, ir.Value, ir.Value | None]
+    nbytes: int
+    k: int = 0  # MatMulNBits' attributes
+    n: int = 0
+    block_size: int = 0
+
+
 def _match(node: ir.Node, config: Int4WeightConfig, opset: int) -> _Target | str:
     """How to quantize ``node``'s weight, or why it stays float."""
     if node.name in config.exclude or node.op_type in config.exclude:
@@ -205,19 +218,22 @@ def _addend_value(graph: ir.Graph, names: UniqueNames, target: _Target) -> ir.Va
     return target.addend
 
 
-def _lower_matmul_nbits(graph: ir.Graph, names: UniqueNames, target: _Target, config: Int4WeightConfig,
-                        quantized: BlockQuantizedWeight) -> int:
-    """Replace the node by MatMulNBits (+ Add); returns the bytes of the new constants."""
-    node, base = target.node, target.weight_value.name
+def _matmul_nbits_constants(graph: ir.Graph, names: UniqueNames, base: str,
+                            quantized: BlockQuantizedWeight) -> _Encoded:
     encoded = encode_matmul_nbits(quantized)
-    inputs: list[ir.Value | None] = [
-        node.inputs[0],
-        _array_initializer(graph, names(f"{base}_Q4"), encoded.packed),
-        _array_initializer(graph, names(f"{base}_scales"), encoded.scales),
-        None, None, None,
-    ]
-    if encoded.zero_points is not None:
-        inputs[3] = _array_initializer(graph, names(f"{base}_zero_points"), encoded.zero_points)
+    zero_points = (None if encoded.zero_points is None
+                   else _array_initializer(graph, names(f"{base}_zero_points"), encoded.zero_points))
+    values = (_array_initializer(graph, names(f"{base}_Q4"), encoded.packed),
+              _array_initializer(graph, names(f"{base}_scales"), encoded.scales), zero_points)
+    return _Encoded(values=values, nbytes=sum(v.const_value.nbytes for v in values if v is not None),
+                    k=encoded.k, n=encoded.n, block_size=encoded.block_size)
+
+
+def _lower_matmul_nbits(graph: ir.Graph, names: UniqueNames, target: _Target, config: Int4WeightConfig,
+                        encoded: _Encoded) -> None:
+    """Replace the node by MatMulNBits (+ Add) reading the ``encoded`` weight."""
+    node = target.node
+    inputs: list[ir.Value | None] = [node.inputs[0], *encoded.values, None, None]
     if target.bias is not None:
         inputs[5] = _array_initializer(graph, names(f"{node.name or base}_bias"), target.bias)
     while inputs[-1] is None:
@@ -236,18 +252,24 @@ def _lower_matmul_nbits(graph: ir.Graph, names: UniqueNames, target: _Target, co
         new_nodes.append(add)
         result = add.outputs[0]
     ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]], [result])
-    zero_point_bytes = encoded.zero_points.nbytes if encoded.zero_points is not None else 0
-    return encoded.packed.nbytes + encoded.scales.nbytes + zero_point_bytes
+
+
+def _dequantize_linear_constants(graph: ir.Graph, names: UniqueNames, base: str,
+                                 quantized: BlockQuantizedWeight) -> _Encoded:
+    fmt = quantized.format
+    values = (_packed_initializer(graph, names(f"{base}_{fmt.name}"), quantized.q, fmt),
+              _array_initializer(graph, names(f"{base}_scale"), quantized.scale),
+              None if fmt.symmetric else _packed_initializer(graph, names(f"{base}_zero_point"),
+                                                             quantized.zero_point, fmt))
+    zero_point_bytes = 0 if fmt.symmetric else (quantized.zero_point.size + 1) // 2
+    return _Encoded(values=values, nbytes=(quantized.q.size + 1) // 2 + quantized.scale.nbytes + zero_point_bytes)
 
 
 def _lower_dequantize_linear(graph: ir.Graph, names: UniqueNames, target: _Target,
-                             quantized: BlockQuantizedWeight) -> int:
-    """Feed the MatMul from DequantizeLinear(INT4 weight); returns the bytes of the new constants."""
-    node, base, fmt = target.node, target.weight_value.name, quantized.format
-    inputs = [_packed_initializer(graph, names(f"{base}_{fmt.name}"), quantized.q, fmt),
-              _array_initializer(graph, names(f"{base}_scale"), quantized.scale)]
-    if not fmt.symmetric:
-        inputs.append(_packed_initializer(graph, names(f"{base}_zero_point"), quantized.zero_point, fmt))
+                             quantized: BlockQuantizedWeight, encoded: _Encoded) -> None:
+    """Feed the MatMul from DequantizeLinear of the ``encoded`` INT4 weight."""
+    node, base = target.node, target.weight_value.name
+    inputs = [v for v in encoded.values if v is not None]
     dequantize_node = ir.Node("", "DequantizeLinear", inputs,
                               [ir.AttrInt64("axis", quantized.axis), ir.AttrInt64("block_size", quantized.block_size)],
                               num_outputs=1, name=names(f"{base}_DequantizeLinear"))
@@ -256,8 +278,6 @@ def _lower_dequantize_linear(graph: ir.Graph, names: UniqueNames, target: _Targe
     output.shape = ir.Shape(quantized.q.shape)
     graph.insert_before(node, dequantize_node)
     node.replace_input_with(1, output)
-    zero_point_bytes = 0 if fmt.symmetric else (quantized.zero_point.size + 1) // 2
-    return (quantized.q.size + 1) // 2 + quantized.scale.nbytes + zero_point_bytes
 
 
 def _tensor_info(target: _Target, quantized: BlockQuantizedWeight) -> TensorQuantInfo:
@@ -274,6 +294,18 @@ def _kept_note(float_nodes: Iterable[FloatNode]) -> list[str]:
     return ["left float: " + "; ".join(parts)] if parts else []
 
 
+def _still_float_note(graph: ir.Graph, weights: Iterable[ir.Value]) -> list[str]:
+    """Quantized weights other nodes (or the graph's outputs) still read in float32: their bytes remain."""
+    kept = [value for value in weights if value.uses() or value.is_graph_output()]
+    if not kept:
+        return []
+    readers = sorted({use.node.op_type for value in kept for use in value.uses()}
+                     | ({"graph output"} if any(value.is_graph_output() for value in kept) else set()))
+    nbytes = sum(value.const_value.nbytes for value in kept if value.const_value is not None)
+    return [f"{len(kept)} quantized weight(s) stay in the model in float32 too, {nbytes} bytes, because other "
+            f"nodes read them ({', '.join(readers)}; e.g. {kept[0].name!r}): the file shrinks by less"]
+
+
 @register_scheme(Int4WeightConfig)
 def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batch] | None = None, *,
                   progress: ProgressCallback | None = None) -> QuantResult:
@@ -282,7 +314,8 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
     graph, opset = model.graph, eir.default_opset(model)
     names = UniqueNames(graph)
     tensors, float_nodes, lowered = [], [], Counter()
-    bytes_before = bytes_after = short = 0
+    encodings: dict[tuple, _Encoded] = {}  # a weight read by several nodes (tied embeddings) is stored once
+    short, weights = 0, {}
     for node in [n for n in graph if eir.is_op(n, "MatMul", "Gemm")]:
         target = _match(node, config, opset)
         if isinstance(target, str):
@@ -292,15 +325,22 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
         short += target.weight.shape[-2] < config.block_size  # K of the [..., K, N] weight
         constants = dict.fromkeys([target.weight_value, *(v for v in node.inputs[1:]
                                                           if v is not None and eir.is_constant(v))])
+        key = (target.lowering, target.weight.shape, hashlib.sha256(target.weight.tobytes()).hexdigest())
+        if key not in encodings:
+            encode = (_matmul_nbits_constants if target.lowering is _Lowering.MATMUL_NBITS
+                      else _dequantize_linear_constants)
+            encodings[key] = encode(graph, names, target.weight_value.name, quantized)
         if target.lowering is _Lowering.MATMUL_NBITS:
-            bytes_after += _lower_matmul_nbits(graph, names, target, config, quantized)
+            _lower_matmul_nbits(graph, names, target, config, encodings[key])
         else:
-            bytes_after += _lower_dequantize_linear(graph, names, target, quantized)
-        bytes_before += target.weight.nbytes
+            _lower_dequantize_linear(graph, names, target, quantized, encodings[key])
         for value in constants:  # a Gemm's bias moved into MatMulNBits' bias input leaves its old copy
             eir.drop_if_unused(graph, value)
         lowered[target.lowering] += 1
         tensors.append(_tensor_info(target, quantized))
+        weights[target.weight_value] = None
+    bytes_before = sum(int(np.prod(shape)) * 4 for _, shape, _ in encodings)
+    bytes_after = sum(encoded.nbytes for encoded in encodings.values())
     if not tensors:
         reasons = "; ".join(f"{f.node_name}: {f.reason}" for f in float_nodes[:3]) or "the model has none"
         raise ModelError(f"no MatMul/Gemm weight to quantize ({reasons}): int4-weight quantizes the constant "
@@ -317,6 +357,7 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
             "" if config.accuracy_level is None
             else f"; MatMulNBits accuracy_level={int(config.accuracy_level)} ({config.accuracy_level.name})"),
         *_kept_note(float_nodes),
+        *_still_float_note(graph, weights),
         *([f"{short} layer(s) have K below the block size {config.block_size}: each of their columns is one "
            "block padded to full size, so a smaller --block-size stores them in fewer bytes"] if short else []),
     ]
