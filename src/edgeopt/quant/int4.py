@@ -303,7 +303,7 @@ def _still_float_note(graph: ir.Graph, weights: Iterable[ir.Value]) -> list[str]
                      | ({"graph output"} if any(value.is_graph_output() for value in kept) else set()))
     nbytes = sum(value.const_value.nbytes for value in kept if value.const_value is not None)
     return [f"{len(kept)} quantized weight(s) stay in the model in float32 too, {nbytes} bytes, because other "
-            f"nodes read them ({', '.join(readers)}; e.g. {kept[0].name!r}): the file shrinks by less"]
+            f"nodes read them ({', '.join(readers)}; e.g. {kept[0].name!r}): those bytes remain in the file"]
 
 
 @register_scheme(Int4WeightConfig)
