@@ -341,3 +341,15 @@ def test_the_quantized_model_ships_with_its_numbers(cli, tmp_path, calib):
     written = onnx.load(str(out))
     assert not written.graph.value_info and report["quant_bytes"] == out.stat().st_size
     assert out.stat().st_size < 1.05 * demo_model_path().stat().st_size
+
+
+def test_options_that_would_do_nothing_are_refused(cli, tmp_path, calib):
+    out, model = tmp_path / "q.onnx", demo_model_path()
+    assert_one_line_error(cli("quantize", model, "--scheme", "fp16", "-o", out, "--max-samples", "3"), "--max-samples",
+                          "--data")
+    assert_one_line_error(cli("quantize", model, "--scheme", "fp16", "-o", out, "--preprocess", "size=8x8"),
+                          "--preprocess", "--data")
+    assert_one_line_error(cli("quantize", model, "--data", calib, "-o", out, "--time-budget", "5s"), "--time-budget",
+                          "--min-sqnr")
+    assert_one_line_error(cli("quantize", model, "--scheme", "fp16", "-o", out, "--block-size", "32"), "--block-size")
+    assert not out.exists()

@@ -165,6 +165,9 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     if output is not None:  # before any work, not after it
         check_writable(output)
         check_writable(report_path(output))
+    if data is None and (preprocess is not None or max_samples is not None):
+        raise ConfigError(f"{'--preprocess' if preprocess is not None else '--max-samples'} applies to --data: "
+                          "give --data too, or drop it")
     loaded = load(model, require_static=False)
     float_bytes = _float_bytes(model, loaded)
     source = None

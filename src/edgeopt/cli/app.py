@@ -251,6 +251,7 @@ class Scheme(str, enum.Enum):
 
 
 BLOCK_SIZE = 32  # --block-size's default
+DEFAULT_TIME_BUDGET = "10m"  # --time-budget's
 
 
 class TargetChoice(str, enum.Enum):
@@ -278,7 +279,7 @@ class _Int8Algorithms:
 
 
 def _quant_config(scheme: Scheme, target: TargetChoice, calibration: CalibrationChoice, per_tensor: bool,
-                  exclude: tuple[str, ...], block_size: int, algorithms: _Int8Algorithms):
+                  exclude: tuple[str, ...], block_size: int | None, algorithms: _Int8Algorithms):
     from edgeopt import quant
     from edgeopt.quant.float16 import Bf16Config, Fp16Config
     from edgeopt.quant.int4 import Int4WeightConfig
@@ -296,11 +297,13 @@ def _quant_config(scheme: Scheme, target: TargetChoice, calibration: Calibration
         return Fp16Config(exclude=exclude)
     if scheme is Scheme.bf16:
         return Bf16Config(exclude=exclude)
-    return Int4WeightConfig(granularity=quant.PerBlock(size=block_size), exclude=exclude)
+    size = BLOCK_SIZE if block_size is None else block_size
+    return Int4WeightConfig(granularity=quant.PerBlock(size=size), exclude=exclude)
 
 
 def _refuse_options_of_other_schemes(scheme: Scheme, target: TargetChoice, calibration: CalibrationChoice,
-                                     per_tensor: bool, block_size: int, algorithms: _Int8Algorithms) -> None:
+                                     per_tensor: bool, block_size: int | None,
+                                     algorithms: _Int8Algorithms) -> None:
     """An option the chosen scheme would silently ignore is an error: the user meant something by it."""
     int8 = scheme in (Scheme.int8, Scheme.uint8)
     given = {
@@ -310,7 +313,7 @@ def _refuse_options_of_other_schemes(scheme: Scheme, target: TargetChoice, calib
         "--adaround": algorithms.adaround, "--smoothquant": algorithms.smoothquant_alpha is not None,
     } if not int8 else {}
     if scheme is not Scheme.int4_weight:
-        given["--block-size"] = block_size != BLOCK_SIZE
+        given["--block-size"] = block_size is not None
     ignored = [option for option, set_ in given.items() if set_]
     if ignored:
         applies = "int4-weight" if ignored[0] == "--block-size" else "int8 and uint8"
@@ -333,7 +336,8 @@ def quantize(
     per_tensor: Annotated[bool, typer.Option("--per-tensor", help="Per-tensor weights (default per channel).")] = False,
     exclude: Annotated[Optional[list[str]], typer.Option(
         "--exclude", metavar="NODE_OR_OPTYPE", help="Keep this node or op type in float (repeatable).")] = None,
-    block_size: Annotated[int, typer.Option("--block-size", help="Block size of int4-weight.")] = BLOCK_SIZE,
+    block_size: Annotated[Optional[int], typer.Option("--block-size", help=f"Block size of int4-weight "
+                                                                           f"(default {BLOCK_SIZE}).")] = None,
     equalize: Annotated[bool, typer.Option("--equalize", help="Cross-layer equalization of consecutive convs "
                                                               "(depthwise-separable nets).")] = False,
     equalize_relu6: Annotated[bool, typer.Option(
@@ -358,8 +362,8 @@ def quantize(
     min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", metavar="DB",
                                                       help="Without labels: the same loop until the output SQNR "
                                                            "against the float model reaches DB.")] = None,
-    time_budget: Annotated[str, typer.Option("--time-budget", help="Limit of the accuracy loop, e.g. 90s, 10m, "
-                                                                   "1h.")] = "10m",
+    time_budget: Annotated[Optional[str], typer.Option("--time-budget", help="Limit of the accuracy loop, e.g. "
+                                                                             "90s, 10m, 1h (default 10m).")] = None,
     preprocess: PreprocessOption = None,
     speed_check: Annotated[bool, typer.Option("--speed-check/--no-speed-check",
                                               help="Time float vs quantized in ONNX Runtime afterwards.")] = True,
@@ -371,7 +375,10 @@ def quantize(
     config = _quant_config(scheme, target, calibration, per_tensor, tuple(exclude or ()), block_size, algorithms)
     goal = None
     if max_drop is not None or min_sqnr is not None:
-        goal = AccuracyGoal(max_drop=max_drop, min_sqnr_db=min_sqnr, time_budget_s=_seconds(time_budget))
+        goal = AccuracyGoal(max_drop=max_drop, min_sqnr_db=min_sqnr,
+                            time_budget_s=_seconds(time_budget or DEFAULT_TIME_BUDGET))
+    elif time_budget is not None:
+        raise ConfigError("--time-budget limits the accuracy search: use it with --max-drop or --min-sqnr, or drop it")
     with progress_bar("calibrating" if goal is None else "accuracy search", enabled=not json_output) as update:
         report = api.quantize(model, config, data, output=output, max_samples=max_samples, goal=goal,
                               evaluate=evaluate, preprocess=parse_preprocess(preprocess),
