@@ -12,12 +12,16 @@ throughput = samples per inference / median latency.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
 
 import numpy as np
 
@@ -123,35 +127,78 @@ def _max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _worker(model_bytes: bytes, feeds: Feeds, threads: int | None, pipe) -> None:
-    """Build a session, then answer each 'run' request with one timed inference."""
+def serve(connection) -> None:
+    """The worker's side: receive the model, feeds and threads, build a session, then answer each 'run'
+    request with one timed inference, and 'stop' with the process's peak RSS."""
     from edgeopt.runtime.ort import OrtSession
 
+    model_bytes, feeds, threads = connection.recv()
     try:
         baseline = _max_rss_bytes()
         session = OrtSession(model_bytes, threads=threads)
-        pipe.send(("ready", baseline))
+        connection.send(("ready", baseline))
         index = 0
-        while pipe.recv() == "run":
+        while connection.recv() == "run":
             feed = feeds[index % len(feeds)]
             start = time.perf_counter()
             session.run(feed)
-            pipe.send(("ms", (time.perf_counter() - start) * 1000.0))
+            connection.send(("ms", (time.perf_counter() - start) * 1000.0))
             index += 1
-        pipe.send(("rss", _max_rss_bytes()))
+        connection.send(("rss", _max_rss_bytes()))
     except EdgeoptError as error:
-        pipe.send(("error", str(error)))
+        connection.send(("error", str(error)))
+
+
+def _worker_environment() -> dict[str, str]:
+    """This environment, with the folder edgeopt is imported from first on the worker's path (the caller
+    may have put it on ``sys.path`` by hand)."""
+    import edgeopt
+
+    environment = dict(os.environ)
+    here = str(Path(edgeopt.__file__).resolve().parents[1])
+    environment["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [environment.get("PYTHONPATH")])])
+    return environment
 
 
 class _Worker:
-    def __init__(self, context, model_bytes: bytes, feeds: Feeds, threads: int | None) -> None:
-        self.pipe, child = context.Pipe()
-        self.process = context.Process(target=_worker, args=(model_bytes, feeds, threads, child), daemon=True)
-        self.process.start()
+    """A fresh Python process (``python -m edgeopt.bench._worker``) driven over two pipes.
+
+    Not multiprocessing's "spawn": that re-imports the caller's main script in
+    the child, which re-runs a script without an ``if __name__ == "__main__"``
+    guard (and fails there); a module of our own imports nothing of the caller's.
+    """
+
+    def __init__(self, name: str, model_bytes: bytes, feeds: Feeds, threads: int | None) -> None:
+        self.name = name
+        to_child_read, to_child_write = os.pipe()
+        from_child_read, from_child_write = os.pipe()
+        self._stderr = tempfile.TemporaryFile()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "edgeopt.bench._worker", str(to_child_read), str(from_child_write)],
+                pass_fds=(to_child_read, from_child_write), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=self._stderr, env=_worker_environment())
+        finally:  # the parent keeps only its ends: a worker that dies is then an EOF, not a hang
+            os.close(to_child_read)
+            os.close(from_child_write)
+        self._send = Connection(to_child_write, readable=False)
+        self._recv = Connection(from_child_read, writable=False)
+        self._call(lambda: self._send.send((model_bytes, list(feeds), threads)))
         self.baseline_rss_bytes = self._expect("ready")
 
+    def _call(self, action):
+        try:
+            return action()
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            self.process.wait(timeout=10)
+            self._stderr.seek(0)
+            lines = self._stderr.read().decode(errors="replace").strip().splitlines()
+            detail = f": {lines[-1]}" if lines else ""
+            raise EdgeoptError(f"the benchmark process of {self.name} exited with code "
+                               f"{self.process.returncode}{detail}") from None
+
     def _expect(self, tag: str):
-        kind, value = self.pipe.recv()
+        kind, value = self._call(self._recv.recv)
         if kind == "error":
             raise EdgeoptError(value)
         if kind != tag:
@@ -159,14 +206,21 @@ class _Worker:
         return value
 
     def time_one(self) -> float:
-        self.pipe.send("run")
+        self._call(lambda: self._send.send("run"))
         return self._expect("ms")
 
     def finish(self) -> int:
-        self.pipe.send("stop")
+        self._call(lambda: self._send.send("stop"))
         rss = self._expect("rss")
-        self.process.join(timeout=10)
+        self.process.wait(timeout=10)
         return rss
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for end in (self._send, self._recv, self._stderr):
+            end.close()
 
 
 def bench_models(
@@ -177,25 +231,30 @@ def bench_models(
     progress: Callable[[int, int], None] | None = None,
 ) -> BenchResult:
     """Time each target on its feeds, interleaved, each in its own process."""
-    context = mp.get_context("spawn")
-    workers = [_Worker(context, t.onnx_bytes, feeds, config.threads) for t, feeds in zip(targets, feeds_per_model)]
+    workers: list[_Worker] = []
+    try:
+        for target, feeds in zip(targets, feeds_per_model):
+            workers.append(_Worker(target.name, target.onnx_bytes, feeds, config.threads))
+        return _time_interleaved(targets, feeds_per_model, config, workers, progress)
+    finally:
+        for worker in workers:
+            worker.close()
+
+
+def _time_interleaved(targets: Sequence[BenchTarget], feeds_per_model: Sequence[Feeds], config: BenchConfig,
+                      workers: list[_Worker], progress: Callable[[int, int], None] | None) -> BenchResult:
     times: list[list[float]] = [[] for _ in workers]
     total = (config.warmup + config.runs) * len(workers)
     done = 0
-    try:
-        for step in range(config.warmup + config.runs):
-            for index, worker in enumerate(workers):
-                elapsed = worker.time_one()
-                if step >= config.warmup:
-                    times[index].append(elapsed)
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-        peaks = [w.finish() for w in workers]
-    finally:
-        for worker in workers:
-            if worker.process.is_alive():
-                worker.process.kill()
+    for step in range(config.warmup + config.runs):
+        for index, worker in enumerate(workers):
+            elapsed = worker.time_one()
+            if step >= config.warmup:
+                times[index].append(elapsed)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    peaks = [w.finish() for w in workers]
     timings = tuple(
         ModelTiming(name=target.name, file_bytes=target.file_bytes, latencies_ms=tuple(t),
                     samples_per_run=_batch_size(feeds[0]), peak_rss_bytes=peak,

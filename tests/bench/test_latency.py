@@ -1,0 +1,51 @@
+"""The timing workers: separate processes that never run the caller's script, and never hang the caller."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from edgeopt.bench.latency import BenchConfig, BenchTarget, _Worker, bench_models
+from edgeopt.demo import demo_data, demo_model_path
+from edgeopt.errors import EdgeoptError
+
+
+def test_bench_from_a_script_without_a_main_guard(tmp_path):
+    """multiprocessing's spawn re-ran such a script in each worker, which failed there and hung the caller."""
+    script = tmp_path / "user_script.py"
+    script.write_text(textwrap.dedent(f"""
+        import edgeopt
+        print("script body ran")
+        from edgeopt.bench import BenchConfig
+        result = edgeopt.bench([{str(demo_model_path())!r}], config=BenchConfig(runs=3, warmup=0))
+        print("median", result.models[0].median_ms > 0)
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["script body ran", "median True"]
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang():
+    images, _ = demo_data()
+    worker = _Worker("demo", demo_model_path().read_bytes(), [{"input": images[:1]}], threads=1)
+    try:
+        assert worker.time_one() > 0
+        worker.process.kill()
+        worker.process.wait()
+        with pytest.raises(EdgeoptError, match="benchmark process of demo exited with code -9"):
+            worker.time_one()
+    finally:
+        worker.close()
+
+
+def test_bench_models_times_each_model_in_its_own_process():
+    images, _ = demo_data()
+    data = demo_model_path().read_bytes()
+    targets = [BenchTarget(name=name, onnx_bytes=data, file_bytes=len(data)) for name in ("a", "b")]
+    result = bench_models(targets, [[{"input": images[:1]}]] * 2, BenchConfig(runs=4, warmup=1, threads=1))
+    assert [len(m.latencies_ms) for m in result.models] == [4, 4]
+    assert all(m.peak_rss_bytes > m.baseline_rss_bytes > 0 for m in result.models)
