@@ -49,3 +49,47 @@ def test_torch_architectures(tmp_path, name):
     np.save(tmp_path / "calib.npy", _smooth_images(24, seed=0))
     held_out = [{"input": x[np.newaxis]} for x in _smooth_images(3, seed=1)]
     _quantize_compile_verify(build_onnx(name, tmp_path), tmp_path / "calib.npy", held_out, tmp_path)
+
+
+def _mcu_kernel_ops_model(path) -> None:
+    """Conv -> HardSwish -> ReduceMean (a mean pool) -> Gemm -> Tanh -> Elu -> Gemm -> Softmax: ops the C kernels
+    compute from int8 that ONNX Runtime has no QDQ fusion for."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {"conv_w": rng.normal(0, 0.3, (8, 3, 3, 3)), "conv_b": rng.normal(0, 0.1, 8),
+               "fc1_w": rng.normal(0, 0.4, (8, 16)), "fc1_b": rng.normal(0, 0.1, 16),
+               "fc2_w": rng.normal(0, 0.4, (16, 10)), "fc2_b": rng.normal(0, 0.1, 10)}
+    nodes = [helper.make_node("Conv", ["input", "conv_w", "conv_b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("HardSwish", ["c"], ["h"], name="hswish"),
+             helper.make_node("ReduceMean", ["h"], ["m"], name="mean", axes=[2, 3], keepdims=0),
+             helper.make_node("Gemm", ["m", "fc1_w", "fc1_b"], ["f1"], name="fc1"),
+             helper.make_node("Tanh", ["f1"], ["t"], name="tanh"),
+             helper.make_node("Elu", ["t"], ["e"], name="elu"),
+             helper.make_node("Gemm", ["e", "fc2_w", "fc2_b"], ["f2"], name="fc2"),
+             helper.make_node("Softmax", ["f2"], ["probabilities"], name="softmax", axis=-1)]
+    graph = helper.make_graph(
+        nodes, "mcu_ops", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, 10])],
+        initializer=[numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]), path)
+
+
+def test_ops_only_the_mcu_kernels_run_in_integer_are_quantized_for_mcu(tmp_path):
+    """Softmax, Tanh, Elu, HardSwish and ReduceMean stay float for ONNX Runtime (no integer kernel there) but
+    are quantized for the microcontroller, so a final Softmax or a mean pool compiles."""
+    float_path = tmp_path / "mcu_ops.onnx"
+    _mcu_kernel_ops_model(float_path)
+    np.save(tmp_path / "calib.npy", _smooth_images(24, seed=0))
+    ort = api.quantize(float_path, Int8Config(), tmp_path / "calib.npy", output=tmp_path / "ort.onnx",
+                       check_speed=False, check_fidelity=False)
+    assert {n.op_type for n in ort.result.float_nodes} == {"HardSwish", "ReduceMean", "Tanh", "Elu", "Softmax"}
+    mcu = api.quantize(float_path, Int8Config(target=Target.MCU), tmp_path / "calib.npy",
+                       output=tmp_path / "model.int8.onnx", check_speed=False, check_fidelity=False)
+    assert not mcu.result.float_nodes
+    probabilities = next(t for t in mcu.result.tensors if t.name == "probabilities")
+    assert (probabilities.scale, probabilities.zero_point) == ((1 / 256,), (-128,))  # TFLite's fixed Softmax range
+    compile_c(api.load(tmp_path / "model.int8.onnx"), tmp_path / "c")
+    result = verify(tmp_path / "c", [{"input": x[np.newaxis]} for x in _smooth_images(3, seed=1)])
+    assert result.bit_exact, result.first_mismatch

@@ -1,7 +1,7 @@
 """Latency, throughput and peak memory of one or more models, measured side by side.
 
 Each model runs in its own worker process, so its peak resident memory
-(``ru_maxrss``) is its own. The parent drives the workers in turn, one
+(``VmHWM``) is its own. The parent drives the workers in turn, one
 inference each (A B A B ...), so a drift of the shared machine's speed hits
 every model alike and the ratios against the first model stay meaningful.
 Latency is the wall time of ``session.run`` inside the worker.

@@ -35,6 +35,7 @@ from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.config import CalibrationConfig, CalibrationMethod, Int8Config, PerTensor, Target
 from edgeopt.quant.equalize import equalize
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
+from edgeopt.quant.ops import MCU_OP_RULES, OP_RULES
 from edgeopt.quant.opset import OpsetCheck, OpsetConversion, convert_opset
 from edgeopt.quant.placement import NodeIndex, check_exclude, plan_qdq, vanished_excludes
 from edgeopt.quant.qdq import insert_qdq
@@ -185,7 +186,8 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     check_exclude([given, model], config.exclude)
     notes.extend(vanished_excludes(model, config.exclude))
     notes.extend(_float_rewrites(model, config, data))
-    plan = plan_qdq(model, exclude=config.exclude, quantize_outputs=config.outputs_quantized)
+    rules = MCU_OP_RULES if config.target is Target.MCU else OP_RULES  # the kernels that will run it
+    plan = plan_qdq(model, exclude=config.exclude, quantize_outputs=config.outputs_quantized, rules=rules)
     extra = _AccuracyHooks(model, plan, config)
     calibration = calibrate(model, data, list(dict.fromkeys([*plan.activations, *extra.tensors])),
                             config.calibration_config, progress=progress, hooks=[*hooks, *extra.hooks])
@@ -195,7 +197,7 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
         notes.append(_auto_note(calibration.methods(), plan.activations))
     if calibration.non_float & set(plan.activations) or extra.replan:
         plan = plan_qdq(model, exclude=config.exclude, non_float=calibration.non_float,
-                        quantize_outputs=config.outputs_quantized)
+                        quantize_outputs=config.outputs_quantized, rules=rules)
     tensors = insert_qdq(model, plan, calibration.ranges(), config, methods=calibration.methods(),
                          rounded_weights=rounded)
     conversion: OpsetConversion | None = check.result() if check is not None else None

@@ -6,7 +6,9 @@ QuantizeLinear`` into an integer kernel (QLinearConv, QLinearMatMul, QGemm,
 QLinearAdd, QLinearMul, QLinearConcat, QLinearAveragePool,
 QLinearGlobalAveragePool, QLinearSigmoid, QLinearLeakyRelu, or the int8
 version of a data-movement op) and the TFLite int8 scheme has the same
-kernel. Everything else stays float and is reported.
+kernel. Everything else stays float and is reported. The microcontroller
+target (:data:`MCU_OP_RULES`) adds the ops the C kernels compute from int8
+(Softmax, Tanh, Elu, HardSigmoid, HardSwish, ReduceMean, GlobalMaxPool).
 
 Roles:
 
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-__all__ = ["OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule", "QUANTIZED_OP_TYPES", "is_qdq_op",
+__all__ = ["MCU_OP_RULES", "OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule", "QUANTIZED_OP_TYPES", "is_qdq_op",
            "weight_axis"]
 
 
@@ -78,7 +80,20 @@ OP_RULES: dict[str, OpRule] = {
     "Clip": _FUSED,
 }
 
-QUANTIZED_OP_TYPES = frozenset(OP_RULES)
+# The microcontroller target adds the ops its integer kernels (edgeopt's C, TFLite Micro / CMSIS-NN)
+# compute from int8 but ONNX Runtime has no QDQ fusion for: there they would run in float between a
+# DQ and a Q, so the ORT target keeps them float. A Softmax output gets the fixed range [0, 1).
+MCU_OP_RULES: dict[str, OpRule] = OP_RULES | {
+    "Softmax": _UNARY,
+    "Tanh": _UNARY,
+    "Elu": _UNARY,
+    "HardSigmoid": _UNARY,
+    "HardSwish": _UNARY,
+    "ReduceMean": _UNARY,
+    "GlobalMaxPool": _MOVE,
+}
+
+QUANTIZED_OP_TYPES = frozenset(MCU_OP_RULES)
 
 # Ops that produce a quantized output a fused Relu/Clip can clamp.
 FUSING_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul"})

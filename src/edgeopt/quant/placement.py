@@ -46,7 +46,7 @@ The plan is a frozen value: calibration reads ``activations``, the builder
 from __future__ import annotations
 
 import difflib
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 import onnx_ir as ir
@@ -54,7 +54,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError, ModelError
 from edgeopt.passes import PATTERN_KEY, activation_clamp
-from edgeopt.quant.ops import FUSING_PRODUCERS, OP_RULES, OpRole, weight_axis
+from edgeopt.quant.ops import FUSING_PRODUCERS, OP_RULES, OpRole, OpRule, weight_axis
 from edgeopt.quant.registry import FloatNode
 
 __all__ = [
@@ -203,9 +203,10 @@ def _weighted_refusal(node: ir.Node) -> str | None:
     return None
 
 
-def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str]) -> str | None:
+def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str],
+             rules: Mapping[str, OpRule]) -> str | None:
     """Why ``node`` stays float, or None when it can run in integer."""
-    if not eir.is_op(node, *OP_RULES):
+    if not eir.is_op(node, *rules):
         return f"no integer kernel for {node.op_type}"
     if node.name in exclude or node.op_type in exclude:
         return EXCLUDED
@@ -215,7 +216,7 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
     # ONNX Runtime and the MCU); GELU's Erf chain loses too much precision between its small ops.
     if node.metadata_props.get(PATTERN_KEY, "silu") != "silu":
         return f"part of a spelled-out {node.metadata_props[PATTERN_KEY]} activation (kept as one float op)"
-    if OP_RULES[node.op_type].role is OpRole.WEIGHTED:
+    if rules[node.op_type].role is OpRole.WEIGHTED:
         return _weighted_refusal(node)
     if node.op_type == "Resize" and node.attributes.get_string("mode", "nearest") == "cubic":
         return "cubic Resize has no integer kernel"
@@ -273,8 +274,10 @@ class UnionFind:
 
 
 class _Planner:
-    def __init__(self, graph: ir.Graph, non_float: Collection[str], *, quantize_outputs: bool = True) -> None:
+    def __init__(self, graph: ir.Graph, non_float: Collection[str], rules: Mapping[str, OpRule], *,
+                 quantize_outputs: bool = True) -> None:
         self.graph = graph
+        self.rules = rules
         self.non_float = non_float
         self.quantize_outputs = quantize_outputs
         self.activations: dict[str, None] = {}
@@ -285,7 +288,7 @@ class _Planner:
         self.concat_groups = UnionFind()
 
     def add_node(self, node: ir.Node, output: ir.Value) -> None:
-        rule = OP_RULES[node.op_type]
+        rule = self.rules[node.op_type]
         indices = rule.activation_inputs if rule.activation_inputs is not None else range(len(node.inputs))
         weight = node.inputs[1] if rule.role is OpRole.WEIGHTED else None
         if weight is not None and eir.is_constant(weight):
@@ -324,14 +327,14 @@ def _float_output_fuses(node: ir.Node, output: ir.Value, weight: ir.Value | None
 
 
 def _triage(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[str],
-            non_float: Collection[str]) -> tuple[dict[str, ir.Node], dict[str, str]]:
+            non_float: Collection[str], rules: Mapping[str, OpRule]) -> tuple[dict[str, ir.Node], dict[str, str]]:
     """Float-computing nodes split into integer candidates and refusals (name -> reason)."""
     candidates: dict[str, ir.Node] = {}
     refusals: dict[str, str] = {}
     for node in graph:
         if not _computes_float(node, non_float):
             continue
-        reason = _refusal(node, exclude, keep_float)
+        reason = _refusal(node, exclude, keep_float, rules)
         if reason is None:
             candidates[node.name] = node
         else:
@@ -340,7 +343,8 @@ def _triage(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[st
 
 
 def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Collection[str] = (),
-             non_float: Collection[str] = (), quantize_outputs: bool = True) -> QdqPlan:
+             non_float: Collection[str] = (), quantize_outputs: bool = True,
+             rules: Mapping[str, OpRule] = OP_RULES) -> QdqPlan:
     """Plan Q/DQ placement on ``model`` (not modified).
 
     ``exclude``: node names or op types that stay float (the user's
@@ -350,27 +354,29 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     ``quantize_outputs`` False: a graph output written by a Gemm or a MatMul
     with a constant weight (and read by nothing else) stays float; ONNX
     Runtime runs such a pair as QGemm / MatMulIntegerToFloat with a float output.
+    ``rules``: the ops that run in integer and how (:data:`~edgeopt.quant.ops.OP_RULES`, or
+    :data:`~edgeopt.quant.ops.MCU_OP_RULES` for the microcontroller kernels).
     """
     graph = model.graph
     names = [node.name for node in graph]
     if not all(names) or len(set(names)) != len(names):
         raise ValueError("plan_qdq needs unique node names: run onnx_ir's NameFixPass on the model first")
-    candidates, refusals = _triage(graph, exclude, keep_float, non_float)
+    candidates, refusals = _triage(graph, exclude, keep_float, non_float, rules)
     fused_by_producer = {node.name: activation for node in candidates.values()
                          if (activation := _fused_activation(node, candidates)) is not None}
     fused = {activation.name: producer for producer, activation in fused_by_producer.items()}
-    planner = _Planner(graph, non_float, quantize_outputs=quantize_outputs)
+    planner = _Planner(graph, non_float, rules, quantize_outputs=quantize_outputs)
     for node in candidates.values():
         if node.name in fused:
             continue
-        if OP_RULES[node.op_type].role is OpRole.ACTIVATION:
+        if rules[node.op_type].role is OpRole.ACTIVATION:
             refusals[node.name] = f"{node.op_type} is quantized only fused after a Conv, Gemm, MatMul, Add or Mul"
             continue
         planner.add_node(node, fused_by_producer.get(node.name, node).outputs[0])
     clamped = [a.outputs[0].name for a in fused_by_producer.values() if activation_clamp(a)[0] == 0.0]
     softmax_outputs = {node.outputs[0].name for node in graph if eir.is_op(node, "Softmax")}
     activations = planner.ordered(planner.activations)
-    kept = _kept_float_closure(graph, refusals)
+    kept = _kept_float_closure(graph, refusals, rules)
     return QdqPlan(
         nodes=tuple(name for name in candidates if name not in refusals),
         fused=tuple(fused.items()),
@@ -388,12 +394,12 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
 
 
 
-def _kept_float_closure(graph: ir.Graph, refusals: dict[str, str]) -> set[str]:
+def _kept_float_closure(graph: ir.Graph, refusals: dict[str, str], rules: Mapping[str, OpRule]) -> set[str]:
     """The nodes kept float (:func:`_kept_float`), plus the data-movement ops (Transpose, Reshape,
     Slice ...) read only by them, transitively: ONNX Runtime moves a DequantizeLinear past such an
     op, which would put the kept node between a DQ and a Q again. Those not already float join
     ``refusals`` with the reason."""
-    kept = {node.name for node in graph if _kept_float(node, refusals.get(node.name))}
+    kept = {node.name for node in graph if _kept_float(node, refusals.get(node.name), rules)}
     stack = [node for node in graph if node.name in kept]
     while stack:
         reader = stack.pop()
@@ -408,10 +414,10 @@ def _kept_float_closure(graph: ir.Graph, refusals: dict[str, str]) -> set[str]:
     return kept
 
 
-def _kept_float(node: ir.Node, refusal: str | None) -> bool:
+def _kept_float(node: ir.Node, refusal: str | None, rules: Mapping[str, OpRule]) -> bool:
     """An op with an integer kernel that the user (or an accuracy tool) keeps float (its refusal says
     so). It reads its inputs before their Q/DQ pairs: between a DequantizeLinear and a QuantizeLinear
     ONNX Runtime would fuse it into that kernel again (QLinearAdd, QLinearConv with weights it
     quantizes itself), and the node would not be float at all. Relu/Clip are not fused by
     themselves, so they read DQ."""
-    return refusal in (EXCLUDED, _KEPT_ON_REQUEST) and OP_RULES[node.op_type].role is not OpRole.ACTIVATION
+    return refusal in (EXCLUDED, _KEPT_ON_REQUEST) and rules[node.op_type].role is not OpRole.ACTIVATION
