@@ -192,3 +192,18 @@ def test_bad_device_and_target(cli, qdq_path, tmp_path):
 def test_verify_and_run_need_a_compiled_folder(cli, tmp_path, data_folder):
     (tmp_path / "empty").mkdir()
     assert_one_line_error(cli("verify", tmp_path / "empty", "--data", data_folder), "edgeopt compile")
+
+
+def test_a_dynamic_model_compiles_with_input_shape(cli, tmp_path):
+    """The error about a dynamic input names --input-shape, which compile takes."""
+    from edgeopt.quant import Int8Config, Target
+    from tests.models import dynamic_input_model
+
+    float_path = dynamic_input_model(tmp_path / "dynamic.onnx")
+    calibration = np.random.default_rng(0).normal(size=(16, 1, 3, 12, 12)).astype(np.float32)
+    quantized = tmp_path / "dynamic.int8.onnx"
+    api.quantize(float_path, Int8Config(target=Target.MCU), [{"input": x} for x in calibration], output=quantized,
+                 check_speed=False, check_fidelity=False)
+    assert_one_line_error(cli("compile", quantized, "-o", tmp_path / "c", "--no-measure"), "--input-shape input=")
+    assert cli("compile", quantized, "-o", tmp_path / "c", "--no-measure", "--input-shape", "input=1x3x12x12").code == 0
+    assert api.verify(tmp_path / "c", [{"input": x} for x in calibration[:2]]).bit_exact

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +28,12 @@ def is_compiled_folder(model: ModelSource) -> bool:
 
 def compile_model(model: ModelSource, output: str | os.PathLike, *, target: str = "c",
                   device: str | os.PathLike = "x86-host", name: str = "model", rounding: str = "double",
-                  force: bool = False, measure: bool = True):
+                  force: bool = False, measure: bool = True,
+                  input_shapes: Mapping[str, Sequence[int]] | None = None):
     """Generate deployable code for an int8 QDQ model and report what it costs.
+
+    ``input_shapes`` fixes dynamic input dimensions (``--input-shape``): the C
+    code has one static arena, so every shape must be known.
 
     ``target="c"``: portable C99 into the folder ``output`` (see
     :mod:`edgeopt.codegen.c`). Unsupported ops are refused, listed with their
@@ -46,7 +50,8 @@ def compile_model(model: ModelSource, output: str | os.PathLike, *, target: str 
     if not isinstance(model, ir.Model) and Path(output).resolve() in Path(model).resolve().parents:
         raise ConfigError(f"the model {model} is inside the output folder {output}: compiling would replace it; "
                           "choose another -o")
-    result = compile_c(load(model), output, device=device, name=name, rounding=rounding, force=force)
+    result = compile_c(load(model, input_shapes=input_shapes), output, device=device, name=name,
+                       rounding=rounding, force=force)
     host = None
     if measure:
         try:
