@@ -207,3 +207,14 @@ def test_a_dynamic_model_compiles_with_input_shape(cli, tmp_path):
     assert_one_line_error(cli("compile", quantized, "-o", tmp_path / "c", "--no-measure"), "--input-shape input=")
     assert cli("compile", quantized, "-o", tmp_path / "c", "--no-measure", "--input-shape", "input=1x3x12x12").code == 0
     assert api.verify(tmp_path / "c", [{"input": x} for x in calibration[:2]]).bit_exact
+
+
+def test_weights_alone_over_flash_miss_without_measuring_and_the_build_check_is_not_blamed(cli, qdq_path, tmp_path):
+    plain = json.loads(cli("compile", qdq_path, "-o", tmp_path / "plain", "--no-measure", "--json").stdout)
+    board = tmp_path / "small_flash.yaml"
+    board.write_text(f"board: a test board\nflash_bytes: {plain['weights_bytes'] - 1}\nsram_bytes: 1 MiB\n"
+                     "clock_mhz: 16\nint8_macs_per_cycle: 0.25\nfp32_macs_per_cycle: 0.01\n")
+    result = cli("compile", qdq_path, "-o", tmp_path / "out", "--device", board, "--no-measure")
+    assert_one_line_error(result, "does not fit", "weights alone", "at least 1 bytes missing")
+    assert "build check" not in result.stderr  # the Makefile checks the arena only, and that fits
+    assert subprocess.run(["make", "-s"], cwd=tmp_path / "out", capture_output=True).returncode == 0

@@ -176,8 +176,15 @@ class CompileReport:
         return self.result.profile.sram_bytes - self.ram_bytes
 
     @property
+    def weights_exceed_flash(self) -> bool:
+        """Without a host measurement, the weights alone are a lower bound of flash: they may already miss."""
+        return self.host is None and self.result.weight_bytes > self.result.profile.flash_bytes
+
+    @property
     def fits(self) -> bool:
-        return self.sram_spare_bytes >= 0 and (self.flash_spare_bytes is None or self.flash_spare_bytes >= 0)
+        flash_fits = self.flash_spare_bytes >= 0 if self.flash_spare_bytes is not None else \
+            not self.weights_exceed_flash
+        return self.sram_spare_bytes >= 0 and flash_fits
 
     @property
     def estimated_device_latency_ms(self) -> float:
@@ -193,6 +200,10 @@ class CompileReport:
         if self.flash_spare_bytes is not None and self.flash_spare_bytes < 0:
             missing.append(f"flash {self.flash_bytes:,} B > {profile.flash_bytes:,} B: "
                            f"{-self.flash_spare_bytes:,} bytes missing")
+        if self.weights_exceed_flash:
+            missing.append(f"flash: the weights alone are {self.result.weight_bytes:,} B > {profile.flash_bytes:,} "
+                           f"B (code not measured): at least "
+                           f"{self.result.weight_bytes - profile.flash_bytes:,} bytes missing")
         return missing
 
     def to_dict(self) -> dict:
