@@ -116,9 +116,7 @@ def verify_command(
                         preprocess=parse_preprocess(preprocess))
     mismatch = result.first_mismatch
     if json_output:
-        print_json({"bit_exact": result.bit_exact, "samples": result.batches,
-                    "tensors_compared": result.tensors_compared,
-                    "first_mismatch": None if mismatch is None else vars(mismatch)})
+        print_json(result.to_dict())
     elif mismatch is None:
         state.stdout.print(f"bit-exact: {result.batches} sample(s), {result.tensors_compared:,} tensors "
                            "compared (every op's output, C vs reference)")

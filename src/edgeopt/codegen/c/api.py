@@ -105,6 +105,11 @@ class VerifyResult:
     def bit_exact(self) -> bool:
         return self.first_mismatch is None
 
+    def to_dict(self) -> dict:
+        mismatch = self.first_mismatch
+        return {"bit_exact": self.bit_exact, "samples": self.batches, "tensors_compared": self.tensors_compared,
+                "first_mismatch": None if mismatch is None else dataclasses.asdict(mismatch)}
+
 
 _GENERATED_STEMS = frozenset({"kernels", "main", "bench"})  # the project's other C files
 
