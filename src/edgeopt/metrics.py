@@ -111,6 +111,12 @@ class Fidelity:
                 "max_abs_error": json_number(self.max_abs_error), "elements": self.elements}
 
 
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """Dot product of two float64 vectors in numpy's own loop: BLAS' ddot hands large vectors to its
+    threads, which costs 20x more than the sum on a busy 2-core machine (the fidelity check's time)."""
+    return float(np.einsum("i,i->", a, b))
+
+
 class FidelityMeter:
     """Streams the sums behind SQNR, cosine and max abs error of one tensor."""
 
@@ -127,10 +133,10 @@ class FidelityMeter:
     def update(self, reference: object, test: object) -> None:
         r, t = _pair(self.name, reference, test)
         error = r - t
-        self._reference_energy += float(np.dot(r, r))
-        self._test_energy += float(np.dot(t, t))
-        self._noise_energy += float(np.dot(error, error))
-        self._dot += float(np.dot(r, t))
+        self._reference_energy += _dot(r, r)
+        self._test_energy += _dot(t, t)
+        self._noise_energy += _dot(error, error)
+        self._dot += _dot(r, t)
         if error.size:
             self._max_abs_error = max(self._max_abs_error, float(np.max(np.abs(error))))
         self._elements += r.size

@@ -13,7 +13,7 @@ along axis 0. For an input of shape ``[B, *rest]`` an array is cut as:
 * anything else: one batch as is, which ``check_feed`` then accepts or
   refuses with the expected shape.
 
-Cutting slices lazily, so a memory-mapped file is read one sample at a time.
+Cutting slices lazily, so a stacked file on disk is read one sample at a time.
 """
 
 from __future__ import annotations

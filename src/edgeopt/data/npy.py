@@ -57,15 +57,22 @@ def _read_error(path: Path, error: Exception) -> DataError:
     if "Python objects" in text or "Object arrays" in text:
         return DataError(f"{path} holds Python objects, which edgeopt never unpickles: "
                          "save plain numeric arrays (np.save with a float or int array)")
-    if "pickled" in text:
+    if "pickled" in text or "magic string" in text:
         return DataError(f"{path} is not in .npy format (a pickle or another format): "
                          "save the array with np.save")
     first_line = text.splitlines()[0] if text else type(error).__name__
     return DataError(f"cannot read {path} ({first_line}): is it a complete .npy/.npz file?")
 
 
-def _open_npy(path: Path) -> np.ndarray:
+def _open_npy(path: Path) -> np.ndarray | _NpyRows:
+    """A C-order .npy as :class:`_NpyRows` (read as it is sliced); others memory-mapped."""
     try:
+        with open(path, "rb") as stream:
+            reader = _HEADER_READERS.get(np.lib.format.read_magic(stream))
+            if reader is not None:
+                shape, fortran_order, dtype = reader(stream)
+                if not fortran_order and not dtype.hasobject:
+                    return _NpyRows(path, stream.tell(), shape, dtype)
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
         raise _read_error(path, error) from None
@@ -74,15 +81,65 @@ def _open_npy(path: Path) -> np.ndarray:
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
-class _NpzRows:
-    """One .npz member read on demand, rows in order from its zip stream (a zip member cannot be
-    memory-mapped): slicing ``[a:b]`` on axis 0 reads just those rows, so stacked samples stream
-    like a memory-mapped .npy. Reading backwards reopens the member; anything else reads it whole."""
+class _Rows:
+    """An array on disk read by rows on demand: slicing ``[a:b]`` on axis 0 reads just those rows
+    (:meth:`_read_rows`); anything else reads it whole. Stacked samples stream this way in bounded
+    memory."""
 
-    def __init__(self, path: Path, member: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        self.path, self.member, self.shape, self.dtype = path, member, shape, dtype
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path, self.shape, self.dtype = path, shape, dtype
         self.ndim = len(shape)
         self._row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize if shape else 0
+
+    def _read_rows(self, start: int, out: np.ndarray) -> None:
+        """Fill ``out`` with the rows from ``start`` on."""
+        raise NotImplementedError
+
+    def _whole_scalar(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _fill(self, stream, out: np.ndarray, where: str) -> None:
+        if stream.readinto(memoryview(out).cast("B")) != out.nbytes:
+            raise DataError(f"cannot read {self.path} ({where} ends early): is it a complete .npy/.npz file?")
+
+    def __getitem__(self, key):
+        if not (isinstance(key, slice) and key.step in (None, 1) and self.ndim):
+            return np.asarray(self)[key]
+        start, stop, _ = key.indices(self.shape[0])
+        out = np.empty((max(stop - start, 0), *self.shape[1:]), dtype=self.dtype)
+        if out.size:
+            self._read_rows(start, out)
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self[0:self.shape[0]] if self.ndim else self._whole_scalar()
+        return whole if dtype is None else whole.astype(dtype)
+
+
+class _NpyRows(_Rows):
+    """A C-order .npy file read with positioned reads. (A memory map keeps every page it has read
+    mapped until the pass ends, so the process's resident memory grew with the file.)"""
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        super().__init__(path, shape, dtype)
+        self._offset = offset
+
+    def _read_rows(self, start: int, out: np.ndarray) -> None:
+        with open(self.path, "rb") as stream:
+            stream.seek(self._offset + start * self._row_bytes)
+            self._fill(stream, out, "the file")
+
+    def _whole_scalar(self) -> np.ndarray:
+        return np.load(self.path, allow_pickle=False)
+
+
+class _NpzRows(_Rows):
+    """One .npz member read from its zip stream, rows in order (a zip member cannot be seeked or
+    memory-mapped); reading backwards reopens the member."""
+
+    def __init__(self, path: Path, member: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        super().__init__(path, shape, dtype)
+        self.member = member
         self._stream = None
         self._next_row = 0
 
@@ -95,29 +152,13 @@ class _NpzRows:
             self._next_row = 0
         while self._next_row < row:  # skip in chunks of at most 64 rows
             step = min(row - self._next_row, 64)
-            self._read_exactly(step * self._row_bytes)
+            self._fill(self._stream, np.empty(step * self._row_bytes, np.uint8), f"member {self.member}")
             self._next_row += step
 
-    def _read_exactly(self, size: int) -> bytearray:
-        data = bytearray(self._stream.read(size))
-        if len(data) != size:
-            raise DataError(f"cannot read {self.path} (member {self.member} ends early): "
-                            "is it a complete .npy/.npz file?")
-        return data
-
-    def __getitem__(self, key):
-        if not (isinstance(key, slice) and key.step in (None, 1) and self.ndim):
-            return np.asarray(self)[key]
-        start, stop, _ = key.indices(self.shape[0])
+    def _read_rows(self, start: int, out: np.ndarray) -> None:
         self._seek_row(start)
-        rows = max(stop - start, 0)
-        array = np.frombuffer(self._read_exactly(rows * self._row_bytes), dtype=self.dtype)
-        self._next_row += rows
-        return array.reshape((rows, *self.shape[1:]))
-
-    def __array__(self, dtype=None, copy=None):
-        whole = self[0:self.shape[0]] if self.ndim else self._whole_scalar()
-        return whole if dtype is None else whole.astype(dtype)
+        self._fill(self._stream, out, f"member {self.member}")
+        self._next_row += len(out)
 
     def _whole_scalar(self) -> np.ndarray:
         with np.load(self.path, allow_pickle=False) as archive:
@@ -184,7 +225,7 @@ def _by_input(path: Path, keyed: Mapping[str, _T], specs: Sequence[InputSpec]) -
 
 
 def read_arrays(path: Path, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
-    """The arrays of one .npy/.npz file keyed by input name (.npy memory-mapped)."""
+    """The arrays of one .npy/.npz file keyed by input name (read as they are sliced)."""
     if path.suffix.lower() == ".npz":
         return _by_input(path, _open_npz(path), specs)
     return _by_input(path, {"": _open_npy(path)}, specs)
