@@ -9,6 +9,7 @@ import onnx
 import pytest
 
 from edgeopt.demo import demo_calibration_path, demo_data, demo_model_path
+from edgeopt.errors import ConfigError
 from tests.conftest import assert_one_line_error
 from tests.models import build_onnx, dynamic_input_model
 
@@ -274,6 +275,11 @@ def test_samples_are_counted_not_batches(tmp_path, calib):
     assert report.speed is not None and report.speed.inputs == "input 8x3x32x32"  # timed on the first batch
     once = edgeopt.quantize(model, edgeopt.Int8Config(), iter(batches))  # a one-shot iterator: said, not silent
     assert once.speed is None and any(w.startswith("speed check skipped") for w in once.warnings)
+    assert once.fidelity is None and any(w.startswith("fidelity check skipped") for w in once.warnings)
+    for kwargs in ({"config": edgeopt.Int8Config(smoothquant_alpha=0.5)},
+                   {"config": edgeopt.Int8Config(), "goal": AccuracyGoal(min_sqnr_db=30.0)}):
+        with pytest.raises(ConfigError, match="more than once, and it is a one-shot iterator"):
+            edgeopt.quantize(model, data=iter(batches), **kwargs)  # was: "calibration data is empty"
     assert report.to_dict()["calibration_samples"] == 30
     limited = edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), calib, max_samples=10, check_speed=False)
     assert (limited.calibration_samples, limited.fidelity.samples) == (10, 10)

@@ -168,6 +168,12 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     if data is None and (preprocess is not None or max_samples is not None):
         raise ConfigError(f"{'--preprocess' if preprocess is not None else '--max-samples'} applies to --data: "
                           "give --data too, or drop it")
+    one_shot = isinstance(data, Iterator)  # a generator, iter(loader): read once
+    if one_shot and (goal is not None or getattr(config, "smoothquant_alpha", None) is not None):
+        needs = "the accuracy search" if goal is not None else "--smoothquant"
+        raise ConfigError(f"{needs} reads the calibration data more than once, and it is a one-shot iterator "
+                          "(a generator): pass a list, a re-iterable (a DataLoader rather than iter(loader)), "
+                          "a folder or a file")
     loaded = load(model, require_static=False)
     float_bytes = _float_bytes(model, loaded)
     source = None
@@ -206,9 +212,13 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
         warnings.append(f"no node runs in int8: the model written is the float model ({len(result.float_nodes)} "
                         "node(s) kept float, listed above)")
     if source is not None and source.samples < MIN_CALIBRATION_SAMPLES and isinstance(config, Int8Config):
-        warnings.append(f"only {source.samples} calibration samples: ranges may not cover real inputs "
+        noun = "sample" if source.samples == 1 else "samples"
+        warnings.append(f"only {source.samples} calibration {noun}: ranges may not cover real inputs "
                         f"(use at least {MIN_CALIBRATION_SAMPLES}, ideally a few hundred)")
-    reiterable = data is not None and not isinstance(data, Iterator)
+    reiterable = data is not None and not one_shot
+    if check_fidelity and one_shot:
+        warnings.append("fidelity check skipped: the calibration data was a one-shot iterator, already read "
+                        "(pass a list, a re-iterable, a folder or a file to have it measured)")
     if loaded is None and ((check_fidelity and reiterable) or check_speed):
         loaded = load(model, require_static=False)
     fidelity = (_fidelity(loaded, result.model, data, preprocess, max_samples)
