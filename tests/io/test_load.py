@@ -101,3 +101,51 @@ def test_saving_is_atomic_and_round_trips(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     with pytest.raises(ModelError, match="does not exist"):
         save_model(model, tmp_path / "no" / "such" / "dir.onnx")
+
+
+def _conv_relu_graph(order: tuple[int, int] = (0, 1)) -> tuple[list, onnx.GraphProto]:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    initializers = [numpy_helper.from_array((rng.standard_normal((8, 8, 3, 3)) / 8).astype(np.float32), "w"),
+                    numpy_helper.from_array(np.zeros(8, np.float32), "b")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])]
+    return inputs, helper.make_graph([nodes[i] for i in order], "g", inputs, outputs, initializers)
+
+
+def test_nodes_out_of_order_are_sorted_and_ordered_graphs_keep_their_order(tmp_path):
+    """ONNX Runtime runs a graph whose nodes are listed out of order; copies and rewrites need the order."""
+    from onnx import helper
+
+    _, unordered = _conv_relu_graph(order=(1, 0))
+    onnx.save(helper.make_model(unordered, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "u.onnx")
+    assert [node.name for node in load_model(tmp_path / "u.onnx").graph] == ["conv", "relu"]
+    load_model(tmp_path / "u.onnx").clone()  # failed on the unsorted graph (edgeopt compare's copy)
+    _, ordered = _conv_relu_graph()
+    ordered.node.insert(0, helper.make_node("Constant", [], ["unused_k"], value_float=1.0, name="k"))
+    onnx.save(helper.make_model(ordered, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "o.onnx")
+    assert [node.name for node in load_model(tmp_path / "o.onnx").graph][-2:] == ["conv", "relu"]
+
+
+def test_an_ir3_model_listing_its_weights_as_inputs_converts_to_opset_13(tmp_path):
+    """Old exporters (IR 3) list every initializer as a graph input; dropping those inputs needs IR >= 4,
+    or the opset converter no longer sees the weights ('Input w is undefined')."""
+    from onnx import TensorProto, helper
+
+    from edgeopt.quant import Int8Config, quantize
+
+    _, graph = _conv_relu_graph()
+    graph.input.extend([helper.make_tensor_value_info("w", TensorProto.FLOAT, [8, 8, 3, 3]),
+                        helper.make_tensor_value_info("b", TensorProto.FLOAT, [8])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    proto.ir_version = 3
+    onnx.checker.check_model(proto)
+    onnx.save(proto, tmp_path / "ir3.onnx")
+    model = load_model(tmp_path / "ir3.onnx")
+    assert [v.name for v in model.graph.inputs] == ["x"]
+    data = [{"x": x} for x in np.random.default_rng(1).standard_normal((16, 1, 8, 8, 8)).astype(np.float32)]
+    result = quantize(model, Int8Config(), data)
+    assert result.tensors and any("opset 9" in note and "13" in note for note in result.notes)

@@ -294,3 +294,45 @@ def test_a_linear_of_a_model_without_shapes_still_becomes_gemm():
     result = quantize(model, Int8Config(), feeds)
     assert [n.op_type for n in result.model.graph if n.op_type in ("Gemm", "MatMul", "Add")] == ["Gemm"]
     assert sqnr_db(model, result.model, feeds) > CONV_NET_SQNR_DB
+
+
+def test_a_batched_matmul_weight_is_quantized_per_tensor_and_runs(tmp_path):
+    """ONNX Runtime's integer MatMul refuses per-column zero points on a 3-D weight ('b zero point is not
+    valid'): a batched weight [B, K, N] is quantized per tensor."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+
+    weight = np.random.default_rng(0).standard_normal((2, 16, 8)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "bmm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8])],
+                              [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "bmm.onnx")
+    model = load_model(tmp_path / "bmm.onnx")
+    data = [{"x": x} for x in np.random.default_rng(1).standard_normal((16, 2, 4, 16)).astype(np.float32)]
+    result = quantize(model, Int8Config(), data)
+    assert next(t for t in result.tensors if t.kind == "weight").axis is None
+    feed = data[0]
+    reference, quantized = OrtSession(model).run(feed)["y"], OrtSession(result.model).run(feed)["y"]
+    assert 10 * np.log10(np.sum(reference**2) / np.sum((reference - quantized) ** 2)) > 30
+
+
+def test_a_graph_input_that_is_also_an_output_keeps_its_name(tmp_path):
+    """The pass-through output stays the float input; it was renamed 'x_float' and the check failed."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+
+    weight = np.random.default_rng(0).standard_normal((4, 4, 1, 1)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "passthrough",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6]),
+                               helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "p.onnx")
+    data = [{"x": x} for x in np.random.default_rng(1).standard_normal((16, 1, 4, 6, 6)).astype(np.float32)]
+    result = quantize(load_model(tmp_path / "p.onnx"), Int8Config(), data)
+    assert [v.name for v in result.model.graph.inputs] == ["x"]
+    assert [v.name for v in result.model.graph.outputs] == ["y", "x"]
+    assert result.model.graph.outputs[1] is result.model.graph.inputs[0]

@@ -255,6 +255,7 @@ def load_model(
                        opset, SUPPORTED_OPSETS.start, SUPPORTED_OPSETS.stop - 1)
     graph = proto.graph
     _drop_shadowing_inputs(graph)
+    proto.ir_version = max(proto.ir_version, 4)  # IR 3 wanted every initializer listed as an input
     _drop_unused_initializers(graph)
     if input_shapes:
         _fix_input_shapes(graph, input_shapes)
@@ -270,8 +271,27 @@ def load_model(
     except Exception as error:
         raise ModelError(f"{path}: cannot read the graph ({str(error).splitlines()[0]})") from None
     _attach_weights(model, detached)
+    _sort_if_unordered(model.graph)
     model.meta[FILE_BYTES_KEY] = file_bytes
     return model
+
+
+def _sort_if_unordered(graph: ir.Graph) -> None:
+    """Put the nodes in topological order when the file has them out of order (ONNX Runtime accepts
+    that; graph rewrites and copies need it). An ordered graph keeps its order exactly; a graph with a
+    cycle is left as it is, for the checks that refuse it."""
+    seen = {id(v) for v in (*graph.inputs, *graph.initializers.values())}
+    ordered = True
+    for node in graph:
+        if any(v is not None and id(v) not in seen and v.producer() is not None for v in node.inputs):
+            ordered = False
+            break
+        seen.update(id(v) for v in node.outputs)
+    if not ordered:
+        try:
+            graph.sort()
+        except Exception:  # a cycle: refused later, in its own words
+            logger.debug("nodes out of order and not sortable", exc_info=True)
 
 
 def model_file_bytes(path: str | os.PathLike) -> int:

@@ -114,7 +114,9 @@ def weight_axis(node: ir.Node, weight_rank: int) -> int | None:
 
     Conv [Cout, Cin/g, k...]: 0. ConvTranspose [Cin, Cout/g, k...]: 1 when
     group == 1 (with groups, axis 1 does not index output channels). Gemm:
-    0 with transB (weight [N, K]) else 1. MatMul [..., K, N]: the last axis.
+    0 with transB (weight [N, K]) else 1. MatMul [K, N]: 1; a batched MatMul weight [..., K, N] is
+    quantized per tensor, since ONNX Runtime's integer MatMul takes per-column zero points for a 2-D
+    weight only (it refuses the model otherwise).
     """
     if node.op_type == "Conv":
         return 0
@@ -122,6 +124,6 @@ def weight_axis(node: ir.Node, weight_rank: int) -> int | None:
         return 1 if node.attributes.get_int("group", 1) == 1 else None
     if node.op_type == "Gemm":
         return 0 if node.attributes.get_int("transB", 0) else 1
-    if node.op_type == "MatMul":
-        return weight_rank - 1 if weight_rank >= 2 else None
+    if node.op_type == "MatMul":  # a batched weight [B, K, N]: per tensor (see the docstring)
+        return 1 if weight_rank == 2 else None
     return None

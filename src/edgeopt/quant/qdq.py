@@ -187,7 +187,7 @@ class _QdqInserter:
             build.graph.insert_after(producer, [q, dq])
         for node, index in uses:
             node.replace_input_with(index, dq.outputs[0])
-        if value.is_graph_output():
+        if value.is_graph_output() and not value.is_graph_input():  # an input passed through stays itself
             self._move_graph_output(value, dq.outputs[0])
         params = self.params[name]
         self.record(name, "activation", producer.op_type if producer else "input", self.format,
