@@ -174,3 +174,14 @@ def test_json_number():
     fidelity = FidelityMeter()
     fidelity.update([1.0], [1.0])
     assert json.loads(json.dumps(fidelity.result().to_dict(), allow_nan=False))["sqnr_db"] == "inf"
+
+
+def test_non_finite_values_give_nan_metrics_not_a_perfect_score():
+    """An inf in the float model's output made the cosine 1.0 and the max error 0.0 (min/max drop NaN)."""
+    meter = FidelityMeter("y")
+    meter.update(np.array([1.0, np.inf, 2.0]), np.array([1.0, 3.0, 2.0]))
+    meter.update(np.array([1.0, 2.0]), np.array([1.0, 2.0]))
+    result = meter.result()
+    assert math.isnan(result.sqnr_db) and math.isnan(result.cosine) and result.max_abs_error == math.inf
+    meter.update(np.array([np.nan]), np.array([1.0]))
+    assert math.isnan(meter.result().max_abs_error)

@@ -72,6 +72,8 @@ def looks_like_class_scores(shape: Sequence[int]) -> bool:
 
 
 def _sqnr_from_energy(signal: float, noise: float) -> float:
+    if not (math.isfinite(signal) and math.isfinite(noise)):  # inf or NaN values: no meaningful ratio
+        return math.nan
     if noise == 0.0:
         return math.inf
     if signal == 0.0:
@@ -80,6 +82,8 @@ def _sqnr_from_energy(signal: float, noise: float) -> float:
 
 
 def _cosine_from_sums(dot: float, reference_energy: float, test_energy: float) -> float:
+    if not all(math.isfinite(x) for x in (dot, reference_energy, test_energy)):
+        return math.nan  # (min/max would turn a NaN into 1.0)
     if reference_energy == 0.0 and test_energy == 0.0:
         return 1.0
     if reference_energy == 0.0 or test_energy == 0.0:
@@ -138,7 +142,9 @@ class FidelityMeter:
         self._noise_energy += _dot(error, error)
         self._dot += _dot(r, t)
         if error.size:
-            self._max_abs_error = max(self._max_abs_error, float(np.max(np.abs(error))))
+            largest = float(np.max(np.abs(error)))
+            # NaN propagates (Python's max would drop it): an inf or NaN output is no 0.0 error
+            self._max_abs_error = largest if math.isnan(largest) else max(self._max_abs_error, largest)
         self._elements += r.size
         self._updates += 1
 

@@ -336,3 +336,19 @@ def test_a_graph_input_that_is_also_an_output_keeps_its_name(tmp_path):
     assert [v.name for v in result.model.graph.inputs] == ["x"]
     assert [v.name for v in result.model.graph.outputs] == ["y", "x"]
     assert result.model.graph.outputs[1] is result.model.graph.inputs[0]
+
+
+def test_a_weight_holding_inf_is_refused_by_name(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal((4, 4, 1, 1)).astype(np.float32)
+    weight[2, 1, 0, 0] = np.inf
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "inf",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "inf.onnx")
+    data = [{"x": x} for x in np.random.default_rng(1).standard_normal((4, 1, 4, 6, 6)).astype(np.float32)]
+    with pytest.raises(ModelError, match="weight 'w' of node 'conv' holds 1 inf/NaN"):
+        quantize(load_model(tmp_path / "inf.onnx"), Int8Config(), data)

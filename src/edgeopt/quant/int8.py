@@ -24,10 +24,12 @@ import types
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from edgeopt import ir as eir
+from edgeopt.errors import ModelError
 from edgeopt.quant.adaround import AdaRoundConfig, LayerInputSampler, adaround_weights
 from edgeopt.quant.adaround_solver import backend_used
 from edgeopt.quant.bias_correction import ChannelMeanHook, correct_biases, correction_inputs, round_to_nearest
@@ -93,6 +95,18 @@ def _prepare(model: ir.Model) -> None:
     common_passes.NameFixPass()(model)
     if any(value.dtype is None for node in model.graph for value in node.outputs):
         _infer_shapes(model)
+
+
+def _check_finite_weights(model: ir.Model, plan) -> None:
+    """ModelError naming the first weight holding inf or NaN: no scale represents it, and the float
+    model itself computes inf/NaN through it."""
+    values = {value.name: value for node in model.graph for value in node.inputs if value is not None}
+    for use in plan.weights:
+        array = eir.constant_array(values[use.tensor])
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise ModelError(f"weight {use.tensor!r} of node {use.node!r} holds {bad} inf/NaN value(s): the float "
+                             "model is broken there (it computes inf/NaN too); fix or retrain those weights")
 
 
 def _float_rewrites(model: ir.Model, config: Int8Config, data: Iterable[Batch] | None) -> list[str]:
@@ -188,6 +202,7 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     notes.extend(_float_rewrites(model, config, data))
     rules = MCU_OP_RULES if config.target is Target.MCU else OP_RULES  # the kernels that will run it
     plan = plan_qdq(model, exclude=config.exclude, quantize_outputs=config.outputs_quantized, rules=rules)
+    _check_finite_weights(model, plan)
     extra = _AccuracyHooks(model, plan, config)
     calibration = calibrate(model, data, list(dict.fromkeys([*plan.activations, *extra.tensors])),
                             config.calibration_config, progress=progress, hooks=[*hooks, *extra.hooks])
