@@ -70,4 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     handler.setFormatter(line)
     handler.addFilter(line)
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    # onnx_ir's passes log their own failures (e.g. "Shape inference failed: %s" with no argument), which
+    # edgeopt handles and reports in its words: not lines for the user
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
     sys.exit(_run(argv))

@@ -187,6 +187,16 @@ def _clamp_allows_fusion(node: ir.Node) -> bool:
     return clamp is not None and clamp[0] <= 0.0 <= clamp[1]
 
 
+def _unfused_reason(node: ir.Node) -> str:
+    """Why a Relu/Clip stays float: it is quantized only as the clamp of the op before it."""
+    clamp = activation_clamp(node)
+    if clamp is None:
+        return f"{node.op_type} with bounds that are not constants cannot fold into a quantization range"
+    if not clamp[0] <= 0.0 <= clamp[1]:
+        return f"{node.op_type} to [{clamp[0]:g}, {clamp[1]:g}] excludes 0, which every quantized range holds"
+    return f"{node.op_type} is quantized only fused after a Conv, Gemm, MatMul, Add or Mul (its only reader)"
+
+
 def _weighted_refusal(node: ir.Node) -> str | None:
     inputs = node.inputs
     weight_is_constant = len(inputs) > 1 and eir.is_constant(inputs[1])
@@ -196,7 +206,7 @@ def _weighted_refusal(node: ir.Node) -> str | None:
         if not eir.is_constant(inputs[2]):
             return "its bias is not a constant"
         if node.op_type == "Gemm" and len(eir.constant_array(inputs[2]).shape) != 1:
-            return "its bias C is not a vector"
+            return "its bias C is not 1-D (a [1, N] row or a scalar C is not fused as a bias)"
     if node.op_type == "Gemm":
         if node.attributes.get_float("alpha", 1.0) != 1.0 or node.attributes.get_float("beta", 1.0) != 1.0:
             return "Gemm with alpha or beta != 1"
@@ -370,7 +380,7 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
         if node.name in fused:
             continue
         if rules[node.op_type].role is OpRole.ACTIVATION:
-            refusals[node.name] = f"{node.op_type} is quantized only fused after a Conv, Gemm, MatMul, Add or Mul"
+            refusals[node.name] = _unfused_reason(node)
             continue
         planner.add_node(node, fused_by_producer.get(node.name, node).outputs[0])
     clamped = [a.outputs[0].name for a in fused_by_producer.values() if activation_clamp(a)[0] == 0.0]
