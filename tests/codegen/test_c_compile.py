@@ -98,7 +98,8 @@ def test_existing_folder_needs_force_and_force_replaces_only_a_compiled_folder(t
 
 
 def test_bad_options_are_config_errors(tmp_path):
-    for options in ({"name": "9lives"}, {"name": "kernels"}, {"name": "main"}, {"rounding": "up"}, {"device": "pdp-11"}, {"device": tmp_path / "no.yaml"}):
+    for options in ({"name": "9lives"}, {"name": "kernels"}, {"name": "main"}, {"rounding": "up"},
+                    {"device": "pdp-11"}, {"device": tmp_path / "no.yaml"}):
         with pytest.raises(ConfigError):
             compile_c(_qdq(), tmp_path / "out", **options)
 
