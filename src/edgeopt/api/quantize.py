@@ -103,8 +103,11 @@ def _overwrites_input(model: ModelSource, output: str | os.PathLike | None) -> P
     replace, if any."""
     if output is None or isinstance(model, ir.Model):
         return None
+    existing = [written for written in (Path(output), report_path(output)) if written.exists()]
+    if not existing:  # every input file exists: nothing new can be one (and the model is not parsed again)
+        return None
     inputs = {file.resolve(): file for file in model_files(model)}
-    for written in (Path(output), report_path(output)):
+    for written in existing:
         if written.resolve() in inputs:
             return inputs[written.resolve()]
     return None
