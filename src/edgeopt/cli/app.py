@@ -163,7 +163,7 @@ def run(
 ) -> None:
     """Run a model in ONNX Runtime (CPU) and write its outputs as .npy files."""
     arrays = _parse_inputs(inputs)
-    with progress_bar("running", enabled=not json_output) as update:
+    with progress_bar("running") as update:
         result = api.run(model, arrays, output_dir=output, progress=update)
     if json_output:
         print_json(result.to_dict())
@@ -192,7 +192,7 @@ def bench(
 ) -> None:
     """Latency (min/median/p90), throughput, peak RSS and file size; several models run interleaved."""
     config = BenchConfig(runs=runs, warmup=warmup, threads=threads)
-    with progress_bar("benchmarking", enabled=not json_output) as update:
+    with progress_bar("benchmarking") as update:
         result = api.bench(models, config=config, data=data, input_shapes=parse_input_shapes(input_shape or []),
                            preprocess=parse_preprocess(preprocess), progress=update)
     if json_output:
@@ -225,7 +225,7 @@ def demo(
     """Run every stage that exists on the bundled digits CNN and print a short summary."""
     from edgeopt.demo import run_demo
 
-    with progress_bar("demo", enabled=not json_output) as update:
+    with progress_bar("demo") as update:
         result = run_demo(output, runs=runs, progress=update)
     if json_output:
         print_json(result.to_dict())
@@ -379,7 +379,7 @@ def quantize(
                             time_budget_s=_seconds(time_budget or DEFAULT_TIME_BUDGET))
     elif time_budget is not None:
         raise ConfigError("--time-budget limits the accuracy search: use it with --max-drop or --min-sqnr, or drop it")
-    with progress_bar("calibrating" if goal is None else "accuracy search", enabled=not json_output) as update:
+    with progress_bar("calibrating" if goal is None else "accuracy search") as update:
         report = api.quantize(model, config, data, output=output, max_samples=max_samples, goal=goal,
                               evaluate=evaluate, preprocess=parse_preprocess(preprocess),
                               check_speed=speed_check, progress=update)
@@ -467,7 +467,7 @@ def compare(
     """Per-layer SQNR and cosine of a quantized model against its float model, worst first."""
     from edgeopt.cli.render_compare import render_compare
 
-    with progress_bar("comparing", enabled=not json_output) as update:
+    with progress_bar("comparing") as update:
         result = api.compare(float_model, quant_model, data, max_samples=max_samples,
                              preprocess=parse_preprocess(preprocess), progress=update)
     if json_output:

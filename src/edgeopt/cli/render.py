@@ -48,9 +48,10 @@ def table(title: str | None, columns: list[tuple[str, str]]) -> Table:
 
 
 @contextmanager
-def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[int, int | None], None]]:
-    """A progress bar on stderr; yields ``update(done, total)``. Silent when disabled."""
-    if not enabled or not state.stderr.is_terminal:
+def progress_bar(description: str) -> Iterator[Callable[[int, int | None], None]]:
+    """A progress bar on stderr when it is a terminal (with --json too: stdout stays pure JSON);
+    yields ``update(done, total)``."""
+    if not state.stderr.is_terminal:
         yield lambda done, total: None
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
