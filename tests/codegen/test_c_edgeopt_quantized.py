@@ -93,3 +93,32 @@ def test_ops_only_the_mcu_kernels_run_in_integer_are_quantized_for_mcu(tmp_path)
     compile_c(api.load(tmp_path / "model.int8.onnx"), tmp_path / "c")
     result = verify(tmp_path / "c", [{"input": x[np.newaxis]} for x in _smooth_images(3, seed=1)])
     assert result.bit_exact, result.first_mismatch
+
+
+@pytest.mark.parametrize("axes, keepdims, lowers", [([2], 0, False), ([3], 0, False), ([2], 1, True),
+                                                     ([2, 3], 0, True), ([1], 0, True)])
+def test_reduce_mean_lowers_only_when_the_kept_axes_keep_the_layout(tmp_path, axes, keepdims, lowers):
+    """Reducing H (or W) alone of an NHWC tensor without keepdims leaves [N, W, C], which is no layout of
+    the [N, C, W] output: the C computed right values in the wrong order, and verify, which shares the
+    lowering, called it bit-exact. It is refused; the other reductions compile and verify."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeopt.errors import UnsupportedOpError
+
+    weight = np.random.default_rng(0).normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("ReduceMean", ["c"], ["mean"], name="mean", axes=axes, keepdims=keepdims)],
+        "mean", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("mean", TensorProto.FLOAT, None)], [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "mean.onnx")
+    np.save(tmp_path / "calib.npy", _smooth_images(16, seed=0))
+    api.quantize(tmp_path / "mean.onnx", Int8Config(target=Target.MCU), tmp_path / "calib.npy",
+                 output=tmp_path / "mean.int8.onnx", check_speed=False, check_fidelity=False)
+    if not lowers:
+        with pytest.raises(UnsupportedOpError, match="keepdims=0 over these axes would change"):
+            compile_c(api.load(tmp_path / "mean.int8.onnx"), tmp_path / "c")
+        return
+    compile_c(api.load(tmp_path / "mean.int8.onnx"), tmp_path / "c")
+    assert verify(tmp_path / "c", [{"input": x[np.newaxis]} for x in _smooth_images(2, seed=1)]).bit_exact

@@ -157,7 +157,21 @@ def lower_reduce_mean(lo: Lowering, node: ir.Node) -> None:
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         axes = eir.constant_array(node.inputs[1])
     axes = list(range(rank)) if axes is None or len(axes) == 0 else [int(a) % rank for a in axes]
-    _mean(lo, node, x, [info.layout.index(a) for a in axes])
+    stored_axes = [info.layout.index(a) for a in axes]
+    if not int(attribute(node, "keepdims", 1)):
+        _check_kept_order(node, info.layout, stored_axes)
+    _mean(lo, node, x, stored_axes)
+
+
+def _check_kept_order(node: ir.Node, layout, stored_axes: list[int]) -> None:
+    """Without keepdims the output drops axes: the axes kept, in their stored order, must be the
+    output's stored layout (reducing H alone of an NHWC tensor leaves [N, W, C], which is no layout
+    of the [N, C, W] output)."""
+    kept = [layout[p] for p in range(len(layout)) if p not in stored_axes]  # logical axes, stored order
+    renumbered = [sorted(kept).index(a) for a in kept]
+    if tuple(renumbered) != tuple(stored_layout(len(kept))):
+        raise UnsupportedOpError(f"{node_label(node)}: ReduceMean with keepdims=0 over these axes would change "
+                                 "the tensor's memory layout; keepdims=1 (then Flatten or Reshape) is supported")
 
 
 def lower_concat(lo: Lowering, node: ir.Node) -> None:
