@@ -157,6 +157,17 @@ def test_existing_folder_is_not_overwritten_without_force(cli, qdq_path, tmp_pat
     assert (tmp_path / "mine" / "mine.txt").read_text() == "keep"
 
 
+def test_force_never_removes_the_current_folder_or_follows_a_link(cli, qdq_path, tmp_path, monkeypatch):
+    assert cli("compile", qdq_path, "-o", tmp_path / "out", "--no-measure").code == 0
+    monkeypatch.chdir(tmp_path / "out")  # inside the compiled folder: -o . would delete where the user stands
+    assert_one_line_error(cli("compile", qdq_path, "-o", ".", "--no-measure", "--force"), "current folder")
+    assert (tmp_path / "out" / "model.c").exists()
+    (tmp_path / "link").symlink_to(tmp_path / "out")
+    assert_one_line_error(cli("compile", qdq_path, "-o", tmp_path / "link", "--no-measure", "--force"),
+                          "symbolic link")
+    assert (tmp_path / "out" / "model.c").exists()
+
+
 def test_the_input_model_is_never_replaced(cli, qdq_path, tmp_path):
     """A model inside a compiled folder (its reference.onnx, or one the user put there) would go with it."""
     assert cli("compile", qdq_path, "-o", tmp_path / "out", "--no-measure").code == 0

@@ -81,12 +81,16 @@ def test_float_model_says_quantize_first(tmp_path):
 
 def test_existing_folder_needs_force_and_force_replaces_only_a_compiled_folder(tmp_path):
     compile_c(_qdq(), tmp_path / "out")
-    (tmp_path / "out" / "stale.c").write_text("from an earlier run")
+    (tmp_path / "out" / ".build").mkdir()  # what its Makefile builds
+    (tmp_path / "out" / "report.json").write_text("{}")
     with pytest.raises(CodegenError, match="--force"):
         compile_c(_qdq(), tmp_path / "out")
-    assert (tmp_path / "out" / "stale.c").exists()
     compile_c(_qdq(), tmp_path / "out", force=True)
-    assert not (tmp_path / "out" / "stale.c").exists()
+    assert not (tmp_path / "out" / ".build").exists()
+    (tmp_path / "out" / "my_app.c").write_text("the user's own code, added to the project")
+    with pytest.raises(CodegenError, match="did not write .e.g. my_app.c"):
+        compile_c(_qdq(), tmp_path / "out", force=True)
+    assert (tmp_path / "out" / "my_app.c").exists()
     (tmp_path / "mine").mkdir()  # the user's own folder (or the current one): never deleted
     (tmp_path / "mine" / "keep.txt").write_text("mine")
     with pytest.raises(CodegenError, match="did not write"):

@@ -44,8 +44,8 @@ def compile_command(
     = "model",
     rounding: Annotated[Rounding, typer.Option("--rounding", help="Requantization rounding: double (TFLite) or "
                                                                   "single (CMSIS-NN).")] = Rounding.double,
-    force: Annotated[bool, typer.Option("--force", help="Replace the output folder if an earlier edgeopt compile "
-                                                         "wrote it (any other folder is kept).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace the output folder if it holds only what an "
+                                                         "earlier edgeopt compile wrote (else it is kept).")] = False,
     measure: Annotated[bool, typer.Option("--measure/--no-measure", help="Build and time the code on the host "
                                                                          "(flash, stack, latency).")] = True,
     input_shape: InputShapeOption = None,

@@ -14,7 +14,8 @@ import onnx_ir as ir
 
 from edgeopt.errors import ModelError
 
-__all__ = ["atomic_write_bytes", "check_writable", "make_output_folder", "model_to_bytes", "save_model"]
+__all__ = ["atomic_write_bytes", "check_writable", "current_umask", "make_output_folder", "model_to_bytes",
+           "save_model"]
 
 _PROTOBUF_LIMIT_BYTES = 2**31 - 1
 
@@ -57,7 +58,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         raise ModelError(f"cannot write {target}: {error.strerror}") from error
     try:
         with os.fdopen(handle, "wb") as stream:
-            os.fchmod(stream.fileno(), 0o666 & ~_umask())
+            os.fchmod(stream.fileno(), 0o666 & ~current_umask())
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
@@ -70,7 +71,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return target
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (the bits a new file's mode loses)."""
     mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
     os.umask(mask)
     return mask

@@ -34,6 +34,7 @@ from edgeopt.codegen.c.schedule import Schedule, choose_schedule, reorder
 from edgeopt.devices import DeviceProfile, load_device
 from edgeopt.errors import CodegenError, ConfigError
 from edgeopt.io import load_model, save_model
+from edgeopt.io.save import current_umask
 from edgeopt.runtime.reference import ReferenceModel, lower
 from edgeopt.runtime.reference.fixed_point import ROUNDINGS
 from edgeopt.runtime.reference.program import Program
@@ -180,8 +181,11 @@ def _memory_map(program: Program, plan: MemoryPlan) -> dict:
 
 
 def check_output_folder(out_dir: Path, *, force: bool) -> None:
-    """Refuse an ``-o`` that is a file, or a non-empty folder unless ``force``; even with ``force``, a folder
-    edgeopt compile did not write (no manifest: the user's own files, the current folder) is kept."""
+    """Refuse an ``-o`` that is a file, a link, the current folder (or one holding it), or a non-empty
+    folder unless ``force``; even with ``force``, only a folder holding nothing but what an earlier
+    compile wrote is replaced (the user's own files there are kept)."""
+    if out_dir.is_symlink():
+        raise CodegenError(f"output {out_dir} is a symbolic link: give the folder it points to, or another -o")
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
@@ -191,15 +195,34 @@ def check_output_folder(out_dir: Path, *, force: bool) -> None:
         return
     if not force:
         raise CodegenError(f"output folder {out_dir} exists: choose another -o or pass --force to overwrite it")
-    if MANIFEST not in entries:
-        raise CodegenError(f"output folder {out_dir} holds files edgeopt compile did not write "
-                           f"(e.g. {entries[0]}): --force replaces only a folder it wrote; choose another -o")
+    resolved = out_dir.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise CodegenError(f"output folder {out_dir} is the current folder or holds it: choose another -o")
+    foreign = [entry for entry in entries if entry not in _written_by_compile(out_dir)]
+    if foreign:
+        raise CodegenError(f"output folder {out_dir} holds files edgeopt compile did not write (e.g. "
+                           f"{foreign[0]}): --force replaces only what a compile wrote; move them or choose "
+                           "another -o")
+
+
+def _written_by_compile(out_dir: Path) -> set[str]:
+    """The names an earlier compile wrote into ``out_dir`` (read from its manifest), its report and
+    build folder; empty when there is no readable manifest."""
+    from edgeopt.codegen.c.report import REPORT
+
+    try:
+        name = json.loads((out_dir / MANIFEST).read_text())["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {MANIFEST, MEMORY_MAP, _REFERENCE_MODEL, REPORT, ".build", "Makefile", "main.c", "bench.c",
+            "kernels.c", "kernels.h", f"{name}.c", f"{name}.h"}
 
 
 def _write_folder(out_dir: Path, files: Mapping[str, str], model: ir.Model, manifest: dict, force: bool) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        staging.chmod(0o777 & ~current_umask())  # a folder's usual mode, not mkdtemp's private 0700
         for file_name, text in files.items():
             (staging / file_name).write_text(text)
         save_model(model, staging / _REFERENCE_MODEL)
