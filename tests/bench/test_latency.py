@@ -49,3 +49,14 @@ def test_bench_models_times_each_model_in_its_own_process():
     result = bench_models(targets, [[{"input": images[:1]}]] * 2, BenchConfig(runs=4, warmup=1, threads=1))
     assert [len(m.latencies_ms) for m in result.models] == [4, 4]
     assert all(m.peak_rss_bytes > m.baseline_rss_bytes > 0 for m in result.models)
+
+
+def test_bench_from_a_folder_holding_a_module_named_like_a_dependency(tmp_path, monkeypatch):
+    """`python -m` puts the current folder first on sys.path: a user's json.py was imported by the worker."""
+    (tmp_path / "json.py").write_text("raise RuntimeError('user file json.py was imported')\n")
+    monkeypatch.chdir(tmp_path)
+    images, _ = demo_data()
+    data = demo_model_path().read_bytes()
+    target = BenchTarget(name="demo", onnx_bytes=data, file_bytes=len(data))
+    result = bench_models([target], [[{"input": images[:1]}]], BenchConfig(runs=2, warmup=0, threads=1))
+    assert len(result.models[0].latencies_ms) == 2

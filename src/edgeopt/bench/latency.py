@@ -175,7 +175,8 @@ class _Worker:
         self._stderr = tempfile.TemporaryFile()
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "edgeopt.bench._worker", str(to_child_read), str(from_child_write)],
+                # -P: the caller's folder is not put first on the path (a json.py there would be imported)
+                [sys.executable, "-P", "-m", "edgeopt.bench._worker", str(to_child_read), str(from_child_write)],
                 pass_fds=(to_child_read, from_child_write), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=self._stderr, env=_worker_environment())
         finally:  # the parent keeps only its ends: a worker that dies is then an EOF, not a hang
