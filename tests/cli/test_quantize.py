@@ -359,3 +359,17 @@ def test_options_that_would_do_nothing_are_refused(cli, tmp_path, calib):
                           "--min-sqnr")
     assert_one_line_error(cli("quantize", model, "--scheme", "fp16", "-o", out, "--block-size", "32"), "--block-size")
     assert not out.exists()
+
+
+def test_output_over_the_calibration_data_is_refused(cli, tmp_path):
+    data = tmp_path / "calib.npy"
+    data.write_bytes(demo_calibration_path().read_bytes())
+    assert_one_line_error(cli("quantize", demo_model_path(), "--data", data, "-o", data), "calibration data")
+    assert data.read_bytes() == demo_calibration_path().read_bytes()
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    (folder / "a.npy").write_bytes(demo_calibration_path().read_bytes())
+    assert_one_line_error(cli("quantize", demo_model_path(), "--data", folder, "-o", folder / "q.npy"),
+                          "calibration data")  # the next run would read it as a sample
+    assert cli("quantize", demo_model_path(), "--data", folder, "-o", folder / "q.onnx",
+               "--no-speed-check").code == 0  # an .onnx there is not data

@@ -98,6 +98,21 @@ def _calibration_source(model: ir.Model, data, preprocess: ImagePreprocess | Non
     return take(source, max_samples) if max_samples is not None else source
 
 
+def _check_output_outside_data(data, output: str | os.PathLike | None) -> None:
+    """ConfigError when ``output`` would replace the --data file, or land in the --data folder under a
+    name the next run would read as a sample (an .onnx or a report there is ignored)."""
+    from edgeopt.data.images import IMAGE_SUFFIXES
+    from edgeopt.data.npy import DATA_SUFFIXES
+
+    if output is None or not isinstance(data, (str, os.PathLike)) or not Path(data).exists():
+        return
+    source, target = Path(data).resolve(), Path(output).resolve()
+    read_as_data = target.suffix.lower() in (*DATA_SUFFIXES, *IMAGE_SUFFIXES)
+    if target == source or (source.is_dir() and source in target.parents and read_as_data):
+        raise ConfigError(f"-o/--output {output} would write over the calibration data {data}: "
+                          "write the model elsewhere (as .onnx)")
+
+
 def _overwrites_input(model: ModelSource, output: str | os.PathLike | None) -> Path | None:
     """The input file (the model or one of its external data files) that ``output`` or its report would
     replace, if any."""
@@ -161,6 +176,7 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     from edgeopt.quant import Int8Config, Target
     from edgeopt.quant import quantize as run_scheme
 
+    _check_output_outside_data(data, output)
     overwritten = _overwrites_input(model, output)
     if overwritten is not None:
         raise ConfigError(f"-o/--output {output} would overwrite the input model's file {overwritten}: "
