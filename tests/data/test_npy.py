@@ -248,3 +248,10 @@ def test_npz_members_of_other_layouts_are_read_whole(tmp_path):
     np.savez(tmp_path / "f.npz", a=np.asfortranarray(np.arange(12, dtype=np.float32).reshape(6, 2)),
              b=np.ones((6, 3), np.int64))
     assert [batch["a"].tolist() for batch in open_data(tmp_path / "f.npz", PAIR)][1] == [[2.0, 3.0]]
+
+
+def test_non_numeric_npy_dtypes_are_refused_in_words(tmp_path):
+    """Datetimes cannot be read into a buffer: the row reader leaves them to the check that names them."""
+    np.save(tmp_path / "when.npy", np.array(["2026-11-22"] * 4, dtype="datetime64[s]").reshape(4, 1))
+    with pytest.raises(DataError, match="not real numbers"):
+        list(open_data(tmp_path / "when.npy", [spec("x", (1, 1))]))

@@ -71,7 +71,7 @@ def _open_npy(path: Path) -> np.ndarray | _NpyRows:
             reader = _HEADER_READERS.get(np.lib.format.read_magic(stream))
             if reader is not None:
                 shape, fortran_order, dtype = reader(stream)
-                if not fortran_order and not dtype.hasobject:
+                if not fortran_order and dtype.kind in "biufc":  # numbers; the rest is refused later
                     return _NpyRows(path, stream.tell(), shape, dtype)
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:

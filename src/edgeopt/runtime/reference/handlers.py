@@ -212,7 +212,10 @@ def lower_softmax(lo: Lowering, node: ir.Node) -> None:
     rank = len(info.shape)
     axis = int(attribute(node, "axis", -1 if lo.opset >= 13 else 1)) % rank
     if info.layout.index(axis) != rank - 1 or (lo.opset < 13 and axis != rank - 1):
-        raise UnsupportedOpError(f"{node_label(node)}: Softmax is supported over the channel/last axis only")
+        raise UnsupportedOpError(
+            f"{node_label(node)}: Softmax over axis {axis} of a rank-{rank} tensor is not supported: the C kernel "
+            "reduces the innermost axis as stored, which is the channel axis of an NCHW tensor (axis 1) and "
+            "the last axis otherwise")
     plan = lo.output_plan(node)
     lo.finish("softmax", [x], plan, softmax_params(lo.params_of(x), plan.qparams), node)
 
