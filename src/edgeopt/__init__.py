@@ -21,6 +21,7 @@ from edgeopt.api import (  # noqa: E402
     run,
     verify,
 )
+from edgeopt.bench import BenchConfig  # noqa: E402
 from edgeopt.quant.accuracy import AccuracyGoal  # noqa: E402
 from edgeopt.quant.config import (  # noqa: E402
     CalibrationMethod,
@@ -35,6 +36,7 @@ from edgeopt.quant.int4 import Int4WeightConfig  # noqa: E402
 
 __all__ = [
     "AccuracyGoal",
+    "BenchConfig",
     "Bf16Config",
     "CalibrationMethod",
     "Fp16Config",

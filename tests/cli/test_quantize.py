@@ -373,3 +373,19 @@ def test_output_over_the_calibration_data_is_refused(cli, tmp_path):
                           "calibration data")  # the next run would read it as a sample
     assert cli("quantize", demo_model_path(), "--data", folder, "-o", folder / "q.onnx",
                "--no-speed-check").code == 0  # an .onnx there is not data
+
+
+def test_a_float_model_that_outputs_nan_is_warned_about_not_scored(tmp_path):
+    import edgeopt
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array((rng.standard_normal((16, 16)) * 0.3).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("Sqrt", ["a"], ["y"])],
+                              "sqrt", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "sqrt.onnx")
+    data = [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(16)]  # Sqrt of < 0: NaN
+    report = edgeopt.quantize(tmp_path / "sqrt.onnx", edgeopt.Int8Config(), data, check_speed=False)
+    assert np.isnan(report.fidelity.outputs[0].sqnr_db) and np.isnan(report.fidelity.outputs[0].cosine)
+    assert any("fidelity of y not measured" in warning for warning in report.warnings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -242,6 +243,11 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
         loaded = load(model, require_static=False)
     fidelity = (_fidelity(loaded, result.model, data, preprocess, max_samples)
                 if check_fidelity and reiterable else None)
+    if fidelity is not None:
+        unmeasured = [row.name for row in fidelity.outputs if math.isnan(row.sqnr_db)]
+        if unmeasured:
+            warnings.append(f"fidelity of {', '.join(unmeasured)} not measured: the float model's outputs hold "
+                            "inf/NaN on the calibration data (check the model and the data's scale)")
     speed = None
     if check_speed:
         dynamic = not all(spec.is_static for spec in eir.model_inputs(loaded))

@@ -201,7 +201,7 @@ class _Worker:
     def _expect(self, tag: str):
         kind, value = self._call(self._recv.recv)
         if kind == "error":
-            raise EdgeoptError(value)
+            raise EdgeoptError(f"{self.name}: {value}")
         if kind != tag:
             raise RuntimeError(f"bench worker sent {kind!r}, expected {tag!r}")
         return value
