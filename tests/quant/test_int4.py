@@ -287,7 +287,7 @@ def test_a_block_wider_than_k_is_noted(tmp_path):
     assert not any("below the block" in note for note in quantize(model, Int4WeightConfig(), data=None).notes)
 
 
-def gemm_model(tmp_path, *, c_shape, alpha=0.5, beta=2.0, trans_a=0, c_input=False) -> ir.Model:
+def gemm_model(tmp_path, *, c_shape, alpha=0.5, beta=2.0, trans_a=0, c_input=False, name="gemm") -> ir.Model:
     """input [4,48] -> Gemm(alpha, beta, transB=0, C) -> output [4,40]; C constant or a graph input."""
     rng = np.random.default_rng(1)
     initializers = [numpy_helper.from_array(rng.standard_normal((48, 40)).astype(np.float32), "w")]
@@ -296,12 +296,17 @@ def gemm_model(tmp_path, *, c_shape, alpha=0.5, beta=2.0, trans_a=0, c_input=Fal
         inputs.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, list(c_shape)))
     else:
         initializers.append(numpy_helper.from_array(rng.standard_normal(c_shape).astype(np.float32), "c"))
-    node = helper.make_node("Gemm", ["input", "w", "c"], ["output"], name="gemm", alpha=alpha, beta=beta,
+    node = helper.make_node("Gemm", ["input", "w", "c"], ["output"], name=name, alpha=alpha, beta=beta,
                             transA=trans_a)
     graph = helper.make_graph([node], "gemm", inputs,
                               [helper.make_tensor_value_info("output", TensorProto.FLOAT, [4, 40])],
                               initializer=initializers)
     return save(graph, tmp_path / "gemm.onnx")
+
+
+def test_an_unnamed_gemm_with_a_bias_names_its_bias_after_the_weight(tmp_path):
+    result = quantize(gemm_model(tmp_path, c_shape=(40,), name=""), Int4WeightConfig(), data=None)
+    assert op_types(result.model) == ["MatMulNBits"] and "w_bias" in result.model.graph.initializers
 
 
 @pytest.mark.parametrize(("c_shape", "c_input", "lowered"), [

@@ -235,7 +235,7 @@ def _lower_matmul_nbits(graph: ir.Graph, names: UniqueNames, target: _Target, co
     node = target.node
     inputs: list[ir.Value | None] = [node.inputs[0], *encoded.values, None, None]
     if target.bias is not None:
-        inputs[5] = _array_initializer(graph, names(f"{node.name or base}_bias"), target.bias)
+        inputs[5] = _array_initializer(graph, names(f"{node.name or target.weight_value.name}_bias"), target.bias)
     while inputs[-1] is None:
         inputs.pop()
     attributes = [ir.AttrInt64("K", encoded.k), ir.AttrInt64("N", encoded.n),
