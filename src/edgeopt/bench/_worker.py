@@ -10,14 +10,7 @@ from edgeopt.bench.latency import serve
 
 def main(argv: list[str]) -> None:
     read_fd, write_fd = (int(fd) for fd in argv)
-    serve(_Duplex(Connection(read_fd, writable=False), Connection(write_fd, readable=False)))
-
-
-class _Duplex:
-    """One connection object over the two one-way pipes."""
-
-    def __init__(self, incoming: Connection, outgoing: Connection) -> None:
-        self.recv, self.send = incoming.recv, outgoing.send
+    serve(Connection(read_fd, writable=False), Connection(write_fd, readable=False))
 
 
 if __name__ == "__main__":

@@ -127,26 +127,26 @@ def _max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def serve(connection) -> None:
+def serve(incoming: Connection, outgoing: Connection) -> None:
     """The worker's side: receive the model, feeds and threads, build a session, then answer each 'run'
     request with one timed inference, and 'stop' with the process's peak RSS."""
     from edgeopt.runtime.ort import OrtSession
 
-    model_bytes, feeds, threads = connection.recv()
+    model_bytes, feeds, threads = incoming.recv()
     try:
         baseline = _max_rss_bytes()
         session = OrtSession(model_bytes, threads=threads)
-        connection.send(("ready", baseline))
+        outgoing.send(("ready", baseline))
         index = 0
-        while connection.recv() == "run":
+        while incoming.recv() == "run":
             feed = feeds[index % len(feeds)]
             start = time.perf_counter()
             session.run(feed)
-            connection.send(("ms", (time.perf_counter() - start) * 1000.0))
+            outgoing.send(("ms", (time.perf_counter() - start) * 1000.0))
             index += 1
-        connection.send(("rss", _max_rss_bytes()))
+        outgoing.send(("rss", _max_rss_bytes()))
     except EdgeoptError as error:
-        connection.send(("error", str(error)))
+        outgoing.send(("error", str(error)))
 
 
 def _worker_environment() -> dict[str, str]:

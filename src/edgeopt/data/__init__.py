@@ -3,9 +3,10 @@
 A data source is an iterable of batches ``{input_name: np.ndarray}``, each
 checked against the model inputs (:func:`check_feed`). Sources stream: files
 are opened one at a time and stacked .npy/.npz files are read a sample at a
-time as they are sliced, so a data set never has to fit in memory. :func:`open_data` picks the source for a
-folder of .npy/.npz files, a folder of images plus an :class:`ImagePreprocess`,
-a .npy/.npz file, a ``module:function`` or an in-memory iterable.
+time as they are sliced, so a data set never has to fit in memory.
+:func:`open_data` picks the source for a folder of .npy/.npz files, a folder
+of images plus an :class:`ImagePreprocess`, a .npy/.npz file, a
+``module:function`` or an in-memory iterable.
 """
 
 from __future__ import annotations
