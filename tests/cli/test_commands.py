@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import pytest
 
+from edgeopt import api
+from edgeopt.errors import DataError
 from edgeopt.runtime.ort import OrtSession
 from tests.conftest import assert_one_line_error
 from tests.models import (
@@ -99,6 +101,23 @@ def test_run_dynamic_model_takes_shape_from_data(cli, tmp_path):
     result = cli("run", path, "-i", tmp_path / "x.npy", "-o", tmp_path / "out")
     assert result.code == 0, result.stderr
     assert np.load(tmp_path / "out" / "output.npy").shape[:2] == (2, 4)
+
+
+def test_run_never_writes_an_output_over_its_input_file(cli, tmp_path):
+    path = build_onnx("resnet", tmp_path)  # its output is named "output"
+    x = np.random.default_rng(2).normal(size=(1, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "output.npy", x)
+    before = (tmp_path / "output.npy").read_bytes()
+    result = cli("run", path, "-i", tmp_path / "output.npy", "-o", tmp_path)
+    assert_one_line_error(result, "output.npy", "-o/--output")
+    assert (tmp_path / "output.npy").read_bytes() == before
+    # the same from Python, with the file passed by name; an .npz input cannot be replaced by a .npy output
+    with pytest.raises(DataError, match="over the input file"):
+        api.run(path, {"input": tmp_path / "output.npy"}, output_dir=tmp_path)
+    assert (tmp_path / "output.npy").read_bytes() == before
+    np.savez(tmp_path / "x.npz", input=x)
+    assert cli("run", path, "-i", tmp_path / "x.npz", "-o", tmp_path).code == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "output.npy"), OrtSession(path).run({"input": x})["output"])
 
 
 def test_bench_two_models_side_by_side(cli, tmp_path):

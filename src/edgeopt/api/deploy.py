@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt.api._common import ModelSource, load
-from edgeopt.api.model import RunResult, _name_unnamed, _sample_feeds, _write_outputs
+from edgeopt.api.model import RunResult, _check_spares_inputs, _name_unnamed, _sample_feeds, _write_outputs
 from edgeopt.data import ImagePreprocess
 from edgeopt.errors import ConfigError, EdgeoptError
 
@@ -74,11 +74,14 @@ def verify(out_dir: str | os.PathLike, data, *, preprocess: ImagePreprocess | No
     return verify_c(out_dir, take(source, max_samples) if max_samples is not None else source)
 
 
-def run_compiled(folder: str | os.PathLike, inputs: Mapping[str, np.ndarray], output_dir, progress) -> RunResult:
+def run_compiled(folder: str | os.PathLike, inputs: Mapping[str, np.ndarray], output_dir, progress, *,
+                 input_files: Sequence[Path] = ()) -> RunResult:
     from edgeopt.codegen.c.host import HostProgram
 
     program = HostProgram(folder)
     feeds = _sample_feeds(program.input_specs, _name_unnamed(program.input_specs, inputs))
+    if output_dir is not None:
+        _check_spares_inputs(program.output_names, Path(output_dir), input_files)
     outputs = program.run(feeds)
     if progress is not None:
         progress(len(feeds), len(feeds))

@@ -124,21 +124,68 @@ def _safe_file_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "output"
 
 
+def _output_file(folder: Path, name: str) -> Path:
+    return folder / f"{_safe_file_name(name)}.npy"
+
+
+def read_input_file(path: str | os.PathLike) -> np.ndarray | dict[str, np.ndarray]:
+    """The array in a .npy file, or the arrays of a .npz keyed by name (read whole: nothing stays mapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"input file {path} not found")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise DataError(f"{path} is not a readable .npy/.npz file ({str(error).splitlines()[0]})") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            return {key: loaded[key] for key in loaded.files}
+    return loaded
+
+
+def _read_inputs(inputs: Mapping[str, np.ndarray | str | os.PathLike]) -> tuple[dict[str, np.ndarray], list[Path]]:
+    """Arrays by input name (a value may be a .npy file), and the files they came from."""
+    arrays, files = {}, []
+    for name, value in inputs.items():
+        if isinstance(value, (str, os.PathLike)):
+            loaded = read_input_file(value)
+            if isinstance(loaded, dict):
+                raise DataError(f"{value} is a .npz: pass its arrays, or the file without a name on the command line")
+            arrays[name] = loaded
+            files.append(Path(value))
+        else:
+            arrays[name] = value
+    return arrays, files
+
+
+def _check_spares_inputs(output_names: Sequence[str], folder: Path, input_files: Sequence[Path]) -> None:
+    """Refuse (before any work) to write an output over one of the input files."""
+    for name in output_names:
+        target = _output_file(folder, name)
+        for source in input_files:
+            if target.exists() and target.resolve() == source.resolve():
+                raise DataError(f"output '{name}' would be written over the input file {source}: "
+                                "choose another -o/--output folder")
+
+
 def _write_outputs(outputs: Mapping[str, np.ndarray], folder: Path) -> tuple[Path, ...]:
     make_output_folder(folder)
     files = []
     for name, array in outputs.items():
         buffer = _io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
-        files.append(atomic_write_bytes(folder / f"{_safe_file_name(name)}.npy", buffer.getvalue()))
+        files.append(atomic_write_bytes(_output_file(folder, name), buffer.getvalue()))
     return tuple(files)
 
 
-def run(model: ModelSource, inputs: Mapping[str, np.ndarray], *, output_dir: str | os.PathLike | None = None,
-        progress: Progress | None = None) -> RunResult:
+def run(model: ModelSource, inputs: Mapping[str, np.ndarray | str | os.PathLike], *,
+        output_dir: str | os.PathLike | None = None, progress: Progress | None = None) -> RunResult:
     """Run ``model`` in ONNX Runtime; N stacked samples for a batch-1 input run one by one.
 
-    A folder written by ``compile_model`` runs its generated C, built on the host.
+    ``inputs`` maps input names to arrays or .npy files (the key "" names the
+    model's only input). Outputs go to ``output_dir`` as ``<output>.npy``,
+    never over one of the input files. A folder written by ``compile_model``
+    runs its generated C, built on the host.
     """
     from edgeopt.data import check_feed
     from edgeopt.runtime.ort import OrtSession
@@ -147,12 +194,15 @@ def run(model: ModelSource, inputs: Mapping[str, np.ndarray], *, output_dir: str
 
     if output_dir is not None:
         make_output_folder(output_dir, create=False)  # before any work
+    arrays, input_files = _read_inputs(inputs)
     if is_compiled_folder(model):
-        return run_compiled(model, inputs, output_dir, progress)
+        return run_compiled(model, arrays, output_dir, progress, input_files=input_files)
     loaded = load(model, require_static=False)
     specs = eir.model_inputs(loaded)
-    feeds = _sample_feeds(specs, _name_unnamed(specs, inputs))
+    feeds = _sample_feeds(specs, _name_unnamed(specs, arrays))
     session = OrtSession(loaded)
+    if output_dir is not None:
+        _check_spares_inputs(session.output_names, Path(output_dir), input_files)
     results: list[dict[str, np.ndarray]] = []
     for index, feed in enumerate(feeds):
         results.append(session.run(check_feed(specs, feed, where="--input")))

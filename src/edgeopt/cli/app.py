@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,11 +13,12 @@ import numpy as np
 import typer
 
 from edgeopt import __version__, api
+from edgeopt.api.model import read_input_file
 from edgeopt.bench import BenchConfig
 from edgeopt.cli import state
 from edgeopt.cli.render import bytes_text, count_text, in_batches, print_json, progress_bar, table
 from edgeopt.data import ImagePreprocess
-from edgeopt.errors import ConfigError, DataError
+from edgeopt.errors import ConfigError
 from edgeopt.quant.accuracy import AccuracyGoal
 from edgeopt.io import parse_input_shapes
 
@@ -124,32 +126,21 @@ def _render_inspect_totals(result: api.InspectResult) -> None:
 # --------------------------------------------------------------------------- run
 
 
-def _read_npy(path: Path) -> dict[str, np.ndarray] | np.ndarray:
-    if not path.is_file():
-        raise DataError(f"input file {path} not found")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise DataError(f"{path} is not a readable .npy/.npz file ({str(error).splitlines()[0]})") from None
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            return {key: loaded[key] for key in loaded.files}
-    return loaded
+def _parse_inputs(specs: list[str]) -> dict[str, np.ndarray | Path]:
+    """``NAME=file.npy`` or ``file.npy`` (key "" = the model's only input) or ``file.npz`` (keyed by name).
 
-
-def _parse_inputs(specs: list[str]) -> dict[str, np.ndarray]:
-    """``NAME=file.npy`` or ``file.npy`` (key "" = the model's only input) or ``file.npz``."""
-    arrays: dict[str, np.ndarray] = {}
+    A .npy stays a path, so ``run`` can refuse to write an output over it.
+    """
+    inputs: dict[str, np.ndarray | Path] = {}
     for spec in specs:
         name, sep, path_text = spec.partition("=")
         if not sep:
             name, path_text = "", spec
-        loaded = _read_npy(Path(path_text))
-        if isinstance(loaded, dict):
-            arrays.update(loaded)
+        if zipfile.is_zipfile(path_text):
+            inputs.update(read_input_file(path_text))
         else:
-            arrays[name] = loaded
-    return arrays
+            inputs[name] = Path(path_text)
+    return inputs
 
 
 @app.command()
