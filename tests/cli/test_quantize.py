@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
+import edgeopt
 from edgeopt.demo import demo_calibration_path, demo_data, demo_model_path
 from edgeopt.errors import ConfigError
 from tests.conftest import assert_one_line_error
@@ -163,6 +164,22 @@ def test_too_few_samples_is_a_warning(cli, tmp_path):
     folder = _write(tmp_path / "few", "s.npy", np.load(demo_calibration_path())[:2])
     result = cli("quantize", demo_model_path(), "--data", folder, "-o", tmp_path / "q.onnx", "--no-speed-check")
     assert result.code == 0 and "only 2 calibration samples" in result.stderr
+
+
+def test_logged_warnings_are_in_the_report_and_said_once(cli, tmp_path):
+    pixels = np.round(np.load(demo_calibration_path()) * 16).astype(np.uint8)  # integer data for a float input
+    folder = _write(tmp_path / "ints", "s.npy", pixels)
+    result = cli("quantize", demo_model_path(), "--data", folder, "-o", tmp_path / "q.onnx", "--no-speed-check",
+                 "--json")
+    assert result.code == 0, result.stderr
+    warnings = json.loads(result.stdout)["warnings"]
+    assert any("gets uint8 data, cast to float32" in w for w in warnings)
+    assert result.stderr.count("cast to float32") == 1
+    saved = json.loads((tmp_path / "q.report.json").read_text())["warnings"]
+    assert saved == warnings
+    # a second quantize in the same process reports it again
+    again = edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), folder, check_speed=False)
+    assert any("cast to float32" in w for w in again.warnings)
 
 
 def test_already_quantized_model_is_refused(cli, tmp_path, calib):

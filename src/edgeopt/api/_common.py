@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import onnx_ir as ir
 
 from edgeopt.io import load_model
 
-__all__ = ["ModelSource", "Progress", "load", "model_name"]
+__all__ = ["ModelSource", "Progress", "load", "logged_warnings", "model_name"]
 
 ModelSource = str | os.PathLike | ir.Model
 Progress = Callable[[int, int], None]
@@ -31,3 +33,33 @@ def load(model: ModelSource, *, input_shapes: Mapping[str, Sequence[int]] | None
 
 def model_name(model: ModelSource) -> str:
     return Path(model).name if not isinstance(model, ir.Model) else (model.graph.name or "model")
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message not in self.into:
+            self.into.append(message)
+
+
+@contextlib.contextmanager
+def logged_warnings() -> Iterator[list[str]]:
+    """The warnings edgeopt logs inside the block, each once, in order (for a report's ``warnings``).
+
+    Warnings said once per process (an input's dtype cast) are said again in each block.
+    """
+    from edgeopt.data.feeds import forget_cast_warnings
+
+    messages: list[str] = []
+    handler = _Collect(messages)
+    root = logging.getLogger("edgeopt")
+    forget_cast_warnings()
+    root.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        root.removeHandler(handler)

@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.api._common import ModelSource, Progress, load
+from edgeopt.api._common import ModelSource, Progress, load, logged_warnings
 from edgeopt.data import ImagePreprocess, batch_rows
 from edgeopt.errors import ConfigError, DataError, EdgeoptError
 from edgeopt.io import (FILE_BYTES_KEY, atomic_write_bytes, check_writable, model_file_bytes, model_files,
@@ -173,7 +173,18 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     With an accuracy ``goal`` (int8 only), the most damaging layers go back to
     float one by one until it is met (``evaluate(model_path) -> score`` for a
     ``max_drop`` goal; output SQNR on the calibration data for ``min_sqnr_db``).
+    Warnings logged on the way (an integer input cast to float ...) are in
+    the report's ``warnings`` too.
     """
+    with logged_warnings() as logged:
+        return _quantize(model, config, data, output=output, preprocess=preprocess, max_samples=max_samples,
+                         goal=goal, evaluate=evaluate, check_fidelity=check_fidelity, check_speed=check_speed,
+                         progress=progress, logged=logged)
+
+
+def _quantize(model: ModelSource, config: object, data, *, output, preprocess, max_samples, goal, evaluate,
+              check_fidelity: bool, check_speed: bool, progress: Progress | None,
+              logged: list[str]) -> QuantizeReport:
     from edgeopt.quant import Int8Config, Target
     from edgeopt.quant import quantize as run_scheme
 
@@ -264,7 +275,8 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
                             float_bytes=float_bytes, quant_bytes=len(quant_bytes),
                             calibration_samples=source.samples if source is not None else 0,
                             calibration_batches=source.count if source is not None else 0,
-                            fidelity=fidelity, speed=speed, search=search, warnings=tuple(warnings))
+                            fidelity=fidelity, speed=speed, search=search,
+                            warnings=tuple(dict.fromkeys([*logged, *warnings])))
     if output is not None:  # written last: an error in the checks above leaves nothing behind
         atomic_write_bytes(output, quant_bytes)  # and the artifact ships with its measured numbers
         atomic_write_bytes(report_path(output), json_text(report.to_dict()).encode())

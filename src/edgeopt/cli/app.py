@@ -437,8 +437,8 @@ def _render_quantize(report: api.QuantizeReport) -> None:
     state.stdout.print(summary)
     if report.speed is not None:
         render_speed(report.speed)
-    for warning in report.warnings:
-        state.stderr.print(f"warning: {warning}")
+    for warning in report.warnings:  # through logging: a warning already shown as it happened is not repeated
+        logging.getLogger("edgeopt").warning(warning)
 
 
 # ----------------------------------------------------------------------- compare

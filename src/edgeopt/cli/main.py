@@ -26,7 +26,35 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+class _ConsoleLog(logging.Handler):
+    """edgeopt's own log records as ``warning: message`` lines on stderr, each message once per command
+    (data opened again for the checks after quantizing must not repeat its warnings; a report's
+    warnings that were already said as they happened are not said again)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = f"{record.levelname.lower()}: {record.getMessage()}"
+        if line not in self._seen:
+            self._seen.add(line)
+            state.stderr.print(line)
+
+
 def _run(argv: list[str] | None) -> int:
+    log = logging.getLogger("edgeopt")
+    handler, propagate = _ConsoleLog(), log.propagate
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        return _run_app(argv)
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+
+
+def _run_app(argv: list[str] | None) -> int:
     try:
         app(args=argv, prog_name="edgeopt")
     except SystemExit as done:
@@ -46,8 +74,7 @@ def _run(argv: list[str] | None) -> int:
 
 
 class _LogLine(logging.Formatter):
-    """``warning: message``, in the style of the CLI's other lines; each message once (data that is
-    opened again for the checks after quantizing must not repeat its warnings)."""
+    """Other libraries' log records as ``warning: message``, in the style of the CLI's lines; each once."""
 
     def __init__(self) -> None:
         super().__init__()

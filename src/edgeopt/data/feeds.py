@@ -28,12 +28,17 @@ import numpy as np
 from edgeopt.errors import DataError
 from edgeopt.ir.values import InputSpec
 
-__all__ = ["check_feed", "dims_match", "shape_text"]
+__all__ = ["check_feed", "dims_match", "forget_cast_warnings", "shape_text"]
 
 _NUMERIC_KINDS = "biuf"
 
 logger = logging.getLogger(__name__)
 _warned_casts: set[tuple[str, str, str]] = set()  # (input, data dtype, input dtype) already warned about
+
+
+def forget_cast_warnings() -> None:
+    """Warn again about casts already warned about (a new command or report starts)."""
+    _warned_casts.clear()
 
 
 def shape_text(shape: Sequence[int | str | None]) -> str:
