@@ -166,6 +166,19 @@ def test_too_few_samples_is_a_warning(cli, tmp_path):
     assert result.code == 0 and "only 2 calibration samples" in result.stderr
 
 
+@pytest.mark.parametrize("target", ["ort", "mcu"])
+def test_uint8_scheme_is_named_uint8_and_writes_uint8_activations(cli, tmp_path, target):
+    out = tmp_path / "demo.uint8.onnx"
+    result = cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "--scheme", "uint8",
+                 "--target", target, "-o", out, "--json", "--no-speed-check")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["scheme"] == "uint8"
+    graph = onnx.load(str(out)).graph
+    points = {init.name: init.data_type for init in graph.initializer}
+    activation_points = [points[node.input[2]] for node in graph.node if node.op_type == "QuantizeLinear"]
+    assert activation_points and set(activation_points) == {onnx.TensorProto.UINT8}
+
+
 def test_logged_warnings_are_in_the_report_and_said_once(cli, tmp_path):
     pixels = np.round(np.load(demo_calibration_path()) * 16).astype(np.uint8)  # integer data for a float input
     folder = _write(tmp_path / "ints", "s.npy", pixels)

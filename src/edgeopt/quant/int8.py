@@ -222,5 +222,8 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
         notes.append(f"{len(plan.float_nodes)} nodes stay float (see float_nodes)")
     details = {"calibration": calibration, "plan": plan, "opset_conversion": conversion,
                "activation_format": config.activations.name, "optimization": optimization}
-    return QuantResult(model=model, scheme="int8", tensors=tensors, float_nodes=plan.float_nodes,
+    # named as the CLI's --scheme: uint8 when the user asked for uint8 activations, else int8 (whose
+    # activation type follows the target, told in the notes)
+    scheme = "uint8" if config.activation_format is not None and config.activation_format.name == "uint8" else "int8"
+    return QuantResult(model=model, scheme=scheme, tensors=tensors, float_nodes=plan.float_nodes,
                        notes=tuple(notes), config=config, details=types.MappingProxyType(details))
