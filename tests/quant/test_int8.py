@@ -145,6 +145,29 @@ def test_softmax_probabilities_get_the_fixed_range_not_a_calibrated_one(tmp_path
         assert sqnr_db(model, result.model, short) >= 20.0, target
 
 
+def test_a_softmax_wider_than_its_steps_is_noted_with_what_keeps_it_float(tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    notes = {}
+    for tokens in (300, 24):  # 300 probabilities per row against steps of 1/256; 24 is fine
+        path = export_onnx(MultiHeadSelfAttention(32, 4), torch.zeros(1, tokens, 32), tmp_path / f"a{tokens}.onnx")
+        model = load_model(path)
+        calibration = [{"input": np.random.default_rng(i).standard_normal((1, tokens, 32)).astype(np.float32)}
+                       for i in range(4)]
+        notes[tokens] = [n for n in quantize(model, Int8Config(), calibration).notes if n.startswith("Softmax")]
+        if tokens == 300:
+            model_300, calibration_300 = model, calibration
+            reader = next(node.name for node in model.graph if node.op_type == "MatMul"
+                          and node.inputs[0].producer() is not None and node.inputs[0].producer().op_type == "Softmax")
+    assert len(notes[300]) == 1 and "over 300 values" in notes[300][0] and "1/256" in notes[300][0]
+    assert notes[300][0].endswith(f"--exclude {reader} keeps them float")
+    assert notes[24] == []
+    kept = quantize(model_300, Int8Config(exclude=(reader,)), calibration_300).model  # as the note says
+    softmax = next(node for node in kept.graph if node.op_type == "Softmax")
+    assert {use.node.op_type for use in softmax.outputs[0].uses()} == {"MatMul"}
+
+
 def test_the_ort_target_leaves_the_classifier_logits_float(models):
     # ORT fuses DQ -> Gemm with no Q after it into QGemm with a float output: the logits are not
     # rounded to 256 levels, at no cost in speed. The MCU scheme (C kernels write int8) quantizes them.

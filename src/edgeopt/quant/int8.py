@@ -37,7 +37,7 @@ from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.config import CalibrationConfig, CalibrationMethod, Int8Config, PerTensor, Target
 from edgeopt.quant.equalize import equalize
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
-from edgeopt.quant.ops import MCU_OP_RULES, OP_RULES
+from edgeopt.quant.ops import MCU_OP_RULES, OP_RULES, OpRole
 from edgeopt.quant.opset import OpsetCheck, OpsetConversion, convert_opset
 from edgeopt.quant.placement import NodeIndex, check_exclude, plan_qdq, vanished_excludes
 from edgeopt.quant.qdq import insert_qdq
@@ -181,6 +181,42 @@ class _AccuracyHooks:
         return rounded, notes
 
 
+def _computing_readers(value: ir.Value) -> set[str]:
+    """The nodes that compute with ``value``, looking through the data-movement ops (Reshape,
+    Transpose ...) that pass it on: excluding those keeps ``value`` float for them."""
+    found: set[str] = set()
+    for use in value.uses():
+        rule = OP_RULES.get(use.node.op_type)
+        if rule is not None and rule.role is OpRole.SHARED and use.node.op_type != "Concat":
+            found |= _computing_readers(use.node.outputs[0])
+        elif use.node.name:
+            found.add(use.node.name)
+    return found
+
+
+def _wide_softmax_notes(model: ir.Model, probabilities: Iterable[str], fmt) -> list[str]:
+    """A note for each quantized Softmax output over more values than the format has steps: its
+    fixed scale 1/levels rounds the typical probability (1/width) to 0 or one step."""
+    wanted, notes = set(probabilities), []
+    for node in model.graph:
+        if node.op_type != "Softmax" or node.outputs[0].name not in wanted or node.outputs[0].shape is None:
+            continue
+        dims = list(node.outputs[0].shape.dims)
+        default_axis = -1 if eir.default_opset(model) >= 13 else 1
+        axis = node.attributes.get_int("axis", default_axis) % max(len(dims), 1)
+        over = dims[axis:axis + 1] if eir.default_opset(model) >= 13 else dims[axis:]
+        if not over or not all(isinstance(d, int) for d in over):
+            continue
+        width = int(np.prod(over))
+        if width <= fmt.num_levels:
+            continue
+        readers = sorted(_computing_readers(node.outputs[0]))
+        notes.append(f"Softmax {node.name} normalizes over {width} values, and its quantized output has steps of "
+                     f"1/{fmt.num_levels}: probabilities under 1/{2 * fmt.num_levels} (the mean one is 1/{width}) "
+                     f"round to 0; if accuracy suffers, --exclude {' '.join(readers) or node.name} keeps them float")
+    return notes
+
+
 @register_scheme(Int8Config)
 def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | None, *,
                   progress: ProgressCallback | None = None) -> QuantResult:
@@ -213,6 +249,7 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     if calibration.non_float & set(plan.activations) or extra.replan:
         plan = plan_qdq(model, exclude=config.exclude, non_float=calibration.non_float,
                         quantize_outputs=config.outputs_quantized, rules=rules)
+    notes.extend(_wide_softmax_notes(model, plan.probabilities, config.activations))  # its readers, before Q/DQ
     tensors = insert_qdq(model, plan, calibration.ranges(), config, methods=calibration.methods(),
                          rounded_weights=rounded)
     conversion: OpsetConversion | None = check.result() if check is not None else None
