@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from edgeopt.quant.accuracy import AccuracyGoal, accuracy_aware_quantize
 from edgeopt.quant.config import Int8Config
 from tests.quant.int8_models import GraphBuilder, batches
@@ -53,3 +55,42 @@ def test_a_float_node_is_never_a_step_its_quantized_readers_are():
     reasons = {node.node_name: node.reason for node in search.result.float_nodes}
     assert reasons["pool"] == "excluded (--exclude)" and reasons["tanh"] == "no integer kernel for Tanh"
     assert reasons["conv2"] == "returned to float by the accuracy search"
+
+
+def test_the_error_at_a_fused_relu_is_charged_to_the_gemm_it_is_fused_into():
+    # f1 writes 4 channels 500x larger than the rest, f2 compensates: quantizing f1 -> Relu's output
+    # crushes the small channels, which f2 needs. The loss shows at f2 -> Relu's output (the quantized
+    # tensor is the Relu's; its own input is the Gemm's float output), and returning f2 to float,
+    # which then reads f1's output in float, fixes it: one step, the rest int8.
+    g = GraphBuilder(seed=5)
+    w1, b1 = g.rng.standard_normal((32, 16)).astype(np.float32) * 0.3, np.zeros(32, np.float32)
+    w1[:4] *= 500
+    w2 = g.rng.standard_normal((16, 32)).astype(np.float32) * 0.3
+    w2[:, :4] /= 500
+    h = g.node("Relu", [g.node("Gemm", ["x", g.constant("f1.weight", w1), g.constant("f1.bias", b1)], "f1",
+                               transB=1)], "relu1")
+    h = g.node("Relu", [g.node("Gemm", [h, g.constant("f2.weight", w2), g.weight("f2.bias", (16,), 0.1)], "f2",
+                               transB=1)], "relu2")
+    logits = g.node("Gemm", [h, g.weight("f3.weight", (10, 16)), g.weight("f3.bias", (10,), 0.1)], "f3", transB=1)
+    model = g.model([logits], (1, 16))
+    data = batches((1, 16), 32)
+    plain = accuracy_aware_quantize(model, Int8Config(), data, AccuracyGoal(min_sqnr_db=0.0))
+    search = accuracy_aware_quantize(model, Int8Config(), data, AccuracyGoal(min_sqnr_db=plain.best_score + 15))
+    assert search.steps[0].next_node == "f2" and "fused Relu" in search.steps[0].reason
+    assert search.met and search.best_excluded == ("f2",)
+
+
+def test_a_float_node_read_through_a_reshape_charges_the_node_computing_behind_it():
+    # LayerNormalization (float) -> MatMul [1,4,16] x [16,16] + bias, which the quantizer runs as
+    # Reshape -> Gemm: the Reshape only moves the quantized values, so the search never returns it
+    # (a round that could change nothing, naming a node the user's model does not have).
+    g = GraphBuilder(seed=6)
+    norm = g.node("LayerNormalization", ["x", g.constant("ln.scale", np.ones(16)), g.constant("ln.bias", np.zeros(16))],
+                  "ln", axis=-1)
+    h = g.node("Add", [g.node("MatMul", [norm, g.weight("fc1.weight", (16, 16))], "fc1"), g.weight("b1", (16,))], "add1")
+    out = g.node("MatMul", [g.node("Relu", [h], "relu"), g.weight("fc2.weight", (16, 8))], "fc2")
+    model = g.model([out], (1, 4, 16))
+    search = accuracy_aware_quantize(model, Int8Config(), batches((1, 4, 16), 16), AccuracyGoal(min_sqnr_db=200.0))
+    returned = [(step.next_node, step.next_op_type) for step in search.steps if step.next_node]
+    assert search.met and returned and {op for _, op in returned} <= {"MatMul", "Gemm", "Add"}, returned
+    assert set(search.best_excluded) <= {node.name for node in model.graph}

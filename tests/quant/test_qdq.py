@@ -237,6 +237,24 @@ def test_exclude_by_name_or_op_type_keeps_nodes_float():
     assert not _nodes(by_type.model, "QuantizeLinear")
 
 
+def test_data_movement_between_float_nodes_stays_float():
+    # conv1 -> Relu -> MaxPool -> Transpose -> y, both convs excluded: no integer kernel touches the
+    # MaxPool and the Transpose, so they get no Q/DQ (it would only round values) and say why
+    b = GraphBuilder(seed=5)
+    relu = b.node("Relu", [b.conv("x", 8, 8, "conv1")], "relu")
+    pooled = b.node("MaxPool", [relu], "pool", kernel_shape=[2, 2], strides=[2, 2])
+    b.node("Transpose", [pooled], "t", perm=[0, 1, 3, 2])
+    b.conv("t", 8, 4, "y")
+    model = b.model(["y"], SHAPE)
+    result = _quantize(model, Int8Config(exclude=("Conv",)))
+    assert not _nodes(result.model, "QuantizeLinear")
+    reasons = {node.node_name: node.reason for node in result.float_nodes}
+    assert reasons["pool"] == reasons["t"] == "moves data between float nodes only: no integer kernel reads or writes it"
+    # one integer neighbour through the chain is enough: y quantized, so the MaxPool and Transpose are too
+    partly = _quantize(model, Int8Config(exclude=("conv1",)))
+    assert {"pool", "t"} <= _quantized_tensors(partly.model) and "pool" not in {n.node_name for n in partly.float_nodes}
+
+
 def test_unknown_exclude_names_it_and_suggests_similar_nodes():
     with pytest.raises(ConfigError) as error:
         _quantize(_conv_relu_conv(), Int8Config(exclude=("conv_1",)))

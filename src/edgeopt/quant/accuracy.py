@@ -145,17 +145,20 @@ def _node_damage(result: QuantResult, comparison: CompareResult) -> list[tuple[f
     for node, sqnr_db in _quantized_producers(result.model, comparison):
         if eir.is_op(node, *DATA_MOVEMENT_OPS):  # lossless: returning it to float changes no value
             continue
-        input_sqnr = [sqnr[name] for name in _quantized_inputs(node) if name in sqnr]
+        fused = _fused_into(node, float_nodes)  # Gemm -> Relu -> Q: the Gemm's error shows at the Relu's output
+        head = fused[0] if fused else node
+        input_sqnr = [sqnr[name] for name in _quantized_inputs(head) if name in sqnr]
         upstream = min(input_sqnr) if input_sqnr else math.inf
         damage = (upstream - sqnr_db) if math.isfinite(upstream) else -sqnr_db
-        reason = (f"output SQNR {sqnr_db:.1f} dB, {damage:.1f} dB lost inside the node"
+        inside = f"the node and its fused {'+'.join(n.op_type for n in fused[1:])}" if fused else "the node"
+        reason = (f"output SQNR {sqnr_db:.1f} dB, {damage:.1f} dB lost inside {inside}"
                   if math.isfinite(upstream) else f"output SQNR {sqnr_db:.1f} dB")
-        if node.name not in float_nodes:
-            ranked.append((damage, node, reason))
+        if head.name not in float_nodes:
+            ranked.append((damage, head, reason))
             continue
-        for reader in _readers_through_qdq(node):
+        for reader in _computing_readers(head):
             if reader.name not in float_nodes:
-                ranked.append((damage, reader, f"reads {node.name} ({node.op_type}, float) quantized: {reason}"))
+                ranked.append((damage, reader, f"reads {head.name} ({head.op_type}, float) quantized: {reason}"))
     ranked.sort(key=lambda item: (-item[0], item[1].name))
     seen: set[str] = set()  # a node reached twice (its own output, a float node it reads) counts once
     return [item for item in ranked if not (item[1].name in seen or seen.add(item[1].name))]
@@ -175,16 +178,50 @@ def _quantized_readers(result: QuantResult) -> list[tuple[float, ir.Node, str]]:
     return found
 
 
+def _fused_into(node: ir.Node, float_nodes: set[str]) -> list[ir.Node]:
+    """``[head, ..., node]`` when ``node`` (a Relu, a Clip) reads no quantized input but the float
+    output of a quantized node it is fused into, alone; else ``[]``. Returning the head to float
+    is what removes the error measured at ``node``'s output."""
+    chain = [node]
+    while not _quantized_inputs(chain[0]):
+        fed = [v for v in chain[0].inputs if v is not None and not eir.is_constant(v)]
+        producer = _producer(fed[0]) if len(fed) == 1 else None
+        if (producer is None or producer.name in float_nodes or is_qdq_op(producer, "DequantizeLinear")
+                or len(fed[0].uses()) != 1):
+            return []
+        chain.insert(0, producer)
+    return chain if len(chain) > 1 else []
+
+
 def _readers_through_qdq(node: ir.Node) -> list[ir.Node]:
     """The nodes reading ``node``'s outputs through a QuantizeLinear -> DequantizeLinear pair."""
-    readers = []
+    return [reader for output in node.outputs for use in output.uses() if is_qdq_op(use.node, "QuantizeLinear")
+            for reader in _behind_pair(use.node)]
+
+
+def _behind_pair(quantize_node: ir.Node) -> list[ir.Node]:
+    """The nodes reading the DequantizeLinear outputs that follow ``quantize_node``."""
+    return [use.node for dequantize_use in quantize_node.outputs[0].uses()
+            if is_qdq_op(dequantize_use.node, "DequantizeLinear")
+            for use in dequantize_use.node.outputs[0].uses()]
+
+
+def _computing_readers(node: ir.Node) -> list[ir.Node]:
+    """The readers of ``node``'s quantized outputs, looking through the data-movement ops (a Reshape,
+    a Transpose) between: returning those to float would change no value."""
+    return [reader for moved in _readers_through_qdq(node) for reader in _past_data_movement(moved)]
+
+
+def _past_data_movement(node: ir.Node) -> list[ir.Node]:
+    """``[node]``, or for a data-movement op the nodes computing with what it passes on."""
+    if not eir.is_op(node, *DATA_MOVEMENT_OPS):
+        return [node]
+    found = []
     for output in node.outputs:
-        for quantize_use in output.uses():
-            if is_qdq_op(quantize_use.node, "QuantizeLinear"):
-                for dequantize_use in quantize_use.node.outputs[0].uses():
-                    if is_qdq_op(dequantize_use.node, "DequantizeLinear"):
-                        readers += [use.node for use in dequantize_use.node.outputs[0].uses()]
-    return readers
+        for use in output.uses():
+            behind = _behind_pair(use.node) if is_qdq_op(use.node, "QuantizeLinear") else [use.node]
+            found += [reader for moved in behind for reader in _past_data_movement(moved)]
+    return found
 
 
 def _quantized_producers(quant_model: ir.Model, comparison: CompareResult) -> list[tuple[ir.Node, float]]:

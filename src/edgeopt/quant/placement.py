@@ -375,14 +375,14 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     fused_by_producer = {node.name: activation for node in candidates.values()
                          if (activation := _fused_activation(node, candidates)) is not None}
     fused = {activation.name: producer for producer, activation in fused_by_producer.items()}
+    for node in candidates.values():
+        if node.name not in fused and rules[node.op_type].role is OpRole.ACTIVATION:
+            refusals[node.name] = _unfused_reason(node)
+    _refuse_isolated_movers(candidates, refusals, rules)
     planner = _Planner(graph, non_float, rules, quantize_outputs=quantize_outputs)
     for node in candidates.values():
-        if node.name in fused:
-            continue
-        if rules[node.op_type].role is OpRole.ACTIVATION:
-            refusals[node.name] = _unfused_reason(node)
-            continue
-        planner.add_node(node, fused_by_producer.get(node.name, node).outputs[0])
+        if node.name not in fused and node.name not in refusals:
+            planner.add_node(node, fused_by_producer.get(node.name, node).outputs[0])
     clamped = [a.outputs[0].name for a in fused_by_producer.values() if activation_clamp(a)[0] == 0.0]
     softmax_outputs = {node.outputs[0].name for node in graph if eir.is_op(node, "Softmax")}
     activations = planner.ordered(planner.activations)
@@ -402,6 +402,38 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
         kept_float=tuple(node.name for node in graph if node.name in kept),
     )
 
+
+
+def _refuse_isolated_movers(candidates: Mapping[str, ir.Node], refusals: dict[str, str],
+                            rules: Mapping[str, OpRule]) -> None:
+    """Refuse the data-movement ops (Reshape, Transpose, Concat, MaxPool ...) that no integer kernel
+    reads or writes, through other such ops: between float nodes their Q/DQ pairs would only round
+    values (an excluded Gemm -> Reshape -> Relu)."""
+    def planned(node: ir.Node | None) -> bool:
+        return node is not None and node.name in candidates and node.name not in refusals
+
+    def moves(node: ir.Node | None) -> bool:
+        return planned(node) and rules[node.op_type].role is OpRole.SHARED
+
+    def computes(node: ir.Node | None) -> bool:  # a fused activation too: it computes with its producer
+        return planned(node) and not moves(node)
+
+    isolated = set()
+    for start in [node for node in candidates.values() if moves(node)]:
+        seen, stack, anchored = {start.name}, [start], False
+        while stack and not anchored:
+            node = stack.pop()
+            neighbours = [v.producer() for v in node.inputs if v is not None]
+            neighbours += [use.node for v in node.outputs for use in v.uses()]
+            anchored = any(computes(n) for n in neighbours)
+            for n in neighbours:
+                if moves(n) and n.name not in seen:
+                    seen.add(n.name)
+                    stack.append(n)
+        if not anchored:
+            isolated.add(start.name)
+    for name in isolated:
+        refusals[name] = "moves data between float nodes only: no integer kernel reads or writes it"
 
 
 def _kept_float_closure(graph: ir.Graph, refusals: dict[str, str], rules: Mapping[str, OpRule]) -> set[str]:
