@@ -52,6 +52,7 @@ from edgeopt.data import batch_rows, open_data, take
 from edgeopt.errors import DataError
 from edgeopt.metrics import AgreementMeter, FidelityMeter, json_number, looks_like_class_scores
 from edgeopt.quant.ops import is_qdq_op
+from edgeopt.quant.rescaled import Rescaled, read_rescaled
 
 __all__ = [
     "CompareResult",
@@ -281,8 +282,10 @@ def _check_interfaces(float_model: ir.Model, quant_model: ir.Model) -> list[str]
 class _Meters:
     """The meters of one comparison: per matched tensor, per output, top-1 where it applies."""
 
-    def __init__(self, matches: list[TensorMatch], outputs: list[str]) -> None:
+    def __init__(self, matches: list[TensorMatch], outputs: list[str],
+                 rescaled: Mapping[str, Rescaled] | None = None) -> None:
         self.matches = {m.float_name: m for m in matches}
+        self.rescaled = dict(rescaled or {})  # tensors a float rewrite scaled per channel (equalization ...)
         self.layers = {m.float_name: FidelityMeter(m.float_name) for m in matches}
         self.outputs = {name: FidelityMeter(name) for name in outputs}
         self.agreement: dict[str, AgreementMeter] = {}
@@ -307,7 +310,8 @@ class _Meters:
         if self.samples == 0:
             self._first_batch(reference, layers)
         for name, meter in self.layers.items():
-            meter.update(reference[name], layers[self.matches[name].quant_name])
+            array = layers[self.matches[name].quant_name]
+            meter.update(reference[name], self.rescaled[name].undo(array) if name in self.rescaled else array)
         for name, meter in self.outputs.items():
             meter.update(reference[name], outputs[name])
         for name, meter in self.agreement.items():
@@ -390,7 +394,7 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     matches, unmatched, pairs = _matches(float_ir, quant_ir)
     source = open_data(data, eir.model_inputs(float_ir))
     source = take(source, max_samples) if max_samples is not None else source
-    meters = _Meters(matches, outputs)
+    meters = _Meters(matches, outputs, read_rescaled(quant_ir))
     _stream(source, _runs(float_ir, quant_ir, matches, outputs), meters, progress)
     if meters.samples == 0:
         raise DataError("the data gave no samples: point --data at at least one sample")

@@ -50,13 +50,15 @@ real arithmetic (float outputs change by rounding only).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
+from edgeopt.quant.rescaled import Rescaled
 
 __all__ = [
     "EqualizeReport",
@@ -107,6 +109,8 @@ class EqualizeReport:
     skipped: tuple[SkippedPair, ...]
     rounds: int
     relu6_replaced: tuple[str, ...] = ()
+    # the tensors between equalized layers, each scaled per channel (for compare; see edgeopt.quant.rescaled)
+    rescaled: Mapping[str, Rescaled] = field(default_factory=dict)
 
     @property
     def modified(self) -> bool:
@@ -182,6 +186,7 @@ class _Layer:
     weight: np.ndarray
     bias: np.ndarray | None
     dtype: np.dtype
+    output_factor: np.ndarray | None = None  # the product of every scale_outputs
 
     @property
     def family(self) -> frozenset[str]:
@@ -218,6 +223,7 @@ class _Layer:
         self.weight = self.weight * factors.reshape(shape)
         if self.bias is not None:
             self.bias = self.bias * factors
+        self.output_factor = factors if self.output_factor is None else self.output_factor * factors
 
     def scale_inputs(self, factors: np.ndarray) -> None:
         if self.node.op_type != "Conv":
@@ -402,6 +408,23 @@ def equalize(model: ir.Model, *, iterations: int = 20, tolerance: float = 1e-4,
     _check_settings(iterations, tolerance)
     pairs, skipped = _collect_pairs(model.graph, replace_relu6)
     rounds = _run_rounds(pairs, iterations, tolerance) if pairs else 0
+    rescaled = _rescaled_tensors(pairs)  # before _store replaces ReLU6 nodes (their outputs keep the name)
     replaced = _store(model.graph, pairs)
     return EqualizeReport(equalized=tuple(_summary(p) for p in pairs), skipped=tuple(skipped),
-                          rounds=rounds, relu6_replaced=replaced)
+                          rounds=rounds, relu6_replaced=replaced, rescaled=rescaled)
+
+
+def _rescaled_tensors(pairs: list[_Pair]) -> dict[str, Rescaled]:
+    """The outputs of each pair's first layer and of its activation: channel ``c`` times the factor
+    the rounds gave the first layer's output channel ``c`` (axis 1 of a Conv's NCHW, the last of a
+    Gemm/MatMul's)."""
+    found = {}
+    for pair in pairs:
+        factor = pair.first.output_factor
+        if factor is None:
+            continue
+        axis = 1 if pair.first.node.op_type == "Conv" else -1
+        for node in (pair.first.node, pair.activation):
+            if node is not None and node.outputs[0].name:
+                found[node.outputs[0].name] = Rescaled(axis, factor.astype(np.float32))
+    return found

@@ -41,6 +41,7 @@ from edgeopt.quant.ops import MCU_OP_RULES, OP_RULES, OpRole
 from edgeopt.quant.opset import OpsetCheck, OpsetConversion, convert_opset
 from edgeopt.quant.placement import NodeIndex, check_exclude, plan_qdq, vanished_excludes
 from edgeopt.quant.qdq import insert_qdq
+from edgeopt.quant.rescaled import record_rescaled
 from edgeopt.quant.registry import Batch, ProgressCallback, QuantResult, register_scheme
 
 __all__ = ["QDQ_OPSET", "quantize_int8"]
@@ -114,6 +115,7 @@ def _float_rewrites(model: ir.Model, config: Int8Config, data: Iterable[Batch] |
     notes = []
     if config.equalize:
         report = equalize(model, replace_relu6=config.equalize_relu6)
+        record_rescaled(model, report.rescaled)
         notes.append(f"cross-layer equalization: {len(report.equalized)} layer pairs equalized, "
                      f"{len(report.skipped)} skipped" + (f"; {len(report.relu6_replaced)} ReLU6 turned into ReLU "
                                                          "(the float model changes where a value exceeded 6)"
@@ -124,6 +126,7 @@ def _float_rewrites(model: ir.Model, config: Int8Config, data: Iterable[Batch] |
         if hook.tensors:
             calibrate(model, data, list(hook.tensors), CalibrationConfig(), hooks=[hook])
             report = smooth(model, hook.result(), alpha=config.smoothquant_alpha)
+            record_rescaled(model, report.rescaled)
             notes.append(f"SmoothQuant (alpha {config.smoothquant_alpha:g}): {len(report.smoothed)} inputs "
                          f"smoothed, {len(report.skipped)} skipped")
             notes += _first_skips([f"not smoothed: {reason}" for _, reason in report.skipped])

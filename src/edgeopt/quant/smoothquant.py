@@ -43,13 +43,14 @@ maxima come from a calibration pass of their own (:class:`ChannelAbsMaxHook`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
+from edgeopt.quant.rescaled import Rescaled
 
 __all__ = [
     "ChannelAbsMax",
@@ -255,6 +256,8 @@ class SmoothedTensor:
 class SmoothReport:
     smoothed: tuple[SmoothedTensor, ...]
     skipped: tuple[tuple[str, str], ...]  # (tensor, reason)
+    # the tensors divided by s per channel, from the folding site to the layers (see edgeopt.quant.rescaled)
+    rescaled: Mapping[str, Rescaled] = field(default_factory=dict)
 
     @property
     def modified(self) -> bool:
@@ -342,8 +345,24 @@ def _outlier_ratio(abs_max: np.ndarray) -> float:
     return float(np.max(abs_max)) / mean if mean > 0 else 1.0
 
 
+def _divided(value: ir.Value, site: _Site) -> list[str]:
+    """The tensors that carry ``X / s`` once ``site`` absorbed ``1 / s``: ``value``, the tensors its
+    Reshapes copy, up to the site's output (and before a linear site's bias Add). An inserted Mul
+    writes a new tensor: the user's keep their scale."""
+    if site.kind == "Mul":
+        return []
+    names = [value.name]
+    origin = _through_reshapes(value)
+    while value is not origin:
+        value = value.producer().inputs[0]
+        names.append(value.name)
+    if site.bias_add is not None:
+        names.append(site.node.outputs[0].name)
+    return names
+
+
 def _smooth_tensor(graph: ir.Graph, value: ir.Value, abs_max: np.ndarray | None, alpha: float,
-                   insert_mul: bool) -> SmoothedTensor | str:
+                   insert_mul: bool, rescaled: dict[str, Rescaled]) -> SmoothedTensor | str:
     targets = _targets(value)
     channels = _row_weight(targets[0]).shape[0]
     if abs_max is None:
@@ -355,6 +374,7 @@ def _smooth_tensor(graph: ir.Graph, value: ir.Value, abs_max: np.ndarray | None,
     if isinstance(site, str):
         return site
     scale = _smoothing_scale(abs_max, targets, alpha)
+    rescaled.update((name, Rescaled(-1, (1.0 / scale).astype(np.float32))) for name in _divided(value, site))
     folded_into = _apply(graph, value, site, targets, scale)
     return SmoothedTensor(tensor=value.name, layers=tuple(eir.node_label(t) for t in targets),
                           folded_into=folded_into, outlier_ratio_before=_outlier_ratio(abs_max),
@@ -376,11 +396,11 @@ def smooth(model: ir.Model, channel_abs_max: Mapping[str, np.ndarray], *, alpha:
     for node in model.graph:
         if _row_weight(node) is not None and node.inputs[0] is not None:
             values.setdefault(id(node.inputs[0]), node.inputs[0])
-    smoothed, skipped = [], []
+    smoothed, skipped, rescaled = [], [], {}
     for value in values.values():
-        outcome = _smooth_tensor(model.graph, value, channel_abs_max.get(value.name), alpha, insert_mul)
+        outcome = _smooth_tensor(model.graph, value, channel_abs_max.get(value.name), alpha, insert_mul, rescaled)
         if isinstance(outcome, str):
             skipped.append((value.name, outcome))
         else:
             smoothed.append(outcome)
-    return SmoothReport(smoothed=tuple(smoothed), skipped=tuple(skipped))
+    return SmoothReport(smoothed=tuple(smoothed), skipped=tuple(skipped), rescaled=rescaled)
