@@ -22,6 +22,7 @@ from edgeopt.api import (  # noqa: E402
     verify,
 )
 from edgeopt.bench import BenchConfig  # noqa: E402
+from edgeopt.data import ImagePreprocess  # noqa: E402
 from edgeopt.quant.accuracy import AccuracyGoal  # noqa: E402
 from edgeopt.quant.config import (  # noqa: E402
     CalibrationMethod,
@@ -32,6 +33,7 @@ from edgeopt.quant.config import (  # noqa: E402
     Target,
 )
 from edgeopt.quant.float16 import Bf16Config, Fp16Config  # noqa: E402
+from edgeopt.quant.formats import INT8, UINT8  # noqa: E402  (Int8Config(activation_format=UINT8): --scheme uint8)
 from edgeopt.quant.int4 import Int4WeightConfig  # noqa: E402
 
 __all__ = [
@@ -40,12 +42,15 @@ __all__ = [
     "Bf16Config",
     "CalibrationMethod",
     "Fp16Config",
+    "INT8",
+    "ImagePreprocess",
     "Int4WeightConfig",
     "Int8Config",
     "PerBlock",
     "PerChannel",
     "PerTensor",
     "Target",
+    "UINT8",
     "__version__",
     "bench",
     "compare",

@@ -48,8 +48,11 @@ def bench(models: Sequence[ModelSource], *, config: BenchConfig = BenchConfig(),
           progress: Progress | None = None) -> BenchResult:
     """Time models side by side in ONNX Runtime: latency, throughput, peak RSS, file size.
 
-    Folders written by ``compile_model`` are timed in their C timing harness on the host.
+    Folders written by ``compile_model`` are timed in their C timing harness on the host. One model
+    may be given alone (not in a list).
     """
+    if isinstance(models, (str, os.PathLike, ir.Model)):
+        models = [models]
     if not models:
         raise ModelError("bench needs at least one model")
     if any(is_compiled_folder(model) for model in models):

@@ -144,7 +144,12 @@ def read_input_file(path: str | os.PathLike) -> np.ndarray | dict[str, np.ndarra
 
 
 def _read_inputs(inputs: Mapping[str, np.ndarray | str | os.PathLike]) -> tuple[dict[str, np.ndarray], list[Path]]:
-    """Arrays by input name (a value may be a .npy file), and the files they came from."""
+    """Arrays by input name (a value may be a .npy file), and the files they came from. A single array
+    or file, not in a mapping, feeds the model's only input."""
+    if isinstance(inputs, (np.ndarray, str, os.PathLike)):
+        inputs = {"": inputs}
+    if not isinstance(inputs, Mapping):
+        raise DataError(f"inputs must map input names to arrays or .npy files, got a {type(inputs).__name__}")
     arrays, files = {}, []
     for name, value in inputs.items():
         if isinstance(value, (str, os.PathLike)):
@@ -178,7 +183,7 @@ def _write_outputs(outputs: Mapping[str, np.ndarray], folder: Path) -> tuple[Pat
     return tuple(files)
 
 
-def run(model: ModelSource, inputs: Mapping[str, np.ndarray | str | os.PathLike], *,
+def run(model: ModelSource, inputs: Mapping[str, np.ndarray | str | os.PathLike] | np.ndarray | str | os.PathLike, *,
         output_dir: str | os.PathLike | None = None, progress: Progress | None = None) -> RunResult:
     """Run ``model`` in ONNX Runtime; N stacked samples for a batch-1 input run one by one.
 

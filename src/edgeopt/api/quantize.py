@@ -139,19 +139,31 @@ def _evaluator(evaluate: str | Callable[[str], float] | None) -> Callable[[ir.Mo
         return None
     function = load_function(evaluate, option="--eval") if isinstance(evaluate, str) else evaluate
 
+    label = evaluate if isinstance(evaluate, str) else getattr(evaluate, "__qualname__", type(evaluate).__name__)
+
     def score(model: ir.Model) -> float:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder, "candidate.onnx")
             path.write_bytes(model_to_bytes(model))
             try:
-                value = float(function(str(path)))
+                value = function(str(path))
             except EdgeoptError:
                 raise
+            except SystemExit as done:  # sys.exit() in the user's code must not end the run as if it succeeded
+                raise DataError(f"--eval {label}: the function called sys.exit({done.code!r}); it must return "
+                                "a score") from None
             except Exception as error:  # the user's evaluation code failed
-                raise DataError(f"--eval {evaluate}: the function raised {type(error).__name__}: {error}") from error
-        if not np.isfinite(value):
-            raise DataError(f"--eval {evaluate} returned {value}: it must return a finite score")
-        return value
+                raise DataError(f"--eval {label}: the function raised {type(error).__name__}: {error}") from error
+        try:  # a number, a numpy or torch scalar; not a string that looks like one, nor a bool
+            if isinstance(value, (bool, np.bool_, str, bytes)):
+                raise TypeError
+            number = float(value)
+        except (TypeError, ValueError):
+            raise DataError(f"--eval {label} returned {type(value).__name__} {str(value)[:60]!r}: it must return "
+                            "a number (the score, higher is better)") from None
+        if not np.isfinite(number):
+            raise DataError(f"--eval {label} returned {number}: it must return a finite score")
+        return number
 
     return score
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,7 +345,7 @@ def quantize(
                                                          help="Migrate activation outliers of MatMul/Gemm inputs "
                                                               "into the weights (transformers), e.g. 0.5.")] = None,
     max_samples: Annotated[Optional[int], typer.Option(
-        "--max-samples", help="Use at most N calibration batches (samples, for data of batch 1).")] = None,
+        "--max-samples", min=1, help="Use at most N calibration batches (samples, for data of batch 1).")] = None,
     evaluate: Annotated[Optional[str], typer.Option("--eval", metavar="MODULE:FUNCTION",
                                                     help="Your metric: function(model_path) -> score, higher is "
                                                          "better (e.g. accuracy in %).")] = None,
@@ -370,7 +372,9 @@ def quantize(
                             time_budget_s=_seconds(time_budget or DEFAULT_TIME_BUDGET))
     elif time_budget is not None:
         raise ConfigError("--time-budget limits the accuracy search: use it with --max-drop or --min-sqnr, or drop it")
-    with progress_bar("calibrating" if goal is None else "accuracy search") as update:
+    # under --json, stdout is the report alone: what --eval or --data code prints goes to stderr
+    quiet = contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext()
+    with progress_bar("calibrating" if goal is None else "accuracy search") as update, quiet:
         report = api.quantize(model, config, data, output=output, max_samples=max_samples, goal=goal,
                               evaluate=evaluate, preprocess=parse_preprocess(preprocess),
                               check_speed=speed_check, progress=update)
@@ -450,7 +454,7 @@ def compare(
     quant_model: Annotated[Path, typer.Argument(help="Its quantized (QDQ) version.")],
     data: Annotated[str, typer.Option("--data", help="Inputs to compare on: folder of .npy/.npz, images, "
                                                      "or module:function.")],
-    max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="Use at most N samples.")] = None,
+    max_samples: Annotated[Optional[int], typer.Option("--max-samples", min=1, help="Use at most N samples.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Show only the N worst layers.")] = None,
     preprocess: PreprocessOption = None,
     json_output: JsonOption = False,
@@ -462,7 +466,9 @@ def compare(
         result = api.compare(float_model, quant_model, data, max_samples=max_samples,
                              preprocess=parse_preprocess(preprocess), progress=update)
     if json_output:
-        print_json(result.to_dict())
+        report = result.to_dict()
+        report["layers"] = report["layers"][:limit]  # worst first, as shown
+        print_json(report)
         return
     render_compare(result, limit=limit)
 

@@ -107,7 +107,7 @@ def _render_compile(model: Path, report) -> None:
 def verify_command(
     folder: Annotated[Path, typer.Argument(help="Folder written by `edgeopt compile --target c`.")],
     data: Annotated[str, typer.Option("--data", help="Inputs: folder of .npy/.npz, images, or module:function.")],
-    max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="Use at most N samples.")] = None,
+    max_samples: Annotated[Optional[int], typer.Option("--max-samples", min=1, help="Use at most N samples.")] = None,
     preprocess: PreprocessOption = None,
     json_output: JsonOption = False,
 ) -> None:

@@ -77,7 +77,7 @@ def _import(target: str, spec_text: str, option: str) -> object:
         return _import_module(target)
     except DataError:
         raise
-    except Exception as error:  # the user's module may raise anything while importing
+    except (Exception, SystemExit) as error:  # the user's module may raise, or parse argv and exit, on import
         raise DataError(f"{option} {spec_text}: importing {target} failed ({_first_line(error)}): "
                         "check the module path and that it imports on its own") from error
 
@@ -107,7 +107,7 @@ class CallableSource(DataSource):
     def _call(self) -> object:
         try:
             return self._function()
-        except Exception as error:  # a failure inside user code is reported, with its cause chained
+        except (Exception, SystemExit) as error:  # a failure inside user code is reported, with its cause chained
             raise DataError(f"--data {self._spec_text}: the function raised ({_first_line(error)})") from error
 
     def _feeds(self) -> Iterator[tuple[Mapping[str, object], str]]:
@@ -135,7 +135,7 @@ class CallableSource(DataSource):
                 yield as_feed(item, self._specs, where=where), where
         except DataError:
             raise
-        except Exception as error:  # the user's generator failed mid-way
+        except (Exception, SystemExit) as error:  # the user's generator failed mid-way
             raise DataError(f"--data {self._spec_text}: iterating the result failed "
                             f"({_first_line(error)})") from error
 

@@ -70,6 +70,8 @@ def _open_text(text: str | os.PathLike, specs: Sequence[InputSpec],
     if path.is_dir():
         return _open_folder(path, specs, preprocess)
     if path.suffix.lower() in DATA_SUFFIXES:
+        if preprocess is not None:
+            logger.warning("%s holds arrays: the image preprocessing given is not used", path)
         return NpyFileSource(path, specs)
     raise DataError(f"--data {path} is not a folder or a .npy/.npz file: "
                     "put images in a folder, or save arrays with np.save")

@@ -50,6 +50,10 @@ Evaluate = Callable[[ir.Model], float]
 FIDELITY_SAMPLES = 64
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True, kw_only=True)
 class AccuracyGoal:
     """Exactly one of ``max_drop`` (score points, needs an evaluate function) or ``min_sqnr_db``."""
@@ -63,12 +67,14 @@ class AccuracyGoal:
         if (self.max_drop is None) == (self.min_sqnr_db is None):
             raise ConfigError("give exactly one accuracy goal: --max-drop (with --eval) or --min-sqnr")
         for key, value in (("max_drop", self.max_drop), ("min_sqnr_db", self.min_sqnr_db)):
-            if value is not None and (not math.isfinite(value) or value < 0):
+            if value is not None and (not _is_number(value) or not math.isfinite(value) or value < 0):
                 raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")
-        if not self.time_budget_s > 0:
-            raise ConfigError(f"time budget must be positive, got {self.time_budget_s!r} s")
-        if self.max_float_nodes < 1:
-            raise ConfigError(f"max_float_nodes must be at least 1, got {self.max_float_nodes}")
+        if not _is_number(self.time_budget_s) or not self.time_budget_s > 0:
+            raise ConfigError(f"time_budget_s must be a positive number of seconds, got {self.time_budget_s!r} "
+                              "(the CLI's --time-budget 10m is 600)")
+        if not isinstance(self.max_float_nodes, int) or isinstance(self.max_float_nodes, bool) \
+                or self.max_float_nodes < 1:
+            raise ConfigError(f"max_float_nodes must be an integer >= 1, got {self.max_float_nodes!r}")
 
     def met(self, score: float, float_score: float) -> bool:
         if self.max_drop is not None:

@@ -1,0 +1,106 @@
+"""The accuracy-aware mode from the command line: ``--eval module:function --max-drop``, the user's
+code misbehaving, and the API objects it takes."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+
+import edgeopt
+from edgeopt.demo import demo_calibration_path, demo_model_path
+from edgeopt.errors import ConfigError
+from tests.conftest import assert_one_line_error
+
+EVALS = textwrap.dedent('''
+    import sys
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgeopt.demo import demo_data
+
+    def accuracy(path):
+        images, labels = demo_data()
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        logits = np.concatenate([session.run(None, {"input": image[None]})[0] for image in images[:200]])
+        return np.mean(logits.argmax(1) == labels[:200]) * 100  # a numpy float: a number
+
+    def chatty(path):
+        print("scoring", path)
+        return accuracy(path)
+
+    def leaves(path):
+        sys.exit(0)
+
+    def text(path):
+        return "95.5"
+''')
+
+
+@pytest.fixture
+def evals(tmp_path):
+    path = tmp_path / "evals.py"
+    path.write_text(EVALS)
+    return path
+
+
+def _quantize(cli, tmp_path, evals, function, *extra):
+    return cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", tmp_path / "q.onnx",
+               "--eval", f"{evals}:{function}", "--max-drop", "0.5", "--no-speed-check", *extra)
+
+
+def test_eval_and_max_drop_report_the_score_of_the_model_written(cli, tmp_path, evals):
+    import importlib.util
+
+    result = _quantize(cli, tmp_path, evals, "chatty", "--json")
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)  # what the function prints goes to stderr: stdout is the report
+    assert "scoring" in result.stderr
+    search = report["accuracy_search"]
+    spec = importlib.util.spec_from_file_location("evals_check", evals)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert search["met"] and search["best_score"] == pytest.approx(module.accuracy(str(tmp_path / "q.onnx")))
+    assert search["float_score"] - search["best_score"] <= 0.5
+
+
+@pytest.mark.parametrize("function, words", [("leaves", "called sys.exit(0)"), ("text", "must return a number")])
+def test_eval_code_that_exits_or_returns_text_is_one_clear_error(cli, tmp_path, evals, function, words):
+    assert_one_line_error(_quantize(cli, tmp_path, evals, function), f"{evals}:{function}", words)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("fields", [{"max_drop": "1"}, {"max_drop": 1, "time_budget_s": "10m"},
+                                    {"min_sqnr_db": 30, "max_float_nodes": 2.5}, {"min_sqnr_db": True}])
+def test_accuracy_goal_refuses_what_is_not_a_number(fields):
+    with pytest.raises(ConfigError):
+        edgeopt.AccuracyGoal(**fields)
+
+
+def test_run_and_bench_take_one_input_or_model_without_a_container(tmp_path):
+    images = np.load(demo_calibration_path())[:3]
+    assert edgeopt.run(demo_model_path(), images).samples == 3
+    timing = edgeopt.bench(demo_model_path(), config=edgeopt.BenchConfig(runs=2, warmup=0, threads=1))
+    assert [model.name for model in timing.models] == [demo_model_path().name]
+
+
+def test_compare_json_honours_limit_and_max_samples_must_be_positive(cli, tmp_path):
+    out = tmp_path / "q.onnx"
+    assert cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", out,
+               "--no-speed-check").code == 0
+    result = cli("compare", demo_model_path(), out, "--data", demo_calibration_path(), "--max-samples", "8",
+                 "--limit", "2", "--json")
+    assert result.code == 0, result.stderr
+    layers = json.loads(result.stdout)["layers"]
+    assert len(layers) == 2 and layers[0]["sqnr_db"] <= layers[1]["sqnr_db"]
+    zero = cli("compare", demo_model_path(), out, "--data", demo_calibration_path(), "--max-samples", "0")
+    assert zero.code == 2 and "--max-samples" in zero.stderr
+
+
+def test_image_preprocessing_given_with_array_data_is_warned_about(cli, tmp_path):
+    result = cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", tmp_path / "q.onnx",
+                 "--preprocess", "size=8x8", "--no-speed-check")
+    assert result.code == 0 and "image preprocessing given is not used" in result.stderr
