@@ -11,6 +11,7 @@ import pytest
 import edgeopt
 from edgeopt.demo import demo_calibration_path, demo_data, demo_model_path
 from edgeopt.errors import ConfigError
+from edgeopt.io import model_to_bytes
 from tests.conftest import assert_one_line_error
 from tests.models import build_onnx, dynamic_input_model
 
@@ -419,3 +420,17 @@ def test_a_float_model_that_outputs_nan_is_warned_about_not_scored(tmp_path):
     report = edgeopt.quantize(tmp_path / "sqrt.onnx", edgeopt.Int8Config(), data, check_speed=False)
     assert np.isnan(report.fidelity.outputs[0].sqnr_db) and np.isnan(report.fidelity.outputs[0].cosine)
     assert any("fidelity of y not measured" in warning for warning in report.warnings)
+
+
+def test_the_reports_per_layer_rows_are_those_compare_gives(tmp_path):
+    # the float model has BatchNorm: a quantized conv output is compared after it, as compare does
+    path = build_onnx("mobilenet_v2", tmp_path)
+    samples = [{"input": np.random.default_rng(i).standard_normal((1, 3, 32, 32)).astype(np.float32)}
+               for i in range(8)]
+    report = edgeopt.quantize(path, edgeopt.Int8Config(), samples, check_speed=False)
+    quant = tmp_path / "q.onnx"
+    quant.write_bytes(model_to_bytes(report.result.model))
+    compared = {row.tensor: row.sqnr_db for row in edgeopt.compare(path, quant, samples).layers}
+    reported = {row.tensor: row.sqnr_db for row in report.fidelity.layers}
+    assert reported.keys() == compared.keys() and min(reported.values()) > 15
+    assert all(abs(reported[t] - compared[t]) < 1e-3 for t in reported)

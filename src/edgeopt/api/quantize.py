@@ -314,12 +314,22 @@ FIDELITY_SAMPLES = 64
 
 def _fidelity(float_model: ir.Model, quant_model: ir.Model, data, preprocess,
               max_samples: int | None) -> CompareResult:
-    """Fidelity on the first calibration batches: at most 64, and no more than ``--max-samples``."""
+    """Fidelity on the first calibration batches: at most 64, and no more than ``--max-samples``;
+    per-layer rows as ``compare`` gives them (against the float model after the same float passes)."""
     from edgeopt.quant.compare import compare_models
 
     batches = FIDELITY_SAMPLES if max_samples is None else min(FIDELITY_SAMPLES, max_samples)
-    return compare_models(float_model, quant_model, _calibration_source(float_model, data, preprocess, None),
+    reference = _comparable_float(float_model.clone())
+    return compare_models(reference, quant_model, _calibration_source(float_model, data, preprocess, None),
                           max_samples=batches)
+
+
+def _comparable_float(float_model: ir.Model) -> ir.Model:
+    """The quantizer folds BatchNorm and affine ops into convs and keeps the convs' output names, so
+    per-layer rows compare against the float model after the same float-exact passes (in place)."""
+    from edgeopt.passes import optimize_for_quantization
+
+    return optimize_for_quantization(float_model).model
 
 
 def _speed(float_model: ir.Model, quant_model: ir.Model, feed: Batch | None) -> SpeedCheck:
@@ -337,13 +347,9 @@ def compare(float_model: ModelSource, quant_model: ModelSource, data, *, preproc
     """Per-layer SQNR and cosine of a quantized model against its float model, worst first."""
     from edgeopt.quant.compare import compare_models, missing_qdq_note
 
-    from edgeopt.passes import optimize_for_quantization
-
     quant_ir = load(quant_model, require_static=False)
     if (note := missing_qdq_note(quant_ir)) is not None:
         logger.warning(note)
-    # The quantizer folds BatchNorm and affine ops into convs and keeps the convs' output names, so
-    # per-layer rows compare against the float model after the same float-exact passes.
-    float_ir = optimize_for_quantization(load(float_model, require_static=False)).model
+    float_ir = _comparable_float(load(float_model, require_static=False))
     source = _calibration_source(float_ir, data, preprocess, max_samples)
     return compare_models(float_ir, quant_ir, source, progress=progress)
