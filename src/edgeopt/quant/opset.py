@@ -10,7 +10,7 @@ calibration batches (a conversion that changes the outputs is refused).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,9 +18,9 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.errors import ModelError
-from edgeopt.runtime.ort import OrtSession
+from edgeopt.runtime.ort import OrtSession, random_feed
 
-__all__ = ["OpsetCheck", "OpsetConversion", "convert_opset"]
+__all__ = ["OpsetCheck", "OpsetConversion", "check_conversion", "convert_opset"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,3 +105,22 @@ class OpsetCheck:
     def result(self) -> OpsetConversion:
         return OpsetConversion(from_opset=self._source, to_opset=self._target,
                                batches_checked=self.batches_checked, max_abs_diff=self.max_abs_diff)
+
+
+def check_conversion(original: ir.Model, converted: ir.Model, data: Iterable[Mapping[str, np.ndarray]] | None, *,
+                     tolerance: float = 1e-4) -> OpsetConversion | None:
+    """Run both models on the first batches of ``data``, or on random inputs when there is no data and
+    the inputs are static; ModelError when the conversion changed an output. None: nothing to run it on."""
+    specs = eir.model_inputs(original)
+    if data is not None:
+        feeds = data
+    elif all(spec.is_static for spec in specs):
+        feeds = [random_feed(specs, seed=seed) for seed in range(2)]
+    else:
+        return None
+    check = OpsetCheck(original, converted, tolerance=tolerance)
+    for feed in feeds:
+        if check.batches_checked >= check.max_batches:
+            break
+        check.update(feed, {})
+    return check.result() if check.batches_checked else None
