@@ -291,3 +291,21 @@ def test_unary_ops_and_resize_run_in_integer():
     assert counts["QLinearConv"] == 3 and counts["DequantizeLinear"] == 1  # Resize runs on uint8
     assert _scale_of(result.model, "up").name == _scale_of(result.model, "avg").name
     assert result.float_nodes == ()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp16", "bf16", "int4"])
+def test_a_float64_model_is_refused_by_every_scheme(scheme):
+    # every scheme converts float32 values: a float64 model came back unchanged, with exit 0
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeopt import Bf16Config, Fp16Config, Int4WeightConfig
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 8)), "w")  # float64
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "f64",
+                              [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [1, 8])], [weight])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    config = {"int8": Int8Config(), "fp16": Fp16Config(), "bf16": Bf16Config(), "int4": Int4WeightConfig()}[scheme]
+    data = [{"x": np.zeros((1, 16))}]
+    with pytest.raises(ModelError, match="model computes in float64.*export it in float32"):
+        quantize(model, config, data if scheme == "int8" else None)

@@ -136,6 +136,22 @@ def check_not_quantized(model: ir.Model) -> None:
     if half:
         raise ModelError(f"model is already converted to {_HALF_TYPES[half[0].dtype]} ({len(half)} weight(s), "
                          f"e.g. {half[0].name!r}): quantize the float32 model instead")
+    _check_not_float64(model)
+
+
+def _check_not_float64(model: ir.Model) -> None:
+    """ModelError for a model that computes in float64 (numpy or scikit-learn exporters write them):
+    every scheme converts float32 values, so it would come back unchanged."""
+    def elements(dtype: ir.DataType) -> int:
+        return sum(v.const_value.size for v in model.graph.initializers.values()
+                   if v.dtype == dtype and v.const_value is not None)
+
+    inputs = {v.dtype for v in model.graph.inputs}
+    if ir.DataType.DOUBLE in inputs and ir.DataType.FLOAT not in inputs or \
+            elements(ir.DataType.DOUBLE) > elements(ir.DataType.FLOAT):
+        raise ModelError("model computes in float64 (its inputs or most of its weights are float64): edgeopt "
+                         "quantizes float32 models; export it in float32 (torch: model.float(); skl2onnx: "
+                         "FloatTensorType)")
 
 
 @dataclass(frozen=True)
