@@ -319,14 +319,14 @@ def _fidelity(float_model: ir.Model, quant_model: ir.Model, data, preprocess,
     from edgeopt.quant.compare import compare_models
 
     batches = FIDELITY_SAMPLES if max_samples is None else min(FIDELITY_SAMPLES, max_samples)
-    reference = _comparable_float(float_model.clone())
+    reference = _comparable_float(float_model)
     return compare_models(reference, quant_model, _calibration_source(float_model, data, preprocess, None),
                           max_samples=batches)
 
 
 def _comparable_float(float_model: ir.Model) -> ir.Model:
     """The quantizer folds BatchNorm and affine ops into convs and keeps the convs' output names, so
-    per-layer rows compare against the float model after the same float-exact passes (in place)."""
+    per-layer rows compare against the float model after the same float-exact passes (on a copy)."""
     from edgeopt.passes import optimize_for_quantization
 
     return optimize_for_quantization(float_model).model

@@ -92,10 +92,29 @@ def _infer_matmul_ranks(model: ir.Model) -> None:
 
 def _prepare(model: ir.Model) -> None:
     """Unique node/value names (the plan refers to names) and dtypes where ONNX can infer them
-    (calibration records the dtypes it sees for the rest)."""
+    (calibration records the dtypes it sees for the rest); Pads over every axis."""
     common_passes.NameFixPass()(model)
     if any(value.dtype is None for node in model.graph for value in node.outputs):
         _infer_shapes(model)
+    _pads_over_every_axis(model)
+
+
+def _pads_over_every_axis(model: ir.Model) -> None:
+    """A Pad with an ``axes`` input (opset 18) gets full-rank ``pads`` instead, the same padding:
+    between Q/DQ pairs ONNX Runtime's optimizer mishandles the ``axes`` form (the model fails to run)."""
+    for node in model.graph:
+        if node.op_type != "Pad" or len(node.inputs) < 4 or node.inputs[3] is None:
+            continue
+        pads, axes = eir.constant_array(node.inputs[1]), eir.constant_array(node.inputs[3])
+        data = node.inputs[0]
+        if pads is None or axes is None or data is None or data.shape is None:
+            continue
+        rank = len(data.shape)
+        full = np.zeros(2 * rank, np.int64)
+        for i, axis in enumerate(int(a) % rank for a in axes.reshape(-1)):
+            full[axis], full[rank + axis] = pads.reshape(-1)[i], pads.reshape(-1)[len(axes.reshape(-1)) + i]
+        eir.replace_constant_input(model.graph, node, 1, full, f"{eir.node_label(node)}_pads")
+        node.resize_inputs(3)
 
 
 def _check_finite_weights(model: ir.Model, plan) -> None:
