@@ -165,9 +165,12 @@ def _check_static(graph: onnx.GraphProto) -> None:
         dims = _dims(value)
         if not value.type.tensor_type.HasField("shape") or any(not isinstance(d, int) for d in dims):
             shown = "x".join(str(d) if d is not None else "?" for d in dims) or "unknown"
-            example = "x".join(str(d) if isinstance(d, int) else "1" for d in dims) or "1x3x224x224"
-            raise ModelError(f"input {value.name!r} has dynamic shape {shown}: "
-                             f"fix it with --input-shape {value.name}={example}")
+            params = [dim.dim_param for dim in value.type.tensor_type.shape.dim]
+            # a dynamic batch is 1; other dynamic dims have no safe guess: their names (H, W) stay for the user
+            example = "x".join(str(d) if isinstance(d, int) else "1" if i == 0 else (params[i] or "?")
+                               for i, d in enumerate(dims)) or "1x3x224x224"
+            raise ModelError(f"input {value.name!r} has dynamic shape {shown}: fix it with --input-shape "
+                             f"{value.name}={example}" + (" (the sizes you will run)" if example != shown else ""))
 
 
 def _clear_symbolic_shapes(graph: onnx.GraphProto) -> dict[str, onnx.TensorShapeProto]:
