@@ -250,10 +250,11 @@ class Lowering:
             else:
                 break
             current = user.outputs[0]
-        raise UnsupportedOpError(f"{node_label(node)}: its output is not quantized (a float island): "
-                                 "quantize the model so every op output reaches a QuantizeLinear "
-                                 "(`edgeopt quantize --target mcu` does; the ort target leaves a last "
-                                 "Gemm/MatMul's output float)")
+        raise UnsupportedOpError(f"{node_label(node)}: its output is not quantized (a float island): every op "
+                                 "output must reach a QuantizeLinear. `edgeopt quantize --target mcu` quantizes "
+                                 "all it has kernels for (the ort target leaves a last Gemm/MatMul's output "
+                                 "float); what it lists as kept float (an excluded node, an op it has no int8 "
+                                 "kernel for, a spelled-out GELU) cannot be compiled")
 
     # -- constants --------------------------------------------------------------------
 
