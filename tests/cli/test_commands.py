@@ -144,6 +144,14 @@ def test_bench_with_real_data_folder(cli, tmp_path):
     assert "median ms" in result.stdout
 
 
+def test_bench_of_a_dynamic_model_takes_its_shapes_from_the_data(cli, tmp_path):
+    path = dynamic_input_model(tmp_path / "dyn.onnx")
+    np.save(tmp_path / "x.npy", np.ones((1, 3, 16, 16), np.float32))
+    result = cli("bench", path, "--data", tmp_path / "x.npy", "--runs", "3", "--warmup", "0", "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["models"][0]["runs"] == 3
+
+
 # ----------------------------------------------------------------- bad input
 
 

@@ -60,7 +60,7 @@ def bench(models: Sequence[ModelSource], *, config: BenchConfig = BenchConfig(),
                              progress=progress)
     targets, feeds = [], []
     for model in models:
-        loaded = load(model, input_shapes=input_shapes)
+        loaded = load(model, input_shapes=input_shapes, require_static=data is None)  # else: shapes of the data
         onnx_bytes = model_to_bytes(loaded)
         targets.append(BenchTarget(name=model_name(model), onnx_bytes=onnx_bytes,
                                    file_bytes=_file_bytes(model, onnx_bytes)))
