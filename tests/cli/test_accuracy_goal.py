@@ -104,3 +104,33 @@ def test_image_preprocessing_given_with_array_data_is_warned_about(cli, tmp_path
     result = cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", tmp_path / "q.onnx",
                  "--preprocess", "size=8x8", "--no-speed-check")
     assert result.code == 0 and "image preprocessing given is not used" in result.stderr
+
+
+def test_sigterm_during_eval_removes_temporary_files_and_writes_nothing(tmp_path, evals):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    evals.write_text(EVALS + textwrap.dedent(f'''
+        def slow(path):
+            open({str(tmp_path / "started")!r}, "w").close()
+            import time
+            time.sleep(60)
+    '''))
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    command = [sys.executable, "-c", "from edgeopt.cli import main; main()", "quantize", str(demo_model_path()),
+               "--data", str(demo_calibration_path()), "-o", str(tmp_path / "q.onnx"), "--eval", f"{evals}:slow",
+               "--max-drop", "0.5", "--no-speed-check"]
+    process = subprocess.Popen(command, env={**os.environ, "TMPDIR": str(temporary)}, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143 and "error: terminated" in stderr and "Traceback" not in stderr
+    left = [path.name for path in temporary.iterdir() if path.name != ".ses"]  # .ses: a library's session id
+    assert not left and not (tmp_path / "q.onnx").exists()

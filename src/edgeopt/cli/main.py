@@ -2,12 +2,13 @@
 
 Exit codes: 0 success; 1-7 an :class:`EdgeoptError` (its ``exit_code``);
 2 also for a command-line usage error (Typer's own); 70 an internal error (a
-bug, whose traceback ``--debug`` shows); 130 interrupted.
+bug, whose traceback ``--debug`` shows); 130 interrupted; 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 from rich.text import Text
@@ -57,14 +58,16 @@ def _run(argv: list[str] | None) -> int:
 def _run_app(argv: list[str] | None) -> int:
     try:
         app(args=argv, prog_name="edgeopt")
-    except SystemExit as done:
+    except SystemExit as done:  # Typer turns Ctrl-C (and SIGTERM, raised as one) into exit code 130
+        if done.code == 130:
+            return _fail("terminated", 143) if _terminated else _fail("interrupted", 130)
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except EdgeoptError as error:
         if state.debug:
             raise
         return _fail(str(error), error.exit_code)
     except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        return _fail("terminated", 143) if _terminated else _fail("interrupted", 130)
     except Exception as error:  # a bug: one line unless --debug
         if state.debug:
             raise
@@ -91,7 +94,18 @@ class _LogLine(logging.Formatter):
         return True
 
 
+_terminated = False
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM: raised like Ctrl-C, so that temporary files and folders are removed on the way out."""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     handler = logging.StreamHandler()
     line = _LogLine()
     handler.setFormatter(line)
