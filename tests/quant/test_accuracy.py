@@ -87,7 +87,8 @@ def test_a_float_node_read_through_a_reshape_charges_the_node_computing_behind_i
     g = GraphBuilder(seed=6)
     norm = g.node("LayerNormalization", ["x", g.constant("ln.scale", np.ones(16)), g.constant("ln.bias", np.zeros(16))],
                   "ln", axis=-1)
-    h = g.node("Add", [g.node("MatMul", [norm, g.weight("fc1.weight", (16, 16))], "fc1"), g.weight("b1", (16,))], "add1")
+    h = g.node("Add", [g.node("MatMul", [norm, g.weight("fc1.weight", (16, 16))], "fc1"), g.weight("b1", (16,))],
+               "add1")
     out = g.node("MatMul", [g.node("Relu", [h], "relu"), g.weight("fc2.weight", (16, 8))], "fc2")
     model = g.model([out], (1, 4, 16))
     search = accuracy_aware_quantize(model, Int8Config(), batches((1, 4, 16), 16), AccuracyGoal(min_sqnr_db=200.0))

@@ -140,13 +140,18 @@ def test_concat_sharing_does_not_undo_a_fused_relu_on_onnx_runtime():
     assert len({_scale_of(mcu_model, t).name for t in ("left_relu", "right", "cat")}) == 1
 
 
-def test_data_movement_ops_share_their_input_scale():
+def _conv_pool_transpose_conv(first: str = "conv") -> ir.Model:
+    """first -> Relu -> MaxPool (pool) -> Transpose (t) -> Conv (y)."""
     b = GraphBuilder(seed=5)
-    relu = b.node("Relu", [b.conv("x", 8, 8, "conv")], "relu")
+    relu = b.node("Relu", [b.conv("x", 8, 8, first)], "relu")
     pooled = b.node("MaxPool", [relu], "pool", kernel_shape=[2, 2], strides=[2, 2])
     b.node("Transpose", [pooled], "t", perm=[0, 1, 3, 2])
     b.conv("t", 8, 4, "y")
-    model = _quantize(b.model(["y"], SHAPE)).model
+    return b.model(["y"], SHAPE)
+
+
+def test_data_movement_ops_share_their_input_scale():
+    model = _quantize(_conv_pool_transpose_conv()).model
     assert len({_scale_of(model, t).name for t in ("relu", "pool", "t")}) == 1
     counts = ort_op_counts(model)
     assert counts["QLinearConv"] == 2 and "DequantizeLinear" in counts  # only at the graph output
@@ -240,19 +245,16 @@ def test_exclude_by_name_or_op_type_keeps_nodes_float():
 def test_data_movement_between_float_nodes_stays_float():
     # conv1 -> Relu -> MaxPool -> Transpose -> y, both convs excluded: no integer kernel touches the
     # MaxPool and the Transpose, so they get no Q/DQ (it would only round values) and say why
-    b = GraphBuilder(seed=5)
-    relu = b.node("Relu", [b.conv("x", 8, 8, "conv1")], "relu")
-    pooled = b.node("MaxPool", [relu], "pool", kernel_shape=[2, 2], strides=[2, 2])
-    b.node("Transpose", [pooled], "t", perm=[0, 1, 3, 2])
-    b.conv("t", 8, 4, "y")
-    model = b.model(["y"], SHAPE)
+    model = _conv_pool_transpose_conv("conv1")
     result = _quantize(model, Int8Config(exclude=("Conv",)))
     assert not _nodes(result.model, "QuantizeLinear")
     reasons = {node.node_name: node.reason for node in result.float_nodes}
-    assert reasons["pool"] == reasons["t"] == "moves data between float nodes only: no integer kernel reads or writes it"
+    assert reasons["pool"] == reasons["t"] == ("moves data between float nodes only: no integer kernel reads "
+                                               "or writes it")
     # one integer neighbour through the chain is enough: y quantized, so the MaxPool and Transpose are too
     partly = _quantize(model, Int8Config(exclude=("conv1",)))
-    assert {"pool", "t"} <= _quantized_tensors(partly.model) and "pool" not in {n.node_name for n in partly.float_nodes}
+    assert {"pool", "t"} <= _quantized_tensors(partly.model)
+    assert "pool" not in {n.node_name for n in partly.float_nodes}
 
 
 def test_unknown_exclude_names_it_and_suggests_similar_nodes():
