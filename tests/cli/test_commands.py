@@ -152,6 +152,15 @@ def test_bench_of_a_dynamic_model_takes_its_shapes_from_the_data(cli, tmp_path):
     assert json.loads(result.stdout)["models"][0]["runs"] == 3
 
 
+def test_compare_of_an_unrelated_second_model_is_warned_about(cli, tmp_path):
+    first, second = build_onnx("resnet", tmp_path), build_onnx("mobilenet_v2", tmp_path)  # same interface
+    np.save(tmp_path / "x.npy", np.random.default_rng(3).normal(size=(8, 3, 32, 32)).astype(np.float32))
+    result = cli("compare", first, second, "--data", tmp_path / "x.npy")
+    assert result.code == 0 and "is it a quantization of this float model" in result.stderr
+    itself = cli("compare", first, first, "--data", tmp_path / "x.npy")
+    assert "is it a quantization" not in itself.stderr
+
+
 # ----------------------------------------------------------------- bad input
 
 

@@ -352,4 +352,10 @@ def compare(float_model: ModelSource, quant_model: ModelSource, data, *, preproc
         logger.warning(note)
     float_ir = _comparable_float(load(float_model, require_static=False))
     source = _calibration_source(float_ir, data, preprocess, max_samples)
-    return compare_models(float_ir, quant_ir, source, progress=progress)
+    result = compare_models(float_ir, quant_ir, source, progress=progress)
+    for output in result.outputs:
+        if output.sqnr_db < 0:  # noise above the signal: no quantization of this model gives that
+            logger.warning("output %s: SQNR %.1f dB, the second model's outputs are no closer to the first's than "
+                           "zeros: is it a quantization of this float model (and a working one)?", output.name,
+                           output.sqnr_db)
+    return result
