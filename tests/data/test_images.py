@@ -45,12 +45,18 @@ def test_images_are_resized_to_the_model_shape(images):
     assert np.all(resized["input"] == 0.0)
 
 
-def test_explicit_size_for_dynamic_spatial_dims(images):
+def test_dynamic_spatial_dims_keep_each_images_size_unless_size_is_given(images):
     dynamic = spec("input", ("n", 3, "h", "w"))
-    with pytest.raises(ConfigError, match=r"dynamic image size \(\?x3x\?x\?\): pass size=HxW"):
-        ImageFolderSource(images, [dynamic])
+    assert [b["input"].shape for b in ImageFolderSource(images, [dynamic])] == [(1, 3, 8, 8), (1, 3, 16, 12)]
     source = ImageFolderSource(images, [dynamic], ImagePreprocess(size=(4, 6)))
     assert [b["input"].shape for b in source] == [(1, 3, 4, 6)] * 2
+    wide = spec("input", ("n", 3, 10, "w"))  # a fixed height is resized to; the width stays each image's
+    assert [b["input"].shape for b in ImageFolderSource(images, [wide])] == [(1, 3, 10, 8), (1, 3, 10, 12)]
+
+
+def test_a_fixed_batch_of_images_of_different_sizes_is_refused(images):
+    with pytest.raises(DataError, match=r"images of one batch of 2 differ in size .*pass size=HxW"):
+        list(ImageFolderSource(images, [spec("input", (2, 3, "h", "w"))]))
 
 
 def test_grayscale_input_gets_one_channel(images):

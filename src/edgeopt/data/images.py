@@ -6,7 +6,8 @@ recursively, hidden files and folders skipped, paths sorted naturally):
 1. decode with Pillow and convert to ``L`` (1 channel) or ``RGB`` (3), as the
    model input wants;
 2. resize to ``size = (H, W)`` with bilinear filtering (default: the input's
-   static height and width);
+   static height and width; a dynamic one keeps each image's own, so a model
+   with dynamic image dims calibrates on the images as they are);
 3. by dtype: ``float32`` → ``x = (pixel / 255 - mean[c]) / std[c]``;
    ``uint8`` → raw pixels; ``int8`` → ``pixel - 128`` (TFLite int8 inputs);
 4. lay out as NCHW or NHWC and stack ``B`` images per batch, ``B`` being the
@@ -163,8 +164,8 @@ class _Plan:
 
     layout: Layout
     channels: int
-    height: int
-    width: int
+    height: int | None  # None: each image's own (a dynamic dim and no size= given)
+    width: int | None
     batch: int
     dtype: ImageDtype
     mean: np.ndarray = field(repr=False)
@@ -182,13 +183,11 @@ def _resolve_layout(spec: InputSpec, layout: Layout) -> Layout:
                       "pass layout=nchw or layout=nhwc")
 
 
-def _resolve_size(spec: InputSpec, layout: Layout, size: tuple[int, int] | None) -> tuple[int, int]:
+def _resolve_size(spec: InputSpec, layout: Layout,
+                  size: tuple[int, int] | None) -> tuple[int | None, int | None]:
     model_size = spec.shape[2:4] if layout is Layout.NCHW else spec.shape[1:3]
-    if size is None:
-        if not all(isinstance(d, int) for d in model_size):
-            raise ConfigError(f"input {spec.name!r} has a dynamic image size ({shape_text(spec.shape)}): "
-                              "pass size=HxW")
-        return model_size[0], model_size[1]
+    if size is None:  # a dynamic dim keeps each image's own size (None)
+        return tuple(d if isinstance(d, int) else None for d in model_size)
     if any(isinstance(want, int) and want != got for want, got in zip(model_size, size)):
         raise ConfigError(f"size={size[0]}x{size[1]} but input {spec.name!r} wants "
                           f"{shape_text(model_size)} images: drop size= or match it")
@@ -231,13 +230,14 @@ def _decode(path: Path, plan: _Plan) -> np.ndarray:
     try:
         with Image.open(path) as image:
             converted = image.convert("L" if plan.channels == 1 else "RGB")
-            if converted.size != (plan.width, plan.height):
-                converted = converted.resize((plan.width, plan.height), Image.Resampling.BILINEAR)
+            target = (plan.width or converted.size[0], plan.height or converted.size[1])
+            if converted.size != target:
+                converted = converted.resize(target, Image.Resampling.BILINEAR)
             pixels = np.asarray(converted, dtype=np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"cannot decode image {path} ({first_line}): remove or replace the file") from None
-    return pixels.reshape(plan.height, plan.width, plan.channels)
+    return pixels.reshape(pixels.shape[0], pixels.shape[1], plan.channels)
 
 
 def _to_tensor(pixels: np.ndarray, plan: _Plan) -> np.ndarray:
@@ -290,6 +290,10 @@ class ImageFolderSource(DataSource):
         for start in range(0, self.num_samples * batch, batch):
             paths = self._images[start:start + batch]
             tensors = [_to_tensor(_decode(path, self._plan), self._plan) for path in paths]
+            if len({tensor.shape for tensor in tensors}) > 1:
+                sizes = ", ".join(f"{path.name} {tensor.shape}" for path, tensor in zip(paths, tensors))
+                raise DataError(f"images of one batch of {batch} differ in size ({sizes}): the model's batch "
+                                "is fixed and its image size is not; pass size=HxW in --preprocess")
             yield {name: np.stack(tensors)}, " + ".join(map(str, paths))
 
     def describe(self) -> str:
