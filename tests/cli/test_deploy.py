@@ -162,6 +162,12 @@ def test_force_never_removes_the_current_folder_or_follows_a_link(cli, qdq_path,
     monkeypatch.chdir(tmp_path / "out")  # inside the compiled folder: -o . would delete where the user stands
     assert_one_line_error(cli("compile", qdq_path, "-o", ".", "--no-measure", "--force"), "current folder")
     assert (tmp_path / "out" / "model.c").exists()
+    (tmp_path / "empty").mkdir()  # an empty current folder too (it was deleted, or an internal error)
+    monkeypatch.chdir(tmp_path / "empty")
+    for force in ((), ("--force",)):
+        for here in (".", str(tmp_path / "empty")):
+            assert_one_line_error(cli("compile", qdq_path, "-o", here, "--no-measure", *force), "current folder")
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
     (tmp_path / "link").symlink_to(tmp_path / "out")
     assert_one_line_error(cli("compile", qdq_path, "-o", tmp_path / "link", "--no-measure", "--force"),
                           "symbolic link")

@@ -190,14 +190,15 @@ def check_output_folder(out_dir: Path, *, force: bool) -> None:
         return
     if not out_dir.is_dir():
         raise CodegenError(f"output {out_dir} is a file: -o takes a folder (it is created if missing)")
+    resolved = out_dir.resolve()  # the folder is written whole and renamed into place: never the one we are in
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise CodegenError(f"output folder {out_dir} is the current folder or holds it: choose another -o "
+                           "(compile writes a new folder)")
     entries = sorted(entry.name for entry in out_dir.iterdir())
     if not entries:
         return
     if not force:
         raise CodegenError(f"output folder {out_dir} exists: choose another -o or pass --force to overwrite it")
-    resolved = out_dir.resolve()
-    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
-        raise CodegenError(f"output folder {out_dir} is the current folder or holds it: choose another -o")
     foreign = [entry for entry in entries if entry not in _written_by_compile(out_dir)]
     if foreign:
         raise CodegenError(f"output folder {out_dir} holds files edgeopt compile did not write (e.g. "
