@@ -193,7 +193,7 @@ def test_nan_input_is_refused(cli, tmp_path):
     x = np.zeros((1, 3, 32, 32), np.float32)
     x[0, 0, 0, 0] = np.nan
     np.save(tmp_path / "nan.npy", x)
-    assert_one_line_error(cli("run", path, "-i", tmp_path / "nan.npy", "-o", tmp_path / "out"), "NaN")
+    assert_one_line_error(cli("run", path, "-i", tmp_path / "nan.npy", "-o", tmp_path / "out"), "NaN", "nan.npy")
 
 
 def test_dynamic_dim_without_input_shape(cli, tmp_path):
@@ -214,3 +214,11 @@ def test_bad_option_values(cli, tmp_path):
     path = build_onnx("resnet", tmp_path)
     assert_one_line_error(cli("bench", path, "--runs", "0"), "--runs")
     assert_one_line_error(cli("inspect", path, "--input-shape", "input"), "--input-shape")
+
+
+def test_compare_of_a_model_without_qdq_shows_output_rows_only(cli, tmp_path):
+    path = build_onnx("resnet", tmp_path)
+    np.save(tmp_path / "x.npy", np.zeros((2, 3, 32, 32), np.float32))
+    result = cli("compare", path, path, "--data", tmp_path / "x.npy")
+    assert result.code == 0 and "no QuantizeLinear/DequantizeLinear" in result.stderr
+    assert "quantized tensors" not in result.stdout and "matched 0" not in result.stdout

@@ -209,8 +209,10 @@ def run(model: ModelSource, inputs: Mapping[str, np.ndarray | str | os.PathLike]
     if output_dir is not None:
         _check_spares_inputs(session.output_names, Path(output_dir), input_files)
     results: list[dict[str, np.ndarray]] = []
+    where = f"--input {', '.join(map(str, input_files))}" if input_files else "--input"
     for index, feed in enumerate(feeds):
-        results.append(session.run(check_feed(specs, feed, where="--input")))
+        sample = f" [sample {index}]" if len(feeds) > 1 else ""
+        results.append(session.run(check_feed(specs, feed, where=where + sample)))
         if progress is not None:
             progress(index + 1, len(feeds))
     outputs = {name: (np.concatenate([r[name] for r in results]) if len(results) > 1 else results[0][name])

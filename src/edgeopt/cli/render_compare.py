@@ -34,6 +34,8 @@ def render_compare(result: CompareResult, *, limit: int | None = None) -> None:
         top1 = "-" if row.top1_agreement is None else f"{row.top1_agreement:.1%}"
         outputs.add_row(row.name, _db(row.sqnr_db), _number(row.cosine, 5), f"{row.max_abs_error:.4g}", top1)
     state.stdout.print(outputs)
+    if not result.quantized_tensors:  # no Q/DQ (an fp16 model ...): output rows only, as warned
+        return
     layers = table("quantized tensors, worst first",
                    [("#", "right"), ("tensor", "left"), ("op", "left"), ("scale / zero point", "left"),
                     ("SQNR dB", "right"), ("cosine", "right"), ("max abs err", "right")])
