@@ -434,3 +434,23 @@ def test_the_reports_per_layer_rows_are_those_compare_gives(tmp_path):
     reported = {row.tensor: row.sqnr_db for row in report.fidelity.layers}
     assert reported.keys() == compared.keys() and min(reported.values()) > 15
     assert all(abs(reported[t] - compared[t]) < 1e-3 for t in reported)
+
+
+def test_concurrent_quantize_calls_keep_their_warnings_apart(tmp_path):
+    import threading
+
+    floats = np.load(demo_calibration_path())
+    sources = {"ints": np.round(floats * 16).astype(np.int64), "floats": floats}
+    reports = {}
+
+    def run(name):
+        reports[name] = edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), sources[name],
+                                         check_speed=False, check_fidelity=False)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in sources]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert any("cast to float32" in w for w in reports["ints"].warnings)
+    assert not any("cast to float32" in w for w in reports["floats"].warnings)

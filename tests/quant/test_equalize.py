@@ -179,6 +179,9 @@ def test_replace_relu6_equalizes_through_it_as_relu(tmp_path):
     through_clip = [p for p in report.equalized if p.activation == "Clip"]
     assert len(report.equalized) == 11 and len(through_clip) == len(report.relu6_replaced) == 10
     assert sum(node.op_type == "Clip" for node in model.graph) == clips - 10
+    # the Relus keep the Clips' output names: the rescale record (and compare) name tensors of the model
+    names = {value.name for node in model.graph for value in node.outputs}
+    assert report.rescaled and set(report.rescaled) <= names
 
 
 def test_non_homogeneous_activations_and_branches_are_reported(tmp_path):

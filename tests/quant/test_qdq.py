@@ -328,3 +328,53 @@ def test_a_pad_with_an_axes_input_is_quantized_and_runs():
     pad = _nodes(result.model, "Pad")[0]
     assert len(pad.inputs) == 3 and list(pad.inputs[1].const_value.numpy()) == [0, 0, 1, 2, 0, 0, 1, 2]
     assert sqnr_db(model, result.model, batches(SHAPE, 4, seed=1)) > 30
+
+
+def test_float32_models_with_float64_constants_are_not_float64_models():
+    # a float32 input, or float32 weights held in Constant nodes, make a float32 model
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    table = numpy_helper.from_array(rng.standard_normal((512, 16)), "table")  # float64, cast before use
+    weight = helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(
+        rng.standard_normal((16, 8)).astype(np.float32), "w_value"))
+    nodes = [weight, helper.make_node("Cast", ["table"], ["table32"], to=TensorProto.FLOAT),
+             helper.make_node("Gather", ["table32", "ids"], ["rows"], axis=0),
+             helper.make_node("MatMul", ["rows", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "mixed", [helper.make_tensor_value_info("ids", TensorProto.INT64, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], [table])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    with pytest.raises(ModelError, match="float64"):  # most weights are float64 and no input is float32
+        quantize(model, Int8Config(), [{"ids": np.arange(4)}])
+    graph.initializer[0].CopyFrom(numpy_helper.from_array(rng.standard_normal((4, 16)), "table"))
+    small = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert quantize(small, Int8Config(), [{"ids": np.arange(4)}]).tensors
+
+
+def test_a_branch_of_data_movement_only_is_quantized_for_the_mcu_target():
+    # x -> Conv -> y, and x -> MaxPool -> Flatten -> z: the C kernels need every output int8, so the
+    # MaxPool and Flatten are quantized there (left float they made a model compile refuses)
+    b = GraphBuilder(seed=8)
+    b.conv("x", 8, 4, "y")
+    b.node("Flatten", [b.node("MaxPool", ["x"], "pool", kernel_shape=[2, 2], strides=[2, 2])], "z")
+    model = b.model(["y", "z"], SHAPE)
+    mcu = _quantize(model, Int8Config(target=Target.MCU))
+    assert not mcu.float_nodes and {"pool", "z"} <= _quantized_tensors(mcu.model) | {
+        node.outputs[0].name for node in _nodes(mcu.model, "DequantizeLinear")}
+    ort = _quantize(model)  # ONNX Runtime: a float MaxPool of a float input needs no Q/DQ
+    assert {node.node_name for node in ort.float_nodes} == {"pool", "z"}
+
+
+def test_long_chains_of_data_movement_are_planned_without_recursion():
+    # 1,500 Transposes between a Softmax over 300 values and a MatMul (the wide-Softmax note and the
+    # isolated-mover check walk the chain)
+    from onnx import numpy_helper
+
+    b = GraphBuilder(seed=9)
+    x = b.node("Softmax", ["x"], "softmax", axis=-1)
+    for index in range(1500):
+        x = b.node("Transpose", [x], f"t{index}", perm=[0, 2, 1])
+    b.initializers.append(numpy_helper.from_array(np.ones((300, 4), np.float32), "w"))
+    b.node("MatMul", [x, "w"], "y")
+    result = quantize(b.model(["y"], (1, 300, 300)), Int8Config(), batches((1, 300, 300), 1))
+    assert any(note.startswith("Softmax softmax normalizes over 300 values") for note in result.notes)

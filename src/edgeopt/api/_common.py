@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -36,13 +37,18 @@ def model_name(model: ModelSource) -> str:
 
 
 class _Collect(logging.Handler):
+    """The warnings of one thread (another thread's quantize has a report of its own), and of the
+    worker threads edgeopt starts for it (named ``edgeopt-...``)."""
+
     def __init__(self, into: list[str]) -> None:
         super().__init__(logging.WARNING)
         self.into = into
+        self.thread = threading.get_ident()
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if message not in self.into:
+        ours = record.thread == self.thread or (record.threadName or "").startswith("edgeopt-")
+        if ours and message not in self.into:
             self.into.append(message)
 
 

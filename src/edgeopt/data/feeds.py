@@ -21,6 +21,7 @@ that already fits is returned as given.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -33,12 +34,18 @@ __all__ = ["check_feed", "dims_match", "forget_cast_warnings", "shape_text"]
 _NUMERIC_KINDS = "biuf"
 
 logger = logging.getLogger(__name__)
-_warned_casts: set[tuple[str, str, str]] = set()  # (input, data dtype, input dtype) already warned about
+_warned = threading.local()  # per thread: the (input, data dtype, input dtype) casts already warned about
+
+
+def _warned_casts() -> set[tuple[str, str, str]]:
+    if not hasattr(_warned, "casts"):
+        _warned.casts = set()
+    return _warned.casts
 
 
 def forget_cast_warnings() -> None:
     """Warn again about casts already warned about (a new command or report starts)."""
-    _warned_casts.clear()
+    _warned_casts().clear()
 
 
 def shape_text(shape: Sequence[int | str | None]) -> str:
@@ -109,8 +116,8 @@ def _check_cast(spec: InputSpec, array: np.ndarray, where: str) -> None:
         return
     if want == "f":
         key = (spec.name, str(array.dtype), str(spec.dtype))
-        if have in "iu" and key not in _warned_casts:
-            _warned_casts.add(key)
+        if have in "iu" and key not in _warned_casts():
+            _warned_casts().add(key)
             logger.warning("%s: input %r gets %s data, cast to %s as is: if the model was trained on "
                            "normalized values, normalize the data the same way first", where, spec.name,
                            array.dtype, spec.dtype)

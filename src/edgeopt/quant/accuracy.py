@@ -214,19 +214,20 @@ def _behind_pair(quantize_node: ir.Node) -> list[ir.Node]:
 
 def _computing_readers(node: ir.Node) -> list[ir.Node]:
     """The readers of ``node``'s quantized outputs, looking through the data-movement ops (a Reshape,
-    a Transpose) between: returning those to float would change no value."""
-    return [reader for moved in _readers_through_qdq(node) for reader in _past_data_movement(moved)]
-
-
-def _past_data_movement(node: ir.Node) -> list[ir.Node]:
-    """``[node]``, or for a data-movement op the nodes computing with what it passes on."""
-    if not eir.is_op(node, *DATA_MOVEMENT_OPS):
-        return [node]
-    found = []
-    for output in node.outputs:
-        for use in output.uses():
-            behind = _behind_pair(use.node) if is_qdq_op(use.node, "QuantizeLinear") else [use.node]
-            found += [reader for moved in behind for reader in _past_data_movement(moved)]
+    a Transpose) between, directly or through further Q/DQ pairs: returning those to float would
+    change no value."""
+    found, stack, seen = [], list(_readers_through_qdq(node)), set()
+    while stack:
+        reader = stack.pop()
+        if id(reader) in seen:
+            continue
+        seen.add(id(reader))
+        if not eir.is_op(reader, *DATA_MOVEMENT_OPS):
+            found.append(reader)
+            continue
+        for output in reader.outputs:
+            for use in output.uses():
+                stack.extend(_behind_pair(use.node) if is_qdq_op(use.node, "QuantizeLinear") else [use.node])
     return found
 
 

@@ -349,8 +349,12 @@ def _run_rounds(pairs: list[_Pair], iterations: int, tolerance: float) -> int:
 
 
 def _replace_clip_by_relu(graph: ir.Graph, clip: ir.Node) -> None:
+    """The Relu's output keeps the Clip's name: compare and the rescale record refer to it."""
+    name = clip.outputs[0].name
     relu = ir.node("Relu", [clip.inputs[0]], name=f"{eir.node_label(clip)}_relu")
     eir.replace_nodes(graph, [clip], clip.outputs[0], [relu])
+    if name and not relu.outputs[0].is_graph_output():
+        relu.outputs[0].name = name
 
 
 def _collect_pairs(graph: ir.Graph, replace_relu6: bool) -> tuple[list[_Pair], list[SkippedPair]]:

@@ -386,9 +386,11 @@ def quantize_bf16(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | N
         model = converted
         opset_notes.append(f"converted opset {source} -> {_BF16_CAST_OPSET}: Cast from bfloat16, which "
                            "restores each weight, exists from opset 13; " + (
-                               f"float outputs match the original on {checked.batches_checked} batches "
+                               f"float outputs match the original on {checked.batches_checked} batch"
+                               f"{'es' if checked.batches_checked != 1 else ''} "
                                f"(max abs diff {checked.max_abs_diff:.3g})" if checked is not None else
-                               "not checked: the inputs are dynamic and no data was given"))
+                               "not checked: without --data it runs on random inputs, which this model's "
+                               "dynamic or index inputs cannot take"))
     passes = _float_passes(model, config)
     _infer_types(model)
     graph, opset = model.graph, eir.default_opset(model)

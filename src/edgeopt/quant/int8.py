@@ -207,12 +207,17 @@ def _computing_readers(value: ir.Value) -> set[str]:
     """The nodes that compute with ``value``, looking through the data-movement ops (Reshape,
     Transpose ...) that pass it on: excluding those keeps ``value`` float for them."""
     found: set[str] = set()
-    for use in value.uses():
-        rule = OP_RULES.get(use.node.op_type)
-        if rule is not None and rule.role is OpRole.SHARED and use.node.op_type != "Concat":
-            found |= _computing_readers(use.node.outputs[0])
-        elif use.node.name:
-            found.add(use.node.name)
+    stack, seen = [value], {id(value)}
+    while stack:
+        for use in stack.pop().uses():
+            rule = OP_RULES.get(use.node.op_type)
+            if rule is not None and rule.role is OpRole.SHARED and use.node.op_type != "Concat":
+                passed = use.node.outputs[0]
+                if id(passed) not in seen:
+                    seen.add(id(passed))
+                    stack.append(passed)
+            elif use.node.name:
+                found.add(use.node.name)
     return found
 
 

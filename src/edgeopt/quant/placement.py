@@ -141,17 +141,22 @@ def check_not_quantized(model: ir.Model) -> None:
 
 def _check_not_float64(model: ir.Model) -> None:
     """ModelError for a model that computes in float64 (numpy or scikit-learn exporters write them):
-    every scheme converts float32 values, so it would come back unchanged."""
-    def elements(dtype: ir.DataType) -> int:
-        return sum(v.const_value.size for v in model.graph.initializers.values()
-                   if v.dtype == dtype and v.const_value is not None)
-
+    every scheme converts float32 values, so it would come back unchanged. A float32 input, or
+    float32 weights (initializers and Constant nodes) outnumbering float64 ones, make a float32 model."""
     inputs = {v.dtype for v in model.graph.inputs}
-    if ir.DataType.DOUBLE in inputs and ir.DataType.FLOAT not in inputs or \
-            elements(ir.DataType.DOUBLE) > elements(ir.DataType.FLOAT):
-        raise ModelError("model computes in float64 (its inputs or most of its weights are float64): edgeopt "
-                         "quantizes float32 models; export it in float32 (torch: model.float(); skl2onnx: "
-                         "FloatTensorType)")
+    if ir.DataType.FLOAT in inputs:
+        return
+    if ir.DataType.DOUBLE not in inputs:
+        tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
+        tensors += [node.attributes["value"].value for node in model.graph.all_nodes()
+                    if node.op_type == "Constant" and "value" in node.attributes]
+        sizes = {dtype: sum(t.size for t in tensors if t.dtype == dtype)
+                 for dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE)}
+        if sizes[ir.DataType.DOUBLE] <= sizes[ir.DataType.FLOAT]:
+            return
+    raise ModelError("model computes in float64 (its inputs or most of its weights are float64): edgeopt "
+                     "quantizes float32 models; export it in float32 (torch: model.float(); skl2onnx: "
+                     "FloatTensorType)")
 
 
 @dataclass(frozen=True)
@@ -394,7 +399,7 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     for node in candidates.values():
         if node.name not in fused and rules[node.op_type].role is OpRole.ACTIVATION:
             refusals[node.name] = _unfused_reason(node)
-    _refuse_isolated_movers(candidates, refusals, rules)
+    _refuse_isolated_movers(candidates, refusals, rules, outputs_quantized=quantize_outputs)
     planner = _Planner(graph, non_float, rules, quantize_outputs=quantize_outputs)
     for node in candidates.values():
         if node.name not in fused and node.name not in refusals:
@@ -421,35 +426,38 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
 
 
 def _refuse_isolated_movers(candidates: Mapping[str, ir.Node], refusals: dict[str, str],
-                            rules: Mapping[str, OpRule]) -> None:
+                            rules: Mapping[str, OpRule], *, outputs_quantized: bool) -> None:
     """Refuse the data-movement ops (Reshape, Transpose, Concat, MaxPool ...) that no integer kernel
     reads or writes, through other such ops: between float nodes their Q/DQ pairs would only round
-    values (an excluded Gemm -> Reshape -> Relu)."""
-    def planned(node: ir.Node | None) -> bool:
-        return node is not None and node.name in candidates and node.name not in refusals
-
+    values (an excluded Gemm -> Reshape -> Relu). With ``outputs_quantized`` (the MCU target, whose
+    kernels need every tensor int8) a graph output counts as such a reader."""
     def moves(node: ir.Node | None) -> bool:
-        return planned(node) and rules[node.op_type].role is OpRole.SHARED
+        return (node is not None and node.name in candidates and node.name not in refusals
+                and rules[node.op_type].role is OpRole.SHARED)
 
     def computes(node: ir.Node | None) -> bool:  # a fused activation too: it computes with its producer
-        return planned(node) and not moves(node)
+        return node is not None and node.name in candidates and node.name not in refusals and not moves(node)
 
-    isolated = set()
+    seen: set[str] = set()
     for start in [node for node in candidates.values() if moves(node)]:
-        seen, stack, anchored = {start.name}, [start], False
-        while stack and not anchored:
+        if start.name in seen:
+            continue
+        seen.add(start.name)
+        group, stack, anchored = [start], [start], False  # the movers connected to start, each visited once
+        while stack:
             node = stack.pop()
             neighbours = [v.producer() for v in node.inputs if v is not None]
             neighbours += [use.node for v in node.outputs for use in v.uses()]
-            anchored = any(computes(n) for n in neighbours)
+            anchored = anchored or any(computes(n) for n in neighbours) or (
+                outputs_quantized and any(v.is_graph_output() for v in node.outputs))
             for n in neighbours:
                 if moves(n) and n.name not in seen:
                     seen.add(n.name)
+                    group.append(n)
                     stack.append(n)
         if not anchored:
-            isolated.add(start.name)
-    for name in isolated:
-        refusals[name] = "moves data between float nodes only: no integer kernel reads or writes it"
+            refusals.update((node.name, "moves data between float nodes only: no integer kernel reads or writes it")
+                            for node in group)
 
 
 def _kept_float_closure(graph: ir.Graph, refusals: dict[str, str], rules: Mapping[str, OpRule]) -> set[str]:

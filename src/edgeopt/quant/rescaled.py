@@ -64,5 +64,5 @@ def read_rescaled(model: ir.Model) -> dict[str, Rescaled]:
     try:
         return {name: Rescaled(int(axis), np.frombuffer(base64.b64decode(data), "<f4").astype(np.float32))
                 for name, (axis, data) in json.loads(text).items()}
-    except (ValueError, TypeError):  # written by something else: compare as is
+    except (ValueError, TypeError, AttributeError):  # written by something else: compare as is
         return {}
