@@ -375,3 +375,32 @@ def test_a_weight_holding_inf_is_refused_by_name(tmp_path):
     data = [{"x": x} for x in np.random.default_rng(1).standard_normal((4, 1, 4, 6, 6)).astype(np.float32)]
     with pytest.raises(ModelError, match="weight 'w' of node 'conv' holds 1 inf/NaN"):
         quantize(load_model(tmp_path / "inf.onnx"), Int8Config(), data)
+
+
+def test_attention_whose_v_comes_from_a_gather_runs_both_matmuls_in_integer(tmp_path):
+    # timm-style attention: qkv.reshape(...).permute(...), then q, k, v = qkv[0], qkv[1], qkv[2] (Gathers).
+    # probs @ v's second input is an activation, not a weight: it must get a Q/DQ pair too, or ORT runs
+    # that MatMul in float behind a Softmax rounded to 8 bits for nothing
+    import torch
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self, dim: int = 32, heads: int = 2) -> None:
+            super().__init__()
+            self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+        def forward(self, x):
+            b, n, c = x.shape
+            qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            probs = ((q @ k.transpose(-2, -1)) * 0.25).softmax(-1)
+            return self.proj((probs @ v).transpose(1, 2).reshape(b, n, c))
+
+    torch.manual_seed(0)
+    model = load_model(export_onnx(Attention().eval(), torch.zeros(1, 16, 32), tmp_path / "attention.onnx"))
+    rng = np.random.default_rng(0)
+    calibration = [{"input": rng.standard_normal((1, 16, 32)).astype(np.float32)} for _ in range(8)]
+    result = quantize(model, Int8Config(), calibration)
+    counts = ort_op_counts(result.model)
+    assert counts["QLinearMatMul"] == 2 and counts["MatMul"] == 0
+    assert sqnr_db(model, result.model, calibration) > 25

@@ -321,8 +321,10 @@ class _Planner:
     def add_node(self, node: ir.Node, output: ir.Value) -> None:
         rule = self.rules[node.op_type]
         indices = rule.activation_inputs if rule.activation_inputs is not None else range(len(node.inputs))
-        weight = node.inputs[1] if rule.role is OpRole.WEIGHTED else None
-        if weight is not None and eir.is_constant(weight):
+        # input 1 of a Conv/Gemm/MatMul is its weight when constant; a MatMul's computed input 1 (the V
+        # of attention's probs @ V) is an activation like input 0
+        weight = node.inputs[1] if rule.role is OpRole.WEIGHTED and eir.is_constant(node.inputs[1]) else None
+        if weight is not None:
             self.weights.append(WeightUse(node=node.name, tensor=weight.name,
                                           axis=weight_axis(node, eir.constant_array(weight).ndim)))
         shared = []
@@ -338,7 +340,7 @@ class _Planner:
             self.concat_groups.union([*shared, output.name])
         elif rule.role is OpRole.SHARED:
             self.groups.union([*shared, output.name])
-        if rule.role is OpRole.WEIGHTED and len(node.inputs) > 2 and node.inputs[2] is not None:
+        if weight is not None and len(node.inputs) > 2 and node.inputs[2] is not None:
             self.biases.append(BiasUse(node=node.name, tensor=node.inputs[2].name,
                                        input=node.inputs[0].name, weight=node.inputs[1].name))
 
