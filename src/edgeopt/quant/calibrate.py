@@ -32,7 +32,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.errors import DataError
 from edgeopt.quant.config import CalibrationConfig, CalibrationMethod
-from edgeopt.quant.grouping import Runner, group_size, groups
+from edgeopt.quant.grouping import Runner, fetched_bytes, group_size, groups
 from edgeopt.quant.observers import HistogramObserver, HistogramStats, MinMaxObserver, MinMaxStats
 from edgeopt.quant.range_choosers import entropy_range, expected_mse, mse_range, percentile_range
 from edgeopt.quant.registry import Batch, ProgressCallback
@@ -369,7 +369,8 @@ def calibrate(
     observation = _Observation(names, config, inputs=input_names, whole=whole,
                                packed=_float32_outputs(model, reduced), channel_means=means)
     fetch = list(dict.fromkeys([*model_outputs, *observation.fetch]))
-    runner = Runner(model, observation, fetch, group=group_size(specs, hooks))
+    runner = Runner(model, observation, fetch,
+                    group=group_size(specs, hooks, fetched_bytes=fetched_bytes(model, whole)))
     total, done = _length(data), 0
     runs = (run for feeds in groups(data, specs, runner.group) for run in runner.run(feeds))
 

@@ -11,7 +11,7 @@ before a Reshape [-1, ...], a fixed dim that equals the group size) and fails
 that check; either way it falls back to one sample per run. Groups stay small
 for big inputs, where per-call overhead no longer matters and a batch's
 activations would dominate peak memory: at most GROUP_INPUT_BYTES of input
-per group.
+and GROUP_FETCH_BYTES of whole tensors returned per group.
 """
 
 from __future__ import annotations
@@ -28,22 +28,40 @@ from edgeopt.errors import DataError
 from edgeopt.quant.registry import Batch
 from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES, RANGE_SUFFIXES, OrtSession, range_session
 
-__all__ = ["GROUP_INPUT_BYTES", "GROUP_SIZE", "Runner", "group_size", "groups"]
+__all__ = ["GROUP_FETCH_BYTES", "GROUP_INPUT_BYTES", "GROUP_SIZE", "Runner", "fetched_bytes", "group_size",
+           "groups"]
 
 logger = logging.getLogger(__name__)
 
 GROUP_SIZE = 16
 GROUP_INPUT_BYTES = 1 << 20
+GROUP_FETCH_BYTES = 64 << 20  # whole tensors returned per group (histograms): a BERT's attention maps add up
 _MATCH_TOLERANCE = 1e-5  # of a tensor's magnitude: summation order, not mixed-up samples (see _matches)
 
 
-def group_size(specs: Sequence[eir.InputSpec], hooks: Sequence[object]) -> int:
+def group_size(specs: Sequence[eir.InputSpec], hooks: Sequence[object], *, fetched_bytes: int = 0) -> int:
+    """Samples per run: at most GROUP_INPUT_BYTES of input and GROUP_FETCH_BYTES of the tensors that
+    come back whole (``fetched_bytes`` per sample, where shapes are known): token ids are a few bytes,
+    the activations they expand to many megabytes."""
     groupable = (all(getattr(hook, "groupable", False) for hook in hooks) and bool(specs)
                  and all(spec.is_static and spec.shape and spec.shape[0] == 1 for spec in specs))
     if not groupable:
         return 1
     sample_bytes = sum(int(np.prod(spec.shape)) * spec.dtype.itemsize for spec in specs)
-    return max(1, min(GROUP_SIZE, GROUP_INPUT_BYTES // max(sample_bytes, 1)))
+    by_output = GROUP_FETCH_BYTES // fetched_bytes if fetched_bytes else GROUP_SIZE
+    return max(1, min(GROUP_SIZE, GROUP_INPUT_BYTES // max(sample_bytes, 1), by_output))
+
+
+def fetched_bytes(model: ir.Model, names: Iterable[str]) -> int:
+    """Bytes per sample of the tensors ``names`` whose static shapes are known (the others count 0)."""
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    values.update((v.name, v) for v in model.graph.inputs)
+    total = 0
+    for name in names:
+        shape = eir.static_shape(values.get(name))
+        if shape is not None:
+            total += int(np.prod(shape)) * 4  # float32 activations (what is fetched whole)
+    return total
 
 
 def groups(data: Iterable[Batch], specs: Sequence[eir.InputSpec], size: int) -> Iterator[list[dict]]:
