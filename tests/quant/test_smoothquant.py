@@ -230,3 +230,20 @@ def test_a_shape_reader_does_not_block_smoothing():
     report = smooth(model, {"n": np.array([1.0, 9.0, 1.0, 1.0])})
     assert [s.tensor for s in report.smoothed] == ["n"] and not report.skipped
     assert_same_outputs(original, model)
+
+
+def test_a_post_norm_residual_is_named_as_the_reason_not_the_rows_reshape():
+    # LayerNorm -> Linear (which the quantizer runs as Reshape -> Gemm) and the same LayerNorm output
+    # into a residual Add: dividing it by s would change the Add. The note said the Reshape edgeopt
+    # inserted "cannot absorb 1/s", a node the user's model does not have
+    from edgeopt.quant import Int8Config, quantize
+    from tests.quant.int8_models import GraphBuilder, batches
+
+    g = GraphBuilder(seed=11)
+    norm = g.node("LayerNormalization", ["x", g.constant("ln.scale", np.ones(16)), g.constant("ln.bias", np.zeros(16))],
+                  "ln", axis=-1)
+    linear = g.node("Add", [g.node("MatMul", [norm, g.weight("w", (16, 16))], "fc"), g.weight("b", (16,))], "fc_bias")
+    out = g.node("Add", [norm, linear], "residual")
+    result = quantize(g.model([out], (1, 4, 16)), Int8Config(smoothquant_alpha=0.5), batches((1, 4, 16), 4))
+    skipped = [note for note in result.notes if note.strip().startswith("not smoothed")]
+    assert any("'ln' is also read by Add 'residual'" in note for note in skipped), skipped

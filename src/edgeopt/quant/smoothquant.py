@@ -229,6 +229,11 @@ def _site(value: ir.Value, targets: list[ir.Node], channels: int, insert_mul: bo
             return site
         source = f"{producer.op_type} {eir.node_label(producer)!r}" if producer is not None else "a graph input"
         reason = f"{value.name!r} comes from {source}, which cannot absorb 1/s"
+        behind = producer.inputs[0] if eir.is_op(producer, "Reshape") and producer.inputs else None
+        others = [r for r in eir.consumers(behind) if r is not producer] if behind is not None else []
+        if others:  # a Reshape edgeopt put before a Gemm, of a tensor others read too (a post-LN residual)
+            reason = (f"{behind.name!r} is also read by {others[0].op_type} {eir.node_label(others[0])!r}, "
+                      "which dividing it by s would change")
     return _Site(kind="Mul") if insert_mul else reason
 
 
