@@ -373,6 +373,9 @@ def test_torch_transformer_linears_become_matmul_nbits(tmp_path):
     attention = {n.node_name for n in result.float_nodes}
     assert len(attention) == 4 and all("not a constant" in n.reason for n in result.float_nodes)
     assert_matches_reference(model, result, config)
+    head = next(n for n in model.graph if n.outputs[0].is_graph_output())  # the classifier
+    assert any(note.startswith(f"{head.name} writes the model output") and f"--exclude {head.name}" in note
+               for note in result.notes)
 
 
 def shared_weight_model(tmp_path, *, also_added: bool, opset: int = 17, batched: bool = False) -> ir.Model:

@@ -315,12 +315,14 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
     names = UniqueNames(graph)
     tensors, float_nodes, lowered = [], [], Counter()
     encodings: dict[tuple, _Encoded] = {}  # a weight read by several nodes (tied embeddings) is stored once
-    short, weights = 0, {}
+    short, weights, heads = 0, {}, []
     for node in [n for n in graph if eir.is_op(n, "MatMul", "Gemm")]:
         target = _match(node, config, opset)
         if isinstance(target, str):
             float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, target))
             continue
+        if node.outputs[0].is_graph_output():  # the head (a classifier, an LM head) writes the output
+            heads.append((node.name or node.op_type, node.outputs[0].name, target.weight.size * 4))
         quantized = quantize_blocks(target.weight, config.block_size, config.weight_format)
         short += target.weight.shape[-2] < config.block_size  # K of the [..., K, N] weight
         constants = dict.fromkeys([target.weight_value, *(v for v in node.inputs[1:]
@@ -358,6 +360,9 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
             else f"; MatMulNBits accuracy_level={int(config.accuracy_level)} ({config.accuracy_level.name})"),
         *_kept_note(float_nodes),
         *_still_float_note(graph, weights),
+        *[f"{name} writes the model output {output!r} with int4 weights: the last layer is often where int4 costs "
+          f"the most accuracy; --exclude {name} keeps it float ({nbytes:,} bytes of float32 weights)"
+          for name, output, nbytes in heads],
         *([f"{short} layer(s) have K below the block size {config.block_size}: each of their columns is one "
            "block padded to full size, so a smaller --block-size stores them in fewer bytes"] if short else []),
     ]
