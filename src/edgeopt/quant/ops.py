@@ -17,8 +17,9 @@ Roles:
   ``weight_axis``), input 2 a bias (int32).
 * ``ARITHMETIC``: inputs and output quantized with their own scales.
 * ``SHARED``: data movement (pooling by max, reshapes, nearest/linear resize,
-  concatenation): the float inputs and the output share one scale, so the
-  integer kernel copies values without requantizing.
+  concatenation, Gather of rows -- an embedding table is then stored in int8):
+  the float inputs and the output share one scale, so the integer kernel
+  copies values without requantizing.
 * ``ACTIVATION``: Relu and Clip are never quantized alone; after a
   quantized op whose only consumer they are, they fuse: the producer's
   output gets no Q/DQ, the activation's output does, and the clamp becomes
@@ -76,6 +77,7 @@ OP_RULES: dict[str, OpRule] = {
     "Squeeze": _MOVE,
     "Unsqueeze": _MOVE,
     "Resize": _MOVE,
+    "Gather": _MOVE,  # input 0 only (1 holds indices): an embedding table, or attention's q/k/v of qkv
     "Relu": _FUSED,
     "Clip": _FUSED,
 }
