@@ -454,3 +454,17 @@ def test_concurrent_quantize_calls_keep_their_warnings_apart(tmp_path):
         thread.join()
     assert any("cast to float32" in w for w in reports["ints"].warnings)
     assert not any("cast to float32" in w for w in reports["floats"].warnings)
+
+
+def test_a_long_list_of_float_nodes_is_shown_by_op_and_reason(cli, tmp_path, monkeypatch):
+    from edgeopt.cli import app as cli_app
+
+    path = build_onnx("transformer", tmp_path)  # 18 float nodes on the ORT target: listed one by one
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(4, 16, 32)).astype(np.float32))
+    command = ("quantize", path, "--data", tmp_path / "x.npy", "-o", tmp_path / "q.onnx", "--no-speed-check")
+    listed = cli(*command)
+    assert listed.code == 0 and "left in float" in listed.stdout and "by op and reason" not in listed.stdout
+    monkeypatch.setattr(cli_app, "FLOAT_NODES_LISTED", 4)
+    grouped = cli(*command)
+    assert grouped.code == 0 and "by op and reason; each one in" in grouped.stdout
+    assert len(json.loads((tmp_path / "q.report.json").read_text())["float_nodes"]) > 4

@@ -16,6 +16,7 @@ import typer
 
 from edgeopt import __version__, api
 from edgeopt.api.model import read_input_file
+from edgeopt.api.quantize import report_path
 from edgeopt.bench import BenchConfig
 from edgeopt.cli import state
 from edgeopt.cli.render import bytes_text, count_text, in_batches, print_json, progress_bar, table
@@ -410,6 +411,28 @@ def _render_search(search) -> None:
                        f"back in float: {', '.join(search.best_excluded) or 'none'}")
 
 
+FLOAT_NODES_LISTED = 24  # beyond this many, one row per op and reason (every node is in --json and the report)
+
+
+def _render_float_nodes(float_nodes, output) -> None:
+    if len(float_nodes) <= FLOAT_NODES_LISTED:
+        rows = table(f"{len(float_nodes)} node(s) left in float", [("node", "left"), ("op", "left"),
+                                                                   ("reason", "left")])
+        for node in float_nodes:
+            rows.add_row(node.node_name, node.op_type, node.reason)
+        state.stdout.print(rows)
+        return
+    groups: dict[tuple[str, str], list[str]] = {}
+    for node in float_nodes:
+        groups.setdefault((node.op_type, node.reason), []).append(node.node_name)
+    where = f"; each one in {report_path(output)}" if output is not None else "; each one with --json"
+    rows = table(f"{len(float_nodes)} node(s) left in float, by op and reason{where}",
+                 [("op", "left"), ("nodes", "right"), ("e.g.", "left"), ("reason", "left")])
+    for (op_type, reason), names in groups.items():
+        rows.add_row(op_type, str(len(names)), names[0], reason)
+    state.stdout.print(rows)
+
+
 def _render_quantize(report: api.QuantizeReport) -> None:
     from edgeopt.cli.render_compare import render_speed
 
@@ -419,11 +442,7 @@ def _render_quantize(report: api.QuantizeReport) -> None:
     for note in result.notes:
         state.stdout.print(f"note: {note}")
     if result.float_nodes:
-        rows = table(f"{len(result.float_nodes)} node(s) left in float", [("node", "left"), ("op", "left"),
-                                                                          ("reason", "left")])
-        for node in result.float_nodes:
-            rows.add_row(node.node_name, node.op_type, node.reason)
-        state.stdout.print(rows)
+        _render_float_nodes(result.float_nodes, report.output)
     summary = table(f"{result.scheme} -> {report.output}", [("", "left"), ("", "left")])
     summary.show_header = False
     summary.add_row("size", f"{bytes_text(report.float_bytes)} -> {bytes_text(report.quant_bytes)} "
