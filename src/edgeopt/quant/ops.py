@@ -82,10 +82,13 @@ OP_RULES: dict[str, OpRule] = {
     "Clip": _FUSED,
 }
 
+# ONNX Runtime gathers int8 rows, edgeopt's C has no Gather kernel: the MCU target keeps it float (and says so).
+_NO_C_KERNEL = frozenset({"Gather"})
+
 # The microcontroller target adds the ops its integer kernels (edgeopt's C, TFLite Micro / CMSIS-NN)
 # compute from int8 but ONNX Runtime has no QDQ fusion for: there they would run in float between a
 # DQ and a Q, so the ORT target keeps them float. A Softmax output gets the fixed range [0, 1).
-MCU_OP_RULES: dict[str, OpRule] = OP_RULES | {
+MCU_OP_RULES: dict[str, OpRule] = {op: rule for op, rule in OP_RULES.items() if op not in _NO_C_KERNEL} | {
     "Softmax": _UNARY,
     "Tanh": _UNARY,
     "Elu": _UNARY,
