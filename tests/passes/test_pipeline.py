@@ -15,7 +15,6 @@ from tests.models import build_onnx
 from ._helpers import assert_same_outputs, batchnorm_params, make_model, op_types, random_weight, snapshot
 
 
-
 @pytest.fixture(scope="module")
 def mobilenet(tmp_path_factory):
     """MobileNetV3-like torch export: Conv+BN, hardswish, SE with hardsigmoid gates, residuals."""

@@ -155,7 +155,6 @@ def remove_nodes(graph: ir.Graph, nodes: Iterable[ir.Node]) -> None:
         graph.remove(nodes, safe=True)
 
 
-
 def replace_nodes(graph: ir.Graph, old_nodes: Iterable[ir.Node], old_output: ir.Value,
                   new_nodes: list[ir.Node]) -> None:
     """Replace a matched subgraph computing ``old_output`` by ``new_nodes``.

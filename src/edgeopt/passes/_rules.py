@@ -37,7 +37,6 @@ __all__ = ["Match", "Rule", "RuleContext", "RulePass", "run_on_copy"]
 logger = logging.getLogger(__name__)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class RuleContext:
     """What a rule may need beyond its match: the model and its default opset."""

@@ -230,7 +230,6 @@ class AdaRoundResult:
         return quantize_weight
 
 
-
 def _weight_matrices(node: ir.Node, weight: np.ndarray) -> np.ndarray:
     """The weight as ``[G, N, K]``: output channels of each group by that group's inputs."""
     if node.op_type == "Conv":

@@ -426,7 +426,6 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     )
 
 
-
 def _refuse_isolated_movers(candidates: Mapping[str, ir.Node], refusals: dict[str, str],
                             rules: Mapping[str, OpRule], *, outputs_quantized: bool) -> None:
     """Refuse the data-movement ops (Reshape, Transpose, Concat, MaxPool ...) that no integer kernel

@@ -129,7 +129,6 @@ class ChannelAbsMaxHook:
 # --------------------------------------------------------------------------
 
 
-
 def _row_weight(node: ir.Node) -> np.ndarray | None:
     """The constant weight of a smoothable layer as ``[K, N]`` (K = input channels), else None."""
     if not eir.is_op(node, "MatMul", "Gemm") or len(node.inputs) < 2:
