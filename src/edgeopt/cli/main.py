@@ -34,13 +34,11 @@ class _ConsoleLog(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__()
-        self._seen: set[str] = set()
+        self._line = _LogLine()
 
     def emit(self, record: logging.LogRecord) -> None:
-        line = f"{record.levelname.lower()}: {record.getMessage()}"
-        if line not in self._seen:
-            self._seen.add(line)
-            state.stderr.print(line)
+        if self._line.filter(record):
+            state.stderr.print(self._line.format(record))
 
 
 def _run(argv: list[str] | None) -> int:
@@ -60,14 +58,14 @@ def _run_app(argv: list[str] | None) -> int:
         app(args=argv, prog_name="edgeopt")
     except SystemExit as done:  # Typer turns Ctrl-C (and SIGTERM, raised as one) into exit code 130
         if done.code == 130:
-            return _fail("terminated", 143) if _terminated else _fail("interrupted", 130)
+            return _interrupted()
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except EdgeoptError as error:
         if state.debug:
             raise
         return _fail(str(error), error.exit_code)
     except KeyboardInterrupt:
-        return _fail("terminated", 143) if _terminated else _fail("interrupted", 130)
+        return _interrupted()
     except Exception as error:  # a bug: one line unless --debug
         if state.debug:
             raise
@@ -95,6 +93,11 @@ class _LogLine(logging.Formatter):
 
 
 _terminated = False
+
+
+def _interrupted() -> int:
+    """Ctrl-C, or SIGTERM raised as one (:func:`_terminate`): said in one line, with its exit code."""
+    return _fail("terminated", 143) if _terminated else _fail("interrupted", 130)
 
 
 def _terminate(signum, frame) -> None:
