@@ -34,7 +34,7 @@ from edgeopt.quant.api import quantize
 from edgeopt.quant.compare import CompareResult, compare_models
 from edgeopt.quant.config import Int8Config
 from edgeopt.quant.ops import is_qdq_op
-from edgeopt.quant.placement import DATA_MOVEMENT_OPS
+from edgeopt.quant.placement import DATA_MOVEMENT_OPS, readers_behind_qdq, readers_past_data_movement
 from edgeopt.quant.registry import QuantResult
 
 __all__ = ["RETURNED", "AccuracyGoal", "AccuracySearch", "AccuracyStep", "accuracy_aware_quantize"]
@@ -202,33 +202,13 @@ def _fused_into(node: ir.Node, float_nodes: set[str]) -> list[ir.Node]:
 def _readers_through_qdq(node: ir.Node) -> list[ir.Node]:
     """The nodes reading ``node``'s outputs through a QuantizeLinear -> DequantizeLinear pair."""
     return [reader for output in node.outputs for use in output.uses() if is_qdq_op(use.node, "QuantizeLinear")
-            for reader in _behind_pair(use.node)]
-
-
-def _behind_pair(quantize_node: ir.Node) -> list[ir.Node]:
-    """The nodes reading the DequantizeLinear outputs that follow ``quantize_node``."""
-    return [use.node for dequantize_use in quantize_node.outputs[0].uses()
-            if is_qdq_op(dequantize_use.node, "DequantizeLinear")
-            for use in dequantize_use.node.outputs[0].uses()]
+            for reader in readers_behind_qdq(use.node)]
 
 
 def _computing_readers(node: ir.Node) -> list[ir.Node]:
-    """The readers of ``node``'s quantized outputs, looking through the data-movement ops (a Reshape,
-    a Transpose) between, directly or through further Q/DQ pairs: returning those to float would
-    change no value."""
-    found, stack, seen = [], list(_readers_through_qdq(node)), set()
-    while stack:
-        reader = stack.pop()
-        if id(reader) in seen:
-            continue
-        seen.add(id(reader))
-        if not eir.is_op(reader, *DATA_MOVEMENT_OPS):
-            found.append(reader)
-            continue
-        for output in reader.outputs:
-            for use in output.uses():
-                stack.extend(_behind_pair(use.node) if is_qdq_op(use.node, "QuantizeLinear") else [use.node])
-    return found
+    """The readers of ``node``'s quantized outputs, past the data-movement ops between: returning
+    those to float would change no value."""
+    return readers_past_data_movement(_readers_through_qdq(node))
 
 
 def _quantized_producers(quant_model: ir.Model, comparison: CompareResult) -> list[tuple[ir.Node, float]]:

@@ -37,9 +37,10 @@ from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.config import CalibrationConfig, CalibrationMethod, Int8Config, PerTensor, Target
 from edgeopt.quant.equalize import equalize
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
-from edgeopt.quant.ops import MCU_OP_RULES, OP_RULES, OpRole
+from edgeopt.quant.ops import MCU_OP_RULES, OP_RULES
 from edgeopt.quant.opset import OpsetCheck, OpsetConversion, convert_opset
-from edgeopt.quant.placement import NodeIndex, check_exclude, plan_qdq, vanished_excludes
+from edgeopt.quant.placement import (NodeIndex, check_exclude, plan_qdq, readers_past_data_movement,
+                                     vanished_excludes)
 from edgeopt.quant.qdq import insert_qdq
 from edgeopt.quant.rescaled import record_rescaled
 from edgeopt.quant.registry import Batch, ProgressCallback, QuantResult, register_scheme
@@ -203,24 +204,6 @@ class _AccuracyHooks:
         return rounded, notes
 
 
-def _computing_readers(value: ir.Value) -> set[str]:
-    """The nodes that compute with ``value``, looking through the data-movement ops (Reshape,
-    Transpose ...) that pass it on: excluding those keeps ``value`` float for them."""
-    found: set[str] = set()
-    stack, seen = [value], {id(value)}
-    while stack:
-        for use in stack.pop().uses():
-            rule = OP_RULES.get(use.node.op_type)
-            if rule is not None and rule.role is OpRole.SHARED and use.node.op_type != "Concat":
-                passed = use.node.outputs[0]
-                if id(passed) not in seen:
-                    seen.add(id(passed))
-                    stack.append(passed)
-            elif use.node.name:
-                found.add(use.node.name)
-    return found
-
-
 def _wide_softmax_notes(model: ir.Model, probabilities: Iterable[str], fmt) -> list[str]:
     """A note for each quantized Softmax output over more values than the format has steps: its
     fixed scale 1/levels rounds the typical probability (1/width) to 0 or one step."""
@@ -237,7 +220,8 @@ def _wide_softmax_notes(model: ir.Model, probabilities: Iterable[str], fmt) -> l
         width = int(np.prod(over))
         if width <= fmt.num_levels:
             continue
-        readers = sorted(_computing_readers(node.outputs[0]))
+        readers = sorted({reader.name for reader in readers_past_data_movement(
+            use.node for use in node.outputs[0].uses()) if reader.name})
         notes.append(f"Softmax {node.name} normalizes over {width} values, and its quantized output has steps of "
                      f"1/{fmt.num_levels}: probabilities under 1/{2 * fmt.num_levels} (the mean one is 1/{width}) "
                      f"round to 0; if accuracy suffers, --exclude {' '.join(readers) or node.name} keeps them float")

@@ -54,7 +54,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError, ModelError
 from edgeopt.passes import PATTERN_KEY, activation_clamp
-from edgeopt.quant.ops import FUSING_PRODUCERS, OP_RULES, OpRole, OpRule, weight_axis
+from edgeopt.quant.ops import FUSING_PRODUCERS, OP_RULES, OpRole, OpRule, is_qdq_op, weight_axis
 from edgeopt.quant.registry import FloatNode
 
 __all__ = [
@@ -68,6 +68,8 @@ __all__ = [
     "check_exclude",
     "check_not_quantized",
     "plan_qdq",
+    "readers_behind_qdq",
+    "readers_past_data_movement",
     "vanished_excludes",
 ]
 
@@ -459,6 +461,33 @@ def _refuse_isolated_movers(candidates: Mapping[str, ir.Node], refusals: dict[st
         if not anchored:
             refusals.update((node.name, "moves data between float nodes only: no integer kernel reads or writes it")
                             for node in group)
+
+
+def readers_behind_qdq(quantize_node: ir.Node) -> list[ir.Node]:
+    """The nodes reading the DequantizeLinear outputs that follow ``quantize_node``."""
+    return [use.node for dequantize_use in quantize_node.outputs[0].uses()
+            if is_qdq_op(dequantize_use.node, "DequantizeLinear")
+            for use in dequantize_use.node.outputs[0].uses()]
+
+
+def readers_past_data_movement(readers: Iterable[ir.Node]) -> list[ir.Node]:
+    """The nodes computing with what ``readers`` read: a data-movement reader (:data:`DATA_MOVEMENT_OPS`,
+    which ONNX Runtime moves a DequantizeLinear past) is looked through to its own readers, directly or
+    behind a QuantizeLinear -> DequantizeLinear pair. Keeping those float keeps the value float for
+    them (:func:`_kept_float_closure` keeps the movers between float too)."""
+    found, stack, seen = [], list(readers), set()
+    while stack:
+        reader = stack.pop()
+        if id(reader) in seen:
+            continue
+        seen.add(id(reader))
+        if not eir.is_op(reader, *DATA_MOVEMENT_OPS):
+            found.append(reader)
+            continue
+        for output in reader.outputs:
+            for use in output.uses():
+                stack.extend(readers_behind_qdq(use.node) if is_qdq_op(use.node, "QuantizeLinear") else [use.node])
+    return found
 
 
 def _kept_float_closure(graph: ir.Graph, refusals: dict[str, str], rules: Mapping[str, OpRule]) -> set[str]:
