@@ -324,12 +324,13 @@ def _fidelity(float_model: ir.Model, quant_model: ir.Model, data, preprocess,
                           max_samples=batches)
 
 
-def _comparable_float(float_model: ir.Model) -> ir.Model:
+def _comparable_float(float_model: ir.Model, *, in_place: bool = False) -> ir.Model:
     """The quantizer folds BatchNorm and affine ops into convs and keeps the convs' output names, so
-    per-layer rows compare against the float model after the same float-exact passes (on a copy)."""
+    per-layer rows compare against the float model after the same float-exact passes (on a copy,
+    unless the model is the caller's to rewrite)."""
     from edgeopt.passes import optimize_for_quantization
 
-    return optimize_for_quantization(float_model).model
+    return optimize_for_quantization(float_model, in_place=in_place).model
 
 
 def _speed(float_model: ir.Model, quant_model: ir.Model, feed: Batch | None) -> SpeedCheck:
@@ -350,7 +351,7 @@ def compare(float_model: ModelSource, quant_model: ModelSource, data, *, preproc
     quant_ir = load(quant_model, require_static=False)
     if (note := missing_qdq_note(quant_ir)) is not None:
         logger.warning(note)
-    float_ir = _comparable_float(load(float_model, require_static=False))
+    float_ir = _comparable_float(load(float_model, require_static=False), in_place=True)  # a fresh copy already
     source = _calibration_source(float_ir, data, preprocess, max_samples)
     result = compare_models(float_ir, quant_ir, source, progress=progress)
     for output in result.outputs:
