@@ -110,10 +110,9 @@ def _pads_over_every_axis(model: ir.Model) -> None:
         data = node.inputs[0]
         if pads is None or axes is None or data is None or data.shape is None:
             continue
-        rank = len(data.shape)
+        rank, axes, pads = len(data.shape), axes.reshape(-1) % len(data.shape), pads.reshape(-1)
         full = np.zeros(2 * rank, np.int64)
-        for i, axis in enumerate(int(a) % rank for a in axes.reshape(-1)):
-            full[axis], full[rank + axis] = pads.reshape(-1)[i], pads.reshape(-1)[len(axes.reshape(-1)) + i]
+        full[axes], full[rank + axes] = pads[:len(axes)], pads[len(axes):]  # begins, then ends
         eir.replace_constant_input(model.graph, node, 1, full, f"{eir.node_label(node)}_pads")
         node.resize_inputs(3)
 
