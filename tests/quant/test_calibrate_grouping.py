@@ -186,3 +186,42 @@ def test_groups_are_bounded_by_the_tensors_they_return_not_only_by_their_input()
     assert group_size(ids, []) == GROUP_SIZE
     assert group_size(ids, [], fetched_bytes=GROUP_FETCH_BYTES // 3) == 3
     assert group_size(ids, [], fetched_bytes=2 * GROUP_FETCH_BYTES) == 1
+
+
+def _conv_relu() -> ir.Model:
+    """x[1,3,8,8] -> Conv 3x3 -> Relu -> y: a grouped model (the batch is free)."""
+    weight = np.random.default_rng(2).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["conv"], ["y"], name="y")]
+    return _model(nodes, (1, 3, 8, 8), (1, 4, 8, 8), [("w", weight)])
+
+
+def _histograms(model: ir.Model, data, names: Sequence[str], method: str) -> dict[str, tuple]:
+    from edgeopt.quant import CalibrationMethod
+
+    result = calibrate(model, iter(data), names, CalibrationConfig(method=CalibrationMethod(method)))
+    out = {}
+    for name in names:
+        tensor = result.tensors[name]
+        hist = tensor.histogram
+        out[name] = (hist.width, hist.start, hist.counts.tobytes(), hist.zeros, tensor.range)
+    return out
+
+
+def test_histograms_and_ranges_do_not_depend_on_how_samples_are_grouped_into_runs(monkeypatch):
+    # The bin grid comes from the first sample with a non-zero value and only doubles afterwards; it
+    # once came from the first run, so 16 samples per run gave other ranges than 1 or 5 per run (and
+    # group sizes depend on the model's size). The first sample is all zeros: it must not set the grid.
+    from edgeopt.quant import grouping
+
+    model = _conv_relu()
+    data = _samples((1, 3, 8, 8), seed=3)
+    data[0] = {"x": np.zeros((1, 3, 8, 8), np.float32)}
+    data[5] = {"x": 8.0 * data[5]["x"]}  # the grid doubles in the middle of a group
+    names = _tensor_names(model)
+    for method in ("percentile", "entropy", "mse"):
+        results = []
+        for size in (1, 5, 16):
+            monkeypatch.setattr(grouping, "GROUP_SIZE", size)
+            results.append(_histograms(model, data, names, method))
+        assert results[0] == results[1] == results[2], method

@@ -210,13 +210,13 @@ class _TensorObserver:
         self.dtype = np.dtype(np.float32)
         self.minmax.update_range(low, high, batches)
 
-    def update(self, array: np.ndarray) -> None:
+    def update(self, array: np.ndarray, samples: int = 1) -> None:
         if self.dtype is None:
             self.dtype = array.dtype
         if array.dtype != np.float32:
             return
         if self.histogram is not None:  # it keeps the min and max too
-            self.histogram.update(array)
+            self.histogram.update(array, samples)
         else:
             self.minmax.update(array)
 
@@ -309,11 +309,12 @@ class _Observation:
         return [*self.whole, *_range_names(self.reduced), *(PACKED_RANGE_OUTPUTS if self.packed.names else ()),
                 *means]
 
-    def update(self, feed: Batch, outputs: Mapping[str, np.ndarray]) -> None:
+    def update(self, feed: Batch, outputs: Mapping[str, np.ndarray], samples: int = 1) -> None:
+        """One run's tensors; ``samples`` batch-1 samples stacked on axis 0 when they ran as one batch."""
         for name in self.inputs:
-            self.observers[name].update(feed[name])
+            self.observers[name].update(feed[name], samples)
         for name in self.whole:
-            self.observers[name].update(outputs[name])
+            self.observers[name].update(outputs[name], samples)
         for name in self.reduced:
             self.observers[name].update_range(outputs[name + RANGE_SUFFIXES[0]], outputs[name + RANGE_SUFFIXES[1]])
         if self.packed.names:
@@ -374,8 +375,8 @@ def calibrate(
     total, done = _length(data), 0
     runs = (run for feeds in groups(data, specs, runner.group) for run in runner.run(feeds))
 
-    def observe(feed: Batch, outputs: Mapping[str, np.ndarray]) -> None:
-        observation.update(feed, outputs)
+    def observe(feed: Batch, outputs: Mapping[str, np.ndarray], samples: int) -> None:
+        observation.update(feed, outputs, samples)
         for hook in hooks:
             hook.update(feed, outputs)
 
@@ -387,7 +388,7 @@ def calibrate(
         for feed, outputs, samples in runs:
             if pending is not None:
                 pending.result()
-            pending = worker.submit(observe, feed, outputs)
+            pending = worker.submit(observe, feed, outputs, samples)
             del feed, outputs  # the worker holds the batch until it is observed
             for _ in range(samples):
                 done += 1

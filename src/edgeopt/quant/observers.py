@@ -164,8 +164,27 @@ class HistogramObserver:
         self._min = math.inf
         self._max = -math.inf
 
-    def update(self, array) -> None:
-        values = np.asarray(array).reshape(-1)
+    def update(self, array, samples: int = 1) -> None:
+        """Count ``array``: ``samples`` samples stacked along axis 0 (several run as one batch).
+
+        The bin grid is set by the first sample holding a non-zero value and only ever doubles, so
+        the samples are taken one by one until it is set: the histogram is then the same however
+        the samples were grouped into runs.
+        """
+        array = np.asarray(array)
+        if self._counts is None and samples > 1 and array.ndim and array.shape[0] % samples == 0:
+            rows = array.shape[0] // samples
+            for start in range(0, array.shape[0], rows):
+                self._update(array[start:start + rows])
+                if self._counts is not None:
+                    if start + rows < array.shape[0]:
+                        self._update(array[start + rows:])
+                    return
+            return
+        self._update(array)
+
+    def _update(self, array: np.ndarray) -> None:
+        values = array.reshape(-1)
         if values.dtype != np.float32:
             values = values.astype(np.float64)
         if not values.size:
