@@ -468,3 +468,61 @@ def test_a_long_list_of_float_nodes_is_shown_by_op_and_reason(cli, tmp_path, mon
     grouped = cli(*command)
     assert grouped.code == 0 and "by op and reason; each one in" in grouped.stdout
     assert len(json.loads((tmp_path / "q.report.json").read_text())["float_nodes"]) > 4
+
+
+def _save(tmp_path, name, nodes, initializers, in_shape, out_shape):
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+                              [numpy_helper.from_array(array, key) for key, array in initializers.items()])
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_an_output_far_from_the_float_models_is_warned_about_with_what_to_do(cli, tmp_path):
+    # y = relu(conv(x) + 1000) - 1000: the conv's output lives in [990, 1010], so its uint8 range (which
+    # holds 0) has steps of 4, far above the signal's spread of ~3: int8 gives mostly noise
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),  # keeps the Sub from folding into the conv's bias
+             helper.make_node("Sub", ["r", "offset"], ["y"])]
+    weights = {"w": (rng.standard_normal((8, 4, 3, 3)) / 6).astype(np.float32),
+               "b": np.full(8, 1000.0, np.float32), "offset": np.array(1000.0, np.float32)}
+    path = _save(tmp_path, "offset", nodes, weights, [1, 4, 8, 8], [1, 8, 8, 8])
+    np.save(tmp_path / "calib.npy", rng.standard_normal((32, 4, 8, 8)).astype(np.float32))
+    result = cli("quantize", path, "--data", tmp_path / "calib.npy", "-o", tmp_path / "q.onnx", "--no-speed-check",
+                 "--json")
+    assert result.code == 0, result.stderr  # written: it is what int8 gives, and the user is told
+    report = json.loads(result.stdout)
+    assert float(report["fidelity"]["outputs"][0]["sqnr_db"]) < 10
+    low = [w for w in report["warnings"] if w.startswith("output y: SQNR")]
+    assert len(low) == 1 and "edgeopt compare" in low[0] and "--min-sqnr" in low[0], report["warnings"]
+    shown = cli("quantize", path, "--data", tmp_path / "calib.npy", "-o", tmp_path / "q.onnx", "--no-speed-check")
+    assert (shown.stdout + shown.stderr).count("output y: SQNR") == 1
+
+
+def test_equalize_relu6_that_changes_the_float_model_is_named_as_the_cause(tmp_path):
+    # conv -> ReLU6 -> conv on inputs that drive most values past 6: --equalize-relu6 makes the ReLU6 a
+    # ReLU, so the "quantized" model computes another function; the warning says so, not "find the layer"
+    from onnx import helper
+
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c1", "zero", "six"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    weights = {"w1": (rng.standard_normal((8, 4, 3, 3)) * [[[[4.0]]]] * rng.uniform(0.1, 3, (8, 1, 1, 1)))
+               .astype(np.float32),
+               "w2": rng.standard_normal((8, 8, 3, 3)).astype(np.float32),
+               "zero": np.array(0.0, np.float32), "six": np.array(6.0, np.float32)}
+    path = _save(tmp_path, "relu6", nodes, weights, [1, 4, 8, 8], [1, 8, 8, 8])
+    data = [{"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(32)]
+    plain = edgeopt.quantize(path, edgeopt.Int8Config(equalize=True), data, check_speed=False)
+    assert not any("SQNR" in w for w in plain.warnings)  # the ReLU6 ends the pair: nothing changes
+    report = edgeopt.quantize(path, edgeopt.Int8Config(equalize=True, equalize_relu6=True), data, check_speed=False)
+    assert report.fidelity.outputs[0].sqnr_db < 10
+    low = [w for w in report.warnings if w.startswith("output y: SQNR")]
+    assert len(low) == 1 and "--equalize-relu6 turned 1 ReLU6 into ReLU" in low[0], report.warnings

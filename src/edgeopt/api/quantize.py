@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 
 MIN_CALIBRATION_SAMPLES = 16
+# Output SQNR below this (noise at a tenth of the signal's power) is told as a warning: classifiers
+# start to change their top-1 well above it, and a model this far off usually has a cause to fix.
+LOW_FIDELITY_DB = 10.0
 _KEPT_REASONS = (EXCLUDED, RETURNED)
 
 
@@ -271,6 +274,7 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
         if unmeasured:
             warnings.append(f"fidelity of {', '.join(unmeasured)} not measured: the float model's outputs hold "
                             "inf/NaN on the calibration data (check the model and the data's scale)")
+        warnings.extend(_low_fidelity(result, fidelity))
     speed = None
     if check_speed:
         dynamic = not all(spec.is_static for spec in eir.model_inputs(loaded))
@@ -293,6 +297,29 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
         atomic_write_bytes(output, quant_bytes)  # and the artifact ships with its measured numbers
         atomic_write_bytes(report_path(output), json_text(report.to_dict()).encode())
     return report
+
+
+def _low_fidelity(result: QuantResult, fidelity: CompareResult) -> list[str]:
+    """A warning for each output whose SQNR against the float model is below LOW_FIDELITY_DB, with
+    what to do about it (and the cause when edgeopt made one: ReLU6 turned into ReLU)."""
+    warnings = []
+    for row in fidelity.outputs:
+        if not row.sqnr_db < LOW_FIDELITY_DB:  # NaN (not measured) is told above
+            continue
+        text = (f"output {row.name}: SQNR {row.sqnr_db:.1f} dB against the float model on the calibration data "
+                f"(below {LOW_FIDELITY_DB:g} dB: the {result.scheme} model's outputs are far from the float "
+                "model's)")
+        replaced = result.details.get("relu6_replaced", ())
+        if replaced:
+            text += (f"; --equalize-relu6 turned {len(replaced)} ReLU6 into ReLU, which changes the float model "
+                     "itself wherever a value exceeds 6: try --equalize instead")
+        elif result.scheme in ("int8", "uint8"):
+            text += ("; `edgeopt compare` shows the layers where the error arises, and --min-sqnr DB or "
+                     "--exclude returns the worst to float")
+        else:
+            text += "; `edgeopt compare` gives the output rows"
+        warnings.append(text)
+    return warnings
 
 
 def _float_bytes(model: ModelSource, loaded: ir.Model) -> int:

@@ -129,11 +129,14 @@ def _check_finite_weights(model: ir.Model, plan) -> None:
                              "model is broken there (it computes inf/NaN too); fix or retrain those weights")
 
 
-def _float_rewrites(model: ir.Model, config: Int8Config, data: Iterable[Batch] | None) -> list[str]:
-    """Float-exact rewrites that make the model easier to quantize: CLE, then SmoothQuant."""
-    notes = []
+def _float_rewrites(model: ir.Model, config: Int8Config,
+                    data: Iterable[Batch] | None) -> tuple[list[str], tuple[str, ...]]:
+    """Float-exact rewrites that make the model easier to quantize: CLE, then SmoothQuant. Their notes,
+    and the ReLU6 nodes ``--equalize-relu6`` made ReLU (which does change the float model)."""
+    notes, relu6_replaced = [], ()
     if config.equalize:
         report = equalize(model, replace_relu6=config.equalize_relu6)
+        relu6_replaced = report.relu6_replaced
         record_rescaled(model, report.rescaled)
         notes.append(f"cross-layer equalization: {len(report.equalized)} layer pairs equalized, "
                      f"{len(report.skipped)} skipped" + (f"; {len(report.relu6_replaced)} ReLU6 turned into ReLU "
@@ -151,7 +154,7 @@ def _float_rewrites(model: ir.Model, config: Int8Config, data: Iterable[Batch] |
             notes += _first_skips([f"not smoothed: {reason}" for _, reason in report.skipped])
         else:
             notes.append("SmoothQuant: no MatMul/Gemm with a constant weight reads an activation: nothing to smooth")
-    return notes
+    return notes, relu6_replaced
 
 
 _SKIPS_SHOWN = 5
@@ -245,7 +248,8 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     _prepare(model)
     check_exclude([given, model], config.exclude)
     notes.extend(vanished_excludes(model, config.exclude))
-    notes.extend(_float_rewrites(model, config, data))
+    rewrite_notes, relu6_replaced = _float_rewrites(model, config, data)
+    notes.extend(rewrite_notes)
     rules = MCU_OP_RULES if config.target is Target.MCU else OP_RULES  # the kernels that will run it
     plan = plan_qdq(model, exclude=config.exclude, quantize_outputs=config.outputs_quantized, rules=rules)
     _check_finite_weights(model, plan)
@@ -268,7 +272,8 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     if plan.float_nodes:
         notes.append(f"{len(plan.float_nodes)} nodes stay float (see float_nodes)")
     details = {"calibration": calibration, "plan": plan, "opset_conversion": conversion,
-               "activation_format": config.activations.name, "optimization": optimization}
+               "activation_format": config.activations.name, "optimization": optimization,
+               "relu6_replaced": relu6_replaced}
     # named as the CLI's --scheme: uint8 when the user asked for uint8 activations, else int8 (whose
     # activation type follows the target, told in the notes)
     scheme = "uint8" if config.activation_format is not None and config.activation_format.name == "uint8" else "int8"

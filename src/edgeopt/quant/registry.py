@@ -99,7 +99,8 @@ class QuantResult:
     ``calibration`` (the ``CalibrationResult``, reusable without a new pass),
     ``plan`` (the ``QdqPlan``), ``opset_conversion`` (``OpsetConversion`` or
     None), ``activation_format`` (``"uint8"``/``"int8"``) and
-    ``optimization`` (the float passes' result, or None).
+    ``optimization`` (the float passes' result, or None) and ``relu6_replaced`` (the ReLU6 nodes
+    ``--equalize-relu6`` turned into ReLU).
     """
 
     model: ir.Model
