@@ -37,6 +37,12 @@ def number():
 def bad_shape():
     yield {"x": np.zeros((2, 2), np.float32)}
 
+def ragged():
+    return {"x": [[1.0, 2.0, 3.0, 4.0], [3.0]]}
+
+def ragged_items():
+    return [{"x": [[1.0, 2.0], [3.0]]}]
+
 not_a_function = 42
 '''
 
@@ -105,6 +111,9 @@ def test_import_errors_are_one_line(module_file, target, message):
     ("wrong_items", r"item 0 is a str, not a dict of arrays"),
     ("number", r"returned a int, not an iterable"),
     ("bad_shape", r"bad_shape item 0: input 'x' wants shape 1x4 but got 2x2"),
+    # numpy's ValueError on a ragged list was an internal error (exit 70)
+    ("ragged", r"ragged: input 'x' is a nested list whose rows differ in length"),
+    ("ragged_items", r"item 0: input 'x' is a nested list whose rows differ in length"),
 ])
 def test_wrong_results_are_data_errors(module_file, function, message):
     with pytest.raises(DataError, match=message):

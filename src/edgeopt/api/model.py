@@ -16,7 +16,7 @@ from edgeopt import ir as eir
 from edgeopt.analysis import CostReport, MemoryReport, analyze_cost, memory_report
 from edgeopt.api._common import ModelSource, Progress, load, model_name
 from edgeopt.errors import DataError
-from edgeopt.io import atomic_write_bytes, make_output_folder
+from edgeopt.io import atomic_write_files, make_output_folder
 
 __all__ = ["InspectResult", "RunResult", "from_torch", "inspect", "run"]
 
@@ -179,8 +179,8 @@ def _write_outputs(outputs: Mapping[str, np.ndarray], folder: Path) -> tuple[Pat
     for name, array in outputs.items():
         buffer = _io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
-        files.append(atomic_write_bytes(_output_file(folder, name), buffer.getvalue()))
-    return tuple(files)
+        files.append((_output_file(folder, name), buffer.getvalue()))
+    return tuple(atomic_write_files(files))  # the outputs of one run together, or none
 
 
 def run(model: ModelSource, inputs: Mapping[str, np.ndarray | str | os.PathLike] | np.ndarray | str | os.PathLike, *,

@@ -16,7 +16,7 @@ from edgeopt import ir as eir
 from edgeopt.api._common import ModelSource, Progress, load, logged_warnings
 from edgeopt.data import ImagePreprocess, batch_rows
 from edgeopt.errors import ConfigError, DataError, EdgeoptError
-from edgeopt.io import (FILE_BYTES_KEY, atomic_write_bytes, check_writable, model_file_bytes, model_files,
+from edgeopt.io import (FILE_BYTES_KEY, atomic_write_files, check_writable, model_file_bytes, model_files,
                         model_to_bytes)
 from edgeopt.metrics import json_text
 from edgeopt.quant.accuracy import RETURNED, AccuracyGoal, AccuracySearch, accuracy_aware_quantize
@@ -294,8 +294,8 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
                             fidelity=fidelity, speed=speed, search=search,
                             warnings=tuple(dict.fromkeys([*logged, *warnings])))
     if output is not None:  # written last: an error in the checks above leaves nothing behind
-        atomic_write_bytes(output, quant_bytes)  # and the artifact ships with its measured numbers
-        atomic_write_bytes(report_path(output), json_text(report.to_dict()).encode())
+        # the artifact ships with its measured numbers: both files are replaced, or neither
+        atomic_write_files([(output, quant_bytes), (report_path(output), json_text(report.to_dict()).encode())])
     return report
 
 

@@ -128,7 +128,7 @@ def split_stacked(
 ) -> Iterator[tuple[dict[str, np.ndarray], str]]:
     """Cut arrays stacked on axis 0 into per-batch feeds, all inputs in lockstep."""
     by_name = {spec.name: spec for spec in specs}
-    shapes = {name: tuple(np.shape(array)) for name, array in arrays.items()}
+    shapes = {name: _shape(array, name, where) for name, array in arrays.items()}
     count = stacked_count(specs, shapes, where=where)
     cuts = {name: _plan_cut(by_name.get(name), shape) for name, shape in shapes.items()}
     for index in range(count):
@@ -136,8 +136,18 @@ def split_stacked(
         yield {name: _cut(arrays[name], cuts[name], index) for name in arrays}, label
 
 
-def _read_only(array: object) -> np.ndarray:
+def _shape(value: object, name: str, where: str) -> tuple[int, ...]:
+    """The shape of an array or nested list; a ragged list (rows of different lengths) is a DataError."""
+    try:
+        return tuple(np.shape(value))
+    except ValueError as error:  # numpy: "setting an array element with a sequence ... inhomogeneous shape"
+        raise DataError(f"{where}: input '{name}' is a nested list whose rows differ in length, not an array: "
+                        "give an array (or lists of equal lengths)") from error
+
+
+def _read_only(array: object, name: str) -> np.ndarray:
     """A read-only view, so check_feed hands out copies and the caller's data stays untouched."""
+    _shape(array, name, "arrays")
     view = np.asarray(array).view()
     view.flags.writeable = False
     return view
@@ -150,7 +160,7 @@ class ArraySource(DataSource):
         super().__init__(specs)
         if not arrays:
             raise DataError("no arrays given: pass {input_name: array} with samples stacked on axis 0")
-        self._arrays = {name: _read_only(array) for name, array in arrays.items()}
+        self._arrays = {name: _read_only(array, name) for name, array in arrays.items()}
         shapes = {name: array.shape for name, array in self._arrays.items()}
         self._count = stacked_count(self._specs, shapes, where="arrays")
         if self._count == 0:
@@ -195,7 +205,7 @@ def as_feed(item: object, specs: Sequence[InputSpec], *, where: str) -> dict[str
     by_name = {spec.name: spec for spec in specs}
     for name, value in feed.items():
         spec = by_name.get(name)
-        if spec is not None and _plan_cut(spec, np.shape(value)).add_axis:
+        if spec is not None and _plan_cut(spec, _shape(value, name, where)).add_axis:
             feed[name] = np.asarray(value)[np.newaxis]
     return feed
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from edgeopt.io.load import (FILE_BYTES_KEY, SUPPORTED_OPSETS, load_model, model_file_bytes, model_files,
                              parse_input_shapes)
-from edgeopt.io.save import atomic_write_bytes, check_writable, make_output_folder, model_to_bytes, save_model
+from edgeopt.io.save import (atomic_write_bytes, atomic_write_files, check_writable, make_output_folder, model_to_bytes,
+                             save_model)
 
 __all__ = [
     "FILE_BYTES_KEY",
     "SUPPORTED_OPSETS",
     "atomic_write_bytes",
+    "atomic_write_files",
     "check_writable",
     "load_model",
     "make_output_folder",

@@ -6,15 +6,19 @@ target is replaced in one step (``os.replace`` is atomic on POSIX).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import onnx_ir as ir
 
 from edgeopt.errors import ModelError
 
-__all__ = ["atomic_write_bytes", "check_writable", "current_umask", "make_output_folder", "model_to_bytes",
+__all__ = ["atomic_write_bytes", "atomic_write_files", "check_writable", "current_umask", "make_output_folder", "model_to_bytes",
            "save_model"]
 
 _PROTOBUF_LIMIT_BYTES = 2**31 - 1
@@ -51,7 +55,35 @@ def make_output_folder(path: str | os.PathLike, *, create: bool = True) -> Path:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically; the folder must exist. The file gets the usual
     permissions (``0o666`` less the umask), not the private ones of a temporary file."""
-    target = check_writable(path)
+    return atomic_write_files([(path, data)])[0]
+
+
+def atomic_write_files(files: Sequence[tuple[str | os.PathLike, bytes]]) -> list[Path]:
+    """Write several files that belong together (a model and its report): all of them or none.
+
+    Each is written in full to a temporary file beside its target first; then all are renamed
+    in one go, with Ctrl-C and SIGTERM held back until the last rename is done, so an interrupt
+    never leaves a new file next to an old or missing partner.
+    """
+    targets = [check_writable(path) for path, _ in files]
+    temps: list[str] = []
+    try:
+        for target, (_, data) in zip(targets, files):
+            temps.append(_written_temp(target, data))
+        with _signals_held():
+            for temp, target in zip(temps, targets):
+                os.replace(temp, target)
+    except BaseException as error:
+        for temp in temps:
+            Path(temp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise ModelError(f"cannot write {error.filename or targets[0]}: {error.strerror or error}") from error
+        raise
+    return targets
+
+
+def _written_temp(target: Path, data: bytes) -> str:
+    """A temporary file beside ``target`` holding ``data``, flushed to disk (its name)."""
     try:
         handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as error:
@@ -62,13 +94,34 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(temp_name, target)
     except BaseException as error:
         Path(temp_name).unlink(missing_ok=True)
         if isinstance(error, OSError):
             raise ModelError(f"cannot write {target}: {error.strerror or error}") from error
         raise
-    return target
+    return temp_name
+
+
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM arriving inside the block take effect when it ends (main thread only: a
+    handler can be set nowhere else, and signals are delivered there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {number: signal.signal(number, lambda number, frame: caught.append(number))
+                for number in _HELD_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        for number in dict.fromkeys(caught):
+            signal.raise_signal(number)
 
 
 def current_umask() -> int:

@@ -1,0 +1,53 @@
+"""Atomic output: files that belong together (a model and its report) are replaced together."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from edgeopt.errors import ModelError
+from edgeopt.io import atomic_write_files
+from edgeopt.io import save
+
+
+def _old_pair(tmp_path):
+    model, report = tmp_path / "m.onnx", tmp_path / "m.report.json"
+    model.write_bytes(b"old model")
+    report.write_bytes(b"old report")
+    return model, report
+
+
+def test_ctrl_c_between_the_renames_waits_until_both_files_are_new(tmp_path, monkeypatch):
+    # Ctrl-C the instant the model was renamed into place once left it next to the previous run's report
+    model, report = _old_pair(tmp_path)
+    real_replace = os.replace
+
+    def replace(source, target):
+        real_replace(source, target)
+        if str(target) == str(model):
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(save.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_files([(model, b"new model"), (report, b"new report")])
+    assert model.read_bytes() == b"new model" and report.read_bytes() == b"new report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.report.json"]  # no temporary left
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_failure_before_the_renames_leaves_both_old_files(tmp_path, monkeypatch):
+    model, report = _old_pair(tmp_path)
+    real_written = save._written_temp
+
+    def written(target, data):
+        if target == report:
+            raise ModelError(f"cannot write {target}: No space left on device")
+        return real_written(target, data)
+
+    monkeypatch.setattr(save, "_written_temp", written)
+    with pytest.raises(ModelError, match="No space left"):
+        atomic_write_files([(model, b"new model"), (report, b"new report")])
+    assert model.read_bytes() == b"old model" and report.read_bytes() == b"old report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.report.json"]
