@@ -526,3 +526,42 @@ def test_equalize_relu6_that_changes_the_float_model_is_named_as_the_cause(tmp_p
     assert report.fidelity.outputs[0].sqnr_db < 10
     low = [w for w in report.warnings if w.startswith("output y: SQNR")]
     assert len(low) == 1 and "--equalize-relu6 turned 1 ReLU6 into ReLU" in low[0], report.warnings
+
+
+def test_the_api_takes_an_onnx_model_proto_and_refuses_other_objects_clearly(tmp_path):
+    # an onnx.ModelProto (what onnx.load returns) was a TypeError from pathlib; None too
+    from edgeopt.errors import ConfigError
+
+    proto = onnx.load(demo_model_path())
+    before = proto.SerializeToString()
+    data = np.load(demo_calibration_path())[:16]
+    report = edgeopt.quantize(proto, edgeopt.Int8Config(), data, check_speed=False)
+    from_file = edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), data, check_speed=False)
+    assert model_to_bytes(report.model) == model_to_bytes(from_file.model)
+    assert proto.SerializeToString() == before  # the caller's model is not changed
+    assert edgeopt.inspect(proto).cost == edgeopt.inspect(demo_model_path()).cost
+    assert edgeopt.compare(proto, report.model, data).outputs[0].sqnr_db > 25
+    for call in (lambda: edgeopt.quantize(None, edgeopt.Int8Config(), data),
+                 lambda: edgeopt.compare(proto, 42, data), lambda: edgeopt.inspect(b"bytes")):
+        with pytest.raises(ConfigError, match="must be a path to an .onnx file, an onnx.ModelProto or an onnx_ir"):
+            call()
+
+
+def test_compare_checks_the_data_against_the_second_model_too(cli, tmp_path):
+    # a dynamic float model and an int8 model of fixed size: the data fits the first only, and ONNX
+    # Runtime's message about the second was cut to a line without the sizes
+    dynamic = dynamic_input_model(tmp_path / "dynamic.onnx")
+    fixed = onnx.load(dynamic)
+    for value in (fixed.graph.input[0], fixed.graph.output[0]):
+        for dim, size in zip(value.type.tensor_type.shape.dim, (1, 3, 8, 8) if value is fixed.graph.input[0]
+                             else (1, 4, 8, 8)):
+            dim.dim_value = size
+    onnx.save(fixed, tmp_path / "fixed.onnx")
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.standard_normal((16, 3, 8, 8)).astype(np.float32))
+    assert cli("quantize", tmp_path / "fixed.onnx", "--data", tmp_path / "calib.npy", "-o", tmp_path / "q.onnx",
+               "--no-speed-check").code == 0
+    (tmp_path / "other").mkdir()
+    np.save(tmp_path / "other" / "s0.npy", rng.standard_normal((1, 3, 6, 10)).astype(np.float32))
+    result = cli("compare", dynamic, tmp_path / "q.onnx", "--data", tmp_path / "other")
+    assert_one_line_error(result, "s0.npy (for the second model): input 'input' wants shape 1x3x8x8 but got 1x3x6x10")

@@ -92,3 +92,14 @@ def test_nan_and_inf_are_refused(bad, word):
 def test_float64_beyond_float32_range_is_refused():
     with pytest.raises(DataError, match=r"beyond the float32 range"):
         check_feed([VECTOR], {"x": np.full((1, 4), 1e300)}, where="t")
+
+
+def test_a_named_dynamic_dim_has_one_size_across_the_inputs():
+    # token ids of 8 and a mask of 9 once went to ONNX Runtime, which failed inside an Add
+    ids, mask = spec("ids", ("batch", "seq"), np.int64), spec("mask", ("batch", "seq"), np.int64)
+    ok = check_feed([ids, mask], {"ids": np.ones((2, 8), np.int64), "mask": np.ones((2, 8), np.int64)}, where="s0")
+    assert ok["ids"].shape == (2, 8)
+    with pytest.raises(DataError, match=r"s1\.npz: input 'mask' has seq=9 but 'ids' has seq=8"):
+        check_feed([ids, mask], {"ids": np.ones((1, 8), np.int64), "mask": np.ones((1, 9), np.int64)}, where="s1.npz")
+    unnamed = spec("mask", (None, None), np.int64)  # dims without a name may differ
+    check_feed([ids, unnamed], {"ids": np.ones((1, 8), np.int64), "mask": np.ones((1, 9), np.int64)}, where="s2")

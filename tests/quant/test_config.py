@@ -49,13 +49,19 @@ def test_defaults_follow_the_contract():
     ({"weight_granularity": PerChannel(axis=1)}, "use PerChannel()"),
     ({"weight_granularity": PerBlock(size=32)}, "PerTensor() or PerChannel()"),
     ({"activation_format": INT32}, "activation_format must be uint8, int8"),
-    ({"exclude": "Conv"}, "exclude must be a tuple"),
+    ({"exclude": "Conv"}, "exclude must be a list"),
     ({"verify_tolerance": 0.0}, "verify_tolerance"),
 ])
 def test_invalid_settings_are_config_errors(arguments, fragment):
     with pytest.raises(ConfigError, match=None) as error:
         Int8Config(**arguments)
     assert fragment in str(error.value)
+
+
+def test_exclude_takes_a_list_as_users_write_it():
+    # a list was refused ("must be a tuple") though it is what Python users pass
+    assert Int8Config(exclude=["Conv", "head"]).exclude == ("Conv", "head")
+    assert hash(Int8Config(exclude=["Conv"])) == hash(Int8Config(exclude=("Conv",)))
 
 
 def test_granularity_values_validate():

@@ -11,12 +11,24 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from edgeopt.errors import ConfigError
 from edgeopt.io import load_model
 
-__all__ = ["ModelSource", "Progress", "load", "logged_warnings", "model_name"]
+__all__ = ["ModelSource", "Progress", "load", "logged_warnings", "model_name", "model_source"]
 
 ModelSource = str | os.PathLike | ir.Model
 Progress = Callable[[int, int], None]
+
+
+def model_source(model: object, what: str = "model") -> ModelSource:
+    """A model argument of the API as the functions take it: a path or an onnx_ir Model as given, an
+    onnx ModelProto loaded as a file is (a copy, checked and normalized); else a ConfigError."""
+    if isinstance(model, (str, os.PathLike, ir.Model)):
+        return model
+    if type(model).__name__ == "ModelProto" and hasattr(model, "SerializeToString"):  # onnx's, not imported
+        return load_model(model, require_static=False)
+    raise ConfigError(f"{what} must be a path to an .onnx file, an onnx.ModelProto or an onnx_ir.Model, "
+                      f"got {type(model).__name__}")
 
 
 def load(model: ModelSource, *, input_shapes: Mapping[str, Sequence[int]] | None = None,

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.api._common import ModelSource, Progress, load, model_name
+from edgeopt.api._common import ModelSource, Progress, load, model_name, model_source
 from edgeopt.api.deploy import is_compiled_folder
 from edgeopt.bench import BenchConfig, BenchResult, BenchTarget, bench_models
 from edgeopt.data import ImagePreprocess
@@ -51,8 +51,9 @@ def bench(models: Sequence[ModelSource], *, config: BenchConfig = BenchConfig(),
     Folders written by ``compile_model`` are timed in their C timing harness on the host. One model
     may be given alone (not in a list).
     """
-    if isinstance(models, (str, os.PathLike, ir.Model)):
+    if isinstance(models, (str, os.PathLike, ir.Model)) or type(models).__name__ == "ModelProto":
         models = [models]
+    models = [model_source(model) for model in models]
     if not models:
         raise ModelError("bench needs at least one model")
     if any(is_compiled_folder(model) for model in models):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from edgeopt.api._common import ModelSource, load
+from edgeopt.api._common import ModelSource, load, model_source
 from edgeopt.api.model import RunResult, _check_spares_inputs, _name_unnamed, _sample_feeds, _write_outputs
 from edgeopt.data import ImagePreprocess
 from edgeopt.errors import ConfigError, EdgeoptError
@@ -45,6 +45,7 @@ def compile_model(model: ModelSource, output: str | os.PathLike, *, target: str 
     from edgeopt.codegen.c import compile_c
     from edgeopt.codegen.c.report import CompileReport, measure_host
 
+    model = model_source(model)
     if target != "c":
         raise ConfigError(f"--target {target!r} is not supported: the only code generation target is c")
     if not isinstance(model, ir.Model) and Path(output).resolve() in Path(model).resolve().parents:

@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.analysis import CostReport, MemoryReport, analyze_cost, memory_report
-from edgeopt.api._common import ModelSource, Progress, load, model_name
+from edgeopt.api._common import ModelSource, Progress, load, model_name, model_source
 from edgeopt.errors import DataError
 from edgeopt.io import atomic_write_files, make_output_folder
 
@@ -60,6 +60,7 @@ class InspectResult:
 
 def inspect(model: ModelSource, *, input_shapes: Mapping[str, Sequence[int]] | None = None) -> InspectResult:
     """Per-node op, shape, dtype, params, MACs, activation bytes; totals and peak activation RAM."""
+    model = model_source(model)
     loaded = load(model, input_shapes=input_shapes)
     outputs = tuple((v.name, eir.static_shape(v) or (), str(eir.numpy_dtype(v))) for v in loaded.graph.outputs)
     return InspectResult(name=model_name(model), opset=eir.default_opset(loaded),
@@ -197,6 +198,7 @@ def run(model: ModelSource, inputs: Mapping[str, np.ndarray | str | os.PathLike]
 
     from edgeopt.api.deploy import is_compiled_folder, run_compiled
 
+    model = model_source(model)
     if output_dir is not None:
         make_output_folder(output_dir, create=False)  # before any work
     arrays, input_files = _read_inputs(inputs)

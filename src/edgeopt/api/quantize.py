@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.api._common import ModelSource, Progress, load, logged_warnings
+from edgeopt.api._common import ModelSource, Progress, load, logged_warnings, model_source
 from edgeopt.data import ImagePreprocess, batch_rows
 from edgeopt.errors import ConfigError, DataError, EdgeoptError
 from edgeopt.io import (FILE_BYTES_KEY, atomic_write_files, check_writable, model_file_bytes, model_files,
@@ -191,6 +191,7 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     Warnings logged on the way (an integer input cast to float ...) are in
     the report's ``warnings`` too.
     """
+    model = model_source(model)
     with logged_warnings() as logged:
         return _quantize(model, config, data, output=output, preprocess=preprocess, max_samples=max_samples,
                          goal=goal, evaluate=evaluate, check_fidelity=check_fidelity, check_speed=check_speed,
@@ -375,11 +376,15 @@ def compare(float_model: ModelSource, quant_model: ModelSource, data, *, preproc
     """Per-layer SQNR and cosine of a quantized model against its float model, worst first."""
     from edgeopt.quant.compare import compare_models, missing_qdq_note
 
+    float_model, quant_model = model_source(float_model, "float model"), model_source(quant_model, "quantized model")
     quant_ir = load(quant_model, require_static=False)
     if (note := missing_qdq_note(quant_ir)) is not None:
         logger.warning(note)
     float_ir = _comparable_float(load(float_model, require_static=False), in_place=True)  # a fresh copy already
-    source = _calibration_source(float_ir, data, preprocess, max_samples)
+    from edgeopt.data import AlsoCheckedSource
+
+    source = AlsoCheckedSource(_calibration_source(float_ir, data, preprocess, max_samples),
+                               eir.model_inputs(quant_ir), "second model")
     result = compare_models(float_ir, quant_ir, source, progress=progress)
     for output in result.outputs:
         if output.sqnr_db < 0:  # noise above the signal: no quantization of this model gives that

@@ -473,7 +473,8 @@ def compare(
     quant_model: Annotated[Path, typer.Argument(help="Its quantized (QDQ) version.")],
     data: Annotated[str, typer.Option("--data", help="Inputs to compare on: folder of .npy/.npz, images, "
                                                      "or module:function.")],
-    max_samples: Annotated[Optional[int], typer.Option("--max-samples", min=1, help="Use at most N samples.")] = None,
+    max_samples: Annotated[Optional[int], typer.Option(
+        "--max-samples", min=1, help="Use at most N batches (samples, for data of batch 1).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Show only the N worst layers.")] = None,
     preprocess: PreprocessOption = None,
     json_output: JsonOption = False,

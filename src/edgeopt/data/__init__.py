@@ -12,6 +12,7 @@ of images plus an :class:`ImagePreprocess`, a .npy/.npz file, a
 from __future__ import annotations
 
 from edgeopt.data.base import (
+    AlsoCheckedSource,
     ArraySource,
     DataSource,
     IterableSource,
@@ -27,6 +28,7 @@ from edgeopt.data.npy import NpyFileSource, NpyFolderSource
 from edgeopt.data.sources import open_data
 
 __all__ = [
+    "AlsoCheckedSource",
     "ArraySource",
     "CallableSource",
     "DataSource",

@@ -30,6 +30,7 @@ from edgeopt.errors import ConfigError, DataError
 from edgeopt.ir.values import InputSpec
 
 __all__ = [
+    "AlsoCheckedSource",
     "ArraySource",
     "DataSource",
     "IterableSource",
@@ -250,6 +251,31 @@ class TakeSource(DataSource):
 
     def describe(self) -> str:
         return f"{self._source.describe()}, first {self._limit}"
+
+
+class AlsoCheckedSource(DataSource):
+    """Another source's batches, each checked against a second model's inputs as well (``compare``
+    runs the data through two models, which may fix different sizes)."""
+
+    def __init__(self, source: DataSource, specs: Sequence[InputSpec], model: str) -> None:
+        super().__init__(source.specs)
+        self._source, self._other, self._model = source, tuple(specs), model
+
+    @property
+    def num_samples(self) -> int | None:
+        return self._source.num_samples
+
+    def __iter__(self) -> Iterator[Feed]:
+        for feed, where in self._feeds():
+            checked = check_feed(self._specs, feed, where=where)
+            check_feed(self._other, checked, where=f"{where} (for the {self._model})")
+            yield checked
+
+    def _feeds(self) -> Iterator[tuple[Mapping[str, object], str]]:
+        return self._source._feeds()
+
+    def describe(self) -> str:
+        return self._source.describe()
 
 
 def take(source: DataSource, limit: int) -> DataSource:

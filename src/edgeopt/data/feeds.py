@@ -170,4 +170,21 @@ def check_feed(
         _check_cast(spec, array, where)
         _check_finite(spec, array, where)
         checked[spec.name] = _owned(spec, array, where)
+    _check_shared_dims(specs, checked, where)
     return checked
+
+
+def _check_shared_dims(specs: Sequence[InputSpec], feed: Mapping[str, np.ndarray], where: str) -> None:
+    """A named dynamic dim (``seq``) must have one size across the inputs of a batch: token ids of
+    8 and a mask of 9 would otherwise fail deep inside ONNX Runtime."""
+    seen: dict[str, tuple[str, int]] = {}
+    for spec in specs:
+        if not spec.rank_known:
+            continue
+        for dim, size in zip(spec.shape, feed[spec.name].shape):
+            if not isinstance(dim, str) or not dim:
+                continue
+            first = seen.setdefault(dim, (spec.name, size))
+            if first[1] != size:
+                raise DataError(f"{where}: input '{spec.name}' has {dim}={size} but '{first[0]}' has {dim}="
+                                f"{first[1]}: the model gives both the same size (give them the same length)")

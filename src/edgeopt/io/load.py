@@ -71,8 +71,15 @@ def _disk_bytes(file: Path, sidecars: Iterable[Path]) -> int:
     return file.stat().st_size + sum(p.stat().st_size for p in sidecars if p.is_file())
 
 
-def _read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, int]:
-    """The model with its external data loaded, and its size on disk (file plus data files)."""
+def _read_model(path: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """The model with its external data loaded, and its size on disk (file plus data files); a
+    ModelProto given in memory is copied (its serialized size stands for the file's)."""
+    if isinstance(path, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(path)
+        if not proto.graph.node:
+            raise ModelError("the onnx.ModelProto given is not a valid ONNX model (its graph has no nodes)")
+        return proto, proto.ByteSize()
     file = Path(path)
     if not file.exists():
         raise ModelError(f"model file {file} not found: check the path")
@@ -244,7 +251,7 @@ def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def load_model(
-    path: str | os.PathLike,
+    path: str | os.PathLike | onnx.ModelProto,
     *,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     require_static: bool = True,
@@ -272,7 +279,8 @@ def load_model(
     try:
         model = ir.from_proto(proto)
     except Exception as error:
-        raise ModelError(f"{path}: cannot read the graph ({str(error).splitlines()[0]})") from None
+        where = "the onnx.ModelProto given" if isinstance(path, onnx.ModelProto) else path
+        raise ModelError(f"{where}: cannot read the graph ({str(error).splitlines()[0]})") from None
     _attach_weights(model, detached)
     _sort_if_unordered(model.graph)
     model.meta[FILE_BYTES_KEY] = file_bytes

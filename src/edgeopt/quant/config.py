@@ -36,12 +36,13 @@ __all__ = [
 ]
 
 
-def check_exclude_names(names: object) -> None:
-    """ConfigError unless ``names`` is a tuple of non-empty node names or op types (``exclude``)."""
-    if not isinstance(names, tuple) or not all(isinstance(name, str) for name in names):
-        raise ConfigError(f"exclude must be a tuple of node names or op types, got {names!r}")
+def check_exclude_names(names: object) -> tuple[str, ...]:
+    """``exclude`` as a tuple: a tuple or list of non-empty node names or op types, else a ConfigError."""
+    if not isinstance(names, (tuple, list)) or not all(isinstance(name, str) for name in names):
+        raise ConfigError(f"exclude must be a list of node names or op types, got {names!r}")
     if not all(name.strip() for name in names):
         raise ConfigError("--exclude got an empty name: give node names or op types (see edgeopt inspect)")
+    return tuple(names)
 
 
 class Target(enum.Enum):
@@ -194,7 +195,7 @@ class Int8Config:
         if self.activation_format is not None and self.activation_format not in _ACTIVATION_FORMATS:
             raise ConfigError(f"activation_format must be uint8, int8 or None (from the target), "
                               f"got {self.activation_format!r}")
-        check_exclude_names(self.exclude)
+        object.__setattr__(self, "exclude", check_exclude_names(self.exclude))  # a list becomes a tuple
         if not isinstance(self.verify_tolerance, (int, float)) or not math.isfinite(self.verify_tolerance) \
                 or self.verify_tolerance <= 0:
             raise ConfigError(f"verify_tolerance must be a positive number, got {self.verify_tolerance!r}")

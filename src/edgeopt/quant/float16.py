@@ -93,7 +93,7 @@ class Fp16Config:
         for key in ("keep_io_float32", "float_passes"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
-        check_exclude_names(self.exclude)
+        object.__setattr__(self, "exclude", check_exclude_names(self.exclude))  # a list becomes a tuple
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +110,7 @@ class Bf16Config:
     def __post_init__(self) -> None:
         if not isinstance(self.float_passes, bool):
             raise ConfigError(f"float_passes must be true or false, got {self.float_passes!r}")
-        check_exclude_names(self.exclude)
+        object.__setattr__(self, "exclude", check_exclude_names(self.exclude))  # a list becomes a tuple
 
 
 # ---------------------------------------------------------------------------

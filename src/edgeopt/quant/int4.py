@@ -95,7 +95,7 @@ class Int4WeightConfig:
         if self.accuracy_level is not None and not isinstance(self.accuracy_level, AccuracyLevel):
             allowed = ", ".join(f"AccuracyLevel.{m.name}" for m in AccuracyLevel)
             raise ConfigError(f"accuracy_level must be None or one of {allowed}, got {self.accuracy_level!r}")
-        check_exclude_names(self.exclude)
+        object.__setattr__(self, "exclude", check_exclude_names(self.exclude))  # a list becomes a tuple
 
     @property
     def block_size(self) -> int:

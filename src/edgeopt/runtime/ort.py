@@ -100,8 +100,21 @@ def _ort_proto(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
+_MESSAGE_CHARS = 600
+
+
+def _ort_message(error: Exception) -> str:
+    """ONNX Runtime's message on one line: its lines joined (the shape it got and expected is often on
+    the second), cut short when long."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= _MESSAGE_CHARS else text[:_MESSAGE_CHARS - 3] + "..."
+
+
 def _load_error(error: Exception) -> ModelError:
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    message = _ort_message(error)
+    if "is not a registered function/op" in message:
+        message += (" (an op neither standard ONNX nor one of ONNX Runtime's own: export the model with standard "
+                    "ops, or keep it for the runtime that has the op)")
     return ModelError(f"ONNX Runtime cannot load the model: {message}")
 
 
@@ -152,7 +165,9 @@ class OrtSession:
         try:
             values = self._session.run(names, dict(feed))
         except Exception as error:
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            message = _ort_message(error)
+            if "must be within the inclusive range" in message:  # Gather's indices
+                message += " (an index input holds values past its table: token ids at or above the vocabulary size?)"
             raise DataError(f"ONNX Runtime failed to run the model: {message}") from None
         return dict(zip(names, values))
 
