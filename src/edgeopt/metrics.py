@@ -32,6 +32,7 @@ from edgeopt.errors import DataError
 __all__ = [
     "AccuracyMeter",
     "AgreementMeter",
+    "EqualityMeter",
     "Fidelity",
     "FidelityMeter",
     "Rate",
@@ -199,6 +200,19 @@ class AgreementMeter:
 
     def result(self) -> Rate:
         return Rate(matched=self._matched, total=self._total)
+
+
+class EqualityMeter(AgreementMeter):
+    """Streams the agreement of integer outputs (class indices from an ArgMax, token ids): the
+    fraction of elements equal in reference and test."""
+
+    def update(self, reference: object, test: object) -> None:
+        reference_array, test_array = np.asarray(reference), np.asarray(test)
+        if reference_array.shape != test_array.shape:
+            raise DataError(f"{self.name}: reference shape {reference_array.shape} differs from test shape "
+                            f"{test_array.shape}: compare the same output of both models")
+        self._matched += int(np.count_nonzero(reference_array == test_array))
+        self._total += reference_array.size
 
 
 def _integer_labels(name: str, labels: object, rows: int) -> np.ndarray:

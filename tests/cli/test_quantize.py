@@ -565,3 +565,26 @@ def test_compare_checks_the_data_against_the_second_model_too(cli, tmp_path):
     np.save(tmp_path / "other" / "s0.npy", rng.standard_normal((1, 3, 6, 10)).astype(np.float32))
     result = cli("compare", dynamic, tmp_path / "q.onnx", "--data", tmp_path / "other")
     assert_one_line_error(result, "s0.npy (for the second model): input 'input' wants shape 1x3x8x8 but got 1x3x6x10")
+
+
+def test_an_integer_output_is_scored_by_equal_values_not_by_the_argmax_of_its_indices(tmp_path):
+    # y = ArgMax over channels per position, int64 [1, 16]: it was given a "top-1 agreement" of the argmax
+    # of the class indices themselves (81 % where 97.5 % of the indices were equal)
+    from onnx import helper
+
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["scores"]),
+             helper.make_node("ArgMax", ["scores"], ["y"], axis=2, keepdims=0)]
+    graph = helper.make_graph(nodes, "argmax", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.INT64, [1, 16])],
+                              [onnx.numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w")])
+    path = tmp_path / "argmax.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    data = rng.standard_normal((32, 1, 16, 8)).astype(np.float32)
+    report = edgeopt.quantize(path, edgeopt.Int8Config(), list(data), output=tmp_path / "q.onnx", check_speed=False)
+    runs = [[ort.InferenceSession(str(p)).run(None, {"x": x})[0] for x in data] for p in (path, tmp_path / "q.onnx")]
+    equal = float(np.mean(np.concatenate(runs[0]) == np.concatenate(runs[1])))
+    assert report.fidelity.outputs[0].top1_agreement == pytest.approx(equal)
+    assert edgeopt.compare(path, tmp_path / "q.onnx", list(data)).outputs[0].top1_agreement == pytest.approx(equal)

@@ -70,6 +70,9 @@ class FoldConstantRule(Rule):
             return None
         if node.op_type == "Constant":
             return _ConstantNode(nodes=(node,), node=node)
+        if node.op_type == "Identity" and node.inputs and node.inputs[0] is not None \
+                and node.inputs[0].is_initializer():
+            return None  # a second name for a weight: dead-code removal makes its readers read the weight
         if node.op_type in ("Shape", "Size") and eir.static_shape(node.inputs[0]) is not None:
             return _ConstantNode(nodes=(node,), node=node)
         inputs = [v for v in node.inputs if v is not None]

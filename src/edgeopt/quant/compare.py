@@ -50,7 +50,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.data import batch_rows, open_data, take
 from edgeopt.errors import DataError
-from edgeopt.metrics import AgreementMeter, FidelityMeter, json_number, looks_like_class_scores
+from edgeopt.metrics import AgreementMeter, EqualityMeter, FidelityMeter, json_number, looks_like_class_scores
 from edgeopt.quant.ops import is_qdq_op
 from edgeopt.quant.rescaled import Rescaled, read_rescaled
 
@@ -116,7 +116,8 @@ class LayerComparison:
 
 @dataclass(frozen=True, kw_only=True)
 class OutputComparison:
-    """Fidelity of one graph output; ``top1_agreement`` only for class scores ``[N, C]``."""
+    """Fidelity of one graph output; ``top1_agreement`` for class scores ``[N, C]`` (same top-1) and for
+    integer outputs such as an ArgMax's class indices (equal values), else None."""
 
     name: str
     sqnr_db: float
@@ -300,8 +301,10 @@ class _Meters:
                                name, reference[name].shape, layers[quant_name].shape)
                 del self.layers[name]
                 self.skipped.append(name)
-        self.agreement = {name: AgreementMeter(name) for name in self.outputs
-                          if looks_like_class_scores(reference[name].shape)}
+        # class scores: their top-1; integer outputs (an ArgMax's class indices): equal values
+        self.agreement = {name: EqualityMeter(name) if reference[name].dtype.kind in "iub" else AgreementMeter(name)
+                          for name in self.outputs
+                          if reference[name].dtype.kind in "iub" or looks_like_class_scores(reference[name].shape)}
 
     def update(self, reference: Mapping[str, np.ndarray], layers: Mapping[str, np.ndarray],
                outputs: Mapping[str, np.ndarray]) -> None:
