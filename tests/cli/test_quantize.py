@@ -588,3 +588,23 @@ def test_an_integer_output_is_scored_by_equal_values_not_by_the_argmax_of_its_in
     equal = float(np.mean(np.concatenate(runs[0]) == np.concatenate(runs[1])))
     assert report.fidelity.outputs[0].top1_agreement == pytest.approx(equal)
     assert edgeopt.compare(path, tmp_path / "q.onnx", list(data)).outputs[0].top1_agreement == pytest.approx(equal)
+
+
+def test_a_float_node_reading_a_graph_input_reads_it_exactly(tmp_path):
+    # x feeds a MatMul (int8, so x gets a Q/DQ pair) and an Identity that is a graph output: the copy
+    # read x_dequantized, so an output that only passes the input on came out rounded (40 dB)
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Identity", ["x"], ["copy"])]
+    graph = helper.make_graph(nodes, "copy", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4]),
+                               helper.make_tensor_value_info("copy", onnx.TensorProto.FLOAT, [1, 8])],
+                              [onnx.numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w")])
+    path = tmp_path / "copy.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    data = list(rng.standard_normal((32, 1, 8)).astype(np.float32))
+    report = edgeopt.quantize(path, edgeopt.Int8Config(), data, check_speed=False)
+    rows = {row.name: row for row in report.fidelity.outputs}
+    assert rows["copy"].max_abs_error == 0.0 and rows["y"].sqnr_db > 30
+    assert any(node.op_type == "QuantizeLinear" for node in report.model.graph)  # the MatMul still reads int8

@@ -172,6 +172,8 @@ class _QdqInserter:
     def activation(self, name: str, method: str) -> None:
         build, value = self.build, self.build.values[name]
         uses = [(node, index) for node, index in value.uses() if node.name not in self.kept_float]
+        if value.is_graph_input():  # a float node reads the input itself: nothing computes it, so nothing is lost
+            uses = [(node, index) for node, index in uses if node.name in self.plan.nodes]
         if not uses and not value.is_graph_output():  # read only by nodes kept float: nothing to quantize
             return
         scale_value, zero_point_value = self.param_values(name)
