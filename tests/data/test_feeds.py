@@ -103,3 +103,15 @@ def test_a_named_dynamic_dim_has_one_size_across_the_inputs():
         check_feed([ids, mask], {"ids": np.ones((1, 8), np.int64), "mask": np.ones((1, 9), np.int64)}, where="s1.npz")
     unnamed = spec("mask", (None, None), np.int64)  # dims without a name may differ
     check_feed([ids, unnamed], {"ids": np.ones((1, 8), np.int64), "mask": np.ones((1, 9), np.int64)}, where="s2")
+
+
+def test_a_scalar_input_stacks_as_a_vector_of_samples():
+    # x [1, 16] and a scalar s []: a file of 20 samples holds x (20, 16) and s (20,); s counted as 1
+    # sample before ("holds different numbers of samples per input (x: 20, s: 1)")
+    from edgeopt.data import dataset_from_arrays
+
+    specs = [spec("x", (1, 16)), spec("s", ())]
+    source = dataset_from_arrays({"x": np.ones((20, 16), np.float32), "s": np.arange(20, dtype=np.float32)}, specs)
+    feeds = list(source)
+    assert len(feeds) == 20 and feeds[3]["s"].shape == () and float(feeds[3]["s"]) == 3.0
+    assert feeds[3]["x"].shape == (1, 16)

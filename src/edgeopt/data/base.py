@@ -86,9 +86,12 @@ class _Cut:
     count: int
     rows: int = 0
     add_axis: bool = False
+    element: bool = False  # a scalar input: each element of a 1-D array is a sample
 
 
 def _plan_cut(spec: InputSpec | None, shape: tuple[int, ...]) -> _Cut:
+    if spec is not None and spec.rank_known and not spec.shape and len(shape) == 1:
+        return _Cut(count=shape[0], element=True)
     if spec is None or not spec.shape:
         return _Cut(count=1)
     first, rest = spec.shape[0], spec.shape[1:]
@@ -102,6 +105,8 @@ def _plan_cut(spec: InputSpec | None, shape: tuple[int, ...]) -> _Cut:
 
 
 def _cut(array: np.ndarray, cut: _Cut, index: int) -> np.ndarray:
+    if cut.element:
+        return array[index]
     if cut.add_axis:
         return array[np.newaxis]
     if cut.rows == 0:
