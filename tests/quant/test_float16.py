@@ -13,12 +13,14 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
 from edgeopt.io import load_model, model_to_bytes
 from edgeopt.quant import quantize
 from edgeopt.quant.float16 import FLOAT32_OPS, Bf16Config, Fp16Config, to_float16
+from edgeopt.quant.float16_ranges import ACTIVATION_REASON, WEIGHT_REASON
 from edgeopt.runtime.ort import OrtSession, random_feed
 from tests.models import build_onnx
 
@@ -269,13 +271,34 @@ def test_fp16_float_typed_attributes_and_inputs(tmp_path):
         assert sqnr_db(reference[key], outputs[key]) >= FP16_MIN_SQNR_DB
 
 
-def test_fp16_counts_clamped_and_flushed_weights(tmp_path):
-    model = odd_ops_model(tmp_path, big_weight=1e5)
+def test_fp16_counts_flushed_weights(tmp_path):
+    model = odd_ops_model(tmp_path)
     result = quantize(model, Fp16Config(), data=None)
-    assert result.details["clamped_values"] == 4  # 1e5 appears once in each group of four
-    assert result.details["flushed_values"] == 4  # and so does 1e-9
-    assert any(note.startswith("4 weight values beyond ±65504 clamped") for note in result.notes)
-    assert _node(result.model, "mul_w").inputs[1].const_value.numpy().max() == np.float16(65504)
+    assert result.details["clamped_values"] == 0
+    assert result.details["flushed_values"] == 4  # 1e-9 appears once in each group of four
+    assert any(note.startswith("4 weight values of magnitude 2**-25 or less rounded to 0") for note in result.notes)
+
+
+def test_fp16_keeps_the_nodes_of_weights_beyond_its_range_float32_and_exact(tmp_path, caplog):
+    # clamped to 65504, a 1e5 weight gave 5 dB and a note; --exclude of its node gave exact results
+    model = odd_ops_model(tmp_path, big_weight=1e5)
+    data = [random_feed(eir.model_inputs(model), seed=seed) for seed in range(4)]
+    result = quantize(model, Fp16Config(), data=data)
+    weight = _node(result.model, "mul_w").inputs[1]
+    assert weight.const_value.dtype == ir.DataType.FLOAT and weight.const_value.numpy().max() == np.float32(1e5)
+    assert {n.node_name: n.reason for n in result.float_nodes}["mul_w"] == WEIGHT_REASON
+    assert result.details["clamped_values"] == 0
+    assert result.details["weights_beyond_float16"] == ["w_big"]
+    assert any("mul_w; weights: w_big (max |x| 1e+05)" in note for note in result.notes)
+    check_types(result.model)
+    reference, outputs = run_both(model, result.model)
+    assert sqnr_db(reference["y"], outputs["y"]) >= FP16_MIN_SQNR_DB
+    assert np.isfinite(ReferenceEvaluator(ir.to_proto(result.model)).run(None, data[0])[0]).all()
+    # without data the weight stays exact too, with a warning that what it computes was not checked
+    with caplog.at_level("WARNING", logger="edgeopt"):
+        unchecked = quantize(model, Fp16Config(), data=None)
+    assert _node(unchecked.model, "mul_w").inputs[1].const_value.dtype == ir.DataType.FLOAT
+    assert any("without --data their ranges are not checked" in record.message for record in caplog.records)
 
 
 def test_fp16_types_every_output_of_a_variadic_op(tmp_path):
@@ -384,3 +407,122 @@ def test_bf16_opset_conversion_of_a_model_random_inputs_do_not_fit_is_written_un
     assert any("not checked: without --data" in note for note in result.notes)
     checked = quantize(model, Bf16Config(), data=[{"types": np.array([[0, 1, 1, 0]])}])
     assert any("float outputs match the original on 1 batch " in note for note in checked.notes)
+
+
+# --------------------------------------------------------------------------
+# fp16: activation ranges, types ONNX cannot infer, what stays float32
+# --------------------------------------------------------------------------
+
+
+def overflow_model() -> ir.Model:
+    """x [1,16] -> MatMul -> Mul 20000 "scale_up" -> Relu -> Add itself "double" -> Mul 1/20000 -> MatMul -> y.
+
+    Weights fit float16 easily; the scaled activations reach about 1.2e5 and 2.4e5, beyond its 65504.
+    """
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array((rng.standard_normal((16, 32)) * 0.3).astype(np.float32), "w1"),
+               numpy_helper.from_array(np.array(20000.0, np.float32), "up"),
+               numpy_helper.from_array(np.array(1 / 20000, np.float32), "down"),
+               numpy_helper.from_array((rng.standard_normal((32, 16)) * 0.3).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="mm1"),
+             helper.make_node("Mul", ["a", "up"], ["b"], name="scale_up"),
+             helper.make_node("Relu", ["b"], ["r"], name="relu"),
+             helper.make_node("Add", ["r", "r"], ["r2"], name="double"),
+             helper.make_node("Mul", ["r2", "down"], ["c"], name="scale_down"),
+             helper.make_node("MatMul", ["c", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "overflow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], weights)
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+
+
+def overflow_data(count: int = 8) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    return [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(count)]
+
+
+def test_fp16_keeps_the_nodes_of_activations_beyond_half_its_range_float32():
+    # was converted whole: ORT on x86 computes float16 ops in float32 and measured 70 dB, while the
+    # ONNX reference (and any runtime computing in float16) gave NaN
+    model, data = overflow_model(), overflow_data()
+    result = quantize(model, Fp16Config(), data=data)
+    kept = {n.node_name: n.reason for n in result.float_nodes}
+    assert kept == dict.fromkeys(["scale_up", "relu", "double", "scale_down"], ACTIVATION_REASON)
+    assert sorted(result.details["activations_beyond_limit"]) == ["b", "r", "r2"]
+    assert any(note.startswith("3 value(s) exceed ±32752") and "scale_up, relu, double, scale_down" in note
+               for note in result.notes)
+    for name in ("mm1", "mm2"):
+        assert _node(result.model, name).inputs[1].dtype == ir.DataType.FLOAT16
+    check_types(result.model)
+    spec = ReferenceEvaluator(ir.to_proto(result.model))
+    for feed in data:
+        expected = OrtSession(model).run(feed)["y"]
+        got = spec.run(None, feed)[0]
+        assert np.isfinite(got).all()
+        assert sqnr_db(expected, got) >= FP16_MIN_SQNR_DB
+
+
+def test_fp16_reads_one_shot_data_once_and_says_when_ranges_went_unchecked():
+    model = overflow_model()
+    from_generator = quantize(model, Fp16Config(), data=(feed for feed in overflow_data()))
+    assert len(from_generator.details["activations_beyond_limit"]) == 3
+    assert any("on 8 calibration batch(es)" in note for note in from_generator.notes)
+    unchecked = quantize(model, Fp16Config(), data=None)
+    assert not unchecked.float_nodes
+    assert any(note.startswith("activation ranges not checked") and "--data" in note for note in unchecked.notes)
+    within = quantize(model, Fp16Config(), data=[{"x": feed["x"] * 1e-3} for feed in overflow_data()])
+    assert not within.float_nodes
+    assert any("every value stays within ±32752" in note for note in within.notes)
+
+
+def ms_domain_model() -> ir.Model:
+    """x [2,32] -> com.microsoft FusedMatMul (w1) -> MatMul (w2) -> Relu -> y: ONNX shape inference types
+    nothing after the FusedMatMul, as in models from ONNX Runtime's transformer optimizer."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((32, 64)).astype(np.float32), "w1"),
+               numpy_helper.from_array(rng.standard_normal((64, 16)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("FusedMatMul", ["x", "w1"], ["h"], name="fused", domain="com.microsoft", alpha=0.5),
+             helper.make_node("MatMul", ["h", "w2"], ["m"], name="mm"),
+             helper.make_node("Relu", ["m"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "ms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])], weights)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return ir.from_proto(helper.make_model(graph, opset_imports=opsets, ir_version=8))
+
+
+def test_fp16_types_what_onnx_cannot_by_running_the_model_once():
+    # every node after a com.microsoft op stayed float32 as "tensor types unknown"
+    model = ms_domain_model()
+    for data in (None, [random_feed(eir.model_inputs(model), seed=1)]):
+        result = quantize(model, Fp16Config(), data=data)
+        assert {n.node_name: n.reason for n in result.float_nodes} == {
+            "fused": "op of domain 'com.microsoft': no float16 schema to check"}
+        assert _node(result.model, "mm").inputs[1].dtype == ir.DataType.FLOAT16
+        assert any("left 2 tensors untyped (ops of 'com.microsoft')" in note and "typed by running the model once" in note
+                   for note in result.notes)
+        reference, outputs = run_both(model, result.model)
+        assert sqnr_db(reference["y"], outputs["y"]) >= FP16_MIN_SQNR_DB
+
+
+def test_bf16_stores_every_weight_low_whatever_the_activation_types():
+    # bf16 computes in float32: it kept float32 the weights of untyped nodes and of com.microsoft ops
+    model = ms_domain_model()
+    result = quantize(model, Bf16Config(), data=None)
+    assert {t.name for t in result.tensors} == {"w1", "w2"}
+    assert not result.float_nodes
+    assert result.details["weight_bytes_after"] * 2 == result.details["weight_bytes_before"] == (32 * 64 + 64 * 16) * 4
+    reference, outputs = run_both(model, result.model)
+    assert sqnr_db(reference["y"], outputs["y"]) >= BF16_MIN_SQNR_DB
+
+
+@pytest.mark.parametrize("config", [Fp16Config(exclude=("MatMul",)), Bf16Config(exclude=("MatMul",))])
+def test_half_precision_warns_when_most_weight_bytes_stay_float32(config, caplog):
+    with caplog.at_level("WARNING", logger="edgeopt"):
+        quantize(overflow_model(), config, data=None)
+    warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    # fp16 converts the two scalars (8 bytes), bf16 leaves scalars alone
+    assert any(" float32 weight bytes (0%)" in w and "mostly because: excluded by config (4096 bytes)" in w
+               for w in warnings), warnings
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="edgeopt"):
+        quantize(overflow_model(), type(config)(), data=None)
+    assert not [r for r in caplog.records if "converted only" in r.message]

@@ -317,8 +317,8 @@ def _low_fidelity(result: QuantResult, fidelity: CompareResult) -> list[str]:
         elif result.scheme in ("int8", "uint8"):
             text += ("; `edgeopt compare` shows the layers where the error arises, and --min-sqnr DB or "
                      "--exclude returns the worst to float")
-        else:
-            text += "; `edgeopt compare` gives the output rows"
+        else:  # fp16 keeps the nodes of out-of-range weights and (with data) activations float32 already
+            text += "; `edgeopt compare` gives the output rows, and --exclude keeps the nodes you name in float32"
         warnings.append(text)
     return warnings
 

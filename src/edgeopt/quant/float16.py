@@ -58,6 +58,7 @@ from edgeopt.quant.float16_plan import (
     is_constant,
     plan_half_precision,
 )
+from edgeopt.quant.float16_ranges import FLOAT16_MAX, check_fp16_ranges
 from edgeopt.quant.formats import BFLOAT16, FLOAT16, Format
 from edgeopt.quant.opset import check_conversion, convert_opset
 from edgeopt.quant.placement import check_exclude, vanished_excludes
@@ -67,8 +68,6 @@ __all__ = ["FLOAT32_OPS", "Bf16Config", "Fp16Config", "HalfArray", "UniqueNames"
            "to_float16"]
 
 logger = logging.getLogger(__name__)
-
-FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 _FLOAT = ir.DataType.FLOAT
 _FLOAT16 = ir.DataType.FLOAT16
@@ -283,6 +282,33 @@ def _kept_note(float_nodes: Iterable[FloatNode]) -> str | None:
     return "kept in float32: " + "; ".join(parts)
 
 
+def _float32_weight_bytes(graph: ir.Graph, *, min_size: int = 1) -> int:
+    """Bytes of the float32 constants of at least ``min_size`` elements (what a conversion could halve)."""
+    arrays = (eir.constant_array(v) for v in all_float_values(graph) if is_constant(v))
+    return sum(array.nbytes for array in arrays if array.size >= min_size)
+
+
+_MOSTLY_CONVERTED = 0.5  # below this share of the weight bytes converted, the result is not what was asked for
+
+
+def _warn_mostly_float32(scheme: str, weight_bytes: int, log: _WeightLog,
+                         kept: Iterable[tuple[ir.Node, str]]) -> None:
+    """A warning when most float32 weight bytes stay float32, with the reasons holding the most bytes."""
+    if not weight_bytes or log.bytes_before >= weight_bytes * _MOSTLY_CONVERTED:
+        return
+    held: Counter[str] = Counter()
+    counted: set[ir.Value] = set()
+    for node, reason in kept:
+        for value in float_values(node.inputs):
+            if is_constant(value) and value not in counted:
+                counted.add(value)
+                held[reason] += eir.constant_array(value).nbytes
+    reasons = "; ".join(f"{reason} ({size} bytes)" for reason, size in held.most_common(2))
+    logger.warning("%s converted only %d of %d float32 weight bytes (%.0f%%): the others are read by nodes kept "
+                   "float32 (listed in the notes), mostly because: %s", scheme, log.bytes_before, weight_bytes,
+                   100 * log.bytes_before / weight_bytes, reasons or "no node reads them")
+
+
 # ---------------------------------------------------------------------------
 # fp16
 # ---------------------------------------------------------------------------
@@ -325,13 +351,17 @@ def _fix_outputs(graph: ir.Graph, homes: Mapping[ir.Value, ir.DataType], io_dtyp
 @register_scheme(Fp16Config)
 def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | None = None, *,
                   progress: ProgressCallback | None = None) -> QuantResult:
-    """Float16 weights and compute; see the module docstring. ``data`` is not used."""
+    """Float16 weights and compute; see the module docstring. ``data``, when given, is read once to
+    observe the activations' ranges (:mod:`edgeopt.quant.float16_ranges`)."""
     passes = _float_passes(model, config)
     _infer_types(model)
+    ranges = check_fp16_ranges(model, data, progress=progress)
     graph, opset = model.graph, eir.default_opset(model)
     io_dtype = _FLOAT if config.keep_io_float32 else _FLOAT16
-    plan = plan_half_precision(graph, config.exclude, opset, _FLOAT16, numeric_ops=FLOAT32_OPS, io_dtype=io_dtype)
+    plan = plan_half_precision(graph, config.exclude, opset, _FLOAT16, numeric_ops=FLOAT32_OPS, io_dtype=io_dtype,
+                               float32_values=ranges.float32_values)
     log = _WeightLog()
+    weight_bytes = _float32_weight_bytes(graph)
     homes = _convert_fp16(plan, log)
     namer = UniqueNames(graph)
     casts = _Casts(graph, namer)
@@ -342,21 +372,23 @@ def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | N
     notes = [
         f"float16 weights and compute: {len(log.tensors)} float32 constants converted, "
         f"{log.bytes_before} -> {log.bytes_after} bytes",
-        f"{log.clamped} weight values beyond ±65504 clamped to the float16 range, "
-        f"{log.flushed} of magnitude 2**-25 or less rounded to 0",
+        (f"{log.clamped} weight values beyond ±65504 clamped to the float16 range, " if log.clamped else "")
+        + f"{log.flushed} weight values of magnitude 2**-25 or less rounded to 0",
         (f"inputs and outputs stay float32: {casts.at_boundary()} Cast nodes at the graph boundary"
          if config.keep_io_float32 else "inputs and outputs are float16"),
         f"{len(casts.made)} Cast nodes in all join the float32 and float16 parts",
         "ONNX Runtime's CPU provider runs ops without a float16 kernel in float32 through casts it "
         "inserts: on x86 CPU expect a size win, not a speed win",
         *passes,
+        *ranges.notes,
     ]
     kept = _kept_note(float_nodes)
     notes += [kept] if kept else []
     logger.info("fp16: %s", notes[0])
+    _warn_mostly_float32("fp16", weight_bytes, log, plan.kept)
     details = {"weights_converted": len(log.tensors), "weight_bytes_before": log.bytes_before,
                "weight_bytes_after": log.bytes_after, "clamped_values": log.clamped,
-               "flushed_values": log.flushed, "casts_inserted": len(casts.made)}
+               "flushed_values": log.flushed, "casts_inserted": len(casts.made), **ranges.details}
     return QuantResult(model=model, scheme="fp16", tensors=tuple(log.tensors), float_nodes=float_nodes,
                        notes=tuple(notes), config=config, details=details)
 
@@ -394,8 +426,10 @@ def quantize_bf16(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | N
     passes = _float_passes(model, config)
     _infer_types(model)
     graph, opset = model.graph, eir.default_opset(model)
-    plan = plan_half_precision(graph, config.exclude, opset, _BFLOAT16, numeric_ops={}, io_dtype=_FLOAT)
+    plan = plan_half_precision(graph, config.exclude, opset, _BFLOAT16, numeric_ops={}, io_dtype=_FLOAT,
+                               weights_only=True)
     log = _WeightLog()
+    weight_bytes = _float32_weight_bytes(graph, min_size=2)
     casts = _Casts(graph, UniqueNames(graph))
     scalars = 0
     for value in [v for v in all_float_values(graph) if is_constant(v) and plan.wants(v) == {_BFLOAT16}]:
@@ -420,6 +454,7 @@ def quantize_bf16(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | N
     kept = _kept_note(float_nodes)
     notes += [kept.replace("kept in float32", "weights kept in float32")] if kept else []
     logger.info("bf16: %s", notes[1])
+    _warn_mostly_float32("bf16", weight_bytes, log, plan.kept)
     details = {"weights_converted": len(log.tensors), "weight_bytes_before": log.bytes_before,
                "weight_bytes_after": log.bytes_after, "casts_inserted": len(casts.made)}
     return QuantResult(model=model, scheme="bf16", tensors=tuple(log.tensors), float_nodes=float_nodes,

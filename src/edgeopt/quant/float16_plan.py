@@ -4,9 +4,12 @@ A node may compute in the low type (float16, or bfloat16 for weight
 storage) unless, checked in this order: the config excludes it by name or op
 type; its op is outside the ONNX domain; it carries subgraphs; the
 ``numeric_ops`` table (:data:`FLOAT32_OPS` under fp16) names its op, with
-the reason; a tensor it touches is untyped; its op has no ONNX schema at the
-model's opset; or it reads float32 but its schema admits float16 at no
-input. Nodes kept float32 that touch float32 tensors are listed with that
+the reason; it reads or writes a value the caller keeps float32 (beyond the
+float16 range); a tensor it touches is untyped; its op has no ONNX schema at
+the model's opset; or it reads float32 but its schema admits float16 at no
+input. Planning weights only (bf16, compute stays float32), untyped tensors
+do not matter, and an op outside the ONNX domain is planned by ONNX
+Runtime's schema of it when there is one. Nodes kept float32 that touch float32 tensors are listed with that
 reason; Constant nodes are not planned (their values are constants, like
 initializers).
 
@@ -94,7 +97,9 @@ def _at(admitted: frozenset[int], variadic_from: int | None, index: int) -> bool
 
 
 @functools.cache
-def _positions(op_type: str, opset: int) -> _Positions | None:
+def _positions(op_type: str, opset: int, domain: str = "") -> _Positions | None:
+    if domain not in eir.ONNX_DOMAINS:
+        return _runtime_positions(domain, op_type)
     try:
         schema = onnx.defs.get_schema(op_type, max_inclusive_version=opset, domain="")
     except onnx.defs.SchemaError:
@@ -113,6 +118,23 @@ def _positions(op_type: str, opset: int) -> _Positions | None:
                       variadic_outputs_from=variadic_from(outputs))
 
 
+def _runtime_positions(domain: str, op_type: str) -> _Positions | None:
+    """Positions of an op outside the ONNX domain (com.microsoft ...) from ONNX Runtime's newest schema of it."""
+    from edgeopt.runtime.ort import op_types
+
+    types = op_types(domain, op_type)
+    if types is None:
+        return None
+    half = "tensor(float16)"
+
+    def admits(params) -> frozenset[int]:
+        return frozenset(i for i, allowed in enumerate(params) if half in allowed)
+
+    return _Positions(inputs=admits(types.inputs), outputs=admits(types.outputs),
+                      variadic_from=len(types.inputs) - 1 if types.variadic_inputs else None,
+                      variadic_outputs_from=len(types.outputs) - 1 if types.variadic_outputs else None)
+
+
 def float_values(values: Iterable[ir.Value | None]) -> list[ir.Value]:
     """The float32 ones of ``values`` (absent optional inputs skipped)."""
     return [v for v in values if v is not None and v.dtype == _FLOAT]
@@ -127,20 +149,23 @@ def _is_constant_node(node: ir.Node) -> bool:
     return eir.is_op(node, "Constant")
 
 
-def _keep_float32_reason(node: ir.Node, exclude: tuple[str, ...], opset: int, *,
-                         numeric_ops: Mapping[str, str]) -> str | None:
+def _keep_float32_reason(node: ir.Node, exclude: tuple[str, ...], opset: int, *, numeric_ops: Mapping[str, str],
+                         float32_values: Mapping[ir.Value, str], weights_only: bool) -> str | None:
     """Why ``node`` must stay float32, or None when it may compute in half precision."""
     if node.name in exclude or node.op_type in exclude:
         return "excluded by config"
-    if node.domain not in eir.ONNX_DOMAINS:
+    if node.domain not in eir.ONNX_DOMAINS and not (weights_only and _positions(node.op_type, opset, node.domain)):
         return f"op of domain {node.domain!r}: no float16 schema to check"
     if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()):
         return "control flow: its subgraphs are kept float32"
     if node.op_type in numeric_ops:
         return numeric_ops[node.op_type]
-    if any(v is not None and v.dtype is None for v in (*node.inputs, *node.outputs)):
+    forced = next((float32_values[v] for v in (*node.inputs, *node.outputs) if v in float32_values), None)
+    if forced is not None:
+        return forced
+    if not weights_only and any(v is not None and v.dtype is None for v in (*node.inputs, *node.outputs)):
         return "tensor types unknown (shape inference could not type it)"
-    positions = _positions(node.op_type, opset)
+    positions = _positions(node.op_type, opset, node.domain)
     if positions is None:
         return f"no ONNX schema for {node.op_type} at opset {opset}"
     if float_values(node.inputs) and not positions.inputs:
@@ -163,7 +188,7 @@ class HalfPrecisionPlan:
         """The type input ``index`` of ``node`` reads a float32 value in."""
         if node.graph is not self.graph or node not in self.low_nodes:
             return _FLOAT
-        positions = _positions(node.op_type, self.opset)
+        positions = _positions(node.op_type, self.opset, node.domain)
         return self.low if positions is not None and positions.admits_input(index) else _FLOAT
 
     def wants(self, value: ir.Value) -> set[ir.DataType]:
@@ -176,7 +201,7 @@ class HalfPrecisionPlan:
         node = value.producer()
         if node is None or node not in self.low_nodes:
             return False
-        positions = _positions(node.op_type, self.opset)
+        positions = _positions(node.op_type, self.opset, node.domain)
         return positions is not None and positions.admits_output(value.index())
 
     def home(self, value: ir.Value) -> ir.DataType:
@@ -189,13 +214,22 @@ class HalfPrecisionPlan:
 
 
 def plan_half_precision(graph: ir.Graph, exclude: tuple[str, ...], opset: int, low: ir.DataType, *,
-                        numeric_ops: Mapping[str, str], io_dtype: ir.DataType) -> HalfPrecisionPlan:
-    """The nodes of ``graph`` that compute in ``low``, and those kept float32 with the reason."""
+                        numeric_ops: Mapping[str, str], io_dtype: ir.DataType,
+                        float32_values: Mapping[ir.Value, str] | None = None,
+                        weights_only: bool = False) -> HalfPrecisionPlan:
+    """The nodes of ``graph`` that compute in ``low``, and those kept float32 with the reason.
+
+    ``float32_values``: values that must stay float32 (out of the low type's range), each with the
+    reason given to every node that reads or writes it. ``weights_only`` (bf16: weights stored low,
+    compute float32) plans only where constants may be stored low: activation types do not matter,
+    and an op outside the ONNX domain whose schema ONNX Runtime has is planned by that schema.
+    """
     plan = HalfPrecisionPlan(graph=graph, opset=opset, low=low, io_dtype=io_dtype)
     for node in graph:
         if _is_constant_node(node):
             continue
-        reason = _keep_float32_reason(node, exclude, opset, numeric_ops=numeric_ops)
+        reason = _keep_float32_reason(node, exclude, opset, numeric_ops=numeric_ops,
+                                      float32_values=float32_values or {}, weights_only=weights_only)
         if reason is None:
             plan.low_nodes.add(node)
         elif float_values([*node.inputs, *node.outputs]):

@@ -8,6 +8,7 @@ intermediate tensor, which shape filling and per-layer comparison use.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -15,6 +16,7 @@ import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -24,9 +26,9 @@ import onnxruntime as ort
 from edgeopt import ir as eir
 from edgeopt.errors import DataError, ModelError
 
-__all__ = ["CHANNEL_MEAN_SUFFIXES", "PACKED_RANGE_OUTPUTS", "RANGE_SUFFIXES", "OrtSession", "batch_one_reshapes",
-           "fill_missing_shapes", "observing_session", "optimized_model", "ort_version", "random_feed",
-           "range_session"]
+__all__ = ["CHANNEL_MEAN_SUFFIXES", "PACKED_RANGE_OUTPUTS", "RANGE_SUFFIXES", "OpTypes", "OrtSession",
+           "batch_one_reshapes", "fill_missing_shapes", "fill_missing_types", "observing_session", "op_types",
+           "optimized_model", "ort_version", "random_feed", "range_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -209,15 +211,69 @@ def fill_missing_shapes(model: ir.Model, feed: Mapping[str, np.ndarray] | None =
                if v.name and (eir.static_shape(v) is None or v.dtype is None)]
     if not missing:
         return 0
-    feed = dict(feed) if feed is not None else random_feed(eir.model_inputs(model))
-    session = OrtSession(_with_all_outputs(model, [v.name for v in missing]), optimize=False)
-    results = session.run(feed, [v.name for v in missing])
+    results = _run_for(model, missing, feed)
     for value in missing:
         array = results[value.name]
         value.shape = ir.Shape(list(array.shape))
         value.dtype = ir.DataType.from_numpy(array.dtype)
     logger.info("filled %d shapes by running the model", len(missing))
     return len(missing)
+
+
+def fill_missing_types(model: ir.Model, feed: Mapping[str, np.ndarray] | None = None) -> int:
+    """Set the dtype of every node output ONNX shape inference left untyped by running the model once.
+
+    ONNX Runtime knows the output types of its own ops (com.microsoft's
+    SkipLayerNormalization, FusedMatMul ...) that ONNX's inference cannot
+    type. Shapes are left alone: those of one run would fix dynamic dims.
+    ``feed`` None runs on random inputs (static input shapes only, else
+    DataError). Returns how many values were typed; the model is updated in place.
+    """
+    missing = [v for node in model.graph for v in node.outputs if v.name and v.dtype is None]
+    if not missing:
+        return 0
+    results = _run_for(model, missing, feed)
+    for value in missing:
+        value.dtype = ir.DataType.from_numpy(results[value.name].dtype)
+    logger.info("typed %d values by running the model", len(missing))
+    return len(missing)
+
+
+def _run_for(model: ir.Model, values: Sequence[ir.Value], feed: Mapping[str, np.ndarray] | None) -> dict:
+    """The arrays of ``values`` (node outputs) in one unoptimized run on ``feed`` or random inputs."""
+    feed = dict(feed) if feed is not None else random_feed(eir.model_inputs(model))
+    session = OrtSession(_with_all_outputs(model, [v.name for v in values]), optimize=False)
+    return session.run(feed, [v.name for v in values])
+
+
+class OpTypes(NamedTuple):
+    """The types each formal input and output of an op admits (``"tensor(float16)"`` ...), as ONNX
+    Runtime registers the op; ``variadic_*``: the last formal parameter repeats."""
+
+    inputs: tuple[frozenset[str], ...]
+    outputs: tuple[frozenset[str], ...]
+    variadic_inputs: bool
+    variadic_outputs: bool
+
+
+@functools.cache
+def op_types(domain: str, op_type: str) -> OpTypes | None:
+    """The types of the newest schema ONNX Runtime has for ``domain``'s ``op_type`` (its contrib ops,
+    com.microsoft, are unknown to the onnx package), or None when it has none."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    schemas = [s for s in ort_state.get_all_operator_schema() if s.domain == domain and s.name == op_type]
+    if not schemas:
+        return None
+    schema = max(schemas, key=lambda s: s.since_version)
+    variadic = ort_state.schemadef.OpSchema.FormalParameterOption.Variadic
+
+    def admitted(params) -> tuple[frozenset[str], ...]:
+        return tuple(frozenset(param.types) for param in params)
+
+    return OpTypes(inputs=admitted(schema.inputs), outputs=admitted(schema.outputs),
+                   variadic_inputs=bool(schema.inputs) and schema.inputs[-1].option == variadic,
+                   variadic_outputs=bool(schema.outputs) and schema.outputs[-1].option == variadic)
 
 
 def observing_session(model: ir.Model, names: Sequence[str], *, threads: int | None = None,
