@@ -4,11 +4,13 @@
 becomes float16 where the op's ONNX schema allows float16 at that input or
 output; positions the schema fixes to float32 (Resize ``scales``, LayerNorm
 ``Mean``/``InvStdDev``) keep float32. Constants are rounded to nearest
-even, values beyond the float16 range (|x| > 65504) are clamped to
-±65504 and counted, values below the smallest subnormal (2**-24) flush to 0
-and are counted. A node stays float32 when the user excludes it, when it is
-outside the ONNX domain or carries subgraphs, or when :data:`FLOAT32_OPS`
-names it for a numeric reason; Cast nodes join the float32 and float16 parts
+even, values below the smallest subnormal (2**-24) flush to 0 and are
+counted. A node stays float32 when the user excludes it, when it is
+outside the ONNX domain or carries subgraphs, when :data:`FLOAT32_OPS`
+names it for a numeric reason, or when it reads a weight beyond ±65504 or
+(given data) reads or writes an activation beyond half of that
+(:mod:`edgeopt.quant.float16_ranges`, which also types what ONNX shape
+inference could not); Cast nodes join the float32 and float16 parts
 (one Cast per value and target type). With ``keep_io_float32`` the model
 still takes and returns float32. Attributes that carry a float type follow
 their node: ``Cast.to``, ``ConstantOfShape.value``, ``Constant.value``.
