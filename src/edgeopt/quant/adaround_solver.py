@@ -197,7 +197,7 @@ def _optimize_torch(problem: _Problem, config: AdaRoundConfig) -> np.ndarray:
 
     floor, target = tensor(problem.floor), tensor(problem.floor + problem.rest)
     gram, samples = tensor(problem.gram), tensor(problem.samples)
-    v = torch.nn.Parameter(tensor(_initial_v(problem.rest)))
+    v = tensor(_initial_v(problem.rest))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small matrices: threads only contend (and one thread is deterministic)
     try:
@@ -208,20 +208,31 @@ def _optimize_torch(problem: _Problem, config: AdaRoundConfig) -> np.ndarray:
 
 
 def _torch_steps(v, floor, target, gram, samples, config: AdaRoundConfig) -> None:
+    """Adam on ``v`` in place, with the gradient written out as :func:`_numpy_gradient` has it:
+    autograd and torch's optimizer cost three times the arithmetic on these small layers."""
     import torch
 
-    optimizer = torch.optim.Adam([v], lr=config.learning_rate, betas=_ADAM_BETAS, eps=_ADAM_EPS)
-    for step in range(config.iterations):
-        soft = torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0.0, 1.0)
-        error = target - torch.clamp(floor + soft, _QMIN, _QMAX)
-        product = error @ gram if gram is not None else (error @ samples.transpose(1, 2)) @ samples
-        loss = (product * error).sum()
-        beta = _beta(step, config)
-        if beta is not None:
-            loss = loss + config.regularization * (1 - (2 * soft - 1).abs().pow(beta)).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    (beta1, beta2), span = _ADAM_BETAS, _ZETA - _GAMMA
+    first, second = torch.zeros_like(v), torch.zeros_like(v)
+    with torch.no_grad():
+        for step in range(config.iterations):
+            sigmoid = torch.sigmoid(v)
+            stretched = sigmoid * span + _GAMMA
+            soft = stretched.clamp(0.0, 1.0)
+            value = floor + soft
+            inside = (value >= _QMIN) & (value <= _QMAX) & (stretched > 0.0) & (stretched < 1.0)
+            error = target - value.clamp(_QMIN, _QMAX)
+            product = error @ gram if gram is not None else (error @ samples.transpose(1, 2)) @ samples
+            gradient_soft = product.mul_(-2.0)
+            beta = _beta(step, config)
+            if beta is not None:
+                centered = 2.0 * soft - 1.0
+                gradient_soft -= config.regularization * 2.0 * beta * centered.abs().pow(beta - 1) * centered.sign()
+            gradient = torch.where(inside, gradient_soft * sigmoid * (1.0 - sigmoid) * span, 0.0)
+            first.mul_(beta1).add_(gradient, alpha=1 - beta1)
+            second.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+            denominator = (second / (1 - beta2 ** (step + 1))).sqrt_().add_(_ADAM_EPS)
+            v.sub_(config.learning_rate / (1 - beta1 ** (step + 1)) * first / denominator)
 
 
 def _use_torch(backend: Backend) -> bool:
