@@ -129,3 +129,21 @@ def test_shape_ops_match_the_onnx_reference(op, arrays, attributes):
     node = helper.make_node(op, names, ["out"], **attributes)
     expected = ReferenceEvaluator(node).run(None, dict(zip(names, arrays)))[0]
     np.testing.assert_array_equal(CONSTANT_OPS[op](*arrays, **attributes), expected)
+
+
+def test_copy_shared_false_leaves_a_copy_of_a_weight_other_nodes_read():
+    """A tied weight: one MatMul reads E, another Transpose(E); folding would store E twice."""
+    nodes = [helper.make_node("Transpose", ["e"], ["e_t"], name="tie", perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "e_t"], ["y"], name="head"),
+             helper.make_node("MatMul", ["u", "e"], ["g"], name="embed"),
+             helper.make_node("Transpose", ["s"], ["s_t"], name="small_tie", perm=[1, 0]),
+             helper.make_node("MatMul", ["v", "s"], ["z0"], name="mm_s"),
+             helper.make_node("MatMul", ["v", "s_t"], ["z"], name="mm_s_t")]
+    weights = [random_weight("e", [64, 32]), random_weight("s", [8, 8])]
+    model = make_model(nodes, [("x", [2, 32]), ("u", [2, 64]), ("v", [2, 8])],
+                       [("y", [2, 64]), ("g", [2, 32]), ("z0", [2, 8]), ("z", [2, 8])], weights)
+    kept = fold_constants(model, copy_shared=False)
+    assert explain(kept) == ["tie: not folded: 'e' has other readers: folding would store a second copy of it"]
+    assert op_types(kept.model).count("Transpose") == 1  # a small copy (64 elements) is folded all the same
+    assert_same_outputs(model, kept.model)
+    assert op_types(fold_constants(model).model).count("Transpose") == 0  # the default folds both

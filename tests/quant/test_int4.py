@@ -415,3 +415,117 @@ def test_a_quantized_weight_other_nodes_read_stays_and_is_noted(tmp_path):
     assert op_types(result.model).count("MatMulNBits") == 2
     feed = gaussian_feed(model)
     assert sqnr_db(OrtSession(model).run(feed)["y"], OrtSession(result.model).run(feed)["y"]) >= 15.0
+
+
+# --------------------------------------------------------------------------
+# float passes first: constants exporters hide behind Identity/Transpose, dead branches
+# --------------------------------------------------------------------------
+
+
+def see_through_model(tmp_path) -> ir.Model:
+    """What exporters write: mm1 reads w; mm2 reads Identity(w) (torch's legacy export of a cloned layer);
+    mm3 reads Transpose(v) (v read by nothing else: a dynamo-exported Linear); a dead MatMul -> Sigmoid."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((64, 64)) * 0.2).astype(np.float32)
+    v = (rng.standard_normal((32, 64)) * 0.2).astype(np.float32)  # [N, K]
+    dead = (rng.standard_normal((64, 64)) * 0.2).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="mm1"), helper.make_node("Tanh", ["a"], ["t"]),
+             helper.make_node("Identity", ["w"], ["w_copy"], name="copy"),
+             helper.make_node("MatMul", ["t", "w_copy"], ["b"], name="mm2"),
+             helper.make_node("Transpose", ["v"], ["v_t"], name="v_t", perm=[1, 0]),
+             helper.make_node("MatMul", ["b", "v_t"], ["y"], name="mm3"),
+             helper.make_node("MatMul", ["x", "dead"], ["d"], name="mm_dead"),
+             helper.make_node("Sigmoid", ["d"], ["unused"], name="sigmoid_dead")]
+    graph = helper.make_graph(nodes, "exported", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 32])],
+                              initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(v, "v"),
+                                           numpy_helper.from_array(dead, "dead")])
+    return save(graph, tmp_path / "exported.onnx")
+
+
+def test_weights_behind_identity_and_transpose_are_quantized_and_dead_nodes_dropped(tmp_path):
+    model = see_through_model(tmp_path)
+    config = Int4WeightConfig()
+    result = quantize(model, config, data=None)
+    assert op_types(result.model) == ["MatMulNBits", "Tanh", "MatMulNBits", "MatMulNBits"]
+    assert not result.float_nodes
+    assert len(result.model.graph.initializers) == 4  # w once (mm1 and mm2), v^T: packed weight + scales each
+    assert result.details["weight_bytes_before"] == 4 * (64 * 64 + 64 * 32)
+    assert {t.name for t in result.tensors} == {"w", "v_t"}  # v read by mm3 only: folded into v^T
+    assert len(model_to_bytes(result.model)) < len(model_to_bytes(model)) / 5
+    expected = quantize_blocks(eir.constant_array(model.graph.initializers["v"]).T, 32, INT4).dequantize()
+    mm3 = result.model.graph.node(3)
+    np.testing.assert_array_equal(decode_matmul_nbits(packed_weights(result.model, mm3)), expected)
+    feed = gaussian_feed(model)
+    assert sqnr_db(OrtSession(model).run(feed)["y"], OrtSession(result.model).run(feed)["y"]) >= 15.0
+    assert any(note.startswith("float passes first") for note in result.notes)
+
+
+def test_without_float_passes_the_graph_is_quantized_as_it_is(tmp_path):
+    result = quantize(see_through_model(tmp_path), Int4WeightConfig(float_passes=False), data=None)
+    assert op_types(result.model).count("MatMulNBits") == 4  # mm2 reads w through its Identity; mm_dead stays
+    assert "Sigmoid" in op_types(result.model)
+    with pytest.raises(ConfigError, match="float_passes"):
+        Int4WeightConfig(float_passes="no")
+
+
+def tied_lm_model(tmp_path) -> ir.Model:
+    """A tied LM head as torch's dynamo exporter writes it:
+    ids -> Gather(E) -> MatMul "proj" -> Tanh -> MatMul "head" (., Transpose(E))."""
+    rng = np.random.default_rng(4)
+    embedding = (rng.standard_normal((96, 64)) * 0.5).astype(np.float32)  # [vocab, hidden]
+    projection = (rng.standard_normal((64, 64)) * 0.2).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
+             helper.make_node("MatMul", ["h", "P"], ["p"], name="proj"), helper.make_node("Tanh", ["p"], ["t"]),
+             helper.make_node("Transpose", ["E"], ["E_t"], name="tie", perm=[1, 0]),
+             helper.make_node("MatMul", ["t", "E_t"], ["logits"], name="head")]
+    graph = helper.make_graph(nodes, "tied_lm", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 5, 96])],
+                              initializer=[numpy_helper.from_array(embedding, "E"),
+                                           numpy_helper.from_array(projection, "P")])
+    return save(graph, tmp_path / "tied_lm.onnx")
+
+
+TIED_FEED = {"ids": np.array([[0, 5, 17, 95, 3], [1, 1, 2, 40, 60]], np.int64)}
+
+
+def float_constants(model: ir.Model) -> list[str]:
+    return sorted(name for name, value in model.graph.initializers.items()
+                  if value.const_value.dtype == ir.DataType.FLOAT and value.const_value.size > 64 * 8)
+
+
+def test_a_tied_head_is_quantized_through_its_transpose_and_the_embedding_stays_once(tmp_path):
+    model = tied_lm_model(tmp_path)
+    config = Int4WeightConfig()
+    result = quantize(model, config, data=None)
+    assert op_types(result.model) == ["Gather", "MatMulNBits", "Tanh", "MatMulNBits"]
+    assert float_constants(result.model) == ["E"]  # the Gather's; no float E^T beside it
+    np.testing.assert_array_equal(eir.constant_array(result.model.graph.initializers["E"]),
+                                  eir.constant_array(model.graph.initializers["E"]))
+    assert [(t.name, t.axis) for t in result.tensors] == [("P", 0), ("E", 1)]  # E is [N, K]: K is axis 1
+    assert any("stay in the model in float32 too" in note and "Gather" in note for note in result.notes)
+    expected = OrtSession(fake_quantized_tied(model, config)).run(TIED_FEED)["logits"]
+    assert sqnr_db(expected, OrtSession(result.model).run(TIED_FEED)["logits"]) >= MATCHES_REFERENCE_DB
+
+
+def fake_quantized_tied(model: ir.Model, config: Int4WeightConfig) -> ir.Model:
+    """:func:`tied_lm_model` with P and the head's E^T (untied from the Gather's E) holding their
+    reference dequantization."""
+    copy = ir.from_proto(ir.to_proto(model))
+    graph = copy.graph
+    restore = lambda array: quantize_blocks(array, config.block_size, config.weight_format).dequantize()  # noqa: E731
+    projection = graph.initializers["P"]
+    projection.const_value = ir.Tensor(restore(eir.constant_array(projection)), name="P")
+    head_weight = restore(eir.constant_array(graph.initializers["E"]).T)
+    next(node for node in graph if node.name == "tie").replace_input_with(
+        0, eir.add_initializer(graph, np.ascontiguousarray(head_weight.T), "E_restored"))
+    return copy
+
+
+def test_an_excluded_tied_head_does_not_copy_the_embedding(tmp_path):
+    model = tied_lm_model(tmp_path)
+    result = quantize(model, Int4WeightConfig(exclude=("head",)), data=None)
+    assert op_types(result.model) == ["Gather", "MatMulNBits", "Tanh", "Transpose", "MatMul"]
+    assert float_constants(result.model) == ["E"]
+    reference = OrtSession(model).run(TIED_FEED)["logits"]
+    assert sqnr_db(reference, OrtSession(result.model).run(TIED_FEED)["logits"]) >= 15.0

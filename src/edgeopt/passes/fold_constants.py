@@ -7,6 +7,14 @@ nodes: ``Constant`` nodes holding weights and scalars, and the shape
 arithmetic around Reshape (``Shape -> Gather -> Unsqueeze -> Concat``), whose
 ``Shape`` is itself constant once the input shape is static. Later rules
 then see plain initializers.
+
+Folding a node whose constant input other nodes read too leaves both the
+input and the result in the model. For shape arithmetic that is nothing; for
+a weight (a tied embedding read by a Gather and, as ``Transpose(E)``, by the
+LM head) it is a second copy of the weight. ``copy_shared=False`` refuses
+such folds of tensors of :data:`SHARED_COPY_MIN_ELEMENTS` elements or more,
+for callers that read through the node instead (int4 quantizes the head
+from ``Transpose(E)`` and stores only its packed copy).
 """
 
 from __future__ import annotations
@@ -22,10 +30,13 @@ from edgeopt.passes._matching import shape_text
 from edgeopt.passes._report import ReportedPassResult
 from edgeopt.passes._rules import Match, Rule, RuleContext, RulePass, run_on_copy
 
-__all__ = ["DEFAULT_MAX_ELEMENTS", "FoldConstantsPass", "fold_constants"]
+__all__ = ["DEFAULT_MAX_ELEMENTS", "SHARED_COPY_MIN_ELEMENTS", "FoldConstantsPass", "fold_constants"]
 
 #: Results larger than this (and larger than every input) are not materialized.
 DEFAULT_MAX_ELEMENTS = 1 << 20
+
+#: With ``copy_shared=False``, a result this large that copies a shared constant is not folded.
+SHARED_COPY_MIN_ELEMENTS = 1024
 
 # Quantization structure is meaningful even on constant weights: never fold it.
 _KEPT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
@@ -56,14 +67,27 @@ def _shape_result(node: ir.Node) -> np.ndarray | None:
     return np.array(shape[start:end], dtype=np.int64)
 
 
+def _shared_input(node: ir.Node, result_size: int) -> ir.Value | None:
+    """A constant input at least as large as the result (and not small) that outlives the fold."""
+    if result_size < SHARED_COPY_MIN_ELEMENTS:
+        return None
+    for value in node.inputs:
+        array = eir.constant_array(value) if value is not None else None
+        if array is not None and array.size >= result_size and (
+                len(value.uses()) > 1 or value.is_graph_output()):
+            return value
+    return None
+
+
 class FoldConstantRule(Rule):
     """Evaluate a node whose inputs are all constants (or a Shape/Size of a static shape)."""
 
     name = "fold-constant"
     verb = "folded"
 
-    def __init__(self, max_elements: int = DEFAULT_MAX_ELEMENTS) -> None:
+    def __init__(self, max_elements: int = DEFAULT_MAX_ELEMENTS, *, copy_shared: bool = True) -> None:
         self.max_elements = max_elements
+        self.copy_shared = copy_shared
 
     def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
         if node.op_type in _KEPT_OPS:
@@ -93,6 +117,10 @@ class FoldConstantRule(Rule):
                              if v is not None and eir.is_constant(v)), default=0)
         if result.size > self.max_elements and result.size > largest_input:
             return f"result would have {result.size} elements (limit {self.max_elements})"
+        if not self.copy_shared:
+            shared = _shared_input(node, result.size)
+            if shared is not None:
+                return f"{shared.name!r} has other readers: folding would store a second copy of it"
         match.result = result
         return None
 
@@ -134,7 +162,8 @@ class FoldConstantsPass(RulePass):
 
     Leaves (with a reason): ops without an evaluator, results over
     ``max_elements`` that are larger than every input (a huge Expand or
-    ConstantOfShape), outputs that are graph outputs, multi-output nodes.
+    ConstantOfShape), outputs that are graph outputs, multi-output nodes,
+    and with ``copy_shared=False`` a copy of a constant other nodes read.
     Never folds Quantize/DequantizeLinear. Preconditions: none; shapes need
     to be inferred (as ``load_model`` does) for Shape folding. Rewrites the
     model it is given (main graph only).
@@ -142,10 +171,11 @@ class FoldConstantsPass(RulePass):
 
     name = "fold-constants"
 
-    def __init__(self, max_elements: int = DEFAULT_MAX_ELEMENTS) -> None:
-        self.rules = (FoldConstantRule(max_elements),)
+    def __init__(self, max_elements: int = DEFAULT_MAX_ELEMENTS, *, copy_shared: bool = True) -> None:
+        self.rules = (FoldConstantRule(max_elements, copy_shared=copy_shared),)
 
 
-def fold_constants(model: ir.Model, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> ReportedPassResult:
+def fold_constants(model: ir.Model, *, max_elements: int = DEFAULT_MAX_ELEMENTS,
+                   copy_shared: bool = True) -> ReportedPassResult:
     """Fold constant subgraphs on a copy of ``model``; the input is not modified."""
-    return run_on_copy(FoldConstantsPass(max_elements), model)
+    return run_on_copy(FoldConstantsPass(max_elements, copy_shared=copy_shared), model)

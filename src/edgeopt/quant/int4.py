@@ -22,16 +22,26 @@ Lowering, per node:
   (blocked quantization); at a lower opset it stays float (no silent opset
   upgrade).
 * Everything else stays float and is listed with the reason.
+
+First, unless ``float_passes`` is off, the float-exact passes fp16 runs
+(constant folding, dead-code elimination, BatchNorm/affine folding,
+activation fusion; not MatMul + Add -> Gemm): an exporter's ``Identity(W)``
+and ``Transpose(W)`` of a weight become plain constants the rewrite can
+quantize, and dead branches are not quantized and stored. A Transpose of a
+weight other nodes read too (a tied embedding, read by a Gather and, as
+``Transpose(E)``, by the LM head) is not folded, which would store a second
+float copy: the head's weight is read through the Transpose, and only its
+packed form is added.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import logging
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -42,7 +52,7 @@ from edgeopt.quant.config import PerBlock, check_exclude_names
 from edgeopt.quant.float16 import UniqueNames
 from edgeopt.quant.formats import INT4, UINT4, Format
 from edgeopt.quant.int4_blocks import BlockQuantizedWeight, encode_matmul_nbits, pack_nibbles, quantize_blocks
-from edgeopt.quant.placement import check_exclude
+from edgeopt.quant.placement import check_exclude, vanished_excludes
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 
 __all__ = [
@@ -71,7 +81,7 @@ class AccuracyLevel(enum.IntEnum):
 _WEIGHT_FORMATS = (INT4, UINT4)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Int4WeightConfig:
     """Int4 weight-only quantization of MatMul/Gemm weights.
 
@@ -80,14 +90,19 @@ class Int4WeightConfig:
     (asymmetric, per-block zero points). ``accuracy_level``: written to
     MatMulNBits when set; None leaves ONNX Runtime's default (float input
     not downcast). ``exclude``: node names or op types to leave float.
+    ``float_passes``: fold constants and BatchNorm, drop dead nodes first
+    (False: quantize the graph as it is).
     """
 
     granularity: PerBlock = PerBlock(size=32)
     weight_format: Format = INT4
     accuracy_level: AccuracyLevel | None = None
     exclude: tuple[str, ...] = ()
+    float_passes: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.float_passes, bool):
+            raise ConfigError(f"float_passes must be true or false, got {self.float_passes!r}")
         if not isinstance(self.granularity, PerBlock):
             raise ConfigError(f"granularity of int4 must be PerBlock(size=...), got {self.granularity!r}")
         if self.weight_format not in _WEIGHT_FORMATS:
@@ -112,7 +127,7 @@ class _Lowering(enum.Enum):
     DEQUANTIZE_LINEAR = "DequantizeLinear"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class _Target:
     """A MatMul/Gemm whose weight is quantized: the effective ``[..., K, N]`` weight and its extras."""
 
@@ -125,7 +140,7 @@ class _Target:
     addend: ir.Value | np.ndarray | None = None  # added after the product when it is not a row bias
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class _Encoded:
     """A quantized weight's new constants (quantized values, scales, zero points or None), shared by
     every node that reads the same weight, and their bytes."""
@@ -137,14 +152,58 @@ class _Encoded:
     block_size: int = 0
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _ReadConstant:
+    """A constant as a node reads it: directly, or through Transpose/Identity nodes."""
+
+    value: ir.Value  # the constant itself
+    array: np.ndarray  # what the node reads
+    axes: tuple[int, ...]  # axes[i]: the axis of the stored constant that read axis i comes from
+
+
+def _read_constant(value: ir.Value | None) -> _ReadConstant | None:
+    """``value`` as a constant, looking through Transpose/Identity (a tied weight's ``Transpose(E)``,
+    left unfolded so that E is stored once), or None."""
+    array = eir.constant_array(value)
+    if array is not None:
+        return _ReadConstant(value=value, array=array, axes=tuple(range(array.ndim)))
+    producer = value.producer() if value is not None else None
+    if not eir.is_op(producer, "Transpose", "Identity") or producer.inputs[0] is None:
+        return None
+    source = _read_constant(producer.inputs[0])
+    if source is None or producer.op_type == "Identity":
+        return source
+    perm = producer.attributes.get_ints("perm", None) or tuple(reversed(range(source.array.ndim)))
+    return _ReadConstant(value=source.value, array=np.transpose(source.array, perm),
+                         axes=tuple(source.axes[axis] for axis in perm))
+
+
+def _drop_unread(graph: ir.Graph, value: ir.Value | None) -> None:
+    """Remove ``value`` once nothing reads it, with the Transpose/Identity chain that made it from a constant."""
+    while value is not None and not value.uses() and not value.is_graph_output():
+        producer = value.producer()
+        if not eir.is_op(producer, "Transpose", "Identity"):
+            eir.drop_if_unused(graph, value)
+            return
+        value = producer.inputs[0]
+        graph.remove(producer, safe=True)
+
+
 def _match(node: ir.Node, config: Int4WeightConfig, opset: int) -> _Target | str:
     """How to quantize ``node``'s weight, or why it stays float."""
     if node.name in config.exclude or node.op_type in config.exclude:
         return "excluded by config"
-    weight_value = node.inputs[1] if len(node.inputs) > 1 else None
-    weight = eir.constant_array(weight_value)
-    if weight is None:
+    source = _read_constant(node.inputs[1] if len(node.inputs) > 1 else None)
+    if source is None:
         return "its right-hand input is not a constant: weight-only quantization needs one"
+    target = _match_weight(node, source.value, source.array, opset)
+    if isinstance(target, str):
+        return target
+    return dataclasses.replace(target, weight_axis=source.axes[target.weight_axis])
+
+
+def _match_weight(node: ir.Node, weight_value: ir.Value, weight: np.ndarray, opset: int) -> _Target | str:
+    """:func:`_match` for ``weight`` as the node reads it (``weight_axis`` in its axes)."""
     if weight.dtype != np.float32:
         return f"its weight is {weight.dtype}, not float32"
     if node.op_type == "Gemm":
@@ -189,6 +248,26 @@ def _match_gemm(node: ir.Node, weight_value: ir.Value, weight: np.ndarray) -> _T
     if c.ndim <= 1 or (c.ndim == 2 and c.shape[0] == 1):  # broadcasts along rows: a bias
         return _Target(**target, bias=np.broadcast_to(c.reshape(-1), (n,)).copy())
     return _Target(**target, addend=c)
+
+
+def _float_passes(model: ir.Model, config: Int4WeightConfig) -> list[str]:
+    """Check ``exclude`` against the given model, then run the float passes in place; notes."""
+    from edgeopt.passes import FoldConstantsPass, FuseMatMulAddPass, default_passes
+
+    check_exclude([model], config.exclude)
+    if not config.float_passes:
+        return []
+    before = sum(1 for _ in model.graph)
+    modified = False
+    for stage in default_passes():
+        if isinstance(stage, FoldConstantsPass):
+            stage = FoldConstantsPass(copy_shared=False)  # a tied weight's Transpose is read through instead
+        if not isinstance(stage, FuseMatMulAddPass):  # a Gemm would only change which node the user excludes
+            modified |= stage(model).report.modified
+    after = sum(1 for _ in model.graph)
+    notes = [f"float passes first (constant and BatchNorm folding, dead-code elimination): {before} -> {after} "
+             "nodes" if modified else "float passes first: nothing to fold or remove"]
+    return notes + vanished_excludes(model, config.exclude)
 
 
 # ---------------------------------------------------------------------------
@@ -310,7 +389,7 @@ def _still_float_note(graph: ir.Graph, weights: Iterable[ir.Value]) -> list[str]
 def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batch] | None = None, *,
                   progress: ProgressCallback | None = None) -> QuantResult:
     """Int4 weight-only block quantization of MatMul/Gemm; see the module docstring. ``data`` is not used."""
-    check_exclude([model], config.exclude)
+    passes = _float_passes(model, config)
     graph, opset = model.graph, eir.default_opset(model)
     names = UniqueNames(graph)
     tensors, float_nodes, lowered = [], [], Counter()
@@ -325,8 +404,7 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
             heads.append((node.name or node.op_type, node.outputs[0].name, target.weight.size * 4))
         quantized = quantize_blocks(target.weight, config.block_size, config.weight_format)
         short += target.weight.shape[-2] < config.block_size  # K of the [..., K, N] weight
-        constants = dict.fromkeys([target.weight_value, *(v for v in node.inputs[1:]
-                                                          if v is not None and eir.is_constant(v))])
+        read = [v for v in node.inputs[1:] if v is not None]  # the weight (maybe via a Transpose), C
         key = (target.lowering, target.weight.shape, hashlib.sha256(target.weight.tobytes()).hexdigest())
         if key not in encodings:
             encode = (_matmul_nbits_constants if target.lowering is _Lowering.MATMUL_NBITS
@@ -336,8 +414,8 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
             _lower_matmul_nbits(graph, names, target, config, encodings[key])
         else:
             _lower_dequantize_linear(graph, names, target, quantized, encodings[key])
-        for value in constants:  # a Gemm's bias moved into MatMulNBits' bias input leaves its old copy
-            eir.drop_if_unused(graph, value)
+        for value in read:  # the old weight, and a Gemm's bias moved into MatMulNBits' bias input
+            _drop_unread(graph, value)
         lowered[target.lowering] += 1
         tensors.append(_tensor_info(target, quantized))
         weights[target.weight_value] = None
@@ -358,6 +436,7 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
         "activations and compute stay float32" + (
             "" if config.accuracy_level is None
             else f"; MatMulNBits accuracy_level={int(config.accuracy_level)} ({config.accuracy_level.name})"),
+        *passes,
         *_kept_note(float_nodes),
         *_still_float_note(graph, weights),
         *[f"{name} writes the model output {output!r} with int4 weights: the last layer is often where int4 costs "
