@@ -2,9 +2,11 @@
 
 For ``y = x @ W`` with a constant weight ``W`` of shape ``[..., K, N]``, each
 block of ``b`` values along K (the reduction axis) of each column gets its own
-scale (and, for uint4, zero point) by the min/max rule, and ``w' = (q -
-zero_point) * scale``; the math, the nibble packing and the MatMulNBits
-layout are in :mod:`edgeopt.quant.int4_blocks`. This module is the scheme:
+scale (and, for uint4, zero point), its clipping searched for the least
+squared error -- weighted, when calibration data is given, by the mean square
+of the layer's input channels (:mod:`edgeopt.quant.int4_importance`) -- and
+``w' = (q - zero_point) * scale``; the math, the nibble packing and the
+MatMulNBits layout are in :mod:`edgeopt.quant.int4_blocks`. This module is the scheme:
 which nodes, and how each is rewritten.
 
 Lowering, per node:
@@ -41,7 +43,7 @@ import enum
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -52,6 +54,7 @@ from edgeopt.quant.config import PerBlock, check_exclude_names
 from edgeopt.quant.float16 import UniqueNames
 from edgeopt.quant.formats import INT4, UINT4, Format
 from edgeopt.quant.int4_blocks import BlockQuantizedWeight, encode_matmul_nbits, pack_nibbles, quantize_blocks
+from edgeopt.quant.int4_importance import input_channel_importance
 from edgeopt.quant.placement import check_exclude, vanished_excludes
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 
@@ -359,12 +362,45 @@ def _lower_dequantize_linear(graph: ir.Graph, names: UniqueNames, target: _Targe
     node.replace_input_with(1, output)
 
 
-def _tensor_info(target: _Target, quantized: BlockQuantizedWeight) -> TensorQuantInfo:
+def _by_weight(targets: Iterable[_Target]) -> dict[tuple, list[_Target]]:
+    """Targets grouped by the weight they quantize (its lowering, shape and bytes), in graph order."""
+    groups: dict[tuple, list[_Target]] = {}
+    for target in targets:
+        digest = hashlib.sha256(target.weight.tobytes()).hexdigest()
+        groups.setdefault((target.lowering, target.weight.shape, digest), []).append(target)
+    return groups
+
+
+def _importance(model: ir.Model, targets: list[_Target], data: Iterable[Batch] | None,
+                progress: ProgressCallback | None) -> dict[str, np.ndarray]:
+    """Mean square of each target's input channels on ``data`` (empty without data)."""
+    if data is None or not targets:
+        return {}
+    inputs = [target.node.inputs[0].name for target in targets]
+    return input_channel_importance(model, data, inputs, progress=progress)
+
+
+def _group_importance(readers: Iterable[_Target], importance: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The summed input-channel importance of a weight's readers (each adds its output's error), or
+    None when some reader's is unknown or does not match K."""
+    if not importance:
+        return None
+    total = None
+    for target in readers:
+        k = target.weight.shape[-2]
+        channels = importance.get(target.node.inputs[0].name)
+        if channels is None or channels.shape != (k,):
+            return None
+        total = channels if total is None else total + channels
+    return total
+
+
+def _tensor_info(target: _Target, quantized: BlockQuantizedWeight, *, weighted: bool) -> TensorQuantInfo:
     return TensorQuantInfo(
         name=target.weight_value.name, kind="weight", op_type=target.node.op_type, format=quantized.format.name,
         range=(float(target.weight.min()), float(target.weight.max())),
         scale=tuple(quantized.scale.ravel().tolist()), zero_point=tuple(quantized.zero_point.ravel().tolist()),
-        method="minmax", axis=target.weight_axis)
+        method="clip search, weighted by input channels" if weighted else "clip search", axis=target.weight_axis)
 
 
 def _kept_note(float_nodes: Iterable[FloatNode]) -> list[str]:
@@ -388,37 +424,42 @@ def _still_float_note(graph: ir.Graph, weights: Iterable[ir.Value]) -> list[str]
 @register_scheme(Int4WeightConfig)
 def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batch] | None = None, *,
                   progress: ProgressCallback | None = None) -> QuantResult:
-    """Int4 weight-only block quantization of MatMul/Gemm; see the module docstring. ``data`` is not used."""
+    """Int4 weight-only block quantization of MatMul/Gemm; see the module docstring. ``data``, when
+    given, weighs each block's clipping search by the layer's input channels (:mod:`.int4_importance`)."""
     passes = _float_passes(model, config)
     graph, opset = model.graph, eir.default_opset(model)
     names = UniqueNames(graph)
-    tensors, float_nodes, lowered = [], [], Counter()
-    encodings: dict[tuple, _Encoded] = {}  # a weight read by several nodes (tied embeddings) is stored once
-    short, weights, heads = 0, {}, []
+    targets, float_nodes = [], []
     for node in [n for n in graph if eir.is_op(n, "MatMul", "Gemm")]:
         target = _match(node, config, opset)
         if isinstance(target, str):
             float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, target))
-            continue
-        if node.outputs[0].is_graph_output():  # the head (a classifier, an LM head) writes the output
-            heads.append((node.name or node.op_type, node.outputs[0].name, target.weight.size * 4))
-        quantized = quantize_blocks(target.weight, config.block_size, config.weight_format)
-        short += target.weight.shape[-2] < config.block_size  # K of the [..., K, N] weight
-        read = [v for v in node.inputs[1:] if v is not None]  # the weight (maybe via a Transpose), C
-        key = (target.lowering, target.weight.shape, hashlib.sha256(target.weight.tobytes()).hexdigest())
-        if key not in encodings:
-            encode = (_matmul_nbits_constants if target.lowering is _Lowering.MATMUL_NBITS
-                      else _dequantize_linear_constants)
-            encodings[key] = encode(graph, names, target.weight_value.name, quantized)
-        if target.lowering is _Lowering.MATMUL_NBITS:
-            _lower_matmul_nbits(graph, names, target, config, encodings[key])
         else:
-            _lower_dequantize_linear(graph, names, target, quantized, encodings[key])
-        for value in read:  # the old weight, and a Gemm's bias moved into MatMulNBits' bias input
-            _drop_unread(graph, value)
-        lowered[target.lowering] += 1
-        tensors.append(_tensor_info(target, quantized))
-        weights[target.weight_value] = None
+            targets.append(target)
+    groups = _by_weight(targets)  # a weight read by several nodes (tied embeddings) is stored once
+    importance = _importance(model, targets, data, progress)
+    tensors, lowered, encodings = [], Counter(), {}
+    short, weights, heads = 0, {}, []
+    for key, readers in groups.items():
+        quantized = quantize_blocks(readers[0].weight, config.block_size, config.weight_format,
+                                    importance=_group_importance(readers, importance))
+        encode = (_matmul_nbits_constants if key[0] is _Lowering.MATMUL_NBITS else _dequantize_linear_constants)
+        encodings[key] = encode(graph, names, readers[0].weight_value.name, quantized)
+        for target in readers:
+            node = target.node
+            if node.outputs[0].is_graph_output():  # the head (a classifier, an LM head) writes the output
+                heads.append((node.name or node.op_type, node.outputs[0].name, target.weight.size * 4))
+            short += target.weight.shape[-2] < config.block_size  # K of the [..., K, N] weight
+            read = [v for v in node.inputs[1:] if v is not None]  # the weight (maybe via a Transpose), C
+            if target.lowering is _Lowering.MATMUL_NBITS:
+                _lower_matmul_nbits(graph, names, target, config, encodings[key])
+            else:
+                _lower_dequantize_linear(graph, names, target, quantized, encodings[key])
+            for value in read:  # the old weight, and a Gemm's bias moved into MatMulNBits' bias input
+                _drop_unread(graph, value)
+            lowered[target.lowering] += 1
+            tensors.append(_tensor_info(target, quantized, weighted=bool(importance)))
+            weights[target.weight_value] = None
     bytes_before = sum(int(np.prod(shape)) * 4 for _, shape, _ in encodings)
     bytes_after = sum(encoded.nbytes for encoded in encodings.values())
     if not tensors:
@@ -433,6 +474,9 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
         f"blocks of {config.block_size} along K): {lowered[_Lowering.MATMUL_NBITS]} MatMul/Gemm -> "
         f"MatMulNBits (ONNX Runtime com.microsoft), {lowered[_Lowering.DEQUANTIZE_LINEAR]} -> "
         f"DequantizeLinear + MatMul; weights {bytes_before} -> {bytes_after} bytes with scales",
+        "block scales: clipping searched per block for the least weight error" + (
+            ", weighted by each layer's input channels on the calibration data" if importance else
+            " (--data would weigh it by each layer's input channels)"),
         "activations and compute stay float32" + (
             "" if config.accuracy_level is None
             else f"; MatMulNBits accuracy_level={int(config.accuracy_level)} ({config.accuracy_level.name})"),

@@ -2,16 +2,28 @@
 
 For a weight ``W`` of shape ``[..., K, N]``, K (the reduction axis) is cut
 into blocks of ``b`` rows; each block of each column gets its own scale (and
-zero point), by the min/max rule of :mod:`edgeopt.quant.primitives` in the
-format of :mod:`edgeopt.quant.formats`:
+zero point) in the format of :mod:`edgeopt.quant.formats`, and
+``q = clamp(rint(w / scale) + zero_point)``, ``w' = (q - zero_point) * scale``
+(:mod:`edgeopt.quant.primitives`). The range of a block, clipped by a ratio
+``r``, gives the candidate parameters:
 
-* ``int4`` (symmetric): ``scale = max|w| / 7``, ``q = clamp(rint(w / scale), -8, 7)``;
-* ``uint4`` (asymmetric): the block range widened to include 0,
-  ``scale = (max - min) / 15``, ``zero_point = clamp(rint(-min / scale), 0, 15)``;
+* ``int4`` (symmetric, all 16 levels): the block's value of largest
+  magnitude ``m`` maps to -8, ``scale = r * m / -8`` (negative when m > 0),
+  ``zero_point = 0``; the old ``max|w| / 7`` left level -8 unused, about
+  1 dB worse;
+* ``uint4`` (asymmetric): the block range widened to include 0 and scaled by
+  ``r``, ``scale = (max - min) / 15``, ``zero_point = clamp(rint(-min / scale), 0, 15)``.
 
-and ``w' = (q - zero_point) * scale``. For Gaussian weights the symmetric
-rule gives a weight SQNR of about 20 dB at b = 32 and 18.5 dB at b = 128
-(noise ``(max|w| / 7)**2 / 12`` with a block max of 2.4 and 2.9 sigma).
+Per block, the ratio of :data:`CLIP_RATIOS` with the least squared error
+``sum_k h_k (w_k - w'_k)**2`` is kept: clipping a lone large value costs it
+more error but gives the other ``b - 1`` values a finer step. ``h_k`` is the
+importance of input channel k: the mean square of the layer's input channel
+on calibration data (then the sum is the expected squared error its output
+picks up from that block, cross terms aside), or 1. For Gaussian weights the
+weight SQNR is about 21.7 dB at b = 32 and 20.2 dB at b = 128 (ONNX
+Runtime's round-to-nearest with the same -8 mapping: 21.3 and 19.7; min/max
+over 7 levels: 20.3 and 18.6); the search costs one quantization per ratio,
+vectorized over all blocks.
 
 Nibbles are packed two per byte along the last axis, the first in the low
 nibble (int4 in two's complement), in one place, :func:`pack_nibbles`.
@@ -32,9 +44,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeopt.quant.formats import UINT4, Format
-from edgeopt.quant.primitives import choose_qparams, dequantize, quantize
+from edgeopt.quant.primitives import dequantize, quantize
 
 __all__ = [
+    "CLIP_RATIOS",
     "BlockQuantizedWeight",
     "MatMulNBitsWeight",
     "decode_matmul_nbits",
@@ -119,13 +132,84 @@ def _pad_rows(weight: np.ndarray, block_size: int, fill) -> np.ndarray:
     return np.concatenate([weight, pad], axis=-2)
 
 
-def quantize_blocks(weight: np.ndarray, block_size: int, fmt: Format) -> BlockQuantizedWeight:
-    """Min/max block quantization of ``weight [..., K, N]`` along K into ``fmt``."""
+#: Clipping ratios the per-block search tries (1.0: the block's whole range).
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+_TINY_SCALE = float(np.finfo(np.float32).tiny)  # a block of zeros (or denormals) gets scale 1
+_CHUNK_ELEMENTS = 1 << 22  # columns are searched in chunks of about this many weights (bounded memory)
+
+
+def _block_range(blocks: np.ndarray, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
+    """Per block of ``blocks [..., n_blocks, b, N]`` (as ``[..., n_blocks, 1, N]``): symmetric, the value of
+    largest magnitude (twice); asymmetric, the range widened to include 0."""
+    if fmt.symmetric:
+        extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-2)[..., None, :], axis=-2)
+        return extreme, extreme
+    return np.minimum(blocks.min(axis=-2, keepdims=True), 0), np.maximum(blocks.max(axis=-2, keepdims=True), 0)
+
+
+def _candidate(block_range: tuple[np.ndarray, np.ndarray], fmt: Format,
+               ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point (float32) of blocks clipped to ``ratio`` times their range."""
+    low, high = (bound * np.float32(ratio) for bound in block_range)
+    if fmt.symmetric:
+        scale, zero_point = low / np.float32(fmt.qmin), np.float32(0)
+    else:
+        scale = (high - low) / np.float32(fmt.qmax - fmt.qmin)
+        zero_point = np.clip(np.rint(fmt.qmin - low / np.where(scale < _TINY_SCALE, 1, scale)), fmt.qmin, fmt.qmax)
+    return np.where(np.abs(scale) < _TINY_SCALE, np.float32(1), scale).astype(np.float32), zero_point
+
+
+def _squared_error(blocks: np.ndarray, importance: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
+                   fmt: Format) -> np.ndarray:
+    """``sum_k h_k (w_k - w'_k)**2`` per block, ``w'`` rounded as :func:`~edgeopt.quant.primitives.quantize`."""
+    error = blocks / scale
+    np.rint(error, out=error)
+    error += zero_point
+    np.clip(error, fmt.qmin, fmt.qmax, out=error)
+    error -= zero_point
+    error *= scale
+    np.subtract(blocks, error, out=error)
+    np.square(error, out=error)
+    error *= importance
+    return error.sum(axis=-2, keepdims=True)
+
+
+def _search(blocks: np.ndarray, importance: np.ndarray, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
+    """Per block, the candidate of :data:`CLIP_RATIOS` with the least weighted squared error."""
+    block_range = _block_range(blocks, fmt)
+    best_scale, best_zero_point = _candidate(block_range, fmt, CLIP_RATIOS[0])
+    best_error = _squared_error(blocks, importance, best_scale, best_zero_point, fmt)
+    for ratio in CLIP_RATIOS[1:]:
+        scale, zero_point = _candidate(block_range, fmt, ratio)
+        error = _squared_error(blocks, importance, scale, zero_point, fmt)
+        better = error < best_error  # ties keep the wider range: deterministic
+        best_error = np.where(better, error, best_error)
+        best_scale = np.where(better, scale, best_scale)
+        best_zero_point = np.where(better, zero_point, best_zero_point)
+    best_zero_point = np.broadcast_to(best_zero_point, best_scale.shape)
+    return best_scale[..., 0, :], best_zero_point[..., 0, :]
+
+
+def quantize_blocks(weight: np.ndarray, block_size: int, fmt: Format,
+                    importance: np.ndarray | None = None) -> BlockQuantizedWeight:
+    """Block quantization of ``weight [..., K, N]`` along K into ``fmt``, each block's clipping searched.
+
+    ``importance``: ``[K]`` non-negative weights of the input channels in the
+    error the search minimizes (the mean square of the layer's input on
+    calibration data); None weighs them equally.
+    """
     weight = np.asarray(weight, dtype=np.float32)
+    k, n = weight.shape[-2:]
     padded = _pad_rows(weight, block_size, 0.0)
-    blocks = padded.reshape(*padded.shape[:-2], -1, block_size, padded.shape[-1])
-    scale, zero_point = choose_qparams(blocks.min(axis=-2), blocks.max(axis=-2), fmt)
-    zero_point = zero_point.astype(fmt.numpy_dtype)
+    blocks = padded.reshape(*padded.shape[:-2], -1, block_size, n)
+    if importance is None:
+        importance = np.ones(k, np.float32)
+    weights = _pad_rows(np.asarray(importance, np.float32).reshape(k, 1), block_size, 0.0).reshape(-1, block_size, 1)
+    step = max(1, _CHUNK_ELEMENTS // max(1, padded.size // n))
+    found = [_search(blocks[..., start:start + step], weights, fmt) for start in range(0, n, step)]
+    scale = np.concatenate([f[0] for f in found], axis=-1)
+    zero_point = np.concatenate([f[1] for f in found], axis=-1).astype(fmt.numpy_dtype)
     q = quantize(weight, scale, zero_point, fmt, axis=weight.ndim - 2, block_size=block_size)
     return BlockQuantizedWeight(q=q, scale=scale, zero_point=zero_point, block_size=block_size, format=fmt)
 
