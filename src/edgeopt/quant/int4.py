@@ -89,8 +89,9 @@ class Int4WeightConfig:
     """Int4 weight-only quantization of MatMul/Gemm weights.
 
     ``granularity``: blocks of ``size`` values along K (a power of two >= 16).
-    ``weight_format``: ``INT4`` (symmetric, no zero points) or ``UINT4``
-    (asymmetric, per-block zero points). ``accuracy_level``: written to
+    ``weight_format``: ``UINT4`` (asymmetric, per-block zero points: the
+    default, about 1 dB more weight SQNR than int4 for 2.5% more bytes at
+    b = 32) or ``INT4`` (symmetric, no zero points). ``accuracy_level``: written to
     MatMulNBits when set; None leaves ONNX Runtime's default (float input
     not downcast). ``exclude``: node names or op types to leave float.
     ``float_passes``: fold constants and BatchNorm, drop dead nodes first
@@ -98,7 +99,7 @@ class Int4WeightConfig:
     """
 
     granularity: PerBlock = PerBlock(size=32)
-    weight_format: Format = INT4
+    weight_format: Format = UINT4
     accuracy_level: AccuracyLevel | None = None
     exclude: tuple[str, ...] = ()
     float_passes: bool = True
