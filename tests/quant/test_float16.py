@@ -526,3 +526,27 @@ def test_half_precision_warns_when_most_weight_bytes_stay_float32(config, caplog
     with caplog.at_level("WARNING", logger="edgeopt"):
         quantize(overflow_model(), type(config)(), data=None)
     assert not [r for r in caplog.records if "converted only" in r.message]
+
+
+@pytest.mark.parametrize("config", [Fp16Config(), Bf16Config()], ids=["fp16", "bf16"])
+def test_a_tied_embedding_is_stored_once(tmp_path, config):
+    # Gather(E, ids) and an LM head MatMul(h, Transpose(E)), as torch's dynamo writes a tied GPT: folding
+    # the Transpose stored a second, transposed copy of E (0.58x instead of 0.5x of the float file)
+    rng = np.random.default_rng(0)
+    table = numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "E")
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["h"]),
+             helper.make_node("Transpose", ["E"], ["E_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "E_t"], ["logits"])]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8, 64])], [table])
+    path = tmp_path / "tied.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    model = load_model(path)
+    result = quantize(model, config)
+    tables = [v for v in result.model.graph.initializers.values() if v.const_value is not None
+              and v.const_value.size == 64 * 32]
+    assert len(tables) == 1
+    ids = {"ids": rng.integers(0, 64, (1, 8)).astype(np.int64)}
+    expected = OrtSession(model).run(ids)["logits"]
+    actual = OrtSession(result.model).run(ids)["logits"]
+    assert np.allclose(actual, expected, rtol=0.05, atol=0.05)

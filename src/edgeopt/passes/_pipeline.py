@@ -25,11 +25,16 @@ from edgeopt.passes.fuse_matmul_add import FuseMatMulAddPass
 __all__ = ["PipelineResult", "default_passes", "optimize_for_quantization"]
 
 
-def default_passes() -> list[RulePass]:
-    """The stages of :func:`optimize_for_quantization`, in order."""
-    return [
+def default_passes(*, copy_shared: bool = True, fuse_gemm: bool = True) -> list[RulePass]:
+    """The stages of :func:`optimize_for_quantization`, in order.
+
+    The weight-only schemes (fp16/bf16, int4) take ``copy_shared=False``: a tied weight's
+    ``Transpose(E)`` is read through rather than folded into a second copy of E; and
+    ``fuse_gemm=False``: a MatMul + Add becoming a Gemm would only rename what a user excludes.
+    """
+    stages = [
         # Constant nodes and shape arithmetic become initializers, so rules see constants.
-        FoldConstantsPass(),
+        FoldConstantsPass(copy_shared=copy_shared),
         # Identity/Dropout and orphaned nodes go, so "only reader" checks count real readers.
         EliminateDeadCodePass(),
         # BatchNormalization after Conv/ConvTranspose/Gemm/MatMul becomes part of the weights.
@@ -43,6 +48,7 @@ def default_passes() -> list[RulePass]:
         # The weights folding replaced, and nodes fusion orphaned, are dropped.
         EliminateDeadCodePass(),
     ]
+    return [stage for stage in stages if fuse_gemm or not isinstance(stage, FuseMatMulAddPass)]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

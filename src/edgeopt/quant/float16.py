@@ -251,7 +251,7 @@ def _retype_node_attributes(node: ir.Node, low: ir.DataType) -> None:
 
 def _float_passes(model: ir.Model, config: Fp16Config | Bf16Config) -> list[str]:
     """Check ``exclude`` against the given model, then run the float passes in place; notes."""
-    from edgeopt.passes import FuseMatMulAddPass, default_passes
+    from edgeopt.passes import default_passes
 
     exclude = config.exclude
     check_exclude([model], exclude)
@@ -259,9 +259,8 @@ def _float_passes(model: ir.Model, config: Fp16Config | Bf16Config) -> list[str]
         return []
     before = sum(1 for _ in model.graph)
     folded = False
-    for stage in default_passes():
-        if not isinstance(stage, FuseMatMulAddPass):
-            folded |= stage(model).report.modified
+    for stage in default_passes(copy_shared=False, fuse_gemm=False):  # a tied weight is stored once
+        folded |= stage(model).report.modified
     after = sum(1 for _ in model.graph)
     notes = [f"float passes first (BatchNorm/affine folding, activation fusion): {before} -> {after} nodes"
              if folded else "float passes first: nothing to fold or fuse"]

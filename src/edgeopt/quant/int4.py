@@ -256,18 +256,15 @@ def _match_gemm(node: ir.Node, weight_value: ir.Value, weight: np.ndarray) -> _T
 
 def _float_passes(model: ir.Model, config: Int4WeightConfig) -> list[str]:
     """Check ``exclude`` against the given model, then run the float passes in place; notes."""
-    from edgeopt.passes import FoldConstantsPass, FuseMatMulAddPass, default_passes
+    from edgeopt.passes import default_passes
 
     check_exclude([model], config.exclude)
     if not config.float_passes:
         return []
     before = sum(1 for _ in model.graph)
     modified = False
-    for stage in default_passes():
-        if isinstance(stage, FoldConstantsPass):
-            stage = FoldConstantsPass(copy_shared=False)  # a tied weight's Transpose is read through instead
-        if not isinstance(stage, FuseMatMulAddPass):  # a Gemm would only change which node the user excludes
-            modified |= stage(model).report.modified
+    for stage in default_passes(copy_shared=False, fuse_gemm=False):
+        modified |= stage(model).report.modified
     after = sum(1 for _ in model.graph)
     notes = [f"float passes first (constant and BatchNorm folding, dead-code elimination): {before} -> {after} "
              "nodes" if modified else "float passes first: nothing to fold or remove"]
