@@ -50,6 +50,33 @@ def test_uint8_activation_model_is_bit_exact(tmp_path):
     _assert_bit_exact(model, tmp_path / "c", "single")
 
 
+@pytest.mark.parametrize("rounding", ["double", "single"])
+def test_a_requantize_multiplier_far_above_one_saturates_bit_exactly(rounding, tmp_path):
+    # input scale 1 -> output scale 2^-28 (another quantizer's QDQ model): the multiplier's left shift
+    # overflowed int64 in the C (undefined behaviour) and its result was cut to int32, so large inputs
+    # came out as 0 and negative ones as 127; both sides now saturate, as ONNX Runtime does
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    def constant(name, value, dtype):
+        return numpy_helper.from_array(np.array(value, dtype=dtype), name)
+
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s_in", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s_in", "z"], ["xd"]),
+             helper.make_node("Relu", ["xd"], ["r"]),
+             helper.make_node("QuantizeLinear", ["r", "s_out", "z"], ["rq"]),
+             helper.make_node("DequantizeLinear", ["rq", "s_out", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "extreme", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+                              [constant("s_in", 1.0, np.float32), constant("z", 0, np.int8),
+                               constant("s_out", 2.0**-28, np.float32)])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8))
+    compile_c(model, tmp_path / "c", rounding=rounding)
+    feeds = [{"x": np.linspace(-100, 127, 16, dtype=np.float32)[None]}]
+    result = verify(tmp_path / "c", feeds)
+    assert result.bit_exact, result.first_mismatch
+
+
 _BLOCKS = ["conv", "depthwise", "residual", "basic_block", "maxpool", "avgpool", "sigmoid", "concat",
            "hardswish"]
 

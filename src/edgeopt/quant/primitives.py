@@ -208,8 +208,9 @@ def multiply_by_quantized_multiplier(x, multiplier, shift,
     """``x * multiplier * 2**(shift - 31)`` rounded, as TFLite/CMSIS-NN requantize.
 
     ``x`` is an int32 accumulator (as int64); ``multiplier, shift`` come from
-    :func:`quantize_multiplier`. With ``"double"`` rounding ``x << left``
-    must fit in int32 (in C it would overflow otherwise).
+    :func:`quantize_multiplier`. Results saturate to int32, as the C kernels
+    do (with ``"double"`` rounding ``x << left`` saturates first): only a
+    multiplier far above 1 gets there, and its result is far past int8 anyway.
     """
     x = np.asarray(x, dtype=np.int64)
     multiplier = np.asarray(multiplier, dtype=np.int64)
@@ -217,8 +218,9 @@ def multiply_by_quantized_multiplier(x, multiplier, shift,
     if rounding == "double":
         left = np.maximum(shift, 0)
         right = np.maximum(-shift, 0)
-        return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x << left, multiplier), right)
+        shifted = np.clip(x << left, _INT32_MIN, _INT32_MAX)
+        return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(shifted, multiplier), right)
     if rounding == "single":
         total = 31 - shift
-        return (x * multiplier + (np.int64(1) << (total - 1))) >> total
+        return np.clip((x * multiplier + (np.int64(1) << (total - 1))) >> total, _INT32_MIN, _INT32_MAX)
     raise ValueError(f"rounding must be 'double' or 'single', got {rounding!r}")

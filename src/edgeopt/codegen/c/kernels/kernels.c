@@ -5,6 +5,9 @@
 
 static int32_t clamp32(int32_t x, int32_t lo, int32_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
+/* x saturated to int32: a requantized value past it (a multiplier far above 1) is far past int8 too. */
+static int32_t sat32(int64_t x) { return x < INT32_MIN ? INT32_MIN : (x > INT32_MAX ? INT32_MAX : (int32_t)x); }
+
 #if !EO_SINGLE_ROUNDING
 /* gemmlowp SaturatingRoundingDoublingHighMul: round(a * b / 2^31), quotient truncated toward zero. */
 static int64_t srdhm(int64_t a, int64_t b) {
@@ -26,17 +29,19 @@ static int64_t rdbpot(int64_t x, int exponent) {
 
 int32_t eo_requantize(int32_t x, int32_t multiplier, int32_t shift) {
 #if EO_SINGLE_ROUNDING
-    int total = 31 - shift;
-    return (int32_t)(((int64_t)x * multiplier + ((int64_t)1 << (total - 1))) >> total);
+    int total = 31 - shift; /* shift in [-31, 30]: the sum below stays under 2^63 */
+    return sat32(((int64_t)x * multiplier + ((int64_t)1 << (total - 1))) >> total);
 #else
     int left = shift > 0 ? shift : 0;
     int right = shift > 0 ? 0 : -shift;
-    return (int32_t)rdbpot(srdhm((int64_t)x * ((int64_t)1 << left), multiplier), right);
+    /* the left shift saturates to int32 first, so the doubling high multiply cannot overflow */
+    return (int32_t)rdbpot(srdhm(sat32((int64_t)x * ((int64_t)1 << left)), multiplier), right);
 #endif
 }
 
 static int8_t finish(int32_t acc, int32_t multiplier, int32_t shift, int32_t zero_point, int32_t lo, int32_t hi) {
-    return (int8_t)clamp32(eo_requantize(acc, multiplier, shift) + zero_point, lo, hi);
+    int64_t out = (int64_t)eo_requantize(acc, multiplier, shift) + zero_point; /* no int32 overflow at the edge */
+    return (int8_t)(out < lo ? lo : (out > hi ? hi : out));
 }
 
 /* The int32 accumulator of output (b, oy, ox, o): bias + sum over the window of (x - zp) * w. */
