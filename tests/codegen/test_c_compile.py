@@ -101,6 +101,21 @@ def test_existing_folder_needs_force_and_force_replaces_only_a_compiled_folder(t
         compile_c(_qdq(), tmp_path / "file.c", force=True)
 
 
+def test_force_keeps_the_users_files_in_the_build_folder(tmp_path):
+    # .build was taken whole as the Makefile's: a user's notes there were deleted by --force
+    compile_c(_qdq(), tmp_path / "out")
+    build = tmp_path / "out" / ".build"
+    build.mkdir()
+    (build / "model").write_text("a driver make built")
+    (build / "kernels.o").write_text("an object make built")
+    compile_c(_qdq(), tmp_path / "out", force=True)  # only what make writes there: replaced
+    build.mkdir()
+    (build / "notes.txt").write_text("mine")
+    with pytest.raises(CodegenError, match=r"did not write .e\.g\. \.build/notes\.txt"):
+        compile_c(_qdq(), tmp_path / "out", force=True)
+    assert (build / "notes.txt").read_text() == "mine"
+
+
 def test_bad_options_are_config_errors(tmp_path):
     for options in ({"name": "9lives"}, {"name": "kernels"}, {"name": "main"}, {"rounding": "up"},
                     {"device": "pdp-11"}, {"device": tmp_path / "no.yaml"}):
@@ -175,3 +190,26 @@ def test_clip_bounds_of_several_elements_are_refused(tmp_path):
     proto = _qdq_conv_clip(np.zeros(2), np.float32(6))
     with pytest.raises(UnsupportedOpError, match=r"Clip \(relu6\): Clip min must be a scalar.*shape \[2\]"):
         compile_c(q.to_ir(proto), tmp_path / "out")
+
+
+def test_a_refusal_says_what_to_do_once():
+    # each float-island node repeated the whole explanation, and no refusal named a way out
+    import onnx_ir as ir
+
+    def constant(name, value, dtype):
+        return numpy_helper.from_array(np.array(value, dtype=dtype), name)
+
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("Erf", ["xd"], ["e"]), helper.make_node("Abs", ["e"], ["a"]),
+             helper.make_node("QuantizeLinear", ["a", "s", "z"], ["aq"]),
+             helper.make_node("DequantizeLinear", ["aq", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "refused", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                              [constant("s", 0.05, np.float32), constant("z", 0, np.int8)])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    with pytest.raises(UnsupportedOpError) as caught:
+        compile_c(model, "/nonexistent/never-written")
+    message = str(caught.value)
+    assert "Erf (" in message and "Abs (" in message and message.count("every op output must reach") <= 1
+    assert "export at opset 20" in message and "the C kernels cover Add," in message

@@ -250,11 +250,8 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
     if search is not None and not search.met:
         warnings.append(f"accuracy goal not met ({search.goal.describe()}): best score {search.best_score:.3f} "
                         f"with {len(search.best_excluded)} node(s) back in float; {search.stopped_because}")
-    kept = [f.node_name for f in result.float_nodes if f.reason in _KEPT_REASONS]
-    if isinstance(config, Int8Config) and config.target is Target.MCU and kept:
-        warnings.append(f"{len(kept)} node(s) kept float ({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}): "
-                        "edgeopt compile lowers all-int8 models only, so this model runs in ONNX Runtime but "
-                        "cannot become C; drop --exclude (or the accuracy goal) for the mcu target")
+    if isinstance(config, Int8Config) and config.target is Target.MCU and result.float_nodes:
+        warnings.append(_mcu_float_warning(result.float_nodes))
     if isinstance(config, Int8Config) and not result.tensors:
         warnings.append(f"no node runs in int8: the model written is the float model ({len(result.float_nodes)} "
                         "node(s) kept float, listed above)")
@@ -298,6 +295,18 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
         # the artifact ships with its measured numbers: both files are replaced, or neither
         atomic_write_files([(output, quant_bytes), (report_path(output), json_text(report.to_dict()).encode())])
     return report
+
+
+def _mcu_float_warning(float_nodes) -> str:
+    """What float nodes mean for the mcu target: no C (compile lowers all-int8 models only), and why."""
+    names = [f.node_name for f in float_nodes]
+    text = (f"{len(names)} node(s) stay float ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): "
+            "edgeopt compile lowers all-int8 models only, so this model runs in ONNX Runtime but cannot become C")
+    if any(f.reason in _KEPT_REASONS for f in float_nodes):
+        text += "; drop --exclude (or the accuracy goal) for the mcu target"
+    if any("gelu" in f.reason.lower() for f in float_nodes):
+        text += "; a spelled-out GELU becomes one Gelu op (an int8 lookup table) when exported at opset 20 or later"
+    return text
 
 
 def _low_fidelity(result: QuantResult, fidelity: CompareResult) -> list[str]:

@@ -176,8 +176,11 @@ def _check_static(graph: onnx.GraphProto) -> None:
             # a dynamic batch is 1; other dynamic dims have no safe guess: their names (H, W) stay for the user
             example = "x".join(str(d) if isinstance(d, int) else "1" if i == 0 else (params[i] or "?")
                                for i, d in enumerate(dims)) or "1x3x224x224"
+            named = [params[i] or "?" for i, d in enumerate(dims) if i > 0 and not isinstance(d, int)]
+            told = (f" with {', '.join(dict.fromkeys(named))} replaced by the integer sizes you will run" if named
+                    else " (the sizes you will run)" if example != shown else "")
             raise ModelError(f"input {value.name!r} has dynamic shape {shown}: fix it with --input-shape "
-                             f"{value.name}={example}" + (" (the sizes you will run)" if example != shown else ""))
+                             f"{value.name}={example}{told}")
 
 
 def _clear_symbolic_shapes(graph: onnx.GraphProto) -> dict[str, onnx.TensorShapeProto]:

@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt.analysis.memory import lower_bound_bytes as lower_bound_of
-from edgeopt.codegen.c.build import build, run_batch
+from edgeopt.codegen.c.build import BUILD_DIR, build, run_batch
 from edgeopt.codegen.c.emit import emit_sources
 from edgeopt.codegen.c.plan import MemoryPlan, plan_memory, program_lifetimes
 from edgeopt.codegen.c.schedule import Schedule, choose_schedule, reorder
@@ -199,7 +199,14 @@ def check_output_folder(out_dir: Path, *, force: bool) -> None:
         return
     if not force:
         raise CodegenError(f"output folder {out_dir} exists: choose another -o or pass --force to overwrite it")
-    foreign = [entry for entry in entries if entry not in _written_by_compile(out_dir)]
+    written = _written_by_compile(out_dir)
+    foreign = [entry for entry in entries if entry not in written]
+    build_dir = out_dir / BUILD_DIR
+    if not foreign and build_dir.is_dir() and not build_dir.is_symlink():  # what make built there, nothing else
+        foreign = [f"{BUILD_DIR}/{entry.name}" for entry in sorted(build_dir.iterdir())
+                   if entry.name not in _built_by_make(out_dir)]
+    elif build_dir.is_symlink():
+        foreign = [BUILD_DIR]
     if foreign:
         raise CodegenError(f"output folder {out_dir} holds files edgeopt compile did not write (e.g. "
                            f"{foreign[0]}): --force replaces only what a compile wrote; move them or choose "
@@ -215,8 +222,14 @@ def _written_by_compile(out_dir: Path) -> set[str]:
         name = json.loads((out_dir / MANIFEST).read_text())["name"]
     except (OSError, ValueError, KeyError, TypeError):
         return set()
-    return {MANIFEST, MEMORY_MAP, _REFERENCE_MODEL, REPORT, ".build", "Makefile", "main.c", "bench.c",
+    return {MANIFEST, MEMORY_MAP, _REFERENCE_MODEL, REPORT, BUILD_DIR, "Makefile", "main.c", "bench.c",
             "kernels.c", "kernels.h", f"{name}.c", f"{name}.h"}
+
+
+def _built_by_make(out_dir: Path) -> set[str]:
+    """What the generated Makefile's targets write into its build folder."""
+    name = json.loads((out_dir / MANIFEST).read_text())["name"]  # readable: _written_by_compile read it
+    return {name, f"{name}_trace", f"{name}_bench", f"{name}.o", "kernels.o", f"{name}.su", "kernels.su"}
 
 
 def _write_folder(out_dir: Path, files: Mapping[str, str], model: ir.Model, manifest: dict, force: bool) -> None:

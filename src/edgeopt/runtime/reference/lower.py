@@ -250,11 +250,7 @@ class Lowering:
             else:
                 break
             current = user.outputs[0]
-        raise UnsupportedOpError(f"{node_label(node)}: its output is not quantized (a float island): every op "
-                                 "output must reach a QuantizeLinear. `edgeopt quantize --target mcu` quantizes "
-                                 "all it has kernels for (the ort target leaves a last Gemm/MatMul's output "
-                                 "float); what it lists as kept float (an excluded node, an op it has no int8 "
-                                 "kernel for, a spelled-out GELU) cannot be compiled")
+        raise UnsupportedOpError(f"{node_label(node)}: {FLOAT_ISLAND}")
 
     # -- constants --------------------------------------------------------------------
 
@@ -264,7 +260,8 @@ class Lowering:
         data = eir.constant_array(producer.inputs[0]) if producer is not None and producer.inputs else None
         if producer is None or producer.op_type != "DequantizeLinear" or data is None:
             raise UnsupportedOpError(f"{node_label(node)}: input {value.name if value else '?'!r} must be a "
-                                     "constant DequantizeLinear (quantized weights)")
+                                     "constant DequantizeLinear (quantized weights; a product of two activations, "
+                                     "as attention's q @ k^T, has no C kernel)")
         scale = eir.constant_array(producer.inputs[1]).astype(np.float64)
         zp_value = producer.inputs[2] if len(producer.inputs) > 2 else None
         zero_point = eir.constant_array(zp_value) if zp_value is not None else np.zeros_like(scale, data.dtype)
@@ -334,6 +331,34 @@ class Lowering:
         return tuple(outputs)
 
 
+FLOAT_ISLAND = "its output is not quantized (a float island)"
+
+# What to do about a refused op, told once after the list (op type -> hint).
+_OP_HINTS = {
+    "ConvTranspose": "for ConvTranspose, upsample with a nearest Resize followed by a Conv",
+    "LayerNormalization": "LayerNorm has no int8 kernel: a BatchNorm (folded into the conv) does",
+    "Erf": "a spelled-out GELU (Div, Erf, Add, Mul) has no kernel: export at opset 20 or later, where GELU "
+           "is one Gelu op (a lookup table here), or use another activation",
+}
+
+
+def _what_to_do(errors: list[str], model: ir.Model) -> str:
+    """The advice for the refusals in ``errors``, each said once: the float-island rule, hints for the
+    op types refused, and the ops the C kernels cover."""
+    from edgeopt.runtime.reference.handlers import HANDLERS
+
+    refused = {node.op_type for node in model.graph if any(error.startswith(node_label(node)) for error in errors)}
+    advice = [hint for op, hint in _OP_HINTS.items() if op in refused]
+    if any(FLOAT_ISLAND in error for error in errors):
+        advice.insert(0, "every op output must reach a QuantizeLinear: `edgeopt quantize --target mcu` quantizes "
+                         "all it has kernels for (the ort target leaves a last Gemm/MatMul's output float), and "
+                         "what it lists as kept float (an excluded node, an op without an int8 kernel) cannot be "
+                         "compiled")
+    supported = sorted(op for op in HANDLERS if op not in ("QuantizeLinear", "DequantizeLinear"))
+    advice.append(f"the C kernels cover {', '.join(supported)}: replace the other ops in the model you export")
+    return ". To fix: " + "; ".join(advice)
+
+
 def _is_quantized(model: ir.Model) -> bool:
     return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph)
 
@@ -369,7 +394,7 @@ def lower(model: ir.Model, *, fuse: bool = True) -> Program:
     outputs = lowering.outputs()
     if lowering.errors:
         raise UnsupportedOpError(f"cannot lower {len(lowering.errors)} op(s) to integer kernels: "
-                                 + "; ".join(lowering.errors))
+                                 + "; ".join(lowering.errors) + _what_to_do(lowering.errors, model))
     used = {t for op in lowering.ops for t in op.inputs}
     constants = {name: array for name, array in lowering.constants.items() if name in used}
     program = Program(tensors=lowering.tensors, constants=constants, ops=tuple(lowering.ops),
