@@ -497,8 +497,8 @@ def test_fp16_types_what_onnx_cannot_by_running_the_model_once():
         assert {n.node_name: n.reason for n in result.float_nodes} == {
             "fused": "op of domain 'com.microsoft': no float16 schema to check"}
         assert _node(result.model, "mm").inputs[1].dtype == ir.DataType.FLOAT16
-        assert any("left 2 tensors untyped (ops of 'com.microsoft')" in note and "typed by running the model once" in note
-                   for note in result.notes)
+        assert any("left 2 tensors untyped (ops of 'com.microsoft')" in note
+                   and "typed by running the model once" in note for note in result.notes)
         reference, outputs = run_both(model, result.model)
         assert sqnr_db(reference["y"], outputs["y"]) >= FP16_MIN_SQNR_DB
 

@@ -18,8 +18,8 @@ import onnx_ir as ir
 
 from edgeopt.errors import ModelError
 
-__all__ = ["atomic_write_bytes", "atomic_write_files", "check_writable", "current_umask", "make_output_folder", "model_to_bytes",
-           "save_model"]
+__all__ = ["atomic_write_bytes", "atomic_write_files", "check_writable", "current_umask", "make_output_folder",
+           "model_to_bytes", "save_model"]
 
 _PROTOBUF_LIMIT_BYTES = 2**31 - 1
 
