@@ -108,7 +108,8 @@ def test_force_keeps_the_users_files_in_the_build_folder(tmp_path):
     build.mkdir()
     (build / "model").write_text("a driver make built")
     (build / "kernels.o").write_text("an object make built")
-    compile_c(_qdq(), tmp_path / "out", force=True)  # only what make writes there: replaced
+    (build / ".edgeopt-run-x1y2").mkdir()  # a run's files, left by a run killed with SIGKILL
+    compile_c(_qdq(), tmp_path / "out", force=True)  # only what make and edgeopt write there: replaced
     build.mkdir()
     (build / "notes.txt").write_text("mine")
     with pytest.raises(CodegenError, match=r"did not write .e\.g\. \.build/notes\.txt"):

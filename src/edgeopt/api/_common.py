@@ -35,7 +35,10 @@ def load(model: ModelSource, *, input_shapes: Mapping[str, Sequence[int]] | None
          require_static: bool = True) -> ir.Model:
     """Load a model from a path (normalized, shapes inferred) or copy an in-memory one."""
     if isinstance(model, ir.Model):
-        return ir.from_proto(ir.to_proto(model))
+        if input_shapes:  # fixed as a file's are (shapes inferred again)
+            model = ir.to_proto(model)
+        else:
+            return ir.from_proto(ir.to_proto(model))
     loaded = load_model(model, input_shapes=input_shapes, require_static=require_static)
     if require_static:
         from edgeopt.runtime.ort import fill_missing_shapes

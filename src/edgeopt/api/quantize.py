@@ -313,8 +313,10 @@ def _low_fidelity(result: QuantResult, fidelity: CompareResult) -> list[str]:
     """A warning for each output whose SQNR against the float model is below LOW_FIDELITY_DB, with
     what to do about it (and the cause when edgeopt made one: ReLU6 turned into ReLU)."""
     warnings = []
+    integer = {value.name for value in result.model.graph.outputs
+               if (dtype := eir.numpy_dtype(value)) is not None and dtype.kind in "iub"}
     for row in fidelity.outputs:
-        if not row.sqnr_db < LOW_FIDELITY_DB:  # NaN (not measured) is told above
+        if not row.sqnr_db < LOW_FIDELITY_DB or row.name in integer:  # NaN: told above; class indices: agreement
             continue
         text = (f"output {row.name}: SQNR {row.sqnr_db:.1f} dB against the float model on the calibration data "
                 f"(below {LOW_FIDELITY_DB:g} dB: the {result.scheme} model's outputs are far from the float "

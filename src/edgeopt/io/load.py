@@ -79,6 +79,11 @@ def _read_model(path: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelPr
         proto.CopyFrom(path)
         if not proto.graph.node:
             raise ModelError("the onnx.ModelProto given is not a valid ONNX model (its graph has no nodes)")
+        tensors = [*proto.graph.initializer, *(attribute.t for node in proto.graph.node
+                                               for attribute in node.attribute if attribute.HasField("t"))]
+        if any(onnx.external_data_helper.uses_external_data(tensor) for tensor in tensors):
+            raise ModelError("the onnx.ModelProto given keeps weights in external data files it was loaded "
+                             "without: pass the model's path, or onnx.load it with its external data")
         return proto, proto.ByteSize()
     file = Path(path)
     if not file.exists():

@@ -355,12 +355,15 @@ class _Runs:
     outputs: list[str]
     layer_session: OrtSession | None
     layer_names: list[str]
+    quant_float_inputs: Mapping[str, np.dtype]  # float inputs of another float type (fp16 without float32 IO)
 
     def run(self, feed: Mapping[str, np.ndarray]) -> tuple[_Arrays, _Arrays, _Arrays]:
         """The float model's tensors (and the feed), the quantized DQ outputs, the quantized outputs."""
         reference = dict(feed) | self.float_session.run(feed, self.float_names)
-        layers = self.layer_session.run(feed, self.layer_names) if self.layer_session is not None else {}
-        return reference, layers, self.output_session.run(feed, self.outputs)
+        quant_feed = {name: array.astype(self.quant_float_inputs[name]) if name in self.quant_float_inputs else array
+                      for name, array in feed.items()}
+        layers = self.layer_session.run(quant_feed, self.layer_names) if self.layer_session is not None else {}
+        return reference, layers, self.output_session.run(quant_feed, self.outputs)
 
 
 def _runs(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatch], outputs: list[str]) -> _Runs:
@@ -368,14 +371,18 @@ def _runs(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatc
     and the quantized model with its matched DQ outputs exposed, for the per-layer rows."""
     from edgeopt.runtime.ort import OrtSession, observing_session
 
-    float_inputs = {s.name for s in eir.model_inputs(float_model)}
+    float_specs = {s.name: s.dtype for s in eir.model_inputs(float_model)}
+    float_inputs = set(float_specs)
     float_names = [m.float_name for m in matches if m.float_name not in float_inputs]
     layer_names = [m.quant_name for m in matches]
+    recast = {s.name: s.dtype for s in eir.model_inputs(quant_model)
+              if s.dtype.kind == "f" and float_specs.get(s.name, s.dtype).kind == "f"
+              and s.dtype != float_specs[s.name]}
     return _Runs(float_session=observing_session(float_model, float_names),
                  float_names=list(dict.fromkeys([*outputs, *float_names])),
                  output_session=OrtSession(quant_model), outputs=outputs,
                  layer_session=observing_session(quant_model, layer_names) if layer_names else None,
-                 layer_names=layer_names)
+                 layer_names=layer_names, quant_float_inputs=recast)
 
 
 def compare_models(float_model: ModelSource, quant_model: ModelSource, data: object, *,

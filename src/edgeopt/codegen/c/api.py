@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt.analysis.memory import lower_bound_bytes as lower_bound_of
-from edgeopt.codegen.c.build import BUILD_DIR, build, run_batch
+from edgeopt.codegen.c.build import BUILD_DIR, RUN_FOLDER_PREFIX, build, run_batch
 from edgeopt.codegen.c.emit import emit_sources
 from edgeopt.codegen.c.plan import MemoryPlan, plan_memory, program_lifetimes
 from edgeopt.codegen.c.schedule import Schedule, choose_schedule, reorder
@@ -204,7 +204,7 @@ def check_output_folder(out_dir: Path, *, force: bool) -> None:
     build_dir = out_dir / BUILD_DIR
     if not foreign and build_dir.is_dir() and not build_dir.is_symlink():  # what make built there, nothing else
         foreign = [f"{BUILD_DIR}/{entry.name}" for entry in sorted(build_dir.iterdir())
-                   if entry.name not in _built_by_make(out_dir)]
+                   if entry.name not in _built_by_make(out_dir) and not entry.name.startswith(RUN_FOLDER_PREFIX)]
     elif build_dir.is_symlink():
         foreign = [BUILD_DIR]
     if foreign:

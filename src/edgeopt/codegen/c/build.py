@@ -12,9 +12,10 @@ import numpy as np
 
 from edgeopt.errors import CodegenError
 
-__all__ = ["BUILD_DIR", "build", "run_batch", "run_binary"]
+__all__ = ["BUILD_DIR", "RUN_FOLDER_PREFIX", "build", "run_batch", "run_binary"]
 
 BUILD_DIR = ".build"
+RUN_FOLDER_PREFIX = ".edgeopt-run-"  # a run's input/output files, in BUILD_DIR (a killed run may leave one)
 
 
 def _check_tools() -> None:
@@ -46,7 +47,7 @@ def build(out_dir: str | Path, target: str) -> Path:
 
 def run_batch(binary: Path, input_bytes: bytes, *, trace: bool = False) -> tuple[bytes, bytes]:
     """Run a built driver on samples (each: every input's int8 bytes); returns (output bytes, trace bytes)."""
-    with tempfile.TemporaryDirectory(dir=binary.parent) as folder:
+    with tempfile.TemporaryDirectory(prefix=RUN_FOLDER_PREFIX, dir=binary.parent) as folder:
         input_file, output_file, trace_file = (Path(folder) / name for name in ("in.bin", "out.bin", "trace.bin"))
         input_file.write_bytes(input_bytes)
         command = [str(binary), str(input_file), str(output_file)] + ([str(trace_file)] if trace else [])
