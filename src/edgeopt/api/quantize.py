@@ -250,8 +250,8 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
     if search is not None and not search.met:
         warnings.append(f"accuracy goal not met ({search.goal.describe()}): best score {search.best_score:.3f} "
                         f"with {len(search.best_excluded)} node(s) back in float; {search.stopped_because}")
-    if isinstance(config, Int8Config) and config.target is Target.MCU and result.float_nodes:
-        warnings.append(_mcu_float_warning(result.float_nodes))
+    if isinstance(config, Int8Config) and config.target is Target.MCU and (blocking := _blocks_c(result)):
+        warnings.append(_mcu_float_warning(blocking))
     if isinstance(config, Int8Config) and not result.tensors:
         warnings.append(f"no node runs in int8: the model written is the float model ({len(result.float_nodes)} "
                         "node(s) kept float, listed above)")
@@ -295,6 +295,14 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
         # the artifact ships with its measured numbers: both files are replaced, or neither
         atomic_write_files([(output, quant_bytes), (report_path(output), json_text(report.to_dict()).encode())])
     return report
+
+
+def _blocks_c(result: QuantResult) -> list:
+    """The float nodes edgeopt compile cannot lower: kept float by the user or the search, or of an op
+    without a C kernel (an Identity passing an input on to an output is lowered as a copy)."""
+    from edgeopt.runtime.reference.handlers import HANDLERS
+
+    return [node for node in result.float_nodes if node.reason in _KEPT_REASONS or node.op_type not in HANDLERS]
 
 
 def _mcu_float_warning(float_nodes) -> str:

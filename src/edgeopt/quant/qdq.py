@@ -152,6 +152,7 @@ class _QdqInserter:
         self.replaced: set[str] = set()
         self.rounded_weights: dict[str, np.ndarray] = {}  # AdaRound's ints replace round-to-nearest
         self.kept_float = frozenset(plan.kept_float)  # they read the float tensors
+        self.outputs_quantized = config.outputs_quantized  # mcu: every tensor int8, as the C computes it
 
     def param_values(self, name: str) -> tuple[ir.Value, ir.Value]:
         params = self.params[name]
@@ -172,7 +173,7 @@ class _QdqInserter:
     def activation(self, name: str, method: str) -> None:
         build, value = self.build, self.build.values[name]
         uses = [(node, index) for node, index in value.uses() if node.name not in self.kept_float]
-        if value.is_graph_input():  # a float node reads the input itself: nothing computes it, so nothing is lost
+        if value.is_graph_input() and not self.outputs_quantized:  # a float node reads the input itself
             uses = [(node, index) for node, index in uses if node.name in self.plan.nodes]
         if not uses and not value.is_graph_output():  # read only by nodes kept float: nothing to quantize
             return
