@@ -95,3 +95,34 @@ def test_a_float_node_read_through_a_reshape_charges_the_node_computing_behind_i
     returned = [(step.next_node, step.next_op_type) for step in search.steps if step.next_node]
     assert search.met and returned and {op for _, op in returned} <= {"MatMul", "Gemm", "Add"}, returned
     assert set(search.best_excluded) <= {node.name for node in model.graph}
+
+
+def test_nodes_that_did_not_help_go_back_to_int8_once_the_goal_is_met(monkeypatch):
+    # QA: a model whose damage came from one node; the search first returned 12 others ranked worse
+    # (the score stayed flat), then that one, and wrote an all-float model. Once the goal is met each
+    # node is tried in int8 again, earliest first, and stays int8 if the goal still holds.
+    from edgeopt.quant import accuracy
+
+    def conv2_is_float(model):  # the user's metric: only conv2 in float gets the score back
+        conv2 = next(node for node in model.graph if node.name == "conv2")
+        reads_int8 = any(v is not None and v.producer() is not None and v.producer().op_type == "DequantizeLinear"
+                         for v in conv2.inputs)
+        return 0.0 if reads_int8 else 100.0
+
+    ranking = iter(["conv1", "fc", "conv2"])  # conv1 and fc ranked worse than the culprit
+
+    def ranked(result, comparison):
+        float_nodes = {f.node_name for f in result.float_nodes}
+        name = next(ranking)
+        node = next(node for node in result.model.graph if node.name == name)
+        assert name not in float_nodes
+        return [(10.0, node, "ranked first by the test")]
+
+    monkeypatch.setattr(accuracy, "_node_damage", ranked)
+    search = accuracy_aware_quantize(_conv_classifier(), Int8Config(), batches((1, 3, 8, 8), 16),
+                                     AccuracyGoal(max_drop=0.5), evaluate=conv2_is_float)
+    assert search.met and search.best_excluded == ("conv2",) and search.best_score == 100.0
+    assert [step.retried for step in search.steps if step.retried] == ["conv1", "fc"]
+    assert "2 of the nodes returned to float changed too little" in search.stopped_because
+    assert {f.node_name for f in search.result.float_nodes if "accuracy search" in f.reason} == {"conv2"}
+    assert conv2_is_float(search.result.model) == 100.0

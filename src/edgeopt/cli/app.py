@@ -403,6 +403,12 @@ def _render_search(search) -> None:
                  [("round", "right"), ("float nodes", "right"), ("score", "right"), ("next back to float", "left"),
                   ("why", "left")])
     for index, step in enumerate(search.steps):
+        if step.retried:  # a pruning round after the goal was met
+            kept = "goal still met: runs int8" if search.goal.met(step.score, search.float_score) else \
+                "goal missed without it: stays float"
+            rows.add_row(str(index), str(len(step.excluded)), f"{step.score:.3f}", f"{step.retried} tried in int8",
+                         kept)
+            continue
         rows.add_row(str(index), str(len(step.excluded)), f"{step.score:.3f}",
                      f"{step.next_node} ({step.next_op_type})" if step.next_node else "", step.reason or "")
     state.stdout.print(rows)

@@ -14,6 +14,12 @@ largest damage goes back to float and the next round starts. The loop ends
 when the goal is met, the time budget would be exceeded by another round, or
 no quantized node is left; the best model seen is returned either way, with
 every step and its reason.
+
+Once the goal is met with several nodes back in float, each of them is tried
+in int8 again, earliest first (a node that looked worst early may have changed
+nothing: the damage was downstream of a node returned later): one that the
+goal holds without runs in int8 again. The model returned is then the one
+meeting the goal with the fewest float nodes.
 """
 
 from __future__ import annotations
@@ -97,10 +103,12 @@ class AccuracyStep:
     next_node: str | None = None
     next_op_type: str | None = None
     reason: str | None = None
+    retried: str | None = None  # a pruning round: this node was tried in int8 again (``excluded`` without it)
 
     def to_dict(self) -> dict:
         return {"excluded": list(self.excluded), "score": json_number(self.score), "seconds": self.seconds,
-                "next_node": self.next_node, "next_op_type": self.next_op_type, "reason": self.reason}
+                "next_node": self.next_node, "next_op_type": self.next_op_type, "reason": self.reason,
+                "retried_in_int8": self.retried}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -317,11 +325,36 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config, data: Iterable,
         logger.info("score %.3f misses the goal; returning %s (%s) to float: %s", score, node.name,
                     node.op_type, reason)
         excluded = excluded + (node.name,)
+    if goal.met(best[0], float_score) and len(best[2]) > 1:
+        best, pruned = _prune(search, best, float_score, steps)
+        if pruned:
+            stopped += f"; {pruned} of the nodes returned to float changed too little and run int8 again"
     best_score, best_result, best_excluded = best
     best_result = _labelled(best_result, set(best_excluded) - set(config.exclude))
     return AccuracySearch(result=best_result, goal=goal, float_score=float_score, best_score=best_score,
                           best_excluded=best_excluded, met=goal.met(best_score, float_score),
                           steps=tuple(steps), stopped_because=stopped)
+
+
+def _prune(search: _Search, met: tuple[float, QuantResult, tuple[str, ...]], float_score: float,
+           steps: list[AccuracyStep]) -> tuple[tuple[float, QuantResult, tuple[str, ...]], int]:
+    """Try each node of a goal-meeting exclusion set in int8 again, earliest first, keeping it there when
+    the goal still holds; within the time budget. The goal-meeting (score, result, excluded) with the
+    fewest float nodes, and how many went back to int8."""
+    pruned = 0
+    for node_name in met[2][:-1]:  # the last one added is what met the goal
+        if search.elapsed() + steps[-1].seconds > search.goal.time_budget_s:
+            break
+        round_start = time.monotonic()
+        trial = tuple(name for name in met[2] if name != node_name)
+        result = search.quantize(trial)
+        score = search.score(result.model, search.compare(result.model))
+        steps.append(AccuracyStep(excluded=trial, score=score, seconds=time.monotonic() - round_start,
+                                  retried=node_name))
+        if search.goal.met(score, float_score):
+            logger.info("goal still met with %s in int8 again (%.3f)", node_name, score)
+            met, pruned = (score, result, trial), pruned + 1
+    return met, pruned
 
 
 def _labelled(result: QuantResult, returned: set[str]) -> QuantResult:
