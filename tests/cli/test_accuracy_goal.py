@@ -80,6 +80,15 @@ def test_accuracy_goal_refuses_what_is_not_a_number(fields):
         edgeopt.AccuracyGoal(**fields)
 
 
+def test_goal_errors_name_the_options_the_user_gave():
+    # "max_drop must be ..." named the Python field, and --eval with --min-sqnr was told to give --max-drop
+    with pytest.raises(ConfigError, match=r"max_drop \(--max-drop\) must be a finite number >= 0"):
+        edgeopt.AccuracyGoal(max_drop=-1.0)
+    with pytest.raises(ConfigError, match="--min-sqnr is the goal without --eval: give one of the two"):
+        edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), np.load(demo_calibration_path())[:16],
+                         goal=edgeopt.AccuracyGoal(min_sqnr_db=30.0), evaluate=lambda path: 1.0)
+
+
 def test_run_and_bench_take_one_input_or_model_without_a_container(tmp_path):
     images = np.load(demo_calibration_path())[:3]
     assert edgeopt.run(demo_model_path(), images).samples == 3

@@ -126,3 +126,17 @@ def test_nodes_that_did_not_help_go_back_to_int8_once_the_goal_is_met(monkeypatc
     assert "2 of the nodes returned to float changed too little" in search.stopped_because
     assert {f.node_name for f in search.result.float_nodes if "accuracy search" in f.reason} == {"conv2"}
     assert conv2_is_float(search.result.model) == 100.0
+
+
+def test_excluding_a_node_that_runs_float_anyway_names_the_readers_to_exclude():
+    # QA: --exclude of a LayerNorm changed not a byte (it has no integer kernel) and said nothing; its
+    # output is quantized for the int8 nodes reading it, which are what keeps it float
+    from edgeopt.quant import quantize
+
+    g = GraphBuilder(seed=4)
+    x = g.node("Tanh", [g.conv("x", 3, 8, "conv1")], "tanh")
+    x = g.node("Relu", [g.conv(x, 8, 8, "conv2")], "relu2")
+    model = g.model([x], (1, 3, 8, 8))
+    result = quantize(model, Int8Config(exclude=("tanh",)), batches((1, 3, 8, 8), 8))
+    assert any(note.startswith("--exclude tanh: Tanh has no integer kernel, so it ran in float anyway")
+               and "quantized for conv2" in note for note in result.notes), result.notes

@@ -230,6 +230,9 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
         raise ConfigError("int8 quantization needs calibration data: give --data (a folder of .npy, images, "
                           "or module:function)")
     if evaluate is not None and (goal is None or goal.max_drop is None):
+        if goal is not None:  # --min-sqnr: the goal for a user without labels, not a second goal for --eval
+            raise ConfigError("--eval goes with --max-drop (the score drop you accept); --min-sqnr is the goal "
+                              "without --eval: give one of the two")
         raise ConfigError("--eval is used with --max-drop: give the largest score drop you accept")
     search = None
     if goal is not None:

@@ -72,9 +72,10 @@ class AccuracyGoal:
     def __post_init__(self) -> None:
         if (self.max_drop is None) == (self.min_sqnr_db is None):
             raise ConfigError("give exactly one accuracy goal: --max-drop (with --eval) or --min-sqnr")
-        for key, value in (("max_drop", self.max_drop), ("min_sqnr_db", self.min_sqnr_db)):
+        for key, value, option in (("max_drop", self.max_drop, "--max-drop"),
+                                   ("min_sqnr_db", self.min_sqnr_db, "--min-sqnr")):
             if value is not None and (not _is_number(value) or not math.isfinite(value) or value < 0):
-                raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")
+                raise ConfigError(f"{key} ({option}) must be a finite number >= 0, got {value!r}")
         if not _is_number(self.time_budget_s) or not self.time_budget_s > 0:
             raise ConfigError(f"time_budget_s must be a positive number of seconds, got {self.time_budget_s!r} "
                               "(the CLI's --time-budget 10m is 600)")

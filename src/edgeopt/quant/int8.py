@@ -37,10 +37,10 @@ from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.config import CalibrationConfig, CalibrationMethod, Int8Config, PerTensor, Target
 from edgeopt.quant.equalize import equalize
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
-from edgeopt.quant.ops import MCU_OP_RULES, OP_RULES
+from edgeopt.quant.ops import MCU_OP_RULES, OP_RULES, is_qdq_op
 from edgeopt.quant.opset import OpsetCheck, OpsetConversion, convert_opset
-from edgeopt.quant.placement import (NodeIndex, check_exclude, plan_qdq, readers_past_data_movement,
-                                     vanished_excludes)
+from edgeopt.quant.placement import (NodeIndex, check_exclude, plan_qdq, readers_behind_qdq,
+                                     readers_past_data_movement, vanished_excludes)
 from edgeopt.quant.qdq import insert_qdq
 from edgeopt.quant.rescaled import record_rescaled
 from edgeopt.quant.registry import Batch, ProgressCallback, QuantResult, register_scheme
@@ -206,6 +206,25 @@ class _AccuracyHooks:
         return rounded, notes
 
 
+def _excluded_float_anyway(model: ir.Model, exclude: Iterable[str], rules: Mapping) -> list[str]:
+    """Notes for excluded nodes of an op without an integer kernel: they ran in float anyway, and
+    their output is quantized for the int8 nodes reading it, which are what to exclude instead."""
+    exclude = set(exclude)
+    notes = []
+    for node in model.graph:
+        if node.op_type in rules or not (node.name in exclude or node.op_type in exclude):
+            continue
+        quantizers = [use.node for value in node.outputs for use in value.uses()
+                      if is_qdq_op(use.node, "QuantizeLinear")]
+        readers = list(dict.fromkeys(r.name for r in readers_past_data_movement(
+            [reader for q in quantizers for reader in readers_behind_qdq(q)])))
+        if readers:
+            shown = ", ".join(readers[:3]) + (", ..." if len(readers) > 3 else "")
+            notes.append(f"--exclude {node.name}: {node.op_type} has no integer kernel, so it ran in float "
+                         f"anyway; its output is quantized for {shown}: exclude those to keep it float")
+    return notes[:_SKIPS_SHOWN]
+
+
 def _wide_softmax_notes(model: ir.Model, probabilities: Iterable[str], fmt) -> list[str]:
     """A note for each quantized Softmax output over more values than the format has steps: its
     fixed scale 1/levels rounds the typical probability (1/width) to 0 or one step."""
@@ -266,6 +285,7 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     notes.extend(_wide_softmax_notes(model, plan.probabilities, config.activations))  # its readers, before Q/DQ
     tensors = insert_qdq(model, plan, calibration.ranges(), config, methods=calibration.methods(),
                          rounded_weights=rounded)
+    notes.extend(_excluded_float_anyway(model, config.exclude, rules))
     conversion: OpsetConversion | None = check.result() if check is not None else None
     if conversion is not None:
         notes.append(conversion.note())
