@@ -56,6 +56,26 @@ def test_layers_are_sorted_worst_first(result):
     assert all(0.9 < row.cosine <= 1.0 for row in result.layers)
 
 
+def test_each_row_says_how_much_was_lost_inside_the_node_writing_it(result, mobilenet):
+    # a row's SQNR is cumulative (the last layers rank worst); "lost" is the worst SQNR of the node's
+    # quantized inputs minus its output's: where the error arises
+    import onnx_ir as ir
+
+    from edgeopt.quant.compare import quantized_input_names
+
+    quant = ir.load(str(mobilenet[1]))
+    values = {v.name: v for node in quant.graph for v in node.outputs}
+    sqnr = {row.tensor: row.sqnr_db for row in result.layers}
+    measured = [row for row in result.layers if row.lost_db is not None]
+    assert len(measured) >= len(result.layers) - 2  # the graph input has no node, hence no loss
+    for row in measured:
+        node = values[row.tensor].producer()
+        inputs = [sqnr[name] for name in quantized_input_names(node) if name in sqnr]
+        if inputs:  # a conv whose Relu ORT's quantizer dropped: the row is the conv's own
+            assert row.lost_db == pytest.approx(min(inputs) - row.sqnr_db)
+    assert json.loads(json.dumps(result.to_dict()))["layers"][0]["lost_db"] is not None
+
+
 def test_rows_carry_op_type_and_the_q_nodes_scale(result):
     ops = {row.op_type for row in result.layers}
     assert {"input", "Conv", "Add", "Gemm"} <= ops

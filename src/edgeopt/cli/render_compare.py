@@ -36,13 +36,14 @@ def render_compare(result: CompareResult, *, limit: int | None = None) -> None:
     state.stdout.print(outputs)
     if not result.quantized_tensors:  # no Q/DQ (an fp16 model ...): output rows only, as warned
         return
-    layers = table("quantized tensors, worst first",
+    layers = table("quantized tensors, worst first (lost dB: lost inside the node writing it)",
                    [("#", "right"), ("tensor", "left"), ("op", "left"), ("scale / zero point", "left"),
-                    ("SQNR dB", "right"), ("cosine", "right"), ("max abs err", "right")])
+                    ("SQNR dB", "right"), ("lost dB", "right"), ("cosine", "right"), ("max abs err", "right")])
     for index, row in enumerate(result.layers[:limit]):
         layers.add_row(str(index + 1), row.tensor, row.op_type,
                        _scale_text(row.scale, row.zero_point, row.zero_point_dtype),
-                       _db(row.sqnr_db), _number(row.cosine, 5), f"{row.max_abs_error:.4g}")
+                       _db(row.sqnr_db), "-" if row.lost_db is None else f"{row.lost_db:.2f}",
+                       _number(row.cosine, 5), f"{row.max_abs_error:.4g}")
     state.stdout.print(layers)
     state.stdout.print(_coverage_line(result))
 

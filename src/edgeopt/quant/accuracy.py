@@ -37,7 +37,7 @@ from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
 from edgeopt.metrics import json_number
 from edgeopt.quant.api import quantize
-from edgeopt.quant.compare import CompareResult, compare_models
+from edgeopt.quant.compare import CompareResult, carried_value, compare_models, quantized_input_names
 from edgeopt.quant.config import Int8Config
 from edgeopt.quant.ops import is_qdq_op
 from edgeopt.quant.placement import DATA_MOVEMENT_OPS, readers_behind_qdq, readers_past_data_movement
@@ -162,7 +162,7 @@ def _node_damage(result: QuantResult, comparison: CompareResult) -> list[tuple[f
             continue
         fused = _fused_into(node, float_nodes)  # Gemm -> Relu -> Q: the Gemm's error shows at the Relu's output
         head = fused[0] if fused else node
-        input_sqnr = [sqnr[name] for name in _quantized_inputs(head) if name in sqnr]
+        input_sqnr = [sqnr[name] for name in quantized_input_names(head) if name in sqnr]
         upstream = min(input_sqnr) if input_sqnr else math.inf
         damage = (upstream - sqnr_db) if math.isfinite(upstream) else -sqnr_db
         inside = f"the node and its fused {'+'.join(n.op_type for n in fused[1:])}" if fused else "the node"
@@ -187,7 +187,7 @@ def _quantized_readers(result: QuantResult) -> list[tuple[float, ir.Node, str]]:
     for node in result.model.graph:
         if node.name in float_nodes or is_qdq_op(node, "QuantizeLinear") or is_qdq_op(node, "DequantizeLinear"):
             continue
-        inputs = _quantized_inputs(node)
+        inputs = quantized_input_names(node)
         if inputs:
             found.append((0.0, node, f"still reads {inputs[0]} quantized"))
     return found
@@ -198,7 +198,7 @@ def _fused_into(node: ir.Node, float_nodes: set[str]) -> list[ir.Node]:
     output of a quantized node it is fused into, alone; else ``[]``. Returning the head to float
     is what removes the error measured at ``node``'s output."""
     chain = [node]
-    while not _quantized_inputs(chain[0]):
+    while not quantized_input_names(chain[0]):
         fed = [v for v in chain[0].inputs if v is not None and not eir.is_constant(v)]
         producer = _producer(fed[0]) if len(fed) == 1 else None
         if (producer is None or producer.name in float_nodes or is_qdq_op(producer, "DequantizeLinear")
@@ -235,27 +235,15 @@ def _producer(value: ir.Value | None) -> ir.Node | None:
     return value.producer() if value is not None else None
 
 
-def _carried(value: ir.Value | None) -> ir.Value | None:
-    """The float value a QuantizeLinear -> DequantizeLinear pair carries to ``value``, if it is one."""
-    dequantize = _producer(value)
-    quantize_node = _producer(dequantize.inputs[0]) if is_qdq_op(dequantize, "DequantizeLinear") else None
-    return quantize_node.inputs[0] if is_qdq_op(quantize_node, "QuantizeLinear") else None
-
-
 def _output_writer(output: ir.Value | None) -> ir.Node | None:
     """The node computing a graph output: behind its Q -> DQ pair, or writing it in float from
     quantized inputs (a Gemm/MatMul left with a float output); None when it runs all in float."""
-    carried = _carried(output)
+    carried = carried_value(output)
     if carried is not None:
         return _producer(carried)
     node = _producer(output)
     reads_quantized = node is not None and any(is_qdq_op(_producer(v), "DequantizeLinear") for v in node.inputs)
     return node if reads_quantized else None
-
-
-def _quantized_inputs(node: ir.Node) -> list[str]:
-    """Float names of a node's inputs that arrive through a Q -> DQ pair."""
-    return [carried.name for carried in map(_carried, node.inputs) if carried is not None]
 
 
 class _Search:

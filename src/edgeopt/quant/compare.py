@@ -41,7 +41,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -106,12 +106,15 @@ class LayerComparison:
     sqnr_db: float
     cosine: float
     max_abs_error: float
+    lost_db: float | None = None  # SQNR lost inside the node writing it: its quantized inputs' worst minus this
 
     def to_dict(self) -> dict:
+        lost = None if self.lost_db is None else json_number(self.lost_db)
         return {"tensor": self.tensor, "quant_tensor": self.quant_tensor, "op_type": self.op_type,
                 "scale": json_number(self.scale), "zero_point": self.zero_point,
                 "zero_point_dtype": self.zero_point_dtype, "sqnr_db": json_number(self.sqnr_db),
-                "cosine": json_number(self.cosine), "max_abs_error": json_number(self.max_abs_error)}
+                "cosine": json_number(self.cosine), "max_abs_error": json_number(self.max_abs_error),
+                "lost_db": lost}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -408,9 +411,49 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     _stream(source, _runs(float_ir, quant_ir, matches, outputs), meters, progress)
     if meters.samples == 0:
         raise DataError("the data gave no samples: point --data at at least one sample")
-    return CompareResult(samples=meters.samples, layers=tuple(meters.layer_rows()),
+    return CompareResult(samples=meters.samples, layers=tuple(_with_losses(quant_ir, meters.layer_rows())),
                          outputs=tuple(meters.output_rows()), quantized_tensors=pairs,
                          unmatched=tuple(unmatched), skipped=tuple(meters.skipped), rows=meters.rows)
+
+
+def carried_value(value: ir.Value | None) -> ir.Value | None:
+    """The float value a QuantizeLinear -> DequantizeLinear pair carries to ``value``, if it is one."""
+    dequantize = value.producer() if value is not None else None
+    quantize_node = dequantize.inputs[0].producer() if is_qdq_op(dequantize, "DequantizeLinear") else None
+    return quantize_node.inputs[0] if is_qdq_op(quantize_node, "QuantizeLinear") else None
+
+
+def quantized_input_names(node: ir.Node) -> list[str]:
+    """Float names of a node's inputs that arrive through a Q -> DQ pair."""
+    return [carried.name for carried in map(carried_value, node.inputs) if carried is not None]
+
+
+def _computing_node(value: ir.Value | None) -> ir.Node | None:
+    """The node whose arithmetic ``value`` shows: its producer, or, for an activation fused after a
+    conv (Relu reading the conv's float output alone), the conv."""
+    node = value.producer() if value is not None else None
+    while node is not None and not quantized_input_names(node):
+        fed = [v for v in node.inputs if v is not None and not eir.is_constant(v)]
+        producer = fed[0].producer() if len(fed) == 1 and len(fed[0].uses()) == 1 else None
+        if producer is None or is_qdq_op(producer, "DequantizeLinear"):
+            return node
+        node = producer
+    return node
+
+
+def _with_losses(quant_model: ir.Model, rows: list[LayerComparison]) -> list[LayerComparison]:
+    """The rows with the decibels lost inside the node writing each tensor: the worst SQNR of its
+    quantized inputs minus its output's. A row's SQNR is cumulative (every layer before adds its
+    error); the loss is where the error arises."""
+    sqnr = {row.tensor: row.sqnr_db for row in rows}
+    values = {v.name: v for node in quant_model.graph for v in node.outputs}
+    with_losses = []
+    for row in rows:
+        node = _computing_node(values.get(row.tensor))
+        upstream = [sqnr[name] for name in quantized_input_names(node) if name in sqnr] if node is not None else []
+        lost = min(upstream) - row.sqnr_db if upstream and all(map(math.isfinite, (*upstream, row.sqnr_db))) else None
+        with_losses.append(replace(row, lost_db=lost))
+    return with_losses
 
 
 def _stream(source: Iterable[dict[str, np.ndarray]], runs: _Runs, meters: _Meters,
