@@ -250,6 +250,10 @@ def test_float_islands_are_a_reason_listing_their_ops():
                FloatIsland(node="c", op_type="Softplus"))
     (reason,) = slowdown_reasons(_evidence(islands=islands))
     assert reason.startswith("3 float islands") and "Softplus x2, Erf" in reason
+    assert "Erf is a spelled-out GELU: exported at opset 20" in reason  # the way out an old exporter left
+    islands = (FloatIsland(node="m", op_type="ReduceMean"), FloatIsland(node="s", op_type="Sqrt"))
+    (reason,) = slowdown_reasons(_evidence(islands=islands))
+    assert "spelled-out LayerNorm: exported at opset 17" in reason and "GELU" not in reason
 
 
 def test_int8_activations_are_a_reason_on_x86_only():

@@ -79,7 +79,16 @@ def _islands_reason(evidence: SpeedEvidence) -> str | None:
     counts = Counter(island.op_type for island in evidence.islands)
     ops = ", ".join(f"{op} x{count}" if count > 1 else op for op, count in counts.most_common())
     return (f"{len(evidence.islands)} float islands: dequantized activations feed {ops}, which run in float "
-            "between int8 layers (a dequantize and a quantize each): fold or quantize these ops")
+            "between int8 layers (a dequantize and a quantize each): fold or quantize these ops"
+            + "".join(hint for ops, hint in _SPELLED_OUT if ops <= set(counts)))
+
+
+# Float islands that are an op spelled out by an older exporter: the opset that has it as one op.
+_SPELLED_OUT = (
+    ({"ReduceMean", "Sqrt"}, "; ReduceMean and Sqrt are a spelled-out LayerNorm: exported at opset 17 or later "
+                             "it is one LayerNormalization op"),
+    ({"Erf"}, "; Erf is a spelled-out GELU: exported at opset 20 or later it is one Gelu op"),
+)
 
 
 def _signed_reason(evidence: SpeedEvidence) -> str | None:
