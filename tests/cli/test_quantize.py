@@ -526,6 +526,11 @@ def test_equalize_relu6_that_changes_the_float_model_is_named_as_the_cause(tmp_p
     assert report.fidelity.outputs[0].sqnr_db < 10
     low = [w for w in report.warnings if w.startswith("output y: SQNR")]
     assert len(low) == 1 and "--equalize-relu6 turned 1 ReLU6 into ReLU" in low[0], report.warnings
+    # the change of the float model alone is measured, and named as most of the error
+    change = report.result.details["relu6_float_sqnr_db"]
+    assert change < 10 and any("dB SQNR against the original's" in note for note in report.result.notes)
+    assert any(w.startswith("most of the int8 model's error is --equalize-relu6's change") for w in report.warnings)
+    assert plain.result.details["relu6_float_sqnr_db"] is None
 
 
 def test_the_api_takes_an_onnx_model_proto_and_refuses_other_objects_clearly(tmp_path):

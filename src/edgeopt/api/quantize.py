@@ -37,6 +37,9 @@ MIN_CALIBRATION_SAMPLES = 16
 # Output SQNR below this (noise at a tenth of the signal's power) is told as a warning: classifiers
 # start to change their top-1 well above it, and a model this far off usually has a cause to fix.
 LOW_FIDELITY_DB = 10.0
+# --equalize-relu6's change of the float model itself is a warning when the int8 model's output SQNR is
+# within this of it: most of the int8 model's error is then that change, not quantization.
+RELU6_DOMINATES_DB = 3.0
 _KEPT_REASONS = (EXCLUDED, RETURNED)
 
 
@@ -276,6 +279,7 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
             warnings.append(f"fidelity of {', '.join(unmeasured)} not measured: the float model's outputs hold "
                             "inf/NaN on the calibration data (check the model and the data's scale)")
         warnings.extend(_low_fidelity(result, fidelity))
+        warnings.extend(_relu6_warning(result, fidelity))
     speed = None
     if check_speed:
         dynamic = not all(spec.is_static for spec in eir.model_inputs(loaded))
@@ -306,6 +310,17 @@ def _blocks_c(result: QuantResult) -> list:
     from edgeopt.runtime.reference.handlers import HANDLERS
 
     return [node for node in result.float_nodes if node.reason in _KEPT_REASONS or node.op_type not in HANDLERS]
+
+
+def _relu6_warning(result: QuantResult, fidelity: CompareResult) -> list[str]:
+    """A warning when most of the int8 model's error is --equalize-relu6's change of the float model."""
+    change = result.details.get("relu6_float_sqnr_db")
+    measured = [row.sqnr_db for row in fidelity.outputs if math.isfinite(row.sqnr_db)]
+    if change is None or not measured or change > min(measured) + RELU6_DOMINATES_DB:
+        return []
+    return [f"most of the int8 model's error is --equalize-relu6's change of the float model itself: its outputs "
+            f"are at {change:.1f} dB SQNR against the original's, the int8 model's at {min(measured):.1f} dB; "
+            "--equalize keeps the float model"]
 
 
 def _mcu_float_warning(float_nodes) -> str:

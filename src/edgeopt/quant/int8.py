@@ -130,18 +130,28 @@ def _check_finite_weights(model: ir.Model, plan) -> None:
 
 
 def _float_rewrites(model: ir.Model, config: Int8Config,
-                    data: Iterable[Batch] | None) -> tuple[list[str], tuple[str, ...]]:
+                    data: Iterable[Batch] | None) -> tuple[list[str], tuple[str, ...], float | None]:
     """Float-exact rewrites that make the model easier to quantize: CLE, then SmoothQuant. Their notes,
-    and the ReLU6 nodes ``--equalize-relu6`` made ReLU (which does change the float model)."""
-    notes, relu6_replaced = [], ()
+    the ReLU6 nodes ``--equalize-relu6`` made ReLU (which does change the float model), and how much:
+    the rewritten float model's output SQNR against the original's on the data (a copy of the model
+    is kept for that while equalizing)."""
+    notes, relu6_replaced, relu6_change = [], (), None
     if config.equalize:
+        original = model.clone() if config.equalize_relu6 and data is not None else None
         report = equalize(model, replace_relu6=config.equalize_relu6)
         relu6_replaced = report.relu6_replaced
         record_rescaled(model, report.rescaled)
+        relu6_text = ""
+        if report.relu6_replaced:
+            relu6_text = (f"; {len(report.relu6_replaced)} ReLU6 turned into ReLU (the float model changes where "
+                          "a value exceeded 6")
+            if original is not None:
+                relu6_change = _output_change_db(original, model, data)
+                relu6_text += f": its outputs at {relu6_change:.1f} dB SQNR against the original's on the data"
+            relu6_text += ")"
+        del original
         notes.append(f"cross-layer equalization: {len(report.equalized)} layer pairs equalized, "
-                     f"{len(report.skipped)} skipped" + (f"; {len(report.relu6_replaced)} ReLU6 turned into ReLU "
-                                                         "(the float model changes where a value exceeded 6)"
-                                                         if report.relu6_replaced else ""))
+                     f"{len(report.skipped)} skipped" + relu6_text)
         notes += _first_skips([f"not equalized: {s.first}: {s.reason}" for s in report.skipped])
     if config.smoothquant_alpha is not None:
         hook = ChannelAbsMaxHook(smoothing_inputs(model))
@@ -154,7 +164,18 @@ def _float_rewrites(model: ir.Model, config: Int8Config,
             notes += _first_skips([f"not smoothed: {reason}" for _, reason in report.skipped])
         else:
             notes.append("SmoothQuant: no MatMul/Gemm with a constant weight reads an activation: nothing to smooth")
-    return notes, relu6_replaced
+    return notes, relu6_replaced, relu6_change
+
+
+_CHANGE_SAMPLES = 64
+
+
+def _output_change_db(original: ir.Model, rewritten: ir.Model, data: Iterable[Batch]) -> float:
+    """The rewritten float model's worst output SQNR against the original's, on the first batches."""
+    from edgeopt.quant.compare import compare_models
+
+    outputs = compare_models(original, rewritten, data, max_samples=_CHANGE_SAMPLES).outputs
+    return min((row.sqnr_db for row in outputs), default=float("inf"))
 
 
 _SKIPS_SHOWN = 5
@@ -267,7 +288,7 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     _prepare(model)
     check_exclude([given, model], config.exclude)
     notes.extend(vanished_excludes(model, config.exclude))
-    rewrite_notes, relu6_replaced = _float_rewrites(model, config, data)
+    rewrite_notes, relu6_replaced, relu6_change = _float_rewrites(model, config, data)
     notes.extend(rewrite_notes)
     rules = MCU_OP_RULES if config.target is Target.MCU else OP_RULES  # the kernels that will run it
     plan = plan_qdq(model, exclude=config.exclude, quantize_outputs=config.outputs_quantized, rules=rules)
@@ -293,7 +314,7 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
         notes.append(f"{len(plan.float_nodes)} nodes stay float (see float_nodes)")
     details = {"calibration": calibration, "plan": plan, "opset_conversion": conversion,
                "activation_format": config.activations.name, "optimization": optimization,
-               "relu6_replaced": relu6_replaced}
+               "relu6_replaced": relu6_replaced, "relu6_float_sqnr_db": relu6_change}
     # named as the CLI's --scheme: uint8 when the user asked for uint8 activations, else int8 (whose
     # activation type follows the target, told in the notes)
     scheme = "uint8" if config.activation_format is not None and config.activation_format.name == "uint8" else "int8"

@@ -99,8 +99,9 @@ class QuantResult:
     ``calibration`` (the ``CalibrationResult``, reusable without a new pass),
     ``plan`` (the ``QdqPlan``), ``opset_conversion`` (``OpsetConversion`` or
     None), ``activation_format`` (``"uint8"``/``"int8"``) and
-    ``optimization`` (the float passes' result, or None) and ``relu6_replaced`` (the ReLU6 nodes
-    ``--equalize-relu6`` turned into ReLU).
+    ``optimization`` (the float passes' result, or None), ``relu6_replaced`` (the ReLU6 nodes
+    ``--equalize-relu6`` turned into ReLU) and ``relu6_float_sqnr_db`` (the float model's output SQNR
+    after that, against the original's, on the calibration data; None when not measured).
     """
 
     model: ir.Model
