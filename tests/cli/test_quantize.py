@@ -531,6 +531,10 @@ def test_equalize_relu6_that_changes_the_float_model_is_named_as_the_cause(tmp_p
     assert change < 10 and any("dB SQNR against the original's" in note for note in report.result.notes)
     assert any(w.startswith("most of the int8 model's error is --equalize-relu6's change") for w in report.warnings)
     assert plain.result.details["relu6_float_sqnr_db"] is None
+    # a one-shot stream is left whole for calibration: the change is then not measured
+    streamed = edgeopt.quantize(path, edgeopt.Int8Config(equalize=True, equalize_relu6=True), iter(data),
+                                check_speed=False)
+    assert streamed.calibration_samples == len(data) and streamed.result.details["relu6_float_sqnr_db"] is None
 
 
 def test_the_api_takes_an_onnx_model_proto_and_refuses_other_objects_clearly(tmp_path):

@@ -37,6 +37,7 @@ __all__ = [
     "TakeSource",
     "batch_rows",
     "dataset_from_arrays",
+    "reads_again",
     "split_stacked",
     "take",
 ]
@@ -281,6 +282,14 @@ class AlsoCheckedSource(DataSource):
 
     def describe(self) -> str:
         return self._source.describe()
+
+
+def reads_again(data: object) -> bool:
+    """Whether iterating ``data`` again starts over: a list, or a data source over files or a sized
+    collection. A generator, even wrapped in a data source, does not (its length is not known)."""
+    if getattr(data, "num_samples", None) is not None:
+        return True
+    return isinstance(data, (list, tuple))
 
 
 def take(source: DataSource, limit: int) -> DataSource:

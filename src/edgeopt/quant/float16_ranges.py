@@ -35,6 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
+from edgeopt.data.base import reads_again
 from edgeopt.errors import EdgeoptError
 from edgeopt.quant.float16_plan import all_float_values, is_constant
 from edgeopt.quant.registry import Batch, ProgressCallback
@@ -90,17 +91,9 @@ def _first_batch(data: Iterable[Batch] | None) -> tuple[Batch | None, Iterable[B
         return None, None
     iterator = iter(data)
     first = next(iterator, None)
-    if first is not None and not _knows_its_length(data):  # maybe read-once (behind a wrapper): read it once
+    if first is not None and not reads_again(data):  # maybe read-once (behind a wrapper): read it once
         return first, itertools.chain([first], iterator)
     return first, data
-
-
-def _knows_its_length(data: Iterable[Batch]) -> bool:
-    """A list, or a data source over files or a sized collection: iterating it again starts over. A
-    generator, even wrapped in a data source, does not."""
-    if getattr(data, "num_samples", None) is not None:
-        return True
-    return isinstance(data, (list, tuple))
 
 
 def _fill_types(model: ir.Model, feed: Batch | None) -> list[str]:

@@ -29,6 +29,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from edgeopt import ir as eir
+from edgeopt.data.base import reads_again
 from edgeopt.errors import ModelError
 from edgeopt.quant.adaround import AdaRoundConfig, LayerInputSampler, adaround_weights
 from edgeopt.quant.adaround_solver import backend_used
@@ -137,7 +138,8 @@ def _float_rewrites(model: ir.Model, config: Int8Config,
     is kept for that while equalizing)."""
     notes, relu6_replaced, relu6_change = [], (), None
     if config.equalize:
-        original = model.clone() if config.equalize_relu6 and data is not None else None
+        # measured on data read again before calibration: a one-shot stream is left for calibration alone
+        original = model.clone() if config.equalize_relu6 and data is not None and reads_again(data) else None
         report = equalize(model, replace_relu6=config.equalize_relu6)
         relu6_replaced = report.relu6_replaced
         record_rescaled(model, report.rescaled)
