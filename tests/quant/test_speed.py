@@ -251,9 +251,12 @@ def test_float_islands_are_a_reason_listing_their_ops():
     (reason,) = slowdown_reasons(_evidence(islands=islands))
     assert reason.startswith("3 float islands") and "Softplus x2, Erf" in reason
     assert "Erf is a spelled-out GELU: exported at opset 20" in reason  # the way out an old exporter left
-    islands = (FloatIsland(node="m", op_type="ReduceMean"), FloatIsland(node="s", op_type="Sqrt"))
+    islands = (FloatIsland(node="m", op_type="ReduceMean"), FloatIsland(node="d", op_type="Sub"),
+               FloatIsland(node="s", op_type="Sqrt"))
     (reason,) = slowdown_reasons(_evidence(islands=islands))
     assert "spelled-out LayerNorm: exported at opset 17" in reason and "GELU" not in reason
+    (reason,) = slowdown_reasons(_evidence(islands=islands[::2]))  # an RMSNorm: no mean taken off
+    assert "LayerNorm" not in reason
 
 
 def test_int8_activations_are_a_reason_on_x86_only():

@@ -305,11 +305,11 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
 
 
 def _blocks_c(result: QuantResult) -> list:
-    """The float nodes edgeopt compile cannot lower: kept float by the user or the search, or of an op
-    without a C kernel (an Identity passing an input on to an output is lowered as a copy)."""
-    from edgeopt.runtime.reference.handlers import HANDLERS
+    """The float nodes edgeopt compile cannot lower: every one but a data-movement op (an Identity
+    passing an input on to an output), which the C does as a copy of the int8 values."""
+    from edgeopt.runtime.reference.lower import MOVEMENT_OPS
 
-    return [node for node in result.float_nodes if node.reason in _KEPT_REASONS or node.op_type not in HANDLERS]
+    return [node for node in result.float_nodes if node.reason in _KEPT_REASONS or node.op_type not in MOVEMENT_OPS]
 
 
 def _relu6_warning(result: QuantResult, fidelity: CompareResult) -> list[str]:

@@ -42,10 +42,16 @@ def render_compare(result: CompareResult, *, limit: int | None = None) -> None:
     for index, row in enumerate(result.layers[:limit]):
         layers.add_row(str(index + 1), row.tensor, row.op_type,
                        _scale_text(row.scale, row.zero_point, row.zero_point_dtype),
-                       _db(row.sqnr_db), "-" if row.lost_db is None else f"{row.lost_db:.2f}",
+                       _db(row.sqnr_db), _lost_text(row.lost_db),
                        _number(row.cosine, 5), f"{row.max_abs_error:.4g}")
     state.stdout.print(layers)
     state.stdout.print(_coverage_line(result))
+
+
+def _lost_text(lost_db: float | None) -> str:
+    if lost_db is None:
+        return "-"
+    return "all" if math.isinf(lost_db) else f"{lost_db:.2f}"  # inputs exact: the error arises there
 
 
 def _coverage_line(result: CompareResult) -> str:

@@ -333,6 +333,8 @@ def _prune(search: _Search, met: tuple[float, QuantResult, tuple[str, ...]], flo
     pruned = 0
     for node_name in met[2][:-1]:  # the last one added is what met the goal
         if search.elapsed() + steps[-1].seconds > search.goal.time_budget_s:
+            logger.warning("the time budget ended the retrying of float nodes in int8 before %s: the model "
+                           "keeps it and the nodes after it in float", node_name)
             break
         round_start = time.monotonic()
         trial = tuple(name for name in met[2] if name != node_name)

@@ -451,7 +451,10 @@ def _with_losses(quant_model: ir.Model, rows: list[LayerComparison]) -> list[Lay
     for row in rows:
         node = _computing_node(values.get(row.tensor))
         upstream = [sqnr[name] for name in quantized_input_names(node) if name in sqnr] if node is not None else []
-        lost = min(upstream) - row.sqnr_db if upstream and all(map(math.isfinite, (*upstream, row.sqnr_db))) else None
+        lost = None
+        if upstream and math.isfinite(row.sqnr_db):  # an input quantized exactly (inf dB): all is lost inside
+            finite = [value for value in upstream if math.isfinite(value)]
+            lost = min(finite) - row.sqnr_db if finite else math.inf
         with_losses.append(replace(row, lost_db=lost))
     return with_losses
 

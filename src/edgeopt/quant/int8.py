@@ -243,9 +243,12 @@ def _excluded_float_anyway(model: ir.Model, exclude: Iterable[str], rules: Mappi
             [reader for q in quantizers for reader in readers_behind_qdq(q)])))
         if readers:
             shown = ", ".join(readers[:3]) + (", ..." if len(readers) > 3 else "")
-            notes.append(f"--exclude {node.name}: {node.op_type} has no integer kernel, so it ran in float "
-                         f"anyway; its output is quantized for {shown}: exclude those to keep it float")
-    return notes[:_SKIPS_SHOWN]
+            given = node.name if node.name in exclude else node.op_type
+            notes.append(f"--exclude {given}: {node.name} ({node.op_type}) has no integer kernel, so it ran in "
+                         f"float anyway; its output is quantized for {shown}: exclude those to keep it float")
+    more = [f"... and {len(notes) - _SKIPS_SHOWN} more excluded nodes ran in float anyway"] \
+        if len(notes) > _SKIPS_SHOWN else []
+    return notes[:_SKIPS_SHOWN] + more
 
 
 def _wide_softmax_notes(model: ir.Model, probabilities: Iterable[str], fmt) -> list[str]:

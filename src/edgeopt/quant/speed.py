@@ -85,8 +85,8 @@ def _islands_reason(evidence: SpeedEvidence) -> str | None:
 
 # Float islands that are an op spelled out by an older exporter: the opset that has it as one op.
 _SPELLED_OUT = (
-    ({"ReduceMean", "Sqrt"}, "; ReduceMean and Sqrt are a spelled-out LayerNorm: exported at opset 17 or later "
-                             "it is one LayerNormalization op"),
+    ({"ReduceMean", "Sub", "Sqrt"}, "; ReduceMean, Sub and Sqrt are a spelled-out LayerNorm: exported at opset 17 "
+                                    "or later it is one LayerNormalization op"),
     ({"Erf"}, "; Erf is a spelled-out GELU: exported at opset 20 or later it is one Gelu op"),
 )
 
