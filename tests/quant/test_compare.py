@@ -333,3 +333,22 @@ def test_channels_a_float_rewrite_rescaled_are_compared_in_the_users_scale(tmp_p
     assert not off, off
     unaware = {row.tensor: row.sqnr_db for row in compare_models(float_model, bare, data).layers}
     assert min(unaware.values()) < min(mine.values()) - 5  # what the record corrects
+
+
+def test_a_node_reading_only_exact_inputs_lost_all_of_its_error():
+    # integer pixels 0..255 quantize exactly (scale 1): the input row is inf dB, and the first conv's
+    # loss was blank ("-") where all of the error arises; it is inf ("all" in the table)
+    import edgeopt
+    from edgeopt.cli.render_compare import _lost_text
+    from tests.quant.int8_models import GraphBuilder
+
+    g = GraphBuilder(seed=5)
+    x = g.node("Relu", [g.conv("x", 3, 8, "conv1")], "relu1")
+    model = g.model([g.conv(x, 8, 4, "conv2")], (1, 3, 8, 8))
+    rng = np.random.default_rng(0)
+    data = [rng.integers(0, 256, (1, 3, 8, 8)).astype(np.float32) for _ in range(16)]
+    data[0][0, 0, 0, 0], data[1][0, 0, 0, 0] = 0.0, 255.0  # the full range, so the scale is exactly 1
+    report = edgeopt.quantize(model, edgeopt.Int8Config(), data, check_speed=False)
+    rows = {row.tensor: row for row in compare_models(model, report.model, data).layers}
+    assert math.isinf(rows["x"].sqnr_db) and rows["x"].lost_db is None
+    assert math.isinf(rows[x].lost_db) and _lost_text(rows[x].lost_db) == "all"  # conv1 + its fused Relu
