@@ -682,3 +682,16 @@ def test_the_mcu_target_warns_about_float_nodes_compile_refuses(tmp_path):
     data = [{"x": rng.standard_normal((1, 8)).astype(np.float32)} for _ in range(16)]
     report = edgeopt.quantize(path, edgeopt.Int8Config(target=edgeopt.Target.MCU), data, check_speed=False)
     assert any("g1" in w and "cannot become C" in w for w in report.warnings), report.warnings
+
+
+def test_compare_sorts_by_the_loss_inside_each_node_when_asked(cli, tmp_path):
+    out = tmp_path / "q.onnx"
+    assert cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", out,
+               "--no-speed-check").code == 0
+    result = cli("compare", demo_model_path(), out, "--data", demo_calibration_path(), "--sort", "lost", "--json")
+    assert result.code == 0, result.stderr
+    losses = [row["lost_db"] for row in json.loads(result.stdout)["layers"] if row["lost_db"] is not None]
+    assert losses == sorted(losses, reverse=True) and len(losses) > 10
+    shown = cli("compare", demo_model_path(), out, "--data", demo_calibration_path(), "--sort", "lost", "--limit", "3")
+    assert "largest loss first" in shown.stdout
+    assert cli("compare", demo_model_path(), out, "--data", demo_calibration_path(), "--sort", "size").code == 2

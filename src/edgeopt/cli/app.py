@@ -253,6 +253,11 @@ class TargetChoice(str, enum.Enum):
     mcu = "mcu"
 
 
+class SortChoice(str, enum.Enum):
+    sqnr = "sqnr"
+    lost = "lost"
+
+
 class CalibrationChoice(str, enum.Enum):
     minmax = "minmax"
     percentile = "percentile"
@@ -482,6 +487,10 @@ def compare(
     max_samples: Annotated[Optional[int], typer.Option(
         "--max-samples", min=1, help="Use at most N batches (samples, for data of batch 1).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Show only the N worst layers.")] = None,
+    sort: Annotated[SortChoice, typer.Option(
+        "--sort",
+        help="Rows by SQNR, lowest first (cumulative: the last layers rank worst), or by dB lost inside the "
+             "node, largest first (where the error arises).")] = SortChoice.sqnr,
     preprocess: PreprocessOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -491,12 +500,14 @@ def compare(
     with progress_bar("comparing") as update:
         result = api.compare(float_model, quant_model, data, max_samples=max_samples,
                              preprocess=parse_preprocess(preprocess), progress=update)
+    if sort is SortChoice.lost:
+        result = result.by_loss()
     if json_output:
         report = result.to_dict()
-        report["layers"] = report["layers"][:limit]  # worst first, as shown
+        report["layers"] = report["layers"][:limit]  # in the order shown
         print_json(report)
         return
-    render_compare(result, limit=limit)
+    render_compare(result, limit=limit, by_loss=sort is SortChoice.lost)
 
 
 from edgeopt.cli import deploy  # noqa: E402,F401  (registers compile, verify)

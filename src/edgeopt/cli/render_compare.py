@@ -25,7 +25,7 @@ def _scale_text(scale: float, zero_point: int | None, dtype: str) -> str:
     return f"{scale:.4g} / {zero_text} {dtype}"
 
 
-def render_compare(result: CompareResult, *, limit: int | None = None) -> None:
+def render_compare(result: CompareResult, *, limit: int | None = None, by_loss: bool = False) -> None:
     """Output rows, then per-layer rows worst SQNR first (the first ``limit`` if given), then coverage."""
     outputs = table(f"outputs over {result.rows} sample(s){in_batches(result.rows, result.samples)}",
                     [("output", "left"), ("SQNR dB", "right"), ("cosine", "right"), ("max abs err", "right"),
@@ -36,7 +36,8 @@ def render_compare(result: CompareResult, *, limit: int | None = None) -> None:
     state.stdout.print(outputs)
     if not result.quantized_tensors:  # no Q/DQ (an fp16 model ...): output rows only, as warned
         return
-    layers = table("quantized tensors, worst first (lost dB: lost inside the node writing it)",
+    order = "largest loss first" if by_loss else "worst first"
+    layers = table(f"quantized tensors, {order} (lost dB: lost inside the node writing it)",
                    [("#", "right"), ("tensor", "left"), ("op", "left"), ("scale / zero point", "left"),
                     ("SQNR dB", "right"), ("lost dB", "right"), ("cosine", "right"), ("max abs err", "right")])
     for index, row in enumerate(result.layers[:limit]):

@@ -156,6 +156,12 @@ class CompareResult:
     def matched(self) -> int:
         return len(self.layers)
 
+    def by_loss(self) -> CompareResult:
+        """The same rows, largest loss inside the node first (where the error arises; rows without a
+        measured loss, such as graph inputs, last)."""
+        layers = sorted(self.layers, key=lambda r: (r.lost_db is None, -(r.lost_db or 0.0), r.tensor))
+        return replace(self, layers=tuple(layers))
+
     def to_dict(self) -> dict:
         return {"samples": self.samples, "rows": self.rows, "quantized_tensors": self.quantized_tensors,
                 "matched": self.matched,
