@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from edgeopt.bench.latency import BenchConfig, BenchTarget, _Worker, bench_models
@@ -60,3 +61,28 @@ def test_bench_from_a_folder_holding_a_module_named_like_a_dependency(tmp_path, 
     target = BenchTarget(name="demo", onnx_bytes=data, file_bytes=len(data))
     result = bench_models([target], [[{"input": images[:1]}]], BenchConfig(runs=2, warmup=0, threads=1))
     assert len(result.models[0].latencies_ms) == 2
+
+
+def test_models_take_turns_with_the_first_of_each_round_rotating():
+    # A B A B ... always ran B right after A; every model now starts every other round (A B, B A, ...)
+    from edgeopt.bench.latency import _time_interleaved
+
+    order: list[str] = []
+
+    class Recording:
+        baseline_rss_bytes = 0
+
+        def __init__(self, name):
+            self.name = name
+
+        def time_one(self):
+            order.append(self.name)
+            return 1.0
+
+        def finish(self):
+            return 0
+
+    targets = [type("Target", (), {"name": name, "file_bytes": 0})() for name in "AB"]
+    feeds = [[{"x": np.zeros((1, 2), np.float32)}]] * 2
+    _time_interleaved(targets, feeds, BenchConfig(runs=4, warmup=0), [Recording("A"), Recording("B")], None)
+    assert "".join(order) == "ABBAABBA"
