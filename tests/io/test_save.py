@@ -39,15 +39,16 @@ def test_ctrl_c_between_the_renames_waits_until_both_files_are_new(tmp_path, mon
 
 def test_a_failure_before_the_renames_leaves_both_old_files(tmp_path, monkeypatch):
     model, report = _old_pair(tmp_path)
-    real_written = save._written_temp
+    real_fsync, calls = os.fsync, []
 
-    def written(target, data):
-        if target == report:
-            raise ModelError(f"cannot write {target}: No space left on device")
-        return real_written(target, data)
+    def fsync(descriptor):  # the disk fills while the second file (the report) is written
+        calls.append(descriptor)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_fsync(descriptor)
 
-    monkeypatch.setattr(save, "_written_temp", written)
-    with pytest.raises(ModelError, match="No space left"):
+    monkeypatch.setattr(save.os, "fsync", fsync)
+    with pytest.raises(ModelError, match="cannot write .*m.report.json: No space left"):
         atomic_write_files([(model, b"new model"), (report, b"new report")])
     assert model.read_bytes() == b"old model" and report.read_bytes() == b"old report"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.report.json"]

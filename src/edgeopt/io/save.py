@@ -67,39 +67,26 @@ def atomic_write_files(files: Sequence[tuple[str | os.PathLike, bytes]]) -> list
     """
     targets = [check_writable(path) for path, _ in files]
     temps: list[str] = []
+    target = targets[0]
     try:
         for target, (_, data) in zip(targets, files):
-            temps.append(_written_temp(target, data))
+            handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            temps.append(temp_name)
+            with os.fdopen(handle, "wb") as stream:
+                os.fchmod(stream.fileno(), 0o666 & ~current_umask())
+                stream.write(data)
+                stream.flush()
+                os.fsync(stream.fileno())
         with _signals_held():
-            for temp, target in zip(temps, targets):
-                os.replace(temp, target)
-    except BaseException as error:
-        for temp in temps:
-            Path(temp).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise ModelError(f"cannot write {error.filename or targets[0]}: {error.strerror or error}") from error
-        raise
-    return targets
-
-
-def _written_temp(target: Path, data: bytes) -> str:
-    """A temporary file beside ``target`` holding ``data``, flushed to disk (its name)."""
-    try:
-        handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as error:
-        raise ModelError(f"cannot write {target}: {error.strerror}") from error
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            os.fchmod(stream.fileno(), 0o666 & ~current_umask())
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-    except BaseException as error:
-        Path(temp_name).unlink(missing_ok=True)
+            for temp_name, target in zip(temps, targets):
+                os.replace(temp_name, target)
+    except BaseException as error:  # nothing half-written stays behind
+        for temp_name in temps:
+            Path(temp_name).unlink(missing_ok=True)
         if isinstance(error, OSError):
             raise ModelError(f"cannot write {target}: {error.strerror or error}") from error
         raise
-    return temp_name
+    return targets
 
 
 _HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
