@@ -45,10 +45,10 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
+from edgeopt.quant.channel_stats import ChannelMeanHook, ChannelMeanObserver, ChannelMeans
 from edgeopt.quant.config import PerChannel, PerTensor
 from edgeopt.quant.ops import weight_axis
 from edgeopt.quant.primitives import dequantize, quantize_per_channel
-from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES
 
 __all__ = [
     "BiasCorrectionReport",
@@ -66,99 +66,6 @@ _LINEAR = ("Conv", "Gemm", "MatMul")
 
 #: ``quantize_weight(weight, node)`` -> the dequantized weight, same shape and layout.
 WeightQuantizer = Callable[[np.ndarray, ir.Node], np.ndarray]
-
-
-# --------------------------------------------------------------------------
-# statistics
-# --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class ChannelMeans:
-    """Mean of each channel (float64, read-only) and how many finite values it averages."""
-
-    mean: np.ndarray
-    count: np.ndarray
-
-
-class ChannelMeanObserver:
-    """Running mean of each slice along ``axis`` (non-finite values are left out)."""
-
-    def __init__(self, *, axis: int = 1) -> None:
-        self.axis = axis
-        self._sum: np.ndarray | None = None
-        self._count: np.ndarray | None = None
-
-    def update(self, array) -> None:
-        array = np.asarray(array)
-        axis = self.axis % array.ndim
-        others = tuple(a for a in range(array.ndim) if a != axis)
-        total = array.sum(axis=others, dtype=np.float64)
-        # A float32/float64 sum in float64 cannot overflow, so finite sums mean finite values: the
-        # masked pass below is only paid for a batch with NaN or infinity in it.
-        if np.isfinite(total).all():
-            count = np.full(array.shape[axis], array.size // max(array.shape[axis], 1), dtype=np.int64)
-        else:
-            finite = np.isfinite(array)
-            total = np.where(finite, array, 0.0).sum(axis=others, dtype=np.float64)
-            count = finite.sum(axis=others)
-        self._add(total, count)
-
-    def update_mean(self, mean: np.ndarray, count: int) -> None:
-        """Fold in a batch already reduced to its channel means over ``count`` values each (channels
-        whose mean is not finite, from a NaN or infinity in the batch, are left out of it)."""
-        mean = np.asarray(mean, dtype=np.float64).reshape(-1)
-        finite = np.isfinite(mean)
-        self._add(np.where(finite, mean * count, 0.0), np.where(finite, count, 0).astype(np.int64))
-
-    def _add(self, total: np.ndarray, count: np.ndarray) -> None:
-        """Fold in one batch's per-channel sums and value counts."""
-        if self._sum is None:
-            self._sum, self._count = total, count
-        else:
-            self._sum, self._count = self._sum + total, self._count + count
-
-    def result(self) -> ChannelMeans:
-        if self._sum is None:
-            empty = np.zeros(0)
-            empty.setflags(write=False)
-            return ChannelMeans(mean=empty, count=empty.astype(np.int64))
-        mean = self._sum / np.maximum(self._count, 1)
-        count = self._count.copy()
-        mean.setflags(write=False)
-        count.setflags(write=False)
-        return ChannelMeans(mean=mean, count=count)
-
-
-class ChannelMeanHook:
-    """A calibration hook (``update(feed, outputs)``) that averages the channels of ``tensors``.
-
-    ``tensors`` maps a tensor name to its channel axis (:func:`correction_inputs`).
-    The calibration pass gives each tensor whole, or (``channel_means``) its per-channel
-    mean and element count computed inside ONNX Runtime (graph inputs come from the feed).
-    """
-
-    groupable = True  # per-channel sums: the same whatever the batching
-    channel_means = True
-
-    def __init__(self, tensors: Mapping[str, int]) -> None:
-        self.tensors = dict(tensors)
-        self._observers = {name: ChannelMeanObserver(axis=axis) for name, axis in self.tensors.items()}
-
-    def update(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
-        for name, observer in self._observers.items():
-            mean = outputs.get(name + CHANNEL_MEAN_SUFFIXES[0])
-            if mean is not None and np.issubdtype(mean.dtype, np.floating) and mean.size:
-                observer.update_mean(mean, int(outputs[name + CHANNEL_MEAN_SUFFIXES[1]]) // mean.size)
-                continue
-            array = outputs[name] if name in outputs else feed.get(name)
-            if array is not None and np.issubdtype(np.asarray(array).dtype, np.floating):
-                observer.update(array)
-
-    def result(self) -> dict[str, np.ndarray]:
-        """Per-channel means by tensor name (tensors never seen are left out)."""
-        results = {name: observer.result() for name, observer in self._observers.items()}
-        return {name: r.mean for name, r in results.items() if r.mean.size}
 
 
 def _input_channel_axis(node: ir.Node) -> int:

@@ -13,50 +13,16 @@ does not depend on how samples are batched.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import numpy as np
 
 from edgeopt.quant.calibrate import calibrate
+from edgeopt.quant.channel_stats import ChannelMeanSquareHook
 from edgeopt.quant.config import CalibrationConfig
 from edgeopt.quant.registry import Batch, ProgressCallback
 
 __all__ = ["ChannelMeanSquareHook", "input_channel_importance"]
-
-
-class ChannelMeanSquareHook:
-    """A calibration hook (``update(feed, outputs)``) averaging ``x**2`` per last-axis channel of ``tensors``.
-
-    Non-finite values are left out of their channel's mean.
-    """
-
-    groupable = True  # per-channel sums: the same whatever the batching
-
-    def __init__(self, tensors: Iterable[str]) -> None:
-        self.tensors = {name: -1 for name in tensors}
-        self._sums: dict[str, np.ndarray] = {}
-        self._counts: dict[str, np.ndarray] = {}
-
-    def update(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
-        for name in self.tensors:
-            array = outputs[name] if name in outputs else feed.get(name)
-            if array is None or not np.issubdtype(np.asarray(array).dtype, np.floating) or not np.ndim(array):
-                continue
-            rows = np.asarray(array, dtype=np.float64).reshape(-1, np.shape(array)[-1])
-            finite = np.isfinite(rows)
-            self._add(name, np.square(np.where(finite, rows, 0.0)).sum(axis=0), finite.sum(axis=0))
-
-    def _add(self, name: str, total: np.ndarray, count: np.ndarray) -> None:
-        if name in self._sums and self._sums[name].shape == total.shape:
-            self._sums[name] += total
-            self._counts[name] += count
-        elif name not in self._sums:
-            self._sums[name], self._counts[name] = total, count
-
-    def result(self) -> dict[str, np.ndarray]:
-        """``E[x**2]`` per channel, float32, by tensor name (tensors never seen are left out)."""
-        return {name: (total / np.maximum(self._counts[name], 1)).astype(np.float32)
-                for name, total in self._sums.items()}
 
 
 def input_channel_importance(model, data: Iterable[Batch], tensors: Iterable[str], *,

@@ -50,6 +50,7 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
+from edgeopt.quant.channel_stats import ChannelAbsMax, ChannelAbsMaxHook, ChannelAbsMaxObserver
 from edgeopt.quant.rescaled import Rescaled
 
 __all__ = [
@@ -63,65 +64,6 @@ __all__ = [
 ]
 
 _SCALE_BOUNDS = (1e-5, 1e5)
-
-
-# --------------------------------------------------------------------------
-# statistics
-# --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class ChannelAbsMax:
-    """Largest ``|x|`` of each channel (float64, read-only), over ``count`` batches."""
-
-    abs_max: np.ndarray
-    count: int
-
-
-class ChannelAbsMaxObserver:
-    """Running ``max |x|`` of each slice along ``axis`` (non-finite values are left out)."""
-
-    def __init__(self, *, axis: int = -1) -> None:
-        self.axis = axis
-        self._abs_max: np.ndarray | None = None
-        self._count = 0
-
-    def update(self, array) -> None:
-        array = np.abs(np.asarray(array, dtype=np.float64))
-        rows = np.moveaxis(array, self.axis, 0).reshape(array.shape[self.axis], -1)
-        batch_max = np.where(np.isfinite(rows), rows, 0.0).max(axis=1, initial=0.0)
-        self._abs_max = batch_max if self._abs_max is None else np.maximum(self._abs_max, batch_max)
-        self._count += 1
-
-    def result(self) -> ChannelAbsMax:
-        abs_max = np.zeros(0) if self._abs_max is None else self._abs_max.copy()
-        abs_max.setflags(write=False)
-        return ChannelAbsMax(abs_max=abs_max, count=self._count)
-
-
-class ChannelAbsMaxHook:
-    """A calibration hook (``update(feed, outputs)``) tracking the channel maxima of ``tensors``.
-
-    ``tensors`` maps a tensor name to its channel axis (:func:`smoothing_inputs`);
-    the calibration pass must fetch them (graph inputs come from the feed).
-    """
-
-    groupable = True  # per-channel sums/maxima: the same whatever the batching
-
-    def __init__(self, tensors: Mapping[str, int]) -> None:
-        self.tensors = dict(tensors)
-        self._observers = {name: ChannelAbsMaxObserver(axis=axis) for name, axis in self.tensors.items()}
-
-    def update(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
-        for name, observer in self._observers.items():
-            array = outputs[name] if name in outputs else feed.get(name)
-            if array is not None and np.issubdtype(np.asarray(array).dtype, np.floating):
-                observer.update(array)
-
-    def result(self) -> dict[str, np.ndarray]:
-        """Channel maxima by tensor name (tensors never seen are left out)."""
-        results = {name: observer.result() for name, observer in self._observers.items()}
-        return {name: r.abs_max for name, r in results.items() if r.count}
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,220 @@
+"""Per-channel statistics of activations, streamed through the calibration pass.
+
+Three accuracy tools need one number per channel of some tensors, summed or
+maximised over every calibration sample: bias correction the channel means of
+each layer's input (:class:`ChannelMeanHook`), SmoothQuant the channel maxima
+of ``|x|`` (:class:`ChannelAbsMaxHook`), int4's clipping search the channel
+mean squares (:class:`ChannelMeanSquareHook`). Each is an observer per tensor
+behind one hook (:class:`ChannelStatsHook`): the calibration pass hands it
+every batch, it finds each tensor among the fetched outputs (graph inputs: in
+the feed) and skips what is absent or not float. Non-finite values are left
+out of every statistic. Sums and maxima do not depend on how samples are
+batched, so the hooks are ``groupable``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES
+
+__all__ = [
+    "ChannelAbsMax",
+    "ChannelAbsMaxHook",
+    "ChannelAbsMaxObserver",
+    "ChannelMeanHook",
+    "ChannelMeanObserver",
+    "ChannelMeanSquareHook",
+    "ChannelMeans",
+    "ChannelStatsHook",
+]
+
+
+def _readonly(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
+
+
+# --------------------------------------------------------------------------
+# observers: one tensor each
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChannelAbsMax:
+    """Largest ``|x|`` of each channel (float64, read-only), over ``count`` batches."""
+
+    abs_max: np.ndarray
+    count: int
+
+
+class ChannelAbsMaxObserver:
+    """Running ``max |x|`` of each slice along ``axis`` (non-finite values are left out)."""
+
+    def __init__(self, *, axis: int = -1) -> None:
+        self.axis = axis
+        self._abs_max: np.ndarray | None = None
+        self._count = 0
+
+    def update(self, array) -> None:
+        array = np.abs(np.asarray(array, dtype=np.float64))
+        rows = np.moveaxis(array, self.axis, 0).reshape(array.shape[self.axis], -1)
+        batch_max = np.where(np.isfinite(rows), rows, 0.0).max(axis=1, initial=0.0)
+        self._abs_max = batch_max if self._abs_max is None else np.maximum(self._abs_max, batch_max)
+        self._count += 1
+
+    def result(self) -> ChannelAbsMax:
+        abs_max = np.zeros(0) if self._abs_max is None else self._abs_max.copy()
+        return ChannelAbsMax(abs_max=_readonly(abs_max), count=self._count)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChannelMeans:
+    """Mean of each channel (float64, read-only) and how many finite values it averages."""
+
+    mean: np.ndarray
+    count: np.ndarray
+
+
+class ChannelMeanObserver:
+    """Running mean of each slice along ``axis`` (non-finite values are left out)."""
+
+    def __init__(self, *, axis: int = 1) -> None:
+        self.axis = axis
+        self._sum: np.ndarray | None = None
+        self._count: np.ndarray | None = None
+
+    def update(self, array) -> None:
+        array = np.asarray(array)
+        axis = self.axis % array.ndim
+        others = tuple(a for a in range(array.ndim) if a != axis)
+        total = array.sum(axis=others, dtype=np.float64)
+        # A float32/float64 sum in float64 cannot overflow, so finite sums mean finite values: the
+        # masked pass below is only paid for a batch with NaN or infinity in it.
+        if np.isfinite(total).all():
+            count = np.full(array.shape[axis], array.size // max(array.shape[axis], 1), dtype=np.int64)
+        else:
+            finite = np.isfinite(array)
+            total = np.where(finite, array, 0.0).sum(axis=others, dtype=np.float64)
+            count = finite.sum(axis=others)
+        self._add(total, count)
+
+    def update_mean(self, mean: np.ndarray, count: int) -> None:
+        """Fold in a batch already reduced to its channel means over ``count`` values each (channels
+        whose mean is not finite, from a NaN or infinity in the batch, are left out of it)."""
+        mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+        finite = np.isfinite(mean)
+        self._add(np.where(finite, mean * count, 0.0), np.where(finite, count, 0).astype(np.int64))
+
+    def _add(self, total: np.ndarray, count: np.ndarray) -> None:
+        """Fold in one batch's per-channel sums and value counts."""
+        if self._sum is None:
+            self._sum, self._count = total, count
+        else:
+            self._sum, self._count = self._sum + total, self._count + count
+
+    def result(self) -> ChannelMeans:
+        if self._sum is None:
+            empty = np.zeros(0)
+            return ChannelMeans(mean=_readonly(empty), count=_readonly(empty.astype(np.int64)))
+        mean = self._sum / np.maximum(self._count, 1)
+        return ChannelMeans(mean=_readonly(mean), count=_readonly(self._count.copy()))
+
+
+class ChannelMeanSquareObserver(ChannelMeanObserver):
+    """Running mean of ``x**2`` of each slice along ``axis`` (non-finite values are left out)."""
+
+    def update(self, array) -> None:
+        super().update(np.square(np.asarray(array, dtype=np.float64)))
+
+
+# --------------------------------------------------------------------------
+# hooks: the observers of several tensors, fed by the calibration pass
+# --------------------------------------------------------------------------
+
+
+class _Observer(Protocol):
+    def update(self, array) -> None: ...
+
+
+class ChannelStatsHook:
+    """A calibration hook (``update(feed, outputs)``) feeding one observer per tensor of ``tensors``.
+
+    ``tensors`` maps a tensor name to its channel axis; the calibration pass must fetch them
+    (graph inputs come from the feed). ``result()`` gives each seen tensor's statistic.
+    """
+
+    groupable = True  # per-channel sums and maxima: the same whatever the batching
+
+    def __init__(self, tensors: Mapping[str, int], observer: Callable[[int], _Observer]) -> None:
+        self.tensors = dict(tensors)
+        self._observers = {name: observer(axis) for name, axis in self.tensors.items()}
+
+    def update(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+        for name, observer in self._observers.items():
+            self._observe(observer, name, feed, outputs)
+
+    def _observe(self, observer, name: str, feed: Mapping[str, np.ndarray],
+                 outputs: Mapping[str, np.ndarray]) -> None:
+        array = outputs[name] if name in outputs else feed.get(name)
+        if array is not None and np.issubdtype(np.asarray(array).dtype, np.floating) and np.ndim(array):
+            observer.update(array)
+
+    def result(self) -> dict[str, np.ndarray]:
+        """The statistic by tensor name (tensors never seen are left out)."""
+        values = {name: self._value(observer) for name, observer in self._observers.items()}
+        return {name: value for name, value in values.items() if value is not None}
+
+    def _value(self, observer) -> np.ndarray | None:
+        raise NotImplementedError
+
+
+class ChannelAbsMaxHook(ChannelStatsHook):
+    """Channel maxima of ``|x|`` of ``tensors`` (name -> channel axis), for SmoothQuant."""
+
+    def __init__(self, tensors: Mapping[str, int]) -> None:
+        super().__init__(tensors, lambda axis: ChannelAbsMaxObserver(axis=axis))
+
+    def _value(self, observer: ChannelAbsMaxObserver) -> np.ndarray | None:
+        result = observer.result()
+        return result.abs_max if result.count else None
+
+
+class ChannelMeanHook(ChannelStatsHook):
+    """Channel means of ``tensors`` (name -> channel axis), for bias correction.
+
+    The calibration pass gives each tensor whole, or (``channel_means``) its per-channel
+    mean and element count computed inside ONNX Runtime.
+    """
+
+    channel_means = True
+
+    def __init__(self, tensors: Mapping[str, int]) -> None:
+        super().__init__(tensors, lambda axis: ChannelMeanObserver(axis=axis))
+
+    def _observe(self, observer: ChannelMeanObserver, name: str, feed: Mapping[str, np.ndarray],
+                 outputs: Mapping[str, np.ndarray]) -> None:
+        mean = outputs.get(name + CHANNEL_MEAN_SUFFIXES[0])
+        if mean is not None and np.issubdtype(mean.dtype, np.floating) and mean.size:
+            observer.update_mean(mean, int(outputs[name + CHANNEL_MEAN_SUFFIXES[1]]) // mean.size)
+        else:
+            super()._observe(observer, name, feed, outputs)
+
+    def _value(self, observer: ChannelMeanObserver) -> np.ndarray | None:
+        mean = observer.result().mean
+        return mean if mean.size else None
+
+
+class ChannelMeanSquareHook(ChannelStatsHook):
+    """``E[x**2]`` per last-axis channel of ``tensors`` (float32), for int4's clipping search."""
+
+    def __init__(self, tensors: Iterable[str]) -> None:
+        super().__init__(dict.fromkeys(tensors, -1), lambda axis: ChannelMeanSquareObserver(axis=axis))
+
+    def _value(self, observer: ChannelMeanSquareObserver) -> np.ndarray | None:
+        mean = observer.result().mean
+        return mean.astype(np.float32) if mean.size else None

@@ -1,0 +1,64 @@
+"""The per-channel statistics hooks of bias correction, SmoothQuant and int4's clipping search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeopt.quant.channel_stats import ChannelAbsMaxHook, ChannelMeanHook, ChannelMeanSquareHook
+
+_SAMPLES = np.random.default_rng(0).standard_normal((6, 5, 3)).astype(np.float32)  # [batch, tokens, channels]
+
+_EXPECTED = {
+    ChannelAbsMaxHook: np.abs(_SAMPLES).max(axis=(0, 1)),
+    ChannelMeanHook: _SAMPLES.astype(np.float64).mean(axis=(0, 1)),
+    ChannelMeanSquareHook: np.square(_SAMPLES.astype(np.float64)).mean(axis=(0, 1)),
+}
+
+
+def _hook(kind):
+    return kind(["x"]) if kind is ChannelMeanSquareHook else kind({"x": -1})
+
+
+@pytest.mark.parametrize("kind", list(_EXPECTED))
+def test_a_statistic_does_not_depend_on_how_samples_are_batched(kind):
+    whole, one_by_one = _hook(kind), _hook(kind)
+    whole.update({}, {"x": _SAMPLES})
+    for sample in _SAMPLES:
+        one_by_one.update({}, {"x": sample[None]})
+
+    assert kind.groupable
+    np.testing.assert_allclose(whole.result()["x"], _EXPECTED[kind], rtol=1e-6)
+    np.testing.assert_allclose(one_by_one.result()["x"], whole.result()["x"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", list(_EXPECTED))
+def test_non_finite_values_are_left_out_of_their_channel(kind):
+    hook = _hook(kind)
+    poisoned = _SAMPLES.copy()
+    poisoned[0, 0, 1], poisoned[1, 2, 1] = np.nan, np.inf
+    hook.update({}, {"x": poisoned})
+
+    finite = np.ma.masked_invalid(poisoned.astype(np.float64)).reshape(-1, 3)
+    column = {ChannelAbsMaxHook: np.abs(finite).max(axis=0), ChannelMeanHook: finite.mean(axis=0),
+              ChannelMeanSquareHook: np.square(finite).mean(axis=0)}[kind]
+    np.testing.assert_allclose(hook.result()["x"], np.asarray(column), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(_EXPECTED))
+def test_graph_inputs_come_from_the_feed_and_unusable_tensors_are_left_out(kind):
+    hook = kind(["x", "ids", "scalar", "absent"]) if kind is ChannelMeanSquareHook else \
+        kind({"x": -1, "ids": -1, "scalar": -1, "absent": -1})
+    hook.update({"x": _SAMPLES, "ids": np.arange(6).reshape(2, 3)}, {"scalar": np.float32(2.0)})
+
+    assert set(hook.result()) == {"x"}
+    np.testing.assert_allclose(hook.result()["x"], _EXPECTED[kind], rtol=1e-6)
+
+
+def test_int4_importance_is_float32_and_bias_correction_means_float64():
+    square, mean = ChannelMeanSquareHook(["x"]), ChannelMeanHook({"x": -1})
+    for hook in (square, mean):
+        hook.update({}, {"x": _SAMPLES})
+
+    assert square.result()["x"].dtype == np.float32
+    assert mean.result()["x"].dtype == np.float64
