@@ -37,7 +37,8 @@ from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
 from edgeopt.metrics import json_number
 from edgeopt.quant.api import quantize
-from edgeopt.quant.compare import CompareResult, carried_value, compare_models, quantized_input_names
+from edgeopt.quant.compare import (CompareResult, carried_value, compare_models, fused_chain,
+                                   quantized_input_names)
 from edgeopt.quant.config import Int8Config
 from edgeopt.quant.ops import is_qdq_op
 from edgeopt.quant.placement import DATA_MOVEMENT_OPS, readers_behind_qdq, readers_past_data_movement
@@ -160,7 +161,7 @@ def _node_damage(result: QuantResult, comparison: CompareResult) -> list[tuple[f
     for node, sqnr_db in _quantized_producers(result.model, comparison):
         if eir.is_op(node, *DATA_MOVEMENT_OPS):  # lossless: returning it to float changes no value
             continue
-        fused = _fused_into(node, float_nodes)  # Gemm -> Relu -> Q: the Gemm's error shows at the Relu's output
+        fused = fused_chain(node, float_nodes)  # Gemm -> Relu -> Q: the Gemm's error shows at the Relu's output
         head = fused[0] if fused else node
         input_sqnr = [sqnr[name] for name in quantized_input_names(head) if name in sqnr]
         upstream = min(input_sqnr) if input_sqnr else math.inf
@@ -191,21 +192,6 @@ def _quantized_readers(result: QuantResult) -> list[tuple[float, ir.Node, str]]:
         if inputs:
             found.append((0.0, node, f"still reads {inputs[0]} quantized"))
     return found
-
-
-def _fused_into(node: ir.Node, float_nodes: set[str]) -> list[ir.Node]:
-    """``[head, ..., node]`` when ``node`` (a Relu, a Clip) reads no quantized input but the float
-    output of a quantized node it is fused into, alone; else ``[]``. Returning the head to float
-    is what removes the error measured at ``node``'s output."""
-    chain = [node]
-    while not quantized_input_names(chain[0]):
-        fed = [v for v in chain[0].inputs if v is not None and not eir.is_constant(v)]
-        producer = _producer(fed[0]) if len(fed) == 1 else None
-        if (producer is None or producer.name in float_nodes or is_qdq_op(producer, "DequantizeLinear")
-                or len(fed[0].uses()) != 1):
-            return []
-        chain.insert(0, producer)
-    return chain if len(chain) > 1 else []
 
 
 def _readers_through_qdq(node: ir.Node) -> list[ir.Node]:

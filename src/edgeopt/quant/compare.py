@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -60,6 +60,7 @@ __all__ = [
     "OutputComparison",
     "TensorMatch",
     "compare_models",
+    "fused_chain",
     "layer_sqnr",
     "match_tensors",
     "missing_qdq_note",
@@ -434,17 +435,25 @@ def quantized_input_names(node: ir.Node) -> list[str]:
     return [carried.name for carried in map(carried_value, node.inputs) if carried is not None]
 
 
-def _computing_node(value: ir.Value | None) -> ir.Node | None:
-    """The node whose arithmetic ``value`` shows: its producer, or, for an activation fused after a
-    conv (Relu reading the conv's float output alone), the conv."""
-    node = value.producer() if value is not None else None
-    while node is not None and not quantized_input_names(node):
-        fed = [v for v in node.inputs if v is not None and not eir.is_constant(v)]
+def fused_chain(node: ir.Node | None, stop: Collection[str] = ()) -> list[ir.Node]:
+    """``[head, ..., node]`` when ``node`` (a Relu, a Clip) reads no quantized input but, alone,
+    the float output of a node fused with it (a conv) that reads quantized inputs: the error
+    measured at ``node``'s output arises in the head. ``[]`` otherwise, and when the walk meets a
+    node named in ``stop`` (one already float)."""
+    chain = [node] if node is not None else []
+    while chain and not quantized_input_names(chain[0]):
+        fed = [v for v in chain[0].inputs if v is not None and not eir.is_constant(v)]
         producer = fed[0].producer() if len(fed) == 1 and len(fed[0].uses()) == 1 else None
-        if producer is None or is_qdq_op(producer, "DequantizeLinear"):
-            return node
-        node = producer
-    return node
+        if producer is None or producer.name in stop or is_qdq_op(producer, "DequantizeLinear"):
+            return []
+        chain.insert(0, producer)
+    return chain if len(chain) > 1 else []
+
+
+def _computing_node(value: ir.Value | None) -> ir.Node | None:
+    """The node whose arithmetic ``value`` shows: its producer, or the head of its fused chain."""
+    node = value.producer() if value is not None else None
+    return (fused_chain(node) or [node])[0]
 
 
 def _with_losses(quant_model: ir.Model, rows: list[LayerComparison]) -> list[LayerComparison]:
