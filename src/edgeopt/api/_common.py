@@ -14,7 +14,8 @@ import onnx_ir as ir
 from edgeopt.errors import ConfigError
 from edgeopt.io import load_model
 
-__all__ = ["ModelSource", "Progress", "load", "logged_warnings", "model_name", "model_source"]
+__all__ = ["ModelSource", "Progress", "check_path", "check_type", "load", "logged_warnings", "model_name",
+           "model_source"]
 
 ModelSource = str | os.PathLike | ir.Model
 Progress = Callable[[int, int], None]
@@ -29,6 +30,21 @@ def model_source(model: object, what: str = "model") -> ModelSource:
         return load_model(model, require_static=False)
     raise ConfigError(f"{what} must be a path to an .onnx file, an onnx.ModelProto or an onnx_ir.Model, "
                       f"got {type(model).__name__}")
+
+
+def check_type(value: object, expected: type | tuple[type, ...], what: str, hint: str = "") -> None:
+    """ConfigError naming the argument when ``value`` (not None) is not of the ``expected`` type(s)."""
+    if value is not None and not isinstance(value, expected):
+        names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+        raise ConfigError(f"{what} must be {'an' if names[0] in 'AEIOU' else 'a'} {names}{hint}, "
+                          f"got {type(value).__name__} {str(value)[:40]!r}")
+
+
+def check_path(value: object, what: str, *, optional: bool = True) -> None:
+    """ConfigError when a file or folder argument is not a path (a str or os.PathLike)."""
+    if (value is None and optional) or isinstance(value, (str, os.PathLike)):
+        return
+    raise ConfigError(f"{what} must be a path (a str or pathlib.Path), got {type(value).__name__}")
 
 
 def load(model: ModelSource, *, input_shapes: Mapping[str, Sequence[int]] | None = None,

@@ -10,11 +10,11 @@ from pathlib import Path
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.api._common import ModelSource, Progress, load, model_name, model_source
+from edgeopt.api._common import ModelSource, Progress, check_type, load, model_name, model_source
 from edgeopt.api.deploy import is_compiled_folder
 from edgeopt.bench import BenchConfig, BenchResult, BenchTarget, bench_models
 from edgeopt.data import ImagePreprocess
-from edgeopt.errors import DataError, ModelError
+from edgeopt.errors import ConfigError, DataError, ModelError
 from edgeopt.io import model_file_bytes, model_to_bytes
 
 __all__ = ["bench"]
@@ -53,6 +53,10 @@ def bench(models: Sequence[ModelSource], *, config: BenchConfig = BenchConfig(),
     """
     if isinstance(models, (str, os.PathLike, ir.Model)) or type(models).__name__ == "ModelProto":
         models = [models]
+    if not isinstance(models, Iterable):
+        raise ConfigError(f"models must be a model (a path, onnx.ModelProto or onnx_ir.Model) or a list of them, "
+                          f"got {type(models).__name__}")
+    check_type(config, BenchConfig, "config")
     models = [model_source(model) for model in models]
     if not models:
         raise ModelError("bench needs at least one model")

@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.analysis import CostReport, MemoryReport, analyze_cost, memory_report
-from edgeopt.api._common import ModelSource, Progress, load, model_name, model_source
+from edgeopt.api._common import ModelSource, Progress, check_path, load, model_name, model_source
 from edgeopt.errors import DataError
 from edgeopt.io import atomic_write_files, make_output_folder
 
@@ -159,8 +159,11 @@ def _read_inputs(inputs: Mapping[str, np.ndarray | str | os.PathLike]) -> tuple[
                 raise DataError(f"{value} is a .npz: pass its arrays, or the file without a name on the command line")
             arrays[name] = loaded
             files.append(Path(value))
-        else:
+        elif isinstance(value, np.ndarray):
             arrays[name] = value
+        else:
+            which = f"input {name!r}" if name else "the input"
+            raise DataError(f"{which} is a {type(value).__name__}: pass a numpy array or the path of a .npy file")
     return arrays, files
 
 
@@ -199,6 +202,7 @@ def run(model: ModelSource, inputs: Mapping[str, np.ndarray | str | os.PathLike]
     from edgeopt.api.deploy import is_compiled_folder, run_compiled
 
     model = model_source(model)
+    check_path(output_dir, "output_dir")
     if output_dir is not None:
         make_output_folder(output_dir, create=False)  # before any work
     arrays, input_files = _read_inputs(inputs)

@@ -1,0 +1,62 @@
+"""Arguments of the wrong type given to the Python API: one ConfigError/DataError naming the argument,
+not a TypeError or AttributeError from deep inside."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edgeopt
+from edgeopt.demo import demo_calibration_path, demo_model_path
+from edgeopt.errors import ConfigError, DataError, ModelError
+
+
+@pytest.fixture(scope="module")
+def data():
+    return np.load(demo_calibration_path())[:16]
+
+
+def test_quantize_refuses_a_goal_preprocess_output_or_eval_of_the_wrong_type(tmp_path, data):
+    config = edgeopt.Int8Config()
+    cases = [({"goal": "1.0"}, "goal must be an AccuracyGoal"),
+             ({"preprocess": "size=8x8"}, "preprocess must be an ImagePreprocess"),
+             ({"output": 3}, "output must be a path"),
+             ({"evaluate": 5, "goal": edgeopt.AccuracyGoal(max_drop=1.0)}, "evaluate must be")]
+    for kwargs, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            edgeopt.quantize(demo_model_path(), config, data, check_speed=False, **kwargs)
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_refuses_a_config_or_models_of_the_wrong_type():
+    with pytest.raises(ConfigError, match="config must be a BenchConfig"):
+        edgeopt.bench([demo_model_path()], config={"runs": 3})
+    for models in (None, 3):
+        with pytest.raises(ConfigError, match="models must be"):
+            edgeopt.bench(models)
+
+
+@pytest.mark.parametrize("key, value", [("runs", "10"), ("runs", 2.5), ("warmup", 1.5), ("threads", "2"),
+                                        ("runs", True)])
+def test_bench_config_takes_integers_only(key, value):
+    with pytest.raises(ConfigError, match=f"{key} must be an integer"):
+        edgeopt.BenchConfig(**{key: value})
+
+
+def test_compile_needs_an_output_path(tmp_path):
+    with pytest.raises(ConfigError, match="output must be a path"):
+        edgeopt.compile_model(demo_model_path(), None)
+
+
+def test_run_refuses_an_input_that_is_not_an_array_or_a_file(data):
+    with pytest.raises(DataError, match="input 'input' is a list: pass a numpy array or the path of a .npy file"):
+        edgeopt.run(demo_model_path(), {"input": data[:2].tolist()})
+    with pytest.raises(ConfigError, match="output_dir must be a path"):
+        edgeopt.run(demo_model_path(), {"input": data[:2]}, output_dir=7)
+
+
+@pytest.mark.parametrize("shapes", ["input=1x1x8x8", {"input": 5}, {"input": [1, 1, "a", 8]}, {"input": [1, 1, -8, 8]},
+                                    {3: [1, 1, 8, 8]}])
+def test_input_shapes_must_map_names_to_positive_integer_dims(shapes):
+    with pytest.raises(ModelError, match="input_shapes|--input-shape"):
+        edgeopt.inspect(demo_model_path(), input_shapes=shapes)
