@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -185,6 +186,22 @@ def test_the_input_model_is_never_replaced(cli, qdq_path, tmp_path):
     assert_one_line_error(cli("compile", qdq_path, "-o", qdq_path, "--no-measure", "--force"), "is a file")
     np.save(tmp_path / "x.npy", np.zeros(1, dtype=np.float32))
     assert_one_line_error(cli("run", qdq_path, "-i", tmp_path / "x.npy", "-o", qdq_path), "is a file")
+
+
+def test_an_output_folder_that_cannot_be_created_is_refused_before_any_work(cli, qdq_path, tmp_path):
+    # -o below a file (or in /proc) was an internal error from mkdtemp, after the code was generated
+    (tmp_path / "taken").write_text("mine")
+    result = cli("compile", qdq_path, "-o", tmp_path / "taken" / "out", "--no-measure")
+    assert_one_line_error(result, "cannot create the output folder", "taken")
+    assert result.code != 70 and (tmp_path / "taken").read_text() == "mine"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if not os.access(locked, os.W_OK):  # root writes anywhere
+        assert_one_line_error(cli("compile", qdq_path, "-o", locked / "out", "--no-measure"), "not writable")
+    if Path("/proc/self").is_dir():  # writable by its mode, yet no folder can be made there
+        assert_one_line_error(cli("compile", qdq_path, "-o", "/proc/edgeopt-out", "--no-measure"),
+                              "cannot create the output folder /proc/edgeopt-out")
 
 
 def test_device_too_small_writes_the_code_says_bytes_missing_and_the_build_fails(cli, qdq_path, tmp_path):
