@@ -222,3 +222,18 @@ def test_compare_of_a_model_without_qdq_shows_output_rows_only(cli, tmp_path):
     result = cli("compare", path, path, "--data", tmp_path / "x.npy")
     assert result.code == 0 and "no QuantizeLinear/DequantizeLinear" in result.stderr
     assert "quantized tensors" not in result.stdout and "matched 0" not in result.stdout
+
+
+def test_run_says_what_is_wrong_with_an_input_file_that_is_not_an_array(cli, tmp_path):
+    # numpy's "This file contains pickled (object) data ... load it unsafely" for a text or ONNX file
+    from edgeopt.demo import demo_model_path
+
+    (tmp_path / "text.npy").write_text("hello")
+    result = cli("run", demo_model_path(), "-i", tmp_path / "text.npy", "-o", tmp_path / "out")
+    assert_one_line_error(result, "text.npy is not in .npy format")
+    assert "unsafely" not in result.stderr
+    np.save(tmp_path / "objects.npy", np.empty(2, dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "objects.npz", input=np.empty(2, dtype=object))
+    for name in ("objects.npy", "objects.npz"):
+        result = cli("run", demo_model_path(), "-i", tmp_path / name, "-o", tmp_path / "out")
+        assert_one_line_error(result, f"{name} holds Python objects, which edgeopt never unpickles")

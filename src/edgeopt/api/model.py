@@ -15,6 +15,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.analysis import CostReport, MemoryReport, analyze_cost, memory_report
 from edgeopt.api._common import ModelSource, Progress, check_path, load, model_name, model_source
+from edgeopt.data.npy import read_error
 from edgeopt.errors import DataError
 from edgeopt.io import atomic_write_files, make_output_folder
 
@@ -137,10 +138,13 @@ def read_input_file(path: str | os.PathLike) -> np.ndarray | dict[str, np.ndarra
     try:
         loaded = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
-        raise DataError(f"{path} is not a readable .npy/.npz file ({str(error).splitlines()[0]})") from None
+        raise read_error(path, error) from None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
-            return {key: loaded[key] for key in loaded.files}
+            try:
+                return {key: loaded[key] for key in loaded.files}
+            except (ValueError, OSError, EOFError) as error:  # an object array inside, a damaged member
+                raise read_error(path, error) from None
     return loaded
 
 
