@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import qdq_models as q  # noqa: E402
 from edgeopt import api  # noqa: E402
+from edgeopt.errors import DataError  # noqa: E402
 from edgeopt.runtime.reference import ReferenceModel  # noqa: E402
 from tests.conftest import assert_one_line_error  # noqa: E402
 
@@ -89,6 +90,17 @@ def test_verify_is_bit_exact(cli, compiled, data_folder):
     assert "bit-exact: 4 sample(s)" in result.stdout
     report = json.loads(cli("verify", compiled, "--data", data_folder, "--json").stdout)
     assert report["bit_exact"] and report["tensors_compared"] > 4
+
+
+def test_verify_of_no_samples_is_an_error_not_bit_exact(cli, compiled, tmp_path, monkeypatch):
+    # a module:function returning no batches printed "bit-exact: 0 sample(s), 0 tensors compared", exit 0
+    (tmp_path / "no_batches.py").write_text("def batches():\n    return []\n")
+    monkeypatch.chdir(tmp_path)
+    result = cli("verify", compiled, "--data", "no_batches:batches")
+    assert_one_line_error(result, "gave no samples")
+    assert "bit-exact" not in result.stdout
+    with pytest.raises(DataError, match="gave no samples"):
+        api.verify(compiled, [])
 
 
 def test_verify_names_the_layer_that_differs(cli, compiled, data_folder, tmp_path):

@@ -33,7 +33,7 @@ from edgeopt.codegen.c.emit import emit_sources
 from edgeopt.codegen.c.plan import MemoryPlan, plan_memory, program_lifetimes
 from edgeopt.codegen.c.schedule import Schedule, choose_schedule, reorder
 from edgeopt.devices import DeviceProfile, load_device
-from edgeopt.errors import CodegenError, ConfigError
+from edgeopt.errors import CodegenError, ConfigError, DataError
 from edgeopt.io import load_model, save_model
 from edgeopt.io.save import current_umask
 from edgeopt.runtime.reference import ReferenceModel, lower
@@ -351,4 +351,6 @@ def verify(out_dir: str | Path, data: Iterable[Mapping[str, np.ndarray]]) -> Ver
         batches, compared = batches + 1, compared + count
         if mismatch is not None:
             return VerifyResult(batches=batches, tensors_compared=compared, first_mismatch=mismatch)
+    if not batches:  # nothing compared is not "bit-exact"
+        raise DataError("the data gave no samples: point --data at at least one sample")
     return VerifyResult(batches=batches, tensors_compared=compared, first_mismatch=None)
