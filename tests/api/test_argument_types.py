@@ -60,3 +60,10 @@ def test_run_refuses_an_input_that_is_not_an_array_or_a_file(data):
 def test_input_shapes_must_map_names_to_positive_integer_dims(shapes):
     with pytest.raises(ModelError, match="input_shapes|--input-shape"):
         edgeopt.inspect(demo_model_path(), input_shapes=shapes)
+
+
+def test_bench_of_empty_data_names_it_without_the_repr_of_an_iterator():
+    for data in ([], iter([])):
+        with pytest.raises(DataError, match=r"the data given \((list|list_iterator)\) gave no samples") as caught:
+            edgeopt.bench(demo_model_path(), config=edgeopt.BenchConfig(runs=3), data=data)
+        assert "object at 0x" not in str(caught.value)

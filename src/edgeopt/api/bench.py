@@ -33,7 +33,8 @@ def _bench_feeds(specs: Sequence[eir.InputSpec], data: str | os.PathLike | Itera
         return [random_feed(specs, seed=i) for i in range(min(count, 4))]
     feeds = list(take(open_data(data, specs, preprocess=preprocess), count))
     if not feeds:
-        raise DataError(f"--data {data} gave no samples")
+        named = f"--data {data}" if isinstance(data, (str, os.PathLike)) else f"the data given ({type(data).__name__})"
+        raise DataError(f"{named} gave no samples: point it at at least one sample")
     return feeds
 
 
