@@ -67,3 +67,12 @@ def test_bench_of_empty_data_names_it_without_the_repr_of_an_iterator():
         with pytest.raises(DataError, match=r"the data given \((list|list_iterator)\) gave no samples") as caught:
             edgeopt.bench(demo_model_path(), config=edgeopt.BenchConfig(runs=3), data=data)
         assert "object at 0x" not in str(caught.value)
+
+
+def test_run_takes_a_npz_path_alone_as_the_command_line_does(tmp_path, data):
+    # edgeopt.run(model, "inputs.npz") was refused ("pass its arrays"), while --input inputs.npz works
+    np.savez(tmp_path / "inputs.npz", input=data[:3])
+    from_file = edgeopt.run(demo_model_path(), tmp_path / "inputs.npz").outputs["logits"]
+    np.testing.assert_array_equal(from_file, edgeopt.run(demo_model_path(), {"input": data[:3]}).outputs["logits"])
+    with pytest.raises(DataError, match="is a .npz keyed by input name: pass it alone"):
+        edgeopt.run(demo_model_path(), {"input": tmp_path / "inputs.npz"})

@@ -150,7 +150,7 @@ def read_input_file(path: str | os.PathLike) -> np.ndarray | dict[str, np.ndarra
 
 def _read_inputs(inputs: Mapping[str, np.ndarray | str | os.PathLike]) -> tuple[dict[str, np.ndarray], list[Path]]:
     """Arrays by input name (a value may be a .npy file), and the files they came from. A single array
-    or file, not in a mapping, feeds the model's only input."""
+    or .npy file, not in a mapping, feeds the model's only input; a single .npz feeds the inputs its keys name."""
     if isinstance(inputs, (np.ndarray, str, os.PathLike)):
         inputs = {"": inputs}
     if not isinstance(inputs, Mapping):
@@ -159,9 +159,13 @@ def _read_inputs(inputs: Mapping[str, np.ndarray | str | os.PathLike]) -> tuple[
     for name, value in inputs.items():
         if isinstance(value, (str, os.PathLike)):
             loaded = read_input_file(value)
+            if isinstance(loaded, dict) and name:
+                raise DataError(f"{value} is a .npz keyed by input name: pass it alone (run(model, 'file.npz'), "
+                                f"--input file.npz), not as input {name!r}")
             if isinstance(loaded, dict):
-                raise DataError(f"{value} is a .npz: pass its arrays, or the file without a name on the command line")
-            arrays[name] = loaded
+                arrays.update(loaded)
+            else:
+                arrays[name] = loaded
             files.append(Path(value))
         elif isinstance(value, np.ndarray):
             arrays[name] = value
