@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from edgeopt import api
-from edgeopt.errors import DataError
+from edgeopt.errors import ConfigError, DataError
 from edgeopt.runtime.ort import OrtSession
 from tests.conftest import assert_one_line_error
 from tests.models import (
@@ -112,7 +112,7 @@ def test_run_never_writes_an_output_over_its_input_file(cli, tmp_path):
     assert_one_line_error(result, "output.npy", "-o/--output")
     assert (tmp_path / "output.npy").read_bytes() == before
     # the same from Python, with the file passed by name; an .npz input cannot be replaced by a .npy output
-    with pytest.raises(DataError, match="over the input file"):
+    with pytest.raises(ConfigError, match="over the input file"):
         api.run(path, {"input": tmp_path / "output.npy"}, output_dir=tmp_path)
     assert (tmp_path / "output.npy").read_bytes() == before
     np.savez(tmp_path / "x.npz", input=x)
@@ -237,3 +237,17 @@ def test_run_says_what_is_wrong_with_an_input_file_that_is_not_an_array(cli, tmp
     for name in ("objects.npy", "objects.npz"):
         result = cli("run", demo_model_path(), "-i", tmp_path / name, "-o", tmp_path / "out")
         assert_one_line_error(result, f"{name} holds Python objects, which edgeopt never unpickles")
+
+
+def test_an_output_over_an_input_file_exits_as_in_quantize_and_compile(cli, tmp_path):
+    # run said it with exit 3 (a data error), quantize and compile with 4 (an option to change)
+    from edgeopt.demo import demo_calibration_path, demo_model_path
+
+    np.save(tmp_path / "logits.npy", np.load(demo_calibration_path())[:2])
+    ran = cli("run", demo_model_path(), "-i", tmp_path / "logits.npy", "-o", tmp_path)
+    assert_one_line_error(ran, "would be written over the input file")
+    model = tmp_path / "model.onnx"
+    model.write_bytes(demo_model_path().read_bytes())
+    quantized = cli("quantize", model, "--scheme", "fp16", "-o", model)
+    assert_one_line_error(quantized, "would overwrite the input model's file")
+    assert ran.code == quantized.code == 4
