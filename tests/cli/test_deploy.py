@@ -134,6 +134,20 @@ def test_run_folder_passes_int8_inputs_as_they_are(compiled, qdq_path):
     np.testing.assert_array_equal(ours[reference.output_names[0]], theirs[reference.output_names[0]])
 
 
+def test_run_folder_checks_its_inputs_as_running_a_model_does(compiled):
+    # "missing model input(s): input" for a misnamed input; "holds NaN or Inf values" without the sample
+    from edgeopt.codegen.c.host import HostProgram
+
+    spec = HostProgram(compiled).input_specs[0]
+    x = np.zeros((3, *spec.shape[1:]), np.float32)
+    with pytest.raises(DataError, match="has data for 'x', which is not a model input"):
+        api.run(compiled, {"x": x[:1]})
+    x[1].flat[0] = np.nan
+    with pytest.raises(DataError, match=rf"\[sample 1\] holds NaN values in input '{spec.name}'"):
+        api.run(compiled, {spec.name: x})
+    assert api.run(compiled, {spec.name: x[[0, 2]]}).samples == 2
+
+
 def test_bench_folder_next_to_onnx(cli, compiled, qdq_path):
     result = cli("bench", compiled, qdq_path, "--runs", "20", "--json")
     assert result.code == 0, result.stderr

@@ -76,12 +76,25 @@ def verify(out_dir: str | os.PathLike, data, *, preprocess: ImagePreprocess | No
     return verify_c(out_dir, take(source, max_samples) if max_samples is not None else source)
 
 
+def _check_compiled_feeds(specs, feeds: Sequence[Mapping[str, np.ndarray]], input_files: Sequence[Path]) -> None:
+    """The checks (and messages) of running an ONNX model: input names, shapes, NaN/Inf. An int8 input is
+    checked as the float it passes for (the C takes it as it is)."""
+    from edgeopt.data import check_feed
+
+    where = f"--input {', '.join(map(str, input_files))}" if input_files else "--input"
+    for index, feed in enumerate(feeds):
+        as_float = {name: (array.astype(np.float32) if getattr(array, "dtype", None) == np.int8 else array)
+                    for name, array in feed.items()}
+        check_feed(specs, as_float, where=where + (f" [sample {index}]" if len(feeds) > 1 else ""))
+
+
 def run_compiled(folder: str | os.PathLike, inputs: Mapping[str, np.ndarray], output_dir, progress, *,
                  input_files: Sequence[Path] = ()) -> RunResult:
     from edgeopt.codegen.c.host import HostProgram
 
     program = HostProgram(folder)
     feeds = _sample_feeds(program.input_specs, _name_unnamed(program.input_specs, inputs))
+    _check_compiled_feeds(program.input_specs, feeds, input_files)
     if output_dir is not None:
         _check_spares_inputs(program.output_names, Path(output_dir), input_files)
     outputs = program.run(feeds)
