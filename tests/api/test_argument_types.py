@@ -76,3 +76,10 @@ def test_run_takes_a_npz_path_alone_as_the_command_line_does(tmp_path, data):
     np.testing.assert_array_equal(from_file, edgeopt.run(demo_model_path(), {"input": data[:3]}).outputs["logits"])
     with pytest.raises(DataError, match="is a .npz keyed by input name: pass it alone"):
         edgeopt.run(demo_model_path(), {"input": tmp_path / "inputs.npz"})
+
+
+def test_verify_needs_the_path_of_a_compiled_folder(data):
+    import onnx
+
+    with pytest.raises(ConfigError, match=r"out_dir \(the folder edgeopt compile wrote\) must be a path"):
+        edgeopt.verify(onnx.load(demo_model_path()), data[:2])

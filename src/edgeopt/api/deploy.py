@@ -72,6 +72,7 @@ def verify(out_dir: str | os.PathLike, data, *, preprocess: ImagePreprocess | No
     from edgeopt.codegen.c.host import HostProgram
     from edgeopt.data import open_data, take
 
+    check_path(out_dir, "out_dir (the folder edgeopt compile wrote)", optional=False)
     source = open_data(data, HostProgram(out_dir).input_specs, preprocess=preprocess)
     return verify_c(out_dir, take(source, max_samples) if max_samples is not None else source)
 
