@@ -83,3 +83,26 @@ def test_verify_needs_the_path_of_a_compiled_folder(data):
 
     with pytest.raises(ConfigError, match=r"out_dir \(the folder edgeopt compile wrote\) must be a path"):
         edgeopt.verify(onnx.load(demo_model_path()), data[:2])
+
+
+def test_flags_take_true_or_false_only(tmp_path):
+    # force="no" is a true string: compile_model replaced the folder; check_speed="no" timed the models
+    with pytest.raises(ConfigError, match="force must be True or False, got str 'no'"):
+        edgeopt.compile_model(demo_model_path(), tmp_path / "c", force="no")
+    with pytest.raises(ConfigError, match="measure must be True or False"):
+        edgeopt.compile_model(demo_model_path(), tmp_path / "c", measure=None)
+    with pytest.raises(ConfigError, match="check_speed must be True or False"):
+        edgeopt.quantize(demo_model_path(), edgeopt.Fp16Config(), check_speed="no")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("model", [5, None, b"bytes"])
+def test_load_refuses_what_is_not_a_model(model):
+    with pytest.raises(ConfigError, match="model must be a path to an .onnx file"):
+        edgeopt.load(model)
+
+
+def test_from_torch_refuses_what_is_not_a_module():
+    pytest.importorskip("torch")
+    with pytest.raises(ConfigError, match="from_torch exports a torch.nn.Module, got str"):
+        edgeopt.from_torch("model.pt", np.zeros((1, 3), np.float32))

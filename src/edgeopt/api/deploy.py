@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from edgeopt.api._common import ModelSource, check_path, load, model_source
+from edgeopt.api._common import ModelSource, check_flag, check_path, load, model_source
 from edgeopt.api.model import RunResult, _check_spares_inputs, _name_unnamed, _sample_feeds, _write_outputs
 from edgeopt.data import ImagePreprocess
 from edgeopt.errors import ConfigError, EdgeoptError
@@ -47,6 +47,8 @@ def compile_model(model: ModelSource, output: str | os.PathLike, *, target: str 
 
     model = model_source(model)
     check_path(output, "output", optional=False)
+    check_flag(force, "force")
+    check_flag(measure, "measure")
     if target != "c":
         raise ConfigError(f"--target {target!r} is not supported: the only code generation target is c")
     if not isinstance(model, ir.Model) and Path(output).resolve() in Path(model).resolve().parents:
