@@ -251,3 +251,18 @@ def test_an_output_over_an_input_file_exits_as_in_quantize_and_compile(cli, tmp_
     quantized = cli("quantize", model, "--scheme", "fp16", "-o", model)
     assert_one_line_error(quantized, "would overwrite the input model's file")
     assert ran.code == quantized.code == 4
+
+
+def test_run_refuses_an_input_given_twice(cli, tmp_path):
+    # the last one given won silently (or the unnamed one over the named one)
+    from edgeopt.demo import demo_calibration_path, demo_model_path
+
+    np.save(tmp_path / "a.npy", np.load(demo_calibration_path())[:2])
+    np.save(tmp_path / "b.npy", np.load(demo_calibration_path())[2:5])
+    for first, second in (("input=", "input="), ("", "input="), ("", "")):
+        result = cli("run", demo_model_path(), "-i", f"{first}{tmp_path / 'a.npy'}", "-i",
+                     f"{second}{tmp_path / 'b.npy'}", "-o", tmp_path / "out")
+        assert_one_line_error(result, "twice")
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(DataError, match="'input' is given twice, by name and unnamed"):
+        api.run(demo_model_path(), {"": tmp_path / "a.npy", "input": tmp_path / "b.npy"})

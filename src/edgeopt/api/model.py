@@ -103,6 +103,8 @@ def _name_unnamed(specs: Sequence[eir.InputSpec], arrays: Mapping[str, np.ndarra
         if len(specs) != 1:
             raise DataError(f"the model has {len(specs)} inputs ({', '.join(s.name for s in specs)}): "
                             "name each one, --input NAME=file.npy")
+        if specs[0].name in named:
+            raise DataError(f"input {specs[0].name!r} is given twice, by name and unnamed: give it once")
         named[specs[0].name] = named.pop("")
     return named
 
