@@ -51,6 +51,9 @@ def parse_input_shapes(specs: Iterable[str]) -> dict[str, tuple[int, ...]]:
             raise ModelError(f"--input-shape {spec!r}: dims must be integers like 1x3x224x224") from None
         if any(d <= 0 for d in dims):
             raise ModelError(f"--input-shape {spec!r}: every dim must be a positive integer")
+        if shapes.get(name, dims) != dims:
+            raise ModelError(f"--input-shape gives {name} two shapes ({'x'.join(map(str, shapes[name]))} and "
+                             f"{dims_text}): give it once")
         shapes[name] = dims
     return shapes
 
