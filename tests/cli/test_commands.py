@@ -266,3 +266,22 @@ def test_run_refuses_an_input_given_twice(cli, tmp_path):
         assert not (tmp_path / "out").exists()
     with pytest.raises(DataError, match="'input' is given twice, by name and unnamed"):
         api.run(demo_model_path(), {"": tmp_path / "a.npy", "input": tmp_path / "b.npy"})
+
+
+def test_run_writes_outputs_whose_file_names_collide_to_different_files(cli, tmp_path):
+    # outputs "y/1" and "y_1" were both written to y_1.npy: one of them was lost
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4]) for name in ("y/1", "y_1", "Y_1")]
+    nodes = [helper.make_node(op, ["x"], [name]) for op, name in (("Relu", "y/1"), ("Neg", "y_1"), ("Abs", "Y_1"))]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], outputs), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "collide.onnx")
+    data = np.arange(4, dtype=np.float32).reshape(1, 4) - 2
+    np.save(tmp_path / "x.npy", data)
+    result = cli("run", tmp_path / "collide.onnx", "-i", tmp_path / "x.npy", "-o", tmp_path / "out", "--json")
+    assert result.code == 0, result.stderr
+    files = json.loads(result.stdout)["files"]
+    assert [Path(f).name for f in files] == ["y_1.npy", "y_1_2.npy", "Y_1_3.npy"]
+    for file, expected in zip(files, (np.maximum(data, 0), -data, np.abs(data))):
+        np.testing.assert_array_equal(np.load(file), expected)

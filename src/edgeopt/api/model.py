@@ -128,8 +128,20 @@ def _safe_file_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "output"
 
 
-def _output_file(folder: Path, name: str) -> Path:
-    return folder / f"{_safe_file_name(name)}.npy"
+def _output_files(folder: Path, names: Sequence[str]) -> dict[str, Path]:
+    """``<output>.npy`` per output name; names that map to one file (``y/1`` and ``y_1``, or ``Y`` and ``y``
+    on a case-insensitive disk) get ``_2``, ``_3`` ... so no output replaces another."""
+    files: dict[str, Path] = {}
+    taken: set[str] = set()
+    for name in names:
+        stem = base = _safe_file_name(name)
+        count = 1
+        while stem.lower() in taken:
+            count += 1
+            stem = f"{base}_{count}"
+        taken.add(stem.lower())
+        files[name] = folder / f"{stem}.npy"
+    return files
 
 
 def read_input_file(path: str | os.PathLike) -> np.ndarray | dict[str, np.ndarray]:
@@ -179,8 +191,7 @@ def _read_inputs(inputs: Mapping[str, np.ndarray | str | os.PathLike]) -> tuple[
 
 def _check_spares_inputs(output_names: Sequence[str], folder: Path, input_files: Sequence[Path]) -> None:
     """Refuse (before any work) to write an output over one of the input files."""
-    for name in output_names:
-        target = _output_file(folder, name)
+    for name, target in _output_files(folder, output_names).items():
         for source in input_files:
             if target.exists() and target.resolve() == source.resolve():
                 raise ConfigError(f"output '{name}' would be written over the input file {source}: "
@@ -190,10 +201,10 @@ def _check_spares_inputs(output_names: Sequence[str], folder: Path, input_files:
 def _write_outputs(outputs: Mapping[str, np.ndarray], folder: Path) -> tuple[Path, ...]:
     make_output_folder(folder)
     files = []
-    for name, array in outputs.items():
+    for (name, array), target in zip(outputs.items(), _output_files(folder, list(outputs)).values()):
         buffer = _io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
-        files.append((_output_file(folder, name), buffer.getvalue()))
+        files.append((target, buffer.getvalue()))
     return tuple(atomic_write_files(files))  # the outputs of one run together, or none
 
 
