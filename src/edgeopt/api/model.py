@@ -195,7 +195,7 @@ def _check_spares_inputs(output_names: Sequence[str], folder: Path, input_files:
         for source in input_files:
             if target.exists() and target.resolve() == source.resolve():
                 raise ConfigError(f"output '{name}' would be written over the input file {source}: "
-                                "choose another -o/--output folder")
+                                  "choose another -o/--output folder")
 
 
 def _write_outputs(outputs: Mapping[str, np.ndarray], folder: Path) -> tuple[Path, ...]:
