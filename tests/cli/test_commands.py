@@ -285,3 +285,19 @@ def test_run_writes_outputs_whose_file_names_collide_to_different_files(cli, tmp
     assert [Path(f).name for f in files] == ["y_1.npy", "y_1_2.npy", "Y_1_3.npy"]
     for file, expected in zip(files, (np.maximum(data, 0), -data, np.abs(data))):
         np.testing.assert_array_equal(np.load(file), expected)
+
+
+def test_bench_names_the_model_the_data_does_not_fit(cli, tmp_path):
+    # "digits.npy: input 'input' wants shape 1x1x16x16 ...": both models have an input named 'input'
+    from onnx import TensorProto, helper
+
+    from edgeopt.demo import demo_calibration_path, demo_model_path
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 16, 16])
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "larger.onnx")
+    np.save(tmp_path / "digits.npy", np.load(demo_calibration_path())[:4])
+    result = cli("bench", demo_model_path(), tmp_path / "larger.onnx", "--data", tmp_path / "digits.npy",
+                 "--runs", "2")
+    assert_one_line_error(result, "wants shape 1x1x16x16", "(for larger.onnx)")

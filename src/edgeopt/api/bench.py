@@ -70,7 +70,12 @@ def bench(models: Sequence[ModelSource], *, config: BenchConfig = BenchConfig(),
         onnx_bytes = model_to_bytes(loaded)
         targets.append(BenchTarget(name=model_name(model), onnx_bytes=onnx_bytes,
                                    file_bytes=_file_bytes(model, onnx_bytes)))
-        feeds.append(_bench_feeds(eir.model_inputs(loaded), data, config.runs + config.warmup, preprocess))
+        try:
+            feeds.append(_bench_feeds(eir.model_inputs(loaded), data, config.runs + config.warmup, preprocess))
+        except DataError as error:  # with several models, say which one the data does not fit
+            if len(models) == 1:
+                raise
+            raise DataError(f"{error} (for {model_name(model)})") from None
     return bench_models(targets, feeds, config, progress=progress)
 
 
