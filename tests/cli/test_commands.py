@@ -301,3 +301,12 @@ def test_bench_names_the_model_the_data_does_not_fit(cli, tmp_path):
     result = cli("bench", demo_model_path(), tmp_path / "larger.onnx", "--data", tmp_path / "digits.npy",
                  "--runs", "2")
     assert_one_line_error(result, "wants shape 1x1x16x16", "(for larger.onnx)")
+
+
+def test_run_counts_the_samples_of_a_dynamic_batch(cli, tmp_path):
+    # 8 stacked samples run at once by a model of dynamic batch were told "1 sample(s)"
+    path = dynamic_input_model(tmp_path / "dynamic.onnx")  # input N x 3 x H x W
+    np.save(tmp_path / "x.npy", np.zeros((8, 3, 6, 6), np.float32))
+    result = cli("run", path, "-i", tmp_path / "x.npy", "-o", tmp_path / "out", "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["samples"] == 8

@@ -245,7 +245,14 @@ def run(model: ModelSource, inputs: Mapping[str, np.ndarray | str | os.PathLike]
     outputs = {name: (np.concatenate([r[name] for r in results]) if len(results) > 1 else results[0][name])
                for name in session.output_names}
     files = _write_outputs(outputs, Path(output_dir)) if output_dir is not None else ()
-    return RunResult(outputs=outputs, samples=len(feeds), files=files)
+    return RunResult(outputs=outputs, samples=sum(_feed_samples(specs, feed) for feed in feeds), files=files)
+
+
+def _feed_samples(specs: Sequence[eir.InputSpec], feed: Mapping[str, np.ndarray]) -> int:
+    """The samples one run takes: the rows of a dynamic batch axis (N stacked samples run at once), else 1."""
+    first = specs[0] if specs else None
+    batched = first is not None and len(first.shape) > 1 and not isinstance(first.shape[0], int)
+    return int(np.shape(feed[first.name])[0]) if batched and first.name in feed else 1
 
 
 # ------------------------------------------------------------------------- torch
