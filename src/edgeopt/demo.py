@@ -13,7 +13,6 @@ interpreter's.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -24,6 +23,7 @@ import numpy as np
 from edgeopt import api
 from edgeopt.bench import BenchConfig, BenchResult
 from edgeopt.codegen.c.report import CompileReport
+from edgeopt.io import atomic_write_bytes, make_output_folder
 from edgeopt.metrics import json_text
 
 __all__ = ["DemoC", "DemoResult", "demo_c", "demo_data", "demo_model_path", "run_demo"]
@@ -146,10 +146,11 @@ def run_demo(output_dir: str | os.PathLike, *, runs: int = 200, progress: Progre
     """Inspect, evaluate, quantize to int8 and benchmark the demo model; artifacts go to ``output_dir``."""
     from edgeopt.quant import Int8Config
 
-    folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    BenchConfig(runs=runs)  # a bad --runs is refused before any work, not after the quantization
+    bench_config = BenchConfig(runs=runs, warmup=max(1, runs // 10), threads=1)
+    folder = make_output_folder(output_dir)
     model_path, int8_path = folder / "demo.onnx", folder / "demo.int8.onnx"
-    shutil.copyfile(demo_model_path(), model_path)
+    atomic_write_bytes(model_path, demo_model_path().read_bytes())
     steps = 6
     _step(progress, 0, steps)
     inspected = api.inspect(model_path)
@@ -161,13 +162,13 @@ def run_demo(output_dir: str | os.PathLike, *, runs: int = 200, progress: Progre
     _step(progress, 3, steps)
     int8_accuracy = top1_accuracy(int8_path, images, labels)
     _step(progress, 4, steps)
-    timing = api.bench([model_path, int8_path], config=BenchConfig(runs=runs, warmup=max(1, runs // 10), threads=1))
+    timing = api.bench([model_path, int8_path], config=bench_config)
     _step(progress, 5, steps)
     c_code = demo_c(model_path, folder / "c", images, labels)
     _step(progress, 6, steps)
     result = DemoResult(output_dir=folder, inspect=inspected, float_accuracy=accuracy, int8_accuracy=int8_accuracy,
                         quantize=quantized, test_samples=len(labels), bench=timing, c_code=c_code)
-    (folder / "summary.json").write_text(json_text(result.to_dict()))
+    atomic_write_bytes(folder / "summary.json", json_text(result.to_dict()).encode())
     return result
 
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from edgeopt import api
-from edgeopt.errors import DataError
+from edgeopt.errors import ConfigError, DataError
 from edgeopt.runtime.ort import OrtSession
 from tests.conftest import assert_one_line_error
 from tests.models import (
@@ -112,7 +112,7 @@ def test_run_never_writes_an_output_over_its_input_file(cli, tmp_path):
     assert_one_line_error(result, "output.npy", "-o/--output")
     assert (tmp_path / "output.npy").read_bytes() == before
     # the same from Python, with the file passed by name; an .npz input cannot be replaced by a .npy output
-    with pytest.raises(DataError, match="over the input file"):
+    with pytest.raises(ConfigError, match="over the input file"):
         api.run(path, {"input": tmp_path / "output.npy"}, output_dir=tmp_path)
     assert (tmp_path / "output.npy").read_bytes() == before
     np.savez(tmp_path / "x.npz", input=x)
@@ -222,3 +222,91 @@ def test_compare_of_a_model_without_qdq_shows_output_rows_only(cli, tmp_path):
     result = cli("compare", path, path, "--data", tmp_path / "x.npy")
     assert result.code == 0 and "no QuantizeLinear/DequantizeLinear" in result.stderr
     assert "quantized tensors" not in result.stdout and "matched 0" not in result.stdout
+
+
+def test_run_says_what_is_wrong_with_an_input_file_that_is_not_an_array(cli, tmp_path):
+    # numpy's "This file contains pickled (object) data ... load it unsafely" for a text or ONNX file
+    from edgeopt.demo import demo_model_path
+
+    (tmp_path / "text.npy").write_text("hello")
+    result = cli("run", demo_model_path(), "-i", tmp_path / "text.npy", "-o", tmp_path / "out")
+    assert_one_line_error(result, "text.npy is not in .npy format")
+    assert "unsafely" not in result.stderr
+    np.save(tmp_path / "objects.npy", np.empty(2, dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "objects.npz", input=np.empty(2, dtype=object))
+    for name in ("objects.npy", "objects.npz"):
+        result = cli("run", demo_model_path(), "-i", tmp_path / name, "-o", tmp_path / "out")
+        assert_one_line_error(result, f"{name} holds Python objects, which edgeopt never unpickles")
+
+
+def test_an_output_over_an_input_file_exits_as_in_quantize_and_compile(cli, tmp_path):
+    # run said it with exit 3 (a data error), quantize and compile with 4 (an option to change)
+    from edgeopt.demo import demo_calibration_path, demo_model_path
+
+    np.save(tmp_path / "logits.npy", np.load(demo_calibration_path())[:2])
+    ran = cli("run", demo_model_path(), "-i", tmp_path / "logits.npy", "-o", tmp_path)
+    assert_one_line_error(ran, "would be written over the input file")
+    model = tmp_path / "model.onnx"
+    model.write_bytes(demo_model_path().read_bytes())
+    quantized = cli("quantize", model, "--scheme", "fp16", "-o", model)
+    assert_one_line_error(quantized, "would overwrite the input model's file")
+    assert ran.code == quantized.code == 4
+
+
+def test_run_refuses_an_input_given_twice(cli, tmp_path):
+    # the last one given won silently (or the unnamed one over the named one)
+    from edgeopt.demo import demo_calibration_path, demo_model_path
+
+    np.save(tmp_path / "a.npy", np.load(demo_calibration_path())[:2])
+    np.save(tmp_path / "b.npy", np.load(demo_calibration_path())[2:5])
+    for first, second in (("input=", "input="), ("", "input="), ("", "")):
+        result = cli("run", demo_model_path(), "-i", f"{first}{tmp_path / 'a.npy'}", "-i",
+                     f"{second}{tmp_path / 'b.npy'}", "-o", tmp_path / "out")
+        assert_one_line_error(result, "twice")
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(DataError, match="'input' is given twice, by name and unnamed"):
+        api.run(demo_model_path(), {"": tmp_path / "a.npy", "input": tmp_path / "b.npy"})
+
+
+def test_run_writes_outputs_whose_file_names_collide_to_different_files(cli, tmp_path):
+    # outputs "y/1" and "y_1" were both written to y_1.npy: one of them was lost
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4]) for name in ("y/1", "y_1", "Y_1")]
+    nodes = [helper.make_node(op, ["x"], [name]) for op, name in (("Relu", "y/1"), ("Neg", "y_1"), ("Abs", "Y_1"))]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], outputs), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "collide.onnx")
+    data = np.arange(4, dtype=np.float32).reshape(1, 4) - 2
+    np.save(tmp_path / "x.npy", data)
+    result = cli("run", tmp_path / "collide.onnx", "-i", tmp_path / "x.npy", "-o", tmp_path / "out", "--json")
+    assert result.code == 0, result.stderr
+    files = json.loads(result.stdout)["files"]
+    assert [Path(f).name for f in files] == ["y_1.npy", "y_1_2.npy", "Y_1_3.npy"]
+    for file, expected in zip(files, (np.maximum(data, 0), -data, np.abs(data))):
+        np.testing.assert_array_equal(np.load(file), expected)
+
+
+def test_bench_names_the_model_the_data_does_not_fit(cli, tmp_path):
+    # "digits.npy: input 'input' wants shape 1x1x16x16 ...": both models have an input named 'input'
+    from onnx import TensorProto, helper
+
+    from edgeopt.demo import demo_calibration_path, demo_model_path
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 16, 16])
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "larger.onnx")
+    np.save(tmp_path / "digits.npy", np.load(demo_calibration_path())[:4])
+    result = cli("bench", demo_model_path(), tmp_path / "larger.onnx", "--data", tmp_path / "digits.npy",
+                 "--runs", "2")
+    assert_one_line_error(result, "wants shape 1x1x16x16", "(for larger.onnx)")
+
+
+def test_run_counts_the_samples_of_a_dynamic_batch(cli, tmp_path):
+    # 8 stacked samples run at once by a model of dynamic batch were told "1 sample(s)"
+    path = dynamic_input_model(tmp_path / "dynamic.onnx")  # input N x 3 x H x W
+    np.save(tmp_path / "x.npy", np.zeros((8, 3, 6, 6), np.float32))
+    result = cli("run", path, "-i", tmp_path / "x.npy", "-o", tmp_path / "out", "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["samples"] == 8

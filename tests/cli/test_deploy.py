@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import qdq_models as q  # noqa: E402
 from edgeopt import api  # noqa: E402
+from edgeopt.errors import DataError  # noqa: E402
 from edgeopt.runtime.reference import ReferenceModel  # noqa: E402
 from tests.conftest import assert_one_line_error  # noqa: E402
 
@@ -90,6 +92,17 @@ def test_verify_is_bit_exact(cli, compiled, data_folder):
     assert report["bit_exact"] and report["tensors_compared"] > 4
 
 
+def test_verify_of_no_samples_is_an_error_not_bit_exact(cli, compiled, tmp_path, monkeypatch):
+    # a module:function returning no batches printed "bit-exact: 0 sample(s), 0 tensors compared", exit 0
+    (tmp_path / "no_batches.py").write_text("def batches():\n    return []\n")
+    monkeypatch.chdir(tmp_path)
+    result = cli("verify", compiled, "--data", "no_batches:batches")
+    assert_one_line_error(result, "gave no samples")
+    assert "bit-exact" not in result.stdout
+    with pytest.raises(DataError, match="gave no samples"):
+        api.verify(compiled, [])
+
+
 def test_verify_names_the_layer_that_differs(cli, compiled, data_folder, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(compiled, broken)
@@ -119,6 +132,20 @@ def test_run_folder_passes_int8_inputs_as_they_are(compiled, qdq_path):
     ours = api.run(compiled, {"input": x}).outputs
     theirs = reference.run_float({"input": x})
     np.testing.assert_array_equal(ours[reference.output_names[0]], theirs[reference.output_names[0]])
+
+
+def test_run_folder_checks_its_inputs_as_running_a_model_does(compiled):
+    # "missing model input(s): input" for a misnamed input; "holds NaN or Inf values" without the sample
+    from edgeopt.codegen.c.host import HostProgram
+
+    spec = HostProgram(compiled).input_specs[0]
+    x = np.zeros((3, *spec.shape[1:]), np.float32)
+    with pytest.raises(DataError, match="has data for 'x', which is not a model input"):
+        api.run(compiled, {"x": x[:1]})
+    x[1].flat[0] = np.nan
+    with pytest.raises(DataError, match=rf"\[sample 1\] holds NaN values in input '{spec.name}'"):
+        api.run(compiled, {spec.name: x})
+    assert api.run(compiled, {spec.name: x[[0, 2]]}).samples == 2
 
 
 def test_bench_folder_next_to_onnx(cli, compiled, qdq_path):
@@ -185,6 +212,22 @@ def test_the_input_model_is_never_replaced(cli, qdq_path, tmp_path):
     assert_one_line_error(cli("compile", qdq_path, "-o", qdq_path, "--no-measure", "--force"), "is a file")
     np.save(tmp_path / "x.npy", np.zeros(1, dtype=np.float32))
     assert_one_line_error(cli("run", qdq_path, "-i", tmp_path / "x.npy", "-o", qdq_path), "is a file")
+
+
+def test_an_output_folder_that_cannot_be_created_is_refused_before_any_work(cli, qdq_path, tmp_path):
+    # -o below a file (or in /proc) was an internal error from mkdtemp, after the code was generated
+    (tmp_path / "taken").write_text("mine")
+    result = cli("compile", qdq_path, "-o", tmp_path / "taken" / "out", "--no-measure")
+    assert_one_line_error(result, "cannot create the output folder", "taken")
+    assert result.code != 70 and (tmp_path / "taken").read_text() == "mine"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if not os.access(locked, os.W_OK):  # root writes anywhere
+        assert_one_line_error(cli("compile", qdq_path, "-o", locked / "out", "--no-measure"), "not writable")
+    if Path("/proc/self").is_dir():  # writable by its mode, yet no folder can be made there
+        assert_one_line_error(cli("compile", qdq_path, "-o", "/proc/edgeopt-out", "--no-measure"),
+                              "cannot create the output folder /proc/edgeopt-out")
 
 
 def test_device_too_small_writes_the_code_says_bytes_missing_and_the_build_fails(cli, qdq_path, tmp_path):

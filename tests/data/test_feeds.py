@@ -115,3 +115,13 @@ def test_a_scalar_input_stacks_as_a_vector_of_samples():
     feeds = list(source)
     assert len(feeds) == 20 and feeds[3]["s"].shape == () and float(feeds[3]["s"]) == 3.0
     assert feeds[3]["x"].shape == (1, 16)
+
+
+def test_a_batch_of_n_for_a_batch_1_input_says_how_to_give_samples():
+    # a DataLoader's batches of 32 for a model exported at batch 1 were told "reshape or resize the data"
+    import edgeopt
+    from edgeopt.demo import demo_calibration_path, demo_model_path
+
+    batches = np.load(demo_calibration_path())[:64].reshape(2, 32, 1, 8, 8)
+    with pytest.raises(DataError, match="the model takes batch 1, this is a batch of 32: yield one sample per item"):
+        edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), [{"input": b} for b in batches], check_speed=False)

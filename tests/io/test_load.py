@@ -18,6 +18,13 @@ from tests.models import (
 )
 
 
+def test_parse_input_shapes_refuses_two_shapes_for_one_input():
+    # the last one given won silently
+    with pytest.raises(ModelError, match=r"--input-shape gives x two shapes \(1x3x224x224 and 1x3x256x256\)"):
+        parse_input_shapes(["x=1x3x224x224", "x=1x3x256x256"])
+    assert parse_input_shapes(["x=1x8", "x=1x8"]) == {"x": (1, 8)}
+
+
 def test_parse_input_shapes():
     assert parse_input_shapes(["x=1x3x224x224", "mask=1,16"]) == {"x": (1, 3, 224, 224), "mask": (1, 16)}
     for bad in ["x", "x=", "x=1xAx3", "x=1x0x3"]:

@@ -109,3 +109,16 @@ def test_a_new_scheme_is_a_config_and_a_handler():
     assert result.scheme == "identity" and seen[0] is not model  # the handler gets a private copy
     with pytest.raises(TypeError, match="already registered"):
         register_scheme(IdentityConfig)(lambda *a, **k: None)
+
+
+def test_a_mistyped_exclude_suggests_the_op_type_or_node_meant():
+    # "similar node names" listed the first five nodes of the model, whatever was typed
+    import edgeopt
+    from edgeopt.demo import demo_model_path
+
+    for typed, meant in (("Convv", "did you mean op type Conv"), ("gemm", "did you mean op type Gemm"),
+                         ("/classifier/Gem", "did you mean /classifier/Gemm")):
+        with pytest.raises(ConfigError, match=meant):
+            edgeopt.quantize(demo_model_path(), edgeopt.Fp16Config(exclude=(typed,)), check_speed=False)
+    with pytest.raises(ConfigError, match="its op types are .*Conv.*; node names are like"):
+        edgeopt.quantize(demo_model_path(), edgeopt.Fp16Config(exclude=("xyzzy",)), check_speed=False)

@@ -9,31 +9,63 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from edgeopt.errors import ConfigError
 from edgeopt.io import load_model
 
-__all__ = ["ModelSource", "Progress", "load", "logged_warnings", "model_name", "model_source"]
+__all__ = ["ModelSource", "Progress", "check_flag", "check_path", "check_type", "load", "logged_warnings",
+           "model_name", "model_source"]
 
 ModelSource = str | os.PathLike | ir.Model
 Progress = Callable[[int, int], None]
 
 
+def _is_model_proto(model: object) -> bool:
+    return type(model).__name__ == "ModelProto" and hasattr(model, "SerializeToString")  # onnx's, not imported
+
+
+def _check_model_type(model: object, what: str) -> None:
+    if not isinstance(model, (str, os.PathLike, ir.Model)) and not _is_model_proto(model):
+        raise ConfigError(f"{what} must be a path to an .onnx file, an onnx.ModelProto or an onnx_ir.Model, "
+                          f"got {type(model).__name__}")
+
+
 def model_source(model: object, what: str = "model") -> ModelSource:
     """A model argument of the API as the functions take it: a path or an onnx_ir Model as given, an
     onnx ModelProto loaded as a file is (a copy, checked and normalized); else a ConfigError."""
-    if isinstance(model, (str, os.PathLike, ir.Model)):
-        return model
-    if type(model).__name__ == "ModelProto" and hasattr(model, "SerializeToString"):  # onnx's, not imported
+    _check_model_type(model, what)
+    if _is_model_proto(model):
         return load_model(model, require_static=False)
-    raise ConfigError(f"{what} must be a path to an .onnx file, an onnx.ModelProto or an onnx_ir.Model, "
-                      f"got {type(model).__name__}")
+    return model
+
+
+def check_type(value: object, expected: type | tuple[type, ...], what: str, hint: str = "") -> None:
+    """ConfigError naming the argument when ``value`` (not None) is not of the ``expected`` type(s)."""
+    if value is not None and not isinstance(value, expected):
+        names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+        raise ConfigError(f"{what} must be {'an' if names[0] in 'AEIOU' else 'a'} {names}{hint}, "
+                          f"got {type(value).__name__} {str(value)[:40]!r}")
+
+
+def check_flag(value: object, what: str) -> None:
+    """ConfigError unless ``value`` is True or False: a string such as "no" would count as true."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{what} must be True or False, got {type(value).__name__} {str(value)[:40]!r}")
+
+
+def check_path(value: object, what: str, *, optional: bool = True) -> None:
+    """ConfigError when a file or folder argument is not a path (a str or os.PathLike)."""
+    if (value is None and optional) or isinstance(value, (str, os.PathLike)):
+        return
+    raise ConfigError(f"{what} must be a path (a str or pathlib.Path), got {type(value).__name__}")
 
 
 def load(model: ModelSource, *, input_shapes: Mapping[str, Sequence[int]] | None = None,
          require_static: bool = True) -> ir.Model:
     """Load a model from a path (normalized, shapes inferred) or copy an in-memory one."""
+    _check_model_type(model, "model")
     if isinstance(model, ir.Model):
         if input_shapes:  # fixed as a file's are (shapes inferred again)
             model = ir.to_proto(model)

@@ -10,11 +10,11 @@ from pathlib import Path
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.api._common import ModelSource, Progress, load, model_name, model_source
+from edgeopt.api._common import ModelSource, Progress, check_type, load, model_name, model_source
 from edgeopt.api.deploy import is_compiled_folder
 from edgeopt.bench import BenchConfig, BenchResult, BenchTarget, bench_models
 from edgeopt.data import ImagePreprocess
-from edgeopt.errors import DataError, ModelError
+from edgeopt.errors import ConfigError, DataError, ModelError
 from edgeopt.io import model_file_bytes, model_to_bytes
 
 __all__ = ["bench"]
@@ -33,7 +33,8 @@ def _bench_feeds(specs: Sequence[eir.InputSpec], data: str | os.PathLike | Itera
         return [random_feed(specs, seed=i) for i in range(min(count, 4))]
     feeds = list(take(open_data(data, specs, preprocess=preprocess), count))
     if not feeds:
-        raise DataError(f"--data {data} gave no samples")
+        named = f"--data {data}" if isinstance(data, (str, os.PathLike)) else f"the data given ({type(data).__name__})"
+        raise DataError(f"{named} gave no samples: point it at at least one sample")
     return feeds
 
 
@@ -53,6 +54,10 @@ def bench(models: Sequence[ModelSource], *, config: BenchConfig = BenchConfig(),
     """
     if isinstance(models, (str, os.PathLike, ir.Model)) or type(models).__name__ == "ModelProto":
         models = [models]
+    if not isinstance(models, Iterable):
+        raise ConfigError(f"models must be a model (a path, onnx.ModelProto or onnx_ir.Model) or a list of them, "
+                          f"got {type(models).__name__}")
+    check_type(config, BenchConfig, "config")
     models = [model_source(model) for model in models]
     if not models:
         raise ModelError("bench needs at least one model")
@@ -65,7 +70,12 @@ def bench(models: Sequence[ModelSource], *, config: BenchConfig = BenchConfig(),
         onnx_bytes = model_to_bytes(loaded)
         targets.append(BenchTarget(name=model_name(model), onnx_bytes=onnx_bytes,
                                    file_bytes=_file_bytes(model, onnx_bytes)))
-        feeds.append(_bench_feeds(eir.model_inputs(loaded), data, config.runs + config.warmup, preprocess))
+        try:
+            feeds.append(_bench_feeds(eir.model_inputs(loaded), data, config.runs + config.warmup, preprocess))
+        except DataError as error:  # with several models, say which one the data does not fit
+            if len(models) == 1:
+                raise
+            raise DataError(f"{error} (for {model_name(model)})") from None
     return bench_models(targets, feeds, config, progress=progress)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from edgeopt.api._common import ModelSource, load, model_source
+from edgeopt.api._common import ModelSource, check_flag, check_path, load, model_source
 from edgeopt.api.model import RunResult, _check_spares_inputs, _name_unnamed, _sample_feeds, _write_outputs
 from edgeopt.data import ImagePreprocess
 from edgeopt.errors import ConfigError, EdgeoptError
@@ -46,6 +46,9 @@ def compile_model(model: ModelSource, output: str | os.PathLike, *, target: str 
     from edgeopt.codegen.c.report import CompileReport, measure_host
 
     model = model_source(model)
+    check_path(output, "output", optional=False)
+    check_flag(force, "force")
+    check_flag(measure, "measure")
     if target != "c":
         raise ConfigError(f"--target {target!r} is not supported: the only code generation target is c")
     if not isinstance(model, ir.Model) and Path(output).resolve() in Path(model).resolve().parents:
@@ -71,8 +74,21 @@ def verify(out_dir: str | os.PathLike, data, *, preprocess: ImagePreprocess | No
     from edgeopt.codegen.c.host import HostProgram
     from edgeopt.data import open_data, take
 
+    check_path(out_dir, "out_dir (the folder edgeopt compile wrote)", optional=False)
     source = open_data(data, HostProgram(out_dir).input_specs, preprocess=preprocess)
     return verify_c(out_dir, take(source, max_samples) if max_samples is not None else source)
+
+
+def _check_compiled_feeds(specs, feeds: Sequence[Mapping[str, np.ndarray]], input_files: Sequence[Path]) -> None:
+    """The checks (and messages) of running an ONNX model: input names, shapes, NaN/Inf. An int8 input is
+    checked as the float it passes for (the C takes it as it is)."""
+    from edgeopt.data import check_feed
+
+    where = f"--input {', '.join(map(str, input_files))}" if input_files else "--input"
+    for index, feed in enumerate(feeds):
+        as_float = {name: (array.astype(np.float32) if getattr(array, "dtype", None) == np.int8 else array)
+                    for name, array in feed.items()}
+        check_feed(specs, as_float, where=where + (f" [sample {index}]" if len(feeds) > 1 else ""))
 
 
 def run_compiled(folder: str | os.PathLike, inputs: Mapping[str, np.ndarray], output_dir, progress, *,
@@ -81,6 +97,7 @@ def run_compiled(folder: str | os.PathLike, inputs: Mapping[str, np.ndarray], ou
 
     program = HostProgram(folder)
     feeds = _sample_feeds(program.input_specs, _name_unnamed(program.input_specs, inputs))
+    _check_compiled_feeds(program.input_specs, feeds, input_files)
     if output_dir is not None:
         _check_spares_inputs(program.output_names, Path(output_dir), input_files)
     outputs = program.run(feeds)

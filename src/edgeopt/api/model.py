@@ -14,8 +14,9 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.analysis import CostReport, MemoryReport, analyze_cost, memory_report
-from edgeopt.api._common import ModelSource, Progress, load, model_name, model_source
-from edgeopt.errors import DataError
+from edgeopt.api._common import ModelSource, Progress, check_path, load, model_name, model_source
+from edgeopt.data.npy import read_error
+from edgeopt.errors import ConfigError, DataError
 from edgeopt.io import atomic_write_files, make_output_folder
 
 __all__ = ["InspectResult", "RunResult", "from_torch", "inspect", "run"]
@@ -102,6 +103,8 @@ def _name_unnamed(specs: Sequence[eir.InputSpec], arrays: Mapping[str, np.ndarra
         if len(specs) != 1:
             raise DataError(f"the model has {len(specs)} inputs ({', '.join(s.name for s in specs)}): "
                             "name each one, --input NAME=file.npy")
+        if specs[0].name in named:
+            raise DataError(f"input {specs[0].name!r} is given twice, by name and unnamed: give it once")
         named[specs[0].name] = named.pop("")
     return named
 
@@ -125,8 +128,20 @@ def _safe_file_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "output"
 
 
-def _output_file(folder: Path, name: str) -> Path:
-    return folder / f"{_safe_file_name(name)}.npy"
+def _output_files(folder: Path, names: Sequence[str]) -> dict[str, Path]:
+    """``<output>.npy`` per output name; names that map to one file (``y/1`` and ``y_1``, or ``Y`` and ``y``
+    on a case-insensitive disk) get ``_2``, ``_3`` ... so no output replaces another."""
+    files: dict[str, Path] = {}
+    taken: set[str] = set()
+    for name in names:
+        stem = base = _safe_file_name(name)
+        count = 1
+        while stem.lower() in taken:
+            count += 1
+            stem = f"{base}_{count}"
+        taken.add(stem.lower())
+        files[name] = folder / f"{stem}.npy"
+    return files
 
 
 def read_input_file(path: str | os.PathLike) -> np.ndarray | dict[str, np.ndarray]:
@@ -137,16 +152,19 @@ def read_input_file(path: str | os.PathLike) -> np.ndarray | dict[str, np.ndarra
     try:
         loaded = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
-        raise DataError(f"{path} is not a readable .npy/.npz file ({str(error).splitlines()[0]})") from None
+        raise read_error(path, error) from None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
-            return {key: loaded[key] for key in loaded.files}
+            try:
+                return {key: loaded[key] for key in loaded.files}
+            except (ValueError, OSError, EOFError) as error:  # an object array inside, a damaged member
+                raise read_error(path, error) from None
     return loaded
 
 
 def _read_inputs(inputs: Mapping[str, np.ndarray | str | os.PathLike]) -> tuple[dict[str, np.ndarray], list[Path]]:
     """Arrays by input name (a value may be a .npy file), and the files they came from. A single array
-    or file, not in a mapping, feeds the model's only input."""
+    or .npy file, not in a mapping, feeds the model's only input; a single .npz feeds the inputs its keys name."""
     if isinstance(inputs, (np.ndarray, str, os.PathLike)):
         inputs = {"": inputs}
     if not isinstance(inputs, Mapping):
@@ -155,32 +173,38 @@ def _read_inputs(inputs: Mapping[str, np.ndarray | str | os.PathLike]) -> tuple[
     for name, value in inputs.items():
         if isinstance(value, (str, os.PathLike)):
             loaded = read_input_file(value)
+            if isinstance(loaded, dict) and name:
+                raise DataError(f"{value} is a .npz keyed by input name: pass it alone (run(model, 'file.npz'), "
+                                f"--input file.npz), not as input {name!r}")
             if isinstance(loaded, dict):
-                raise DataError(f"{value} is a .npz: pass its arrays, or the file without a name on the command line")
-            arrays[name] = loaded
+                arrays.update(loaded)
+            else:
+                arrays[name] = loaded
             files.append(Path(value))
-        else:
+        elif isinstance(value, np.ndarray):
             arrays[name] = value
+        else:
+            which = f"input {name!r}" if name else "the input"
+            raise DataError(f"{which} is a {type(value).__name__}: pass a numpy array or the path of a .npy file")
     return arrays, files
 
 
 def _check_spares_inputs(output_names: Sequence[str], folder: Path, input_files: Sequence[Path]) -> None:
     """Refuse (before any work) to write an output over one of the input files."""
-    for name in output_names:
-        target = _output_file(folder, name)
+    for name, target in _output_files(folder, output_names).items():
         for source in input_files:
             if target.exists() and target.resolve() == source.resolve():
-                raise DataError(f"output '{name}' would be written over the input file {source}: "
-                                "choose another -o/--output folder")
+                raise ConfigError(f"output '{name}' would be written over the input file {source}: "
+                                  "choose another -o/--output folder")
 
 
 def _write_outputs(outputs: Mapping[str, np.ndarray], folder: Path) -> tuple[Path, ...]:
     make_output_folder(folder)
     files = []
-    for name, array in outputs.items():
+    for (name, array), target in zip(outputs.items(), _output_files(folder, list(outputs)).values()):
         buffer = _io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
-        files.append((_output_file(folder, name), buffer.getvalue()))
+        files.append((target, buffer.getvalue()))
     return tuple(atomic_write_files(files))  # the outputs of one run together, or none
 
 
@@ -199,6 +223,7 @@ def run(model: ModelSource, inputs: Mapping[str, np.ndarray | str | os.PathLike]
     from edgeopt.api.deploy import is_compiled_folder, run_compiled
 
     model = model_source(model)
+    check_path(output_dir, "output_dir")
     if output_dir is not None:
         make_output_folder(output_dir, create=False)  # before any work
     arrays, input_files = _read_inputs(inputs)
@@ -220,7 +245,14 @@ def run(model: ModelSource, inputs: Mapping[str, np.ndarray | str | os.PathLike]
     outputs = {name: (np.concatenate([r[name] for r in results]) if len(results) > 1 else results[0][name])
                for name in session.output_names}
     files = _write_outputs(outputs, Path(output_dir)) if output_dir is not None else ()
-    return RunResult(outputs=outputs, samples=len(feeds), files=files)
+    return RunResult(outputs=outputs, samples=sum(_feed_samples(specs, feed) for feed in feeds), files=files)
+
+
+def _feed_samples(specs: Sequence[eir.InputSpec], feed: Mapping[str, np.ndarray]) -> int:
+    """The samples one run takes: the rows of a dynamic batch axis (N stacked samples run at once), else 1."""
+    first = specs[0] if specs else None
+    batched = first is not None and len(first.shape) > 1 and not isinstance(first.shape[0], int)
+    return int(np.shape(feed[first.name])[0]) if batched and first.name in feed else 1
 
 
 # ------------------------------------------------------------------------- torch

@@ -13,7 +13,8 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.api._common import ModelSource, Progress, load, logged_warnings, model_source
+from edgeopt.api._common import (ModelSource, Progress, check_flag, check_path, check_type, load, logged_warnings,
+                                 model_source)
 from edgeopt.data import ImagePreprocess, batch_rows
 from edgeopt.errors import ConfigError, DataError, EdgeoptError
 from edgeopt.io import (FILE_BYTES_KEY, atomic_write_files, check_writable, model_file_bytes, model_files,
@@ -195,10 +196,21 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     the report's ``warnings`` too.
     """
     model = model_source(model)
+    _check_argument_types(goal, evaluate, output)
+    check_flag(check_fidelity, "check_fidelity")
+    check_flag(check_speed, "check_speed")
     with logged_warnings() as logged:
         return _quantize(model, config, data, output=output, preprocess=preprocess, max_samples=max_samples,
                          goal=goal, evaluate=evaluate, check_fidelity=check_fidelity, check_speed=check_speed,
                          progress=progress, logged=logged)
+
+
+def _check_argument_types(goal: object, evaluate: object, output: object) -> None:
+    check_type(goal, AccuracyGoal, "goal")
+    check_path(output, "output")
+    if evaluate is not None and not (isinstance(evaluate, str) or callable(evaluate)):
+        raise ConfigError(f"evaluate must be 'module:function' or a function(model_path) -> score, "
+                          f"got {type(evaluate).__name__}")
 
 
 def _quantize(model: ModelSource, config: object, data, *, output, preprocess, max_samples, goal, evaluate,

@@ -41,6 +41,11 @@ class BenchConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        for key in ("runs", "warmup", "threads"):
+            value = getattr(self, key)
+            integer = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+            if (value is not None or key != "threads") and not integer:
+                raise ConfigError(f"{key} must be an integer (--{key}), got {type(value).__name__} {value!r}")
         if self.runs < 1:
             raise ConfigError(f"--runs must be at least 1, got {self.runs}")
         if self.warmup < 0:

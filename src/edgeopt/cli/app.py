@@ -21,7 +21,7 @@ from edgeopt.bench import BenchConfig
 from edgeopt.cli import state
 from edgeopt.cli.render import bytes_text, count_text, in_batches, print_json, progress_bar, table
 from edgeopt.data import ImagePreprocess
-from edgeopt.errors import ConfigError
+from edgeopt.errors import ConfigError, DataError
 from edgeopt.quant.accuracy import AccuracyGoal
 from edgeopt.io import parse_input_shapes
 
@@ -139,10 +139,12 @@ def _parse_inputs(specs: list[str]) -> dict[str, np.ndarray | Path]:
         name, sep, path_text = spec.partition("=")
         if not sep:
             name, path_text = "", spec
-        if zipfile.is_zipfile(path_text):
-            inputs.update(read_input_file(path_text))
-        else:
-            inputs[name] = Path(path_text)
+        given = read_input_file(path_text) if zipfile.is_zipfile(path_text) else {name: Path(path_text)}
+        for key, value in given.items():
+            if key in inputs:
+                which = f"input {key!r}" if key else "the unnamed input"
+                raise DataError(f"--input gives {which} twice ({spec}): give each input once")
+            inputs[key] = value
     return inputs
 
 

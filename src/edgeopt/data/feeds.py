@@ -93,11 +93,15 @@ def _as_array(value: object, name: str, where: str) -> np.ndarray:
 def _check_shape(spec: InputSpec, array: np.ndarray, where: str) -> None:
     if not spec.rank_known or dims_match(spec.shape, array.shape):
         return
-    rank_note = ""
+    rank_note, advice = "", "reshape or resize the data"
     if array.ndim != len(spec.shape):
         rank_note = f" (rank {array.ndim}, the model wants rank {len(spec.shape)})"
+    elif spec.shape[0] == 1 and array.shape[0] > 1 and dims_match(spec.shape[1:], array.shape[1:]):
+        # a DataLoader's batches for a model exported at batch 1
+        advice = (f"the model takes batch 1, this is a batch of {array.shape[0]}: yield one sample per item, or "
+                  "pass {name: array} with the samples stacked on axis 0 (edgeopt splits it)")
     raise DataError(f"{where}: input {spec.name!r} wants shape {shape_text(spec.shape)} "
-                    f"but got {shape_text(array.shape)}{rank_note}: reshape or resize the data")
+                    f"but got {shape_text(array.shape)}{rank_note}: {advice}")
 
 
 def _check_int_range(spec: InputSpec, array: np.ndarray, where: str) -> None:

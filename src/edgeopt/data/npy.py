@@ -33,7 +33,8 @@ from edgeopt.data.base import DataSource, split_stacked, stacked_count
 from edgeopt.errors import DataError
 from edgeopt.ir.values import InputSpec
 
-__all__ = ["NpyFileSource", "NpyFolderSource", "check_path", "list_files", "natural_key", "read_arrays"]
+__all__ = ["NpyFileSource", "NpyFolderSource", "check_path", "list_files", "natural_key", "read_arrays",
+           "read_error"]
 
 DATA_SUFFIXES = (".npy", ".npz")
 _T = TypeVar("_T")
@@ -52,7 +53,9 @@ def list_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
     return sorted(files, key=lambda p: natural_key(p.name))
 
 
-def _read_error(path: Path, error: Exception) -> DataError:
+def read_error(path: Path, error: Exception) -> DataError:
+    """The one-line error for a .npy/.npz file numpy could not read (another format, pickled objects,
+    a truncated file)."""
     text = str(error)
     if "Python objects" in text or "Object arrays" in text:
         return DataError(f"{path} holds Python objects, which edgeopt never unpickles: "
@@ -75,7 +78,7 @@ def _open_npy(path: Path) -> np.ndarray | _NpyRows:
                     return _NpyRows(path, stream.tell(), shape, dtype)
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
-        raise _read_error(path, error) from None
+        raise read_error(path, error) from None
 
 
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -185,7 +188,7 @@ def _npz_headers(path: Path) -> dict[str, tuple[str, tuple[int, ...], bool, np.d
                     shape, fortran_order, dtype = reader(stream)
                     headers[member.removesuffix(".npy")] = (member, shape, fortran_order, dtype)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
-        raise _read_error(path, error) from None
+        raise read_error(path, error) from None
     return headers
 
 
@@ -199,7 +202,7 @@ def _open_npz(path: Path) -> dict[str, np.ndarray | _NpzRows]:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
-        raise _read_error(path, error) from None
+        raise read_error(path, error) from None
 
 
 def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:

@@ -27,7 +27,7 @@ from edgeopt.data.base import DataSource, IterableSource, dataset_from_arrays
 from edgeopt.data.callable import CallableSource, looks_like_callable
 from edgeopt.data.images import IMAGE_SUFFIXES, ImageFolderSource, ImagePreprocess
 from edgeopt.data.npy import DATA_SUFFIXES, NpyFileSource, NpyFolderSource, list_files
-from edgeopt.errors import DataError
+from edgeopt.errors import ConfigError, DataError
 from edgeopt.ir.values import InputSpec
 
 __all__ = ["open_data"]
@@ -91,6 +91,9 @@ def open_data(
     preprocess: ImagePreprocess | None = None,
 ) -> DataSource:
     """The source for ``data`` (see the module docstring); batches are checked against ``specs``."""
+    if preprocess is not None and not isinstance(preprocess, ImagePreprocess):
+        raise ConfigError(f"preprocess must be an ImagePreprocess (ImagePreprocess.parse({str(preprocess)[:40]!r}) "
+                          f"reads a --preprocess spec), got {type(preprocess).__name__}")
     if isinstance(data, DataSource):
         return data
     if isinstance(data, (str, os.PathLike)):

@@ -51,6 +51,9 @@ def parse_input_shapes(specs: Iterable[str]) -> dict[str, tuple[int, ...]]:
             raise ModelError(f"--input-shape {spec!r}: dims must be integers like 1x3x224x224") from None
         if any(d <= 0 for d in dims):
             raise ModelError(f"--input-shape {spec!r}: every dim must be a positive integer")
+        if shapes.get(name, dims) != dims:
+            raise ModelError(f"--input-shape gives {name} two shapes ({'x'.join(map(str, shapes[name]))} and "
+                             f"{dims_text}): give it once")
         shapes[name] = dims
     return shapes
 
@@ -153,7 +156,22 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
     return dims
 
 
+def _check_input_shapes(shapes: object) -> None:
+    """ModelError unless ``shapes`` maps input names to sequences of positive integers (``input_shapes``
+    in Python; ``parse_input_shapes`` reads the command line's NAME=DIMS)."""
+    if not isinstance(shapes, Mapping):
+        raise ModelError(f"input_shapes must map input names to dims, e.g. {{'input': (1, 3, 224, 224)}}, "
+                         f"got {type(shapes).__name__} {str(shapes)[:40]!r}")
+    for name, dims in shapes.items():
+        valid = isinstance(dims, (Sequence, np.ndarray)) and not isinstance(dims, str) and all(
+            isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in dims)
+        if not isinstance(name, str) or not valid:
+            raise ModelError(f"input_shapes[{name!r}] = {dims!r}: give an input name and a tuple of positive "
+                             "integer dims, e.g. (1, 3, 224, 224)")
+
+
 def _fix_input_shapes(graph: onnx.GraphProto, shapes: Mapping[str, Sequence[int]]) -> None:
+    _check_input_shapes(shapes)
     by_name = {v.name: v for v in graph.input}
     for name, shape in shapes.items():
         if name not in by_name:

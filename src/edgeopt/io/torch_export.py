@@ -42,6 +42,8 @@ def export_torch(module, example_inputs, *, path: str | os.PathLike | None = Non
                  output_names: Sequence[str] | None = None) -> ir.Model:
     """Export ``module`` (eval mode, training flag restored) and return the loaded model."""
     torch = _import_torch()
+    if not isinstance(module, torch.nn.Module):
+        raise ConfigError(f"from_torch exports a torch.nn.Module, got {type(module).__name__}")
     was_training = module.training
     module.eval()
     try:

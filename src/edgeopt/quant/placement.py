@@ -46,7 +46,7 @@ The plan is a frozen value: calibration reads ``activations``, the builder
 from __future__ import annotations
 
 import difflib
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import onnx_ir as ir
@@ -186,9 +186,19 @@ def check_exclude(models: Iterable[ir.Model | NodeIndex], exclude: Iterable[str]
     for entry in exclude:
         if entry in op_types or entry in names:
             continue
-        similar = difflib.get_close_matches(entry, names, n=5, cutoff=0.5) or names[:5]
         raise ConfigError(f"--exclude {entry!r} is neither a node name nor an op type of the model; "
-                          f"similar node names: {', '.join(similar) or 'none'}")
+                          f"{_exclude_suggestion(entry, names, op_types)}")
+
+
+def _exclude_suggestion(entry: str, names: Sequence[str], op_types: Iterable[str]) -> str:
+    """The op types and node names close to a mistyped ``--exclude`` entry (case aside), or examples of both."""
+    by_lower = {op_type.lower(): op_type for op_type in sorted(op_types)}
+    close_ops = [by_lower[key] for key in difflib.get_close_matches(entry.lower(), list(by_lower), n=3, cutoff=0.6)]
+    close_names = difflib.get_close_matches(entry, names, n=5, cutoff=0.5)
+    if close_ops or close_names:
+        return "did you mean " + ", ".join([*(f"op type {op}" for op in close_ops), *close_names]) + "?"
+    return (f"its op types are {', '.join(sorted(op_types)[:12])}{', ...' if len(by_lower) > 12 else ''}; "
+            f"node names are like {', '.join(names[:3]) or 'none'}")
 
 
 def vanished_excludes(model: ir.Model, exclude: Iterable[str]) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -32,7 +33,7 @@ from edgeopt.codegen.c.emit import emit_sources
 from edgeopt.codegen.c.plan import MemoryPlan, plan_memory, program_lifetimes
 from edgeopt.codegen.c.schedule import Schedule, choose_schedule, reorder
 from edgeopt.devices import DeviceProfile, load_device
-from edgeopt.errors import CodegenError, ConfigError
+from edgeopt.errors import CodegenError, ConfigError, DataError
 from edgeopt.io import load_model, save_model
 from edgeopt.io.save import current_umask
 from edgeopt.runtime.reference import ReferenceModel, lower
@@ -187,6 +188,7 @@ def check_output_folder(out_dir: Path, *, force: bool) -> None:
     if out_dir.is_symlink():
         raise CodegenError(f"output {out_dir} is a symbolic link: give the folder it points to, or another -o")
     if not out_dir.exists():
+        _check_creatable(out_dir)
         return
     if not out_dir.is_dir():
         raise CodegenError(f"output {out_dir} is a file: -o takes a folder (it is created if missing)")
@@ -213,6 +215,15 @@ def check_output_folder(out_dir: Path, *, force: bool) -> None:
                            "another -o")
 
 
+def _check_creatable(out_dir: Path) -> None:
+    """Refuse a new output folder whose nearest existing ancestor is a file or not writable."""
+    ancestor = next(parent for parent in out_dir.absolute().parents if parent.exists())
+    if not ancestor.is_dir():
+        raise CodegenError(f"cannot create the output folder {out_dir}: {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CodegenError(f"cannot create the output folder {out_dir}: {ancestor} is not writable")
+
+
 def _written_by_compile(out_dir: Path) -> set[str]:
     """The names an earlier compile wrote into ``out_dir`` (read from its manifest), its report and
     build folder; empty when there is no readable manifest."""
@@ -233,8 +244,11 @@ def _built_by_make(out_dir: Path) -> set[str]:
 
 
 def _write_folder(out_dir: Path, files: Mapping[str, str], model: ir.Model, manifest: dict, force: bool) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as error:  # what the checks before the work cannot see (/proc, a full disk ...)
+        raise CodegenError(f"cannot create the output folder {out_dir}: {error.strerror or error}") from error
     try:
         staging.chmod(0o777 & ~current_umask())  # a folder's usual mode, not mkdtemp's private 0700
         for file_name, text in files.items():
@@ -244,8 +258,10 @@ def _write_folder(out_dir: Path, files: Mapping[str, str], model: ir.Model, mani
         if out_dir.exists() and force:
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise CodegenError(f"cannot write the output folder {out_dir}: {error.strerror or error}") from error
         raise
 
 
@@ -335,4 +351,6 @@ def verify(out_dir: str | Path, data: Iterable[Mapping[str, np.ndarray]]) -> Ver
         batches, compared = batches + 1, compared + count
         if mismatch is not None:
             return VerifyResult(batches=batches, tensors_compared=compared, first_mismatch=mismatch)
+    if not batches:  # nothing compared is not "bit-exact"
+        raise DataError("the data gave no samples: point --data at at least one sample")
     return VerifyResult(batches=batches, tensors_compared=compared, first_mismatch=None)
