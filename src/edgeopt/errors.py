@@ -12,6 +12,7 @@ __all__ = [
     "ModelError",
     "DataError",
     "ConfigError",
+    "OutputError",
     "UnsupportedOpError",
     "PassError",
     "CodegenError",
@@ -40,6 +41,12 @@ class ConfigError(EdgeoptError):
     """An option, recipe key or configuration value is invalid."""
 
     exit_code = 4
+
+
+class OutputError(ConfigError):
+    """An output (``-o``) cannot be written there: a file where a folder is needed or the other way
+    round, a missing or read-only folder, an existing output without ``--force``, the input itself,
+    a full disk. A :class:`ConfigError`: the same exit code whichever command writes."""
 
 
 class UnsupportedOpError(EdgeoptError):

@@ -16,7 +16,7 @@ from edgeopt.analysis.memory import ArenaPlan, TensorLifetime, check_no_overlap,
 from edgeopt.codegen.c import compile_c, verify
 from edgeopt.codegen.c.build import build
 from edgeopt.codegen.c.plan import exact_arena_plan, plan_memory
-from edgeopt.errors import CodegenError, ConfigError, ModelError, UnsupportedOpError
+from edgeopt.errors import CodegenError, ConfigError, ModelError, OutputError, UnsupportedOpError
 from edgeopt.runtime.reference import lower
 
 logging.getLogger("root").setLevel(logging.ERROR)
@@ -83,21 +83,21 @@ def test_existing_folder_needs_force_and_force_replaces_only_a_compiled_folder(t
     compile_c(_qdq(), tmp_path / "out")
     (tmp_path / "out" / ".build").mkdir()  # what its Makefile builds
     (tmp_path / "out" / "report.json").write_text("{}")
-    with pytest.raises(CodegenError, match="--force"):
+    with pytest.raises(OutputError, match="--force"):
         compile_c(_qdq(), tmp_path / "out")
     compile_c(_qdq(), tmp_path / "out", force=True)
     assert not (tmp_path / "out" / ".build").exists()
     (tmp_path / "out" / "my_app.c").write_text("the user's own code, added to the project")
-    with pytest.raises(CodegenError, match="did not write .e.g. my_app.c"):
+    with pytest.raises(OutputError, match="did not write .e.g. my_app.c"):
         compile_c(_qdq(), tmp_path / "out", force=True)
     assert (tmp_path / "out" / "my_app.c").exists()
     (tmp_path / "mine").mkdir()  # the user's own folder (or the current one): never deleted
     (tmp_path / "mine" / "keep.txt").write_text("mine")
-    with pytest.raises(CodegenError, match="did not write"):
+    with pytest.raises(OutputError, match="did not write"):
         compile_c(_qdq(), tmp_path / "mine", force=True)
     assert (tmp_path / "mine" / "keep.txt").read_text() == "mine"
     (tmp_path / "file.c").write_text("")
-    with pytest.raises(CodegenError, match="is a file"):
+    with pytest.raises(OutputError, match="is a file"):
         compile_c(_qdq(), tmp_path / "file.c", force=True)
 
 
@@ -112,7 +112,7 @@ def test_force_keeps_the_users_files_in_the_build_folder(tmp_path):
     compile_c(_qdq(), tmp_path / "out", force=True)  # only what make and edgeopt write there: replaced
     build.mkdir()
     (build / "notes.txt").write_text("mine")
-    with pytest.raises(CodegenError, match=r"did not write .e\.g\. \.build/notes\.txt"):
+    with pytest.raises(OutputError, match=r"did not write .e\.g\. \.build/notes\.txt"):
         compile_c(_qdq(), tmp_path / "out", force=True)
     assert (build / "notes.txt").read_text() == "mine"
 

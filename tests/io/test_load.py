@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from edgeopt import ir as eir
-from edgeopt.errors import ModelError
+from edgeopt.errors import ModelError, OutputError
 from edgeopt.io import load_model, parse_input_shapes, save_model
 from tests.models import (
     constant_weights_model,
@@ -106,7 +106,7 @@ def test_saving_is_atomic_and_round_trips(tmp_path):
     target = save_model(model, tmp_path / "out.onnx")
     assert load_model(target) is not None
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    with pytest.raises(ModelError, match="does not exist"):
+    with pytest.raises(OutputError, match="does not exist"):
         save_model(model, tmp_path / "no" / "such" / "dir.onnx")
 
 

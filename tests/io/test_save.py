@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from edgeopt.errors import ModelError
+from edgeopt.errors import OutputError
 from edgeopt.io import atomic_write_files
 from edgeopt.io import save
 
@@ -48,7 +48,7 @@ def test_a_failure_before_the_renames_leaves_both_old_files(tmp_path, monkeypatc
         return real_fsync(descriptor)
 
     monkeypatch.setattr(save.os, "fsync", fsync)
-    with pytest.raises(ModelError, match="cannot write .*m.report.json: No space left"):
+    with pytest.raises(OutputError, match="cannot write .*m.report.json: No space left"):
         atomic_write_files([(model, b"new model"), (report, b"new report")])
     assert model.read_bytes() == b"old model" and report.read_bytes() == b"old report"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.report.json"]

@@ -13,7 +13,7 @@ import onnx_ir as ir
 from edgeopt.api._common import ModelSource, check_flag, check_path, load, model_source
 from edgeopt.api.model import RunResult, _check_spares_inputs, _name_unnamed, _sample_feeds, _write_outputs
 from edgeopt.data import ImagePreprocess
-from edgeopt.errors import ConfigError, EdgeoptError
+from edgeopt.errors import ConfigError, EdgeoptError, OutputError
 
 __all__ = ["compile_model", "is_compiled_folder", "run_compiled", "verify"]
 
@@ -52,7 +52,7 @@ def compile_model(model: ModelSource, output: str | os.PathLike, *, target: str 
     if target != "c":
         raise ConfigError(f"--target {target!r} is not supported: the only code generation target is c")
     if not isinstance(model, ir.Model) and Path(output).resolve() in Path(model).resolve().parents:
-        raise ConfigError(f"the model {model} is inside the output folder {output}: compiling would replace it; "
+        raise OutputError(f"the model {model} is inside the output folder {output}: compiling would replace it; "
                           "choose another -o")
     result = compile_c(load(model, input_shapes=input_shapes), output, device=device, name=name,
                        rounding=rounding, force=force)

@@ -16,7 +16,7 @@ from edgeopt import ir as eir
 from edgeopt.analysis import CostReport, MemoryReport, analyze_cost, memory_report
 from edgeopt.api._common import ModelSource, Progress, check_path, load, model_name, model_source
 from edgeopt.data.npy import read_error
-from edgeopt.errors import ConfigError, DataError
+from edgeopt.errors import DataError, OutputError
 from edgeopt.io import atomic_write_files, make_output_folder
 
 __all__ = ["InspectResult", "RunResult", "from_torch", "inspect", "run"]
@@ -194,7 +194,7 @@ def _check_spares_inputs(output_names: Sequence[str], folder: Path, input_files:
     for name, target in _output_files(folder, output_names).items():
         for source in input_files:
             if target.exists() and target.resolve() == source.resolve():
-                raise ConfigError(f"output '{name}' would be written over the input file {source}: "
+                raise OutputError(f"output '{name}' would be written over the input file {source}: "
                                   "choose another -o/--output folder")
 
 

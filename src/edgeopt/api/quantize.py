@@ -16,7 +16,7 @@ from edgeopt import ir as eir
 from edgeopt.api._common import (ModelSource, Progress, check_flag, check_path, check_type, load, logged_warnings,
                                  model_source)
 from edgeopt.data import ImagePreprocess, batch_rows
-from edgeopt.errors import ConfigError, DataError, EdgeoptError
+from edgeopt.errors import ConfigError, DataError, EdgeoptError, OutputError
 from edgeopt.io import (FILE_BYTES_KEY, atomic_write_files, check_writable, model_file_bytes, model_files,
                         model_to_bytes)
 from edgeopt.metrics import json_text
@@ -117,7 +117,7 @@ def _check_output_outside_data(data, output: str | os.PathLike | None) -> None:
     source, target = Path(data).resolve(), Path(output).resolve()
     read_as_data = target.suffix.lower() in (*DATA_SUFFIXES, *IMAGE_SUFFIXES)
     if target == source or (source.is_dir() and source in target.parents and read_as_data):
-        raise ConfigError(f"-o/--output {output} would write over the calibration data {data}: "
+        raise OutputError(f"-o/--output {output} would write over the calibration data {data}: "
                           "write the model elsewhere (as .onnx)")
 
 
@@ -222,7 +222,7 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
     _check_output_outside_data(data, output)
     overwritten = _overwrites_input(model, output)
     if overwritten is not None:
-        raise ConfigError(f"-o/--output {output} would overwrite the input model's file {overwritten}: "
+        raise OutputError(f"-o/--output {output} would overwrite the input model's file {overwritten}: "
                           "write elsewhere (edgeopt never overwrites its input)")
     if output is not None:  # before any work, not after it
         check_writable(output)

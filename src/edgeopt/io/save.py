@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from edgeopt.errors import ModelError
+from edgeopt.errors import OutputError
 
 __all__ = ["atomic_write_bytes", "atomic_write_files", "check_writable", "current_umask", "make_output_folder",
            "model_to_bytes", "save_model"]
@@ -29,12 +29,14 @@ def check_writable(path: str | os.PathLike) -> Path:
     read-only, or the path is a folder."""
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"cannot write {target}: {folder} is a file, not a folder; choose another -o path")
     if not folder.is_dir():
-        raise ModelError(f"output folder {folder} does not exist: create it or choose another -o path")
+        raise OutputError(f"output folder {folder} does not exist: create it or choose another -o path")
     if target.is_dir():
-        raise ModelError(f"output {target} is a folder: give a file path to -o")
+        raise OutputError(f"output {target} is a folder: give a file path to -o")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ModelError(f"output folder {folder} is not writable: choose another -o path")
+        raise OutputError(f"output folder {folder} is not writable: choose another -o path")
     return target
 
 
@@ -43,12 +45,12 @@ def make_output_folder(path: str | os.PathLike, *, create: bool = True) -> Path:
     parents unless ``create`` is False (a check before any work); refused when it is a file."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
-        raise ModelError(f"output {folder} is a file: -o takes a folder here (it is created if missing)")
+        raise OutputError(f"output {folder} is a file: -o takes a folder here (it is created if missing)")
     if create:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise ModelError(f"cannot create the output folder {folder}: {error.strerror or error}") from error
+            raise OutputError(f"cannot create the output folder {folder}: {error.strerror or error}") from error
     return folder
 
 
@@ -84,7 +86,7 @@ def atomic_write_files(files: Sequence[tuple[str | os.PathLike, bytes]]) -> list
         for temp_name in temps:
             Path(temp_name).unlink(missing_ok=True)
         if isinstance(error, OSError):
-            raise ModelError(f"cannot write {target}: {error.strerror or error}") from error
+            raise OutputError(f"cannot write {target}: {error.strerror or error}") from error
         raise
     return targets
 
@@ -128,7 +130,7 @@ def model_to_bytes(model: ir.Model, *, value_info: bool = True) -> bytes:
     if not value_info:
         del proto.graph.value_info[:]
     if proto.ByteSize() > _PROTOBUF_LIMIT_BYTES:
-        raise ModelError("model is larger than 2 GB: protobuf cannot hold it in one file")
+        raise OutputError("model is larger than 2 GB: protobuf cannot hold it in one file")
     return proto.SerializeToString(deterministic=True)
 
 

@@ -33,7 +33,7 @@ from edgeopt.codegen.c.emit import emit_sources
 from edgeopt.codegen.c.plan import MemoryPlan, plan_memory, program_lifetimes
 from edgeopt.codegen.c.schedule import Schedule, choose_schedule, reorder
 from edgeopt.devices import DeviceProfile, load_device
-from edgeopt.errors import CodegenError, ConfigError, DataError
+from edgeopt.errors import CodegenError, ConfigError, DataError, OutputError
 from edgeopt.io import load_model, save_model
 from edgeopt.io.save import current_umask
 from edgeopt.runtime.reference import ReferenceModel, lower
@@ -186,21 +186,21 @@ def check_output_folder(out_dir: Path, *, force: bool) -> None:
     folder unless ``force``; even with ``force``, only a folder holding nothing but what an earlier
     compile wrote is replaced (the user's own files there are kept)."""
     if out_dir.is_symlink():
-        raise CodegenError(f"output {out_dir} is a symbolic link: give the folder it points to, or another -o")
+        raise OutputError(f"output {out_dir} is a symbolic link: give the folder it points to, or another -o")
     if not out_dir.exists():
         _check_creatable(out_dir)
         return
     if not out_dir.is_dir():
-        raise CodegenError(f"output {out_dir} is a file: -o takes a folder (it is created if missing)")
+        raise OutputError(f"output {out_dir} is a file: -o takes a folder (it is created if missing)")
     resolved = out_dir.resolve()  # the folder is written whole and renamed into place: never the one we are in
     if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
-        raise CodegenError(f"output folder {out_dir} is the current folder or holds it: choose another -o "
+        raise OutputError(f"output folder {out_dir} is the current folder or holds it: choose another -o "
                            "(compile writes a new folder)")
     entries = sorted(entry.name for entry in out_dir.iterdir())
     if not entries:
         return
     if not force:
-        raise CodegenError(f"output folder {out_dir} exists: choose another -o or pass --force to overwrite it")
+        raise OutputError(f"output folder {out_dir} exists: choose another -o or pass --force to overwrite it")
     written = _written_by_compile(out_dir)
     foreign = [entry for entry in entries if entry not in written]
     build_dir = out_dir / BUILD_DIR
@@ -210,7 +210,7 @@ def check_output_folder(out_dir: Path, *, force: bool) -> None:
     elif build_dir.is_symlink():
         foreign = [BUILD_DIR]
     if foreign:
-        raise CodegenError(f"output folder {out_dir} holds files edgeopt compile did not write (e.g. "
+        raise OutputError(f"output folder {out_dir} holds files edgeopt compile did not write (e.g. "
                            f"{foreign[0]}): --force replaces only what a compile wrote; move them or choose "
                            "another -o")
 
@@ -219,9 +219,9 @@ def _check_creatable(out_dir: Path) -> None:
     """Refuse a new output folder whose nearest existing ancestor is a file or not writable."""
     ancestor = next(parent for parent in out_dir.absolute().parents if parent.exists())
     if not ancestor.is_dir():
-        raise CodegenError(f"cannot create the output folder {out_dir}: {ancestor} is a file")
+        raise OutputError(f"cannot create the output folder {out_dir}: {ancestor} is a file")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise CodegenError(f"cannot create the output folder {out_dir}: {ancestor} is not writable")
+        raise OutputError(f"cannot create the output folder {out_dir}: {ancestor} is not writable")
 
 
 def _written_by_compile(out_dir: Path) -> set[str]:
@@ -248,7 +248,7 @@ def _write_folder(out_dir: Path, files: Mapping[str, str], model: ir.Model, mani
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     except OSError as error:  # what the checks before the work cannot see (/proc, a full disk ...)
-        raise CodegenError(f"cannot create the output folder {out_dir}: {error.strerror or error}") from error
+        raise OutputError(f"cannot create the output folder {out_dir}: {error.strerror or error}") from error
     try:
         staging.chmod(0o777 & ~current_umask())  # a folder's usual mode, not mkdtemp's private 0700
         for file_name, text in files.items():
@@ -261,7 +261,7 @@ def _write_folder(out_dir: Path, files: Mapping[str, str], model: ir.Model, mani
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(error, OSError):
-            raise CodegenError(f"cannot write the output folder {out_dir}: {error.strerror or error}") from error
+            raise OutputError(f"cannot write the output folder {out_dir}: {error.strerror or error}") from error
         raise
 
 
