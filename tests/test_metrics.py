@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from edgeopt.metrics import (
     AccuracyMeter,
     AgreementMeter,
     FidelityMeter,
+    Float64Scratch,
     Rate,
     accuracy,
     cosine_similarity,
@@ -185,3 +187,37 @@ def test_non_finite_values_give_nan_metrics_not_a_perfect_score():
     assert math.isnan(result.sqnr_db) and math.isnan(result.cosine) and result.max_abs_error == math.inf
     meter.update(np.array([np.nan]), np.array([1.0]))
     assert math.isnan(meter.result().max_abs_error)
+
+
+def _tensors(seed: int, sizes) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for size in sizes:
+        reference = rng.standard_normal(size).astype(np.float32)
+        pairs.append((reference, reference + np.float32(0.01) * rng.standard_normal(size).astype(np.float32)))
+    return pairs
+
+
+def test_meters_sharing_a_scratch_give_exactly_the_numbers_of_meters_without_one():
+    """Work arrays reused across meters and updates, a larger tensor's values left in them, change no bit."""
+    scratch, pairs = Float64Scratch(), _tensors(0, [70_000, 3, 150_000, 1_000, 70_000])
+    shared = [FidelityMeter(str(i), scratch=scratch) for i in range(2)]
+    alone = [FidelityMeter(str(i)) for i in range(2)]
+    for index, (reference, test) in enumerate(pairs * 2):
+        shared[index % 2].update(reference, test.astype(np.float64) if index % 3 else test)
+        alone[index % 2].update(reference, test.astype(np.float64) if index % 3 else test)
+    assert [meter.result() for meter in shared] == [meter.result() for meter in alone]
+
+
+def test_an_update_with_a_scratch_allocates_no_float64_copy():
+    """The comparison's per-update work arrays are reused, not allocated (and page-faulted) anew each time."""
+    reference, test = _tensors(1, [250_000])[0]
+    meter = FidelityMeter("x", scratch=Float64Scratch())
+    meter.update(reference, test)  # the scratch grows to the tensor's size here
+    tracemalloc.start()
+    try:
+        meter.update(reference, test)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < reference.size * 8 // 4  # a float64 copy alone is reference.size * 8 bytes

@@ -35,6 +35,7 @@ __all__ = [
     "EqualityMeter",
     "Fidelity",
     "FidelityMeter",
+    "Float64Scratch",
     "Rate",
     "accuracy",
     "cosine_similarity",
@@ -93,12 +94,33 @@ def _cosine_from_sums(dot: float, reference_energy: float, test_energy: float) -
 
 
 def _pair(name: str, reference: object, test: object) -> tuple[np.ndarray, np.ndarray]:
-    """Both arrays as float64, refusing different shapes with the tensor's name."""
+    """Both arrays, refusing different shapes with the tensor's name."""
     reference_array, test_array = np.asarray(reference), np.asarray(test)
     if reference_array.shape != test_array.shape:
         raise DataError(f"{name}: reference shape {reference_array.shape} differs from test shape "
                         f"{test_array.shape}: compare the same tensor of both models")
-    return reference_array.astype(np.float64).ravel(), test_array.astype(np.float64).ravel()
+    return reference_array, test_array
+
+
+class Float64Scratch:
+    """Work arrays for :meth:`FidelityMeter.update`, reused from one update to the next.
+
+    An update widens both tensors to float64 and takes their difference. Fresh arrays for that cost
+    more than the arithmetic: edgeopt has glibc map every block of 1 MiB and more anew
+    (:mod:`edgeopt.runtime.memory`), so each one is page-faulted in and zeroed again. The meters of
+    one comparison share a scratch, which holds three float64 arrays of the largest tensor seen
+    until it is dropped. The values computed are the same either way.
+    """
+
+    def __init__(self) -> None:
+        self._arrays: tuple[np.ndarray, ...] = ()
+
+    def arrays(self, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Three float64 arrays of ``size`` elements (views of the work arrays, grown when needed)."""
+        if not self._arrays or self._arrays[0].size < size:
+            self._arrays = ()  # the old ones go before the new ones are allocated
+            self._arrays = tuple(np.empty(size, dtype=np.float64) for _ in range(3))
+        return tuple(array[:size] for array in self._arrays)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,8 +147,9 @@ def _dot(a: np.ndarray, b: np.ndarray) -> float:
 class FidelityMeter:
     """Streams the sums behind SQNR, cosine and max abs error of one tensor."""
 
-    def __init__(self, name: str = "tensor") -> None:
+    def __init__(self, name: str = "tensor", *, scratch: Float64Scratch | None = None) -> None:
         self.name = name
+        self._scratch = scratch  # None: work arrays of its own for each update
         self._reference_energy = 0.0
         self._test_energy = 0.0
         self._noise_energy = 0.0
@@ -136,14 +159,18 @@ class FidelityMeter:
         self._updates = 0
 
     def update(self, reference: object, test: object) -> None:
-        r, t = _pair(self.name, reference, test)
-        error = r - t
+        reference_array, test_array = _pair(self.name, reference, test)
+        scratch = self._scratch if self._scratch is not None else Float64Scratch()
+        r, t, error = scratch.arrays(reference_array.size)
+        np.copyto(r, reference_array.reshape(-1), casting="unsafe")  # exact: every float32 is a float64
+        np.copyto(t, test_array.reshape(-1), casting="unsafe")
+        np.subtract(r, t, out=error)
         self._reference_energy += _dot(r, r)
         self._test_energy += _dot(t, t)
         self._noise_energy += _dot(error, error)
         self._dot += _dot(r, t)
         if error.size:
-            largest = float(np.max(np.abs(error)))
+            largest = float(np.max(np.abs(error, out=error)))
             # NaN propagates (Python's max would drop it): an inf or NaN output is no 0.0 error
             self._max_abs_error = largest if math.isnan(largest) else max(self._max_abs_error, largest)
         self._elements += r.size

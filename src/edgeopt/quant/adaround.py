@@ -13,9 +13,10 @@ with the im2col patches of the group's channels; Gemm/MatMul have ``G = 1``
 and the input's rows (weight ``[K, N]`` viewed as ``[N, K]``).
 
 Samples: up to ``max_samples`` rows (patch positions) per layer, reservoir-
-sampled from the calibration stream with a seeded generator: deterministic
-for a given data order, memory ``max_samples x K`` float32 per layer, all
-layers at once (one pass over the data). Inputs are the float model's. A
+sampled from the calibration stream with a generator seeded by the layer's
+name: deterministic for a given data order, whichever other layers are
+sampled; memory ``max_samples x K`` float32 per layer, all layers at once
+(one pass over the data). Inputs are the float model's. A
 layer with fewer samples than weights per output channel would overfit and
 is left to round-to-nearest.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -153,6 +155,12 @@ def _layer_refusal(node: ir.Node | None) -> str | None:
     return None
 
 
+def _name_key(name: str) -> int:
+    """A layer's own seed key, from its name: its sample does not depend on which other layers are
+    sampled (an --exclude, a round of the accuracy search), as a key from its position would."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
 class LayerInputSampler:
     """A calibration hook collecting up to ``max_samples`` input rows per layer (im2col for Conv).
 
@@ -168,8 +176,8 @@ class LayerInputSampler:
         self.skipped = tuple((name, reason) for name, reason in refusals.items() if reason is not None)
         self._layers = {name: by_name[name] for name, reason in refusals.items() if reason is None}
         self._weights = {name: eir.constant_array(node.inputs[1]) for name, node in self._layers.items()}
-        self._reservoirs = {name: _Reservoir(max_samples, np.random.default_rng([seed, index]))
-                            for index, name in enumerate(self._layers)}
+        self._reservoirs = {name: _Reservoir(max_samples, np.random.default_rng([seed, _name_key(name)]))
+                            for name in self._layers}
         self.tensors = tuple(dict.fromkeys(node.inputs[0].name for node in self._layers.values()))
 
     def update(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:

@@ -50,7 +50,8 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.data import batch_rows, open_data, take
 from edgeopt.errors import DataError
-from edgeopt.metrics import AgreementMeter, EqualityMeter, FidelityMeter, json_number, looks_like_class_scores
+from edgeopt.metrics import (AgreementMeter, EqualityMeter, FidelityMeter, Float64Scratch, json_number,
+                             looks_like_class_scores)
 from edgeopt.quant.ops import is_qdq_op
 from edgeopt.quant.rescaled import Rescaled, read_rescaled
 
@@ -297,8 +298,9 @@ class _Meters:
                  rescaled: Mapping[str, Rescaled] | None = None) -> None:
         self.matches = {m.float_name: m for m in matches}
         self.rescaled = dict(rescaled or {})  # tensors a float rewrite scaled per channel (equalization ...)
-        self.layers = {m.float_name: FidelityMeter(m.float_name) for m in matches}
-        self.outputs = {name: FidelityMeter(name) for name in outputs}
+        scratch = Float64Scratch()  # one set of work arrays for every meter of the comparison
+        self.layers = {m.float_name: FidelityMeter(m.float_name, scratch=scratch) for m in matches}
+        self.outputs = {name: FidelityMeter(name, scratch=scratch) for name in outputs}
         self.agreement: dict[str, AgreementMeter] = {}
         self.skipped: list[str] = []
         self.samples = self.rows = 0
