@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from edgeopt.quant.accuracy import AccuracyGoal, accuracy_aware_quantize
-from edgeopt.quant.config import Int8Config
+from edgeopt.quant.config import CalibrationMethod, Int8Config
 from tests.quant.int8_models import GraphBuilder, batches
 
 
@@ -140,3 +141,41 @@ def test_excluding_a_node_that_runs_float_anyway_names_the_readers_to_exclude():
     result = quantize(model, Int8Config(exclude=("tanh",)), batches((1, 3, 8, 8), 8))
     assert any(note.startswith("--exclude tanh: tanh (Tanh) has no integer kernel, so it ran in float anyway")
                and "quantized for conv2" in note for note in result.notes), result.notes
+
+
+def _search_and_fresh(model, config, data, goal):
+    from dataclasses import replace
+
+    from edgeopt.io import model_to_bytes
+    from edgeopt.quant.accuracy import _base_model
+    from edgeopt.quant.int8 import quantize_int8
+
+    search = accuracy_aware_quantize(model, config, data, goal)
+    fresh = quantize_int8(_base_model(model), replace(config, exclude=config.exclude + search.best_excluded), data)
+    return search, model_to_bytes(search.result.model) == model_to_bytes(fresh.model), fresh.notes
+
+
+@pytest.mark.parametrize("config", [Int8Config(), Int8Config(calibration=CalibrationMethod.MINMAX),
+                                    Int8Config(equalize=True), Int8Config(calibration=CalibrationMethod.AUTO)],
+                         ids=["percentile", "minmax", "equalize", "auto"])
+def test_the_rounds_share_one_calibration_pass_and_give_a_fresh_quantization_s_bytes(config):
+    # Every round quantizes the same float model with one more node excluded: the first round's pass
+    # observed everything the later ones need, so they read the data only to measure.
+    search, same_bytes, fresh_notes = _search_and_fresh(_conv_classifier(), config, batches((1, 3, 8, 8), 16),
+                                                        AccuracyGoal(min_sqnr_db=200.0))
+    assert len(search.steps) >= 3 and search.calibration_passes == 1
+    assert same_bytes and search.result.notes == fresh_notes
+    assert search.to_dict()["calibration_passes"] == 1
+
+
+def test_smoothquant_s_channel_maxima_are_measured_once_for_all_rounds(tmp_path):
+    from edgeopt.io import load_model
+    from tests.models import build_onnx
+
+    model = load_model(build_onnx("transformer", tmp_path))
+    shape = [d if isinstance(d, int) else 1 for d in model.graph.inputs[0].shape]
+    rng = np.random.default_rng(0)
+    data = [{model.graph.inputs[0].name: rng.standard_normal(shape).astype(np.float32)} for _ in range(8)]
+    search, same_bytes, _ = _search_and_fresh(model, Int8Config(smoothquant_alpha=0.5), data,
+                                              AccuracyGoal(min_sqnr_db=80.0, max_float_nodes=2))
+    assert len(search.steps) >= 2 and search.calibration_passes == 1 and same_bytes

@@ -36,10 +36,11 @@ import onnx_ir.passes.common as common_passes
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
 from edgeopt.metrics import json_number
-from edgeopt.quant.api import quantize
+from edgeopt.quant.calibration_memo import CalibrationMemo
 from edgeopt.quant.compare import (CompareResult, carried_value, compare_models, fused_chain,
                                    quantized_input_names)
 from edgeopt.quant.config import Int8Config
+from edgeopt.quant.int8 import quantize_int8
 from edgeopt.quant.ops import is_qdq_op
 from edgeopt.quant.placement import DATA_MOVEMENT_OPS, readers_behind_qdq, readers_past_data_movement
 from edgeopt.quant.registry import QuantResult
@@ -125,12 +126,14 @@ class AccuracySearch:
     met: bool
     steps: tuple[AccuracyStep, ...]
     stopped_because: str
+    calibration_passes: int = 1  # over the data, for all the rounds (one unless a round needed a new tensor)
 
     def to_dict(self) -> dict:
         return {"goal": self.goal.describe(), "float_score": json_number(self.float_score),
                 "best_score": json_number(self.best_score),
                 "met": self.met, "float_nodes_added": list(self.best_excluded),
-                "stopped_because": self.stopped_because, "steps": [s.to_dict() for s in self.steps]}
+                "stopped_because": self.stopped_because, "calibration_passes": self.calibration_passes,
+                "steps": [s.to_dict() for s in self.steps]}
 
 
 def _base_model(model: ir.Model) -> ir.Model:
@@ -239,10 +242,11 @@ class _Search:
                  evaluate: Evaluate | None) -> None:
         self.base, self.config, self.data, self.goal, self.evaluate = base, config, data, goal, evaluate
         self.started = time.monotonic()
+        self.memo = CalibrationMemo()  # the rounds differ only in what is excluded: one calibration serves them
 
     def quantize(self, excluded: tuple[str, ...]) -> QuantResult:
         config = replace(self.config, exclude=tuple(dict.fromkeys(self.config.exclude + excluded)))
-        return quantize(self.base, config, self.data)
+        return quantize_int8(self.base.clone(), config, self.data, memo=self.memo)
 
     def compare(self, quant_model: ir.Model) -> CompareResult:
         return compare_models(self.base, quant_model, self.data, max_samples=FIDELITY_SAMPLES)
@@ -260,7 +264,8 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config, data: Iterable,
     """Int8-quantize ``model``, returning float the most damaging nodes until ``goal`` is met.
 
     ``data`` must be re-iterable (a data source or a list): every round
-    calibrates and measures on it. ``evaluate(model) -> score`` is required
+    measures on it; the first calibrates on it, and a later round only when it
+    needs a tensor no earlier pass observed (:class:`CalibrationMemo`). ``evaluate(model) -> score`` is required
     for ``goal.max_drop``.
     """
     if goal.max_drop is not None and evaluate is None:
@@ -308,7 +313,7 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config, data: Iterable,
     best_result = _labelled(best_result, set(best_excluded) - set(config.exclude))
     return AccuracySearch(result=best_result, goal=goal, float_score=float_score, best_score=best_score,
                           best_excluded=best_excluded, met=goal.met(best_score, float_score),
-                          steps=tuple(steps), stopped_because=stopped)
+                          steps=tuple(steps), stopped_because=stopped, calibration_passes=search.memo.passes)
 
 
 def _prune(search: _Search, met: tuple[float, QuantResult, tuple[str, ...]], float_score: float,

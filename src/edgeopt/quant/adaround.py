@@ -175,6 +175,7 @@ class LayerInputSampler:
         refusals = {name: _layer_refusal(by_name.get(name)) for name in dict.fromkeys(nodes)}
         self.skipped = tuple((name, reason) for name, reason in refusals.items() if reason is not None)
         self._layers = {name: by_name[name] for name, reason in refusals.items() if reason is None}
+        self.layers = frozenset(self._layers)  # the layers sampled
         self._weights = {name: eir.constant_array(node.inputs[1]) for name, node in self._layers.items()}
         self._reservoirs = {name: _Reservoir(max_samples, np.random.default_rng([seed, _name_key(name)]))
                             for name in self._layers}

@@ -104,6 +104,10 @@ class CalibrationResult:
         """Observed tensors that turned out not to be float32 (so are not quantized)."""
         return frozenset(name for name, t in self.tensors.items() if not t.is_float)
 
+    def restricted(self, names: Sequence[str]) -> CalibrationResult:
+        """The calibration of ``names`` alone (all observed here), in that order."""
+        return replace(self, tensors=types.MappingProxyType({name: self.tensors[name] for name in names}))
+
     def with_method(self, method: CalibrationMethod) -> CalibrationResult:
         """The same statistics with another method (no new pass; histogram methods need histograms)."""
         config = replace(self.config, method=method)

@@ -35,6 +35,7 @@ from edgeopt.quant.adaround import AdaRoundConfig, LayerInputSampler, adaround_w
 from edgeopt.quant.adaround_solver import backend_used
 from edgeopt.quant.bias_correction import ChannelMeanHook, correct_biases, correction_inputs, round_to_nearest
 from edgeopt.quant.calibrate import calibrate
+from edgeopt.quant.calibration_memo import CalibrationMemo
 from edgeopt.quant.config import CalibrationConfig, CalibrationMethod, Int8Config, PerTensor, Target
 from edgeopt.quant.equalize import equalize
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
@@ -130,16 +131,18 @@ def _check_finite_weights(model: ir.Model, plan) -> None:
                              "model is broken there (it computes inf/NaN too); fix or retrain those weights")
 
 
-def _float_rewrites(model: ir.Model, config: Int8Config,
-                    data: Iterable[Batch] | None) -> tuple[list[str], tuple[str, ...], float | None]:
+def _float_rewrites(model: ir.Model, config: Int8Config, data: Iterable[Batch] | None,
+                    memo: CalibrationMemo | None = None) -> tuple[list[str], tuple[str, ...], float | None]:
     """Float-exact rewrites that make the model easier to quantize: CLE, then SmoothQuant. Their notes,
     the ReLU6 nodes ``--equalize-relu6`` made ReLU (which does change the float model), and how much:
     the rewritten float model's output SQNR against the original's on the data (a copy of the model
-    is kept for that while equalizing)."""
-    notes, relu6_replaced, relu6_change = [], (), None
+    is kept for that while equalizing). What they measure on the data is kept in ``memo``."""
+    notes, relu6_replaced = [], ()
+    relu6_change = memo.relu6_change_db if memo is not None else None
     if config.equalize:
         # measured on data read again before calibration: a one-shot stream is left for calibration alone
-        original = model.clone() if config.equalize_relu6 and data is not None and reads_again(data) else None
+        measure = config.equalize_relu6 and data is not None and relu6_change is None and reads_again(data)
+        original = model.clone() if measure else None
         report = equalize(model, replace_relu6=config.equalize_relu6)
         relu6_replaced = report.relu6_replaced
         record_rescaled(model, report.rescaled)
@@ -149,6 +152,9 @@ def _float_rewrites(model: ir.Model, config: Int8Config,
                           "a value exceeded 6")
             if original is not None:
                 relu6_change = _output_change_db(original, model, data)
+                if memo is not None:
+                    memo.relu6_change_db = relu6_change
+            if relu6_change is not None:
                 relu6_text += f": its outputs at {relu6_change:.1f} dB SQNR against the original's on the data"
             relu6_text += ")"
         del original
@@ -158,8 +164,13 @@ def _float_rewrites(model: ir.Model, config: Int8Config,
     if config.smoothquant_alpha is not None:
         hook = ChannelAbsMaxHook(smoothing_inputs(model))
         if hook.tensors:
-            calibrate(model, data, list(hook.tensors), CalibrationConfig(), hooks=[hook])
-            report = smooth(model, hook.result(), alpha=config.smoothquant_alpha)
+            abs_max = memo.channel_abs_max if memo is not None else None
+            if abs_max is None:
+                calibrate(model, data, list(hook.tensors), CalibrationConfig(), hooks=[hook])
+                abs_max = hook.result()
+                if memo is not None:
+                    memo.channel_abs_max = abs_max
+            report = smooth(model, abs_max, alpha=config.smoothquant_alpha)
             record_rescaled(model, report.rescaled)
             notes.append(f"SmoothQuant (alpha {config.smoothquant_alpha:g}): {len(report.smoothed)} inputs "
                          f"smoothed, {len(report.skipped)} skipped")
@@ -211,18 +222,36 @@ class _AccuracyHooks:
         self.hooks = [h for h in (self.means, self.sampler) if h is not None]
         self.tensors = [t for h in self.hooks for t in h.tensors]
         self.replan = config.bias_correct  # bias correction may give a bias-less Conv a bias input
+        self._means_seen, self._samples_seen = self.means, self.sampler  # the hooks that saw the data
+
+    def calibrate(self, model: ir.Model, data: Iterable[Batch], tensors: list[str], config: Int8Config,
+                  hooks: list, progress: ProgressCallback | None, memo: CalibrationMemo | None):
+        """The calibration pass of ``tensors`` with these hooks, or, when ``memo`` saw all they need,
+        its answer (then the statistics are read from the hooks of that earlier pass)."""
+        reusable = memo is not None and not hooks  # another hook (the opset check) needs the data itself
+        answer = memo.answer(tensors, self.means, self.sampler) if reusable else None
+        if answer is not None:
+            self._means_seen, self._samples_seen = memo.means, memo.sampler
+            return answer
+        calibration = calibrate(model, data, tensors, config.calibration_config, progress=progress,
+                                hooks=[*hooks, *self.hooks])
+        if reusable:
+            memo.keep(calibration, self.means, self.sampler)
+        return calibration
 
     def apply(self, model: ir.Model) -> tuple[dict, list[str]]:
         notes, rounded, quantizer = [], {}, round_to_nearest(self.config.weight_granularity)
         if self.sampler is not None:
-            result = adaround_weights(model, self.sampler.result(), config=AdaRoundConfig(),
+            samples = {name: rows for name, rows in self._samples_seen.result().items() if name in self.sampler.layers}
+            result = adaround_weights(model, samples, config=AdaRoundConfig(),
                                       granularity=self.config.weight_granularity)
             rounded, quantizer = dict(result.weights), result.weight_quantizer()
             backend = backend_used(AdaRoundConfig().backend).value
             notes.append(f"AdaRound ({backend} backend; the torch and numpy backends round a few weights "
                          f"differently): {len(result.weights)} weights learned, {len(result.skipped)} layers skipped")
         if self.means is not None:
-            report = correct_biases(model, self.means.result(), quantize_weight=quantizer,
+            means = {name: mean for name, mean in self._means_seen.result().items() if name in self.means.tensors}
+            report = correct_biases(model, means, quantize_weight=quantizer,
                                     layers=self.quantized_layers)
             notes.append(f"bias correction: {len(report.corrected)} layers corrected, "
                          f"{len(report.skipped)} skipped")
@@ -277,8 +306,10 @@ def _wide_softmax_notes(model: ir.Model, probabilities: Iterable[str], fmt) -> l
 
 @register_scheme(Int8Config)
 def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | None, *,
-                  progress: ProgressCallback | None = None) -> QuantResult:
-    """Int8 QDQ quantization of ``model`` (rewritten in place) calibrated on ``data``."""
+                  progress: ProgressCallback | None = None, memo: CalibrationMemo | None = None) -> QuantResult:
+    """Int8 QDQ quantization of ``model`` (rewritten in place) calibrated on ``data``. ``memo``: what
+    earlier calibrations of the same float model on the same data found (the accuracy search's rounds,
+    which differ only in ``config.exclude``); it answers a pass it saw everything of and keeps a new one."""
     given = NodeIndex.of(model)  # not the model: the weights the float passes replace can be freed
     notes = [_activation_note(config)]
     logger.info(notes[0])
@@ -293,14 +324,14 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     _prepare(model)
     check_exclude([given, model], config.exclude)
     notes.extend(vanished_excludes(model, config.exclude))
-    rewrite_notes, relu6_replaced, relu6_change = _float_rewrites(model, config, data)
+    rewrite_notes, relu6_replaced, relu6_change = _float_rewrites(model, config, data, memo)
     notes.extend(rewrite_notes)
     rules = MCU_OP_RULES if config.target is Target.MCU else OP_RULES  # the kernels that will run it
     plan = plan_qdq(model, exclude=config.exclude, quantize_outputs=config.outputs_quantized, rules=rules)
     _check_finite_weights(model, plan)
     extra = _AccuracyHooks(model, plan, config)
-    calibration = calibrate(model, data, list(dict.fromkeys([*plan.activations, *extra.tensors])),
-                            config.calibration_config, progress=progress, hooks=[*hooks, *extra.hooks])
+    calibration = extra.calibrate(model, data, list(dict.fromkeys([*plan.activations, *extra.tensors])), config,
+                                  hooks, progress, memo)
     rounded, extra_notes = extra.apply(model)
     notes.extend(extra_notes)
     if config.calibration is CalibrationMethod.AUTO:
