@@ -149,3 +149,40 @@ def test_an_ir3_model_listing_its_weights_as_inputs_converts_to_opset_13(tmp_pat
     data = [{"x": x} for x in np.random.default_rng(1).standard_normal((16, 1, 8, 8, 8)).astype(np.float32)]
     result = quantize(model, Int8Config(), data)
     assert result.tensors and any("opset 9" in note and "13" in note for note in result.notes)
+
+
+def _sparse_matmul_model(tmp_path, *, as_constant: bool, coordinates: bool):
+    """x @ w with w stored sparse: in a Constant's sparse_value or in graph.sparse_initializer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    dense = np.zeros((6, 4), np.float32)
+    dense[[0, 2, 5], [1, 3, 0]] = [0.5, -1.25, 2.0]
+    flat = np.flatnonzero(dense)
+    indices = np.stack(np.unravel_index(flat, dense.shape), axis=1) if coordinates else flat
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(dense.ravel()[flat], "w"),
+                                       numpy_helper.from_array(indices.astype(np.int64), "w_indices"), [6, 4])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    if as_constant:
+        nodes.insert(0, helper.make_node("Constant", [], ["w"], sparse_value=sparse, name="w_const"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              sparse_initializer=[] if as_constant else [sparse])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "sparse.onnx")
+    return tmp_path / "sparse.onnx", dense
+
+
+@pytest.mark.parametrize("as_constant", [True, False], ids=["constant", "initializer"])
+@pytest.mark.parametrize("coordinates", [False, True], ids=["linear", "coordinates"])
+def test_sparse_weights_load_as_dense_ones(tmp_path, as_constant, coordinates):
+    """onnx_ir reads no sparse tensor: a sparse Constant failed to load ('cannot read the graph'), a
+    sparse initializer was dropped (its MatMul read an undefined tensor)."""
+    from edgeopt.runtime.ort import OrtSession
+
+    path, dense = _sparse_matmul_model(tmp_path, as_constant=as_constant, coordinates=coordinates)
+    before = path.read_bytes()
+    model = load_model(path)
+    weight = next(node for node in model.graph if node.op_type == "MatMul").inputs[1]
+    np.testing.assert_array_equal(eir.constant_array(weight), dense)
+    x = np.arange(6, dtype=np.float32).reshape(1, 6)
+    np.testing.assert_allclose(OrtSession(model).run({"x": x})["y"], x @ dense, rtol=1e-6)
+    assert path.read_bytes() == before

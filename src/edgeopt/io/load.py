@@ -6,6 +6,8 @@ later stage would otherwise trip over:
 * weights in external data files are read from beside the model;
 * graph inputs that shadow initializers (old PyTorch/Caffe2 exporters) become
   plain constants; initializers no node uses are dropped;
+* sparse weights (``sparse_initializer``, ``Constant`` with ``sparse_value``)
+  become dense ones, which every pass and runtime reads;
 * dynamic input dimensions are fixed from ``input_shapes`` (``--input-shape``),
   and a model that still has dynamic inputs is refused with the name of the
   input to fix when ``require_static`` is set;
@@ -143,6 +145,38 @@ def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
         graph.initializer.extend(kept)
 
 
+def _dense(sparse: onnx.SparseTensorProto, name: str) -> onnx.TensorProto:
+    """The dense tensor a sparse one stands for: zeros but at ``indices`` (linear, or one row of
+    coordinates per value)."""
+    values = onnx.numpy_helper.to_array(sparse.values).ravel()
+    indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+    shape = tuple(sparse.dims)
+    dense = np.zeros(int(np.prod(shape)), dtype=values.dtype)
+    if indices.size:
+        dense[indices if indices.ndim == 1 else np.ravel_multi_index(tuple(indices.T), shape)] = values
+    return onnx.numpy_helper.from_array(dense.reshape(shape), name)
+
+
+def _densify_constants(nodes: Iterable[onnx.NodeProto]) -> None:
+    for node in nodes:
+        for attribute in node.attribute:
+            if node.op_type == "Constant" and attribute.name == "sparse_value":
+                tensor = _dense(attribute.sparse_tensor, node.output[0])
+                attribute.Clear()
+                attribute.CopyFrom(onnx.helper.make_attribute("value", tensor))
+            for subgraph in [attribute.g, *attribute.graphs]:
+                _densify_sparse(subgraph)
+
+
+def _densify_sparse(graph: onnx.GraphProto) -> None:
+    """Sparse weights become dense ones (``onnx_ir`` reads no sparse tensor: it would drop a sparse
+    initializer and refuse a sparse ``Constant``), in ``graph`` and its subgraphs."""
+    for sparse in graph.sparse_initializer:
+        graph.initializer.append(_dense(sparse, sparse.values.name))
+    graph.ClearField("sparse_initializer")
+    _densify_constants(graph.node)
+
+
 def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
     dims: list[int | str | None] = []
     for dim in value.type.tensor_type.shape.dim:
@@ -272,6 +306,9 @@ def load_model(
         logger.warning("model uses opset %d; edgeopt is tested with opsets %d-%d",
                        opset, SUPPORTED_OPSETS.start, SUPPORTED_OPSETS.stop - 1)
     graph = proto.graph
+    _densify_sparse(graph)
+    for function in proto.functions:
+        _densify_constants(function.node)
     _drop_shadowing_inputs(graph)
     proto.ir_version = max(proto.ir_version, 4)  # IR 3 wanted every initializer listed as an input
     _drop_unused_initializers(graph)
