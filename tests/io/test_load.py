@@ -186,3 +186,21 @@ def test_sparse_weights_load_as_dense_ones(tmp_path, as_constant, coordinates):
     x = np.arange(6, dtype=np.float32).reshape(1, 6)
     np.testing.assert_allclose(OrtSession(model).run({"x": x})["y"], x @ dense, rtol=1e-6)
     assert path.read_bytes() == before
+
+
+def test_a_node_name_used_twice_gets_a_suffix_and_the_model_runs(tmp_path):
+    """ONNX Runtime refuses a graph with two nodes of one name ('two nodes with same node name'),
+    which onnx.checker lets pass; names are diagnostic only, so loading makes them unique."""
+    from onnx import helper
+
+    from edgeopt.runtime.ort import OrtSession
+
+    _, graph = _conv_relu_graph()
+    graph.node.append(helper.make_node("Relu", ["y"], ["z"], name="conv"))
+    graph.node.append(helper.make_node("Relu", ["z"], ["out"], name="conv_1"))
+    graph.output[0].name = "out"
+    graph.node[1].name = "conv"  # the Relu after the Conv
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "dup.onnx")
+    model = load_model(tmp_path / "dup.onnx")
+    assert [node.name for node in model.graph] == ["conv", "conv_2", "conv_3", "conv_1"]
+    OrtSession(model).run({"x": np.ones((1, 8, 8, 8), np.float32)})

@@ -8,6 +8,8 @@ later stage would otherwise trip over:
   plain constants; initializers no node uses are dropped;
 * sparse weights (``sparse_initializer``, ``Constant`` with ``sparse_value``)
   become dense ones, which every pass and runtime reads;
+* a node name used twice in one graph (ONNX Runtime refuses the model) gets
+  a suffix on its second use (``conv`` -> ``conv_1``);
 * dynamic input dimensions are fixed from ``input_shapes`` (``--input-shape``),
   and a model that still has dynamic inputs is refused with the name of the
   input to fix when ``require_static`` is set;
@@ -177,6 +179,24 @@ def _densify_sparse(graph: onnx.GraphProto) -> None:
     _densify_constants(graph.node)
 
 
+def _unique_node_names(graph: onnx.GraphProto) -> None:
+    """Rename the second and later nodes of ``graph`` that repeat a name, and so in its subgraphs."""
+    taken = {node.name for node in graph.node}
+    seen: set[str] = set()
+    for node in graph.node:
+        if node.name and node.name in seen:
+            suffix = 1
+            while f"{node.name}_{suffix}" in taken:
+                suffix += 1
+            logger.info("node name %r is used twice: the second is %r", node.name, f"{node.name}_{suffix}")
+            node.name = f"{node.name}_{suffix}"
+            taken.add(node.name)
+        seen.add(node.name)
+        for attribute in node.attribute:
+            for subgraph in [attribute.g, *attribute.graphs]:
+                _unique_node_names(subgraph)
+
+
 def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
     dims: list[int | str | None] = []
     for dim in value.type.tensor_type.shape.dim:
@@ -307,6 +327,7 @@ def load_model(
                        opset, SUPPORTED_OPSETS.start, SUPPORTED_OPSETS.stop - 1)
     graph = proto.graph
     _densify_sparse(graph)
+    _unique_node_names(graph)
     for function in proto.functions:
         _densify_constants(function.node)
     _drop_shadowing_inputs(graph)
