@@ -204,3 +204,43 @@ def test_a_node_name_used_twice_gets_a_suffix_and_the_model_runs(tmp_path):
     model = load_model(tmp_path / "dup.onnx")
     assert [node.name for node in model.graph] == ["conv", "conv_2", "conv_3", "conv_1"]
     OrtSession(model).run({"x": np.ones((1, 8, 8, 8), np.float32)})
+
+
+def _nested_function_model(path):
+    """y = Two(x): a local function calling another one twice (MatMul + Add + Relu), weights passed in."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
+    dense = helper.make_function("local", "Dense", ["x", "w", "b"], ["y"], [
+        helper.make_node("MatMul", ["x", "w"], ["t"]), helper.make_node("Add", ["t", "b"], ["u"]),
+        helper.make_node("Relu", ["u"], ["y"])], opsets[:1])
+    two = helper.make_function("local", "Two", ["x", "w1", "b1", "w2", "b2"], ["y"], [
+        helper.make_node("Dense", ["x", "w1", "b1"], ["h"], domain="local", name="first"),
+        helper.make_node("Dense", ["h", "w2", "b2"], ["y"], domain="local", name="second")], opsets)
+    weights = [numpy_helper.from_array((rng.standard_normal(shape) / 4).astype(np.float32), name)
+               for name, shape in [("w1", (8, 16)), ("b1", (16,)), ("w2", (16, 4)), ("b2", (4,))]]
+    graph = helper.make_graph([helper.make_node("Two", ["x", "w1", "b1", "w2", "b2"], ["y"], domain="local",
+                                                name="block")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=opsets, functions=[dense, two]), path)
+    return path
+
+
+def test_local_functions_are_inlined_so_their_layers_quantize(tmp_path):
+    """Calls of local functions (TorchScript's export_modules_as_functions) were opaque: every layer in
+    them stayed float ('no integer kernel for Two') and edgeopt compile refused the model."""
+    from edgeopt.quant import Int8Config, quantize
+    from edgeopt.runtime.ort import OrtSession
+
+    path = _nested_function_model(tmp_path / "functions.onnx")
+    x = np.random.default_rng(4).standard_normal((1, 8)).astype(np.float32)
+    expected = OrtSession(path).run({"x": x})["y"]
+    model = load_model(path)
+    assert [node.op_type for node in model.graph] == ["MatMul", "Add", "Relu"] * 2
+    assert all(node.name for node in model.graph)
+    np.testing.assert_allclose(OrtSession(model).run({"x": x})["y"], expected, rtol=1e-5, atol=1e-6)
+    data = [{"x": sample} for sample in np.random.default_rng(5).standard_normal((16, 1, 8)).astype(np.float32)]
+    result = quantize(model, Int8Config(), data)
+    assert not result.float_nodes

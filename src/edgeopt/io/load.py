@@ -8,6 +8,9 @@ later stage would otherwise trip over:
   plain constants; initializers no node uses are dropped;
 * sparse weights (``sparse_initializer``, ``Constant`` with ``sparse_value``)
   become dense ones, which every pass and runtime reads;
+* calls of the model's local functions (``FunctionProto``: TorchScript's
+  ``export_modules_as_functions``, onnxscript) are inlined, so the convs and
+  matmuls in their bodies are seen, folded and quantized like any other;
 * a node name used twice in one graph (ONNX Runtime refuses the model) gets
   a suffix on its second use (``conv`` -> ``conv_1``);
 * dynamic input dimensions are fixed from ``input_shapes`` (``--input-shape``),
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.inliner
 import onnx_ir as ir
 
 from edgeopt.errors import ModelError
@@ -197,6 +201,25 @@ def _unique_node_names(graph: onnx.GraphProto) -> None:
                 _unique_node_names(subgraph)
 
 
+def _inline_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with every call of a local function replaced by the function's body (nested calls
+    too). A body node without a name is named ``Function/OpType`` first: the inliner suffixes the names
+    per call, and reports and ``--exclude`` need names."""
+    if not proto.functions:
+        return proto
+    for function in proto.functions:
+        for node in function.node:
+            node.name = node.name or f"{function.name}/{node.op_type}"
+    try:
+        inlined = onnx.inliner.inline_local_functions(proto)
+    except Exception as error:
+        raise ModelError(f"cannot inline the model's local functions ({', '.join(f.name for f in proto.functions)}): "
+                         f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
+                         ) from None
+    logger.info("inlined the calls of %d local function(s)", len(proto.functions))
+    return inlined
+
+
 def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
     dims: list[int | str | None] = []
     for dim in value.type.tensor_type.shape.dim:
@@ -340,7 +363,7 @@ def load_model(
     output_shapes = _clear_symbolic_shapes(graph)
     detached = _detach_weights(graph)
     del graph  # the original protobuf (and its arena) goes once inference has copied it
-    proto = _infer_shapes(proto)
+    proto = _infer_shapes(_inline_functions(proto))
     _restore_output_shapes(proto.graph, output_shapes)
     try:
         model = ir.from_proto(proto)
