@@ -31,7 +31,13 @@ Rules, in order:
    (``kept_float``); its producers then write a float edge too. Between a
    DequantizeLinear and a QuantizeLinear, ONNX Runtime would fuse it into its
    integer kernel again.
-6. A Softmax output that gets a Q/DQ (a quantized MatMul reads the attention
+6. A node that reads or writes a tensor holding inf or NaN stays float: a
+   float constant with such values that no weighted op reads as weight or
+   bias (an additive attention mask of -inf) and what is computed from it, up
+   to a Softmax (whose output is finite). No 8-bit range holds -inf: the
+   masked scores would clamp to the range's low end and Softmax would give
+   the masked positions weight (a causal model would read future tokens).
+7. A Softmax output that gets a Q/DQ (a quantized MatMul reads the attention
    probabilities) is listed in ``probabilities``: its range is fixed to
    ``[0, 1)`` with scale ``1 / 256``, as TFLite and ONNX Runtime's quantizer
    fix it, not calibrated. A calibrated range misses the peaks of shorter
@@ -49,6 +55,7 @@ import difflib
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
@@ -361,15 +368,49 @@ def _float_output_fuses(node: ir.Node, output: ir.Value, weight: ir.Value | None
             and not output.uses() and weight is not None and eir.is_constant(weight))
 
 
+def _non_finite_constant(node: ir.Node, index: int, rules: Mapping[str, OpRule]) -> bool:
+    """Input ``index`` of ``node`` is a float constant holding inf or NaN, and not a weight or bias
+    (those are refused with an error: the float model is broken there)."""
+    if index > 0 and eir.is_op(node, *rules) and rules[node.op_type].role is OpRole.WEIGHTED:
+        return False
+    array = eir.constant_array(node.inputs[index])
+    return array is not None and array.dtype.kind == "f" and not bool(np.isfinite(array).all())
+
+
+def _non_finite_values(graph: ir.Graph, rules: Mapping[str, OpRule]) -> dict[str, str]:
+    """Tensors holding inf or NaN (rule 6), each mapped to the constant it comes from."""
+    sources: dict[str, str] = {}
+    for node in graph:
+        for index, value in enumerate(node.inputs):
+            if value is None:
+                continue
+            source = sources.get(value.name) or (value.name if _non_finite_constant(node, index, rules) else None)
+            if source is not None:
+                sources.setdefault(value.name, source)
+                if not eir.is_op(node, "Softmax"):
+                    sources.update((output.name, source) for output in node.outputs if output.name not in sources)
+    return sources
+
+
+def _non_finite_refusal(node: ir.Node, sources: Mapping[str, str]) -> str | None:
+    value = next((v for v in (*node.inputs, *node.outputs) if v is not None and v.name in sources), None)
+    if value is None:
+        return None
+    source = sources[value.name]
+    held = f"{value.name!r} holds" if value.name == source else f"{value.name!r} holds, from the constant {source!r},"
+    return f"{held} inf/NaN (an attention mask?), which no 8-bit range represents"
+
+
 def _triage(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[str],
             non_float: Collection[str], rules: Mapping[str, OpRule]) -> tuple[dict[str, ir.Node], dict[str, str]]:
     """Float-computing nodes split into integer candidates and refusals (name -> reason)."""
     candidates: dict[str, ir.Node] = {}
     refusals: dict[str, str] = {}
+    non_finite = _non_finite_values(graph, rules)
     for node in graph:
         if not _computes_float(node, non_float):
             continue
-        reason = _refusal(node, exclude, keep_float, rules)
+        reason = _refusal(node, exclude, keep_float, rules) or _non_finite_refusal(node, non_finite)
         if reason is None:
             candidates[node.name] = node
         else:
