@@ -244,3 +244,15 @@ def test_local_functions_are_inlined_so_their_layers_quantize(tmp_path):
     data = [{"x": sample} for sample in np.random.default_rng(5).standard_normal((16, 1, 8)).astype(np.float32)]
     result = quantize(model, Int8Config(), data)
     assert not result.float_nodes
+
+
+def test_a_graph_with_a_cycle_is_refused_naming_its_nodes(tmp_path):
+    """A cycle reached the fp16 conversion's topological sort, an internal error (exit 70) there."""
+    from onnx import helper
+
+    _, graph = _conv_relu_graph()
+    graph.node[0].input[0] = "mixed"
+    graph.node.append(helper.make_node("Add", ["x", "y"], ["mixed"], name="mix"))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "cycle.onnx")
+    with pytest.raises(ModelError, match=r"cycle \('conv' -> 'relu' -> 'mix' -> 'conv'\)"):
+        load_model(tmp_path / "cycle.onnx")

@@ -379,7 +379,7 @@ def load_model(
 def _sort_if_unordered(graph: ir.Graph) -> None:
     """Put the nodes in topological order when the file has them out of order (ONNX Runtime accepts
     that; graph rewrites and copies need it). An ordered graph keeps its order exactly; a graph with a
-    cycle is left as it is, for the checks that refuse it."""
+    cycle is refused with the nodes on it."""
     seen = {id(v) for v in (*graph.inputs, *graph.initializers.values())}
     ordered = True
     for node in graph:
@@ -390,8 +390,31 @@ def _sort_if_unordered(graph: ir.Graph) -> None:
     if not ordered:
         try:
             graph.sort()
-        except Exception:  # a cycle: refused later, in its own words
-            logger.debug("nodes out of order and not sortable", exc_info=True)
+        except Exception:  # onnx_ir's ValueError: a cycle
+            cycle = " -> ".join(repr(name) for name in _cycle(graph))
+            raise ModelError(f"the graph has a cycle ({cycle}): a node reads what it computes itself; ONNX "
+                             "graphs must be acyclic: re-export the model") from None
+
+
+def _cycle(graph: ir.Graph) -> list[str]:
+    """The names of nodes on one cycle of ``graph`` (in data-flow order), found by walking producers back
+    from a node that topological order cannot place."""
+    nodes = list(graph)
+    placed: set[int] = set()
+    progress = True
+    while progress:  # place every node whose producers are placed (or outside the graph)
+        progress = False
+        for node in nodes:
+            producers = [v.producer() for v in node.inputs if v is not None and v.producer() is not None]
+            if id(node) not in placed and all(id(producer) in placed for producer in producers):
+                placed.add(id(node))
+                progress = True
+    walk = [next(node for node in nodes if id(node) not in placed)]
+    while walk.count(walk[-1]) < 2:  # an unplaced node always has an unplaced producer
+        walk.append(next(v.producer() for v in walk[-1].inputs
+                         if v is not None and v.producer() is not None and id(v.producer()) not in placed))
+    start = walk.index(walk[-1])
+    return [node.name or node.op_type for node in reversed(walk[start:])]
 
 
 def model_file_bytes(path: str | os.PathLike) -> int:
