@@ -405,3 +405,15 @@ def test_an_attention_mask_stays_float(target, mask_value):
     float_nodes = {node.node_name: node.reason for node in result.float_nodes}
     assert "'mask' holds -inf, NaN or values <= -10000" in float_nodes["masked"]
     assert sqnr_db(_causal_attention(mask_value), result.model, data) > 20
+
+
+@pytest.mark.parametrize("target", [Target.ORT, Target.MCU])
+def test_an_output_listed_twice_keeps_its_name_in_both_places(target):
+    """ONNX lets a graph list one tensor twice as an output (ONNX Runtime returns it twice); the second
+    place kept the float value, renamed 'y_float', so the quantized model's interface changed."""
+    b = GraphBuilder(seed=3)
+    b.conv(b.node("Relu", [b.conv("x", SHAPE[1], 8, "c1")], "r1"), 8, 4, "y")
+    result = _quantize(b.model(["y", "y"], SHAPE), Int8Config(target=target))
+    outputs = result.model.graph.outputs
+    assert [value.name for value in outputs] == ["y", "y"] and outputs[0] is outputs[1]
+    assert outputs[0].producer().op_type == "DequantizeLinear"
