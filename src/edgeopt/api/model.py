@@ -5,7 +5,7 @@ from __future__ import annotations
 import io as _io
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,8 +125,21 @@ def _safe_file_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "output"
 
 
-def _output_file(folder: Path, name: str) -> Path:
-    return folder / f"{_safe_file_name(name)}.npy"
+def _output_files(folder: Path, names: Iterable[str]) -> dict[str, Path]:
+    """One .npy per output, named after it; when two names make one file name (``y:0`` and ``y_0``, or
+    ``Y`` and ``y`` on a case-insensitive disk), the later ones get ``_2``, ``_3`` ... rather than
+    replacing the first's file."""
+    files: dict[str, Path] = {}
+    taken: set[str] = set()
+    for name in names:
+        stem = base = _safe_file_name(name)
+        suffix = 1
+        while stem.lower() in taken:
+            suffix += 1
+            stem = f"{base}_{suffix}"
+        taken.add(stem.lower())
+        files[name] = folder / f"{stem}.npy"
+    return files
 
 
 def read_input_file(path: str | os.PathLike) -> np.ndarray | dict[str, np.ndarray]:
@@ -166,8 +179,7 @@ def _read_inputs(inputs: Mapping[str, np.ndarray | str | os.PathLike]) -> tuple[
 
 def _check_spares_inputs(output_names: Sequence[str], folder: Path, input_files: Sequence[Path]) -> None:
     """Refuse (before any work) to write an output over one of the input files."""
-    for name in output_names:
-        target = _output_file(folder, name)
+    for name, target in _output_files(folder, output_names).items():
         for source in input_files:
             if target.exists() and target.resolve() == source.resolve():
                 raise DataError(f"output '{name}' would be written over the input file {source}: "
@@ -177,10 +189,10 @@ def _check_spares_inputs(output_names: Sequence[str], folder: Path, input_files:
 def _write_outputs(outputs: Mapping[str, np.ndarray], folder: Path) -> tuple[Path, ...]:
     make_output_folder(folder)
     files = []
-    for name, array in outputs.items():
+    for (name, array), target in zip(outputs.items(), _output_files(folder, outputs).values()):
         buffer = _io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
-        files.append((_output_file(folder, name), buffer.getvalue()))
+        files.append((target, buffer.getvalue()))
     return tuple(atomic_write_files(files))  # the outputs of one run together, or none
 
 
