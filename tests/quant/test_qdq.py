@@ -417,3 +417,14 @@ def test_an_output_listed_twice_keeps_its_name_in_both_places(target):
     outputs = result.model.graph.outputs
     assert [value.name for value in outputs] == ["y", "y"] and outputs[0] is outputs[1]
     assert outputs[0].producer().op_type == "DequantizeLinear"
+
+
+def test_a_large_negative_constant_that_reaches_no_softmax_is_no_mask():
+    """Only on its way to a Softmax is a value <= -10000 a mask: an input offset (x - 20000 for a raw
+    sensor reading) is quantized like any constant operand, and the layers after it too."""
+    b = GraphBuilder(seed=4)
+    b.conv(b.node("Relu", [b.conv(b.node("Add", ["x", b.constant("offset", -20000.0)], "centered"), 8, 8, "c1")],
+                  "r1"), 8, 4, "y")
+    data = [{"x": batch["x"] + 20000} for batch in batches(SHAPE, 4)]
+    result = quantize(b.model(["y"], SHAPE), Int8Config(), data)
+    assert not result.float_nodes

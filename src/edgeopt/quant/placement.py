@@ -31,15 +31,11 @@ Rules, in order:
    (``kept_float``); its producers then write a float edge too. Between a
    DequantizeLinear and a QuantizeLinear, ONNX Runtime would fuse it into its
    integer kernel again.
-6. A node that reads or writes a tensor holding inf, NaN or mask values (at or
-   below -10000: BERT's -10000, Hugging Face's float32 minimum) stays float:
-   a float constant holding them that a quantized op reads as an operand
-   (an additive attention mask) and what is computed from it, up to a
-   Softmax (whose output is finite). No 8-bit range holds -inf next to
-   scores of a few units: the masked scores would clamp to the range's low
-   end, or the range would span the mask and round every score to one
-   value, and Softmax would weight masked positions (a causal model would
-   read future tokens).
+6. A node that reads or writes an attention mask stays float: a constant
+   holding -inf, NaN or values at or below -10000 and what is computed from
+   it, up to a Softmax (:mod:`edgeopt.quant.masks` says when a large finite
+   value is a mask). No 8-bit range holds them next to the scores: Softmax
+   would weight the masked positions (a causal model would read future tokens).
 7. A Softmax output that gets a Q/DQ (a quantized MatMul reads the attention
    probabilities) is listed in ``probabilities``: its range is fixed to
    ``[0, 1)`` with scale ``1 / 256``, as TFLite and ONNX Runtime's quantizer
@@ -58,12 +54,12 @@ import difflib
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
-import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError, ModelError
 from edgeopt.passes import PATTERN_KEY, activation_clamp
+from edgeopt.quant.masks import mask_like_values, mask_refusal
 from edgeopt.quant.ops import FUSING_PRODUCERS, OP_RULES, OpRole, OpRule, is_qdq_op, weight_axis
 from edgeopt.quant.registry import FloatNode
 
@@ -371,59 +367,16 @@ def _float_output_fuses(node: ir.Node, output: ir.Value, weight: ir.Value | None
             and not output.uses() and weight is not None and eir.is_constant(weight))
 
 
-# Additive attention masks hold -inf, or a large negative stand-in: BERT's -10000, float32's minimum.
-_MASK_FLOOR = -1e4
-
-
-def _mask_like_constant(node: ir.Node, index: int, rules: Mapping[str, OpRule]) -> bool:
-    """Input ``index`` of ``node`` is a float constant holding inf, NaN or mask values that the node would
-    quantize as an operand (or reads in float: its output carries them on), not as a weight, a bias or
-    a clamp bound."""
-    if eir.is_op(node, *rules):
-        rule = rules[node.op_type]
-        quantized = rule.activation_inputs is None or index in rule.activation_inputs
-        if rule.role in (OpRole.WEIGHTED, OpRole.ACTIVATION) or not quantized:
-            return False
-    array = eir.constant_array(node.inputs[index])
-    if array is None or array.dtype.kind != "f" or array.size == 0:
-        return False
-    return not bool(np.isfinite(array).all()) or float(array.min()) <= _MASK_FLOOR
-
-
-def _mask_like_values(graph: ir.Graph, rules: Mapping[str, OpRule]) -> dict[str, str]:
-    """Tensors holding inf, NaN or mask values (rule 6), each mapped to the constant it comes from."""
-    sources: dict[str, str] = {}
-    for node in graph:
-        for index, value in enumerate(node.inputs):
-            if value is None:
-                continue
-            source = sources.get(value.name) or (value.name if _mask_like_constant(node, index, rules) else None)
-            if source is not None:
-                sources.setdefault(value.name, source)
-                if not eir.is_op(node, "Softmax"):
-                    sources.update((output.name, source) for output in node.outputs if output.name not in sources)
-    return sources
-
-
-def _mask_refusal(node: ir.Node, sources: Mapping[str, str]) -> str | None:
-    value = next((v for v in (*node.inputs, *node.outputs) if v is not None and v.name in sources), None)
-    if value is None:
-        return None
-    source = sources[value.name]
-    held = f"{value.name!r} holds" if value.name == source else f"{value.name!r} holds, from the constant {source!r},"
-    return f"{held} -inf, NaN or values <= {_MASK_FLOOR:g} (an attention mask?), which no 8-bit range represents"
-
-
 def _triage(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[str],
             non_float: Collection[str], rules: Mapping[str, OpRule]) -> tuple[dict[str, ir.Node], dict[str, str]]:
     """Float-computing nodes split into integer candidates and refusals (name -> reason)."""
     candidates: dict[str, ir.Node] = {}
     refusals: dict[str, str] = {}
-    masked = _mask_like_values(graph, rules)
+    masked = mask_like_values(graph, rules)
     for node in graph:
         if not _computes_float(node, non_float):
             continue
-        reason = _refusal(node, exclude, keep_float, rules) or _mask_refusal(node, masked)
+        reason = _refusal(node, exclude, keep_float, rules) or mask_refusal(node, masked)
         if reason is None:
             candidates[node.name] = node
         else:
