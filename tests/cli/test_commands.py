@@ -120,6 +120,23 @@ def test_run_never_writes_an_output_over_its_input_file(cli, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "output.npy"), OrtSession(path).run({"input": x})["output"])
 
 
+def test_run_gives_outputs_whose_names_make_one_file_name_a_file_each(cli, tmp_path):
+    # 'y:0' and 'y_0' both became y_0.npy: the second output replaced the first's file
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y:0"], name="relu"), helper.make_node("Neg", ["x"], ["y_0"], name="neg")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4]) for name in ("y:0", "y_0")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "two.onnx")
+    np.save(tmp_path / "x.npy", np.full((1, 4), 2.0, np.float32))
+    result = cli("run", tmp_path / "two.onnx", "-i", tmp_path / "x.npy", "-o", tmp_path / "out", "--json")
+    assert result.code == 0, result.stderr
+    assert np.load(tmp_path / "out" / "y_0.npy").tolist() == [[2.0] * 4]
+    assert np.load(tmp_path / "out" / "y_0_2.npy").tolist() == [[-2.0] * 4]
+    assert "y_0_2.npy" in result.stdout
+
+
 def test_bench_two_models_side_by_side(cli, tmp_path):
     first, second = build_onnx("resnet", tmp_path), build_onnx("mobilenet_v2", tmp_path)
     result = cli("bench", first, second, "--runs", "5", "--warmup", "1", "--threads", "1", "--json")

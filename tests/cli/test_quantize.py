@@ -695,3 +695,18 @@ def test_compare_sorts_by_the_loss_inside_each_node_when_asked(cli, tmp_path):
     shown = cli("compare", demo_model_path(), out, "--data", demo_calibration_path(), "--sort", "lost", "--limit", "3")
     assert "largest loss first" in shown.stdout
     assert cli("compare", demo_model_path(), out, "--data", demo_calibration_path(), "--sort", "size").code == 2
+
+
+def test_an_onnx_ir_model_with_local_functions_is_inlined_as_a_file_is(tmp_path):
+    # a file's function calls are inlined on load; an onnx_ir.Model given in memory kept them opaque, so
+    # its layers stayed float ('no integer kernel for Two'); the caller's model is left as it was
+    import onnx_ir as ir
+
+    from tests.io.test_load import _nested_function_model
+
+    model = ir.load(_nested_function_model(tmp_path / "functions.onnx"))
+    before = ir.to_proto(model).SerializeToString()
+    data = [{"x": x} for x in np.random.default_rng(5).standard_normal((16, 1, 8)).astype(np.float32)]
+    report = edgeopt.quantize(model, edgeopt.Int8Config(), data, check_speed=False)
+    assert not report.result.float_nodes
+    assert ir.to_proto(model).SerializeToString() == before

@@ -156,3 +156,110 @@ def test_an_ir3_model_listing_its_weights_as_inputs_converts_to_opset_13(tmp_pat
     data = [{"x": x} for x in np.random.default_rng(1).standard_normal((16, 1, 8, 8, 8)).astype(np.float32)]
     result = quantize(model, Int8Config(), data)
     assert result.tensors and any("opset 9" in note and "13" in note for note in result.notes)
+
+
+def _sparse_matmul_model(tmp_path, *, as_constant: bool, coordinates: bool):
+    """x @ w with w stored sparse: in a Constant's sparse_value or in graph.sparse_initializer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    dense = np.zeros((6, 4), np.float32)
+    dense[[0, 2, 5], [1, 3, 0]] = [0.5, -1.25, 2.0]
+    flat = np.flatnonzero(dense)
+    indices = np.stack(np.unravel_index(flat, dense.shape), axis=1) if coordinates else flat
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(dense.ravel()[flat], "w"),
+                                       numpy_helper.from_array(indices.astype(np.int64), "w_indices"), [6, 4])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    if as_constant:
+        nodes.insert(0, helper.make_node("Constant", [], ["w"], sparse_value=sparse, name="w_const"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              sparse_initializer=[] if as_constant else [sparse])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "sparse.onnx")
+    return tmp_path / "sparse.onnx", dense
+
+
+@pytest.mark.parametrize("as_constant", [True, False], ids=["constant", "initializer"])
+@pytest.mark.parametrize("coordinates", [False, True], ids=["linear", "coordinates"])
+def test_sparse_weights_load_as_dense_ones(tmp_path, as_constant, coordinates):
+    """onnx_ir reads no sparse tensor: a sparse Constant failed to load ('cannot read the graph'), a
+    sparse initializer was dropped (its MatMul read an undefined tensor)."""
+    from edgeopt.runtime.ort import OrtSession
+
+    path, dense = _sparse_matmul_model(tmp_path, as_constant=as_constant, coordinates=coordinates)
+    before = path.read_bytes()
+    model = load_model(path)
+    weight = next(node for node in model.graph if node.op_type == "MatMul").inputs[1]
+    np.testing.assert_array_equal(eir.constant_array(weight), dense)
+    x = np.arange(6, dtype=np.float32).reshape(1, 6)
+    np.testing.assert_allclose(OrtSession(model).run({"x": x})["y"], x @ dense, rtol=1e-6)
+    assert path.read_bytes() == before
+
+
+def test_a_node_name_used_twice_gets_a_suffix_and_the_model_runs(tmp_path):
+    """ONNX Runtime refuses a graph with two nodes of one name ('two nodes with same node name'),
+    which onnx.checker lets pass; names are diagnostic only, so loading makes them unique."""
+    from onnx import helper
+
+    from edgeopt.runtime.ort import OrtSession
+
+    _, graph = _conv_relu_graph()
+    graph.node.append(helper.make_node("Relu", ["y"], ["z"], name="conv"))
+    graph.node.append(helper.make_node("Relu", ["z"], ["out"], name="conv_1"))
+    graph.output[0].name = "out"
+    graph.node[1].name = "conv"  # the Relu after the Conv
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "dup.onnx")
+    model = load_model(tmp_path / "dup.onnx")
+    assert [node.name for node in model.graph] == ["conv", "conv_2", "conv_3", "conv_1"]
+    OrtSession(model).run({"x": np.ones((1, 8, 8, 8), np.float32)})
+
+
+def _nested_function_model(path):
+    """y = Two(x): a local function calling another one twice (MatMul + Add + Relu), weights passed in."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
+    dense = helper.make_function("local", "Dense", ["x", "w", "b"], ["y"], [
+        helper.make_node("MatMul", ["x", "w"], ["t"]), helper.make_node("Add", ["t", "b"], ["u"]),
+        helper.make_node("Relu", ["u"], ["y"])], opsets[:1])
+    two = helper.make_function("local", "Two", ["x", "w1", "b1", "w2", "b2"], ["y"], [
+        helper.make_node("Dense", ["x", "w1", "b1"], ["h"], domain="local", name="first"),
+        helper.make_node("Dense", ["h", "w2", "b2"], ["y"], domain="local", name="second")], opsets)
+    weights = [numpy_helper.from_array((rng.standard_normal(shape) / 4).astype(np.float32), name)
+               for name, shape in [("w1", (8, 16)), ("b1", (16,)), ("w2", (16, 4)), ("b2", (4,))]]
+    graph = helper.make_graph([helper.make_node("Two", ["x", "w1", "b1", "w2", "b2"], ["y"], domain="local",
+                                                name="block")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=opsets, functions=[dense, two]), path)
+    return path
+
+
+def test_local_functions_are_inlined_so_their_layers_quantize(tmp_path):
+    """Calls of local functions (TorchScript's export_modules_as_functions) were opaque: every layer in
+    them stayed float ('no integer kernel for Two') and edgeopt compile refused the model."""
+    from edgeopt.quant import Int8Config, quantize
+    from edgeopt.runtime.ort import OrtSession
+
+    path = _nested_function_model(tmp_path / "functions.onnx")
+    x = np.random.default_rng(4).standard_normal((1, 8)).astype(np.float32)
+    expected = OrtSession(path).run({"x": x})["y"]
+    model = load_model(path)
+    assert [node.op_type for node in model.graph] == ["MatMul", "Add", "Relu"] * 2
+    assert all(node.name for node in model.graph)
+    np.testing.assert_allclose(OrtSession(model).run({"x": x})["y"], expected, rtol=1e-5, atol=1e-6)
+    data = [{"x": sample} for sample in np.random.default_rng(5).standard_normal((16, 1, 8)).astype(np.float32)]
+    result = quantize(model, Int8Config(), data)
+    assert not result.float_nodes
+
+
+def test_a_graph_with_a_cycle_is_refused_naming_its_nodes(tmp_path):
+    """A cycle reached the fp16 conversion's topological sort, an internal error (exit 70) there."""
+    from onnx import helper
+
+    _, graph = _conv_relu_graph()
+    graph.node[0].input[0] = "mixed"
+    graph.node.append(helper.make_node("Add", ["x", "y"], ["mixed"], name="mix"))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "cycle.onnx")
+    with pytest.raises(ModelError, match=r"cycle \('conv' -> 'relu' -> 'mix' -> 'conv'\)"):
+        load_model(tmp_path / "cycle.onnx")

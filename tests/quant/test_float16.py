@@ -550,3 +550,18 @@ def test_a_tied_embedding_is_stored_once(tmp_path, config):
     expected = OrtSession(model).run(ids)["logits"]
     actual = OrtSession(result.model).run(ids)["logits"]
     assert np.allclose(actual, expected, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("config", [Fp16Config(), Bf16Config()], ids=["fp16", "bf16"])
+def test_an_output_listed_twice_keeps_its_name_and_dtype_in_both_places(config):
+    """The second place of an output listed twice was renamed 'y_float16' and kept float16."""
+    rng = np.random.default_rng(2)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])] * 2,
+        [numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    outputs = quantize(model, config).model.graph.outputs
+    assert [value.name for value in outputs] == ["y", "y"] and outputs[0] is outputs[1]
+    assert outputs[0].dtype == ir.DataType.FLOAT

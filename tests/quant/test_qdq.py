@@ -378,3 +378,53 @@ def test_long_chains_of_data_movement_are_planned_without_recursion():
     b.node("MatMul", [x, "w"], "y")
     result = quantize(b.model(["y"], (1, 300, 300)), Int8Config(), batches((1, 300, 300), 1))
     assert any(note.startswith("Softmax softmax normalizes over 300 values") for note in result.notes)
+
+
+def _causal_attention(mask_value: float) -> ir.Model:
+    """One head of causal self-attention over 8 tokens: softmax(q k^T / 4 + mask) v, mask above the diagonal."""
+    b = GraphBuilder(seed=5)
+    q, k, v = (b.node("MatMul", ["x", b.weight(f"w{n}", (16, 16))], n) for n in "qkv")
+    scores = b.node("Mul", [b.node("MatMul", [q, b.node("Transpose", [k], "kt", perm=[0, 2, 1])], "qk"),
+                            b.constant("quarter", 0.25)], "scaled")
+    mask = np.triu(np.full((8, 8), mask_value, np.float32), 1)
+    probabilities = b.node("Softmax", [b.node("Add", [scores, b.constant("mask", mask)], "masked")], "softmax",
+                           axis=-1)
+    b.node("MatMul", [b.node("MatMul", [probabilities, v], "attended"), b.weight("wo", (16, 16))], "y")
+    return b.model(["y"], [1, 8, 16])
+
+
+@pytest.mark.parametrize("target", [Target.ORT, Target.MCU])
+@pytest.mark.parametrize("mask_value", [-np.inf, -1e4, float(np.finfo(np.float32).min)])
+def test_an_attention_mask_stays_float(target, mask_value):
+    """-inf has no 8-bit code: quantized, the masked scores clamped to the range's low end and Softmax gave
+    future tokens weight (1.5 dB on both targets); BERT's -10000 and the float32 minimum stretched the range
+    over the mask, rounding the scores (4.7 dB). The Add applying the mask and, on the MCU, the Softmax
+    reading its output stay float, saying why; the model is as faithful as without a mask (24 dB)."""
+    data = batches((1, 8, 16), 8, seed=2)
+    result = _quantize(_causal_attention(mask_value), Int8Config(target=target), shape=(1, 8, 16))
+    float_nodes = {node.node_name: node.reason for node in result.float_nodes}
+    assert "'mask' holds -inf, NaN or values <= -10000" in float_nodes["masked"]
+    assert sqnr_db(_causal_attention(mask_value), result.model, data) > 20
+
+
+@pytest.mark.parametrize("target", [Target.ORT, Target.MCU])
+def test_an_output_listed_twice_keeps_its_name_in_both_places(target):
+    """ONNX lets a graph list one tensor twice as an output (ONNX Runtime returns it twice); the second
+    place kept the float value, renamed 'y_float', so the quantized model's interface changed."""
+    b = GraphBuilder(seed=3)
+    b.conv(b.node("Relu", [b.conv("x", SHAPE[1], 8, "c1")], "r1"), 8, 4, "y")
+    result = _quantize(b.model(["y", "y"], SHAPE), Int8Config(target=target))
+    outputs = result.model.graph.outputs
+    assert [value.name for value in outputs] == ["y", "y"] and outputs[0] is outputs[1]
+    assert outputs[0].producer().op_type == "DequantizeLinear"
+
+
+def test_a_large_negative_constant_that_reaches_no_softmax_is_no_mask():
+    """Only on its way to a Softmax is a value <= -10000 a mask: an input offset (x - 20000 for a raw
+    sensor reading) is quantized like any constant operand, and the layers after it too."""
+    b = GraphBuilder(seed=4)
+    b.conv(b.node("Relu", [b.conv(b.node("Add", ["x", b.constant("offset", -20000.0)], "centered"), 8, 8, "c1")],
+                  "r1"), 8, 4, "y")
+    data = [{"x": batch["x"] + 20000} for batch in batches(SHAPE, 4)]
+    result = quantize(b.model(["y"], SHAPE), Int8Config(), data)
+    assert not result.float_nodes

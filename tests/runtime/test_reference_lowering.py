@@ -64,3 +64,22 @@ def test_every_program_op_kind_is_in_the_table():
         assert {op.kind for op in program.ops} <= set(OPS)
         for op in program.ops:
             assert isinstance(op.params, OPS[op.kind].params_type)
+
+
+def test_a_constant_where_an_activation_goes_is_named_as_such():
+    # MatMul(W, x), the constant first: edgeopt quantizes W like an activation operand, which the C kernels
+    # do not take; the error called its dequantized copy 'a float value that is not quantized'
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeopt.quant import Int8Config, Target, quantize
+
+    weight = numpy_helper.from_array(np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["w", "x"], ["y"], name="left")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 2])], [weight])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    data = [{"x": x} for x in np.random.default_rng(2).standard_normal((8, 8, 2)).astype(np.float32)]
+    quantized = quantize(model, Int8Config(target=Target.MCU), data).model
+    with pytest.raises(UnsupportedOpError, match=r"MatMul \(left\) reads the constant 'w_dequantized'.*swap"):
+        lower(quantized)

@@ -67,7 +67,8 @@ def load(model: ModelSource, *, input_shapes: Mapping[str, Sequence[int]] | None
     """Load a model from a path (normalized, shapes inferred) or copy an in-memory one."""
     _check_model_type(model, "model")
     if isinstance(model, ir.Model):
-        if input_shapes:  # fixed as a file's are (shapes inferred again)
+        # fixed shapes and local functions (to inline) are seen to as a file's are (shapes inferred again)
+        if input_shapes or model.functions:
             model = ir.to_proto(model)
         else:
             return ir.from_proto(ir.to_proto(model))

@@ -6,6 +6,13 @@ later stage would otherwise trip over:
 * weights in external data files are read from beside the model;
 * graph inputs that shadow initializers (old PyTorch/Caffe2 exporters) become
   plain constants; initializers no node uses are dropped;
+* sparse weights (``sparse_initializer``, ``Constant`` with ``sparse_value``)
+  become dense ones, which every pass and runtime reads;
+* calls of the model's local functions (``FunctionProto``: TorchScript's
+  ``export_modules_as_functions``, onnxscript) are inlined, so the convs and
+  matmuls in their bodies are seen, folded and quantized like any other;
+* a node name used twice in one graph (ONNX Runtime refuses the model) gets
+  a suffix on its second use (``conv`` -> ``conv_1``);
 * dynamic input dimensions are fixed from ``input_shapes`` (``--input-shape``),
   and a model that still has dynamic inputs is refused with the name of the
   input to fix when ``require_static`` is set;
@@ -24,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.inliner
 import onnx_ir as ir
 
 from edgeopt.errors import ModelError
@@ -144,6 +152,75 @@ def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
         logger.info("dropped %d unused initializers", len(graph.initializer) - len(kept))
         del graph.initializer[:]
         graph.initializer.extend(kept)
+
+
+def _dense(sparse: onnx.SparseTensorProto, name: str) -> onnx.TensorProto:
+    """The dense tensor a sparse one stands for: zeros but at ``indices`` (linear, or one row of
+    coordinates per value)."""
+    values = onnx.numpy_helper.to_array(sparse.values).ravel()
+    indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+    shape = tuple(sparse.dims)
+    dense = np.zeros(int(np.prod(shape)), dtype=values.dtype)
+    if indices.size:
+        dense[indices if indices.ndim == 1 else np.ravel_multi_index(tuple(indices.T), shape)] = values
+    return onnx.numpy_helper.from_array(dense.reshape(shape), name)
+
+
+def _densify_constants(nodes: Iterable[onnx.NodeProto]) -> None:
+    for node in nodes:
+        for attribute in node.attribute:
+            if node.op_type == "Constant" and attribute.name == "sparse_value":
+                tensor = _dense(attribute.sparse_tensor, node.output[0])
+                attribute.Clear()
+                attribute.CopyFrom(onnx.helper.make_attribute("value", tensor))
+            for subgraph in [attribute.g, *attribute.graphs]:
+                _densify_sparse(subgraph)
+
+
+def _densify_sparse(graph: onnx.GraphProto) -> None:
+    """Sparse weights become dense ones (``onnx_ir`` reads no sparse tensor: it would drop a sparse
+    initializer and refuse a sparse ``Constant``), in ``graph`` and its subgraphs."""
+    for sparse in graph.sparse_initializer:
+        graph.initializer.append(_dense(sparse, sparse.values.name))
+    graph.ClearField("sparse_initializer")
+    _densify_constants(graph.node)
+
+
+def _unique_node_names(graph: onnx.GraphProto) -> None:
+    """Rename the second and later nodes of ``graph`` that repeat a name, and so in its subgraphs."""
+    taken = {node.name for node in graph.node}
+    seen: set[str] = set()
+    for node in graph.node:
+        if node.name and node.name in seen:
+            suffix = 1
+            while f"{node.name}_{suffix}" in taken:
+                suffix += 1
+            logger.info("node name %r is used twice: the second is %r", node.name, f"{node.name}_{suffix}")
+            node.name = f"{node.name}_{suffix}"
+            taken.add(node.name)
+        seen.add(node.name)
+        for attribute in node.attribute:
+            for subgraph in [attribute.g, *attribute.graphs]:
+                _unique_node_names(subgraph)
+
+
+def _inline_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with every call of a local function replaced by the function's body (nested calls
+    too). A body node without a name is named ``Function/OpType`` first: the inliner suffixes the names
+    per call, and reports and ``--exclude`` need names."""
+    if not proto.functions:
+        return proto
+    for function in proto.functions:
+        for node in function.node:
+            node.name = node.name or f"{function.name}/{node.op_type}"
+    try:
+        inlined = onnx.inliner.inline_local_functions(proto)
+    except Exception as error:
+        raise ModelError(f"cannot inline the model's local functions ({', '.join(f.name for f in proto.functions)}): "
+                         f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
+                         ) from None
+    logger.info("inlined the calls of %d local function(s)", len(proto.functions))
+    return inlined
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
@@ -290,6 +367,10 @@ def load_model(
         logger.warning("model uses opset %d; edgeopt is tested with opsets %d-%d",
                        opset, SUPPORTED_OPSETS.start, SUPPORTED_OPSETS.stop - 1)
     graph = proto.graph
+    _densify_sparse(graph)
+    _unique_node_names(graph)
+    for function in proto.functions:
+        _densify_constants(function.node)
     _drop_shadowing_inputs(graph)
     proto.ir_version = max(proto.ir_version, 4)  # IR 3 wanted every initializer listed as an input
     _drop_unused_initializers(graph)
@@ -300,7 +381,7 @@ def load_model(
     output_shapes = _clear_symbolic_shapes(graph)
     detached = _detach_weights(graph)
     del graph  # the original protobuf (and its arena) goes once inference has copied it
-    proto = _infer_shapes(proto)
+    proto = _infer_shapes(_inline_functions(proto))
     _restore_output_shapes(proto.graph, output_shapes)
     try:
         model = ir.from_proto(proto)
@@ -316,7 +397,7 @@ def load_model(
 def _sort_if_unordered(graph: ir.Graph) -> None:
     """Put the nodes in topological order when the file has them out of order (ONNX Runtime accepts
     that; graph rewrites and copies need it). An ordered graph keeps its order exactly; a graph with a
-    cycle is left as it is, for the checks that refuse it."""
+    cycle is refused with the nodes on it."""
     seen = {id(v) for v in (*graph.inputs, *graph.initializers.values())}
     ordered = True
     for node in graph:
@@ -327,8 +408,31 @@ def _sort_if_unordered(graph: ir.Graph) -> None:
     if not ordered:
         try:
             graph.sort()
-        except Exception:  # a cycle: refused later, in its own words
-            logger.debug("nodes out of order and not sortable", exc_info=True)
+        except Exception:  # onnx_ir's ValueError: a cycle
+            cycle = " -> ".join(repr(name) for name in _cycle(graph))
+            raise ModelError(f"the graph has a cycle ({cycle}): a node reads what it computes itself; ONNX "
+                             "graphs must be acyclic: re-export the model") from None
+
+
+def _cycle(graph: ir.Graph) -> list[str]:
+    """The names of nodes on one cycle of ``graph`` (in data-flow order), found by walking producers back
+    from a node that topological order cannot place."""
+    nodes = list(graph)
+    placed: set[int] = set()
+    progress = True
+    while progress:  # place every node whose producers are placed (or outside the graph)
+        progress = False
+        for node in nodes:
+            producers = [v.producer() for v in node.inputs if v is not None and v.producer() is not None]
+            if id(node) not in placed and all(id(producer) in placed for producer in producers):
+                placed.add(id(node))
+                progress = True
+    walk = [next(node for node in nodes if id(node) not in placed)]
+    while walk.count(walk[-1]) < 2:  # an unplaced node always has an unplaced producer
+        walk.append(next(v.producer() for v in walk[-1].inputs
+                         if v is not None and v.producer() is not None and id(v.producer()) not in placed))
+    start = walk.index(walk[-1])
+    return [node.name or node.op_type for node in reversed(walk[start:])]
 
 
 def model_file_bytes(path: str | os.PathLike) -> int:

@@ -340,13 +340,15 @@ def _rewire(plan: HalfPrecisionPlan, homes: Mapping[ir.Value, ir.DataType], cast
 
 def _fix_outputs(graph: ir.Graph, homes: Mapping[ir.Value, ir.DataType], io_dtype: ir.DataType,
                  casts: _Casts, namer: UniqueNames) -> None:
-    """Graph outputs keep their names and ``io_dtype``: a Cast takes over the name."""
+    """Graph outputs keep their names and ``io_dtype``: a Cast takes over the name (one Cast for a value
+    the graph lists twice as an output)."""
+    made: dict[ir.Value, ir.Value] = {}
     for position, value in enumerate(list(graph.outputs)):
-        if homes.get(value, io_dtype) == io_dtype:
-            continue
-        name = value.name
-        value.name = namer(f"{name}_{_SUFFIX[homes[value]]}")
-        graph.outputs[position] = casts.make(value, io_dtype, name)
+        if value not in made and homes.get(value, io_dtype) != io_dtype:
+            name = value.name
+            value.name = namer(f"{name}_{_SUFFIX[homes[value]]}")
+            made[value] = casts.make(value, io_dtype, name)
+        graph.outputs[position] = made.get(value, value)
 
 
 @register_scheme(Fp16Config)

@@ -31,7 +31,12 @@ Rules, in order:
    (``kept_float``); its producers then write a float edge too. Between a
    DequantizeLinear and a QuantizeLinear, ONNX Runtime would fuse it into its
    integer kernel again.
-6. A Softmax output that gets a Q/DQ (a quantized MatMul reads the attention
+6. A node that reads or writes an attention mask stays float: a constant
+   holding -inf, NaN or values at or below -10000 and what is computed from
+   it, up to a Softmax (:mod:`edgeopt.quant.masks` says when a large finite
+   value is a mask). No 8-bit range holds them next to the scores: Softmax
+   would weight the masked positions (a causal model would read future tokens).
+7. A Softmax output that gets a Q/DQ (a quantized MatMul reads the attention
    probabilities) is listed in ``probabilities``: its range is fixed to
    ``[0, 1)`` with scale ``1 / 256``, as TFLite and ONNX Runtime's quantizer
    fix it, not calibrated. A calibrated range misses the peaks of shorter
@@ -54,6 +59,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError, ModelError
 from edgeopt.passes import PATTERN_KEY, activation_clamp
+from edgeopt.quant.masks import mask_like_values, mask_refusal
 from edgeopt.quant.ops import FUSING_PRODUCERS, OP_RULES, OpRole, OpRule, is_qdq_op, weight_axis
 from edgeopt.quant.registry import FloatNode
 
@@ -376,10 +382,11 @@ def _triage(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[st
     """Float-computing nodes split into integer candidates and refusals (name -> reason)."""
     candidates: dict[str, ir.Node] = {}
     refusals: dict[str, str] = {}
+    masked = mask_like_values(graph, rules)
     for node in graph:
         if not _computes_float(node, non_float):
             continue
-        reason = _refusal(node, exclude, keep_float, rules)
+        reason = _refusal(node, exclude, keep_float, rules) or mask_refusal(node, masked)
         if reason is None:
             candidates[node.name] = node
         else:

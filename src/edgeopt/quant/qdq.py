@@ -197,12 +197,14 @@ class _QdqInserter:
                     params.range, params.scale, params.zero_point, method)
 
     def _move_graph_output(self, value: ir.Value, dequantized: ir.Value) -> None:
+        """Every place ``value`` has among the graph outputs (a model may list one twice) goes to
+        ``dequantized``, which takes the name."""
         outputs = self.build.graph.outputs
-        position = next(i for i, v in enumerate(outputs) if v is value)
         name = value.name
         value.name = self.build.unique(f"{name}_float")
         dequantized.name = name
-        outputs[position] = dequantized
+        for position in [i for i, v in enumerate(outputs) if v is value]:
+            outputs[position] = dequantized
 
     def _replace_before(self, node: ir.Node, index: int, dq: ir.Node) -> None:
         self.build.graph.insert_before(node, [dq])

@@ -175,6 +175,11 @@ class Lowering:
             return self.tensor_of[value.name]
         if value.name in self.failed:
             raise _Skip()
+        producer = value.producer()
+        if producer is not None and producer.op_type == "DequantizeLinear" and eir.is_constant(producer.inputs[0]):
+            raise UnsupportedOpError(f"{node_label(node)} reads the constant {value.name!r} where the kernel takes "
+                                     "an activation (a weight is input B of MatMul/Gemm, W of Conv): swap the "
+                                     "operands (x @ W, not W @ x) or keep the node float")
         raise UnsupportedOpError(f"{node_label(node)} reads float value {value.name!r} that is not "
                                  "quantized (a float island): quantize it or remove the op")
 

@@ -1,0 +1,88 @@
+"""Attention masks: constants no 8-bit range represents next to the scores they are added to.
+
+An additive mask holds -inf (PyTorch's scaled_dot_product_attention) or a large
+negative stand-in (BERT's -10000, Hugging Face's float32 minimum) where a
+position must get no attention. Quantized, -inf clamps to the low end of the
+scores' range, and a stand-in stretches that range over the mask so every
+score rounds to one value: either way Softmax weights the masked positions.
+So the nodes that read or write a masked tensor stay float (placement rule 6).
+A tensor is masked when it is such a constant read as an operand, or computed
+from one: inf flows to every reader up to a Softmax (whose output is finite);
+a large finite value is a mask only on the way to a Softmax (elsewhere,
+``x - 20000``, it is an offset like any other).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+from edgeopt.quant.ops import OpRole, OpRule
+
+__all__ = ["mask_like_values", "mask_refusal"]
+
+# Additive attention masks hold -inf, or a large negative stand-in: BERT's -10000, float32's minimum.
+_MASK_FLOOR = -1e4
+
+
+def _mask_kind(node: ir.Node, index: int, rules: Mapping[str, OpRule]) -> str | None:
+    """``"inf"`` or ``"large"`` when input ``index`` of ``node`` is a float constant holding inf/NaN or
+    values <= :data:`_MASK_FLOOR` that the node would quantize as an operand (or reads in float: its
+    output carries them on), not as a weight, a bias or a clamp bound; else None."""
+    if eir.is_op(node, *rules):
+        rule = rules[node.op_type]
+        quantized = rule.activation_inputs is None or index in rule.activation_inputs
+        if rule.role in (OpRole.WEIGHTED, OpRole.ACTIVATION) or not quantized:
+            return None
+    array = eir.constant_array(node.inputs[index])
+    if array is None or array.dtype.kind != "f" or array.size == 0:
+        return None
+    if not bool(np.isfinite(array).all()):
+        return "inf"
+    return "large" if float(array.min()) <= _MASK_FLOOR else None
+
+
+def _softmax_feeders(graph: ir.Graph) -> set[str]:
+    """The names of the values some Softmax input is computed from (that input included)."""
+    feeders: set[str] = set()
+    for node in reversed(list(graph)):
+        if eir.is_op(node, "Softmax") or any(output.name in feeders for output in node.outputs):
+            feeders.update(value.name for value in node.inputs if value is not None)
+    return feeders
+
+
+def mask_like_values(graph: ir.Graph, rules: Mapping[str, OpRule]) -> dict[str, str]:
+    """Tensors holding inf, NaN or mask values (rule 6), each mapped to the constant it comes from.
+    inf flows on to every reader up to a Softmax; a large finite value is a mask only on the way to a
+    Softmax (elsewhere, ``x - 20000``, it is an offset like any other)."""
+    feeders = _softmax_feeders(graph)
+    sources: dict[str, str] = {}
+    finite: set[str] = set()  # marked by a large finite constant, not by inf
+    for node in graph:
+        toward_softmax = any(output.name in feeders for output in node.outputs)
+        for index, value in enumerate(node.inputs):
+            if value is None:
+                continue
+            kind = None if value.name in sources else _mask_kind(node, index, rules)
+            if kind == "inf" or (kind == "large" and toward_softmax):
+                sources[value.name] = value.name
+                finite.update([value.name] if kind == "large" else [])
+            if value.name not in sources or eir.is_op(node, "Softmax"):
+                continue
+            for output in node.outputs:
+                if output.name not in sources and (value.name not in finite or output.name in feeders):
+                    sources[output.name] = sources[value.name]
+                    finite.update([output.name] if value.name in finite else [])
+    return sources
+
+
+def mask_refusal(node: ir.Node, sources: Mapping[str, str]) -> str | None:
+    value = next((v for v in (*node.inputs, *node.outputs) if v is not None and v.name in sources), None)
+    if value is None:
+        return None
+    source = sources[value.name]
+    held = f"{value.name!r} holds" if value.name == source else f"{value.name!r} holds, from the constant {source!r},"
+    return f"{held} -inf, NaN or values <= {_MASK_FLOOR:g} (an attention mask?), which no 8-bit range represents"
