@@ -422,7 +422,8 @@ def _render_search(search) -> None:
     float_text = "" if search.float_score == float("inf") else f" (float model {search.float_score:.3f})"
     state.stdout.print(f"best: score {search.best_score:.3f}{float_text} with {len(search.best_excluded)} node(s) "
                        f"back in float: {', '.join(search.best_excluded) or 'none'}")
-    passes = "1 calibration pass" if search.calibration_passes == 1 else f"{search.calibration_passes} calibration passes"
+    passes = (f"{search.calibration_passes} calibration passes" if search.calibration_passes != 1
+              else "1 calibration pass")
     state.stdout.print(f"{len(search.steps)} round(s), {passes} over the data")
 
 
