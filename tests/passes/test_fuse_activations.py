@@ -265,3 +265,70 @@ def test_activation_clamp_reads_relu_and_constant_clips():
     legacy = make_model([helper.make_node("Clip", ["x"], ["y"], name="clip", min=-1.0, max=1.0)],
                         [("x", [2])], [("y", [2])], opset=10)
     assert activation_clamp(legacy.graph.node(0)) == (-1.0, 1.0)
+
+
+# --------------------------------------------------------------------------
+# clamps written as Min/Max of constants (TensorFlow's minimum/maximum, torch.maximum)
+# --------------------------------------------------------------------------
+
+
+def _minmax_graph(nodes, *, opset: int = 17):
+    constants = [weight("zero", 0.0), weight("six", 6.0), weight("low", -1.5), weight("high", 2.5)]
+    return make_model(nodes, [("x", [2, 4, 5])], [("y", [2, 4, 5])], constants, opset=opset)
+
+
+MINMAX_CLAMPS = {
+    "min(max(x,0),6)": ([helper.make_node("Max", ["x", "zero"], ["m"], name="max"),
+                        helper.make_node("Min", ["m", "six"], ["y"], name="min")], "Clip", (0.0, 6.0)),
+    "max(min(6,x),0)": ([helper.make_node("Min", ["six", "x"], ["m"], name="min"),
+                        helper.make_node("Max", ["zero", "m"], ["y"], name="max")], "Clip", (0.0, 6.0)),
+    "max(x,0)": ([helper.make_node("Max", ["x", "zero"], ["y"], name="max")], "Relu", (0.0, math.inf)),
+    "min(x,2.5)": ([helper.make_node("Min", ["x", "high"], ["y"], name="min")], "Clip", (-math.inf, 2.5)),
+    "min(max(x,-1.5),2.5)": ([helper.make_node("Max", ["x", "low"], ["m"], name="max"),
+                             helper.make_node("Min", ["m", "high"], ["y"], name="min")], "Clip", (-1.5, 2.5)),
+}
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+@pytest.mark.parametrize("case", MINMAX_CLAMPS.values(), ids=MINMAX_CLAMPS.keys())
+def test_min_max_clamps_of_constants_become_one_clip_or_relu(case, opset):
+    nodes, op_type, bounds = case
+    model = _minmax_graph(nodes, opset=opset)
+    result = fuse_activations(model)
+    assert computing_ops(result.model) == [op_type]
+    assert activation_clamp(next(iter(result.model.graph))) == bounds
+    assert_same_outputs(model, result.model)
+
+
+def test_min_max_that_are_not_one_clamp_are_not_merged():
+    # bounds the wrong way round: max(min(x, -1.5), 2.5) is 2.5 everywhere, not Clip(x, 2.5, -1.5);
+    # each stays a clamp of its own. Two tensors: no clamp. A second reader: one op each.
+    crossed = _minmax_graph([helper.make_node("Min", ["x", "low"], ["m"], name="min"),
+                             helper.make_node("Max", ["m", "high"], ["y"], name="max")])
+    result = fuse_activations(crossed)
+    assert computing_ops(result.model) == ["Clip", "Clip"]
+    assert_same_outputs(crossed, result.model)
+    two_tensors = make_model([helper.make_node("Max", ["x", "z"], ["y"], name="max")],
+                             [("x", [2, 3]), ("z", [2, 3])], [("y", [2, 3])])
+    assert computing_ops(fuse_activations(two_tensors).model) == ["Max"]
+    shared = make_model([helper.make_node("Max", ["x", "zero"], ["m"], name="max"),
+                         helper.make_node("Min", ["m", "six"], ["y"], name="min")],
+                        [("x", [2, 3])], [("y", [2, 3]), ("m", [2, 3])], [weight("zero", 0.0), weight("six", 6.0)])
+    fused = fuse_activations(shared).model
+    assert computing_ops(fused) == ["Relu", "Clip"]  # Max's output is read twice: each becomes its own op
+    assert_same_outputs(shared, fused)
+
+
+def test_a_conv_clamped_by_min_max_quantizes_with_the_clamp_as_its_output_range():
+    from edgeopt.quant.api import quantize
+    from edgeopt.quant.config import Int8Config, Target
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Max", ["c", "zero"], ["m"], name="max"),
+             helper.make_node("Min", ["m", "six"], ["y"], name="min")]
+    model = make_model(nodes, [("x", [1, 3, 6, 6])], [("y", [1, 4, 6, 6])],
+                       [random_weight("w", (4, 3, 3, 3)), weight("zero", 0.0), weight("six", 6.0)])
+    data = [{"x": np.random.default_rng(i).standard_normal((1, 3, 6, 6)).astype(np.float32)} for i in range(8)]
+    result = quantize(model, Int8Config(target=Target.MCU), data)
+    assert not result.float_nodes  # the Clip is the conv's fused output clamp: Conv -> Clip -> Q
+    assert "Max" not in op_types(result.model) and "Min" not in op_types(result.model)

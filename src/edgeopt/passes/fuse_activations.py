@@ -24,6 +24,7 @@ from edgeopt.passes._report import ReportedPassResult
 from edgeopt.passes._rules import RulePass, run_on_copy
 from edgeopt.passes.rules import (
     PATTERN_KEY,
+    ClampMinMaxRule,
     ClipHardSigmoidRule,
     GeluRule,
     HardSigmoidMulRule,
@@ -82,7 +83,9 @@ class FuseActivationsPass(RulePass):
       ``x * HardSigmoid(x)`` -> ``HardSwish`` (opset >= 14);
     * ``0.5 * x * (1 + erf(x / sqrt(2)))`` -> ``Gelu`` (opset >= 20), else
       annotated ``gelu``;
-    * ``x * sigmoid(x)`` -> ``Swish`` (opset >= 24), else annotated ``silu``.
+    * ``x * sigmoid(x)`` -> ``Swish`` (opset >= 24), else annotated ``silu``;
+    * ``Min(Max(x, a), b)`` (either order, or one alone) with constant bounds -> ``Clip(x, a, b)``,
+      ``Max(x, 0)`` -> ``Relu``.
 
     Preconditions (else left, with the reason): every intermediate has only
     the readers the formula gives it and is not a graph output; constants
@@ -95,7 +98,8 @@ class FuseActivationsPass(RulePass):
     name = "fuse-activations"
 
     def __init__(self) -> None:
-        self.rules = (LayerNormRule(), ClipHardSigmoidRule(), HardSigmoidMulRule(), GeluRule(), SiluRule())
+        self.rules = (LayerNormRule(), ClampMinMaxRule(), ClipHardSigmoidRule(), HardSigmoidMulRule(), GeluRule(),
+                      SiluRule())
 
 
 def fuse_activations(model: ir.Model) -> ReportedPassResult:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from edgeopt.passes.rules.activations import (
     PATTERN_KEY,
+    ClampMinMaxRule,
     ClipHardSigmoidRule,
     GeluRule,
     HardSigmoidMulRule,
@@ -13,6 +14,7 @@ from edgeopt.passes.rules.layer_norm import LayerNormRule
 
 __all__ = [
     "PATTERN_KEY",
+    "ClampMinMaxRule",
     "ClipHardSigmoidRule",
     "GeluRule",
     "HardSigmoidMulRule",

@@ -9,7 +9,11 @@
   that the nodes are annotated (``metadata_props["edgeopt.pattern"] =
   "silu"``) for the quantizer, not rewritten;
 * GELU ``0.5 * x * (1 + erf(x / sqrt(2)))`` (also ``x * 0.7071``): ``Gelu``
-  from opset 20, annotated ``"gelu"`` below that.
+  from opset 20, annotated ``"gelu"`` below that;
+* clamps written with constants ``Min(Max(x, a), b)`` (either order), ``Max(x,
+  a)``, ``Min(x, b)`` (TensorFlow's ``minimum``/``maximum``, ``torch.maximum``):
+  ``Clip(x, a, b)``, and ``Max(x, 0)`` ``Relu``, which a quantized Conv applies
+  as its output range.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
@@ -24,6 +29,7 @@ from edgeopt.passes._matching import (
     ProductChain,
     clip_bounds,
     follow_product,
+    is_op,
     other_input,
     producer_op,
     scalar,
@@ -33,6 +39,7 @@ from edgeopt.passes._rules import Match, Rule, RuleContext
 
 __all__ = [
     "PATTERN_KEY",
+    "ClampMinMaxRule",
     "ClipHardSigmoidRule",
     "GeluRule",
     "HardSigmoidMulRule",
@@ -223,3 +230,70 @@ class GeluRule(Rule):
             return _fuse(context, nodes, match.chain, new)
         annotate(nodes, "gelu")
         return f"annotated as gelu (Gelu needs opset >= {GELU_OPSET}, model has {context.opset})"
+
+
+@dataclasses.dataclass
+class _ClampMatch(Match):
+    x: ir.Value
+    low: float = -math.inf
+    high: float = math.inf
+    bound_dtype: object = None
+
+
+def _constant_operand(node: ir.Node) -> tuple[ir.Value, float, object] | None:
+    """``(x, c, c's dtype)`` for a Min/Max of a tensor ``x`` and a one-element float constant ``c``."""
+    if len(node.inputs) != 2 or any(v is None for v in node.inputs):
+        return None
+    for x, constant in (node.inputs, reversed(node.inputs)):
+        array = eir.constant_array(constant)
+        if array is not None and array.size == 1 and array.ndim <= 1 and np.issubdtype(array.dtype, np.floating) \
+                and not eir.is_constant(x):
+            return x, float(array.reshape(())), array.dtype
+    return None
+
+
+class ClampMinMaxRule(Rule):
+    """``Min``/``Max`` of a tensor and a constant, one or both in a row -> ``Clip`` (``Max(x, 0)`` -> ``Relu``)."""
+
+    name = "minmax-clamp"
+    anchor_ops = frozenset({"Min", "Max"})
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        first = _constant_operand(node)
+        if first is None or not math.isfinite(first[1]):
+            return None
+        x, bound, dtype = first
+        match = _ClampMatch(nodes=(node,), x=x, bound_dtype=dtype)
+        match.low, match.high = (bound, math.inf) if node.op_type == "Max" else (-math.inf, bound)
+        reader = sole_consumer(node.outputs[0])
+        other = "Min" if node.op_type == "Max" else "Max"
+        second = _constant_operand(reader) if is_op(reader, other) else None
+        if second is not None and second[0] is node.outputs[0] and math.isfinite(second[1]) and second[2] == dtype:
+            match.nodes = (node, reader)
+            if other == "Min":
+                match.high = second[1]
+            else:
+                match.low = second[1]
+        return match
+
+    def check(self, match: _ClampMatch, context: RuleContext) -> str | None:
+        if match.low > match.high:
+            return f"the clamp's low bound {match.low:g} is above its high bound {match.high:g}"
+        if match.x.shape is not None and len(match.x.shape) == 0:
+            return "a scalar operand: the constant's shape decides the output's"
+        return None
+
+    def rewrite(self, match: _ClampMatch, context: RuleContext) -> str:
+        last = match.nodes[-1]
+        label = eir.node_label(last)
+        if match.low == 0.0 and match.high == math.inf:
+            new = ir.node("Relu", [match.x], name=f"{label}_Relu")
+        elif context.opset < 11:
+            attributes = {key: value for key, value in (("min", match.low), ("max", match.high)) if math.isfinite(value)}
+            new = ir.node("Clip", [match.x], attributes, name=f"{label}_Clip")
+        else:
+            bounds = [eir.add_initializer(context.graph, np.array(value, dtype=match.bound_dtype), f"{label}_{key}")
+                      if math.isfinite(value) else None for key, value in (("min", match.low), ("max", match.high))]
+            new = ir.node("Clip", [match.x, *bounds], name=f"{label}_Clip")
+        eir.replace_nodes(context.graph, match.nodes, last.outputs[0], [new])
+        return f"rewritten as {new.op_type}"
