@@ -44,23 +44,42 @@ static int8_t finish(int32_t acc, int32_t multiplier, int32_t shift, int32_t zer
     return (int8_t)(out < lo ? lo : (out > hi ? hi : out));
 }
 
-/* The int32 accumulator of output (b, oy, ox, o): bias + sum over the window of (x - zp) * w. */
-static inline int32_t conv_accumulator(const eo_conv2d_params *p, const int8_t *in, int b, int oy, int ox, int o) {
+/* The taps of one output position that fall inside the input: rows ky0..ky1-1, columns kx0..kx1-1 of
+ * the kernel, whose input pixel is (y + ky * dilation_h, x + kx * dilation_w) of image b. Found once per
+ * position, not per output channel and tap. */
+typedef struct { long image; int y, x, ky0, ky1, kx0, kx1; } eo_window;
+
+static eo_window conv_window(const eo_conv2d_params *p, int b, int oy, int ox) {
+    eo_window win;
+    win.image = (long)b * p->h;
+    win.y = oy * p->stride_h - p->pad_top;
+    win.x = ox * p->stride_w - p->pad_left;
+    win.ky0 = 0;
+    while (win.ky0 < p->kernel_h && win.y + win.ky0 * p->dilation_h < 0) ++win.ky0;
+    win.ky1 = p->kernel_h;
+    while (win.ky1 > win.ky0 && win.y + (win.ky1 - 1) * p->dilation_h >= p->h) --win.ky1;
+    win.kx0 = 0;
+    while (win.kx0 < p->kernel_w && win.x + win.kx0 * p->dilation_w < 0) ++win.kx0;
+    win.kx1 = p->kernel_w;
+    while (win.kx1 > win.kx0 && win.x + (win.kx1 - 1) * p->dilation_w >= p->w) --win.kx1;
+    return win;
+}
+
+/* The int32 accumulator of output channel o at a position: bias + sum over the window of (x - zp) * w. */
+static inline int32_t conv_accumulator(const eo_conv2d_params *p, const int8_t *in, const eo_window *win, int o) {
     int group_channels = p->c / p->group;
     int first = (o / (p->out_c / p->group)) * group_channels;
+    int32_t zero_point = p->input_zero_point;
     int ky, kx, ic;
     int32_t acc = p->bias[o];
-    for (ky = 0; ky < p->kernel_h; ++ky) {
-        int y = oy * p->stride_h - p->pad_top + ky * p->dilation_h;
-        if (y < 0 || y >= p->h) continue;
-        for (kx = 0; kx < p->kernel_w; ++kx) {
-            int x = ox * p->stride_w - p->pad_left + kx * p->dilation_w;
-            const int8_t *src, *wt;
-            if (x < 0 || x >= p->w) continue;
-            src = in + (((long)b * p->h + y) * p->w + x) * p->c + first;
-            wt = p->weight + (((long)o * p->kernel_h + ky) * p->kernel_w + kx) * group_channels;
+    for (ky = win->ky0; ky < win->ky1; ++ky) {
+        const int8_t *row = in + (win->image + win->y + ky * p->dilation_h) * p->w * p->c + first;
+        const int8_t *wt = p->weight + ((long)o * p->kernel_h + ky) * p->kernel_w * group_channels;
+        for (kx = win->kx0; kx < win->kx1; ++kx) {
+            const int8_t *src = row + (long)(win->x + kx * p->dilation_w) * p->c;
+            const int8_t *tap = wt + (long)kx * group_channels;
             for (ic = 0; ic < group_channels; ++ic)
-                acc += ((int32_t)src[ic] - p->input_zero_point) * wt[ic];
+                acc += ((int32_t)src[ic] - zero_point) * tap[ic];
         }
     }
     return acc;
@@ -70,11 +89,13 @@ void eo_conv2d_s8(const eo_conv2d_params *p, const int8_t *in, int8_t *out) {
     int b, oy, ox, o;
     for (b = 0; b < p->n; ++b)
         for (oy = 0; oy < p->out_h; ++oy)
-            for (ox = 0; ox < p->out_w; ++ox)
+            for (ox = 0; ox < p->out_w; ++ox) {
+                eo_window win = conv_window(p, b, oy, ox);
+                int8_t *dst = out + (((long)b * p->out_h + oy) * p->out_w + ox) * p->out_c;
                 for (o = 0; o < p->out_c; ++o)
-                    out[(((long)b * p->out_h + oy) * p->out_w + ox) * p->out_c + o] =
-                        finish(conv_accumulator(p, in, b, oy, ox, o), p->multiplier[o], p->shift[o],
-                               p->output_zero_point, p->act_min, p->act_max);
+                    dst[o] = finish(conv_accumulator(p, in, &win, o), p->multiplier[o], p->shift[o],
+                                    p->output_zero_point, p->act_min, p->act_max);
+            }
 }
 
 void eo_fully_connected_s8(const eo_fully_connected_params *p, const int8_t *in, int8_t *out) {
@@ -118,13 +139,15 @@ void eo_conv2d_add_s8(const eo_conv2d_add_params *p, const int8_t *in, const int
     int b, oy, ox, o;
     for (b = 0; b < conv->n; ++b)
         for (oy = 0; oy < conv->out_h; ++oy)
-            for (ox = 0; ox < conv->out_w; ++ox)
+            for (ox = 0; ox < conv->out_w; ++ox) {
+                eo_window win = conv_window(conv, b, oy, ox);
                 for (o = 0; o < conv->out_c; ++o) {
                     long index = (((long)b * conv->out_h + oy) * conv->out_w + ox) * conv->out_c + o;
-                    int8_t t = finish(conv_accumulator(conv, in, b, oy, ox, o), conv->multiplier[o], conv->shift[o],
+                    int8_t t = finish(conv_accumulator(conv, in, &win, o), conv->multiplier[o], conv->shift[o],
                                       conv->output_zero_point, conv->act_min, conv->act_max);
                     out[index] = add_pair(&p->add, t, shortcut[index]);
                 }
+            }
 }
 
 void eo_mul_s8(const eo_mul_params *p, const int8_t *a, const int8_t *b, int8_t *out) {
