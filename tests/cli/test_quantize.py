@@ -596,7 +596,38 @@ def test_an_integer_output_is_scored_by_equal_values_not_by_the_argmax_of_its_in
     runs = [[ort.InferenceSession(str(p)).run(None, {"x": x})[0] for x in data] for p in (path, tmp_path / "q.onnx")]
     equal = float(np.mean(np.concatenate(runs[0]) == np.concatenate(runs[1])))
     assert report.fidelity.outputs[0].top1_agreement == pytest.approx(equal)
-    assert edgeopt.compare(path, tmp_path / "q.onnx", list(data)).outputs[0].top1_agreement == pytest.approx(equal)
+    compared = edgeopt.compare(path, tmp_path / "q.onnx", list(data))
+    assert compared.outputs[0].top1_agreement == pytest.approx(equal)
+    # class indices are no signal: no SQNR or cosine shown or exported for them
+    assert compared.outputs[0].integer and not compared.outputs[0].signal
+    assert compared.to_dict()["outputs"][0]["sqnr_db"] is None and compared.to_dict()["outputs"][0]["integer"]
+
+
+def test_the_sqnr_goal_ignores_an_integer_output_beside_the_scores(tmp_path, cli):
+    # scores and their ArgMax: --min-sqnr judged the class indices too (a few flipped indices read as a
+    # low SQNR), so the search returned layers to float for an output SQNR does not measure
+    from onnx import helper
+
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["scores"]),
+             helper.make_node("ArgMax", ["scores"], ["y"], axis=2, keepdims=0)]
+    graph = helper.make_graph(nodes, "argmax", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, 8])],
+                              [helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, [1, 16, 6]),
+                               helper.make_tensor_value_info("y", onnx.TensorProto.INT64, [1, 16])],
+                              [onnx.numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w")])
+    path = tmp_path / "argmax.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    data = rng.standard_normal((32, 1, 16, 8)).astype(np.float32)
+    report = edgeopt.quantize(path, edgeopt.Int8Config(), list(data), output=tmp_path / "q.onnx", check_speed=False,
+                              goal=edgeopt.AccuracyGoal(min_sqnr_db=25.0))
+    scores, indices = report.fidelity.outputs
+    assert scores.signal and not indices.signal and indices.top1_agreement < 1.0
+    assert report.search.met and report.search.best_excluded == ()  # the scores' SQNR alone meets 25 dB
+    np.save(tmp_path / "calib.npy", data[:8, 0])  # 8 samples of [16, 8]
+    result = cli("compare", path, tmp_path / "q.onnx", "--data", tmp_path / "calib.npy")
+    assert result.code == 0
+    row = next(line for line in result.stdout.splitlines() if line.startswith("│ y "))
+    assert row.split("│")[2].strip() == "-" and row.split("│")[3].strip() == "-"
 
 
 def test_a_float_node_reading_a_graph_input_reads_it_exactly(tmp_path):

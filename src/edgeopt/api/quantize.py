@@ -327,7 +327,7 @@ def _blocks_c(result: QuantResult) -> list:
 def _relu6_warning(result: QuantResult, fidelity: CompareResult) -> list[str]:
     """A warning when most of the int8 model's error is --equalize-relu6's change of the float model."""
     change = result.details.get("relu6_float_sqnr_db")
-    measured = [row.sqnr_db for row in fidelity.outputs if math.isfinite(row.sqnr_db)]
+    measured = [row.sqnr_db for row in fidelity.outputs if row.signal and math.isfinite(row.sqnr_db)]
     if change is None or not measured or change > min(measured) + RELU6_DOMINATES_DB:
         return []
     return [f"most of the int8 model's error is --equalize-relu6's change of the float model itself: its outputs "
@@ -351,10 +351,8 @@ def _low_fidelity(result: QuantResult, fidelity: CompareResult) -> list[str]:
     """A warning for each output whose SQNR against the float model is below LOW_FIDELITY_DB, with
     what to do about it (and the cause when edgeopt made one: ReLU6 turned into ReLU)."""
     warnings = []
-    integer = {value.name for value in result.model.graph.outputs
-               if (dtype := eir.numpy_dtype(value)) is not None and dtype.kind in "iub"}
     for row in fidelity.outputs:
-        if not row.sqnr_db < LOW_FIDELITY_DB or row.name in integer:  # NaN: told above; class indices: agreement
+        if not row.sqnr_db < LOW_FIDELITY_DB or not row.signal:  # NaN: told above; class indices: agreement
             continue
         text = (f"output {row.name}: SQNR {row.sqnr_db:.1f} dB against the float model on the calibration data "
                 f"(below {LOW_FIDELITY_DB:g} dB: the {result.scheme} model's outputs are far from the float "
@@ -436,7 +434,7 @@ def compare(float_model: ModelSource, quant_model: ModelSource, data, *, preproc
                                eir.model_inputs(quant_ir), "second model")
     result = compare_models(float_ir, quant_ir, source, progress=progress)
     for output in result.outputs:
-        if output.sqnr_db < 0:  # noise above the signal: no quantization of this model gives that
+        if output.signal and output.sqnr_db < 0:  # noise above the signal: no quantization of this model gives that
             logger.warning("output %s: SQNR %.1f dB, the second model's outputs are no closer to the first's than "
                            "zeros: is it a quantization of this float model (and a working one)?", output.name,
                            output.sqnr_db)

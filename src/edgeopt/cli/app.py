@@ -470,6 +470,9 @@ def _render_quantize(report: api.QuantizeReport) -> None:
         fidelity = report.fidelity
         counted = f"{fidelity.rows} calibration samples{in_batches(fidelity.rows, fidelity.samples)}"
         for out in fidelity.outputs:
+            if not out.signal:  # class indices: how many are equal, nothing else
+                summary.add_row(f"fidelity {out.name}", f"equal values {out.top1_agreement:.2%} (on {counted})")
+                continue
             top1 = f", top-1 agreement {out.top1_agreement:.2%}" if out.top1_agreement is not None else ""
             summary.add_row(f"fidelity {out.name}", f"SQNR {out.sqnr_db:.2f} dB, cosine {out.cosine:.5f}{top1} "
                                                     f"(on {counted})")

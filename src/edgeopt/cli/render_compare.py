@@ -32,7 +32,8 @@ def render_compare(result: CompareResult, *, limit: int | None = None, by_loss: 
                      ("top-1 agreement", "right")])
     for row in result.outputs:
         top1 = "-" if row.top1_agreement is None else f"{row.top1_agreement:.1%}"
-        outputs.add_row(row.name, _db(row.sqnr_db), _number(row.cosine, 5), f"{row.max_abs_error:.4g}", top1)
+        sqnr, cosine = (_db(row.sqnr_db), _number(row.cosine, 5)) if row.signal else ("-", "-")
+        outputs.add_row(row.name, sqnr, cosine, f"{row.max_abs_error:.4g}", top1)
     state.stdout.print(outputs)
     if not result.quantized_tensors:  # no Q/DQ (an fp16 model ...): output rows only, as warned
         return

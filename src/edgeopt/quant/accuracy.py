@@ -149,7 +149,8 @@ def _base_model(model: ir.Model) -> ir.Model:
 
 
 def _output_sqnr(comparison: CompareResult) -> float:
-    return min((o.sqnr_db for o in comparison.outputs), default=-math.inf)
+    """The worst SQNR of the outputs it measures (an ArgMax's class indices are not a signal)."""
+    return min((o.sqnr_db for o in comparison.outputs if o.signal), default=-math.inf)
 
 
 def _node_damage(result: QuantResult, comparison: CompareResult) -> list[tuple[float, ir.Node, str]]:

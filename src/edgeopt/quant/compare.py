@@ -122,18 +122,26 @@ class LayerComparison:
 @dataclass(frozen=True, kw_only=True)
 class OutputComparison:
     """Fidelity of one graph output; ``top1_agreement`` for class scores ``[N, C]`` (same top-1) and for
-    integer outputs such as an ArgMax's class indices (equal values), else None."""
+    integer outputs such as an ArgMax's class indices (equal values), else None. An ``integer`` output is
+    judged by that agreement alone: the SQNR and cosine of class indices mean nothing (None in JSON)."""
 
     name: str
     sqnr_db: float
     cosine: float
     max_abs_error: float
     top1_agreement: float | None
+    integer: bool = False
+
+    @property
+    def signal(self) -> bool:
+        """Whether SQNR and cosine measure this output (not for integer outputs)."""
+        return not self.integer
 
     def to_dict(self) -> dict:
         top1 = None if self.top1_agreement is None else json_number(self.top1_agreement)
-        return {"name": self.name, "sqnr_db": json_number(self.sqnr_db), "cosine": json_number(self.cosine),
-                "max_abs_error": json_number(self.max_abs_error), "top1_agreement": top1}
+        sqnr, cosine = (json_number(self.sqnr_db), json_number(self.cosine)) if self.signal else (None, None)
+        return {"name": self.name, "sqnr_db": sqnr, "cosine": cosine, "max_abs_error": json_number(self.max_abs_error),
+                "top1_agreement": top1, "integer": self.integer}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -350,7 +358,8 @@ class _Meters:
             fidelity, agreement = meter.result(), self.agreement.get(name)
             rows.append(OutputComparison(name=name, sqnr_db=fidelity.sqnr_db, cosine=fidelity.cosine,
                                          max_abs_error=fidelity.max_abs_error,
-                                         top1_agreement=agreement.result().value if agreement else None))
+                                         top1_agreement=agreement.result().value if agreement else None,
+                                         integer=isinstance(agreement, EqualityMeter)))
         return rows
 
 
