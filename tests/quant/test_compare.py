@@ -103,7 +103,7 @@ def test_to_dict_is_strict_json(result):
     data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert data["matched"] == result.matched
     assert data["layers"][0]["tensor"] == result.layers[0].tensor
-    assert set(data["outputs"][0]) == {"name", "sqnr_db", "cosine", "max_abs_error", "top1_agreement"}
+    assert set(data["outputs"][0]) == {"name", "sqnr_db", "cosine", "max_abs_error", "top1_agreement", "integer"}
 
 
 def test_a_model_compared_with_itself_is_exact(mobilenet):
