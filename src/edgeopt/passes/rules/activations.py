@@ -289,7 +289,8 @@ class ClampMinMaxRule(Rule):
         if match.low == 0.0 and match.high == math.inf:
             new = ir.node("Relu", [match.x], name=f"{label}_Relu")
         elif context.opset < 11:
-            attributes = {key: value for key, value in (("min", match.low), ("max", match.high)) if math.isfinite(value)}
+            attributes = {key: value for key, value in (("min", match.low), ("max", match.high))
+                          if math.isfinite(value)}
             new = ir.node("Clip", [match.x], attributes, name=f"{label}_Clip")
         else:
             bounds = [eir.add_initializer(context.graph, np.array(value, dtype=match.bound_dtype), f"{label}_{key}")
