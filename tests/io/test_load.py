@@ -253,6 +253,29 @@ def test_local_functions_are_inlined_so_their_layers_quantize(tmp_path):
     assert not result.float_nodes
 
 
+def test_a_function_written_for_an_older_opset_is_converted_as_it_is_inlined(tmp_path):
+    """A function body may import another opset than the model (onnxscript writes its own): ReduceMean
+    with an axes attribute (opset 13) inlined into an opset-18 graph, where axes is an input, was an
+    invalid model (ONNX Runtime itself refuses the file)."""
+    from onnx import TensorProto, helper
+
+    from edgeopt.runtime.ort import OrtSession
+
+    body = [helper.make_node("ReduceMean", ["a"], ["m"], axes=[-1], keepdims=1),
+            helper.make_node("Sub", ["a", "m"], ["b"])]
+    center = helper.make_function("local", "Center", ["a"], ["b"], body, [helper.make_opsetid("", 13)])
+    graph = helper.make_graph([helper.make_node("Center", ["x"], ["y"], domain="local", name="c1")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("local", 1)],
+                              functions=[center])
+    proto.ir_version = 10
+    onnx.save(proto, tmp_path / "center.onnx")
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    model = load_model(tmp_path / "center.onnx")
+    np.testing.assert_allclose(OrtSession(model).run({"x": x})["y"], x - x.mean(axis=-1, keepdims=True))
+
+
 def test_a_graph_with_a_cycle_is_refused_naming_its_nodes(tmp_path):
     """A cycle reached the fp16 conversion's topological sort, an internal error (exit 70) there."""
     from onnx import helper

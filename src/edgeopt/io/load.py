@@ -214,7 +214,7 @@ def _inline_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
         for node in function.node:
             node.name = node.name or f"{function.name}/{node.op_type}"
     try:
-        inlined = onnx.inliner.inline_local_functions(proto)
+        inlined = onnx.inliner.inline_local_functions(proto, convert_version=True)
     except Exception as error:
         raise ModelError(f"cannot inline the model's local functions ({', '.join(f.name for f in proto.functions)}): "
                          f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
