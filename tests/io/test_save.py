@@ -19,7 +19,16 @@ def _old_pair(tmp_path):
     return model, report
 
 
-def test_ctrl_c_between_the_renames_waits_until_both_files_are_new(tmp_path, monkeypatch):
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own SIGINT handler for the test: a process started in the background by a shell script
+    inherits SIGINT ignored, and then no KeyboardInterrupt comes at all."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_between_the_renames_waits_until_both_files_are_new(tmp_path, monkeypatch, ctrl_c_raises):
     # Ctrl-C the instant the model was renamed into place once left it next to the previous run's report
     model, report = _old_pair(tmp_path)
     real_replace = os.replace
