@@ -264,7 +264,7 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
     # SiLU = x * sigmoid(x) quantizes well as its two ops (integer Sigmoid and Mul kernels exist on
     # ONNX Runtime and the MCU); GELU's Erf chain loses too much precision between its small ops.
     if node.metadata_props.get(PATTERN_KEY, "silu") != "silu":
-        return f"part of a spelled-out {node.metadata_props[PATTERN_KEY]} activation (kept as one float op)"
+        return f"part of a spelled-out {node.metadata_props[PATTERN_KEY]} (kept as one float op)"
     if rules[node.op_type].role is OpRole.WEIGHTED:
         return _weighted_refusal(node)
     if node.op_type == "Resize" and node.attributes.get_string("mode", "nearest") == "cubic":

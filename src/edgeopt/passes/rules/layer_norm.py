@@ -11,7 +11,10 @@ gamma + beta`` over the trailing axes as::
 The reduced axes must be the trailing ones (``LayerNormalization`` normalizes
 ``x.shape[axis:]``), both ReduceMeans keep dims, and every intermediate has
 exactly the readers the formula gives it. gamma and beta are absorbed when
-they are constants that broadcast to the normalized shape.
+they are constants that broadcast to the normalized shape. Below opset 17 the
+nodes are annotated ``layer_norm`` instead (``metadata_props["edgeopt.pattern"]``),
+so the quantizer keeps the group float as one op, as it keeps a
+LayerNormalization (no integer kernel), and puts no Q/DQ pair between its steps.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.passes._matching import is_op, other_input, scalar, sole_consumer
 from edgeopt.passes._rules import Match, Rule, RuleContext
+from edgeopt.passes.rules.activations import PATTERN_KEY, annotate
 
 __all__ = ["LayerNormRule"]
 
@@ -50,6 +54,7 @@ class _LayerNormMatch(Match):
     epsilon: float = 1e-5
     scale: np.ndarray | None = None
     bias: np.ndarray | None = None
+    annotate_only: bool = False  # below opset 17: the group is marked, not fused
 
 
 def _trailing_axis(axes: list[int] | None, rank: int | None) -> int | str:
@@ -148,6 +153,8 @@ class LayerNormRule(Rule):
     anchor_ops = frozenset({"ReduceMean"})
 
     def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        if PATTERN_KEY in node.metadata_props:  # marked already (below opset 17)
+            return None
         sub = sole_consumer(node.outputs[0])
         x = node.inputs[0]
         if not is_op(sub, "Sub") or sub.inputs[0] is not x or sub.inputs[1] is not node.outputs[0]:
@@ -155,8 +162,7 @@ class LayerNormRule(Rule):
         return _LayerNormMatch(nodes=(node, sub), mean=node, sub=sub, x=x)
 
     def check(self, match: _LayerNormMatch, context: RuleContext) -> str | None:
-        if context.opset < LAYER_NORM_OPSET:
-            return f"LayerNormalization needs opset >= {LAYER_NORM_OPSET} (model has {context.opset})"
+        match.annotate_only = context.opset < LAYER_NORM_OPSET
         readers = _split_d_readers(match.sub.outputs[0])
         if isinstance(readers, str):
             return readers
@@ -175,6 +181,10 @@ class LayerNormRule(Rule):
         return None
 
     def rewrite(self, match: _LayerNormMatch, context: RuleContext) -> str:
+        if match.annotate_only:
+            annotate((match.mean, match.sub, *match.body), "layer_norm")
+            return (f"annotated as layer_norm (LayerNormalization needs opset >= {LAYER_NORM_OPSET}, "
+                    f"model has {context.opset})")
         graph = context.graph
         dtype = eir.numpy_dtype(match.x) or np.dtype(np.float32)
         name = eir.node_label(match.mean)
