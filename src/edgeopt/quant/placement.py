@@ -12,7 +12,7 @@ Rules, in order:
    tensors, it is not excluded (by node name or op type) or kept float, and
    its own preconditions hold (constant weight and bias, Gemm alpha = beta
    = 1, Resize not cubic ...). Nodes the float passes annotated as one
-   spelled-out activation (``edgeopt.pattern``: gelu) stay float
+   spelled-out activation or LayerNorm (``edgeopt.pattern``: gelu, layer_norm) stay float
    together: one activation, one output range.
 2. Relu/Clip (0 within the clamp) after a candidate Conv/ConvTranspose/Gemm/MatMul/Add/Mul that
    has it as its only consumer is fused: the producer's output gets no Q/DQ,
