@@ -179,3 +179,22 @@ def test_smoothquant_s_channel_maxima_are_measured_once_for_all_rounds(tmp_path)
     search, same_bytes, _ = _search_and_fresh(model, Int8Config(smoothquant_alpha=0.5), data,
                                               AccuracyGoal(min_sqnr_db=80.0, max_float_nodes=2))
     assert len(search.steps) >= 2 and search.calibration_passes == 1 and same_bytes
+
+
+def test_adaround_learns_each_layer_once_for_all_rounds(monkeypatch):
+    # each layer's rounding comes from its own samples and weight: the rounds after the first cut theirs
+    # from the first round's result (AdaRound ran every round, the search's slowest step)
+    import edgeopt.quant.int8 as int8
+
+    calls = []
+    real = int8.adaround_weights
+
+    def counted(model, samples, **options):
+        calls.append(sorted(samples))
+        return real(model, samples, **options)
+
+    monkeypatch.setattr(int8, "adaround_weights", counted)
+    search, same_bytes, fresh_notes = _search_and_fresh(_conv_classifier(), Int8Config(adaround=True),
+                                                        batches((1, 3, 8, 8), 16), AccuracyGoal(min_sqnr_db=200.0))
+    assert len(search.steps) >= 3 and same_bytes and search.result.notes == fresh_notes
+    assert len(calls) == 2  # the search's first round, and the fresh quantization it is compared with

@@ -12,16 +12,22 @@ saw is answered from that pass, and gets what a fresh pass would give, bytes
 included, without reading the data again. A round needing more (a node put
 back in int8 whose input was never observed) runs a fresh pass, which is
 kept in place of the last.
+
+AdaRound's learned rounding is kept too: each layer's is learned from its own
+samples and weight alone, so a round whose layers all had theirs learned
+before reads them from here (unless a weight is shared between layers, where
+which layer learns it depends on which others are there).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgeopt.quant.adaround import LayerInputSampler
+from edgeopt.quant.adaround import AdaRoundResult, LayerInputSampler
 from edgeopt.quant.calibrate import CalibrationResult
 from edgeopt.quant.channel_stats import ChannelMeanHook
 
@@ -38,9 +44,11 @@ class CalibrationMemo:
     sampler: LayerInputSampler | None = None
     channel_abs_max: dict[str, np.ndarray] | None = None  # SmoothQuant's, measured before calibration
     relu6_change_db: float | None = None  # --equalize-relu6's change of the float model
+    rounding: AdaRoundResult | None = None  # AdaRound's, for the layers in _rounded
     passes: int = 0
     reused: int = 0
     _tensors: frozenset[str] = field(default=frozenset(), repr=False)
+    _rounded: frozenset[str] = field(default=frozenset(), repr=False)
 
     def answer(self, tensors: Sequence[str], means: ChannelMeanHook | None,
                sampler: LayerInputSampler | None) -> CalibrationResult | None:
@@ -61,3 +69,19 @@ class CalibrationMemo:
         self.calibration, self.means, self.sampler = calibration, means, sampler
         self._tensors = frozenset(calibration.tensors)
         self.passes += 1
+
+    def learned_rounding(self, layers: frozenset[str]) -> AdaRoundResult | None:
+        """AdaRound's result for exactly ``layers``, cut from an earlier one that learned them all, or None."""
+        result = self.rounding
+        if result is None or not self._rounded >= layers or any("is shared with" in why for _, why in result.skipped):
+            return None
+        kept = tuple(layer for layer in result.layers if layer.node in layers)
+        names = {layer.weight for layer in kept}
+        return dataclasses.replace(result, layers=kept, skipped=tuple(s for s in result.skipped if s[0] in layers),
+                                   weights={n: w for n, w in result.weights.items() if n in names},
+                                   scales={n: v for n, v in result.scales.items() if n in names},
+                                   axes={n: a for n, a in result.axes.items() if n in names})
+
+    def keep_rounding(self, layers: frozenset[str], result: AdaRoundResult) -> None:
+        """Remember AdaRound's result for ``layers`` in place of the last."""
+        self.rounding, self._rounded = result, layers

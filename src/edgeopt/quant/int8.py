@@ -239,12 +239,16 @@ class _AccuracyHooks:
             memo.keep(calibration, self.means, self.sampler)
         return calibration
 
-    def apply(self, model: ir.Model) -> tuple[dict, list[str]]:
+    def apply(self, model: ir.Model, memo: CalibrationMemo | None = None) -> tuple[dict, list[str]]:
         notes, rounded, quantizer = [], {}, round_to_nearest(self.config.weight_granularity)
         if self.sampler is not None:
             samples = {name: rows for name, rows in self._samples_seen.result().items() if name in self.sampler.layers}
-            result = adaround_weights(model, samples, config=AdaRoundConfig(),
-                                      granularity=self.config.weight_granularity)
+            result = memo.learned_rounding(frozenset(samples)) if memo is not None else None
+            if result is None:
+                result = adaround_weights(model, samples, config=AdaRoundConfig(),
+                                          granularity=self.config.weight_granularity)
+                if memo is not None:
+                    memo.keep_rounding(frozenset(samples), result)
             rounded, quantizer = dict(result.weights), result.weight_quantizer()
             backend = backend_used(AdaRoundConfig().backend).value
             notes.append(f"AdaRound ({backend} backend; the torch and numpy backends round a few weights "
@@ -332,7 +336,7 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     extra = _AccuracyHooks(model, plan, config)
     calibration = extra.calibrate(model, data, list(dict.fromkeys([*plan.activations, *extra.tensors])), config,
                                   hooks, progress, memo)
-    rounded, extra_notes = extra.apply(model)
+    rounded, extra_notes = extra.apply(model, memo)
     notes.extend(extra_notes)
     if config.calibration is CalibrationMethod.AUTO:
         notes.append(_auto_note(calibration.methods(), plan.activations))
