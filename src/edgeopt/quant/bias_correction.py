@@ -233,6 +233,17 @@ def _correct_layer(graph: ir.Graph, node: ir.Node, mean: np.ndarray | None,
                           mean_shift=float(np.abs(shift).mean()))
 
 
+def _other_axis(node: ir.Node, axes: Mapping[str, int]) -> str | None:
+    """Why ``node`` cannot use its input's means: they average another axis (a Conv's channels on axis 1
+    and a MatMul's on the last axis of one tensor), else None."""
+    value, axis = node.inputs[0], _input_channel_axis(node)
+    gathered = axes.get(value.name, axis)
+    rank = len(value.shape) if value.shape is not None else None
+    if gathered == axis or (rank is not None and gathered % rank == axis % rank):
+        return None
+    return f"its input {value.name!r} is averaged on axis {gathered} for another layer, not on its axis {axis}"
+
+
 def correct_biases(model: ir.Model, input_means: Mapping[str, np.ndarray], *,
                    quantize_weight: WeightQuantizer | None = None,
                    layers: Collection[str] | None = None) -> BiasCorrectionReport:
@@ -248,8 +259,10 @@ def correct_biases(model: ir.Model, input_means: Mapping[str, np.ndarray], *,
     """
     quantize_weight = quantize_weight or round_to_nearest()
     corrected, skipped = [], []
+    axes = correction_inputs(model, layers)  # the axis each input's means were gathered on (its first reader's)
     for node in _corrected_layers(model, layers):
-        outcome = _correct_layer(model.graph, node, input_means.get(node.inputs[0].name), quantize_weight)
+        outcome = _other_axis(node, axes) or _correct_layer(model.graph, node, input_means.get(node.inputs[0].name),
+                                                            quantize_weight)
         if isinstance(outcome, str):
             skipped.append((eir.node_label(node), outcome))
         else:
