@@ -253,7 +253,15 @@ class _Search:
         return compare_models(self.base, quant_model, self.data, max_samples=FIDELITY_SAMPLES)
 
     def score(self, quant_model: ir.Model, comparison: CompareResult) -> float:
-        return self.evaluate(quant_model) if self.evaluate is not None else _output_sqnr(comparison)
+        if self.evaluate is not None:
+            return self.evaluate(quant_model)
+        if not any(output.signal for output in comparison.outputs):
+            # no round could meet the goal: every node would go back to float for nothing
+            names = ", ".join(output.name for output in comparison.outputs)
+            raise ConfigError(f"--min-sqnr measures float outputs, and every output of the model ({names}) is "
+                              "integer (class indices are judged by agreement, not SQNR): use --max-drop with "
+                              "--eval, or give the model its float scores as an output")
+        return _output_sqnr(comparison)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
