@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 from edgeopt.quant.accuracy import AccuracyGoal, accuracy_aware_quantize
@@ -179,3 +180,27 @@ def test_smoothquant_s_channel_maxima_are_measured_once_for_all_rounds(tmp_path)
     search, same_bytes, _ = _search_and_fresh(model, Int8Config(smoothquant_alpha=0.5), data,
                                               AccuracyGoal(min_sqnr_db=80.0, max_float_nodes=2))
     assert len(search.steps) >= 2 and search.calibration_passes == 1 and same_bytes
+
+
+def test_an_argmax_writing_class_indices_is_not_ranked_by_their_sqnr():
+    # scores = Relu(MatMul), y = ArgMax(scores): the ArgMax read the scores' DequantizeLinear, so it was a
+    # candidate "damaged" by the SQNR of the indices, though returning it to float changes nothing
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeopt.quant.accuracy import _node_damage
+    from edgeopt.quant.compare import compare_models
+    from edgeopt.quant.int8 import quantize_int8
+
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["s0"], name="mm"),
+             helper.make_node("Relu", ["s0"], ["scores"], name="relu"),
+             helper.make_node("ArgMax", ["scores"], ["y"], axis=2, keepdims=0, name="argmax")]
+    graph = helper.make_graph(nodes, "argmax", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8])],
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 16, 6]),
+                               helper.make_tensor_value_info("y", TensorProto.INT64, [1, 16])],
+                              [numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    data = [{"x": x} for x in rng.standard_normal((32, 1, 16, 8)).astype(np.float32)]
+    result = quantize_int8(model.clone(), Int8Config(), data)
+    comparison = compare_models(model, result.model, data)
+    assert [node.name for _, node, _ in _node_damage(result, comparison)] == ["mm"]

@@ -216,7 +216,8 @@ def _quantized_producers(quant_model: ir.Model, comparison: CompareResult) -> li
     values = {v.name: v for node in quant_model.graph for v in node.outputs}
     graph_outputs = {value.name: value for value in quant_model.graph.outputs}
     found = [(_producer(values.get(row.tensor)), row.sqnr_db) for row in comparison.layers]
-    found += [(_output_writer(graph_outputs.get(row.name)), row.sqnr_db) for row in comparison.outputs]
+    found += [(_output_writer(graph_outputs.get(row.name)), row.sqnr_db) for row in comparison.outputs
+              if row.signal]  # class indices: their "SQNR" is no node's damage (an ArgMax has no int8 error)
     return [(node, sqnr_db) for node, sqnr_db in found
             if node is not None and node.op_type not in ("QuantizeLinear", "DequantizeLinear")]
 
