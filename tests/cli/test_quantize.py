@@ -630,6 +630,25 @@ def test_the_sqnr_goal_ignores_an_integer_output_beside_the_scores(tmp_path, cli
     assert row.split("│")[2].strip() == "-" and row.split("│")[3].strip() == "-"
 
 
+def test_the_sqnr_goal_refuses_a_model_whose_outputs_are_all_integer(tmp_path, cli):
+    # ArgMax alone: with no output to measure, every round scored -inf and the search returned every
+    # node to float before giving up ("no quantized node left"), the goal not met
+    from onnx import helper
+
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["scores"]),
+             helper.make_node("ArgMax", ["scores"], ["y"], axis=2, keepdims=0)]
+    graph = helper.make_graph(nodes, "argmax", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.INT64, [1, 16])],
+                              [onnx.numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w")])
+    path = tmp_path / "argmax.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    np.save(tmp_path / "calib.npy", rng.standard_normal((8, 16, 8)).astype(np.float32))
+    result = cli("quantize", path, "-o", tmp_path / "q.onnx", "--data", tmp_path / "calib.npy", "--min-sqnr", "25")
+    assert_one_line_error(result, "every output of the model (y) is integer")
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def test_a_float_node_reading_a_graph_input_reads_it_exactly(tmp_path):
     # x feeds a MatMul (int8, so x gets a Q/DQ pair) and an Identity that is a graph output: the copy
     # read x_dequantized, so an output that only passes the input on came out rounded (40 dB)

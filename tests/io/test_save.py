@@ -61,3 +61,21 @@ def test_a_failure_before_the_renames_leaves_both_old_files(tmp_path, monkeypatc
         atomic_write_files([(model, b"new model"), (report, b"new report")])
     assert model.read_bytes() == b"old model" and report.read_bytes() == b"old report"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.report.json"]
+
+
+def test_a_model_too_large_for_protobuf_is_a_model_error_not_an_output_error(monkeypatch):
+    # model_to_bytes also serializes for ONNX Runtime (bench, the quantized size): no -o is involved,
+    # so no other -o path would help (exit 4 says one would)
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from edgeopt.errors import ModelError
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    monkeypatch.setattr(save, "_PROTOBUF_LIMIT_BYTES", 8)
+    with pytest.raises(ModelError, match="larger than 2 GB") as raised:
+        save.model_to_bytes(model)
+    assert not isinstance(raised.value, OutputError)

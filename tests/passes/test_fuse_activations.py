@@ -341,6 +341,41 @@ def test_min_max_that_are_not_one_clamp_are_not_merged():
     assert_same_outputs(shared, fused)
 
 
+def _run(model: ir.Model, feed: dict) -> np.ndarray:
+    from edgeopt.runtime.ort import OrtSession
+
+    return OrtSession(model, optimize=False).run(feed)["y"]
+
+
+@pytest.mark.parametrize("opset", [10, 17])
+@pytest.mark.parametrize("op_type", ["Min", "Max"])
+def test_a_one_sided_min_max_clamp_passes_inf_through_as_min_max_does(op_type, opset):
+    # Clip's omitted bound is the type's largest finite number: Max(x, -1.5) keeps an inf, a Clip with
+    # no max turns it into FLT_MAX
+    model = _minmax_graph([helper.make_node(op_type, ["x", "low"], ["y"], name="clamp")], opset=opset)
+    result = fuse_activations(model)
+    assert computing_ops(result.model) == ["Clip"]
+    x = np.resize(np.array([np.inf, -np.inf, np.nan, 0.0, -3.0, 3.0], np.float32), (2, 4, 5))
+    np.testing.assert_array_equal(_run(result.model, {"x": x}), _run(model, {"x": x}))
+
+
+def test_min_max_clamps_that_onnx_runtime_or_the_shapes_would_not_keep_are_left():
+    # a float64 clamp below opset 11 (ONNX Runtime has no float64 Clip-6); a bound of shape [1] on an
+    # operand of unknown rank (a scalar x gives Max(x, [c]) shape [1], Clip(x, c) shape [])
+    double = helper.make_graph([helper.make_node("Max", ["x", "low"], ["y"], name="max")], "g",
+                               [helper.make_tensor_value_info("x", 11, [2, 3])],
+                               [helper.make_tensor_value_info("y", 11, [2, 3])],
+                               [numpy_helper.from_array(np.array(-1.5), "low")])
+    model = ir.from_proto(helper.make_model(double, opset_imports=[helper.make_opsetid("", 10)], ir_version=8))
+    assert computing_ops(fuse_activations(model).model) == ["Max"]
+    unknown = helper.make_graph([helper.make_node("Max", ["x", "low"], ["y"], name="max")], "g",
+                                [helper.make_tensor_value_info("x", 1, None)],
+                                [helper.make_tensor_value_info("y", 1, None)],
+                                [numpy_helper.from_array(np.array([-1.5], np.float32), "low")])
+    model = ir.from_proto(helper.make_model(unknown, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    assert computing_ops(fuse_activations(model).model) == ["Max"]
+
+
 def test_a_conv_clamped_by_min_max_quantizes_with_the_clamp_as_its_output_range():
     from edgeopt.quant.api import quantize
     from edgeopt.quant.config import Int8Config, Target

@@ -166,6 +166,27 @@ def test_layers_that_cannot_be_corrected_are_reported():
         "Gemm(->y)": "no channel means for its input 'r'"}
 
 
+def test_a_tensor_read_on_two_channel_axes_corrects_each_layer_on_its_own_axis_or_not_at_all():
+    # x [1, 8, 4, 8] feeds a Conv (channels on axis 1) and a MatMul (channels on the last axis), both of
+    # 8: the means are gathered on one axis, and the other layer must not be corrected with them.
+    nodes = [helper.make_node("Conv", ["x", "wc", "bc"], ["c"]),
+             helper.make_node("MatMul", ["x", "wm"], ["m"]), helper.make_node("Add", ["m", "bm"], ["y"])]
+    model = make_model(nodes, [("x", [1, 8, 4, 8])], [("c", [1, 8, 4, 8]), ("y", [1, 8, 4, 5])],
+                       [random_weight("wc", (8, 8, 1, 1), 1), random_weight("bc", (8,), 2),
+                        random_weight("wm", (8, 5), 3), random_weight("bm", (5,), 4)])
+    rng = np.random.default_rng(0)
+    offsets = rng.standard_normal((1, 8, 1, 1)) + rng.standard_normal((1, 1, 1, 8))  # other means per axis
+    feeds = [{"x": (rng.standard_normal((1, 8, 4, 8)) + 2 * offsets).astype(np.float32)} for _ in range(8)]
+    quantize_weight = round_to_nearest(PerTensor())
+    corrected = model.clone()
+    report = correct_biases(corrected, _means(model, feeds), quantize_weight=quantize_weight)
+    quantized, reference = _weight_quantized(corrected, quantize_weight), _outputs(model, feeds, "y")
+    if "MatMul(->m)" not in dict(report.skipped):
+        after = _outputs(quantized, feeds, "y") - reference
+        np.testing.assert_allclose(after.mean(axis=(0, 1, 2)), 0.0, atol=2e-5)
+    assert "Conv(->c)" in {layer.node for layer in report.corrected}
+
+
 # --------------------------------------------------------------------------
 # a depthwise-separable network
 # --------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from edgeopt.errors import OutputError
+from edgeopt.errors import ModelError, OutputError
 
 __all__ = ["atomic_write_bytes", "atomic_write_files", "check_writable", "current_umask", "make_output_folder",
            "model_to_bytes", "save_model"]
@@ -130,7 +130,7 @@ def model_to_bytes(model: ir.Model, *, value_info: bool = True) -> bytes:
     if not value_info:
         del proto.graph.value_info[:]
     if proto.ByteSize() > _PROTOBUF_LIMIT_BYTES:
-        raise OutputError("model is larger than 2 GB: protobuf cannot hold it in one file")
+        raise ModelError("model is larger than 2 GB: protobuf cannot hold it in one file")
     return proto.SerializeToString(deterministic=True)
 
 

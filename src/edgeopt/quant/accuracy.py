@@ -216,7 +216,8 @@ def _quantized_producers(quant_model: ir.Model, comparison: CompareResult) -> li
     values = {v.name: v for node in quant_model.graph for v in node.outputs}
     graph_outputs = {value.name: value for value in quant_model.graph.outputs}
     found = [(_producer(values.get(row.tensor)), row.sqnr_db) for row in comparison.layers]
-    found += [(_output_writer(graph_outputs.get(row.name)), row.sqnr_db) for row in comparison.outputs]
+    found += [(_output_writer(graph_outputs.get(row.name)), row.sqnr_db) for row in comparison.outputs
+              if row.signal]  # class indices: their "SQNR" is no node's damage (an ArgMax has no int8 error)
     return [(node, sqnr_db) for node, sqnr_db in found
             if node is not None and node.op_type not in ("QuantizeLinear", "DequantizeLinear")]
 
@@ -253,7 +254,15 @@ class _Search:
         return compare_models(self.base, quant_model, self.data, max_samples=FIDELITY_SAMPLES)
 
     def score(self, quant_model: ir.Model, comparison: CompareResult) -> float:
-        return self.evaluate(quant_model) if self.evaluate is not None else _output_sqnr(comparison)
+        if self.evaluate is not None:
+            return self.evaluate(quant_model)
+        if not any(output.signal for output in comparison.outputs):
+            # no round could meet the goal: every node would go back to float for nothing
+            names = ", ".join(output.name for output in comparison.outputs)
+            raise ConfigError(f"--min-sqnr measures float outputs, and every output of the model ({names}) is "
+                              "integer (class indices are judged by agreement, not SQNR): use --max-drop with "
+                              "--eval, or give the model its float scores as an output")
+        return _output_sqnr(comparison)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started

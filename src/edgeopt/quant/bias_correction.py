@@ -233,13 +233,25 @@ def _correct_layer(graph: ir.Graph, node: ir.Node, mean: np.ndarray | None,
                           mean_shift=float(np.abs(shift).mean()))
 
 
+def _other_axis(node: ir.Node, axes: Mapping[str, int]) -> str | None:
+    """Why ``node`` cannot use its input's means: they average another axis (a Conv's channels on axis 1
+    and a MatMul's on the last axis of one tensor), else None."""
+    value, axis = node.inputs[0], _input_channel_axis(node)
+    gathered = axes.get(value.name, axis) if _float_weight(node) is not None else axis  # else: told why below
+    rank = len(value.shape) if value.shape is not None else None
+    if gathered == axis or (rank is not None and gathered % rank == axis % rank):
+        return None
+    return f"its input {value.name!r} is averaged on axis {gathered} for another layer, not on its axis {axis}"
+
+
 def correct_biases(model: ir.Model, input_means: Mapping[str, np.ndarray], *,
                    quantize_weight: WeightQuantizer | None = None,
                    layers: Collection[str] | None = None) -> BiasCorrectionReport:
     """Move each Conv/Gemm/MatMul bias by ``-(W~ - W) E[x]``, in place.
 
     ``input_means`` maps a layer's input tensor name to its per-channel mean
-    (:class:`ChannelMeanHook`); ``quantize_weight`` gives the dequantized
+    (:class:`ChannelMeanHook` of :func:`correction_inputs`: on the axis of the tensor's first
+    reader; a layer reading it on another axis is skipped); ``quantize_weight`` gives the dequantized
     weight the quantized model will use (default :func:`round_to_nearest`).
     ``layers`` names the nodes whose weights are quantized (None: every
     Conv/Gemm/MatMul); the others are left alone. The weights are not
@@ -248,8 +260,10 @@ def correct_biases(model: ir.Model, input_means: Mapping[str, np.ndarray], *,
     """
     quantize_weight = quantize_weight or round_to_nearest()
     corrected, skipped = [], []
+    axes = correction_inputs(model, layers)  # the axis each input's means were gathered on (its first reader's)
     for node in _corrected_layers(model, layers):
-        outcome = _correct_layer(model.graph, node, input_means.get(node.inputs[0].name), quantize_weight)
+        outcome = _other_axis(node, axes) or _correct_layer(model.graph, node, input_means.get(node.inputs[0].name),
+                                                            quantize_weight)
         if isinstance(outcome, str):
             skipped.append((eir.node_label(node), outcome))
         else:

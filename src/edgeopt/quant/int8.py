@@ -188,7 +188,7 @@ def _output_change_db(original: ir.Model, rewritten: ir.Model, data: Iterable[Ba
     from edgeopt.quant.compare import compare_models
 
     outputs = compare_models(original, rewritten, data, max_samples=_CHANGE_SAMPLES).outputs
-    return min((row.sqnr_db for row in outputs), default=float("inf"))
+    return min((row.sqnr_db for row in outputs if row.signal), default=float("inf"))  # class indices: no SQNR
 
 
 _SKIPS_SHOWN = 5

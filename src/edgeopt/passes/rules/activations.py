@@ -238,17 +238,18 @@ class _ClampMatch(Match):
     low: float = -math.inf
     high: float = math.inf
     bound_dtype: object = None
+    shaped_bound: bool = False  # a bound of shape [1], which makes a rank-0 x's output [1]
 
 
-def _constant_operand(node: ir.Node) -> tuple[ir.Value, float, object] | None:
-    """``(x, c, c's dtype)`` for a Min/Max of a tensor ``x`` and a one-element float constant ``c``."""
+def _constant_operand(node: ir.Node) -> tuple[ir.Value, float, object, int] | None:
+    """``(x, c, c's dtype, c's rank)`` for a Min/Max of a tensor ``x`` and a one-element float constant ``c``."""
     if len(node.inputs) != 2 or any(v is None for v in node.inputs):
         return None
     for x, constant in (node.inputs, reversed(node.inputs)):
         array = eir.constant_array(constant)
         if array is not None and array.size == 1 and array.ndim <= 1 and np.issubdtype(array.dtype, np.floating) \
                 and not eir.is_constant(x):
-            return x, float(array.reshape(())), array.dtype
+            return x, float(array.reshape(())), array.dtype, array.ndim
     return None
 
 
@@ -262,14 +263,14 @@ class ClampMinMaxRule(Rule):
         first = _constant_operand(node)
         if first is None or not math.isfinite(first[1]):
             return None
-        x, bound, dtype = first
-        match = _ClampMatch(nodes=(node,), x=x, bound_dtype=dtype)
+        x, bound, dtype, rank = first
+        match = _ClampMatch(nodes=(node,), x=x, bound_dtype=dtype, shaped_bound=rank > 0)
         match.low, match.high = (bound, math.inf) if node.op_type == "Max" else (-math.inf, bound)
         reader = sole_consumer(node.outputs[0])
         other = "Min" if node.op_type == "Max" else "Max"
         second = _constant_operand(reader) if is_op(reader, other) else None
         if second is not None and second[0] is node.outputs[0] and math.isfinite(second[1]) and second[2] == dtype:
-            match.nodes = (node, reader)
+            match.nodes, match.shaped_bound = (node, reader), match.shaped_bound or second[3] > 0
             if other == "Min":
                 match.high = second[1]
             else:
@@ -281,6 +282,12 @@ class ClampMinMaxRule(Rule):
             return f"the clamp's low bound {match.low:g} is above its high bound {match.high:g}"
         if match.x.shape is not None and len(match.x.shape) == 0:
             return "a scalar operand: the constant's shape decides the output's"
+        if match.x.shape is None and match.shaped_bound:
+            return "a bound of shape [1] and an operand of unknown rank: the output's rank may be the bound's"
+        relu = match.low == 0.0 and match.high == math.inf
+        if context.opset < 11 and not relu and np.dtype(match.bound_dtype) not in (np.float32, np.float16):
+            # ONNX Runtime implements Clip-6 for float32 and float16 alone
+            return f"a {np.dtype(match.bound_dtype).name} clamp: ONNX Runtime runs Clip-6 on float32 and float16 alone"
         return None
 
     def rewrite(self, match: _ClampMatch, context: RuleContext) -> str:
@@ -288,13 +295,13 @@ class ClampMinMaxRule(Rule):
         label = eir.node_label(last)
         if match.low == 0.0 and match.high == math.inf:
             new = ir.node("Relu", [match.x], name=f"{label}_Relu")
+        # both bounds given, an open one as inf: Clip's default bounds are the type's largest finite
+        # numbers, which would turn an inf that Min/Max pass through into FLT_MAX
         elif context.opset < 11:
-            attributes = {key: value for key, value in (("min", match.low), ("max", match.high))
-                          if math.isfinite(value)}
-            new = ir.node("Clip", [match.x], attributes, name=f"{label}_Clip")
+            new = ir.node("Clip", [match.x], {"min": match.low, "max": match.high}, name=f"{label}_Clip")
         else:
             bounds = [eir.add_initializer(context.graph, np.array(value, dtype=match.bound_dtype), f"{label}_{key}")
-                      if math.isfinite(value) else None for key, value in (("min", match.low), ("max", match.high))]
+                      for key, value in (("min", match.low), ("max", match.high))]
             new = ir.node("Clip", [match.x, *bounds], name=f"{label}_Clip")
         eir.replace_nodes(context.graph, match.nodes, last.outputs[0], [new])
         return f"rewritten as {new.op_type}"
