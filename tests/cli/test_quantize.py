@@ -576,21 +576,30 @@ def test_compare_checks_the_data_against_the_second_model_too(cli, tmp_path):
     assert_one_line_error(result, "s0.npy (for the second model): input 'input' wants shape 1x3x8x8 but got 1x3x6x10")
 
 
+def _argmax_model(path, rng, *, scores_output: bool = False):
+    """x [1, 16, 8] -> MatMul -> scores [1, 16, 6] -> ArgMax -> y int64 [1, 16] (and scores, if asked, as an
+    output too); the weight is the first draw of ``rng``."""
+    from onnx import helper
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["scores"]),
+             helper.make_node("ArgMax", ["scores"], ["y"], axis=2, keepdims=0)]
+    outputs = [helper.make_tensor_value_info("y", onnx.TensorProto.INT64, [1, 16])]
+    if scores_output:
+        outputs.insert(0, helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, [1, 16, 6]))
+    graph = helper.make_graph(nodes, "argmax", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, 8])],
+                              outputs,
+                              [onnx.numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
 def test_an_integer_output_is_scored_by_equal_values_not_by_the_argmax_of_its_indices(tmp_path):
     # y = ArgMax over channels per position, int64 [1, 16]: it was given a "top-1 agreement" of the argmax
     # of the class indices themselves (81 % where 97.5 % of the indices were equal)
-    from onnx import helper
-
     import onnxruntime as ort
 
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["scores"]),
-             helper.make_node("ArgMax", ["scores"], ["y"], axis=2, keepdims=0)]
-    graph = helper.make_graph(nodes, "argmax", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, 8])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.INT64, [1, 16])],
-                              [onnx.numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w")])
-    path = tmp_path / "argmax.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    path = _argmax_model(tmp_path / "argmax.onnx", rng)
     data = rng.standard_normal((32, 1, 16, 8)).astype(np.float32)
     report = edgeopt.quantize(path, edgeopt.Int8Config(), list(data), output=tmp_path / "q.onnx", check_speed=False)
     runs = [[ort.InferenceSession(str(p)).run(None, {"x": x})[0] for x in data] for p in (path, tmp_path / "q.onnx")]
@@ -606,17 +615,8 @@ def test_an_integer_output_is_scored_by_equal_values_not_by_the_argmax_of_its_in
 def test_the_sqnr_goal_ignores_an_integer_output_beside_the_scores(tmp_path, cli):
     # scores and their ArgMax: --min-sqnr judged the class indices too (a few flipped indices read as a
     # low SQNR), so the search returned layers to float for an output SQNR does not measure
-    from onnx import helper
-
     rng = np.random.default_rng(1)
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["scores"]),
-             helper.make_node("ArgMax", ["scores"], ["y"], axis=2, keepdims=0)]
-    graph = helper.make_graph(nodes, "argmax", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, 8])],
-                              [helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, [1, 16, 6]),
-                               helper.make_tensor_value_info("y", onnx.TensorProto.INT64, [1, 16])],
-                              [onnx.numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w")])
-    path = tmp_path / "argmax.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    path = _argmax_model(tmp_path / "argmax.onnx", rng, scores_output=True)
     data = rng.standard_normal((32, 1, 16, 8)).astype(np.float32)
     report = edgeopt.quantize(path, edgeopt.Int8Config(), list(data), output=tmp_path / "q.onnx", check_speed=False,
                               goal=edgeopt.AccuracyGoal(min_sqnr_db=25.0))
@@ -633,16 +633,8 @@ def test_the_sqnr_goal_ignores_an_integer_output_beside_the_scores(tmp_path, cli
 def test_the_sqnr_goal_refuses_a_model_whose_outputs_are_all_integer(tmp_path, cli):
     # ArgMax alone: with no output to measure, every round scored -inf and the search returned every
     # node to float before giving up ("no quantized node left"), the goal not met
-    from onnx import helper
-
     rng = np.random.default_rng(1)
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["scores"]),
-             helper.make_node("ArgMax", ["scores"], ["y"], axis=2, keepdims=0)]
-    graph = helper.make_graph(nodes, "argmax", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, 8])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.INT64, [1, 16])],
-                              [onnx.numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w")])
-    path = tmp_path / "argmax.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    path = _argmax_model(tmp_path / "argmax.onnx", rng)
     np.save(tmp_path / "calib.npy", rng.standard_normal((8, 16, 8)).astype(np.float32))
     result = cli("quantize", path, "-o", tmp_path / "q.onnx", "--data", tmp_path / "calib.npy", "--min-sqnr", "25")
     assert_one_line_error(result, "every output of the model (y) is integer")
