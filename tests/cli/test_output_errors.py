@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
+import edgeopt
 from edgeopt.demo import demo_model_path
 from edgeopt.errors import OutputError
 from tests.conftest import assert_one_line_error
+
+DIGITS = Path(edgeopt.__file__).parent / "assets" / "digits_calib.npy"
 
 
 @pytest.fixture
@@ -25,6 +29,7 @@ def workdir(tmp_path):
     (("compile", "demo.onnx", "-o", "taken"), "is a file: -o takes a folder"),
     (("compile", "demo.onnx", "-o", "taken/below"), "taken is a file"),
     (("demo", "-o", "taken"), "is a file: -o takes a folder"),
+    (("run", "demo.onnx", "-i", str(DIGITS), "-o", "taken/below"), "taken is a file"),
 ])
 def test_an_unwritable_output_is_exit_code_4_in_every_command(cli, workdir, monkeypatch, args, message):
     monkeypatch.chdir(workdir)

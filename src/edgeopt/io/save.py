@@ -51,7 +51,19 @@ def make_output_folder(path: str | os.PathLike, *, create: bool = True) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise OutputError(f"cannot create the output folder {folder}: {error.strerror or error}") from error
+    elif not folder.exists():
+        check_creatable(folder)
     return folder
+
+
+def check_creatable(folder: Path) -> None:
+    """Refuse, before any work, a new output folder whose nearest existing ancestor is a file or not
+    writable (it could not be created when the output is written)."""
+    ancestor = next(parent for parent in folder.absolute().parents if parent.exists())
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot create the output folder {folder}: {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create the output folder {folder}: {ancestor} is not writable")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -35,7 +34,7 @@ from edgeopt.codegen.c.schedule import Schedule, choose_schedule, reorder
 from edgeopt.devices import DeviceProfile, load_device
 from edgeopt.errors import CodegenError, ConfigError, DataError, OutputError
 from edgeopt.io import load_model, save_model
-from edgeopt.io.save import current_umask
+from edgeopt.io.save import check_creatable, current_umask
 from edgeopt.runtime.reference import ReferenceModel, lower
 from edgeopt.runtime.reference.fixed_point import ROUNDINGS
 from edgeopt.runtime.reference.program import Program
@@ -188,7 +187,7 @@ def check_output_folder(out_dir: Path, *, force: bool) -> None:
     if out_dir.is_symlink():
         raise OutputError(f"output {out_dir} is a symbolic link: give the folder it points to, or another -o")
     if not out_dir.exists():
-        _check_creatable(out_dir)
+        check_creatable(out_dir)
         return
     if not out_dir.is_dir():
         raise OutputError(f"output {out_dir} is a file: -o takes a folder (it is created if missing)")
@@ -213,15 +212,6 @@ def check_output_folder(out_dir: Path, *, force: bool) -> None:
         raise OutputError(f"output folder {out_dir} holds files edgeopt compile did not write (e.g. "
                            f"{foreign[0]}): --force replaces only what a compile wrote; move them or choose "
                            "another -o")
-
-
-def _check_creatable(out_dir: Path) -> None:
-    """Refuse a new output folder whose nearest existing ancestor is a file or not writable."""
-    ancestor = next(parent for parent in out_dir.absolute().parents if parent.exists())
-    if not ancestor.is_dir():
-        raise OutputError(f"cannot create the output folder {out_dir}: {ancestor} is a file")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot create the output folder {out_dir}: {ancestor} is not writable")
 
 
 def _written_by_compile(out_dir: Path) -> set[str]:
