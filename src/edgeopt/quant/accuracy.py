@@ -150,7 +150,8 @@ def _base_model(model: ir.Model) -> ir.Model:
 
 def _output_sqnr(comparison: CompareResult) -> float:
     """The worst SQNR of the outputs it measures (an ArgMax's class indices are not a signal)."""
-    return min((o.sqnr_db for o in comparison.outputs if o.signal), default=-math.inf)
+    worst = comparison.worst_output_sqnr()
+    return -math.inf if worst is None else worst
 
 
 def _node_damage(result: QuantResult, comparison: CompareResult) -> list[tuple[float, ir.Node, str]]:

@@ -54,6 +54,7 @@ __all__ = [
     "Backend",
     "LayerInputSampler",
     "RoundedLayer",
+    "SHARED_WEIGHT",
     "adaround_layer",
     "adaround_model",
     "adaround_weights",
@@ -288,12 +289,17 @@ def _round_layer(node: ir.Node, rows: np.ndarray, config: AdaRoundConfig,
     return _from_matrices(node, ints, weight), scale, axis, report
 
 
+#: How a layer whose weight an earlier layer rounded already is skipped (which one rounds it depends on
+#: which layers are there).
+SHARED_WEIGHT = "is shared with an earlier layer"
+
+
 def _refusal(node: ir.Node | None, rows: np.ndarray, done: Mapping[str, np.ndarray]) -> str | None:
     reason = _layer_refusal(node)
     if reason is not None:
         return reason
     if node.inputs[1].name in done:
-        return f"its weight {node.inputs[1].name!r} is shared with an earlier layer"
+        return f"its weight {node.inputs[1].name!r} {SHARED_WEIGHT}"
     width = _weight_matrices(node, eir.constant_array(node.inputs[1])).shape[2]
     if rows.shape[0] < width:
         return (f"{rows.shape[0]} input samples for {width} weights per output channel would overfit: "

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgeopt.quant.adaround import AdaRoundResult, LayerInputSampler
+from edgeopt.quant.adaround import SHARED_WEIGHT, AdaRoundResult, LayerInputSampler
 from edgeopt.quant.calibrate import CalibrationResult
 from edgeopt.quant.channel_stats import ChannelMeanHook
 
@@ -73,7 +73,7 @@ class CalibrationMemo:
     def learned_rounding(self, layers: frozenset[str]) -> AdaRoundResult | None:
         """AdaRound's result for exactly ``layers``, cut from an earlier one that learned them all, or None."""
         result = self.rounding
-        if result is None or not self._rounded >= layers or any("is shared with" in why for _, why in result.skipped):
+        if result is None or not self._rounded >= layers or any(SHARED_WEIGHT in why for _, why in result.skipped):
             return None
         kept = tuple(layer for layer in result.layers if layer.node in layers)
         names = {layer.weight for layer in kept}

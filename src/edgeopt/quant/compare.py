@@ -166,6 +166,10 @@ class CompareResult:
     def matched(self) -> int:
         return len(self.layers)
 
+    def worst_output_sqnr(self) -> float | None:
+        """The lowest SQNR of the outputs SQNR measures (not integer ones), None when there is none."""
+        return min((row.sqnr_db for row in self.outputs if row.signal), default=None)
+
     def by_loss(self) -> CompareResult:
         """The same rows, largest loss inside the node first (where the error arises; rows without a
         measured loss, such as graph inputs, last)."""

@@ -240,6 +240,10 @@ class _ClampMatch(Match):
     bound_dtype: object = None
     shaped_bound: bool = False  # a bound of shape [1], which makes a rank-0 x's output [1]
 
+    @property
+    def relu(self) -> bool:
+        return self.low == 0.0 and self.high == math.inf
+
 
 def _constant_operand(node: ir.Node) -> tuple[ir.Value, float, object, int] | None:
     """``(x, c, c's dtype, c's rank)`` for a Min/Max of a tensor ``x`` and a one-element float constant ``c``."""
@@ -284,8 +288,7 @@ class ClampMinMaxRule(Rule):
             return "a scalar operand: the constant's shape decides the output's"
         if match.x.shape is None and match.shaped_bound:
             return "a bound of shape [1] and an operand of unknown rank: the output's rank may be the bound's"
-        relu = match.low == 0.0 and match.high == math.inf
-        if context.opset < 11 and not relu and np.dtype(match.bound_dtype) not in (np.float32, np.float16):
+        if context.opset < 11 and not match.relu and np.dtype(match.bound_dtype) not in (np.float32, np.float16):
             # ONNX Runtime implements Clip-6 for float32 and float16 alone
             return f"a {np.dtype(match.bound_dtype).name} clamp: ONNX Runtime runs Clip-6 on float32 and float16 alone"
         return None
@@ -293,7 +296,7 @@ class ClampMinMaxRule(Rule):
     def rewrite(self, match: _ClampMatch, context: RuleContext) -> str:
         last = match.nodes[-1]
         label = eir.node_label(last)
-        if match.low == 0.0 and match.high == math.inf:
+        if match.relu:
             new = ir.node("Relu", [match.x], name=f"{label}_Relu")
         # both bounds given, an open one as inf: Clip's default bounds are the type's largest finite
         # numbers, which would turn an inf that Min/Max pass through into FLT_MAX
