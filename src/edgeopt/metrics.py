@@ -93,12 +93,12 @@ def _cosine_from_sums(dot: float, reference_energy: float, test_energy: float) -
     return max(-1.0, min(1.0, dot / math.sqrt(reference_energy * test_energy)))
 
 
-def _pair(name: str, reference: object, test: object) -> tuple[np.ndarray, np.ndarray]:
-    """Both arrays, refusing different shapes with the tensor's name."""
+def _pair(name: str, reference: object, test: object, what: str = "tensor") -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays, refusing different shapes with the tensor's (or output's) name."""
     reference_array, test_array = np.asarray(reference), np.asarray(test)
     if reference_array.shape != test_array.shape:
         raise DataError(f"{name}: reference shape {reference_array.shape} differs from test shape "
-                        f"{test_array.shape}: compare the same tensor of both models")
+                        f"{test_array.shape}: compare the same {what} of both models")
     return reference_array, test_array
 
 
@@ -217,10 +217,7 @@ class AgreementMeter:
         self._total = 0
 
     def update(self, reference: object, test: object) -> None:
-        reference_array, test_array = np.asarray(reference), np.asarray(test)
-        if reference_array.shape != test_array.shape:
-            raise DataError(f"{self.name}: reference shape {reference_array.shape} differs from test shape "
-                            f"{test_array.shape}: compare the same output of both models")
+        reference_array, test_array = _pair(self.name, reference, test, "output")
         same = _rows_argmax(self.name, reference_array) == _rows_argmax(self.name, test_array)
         self._matched += int(np.count_nonzero(same))
         self._total += same.size
@@ -234,10 +231,7 @@ class EqualityMeter(AgreementMeter):
     fraction of elements equal in reference and test."""
 
     def update(self, reference: object, test: object) -> None:
-        reference_array, test_array = np.asarray(reference), np.asarray(test)
-        if reference_array.shape != test_array.shape:
-            raise DataError(f"{self.name}: reference shape {reference_array.shape} differs from test shape "
-                            f"{test_array.shape}: compare the same output of both models")
+        reference_array, test_array = _pair(self.name, reference, test, "output")
         self._matched += int(np.count_nonzero(reference_array == test_array))
         self._total += reference_array.size
 
