@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -135,13 +135,20 @@ def _drop_shadowing_inputs(graph: onnx.GraphProto) -> None:
         graph.input.extend(kept)
 
 
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs ``node``'s attributes hold (If branches, Loop and Scan bodies)."""
+    for attribute in node.attribute:
+        if attribute.HasField("g"):
+            yield attribute.g
+        yield from attribute.graphs
+
+
 def _used_names(graph: onnx.GraphProto) -> set[str]:
     used = {name for node in graph.node for name in node.input}
     used.update(v.name for v in graph.output)
     for node in graph.node:
-        for attribute in node.attribute:
-            for subgraph in [attribute.g, *attribute.graphs]:
-                used.update(_used_names(subgraph))
+        for subgraph in _subgraphs(node):
+            used.update(_used_names(subgraph))
     return used
 
 
@@ -173,8 +180,8 @@ def _densify_constants(nodes: Iterable[onnx.NodeProto]) -> None:
                 tensor = _dense(attribute.sparse_tensor, node.output[0])
                 attribute.Clear()
                 attribute.CopyFrom(onnx.helper.make_attribute("value", tensor))
-            for subgraph in [attribute.g, *attribute.graphs]:
-                _densify_sparse(subgraph)
+        for subgraph in _subgraphs(node):
+            _densify_sparse(subgraph)
 
 
 def _densify_sparse(graph: onnx.GraphProto) -> None:
@@ -199,9 +206,8 @@ def _unique_node_names(graph: onnx.GraphProto) -> None:
             node.name = f"{node.name}_{suffix}"
             taken.add(node.name)
         seen.add(node.name)
-        for attribute in node.attribute:
-            for subgraph in [attribute.g, *attribute.graphs]:
-                _unique_node_names(subgraph)
+        for subgraph in _subgraphs(node):
+            _unique_node_names(subgraph)
 
 
 def _inline_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
