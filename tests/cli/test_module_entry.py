@@ -17,3 +17,30 @@ def test_python_dash_m_edgeopt_is_the_cli():
     missing = subprocess.run([sys.executable, "-m", "edgeopt", "inspect", "no-such-model.onnx"],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and missing.stderr.startswith("error: model file no-such-model.onnx not found")
+
+
+# A Ctrl-C that lands while the script imports the commands (ONNX, ONNX Runtime, numpy: a second or
+# more on a loaded machine), simulated by an import hook that raises it when edgeopt.cli.main loads.
+INTERRUPT_WHILE_IMPORTING = """
+import sys
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "edgeopt.cli.main":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+from edgeopt.cli import main
+main()
+"""
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line_and_exit_130():
+    done = subprocess.run([sys.executable, "-c", INTERRUPT_WHILE_IMPORTING, "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert (done.returncode, done.stderr, done.stdout) == (130, "error: interrupted\n", "")
+
+
+def test_importing_the_package_or_its_cli_loads_no_onnx_until_a_name_is_used():
+    probe = ("import sys, edgeopt, edgeopt.cli, edgeopt.errors; heavy = {'onnx', 'onnxruntime', 'numpy'}; "
+             "print(sorted(heavy & set(sys.modules))); edgeopt.Int8Config; print('onnx_ir' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split("\n")[:2] == ["[]", "True"], done.stderr
