@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from edgeopt.data import NpyFileSource, NpyFolderSource, open_data
+from edgeopt.data.npy import list_files
 from edgeopt.errors import DataError
 from tests.data.helpers import IMAGE, TOKENS, VECTOR, spec
 
@@ -255,3 +256,65 @@ def test_non_numeric_npy_dtypes_are_refused_in_words(tmp_path):
     np.save(tmp_path / "when.npy", np.array(["2026-11-22"] * 4, dtype="datetime64[s]").reshape(4, 1))
     with pytest.raises(DataError, match="not real numbers"):
         list(open_data(tmp_path / "when.npy", [spec("x", (1, 1))]))
+
+
+def test_names_equal_but_for_case_or_leading_zeros_sort_the_same_in_every_copy(tmp_path):
+    """s1, s01 and S1 have one natural key: left tied, they kept the order the file system listed
+    them in, which differs between copies of a folder (a tmpfs lists them as created), and so did
+    the calibration's bytes and the pairing of subfolder files."""
+    names = ["s1.npy", "s01.npy", "S1.npy", "s2.npy", "s10.npy"]
+    listed = []
+    for copy, order in (("a", names), ("b", names[::-1])):
+        (tmp_path / copy).mkdir()
+        for name in order:
+            np.save(tmp_path / copy / name, sample(names.index(name)))
+        listed.append([p.name for p in list_files(tmp_path / copy, (".npy",))])
+    assert listed[0] == listed[1] == ["S1.npy", "s01.npy", "s1.npy", "s2.npy", "s10.npy"]
+
+
+def test_stacked_whole_inputs_are_one_sample_each(tmp_path):
+    """np.stack of batch-1 samples gives [N, 1, ...]: N samples (it was refused as rank 5). It
+    streams by rows as [N, ...] does."""
+    np.save(tmp_path / "calib.npy", np.stack([sample(i) for i in range(2000)]))  # 2000 x 1x3x8x8, 6 MB
+    source = open_data(tmp_path / "calib.npy", [IMAGE])
+    tracemalloc.start()
+    values = [batch["input"][0, 0, 0, 0] for batch in source]
+    _, peak_bytes = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert values == list(range(2000)) and source.num_samples == 2000
+    assert peak_bytes < 256 * 1024, peak_bytes  # the file is 6 MB
+    assert next(iter(source))["input"].shape == (1, 3, 8, 8)
+
+
+def test_inputs_without_a_batch_axis_stack_on_a_new_one(tmp_path):
+    """An input [16, 32] (no batch axis): samples stacked as [N, 16, 32], as in memory."""
+    sequence = spec("x", (4, 2))
+    np.save(tmp_path / "x.npy", np.arange(24, dtype=np.float32).reshape(3, 4, 2))
+    batches = list(NpyFileSource(tmp_path / "x.npy", [sequence]))
+    assert [b["x"].shape for b in batches] == [(4, 2)] * 3 and batches[2]["x"][0, 0] == 16
+    in_memory = open_data({"x": np.zeros((5, 4, 2))}, [sequence])
+    assert len(in_memory) == 5 and [b["x"].shape for b in in_memory] == [(4, 2)] * 5
+
+
+def test_an_unreadable_file_or_folder_says_so(tmp_path, monkeypatch):
+    """Permissions are not a truncated file; a folder that cannot be listed was an internal error
+    (exit 70). (Tests may run as root, which reads anything: the refusals are simulated.)"""
+    np.save(tmp_path / "x.npy", sample(0))
+
+    def refuse(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    with pytest.raises(DataError, match=rf"^cannot list data folder {tmp_path} \(Permission denied\): "
+                                        r"check its permissions$"):
+        open_data(tmp_path, [IMAGE])
+    monkeypatch.undo()
+    monkeypatch.setattr("builtins.open", refuse)
+    with pytest.raises(DataError, match=r"cannot read .*x\.npy \(Permission denied\): check that it is a file "
+                                        r"you may read$"):
+        list(open_data(tmp_path / "x.npy", [IMAGE]))
+    monkeypatch.undo()
+    monkeypatch.setattr(Path, "stat", refuse)
+    with pytest.raises(DataError, match=r"cannot access data path .*x\.npy \(Permission denied\): check the "
+                                        r"permissions of it and of the folders above it"):
+        open_data(tmp_path / "x.npy", [IMAGE])

@@ -44,6 +44,17 @@ def test_other_files_and_objects_are_refused(tmp_path):
         open_data(3, [VECTOR])
 
 
+def test_arrays_only_in_subfolders_not_named_after_inputs_are_named(tmp_path):
+    """A folder of class subfolders (cat/, dog/) holding .npy files was said to hold no .npy files."""
+    for sub in ("cat", "dog", ".cache"):
+        (tmp_path / sub).mkdir()
+        np.save(tmp_path / sub / "0.npy", np.zeros((1, 4), np.float32))
+    with pytest.raises(DataError, match=rf"^data folder {tmp_path} holds .npy/.npz files only in subfolders "
+                                        r"\(cat/, dog/\), and none is named after a model input \(x\): point "
+                                        r"--data at the folder holding the files, or give one subfolder per input"):
+        open_data(tmp_path, [VECTOR])
+
+
 def test_dataset_from_arrays_yields_samples_in_lockstep():
     specs = [spec("a", (1, 2)), spec("b", ("n", 3), np.int64)]
     source = dataset_from_arrays({"a": np.arange(10.0).reshape(5, 2), "b": np.zeros((5, 3), np.int64)}, specs)

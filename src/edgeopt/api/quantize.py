@@ -110,9 +110,9 @@ def _check_output_outside_data(data, output: str | os.PathLike | None) -> None:
     """ConfigError when ``output`` would replace the --data file, or land in the --data folder under a
     name the next run would read as a sample (an .onnx or a report there is ignored)."""
     from edgeopt.data.images import IMAGE_SUFFIXES
-    from edgeopt.data.npy import DATA_SUFFIXES
+    from edgeopt.data.npy import DATA_SUFFIXES, path_exists
 
-    if output is None or not isinstance(data, (str, os.PathLike)) or not Path(data).exists():
+    if output is None or not isinstance(data, (str, os.PathLike)) or not path_exists(Path(data)):
         return
     source, target = Path(data).resolve(), Path(output).resolve()
     read_as_data = target.suffix.lower() in (*DATA_SUFFIXES, *IMAGE_SUFFIXES)

@@ -10,6 +10,8 @@ along axis 0. For an input of shape ``[B, *rest]`` an array is cut as:
 
 * ``[*rest]`` (one sample without the batch axis): one batch, axis added;
 * ``[N*B, *rest]``: N batches of B rows (B is 1 when the batch dim is dynamic);
+* ``[N, B, *rest]``: N whole inputs stacked on a new axis (``np.stack`` of
+  batch-1 samples, or samples of an input without a batch axis): N batches;
 * anything else: one batch as is, which ``check_feed`` then accepts or
   refuses with the expected shape.
 
@@ -87,7 +89,7 @@ class _Cut:
     count: int
     rows: int = 0
     add_axis: bool = False
-    element: bool = False  # a scalar input: each element of a 1-D array is a sample
+    element: bool = False  # each index on axis 0 is a whole input (a scalar input's vector, np.stack's inputs)
 
 
 def _plan_cut(spec: InputSpec | None, shape: tuple[int, ...]) -> _Cut:
@@ -98,6 +100,8 @@ def _plan_cut(spec: InputSpec | None, shape: tuple[int, ...]) -> _Cut:
     first, rest = spec.shape[0], spec.shape[1:]
     if dims_match(rest, shape):
         return _Cut(count=1, add_axis=True)
+    if dims_match(spec.shape, shape[1:]):
+        return _Cut(count=shape[0], element=True)
     rows = first if isinstance(first, int) else 1
     stackable = isinstance(first, int) or len(spec.shape) > 1
     if stackable and shape and rows > 0 and shape[0] % rows == 0 and dims_match(rest, shape[1:]):
@@ -106,8 +110,8 @@ def _plan_cut(spec: InputSpec | None, shape: tuple[int, ...]) -> _Cut:
 
 
 def _cut(array: np.ndarray, cut: _Cut, index: int) -> np.ndarray:
-    if cut.element:
-        return array[index]
+    if cut.element:  # sliced first: a file on disk reads that row alone
+        return array[index:index + 1][0]
     if cut.add_axis:
         return array[np.newaxis]
     if cut.rows == 0:

@@ -33,23 +33,41 @@ from edgeopt.data.base import DataSource, split_stacked, stacked_count
 from edgeopt.errors import DataError
 from edgeopt.ir.values import InputSpec
 
-__all__ = ["NpyFileSource", "NpyFolderSource", "check_path", "list_files", "natural_key", "read_arrays",
-           "read_error"]
+__all__ = ["NpyFileSource", "NpyFolderSource", "check_path", "list_files", "natural_key", "path_exists",
+           "read_arrays", "read_error"]
 
 DATA_SUFFIXES = (".npy", ".npz")
 _T = TypeVar("_T")
 _Reader = Callable[[Path, Sequence[InputSpec]], dict[str, _T]]  # read_arrays or _read_shapes
 
 
-def natural_key(name: str) -> list[int | str]:
-    """Sort key that orders embedded numbers by value: ``s2`` before ``s10``."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+def natural_key(name: str) -> tuple[list[int | str], str]:
+    """Sort key that orders embedded numbers by value: ``s2`` before ``s10``. Names that differ only
+    in case or leading zeros (``s1``, ``s01``, ``S1``) are then ordered by the name itself: left
+    tied, they kept the order the file system lists them in, which differs between copies of a folder
+    (a tmpfs lists files as created), and so would the calibration."""
+    parts = re.split(r"(\d+)", name)  # text at even positions, digit runs at odd ones
+    return [int(part) if index % 2 else part.lower() for index, part in enumerate(parts)], name
+
+
+def path_exists(path: Path) -> bool:
+    """``path.exists()``, or a DataError when the system will not tell (a folder on the way that
+    this user may not enter)."""
+    try:
+        return path.exists()
+    except OSError as error:
+        raise DataError(f"cannot access data path {path} ({error.strerror or error}): "
+                        "check the permissions of it and of the folders above it") from None
 
 
 def list_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
     """Visible files directly in ``folder`` with one of ``suffixes``, naturally sorted."""
-    files = [p for p in folder.iterdir()
-             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes]
+    try:
+        files = [p for p in folder.iterdir()
+                 if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes]
+    except OSError as error:
+        raise DataError(f"cannot list data folder {folder} ({error.strerror or error}): "
+                        "check its permissions") from None
     return sorted(files, key=lambda p: natural_key(p.name))
 
 
@@ -57,6 +75,8 @@ def read_error(path: Path, error: Exception) -> DataError:
     """The one-line error for a .npy/.npz file numpy could not read (another format, pickled objects,
     a truncated file)."""
     text = str(error)
+    if isinstance(error, OSError) and error.strerror:  # the system's refusal (permissions, a folder), not the format
+        return DataError(f"cannot read {path} ({error.strerror}): check that it is a file you may read")
     if "Python objects" in text or "Object arrays" in text:
         return DataError(f"{path} holds Python objects, which edgeopt never unpickles: "
                          "save plain numeric arrays (np.save with a float or int array)")
@@ -242,7 +262,7 @@ def _read_shapes(path: Path, specs: Sequence[InputSpec]) -> dict[str, tuple[int,
 
 def check_path(path: Path) -> None:
     """Refuse a data path that does not exist, with what to do."""
-    if not path.exists():
+    if not path_exists(path):
         raise DataError(f"data path {path} not found: check the --data path")
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from edgeopt.data.base import DataSource, IterableSource, dataset_from_arrays
 from edgeopt.data.callable import CallableSource, looks_like_callable
 from edgeopt.data.images import IMAGE_SUFFIXES, ImageFolderSource, ImagePreprocess
-from edgeopt.data.npy import DATA_SUFFIXES, NpyFileSource, NpyFolderSource, list_files
+from edgeopt.data.npy import DATA_SUFFIXES, NpyFileSource, NpyFolderSource, list_files, natural_key, path_exists
 from edgeopt.errors import ConfigError, DataError
 from edgeopt.ir.values import InputSpec
 
@@ -55,16 +55,32 @@ def _open_folder(folder: Path, specs: Sequence[InputSpec], preprocess: ImagePrep
         return NpyFolderSource(folder, specs)
     if _holds_images(folder):
         return ImageFolderSource(folder, specs, preprocess)
+    nested = _nested_array_folders(folder)
+    if nested:
+        inputs = ", ".join(spec.name for spec in specs)
+        shown = ", ".join(f"{sub}/" for sub in nested[:3]) + (", ..." if len(nested) > 3 else "")
+        raise DataError(f"data folder {folder} holds .npy/.npz files only in subfolders ({shown}), and none is "
+                        f"named after a model input ({inputs}): point --data at the folder holding the files, "
+                        "or give one subfolder per input, named after it")
     raise DataError(f"data folder {folder} holds no .npy, .npz or image files "
                     f"({', '.join(IMAGE_SUFFIXES)}): point --data at your samples")
+
+
+def _nested_array_folders(folder: Path) -> list[str]:
+    """The subfolders (relative, naturally sorted) below ``folder`` holding visible .npy/.npz files."""
+    found = {p.parent.relative_to(folder).as_posix() for p in folder.rglob("*")
+             if p.suffix.lower() in DATA_SUFFIXES and p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+    return sorted(found, key=natural_key)
 
 
 def _open_text(text: str | os.PathLike, specs: Sequence[InputSpec],
                preprocess: ImagePreprocess | None) -> DataSource:
     path = Path(text)
-    if not path.exists() and isinstance(text, str) and looks_like_callable(text):
+    exists = path_exists(path)
+    if not exists and isinstance(text, str) and looks_like_callable(text):
         return CallableSource(text, specs)
-    if not path.exists():
+    if not exists:
         raise DataError(f"data path {path} not found: pass a folder of .npy/.npz files or images, "
                         "a .npy/.npz file, or module:function")
     if path.is_dir():
