@@ -167,6 +167,24 @@ def test_too_few_samples_is_a_warning(cli, tmp_path):
     assert result.code == 0 and "only 2 calibration samples" in result.stderr
 
 
+def test_samples_stacked_with_np_stack_calibrate_as_concatenated(cli, tmp_path):
+    """np.stack of batch-1 samples is [N, 1, ...]: the same samples as [N, ...], the same bytes (it was
+    refused as rank 5); one sample is said as one."""
+    samples = np.load(demo_calibration_path())[:20]
+    np.save(tmp_path / "concatenated.npy", samples)
+    np.save(tmp_path / "stacked.npy", np.stack([sample[np.newaxis] for sample in samples]))
+    for name in ("concatenated", "stacked"):
+        result = cli("quantize", demo_model_path(), "--data", tmp_path / f"{name}.npy", "-o", tmp_path / f"{name}.onnx",
+                     "--no-speed-check")
+        assert result.code == 0 and "20 samples" in result.stdout, result.stderr
+    assert (tmp_path / "concatenated.onnx").read_bytes() == (tmp_path / "stacked.onnx").read_bytes()
+    np.save(tmp_path / "one.npy", samples[:1])
+    one = cli("quantize", demo_model_path(), "--data", tmp_path / "one.npy", "-o", tmp_path / "one.onnx",
+              "--no-speed-check")
+    assert one.code == 0 and "only 1 calibration sample:" in one.stderr
+    assert "1 sample " in one.stdout and "on 1 calibration sample)" in one.stdout, one.stdout
+
+
 @pytest.mark.parametrize("target", ["ort", "mcu"])
 def test_uint8_scheme_is_named_uint8_and_writes_uint8_activations(cli, tmp_path, target):
     out = tmp_path / "demo.uint8.onnx"

@@ -34,6 +34,9 @@ def wrong_items():
 def number():
     return 3
 
+def nothing():
+    data = [{"x": np.zeros((1, 4), np.float32)}]  # built, then not returned
+
 def bad_shape():
     yield {"x": np.zeros((2, 2), np.float32)}
 
@@ -109,7 +112,8 @@ def test_import_errors_are_one_line(module_file, target, message):
 @pytest.mark.parametrize(("function", "message"), [
     ("broken", r"the function raised \(RuntimeError: database is down\)"),
     ("wrong_items", r"item 0 is a str, not a dict of arrays"),
-    ("number", r"returned a int, not an iterable"),
+    ("number", r"returned int 3, not an iterable of .*: return a list or yield the batches"),
+    ("nothing", r"returned None, not an iterable of \{input_name: array\} dicts"),
     ("bad_shape", r"bad_shape item 0: input 'x' wants shape 1x4 but got 2x2"),
     # numpy's ValueError on a ragged list was an internal error (exit 70)
     ("ragged", r"ragged: input 'x' is a nested list whose rows differ in length"),

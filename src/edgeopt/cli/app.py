@@ -19,7 +19,7 @@ from edgeopt.api.model import read_input_file
 from edgeopt.api.quantize import report_path
 from edgeopt.bench import BenchConfig
 from edgeopt.cli import state
-from edgeopt.cli.render import bytes_text, count_text, in_batches, print_json, progress_bar, table
+from edgeopt.cli.render import bytes_text, count_of, count_text, in_batches, print_json, progress_bar, table
 from edgeopt.data import ImagePreprocess
 from edgeopt.errors import ConfigError, DataError
 from edgeopt.quant.accuracy import AccuracyGoal
@@ -180,8 +180,8 @@ def bench(
     threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads (default: ORT's).")] = None,
     runs: Annotated[int, typer.Option("--runs", help="Timed inferences per model.")] = 100,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed warm-up inferences per model.")] = 10,
-    data: Annotated[Optional[str], typer.Option("--data", help="Real inputs: folder of .npy/.npz, images, "
-                                                               "or module:function.")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Real inputs: a .npy/.npz file or a folder of them, a "
+                                                               "folder of images, or module:function.")] = None,
     preprocess: PreprocessOption = None,
     input_shape: InputShapeOption = None,
     json_output: JsonOption = False,
@@ -325,8 +325,9 @@ def _refuse_options_of_other_schemes(scheme: Scheme, target: TargetChoice, calib
 def quantize(
     model: Annotated[Path, typer.Argument(help="Float ONNX model.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Quantized ONNX model to write.")],
-    data: Annotated[Optional[str], typer.Option("--data", help="Calibration data: folder of .npy/.npz, images, "
-                                                               "or module:function (required for int8).")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Calibration data: a .npy/.npz file or a folder of "
+                                                               "them, a folder of images, or module:function "
+                                                               "(required for int8).")] = None,
     scheme: Annotated[Scheme, typer.Option("--scheme", help="int8 (activations by --target), uint8, fp16, bf16, "
                                                             "int4-weight.")] = Scheme.int8,
     target: Annotated[TargetChoice, typer.Option("--target", help="ort: u8 activations x s8 weights (ONNX Runtime "
@@ -464,11 +465,12 @@ def _render_quantize(report: api.QuantizeReport) -> None:
     summary.add_row("size", f"{bytes_text(report.float_bytes)} -> {bytes_text(report.quant_bytes)} "
                             f"({report.quant_bytes / report.float_bytes:.2f}x)")
     if report.calibration_samples:
-        summary.add_row("calibration", f"{report.calibration_samples} samples"
+        summary.add_row("calibration", f"{count_of(report.calibration_samples, 'sample', 'samples')}"
                                        f"{in_batches(report.calibration_samples, report.calibration_batches)}")
     if report.fidelity is not None:
         fidelity = report.fidelity
-        counted = f"{fidelity.rows} calibration samples{in_batches(fidelity.rows, fidelity.samples)}"
+        counted = (f"{count_of(fidelity.rows, 'calibration sample', 'calibration samples')}"
+                   f"{in_batches(fidelity.rows, fidelity.samples)}")
         for out in fidelity.outputs:
             if not out.signal:  # class indices: how many are equal, nothing else
                 summary.add_row(f"fidelity {out.name}", f"equal values {out.top1_agreement:.2%} (on {counted})")
@@ -490,8 +492,8 @@ def _render_quantize(report: api.QuantizeReport) -> None:
 def compare(
     float_model: Annotated[Path, typer.Argument(help="The float ONNX model.")],
     quant_model: Annotated[Path, typer.Argument(help="Its quantized (QDQ) version.")],
-    data: Annotated[str, typer.Option("--data", help="Inputs to compare on: folder of .npy/.npz, images, "
-                                                     "or module:function.")],
+    data: Annotated[str, typer.Option("--data", help="Inputs to compare on: a .npy/.npz file or a folder "
+                                                     "of them, a folder of images, or module:function.")],
     max_samples: Annotated[Optional[int], typer.Option(
         "--max-samples", min=1, help="Use at most N batches (samples, for data of batch 1).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Show only the N worst layers.")] = None,

@@ -106,7 +106,8 @@ def _render_compile(model: Path, report) -> None:
 @app.command("verify")
 def verify_command(
     folder: Annotated[Path, typer.Argument(help="Folder written by `edgeopt compile --target c`.")],
-    data: Annotated[str, typer.Option("--data", help="Inputs: folder of .npy/.npz, images, or module:function.")],
+    data: Annotated[str, typer.Option("--data", help="Inputs: a .npy/.npz file or a folder of them, a folder "
+                                                     "of images, or module:function.")],
     max_samples: Annotated[Optional[int], typer.Option("--max-samples", min=1, help="Use at most N samples.")] = None,
     preprocess: PreprocessOption = None,
     json_output: JsonOption = False,

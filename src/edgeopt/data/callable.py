@@ -117,8 +117,9 @@ class CallableSource(DataSource):
         elif isinstance(result, Iterable) and not isinstance(result, (str, bytes)):
             yield from self._items(result)
         else:
-            raise DataError(f"--data {self._spec_text} returned a {type(result).__name__}, "
-                            "not an iterable of {input_name: array} dicts")
+            what = "None" if result is None else f"{type(result).__name__} {repr(result)[:40]}"
+            raise DataError(f"--data {self._spec_text} returned {what}, not an iterable of {{input_name: array}} "
+                            "dicts: return a list or yield the batches")
 
     def _stacked(self, result: object) -> Mapping[str, object]:
         if isinstance(result, Mapping):

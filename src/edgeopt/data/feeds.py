@@ -71,7 +71,7 @@ def _check_names(specs: Sequence[InputSpec], feed: Mapping[str, object], where: 
     for name in feed:
         if name not in names:
             raise DataError(f"{where} has data for {name!r}, which is not a model input "
-                            f"(the model's inputs are: {_input_list(specs)}): rename it")
+                            f"(the model's inputs are: {_input_list(specs)}): rename or remove it")
     for spec in specs:
         if spec.name not in feed:
             raise DataError(f"{where} has no data for model input {spec.name!r} "
