@@ -42,6 +42,17 @@ def test_int32_data_cast_into_int64_input():
     assert out["ids"].dtype == np.int64
 
 
+def test_zero_one_integers_cast_into_a_bool_input():
+    """An attention mask saved as int64 for a model taking a bool mask was refused ('convert it')."""
+    mask = spec("mask", ("batch", "seq"), np.bool_)
+    out = check_feed([mask], {"mask": np.array([[1, 1, 0]], np.int64)}, where="t")
+    assert out["mask"].dtype == np.bool_ and out["mask"].tolist() == [[True, True, False]]
+    with pytest.raises(DataError, match=r"t: input 'mask' wants bool but the values span 0\.\.2: give booleans"):
+        check_feed([mask], {"mask": np.array([[1, 2, 0]], np.int64)}, where="t")
+    with pytest.raises(DataError, match=r"wants bool but the data is float32"):  # rounding floats is a guess
+        check_feed([mask], {"mask": np.ones((1, 3), np.float32)}, where="t")
+
+
 def test_unknown_input_name_lists_the_models_inputs():
     with pytest.raises(DataError, match=r"s\.npy has data for 'image', .*model's inputs are: input"):
         check_feed([IMAGE], {"image": np.zeros((1, 3, 8, 8), np.float32)}, where="s.npy")

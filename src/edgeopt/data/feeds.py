@@ -10,7 +10,8 @@ is unambiguous:
   integer data is warned about once per input and dtype: raw 0-255 pixels
   given to a model trained on normalized ones calibrate the wrong ranges);
 * integer data into an integer input when every value fits the target type;
-* booleans into any numeric input;
+* booleans into any numeric input, and 0/1 integers into a boolean one (an
+  attention mask saved as int64 for a model that takes it as bool);
 * float data into an integer input is refused: rounding would be a guess.
 
 The returned arrays are C-contiguous and of the input's dtype. Read-only
@@ -114,6 +115,15 @@ def _check_int_range(spec: InputSpec, array: np.ndarray, where: str) -> None:
                         f"{low}..{high}: bring them into {info.min}..{info.max}")
 
 
+def _check_zeros_and_ones(spec: InputSpec, array: np.ndarray, where: str) -> None:
+    if array.size == 0:
+        return
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high > 1:
+        raise DataError(f"{where}: input {spec.name!r} wants bool but the values span {low}..{high}: "
+                        "give booleans, or 0 and 1")
+
+
 def _check_cast(spec: InputSpec, array: np.ndarray, where: str) -> None:
     want, have = spec.dtype.kind, array.dtype.kind
     if array.dtype == spec.dtype:
@@ -128,6 +138,9 @@ def _check_cast(spec: InputSpec, array: np.ndarray, where: str) -> None:
         return
     if want in "iu" and have in "biu":
         _check_int_range(spec, array, where)
+        return
+    if want == "b" and have in "iu":
+        _check_zeros_and_ones(spec, array, where)
         return
     raise DataError(f"{where}: input {spec.name!r} wants {spec.dtype} but the data is {array.dtype}: "
                     f"convert it (array.astype(np.{spec.dtype})) if that is what you mean")
