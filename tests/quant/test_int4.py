@@ -609,3 +609,142 @@ def test_calibration_data_weighs_the_search_by_each_input_channels_mean_square(t
     weighted_db = sqnr_db(reference, OrtSession(result.model).run(held_out)["output"])
     plain_db = sqnr_db(reference, OrtSession(plain.model).run(held_out)["output"])
     assert weighted_db >= plain_db + 1.0, (weighted_db, plain_db)  # measured 20.3 vs 18.5 dB
+
+
+# --------------------------------------------------------------------------
+# what is worth quantizing, and what the report counts
+# --------------------------------------------------------------------------
+
+
+def test_a_layer_int4_would_make_bigger_stays_float_with_its_bytes(tmp_path):
+    """K = 3 (xyz coordinates in): one padded block of 32 per column takes more bytes than the float column."""
+    rng = np.random.default_rng(3)
+    w1 = (rng.standard_normal((3, 64)) * 0.5).astype(np.float32)
+    w2 = (rng.standard_normal((64, 8)) * 0.2).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["xyz", "w1"], ["h"], name="embed_xyz"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "coords", [helper.make_tensor_value_info("xyz", TensorProto.FLOAT, [16, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 8])],
+                              initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = save(graph, tmp_path / "coords.onnx")
+    result = quantize(model, Int4WeightConfig(), data=None)
+    kept = {node.node_name: node.reason for node in result.float_nodes}
+    assert list(kept) == ["embed_xyz"]
+    # 64 columns x (16 code bytes + 4 scale bytes + 1 zero-point byte) against 3 x 64 x 4 float bytes
+    assert "K = 3 is below the block size 32" in kept["embed_xyz"] and "1344 bytes" in kept["embed_xyz"]
+    assert "768 float32 bytes" in kept["embed_xyz"]
+    assert len(model_to_bytes(result.model)) < len(model_to_bytes(model))
+    assert result.details["weight_bytes_before"] == w2.nbytes
+
+
+def test_a_weight_holding_inf_stays_float_instead_of_writing_nan(tmp_path):
+    model = gemm_model(tmp_path, c_shape=(40,))
+    weight = model.graph.initializers["w"]
+    array = eir.constant_array(weight).copy()
+    array[5, 7] = np.inf
+    weight.const_value = ir.Tensor(array, name="w")
+    with pytest.raises(ModelError, match="gemm: its weight holds inf or NaN"):
+        quantize(model, Int4WeightConfig(), data=None)
+
+
+def test_a_weight_read_in_two_layouts_counts_its_float_bytes_once(tmp_path):
+    """MatMul(x, w) and Gemm(., w, transB=1) quantize w twice (two layouts); the file held it once."""
+    weight = (np.random.default_rng(4).standard_normal((64, 64)) * 0.2).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
+             helper.make_node("Gemm", ["a", "w"], ["y"], name="gemm_t", transB=1)]
+    graph = helper.make_graph(nodes, "two_layouts", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 64])],
+                              initializer=[numpy_helper.from_array(weight, "w")])
+    result = quantize(save(graph, tmp_path / "layouts.onnx"), Int4WeightConfig(), data=None)
+    assert op_types(result.model) == ["MatMulNBits", "MatMulNBits"]
+    assert result.details["weight_bytes_before"] == weight.nbytes
+    assert f"weights {weight.nbytes} -> " in result.notes[0]
+
+
+# --------------------------------------------------------------------------
+# control flow: MatMuls in If branches and Loop bodies
+# --------------------------------------------------------------------------
+
+
+def merged_decoder_model(tmp_path) -> ir.Model:
+    """Hugging Face optimum's merged decoder layout: If(use_cache) whose branches read main-graph weights
+    (then: x @ wq @ wo; else: Relu(x @ wo)), a Loop whose body holds its own weight, then a head."""
+    rng = np.random.default_rng(5)
+    wq, wo, wl, head = ((rng.standard_normal(shape) * 0.2).astype(np.float32)
+                        for shape in ((64, 64), (64, 64), (64, 64), (64, 10)))
+    value = helper.make_tensor_value_info
+    then_branch = helper.make_graph([helper.make_node("MatMul", ["x", "wq"], ["t"], name="then_q"),
+                                     helper.make_node("MatMul", ["t", "wo"], ["ty"], name="then_o")],
+                                    "then", [], [value("ty", TensorProto.FLOAT, [2, 64])])
+    else_branch = helper.make_graph([helper.make_node("MatMul", ["x", "wo"], ["e"], name="else_o"),
+                                     helper.make_node("Relu", ["e"], ["ey"])],
+                                    "else", [], [value("ey", TensorProto.FLOAT, [2, 64])])
+    body = helper.make_graph([helper.make_node("MatMul", ["state", "wl"], ["mm"], name="body_mm"),
+                              helper.make_node("Tanh", ["mm"], ["state_out"]),
+                              helper.make_node("Identity", ["cond"], ["cond_out"])],
+                             "body", [value("i", TensorProto.INT64, []), value("cond", TensorProto.BOOL, []),
+                                      value("state", TensorProto.FLOAT, [2, 64])],
+                             [value("cond_out", TensorProto.BOOL, []), value("state_out", TensorProto.FLOAT, [2, 64])],
+                             initializer=[numpy_helper.from_array(wl, "wl")])
+    nodes = [helper.make_node("If", ["use_cache"], ["h"], name="branch", then_branch=then_branch,
+                              else_branch=else_branch),
+             helper.make_node("Loop", ["trips", "", "h"], ["looped"], name="loop", body=body),
+             helper.make_node("MatMul", ["looped", "head"], ["y"], name="head")]
+    graph = helper.make_graph(
+        nodes, "merged", [value("x", TensorProto.FLOAT, [2, 64]), value("use_cache", TensorProto.BOOL, [])],
+        [value("y", TensorProto.FLOAT, [2, 10])],
+        initializer=[numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(wo, "wo"),
+                     numpy_helper.from_array(head, "head"), numpy_helper.from_array(np.array(2, np.int64), "trips")])
+    return save(graph, tmp_path / "merged.onnx")
+
+
+def dequantized_everywhere(model: ir.Model, config: Int4WeightConfig) -> ir.Model:
+    """A copy of ``model`` whose 2-D float weights, in the main graph and in subgraphs, hold their reference
+    dequantization."""
+    copy = ir.from_proto(ir.to_proto(model))
+    graphs = [copy.graph, *(attribute.value for node in copy.graph.all_nodes() for attribute in
+                            node.attributes.values() if attribute.type == ir.AttributeType.GRAPH)]
+    for value in [value for graph in graphs for value in graph.initializers.values()]:
+        array = eir.constant_array(value)
+        if array.dtype == np.float32 and array.ndim == 2:
+            restored = quantize_blocks(array, config.block_size, config.weight_format).dequantize()
+            value.const_value = ir.Tensor(restored, name=value.name)
+    return copy
+
+
+def test_matmuls_inside_if_branches_and_loop_bodies_are_quantized(tmp_path):
+    model = merged_decoder_model(tmp_path)
+    data = [{"x": np.random.default_rng(i).standard_normal((2, 64)).astype(np.float32),
+             "use_cache": np.array(bool(i % 2))} for i in range(4)]
+    result = quantize(model, Int4WeightConfig(), data=data)
+    quantized = result.model
+    assert not result.float_nodes
+    assert [n.op_type for n in quantized.graph.all_nodes() if n.op_type in ("MatMul", "MatMulNBits")] == \
+        ["MatMulNBits"] * 5  # then_q, then_o, else_o, body_mm, head
+    weights = [v.name for v in quantized.graph.initializers.values() if v.dtype == ir.DataType.FLOAT]
+    assert all(name.endswith("_scales") for name in weights), weights  # wo stored once, as int4
+    loop = next(node for node in quantized.graph if node.op_type == "Loop")
+    assert not loop.attributes["body"].value.initializers  # the body's weight went int4 into the main graph
+    assert any("4 of the quantized MatMul/Gemm are inside control-flow subgraphs" in note for note in result.notes)
+    assert any("except for 2 weight(s)" in note for note in result.notes)  # wo (then_o reads t), wl (the body)
+    assert len(model_to_bytes(quantized)) < len(model_to_bytes(model)) / 4
+    for batch in data:
+        assert OrtSession(quantized).run(batch)["y"].dtype == np.float32
+
+
+def test_int4_in_subgraphs_computes_the_reference(tmp_path):
+    model = merged_decoder_model(tmp_path)
+    config = Int4WeightConfig()
+    quantized = OrtSession(quantize(model, config, data=None).model)
+    reference = OrtSession(dequantized_everywhere(model, config))
+    for use_cache in (True, False):
+        feed = {"x": np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32),
+                "use_cache": np.array(use_cache)}
+        assert sqnr_db(reference.run(feed)["y"], quantized.run(feed)["y"]) >= MATCHES_REFERENCE_DB
+
+
+def test_exclude_names_a_node_inside_a_subgraph(tmp_path):
+    model = merged_decoder_model(tmp_path)
+    result = quantize(model, Int4WeightConfig(exclude=("else_o",)), data=None)
+    assert [(node.node_name, node.reason) for node in result.float_nodes] == [("else_o", "excluded by config")]
+    assert "wo" in result.model.graph.initializers  # else_o still reads it in float

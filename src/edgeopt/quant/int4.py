@@ -23,7 +23,14 @@ Lowering, per node:
   block_size = b)`` feeding the MatMul, when the model's opset is >= 21
   (blocked quantization); at a lower opset it stays float (no silent opset
   upgrade).
-* Everything else stays float and is listed with the reason.
+* Everything else stays float and is listed with the reason, among it a
+  weight holding inf or NaN (its block's scale would be inf), and one whose
+  K is so far below the block size that its padded blocks take no fewer
+  bytes than its float32 values (K <= 5 at b = 32).
+
+The MatMul/Gemm nodes of control-flow subgraphs (If branches, Loop and Scan
+bodies: a merged decoder holds its layers there) are quantized the same
+way; every new constant is stored in the main graph, which subgraphs read.
 
 First, unless ``float_passes`` is off, the float-exact passes fp16 runs
 (constant folding, dead-code elimination, BatchNorm/affine folding,
@@ -55,7 +62,7 @@ from edgeopt.quant.float16 import UniqueNames
 from edgeopt.quant.formats import INT4, UINT4, Format
 from edgeopt.quant.int4_blocks import BlockQuantizedWeight, encode_matmul_nbits, pack_nibbles, quantize_blocks
 from edgeopt.quant.int4_importance import input_channel_importance
-from edgeopt.quant.placement import check_exclude, vanished_excludes
+from edgeopt.quant.placement import NodeIndex, check_exclude, vanished_excludes
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 
 __all__ = [
@@ -182,15 +189,17 @@ def _read_constant(value: ir.Value | None) -> _ReadConstant | None:
                          axes=tuple(source.axes[axis] for axis in perm))
 
 
-def _drop_unread(graph: ir.Graph, value: ir.Value | None) -> None:
-    """Remove ``value`` once nothing reads it, with the Transpose/Identity chain that made it from a constant."""
+def _drop_unread(value: ir.Value | None) -> None:
+    """Remove ``value`` once nothing reads it, with the Transpose/Identity chain that made it from a constant
+    (each from the graph, main or subgraph, that holds it)."""
     while value is not None and not value.uses() and not value.is_graph_output():
         producer = value.producer()
         if not eir.is_op(producer, "Transpose", "Identity"):
-            eir.drop_if_unused(graph, value)
+            if value.graph is not None:
+                eir.drop_if_unused(value.graph, value)
             return
         value = producer.inputs[0]
-        graph.remove(producer, safe=True)
+        producer.graph.remove(producer, safe=True)
 
 
 def _match(node: ir.Node, config: Int4WeightConfig, opset: int) -> _Target | str:
@@ -203,7 +212,25 @@ def _match(node: ir.Node, config: Int4WeightConfig, opset: int) -> _Target | str
     target = _match_weight(node, source.value, source.array, opset)
     if isinstance(target, str):
         return target
+    if not np.isfinite(target.weight).all():  # one inf makes its block's scale inf: every value of it NaN
+        return "its weight holds inf or NaN, which no int4 block scale can represent"
+    k, n = target.weight.shape[-2:]
+    int4_bytes = _int4_bytes(target.weight.shape, config, target.lowering)
+    if int4_bytes >= target.weight.nbytes:
+        return (f"K = {k} is below the block size {config.block_size}: padded to whole blocks its int4 form takes "
+                f"{int4_bytes} bytes, no fewer than its {target.weight.nbytes} float32 bytes")
     return dataclasses.replace(target, weight_axis=source.axes[target.weight_axis])
+
+
+def _int4_bytes(shape: tuple[int, ...], config: Int4WeightConfig, lowering: _Lowering) -> int:
+    """Bytes of a ``[..., K, N]`` weight quantized in blocks along K: codes, scales and zero points."""
+    *batch, k, n = shape
+    matrices, blocks = int(np.prod(batch, dtype=np.int64)), -(-k // config.block_size)
+    zero_points = not config.weight_format.symmetric
+    if lowering is _Lowering.MATMUL_NBITS:  # K padded to whole blocks; zero points packed per column
+        return n * blocks * (config.block_size // 2 + 4) + zero_points * n * -(-blocks // 2)
+    codes, scales = matrices * k * n, matrices * blocks * n
+    return -(-codes // 2) + 4 * scales + zero_points * -(-scales // 2)
 
 
 def _match_weight(node: ir.Node, weight_value: ir.Value, weight: np.ndarray, opset: int) -> _Target | str:
@@ -258,7 +285,7 @@ def _float_passes(model: ir.Model, config: Int4WeightConfig) -> list[str]:
     """Check ``exclude`` against the given model, then run the float passes in place; notes."""
     from edgeopt.passes import default_passes
 
-    check_exclude([model], config.exclude)
+    check_exclude([_node_index(model)], config.exclude)
     if not config.float_passes:
         return []
     before = sum(1 for _ in model.graph)
@@ -268,7 +295,15 @@ def _float_passes(model: ir.Model, config: Int4WeightConfig) -> list[str]:
     after = sum(1 for _ in model.graph)
     notes = [f"float passes first (constant and BatchNorm folding, dead-code elimination): {before} -> {after} "
              "nodes" if modified else "float passes first: nothing to fold or remove"]
-    return notes + vanished_excludes(model, config.exclude)
+    index = _node_index(model)
+    return notes + vanished_excludes(model, [e for e in config.exclude if e not in index.names])
+
+
+def _node_index(model: ir.Model) -> NodeIndex:
+    """The names and op types ``exclude`` may name: of the subgraphs' nodes too, which int4 quantizes."""
+    nodes = list(model.graph.all_nodes())
+    return NodeIndex(names=tuple(node.name for node in nodes if node.name),
+                     op_types=frozenset(node.op_type for node in nodes))
 
 
 # ---------------------------------------------------------------------------
@@ -331,7 +366,8 @@ def _lower_matmul_nbits(graph: ir.Graph, names: UniqueNames, target: _Target, co
         add = ir.Node("", "Add", [result, addend], num_outputs=1, name=names(f"{node.name or 'gemm'}_add"))
         new_nodes.append(add)
         result = add.outputs[0]
-    ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]], [result])
+    # the node's own graph (a subgraph's MatMul is replaced there); the new constants are the main graph's
+    ir.convenience.replace_nodes_and_values(node.graph, node, [node], new_nodes, [node.outputs[0]], [result])
 
 
 def _dequantize_linear_constants(graph: ir.Graph, names: UniqueNames, base: str,
@@ -345,8 +381,8 @@ def _dequantize_linear_constants(graph: ir.Graph, names: UniqueNames, base: str,
     return _Encoded(values=values, nbytes=(quantized.q.size + 1) // 2 + quantized.scale.nbytes + zero_point_bytes)
 
 
-def _lower_dequantize_linear(graph: ir.Graph, names: UniqueNames, target: _Target,
-                             quantized: BlockQuantizedWeight, encoded: _Encoded) -> None:
+def _lower_dequantize_linear(names: UniqueNames, target: _Target, quantized: BlockQuantizedWeight,
+                             encoded: _Encoded) -> None:
     """Feed the MatMul from DequantizeLinear of the ``encoded`` INT4 weight."""
     node, base = target.node, target.weight_value.name
     inputs = [v for v in encoded.values if v is not None]
@@ -356,7 +392,7 @@ def _lower_dequantize_linear(graph: ir.Graph, names: UniqueNames, target: _Targe
     output = dequantize_node.outputs[0]
     output.name, output.type = names(f"{base}_dequantized"), ir.TensorType(ir.DataType.FLOAT)
     output.shape = ir.Shape(quantized.q.shape)
-    graph.insert_before(node, dequantize_node)
+    node.graph.insert_before(node, dequantize_node)
     node.replace_input_with(1, output)
 
 
@@ -371,10 +407,11 @@ def _by_weight(targets: Iterable[_Target]) -> dict[tuple, list[_Target]]:
 
 def _importance(model: ir.Model, targets: list[_Target], data: Iterable[Batch] | None,
                 progress: ProgressCallback | None) -> dict[str, np.ndarray]:
-    """Mean square of each target's input channels on ``data`` (empty without data)."""
+    """Mean square of each target's input channels on ``data`` (empty without data): of the inputs that
+    are main-graph values, which the calibration run observes (not a subgraph's own)."""
     if data is None or not targets:
         return {}
-    inputs = [target.node.inputs[0].name for target in targets]
+    inputs = [target.node.inputs[0].name for target in targets if target.node.inputs[0].graph is model.graph]
     return input_channel_importance(model, data, inputs, progress=progress)
 
 
@@ -419,6 +456,61 @@ def _still_float_note(graph: ir.Graph, weights: Iterable[ir.Value]) -> list[str]
             f"nodes read them ({', '.join(readers)}; e.g. {kept[0].name!r}): those bytes remain in the file"]
 
 
+@dataclasses.dataclass
+class _Lowered:
+    """What the rewrite did, for the notes and the report."""
+
+    tensors: list[TensorQuantInfo] = dataclasses.field(default_factory=list)
+    counts: Counter = dataclasses.field(default_factory=Counter)
+    encodings: dict[tuple, _Encoded] = dataclasses.field(default_factory=dict)
+    weights: dict[ir.Value, int] = dataclasses.field(default_factory=dict)  # float32 bytes of each weight read
+    heads: list[tuple[str, str, int]] = dataclasses.field(default_factory=list)
+    short: int = 0  # layers whose K is below the block size
+    unweighted: int = 0  # weights whose readers' inputs the calibration run did not observe
+
+
+def _find_targets(graph: ir.Graph, config: Int4WeightConfig, opset: int) -> tuple[list[_Target], list[FloatNode]]:
+    """The MatMul/Gemm nodes of ``graph`` and of its subgraphs (If branches, Loop and Scan bodies) to
+    quantize, and those left float with the reason."""
+    targets, float_nodes = [], []
+    for node in [n for n in graph.all_nodes() if eir.is_op(n, "MatMul", "Gemm")]:
+        target = _match(node, config, opset)
+        if isinstance(target, str):
+            float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, target))
+        else:
+            targets.append(target)
+    return targets, float_nodes
+
+
+def _lower_all(graph: ir.Graph, targets: list[_Target], config: Int4WeightConfig,
+               importance: Mapping[str, np.ndarray]) -> _Lowered:
+    """Quantize each distinct weight once and rewrite every node reading it; the new constants go to
+    the main graph, which the subgraphs' nodes read too."""
+    names, done = UniqueNames(graph), _Lowered()
+    for key, readers in _by_weight(targets).items():  # a weight read by several nodes (tied embeddings) is stored once
+        channels = _group_importance(readers, importance)
+        done.unweighted += bool(importance) and channels is None
+        quantized = quantize_blocks(readers[0].weight, config.block_size, config.weight_format, importance=channels)
+        encode = (_matmul_nbits_constants if key[0] is _Lowering.MATMUL_NBITS else _dequantize_linear_constants)
+        done.encodings[key] = encode(graph, names, readers[0].weight_value.name, quantized)
+        for target in readers:
+            node = target.node
+            if node.graph is graph and node.outputs[0].is_graph_output():  # the head (a classifier, an LM head)
+                done.heads.append((node.name or node.op_type, node.outputs[0].name, target.weight.nbytes))
+            done.short += target.weight.shape[-2] < config.block_size  # K of the [..., K, N] weight
+            read = [v for v in node.inputs[1:] if v is not None]  # the weight (maybe via a Transpose), C
+            if target.lowering is _Lowering.MATMUL_NBITS:
+                _lower_matmul_nbits(graph, names, target, config, done.encodings[key])
+            else:
+                _lower_dequantize_linear(names, target, quantized, done.encodings[key])
+            for value in read:  # the old weight, and a Gemm's bias moved into MatMulNBits' bias input
+                _drop_unread(value)
+            done.counts[target.lowering] += 1
+            done.tensors.append(_tensor_info(target, quantized, weighted=channels is not None))
+            done.weights[target.weight_value] = target.weight.nbytes
+    return done
+
+
 @register_scheme(Int4WeightConfig)
 def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batch] | None = None, *,
                   progress: ProgressCallback | None = None) -> QuantResult:
@@ -426,70 +518,60 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
     given, weighs each block's clipping search by the layer's input channels (:mod:`.int4_importance`)."""
     passes = _float_passes(model, config)
     graph, opset = model.graph, eir.default_opset(model)
-    names = UniqueNames(graph)
-    targets, float_nodes = [], []
-    for node in [n for n in graph if eir.is_op(n, "MatMul", "Gemm")]:
-        target = _match(node, config, opset)
-        if isinstance(target, str):
-            float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, target))
-        else:
-            targets.append(target)
-    groups = _by_weight(targets)  # a weight read by several nodes (tied embeddings) is stored once
-    importance = _importance(model, targets, data, progress)
-    tensors, lowered, encodings = [], Counter(), {}
-    short, weights, heads = 0, {}, []
-    for key, readers in groups.items():
-        quantized = quantize_blocks(readers[0].weight, config.block_size, config.weight_format,
-                                    importance=_group_importance(readers, importance))
-        encode = (_matmul_nbits_constants if key[0] is _Lowering.MATMUL_NBITS else _dequantize_linear_constants)
-        encodings[key] = encode(graph, names, readers[0].weight_value.name, quantized)
-        for target in readers:
-            node = target.node
-            if node.outputs[0].is_graph_output():  # the head (a classifier, an LM head) writes the output
-                heads.append((node.name or node.op_type, node.outputs[0].name, target.weight.size * 4))
-            short += target.weight.shape[-2] < config.block_size  # K of the [..., K, N] weight
-            read = [v for v in node.inputs[1:] if v is not None]  # the weight (maybe via a Transpose), C
-            if target.lowering is _Lowering.MATMUL_NBITS:
-                _lower_matmul_nbits(graph, names, target, config, encodings[key])
-            else:
-                _lower_dequantize_linear(graph, names, target, quantized, encodings[key])
-            for value in read:  # the old weight, and a Gemm's bias moved into MatMulNBits' bias input
-                _drop_unread(graph, value)
-            lowered[target.lowering] += 1
-            tensors.append(_tensor_info(target, quantized, weighted=bool(importance)))
-            weights[target.weight_value] = None
-    bytes_before = sum(int(np.prod(shape)) * 4 for _, shape, _ in encodings)
-    bytes_after = sum(encoded.nbytes for encoded in encodings.values())
-    if not tensors:
+    targets, float_nodes = _find_targets(graph, config, opset)
+    if not targets:
         reasons = "; ".join(f"{f.node_name}: {f.reason}" for f in float_nodes[:3]) or "the model has none"
         raise ModelError(f"no MatMul/Gemm weight to quantize ({reasons}): int4-weight quantizes the constant "
                          "weights of MatMul/Gemm only; use int8 or fp16 for this model")
-    if lowered[_Lowering.MATMUL_NBITS]:
+    inside = sum(1 for target in targets if target.node.graph is not graph)  # before the rewrite removes them
+    done = _lower_all(graph, targets, config, _importance(model, targets, data, progress))
+    if done.counts[_Lowering.MATMUL_NBITS]:
         model.opset_imports.setdefault(_MS_DOMAIN, 1)
-    fmt = config.weight_format
-    notes = [
+    bytes_before = sum(done.weights.values())  # each float32 weight once, however many nodes read it
+    bytes_after = sum(encoded.nbytes for encoded in done.encodings.values())
+    notes = [*_summary_notes(config, done, bytes_before, bytes_after, weighted=data is not None),
+             *_subgraph_note(inside), *passes, *_kept_note(float_nodes), *_still_float_note(graph, done.weights),
+             *_head_and_block_notes(config, done)]
+    logger.info("int4: %s", notes[0])
+    details = {"matmul_nbits": done.counts[_Lowering.MATMUL_NBITS],
+               "dequantize_linear": done.counts[_Lowering.DEQUANTIZE_LINEAR],
+               "weight_bytes_before": bytes_before, "weight_bytes_after": bytes_after}
+    return QuantResult(model=model, scheme="int4", tensors=tuple(done.tensors), float_nodes=tuple(float_nodes),
+                       notes=tuple(notes), config=config, details=details)
+
+
+def _summary_notes(config: Int4WeightConfig, done: _Lowered, bytes_before: int, bytes_after: int, *,
+                   weighted: bool) -> list[str]:
+    fmt, counts = config.weight_format, done.counts
+    if not weighted:
+        search = " (--data would weigh it by each layer's input channels)"
+    elif done.unweighted:
+        search = (f", weighted by each layer's input channels on the calibration data, except for {done.unweighted} "
+                  "weight(s) whose readers' inputs the calibration run does not observe (inside subgraphs)")
+    else:
+        search = ", weighted by each layer's input channels on the calibration data"
+    return [
         f"int4 weight-only ({fmt.name}, {'symmetric' if fmt.symmetric else 'asymmetric with zero points'}, "
-        f"blocks of {config.block_size} along K): {lowered[_Lowering.MATMUL_NBITS]} MatMul/Gemm -> "
-        f"MatMulNBits (ONNX Runtime com.microsoft), {lowered[_Lowering.DEQUANTIZE_LINEAR]} -> "
+        f"blocks of {config.block_size} along K): {counts[_Lowering.MATMUL_NBITS]} MatMul/Gemm -> "
+        f"MatMulNBits (ONNX Runtime com.microsoft), {counts[_Lowering.DEQUANTIZE_LINEAR]} -> "
         f"DequantizeLinear + MatMul; weights {bytes_before} -> {bytes_after} bytes with scales",
-        "block scales: clipping searched per block for the least weight error" + (
-            ", weighted by each layer's input channels on the calibration data" if importance else
-            " (--data would weigh it by each layer's input channels)"),
+        "block scales: clipping searched per block for the least weight error" + search,
         "activations and compute stay float32" + (
             "" if config.accuracy_level is None
             else f"; MatMulNBits accuracy_level={int(config.accuracy_level)} ({config.accuracy_level.name})"),
-        *passes,
-        *_kept_note(float_nodes),
-        *_still_float_note(graph, weights),
+    ]
+
+
+def _subgraph_note(inside: int) -> list[str]:
+    return [f"{inside} of the quantized MatMul/Gemm are inside control-flow subgraphs (If branches, Loop/Scan "
+            "bodies); their int4 weights are stored in the main graph, which the subgraphs read"] if inside else []
+
+
+def _head_and_block_notes(config: Int4WeightConfig, done: _Lowered) -> list[str]:
+    return [
         *[f"{name} writes the model output {output!r} with int4 weights: the last layer is often where int4 costs "
           f"the most accuracy; --exclude {name} keeps it float ({nbytes:,} bytes of float32 weights)"
-          for name, output, nbytes in heads],
-        *([f"{short} layer(s) have K below the block size {config.block_size}: each of their columns is one "
-           "block padded to full size, so a smaller --block-size stores them in fewer bytes"] if short else []),
+          for name, output, nbytes in done.heads],
+        *([f"{done.short} layer(s) have K below the block size {config.block_size}: each of their columns is one "
+           "block padded to full size, so a smaller --block-size stores them in fewer bytes"] if done.short else []),
     ]
-    logger.info("int4: %s", notes[0])
-    details = {"matmul_nbits": lowered[_Lowering.MATMUL_NBITS],
-               "dequantize_linear": lowered[_Lowering.DEQUANTIZE_LINEAR],
-               "weight_bytes_before": bytes_before, "weight_bytes_after": bytes_after}
-    return QuantResult(model=model, scheme="int4", tensors=tuple(tensors), float_nodes=tuple(float_nodes),
-                       notes=tuple(notes), config=config, details=details)
