@@ -145,3 +145,14 @@ def test_folder_without_images_or_arrays(tmp_path):
     (tmp_path / "notes.txt").write_text("")
     with pytest.raises(DataError, match=r"holds no .npy, .npz or image files"):
         open_data(tmp_path, [IMAGE])
+
+
+def test_images_of_more_than_8_bits_are_refused_not_clipped(tmp_path):
+    """Pillow's conversion of a 16-bit PNG to 8 bits clips every value above 255: a depth map or an
+    X-ray calibrated as mostly white, silently. It is named, with what to do."""
+    from PIL import Image
+
+    Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).save(tmp_path / "depth.png")
+    with pytest.raises(DataError, match=r"depth\.png has I;16 pixels \(more than 8 bits\): the image preprocessing "
+                                        r"reads 8-bit images; scale and save the samples as .npy instead$"):
+        list(open_data(tmp_path, [IMAGE]))

@@ -4,7 +4,8 @@ For each image (png, jpg, jpeg, bmp, webp; the folder is searched
 recursively, hidden files and folders skipped, paths sorted naturally):
 
 1. decode with Pillow and convert to ``L`` (1 channel) or ``RGB`` (3), as the
-   model input wants;
+   model input wants (8-bit images: a 16-bit or float one is refused, as
+   Pillow's conversion clips it at 255);
 2. resize to ``size = (H, W)`` with bilinear filtering (default: the input's
    static height and width; a dynamic one keeps each image's own, so a model
    with dynamic image dims calibrates on the images as they are);
@@ -225,10 +226,16 @@ def _plan(spec: InputSpec, preprocess: ImagePreprocess) -> _Plan:
                  std=_per_channel("std", preprocess.std, channels))
 
 
+_WIDE_MODES = ("I", "F")  # 32-bit integer and float pixels; 16-bit ones are I;16, I;16B ...
+
+
 def _decode(path: Path, plan: _Plan) -> np.ndarray:
     """The image as ``H x W x C`` uint8 pixels at the planned size."""
     try:
         with Image.open(path) as image:
+            if image.mode in _WIDE_MODES or image.mode.startswith("I;16"):  # Pillow's convert clips them at 255
+                raise DataError(f"image {path} has {image.mode} pixels (more than 8 bits): the image "
+                                "preprocessing reads 8-bit images; scale and save the samples as .npy instead")
             converted = image.convert("L" if plan.channels == 1 else "RGB")
             target = (plan.width or converted.size[0], plan.height or converted.size[1])
             if converted.size != target:
