@@ -110,6 +110,17 @@ def test_mismatched_subfolder_counts_are_refused(tmp_path):
         NpyFolderSource(tmp_path, PAIR)
 
 
+def test_an_npz_in_an_input_subfolder_without_that_input_says_what_it_holds(tmp_path):
+    """It said 'holds 1 arrays (foo): ... must hold one array' of a file holding one array."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    np.savez(tmp_path / "a" / "0.npz", foo=np.zeros((1, 2), np.float32))
+    np.save(tmp_path / "b" / "0.npy", np.zeros((1, 3), np.int64))
+    with pytest.raises(DataError, match=r"0\.npz holds 1 array \(foo\), none named 'a': a file in subfolder a/ holds "
+                                        r"that input's array \(a \.npy, or an \.npz member named 'a'\)$"):
+        list(open_data(tmp_path, PAIR))
+
+
 def test_missing_subfolder_is_named(tmp_path):
     (tmp_path / "a").mkdir()
     np.save(tmp_path / "a" / "0.npy", np.zeros((1, 2)))

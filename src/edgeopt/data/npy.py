@@ -311,8 +311,10 @@ def _single(path: Path, spec: InputSpec, read: _Reader[_T]) -> _T:
     """The one array (or shape) of a file in an input's subfolder."""
     keyed = read(path, [spec])
     if spec.name not in keyed:
-        raise DataError(f"{path} holds {len(keyed)} arrays ({', '.join(keyed)}): "
-                        f"a file in subfolder {spec.name}/ must hold one array")
+        arrays = "1 array" if len(keyed) == 1 else f"{len(keyed)} arrays"
+        raise DataError(f"{path} holds {arrays} ({', '.join(keyed)}), none named {spec.name!r}: a file in "
+                        f"subfolder {spec.name}/ holds that input's array (a .npy, or an .npz member named "
+                        f"{spec.name!r})")
     return keyed[spec.name]
 
 
