@@ -65,6 +65,16 @@ def test_dataset_from_arrays_yields_samples_in_lockstep():
         dataset_from_arrays({"a": np.zeros((5, 2)), "b": np.zeros((4, 3), np.int64)}, specs)
 
 
+def test_a_list_of_samples_of_different_shapes_under_one_name_says_how_to_give_them():
+    """{"input": [a, b]} with images of two sizes: the way to give them is a list of batches."""
+    dynamic = spec("input", ("n", 3, "h", "w"))
+    samples = [np.zeros((1, 3, 8, 8), np.float32), np.zeros((1, 3, 9, 9), np.float32)]
+    with pytest.raises(DataError, match=r"arrays: input 'input' is a nested list whose rows differ in length, .*or "
+                                        r"samples of different shapes as a list of \{input_name: array\} batches"):
+        open_data({"input": samples}, [dynamic])
+    assert [b["input"].shape[2] for b in open_data([{"input": a} for a in samples], [dynamic])] == [8, 9]
+
+
 def test_dataset_from_arrays_does_not_alias_the_callers_data():
     data = np.zeros((3, 4), np.float32)
     batch = next(iter(dataset_from_arrays({"x": data}, [VECTOR])))

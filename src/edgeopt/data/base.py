@@ -153,7 +153,8 @@ def _shape(value: object, name: str, where: str) -> tuple[int, ...]:
         return tuple(np.shape(value))
     except ValueError as error:  # numpy: "setting an array element with a sequence ... inhomogeneous shape"
         raise DataError(f"{where}: input '{name}' is a nested list whose rows differ in length, not an array: "
-                        "give an array (or lists of equal lengths)") from error
+                        "give an array (or lists of equal lengths), or samples of different shapes as a list of "
+                        "{input_name: array} batches, one per sample") from error
 
 
 def _read_only(array: object, name: str) -> np.ndarray:
