@@ -565,3 +565,58 @@ def test_an_output_listed_twice_keeps_its_name_and_dtype_in_both_places(config):
     outputs = quantize(model, config).model.graph.outputs
     assert [value.name for value in outputs] == ["y", "y"] and outputs[0] is outputs[1]
     assert outputs[0].dtype == ir.DataType.FLOAT
+
+
+# --------------------------------------------------------------------------
+# control flow: weights read inside If branches and Loop bodies
+# --------------------------------------------------------------------------
+
+
+def control_flow_model() -> ir.Model:
+    """If(flag) whose branches read main-graph weights (then: x @ wa, else: x @ wb), as a merged decoder's
+    layers do, then a Loop (2 trips) whose body reads its own weight wl."""
+    rng = np.random.default_rng(7)
+    wa, wb, wl = ((rng.standard_normal((32, 32)) * 0.2).astype(np.float32) for _ in range(3))
+    value = helper.make_tensor_value_info
+    branch = {name: helper.make_graph([helper.make_node("MatMul", ["x", weight], [f"{name}_y"], name=f"{name}_mm")],
+                                      name, [], [value(f"{name}_y", TensorProto.FLOAT, [2, 32])])
+              for name, weight in (("then", "wa"), ("else", "wb"))}
+    body = helper.make_graph([helper.make_node("MatMul", ["state", "wl"], ["mm"], name="body_mm"),
+                              helper.make_node("Tanh", ["mm"], ["state_out"]),
+                              helper.make_node("Identity", ["cond"], ["cond_out"])],
+                             "body", [value("i", TensorProto.INT64, []), value("cond", TensorProto.BOOL, []),
+                                      value("state", TensorProto.FLOAT, [2, 32])],
+                             [value("cond_out", TensorProto.BOOL, []), value("state_out", TensorProto.FLOAT, [2, 32])],
+                             initializer=[numpy_helper.from_array(wl, "wl")])
+    nodes = [helper.make_node("If", ["flag"], ["h"], name="branch", then_branch=branch["then"],
+                              else_branch=branch["else"]),
+             helper.make_node("Loop", ["trips", "", "h"], ["y"], name="loop", body=body)]
+    graph = helper.make_graph(nodes, "control_flow", [value("x", TensorProto.FLOAT, [2, 32]),
+                                                      value("flag", TensorProto.BOOL, [])],
+                              [value("y", TensorProto.FLOAT, [2, 32])],
+                              [numpy_helper.from_array(wa, "wa"), numpy_helper.from_array(wb, "wb"),
+                               numpy_helper.from_array(np.array(2, np.int64), "trips")])
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_bf16_stores_the_weights_subgraphs_read_low_too():
+    model = control_flow_model()
+    result = quantize(model, Bf16Config(), data=None)
+    assert {t.name for t in result.tensors} == {"wa", "wb", "wl"}
+    assert result.details["weight_bytes_after"] * 2 == result.details["weight_bytes_before"] == 3 * 32 * 32 * 4
+    check_types(result.model)
+    for flag in (True, False):
+        feed = {"x": np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32), "flag": np.array(flag)}
+        assert sqnr_db(OrtSession(model).run(feed)["y"], OrtSession(result.model).run(feed)["y"]) >= BF16_MIN_SQNR_DB
+
+
+def test_fp16_says_weights_read_inside_subgraphs_stay_float32_for_control_flow(caplog):
+    with caplog.at_level("WARNING", logger="edgeopt"):
+        result = quantize(control_flow_model(), Fp16Config(), data=None)
+    assert {(node.node_name, node.reason) for node in result.float_nodes} == {
+        ("branch", "control flow: its subgraphs are kept float32"),
+        ("loop", "control flow: its subgraphs are kept float32")}
+    warnings = [r.message for r in caplog.records if "converted only" in r.message]
+    # it said "mostly because: no node reads them"
+    assert warnings and "0 of 12288 float32 weight bytes" in warnings[0]
+    assert "control flow: its subgraphs are kept float32 (12288 bytes)" in warnings[0], warnings

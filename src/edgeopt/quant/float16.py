@@ -57,8 +57,10 @@ from edgeopt.quant.float16_plan import (
     HalfPrecisionPlan,
     all_float_values,
     float_values,
+    graphs_within,
     is_constant,
     plan_half_precision,
+    subgraphs_of,
 )
 from edgeopt.quant.float16_ranges import FLOAT16_MAX, check_fp16_ranges
 from edgeopt.quant.formats import BFLOAT16, FLOAT16, Format
@@ -144,8 +146,9 @@ def to_float16(array: np.ndarray) -> HalfArray:
 
 
 def _all_values(graph: ir.Graph) -> Iterable[ir.Value]:
-    yield from graph.inputs
-    yield from graph.initializers.values()
+    for each in graphs_within(graph):
+        yield from each.inputs
+        yield from each.initializers.values()
     for node in graph.all_nodes():
         yield from node.outputs
 
@@ -283,10 +286,22 @@ def _kept_note(float_nodes: Iterable[FloatNode]) -> str | None:
     return "kept in float32: " + "; ".join(parts)
 
 
+def _float32_constants(graph: ir.Graph) -> list[ir.Value]:
+    """The float32 constants of ``graph`` and of its subgraphs."""
+    return [value for each in graphs_within(graph) for value in all_float_values(each) if is_constant(value)]
+
+
 def _float32_weight_bytes(graph: ir.Graph, *, min_size: int = 1) -> int:
-    """Bytes of the float32 constants of at least ``min_size`` elements (what a conversion could halve)."""
-    arrays = (eir.constant_array(v) for v in all_float_values(graph) if is_constant(v))
+    """Bytes of the float32 constants of at least ``min_size`` elements (what a conversion could halve),
+    subgraphs' included."""
+    arrays = (eir.constant_array(v) for v in _float32_constants(graph))
     return sum(array.nbytes for array in arrays if array.size >= min_size)
+
+
+def _read_by(node: ir.Node) -> list[ir.Value]:
+    """The float32 values ``node`` reads: its inputs, and what the nodes of its subgraphs read."""
+    inner = (value for graph in subgraphs_of(node) for each in graph.all_nodes() for value in each.inputs)
+    return float_values([*node.inputs, *inner])
 
 
 _MOSTLY_CONVERTED = 0.5  # below this share of the weight bytes converted, the result is not what was asked for
@@ -300,7 +315,7 @@ def _warn_mostly_float32(scheme: str, weight_bytes: int, log: _WeightLog,
     held: Counter[str] = Counter()
     counted: set[ir.Value] = set()
     for node, reason in kept:
-        for value in float_values(node.inputs):
+        for value in _read_by(node):  # an If or a Loop holds the weights its subgraphs read
             if is_constant(value) and value not in counted:
                 counted.add(value)
                 held[reason] += eir.constant_array(value).nbytes
@@ -433,15 +448,16 @@ def quantize_bf16(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | N
                                weights_only=True)
     log = _WeightLog()
     weight_bytes = _float32_weight_bytes(graph, min_size=2)
-    casts = _Casts(graph, UniqueNames(graph))
+    namer = UniqueNames(graph)
+    casts: dict[ir.Graph, _Casts] = {}  # a subgraph's own weight is cast back inside that subgraph
     scalars = 0
-    for value in [v for v in all_float_values(graph) if is_constant(v) and plan.wants(v) == {_BFLOAT16}]:
+    for value in [v for v in _float32_constants(graph) if plan.wants(v) == {_BFLOAT16}]:
         if eir.constant_array(value).size <= 1:
             scalars += 1  # no size to win; keeps epsilons and math constants exact
             continue
         uses = list(value.uses())
         _convert_constant(value, BFLOAT16, log)
-        restored = casts.get(value, _FLOAT)
+        restored = casts.setdefault(value.graph, _Casts(value.graph, namer)).get(value, _FLOAT)
         for use in uses:
             use.node.replace_input_with(use.idx, restored)
     graph.sort()
@@ -459,6 +475,6 @@ def quantize_bf16(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | N
     logger.info("bf16: %s", notes[1])
     _warn_mostly_float32("bf16", weight_bytes, log, plan.kept)
     details = {"weights_converted": len(log.tensors), "weight_bytes_before": log.bytes_before,
-               "weight_bytes_after": log.bytes_after, "casts_inserted": len(casts.made)}
+               "weight_bytes_after": log.bytes_after, "casts_inserted": sum(len(c.made) for c in casts.values())}
     return QuantResult(model=model, scheme="bf16", tensors=tuple(log.tensors), float_nodes=float_nodes,
                        notes=tuple(notes), config=config, details=details)

@@ -8,8 +8,9 @@ the reason; it reads or writes a value the caller keeps float32 (beyond the
 float16 range); a tensor it touches is untyped; its op has no ONNX schema at
 the model's opset; or it reads float32 but its schema admits float16 at no
 input. Planning weights only (bf16, compute stays float32), untyped tensors
-do not matter, and an op outside the ONNX domain is planned by ONNX
-Runtime's schema of it when there is one. Nodes kept float32 that touch float32 tensors are listed with that
+do not matter, an op outside the ONNX domain is planned by ONNX
+Runtime's schema of it when there is one, and the nodes inside subgraphs
+are planned too (a weight they read may be stored low and cast back). Nodes kept float32 that touch float32 tensors are listed with that
 reason; Constant nodes are not planned (their values are constants, like
 initializers).
 
@@ -36,8 +37,8 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 
-__all__ = ["FLOAT32_OPS", "HalfPrecisionPlan", "all_float_values", "float_values", "is_constant",
-           "plan_half_precision"]
+__all__ = ["FLOAT32_OPS", "HalfPrecisionPlan", "all_float_values", "float_values", "graphs_within", "is_constant",
+           "plan_half_precision", "subgraphs_of"]
 
 _FLOAT = ir.DataType.FLOAT
 _FLOAT16 = ir.DataType.FLOAT16
@@ -186,7 +187,7 @@ class HalfPrecisionPlan:
 
     def wanted(self, node: ir.Node, index: int) -> ir.DataType:
         """The type input ``index`` of ``node`` reads a float32 value in."""
-        if node.graph is not self.graph or node not in self.low_nodes:
+        if node not in self.low_nodes:  # (subgraph nodes are planned only for weights)
             return _FLOAT
         positions = _positions(node.op_type, self.opset, node.domain)
         return self.low if positions is not None and positions.admits_input(index) else _FLOAT
@@ -225,7 +226,8 @@ def plan_half_precision(graph: ir.Graph, exclude: tuple[str, ...], opset: int, l
     and an op outside the ONNX domain whose schema ONNX Runtime has is planned by that schema.
     """
     plan = HalfPrecisionPlan(graph=graph, opset=opset, low=low, io_dtype=io_dtype)
-    for node in graph:
+    # Weights only, the nodes of subgraphs (If branches, Loop bodies) may read low weights through a Cast too
+    for node in graph.all_nodes() if weights_only else graph:
         if _is_constant_node(node):
             continue
         reason = _keep_float32_reason(node, exclude, opset, numeric_ops=numeric_ops,
@@ -242,6 +244,22 @@ def is_constant(value: ir.Value) -> bool:
     producer = value.producer()
     return (value.is_initializer() and not value.is_graph_input()) or (
         producer is not None and _is_constant_node(producer))
+
+
+def subgraphs_of(node: ir.Node) -> list[ir.Graph]:
+    """The graphs ``node`` holds (If branches, Loop and Scan bodies)."""
+    graphs = []
+    for attribute in node.attributes.values():
+        if attribute.type == ir.AttributeType.GRAPH:
+            graphs.append(attribute.as_graph())
+        elif attribute.type == ir.AttributeType.GRAPHS:
+            graphs.extend(attribute.as_graphs())
+    return graphs
+
+
+def graphs_within(graph: ir.Graph) -> list[ir.Graph]:
+    """``graph`` and every subgraph nested in it."""
+    return [graph, *(each for node in graph.all_nodes() for each in subgraphs_of(node))]
 
 
 def all_float_values(graph: ir.Graph) -> list[ir.Value]:
