@@ -28,6 +28,14 @@ def test_quantize_refuses_a_goal_preprocess_output_or_eval_of_the_wrong_type(tmp
     assert not list(tmp_path.iterdir())
 
 
+def test_quantize_says_when_the_config_and_the_data_are_swapped(data):
+    # it said "data of type Fp16Config is not usable"
+    with pytest.raises(ConfigError, match="the Fp16Config was given as the data; pass the config second"):
+        edgeopt.quantize(demo_model_path(), data, edgeopt.Fp16Config(), check_speed=False)
+    with pytest.raises(ConfigError, match="no quantization scheme takes a str"):
+        edgeopt.quantize(demo_model_path(), "fp16", data, check_speed=False)
+
+
 def test_bench_refuses_a_config_or_models_of_the_wrong_type():
     with pytest.raises(ConfigError, match="config must be a BenchConfig"):
         edgeopt.bench([demo_model_path()], config={"runs": 3})

@@ -196,6 +196,7 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     the report's ``warnings`` too.
     """
     model = model_source(model)
+    _check_config(config, data)
     _check_argument_types(goal, evaluate, output)
     check_flag(check_fidelity, "check_fidelity")
     check_flag(check_speed, "check_speed")
@@ -203,6 +204,17 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
         return _quantize(model, config, data, output=output, preprocess=preprocess, max_samples=max_samples,
                          goal=goal, evaluate=evaluate, check_fidelity=check_fidelity, check_speed=check_speed,
                          progress=progress, logged=logged)
+
+
+def _check_config(config: object, data: object) -> None:
+    """ConfigError for a config no scheme takes, before the data is opened; the arguments in the wrong
+    order are told as such."""
+    from edgeopt.quant.registry import handler_for, registered_schemes
+
+    if isinstance(data, registered_schemes()) and not isinstance(config, registered_schemes()):
+        raise ConfigError(f"quantize(model, config, data): the {type(data).__name__} was given as the data; "
+                          "pass the config second and the calibration data third (or data=...)")
+    handler_for(config)
 
 
 def _check_argument_types(goal: object, evaluate: object, output: object) -> None:
