@@ -53,6 +53,22 @@ def test_zero_one_integers_cast_into_a_bool_input():
         check_feed([mask], {"mask": np.ones((1, 3), np.float32)}, where="t")
 
 
+@pytest.mark.parametrize(("shape", "input_shape", "how"), [
+    ((2, 8, 8, 3), (1, 3, 8, 8), r"\(channels-last to NCHW: x\.transpose\(0, 3, 1, 2\)\)"),
+    ((8, 8, 3), (1, 3, 8, 8), r"\(channels-last to NCHW: x\.transpose\(2, 0, 1\)\)"),
+    ((1, 3, 8, 8), (1, 8, 8, 3), r"\(NCHW to channels-last: x\.transpose\(0, 2, 3, 1\)\)"),
+    ((1, 4, 16), (1, 16, 4), r"$"),
+])
+def test_dims_in_another_order_are_told_to_transpose_not_reshape(shape, input_shape, how):
+    """Channels-last images for an NCHW model were told 'reshape or resize the data': a reshape
+    scrambles the pixels, and calibration runs on it without a word."""
+    with pytest.raises(DataError, match=r"its dims are the input's in another order: transpose the data, do not "
+                                        r"reshape it ?" + how):
+        check_feed([spec("x", input_shape)], {"x": np.zeros(shape, np.float32)}, where="t")
+    with pytest.raises(DataError, match=r"reshape or resize the data$"):  # not a reordering
+        check_feed([spec("x", input_shape)], {"x": np.zeros((1, 5, 8, 8), np.float32)}, where="t")
+
+
 def test_unknown_input_name_lists_the_models_inputs():
     with pytest.raises(DataError, match=r"s\.npy has data for 'image', .*model's inputs are: input"):
         check_feed([IMAGE], {"image": np.zeros((1, 3, 8, 8), np.float32)}, where="s.npy")

@@ -94,7 +94,7 @@ def _as_array(value: object, name: str, where: str) -> np.ndarray:
 def _check_shape(spec: InputSpec, array: np.ndarray, where: str) -> None:
     if not spec.rank_known or dims_match(spec.shape, array.shape):
         return
-    rank_note, advice = "", "reshape or resize the data"
+    rank_note, advice = "", _reordered_advice(spec.shape, array.shape) or "reshape or resize the data"
     if array.ndim != len(spec.shape):
         rank_note = f" (rank {array.ndim}, the model wants rank {len(spec.shape)})"
     elif spec.shape[0] == 1 and array.shape[0] > 1 and dims_match(spec.shape[1:], array.shape[1:]):
@@ -103,6 +103,23 @@ def _check_shape(spec: InputSpec, array: np.ndarray, where: str) -> None:
                   "pass {name: array} with the samples stacked on axis 0 (edgeopt splits it)")
     raise DataError(f"{where}: input {spec.name!r} wants shape {shape_text(spec.shape)} "
                     f"but got {shape_text(array.shape)}{rank_note}: {advice}")
+
+
+def _reordered_advice(expected: Sequence[int | str | None], got: tuple[int, ...]) -> str | None:
+    """Advice for data whose sample dims are the input's in another order (channels-last images for
+    an NCHW model): a reshape, the usual advice, would scramble them silently."""
+    rest = tuple(expected[1:])
+    sample = got[1:] if len(got) == len(expected) else got if len(got) == len(rest) else None
+    if (sample is None or len(rest) < 2 or not all(isinstance(d, int) for d in rest)
+            or sample == rest or sorted(sample) != sorted(rest)):
+        return None
+    batched = len(got) == len(expected)
+    how = ""
+    if len(rest) == 3 and sample == (rest[1], rest[2], rest[0]):
+        how = f" (channels-last to NCHW: x.transpose{(0, 3, 1, 2) if batched else (2, 0, 1)})"
+    elif len(rest) == 3 and sample == (rest[2], rest[0], rest[1]):
+        how = f" (NCHW to channels-last: x.transpose{(0, 2, 3, 1) if batched else (1, 2, 0)})"
+    return f"its dims are the input's in another order: transpose the data, do not reshape it{how}"
 
 
 def _check_int_range(spec: InputSpec, array: np.ndarray, where: str) -> None:
