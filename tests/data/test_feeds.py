@@ -58,6 +58,7 @@ def test_zero_one_integers_cast_into_a_bool_input():
     ((8, 8, 3), (1, 3, 8, 8), r"\(channels-last to NCHW: x\.transpose\(2, 0, 1\)\)"),
     ((1, 3, 8, 8), (1, 8, 8, 3), r"\(NCHW to channels-last: x\.transpose\(0, 2, 3, 1\)\)"),
     ((1, 4, 16), (1, 16, 4), r"$"),
+    ((5, 32, 40, 3), ("n", 3, "h", "w"), r"\(channels-last to NCHW: x\.transpose\(0, 3, 1, 2\)\)"),
 ])
 def test_dims_in_another_order_are_told_to_transpose_not_reshape(shape, input_shape, how):
     """Channels-last images for an NCHW model were told 'reshape or resize the data': a reshape

@@ -109,17 +109,18 @@ def _reordered_advice(expected: Sequence[int | str | None], got: tuple[int, ...]
     """Advice for data whose sample dims are the input's in another order (channels-last images for
     an NCHW model): a reshape, the usual advice, would scramble them silently."""
     rest = tuple(expected[1:])
-    sample = got[1:] if len(got) == len(expected) else got if len(got) == len(rest) else None
-    if (sample is None or len(rest) < 2 or not all(isinstance(d, int) for d in rest)
-            or sample == rest or sorted(sample) != sorted(rest)):
-        return None
     batched = len(got) == len(expected)
-    how = ""
-    if len(rest) == 3 and sample == (rest[1], rest[2], rest[0]):
-        how = f" (channels-last to NCHW: x.transpose{(0, 3, 1, 2) if batched else (2, 0, 1)})"
-    elif len(rest) == 3 and sample == (rest[2], rest[0], rest[1]):
-        how = f" (NCHW to channels-last: x.transpose{(0, 2, 3, 1) if batched else (1, 2, 0)})"
-    return f"its dims are the input's in another order: transpose the data, do not reshape it{how}"
+    sample = got[1:] if batched else got if len(got) == len(rest) else None
+    if sample is None or len(rest) < 2 or dims_match(rest, sample):
+        return None
+    advice = "its dims are the input's in another order: transpose the data, do not reshape it"
+    if len(rest) == 3 and dims_match(rest, (sample[2], sample[0], sample[1])):
+        return f"{advice} (channels-last to NCHW: x.transpose{(0, 3, 1, 2) if batched else (2, 0, 1)})"
+    if len(rest) == 3 and dims_match(rest, (sample[1], sample[2], sample[0])):
+        return f"{advice} (NCHW to channels-last: x.transpose{(0, 2, 3, 1) if batched else (1, 2, 0)})"
+    if all(isinstance(d, int) for d in rest) and sorted(sample) == sorted(rest):
+        return advice
+    return None
 
 
 def _check_int_range(spec: InputSpec, array: np.ndarray, where: str) -> None:
