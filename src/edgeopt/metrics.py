@@ -132,6 +132,7 @@ class Fidelity:
     max_abs_error: float
     elements: int
     updates: int
+    reference_finite: bool = True  # False: the reference held inf or NaN (a NaN SQNR is not the test's doing)
 
     def to_dict(self) -> dict:
         return {"sqnr_db": json_number(self.sqnr_db), "cosine": json_number(self.cosine),
@@ -183,7 +184,8 @@ class FidelityMeter:
                             elements=0, updates=self._updates)
         return Fidelity(sqnr_db=_sqnr_from_energy(self._reference_energy, self._noise_energy),
                         cosine=_cosine_from_sums(self._dot, self._reference_energy, self._test_energy),
-                        max_abs_error=self._max_abs_error, elements=self._elements, updates=self._updates)
+                        max_abs_error=self._max_abs_error, elements=self._elements, updates=self._updates,
+                        reference_finite=math.isfinite(self._reference_energy))
 
 
 @dataclass(frozen=True, kw_only=True)

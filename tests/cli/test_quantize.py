@@ -440,6 +440,31 @@ def test_a_float_model_that_outputs_nan_is_warned_about_not_scored(tmp_path):
     assert any("fidelity of y not measured" in warning for warning in report.warnings)
 
 
+def test_a_quantized_model_that_outputs_nan_is_blamed_not_the_float_model(tmp_path, monkeypatch):
+    """The warning said the float model's outputs held inf/NaN when the quantized model's did."""
+    import onnx_ir as ir
+
+    from edgeopt.quant import registry
+    from edgeopt.quant.float16 import Fp16Config, quantize_fp16
+
+    class BrokenFp16Config(Fp16Config):
+        pass
+
+    def broken_fp16(model, config, data=None, *, progress=None):  # fp16 that writes a NaN into a weight
+        result = quantize_fp16(model, Fp16Config(), data, progress=progress)
+        weight = next(v for v in result.model.graph.initializers.values() if v.const_value.size > 1)
+        weight.const_value = ir.Tensor(np.full(weight.shape.numpy(), np.nan, np.float16), name=weight.name)
+        return result
+
+    monkeypatch.setitem(registry._HANDLERS, BrokenFp16Config, broken_fp16)
+    data = np.load(demo_calibration_path())[:16]
+    report = edgeopt.quantize(demo_model_path(), BrokenFp16Config(), data, check_speed=False)
+    assert np.isnan(report.fidelity.outputs[0].sqnr_db)
+    assert not any("float model's outputs hold inf/NaN" in warning for warning in report.warnings)
+    assert any("output logits of the fp16 model holds inf/NaN on the calibration data where the float model's is "
+               "finite" in warning for warning in report.warnings), report.warnings
+
+
 def test_the_reports_per_layer_rows_are_those_compare_gives(tmp_path):
     # the float model has BatchNorm: a quantized conv output is compared after it, as compare does
     path = build_onnx("mobilenet_v2", tmp_path)

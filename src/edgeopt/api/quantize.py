@@ -298,10 +298,14 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
     fidelity = (_fidelity(loaded, result.model, data, preprocess, max_samples)
                 if check_fidelity and reiterable else None)
     if fidelity is not None:
-        unmeasured = [row.name for row in fidelity.outputs if math.isnan(row.sqnr_db)]
-        if unmeasured:
-            warnings.append(f"fidelity of {', '.join(unmeasured)} not measured: the float model's outputs hold "
+        unmeasured = [row for row in fidelity.outputs if math.isnan(row.sqnr_db)]
+        if float_fault := [row.name for row in unmeasured if not row.reference_finite]:
+            warnings.append(f"fidelity of {', '.join(float_fault)} not measured: the float model's outputs hold "
                             "inf/NaN on the calibration data (check the model and the data's scale)")
+        if quant_fault := [row.name for row in unmeasured if row.reference_finite]:
+            warnings.append(f"output {', '.join(quant_fault)} of the {result.scheme} model holds inf/NaN on the "
+                            "calibration data where the float model's is finite: the model written is broken there; "
+                            "`edgeopt compare` finds the layer, --exclude keeps it float")
         warnings.extend(_low_fidelity(result, fidelity))
         warnings.extend(_relu6_warning(result, fidelity))
     speed = None

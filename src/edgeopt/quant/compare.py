@@ -131,6 +131,7 @@ class OutputComparison:
     max_abs_error: float
     top1_agreement: float | None
     integer: bool = False
+    reference_finite: bool = True  # False: the float model's output held inf or NaN
 
     @property
     def signal(self) -> bool:
@@ -363,7 +364,8 @@ class _Meters:
             rows.append(OutputComparison(name=name, sqnr_db=fidelity.sqnr_db, cosine=fidelity.cosine,
                                          max_abs_error=fidelity.max_abs_error,
                                          top1_agreement=agreement.result().value if agreement else None,
-                                         integer=isinstance(agreement, EqualityMeter)))
+                                         integer=isinstance(agreement, EqualityMeter),
+                                         reference_finite=fidelity.reference_finite))
         return rows
 
 
