@@ -620,3 +620,11 @@ def test_fp16_says_weights_read_inside_subgraphs_stay_float32_for_control_flow(c
     # it said "mostly because: no node reads them"
     assert warnings and "0 of 12288 float32 weight bytes" in warnings[0]
     assert "control flow: its subgraphs are kept float32 (12288 bytes)" in warnings[0], warnings
+
+
+def test_bf16_exclude_names_a_node_inside_a_subgraph():
+    result = quantize(control_flow_model(), Bf16Config(exclude=("else_mm",)), data=None)
+    assert {t.name for t in result.tensors} == {"wa", "wl"}
+    assert [(node.node_name, node.reason) for node in result.float_nodes] == [("else_mm", "excluded by config")]
+    with pytest.raises(ConfigError, match="'else_mm' is neither a node name"):  # fp16 keeps subgraphs float32
+        quantize(control_flow_model(), Fp16Config(exclude=("else_mm",)), data=None)

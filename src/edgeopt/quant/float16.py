@@ -65,7 +65,7 @@ from edgeopt.quant.float16_plan import (
 from edgeopt.quant.float16_ranges import FLOAT16_MAX, check_fp16_ranges
 from edgeopt.quant.formats import BFLOAT16, FLOAT16, Format
 from edgeopt.quant.opset import check_conversion, convert_opset
-from edgeopt.quant.placement import check_exclude, vanished_excludes
+from edgeopt.quant.placement import NodeIndex, check_exclude, vanished_excludes
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 
 __all__ = ["FLOAT32_OPS", "Bf16Config", "Fp16Config", "HalfArray", "UniqueNames", "quantize_bf16", "quantize_fp16",
@@ -256,8 +256,8 @@ def _float_passes(model: ir.Model, config: Fp16Config | Bf16Config) -> list[str]
     """Check ``exclude`` against the given model, then run the float passes in place; notes."""
     from edgeopt.passes import default_passes
 
-    exclude = config.exclude
-    check_exclude([model], exclude)
+    exclude, subgraphs = config.exclude, isinstance(config, Bf16Config)  # bf16 stores subgraphs' weights low too
+    check_exclude([NodeIndex.of(model, subgraphs=subgraphs)], exclude)
     if not config.float_passes:
         return []
     before = sum(1 for _ in model.graph)
@@ -267,7 +267,7 @@ def _float_passes(model: ir.Model, config: Fp16Config | Bf16Config) -> list[str]
     after = sum(1 for _ in model.graph)
     notes = [f"float passes first (BatchNorm/affine folding, activation fusion): {before} -> {after} nodes"
              if folded else "float passes first: nothing to fold or fuse"]
-    return notes + vanished_excludes(model, exclude)
+    return notes + vanished_excludes(model, exclude, subgraphs=subgraphs)
 
 
 def _infer_types(model: ir.Model) -> None:
@@ -429,7 +429,7 @@ def quantize_bf16(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | N
     """Bfloat16 weight storage with float32 compute; see the module docstring. ``data`` is not used."""
     opset_notes = []
     if eir.default_opset(model) < _BF16_CAST_OPSET:
-        check_exclude([model], config.exclude)  # names of the given model, before the conversion
+        check_exclude([NodeIndex.of(model, subgraphs=True)], config.exclude)  # of the model given, before conversion
         source = eir.default_opset(model)
         converted = convert_opset(model, _BF16_CAST_OPSET)
         checked = check_conversion(model, converted, data)  # ModelError when the converter changed the model

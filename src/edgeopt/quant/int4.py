@@ -285,7 +285,7 @@ def _float_passes(model: ir.Model, config: Int4WeightConfig) -> list[str]:
     """Check ``exclude`` against the given model, then run the float passes in place; notes."""
     from edgeopt.passes import default_passes
 
-    check_exclude([_node_index(model)], config.exclude)
+    check_exclude([NodeIndex.of(model, subgraphs=True)], config.exclude)  # int4 quantizes subgraphs' nodes too
     if not config.float_passes:
         return []
     before = sum(1 for _ in model.graph)
@@ -295,15 +295,7 @@ def _float_passes(model: ir.Model, config: Int4WeightConfig) -> list[str]:
     after = sum(1 for _ in model.graph)
     notes = [f"float passes first (constant and BatchNorm folding, dead-code elimination): {before} -> {after} "
              "nodes" if modified else "float passes first: nothing to fold or remove"]
-    index = _node_index(model)
-    return notes + vanished_excludes(model, [e for e in config.exclude if e not in index.names])
-
-
-def _node_index(model: ir.Model) -> NodeIndex:
-    """The names and op types ``exclude`` may name: of the subgraphs' nodes too, which int4 quantizes."""
-    nodes = list(model.graph.all_nodes())
-    return NodeIndex(names=tuple(node.name for node in nodes if node.name),
-                     op_types=frozenset(node.op_type for node in nodes))
+    return notes + vanished_excludes(model, config.exclude, subgraphs=True)
 
 
 # ---------------------------------------------------------------------------

@@ -175,9 +175,12 @@ class NodeIndex:
     op_types: frozenset[str]
 
     @classmethod
-    def of(cls, model: ir.Model) -> NodeIndex:
-        return cls(names=tuple(node.name for node in model.graph if node.name),
-                   op_types=frozenset(node.op_type for node in model.graph))
+    def of(cls, model: ir.Model, *, subgraphs: bool = False) -> NodeIndex:
+        """The main graph's nodes; with ``subgraphs``, those of If branches and Loop/Scan bodies too (for the
+        schemes that rewrite them: int4-weight, bf16)."""
+        nodes = list(model.graph.all_nodes() if subgraphs else model.graph)
+        return cls(names=tuple(node.name for node in nodes if node.name),
+                   op_types=frozenset(node.op_type for node in nodes))
 
 
 def check_exclude(models: Iterable[ir.Model | NodeIndex], exclude: Iterable[str]) -> None:
@@ -207,9 +210,11 @@ def _exclude_suggestion(entry: str, names: Sequence[str], op_types: Iterable[str
             f"node names are like {', '.join(names[:3]) or 'none'}")
 
 
-def vanished_excludes(model: ir.Model, exclude: Iterable[str]) -> list[str]:
-    """Notes for the exclude entries that name no node or op type of ``model`` after the float passes."""
-    present = {node.name for node in model.graph} | {node.op_type for node in model.graph}
+def vanished_excludes(model: ir.Model, exclude: Iterable[str], *, subgraphs: bool = False) -> list[str]:
+    """Notes for the exclude entries that name no node or op type of ``model`` after the float passes
+    (nor, with ``subgraphs``, of its subgraphs)."""
+    index = NodeIndex.of(model, subgraphs=subgraphs)
+    present = {*index.names, *index.op_types}
     return [f"--exclude {entry!r}: no such node after the float passes (folded into its neighbour)"
             for entry in exclude if entry not in present]
 
