@@ -167,6 +167,18 @@ def test_too_few_samples_is_a_warning(cli, tmp_path):
     assert result.code == 0 and "only 2 calibration samples" in result.stderr
 
 
+def test_calibration_data_of_one_value_is_a_warning(cli, tmp_path):
+    """All-zero data (a placeholder saved instead of the samples) quantized with 'SQNR 54 dB' on it
+    and not a word."""
+    np.save(tmp_path / "zeros.npy", np.zeros((20, 1, 8, 8), np.float32))
+    result = cli("quantize", demo_model_path(), "--data", tmp_path / "zeros.npy", "-o", tmp_path / "q.onnx",
+                 "--no-speed-check", "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["warnings"] == [
+        "calibration data for input 'input' is 0 in every sample: ranges calibrated on it will not fit real inputs "
+        "(a placeholder array? images that did not load?)"]
+
+
 def test_samples_stacked_with_np_stack_calibrate_as_concatenated(cli, tmp_path):
     """np.stack of batch-1 samples is [N, 1, ...]: the same samples as [N, ...], the same bytes (it was
     refused as rank 5); one sample is said as one."""
@@ -795,3 +807,31 @@ def test_an_onnx_ir_model_with_local_functions_is_inlined_as_a_file_is(tmp_path)
     report = edgeopt.quantize(model, edgeopt.Int8Config(), data, check_speed=False)
     assert not report.result.float_nodes
     assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_a_sample_onnx_runtime_refuses_is_named(cli, tmp_path):
+    """Token ids past the vocabulary pass the data checks and fail inside ONNX Runtime: the error named
+    neither the file nor the sample, in a folder of thousands."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    table = numpy_helper.from_array(rng.standard_normal((10, 4)).astype(np.float32), "table")
+    weight = numpy_helper.from_array(rng.standard_normal((4, 2)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w"], ["y"])], "emb",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 2])], [table, weight])
+    model = tmp_path / "emb.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), model)
+    folder = tmp_path / "ids"
+    folder.mkdir()
+    for index in range(20):
+        np.save(folder / f"s{index}.npy", rng.integers(0, 10 if index != 13 else 50, (1, 5)))
+    out = tmp_path / "q.onnx"
+    assert_one_line_error(cli("quantize", model, "--data", folder, "-o", out, "--no-speed-check"),
+                          f"error: {folder / 's13.npy'}: ONNX Runtime failed to run the model", "vocabulary size")
+    assert not out.exists()
+    np.save(folder / "s13.npy", np.ones((1, 5), np.int64))
+    assert cli("quantize", model, "--data", folder, "-o", out, "--no-speed-check").code == 0
+    np.save(folder / "s13.npy", np.full((1, 5), 50))
+    assert_one_line_error(cli("compare", model, out, "--data", folder), f"error: {folder / 's13.npy'}: ONNX Runtime")

@@ -90,13 +90,22 @@ class _CountingSource:
         self._source = source
         self.count = self.samples = 0
         self.num_samples = getattr(source, "num_samples", None)
+        self._spans: dict[str, tuple[float, float]] = {}  # float input -> least and greatest value seen
 
     def __iter__(self):
         count = samples = 0
         for batch in self._source:
             count, samples = count + 1, samples + batch_rows(batch)
             self.count, self.samples = max(self.count, count), max(self.samples, samples)
+            for name, array in batch.items():
+                if array.dtype.kind == "f" and array.size:
+                    low, high = self._spans.get(name, (math.inf, -math.inf))
+                    self._spans[name] = (min(low, float(array.min())), max(high, float(array.max())))
             yield batch
+
+    def constant_inputs(self) -> dict[str, float]:
+        """The float inputs that held one value in every sample seen (all zeros: a placeholder)."""
+        return {name: low for name, (low, high) in self._spans.items() if low == high}
 
 
 def _calibration_source(model: ir.Model, data, preprocess: ImagePreprocess | None, max_samples: int | None):
@@ -289,6 +298,10 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
         noun = "sample" if source.samples == 1 else "samples"
         warnings.append(f"only {source.samples} calibration {noun}: ranges may not cover real inputs "
                         f"(use at least {MIN_CALIBRATION_SAMPLES}, ideally a few hundred)")
+    if source is not None and isinstance(config, Int8Config):
+        warnings.extend(f"calibration data for input {name!r} is {value:g} in every sample: ranges calibrated on "
+                        "it will not fit real inputs (a placeholder array? images that did not load?)"
+                        for name, value in source.constant_inputs().items())
     reiterable = data is not None and not one_shot
     if check_fidelity and one_shot:
         warnings.append("fidelity check skipped: the calibration data was a one-shot iterator, already read "

@@ -16,10 +16,12 @@ from edgeopt.data.base import (
     ArraySource,
     DataSource,
     IterableSource,
+    LabelledFeed,
     TakeSource,
     batch_rows,
     dataset_from_arrays,
     take,
+    with_origin,
 )
 from edgeopt.data.callable import CallableSource
 from edgeopt.data.feeds import check_feed
@@ -36,6 +38,7 @@ __all__ = [
     "ImageFolderSource",
     "ImagePreprocess",
     "IterableSource",
+    "LabelledFeed",
     "Layout",
     "NpyFileSource",
     "NpyFolderSource",
@@ -45,4 +48,5 @@ __all__ = [
     "dataset_from_arrays",
     "open_data",
     "take",
+    "with_origin",
 ]

@@ -36,15 +36,34 @@ __all__ = [
     "ArraySource",
     "DataSource",
     "IterableSource",
+    "LabelledFeed",
     "TakeSource",
     "batch_rows",
     "dataset_from_arrays",
     "reads_again",
     "split_stacked",
     "take",
+    "with_origin",
 ]
 
 Feed = dict[str, np.ndarray]
+
+
+class LabelledFeed(dict):
+    """A checked batch that knows where it came from (a file and sample), so an error found past the
+    data checks (ONNX Runtime refusing token ids beyond the vocabulary) can name it too."""
+
+    __slots__ = ("where",)
+
+    def __init__(self, feed: Mapping[str, np.ndarray], where: str) -> None:
+        super().__init__(feed)
+        self.where = where
+
+
+def with_origin(error: DataError, feed: Mapping[str, np.ndarray]) -> DataError:
+    """``error`` prefixed with where ``feed`` came from, when it is a :class:`LabelledFeed`."""
+    where = getattr(feed, "where", None)
+    return DataError(f"{where}: {error}") if where and not str(error).startswith(where) else error
 
 
 class DataSource(ABC):
@@ -65,7 +84,7 @@ class DataSource(ABC):
 
     def __iter__(self) -> Iterator[Feed]:
         for feed, where in self._feeds():
-            yield check_feed(self._specs, feed, where=where)
+            yield LabelledFeed(check_feed(self._specs, feed, where=where), where)
 
     def __len__(self) -> int:
         count = self.num_samples
@@ -280,7 +299,7 @@ class AlsoCheckedSource(DataSource):
         for feed, where in self._feeds():
             checked = check_feed(self._specs, feed, where=where)
             check_feed(self._other, checked, where=f"{where} (for the {self._model})")
-            yield checked
+            yield LabelledFeed(checked, where)
 
     def _feeds(self) -> Iterator[tuple[Mapping[str, object], str]]:
         return self._source._feeds()

@@ -48,7 +48,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.data import batch_rows, open_data, take
+from edgeopt.data import batch_rows, open_data, take, with_origin
 from edgeopt.errors import DataError
 from edgeopt.metrics import (AgreementMeter, EqualityMeter, FidelityMeter, Float64Scratch, json_number,
                              looks_like_class_scores)
@@ -495,7 +495,11 @@ def _stream(source: Iterable[dict[str, np.ndarray]], runs: _Runs, meters: _Meter
             progress: Progress | None) -> None:
     total = getattr(source, "num_samples", None)
     for feed in source:
-        meters.update(*runs.run(feed))
+        try:
+            measured = runs.run(feed)
+        except DataError as error:  # ONNX Runtime refusing the values: name the sample
+            raise with_origin(error, feed) from None
+        meters.update(*measured)
         if progress is not None:
             progress(meters.samples, total)
 

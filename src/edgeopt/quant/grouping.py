@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.data import check_feed
+from edgeopt.data import LabelledFeed, check_feed, with_origin
 from edgeopt.errors import DataError
 from edgeopt.quant.registry import Batch
 from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES, RANGE_SUFFIXES, OrtSession, range_session
@@ -68,7 +68,8 @@ def groups(data: Iterable[Batch], specs: Sequence[eir.InputSpec], size: int) -> 
     """Checked feeds, in runs of up to ``size`` with identical shapes (in data order)."""
     group: list[dict] = []
     for index, batch in enumerate(data):
-        feed = check_feed(specs, batch, where=f"calibration batch {index + 1}")
+        where = getattr(batch, "where", None) or f"calibration batch {index + 1}"
+        feed = LabelledFeed(check_feed(specs, batch, where=where), where)
         if group and (len(group) == size or not _same_shapes(feed, group[0])):
             yield group
             group = []
@@ -111,7 +112,11 @@ class Runner:
                 yield joined, outputs, len(feeds)
                 return
         for feed in feeds:
-            yield feed, (self.session.run(feed, self.fetch) if self.fetch else {}), 1
+            try:
+                outputs = self.session.run(feed, self.fetch) if self.fetch else {}
+            except DataError as error:
+                raise with_origin(error, feed) from None
+            yield feed, outputs, 1
 
     def _try_group(self, feed: dict, feeds: list[dict]) -> dict | None:
         names = list(dict.fromkeys([*self.fetch, *self.outputs]))
