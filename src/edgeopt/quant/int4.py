@@ -214,7 +214,7 @@ def _match(node: ir.Node, config: Int4WeightConfig, opset: int) -> _Target | str
         return target
     if not np.isfinite(target.weight).all():  # one inf makes its block's scale inf: every value of it NaN
         return "its weight holds inf or NaN, which no int4 block scale can represent"
-    k, n = target.weight.shape[-2:]
+    k = target.weight.shape[-2]
     int4_bytes = _int4_bytes(target.weight.shape, config, target.lowering)
     if int4_bytes >= target.weight.nbytes:
         return (f"K = {k} is below the block size {config.block_size}: padded to whole blocks its int4 form takes "
