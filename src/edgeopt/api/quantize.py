@@ -427,12 +427,15 @@ def compare(float_model: ModelSource, quant_model: ModelSource, data, *, preproc
     quant_ir = load(quant_model, require_static=False)
     if (note := missing_qdq_note(quant_ir)) is not None:
         logger.warning(note)
-    float_ir = _comparable_float(load(float_model, require_static=False), in_place=True)  # a fresh copy already
+    # edgeopt's quantizer folds BatchNorm ... first: its tensors are those of the optimized float model;
+    # the model as given stays for a quantizer that kept its graph (ONNX Runtime's quantize_static)
+    original = load(float_model, require_static=False)
+    float_ir = _comparable_float(original)
     from edgeopt.data import AlsoCheckedSource
 
     source = AlsoCheckedSource(_calibration_source(float_ir, data, preprocess, max_samples),
                                eir.model_inputs(quant_ir), "second model")
-    result = compare_models(float_ir, quant_ir, source, progress=progress)
+    result = compare_models(float_ir, quant_ir, source, original=original, progress=progress)
     for output in result.outputs:
         if output.signal and output.sqnr_db < 0:  # noise above the signal: no quantization of this model gives that
             logger.warning("output %s: SQNR %.1f dB, the second model's outputs are no closer to the first's than "
