@@ -140,11 +140,13 @@ def _evaluator(evaluate: str | Callable[[str], float] | None) -> Callable[[ir.Mo
     """Wrap the user's ``evaluate(model_path) -> score`` so it takes a model (saved to a temp file)."""
     import tempfile
 
-    from edgeopt.data.callable import load_function
+    from edgeopt.data.callable import UserWorkingDirectory, load_function
 
     if evaluate is None:
         return None
-    function = load_function(evaluate, option="--eval") if isinstance(evaluate, str) else evaluate
+    directory = UserWorkingDirectory()  # an os.chdir in the user's code must not move --data and -o
+    function = (load_function(evaluate, option="--eval", directory=directory) if isinstance(evaluate, str)
+                else evaluate)
 
     label = evaluate if isinstance(evaluate, str) else getattr(evaluate, "__qualname__", type(evaluate).__name__)
 
@@ -153,7 +155,8 @@ def _evaluator(evaluate: str | Callable[[str], float] | None) -> Callable[[ir.Mo
             path = Path(folder, "candidate.onnx")
             path.write_bytes(model_to_bytes(model))
             try:
-                value = function(str(path))
+                with directory.entered():
+                    value = function(str(path))
             except EdgeoptError:
                 raise
             except SystemExit as done:  # sys.exit() in the user's code must not end the run as if it succeeded
