@@ -38,6 +38,9 @@ EVALS = textwrap.dedent('''
 
     def text(path):
         return "95.5"
+
+    def fraction(path):  # as sklearn's accuracy_score gives it
+        return accuracy(path) / 100
 ''')
 
 
@@ -172,3 +175,16 @@ def test_an_eval_that_changes_directory_leaves_data_and_output_paths_as_given(cl
     assert (tmp_path / "q.onnx").exists() and (tmp_path / "q.report.json").exists()
     assert sorted(path.name for path in elsewhere.iterdir()) == ["labels.txt"]
     assert pathlib.Path.cwd() == tmp_path
+
+
+def test_a_drop_as_large_as_the_score_itself_is_warned_about(cli, tmp_path, evals):
+    # sklearn's accuracy_score is a fraction: --max-drop 1.0 (the README's "1 point") then accepts any
+    # model at all, and the search stopped at round 0 saying "goal met"
+    result = cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", tmp_path / "q.onnx",
+                 "--eval", f"{evals}:fraction", "--max-drop", "1.0", "--no-speed-check", "--json")
+    assert result.code == 0, result.stderr
+    warnings = json.loads(result.stdout)["warnings"]
+    assert any("--max-drop 1 is as large as the float model's score itself" in w and "--max-drop 0.01" in w
+               for w in warnings), warnings
+    percent = _quantize(cli, tmp_path, evals, "accuracy", "--json")
+    assert not any("as large as" in w for w in json.loads(percent.stdout)["warnings"])

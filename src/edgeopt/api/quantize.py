@@ -268,6 +268,8 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
             loaded = None
     quant_bytes = model_to_bytes(result.model, value_info=False)  # inferable annotations: size only
     warnings = []
+    if search is not None and (loose := _loose_goal(search)):
+        warnings.append(loose)
     if search is not None and not search.met:
         warnings.append(f"accuracy goal not met ({search.goal.describe()}): best score {search.best_score:.3f} "
                         f"with {len(search.best_excluded)} node(s) back in float; {search.stopped_because}")
@@ -317,6 +319,19 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
         # the artifact ships with its measured numbers: both files are replaced, or neither
         atomic_write_files([(output, quant_bytes), (report_path(output), json_text(report.to_dict()).encode())])
     return report
+
+
+def _loose_goal(search: AccuracySearch) -> str | None:
+    """A warning when --max-drop is as large as the float model's (positive) score: any model scoring 0 or
+    more meets it, the sign of a score in other units than the drop (a fraction, 0.978, with --max-drop 1
+    meant as one point of accuracy)."""
+    drop, score = search.goal.max_drop, search.float_score
+    if drop is None or not (math.isfinite(score) and 0 < score <= drop):
+        return None
+    hint = (f"if --eval returns a fraction ({score:.4g} for {score * 100:.4g} %), one point is --max-drop 0.01"
+            if score <= 1 else "give the drop in the units of the score")
+    return (f"--max-drop {drop:g} is as large as the float model's score itself ({score:.4g}): any model scoring 0 "
+            f"or more meets it; {hint}")
 
 
 def _blocks_c(result: QuantResult) -> list:
