@@ -389,3 +389,26 @@ def test_edgeopt_compare_matches_the_matmul_outputs_ort_quantizes_before_their_b
     assert rows["/layers/layers.0/mlp/mlp.0/Add_output_0"].op_type == "Add"
     given = {row.tensor: row.sqnr_db for row in compare_models(float_path, quant_path, samples).layers}
     assert {tensor: row.sqnr_db for tensor, row in rows.items()} == pytest.approx(given)
+
+
+def test_a_qoperator_model_is_told_to_have_no_pairs_to_compare(mobilenet, tmp_path):
+    # ONNX Runtime's QOperator format (QLinearConv ...) keeps a QuantizeLinear at the input and a
+    # DequantizeLinear at the output: the note "has no Q/DQ node" did not apply, and compare printed the
+    # output rows alone with no word on why no layer was compared
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._samples = iter(_samples(8, seed=0))
+
+        def get_next(self):
+            return next(self._samples, None)
+
+    float_path, _ = mobilenet
+    quant_path = tmp_path / "qoperator.onnx"
+    quantize_static(str(float_path), str(quant_path), Reader(), quant_format=QuantFormat.QOperator, per_channel=True)
+    quant = ir.load(str(quant_path))
+    assert any(node.op_type == "QuantizeLinear" for node in quant.graph)
+    note = missing_qdq_note(quant)
+    assert note is not None and "QLinearConv" in note and "QuantFormat.QDQ" in note
+    assert compare_models(float_path, quant, _samples(2, seed=1)).layers == ()

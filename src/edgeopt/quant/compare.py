@@ -314,13 +314,29 @@ def _matches(float_model: ir.Model, quant_model: ir.Model,
     return list(matched.values()), unmatched, len(pairs)
 
 
+_INTEGER_OPERATORS = ("ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeLinear")
+
+
 def missing_qdq_note(model: ir.Model) -> str | None:
-    """Why ``model`` will have no per-layer rows, when it holds no QuantizeLinear/DequantizeLinear node
-    (a float, fp16 or QOperator model, or the two models given in the wrong order); else None."""
-    if any(is_qdq_op(node, op) for node in model.graph for op in ("QuantizeLinear", "DequantizeLinear")):
+    """Why ``model`` will have no per-layer rows, when no QuantizeLinear -> DequantizeLinear pair carries
+    an activation (a float, fp16 or weight-only model, the two models given in the wrong order, or
+    ONNX Runtime's QOperator or dynamic format, whose integer ops pass activations on as integers);
+    else None."""
+    if _activation_pairs(model):
         return None
-    return ("the second model has no QuantizeLinear/DequantizeLinear node: only its outputs are compared, "
-            "no layer (per-layer rows need an int8 QDQ model, as edgeopt quantize writes, given second)")
+    what = "(per-layer rows need an int8 QDQ model, as edgeopt quantize writes, given second)"
+    integer_ops = sorted({node.op_type for node in model.graph
+                          if node.op_type.startswith("QLinear") or node.op_type in _INTEGER_OPERATORS})
+    if integer_ops:
+        return (f"the second model computes with integer operators ({', '.join(integer_ops[:4])}: ONNX Runtime's "
+                "QOperator or dynamic format), which pass activations on as integers with no "
+                "QuantizeLinear -> DequantizeLinear pair to compare: only its outputs are compared, no layer "
+                f"{what[:-1]}; ONNX Runtime's quantize_static writes one with quant_format=QuantFormat.QDQ)")
+    if not any(is_qdq_op(node, op) for node in model.graph for op in ("QuantizeLinear", "DequantizeLinear")):
+        return ("the second model has no QuantizeLinear/DequantizeLinear node: only its outputs are compared, "
+                f"no layer {what}")
+    return ("the second model quantizes no activation (its DequantizeLinear nodes read constant weights: a "
+            f"weight-only model): only its outputs are compared, no layer {what}")
 
 
 def match_tensors(float_model: ir.Model, quant_model: ir.Model) -> tuple[TensorMatch, ...]:
