@@ -4,6 +4,7 @@ code misbehaving, and the API objects it takes."""
 from __future__ import annotations
 
 import json
+import pathlib
 import textwrap
 
 import numpy as np
@@ -37,6 +38,9 @@ EVALS = textwrap.dedent('''
 
     def text(path):
         return "95.5"
+
+    def fraction(path):  # as sklearn's accuracy_score gives it
+        return accuracy(path) / 100
 ''')
 
 
@@ -143,3 +147,44 @@ def test_sigterm_during_eval_removes_temporary_files_and_writes_nothing(tmp_path
     assert process.returncode == 143 and "error: terminated" in stderr and "Traceback" not in stderr
     left = [path.name for path in temporary.iterdir() if path.name != ".ses"]  # .ses: a library's session id
     assert not left and not (tmp_path / "q.onnx").exists()
+
+
+def test_an_eval_that_changes_directory_leaves_data_and_output_paths_as_given(cli, tmp_path, evals, monkeypatch):
+    # Evaluation scripts chdir to their data set, on import or in the function: --data calib.npy was then
+    # looked for there ("cannot read calib.npy ... is it a complete .npy file?") and -o would land there.
+    # The user's code keeps the directory it chose, from one call to the next; edgeopt's paths keep theirs.
+    import shutil
+
+    elsewhere = tmp_path / "validation"
+    elsewhere.mkdir()
+    (elsewhere / "labels.txt").write_text("ready")
+    evals.write_text(EVALS + textwrap.dedent(f'''
+        import os
+        os.chdir({str(elsewhere)!r})
+
+        def wanders(path):
+            assert open("labels.txt").read() == "ready"  # relative to where the import went
+            os.chdir({str(elsewhere)!r})
+            return accuracy(path)
+    '''))
+    shutil.copy(demo_calibration_path(), tmp_path / "calib.npy")
+    monkeypatch.chdir(tmp_path)
+    result = cli("quantize", demo_model_path(), "--data", "calib.npy", "-o", "q.onnx", "--eval",
+                 f"{evals}:wanders", "--max-drop", "0.5", "--no-speed-check")
+    assert result.code == 0, result.stderr
+    assert (tmp_path / "q.onnx").exists() and (tmp_path / "q.report.json").exists()
+    assert sorted(path.name for path in elsewhere.iterdir()) == ["labels.txt"]
+    assert pathlib.Path.cwd() == tmp_path
+
+
+def test_a_drop_as_large_as_the_score_itself_is_warned_about(cli, tmp_path, evals):
+    # sklearn's accuracy_score is a fraction: --max-drop 1.0 (the README's "1 point") then accepts any
+    # model at all, and the search stopped at round 0 saying "goal met"
+    result = cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", tmp_path / "q.onnx",
+                 "--eval", f"{evals}:fraction", "--max-drop", "1.0", "--no-speed-check", "--json")
+    assert result.code == 0, result.stderr
+    warnings = json.loads(result.stdout)["warnings"]
+    assert any("--max-drop 1 is as large as the float model's score itself" in w and "--max-drop 0.01" in w
+               for w in warnings), warnings
+    percent = _quantize(cli, tmp_path, evals, "accuracy", "--json")
+    assert not any("as large as" in w for w in json.loads(percent.stdout)["warnings"])

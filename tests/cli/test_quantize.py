@@ -418,6 +418,9 @@ def test_options_that_would_do_nothing_are_refused(cli, tmp_path, calib):
                           "--preprocess", "--data")
     assert_one_line_error(cli("quantize", model, "--data", calib, "-o", out, "--time-budget", "5s"), "--time-budget",
                           "--min-sqnr")
+    for budget in ("nan", "nanm", "0", "-1s"):
+        assert_one_line_error(cli("quantize", model, "--data", calib, "-o", out, "--min-sqnr", "30", "--time-budget",
+                                  budget), f"--time-budget {budget!r} must be positive")
     assert_one_line_error(cli("quantize", model, "--scheme", "fp16", "-o", out, "--block-size", "32"), "--block-size")
     assert not out.exists()
 

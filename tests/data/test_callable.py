@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 
@@ -128,3 +129,24 @@ def test_module_that_fails_to_import(tmp_path):
     (tmp_path / "bad.py").write_text("import numpy\nraise ImportError('needs torchvision')\n")
     with pytest.raises(DataError, match=r"importing .*bad\.py failed \(ImportError: needs torchvision\)"):
         CallableSource(f"{tmp_path / 'bad.py'}:f", [VECTOR])
+
+
+def test_a_function_that_changes_directory_keeps_it_and_leaves_ours(tmp_path, monkeypatch):
+    # a data script that chdirs to its data set (on import, or when called) ran edgeopt's own relative
+    # paths (-o out.onnx, --data of a later pass) from there; it keeps its directory, edgeopt its own
+    data_dir = tmp_path / "dataset"
+    data_dir.mkdir()
+    np.save(data_dir / "x.npy", np.ones((2, 4), np.float32))
+    path = tmp_path / "loader.py"
+    path.write_text(textwrap.dedent(f'''
+        import os
+        import numpy as np
+        os.chdir({str(data_dir)!r})
+
+        def samples():
+            return np.load("x.npy")  # relative to where the import went
+    '''))
+    monkeypatch.chdir(tmp_path)
+    source = open_data(f"{path}:samples", [VECTOR])
+    assert [b["x"].shape for b in source] == [(1, 4), (1, 4)]
+    assert os.getcwd() == str(tmp_path)

@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from edgeopt.errors import ConfigError
 from edgeopt.quant.accuracy import AccuracyGoal, accuracy_aware_quantize
 from edgeopt.quant.config import CalibrationMethod, Int8Config
 from tests.quant.int8_models import GraphBuilder, batches
@@ -251,3 +252,30 @@ def test_equalize_relu6_s_float_change_is_measured_on_the_scores_not_on_their_ar
     scores_only, with_argmax = (quantize_int8(classifier(a), config, data).details["relu6_float_sqnr_db"]
                                 for a in (False, True))
     assert with_argmax == scores_only
+
+
+@pytest.mark.parametrize("entry", ["first_batchnorm", "BatchNormalization"])
+def test_the_search_takes_an_exclude_naming_a_node_the_float_passes_fold(tmp_path, entry):
+    # --exclude names nodes of the user's file; a BatchNormalization is one, though folded into its conv
+    # before quantization. Plain quantize notes that; the search, which checked the names against the
+    # model after the float passes, refused it as "neither a node name nor an op type of the model".
+    import onnx
+
+    import edgeopt
+    from edgeopt.io import model_to_bytes
+    from tests.models import build_onnx
+
+    path = build_onnx("resnet", tmp_path)
+    if entry == "first_batchnorm":
+        entry = next(node.name for node in onnx.load(str(path)).graph.node if node.op_type == "BatchNormalization")
+    rng = np.random.default_rng(0)
+    data = [{"input": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)} for _ in range(8)]
+    config = Int8Config(exclude=(entry,))
+    searched = edgeopt.quantize(path, config, data, goal=AccuracyGoal(min_sqnr_db=0.0), check_speed=False)
+    plain = edgeopt.quantize(path, config, data, check_speed=False)
+    note = f"--exclude {entry!r}: no such node after the float passes (folded into its neighbour)"
+    assert note in searched.result.notes and searched.result.notes == plain.result.notes
+    assert model_to_bytes(searched.model) == model_to_bytes(plain.model)
+    with pytest.raises(ConfigError, match="neither a node name nor an op type"):
+        edgeopt.quantize(path, Int8Config(exclude=("BatchNorm",)), data, goal=AccuracyGoal(min_sqnr_db=0.0),
+                         check_speed=False)

@@ -149,11 +149,13 @@ def _evaluator(evaluate: str | Callable[[str], float] | None) -> Callable[[ir.Mo
     """Wrap the user's ``evaluate(model_path) -> score`` so it takes a model (saved to a temp file)."""
     import tempfile
 
-    from edgeopt.data.callable import load_function
+    from edgeopt.data.callable import UserWorkingDirectory, load_function
 
     if evaluate is None:
         return None
-    function = load_function(evaluate, option="--eval") if isinstance(evaluate, str) else evaluate
+    directory = UserWorkingDirectory()  # an os.chdir in the user's code must not move --data and -o
+    function = (load_function(evaluate, option="--eval", directory=directory) if isinstance(evaluate, str)
+                else evaluate)
 
     label = evaluate if isinstance(evaluate, str) else getattr(evaluate, "__qualname__", type(evaluate).__name__)
 
@@ -162,7 +164,8 @@ def _evaluator(evaluate: str | Callable[[str], float] | None) -> Callable[[ir.Mo
             path = Path(folder, "candidate.onnx")
             path.write_bytes(model_to_bytes(model))
             try:
-                value = function(str(path))
+                with directory.entered():
+                    value = function(str(path))
             except EdgeoptError:
                 raise
             except SystemExit as done:  # sys.exit() in the user's code must not end the run as if it succeeded
@@ -286,6 +289,8 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
             loaded = None
     quant_bytes = model_to_bytes(result.model, value_info=False)  # inferable annotations: size only
     warnings = []
+    if search is not None and (loose := _loose_goal(search)):
+        warnings.append(loose)
     if search is not None and not search.met:
         warnings.append(f"accuracy goal not met ({search.goal.describe()}): best score {search.best_score:.3f} "
                         f"with {len(search.best_excluded)} node(s) back in float; {search.stopped_because}")
@@ -343,6 +348,19 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
         # the artifact ships with its measured numbers: both files are replaced, or neither
         atomic_write_files([(output, quant_bytes), (report_path(output), json_text(report.to_dict()).encode())])
     return report
+
+
+def _loose_goal(search: AccuracySearch) -> str | None:
+    """A warning when --max-drop is as large as the float model's (positive) score: any model scoring 0 or
+    more meets it, the sign of a score in other units than the drop (a fraction, 0.978, with --max-drop 1
+    meant as one point of accuracy)."""
+    drop, score = search.goal.max_drop, search.float_score
+    if drop is None or not (math.isfinite(score) and 0 < score <= drop):
+        return None
+    hint = (f"if --eval returns a fraction ({score:.4g} for {score * 100:.4g} %), one point is --max-drop 0.01"
+            if score <= 1 else "give the drop in the units of the score")
+    return (f"--max-drop {drop:g} is as large as the float model's score itself ({score:.4g}): any model scoring 0 "
+            f"or more meets it; {hint}")
 
 
 def _blocks_c(result: QuantResult) -> list:
@@ -456,12 +474,15 @@ def compare(float_model: ModelSource, quant_model: ModelSource, data, *, preproc
     quant_ir = load(quant_model, require_static=False)
     if (note := missing_qdq_note(quant_ir)) is not None:
         logger.warning(note)
-    float_ir = _comparable_float(load(float_model, require_static=False), in_place=True)  # a fresh copy already
+    # edgeopt's quantizer folds BatchNorm ... first: its tensors are those of the optimized float model;
+    # the model as given stays for a quantizer that kept its graph (ONNX Runtime's quantize_static)
+    original = load(float_model, require_static=False)
+    float_ir = _comparable_float(original)
     from edgeopt.data import AlsoCheckedSource
 
     source = AlsoCheckedSource(_calibration_source(float_ir, data, preprocess, max_samples),
                                eir.model_inputs(quant_ir), "second model")
-    result = compare_models(float_ir, quant_ir, source, progress=progress)
+    result = compare_models(float_ir, quant_ir, source, original=original, progress=progress)
     for output in result.outputs:
         if output.signal and output.sqnr_db < 0:  # noise above the signal: no quantization of this model gives that
             logger.warning("output %s: SQNR %.1f dB, the second model's outputs are no closer to the first's than "

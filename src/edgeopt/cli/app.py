@@ -401,7 +401,7 @@ def _seconds(text: str) -> float:
         value = float(number) * units[unit.lower()]
     except ValueError:
         raise ConfigError(f"--time-budget {text!r}: write it like 90s, 10m or 1h") from None
-    if value <= 0:
+    if not value > 0:  # NaN too: it was passed on, to be refused as the Python field time_budget_s
         raise ConfigError(f"--time-budget {text!r} must be positive")
     return value
 

@@ -14,8 +14,10 @@ and is called once per pass over the data. It returns either
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -25,7 +27,7 @@ from edgeopt.data.base import DataSource, as_feed, split_stacked
 from edgeopt.errors import DataError
 from edgeopt.ir.values import InputSpec
 
-__all__ = ["CallableSource", "load_function", "looks_like_callable"]
+__all__ = ["CallableSource", "UserWorkingDirectory", "load_function", "looks_like_callable"]
 
 _FUNCTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -82,12 +84,40 @@ def _import(target: str, spec_text: str, option: str) -> object:
                         "check the module path and that it imports on its own") from error
 
 
-def load_function(spec_text: str, option: str = "--data") -> Callable[..., object]:
-    """The function named by ``module:function`` or ``file.py:function``; ``option`` names it in errors."""
+class UserWorkingDirectory:
+    """The working directory of the user's code, kept apart from edgeopt's.
+
+    Evaluation scripts often ``os.chdir`` to their data set, on import or in
+    the function: that code runs in the directory it last changed to, and
+    edgeopt's own relative paths (``--data calib.npy``, ``-o out.onnx``) keep
+    the meaning they had when given.
+    """
+
+    def __init__(self) -> None:
+        self._theirs: str | None = None
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        ours = os.getcwd()
+        if self._theirs is not None and self._theirs != ours:
+            os.chdir(self._theirs)
+        try:
+            yield
+        finally:
+            self._theirs = os.getcwd()
+            if self._theirs != ours:
+                os.chdir(ours)
+
+
+def load_function(spec_text: str, option: str = "--data",
+                  directory: UserWorkingDirectory | None = None) -> Callable[..., object]:
+    """The function named by ``module:function`` or ``file.py:function``; ``option`` names it in errors.
+    ``directory``: where the module's import leaves the working directory (edgeopt's is restored)."""
     target, sep, name = spec_text.rpartition(":")
     if not looks_like_callable(spec_text):
         raise DataError(f"{option} {spec_text!r} is not module:function or path/to/file.py:function")
-    module = _import(target, spec_text, option)
+    with (directory or UserWorkingDirectory()).entered():
+        module = _import(target, spec_text, option)
     function = getattr(module, name, None)
     if function is None:
         raise DataError(f"{option} {spec_text}: {target} has no attribute {name!r}")
@@ -102,11 +132,13 @@ class CallableSource(DataSource):
     def __init__(self, spec_text: str, specs: Sequence[InputSpec]) -> None:
         super().__init__(specs)
         self._spec_text = spec_text
-        self._function = load_function(spec_text)
+        self._directory = UserWorkingDirectory()
+        self._function = load_function(spec_text, directory=self._directory)
 
     def _call(self) -> object:
         try:
-            return self._function()
+            with self._directory.entered():
+                return self._function()
         except (Exception, SystemExit) as error:  # a failure inside user code is reported, with its cause chained
             raise DataError(f"--data {self._spec_text}: the function raised ({_first_line(error)})") from error
 

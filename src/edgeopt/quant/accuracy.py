@@ -42,7 +42,8 @@ from edgeopt.quant.compare import (CompareResult, carried_value, compare_models,
 from edgeopt.quant.config import Int8Config
 from edgeopt.quant.int8 import quantize_int8
 from edgeopt.quant.ops import is_qdq_op
-from edgeopt.quant.placement import DATA_MOVEMENT_OPS, readers_behind_qdq, readers_past_data_movement
+from edgeopt.quant.placement import (DATA_MOVEMENT_OPS, check_exclude, readers_behind_qdq,
+                                     readers_past_data_movement, vanished_excludes)
 from edgeopt.quant.registry import QuantResult
 
 __all__ = ["RETURNED", "AccuracyGoal", "AccuracySearch", "AccuracyStep", "accuracy_aware_quantize"]
@@ -281,7 +282,9 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config, data: Iterable,
     """
     if goal.max_drop is not None and evaluate is None:
         raise ConfigError("--max-drop needs --eval module:function to score a model")
-    search = _Search(_base_model(model), config, data, goal, evaluate)
+    base = _base_model(model)
+    config, vanished = _excludes_of_base(model, base, config)
+    search = _Search(base, config, data, goal, evaluate)
     float_score = evaluate(search.base) if evaluate is not None else math.inf
     steps: list[AccuracyStep] = []
     best: tuple[float, QuantResult, tuple[str, ...]] | None = None
@@ -321,7 +324,7 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config, data: Iterable,
         if pruned:
             stopped += f"; {pruned} of the nodes returned to float changed too little and run int8 again"
     best_score, best_result, best_excluded = best
-    best_result = _labelled(best_result, set(best_excluded) - set(config.exclude))
+    best_result = _labelled(best_result, set(best_excluded) - set(config.exclude), vanished)
     return AccuracySearch(result=best_result, goal=goal, float_score=float_score, best_score=best_score,
                           best_excluded=best_excluded, met=goal.met(best_score, float_score),
                           steps=tuple(steps), stopped_because=stopped, calibration_passes=search.memo.passes)
@@ -350,8 +353,20 @@ def _prune(search: _Search, met: tuple[float, QuantResult, tuple[str, ...]], flo
     return met, pruned
 
 
-def _labelled(result: QuantResult, returned: set[str]) -> QuantResult:
-    """``result`` with the nodes the search returned to float saying so (they went through exclude)."""
+def _excludes_of_base(model: ir.Model, base: ir.Model, config: Int8Config) -> tuple[Int8Config, list[str]]:
+    """``config`` with the exclude entries the float passes removed from ``base`` left out (the rounds
+    quantize ``base``), and the notes saying so. An entry must name a node or op type of the user's
+    model or of ``base``: a BatchNormalization folded into its conv is a node of the user's file."""
+    check_exclude([model, base], config.exclude)
+    present = {node.name for node in base.graph} | {node.op_type for node in base.graph}
+    kept = tuple(entry for entry in config.exclude if entry in present)
+    return replace(config, exclude=kept), vanished_excludes(base, config.exclude)
+
+
+def _labelled(result: QuantResult, returned: set[str], vanished: list[str]) -> QuantResult:
+    """``result`` with the nodes the search returned to float saying so (they went through exclude), and
+    the notes of exclude entries the float passes removed, where quantizing the user's model puts them."""
     float_nodes = tuple(f._replace(reason=RETURNED) if f.node_name in returned
                         else f for f in result.float_nodes)
-    return replace(result, float_nodes=float_nodes)
+    notes = (*result.notes[:1], *vanished, *result.notes[1:])
+    return replace(result, float_nodes=float_nodes, notes=notes)

@@ -11,8 +11,17 @@ consumers read in place of ``T``; its float counterpart is
 2. then followed through single ``Relu``/``Clip`` consumers that the quantized
    model no longer has: a quantizer drops them because the Q range clamps.
 
-Tensors a pass removed (BatchNorm folded, ...) have no counterpart and are
-only counted.
+The float model is compared after the float passes edgeopt's quantizer runs
+(BatchNorm folded into the conv, whose output keeps the conv's name but now
+holds the normalized values; MatMul + Add made one Gemm). Another quantizer
+may keep the graph as given: ONNX Runtime's quantizes a conv's output before
+its BatchNormalization, and a MatMul's before its bias Add. Given the
+``original`` float model too, a tensor is compared with the original's when
+the optimized model has no tensor of that name, or when the quantized model
+still reads it with the op that the passes folded away (a BatchNormalization
+reading the conv's output): the same name, the original's values.
+
+Tensors found in neither have no counterpart and are only counted.
 
 Per batch, the float model runs once with its matched tensors exposed as
 extra outputs (a float graph's fusions change only float rounding), and the
@@ -93,6 +102,7 @@ class TensorMatch:
     scale: float
     zero_point: int | None
     zero_point_dtype: str
+    original: bool = False  # a tensor of the float model as given, not of its optimized form
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -232,29 +242,72 @@ def _scale(quantize: ir.Node) -> float:
     return float(np.max(array)) if array is not None and array.size else math.nan
 
 
+def _reader_ops(value: ir.Value) -> set[str]:
+    return {use.node.op_type for use in value.uses()}
+
+
+def _quantized_reader_ops(value: ir.Value) -> set[str]:
+    """The op types reading ``value`` in a QDQ model, through its QuantizeLinear -> DequantizeLinear pairs."""
+    ops = set()
+    for use in value.uses():
+        if not is_qdq_op(use.node, "QuantizeLinear"):
+            ops.add(use.node.op_type)
+            continue
+        for dequantize in (u.node for u in use.node.outputs[0].uses() if is_qdq_op(u.node, "DequantizeLinear")):
+            ops |= _reader_ops(dequantize.outputs[0])
+    return ops
+
+
+def _kept_as_given(name: str, quantized: ir.Value, float_values: Mapping[str, ir.Value],
+                   original_values: Mapping[str, ir.Value]) -> bool:
+    """Whether the quantized model holds the original float model's ``name`` rather than the optimized
+    model's: the optimized model has no such tensor, or the quantized model reads it with an op the float
+    passes removed there (the BatchNormalization after a conv, whose output then carries the conv's name)."""
+    if name not in original_values:
+        return False
+    if name not in float_values:
+        return True
+    given, optimized = _reader_ops(original_values[name]), _reader_ops(float_values[name])
+    return given != optimized and bool(_quantized_reader_ops(quantized) & (given - optimized))
+
+
+def _counterpart(quantize: ir.Node, dequantize: ir.Node, float_values: Mapping[str, ir.Value],
+                 original_values: Mapping[str, ir.Value]) -> tuple[ir.Value, bool] | None:
+    """The float value the pair stands in for, and whether it is the original model's."""
+    for name in (quantize.inputs[0].name, dequantize.outputs[0].name):
+        if _kept_as_given(name, quantize.inputs[0], float_values, original_values):
+            return original_values[name], True
+        if name in float_values:
+            return float_values[name], False
+    return None
+
+
 def _match(quantize: ir.Node, dequantize: ir.Node, float_values: Mapping[str, ir.Value],
-           quant_names: set[str]) -> TensorMatch | None:
-    names = (quantize.inputs[0].name, dequantize.outputs[0].name)
-    found = next((float_values[n] for n in names if n in float_values), None)
+           original_values: Mapping[str, ir.Value], quant_names: set[str]) -> TensorMatch | None:
+    found = _counterpart(quantize, dequantize, float_values, original_values)
     if found is None:
         return None
-    value = _follow_clamps(found, quant_names)
-    producer = value.producer()
+    value = _follow_clamps(found[0], quant_names)
+    # the op the user's model writes it with (an Add the passes made a Gemm -> Reshape is still an Add)
+    producer = original_values.get(value.name, value).producer()
     zero_point, zero_point_dtype = _zero_point(quantize)
     return TensorMatch(float_name=value.name, quant_name=dequantize.outputs[0].name,
                        op_type=producer.op_type if producer is not None else "input",
-                       scale=_scale(quantize), zero_point=zero_point, zero_point_dtype=zero_point_dtype)
+                       scale=_scale(quantize), zero_point=zero_point, zero_point_dtype=zero_point_dtype,
+                       original=found[1])
 
 
-def _matches(float_model: ir.Model, quant_model: ir.Model) -> tuple[list[TensorMatch], list[str], int]:
+def _matches(float_model: ir.Model, quant_model: ir.Model,
+             original: ir.Model | None = None) -> tuple[list[TensorMatch], list[str], int]:
     """Matches (one per float tensor), names of unmatched DQ outputs, number of activation pairs."""
     float_values = _value_names(float_model.graph)
+    original_values = _value_names(original.graph) if original is not None else {}
     quant_names = set(_value_names(quant_model.graph))
     matched: dict[str, TensorMatch] = {}
     unmatched = []
     pairs = _activation_pairs(quant_model)
     for quantize, dequantize in pairs:
-        match = _match(quantize, dequantize, float_values, quant_names)
+        match = _match(quantize, dequantize, float_values, original_values, quant_names)
         if match is None:
             unmatched.append(dequantize.outputs[0].name)
         else:
@@ -262,13 +315,29 @@ def _matches(float_model: ir.Model, quant_model: ir.Model) -> tuple[list[TensorM
     return list(matched.values()), unmatched, len(pairs)
 
 
+_INTEGER_OPERATORS = ("ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeLinear")
+
+
 def missing_qdq_note(model: ir.Model) -> str | None:
-    """Why ``model`` will have no per-layer rows, when it holds no QuantizeLinear/DequantizeLinear node
-    (a float, fp16 or QOperator model, or the two models given in the wrong order); else None."""
-    if any(is_qdq_op(node, op) for node in model.graph for op in ("QuantizeLinear", "DequantizeLinear")):
+    """Why ``model`` will have no per-layer rows, when no QuantizeLinear -> DequantizeLinear pair carries
+    an activation (a float, fp16 or weight-only model, the two models given in the wrong order, or
+    ONNX Runtime's QOperator or dynamic format, whose integer ops pass activations on as integers);
+    else None."""
+    if _activation_pairs(model):
         return None
-    return ("the second model has no QuantizeLinear/DequantizeLinear node: only its outputs are compared, "
-            "no layer (per-layer rows need an int8 QDQ model, as edgeopt quantize writes, given second)")
+    what = "(per-layer rows need an int8 QDQ model, as edgeopt quantize writes, given second)"
+    integer_ops = sorted({node.op_type for node in model.graph
+                          if node.op_type.startswith("QLinear") or node.op_type in _INTEGER_OPERATORS})
+    if integer_ops:
+        return (f"the second model computes with integer operators ({', '.join(integer_ops[:4])}: ONNX Runtime's "
+                "QOperator or dynamic format), which pass activations on as integers with no "
+                "QuantizeLinear -> DequantizeLinear pair to compare: only its outputs are compared, no layer "
+                f"{what[:-1]}; ONNX Runtime's quantize_static writes one with quant_format=QuantFormat.QDQ)")
+    if not any(is_qdq_op(node, op) for node in model.graph for op in ("QuantizeLinear", "DequantizeLinear")):
+        return ("the second model has no QuantizeLinear/DequantizeLinear node: only its outputs are compared, "
+                f"no layer {what}")
+    return ("the second model quantizes no activation (its DequantizeLinear nodes read constant weights: a "
+            f"weight-only model): only its outputs are compared, no layer {what}")
 
 
 def match_tensors(float_model: ir.Model, quant_model: ir.Model) -> tuple[TensorMatch, ...]:
@@ -373,7 +442,8 @@ class _Meters:
 class _Runs:
     """The sessions of one comparison and the names each returns per batch.
 
-    ``layer_session`` is None when nothing is matched: the quantized model then runs once per batch.
+    ``layer_session`` is None when nothing is matched: the quantized model then runs once per batch;
+    ``original_session`` is None when no match is a tensor of the original float model.
     """
 
     float_session: OrtSession
@@ -383,24 +453,32 @@ class _Runs:
     layer_session: OrtSession | None
     layer_names: list[str]
     quant_float_inputs: Mapping[str, np.dtype]  # float inputs of another float type (fp16 without float32 IO)
+    original_session: OrtSession | None = None
+    original_names: tuple[str, ...] = ()
 
     def run(self, feed: Mapping[str, np.ndarray]) -> tuple[_Arrays, _Arrays, _Arrays]:
         """The float model's tensors (and the feed), the quantized DQ outputs, the quantized outputs."""
         reference = dict(feed) | self.float_session.run(feed, self.float_names)
+        if self.original_session is not None:  # the same names as given: their values replace the optimized ones
+            reference |= self.original_session.run(feed, list(self.original_names))
         quant_feed = {name: array.astype(self.quant_float_inputs[name]) if name in self.quant_float_inputs else array
                       for name, array in feed.items()}
         layers = self.layer_session.run(quant_feed, self.layer_names) if self.layer_session is not None else {}
         return reference, layers, self.output_session.run(quant_feed, self.outputs)
 
 
-def _runs(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatch], outputs: list[str]) -> _Runs:
-    """The float model with its matched tensors exposed; the quantized model as is, for the outputs;
-    and the quantized model with its matched DQ outputs exposed, for the per-layer rows."""
+def _runs(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatch], outputs: list[str],
+          original: ir.Model | None = None) -> _Runs:
+    """The float model with its matched tensors exposed (and the original float model with those that
+    are its); the quantized model as is, for the outputs; and the quantized model with its matched DQ
+    outputs exposed, for the per-layer rows."""
     from edgeopt.runtime.ort import OrtSession, observing_session
 
     float_specs = {s.name: s.dtype for s in eir.model_inputs(float_model)}
     float_inputs = set(float_specs)
-    float_names = [m.float_name for m in matches if m.float_name not in float_inputs]
+    computed = [m for m in matches if m.float_name not in float_inputs]
+    float_names = [m.float_name for m in computed if not m.original]
+    original_names = tuple(m.float_name for m in computed if m.original)
     layer_names = [m.quant_name for m in matches]
     recast = {s.name: s.dtype for s in eir.model_inputs(quant_model)
               if s.dtype.kind == "f" and float_specs.get(s.name, s.dtype).kind == "f"
@@ -409,11 +487,14 @@ def _runs(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatc
                  float_names=list(dict.fromkeys([*outputs, *float_names])),
                  output_session=OrtSession(quant_model), outputs=outputs,
                  layer_session=observing_session(quant_model, layer_names) if layer_names else None,
-                 layer_names=layer_names, quant_float_inputs=recast)
+                 layer_names=layer_names, quant_float_inputs=recast,
+                 original_session=observing_session(original, original_names) if original_names else None,
+                 original_names=original_names)
 
 
 def compare_models(float_model: ModelSource, quant_model: ModelSource, data: object, *,
-                   max_samples: int | None = None, progress: Progress | None = None) -> CompareResult:
+                   original: ModelSource | None = None, max_samples: int | None = None,
+                   progress: Progress | None = None) -> CompareResult:
     """Per-layer SQNR/cosine/max error of ``quant_model``'s activations, and output-level metrics.
 
     The output rows are those of ``quant_model`` run as is (ONNX Runtime's
@@ -422,17 +503,21 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     module docstring). A model without Q/DQ nodes (fp16, or the float model
     itself) gets output rows only.
 
-    ``data`` is anything :func:`edgeopt.data.open_data` takes; ``max_samples``
-    limits the batches read; ``progress(done, total)`` is called per batch
-    (``total`` is None when the source does not know its length).
+    ``original``: the float model before the float passes that made
+    ``float_model``, for the tensors of a quantizer that kept them (see the
+    module docstring). ``data`` is anything :func:`edgeopt.data.open_data`
+    takes; ``max_samples`` limits the batches read; ``progress(done, total)``
+    is called per batch (``total`` is None when the source does not know its
+    length).
     """
     float_ir, quant_ir = _load(float_model), _load(quant_model)
+    original_ir = _load(original) if original is not None else None
     outputs = _check_interfaces(float_ir, quant_ir)
-    matches, unmatched, pairs = _matches(float_ir, quant_ir)
+    matches, unmatched, pairs = _matches(float_ir, quant_ir, original_ir)
     source = open_data(data, eir.model_inputs(float_ir))
     source = take(source, max_samples) if max_samples is not None else source
     meters = _Meters(matches, outputs, read_rescaled(quant_ir))
-    _stream(source, _runs(float_ir, quant_ir, matches, outputs), meters, progress)
+    _stream(source, _runs(float_ir, quant_ir, matches, outputs, original_ir), meters, progress)
     if meters.samples == 0:
         raise DataError("the data gave no samples: point --data at at least one sample")
     return CompareResult(samples=meters.samples, layers=tuple(_with_losses(quant_ir, meters.layer_rows())),
