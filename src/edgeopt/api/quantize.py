@@ -240,9 +240,58 @@ def _check_argument_types(goal: object, evaluate: object, output: object) -> Non
 def _quantize(model: ModelSource, config: object, data, *, output, preprocess, max_samples, goal, evaluate,
               check_fidelity: bool, check_speed: bool, progress: Progress | None,
               logged: list[str]) -> QuantizeReport:
-    from edgeopt.quant import Int8Config, Target
-    from edgeopt.quant import quantize as run_scheme
+    """Check the request, quantize (or search), measure, write: each step below in that order."""
+    _check_request(model, config, data, output=output, preprocess=preprocess, max_samples=max_samples, goal=goal)
+    loaded = load(model, require_static=False)
+    float_bytes = _float_bytes(model, loaded)
+    source = _CountingSource(_calibration_source(loaded, data, preprocess, max_samples)) if data is not None else None
+    _check_goal(config, data, goal, evaluate)
+    search = None
+    if goal is not None:
+        search = accuracy_aware_quantize(loaded, config, source, goal, evaluate=_evaluator(evaluate),
+                                         progress=progress)
+        result = search.result
+    else:
+        from edgeopt.quant import quantize as run_scheme
 
+        # A model loaded here from a file is the scheme's to rewrite: weights the float passes
+        # replace are freed rather than kept for the checks below, which load the file again.
+        owned = not isinstance(model, ir.Model)
+        result = run_scheme(loaded, config, source, progress=progress, in_place=owned)
+        if owned:
+            loaded = None
+    quant_bytes = model_to_bytes(result.model, value_info=False)  # inferable annotations: size only
+    warnings = _result_warnings(config, result, search, source)
+    reiterable = data is not None and not isinstance(data, Iterator)
+    if check_fidelity and not reiterable and data is not None:
+        warnings.append("fidelity check skipped: the calibration data was a one-shot iterator, already read "
+                        "(pass a list, a re-iterable, a folder or a file to have it measured)")
+    if loaded is None and ((check_fidelity and reiterable) or check_speed):
+        loaded = load(model, require_static=False)
+    fidelity = (_fidelity(loaded, result.model, data, preprocess, max_samples)
+                if check_fidelity and reiterable else None)
+    if fidelity is not None:
+        warnings.extend(_fidelity_warnings(result, fidelity))
+    speed = None
+    if check_speed:
+        speed, skipped = _speed_check(loaded, result, data if reiterable else None, preprocess)
+        warnings.extend(skipped)
+    report = QuantizeReport(result=result, output=Path(output) if output is not None else None,
+                            float_bytes=float_bytes, quant_bytes=len(quant_bytes),
+                            calibration_samples=source.samples if source is not None else 0,
+                            calibration_batches=source.count if source is not None else 0,
+                            fidelity=fidelity, speed=speed, search=search,
+                            warnings=tuple(dict.fromkeys([*logged, *warnings])))
+    if output is not None:  # written last: an error in the checks above leaves nothing behind
+        # the artifact ships with its measured numbers: both files are replaced, or neither
+        atomic_write_files([(output, quant_bytes), (report_path(output), json_text(report.to_dict()).encode())])
+    return report
+
+
+def _check_request(model: ModelSource, config: object, data, *, output, preprocess, max_samples,
+                   goal: AccuracyGoal | None) -> None:
+    """What can be refused before the model is read: where the output goes, options without --data,
+    and data that can be read only once for work that reads it again."""
     _check_output_outside_data(data, output)
     overwritten = _overwrites_input(model, output)
     if overwritten is not None:
@@ -254,18 +303,18 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
     if data is None and (preprocess is not None or max_samples is not None):
         raise ConfigError(f"{'--preprocess' if preprocess is not None else '--max-samples'} applies to --data: "
                           "give --data too, or drop it")
-    one_shot = isinstance(data, Iterator)  # a generator, iter(loader): read once
-    if one_shot and (goal is not None or getattr(config, "smoothquant_alpha", None) is not None):
+    if isinstance(data, Iterator) and (goal is not None or getattr(config, "smoothquant_alpha", None) is not None):
         needs = "the accuracy search" if goal is not None else "--smoothquant"
         raise ConfigError(f"{needs} reads the calibration data more than once, and it is a one-shot iterator "
                           "(a generator): pass a list, a re-iterable (a DataLoader rather than iter(loader)), "
                           "a folder or a file")
-    loaded = load(model, require_static=False)
-    float_bytes = _float_bytes(model, loaded)
-    source = None
-    if data is not None:
-        source = _CountingSource(_calibration_source(loaded, data, preprocess, max_samples))
-    elif isinstance(config, Int8Config):
+
+
+def _check_goal(config: object, data, goal: AccuracyGoal | None, evaluate) -> None:
+    """int8 needs data; --eval goes with --max-drop; an accuracy goal is int8's."""
+    from edgeopt.quant import Int8Config
+
+    if data is None and isinstance(config, Int8Config):
         raise ConfigError("int8 quantization needs calibration data: give --data (a folder of .npy, images, "
                           "or module:function)")
     if evaluate is not None and (goal is None or goal.max_drop is None):
@@ -273,81 +322,66 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
             raise ConfigError("--eval goes with --max-drop (the score drop you accept); --min-sqnr is the goal "
                               "without --eval: give one of the two")
         raise ConfigError("--eval is used with --max-drop: give the largest score drop you accept")
-    search = None
-    if goal is not None:
-        if not isinstance(config, Int8Config):
-            raise ConfigError("--max-drop/--min-sqnr apply to int8 quantization only")
-        search = accuracy_aware_quantize(loaded, config, source, goal, evaluate=_evaluator(evaluate),
-                                         progress=progress)
-        result = search.result
-    else:
-        # A model loaded here from a file is the scheme's to rewrite: weights the float passes
-        # replace are freed rather than kept for the checks below, which load the file again.
-        owned = not isinstance(model, ir.Model)
-        result = run_scheme(loaded, config, source, progress=progress, in_place=owned)
-        if owned:
-            loaded = None
-    quant_bytes = model_to_bytes(result.model, value_info=False)  # inferable annotations: size only
+    if goal is not None and not isinstance(config, Int8Config):
+        raise ConfigError("--max-drop/--min-sqnr apply to int8 quantization only")
+
+
+def _result_warnings(config: object, result: QuantResult, search: AccuracySearch | None,
+                     source: _CountingSource | None) -> list[str]:
+    """What the user should know about the model written and the data it was calibrated on."""
+    from edgeopt.quant import Int8Config, Target
+
     warnings = []
     if search is not None and (loose := _loose_goal(search)):
         warnings.append(loose)
     if search is not None and not search.met:
         warnings.append(f"accuracy goal not met ({search.goal.describe()}): best score {search.best_score:.3f} "
                         f"with {len(search.best_excluded)} node(s) back in float; {search.stopped_because}")
-    if isinstance(config, Int8Config) and config.target is Target.MCU and (blocking := _blocks_c(result)):
+    if not isinstance(config, Int8Config):
+        return warnings
+    if config.target is Target.MCU and (blocking := _blocks_c(result)):
         warnings.append(_mcu_float_warning(blocking))
-    if isinstance(config, Int8Config) and not result.tensors:
+    if not result.tensors:
         warnings.append(f"no node runs in int8: the model written is the float model ({len(result.float_nodes)} "
                         "node(s) kept float, listed above)")
-    if source is not None and source.samples < MIN_CALIBRATION_SAMPLES and isinstance(config, Int8Config):
+    if source is not None and source.samples < MIN_CALIBRATION_SAMPLES:
         noun = "sample" if source.samples == 1 else "samples"
         warnings.append(f"only {source.samples} calibration {noun}: ranges may not cover real inputs "
                         f"(use at least {MIN_CALIBRATION_SAMPLES}, ideally a few hundred)")
-    if source is not None and isinstance(config, Int8Config):
+    if source is not None:
         warnings.extend(f"calibration data for input {name!r} is {value:g} in every sample: ranges calibrated on "
                         "it will not fit real inputs (a placeholder array? images that did not load?)"
                         for name, value in source.constant_inputs().items())
-    reiterable = data is not None and not one_shot
-    if check_fidelity and one_shot:
-        warnings.append("fidelity check skipped: the calibration data was a one-shot iterator, already read "
-                        "(pass a list, a re-iterable, a folder or a file to have it measured)")
-    if loaded is None and ((check_fidelity and reiterable) or check_speed):
-        loaded = load(model, require_static=False)
-    fidelity = (_fidelity(loaded, result.model, data, preprocess, max_samples)
-                if check_fidelity and reiterable else None)
-    if fidelity is not None:
-        unmeasured = [row for row in fidelity.outputs if math.isnan(row.sqnr_db)]
-        if float_fault := [row.name for row in unmeasured if not row.reference_finite]:
-            warnings.append(f"fidelity of {', '.join(float_fault)} not measured: the float model's outputs hold "
-                            "inf/NaN on the calibration data (check the model and the data's scale)")
-        if quant_fault := [row.name for row in unmeasured if row.reference_finite]:
-            warnings.append(f"output {', '.join(quant_fault)} of the {result.scheme} model holds inf/NaN on the "
-                            "calibration data where the float model's is finite: the model written is broken there; "
-                            "`edgeopt compare` finds the layer, --exclude keeps it float")
-        warnings.extend(_low_fidelity(result, fidelity))
-        warnings.extend(_relu6_warning(result, fidelity))
-    speed = None
-    if check_speed:
-        dynamic = not all(spec.is_static for spec in eir.model_inputs(loaded))
-        if dynamic and not reiterable:
-            warnings.append("speed check skipped: the model has dynamic input dims, and no re-readable data "
-                            "gives their sizes (a folder, a file, or a module:function returning a list)")
-        else:  # a model with dynamic dims is timed on the first calibration batch: the sizes it will see
-            feed = next(iter(_calibration_source(loaded, data, preprocess, 1))) if dynamic else None
-            speed = _speed(loaded, result.model, feed)
+    return warnings
+
+
+def _fidelity_warnings(result: QuantResult, fidelity: CompareResult) -> list[str]:
+    """Outputs not measured (inf/NaN, and whose fault), low fidelity, and --equalize-relu6's share of it."""
+    warnings = []
+    unmeasured = [row for row in fidelity.outputs if math.isnan(row.sqnr_db)]
+    if float_fault := [row.name for row in unmeasured if not row.reference_finite]:
+        warnings.append(f"fidelity of {', '.join(float_fault)} not measured: the float model's outputs hold "
+                        "inf/NaN on the calibration data (check the model and the data's scale)")
+    if quant_fault := [row.name for row in unmeasured if row.reference_finite]:
+        warnings.append(f"output {', '.join(quant_fault)} of the {result.scheme} model holds inf/NaN on the "
+                        "calibration data where the float model's is finite: the model written is broken there; "
+                        "`edgeopt compare` finds the layer, --exclude keeps it float")
+    return [*warnings, *_low_fidelity(result, fidelity), *_relu6_warning(result, fidelity)]
+
+
+def _speed_check(loaded: ir.Model, result: QuantResult, data, preprocess) -> tuple[SpeedCheck | None, list[str]]:
+    """Float vs quantized latency, and why it was skipped. A model with dynamic dims is timed on the first
+    batch of ``data`` (None: data that cannot be read again), the sizes it will see."""
+    dynamic = not all(spec.is_static for spec in eir.model_inputs(loaded))
+    if dynamic and data is None:
+        return None, ["speed check skipped: the model has dynamic input dims, and no re-readable data gives their "
+                      "sizes (a folder, a file, or a module:function returning a list)"]
+    feed = next(iter(_calibration_source(loaded, data, preprocess, 1))) if dynamic else None
+    speed = _speed(loaded, result.model, feed)
     if speed is not None and speed.slower:
         logger.info("the quantized model is slower than float here (%.3f ms vs %.3f ms): %s", speed.quant_ms,
                     speed.float_ms, "; ".join(speed.reasons or ("no cause found",)))
-    report = QuantizeReport(result=result, output=Path(output) if output is not None else None,
-                            float_bytes=float_bytes, quant_bytes=len(quant_bytes),
-                            calibration_samples=source.samples if source is not None else 0,
-                            calibration_batches=source.count if source is not None else 0,
-                            fidelity=fidelity, speed=speed, search=search,
-                            warnings=tuple(dict.fromkeys([*logged, *warnings])))
-    if output is not None:  # written last: an error in the checks above leaves nothing behind
-        # the artifact ships with its measured numbers: both files are replaced, or neither
-        atomic_write_files([(output, quant_bytes), (report_path(output), json_text(report.to_dict()).encode())])
-    return report
+    return speed, []
 
 
 def _loose_goal(search: AccuracySearch) -> str | None:
