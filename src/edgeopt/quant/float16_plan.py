@@ -10,8 +10,9 @@ the model's opset; or it reads float32 but its schema admits float16 at no
 input. Planning weights only (bf16, compute stays float32), untyped tensors
 do not matter, an op outside the ONNX domain is planned by ONNX
 Runtime's schema of it when there is one, and the nodes inside subgraphs
-are planned too (a weight they read may be stored low and cast back). Nodes kept float32 that touch float32 tensors are listed with that
-reason; Constant nodes are not planned (their values are constants, like
+are planned too (a weight they read may be stored low and cast back).
+Nodes kept float32 that touch float32 tensors are listed with that reason;
+Constant nodes are not planned (their values are constants, like
 initializers).
 
 Only positions whose schema type constraint admits float16 carry the low
