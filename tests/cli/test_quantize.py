@@ -101,6 +101,17 @@ def test_compare_lists_layers_worst_first(cli, tmp_path, calib):
     assert {"tensor", "op_type", "scale", "cosine"} <= set(report["layers"][0])
 
 
+def test_compare_json_carries_the_warnings_said_on_stderr(cli, tmp_path, calib):
+    """A script reading --json sees what a person reads on stderr: here, that the second model has no
+    Q/DQ pair to compare layer by layer (the float model given twice)."""
+    result = cli("compare", demo_model_path(), demo_model_path(), "--data", calib, "--json")
+    assert result.code == 0, result.stderr
+    warnings = json.loads(result.stdout)["warnings"]
+    assert len(warnings) == 1 and "QuantizeLinear" in warnings[0] and warnings[0] in result.stderr
+    report = edgeopt.compare(demo_model_path(), demo_model_path(), calib)
+    assert report.warnings == tuple(warnings) and report.layers == ()
+
+
 def test_dynamic_model_takes_shapes_from_data(cli, tmp_path):
     model = dynamic_input_model(tmp_path / "dyn.onnx")
     folder = tmp_path / "varying"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -501,7 +502,16 @@ def _speed(float_model: ir.Model, quant_model: ir.Model, feed: Batch | None) -> 
 
 def compare(float_model: ModelSource, quant_model: ModelSource, data, *, preprocess: ImagePreprocess | None = None,
             max_samples: int | None = None, progress: Progress | None = None) -> CompareResult:
-    """Per-layer SQNR and cosine of a quantized model against its float model, worst first."""
+    """Per-layer SQNR and cosine of a quantized model against its float model, worst first; the warnings
+    logged on the way are in its ``warnings`` too (a model without Q/DQ pairs, outputs below 0 dB ...)."""
+    with logged_warnings() as logged:
+        result = _compare(float_model, quant_model, data, preprocess=preprocess, max_samples=max_samples,
+                          progress=progress)
+    return dataclasses.replace(result, warnings=tuple(logged))
+
+
+def _compare(float_model: ModelSource, quant_model: ModelSource, data, *, preprocess: ImagePreprocess | None,
+             max_samples: int | None, progress: Progress | None) -> CompareResult:
     from edgeopt.quant.compare import compare_models, missing_qdq_note
 
     float_model, quant_model = model_source(float_model, "float model"), model_source(quant_model, "quantized model")

@@ -162,7 +162,8 @@ class CompareResult:
 
     ``quantized_tensors`` counts the activation Q/DQ pairs of the QDQ model;
     ``unmatched`` names those without a float counterpart; ``skipped`` those
-    whose shapes differ between the models.
+    whose shapes differ between the models. ``warnings``: what was warned about
+    on the way (`edgeopt compare` fills it; in a quantize report they are the report's).
     """
 
     samples: int
@@ -172,6 +173,7 @@ class CompareResult:
     quantized_tensors: int
     unmatched: tuple[str, ...]
     skipped: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
     @property
     def matched(self) -> int:
@@ -191,7 +193,8 @@ class CompareResult:
         return {"samples": self.samples, "rows": self.rows, "quantized_tensors": self.quantized_tensors,
                 "matched": self.matched,
                 "unmatched": list(self.unmatched), "skipped": list(self.skipped),
-                "outputs": [o.to_dict() for o in self.outputs], "layers": [r.to_dict() for r in self.layers]}
+                "outputs": [o.to_dict() for o in self.outputs], "layers": [r.to_dict() for r in self.layers],
+                **({"warnings": list(self.warnings)} if self.warnings else {})}
 
 
 # ----------------------------------------------------------------------- matching
