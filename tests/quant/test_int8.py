@@ -428,3 +428,37 @@ def test_an_embedding_table_is_stored_in_int8_and_gathered_from_it():
 
     mcu = quantize(model, Int8Config(target=Target.MCU), data)
     assert ("embed", "Gather", "no integer kernel for Gather") in mcu.float_nodes
+
+
+def test_the_rewrites_the_float_passes_refused_are_in_the_notes_with_their_reason():
+    """A conv whose output is read twice keeps its BatchNormalization, and a hardswish spelled with /5
+    is not one: both stay float, and the notes say why, so the user can re-export."""
+    from .int8_models import GraphBuilder, batches
+
+    graph = GraphBuilder()
+    conv = graph.conv("x", 3, 8, "conv")
+    norm = graph.node("BatchNormalization", [conv, graph.constant("g", np.linspace(0.5, 1.5, 8)),
+                                             graph.constant("b", np.zeros(8)), graph.constant("m", np.zeros(8)),
+                                             graph.constant("v", np.ones(8))], "bn")
+    shifted = graph.node("Add", [norm, graph.constant("three", 3.0)], "add3")
+    clipped = graph.node("Clip", [shifted, graph.constant("zero", 0.0), graph.constant("six", 6.0)], "clip")
+    scaled = graph.node("Div", [graph.node("Mul", [norm, clipped], "mul"), graph.constant("five", 5.0)], "div5")
+    model = graph.model([scaled, graph.node("Relu", [conv], "side")], [1, 3, 8, 8])
+    result = quantize(model, Int8Config(), batches([1, 3, 8, 8], 8))
+    start = next(i for i, note in enumerate(result.notes) if note.startswith("float passes:"))
+    assert result.notes[start:start + 3] == (
+        "float passes: 2 rewrite(s) matched but not applied, so those nodes stay as exported:",
+        "  not folded (fold-batchnorm): conv + bn: Conv output has 2 consumers",
+        "  not fused (fuse-activations): add3 + clip: the Clip output is not scaled by 1/6 "
+        "(as in x * clip(x + 3, 0, 6) / 6)")
+    assert {"bn", "div5"} <= {node.node_name for node in result.float_nodes}
+
+
+def test_a_pattern_refused_at_every_block_is_one_note_naming_the_first_place(models):
+    """Exported at opset 11, a MobileNetV3's seven HardSigmoid * x cannot become HardSwish (opset 14)."""
+    feeds = _inputs("mobilenet_v3", 4, seed=0)
+    refused = [note for note in quantize(models("mobilenet_v3", 11), Int8Config(), feeds).notes
+               if note.startswith("  not fused")]
+    assert len(refused) == 1 and refused[0].endswith("and 6 more: HardSwish needs opset >= 14 (model has 13)")
+    assert not any(note.startswith("float passes:") for note in quantize(models("mobilenet_v3", 14), Int8Config(),
+                                                                           feeds).notes)

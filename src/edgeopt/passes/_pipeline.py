@@ -64,6 +64,24 @@ class PipelineResult:
         return [f"{report.name}: {line}" for report in self.reports
                 for line in report.explain(include_applied=include_applied)]
 
+    def refusal_notes(self) -> list[str]:
+        """The rewrites a rule matched but refused, for a report's notes: a count, then one indented line
+        per pass and reason, naming the first place and how many more (an exporter's pattern met at
+        every block is one line: ``  not fused (fuse-activations): A + B and 5 more: HardSwish needs
+        opset >= 14 (model has 13)``). None refused: no notes."""
+        by_reason: dict[tuple[str, str, str], list[tuple[str, ...]]] = {}
+        for report in self.reports:
+            for outcome in report.refused:
+                by_reason.setdefault((report.name, outcome.verb, outcome.message), []).append(outcome.nodes)
+        if not by_reason:
+            return []
+        total = sum(len(places) for places in by_reason.values())
+        notes = [f"float passes: {total} rewrite(s) matched but not applied, so those nodes stay as exported:"]
+        for (name, verb, message), places in by_reason.items():
+            more = f" and {len(places) - 1} more" if len(places) > 1 else ""
+            notes.append(f"  not {verb} ({name}): {' + '.join(places[0])}{more}: {message}")
+        return notes
+
 
 def optimize_for_quantization(model: ir.Model, *, in_place: bool = False) -> PipelineResult:
     """Run the default float passes on a copy of ``model`` (the input is not modified), or on

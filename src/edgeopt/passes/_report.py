@@ -1,9 +1,10 @@
 """What a pass did and did not do, in words a user can act on.
 
 Every rewrite and every refusal of a rule becomes a :class:`RuleOutcome`;
-a pass collects them in a :class:`PassReport`. ``--explain`` prints the
-refusals: ``Conv_12 + BatchNormalization_13: not folded: Conv output has 2
-consumers``.
+a pass collects them in a :class:`PassReport`. The refusals are what a user
+can act on (``Conv_12 + BatchNormalization_13: not folded: Conv output has 2
+consumers``): int8 quantization lists them in its notes, which
+``edgeopt quantize`` prints and writes to its report.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ A rule looks at one *anchor* node at a time:
 
 :class:`RulePass` sweeps the main graph in order, applying the first rule
 that fits each node, until a sweep changes nothing. Refusals come from that
-last sweep, so they describe the final graph; ``--explain`` prints them.
+last sweep, so they describe the final graph (int8 quantization notes them).
 Subgraphs (If/Loop bodies) are left as they are.
 """
 

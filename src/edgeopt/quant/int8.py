@@ -325,6 +325,8 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
         hooks.append(check)
     _infer_matmul_ranks(model)
     model, optimization = _optimize(model)
+    if optimization is not None:
+        notes.extend(optimization.refusal_notes())
     _prepare(model)
     check_exclude([given, model], config.exclude)
     notes.extend(vanished_excludes(model, config.exclude))
