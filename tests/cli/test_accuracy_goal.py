@@ -188,3 +188,16 @@ def test_a_drop_as_large_as_the_score_itself_is_warned_about(cli, tmp_path, eval
                for w in warnings), warnings
     percent = _quantize(cli, tmp_path, evals, "accuracy", "--json")
     assert not any("as large as" in w for w in json.loads(percent.stdout)["warnings"])
+
+
+def test_a_goal_not_met_exits_8_with_the_best_model_and_its_report_written(cli, tmp_path):
+    """A CI job asking for --min-sqnr must fail when the goal is missed, and still get the model to inspect."""
+    out = tmp_path / "q.onnx"
+    result = cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", out, "--min-sqnr", "200",
+                 "--time-budget", "1s", "--no-speed-check", "--json")
+    assert result.code == 8, result.stderr
+    report = json.loads(result.stdout)
+    assert report["accuracy_search"]["met"] is False and out.exists()
+    assert json.loads(out.with_name("q.report.json").read_text())["accuracy_search"]["met"] is False
+    assert any(w.startswith("accuracy goal not met (output SQNR >= 200") for w in report["warnings"])
+    assert "Traceback" not in result.stderr

@@ -25,7 +25,10 @@ from edgeopt.errors import ConfigError, DataError
 from edgeopt.quant.accuracy import AccuracyGoal
 from edgeopt.io import parse_input_shapes
 
-__all__ = ["app"]
+__all__ = ["GOAL_MISSED", "app"]
+
+#: Exit code of a quantize whose --max-drop / --min-sqnr goal was not met (the best model found is written).
+GOAL_MISSED = 8
 
 app = typer.Typer(
     name="edgeopt",
@@ -389,8 +392,10 @@ def quantize(
                               check_speed=speed_check, progress=update)
     if json_output:
         print_json(report.to_dict())
-        return
-    _render_quantize(report)
+    else:
+        _render_quantize(report)
+    if report.search is not None and not report.search.met:  # the best model found is written all the same
+        raise typer.Exit(GOAL_MISSED)
 
 
 def _seconds(text: str) -> float:

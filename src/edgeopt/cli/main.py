@@ -1,7 +1,8 @@
 """Entry point: runs the Typer app and turns user errors into one line and an exit code.
 
 Exit codes: 0 success; 1-7 an :class:`EdgeoptError` (its ``exit_code``);
-2 also for a command-line usage error (Typer's own); 70 an internal error (a
+2 also for a command-line usage error (Typer's own); 8 an accuracy goal of
+``quantize`` not met (the best model found is written); 70 an internal error (a
 bug, whose traceback ``--debug`` shows); 130 interrupted; 143 terminated (SIGTERM).
 """
 
