@@ -44,6 +44,17 @@ def test_other_files_and_objects_are_refused(tmp_path):
         open_data(3, [VECTOR])
 
 
+def test_files_of_zero_length_arrays_are_refused_by_name(tmp_path):
+    """Calibration said only 'calibration data is empty', with no file named."""
+    np.save(tmp_path / "empty.npy", np.zeros((0, 4), np.float32))
+    with pytest.raises(DataError, match=r"^file .*empty\.npy \(0 samples\): no sample in it"):
+        open_data(tmp_path / "empty.npy", [VECTOR])
+    (tmp_path / "folder").mkdir()
+    np.savez(tmp_path / "folder" / "a.npz", x=np.zeros((0, 4), np.float32))
+    with pytest.raises(DataError, match=r"^folder .*folder/ \(1 .npz file, 0 samples\): no sample in it"):
+        open_data(tmp_path / "folder", [VECTOR])
+
+
 def test_arrays_only_in_subfolders_not_named_after_inputs_are_named(tmp_path):
     """A folder of class subfolders (cat/, dog/) holding .npy files was said to hold no .npy files."""
     for sub in ("cat", "dog", ".cache"):

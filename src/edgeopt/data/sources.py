@@ -84,13 +84,21 @@ def _open_text(text: str | os.PathLike, specs: Sequence[InputSpec],
         raise DataError(f"data path {path} not found: pass a folder of .npy/.npz files or images, "
                         "a .npy/.npz file, or module:function")
     if path.is_dir():
-        return _open_folder(path, specs, preprocess)
+        return _with_samples(_open_folder(path, specs, preprocess))
     if path.suffix.lower() in DATA_SUFFIXES:
         if preprocess is not None:
             logger.warning("%s holds arrays: the image preprocessing given is not used", path)
-        return NpyFileSource(path, specs)
+        return _with_samples(NpyFileSource(path, specs))
     raise DataError(f"--data {path} is not a folder or a .npy/.npz file: "
                     "put images in a folder, or save arrays with np.save")
+
+
+def _with_samples(source: DataSource) -> DataSource:
+    """``source``, refused by name when it knows it holds no sample (zero-length arrays): calibration
+    would say only that its data was empty."""
+    if source.num_samples == 0:
+        raise DataError(f"{source.describe()}: no sample in it (zero-length arrays?): give at least one")
+    return source
 
 
 def _open_array(array: object, specs: Sequence[InputSpec]) -> DataSource:
