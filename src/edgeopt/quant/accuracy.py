@@ -42,7 +42,7 @@ from edgeopt.quant.compare import (CompareResult, carried_value, compare_models,
 from edgeopt.quant.config import Int8Config
 from edgeopt.quant.int8 import quantize_int8
 from edgeopt.quant.ops import is_qdq_op
-from edgeopt.quant.placement import (DATA_MOVEMENT_OPS, check_exclude, readers_behind_qdq,
+from edgeopt.quant.placement import (DATA_MOVEMENT_OPS, READ_IN_FLOAT, check_exclude, readers_behind_qdq,
                                      readers_past_data_movement, vanished_excludes)
 from edgeopt.quant.registry import QuantResult
 
@@ -162,7 +162,7 @@ def _node_damage(result: QuantResult, comparison: CompareResult) -> list[tuple[f
     damage goes to those readers, since returning the float node itself would change nothing.
     """
     sqnr = {row.tensor: row.sqnr_db for row in comparison.layers}
-    float_nodes = {f.node_name for f in result.float_nodes}
+    float_nodes = _float_node_names(result)
     ranked = []
     for node, sqnr_db in _quantized_producers(result.model, comparison):
         if eir.is_op(node, *DATA_MOVEMENT_OPS):  # lossless: returning it to float changes no value
@@ -186,10 +186,16 @@ def _node_damage(result: QuantResult, comparison: CompareResult) -> list[tuple[f
     return [item for item in ranked if not (item[1].name in seen or seen.add(item[1].name))]
 
 
+def _float_node_names(result: QuantResult) -> set[str]:
+    """The nodes that read float inputs: not those that read int8 and compute in float because a node kept
+    float reads their output (returning one to float still takes the quantization off its inputs)."""
+    return {f.node_name for f in result.float_nodes if not f.reason.startswith(READ_IN_FLOAT)}
+
+
 def _quantized_readers(result: QuantResult) -> list[tuple[float, ir.Node, str]]:
     """Nodes still reading a quantized activation whose own output is not compared (its readers are
     float): no damage is measured for them, but the search must be able to return them too."""
-    float_nodes = {f.node_name for f in result.float_nodes}
+    float_nodes = _float_node_names(result)
     found = []
     for node in result.model.graph:
         if node.name in float_nodes or is_qdq_op(node, "QuantizeLinear") or is_qdq_op(node, "DequantizeLinear"):
