@@ -188,3 +188,11 @@ def test_a_drop_as_large_as_the_score_itself_is_warned_about(cli, tmp_path, eval
                for w in warnings), warnings
     percent = _quantize(cli, tmp_path, evals, "accuracy", "--json")
     assert not any("as large as" in w for w in json.loads(percent.stdout)["warnings"])
+
+
+def test_scores_are_shown_to_the_resolution_of_the_drop_accepted():
+    # a loss-like score with --max-drop 0.0001 showed "-0.100 (float model -0.099)": the drop was invisible
+    assert edgeopt.AccuracyGoal(max_drop=1e-4).score_text(-0.0998663) == "-0.09987"
+    assert edgeopt.AccuracyGoal(max_drop=1.0).score_text(97.5556) == "97.556"
+    assert edgeopt.AccuracyGoal(min_sqnr_db=30.0).score_text(33.7716) == "33.772"
+    assert edgeopt.AccuracyGoal(max_drop=0.0).score_text(0.97555) == "0.976"

@@ -336,8 +336,9 @@ def _result_warnings(config: object, result: QuantResult, search: AccuracySearch
     if search is not None and (loose := _loose_goal(search)):
         warnings.append(loose)
     if search is not None and not search.met:
-        warnings.append(f"accuracy goal not met ({search.goal.describe()}): best score {search.best_score:.3f} "
-                        f"with {len(search.best_excluded)} node(s) back in float; {search.stopped_because}")
+        warnings.append(f"accuracy goal not met ({search.goal.describe()}): best score "
+                        f"{search.goal.score_text(search.best_score)} with {len(search.best_excluded)} node(s) back in "
+                        f"float; {search.stopped_because}")
     if not isinstance(config, Int8Config):
         return warnings
     if config.target is Target.MCU and (blocking := _blocks_c(result)):

@@ -91,6 +91,13 @@ class AccuracyGoal:
             return float_score - score <= self.max_drop
         return score >= self.min_sqnr_db
 
+    def score_text(self, score: float) -> str:
+        """``score`` with 3 decimals, or as many as show a step of ``max_drop`` (a loss moving by 1e-4)."""
+        digits = 3
+        if self.max_drop and math.isfinite(score):
+            digits = max(3, math.ceil(-math.log10(self.max_drop)) + 1)
+        return f"{score:.{digits}f}"
+
     def describe(self) -> str:
         if self.max_drop is not None:
             return f"accuracy drop <= {self.max_drop:g}"
