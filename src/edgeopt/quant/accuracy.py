@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import onnx_ir as ir
@@ -337,7 +337,8 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config, data: Iterable,
         if pruned:
             stopped += f"; {pruned} of the nodes returned to float changed too little and run int8 again"
     best_score, best_result, best_excluded = best
-    best_result = _labelled(best_result, set(best_excluded) - set(config.exclude), vanished)
+    returned = _why_returned(steps, [name for name in best_excluded if name not in config.exclude], goal, float_score)
+    best_result = _labelled(best_result, returned, vanished)
     return AccuracySearch(result=best_result, goal=goal, float_score=float_score, best_score=best_score,
                           best_excluded=best_excluded, met=goal.met(best_score, float_score),
                           steps=tuple(steps), stopped_because=stopped, calibration_passes=search.memo.passes)
@@ -376,10 +377,30 @@ def _excludes_of_base(model: ir.Model, base: ir.Model, config: Int8Config) -> tu
     return replace(config, exclude=kept), vanished_excludes(base, config.exclude)
 
 
-def _labelled(result: QuantResult, returned: set[str], vanished: list[str]) -> QuantResult:
-    """``result`` with the nodes the search returned to float saying so (they went through exclude), and
-    the notes of exclude entries the float passes removed, where quantizing the user's model puts them."""
-    float_nodes = tuple(f._replace(reason=RETURNED) if f.node_name in returned
+def _why_returned(steps: list[AccuracyStep], returned: list[str], goal: AccuracyGoal,
+                  float_score: float) -> dict[str, str]:
+    """The reason each node the search returned stays float: :data:`RETURNED`, then what was measured when
+    it was chosen and, when it was tried in int8 again, the score that missed the goal."""
+    reasons = {}
+    for name in returned:
+        chosen = next((index, step) for index, step in enumerate(steps) if step.next_node == name)
+        why = [f"round {chosen[0]}: {chosen[1].reason}"]
+        retried = next((step for step in steps if step.retried == name), None)
+        met = next((step for step in steps if not step.retried and step.excluded[-1:] == (name,)
+                    and goal.met(step.score, float_score)), None)
+        if retried is not None:
+            why.append(f"in int8 again the score was {goal.score_text(retried.score)}, missing {goal.describe()}")
+        elif met is not None:  # the last one returned: it met the goal, and is not tried again
+            why.append(f"with it in float the score reached {goal.score_text(met.score)}, meeting {goal.describe()}")
+        reasons[name] = f"{RETURNED} ({'; '.join(why)})"
+    return reasons
+
+
+def _labelled(result: QuantResult, returned: Mapping[str, str], vanished: list[str]) -> QuantResult:
+    """``result`` with the nodes the search returned to float saying so and why (they went through
+    exclude), and the notes of exclude entries the float passes removed, where quantizing the user's
+    model puts them."""
+    float_nodes = tuple(f._replace(reason=returned[f.node_name]) if f.node_name in returned
                         else f for f in result.float_nodes)
     notes = (*result.notes[:1], *vanished, *result.notes[1:])
     return replace(result, float_nodes=float_nodes, notes=notes)
