@@ -201,3 +201,11 @@ def test_a_goal_not_met_exits_8_with_the_best_model_and_its_report_written(cli, 
     assert json.loads(out.with_name("q.report.json").read_text())["accuracy_search"]["met"] is False
     assert any(w.startswith("accuracy goal not met (output SQNR >= 200") for w in report["warnings"])
     assert "Traceback" not in result.stderr
+
+
+def test_scores_are_shown_to_the_resolution_of_the_drop_accepted():
+    # a loss-like score with --max-drop 0.0001 showed "-0.100 (float model -0.099)": the drop was invisible
+    assert edgeopt.AccuracyGoal(max_drop=1e-4).score_text(-0.0998663) == "-0.09987"
+    assert edgeopt.AccuracyGoal(max_drop=1.0).score_text(97.5556) == "97.556"
+    assert edgeopt.AccuracyGoal(min_sqnr_db=30.0).score_text(33.7716) == "33.772"
+    assert edgeopt.AccuracyGoal(max_drop=0.0).score_text(0.97555) == "0.976"

@@ -57,7 +57,12 @@ def test_a_float_node_is_never_a_step_its_quantized_readers_are():
     assert all(step.next_node != "tanh" for step in search.steps)
     reasons = {node.node_name: node.reason for node in search.result.float_nodes}
     assert reasons["pool"] == "excluded (--exclude)" and reasons["tanh"] == "no integer kernel for Tanh"
-    assert reasons["conv2"] == "returned to float by the accuracy search"
+    # and why: what was measured when it was chosen, and the score that met the goal with it in float
+    assert reasons["conv2"] == ("returned to float by the accuracy search (round 2: reads tanh (Tanh, float) "
+                                "quantized: output SQNR 50.0 dB; with it in float the score reached inf, meeting "
+                                "output SQNR >= 200 dB)")
+    assert reasons["conv1"].startswith("returned to float by the accuracy search (round 0: output SQNR ")
+    assert reasons["conv1"].endswith(", missing output SQNR >= 200 dB)")  # tried in int8 again: the score it gave
 
 
 def test_the_error_at_a_fused_relu_is_charged_to_the_gemm_it_is_fused_into():
@@ -128,6 +133,9 @@ def test_nodes_that_did_not_help_go_back_to_int8_once_the_goal_is_met(monkeypatc
     assert [step.retried for step in search.steps if step.retried] == ["conv1", "fc"]
     assert "2 of the nodes returned to float changed too little" in search.stopped_because
     assert {f.node_name for f in search.result.float_nodes if "accuracy search" in f.reason} == {"conv2"}
+    why = next(f.reason for f in search.result.float_nodes if f.node_name == "conv2")
+    assert why == ("returned to float by the accuracy search (round 2: ranked first by the test; with it in float "
+                   "the score reached 100.000, meeting accuracy drop <= 0.5)")
     assert conv2_is_float(search.result.model) == 100.0
 
 

@@ -104,6 +104,43 @@ def test_an_excluded_node_runs_in_float_in_onnx_runtime(models):
     assert one_conv["QLinearConv"] < base["QLinearConv"] and one_conv["Conv"] + one_conv["FusedConv"] >= 1
 
 
+def test_the_nodes_writing_an_excluded_node_s_inputs_are_listed_float(models):
+    # ONNX Runtime fuses a node into its integer kernel only when a QuantizeLinear alone reads its output:
+    # the convs writing an excluded Add's inputs read int8 and compute in float (Conv, FusedConv). The
+    # report listed the Add alone, where ONNX Runtime runs every conv it names (QA: a search "returning 5
+    # nodes to float" left 8 float layers in ONNX Runtime's graph, 5 convs of them unlisted).
+    from edgeopt.quant.placement import READ_IN_FLOAT
+
+    model = models("resnet")
+    add = [node.name for node in model.graph if node.op_type == "Add"][-1]
+    result = quantize(model, Int8Config(exclude=(add,)), _inputs("resnet", 8, seed=0))
+    writers = [f for f in result.float_nodes if f.reason.startswith(READ_IN_FLOAT)]
+    assert writers and all(repr(add) in f.reason for f in writers)
+    counts = ort_op_counts(result.model)
+    assert counts["Conv"] + counts["FusedConv"] == sum(f.op_type == "Conv" for f in result.float_nodes) >= 2
+
+
+def test_a_gemm_read_in_float_alone_is_not_listed_float(models):
+    # DQ -> Gemm with no QuantizeLinear after it runs as QGemm with a float output: an integer kernel
+    from edgeopt.quant.placement import READ_IN_FLOAT
+    from tests.quant.int8_models import GraphBuilder, batches
+
+    g = GraphBuilder(seed=2)
+    h = g.node("Gemm", ["x", g.weight("g1.weight", (16, 16)), g.weight("g1.bias", (16,), 0.1)], "g1", transB=1)
+    h = g.node("Gemm", [h, g.weight("g2.weight", (16, 16)), g.weight("g2.bias", (16,), 0.1)], "g2", transB=1)
+    relu = g.node("Relu", [h], "relu")
+    y = g.node("Gemm", [relu, g.weight("g3.weight", (10, 16)), g.weight("g3.bias", (10,), 0.1)], "g3", transB=1)
+    model = g.model([y], (1, 16))
+    first = quantize(model, Int8Config(exclude=("g2",)), batches((1, 16), 8))
+    assert not any(f.node_name == "g1" for f in first.float_nodes) and ort_op_counts(first.model)["QGemm"] == 2
+    fused = quantize(model, Int8Config(exclude=("g3",)), batches((1, 16), 8))  # g2 + its Relu: a float FusedGemm
+    reasons = {f.node_name: f.reason for f in fused.float_nodes}
+    assert reasons["g2"].startswith(READ_IN_FLOAT) and "Gemm + Relu" in reasons["g2"]
+    assert reasons["relu"] == reasons["g2"]
+    counts = ort_op_counts(fused.model)
+    assert counts["QGemm"] == 1 and counts["FusedGemm"] + counts["Gemm"] == 2
+
+
 def test_an_excluded_node_behind_data_movement_stays_float(models):
     # The attention MatMul reads Transposes of Reshapes: ORT moves a DequantizeLinear past them, so
     # they read float inputs too (and say why), or the MatMul would be fused back into QLinearMatMul.

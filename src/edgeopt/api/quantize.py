@@ -336,8 +336,9 @@ def _result_warnings(config: object, result: QuantResult, search: AccuracySearch
     if search is not None and (loose := _loose_goal(search)):
         warnings.append(loose)
     if search is not None and not search.met:
-        warnings.append(f"accuracy goal not met ({search.goal.describe()}): best score {search.best_score:.3f} "
-                        f"with {len(search.best_excluded)} node(s) back in float; {search.stopped_because}")
+        warnings.append(f"accuracy goal not met ({search.goal.describe()}): best score "
+                        f"{search.goal.score_text(search.best_score)} with {len(search.best_excluded)} node(s) back in "
+                        f"float; {search.stopped_because}")
     if not isinstance(config, Int8Config):
         return warnings
     if config.target is Target.MCU and (blocking := _blocks_c(result)):
@@ -403,7 +404,12 @@ def _blocks_c(result: QuantResult) -> list:
     passing an input on to an output), which the C does as a copy of the int8 values."""
     from edgeopt.runtime.reference.lower import MOVEMENT_OPS
 
-    return [node for node in result.float_nodes if node.reason in _KEPT_REASONS or node.op_type not in MOVEMENT_OPS]
+    return [node for node in result.float_nodes if _kept(node) or node.op_type not in MOVEMENT_OPS]
+
+
+def _kept(node) -> bool:
+    """Whether the user (--exclude) or the accuracy search kept this node float."""
+    return node.reason.startswith(_KEPT_REASONS)
 
 
 def _relu6_warning(result: QuantResult, fidelity: CompareResult) -> list[str]:
@@ -422,7 +428,7 @@ def _mcu_float_warning(float_nodes) -> str:
     names = [f.node_name for f in float_nodes]
     text = (f"{len(names)} node(s) stay float ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): "
             "edgeopt compile lowers all-int8 models only, so this model runs in ONNX Runtime but cannot become C")
-    if any(f.reason in _KEPT_REASONS for f in float_nodes):
+    if any(_kept(f) for f in float_nodes):
         text += "; drop --exclude (or the accuracy goal) for the mcu target"
     if any("gelu" in f.reason.lower() for f in float_nodes):
         text += "; a spelled-out GELU becomes one Gelu op (an int8 lookup table) when exported at opset 20 or later"

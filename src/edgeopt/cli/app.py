@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import math
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -412,22 +413,24 @@ def _seconds(text: str) -> float:
 
 
 def _render_search(search) -> None:
-    rows = table(f"accuracy search: {search.goal.describe()} -> {search.stopped_because}",
+    goal = search.goal
+    rows = table(f"accuracy search: {goal.describe()} -> {search.stopped_because}",
                  [("round", "right"), ("float nodes", "right"), ("score", "right"), ("next back to float", "left"),
                   ("why", "left")])
     for index, step in enumerate(search.steps):
+        score = goal.score_text(step.score)
         if step.retried:  # a pruning round after the goal was met
-            kept = "goal still met: runs int8" if search.goal.met(step.score, search.float_score) else \
+            kept = "goal still met: runs int8" if goal.met(step.score, search.float_score) else \
                 "goal missed without it: stays float"
-            rows.add_row(str(index), str(len(step.excluded)), f"{step.score:.3f}", f"{step.retried} tried in int8",
-                         kept)
+            rows.add_row(str(index), str(len(step.excluded)), score, f"{step.retried} tried in int8", kept)
             continue
-        rows.add_row(str(index), str(len(step.excluded)), f"{step.score:.3f}",
+        rows.add_row(str(index), str(len(step.excluded)), score,
                      f"{step.next_node} ({step.next_op_type})" if step.next_node else "", step.reason or "")
     state.stdout.print(rows)
-    float_text = "" if search.float_score == float("inf") else f" (float model {search.float_score:.3f})"
-    state.stdout.print(f"best: score {search.best_score:.3f}{float_text} with {len(search.best_excluded)} node(s) "
-                       f"back in float: {', '.join(search.best_excluded) or 'none'}")
+    float_text = "" if math.isinf(search.float_score) else f" (float model {goal.score_text(search.float_score)})"
+    added = ", ".join(search.best_excluded) or "none"
+    state.stdout.print(f"best: score {goal.score_text(search.best_score)}{float_text} with "
+                       f"{len(search.best_excluded)} node(s) back in float: {added}")
     passes = (f"{search.calibration_passes} calibration passes" if search.calibration_passes != 1
               else "1 calibration pass")
     state.stdout.print(f"{len(search.steps)} round(s), {passes} over the data")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import onnx_ir as ir
@@ -42,7 +42,7 @@ from edgeopt.quant.compare import (CompareResult, carried_value, compare_models,
 from edgeopt.quant.config import Int8Config
 from edgeopt.quant.int8 import quantize_int8
 from edgeopt.quant.ops import is_qdq_op
-from edgeopt.quant.placement import (DATA_MOVEMENT_OPS, check_exclude, readers_behind_qdq,
+from edgeopt.quant.placement import (DATA_MOVEMENT_OPS, READ_IN_FLOAT, check_exclude, readers_behind_qdq,
                                      readers_past_data_movement, vanished_excludes)
 from edgeopt.quant.registry import QuantResult
 
@@ -90,6 +90,13 @@ class AccuracyGoal:
         if self.max_drop is not None:
             return float_score - score <= self.max_drop
         return score >= self.min_sqnr_db
+
+    def score_text(self, score: float) -> str:
+        """``score`` with 3 decimals, or as many as show a step of ``max_drop`` (a loss moving by 1e-4)."""
+        digits = 3
+        if self.max_drop and math.isfinite(score):
+            digits = max(3, math.ceil(-math.log10(self.max_drop)) + 1)
+        return f"{score:.{digits}f}"
 
     def describe(self) -> str:
         if self.max_drop is not None:
@@ -162,7 +169,7 @@ def _node_damage(result: QuantResult, comparison: CompareResult) -> list[tuple[f
     damage goes to those readers, since returning the float node itself would change nothing.
     """
     sqnr = {row.tensor: row.sqnr_db for row in comparison.layers}
-    float_nodes = {f.node_name for f in result.float_nodes}
+    float_nodes = _float_node_names(result)
     ranked = []
     for node, sqnr_db in _quantized_producers(result.model, comparison):
         if eir.is_op(node, *DATA_MOVEMENT_OPS):  # lossless: returning it to float changes no value
@@ -186,10 +193,16 @@ def _node_damage(result: QuantResult, comparison: CompareResult) -> list[tuple[f
     return [item for item in ranked if not (item[1].name in seen or seen.add(item[1].name))]
 
 
+def _float_node_names(result: QuantResult) -> set[str]:
+    """The nodes that read float inputs: not those that read int8 and compute in float because a node kept
+    float reads their output (returning one to float still takes the quantization off its inputs)."""
+    return {f.node_name for f in result.float_nodes if not f.reason.startswith(READ_IN_FLOAT)}
+
+
 def _quantized_readers(result: QuantResult) -> list[tuple[float, ir.Node, str]]:
     """Nodes still reading a quantized activation whose own output is not compared (its readers are
     float): no damage is measured for them, but the search must be able to return them too."""
-    float_nodes = {f.node_name for f in result.float_nodes}
+    float_nodes = _float_node_names(result)
     found = []
     for node in result.model.graph:
         if node.name in float_nodes or is_qdq_op(node, "QuantizeLinear") or is_qdq_op(node, "DequantizeLinear"):
@@ -324,7 +337,8 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config, data: Iterable,
         if pruned:
             stopped += f"; {pruned} of the nodes returned to float changed too little and run int8 again"
     best_score, best_result, best_excluded = best
-    best_result = _labelled(best_result, set(best_excluded) - set(config.exclude), vanished)
+    returned = _why_returned(steps, [name for name in best_excluded if name not in config.exclude], goal, float_score)
+    best_result = _labelled(best_result, returned, vanished)
     return AccuracySearch(result=best_result, goal=goal, float_score=float_score, best_score=best_score,
                           best_excluded=best_excluded, met=goal.met(best_score, float_score),
                           steps=tuple(steps), stopped_because=stopped, calibration_passes=search.memo.passes)
@@ -363,10 +377,30 @@ def _excludes_of_base(model: ir.Model, base: ir.Model, config: Int8Config) -> tu
     return replace(config, exclude=kept), vanished_excludes(base, config.exclude)
 
 
-def _labelled(result: QuantResult, returned: set[str], vanished: list[str]) -> QuantResult:
-    """``result`` with the nodes the search returned to float saying so (they went through exclude), and
-    the notes of exclude entries the float passes removed, where quantizing the user's model puts them."""
-    float_nodes = tuple(f._replace(reason=RETURNED) if f.node_name in returned
+def _why_returned(steps: list[AccuracyStep], returned: list[str], goal: AccuracyGoal,
+                  float_score: float) -> dict[str, str]:
+    """The reason each node the search returned stays float: :data:`RETURNED`, then what was measured when
+    it was chosen and, when it was tried in int8 again, the score that missed the goal."""
+    reasons = {}
+    for name in returned:
+        chosen = next((index, step) for index, step in enumerate(steps) if step.next_node == name)
+        why = [f"round {chosen[0]}: {chosen[1].reason}"]
+        retried = next((step for step in steps if step.retried == name), None)
+        met = next((step for step in steps if not step.retried and step.excluded[-1:] == (name,)
+                    and goal.met(step.score, float_score)), None)
+        if retried is not None:
+            why.append(f"in int8 again the score was {goal.score_text(retried.score)}, missing {goal.describe()}")
+        elif met is not None:  # the last one returned: it met the goal, and is not tried again
+            why.append(f"with it in float the score reached {goal.score_text(met.score)}, meeting {goal.describe()}")
+        reasons[name] = f"{RETURNED} ({'; '.join(why)})"
+    return reasons
+
+
+def _labelled(result: QuantResult, returned: Mapping[str, str], vanished: list[str]) -> QuantResult:
+    """``result`` with the nodes the search returned to float saying so and why (they went through
+    exclude), and the notes of exclude entries the float passes removed, where quantizing the user's
+    model puts them."""
+    float_nodes = tuple(f._replace(reason=returned[f.node_name]) if f.node_name in returned
                         else f for f in result.float_nodes)
     notes = (*result.notes[:1], *vanished, *result.notes[1:])
     return replace(result, float_nodes=float_nodes, notes=notes)

@@ -30,7 +30,13 @@ Rules, in order:
    accuracy search) reads its inputs before their Q/DQ pairs
    (``kept_float``); its producers then write a float edge too. Between a
    DequantizeLinear and a QuantizeLinear, ONNX Runtime would fuse it into its
-   integer kernel again.
+   integer kernel again. ONNX Runtime fuses a node into its integer kernel
+   only when a QuantizeLinear alone reads its output (a Gemm or a
+   constant-weight MatMul read in float alone runs as QGemm /
+   MatMulIntegerToFloat with a float output): the other producers, and
+   their fused activations, compute in float from int8 inputs and are
+   listed among the float nodes (:data:`READ_IN_FLOAT`), though they stay
+   in ``nodes``.
 6. A node that reads or writes an attention mask stays float: a constant
    holding -inf, NaN or values at or below -10000 and what is computed from
    it, up to a Softmax (:mod:`edgeopt.quant.masks` says when a large finite
@@ -66,6 +72,7 @@ from edgeopt.quant.registry import FloatNode
 __all__ = [
     "DATA_MOVEMENT_OPS",
     "EXCLUDED",
+    "READ_IN_FLOAT",
     "BiasUse",
     "NodeIndex",
     "QdqPlan",
@@ -82,6 +89,8 @@ __all__ = [
 #: The reason a node the user's --exclude names stays float.
 EXCLUDED = "excluded (--exclude)"
 _KEPT_ON_REQUEST = "kept float on request"  # plan_qdq(keep_float=...)
+#: How the reason starts for a node that reads int8 but computes in float: a node kept float reads its output.
+READ_IN_FLOAT = "its output is read in float"
 
 # Ops ONNX Runtime's QDQ optimizer moves a DequantizeLinear past (they reorder values, not change them).
 DATA_MOVEMENT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split",
@@ -434,6 +443,7 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     softmax_outputs = {node.outputs[0].name for node in graph if eir.is_op(node, "Softmax")}
     activations = planner.ordered(planner.activations)
     kept = _kept_float_closure(graph, refusals, rules)
+    read_in_float = _read_in_float(candidates, refusals, fused_by_producer, kept, rules)
     return QdqPlan(
         nodes=tuple(name for name in candidates if name not in refusals),
         fused=tuple(fused.items()),
@@ -444,10 +454,38 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
         groups=planner.groups.groups(),
         concat_groups=planner.concat_groups.groups(),
         clamped=tuple(clamped),
-        float_nodes=tuple(FloatNode(n.name, n.op_type, refusals[n.name]) for n in graph if n.name in refusals),
+        float_nodes=tuple(FloatNode(n.name, n.op_type, refusals.get(n.name) or read_in_float[n.name]) for n in graph
+                          if n.name in refusals or n.name in read_in_float),
         probabilities=tuple(name for name in activations if name in softmax_outputs),
         kept_float=tuple(node.name for node in graph if node.name in kept),
     )
+
+
+def _read_in_float(candidates: Mapping[str, ir.Node], refusals: Mapping[str, str],
+                   fused_by_producer: Mapping[str, ir.Node], kept: Collection[str],
+                   rules: Mapping[str, OpRule]) -> dict[str, str]:
+    """The integer candidates (and their fused activations) whose output a node kept float reads: ONNX
+    Runtime computes them in float from their int8 inputs (rule 5), name -> reason."""
+    fused = {activation.name for activation in fused_by_producer.values()}
+    found: dict[str, str] = {}
+    for node in candidates.values():
+        if node.name in refusals or node.name in fused or rules[node.op_type].role is OpRole.SHARED:
+            continue
+        activation = fused_by_producer.get(node.name)
+        output = (activation or node).outputs[0]
+        readers = list({use.node.name: use.node for use in output.uses()}.values())
+        floats = [reader for reader in readers if reader.name in kept]
+        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        if not floats or (len(floats) == len(readers) and activation is None and not output.is_graph_output()
+                          and node.op_type in ("Gemm", "MatMul") and eir.is_constant(weight)):
+            continue  # QGemm / MatMulIntegerToFloat: an integer kernel with a float output
+        computed = node.op_type + (f" + {activation.op_type}" if activation is not None else "")
+        more = f" and {len(floats) - 1} more" if len(floats) > 1 else ""
+        reason = (f"{READ_IN_FLOAT} by {eir.node_label(floats[0])!r}{more}, kept float: ONNX Runtime computes this "
+                  f"{computed} in float from its int8 inputs (its integer kernel needs a QuantizeLinear alone to "
+                  "read the output)")
+        found.update((member.name, reason) for member in (node, activation) if member is not None)
+    return found
 
 
 def _refuse_isolated_movers(candidates: Mapping[str, ir.Node], refusals: dict[str, str],
