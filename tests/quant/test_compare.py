@@ -372,6 +372,21 @@ def test_edgeopt_compare_of_an_ort_model_measures_the_tensors_it_holds(mobilenet
     assert min(row.sqnr_db for row in measured.layers) > 10
 
 
+def test_the_model_as_given_is_read_only_for_a_quantizer_that_kept_its_graph(mobilenet):
+    """ORT's model holds tensors of the float model as given (before its BatchNorms); edgeopt's holds only
+    those of the optimized model, so comparing it does not load the given model's weights a second time."""
+    import edgeopt
+    from edgeopt.io import load_model
+    from edgeopt.passes import optimize_for_quantization
+    from edgeopt.quant.compare import _may_hold_original
+
+    float_path, ort_path = mobilenet
+    optimized = optimize_for_quantization(load_model(float_path)).model
+    ours = edgeopt.quantize(float_path, edgeopt.Int8Config(), _samples(8, seed=1), check_fidelity=False,
+                            check_speed=False).model
+    assert not _may_hold_original(optimized, ours) and _may_hold_original(optimized, load_model(ort_path))
+
+
 def test_edgeopt_compare_matches_the_matmul_outputs_ort_quantizes_before_their_bias(tmp_path):
     # A Linear on a sequence exports as MatMul + Add; edgeopt's passes make them one Gemm, so the MatMul
     # output ONNX Runtime's quantizer quantizes had no float counterpart (13 of 71 tensors unmatched)

@@ -274,6 +274,19 @@ def _kept_as_given(name: str, quantized: ir.Value, float_values: Mapping[str, ir
     return given != optimized and bool(_quantized_reader_ops(quantized) & (given - optimized))
 
 
+def _may_hold_original(float_model: ir.Model, quant_model: ir.Model) -> bool:
+    """Whether an activation pair of ``quant_model`` may stand for a tensor of the float model as given
+    rather than of its optimized form (:func:`_kept_as_given`): no tensor of its names in the optimized
+    model, or one that the quantized model reads with an op the optimized model does not read it with.
+    A model edgeopt quantized has neither, and the model as given (its weights) is not read at all."""
+    float_values = _value_names(float_model.graph)
+    for quantize, dequantize in _activation_pairs(quant_model):
+        value = float_values.get(quantize.inputs[0].name) or float_values.get(dequantize.outputs[0].name)
+        if value is None or not _quantized_reader_ops(quantize.inputs[0]) <= _reader_ops(value):
+            return True
+    return False
+
+
 def _counterpart(quantize: ir.Node, dequantize: ir.Node, float_values: Mapping[str, ir.Value],
                  original_values: Mapping[str, ir.Value]) -> tuple[ir.Value, bool] | None:
     """The float value the pair stands in for, and whether it is the original model's."""
@@ -514,8 +527,8 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     length).
     """
     float_ir, quant_ir = _load(float_model), _load(quant_model)
-    original_ir = _load(original) if original is not None else None
     outputs = _check_interfaces(float_ir, quant_ir)
+    original_ir = _load(original) if original is not None and _may_hold_original(float_ir, quant_ir) else None
     matches, unmatched, pairs = _matches(float_ir, quant_ir, original_ir)
     source = open_data(data, eir.model_inputs(float_ir))
     source = take(source, max_samples) if max_samples is not None else source
