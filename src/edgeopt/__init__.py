@@ -14,11 +14,9 @@ the command line starts, and a Ctrl-C while it loads them, is its own to handle.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-import types
 from typing import TYPE_CHECKING
+
+from edgeopt._lazy import lazy_package
 
 __version__ = "0.1.0"
 
@@ -38,35 +36,7 @@ _EXPORTS = {
 
 __all__ = [*sorted(_EXPORTS), "__version__"]
 
-
-def __getattr__(name: str):
-    """A public name, or a subpackage (``edgeopt.quant`` after a bare ``import edgeopt``), on first use."""
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        value = importlib.import_module(f"{__name__}.{name}")
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
-
-
-class _Package(types.ModuleType):
-    """The import system binds a loaded subpackage on its parent (``edgeopt.bench``, the benchmark
-    package), which would hide the public function of the same name: it is reached through
-    ``sys.modules`` (``from edgeopt.bench import ...``) instead."""
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if not (name in _EXPORTS and isinstance(value, types.ModuleType)):
-            super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
+__getattr__, __dir__ = lazy_package(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # the names for type checkers and IDEs
     from edgeopt.api import bench, compare, compile_model, from_torch, inspect, load, quantize, run, verify

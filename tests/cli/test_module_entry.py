@@ -39,8 +39,10 @@ def test_ctrl_c_while_the_commands_load_is_one_line_and_exit_130():
     assert (done.returncode, done.stderr, done.stdout) == (130, "error: interrupted\n", "")
 
 
-def test_importing_the_package_or_its_cli_loads_no_onnx_until_a_name_is_used():
-    probe = ("import sys, edgeopt, edgeopt.cli, edgeopt.errors; heavy = {'onnx', 'onnxruntime', 'numpy'}; "
-             "print(sorted(heavy & set(sys.modules))); edgeopt.Int8Config; print('onnx_ir' in sys.modules)")
+def test_the_commands_load_without_onnx_until_one_runs():
+    """``edgeopt --help`` took 1-2 s importing ONNX, ONNX Runtime and onnx_ir (sympy) it does not use."""
+    probe = ("import sys, edgeopt, edgeopt.cli.main, edgeopt.errors, edgeopt.api; "
+             "heavy = {'onnx', 'onnxruntime', 'onnx_ir'}; print(sorted(heavy & set(sys.modules))); "
+             "edgeopt.Int8Config; print('onnx_ir' in sys.modules); print(edgeopt.bench is edgeopt.api.bench)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert done.stdout.split("\n")[:2] == ["[]", "True"], done.stderr
+    assert done.stdout.split("\n")[:3] == ["[]", "True", "True"], done.stderr

@@ -7,25 +7,26 @@ subclasses for anything a user can cause.
 
 from __future__ import annotations
 
-from edgeopt.api._common import ModelSource, Progress, load
-from edgeopt.api.bench import bench
-from edgeopt.api.deploy import compile_model, verify
-from edgeopt.api.model import InspectResult, RunResult, from_torch, inspect, run
-from edgeopt.api.quantize import QuantizeReport, compare, quantize
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "InspectResult",
-    "ModelSource",
-    "Progress",
-    "QuantizeReport",
-    "RunResult",
-    "bench",
-    "compare",
-    "compile_model",
-    "from_torch",
-    "inspect",
-    "load",
-    "quantize",
-    "run",
-    "verify",
-]
+from edgeopt._lazy import lazy_package
+
+# public name -> the module that defines it, imported on first use (the CLI starts without them)
+_EXPORTS = {
+    **dict.fromkeys(("ModelSource", "Progress", "load"), "edgeopt.api._common"),
+    "bench": "edgeopt.api.bench",
+    **dict.fromkeys(("compile_model", "verify"), "edgeopt.api.deploy"),
+    **dict.fromkeys(("InspectResult", "RunResult", "from_torch", "inspect", "run"), "edgeopt.api.model"),
+    **dict.fromkeys(("QuantizeReport", "compare", "quantize"), "edgeopt.api.quantize"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_package(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # the names for type checkers and IDEs
+    from edgeopt.api._common import ModelSource, Progress, load
+    from edgeopt.api.bench import bench
+    from edgeopt.api.deploy import compile_model, verify
+    from edgeopt.api.model import InspectResult, RunResult, from_torch, inspect, run
+    from edgeopt.api.quantize import QuantizeReport, compare, quantize

@@ -10,21 +10,19 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import numpy as np
 import typer
 
-from edgeopt import __version__, api
-from edgeopt.api.model import read_input_file
-from edgeopt.api.quantize import report_path
-from edgeopt.bench import BenchConfig
+from edgeopt import __version__, api  # api's functions, and ONNX with them, load when a command runs
 from edgeopt.cli import state
 from edgeopt.cli.render import bytes_text, count_of, count_text, in_batches, print_json, progress_bar, table
-from edgeopt.data import ImagePreprocess
 from edgeopt.errors import ConfigError, DataError
-from edgeopt.quant.accuracy import AccuracyGoal
-from edgeopt.io import parse_input_shapes
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from edgeopt.data import ImagePreprocess
 
 __all__ = ["GOAL_MISSED", "app"]
 
@@ -52,7 +50,16 @@ PreprocessOption = Annotated[
 
 def parse_preprocess(text: str | None) -> ImagePreprocess | None:
     """The ``--preprocess`` spec, or None when the option was not given."""
+    from edgeopt.data import ImagePreprocess
+
     return ImagePreprocess.parse(text) if text else None
+
+
+def input_shapes(specs: list[str] | None) -> dict[str, tuple]:
+    """The ``--input-shape NAME=DIMS`` options, parsed."""
+    from edgeopt.io import parse_input_shapes
+
+    return parse_input_shapes(specs or [])
 
 
 InputShapeOption = Annotated[
@@ -89,7 +96,7 @@ def inspect(
     json_output: JsonOption = False,
 ) -> None:
     """Per-node table of op, output shape, dtype, params, MACs and activation bytes, with totals."""
-    result = api.inspect(model, input_shapes=parse_input_shapes(input_shape or []))
+    result = api.inspect(model, input_shapes=input_shapes(input_shape))
     if json_output:
         print_json(result.to_dict())
         return
@@ -138,6 +145,8 @@ def _parse_inputs(specs: list[str]) -> dict[str, np.ndarray | Path]:
 
     A .npy stays a path, so ``run`` can refuse to write an output over it.
     """
+    from edgeopt.api.model import read_input_file
+
     inputs: dict[str, np.ndarray | Path] = {}
     for spec in specs:
         name, sep, path_text = spec.partition("=")
@@ -191,9 +200,11 @@ def bench(
     json_output: JsonOption = False,
 ) -> None:
     """Latency (min/median/p90), throughput, peak RSS and file size; several models run interleaved."""
+    from edgeopt.bench import BenchConfig
+
     config = BenchConfig(runs=runs, warmup=warmup, threads=threads)
     with progress_bar("benchmarking") as update:
-        result = api.bench(models, config=config, data=data, input_shapes=parse_input_shapes(input_shape or []),
+        result = api.bench(models, config=config, data=data, input_shapes=input_shapes(input_shape),
                            preprocess=parse_preprocess(preprocess), progress=update)
     if json_output:
         print_json(result.to_dict())
@@ -376,6 +387,8 @@ def quantize(
     json_output: JsonOption = False,
 ) -> None:
     """Quantize a float model (int8 QDQ calibrated on --data, fp16, bf16 or int4 weight-only)."""
+    from edgeopt.quant.accuracy import AccuracyGoal
+
     algorithms = _Int8Algorithms(equalize=equalize, equalize_relu6=equalize_relu6, bias_correct=bias_correct,
                                  adaround=adaround, smoothquant_alpha=smoothquant)
     config = _quant_config(scheme, target, calibration, per_tensor, tuple(exclude or ()), block_size, algorithms)
@@ -440,6 +453,8 @@ FLOAT_NODES_LISTED = 24  # beyond this many, one row per op and reason (every no
 
 
 def _render_float_nodes(float_nodes, output) -> None:
+    from edgeopt.api.quantize import report_path
+
     if len(float_nodes) <= FLOAT_NODES_LISTED:
         rows = table(f"{len(float_nodes)} node(s) left in float", [("node", "left"), ("op", "left"),
                                                                    ("reason", "left")])

@@ -13,10 +13,9 @@ import typer
 
 from edgeopt import api
 from edgeopt.cli import state
-from edgeopt.cli.app import InputShapeOption, JsonOption, PreprocessOption, app, parse_preprocess
+from edgeopt.cli.app import InputShapeOption, JsonOption, PreprocessOption, app, input_shapes, parse_preprocess
 from edgeopt.cli.render import bytes_text, count_text, print_json, table
 from edgeopt.errors import CodegenError
-from edgeopt.io import parse_input_shapes
 
 __all__ = ["compile_command", "verify_command"]
 
@@ -54,7 +53,7 @@ def compile_command(
     """Generate C for an int8 model: arena plan, flash/RAM/latency report, fit against a device."""
     report = api.compile_model(model, output, target=target.value, device=device, name=name,
                                rounding=rounding.value, force=force, measure=measure,
-                               input_shapes=parse_input_shapes(input_shape or []))
+                               input_shapes=input_shapes(input_shape))
     if json_output:
         print_json(report.to_dict())
     else:
