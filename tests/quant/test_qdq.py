@@ -207,6 +207,34 @@ def test_the_mcu_target_keeps_split_and_slice_float_and_shares_a_constant_pad():
         ("pad", "reflect Pad has no integer kernel (constant padding has)")]
 
 
+def _spelled_hard_activations(opset: int) -> ir.Model:
+    """x * clip(x + 3, 0, 6) / 6 after a conv, then an SE-style gate clip(conv + 3, 0, 6) / 6, as
+    TensorFlow and hand-written modules spell them."""
+    b = GraphBuilder(seed=14, opset=opset)
+    three, six, low = b.constant("three", 3.0), b.constant("six", 6.0), b.constant("low", 0.0)
+    conv = b.conv("x", 8, 8, "c1")
+    clip = b.node("Clip", [b.node("Add", [conv, three], "add3"), low, six], "relu6")
+    swish = b.node("Div", [b.node("Mul", [conv, clip], "mul"), six], "hswish")
+    gate_clip = b.node("Clip", [b.node("Add", [b.conv(swish, 8, 8, "c2", k=1), three], "g_add3"), low, six],
+                       "g_relu6")
+    gated = b.node("Mul", [swish, b.node("Div", [gate_clip, six], "gate")], "gated")
+    b.conv(gated, 8, 4, "y")
+    return b.model(["y"], SHAPE)
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_spelled_hard_activations_leave_no_float_div(opset):
+    # the gate's + 3 folds into its conv's bias, and its / 6 used to stay a float Div (fold-affine ate
+    # the pattern's start): now the conv clamps to [0, 1]; below opset 14 hardswish is x * HardSigmoid(x)
+    model = _spelled_hard_activations(opset)
+    ort = _quantize(model)
+    expected = "HardSwish" if opset >= 14 else "HardSigmoid"
+    assert [node.op_type for node in ort.float_nodes] == [expected]
+    mcu = _quantize(model, Int8Config(target=Target.MCU))  # what edgeopt compile lowers: every node int8
+    assert mcu.float_nodes == ()
+    assert sqnr_db(model, mcu.model, batches(SHAPE, 4)) > 30
+
+
 # --------------------------------------------------------------------------
 # Gemm and MatMul
 # --------------------------------------------------------------------------

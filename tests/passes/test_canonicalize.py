@@ -1,0 +1,82 @@
+"""CanonicalizePass: Div by a constant, a one-slope PRelu and a scaled Gemm in the forms integer kernels take."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from edgeopt.passes import canonicalize
+
+from ._helpers import assert_same_outputs, explain, make_model, op_types, random_weight, weight
+
+
+def _unary(op_type: str, constant, *, shape=(1, 4, 3, 3), opset: int = 17):
+    nodes = [helper.make_node(op_type, ["x", "c"], ["y"], name="op")]
+    return make_model(nodes, [("x", list(shape))], [("y", list(shape))], [weight("c", constant)], opset=opset)
+
+
+@pytest.mark.parametrize("divisor", [8.0, np.sqrt(32.0), [[[0.229]], [[0.224]], [[0.225]], [[0.5]]]],
+                         ids=["bert-scores", "sqrt-d", "per-channel-std"])
+def test_a_division_by_a_constant_becomes_a_multiplication(divisor):
+    model = _unary("Div", divisor)
+    result = canonicalize(model)
+    assert op_types(result.model) == ["Mul"] and result.model.graph.outputs[0].name == "y"
+    assert_same_outputs(model, result.model)
+
+
+@pytest.mark.parametrize("divisor, reason", [
+    (0.0, "the divisor is zero, not finite or outside [6.10352e-05, 16384] somewhere"),
+    (1e9, "the divisor is zero, not finite or outside [6.10352e-05, 16384] somewhere"),
+])
+def test_a_divisor_whose_reciprocal_float16_cannot_hold_stays(divisor, reason):
+    result = canonicalize(_unary("Div", divisor))
+    assert op_types(result.model) == ["Div"] and explain(result) == [f"op: not rewritten: {reason}"]
+
+
+def test_a_division_by_a_computed_tensor_is_not_a_candidate():
+    nodes = [helper.make_node("Div", ["x", "x"], ["y"], name="op")]
+    model = make_model(nodes, [("x", [1, 4])], [("y", [1, 4])])
+    assert not canonicalize(model).modified and explain(canonicalize(model)) == []
+
+
+@pytest.mark.parametrize("slope", [[0.25], 0.25, [[[0.25]]]], ids=["torch-default", "scalar", "rank-3"])
+def test_a_prelu_with_one_slope_becomes_leakyrelu(slope):
+    model = _unary("PRelu", slope)
+    result = canonicalize(model)
+    [node] = result.model.graph
+    assert node.op_type == "LeakyRelu" and node.attributes.get_float("alpha") == pytest.approx(0.25)
+    assert_same_outputs(model, result.model)
+
+
+def test_a_per_channel_prelu_stays():
+    model = _unary("PRelu", np.full((4, 1, 1), 0.1))
+    assert not canonicalize(model).modified
+
+
+@pytest.mark.parametrize("alpha, beta, bias_shape", [
+    (0.5, 2.0, [6]), (1.0, 1.0, [1, 6]), (1.0, 3.0, [1]), (2.0, 1.0, None)])
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_alpha_beta_and_a_row_bias_fold_into_b_and_a_vector_c(alpha, beta, bias_shape, trans_b):
+    inputs, initializers = ["x", "w"], [random_weight("w", [6, 5] if trans_b else [5, 6])]
+    if bias_shape is not None:
+        inputs.append("c")
+        initializers.append(random_weight("c", bias_shape))
+    nodes = [helper.make_node("Gemm", inputs, ["y"], name="fc", alpha=alpha, beta=beta, transB=trans_b)]
+    model = make_model(nodes, [("x", [3, 5])], [("y", [3, 6])], initializers)
+    result = canonicalize(model)
+    [gemm] = result.model.graph
+    assert gemm.attributes.get_float("alpha") == 1.0 and gemm.attributes.get_float("beta") == 1.0
+    if bias_shape is not None:
+        assert gemm.inputs[2].const_value.numpy().shape == (6,)
+    assert_same_outputs(model, result.model)
+    assert not canonicalize(result.model).modified
+
+
+def test_a_gemm_whose_c_is_a_matrix_stays_with_the_reason():
+    nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="fc", beta=0.5)]
+    model = make_model(nodes, [("x", [3, 5])], [("y", [3, 6])],
+                       [random_weight("w", [5, 6]), random_weight("c", [3, 6])])
+    result = canonicalize(model)
+    assert not result.modified
+    assert explain(result) == ["fc: not rewritten: fc bias has shape [3,6], not per output channel"]
