@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from edgeopt.passes import canonicalize
 
@@ -95,3 +95,31 @@ def test_a_gemm_whose_c_is_a_matrix_stays_with_the_reason():
     result = canonicalize(model)
     assert not result.modified
     assert explain(result) == ["fc: not rewritten: fc bias has shape [3,6], not per output channel"]
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+@pytest.mark.parametrize("keepdims, axes", [(1, [2, 3]), (0, [-1, -2])])
+def test_a_spatial_mean_becomes_global_average_pool(opset, keepdims, axes):
+    # torch's x.mean((2, 3)) pooling head: ONNX Runtime has QLinearGlobalAveragePool, no integer ReduceMean
+    inputs, initializers, attributes = ["x"], [], {"keepdims": keepdims}
+    if opset >= 18:
+        inputs.append("axes")
+        initializers.append(numpy_helper.from_array(np.array(axes, np.int64), "axes"))
+    else:
+        attributes["axes"] = axes
+    nodes = [helper.make_node("ReduceMean", inputs, ["y"], name="mean", **attributes)]
+    shape = [1, 4, 1, 1] if keepdims else [1, 4]
+    model = make_model(nodes, [("x", [1, 4, 5, 6])], [("y", shape)], initializers, opset=opset)
+    result = canonicalize(model)
+    assert op_types(result.model) == ["GlobalAveragePool"] + ([] if keepdims else ["Flatten"])
+    assert result.model.graph.outputs[0].name == "y"
+    assert_same_outputs(model, result.model)
+
+
+@pytest.mark.parametrize("shape, axes", [([1, 4, 5, 6], [1, 2]), ([1, 4, 5], [2]), ([1, 4, 5, 6], [2])],
+                         ids=["not-spatial", "rank-3", "one-axis"])
+def test_other_means_stay(shape, axes):
+    nodes = [helper.make_node("ReduceMean", ["x"], ["y"], name="mean", axes=axes)]
+    out = [1 if index in axes else dim for index, dim in enumerate(shape)]
+    model = make_model(nodes, [("x", shape)], [("y", out)], opset=13)
+    assert not canonicalize(model).modified

@@ -235,6 +235,21 @@ def test_spelled_hard_activations_leave_no_float_div(opset):
     assert sqnr_db(model, mcu.model, batches(SHAPE, 4)) > 30
 
 
+def test_a_mean_pooling_head_runs_in_integer():
+    # torch's x.mean((2, 3)) is a ReduceMean, which ONNX Runtime has no integer kernel for: it ran in
+    # float between the last conv and the classifier; as GlobalAveragePool it is QLinearGlobalAveragePool
+    b = GraphBuilder(seed=15)
+    pooled = b.node("ReduceMean", [b.node("Relu", [b.conv("x", 8, 16, "c1")], "relu")], "mean", axes=[2, 3],
+                    keepdims=0)
+    b.node("Gemm", [pooled, b.weight("fc.weight", (10, 16)), b.weight("fc.bias", (10,))], "y", transB=1)
+    model = b.model(["y"], SHAPE)
+    result = _quantize(model)
+    assert result.float_nodes == ()
+    counts = ort_op_counts(result.model)
+    assert counts["QLinearGlobalAveragePool"] == 1 and "ReduceMean" not in counts
+    assert sqnr_db(model, result.model, batches(SHAPE, 4)) > 30
+
+
 # --------------------------------------------------------------------------
 # Gemm and MatMul
 # --------------------------------------------------------------------------

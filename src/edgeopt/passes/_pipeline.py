@@ -52,7 +52,8 @@ def default_passes(*, copy_shared: bool = True, fuse_gemm: bool = True,
         FuseMatMulAddPass(),
         # Spelled-out hardswish, GELU, LayerNorm and SiLU become single ops (or are annotated).
         FuseActivationsPass(),
-        # Div by a constant, a one-slope PRelu and Gemm's alpha/beta become the forms integer kernels take.
+        # Div by a constant, a one-slope PRelu, Gemm's alpha/beta and a spatial mean become the forms
+        # integer kernels take.
         CanonicalizePass(),
         # The weights folding replaced, and nodes fusion orphaned, are dropped.
         EliminateDeadCodePass(),

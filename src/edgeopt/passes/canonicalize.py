@@ -17,7 +17,11 @@ where a constant is inverted or multiplied through):
 * ``Gemm(A, B, C; alpha, beta)`` with constant ``B`` and ``C`` is
   ``Gemm(A, alpha * B, beta * C)``, and a ``C`` of shape ``[1, N]`` or one
   element broadcasts as the ``[N]`` bias a quantized Gemm takes (int32, added
-  in the accumulator): alpha, beta and such a C kept the layer float.
+  in the accumulator): alpha, beta and such a C kept the layer float;
+* ``ReduceMean`` of an image over H and W (torch's ``x.mean((2, 3))``
+  pooling head) is ``GlobalAveragePool`` (then ``Flatten`` where the mean drops
+  the axes): ONNX Runtime runs it as QLinearGlobalAveragePool and has no
+  integer ReduceMean.
 """
 
 from __future__ import annotations
@@ -179,15 +183,61 @@ class GemmScalesRule(Rule):
         return "alpha and beta folded into B and C, C a vector"
 
 
+@dataclasses.dataclass
+class _MeanMatch(Match):
+    mean: ir.Node
+
+
+# images only: the microcontroller code pools rank-4 tensors, and reduces other ranks as ReduceMean
+_IMAGE_RANK = 4
+
+
+def _reduce_axes(node: ir.Node, opset: int) -> list[int] | None:
+    """A ReduceMean's constant axes (attribute before opset 18, input after); None when not constant."""
+    if opset < 18 or "axes" in node.attributes:
+        return list(node.attributes.get_ints("axes", [])) or None
+    axes = eir.constant_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    return [int(a) for a in axes.reshape(-1)] if axes is not None and axes.size else None
+
+
+class SpatialMeanRule(Rule):
+    """ReduceMean of an NCHW tensor over H and W -> GlobalAveragePool (then Flatten without keepdims)."""
+
+    name = "mean-to-global-average-pool"
+    anchor_ops = frozenset({"ReduceMean"})
+    verb = "rewritten"
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        x = node.inputs[0]
+        if x is None or x.shape is None or len(x.shape) != _IMAGE_RANK:
+            return None
+        axes = _reduce_axes(node, context.opset)
+        if axes is None or sorted(a % _IMAGE_RANK for a in axes) != [2, 3]:
+            return None
+        return _MeanMatch(nodes=(node,), mean=node)
+
+    def rewrite(self, match: _MeanMatch, context: RuleContext) -> str:
+        mean = match.mean
+        pool = ir.node("GlobalAveragePool", [mean.inputs[0]], name=f"{eir.node_label(mean)}_GlobalAveragePool")
+        nodes = [pool]
+        if not mean.attributes.get_int("keepdims", 1):
+            nodes.append(ir.node("Flatten", [pool.outputs[0]], {"axis": 1}, name=f"{eir.node_label(mean)}_Flatten"))
+        eir.replace_nodes(context.graph, [mean], mean.outputs[0], nodes)
+        return f"rewritten as {' + '.join(n.op_type for n in nodes)}"
+
+
 class CanonicalizePass(RulePass):
-    """Rewrite Div by a constant, a one-slope PRelu and a scaled Gemm into the forms integer kernels take.
+    """Rewrite Div by a constant, a one-slope PRelu, a scaled Gemm and a spatial mean into the forms integer
+    kernels take.
 
     Rewrites:
 
     * ``Div(x, c)``, ``c`` a float constant -> ``Mul(x, 1 / c)``;
     * ``PRelu(x, s)``, ``s`` one float constant -> ``LeakyRelu(x, alpha=s)``;
     * ``Gemm(A, B, C; alpha, beta)`` -> ``Gemm(A, alpha * B, beta * C)`` with
-      ``alpha = beta = 1`` and ``C`` as ``[N]``.
+      ``alpha = beta = 1`` and ``C`` as ``[N]``;
+    * ``ReduceMean(x, axes=[2, 3])`` of a rank-4 ``x`` -> ``GlobalAveragePool(x)``,
+      then ``Flatten(axis=1)`` when ``keepdims=0``.
 
     Preconditions (else left, with the reason): the divisor is finite with
     every magnitude in [2**-14, 2**14] (its reciprocal then fits float16), x
@@ -196,14 +246,15 @@ class CanonicalizePass(RulePass):
     before the first quantized layer), and the Div is not part of a pattern
     fuse-activations annotated (a GELU below opset 20, kept float); the slope's rank does
     not exceed x's; the Gemm's ``B`` and ``C`` are float constants, ``C`` one
-    value per output (``[N]``, ``[1, N]`` or one element), no ``transA``.
-    Rewrites the model it is given.
+    value per output (``[N]``, ``[1, N]`` or one element), no ``transA``; the
+    mean's input has a known rank of 4 and constant axes. Rewrites the model
+    it is given.
     """
 
     name = "canonicalize"
 
     def __init__(self) -> None:
-        self.rules = (DivToMulRule(), PReluToLeakyReluRule(), GemmScalesRule())
+        self.rules = (DivToMulRule(), PReluToLeakyReluRule(), GemmScalesRule(), SpatialMeanRule())
 
 
 def canonicalize(model: ir.Model) -> ReportedPassResult:
