@@ -33,7 +33,7 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.passes._conv import linear_parts
-from edgeopt.passes._matching import shape_text
+from edgeopt.passes._matching import reduce_axes, shape_text
 from edgeopt.passes._report import ReportedPassResult
 from edgeopt.passes._rules import Match, Rule, RuleContext, RulePass, run_on_copy
 from edgeopt.passes.rules import PATTERN_KEY
@@ -192,14 +192,6 @@ class _MeanMatch(Match):
 _IMAGE_RANK = 4
 
 
-def _reduce_axes(node: ir.Node, opset: int) -> list[int] | None:
-    """A ReduceMean's constant axes (attribute before opset 18, input after); None when not constant."""
-    if opset < 18 or "axes" in node.attributes:
-        return list(node.attributes.get_ints("axes", [])) or None
-    axes = eir.constant_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
-    return [int(a) for a in axes.reshape(-1)] if axes is not None and axes.size else None
-
-
 class SpatialMeanRule(Rule):
     """ReduceMean of an NCHW tensor over H and W -> GlobalAveragePool (then Flatten without keepdims)."""
 
@@ -211,7 +203,7 @@ class SpatialMeanRule(Rule):
         x = node.inputs[0]
         if x is None or x.shape is None or len(x.shape) != _IMAGE_RANK:
             return None
-        axes = _reduce_axes(node, context.opset)
+        axes = reduce_axes(node)
         if axes is None or sorted(a % _IMAGE_RANK for a in axes) != [2, 3]:
             return None
         return _MeanMatch(nodes=(node,), mean=node)
