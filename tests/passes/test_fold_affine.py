@@ -8,7 +8,7 @@ import torch
 from onnx import helper
 from torch import nn
 
-from edgeopt.passes import fold_affine
+from edgeopt.passes import activation_clamp, fold_affine
 
 from ._helpers import assert_same_outputs, explain, export_torch, make_model, op_types, random_weight, weight
 
@@ -112,3 +112,58 @@ def test_mul_of_two_activations_is_not_a_candidate():
     model = make_model(nodes, [("x", [1, 4, 3, 3])], [("y", [1, 8, 3, 3])], [random_weight("w", [8, 4, 1, 1])])
     result = fold_affine(model)
     assert not result.modified and explain(result) == []
+
+
+def _clip(name: str, source: str, output: str, low: float, high: float, opset: int) -> tuple[list, list]:
+    """A Clip node and its bound initializers (attributes before opset 11)."""
+    if opset < 11:
+        return [helper.make_node("Clip", [source], [output], name=name, min=low, max=high)], []
+    return ([helper.make_node("Clip", [source, f"{name}.low", f"{name}.high"], [output], name=name)],
+            [weight(f"{name}.low", low), weight(f"{name}.high", high)])
+
+
+@pytest.mark.parametrize("opset", [10, 13])
+@pytest.mark.parametrize("divide", [True, False], ids=["div-6", "mul-sixth"])
+def test_a_hard_sigmoid_spelled_after_a_conv_folds_into_a_clamped_conv(opset, divide):
+    # clip(conv + 3, 0, 6) / 6 (an SE gate): the + 3 folds into the bias, then the / 6 through the
+    # Clip into the weights; left as a Div it ran in float between int8 layers (and the C refused it)
+    clip, bounds = _clip("relu6", "t1", "t2", 0.0, 6.0, opset)
+    scale = helper.make_node("Div", ["t2", "six"], ["y"], name="div") if divide else \
+        helper.make_node("Mul", ["sixth", "t2"], ["y"], name="mul")
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["t0"], name="conv", kernel_shape=[1, 1]),
+             helper.make_node("Add", ["t0", "three"], ["t1"], name="add3"), *clip, scale]
+    model = make_model(nodes, [("x", [1, 4, 5, 5])], [("y", [1, 8, 5, 5])],
+                       [random_weight("w", [8, 4, 1, 1]), random_weight("b", [8]), weight("three", 3.0),
+                        weight("six", 6.0), weight("sixth", 1 / 6), *bounds], opset=opset)
+    result = fold_affine(model)
+    assert op_types(result.model) == ["Conv", "Clip"]
+    assert activation_clamp(list(result.model.graph)[1]) == pytest.approx((0.0, 1.0))
+    assert result.model.graph.outputs[0].name == "y"
+    assert_same_outputs(model, result.model)
+
+
+def test_a_positive_per_channel_scale_folds_through_a_relu():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Mul", ["r", "s"], ["y"], name="mul")]
+    model = make_model(nodes, [("x", [1, 4, 3, 3])], [("y", [1, 8, 3, 3])],
+                       [random_weight("w", [8, 4, 1, 1]), weight("s", PER_CHANNEL)])
+    result = fold_affine(model)
+    assert op_types(result.model) == ["Conv", "Relu"]
+    assert_same_outputs(model, result.model)
+
+
+@pytest.mark.parametrize("clamp, scale, reason", [
+    ("relu", -2.0, "the scale is not positive everywhere (it would turn the clamp over)"),
+    ("clip", PER_CHANNEL, "a per-channel scale cannot scale a Clip's scalar bounds"),
+])
+def test_a_scale_that_does_not_commute_with_the_clamp_stays(clamp, scale, reason):
+    clip, bounds = _clip("clamp", "c", "r", 0.0, 6.0, 13)
+    relu = [helper.make_node("Relu", ["c"], ["r"], name="clamp")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[1, 1]),
+             *(relu if clamp == "relu" else clip), helper.make_node("Mul", ["r", "s"], ["y"], name="mul")]
+    model = make_model(nodes, [("x", [1, 4, 3, 3])], [("y", [1, 8, 3, 3])],
+                       [random_weight("w", [8, 4, 1, 1]), weight("s", scale), *bounds])
+    result = fold_affine(model)
+    assert not result.modified
+    assert explain(result) == [f"conv + clamp + mul: not folded: {reason}"]

@@ -70,11 +70,16 @@ def test_hardsigmoid_spelling_becomes_hardsigmoid():
     assert_same_outputs(model, result.model)
 
 
-def test_below_opset_14_hardswish_is_left_with_the_reason():
-    model = _hard_graph(HARDSWISH_TAILS["x*clip/6"], opset=13)
+@pytest.mark.parametrize("tail", HARDSWISH_TAILS.values(), ids=HARDSWISH_TAILS.keys())
+def test_below_opset_14_hardswish_becomes_x_times_hardsigmoid(tail):
+    # as torch exports hardswish there: left as Add, Clip, Mul, Div, a quantized model rounded x + 3 and
+    # x * clip(...) apart and kept the Div float (the microcontroller code could not compile it)
+    model = _hard_graph(tail, opset=13)
     result = fuse_activations(model)
-    assert explain(result) == ["add3 + clip: not fused: HardSwish needs opset >= 14 (model has 13)"]
-    assert op_types(result.model) == ["Add", "Clip", "Mul", "Div"]
+    assert op_types(result.model) == ["HardSigmoid", "Mul"]
+    assert "HardSwish needs opset >= 14 (model has 13)" in explain(result)[0]
+    assert result.model.graph.outputs[0].name == "y"
+    assert_same_outputs(model, result.model)
 
 
 def test_opset_10_clip_attributes_still_give_hardsigmoid_and_keep_the_mul():

@@ -48,8 +48,8 @@ def test_pipeline_on_mobilenet_folds_batchnorm_and_keeps_outputs(mobilenet):
     assert "BatchNormalization" not in ops and "Constant" not in ops
     assert ops.count("HardSwish") == 7 and ops.count("HardSigmoid") == 3  # SE gates stay gates
     assert [r.name for r in result.reports] == [
-        "fold-constants", "eliminate-dead-code", "fold-batchnorm", "fold-affine", "fuse-matmul-add",
-        "fuse-activations", "eliminate-dead-code"]
+        "fold-constants", "eliminate-dead-code", "fold-pad", "fold-batchnorm", "fold-affine", "fuse-matmul-add",
+        "fuse-activations", "canonicalize", "eliminate-dead-code"]
     assert result.modified
     assert_same_outputs(mobilenet, result.model)
     assert not optimize_for_quantization(result.model).modified

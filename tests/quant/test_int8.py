@@ -468,8 +468,9 @@ def test_an_embedding_table_is_stored_in_int8_and_gathered_from_it():
 
 
 def test_the_rewrites_the_float_passes_refused_are_in_the_notes_with_their_reason():
-    """A conv whose output is read twice keeps its BatchNormalization, and a hardswish spelled with /5
-    is not one: both stay float, and the notes say why, so the user can re-export."""
+    """A conv whose output is read twice keeps its BatchNormalization (float), and a hardswish spelled
+    with /5 is not one (its Div becomes a quantized Mul by 0.2): the notes say why, so the user can
+    re-export."""
     from .int8_models import GraphBuilder, batches
 
     graph = GraphBuilder()
@@ -488,7 +489,7 @@ def test_the_rewrites_the_float_passes_refused_are_in_the_notes_with_their_reaso
         "  not folded (fold-batchnorm): conv + bn: Conv output has 2 consumers",
         "  not fused (fuse-activations): add3 + clip: the Clip output is not scaled by 1/6 "
         "(as in x * clip(x + 3, 0, 6) / 6)")
-    assert {"bn", "div5"} <= {node.node_name for node in result.float_nodes}
+    assert "bn" in {node.node_name for node in result.float_nodes}
 
 
 def test_a_pattern_refused_at_every_block_is_one_note_naming_the_first_place(models):

@@ -157,6 +157,99 @@ def test_data_movement_ops_share_their_input_scale():
     assert counts["QLinearConv"] == 2 and "DequantizeLinear" in counts  # only at the graph output
 
 
+def _split_slice_concat(opset: int = 17) -> ir.Model:
+    """conv -> Split in two -> a conv on one half, a Slice of the other -> Concat -> conv: channel
+    splits (ShuffleNet, torch.chunk), YOLO's Focus slices."""
+    from onnx import helper, numpy_helper
+
+    b = GraphBuilder(seed=12, opset=opset)
+    b.node("Relu", [b.conv("x", 8, 8, "c1")], "relu")
+    b.initializers += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+                       (("split", [4, 4]), ("starts", [0]), ("ends", [2]), ("axes", [1]))]
+    b.nodes.append(helper.make_node("Split", ["relu", "split"], ["half1", "half2"], name="split", axis=1))
+    b.node("Relu", [b.conv("half1", 4, 4, "c2")], "branch")
+    sliced = b.node("Slice", ["half2", "starts", "ends", "axes"], "sliced")
+    b.conv(b.node("Concat", ["branch", sliced], "cat", axis=1), 6, 4, "y")
+    return b.model(["y"], SHAPE)
+
+
+def test_split_and_slice_share_their_input_scale_and_run_on_uint8():
+    # ONNX Runtime drops the Q/DQ around Split and Slice when the scales are equal; calibrated apart,
+    # they ran in float between a DQ and two Qs, listed as 'no integer kernel'
+    model = _split_slice_concat()
+    result = _quantize(model)
+    assert result.float_nodes == ()
+    assert len({_scale_of(result.model, t).name for t in ("relu", "half1", "half2", "sliced")}) == 1
+    counts = ort_op_counts(result.model)
+    assert counts["QLinearConv"] == 3 and counts["QLinearConcat"] == 1
+    assert counts["QuantizeLinear"] == 1 and counts["DequantizeLinear"] == 1  # the graph input and output
+    assert sqnr_db(model, result.model, batches(SHAPE, 4)) > 30
+
+
+def test_the_mcu_target_keeps_split_and_slice_float_and_shares_a_constant_pad():
+    # the C has no Split/Slice kernel (compile refuses them by name); it pads int8 values itself, so
+    # the Pad's input and output share one scale there (requantized apart, the Pad was listed float)
+    from onnx import helper, numpy_helper
+
+    mcu = _quantize(_split_slice_concat(), Int8Config(target=Target.MCU))
+    assert {(node.node_name, node.reason) for node in mcu.float_nodes} == {
+        ("split", "no integer kernel for Split"), ("sliced", "no integer kernel for Slice")}
+    b = GraphBuilder(seed=13)
+    b.initializers.append(numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"))
+    padded = b.node("Pad", [b.node("Relu", [b.conv("x", 8, 8, "c1")], "relu"), "pads"], "pad")
+    b.node("MaxPool", [padded], "y", kernel_shape=[2, 2], strides=[2, 2])
+    result = _quantize(b.model(["y"], SHAPE), Int8Config(target=Target.MCU))
+    assert result.float_nodes == ()
+    assert _scale_of(result.model, "relu").name == _scale_of(result.model, "pad").name
+    b.nodes[-2].attribute.append(helper.make_attribute("mode", "reflect"))
+    reflected = _quantize(b.model(["y"], SHAPE), Int8Config(target=Target.MCU))
+    assert [(n.node_name, n.reason) for n in reflected.float_nodes] == [
+        ("pad", "reflect Pad has no integer kernel (constant padding has)")]
+
+
+def _spelled_hard_activations(opset: int) -> ir.Model:
+    """x * clip(x + 3, 0, 6) / 6 after a conv, then an SE-style gate clip(conv + 3, 0, 6) / 6, as
+    TensorFlow and hand-written modules spell them."""
+    b = GraphBuilder(seed=14, opset=opset)
+    three, six, low = b.constant("three", 3.0), b.constant("six", 6.0), b.constant("low", 0.0)
+    conv = b.conv("x", 8, 8, "c1")
+    clip = b.node("Clip", [b.node("Add", [conv, three], "add3"), low, six], "relu6")
+    swish = b.node("Div", [b.node("Mul", [conv, clip], "mul"), six], "hswish")
+    gate_clip = b.node("Clip", [b.node("Add", [b.conv(swish, 8, 8, "c2", k=1), three], "g_add3"), low, six],
+                       "g_relu6")
+    gated = b.node("Mul", [swish, b.node("Div", [gate_clip, six], "gate")], "gated")
+    b.conv(gated, 8, 4, "y")
+    return b.model(["y"], SHAPE)
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_spelled_hard_activations_leave_no_float_div(opset):
+    # the gate's + 3 folds into its conv's bias, and its / 6 used to stay a float Div (fold-affine ate
+    # the pattern's start): now the conv clamps to [0, 1]; below opset 14 hardswish is x * HardSigmoid(x)
+    model = _spelled_hard_activations(opset)
+    ort = _quantize(model)
+    expected = "HardSwish" if opset >= 14 else "HardSigmoid"
+    assert [node.op_type for node in ort.float_nodes] == [expected]
+    mcu = _quantize(model, Int8Config(target=Target.MCU))  # what edgeopt compile lowers: every node int8
+    assert mcu.float_nodes == ()
+    assert sqnr_db(model, mcu.model, batches(SHAPE, 4)) > 30
+
+
+def test_a_mean_pooling_head_runs_in_integer():
+    # torch's x.mean((2, 3)) is a ReduceMean, which ONNX Runtime has no integer kernel for: it ran in
+    # float between the last conv and the classifier; as GlobalAveragePool it is QLinearGlobalAveragePool
+    b = GraphBuilder(seed=15)
+    pooled = b.node("ReduceMean", [b.node("Relu", [b.conv("x", 8, 16, "c1")], "relu")], "mean", axes=[2, 3],
+                    keepdims=0)
+    b.node("Gemm", [pooled, b.weight("fc.weight", (10, 16)), b.weight("fc.bias", (10,))], "y", transB=1)
+    model = b.model(["y"], SHAPE)
+    result = _quantize(model)
+    assert result.float_nodes == ()
+    counts = ort_op_counts(result.model)
+    assert counts["QLinearGlobalAveragePool"] == 1 and "ReduceMean" not in counts
+    assert sqnr_db(model, result.model, batches(SHAPE, 4)) > 30
+
+
 # --------------------------------------------------------------------------
 # Gemm and MatMul
 # --------------------------------------------------------------------------
@@ -206,10 +299,28 @@ def test_conv_transpose_is_per_channel_on_axis_1_only_without_groups():
     b.node("ConvTranspose", ["x", b.weight("up.weight", (8, 4, 2, 2)), b.weight("up.bias", (4,))], "up",
            strides=[2, 2])
     b.node("ConvTranspose", ["up", b.weight("up2.weight", (4, 2, 2, 2))], "y", strides=[2, 2], group=2)
-    result = _quantize(b.model(["y"], SHAPE))
+    result = _quantize(b.model(["y"], SHAPE), Int8Config(target=Target.MCU))
     assert result.tensor("up.weight").axis == 1 and len(result.tensor("up.weight").scale) == 4
     assert result.tensor("up2.weight").axis is None
     assert len(result.tensor("up.bias").scale) == 4
+
+
+def test_onnx_runtime_keeps_conv_transpose_float_and_says_so():
+    # ONNX Runtime has no integer ConvTranspose on the CPU: quantized, it dequantized the int8 weights
+    # on every run and ran the float kernel between a DQ and a Q (slower than float, and rounded)
+    b = GraphBuilder(seed=8)
+    up = b.node("ConvTranspose", [b.node("Relu", [b.conv("x", 8, 8, "c1")], "r1"), b.weight("up.weight", (8, 4, 2, 2)),
+                                  b.weight("up.bias", (4,))], "up", strides=[2, 2])
+    b.conv(b.node("Relu", [up], "r2"), 4, 4, "y")
+    model = b.model(["y"], SHAPE)
+    result = _quantize(model)
+    assert [(node.node_name, node.reason) for node in result.float_nodes] == [
+        ("up", "no integer kernel for ConvTranspose"),
+        ("r2", "Relu is quantized only fused after a Conv, Gemm, MatMul, Add or Mul (its only reader)")]
+    counts = ort_op_counts(result.model)
+    assert counts["QLinearConv"] == 2 and counts["ConvTranspose"] == 1
+    assert "up.weight" not in {info.name for info in result.tensors}  # its weights stay float32
+    assert sqnr_db(model, result.model, batches(SHAPE, 4)) > 30
 
 
 # --------------------------------------------------------------------------

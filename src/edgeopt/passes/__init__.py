@@ -12,10 +12,12 @@ from __future__ import annotations
 from edgeopt.passes._pipeline import PipelineResult, default_passes, optimize_for_quantization
 from edgeopt.passes._report import PassReport, ReportedPassResult, RuleOutcome
 from edgeopt.passes._rules import Match, Rule, RuleContext, RulePass
+from edgeopt.passes.canonicalize import CanonicalizePass, canonicalize
 from edgeopt.passes.eliminate_dead_code import EliminateDeadCodePass, eliminate_dead_code
 from edgeopt.passes.fold_affine import FoldAffinePass, fold_affine
 from edgeopt.passes.fold_batchnorm import FoldBatchNormPass, fold_batchnorm
 from edgeopt.passes.fold_constants import FoldConstantsPass, fold_constants
+from edgeopt.passes.fold_pad import FoldPadPass, fold_pad
 from edgeopt.passes.fuse_activations import (
     PATTERN_KEY,
     FuseActivationsPass,
@@ -30,19 +32,23 @@ from edgeopt.passes.fuse_matmul_add import FuseMatMulAddPass, fuse_matmul_add
 ALL_PASSES: tuple[type[RulePass], ...] = (
     FoldConstantsPass,
     EliminateDeadCodePass,
+    FoldPadPass,
     FoldBatchNormPass,
     FoldAffinePass,
     FuseMatMulAddPass,
     FuseActivationsPass,
+    CanonicalizePass,
 )
 
 __all__ = [
     "ALL_PASSES",
     "PATTERN_KEY",
+    "CanonicalizePass",
     "EliminateDeadCodePass",
     "FoldAffinePass",
     "FoldBatchNormPass",
     "FoldConstantsPass",
+    "FoldPadPass",
     "FuseActivationsPass",
     "FuseMatMulAddPass",
     "Match",
@@ -54,11 +60,13 @@ __all__ = [
     "RuleOutcome",
     "RulePass",
     "activation_clamp",
+    "canonicalize",
     "default_passes",
     "eliminate_dead_code",
     "fold_affine",
     "fold_batchnorm",
     "fold_constants",
+    "fold_pad",
     "following_clamp",
     "fuse_activations",
     "fuse_matmul_add",

@@ -26,6 +26,7 @@ __all__ = [
     "other_input",
     "producer_and_constant",
     "producer_op",
+    "reduce_axes",
     "scalar",
     "shape_text",
     "sole_consumer",
@@ -52,6 +53,16 @@ def producer_op(value: ir.Value | None, *op_types: str) -> ir.Node | None:
     """The producer of ``value`` if it is one of ``op_types``, else None."""
     producer = value.producer() if value is not None else None
     return producer if is_op(producer, *op_types) else None
+
+
+def reduce_axes(node: ir.Node) -> list[int] | None:
+    """The constant axes of a ReduceMean (attribute before opset 18, input after); None when absent."""
+    if "axes" in node.attributes:
+        return list(node.attributes.get_ints("axes"))
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        axes = eir.constant_array(node.inputs[1])
+        return [int(a) for a in axes.reshape(-1)] if axes is not None else None
+    return None
 
 
 def scalar(value: ir.Value | None) -> float | None:

@@ -15,28 +15,35 @@ import onnx_ir as ir
 
 from edgeopt.passes._report import PassReport
 from edgeopt.passes._rules import RulePass
+from edgeopt.passes.canonicalize import CanonicalizePass
 from edgeopt.passes.eliminate_dead_code import EliminateDeadCodePass
 from edgeopt.passes.fold_affine import FoldAffinePass
 from edgeopt.passes.fold_batchnorm import FoldBatchNormPass
 from edgeopt.passes.fold_constants import FoldConstantsPass
+from edgeopt.passes.fold_pad import FoldPadPass
 from edgeopt.passes.fuse_activations import FuseActivationsPass
 from edgeopt.passes.fuse_matmul_add import FuseMatMulAddPass
 
 __all__ = ["PipelineResult", "default_passes", "optimize_for_quantization"]
 
 
-def default_passes(*, copy_shared: bool = True, fuse_gemm: bool = True) -> list[RulePass]:
+def default_passes(*, copy_shared: bool = True, fuse_gemm: bool = True,
+                   canonicalize: bool = True) -> list[RulePass]:
     """The stages of :func:`optimize_for_quantization`, in order.
 
     The weight-only schemes (fp16/bf16, int4) take ``copy_shared=False``: a tied weight's
-    ``Transpose(E)`` is read through rather than folded into a second copy of E; and
-    ``fuse_gemm=False``: a MatMul + Add becoming a Gemm would only rename what a user excludes.
+    ``Transpose(E)`` is read through rather than folded into a second copy of E;
+    ``fuse_gemm=False``: a MatMul + Add becoming a Gemm would only rename what a user excludes; and
+    ``canonicalize=False``: they run no integer kernels to rewrite Div, PRelu and Gemm for (int4
+    folds a Gemm's alpha and beta into its own MatMulNBits).
     """
     stages = [
         # Constant nodes and shape arithmetic become initializers, so rules see constants.
         FoldConstantsPass(copy_shared=copy_shared),
         # Identity/Dropout and orphaned nodes go, so "only reader" checks count real readers.
         EliminateDeadCodePass(),
+        # A zero Pad before a Conv becomes the Conv's own padding.
+        FoldPadPass(),
         # BatchNormalization after Conv/ConvTranspose/Gemm/MatMul becomes part of the weights.
         FoldBatchNormPass(),
         # Per-channel Mul/Add left by exporters that pre-fold BatchNorm folds the same way.
@@ -45,10 +52,14 @@ def default_passes(*, copy_shared: bool = True, fuse_gemm: bool = True) -> list[
         FuseMatMulAddPass(),
         # Spelled-out hardswish, GELU, LayerNorm and SiLU become single ops (or are annotated).
         FuseActivationsPass(),
+        # Div by a constant, a one-slope PRelu, Gemm's alpha/beta and a spatial mean become the forms
+        # integer kernels take.
+        CanonicalizePass(),
         # The weights folding replaced, and nodes fusion orphaned, are dropped.
         EliminateDeadCodePass(),
     ]
-    return [stage for stage in stages if fuse_gemm or not isinstance(stage, FuseMatMulAddPass)]
+    return [stage for stage in stages if (fuse_gemm or not isinstance(stage, FuseMatMulAddPass))
+            and (canonicalize or not isinstance(stage, CanonicalizePass))]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -8,6 +8,13 @@ op folds into the weight and bias, one at a time (a Mul then an Add is two
 folds). The constant must vary only along the channel axis (axis 1):
 anything else would change different pixels differently, which no weight
 can express.
+
+A positive scale also folds through a clamp between the layer and it:
+``s * relu(y) = relu(s * y)`` per channel, and ``s * clip(y, lo, hi) =
+clip(s * y, s * lo, s * hi)`` for one ``s`` (a Clip's bounds are scalars).
+That is what is left of a hard sigmoid spelled ``clip(conv + 3, 0, 6) / 6``
+once the ``+ 3`` has folded into the conv's bias: the conv takes the ``/ 6``
+and clamps to ``[0, 1]``, one integer kernel instead of a float Div after it.
 """
 
 from __future__ import annotations
@@ -21,11 +28,12 @@ from edgeopt import ir as eir
 from edgeopt.passes._conv import (
     LinearParts,
     as_channel_vector,
+    fold_refusal,
     foldable_parts,
     store_parts,
     vector_refusal,
 )
-from edgeopt.passes._matching import producer_and_constant
+from edgeopt.passes._matching import clip_bounds, is_op, producer_and_constant
 from edgeopt.passes._report import ReportedPassResult
 from edgeopt.passes._rules import Match, Rule, RuleContext, RulePass, run_on_copy
 
@@ -114,6 +122,78 @@ class ShiftIntoLayerRule(Rule):
         return _finish(match, context)
 
 
+@dataclasses.dataclass
+class _ClampedScale(Match):
+    layer: ir.Node
+    clamp: ir.Node
+    op: ir.Node
+    constant: ir.Value
+    parts: LinearParts | None = None
+    scale: np.ndarray | None = None  # per output channel, already inverted for a Div
+
+
+def _clamp_refusal(clamp: ir.Node, scale: np.ndarray) -> str | None:
+    if not (scale > 0).all():
+        return "the scale is not positive everywhere (it would turn the clamp over)"
+    if is_op(clamp, "Clip") and clip_bounds(clamp) is None:
+        return "the Clip's bounds are not constants"
+    if is_op(clamp, "Clip") and not np.all(scale == scale[0]):
+        return "a per-channel scale cannot scale a Clip's scalar bounds"
+    return None
+
+
+def _scale_clip_bounds(graph: ir.Graph, clip: ir.Node, factor: float) -> None:
+    """Multiply a Clip's bounds by ``factor`` (attributes before opset 11, inputs after)."""
+    if "min" in clip.attributes or "max" in clip.attributes:
+        for key in ("min", "max"):
+            if key in clip.attributes:
+                clip.attributes[key] = ir.AttrFloat32(key, clip.attributes.get_float(key) * factor)
+        return
+    for index in (1, 2):
+        bound = clip.inputs[index] if len(clip.inputs) > index else None
+        if bound is not None:
+            array = eir.constant_array(bound)
+            eir.replace_constant_input(graph, clip, index, (array.astype(np.float64) * factor).astype(array.dtype),
+                                       f"{eir.node_label(clip)}_bound")
+
+
+class ScaleThroughClampRule(Rule):
+    """Layer -> Relu/Clip -> Mul/Div(positive constant): scale the layer and the clamp's bounds."""
+
+    name = "scale-through-clamp"
+    anchor_ops = frozenset({"Mul", "Div"})
+    verb = "folded"
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        found = producer_and_constant(node, ("Relu", "Clip"), commutative=node.op_type == "Mul")
+        layer = found[0].inputs[0].producer() if found is not None and found[0].inputs[0] is not None else None
+        if layer is None or not is_op(layer, *_LAYER_OPS):
+            return None
+        clamp, constant = found
+        return _ClampedScale(nodes=(layer, clamp, node), layer=layer, clamp=clamp, op=node, constant=constant)
+
+    def check(self, match: _ClampedScale, context: RuleContext) -> str | None:
+        reason = fold_refusal(match.clamp, match.op)
+        affine = _LayerAffine(nodes=match.nodes, layer=match.layer, op=match.clamp, constant=match.constant)
+        reason = reason or _check(affine)
+        if reason is not None:
+            return reason
+        if match.op.op_type == "Div" and not np.all(affine.vector):
+            return "divides by zero in some channel"
+        match.parts = affine.parts
+        match.scale = 1.0 / affine.vector if match.op.op_type == "Div" else affine.vector
+        return _clamp_refusal(match.clamp, match.scale)
+
+    def rewrite(self, match: _ClampedScale, context: RuleContext) -> str:
+        parts, scale = match.parts, match.scale
+        store_parts(context.graph, parts.node, parts.scaled(scale), parts.bias_or_zero() * scale)
+        if is_op(match.clamp, "Clip"):
+            _scale_clip_bounds(context.graph, match.clamp, float(scale[0]))
+        eir.replace_value(match.op.outputs[0], match.clamp.outputs[0])
+        eir.remove_nodes(context.graph, [match.op])
+        return f"folded into {eir.node_label(match.layer)} and its {match.clamp.op_type}"
+
+
 class FoldAffinePass(RulePass):
     """Fold constant per-channel or scalar Mul/Div/Add/Sub after a Conv, ConvTranspose or Gemm.
 
@@ -122,21 +202,27 @@ class FoldAffinePass(RulePass):
     * ``Mul(layer, s)`` / ``Mul(s, layer)`` / ``Div(layer, s)`` -> weight and
       bias scaled per output channel;
     * ``Add(layer, t)`` / ``Add(t, layer)`` / ``Sub(layer, t)`` -> ``t`` added
-      to the bias (created when absent).
+      to the bias (created when absent);
+    * ``Mul(clamp(layer), s)`` / ``Div(clamp(layer), s)`` with ``s > 0``, the
+      clamp a Relu or a Clip with constant bounds -> weight and bias scaled,
+      the Clip's bounds too (``clip(conv + 3, 0, 6) / 6`` -> a conv clamped to
+      ``[0, 1]``).
 
     ``s`` and ``t`` are float constants shaped ``[C,1,1]``, ``[1,C,1,1]``,
     ``[1,C]`` (Gemm) or one element. Preconditions (else left, with the
     reason): the layer's output is read only by that op and is not a graph
     output; weight and bias are float constants; the constant varies only
     along the channel axis ("constant has shape [1,1,4,4], not
-    per-channel"); no division by zero. ``Sub(t, layer)`` is not matched.
+    per-channel"); no division by zero; through a clamp, the clamp alone reads
+    the layer and the Mul/Div alone reads the clamp, the scale is positive,
+    and one value for a Clip. ``Sub(t, layer)`` is not matched.
     Rewrites the model it is given.
     """
 
     name = "fold-affine"
 
     def __init__(self) -> None:
-        self.rules = (ScaleIntoLayerRule(), ShiftIntoLayerRule())
+        self.rules = (ScaleIntoLayerRule(), ShiftIntoLayerRule(), ScaleThroughClampRule())
 
 
 def fold_affine(model: ir.Model) -> ReportedPassResult:

@@ -80,7 +80,8 @@ class FuseActivationsPass(RulePass):
       over trailing axes -> ``LayerNormalization`` (opset >= 17);
     * ``clip(x + 3, 0, 6) / 6`` -> ``HardSigmoid(alpha=1/6, beta=0.5)``;
     * ``x * clip(x + 3, 0, 6) / 6`` (any association; ReLU6 is a Clip) and
-      ``x * HardSigmoid(x)`` -> ``HardSwish`` (opset >= 14);
+      ``x * HardSigmoid(x)`` -> ``HardSwish`` (opset >= 14; below it the
+      first becomes ``x * HardSigmoid(x)``);
     * ``0.5 * x * (1 + erf(x / sqrt(2)))`` -> ``Gelu`` (opset >= 20), else
       annotated ``gelu``;
     * ``x * sigmoid(x)`` -> ``Swish`` (opset >= 24), else annotated ``silu``;

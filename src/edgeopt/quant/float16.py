@@ -262,7 +262,8 @@ def _float_passes(model: ir.Model, config: Fp16Config | Bf16Config) -> list[str]
         return []
     before = sum(1 for _ in model.graph)
     folded = False
-    for stage in default_passes(copy_shared=False, fuse_gemm=False):  # a tied weight is stored once
+    # a tied weight is stored once; nothing runs in integer to canonicalize for
+    for stage in default_passes(copy_shared=False, fuse_gemm=False, canonicalize=False):
         folded |= stage(model).report.modified
     after = sum(1 for _ in model.graph)
     notes = [f"float passes first (BatchNorm/affine folding, activation fusion): {before} -> {after} nodes"

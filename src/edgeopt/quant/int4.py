@@ -290,7 +290,7 @@ def _float_passes(model: ir.Model, config: Int4WeightConfig) -> list[str]:
         return []
     before = sum(1 for _ in model.graph)
     modified = False
-    for stage in default_passes(copy_shared=False, fuse_gemm=False):
+    for stage in default_passes(copy_shared=False, fuse_gemm=False, canonicalize=False):
         modified |= stage(model).report.modified
     after = sum(1 for _ in model.graph)
     notes = [f"float passes first (constant and BatchNorm folding, dead-code elimination): {before} -> {after} "

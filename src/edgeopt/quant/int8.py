@@ -85,10 +85,10 @@ def _infer_shapes(model: ir.Model) -> None:
         logger.info("shape inference skipped (%s)", str(error).splitlines()[0] if str(error) else error)
 
 
-def _infer_matmul_ranks(model: ir.Model) -> None:
-    """Shapes first when a MatMul input has no known rank (a model built or loaded without
-    shapes): the float passes need it to fuse MatMul + bias into Gemm."""
-    if any(node.op_type == "MatMul" and node.inputs and node.inputs[0] is not None
+def _infer_ranks(model: ir.Model) -> None:
+    """Shapes first when a MatMul or ReduceMean input has no known rank (a model built or loaded
+    without shapes): the float passes need it to fuse MatMul + bias into Gemm and to pool a mean."""
+    if any(node.op_type in ("MatMul", "ReduceMean") and node.inputs and node.inputs[0] is not None
            and node.inputs[0].shape is None for node in model.graph):
         _infer_shapes(model)
 
@@ -323,7 +323,7 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
         check = OpsetCheck(model, converted, tolerance=config.verify_tolerance)
         model = converted
         hooks.append(check)
-    _infer_matmul_ranks(model)
+    _infer_ranks(model)
     model, optimization = _optimize(model)
     if optimization is not None:
         notes.extend(optimization.refusal_notes())

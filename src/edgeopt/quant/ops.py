@@ -8,7 +8,10 @@ QLinearGlobalAveragePool, QLinearSigmoid, QLinearLeakyRelu, or the int8
 version of a data-movement op) and the TFLite int8 scheme has the same
 kernel. Everything else stays float and is reported. The microcontroller
 target (:data:`MCU_OP_RULES`) adds the ops the C kernels compute from int8
-(Softmax, Tanh, Elu, HardSigmoid, HardSwish, ReduceMean, GlobalMaxPool).
+(Softmax, Tanh, Elu, HardSigmoid, HardSwish, ReduceMean, GlobalMaxPool, Pad)
+and ConvTranspose, which ONNX Runtime runs in float (it has no integer
+ConvTranspose on the CPU), and drops those it has no kernel for (Gather,
+Slice, Split).
 
 Roles:
 
@@ -17,9 +20,11 @@ Roles:
   ``weight_axis``), input 2 a bias (int32).
 * ``ARITHMETIC``: inputs and output quantized with their own scales.
 * ``SHARED``: data movement (pooling by max, reshapes, nearest/linear resize,
-  concatenation, Gather of rows -- an embedding table is then stored in int8):
-  the float inputs and the output share one scale, so the integer kernel
-  copies values without requantizing.
+  concatenation, Split and Slice, Gather of rows -- an embedding table is then
+  stored in int8; constant Pad on the MCU): the float inputs and the outputs
+  share one scale, so the integer kernel copies values without requantizing
+  (ONNX Runtime drops the Q/DQ pairs around Split, Slice, Reshape ... only
+  when the scales are equal).
 * ``ACTIVATION``: Relu and Clip are never quantized alone; after a
   quantized op whose only consumer they are, they fuse: the producer's
   output gets no Q/DQ, the activation's output does, and the clamp becomes
@@ -46,10 +51,12 @@ class OpRole(enum.Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class OpRule:
-    """``activation_inputs``: indices of the inputs that get Q/DQ (None: all of them)."""
+    """``activation_inputs``: indices of the inputs that get Q/DQ (None: all of them);
+    ``all_outputs``: every output gets one (Split), not only the first."""
 
     role: OpRole
     activation_inputs: tuple[int, ...] | None = (0,)
+    all_outputs: bool = False
 
 
 _WEIGHTED = OpRule(role=OpRole.WEIGHTED)
@@ -60,7 +67,6 @@ _FUSED = OpRule(role=OpRole.ACTIVATION)
 
 OP_RULES: dict[str, OpRule] = {
     "Conv": _WEIGHTED,
-    "ConvTranspose": _WEIGHTED,
     "Gemm": _WEIGHTED,
     "MatMul": OpRule(role=OpRole.WEIGHTED, activation_inputs=(0, 1)),  # input 1: weight if constant
     "Add": _BINARY,
@@ -77,18 +83,26 @@ OP_RULES: dict[str, OpRule] = {
     "Squeeze": _MOVE,
     "Unsqueeze": _MOVE,
     "Resize": _MOVE,
+    "Slice": _MOVE,
+    "Split": OpRule(role=OpRole.SHARED, all_outputs=True),
     "Gather": _MOVE,  # input 0 only (1 holds indices): an embedding table, or attention's q/k/v of qkv
     "Relu": _FUSED,
     "Clip": _FUSED,
 }
 
-# ONNX Runtime gathers int8 rows, edgeopt's C has no Gather kernel: the MCU target keeps it float (and says so).
-_NO_C_KERNEL = frozenset({"Gather"})
+# ONNX Runtime gathers, slices and splits int8 values; edgeopt's C has no kernel for them: the MCU target
+# keeps them float (and says so).
+_NO_C_KERNEL = frozenset({"Gather", "Slice", "Split"})
 
+# ONNX Runtime has no integer ConvTranspose on the CPU: between Q/DQ pairs it ran the float kernel on
+# weights dequantized on every run (slower than float, and the weights rounded), so the ORT target keeps
+# it float. The microcontroller target quantizes it (TFLite Micro has a kernel).
 # The microcontroller target adds the ops its integer kernels (edgeopt's C, TFLite Micro / CMSIS-NN)
 # compute from int8 but ONNX Runtime has no QDQ fusion for: there they would run in float between a
-# DQ and a Q, so the ORT target keeps them float. A Softmax output gets the fixed range [0, 1).
+# DQ and a Q, so the ORT target keeps them float. A Softmax output gets the fixed range [0, 1). A constant
+# Pad copies int8 values and fills with its value quantized at their scale.
 MCU_OP_RULES: dict[str, OpRule] = {op: rule for op, rule in OP_RULES.items() if op not in _NO_C_KERNEL} | {
+    "ConvTranspose": _WEIGHTED,  # QDQ for int8 converters; edgeopt's C refuses it with a hint
     "Softmax": _UNARY,
     "Tanh": _UNARY,
     "Elu": _UNARY,
@@ -96,6 +110,7 @@ MCU_OP_RULES: dict[str, OpRule] = {op: rule for op, rule in OP_RULES.items() if 
     "HardSwish": _UNARY,
     "ReduceMean": _UNARY,
     "GlobalMaxPool": _MOVE,
+    "Pad": _MOVE,
 }
 
 QUANTIZED_OP_TYPES = frozenset(MCU_OP_RULES)

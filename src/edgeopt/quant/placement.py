@@ -285,6 +285,23 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
         return "cubic Resize has no integer kernel"
     if node.op_type == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].uses():
         return "MaxPool indices output is used"
+    if node.op_type == "Pad":
+        return _pad_refusal(node)
+    return None
+
+
+def _pad_refusal(node: ir.Node) -> str | None:
+    """A Pad copies int8 values when it pads with a constant by constant, non-negative amounts."""
+    mode = node.attributes.get_string("mode", "constant")
+    if mode != "constant":
+        return f"{mode} Pad has no integer kernel (constant padding has)"
+    amounts = [eir.constant_array(v) for v in node.inputs[1:2] if v is not None]
+    if amounts and (amounts[0] is None or (amounts[0] < 0).any()):
+        return "its pads are not constant and non-negative"
+    if len(node.inputs) > 2 and node.inputs[2] is not None and not eir.is_constant(node.inputs[2]):
+        return "its padding value is not a constant"
+    if len(node.inputs) > 3 and node.inputs[3] is not None:  # left when the rank is unknown
+        return "it pads some axes (an axes input) of a tensor of unknown rank"
     return None
 
 
@@ -366,12 +383,15 @@ class _Planner:
                 continue
             (self.constants if eir.is_constant(value) else self.activations)[value.name] = None
             shared.append(value.name)
+        outputs = [output.name]
+        if rule.all_outputs:  # Split: every output read by something
+            outputs += [v.name for v in node.outputs[1:] if _is_float(v, self.non_float) and v.uses()]
         if self.quantize_outputs or not _float_output_fuses(node, output, weight):
-            self.activations[output.name] = None
+            self.activations.update(dict.fromkeys(outputs))
         if node.op_type == "Concat":
-            self.concat_groups.union([*shared, output.name])
+            self.concat_groups.union([*shared, *outputs])
         elif rule.role is OpRole.SHARED:
-            self.groups.union([*shared, output.name])
+            self.groups.union([*shared, *outputs])
         if weight is not None and len(node.inputs) > 2 and node.inputs[2] is not None:
             self.biases.append(BiasUse(node=node.name, tensor=node.inputs[2].name,
                                        input=node.inputs[0].name, weight=node.inputs[1].name))

@@ -2,9 +2,9 @@
 
 * hardsigmoid ``clip(x + 3, 0, 6) / 6 = HardSigmoid(x; alpha=1/6, beta=1/2)``;
 * hardswish ``x * clip(x + 3, 0, 6) / 6 = x * HardSigmoid(x) = HardSwish(x)``
-  (opset >= 14), in any association of the product (``x * relu6(x + 3) *
-  (1/6)``, ``(x / 6) * clip(...)``...), see
-  :func:`~edgeopt.passes._matching.follow_product`;
+  (opset >= 14; below it ``x * HardSigmoid(x)``, two ops instead of four), in
+  any association of the product (``x * relu6(x + 3) * (1/6)``, ``(x / 6) *
+  clip(...)``...), see :func:`~edgeopt.passes._matching.follow_product`;
 * SiLU ``x * sigmoid(x)``: ONNX has ``Swish`` only from opset 24, so below
   that the nodes are annotated (``metadata_props["edgeopt.pattern"] =
   "silu"``) for the quantizer, not rewritten;
@@ -108,21 +108,25 @@ class ClipHardSigmoidRule(Rule):
         clipped = match.clip.outputs[0]
         with_x = follow_product(clipped, match.x, 1 / 6)
         alone = follow_product(clipped, None, 1 / 6)
-        if with_x is not None and context.opset >= HARDSWISH_OPSET:
+        if with_x is not None:  # below opset 14, x * HardSigmoid(x), as torch exports hardswish there
             match.op_type, match.chain = "HardSwish", with_x
         elif alone is not None:
             match.op_type, match.chain = "HardSigmoid", alone
-        elif with_x is not None:
-            return f"HardSwish needs opset >= {HARDSWISH_OPSET} (model has {context.opset})"
         else:
             return "the Clip output is not scaled by 1/6 (as in x * clip(x + 3, 0, 6) / 6)"
         match.nodes = (match.add, match.clip, *match.chain.nodes)
         return None
 
     def rewrite(self, match: _ClipMatch, context: RuleContext) -> str:
+        label = eir.node_label(match.chain.nodes[-1])
+        if match.op_type == "HardSwish" and context.opset < HARDSWISH_OPSET:
+            gate = ir.node("HardSigmoid", [match.x], {"alpha": 1 / 6, "beta": 0.5}, name=f"{label}_HardSigmoid")
+            product = ir.node("Mul", [match.x, gate.outputs[0]], name=f"{label}_Mul")
+            eir.replace_nodes(context.graph, match.nodes, match.chain.output, [gate, product])
+            return (f"fused into x * HardSigmoid(x) (HardSwish needs opset >= {HARDSWISH_OPSET}, "
+                    f"model has {context.opset})")
         attributes = {"alpha": 1 / 6, "beta": 0.5} if match.op_type == "HardSigmoid" else None
-        new = ir.node(match.op_type, [match.x], attributes,
-                      name=f"{eir.node_label(match.chain.nodes[-1])}_{match.op_type}")
+        new = ir.node(match.op_type, [match.x], attributes, name=f"{label}_{match.op_type}")
         return _fuse(context, match.nodes, match.chain, new)
 
 

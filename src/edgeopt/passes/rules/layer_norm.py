@@ -25,23 +25,13 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.passes._matching import is_op, other_input, scalar, sole_consumer
+from edgeopt.passes._matching import is_op, other_input, reduce_axes, scalar, sole_consumer
 from edgeopt.passes._rules import Match, Rule, RuleContext
 from edgeopt.passes.rules.activations import PATTERN_KEY, annotate
 
 __all__ = ["LayerNormRule"]
 
 LAYER_NORM_OPSET = 17
-
-
-def _reduce_axes(node: ir.Node) -> list[int] | None:
-    """The constant axes of a ReduceMean (attribute before opset 18, input after)."""
-    if "axes" in node.attributes:
-        return list(node.attributes.get_ints("axes"))
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
-        axes = eir.constant_array(node.inputs[1])
-        return [int(a) for a in axes.reshape(-1)] if axes is not None else None
-    return None
 
 
 @dataclasses.dataclass
@@ -73,7 +63,7 @@ def _trailing_axis(axes: list[int] | None, rank: int | None) -> int | str:
 def _normalized_dims(match: _LayerNormMatch) -> tuple[int, tuple[int, ...]] | str:
     """(axis, static normalized dims) of the reduction, or why there are none."""
     rank = len(match.x.shape) if match.x.shape is not None else None
-    axis = _trailing_axis(_reduce_axes(match.mean), rank)
+    axis = _trailing_axis(reduce_axes(match.mean), rank)
     if isinstance(axis, str):
         return axis
     dims = tuple(match.x.shape.dims[axis:]) if match.x.shape is not None else ()
@@ -102,7 +92,7 @@ def _follow(value: ir.Value, op_type: str) -> ir.Node | None:
 
 def _variance_chain(match: _LayerNormMatch, square: ir.Node, normalize: ir.Node) -> str | None:
     variance = _follow(square.outputs[0], "ReduceMean")
-    if variance is None or _reduce_axes(variance) != _reduce_axes(match.mean):
+    if variance is None or reduce_axes(variance) != reduce_axes(match.mean):
         return "the square is not averaged over the same axes"
     if variance.attributes.get_int("keepdims", 1) != 1 or match.mean.attributes.get_int("keepdims", 1) != 1:
         return "a ReduceMean drops the reduced axes (keepdims=0)"

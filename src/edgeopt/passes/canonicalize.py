@@ -1,0 +1,254 @@
+"""Rewrite ops that have an integer kernel under another name into that name.
+
+Exporters write the same function several ways; integer kernels exist for
+one of them. Each rewrite computes the same function (up to float rounding
+where a constant is inverted or multiplied through):
+
+* ``Div(x, c)`` for a constant ``c`` is ``Mul(x, 1 / c)``: ONNX Runtime has
+  QLinearMul and no QLinearDiv, the microcontroller kernels a Mul and no Div.
+  Attention's ``scores / sqrt(d)`` (Hugging Face's BERT) ran in float between
+  the integer MatMul and Softmax, and a model holding it did not compile. A
+  Div normalizing a graph input stays: float before the first quantized
+  layer costs no conversion, and a quantized Mul would round the input once
+  more (-0.35 dB on an ImageNet-style ``(x - mean) / std``);
+* ``PRelu(x, slope)`` with one slope for every channel (``torch.nn.PReLU()``'s
+  default) is ``LeakyRelu(x, alpha=slope)``, which has integer kernels
+  (QLinearLeakyRelu, the C's LeakyRelu); PRelu has none;
+* ``Gemm(A, B, C; alpha, beta)`` with constant ``B`` and ``C`` is
+  ``Gemm(A, alpha * B, beta * C)``, and a ``C`` of shape ``[1, N]`` or one
+  element broadcasts as the ``[N]`` bias a quantized Gemm takes (int32, added
+  in the accumulator): alpha, beta and such a C kept the layer float;
+* ``ReduceMean`` of an image over H and W (torch's ``x.mean((2, 3))``
+  pooling head) is ``GlobalAveragePool`` (then ``Flatten`` where the mean drops
+  the axes): ONNX Runtime runs it as QLinearGlobalAveragePool and has no
+  integer ReduceMean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+from edgeopt.passes._conv import linear_parts
+from edgeopt.passes._matching import reduce_axes, shape_text
+from edgeopt.passes._report import ReportedPassResult
+from edgeopt.passes._rules import Match, Rule, RuleContext, RulePass, run_on_copy
+from edgeopt.passes.rules import PATTERN_KEY
+
+__all__ = ["CanonicalizePass", "canonicalize"]
+
+# 1 / c stays a normal number in float16 (whose smallest is 2**-14) and within its range: the fp16
+# scheme stores the reciprocal in half precision
+_RECIPROCAL_BOUNDS = (2.0 ** -14, 2.0 ** 14)
+
+
+@dataclasses.dataclass
+class _ConstantOperand(Match):
+    node: ir.Node
+    array: np.ndarray
+
+
+class DivToMulRule(Rule):
+    """Div(x, constant c) -> Mul(x, 1 / c)."""
+
+    name = "div-to-mul"
+    anchor_ops = frozenset({"Div"})
+    verb = "rewritten"
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        array = eir.constant_array(node.inputs[1]) if len(node.inputs) == 2 else None
+        if array is None or eir.is_constant(node.inputs[0]) or not np.issubdtype(array.dtype, np.floating):
+            return None
+        return _ConstantOperand(nodes=(node,), node=node, array=array)
+
+    def check(self, match: _ConstantOperand, context: RuleContext) -> str | None:
+        if PATTERN_KEY in match.node.metadata_props:  # a spelled-out GELU's x / sqrt(2): float as one group
+            return f"part of a spelled-out {match.node.metadata_props[PATTERN_KEY]}, kept float as one op"
+        if _scales_an_input(match.node.inputs[0]):
+            return ("it normalizes a graph input: in float it costs no conversion, as a quantized Mul it "
+                    "would round the input once more")
+        magnitude = np.abs(match.array.astype(np.float64))
+        low, high = _RECIPROCAL_BOUNDS
+        if not (np.isfinite(magnitude).all() and (magnitude >= low).all() and (magnitude <= high).all()):
+            return f"the divisor is zero, not finite or outside [{low:g}, {high:g}] somewhere"
+        return None
+
+    def rewrite(self, match: _ConstantOperand, context: RuleContext) -> str:
+        node = match.node
+        reciprocal = (1.0 / match.array.astype(np.float64)).astype(match.array.dtype)
+        constant = eir.add_initializer(context.graph, reciprocal,
+                                       f"{node.inputs[1].name or eir.node_label(node)}_reciprocal")
+        mul = ir.node("Mul", [node.inputs[0], constant], name=node.name)
+        eir.replace_nodes(context.graph, [node], node.outputs[0], [mul])
+        return "rewritten as Mul by the reciprocal"
+
+
+_ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Cast")
+
+
+def _scales_an_input(value: ir.Value | None) -> bool:
+    """True when ``value`` is a graph input, or computed from one alone by elementwise ops with constants
+    (``(x - mean) / std`` preprocessing): nothing quantized comes before it."""
+    while value is not None and not value.is_graph_input():
+        producer = value.producer()
+        if not eir.is_op(producer, *_ELEMENTWISE):
+            return False
+        computed = [v for v in producer.inputs if v is not None and not eir.is_constant(v)]
+        if len(computed) != 1:
+            return False
+        value = computed[0]
+    return value is not None
+
+
+class PReluToLeakyReluRule(Rule):
+    """PRelu(x, one-element slope) -> LeakyRelu(x, alpha=slope)."""
+
+    name = "prelu-to-leakyrelu"
+    anchor_ops = frozenset({"PRelu"})
+    verb = "rewritten"
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        array = eir.constant_array(node.inputs[1]) if len(node.inputs) == 2 else None
+        if array is None or array.size != 1 or not np.issubdtype(array.dtype, np.floating):
+            return None
+        return _ConstantOperand(nodes=(node,), node=node, array=array)
+
+    def check(self, match: _ConstantOperand, context: RuleContext) -> str | None:
+        x = match.node.inputs[0]
+        if match.array.ndim > 1 and (x.shape is None or len(x.shape) < match.array.ndim):
+            return f"the slope's shape {shape_text(match.array.shape)} may raise the output's rank"
+        if x.shape is not None and len(x.shape) == 0 and match.array.ndim:
+            return "a scalar input: the slope's shape decides the output's"
+        return None
+
+    def rewrite(self, match: _ConstantOperand, context: RuleContext) -> str:
+        node = match.node
+        alpha = float(match.array.reshape(()))
+        leaky = ir.node("LeakyRelu", [node.inputs[0]], {"alpha": alpha}, name=node.name)
+        eir.replace_nodes(context.graph, [node], node.outputs[0], [leaky])
+        return f"rewritten as LeakyRelu (alpha {alpha:g})"
+
+
+@dataclasses.dataclass
+class _GemmMatch(Match):
+    gemm: ir.Node
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+
+
+class GemmScalesRule(Rule):
+    """Gemm(A, B, C; alpha, beta) -> Gemm(A, alpha * B, beta * C as [N])."""
+
+    name = "gemm-scales"
+    anchor_ops = frozenset({"Gemm"})
+    verb = "rewritten"
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        alpha, beta = node.attributes.get_float("alpha", 1.0), node.attributes.get_float("beta", 1.0)
+        bias = eir.constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        parts = linear_parts(node)
+        vector = bias is not None and not isinstance(parts, str) and bias.shape == (parts.channels,)
+        if alpha == 1.0 and (bias is None or (beta == 1.0 and vector)):
+            return None  # nothing to fold (a computed C is left as it is)
+        return _GemmMatch(nodes=(node,), gemm=node)
+
+    def check(self, match: _GemmMatch, context: RuleContext) -> str | None:
+        if match.gemm.attributes.get_int("transA", 0):
+            return "A is transposed (transA)"
+        parts = linear_parts(match.gemm)  # its bias is C times beta, one value or one per output
+        if isinstance(parts, str):
+            return parts
+        alpha = match.gemm.attributes.get_float("alpha", 1.0)
+        match.weight = (parts.weight.astype(np.float64) * alpha).astype(parts.weight.dtype)
+        if parts.bias is not None:
+            match.bias = np.broadcast_to(parts.bias.reshape(-1), (parts.channels,)).astype(parts.weight.dtype)
+        return None
+
+    def rewrite(self, match: _GemmMatch, context: RuleContext) -> str:
+        gemm, graph = match.gemm, context.graph
+        hint = gemm.inputs[1].name or f"{eir.node_label(gemm)}.weight"
+        if gemm.attributes.get_float("alpha", 1.0) != 1.0:
+            old = gemm.inputs[1]
+            gemm.replace_input_with(1, eir.add_initializer(graph, match.weight, f"{hint}_scaled"))
+            eir.drop_if_unused(graph, old)
+        if match.bias is not None:
+            old = gemm.inputs[2]
+            gemm.replace_input_with(2, eir.add_initializer(graph, match.bias, f"{old.name or hint}_vector"))
+            eir.drop_if_unused(graph, old)
+        gemm.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
+        gemm.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        return "alpha and beta folded into B and C, C a vector"
+
+
+@dataclasses.dataclass
+class _MeanMatch(Match):
+    mean: ir.Node
+
+
+# images only: the microcontroller code pools rank-4 tensors, and reduces other ranks as ReduceMean
+_IMAGE_RANK = 4
+
+
+class SpatialMeanRule(Rule):
+    """ReduceMean of an NCHW tensor over H and W -> GlobalAveragePool (then Flatten without keepdims)."""
+
+    name = "mean-to-global-average-pool"
+    anchor_ops = frozenset({"ReduceMean"})
+    verb = "rewritten"
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        x = node.inputs[0]
+        if x is None or x.shape is None or len(x.shape) != _IMAGE_RANK:
+            return None
+        axes = reduce_axes(node)
+        if axes is None or sorted(a % _IMAGE_RANK for a in axes) != [2, 3]:
+            return None
+        return _MeanMatch(nodes=(node,), mean=node)
+
+    def rewrite(self, match: _MeanMatch, context: RuleContext) -> str:
+        mean = match.mean
+        pool = ir.node("GlobalAveragePool", [mean.inputs[0]], name=f"{eir.node_label(mean)}_GlobalAveragePool")
+        nodes = [pool]
+        if not mean.attributes.get_int("keepdims", 1):
+            nodes.append(ir.node("Flatten", [pool.outputs[0]], {"axis": 1}, name=f"{eir.node_label(mean)}_Flatten"))
+        eir.replace_nodes(context.graph, [mean], mean.outputs[0], nodes)
+        return f"rewritten as {' + '.join(n.op_type for n in nodes)}"
+
+
+class CanonicalizePass(RulePass):
+    """Rewrite Div by a constant, a one-slope PRelu, a scaled Gemm and a spatial mean into the forms integer
+    kernels take.
+
+    Rewrites:
+
+    * ``Div(x, c)``, ``c`` a float constant -> ``Mul(x, 1 / c)``;
+    * ``PRelu(x, s)``, ``s`` one float constant -> ``LeakyRelu(x, alpha=s)``;
+    * ``Gemm(A, B, C; alpha, beta)`` -> ``Gemm(A, alpha * B, beta * C)`` with
+      ``alpha = beta = 1`` and ``C`` as ``[N]``;
+    * ``ReduceMean(x, axes=[2, 3])`` of a rank-4 ``x`` -> ``GlobalAveragePool(x)``,
+      then ``Flatten(axis=1)`` when ``keepdims=0``.
+
+    Preconditions (else left, with the reason): the divisor is finite with
+    every magnitude in [2**-14, 2**14] (its reciprocal then fits float16), x
+    is not a constant (constant folding's business) nor a graph input scaled
+    by elementwise ops with constants (``(x - mean) / std`` preprocessing, float
+    before the first quantized layer), and the Div is not part of a pattern
+    fuse-activations annotated (a GELU below opset 20, kept float); the slope's rank does
+    not exceed x's; the Gemm's ``B`` and ``C`` are float constants, ``C`` one
+    value per output (``[N]``, ``[1, N]`` or one element), no ``transA``; the
+    mean's input has a known rank of 4 and constant axes. Rewrites the model
+    it is given.
+    """
+
+    name = "canonicalize"
+
+    def __init__(self) -> None:
+        self.rules = (DivToMulRule(), PReluToLeakyReluRule(), GemmScalesRule(), SpatialMeanRule())
+
+
+def canonicalize(model: ir.Model) -> ReportedPassResult:
+    """Canonicalize Div, PRelu and Gemm on a copy of ``model``; the input is not modified."""
+    return run_on_copy(CanonicalizePass(), model)
