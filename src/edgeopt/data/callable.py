@@ -30,6 +30,7 @@ from edgeopt.ir.values import InputSpec
 __all__ = ["CallableSource", "UserWorkingDirectory", "load_function", "looks_like_callable"]
 
 _FUNCTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_END = object()  # the end of the user's iterable
 
 
 def looks_like_callable(text: str) -> bool:
@@ -163,7 +164,7 @@ class CallableSource(DataSource):
 
     def _items(self, items: Iterable[object]) -> Iterator[tuple[Mapping[str, object], str]]:
         try:
-            for index, item in enumerate(items):
+            for index, item in enumerate(self._read_in_their_directory(items)):
                 where = f"{self._spec_text} item {index}"
                 yield as_feed(item, self._specs, where=where), where
         except DataError:
@@ -171,6 +172,18 @@ class CallableSource(DataSource):
         except (Exception, SystemExit) as error:  # the user's generator failed mid-way
             raise DataError(f"--data {self._spec_text}: iterating the result failed "
                             f"({_first_line(error)})") from error
+
+    def _read_in_their_directory(self, items: Iterable[object]) -> Iterator[object]:
+        """``items`` one by one, each read in the user's working directory: a generator's body (or a
+        DataLoader's) is their code too, and runs as the batches are read, not when the function returns."""
+        with self._directory.entered():
+            iterator = iter(items)
+        while True:
+            with self._directory.entered():
+                item = next(iterator, _END)
+            if item is _END:
+                return
+            yield item
 
     def describe(self) -> str:
         return f"function {self._spec_text}"
