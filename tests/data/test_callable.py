@@ -182,3 +182,26 @@ def test_a_generator_runs_in_the_directory_its_code_chose(tmp_path, monkeypatch)
             seen.append((batch["x"].shape, os.getcwd()))
         assert seen == [((1, 4), str(tmp_path))] * 2, function
     assert os.getcwd() == str(tmp_path)
+
+
+def test_a_module_imported_before_runs_where_its_import_went(tmp_path, monkeypatch):
+    # quantize opens --data again for its fidelity check (and --eval may name the same module): the module
+    # is imported once, so its import's chdir did not happen for the second source, whose calls ran in
+    # edgeopt's directory ("the function raised (FileNotFoundError: 'x.npy')")
+    data_dir = tmp_path / "dataset"
+    data_dir.mkdir()
+    np.save(data_dir / "x.npy", np.ones((2, 4), np.float32))
+    (tmp_path / "chdir_loader.py").write_text(textwrap.dedent(f'''
+        import os
+        import numpy as np
+        os.chdir({str(data_dir)!r})
+
+        def samples():
+            return np.load("x.npy")
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "chdir_loader", raising=False)
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # calibration, then the fidelity check
+        assert [b["x"].shape for b in open_data("chdir_loader:samples", [VECTOR])] == [(1, 4), (1, 4)]
+        assert os.getcwd() == str(tmp_path)

@@ -61,16 +61,30 @@ def _import_file(path: Path, spec_text: str, option: str) -> object:
     return module
 
 
+# module name -> the working directory its import changed to, where a later load of it starts: its
+# import-time code (an os.chdir to its data set) does not run again
+_IMPORTED_INTO: dict[str, str] = {}
+
+
 def _import_module(target: str) -> object:
-    """``importlib.import_module``, with the current directory searched last for the time of the call."""
-    here = str(Path.cwd())
+    """``importlib.import_module``, with the current directory searched last for the time of the call.
+    Called in the user's working directory (:meth:`UserWorkingDirectory.entered`), which it moves to
+    where the module's first import went when the module is imported already."""
+    if target in sys.modules and target in _IMPORTED_INTO:
+        os.chdir(_IMPORTED_INTO[target])
+        return sys.modules[target]
+    here = os.getcwd()
     if here in sys.path or "" in sys.path:
-        return importlib.import_module(target)
-    sys.path.append(here)
-    try:
-        return importlib.import_module(target)
-    finally:
-        sys.path.remove(here)
+        module = importlib.import_module(target)
+    else:
+        sys.path.append(here)
+        try:
+            module = importlib.import_module(target)
+        finally:
+            sys.path.remove(here)
+    if os.getcwd() != here:
+        _IMPORTED_INTO[target] = os.getcwd()
+    return module
 
 
 def _import(target: str, spec_text: str, option: str) -> object:
