@@ -205,3 +205,24 @@ def test_a_module_imported_before_runs_where_its_import_went(tmp_path, monkeypat
     for _ in range(2):  # calibration, then the fidelity check
         assert [b["x"].shape for b in open_data("chdir_loader:samples", [VECTOR])] == [(1, 4), (1, 4)]
         assert os.getcwd() == str(tmp_path)
+
+
+def test_a_function_that_leaves_a_directory_it_removed_is_not_said_to_have_raised(tmp_path, monkeypatch):
+    # its code went into a temporary directory, which is gone when it returns: edgeopt's own directory is
+    # restored, and the next call starts there (it said "the function raised (FileNotFoundError ...)")
+    path = tmp_path / "scratch_loader.py"
+    path.write_text(textwrap.dedent('''
+        import os
+        import tempfile
+        import numpy as np
+
+        def samples():
+            with tempfile.TemporaryDirectory() as scratch:
+                os.chdir(scratch)
+            return np.ones((2, 4), np.float32)
+    '''))
+    monkeypatch.chdir(tmp_path)
+    source = open_data(f"{path}:samples", [VECTOR])
+    for _ in range(2):
+        assert [b["x"].shape for b in source] == [(1, 4), (1, 4)]
+        assert os.getcwd() == str(tmp_path)

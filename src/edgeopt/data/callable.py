@@ -119,7 +119,10 @@ class UserWorkingDirectory:
         try:
             yield
         finally:
-            self._theirs = os.getcwd()
+            try:
+                self._theirs = os.getcwd()
+            except FileNotFoundError:  # their code removed the directory it was in (a temporary one)
+                self._theirs = None
             if self._theirs != ours:
                 os.chdir(ours)
 
