@@ -41,7 +41,8 @@ def lazy_package(name: str, exports: Mapping[str, str]) -> tuple[Callable[[str],
     def get(attribute: str) -> object:
         if attribute in exports:
             value = getattr(importlib.import_module(exports[attribute]), attribute)
-        elif not attribute.startswith("_") and importlib.util.find_spec(f"{name}.{attribute}") is not None:
+        elif (attribute.isidentifier() and not attribute.startswith("_")  # find_spec imports a dotted name's parent
+              and importlib.util.find_spec(f"{name}.{attribute}") is not None):
             value = importlib.import_module(f"{name}.{attribute}")  # a subpackage read as an attribute
         else:
             raise AttributeError(f"module {name!r} has no attribute {attribute!r}")

@@ -150,3 +150,79 @@ def test_a_function_that_changes_directory_keeps_it_and_leaves_ours(tmp_path, mo
     source = open_data(f"{path}:samples", [VECTOR])
     assert [b["x"].shape for b in source] == [(1, 4), (1, 4)]
     assert os.getcwd() == str(tmp_path)
+
+
+def test_a_generator_runs_in_the_directory_its_code_chose(tmp_path, monkeypatch):
+    # the function's body of a generator runs as the batches are read, not when it is called: the import's
+    # chdir was undone by then ("iterating the result failed (FileNotFoundError: 'x.npy')"), and a chdir in
+    # the body moved edgeopt's own directory for good (-o out.onnx was written into the data set)
+    data_dir = tmp_path / "dataset"
+    data_dir.mkdir()
+    np.save(data_dir / "x.npy", np.ones((2, 4), np.float32))
+    path = tmp_path / "loader.py"
+    path.write_text(textwrap.dedent(f'''
+        import os
+        import numpy as np
+        os.chdir({str(data_dir)!r})
+
+        def on_import():
+            for row in np.load("x.npy"):  # relative to where the import went
+                yield {{"x": row[None]}}
+
+        def in_the_body():
+            os.chdir("/")
+            os.chdir({str(data_dir)!r})
+            for row in np.load("x.npy"):
+                yield {{"x": row[None]}}
+    '''))
+    monkeypatch.chdir(tmp_path)
+    for function in ("on_import", "in_the_body"):
+        seen = []
+        for batch in open_data(f"{path}:{function}", [VECTOR]):
+            seen.append((batch["x"].shape, os.getcwd()))
+        assert seen == [((1, 4), str(tmp_path))] * 2, function
+    assert os.getcwd() == str(tmp_path)
+
+
+def test_a_module_imported_before_runs_where_its_import_went(tmp_path, monkeypatch):
+    # quantize opens --data again for its fidelity check (and --eval may name the same module): the module
+    # is imported once, so its import's chdir did not happen for the second source, whose calls ran in
+    # edgeopt's directory ("the function raised (FileNotFoundError: 'x.npy')")
+    data_dir = tmp_path / "dataset"
+    data_dir.mkdir()
+    np.save(data_dir / "x.npy", np.ones((2, 4), np.float32))
+    (tmp_path / "chdir_loader.py").write_text(textwrap.dedent(f'''
+        import os
+        import numpy as np
+        os.chdir({str(data_dir)!r})
+
+        def samples():
+            return np.load("x.npy")
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "chdir_loader", raising=False)
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # calibration, then the fidelity check
+        assert [b["x"].shape for b in open_data("chdir_loader:samples", [VECTOR])] == [(1, 4), (1, 4)]
+        assert os.getcwd() == str(tmp_path)
+
+
+def test_a_function_that_leaves_a_directory_it_removed_is_not_said_to_have_raised(tmp_path, monkeypatch):
+    # its code went into a temporary directory, which is gone when it returns: edgeopt's own directory is
+    # restored, and the next call starts there (it said "the function raised (FileNotFoundError ...)")
+    path = tmp_path / "scratch_loader.py"
+    path.write_text(textwrap.dedent('''
+        import os
+        import tempfile
+        import numpy as np
+
+        def samples():
+            with tempfile.TemporaryDirectory() as scratch:
+                os.chdir(scratch)
+            return np.ones((2, 4), np.float32)
+    '''))
+    monkeypatch.chdir(tmp_path)
+    source = open_data(f"{path}:samples", [VECTOR])
+    for _ in range(2):
+        assert [b["x"].shape for b in source] == [(1, 4), (1, 4)]
+        assert os.getcwd() == str(tmp_path)

@@ -287,3 +287,25 @@ def test_the_search_takes_an_exclude_naming_a_node_the_float_passes_fold(tmp_pat
     with pytest.raises(ConfigError, match="neither a node name nor an op type"):
         edgeopt.quantize(path, Int8Config(exclude=("BatchNorm",)), data, goal=AccuracyGoal(min_sqnr_db=0.0),
                          check_speed=False)
+
+
+def test_the_search_s_notes_are_those_of_a_fresh_quantization_when_a_float_pass_refused(tmp_path):
+    # the float passes' refusals come before the vanished --exclude entries in a fresh quantization's notes;
+    # the search put the exclude note first, between the activation note and the refusals
+    from edgeopt.quant.int8 import quantize_int8
+
+    def batch_norm(g, x, name):
+        return g.node("BatchNormalization", [x, g.constant(f"{name}.g", np.linspace(0.5, 1.5, 8)),
+                                             g.constant(f"{name}.b", np.zeros(8)), g.constant(f"{name}.m", np.zeros(8)),
+                                             g.constant(f"{name}.v", np.ones(8))], name)
+
+    g = GraphBuilder(seed=5)
+    conv = g.conv("x", 3, 8, "conv1")
+    folded = batch_norm(g, g.conv(batch_norm(g, conv, "bn1"), 8, 8, "conv2"), "bn2")  # bn1: conv1 is read twice
+    model = g.model([folded, g.node("Relu", [conv], "side")], (1, 3, 8, 8))
+    data = batches((1, 3, 8, 8), 8)
+    config = Int8Config(exclude=("bn2",))
+    plain = quantize_int8(model.clone(), config, data)
+    search = accuracy_aware_quantize(model, config, data, AccuracyGoal(min_sqnr_db=0.0))
+    assert any(note.startswith("float passes: 1 rewrite(s)") for note in plain.notes)
+    assert search.result.notes == plain.notes

@@ -12,7 +12,7 @@ import onnx_ir as ir
 import pytest
 from onnx import numpy_helper
 
-from edgeopt.errors import DataError
+from edgeopt.errors import DataError, ModelError
 from edgeopt.quant.compare import compare_models, layer_sqnr, match_tensors, missing_qdq_note
 from tests.models import build_onnx, ort_qdq_model
 
@@ -372,7 +372,7 @@ def test_edgeopt_compare_of_an_ort_model_measures_the_tensors_it_holds(mobilenet
     assert min(row.sqnr_db for row in measured.layers) > 10
 
 
-def test_the_model_as_given_is_read_only_for_a_quantizer_that_kept_its_graph(mobilenet):
+def test_the_model_as_given_is_read_only_for_a_quantizer_that_kept_its_graph(mobilenet, tmp_path):
     """ORT's model holds tensors of the float model as given (before its BatchNorms); edgeopt's holds only
     those of the optimized model, so comparing it does not load the given model's weights a second time."""
     import edgeopt
@@ -385,6 +385,10 @@ def test_the_model_as_given_is_read_only_for_a_quantizer_that_kept_its_graph(mob
     ours = edgeopt.quantize(float_path, edgeopt.Int8Config(), _samples(8, seed=1), check_fidelity=False,
                             check_speed=False).model
     assert not _may_hold_original(optimized, ours) and _may_hold_original(optimized, load_model(ort_path))
+    absent = tmp_path / "not_read.onnx"  # compare_models must not open it for edgeopt's model
+    assert compare_models(optimized, ours, _samples(2, seed=2), original=absent).matched > 20
+    with pytest.raises(ModelError, match="not_read.onnx"):
+        compare_models(optimized, load_model(ort_path), _samples(2, seed=2), original=absent)
 
 
 def test_edgeopt_compare_matches_the_matmul_outputs_ort_quantizes_before_their_bias(tmp_path):

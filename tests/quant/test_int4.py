@@ -748,3 +748,34 @@ def test_exclude_names_a_node_inside_a_subgraph(tmp_path):
     result = quantize(model, Int4WeightConfig(exclude=("else_o",)), data=None)
     assert [(node.node_name, node.reason) for node in result.float_nodes] == [("else_o", "excluded by config")]
     assert "wo" in result.model.graph.initializers  # else_o still reads it in float
+
+
+def test_layers_whose_inputs_only_subgraphs_compute_are_not_said_to_be_weighted(tmp_path, monkeypatch):
+    """Each branch computes its MatMul's input itself: the calibration run observes none of them, so no block
+    search is weighted, and the notes said 'weighted by each layer's input channels on the calibration data'
+    (after a pass over the data that observed nothing)."""
+    from edgeopt.quant import int4
+
+    rng = np.random.default_rng(6)
+    value = helper.make_tensor_value_info
+    branches = {name: helper.make_graph([helper.make_node(op, ["x"], [f"{name}_in"]),
+                                         helper.make_node("MatMul", [f"{name}_in", weight], [f"{name}_y"],
+                                                          name=f"{name}_mm")],
+                                        name, [], [value(f"{name}_y", TensorProto.FLOAT, [2, 64])])
+                for name, op, weight in (("then", "Relu", "wa"), ("else", "Tanh", "wb"))}
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], name="branch", then_branch=branches["then"],
+                          else_branch=branches["else"])],
+        "branches", [value("x", TensorProto.FLOAT, [2, 64]), value("flag", TensorProto.BOOL, [])],
+        [value("y", TensorProto.FLOAT, [2, 64])],
+        initializer=[numpy_helper.from_array((rng.standard_normal((64, 64)) * 0.2).astype(np.float32), name)
+                     for name in ("wa", "wb")])
+    model = save(graph, tmp_path / "branches.onnx")
+    data = [{"x": rng.standard_normal((2, 64)).astype(np.float32), "flag": np.array(bool(i % 2))} for i in range(4)]
+    passes = []
+    monkeypatch.setattr(int4, "input_channel_importance", lambda *args, **kwargs: passes.append(args) or {})
+    result = quantize(model, Int4WeightConfig(), data=data)
+    assert [t.method for t in result.tensors] == ["clip search", "clip search"] and not passes
+    search = next(note for note in result.notes if note.startswith("block scales"))
+    assert "weighted by each layer's input channels" not in search
+    assert "not weighted: every layer reads an input computed inside a subgraph" in search, search

@@ -30,6 +30,7 @@ from edgeopt.ir.values import InputSpec
 __all__ = ["CallableSource", "UserWorkingDirectory", "load_function", "looks_like_callable"]
 
 _FUNCTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_END = object()  # the end of the user's iterable
 
 
 def looks_like_callable(text: str) -> bool:
@@ -60,16 +61,30 @@ def _import_file(path: Path, spec_text: str, option: str) -> object:
     return module
 
 
+# module name -> the working directory its import changed to, where a later load of it starts: its
+# import-time code (an os.chdir to its data set) does not run again
+_IMPORTED_INTO: dict[str, str] = {}
+
+
 def _import_module(target: str) -> object:
-    """``importlib.import_module``, with the current directory searched last for the time of the call."""
-    here = str(Path.cwd())
+    """``importlib.import_module``, with the current directory searched last for the time of the call.
+    Called in the user's working directory (:meth:`UserWorkingDirectory.entered`), which it moves to
+    where the module's first import went when the module is imported already."""
+    if target in sys.modules and target in _IMPORTED_INTO:
+        os.chdir(_IMPORTED_INTO[target])
+        return sys.modules[target]
+    here = os.getcwd()
     if here in sys.path or "" in sys.path:
-        return importlib.import_module(target)
-    sys.path.append(here)
-    try:
-        return importlib.import_module(target)
-    finally:
-        sys.path.remove(here)
+        module = importlib.import_module(target)
+    else:
+        sys.path.append(here)
+        try:
+            module = importlib.import_module(target)
+        finally:
+            sys.path.remove(here)
+    if os.getcwd() != here:
+        _IMPORTED_INTO[target] = os.getcwd()
+    return module
 
 
 def _import(target: str, spec_text: str, option: str) -> object:
@@ -104,7 +119,10 @@ class UserWorkingDirectory:
         try:
             yield
         finally:
-            self._theirs = os.getcwd()
+            try:
+                self._theirs = os.getcwd()
+            except FileNotFoundError:  # their code removed the directory it was in (a temporary one)
+                self._theirs = None
             if self._theirs != ours:
                 os.chdir(ours)
 
@@ -163,7 +181,7 @@ class CallableSource(DataSource):
 
     def _items(self, items: Iterable[object]) -> Iterator[tuple[Mapping[str, object], str]]:
         try:
-            for index, item in enumerate(items):
+            for index, item in enumerate(self._read_in_their_directory(items)):
                 where = f"{self._spec_text} item {index}"
                 yield as_feed(item, self._specs, where=where), where
         except DataError:
@@ -171,6 +189,18 @@ class CallableSource(DataSource):
         except (Exception, SystemExit) as error:  # the user's generator failed mid-way
             raise DataError(f"--data {self._spec_text}: iterating the result failed "
                             f"({_first_line(error)})") from error
+
+    def _read_in_their_directory(self, items: Iterable[object]) -> Iterator[object]:
+        """``items`` one by one, each read in the user's working directory: a generator's body (or a
+        DataLoader's) is their code too, and runs as the batches are read, not when the function returns."""
+        with self._directory.entered():
+            iterator = iter(items)
+        while True:
+            with self._directory.entered():
+                item = next(iterator, _END)
+            if item is _END:
+                return
+            yield item
 
     def describe(self) -> str:
         return f"function {self._spec_text}"

@@ -399,8 +399,10 @@ def _why_returned(steps: list[AccuracyStep], returned: list[str], goal: Accuracy
 def _labelled(result: QuantResult, returned: Mapping[str, str], vanished: list[str]) -> QuantResult:
     """``result`` with the nodes the search returned to float saying so and why (they went through
     exclude), and the notes of exclude entries the float passes removed, where quantizing the user's
-    model puts them."""
+    model puts them: after the activation note and the float passes' refusals."""
     float_nodes = tuple(f._replace(reason=returned[f.node_name]) if f.node_name in returned
                         else f for f in result.float_nodes)
-    notes = (*result.notes[:1], *vanished, *result.notes[1:])
+    optimization = result.details.get("optimization")
+    at = 1 + (len(optimization.refusal_notes()) if optimization is not None else 0)
+    notes = (*result.notes[:at], *vanished, *result.notes[at:])
     return replace(result, float_nodes=float_nodes, notes=notes)

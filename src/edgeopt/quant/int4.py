@@ -401,9 +401,9 @@ def _importance(model: ir.Model, targets: list[_Target], data: Iterable[Batch] |
                 progress: ProgressCallback | None) -> dict[str, np.ndarray]:
     """Mean square of each target's input channels on ``data`` (empty without data): of the inputs that
     are main-graph values, which the calibration run observes (not a subgraph's own)."""
-    if data is None or not targets:
-        return {}
     inputs = [target.node.inputs[0].name for target in targets if target.node.inputs[0].graph is model.graph]
+    if data is None or not inputs:  # nothing the calibration run would observe: no pass over the data
+        return {}
     return input_channel_importance(model, data, inputs, progress=progress)
 
 
@@ -481,7 +481,7 @@ def _lower_all(graph: ir.Graph, targets: list[_Target], config: Int4WeightConfig
     names, done = UniqueNames(graph), _Lowered()
     for key, readers in _by_weight(targets).items():  # a weight read by several nodes (tied embeddings) is stored once
         channels = _group_importance(readers, importance)
-        done.unweighted += bool(importance) and channels is None
+        done.unweighted += channels is None  # (all of them without data)
         quantized = quantize_blocks(readers[0].weight, config.block_size, config.weight_format, importance=channels)
         encode = (_matmul_nbits_constants if key[0] is _Lowering.MATMUL_NBITS else _dequantize_linear_constants)
         done.encodings[key] = encode(graph, names, readers[0].weight_value.name, quantized)
@@ -537,6 +537,9 @@ def _summary_notes(config: Int4WeightConfig, done: _Lowered, bytes_before: int, 
     fmt, counts = config.weight_format, done.counts
     if not weighted:
         search = " (--data would weigh it by each layer's input channels)"
+    elif done.unweighted == len(done.encodings):
+        search = (" (not weighted: every layer reads an input computed inside a subgraph, which the calibration "
+                  "run does not observe)")
     elif done.unweighted:
         search = (f", weighted by each layer's input channels on the calibration data, except for {done.unweighted} "
                   "weight(s) whose readers' inputs the calibration run does not observe (inside subgraphs)")
