@@ -378,13 +378,13 @@ def test_the_model_as_given_is_read_only_for_a_quantizer_that_kept_its_graph(mob
     import edgeopt
     from edgeopt.io import load_model
     from edgeopt.passes import optimize_for_quantization
-    from edgeopt.quant.compare import _may_hold_original
+    from edgeopt.quant.compare_matching import may_hold_original
 
     float_path, ort_path = mobilenet
     optimized = optimize_for_quantization(load_model(float_path)).model
     ours = edgeopt.quantize(float_path, edgeopt.Int8Config(), _samples(8, seed=1), check_fidelity=False,
                             check_speed=False).model
-    assert not _may_hold_original(optimized, ours) and _may_hold_original(optimized, load_model(ort_path))
+    assert not may_hold_original(optimized, ours) and may_hold_original(optimized, load_model(ort_path))
     absent = tmp_path / "not_read.onnx"  # compare_models must not open it for edgeopt's model
     assert compare_models(optimized, ours, _samples(2, seed=2), original=absent).matched > 20
     with pytest.raises(ModelError, match="not_read.onnx"):

@@ -37,8 +37,8 @@ from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
 from edgeopt.metrics import json_number
 from edgeopt.quant.calibration_memo import CalibrationMemo
-from edgeopt.quant.compare import (CompareResult, carried_value, compare_models, fused_chain,
-                                   quantized_input_names)
+from edgeopt.quant.compare import CompareResult, compare_models
+from edgeopt.quant.compare_matching import carried_value, fused_chain, quantized_input_names
 from edgeopt.quant.config import Int8Config
 from edgeopt.quant.int8 import quantize_int8
 from edgeopt.quant.ops import is_qdq_op

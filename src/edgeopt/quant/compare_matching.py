@@ -1,0 +1,261 @@
+"""Which tensor of the float model each quantized activation of a QDQ model stands for.
+
+Matching works on any QDQ graph (edgeopt's or another quantizer's). For every
+``DequantizeLinear`` whose input comes from a ``QuantizeLinear`` of an
+activation ``T`` (not a constant), the DQ output is what the quantized model's
+consumers read in place of ``T``; its float counterpart is
+
+1. ``T`` itself when the float model has a tensor of that name, else the DQ
+   output's name (a quantizer renames a quantized graph output's producer and
+   gives the DQ the output's name);
+2. then followed through single ``Relu``/``Clip`` consumers that the quantized
+   model no longer has: a quantizer drops them because the Q range clamps.
+
+The float model is compared after the float passes edgeopt's quantizer runs
+(BatchNorm folded into the conv, whose output keeps the conv's name but now
+holds the normalized values; MatMul + Add made one Gemm). Another quantizer
+may keep the graph as given: ONNX Runtime's quantizes a conv's output before
+its BatchNormalization, and a MatMul's before its bias Add. Given the
+``original`` float model too, a tensor is compared with the original's when
+the optimized model has no tensor of that name, or when the quantized model
+still reads it with the op that the passes folded away (a BatchNormalization
+reading the conv's output): the same name, the original's values.
+
+Tensors found in neither have no counterpart and are only counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+from edgeopt.quant.ops import is_qdq_op
+
+__all__ = [
+    "TensorMatch",
+    "activation_pairs",
+    "carried_value",
+    "fused_chain",
+    "match_tensors",
+    "match_pairs",
+    "may_hold_original",
+    "missing_qdq_note",
+    "quantized_input_names",
+    "value_names",
+]
+
+_RANGE_CLAMPS = ("Relu", "Clip")  # a quantizer may drop these: the Q range clamps instead
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorMatch:
+    """A float-model tensor and the DequantizeLinear output standing in for it in the QDQ model.
+
+    ``scale`` is the Q node's (the largest one for a per-axis Q: the coarsest
+    step); ``zero_point`` is None when a per-axis Q has several.
+    """
+
+    float_name: str
+    quant_name: str
+    op_type: str
+    scale: float
+    zero_point: int | None
+    zero_point_dtype: str
+    original: bool = False  # a tensor of the float model as given, not of its optimized form
+
+
+def value_names(graph: ir.Graph) -> dict[str, ir.Value]:
+    """The graph's inputs and node outputs by name."""
+    values = {v.name: v for v in graph.inputs if v.name}
+    values.update((v.name, v) for node in graph for v in node.outputs if v.name)
+    return values
+
+
+def activation_pairs(model: ir.Model) -> list[tuple[ir.Node, ir.Node]]:
+    """(QuantizeLinear, DequantizeLinear) pairs on activations, in graph order."""
+    pairs = []
+    for node in model.graph:
+        if not is_qdq_op(node, "DequantizeLinear") or node.inputs[0] is None:
+            continue
+        quantize = node.inputs[0].producer()
+        if is_qdq_op(quantize, "QuantizeLinear") and not eir.is_constant(quantize.inputs[0]):
+            pairs.append((quantize, node))
+    return pairs
+
+
+def _follow_clamps(value: ir.Value, quant_names: set[str]) -> ir.Value:
+    while True:
+        users = eir.consumers(value)
+        if len(users) != 1 or users[0].op_type not in _RANGE_CLAMPS or not users[0].outputs:
+            return value
+        clamped = users[0].outputs[0]
+        if clamped.name in quant_names:
+            return value
+        value = clamped
+
+
+def _zero_point(quantize: ir.Node) -> tuple[int | None, str]:
+    zero_value = quantize.inputs[2] if len(quantize.inputs) > 2 else None
+    array = eir.constant_array(zero_value)
+    if array is None:
+        dtype_attr = quantize.attributes.get("output_dtype")
+        dtype = ir.DataType(dtype_attr.value).name.lower() if dtype_attr is not None else "uint8"
+        return 0, dtype
+    values = np.unique(array)
+    return (int(values[0]) if values.size == 1 else None), str(array.dtype)
+
+
+def _scale(quantize: ir.Node) -> float:
+    array = eir.constant_array(quantize.inputs[1])
+    return float(np.max(array)) if array is not None and array.size else math.nan
+
+
+def _reader_ops(value: ir.Value) -> set[str]:
+    return {use.node.op_type for use in value.uses()}
+
+
+def _quantized_reader_ops(value: ir.Value) -> set[str]:
+    """The op types reading ``value`` in a QDQ model, through its QuantizeLinear -> DequantizeLinear pairs."""
+    ops = set()
+    for use in value.uses():
+        if not is_qdq_op(use.node, "QuantizeLinear"):
+            ops.add(use.node.op_type)
+            continue
+        for dequantize in (u.node for u in use.node.outputs[0].uses() if is_qdq_op(u.node, "DequantizeLinear")):
+            ops |= _reader_ops(dequantize.outputs[0])
+    return ops
+
+
+def _kept_as_given(name: str, quantized: ir.Value, float_values: Mapping[str, ir.Value],
+                   original_values: Mapping[str, ir.Value]) -> bool:
+    """Whether the quantized model holds the original float model's ``name`` rather than the optimized
+    model's: the optimized model has no such tensor, or the quantized model reads it with an op the float
+    passes removed there (the BatchNormalization after a conv, whose output then carries the conv's name)."""
+    if name not in original_values:
+        return False
+    if name not in float_values:
+        return True
+    given, optimized = _reader_ops(original_values[name]), _reader_ops(float_values[name])
+    return given != optimized and bool(_quantized_reader_ops(quantized) & (given - optimized))
+
+
+def may_hold_original(float_model: ir.Model, quant_model: ir.Model) -> bool:
+    """Whether an activation pair of ``quant_model`` may stand for a tensor of the float model as given
+    rather than of its optimized form (:func:`_kept_as_given`): no tensor of its names in the optimized
+    model, or one that the quantized model reads with an op the optimized model does not read it with.
+    A model edgeopt quantized has neither, and the model as given (its weights) is not read at all."""
+    float_values = value_names(float_model.graph)
+    for quantize, dequantize in activation_pairs(quant_model):
+        value = float_values.get(quantize.inputs[0].name) or float_values.get(dequantize.outputs[0].name)
+        if value is None or not _quantized_reader_ops(quantize.inputs[0]) <= _reader_ops(value):
+            return True
+    return False
+
+
+def _counterpart(quantize: ir.Node, dequantize: ir.Node, float_values: Mapping[str, ir.Value],
+                 original_values: Mapping[str, ir.Value]) -> tuple[ir.Value, bool] | None:
+    """The float value the pair stands in for, and whether it is the original model's."""
+    for name in (quantize.inputs[0].name, dequantize.outputs[0].name):
+        if _kept_as_given(name, quantize.inputs[0], float_values, original_values):
+            return original_values[name], True
+        if name in float_values:
+            return float_values[name], False
+    return None
+
+
+def _match(quantize: ir.Node, dequantize: ir.Node, float_values: Mapping[str, ir.Value],
+           original_values: Mapping[str, ir.Value], quant_names: set[str]) -> TensorMatch | None:
+    found = _counterpart(quantize, dequantize, float_values, original_values)
+    if found is None:
+        return None
+    value = _follow_clamps(found[0], quant_names)
+    # the op the user's model writes it with (an Add the passes made a Gemm -> Reshape is still an Add)
+    producer = original_values.get(value.name, value).producer()
+    zero_point, zero_point_dtype = _zero_point(quantize)
+    return TensorMatch(float_name=value.name, quant_name=dequantize.outputs[0].name,
+                       op_type=producer.op_type if producer is not None else "input",
+                       scale=_scale(quantize), zero_point=zero_point, zero_point_dtype=zero_point_dtype,
+                       original=found[1])
+
+
+def match_pairs(float_model: ir.Model, quant_model: ir.Model,
+             original: ir.Model | None = None) -> tuple[list[TensorMatch], list[str], int]:
+    """Matches (one per float tensor), names of unmatched DQ outputs, number of activation pairs."""
+    float_values = value_names(float_model.graph)
+    original_values = value_names(original.graph) if original is not None else {}
+    quant_names = set(value_names(quant_model.graph))
+    matched: dict[str, TensorMatch] = {}
+    unmatched = []
+    pairs = activation_pairs(quant_model)
+    for quantize, dequantize in pairs:
+        match = _match(quantize, dequantize, float_values, original_values, quant_names)
+        if match is None:
+            unmatched.append(dequantize.outputs[0].name)
+        else:
+            matched.setdefault(match.float_name, match)
+    return list(matched.values()), unmatched, len(pairs)
+
+
+_INTEGER_OPERATORS = ("ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeLinear")
+
+
+def missing_qdq_note(model: ir.Model) -> str | None:
+    """Why ``model`` will have no per-layer rows, when no QuantizeLinear -> DequantizeLinear pair carries
+    an activation (a float, fp16 or weight-only model, the two models given in the wrong order, or
+    ONNX Runtime's QOperator or dynamic format, whose integer ops pass activations on as integers);
+    else None."""
+    if activation_pairs(model):
+        return None
+    what = "(per-layer rows need an int8 QDQ model, as edgeopt quantize writes, given second)"
+    integer_ops = sorted({node.op_type for node in model.graph
+                          if node.op_type.startswith("QLinear") or node.op_type in _INTEGER_OPERATORS})
+    if integer_ops:
+        return (f"the second model computes with integer operators ({', '.join(integer_ops[:4])}: ONNX Runtime's "
+                "QOperator or dynamic format), which pass activations on as integers with no "
+                "QuantizeLinear -> DequantizeLinear pair to compare: only its outputs are compared, no layer "
+                f"{what[:-1]}; ONNX Runtime's quantize_static writes one with quant_format=QuantFormat.QDQ)")
+    if not any(is_qdq_op(node, op) for node in model.graph for op in ("QuantizeLinear", "DequantizeLinear")):
+        return ("the second model has no QuantizeLinear/DequantizeLinear node: only its outputs are compared, "
+                f"no layer {what}")
+    return ("the second model quantizes no activation (its DequantizeLinear nodes read constant weights: a "
+            f"weight-only model): only its outputs are compared, no layer {what}")
+
+
+def match_tensors(float_model: ir.Model, quant_model: ir.Model) -> tuple[TensorMatch, ...]:
+    """The quantized activations of ``quant_model`` that have a counterpart in ``float_model``."""
+    return tuple(match_pairs(float_model, quant_model)[0])
+
+
+# ---------------------------------------------------------- walking a QDQ graph
+
+
+def carried_value(value: ir.Value | None) -> ir.Value | None:
+    """The float value a QuantizeLinear -> DequantizeLinear pair carries to ``value``, if it is one."""
+    dequantize = value.producer() if value is not None else None
+    quantize_node = dequantize.inputs[0].producer() if is_qdq_op(dequantize, "DequantizeLinear") else None
+    return quantize_node.inputs[0] if is_qdq_op(quantize_node, "QuantizeLinear") else None
+
+
+def quantized_input_names(node: ir.Node) -> list[str]:
+    """Float names of a node's inputs that arrive through a Q -> DQ pair."""
+    return [carried.name for carried in map(carried_value, node.inputs) if carried is not None]
+
+
+def fused_chain(node: ir.Node | None, stop: Collection[str] = ()) -> list[ir.Node]:
+    """``[head, ..., node]`` when ``node`` (a Relu, a Clip) reads no quantized input but, alone,
+    the float output of a node fused with it (a conv) that reads quantized inputs: the error
+    measured at ``node``'s output arises in the head. ``[]`` otherwise, and when the walk meets a
+    node named in ``stop`` (one already float)."""
+    chain = [node] if node is not None else []
+    while chain and not quantized_input_names(chain[0]):
+        fed = [v for v in chain[0].inputs if v is not None and not eir.is_constant(v)]
+        producer = fed[0].producer() if len(fed) == 1 and len(fed[0].uses()) == 1 else None
+        if producer is None or producer.name in stop or is_qdq_op(producer, "DequantizeLinear"):
+            return []
+        chain.insert(0, producer)
+    return chain if len(chain) > 1 else []
