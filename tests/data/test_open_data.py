@@ -44,6 +44,12 @@ def test_other_files_and_objects_are_refused(tmp_path):
         open_data(3, [VECTOR])
 
 
+def test_a_source_of_one_sample_says_one_sample(tmp_path):
+    np.save(tmp_path / "one.npy", np.zeros((1, 4), np.float32))
+    assert open_data(tmp_path / "one.npy", [VECTOR]).describe().endswith("(1 sample)")
+    assert open_data({"x": np.zeros((1, 4))}, [VECTOR]).describe() == "arrays x (1 sample)"
+
+
 def test_files_of_zero_length_arrays_are_refused_by_name(tmp_path):
     """Calibration said only 'calibration data is empty', with no file named."""
     np.save(tmp_path / "empty.npy", np.zeros((0, 4), np.float32))

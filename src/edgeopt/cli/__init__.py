@@ -6,7 +6,7 @@ import sys
 
 __all__ = ["main"]
 
-INTERRUPTED = 130
+INTERRUPTED = 130  # 128 + SIGINT, the shell's code for a Ctrl-C
 
 
 def main() -> None:

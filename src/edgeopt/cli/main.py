@@ -14,13 +14,14 @@ import sys
 
 from rich.text import Text
 
-from edgeopt.cli import state
+from edgeopt.cli import INTERRUPTED, state
 from edgeopt.cli.app import app
 from edgeopt.errors import EdgeoptError
 
 __all__ = ["main"]
 
 INTERNAL_ERROR = 70
+TERMINATED = 143  # 128 + SIGTERM
 
 
 def _fail(message: str, code: int) -> int:
@@ -58,7 +59,7 @@ def _run_app(argv: list[str] | None) -> int:
     try:
         app(args=argv, prog_name="edgeopt")
     except SystemExit as done:  # Typer turns Ctrl-C (and SIGTERM, raised as one) into exit code 130
-        if done.code == 130:
+        if done.code == INTERRUPTED:
             return _interrupted()
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except EdgeoptError as error:
@@ -98,7 +99,7 @@ _terminated = False
 
 def _interrupted() -> int:
     """Ctrl-C, or SIGTERM raised as one (:func:`_terminate`): said in one line, with its exit code."""
-    return _fail("terminated", 143) if _terminated else _fail("interrupted", 130)
+    return _fail("terminated", TERMINATED) if _terminated else _fail("interrupted", INTERRUPTED)
 
 
 def _terminate(signum, frame) -> None:

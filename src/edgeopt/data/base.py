@@ -41,12 +41,18 @@ __all__ = [
     "batch_rows",
     "dataset_from_arrays",
     "reads_again",
+    "samples_text",
     "split_stacked",
     "take",
     "with_origin",
 ]
 
 Feed = dict[str, np.ndarray]
+
+
+def samples_text(count: int | None) -> str:
+    """``1 sample``, ``3 samples``, for descriptions of a source."""
+    return f"{count} sample{'' if count == 1 else 's'}"
 
 
 class LabelledFeed(dict):
@@ -205,7 +211,7 @@ class ArraySource(DataSource):
         return split_stacked(self._specs, self._arrays, where="arrays")
 
     def describe(self) -> str:
-        return f"arrays {', '.join(self._arrays)} ({self._count} samples)"
+        return f"arrays {', '.join(self._arrays)} ({samples_text(self._count)})"
 
 
 def batch_rows(arrays: Mapping[str, object]) -> int:

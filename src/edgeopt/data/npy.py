@@ -29,7 +29,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from edgeopt.data.base import DataSource, split_stacked, stacked_count
+from edgeopt.data.base import DataSource, samples_text, split_stacked, stacked_count
 from edgeopt.errors import DataError
 from edgeopt.ir.values import InputSpec
 
@@ -286,7 +286,7 @@ class NpyFileSource(DataSource):
         return split_stacked(self._specs, arrays, where=str(self._path))
 
     def describe(self) -> str:
-        return f"file {self._path} ({self.num_samples} samples)"
+        return f"file {self._path} ({samples_text(self.num_samples)})"
 
 
 def _input_subfolders(folder: Path, specs: Sequence[InputSpec]) -> dict[str, list[Path]]:
@@ -356,9 +356,9 @@ class NpyFolderSource(DataSource):
     def describe(self) -> str:
         if self._subfolders:
             folders = ", ".join(f"{name}/" for name in self._subfolders)
-            return f"folder {self._path}/ (one subfolder per input: {folders}; {self.num_samples} samples)"
+            return f"folder {self._path}/ (one subfolder per input: {folders}; {samples_text(self.num_samples)})"
         kinds = "/".join(sorted({file.suffix.lower() for file in self._files}))
         plural = "s" if len(self._files) != 1 else ""
         count = self.num_samples
-        each = "one sample each" if count == len(self._files) else f"{count} samples"
+        each = "one sample each" if count == len(self._files) else samples_text(count)
         return f"folder {self._path}/ ({len(self._files)} {kinds} file{plural}, {each})"
