@@ -328,18 +328,29 @@ def test_onnx_runtime_keeps_conv_transpose_float_and_says_so():
 # --------------------------------------------------------------------------
 
 
-def _mixed() -> ir.Model:
+def _mixed(op: str = "Tanh", **attributes) -> ir.Model:
     b = GraphBuilder(seed=9)
     conv = b.conv("x", 8, 8, "conv")
-    softmax = b.node("Softmax", [conv], "softmax", axis=1)
-    b.node("Add", [softmax, b.weight("offset", (1, 8, 1, 1))], "y")
+    activation = b.node(op, [conv], op.lower(), **attributes)
+    b.node("Add", [activation, b.weight("offset", (1, 8, 1, 1))], "y")
     return b.model(["y"], SHAPE)
 
 
 def test_ops_without_integer_kernels_stay_float_and_are_listed():
     result = _quantize(_mixed())
-    assert result.float_nodes == (("softmax", "Softmax", "no integer kernel for Softmax"),)
-    assert {"conv", "softmax"} <= _quantized_tensors(result.model)  # inputs of quantized consumers
+    assert result.float_nodes == (("tanh", "Tanh", "no integer kernel for Tanh"),)
+    assert {"conv", "tanh"} <= _quantized_tensors(result.model)  # inputs of quantized consumers
+    assert ort_op_counts(result.model)["Tanh"] == 1  # ONNX Runtime runs it in float indeed
+
+
+def test_a_softmax_between_quantized_ops_runs_in_integer_and_is_not_listed_float():
+    """ONNX Runtime fuses DQ -> Softmax -> Q into QLinearSoftmax: it was listed 'no integer kernel for
+    Softmax' (every attention block's), and --exclude did not keep it float. Excluded, it reads float."""
+    result = _quantize(_mixed("Softmax", axis=1))
+    assert result.float_nodes == () and ort_op_counts(result.model)["QLinearSoftmax"] == 1
+    excluded = quantize(_mixed("Softmax", axis=1), Int8Config(exclude=("Softmax",)), batches(SHAPE, 8))
+    assert ("softmax", "Softmax", "excluded (--exclude)") in excluded.float_nodes  # with the conv feeding it
+    assert ort_op_counts(excluded.model)["Softmax"] == 1 and "QLinearSoftmax" not in ort_op_counts(excluded.model)
     offset = result.tensor("offset")
     assert offset.kind == "constant" and offset.format == "uint8"
 

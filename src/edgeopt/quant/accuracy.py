@@ -165,7 +165,7 @@ def _output_sqnr(comparison: CompareResult) -> float:
 def _node_damage(result: QuantResult, comparison: CompareResult) -> list[tuple[float, ir.Node, str]]:
     """(damage dB, node, reason) for each quantized node that returning to float would help, worst first.
 
-    A float node's output (a Softmax, say) is quantized only because quantized nodes read it: its
+    A float node's output (a Tanh, say) is quantized only because quantized nodes read it: its
     damage goes to those readers, since returning the float node itself would change nothing.
     """
     sqnr = {row.tensor: row.sqnr_db for row in comparison.layers}

@@ -268,13 +268,15 @@ def _weighted_refusal(node: ir.Node) -> str | None:
 
 def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str],
              rules: Mapping[str, OpRule]) -> str | None:
-    """Why ``node`` stays float, or None when it can run in integer."""
-    if not eir.is_op(node, *rules):
-        return f"no integer kernel for {node.op_type}"
+    """Why ``node`` stays float, or None when it can run in integer. A node excluded or kept float is so
+    whatever its op: one without a rule of its own may still be fused by ONNX Runtime between the Q/DQ
+    pairs of its neighbours (an attention Softmax, as QLinearSoftmax), unless it reads float."""
     if node.name in exclude or node.op_type in exclude:
         return EXCLUDED
     if node.name in keep_float:
         return _KEPT_ON_REQUEST
+    if not eir.is_op(node, *rules):
+        return f"no integer kernel for {node.op_type}"
     # SiLU = x * sigmoid(x) quantizes well as its two ops (integer Sigmoid and Mul kernels exist on
     # ONNX Runtime and the MCU); GELU's Erf chain loses too much precision between its small ops.
     if node.metadata_props.get(PATTERN_KEY, "silu") != "silu":
@@ -464,6 +466,7 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     activations = planner.ordered(planner.activations)
     kept = _kept_float_closure(graph, refusals, rules)
     read_in_float = _read_in_float(candidates, refusals, fused_by_producer, kept, rules)
+    fused_by_ort = _fused_softmaxes(graph, refusals, set(activations), rules)
     return QdqPlan(
         nodes=tuple(name for name in candidates if name not in refusals),
         fused=tuple(fused.items()),
@@ -475,10 +478,23 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
         concat_groups=planner.concat_groups.groups(),
         clamped=tuple(clamped),
         float_nodes=tuple(FloatNode(n.name, n.op_type, refusals.get(n.name) or read_in_float[n.name]) for n in graph
-                          if n.name in refusals or n.name in read_in_float),
+                          if (n.name in refusals and n.name not in fused_by_ort) or n.name in read_in_float),
         probabilities=tuple(name for name in activations if name in softmax_outputs),
         kept_float=tuple(node.name for node in graph if node.name in kept),
     )
+
+
+def _fused_softmaxes(graph: ir.Graph, refusals: Mapping[str, str], activations: Collection[str],
+                     rules: Mapping[str, OpRule]) -> set[str]:
+    """The Softmax nodes without a rule of their own (the ORT target's) whose input and output both get a
+    Q/DQ pair, for the quantized MatMuls of an attention: ONNX Runtime runs each as QLinearSoftmax, so
+    they are not listed float. One excluded or kept float reads its input before the pair instead."""
+    if "Softmax" in rules:
+        return set()
+    return {node.name for node in graph
+            if eir.is_op(node, "Softmax") and refusals.get(node.name) == f"no integer kernel for {node.op_type}"
+            and node.inputs[0] is not None and node.inputs[0].name in activations
+            and node.outputs[0].name in activations}
 
 
 def _read_in_float(candidates: Mapping[str, ir.Node], refusals: Mapping[str, str],
@@ -596,4 +612,5 @@ def _kept_float(node: ir.Node, refusal: str | None, rules: Mapping[str, OpRule])
     ONNX Runtime would fuse it into that kernel again (QLinearAdd, QLinearConv with weights it
     quantizes itself), and the node would not be float at all. Relu/Clip are not fused by
     themselves, so they read DQ."""
-    return refusal in (EXCLUDED, _KEPT_ON_REQUEST) and rules[node.op_type].role is not OpRole.ACTIVATION
+    rule = rules.get(node.op_type)
+    return refusal in (EXCLUDED, _KEPT_ON_REQUEST) and (rule is None or rule.role is not OpRole.ACTIVATION)
