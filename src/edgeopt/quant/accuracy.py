@@ -42,8 +42,9 @@ from edgeopt.quant.compare_matching import carried_value, fused_chain, quantized
 from edgeopt.quant.config import Int8Config
 from edgeopt.quant.int8 import quantize_int8
 from edgeopt.quant.ops import is_qdq_op
-from edgeopt.quant.placement import (DATA_MOVEMENT_OPS, READ_IN_FLOAT, check_exclude, readers_behind_qdq,
-                                     readers_past_data_movement, vanished_excludes)
+from edgeopt.quant.model_checks import check_exclude, vanished_excludes
+from edgeopt.quant.placement import (DATA_MOVEMENT_OPS, READ_IN_FLOAT, readers_behind_qdq,
+                                     readers_past_data_movement)
 from edgeopt.quant.registry import QuantResult
 
 __all__ = ["RETURNED", "AccuracyGoal", "AccuracySearch", "AccuracyStep", "accuracy_aware_quantize"]

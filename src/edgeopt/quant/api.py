@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import onnx_ir as ir
 
-from edgeopt.quant.placement import check_not_quantized
+from edgeopt.quant.model_checks import check_not_quantized
 from edgeopt.quant.registry import Batch, ProgressCallback, QuantResult, handler_for
 
 __all__ = ["quantize"]

@@ -65,7 +65,7 @@ from edgeopt.quant.float16_plan import (
 from edgeopt.quant.float16_ranges import FLOAT16_MAX, check_fp16_ranges
 from edgeopt.quant.formats import BFLOAT16, FLOAT16, Format
 from edgeopt.quant.opset import check_conversion, convert_opset
-from edgeopt.quant.placement import NodeIndex, check_exclude, vanished_excludes
+from edgeopt.quant.model_checks import NodeIndex, check_exclude, vanished_excludes
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 
 __all__ = ["FLOAT32_OPS", "Bf16Config", "Fp16Config", "HalfArray", "UniqueNames", "quantize_bf16", "quantize_fp16",

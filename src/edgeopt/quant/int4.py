@@ -62,7 +62,7 @@ from edgeopt.quant.float16 import UniqueNames
 from edgeopt.quant.formats import INT4, UINT4, Format
 from edgeopt.quant.int4_blocks import BlockQuantizedWeight, encode_matmul_nbits, pack_nibbles, quantize_blocks
 from edgeopt.quant.int4_importance import input_channel_importance
-from edgeopt.quant.placement import NodeIndex, check_exclude, vanished_excludes
+from edgeopt.quant.model_checks import NodeIndex, check_exclude, vanished_excludes
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 
 __all__ = [

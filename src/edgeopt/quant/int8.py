@@ -41,8 +41,8 @@ from edgeopt.quant.equalize import equalize
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
 from edgeopt.quant.ops import MCU_OP_RULES, OP_RULES, is_qdq_op
 from edgeopt.quant.opset import OpsetCheck, OpsetConversion, convert_opset
-from edgeopt.quant.placement import (NodeIndex, check_exclude, plan_qdq, readers_behind_qdq,
-                                     readers_past_data_movement, vanished_excludes)
+from edgeopt.quant.model_checks import NodeIndex, check_exclude, vanished_excludes
+from edgeopt.quant.placement import plan_qdq, readers_behind_qdq, readers_past_data_movement
 from edgeopt.quant.qdq import insert_qdq
 from edgeopt.quant.rescaled import record_rescaled
 from edgeopt.quant.registry import Batch, ProgressCallback, QuantResult, register_scheme
