@@ -308,21 +308,19 @@ def _wide_softmax_notes(model: ir.Model, probabilities: Iterable[str], fmt) -> l
     return notes
 
 
-@register_scheme(Int8Config)
-def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | None, *,
-                  progress: ProgressCallback | None = None, memo: CalibrationMemo | None = None) -> QuantResult:
-    """Int8 QDQ quantization of ``model`` (rewritten in place) calibrated on ``data``. ``memo``: what
-    earlier calibrations of the same float model on the same data found (the accuracy search's rounds,
-    which differ only in ``config.exclude``); it answers a pass it saw everything of and keeps a new one."""
+def _float_model(model: ir.Model, config: Int8Config, data: Iterable[Batch] | None, memo: CalibrationMemo | None,
+                 notes: list[str]) -> tuple[ir.Model, OpsetCheck | None, object | None, tuple[str, ...], float | None]:
+    """The float model as it will be quantized, with what calibration and the report need of its making:
+    converted to opset 13 when older (the check compares it with the given one on the first batches),
+    the float passes run, the excludes checked against both, the float rewrites made (--equalize,
+    --smoothquant ...); their notes appended to ``notes``. Returns the model, the opset check, the
+    passes' result, the ReLU6 replaced and the float change they made."""
     given = NodeIndex.of(model)  # not the model: the weights the float passes replace can be freed
-    notes = [_activation_note(config)]
-    logger.info(notes[0])
-    hooks, check = [], None
+    check = None
     if eir.default_opset(model) < QDQ_OPSET:
         converted = convert_opset(model, QDQ_OPSET)
         check = OpsetCheck(model, converted, tolerance=config.verify_tolerance)
         model = converted
-        hooks.append(check)
     _infer_ranks(model)
     model, optimization = _optimize(model)
     if optimization is not None:
@@ -332,6 +330,19 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     notes.extend(vanished_excludes(model, config.exclude))
     rewrite_notes, relu6_replaced, relu6_change = _float_rewrites(model, config, data, memo)
     notes.extend(rewrite_notes)
+    return model, check, optimization, relu6_replaced, relu6_change
+
+
+@register_scheme(Int8Config)
+def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | None, *,
+                  progress: ProgressCallback | None = None, memo: CalibrationMemo | None = None) -> QuantResult:
+    """Int8 QDQ quantization of ``model`` (rewritten in place) calibrated on ``data``. ``memo``: what
+    earlier calibrations of the same float model on the same data found (the accuracy search's rounds,
+    which differ only in ``config.exclude``); it answers a pass it saw everything of and keeps a new one."""
+    notes = [_activation_note(config)]
+    logger.info(notes[0])
+    model, check, optimization, relu6_replaced, relu6_change = _float_model(model, config, data, memo, notes)
+    hooks = [check] if check is not None else []
     rules = MCU_OP_RULES if config.target is Target.MCU else OP_RULES  # the kernels that will run it
     plan = plan_qdq(model, exclude=config.exclude, quantize_outputs=config.outputs_quantized, rules=rules)
     _check_finite_weights(model, plan)
