@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 RETURNED = "returned to float by the accuracy search"
 
 Evaluate = Callable[[ir.Model], float]
+_Best = tuple[float, QuantResult, tuple[str, ...]]  # a round's score, result and the nodes it returned
 
 # Samples of the calibration data used to measure per-layer and output SQNR each round.
 FIDELITY_SAMPLES = 64
@@ -300,8 +301,26 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config, data: Iterable,
     config, vanished = _excludes_of_base(model, base, config)
     search = _Search(base, config, data, goal, evaluate)
     float_score = evaluate(search.base) if evaluate is not None else math.inf
+    best, steps, stopped = _rounds(search, goal, float_score, progress)
+    if goal.met(best[0], float_score) and len(best[2]) > 1:
+        best, pruned = _prune(search, best, float_score, steps)
+        if pruned:
+            stopped += f"; {pruned} of the nodes returned to float changed too little and run int8 again"
+    best_score, best_result, best_excluded = best
+    returned = _why_returned(steps, [name for name in best_excluded if name not in config.exclude], goal, float_score)
+    best_result = _labelled(best_result, returned, vanished)
+    return AccuracySearch(result=best_result, goal=goal, float_score=float_score, best_score=best_score,
+                          best_excluded=best_excluded, met=goal.met(best_score, float_score),
+                          steps=tuple(steps), stopped_because=stopped, calibration_passes=search.memo.passes)
+
+
+def _rounds(search: _Search, goal: AccuracyGoal, float_score: float,
+            progress: Callable[[int, int | None], None] | None) -> tuple[_Best, list[AccuracyStep], str]:
+    """The search's rounds: quantize with the nodes returned so far, score, and return the most damaging
+    node left, until the goal is met, no node is left, or the time budget would run out. The best round
+    (score, result, nodes returned), every step, and why it stopped."""
     steps: list[AccuracyStep] = []
-    best: tuple[float, QuantResult, tuple[str, ...]] | None = None
+    best: _Best | None = None
     excluded: tuple[str, ...] = ()
     stopped = "no quantized node left to return to float"
     while True:
@@ -333,20 +352,11 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config, data: Iterable,
         logger.info("score %.3f misses the goal; returning %s (%s) to float: %s", score, node.name,
                     node.op_type, reason)
         excluded = excluded + (node.name,)
-    if goal.met(best[0], float_score) and len(best[2]) > 1:
-        best, pruned = _prune(search, best, float_score, steps)
-        if pruned:
-            stopped += f"; {pruned} of the nodes returned to float changed too little and run int8 again"
-    best_score, best_result, best_excluded = best
-    returned = _why_returned(steps, [name for name in best_excluded if name not in config.exclude], goal, float_score)
-    best_result = _labelled(best_result, returned, vanished)
-    return AccuracySearch(result=best_result, goal=goal, float_score=float_score, best_score=best_score,
-                          best_excluded=best_excluded, met=goal.met(best_score, float_score),
-                          steps=tuple(steps), stopped_because=stopped, calibration_passes=search.memo.passes)
+    return best, steps, stopped
 
 
-def _prune(search: _Search, met: tuple[float, QuantResult, tuple[str, ...]], float_score: float,
-           steps: list[AccuracyStep]) -> tuple[tuple[float, QuantResult, tuple[str, ...]], int]:
+def _prune(search: _Search, met: _Best, float_score: float,
+           steps: list[AccuracyStep]) -> tuple[_Best, int]:
     """Try each node of a goal-meeting exclusion set in int8 again, earliest first, keeping it there when
     the goal still holds; within the time budget. The goal-meeting (score, result, excluded) with the
     fewest float nodes, and how many went back to int8."""
