@@ -349,12 +349,8 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     if not all(names) or len(set(names)) != len(names):
         raise ValueError("plan_qdq needs unique node names: run onnx_ir's NameFixPass on the model first")
     candidates, refusals = _triage(graph, exclude, keep_float, non_float, rules)
-    fused_by_producer = {node.name: activation for node in candidates.values()
-                         if (activation := _fused_activation(node, candidates)) is not None}
+    fused_by_producer = _fusions(candidates, refusals, rules)
     fused = {activation.name: producer for producer, activation in fused_by_producer.items()}
-    for node in candidates.values():
-        if node.name not in fused and rules[node.op_type].role is OpRole.ACTIVATION:
-            refusals[node.name] = _unfused_reason(node)
     _refuse_isolated_movers(candidates, refusals, rules, outputs_quantized=quantize_outputs)
     planner = _Planner(graph, non_float, rules, quantize_outputs=quantize_outputs)
     for node in candidates.values():
@@ -376,11 +372,31 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
         groups=planner.groups.groups(),
         concat_groups=planner.concat_groups.groups(),
         clamped=tuple(clamped),
-        float_nodes=tuple(FloatNode(n.name, n.op_type, refusals.get(n.name) or read_in_float[n.name]) for n in graph
-                          if (n.name in refusals and n.name not in fused_by_ort) or n.name in read_in_float),
+        float_nodes=_float_nodes(graph, refusals, read_in_float, fused_by_ort),
         probabilities=tuple(name for name in activations if name in softmax_outputs),
         kept_float=tuple(node.name for node in graph if node.name in kept),
     )
+
+
+def _fusions(candidates: Mapping[str, ir.Node], refusals: dict[str, str],
+             rules: Mapping[str, OpRule]) -> dict[str, ir.Node]:
+    """Each integer producer's fused Relu/Clip (producer name -> activation); an activation fused with
+    no producer joins ``refusals`` with the reason."""
+    fused_by_producer = {node.name: activation for node in candidates.values()
+                         if (activation := _fused_activation(node, candidates)) is not None}
+    fused = {activation.name for activation in fused_by_producer.values()}
+    for node in candidates.values():
+        if node.name not in fused and rules[node.op_type].role is OpRole.ACTIVATION:
+            refusals[node.name] = _unfused_reason(node)
+    return fused_by_producer
+
+
+def _float_nodes(graph: ir.Graph, refusals: Mapping[str, str], read_in_float: Mapping[str, str],
+                 fused_by_ort: Collection[str]) -> tuple[FloatNode, ...]:
+    """The nodes that compute in float, in graph order, with why: refused (but for the Softmaxes ONNX
+    Runtime fuses), or reading int8 for a node kept float."""
+    return tuple(FloatNode(n.name, n.op_type, refusals.get(n.name) or read_in_float[n.name]) for n in graph
+                 if (n.name in refusals and n.name not in fused_by_ort) or n.name in read_in_float)
 
 
 def _fused_softmaxes(graph: ir.Graph, refusals: Mapping[str, str], activations: Collection[str],
