@@ -69,7 +69,7 @@ from edgeopt.quant.model_checks import NodeIndex, check_exclude, vanished_exclud
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 
 __all__ = ["FLOAT32_OPS", "Bf16Config", "Fp16Config", "HalfArray", "UniqueNames", "quantize_bf16", "quantize_fp16",
-           "to_float16"]
+           "to_float16", "weight_only_float_passes"]
 
 logger = logging.getLogger(__name__)
 
@@ -252,23 +252,32 @@ def _retype_node_attributes(node: ir.Node, low: ir.DataType) -> None:
         node.attributes["value"] = ir.AttrTensor("value", ir.Tensor(to_float16(scalar).array))
 
 
-def _float_passes(model: ir.Model, config: Fp16Config | Bf16Config) -> list[str]:
-    """Check ``exclude`` against the given model, then run the float passes in place; notes."""
+def weight_only_float_passes(model: ir.Model, exclude: Iterable[str], *, run: bool, subgraphs: bool) -> list[str]:
+    """For the weight-only schemes (fp16/bf16, int4): check ``exclude`` against the given model (with
+    ``subgraphs``, its If/Loop bodies' nodes too), then, when ``run``, the float passes in place: a tied
+    weight is stored once (``copy_shared=False``), a MatMul + Add stays as the user named it, and nothing
+    is canonicalized for integer kernels. Their notes."""
     from edgeopt.passes import default_passes
 
-    exclude, subgraphs = config.exclude, isinstance(config, Bf16Config)  # bf16 stores subgraphs' weights low too
+    exclude = tuple(exclude)
     check_exclude([NodeIndex.of(model, subgraphs=subgraphs)], exclude)
-    if not config.float_passes:
+    if not run:
         return []
     before = sum(1 for _ in model.graph)
-    folded = False
-    # a tied weight is stored once; nothing runs in integer to canonicalize for
+    modified = False
     for stage in default_passes(copy_shared=False, fuse_gemm=False, canonicalize=False):
-        folded |= stage(model).report.modified
+        modified |= stage(model).report.modified
     after = sum(1 for _ in model.graph)
-    notes = [f"float passes first (BatchNorm/affine folding, activation fusion): {before} -> {after} nodes"
-             if folded else "float passes first: nothing to fold or fuse"]
+    notes = [f"float passes first (constant, BatchNorm and affine folding, activation fusion, dead-code "
+             f"elimination): {before} -> {after} nodes" if modified else "float passes first: nothing to fold or fuse"]
     return notes + vanished_excludes(model, exclude, subgraphs=subgraphs)
+
+
+def _float_passes(model: ir.Model, config: Fp16Config | Bf16Config) -> list[str]:
+    """Check ``exclude`` against the given model, then run the float passes in place; notes (bf16 stores
+    subgraphs' weights low too)."""
+    return weight_only_float_passes(model, config.exclude, run=config.float_passes,
+                                    subgraphs=isinstance(config, Bf16Config))
 
 
 def _infer_types(model: ir.Model) -> None:

@@ -58,11 +58,10 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError, ModelError
 from edgeopt.quant.config import PerBlock, check_exclude_names
-from edgeopt.quant.float16 import UniqueNames
+from edgeopt.quant.float16 import UniqueNames, weight_only_float_passes
 from edgeopt.quant.formats import INT4, UINT4, Format
 from edgeopt.quant.int4_blocks import BlockQuantizedWeight, encode_matmul_nbits, pack_nibbles, quantize_blocks
 from edgeopt.quant.int4_importance import input_channel_importance
-from edgeopt.quant.model_checks import NodeIndex, check_exclude, vanished_excludes
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 
 __all__ = [
@@ -282,20 +281,9 @@ def _match_gemm(node: ir.Node, weight_value: ir.Value, weight: np.ndarray) -> _T
 
 
 def _float_passes(model: ir.Model, config: Int4WeightConfig) -> list[str]:
-    """Check ``exclude`` against the given model, then run the float passes in place; notes."""
-    from edgeopt.passes import default_passes
-
-    check_exclude([NodeIndex.of(model, subgraphs=True)], config.exclude)  # int4 quantizes subgraphs' nodes too
-    if not config.float_passes:
-        return []
-    before = sum(1 for _ in model.graph)
-    modified = False
-    for stage in default_passes(copy_shared=False, fuse_gemm=False, canonicalize=False):
-        modified |= stage(model).report.modified
-    after = sum(1 for _ in model.graph)
-    notes = [f"float passes first (constant and BatchNorm folding, dead-code elimination): {before} -> {after} "
-             "nodes" if modified else "float passes first: nothing to fold or remove"]
-    return notes + vanished_excludes(model, config.exclude, subgraphs=True)
+    """Check ``exclude`` against the given model, then run the float passes in place; notes (int4 quantizes
+    subgraphs' nodes too)."""
+    return weight_only_float_passes(model, config.exclude, run=config.float_passes, subgraphs=True)
 
 
 # ---------------------------------------------------------------------------
