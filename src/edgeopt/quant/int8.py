@@ -263,8 +263,9 @@ class _AccuracyHooks:
 
 
 def _excluded_float_anyway(model: ir.Model, exclude: Iterable[str], rules: Mapping) -> list[str]:
-    """Notes for excluded nodes of an op without an integer kernel: they ran in float anyway, and
-    their output is quantized for the int8 nodes reading it, which are what to exclude instead."""
+    """Notes for excluded nodes of an op without an integer kernel: they ran in float anyway (a Softmax,
+    which ONNX Runtime fuses between quantized ops, now reads its input in float), and their output is
+    quantized for the int8 nodes reading it, which are what to exclude instead."""
     exclude = set(exclude)
     notes = []
     for node in model.graph:
@@ -277,8 +278,11 @@ def _excluded_float_anyway(model: ir.Model, exclude: Iterable[str], rules: Mappi
         if readers:
             shown = ", ".join(readers[:3]) + (", ..." if len(readers) > 3 else "")
             given = node.name if node.name in exclude else node.op_type
-            notes.append(f"--exclude {given}: {node.name} ({node.op_type}) has no integer kernel, so it ran in "
-                         f"float anyway; its output is quantized for {shown}: exclude those to keep it float")
+            done = ("now reads its input in float (between quantized ops ONNX Runtime runs it as "
+                    f"QLinear{node.op_type})" if node.op_type == "Softmax"
+                    else "has no integer kernel, so it ran in float anyway")
+            notes.append(f"--exclude {given}: {node.name} ({node.op_type}) {done}; its output is quantized for "
+                         f"{shown}: exclude those to keep it float")
     more = [f"... and {len(notes) - _SKIPS_SHOWN} more excluded nodes ran in float anyway"] \
         if len(notes) > _SKIPS_SHOWN else []
     return notes[:_SKIPS_SHOWN] + more
