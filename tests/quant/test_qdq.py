@@ -341,6 +341,8 @@ def test_ops_without_integer_kernels_stay_float_and_are_listed():
     assert result.float_nodes == (("tanh", "Tanh", "no integer kernel for Tanh"),)
     assert {"conv", "tanh"} <= _quantized_tensors(result.model)  # inputs of quantized consumers
     assert ort_op_counts(result.model)["Tanh"] == 1  # ONNX Runtime runs it in float indeed
+    offset = result.tensor("offset")
+    assert offset.kind == "constant" and offset.format == "uint8"
 
 
 def test_a_softmax_between_quantized_ops_runs_in_integer_and_is_not_listed_float():
@@ -354,8 +356,6 @@ def test_a_softmax_between_quantized_ops_runs_in_integer_and_is_not_listed_float
     said = "--exclude Softmax: softmax (Softmax) now reads its input in float"
     assert any(note.startswith(said) and note.endswith("quantized for y: exclude those to keep it float")
                for note in excluded.notes)
-    offset = result.tensor("offset")
-    assert offset.kind == "constant" and offset.format == "uint8"
 
 
 def test_exclude_by_name_or_op_type_keeps_nodes_float():
