@@ -539,6 +539,25 @@ def test_a_long_list_of_float_nodes_is_shown_by_op_and_reason(cli, tmp_path, mon
     assert len(json.loads((tmp_path / "q.report.json").read_text())["float_nodes"]) > 4
 
 
+def test_nodes_float_for_one_cause_share_a_row_whatever_their_own_figures(capsys, monkeypatch):
+    """Each node the search returns, and each one read in float for a node kept float, has a reason of its
+    own (its round and figures, the node it is read for): grouped by the whole reason, a long list kept a
+    row per node."""
+    from edgeopt.cli import app as cli_app
+    from edgeopt.quant.registry import FloatNode
+
+    monkeypatch.setattr(cli_app, "FLOAT_NODES_LISTED", 2)
+    nodes = [FloatNode(f"conv{i}", "Conv", f"returned to float by the accuracy search (round {i}: output SQNR "
+                                             f"{20 + i}.0 dB)") for i in range(3)]
+    nodes.append(FloatNode("tanh", "Tanh", "no integer kernel for Tanh"))
+    cli_app._render_float_nodes(nodes, None)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("│ ")]
+    assert len(rows) == 2
+    grouped = "│ Conv │     3 │ conv0 │ returned to float by the accuracy search; round 0: output SQNR 20.0 dB"
+    assert grouped in rows[0]
+    assert rows[1].split("│")[4].strip() == "no integer kernel for Tanh"
+
+
 def _save(tmp_path, name, nodes, initializers, in_shape, out_shape):
     from onnx import TensorProto, helper, numpy_helper
 

@@ -462,15 +462,29 @@ def _render_float_nodes(float_nodes, output) -> None:
             rows.add_row(node.node_name, node.op_type, node.reason)
         state.stdout.print(rows)
         return
-    groups: dict[tuple[str, str], list[str]] = {}
+    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for node in float_nodes:
-        groups.setdefault((node.op_type, node.reason), []).append(node.node_name)
+        groups.setdefault((node.op_type, _reason_kind(node.reason)), []).append((node.node_name, node.reason))
     where = f"; each one in {report_path(output)}" if output is not None else "; each one with --json"
     rows = table(f"{len(float_nodes)} node(s) left in float, by op and reason{where}",
                  [("op", "left"), ("nodes", "right"), ("e.g.", "left"), ("reason", "left")])
-    for (op_type, reason), names in groups.items():
-        rows.add_row(op_type, str(len(names)), names[0], reason)
+    for (op_type, kind), members in groups.items():
+        name, reason = members[0]
+        own = reason[len(kind):].strip(" ()")  # the first node's own part: its round and figures ...
+        rows.add_row(op_type, str(len(members)), name, reason if len(members) == 1 or not own else f"{kind}; {own}")
     state.stdout.print(rows)
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason without what is its node's own (the round and figures of the accuracy search, the node
+    kept float that another is read for), so that the nodes float for one cause group in one row."""
+    from edgeopt.quant.accuracy import RETURNED
+    from edgeopt.quant.placement import READ_IN_FLOAT
+
+    for kind in (RETURNED, READ_IN_FLOAT, "moves data only for"):
+        if reason.startswith(kind):
+            return kind
+    return reason
 
 
 def _render_quantize(report: api.QuantizeReport) -> None:
