@@ -131,21 +131,26 @@ def test_module_that_fails_to_import(tmp_path):
         CallableSource(f"{tmp_path / 'bad.py'}:f", [VECTOR])
 
 
-def test_a_function_that_changes_directory_keeps_it_and_leaves_ours(tmp_path, monkeypatch):
-    # a data script that chdirs to its data set (on import, or when called) ran edgeopt's own relative
-    # paths (-o out.onnx, --data of a later pass) from there; it keeps its directory, edgeopt its own
+def _chdir_module(tmp_path, name: str, functions: str):
+    """A data set folder holding x.npy (2 samples of 4) and module ``name`` in ``tmp_path`` that changes
+    directory into it on import, then defines ``functions`` (source; DATA_DIR stands for the folder).
+    Returns the module's path."""
     data_dir = tmp_path / "dataset"
     data_dir.mkdir()
     np.save(data_dir / "x.npy", np.ones((2, 4), np.float32))
-    path = tmp_path / "loader.py"
-    path.write_text(textwrap.dedent(f'''
-        import os
-        import numpy as np
-        os.chdir({str(data_dir)!r})
+    header = f"import os\nimport numpy as np\nos.chdir({str(data_dir)!r})\n"
+    path = tmp_path / f"{name}.py"
+    path.write_text(header + textwrap.dedent(functions).replace("DATA_DIR", repr(str(data_dir))))
+    return path
 
+
+def test_a_function_that_changes_directory_keeps_it_and_leaves_ours(tmp_path, monkeypatch):
+    # a data script that chdirs to its data set (on import, or when called) ran edgeopt's own relative
+    # paths (-o out.onnx, --data of a later pass) from there; it keeps its directory, edgeopt its own
+    path = _chdir_module(tmp_path, "loader", '''
         def samples():
             return np.load("x.npy")  # relative to where the import went
-    '''))
+    ''')
     monkeypatch.chdir(tmp_path)
     source = open_data(f"{path}:samples", [VECTOR])
     assert [b["x"].shape for b in source] == [(1, 4), (1, 4)]
@@ -156,25 +161,17 @@ def test_a_generator_runs_in_the_directory_its_code_chose(tmp_path, monkeypatch)
     # the function's body of a generator runs as the batches are read, not when it is called: the import's
     # chdir was undone by then ("iterating the result failed (FileNotFoundError: 'x.npy')"), and a chdir in
     # the body moved edgeopt's own directory for good (-o out.onnx was written into the data set)
-    data_dir = tmp_path / "dataset"
-    data_dir.mkdir()
-    np.save(data_dir / "x.npy", np.ones((2, 4), np.float32))
-    path = tmp_path / "loader.py"
-    path.write_text(textwrap.dedent(f'''
-        import os
-        import numpy as np
-        os.chdir({str(data_dir)!r})
-
+    path = _chdir_module(tmp_path, "loader", '''
         def on_import():
             for row in np.load("x.npy"):  # relative to where the import went
-                yield {{"x": row[None]}}
+                yield {"x": row[None]}
 
         def in_the_body():
             os.chdir("/")
-            os.chdir({str(data_dir)!r})
+            os.chdir(DATA_DIR)
             for row in np.load("x.npy"):
-                yield {{"x": row[None]}}
-    '''))
+                yield {"x": row[None]}
+    ''')
     monkeypatch.chdir(tmp_path)
     for function in ("on_import", "in_the_body"):
         seen = []
@@ -188,17 +185,10 @@ def test_a_module_imported_before_runs_where_its_import_went(tmp_path, monkeypat
     # quantize opens --data again for its fidelity check (and --eval may name the same module): the module
     # is imported once, so its import's chdir did not happen for the second source, whose calls ran in
     # edgeopt's directory ("the function raised (FileNotFoundError: 'x.npy')")
-    data_dir = tmp_path / "dataset"
-    data_dir.mkdir()
-    np.save(data_dir / "x.npy", np.ones((2, 4), np.float32))
-    (tmp_path / "chdir_loader.py").write_text(textwrap.dedent(f'''
-        import os
-        import numpy as np
-        os.chdir({str(data_dir)!r})
-
+    _chdir_module(tmp_path, "chdir_loader", '''
         def samples():
             return np.load("x.npy")
-    '''))
+    ''')
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "chdir_loader", raising=False)
     monkeypatch.chdir(tmp_path)
