@@ -52,6 +52,7 @@ __all__ = [
     "depthwise_separable_spread",
     "resnet_like",
     "shadowed_initializer_model",
+    "tanh_loop_body",
     "tf_style_model",
     "transformer_encoder",
     "unet_decoder",
@@ -455,6 +456,21 @@ def _materialize_identity_initializers(graph: onnx.GraphProto) -> None:
 def _weights(seed: int, *shapes: tuple[int, ...]) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [(rng.standard_normal(s) * 0.2).astype(np.float32) for s in shapes]
+
+
+def tanh_loop_body(weight: np.ndarray) -> onnx.GraphProto:
+    """A Loop body holding its own weight ``wl`` (a merged decoder's layers sit in such subgraphs):
+    state <- tanh(state @ wl), for a [2, width] state; the loop condition is passed on."""
+    value = helper.make_tensor_value_info
+    width = weight.shape[1]
+    return helper.make_graph([helper.make_node("MatMul", ["state", "wl"], ["mm"], name="body_mm"),
+                              helper.make_node("Tanh", ["mm"], ["state_out"]),
+                              helper.make_node("Identity", ["cond"], ["cond_out"])],
+                             "body", [value("i", TensorProto.INT64, []), value("cond", TensorProto.BOOL, []),
+                                      value("state", TensorProto.FLOAT, [2, width])],
+                             [value("cond_out", TensorProto.BOOL, []),
+                              value("state_out", TensorProto.FLOAT, [2, width])],
+                             initializer=[numpy_helper.from_array(weight, "wl")])
 
 
 def _finish(graph: onnx.GraphProto, opset: int) -> onnx.ModelProto:

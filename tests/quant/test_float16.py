@@ -22,7 +22,7 @@ from edgeopt.quant import quantize
 from edgeopt.quant.float16 import FLOAT32_OPS, Bf16Config, Fp16Config, to_float16
 from edgeopt.quant.float16_ranges import ACTIVATION_REASON, WEIGHT_REASON
 from edgeopt.runtime.ort import OrtSession, random_feed
-from tests.models import build_onnx
+from tests.models import build_onnx, tanh_loop_body
 
 FP16_MIN_SQNR_DB = 40.0
 BF16_MIN_SQNR_DB = 25.0
@@ -581,13 +581,7 @@ def control_flow_model() -> ir.Model:
     branch = {name: helper.make_graph([helper.make_node("MatMul", ["x", weight], [f"{name}_y"], name=f"{name}_mm")],
                                       name, [], [value(f"{name}_y", TensorProto.FLOAT, [2, 32])])
               for name, weight in (("then", "wa"), ("else", "wb"))}
-    body = helper.make_graph([helper.make_node("MatMul", ["state", "wl"], ["mm"], name="body_mm"),
-                              helper.make_node("Tanh", ["mm"], ["state_out"]),
-                              helper.make_node("Identity", ["cond"], ["cond_out"])],
-                             "body", [value("i", TensorProto.INT64, []), value("cond", TensorProto.BOOL, []),
-                                      value("state", TensorProto.FLOAT, [2, 32])],
-                             [value("cond_out", TensorProto.BOOL, []), value("state_out", TensorProto.FLOAT, [2, 32])],
-                             initializer=[numpy_helper.from_array(wl, "wl")])
+    body = tanh_loop_body(wl)
     nodes = [helper.make_node("If", ["flag"], ["h"], name="branch", then_branch=branch["then"],
                               else_branch=branch["else"]),
              helper.make_node("Loop", ["trips", "", "h"], ["y"], name="loop", body=body)]

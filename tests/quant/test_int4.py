@@ -40,7 +40,7 @@ from edgeopt.quant.int4_blocks import (
     unpack_nibbles,
 )
 from edgeopt.runtime.ort import OrtSession
-from tests.models import build_onnx
+from tests.models import build_onnx, tanh_loop_body
 
 WEIGHT_MIN_SQNR_DB = {32: 21.2, 128: 19.8}  # Gaussian weights, by block size
 INT4_MLP_MIN_SQNR_DB = {32: 16.5, 128: 15.0}  # two quantized layers
@@ -679,13 +679,7 @@ def merged_decoder_model(tmp_path) -> ir.Model:
     else_branch = helper.make_graph([helper.make_node("MatMul", ["x", "wo"], ["e"], name="else_o"),
                                      helper.make_node("Relu", ["e"], ["ey"])],
                                     "else", [], [value("ey", TensorProto.FLOAT, [2, 64])])
-    body = helper.make_graph([helper.make_node("MatMul", ["state", "wl"], ["mm"], name="body_mm"),
-                              helper.make_node("Tanh", ["mm"], ["state_out"]),
-                              helper.make_node("Identity", ["cond"], ["cond_out"])],
-                             "body", [value("i", TensorProto.INT64, []), value("cond", TensorProto.BOOL, []),
-                                      value("state", TensorProto.FLOAT, [2, 64])],
-                             [value("cond_out", TensorProto.BOOL, []), value("state_out", TensorProto.FLOAT, [2, 64])],
-                             initializer=[numpy_helper.from_array(wl, "wl")])
+    body = tanh_loop_body(wl)
     nodes = [helper.make_node("If", ["use_cache"], ["h"], name="branch", then_branch=then_branch,
                               else_branch=else_branch),
              helper.make_node("Loop", ["trips", "", "h"], ["looped"], name="loop", body=body),
