@@ -32,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.passes._conv import linear_parts
+from edgeopt.passes._conv import LinearParts, linear_parts
 from edgeopt.passes._matching import reduce_axes, shape_text
 from edgeopt.passes._report import ReportedPassResult
 from edgeopt.passes._rules import Match, Rule, RuleContext, RulePass, run_on_copy
@@ -135,6 +135,7 @@ class PReluToLeakyReluRule(Rule):
 @dataclasses.dataclass
 class _GemmMatch(Match):
     gemm: ir.Node
+    parts: LinearParts | str  # its constant weight and bias, or why they are not usable
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
 
@@ -153,12 +154,12 @@ class GemmScalesRule(Rule):
         vector = bias is not None and not isinstance(parts, str) and bias.shape == (parts.channels,)
         if alpha == 1.0 and (bias is None or (beta == 1.0 and vector)):
             return None  # nothing to fold (a computed C is left as it is)
-        return _GemmMatch(nodes=(node,), gemm=node)
+        return _GemmMatch(nodes=(node,), gemm=node, parts=parts)
 
     def check(self, match: _GemmMatch, context: RuleContext) -> str | None:
         if match.gemm.attributes.get_int("transA", 0):
             return "A is transposed (transA)"
-        parts = linear_parts(match.gemm)  # its bias is C times beta, one value or one per output
+        parts = match.parts  # its bias is C times beta, one value or one per output
         if isinstance(parts, str):
             return parts
         alpha = match.gemm.attributes.get_float("alpha", 1.0)
