@@ -8,14 +8,12 @@ numbering, so ``CostReport.nodes[i]`` is the node that runs at step ``i``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import onnx_ir as ir
 from onnx_ir.traversal import RecursiveGraphIterator
 
 from edgeopt import ir as eir
 
-__all__ = ["execution_steps", "is_constant_node", "node_label", "step_of_nodes", "subgraphs"]
+__all__ = ["execution_steps", "is_constant_node", "node_label", "step_of_nodes"]
 
 
 def is_constant_node(node: ir.Node) -> bool:
@@ -33,20 +31,11 @@ def execution_steps(graph: ir.Graph) -> list[tuple[str, ir.Node]]:
             if not is_constant_node(node)]
 
 
-def subgraphs(node: ir.Node) -> Iterator[ir.Graph]:
-    """The graphs held by ``node``'s attributes (If branches, Loop/Scan bodies)."""
-    for attribute in node.attributes.values():
-        if attribute.type == ir.AttributeType.GRAPH:
-            yield attribute.as_graph()
-        elif attribute.type == ir.AttributeType.GRAPHS:
-            yield from attribute.as_graphs()
-
-
 def step_of_nodes(steps: list[tuple[str, ir.Node]]) -> dict[int, int]:
     """Map ``id(node)`` to its step; nodes inside subgraphs map to their owner's step."""
     step_of: dict[int, int] = {}
     for step, (_, node) in enumerate(steps):
         step_of[id(node)] = step
-        for graph in subgraphs(node):
+        for graph in eir.subgraphs(node):
             step_of.update((id(inner), step) for inner in RecursiveGraphIterator(graph))
     return step_of

@@ -53,8 +53,8 @@ from functools import partial
 
 import onnx_ir as ir
 
-from edgeopt.analysis._graph import execution_steps, is_constant_node, subgraphs
-from edgeopt.ir import constant_array, numpy_dtype, static_shape, value_bytes
+from edgeopt.analysis._graph import execution_steps, is_constant_node
+from edgeopt.ir import constant_array, numpy_dtype, static_shape, subgraphs, value_bytes
 
 __all__ = ["CostReport", "NodeCost", "analyze_cost"]
 

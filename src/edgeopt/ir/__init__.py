@@ -18,6 +18,7 @@ from edgeopt.ir.values import (
     model_inputs,
     numpy_dtype,
     static_shape,
+    subgraphs,
     value_bytes,
 )
 
@@ -31,6 +32,7 @@ __all__ = [
     "model_inputs",
     "numpy_dtype",
     "static_shape",
+    "subgraphs",
     "value_bytes",
 ]
 

@@ -22,6 +22,7 @@ __all__ = [
     "model_inputs",
     "numpy_dtype",
     "static_shape",
+    "subgraphs",
     "value_bytes",
 ]
 
@@ -138,3 +139,14 @@ def default_opset(model: ir.Model) -> int:
     """The version of the default ONNX domain the model imports."""
     opsets = model.opset_imports
     return int(opsets.get("", opsets.get("ai.onnx", 0)))
+
+
+def subgraphs(node: ir.Node) -> list[ir.Graph]:
+    """The graphs ``node``'s attributes hold (If branches, Loop and Scan bodies)."""
+    graphs = []
+    for attribute in node.attributes.values():
+        if attribute.type == ir.AttributeType.GRAPH:
+            graphs.append(attribute.as_graph())
+        elif attribute.type == ir.AttributeType.GRAPHS:
+            graphs.extend(attribute.as_graphs())
+    return graphs

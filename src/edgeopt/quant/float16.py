@@ -60,7 +60,6 @@ from edgeopt.quant.float16_plan import (
     graphs_within,
     is_constant,
     plan_half_precision,
-    subgraphs_of,
 )
 from edgeopt.quant.float16_ranges import FLOAT16_MAX, check_fp16_ranges
 from edgeopt.quant.formats import BFLOAT16, FLOAT16, Format
@@ -310,7 +309,7 @@ def _float32_weight_bytes(graph: ir.Graph, *, min_size: int = 1) -> int:
 
 def _read_by(node: ir.Node) -> list[ir.Value]:
     """The float32 values ``node`` reads: its inputs, and what the nodes of its subgraphs read."""
-    inner = (value for graph in subgraphs_of(node) for each in graph.all_nodes() for value in each.inputs)
+    inner = (value for graph in eir.subgraphs(node) for each in graph.all_nodes() for value in each.inputs)
     return float_values([*node.inputs, *inner])
 
 

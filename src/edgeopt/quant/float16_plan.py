@@ -39,7 +39,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 
 __all__ = ["FLOAT32_OPS", "HalfPrecisionPlan", "all_float_values", "float_values", "graphs_within", "is_constant",
-           "plan_half_precision", "subgraphs_of"]
+           "plan_half_precision"]
 
 _FLOAT = ir.DataType.FLOAT
 _FLOAT16 = ir.DataType.FLOAT16
@@ -247,20 +247,9 @@ def is_constant(value: ir.Value) -> bool:
         producer is not None and _is_constant_node(producer))
 
 
-def subgraphs_of(node: ir.Node) -> list[ir.Graph]:
-    """The graphs ``node`` holds (If branches, Loop and Scan bodies)."""
-    graphs = []
-    for attribute in node.attributes.values():
-        if attribute.type == ir.AttributeType.GRAPH:
-            graphs.append(attribute.as_graph())
-        elif attribute.type == ir.AttributeType.GRAPHS:
-            graphs.extend(attribute.as_graphs())
-    return graphs
-
-
 def graphs_within(graph: ir.Graph) -> list[ir.Graph]:
     """``graph`` and every subgraph nested in it."""
-    return [graph, *(each for node in graph.all_nodes() for each in subgraphs_of(node))]
+    return [graph, *(each for node in graph.all_nodes() for each in eir.subgraphs(node))]
 
 
 def all_float_values(graph: ir.Graph) -> list[ir.Value]:
