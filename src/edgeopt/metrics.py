@@ -39,6 +39,7 @@ __all__ = [
     "Rate",
     "accuracy",
     "cosine_similarity",
+    "count_of",
     "json_number",
     "json_text",
     "looks_like_class_scores",
@@ -46,6 +47,11 @@ __all__ = [
     "sqnr_db",
     "top1_agreement",
 ]
+
+
+def count_of(count: int | None, singular: str, plural: str) -> str:
+    """``1 sample``, ``2 samples``: a count in words, for reports and messages."""
+    return f"{count} {singular if count == 1 else plural}"
 
 
 def json_number(value: float) -> float | str:

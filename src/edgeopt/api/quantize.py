@@ -20,7 +20,7 @@ from edgeopt.data import ImagePreprocess, batch_rows
 from edgeopt.errors import ConfigError, DataError, EdgeoptError, OutputError
 from edgeopt.io import (FILE_BYTES_KEY, atomic_write_files, check_writable, model_file_bytes, model_files,
                         model_to_bytes)
-from edgeopt.metrics import json_text
+from edgeopt.metrics import count_of, json_text
 from edgeopt.quant.accuracy import RETURNED, AccuracyGoal, AccuracySearch, accuracy_aware_quantize
 from edgeopt.quant.compare import CompareResult
 from edgeopt.quant.placement import EXCLUDED
@@ -347,8 +347,8 @@ def _result_warnings(config: object, result: QuantResult, search: AccuracySearch
         warnings.append(f"no node runs in int8: the model written is the float model ({len(result.float_nodes)} "
                         "node(s) kept float, listed above)")
     if source is not None and source.samples < MIN_CALIBRATION_SAMPLES:
-        noun = "sample" if source.samples == 1 else "samples"
-        warnings.append(f"only {source.samples} calibration {noun}: ranges may not cover real inputs "
+        counted = count_of(source.samples, "calibration sample", "calibration samples")
+        warnings.append(f"only {counted}: ranges may not cover real inputs "
                         f"(use at least {MIN_CALIBRATION_SAMPLES}, ideally a few hundred)")
     if source is not None:
         warnings.extend(f"calibration data for input {name!r} is {value:g} in every sample: ranges calibrated on "

@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from edgeopt.cli import state
-from edgeopt.metrics import json_text
+from edgeopt.metrics import count_of, json_text
 
 __all__ = ["bytes_text", "count_of", "count_text", "in_batches", "print_json", "progress_bar", "table"]
 
@@ -33,11 +33,6 @@ def bytes_text(value: float) -> str:
 def in_batches(samples: int, batches: int) -> str:
     """`` in M batches`` after a count of samples, when the batches hold more than one sample each."""
     return f" in {count_of(batches, 'batch', 'batches')}" if batches != samples else ""
-
-
-def count_of(count: int, singular: str, plural: str) -> str:
-    """``1 sample``, ``2 samples``."""
-    return f"{count} {singular if count == 1 else plural}"
 
 
 def print_json(data: dict) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 from edgeopt.data.feeds import check_feed, dims_match
 from edgeopt.errors import ConfigError, DataError
 from edgeopt.ir.values import InputSpec
+from edgeopt.metrics import count_of
 
 __all__ = [
     "AlsoCheckedSource",
@@ -41,18 +42,12 @@ __all__ = [
     "batch_rows",
     "dataset_from_arrays",
     "reads_again",
-    "samples_text",
     "split_stacked",
     "take",
     "with_origin",
 ]
 
 Feed = dict[str, np.ndarray]
-
-
-def samples_text(count: int | None) -> str:
-    """``1 sample``, ``3 samples``, for descriptions of a source."""
-    return f"{count} sample{'' if count == 1 else 's'}"
 
 
 class LabelledFeed(dict):
@@ -211,7 +206,7 @@ class ArraySource(DataSource):
         return split_stacked(self._specs, self._arrays, where="arrays")
 
     def describe(self) -> str:
-        return f"arrays {', '.join(self._arrays)} ({samples_text(self._count)})"
+        return f"arrays {', '.join(self._arrays)} ({count_of(self._count, 'sample', 'samples')})"
 
 
 def batch_rows(arrays: Mapping[str, object]) -> int:

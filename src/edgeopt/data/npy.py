@@ -29,9 +29,10 @@ from typing import TypeVar
 
 import numpy as np
 
-from edgeopt.data.base import DataSource, samples_text, split_stacked, stacked_count
+from edgeopt.data.base import DataSource, split_stacked, stacked_count
 from edgeopt.errors import DataError
 from edgeopt.ir.values import InputSpec
+from edgeopt.metrics import count_of
 
 __all__ = ["NpyFileSource", "NpyFolderSource", "check_path", "list_files", "natural_key", "path_exists",
            "read_arrays", "read_error"]
@@ -286,7 +287,7 @@ class NpyFileSource(DataSource):
         return split_stacked(self._specs, arrays, where=str(self._path))
 
     def describe(self) -> str:
-        return f"file {self._path} ({samples_text(self.num_samples)})"
+        return f"file {self._path} ({count_of(self.num_samples, 'sample', 'samples')})"
 
 
 def _input_subfolders(folder: Path, specs: Sequence[InputSpec]) -> dict[str, list[Path]]:
@@ -354,11 +355,10 @@ class NpyFolderSource(DataSource):
             yield keyed, " + ".join(map(str, paths))
 
     def describe(self) -> str:
+        samples = count_of(self.num_samples, "sample", "samples")
         if self._subfolders:
             folders = ", ".join(f"{name}/" for name in self._subfolders)
-            return f"folder {self._path}/ (one subfolder per input: {folders}; {samples_text(self.num_samples)})"
+            return f"folder {self._path}/ (one subfolder per input: {folders}; {samples})"
         kinds = "/".join(sorted({file.suffix.lower() for file in self._files}))
-        plural = "s" if len(self._files) != 1 else ""
-        count = self.num_samples
-        each = "one sample each" if count == len(self._files) else samples_text(count)
-        return f"folder {self._path}/ ({len(self._files)} {kinds} file{plural}, {each})"
+        each = "one sample each" if self.num_samples == len(self._files) else samples
+        return f"folder {self._path}/ ({count_of(len(self._files), f'{kinds} file', f'{kinds} files')}, {each})"
