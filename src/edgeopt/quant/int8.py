@@ -39,7 +39,7 @@ from edgeopt.quant.calibration_memo import CalibrationMemo
 from edgeopt.quant.config import CalibrationConfig, CalibrationMethod, Int8Config, PerTensor, Target
 from edgeopt.quant.equalize import equalize
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
-from edgeopt.quant.ops import MCU_OP_RULES, OP_RULES, is_qdq_op
+from edgeopt.quant.ops import FUSED_BETWEEN_PAIRS, MCU_OP_RULES, OP_RULES, is_qdq_op
 from edgeopt.quant.opset import OpsetCheck, OpsetConversion, convert_opset
 from edgeopt.quant.model_checks import NodeIndex, check_exclude, vanished_excludes
 from edgeopt.quant.placement import plan_qdq, readers_behind_qdq, readers_past_data_movement
@@ -279,7 +279,7 @@ def _excluded_float_anyway(model: ir.Model, exclude: Iterable[str], rules: Mappi
             shown = ", ".join(readers[:3]) + (", ..." if len(readers) > 3 else "")
             given = node.name if node.name in exclude else node.op_type
             done = ("now reads its input in float (between quantized ops ONNX Runtime runs it as "
-                    f"QLinear{node.op_type})" if node.op_type == "Softmax"
+                    f"QLinear{node.op_type})" if node.op_type in FUSED_BETWEEN_PAIRS
                     else "has no integer kernel, so it ran in float anyway")
             notes.append(f"--exclude {given}: {node.name} ({node.op_type}) {done}; its output is quantized for "
                          f"{shown}: exclude those to keep it float")

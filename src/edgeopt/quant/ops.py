@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-__all__ = ["MCU_OP_RULES", "OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule", "QUANTIZED_OP_TYPES", "is_qdq_op",
-           "weight_axis"]
+__all__ = ["FUSED_BETWEEN_PAIRS", "MCU_OP_RULES", "OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule", "QUANTIZED_OP_TYPES",
+           "is_qdq_op", "weight_axis"]
 
 
 class OpRole(enum.Enum):
@@ -112,6 +112,11 @@ MCU_OP_RULES: dict[str, OpRule] = {op: rule for op, rule in OP_RULES.items() if 
     "GlobalMaxPool": _MOVE,
     "Pad": _MOVE,
 }
+
+# Ops without a rule of their own on the ORT target that ONNX Runtime still runs as an integer kernel
+# (QLinearSoftmax) when their input and output both have Q/DQ pairs, as an attention's Softmax between
+# its quantized MatMuls: they are float only where that is not so (a model's output probabilities).
+FUSED_BETWEEN_PAIRS = frozenset({"Softmax"})
 
 QUANTIZED_OP_TYPES = frozenset(MCU_OP_RULES)
 

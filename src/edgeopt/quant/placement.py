@@ -64,7 +64,8 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.passes import PATTERN_KEY, activation_clamp
 from edgeopt.quant.masks import mask_like_values, mask_refusal
-from edgeopt.quant.ops import FUSING_PRODUCERS, OP_RULES, OpRole, OpRule, is_qdq_op, weight_axis
+from edgeopt.quant.ops import (FUSED_BETWEEN_PAIRS, FUSING_PRODUCERS, OP_RULES, OpRole, OpRule, is_qdq_op,
+                               weight_axis)
 from edgeopt.quant.registry import FloatNode
 
 __all__ = [
@@ -175,7 +176,7 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
     if node.name in keep_float:
         return _KEPT_ON_REQUEST
     if not eir.is_op(node, *rules):
-        return f"no integer kernel for {node.op_type}"
+        return _no_kernel(node.op_type)
     # SiLU = x * sigmoid(x) quantizes well as its two ops (integer Sigmoid and Mul kernels exist on
     # ONNX Runtime and the MCU); GELU's Erf chain loses too much precision between its small ops.
     if node.metadata_props.get(PATTERN_KEY, "silu") != "silu":
@@ -361,7 +362,7 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     activations = planner.ordered(planner.activations)
     kept = _kept_float_closure(graph, refusals, rules)
     read_in_float = _read_in_float(candidates, refusals, fused_by_producer, kept, rules)
-    fused_by_ort = _fused_softmaxes(graph, refusals, set(activations), rules)
+    fused_by_ort = _fused_between_pairs(graph, refusals, set(activations), rules)
     return QdqPlan(
         nodes=tuple(name for name in candidates if name not in refusals),
         fused=tuple(fused.items()),
@@ -399,17 +400,21 @@ def _float_nodes(graph: ir.Graph, refusals: Mapping[str, str], read_in_float: Ma
                  if (n.name in refusals and n.name not in fused_by_ort) or n.name in read_in_float)
 
 
-def _fused_softmaxes(graph: ir.Graph, refusals: Mapping[str, str], activations: Collection[str],
-                     rules: Mapping[str, OpRule]) -> set[str]:
-    """The Softmax nodes without a rule of their own (the ORT target's) whose input and output both get a
-    Q/DQ pair, for the quantized MatMuls of an attention: ONNX Runtime runs each as QLinearSoftmax, so
-    they are not listed float. One excluded or kept float reads its input before the pair instead."""
-    if "Softmax" in rules:
-        return set()
+def _fused_between_pairs(graph: ir.Graph, refusals: Mapping[str, str], activations: Collection[str],
+                         rules: Mapping[str, OpRule]) -> set[str]:
+    """The nodes of :data:`~edgeopt.quant.ops.FUSED_BETWEEN_PAIRS` ops without a rule of their own (the ORT
+    target's Softmax) whose input and output both get a Q/DQ pair, for the quantized MatMuls of an attention:
+    ONNX Runtime runs each as an integer kernel, so they are not listed float. One excluded or kept float
+    reads its input before the pair instead."""
     return {node.name for node in graph
-            if eir.is_op(node, "Softmax") and refusals.get(node.name) == f"no integer kernel for {node.op_type}"
+            if node.op_type in FUSED_BETWEEN_PAIRS and node.op_type not in rules
+            and refusals.get(node.name) == _no_kernel(node.op_type)
             and node.inputs[0] is not None and node.inputs[0].name in activations
             and node.outputs[0].name in activations}
+
+
+def _no_kernel(op_type: str) -> str:
+    return f"no integer kernel for {op_type}"
 
 
 def _read_in_float(candidates: Mapping[str, ir.Node], refusals: Mapping[str, str],
