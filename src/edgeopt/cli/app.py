@@ -479,9 +479,9 @@ def _reason_kind(reason: str) -> str:
     """A reason without what is its node's own (the round and figures of the accuracy search, the node
     kept float that another is read for), so that the nodes float for one cause group in one row."""
     from edgeopt.quant.accuracy import RETURNED
-    from edgeopt.quant.placement import READ_IN_FLOAT
+    from edgeopt.quant.placement import MOVES_FOR_KEPT, READ_IN_FLOAT
 
-    for kind in (RETURNED, READ_IN_FLOAT, "moves data only for"):
+    for kind in (RETURNED, READ_IN_FLOAT, MOVES_FOR_KEPT):
         if reason.startswith(kind):
             return kind
     return reason

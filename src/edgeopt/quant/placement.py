@@ -71,6 +71,7 @@ from edgeopt.quant.registry import FloatNode
 __all__ = [
     "DATA_MOVEMENT_OPS",
     "EXCLUDED",
+    "MOVES_FOR_KEPT",
     "READ_IN_FLOAT",
     "BiasUse",
     "QdqPlan",
@@ -86,6 +87,8 @@ EXCLUDED = "excluded (--exclude)"
 _KEPT_ON_REQUEST = "kept float on request"  # plan_qdq(keep_float=...)
 #: How the reason starts for a node that reads int8 but computes in float: a node kept float reads its output.
 READ_IN_FLOAT = "its output is read in float"
+#: How the reason starts for a data-movement op kept float because only a node kept float reads it.
+MOVES_FOR_KEPT = "moves data only for"
 
 # Ops ONNX Runtime's QDQ optimizer moves a DequantizeLinear past (they reorder values, not change them).
 DATA_MOVEMENT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split",
@@ -521,7 +524,7 @@ def _kept_float_closure(graph: ir.Graph, refusals: dict[str, str], rules: Mappin
                     or value.is_graph_output() or any(use.name not in kept for use in eir.consumers(value))):
                 continue
             kept.add(mover.name)
-            refusals.setdefault(mover.name, f"moves data only for {eir.node_label(reader)!r}, which is kept float")
+            refusals.setdefault(mover.name, f"{MOVES_FOR_KEPT} {eir.node_label(reader)!r}, which is kept float")
             stack.append(mover)
     return kept
 
