@@ -436,20 +436,7 @@ def _reads_constant(node: ir.Node) -> bool:
 def quantize_bf16(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | None = None, *,
                   progress: ProgressCallback | None = None) -> QuantResult:
     """Bfloat16 weight storage with float32 compute; see the module docstring. ``data`` is not used."""
-    opset_notes = []
-    if eir.default_opset(model) < _BF16_CAST_OPSET:
-        check_exclude([NodeIndex.of(model, subgraphs=True)], config.exclude)  # of the model given, before conversion
-        source = eir.default_opset(model)
-        converted = convert_opset(model, _BF16_CAST_OPSET)
-        checked = check_conversion(model, converted, data)  # ModelError when the converter changed the model
-        model = converted
-        opset_notes.append(f"converted opset {source} -> {_BF16_CAST_OPSET}: Cast from bfloat16, which "
-                           "restores each weight, exists from opset 13; " + (
-                               f"float outputs match the original on {checked.batches_checked} batch"
-                               f"{'es' if checked.batches_checked != 1 else ''} "
-                               f"(max abs diff {checked.max_abs_diff:.3g})" if checked is not None else
-                               "not checked: without --data it runs on random inputs, which this model's "
-                               "dynamic or index inputs cannot take"))
+    model, opset_notes = _bf16_opset(model, config, data)
     passes = _float_passes(model, config)
     _infer_types(model)
     graph, opset = model.graph, eir.default_opset(model)
@@ -457,19 +444,7 @@ def quantize_bf16(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | N
                                weights_only=True)
     log = _WeightLog()
     weight_bytes = _float32_weight_bytes(graph, min_size=2)
-    namer = UniqueNames(graph)
-    casts: dict[ir.Graph, _Casts] = {}  # a subgraph's own weight is cast back inside that subgraph
-    scalars = 0
-    for value in [v for v in _float32_constants(graph) if plan.wants(v) == {_BFLOAT16}]:
-        if eir.constant_array(value).size <= 1:
-            scalars += 1  # no size to win; keeps epsilons and math constants exact
-            continue
-        uses = list(value.uses())
-        _convert_constant(value, BFLOAT16, log)
-        restored = casts.setdefault(value.graph, _Casts(value.graph, namer)).get(value, _FLOAT)
-        for use in uses:
-            use.node.replace_input_with(use.idx, restored)
-    graph.sort()
+    scalars, casts_inserted = _store_weights_bf16(graph, plan, log)
     float_nodes = _float_nodes((node, reason) for node, reason in plan.kept if _reads_constant(node))
     notes = [
         "weights stored in bf16, compute float32: each converted weight is cast back to float32 "
@@ -484,6 +459,41 @@ def quantize_bf16(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | N
     logger.info("bf16: %s", notes[1])
     _warn_mostly_float32("bf16", weight_bytes, log, plan.kept)
     details = {"weights_converted": len(log.tensors), "weight_bytes_before": log.bytes_before,
-               "weight_bytes_after": log.bytes_after, "casts_inserted": sum(len(c.made) for c in casts.values())}
+               "weight_bytes_after": log.bytes_after, "casts_inserted": casts_inserted}
     return QuantResult(model=model, scheme="bf16", tensors=tuple(log.tensors), float_nodes=float_nodes,
                        notes=tuple(notes), config=config, details=details)
+
+
+def _bf16_opset(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | None) -> tuple[ir.Model, list[str]]:
+    """``model`` converted to the opset where Cast from bfloat16 exists when it is older, checked against
+    the original on ``data`` (ModelError when the converter changed it), with the note saying so."""
+    if eir.default_opset(model) >= _BF16_CAST_OPSET:
+        return model, []
+    check_exclude([NodeIndex.of(model, subgraphs=True)], config.exclude)  # of the model given, before conversion
+    converted = convert_opset(model, _BF16_CAST_OPSET)
+    checked = check_conversion(model, converted, data)
+    why = "Cast from bfloat16, which restores each weight, exists from opset 13"
+    if checked is not None:
+        return converted, [checked.note(why, batch_noun="batch")]
+    return converted, [f"converted opset {eir.default_opset(model)} -> {_BF16_CAST_OPSET} ({why}); not checked: "
+                       "without --data it runs on random inputs, which this model's dynamic or index inputs cannot take"]
+
+
+def _store_weights_bf16(graph: ir.Graph, plan: HalfPrecisionPlan, log: _WeightLog) -> tuple[int, int]:
+    """Store each weight ``plan`` gives to bf16 as bfloat16, read through a Cast back to float32 (one per
+    weight and graph: a subgraph's own weight is cast back inside that subgraph). Scalars stay float32:
+    no size to win, and epsilons and math constants stay exact. The number of scalars and of casts."""
+    namer = UniqueNames(graph)
+    casts: dict[ir.Graph, _Casts] = {}
+    scalars = 0
+    for value in [v for v in _float32_constants(graph) if plan.wants(v) == {_BFLOAT16}]:
+        if eir.constant_array(value).size <= 1:
+            scalars += 1
+            continue
+        uses = list(value.uses())
+        _convert_constant(value, BFLOAT16, log)
+        restored = casts.setdefault(value.graph, _Casts(value.graph, namer)).get(value, _FLOAT)
+        for use in uses:
+            use.node.replace_input_with(use.idx, restored)
+    graph.sort()
+    return scalars, sum(len(c.made) for c in casts.values())

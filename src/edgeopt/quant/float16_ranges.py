@@ -37,6 +37,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.data.base import reads_again
 from edgeopt.errors import EdgeoptError
+from edgeopt.metrics import count_of
 from edgeopt.quant.float16_plan import all_float_values, is_constant
 from edgeopt.quant.registry import Batch, ProgressCallback
 
@@ -132,7 +133,7 @@ def _check_weights(graph: ir.Graph, check: RangeCheck) -> None:
     check.float32_values.update((value, WEIGHT_REASON) for value in peaks)
     readers = _node_names(use.node for value in peaks for use in value.uses())
     check.notes.append(
-        f"{len(readers)} node(s) kept float32 because a weight they read goes beyond float16's ±65504 (clamped, "
+        f"{count_of(len(readers), 'node', 'nodes')} kept float32 because a weight they read goes beyond float16's ±65504 (clamped, "
         f"it would change the results; kept, they are exact): {_named(readers)}; weights: "
         + _named([f"{value.name} (max |x| {peak:.3g})" for value, peak in peaks.items()]))
     check.details["weights_beyond_float16"] = [value.name for value in peaks]
@@ -153,18 +154,19 @@ def _check_activations(model: ir.Model, data: Iterable[Batch], check: RangeCheck
             if peak > ACTIVATION_LIMIT:
                 peaks[values[name]] = peak
     check.details["activations_beyond_limit"] = [value.name for value in peaks]
+    batches = count_of(calibration.num_batches, "calibration batch", "calibration batches")
     if not peaks:
-        check.notes.append(f"activation ranges checked on {calibration.num_batches} calibration batch(es): "
-                           f"every value stays within ±{ACTIVATION_LIMIT:.0f}, half the float16 range")
+        check.notes.append(f"activation ranges checked on {batches}: every value stays within ±{ACTIVATION_LIMIT:.0f}, half the float16 range")
         return
     check.float32_values.update((value, ACTIVATION_REASON) for value in peaks)
     nodes = _node_names(node for value in peaks for node in _touching(value))
     worst = sorted(peaks.items(), key=lambda item: -item[1])
     check.notes.append(
-        f"{len(peaks)} value(s) exceed ±{ACTIVATION_LIMIT:.0f} (half of float16's 65504, a margin for unseen "
-        f"inputs) on {calibration.num_batches} calibration batch(es): "
+        f"{count_of(len(peaks), 'value exceeds', 'values exceed')} ±{ACTIVATION_LIMIT:.0f} (half of float16's "
+        f"65504, a margin for unseen inputs) on {batches}: "
         + _named([f"{value.name} (max |x| {peak:.3g})" for value, peak in worst])
-        + f"; their {len(nodes)} producer and consumer node(s) kept float32: {_named(nodes)}")
+        + f"; their {count_of(len(nodes), 'producer and consumer node', 'producer and consumer nodes')} "
+        f"kept float32: {_named(nodes)}")
 
 
 def _touching(value: ir.Value) -> list[ir.Node]:

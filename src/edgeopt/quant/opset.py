@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.errors import DataError, ModelError
+from edgeopt.metrics import count_of
 from edgeopt.runtime.ort import OrtSession, random_feed
 
 __all__ = ["OpsetCheck", "OpsetConversion", "check_conversion", "convert_opset"]
@@ -34,10 +35,11 @@ class OpsetConversion:
     batches_checked: int
     max_abs_diff: float
 
-    def note(self) -> str:
-        return (f"converted opset {self.from_opset} -> {self.to_opset} (per-channel QDQ needs opset 13); "
-                f"float outputs match the original on {self.batches_checked} calibration batches "
-                f"(max abs diff {self.max_abs_diff:.3g})")
+    def note(self, why: str = "per-channel QDQ needs opset 13", batch_noun: str = "calibration batch") -> str:
+        """``converted opset 11 -> 13 (why); float outputs match the original on 4 calibration batches ...``"""
+        batches = count_of(self.batches_checked, batch_noun, batch_noun + "es")
+        return (f"converted opset {self.from_opset} -> {self.to_opset} ({why}); float outputs match the original "
+                f"on {batches} (max abs diff {self.max_abs_diff:.3g})")
 
 
 def convert_opset(model: ir.Model, version: int) -> ir.Model:
