@@ -8,7 +8,7 @@ QLinearGlobalAveragePool, QLinearSigmoid, QLinearLeakyRelu, or the int8
 version of a data-movement op) and the TFLite int8 scheme has the same
 kernel. Everything else stays float and is reported. The microcontroller
 target (:data:`MCU_OP_RULES`) adds the ops the C kernels compute from int8
-(Softmax, Tanh, Elu, HardSigmoid, HardSwish, ReduceMean, GlobalMaxPool, Pad)
+(Softmax, Tanh, Elu, Gelu, HardSigmoid, HardSwish, ReduceMean, GlobalMaxPool, Pad)
 and ConvTranspose, which ONNX Runtime runs in float (it has no integer
 ConvTranspose on the CPU), and drops those it has no kernel for (Gather,
 Slice, Split).
@@ -106,6 +106,7 @@ MCU_OP_RULES: dict[str, OpRule] = {op: rule for op, rule in OP_RULES.items() if 
     "Softmax": _UNARY,
     "Tanh": _UNARY,
     "Elu": _UNARY,
+    "Gelu": _UNARY,
     "HardSigmoid": _UNARY,
     "HardSwish": _UNARY,
     "ReduceMean": _UNARY,

@@ -12,8 +12,9 @@ Rules, in order:
    tensors, it is not excluded (by node name or op type) or kept float, and
    its own preconditions hold (constant weight and bias, Gemm alpha = beta
    = 1, Resize not cubic ...). Nodes the float passes annotated as one
-   spelled-out activation or LayerNorm (``edgeopt.pattern``: gelu, layer_norm) stay float
-   together: one activation, one output range.
+   spelled-out activation or LayerNorm (``edgeopt.pattern``: gelu, gelu_tanh, layer_norm) stay float
+   together, one activation, one output range, unless the target has an integer kernel for each of
+   their ops (SiLU; tanh-GELU on the MCU).
 2. Relu/Clip (0 within the clamp) after a candidate Conv/ConvTranspose/Gemm/MatMul/Add/Mul that
    has it as its only consumer is fused: the producer's output gets no Q/DQ,
    the activation's output does (its clamp becomes the quantization range).
@@ -169,6 +170,18 @@ def _weighted_refusal(node: ir.Node) -> str | None:
     return None
 
 
+# Spelled-out activations quantized op by op where the target has an integer kernel for each of their ops:
+# SiLU = x * sigmoid(x) quantizes well as its two ops; tanh-GELU's seven steps lose precision (-0.8 dB on a
+# transformer MLP against one float group), but on the MCU a float group would not compile, so there it runs
+# as int8 Mul, Add and Tanh. GELU's Erf chain and LayerNorm have no integer kernel for every op: one float op.
+_OP_BY_OP_PATTERNS = {"silu": {"Sigmoid", "Mul"}, "gelu_tanh": {"Mul", "Add", "Tanh"}}
+
+
+def _quantized_op_by_op(pattern: str, rules: Mapping[str, OpRule]) -> bool:
+    ops = _OP_BY_OP_PATTERNS.get(pattern)
+    return ops is not None and ops <= rules.keys()
+
+
 def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str],
              rules: Mapping[str, OpRule]) -> str | None:
     """Why ``node`` stays float, or None when it can run in integer. A node excluded or kept float is so
@@ -180,10 +193,9 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
         return _KEPT_ON_REQUEST
     if not eir.is_op(node, *rules):
         return _no_kernel(node.op_type)
-    # SiLU = x * sigmoid(x) quantizes well as its two ops (integer Sigmoid and Mul kernels exist on
-    # ONNX Runtime and the MCU); GELU's Erf chain loses too much precision between its small ops.
-    if node.metadata_props.get(PATTERN_KEY, "silu") != "silu":
-        return f"part of a spelled-out {node.metadata_props[PATTERN_KEY]} (kept as one float op)"
+    pattern = node.metadata_props.get(PATTERN_KEY)
+    if pattern is not None and not _quantized_op_by_op(pattern, rules):
+        return f"part of a spelled-out {pattern} (kept as one float op)"
     if rules[node.op_type].role is OpRole.WEIGHTED:
         return _weighted_refusal(node)
     if node.op_type == "Resize" and node.attributes.get_string("mode", "nearest") == "cubic":

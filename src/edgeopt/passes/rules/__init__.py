@@ -6,10 +6,10 @@ from edgeopt.passes.rules.activations import (
     PATTERN_KEY,
     ClampMinMaxRule,
     ClipHardSigmoidRule,
-    GeluRule,
     HardSigmoidMulRule,
     SiluRule,
 )
+from edgeopt.passes.rules.gelu import GeluRule, TanhGeluRule
 from edgeopt.passes.rules.layer_norm import LayerNormRule
 
 __all__ = [
@@ -20,4 +20,5 @@ __all__ = [
     "HardSigmoidMulRule",
     "LayerNormRule",
     "SiluRule",
+    "TanhGeluRule",
 ]
