@@ -198,12 +198,22 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
         return f"part of a spelled-out {pattern} (kept as one float op)"
     if rules[node.op_type].role is OpRole.WEIGHTED:
         return _weighted_refusal(node)
-    if node.op_type == "Resize" and node.attributes.get_string("mode", "nearest") == "cubic":
-        return "cubic Resize has no integer kernel"
+    if node.op_type == "Resize":
+        return _resize_refusal(node, rules["Resize"])
     if node.op_type == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].uses():
         return "MaxPool indices output is used"
     if node.op_type == "Pad":
         return _pad_refusal(node)
+    return None
+
+
+def _resize_refusal(node: ir.Node, rule: OpRule) -> str | None:
+    mode = node.attributes.get_string("mode", "nearest")
+    if mode == "cubic":
+        return "cubic Resize has no integer kernel"
+    if rule.modes is not None and mode not in rule.modes:
+        return (f"ONNX Runtime interpolates a {mode} Resize in float between its DequantizeLinear and "
+                "QuantizeLinear (it runs nearest on int8): kept float, its output quantized with a range of its own")
     return None
 
 
