@@ -52,6 +52,7 @@ __all__ = [
     "depthwise_separable_spread",
     "resnet_like",
     "shadowed_initializer_model",
+    "tanh_gelu_mlp",
     "tanh_loop_body",
     "tf_style_model",
     "transformer_encoder",
@@ -667,3 +668,13 @@ def depthwise_separable_spread() -> nn.Module:
             bn.running_mean.normal_(0, 0.1)
             bn.running_var.uniform_(0.5, 1.5)
     return module.eval()
+
+
+def tanh_gelu_mlp(dim: int = 16, hidden: int = 64) -> nn.Module:
+    """A transformer's MLP block, Linear -> GELU(approximate='tanh') -> Linear, input [..., dim].
+
+    Below opset 20 torch writes the GELU out: ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x * (x * x))))``.
+    Seeded with torch.manual_seed(0).
+    """
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)).eval()
