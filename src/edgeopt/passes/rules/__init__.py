@@ -8,6 +8,7 @@ from edgeopt.passes.rules.activations import (
     ClipHardSigmoidRule,
     HardSigmoidMulRule,
     SiluRule,
+    clip_node,
 )
 from edgeopt.passes.rules.gelu import GeluRule, TanhGeluRule
 from edgeopt.passes.rules.layer_norm import LayerNormRule
@@ -21,4 +22,5 @@ __all__ = [
     "LayerNormRule",
     "SiluRule",
     "TanhGeluRule",
+    "clip_node",
 ]

@@ -43,6 +43,7 @@ __all__ = [
     "HardSigmoidMulRule",
     "SiluRule",
     "annotate",
+    "clip_node",
 ]
 
 #: Node metadata key naming the activation a group of nodes computes.
@@ -239,13 +240,18 @@ class ClampMinMaxRule(Rule):
         label = eir.node_label(last)
         if match.relu:
             new = ir.node("Relu", [match.x], name=f"{label}_Relu")
-        # both bounds given, an open one as inf: Clip's default bounds are the type's largest finite
-        # numbers, which would turn an inf that Min/Max pass through into FLT_MAX
-        elif context.opset < 11:
-            new = ir.node("Clip", [match.x], {"min": match.low, "max": match.high}, name=f"{label}_Clip")
         else:
-            bounds = [eir.add_initializer(context.graph, np.array(value, dtype=match.bound_dtype), f"{label}_{key}")
-                      for key, value in (("min", match.low), ("max", match.high))]
-            new = ir.node("Clip", [match.x, *bounds], name=f"{label}_Clip")
+            new = clip_node(context, match.x, (match.low, match.high), dtype=match.bound_dtype, label=label)
         eir.replace_nodes(context.graph, match.nodes, last.outputs[0], [new])
         return f"rewritten as {new.op_type}"
+
+
+def clip_node(context: RuleContext, x: ir.Value, bounds: tuple[float, float], *, dtype, label: str) -> ir.Node:
+    """``Clip(x, low, high)`` named ``{label}_Clip``: bounds as attributes before opset 11, else as ``dtype``
+    initializers (both given: an open one as inf, since Clip's default bounds are the type's largest finite
+    numbers, which would turn an inf that Min/Max pass through into FLT_MAX)."""
+    if context.opset < 11:
+        return ir.node("Clip", [x], {"min": bounds[0], "max": bounds[1]}, name=f"{label}_Clip")
+    constants = [eir.add_initializer(context.graph, np.array(value, dtype=dtype), f"{label}_{key}")
+                 for key, value in zip(("min", "max"), bounds)]
+    return ir.node("Clip", [x, *constants], name=f"{label}_Clip")
