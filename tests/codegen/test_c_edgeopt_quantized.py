@@ -139,3 +139,15 @@ def test_a_tanh_gelu_mlp_compiles(tmp_path, opset):
     held_out = [{"input": x[np.newaxis]} for x in rng.normal(size=(3, 16)).astype(np.float32)]
     _quantize_compile_verify(float_path, tmp_path / "calib.npy", held_out, tmp_path,
                              tensors_per_input=3 if opset >= 20 else 11)
+
+
+def test_a_hardsigmoid_se_gate_compiles_as_a_clamped_conv(tmp_path):
+    """nn.Hardsigmoid after the SE block's conv (opset 17) folds into the conv as its [0, 1] output clamp."""
+    import torch
+
+    from tests.models import export_onnx, se_gated_convs
+
+    float_path = export_onnx(se_gated_convs(), (torch.zeros(1, 3, 32, 32),), tmp_path / "se.onnx", opset=17)
+    np.save(tmp_path / "calib.npy", _smooth_images(16, seed=0))
+    held_out = [{"input": x[np.newaxis]} for x in _smooth_images(2, seed=1)]
+    _quantize_compile_verify(float_path, tmp_path / "calib.npy", held_out, tmp_path, tensors_per_input=6)

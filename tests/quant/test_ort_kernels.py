@@ -8,7 +8,7 @@ import pytest
 from edgeopt.io import load_model
 from edgeopt.quant import Int8Config, Target, quantize
 from edgeopt.runtime.ort import optimized_model
-from tests.models import export_onnx, tanh_gelu_mlp
+from tests.models import export_onnx, se_gated_convs, tanh_gelu_mlp
 
 from .int8_models import GraphBuilder, batches, ort_op_counts, sqnr_db
 
@@ -74,3 +74,21 @@ def test_a_resize_is_listed_float_exactly_when_onnx_runtime_interpolates_it_in_f
 def test_a_linear_resize_is_still_int8_on_the_mcu():
     result = quantize(_resize_between_convs("linear", "half_pixel"), Int8Config(target=Target.MCU), batches(IMAGE, 4))
     assert result.float_nodes == ()
+
+
+@pytest.mark.parametrize("opset", [14, 17])
+def test_a_hardsigmoid_se_gate_runs_in_its_conv(tmp_path, opset):
+    # nn.Hardsigmoid after the SE block's expanding conv ran in float between a DQ and a Q on ONNX Runtime
+    # (no integer HardSigmoid); folded into the conv as a [0, 1] clamp it is one QLinearConv
+    import torch
+
+    model = load_model(export_onnx(se_gated_convs(), (torch.zeros(1, 3, 12, 12),), tmp_path / "se.onnx", opset=opset))
+    assert "HardSigmoid" in [n.op_type for n in model.graph]
+    calibration, test = batches((1, 3, 12, 12), 8, name="input"), batches((1, 3, 12, 12), 8, seed=1, name="input")
+    results = {target: quantize(model, Int8Config(target=target), calibration) for target in Target}
+    for result in results.values():
+        assert result.float_nodes == ()
+        assert "HardSigmoid" not in [n.op_type for n in result.model.graph]
+        assert sqnr_db(model, result.model, test) >= 33.0
+    counts = ort_op_counts(results[Target.ORT].model)
+    assert counts["HardSigmoid"] == 0 and counts["QLinearConv"] == 4 and counts["QLinearMul"] == 1
