@@ -29,7 +29,8 @@ def test_a_written_out_tanh_gelu_is_one_float_group_on_onnx_runtime(tmp_path):
     result = quantize(model, Int8Config(), data)
     reasons = {f.op_type + ": " + f.reason for f in result.float_nodes}
     assert reasons == {"Mul: part of a spelled-out gelu_tanh (kept as one float op)",
-                       "Add: part of a spelled-out gelu_tanh (kept as one float op)", "Tanh: no integer kernel for Tanh"}
+                       "Add: part of a spelled-out gelu_tanh (kept as one float op)",
+                       "Tanh: no integer kernel for Tanh"}
     assert len(result.float_nodes) == 9
     counts = ort_op_counts(result.model)
     assert counts["QGemm"] == 2 and counts["QLinearMul"] == counts["QLinearAdd"] == 0
