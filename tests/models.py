@@ -52,6 +52,8 @@ __all__ = [
     "depthwise_separable_spread",
     "resnet_like",
     "shadowed_initializer_model",
+    "se_gated_convs",
+    "tanh_gelu_mlp",
     "tanh_loop_body",
     "tf_style_model",
     "transformer_encoder",
@@ -667,3 +669,23 @@ def depthwise_separable_spread() -> nn.Module:
             bn.running_mean.normal_(0, 0.1)
             bn.running_var.uniform_(0.5, 1.5)
     return module.eval()
+
+
+def tanh_gelu_mlp(dim: int = 16, hidden: int = 64) -> nn.Module:
+    """A transformer's MLP block, Linear -> GELU(approximate='tanh') -> Linear, input [..., dim].
+
+    Below opset 20 torch writes the GELU out: ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x * (x * x))))``.
+    Seeded with torch.manual_seed(0).
+    """
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)).eval()
+
+
+def se_gated_convs() -> nn.Module:
+    """Conv -> ReLU -> a squeeze-and-excitation block gated by nn.Hardsigmoid -> 1x1 Conv, input [1, 3, H, W].
+
+    From opset 14 torch writes the gate as one HardSigmoid(alpha=1/6, beta=0.5) after the expanding 1x1 Conv.
+    Seeded with torch.manual_seed(0).
+    """
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), SqueezeExcite(16, 8), nn.Conv2d(16, 8, 1)).eval()

@@ -28,14 +28,14 @@ def _smooth_images(count: int, seed: int) -> np.ndarray:
     return np.repeat(np.repeat(coarse, 4, axis=2), 4, axis=3)
 
 
-def _quantize_compile_verify(float_path, calibration, held_out, tmp_path, rounding="double"):
+def _quantize_compile_verify(float_path, calibration, held_out, tmp_path, rounding="double", tensors_per_input=10):
     quantized = tmp_path / "model.int8.onnx"
     api.quantize(float_path, Int8Config(target=Target.MCU), calibration, output=quantized,
                  check_speed=False, check_fidelity=False)
     compile_c(api.load(quantized), tmp_path / "c", rounding=rounding)
     result = verify(tmp_path / "c", held_out)
     assert result.bit_exact, result.first_mismatch
-    assert result.tensors_compared >= 10 * len(held_out)
+    assert result.tensors_compared >= tensors_per_input * len(held_out)
 
 
 @pytest.mark.parametrize("rounding", ["double", "single"])
@@ -123,3 +123,31 @@ def test_reduce_mean_lowers_only_when_the_kept_axes_keep_the_layout(tmp_path, ax
         return
     compile_c(api.load(tmp_path / "mean.int8.onnx"), tmp_path / "c")
     assert verify(tmp_path / "c", [{"input": x[np.newaxis]} for x in _smooth_images(2, seed=1)]).bit_exact
+
+
+@pytest.mark.parametrize("opset", [17, 20])
+def test_a_tanh_gelu_mlp_compiles(tmp_path, opset):
+    """Torch's GELU(approximate='tanh'): written out below opset 20 (int8 Mul, Add and Tanh), one
+    Gelu(approximate="tanh") from 20, whose lookup table computes the tanh form (it stayed float)."""
+    import torch
+
+    from tests.models import export_onnx, tanh_gelu_mlp
+
+    float_path = export_onnx(tanh_gelu_mlp(), (torch.zeros(1, 16),), tmp_path / "mlp.onnx", opset=opset)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.normal(size=(24, 16)).astype(np.float32))
+    held_out = [{"input": x[np.newaxis]} for x in rng.normal(size=(3, 16)).astype(np.float32)]
+    _quantize_compile_verify(float_path, tmp_path / "calib.npy", held_out, tmp_path,
+                             tensors_per_input=3 if opset >= 20 else 11)
+
+
+def test_a_hardsigmoid_se_gate_compiles_as_a_clamped_conv(tmp_path):
+    """nn.Hardsigmoid after the SE block's conv (opset 17) folds into the conv as its [0, 1] output clamp."""
+    import torch
+
+    from tests.models import export_onnx, se_gated_convs
+
+    float_path = export_onnx(se_gated_convs(), (torch.zeros(1, 3, 32, 32),), tmp_path / "se.onnx", opset=17)
+    np.save(tmp_path / "calib.npy", _smooth_images(16, seed=0))
+    held_out = [{"input": x[np.newaxis]} for x in _smooth_images(2, seed=1)]
+    _quantize_compile_verify(float_path, tmp_path / "calib.npy", held_out, tmp_path, tensors_per_input=6)

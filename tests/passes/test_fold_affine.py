@@ -167,3 +167,38 @@ def test_a_scale_that_does_not_commute_with_the_clamp_stays(clamp, scale, reason
     result = fold_affine(model)
     assert not result.modified
     assert explain(result) == [f"conv + clamp + mul: not folded: {reason}"]
+
+
+@pytest.mark.parametrize("opset", [10, 13])
+@pytest.mark.parametrize("alpha, beta", [(1 / 6, 0.5), (0.2, 0.5), (0.3, -0.1)])
+def test_a_hard_sigmoid_after_a_conv_folds_into_a_clamped_conv(opset, alpha, beta):
+    # torch's nn.Hardsigmoid SE gate: HardSigmoid(y) = clip(alpha * y + beta, 0, 1) ran in float on ONNX Runtime
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", kernel_shape=[1, 1]),
+             helper.make_node("HardSigmoid", ["c"], ["y"], name="gate", alpha=alpha, beta=beta)]
+    model = make_model(nodes, [("x", [1, 4, 5, 5])], [("y", [1, 8, 5, 5])],
+                       [random_weight("w", [8, 4, 1, 1], low=-3, high=3), random_weight("b", [8])], opset=opset)
+    result = fold_affine(model)
+    assert op_types(result.model) == ["Conv", "Clip"]
+    assert activation_clamp(list(result.model.graph)[1]) == (0.0, 1.0)
+    assert result.model.graph.outputs[0].name == "y"
+    assert_same_outputs(model, result.model)
+
+
+def test_a_hard_sigmoid_after_a_gemm_without_bias_folds():
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["g"], name="fc", transB=1),
+             helper.make_node("HardSigmoid", ["g"], ["y"], name="gate")]
+    model = make_model(nodes, [("x", [2, 4])], [("y", [2, 6])], [random_weight("w", [6, 4], low=-4, high=4)])
+    result = fold_affine(model)
+    assert op_types(result.model) == ["Gemm", "Clip"]
+    assert_same_outputs(model, result.model)
+
+
+def test_a_hard_sigmoid_of_a_conv_read_elsewhere_is_left():
+    # x * HardSigmoid(x) (a hardswish below opset 14) is no gate: the conv output must stay as it is
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[1, 1]),
+             helper.make_node("HardSigmoid", ["c"], ["h"], name="gate", alpha=1 / 6, beta=0.5),
+             helper.make_node("Mul", ["c", "h"], ["y"], name="mul")]
+    model = make_model(nodes, [("x", [1, 4, 3, 3])], [("y", [1, 8, 3, 3])], [random_weight("w", [8, 4, 1, 1])],
+                       opset=13)
+    result = fold_affine(model)
+    assert not result.modified and explain(result) == []

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from edgeopt.passes import PATTERN_KEY, activation_clamp, following_clamp, fuse_activations, is_relu6
+from tests.models import tanh_gelu_mlp
 
 from ._helpers import (
     assert_same_outputs,
@@ -394,3 +395,53 @@ def test_a_conv_clamped_by_min_max_quantizes_with_the_clamp_as_its_output_range(
     result = quantize(model, Int8Config(target=Target.MCU), data)
     assert not result.float_nodes  # the Clip is the conv's fused output clamp: Conv -> Clip -> Q
     assert "Max" not in op_types(result.model) and "Min" not in op_types(result.model)
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_torch_tanh_gelu_is_annotated_below_opset_20(tmp_path, opset):
+    model = export_torch(tanh_gelu_mlp(), (2, 5, 16), tmp_path, opset=opset)
+    result = fuse_activations(model)
+    annotated = [n.op_type for n in result.model.graph if n.metadata_props.get(PATTERN_KEY) == "gelu_tanh"]
+    assert sorted(annotated) == ["Add", "Add", "Mul", "Mul", "Mul", "Mul", "Mul", "Mul", "Tanh"]
+    assert result.report.applied[0].message == f"annotated as gelu_tanh (Gelu needs opset >= 20, model has {opset})"
+    assert_same_outputs(model, result.model)
+    assert not fuse_activations(result.model).modified
+
+
+def _tanh_gelu_nodes(cubic: float = 0.044715, *, pow_cube: bool):
+    """Hugging Face's gelu_new (x**3 as Pow, constants first) or torch's spelling (x * (x * x), constants last)."""
+    cube = ([helper.make_node("Pow", ["x", "three"], ["cube"], name="cube")] if pow_cube else
+            [helper.make_node("Mul", ["x", "x"], ["square"], name="square"),
+             helper.make_node("Mul", ["x", "square"], ["cube"], name="cube")])
+    constants = [weight("three", 3.0), weight("cubic", cubic), weight("outer", math.sqrt(2 / math.pi)),
+                 weight("one", 1.0), weight("half", 0.5)]
+    nodes = [*cube,
+             helper.make_node("Mul", ["cubic", "cube"] if pow_cube else ["cube", "cubic"], ["term"], name="term"),
+             helper.make_node("Add", ["x", "term"] if pow_cube else ["term", "x"], ["inner"], name="inner"),
+             helper.make_node("Mul", ["outer", "inner"] if pow_cube else ["inner", "outer"], ["t"], name="scale"),
+             helper.make_node("Tanh", ["t"], ["tanh"], name="tanh"),
+             helper.make_node("Add", ["one", "tanh"] if pow_cube else ["tanh", "one"], ["p"], name="plus_one"),
+             helper.make_node("Mul", ["half", "x"], ["hx"], name="half_x"),
+             helper.make_node("Mul", ["hx", "p"], ["y"], name="product")]
+    return nodes, constants
+
+
+@pytest.mark.parametrize("pow_cube", [True, False], ids=["Pow", "Mul"])
+def test_tanh_gelu_becomes_gelu_tanh_from_opset_20(pow_cube):
+    nodes, constants = _tanh_gelu_nodes(pow_cube=pow_cube)
+    model = make_model(nodes, [("x", [2, 64])], [("y", [2, 64])], constants, opset=20)
+    result = fuse_activations(model)
+    [gelu] = result.model.graph
+    assert gelu.op_type == "Gelu" and gelu.attributes.get_string("approximate") == "tanh"
+    assert explain(result) == [] and result.report.applied[0].message == "fused into Gelu (approximate='tanh')"
+    assert_same_outputs(model, result.model)  # ONNX Runtime's Gelu(tanh) against the written-out float ops
+
+
+def test_a_tanh_gelu_with_another_cubic_coefficient_is_not_fused():
+    nodes, constants = _tanh_gelu_nodes(0.05, pow_cube=True)
+    model = make_model(nodes, [("x", [2, 64])], [("y", [2, 64])], constants, opset=20)
+    result = fuse_activations(model)
+    assert "Gelu" not in op_types(result.model) and not result.modified
+    assert not any(PATTERN_KEY in n.metadata_props for n in result.model.graph)
+    [line] = explain(result)
+    assert line.endswith("not fused: the cube is scaled by 0.05, not 0.044715: not GELU")

@@ -9,7 +9,7 @@ from onnx import helper
 
 import edgeopt.passes as passes
 from edgeopt.io import load_model
-from edgeopt.passes import ALL_PASSES, optimize_for_quantization
+from edgeopt.passes import ALL_PASSES, activation_clamp, optimize_for_quantization
 from tests.models import build_onnx
 
 from ._helpers import assert_same_outputs, batchnorm_params, make_model, op_types, random_weight, snapshot
@@ -46,7 +46,9 @@ def test_pipeline_on_mobilenet_folds_batchnorm_and_keeps_outputs(mobilenet):
     assert snapshot(mobilenet) == before
     ops = op_types(result.model)
     assert "BatchNormalization" not in ops and "Constant" not in ops
-    assert ops.count("HardSwish") == 7 and ops.count("HardSigmoid") == 3  # SE gates stay gates
+    assert ops.count("HardSwish") == 7 and "HardSigmoid" not in ops
+    gates = [n for n in result.model.graph if n.op_type == "Clip" and activation_clamp(n) == (0.0, 1.0)]
+    assert len(gates) == 3  # SE gates stay gates (not HardSwish), folded into their convs as [0, 1] clamps
     assert [r.name for r in result.reports] == [
         "fold-constants", "eliminate-dead-code", "fold-pad", "fold-batchnorm", "fold-affine", "fuse-matmul-add",
         "fuse-activations", "canonicalize", "eliminate-dead-code"]

@@ -83,3 +83,27 @@ def test_a_constant_where_an_activation_goes_is_named_as_such():
     quantized = quantize(model, Int8Config(target=Target.MCU), data).model
     with pytest.raises(UnsupportedOpError, match=r"MatMul \(left\) reads the constant 'w_dequantized'.*swap"):
         lower(quantized)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_a_gelu_table_is_onnx_runtime_s_gelu_of_every_int8_input(approximate):
+    # the table computed the exact GELU for Gelu(approximate="tanh") too: entries of a fine output scale
+    # were one step off ONNX Runtime's
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeopt.runtime.ort import OrtSession
+
+    input_scale, output_scale = 0.04, 0.0004
+    constants = [numpy_helper.from_array(np.array(s, np.float32), n) for n, s in (("si", input_scale),
+                                                                                   ("so", output_scale))]
+    constants.append(numpy_helper.from_array(np.array(0, np.int8), "zp"))
+    nodes = [helper.make_node("QuantizeLinear", ["x", "si", "zp"], ["q"], name="q"),
+             helper.make_node("DequantizeLinear", ["q", "si", "zp"], ["d"], name="d"),
+             helper.make_node("Gelu", ["d"], ["g"], name="gelu", approximate=approximate),
+             helper.make_node("QuantizeLinear", ["g", "so", "zp"], ["y"], name="q_out")]
+    graph = helper.make_graph(nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT8, [256])], constants)
+    model = q.to_ir(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    feed = {"x": np.arange(-128, 128, dtype=np.float32) * np.float32(input_scale)}
+    expected = OrtSession(model, optimize=False).run(feed)["y"]
+    np.testing.assert_array_equal(ReferenceModel(model).run(feed)["y"], expected)

@@ -22,6 +22,7 @@ __all__ = [
     "ProductChain",
     "clip_bounds",
     "follow_product",
+    "is_close",
     "is_op",
     "other_input",
     "producer_and_constant",
@@ -63,6 +64,11 @@ def reduce_axes(node: ir.Node) -> list[int] | None:
         axes = eir.constant_array(node.inputs[1])
         return [int(a) for a in axes.reshape(-1)] if axes is not None else None
     return None
+
+
+def is_close(number: float | None, expected: float, rel_tol: float = 1e-6) -> bool:
+    """True when ``number`` (a :func:`scalar`, None when not a constant) is ``expected`` within ``rel_tol``."""
+    return number is not None and math.isclose(number, expected, rel_tol=rel_tol)
 
 
 def scalar(value: ir.Value | None) -> float | None:

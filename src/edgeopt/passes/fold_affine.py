@@ -15,6 +15,11 @@ clip(s * y, s * lo, s * hi)`` for one ``s`` (a Clip's bounds are scalars).
 That is what is left of a hard sigmoid spelled ``clip(conv + 3, 0, 6) / 6``
 once the ``+ 3`` has folded into the conv's bias: the conv takes the ``/ 6``
 and clamps to ``[0, 1]``, one integer kernel instead of a float Div after it.
+
+A native ``HardSigmoid(y) = clip(alpha * y + beta, 0, 1)`` after a layer (torch's ``nn.Hardsigmoid``
+SE gate) folds the same way: the layer computes ``alpha * y + beta`` (weight scaled by alpha, bias
+``alpha * b + beta``) and a ``Clip(0, 1)`` follows, which the quantized layer applies as its output
+range. ONNX Runtime has no integer HardSigmoid: it ran in float between the conv and the gating Mul.
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ from edgeopt.passes._conv import (
     store_parts,
     vector_refusal,
 )
-from edgeopt.passes._matching import clip_bounds, is_op, producer_and_constant
+from edgeopt.passes._matching import clip_bounds, is_op, producer_and_constant, producer_op, sole_consumer
 from edgeopt.passes._report import ReportedPassResult
 from edgeopt.passes._rules import Match, Rule, RuleContext, RulePass, run_on_copy
+from edgeopt.passes.rules import clip_node
 
 __all__ = ["FoldAffinePass", "fold_affine"]
 
@@ -194,8 +200,47 @@ class ScaleThroughClampRule(Rule):
         return f"folded into {eir.node_label(match.layer)} and its {match.clamp.op_type}"
 
 
+@dataclasses.dataclass
+class _HardSigmoidMatch(Match):
+    layer: ir.Node
+    gate: ir.Node
+    parts: LinearParts | None = None
+
+
+class HardSigmoidIntoLayerRule(Rule):
+    """Layer -> HardSigmoid(alpha, beta): the layer computes ``alpha * y + beta``, then ``Clip(0, 1)``."""
+
+    name = "hardsigmoid-into-layer"
+    anchor_ops = frozenset({"HardSigmoid"})
+    verb = "folded"
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        layer = producer_op(node.inputs[0], *_LAYER_OPS)
+        if layer is None or sole_consumer(node.inputs[0]) is not node:  # x * HardSigmoid(x) is no gate
+            return None
+        return _HardSigmoidMatch(nodes=(layer, node), layer=layer, gate=node)
+
+    def check(self, match: _HardSigmoidMatch, context: RuleContext) -> str | None:
+        parts = foldable_parts(match.layer, match.gate)
+        if isinstance(parts, str):
+            return parts
+        match.parts = parts
+        return None
+
+    def rewrite(self, match: _HardSigmoidMatch, context: RuleContext) -> str:
+        alpha = match.gate.attributes.get_float("alpha", 0.2)
+        beta = match.gate.attributes.get_float("beta", 0.5)
+        parts = match.parts
+        scale = np.full(parts.channels, alpha, dtype=np.float64)
+        store_parts(context.graph, parts.node, parts.scaled(scale), parts.bias_or_zero() * alpha + beta)
+        clip = clip_node(context, match.layer.outputs[0], (0.0, 1.0), dtype=parts.weight.dtype,
+                         label=eir.node_label(match.gate))
+        eir.replace_nodes(context.graph, [match.gate], match.gate.outputs[0], [clip])
+        return f"folded into {eir.node_label(match.layer)}, clamped to [0, 1]"
+
+
 class FoldAffinePass(RulePass):
-    """Fold constant per-channel or scalar Mul/Div/Add/Sub after a Conv, ConvTranspose or Gemm.
+    """Fold constant per-channel or scalar Mul/Div/Add/Sub, and HardSigmoid, after a Conv, ConvTranspose or Gemm.
 
     Rewrites (repeatedly, so ``Conv -> Mul -> Add`` folds completely):
 
@@ -206,7 +251,9 @@ class FoldAffinePass(RulePass):
     * ``Mul(clamp(layer), s)`` / ``Div(clamp(layer), s)`` with ``s > 0``, the
       clamp a Relu or a Clip with constant bounds -> weight and bias scaled,
       the Clip's bounds too (``clip(conv + 3, 0, 6) / 6`` -> a conv clamped to
-      ``[0, 1]``).
+      ``[0, 1]``);
+    * ``HardSigmoid(layer; alpha, beta)`` -> weight scaled by ``alpha``, bias
+      ``alpha * b + beta``, then ``Clip(0, 1)``.
 
     ``s`` and ``t`` are float constants shaped ``[C,1,1]``, ``[1,C,1,1]``,
     ``[1,C]`` (Gemm) or one element. Preconditions (else left, with the
@@ -222,7 +269,7 @@ class FoldAffinePass(RulePass):
     name = "fold-affine"
 
     def __init__(self) -> None:
-        self.rules = (ScaleIntoLayerRule(), ShiftIntoLayerRule(), ScaleThroughClampRule())
+        self.rules = (ScaleIntoLayerRule(), ShiftIntoLayerRule(), ScaleThroughClampRule(), HardSigmoidIntoLayerRule())
 
 
 def fold_affine(model: ir.Model) -> ReportedPassResult:

@@ -30,6 +30,7 @@ from edgeopt.passes.rules import (
     HardSigmoidMulRule,
     LayerNormRule,
     SiluRule,
+    TanhGeluRule,
 )
 
 __all__ = [
@@ -83,14 +84,15 @@ class FuseActivationsPass(RulePass):
       ``x * HardSigmoid(x)`` -> ``HardSwish`` (opset >= 14; below it the
       first becomes ``x * HardSigmoid(x)``);
     * ``0.5 * x * (1 + erf(x / sqrt(2)))`` -> ``Gelu`` (opset >= 20), else
-      annotated ``gelu``;
+      annotated ``gelu``; ``0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3)))`` ->
+      ``Gelu(approximate="tanh")`` (opset >= 20), else annotated ``gelu_tanh``;
     * ``x * sigmoid(x)`` -> ``Swish`` (opset >= 24), else annotated ``silu``;
     * ``Min(Max(x, a), b)`` (either order, or one alone) with constant bounds -> ``Clip(x, a, b)``,
       ``Max(x, 0)`` -> ``Relu``.
 
     Preconditions (else left, with the reason): every intermediate has only
     the readers the formula gives it and is not a graph output; constants
-    match (3, 0, 6, 1/6, sqrt(2), 0.5, exponent 2); LayerNorm axes are the
+    match (3, 0, 6, 1/6, sqrt(2), 0.5, sqrt(2/pi), 0.044715, exponents 2 and 3); LayerNorm axes are the
     trailing ones with static normalized dims. Below the opset an op needs,
     the pattern is left as is and the reason names the opset; the model's
     opset is never raised. Rewrites the model it is given.
@@ -100,7 +102,7 @@ class FuseActivationsPass(RulePass):
 
     def __init__(self) -> None:
         self.rules = (LayerNormRule(), ClampMinMaxRule(), ClipHardSigmoidRule(), HardSigmoidMulRule(), GeluRule(),
-                      SiluRule())
+                      TanhGeluRule(), SiluRule())
 
 
 def fuse_activations(model: ir.Model) -> ReportedPassResult:

@@ -8,7 +8,7 @@ QLinearGlobalAveragePool, QLinearSigmoid, QLinearLeakyRelu, or the int8
 version of a data-movement op) and the TFLite int8 scheme has the same
 kernel. Everything else stays float and is reported. The microcontroller
 target (:data:`MCU_OP_RULES`) adds the ops the C kernels compute from int8
-(Softmax, Tanh, Elu, HardSigmoid, HardSwish, ReduceMean, GlobalMaxPool, Pad)
+(Softmax, Tanh, Elu, Gelu, HardSigmoid, HardSwish, ReduceMean, GlobalMaxPool, Pad)
 and ConvTranspose, which ONNX Runtime runs in float (it has no integer
 ConvTranspose on the CPU), and drops those it has no kernel for (Gather,
 Slice, Split).
@@ -19,7 +19,7 @@ Roles:
   input 1 a weight (int8 symmetric, per output channel along
   ``weight_axis``), input 2 a bias (int32).
 * ``ARITHMETIC``: inputs and output quantized with their own scales.
-* ``SHARED``: data movement (pooling by max, reshapes, nearest/linear resize,
+* ``SHARED``: data movement (pooling by max, reshapes, nearest resize (also linear on the MCU),
   concatenation, Split and Slice, Gather of rows -- an embedding table is then
   stored in int8; constant Pad on the MCU): the float inputs and the outputs
   share one scale, so the integer kernel copies values without requantizing
@@ -52,11 +52,13 @@ class OpRole(enum.Enum):
 @dataclass(frozen=True, kw_only=True)
 class OpRule:
     """``activation_inputs``: indices of the inputs that get Q/DQ (None: all of them);
-    ``all_outputs``: every output gets one (Split), not only the first."""
+    ``all_outputs``: every output gets one (Split), not only the first; ``modes``: the values of the
+    node's ``mode`` attribute that run in integer (None: any)."""
 
     role: OpRole
     activation_inputs: tuple[int, ...] | None = (0,)
     all_outputs: bool = False
+    modes: frozenset[str] | None = None
 
 
 _WEIGHTED = OpRule(role=OpRole.WEIGHTED)
@@ -82,7 +84,10 @@ OP_RULES: dict[str, OpRule] = {
     "Transpose": _MOVE,
     "Squeeze": _MOVE,
     "Unsqueeze": _MOVE,
-    "Resize": _MOVE,
+    # ONNX Runtime (1.32) runs DQ -> Resize -> Q as an int8 Resize for mode nearest only; a linear one it
+    # interpolates in float between the DQ and the Q, whatever the coordinate_transformation_mode. Kept float,
+    # its output gets a range of its own (+0.1 to +0.6 dB on Conv -> Resize x2 -> Conv), at the same cost.
+    "Resize": OpRule(role=OpRole.SHARED, modes=frozenset({"nearest"})),
     "Slice": _MOVE,
     "Split": OpRule(role=OpRole.SHARED, all_outputs=True),
     "Gather": _MOVE,  # input 0 only (1 holds indices): an embedding table, or attention's q/k/v of qkv
@@ -106,11 +111,13 @@ MCU_OP_RULES: dict[str, OpRule] = {op: rule for op, rule in OP_RULES.items() if 
     "Softmax": _UNARY,
     "Tanh": _UNARY,
     "Elu": _UNARY,
+    "Gelu": _UNARY,
     "HardSigmoid": _UNARY,
     "HardSwish": _UNARY,
     "ReduceMean": _UNARY,
     "GlobalMaxPool": _MOVE,
     "Pad": _MOVE,
+    "Resize": OpRule(role=OpRole.SHARED, modes=frozenset({"nearest", "linear"})),  # TFLite's int8 bilinear
 }
 
 # Ops without a rule of their own on the ORT target that ONNX Runtime still runs as an integer kernel

@@ -6,10 +6,11 @@ from edgeopt.passes.rules.activations import (
     PATTERN_KEY,
     ClampMinMaxRule,
     ClipHardSigmoidRule,
-    GeluRule,
     HardSigmoidMulRule,
     SiluRule,
+    clip_node,
 )
+from edgeopt.passes.rules.gelu import GeluRule, TanhGeluRule
 from edgeopt.passes.rules.layer_norm import LayerNormRule
 
 __all__ = [
@@ -20,4 +21,6 @@ __all__ = [
     "HardSigmoidMulRule",
     "LayerNormRule",
     "SiluRule",
+    "TanhGeluRule",
+    "clip_node",
 ]

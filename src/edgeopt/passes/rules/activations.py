@@ -8,8 +8,7 @@
 * SiLU ``x * sigmoid(x)``: ONNX has ``Swish`` only from opset 24, so below
   that the nodes are annotated (``metadata_props["edgeopt.pattern"] =
   "silu"``) for the quantizer, not rewritten;
-* GELU ``0.5 * x * (1 + erf(x / sqrt(2)))`` (also ``x * 0.7071``): ``Gelu``
-  from opset 20, annotated ``"gelu"`` below that;
+* GELU (:mod:`edgeopt.passes.rules.gelu`);
 * clamps written with constants ``Min(Max(x, a), b)`` (either order), ``Max(x,
   a)``, ``Min(x, b)`` (TensorFlow's ``minimum``/``maximum``, ``torch.maximum``):
   ``Clip(x, a, b)``, and ``Max(x, 0)`` ``Relu``, which a quantized Conv applies
@@ -29,8 +28,8 @@ from edgeopt.passes._matching import (
     ProductChain,
     clip_bounds,
     follow_product,
+    is_close,
     is_op,
-    other_input,
     producer_op,
     scalar,
     sole_consumer,
@@ -41,17 +40,16 @@ __all__ = [
     "PATTERN_KEY",
     "ClampMinMaxRule",
     "ClipHardSigmoidRule",
-    "GeluRule",
     "HardSigmoidMulRule",
     "SiluRule",
     "annotate",
+    "clip_node",
 ]
 
 #: Node metadata key naming the activation a group of nodes computes.
 PATTERN_KEY = "edgeopt.pattern"
 
 HARDSWISH_OPSET = 14
-GELU_OPSET = 20
 SWISH_OPSET = 24
 
 
@@ -67,10 +65,6 @@ def _is_annotated(node: ir.Node) -> bool:
 def _fuse(context: RuleContext, old_nodes: tuple[ir.Node, ...], chain: ProductChain, new: ir.Node) -> str:
     eir.replace_nodes(context.graph, old_nodes, chain.output, [new])
     return f"fused into {new.op_type}"
-
-
-def _close(number: float | None, expected: float, rel_tol: float = 1e-6) -> bool:
-    return number is not None and math.isclose(number, expected, rel_tol=rel_tol)
 
 
 @dataclasses.dataclass
@@ -93,7 +87,7 @@ class ClipHardSigmoidRule(Rule):
         if add is None:
             return None
         for x, three in (add.inputs, reversed(add.inputs)):
-            if _close(scalar(three), 3.0) and scalar(x) is None:
+            if is_close(scalar(three), 3.0) and scalar(x) is None:
                 return _ClipMatch(nodes=(add, node), add=add, clip=node, x=x)
         return None
 
@@ -101,7 +95,7 @@ class ClipHardSigmoidRule(Rule):
         bounds = clip_bounds(match.clip)
         if bounds is None:
             return "Clip bounds are not constants"
-        if bounds[0] != 0 or not _close(bounds[1], 6.0):
+        if bounds[0] != 0 or not is_close(bounds[1], 6.0):
             return f"Clip bounds are {bounds}, not (0, 6)"
         if sole_consumer(match.add.outputs[0]) is not match.clip:
             return "x + 3 has other readers"
@@ -145,7 +139,7 @@ class HardSigmoidMulRule(Rule):
     def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
         alpha = node.attributes.get_float("alpha", 0.2)
         beta = node.attributes.get_float("beta", 0.5)
-        if not (_close(alpha, 1 / 6, 1e-5) and _close(beta, 0.5)):
+        if not (is_close(alpha, 1 / 6, 1e-5) and is_close(beta, 0.5)):
             return None
         chain = follow_product(node.outputs[0], node.inputs[0], 1.0)
         return _ChainMatch(nodes=(node, *chain.nodes), head=node, chain=chain) if chain else None
@@ -178,62 +172,6 @@ class SiluRule(Rule):
             return _fuse(context, match.nodes, match.chain, new)
         annotate(match.nodes, "silu")
         return f"annotated as silu (Swish needs opset >= {SWISH_OPSET}, model has {context.opset})"
-
-
-@dataclasses.dataclass
-class _GeluMatch(Match):
-    scale: ir.Node
-    erf: ir.Node
-    add: ir.Node
-    x: ir.Value
-    chain: ProductChain | None = None
-
-
-def _erf_argument(erf: ir.Node) -> tuple[ir.Node, ir.Value] | None:
-    """``erf(x / sqrt(2))`` or ``erf(x * (1 / sqrt(2)))``: (that Div/Mul, x)."""
-    scale = producer_op(erf.inputs[0], "Div", "Mul")
-    if scale is None or sole_consumer(erf.inputs[0]) is not erf:
-        return None
-    for x, constant in ((scale.inputs[0], scale.inputs[1]), (scale.inputs[1], scale.inputs[0])):
-        number = scalar(constant)
-        expected = math.sqrt(2) if scale.op_type == "Div" else 1 / math.sqrt(2)
-        if _close(number, expected, 1e-3) and scalar(x) is None:
-            return scale, x
-        if scale.op_type == "Div":
-            break
-    return None
-
-
-class GeluRule(Rule):
-    """``0.5 * x * (1 + erf(x / sqrt(2)))`` -> Gelu (opset >= 20), else annotated ``gelu``."""
-
-    name = "gelu"
-    anchor_ops = frozenset({"Erf"})
-
-    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
-        argument = _erf_argument(node)
-        add = sole_consumer(node.outputs[0])
-        if argument is None or _is_annotated(node) or add is None or add.op_type != "Add":
-            return None
-        if not _close(scalar(other_input(add, node.outputs[0])), 1.0):
-            return None
-        scale, x = argument
-        return _GeluMatch(nodes=(scale, node, add), scale=scale, erf=node, add=add, x=x)
-
-    def check(self, match: _GeluMatch, context: RuleContext) -> str | None:
-        match.chain = follow_product(match.add.outputs[0], match.x, 0.5)
-        if match.chain is None:
-            return "1 + erf(x / sqrt(2)) is not multiplied by 0.5 * x"
-        match.nodes = (match.scale, match.erf, match.add, *match.chain.nodes)
-        return None
-
-    def rewrite(self, match: _GeluMatch, context: RuleContext) -> str:
-        nodes = match.nodes
-        if context.opset >= GELU_OPSET:
-            new = ir.node("Gelu", [match.x], name=f"{eir.node_label(match.erf)}_Gelu")
-            return _fuse(context, nodes, match.chain, new)
-        annotate(nodes, "gelu")
-        return f"annotated as gelu (Gelu needs opset >= {GELU_OPSET}, model has {context.opset})"
 
 
 @dataclasses.dataclass
@@ -302,13 +240,18 @@ class ClampMinMaxRule(Rule):
         label = eir.node_label(last)
         if match.relu:
             new = ir.node("Relu", [match.x], name=f"{label}_Relu")
-        # both bounds given, an open one as inf: Clip's default bounds are the type's largest finite
-        # numbers, which would turn an inf that Min/Max pass through into FLT_MAX
-        elif context.opset < 11:
-            new = ir.node("Clip", [match.x], {"min": match.low, "max": match.high}, name=f"{label}_Clip")
         else:
-            bounds = [eir.add_initializer(context.graph, np.array(value, dtype=match.bound_dtype), f"{label}_{key}")
-                      for key, value in (("min", match.low), ("max", match.high))]
-            new = ir.node("Clip", [match.x, *bounds], name=f"{label}_Clip")
+            new = clip_node(context, match.x, (match.low, match.high), dtype=match.bound_dtype, label=label)
         eir.replace_nodes(context.graph, match.nodes, last.outputs[0], [new])
         return f"rewritten as {new.op_type}"
+
+
+def clip_node(context: RuleContext, x: ir.Value, bounds: tuple[float, float], *, dtype, label: str) -> ir.Node:
+    """``Clip(x, low, high)`` named ``{label}_Clip``: bounds as attributes before opset 11, else as ``dtype``
+    initializers (both given: an open one as inf, since Clip's default bounds are the type's largest finite
+    numbers, which would turn an inf that Min/Max pass through into FLT_MAX)."""
+    if context.opset < 11:
+        return ir.node("Clip", [x], {"min": bounds[0], "max": bounds[1]}, name=f"{label}_Clip")
+    constants = [eir.add_initializer(context.graph, np.array(value, dtype=dtype), f"{label}_{key}")
+                 for key, value in zip(("min", "max"), bounds)]
+    return ir.node("Clip", [x, *constants], name=f"{label}_Clip")

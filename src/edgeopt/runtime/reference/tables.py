@@ -25,8 +25,13 @@ __all__ = ["lut_params", "nearest_indices", "softmax_params"]
 
 
 def _gelu(x: np.ndarray, node: ir.Node) -> np.ndarray:
-    erf = np.vectorize(math.erf)
-    return (0.5 * x * (1.0 + erf(x.astype(np.float64) / math.sqrt(2.0)))).astype(np.float32)
+    """Gelu, exact or (``approximate="tanh"``) ``0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3)))``."""
+    wide = x.astype(np.float64)
+    if node.attributes.get_string("approximate", "none") == "tanh":
+        gate = np.tanh(math.sqrt(2.0 / math.pi) * (wide + 0.044715 * wide ** 3))
+    else:
+        gate = np.vectorize(math.erf)(wide / math.sqrt(2.0))
+    return (0.5 * wide * (1.0 + gate)).astype(np.float32)
 
 
 def _unary(node: ir.Node, x: np.ndarray) -> np.ndarray:
