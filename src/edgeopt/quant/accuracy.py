@@ -13,7 +13,8 @@ output, i.e. the decibels of fidelity lost inside that node. The node with the
 largest damage goes back to float and the next round starts. The loop ends
 when the goal is met, the time budget would be exceeded by another round, or
 no quantized node is left; the best model seen is returned either way, with
-every step and its reason.
+every step and its reason. The float side of every round's comparison is the
+same: the float model runs once per sample (:class:`FloatReference`).
 
 Once the goal is met with several nodes back in float, each of them is tried
 in int8 again, earliest first (a node that looked worst early may have changed
@@ -40,6 +41,7 @@ from edgeopt.quant.calibration_memo import CalibrationMemo
 from edgeopt.quant.compare import CompareResult, compare_models
 from edgeopt.quant.compare_matching import carried_value, fused_chain, quantized_input_names
 from edgeopt.quant.config import Int8Config
+from edgeopt.quant.float_reference import FloatReference
 from edgeopt.quant.int8 import quantize_int8
 from edgeopt.quant.ops import is_qdq_op
 from edgeopt.quant.model_checks import check_exclude, vanished_excludes
@@ -262,13 +264,15 @@ class _Search:
         self.base, self.config, self.data, self.goal, self.evaluate = base, config, data, goal, evaluate
         self.started = time.monotonic()
         self.memo = CalibrationMemo()  # the rounds differ only in what is excluded: one calibration serves them
+        self.float_reference = FloatReference(base)  # and the float side of every round's comparison is the same
 
     def quantize(self, excluded: tuple[str, ...]) -> QuantResult:
         config = replace(self.config, exclude=tuple(dict.fromkeys(self.config.exclude + excluded)))
         return quantize_int8(self.base.clone(), config, self.data, memo=self.memo)
 
     def compare(self, quant_model: ir.Model) -> CompareResult:
-        return compare_models(self.base, quant_model, self.data, max_samples=FIDELITY_SAMPLES)
+        return compare_models(self.base, quant_model, self.data, max_samples=FIDELITY_SAMPLES,
+                              float_reference=self.float_reference)
 
     def score(self, quant_model: ir.Model, comparison: CompareResult) -> float:
         if self.evaluate is not None:
