@@ -407,14 +407,18 @@ def quantize(
                                   check_speed=speed_check, progress=update)
         except Interrupted as stop:  # the best model found so far, written: shown, then the stop goes on
             report = stop.partial
-    if report.interrupted:
-        if not json_output:  # under --json the entry point prints the report with the error
-            _render_quantize(report)
-        raise InterruptedAfterWriting(_kept_text(report), report.to_dict())
-    if json_output:
+    _show_quantize(report, json_output)
+
+
+def _show_quantize(report: api.QuantizeReport, json_output: bool) -> None:
+    """The report, as JSON or tables, and the exit of a search interrupted or whose goal was missed (under
+    --json, the entry point prints an interrupted search's report, with the error)."""
+    if json_output and not report.interrupted:
         print_json(report.to_dict())
-    else:
+    elif not json_output:
         _render_quantize(report)
+    if report.interrupted:
+        raise InterruptedAfterWriting(_kept_text(report), report.to_dict())
     if report.search is not None and not report.search.met:  # the best model found is written all the same
         raise typer.Exit(GOAL_MISSED)
 
