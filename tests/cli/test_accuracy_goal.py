@@ -314,3 +314,21 @@ def test_sigint_during_a_round_writes_the_best_model_and_exits_130(tmp_path, eva
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
     assert "error: interrupted: the best model found so far is written to" in stderr
     assert json.loads((tmp_path / "q.report.json").read_text())["accuracy_search"]["interrupted"] is True
+
+
+def test_ctrl_c_in_the_checks_after_a_search_writes_its_model_without_them(tmp_path, monkeypatch):
+    import importlib
+
+    api_quantize = importlib.import_module("edgeopt.api.quantize")  # the module: the package names the function
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api_quantize, "_fidelity", interrupted)
+    with pytest.raises(edgeopt.Interrupted) as stopped:
+        edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), np.load(demo_calibration_path())[:32],
+                         output=tmp_path / "q.onnx", goal=edgeopt.AccuracyGoal(min_sqnr_db=0.0), check_speed=False)
+    search = stopped.value.partial.search
+    assert search.met and search.interrupted and search.stopped_because.endswith("; then interrupted")
+    written = json.loads((tmp_path / "q.report.json").read_text())
+    assert written["fidelity"] is None and written["accuracy_search"]["interrupted"] is True

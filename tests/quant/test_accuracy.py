@@ -339,3 +339,23 @@ def test_the_float_model_runs_once_per_sample_for_all_rounds_with_the_same_outco
     assert search.best_excluded == every_round.best_excluded
     assert [step.next_node for step in search.steps] == [step.next_node for step in every_round.steps]
     assert model_to_bytes(search.result.model) == model_to_bytes(every_round.result.model)
+
+
+def test_ctrl_c_while_retrying_nodes_in_int8_keeps_the_goal_meeting_model():
+    from edgeopt.errors import Interrupted
+
+    scores = iter([100.0, 50.0, 60.0, 100.0])  # the float model, then rounds 0-2: round 2 meets the goal
+
+    def evaluate(model):
+        score = next(scores, None)
+        if score is None:  # retrying the first node returned in int8
+            raise KeyboardInterrupt
+        return score
+
+    with pytest.raises(Interrupted) as stopped:
+        accuracy_aware_quantize(_conv_classifier(), Int8Config(), batches((1, 3, 8, 8), 16),
+                                AccuracyGoal(max_drop=1.0), evaluate=evaluate)
+    search = stopped.value.partial
+    assert search.interrupted and search.met and len(search.best_excluded) == 2 and len(search.steps) == 3
+    assert search.stopped_because == ("goal met (accuracy drop <= 1), then interrupted after 3 rounds while "
+                                      "retrying in int8 the nodes returned to float")
