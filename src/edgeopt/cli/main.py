@@ -4,6 +4,7 @@ Exit codes: 0 success; 1-7 an :class:`EdgeoptError` (its ``exit_code``);
 2 also for a command-line usage error (Typer's own); 8 an accuracy goal of
 ``quantize`` not met (the best model found is written); 70 an internal error (a
 bug, whose traceback ``--debug`` shows); 130 interrupted; 143 terminated (SIGTERM).
+Under ``--json`` every error is also ``{"error": {"message": ..., "exit_code": ...}}`` on stdout.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from rich.text import Text
 
 from edgeopt.cli import INTERRUPTED, InterruptedAfterWriting, state
 from edgeopt.cli.app import app
+from edgeopt.cli.render import print_json
 from edgeopt.errors import EdgeoptError
 
 __all__ = ["main"]
@@ -35,8 +37,6 @@ def _fail(message: str, code: int, *, as_json: bool, result: dict | None = None)
 def _print_error_json(message: str, code: int, result: dict | None = None) -> None:
     """Under --json, an error is a JSON object on stdout too: ``{"error": {"message", "exit_code"}}``,
     after the keys of what was done before it (the report of an interrupted accuracy search)."""
-    from edgeopt.cli.render import print_json
-
     print_json({**(result or {}), "error": {"message": message, "exit_code": code}})
 
 
