@@ -46,3 +46,11 @@ def test_tensors_beyond_the_bound_are_computed_again_and_a_new_name_rebuilds():
     assert reference.runs == 6
     reference.run(feeds[0], ["conv1"])
     assert reference.runs == 6
+
+
+def test_string_samples_are_known_by_their_text():
+    from edgeopt.quant.float_reference import _fingerprint
+
+    first, second = np.array(["a", "b"], dtype=object), np.array(["a", "c"], dtype=object)
+    assert _fingerprint({"text": first}) == _fingerprint({"text": first.copy()})
+    assert _fingerprint({"text": first}) != _fingerprint({"text": second})

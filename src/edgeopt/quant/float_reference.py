@@ -33,9 +33,10 @@ def _fingerprint(feed: Mapping[str, np.ndarray]) -> bytes:
     """A digest of the sample's names, dtypes, shapes and values."""
     digest = hashlib.blake2b(digest_size=16)
     for name in sorted(feed):
-        array = np.ascontiguousarray(feed[name])
+        array = np.asarray(feed[name])
         digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
-        digest.update(array.tobytes() if array.dtype.hasobject else memoryview(array).cast("B"))
+        # strings (an object array's bytes would be its pointers) by their text
+        digest.update("\0".join(map(str, array.flat)).encode() if array.dtype.hasobject else array.tobytes())
     return digest.digest()
 
 
