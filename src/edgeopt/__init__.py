@@ -27,6 +27,7 @@ _EXPORTS = {
     "AccuracyGoal": "edgeopt.quant.accuracy",
     "BenchConfig": "edgeopt.bench",
     "ImagePreprocess": "edgeopt.data",
+    "Interrupted": "edgeopt.errors",
     **dict.fromkeys(("CalibrationMethod", "Int8Config", "PerBlock", "PerChannel", "PerTensor", "Target"),
                     "edgeopt.quant.config"),
     **dict.fromkeys(("Bf16Config", "Fp16Config"), "edgeopt.quant.float16"),
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # the names for type checkers and IDEs
     from edgeopt.api import bench, compare, compile_model, from_torch, inspect, load, quantize, run, verify
     from edgeopt.bench import BenchConfig
     from edgeopt.data import ImagePreprocess
+    from edgeopt.errors import Interrupted
     from edgeopt.quant.accuracy import AccuracyGoal
     from edgeopt.quant.config import CalibrationMethod, Int8Config, PerBlock, PerChannel, PerTensor, Target
     from edgeopt.quant.float16 import Bf16Config, Fp16Config

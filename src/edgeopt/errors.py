@@ -3,6 +3,7 @@
 Every error a user can cause (a bad file, bad data, a bad option, an op we do
 not support) is an :class:`EdgeoptError`. The CLI prints its message on one
 line and exits non-zero; any other exception is a bug in edgeopt.
+:class:`Interrupted` is no error but a Ctrl-C that kept what was done.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ __all__ = [
     "UnsupportedOpError",
     "PassError",
     "CodegenError",
+    "Interrupted",
 ]
 
 
@@ -65,3 +67,16 @@ class CodegenError(EdgeoptError):
     """Code generation refused the model or failed to build it."""
 
     exit_code = 7
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during a long search, once it had a result: ``partial`` is what the function
+    interrupted returns, built from the work done so far (and written to its output, when it has one).
+
+    A KeyboardInterrupt, so a script stops as on any Ctrl-C; ``except edgeopt.Interrupted as stop``
+    takes ``stop.partial`` instead.
+    """
+
+    def __init__(self, partial: object) -> None:
+        super().__init__("interrupted")
+        self.partial = partial

@@ -209,3 +209,126 @@ def test_scores_are_shown_to_the_resolution_of_the_drop_accepted():
     assert edgeopt.AccuracyGoal(max_drop=1.0).score_text(97.5556) == "97.556"
     assert edgeopt.AccuracyGoal(min_sqnr_db=30.0).score_text(33.7716) == "33.772"
     assert edgeopt.AccuracyGoal(max_drop=0.0).score_text(0.97555) == "0.976"
+
+
+def _scores_then_ctrl_c(at_call):
+    """An evaluate(path) scoring the float model 100 and every quantized one 50, pressed Ctrl-C on call
+    ``at_call`` (call 1 scores the float model, call 2 round 0, ...)."""
+    calls = []
+
+    def evaluate(path):
+        calls.append(path)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return 100.0 if len(calls) == 1 else 50.0
+
+    return evaluate
+
+
+def test_ctrl_c_in_the_search_writes_the_best_model_so_far_and_raises_interrupted_with_its_report(tmp_path):
+    # Ctrl-C twenty minutes into a search discarded every round: the best one is written, its report
+    # saying the search was interrupted and the goal missed, and the stop goes on as a KeyboardInterrupt
+    out = tmp_path / "q.onnx"
+    with pytest.raises(edgeopt.Interrupted) as stopped:
+        edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), np.load(demo_calibration_path())[:32],
+                         output=out, goal=edgeopt.AccuracyGoal(max_drop=1.0), evaluate=_scores_then_ctrl_c(3))
+    assert isinstance(stopped.value, KeyboardInterrupt)
+    report = stopped.value.partial
+    assert report.interrupted and report.fidelity is None and report.speed is None
+    assert len(report.search.steps) == 1 and report.search.best_excluded == () and not report.search.met
+    written = json.loads((tmp_path / "q.report.json").read_text())
+    search = written["accuracy_search"]
+    assert search["interrupted"] and search["stopped_because"] == "interrupted after 1 round" and not search["met"]
+    assert "fidelity and speed checks skipped: interrupted" in written["warnings"]
+    assert edgeopt.load(out).graph.num_nodes() == report.model.graph.num_nodes()
+
+
+def test_ctrl_c_before_a_round_was_scored_writes_nothing(tmp_path):
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), np.load(demo_calibration_path())[:32],
+                         output=tmp_path / "q.onnx", goal=edgeopt.AccuracyGoal(max_drop=1.0),
+                         evaluate=_scores_then_ctrl_c(2))
+    assert not isinstance(stopped.value, edgeopt.Interrupted)
+    assert list(tmp_path.iterdir()) == []
+
+
+CTRL_C_ON_CALL_3 = textwrap.dedent('''
+    calls = 0
+
+    def stops(path):
+        global calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt
+        return 100.0 if calls == 1 else 50.0
+''')
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_ctrl_c_in_the_search_exits_130_saying_where_the_best_model_is(cli, tmp_path, as_json):
+    evals = tmp_path / f"stops_{int(as_json)}.py"
+    evals.write_text(CTRL_C_ON_CALL_3)
+    result = cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", tmp_path / "q.onnx",
+                 "--eval", f"{evals}:stops", "--max-drop", "1", "--no-speed-check", *(["--json"] if as_json else []))
+    assert_one_line_error(result, f"interrupted: the best model found so far is written to {tmp_path / 'q.onnx'} "
+                                  "(goal accuracy drop <= 1 not met, score 50.000, 0 node(s) back in float)")
+    assert result.code == 130 and (tmp_path / "q.onnx").exists()
+    if as_json:  # the report, with the error
+        report = json.loads(result.stdout)
+        assert report["error"]["exit_code"] == 130 and report["error"]["message"].startswith("interrupted: ")
+        assert report["accuracy_search"]["interrupted"] is True
+    else:
+        assert "interrupted after 1 round" in result.stdout
+
+
+def test_sigint_during_a_round_writes_the_best_model_and_exits_130(tmp_path, evals):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    evals.write_text(textwrap.dedent(f'''
+        import time
+
+        calls = 0
+
+        def slow(path):
+            global calls
+            calls += 1
+            if calls == 3:  # round 1: round 0 was scored
+                open({str(tmp_path / "started")!r}, "w").close()
+                time.sleep(60)
+            return 100.0 if calls == 1 else 50.0
+    '''))
+    # Python's own SIGINT handler: a process started in the background inherits SIGINT ignored
+    command = [sys.executable, "-c", "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+               "from edgeopt.cli import main; main()", "quantize", str(demo_model_path()),
+               "--data", str(demo_calibration_path()), "-o", str(tmp_path / "q.onnx"), "--eval", f"{evals}:slow",
+               "--max-drop", "1", "--no-speed-check"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "error: interrupted: the best model found so far is written to" in stderr
+    assert json.loads((tmp_path / "q.report.json").read_text())["accuracy_search"]["interrupted"] is True
+
+
+def test_ctrl_c_in_the_checks_after_a_search_writes_its_model_without_them(tmp_path, monkeypatch):
+    import importlib
+
+    api_quantize = importlib.import_module("edgeopt.api.quantize")  # the module: the package names the function
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api_quantize, "_fidelity", interrupted)
+    with pytest.raises(edgeopt.Interrupted) as stopped:
+        edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), np.load(demo_calibration_path())[:32],
+                         output=tmp_path / "q.onnx", goal=edgeopt.AccuracyGoal(min_sqnr_db=0.0), check_speed=False)
+    search = stopped.value.partial.search
+    assert search.met and search.interrupted and search.stopped_because.endswith("; then interrupted")
+    written = json.loads((tmp_path / "q.report.json").read_text())
+    assert written["fidelity"] is None and written["accuracy_search"]["interrupted"] is True

@@ -309,3 +309,53 @@ def test_the_search_s_notes_are_those_of_a_fresh_quantization_when_a_float_pass_
     search = accuracy_aware_quantize(model, config, data, AccuracyGoal(min_sqnr_db=0.0))
     assert any(note.startswith("float passes: 1 rewrite(s)") for note in plain.notes)
     assert search.result.notes == plain.notes
+
+
+def test_the_float_model_runs_once_per_sample_for_all_rounds_with_the_same_outcome(tmp_path, monkeypatch):
+    # Each round ran the float model again on the measurement data, to compare the round's model with
+    # tensors that are the same every round: one run per sample serves all the rounds, which return the
+    # same nodes to float and write the same bytes as when every round ran it.
+    from edgeopt.io import load_model, model_to_bytes
+    from edgeopt.quant import accuracy
+    from edgeopt.quant.float_reference import FloatReference
+    from tests.models import build_onnx
+
+    model = load_model(build_onnx("mobilenet_v2", tmp_path))
+    shape = [d if isinstance(d, int) else 1 for d in model.graph.inputs[0].shape]
+    rng = np.random.default_rng(0)
+    data = [{model.graph.inputs[0].name: rng.standard_normal(shape).astype(np.float32)} for _ in range(12)]
+    goal = AccuracyGoal(min_sqnr_db=200.0, max_float_nodes=3)
+    references = []
+
+    def kept(base):
+        references.append(FloatReference(base))
+        return references[-1]
+
+    monkeypatch.setattr(accuracy, "FloatReference", kept)
+    search = accuracy_aware_quantize(model, Int8Config(), data, goal)
+    monkeypatch.setattr(accuracy, "FloatReference", lambda base: None)  # every round runs the float model
+    every_round = accuracy_aware_quantize(model, Int8Config(), data, goal)
+    assert len(search.steps) == 4 and references[0].runs == len(data)
+    assert search.best_excluded == every_round.best_excluded
+    assert [step.next_node for step in search.steps] == [step.next_node for step in every_round.steps]
+    assert model_to_bytes(search.result.model) == model_to_bytes(every_round.result.model)
+
+
+def test_ctrl_c_while_retrying_nodes_in_int8_keeps_the_goal_meeting_model():
+    from edgeopt.errors import Interrupted
+
+    scores = iter([100.0, 50.0, 60.0, 100.0])  # the float model, then rounds 0-2: round 2 meets the goal
+
+    def evaluate(model):
+        score = next(scores, None)
+        if score is None:  # retrying the first node returned in int8
+            raise KeyboardInterrupt
+        return score
+
+    with pytest.raises(Interrupted) as stopped:
+        accuracy_aware_quantize(_conv_classifier(), Int8Config(), batches((1, 3, 8, 8), 16),
+                                AccuracyGoal(max_drop=1.0), evaluate=evaluate)
+    search = stopped.value.partial
+    assert search.interrupted and search.met and len(search.best_excluded) == 2 and len(search.steps) == 3
+    assert search.stopped_because == ("goal met (accuracy drop <= 1), then interrupted after 3 rounds while "
+                                      "retrying in int8 the nodes returned to float")

@@ -17,7 +17,7 @@ from edgeopt import ir as eir
 from edgeopt.api._common import (ModelSource, Progress, check_flag, check_path, check_type, load, logged_warnings,
                                  model_source)
 from edgeopt.data import ImagePreprocess, batch_rows
-from edgeopt.errors import ConfigError, DataError, EdgeoptError, OutputError
+from edgeopt.errors import ConfigError, DataError, EdgeoptError, Interrupted, OutputError
 from edgeopt.io import (FILE_BYTES_KEY, atomic_write_files, check_writable, model_file_bytes, model_files,
                         model_to_bytes)
 from edgeopt.metrics import count_of, json_text
@@ -63,6 +63,11 @@ class QuantizeReport:
     @property
     def model(self) -> ir.Model:
         return self.result.model
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether a Ctrl-C stopped the accuracy search (or the checks after it): the model is its best so far."""
+        return self.search is not None and self.search.interrupted
 
     def to_dict(self) -> dict:
         result = self.result
@@ -207,6 +212,14 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     ``max_drop`` goal; output SQNR on the calibration data for ``min_sqnr_db``).
     Warnings logged on the way (an integer input cast to float ...) are in
     the report's ``warnings`` too.
+
+    A Ctrl-C (KeyboardInterrupt) in the search once a round has been scored,
+    or in the checks after it, writes the best model found so far to
+    ``output`` with its report (``report.interrupted``, the search's
+    ``stopped_because`` says so, the checks not run) and raises
+    :class:`edgeopt.Interrupted`, a KeyboardInterrupt whose ``partial`` is
+    that report. Before that, the KeyboardInterrupt goes on as it came, and
+    nothing is written.
     """
     model = model_source(model)
     _check_config(config, data)
@@ -249,8 +262,11 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
     _check_goal(config, data, goal, evaluate)
     search = None
     if goal is not None:
-        search = accuracy_aware_quantize(loaded, config, source, goal, evaluate=_evaluator(evaluate),
-                                         progress=progress)
+        try:
+            search = accuracy_aware_quantize(loaded, config, source, goal, evaluate=_evaluator(evaluate),
+                                             progress=progress)
+        except Interrupted as stop:  # the best model found so far is written all the same, then the stop goes on
+            search = stop.partial
         result = search.result
     else:
         from edgeopt.quant import quantize as run_scheme
@@ -263,20 +279,9 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
             loaded = None
     quant_bytes = model_to_bytes(result.model, value_info=False)  # inferable annotations: size only
     warnings = _result_warnings(config, result, search, source)
-    reiterable = data is not None and not isinstance(data, Iterator)
-    if check_fidelity and not reiterable and data is not None:
-        warnings.append("fidelity check skipped: the calibration data was a one-shot iterator, already read "
-                        "(pass a list, a re-iterable, a folder or a file to have it measured)")
-    if loaded is None and ((check_fidelity and reiterable) or check_speed):
-        loaded = load(model, require_static=False)
-    fidelity = (_fidelity(loaded, result.model, data, preprocess, max_samples)
-                if check_fidelity and reiterable else None)
-    if fidelity is not None:
-        warnings.extend(_fidelity_warnings(result, fidelity))
-    speed = None
-    if check_speed:
-        speed, skipped = _speed_check(loaded, result, data if reiterable else None, preprocess)
-        warnings.extend(skipped)
+    checks = _Checks(model=model, loaded=loaded, data=data, preprocess=preprocess, max_samples=max_samples,
+                     fidelity=check_fidelity, speed=check_speed)
+    fidelity, speed, search = _checked(checks, result, search, warnings)
     report = QuantizeReport(result=result, output=Path(output) if output is not None else None,
                             float_bytes=float_bytes, quant_bytes=len(quant_bytes),
                             calibration_samples=source.samples if source is not None else 0,
@@ -286,7 +291,62 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
     if output is not None:  # written last: an error in the checks above leaves nothing behind
         # the artifact ships with its measured numbers: both files are replaced, or neither
         atomic_write_files([(output, quant_bytes), (report_path(output), json_text(report.to_dict()).encode())])
+    if report.interrupted:
+        raise Interrupted(report)
     return report
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Checks:
+    """What the checks after quantizing measure on, and which of them run."""
+
+    model: ModelSource
+    loaded: ir.Model | None  # None: freed by the scheme, loaded again from ``model``
+    data: object
+    preprocess: ImagePreprocess | None
+    max_samples: int | None
+    fidelity: bool
+    speed: bool
+
+
+def _checked(checks: _Checks, result: QuantResult, search: AccuracySearch | None,
+             warnings: list[str]) -> tuple[CompareResult | None, SpeedCheck | None, AccuracySearch | None]:
+    """The fidelity and speed checks, with their warnings added to ``warnings``; none after an interrupted
+    search, and a Ctrl-C in them after a search ends them (the search, then said to be interrupted)."""
+    interrupted = "fidelity and speed checks skipped: interrupted"
+    if search is not None and search.interrupted:
+        warnings.append(interrupted)
+        return None, None, search
+    try:
+        return (*_checks(checks, result, warnings), search)
+    except KeyboardInterrupt:
+        if search is None:
+            raise
+        warnings.append(interrupted)
+        return None, None, dataclasses.replace(search, interrupted=True,
+                                               stopped_because=f"{search.stopped_because}; then interrupted")
+
+
+def _checks(checks: _Checks, result: QuantResult,
+            warnings: list[str]) -> tuple[CompareResult | None, SpeedCheck | None]:
+    """Fidelity to the float model on the data (when it can be read again) and float vs quantized speed."""
+    data = checks.data
+    reiterable = data is not None and not isinstance(data, Iterator)
+    if checks.fidelity and not reiterable and data is not None:
+        warnings.append("fidelity check skipped: the calibration data was a one-shot iterator, already read "
+                        "(pass a list, a re-iterable, a folder or a file to have it measured)")
+    loaded = checks.loaded
+    if loaded is None and ((checks.fidelity and reiterable) or checks.speed):
+        loaded = load(checks.model, require_static=False)
+    fidelity = (_fidelity(loaded, result.model, data, checks.preprocess, checks.max_samples)
+                if checks.fidelity and reiterable else None)
+    if fidelity is not None:
+        warnings.extend(_fidelity_warnings(result, fidelity))
+    speed = None
+    if checks.speed:
+        speed, skipped = _speed_check(loaded, result, data if reiterable else None, checks.preprocess)
+        warnings.extend(skipped)
+    return fidelity, speed
 
 
 def _check_request(model: ModelSource, config: object, data, *, output, preprocess, max_samples,

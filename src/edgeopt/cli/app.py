@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from edgeopt import __version__, api  # api's functions, and ONNX with them, load when a command runs
-from edgeopt.cli import state
+from edgeopt.cli import InterruptedAfterWriting, state
 from edgeopt.cli.render import bytes_text, count_of, count_text, in_batches, print_json, progress_bar, table
-from edgeopt.errors import ConfigError, DataError
+from edgeopt.errors import ConfigError, DataError, Interrupted
 
 if TYPE_CHECKING:
     import numpy as np
@@ -401,15 +401,34 @@ def quantize(
     # under --json, stdout is the report alone: what --eval or --data code prints goes to stderr
     quiet = contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext()
     with progress_bar("calibrating" if goal is None else "accuracy search") as update, quiet:
-        report = api.quantize(model, config, data, output=output, max_samples=max_samples, goal=goal,
-                              evaluate=evaluate, preprocess=parse_preprocess(preprocess),
-                              check_speed=speed_check, progress=update)
-    if json_output:
+        try:
+            report = api.quantize(model, config, data, output=output, max_samples=max_samples, goal=goal,
+                                  evaluate=evaluate, preprocess=parse_preprocess(preprocess),
+                                  check_speed=speed_check, progress=update)
+        except Interrupted as stop:  # the best model found so far, written: shown, then the stop goes on
+            report = stop.partial
+    _show_quantize(report, json_output)
+
+
+def _show_quantize(report: api.QuantizeReport, json_output: bool) -> None:
+    """The report, as JSON or tables, and the exit of a search interrupted or whose goal was missed (under
+    --json, the entry point prints an interrupted search's report, with the error)."""
+    if json_output and not report.interrupted:
         print_json(report.to_dict())
-    else:
+    elif not json_output:
         _render_quantize(report)
+    if report.interrupted:
+        raise InterruptedAfterWriting(_kept_text(report), report.to_dict())
     if report.search is not None and not report.search.met:  # the best model found is written all the same
         raise typer.Exit(GOAL_MISSED)
+
+
+def _kept_text(report: api.QuantizeReport) -> str:
+    """What an interrupted accuracy search kept: where its best model went, and how good it is."""
+    search = report.search
+    met = "met" if search.met else "not met"
+    return (f"the best model found so far is written to {report.output} (goal {search.goal.describe()} {met}, "
+            f"score {search.goal.score_text(search.best_score)}, {len(search.best_excluded)} node(s) back in float)")
 
 
 def _seconds(text: str) -> float:

@@ -4,6 +4,7 @@ Exit codes: 0 success; 1-7 an :class:`EdgeoptError` (its ``exit_code``);
 2 also for a command-line usage error (Typer's own); 8 an accuracy goal of
 ``quantize`` not met (the best model found is written); 70 an internal error (a
 bug, whose traceback ``--debug`` shows); 130 interrupted; 143 terminated (SIGTERM).
+Under ``--json`` every error is also ``{"error": {"message": ..., "exit_code": ...}}`` on stdout.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import sys
 
 from rich.text import Text
 
-from edgeopt.cli import INTERRUPTED, state
+from edgeopt.cli import INTERRUPTED, InterruptedAfterWriting, state
 from edgeopt.cli.app import app
+from edgeopt.cli.render import print_json
 from edgeopt.errors import EdgeoptError
 
 __all__ = ["main"]
@@ -24,9 +26,24 @@ INTERNAL_ERROR = 70
 TERMINATED = 143  # 128 + SIGTERM
 
 
-def _fail(message: str, code: int) -> int:
+def _fail(message: str, code: int, *, as_json: bool, result: dict | None = None) -> int:
+    """The error's one line on stderr, its exit code, and under --json the error on stdout too."""
     state.stderr.print(Text.assemble(("error:", "bold red"), f" {message}"))
+    if as_json:
+        _print_error_json(message, code, result)
     return code
+
+
+def _print_error_json(message: str, code: int, result: dict | None = None) -> None:
+    """Under --json, an error is a JSON object on stdout too: ``{"error": {"message", "exit_code"}}``,
+    after the keys of what was done before it (the report of an interrupted accuracy search)."""
+    print_json({**(result or {}), "error": {"message": message, "exit_code": code}})
+
+
+def _json_requested(argv: list[str] | None) -> bool:
+    """Whether the command line asks for --json (before a ``--`` that ends the options)."""
+    args = sys.argv[1:] if argv is None else argv
+    return "--json" in (args[:args.index("--")] if "--" in args else args)
 
 
 class _ConsoleLog(logging.Handler):
@@ -56,24 +73,37 @@ def _run(argv: list[str] | None) -> int:
 
 
 def _run_app(argv: list[str] | None) -> int:
+    as_json = _json_requested(argv)
     try:
         app(args=argv, prog_name="edgeopt")
     except SystemExit as done:  # Typer turns Ctrl-C (and SIGTERM, raised as one) into exit code 130
         if done.code == INTERRUPTED:
-            return _interrupted()
-        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+            return _interrupted(as_json=as_json)
+        return _exited(done, as_json)
+    except InterruptedAfterWriting as stop:
+        return _interrupted(stop.message, stop.result, as_json=as_json)
     except EdgeoptError as error:
         if state.debug:
             raise
-        return _fail(str(error), error.exit_code)
+        return _fail(str(error), error.exit_code, as_json=as_json)
     except KeyboardInterrupt:
-        return _interrupted()
+        return _interrupted(as_json=as_json)
     except Exception as error:  # a bug: one line unless --debug
         if state.debug:
             raise
         return _fail(f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback "
-                     "and please report it)", INTERNAL_ERROR)
+                     "and please report it)", INTERNAL_ERROR, as_json=as_json)
     return 0
+
+
+def _exited(done: SystemExit, as_json: bool) -> int:
+    """The exit code of Typer's exit; a usage error Typer showed (the SystemExit raised while handling
+    it) is also JSON on stdout under --json."""
+    code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    usage = getattr(done.__context__, "format_message", None)
+    if as_json and code and usage is not None:
+        _print_error_json(usage(), code)
+    return code
 
 
 class _LogLine(logging.Formatter):
@@ -97,9 +127,11 @@ class _LogLine(logging.Formatter):
 _terminated = False
 
 
-def _interrupted() -> int:
-    """Ctrl-C, or SIGTERM raised as one (:func:`_terminate`): said in one line, with its exit code."""
-    return _fail("terminated", TERMINATED) if _terminated else _fail("interrupted", INTERRUPTED)
+def _interrupted(written: str | None = None, result: dict | None = None, *, as_json: bool) -> int:
+    """Ctrl-C, or SIGTERM raised as one (:func:`_terminate`): said in one line, with its exit code, and
+    what was ``written`` before stopping."""
+    message, code = ("terminated", TERMINATED) if _terminated else ("interrupted", INTERRUPTED)
+    return _fail(f"{message}: {written}" if written else message, code, as_json=as_json, result=result)
 
 
 def _terminate(signum, frame) -> None:

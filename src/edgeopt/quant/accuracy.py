@@ -13,7 +13,9 @@ output, i.e. the decibels of fidelity lost inside that node. The node with the
 largest damage goes back to float and the next round starts. The loop ends
 when the goal is met, the time budget would be exceeded by another round, or
 no quantized node is left; the best model seen is returned either way, with
-every step and its reason.
+every step and its reason. The float side of every round's comparison is the
+same: the float model runs once per sample (:class:`FloatReference`). A
+Ctrl-C keeps the best model of the rounds scored so far.
 
 Once the goal is met with several nodes back in float, each of them is tried
 in int8 again, earliest first (a node that looked worst early may have changed
@@ -34,12 +36,13 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from edgeopt import ir as eir
-from edgeopt.errors import ConfigError
-from edgeopt.metrics import json_number
+from edgeopt.errors import ConfigError, Interrupted
+from edgeopt.metrics import count_of, json_number
 from edgeopt.quant.calibration_memo import CalibrationMemo
 from edgeopt.quant.compare import CompareResult, compare_models
 from edgeopt.quant.compare_matching import carried_value, fused_chain, quantized_input_names
 from edgeopt.quant.config import Int8Config
+from edgeopt.quant.float_reference import FloatReference
 from edgeopt.quant.int8 import quantize_int8
 from edgeopt.quant.ops import is_qdq_op
 from edgeopt.quant.model_checks import check_exclude, vanished_excludes
@@ -137,13 +140,14 @@ class AccuracySearch:
     steps: tuple[AccuracyStep, ...]
     stopped_because: str
     calibration_passes: int = 1  # over the data, for all the rounds (one unless a round needed a new tensor)
+    interrupted: bool = False  # by Ctrl-C: the best of the rounds scored before it
 
     def to_dict(self) -> dict:
         return {"goal": self.goal.describe(), "float_score": json_number(self.float_score),
                 "best_score": json_number(self.best_score),
                 "met": self.met, "float_nodes_added": list(self.best_excluded),
-                "stopped_because": self.stopped_because, "calibration_passes": self.calibration_passes,
-                "steps": [s.to_dict() for s in self.steps]}
+                "stopped_because": self.stopped_because, "interrupted": self.interrupted,
+                "calibration_passes": self.calibration_passes, "steps": [s.to_dict() for s in self.steps]}
 
 
 def _base_model(model: ir.Model) -> ir.Model:
@@ -255,20 +259,25 @@ def _output_writer(output: ir.Value | None) -> ir.Node | None:
 
 
 class _Search:
-    """The state of one search: the base model, the data, the metric, the clock."""
+    """The state of one search: the base model, the data, the metric, the clock; the best round so far
+    (score, result, nodes returned) and every step, kept here so a Ctrl-C loses none of them."""
 
     def __init__(self, base: ir.Model, config: Int8Config, data: Iterable, goal: AccuracyGoal,
                  evaluate: Evaluate | None) -> None:
         self.base, self.config, self.data, self.goal, self.evaluate = base, config, data, goal, evaluate
         self.started = time.monotonic()
         self.memo = CalibrationMemo()  # the rounds differ only in what is excluded: one calibration serves them
+        self.float_reference = FloatReference(base)  # and the float side of every round's comparison is the same
+        self.best: _Best | None = None
+        self.steps: list[AccuracyStep] = []
 
     def quantize(self, excluded: tuple[str, ...]) -> QuantResult:
         config = replace(self.config, exclude=tuple(dict.fromkeys(self.config.exclude + excluded)))
         return quantize_int8(self.base.clone(), config, self.data, memo=self.memo)
 
     def compare(self, quant_model: ir.Model) -> CompareResult:
-        return compare_models(self.base, quant_model, self.data, max_samples=FIDELITY_SAMPLES)
+        return compare_models(self.base, quant_model, self.data, max_samples=FIDELITY_SAMPLES,
+                              float_reference=self.float_reference)
 
     def score(self, quant_model: ir.Model, comparison: CompareResult) -> float:
         if self.evaluate is not None:
@@ -294,6 +303,10 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config, data: Iterable,
     measures on it; the first calibrates on it, and a later round only when it
     needs a tensor no earlier pass observed (:class:`CalibrationMemo`). ``evaluate(model) -> score`` is required
     for ``goal.max_drop``.
+
+    A KeyboardInterrupt (Ctrl-C) once a round has been scored raises :class:`~edgeopt.errors.Interrupted`
+    whose ``partial`` is the search so far (``interrupted`` True, the best model found); before that, the
+    KeyboardInterrupt goes on as it came.
     """
     if goal.max_drop is not None and evaluate is None:
         raise ConfigError("--max-drop needs --eval module:function to score a model")
@@ -301,81 +314,97 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config, data: Iterable,
     config, vanished = _excludes_of_base(model, base, config)
     search = _Search(base, config, data, goal, evaluate)
     float_score = evaluate(search.base) if evaluate is not None else math.inf
-    best, steps, stopped = _rounds(search, goal, float_score, progress)
-    if goal.met(best[0], float_score) and len(best[2]) > 1:
-        best, pruned = _prune(search, best, float_score, steps)
+    try:
+        stopped, interrupted = _search(search, float_score, progress), False
+    except KeyboardInterrupt:
+        if search.best is None:
+            raise
+        stopped, interrupted = _interrupted_text(search, float_score), True
+    best_score, best_result, best_excluded = search.best
+    returned = _why_returned(search.steps, [name for name in best_excluded if name not in config.exclude], goal,
+                             float_score)
+    found = AccuracySearch(result=_labelled(best_result, returned, vanished), goal=goal, float_score=float_score,
+                           best_score=best_score, best_excluded=best_excluded,
+                           met=goal.met(best_score, float_score), steps=tuple(search.steps), stopped_because=stopped,
+                           calibration_passes=search.memo.passes, interrupted=interrupted)
+    if interrupted:
+        raise Interrupted(found)
+    return found
+
+
+def _search(search: _Search, float_score: float, progress: Callable[[int, int | None], None] | None) -> str:
+    """The rounds, then the retrying in int8 of the nodes they returned once the goal is met; why it stopped."""
+    stopped = _rounds(search, float_score, progress)
+    if search.goal.met(search.best[0], float_score) and len(search.best[2]) > 1:
+        pruned = _prune(search, float_score)
         if pruned:
             stopped += f"; {pruned} of the nodes returned to float changed too little and run int8 again"
-    best_score, best_result, best_excluded = best
-    returned = _why_returned(steps, [name for name in best_excluded if name not in config.exclude], goal, float_score)
-    best_result = _labelled(best_result, returned, vanished)
-    return AccuracySearch(result=best_result, goal=goal, float_score=float_score, best_score=best_score,
-                          best_excluded=best_excluded, met=goal.met(best_score, float_score),
-                          steps=tuple(steps), stopped_because=stopped, calibration_passes=search.memo.passes)
+    return stopped
 
 
-def _rounds(search: _Search, goal: AccuracyGoal, float_score: float,
-            progress: Callable[[int, int | None], None] | None) -> tuple[_Best, list[AccuracyStep], str]:
+def _interrupted_text(search: _Search, float_score: float) -> str:
+    rounds = count_of(len(search.steps), "round", "rounds")
+    if search.goal.met(search.best[0], float_score):  # the retrying in int8 of the nodes returned
+        return f"goal met ({search.goal.describe()}), then interrupted after {rounds} while retrying in int8 " \
+               "the nodes returned to float"
+    return f"interrupted after {rounds}"
+
+
+def _rounds(search: _Search, float_score: float, progress: Callable[[int, int | None], None] | None) -> str:
     """The search's rounds: quantize with the nodes returned so far, score, and return the most damaging
-    node left, until the goal is met, no node is left, or the time budget would run out. The best round
-    (score, result, nodes returned), every step, and why it stopped."""
-    steps: list[AccuracyStep] = []
-    best: _Best | None = None
+    node left, until the goal is met, no node is left, or the time budget would run out. Each round goes
+    to ``search.steps`` and the best one to ``search.best``; why it stopped."""
+    goal, steps = search.goal, search.steps
     excluded: tuple[str, ...] = ()
-    stopped = "no quantized node left to return to float"
     while True:
         round_start = time.monotonic()
         result = search.quantize(excluded)
         comparison = search.compare(result.model)
         score = search.score(result.model, comparison)
-        if best is None or score > best[0]:
-            best = (score, result, excluded)
+        if search.best is None or score > search.best[0]:
+            search.best = (score, result, excluded)
         if progress is not None:
             progress(len(steps) + 1, None)
         if goal.met(score, float_score):
             steps.append(AccuracyStep(excluded=excluded, score=score, seconds=time.monotonic() - round_start))
-            stopped = f"goal met ({goal.describe()})"
-            break
+            return f"goal met ({goal.describe()})"
         candidates = [c for c in _node_damage(result, comparison) if c[1].name not in excluded]
         candidates = candidates or [c for c in _quantized_readers(result) if c[1].name not in excluded]
         round_seconds = time.monotonic() - round_start
         if not candidates or len(excluded) >= goal.max_float_nodes:
             steps.append(AccuracyStep(excluded=excluded, score=score, seconds=round_seconds))
-            stopped = stopped if not candidates else f"{goal.max_float_nodes} nodes already back in float"
-            break
+            return ("no quantized node left to return to float" if not candidates
+                    else f"{goal.max_float_nodes} nodes already back in float")
         damage, node, reason = candidates[0]
         steps.append(AccuracyStep(excluded=excluded, score=score, seconds=round_seconds,
                                   next_node=node.name, next_op_type=node.op_type, reason=reason))
         if search.elapsed() + round_seconds > goal.time_budget_s:
-            stopped = f"time budget of {goal.time_budget_s:g} s would be exceeded by another round"
-            break
+            return f"time budget of {goal.time_budget_s:g} s would be exceeded by another round"
         logger.info("score %.3f misses the goal; returning %s (%s) to float: %s", score, node.name,
                     node.op_type, reason)
         excluded = excluded + (node.name,)
-    return best, steps, stopped
 
 
-def _prune(search: _Search, met: _Best, float_score: float,
-           steps: list[AccuracyStep]) -> tuple[_Best, int]:
-    """Try each node of a goal-meeting exclusion set in int8 again, earliest first, keeping it there when
-    the goal still holds; within the time budget. The goal-meeting (score, result, excluded) with the
-    fewest float nodes, and how many went back to int8."""
+def _prune(search: _Search, float_score: float) -> int:
+    """Try each node of the goal-meeting ``search.best`` in int8 again, earliest first, keeping it there when
+    the goal still holds; within the time budget. ``search.best`` becomes the goal-meeting round with the
+    fewest float nodes; how many went back to int8."""
     pruned = 0
-    for node_name in met[2][:-1]:  # the last one added is what met the goal
-        if search.elapsed() + steps[-1].seconds > search.goal.time_budget_s:
+    for node_name in search.best[2][:-1]:  # the last one added is what met the goal
+        if search.elapsed() + search.steps[-1].seconds > search.goal.time_budget_s:
             logger.warning("the time budget ended the retrying of float nodes in int8 before %s: the model "
                            "keeps it and the nodes after it in float", node_name)
             break
         round_start = time.monotonic()
-        trial = tuple(name for name in met[2] if name != node_name)
+        trial = tuple(name for name in search.best[2] if name != node_name)
         result = search.quantize(trial)
         score = search.score(result.model, search.compare(result.model))
-        steps.append(AccuracyStep(excluded=trial, score=score, seconds=time.monotonic() - round_start,
-                                  retried=node_name))
+        search.steps.append(AccuracyStep(excluded=trial, score=score, seconds=time.monotonic() - round_start,
+                                         retried=node_name))
         if search.goal.met(score, float_score):
             logger.info("goal still met with %s in int8 again (%.3f)", node_name, score)
-            met, pruned = (score, result, trial), pruned + 1
-    return met, pruned
+            search.best, pruned = (score, result, trial), pruned + 1
+    return pruned
 
 
 def _excludes_of_base(model: ir.Model, base: ir.Model, config: Int8Config) -> tuple[Int8Config, list[str]]:

@@ -60,6 +60,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from edgeopt.quant.float_reference import FloatReference
     from edgeopt.runtime.ort import OrtSession
 
 logger = logging.getLogger(__name__)
@@ -262,7 +263,7 @@ class _Runs:
     ``original_session`` is None when no match is a tensor of the original float model.
     """
 
-    float_session: OrtSession
+    float_session: OrtSession | FloatReference
     float_names: list[str]
     output_session: OrtSession
     outputs: list[str]
@@ -284,10 +285,10 @@ class _Runs:
 
 
 def _runs(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatch], outputs: list[str],
-          original: ir.Model | None = None) -> _Runs:
-    """The float model with its matched tensors exposed (and the original float model with those that
-    are its); the quantized model as is, for the outputs; and the quantized model with its matched DQ
-    outputs exposed, for the per-layer rows."""
+          original: ir.Model | None = None, float_reference: FloatReference | None = None) -> _Runs:
+    """The float model with its matched tensors exposed, or ``float_reference`` of it (and the original
+    float model with those that are its); the quantized model as is, for the outputs; and the quantized
+    model with its matched DQ outputs exposed, for the per-layer rows."""
     from edgeopt.runtime.ort import OrtSession, observing_session
 
     float_specs = {s.name: s.dtype for s in eir.model_inputs(float_model)}
@@ -299,7 +300,8 @@ def _runs(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatc
     recast = {s.name: s.dtype for s in eir.model_inputs(quant_model)
               if s.dtype.kind == "f" and float_specs.get(s.name, s.dtype).kind == "f"
               and s.dtype != float_specs[s.name]}
-    return _Runs(float_session=observing_session(float_model, float_names),
+    float_session = float_reference if float_reference is not None else observing_session(float_model, float_names)
+    return _Runs(float_session=float_session,
                  float_names=list(dict.fromkeys([*outputs, *float_names])),
                  output_session=OrtSession(quant_model), outputs=outputs,
                  layer_session=observing_session(quant_model, layer_names) if layer_names else None,
@@ -310,7 +312,7 @@ def _runs(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatc
 
 def compare_models(float_model: ModelSource, quant_model: ModelSource, data: object, *,
                    original: ModelSource | None = None, max_samples: int | None = None,
-                   progress: Progress | None = None) -> CompareResult:
+                   progress: Progress | None = None, float_reference: FloatReference | None = None) -> CompareResult:
     """Per-layer SQNR/cosine/max error of ``quant_model``'s activations, and output-level metrics.
 
     The output rows are those of ``quant_model`` run as is (ONNX Runtime's
@@ -324,7 +326,8 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     module docstring). ``data`` is anything :func:`edgeopt.data.open_data`
     takes; ``max_samples`` limits the batches read; ``progress(done, total)``
     is called per batch (``total`` is None when the source does not know its
-    length).
+    length). ``float_reference``: one of ``float_model`` (the same object) kept from an earlier comparison
+    on the same data, which answers for it without running it again.
     """
     float_ir, quant_ir = _load(float_model), _load(quant_model)
     outputs = _check_interfaces(float_ir, quant_ir)
@@ -333,7 +336,7 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     source = open_data(data, eir.model_inputs(float_ir))
     source = take(source, max_samples) if max_samples is not None else source
     meters = _Meters(matches, outputs, read_rescaled(quant_ir))
-    _stream(source, _runs(float_ir, quant_ir, matches, outputs, original_ir), meters, progress)
+    _stream(source, _runs(float_ir, quant_ir, matches, outputs, original_ir, float_reference), meters, progress)
     if meters.samples == 0:
         raise DataError("the data gave no samples: point --data at at least one sample")
     return CompareResult(samples=meters.samples, layers=tuple(_with_losses(quant_ir, meters.layer_rows())),
