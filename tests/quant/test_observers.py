@@ -229,3 +229,14 @@ def test_histogram_counts_a_batch_of_mostly_zeros_exactly():
     np.testing.assert_array_equal(stats.counts, _direct_counts(values, stats))
     assert stats.zeros == np.count_nonzero(values == 0.0) == 7 + np.count_nonzero(relu == 0.0) + 1
     assert (stats.min, stats.max) == (float(np.nanmin(values[np.isfinite(values)])), float(np.max(batch[:-3])))
+
+
+def test_histogram_of_a_long_batch_is_the_same_whatever_its_zeros_per_chunk():
+    """A batch binned in chunks (some mostly zeros, some without any) counts as binning every value."""
+    rng = np.random.default_rng(8)
+    signed = rng.normal(0, 1, 150_000).astype(np.float32)
+    relu = np.maximum(signed, 0.0)
+    batch = np.concatenate([relu[:70_000], signed[70_000:], np.zeros(5_000, np.float32), relu[:30_000]])
+    stats = _histogram(batch.reshape(1, -1, 5))
+    np.testing.assert_array_equal(stats.counts, _direct_counts(batch, stats))
+    assert stats.zeros == np.count_nonzero(batch == 0.0) and stats.total == batch.size
