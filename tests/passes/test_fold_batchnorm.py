@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import onnx_ir as ir
 import pytest
 import torch
 from onnx import helper
@@ -9,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from edgeopt.passes import FoldBatchNormPass, fold_batchnorm
+from edgeopt.passes._conv import LinearParts
 
 from ._helpers import (
     assert_same_outputs,
@@ -162,3 +165,29 @@ def test_facade_copies_and_pass_rewrites_in_place():
     assert snapshot(model) == before
     in_place = FoldBatchNormPass()(model)
     assert in_place.model is model and op_types(model) == ["Conv"]
+
+
+@pytest.mark.parametrize("op_type, attributes, shape, axis", [
+    ("Conv", {}, (4, 3, 3, 3), 0),
+    ("ConvTranspose", {"group": 2}, (4, 3, 2, 2), None),  # output channels: group x shape[1]
+    ("Gemm", {"transB": 1}, (4, 5), 0),
+    ("MatMul", {}, (5, 4), 1),
+])
+def test_scaled_weight_is_the_float64_product_and_leaves_the_weight_alone(op_type, attributes, shape, axis):
+    """The weight scaled per output channel equals the float64 product, whatever the weight's dtype;
+    the weight the layer holds is not changed (the product is scaled in place on a copy)."""
+    node = ir.Node("", op_type, inputs=[], attributes=[ir.AttrInt64(k, v) for k, v in attributes.items()])
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        weight = rng.normal(size=shape).astype(dtype)
+        before = weight.copy()
+        channels = 6 if op_type == "ConvTranspose" else 4
+        scale = rng.uniform(0.5, 2.0, channels)
+        if op_type == "ConvTranspose":  # [C_in, C_out / group, k, k], groups along C_in
+            factors = scale.reshape(2, 1, 3, 1, 1).repeat(2, axis=1).reshape(4, 3, 1, 1)
+        else:
+            factors = scale.reshape([-1 if a == axis else 1 for a in range(len(shape))])
+        expected = weight.astype(np.float64) * factors
+        result = LinearParts(node=node, weight=weight, bias=None, channels=channels).scaled(scale)
+        np.testing.assert_array_equal(result, expected)
+        assert result.dtype == np.float64 and np.array_equal(weight, before)

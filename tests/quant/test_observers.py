@@ -199,3 +199,44 @@ def test_a_histogram_of_denormals_gets_a_nonzero_bin_width():
     result = observer.result()
     assert result.width > 0 and result.total == 4
     assert (result.min, result.max) == (-1e-315, 1e-310)
+
+
+def _direct_counts(values: np.ndarray, stats) -> np.ndarray:
+    """Each finite value binned on its own on the final grid: the counts a histogram must hold."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return np.bincount(np.floor(values / stats.width).astype(np.int64) - stats.start, minlength=len(stats.counts))
+
+
+def test_histogram_counts_a_batch_of_mostly_zeros_exactly():
+    """A batch at least a quarter exact zeros (a ReLU's) adds them to their bin at once, the others
+    binned one by one: the same counts as binning every value, -0.0, bin edges and non-finite values
+    included."""
+    rng = np.random.default_rng(7)
+    first = rng.normal(0, 1, 1000).astype(np.float32)  # few zeros: every value binned
+    observer = HistogramObserver(num_bins=2048)
+    observer.update(first)
+    width = observer.result().width
+    edges = np.arange(-40, 41) * width
+    relu = np.maximum(rng.normal(0, 1, 4000), 0.0)
+    relu[:40] = -0.0
+    batch = np.concatenate([relu, edges, np.nextafter(edges, -np.inf), np.nextafter(edges, np.inf),
+                            [np.inf, -np.inf, np.nan]])
+    observer.update(batch)
+    observer.update(np.zeros(7, np.float32))
+    stats = observer.result()
+    values = np.concatenate([first, batch, np.zeros(7)])
+    np.testing.assert_array_equal(stats.counts, _direct_counts(values, stats))
+    assert stats.zeros == np.count_nonzero(values == 0.0) == 7 + np.count_nonzero(relu == 0.0) + 1
+    assert (stats.min, stats.max) == (float(np.nanmin(values[np.isfinite(values)])), float(np.max(batch[:-3])))
+
+
+def test_histogram_of_a_long_batch_is_the_same_whatever_its_zeros_per_chunk():
+    """A batch binned in chunks (some mostly zeros, some without any) counts as binning every value."""
+    rng = np.random.default_rng(8)
+    signed = rng.normal(0, 1, 150_000).astype(np.float32)
+    relu = np.maximum(signed, 0.0)
+    batch = np.concatenate([relu[:70_000], signed[70_000:], np.zeros(5_000, np.float32), relu[:30_000]])
+    stats = _histogram(batch.reshape(1, -1, 5))
+    np.testing.assert_array_equal(stats.counts, _direct_counts(batch, stats))
+    assert stats.zeros == np.count_nonzero(batch == 0.0) and stats.total == batch.size

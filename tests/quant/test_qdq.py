@@ -78,6 +78,15 @@ def test_weights_are_int8_per_output_channel_and_bias_int32_at_the_product_scale
     assert result.tensor("conv1.weight").scale == tuple(float(s) for s in scale)
 
 
+def test_recorded_scales_and_zero_points_are_python_numbers_of_the_stored_values():
+    result = _quantize(_conv_relu_conv())
+    for info in result.tensors:
+        assert {type(s) for s in info.scale} == {float} and {type(z) for z in info.zero_point} == {int}
+    weight = result.tensor("conv1.weight")
+    np.testing.assert_array_equal(weight.scale, _initializer(result.model, "conv1.weight_scale"))
+    assert weight.zero_point == (0,) * 16
+
+
 def test_per_tensor_weights_when_asked():
     model = _quantize(_conv_relu_conv(), Int8Config(weight_granularity=PerTensor())).model
     assert _initializer(model, "conv1.weight_scale").shape == ()

@@ -219,7 +219,8 @@ def _correct_layer(graph: ir.Graph, node: ir.Node, mean: np.ndarray | None,
     if isinstance(slot, str):
         return slot
     holder, index, divisor = slot
-    error = quantize_weight(weight, node).astype(np.float64) - weight.astype(np.float64)
+    error = quantize_weight(weight, node).astype(np.float64)
+    error -= weight  # in float64: the weight widens exactly, without a float64 copy of its own
     shift = _output_shift(node, error, np.asarray(mean, dtype=np.float64)) / divisor
     bias = _new_bias(holder, index, shift, weight.dtype)
     if isinstance(bias, str):

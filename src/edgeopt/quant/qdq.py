@@ -89,7 +89,7 @@ def activation_qparams(plan: QdqPlan, ranges: Mapping[str, tuple[float, float]],
 
 
 def _as_tuple(array: np.ndarray, kind: type) -> tuple:
-    return tuple(kind(v) for v in np.asarray(array).reshape(-1))
+    return tuple(map(kind, np.asarray(array).reshape(-1).tolist()))  # tolist: Python scalars in one call
 
 
 class _Builder:
