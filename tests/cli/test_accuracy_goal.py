@@ -271,7 +271,7 @@ def test_ctrl_c_in_the_search_exits_130_saying_where_the_best_model_is(cli, tmp_
     result = cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", tmp_path / "q.onnx",
                  "--eval", f"{evals}:stops", "--max-drop", "1", "--no-speed-check", *(["--json"] if as_json else []))
     assert_one_line_error(result, f"interrupted: the best model found so far is written to {tmp_path / 'q.onnx'} "
-                                  "(goal accuracy drop <= 1 not met, score 50.000, 0 node(s) back in float)")
+                                  "(goal accuracy drop <= 1 not met, score 50.000, 0 nodes back in float)")
     assert result.code == 130 and (tmp_path / "q.onnx").exists()
     if as_json:  # the report, with the error
         report = json.loads(result.stdout)

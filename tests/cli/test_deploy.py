@@ -87,7 +87,7 @@ def test_compile_prints_the_report(cli, qdq_path, tmp_path):
 def test_verify_is_bit_exact(cli, compiled, data_folder):
     result = cli("verify", compiled, "--data", data_folder)
     assert result.code == 0, result.stderr
-    assert "bit-exact: 4 sample(s)" in result.stdout
+    assert "bit-exact: 4 samples" in result.stdout
     report = json.loads(cli("verify", compiled, "--data", data_folder, "--json").stdout)
     assert report["bit_exact"] and report["tensors_compared"] > 4
 

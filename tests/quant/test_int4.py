@@ -331,7 +331,7 @@ def test_nothing_to_quantize_is_an_error_not_an_unchanged_model(tmp_path):
 def test_a_block_wider_than_k_is_noted(tmp_path):
     model = gemm_model(tmp_path, c_shape=(40,))  # K = 48
     notes = quantize(model, Int4WeightConfig(granularity=PerBlock(size=64)), data=None).notes
-    assert any("1 layer(s) have K below the block size 64" in note for note in notes)
+    assert any("1 layer has K below the block size 64" in note for note in notes)
     assert not any("below the block" in note for note in quantize(model, Int4WeightConfig(), data=None).notes)
 
 
@@ -457,7 +457,7 @@ def test_a_quantized_weight_other_nodes_read_stays_and_is_noted(tmp_path):
     model = shared_weight_model(tmp_path, also_added=True)
     result = quantize(model, Int4WeightConfig(), data=None)
     assert "w" in result.model.graph.initializers  # the Add still reads the float weight
-    assert any("stay in the model in float32 too, 16384 bytes" in note and "Add" in note for note in result.notes)
+    assert any("1 quantized weight stays in the model in float32 too, 16384 bytes" in note and "Add" in note for note in result.notes)
     add = next(node for node in result.model.graph if node.op_type == "Add")
     np.testing.assert_array_equal(eir.constant_array(add.inputs[1]), eir.constant_array(model.graph.initializers["w"]))
     assert op_types(result.model).count("MatMulNBits") == 2
@@ -551,7 +551,7 @@ def test_a_tied_head_is_quantized_through_its_transpose_and_the_embedding_stays_
     np.testing.assert_array_equal(eir.constant_array(result.model.graph.initializers["E"]),
                                   eir.constant_array(model.graph.initializers["E"]))
     assert [(t.name, t.axis) for t in result.tensors] == [("P", 0), ("E", 1)]  # E is [N, K]: K is axis 1
-    assert any("stay in the model in float32 too" in note and "Gather" in note for note in result.notes)
+    assert any("1 quantized weight stays in the model in float32 too" in note and "Gather" in note for note in result.notes)
     expected = OrtSession(fake_quantized_tied(model, config)).run(TIED_FEED)["logits"]
     assert sqnr_db(expected, OrtSession(result.model).run(TIED_FEED)["logits"]) >= MATCHES_REFERENCE_DB
 
@@ -720,7 +720,7 @@ def test_matmuls_inside_if_branches_and_loop_bodies_are_quantized(tmp_path):
     loop = next(node for node in quantized.graph if node.op_type == "Loop")
     assert not loop.attributes["body"].value.initializers  # the body's weight went int4 into the main graph
     assert any("4 of the quantized MatMul/Gemm are inside control-flow subgraphs" in note for note in result.notes)
-    assert any("except for 2 weight(s)" in note for note in result.notes)  # wo (then_o reads t), wl (the body)
+    assert any("except for 2 weights" in note for note in result.notes)  # wo (then_o reads t), wl (the body)
     assert len(model_to_bytes(quantized)) < len(model_to_bytes(model)) / 4
     for batch in data:
         assert OrtSession(quantized).run(batch)["y"].dtype == np.float32

@@ -485,7 +485,7 @@ def test_the_rewrites_the_float_passes_refused_are_in_the_notes_with_their_reaso
     result = quantize(model, Int8Config(), batches([1, 3, 8, 8], 8))
     start = next(i for i, note in enumerate(result.notes) if note.startswith("float passes:"))
     assert result.notes[start:start + 3] == (
-        "float passes: 2 rewrite(s) matched but not applied, so those nodes stay as exported:",
+        "float passes: 2 rewrites matched but not applied, so those nodes stay as exported:",
         "  not folded (fold-batchnorm): conv + bn: Conv output has 2 consumers",
         "  not fused (fuse-activations): add3 + clip: the Clip output is not scaled by 1/6 "
         "(as in x * clip(x + 3, 0, 6) / 6)")

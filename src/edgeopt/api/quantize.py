@@ -397,15 +397,16 @@ def _result_warnings(config: object, result: QuantResult, search: AccuracySearch
         warnings.append(loose)
     if search is not None and not search.met:
         warnings.append(f"accuracy goal not met ({search.goal.describe()}): best score "
-                        f"{search.goal.score_text(search.best_score)} with {len(search.best_excluded)} node(s) back in "
-                        f"float; {search.stopped_because}")
+                        f"{search.goal.score_text(search.best_score)} with "
+                        f"{count_of(len(search.best_excluded), 'node', 'nodes')} back in float; "
+                        f"{search.stopped_because}")
     if not isinstance(config, Int8Config):
         return warnings
     if config.target is Target.MCU and (blocking := _blocks_c(result)):
         warnings.append(_mcu_float_warning(blocking))
     if not result.tensors:
-        warnings.append(f"no node runs in int8: the model written is the float model ({len(result.float_nodes)} "
-                        "node(s) kept float, listed above)")
+        warnings.append(f"no node runs in int8: the model written is the float model "
+                        f"({count_of(len(result.float_nodes), 'node', 'nodes')} kept float, listed above)")
     if source is not None and source.samples < MIN_CALIBRATION_SAMPLES:
         counted = count_of(source.samples, "calibration sample", "calibration samples")
         warnings.append(f"only {counted}: ranges may not cover real inputs "
@@ -486,7 +487,8 @@ def _relu6_warning(result: QuantResult, fidelity: CompareResult) -> list[str]:
 def _mcu_float_warning(float_nodes) -> str:
     """What float nodes mean for the mcu target: no C (compile lowers all-int8 models only), and why."""
     names = [f.node_name for f in float_nodes]
-    text = (f"{len(names)} node(s) stay float ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): "
+    listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    text = (f"{count_of(len(names), 'node stays', 'nodes stay')} float ({listed}): "
             "edgeopt compile lowers all-int8 models only, so this model runs in ONNX Runtime but cannot become C")
     if any(_kept(f) for f in float_nodes):
         text += "; drop --exclude (or the accuracy goal) for the mcu target"

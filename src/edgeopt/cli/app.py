@@ -177,7 +177,7 @@ def run(
     if json_output:
         print_json(result.to_dict())
         return
-    rows = table(f"{result.samples} sample(s) -> {output}", [("output", "left"), ("shape", "left"),
+    rows = table(f"{count_of(result.samples, 'sample', 'samples')} -> {output}", [("output", "left"), ("shape", "left"),
                                                              ("dtype", "left"), ("file", "left")])
     for (name, array), file in zip(result.outputs.items(), result.files):
         rows.add_row(name, "x".join(map(str, array.shape)), str(array.dtype), str(file))
@@ -428,7 +428,8 @@ def _kept_text(report: api.QuantizeReport) -> str:
     search = report.search
     met = "met" if search.met else "not met"
     return (f"the best model found so far is written to {report.output} (goal {search.goal.describe()} {met}, "
-            f"score {search.goal.score_text(search.best_score)}, {len(search.best_excluded)} node(s) back in float)")
+            f"score {search.goal.score_text(search.best_score)}, "
+            f"{count_of(len(search.best_excluded), 'node', 'nodes')} back in float)")
 
 
 def _seconds(text: str) -> float:
@@ -462,10 +463,9 @@ def _render_search(search) -> None:
     float_text = "" if math.isinf(search.float_score) else f" (float model {goal.score_text(search.float_score)})"
     added = ", ".join(search.best_excluded) or "none"
     state.stdout.print(f"best: score {goal.score_text(search.best_score)}{float_text} with "
-                       f"{len(search.best_excluded)} node(s) back in float: {added}")
-    passes = (f"{search.calibration_passes} calibration passes" if search.calibration_passes != 1
-              else "1 calibration pass")
-    state.stdout.print(f"{len(search.steps)} round(s), {passes} over the data")
+                       f"{count_of(len(search.best_excluded), 'node', 'nodes')} back in float: {added}")
+    passes = count_of(search.calibration_passes, "calibration pass", "calibration passes")
+    state.stdout.print(f"{count_of(len(search.steps), 'round', 'rounds')}, {passes} over the data")
 
 
 FLOAT_NODES_LISTED = 24  # beyond this many, one row per op and reason (every node is in --json and the report)
@@ -475,7 +475,7 @@ def _render_float_nodes(float_nodes, output) -> None:
     from edgeopt.api.quantize import report_path
 
     if len(float_nodes) <= FLOAT_NODES_LISTED:
-        rows = table(f"{len(float_nodes)} node(s) left in float", [("node", "left"), ("op", "left"),
+        rows = table(f"{count_of(len(float_nodes), 'node', 'nodes')} left in float", [("node", "left"), ("op", "left"),
                                                                    ("reason", "left")])
         for node in float_nodes:
             rows.add_row(node.node_name, node.op_type, node.reason)
@@ -485,7 +485,7 @@ def _render_float_nodes(float_nodes, output) -> None:
     for node in float_nodes:
         groups.setdefault((node.op_type, _reason_kind(node.reason)), []).append((node.node_name, node.reason))
     where = f"; each one in {report_path(output)}" if output is not None else "; each one with --json"
-    rows = table(f"{len(float_nodes)} node(s) left in float, by op and reason{where}",
+    rows = table(f"{count_of(len(float_nodes), 'node', 'nodes')} left in float, by op and reason{where}",
                  [("op", "left"), ("nodes", "right"), ("e.g.", "left"), ("reason", "left")])
     for (op_type, kind), members in groups.items():
         name, reason = members[0]

@@ -14,7 +14,7 @@ import typer
 from edgeopt import api
 from edgeopt.cli import state
 from edgeopt.cli.app import InputShapeOption, JsonOption, PreprocessOption, app, input_shapes, parse_preprocess
-from edgeopt.cli.render import bytes_text, count_text, print_json, table
+from edgeopt.cli.render import bytes_text, count_of, count_text, print_json, table
 from edgeopt.errors import CodegenError
 
 __all__ = ["compile_command", "verify_command"]
@@ -77,8 +77,9 @@ def _render_compile(model: Path, report) -> None:
     bound = "optimal" if result.plan_optimal else "best found in the search budget"
     rows = [("arena", f"{result.arena_bytes:,} B (lower bound {result.lower_bound_bytes:,} B; {result.plan_method} "
                       f"plan, {bound}; greedy alone {result.greedy_arena_bytes:,} B)"),
-            ("planner", f"{result.in_place_ops} op(s) run in place; execution order: {result.schedule_method}; "
-                        f"lower bound before reordering and in-place {result.graph_order_lower_bound_bytes:,} B")]
+            ("planner", f"{count_of(result.in_place_ops, 'op runs', 'ops run')} in place; execution order: "
+                        f"{result.schedule_method}; lower bound before reordering and in-place "
+                        f"{result.graph_order_lower_bound_bytes:,} B")]
     if host is not None:
         rows += [("RAM", f"{report.ram_bytes:,} B = arena + stack {host.stack_bytes:,} B (estimate: gcc "
                          "-fstack-usage frames of the deepest call chain, host)"),
@@ -118,9 +119,10 @@ def verify_command(
     if json_output:
         print_json(result.to_dict())
     elif mismatch is None:
-        state.stdout.print(f"bit-exact: {result.batches} sample(s), {result.tensors_compared:,} tensors "
-                           "compared (every op's output, C vs reference)")
+        state.stdout.print(f"bit-exact: {count_of(result.batches, 'sample', 'samples')}, "
+                           f"{result.tensors_compared:,} tensors compared (every op's output, C vs reference)")
     if mismatch is not None:
         raise CodegenError(f"C differs from the reference at step {mismatch.step}, node {mismatch.node} "
-                           f"({mismatch.kind}), tensor {mismatch.tensor!r}: {mismatch.differing_elements} "
-                           f"element(s) differ, by up to {mismatch.max_abs_difference} (sample {result.batches})")
+                           f"({mismatch.kind}), tensor {mismatch.tensor!r}: "
+                           f"{count_of(mismatch.differing_elements, 'element differs', 'elements differ')}, "
+                           f"by up to {mismatch.max_abs_difference} (sample {result.batches})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from edgeopt.cli import state
-from edgeopt.cli.render import in_batches, table
+from edgeopt.cli.render import count_of, in_batches, table
 from edgeopt.quant.compare import CompareResult
 from edgeopt.quant.speed import SpeedCheck
 
@@ -27,7 +27,8 @@ def _scale_text(scale: float, zero_point: int | None, dtype: str) -> str:
 
 def render_compare(result: CompareResult, *, limit: int | None = None, by_loss: bool = False) -> None:
     """Output rows, then per-layer rows worst SQNR first (the first ``limit`` if given), then coverage."""
-    outputs = table(f"outputs over {result.rows} sample(s){in_batches(result.rows, result.samples)}",
+    samples = count_of(result.rows, "sample", "samples")
+    outputs = table(f"outputs over {samples}{in_batches(result.rows, result.samples)}",
                     [("output", "left"), ("SQNR dB", "right"), ("cosine", "right"), ("max abs err", "right"),
                      ("top-1 agreement", "right")])
     for row in result.outputs:

@@ -13,6 +13,7 @@ import dataclasses
 
 import onnx_ir as ir
 
+from edgeopt.metrics import count_of
 from edgeopt.passes._report import PassReport
 from edgeopt.passes._rules import RulePass
 from edgeopt.passes.canonicalize import CanonicalizePass
@@ -87,7 +88,8 @@ class PipelineResult:
         if not by_reason:
             return []
         total = sum(len(places) for places in by_reason.values())
-        notes = [f"float passes: {total} rewrite(s) matched but not applied, so those nodes stay as exported:"]
+        notes = [f"float passes: {count_of(total, 'rewrite', 'rewrites')} matched but not applied, so those nodes "
+                 "stay as exported:"]
         for (name, verb, message), places in by_reason.items():
             more = f" and {len(places) - 1} more" if len(places) > 1 else ""
             notes.append(f"  not {verb} ({name}): {' + '.join(places[0])}{more}: {message}")

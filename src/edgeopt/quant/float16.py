@@ -476,7 +476,8 @@ def _bf16_opset(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | Non
     if checked is not None:
         return converted, [checked.note(why, batch_noun="batch")]
     return converted, [f"converted opset {eir.default_opset(model)} -> {_BF16_CAST_OPSET} ({why}); not checked: "
-                       "without --data it runs on random inputs, which this model's dynamic or index inputs cannot take"]
+                       "without --data it runs on random inputs, which this model's dynamic or index inputs "
+                       "cannot take"]
 
 
 def _store_weights_bf16(graph: ir.Graph, plan: HalfPrecisionPlan, log: _WeightLog) -> tuple[int, int]:

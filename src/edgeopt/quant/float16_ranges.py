@@ -133,8 +133,8 @@ def _check_weights(graph: ir.Graph, check: RangeCheck) -> None:
     check.float32_values.update((value, WEIGHT_REASON) for value in peaks)
     readers = _node_names(use.node for value in peaks for use in value.uses())
     check.notes.append(
-        f"{count_of(len(readers), 'node', 'nodes')} kept float32 because a weight they read goes beyond float16's ±65504 (clamped, "
-        f"it would change the results; kept, they are exact): {_named(readers)}; weights: "
+        f"{count_of(len(readers), 'node', 'nodes')} kept float32 because a weight they read goes beyond "
+        f"float16's ±65504 (clamped, it would change the results; kept, they are exact): {_named(readers)}; weights: "
         + _named([f"{value.name} (max |x| {peak:.3g})" for value, peak in peaks.items()]))
     check.details["weights_beyond_float16"] = [value.name for value in peaks]
 
@@ -156,7 +156,8 @@ def _check_activations(model: ir.Model, data: Iterable[Batch], check: RangeCheck
     check.details["activations_beyond_limit"] = [value.name for value in peaks]
     batches = count_of(calibration.num_batches, "calibration batch", "calibration batches")
     if not peaks:
-        check.notes.append(f"activation ranges checked on {batches}: every value stays within ±{ACTIVATION_LIMIT:.0f}, half the float16 range")
+        check.notes.append(f"activation ranges checked on {batches}: every value stays within "
+                           f"±{ACTIVATION_LIMIT:.0f}, half the float16 range")
         return
     check.float32_values.update((value, ACTIVATION_REASON) for value in peaks)
     nodes = _node_names(node for value in peaks for node in _touching(value))

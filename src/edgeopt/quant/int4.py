@@ -57,6 +57,7 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError, ModelError
+from edgeopt.metrics import count_of
 from edgeopt.quant.config import PerBlock, check_exclude_names
 from edgeopt.quant.float16 import UniqueNames, weight_only_float_passes
 from edgeopt.quant.formats import INT4, UINT4, Format
@@ -432,8 +433,9 @@ def _still_float_note(graph: ir.Graph, weights: Iterable[ir.Value]) -> list[str]
     readers = sorted({use.node.op_type for value in kept for use in value.uses()}
                      | ({"graph output"} if any(value.is_graph_output() for value in kept) else set()))
     nbytes = sum(value.const_value.nbytes for value in kept if value.const_value is not None)
-    return [f"{len(kept)} quantized weight(s) stay in the model in float32 too, {nbytes} bytes, because other "
-            f"nodes read them ({', '.join(readers)}; e.g. {kept[0].name!r}): those bytes remain in the file"]
+    return [f"{count_of(len(kept), 'quantized weight stays', 'quantized weights stay')} in the model in float32 "
+            f"too, {nbytes} bytes, because other nodes read them ({', '.join(readers)}; e.g. {kept[0].name!r}): "
+            "those bytes remain in the file"]
 
 
 @dataclasses.dataclass
@@ -529,8 +531,9 @@ def _summary_notes(config: Int4WeightConfig, done: _Lowered, bytes_before: int, 
         search = (" (not weighted: every layer reads an input computed inside a subgraph, which the calibration "
                   "run does not observe)")
     elif done.unweighted:
-        search = (f", weighted by each layer's input channels on the calibration data, except for {done.unweighted} "
-                  "weight(s) whose readers' inputs the calibration run does not observe (inside subgraphs)")
+        search = (f", weighted by each layer's input channels on the calibration data, except for "
+                  f"{count_of(done.unweighted, 'weight', 'weights')} whose readers' inputs the calibration run "
+                  "does not observe (inside subgraphs)")
     else:
         search = ", weighted by each layer's input channels on the calibration data"
     return [
@@ -555,6 +558,7 @@ def _head_and_block_notes(config: Int4WeightConfig, done: _Lowered) -> list[str]
         *[f"{name} writes the model output {output!r} with int4 weights: the last layer is often where int4 costs "
           f"the most accuracy; --exclude {name} keeps it float ({nbytes:,} bytes of float32 weights)"
           for name, output, nbytes in done.heads],
-        *([f"{done.short} layer(s) have K below the block size {config.block_size}: each of their columns is one "
-           "block padded to full size, so a smaller --block-size stores them in fewer bytes"] if done.short else []),
+        *([f"{count_of(done.short, 'layer has', 'layers have')} K below the block size {config.block_size}: "
+           "each of their columns is one block padded to full size, so a smaller --block-size stores them in "
+           "fewer bytes"] if done.short else []),
     ]

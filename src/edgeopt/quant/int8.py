@@ -31,6 +31,7 @@ import onnx_ir.passes.common as common_passes
 from edgeopt import ir as eir
 from edgeopt.data.base import reads_again
 from edgeopt.errors import ModelError
+from edgeopt.metrics import count_of
 from edgeopt.quant.adaround import AdaRoundConfig, LayerInputSampler, adaround_weights
 from edgeopt.quant.adaround_solver import backend_used
 from edgeopt.quant.bias_correction import ChannelMeanHook, correct_biases, correction_inputs, round_to_nearest
@@ -127,8 +128,9 @@ def _check_finite_weights(model: ir.Model, plan) -> None:
         array = eir.constant_array(values[use.tensor])
         bad = int(array.size - np.count_nonzero(np.isfinite(array)))
         if bad:
-            raise ModelError(f"weight {use.tensor!r} of node {use.node!r} holds {bad} inf/NaN value(s): the float "
-                             "model is broken there (it computes inf/NaN too); fix or retrain those weights")
+            raise ModelError(f"weight {use.tensor!r} of node {use.node!r} holds "
+                             f"{count_of(bad, 'inf/NaN value', 'inf/NaN values')}: the float model is broken "
+                             "there (it computes inf/NaN too); fix or retrain those weights")
 
 
 def _float_rewrites(model: ir.Model, config: Int8Config, data: Iterable[Batch] | None,

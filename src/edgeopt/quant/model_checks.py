@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from edgeopt.errors import ConfigError, ModelError
+from edgeopt.metrics import count_of
 
 __all__ = ["NodeIndex", "check_exclude", "check_not_quantized", "vanished_excludes"]
 
@@ -31,8 +32,9 @@ def check_not_quantized(model: ir.Model) -> None:
                              f"{node.op_type}): quantize the float model instead")
     half = [value for value in model.graph.initializers.values() if value.dtype in _HALF_TYPES]
     if half:
-        raise ModelError(f"model is already converted to {_HALF_TYPES[half[0].dtype]} ({len(half)} weight(s), "
-                         f"e.g. {half[0].name!r}): quantize the float32 model instead")
+        raise ModelError(f"model is already converted to {_HALF_TYPES[half[0].dtype]} "
+                         f"({count_of(len(half), 'weight', 'weights')}, e.g. {half[0].name!r}): quantize the "
+                         "float32 model instead")
     _check_not_float64(model)
 
 
