@@ -287,6 +287,16 @@ def test_an_unwritable_output_is_refused_before_any_work(cli, tmp_path, calib):
     assert not (tmp_path / "q.onnx").exists()
 
 
+@pytest.mark.parametrize("output", [".", "./", "/"])
+def test_output_naming_a_folder_without_a_file_name_is_refused_as_a_folder(cli, tmp_path, monkeypatch, calib,
+                                                                         output):
+    """`-o .` (meant as "here") has no name to put the report beside: it was an internal error."""
+    monkeypatch.chdir(tmp_path)
+    result = cli("quantize", demo_model_path(), "--data", calib, "-o", output)
+    assert_one_line_error(result, "is a folder", "-o")
+    assert result.code == 4 and not [path for path in tmp_path.iterdir() if path.is_file()]
+
+
 def test_an_error_after_quantizing_leaves_no_output(cli, tmp_path):
     # fp16 needs no data; given data is used for the fidelity check after the conversion, and a
     # mismatch found there must not leave the converted model behind

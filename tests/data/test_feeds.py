@@ -59,6 +59,8 @@ def test_zero_one_integers_cast_into_a_bool_input():
     ((1, 3, 8, 8), (1, 8, 8, 3), r"\(NCHW to channels-last: x\.transpose\(0, 2, 3, 1\)\)"),
     ((1, 4, 16), (1, 16, 4), r"$"),
     ((5, 32, 40, 3), ("n", 3, "h", "w"), r"\(channels-last to NCHW: x\.transpose\(0, 3, 1, 2\)\)"),
+    ((4, 1, 8, 8, 3), (1, 3, 8, 8), r"\(channels-last to NCHW: x\.transpose\(0, 1, 4, 2, 3\)\)"),  # np.stack
+    ((4, 1, 3, 8, 8), (1, 8, 8, 3), r"\(NCHW to channels-last: x\.transpose\(0, 1, 3, 4, 2\)\)"),
 ])
 def test_dims_in_another_order_are_told_to_transpose_not_reshape(shape, input_shape, how):
     """Channels-last images for an NCHW model were told 'reshape or resize the data': a reshape
@@ -68,6 +70,16 @@ def test_dims_in_another_order_are_told_to_transpose_not_reshape(shape, input_sh
         check_feed([spec("x", input_shape)], {"x": np.zeros(shape, np.float32)}, where="t")
     with pytest.raises(DataError, match=r"reshape or resize the data$"):  # not a reordering
         check_feed([spec("x", input_shape)], {"x": np.zeros((1, 5, 8, 8), np.float32)}, where="t")
+
+
+def test_stacked_samples_of_the_wrong_shape_name_the_samples_shape_not_the_rank():
+    """N x 1 x ... is the documented np.stack layout: its rank is right, its samples' shape is what is
+    wrong, and the message said '(rank 5, the model wants rank 4)'."""
+    with pytest.raises(DataError, match=r"wants shape 1x3x8x8 but got 4x1x3x6x6 \(4 stacked samples of 1x3x6x6\): "
+                                        r"reshape or resize the data$"):
+        check_feed([IMAGE], {"input": np.zeros((4, 1, 3, 6, 6), np.float32)}, where="s.npy")
+    with pytest.raises(DataError, match=r"got 4x1x3x8x8 \(4 stacked samples of 1x3x8x8\): yield one sample per item"):
+        check_feed([IMAGE], {"input": np.zeros((4, 1, 3, 8, 8), np.float32)}, where="item 0")  # a generator's item
 
 
 def test_unknown_input_name_lists_the_models_inputs():

@@ -101,6 +101,40 @@ def test_missing_truncated_and_foreign_files_are_model_errors(tmp_path):
         load_model(tmp_path)
 
 
+def _torch_checkpoint(path):
+    torch = pytest.importorskip("torch")
+    torch.save(torch.nn.Linear(4, 2).state_dict(), path)
+
+
+def _tflite(path):
+    path.write_bytes(b"\x1c\x00\x00\x00TFL3" + bytes(64))
+
+
+def _keras_h5(path):
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+
+
+def _saved_model(path):
+    path.mkdir()
+    (path / "saved_model.pb").write_bytes(bytes(16))
+
+
+@pytest.mark.parametrize(("name", "write", "says"), [
+    ("model.pt", _torch_checkpoint, r"is a PyTorch checkpoint \(torch\.save\), not an ONNX model: export the module"),
+    ("model.tflite", _tflite, r"is a TensorFlow Lite model, not an ONNX model: convert it first"),
+    ("model.h5", _keras_h5, r"is a Keras model, not an ONNX model: convert it first"),
+    ("calib.npy", lambda path: np.save(path, np.zeros((2, 3), np.float32)),
+     r"is NumPy data, not an ONNX model: give the model first, the data with --data"),
+    ("saved_model", _saved_model, r"is a folder, not an \.onnx model file \(a TensorFlow SavedModel: convert it"),
+])
+def test_a_model_of_another_framework_is_named_with_what_to_do(tmp_path, name, write, says):
+    """A first-day user passes the checkpoint they trained (or swaps model and data): 'is the file
+    truncated or of another format?' said neither which format nor what to do."""
+    write(tmp_path / name)
+    with pytest.raises(ModelError, match=says):
+        load_model(tmp_path / name)
+
+
 def test_saving_is_atomic_and_round_trips(tmp_path):
     model = load_model(constant_weights_model(tmp_path / "m.onnx"))
     target = save_model(model, tmp_path / "out.onnx")

@@ -157,6 +157,22 @@ def test_training_mode_batchnorm_is_left():
     assert "training_mode=1" in explain(fold_batchnorm(model))[0]
 
 
+def test_batchnorm_exported_in_training_mode_before_opset_14_is_left():
+    """torch.onnx.export of a module in train mode (training=PRESERVE) writes BatchNormalization-9 with its
+    four statistics outputs, none read: ONNX Runtime normalizes such a node with the batch's statistics.
+    Folding its running ones changed the model's outputs, and the fidelity report measured against that."""
+    conv = helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[1, 1])
+    statistics = ["mean_out", "var_out", "saved_mean", "saved_var"]
+    bn = helper.make_node("BatchNormalization", ["c", *BN_INPUTS], ["y", *statistics], name="bn", momentum=0.9)
+    model = make_model([conv, bn], [("x", [1, 4, 3, 3])], [("y", [1, 8, 3, 3])],
+                       [random_weight("w", [8, 4, 1, 1]), *batchnorm_params("bn", 8)], opset=13)
+    result = fold_batchnorm(model)
+    assert op_types(result.model) == ["Conv", "BatchNormalization"]
+    assert_same_outputs(model, result.model)
+    [line] = explain(result)
+    assert "exported in training mode (5 outputs" in line and "eval mode" in line
+
+
 def test_facade_copies_and_pass_rewrites_in_place():
     model = conv_bn_model()
     before = snapshot(model)

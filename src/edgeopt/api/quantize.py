@@ -353,14 +353,14 @@ def _check_request(model: ModelSource, config: object, data, *, output, preproce
                    goal: AccuracyGoal | None) -> None:
     """What can be refused before the model is read: where the output goes, options without --data,
     and data that can be read only once for work that reads it again."""
+    if output is not None:  # first: a folder (-o .) has no name to derive the report's from
+        check_writable(output)
+        check_writable(report_path(output))
     _check_output_outside_data(data, output)
     overwritten = _overwrites_input(model, output)
     if overwritten is not None:
         raise OutputError(f"-o/--output {output} would overwrite the input model's file {overwritten}: "
                           "write elsewhere (edgeopt never overwrites its input)")
-    if output is not None:  # before any work, not after it
-        check_writable(output)
-        check_writable(report_path(output))
     if data is None and (preprocess is not None or max_samples is not None):
         raise ConfigError(f"{'--preprocess' if preprocess is not None else '--max-samples'} applies to --data: "
                           "give --data too, or drop it")

@@ -91,16 +91,24 @@ def _as_array(value: object, name: str, where: str) -> np.ndarray:
     return array
 
 
+_ONE_SAMPLE_PER_ITEM = ("yield one sample per item, or pass {name: array} with the samples stacked on axis 0 "
+                        "(edgeopt splits it)")
+
+
 def _check_shape(spec: InputSpec, array: np.ndarray, where: str) -> None:
     if not spec.rank_known or dims_match(spec.shape, array.shape):
         return
     rank_note, advice = "", _reordered_advice(spec.shape, array.shape) or "reshape or resize the data"
-    if array.ndim != len(spec.shape):
+    stacked = _is_stacked(spec.shape, array.shape)
+    if stacked:  # np.stack of batches: the rank is as documented, a sample's own shape is what differs
+        rank_note = f" ({array.shape[0]} stacked samples of {shape_text(array.shape[1:])})"
+    elif array.ndim != len(spec.shape):
         rank_note = f" (rank {array.ndim}, the model wants rank {len(spec.shape)})"
-    elif spec.shape[0] == 1 and array.shape[0] > 1 and dims_match(spec.shape[1:], array.shape[1:]):
+    if stacked and dims_match(spec.shape, array.shape[1:]):  # an item of a generator holding many samples
+        advice = _ONE_SAMPLE_PER_ITEM
+    elif not stacked and spec.shape[0] == 1 and array.shape[0] > 1 and dims_match(spec.shape[1:], array.shape[1:]):
         # a DataLoader's batches for a model exported at batch 1
-        advice = (f"the model takes batch 1, this is a batch of {array.shape[0]}: yield one sample per item, or "
-                  "pass {name: array} with the samples stacked on axis 0 (edgeopt splits it)")
+        advice = f"the model takes batch 1, this is a batch of {array.shape[0]}: {_ONE_SAMPLE_PER_ITEM}"
     raise DataError(f"{where}: input {spec.name!r} wants shape {shape_text(spec.shape)} "
                     f"but got {shape_text(array.shape)}{rank_note}: {advice}")
 
@@ -109,18 +117,25 @@ def _reordered_advice(expected: Sequence[int | str | None], got: tuple[int, ...]
     """Advice for data whose sample dims are the input's in another order (channels-last images for
     an NCHW model): a reshape, the usual advice, would scramble them silently."""
     rest = tuple(expected[1:])
-    batched = len(got) == len(expected)
-    sample = got[1:] if batched else got if len(got) == len(rest) else None
-    if sample is None or len(rest) < 2 or dims_match(rest, sample):
+    lead = len(got) - len(rest)  # axes before a sample's dims: none, the batch, or stacked samples and the batch
+    if lead not in (0, 1, 2) or (lead == 2 and not _is_stacked(expected, got)):
+        return None
+    sample = got[lead:]
+    if len(rest) < 2 or dims_match(rest, sample):
         return None
     advice = "its dims are the input's in another order: transpose the data, do not reshape it"
     if len(rest) == 3 and dims_match(rest, (sample[2], sample[0], sample[1])):
-        return f"{advice} (channels-last to NCHW: x.transpose{(0, 3, 1, 2) if batched else (2, 0, 1)})"
+        return f"{advice} (channels-last to NCHW: x.transpose{(*range(lead), lead + 2, lead, lead + 1)})"
     if len(rest) == 3 and dims_match(rest, (sample[1], sample[2], sample[0])):
-        return f"{advice} (NCHW to channels-last: x.transpose{(0, 2, 3, 1) if batched else (1, 2, 0)})"
+        return f"{advice} (NCHW to channels-last: x.transpose{(*range(lead), lead + 1, lead + 2, lead)})"
     if all(isinstance(d, int) for d in rest) and sorted(sample) == sorted(rest):
         return advice
     return None
+
+
+def _is_stacked(expected: Sequence[int | str | None], got: tuple[int, ...]) -> bool:
+    """``got`` is samples stacked on a new axis 0, each with the input's rank and batch dim (N x 1 x ...)."""
+    return len(expected) > 0 and len(got) == len(expected) + 1 and dims_match(expected[:1], got[1:2])
 
 
 def _check_int_range(spec: InputSpec, array: np.ndarray, where: str) -> None:

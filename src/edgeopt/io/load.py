@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -100,7 +101,9 @@ def _read_model(path: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelPr
     if not file.exists():
         raise ModelError(f"model file {file} not found: check the path")
     if file.is_dir():
-        raise ModelError(f"{file} is a folder, not an .onnx model file")
+        saved_model = " (a TensorFlow SavedModel: convert it with python -m tf2onnx.convert --saved-model)"
+        raise ModelError(f"{file} is a folder, not an .onnx model file"
+                         f"{saved_model if (file / 'saved_model.pb').is_file() else ''}")
     try:
         proto = onnx.load(str(file), load_external_data=False)
         sidecars = _external_files(proto, file.parent)
@@ -112,12 +115,42 @@ def _read_model(path: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelPr
         raise ModelError(f"{file}: its external weight file {Path(error.filename or '').name} is missing: "
                          "keep the data file next to the model") from None
     except Exception as error:  # protobuf raises DecodeError, RuntimeWarning, ValueError...
+        foreign = _foreign_format(file)
+        if foreign is not None:
+            raise ModelError(f"{file} is {foreign}") from None
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelError(f"{file} is not a valid ONNX model ({first_line}): "
                          "is the file truncated or of another format?") from None
     if not proto.graph.node:
         raise ModelError(f"{file} is not a valid ONNX model (its graph has no nodes)")
     return proto, _disk_bytes(file, sidecars)
+
+
+_TFLITE_IDENTIFIER = b"TFL3"  # a .tflite flatbuffer's file identifier, at bytes 4-8
+
+
+def _foreign_format(file: Path) -> str | None:
+    """What a file that is not ONNX is, and what to do, when its first bytes tell: the model files
+    users mistake for ONNX (a PyTorch checkpoint, TFLite, Keras) and calibration data."""
+    try:
+        with open(file, "rb") as stream:
+            head = stream.read(8)
+        names: list[str] = []
+        if zipfile.is_zipfile(file):
+            with zipfile.ZipFile(file) as archive:
+                names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return None
+    if any(name.endswith("data.pkl") for name in names) or head[:1] == b"\x80":  # torch.save: zip, or a pickle
+        return ("a PyTorch checkpoint (torch.save), not an ONNX model: export the module to ONNX first "
+                "(torch.onnx.export, or edgeopt.from_torch)")
+    if head[4:8] == _TFLITE_IDENTIFIER:
+        return "a TensorFlow Lite model, not an ONNX model: convert it first (python -m tf2onnx.convert --tflite)"
+    if head.startswith(b"\x89HDF") or "model.weights.h5" in names:
+        return "a Keras model, not an ONNX model: convert it first (tf2onnx.convert.from_keras)"
+    if head.startswith(b"\x93NUMPY") or (names and all(name.endswith(".npy") for name in names)):
+        return "NumPy data, not an ONNX model: give the model first, the data with --data"
+    return None
 
 
 def _default_opset(proto: onnx.ModelProto) -> int:

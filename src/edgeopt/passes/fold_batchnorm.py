@@ -32,8 +32,10 @@ def batchnorm_affine(bn: ir.Node, channels: int) -> tuple[np.ndarray, np.ndarray
         return "training_mode=1 (batch statistics, not running ones)"
     if bn.attributes.get_int("spatial", 1) == 0:
         return "spatial=0 (per-activation statistics)"
-    if any(v.uses() or v.is_graph_output() for v in bn.outputs[1:]):
-        return "its running-statistics outputs are used"
+    if any(value.name for value in bn.outputs[1:]):  # before opset 14 these outputs are what makes it training mode
+        return (f"exported in training mode ({len(bn.outputs)} outputs: ONNX Runtime normalizes with each batch's "
+                "statistics, not the running ones): export the model in eval mode (model.eval(), "
+                "training=TrainingMode.EVAL)")
     arrays = []
     for name, value in zip(_PARAMETERS, bn.inputs[1:5]):
         array = eir.constant_array(value)
@@ -161,7 +163,9 @@ class FoldBatchNormPass(RulePass):
     Preconditions (else left, with the reason): the layer's output has that
     BatchNormalization as its only reader and is not a graph output; weight,
     bias and the four BatchNormalization parameters are float constants;
-    ``training_mode`` is 0 and the statistics outputs are unused. A
+    ``training_mode`` is 0 and there are no statistics outputs (before opset
+    14 they mark a training-mode node, which ONNX Runtime runs on batch
+    statistics even when nothing reads them). A
     BatchNormalization after any other op is left and reported. Old weights
     stay as initializers for other readers until dead-code elimination.
     Rewrites the model it is given.
