@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 __all__ = ["main"]
@@ -20,12 +21,38 @@ class InterruptedAfterWriting(Exception):
         self.message, self.result = message, result
 
 
+_ctrl_c_seen = False
+
+
+def _record_ctrl_c(signum, frame) -> None:
+    """Python's own Ctrl-C (raise KeyboardInterrupt), remembering that one came: a Ctrl-C that lands
+    inside a C extension's import (ONNX Runtime's, numpy's) comes out as an ImportError instead."""
+    global _ctrl_c_seen
+    _ctrl_c_seen = True
+    raise KeyboardInterrupt
+
+
+def ctrl_c_seen() -> bool:
+    """Whether a Ctrl-C reached the ``edgeopt`` script (an error after it is the interrupt's doing)."""
+    return _ctrl_c_seen
+
+
 def main() -> None:
     """The ``edgeopt`` script. The commands (and ONNX, ONNX Runtime, numpy) are imported here, so a
     Ctrl-C while they load exits 130 without a traceback, as one during a command does."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored
+        signal.signal(signal.SIGINT, _record_ctrl_c)
     try:
         from edgeopt.cli.main import main as run
+    except Exception:
+        if not _ctrl_c_seen:
+            raise
+        _exit_interrupted()
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(INTERRUPTED)
+        _exit_interrupted()
     run()
+
+
+def _exit_interrupted() -> None:
+    print("error: interrupted", file=sys.stderr)
+    sys.exit(INTERRUPTED)

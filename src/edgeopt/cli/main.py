@@ -15,7 +15,7 @@ import sys
 
 from rich.text import Text
 
-from edgeopt.cli import INTERRUPTED, InterruptedAfterWriting, state
+from edgeopt.cli import INTERRUPTED, InterruptedAfterWriting, ctrl_c_seen, state
 from edgeopt.cli.app import app
 from edgeopt.cli.render import print_json
 from edgeopt.errors import EdgeoptError
@@ -89,6 +89,8 @@ def _run_app(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         return _interrupted(as_json=as_json)
     except Exception as error:  # a bug: one line unless --debug
+        if ctrl_c_seen():  # a Ctrl-C inside an extension's import surfaces as its ImportError
+            return _interrupted(as_json=as_json)
         if state.debug:
             raise
         return _fail(f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback "

@@ -51,6 +51,7 @@ import onnx_ir.passes.common as common_passes
 
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
+from edgeopt.metrics import count_of
 from edgeopt.quant.config import check_exclude_names
 from edgeopt.quant.float16_plan import (
     FLOAT32_OPS,
@@ -382,6 +383,9 @@ def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | N
     observe the activations' ranges (:mod:`edgeopt.quant.float16_ranges`)."""
     passes = _float_passes(model, config)
     _infer_types(model)
+    swapped = _transpose_after_matmul(model.graph)
+    if swapped:
+        _infer_types(model)
     ranges = check_fp16_ranges(model, data, progress=progress)
     graph, opset = model.graph, eir.default_opset(model)
     io_dtype = _FLOAT if config.keep_io_float32 else _FLOAT16
@@ -401,13 +405,17 @@ def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | N
         f"{log.bytes_before} -> {log.bytes_after} bytes",
         (f"{log.clamped} weight values beyond ±65504 clamped to the float16 range, " if log.clamped else "")
         + f"{log.flushed} weight values of magnitude 2**-25 or less rounded to 0",
-        (f"inputs and outputs stay float32: {casts.at_boundary()} Cast nodes at the graph boundary"
+        (f"inputs and outputs stay float32: {count_of(casts.at_boundary(), 'Cast node', 'Cast nodes')} at the "
+         "graph boundary"
          if config.keep_io_float32 else "inputs and outputs are float16"),
-        f"{len(casts.made)} Cast nodes in all join the float32 and float16 parts",
+        f"{count_of(len(casts.made), 'Cast node', 'Cast nodes')} in all join the float32 and float16 parts",
         "ONNX Runtime's CPU provider runs ops without a float16 kernel in float32 through casts it "
         "inserts: on x86 CPU expect a size win, not a speed win",
         *passes,
         *ranges.notes,
+        *([f"{count_of(swapped, 'MatMul', 'MatMuls')} of a Transpose(perm=[1, 0, 2]) by a 2-D weight "
+           "computed before the Transpose instead (the same values): ONNX Runtime 1.32 crashes creating a "
+           "session for that float16 pattern"] if swapped else []),
     ]
     kept = _kept_note(float_nodes)
     notes += [kept] if kept else []
@@ -418,6 +426,35 @@ def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | N
                "flushed_values": log.flushed, "casts_inserted": len(casts.made), **ranges.details}
     return QuantResult(model=model, scheme="fp16", tensors=tuple(log.tensors), float_nodes=float_nodes,
                        notes=tuple(notes), config=config, details=details)
+
+
+def _transpose_after_matmul(graph: ir.Graph) -> int:
+    """``MatMul(Transpose(x, perm=[1, 0, 2]), W)`` with a 3-D ``x`` and a 2-D ``W`` (a sequence-first
+    transformer's projection, torch's ``x.transpose(0, 1) @ W``) becomes ``Transpose(MatMul(x, W))``: the
+    same values, as a MatMul by a 2-D ``W`` treats the two leading axes alike. ONNX Runtime 1.32's CPU
+    provider fuses the float16 form into a FusedMatMul with a transposed batch and crashes (a segmentation
+    fault) creating the session. How many were rewritten."""
+    namer = UniqueNames(graph)
+    swapped = 0
+    for node in list(graph):
+        transpose = node.inputs[0].producer() if node.op_type == "MatMul" and node.domain == "" else None
+        if transpose is None or transpose.op_type != "Transpose" or transpose.domain != "":
+            continue
+        perm = transpose.attributes.get("perm")
+        x, weight = transpose.inputs[0], node.inputs[1]
+        if (perm is None or list(perm.as_ints()) != [1, 0, 2] or x.shape is None or len(x.shape) != 3
+                or weight.shape is None or len(weight.shape) != 2):
+            continue
+        label = eir.node_label(node)
+        product = ir.node("MatMul", [x, weight], name=namer(f"{label}_before_transpose"))
+        product.outputs[0].name = namer(f"{node.outputs[0].name}_before_transpose")
+        moved = ir.node("Transpose", [product.outputs[0]], {"perm": [1, 0, 2]}, name=namer(f"{label}_Transpose"))
+        moved.outputs[0].name = namer(f"{node.outputs[0].name}_transposed")
+        eir.replace_nodes(graph, [node], node.outputs[0], [product, moved])
+        if not transpose.outputs[0].uses() and not transpose.outputs[0].is_graph_output():
+            eir.remove_nodes(graph, [transpose])
+        swapped += 1
+    return swapped
 
 
 # ---------------------------------------------------------------------------
