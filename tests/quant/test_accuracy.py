@@ -124,7 +124,7 @@ def test_nodes_that_did_not_help_go_back_to_int8_once_the_goal_is_met(monkeypatc
         name = next(ranking)
         node = next(node for node in result.model.graph if node.name == name)
         assert name not in float_nodes
-        return [(10.0, node, "ranked first by the test")]
+        return [accuracy._Candidate(10.0, node, "ranked first by the test")]
 
     monkeypatch.setattr(accuracy, "_node_damage", ranked)
     search = accuracy_aware_quantize(_conv_classifier(), Int8Config(), batches((1, 3, 8, 8), 16),
@@ -231,7 +231,7 @@ def test_an_argmax_writing_class_indices_is_not_ranked_by_their_sqnr():
     data = [{"x": x} for x in rng.standard_normal((32, 1, 16, 8)).astype(np.float32)]
     result = quantize_int8(model.clone(), Int8Config(), data)
     comparison = compare_models(model, result.model, data)
-    assert [node.name for _, node, _ in _node_damage(result, comparison)] == ["mm"]
+    assert [candidate.node.name for candidate in _node_damage(result, comparison)] == ["mm"]
 
 
 def test_equalize_relu6_s_float_change_is_measured_on_the_scores_not_on_their_argmax():
@@ -359,3 +359,24 @@ def test_ctrl_c_while_retrying_nodes_in_int8_keeps_the_goal_meeting_model():
     assert search.interrupted and search.met and len(search.best_excluded) == 2 and len(search.steps) == 3
     assert search.stopped_because == ("goal met (accuracy drop <= 1), then interrupted after 3 rounds while "
                                       "retrying in int8 the nodes returned to float")
+
+
+def test_the_readers_of_a_float_nodes_quantized_output_go_back_to_float_in_one_round():
+    # A LayerNorm (float on the ort target) read by Q, K and V: its output stays quantized until all
+    # three compute in float, so returning one reader a round took three rounds to remove one error.
+    # Here an Exp (no integer kernel, its output the worst quantized tensor) is read by three convs.
+    g = GraphBuilder(seed=5)
+    shared = g.node("Exp", [g.conv("x", 3, 8, "conv1")], "exp")
+    q, k, v = (g.conv(shared, 8, 8, name) for name in ("q", "k", "v"))
+    mixed = g.node("Add", [g.node("Add", [q, k], "qk"), v], "qkv")
+    logits = g.node("Gemm", [g.node("Flatten", [g.node("GlobalAveragePool", [mixed], "pool")], "flat"),
+                             g.weight("fc.weight", (10, 8)), g.weight("fc.bias", (10,), 0.1)], "fc", transB=1)
+    search = accuracy_aware_quantize(g.model([logits], (1, 3, 8, 8)), Int8Config(exclude=("pool",)),
+                                     batches((1, 3, 8, 8), 16), AccuracyGoal(min_sqnr_db=200.0))
+    together = [step for step in search.steps if "reads exp" in (step.reason or "")]
+    assert len(together) == 1 and sorted(together[0].returned) == ["k", "q", "v"]
+    assert together[0].to_dict()["also_returned"] == list(together[0].returned[1:])
+    round_after = search.steps[search.steps.index(together[0]) + 1]
+    assert set(round_after.excluded) >= {"q", "k", "v"}
+    reasons = {node.node_name: node.reason for node in search.result.float_nodes}
+    assert search.steps[0] is together[0] and all("reads exp" in reasons[name] for name in ("q", "k", "v"))

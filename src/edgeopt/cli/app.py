@@ -458,7 +458,7 @@ def _render_search(search) -> None:
             rows.add_row(str(index), str(len(step.excluded)), score, f"{step.retried} tried in int8", kept)
             continue
         rows.add_row(str(index), str(len(step.excluded)), score,
-                     f"{step.next_node} ({step.next_op_type})" if step.next_node else "", step.reason or "")
+                     _returned_text(step), step.reason or "")
     state.stdout.print(rows)
     float_text = "" if math.isinf(search.float_score) else f" (float model {goal.score_text(search.float_score)})"
     added = ", ".join(search.best_excluded) or "none"
@@ -466,6 +466,14 @@ def _render_search(search) -> None:
                        f"{count_of(len(search.best_excluded), 'node', 'nodes')} back in float: {added}")
     passes = count_of(search.calibration_passes, "calibration pass", "calibration passes")
     state.stdout.print(f"{count_of(len(search.steps), 'round', 'rounds')}, {passes} over the data")
+
+
+def _returned_text(step) -> str:
+    """``q (MatMul)``, or ``q (MatMul) with k, v`` when the other readers of the same tensor go with it."""
+    if not step.next_node:
+        return ""
+    together = f" with {', '.join(step.also_returned)}" if step.also_returned else ""
+    return f"{step.next_node} ({step.next_op_type}){together}"
 
 
 FLOAT_NODES_LISTED = 24  # beyond this many, one row per op and reason (every node is in --json and the report)

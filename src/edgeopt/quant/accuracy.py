@@ -31,6 +31,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -119,12 +120,20 @@ class AccuracyStep:
     next_node: str | None = None
     next_op_type: str | None = None
     reason: str | None = None
+    # returned with next_node: the other readers of the quantized output of the float node it reads (a
+    # LayerNorm's Q, K and V): that tensor stays quantized until every reader computes in float
+    also_returned: tuple[str, ...] = ()
     retried: str | None = None  # a pruning round: this node was tried in int8 again (``excluded`` without it)
+
+    @property
+    def returned(self) -> tuple[str, ...]:
+        """The nodes this round sends back to float for the next one."""
+        return (self.next_node, *self.also_returned) if self.next_node else ()
 
     def to_dict(self) -> dict:
         return {"excluded": list(self.excluded), "score": json_number(self.score), "seconds": self.seconds,
                 "next_node": self.next_node, "next_op_type": self.next_op_type, "reason": self.reason,
-                "retried_in_int8": self.retried}
+                "also_returned": list(self.also_returned), "retried_in_int8": self.retried}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,11 +177,19 @@ def _output_sqnr(comparison: CompareResult) -> float:
     return -math.inf if worst is None else worst
 
 
-def _node_damage(result: QuantResult, comparison: CompareResult) -> list[tuple[float, ir.Node, str]]:
-    """(damage dB, node, reason) for each quantized node that returning to float would help, worst first.
+class _Candidate(NamedTuple):
+    damage: float  # dB
+    node: ir.Node
+    reason: str
+    through: str | None = None  # the float node whose quantized output the damage is measured on
 
-    A float node's output (a Tanh, say) is quantized only because quantized nodes read it: its
-    damage goes to those readers, since returning the float node itself would change nothing.
+
+def _node_damage(result: QuantResult, comparison: CompareResult) -> list[_Candidate]:
+    """The quantized nodes that returning to float would help, worst first.
+
+    A float node's output (a Tanh, a LayerNorm) is quantized only because quantized nodes read it: its
+    damage goes to those readers (``through`` names it), since returning the float node itself would
+    change nothing.
     """
     sqnr = {row.tensor: row.sqnr_db for row in comparison.layers}
     float_nodes = _float_node_names(result)
@@ -189,14 +206,15 @@ def _node_damage(result: QuantResult, comparison: CompareResult) -> list[tuple[f
         reason = (f"output SQNR {sqnr_db:.1f} dB, {damage:.1f} dB lost inside {inside}"
                   if math.isfinite(upstream) else f"output SQNR {sqnr_db:.1f} dB")
         if head.name not in float_nodes:
-            ranked.append((damage, head, reason))
+            ranked.append(_Candidate(damage, head, reason))
             continue
         for reader in _computing_readers(head):
             if reader.name not in float_nodes:
-                ranked.append((damage, reader, f"reads {head.name} ({head.op_type}, float) quantized: {reason}"))
-    ranked.sort(key=lambda item: (-item[0], item[1].name))
+                ranked.append(_Candidate(damage, reader, f"reads {head.name} ({head.op_type}, float) quantized: "
+                                         f"{reason}", through=head.name))
+    ranked.sort(key=lambda item: (-item.damage, item.node.name))
     seen: set[str] = set()  # a node reached twice (its own output, a float node it reads) counts once
-    return [item for item in ranked if not (item[1].name in seen or seen.add(item[1].name))]
+    return [item for item in ranked if not (item.node.name in seen or seen.add(item.node.name))]
 
 
 def _float_node_names(result: QuantResult) -> set[str]:
@@ -205,7 +223,7 @@ def _float_node_names(result: QuantResult) -> set[str]:
     return {f.node_name for f in result.float_nodes if not f.reason.startswith(READ_IN_FLOAT)}
 
 
-def _quantized_readers(result: QuantResult) -> list[tuple[float, ir.Node, str]]:
+def _quantized_readers(result: QuantResult) -> list[_Candidate]:
     """Nodes still reading a quantized activation whose own output is not compared (its readers are
     float): no damage is measured for them, but the search must be able to return them too."""
     float_nodes = _float_node_names(result)
@@ -215,7 +233,7 @@ def _quantized_readers(result: QuantResult) -> list[tuple[float, ir.Node, str]]:
             continue
         inputs = quantized_input_names(node)
         if inputs:
-            found.append((0.0, node, f"still reads {inputs[0]} quantized"))
+            found.append(_Candidate(0.0, node, f"still reads {inputs[0]} quantized"))
     return found
 
 
@@ -368,21 +386,31 @@ def _rounds(search: _Search, float_score: float, progress: Callable[[int, int | 
         if goal.met(score, float_score):
             steps.append(AccuracyStep(excluded=excluded, score=score, seconds=time.monotonic() - round_start))
             return f"goal met ({goal.describe()})"
-        candidates = [c for c in _node_damage(result, comparison) if c[1].name not in excluded]
-        candidates = candidates or [c for c in _quantized_readers(result) if c[1].name not in excluded]
+        candidates = [c for c in _node_damage(result, comparison) if c.node.name not in excluded]
+        candidates = candidates or [c for c in _quantized_readers(result) if c.node.name not in excluded]
         round_seconds = time.monotonic() - round_start
         if not candidates or len(excluded) >= goal.max_float_nodes:
             steps.append(AccuracyStep(excluded=excluded, score=score, seconds=round_seconds))
             return ("no quantized node left to return to float" if not candidates
                     else f"{goal.max_float_nodes} nodes already back in float")
-        damage, node, reason = candidates[0]
-        steps.append(AccuracyStep(excluded=excluded, score=score, seconds=round_seconds,
-                                  next_node=node.name, next_op_type=node.op_type, reason=reason))
+        first, *others = _returned_together(candidates, goal.max_float_nodes - len(excluded))
+        steps.append(AccuracyStep(excluded=excluded, score=score, seconds=round_seconds, next_node=first.node.name,
+                                  next_op_type=first.node.op_type, reason=first.reason,
+                                  also_returned=tuple(c.node.name for c in others)))
         if search.elapsed() + round_seconds > goal.time_budget_s:
             return f"time budget of {goal.time_budget_s:g} s would be exceeded by another round"
-        logger.info("score %.3f misses the goal; returning %s (%s) to float: %s", score, node.name,
-                    node.op_type, reason)
-        excluded = excluded + (node.name,)
+        logger.info("score %.3f misses the goal; returning %s to float: %s", score, steps[-1].returned,
+                    first.reason)
+        excluded = excluded + steps[-1].returned
+
+
+def _returned_together(candidates: list[_Candidate], room: int) -> list[_Candidate]:
+    """The most damaging candidate, with the other readers of the float node's quantized output it reads
+    (at most ``room`` in all): returning one reader alone leaves that tensor quantized for the others."""
+    first = candidates[0]
+    if first.through is None:
+        return [first]
+    return [first, *[c for c in candidates[1:] if c.through == first.through]][:room]
 
 
 def _prune(search: _Search, float_score: float) -> int:
@@ -390,7 +418,8 @@ def _prune(search: _Search, float_score: float) -> int:
     the goal still holds; within the time budget. ``search.best`` becomes the goal-meeting round with the
     fewest float nodes; how many went back to int8."""
     pruned = 0
-    for node_name in search.best[2][:-1]:  # the last one added is what met the goal
+    met_by = next(step for step in search.steps if step.returned and step.excluded + step.returned == search.best[2])
+    for node_name in search.best[2][:len(met_by.excluded)]:  # the last ones returned are what met the goal
         if search.elapsed() + search.steps[-1].seconds > search.goal.time_budget_s:
             logger.warning("the time budget ended the retrying of float nodes in int8 before %s: the model "
                            "keeps it and the nodes after it in float", node_name)
@@ -423,11 +452,11 @@ def _why_returned(steps: list[AccuracyStep], returned: list[str], goal: Accuracy
     it was chosen and, when it was tried in int8 again, the score that missed the goal."""
     reasons = {}
     for name in returned:
-        chosen = next((index, step) for index, step in enumerate(steps) if step.next_node == name)
+        chosen = next((index, step) for index, step in enumerate(steps) if name in step.returned)
         why = [f"round {chosen[0]}: {chosen[1].reason}"]
         retried = next((step for step in steps if step.retried == name), None)
-        met = next((step for step in steps if not step.retried and step.excluded[-1:] == (name,)
-                    and goal.met(step.score, float_score)), None)
+        met = next((step for index, step in enumerate(steps) if not step.retried and name in step.excluded
+                    and index and name in steps[index - 1].returned and goal.met(step.score, float_score)), None)
         if retried is not None:
             why.append(f"in int8 again the score was {goal.score_text(retried.score)}, missing {goal.describe()}")
         elif met is not None:  # the last one returned: it met the goal, and is not tried again
