@@ -92,3 +92,13 @@ def test_a_torchscript_transformer_encoder_in_fp16_loads_in_onnx_runtime(tmp_pat
     result = quantize(load_model(path, require_static=False), Fp16Config(), data=[feed])
     expected = OrtSession(str(path)).run(feed)["y"]
     assert sqnr_db(expected, run_in_a_child(model_to_bytes(result.model), feed, tmp_path)) > 40
+
+
+def test_an_excluded_transposed_batch_matmul_keeps_its_name_and_stays_float32():
+    # the rewrite made a new MatMul: named anew, --exclude projection no longer found it and it went float16
+    model = projection_model(transposed_read_too=False)
+    result = quantize(ir.from_proto(model), Fp16Config(exclude=("projection",)))
+    [matmul] = [node for node in result.model.graph if node.op_type == "MatMul"]
+    assert matmul.name == "projection"
+    assert [value.dtype for value in matmul.inputs] == [ir.DataType.FLOAT, ir.DataType.FLOAT]
+    assert [node.node_name for node in result.float_nodes] == ["projection"]

@@ -433,7 +433,8 @@ def _transpose_after_matmul(graph: ir.Graph) -> int:
     transformer's projection, torch's ``x.transpose(0, 1) @ W``) becomes ``Transpose(MatMul(x, W))``: the
     same values, as a MatMul by a 2-D ``W`` treats the two leading axes alike. ONNX Runtime 1.32's CPU
     provider fuses the float16 form into a FusedMatMul with a transposed batch and crashes (a segmentation
-    fault) creating the session. How many were rewritten."""
+    fault) creating the session. The MatMul keeps its name, so ``exclude`` and the report still find it. How
+    many were rewritten."""
     namer = UniqueNames(graph)
     swapped = 0
     for node in list(graph):
@@ -446,7 +447,7 @@ def _transpose_after_matmul(graph: ir.Graph) -> int:
                 or weight.shape is None or len(weight.shape) != 2):
             continue
         label = eir.node_label(node)
-        product = ir.node("MatMul", [x, weight], name=namer(f"{label}_before_transpose"))
+        product = ir.node("MatMul", [x, weight], name=node.name)  # the old node goes: its name is free
         product.outputs[0].name = namer(f"{node.outputs[0].name}_before_transpose")
         moved = ir.node("Transpose", [product.outputs[0]], {"perm": [1, 0, 2]}, name=namer(f"{label}_Transpose"))
         moved.outputs[0].name = namer(f"{node.outputs[0].name}_transposed")
