@@ -54,3 +54,14 @@ def test_string_samples_are_known_by_their_text():
     first, second = np.array(["a", "b"], dtype=object), np.array(["a", "c"], dtype=object)
     assert _fingerprint({"text": first}) == _fingerprint({"text": first.copy()})
     assert _fingerprint({"text": first}) != _fingerprint({"text": second})
+
+
+def test_string_samples_that_would_join_alike_are_told_apart():
+    # joined with a NUL, ["a\0b", "c"] and ["a", "b\0c"] were one sample, as were "1" and 1
+    from edgeopt.quant.float_reference import _fingerprint
+
+    first, second = np.array(["a\0b", "c"], dtype=object), np.array(["a", "b\0c"], dtype=object)
+    assert _fingerprint({"text": first}) != _fingerprint({"text": second})
+    for one, other in (("1", 1), (b"a", "b'a'")):
+        assert _fingerprint({"text": np.array([one], dtype=object)}) != \
+            _fingerprint({"text": np.array([other], dtype=object)})
