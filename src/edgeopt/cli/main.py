@@ -41,9 +41,32 @@ def _print_error_json(message: str, code: int, result: dict | None = None) -> No
 
 
 def _json_requested(argv: list[str] | None) -> bool:
-    """Whether the command line asks for --json (before a ``--`` that ends the options)."""
+    """Whether the command line asks for --json: the flag, before a ``--`` that ends the options, and not
+    an option's value (``-o --json`` names a file, ``--exclude --json`` a node)."""
     args = sys.argv[1:] if argv is None else argv
-    return "--json" in (args[:args.index("--")] if "--" in args else args)
+    if "--json" not in args:
+        return False
+    value_counts, skipped = _values_taken(args), 0
+    for token in args:
+        if skipped:
+            skipped -= 1
+        elif token in ("--", "--json"):
+            return token == "--json"
+        else:
+            skipped = value_counts.get(token, 0)
+    return False
+
+
+def _values_taken(args: list[str]) -> dict[str, int]:
+    """How many values each option of the command ``args`` runs takes (its name is the first word: the
+    options before it are flags), the flags left out."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    name = next((token for token in args if not token.startswith("-")), None)
+    params = [*group.params, *(group.commands[name].params if name in group.commands else ())]
+    return {opt: param.nargs for param in params if param.param_type_name == "option"
+            and not param.is_flag and not param.count for opt in param.opts}
 
 
 class _ConsoleLog(logging.Handler):
