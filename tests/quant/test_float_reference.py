@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from edgeopt.quant.compare import compare_models
 from edgeopt.quant.float_reference import FloatReference
 from edgeopt.runtime.ort import observing_session
 from tests.quant.int8_models import GraphBuilder
@@ -65,3 +67,11 @@ def test_string_samples_that_would_join_alike_are_told_apart():
     for one, other in (("1", 1), (b"a", "b'a'")):
         assert _fingerprint({"text": np.array([one], dtype=object)}) != \
             _fingerprint({"text": np.array([other], dtype=object)})
+
+
+def test_a_comparison_refuses_the_reference_of_another_float_model():
+    # it would answer with that model's tensors: a comparison against the wrong float model, silently
+    model, other = _model(), _model()
+    with pytest.raises(ValueError, match="float_reference was made for another float model"):
+        compare_models(model, model, _feeds(2), float_reference=FloatReference(other))
+    assert compare_models(model, model, _feeds(2), float_reference=FloatReference(model)).samples == 2
