@@ -15,7 +15,7 @@ import sys
 
 from rich.text import Text
 
-from edgeopt.cli import INTERRUPTED, InterruptedAfterWriting, ctrl_c_seen, state
+from edgeopt.cli import INTERRUPTED, InterruptedAfterWriting, ctrl_c_seen, json_flag_given, state
 from edgeopt.cli.app import app
 from edgeopt.cli.render import print_json
 from edgeopt.errors import EdgeoptError
@@ -41,20 +41,9 @@ def _print_error_json(message: str, code: int, result: dict | None = None) -> No
 
 
 def _json_requested(argv: list[str] | None) -> bool:
-    """Whether the command line asks for --json: the flag, before a ``--`` that ends the options, and not
-    an option's value (``-o --json`` names a file, ``--exclude --json`` a node)."""
+    """Whether the command line asks for --json: the flag, not an option's value (``--exclude --json``)."""
     args = sys.argv[1:] if argv is None else argv
-    if "--json" not in args:
-        return False
-    value_counts, skipped = _values_taken(args), 0
-    for token in args:
-        if skipped:
-            skipped -= 1
-        elif token in ("--", "--json"):
-            return token == "--json"
-        else:
-            skipped = value_counts.get(token, 0)
-    return False
+    return "--json" in args and json_flag_given(args, _values_taken(args))
 
 
 def _values_taken(args: list[str]) -> dict[str, int]:
