@@ -61,3 +61,14 @@ def test_json_after_an_option_value_and_after_global_flags_is_json(cli, tmp_path
     monkeypatch.chdir(tmp_path)
     result = cli("-v", "quantize", "missing.onnx", "-o", "q.onnx", "--exclude", "conv", "--json")
     assert _error_of(result)["exit_code"] == 2 and result.code == 2
+
+
+def test_ctrl_c_while_the_options_are_read_for_json_is_an_interrupt(cli, monkeypatch):
+    from edgeopt.cli import main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(main, "_values_taken", interrupted)
+    result = cli("inspect", demo_model_path(), "--json")
+    assert result.code == 130 and result.stderr.strip() == "error: interrupted"

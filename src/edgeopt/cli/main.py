@@ -85,8 +85,9 @@ def _run(argv: list[str] | None) -> int:
 
 
 def _run_app(argv: list[str] | None) -> int:
-    as_json = _json_requested(argv)
+    as_json = False
     try:
+        as_json = _json_requested(argv)  # inside: reading the commands' options can be interrupted too
         app(args=argv, prog_name="edgeopt")
     except SystemExit as done:  # Typer turns Ctrl-C (and SIGTERM, raised as one) into exit code 130
         if done.code == INTERRUPTED:
