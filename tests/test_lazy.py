@@ -25,3 +25,11 @@ def test_a_name_the_package_lacks_is_an_attribute_error(name):
     with pytest.raises(AttributeError, match=f"module 'edgeopt' has no attribute {name!r}"):
         getattr(edgeopt, name)
     assert not hasattr(edgeopt, name)
+
+
+def test_compare_is_the_function_once_its_module_is_loaded():
+    # edgeopt.api.compare is also the module defining it: loading that module must not hide the function
+    import importlib
+
+    module = importlib.import_module("edgeopt.api.compare")
+    assert edgeopt.api.compare is module.compare and edgeopt.compare is module.compare and callable(edgeopt.compare)

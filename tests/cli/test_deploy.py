@@ -163,7 +163,7 @@ def test_unsupported_ops_are_listed_with_their_nodes_before_writing(cli, tmp_pat
     path = tmp_path / "erf.onnx"
     onnx.save(q.quantize_with_ort(b.model(b.conv(x, 4, 4, k=1), (1, 3, 8, 8))), str(path))
     result = cli("compile", path, "-o", tmp_path / "out")
-    assert_one_line_error(result, "cannot lower 2 op(s)", "Erf (erf5_node)", "Erf (erf9_node)")
+    assert_one_line_error(result, "cannot lower 2 ops to integer kernels", "Erf (erf5_node)", "Erf (erf9_node)")
     assert not (tmp_path / "out").exists()
 
 

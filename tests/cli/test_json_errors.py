@@ -45,3 +45,30 @@ def test_bad_data_keeps_its_exit_code_and_without_json_stdout_stays_empty(cli, t
     assert "missing.npy not found" in _error_of(result)["message"]
     plain = cli("compare", demo_model_path(), demo_model_path(), "--data", tmp_path / "missing.npy")
     assert plain.code == 3 and plain.stdout == ""
+
+
+@pytest.mark.parametrize("options", [("-o", "--json"), ("-o", "q.onnx", "--exclude", "--json")],
+                         ids=["output", "exclude"])
+def test_json_as_an_option_value_asks_for_no_json(cli, tmp_path, monkeypatch, options):
+    # -o --json names a file, --exclude --json a node: the error stays off stdout
+    monkeypatch.chdir(tmp_path)
+    result = cli("quantize", "missing.onnx", *options, "--data", demo_calibration_path())
+    assert_one_line_error(result, "model file missing.onnx not found")
+    assert result.code == 2 and result.stdout == ""
+
+
+def test_json_after_an_option_value_and_after_global_flags_is_json(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("-v", "quantize", "missing.onnx", "-o", "q.onnx", "--exclude", "conv", "--json")
+    assert _error_of(result)["exit_code"] == 2 and result.code == 2
+
+
+def test_ctrl_c_while_the_options_are_read_for_json_is_an_interrupt(cli, monkeypatch):
+    from edgeopt.cli import main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(main, "_values_taken", interrupted)
+    result = cli("inspect", demo_model_path(), "--json")
+    assert result.code == 130 and result.stderr.strip() == "error: interrupted"

@@ -3,6 +3,7 @@ script on PATH, or several Pythons side by side)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -87,3 +88,16 @@ def test_ctrl_c_inside_an_extensions_import_is_an_interrupt_not_an_internal_erro
     unrelated = subprocess.run([sys.executable, "-c", no_ort, "inspect", model], capture_output=True, text=True,
                                timeout=120)
     assert unrelated.returncode == 70 and "internal error" in unrelated.stderr  # no Ctrl-C: still a bug
+
+
+def test_ctrl_c_while_the_commands_load_is_json_on_stdout_under_json():
+    # the README: with --json, stdout is JSON whatever happens; a Ctrl-C before the commands loaded left it empty
+    loading = CTRL_C_INSIDE_AN_EXTENSION.format(module="edgeopt.cli.main")
+    model = str(edgeopt.demo.demo_model_path())
+    done = subprocess.run([sys.executable, "-c", loading, "inspect", model, "--json"], capture_output=True,
+                          text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (130, "error: interrupted\n")
+    assert json.loads(done.stdout) == {"error": {"message": "interrupted", "exit_code": 130}}
+    after_dash_dash = subprocess.run([sys.executable, "-c", loading, "inspect", "--", "--json"], capture_output=True,
+                                     text=True, timeout=120)
+    assert after_dash_dash.returncode == 130 and after_dash_dash.stdout == ""

@@ -327,6 +327,18 @@ def test_fp16_types_every_output_of_a_variadic_op(tmp_path):
 # --------------------------------------------------------------------------
 
 
+def test_bf16_notes_count_in_words():
+    nodes = [helper.make_node("Mul", ["x", "s"], ["m"]), helper.make_node("MatMul", ["m", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                              [numpy_helper.from_array(np.ones((4, 3), np.float32), "w"),
+                               numpy_helper.from_array(np.array(2.0, np.float32), "s")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    notes = quantize(model, Bf16Config(), data=None).notes
+    assert "1 float32 constant stored as bfloat16, 48 -> 24 bytes" in notes
+    assert "1 scalar constant left float32 (no size to win)" in notes
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v3", "transformer"])
 def test_bf16_stores_weights_low_and_computes_float32(torch_models, name):
     model = load_model(torch_models[name])

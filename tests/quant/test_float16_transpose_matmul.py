@@ -66,6 +66,8 @@ def test_a_transposed_batch_matmul_is_computed_before_the_transpose_and_loads(tm
     assert matmul.inputs[0].producer().op_type == "Cast"  # x itself, cast to float16: no Transpose before it
     assert [node.op_type for node in graph].count("Transpose") == (2 if transposed_read_too else 1)
     assert any("1 MatMul of a Transpose(perm=[1, 0, 2])" in note for note in result.notes)
+    assert result.notes[0] == "float16 weights and compute: 1 float32 constant converted, 3072 -> 1536 bytes"
+    assert result.notes[1] == "0 weight values of magnitude 2**-25 or less rounded to 0"
     expected = OrtSession(model.SerializeToString()).run(feed)["y"]
     assert sqnr_db(expected, run_in_a_child(model_to_bytes(result.model), feed, tmp_path)) > 50
 
@@ -92,3 +94,13 @@ def test_a_torchscript_transformer_encoder_in_fp16_loads_in_onnx_runtime(tmp_pat
     result = quantize(load_model(path, require_static=False), Fp16Config(), data=[feed])
     expected = OrtSession(str(path)).run(feed)["y"]
     assert sqnr_db(expected, run_in_a_child(model_to_bytes(result.model), feed, tmp_path)) > 40
+
+
+def test_an_excluded_transposed_batch_matmul_keeps_its_name_and_stays_float32():
+    # the rewrite made a new MatMul: named anew, --exclude projection no longer found it and it went float16
+    model = projection_model(transposed_read_too=False)
+    result = quantize(ir.from_proto(model), Fp16Config(exclude=("projection",)))
+    [matmul] = [node for node in result.model.graph if node.op_type == "MatMul"]
+    assert matmul.name == "projection"
+    assert [value.dtype for value in matmul.inputs] == [ir.DataType.FLOAT, ir.DataType.FLOAT]
+    assert [node.node_name for node in result.float_nodes] == ["projection"]

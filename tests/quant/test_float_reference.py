@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from edgeopt.quant.compare import compare_models
 from edgeopt.quant.float_reference import FloatReference
 from edgeopt.runtime.ort import observing_session
 from tests.quant.int8_models import GraphBuilder
@@ -54,3 +56,22 @@ def test_string_samples_are_known_by_their_text():
     first, second = np.array(["a", "b"], dtype=object), np.array(["a", "c"], dtype=object)
     assert _fingerprint({"text": first}) == _fingerprint({"text": first.copy()})
     assert _fingerprint({"text": first}) != _fingerprint({"text": second})
+
+
+def test_string_samples_that_would_join_alike_are_told_apart():
+    # joined with a NUL, ["a\0b", "c"] and ["a", "b\0c"] were one sample, as were "1" and 1
+    from edgeopt.quant.float_reference import _fingerprint
+
+    first, second = np.array(["a\0b", "c"], dtype=object), np.array(["a", "b\0c"], dtype=object)
+    assert _fingerprint({"text": first}) != _fingerprint({"text": second})
+    for one, other in (("1", 1), (b"a", "b'a'")):
+        assert _fingerprint({"text": np.array([one], dtype=object)}) != \
+            _fingerprint({"text": np.array([other], dtype=object)})
+
+
+def test_a_comparison_refuses_the_reference_of_another_float_model():
+    # it would answer with that model's tensors: a comparison against the wrong float model, silently
+    model, other = _model(), _model()
+    with pytest.raises(ValueError, match="float_reference was made for another float model"):
+        compare_models(model, model, _feeds(2), float_reference=FloatReference(other))
+    assert compare_models(model, model, _feeds(2), float_reference=FloatReference(model)).samples == 2

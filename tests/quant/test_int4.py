@@ -457,7 +457,8 @@ def test_a_quantized_weight_other_nodes_read_stays_and_is_noted(tmp_path):
     model = shared_weight_model(tmp_path, also_added=True)
     result = quantize(model, Int4WeightConfig(), data=None)
     assert "w" in result.model.graph.initializers  # the Add still reads the float weight
-    assert any("1 quantized weight stays in the model in float32 too, 16384 bytes" in note and "Add" in note for note in result.notes)
+    assert any("1 quantized weight stays in the model in float32 too, 16384 bytes" in note and "Add" in note
+               for note in result.notes)
     add = next(node for node in result.model.graph if node.op_type == "Add")
     np.testing.assert_array_equal(eir.constant_array(add.inputs[1]), eir.constant_array(model.graph.initializers["w"]))
     assert op_types(result.model).count("MatMulNBits") == 2
@@ -551,7 +552,8 @@ def test_a_tied_head_is_quantized_through_its_transpose_and_the_embedding_stays_
     np.testing.assert_array_equal(eir.constant_array(result.model.graph.initializers["E"]),
                                   eir.constant_array(model.graph.initializers["E"]))
     assert [(t.name, t.axis) for t in result.tensors] == [("P", 0), ("E", 1)]  # E is [N, K]: K is axis 1
-    assert any("1 quantized weight stays in the model in float32 too" in note and "Gather" in note for note in result.notes)
+    assert any("1 quantized weight stays in the model in float32 too" in note and "Gather" in note
+               for note in result.notes)
     expected = OrtSession(fake_quantized_tied(model, config)).run(TIED_FEED)["logits"]
     assert sqnr_db(expected, OrtSession(result.model).run(TIED_FEED)["logits"]) >= MATCHES_REFERENCE_DB
 

@@ -93,3 +93,34 @@ def test_a_hardsigmoid_se_gate_runs_in_its_conv(tmp_path, opset):
         assert sqnr_db(model, result.model, test) >= 33.0
     counts = ort_op_counts(results[Target.ORT].model)
     assert counts["HardSigmoid"] == 0 and counts["QLinearConv"] == 4 and counts["QLinearMul"] == 1
+
+
+def _pow_cube_gelu_mlp():
+    """Linear -> Hugging Face's gelu_new, ``0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * torch.pow(x, 3))))``
+    -> Linear; seeded."""
+    import math
+
+    import torch
+
+    class GeluNew(torch.nn.Module):
+        def forward(self, x):
+            return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 64), GeluNew(), torch.nn.Linear(64, 16)).eval()
+
+
+@pytest.mark.parametrize("opset", [17, 20])
+def test_a_tanh_gelu_cubed_by_pow_on_the_mcu_says_what_makes_it_int8(tmp_path, opset):
+    # below opset 20 the Pow has no int8 kernel: it is the one float node, and says to export at opset 20
+    import torch
+
+    model = load_model(export_onnx(_pow_cube_gelu_mlp(), (torch.zeros(2, 5, 16),), tmp_path / "mlp.onnx", opset=opset))
+    result = quantize(model, Int8Config(target=Target.MCU), batches((2, 5, 16), 8, name="input"))
+    reasons = [(f.op_type, f.reason) for f in result.float_nodes]
+    if opset >= 20:
+        assert reasons == []
+    else:
+        [(op_type, reason)] = reasons
+        assert op_type == "Pow" and reason.startswith("no integer kernel for Pow (the cube of a spelled-out tanh-GELU")
+        assert "export the model at opset 20" in reason

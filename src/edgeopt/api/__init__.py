@@ -17,7 +17,8 @@ _EXPORTS = {
     "bench": "edgeopt.api.bench",
     **dict.fromkeys(("compile_model", "verify"), "edgeopt.api.deploy"),
     **dict.fromkeys(("InspectResult", "RunResult", "from_torch", "inspect", "run"), "edgeopt.api.model"),
-    **dict.fromkeys(("QuantizeReport", "compare", "quantize"), "edgeopt.api.quantize"),
+    "compare": "edgeopt.api.compare",
+    **dict.fromkeys(("QuantizeReport", "quantize"), "edgeopt.api.quantize"),
 }
 
 __all__ = sorted(_EXPORTS)
@@ -29,4 +30,5 @@ if TYPE_CHECKING:  # the names for type checkers and IDEs
     from edgeopt.api.bench import bench
     from edgeopt.api.deploy import compile_model, verify
     from edgeopt.api.model import InspectResult, RunResult, from_torch, inspect, run
-    from edgeopt.api.quantize import QuantizeReport, compare, quantize
+    from edgeopt.api.compare import compare
+    from edgeopt.api.quantize import QuantizeReport, quantize

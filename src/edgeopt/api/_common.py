@@ -8,15 +8,20 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
+from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
 from edgeopt.io import load_model
 
-__all__ = ["ModelSource", "Progress", "check_flag", "check_path", "check_type", "load", "logged_warnings",
-           "model_name", "model_source"]
+if TYPE_CHECKING:
+    from edgeopt.data import ImagePreprocess
+
+__all__ = ["ModelSource", "Progress", "calibration_source", "check_flag", "check_path", "check_type",
+           "comparable_float", "load", "logged_warnings", "model_name", "model_source"]
 
 ModelSource = str | os.PathLike | ir.Model
 Progress = Callable[[int, int], None]
@@ -117,3 +122,20 @@ def logged_warnings() -> Iterator[list[str]]:
         yield messages
     finally:
         root.removeHandler(handler)
+
+
+def calibration_source(model: ir.Model, data, preprocess: ImagePreprocess | None, max_samples: int | None):
+    """``data`` opened for ``model``'s inputs (with ``preprocess``), at most ``max_samples`` batches."""
+    from edgeopt.data import open_data, take
+
+    source = open_data(data, eir.model_inputs(model), preprocess=preprocess)
+    return take(source, max_samples) if max_samples is not None else source
+
+
+def comparable_float(float_model: ir.Model, *, in_place: bool = False) -> ir.Model:
+    """The quantizer folds BatchNorm and affine ops into convs and keeps the convs' output names, so
+    per-layer rows compare against the float model after the same float-exact passes (on a copy,
+    unless the model is the caller's to rewrite)."""
+    from edgeopt.passes import optimize_for_quantization
+
+    return optimize_for_quantization(float_model, in_place=in_place).model

@@ -1,4 +1,4 @@
-"""Quantize a model and measure what it cost: ``quantize``, ``compare``."""
+"""Quantize a model and measure what it cost: ``quantize``."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.api._common import (ModelSource, Progress, check_flag, check_path, check_type, load, logged_warnings,
-                                 model_source)
+from edgeopt.api._common import (ModelSource, Progress, calibration_source, check_flag, check_path, check_type,
+                                 comparable_float, load, logged_warnings, model_source)
 from edgeopt.data import ImagePreprocess, batch_rows
 from edgeopt.errors import ConfigError, DataError, EdgeoptError, Interrupted, OutputError
 from edgeopt.io import (FILE_BYTES_KEY, atomic_write_files, check_writable, model_file_bytes, model_files,
@@ -27,7 +27,7 @@ from edgeopt.quant.placement import EXCLUDED
 from edgeopt.quant.registry import Batch, QuantResult
 from edgeopt.quant.speed import SpeedCheck
 
-__all__ = ["QuantizeReport", "compare", "quantize"]
+__all__ = ["QuantizeReport", "quantize"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +112,6 @@ class _CountingSource:
     def constant_inputs(self) -> dict[str, float]:
         """The float inputs that held one value in every sample seen (all zeros: a placeholder)."""
         return {name: low for name, (low, high) in self._spans.items() if low == high}
-
-
-def _calibration_source(model: ir.Model, data, preprocess: ImagePreprocess | None, max_samples: int | None):
-    from edgeopt.data import open_data, take
-
-    source = open_data(data, eir.model_inputs(model), preprocess=preprocess)
-    return take(source, max_samples) if max_samples is not None else source
 
 
 def _check_output_outside_data(data, output: str | os.PathLike | None) -> None:
@@ -258,7 +251,7 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
     _check_request(model, config, data, output=output, preprocess=preprocess, max_samples=max_samples, goal=goal)
     loaded = load(model, require_static=False)
     float_bytes = _float_bytes(model, loaded)
-    source = _CountingSource(_calibration_source(loaded, data, preprocess, max_samples)) if data is not None else None
+    source = _CountingSource(calibration_source(loaded, data, preprocess, max_samples)) if data is not None else None
     _check_goal(config, data, goal, evaluate)
     search = None
     if goal is not None:
@@ -439,7 +432,7 @@ def _speed_check(loaded: ir.Model, result: QuantResult, data, preprocess) -> tup
     if dynamic and data is None:
         return None, ["speed check skipped: the model has dynamic input dims, and no re-readable data gives their "
                       "sizes (a folder, a file, or a module:function returning a list)"]
-    feed = next(iter(_calibration_source(loaded, data, preprocess, 1))) if dynamic else None
+    feed = next(iter(calibration_source(loaded, data, preprocess, 1))) if dynamic else None
     speed = _speed(loaded, result.model, feed)
     if speed is not None and speed.slower:
         logger.info("the quantized model is slower than float here (%.3f ms vs %.3f ms): %s", speed.quant_ms,
@@ -544,18 +537,9 @@ def _fidelity(float_model: ir.Model, quant_model: ir.Model, data, preprocess,
     from edgeopt.quant.compare import compare_models
 
     batches = FIDELITY_SAMPLES if max_samples is None else min(FIDELITY_SAMPLES, max_samples)
-    reference = _comparable_float(float_model)
-    return compare_models(reference, quant_model, _calibration_source(float_model, data, preprocess, None),
+    reference = comparable_float(float_model)
+    return compare_models(reference, quant_model, calibration_source(float_model, data, preprocess, None),
                           max_samples=batches)
-
-
-def _comparable_float(float_model: ir.Model, *, in_place: bool = False) -> ir.Model:
-    """The quantizer folds BatchNorm and affine ops into convs and keeps the convs' output names, so
-    per-layer rows compare against the float model after the same float-exact passes (on a copy,
-    unless the model is the caller's to rewrite)."""
-    from edgeopt.passes import optimize_for_quantization
-
-    return optimize_for_quantization(float_model, in_place=in_place).model
 
 
 def _speed(float_model: ir.Model, quant_model: ir.Model, feed: Batch | None) -> SpeedCheck:
@@ -563,41 +547,3 @@ def _speed(float_model: ir.Model, quant_model: ir.Model, feed: Batch | None) -> 
     from edgeopt.quant.speed import speed_check
 
     return speed_check(float_model, quant_model, runs=50, threads=1, feed=feed)
-
-
-# ----------------------------------------------------------------------- compare
-
-
-def compare(float_model: ModelSource, quant_model: ModelSource, data, *, preprocess: ImagePreprocess | None = None,
-            max_samples: int | None = None, progress: Progress | None = None) -> CompareResult:
-    """Per-layer SQNR and cosine of a quantized model against its float model, worst first; the warnings
-    logged on the way are in its ``warnings`` too (a model without Q/DQ pairs, outputs below 0 dB ...)."""
-    with logged_warnings() as logged:
-        result = _compare(float_model, quant_model, data, preprocess=preprocess, max_samples=max_samples,
-                          progress=progress)
-    return dataclasses.replace(result, warnings=tuple(logged))
-
-
-def _compare(float_model: ModelSource, quant_model: ModelSource, data, *, preprocess: ImagePreprocess | None,
-             max_samples: int | None, progress: Progress | None) -> CompareResult:
-    from edgeopt.quant.compare import compare_models, missing_qdq_note
-
-    float_model, quant_model = model_source(float_model, "float model"), model_source(quant_model, "quantized model")
-    quant_ir = load(quant_model, require_static=False)
-    if (note := missing_qdq_note(quant_ir)) is not None:
-        logger.warning(note)
-    # edgeopt's quantizer folds BatchNorm ... first: its tensors are those of the optimized float model;
-    # the model as given serves a quantizer that kept its graph (ONNX Runtime's quantize_static), read
-    # again by compare_models only for such a model (its weights are not held twice for edgeopt's own)
-    float_ir = _comparable_float(load(float_model, require_static=False), in_place=True)  # a fresh copy already
-    from edgeopt.data import AlsoCheckedSource
-
-    source = AlsoCheckedSource(_calibration_source(float_ir, data, preprocess, max_samples),
-                               eir.model_inputs(quant_ir), "second model")
-    result = compare_models(float_ir, quant_ir, source, original=float_model, progress=progress)
-    for output in result.outputs:
-        if output.signal and output.sqnr_db < 0:  # noise above the signal: no quantization of this model gives that
-            logger.warning("output %s: SQNR %.1f dB, the second model's outputs are no closer to the first's than "
-                           "zeros: is it a quantization of this float model (and a working one)?", output.name,
-                           output.sqnr_db)
-    return result

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
+from collections.abc import Mapping
 
 __all__ = ["main"]
 
@@ -53,6 +55,24 @@ def main() -> None:
     run()
 
 
+def json_flag_given(args: list[str], values_taken: Mapping[str, int]) -> bool:
+    """Whether ``args`` give the --json flag: before a ``--`` that ends the options, and not as the value
+    of an option (``values_taken``: option -> how many values it takes; ``-o --json`` names a file)."""
+    skipped = 0
+    for token in args:
+        if skipped:
+            skipped -= 1
+        elif token in ("--", "--json"):
+            return token == "--json"
+        else:
+            skipped = values_taken.get(token, 0)
+    return False
+
+
 def _exit_interrupted() -> None:
+    """Interrupted while the commands load: the error line, and under --json the error as JSON on stdout
+    (which options take a value is not known yet: every ``--json`` before ``--`` counts)."""
     print("error: interrupted", file=sys.stderr)
+    if json_flag_given(sys.argv[1:], {}):
+        print(json.dumps({"error": {"message": "interrupted", "exit_code": INTERRUPTED}}, indent=2))
     sys.exit(INTERRUPTED)

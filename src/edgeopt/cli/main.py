@@ -15,7 +15,7 @@ import sys
 
 from rich.text import Text
 
-from edgeopt.cli import INTERRUPTED, InterruptedAfterWriting, ctrl_c_seen, state
+from edgeopt.cli import INTERRUPTED, InterruptedAfterWriting, ctrl_c_seen, json_flag_given, state
 from edgeopt.cli.app import app
 from edgeopt.cli.render import print_json
 from edgeopt.errors import EdgeoptError
@@ -41,9 +41,21 @@ def _print_error_json(message: str, code: int, result: dict | None = None) -> No
 
 
 def _json_requested(argv: list[str] | None) -> bool:
-    """Whether the command line asks for --json (before a ``--`` that ends the options)."""
+    """Whether the command line asks for --json: the flag, not an option's value (``--exclude --json``)."""
     args = sys.argv[1:] if argv is None else argv
-    return "--json" in (args[:args.index("--")] if "--" in args else args)
+    return "--json" in args and json_flag_given(args, _values_taken(args))
+
+
+def _values_taken(args: list[str]) -> dict[str, int]:
+    """How many values each option of the command ``args`` runs takes (its name is the first word: the
+    options before it are flags), the flags left out."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    name = next((token for token in args if not token.startswith("-")), None)
+    params = [*group.params, *(group.commands[name].params if name in group.commands else ())]
+    return {opt: param.nargs for param in params if param.param_type_name == "option"
+            and not param.is_flag and not param.count for opt in param.opts}
 
 
 class _ConsoleLog(logging.Handler):
@@ -73,8 +85,9 @@ def _run(argv: list[str] | None) -> int:
 
 
 def _run_app(argv: list[str] | None) -> int:
-    as_json = _json_requested(argv)
+    as_json = False
     try:
+        as_json = _json_requested(argv)  # inside: reading the commands' options can be interrupted too
         app(args=argv, prog_name="edgeopt")
     except SystemExit as done:  # Typer turns Ctrl-C (and SIGTERM, raised as one) into exit code 130
         if done.code == INTERRUPTED:

@@ -330,6 +330,8 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     on the same data, which answers for it without running it again.
     """
     float_ir, quant_ir = _load(float_model), _load(quant_model)
+    if float_reference is not None and float_reference.model is not float_ir:  # its tensors would be another's
+        raise ValueError("compare_models: float_reference was made for another float model than float_model")
     outputs = _check_interfaces(float_ir, quant_ir)
     original_ir = _load(original) if original is not None and may_hold_original(float_ir, quant_ir) else None
     matches, unmatched, pairs = match_pairs(float_ir, quant_ir, original_ir)

@@ -401,10 +401,12 @@ def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | N
     graph.sort()
     float_nodes = _float_nodes(plan.kept)
     notes = [
-        f"float16 weights and compute: {len(log.tensors)} float32 constants converted, "
+        f"float16 weights and compute: {count_of(len(log.tensors), 'float32 constant', 'float32 constants')} "
+        "converted, "
         f"{log.bytes_before} -> {log.bytes_after} bytes",
-        (f"{log.clamped} weight values beyond ±65504 clamped to the float16 range, " if log.clamped else "")
-        + f"{log.flushed} weight values of magnitude 2**-25 or less rounded to 0",
+        (f"{count_of(log.clamped, 'weight value', 'weight values')} beyond ±65504 clamped to the float16 range, "
+         if log.clamped else "")
+        + f"{count_of(log.flushed, 'weight value', 'weight values')} of magnitude 2**-25 or less rounded to 0",
         (f"inputs and outputs stay float32: {count_of(casts.at_boundary(), 'Cast node', 'Cast nodes')} at the "
          "graph boundary"
          if config.keep_io_float32 else "inputs and outputs are float16"),
@@ -433,7 +435,8 @@ def _transpose_after_matmul(graph: ir.Graph) -> int:
     transformer's projection, torch's ``x.transpose(0, 1) @ W``) becomes ``Transpose(MatMul(x, W))``: the
     same values, as a MatMul by a 2-D ``W`` treats the two leading axes alike. ONNX Runtime 1.32's CPU
     provider fuses the float16 form into a FusedMatMul with a transposed batch and crashes (a segmentation
-    fault) creating the session. How many were rewritten."""
+    fault) creating the session. The MatMul keeps its name, so ``exclude`` and the report still find it. How
+    many were rewritten."""
     namer = UniqueNames(graph)
     swapped = 0
     for node in list(graph):
@@ -446,7 +449,7 @@ def _transpose_after_matmul(graph: ir.Graph) -> int:
                 or weight.shape is None or len(weight.shape) != 2):
             continue
         label = eir.node_label(node)
-        product = ir.node("MatMul", [x, weight], name=namer(f"{label}_before_transpose"))
+        product = ir.node("MatMul", [x, weight], name=node.name)  # the old node goes: its name is free
         product.outputs[0].name = namer(f"{node.outputs[0].name}_before_transpose")
         moved = ir.node("Transpose", [product.outputs[0]], {"perm": [1, 0, 2]}, name=namer(f"{label}_Transpose"))
         moved.outputs[0].name = namer(f"{node.outputs[0].name}_transposed")
@@ -486,8 +489,9 @@ def quantize_bf16(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | N
     notes = [
         "weights stored in bf16, compute float32: each converted weight is cast back to float32 "
         "before use (ONNX Runtime folds these casts at load), so the model runs on any runtime",
-        f"{len(log.tensors)} float32 constants stored as bfloat16, {log.bytes_before} -> {log.bytes_after} bytes",
-        f"{scalars} scalar constants left float32 (no size to win)",
+        f"{count_of(len(log.tensors), 'float32 constant', 'float32 constants')} stored as bfloat16, "
+        f"{log.bytes_before} -> {log.bytes_after} bytes",
+        f"{count_of(scalars, 'scalar constant', 'scalar constants')} left float32 (no size to win)",
         *opset_notes,
         *passes,
     ]

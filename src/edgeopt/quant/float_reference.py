@@ -35,9 +35,20 @@ def _fingerprint(feed: Mapping[str, np.ndarray]) -> bytes:
     for name in sorted(feed):
         array = np.asarray(feed[name])
         digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
-        # strings (an object array's bytes would be its pointers) by their text
-        digest.update("\0".join(map(str, array.flat)).encode() if array.dtype.hasobject else array.tobytes())
+        if array.dtype.hasobject:  # strings: an object array's bytes would be its pointers
+            for item in array.flat:
+                _update_with_item(digest, item)
+        else:
+            digest.update(array.tobytes())
     return digest.digest()
+
+
+def _update_with_item(digest, item: object) -> None:
+    """One element of an object array, by its type and its text, length first: joined with a separator,
+    ``["a\0b", "c"]`` and ``["a", "b\0c"]``, or ``"1"`` and ``1``, would read the same."""
+    text = (item if isinstance(item, str) else repr(item)).encode("utf-8", "surrogatepass")
+    digest.update(f"{type(item).__name__}:{len(text)}:".encode())
+    digest.update(text)
 
 
 class FloatReference:

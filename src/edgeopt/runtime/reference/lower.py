@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.errors import ModelError, UnsupportedOpError
+from edgeopt.metrics import count_of
 from edgeopt.runtime.reference.fixed_point import quantize_multiplier
 from edgeopt.runtime.reference.fuse import fuse_conv_add
 from edgeopt.runtime.reference.program import (
@@ -398,7 +399,7 @@ def lower(model: ir.Model, *, fuse: bool = True) -> Program:
             _run_node(lowering, node, HANDLERS)
     outputs = lowering.outputs()
     if lowering.errors:
-        raise UnsupportedOpError(f"cannot lower {len(lowering.errors)} op(s) to integer kernels: "
+        raise UnsupportedOpError(f"cannot lower {count_of(len(lowering.errors), 'op', 'ops')} to integer kernels: "
                                  + "; ".join(lowering.errors) + _what_to_do(lowering.errors, model))
     used = {t for op in lowering.ops for t in op.inputs}
     constants = {name: array for name, array in lowering.constants.items() if name in used}
