@@ -129,7 +129,7 @@ def _render_inspect_totals(result: api.InspectResult) -> None:
                                 f"at {memory.peak_node})"),
     ]
     if cost.unknown_nodes:
-        lines.append(("not counted", f"{len(cost.unknown_nodes)} nodes with unknown shapes"))
+        lines.append(("not counted", f"{count_of(len(cost.unknown_nodes), 'node', 'nodes')} with unknown shapes"))
     totals = table("totals", [("", "left"), ("", "left")])
     totals.show_header = False
     for key, value in lines:

@@ -515,7 +515,7 @@ def _bf16_opset(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | Non
     checked = check_conversion(model, converted, data)
     why = "Cast from bfloat16, which restores each weight, exists from opset 13"
     if checked is not None:
-        return converted, [checked.note(why, batch_noun="batch")]
+        return converted, [checked.note(why, calibration=False)]
     return converted, [f"converted opset {eir.default_opset(model)} -> {_BF16_CAST_OPSET} ({why}); not checked: "
                        "without --data it runs on random inputs, which this model's dynamic or index inputs "
                        "cannot take"]

@@ -174,8 +174,8 @@ def _float_rewrites(model: ir.Model, config: Int8Config, data: Iterable[Batch] |
                     memo.channel_abs_max = abs_max
             report = smooth(model, abs_max, alpha=config.smoothquant_alpha)
             record_rescaled(model, report.rescaled)
-            notes.append(f"SmoothQuant (alpha {config.smoothquant_alpha:g}): {len(report.smoothed)} inputs "
-                         f"smoothed, {len(report.skipped)} skipped")
+            notes.append(f"SmoothQuant (alpha {config.smoothquant_alpha:g}): "
+                         f"{count_of(len(report.smoothed), 'input', 'inputs')} smoothed, {len(report.skipped)} skipped")
             notes += _first_skips([f"not smoothed: {reason}" for _, reason in report.skipped])
         else:
             notes.append("SmoothQuant: no MatMul/Gemm with a constant weight reads an activation: nothing to smooth")
@@ -254,12 +254,13 @@ class _AccuracyHooks:
             rounded, quantizer = dict(result.weights), result.weight_quantizer()
             backend = backend_used(AdaRoundConfig().backend).value
             notes.append(f"AdaRound ({backend} backend; the torch and numpy backends round a few weights "
-                         f"differently): {len(result.weights)} weights learned, {len(result.skipped)} layers skipped")
+                         f"differently): {count_of(len(result.weights), 'weight', 'weights')} learned, "
+                         f"{count_of(len(result.skipped), 'layer', 'layers')} skipped")
         if self.means is not None:
             means = {name: mean for name, mean in self._means_seen.result().items() if name in self.means.tensors}
             report = correct_biases(model, means, quantize_weight=quantizer,
                                     layers=self.quantized_layers)
-            notes.append(f"bias correction: {len(report.corrected)} layers corrected, "
+            notes.append(f"bias correction: {count_of(len(report.corrected), 'layer', 'layers')} corrected, "
                          f"{len(report.skipped)} skipped")
         return rounded, notes
 
@@ -370,7 +371,7 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     if conversion is not None:
         notes.append(conversion.note())
     if plan.float_nodes:
-        notes.append(f"{len(plan.float_nodes)} nodes stay float (see float_nodes)")
+        notes.append(f"{count_of(len(plan.float_nodes), 'node stays', 'nodes stay')} float (see float_nodes)")
     details = {"calibration": calibration, "plan": plan, "opset_conversion": conversion,
                "activation_format": config.activations.name, "optimization": optimization,
                "relu6_replaced": relu6_replaced, "relu6_float_sqnr_db": relu6_change}

@@ -35,9 +35,11 @@ class OpsetConversion:
     batches_checked: int
     max_abs_diff: float
 
-    def note(self, why: str = "per-channel QDQ needs opset 13", batch_noun: str = "calibration batch") -> str:
-        """``converted opset 11 -> 13 (why); float outputs match the original on 4 calibration batches ...``"""
-        batches = count_of(self.batches_checked, batch_noun, batch_noun + "es")
+    def note(self, why: str = "per-channel QDQ needs opset 13", *, calibration: bool = True) -> str:
+        """``converted opset 11 -> 13 (why); float outputs match the original on 4 calibration batches ...``
+        (``4 batches`` when the check did not run on calibration data)."""
+        noun = "calibration batch" if calibration else "batch"
+        batches = count_of(self.batches_checked, noun, noun + "es")
         return (f"converted opset {self.from_opset} -> {self.to_opset} ({why}); float outputs match the original "
                 f"on {batches} (max abs diff {self.max_abs_diff:.3g})")
 
