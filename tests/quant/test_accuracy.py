@@ -380,3 +380,24 @@ def test_the_readers_of_a_float_nodes_quantized_output_go_back_to_float_in_one_r
     assert set(round_after.excluded) >= {"q", "k", "v"}
     reasons = {node.node_name: node.reason for node in search.result.float_nodes}
     assert search.steps[0] is together[0] and all("reads exp" in reasons[name] for name in ("q", "k", "v"))
+
+
+def test_a_ctrl_c_after_a_round_is_scored_keeps_that_round_among_the_steps():
+    # review: the best round was kept before its step was recorded, so a Ctrl-C in the progress callback
+    # (or while ranking the nodes) returned a best score no step showed, "interrupted after 1 round" of 2
+    from edgeopt.errors import Interrupted
+
+    calls = []
+
+    def progress(done, total):
+        calls.append(done)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted) as stopped:
+        accuracy_aware_quantize(_conv_classifier(), Int8Config(), batches((1, 3, 8, 8), 16),
+                                AccuracyGoal(min_sqnr_db=200.0), progress=progress)
+    search = stopped.value.partial
+    assert calls == [1, 2] and len(search.steps) == 2 and search.stopped_because == "interrupted after 2 rounds"
+    assert (search.best_excluded, search.best_score) in [(step.excluded, step.score) for step in search.steps]
+    assert search.best_score == max(step.score for step in search.steps)

@@ -379,24 +379,25 @@ def _rounds(search: _Search, float_score: float, progress: Callable[[int, int | 
         result = search.quantize(excluded)
         comparison = search.compare(result.model)
         score = search.score(result.model, comparison)
+        # the round is recorded with its score at once: a Ctrl-C from here on keeps it among the steps
+        steps.append(AccuracyStep(excluded=excluded, score=score, seconds=time.monotonic() - round_start))
         if search.best is None or score > search.best[0]:
             search.best = (score, result, excluded)
         if progress is not None:
-            progress(len(steps) + 1, None)
+            progress(len(steps), None)
         if goal.met(score, float_score):
-            steps.append(AccuracyStep(excluded=excluded, score=score, seconds=time.monotonic() - round_start))
             return f"goal met ({goal.describe()})"
         candidates = [c for c in _node_damage(result, comparison) if c.node.name not in excluded]
         candidates = candidates or [c for c in _quantized_readers(result) if c.node.name not in excluded]
         round_seconds = time.monotonic() - round_start
         if not candidates or len(excluded) >= goal.max_float_nodes:
-            steps.append(AccuracyStep(excluded=excluded, score=score, seconds=round_seconds))
+            steps[-1] = replace(steps[-1], seconds=round_seconds)
             return ("no quantized node left to return to float" if not candidates
                     else f"{goal.max_float_nodes} nodes already back in float")
         first, *others = _returned_together(candidates, goal.max_float_nodes - len(excluded))
-        steps.append(AccuracyStep(excluded=excluded, score=score, seconds=round_seconds, next_node=first.node.name,
-                                  next_op_type=first.node.op_type, reason=first.reason,
-                                  also_returned=tuple(c.node.name for c in others)))
+        steps[-1] = replace(steps[-1], seconds=round_seconds, next_node=first.node.name,
+                            next_op_type=first.node.op_type, reason=first.reason,
+                            also_returned=tuple(c.node.name for c in others))
         if search.elapsed() + round_seconds > goal.time_budget_s:
             return f"time budget of {goal.time_budget_s:g} s would be exceeded by another round"
         logger.info("score %.3f misses the goal; returning %s to float: %s", score, steps[-1].returned,
