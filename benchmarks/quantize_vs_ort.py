@@ -49,7 +49,9 @@ libraries before the clock starts. Measured:
   larger set starts with its small set, whose logits are reused; inference is
   batched where the model's batch dimension is free (the exports here fix 1);
 * wall time of load + calibrate + quantize + save (ORT's ``quant_pre_process``
-  runs once beforehand, outside that time, and is reported separately);
+  runs once beforehand, outside that time, and is reported separately), in a
+  process that has imported both tools and frozen their objects out of the
+  garbage collector before the clock starts;
 * peak RSS (``ru_maxrss``) of the quantizing process;
 * int8 latency in ONNX Runtime (median, one intra-op thread): each quantized
   model timed interleaved with the float model by ``edgeopt.bench`` (the bytes
