@@ -383,9 +383,7 @@ def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | N
     observe the activations' ranges (:mod:`edgeopt.quant.float16_ranges`)."""
     passes = _float_passes(model, config)
     _infer_types(model)
-    swapped = _transpose_after_matmul(model.graph)
-    if swapped:
-        _infer_types(model)
+    crash_notes = _avoid_ort_fp16_crashes(model)
     ranges = check_fp16_ranges(model, data, progress=progress)
     graph, opset = model.graph, eir.default_opset(model)
     io_dtype = _FLOAT if config.keep_io_float32 else _FLOAT16
@@ -415,9 +413,7 @@ def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | N
         "inserts: on x86 CPU expect a size win, not a speed win",
         *passes,
         *ranges.notes,
-        *([f"{count_of(swapped, 'MatMul', 'MatMuls')} of a Transpose(perm=[1, 0, 2]) by a 2-D weight "
-           "computed before the Transpose instead (the same values): ONNX Runtime 1.32 crashes creating a "
-           "session for that float16 pattern"] if swapped else []),
+        *crash_notes,
     ]
     kept = _kept_note(float_nodes)
     notes += [kept] if kept else []
@@ -428,6 +424,18 @@ def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | N
                "flushed_values": log.flushed, "casts_inserted": len(casts.made), **ranges.details}
     return QuantResult(model=model, scheme="fp16", tensors=tuple(log.tensors), float_nodes=float_nodes,
                        notes=tuple(notes), config=config, details=details)
+
+
+def _avoid_ort_fp16_crashes(model: ir.Model) -> list[str]:
+    """Rewrite the float16 patterns ONNX Runtime cannot load (:func:`_transpose_after_matmul`), with types
+    inferred again; the note saying how many."""
+    swapped = _transpose_after_matmul(model.graph)
+    if not swapped:
+        return []
+    _infer_types(model)
+    return [f"{count_of(swapped, 'MatMul', 'MatMuls')} of a Transpose(perm=[1, 0, 2]) by a 2-D weight computed "
+            "before the Transpose instead (the same values): ONNX Runtime 1.32 crashes creating a session for "
+            "that float16 pattern"]
 
 
 def _transpose_after_matmul(graph: ir.Graph) -> int:
