@@ -74,5 +74,11 @@ def _exit_interrupted() -> None:
     (which options take a value is not known yet: every ``--json`` before ``--`` counts)."""
     print("error: interrupted", file=sys.stderr)
     if json_flag_given(sys.argv[1:], {}):
-        print(json.dumps({"error": {"message": "interrupted", "exit_code": INTERRUPTED}}, indent=2))
+        print(json.dumps(error_object("interrupted", INTERRUPTED), indent=2))  # numpy may be what was cut short
     sys.exit(INTERRUPTED)
+
+
+def error_object(message: str, code: int, result: Mapping | None = None) -> dict:
+    """What --json prints for an error: ``{"error": {"message", "exit_code"}}``, after the keys of what
+    was done before it (the report of an interrupted accuracy search)."""
+    return {**(result or {}), "error": {"message": message, "exit_code": code}}

@@ -15,7 +15,7 @@ import sys
 
 from rich.text import Text
 
-from edgeopt.cli import INTERRUPTED, InterruptedAfterWriting, ctrl_c_seen, json_flag_given, state
+from edgeopt.cli import INTERRUPTED, InterruptedAfterWriting, ctrl_c_seen, error_object, json_flag_given, state
 from edgeopt.cli.app import app
 from edgeopt.cli.render import print_json
 from edgeopt.errors import EdgeoptError
@@ -30,14 +30,8 @@ def _fail(message: str, code: int, *, as_json: bool, result: dict | None = None)
     """The error's one line on stderr, its exit code, and under --json the error on stdout too."""
     state.stderr.print(Text.assemble(("error:", "bold red"), f" {message}"))
     if as_json:
-        _print_error_json(message, code, result)
+        print_json(error_object(message, code, result))
     return code
-
-
-def _print_error_json(message: str, code: int, result: dict | None = None) -> None:
-    """Under --json, an error is a JSON object on stdout too: ``{"error": {"message", "exit_code"}}``,
-    after the keys of what was done before it (the report of an interrupted accuracy search)."""
-    print_json({**(result or {}), "error": {"message": message, "exit_code": code}})
 
 
 def _json_requested(argv: list[str] | None) -> bool:
@@ -117,7 +111,7 @@ def _exited(done: SystemExit, as_json: bool) -> int:
     code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     usage = getattr(done.__context__, "format_message", None)
     if as_json and code and usage is not None:
-        _print_error_json(usage(), code)
+        print_json(error_object(usage(), code))
     return code
 
 
