@@ -349,12 +349,17 @@ def _run_rounds(pairs: list[_Pair], iterations: int, tolerance: float) -> int:
 
 
 def _replace_clip_by_relu(graph: ir.Graph, clip: ir.Node) -> None:
-    """The Relu's output keeps the Clip's name: compare and the rescale record refer to it."""
+    """The Relu's output keeps the Clip's name: compare and the rescale record refer to it. The
+    Clip's bounds go with it when nothing else reads them (ONNX Runtime warns of each unused one)."""
     name = clip.outputs[0].name
+    bounds = [value for value in clip.inputs[1:] if value is not None]
     relu = ir.node("Relu", [clip.inputs[0]], name=f"{eir.node_label(clip)}_relu")
     eir.replace_nodes(graph, [clip], clip.outputs[0], [relu])
     if name and not relu.outputs[0].is_graph_output():
         relu.outputs[0].name = name
+    for value in bounds:
+        if value.name in graph.initializers and not value.uses() and not value.is_graph_output():
+            graph.initializers.pop(value.name)
 
 
 def _collect_pairs(graph: ir.Graph, replace_relu6: bool) -> tuple[list[_Pair], list[SkippedPair]]:
