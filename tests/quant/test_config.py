@@ -41,9 +41,18 @@ def test_defaults_follow_the_contract():
     assert dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen
 
 
+def test_enum_settings_take_the_command_line_spelling():
+    """The API mirrors the CLI: --calibration mse is calibration="mse"; the field holds the member."""
+    config = Int8Config(target="mcu", calibration="MSE")
+    assert config.target is Target.MCU and config.calibration is CalibrationMethod.MSE
+    assert config == Int8Config(target=Target.MCU, calibration=CalibrationMethod.MSE)
+    assert CalibrationConfig(method="entropy").method is CalibrationMethod.ENTROPY
+
+
 @pytest.mark.parametrize("arguments, fragment", [
-    ({"target": "ort"}, "target must be one of Target.ORT, Target.MCU"),
-    ({"calibration": "entropy"}, "CalibrationMethod.ENTROPY"),
+    ({"target": "x86"}, "target must be one of Target.ORT ('ort'), Target.MCU ('mcu'), got 'x86'"),
+    ({"calibration": "kl"}, "CalibrationMethod.ENTROPY ('entropy')"),
+    ({"calibration": 3}, "got 3"),
     ({"percentile": 40.0}, "percentile must be in (50, 100]"),
     ({"num_bins": 100}, "num_bins"),
     ({"weight_granularity": PerChannel(axis=1)}, "use PerChannel()"),

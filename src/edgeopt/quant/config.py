@@ -101,9 +101,15 @@ Granularity = PerTensor | PerChannel | PerBlock
 _ACTIVATION_FORMATS = (UINT8, INT8)
 
 
-def _require_enum(value: object, enum_type: type[enum.Enum], key: str) -> None:
+def _require_enum(config: object, field: str, enum_type: type[enum.Enum], key: str) -> None:
+    """``config.field`` as a member of ``enum_type``; its value spelled as on the command line (``"mse"``)
+    becomes that member, as the API mirrors the CLI."""
+    value = getattr(config, field)
+    if isinstance(value, str):
+        value = next((member for member in enum_type if member.value == value.lower()), value)
+        object.__setattr__(config, field, value)
     if not isinstance(value, enum_type):
-        allowed = ", ".join(f"{enum_type.__name__}.{m.name}" for m in enum_type)
+        allowed = ", ".join(f"{enum_type.__name__}.{m.name} ({m.value!r})" for m in enum_type)
         raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
 
 
@@ -121,7 +127,7 @@ class CalibrationConfig:
     activation_format: Format = UINT8
 
     def __post_init__(self) -> None:
-        _require_enum(self.method, CalibrationMethod, "calibration method")
+        _require_enum(self, "method", CalibrationMethod, "calibration method")
         if not isinstance(self.percentile, (int, float)) or not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile!r}")
         if not isinstance(self.num_bins, int) or self.num_bins < 256 or self.num_bins % 2:
@@ -173,7 +179,7 @@ class Int8Config:
     quantize_outputs: bool | None = None
 
     def __post_init__(self) -> None:
-        _require_enum(self.target, Target, "target")
+        _require_enum(self, "target", Target, "target")
         if self.quantize_outputs is not None and not isinstance(self.quantize_outputs, bool):
             raise ConfigError(f"quantize_outputs must be True, False or None (from the target), "
                               f"got {self.quantize_outputs!r}")
@@ -185,7 +191,7 @@ class Int8Config:
         if self.smoothquant_alpha is not None and not (isinstance(self.smoothquant_alpha, (int, float))
                                                        and 0.0 < self.smoothquant_alpha < 1.0):
             raise ConfigError(f"smoothquant alpha must be in (0, 1), got {self.smoothquant_alpha!r}")
-        _require_enum(self.calibration, CalibrationMethod, "calibration")
+        _require_enum(self, "calibration", CalibrationMethod, "calibration")
         if not isinstance(self.weight_granularity, (PerTensor, PerChannel)):
             raise ConfigError("weight_granularity of int8 must be PerTensor() or PerChannel(), "
                               f"got {self.weight_granularity!r}")
