@@ -322,7 +322,8 @@ def test_outputs_get_the_usual_permissions(cli, tmp_path, calib):
 
 
 @pytest.mark.parametrize(("scheme", "option", "applies"), [
-    ("fp16", ["--adaround"], "int8 and uint8"), ("bf16", ["--calibration", "mse"], "int8 and uint8"),
+    ("fp16", ["--adaround"], "int8 and uint8"), ("fp16", ["--gptq"], "int8 and uint8"),
+    ("bf16", ["--calibration", "mse"], "int8 and uint8"),
     ("int4-weight", ["--smoothquant", "0.5"], "int8 and uint8"), ("int8", ["--block-size", "64"], "int4-weight"),
 ])
 def test_an_option_the_scheme_would_ignore_is_an_error(cli, tmp_path, calib, scheme, option, applies):
@@ -418,6 +419,21 @@ def test_adaround_improves_or_keeps_fidelity(cli, tmp_path):
     assert sqnr(learned) >= sqnr(run()) - 0.1
     # torch is installed with the test extras: the note names the backend whose rounding the file holds
     assert any(note.startswith("AdaRound (torch backend;") for note in learned["notes"])
+
+
+def test_gptq_rounds_the_weights_and_excludes_adaround(cli, tmp_path, calib):
+    def run(*flags):
+        return cli("quantize", demo_model_path(), "--data", calib, "-o", tmp_path / "q.onnx", "--no-speed-check",
+                   "--json", *flags)
+
+    result = run("--gptq")
+    assert result.code == 0, result.stderr
+    notes = json.loads(result.stdout)["notes"]
+    assert any(note.startswith("GPTQ rounding: ") and "weights learned" in note for note in notes), notes
+    (tmp_path / "q.onnx").unlink()
+    refused = run("--gptq", "--adaround")
+    assert refused.code != 0 and "pick one" in json.loads(refused.stdout)["error"]["message"]
+    assert not (tmp_path / "q.onnx").exists()
 
 
 def test_the_quantized_model_ships_with_its_numbers(cli, tmp_path, calib):

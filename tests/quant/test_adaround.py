@@ -268,7 +268,7 @@ def test_model_weights_are_int8_in_the_qdq_builders_layout(dw_net, rounded):
         assert ints.dtype == np.int8 and ints.shape == weight.shape and result.axes[name] == 0
         np.testing.assert_array_equal(result.scales[name], scale)
         assert np.abs(ints.astype(np.int64) - nearest).max() <= 1
-    assert all(layer.mse_adaround <= layer.mse_nearest for layer in result.layers)
+    assert all(layer.mse_learned <= layer.mse_nearest for layer in result.layers)
 
 
 def test_model_output_improves(dw_net, rounded):

@@ -31,7 +31,7 @@ import dataclasses
 import logging
 import math
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +61,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: A layer's rounding: ``(weight[G, N, K], samples[G, S, K], scales[G, N]) -> int8[G, N, K]``.
+Solver = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 # --------------------------------------------------------------------------
@@ -123,12 +126,13 @@ def _conv_patches(node: ir.Node, weight: np.ndarray, batch: np.ndarray, reservoi
     if len(candidates) == 0:  # the reservoir is full and keeps none of this batch
         return
     image, y, x = np.unravel_index(candidates, (batch.shape[0], height, width))
-    padded = np.pad(batch, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    rows = (y * strides[0])[:, None] + np.arange(weight.shape[2]) * dilations[0]
-    cols = (x * strides[1])[:, None] + np.arange(weight.shape[3]) * dilations[1]
-    channels = np.arange(batch.shape[1])
-    patches = padded[image[:, None, None, None], channels[None, :, None, None], rows[:, None, :, None],
-                     cols[:, None, None, :]]
+    if any(pads):
+        batch = np.pad(batch, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    # a view of every patch (no copy), of which only the chosen ones are read
+    span = [(weight.shape[2 + a] - 1) * dilations[a] + 1 for a in range(2)]
+    windows = np.lib.stride_tricks.sliding_window_view(batch, span, axis=(2, 3))
+    windows = windows[:, :, ::strides[0], ::strides[1], ::dilations[0], ::dilations[1]]
+    patches = windows[image, :, y, x]
     reservoir.store(slots, patches.reshape(len(candidates), -1))
 
 
@@ -203,13 +207,13 @@ class LayerInputSampler:
 
 @dataclass(frozen=True, kw_only=True)
 class RoundedLayer:
-    """One layer's result: mean squared output error on its samples, nearest vs AdaRound."""
+    """One layer's result: mean squared output error on its samples, nearest vs the learned rounding."""
 
     node: str
     weight: str
     samples: int
     mse_nearest: float
-    mse_adaround: float
+    mse_learned: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -273,7 +277,7 @@ def _weight_axis(node: ir.Node, rank: int, granularity: PerTensor | PerChannel) 
     return granularity.axis if granularity.axis is not None else weight_axis(node, rank)
 
 
-def _round_layer(node: ir.Node, rows: np.ndarray, config: AdaRoundConfig,
+def _round_layer(node: ir.Node, rows: np.ndarray, solve: Solver,
                  granularity: PerTensor | PerChannel) -> tuple[np.ndarray, np.ndarray, int | None, RoundedLayer]:
     weight = eir.constant_array(node.inputs[1])
     axis = _weight_axis(node, weight.ndim, granularity)
@@ -281,11 +285,11 @@ def _round_layer(node: ir.Node, rows: np.ndarray, config: AdaRoundConfig,
     matrices = _weight_matrices(node, weight.astype(np.float64))
     samples = _sample_matrices(node, rows.astype(np.float64))
     row_scales = channel_scales(scale, matrices)[..., None]
-    ints = adaround_layer(matrices, samples, row_scales[..., 0], config)
+    ints = solve(matrices, samples, row_scales[..., 0])
     report = RoundedLayer(
         node=eir.node_label(node), weight=node.inputs[1].name, samples=rows.shape[0],
         mse_nearest=_output_mse(matrices, samples, _weight_matrices(node, nearest) * row_scales),
-        mse_adaround=_output_mse(matrices, samples, ints * row_scales))
+        mse_learned=_output_mse(matrices, samples, ints * row_scales))
     return _from_matrices(node, ints, weight), scale, axis, report
 
 
@@ -310,14 +314,17 @@ def _refusal(node: ir.Node | None, rows: np.ndarray, done: Mapping[str, np.ndarr
 def adaround_weights(model: ir.Model, samples: Mapping[str, np.ndarray], *,
                      config: AdaRoundConfig = AdaRoundConfig(),
                      granularity: PerTensor | PerChannel = PerChannel(),
-                     progress: ProgressCallback | None = None) -> AdaRoundResult:
+                     progress: ProgressCallback | None = None, solver: Solver | None = None) -> AdaRoundResult:
     """Learn the rounding of every layer in ``samples`` (node name -> rows, :class:`LayerInputSampler`).
 
     ``model`` is only read. Scales are the QDQ builder's: min/max int8
     symmetric per output channel (or per tensor with ``PerTensor()``). A
     layer with fewer samples than weights per output channel is skipped.
-    ``progress(done, total)`` counts layers.
+    ``progress(done, total)`` counts layers. ``solver(weight[G, N, K],
+    samples[G, S, K], scales[G, N])`` rounds a layer: AdaRound with ``config``
+    by default, or e.g. :func:`edgeopt.quant.gptq.gptq_layer`.
     """
+    solve = solver or (lambda weight, rows, scales: adaround_layer(weight, rows, scales, config))
     by_name = {node.name: node for node in model.graph}
     weights, scales, axes, layers, skipped = {}, {}, {}, [], []
     for done, (name, rows) in enumerate(samples.items(), start=1):
@@ -326,10 +333,10 @@ def adaround_weights(model: ir.Model, samples: Mapping[str, np.ndarray], *,
         if refusal is not None:
             skipped.append((name, refusal))
         else:
-            ints, scale, axis, report = _round_layer(node, rows, config, granularity)
+            ints, scale, axis, report = _round_layer(node, rows, solve, granularity)
             weights[report.weight], scales[report.weight], axes[report.weight] = ints, scale, axis
             layers.append(report)
-            logger.info("adaround %s: output mse %.3g -> %.3g", name, report.mse_nearest, report.mse_adaround)
+            logger.info("learned rounding %s: output mse %.3g -> %.3g", name, report.mse_nearest, report.mse_learned)
         if progress is not None:
             progress(done, len(samples))
     return AdaRoundResult(weights=weights, scales=scales, axes=axes, layers=tuple(layers), skipped=tuple(skipped),

@@ -48,7 +48,7 @@ import numpy as np
 from edgeopt.errors import ConfigError
 from edgeopt.quant.formats import INT8_SYMMETRIC
 
-__all__ = ["AdaRoundConfig", "Backend", "adaround_layer", "backend_used", "channel_scales"]
+__all__ = ["AdaRoundConfig", "Backend", "adaround_layer", "backend_used", "channel_scales", "check_layout"]
 
 _ZETA, _GAMMA = 1.1, -0.1
 _ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8
@@ -263,14 +263,19 @@ def adaround_layer(weight: np.ndarray, inputs: np.ndarray, scale, config: AdaRou
     from :func:`edgeopt.quant.primitives.quantize_per_channel`. Returns int8
     in ``weight``'s shape, in ``[-127, 127]``.
     """
-    weight = np.asarray(weight)
-    grouped = _as_groups(weight, 3)
+    grouped, samples = check_layout(weight, inputs)
+    ints = _learned_ints(_problem(grouped, samples, channel_scales(scale, grouped)[..., None]), config)
+    return ints.astype(np.int8).reshape(np.shape(weight))
+
+
+def check_layout(weight, inputs) -> tuple[np.ndarray, np.ndarray]:
+    """``weight`` and ``inputs`` as ``[G, N, K]`` and ``[G, S, K]``; a ValueError if they do not match."""
+    grouped = _as_groups(np.asarray(weight), 3)
     samples = _as_groups(np.asarray(inputs), 3)
     if grouped.ndim != 3 or samples.ndim != 3 or samples.shape[::2] != grouped.shape[::2]:
-        raise ValueError(f"weight {list(weight.shape)} and inputs {list(np.shape(inputs))} do not match "
+        raise ValueError(f"weight {list(np.shape(weight))} and inputs {list(np.shape(inputs))} do not match "
                          "([N, K] with [S, K], or [G, N, K] with [G, S, K])")
-    ints = _learned_ints(_problem(grouped, samples, channel_scales(scale, grouped)[..., None]), config)
-    return ints.astype(np.int8).reshape(weight.shape)
+    return grouped, samples
 
 
 def channel_scales(scale, matrices: np.ndarray) -> np.ndarray:

@@ -142,14 +142,16 @@ class Int8Config:
 
     ``exclude`` names nodes (by node name or op type) that stay float.
     ``equalize`` (cross-layer equalization), ``bias_correct`` (empirical bias
-    correction), ``adaround`` (learned weight rounding) and
+    correction), ``adaround`` (learned weight rounding), ``gptq`` (weight
+    rounding with error feedback, :mod:`edgeopt.quant.gptq`) and
     ``smoothquant_alpha`` (SmoothQuant migration strength for MatMul/Gemm
     inputs) switch on the accuracy algorithms. The defaults, percentile
     calibration with bias correction, are the most faithful setting measured
     across the benchmark's CNNs and transformer (BENCHMARKS.md) at a
     calibration cost still well under ONNX Runtime's; equalization is mixed
     (it helps some depthwise nets, costs others), AdaRound costs 20-50x the
-    time for a few tenths of a dB, so both are opt-in. ``equalize_relu6``
+    time for a few tenths of a dB, so both are opt-in; GPTQ reaches AdaRound's
+    figures at a few times the default's cost and is opt-in as well (at most one of the two). ``equalize_relu6``
     (with ``equalize``) equalizes through ReLU6 too by turning each such
     ReLU6 into a ReLU (Nagel et al.'s recipe for MobileNetV2; it changes the
     float model wherever a pre-activation exceeded 6, and is reported).
@@ -175,6 +177,7 @@ class Int8Config:
     equalize_relu6: bool = False
     bias_correct: bool = True
     adaround: bool = False
+    gptq: bool = False
     smoothquant_alpha: float | None = None
     quantize_outputs: bool | None = None
 
@@ -183,9 +186,11 @@ class Int8Config:
         if self.quantize_outputs is not None and not isinstance(self.quantize_outputs, bool):
             raise ConfigError(f"quantize_outputs must be True, False or None (from the target), "
                               f"got {self.quantize_outputs!r}")
-        for key in ("equalize", "equalize_relu6", "bias_correct", "adaround"):
+        for key in ("equalize", "equalize_relu6", "bias_correct", "adaround", "gptq"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be True or False, got {getattr(self, key)!r}")
+        if self.adaround and self.gptq:
+            raise ConfigError("adaround and gptq (--adaround, --gptq) are two ways of rounding the weights: pick one")
         if self.equalize_relu6 and not self.equalize:
             raise ConfigError("equalize_relu6 (--equalize-relu6) is a way of equalizing: set equalize too")
         if self.smoothquant_alpha is not None and not (isinstance(self.smoothquant_alpha, (int, float))

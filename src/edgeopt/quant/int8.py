@@ -34,6 +34,7 @@ from edgeopt.errors import ModelError
 from edgeopt.metrics import count_of
 from edgeopt.quant.adaround import AdaRoundConfig, LayerInputSampler, adaround_weights
 from edgeopt.quant.adaround_solver import backend_used
+from edgeopt.quant.gptq import gptq_layer
 from edgeopt.quant.bias_correction import ChannelMeanHook, correct_biases, correction_inputs, round_to_nearest
 from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.calibration_memo import CalibrationMemo
@@ -211,7 +212,8 @@ def _auto_note(methods: Mapping[str, str], activations: Iterable[str]) -> str:
 
 
 class _AccuracyHooks:
-    """Statistics for bias correction and AdaRound, gathered in the one calibration pass."""
+    """Statistics for bias correction and learned rounding (AdaRound, GPTQ), gathered in the one
+    calibration pass."""
 
     def __init__(self, model: ir.Model, plan, config: Int8Config) -> None:
         self.config = config
@@ -220,7 +222,8 @@ class _AccuracyHooks:
         self.means = (ChannelMeanHook(correction_inputs(model, self.quantized_layers)) if config.bias_correct
                       else None)
         self.sampler = (LayerInputSampler(model, [use.node for use in plan.weights],
-                                          max_samples=AdaRoundConfig().max_samples) if config.adaround else None)
+                                          max_samples=AdaRoundConfig().max_samples)
+                        if config.adaround or config.gptq else None)
         self.hooks = [h for h in (self.means, self.sampler) if h is not None]
         self.tensors = [t for h in self.hooks for t in h.tensors]
         self.replan = config.bias_correct  # bias correction may give a bias-less Conv a bias input
@@ -248,13 +251,15 @@ class _AccuracyHooks:
             result = memo.learned_rounding(frozenset(samples)) if memo is not None else None
             if result is None:
                 result = adaround_weights(model, samples, config=AdaRoundConfig(),
-                                          granularity=self.config.weight_granularity)
+                                          granularity=self.config.weight_granularity,
+                                          solver=gptq_layer if self.config.gptq else None)
                 if memo is not None:
                     memo.keep_rounding(frozenset(samples), result)
             rounded, quantizer = dict(result.weights), result.weight_quantizer()
             backend = backend_used(AdaRoundConfig().backend).value
-            notes.append(f"AdaRound ({backend} backend; the torch and numpy backends round a few weights "
-                         f"differently): {count_of(len(result.weights), 'weight', 'weights')} learned, "
+            method = ("GPTQ rounding" if self.config.gptq else
+                      f"AdaRound ({backend} backend; the torch and numpy backends round a few weights differently)")
+            notes.append(f"{method}: {count_of(len(result.weights), 'weight', 'weights')} learned, "
                          f"{count_of(len(result.skipped), 'layer', 'layers')} skipped")
         if self.means is not None:
             means = {name: mean for name, mean in self._means_seen.result().items() if name in self.means.tensors}
