@@ -203,6 +203,34 @@ def test_a_layers_sample_does_not_depend_on_the_other_layers_sampled():
     assert np.array_equal(sample(["first", "second"]), sample(["second"]))
 
 
+def test_small_batches_are_sampled_together_whatever_their_shapes():
+    """Batches are offered to a layer's reservoir a few at a time (the batch-1 samples of a small model cost
+    one gather per layer, not one per sample): rows of a transA Gemm and of sequences of other lengths,
+    and convolution patches of images of other sizes, are rows of the inputs given."""
+    nodes = [helper.make_node("Gemm", ["a", "w"], ["g"], name="gemm", transA=1),
+             helper.make_node("MatMul", ["s", "v"], ["m"], name="seq"),
+             helper.make_node("Conv", ["x", "k"], ["c"], name="conv", pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [("a", [3, 2]), ("s", [1, "T", 3]), ("x", [1, 2, "H", "W"])],
+                       [("g", [2, 4]), ("m", [1, "T", 4]), ("c", [1, 4, "H", "W"])],
+                       [random_weight("w", (3, 4), 1), random_weight("v", (3, 4), 2),
+                        random_weight("k", (4, 2, 3, 3), 3)])
+    rng = np.random.default_rng(0)
+    feeds = [{"a": rng.standard_normal((3, 2)).astype(np.float32),
+              "s": rng.standard_normal((1, 2 + i % 3, 3)).astype(np.float32),
+              "x": rng.standard_normal((1, 2, 3 + i % 2, 4)).astype(np.float32)} for i in range(12)]
+    sampler = LayerInputSampler(model, ["gemm", "seq", "conv"], max_samples=10_000)
+    for feed in feeds:
+        sampler.update(feed, {})
+    rows = sampler.result()
+    given = {"gemm": np.concatenate([feed["a"].T for feed in feeds]),
+             "seq": np.concatenate([feed["s"].reshape(-1, 3) for feed in feeds])}
+    for name, expected in given.items():  # every row kept (capacity), in stream order
+        np.testing.assert_array_equal(rows[name], expected)
+    assert rows["conv"].shape == (sum(feed["x"].shape[2] * feed["x"].shape[3] for feed in feeds), 18)
+    centre = rows["conv"].reshape(-1, 2, 3, 3)[:, :, 1, 1]  # each patch's centre is a pixel of its image
+    np.testing.assert_array_equal(centre, np.concatenate([f["x"][0].reshape(2, -1).T for f in feeds]))
+
+
 def test_sampler_reports_layers_it_cannot_handle():
     nodes = [helper.make_node("MatMul", ["x", "x"], ["y"], name="activations"),
              helper.make_node("Relu", ["y"], ["z"], name="relu")]

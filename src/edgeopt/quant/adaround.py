@@ -136,9 +136,12 @@ def _conv_patches(node: ir.Node, weight: np.ndarray, batch: np.ndarray, reservoi
     reservoir.store(slots, patches.reshape(len(candidates), -1))
 
 
-def _dense_rows(node: ir.Node, batch: np.ndarray, reservoir: _Reservoir) -> None:
-    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
-        batch = batch.T
+def _input_rows(node: ir.Node, batch: np.ndarray) -> np.ndarray:
+    """A Gemm/MatMul input as it multiplies the weight: one sample per row (of the last axis)."""
+    return batch.T if node.op_type == "Gemm" and node.attributes.get_int("transA", 0) else batch
+
+
+def _dense_rows(batch: np.ndarray, reservoir: _Reservoir) -> None:
     rows = batch.reshape(-1, batch.shape[-1])
     candidates, slots = reservoir.choose(rows.shape[0])
     reservoir.store(slots, rows[candidates])
@@ -166,6 +169,10 @@ def _name_key(name: str) -> int:
     return zlib.crc32(name.encode("utf-8"))
 
 
+#: A layer's batches are offered to its reservoir together once they hold this many values (1 MiB).
+_PENDING_VALUES = 1 << 18
+
+
 class LayerInputSampler:
     """A calibration hook collecting up to ``max_samples`` input rows per layer (im2col for Conv).
 
@@ -185,17 +192,39 @@ class LayerInputSampler:
         self._reservoirs = {name: _Reservoir(max_samples, np.random.default_rng([seed, _name_key(name)]))
                             for name in self._layers}
         self.tensors = tuple(dict.fromkeys(node.inputs[0].name for node in self._layers.values()))
+        self._pending: dict[str, list[np.ndarray]] = {}  # per layer, batches not yet offered to its reservoir
+        self._pending_values: dict[str, int] = {}
 
     def update(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         for name, node in self._layers.items():
             tensor = node.inputs[0].name
             batch = np.asarray(outputs[tensor] if tensor in outputs else feed[tensor], dtype=np.float32)
-            if node.op_type == "Conv":
-                _conv_patches(node, self._weights[name], batch, self._reservoirs[name])
-            else:
-                _dense_rows(node, batch, self._reservoirs[name])
+            if node.op_type != "Conv":
+                batch = _input_rows(node, batch)
+            pending = self._pending.get(name)
+            if pending and pending[0].shape[1:] != batch.shape[1:]:  # samples of another shape
+                self._flush(name)
+            self._pending.setdefault(name, []).append(batch)
+            self._pending_values[name] = self._pending_values.get(name, 0) + batch.size
+            if self._pending_values[name] >= _PENDING_VALUES:
+                self._flush(name)
+
+    def _flush(self, name: str) -> None:
+        """Offer a layer's pending batches to its reservoir as one: a small layer input (the batch-1
+        samples of a 32x32 model) costs the same few calls for every batch, whatever its size."""
+        pending = self._pending.pop(name, [])
+        self._pending_values.pop(name, None)
+        if not pending:
+            return
+        node, batch = self._layers[name], pending[0] if len(pending) == 1 else np.concatenate(pending)
+        if node.op_type == "Conv":
+            _conv_patches(node, self._weights[name], batch, self._reservoirs[name])
+        else:
+            _dense_rows(batch, self._reservoirs[name])
 
     def result(self) -> dict[str, np.ndarray]:
+        for name in list(self._pending):
+            self._flush(name)
         results = {name: reservoir.result() for name, reservoir in self._reservoirs.items()}
         return {name: rows for name, rows in results.items() if rows is not None}
 
