@@ -322,8 +322,8 @@ def test_outputs_get_the_usual_permissions(cli, tmp_path, calib):
 
 
 @pytest.mark.parametrize(("scheme", "option", "applies"), [
-    ("fp16", ["--adaround"], "int8 and uint8"), ("fp16", ["--gptq"], "int8 and uint8"),
-    ("bf16", ["--calibration", "mse"], "int8 and uint8"),
+    ("fp16", ["--adaround"], "int8 and uint8"), ("fp16", ["--gptq"], "int8, uint8 and int4-weight"),
+    ("bf16", ["--gptq"], "int8, uint8 and int4-weight"), ("bf16", ["--calibration", "mse"], "int8 and uint8"),
     ("int4-weight", ["--smoothquant", "0.5"], "int8 and uint8"), ("int8", ["--block-size", "64"], "int4-weight"),
 ])
 def test_an_option_the_scheme_would_ignore_is_an_error(cli, tmp_path, calib, scheme, option, applies):
