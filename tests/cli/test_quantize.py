@@ -436,6 +436,20 @@ def test_gptq_rounds_the_weights_and_excludes_adaround(cli, tmp_path, calib):
     assert not (tmp_path / "q.onnx").exists()
 
 
+def test_gptq_rounds_int4_weights_and_needs_data(cli, tmp_path):
+    model, out = build_onnx("transformer", tmp_path), tmp_path / "q.onnx"
+    data = tmp_path / "calib.npy"
+    np.save(data, np.random.default_rng(0).standard_normal((16, 1, 16, 32)).astype(np.float32))
+    result = cli("quantize", model, "--scheme", "int4-weight", "--gptq", "--data", data, "-o", out,
+                 "--no-speed-check", "--json")
+    assert result.code == 0, result.stderr
+    notes = json.loads(result.stdout)["notes"]
+    assert any(note.startswith("GPTQ rounding: 14 weights (") for note in notes), notes
+    out.unlink()
+    assert_one_line_error(cli("quantize", model, "--scheme", "int4-weight", "--gptq", "-o", out), "--gptq", "--data")
+    assert not out.exists()
+
+
 def test_the_quantized_model_ships_with_its_numbers(cli, tmp_path, calib):
     out = tmp_path / "demo.int8.onnx"
     assert cli("quantize", demo_model_path(), "--data", calib, "-o", out, "--no-speed-check").code == 0
