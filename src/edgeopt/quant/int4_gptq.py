@@ -6,9 +6,15 @@ W~[:, n]`` and ``H = E[x x^T]`` (:mod:`edgeopt.quant.int4_importance`).
 GPTQ (Frantar et al. 2022; the int8 form is :mod:`edgeopt.quant.gptq`)
 rounds input rows ``k = 0 .. K-1`` in turn and lets the rows not yet rounded
 absorb each row's error, through ``U``, the upper Cholesky factor of
-``(H + 1% mean(diag H) I)^-1``::
+``(H' + 1% mean(diag H) I)^-1``::
 
     q_k = clamp(rint(w_k / s) + z),  d = (w_k - (q_k - z) s) / U_kk,  w_j -= d U_kj  for j > k
+
+``H'`` is ``H`` with its off-diagonal shrunk toward 0 by the share of it
+that is sampling noise (:attr:`~edgeopt.quant.int4_importance.LayerInputStatistics.shrunk_gram`):
+from fewer rows than inputs GPTQ would otherwise fit the noise of the
+calibration sample. On the benchmark MLP (K = 2048 read from 256 rows) that
+made GPTQ worse on held-out inputs than the clip search alone (BENCHMARKS.md).
 
 Block scales need contiguous blocks, so the rows go in natural order (no
 act-order). At the first row of each block of ``b`` rows, the block's scale

@@ -39,12 +39,29 @@ class LayerInputStatistics:
 
     mean_square: np.ndarray
     gram: np.ndarray | None = None
+    rows: int = 0  # the samples (rows of x) ``gram`` averages
 
     @cached_property
     def inverse_factor(self) -> np.ndarray:
-        """GPTQ's upper ``U`` with ``U^T U = (H + damping)^-1`` (:mod:`edgeopt.quant.gptq`): computed once for
-        all the layers that read this input (``O(K^3)``, the most of GPTQ's time on wide layers)."""
-        return inverse_factor(with_dead_inputs_solvable(self.gram)[None])[0]
+        """GPTQ's upper ``U`` with ``U^T U = (H' + damping)^-1`` (:mod:`edgeopt.quant.gptq`), ``H'`` the
+        :attr:`shrunk_gram`; computed once for all the layers that read this input (``O(K^3)``, most of
+        GPTQ's time on wide layers)."""
+        return inverse_factor(with_dead_inputs_solvable(self.shrunk_gram)[None])[0]
+
+    @property
+    def shrunk_gram(self) -> np.ndarray:
+        """``(1 - a) H + a diag(H)``: ``H = gram`` with its off-diagonal shrunk toward 0 by ``a``, the share of
+        it that is sampling noise (Ledoit-Wolf shrinkage toward the diagonal, as Schafer and Strimmer's
+        "target D"): ``a = sum_{k != l} Var(H_kl) / sum_{k != l} H_kl**2`` (at most 1), the variance of a
+        mean of ``S`` products ``x_k x_l`` taken as for Gaussian inputs, ``(H_kk H_ll + H_kl**2) / S``. Many
+        rows, or strongly correlated channels: about ``H``; few rows of independent channels: about
+        ``diag(H)``, where GPTQ rounds as the clip search does."""
+        gram, rows = self.gram, max(self.rows, 1)
+        diagonal = np.diagonal(gram)
+        off_square = float(np.sum(gram * gram) - np.sum(diagonal * diagonal))
+        noise = (float(np.sum(diagonal)) ** 2 - float(np.sum(diagonal * diagonal)) + off_square) / rows
+        shrink = 1.0 if off_square <= 0 else min(1.0, noise / off_square)
+        return (1.0 - shrink) * gram + shrink * np.diag(diagonal)
 
 
 def _observed(model, data: Iterable[Batch], hook: ChannelStatsHook,
@@ -68,7 +85,7 @@ def layer_input_statistics(model, data: Iterable[Batch], tensors: Iterable[str],
         return {name: LayerInputStatistics(mean_square=mean_square)
                 for name, mean_square in input_channel_importance(model, data, tensors, progress=progress).items()}
     observed = _observed(model, data, InputCorrelationHook(dict.fromkeys(tensors)), progress)
-    return {name: LayerInputStatistics(mean_square=seen.mean_square, gram=seen.gram) for name, seen in observed.items()}
+    return {name: LayerInputStatistics(mean_square=seen.mean_square, gram=seen.gram, rows=seen.rows) for name, seen in observed.items()}
 
 
 def summed_statistics(readers: Iterable[LayerInputStatistics | None], k: int) -> LayerInputStatistics | None:
@@ -81,4 +98,5 @@ def summed_statistics(readers: Iterable[LayerInputStatistics | None], k: int) ->
         return readers[0]
     grams = [seen.gram for seen in readers]
     return LayerInputStatistics(mean_square=sum(seen.mean_square for seen in readers),
-                                gram=None if any(gram is None for gram in grams) else sum(grams))
+                                gram=None if any(gram is None for gram in grams) else sum(grams),
+                                rows=min(seen.rows for seen in readers))
