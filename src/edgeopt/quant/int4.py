@@ -6,8 +6,9 @@ scale (and, for uint4, zero point), its clipping searched for the least
 squared error -- weighted, when calibration data is given, by the mean square
 of the layer's input channels (:mod:`edgeopt.quant.int4_importance`) -- and
 ``w' = (q - zero_point) * scale``; the math, the nibble packing and the
-MatMulNBits layout are in :mod:`edgeopt.quant.int4_blocks`. This module is the scheme:
-which nodes, and how each is rewritten.
+MatMulNBits layout are in :mod:`edgeopt.quant.int4_blocks`. With ``gptq`` (and data) a 2-D weight is
+rounded by GPTQ against its layer's input correlation instead (:mod:`edgeopt.quant.int4_gptq`). This
+module is the scheme: which nodes, and how each is rewritten.
 
 Lowering, per node:
 
@@ -401,6 +402,9 @@ def _statistics(model: ir.Model, targets: list[_Target], data: Iterable[Batch] |
     return layer_input_statistics(model, data, inputs, correlation=config.gptq, progress=progress)
 
 
+_WEIGHTED = "clip search, weighted by input channels"
+
+
 def _quantized(readers: list[_Target], config: Int4WeightConfig, statistics: Mapping[str, LayerInputStatistics],
                done: _Lowered) -> tuple[BlockQuantizedWeight, str]:
     """A weight quantized for its ``readers``, and how (for the report)."""
@@ -417,9 +421,6 @@ def _quantized(readers: list[_Target], config: Int4WeightConfig, statistics: Map
     solved = gptq_blocks(weight, seen, block_size, fmt)
     done.gptq.update(weights=1, columns=solved.columns, kept=solved.gptq_columns)
     return solved.weight, f"GPTQ rounding, {_WEIGHTED}"
-
-
-_WEIGHTED = "clip search, weighted by input channels"
 
 
 def _tensor_info(target: _Target, quantized: BlockQuantizedWeight, method: str) -> TensorQuantInfo:
