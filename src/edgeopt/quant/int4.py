@@ -482,8 +482,12 @@ def _lower_all(graph: ir.Graph, targets: list[_Target], config: Int4WeightConfig
     """Quantize each distinct weight once and rewrite every node reading it; the new constants go to
     the main graph, which the subgraphs' nodes read too."""
     names, done = UniqueNames(graph), _Lowered()
+    statistics, unread = dict(statistics), Counter(target.node.inputs[0].name for target in targets)
     for key, readers in _by_weight(targets).items():  # a weight read by several nodes (tied embeddings) is stored once
         quantized, method = _quantized(readers, config, statistics, done)
+        unread.subtract(target.node.inputs[0].name for target in readers)
+        for name in [name for name in statistics if unread[name] <= 0]:  # GPTQ's K x K arrays go when done with
+            del statistics[name]
         encode = (_matmul_nbits_constants if key[0] is _Lowering.MATMUL_NBITS else _dequantize_linear_constants)
         done.encodings[key] = encode(graph, names, readers[0].weight_value.name, quantized)
         for target in readers:
