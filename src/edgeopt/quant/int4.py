@@ -531,8 +531,8 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
     bytes_before = sum(done.weights.values())  # each float32 weight once, however many nodes read it
     bytes_after = sum(encoded.nbytes for encoded in done.encodings.values())
     notes = [*_summary_notes(config, done, bytes_before, bytes_after, weighted=data is not None),
-             *_gptq_note(done), *_subgraph_note(inside), *passes, *_kept_note(float_nodes), *_still_float_note(graph, done.weights),
-             *_head_and_block_notes(config, done)]
+             *_gptq_note(done), *_subgraph_note(inside), *passes, *_kept_note(float_nodes),
+             *_still_float_note(graph, done.weights), *_head_and_block_notes(config, done)]
     logger.info("int4: %s", notes[0])
     details = {"matmul_nbits": done.counts[_Lowering.MATMUL_NBITS],
                "dequantize_linear": done.counts[_Lowering.DEQUANTIZE_LINEAR],

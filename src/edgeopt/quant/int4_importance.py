@@ -85,7 +85,8 @@ def layer_input_statistics(model, data: Iterable[Batch], tensors: Iterable[str],
         return {name: LayerInputStatistics(mean_square=mean_square)
                 for name, mean_square in input_channel_importance(model, data, tensors, progress=progress).items()}
     observed = _observed(model, data, InputCorrelationHook(dict.fromkeys(tensors)), progress)
-    return {name: LayerInputStatistics(mean_square=seen.mean_square, gram=seen.gram, rows=seen.rows) for name, seen in observed.items()}
+    return {name: LayerInputStatistics(mean_square=seen.mean_square, gram=seen.gram, rows=seen.rows)
+            for name, seen in observed.items()}
 
 
 def summed_statistics(readers: Iterable[LayerInputStatistics | None], k: int) -> LayerInputStatistics | None:
