@@ -81,11 +81,10 @@ def test_without_data_is_a_config_error_naming_data(transformer):
 def test_a_weight_of_rank_3_keeps_the_clip_search_and_says_so(tmp_path):
     model = batched_weight_model(tmp_path, opset=21)
     rng = np.random.default_rng(0)
-    data = [{name: rng.standard_normal(value.shape).astype(np.float32) for name, value in
-             ((value.name, value) for value in model.graph.inputs)} for _ in range(4)]
+    data = [{"input": rng.standard_normal((2, 3, 80)).astype(np.float32)} for _ in range(4)]
     result = quantize(model, Int4WeightConfig(gptq=True), data=data)
     assert {t.method for t in result.tensors} == {"clip search, weighted by input channels"}
-    assert "GPTQ rounding: 0 weights; 1 weight of rank > 2 (DequantizeLinear) keep the clip search's rounding" in \
+    assert "GPTQ rounding: 0 weights; the clip search's rounding for 1 weight of rank > 2 (DequantizeLinear)" in \
         result.notes
 
 

@@ -573,8 +573,8 @@ def _gptq_note(done: _Lowered) -> list[str]:
         return []
     kept = (f" ({gptq['kept']} of {gptq['columns']} columns; the others kept the clip search's rounding, whose "
             "output error on the calibration data was smaller)")
-    skipped = (f"; {count_of(gptq['not_2d'], 'weight', 'weights')} of rank > 2 (DequantizeLinear) keep the clip "
-               "search's rounding" if gptq["not_2d"] else "")
+    skipped = (f"; the clip search's rounding for {count_of(gptq['not_2d'], 'weight', 'weights')} of rank > 2 "
+               "(DequantizeLinear)" if gptq["not_2d"] else "")
     return [f"GPTQ rounding: {count_of(gptq['weights'], 'weight', 'weights')}{kept if gptq['weights'] else ''}"
             f"{skipped}"]
 
