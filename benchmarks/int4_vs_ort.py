@@ -13,7 +13,8 @@ as real transformers have):
 
 For block sizes 16/32/64/128: ONNX Runtime symmetric and asymmetric (its
 default) RTN, edgeopt int4 (symmetric) without and with calibration data,
-and edgeopt uint4 (asymmetric, its default) without and with data. Columns: weight SQNR (dB) per
+and with data and GPTQ rounding (``--gptq``), and edgeopt uint4 (asymmetric,
+its default) the same three ways. Columns: weight SQNR (dB) per
 layer, decoded from the written MatMulNBits blobs of each file (mean and
 worst layer), and output SQNR (dB) against the float model on held-out
 inputs (not the calibration ones). Each output model is run by ONNX Runtime;
@@ -154,9 +155,9 @@ def quantize_ort(source: pathlib.Path, target: pathlib.Path, block_size: int, sy
     return time.perf_counter() - start
 
 
-def quantize_edgeopt(source: pathlib.Path, target: pathlib.Path, block_size: int, fmt, data) -> float:
+def quantize_edgeopt(source: pathlib.Path, target: pathlib.Path, block_size: int, fmt, data, gptq: bool) -> float:
     start = time.perf_counter()
-    config = Int4WeightConfig(granularity=PerBlock(size=block_size), weight_format=fmt)
+    config = Int4WeightConfig(granularity=PerBlock(size=block_size), weight_format=fmt, gptq=gptq)
     result = quantize(load_model(source), config, data=data)
     target.write_bytes(model_to_bytes(result.model))
     return time.perf_counter() - start
@@ -253,13 +254,15 @@ def measure(name: str, float_path: pathlib.Path, path: pathlib.Path, held_out: l
 # --------------------------------------------------------------------------
 
 
-VARIANTS = (  # label, tool, symmetric / format, with calibration data
-    ("ORT RTN sym", "ort", True, False),
-    ("ORT RTN asym (default)", "ort", False, False),
-    ("edgeopt int4", "edgeopt", INT4, False),
-    ("edgeopt int4 + data", "edgeopt", INT4, True),
-    ("edgeopt uint4", "edgeopt", UINT4, False),
-    ("edgeopt uint4 + data", "edgeopt", UINT4, True),
+VARIANTS = (  # label, tool, symmetric / format, with calibration data, GPTQ
+    ("ORT RTN sym", "ort", True, False, False),
+    ("ORT RTN asym (default)", "ort", False, False, False),
+    ("edgeopt int4", "edgeopt", INT4, False, False),
+    ("edgeopt int4 + data", "edgeopt", INT4, True, False),
+    ("edgeopt int4 + data + gptq", "edgeopt", INT4, True, True),
+    ("edgeopt uint4", "edgeopt", UINT4, False, False),
+    ("edgeopt uint4 + data", "edgeopt", UINT4, True, False),
+    ("edgeopt uint4 + data + gptq", "edgeopt", UINT4, True, True),
 )
 
 
@@ -278,13 +281,13 @@ def main(argv: list[str] | None = None) -> None:
             float_path, calibration, held_out = models[model_name]
             reference = run(float_path, held_out)
             for block_size in blocks:
-                for label, tool, kind, with_data in VARIANTS:
+                for label, tool, kind, with_data, gptq in VARIANTS:
                     path = folder / f"{model_name}.{block_size}.{label.replace(' ', '_')}.onnx"
                     if tool == "ort":
                         seconds = quantize_ort(float_path, path, block_size, kind)
                     else:
                         seconds = quantize_edgeopt(float_path, path, block_size, kind,
-                                                   calibration if with_data else None)
+                                                   calibration if with_data else None, gptq)
                     row = measure(model_name, float_path, path, held_out, reference, tool == "edgeopt")
                     rows.append([model_name, block_size, label, row["layers"], f"{row['weight_mean']:.2f}",
                                  f"{row['weight_min']:.2f}", f"{row['output']:.2f}",

@@ -322,8 +322,8 @@ def test_outputs_get_the_usual_permissions(cli, tmp_path, calib):
 
 
 @pytest.mark.parametrize(("scheme", "option", "applies"), [
-    ("fp16", ["--adaround"], "int8 and uint8"), ("fp16", ["--gptq"], "int8 and uint8"),
-    ("bf16", ["--calibration", "mse"], "int8 and uint8"),
+    ("fp16", ["--adaround"], "int8 and uint8"), ("fp16", ["--gptq"], "int8, uint8 and int4-weight"),
+    ("bf16", ["--gptq"], "int8, uint8 and int4-weight"), ("bf16", ["--calibration", "mse"], "int8 and uint8"),
     ("int4-weight", ["--smoothquant", "0.5"], "int8 and uint8"), ("int8", ["--block-size", "64"], "int4-weight"),
 ])
 def test_an_option_the_scheme_would_ignore_is_an_error(cli, tmp_path, calib, scheme, option, applies):
@@ -434,6 +434,20 @@ def test_gptq_rounds_the_weights_and_excludes_adaround(cli, tmp_path, calib):
     refused = run("--gptq", "--adaround")
     assert refused.code != 0 and "pick one" in json.loads(refused.stdout)["error"]["message"]
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_gptq_rounds_int4_weights_and_needs_data(cli, tmp_path):
+    model, out = build_onnx("transformer", tmp_path), tmp_path / "q.onnx"
+    data = tmp_path / "calib.npy"
+    np.save(data, np.random.default_rng(0).standard_normal((16, 1, 16, 32)).astype(np.float32))
+    result = cli("quantize", model, "--scheme", "int4-weight", "--gptq", "--data", data, "-o", out,
+                 "--no-speed-check", "--json")
+    assert result.code == 0, result.stderr
+    notes = json.loads(result.stdout)["notes"]
+    assert any(note.startswith("GPTQ rounding: 14 weights (") for note in notes), notes
+    out.unlink()
+    assert_one_line_error(cli("quantize", model, "--scheme", "int4-weight", "--gptq", "-o", out), "--gptq", "--data")
+    assert not out.exists()
 
 
 def test_the_quantized_model_ships_with_its_numbers(cli, tmp_path, calib):

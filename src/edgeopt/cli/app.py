@@ -315,7 +315,7 @@ def _quant_config(scheme: Scheme, target: TargetChoice, calibration: Calibration
     if scheme is Scheme.bf16:
         return Bf16Config(exclude=exclude)
     size = BLOCK_SIZE if block_size is None else block_size
-    return Int4WeightConfig(granularity=quant.PerBlock(size=size), exclude=exclude)
+    return Int4WeightConfig(granularity=quant.PerBlock(size=size), exclude=exclude, gptq=algorithms.gptq)
 
 
 def _refuse_options_of_other_schemes(scheme: Scheme, target: TargetChoice, calibration: CalibrationChoice,
@@ -326,14 +326,17 @@ def _refuse_options_of_other_schemes(scheme: Scheme, target: TargetChoice, calib
     given = {
         "--target": target is not TargetChoice.ort, "--calibration": calibration is not CalibrationChoice.percentile,
         "--per-tensor": per_tensor, "--equalize": algorithms.equalize, "--equalize-relu6": algorithms.equalize_relu6,
-        "--no-bias-correct": not algorithms.bias_correct, "--adaround": algorithms.adaround, "--gptq": algorithms.gptq,
+        "--no-bias-correct": not algorithms.bias_correct, "--adaround": algorithms.adaround,
         "--smoothquant": algorithms.smoothquant_alpha is not None,
     } if not int8 else {}
     if scheme is not Scheme.int4_weight:
         given["--block-size"] = block_size is not None
+        if not int8:
+            given["--gptq"] = algorithms.gptq
     ignored = [option for option, set_ in given.items() if set_]
     if ignored:
-        applies = "int4-weight" if ignored[0] == "--block-size" else "int8 and uint8"
+        applies = {"--block-size": "int4-weight", "--gptq": "int8, uint8 and int4-weight"}.get(ignored[0],
+                                                                                               "int8 and uint8")
         raise ConfigError(f"{ignored[0]} applies to --scheme {applies} only, not {scheme.value}: drop it")
 
 
@@ -368,7 +371,8 @@ def quantize(
                                                               "activations (slower).")] = False,
     gptq: Annotated[bool, typer.Option("--gptq", help="Round each layer's weights in turn, feeding each rounding "
                                                       "error to the weights not yet rounded (GPTQ; AdaRound's "
-                                                      "gain in a fraction of its time).")] = False,
+                                                      "gain in a fraction of its time; int4-weight too, with "
+                                                      "--data).")] = False,
     smoothquant: Annotated[Optional[float], typer.Option("--smoothquant", metavar="ALPHA",
                                                          help="Migrate activation outliers of MatMul/Gemm inputs "
                                                               "into the weights (transformers), e.g. 0.5.")] = None,

@@ -4,7 +4,9 @@ Three accuracy tools need one number per channel of some tensors, summed or
 maximised over every calibration sample: bias correction the channel means of
 each layer's input (:class:`ChannelMeanHook`), SmoothQuant the channel maxima
 of ``|x|`` (:class:`ChannelAbsMaxHook`), int4's clipping search the channel
-mean squares (:class:`ChannelMeanSquareHook`). Each is an observer per tensor
+mean squares (:class:`ChannelMeanSquareHook`), and int4's GPTQ the whole
+correlation ``E[x x^T]`` of the channels with them (:class:`InputCorrelationHook`:
+``K x K`` float64 sums per tensor). Each is an observer per tensor
 behind one hook (:class:`ChannelStatsHook`): the calibration pass hands it
 every batch, it finds each tensor among the fetched outputs (graph inputs: in
 the feed) and skips what is absent or not float. Non-finite values are left
@@ -31,6 +33,8 @@ __all__ = [
     "ChannelMeanSquareHook",
     "ChannelMeans",
     "ChannelStatsHook",
+    "InputCorrelation",
+    "InputCorrelationHook",
 ]
 
 
@@ -132,6 +136,47 @@ class ChannelMeanSquareObserver(ChannelMeanObserver):
         super().update(np.square(np.asarray(array, dtype=np.float64)))
 
 
+@dataclass(frozen=True, kw_only=True)
+class InputCorrelation:
+    """``E[x x^T]`` of the last-axis channels (float64 ``[K, K]``, read-only) over ``rows`` rows holding
+    no NaN or infinity, and ``E[x**2]`` per channel (float32 ``[K]``, as :class:`ChannelMeanSquareHook`
+    gives it: the same values)."""
+
+    gram: np.ndarray
+    mean_square: np.ndarray
+    rows: int
+
+
+class InputCorrelationObserver:
+    """Running ``sum x^T x`` over the rows of ``x [..., K]`` (each row one sample of the K channels), and
+    the channels' mean squares: memory ``K * K`` float64, whatever the data."""
+
+    def __init__(self) -> None:
+        self._mean_square = ChannelMeanSquareObserver(axis=-1)
+        self._sum: np.ndarray | None = None
+        self._rows = 0
+
+    def update(self, array) -> None:
+        array = np.asarray(array)
+        self._mean_square.update(array)
+        rows = array.reshape(-1, array.shape[-1]).astype(np.float64)
+        finite = np.isfinite(rows).all(axis=1)
+        if not finite.all():  # a row with a NaN or infinity would spread it over the whole sum
+            rows = rows[finite]
+        if self._sum is None:
+            self._sum = rows.T @ rows
+        else:
+            self._sum += rows.T @ rows
+        self._rows += len(rows)
+
+    def result(self) -> InputCorrelation | None:
+        if self._sum is None or not self._rows:
+            return None
+        mean_square = self._mean_square.result().mean.astype(np.float32)
+        return InputCorrelation(gram=_readonly(self._sum / self._rows), mean_square=_readonly(mean_square),
+                                rows=self._rows)
+
+
 # --------------------------------------------------------------------------
 # hooks: the observers of several tensors, fed by the calibration pass
 # --------------------------------------------------------------------------
@@ -218,3 +263,13 @@ class ChannelMeanSquareHook(ChannelStatsHook):
     def _value(self, observer: ChannelMeanSquareObserver) -> np.ndarray | None:
         mean = observer.result().mean
         return mean.astype(np.float32) if mean.size else None
+
+
+class InputCorrelationHook(ChannelStatsHook):
+    """:class:`InputCorrelation` of the last-axis channels of ``tensors``, for int4's GPTQ."""
+
+    def __init__(self, tensors: Iterable[str]) -> None:
+        super().__init__(dict.fromkeys(tensors, -1), lambda axis: InputCorrelationObserver())
+
+    def _value(self, observer: InputCorrelationObserver) -> InputCorrelation | None:
+        return observer.result()

@@ -36,7 +36,7 @@ import numpy as np
 from edgeopt.quant.adaround_solver import channel_scales, check_layout
 from edgeopt.quant.formats import INT8_SYMMETRIC
 
-__all__ = ["BLOCK", "DAMPING", "gptq_layer"]
+__all__ = ["BLOCK", "DAMPING", "gptq_layer", "inverse_factor", "with_dead_inputs_solvable"]
 
 #: Inputs rounded between two matrix-product updates of the rest.
 BLOCK = 128
@@ -46,7 +46,14 @@ DAMPING = 0.01
 _QMIN, _QMAX = INT8_SYMMETRIC.qmin, INT8_SYMMETRIC.qmax
 
 
-def _inverse_factor(gram: np.ndarray, damping: float) -> np.ndarray:
+def with_dead_inputs_solvable(gram: np.ndarray) -> np.ndarray:
+    """``gram [..., K, K]`` with a unit diagonal for each input that is always zero (a zero row and
+    column): it then keeps its nearest rounding and passes no error on."""
+    diagonal = np.einsum("...kk->...k", gram)
+    return gram + np.where(diagonal <= 0, 1.0, 0.0)[..., None] * np.eye(gram.shape[-1])
+
+
+def inverse_factor(gram: np.ndarray, damping: float = DAMPING) -> np.ndarray:
     """Upper ``U`` with ``U^T U = (gram + damping)^-1``, batched; more loading if rounding breaks it."""
     eye = np.eye(gram.shape[-1])
     mean = np.einsum("gkk->gk", gram).mean(axis=1)[:, None, None]
@@ -95,13 +102,11 @@ def gptq_layer(weight: np.ndarray, inputs: np.ndarray, scale, *, damping: float 
     samples = samples.astype(np.float64)
     gram = samples.transpose(0, 2, 1) @ samples / samples.shape[1]
     diagonal = np.einsum("gkk->gk", gram)
-    # an input that is always zero has a zero row and column: a unit diagonal keeps its nearest
-    # rounding and passes no error on
-    solvable = gram + np.where(diagonal <= 0, 1.0, 0.0)[:, :, None] * np.eye(gram.shape[-1])
+    solvable = with_dead_inputs_solvable(gram)
     order = np.argsort(-diagonal, axis=1, kind="stable")
     solvable = np.take_along_axis(np.take_along_axis(solvable, order[:, :, None], 1), order[:, None, :], 2)
     ordered = np.take_along_axis(steps, order[:, None, :], 2)
-    ints = np.take_along_axis(_sweep(ordered, _inverse_factor(solvable, damping)),
+    ints = np.take_along_axis(_sweep(ordered, inverse_factor(solvable, damping)),
                               np.argsort(order, axis=1)[:, None, :], 2)
     nearest = np.clip(np.rint(steps), _QMIN, _QMAX)
     keep_nearest = _output_error(steps, nearest, gram) <= _output_error(steps, ints, gram)

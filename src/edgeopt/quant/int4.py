@@ -6,8 +6,9 @@ scale (and, for uint4, zero point), its clipping searched for the least
 squared error -- weighted, when calibration data is given, by the mean square
 of the layer's input channels (:mod:`edgeopt.quant.int4_importance`) -- and
 ``w' = (q - zero_point) * scale``; the math, the nibble packing and the
-MatMulNBits layout are in :mod:`edgeopt.quant.int4_blocks`. This module is the scheme:
-which nodes, and how each is rewritten.
+MatMulNBits layout are in :mod:`edgeopt.quant.int4_blocks`. With ``gptq`` (and data) a 2-D weight is
+rounded by GPTQ against its layer's input correlation instead (:mod:`edgeopt.quant.int4_gptq`). This
+module is the scheme: which nodes, and how each is rewritten.
 
 Lowering, per node:
 
@@ -62,7 +63,8 @@ from edgeopt.quant.config import PerBlock, check_exclude_names
 from edgeopt.quant.float16 import UniqueNames, weight_only_float_passes
 from edgeopt.quant.formats import INT4, UINT4, Format
 from edgeopt.quant.int4_blocks import BlockQuantizedWeight, encode_matmul_nbits, pack_nibbles, quantize_blocks
-from edgeopt.quant.int4_importance import input_channel_importance
+from edgeopt.quant.int4_gptq import gptq_blocks
+from edgeopt.quant.int4_importance import LayerInputStatistics, layer_input_statistics, summed_statistics
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 
 __all__ = [
@@ -102,7 +104,9 @@ class Int4WeightConfig:
     MatMulNBits when set; None leaves ONNX Runtime's default (float input
     not downcast). ``exclude``: node names or op types to leave float.
     ``float_passes``: fold constants and BatchNorm, drop dead nodes first
-    (False: quantize the graph as it is).
+    (False: quantize the graph as it is). ``gptq``: round each 2-D weight by
+    GPTQ against its layer's input correlation on the calibration data
+    (:mod:`edgeopt.quant.int4_gptq`); needs data.
     """
 
     granularity: PerBlock = PerBlock(size=32)
@@ -110,10 +114,12 @@ class Int4WeightConfig:
     accuracy_level: AccuracyLevel | None = None
     exclude: tuple[str, ...] = ()
     float_passes: bool = True
+    gptq: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.float_passes, bool):
-            raise ConfigError(f"float_passes must be true or false, got {self.float_passes!r}")
+        for key in ("float_passes", "gptq"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
         if not isinstance(self.granularity, PerBlock):
             raise ConfigError(f"granularity of int4 must be PerBlock(size=...), got {self.granularity!r}")
         if self.weight_format not in _WEIGHT_FORMATS:
@@ -386,37 +392,43 @@ def _by_weight(targets: Iterable[_Target]) -> dict[tuple, list[_Target]]:
     return groups
 
 
-def _importance(model: ir.Model, targets: list[_Target], data: Iterable[Batch] | None,
-                progress: ProgressCallback | None) -> dict[str, np.ndarray]:
-    """Mean square of each target's input channels on ``data`` (empty without data): of the inputs that
-    are main-graph values, which the calibration run observes (not a subgraph's own)."""
+def _statistics(model: ir.Model, targets: list[_Target], data: Iterable[Batch] | None, config: Int4WeightConfig,
+                progress: ProgressCallback | None) -> dict[str, LayerInputStatistics]:
+    """What the calibration pass sees of each target's input (empty without data): of the inputs that are
+    main-graph values, which the calibration run observes (not a subgraph's own)."""
     inputs = [target.node.inputs[0].name for target in targets if target.node.inputs[0].graph is model.graph]
     if data is None or not inputs:  # nothing the calibration run would observe: no pass over the data
         return {}
-    return input_channel_importance(model, data, inputs, progress=progress)
+    return layer_input_statistics(model, data, inputs, correlation=config.gptq, progress=progress)
 
 
-def _group_importance(readers: Iterable[_Target], importance: Mapping[str, np.ndarray]) -> np.ndarray | None:
-    """The summed input-channel importance of a weight's readers (each adds its output's error), or
-    None when some reader's is unknown or does not match K."""
-    if not importance:
-        return None
-    total = None
-    for target in readers:
-        k = target.weight.shape[-2]
-        channels = importance.get(target.node.inputs[0].name)
-        if channels is None or channels.shape != (k,):
-            return None
-        total = channels if total is None else total + channels
-    return total
+_WEIGHTED = "clip search, weighted by input channels"
 
 
-def _tensor_info(target: _Target, quantized: BlockQuantizedWeight, *, weighted: bool) -> TensorQuantInfo:
+def _quantized(readers: list[_Target], config: Int4WeightConfig, statistics: Mapping[str, LayerInputStatistics],
+               done: _Lowered) -> tuple[BlockQuantizedWeight, str]:
+    """A weight quantized for its ``readers``, and how (for the report)."""
+    weight = readers[0].weight
+    seen = summed_statistics((statistics.get(t.node.inputs[0].name) for t in readers), weight.shape[-2])
+    done.unweighted += seen is None  # (all of them without data)
+    fmt, block_size = config.weight_format, config.block_size
+    if seen is None:
+        return quantize_blocks(weight, block_size, fmt), "clip search"
+    if not config.gptq or weight.ndim != 2:
+        if config.gptq:
+            done.gptq["not_2d"] += 1
+        return quantize_blocks(weight, block_size, fmt, importance=seen.mean_square), _WEIGHTED
+    solved = gptq_blocks(weight, seen, block_size, fmt)
+    done.gptq.update(weights=1, columns=solved.columns, kept=solved.gptq_columns)
+    return solved.weight, f"GPTQ rounding, {_WEIGHTED}"
+
+
+def _tensor_info(target: _Target, quantized: BlockQuantizedWeight, method: str) -> TensorQuantInfo:
     return TensorQuantInfo(
         name=target.weight_value.name, kind="weight", op_type=target.node.op_type, format=quantized.format.name,
         range=(float(target.weight.min()), float(target.weight.max())),
         scale=tuple(quantized.scale.ravel().tolist()), zero_point=tuple(quantized.zero_point.ravel().tolist()),
-        method="clip search, weighted by input channels" if weighted else "clip search", axis=target.weight_axis)
+        method=method, axis=target.weight_axis)
 
 
 def _kept_note(float_nodes: Iterable[FloatNode]) -> list[str]:
@@ -449,6 +461,7 @@ class _Lowered:
     heads: list[tuple[str, str, int]] = dataclasses.field(default_factory=list)
     short: int = 0  # layers whose K is below the block size
     unweighted: int = 0  # weights whose readers' inputs the calibration run did not observe
+    gptq: Counter = dataclasses.field(default_factory=Counter)  # weights, columns, of which GPTQ's kept; not_2d
 
 
 def _find_targets(graph: ir.Graph, config: Int4WeightConfig, opset: int) -> tuple[list[_Target], list[FloatNode]]:
@@ -465,14 +478,16 @@ def _find_targets(graph: ir.Graph, config: Int4WeightConfig, opset: int) -> tupl
 
 
 def _lower_all(graph: ir.Graph, targets: list[_Target], config: Int4WeightConfig,
-               importance: Mapping[str, np.ndarray]) -> _Lowered:
+               statistics: Mapping[str, LayerInputStatistics]) -> _Lowered:
     """Quantize each distinct weight once and rewrite every node reading it; the new constants go to
     the main graph, which the subgraphs' nodes read too."""
     names, done = UniqueNames(graph), _Lowered()
+    statistics, unread = dict(statistics), Counter(target.node.inputs[0].name for target in targets)
     for key, readers in _by_weight(targets).items():  # a weight read by several nodes (tied embeddings) is stored once
-        channels = _group_importance(readers, importance)
-        done.unweighted += channels is None  # (all of them without data)
-        quantized = quantize_blocks(readers[0].weight, config.block_size, config.weight_format, importance=channels)
+        quantized, method = _quantized(readers, config, statistics, done)
+        unread.subtract(target.node.inputs[0].name for target in readers)
+        for name in [name for name in statistics if unread[name] <= 0]:  # GPTQ's K x K arrays go when done with
+            del statistics[name]
         encode = (_matmul_nbits_constants if key[0] is _Lowering.MATMUL_NBITS else _dequantize_linear_constants)
         done.encodings[key] = encode(graph, names, readers[0].weight_value.name, quantized)
         for target in readers:
@@ -488,7 +503,7 @@ def _lower_all(graph: ir.Graph, targets: list[_Target], config: Int4WeightConfig
             for value in read:  # the old weight, and a Gemm's bias moved into MatMulNBits' bias input
                 _drop_unread(value)
             done.counts[target.lowering] += 1
-            done.tensors.append(_tensor_info(target, quantized, weighted=channels is not None))
+            done.tensors.append(_tensor_info(target, quantized, method))
             done.weights[target.weight_value] = target.weight.nbytes
     return done
 
@@ -497,7 +512,11 @@ def _lower_all(graph: ir.Graph, targets: list[_Target], config: Int4WeightConfig
 def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batch] | None = None, *,
                   progress: ProgressCallback | None = None) -> QuantResult:
     """Int4 weight-only block quantization of MatMul/Gemm; see the module docstring. ``data``, when
-    given, weighs each block's clipping search by the layer's input channels (:mod:`.int4_importance`)."""
+    given, weighs each block's clipping search by the layer's input channels (:mod:`.int4_importance`),
+    and GPTQ rounds against them (``config.gptq``, which needs it)."""
+    if config.gptq and data is None:
+        raise ConfigError("GPTQ (--gptq) rounds each weight against its layer's inputs on calibration data: "
+                          "give --data (a folder of .npy, images, or module:function), or drop --gptq")
     passes = _float_passes(model, config)
     graph, opset = model.graph, eir.default_opset(model)
     targets, float_nodes = _find_targets(graph, config, opset)
@@ -506,14 +525,14 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
         raise ModelError(f"no MatMul/Gemm weight to quantize ({reasons}): int4-weight quantizes the constant "
                          "weights of MatMul/Gemm only; use int8 or fp16 for this model")
     inside = sum(1 for target in targets if target.node.graph is not graph)  # before the rewrite removes them
-    done = _lower_all(graph, targets, config, _importance(model, targets, data, progress))
+    done = _lower_all(graph, targets, config, _statistics(model, targets, data, config, progress))
     if done.counts[_Lowering.MATMUL_NBITS]:
         model.opset_imports.setdefault(_MS_DOMAIN, 1)
     bytes_before = sum(done.weights.values())  # each float32 weight once, however many nodes read it
     bytes_after = sum(encoded.nbytes for encoded in done.encodings.values())
     notes = [*_summary_notes(config, done, bytes_before, bytes_after, weighted=data is not None),
-             *_subgraph_note(inside), *passes, *_kept_note(float_nodes), *_still_float_note(graph, done.weights),
-             *_head_and_block_notes(config, done)]
+             *_gptq_note(done), *_subgraph_note(inside), *passes, *_kept_note(float_nodes),
+             *_still_float_note(graph, done.weights), *_head_and_block_notes(config, done)]
     logger.info("int4: %s", notes[0])
     details = {"matmul_nbits": done.counts[_Lowering.MATMUL_NBITS],
                "dequantize_linear": done.counts[_Lowering.DEQUANTIZE_LINEAR],
@@ -546,6 +565,18 @@ def _summary_notes(config: Int4WeightConfig, done: _Lowered, bytes_before: int, 
             "" if config.accuracy_level is None
             else f"; MatMulNBits accuracy_level={int(config.accuracy_level)} ({config.accuracy_level.name})"),
     ]
+
+
+def _gptq_note(done: _Lowered) -> list[str]:
+    gptq = done.gptq
+    if not gptq:
+        return []
+    kept = (f" ({gptq['kept']} of {gptq['columns']} columns; the others kept the clip search's rounding, whose "
+            "output error on the calibration data was smaller)")
+    skipped = (f"; the clip search's rounding for {count_of(gptq['not_2d'], 'weight', 'weights')} of rank > 2 "
+               "(DequantizeLinear)" if gptq["not_2d"] else "")
+    return [f"GPTQ rounding: {count_of(gptq['weights'], 'weight', 'weights')}{kept if gptq['weights'] else ''}"
+            f"{skipped}"]
 
 
 def _subgraph_note(inside: int) -> list[str]:

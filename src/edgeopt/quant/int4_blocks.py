@@ -50,6 +50,7 @@ __all__ = [
     "CLIP_RATIOS",
     "BlockQuantizedWeight",
     "MatMulNBitsWeight",
+    "block_scales",
     "decode_matmul_nbits",
     "encode_matmul_nbits",
     "pack_nibbles",
@@ -200,6 +201,16 @@ def quantize_blocks(weight: np.ndarray, block_size: int, fmt: Format,
     calibration data); None weighs them equally.
     """
     weight = np.asarray(weight, dtype=np.float32)
+    scale, zero_point = block_scales(weight, block_size, fmt, importance)
+    q = quantize(weight, scale, zero_point, fmt, axis=weight.ndim - 2, block_size=block_size)
+    return BlockQuantizedWeight(q=q, scale=scale, zero_point=zero_point, block_size=block_size, format=fmt)
+
+
+def block_scales(weight: np.ndarray, block_size: int, fmt: Format,
+                 importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The searched scale (float32) and zero point (``fmt``'s dtype) of each block of ``weight [..., K, N]``,
+    ``[..., ceil(K / b), N]`` each: :func:`quantize_blocks` without the rounding."""
+    weight = np.asarray(weight, dtype=np.float32)
     k, n = weight.shape[-2:]
     padded = _pad_rows(weight, block_size, 0.0)
     blocks = padded.reshape(*padded.shape[:-2], -1, block_size, n)
@@ -209,9 +220,7 @@ def quantize_blocks(weight: np.ndarray, block_size: int, fmt: Format,
     step = max(1, _CHUNK_ELEMENTS // max(1, padded.size // n))
     found = [_search(blocks[..., start:start + step], weights, fmt) for start in range(0, n, step)]
     scale = np.concatenate([f[0] for f in found], axis=-1)
-    zero_point = np.concatenate([f[1] for f in found], axis=-1).astype(fmt.numpy_dtype)
-    q = quantize(weight, scale, zero_point, fmt, axis=weight.ndim - 2, block_size=block_size)
-    return BlockQuantizedWeight(q=q, scale=scale, zero_point=zero_point, block_size=block_size, format=fmt)
+    return scale, np.concatenate([f[1] for f in found], axis=-1).astype(fmt.numpy_dtype)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,34 +1,103 @@
-"""Input-channel importance for int4's per-block clipping search, from calibration data.
+"""Input-channel statistics for int4's per-block clipping search and GPTQ, from calibration data.
 
 A layer ``y = x @ W`` with ``W`` rounded to ``W + E`` makes the output error
-``x @ E``; its expected square over the data, summed over a column's block,
-is ``sum_k E[x_k**2] E_k**2`` plus cross terms ``E[x_j x_k] E_j E_k`` that
-have no sign to exploit for independent rounding errors. So the mean square
-``h_k = E[x_k**2]`` of each input channel k (the last axis of the layer's
-input) weighs the weight error of row k: a channel that is always near zero
-costs nothing however coarse its weights, and a loud one (a transformer's
-outlier channels) costs the most. One streaming pass, sums only: the result
-does not depend on how samples are batched.
+``x @ E``; its expected square over the data, per output column ``e``, is
+``e^T H e`` with ``H = E[x x^T]`` the correlation of the input channels (the
+last axis of the layer's input). The clipping search weighs the weight error
+of row k by the diagonal alone, ``h_k = E[x_k**2]``: cross terms
+``H_jk e_j e_k`` have no sign to exploit for independent rounding errors. A
+channel that is always near zero then costs nothing however coarse its
+weights, and a loud one (a transformer's outlier channels) costs the most.
+GPTQ (:mod:`edgeopt.quant.int4_gptq`) makes the errors dependent, so it reads
+all of ``H``: ``K x K`` float64 sums per input tensor, shared by the layers
+that read it. One streaming pass, sums only: the result does not depend on
+how samples are batched.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from edgeopt.quant.calibrate import calibrate
-from edgeopt.quant.channel_stats import ChannelMeanSquareHook
+from edgeopt.quant.channel_stats import ChannelMeanSquareHook, ChannelStatsHook, InputCorrelationHook
 from edgeopt.quant.config import CalibrationConfig
+from edgeopt.quant.gptq import inverse_factor, with_dead_inputs_solvable
 from edgeopt.quant.registry import Batch, ProgressCallback
 
-__all__ = ["ChannelMeanSquareHook", "input_channel_importance"]
+__all__ = ["ChannelMeanSquareHook", "LayerInputStatistics", "input_channel_importance", "layer_input_statistics",
+           "summed_statistics"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerInputStatistics:
+    """What the calibration pass saw of a layer's input ``x [..., K]``: ``E[x**2]`` per channel (float32
+    ``[K]``, the clipping search's importance) and, for GPTQ, ``E[x x^T]`` (float64 ``[K, K]``) or None."""
+
+    mean_square: np.ndarray
+    gram: np.ndarray | None = None
+    rows: int = 0  # the samples (rows of x) ``gram`` averages
+
+    @cached_property
+    def inverse_factor(self) -> np.ndarray:
+        """GPTQ's upper ``U`` with ``U^T U = (H' + damping)^-1`` (:mod:`edgeopt.quant.gptq`), ``H'`` the
+        :attr:`shrunk_gram`; computed once for all the layers that read this input (``O(K^3)``, most of
+        GPTQ's time on wide layers)."""
+        return inverse_factor(with_dead_inputs_solvable(self.shrunk_gram)[None])[0]
+
+    @property
+    def shrunk_gram(self) -> np.ndarray:
+        """``(1 - a) H + a diag(H)``: ``H = gram`` with its off-diagonal shrunk toward 0 by ``a``, the share of
+        it that is sampling noise (Ledoit-Wolf shrinkage toward the diagonal, as Schafer and Strimmer's
+        "target D"): ``a = sum_{k != l} Var(H_kl) / sum_{k != l} H_kl**2`` (at most 1), the variance of a
+        mean of ``S`` products ``x_k x_l`` taken as for Gaussian inputs, ``(H_kk H_ll + H_kl**2) / S``. Many
+        rows, or strongly correlated channels: about ``H``; few rows of independent channels: about
+        ``diag(H)``, where GPTQ rounds as the clip search does."""
+        gram, rows = self.gram, max(self.rows, 1)
+        diagonal = np.diagonal(gram)
+        off_square = float(np.sum(gram * gram) - np.sum(diagonal * diagonal))
+        noise = (float(np.sum(diagonal)) ** 2 - float(np.sum(diagonal * diagonal)) + off_square) / rows
+        shrink = 1.0 if off_square <= 0 else min(1.0, noise / off_square)
+        return (1.0 - shrink) * gram + shrink * np.diag(diagonal)
+
+
+def _observed(model, data: Iterable[Batch], hook: ChannelStatsHook,
+              progress: ProgressCallback | None) -> dict[str, object]:
+    names = list(hook.tensors)
+    calibrate(model, data, names, CalibrationConfig(), progress=progress, hooks=[hook])
+    return hook.result()
 
 
 def input_channel_importance(model, data: Iterable[Batch], tensors: Iterable[str], *,
                              progress: ProgressCallback | None = None) -> dict[str, np.ndarray]:
     """``E[x**2]`` per last-axis channel of each of ``tensors`` (the layers' inputs) over ``data``."""
-    names = list(dict.fromkeys(tensors))
-    hook = ChannelMeanSquareHook(names)
-    calibrate(model, data, names, CalibrationConfig(), progress=progress, hooks=[hook])
-    return hook.result()
+    return _observed(model, data, ChannelMeanSquareHook(dict.fromkeys(tensors)), progress)
+
+
+def layer_input_statistics(model, data: Iterable[Batch], tensors: Iterable[str], *, correlation: bool,
+                           progress: ProgressCallback | None = None) -> dict[str, LayerInputStatistics]:
+    """:class:`LayerInputStatistics` of each of ``tensors`` over ``data``, with ``gram`` when
+    ``correlation`` (memory ``K * K`` float64 per tensor); tensors never seen are left out."""
+    if not correlation:
+        return {name: LayerInputStatistics(mean_square=mean_square)
+                for name, mean_square in input_channel_importance(model, data, tensors, progress=progress).items()}
+    observed = _observed(model, data, InputCorrelationHook(dict.fromkeys(tensors)), progress)
+    return {name: LayerInputStatistics(mean_square=seen.mean_square, gram=seen.gram, rows=seen.rows)
+            for name, seen in observed.items()}
+
+
+def summed_statistics(readers: Iterable[LayerInputStatistics | None], k: int) -> LayerInputStatistics | None:
+    """The statistics of a weight read by several layers (tied embeddings), each adding its output's
+    error: the sums of theirs; None when some reader's is unknown or not of ``k`` channels."""
+    readers = list(readers)
+    if not readers or any(seen is None or seen.mean_square.shape != (k,) for seen in readers):
+        return None
+    if len(readers) == 1:
+        return readers[0]
+    grams = [seen.gram for seen in readers]
+    return LayerInputStatistics(mean_square=sum(seen.mean_square for seen in readers),
+                                gram=None if any(gram is None for gram in grams) else sum(grams),
+                                rows=min(seen.rows for seen in readers))
