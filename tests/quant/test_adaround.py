@@ -185,6 +185,16 @@ def test_reservoir_keeps_a_bounded_uniform_deterministic_sample():
     assert abs(kept.mean() - 2500) < 300  # uniform over 0..4999: mean 2500, std of the mean ~90
 
 
+def test_the_sample_is_handed_out_without_a_copy():
+    """A copy doubled the memory of the samples (MobileNetV2 at 224x224: 910 instead of 634 MB peak)."""
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    model = make_model([node], [("x", [100, 4])], [("y", [100, 4])], [random_weight("w", (4, 4), 1)])
+    sampler = LayerInputSampler(model, ["mm"], max_samples=64)
+    sampler.update({"x": np.ones((100, 4), np.float32)}, {})
+    first, again = sampler.result()["mm"], sampler.result()["mm"]
+    assert np.shares_memory(first, again) and not first.flags.writeable
+
+
 def test_a_layers_sample_does_not_depend_on_the_other_layers_sampled():
     """Seeded by position, the second MatMul's sample changed when the first was left out (an --exclude,
     a round of the accuracy search), and with it its learned rounding."""
