@@ -23,6 +23,7 @@ from onnx import helper
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
 from edgeopt.passes import optimize_for_quantization
+from edgeopt.quant import adaround
 from edgeopt.quant.adaround import (
     AdaRoundConfig,
     Backend,
@@ -183,6 +184,29 @@ def test_reservoir_keeps_a_bounded_uniform_deterministic_sample():
     assert kept.shape == (256,) and np.unique(kept).size == 256
     assert np.array_equal(kept, sample(0)) and not np.array_equal(kept, sample(1))
     assert abs(kept.mean() - 2500) < 300  # uniform over 0..4999: mean 2500, std of the mean ~90
+
+
+@pytest.mark.parametrize("pending_values", [0, 1 << 18])  # each batch offered alone, or several together
+def test_the_sample_does_not_depend_on_how_samples_are_batched(monkeypatch, pending_values):
+    """What lets calibration run batch-1 samples in groups (the sampler is ``groupable``)."""
+    monkeypatch.setattr(adaround, "_PENDING_VALUES", pending_values)
+    nodes = [helper.make_node("Conv", ["x", "k"], ["c"], name="conv", pads=[1, 1, 1, 1], strides=[2, 1]),
+             helper.make_node("MatMul", ["s", "v"], ["m"], name="seq")]
+    model = make_model(nodes, [("x", ["N", 2, 5, 4]), ("s", ["N", 3, 4])], [("c", ["N", 3, 3, 4]), ("m", ["N", 3, 3])],
+                       [random_weight("k", (3, 2, 3, 3), 1), random_weight("v", (4, 3), 2)])
+    rng = np.random.default_rng(0)
+    x, s = rng.standard_normal((12, 2, 5, 4)).astype(np.float32), rng.standard_normal((12, 3, 4)).astype(np.float32)
+
+    def sample(group: int) -> dict[str, np.ndarray]:
+        sampler = LayerInputSampler(model, ["conv", "seq"], max_samples=20)
+        for start in range(0, 12, group):
+            sampler.update({"x": x[start:start + group], "s": s[start:start + group]}, {})
+        return sampler.result()
+
+    assert LayerInputSampler.groupable
+    one_by_one, grouped = sample(1), sample(4)
+    for name in ("conv", "seq"):  # 144 and 36 rows offered, 20 kept
+        np.testing.assert_array_equal(one_by_one[name], grouped[name])
 
 
 def test_the_sample_is_handed_out_without_a_copy():
