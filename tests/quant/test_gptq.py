@@ -161,3 +161,26 @@ def test_gptq_and_adaround_are_exclusive():
         edgeopt.Int8Config(gptq=True, adaround=True)
     with pytest.raises(ConfigError, match="gptq must be True or False"):
         edgeopt.Int8Config(gptq=1)
+
+
+def test_the_low_fidelity_warning_offers_gptq_unless_it_was_on(tmp_path):
+    """An int8 model far from the float one (a zero-sum conv after a +500 offset: the offset's range
+    leaves the signal a few steps) is told of --gptq among the remedies, unless it rounded by it."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    weight -= weight.mean(axis=(1, 2, 3), keepdims=True)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "offset"], ["a"]), helper.make_node("Conv", ["a", "w"], ["y"])], "offset",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.array(500.0, np.float32), "offset")])
+    path = tmp_path / "offset.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    data = [{"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(16)]
+    for config, offered in ((edgeopt.Int8Config(), True), (edgeopt.Int8Config(gptq=True), False),
+                            (edgeopt.Int8Config(adaround=True), False)):
+        report = edgeopt.quantize(str(path), config, data, check_speed=False)
+        low = [warning for warning in report.warnings if warning.startswith("output y: SQNR")]
+        assert len(low) == 1 and ("--gptq rounds the weights" in low[0]) is offered, low

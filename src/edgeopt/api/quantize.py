@@ -505,8 +505,10 @@ def _low_fidelity(result: QuantResult, fidelity: CompareResult) -> list[str]:
             text += (f"; --equalize-relu6 turned {len(replaced)} ReLU6 into ReLU, which changes the float model "
                      "itself wherever a value exceeds 6: try --equalize instead")
         elif result.scheme in ("int8", "uint8"):
-            text += ("; `edgeopt compare` shows the layers where the error arises, and --min-sqnr DB or "
-                     "--exclude returns the worst to float")
+            rounds = not (getattr(result.config, "gptq", False) or getattr(result.config, "adaround", False))
+            text += ("; `edgeopt compare` shows the layers where the error arises, "
+                     + ("--gptq rounds the weights for the least output error, " if rounds else "")
+                     + "and --min-sqnr DB or --exclude returns the worst to float")
         else:  # fp16 keeps the nodes of out-of-range weights and (with data) activations float32 already
             text += "; `edgeopt compare` gives the output rows, and --exclude keeps the nodes you name in float32"
         warnings.append(text)
