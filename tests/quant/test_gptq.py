@@ -14,6 +14,7 @@ import onnx_ir as ir
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import helper, numpy_helper
 
 import edgeopt
 from edgeopt import ir as eir
@@ -24,7 +25,7 @@ from edgeopt.quant.bias_correction import round_to_nearest
 from edgeopt.quant.gptq import gptq_layer
 from edgeopt.runtime.ort import observing_session
 from tests.models import depthwise_separable_spread
-from tests.passes._helpers import export_torch
+from tests.passes._helpers import export_torch, make_model, random_weight
 from tests.quant.test_adaround import _nearest, _output_mse, layer, sqnr_db  # noqa: F401 (layer: a fixture)
 
 HELD_OUT_MSE_RATIO = 0.35  # measured 0.18
@@ -161,3 +162,25 @@ def test_gptq_and_adaround_are_exclusive():
         edgeopt.Int8Config(gptq=True, adaround=True)
     with pytest.raises(ConfigError, match="gptq must be True or False"):
         edgeopt.Int8Config(gptq=1)
+
+
+def test_notes_count_and_explain_every_layer_left_to_nearest():
+    """A 1-D convolution (the sampler refuses it) and a Gemm with too few input rows are both skipped,
+    and the notes say which and why; they said "1 weight learned, 1 layer skipped" and no reason."""
+    nodes = [helper.make_node("Conv", ["x", "k1"], ["c1"], name="conv1d", pads=[1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Unsqueeze", ["r1", "axis"], ["u"]),
+             helper.make_node("Conv", ["u", "k2"], ["c2"], name="conv2d"),
+             helper.make_node("Flatten", ["c2"], ["f"]),
+             helper.make_node("Gemm", ["f", "w", "b"], ["y"], name="head", transB=1)]
+    model = make_model(nodes, [("x", [1, 4, 16])], [("y", [1, 3])],
+                       [random_weight("k1", (8, 4, 3), 1), numpy_helper.from_array(np.array([3], np.int64), "axis"),
+                        random_weight("k2", (6, 8, 1, 1), 2), random_weight("w", (3, 96), 3), random_weight("b", (3,))])
+    data = np.random.default_rng(0).standard_normal((16, 1, 4, 16)).astype(np.float32)
+    notes = edgeopt.quantize(model, edgeopt.Int8Config(gptq=True), data, check_fidelity=False,
+                             check_speed=False).result.notes
+    first = next(index for index, note in enumerate(notes) if note.startswith("GPTQ rounding:"))
+    assert notes[first] == "GPTQ rounding: 1 weight learned, 2 layers skipped"
+    reasons = notes[first + 1:first + 3]
+    assert reasons[0].startswith("  not rounded: conv1d: only 2-D convolutions"), reasons
+    assert reasons[1].startswith("  not rounded: head: 16 input samples for 96 weights"), reasons
