@@ -340,6 +340,16 @@ def _refusal(node: ir.Node | None, rows: np.ndarray, done: Mapping[str, np.ndarr
     return None
 
 
+def _finite_rows(name: str, rows: np.ndarray) -> np.ndarray:
+    """``rows`` without those holding inf/NaN (a Log of a zero upstream): they say nothing of the
+    rounding, and a single one makes the solvers' sums NaN, every weight of the layer with them."""
+    finite = np.isfinite(rows).all(axis=1)
+    if finite.all():
+        return rows
+    logger.info("%s: %d of %d input samples hold inf/NaN, left out", name, rows.shape[0] - finite.sum(), len(rows))
+    return rows[finite]
+
+
 def adaround_weights(model: ir.Model, samples: Mapping[str, np.ndarray], *,
                      config: AdaRoundConfig = AdaRoundConfig(),
                      granularity: PerTensor | PerChannel = PerChannel(),
@@ -357,7 +367,7 @@ def adaround_weights(model: ir.Model, samples: Mapping[str, np.ndarray], *,
     by_name = {node.name: node for node in model.graph}
     weights, scales, axes, layers, skipped = {}, {}, {}, [], []
     for done, (name, rows) in enumerate(samples.items(), start=1):
-        node = by_name.get(name)
+        node, rows = by_name.get(name), _finite_rows(name, rows)
         refusal = _refusal(node, rows, weights)
         if refusal is not None:
             skipped.append((name, refusal))
