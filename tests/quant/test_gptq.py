@@ -23,6 +23,7 @@ from edgeopt.passes import optimize_for_quantization
 from edgeopt.quant.adaround import AdaRoundConfig, Backend, LayerInputSampler, adaround_layer, adaround_weights
 from edgeopt.quant.bias_correction import round_to_nearest
 from edgeopt.quant.gptq import gptq_layer
+from edgeopt.quant.primitives import quantize_per_channel
 from edgeopt.runtime.ort import observing_session
 from tests.models import depthwise_separable_spread
 from tests.passes._helpers import export_torch, make_model, random_weight
@@ -203,3 +204,27 @@ def test_input_rows_holding_inf_are_left_out_of_the_rounding():
         expected = adaround_weights(model, {"conv": clean}, config=config, solver=solver)
         np.testing.assert_array_equal(result.weights["k"], expected.weights["k"])
         assert result.layers[0].samples == 297 and np.isfinite(result.layers[0].mse_learned)
+
+
+def test_a_weight_shared_along_another_axis_keeps_nearest_rounding_there():
+    """``w`` is a Gemm's [N, K] weight (scales along axis 0) and a MatMul's [K, N] one (along axis 1):
+    the integers rounded for the Gemm were stored with the MatMul's scales too, a 5 % error in its
+    weight (output 37.3 -> 27.3 dB SQNR); the MatMul's use now rounds to nearest, in the model and for
+    bias correction."""
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["g"], name="gemm", transB=1),
+             helper.make_node("Relu", ["g"], ["r"]),
+             helper.make_node("MatMul", ["r", "w"], ["y"], name="matmul")]
+    model = make_model(nodes, [("x", [1, 32])], [("y", [1, 32])], [random_weight("w", (32, 32))])
+    weight = eir.constant_array(model.graph.initializers["w"])
+    data = np.random.default_rng(0).standard_normal((128, 1, 32)).astype(np.float32)
+    quantized = edgeopt.quantize(model, edgeopt.Int8Config(gptq=True), data, check_fidelity=False,
+                                 check_speed=False).result.model
+    dequantizers = {node.attributes.get_int("axis", 1): node for node in quantized.graph
+                    if node.op_type == "DequantizeLinear" and node.inputs[0].name.startswith("w_quantized")}
+    ints = {axis: eir.constant_array(node.inputs[0]) for axis, node in dequantizers.items()}
+    assert not np.array_equal(ints[0], quantize_per_channel(weight, 0)[0])  # GPTQ's, for the Gemm
+    np.testing.assert_array_equal(ints[1], quantize_per_channel(weight, 1)[0])
+    rows = {"gemm": data[:, 0], "matmul": np.maximum(data[:, 0] @ weight.T, 0)}
+    quantize_weight = adaround_weights(model, rows, solver=gptq_layer).weight_quantizer()
+    matmul = next(node for node in model.graph if node.name == "matmul")
+    np.testing.assert_array_equal(quantize_weight(weight, matmul), round_to_nearest()(weight, matmul))

@@ -260,13 +260,18 @@ class AdaRoundResult:
     skipped: tuple[tuple[str, str], ...]
     granularity: PerTensor | PerChannel = PerChannel()
 
+    def rounded_weights(self) -> dict[tuple[str, int | None], np.ndarray]:
+        """The weights by ``(name, axis)``, for the QDQ builder: a use along another axis has other scales."""
+        return {(name, self.axes[name]): ints for name, ints in self.weights.items()}
+
     def weight_quantizer(self):
-        """``quantize_weight(weight, node)`` for bias correction: these weights, nearest for others."""
+        """``quantize_weight(weight, node)`` for bias correction: these weights, nearest for others (and for
+        a use of one of these along another axis)."""
         nearest = round_to_nearest(self.granularity)
 
         def quantize_weight(weight: np.ndarray, node: ir.Node) -> np.ndarray:
             name = node.inputs[1].name
-            if name not in self.weights:
+            if name not in self.weights or _weight_axis(node, weight.ndim, self.granularity) != self.axes[name]:
                 return nearest(weight, node)
             return dequantize(self.weights[name], self.scales[name], 0, axis=self.axes[name])
 

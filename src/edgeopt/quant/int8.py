@@ -255,7 +255,7 @@ class _AccuracyHooks:
                                           solver=gptq_layer if self.config.gptq else None)
                 if memo is not None:
                     memo.keep_rounding(frozenset(samples), result)
-            rounded, quantizer = dict(result.weights), result.weight_quantizer()
+            rounded, quantizer = result.rounded_weights(), result.weight_quantizer()
             backend = backend_used(AdaRoundConfig().backend).value
             method = ("GPTQ rounding" if self.config.gptq else
                       f"AdaRound ({backend} backend; the torch and numpy backends round a few weights differently)")
