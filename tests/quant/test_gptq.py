@@ -228,3 +228,15 @@ def test_a_weight_shared_along_another_axis_keeps_nearest_rounding_there():
     quantize_weight = adaround_weights(model, rows, solver=gptq_layer).weight_quantizer()
     matmul = next(node for node in model.graph if node.name == "matmul")
     np.testing.assert_array_equal(quantize_weight(weight, matmul), round_to_nearest()(weight, matmul))
+
+
+def test_a_layer_wider_than_the_sample_is_not_blamed_on_the_data():
+    """A 3x3 convolution over 128 channels has 1152 weights per output channel, more than the 1024 rows
+    a layer's sample holds however much data there is: the note said "give more calibration data"."""
+    nodes = [helper.make_node("Conv", ["x", "k"], ["y"], name="wide", pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [("x", [1, 128, 8, 8])], [("y", [1, 4, 8, 8])], [random_weight("k", (4, 128, 3, 3))])
+    rows = np.random.default_rng(0).standard_normal((AdaRoundConfig().max_samples, 1152)).astype(np.float32)
+    ((name, reason),) = adaround_weights(model, {"wide": rows}, solver=gptq_layer).skipped
+    assert name == "wide" and "more calibration data" not in reason
+    assert reason == "1152 weights per output channel, and a layer's sample holds 1024 input rows: too wide to learn"
+    assert adaround_weights(model, {"wide": rows[:100]}, solver=gptq_layer).skipped[0][1] == reason

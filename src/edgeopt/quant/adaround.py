@@ -332,16 +332,19 @@ def _round_layer(node: ir.Node, rows: np.ndarray, solve: Solver,
 SHARED_WEIGHT = "is shared with an earlier layer"
 
 
-def _refusal(node: ir.Node | None, rows: np.ndarray, done: Mapping[str, np.ndarray]) -> str | None:
+def _refusal(node: ir.Node | None, rows: np.ndarray, done: Mapping[str, np.ndarray], capacity: int) -> str | None:
     reason = _layer_refusal(node)
     if reason is not None:
         return reason
     if node.inputs[1].name in done:
         return f"its weight {node.inputs[1].name!r} {SHARED_WEIGHT}"
     width = _weight_matrices(node, eir.constant_array(node.inputs[1])).shape[2]
-    if rows.shape[0] < width:
+    if rows.shape[0] < width <= capacity:
         return (f"{rows.shape[0]} input samples for {width} weights per output channel would overfit: "
                 "give more calibration data")
+    if rows.shape[0] < width:  # no data fills a sample wider than its capacity
+        return (f"{width} weights per output channel, and a layer's sample holds {capacity} input rows: "
+                "too wide to learn")
     return None
 
 
@@ -373,7 +376,7 @@ def adaround_weights(model: ir.Model, samples: Mapping[str, np.ndarray], *,
     weights, scales, axes, layers, skipped = {}, {}, {}, [], []
     for done, (name, rows) in enumerate(samples.items(), start=1):
         node, rows = by_name.get(name), _finite_rows(name, rows)
-        refusal = _refusal(node, rows, weights)
+        refusal = _refusal(node, rows, weights, config.max_samples)
         if refusal is not None:
             skipped.append((name, refusal))
         else:
