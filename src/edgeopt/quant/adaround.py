@@ -198,7 +198,10 @@ class LayerInputSampler:
     def update(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         for name, node in self._layers.items():
             tensor = node.inputs[0].name
-            batch = np.asarray(outputs[tensor] if tensor in outputs else feed[tensor], dtype=np.float32)
+            if tensor in outputs:
+                batch = np.asarray(outputs[tensor], dtype=np.float32)
+            else:  # kept until flushed: a copy, as the caller may refill its feed's buffer for the next batch
+                batch = np.array(feed[tensor], dtype=np.float32)
             if node.op_type != "Conv":
                 batch = _input_rows(node, batch)
             pending = self._pending.get(name)
