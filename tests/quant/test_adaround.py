@@ -265,6 +265,23 @@ def test_small_batches_are_sampled_together_whatever_their_shapes():
     np.testing.assert_array_equal(centre, np.concatenate([f["x"][0].reshape(2, -1).T for f in feeds]))
 
 
+def test_a_feed_buffer_refilled_in_place_is_sampled_as_it_was():
+    """A data loader may fill one buffer in place for every batch; the sampler keeps small batches until
+    it has enough of them, and kept that buffer, so every kept batch became the last one (144 distinct
+    patches of 4608)."""
+    nodes = [helper.make_node("Conv", ["x", "k"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [("x", [1, 2, 6, 6])], [("y", [1, 3, 6, 6])], [random_weight("k", (3, 2, 3, 3))])
+    images = np.random.default_rng(0).standard_normal((8, 1, 2, 6, 6)).astype(np.float32)
+    rows = []
+    for refilled in (False, True):
+        sampler, buffer = LayerInputSampler(model, ["conv"], max_samples=10_000), np.empty_like(images[0])
+        for image in images:
+            buffer[...] = image
+            sampler.update({"x": buffer if refilled else image}, {})
+        rows.append(sampler.result()["conv"])
+    np.testing.assert_array_equal(rows[1], rows[0])
+
+
 def test_sampler_reports_layers_it_cannot_handle():
     nodes = [helper.make_node("MatMul", ["x", "x"], ["y"], name="activations"),
              helper.make_node("Relu", ["y"], ["z"], name="relu")]

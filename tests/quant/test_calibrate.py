@@ -43,6 +43,25 @@ def test_minmax_ranges_are_the_extremes_over_all_batches():
     assert result.num_batches == 6 and list(result.tensors) == ["x", "conv", "relu", "y"]
 
 
+def test_a_feed_buffer_refilled_in_place_is_calibrated_as_it_was():
+    """A data loader may fill one buffer in place for every batch. Calibration runs a few batch-1 feeds
+    as one batch and observes each while the next is read: it kept the buffer, so a group ran the last
+    feed several times and a batch was observed with the next one's values."""
+    model = _conv_relu_model()
+    data = batches(SHAPE, 12)
+
+    def refilled():
+        buffer = np.empty(SHAPE, np.float32)
+        for feed in data:
+            buffer[...] = feed["x"]
+            yield {"x": buffer}
+
+    names = ["x", "conv", "relu", "y"]
+    expected = calibrate(model, data, names, CalibrationConfig())
+    result = calibrate(model, refilled(), names, CalibrationConfig())
+    assert {n: result.tensors[n].range for n in names} == {n: expected.tensors[n].range for n in names}
+
+
 def test_histogram_methods_all_come_from_one_pass():
     calls = []
     result = calibrate(_conv_relu_model(), _stream(5), ["relu", "y"],

@@ -14,6 +14,7 @@ import onnx_ir as ir
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import helper, numpy_helper
 
 import edgeopt
 from edgeopt import ir as eir
@@ -22,9 +23,10 @@ from edgeopt.passes import optimize_for_quantization
 from edgeopt.quant.adaround import AdaRoundConfig, Backend, LayerInputSampler, adaround_layer, adaround_weights
 from edgeopt.quant.bias_correction import round_to_nearest
 from edgeopt.quant.gptq import gptq_layer
+from edgeopt.quant.primitives import quantize_per_channel
 from edgeopt.runtime.ort import observing_session
 from tests.models import depthwise_separable_spread
-from tests.passes._helpers import export_torch
+from tests.passes._helpers import export_torch, make_model, random_weight
 from tests.quant.test_adaround import _nearest, _output_mse, layer, sqnr_db  # noqa: F401 (layer: a fixture)
 
 HELD_OUT_MSE_RATIO = 0.35  # measured 0.18
@@ -166,7 +168,7 @@ def test_gptq_and_adaround_are_exclusive():
 def test_the_low_fidelity_warning_offers_gptq_unless_it_was_on(tmp_path):
     """An int8 model far from the float one (a zero-sum conv after a +500 offset: the offset's range
     leaves the signal a few steps) is told of --gptq among the remedies, unless it rounded by it."""
-    from onnx import TensorProto, helper, numpy_helper, save
+    from onnx import TensorProto, save
 
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
@@ -184,3 +186,80 @@ def test_the_low_fidelity_warning_offers_gptq_unless_it_was_on(tmp_path):
         report = edgeopt.quantize(str(path), config, data, check_speed=False)
         low = [warning for warning in report.warnings if warning.startswith("output y: SQNR")]
         assert len(low) == 1 and ("--gptq rounds the weights" in low[0]) is offered, low
+
+
+def test_notes_count_and_explain_every_layer_left_to_nearest():
+    """A 1-D convolution (the sampler refuses it) and a Gemm with too few input rows are both skipped,
+    and the notes say which and why; they said "1 weight learned, 1 layer skipped" and no reason."""
+    nodes = [helper.make_node("Conv", ["x", "k1"], ["c1"], name="conv1d", pads=[1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Unsqueeze", ["r1", "axis"], ["u"]),
+             helper.make_node("Conv", ["u", "k2"], ["c2"], name="conv2d"),
+             helper.make_node("Flatten", ["c2"], ["f"]),
+             helper.make_node("Gemm", ["f", "w", "b"], ["y"], name="head", transB=1)]
+    model = make_model(nodes, [("x", [1, 4, 16])], [("y", [1, 3])],
+                       [random_weight("k1", (8, 4, 3), 1), numpy_helper.from_array(np.array([3], np.int64), "axis"),
+                        random_weight("k2", (6, 8, 1, 1), 2), random_weight("w", (3, 96), 3), random_weight("b", (3,))])
+    data = np.random.default_rng(0).standard_normal((16, 1, 4, 16)).astype(np.float32)
+    notes = edgeopt.quantize(model, edgeopt.Int8Config(gptq=True), data, check_fidelity=False,
+                             check_speed=False).result.notes
+    first = next(index for index, note in enumerate(notes) if note.startswith("GPTQ rounding:"))
+    assert notes[first] == "GPTQ rounding: 1 weight learned, 2 layers skipped"
+    reasons = notes[first + 1:first + 3]
+    assert reasons[0].startswith("  not rounded: conv1d: only 2-D convolutions"), reasons
+    assert reasons[1].startswith("  not rounded: head: 16 input samples for 96 weights"), reasons
+
+
+def test_input_rows_holding_inf_are_left_out_of_the_rounding():
+    """A Log of a zero upstream puts -inf in a few of a layer's input rows: they say nothing of the
+    rounding and turned every weight GPTQ rounded to 0 (the model's output at 0.2 dB SQNR), and
+    AdaRound's to whatever NaN casts to; the other rows are rounded on as if they were all."""
+    nodes = [helper.make_node("Conv", ["x", "k"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [("x", [1, 4, 8, 8])], [("y", [1, 8, 8, 8])], [random_weight("k", (8, 4, 3, 3))])
+    rows = np.random.default_rng(0).standard_normal((300, 36)).astype(np.float32)
+    broken = rows.copy()
+    broken[[3, 100], 7] = -np.inf
+    broken[50, 0] = np.nan
+    clean = np.delete(rows, [3, 50, 100], axis=0)
+    for solver in (gptq_layer, None):
+        config = AdaRoundConfig(iterations=50, backend=Backend.NUMPY)
+        result = adaround_weights(model, {"conv": broken}, config=config, solver=solver)
+        expected = adaround_weights(model, {"conv": clean}, config=config, solver=solver)
+        np.testing.assert_array_equal(result.weights["k"], expected.weights["k"])
+        assert result.layers[0].samples == 297 and np.isfinite(result.layers[0].mse_learned)
+
+
+def test_a_weight_shared_along_another_axis_keeps_nearest_rounding_there():
+    """``w`` is a Gemm's [N, K] weight (scales along axis 0) and a MatMul's [K, N] one (along axis 1):
+    the integers rounded for the Gemm were stored with the MatMul's scales too, a 5 % error in its
+    weight (output 37.3 -> 27.3 dB SQNR); the MatMul's use now rounds to nearest, in the model and for
+    bias correction."""
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["g"], name="gemm", transB=1),
+             helper.make_node("Relu", ["g"], ["r"]),
+             helper.make_node("MatMul", ["r", "w"], ["y"], name="matmul")]
+    model = make_model(nodes, [("x", [1, 32])], [("y", [1, 32])], [random_weight("w", (32, 32))])
+    weight = eir.constant_array(model.graph.initializers["w"])
+    data = np.random.default_rng(0).standard_normal((128, 1, 32)).astype(np.float32)
+    quantized = edgeopt.quantize(model, edgeopt.Int8Config(gptq=True), data, check_fidelity=False,
+                                 check_speed=False).result.model
+    dequantizers = {node.attributes.get_int("axis", 1): node for node in quantized.graph
+                    if node.op_type == "DequantizeLinear" and node.inputs[0].name.startswith("w_quantized")}
+    ints = {axis: eir.constant_array(node.inputs[0]) for axis, node in dequantizers.items()}
+    assert not np.array_equal(ints[0], quantize_per_channel(weight, 0)[0])  # GPTQ's, for the Gemm
+    np.testing.assert_array_equal(ints[1], quantize_per_channel(weight, 1)[0])
+    rows = {"gemm": data[:, 0], "matmul": np.maximum(data[:, 0] @ weight.T, 0)}
+    quantize_weight = adaround_weights(model, rows, solver=gptq_layer).weight_quantizer()
+    matmul = next(node for node in model.graph if node.name == "matmul")
+    np.testing.assert_array_equal(quantize_weight(weight, matmul), round_to_nearest()(weight, matmul))
+
+
+def test_a_layer_wider_than_the_sample_is_not_blamed_on_the_data():
+    """A 3x3 convolution over 128 channels has 1152 weights per output channel, more than the 1024 rows
+    a layer's sample holds however much data there is: the note said "give more calibration data"."""
+    nodes = [helper.make_node("Conv", ["x", "k"], ["y"], name="wide", pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [("x", [1, 128, 8, 8])], [("y", [1, 4, 8, 8])], [random_weight("k", (4, 128, 3, 3))])
+    rows = np.random.default_rng(0).standard_normal((AdaRoundConfig().max_samples, 1152)).astype(np.float32)
+    ((name, reason),) = adaround_weights(model, {"wide": rows}, solver=gptq_layer).skipped
+    assert name == "wide" and "more calibration data" not in reason
+    assert reason == "1152 weights per output channel, and a layer's sample holds 1024 input rows: too wide to learn"
+    assert adaround_weights(model, {"wide": rows[:100]}, solver=gptq_layer).skipped[0][1] == reason

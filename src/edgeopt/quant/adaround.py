@@ -209,7 +209,10 @@ class LayerInputSampler:
     def update(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         for name, node in self._layers.items():
             tensor = node.inputs[0].name
-            batch = np.asarray(outputs[tensor] if tensor in outputs else feed[tensor], dtype=np.float32)
+            if tensor in outputs:
+                batch = np.asarray(outputs[tensor], dtype=np.float32)
+            else:  # kept until flushed: a copy, as the caller may refill its feed's buffer for the next batch
+                batch = np.array(feed[tensor], dtype=np.float32)
             if node.op_type != "Conv":
                 batch = _input_rows(node, batch)
             pending = self._pending.get(name)
@@ -271,13 +274,18 @@ class AdaRoundResult:
     skipped: tuple[tuple[str, str], ...]
     granularity: PerTensor | PerChannel = PerChannel()
 
+    def rounded_weights(self) -> dict[tuple[str, int | None], np.ndarray]:
+        """The weights by ``(name, axis)``, for the QDQ builder: a use along another axis has other scales."""
+        return {(name, self.axes[name]): ints for name, ints in self.weights.items()}
+
     def weight_quantizer(self):
-        """``quantize_weight(weight, node)`` for bias correction: these weights, nearest for others."""
+        """``quantize_weight(weight, node)`` for bias correction: these weights, nearest for others (and for
+        a use of one of these along another axis)."""
         nearest = round_to_nearest(self.granularity)
 
         def quantize_weight(weight: np.ndarray, node: ir.Node) -> np.ndarray:
             name = node.inputs[1].name
-            if name not in self.weights:
+            if name not in self.weights or _weight_axis(node, weight.ndim, self.granularity) != self.axes[name]:
                 return nearest(weight, node)
             return dequantize(self.weights[name], self.scales[name], 0, axis=self.axes[name])
 
@@ -338,17 +346,30 @@ def _round_layer(node: ir.Node, rows: np.ndarray, solve: Solver,
 SHARED_WEIGHT = "is shared with an earlier layer"
 
 
-def _refusal(node: ir.Node | None, rows: np.ndarray, done: Mapping[str, np.ndarray]) -> str | None:
+def _refusal(node: ir.Node | None, rows: np.ndarray, done: Mapping[str, np.ndarray], capacity: int) -> str | None:
     reason = _layer_refusal(node)
     if reason is not None:
         return reason
     if node.inputs[1].name in done:
         return f"its weight {node.inputs[1].name!r} {SHARED_WEIGHT}"
     width = _weight_matrices(node, eir.constant_array(node.inputs[1])).shape[2]
-    if rows.shape[0] < width:
+    if rows.shape[0] < width <= capacity:
         return (f"{rows.shape[0]} input samples for {width} weights per output channel would overfit: "
                 "give more calibration data")
+    if rows.shape[0] < width:  # no data fills a sample wider than its capacity
+        return (f"{width} weights per output channel, and a layer's sample holds {capacity} input rows: "
+                "too wide to learn")
     return None
+
+
+def _finite_rows(name: str, rows: np.ndarray) -> np.ndarray:
+    """``rows`` without those holding inf/NaN (a Log of a zero upstream): they say nothing of the
+    rounding, and a single one makes the solvers' sums NaN, every weight of the layer with them."""
+    finite = np.isfinite(rows).all(axis=1)
+    if finite.all():
+        return rows
+    logger.info("%s: %d of %d input samples hold inf/NaN, left out", name, rows.shape[0] - finite.sum(), len(rows))
+    return rows[finite]
 
 
 def adaround_weights(model: ir.Model, samples: Mapping[str, np.ndarray], *,
@@ -368,8 +389,8 @@ def adaround_weights(model: ir.Model, samples: Mapping[str, np.ndarray], *,
     by_name = {node.name: node for node in model.graph}
     weights, scales, axes, layers, skipped = {}, {}, {}, [], []
     for done, (name, rows) in enumerate(samples.items(), start=1):
-        node = by_name.get(name)
-        refusal = _refusal(node, rows, weights)
+        node, rows = by_name.get(name), _finite_rows(name, rows)
+        refusal = _refusal(node, rows, weights, config.max_samples)
         if refusal is not None:
             skipped.append((name, refusal))
         else:

@@ -69,7 +69,10 @@ def groups(data: Iterable[Batch], specs: Sequence[eir.InputSpec], size: int) -> 
     group: list[dict] = []
     for index, batch in enumerate(data):
         where = getattr(batch, "where", None) or f"calibration batch {index + 1}"
-        feed = LabelledFeed(check_feed(specs, batch, where=where), where)
+        # copies: a data loader may refill its arrays in place for the next batch while this one waits in
+        # its group, or is observed as the next one runs
+        checked = check_feed(specs, batch, where=where)
+        feed = LabelledFeed({name: np.array(array) for name, array in checked.items()}, where)
         if group and (len(group) == size or not _same_shapes(feed, group[0])):
             yield group
             group = []

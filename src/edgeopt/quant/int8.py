@@ -255,12 +255,15 @@ class _AccuracyHooks:
                                           solver=gptq_layer if self.config.gptq else None)
                 if memo is not None:
                     memo.keep_rounding(frozenset(samples), result)
-            rounded, quantizer = dict(result.weights), result.weight_quantizer()
+            rounded, quantizer = result.rounded_weights(), result.weight_quantizer()
             backend = backend_used(AdaRoundConfig().backend).value
             method = ("GPTQ rounding" if self.config.gptq else
                       f"AdaRound ({backend} backend; the torch and numpy backends round a few weights differently)")
+            # the layers the sampler refused (a 1-D convolution) are left to nearest rounding as well
+            skipped = (*self.sampler.skipped, *result.skipped)
             notes.append(f"{method}: {count_of(len(result.weights), 'weight', 'weights')} learned, "
-                         f"{count_of(len(result.skipped), 'layer', 'layers')} skipped")
+                         f"{count_of(len(skipped), 'layer', 'layers')} skipped")
+            notes += _first_skips([f"not rounded: {name}: {reason}" for name, reason in skipped])
         if self.means is not None:
             means = {name: mean for name, mean in self._means_seen.result().items() if name in self.means.tensors}
             report = correct_biases(model, means, quantize_weight=quantizer,

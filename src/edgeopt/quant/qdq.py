@@ -150,7 +150,9 @@ class _QdqInserter:
         self.weight_cache: dict[tuple[str, int | None], tuple[ir.Value, np.ndarray]] = {}
         self.infos: list[TensorQuantInfo] = []
         self.replaced: set[str] = set()
-        self.rounded_weights: dict[str, np.ndarray] = {}  # AdaRound's ints replace round-to-nearest
+        # learned ints replace round-to-nearest, by (weight, axis): a weight shared along another axis has
+        # other scales there
+        self.rounded_weights: dict[tuple[str, int | None], np.ndarray] = {}
         self.kept_float = frozenset(plan.kept_float)  # they read the float tensors
         self.outputs_quantized = config.outputs_quantized  # mcu: every tensor int8, as the C computes it
 
@@ -235,7 +237,7 @@ class _QdqInserter:
         if key not in self.weight_cache:
             array = eir.constant_array(self.build.values[tensor])
             quantized, scale, zero_point = quantize_per_channel(array, axis, INT8_SYMMETRIC)
-            quantized = self.rounded_weights.get(tensor, quantized)
+            quantized = self.rounded_weights.get(key, quantized)
             inputs = [self.build.initializer(f"{tensor}_quantized", quantized),
                       self.build.initializer(f"{tensor}_scale", scale),
                       self.build.initializer(f"{tensor}_zero_point", zero_point.astype(np.int8))]
@@ -281,14 +283,17 @@ class _QdqInserter:
 
 def insert_qdq(model: ir.Model, plan: QdqPlan, ranges: Mapping[str, tuple[float, float]], config: Int8Config,
                *, methods: Mapping[str, str] | None = None,
-               rounded_weights: Mapping[str, np.ndarray] | None = None) -> tuple[TensorQuantInfo, ...]:
+               rounded_weights: Mapping[tuple[str, int | None], np.ndarray] | None = None,
+               ) -> tuple[TensorQuantInfo, ...]:
     """Rewrite ``model`` in place to QDQ form following ``plan``; return what was quantized.
 
     ``ranges`` holds the calibrated range of every tensor in
     ``plan.activations`` (constants are measured here); ``methods`` names the
     calibration method per tensor for the report. ``rounded_weights`` holds
-    int8 weights rounded otherwise than to nearest (AdaRound), keyed by weight
-    name; their scales are the same per-channel scales used here.
+    int8 weights rounded otherwise than to nearest (AdaRound, GPTQ), keyed by
+    weight name and per-channel axis (None per tensor); their scales are the
+    min/max ones used here. A use of the weight along another axis rounds to
+    nearest.
     """
     all_ranges = dict(ranges)
     for name in plan.constants:
