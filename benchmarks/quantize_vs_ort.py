@@ -52,7 +52,7 @@ libraries before the clock starts. Measured:
   runs once beforehand, outside that time, and is reported separately), in a
   process that has imported both tools and frozen their objects out of the
   garbage collector before the clock starts;
-* peak RSS (``ru_maxrss``) of the quantizing process;
+* peak RSS of the quantizing process (Linux's ``VmHWM``: ``ru_maxrss`` carries the parent's over);
 * int8 latency in ONNX Runtime (median, one intra-op thread): each quantized
   model timed interleaved with the float model by ``edgeopt.bench`` (the bytes
   each tool wrote, unmodified), so "vs fp32" is a within-pair ratio.

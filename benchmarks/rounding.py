@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from _common import environment, environment_markdown, markdown_table  # noqa: E402
+from _common import environment, environment_markdown, markdown_table, peak_rss_mb  # noqa: E402
 from quantize_vs_ort import ALL_MODELS, _import_both_tools, prepare_case  # noqa: E402
 
 import edgeopt  # noqa: E402
@@ -59,8 +59,6 @@ def _sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
 
 def _quantize(model: str, setting: str, calib: str, output: str) -> tuple[float, float]:
     """In a fresh process: wall seconds of ``edgeopt.quantize`` and the process's peak RSS (MB)."""
-    import resource
-
     _import_both_tools()
     import edgeopt.quant.int8  # noqa: F401 (with AdaRound and GPTQ)
 
@@ -70,7 +68,7 @@ def _quantize(model: str, setting: str, calib: str, output: str) -> tuple[float,
     start = time.perf_counter()
     edgeopt.quantize(model, edgeopt.Int8Config(**SETTINGS[setting]), data, output=output, check_fidelity=False,
                      check_speed=False)
-    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return time.perf_counter() - start, peak_rss_mb()
 
 
 def measure(name: str, settings: list[str], work: pathlib.Path, calib_samples: int, seed: int) -> list[list[str]]:
