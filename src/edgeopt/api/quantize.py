@@ -505,7 +505,10 @@ def _low_fidelity(result: QuantResult, fidelity: CompareResult) -> list[str]:
             text += (f"; --equalize-relu6 turned {len(replaced)} ReLU6 into ReLU, which changes the float model "
                      "itself wherever a value exceeds 6: try --equalize instead")
         elif result.scheme in ("int8", "uint8"):
-            rounds = not (getattr(result.config, "gptq", False) or getattr(result.config, "adaround", False))
+            from edgeopt.quant import Int8Config
+
+            config = result.config
+            rounds = not (isinstance(config, Int8Config) and (config.gptq or config.adaround))
             text += ("; `edgeopt compare` shows the layers where the error arises, "
                      + ("--gptq rounds the weights for the least output error, " if rounds else "")
                      + "and --min-sqnr DB or --exclude returns the worst to float")

@@ -358,7 +358,8 @@ def _replace_clip_by_relu(graph: ir.Graph, clip: ir.Node) -> None:
     if name and not relu.outputs[0].is_graph_output():
         relu.outputs[0].name = name
     for value in bounds:
-        if value.name in graph.initializers and not value.uses() and not value.is_graph_output():
+        if (value.name in graph.initializers and not value.uses() and not value.is_graph_output()
+                and not value.is_graph_input()):  # an IR < 4 model's initializer that is an input too
             graph.initializers.pop(value.name)
 
 

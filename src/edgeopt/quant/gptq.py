@@ -14,12 +14,14 @@ inputs' inverse, all at once), in units of each output channel's step.
 Inputs are taken in order of decreasing ``H_kk`` (the loudest first, the
 "act-order" of the paper: their errors have the most inputs left to absorb
 them), and in blocks of :data:`BLOCK` so that most of the work is one matrix
-product. ``H`` gets ``damping x mean(diag H)`` on its diagonal (the paper's
-1 %), which also makes a layer with more inputs than samples solvable; an
-input that is always zero keeps its nearest rounding and passes no error on.
+product. ``H`` is first shrunk toward its diagonal by the share of its
+off-diagonal that is sampling noise (:func:`shrunk_gram`; the sample of a
+layer's inputs is not much larger than the layer is wide), then gets
+``damping x mean(diag H)`` on its diagonal (the paper's 1 %); an input that
+is always zero keeps its nearest rounding and passes no error on.
 
-It solves AdaRound's objective (:mod:`edgeopt.quant.adaround_solver`) in one
-sweep instead of thousands of gradient steps: on the eight models of
+It minimizes AdaRound's objective (:mod:`edgeopt.quant.adaround_solver`)
+greedily, in one sweep instead of thousands of gradient steps: on the eight models of
 ``benchmarks/rounding.py`` its output SQNR is within 0.3 dB of AdaRound's,
 3.6x to 21x faster (MobileNetV2 at 224x224: 18.2 dB in 7.4 s, AdaRound 18.1
 dB in 92 s, nearest 14.9 dB; BENCHMARKS.md). As there, each output channel keeps whichever of the GPTQ
@@ -37,7 +39,7 @@ import numpy as np
 from edgeopt.quant.adaround_solver import channel_scales, check_layout
 from edgeopt.quant.formats import INT8_SYMMETRIC
 
-__all__ = ["BLOCK", "DAMPING", "gptq_layer", "inverse_factor", "with_dead_inputs_solvable"]
+__all__ = ["BLOCK", "DAMPING", "gptq_factor", "gptq_layer", "inverse_factor", "shrunk_gram", "sweep"]
 
 #: Inputs rounded between two matrix-product updates of the rest.
 BLOCK = 128
@@ -47,11 +49,34 @@ DAMPING = 0.01
 _QMIN, _QMAX = INT8_SYMMETRIC.qmin, INT8_SYMMETRIC.qmax
 
 
-def with_dead_inputs_solvable(gram: np.ndarray) -> np.ndarray:
-    """``gram [..., K, K]`` with a unit diagonal for each input that is always zero (a zero row and
-    column): it then keeps its nearest rounding and passes no error on."""
+def shrunk_gram(gram: np.ndarray, rows: int) -> np.ndarray:
+    """``(1 - a) H + a diag(H)`` for each ``H = E[x x^T]`` of ``gram [..., K, K]``, a mean over ``rows``
+    samples: its off-diagonal shrunk toward 0 by ``a``, the share of it that is sampling noise
+    (Ledoit-Wolf shrinkage toward the diagonal, Schafer and Strimmer's "target D"):
+    ``a = sum_{k != l} Var(H_kl) / sum_{k != l} H_kl**2`` (at most 1), the variance of a mean of
+    ``rows`` products ``x_k x_l`` taken as for Gaussian inputs, ``(H_kk H_ll + H_kl**2) / rows``. Many
+    rows, or strongly correlated inputs: about ``H``; few rows of independent inputs: about ``diag(H)``,
+    where GPTQ rounds each weight as it would alone. Without it GPTQ fits the noise of a sample not much
+    larger than the layer is wide, and the guard against nearest, judged on the same sample, cannot tell."""
     diagonal = np.einsum("...kk->...k", gram)
-    return gram + np.where(diagonal <= 0, 1.0, 0.0)[..., None] * np.eye(gram.shape[-1])
+    diagonal_square = np.sum(diagonal * diagonal, axis=-1)
+    off_square = np.sum(gram * gram, axis=(-2, -1)) - diagonal_square
+    noise = (np.sum(diagonal, axis=-1) ** 2 - diagonal_square + off_square) / max(rows, 1)
+    shrink = np.minimum(1.0, noise / np.where(off_square > 0, off_square, 1.0))
+    shrink = np.where(off_square > 0, shrink, 1.0)[..., None, None]
+    return (1.0 - shrink) * gram + shrink * (diagonal[..., None] * np.eye(gram.shape[-1]))
+
+
+def _dead_inputs_solvable(gram: np.ndarray) -> np.ndarray:
+    """``gram [G, K, K]`` with the mean diagonal of its live inputs on the diagonal of each input that is
+    always zero (a zero row and column): it keeps its nearest rounding and passes no error on, and the
+    damping stays relative to the live inputs' scale (a unit diagonal there made GPTQ round to nearest
+    when the activations were small)."""
+    diagonal = np.einsum("gkk->gk", gram)
+    live = diagonal > 0
+    mean = diagonal.sum(axis=1) / np.maximum(live.sum(axis=1), 1)
+    fill = np.where(live, 0.0, np.where(mean > 0, mean, 1.0)[:, None])
+    return gram + fill[:, :, None] * np.eye(gram.shape[-1])
 
 
 def inverse_factor(gram: np.ndarray, damping: float = DAMPING) -> np.ndarray:
@@ -67,7 +92,13 @@ def inverse_factor(gram: np.ndarray, damping: float = DAMPING) -> np.ndarray:
             load *= 10.0
 
 
-def _sweep(steps: np.ndarray, factor: np.ndarray) -> np.ndarray:
+def gptq_factor(gram: np.ndarray, rows: int, damping: float = DAMPING) -> np.ndarray:
+    """GPTQ's ``U`` for each input correlation of ``gram [G, K, K]`` (a mean over ``rows`` samples):
+    shrunk by its sampling noise, dead inputs made solvable, loaded by ``damping``."""
+    return inverse_factor(_dead_inputs_solvable(shrunk_gram(gram, rows)), damping)
+
+
+def sweep(steps: np.ndarray, factor: np.ndarray) -> np.ndarray:
     """Integers for ``steps[G, N, K]`` (weights over scales), inputs in order, errors fed forward."""
     width = steps.shape[2]
     ints = np.empty_like(steps)
@@ -102,12 +133,10 @@ def gptq_layer(weight: np.ndarray, inputs: np.ndarray, scale, *, damping: float 
     steps = grouped.astype(np.float64) / channel_scales(scale, grouped)[..., None]
     samples = samples.astype(np.float64)
     gram = samples.transpose(0, 2, 1) @ samples / samples.shape[1]
-    diagonal = np.einsum("gkk->gk", gram)
-    solvable = with_dead_inputs_solvable(gram)
-    order = np.argsort(-diagonal, axis=1, kind="stable")
-    solvable = np.take_along_axis(np.take_along_axis(solvable, order[:, :, None], 1), order[:, None, :], 2)
+    order = np.argsort(-np.einsum("gkk->gk", gram), axis=1, kind="stable")
+    ordered_gram = np.take_along_axis(np.take_along_axis(gram, order[:, :, None], 1), order[:, None, :], 2)
     ordered = np.take_along_axis(steps, order[:, None, :], 2)
-    ints = np.take_along_axis(_sweep(ordered, inverse_factor(solvable, damping)),
+    ints = np.take_along_axis(sweep(ordered, gptq_factor(ordered_gram, samples.shape[1], damping)),
                               np.argsort(order, axis=1)[:, None, :], 2)
     nearest = np.clip(np.rint(steps), _QMIN, _QMAX)
     keep_nearest = _output_error(steps, nearest, gram) <= _output_error(steps, ints, gram)

@@ -11,7 +11,7 @@ absorb each row's error, through ``U``, the upper Cholesky factor of
     q_k = clamp(rint(w_k / s) + z),  d = (w_k - (q_k - z) s) / U_kk,  w_j -= d U_kj  for j > k
 
 ``H'`` is ``H`` with its off-diagonal shrunk toward 0 by the share of it
-that is sampling noise (:attr:`~edgeopt.quant.int4_importance.LayerInputStatistics.shrunk_gram`):
+that is sampling noise (:func:`~edgeopt.quant.gptq.shrunk_gram`):
 from fewer rows than inputs GPTQ would otherwise fit the noise of the
 calibration sample. On the benchmark MLP (K = 2048 read from 256 rows) that
 made GPTQ worse on held-out inputs than the clip search alone (BENCHMARKS.md).

@@ -25,7 +25,7 @@ import numpy as np
 from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.channel_stats import ChannelMeanSquareHook, ChannelStatsHook, InputCorrelationHook
 from edgeopt.quant.config import CalibrationConfig
-from edgeopt.quant.gptq import inverse_factor, with_dead_inputs_solvable
+from edgeopt.quant.gptq import gptq_factor
 from edgeopt.quant.registry import Batch, ProgressCallback
 
 __all__ = ["ChannelMeanSquareHook", "LayerInputStatistics", "input_channel_importance", "layer_input_statistics",
@@ -43,25 +43,9 @@ class LayerInputStatistics:
 
     @cached_property
     def inverse_factor(self) -> np.ndarray:
-        """GPTQ's upper ``U`` with ``U^T U = (H' + damping)^-1`` (:mod:`edgeopt.quant.gptq`), ``H'`` the
-        :attr:`shrunk_gram`; computed once for all the layers that read this input (``O(K^3)``, most of
-        GPTQ's time on wide layers)."""
-        return inverse_factor(with_dead_inputs_solvable(self.shrunk_gram)[None])[0]
-
-    @property
-    def shrunk_gram(self) -> np.ndarray:
-        """``(1 - a) H + a diag(H)``: ``H = gram`` with its off-diagonal shrunk toward 0 by ``a``, the share of
-        it that is sampling noise (Ledoit-Wolf shrinkage toward the diagonal, as Schafer and Strimmer's
-        "target D"): ``a = sum_{k != l} Var(H_kl) / sum_{k != l} H_kl**2`` (at most 1), the variance of a
-        mean of ``S`` products ``x_k x_l`` taken as for Gaussian inputs, ``(H_kk H_ll + H_kl**2) / S``. Many
-        rows, or strongly correlated channels: about ``H``; few rows of independent channels: about
-        ``diag(H)``, where GPTQ rounds as the clip search does."""
-        gram, rows = self.gram, max(self.rows, 1)
-        diagonal = np.diagonal(gram)
-        off_square = float(np.sum(gram * gram) - np.sum(diagonal * diagonal))
-        noise = (float(np.sum(diagonal)) ** 2 - float(np.sum(diagonal * diagonal)) + off_square) / rows
-        shrink = 1.0 if off_square <= 0 else min(1.0, noise / off_square)
-        return (1.0 - shrink) * gram + shrink * np.diag(diagonal)
+        """GPTQ's upper ``U`` (:func:`edgeopt.quant.gptq.gptq_factor`: ``gram`` shrunk by its sampling noise);
+        computed once for all the layers that read this input (``O(K^3)``, most of GPTQ's time on wide layers)."""
+        return gptq_factor(self.gram[None], self.rows)[0]
 
 
 def _observed(model, data: Iterable[Batch], hook: ChannelStatsHook,
