@@ -151,7 +151,7 @@ class Int8Config:
     calibration cost still well under ONNX Runtime's; equalization is mixed
     (it helps some depthwise nets, costs others), AdaRound costs 20-50x the
     time for a few tenths of a dB, so both are opt-in; GPTQ reaches AdaRound's
-    figures at 1.1-3.6x the default's time (``benchmarks/rounding.py``) and is opt-in as well (at most one
+    figures at 1.5-3.4x the default's time (``benchmarks/rounding.py``) and is opt-in as well (at most one
     of the two). ``equalize_relu6``
     (with ``equalize``) equalizes through ReLU6 too by turning each such
     ReLU6 into a ReLU (Nagel et al.'s recipe for MobileNetV2; it changes the

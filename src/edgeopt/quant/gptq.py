@@ -22,9 +22,9 @@ is always zero keeps its nearest rounding and passes no error on.
 
 It minimizes AdaRound's objective (:mod:`edgeopt.quant.adaround_solver`)
 greedily, in one sweep instead of thousands of gradient steps: on the eight models of
-``benchmarks/rounding.py`` its output SQNR is within 0.3 dB of AdaRound's,
-3.6x to 21x faster (MobileNetV2 at 224x224: 18.2 dB in 7.4 s, AdaRound 18.1
-dB in 92 s, nearest 14.9 dB; BENCHMARKS.md). As there, each output channel keeps whichever of the GPTQ
+``benchmarks/rounding.py`` its output SQNR is within 0.35 dB of AdaRound's,
+3.8x to 23x faster (MobileNetV2 at 224x224: 18.2 dB in 7.0 s, AdaRound 18.1
+dB in 100 s, nearest 14.9 dB; BENCHMARKS.md). As there, each output channel keeps whichever of the GPTQ
 and the nearest rounding has the smaller output error on the samples, so a
 layer is never worse than round-to-nearest on its calibration sample.
 
