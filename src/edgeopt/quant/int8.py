@@ -34,12 +34,12 @@ from edgeopt.errors import ModelError
 from edgeopt.metrics import count_of
 from edgeopt.quant.adaround import AdaRoundConfig, LayerInputSampler, adaround_weights
 from edgeopt.quant.adaround_solver import backend_used
-from edgeopt.quant.gptq import gptq_layer
 from edgeopt.quant.bias_correction import ChannelMeanHook, correct_biases, correction_inputs, round_to_nearest
 from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.calibration_memo import CalibrationMemo
 from edgeopt.quant.config import CalibrationConfig, CalibrationMethod, Int8Config, PerTensor, Target
 from edgeopt.quant.equalize import equalize
+from edgeopt.quant.gptq import gptq_layer
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
 from edgeopt.quant.ops import FUSED_BETWEEN_PAIRS, MCU_OP_RULES, OP_RULES, is_qdq_op
 from edgeopt.quant.opset import OpsetCheck, OpsetConversion, convert_opset
