@@ -39,7 +39,8 @@ import numpy as np
 from edgeopt.quant.adaround_solver import channel_scales, check_layout
 from edgeopt.quant.formats import INT8_SYMMETRIC
 
-__all__ = ["BLOCK", "DAMPING", "gptq_factor", "gptq_layer", "inverse_factor", "shrunk_gram", "sweep"]
+__all__ = ["BLOCK", "DAMPING", "gptq_factor", "gptq_layer", "inverse_factor", "output_error", "shrunk_gram",
+           "sweep"]
 
 #: Inputs rounded between two matrix-product updates of the rest.
 BLOCK = 128
@@ -115,9 +116,9 @@ def sweep(steps: np.ndarray, factor: np.ndarray) -> np.ndarray:
     return ints
 
 
-def _output_error(steps: np.ndarray, ints: np.ndarray, gram: np.ndarray) -> np.ndarray:
-    """Per output channel, ``e H e^T`` with ``e`` the rounding error in steps: ``[G, N]``."""
-    error = steps - ints
+def output_error(error: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """Per output channel, ``e H e^T`` for each row ``e`` of ``error [..., N, K]`` (a weight's rounding
+    error, one row per output channel) and ``H = gram [..., K, K]``: ``[..., N]``."""
     return ((error @ gram) * error).sum(axis=-1)
 
 
@@ -139,5 +140,5 @@ def gptq_layer(weight: np.ndarray, inputs: np.ndarray, scale, *, damping: float 
     ints = np.take_along_axis(sweep(ordered, gptq_factor(ordered_gram, samples.shape[1], damping)),
                               np.argsort(order, axis=1)[:, None, :], 2)
     nearest = np.clip(np.rint(steps), _QMIN, _QMAX)
-    keep_nearest = _output_error(steps, nearest, gram) <= _output_error(steps, ints, gram)
+    keep_nearest = output_error(steps - nearest, gram) <= output_error(steps - ints, gram)
     return np.where(keep_nearest[..., None], nearest, ints).astype(np.int8).reshape(np.shape(weight))

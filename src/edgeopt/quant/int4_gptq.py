@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeopt.quant import gptq
 from edgeopt.quant.formats import Format
 from edgeopt.quant.int4_blocks import BlockQuantizedWeight, block_scales, quantize_blocks
 from edgeopt.quant.int4_importance import LayerInputStatistics
@@ -58,8 +59,7 @@ class GptqBlocks:
 
 def output_error(weight: np.ndarray, restored: np.ndarray, gram: np.ndarray) -> np.ndarray:
     """Per column ``n`` of ``weight [K, N]``, ``e^T H e`` with ``e = weight[:, n] - restored[:, n]``."""
-    error = weight.astype(np.float64) - restored.astype(np.float64)
-    return np.einsum("kn,kn->n", gram @ error, error)
+    return gptq.output_error((weight.astype(np.float64) - restored.astype(np.float64)).T, gram)
 
 
 def _round_block(rows: np.ndarray, factor: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
