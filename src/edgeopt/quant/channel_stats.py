@@ -18,10 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
 
+from edgeopt.quant.gptq import gptq_factor
 from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES
 
 __all__ = [
@@ -33,8 +35,8 @@ __all__ = [
     "ChannelMeanSquareHook",
     "ChannelMeans",
     "ChannelStatsHook",
-    "InputCorrelation",
     "InputCorrelationHook",
+    "LayerInputStatistics",
 ]
 
 
@@ -137,14 +139,20 @@ class ChannelMeanSquareObserver(ChannelMeanObserver):
 
 
 @dataclass(frozen=True, kw_only=True)
-class InputCorrelation:
-    """``E[x x^T]`` of the last-axis channels (float64 ``[K, K]``, read-only) over ``rows`` rows holding
-    no NaN or infinity, and ``E[x**2]`` per channel (float32 ``[K]``, as :class:`ChannelMeanSquareHook`
-    gives it: the same values)."""
+class LayerInputStatistics:
+    """What the calibration pass saw of a layer's input ``x [..., K]``: ``E[x**2]`` per last-axis channel
+    (float32 ``[K]``, as :class:`ChannelMeanSquareHook` gives it) and, for GPTQ, ``E[x x^T]`` (float64
+    ``[K, K]``, read-only) over ``rows`` rows holding no NaN or infinity, or None."""
 
-    gram: np.ndarray
     mean_square: np.ndarray
-    rows: int
+    gram: np.ndarray | None = None
+    rows: int = 0  # the samples (rows of x) ``gram`` averages
+
+    @cached_property
+    def inverse_factor(self) -> np.ndarray:
+        """GPTQ's upper ``U`` (:func:`edgeopt.quant.gptq.gptq_factor`: ``gram`` shrunk by its sampling noise);
+        computed once for all the layers that read this input (``O(K^3)``, most of GPTQ's time on wide layers)."""
+        return gptq_factor(self.gram[None], self.rows)[0]
 
 
 class InputCorrelationObserver:
@@ -169,12 +177,12 @@ class InputCorrelationObserver:
             self._sum += rows.T @ rows
         self._rows += len(rows)
 
-    def result(self) -> InputCorrelation | None:
+    def result(self) -> LayerInputStatistics | None:
         if self._sum is None or not self._rows:
             return None
         mean_square = self._mean_square.result().mean.astype(np.float32)
-        return InputCorrelation(gram=_readonly(self._sum / self._rows), mean_square=_readonly(mean_square),
-                                rows=self._rows)
+        return LayerInputStatistics(gram=_readonly(self._sum / self._rows), mean_square=_readonly(mean_square),
+                                    rows=self._rows)
 
 
 # --------------------------------------------------------------------------
@@ -266,10 +274,10 @@ class ChannelMeanSquareHook(ChannelStatsHook):
 
 
 class InputCorrelationHook(ChannelStatsHook):
-    """:class:`InputCorrelation` of the last-axis channels of ``tensors``, for int4's GPTQ."""
+    """:class:`LayerInputStatistics` (with ``gram``) of the last-axis channels of ``tensors``, for int4's GPTQ."""
 
     def __init__(self, tensors: Iterable[str]) -> None:
         super().__init__(dict.fromkeys(tensors, -1), lambda axis: InputCorrelationObserver())
 
-    def _value(self, observer: InputCorrelationObserver) -> InputCorrelation | None:
+    def _value(self, observer: InputCorrelationObserver) -> LayerInputStatistics | None:
         return observer.result()

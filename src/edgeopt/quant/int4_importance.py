@@ -17,35 +17,21 @@ how samples are batched.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 
 from edgeopt.quant.calibrate import calibrate
-from edgeopt.quant.channel_stats import ChannelMeanSquareHook, ChannelStatsHook, InputCorrelationHook
+from edgeopt.quant.channel_stats import (
+    ChannelMeanSquareHook,
+    ChannelStatsHook,
+    InputCorrelationHook,
+    LayerInputStatistics,
+)
 from edgeopt.quant.config import CalibrationConfig
-from edgeopt.quant.gptq import gptq_factor
 from edgeopt.quant.registry import Batch, ProgressCallback
 
 __all__ = ["ChannelMeanSquareHook", "LayerInputStatistics", "input_channel_importance", "layer_input_statistics",
            "summed_statistics"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class LayerInputStatistics:
-    """What the calibration pass saw of a layer's input ``x [..., K]``: ``E[x**2]`` per channel (float32
-    ``[K]``, the clipping search's importance) and, for GPTQ, ``E[x x^T]`` (float64 ``[K, K]``) or None."""
-
-    mean_square: np.ndarray
-    gram: np.ndarray | None = None
-    rows: int = 0  # the samples (rows of x) ``gram`` averages
-
-    @cached_property
-    def inverse_factor(self) -> np.ndarray:
-        """GPTQ's upper ``U`` (:func:`edgeopt.quant.gptq.gptq_factor`: ``gram`` shrunk by its sampling noise);
-        computed once for all the layers that read this input (``O(K^3)``, most of GPTQ's time on wide layers)."""
-        return gptq_factor(self.gram[None], self.rows)[0]
 
 
 def _observed(model, data: Iterable[Batch], hook: ChannelStatsHook,
@@ -68,9 +54,7 @@ def layer_input_statistics(model, data: Iterable[Batch], tensors: Iterable[str],
     if not correlation:
         return {name: LayerInputStatistics(mean_square=mean_square)
                 for name, mean_square in input_channel_importance(model, data, tensors, progress=progress).items()}
-    observed = _observed(model, data, InputCorrelationHook(dict.fromkeys(tensors)), progress)
-    return {name: LayerInputStatistics(mean_square=seen.mean_square, gram=seen.gram, rows=seen.rows)
-            for name, seen in observed.items()}
+    return _observed(model, data, InputCorrelationHook(dict.fromkeys(tensors)), progress)
 
 
 def summed_statistics(readers: Iterable[LayerInputStatistics | None], k: int) -> LayerInputStatistics | None:
