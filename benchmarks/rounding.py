@@ -34,27 +34,23 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from _common import environment, environment_markdown, markdown_table, peak_rss_mb  # noqa: E402
-from quantize_vs_ort import ALL_MODELS, _import_both_tools, prepare_case  # noqa: E402
+from quantize_vs_ort import (  # noqa: E402
+    ALL_MODELS,
+    _fidelity,
+    _import_both_tools,
+    _session,
+    predict_batched,
+    prepare_case,
+)
 
 import edgeopt  # noqa: E402
 
 SETTINGS = {"nearest": {}, "gptq": {"gptq": True}, "adaround": {"adaround": True}}
 
 
-def _outputs(path: pathlib.Path, inputs: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name, batch = session.get_inputs()[0].name, session.get_inputs()[0].shape[0]
-    step = batch if isinstance(batch, int) else 256
-    return np.concatenate([session.run(None, {name: inputs[i:i + step]})[0] for i in range(0, len(inputs), step)])
-
-
-def _sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
-    noise = np.sum((reference.astype(np.float64) - other) ** 2)
-    return float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / max(noise, 1e-30)))
+def _outputs(path: pathlib.Path, case) -> np.ndarray:
+    """Logits of the larger evaluation set, as ``quantize_vs_ort.py`` computes them."""
+    return predict_batched(_session(path), case.ext_x, case.input_name)
 
 
 def _quantize(model: str, setting: str, calib: str, output: str) -> tuple[float, float]:
@@ -73,7 +69,7 @@ def _quantize(model: str, setting: str, calib: str, output: str) -> tuple[float,
 
 def measure(name: str, settings: list[str], work: pathlib.Path, calib_samples: int, seed: int) -> list[list[str]]:
     case = prepare_case(name, seed=seed, calib_samples=calib_samples, work=work)
-    reference = _outputs(case.fp32_path, case.ext_x)
+    reference = _outputs(case.fp32_path, case)
     calib = work / f"{name}-calib.npy"
     np.save(calib, case.calib)
     rows = []
@@ -81,12 +77,11 @@ def measure(name: str, settings: list[str], work: pathlib.Path, calib_samples: i
         output = work / f"{name}-{setting}.onnx"
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             wall, rss = pool.apply(_quantize, (str(case.fp32_path), setting, str(calib), str(output)))
-        quantized = _outputs(output, case.ext_x)
-        agree = 100 * np.mean(reference.argmax(1) == quantized.argmax(1))
+        quantized = _outputs(output, case)
+        agreement, sqnr_db = _fidelity(quantized, reference)
         drop = "-" if case.ext_y is None else (
             f"{100 * (np.mean(reference.argmax(1) == case.ext_y) - np.mean(quantized.argmax(1) == case.ext_y)):+.2f}")
-        rows.append([name, setting, f"{_sqnr_db(reference, quantized):.2f}", f"{agree:.2f}", drop, f"{wall:.2f}",
-                     f"{rss:.0f}"])
+        rows.append([name, setting, f"{sqnr_db:.2f}", f"{100 * agreement:.2f}", drop, f"{wall:.2f}", f"{rss:.0f}"])
         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
