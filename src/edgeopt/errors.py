@@ -12,6 +12,7 @@ __all__ = [
     "EdgeoptError",
     "ModelError",
     "DataError",
+    "EmptyDataError",
     "ConfigError",
     "OutputError",
     "UnsupportedOpError",
@@ -37,6 +38,10 @@ class DataError(EdgeoptError):
     """Input or calibration data does not match the model or is invalid."""
 
     exit_code = 3
+
+
+class EmptyDataError(DataError):
+    """The data gave no batch at all (an empty folder, or a generator read a second time)."""
 
 
 class ConfigError(EdgeoptError):

@@ -750,7 +750,7 @@ def test_layers_whose_inputs_only_subgraphs_compute_are_not_said_to_be_weighted(
     """Each branch computes its MatMul's input itself: the calibration run observes none of them, so no block
     search is weighted, and the notes said 'weighted by each layer's input channels on the calibration data'
     (after a pass over the data that observed nothing)."""
-    from edgeopt.quant import int4
+    from edgeopt.quant import int4_importance
 
     rng = np.random.default_rng(6)
     value = helper.make_tensor_value_info
@@ -769,7 +769,7 @@ def test_layers_whose_inputs_only_subgraphs_compute_are_not_said_to_be_weighted(
     model = save(graph, tmp_path / "branches.onnx")
     data = [{"x": rng.standard_normal((2, 64)).astype(np.float32), "flag": np.array(bool(i % 2))} for i in range(4)]
     passes = []
-    monkeypatch.setattr(int4, "layer_input_statistics", lambda *args, **kwargs: passes.append(args) or {})
+    monkeypatch.setattr(int4_importance, "calibrate", lambda *args, **kwargs: passes.append(args))
     result = quantize(model, Int4WeightConfig(), data=data)
     assert [t.method for t in result.tensors] == ["clip search", "clip search"] and not passes
     search = next(note for note in result.notes if note.startswith("block scales"))

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeopt.errors import ConfigError
+from edgeopt.errors import ConfigError, DataError
 from edgeopt.io import load_model, model_to_bytes
 from edgeopt.quant import quantize
 from edgeopt.quant.channel_stats import ChannelMeanSquareHook, InputCorrelationHook
@@ -22,7 +22,9 @@ from edgeopt.quant.formats import INT4, UINT4
 from edgeopt.quant.int4 import Int4WeightConfig
 from edgeopt.quant.int4_blocks import block_scales, quantize_blocks
 from edgeopt.quant.int4_gptq import gptq_blocks, output_error
-from edgeopt.quant.int4_importance import LayerInputStatistics
+from edgeopt.quant import int4_importance
+from edgeopt.quant.calibrate import calibrate
+from edgeopt.quant.int4_importance import LayerInputStatistics, correlation_passes
 from edgeopt.runtime.ort import OrtSession
 from tests.models import build_onnx
 from tests.quant.test_int4 import batched_weight_model, sqnr_db
@@ -180,3 +182,67 @@ def test_correlation_hook_leaves_out_rows_with_nan_or_infinity():
     seen = hook.result()["x"]
     assert seen.rows == 2 and np.all(np.isfinite(seen.gram))
     np.testing.assert_allclose(seen.gram, kept.T @ kept / 2)
+
+
+def test_inputs_are_split_into_passes_that_fit_the_budget_in_quantization_order():
+    """K x K float64 sums: 512 KiB at K = 256, 8 KiB at K = 32. An input read by a later weight (Q, K and V
+    read one input) stays in the pass of the first; an input over the budget gets a pass of its own."""
+    weights = [(["x"], 256), (["x"], 256), (["a", "b"], 32), (["c"], 256), (["huge"], 1024), (["d"], 32)]
+    assert correlation_passes(weights, budget_bytes=600 * 1024) == [["x", "a", "b"], ["c"], ["huge"], ["d"]]
+    assert correlation_passes(weights, budget_bytes=1 << 30) == [["x", "a", "b", "c", "huge", "d"]]
+
+
+def test_several_passes_over_the_data_give_the_same_statistics_and_say_so(transformer, monkeypatch):
+    """With room for one input's correlation at a time, each input takes a pass of its own. Every sum is over
+    the same rows (grouped into ONNX Runtime runs by what each pass fetches, so added in another order): the
+    same correlations to float64 rounding, and the same model to within a few rounding ties."""
+    model, calibration, held_out = transformer
+    one_pass = quantize(model, Int4WeightConfig(gptq=True), data=calibration)
+    seen = {}
+    monkeypatch.setattr(int4_importance, "calibrate", lambda *args, **kwargs: seen.update(
+        {name: kwargs["hooks"][0] for name in args[2]}) or calibrate(*args, **kwargs))
+    progress = []
+    single = {name: hook.result()[name] for name, hook in
+              (quantize(model, Int4WeightConfig(gptq=True), data=calibration) and seen).items()}
+    seen.clear()
+    monkeypatch.setattr(int4_importance, "GRAM_BUDGET_BYTES", 64 * 64 * 8)
+    several = quantize(model, Int4WeightConfig(gptq=True), data=calibration,
+                       progress=lambda done, total: progress.append((done, total)))
+    hooks = set(seen.values())
+    assert len(hooks) > 2 and all(len(hook.tensors) == 1 for hook in hooks)
+    for name, hook in seen.items():
+        np.testing.assert_allclose(hook.result()[name].gram, single[name].gram, rtol=1e-12, atol=1e-15)
+    assert abs(held_out_sqnr_db(model, several.model, held_out) - held_out_sqnr_db(model, one_pass.model,
+                                                                                   held_out)) < 0.05
+    note = next(note for note in several.notes if note.startswith("GPTQ rounding: "))
+    assert f"took {len(hooks)} passes over the calibration data" in note, note
+    assert not any("passes over the calibration data" in note for note in one_pass.notes)
+    assert progress[-1] == (len(hooks) * len(calibration), len(hooks) * len(calibration))
+    assert [done for done, _ in progress] == sorted(done for done, _ in progress)
+
+
+def test_several_passes_need_data_that_can_be_read_again(transformer, monkeypatch):
+    model, calibration, _ = transformer
+    monkeypatch.setattr(int4_importance, "GRAM_BUDGET_BYTES", 64 * 64 * 8)
+    with pytest.raises(DataError, match="passes over the calibration data.*one-shot iterator"):
+        quantize(model, Int4WeightConfig(gptq=True), data=iter(calibration))
+    # an iterable that gives its batches once (a generator behind a source object) is named at the second pass
+    with pytest.raises(DataError, match="32 samples on the first pass and 0 on pass 2 of"):
+        quantize(model, Int4WeightConfig(gptq=True), data=Once(calibration))
+
+
+class Once:
+    def __init__(self, items) -> None:
+        self._items = iter(items)
+
+    def __iter__(self):
+        return self._items
+
+
+def test_correlation_result_is_the_mean_in_place_and_the_same_when_asked_again():
+    hook = InputCorrelationHook({"x": -1})
+    rows = np.random.default_rng(0).standard_normal((50, 8))
+    hook.update({"x": rows}, {})
+    first = hook.result()["x"]
+    np.testing.assert_allclose(first.gram, rows.T @ rows / 50)
+    assert hook.result()["x"] is first and not first.gram.flags.writeable

@@ -372,8 +372,9 @@ def quantize(
     gptq: Annotated[bool, typer.Option("--gptq", help="Round each layer's weights in turn, feeding each rounding "
                                                       "error to the weights not yet rounded (GPTQ; AdaRound's "
                                                       "gain in a fraction of its time; int4-weight too, with "
-                                                      "--data, holding K x K float64 per layer input: 128 MiB "
-                                                      "at K = 4096).")] = False,
+                                                      "--data: K x K float64 per layer input, 128 MiB at K = "
+                                                      "4096, at most 1 GiB at a time; more takes more passes "
+                                                      "over the data).")] = False,
     smoothquant: Annotated[Optional[float], typer.Option("--smoothquant", metavar="ALPHA",
                                                          help="Migrate activation outliers of MatMul/Gemm inputs "
                                                               "into the weights (transformers), e.g. 0.5.")] = None,

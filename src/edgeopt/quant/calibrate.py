@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.errors import DataError
+from edgeopt.errors import DataError, EmptyDataError
 from edgeopt.quant.config import CalibrationConfig, CalibrationMethod
 from edgeopt.quant.grouping import Runner, fetched_bytes, group_size, groups
 from edgeopt.quant.observers import HistogramObserver, HistogramStats, MinMaxObserver, MinMaxStats
@@ -401,7 +401,7 @@ def calibrate(
         if pending is not None:
             pending.result()
     if done == 0:
-        raise DataError("calibration data is empty: give at least one batch")
+        raise EmptyDataError("calibration data is empty: give at least one batch")
     logger.info("calibrated %d tensors on %d batches", len(names), done)
     results = observation.results()
     return CalibrationResult(tensors=types.MappingProxyType(results), config=config, num_batches=done)

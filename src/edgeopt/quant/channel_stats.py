@@ -163,6 +163,7 @@ class InputCorrelationObserver:
         self._mean_square = ChannelMeanSquareObserver(axis=-1)
         self._sum: np.ndarray | None = None
         self._rows = 0
+        self._result: LayerInputStatistics | None = None
 
     def update(self, array) -> None:
         array = np.asarray(array)
@@ -178,11 +179,13 @@ class InputCorrelationObserver:
         self._rows += len(rows)
 
     def result(self) -> LayerInputStatistics | None:
-        if self._sum is None or not self._rows:
-            return None
-        mean_square = self._mean_square.result().mean.astype(np.float32)
-        return LayerInputStatistics(gram=_readonly(self._sum / self._rows), mean_square=_readonly(mean_square),
-                                    rows=self._rows)
+        """The statistics (once: the sums become the mean in place, not a second ``K x K`` copy)."""
+        if self._result is None and self._sum is not None and self._rows:
+            mean_square = self._mean_square.result().mean.astype(np.float32)
+            self._sum /= self._rows
+            self._result = LayerInputStatistics(gram=_readonly(self._sum), mean_square=_readonly(mean_square),
+                                                rows=self._rows)
+        return self._result
 
 
 # --------------------------------------------------------------------------

@@ -1,47 +1,37 @@
 """Int4 weight-only, block-wise quantization of MatMul and Gemm weights.
 
-For ``y = x @ W`` with a constant weight ``W`` of shape ``[..., K, N]``, each
-block of ``b`` values along K (the reduction axis) of each column gets its own
-scale (and, for uint4, zero point), its clipping searched for the least
-squared error -- weighted, when calibration data is given, by the mean square
-of the layer's input channels (:mod:`edgeopt.quant.int4_importance`) -- and
-``w' = (q - zero_point) * scale``; the math, the nibble packing and the
-MatMulNBits layout are in :mod:`edgeopt.quant.int4_blocks`. With ``gptq`` (and data) a 2-D weight is
-rounded by GPTQ against its layer's input correlation instead (:mod:`edgeopt.quant.int4_gptq`). This
+For ``y = x @ W`` with a constant weight ``W`` of shape ``[..., K, N]``, each block of ``b`` values along K
+(the reduction axis) of each column gets its own scale (and, for uint4, zero point), its clipping searched for
+the least squared error -- weighted, when calibration data is given, by the mean square of the layer's input
+channels (:mod:`edgeopt.quant.int4_importance`) -- and ``w' = (q - zero_point) * scale``; the math, the nibble
+packing and the MatMulNBits layout are in :mod:`edgeopt.quant.int4_blocks`. With ``gptq`` (and data) a 2-D
+weight is rounded by GPTQ against its layer's input correlation instead (:mod:`edgeopt.quant.int4_gptq`). This
 module is the scheme: which nodes, and how each is rewritten.
 
 Lowering, per node:
 
-* MatMul with a 2-D constant weight, and Gemm (``transA = 0``; ``alpha``
-  and ``transB`` folded into the weight, ``beta * C`` into the bias) become
-  ONNX Runtime's ``com.microsoft.MatMulNBits`` (bits = 4), the weight encoded
-  by :func:`~edgeopt.quant.int4_blocks.encode_matmul_nbits` (int4: no
-  zero-points input; uint4: packed zero points). A constant bias that
-  broadcasts over rows rides in MatMulNBits' bias input; any other C is added
-  by an Add node.
-* MatMul with a constant weight of rank > 2 becomes the standard ONNX path,
-  ``DequantizeLinear(INT4/UINT4 weight, scale, axis = rank - 2,
-  block_size = b)`` feeding the MatMul, when the model's opset is >= 21
-  (blocked quantization); at a lower opset it stays float (no silent opset
-  upgrade).
-* Everything else stays float and is listed with the reason, among it a
-  weight holding inf or NaN (its block's scale would be inf), and one whose
-  K is so far below the block size that its padded blocks take no fewer
-  bytes than its float32 values (K <= 5 at b = 32).
+* MatMul with a 2-D constant weight, and Gemm (``transA = 0``; ``alpha`` and ``transB`` folded into the
+  weight, ``beta * C`` into the bias) become ONNX Runtime's ``com.microsoft.MatMulNBits`` (bits = 4), the
+  weight encoded by :func:`~edgeopt.quant.int4_blocks.encode_matmul_nbits` (int4: no zero-points input;
+  uint4: packed zero points). A constant bias that broadcasts over rows rides in MatMulNBits' bias input;
+  any other C is added by an Add node.
+* MatMul with a constant weight of rank > 2 becomes the standard ONNX path, ``DequantizeLinear(INT4/UINT4
+  weight, scale, axis = rank - 2, block_size = b)`` feeding the MatMul, when the model's opset is >= 21
+  (blocked quantization); at a lower opset it stays float (no silent opset upgrade).
+* Everything else stays float and is listed with the reason, among it a weight holding inf or NaN (its
+  block's scale would be inf), and one whose K is so far below the block size that its padded blocks take no
+  fewer bytes than its float32 values (K <= 5 at b = 32).
 
-The MatMul/Gemm nodes of control-flow subgraphs (If branches, Loop and Scan
-bodies: a merged decoder holds its layers there) are quantized the same
-way; every new constant is stored in the main graph, which subgraphs read.
+The MatMul/Gemm nodes of control-flow subgraphs (If branches, Loop and Scan bodies: a merged decoder holds its
+layers there) are quantized the same way; every new constant is stored in the main graph, which subgraphs
+read.
 
-First, unless ``float_passes`` is off, the float-exact passes fp16 runs
-(constant folding, dead-code elimination, BatchNorm/affine folding,
-activation fusion; not MatMul + Add -> Gemm): an exporter's ``Identity(W)``
-and ``Transpose(W)`` of a weight become plain constants the rewrite can
-quantize, and dead branches are not quantized and stored. A Transpose of a
-weight other nodes read too (a tied embedding, read by a Gather and, as
-``Transpose(E)``, by the LM head) is not folded, which would store a second
-float copy: the head's weight is read through the Transpose, and only its
-packed form is added.
+First, unless ``float_passes`` is off, the float-exact passes fp16 runs (constant folding, dead-code
+elimination, BatchNorm/affine folding, activation fusion; not MatMul + Add -> Gemm): an exporter's
+``Identity(W)`` and ``Transpose(W)`` of a weight become plain constants the rewrite can quantize, and dead
+branches are not quantized and stored. A Transpose of a weight other nodes read too (a tied embedding, read by
+a Gather and, as ``Transpose(E)``, by the LM head) is not folded, which would store a second float copy: the
+head's weight is read through the Transpose, and only its packed form is added.
 """
 
 from __future__ import annotations
@@ -64,7 +54,7 @@ from edgeopt.quant.float16 import UniqueNames, weight_only_float_passes
 from edgeopt.quant.formats import INT4, UINT4, Format
 from edgeopt.quant.int4_blocks import BlockQuantizedWeight, encode_matmul_nbits, pack_nibbles, quantize_blocks
 from edgeopt.quant.int4_gptq import gptq_blocks
-from edgeopt.quant.int4_importance import LayerInputStatistics, layer_input_statistics, summed_statistics
+from edgeopt.quant.int4_importance import GRAM_BUDGET_BYTES, StreamedStatistics, summed_statistics
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 
 __all__ = [
@@ -392,20 +382,19 @@ def _by_weight(targets: Iterable[_Target]) -> dict[tuple, list[_Target]]:
     return groups
 
 
-def _statistics(model: ir.Model, targets: list[_Target], data: Iterable[Batch] | None, config: Int4WeightConfig,
-                progress: ProgressCallback | None) -> dict[str, LayerInputStatistics]:
-    """What the calibration pass sees of each target's input (empty without data): of the inputs that are
+def _statistics(model: ir.Model, groups: Mapping[tuple, list[_Target]], data: Iterable[Batch] | None,
+                config: Int4WeightConfig, progress: ProgressCallback | None) -> StreamedStatistics:
+    """What the calibration passes see of each target's input (nothing without data): of the inputs that are
     main-graph values, which the calibration run observes (not a subgraph's own)."""
-    inputs = [target.node.inputs[0].name for target in targets if target.node.inputs[0].graph is model.graph]
-    if data is None or not inputs:  # nothing the calibration run would observe: no pass over the data
-        return {}
-    return layer_input_statistics(model, data, inputs, correlation=config.gptq, progress=progress)
+    weights = [([t.node.inputs[0].name for t in readers if t.node.inputs[0].graph is model.graph],
+                readers[0].weight.shape[-2]) for readers in groups.values()]
+    return StreamedStatistics(model, data, [w for w in weights if w[0]], correlation=config.gptq, progress=progress)
 
 
 _WEIGHTED = "clip search, weighted by input channels"
 
 
-def _quantized(readers: list[_Target], config: Int4WeightConfig, statistics: Mapping[str, LayerInputStatistics],
+def _quantized(readers: list[_Target], config: Int4WeightConfig, statistics: StreamedStatistics,
                done: _Lowered) -> tuple[BlockQuantizedWeight, str]:
     """A weight quantized for its ``readers``, and how (for the report)."""
     weight = readers[0].weight
@@ -462,6 +451,7 @@ class _Lowered:
     short: int = 0  # layers whose K is below the block size
     unweighted: int = 0  # weights whose readers' inputs the calibration run did not observe
     gptq: Counter = dataclasses.field(default_factory=Counter)  # weights, columns, of which GPTQ's kept; not_2d
+    passes: int = 0  # over the calibration data
 
 
 def _find_targets(graph: ir.Graph, config: Int4WeightConfig, opset: int) -> tuple[list[_Target], list[FloatNode]]:
@@ -477,17 +467,28 @@ def _find_targets(graph: ir.Graph, config: Int4WeightConfig, opset: int) -> tupl
     return targets, float_nodes
 
 
-def _lower_all(graph: ir.Graph, targets: list[_Target], config: Int4WeightConfig,
-               statistics: Mapping[str, LayerInputStatistics]) -> _Lowered:
-    """Quantize each distinct weight once and rewrite every node reading it; the new constants go to
-    the main graph, which the subgraphs' nodes read too."""
-    names, done = UniqueNames(graph), _Lowered()
-    statistics, unread = dict(statistics), Counter(target.node.inputs[0].name for target in targets)
-    for key, readers in _by_weight(targets).items():  # a weight read by several nodes (tied embeddings) is stored once
-        quantized, method = _quantized(readers, config, statistics, done)
+def _quantize_all(groups: Mapping[tuple, list[_Target]], config: Int4WeightConfig, statistics: StreamedStatistics,
+                  done: _Lowered) -> dict[tuple, tuple[BlockQuantizedWeight, str]]:
+    """Each distinct weight quantized, and how, before the graph changes: the calibration passes that
+    :meth:`StreamedStatistics.get` runs read the float model. An input's statistics go when done with."""
+    unread = Counter(target.node.inputs[0].name for readers in groups.values() for target in readers)
+    quantized = {}
+    for key, readers in groups.items():
+        quantized[key] = _quantized(readers, config, statistics, done)
         unread.subtract(target.node.inputs[0].name for target in readers)
-        for name in [name for name in statistics if unread[name] <= 0]:  # GPTQ's K x K arrays go when done with
-            del statistics[name]
+        for name in {target.node.inputs[0].name for target in readers if unread[target.node.inputs[0].name] <= 0}:
+            statistics.release(name)
+    return quantized
+
+
+def _lower_all(graph: ir.Graph, groups: Mapping[tuple, list[_Target]], config: Int4WeightConfig,
+               statistics: StreamedStatistics) -> _Lowered:
+    """Quantize each distinct weight once (``groups``: :func:`_by_weight`) and rewrite every node reading
+    it; the new constants go to the main graph, which the subgraphs' nodes read too."""
+    names, done = UniqueNames(graph), _Lowered(passes=len(statistics.passes))
+    weights = _quantize_all(groups, config, statistics, done)
+    for key, readers in groups.items():  # a weight read by several nodes (tied embeddings) is stored once
+        quantized, method = weights.pop(key)
         encode = (_matmul_nbits_constants if key[0] is _Lowering.MATMUL_NBITS else _dequantize_linear_constants)
         done.encodings[key] = encode(graph, names, readers[0].weight_value.name, quantized)
         for target in readers:
@@ -525,7 +526,8 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
         raise ModelError(f"no MatMul/Gemm weight to quantize ({reasons}): int4-weight quantizes the constant "
                          "weights of MatMul/Gemm only; use int8 or fp16 for this model")
     inside = sum(1 for target in targets if target.node.graph is not graph)  # before the rewrite removes them
-    done = _lower_all(graph, targets, config, _statistics(model, targets, data, config, progress))
+    groups = _by_weight(targets)
+    done = _lower_all(graph, groups, config, _statistics(model, groups, data, config, progress))
     if done.counts[_Lowering.MATMUL_NBITS]:
         model.opset_imports.setdefault(_MS_DOMAIN, 1)
     bytes_before = sum(done.weights.values())  # each float32 weight once, however many nodes read it
@@ -575,8 +577,10 @@ def _gptq_note(done: _Lowered) -> list[str]:
             "output error on the calibration data was smaller)")
     skipped = (f"; the clip search's rounding for {count_of(gptq['not_2d'], 'weight', 'weights')} of rank > 2 "
                "(DequantizeLinear)" if gptq["not_2d"] else "")
+    passes = (f"; the input correlations took {done.passes} passes over the calibration data, to hold at most "
+              f"{GRAM_BUDGET_BYTES / 2**30:g} GiB of them at a time" if done.passes > 1 else "")
     return [f"GPTQ rounding: {count_of(gptq['weights'], 'weight', 'weights')}{kept if gptq['weights'] else ''}"
-            f"{skipped}"]
+            f"{skipped}{passes}"]
 
 
 def _subgraph_note(inside: int) -> list[str]:

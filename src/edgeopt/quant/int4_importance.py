@@ -10,16 +10,29 @@ channel that is always near zero then costs nothing however coarse its
 weights, and a loud one (a transformer's outlier channels) costs the most.
 GPTQ (:mod:`edgeopt.quant.int4_gptq`) makes the errors dependent, so it reads
 all of ``H``: ``K x K`` float64 sums per input tensor, shared by the layers
-that read it. One streaming pass, sums only: the result does not depend on
-how samples are batched.
+that read it. Streaming passes, sums only: the result depends on how samples
+are batched, or on how many passes it takes, only by the order of float64
+additions (each pass groups samples into runs by the tensors it fetches).
+
+The sums of all the model's inputs at once would not fit in memory for a
+large transformer (an LLM's 32 layers, each with inputs of K = 4096 and one
+of K = 11008: 42 GiB). :class:`StreamedStatistics` therefore holds at most
+:data:`GRAM_BUDGET_BYTES` of them: the inputs, in the order their weights are
+quantized, are split into passes over the data that each fit the budget, a
+pass runs when the first of its inputs is asked for, and an input's sums are
+released once every weight that reads it is quantized.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
+import onnx_ir as ir
 
+from edgeopt.errors import DataError, EmptyDataError
+from edgeopt.metrics import count_of
 from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.channel_stats import (
     ChannelMeanSquareHook,
@@ -30,31 +43,107 @@ from edgeopt.quant.channel_stats import (
 from edgeopt.quant.config import CalibrationConfig
 from edgeopt.quant.registry import Batch, ProgressCallback
 
-__all__ = ["ChannelMeanSquareHook", "LayerInputStatistics", "input_channel_importance", "layer_input_statistics",
-           "summed_statistics"]
+__all__ = ["GRAM_BUDGET_BYTES", "ChannelMeanSquareHook", "LayerInputStatistics", "StreamedStatistics",
+           "correlation_passes", "summed_statistics"]
+
+GRAM_BUDGET_BYTES = 1 << 30  # K x K float64 sums held at once; more take more passes over the data
 
 
 def _observed(model, data: Iterable[Batch], hook: ChannelStatsHook,
-              progress: ProgressCallback | None) -> dict[str, object]:
+              progress: ProgressCallback | None) -> tuple[dict[str, object], int]:
+    """The hook's result after one pass of ``data``, and the number of samples the pass read."""
     names = list(hook.tensors)
-    calibrate(model, data, names, CalibrationConfig(), progress=progress, hooks=[hook])
-    return hook.result()
+    calibration = calibrate(model, data, names, CalibrationConfig(), progress=progress, hooks=[hook])
+    return hook.result(), calibration.num_batches
 
 
-def input_channel_importance(model, data: Iterable[Batch], tensors: Iterable[str], *,
-                             progress: ProgressCallback | None = None) -> dict[str, np.ndarray]:
-    """``E[x**2]`` per last-axis channel of each of ``tensors`` (the layers' inputs) over ``data``."""
-    return _observed(model, data, ChannelMeanSquareHook(dict.fromkeys(tensors)), progress)
+def correlation_passes(weights: Iterable[tuple[Sequence[str], int]], budget_bytes: float) -> list[list[str]]:
+    """The input tensors of ``weights`` (in quantization order: each weight's readers' inputs, and its
+    K) split into consecutive passes whose ``K x K`` float64 sums fit ``budget_bytes`` (an input larger
+    than the budget gets a pass of its own). An input is in the pass of the first weight reading it."""
+    passes: list[list[str]] = [[]]
+    held, seen = 0, set()
+    for inputs, k in weights:
+        new = [name for name in dict.fromkeys(inputs) if name not in seen]
+        cost = len(new) * k * k * 8
+        if passes[-1] and new and held + cost > budget_bytes:
+            passes.append([])
+            held = 0
+        passes[-1].extend(new)
+        seen.update(new)
+        held += cost
+    return [names for names in passes if names]
 
 
-def layer_input_statistics(model, data: Iterable[Batch], tensors: Iterable[str], *, correlation: bool,
-                           progress: ProgressCallback | None = None) -> dict[str, LayerInputStatistics]:
-    """:class:`LayerInputStatistics` of each of ``tensors`` over ``data``, with ``gram`` when
-    ``correlation`` (memory ``K * K`` float64 per tensor); tensors never seen are left out."""
-    if not correlation:
-        return {name: LayerInputStatistics(mean_square=mean_square)
-                for name, mean_square in input_channel_importance(model, data, tensors, progress=progress).items()}
-    return _observed(model, data, InputCorrelationHook(dict.fromkeys(tensors)), progress)
+class StreamedStatistics:
+    """The :class:`LayerInputStatistics` of each layer input, computed pass by pass as they are asked
+    for (:func:`correlation_passes`; one pass without ``correlation``, whose statistics are ``[K]``).
+
+    ``weights`` lists each weight's readers' inputs (main-graph values) and K, in the order they are
+    quantized; :meth:`get` of an input runs its pass if it has not run, :meth:`release` frees an input
+    whose readers are all done. ``data`` is read once per pass, so more than one pass needs data that
+    can be iterated again (a data source or a list, not a generator)."""
+
+    def __init__(self, model: ir.Model, data: Iterable[Batch] | None, weights: Sequence[tuple[Sequence[str], int]],
+                 *, correlation: bool, progress: ProgressCallback | None = None) -> None:
+        self._model, self._data, self._correlation, self._progress = model, data, correlation, progress
+        budget_bytes = GRAM_BUDGET_BYTES  # read when called (tests lower it)
+        self.passes = [] if data is None else correlation_passes(weights, budget_bytes if correlation else math.inf)
+        self._pass_of = {name: index for index, names in enumerate(self.passes) for name in names}
+        self._loaded: dict[str, LayerInputStatistics] = {}
+        self._ran: set[int] = set()
+        self._samples: int | None = None
+        if len(self.passes) > 1 and isinstance(data, Iterator):
+            raise DataError(f"GPTQ's input correlations need {len(self.passes)} passes over the calibration "
+                            f"data (at most {budget_bytes / 2**30:.3g} GiB of them at a time), but the data is a "
+                            "one-shot iterator: pass a list or a data source")
+
+    def get(self, name: str) -> LayerInputStatistics | None:
+        """The statistics of input ``name``; None when no pass observes it (or it was never seen)."""
+        index = self._pass_of.get(name)
+        if index is not None and index not in self._ran:
+            self._run(index)
+        return self._loaded.get(name)
+
+    def release(self, name: str) -> None:
+        self._loaded.pop(name, None)
+
+    def _run(self, index: int) -> None:
+        self._ran.add(index)
+        try:
+            self._loaded.update(self._observe(self.passes[index], self._pass_progress(index)))
+        except EmptyDataError as error:
+            if self._samples is None:
+                raise
+            raise self._not_reread(index + 1, 0) from error
+
+    def _pass_progress(self, index: int) -> ProgressCallback | None:
+        """Progress over all the passes: pass ``index`` continues where the one before ended."""
+        count, progress = len(self.passes), self._progress
+        if progress is None or count == 1:
+            return progress
+        done_before = index * (self._samples or 0)
+
+        def report(done: int, total: int | None) -> None:
+            progress(done_before + done, None if total is None else total * count)
+        return report
+
+    def _observe(self, names: list[str], progress: ProgressCallback | None) -> dict[str, LayerInputStatistics]:
+        hook = (InputCorrelationHook(dict.fromkeys(names)) if self._correlation
+                else ChannelMeanSquareHook(dict.fromkeys(names)))
+        seen, samples = _observed(self._model, self._data, hook, progress)
+        if self._samples is not None and samples != self._samples:
+            raise self._not_reread(len(self._ran), samples)
+        self._samples = samples
+        if not self._correlation:
+            seen = {name: LayerInputStatistics(mean_square=mean_square) for name, mean_square in seen.items()}
+        return seen
+
+    def _not_reread(self, pass_number: int, samples: int) -> DataError:
+        return DataError(f"the calibration data gave {count_of(self._samples, 'sample', 'samples')} on the first "
+                         f"pass and {samples} on pass {pass_number} of {len(self.passes)}: GPTQ's input "
+                         "correlations take several passes over it, so it must give the same samples each time "
+                         "(a list or a data source, not a generator)")
 
 
 def summed_statistics(readers: Iterable[LayerInputStatistics | None], k: int) -> LayerInputStatistics | None:
