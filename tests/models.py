@@ -681,6 +681,20 @@ def tanh_gelu_mlp(dim: int = 16, hidden: int = 64) -> nn.Module:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)).eval()
 
 
+class _GeluNew(nn.Module):
+    """Hugging Face's gelu_new, the cube as ``torch.pow(x, 3)``."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def gelu_new_mlp(dim: int = 16, hidden: int = 64) -> nn.Module:
+    """Linear -> Hugging Face's gelu_new -> Linear, input [..., dim]: below opset 20 the tanh-GELU with its cube
+    exported as ``Pow(x, 3)``. Seeded with torch.manual_seed(0)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(dim, hidden), _GeluNew(), nn.Linear(hidden, dim)).eval()
+
+
 def se_gated_convs() -> nn.Module:
     """Conv -> ReLU -> a squeeze-and-excitation block gated by nn.Hardsigmoid -> 1x1 Conv, input [1, 3, H, W].
 

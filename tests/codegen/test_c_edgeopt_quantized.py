@@ -141,6 +141,20 @@ def test_a_tanh_gelu_mlp_compiles(tmp_path, opset):
                              tensors_per_input=3 if opset >= 20 else 11)
 
 
+def test_hugging_face_gelu_new_below_opset_20_compiles(tmp_path):
+    """gelu_new's cube exported as Pow(x, 3), which has no int8 kernel (the model did not compile): the float
+    passes write it x * x * x, as torch writes its own tanh-GELU, and the whole MLP runs in int8."""
+    import torch
+
+    from tests.models import export_onnx, gelu_new_mlp
+
+    float_path = export_onnx(gelu_new_mlp(), (torch.zeros(1, 16),), tmp_path / "mlp.onnx", opset=17)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.normal(size=(24, 16)).astype(np.float32))
+    held_out = [{"input": x[np.newaxis]} for x in rng.normal(size=(3, 16)).astype(np.float32)]
+    _quantize_compile_verify(float_path, tmp_path / "calib.npy", held_out, tmp_path, tensors_per_input=11)
+
+
 def test_a_hardsigmoid_se_gate_compiles_as_a_clamped_conv(tmp_path):
     """nn.Hardsigmoid after the SE block's conv (opset 17) folds into the conv as its [0, 1] output clamp."""
     import torch

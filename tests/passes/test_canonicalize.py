@@ -1,4 +1,5 @@
-"""CanonicalizePass: Div by a constant, a one-slope PRelu and a scaled Gemm in the forms integer kernels take."""
+"""CanonicalizePass: Div by a constant, a one-slope PRelu, a scaled Gemm and a tanh-GELU's Pow cube in the forms
+integer kernels take."""
 
 from __future__ import annotations
 
@@ -123,3 +124,32 @@ def test_other_means_stay(shape, axes):
     out = [1 if index in axes else dim for index, dim in enumerate(shape)]
     model = make_model(nodes, [("x", shape)], [("y", out)], opset=13)
     assert not canonicalize(model).modified
+
+
+def test_the_pow_cube_of_a_spelled_out_tanh_gelu_becomes_two_multiplications(tmp_path):
+    """Hugging Face's gelu_new below opset 20: fuse-activations annotates the group (no Gelu op before 20), and
+    the cube, Pow(x, 3), which has no integer kernel, becomes (x * x) * x, annotated like the rest."""
+    import torch
+
+    from edgeopt.io import load_model
+    from edgeopt.passes import optimize_for_quantization
+    from edgeopt.passes.rules import PATTERN_KEY
+    from tests.models import export_onnx, gelu_new_mlp
+
+    model = load_model(export_onnx(gelu_new_mlp(), (torch.zeros(2, 16),), tmp_path / "mlp.onnx", opset=17))
+    result = optimize_for_quantization(model)
+    nodes = list(result.model.graph)
+    assert "Pow" in op_types(model) and "Pow" not in op_types(result.model)
+    muls = [node for node in nodes if node.op_type == "Mul" and node.inputs[0] is node.inputs[1]]
+    assert len(muls) == 1 and muls[0].metadata_props[PATTERN_KEY] == "gelu_tanh"
+    cube = next(use.node for use in muls[0].outputs[0].uses())
+    assert cube.op_type == "Mul" and cube.metadata_props[PATTERN_KEY] == "gelu_tanh"
+    assert "canonicalize: /1/Pow: rewritten as (x * x) * x" in result.explain(include_applied=True)
+    assert_same_outputs(model, result.model)
+
+
+def test_a_pow_cube_elsewhere_stays():
+    """Not a tanh-GELU's: quantizing x * x would round it to 8 bits where the float Pow did not (a spelled-out
+    RMSNorm's square, say)."""
+    model = _unary("Pow", 3.0)
+    assert op_types(canonicalize(model).model) == ["Relu", "Pow"]

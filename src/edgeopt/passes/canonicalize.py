@@ -21,7 +21,12 @@ where a constant is inverted or multiplied through):
 * ``ReduceMean`` of an image over H and W (torch's ``x.mean((2, 3))``
   pooling head) is ``GlobalAveragePool`` (then ``Flatten`` where the mean drops
   the axes): ONNX Runtime runs it as QLinearGlobalAveragePool and has no
-  integer ReduceMean.
+  integer ReduceMean;
+* ``Pow(x, 3)`` in a spelled-out tanh-GELU below opset 20 (Hugging Face's
+  ``gelu_new``) is ``Mul(Mul(x, x), x)``, as torch writes the cube: Pow has
+  no integer kernel, so on the microcontroller, where the group's other ops
+  run in int8, the model did not compile. Only there: a Pow squaring the
+  input of a spelled-out RMSNorm, say, would round ``x * x`` to 8 bits.
 """
 
 from __future__ import annotations
@@ -219,9 +224,31 @@ class SpatialMeanRule(Rule):
         return f"rewritten as {' + '.join(n.op_type for n in nodes)}"
 
 
+class GeluCubeToMulRule(Rule):
+    """Pow(x, 3) annotated as part of a tanh-GELU -> Mul(Mul(x, x), x), the nodes keeping the annotation."""
+
+    name = "gelu-cube-to-mul"
+    anchor_ops = frozenset({"Pow"})
+    verb = "rewritten"
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        array = eir.constant_array(node.inputs[1]) if len(node.inputs) == 2 else None
+        if array is None or array.size != 1 or node.metadata_props.get(PATTERN_KEY) != "gelu_tanh":
+            return None
+        return _ConstantOperand(nodes=(node,), node=node, array=array) if float(array.reshape(())) == 3.0 else None
+
+    def rewrite(self, match: _ConstantOperand, context: RuleContext) -> str:
+        node, x = match.node, match.node.inputs[0]
+        label, annotation = eir.node_label(node), {PATTERN_KEY: "gelu_tanh"}
+        square = ir.node("Mul", [x, x], name=f"{label}_square", metadata_props=dict(annotation))
+        cube = ir.node("Mul", [square.outputs[0], x], name=node.name, metadata_props=dict(annotation))
+        eir.replace_nodes(context.graph, [node], node.outputs[0], [square, cube])
+        return "rewritten as (x * x) * x"
+
+
 class CanonicalizePass(RulePass):
-    """Rewrite Div by a constant, a one-slope PRelu, a scaled Gemm and a spatial mean into the forms integer
-    kernels take.
+    """Rewrite Div by a constant, a one-slope PRelu, a scaled Gemm, a spatial mean and a tanh-GELU's Pow cube
+    into the forms integer kernels take.
 
     Rewrites:
 
@@ -230,7 +257,9 @@ class CanonicalizePass(RulePass):
     * ``Gemm(A, B, C; alpha, beta)`` -> ``Gemm(A, alpha * B, beta * C)`` with
       ``alpha = beta = 1`` and ``C`` as ``[N]``;
     * ``ReduceMean(x, axes=[2, 3])`` of a rank-4 ``x`` -> ``GlobalAveragePool(x)``,
-      then ``Flatten(axis=1)`` when ``keepdims=0``.
+      then ``Flatten(axis=1)`` when ``keepdims=0``;
+    * ``Pow(x, 3)`` that fuse-activations annotated as part of a tanh-GELU ->
+      ``Mul(Mul(x, x), x)``, annotated the same.
 
     Preconditions (else left, with the reason): the divisor is finite with
     every magnitude in [2**-14, 2**14] (its reciprocal then fits float16), x
@@ -247,7 +276,8 @@ class CanonicalizePass(RulePass):
     name = "canonicalize"
 
     def __init__(self) -> None:
-        self.rules = (DivToMulRule(), PReluToLeakyReluRule(), GemmScalesRule(), SpatialMeanRule())
+        self.rules = (DivToMulRule(), PReluToLeakyReluRule(), GemmScalesRule(), SpatialMeanRule(),
+                      GeluCubeToMulRule())
 
 
 def canonicalize(model: ir.Model) -> ReportedPassResult:

@@ -14,7 +14,7 @@ Rules, in order:
    = 1, Resize not cubic ...). Nodes the float passes annotated as one
    spelled-out activation or LayerNorm (``edgeopt.pattern``: gelu, gelu_tanh, layer_norm) stay float
    together, one activation, one output range, unless the target has an integer kernel for each of
-   their ops (SiLU; tanh-GELU on the MCU, where a cube written ``Pow(x, 3)`` alone stays float).
+   their ops (SiLU; tanh-GELU on the MCU, its cube ``Pow(x, 3)`` written ``x * x * x`` by the float passes).
 2. Relu/Clip (0 within the clamp) after a candidate Conv/ConvTranspose/Gemm/MatMul/Add/Mul that
    has it as its only consumer is fused: the producer's output gets no Q/DQ,
    the activation's output does (its clamp becomes the quantization range).
@@ -178,11 +178,6 @@ def _weighted_refusal(node: ir.Node) -> str | None:
 _OP_BY_OP_PATTERNS = {"silu": {"Sigmoid", "Mul"}, "gelu_tanh": {"Mul", "Add", "Tanh"}}
 
 
-# Hugging Face's gelu_new writes the cube as Pow(x, 3), which has no integer kernel: the one float op of the group
-_GELU_CUBE_ADVICE = (" (the cube of a spelled-out tanh-GELU whose other ops run in int8: export the model at opset "
-                     "20, where it is one Gelu, which runs in int8)")
-
-
 def _quantized_op_by_op(pattern: str, rules: Mapping[str, OpRule]) -> bool:
     ops = _OP_BY_OP_PATTERNS.get(pattern)
     return ops is not None and ops <= rules.keys()
@@ -199,8 +194,7 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
         return _KEPT_ON_REQUEST
     pattern = node.metadata_props.get(PATTERN_KEY)
     if not eir.is_op(node, *rules):
-        return _no_kernel(node.op_type) + (_GELU_CUBE_ADVICE if pattern == "gelu_tanh" and
-                                           _quantized_op_by_op(pattern, rules) else "")
+        return _no_kernel(node.op_type)
     if pattern is not None and not _quantized_op_by_op(pattern, rules):
         return f"part of a spelled-out {pattern} (kept as one float op)"
     if rules[node.op_type].role is OpRole.WEIGHTED:
