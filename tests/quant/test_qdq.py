@@ -10,6 +10,7 @@ from edgeopt import ir as eir
 from edgeopt.errors import ConfigError, ModelError
 from edgeopt.quant import Int8Config, PerTensor, Target, quantize
 from edgeopt.quant.formats import INT8, UINT8
+from edgeopt.runtime.ort import OrtSession
 
 from .int8_models import GraphBuilder, batches, ort_op_counts, sqnr_db
 
@@ -147,6 +148,35 @@ def test_concat_sharing_does_not_undo_a_fused_relu_on_onnx_runtime():
     assert ort_op_counts(ort_model)["QLinearConv"] == 3
     mcu_model = _quantize(_concat(second_relu=False), Int8Config(target=Target.MCU)).model
     assert len({_scale_of(mcu_model, t).name for t in ("left_relu", "right", "cat")}) == 1
+
+
+def _detector_head() -> ir.Model:
+    """A detector's output: box coordinates in pixels (sigmoid * 640) beside class scores in [0, 1], concatenated
+    along the channels into the model's output."""
+    b = GraphBuilder(seed=6)
+    features = b.node("Relu", [b.conv("x", 8, 8, "features")], "relu")
+    boxes = b.node("Mul", [b.node("Sigmoid", [b.conv(features, 8, 4, "box", k=1)], "box_sigmoid"),
+                           b.constant("image_size", 640.0)], "boxes")
+    scores = b.node("Sigmoid", [b.conv(features, 8, 8, "cls", k=1)], "scores")
+    b.node("Concat", [boxes, scores], "y", axis=1)
+    return b.model(["y"], SHAPE, [(1, 12, 8, 8)])
+
+
+def test_a_concat_writing_the_model_output_keeps_each_parts_scale_on_onnx_runtime():
+    """One scale for boxes and scores was 640 / 255 and rounded every score to 0 or 2.5 (0 dB; ONNX Runtime's
+    quantize_static does the same). For ONNX Runtime the Concat joins the parts in float, listed float; the MCU's
+    output is int8, one scale."""
+    model, held_out = _detector_head(), batches(SHAPE, 4, seed=9)
+    result = _quantize(model)
+    assert _scale_of(result.model, "boxes").name != _scale_of(result.model, "scores").name
+    assert "y" not in _quantized_tensors(result.model)
+    [concat] = [f for f in result.float_nodes if f.op_type == "Concat"]
+    assert concat.reason.startswith("joins the parts of a model output in float")
+    expected, got = (np.concatenate([OrtSession(m).run(feed)["y"][:, 4:] for feed in held_out])
+                     for m in (model, result.model))
+    assert 10 * np.log10(np.sum(expected ** 2) / np.sum((expected - got) ** 2)) > 30  # measured 40.9
+    mcu = _quantize(model, Int8Config(target=Target.MCU)).model
+    assert len({_scale_of(mcu, t).name for t in ("boxes", "scores", "y_float")}) == 1
 
 
 def _conv_pool_transpose_conv(first: str = "conv") -> ir.Model:

@@ -294,6 +294,7 @@ class _Planner:
         self.biases: list[BiasUse] = []
         self.groups = UnionFind()
         self.concat_groups = UnionFind()
+        self.float_concats: list[str] = []
 
     def add_node(self, node: ir.Node, output: ir.Value) -> None:
         rule = self.rules[node.op_type]
@@ -314,6 +315,9 @@ class _Planner:
         outputs = [output.name]
         if rule.all_outputs:  # Split: every output read by something
             outputs += [v.name for v in node.outputs[1:] if _is_float(v, self.non_float) and v.uses()]
+        if node.op_type == "Concat" and not self.quantize_outputs and _float_model_output(output):
+            self.float_concats.append(node.name)  # its parts keep their own scales
+            return
         if self.quantize_outputs or not _float_output_fuses(node, output, weight):
             self.activations.update(dict.fromkeys(outputs))
         if node.op_type == "Concat":
@@ -330,6 +334,17 @@ class _Planner:
             for value in node.outputs:
                 order.setdefault(value.name, len(order))
         return tuple(sorted(names, key=lambda n: (order.get(n, -1), n)))
+
+
+_FLOAT_CONCAT = ("joins the parts of a model output in float, each quantized with its own scale: one scale for "
+                 "all would round the narrow ones coarsely (a detector's scores beside its box coordinates)")
+
+
+def _float_model_output(output: ir.Value) -> bool:
+    """A graph output nothing else reads: with ``quantize_outputs`` off, a Concat writing it joins its parts in
+    float (a detector's head: box coordinates in pixels beside class scores in [0, 1], whose shared scale of
+    640 / 255 rounded every score to 0 or 2.5)."""
+    return output.is_graph_output() and not output.uses()
 
 
 def _float_output_fuses(node: ir.Node, output: ir.Value, weight: ir.Value | None) -> bool:
@@ -388,6 +403,7 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     activations = planner.ordered(planner.activations)
     kept = _kept_float_closure(graph, refusals, rules)
     read_in_float = _read_in_float(candidates, refusals, fused_by_producer, kept, rules)
+    read_in_float.update(dict.fromkeys(planner.float_concats, _FLOAT_CONCAT))
     fused_by_ort = _fused_between_pairs(graph, refusals, set(activations), rules)
     return QdqPlan(
         nodes=tuple(name for name in candidates if name not in refusals),
