@@ -247,6 +247,25 @@ def test_a_node_name_used_twice_gets_a_suffix_and_the_model_runs(tmp_path):
     OrtSession(model).run({"x": np.ones((1, 8, 8, 8), np.float32)})
 
 
+def test_unnamed_nodes_are_named_as_inspect_labels_them(tmp_path):
+    """An exporter may leave node names empty; ``inspect`` labels such a node ``{op_type}_{index}``,
+    and loading names it so, so that ``--exclude Conv_0`` and every report use the name ``inspect``
+    showed (a label already taken by a named node gets a suffix)."""
+    from onnx import helper
+
+    from edgeopt.analysis._graph import execution_steps
+
+    _, graph = _conv_relu_graph()
+    graph.node[0].name = ""
+    graph.node[1].name = ""
+    graph.node.append(helper.make_node("Relu", ["y"], ["z"], name="Relu_1"))
+    graph.output[0].name = "z"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "unnamed.onnx")
+    model = load_model(tmp_path / "unnamed.onnx")
+    assert [node.name for node in model.graph] == ["Conv_0", "Relu_1_1", "Relu_1"]
+    assert [label for label, _ in execution_steps(model.graph)] == ["Conv_0", "Relu_1_1", "Relu_1"]
+
+
 def _nested_function_model(path):
     """y = Two(x): a local function calling another one twice (MatMul + Add + Relu), weights passed in."""
     from onnx import TensorProto, helper, numpy_helper
