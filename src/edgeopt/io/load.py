@@ -226,11 +226,12 @@ def _densify_sparse(graph: onnx.GraphProto) -> None:
     _densify_constants(graph.node)
 
 
-def _unique_node_names(graph: onnx.GraphProto) -> None:
+def _unique_node_names(graph: onnx.GraphProto, taken: set[str] | None = None) -> None:
     """Name each unnamed node of ``graph`` ``{op_type}_{index}`` (its index in the node list: the
     label ``inspect`` shows, so ``--exclude`` and every report take that name) and rename the second
-    and later nodes that repeat a name, and so in its subgraphs."""
-    taken = {node.name for node in graph.node}
+    and later nodes that repeat a name, and so in its subgraphs. New names avoid every name of the
+    model (``taken``), so a subgraph's unnamed Conv does not take the name of the main graph's."""
+    taken = _node_names(graph) if taken is None else taken
     seen: set[str] = set()
     for index, node in enumerate(graph.node):
         if not node.name:
@@ -241,8 +242,18 @@ def _unique_node_names(graph: onnx.GraphProto) -> None:
             node.name = renamed
         taken.add(node.name)
         seen.add(node.name)
+    for node in graph.node:  # after this graph's names, which keep the labels inspect shows
         for subgraph in _subgraphs(node):
-            _unique_node_names(subgraph)
+            _unique_node_names(subgraph, taken)
+
+
+def _node_names(graph: onnx.GraphProto) -> set[str]:
+    """The names of the nodes of ``graph`` and of its subgraphs."""
+    names = {node.name for node in graph.node}
+    for node in graph.node:
+        for subgraph in _subgraphs(node):
+            names |= _node_names(subgraph)
+    return names
 
 
 def _free_name(name: str, taken: set[str], *, first: bool) -> str:
