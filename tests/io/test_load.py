@@ -247,6 +247,45 @@ def test_a_node_name_used_twice_gets_a_suffix_and_the_model_runs(tmp_path):
     OrtSession(model).run({"x": np.ones((1, 8, 8, 8), np.float32)})
 
 
+def test_unnamed_nodes_are_named_as_inspect_labels_them(tmp_path):
+    """An exporter may leave node names empty; ``inspect`` labels such a node ``{op_type}_{index}``,
+    and loading names it so, so that ``--exclude Conv_0`` and every report use the name ``inspect``
+    showed (a label already taken by a named node gets a suffix)."""
+    from onnx import helper
+
+    from edgeopt.analysis._graph import execution_steps
+
+    _, graph = _conv_relu_graph()
+    graph.node[0].name = ""
+    graph.node[1].name = ""
+    graph.node.append(helper.make_node("Relu", ["y"], ["z"], name="Relu_1"))
+    graph.output[0].name = "z"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "unnamed.onnx")
+    model = load_model(tmp_path / "unnamed.onnx")
+    assert [node.name for node in model.graph] == ["Conv_0", "Relu_1_1", "Relu_1"]
+    assert [label for label, _ in execution_steps(model.graph)] == ["Conv_0", "Relu_1_1", "Relu_1"]
+
+
+def test_unnamed_nodes_of_a_subgraph_take_no_name_of_the_main_graph(tmp_path):
+    from onnx import TensorProto, helper
+
+    branch = helper.make_graph([helper.make_node("Relu", ["x"], ["r"])], "then", [],
+                               [helper.make_tensor_value_info("r", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["n"])], "else", [],
+                              [helper.make_tensor_value_info("n", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Relu", ["x"], ["x0"]), helper.make_node("ReduceMean", ["x0"], ["m"], keepdims=0),
+             helper.make_node("Cast", ["m"], ["c"], to=TensorProto.BOOL),
+             helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "if.onnx")
+    model = load_model(tmp_path / "if.onnx")
+    assert [node.name for node in model.graph] == ["Relu_0", "ReduceMean_1", "Cast_2", "If_3"]
+    branches = model.graph.node(3).attributes
+    assert [node.name for node in branches["then_branch"].value] == ["Relu_0_1"]
+    assert [node.name for node in branches["else_branch"].value] == ["Neg_0"]
+
+
 def _nested_function_model(path):
     """y = Two(x): a local function calling another one twice (MatMul + Add + Relu), weights passed in."""
     from onnx import TensorProto, helper, numpy_helper

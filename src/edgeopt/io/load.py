@@ -226,21 +226,44 @@ def _densify_sparse(graph: onnx.GraphProto) -> None:
     _densify_constants(graph.node)
 
 
-def _unique_node_names(graph: onnx.GraphProto) -> None:
-    """Rename the second and later nodes of ``graph`` that repeat a name, and so in its subgraphs."""
-    taken = {node.name for node in graph.node}
+def _unique_node_names(graph: onnx.GraphProto, taken: set[str] | None = None) -> None:
+    """Name each unnamed node of ``graph`` ``{op_type}_{index}`` (its index in the node list: the
+    label ``inspect`` shows, so ``--exclude`` and every report take that name) and rename the second
+    and later nodes that repeat a name, and so in its subgraphs. New names avoid every name of the
+    model (``taken``), so a subgraph's unnamed Conv does not take the name of the main graph's."""
+    taken = _node_names(graph) if taken is None else taken
     seen: set[str] = set()
-    for node in graph.node:
-        if node.name and node.name in seen:
-            suffix = 1
-            while f"{node.name}_{suffix}" in taken:
-                suffix += 1
-            logger.info("node name %r is used twice: the second is %r", node.name, f"{node.name}_{suffix}")
-            node.name = f"{node.name}_{suffix}"
-            taken.add(node.name)
+    for index, node in enumerate(graph.node):
+        if not node.name:
+            node.name = _free_name(f"{node.op_type}_{index}", taken, first=True)
+        elif node.name in seen:
+            renamed = _free_name(node.name, taken, first=False)
+            logger.info("node name %r is used twice: the second is %r", node.name, renamed)
+            node.name = renamed
+        taken.add(node.name)
         seen.add(node.name)
+    for node in graph.node:  # after this graph's names, which keep the labels inspect shows
         for subgraph in _subgraphs(node):
-            _unique_node_names(subgraph)
+            _unique_node_names(subgraph, taken)
+
+
+def _node_names(graph: onnx.GraphProto) -> set[str]:
+    """The names of the nodes of ``graph`` and of its subgraphs."""
+    names = {node.name for node in graph.node}
+    for node in graph.node:
+        for subgraph in _subgraphs(node):
+            names |= _node_names(subgraph)
+    return names
+
+
+def _free_name(name: str, taken: set[str], *, first: bool) -> str:
+    """``name`` itself if ``first`` and free, else the first free ``name_1``, ``name_2``..."""
+    if first and name not in taken:
+        return name
+    suffix = 1
+    while f"{name}_{suffix}" in taken:
+        suffix += 1
+    return f"{name}_{suffix}"
 
 
 def _inline_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
