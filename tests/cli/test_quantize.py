@@ -908,3 +908,21 @@ def test_a_sample_onnx_runtime_refuses_is_named(cli, tmp_path):
     assert cli("quantize", model, "--data", folder, "-o", out, "--no-speed-check").code == 0
     np.save(folder / "s13.npy", np.full((1, 5), 50))
     assert_one_line_error(cli("compare", model, out, "--data", folder), f"error: {folder / 's13.npy'}: ONNX Runtime")
+
+
+def test_a_model_with_no_op_int8_could_run_says_so_instead_of_pointing_at_an_empty_list(tmp_path):
+    """A model whose output is a Constant: nothing is kept float, so there is no list above to point to."""
+    import edgeopt
+
+    value = onnx.numpy_helper.from_array(np.ones((1, 4), np.float32), "value")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Constant", [], ["y"], name="constant", value=value)], "constant",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "constant.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    data = [{"x": np.full((1, 4), float(i), np.float32)} for i in range(4)]
+    report = edgeopt.quantize(path, edgeopt.Int8Config(), data, check_fidelity=False, check_speed=False)
+    assert not report.result.float_nodes
+    [warning] = [w for w in report.warnings if w.startswith("no node runs in int8")]
+    assert "listed above" not in warning and "no Conv, Gemm, MatMul" in warning, warning

@@ -398,8 +398,10 @@ def _result_warnings(config: object, result: QuantResult, search: AccuracySearch
     if config.target is Target.MCU and (blocking := _blocks_c(result)):
         warnings.append(_mcu_float_warning(blocking))
     if not result.tensors:
-        warnings.append(f"no node runs in int8: the model written is the float model "
-                        f"({count_of(len(result.float_nodes), 'node', 'nodes')} kept float, listed above)")
+        why = (f"{count_of(len(result.float_nodes), 'node', 'nodes')} kept float, listed above" if result.float_nodes
+               else "it computes nothing from its inputs that int8 could hold: no Conv, Gemm, MatMul or other op "
+                    "with an integer kernel")
+        warnings.append(f"no node runs in int8: the model written is the float model ({why})")
     if source is not None and source.samples < MIN_CALIBRATION_SAMPLES:
         counted = count_of(source.samples, "calibration sample", "calibration samples")
         warnings.append(f"only {counted}: ranges may not cover real inputs "
