@@ -175,8 +175,25 @@ def test_a_concat_writing_the_model_output_keeps_each_parts_scale_on_onnx_runtim
     expected, got = (np.concatenate([OrtSession(m).run(feed)["y"][:, 4:] for feed in held_out])
                      for m in (model, result.model))
     assert 10 * np.log10(np.sum(expected ** 2) / np.sum((expected - got) ** 2)) > 30  # measured 40.9
-    mcu = _quantize(model, Int8Config(target=Target.MCU)).model
-    assert len({_scale_of(mcu, t).name for t in ("boxes", "scores", "y_float")}) == 1
+    assert not any(note.startswith("Concat") for note in result.notes)
+    mcu = _quantize(model, Int8Config(target=Target.MCU))
+    assert len({_scale_of(mcu.model, t).name for t in ("boxes", "scores", "y_float")}) == 1
+    [note] = [note for note in mcu.notes if note.startswith("Concat y shares one scale")]
+    assert "'scores' spans [" in note and "keeps less than one of 256 levels" in note
+    assert "bring the parts to similar ranges" in note, note
+
+
+def test_a_concat_part_far_narrower_than_the_scale_it_shares_is_noted():
+    """Inside the network the Concat's output is one tensor with one scale: a part 78x narrower keeps about
+    3 levels, and the note says so, with what to do."""
+    b = GraphBuilder(seed=6)
+    features = b.node("Relu", [b.conv("x", 8, 8, "features")], "relu")
+    loud = b.node("Mul", [b.conv(features, 8, 4, "a", k=1), b.constant("hundred", 100.0)], "loud")
+    b.node("Concat", [loud, b.conv(features, 8, 4, "quiet", k=1)], "cat", axis=1)
+    b.conv("cat", 8, 4, "y", k=1)
+    [note] = [note for note in _quantize(b.model(["y"], SHAPE)).notes if note.startswith("Concat")]
+    assert note.startswith("Concat cat shares one scale over its parts: 'quiet' spans [") and "about 3 of 256" in note
+    assert "--exclude cat" in note, note
 
 
 def _conv_pool_transpose_conv(first: str = "conv") -> ir.Model:

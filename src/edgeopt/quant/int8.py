@@ -47,7 +47,7 @@ from edgeopt.quant.model_checks import NodeIndex, check_exclude, vanished_exclud
 from edgeopt.quant.placement import plan_qdq, readers_behind_qdq, readers_past_data_movement
 from edgeopt.quant.qdq import insert_qdq
 from edgeopt.quant.rescaled import record_rescaled
-from edgeopt.quant.registry import Batch, ProgressCallback, QuantResult, register_scheme
+from edgeopt.quant.registry import Batch, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 
 __all__ = ["QDQ_OPSET", "quantize_int8"]
 
@@ -323,6 +323,36 @@ def _wide_softmax_notes(model: ir.Model, probabilities: Iterable[str], fmt) -> l
     return notes
 
 
+# A Concat part whose own range is this many times narrower than the scale it shares has lost 4 of its 8 bits
+_COARSE_CONCAT_RATIO = 16
+
+
+def _levels_text(levels: float) -> str:
+    return f"about {round(levels)}" if levels >= 1 else "less than one"
+
+
+def _coarse_concat_notes(concats: Mapping[str, str], plan, ranges: Mapping[str, tuple[float, float]],
+                         tensors: Iterable[TensorQuantInfo], target: Target) -> list[str]:
+    """A note for each Concat part that keeps few levels under the scale it shares with the other parts
+    (a detector's scores in [0, 1] beside box coordinates in pixels); ``concats``: output -> node name."""
+    shared = {info.name: info.range for info in tensors if info.kind == "activation"}
+    notes = []
+    for group in plan.concat_groups:
+        node = next((concats[name] for name in group if name in concats), None)
+        for part in [name for name in group if name in shared and name in ranges and name not in concats]:
+            (low, high), (own_low, own_high) = shared[part], ranges[part]
+            own = max(own_high, 0.0) - min(own_low, 0.0)
+            if node is None or own <= 0 or (high - low) < _COARSE_CONCAT_RATIO * own:
+                continue
+            advice = ("the C kernels need one scale for all of a Concat's parts: bring the parts to similar "
+                      "ranges in the model (box coordinates divided by the image size, say)" if target is Target.MCU
+                      else f"if accuracy suffers, --exclude {node} keeps it float and its parts at their scales")
+            notes.append(f"Concat {node} shares one scale over its parts: {part!r} spans [{own_low:.3g}, "
+                         f"{own_high:.3g}], {(high - low) / own:.0f}x less than the joint [{low:.3g}, {high:.3g}], "
+                         f"and keeps {_levels_text(255 * own / (high - low))} of 256 levels; {advice}")
+    return notes
+
+
 def _float_model(model: ir.Model, config: Int8Config, data: Iterable[Batch] | None, memo: CalibrationMemo | None,
                  notes: list[str]) -> tuple[ir.Model, OpsetCheck | None, object | None, tuple[str, ...], float | None]:
     """The float model as it will be quantized, with what calibration and the report need of its making:
@@ -372,9 +402,11 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
         plan = plan_qdq(model, exclude=config.exclude, non_float=calibration.non_float,
                         quantize_outputs=config.outputs_quantized, rules=rules)
     notes.extend(_wide_softmax_notes(model, plan.probabilities, config.activations))  # its readers, before Q/DQ
-    tensors = insert_qdq(model, plan, calibration.ranges(), config, methods=calibration.methods(),
-                         rounded_weights=rounded)
+    ranges = calibration.ranges()
+    concats = {node.outputs[0].name: node.name for node in model.graph if node.op_type == "Concat"}
+    tensors = insert_qdq(model, plan, ranges, config, methods=calibration.methods(), rounded_weights=rounded)
     notes.extend(_excluded_float_anyway(model, config.exclude, rules))
+    notes.extend(_coarse_concat_notes(concats, plan, ranges, tensors, config.target))
     conversion: OpsetConversion | None = check.result() if check is not None else None
     if conversion is not None:
         notes.append(conversion.note())
