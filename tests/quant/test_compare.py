@@ -204,6 +204,26 @@ def test_models_without_a_common_output_are_refused(mobilenet):
         compare_models(float_path, ir.from_proto(quant), _samples(1, seed=6))
 
 
+
+def _two_output_model(second: str) -> onnx.ModelProto:
+    """x -> Relu -> scores, x -> Neg -> ``second``."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["scores"]), helper.make_node("Neg", ["x"], [second])]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4]) for name in ("scores", second)]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])], outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_float_output_the_quantized_model_lacks_is_warned_about_not_dropped_silently(caplog):
+    data = [{"x": np.linspace(-1, 1, 4, dtype=np.float32).reshape(1, 4)}]
+    with caplog.at_level("WARNING"):
+        result = compare_models(ir.from_proto(_two_output_model("offsets")),
+                                ir.from_proto(_two_output_model("offsets_renamed")), data)
+    assert [row.name for row in result.outputs] == ["scores"]
+    assert "output offsets of the float model is not an output of the quantized model (its other outputs: " \
+           "offsets_renamed): not compared" in caplog.text
+
 def test_a_model_without_q_or_dq_nodes_is_noted(mobilenet):
     float_path, quant_path = mobilenet
     assert missing_qdq_note(ir.load(str(quant_path))) is None

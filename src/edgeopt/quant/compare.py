@@ -187,6 +187,11 @@ def _check_interfaces(float_model: ir.Model, quant_model: ir.Model) -> list[str]
         raise DataError(f"the models share no output name (float: {', '.join(float_outputs)}; "
                         f"quantized: {', '.join(sorted(quant_outputs))}): "
                         "compare a QDQ model with the float model it came from")
+    float_only = [name for name in float_outputs if name not in quant_outputs]
+    if float_only:  # a renamed or dropped output: said, not silently left out of the output rows
+        quant_only = sorted(quant_outputs.difference(float_outputs))
+        logger.warning("output %s of the float model is not an output of the quantized model%s: not compared",
+                       ", ".join(float_only), f" (its other outputs: {', '.join(quant_only)})" if quant_only else "")
     return common
 
 
