@@ -451,3 +451,36 @@ def test_a_qoperator_model_is_told_to_have_no_pairs_to_compare(mobilenet, tmp_pa
     note = missing_qdq_note(quant)
     assert note is not None and "QLinearConv" in note and "QuantFormat.QDQ" in note
     assert compare_models(float_path, quant, _samples(2, seed=1)).layers == ()
+
+
+def _int8_output_models(scale: np.ndarray, zero_point: np.ndarray) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """x @ W -> y in float; the same with y the int8 codes of a QuantizeLinear (a model with int8 outputs)."""
+    from onnx import TensorProto, helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(7).standard_normal((4, 3)).astype(np.float32), "W")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+
+    def model(nodes, output_type, initializers):
+        graph = helper.make_graph(nodes, "int8_out", [x], [helper.make_tensor_value_info("y", output_type, [2, 3])],
+                                  [weight, *initializers])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    float_model = model([helper.make_node("MatMul", ["x", "W"], ["y"])], TensorProto.FLOAT, [])
+    quant_model = model([helper.make_node("MatMul", ["x", "W"], ["y_float"]),
+                         helper.make_node("QuantizeLinear", ["y_float", "s", "zp"], ["y"], axis=1)], TensorProto.INT8,
+                        [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(zero_point, "zp")])
+    return float_model, quant_model
+
+
+@pytest.mark.parametrize(("scale", "zero_point"), [
+    (np.array(0.05, np.float32), np.array(-3, np.int8)),
+    (np.array([0.05, 0.04, 0.06], np.float32), np.array([0, 5, -5], np.int8)),  # per axis
+])
+def test_an_int8_output_is_compared_dequantized_not_as_raw_codes(scale, zero_point, caplog):
+    float_model, quant_model = _int8_output_models(scale, zero_point)
+    data = [{"x": np.random.default_rng(seed).uniform(-1, 1, (2, 4)).astype(np.float32)} for seed in range(4)]
+    with caplog.at_level("WARNING"):
+        result = compare_models(ir.from_proto(float_model), ir.from_proto(quant_model), data)
+    (output,) = result.outputs
+    assert output.sqnr_db > 25 and output.max_abs_error <= 0.031 and not output.integer
+    assert "no closer" not in caplog.text

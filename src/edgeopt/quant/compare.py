@@ -41,8 +41,9 @@ from edgeopt.data import batch_rows, open_data, take, with_origin
 from edgeopt.errors import DataError
 from edgeopt.metrics import (AgreementMeter, EqualityMeter, FidelityMeter, Float64Scratch, json_number,
                              looks_like_class_scores)
-from edgeopt.quant.compare_matching import (TensorMatch, carried_value, fused_chain, match_pairs, match_tensors,
-                                            may_hold_original, missing_qdq_note, quantized_input_names)
+from edgeopt.quant.compare_matching import (OutputCodes, TensorMatch, carried_value, fused_chain, match_pairs,
+                                            match_tensors, may_hold_original, missing_qdq_note, output_codes,
+                                            quantized_input_names)
 from edgeopt.quant.rescaled import Rescaled, read_rescaled
 
 __all__ = [
@@ -199,9 +200,11 @@ class _Meters:
     """The meters of one comparison: per matched tensor, per output, top-1 where it applies."""
 
     def __init__(self, matches: list[TensorMatch], outputs: list[str],
-                 rescaled: Mapping[str, Rescaled] | None = None) -> None:
+                 rescaled: Mapping[str, Rescaled] | None = None,
+                 output_codes: Mapping[str, OutputCodes] | None = None) -> None:
         self.matches = {m.float_name: m for m in matches}
         self.rescaled = dict(rescaled or {})  # tensors a float rewrite scaled per channel (equalization ...)
+        self.output_codes = dict(output_codes or {})
         scratch = Float64Scratch()  # one set of work arrays for every meter of the comparison
         self.layers = {m.float_name: FidelityMeter(m.float_name, scratch=scratch) for m in matches}
         self.outputs = {name: FidelityMeter(name, scratch=scratch) for name in outputs}
@@ -226,6 +229,8 @@ class _Meters:
                outputs: Mapping[str, np.ndarray]) -> None:
         """``reference``: the float model's tensors; ``layers``: the quantized model's DQ outputs (by
         their names); ``outputs``: its graph outputs from the session that runs it as is."""
+        outputs = {name: self.output_codes[name].dequantize(array) if name in self.output_codes else array
+                   for name, array in outputs.items()}
         if self.samples == 0:
             self._first_batch(reference, layers)
         for name, meter in self.layers.items():
@@ -342,7 +347,7 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     matches, unmatched, pairs = match_pairs(float_ir, quant_ir, original_ir)
     source = open_data(data, eir.model_inputs(float_ir))
     source = take(source, max_samples) if max_samples is not None else source
-    meters = _Meters(matches, outputs, read_rescaled(quant_ir))
+    meters = _Meters(matches, outputs, read_rescaled(quant_ir), output_codes(float_ir, quant_ir, outputs))
     _stream(source, _runs(float_ir, quant_ir, matches, outputs, original_ir, float_reference), meters, progress)
     if meters.samples == 0:
         raise DataError("the data gave no samples: point --data at at least one sample")
