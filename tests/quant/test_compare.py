@@ -484,3 +484,25 @@ def test_an_int8_output_is_compared_dequantized_not_as_raw_codes(scale, zero_poi
     (output,) = result.outputs
     assert output.sqnr_db > 25 and output.max_abs_error <= 0.031 and not output.integer
     assert "no closer" not in caplog.text
+
+
+def test_a_bfloat16_output_is_compared_not_refused_by_onnx_runtime_s_python_api():
+    # ONNX Runtime's run() cannot return a bfloat16 array ("No corresponding Numpy type"): compare reads
+    # such an output through a Cast to float32, in a copy of the model
+    from onnx import TensorProto, helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(8).standard_normal((4, 3)).astype(np.float32), "W")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+
+    def model(nodes, output_type):
+        graph = helper.make_graph(nodes, "bf16_out", [x], [helper.make_tensor_value_info("y", output_type, [2, 3])],
+                                  [weight])
+        return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+    quant_model = model([helper.make_node("MatMul", ["x", "W"], ["y_float"]),
+                         helper.make_node("Cast", ["y_float"], ["y"], to=TensorProto.BFLOAT16)], TensorProto.BFLOAT16)
+    data = [{"x": np.random.default_rng(seed).uniform(-1, 1, (2, 4)).astype(np.float32)} for seed in range(4)]
+    result = compare_models(model([helper.make_node("MatMul", ["x", "W"], ["y"])], TensorProto.FLOAT), quant_model,
+                            data)
+    assert 40 < result.outputs[0].sqnr_db < 70  # bfloat16's 8-bit mantissa
+    assert [(v.name, v.dtype) for v in quant_model.graph.outputs] == [("y", ir.DataType.BFLOAT16)]  # not mutated

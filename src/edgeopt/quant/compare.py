@@ -294,6 +294,25 @@ class _Runs:
         return reference, layers, self.output_session.run(quant_feed, self.outputs)
 
 
+def _float32_outputs(model: ir.Model) -> ir.Model:
+    """``model`` with each bfloat16 output cast to float32 under its name (ONNX Runtime's Python API cannot
+    return a bfloat16 array; a bfloat16 holds in float32 exactly); ``model`` itself when it has none."""
+    if not any(value.dtype == ir.DataType.BFLOAT16 for value in model.graph.outputs):
+        return model
+    model = model.clone()
+    graph, cast = model.graph, {}
+    for position, value in enumerate(list(graph.outputs)):
+        if value.dtype == ir.DataType.BFLOAT16 and value not in cast:
+            name, value.name = value.name, f"{value.name}__edgeopt_bfloat16"
+            shape = value.shape.copy() if value.shape is not None else None
+            node = ir.node("Cast", [value], {"to": ir.DataType.FLOAT}, name=f"{name}__edgeopt_cast",
+                           outputs=[ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=shape)])
+            graph.append(node)
+            cast[value] = node.outputs[0]
+        graph.outputs[position] = cast.get(value, value)
+    return model
+
+
 def _runs(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatch], outputs: list[str],
           original: ir.Model | None = None, float_reference: FloatReference | None = None) -> _Runs:
     """The float model with its matched tensors exposed, or ``float_reference`` of it (and the original
@@ -313,7 +332,7 @@ def _runs(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatc
     float_session = float_reference if float_reference is not None else observing_session(float_model, float_names)
     return _Runs(float_session=float_session,
                  float_names=list(dict.fromkeys([*outputs, *float_names])),
-                 output_session=OrtSession(quant_model), outputs=outputs,
+                 output_session=OrtSession(_float32_outputs(quant_model)), outputs=outputs,
                  layer_session=observing_session(quant_model, layer_names) if layer_names else None,
                  layer_names=layer_names, quant_float_inputs=recast,
                  original_session=observing_session(original, original_names) if original_names else None,
