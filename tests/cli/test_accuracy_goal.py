@@ -39,6 +39,9 @@ EVALS = textwrap.dedent('''
     def text(path):
         return "95.5"
 
+    def huge(path):
+        return 10 ** 400  # beyond float's range
+
     def fraction(path):  # as sklearn's accuracy_score gives it
         return accuracy(path) / 100
 ''')
@@ -71,7 +74,8 @@ def test_eval_and_max_drop_report_the_score_of_the_model_written(cli, tmp_path, 
     assert search["float_score"] - search["best_score"] <= 0.5
 
 
-@pytest.mark.parametrize("function, words", [("leaves", "called sys.exit(0)"), ("text", "must return a number")])
+@pytest.mark.parametrize("function, words", [("leaves", "called sys.exit(0)"), ("text", "must return a number"),
+                                             ("huge", "must return a finite score")])
 def test_eval_code_that_exits_or_returns_text_is_one_clear_error(cli, tmp_path, evals, function, words):
     assert_one_line_error(_quantize(cli, tmp_path, evals, function), f"{evals}:{function}", words)
     assert not (tmp_path / "q.onnx").exists()

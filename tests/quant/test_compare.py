@@ -204,6 +204,26 @@ def test_models_without_a_common_output_are_refused(mobilenet):
         compare_models(float_path, ir.from_proto(quant), _samples(1, seed=6))
 
 
+
+def _two_output_model(second: str) -> onnx.ModelProto:
+    """x -> Relu -> scores, x -> Neg -> ``second``."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["scores"]), helper.make_node("Neg", ["x"], [second])]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4]) for name in ("scores", second)]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])], outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_float_output_the_quantized_model_lacks_is_warned_about_not_dropped_silently(caplog):
+    data = [{"x": np.linspace(-1, 1, 4, dtype=np.float32).reshape(1, 4)}]
+    with caplog.at_level("WARNING"):
+        result = compare_models(ir.from_proto(_two_output_model("offsets")),
+                                ir.from_proto(_two_output_model("offsets_renamed")), data)
+    assert [row.name for row in result.outputs] == ["scores"]
+    assert "output offsets of the float model is not an output of the quantized model (its other outputs: " \
+           "offsets_renamed): not compared" in caplog.text
+
 def test_a_model_without_q_or_dq_nodes_is_noted(mobilenet):
     float_path, quant_path = mobilenet
     assert missing_qdq_note(ir.load(str(quant_path))) is None
@@ -431,3 +451,58 @@ def test_a_qoperator_model_is_told_to_have_no_pairs_to_compare(mobilenet, tmp_pa
     note = missing_qdq_note(quant)
     assert note is not None and "QLinearConv" in note and "QuantFormat.QDQ" in note
     assert compare_models(float_path, quant, _samples(2, seed=1)).layers == ()
+
+
+def _int8_output_models(scale: np.ndarray, zero_point: np.ndarray) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """x @ W -> y in float; the same with y the int8 codes of a QuantizeLinear (a model with int8 outputs)."""
+    from onnx import TensorProto, helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(7).standard_normal((4, 3)).astype(np.float32), "W")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+
+    def model(nodes, output_type, initializers):
+        graph = helper.make_graph(nodes, "int8_out", [x], [helper.make_tensor_value_info("y", output_type, [2, 3])],
+                                  [weight, *initializers])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    float_model = model([helper.make_node("MatMul", ["x", "W"], ["y"])], TensorProto.FLOAT, [])
+    quant_model = model([helper.make_node("MatMul", ["x", "W"], ["y_float"]),
+                         helper.make_node("QuantizeLinear", ["y_float", "s", "zp"], ["y"], axis=1)], TensorProto.INT8,
+                        [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(zero_point, "zp")])
+    return float_model, quant_model
+
+
+@pytest.mark.parametrize(("scale", "zero_point"), [
+    (np.array(0.05, np.float32), np.array(-3, np.int8)),
+    (np.array([0.05, 0.04, 0.06], np.float32), np.array([0, 5, -5], np.int8)),  # per axis
+])
+def test_an_int8_output_is_compared_dequantized_not_as_raw_codes(scale, zero_point, caplog):
+    float_model, quant_model = _int8_output_models(scale, zero_point)
+    data = [{"x": np.random.default_rng(seed).uniform(-1, 1, (2, 4)).astype(np.float32)} for seed in range(4)]
+    with caplog.at_level("WARNING"):
+        result = compare_models(ir.from_proto(float_model), ir.from_proto(quant_model), data)
+    (output,) = result.outputs
+    assert output.sqnr_db > 25 and output.max_abs_error <= 0.031 and not output.integer
+    assert "no closer" not in caplog.text
+
+
+def test_a_bfloat16_output_is_compared_not_refused_by_onnx_runtime_s_python_api():
+    # ONNX Runtime's run() cannot return a bfloat16 array ("No corresponding Numpy type"): compare reads
+    # such an output through a Cast to float32, in a copy of the model
+    from onnx import TensorProto, helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(8).standard_normal((4, 3)).astype(np.float32), "W")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+
+    def model(nodes, output_type):
+        graph = helper.make_graph(nodes, "bf16_out", [x], [helper.make_tensor_value_info("y", output_type, [2, 3])],
+                                  [weight])
+        return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+    quant_model = model([helper.make_node("MatMul", ["x", "W"], ["y_float"]),
+                         helper.make_node("Cast", ["y_float"], ["y"], to=TensorProto.BFLOAT16)], TensorProto.BFLOAT16)
+    data = [{"x": np.random.default_rng(seed).uniform(-1, 1, (2, 4)).astype(np.float32)} for seed in range(4)]
+    result = compare_models(model([helper.make_node("MatMul", ["x", "W"], ["y"])], TensorProto.FLOAT), quant_model,
+                            data)
+    assert 40 < result.outputs[0].sqnr_db < 70  # bfloat16's 8-bit mantissa
+    assert [(v.name, v.dtype) for v in quant_model.graph.outputs] == [("y", ir.DataType.BFLOAT16)]  # not mutated

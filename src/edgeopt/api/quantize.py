@@ -176,6 +176,9 @@ def _evaluator(evaluate: str | Callable[[str], float] | None) -> Callable[[ir.Mo
             if isinstance(value, (bool, np.bool_, str, bytes)):
                 raise TypeError
             number = float(value)
+        except OverflowError:  # an int (or Fraction) beyond float's range: a score, but not a finite one
+            raise DataError(f"--eval {label} returned {str(value)[:60]}...: too large for a float; it must return "
+                            "a finite score") from None
         except (TypeError, ValueError):
             raise DataError(f"--eval {label} returned {type(value).__name__} {str(value)[:60]!r}: it must return "
                             "a number (the score, higher is better)") from None

@@ -41,8 +41,9 @@ from edgeopt.data import batch_rows, open_data, take, with_origin
 from edgeopt.errors import DataError
 from edgeopt.metrics import (AgreementMeter, EqualityMeter, FidelityMeter, Float64Scratch, json_number,
                              looks_like_class_scores)
-from edgeopt.quant.compare_matching import (TensorMatch, carried_value, fused_chain, match_pairs, match_tensors,
-                                            may_hold_original, missing_qdq_note, quantized_input_names)
+from edgeopt.quant.compare_matching import (OutputCodes, TensorMatch, carried_value, fused_chain, match_pairs,
+                                            match_tensors, may_hold_original, missing_qdq_note, output_codes,
+                                            quantized_input_names)
 from edgeopt.quant.rescaled import Rescaled, read_rescaled
 
 __all__ = [
@@ -187,6 +188,11 @@ def _check_interfaces(float_model: ir.Model, quant_model: ir.Model) -> list[str]
         raise DataError(f"the models share no output name (float: {', '.join(float_outputs)}; "
                         f"quantized: {', '.join(sorted(quant_outputs))}): "
                         "compare a QDQ model with the float model it came from")
+    float_only = [name for name in float_outputs if name not in quant_outputs]
+    if float_only:  # a renamed or dropped output: said, not silently left out of the output rows
+        quant_only = sorted(quant_outputs.difference(float_outputs))
+        logger.warning("output %s of the float model is not an output of the quantized model%s: not compared",
+                       ", ".join(float_only), f" (its other outputs: {', '.join(quant_only)})" if quant_only else "")
     return common
 
 
@@ -194,9 +200,11 @@ class _Meters:
     """The meters of one comparison: per matched tensor, per output, top-1 where it applies."""
 
     def __init__(self, matches: list[TensorMatch], outputs: list[str],
-                 rescaled: Mapping[str, Rescaled] | None = None) -> None:
+                 rescaled: Mapping[str, Rescaled] | None = None,
+                 output_codes: Mapping[str, OutputCodes] | None = None) -> None:
         self.matches = {m.float_name: m for m in matches}
         self.rescaled = dict(rescaled or {})  # tensors a float rewrite scaled per channel (equalization ...)
+        self.output_codes = dict(output_codes or {})
         scratch = Float64Scratch()  # one set of work arrays for every meter of the comparison
         self.layers = {m.float_name: FidelityMeter(m.float_name, scratch=scratch) for m in matches}
         self.outputs = {name: FidelityMeter(name, scratch=scratch) for name in outputs}
@@ -221,6 +229,8 @@ class _Meters:
                outputs: Mapping[str, np.ndarray]) -> None:
         """``reference``: the float model's tensors; ``layers``: the quantized model's DQ outputs (by
         their names); ``outputs``: its graph outputs from the session that runs it as is."""
+        outputs = {name: self.output_codes[name].dequantize(array) if name in self.output_codes else array
+                   for name, array in outputs.items()}
         if self.samples == 0:
             self._first_batch(reference, layers)
         for name, meter in self.layers.items():
@@ -284,6 +294,25 @@ class _Runs:
         return reference, layers, self.output_session.run(quant_feed, self.outputs)
 
 
+def _float32_outputs(model: ir.Model) -> ir.Model:
+    """``model`` with each bfloat16 output cast to float32 under its name (ONNX Runtime's Python API cannot
+    return a bfloat16 array; a bfloat16 holds in float32 exactly); ``model`` itself when it has none."""
+    if not any(value.dtype == ir.DataType.BFLOAT16 for value in model.graph.outputs):
+        return model
+    model = model.clone()
+    graph, cast = model.graph, {}
+    for position, value in enumerate(list(graph.outputs)):
+        if value.dtype == ir.DataType.BFLOAT16 and value not in cast:
+            name, value.name = value.name, f"{value.name}__edgeopt_bfloat16"
+            shape = value.shape.copy() if value.shape is not None else None
+            node = ir.node("Cast", [value], {"to": ir.DataType.FLOAT}, name=f"{name}__edgeopt_cast",
+                           outputs=[ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=shape)])
+            graph.append(node)
+            cast[value] = node.outputs[0]
+        graph.outputs[position] = cast.get(value, value)
+    return model
+
+
 def _runs(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatch], outputs: list[str],
           original: ir.Model | None = None, float_reference: FloatReference | None = None) -> _Runs:
     """The float model with its matched tensors exposed, or ``float_reference`` of it (and the original
@@ -303,7 +332,7 @@ def _runs(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatc
     float_session = float_reference if float_reference is not None else observing_session(float_model, float_names)
     return _Runs(float_session=float_session,
                  float_names=list(dict.fromkeys([*outputs, *float_names])),
-                 output_session=OrtSession(quant_model), outputs=outputs,
+                 output_session=OrtSession(_float32_outputs(quant_model)), outputs=outputs,
                  layer_session=observing_session(quant_model, layer_names) if layer_names else None,
                  layer_names=layer_names, quant_float_inputs=recast,
                  original_session=observing_session(original, original_names) if original_names else None,
@@ -337,7 +366,7 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     matches, unmatched, pairs = match_pairs(float_ir, quant_ir, original_ir)
     source = open_data(data, eir.model_inputs(float_ir))
     source = take(source, max_samples) if max_samples is not None else source
-    meters = _Meters(matches, outputs, read_rescaled(quant_ir))
+    meters = _Meters(matches, outputs, read_rescaled(quant_ir), output_codes(float_ir, quant_ir, outputs))
     _stream(source, _runs(float_ir, quant_ir, matches, outputs, original_ir, float_reference), meters, progress)
     if meters.samples == 0:
         raise DataError("the data gave no samples: point --data at at least one sample")

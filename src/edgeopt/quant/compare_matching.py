@@ -26,6 +26,7 @@ Tensors found in neither have no counterpart and are only counted.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from edgeopt import ir as eir
 from edgeopt.quant.ops import is_qdq_op
 
 __all__ = [
+    "OutputCodes",
     "TensorMatch",
     "activation_pairs",
     "carried_value",
@@ -45,9 +47,12 @@ __all__ = [
     "match_pairs",
     "may_hold_original",
     "missing_qdq_note",
+    "output_codes",
     "quantized_input_names",
     "value_names",
 ]
+
+logger = logging.getLogger(__name__)
 
 _RANGE_CLAMPS = ("Relu", "Clip")  # a quantizer may drop these: the Q range clamps instead
 
@@ -259,3 +264,46 @@ def fused_chain(node: ir.Node | None, stop: Collection[str] = ()) -> list[ir.Nod
             return []
         chain.insert(0, producer)
     return chain if len(chain) > 1 else []
+
+
+_FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
+_CODE_TYPES = frozenset({ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16,
+                         ir.DataType.INT4, ir.DataType.UINT4})
+
+
+@dataclass(frozen=True)
+class OutputCodes:
+    """An integer graph output a QuantizeLinear writes (a model with int8 outputs): real = (q - zp) * scale."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int
+
+    def dequantize(self, codes: np.ndarray) -> np.ndarray:
+        shape = [1] * codes.ndim
+        if self.scale.size > 1:  # per axis
+            shape[self.axis % codes.ndim] = -1
+        scale, zero_point = self.scale.reshape(shape), self.zero_point.reshape(shape)
+        return (codes.astype(np.float32) - zero_point.astype(np.float32)) * scale.astype(np.float32)
+
+
+def output_codes(float_model: ir.Model, quant_model: ir.Model, outputs: list[str]) -> dict[str, OutputCodes]:
+    """The quantized model's integer outputs, of float outputs of the float model, that a QuantizeLinear with
+    constant scale and zero point writes: compared in real units, not as raw codes against real values."""
+    float_types = {v.name: v.dtype for v in float_model.graph.outputs}
+    codes = {}
+    for value in quant_model.graph.outputs:
+        node = value.producer()
+        if (value.name not in outputs or float_types[value.name] not in _FLOAT_TYPES or value.dtype not in _CODE_TYPES
+                or node is None or node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx")
+                or node.attributes.get_int("block_size", 0)):
+            continue
+        scale = node.inputs[1].const_value
+        zero_point = node.inputs[2] if len(node.inputs) > 2 else None
+        if scale is None or (zero_point is not None and zero_point.const_value is None):
+            continue
+        codes[value.name] = OutputCodes(scale.numpy(), np.zeros(1) if zero_point is None
+                                         else zero_point.const_value.numpy(), node.attributes.get_int("axis", 1))
+        logger.info("output %s of the quantized model is %s codes: compared dequantized with the scale and zero "
+                    "point of %s", value.name, value.dtype.name.lower(), node.name)
+    return codes
