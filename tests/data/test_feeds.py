@@ -114,6 +114,15 @@ def test_float_data_into_int_input_is_refused():
         check_feed([TOKENS], {"ids": np.ones((1, 5), np.float32)}, where="t")
 
 
+def test_float32_data_into_a_bfloat16_input_points_to_ml_dtypes_not_numpy():
+    """numpy has no bfloat16: the hint said array.astype(np.bfloat16), which raises AttributeError."""
+    import ml_dtypes
+
+    with pytest.raises(DataError, match=r"wants bfloat16 but the data is float32: convert it "
+                                        r"\(array\.astype\(ml_dtypes\.bfloat16\)\)"):
+        check_feed([spec("x", (1, 4), ml_dtypes.bfloat16)], {"x": np.ones((1, 4), np.float32)}, where="t")
+
+
 def test_int_values_out_of_range_are_refused():
     small = spec("q", (1, 2), np.int8)
     with pytest.raises(DataError, match=r"wants int8 but the values span 0\.\.300"):

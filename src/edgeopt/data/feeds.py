@@ -175,8 +175,9 @@ def _check_cast(spec: InputSpec, array: np.ndarray, where: str) -> None:
     if want == "b" and have in "iu":
         _check_zeros_and_ones(spec, array, where)
         return
+    module = "ml_dtypes" if spec.dtype == "bfloat16" else "np"  # numpy has no bfloat16: ml_dtypes (onnx's) has
     raise DataError(f"{where}: input {spec.name!r} wants {spec.dtype} but the data is {array.dtype}: "
-                    f"convert it (array.astype(np.{spec.dtype})) if that is what you mean")
+                    f"convert it (array.astype({module}.{spec.dtype})) if that is what you mean")
 
 
 def _check_finite(spec: InputSpec, array: np.ndarray, where: str) -> None:
