@@ -193,10 +193,10 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
     if node.name in keep_float:
         return _KEPT_ON_REQUEST
     pattern = node.metadata_props.get(PATTERN_KEY)
+    if pattern is not None and not _quantized_op_by_op(pattern, rules):  # each of its ops told so, kernel or not
+        return f"part of a spelled-out {pattern} (kept as one float op)"
     if not eir.is_op(node, *rules):
         return _no_kernel(node.op_type)
-    if pattern is not None and not _quantized_op_by_op(pattern, rules):
-        return f"part of a spelled-out {pattern} (kept as one float op)"
     if rules[node.op_type].role is OpRole.WEIGHTED:
         return _weighted_refusal(node)
     if node.op_type == "Resize":
