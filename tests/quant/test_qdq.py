@@ -171,7 +171,7 @@ def test_a_concat_writing_the_model_output_keeps_each_parts_scale_on_onnx_runtim
     assert _scale_of(result.model, "boxes").name != _scale_of(result.model, "scores").name
     assert "y" not in _quantized_tensors(result.model)
     [concat] = [f for f in result.float_nodes if f.op_type == "Concat"]
-    assert concat.reason.startswith("joins the parts of a model output in float")
+    assert concat.reason.startswith("joins (or moves) the parts of a model output in float")
     expected, got = (np.concatenate([OrtSession(m).run(feed)["y"][:, 4:] for feed in held_out])
                      for m in (model, result.model))
     assert 10 * np.log10(np.sum(expected ** 2) / np.sum((expected - got) ** 2)) > 30  # measured 40.9
@@ -181,6 +181,32 @@ def test_a_concat_writing_the_model_output_keeps_each_parts_scale_on_onnx_runtim
     [note] = [note for note in mcu.notes if note.startswith("Concat y shares one scale")]
     assert "'scores' spans [" in note and "keeps less than one of 256 levels" in note
     assert "bring the parts to similar ranges" in note, note
+
+
+def test_a_yolo_style_head_of_nested_concats_and_reshapes_keeps_each_parts_scale_on_onnx_runtime():
+    """Two anchors' [boxes, scores] each concatenated, reshaped, then concatenated into the output (YOLOv5's
+    Detect): the outer Concat alone in float left the inner ones one scale each (scores at 0.0 dB); the whole
+    chain to the output now joins in float."""
+    from onnx import numpy_helper
+
+    b = GraphBuilder(seed=6)
+    features = b.node("Relu", [b.conv("x", 8, 8, "features")], "relu")
+    flat = []
+    for anchor in range(2):
+        boxes = b.node("Mul", [b.node("Sigmoid", [b.conv(features, 8, 4, f"box{anchor}", k=1)], f"sig{anchor}"),
+                               b.constant(f"size{anchor}", 640.0)], f"boxes{anchor}")
+        scores = b.node("Sigmoid", [b.conv(features, 8, 8, f"cls{anchor}", k=1)], f"scores{anchor}")
+        b.initializers.append(numpy_helper.from_array(np.array([1, 12, 64], np.int64), f"shape{anchor}"))
+        flat.append(b.node("Reshape", [b.node("Concat", [boxes, scores], f"cat{anchor}", axis=1), f"shape{anchor}"],
+                           f"flat{anchor}"))
+    b.node("Concat", flat, "y", axis=1)
+    model, held_out = b.model(["y"], SHAPE, [(1, 24, 64)]), batches(SHAPE, 4, seed=9)
+    result = _quantize(model)
+    assert {f.node_name for f in result.float_nodes} == {"cat0", "cat1", "flat0", "flat1", "y"}
+    assert _scale_of(result.model, "boxes0").name != _scale_of(result.model, "scores0").name
+    expected, got = (np.concatenate([OrtSession(m).run(feed)["y"][:, 4:12] for feed in held_out])
+                     for m in (model, result.model))
+    assert 10 * np.log10(np.sum(expected ** 2) / np.sum((expected - got) ** 2)) > 30  # measured 41.9
 
 
 def test_a_concat_part_far_narrower_than_the_scale_it_shares_is_noted():

@@ -294,9 +294,13 @@ class _Planner:
         self.biases: list[BiasUse] = []
         self.groups = UnionFind()
         self.concat_groups = UnionFind()
-        self.float_concats: list[str] = []
+        self.float_chain: dict[str, ir.Node] = {}  # name -> node: Concats (and movers) joining a model output
 
     def add_node(self, node: ir.Node, output: ir.Value) -> None:
+        if node.name in self.float_chain:  # joins a model output's parts in float: each keeps its own scale
+            self.activations.update((v.name, None) for v in node.inputs if _is_float(v, self.non_float)
+                                    and not eir.is_constant(v) and v.producer() not in self.float_chain.values())
+            return
         rule = self.rules[node.op_type]
         indices = rule.activation_inputs if rule.activation_inputs is not None else range(len(node.inputs))
         # input 1 of a Conv/Gemm/MatMul is its weight when constant; a MatMul's computed input 1 (the V
@@ -315,9 +319,6 @@ class _Planner:
         outputs = [output.name]
         if rule.all_outputs:  # Split: every output read by something
             outputs += [v.name for v in node.outputs[1:] if _is_float(v, self.non_float) and v.uses()]
-        if node.op_type == "Concat" and not self.quantize_outputs and _float_model_output(output):
-            self.float_concats.append(node.name)  # its parts keep their own scales
-            return
         if self.quantize_outputs or not _float_output_fuses(node, output, weight):
             self.activations.update(dict.fromkeys(outputs))
         if node.op_type == "Concat":
@@ -336,15 +337,33 @@ class _Planner:
         return tuple(sorted(names, key=lambda n: (order.get(n, -1), n)))
 
 
-_FLOAT_CONCAT = ("joins the parts of a model output in float, each quantized with its own scale: one scale for "
-                 "all would round the narrow ones coarsely (a detector's scores beside its box coordinates)")
+_FLOAT_CONCAT = ("joins (or moves) the parts of a model output in float, each quantized with its own scale: one "
+                 "scale for all would round the narrow ones coarsely (a detector's scores beside its box coordinates)")
 
 
-def _float_model_output(output: ir.Value) -> bool:
-    """A graph output nothing else reads: with ``quantize_outputs`` off, a Concat writing it joins its parts in
-    float (a detector's head: box coordinates in pixels beside class scores in [0, 1], whose shared scale of
-    640 / 255 rounded every score to 0 or 2.5)."""
-    return output.is_graph_output() and not output.uses()
+def _float_output_chains(graph: ir.Graph, candidates: Mapping[str, ir.Node], refusals: Mapping[str, str],
+                         rules: Mapping[str, OpRule]) -> dict[str, ir.Node]:
+    """The Concats, and the data-movement ops around them, through which parts reach a graph output that
+    nothing else reads, each read by the chain alone (YOLO's head: per-anchor concatenations, reshaped, then
+    concatenated): with ``quantize_outputs`` off they join the parts in float, which keep their own scales
+    (one shared scale of 640 / 255 rounded every score beside pixel coordinates to 0 or 2.5)."""
+    def movable(node: ir.Node | None) -> bool:
+        return (node is not None and node.name in candidates and node.name not in refusals
+                and rules[node.op_type].role is OpRole.SHARED and len(node.outputs) == 1)
+
+    chains: dict[str, ir.Node] = {}
+    for output in graph.outputs:
+        if output.uses() or not movable(output.producer()):
+            continue
+        chain, stack = {}, [output.producer()]
+        while stack:
+            node = stack.pop()
+            chain[node.name] = node
+            stack += [v.producer() for v in node.inputs if v is not None and movable(v.producer())
+                      and all(use.node is node for use in v.uses()) and not v.is_graph_output()]
+        if any(node.op_type == "Concat" for node in chain.values()):
+            chains.update(chain)
+    return chains
 
 
 def _float_output_fuses(node: ir.Node, output: ir.Value, weight: ir.Value | None) -> bool:
@@ -395,6 +414,8 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     fused = {activation.name: producer for producer, activation in fused_by_producer.items()}
     _refuse_isolated_movers(candidates, refusals, rules, outputs_quantized=quantize_outputs)
     planner = _Planner(graph, non_float, rules, quantize_outputs=quantize_outputs)
+    if not quantize_outputs:
+        planner.float_chain = _float_output_chains(graph, candidates, refusals, rules)
     for node in candidates.values():
         if node.name not in fused and node.name not in refusals:
             planner.add_node(node, fused_by_producer.get(node.name, node).outputs[0])
@@ -403,7 +424,7 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     activations = planner.ordered(planner.activations)
     kept = _kept_float_closure(graph, refusals, rules)
     read_in_float = _read_in_float(candidates, refusals, fused_by_producer, kept, rules)
-    read_in_float.update(dict.fromkeys(planner.float_concats, _FLOAT_CONCAT))
+    read_in_float.update(dict.fromkeys(planner.float_chain, _FLOAT_CONCAT))
     fused_by_ort = _fused_between_pairs(graph, refusals, set(activations), rules)
     return QdqPlan(
         nodes=tuple(name for name in candidates if name not in refusals),
