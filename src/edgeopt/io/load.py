@@ -36,6 +36,7 @@ import onnx.inliner
 import onnx_ir as ir
 
 from edgeopt.errors import ModelError
+from edgeopt.naming import claim_name
 from edgeopt.runtime.memory import return_freed_memory
 
 __all__ = ["FILE_BYTES_KEY", "SUPPORTED_OPSETS", "load_model", "model_file_bytes", "parse_input_shapes",
@@ -235,12 +236,11 @@ def _unique_node_names(graph: onnx.GraphProto, taken: set[str] | None = None) ->
     seen: set[str] = set()
     for index, node in enumerate(graph.node):
         if not node.name:
-            node.name = _free_name(f"{node.op_type}_{index}", taken, first=True)
-        elif node.name in seen:
-            renamed = _free_name(node.name, taken, first=False)
+            node.name = claim_name(f"{node.op_type}_{index}", taken)
+        elif node.name in seen:  # (its name is taken: the first node holding it)
+            renamed = claim_name(node.name, taken)
             logger.info("node name %r is used twice: the second is %r", node.name, renamed)
             node.name = renamed
-        taken.add(node.name)
         seen.add(node.name)
     for node in graph.node:  # after this graph's names, which keep the labels inspect shows
         for subgraph in _subgraphs(node):
@@ -254,16 +254,6 @@ def _node_names(graph: onnx.GraphProto) -> set[str]:
         for subgraph in _subgraphs(node):
             names |= _node_names(subgraph)
     return names
-
-
-def _free_name(name: str, taken: set[str], *, first: bool) -> str:
-    """``name`` itself if ``first`` and free, else the first free ``name_1``, ``name_2``..."""
-    if first and name not in taken:
-        return name
-    suffix = 1
-    while f"{name}_{suffix}" in taken:
-        suffix += 1
-    return f"{name}_{suffix}"
 
 
 def _inline_functions(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -52,6 +52,7 @@ import onnx_ir.passes.common as common_passes
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
 from edgeopt.metrics import count_of
+from edgeopt.naming import claim_name
 from edgeopt.quant.config import check_exclude_names
 from edgeopt.quant.float16_plan import (
     FLOAT32_OPS,
@@ -161,11 +162,7 @@ class UniqueNames:
         self._taken |= {n.name for n in graph.all_nodes() if n.name}
 
     def __call__(self, base: str) -> str:
-        name, count = base, 1
-        while name in self._taken:
-            name, count = f"{base}_{count}", count + 1
-        self._taken.add(name)
-        return name
+        return claim_name(base, self._taken)
 
 
 _SUFFIX = {_FLOAT: "float32", _FLOAT16: "float16", _BFLOAT16: "bfloat16"}

@@ -32,6 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
+from edgeopt.naming import claim_name
 from edgeopt.quant.config import Int8Config, PerChannel, Target
 from edgeopt.quant.formats import INT8_SYMMETRIC, INT32, Format
 from edgeopt.quant.placement import QdqPlan, UnionFind
@@ -106,12 +107,7 @@ class _Builder:
         self._input_anchor: ir.Node | None = None
 
     def unique(self, base: str) -> str:
-        name, suffix = base, 0
-        while name in self._used:
-            suffix += 1
-            name = f"{base}_{suffix}"
-        self._used.add(name)
-        return name
+        return claim_name(base, self._used)
 
     def initializer(self, base: str, array: np.ndarray) -> ir.Value:
         name = self.unique(base)
