@@ -57,6 +57,7 @@ The plan is a frozen value: calibration reads ``activations``, the builder
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -283,10 +284,8 @@ class UnionFind:
 
 class _Planner:
     def __init__(self, graph: ir.Graph, non_float: Collection[str], rules: Mapping[str, OpRule], *,
-                 quantize_outputs: bool = True) -> None:
-        self.graph = graph
-        self.rules = rules
-        self.non_float = non_float
+                 quantize_outputs: bool = True, float_chain: Collection[str] = ()) -> None:
+        self.graph, self.rules, self.non_float = graph, rules, non_float
         self.quantize_outputs = quantize_outputs
         self.activations: dict[str, None] = {}
         self.constants: dict[str, None] = {}
@@ -294,12 +293,12 @@ class _Planner:
         self.biases: list[BiasUse] = []
         self.groups = UnionFind()
         self.concat_groups = UnionFind()
-        self.float_chain: dict[str, ir.Node] = {}  # name -> node: Concats (and movers) joining a model output
+        self.float_chain = float_chain  # Concats (and movers) joining a model output's parts in float
 
     def add_node(self, node: ir.Node, output: ir.Value) -> None:
         if node.name in self.float_chain:  # joins a model output's parts in float: each keeps its own scale
             self.activations.update((v.name, None) for v in node.inputs if _is_float(v, self.non_float)
-                                    and not eir.is_constant(v) and v.producer() not in self.float_chain.values())
+                                    and not eir.is_constant(v) and v.producer().name not in self.float_chain)
             return
         rule = self.rules[node.op_type]
         indices = rule.activation_inputs if rule.activation_inputs is not None else range(len(node.inputs))
@@ -342,27 +341,25 @@ _FLOAT_CONCAT = ("joins (or moves) the parts of a model output in float, each qu
 
 
 def _float_output_chains(graph: ir.Graph, candidates: Mapping[str, ir.Node], refusals: Mapping[str, str],
-                         rules: Mapping[str, OpRule]) -> dict[str, ir.Node]:
-    """The Concats, and the data-movement ops around them, through which parts reach a graph output that
-    nothing else reads, each read by the chain alone (YOLO's head: per-anchor concatenations, reshaped, then
-    concatenated): with ``quantize_outputs`` off they join the parts in float, which keep their own scales
-    (one shared scale of 640 / 255 rounded every score beside pixel coordinates to 0 or 2.5)."""
+                         rules: Mapping[str, OpRule]) -> set[str]:
+    """The Concats, and the movers around them, through which parts reach a graph output nothing else reads,
+    each read by the chain alone (YOLO's head: per-anchor Concats, reshaped, concatenated): with ``quantize_outputs``
+    off they join the parts in float, each at its own scale (one of 640 / 255 rounded scores beside pixels to 0)."""
     def movable(node: ir.Node | None) -> bool:
-        return (node is not None and node.name in candidates and node.name not in refusals
-                and rules[node.op_type].role is OpRole.SHARED and len(node.outputs) == 1)
+        return _moves(node, candidates, refusals, rules) and len(node.outputs) == 1
 
-    chains: dict[str, ir.Node] = {}
+    chains: set[str] = set()
     for output in graph.outputs:
         if output.uses() or not movable(output.producer()):
             continue
-        chain, stack = {}, [output.producer()]
+        chain, stack = [], [output.producer()]
         while stack:
             node = stack.pop()
-            chain[node.name] = node
+            chain.append(node)
             stack += [v.producer() for v in node.inputs if v is not None and movable(v.producer())
                       and all(use.node is node for use in v.uses()) and not v.is_graph_output()]
-        if any(node.op_type == "Concat" for node in chain.values()):
-            chains.update(chain)
+        if any(node.op_type == "Concat" for node in chain):
+            chains.update(node.name for node in chain)
     return chains
 
 
@@ -413,9 +410,8 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     fused_by_producer = _fusions(candidates, refusals, rules)
     fused = {activation.name: producer for producer, activation in fused_by_producer.items()}
     _refuse_isolated_movers(candidates, refusals, rules, outputs_quantized=quantize_outputs)
-    planner = _Planner(graph, non_float, rules, quantize_outputs=quantize_outputs)
-    if not quantize_outputs:
-        planner.float_chain = _float_output_chains(graph, candidates, refusals, rules)
+    float_chain = () if quantize_outputs else _float_output_chains(graph, candidates, refusals, rules)
+    planner = _Planner(graph, non_float, rules, quantize_outputs=quantize_outputs, float_chain=float_chain)
     for node in candidates.values():
         if node.name not in fused and node.name not in refusals:
             planner.add_node(node, fused_by_producer.get(node.name, node).outputs[0])
@@ -424,7 +420,7 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     activations = planner.ordered(planner.activations)
     kept = _kept_float_closure(graph, refusals, rules)
     read_in_float = _read_in_float(candidates, refusals, fused_by_producer, kept, rules)
-    read_in_float.update(dict.fromkeys(planner.float_chain, _FLOAT_CONCAT))
+    read_in_float.update(dict.fromkeys(float_chain, _FLOAT_CONCAT))
     fused_by_ort = _fused_between_pairs(graph, refusals, set(activations), rules)
     return QdqPlan(
         nodes=tuple(name for name in candidates if name not in refusals),
@@ -507,15 +503,20 @@ def _read_in_float(candidates: Mapping[str, ir.Node], refusals: Mapping[str, str
     return found
 
 
+def _moves(node: ir.Node | None, candidates: Mapping[str, ir.Node], refusals: Mapping[str, str],
+           rules: Mapping[str, OpRule]) -> bool:
+    """``node`` is an integer candidate, not refused, that moves data (Reshape, Transpose, Concat ...)."""
+    return (node is not None and node.name in candidates and node.name not in refusals
+            and rules[node.op_type].role is OpRole.SHARED)
+
+
 def _refuse_isolated_movers(candidates: Mapping[str, ir.Node], refusals: dict[str, str],
                             rules: Mapping[str, OpRule], *, outputs_quantized: bool) -> None:
     """Refuse the data-movement ops (Reshape, Transpose, Concat, MaxPool ...) that no integer kernel
     reads or writes, through other such ops: between float nodes their Q/DQ pairs would only round
     values (an excluded Gemm -> Reshape -> Relu). With ``outputs_quantized`` (the MCU target, whose
     kernels need every tensor int8) a graph output counts as such a reader."""
-    def moves(node: ir.Node | None) -> bool:
-        return (node is not None and node.name in candidates and node.name not in refusals
-                and rules[node.op_type].role is OpRole.SHARED)
+    moves = functools.partial(_moves, candidates=candidates, refusals=refusals, rules=rules)  # refusals as they grow
 
     def computes(node: ir.Node | None) -> bool:  # a fused activation too: it computes with its producer
         return node is not None and node.name in candidates and node.name not in refusals and not moves(node)
