@@ -28,18 +28,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sequence
 
-import numpy as np
 import onnx_ir as ir
 
 from edgeopt.errors import DataError, EmptyDataError
 from edgeopt.metrics import count_of
 from edgeopt.quant.calibrate import calibrate
-from edgeopt.quant.channel_stats import (
-    ChannelMeanSquareHook,
-    ChannelStatsHook,
-    InputCorrelationHook,
-    LayerInputStatistics,
-)
+from edgeopt.quant.channel_stats import ChannelMeanSquareHook, InputCorrelationHook, LayerInputStatistics
 from edgeopt.quant.config import CalibrationConfig
 from edgeopt.quant.registry import Batch, ProgressCallback
 
@@ -47,14 +41,6 @@ __all__ = ["GRAM_BUDGET_BYTES", "ChannelMeanSquareHook", "LayerInputStatistics",
            "correlation_passes", "summed_statistics"]
 
 GRAM_BUDGET_BYTES = 1 << 30  # K x K float64 sums held at once; more take more passes over the data
-
-
-def _observed(model, data: Iterable[Batch], hook: ChannelStatsHook,
-              progress: ProgressCallback | None) -> tuple[dict[str, object], int]:
-    """The hook's result after one pass of ``data``, and the number of samples the pass read."""
-    names = list(hook.tensors)
-    calibration = calibrate(model, data, names, CalibrationConfig(), progress=progress, hooks=[hook])
-    return hook.result(), calibration.num_batches
 
 
 def correlation_passes(weights: Iterable[tuple[Sequence[str], int]], budget_bytes: float) -> list[list[str]]:
@@ -109,13 +95,24 @@ class StreamedStatistics:
         self._loaded.pop(name, None)
 
     def _run(self, index: int) -> None:
+        """Pass ``index`` over the data: the statistics of its inputs, loaded. Each pass must read as many
+        samples as the first."""
         self._ran.add(index)
+        names = self.passes[index]
+        hook = InputCorrelationHook(names) if self._correlation else ChannelMeanSquareHook(names)
         try:
-            self._loaded.update(self._observe(self.passes[index], self._pass_progress(index)))
+            samples = calibrate(self._model, self._data, names, CalibrationConfig(),
+                                progress=self._pass_progress(index), hooks=[hook]).num_batches
         except EmptyDataError as error:
             if self._samples is None:
                 raise
             raise self._not_reread(index + 1, 0) from error
+        if self._samples is not None and samples != self._samples:
+            raise self._not_reread(index + 1, samples)
+        self._samples = samples
+        seen = hook.result()
+        self._loaded.update(seen if self._correlation else
+                            {name: LayerInputStatistics(mean_square=mean_square) for name, mean_square in seen.items()})
 
     def _pass_progress(self, index: int) -> ProgressCallback | None:
         """Progress over all the passes: pass ``index`` continues where the one before ended."""
@@ -127,17 +124,6 @@ class StreamedStatistics:
         def report(done: int, total: int | None) -> None:
             progress(done_before + done, None if total is None else total * count)
         return report
-
-    def _observe(self, names: list[str], progress: ProgressCallback | None) -> dict[str, LayerInputStatistics]:
-        hook = (InputCorrelationHook(dict.fromkeys(names)) if self._correlation
-                else ChannelMeanSquareHook(dict.fromkeys(names)))
-        seen, samples = _observed(self._model, self._data, hook, progress)
-        if self._samples is not None and samples != self._samples:
-            raise self._not_reread(len(self._ran), samples)
-        self._samples = samples
-        if not self._correlation:
-            seen = {name: LayerInputStatistics(mean_square=mean_square) for name, mean_square in seen.items()}
-        return seen
 
     def _not_reread(self, pass_number: int, samples: int) -> DataError:
         return DataError(f"the calibration data gave {count_of(self._samples, 'sample', 'samples')} on the first "
