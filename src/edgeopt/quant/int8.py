@@ -339,10 +339,12 @@ def _coarse_concat_notes(concats: Mapping[str, str], plan, ranges: Mapping[str, 
     notes = []
     for group in plan.concat_groups:
         node = next((concats[name] for name in group if name in concats), None)
+        if node is None:
+            continue
         for part in [name for name in group if name in shared and name in ranges and name not in concats]:
             (low, high), (own_low, own_high) = shared[part], ranges[part]
             own = max(own_high, 0.0) - min(own_low, 0.0)
-            if node is None or own <= 0 or (high - low) < _COARSE_CONCAT_RATIO * own:
+            if own <= 0 or (high - low) < _COARSE_CONCAT_RATIO * own:
                 continue
             advice = ("the C kernels need one scale for all of a Concat's parts: bring the parts to similar "
                       "ranges in the model (box coordinates divided by the image size, say)" if target is Target.MCU
