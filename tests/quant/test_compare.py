@@ -104,6 +104,7 @@ def test_to_dict_is_strict_json(result):
     assert data["matched"] == result.matched
     assert data["layers"][0]["tensor"] == result.layers[0].tensor
     assert set(data["outputs"][0]) == {"name", "sqnr_db", "cosine", "max_abs_error", "top1_agreement", "integer"}
+    assert data["warnings"] == []  # always there, so a reader of --json need not test for the key
 
 
 def test_a_model_compared_with_itself_is_exact(mobilenet):

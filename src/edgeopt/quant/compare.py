@@ -160,7 +160,7 @@ class CompareResult:
                 "matched": self.matched,
                 "unmatched": list(self.unmatched), "skipped": list(self.skipped),
                 "outputs": [o.to_dict() for o in self.outputs], "layers": [r.to_dict() for r in self.layers],
-                **({"warnings": list(self.warnings)} if self.warnings else {})}
+                "warnings": list(self.warnings)}
 
 
 # ------------------------------------------------------------------------ running
