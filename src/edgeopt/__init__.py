@@ -28,7 +28,7 @@ _EXPORTS = {
     "BenchConfig": "edgeopt.bench",
     "ImagePreprocess": "edgeopt.data",
     "Interrupted": "edgeopt.errors",
-    **dict.fromkeys(("CalibrationMethod", "Int8Config", "PerBlock", "PerChannel", "PerTensor", "Target"),
+    **dict.fromkeys(("CalibrationMethod", "Fallback", "Int8Config", "PerBlock", "PerChannel", "PerTensor", "Target"),
                     "edgeopt.quant.config"),
     **dict.fromkeys(("Bf16Config", "Fp16Config"), "edgeopt.quant.float16"),
     **dict.fromkeys(("INT8", "UINT8"), "edgeopt.quant.formats"),  # Int8Config(activation_format=UINT8)
@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # the names for type checkers and IDEs
     from edgeopt.data import ImagePreprocess
     from edgeopt.errors import Interrupted
     from edgeopt.quant.accuracy import AccuracyGoal
-    from edgeopt.quant.config import CalibrationMethod, Int8Config, PerBlock, PerChannel, PerTensor, Target
+    from edgeopt.quant.config import CalibrationMethod, Fallback, Int8Config, PerBlock, PerChannel, PerTensor, Target
     from edgeopt.quant.float16 import Bf16Config, Fp16Config
     from edgeopt.quant.formats import INT8, UINT8
     from edgeopt.quant.int4 import Int4WeightConfig

@@ -360,8 +360,11 @@ def _check_request(model: ModelSource, config: object, data, *, output, preproce
     if data is None and (preprocess is not None or max_samples is not None):
         raise ConfigError(f"{'--preprocess' if preprocess is not None else '--max-samples'} applies to --data: "
                           "give --data too, or drop it")
-    if isinstance(data, Iterator) and (goal is not None or getattr(config, "smoothquant_alpha", None) is not None):
-        needs = "the accuracy search" if goal is not None else "--smoothquant"
+    fp16_fallback = getattr(getattr(config, "fallback", None), "value", None) == "fp16"
+    if isinstance(data, Iterator) and (goal is not None or getattr(config, "smoothquant_alpha", None) is not None
+                                       or fp16_fallback):
+        needs = ("the accuracy search" if goal is not None else "--fallback fp16" if fp16_fallback
+                 else "--smoothquant")
         raise ConfigError(f"{needs} reads the calibration data more than once, and it is a one-shot iterator "
                           "(a generator): pass a list, a re-iterable (a DataLoader rather than iter(loader)), "
                           "a folder or a file")

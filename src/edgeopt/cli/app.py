@@ -8,7 +8,6 @@ import logging
 import math
 import sys
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -16,6 +15,8 @@ import typer
 
 from edgeopt import __version__, api  # api's functions, and ONNX with them, load when a command runs
 from edgeopt.cli import InterruptedAfterWriting, state
+from edgeopt.cli.quant_options import (BLOCK_SIZE, DEFAULT_TIME_BUDGET, CalibrationChoice, FallbackChoice,
+                                       Int8Algorithms, Scheme, TargetChoice, quant_config)
 from edgeopt.cli.render import bytes_text, count_of, count_text, in_batches, print_json, progress_bar, table
 from edgeopt.errors import ConfigError, DataError, Interrupted
 
@@ -253,91 +254,9 @@ def demo(
 # ---------------------------------------------------------------------- quantize
 
 
-class Scheme(str, enum.Enum):
-    int8 = "int8"
-    uint8 = "uint8"
-    fp16 = "fp16"
-    bf16 = "bf16"
-    int4_weight = "int4-weight"
-
-
-BLOCK_SIZE = 32  # --block-size's default
-DEFAULT_TIME_BUDGET = "10m"  # --time-budget's
-
-
-class TargetChoice(str, enum.Enum):
-    ort = "ort"
-    mcu = "mcu"
-
-
 class SortChoice(str, enum.Enum):
     sqnr = "sqnr"
     lost = "lost"
-
-
-class CalibrationChoice(str, enum.Enum):
-    minmax = "minmax"
-    percentile = "percentile"
-    entropy = "entropy"
-    mse = "mse"
-    auto = "auto"
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Int8Algorithms:
-    """The accuracy algorithms switched on from the command line."""
-
-    equalize: bool
-    equalize_relu6: bool
-    bias_correct: bool
-    adaround: bool
-    gptq: bool
-    smoothquant_alpha: float | None
-
-
-def _quant_config(scheme: Scheme, target: TargetChoice, calibration: CalibrationChoice, per_tensor: bool,
-                  exclude: tuple[str, ...], block_size: int | None, algorithms: _Int8Algorithms):
-    from edgeopt import quant
-    from edgeopt.quant.float16 import Bf16Config, Fp16Config
-    from edgeopt.quant.int4 import Int4WeightConfig
-
-    _refuse_options_of_other_schemes(scheme, target, calibration, per_tensor, block_size, algorithms)
-    if scheme in (Scheme.int8, Scheme.uint8):
-        return quant.Int8Config(
-            target=quant.Target[target.name.upper()], calibration=quant.CalibrationMethod[calibration.name.upper()],
-            weight_granularity=quant.PerTensor() if per_tensor else quant.PerChannel(),
-            activation_format=quant.format_named("uint8") if scheme is Scheme.uint8 else None, exclude=exclude,
-            equalize=algorithms.equalize or algorithms.equalize_relu6, equalize_relu6=algorithms.equalize_relu6,
-            bias_correct=algorithms.bias_correct, adaround=algorithms.adaround, gptq=algorithms.gptq,
-            smoothquant_alpha=algorithms.smoothquant_alpha)
-    if scheme is Scheme.fp16:
-        return Fp16Config(exclude=exclude)
-    if scheme is Scheme.bf16:
-        return Bf16Config(exclude=exclude)
-    size = BLOCK_SIZE if block_size is None else block_size
-    return Int4WeightConfig(granularity=quant.PerBlock(size=size), exclude=exclude, gptq=algorithms.gptq)
-
-
-def _refuse_options_of_other_schemes(scheme: Scheme, target: TargetChoice, calibration: CalibrationChoice,
-                                     per_tensor: bool, block_size: int | None,
-                                     algorithms: _Int8Algorithms) -> None:
-    """An option the chosen scheme would silently ignore is an error: the user meant something by it."""
-    int8 = scheme in (Scheme.int8, Scheme.uint8)
-    given = {
-        "--target": target is not TargetChoice.ort, "--calibration": calibration is not CalibrationChoice.percentile,
-        "--per-tensor": per_tensor, "--equalize": algorithms.equalize, "--equalize-relu6": algorithms.equalize_relu6,
-        "--no-bias-correct": not algorithms.bias_correct, "--adaround": algorithms.adaround,
-        "--smoothquant": algorithms.smoothquant_alpha is not None,
-    } if not int8 else {}
-    if scheme is not Scheme.int4_weight:
-        given["--block-size"] = block_size is not None
-        if not int8:
-            given["--gptq"] = algorithms.gptq
-    ignored = [option for option, set_ in given.items() if set_]
-    if ignored:
-        applies = {"--block-size": "int4-weight", "--gptq": "int8, uint8 and int4-weight"}.get(ignored[0],
-                                                                                               "int8 and uint8")
-        raise ConfigError(f"{ignored[0]} applies to --scheme {applies} only, not {scheme.value}: drop it")
 
 
 @app.command()
@@ -378,6 +297,10 @@ def quantize(
     smoothquant: Annotated[Optional[float], typer.Option("--smoothquant", metavar="ALPHA",
                                                          help="Migrate activation outliers of MatMul/Gemm inputs "
                                                               "into the weights (transformers), e.g. 0.5.")] = None,
+    fallback: Annotated[FallbackChoice, typer.Option(
+        "--fallback", help="What the nodes kept out of int8 (--exclude, the accuracy search, no integer kernel) "
+                           "compute in: float (float32), or fp16 where float16 holds their values (for "
+                           "runtimes with float16 kernels; weights half the size).")] = FallbackChoice.float,
     max_samples: Annotated[Optional[int], typer.Option(
         "--max-samples", min=1, help="Use at most N calibration batches (samples, for data of batch 1).")] = None,
     evaluate: Annotated[Optional[str], typer.Option("--eval", metavar="MODULE:FUNCTION",
@@ -399,9 +322,9 @@ def quantize(
     """Quantize a float model (int8 QDQ calibrated on --data, fp16, bf16 or int4 weight-only)."""
     from edgeopt.quant.accuracy import AccuracyGoal
 
-    algorithms = _Int8Algorithms(equalize=equalize, equalize_relu6=equalize_relu6, bias_correct=bias_correct,
-                                 adaround=adaround, gptq=gptq, smoothquant_alpha=smoothquant)
-    config = _quant_config(scheme, target, calibration, per_tensor, tuple(exclude or ()), block_size, algorithms)
+    algorithms = Int8Algorithms(equalize=equalize, equalize_relu6=equalize_relu6, bias_correct=bias_correct,
+                                 adaround=adaround, gptq=gptq, smoothquant_alpha=smoothquant, fallback=fallback)
+    config = quant_config(scheme, target, calibration, per_tensor, tuple(exclude or ()), block_size, algorithms)
     goal = None
     if max_drop is not None or min_sqnr is not None:
         goal = AccuracyGoal(max_drop=max_drop, min_sqnr_db=min_sqnr,

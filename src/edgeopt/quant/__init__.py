@@ -16,6 +16,7 @@ from edgeopt.quant.calibrate import CalibrationResult, TensorCalibration, calibr
 from edgeopt.quant.config import (
     CalibrationConfig,
     CalibrationMethod,
+    Fallback,
     Granularity,
     Int8Config,
     PerBlock,
@@ -50,6 +51,7 @@ __all__ = [
     "PerTensor",
     "QdqPlan",
     "QuantResult",
+    "Fallback",
     "Target",
     "TensorCalibration",
     "TensorQuantInfo",

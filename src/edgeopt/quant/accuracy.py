@@ -43,6 +43,7 @@ from edgeopt.quant.calibration_memo import CalibrationMemo
 from edgeopt.quant.compare import CompareResult, compare_models
 from edgeopt.quant.compare_matching import carried_value, fused_chain, quantized_input_names
 from edgeopt.quant.config import Int8Config
+from edgeopt.quant.fallback import fallback_part, past_fallback_casts
 from edgeopt.quant.float_reference import FloatReference
 from edgeopt.quant.int8 import quantize_int8
 from edgeopt.quant.ops import is_qdq_op
@@ -228,7 +229,7 @@ def _quantized_readers(result: QuantResult) -> list[_Candidate]:
     float): no damage is measured for them, but the search must be able to return them too."""
     float_nodes = _float_node_names(result)
     found = []
-    for node in result.model.graph:
+    for node in dict.fromkeys(past_fallback_casts(result.model.graph)):
         if node.name in float_nodes or is_qdq_op(node, "QuantizeLinear") or is_qdq_op(node, "DequantizeLinear"):
             continue
         inputs = quantized_input_names(node)
@@ -246,7 +247,7 @@ def _readers_through_qdq(node: ir.Node) -> list[ir.Node]:
 def _computing_readers(node: ir.Node) -> list[ir.Node]:
     """The readers of ``node``'s quantized outputs, past the data-movement ops between: returning
     those to float would change no value."""
-    return readers_past_data_movement(_readers_through_qdq(node))
+    return readers_past_data_movement(past_fallback_casts(_readers_through_qdq(node)))
 
 
 def _quantized_producers(quant_model: ir.Model, comparison: CompareResult) -> list[tuple[ir.Node, float]]:
@@ -474,7 +475,7 @@ def _labelled(result: QuantResult, returned: Mapping[str, str], vanished: list[s
     """``result`` with the nodes the search returned to float saying so and why (they went through
     exclude), and the notes of exclude entries the float passes removed, where quantizing the user's
     model puts them: after the activation note and the float passes' refusals."""
-    float_nodes = tuple(f._replace(reason=returned[f.node_name]) if f.node_name in returned
+    float_nodes = tuple(f._replace(reason=returned[f.node_name] + fallback_part(f.reason)) if f.node_name in returned
                         else f for f in result.float_nodes)
     optimization = result.details.get("optimization")
     at = 1 + (len(optimization.refusal_notes()) if optimization is not None else 0)

@@ -26,6 +26,7 @@ from edgeopt.quant.formats import INT8, UINT8, Format
 __all__ = [
     "CalibrationConfig",
     "CalibrationMethod",
+    "Fallback",
     "Granularity",
     "Int8Config",
     "PerBlock",
@@ -50,6 +51,13 @@ class Target(enum.Enum):
 
     ORT = "ort"  # ONNX Runtime on CPU (x86: u8 activations x s8 weights)
     MCU = "mcu"  # microcontrollers: TFLite/CMSIS-NN int8 scheme
+
+
+class Fallback(enum.Enum):
+    """What the nodes an int8 model keeps out of int8 compute in."""
+
+    FLOAT = "float"  # float32, as in the float model
+    FP16 = "fp16"  # float16 weights and compute, where float16 holds their values (edgeopt.quant.float16)
 
 
 class CalibrationMethod(enum.Enum):
@@ -163,7 +171,11 @@ class Int8Config:
     MatMulIntegerToFloat with a float output, so the logits are not rounded to
     256 levels at no cost in speed; the MCU scheme quantizes every output (the
     C kernels write int8). ``verify_tolerance`` is the largest relative output
-    change accepted when an opset < 13 model is converted to 13.
+    change accepted when an opset < 13 model is converted to 13. ``fallback``:
+    what the nodes kept out of int8 (excluded, returned by the accuracy search,
+    or without an integer kernel) compute in: float32, or float16 where it holds
+    their values (``Fallback.FP16``, ``"fp16"``: their weights half the size, for
+    runtimes with float16 kernels; the model's inputs and outputs stay float32).
     """
 
     target: Target = Target.ORT
@@ -181,9 +193,11 @@ class Int8Config:
     gptq: bool = False
     smoothquant_alpha: float | None = None
     quantize_outputs: bool | None = None
+    fallback: Fallback = Fallback.FLOAT
 
     def __post_init__(self) -> None:
         _require_enum(self, "target", Target, "target")
+        _require_enum(self, "fallback", Fallback, "fallback")
         if self.quantize_outputs is not None and not isinstance(self.quantize_outputs, bool):
             raise ConfigError(f"quantize_outputs must be True, False or None (from the target), "
                               f"got {self.quantize_outputs!r}")

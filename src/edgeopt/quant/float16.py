@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,14 +63,14 @@ from edgeopt.quant.float16_plan import (
     is_constant,
     plan_half_precision,
 )
-from edgeopt.quant.float16_ranges import FLOAT16_MAX, check_fp16_ranges
+from edgeopt.quant.float16_ranges import FLOAT16_MAX, RangeCheck, check_fp16_ranges
 from edgeopt.quant.formats import BFLOAT16, FLOAT16, Format
 from edgeopt.quant.opset import check_conversion, convert_opset
 from edgeopt.quant.model_checks import NodeIndex, check_exclude, vanished_excludes
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 
-__all__ = ["FLOAT32_OPS", "Bf16Config", "Fp16Config", "HalfArray", "UniqueNames", "quantize_bf16", "quantize_fp16",
-           "to_float16", "weight_only_float_passes"]
+__all__ = ["FLOAT32_OPS", "Bf16Config", "Fp16Config", "Fp16Conversion", "HalfArray", "UniqueNames", "convert_fp16",
+           "quantize_bf16", "quantize_fp16", "to_float16", "weight_only_float_passes"]
 
 logger = logging.getLogger(__name__)
 
@@ -373,27 +373,50 @@ def _fix_outputs(graph: ir.Graph, homes: Mapping[ir.Value, ir.DataType], io_dtyp
         graph.outputs[position] = made.get(value, value)
 
 
-@register_scheme(Fp16Config)
-def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | None = None, *,
-                  progress: ProgressCallback | None = None) -> QuantResult:
-    """Float16 weights and compute; see the module docstring. ``data``, when given, is read once to
-    observe the activations' ranges (:mod:`edgeopt.quant.float16_ranges`)."""
-    passes = _float_passes(model, config)
+@dataclass(frozen=True, kw_only=True)
+class Fp16Conversion:
+    """What :func:`convert_fp16` did: the plan (the nodes computing in float16, those kept float32 and
+    why), the constants converted, the Casts made, and the range check and crash workaround's notes."""
+
+    plan: HalfPrecisionPlan
+    log: _WeightLog
+    casts: _Casts
+    ranges: RangeCheck
+    crash_notes: list[str]
+
+
+def convert_fp16(model: ir.Model, exclude: tuple[str, ...], data: Iterable[Batch] | None, *,
+                 io_dtype: ir.DataType = _FLOAT, within: Collection[ir.Node] | None = None,
+                 progress: ProgressCallback | None = None) -> Fp16Conversion:
+    """Float16 weights and compute for the nodes of ``model`` that float16 suits (in place; see the module
+    docstring), graph inputs and outputs in ``io_dtype``. ``within``: only these nodes may compute in
+    float16 (the float nodes of an int8 model); the others keep their types and are not listed as kept."""
     _infer_types(model)
     crash_notes = _avoid_ort_fp16_crashes(model)
     ranges = check_fp16_ranges(model, data, progress=progress)
     graph, opset = model.graph, eir.default_opset(model)
-    io_dtype = _FLOAT if config.keep_io_float32 else _FLOAT16
-    plan = plan_half_precision(graph, config.exclude, opset, _FLOAT16, numeric_ops=FLOAT32_OPS, io_dtype=io_dtype,
-                               float32_values=ranges.float32_values)
+    plan = plan_half_precision(graph, exclude, opset, _FLOAT16, numeric_ops=FLOAT32_OPS, io_dtype=io_dtype,
+                               float32_values=ranges.float32_values, within=within)
     log = _WeightLog()
-    weight_bytes = _float32_weight_bytes(graph)
     homes = _convert_fp16(plan, log)
     namer = UniqueNames(graph)
     casts = _Casts(graph, namer)
     _rewire(plan, homes, casts)
     _fix_outputs(graph, homes, io_dtype, casts, namer)
     graph.sort()
+    return Fp16Conversion(plan=plan, log=log, casts=casts, ranges=ranges, crash_notes=crash_notes)
+
+
+@register_scheme(Fp16Config)
+def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | None = None, *,
+                  progress: ProgressCallback | None = None) -> QuantResult:
+    """Float16 weights and compute; see the module docstring. ``data``, when given, is read once to
+    observe the activations' ranges (:mod:`edgeopt.quant.float16_ranges`)."""
+    passes = _float_passes(model, config)
+    weight_bytes = _float32_weight_bytes(model.graph)
+    io_dtype = _FLOAT if config.keep_io_float32 else _FLOAT16
+    conversion = convert_fp16(model, config.exclude, data, io_dtype=io_dtype, progress=progress)
+    plan, log, casts, ranges = conversion.plan, conversion.log, conversion.casts, conversion.ranges
     float_nodes = _float_nodes(plan.kept)
     notes = [
         f"float16 weights and compute: {count_of(len(log.tensors), 'float32 constant', 'float32 constants')} "
@@ -410,7 +433,7 @@ def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | N
         "inserts: on x86 CPU expect a size win, not a speed win",
         *passes,
         *ranges.notes,
-        *crash_notes,
+        *conversion.crash_notes,
     ]
     kept = _kept_note(float_nodes)
     notes += [kept] if kept else []

@@ -37,8 +37,9 @@ from edgeopt.quant.adaround_solver import backend_used
 from edgeopt.quant.bias_correction import ChannelMeanHook, correct_biases, correction_inputs, round_to_nearest
 from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.calibration_memo import CalibrationMemo
-from edgeopt.quant.config import CalibrationConfig, CalibrationMethod, Int8Config, PerTensor, Target
+from edgeopt.quant.config import CalibrationConfig, CalibrationMethod, Fallback, Int8Config, PerTensor, Target
 from edgeopt.quant.equalize import equalize
+from edgeopt.quant.fallback import fp16_fallback
 from edgeopt.quant.gptq import gptq_layer
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
 from edgeopt.quant.ops import FUSED_BETWEEN_PAIRS, MCU_OP_RULES, OP_RULES, is_qdq_op
@@ -412,13 +413,17 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     conversion: OpsetConversion | None = check.result() if check is not None else None
     if conversion is not None:
         notes.append(conversion.note())
-    if plan.float_nodes:
-        notes.append(f"{count_of(len(plan.float_nodes), 'node stays', 'nodes stay')} float (see float_nodes)")
+    float_nodes = plan.float_nodes
+    if float_nodes:
+        notes.append(f"{count_of(len(float_nodes), 'node stays', 'nodes stay')} float (see float_nodes)")
+    if float_nodes and config.fallback is Fallback.FP16:
+        float_nodes, fallback_notes = fp16_fallback(model, float_nodes, data, progress=progress)
+        notes.extend(fallback_notes)
     details = {"calibration": calibration, "plan": plan, "opset_conversion": conversion,
                "activation_format": config.activations.name, "optimization": optimization,
                "relu6_replaced": relu6_replaced, "relu6_float_sqnr_db": relu6_change}
     # named as the CLI's --scheme: uint8 when the user asked for uint8 activations, else int8 (whose
     # activation type follows the target, told in the notes)
     scheme = "uint8" if config.activation_format is not None and config.activation_format.name == "uint8" else "int8"
-    return QuantResult(model=model, scheme=scheme, tensors=tensors, float_nodes=plan.float_nodes,
+    return QuantResult(model=model, scheme=scheme, tensors=tensors, float_nodes=tuple(float_nodes),
                        notes=tuple(notes), config=config, details=types.MappingProxyType(details))

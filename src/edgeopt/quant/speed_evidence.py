@@ -117,7 +117,12 @@ def float_islands(model: ir.Model, *, int8_ops: frozenset[str] = INT8_CAPABLE_OP
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") or (
                 node.op_type in int8_ops and node.domain in QDQ_DOMAINS):
             continue
-        if any(_is_activation_dequantize(value) for value in node.inputs):
+        if not any(_is_activation_dequantize(value) for value in node.inputs):
+            continue
+        if node.op_type == "Cast" and node.attributes.get_int("to") == ir.DataType.FLOAT16:  # --fallback fp16
+            islands += [FloatIsland(node=eir.node_label(use.node), op_type=f"{use.node.op_type} (float16)")
+                        for use in node.outputs[0].uses()]
+        else:
             islands.append(FloatIsland(node=eir.node_label(node), op_type=node.op_type))
     return tuple(islands)
 

@@ -1,0 +1,101 @@
+"""The options of `edgeopt quantize` that pick the scheme and its settings, and the config they make."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from edgeopt.errors import ConfigError
+
+__all__ = ["BLOCK_SIZE", "DEFAULT_TIME_BUDGET", "CalibrationChoice", "FallbackChoice", "Int8Algorithms", "Scheme",
+           "TargetChoice", "quant_config"]
+
+
+class Scheme(str, enum.Enum):
+    int8 = "int8"
+    uint8 = "uint8"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    int4_weight = "int4-weight"
+
+
+BLOCK_SIZE = 32  # --block-size's default
+DEFAULT_TIME_BUDGET = "10m"  # --time-budget's
+
+
+class TargetChoice(str, enum.Enum):
+    ort = "ort"
+    mcu = "mcu"
+
+
+class FallbackChoice(str, enum.Enum):
+    float = "float"
+    fp16 = "fp16"
+
+
+class CalibrationChoice(str, enum.Enum):
+    minmax = "minmax"
+    percentile = "percentile"
+    entropy = "entropy"
+    mse = "mse"
+    auto = "auto"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int8Algorithms:
+    """The accuracy algorithms switched on from the command line, and what the nodes kept out of int8 compute in."""
+
+    equalize: bool
+    equalize_relu6: bool
+    bias_correct: bool
+    adaround: bool
+    gptq: bool
+    smoothquant_alpha: float | None
+    fallback: FallbackChoice = FallbackChoice.float
+
+
+def quant_config(scheme: Scheme, target: TargetChoice, calibration: CalibrationChoice, per_tensor: bool,
+                 exclude: tuple[str, ...], block_size: int | None, algorithms: Int8Algorithms):
+    """The config of ``scheme`` from the command line's options; an option it would ignore is an error."""
+    from edgeopt import quant
+    from edgeopt.quant.float16 import Bf16Config, Fp16Config
+    from edgeopt.quant.int4 import Int4WeightConfig
+
+    _refuse_options_of_other_schemes(scheme, target, calibration, per_tensor, block_size, algorithms)
+    if scheme in (Scheme.int8, Scheme.uint8):
+        return quant.Int8Config(
+            target=quant.Target[target.name.upper()], calibration=quant.CalibrationMethod[calibration.name.upper()],
+            weight_granularity=quant.PerTensor() if per_tensor else quant.PerChannel(),
+            activation_format=quant.format_named("uint8") if scheme is Scheme.uint8 else None, exclude=exclude,
+            equalize=algorithms.equalize or algorithms.equalize_relu6, equalize_relu6=algorithms.equalize_relu6,
+            bias_correct=algorithms.bias_correct, adaround=algorithms.adaround, gptq=algorithms.gptq,
+            smoothquant_alpha=algorithms.smoothquant_alpha, fallback=algorithms.fallback.value)
+    if scheme is Scheme.fp16:
+        return Fp16Config(exclude=exclude)
+    if scheme is Scheme.bf16:
+        return Bf16Config(exclude=exclude)
+    size = BLOCK_SIZE if block_size is None else block_size
+    return Int4WeightConfig(granularity=quant.PerBlock(size=size), exclude=exclude, gptq=algorithms.gptq)
+
+
+def _refuse_options_of_other_schemes(scheme: Scheme, target: TargetChoice, calibration: CalibrationChoice,
+                                     per_tensor: bool, block_size: int | None,
+                                     algorithms: Int8Algorithms) -> None:
+    """An option the chosen scheme would silently ignore is an error: the user meant something by it."""
+    int8 = scheme in (Scheme.int8, Scheme.uint8)
+    given = {
+        "--target": target is not TargetChoice.ort, "--calibration": calibration is not CalibrationChoice.percentile,
+        "--per-tensor": per_tensor, "--equalize": algorithms.equalize, "--equalize-relu6": algorithms.equalize_relu6,
+        "--no-bias-correct": not algorithms.bias_correct, "--adaround": algorithms.adaround,
+        "--smoothquant": algorithms.smoothquant_alpha is not None,
+        "--fallback": algorithms.fallback is not FallbackChoice.float,
+    } if not int8 else {}
+    if scheme is not Scheme.int4_weight:
+        given["--block-size"] = block_size is not None
+        if not int8:
+            given["--gptq"] = algorithms.gptq
+    ignored = [option for option, set_ in given.items() if set_]
+    if ignored:
+        applies = {"--block-size": "int4-weight", "--gptq": "int8, uint8 and int4-weight"}.get(ignored[0],
+                                                                                               "int8 and uint8")
+        raise ConfigError(f"{ignored[0]} applies to --scheme {applies} only, not {scheme.value}: drop it")
