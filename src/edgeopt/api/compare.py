@@ -32,8 +32,6 @@ def _compare(float_model: ModelSource, quant_model: ModelSource, data, *, prepro
 
     float_model, quant_model = model_source(float_model, "float model"), model_source(quant_model, "quantized model")
     quant_ir = load(quant_model, require_static=False)
-    if (note := missing_qdq_note(quant_ir)) is not None:
-        logger.warning(note)
     # edgeopt's quantizer folds BatchNorm ... first: its tensors are those of the optimized float model;
     # the model as given serves a quantizer that kept its graph (ONNX Runtime's quantize_static), read
     # again by compare_models only for such a model (its weights are not held twice for edgeopt's own)
@@ -43,6 +41,8 @@ def _compare(float_model: ModelSource, quant_model: ModelSource, data, *, prepro
     source = AlsoCheckedSource(calibration_source(float_ir, data, preprocess, max_samples),
                                eir.model_inputs(quant_ir), "second model")
     result = compare_models(float_ir, quant_ir, source, original=float_model, progress=progress)
+    if not result.layers and (note := missing_qdq_note(quant_ir)) is not None:
+        logger.warning(note)
     for output in result.outputs:
         if output.signal and output.sqnr_db < 0:  # noise above the signal: no quantization of this model gives that
             logger.warning("output %s: SQNR %.1f dB, the second model's outputs are no closer to the first's than "

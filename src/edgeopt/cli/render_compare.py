@@ -21,6 +21,8 @@ def _number(value: float, digits: int) -> str:
 
 
 def _scale_text(scale: float, zero_point: int | None, dtype: str) -> str:
+    if math.isnan(scale):  # a tensor matched by name (a float16 or weight-only model): its type
+        return dtype
     zero_text = "per-axis" if zero_point is None else str(zero_point)
     return f"{scale:.4g} / {zero_text} {dtype}"
 
@@ -36,11 +38,13 @@ def render_compare(result: CompareResult, *, limit: int | None = None, by_loss: 
         sqnr, cosine = (_db(row.sqnr_db), _number(row.cosine, 5)) if row.signal else ("-", "-")
         outputs.add_row(row.name, sqnr, cosine, f"{row.max_abs_error:.4g}", top1)
     state.stdout.print(outputs)
-    if not result.quantized_tensors:  # no Q/DQ (an fp16 model ...): output rows only, as warned
+    if not result.layers:  # no Q/DQ pair and no tensor matched by name: output rows only, as warned
         return
     order = "largest loss first" if by_loss else "worst first"
-    layers = table(f"quantized tensors, {order} (lost dB: lost inside the node writing it)",
-                   [("#", "right"), ("tensor", "left"), ("op", "left"), ("scale / zero point", "left"),
+    what = "tensors matched by name" if result.by_name else "quantized tensors"
+    layers = table(f"{what}, {order} (lost dB: lost inside the node writing it)",
+                   [("#", "right"), ("tensor", "left"), ("op", "left"),
+                    ("type" if result.by_name else "scale / zero point", "left"),
                     ("SQNR dB", "right"), ("lost dB", "right"), ("cosine", "right"), ("max abs err", "right")])
     for index, row in enumerate(result.layers[:limit]):
         layers.add_row(str(index + 1), row.tensor, row.op_type,
@@ -58,6 +62,9 @@ def _lost_text(lost_db: float | None) -> str:
 
 
 def _coverage_line(result: CompareResult) -> str:
+    if result.by_name:
+        return (f"matched {result.matched} tensors by name, op and readers (no QuantizeLinear -> DequantizeLinear "
+                "pair: a float16, bfloat16 or weight-only model)")
     line = f"matched {result.matched} of {result.quantized_tensors} quantized activations to float tensors"
     if result.unmatched:
         line += f"; {len(result.unmatched)} have no float counterpart (removed or renamed by passes)"

@@ -41,9 +41,10 @@ from edgeopt.data import batch_rows, open_data, take, with_origin
 from edgeopt.errors import DataError
 from edgeopt.metrics import (AgreementMeter, EqualityMeter, FidelityMeter, Float64Scratch, json_number,
                              looks_like_class_scores)
-from edgeopt.quant.compare_matching import (OutputCodes, TensorMatch, carried_value, fused_chain, match_pairs,
-                                            match_tensors, may_hold_original, missing_qdq_note, output_codes,
-                                            quantized_input_names)
+from edgeopt.quant.compare_matching import (DATA_MOVES, OutputCodes, TensorMatch, carried_value, compared_by_name,
+                                            fused_chain, match_names, match_pairs, match_tensors, may_hold_original,
+                                            missing_qdq_note, output_codes, quantized_input_names)
+from edgeopt.quant.compare_runs import Runs, comparison_runs
 from edgeopt.quant.rescaled import Rescaled, read_rescaled
 
 __all__ = [
@@ -62,13 +63,11 @@ __all__ = [
 
 if TYPE_CHECKING:
     from edgeopt.quant.float_reference import FloatReference
-    from edgeopt.runtime.ort import OrtSession
 
 logger = logging.getLogger(__name__)
 
 ModelSource = str | os.PathLike | ir.Model
 Progress = Callable[[int, int | None], None]
-_Arrays = dict[str, np.ndarray]  # tensors by name
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,7 +127,10 @@ class CompareResult:
 
     ``quantized_tensors`` counts the activation Q/DQ pairs of the QDQ model;
     ``unmatched`` names those without a float counterpart; ``skipped`` those
-    whose shapes differ between the models. ``warnings``: what was warned about
+    whose shapes differ between the models. A model without such pairs (float16,
+    bfloat16, int4 weight-only) has its tensors matched by name instead
+    (``by_name``: the float tensors its computing ops write, see
+    :func:`edgeopt.quant.compare_matching.match_names`). ``warnings``: what was warned about
     on the way (`edgeopt compare` fills it; in a quantize report they are the report's).
     """
 
@@ -140,6 +142,7 @@ class CompareResult:
     unmatched: tuple[str, ...]
     skipped: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    by_name: bool = False
 
     @property
     def matched(self) -> int:
@@ -157,7 +160,7 @@ class CompareResult:
 
     def to_dict(self) -> dict:
         return {"samples": self.samples, "rows": self.rows, "quantized_tensors": self.quantized_tensors,
-                "matched": self.matched,
+                "matched": self.matched, "matched_by": "name" if self.by_name else "qdq",
                 "unmatched": list(self.unmatched), "skipped": list(self.skipped),
                 "outputs": [o.to_dict() for o in self.outputs], "layers": [r.to_dict() for r in self.layers],
                 "warnings": list(self.warnings)}
@@ -265,80 +268,6 @@ class _Meters:
         return rows
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Runs:
-    """The sessions of one comparison and the names each returns per batch.
-
-    ``layer_session`` is None when nothing is matched: the quantized model then runs once per batch;
-    ``original_session`` is None when no match is a tensor of the original float model.
-    """
-
-    float_session: OrtSession | FloatReference
-    float_names: list[str]
-    output_session: OrtSession
-    outputs: list[str]
-    layer_session: OrtSession | None
-    layer_names: list[str]
-    quant_float_inputs: Mapping[str, np.dtype]  # float inputs of another float type (fp16 without float32 IO)
-    original_session: OrtSession | None = None
-    original_names: tuple[str, ...] = ()
-
-    def run(self, feed: Mapping[str, np.ndarray]) -> tuple[_Arrays, _Arrays, _Arrays]:
-        """The float model's tensors (and the feed), the quantized DQ outputs, the quantized outputs."""
-        reference = dict(feed) | self.float_session.run(feed, self.float_names)
-        if self.original_session is not None:  # the same names as given: their values replace the optimized ones
-            reference |= self.original_session.run(feed, list(self.original_names))
-        quant_feed = {name: array.astype(self.quant_float_inputs[name]) if name in self.quant_float_inputs else array
-                      for name, array in feed.items()}
-        layers = self.layer_session.run(quant_feed, self.layer_names) if self.layer_session is not None else {}
-        return reference, layers, self.output_session.run(quant_feed, self.outputs)
-
-
-def _float32_outputs(model: ir.Model) -> ir.Model:
-    """``model`` with each bfloat16 output cast to float32 under its name (ONNX Runtime's Python API cannot
-    return a bfloat16 array; a bfloat16 holds in float32 exactly); ``model`` itself when it has none."""
-    if not any(value.dtype == ir.DataType.BFLOAT16 for value in model.graph.outputs):
-        return model
-    model = model.clone()
-    graph, cast = model.graph, {}
-    for position, value in enumerate(list(graph.outputs)):
-        if value.dtype == ir.DataType.BFLOAT16 and value not in cast:
-            name, value.name = value.name, f"{value.name}__edgeopt_bfloat16"
-            shape = value.shape.copy() if value.shape is not None else None
-            node = ir.node("Cast", [value], {"to": ir.DataType.FLOAT}, name=f"{name}__edgeopt_cast",
-                           outputs=[ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=shape)])
-            graph.append(node)
-            cast[value] = node.outputs[0]
-        graph.outputs[position] = cast.get(value, value)
-    return model
-
-
-def _runs(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatch], outputs: list[str],
-          original: ir.Model | None = None, float_reference: FloatReference | None = None) -> _Runs:
-    """The float model with its matched tensors exposed, or ``float_reference`` of it (and the original
-    float model with those that are its); the quantized model as is, for the outputs; and the quantized
-    model with its matched DQ outputs exposed, for the per-layer rows."""
-    from edgeopt.runtime.ort import OrtSession, observing_session
-
-    float_specs = {s.name: s.dtype for s in eir.model_inputs(float_model)}
-    float_inputs = set(float_specs)
-    computed = [m for m in matches if m.float_name not in float_inputs]
-    float_names = [m.float_name for m in computed if not m.original]
-    original_names = tuple(m.float_name for m in computed if m.original)
-    layer_names = [m.quant_name for m in matches]
-    recast = {s.name: s.dtype for s in eir.model_inputs(quant_model)
-              if s.dtype.kind == "f" and float_specs.get(s.name, s.dtype).kind == "f"
-              and s.dtype != float_specs[s.name]}
-    float_session = float_reference if float_reference is not None else observing_session(float_model, float_names)
-    return _Runs(float_session=float_session,
-                 float_names=list(dict.fromkeys([*outputs, *float_names])),
-                 output_session=OrtSession(_float32_outputs(quant_model)), outputs=outputs,
-                 layer_session=observing_session(quant_model, layer_names) if layer_names else None,
-                 layer_names=layer_names, quant_float_inputs=recast,
-                 original_session=observing_session(original, original_names) if original_names else None,
-                 original_names=original_names)
-
-
 def compare_models(float_model: ModelSource, quant_model: ModelSource, data: object, *,
                    original: ModelSource | None = None, max_samples: int | None = None,
                    progress: Progress | None = None, float_reference: FloatReference | None = None) -> CompareResult:
@@ -364,15 +293,19 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     outputs = _check_interfaces(float_ir, quant_ir)
     original_ir = _load(original) if original is not None and may_hold_original(float_ir, quant_ir) else None
     matches, unmatched, pairs = match_pairs(float_ir, quant_ir, original_ir)
+    if not pairs and compared_by_name(quant_ir):
+        matches = match_names(float_ir, quant_ir, original_ir)
     source = open_data(data, eir.model_inputs(float_ir))
     source = take(source, max_samples) if max_samples is not None else source
     meters = _Meters(matches, outputs, read_rescaled(quant_ir), output_codes(float_ir, quant_ir, outputs))
-    _stream(source, _runs(float_ir, quant_ir, matches, outputs, original_ir, float_reference), meters, progress)
+    runs = comparison_runs(float_ir, quant_ir, matches, outputs, original_ir, float_reference)
+    _stream(source, runs, meters, progress)
     if meters.samples == 0:
         raise DataError("the data gave no samples: point --data at at least one sample")
-    return CompareResult(samples=meters.samples, layers=tuple(_with_losses(quant_ir, meters.layer_rows())),
+    return CompareResult(samples=meters.samples, layers=tuple(_with_losses(quant_ir, meters.layer_rows(), not pairs)),
                          outputs=tuple(meters.output_rows()), quantized_tensors=pairs,
-                         unmatched=tuple(unmatched), skipped=tuple(meters.skipped), rows=meters.rows)
+                         unmatched=tuple(unmatched), skipped=tuple(meters.skipped), rows=meters.rows,
+                         by_name=not pairs and bool(matches))
 
 
 def _computing_node(value: ir.Value | None) -> ir.Node | None:
@@ -381,16 +314,35 @@ def _computing_node(value: ir.Value | None) -> ir.Node | None:
     return (fused_chain(node) or [node])[0]
 
 
-def _with_losses(quant_model: ir.Model, rows: list[LayerComparison]) -> list[LayerComparison]:
+def _computed_from(value: ir.Value | None) -> ir.Value | None:
+    """The tensor ``value`` carries, past data movement and Casts (a float16 model's)."""
+    while value is not None and value.producer() is not None and value.producer().op_type in DATA_MOVES:
+        fed = [v for v in value.producer().inputs if v is not None and not eir.is_constant(v)]
+        if len(fed) != 1:
+            break
+        value = fed[0]
+    return value
+
+
+def _input_names(node: ir.Node, by_name: bool) -> list[str]:
+    """The names of ``node``'s inputs as rows know them: carried by Q/DQ pairs, or (``by_name``) as computed."""
+    if not by_name:
+        return quantized_input_names(node)
+    return [carried.name for carried in map(_computed_from, node.inputs) if carried is not None]
+
+
+def _with_losses(quant_model: ir.Model, rows: list[LayerComparison], by_name: bool = False) -> list[LayerComparison]:
     """The rows with the decibels lost inside the node writing each tensor: the worst SQNR of its
-    quantized inputs minus its output's. A row's SQNR is cumulative (every layer before adds its
-    error); the loss is where the error arises."""
+    quantized inputs (``by_name``: of its inputs, a model input exact) minus its output's. A row's SQNR
+    is cumulative (every layer before adds its error); the loss is where the error arises."""
     sqnr = {row.tensor: row.sqnr_db for row in rows}
+    if by_name:  # the model's inputs are the float model's: exact
+        sqnr |= {value.name: math.inf for value in quant_model.graph.inputs}
     values = {v.name: v for node in quant_model.graph for v in node.outputs}
     with_losses = []
     for row in rows:
-        node = _computing_node(values.get(row.tensor))
-        upstream = [sqnr[name] for name in quantized_input_names(node) if name in sqnr] if node is not None else []
+        node = _computing_node(values.get(row.tensor)) if not by_name else values[row.quant_tensor].producer()
+        upstream = [sqnr[name] for name in _input_names(node, by_name) if name in sqnr] if node is not None else []
         lost = None
         if upstream and math.isfinite(row.sqnr_db):  # an input quantized exactly (inf dB): all is lost inside
             finite = [value for value in upstream if math.isfinite(value)]
@@ -399,7 +351,7 @@ def _with_losses(quant_model: ir.Model, rows: list[LayerComparison]) -> list[Lay
     return with_losses
 
 
-def _stream(source: Iterable[dict[str, np.ndarray]], runs: _Runs, meters: _Meters,
+def _stream(source: Iterable[dict[str, np.ndarray]], runs: Runs, meters: _Meters,
             progress: Progress | None) -> None:
     total = getattr(source, "num_samples", None)
     for feed in source:

@@ -38,11 +38,14 @@ from edgeopt import ir as eir
 from edgeopt.quant.ops import is_qdq_op
 
 __all__ = [
+    "DATA_MOVES",
     "OutputCodes",
     "TensorMatch",
     "activation_pairs",
     "carried_value",
     "fused_chain",
+    "compared_by_name",
+    "match_names",
     "match_tensors",
     "match_pairs",
     "may_hold_original",
@@ -155,7 +158,11 @@ def may_hold_original(float_model: ir.Model, quant_model: ir.Model) -> bool:
     model, or one that the quantized model reads with an op the optimized model does not read it with.
     A model edgeopt quantized has neither, and the model as given (its weights) is not read at all."""
     float_values = value_names(float_model.graph)
-    for quantize, dequantize in activation_pairs(quant_model):
+    pairs = activation_pairs(quant_model)
+    if not pairs:  # tensors matched by name: one the optimized model computes otherwise may be the given one's
+        return compared_by_name(quant_model) and any(not _same_tensor(value, float_values.get(value.name))
+                                                     for value in _named_tensors(quant_model))
+    for quantize, dequantize in pairs:
         value = float_values.get(quantize.inputs[0].name) or float_values.get(dequantize.outputs[0].name)
         if value is None or not _quantized_reader_ops(quantize.inputs[0]) <= _reader_ops(value):
             return True
@@ -206,7 +213,99 @@ def match_pairs(float_model: ir.Model, quant_model: ir.Model,
     return list(matched.values()), unmatched, len(pairs)
 
 
+# ---------------------------------------------------------- a model without Q/DQ pairs: tensors by name
+
+#: Ops whose output is a rearrangement of their input's values: a row for it repeats its input's.
+DATA_MOVES = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split", "Expand",
+                    "MaxPool", "Identity", "Concat", "Cast"})
+
+
+#: Ops that compute what another op computes in the float model (a weight-only model's MatMulNBits), by
+#: the name of what they compute: a MatMul, a Gemm and a MatMulNBits are all a matrix product.
+_COMPUTES_AS = {"MatMulNBits": "MatMul", "Gemm": "MatMul", "GatherBlockQuantized": "Gather"}
+
+
+def _kind(op_type: str) -> str:
+    return _COMPUTES_AS.get(op_type, op_type)
+
+
+def _readers(value: ir.Value) -> frozenset[str]:
+    """What the ops reading ``value`` compute, past the Casts a float16 conversion put before them."""
+    ops = set()
+    for use in value.uses():
+        ops |= _readers(use.node.outputs[0]) if use.node.op_type == "Cast" else {_kind(use.node.op_type)}
+    return frozenset(ops)
+
+
+def _same_tensor(quantized: ir.Value, candidate: ir.Value | None) -> bool:
+    """Whether ``candidate`` of a float model is computed as ``quantized`` is: the same op writes it and the
+    same ops read it (an unoptimized model's conv output, read by a BatchNormalization, is not the
+    optimized model's conv output of that name, which holds the normalized values)."""
+    if candidate is None or candidate.producer() is None or candidate.dtype not in _FLOAT_TYPES:
+        return False
+    return (_kind(candidate.producer().op_type) == _kind(quantized.producer().op_type)
+            and _readers(candidate) == _readers(quantized))
+
+
+def _named_tensors(quant_model: ir.Model) -> list[ir.Value]:
+    """The float tensors computing ops of ``quant_model`` write, graph outputs aside (compared as outputs), and
+    those of unknown type (a MatMulNBits output, which ONNX shape inference does not type)."""
+    outputs = {value.name for value in quant_model.graph.outputs}
+    return [value for node in quant_model.graph
+            if node.op_type not in DATA_MOVES and not is_qdq_op(node, "DequantizeLinear")
+            and not is_qdq_op(node, "QuantizeLinear")
+            for value in node.outputs
+            if value.name not in outputs and (value.dtype is None or value.dtype in _FLOAT_TYPES)]
+
+
+_LOW_TYPES = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.INT8, ir.DataType.UINT8,
+                        ir.DataType.INT4, ir.DataType.UINT4})
+
+
+def compared_by_name(model: ir.Model) -> bool:
+    """Whether ``model``'s tensors are matched by name (:func:`match_names`): it has no activation Q/DQ pair
+    and no integer operator (ONNX Runtime's QOperator format passes activations on as integers: only its
+    float islands would be compared), and stores or computes something in less than float32 (a float16
+    value or weight, an int4/int8 weight, a MatMulNBits); a float32 model's tensors would all be exact."""
+    if activation_pairs(model) or _integer_operators(model):
+        return False
+    if any(node.op_type in ("MatMulNBits", "GatherBlockQuantized") for node in model.graph):
+        return True
+    values = [*model.graph.initializers.values(), *(v for node in model.graph for v in node.outputs)]
+    return any(value.dtype in _LOW_TYPES for value in values)
+
+
+def match_names(float_model: ir.Model, quant_model: ir.Model,
+                original: ir.Model | None = None) -> list[TensorMatch]:
+    """For a model without activation Q/DQ pairs (float16, bfloat16, int4 weight-only, as edgeopt's or
+    another converter writes them): each float tensor a computing op of ``quant_model`` writes under the
+    name, op and readers of a tensor of ``float_model`` (or, failing that, of ``original``, the float
+    model as given). Graph outputs are compared as outputs; data movement repeats its input's row.
+    ``scale`` is NaN and ``zero_point_dtype`` the tensor's type there (``float16`` ...)."""
+    float_values = value_names(float_model.graph)
+    original_values = value_names(original.graph) if original is not None else {}
+    matches = []
+    for value in _named_tensors(quant_model):
+        if _same_tensor(value, float_values.get(value.name)):
+            kept_as_given = False
+        elif _same_tensor(value, original_values.get(value.name)):
+            kept_as_given = True
+        else:
+            continue
+        matches.append(TensorMatch(float_name=value.name, quant_name=value.name, op_type=value.producer().op_type,
+                                   scale=math.nan, zero_point=None,
+                                   zero_point_dtype=(value.dtype or ir.DataType.FLOAT).name.lower(),
+                                   original=kept_as_given))
+    return matches
+
+
 _INTEGER_OPERATORS = ("ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeLinear")
+
+
+def _integer_operators(model: ir.Model) -> list[str]:
+    """The op types of ``model`` that compute on integer activations (QLinearConv, MatMulInteger ...)."""
+    return sorted({node.op_type for node in model.graph
+                   if node.op_type.startswith("QLinear") or node.op_type in _INTEGER_OPERATORS})
 
 
 def missing_qdq_note(model: ir.Model) -> str | None:
@@ -217,8 +316,7 @@ def missing_qdq_note(model: ir.Model) -> str | None:
     if activation_pairs(model):
         return None
     what = "(per-layer rows need an int8 QDQ model, as edgeopt quantize writes, given second)"
-    integer_ops = sorted({node.op_type for node in model.graph
-                          if node.op_type.startswith("QLinear") or node.op_type in _INTEGER_OPERATORS})
+    integer_ops = _integer_operators(model)
     if integer_ops:
         return (f"the second model computes with integer operators ({', '.join(integer_ops[:4])}: ONNX Runtime's "
                 "QOperator or dynamic format), which pass activations on as integers with no "
