@@ -80,6 +80,20 @@ def test_a_float32_model_compared_with_itself_has_no_rows_and_says_why(transform
     assert any("no QuantizeLinear/DequantizeLinear node" in warning for warning in result.warnings)
 
 
+def test_a_float16_model_whose_tensors_are_named_otherwise_has_no_rows_and_says_so(tmp_path):
+    path = build_onnx("mobilenet_v2", tmp_path)
+    data = _samples((1, 3, 32, 32))
+    model = ir.load(_quantized(path, Fp16Config(), data, tmp_path / "fp16.onnx"))
+    outputs = {value.name for value in model.graph.outputs}
+    for node in model.graph:  # as a converter that names its tensors its own way writes them
+        for value in node.outputs:
+            if value.name not in outputs:
+                value.name = f"renamed_{value.name}"
+    result = edgeopt.compare(path, model, data)
+    assert result.layers == () and not result.by_name
+    assert any("no tensor of the second model" in warning for warning in result.warnings), result.warnings
+
+
 def test_the_cli_shows_the_rows_of_a_weight_only_model(cli, transformer):
     path, folder = transformer
     data = _samples((1, 16, 32))

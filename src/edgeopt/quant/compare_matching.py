@@ -43,8 +43,8 @@ __all__ = [
     "TensorMatch",
     "activation_pairs",
     "carried_value",
-    "fused_chain",
     "compared_by_name",
+    "fused_chain",
     "match_names",
     "match_tensors",
     "match_pairs",
@@ -216,13 +216,14 @@ def match_pairs(float_model: ir.Model, quant_model: ir.Model,
 # ---------------------------------------------------------- a model without Q/DQ pairs: tensors by name
 
 #: Ops whose output is a rearrangement of their input's values: a row for it repeats its input's.
-DATA_MOVES = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split", "Expand",
-                    "MaxPool", "Identity", "Concat", "Cast"})
+DATA_MOVES = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split",
+                        "Expand", "MaxPool", "Identity", "Concat", "Cast"})
 
 
 #: Ops that compute what another op computes in the float model (a weight-only model's MatMulNBits), by
 #: the name of what they compute: a MatMul, a Gemm and a MatMulNBits are all a matrix product.
 _COMPUTES_AS = {"MatMulNBits": "MatMul", "Gemm": "MatMul", "GatherBlockQuantized": "Gather"}
+_WEIGHT_ONLY_OPS = frozenset({"MatMulNBits", "GatherBlockQuantized"})
 
 
 def _kind(op_type: str) -> str:
@@ -269,7 +270,7 @@ def compared_by_name(model: ir.Model) -> bool:
     value or weight, an int4/int8 weight, a MatMulNBits); a float32 model's tensors would all be exact."""
     if activation_pairs(model) or _integer_operators(model):
         return False
-    if any(node.op_type in ("MatMulNBits", "GatherBlockQuantized") for node in model.graph):
+    if any(node.op_type in _WEIGHT_ONLY_OPS for node in model.graph):
         return True
     values = [*model.graph.initializers.values(), *(v for node in model.graph for v in node.outputs)]
     return any(value.dtype in _LOW_TYPES for value in values)
@@ -309,13 +310,18 @@ def _integer_operators(model: ir.Model) -> list[str]:
 
 
 def missing_qdq_note(model: ir.Model) -> str | None:
-    """Why ``model`` will have no per-layer rows, when no QuantizeLinear -> DequantizeLinear pair carries
-    an activation (a float, fp16 or weight-only model, the two models given in the wrong order, or
-    ONNX Runtime's QOperator or dynamic format, whose integer ops pass activations on as integers);
-    else None."""
+    """Why ``model`` has no per-layer rows, told when it has none: no QuantizeLinear -> DequantizeLinear pair
+    carries an activation (a float model, the two models given in the wrong order, or ONNX Runtime's
+    QOperator or dynamic format, whose integer ops pass activations on as integers) and, for a model
+    whose tensors are matched by name (:func:`compared_by_name`), none matched; None for a QDQ model."""
     if activation_pairs(model):
         return None
-    what = "(per-layer rows need an int8 QDQ model, as edgeopt quantize writes, given second)"
+    if compared_by_name(model):
+        return ("no tensor of the second model (float16, bfloat16 or weight-only, without Q/DQ pairs) is computed "
+                "as a tensor of the float model of its name is, with the same op and readers: only its outputs are "
+                "compared, no layer (was it made from this float model, and are its tensors named as there?)")
+    what = ("(per-layer rows need an int8 QDQ model, as edgeopt quantize writes, or a float16, bfloat16 or "
+            "weight-only one, given second)")
     integer_ops = _integer_operators(model)
     if integer_ops:
         return (f"the second model computes with integer operators ({', '.join(integer_ops[:4])}: ONNX Runtime's "
