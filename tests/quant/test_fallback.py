@@ -81,6 +81,12 @@ def test_the_speed_check_names_the_ops_computing_in_float16():
     assert "GlobalAveragePool (float16)" in {island.op_type for island in float_islands(result.model)}
 
 
+def test_a_model_wholly_in_int8_says_the_fallback_had_nothing_to_convert():
+    result = quantize_int8(_net(), Int8Config(fallback="fp16"), batches(_SHAPE, 8))
+    assert result.float_nodes == () and "--fallback fp16: every node runs in int8" in " ".join(result.notes)
+    assert not any(node.op_type == "Cast" for node in result.model.graph)
+
+
 def test_fallback_is_checked_and_spelled_as_on_the_command_line():
     assert Int8Config(fallback="fp16").fallback is Fallback.FP16 and Int8Config().fallback is Fallback.FLOAT
     with pytest.raises(ConfigError, match="fallback must be one of"):

@@ -416,9 +416,11 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     float_nodes = plan.float_nodes
     if float_nodes:
         notes.append(f"{count_of(len(float_nodes), 'node stays', 'nodes stay')} float (see float_nodes)")
-    if float_nodes and config.fallback is Fallback.FP16:
+    if config.fallback is Fallback.FP16 and float_nodes:
         float_nodes, fallback_notes = fp16_fallback(model, float_nodes, data, progress=progress)
         notes.extend(fallback_notes)
+    elif config.fallback is Fallback.FP16:
+        notes.append("--fallback fp16: every node runs in int8, none computes in float16")
     details = {"calibration": calibration, "plan": plan, "opset_conversion": conversion,
                "activation_format": config.activations.name, "optimization": optimization,
                "relu6_replaced": relu6_replaced, "relu6_float_sqnr_db": relu6_change}
