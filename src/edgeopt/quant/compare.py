@@ -1,7 +1,8 @@
 """Per-layer and per-output fidelity of a QDQ model to the float model it came from.
 
 Matching a quantized activation with its float counterpart is
-:mod:`edgeopt.quant.compare_matching`'s.
+:mod:`edgeopt.quant.compare_matching`'s; so is matching the tensors of a
+model without Q/DQ pairs (float16, bfloat16, weight-only) by name.
 
 Per batch, the float model runs once with its matched tensors exposed as
 extra outputs (a float graph's fusions change only float rounding), and the
@@ -276,8 +277,9 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     The output rows are those of ``quant_model`` run as is (ONNX Runtime's
     default optimizations, its fused integer kernels); the per-layer rows
     those of its QDQ simulation with the matched tensors exposed (see the
-    module docstring). A model without Q/DQ nodes (fp16, or the float model
-    itself) gets output rows only.
+    module docstring). A model without activation Q/DQ pairs has its tensors
+    matched by name when it stores or computes below float32 (fp16, bf16,
+    weight-only: ``by_name``), else (the float model itself) gets output rows only.
 
     ``original``: the float model before the float passes that made
     ``float_model``, for the tensors of a quantizer that kept them (see the
