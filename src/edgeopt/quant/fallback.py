@@ -68,8 +68,9 @@ def fp16_fallback(model: ir.Model, float_nodes: Sequence[FloatNode], data: Itera
                   if entry.node_name in kept else entry
                   for entry in float_nodes)
     log = conversion.log
-    notes = [f"--fallback fp16: {len(low)} of {count_of(len(float_nodes), 'float node', 'float nodes')} compute in "
-             f"float16 ({count_of(len(log.tensors), 'weight', 'weights')}, {log.bytes_before} -> "
+    computes = "computes" if len(low) == 1 else "compute"
+    notes = [f"--fallback fp16: {len(low)} of {count_of(len(float_nodes), 'float node', 'float nodes')} {computes} "
+             f"in float16 ({count_of(len(log.tensors), 'weight', 'weights')}, {log.bytes_before} -> "
              f"{log.bytes_after} bytes; {count_of(len(conversion.casts.made), 'Cast node', 'Cast nodes')} join "
              "them to the float32 side of the Q/DQ pairs)"]
     if kept:
