@@ -371,19 +371,23 @@ def _check_request(model: ModelSource, config: object, data, *, output, preproce
 
 
 def _check_goal(config: object, data, goal: AccuracyGoal | None, evaluate) -> None:
-    """int8 needs data; --eval goes with --max-drop; an accuracy goal is int8's."""
+    """int8 needs data; --eval goes with --max-drop; an accuracy goal is int8's and int4's, and needs data."""
     from edgeopt.quant import Int8Config
+    from edgeopt.quant.int4 import Int4WeightConfig
 
     if data is None and isinstance(config, Int8Config):
         raise ConfigError("int8 quantization needs calibration data: give --data (a folder of .npy, images, "
                           "or module:function)")
+    if data is None and goal is not None:
+        raise ConfigError("the accuracy search (--max-drop/--min-sqnr) measures each round on --data: give --data "
+                          "(a folder of .npy, images, or module:function)")
     if evaluate is not None and (goal is None or goal.max_drop is None):
         if goal is not None:  # --min-sqnr: the goal for a user without labels, not a second goal for --eval
             raise ConfigError("--eval goes with --max-drop (the score drop you accept); --min-sqnr is the goal "
                               "without --eval: give one of the two")
         raise ConfigError("--eval is used with --max-drop: give the largest score drop you accept")
-    if goal is not None and not isinstance(config, Int8Config):
-        raise ConfigError("--max-drop/--min-sqnr apply to int8 quantization only")
+    if goal is not None and not isinstance(config, (Int8Config, Int4WeightConfig)):
+        raise ConfigError("--max-drop/--min-sqnr apply to int8 and int4-weight quantization only")
 
 
 def _result_warnings(config: object, result: QuantResult, search: AccuracySearch | None,

@@ -383,12 +383,13 @@ def _render_search(search) -> None:
     rows = table(f"accuracy search: {goal.describe()} -> {search.stopped_because}",
                  [("round", "right"), ("float nodes", "right"), ("score", "right"), ("next back to float", "left"),
                   ("why", "left")])
+    low = "int4" if search.result.scheme == "int4" else "int8"
     for index, step in enumerate(search.steps):
         score = goal.score_text(step.score)
         if step.retried:  # a pruning round after the goal was met
-            kept = "goal still met: runs int8" if goal.met(step.score, search.float_score) else \
+            kept = f"goal still met: runs {low}" if goal.met(step.score, search.float_score) else \
                 "goal missed without it: stays float"
-            rows.add_row(str(index), str(len(step.excluded)), score, f"{step.retried} tried in int8", kept)
+            rows.add_row(str(index), str(len(step.excluded)), score, f"{step.retried} tried in {low}", kept)
             continue
         rows.add_row(str(index), str(len(step.excluded)), score,
                      _returned_text(step), step.reason or "")

@@ -1,4 +1,5 @@
-"""Accuracy-aware int8: put the most damaging layers back in float until the metric is within budget.
+"""Accuracy-aware int8 (and int4 weight-only): put the most damaging layers back in float until the metric
+is within budget.
 
 The metric is either the user's (``evaluate(model) -> score``, higher is
 better; the goal is ``float_score - score <= max_drop``) or, without labels,
@@ -41,10 +42,12 @@ from edgeopt.errors import ConfigError, Interrupted
 from edgeopt.metrics import count_of, json_number
 from edgeopt.quant.calibration_memo import CalibrationMemo
 from edgeopt.quant.compare import CompareResult, compare_models
-from edgeopt.quant.compare_matching import carried_value, fused_chain, quantized_input_names
+from edgeopt.quant.compare_matching import (carried_value, computed_from, fused_chain, quantized_input_names,
+                                            value_names)
 from edgeopt.quant.config import Int8Config
 from edgeopt.quant.fallback import fallback_part, past_fallback_casts
 from edgeopt.quant.float_reference import FloatReference
+from edgeopt.quant.int4 import Int4WeightConfig, quantize_int4
 from edgeopt.quant.int8 import quantize_int8
 from edgeopt.quant.ops import is_qdq_op
 from edgeopt.quant.model_checks import check_exclude, vanished_excludes
@@ -160,14 +163,22 @@ class AccuracySearch:
                 "calibration_passes": self.calibration_passes, "steps": [s.to_dict() for s in self.steps]}
 
 
-def _base_model(model: ir.Model) -> ir.Model:
-    """The optimized float model, named as the quantizer will name it, so exclusions refer to real nodes."""
+def _base_model(model: ir.Model, config: Int8Config | Int4WeightConfig | None = None) -> ir.Model:
+    """The optimized float model, named as the quantizer will name it, so exclusions refer to real nodes
+    (int4: after the weight-only passes, where a MatMul stays a MatMul for MatMulNBits to replace)."""
     from edgeopt.passes import optimize_for_quantization
+    from edgeopt.quant.float16 import weight_only_float_passes
     from edgeopt.quant.int8 import QDQ_OPSET
     from edgeopt.quant.opset import convert_opset
 
-    base = convert_opset(model, QDQ_OPSET) if eir.default_opset(model) < QDQ_OPSET else model.clone()
-    base = optimize_for_quantization(base).model
+    if isinstance(config, Int4WeightConfig):
+        base = model.clone()
+        weight_only_float_passes(base, config.exclude, run=config.float_passes, subgraphs=True)
+        # typed, as a loaded model is: the rounds' tensors are matched by name to its float ones
+        common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(base)
+    else:
+        base = convert_opset(model, QDQ_OPSET) if eir.default_opset(model) < QDQ_OPSET else model.clone()
+        base = optimize_for_quantization(base).model
     common_passes.NameFixPass()(base)
     return base
 
@@ -179,7 +190,7 @@ def _output_sqnr(comparison: CompareResult) -> float:
 
 
 class _Candidate(NamedTuple):
-    damage: float  # dB
+    damage: float  # the ranking: dB lost inside the node (int8), noise added relative to the signal (int4)
     node: ir.Node
     reason: str
     through: str | None = None  # the float node whose quantized output the damage is measured on
@@ -222,6 +233,30 @@ def _float_node_names(result: QuantResult) -> set[str]:
     """The nodes that read float inputs: not those that read int8 and compute in float because a node kept
     float reads their output (returning one to float still takes the quantization off its inputs)."""
     return {f.node_name for f in result.float_nodes if not f.reason.startswith(READ_IN_FLOAT)}
+
+
+def _weight_damage(base: ir.Model, result: QuantResult, comparison: CompareResult) -> list[_Candidate]:
+    """Weight-only (int4): the layers whose weights ``result`` holds in int4, most damaging first: by the
+    noise (relative to the signal) added inside the op computing with them, from the SQNR of its output
+    (a row matched by name, a MatMulNBits', or a model output) and of its inputs'. A layer whose inputs are
+    exact (the first, or one after layers returned to float) adds all its output's noise."""
+    quantized = {info.name for info in result.tensors if info.kind == "weight"}
+    values = value_names(base.graph)
+    sqnr = {row.tensor: row.sqnr_db for row in comparison.layers}
+    measured = [*sqnr.items(), *((row.name, row.sqnr_db) for row in comparison.outputs if row.signal)]
+    ranked = []
+    for name, output_db in measured:
+        node = values[name].producer() if name in values else None
+        if node is None or not eir.is_op(node, "MatMul", "Gemm") or len(node.inputs) < 2 \
+                or node.inputs[1] is None or node.inputs[1].name not in quantized:
+            continue
+        carried = computed_from(node.inputs[0])
+        input_db = sqnr.get(carried.name, math.inf) if carried is not None else math.inf
+        added = 10 ** (-output_db / 10) - (10 ** (-input_db / 10) if math.isfinite(input_db) else 0.0)
+        inside = "its input exact" if math.isinf(input_db) else f"{input_db - output_db:.1f} dB lost inside the node"
+        ranked.append(_Candidate(added, node, f"output SQNR {output_db:.1f} dB, {inside}"))
+    ranked.sort(key=lambda item: (-item.damage, item.node.name))
+    return ranked
 
 
 def _quantized_readers(result: QuantResult) -> list[_Candidate]:
@@ -281,9 +316,10 @@ class _Search:
     """The state of one search: the base model, the data, the metric, the clock; the best round so far
     (score, result, nodes returned) and every step, kept here so a Ctrl-C loses none of them."""
 
-    def __init__(self, base: ir.Model, config: Int8Config, data: Iterable, goal: AccuracyGoal,
+    def __init__(self, base: ir.Model, config: Int8Config | Int4WeightConfig, data: Iterable, goal: AccuracyGoal,
                  evaluate: Evaluate | None) -> None:
         self.base, self.config, self.data, self.goal, self.evaluate = base, config, data, goal, evaluate
+        self.scheme = "int4" if isinstance(config, Int4WeightConfig) else "int8"  # what a node runs in, if not float
         self.started = time.monotonic()
         self.memo = CalibrationMemo()  # the rounds differ only in what is excluded: one calibration serves them
         self.float_reference = FloatReference(base)  # and the float side of every round's comparison is the same
@@ -292,7 +328,17 @@ class _Search:
 
     def quantize(self, excluded: tuple[str, ...]) -> QuantResult:
         config = replace(self.config, exclude=tuple(dict.fromkeys(self.config.exclude + excluded)))
+        if isinstance(config, Int4WeightConfig):
+            return quantize_int4(self.base.clone(), config, self.data)
         return quantize_int8(self.base.clone(), config, self.data, memo=self.memo)
+
+    def candidates(self, result: QuantResult, comparison: CompareResult,
+                   excluded: tuple[str, ...]) -> list[_Candidate]:
+        """The nodes not ``excluded`` yet to return to float, most damaging first."""
+        if isinstance(self.config, Int4WeightConfig):
+            return [c for c in _weight_damage(self.base, result, comparison) if c.node.name not in excluded]
+        found = [c for c in _node_damage(result, comparison) if c.node.name not in excluded]
+        return found or [c for c in _quantized_readers(result) if c.node.name not in excluded]
 
     def compare(self, result: QuantResult) -> CompareResult:
         # a round left all float is compared as the final fidelity check compares it: against a session of the
@@ -313,14 +359,22 @@ class _Search:
                               "--eval, or give the model its float scores as an output")
         return _output_sqnr(comparison)
 
+    @property
+    def calibration_passes(self) -> int:
+        """Passes over the data that quantized: int8's rounds share theirs; each int4 round reads the data
+        for its layers' input statistics."""
+        return len(self.steps) if isinstance(self.config, Int4WeightConfig) else self.memo.passes
+
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
 
-def accuracy_aware_quantize(model: ir.Model, config: Int8Config, data: Iterable, goal: AccuracyGoal, *,
+def accuracy_aware_quantize(model: ir.Model, config: Int8Config | Int4WeightConfig, data: Iterable,
+                            goal: AccuracyGoal, *,
                             evaluate: Evaluate | None = None,
                             progress: Callable[[int, int | None], None] | None = None) -> AccuracySearch:
-    """Int8-quantize ``model``, returning float the most damaging nodes until ``goal`` is met.
+    """Int8-quantize ``model`` (or int4: an ``Int4WeightConfig``), returning float the most damaging nodes
+    until ``goal`` is met (int4: the MatMul/Gemm layers losing the most dB inside, their rows matched by name).
 
     ``data`` must be re-iterable (a data source or a list): every round
     measures on it; the first calibrates on it, and a later round only when it
@@ -333,7 +387,7 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config, data: Iterable,
     """
     if goal.max_drop is not None and evaluate is None:
         raise ConfigError("--max-drop needs --eval module:function to score a model")
-    base = _base_model(model)
+    base = _base_model(model, config)
     config, vanished = _excludes_of_base(model, base, config)
     search = _Search(base, config, data, goal, evaluate)
     float_score = evaluate(search.base) if evaluate is not None else math.inf
@@ -345,11 +399,11 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config, data: Iterable,
         stopped, interrupted = _interrupted_text(search, float_score), True
     best_score, best_result, best_excluded = search.best
     returned = _why_returned(search.steps, [name for name in best_excluded if name not in config.exclude], goal,
-                             float_score)
+                             float_score, search.scheme)
     found = AccuracySearch(result=_labelled(best_result, returned, vanished), goal=goal, float_score=float_score,
                            best_score=best_score, best_excluded=best_excluded,
                            met=goal.met(best_score, float_score), steps=tuple(search.steps), stopped_because=stopped,
-                           calibration_passes=search.memo.passes, interrupted=interrupted)
+                           calibration_passes=search.calibration_passes, interrupted=interrupted)
     if interrupted:
         raise Interrupted(found)
     return found
@@ -361,15 +415,15 @@ def _search(search: _Search, float_score: float, progress: Callable[[int, int | 
     if search.goal.met(search.best[0], float_score) and len(search.best[2]) > 1:
         pruned = _prune(search, float_score)
         if pruned:
-            stopped += f"; {pruned} of the nodes returned to float changed too little and run int8 again"
+            stopped += f"; {pruned} of the nodes returned to float changed too little and run {search.scheme} again"
     return stopped
 
 
 def _interrupted_text(search: _Search, float_score: float) -> str:
     rounds = count_of(len(search.steps), "round", "rounds")
     if search.goal.met(search.best[0], float_score):  # the retrying in int8 of the nodes returned
-        return f"goal met ({search.goal.describe()}), then interrupted after {rounds} while retrying in int8 " \
-               "the nodes returned to float"
+        return f"goal met ({search.goal.describe()}), then interrupted after {rounds} while retrying in " \
+               f"{search.scheme} the nodes returned to float"
     return f"interrupted after {rounds}"
 
 
@@ -392,8 +446,7 @@ def _rounds(search: _Search, float_score: float, progress: Callable[[int, int | 
             progress(len(steps), None)
         if goal.met(score, float_score):
             return f"goal met ({goal.describe()})"
-        candidates = [c for c in _node_damage(result, comparison) if c.node.name not in excluded]
-        candidates = candidates or [c for c in _quantized_readers(result) if c.node.name not in excluded]
+        candidates = search.candidates(result, comparison, excluded)
         round_seconds = time.monotonic() - round_start
         if not candidates or len(excluded) >= goal.max_float_nodes:
             steps[-1] = replace(steps[-1], seconds=round_seconds)
@@ -427,7 +480,7 @@ def _prune(search: _Search, float_score: float) -> int:
     met_by = next(step for step in search.steps if step.returned and step.excluded + step.returned == search.best[2])
     for node_name in search.best[2][:len(met_by.excluded)]:  # the last ones returned are what met the goal
         if search.elapsed() + search.steps[-1].seconds > search.goal.time_budget_s:
-            logger.warning("the time budget ended the retrying of float nodes in int8 before %s: the model "
+            logger.warning(f"the time budget ended the retrying of float nodes in {search.scheme} before %s: the model "
                            "keeps it and the nodes after it in float", node_name)
             break
         round_start = time.monotonic()
@@ -437,12 +490,13 @@ def _prune(search: _Search, float_score: float) -> int:
         search.steps.append(AccuracyStep(excluded=trial, score=score, seconds=time.monotonic() - round_start,
                                          retried=node_name))
         if search.goal.met(score, float_score):
-            logger.info("goal still met with %s in int8 again (%.3f)", node_name, score)
+            logger.info("goal still met with %s in %s again (%.3f)", node_name, search.scheme, score)
             search.best, pruned = (score, result, trial), pruned + 1
     return pruned
 
 
-def _excludes_of_base(model: ir.Model, base: ir.Model, config: Int8Config) -> tuple[Int8Config, list[str]]:
+def _excludes_of_base(model: ir.Model, base: ir.Model,
+                      config: Int8Config | Int4WeightConfig) -> tuple[Int8Config | Int4WeightConfig, list[str]]:
     """``config`` with the exclude entries the float passes removed from ``base`` left out (the rounds
     quantize ``base``), and the notes saying so. An entry must name a node or op type of the user's
     model or of ``base``: a BatchNormalization folded into its conv is a node of the user's file."""
@@ -453,9 +507,9 @@ def _excludes_of_base(model: ir.Model, base: ir.Model, config: Int8Config) -> tu
 
 
 def _why_returned(steps: list[AccuracyStep], returned: list[str], goal: AccuracyGoal,
-                  float_score: float) -> dict[str, str]:
+                  float_score: float, scheme: str = "int8") -> dict[str, str]:
     """The reason each node the search returned stays float: :data:`RETURNED`, then what was measured when
-    it was chosen and, when it was tried in int8 again, the score that missed the goal."""
+    it was chosen and, when it was tried in ``scheme`` again, the score that missed the goal."""
     reasons = {}
     for name in returned:
         chosen = next((index, step) for index, step in enumerate(steps) if name in step.returned)
@@ -464,7 +518,7 @@ def _why_returned(steps: list[AccuracyStep], returned: list[str], goal: Accuracy
         met = next((step for index, step in enumerate(steps) if not step.retried and name in step.excluded
                     and index and name in steps[index - 1].returned and goal.met(step.score, float_score)), None)
         if retried is not None:
-            why.append(f"in int8 again the score was {goal.score_text(retried.score)}, missing {goal.describe()}")
+            why.append(f"in {scheme} again the score was {goal.score_text(retried.score)}, missing {goal.describe()}")
         elif met is not None:  # the last one returned: it met the goal, and is not tried again
             why.append(f"with it in float the score reached {goal.score_text(met.score)}, meeting {goal.describe()}")
         reasons[name] = f"{RETURNED} ({'; '.join(why)})"

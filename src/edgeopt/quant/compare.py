@@ -42,7 +42,7 @@ from edgeopt.data import batch_rows, open_data, take, with_origin
 from edgeopt.errors import DataError
 from edgeopt.metrics import (AgreementMeter, EqualityMeter, FidelityMeter, Float64Scratch, json_number,
                              looks_like_class_scores)
-from edgeopt.quant.compare_matching import (DATA_MOVES, OutputCodes, TensorMatch, carried_value, compared_by_name,
+from edgeopt.quant.compare_matching import (OutputCodes, TensorMatch, carried_value, compared_by_name, computed_from,
                                             fused_chain, match_names, match_pairs, match_tensors, may_hold_original,
                                             missing_qdq_note, output_codes, quantized_input_names)
 from edgeopt.quant.compare_runs import Runs, comparison_runs
@@ -316,21 +316,11 @@ def _computing_node(value: ir.Value | None) -> ir.Node | None:
     return (fused_chain(node) or [node])[0]
 
 
-def _computed_from(value: ir.Value | None) -> ir.Value | None:
-    """The tensor ``value`` carries, past data movement and Casts (a float16 model's)."""
-    while value is not None and value.producer() is not None and value.producer().op_type in DATA_MOVES:
-        fed = [v for v in value.producer().inputs if v is not None and not eir.is_constant(v)]
-        if len(fed) != 1:
-            break
-        value = fed[0]
-    return value
-
-
 def _input_names(node: ir.Node, by_name: bool) -> list[str]:
     """The names of ``node``'s inputs as rows know them: carried by Q/DQ pairs, or (``by_name``) as computed."""
     if not by_name:
         return quantized_input_names(node)
-    return [carried.name for carried in map(_computed_from, node.inputs) if carried is not None]
+    return [carried.name for carried in map(computed_from, node.inputs) if carried is not None]
 
 
 def _with_losses(quant_model: ir.Model, rows: list[LayerComparison], by_name: bool = False) -> list[LayerComparison]:

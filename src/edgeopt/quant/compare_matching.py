@@ -44,6 +44,7 @@ __all__ = [
     "activation_pairs",
     "carried_value",
     "compared_by_name",
+    "computed_from",
     "fused_chain",
     "match_names",
     "match_tensors",
@@ -257,6 +258,16 @@ def _named_tensors(quant_model: ir.Model) -> list[ir.Value]:
             and not is_qdq_op(node, "QuantizeLinear")
             for value in node.outputs
             if value.name not in outputs and (value.dtype is None or value.dtype in _FLOAT_TYPES)]
+
+
+def computed_from(value: ir.Value | None) -> ir.Value | None:
+    """The tensor ``value`` carries, past data movement and Casts (a float16 model's)."""
+    while value is not None and value.producer() is not None and value.producer().op_type in DATA_MOVES:
+        fed = [v for v in value.producer().inputs if v is not None and not eir.is_constant(v)]
+        if len(fed) != 1:
+            break
+        value = fed[0]
+    return value
 
 
 _LOW_TYPES = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.INT8, ir.DataType.UINT8,

@@ -1,0 +1,80 @@
+"""The accuracy search for int4 weight-only models: the MatMuls adding the most noise go back to float."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import edgeopt
+from edgeopt.errors import ConfigError
+from edgeopt.quant.accuracy import RETURNED, AccuracyGoal, accuracy_aware_quantize
+from edgeopt.quant.float16 import Fp16Config
+from edgeopt.quant.int4 import Int4WeightConfig
+
+_WIDTH = 64
+
+
+def _mlp(rough: str = "fc2") -> ir.Model:
+    """x [8, 64] -> fc1 -> Relu -> fc2 -> Relu -> fc3 -> y; the ``rough`` layer's weights heavy-tailed
+    (a few large values per block: int4 rounds the rest of its block coarsely)."""
+    rng = np.random.default_rng(3)
+    nodes, initializers, x = [], [], "x"
+    for index, name in enumerate(("fc1", "fc2", "fc3")):
+        weight = rng.standard_normal((_WIDTH, _WIDTH)) / np.sqrt(_WIDTH)
+        if name == rough:
+            weight *= np.where(rng.random(weight.shape) < 0.03, 12.0, 1.0)
+        initializers.append(numpy_helper.from_array(weight.astype(np.float32), f"{name}.weight"))
+        nodes.append(helper.make_node("MatMul", [x, f"{name}.weight"], [f"{name}_out"], name=name))
+        x = f"{name}_out"
+        if index < 2:
+            nodes.append(helper.make_node("Relu", [x], [f"relu{index}"], name=f"relu{index}"))
+            x = f"relu{index}"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, _WIDTH])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [8, _WIDTH])],
+                              initializer=initializers)
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def _data(count: int = 8) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [{"x": rng.standard_normal((8, _WIDTH)).astype(np.float32)} for _ in range(count)]
+
+
+def test_the_layer_adding_the_most_noise_goes_back_to_float_first_and_the_rest_stays_int4():
+    first = accuracy_aware_quantize(_mlp(), Int4WeightConfig(),
+                                    _data(), AccuracyGoal(min_sqnr_db=200.0, max_float_nodes=1))
+    assert first.steps[0].next_node == "fc2", first.steps[0]
+    # a goal between the all-int4 model's SQNR and the float model's: met with some layers int4
+    search = accuracy_aware_quantize(_mlp(), Int4WeightConfig(), _data(),
+                                     AccuracyGoal(min_sqnr_db=first.steps[0].score + 1.0))
+    assert search.met and "fc2" in search.best_excluded and len(search.best_excluded) < 3
+    ops = [node.op_type for node in search.result.model.graph]
+    assert ops.count("MatMulNBits") == 3 - len(search.best_excluded)
+    reasons = {entry.node_name: entry.reason for entry in search.result.float_nodes}
+    assert reasons["fc2"].startswith(RETURNED) and "int8" not in reasons["fc2"]
+
+
+def test_the_api_writes_the_searched_int4_model(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    ir.save(_mlp(), path)
+    report = edgeopt.quantize(path, Int4WeightConfig(), _data(), output=tmp_path / "q.onnx",
+                              goal=AccuracyGoal(min_sqnr_db=200.0, max_float_nodes=2), check_speed=False)
+    assert report.search is not None and not report.search.met and len(report.search.best_excluded) == 2
+    assert any("accuracy goal not met" in warning for warning in report.warnings)
+    assert sum(node.op_type == "MatMulNBits" for node in onnx.load(tmp_path / "q.onnx").graph.node) == 1
+
+
+@pytest.mark.parametrize(("config", "data", "message"), [
+    (Fp16Config(), True, "apply to int8 and int4-weight quantization only"),
+    (Int4WeightConfig(), False, "measures each round on --data"),
+])
+def test_a_goal_is_refused_where_no_search_can_run(tmp_path, config, data, message):
+    path = tmp_path / "mlp.onnx"
+    ir.save(_mlp(), path)
+    with pytest.raises(ConfigError, match=message):
+        edgeopt.quantize(path, config, _data() if data else None, output=tmp_path / "q.onnx",
+                         goal=AccuracyGoal(min_sqnr_db=30.0))
+    assert not (tmp_path / "q.onnx").exists()
