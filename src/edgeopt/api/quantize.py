@@ -203,7 +203,7 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     measured on up to 64 calibration samples, and float vs quantized latency
     in ONNX Runtime, with the reasons when the quantized model is slower.
 
-    With an accuracy ``goal`` (int8 only), the most damaging layers go back to
+    With an accuracy ``goal`` (int8, int4-weight), the most damaging layers go back to
     float one by one until it is met (``evaluate(model_path) -> score`` for a
     ``max_drop`` goal; output SQNR on the calibration data for ``min_sqnr_db``).
     Warnings logged on the way (an integer input cast to float ...) are in
