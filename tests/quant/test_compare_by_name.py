@@ -103,3 +103,13 @@ def test_the_cli_shows_the_rows_of_a_weight_only_model(cli, transformer):
     assert result.code == 0, result
     assert "tensors matched by name, largest loss first" in result.stdout and "MatMulNBits" in result.stdout
     assert "matched" in result.stdout and "no QuantizeLinear" not in result.stderr
+
+
+def test_quantize_s_fidelity_check_of_a_float16_model_has_its_matmul_rows(transformer):
+    # the check compares with the float model after int8's passes, which make MatMul + Add one Gemm; the
+    # float16 model keeps both, so their rows come from the model as given
+    path, folder = transformer
+    data = _samples((1, 16, 32))
+    report = edgeopt.quantize(path, Fp16Config(), data, output=folder / "fp16_checked.onnx", check_speed=False)
+    rows = report.fidelity.layers
+    assert report.fidelity.by_name and sum(row.op_type == "MatMul" for row in rows) >= 12, len(rows)

@@ -555,8 +555,9 @@ def _fidelity(float_model: ir.Model, quant_model: ir.Model, data, preprocess,
 
     batches = FIDELITY_SAMPLES if max_samples is None else min(FIDELITY_SAMPLES, max_samples)
     reference = comparable_float(float_model)
+    # the model as given too, for a float16 or weight-only model, whose passes fuse no MatMul + Add into a Gemm
     return compare_models(reference, quant_model, calibration_source(float_model, data, preprocess, None),
-                          max_samples=batches)
+                          original=float_model, max_samples=batches)
 
 
 def _speed(float_model: ir.Model, quant_model: ir.Model, feed: Batch | None) -> SpeedCheck:
