@@ -1,0 +1,42 @@
+"""What torch's dynamo exporter (``dynamo=True``, torch's default) writes quantizes as the TorchScript
+export of the same module does: the same nodes float, about the same output SQNR.
+
+The exporter's graphs differ (native LayerNormalization, ReduceMean pooling, ``node_*`` names,
+opset 18-21); unoptimized (``optimize=False``) it also leaves BatchNormalization and computes each
+bias-free Conv's zero bias at run time. Each export takes a few seconds: keep these few.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgeopt.io import load_model
+from edgeopt.quant import Int8Config, quantize
+from tests.models import TORCH_MODELS, build_dynamo, build_onnx
+
+from .int8_models import sqnr_db
+
+
+def _inputs(name: str, count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"input": rng.standard_normal(TORCH_MODELS[name][1]).astype(np.float32)} for _ in range(count)]
+
+
+def _float_ops(result) -> list[str]:
+    return sorted(node.op_type for node in result.float_nodes)
+
+
+def test_an_unoptimized_dynamo_cnn_quantizes_as_its_torchscript_export(tmp_path):
+    """mobilenet_v3 through dynamo with optimize=False: the zero biases fold (CastLike of a constant),
+    so BatchNorm folds and every Conv is int8; the SE blocks' means, whose axes a Reshape computes,
+    get shapes once folded and pool as GlobalAveragePool. Only the HardSwish nodes stay float, as in
+    the TorchScript export."""
+    dynamo = load_model(build_dynamo("mobilenet_v3", tmp_path, 18, optimize=False))
+    torchscript = load_model(build_onnx("mobilenet_v3", tmp_path, 18))
+    calibration = _inputs("mobilenet_v3", 16, seed=0)
+    result = quantize(dynamo, Int8Config(), calibration)
+    reference = quantize(torchscript, Int8Config(), calibration)
+    assert _float_ops(result) == _float_ops(reference) == ["HardSwish"] * 7
+    assert "BatchNormalization" not in [node.op_type for node in result.model.graph]
+    held_out = _inputs("mobilenet_v3", 8, seed=1)
+    assert sqnr_db(dynamo, result.model, held_out) >= sqnr_db(torchscript, reference.model, held_out) - 1.0
