@@ -119,6 +119,25 @@ def test_shapes_the_folded_constants_make_inferable_are_inferred():
     assert_same_outputs(model, optimized)
 
 
+def test_a_shape_of_a_value_shaped_after_folding_folds_in_turn():
+    """dynamo's unoptimized GroupNorm reshapes back to ``Shape(x)`` of a value that has a shape only
+    once an earlier fold lets inference through: folding and inference alternate to a fixed point."""
+    nodes = [_constant("axes_2d", np.array([-1, -2], np.int64)),
+             _constant("flat", np.array([-1], np.int64)),
+             helper.make_node("Reshape", ["axes_2d", "flat"], ["axes"], name="axes"),
+             helper.make_node("ReduceMean", ["x", "axes"], ["mean"], name="mean", keepdims=1),
+             helper.make_node("Conv", ["mean", "w"], ["c"], name="conv", kernel_shape=[1, 1]),
+             helper.make_node("Shape", ["c"], ["c_shape"], name="shape"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "c_shape"], ["y"], name="back")]
+    model = make_model(nodes, [("x", [1, 8, 4, 4])], [("y", [1, 4, 1, 1])], [random_weight("w", [4, 8, 1, 1])],
+                       opset=18)
+    result = fold_constants(model)
+    assert op_types(result.model) == ["ReduceMean", "Conv", "Relu", "Reshape"]
+    assert [line for line in explain(result) if "not folded" in line] == []
+    assert_same_outputs(model, result.model)
+
+
 def test_large_expansions_and_unknown_ops_are_left_with_reasons():
     nodes = [_constant("shape", np.array([64, 64], np.int64)),
              helper.make_node("ConstantOfShape", ["shape"], ["big"], name="fill",

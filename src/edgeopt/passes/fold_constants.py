@@ -38,7 +38,7 @@ from onnx_ir.passes import common as common_passes
 from edgeopt import ir as eir
 from edgeopt.passes._constant_ops import CONSTANT_OPS
 from edgeopt.passes._matching import shape_text
-from edgeopt.passes._report import ReportedPassResult
+from edgeopt.passes._report import PassReport, ReportedPassResult
 from edgeopt.passes._rules import Match, Rule, RuleContext, RulePass, run_on_copy
 
 __all__ = ["DEFAULT_MAX_ELEMENTS", "SHARED_COPY_MIN_ELEMENTS", "FoldConstantsPass", "fold_constants"]
@@ -194,19 +194,34 @@ class FoldConstantsPass(RulePass):
     def __init__(self, max_elements: int = DEFAULT_MAX_ELEMENTS, *, copy_shared: bool = True) -> None:
         self.rules = (FoldConstantRule(max_elements, copy_shared=copy_shared),)
 
-    def call(self, model: ir.Model):
+    def call(self, model: ir.Model) -> ReportedPassResult:
+        """Fold to a fixed point; while that leaves values without a shape that inference then finds,
+        fold again (a Shape of a value inference just shaped folds in turn)."""
         result = super().call(model)
-        if result.modified and any(value.shape is None for node in model.graph for value in node.outputs):
-            _infer_shapes_again(model)
-        return result
+        applied = list(result.report.applied)
+        for _ in range(self.max_sweeps):
+            if not (result.modified and _infer_missing_shapes(model)):
+                break
+            result = super().call(model)
+            applied += result.report.applied
+        report = PassReport(name=self.name, modified=bool(applied), outcomes=(*applied, *result.report.refused))
+        return ReportedPassResult(model=model, modified=report.modified, report=report)
 
 
-def _infer_shapes_again(model: ir.Model) -> None:
-    """Best effort, as at loading: what inference still cannot find stays unknown."""
+def _unshaped(model: ir.Model) -> int:
+    return sum(value.shape is None for node in model.graph for value in node.outputs)
+
+
+def _infer_missing_shapes(model: ir.Model) -> bool:
+    """ONNX shape inference when values lack a shape, best effort as at loading; whether it found any."""
+    missing = _unshaped(model)
+    if not missing:
+        return False
     try:
         common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
     except Exception as error:  # an op ONNX's inference rejects: the shapes stay as they were
         logger.info("shape inference after folding skipped (%s)", str(error).splitlines()[0] if str(error) else error)
+    return _unshaped(model) < missing
 
 
 def fold_constants(model: ir.Model, *, max_elements: int = DEFAULT_MAX_ELEMENTS,
