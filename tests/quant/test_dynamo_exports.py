@@ -9,7 +9,10 @@ bias-free Conv's zero bias at run time. Each export takes a few seconds: keep th
 from __future__ import annotations
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
+import edgeopt
 from edgeopt.io import load_model
 from edgeopt.quant import Int8Config, quantize
 from tests.models import TORCH_MODELS, build_dynamo, build_onnx
@@ -40,3 +43,23 @@ def test_an_unoptimized_dynamo_cnn_quantizes_as_its_torchscript_export(tmp_path)
     assert "BatchNormalization" not in [node.op_type for node in result.model.graph]
     held_out = _inputs("mobilenet_v3", 8, seed=1)
     assert sqnr_db(dynamo, result.model, held_out) >= sqnr_db(torchscript, reference.model, held_out) - 1.0
+
+
+def test_inspect_of_a_model_holding_a_tensor_sequence_counts_the_tensors_around_it(tmp_path):
+    """dynamo, unoptimized, writes ``y.split((2, 3), 1)`` as SplitToSequence -> SequenceAt: filling the
+    shapes inference left unknown read the sequence's run result (a list) as an array and raised
+    AttributeError. A sequence has no one shape: its SequenceAt outputs are filled."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("SplitToSequence", ["r", "sizes"], ["parts"], name="split", axis=1),
+             helper.make_node("SequenceAt", ["parts", "zero"], ["a"], name="first"),
+             helper.make_node("SequenceAt", ["parts", "one"], ["b"], name="second"),
+             helper.make_node("Concat", ["b", "a"], ["y"], name="swap", axis=1)]
+    graph = helper.make_graph(
+        nodes, "split", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 4])],
+        initializer=[numpy_helper.from_array(np.array([2, 3], np.int64), "sizes"),
+                     numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                     numpy_helper.from_array(np.array(1, np.int64), "one")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "split.onnx")
+    nodes = {row.name: row for row in edgeopt.inspect(tmp_path / "split.onnx").cost.nodes}
+    assert (nodes["first"].output_shapes, nodes["second"].output_shapes) == (((1, 2, 4),), ((1, 3, 4),))
