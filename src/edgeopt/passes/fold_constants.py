@@ -10,11 +10,12 @@ arithmetic around Reshape (``Shape -> Gather -> Unsqueeze -> Concat``), whose
 exporter, unoptimized, writes a bias-free Conv's zero bias as
 ``Expand(CastLike(0, x), Shape(weight)[:1])`` (so the Conv kept a computed bias,
 its BatchNorm did not fold and it stayed float). Later rules then see plain
-initializers, and shapes: when folding leaves values of unknown shape, ONNX
-shape inference runs again, since a folded input may be what it lacked
-(dynamo's unoptimized ``ReduceMean(x, Reshape([-1, -2], [-1]))`` left the
-mean, and every value after it, without a shape, so the mean of an SE block
-was not pooled as a GlobalAveragePool).
+initializers, and shapes: when folding computed something (not only turned
+Constant nodes, which inference reads, into initializers) and values are left
+of unknown shape, ONNX shape inference runs again, since a folded input may
+be what it lacked (dynamo's unoptimized ``ReduceMean(x, Reshape([-1, -2],
+[-1]))`` left the mean, and every value after it, without a shape, so the
+mean of an SE block was not pooled as a GlobalAveragePool).
 
 Folding a node whose constant input other nodes read too leaves both the
 input and the result in the model. For shape arithmetic that is nothing; for
@@ -197,10 +198,14 @@ class FoldConstantsPass(RulePass):
     def call(self, model: ir.Model) -> ReportedPassResult:
         """Fold to a fixed point; while that leaves values without a shape that inference then finds,
         fold again (a Shape of a value inference just shaped folds in turn)."""
+        computing = [node for node in model.graph if node.op_type != "Constant"]
         result = super().call(model)
         applied = list(result.report.applied)
         for _ in range(self.max_sweeps):
-            if not (result.modified and _infer_missing_shapes(model)):
+            # inference reads Constant nodes already: only a folded computation can give it something new
+            folded = [node for node in computing if node.graph is None]
+            computing = [node for node in model.graph if node.op_type != "Constant"]
+            if not (folded and _infer_missing_shapes(model)):
                 break
             result = super().call(model)
             applied += result.report.applied
