@@ -29,7 +29,6 @@ from ``Transpose(E)`` and stores only its packed copy).
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 
 import numpy as np

@@ -52,6 +52,8 @@ def _sizes(node: ir.Node) -> np.ndarray | str:
     if shape is None:
         return "one chunk size, and the length of the split axis is not known"
     length, chunk = shape[axis % len(shape)], int(split)
+    if chunk <= 0:
+        return f"a chunk size of {chunk}"
     return np.array([chunk] * (length // chunk) + ([length % chunk] if length % chunk else []), np.int64)
 
 
@@ -99,7 +101,8 @@ class SplitSequenceRule(Rule):
                             num_outputs=len(match.sizes), name=node.name)
         graph.insert_before(node, split)
         for output, size in zip(split.outputs, match.sizes):
-            output.dtype = x.dtype
+            if x.dtype is not None:
+                output.dtype = x.dtype
             if x.shape is not None:
                 dims = list(x.shape.dims)
                 dims[axis % len(dims)] = int(size)
