@@ -16,14 +16,19 @@ Two families:
 
 Export uses torch's TorchScript exporter (``dynamo=False``): it writes the
 requested opset exactly (11..20), while the torch.export-based exporter in
-torch 2.13 always builds opset 18 and cannot down-convert. Exports run in
+torch 2.13 builds opset 18 or later and cannot down-convert. Exports run in
 training mode ``PRESERVE`` so an eval-mode model keeps its
 ``BatchNormalization`` nodes instead of having them folded into the Conv.
+``build_dynamo``/``export_dynamo`` export the same modules with the dynamo
+exporter (torch's default, ``dynamo=True``, needs onnxscript), whose graphs
+users bring too: native LayerNormalization, ``node_*`` names, opset 18-21.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import math
 import pathlib
 import tempfile
@@ -39,11 +44,13 @@ from torch.nn import functional as F
 
 __all__ = [
     "TORCH_MODELS",
+    "build_dynamo",
     "build_onnx",
     "build_torch",
     "constant_weights_model",
     "dynamic_input_model",
     "efficientnet_like",
+    "export_dynamo",
     "export_onnx",
     "external_data_model",
     "mobilenet_v2_like",
@@ -421,6 +428,49 @@ def export_onnx(
     model = onnx.load(str(path))
     _materialize_identity_initializers(model.graph)
     onnx.save(model, str(path))
+    return path
+
+
+def export_dynamo(module: nn.Module, example_inputs, path, *, opset: int = 18, optimize: bool = True,
+                  dynamic_batch: bool = False) -> pathlib.Path:
+    """Export ``module`` in eval mode with torch's dynamo exporter, weights inside the file.
+
+    One input ``input`` (``input_0``.. for several), one output ``output``; ``optimize=False``
+    keeps the graph as torchlib translates it (BatchNormalization unfolded, zero biases computed
+    by CastLike/Expand). With ``dynamic_batch`` dim 0 of every input is dynamic.
+    """
+    path = pathlib.Path(path)
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    input_names = _default_names("input", len(example_inputs))
+    dynamic_shapes = tuple({0: torch.export.Dim("batch")} for _ in example_inputs) if dynamic_batch else None
+    was_training = module.training
+    module.eval()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, example_inputs, str(path), dynamo=True, opset_version=opset,
+                              input_names=input_names, output_names=["output"], optimize=optimize,
+                              dynamic_shapes=dynamic_shapes, external_data=False)
+    finally:
+        module.train(was_training)
+    return path
+
+
+@functools.cache
+def _dynamo_bytes(name: str, opset: int, optimize: bool) -> bytes:
+    module, example = build_torch(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        return export_dynamo(module, (example,), pathlib.Path(tmp) / "m.onnx", opset=opset,
+                             optimize=optimize).read_bytes()
+
+
+def build_dynamo(name: str, tmp_dir, opset: int = 18, *, optimize: bool = True) -> pathlib.Path:
+    """``build_onnx`` with the dynamo exporter: ``tmp_dir/<name>_dynamo<opset>.onnx`` (a few seconds,
+    cached per process)."""
+    suffix = "" if optimize else "_unoptimized"
+    path = pathlib.Path(tmp_dir) / f"{name}_dynamo{opset}{suffix}.onnx"
+    path.write_bytes(_dynamo_bytes(name, opset, optimize))
     return path
 
 

@@ -165,3 +165,30 @@ def test_a_hardsigmoid_se_gate_compiles_as_a_clamped_conv(tmp_path):
     np.save(tmp_path / "calib.npy", _smooth_images(16, seed=0))
     held_out = [{"input": x[np.newaxis]} for x in _smooth_images(2, seed=1)]
     _quantize_compile_verify(float_path, tmp_path / "calib.npy", held_out, tmp_path, tensors_per_input=6)
+
+
+def test_a_model_quantized_with_a_dynamic_batch_compiles_once_its_shape_is_fixed(tmp_path):
+    """``x.view(x.size(0), -1)`` exported with a dynamic batch (and torch.flatten in the dynamo exporter's
+    unoptimized graph) keeps ``Shape -> Gather -> Unsqueeze -> Concat -> Reshape`` through quantization;
+    with --input-shape that arithmetic is constant, and compile folds it instead of refusing Shape."""
+    import torch
+    from torch import nn
+
+    from tests.models import export_onnx
+
+    class ViewHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.Linear(8 * 8 * 8, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).view(x.size(0), -1))
+
+    torch.manual_seed(0)
+    float_path = export_onnx(ViewHead(), (torch.randn(1, 3, 32, 32),), tmp_path / "view.onnx", dynamic_batch=True)
+    np.save(tmp_path / "calib.npy", _smooth_images(16, seed=0))
+    api.quantize(float_path, Int8Config(target=Target.MCU), tmp_path / "calib.npy",
+                 output=tmp_path / "view.int8.onnx", check_speed=False, check_fidelity=False)
+    api.compile_model(tmp_path / "view.int8.onnx", tmp_path / "c", measure=False, input_shapes={"input": (1, 3, 32, 32)})
+    result = verify(tmp_path / "c", [{"input": x[np.newaxis]} for x in _smooth_images(3, seed=1)])
+    assert result.bit_exact, result.first_mismatch

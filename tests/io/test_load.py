@@ -359,3 +359,26 @@ def test_a_graph_with_a_cycle_is_refused_naming_its_nodes(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "cycle.onnx")
     with pytest.raises(ModelError, match=r"cycle \('conv' -> 'relu' -> 'mix' -> 'conv'\)"):
         load_model(tmp_path / "cycle.onnx")
+
+
+def test_values_after_a_group_normalization_get_their_shapes(tmp_path):
+    """ONNX's inference leaves GroupNormalization's output (torch's dynamo export from opset 21)
+    untyped, and everything after it: the float passes then could not pool a mean or rewrite a
+    PRelu. Its output has its input's shape; the node itself is loaded as written."""
+    helper, tensor = onnx.helper, onnx.numpy_helper.from_array
+    nodes = [helper.make_node("GroupNormalization", ["x", "scale", "bias"], ["norm"], name="gn",
+                              num_groups=2, epsilon=1e-5),
+             helper.make_node("Relu", ["norm"], ["relu"], name="relu"),
+             helper.make_node("ReduceMean", ["relu", "axes"], ["y"], name="mean", keepdims=1)]
+    graph = helper.make_graph(
+        nodes, "gn", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 3, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        initializer=[tensor(np.ones(4, np.float32), "scale"), tensor(np.zeros(4, np.float32), "bias"),
+                     tensor(np.array([2, 3], np.int64), "axes")])
+    path = tmp_path / "gn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    model = load_model(path)
+    assert [tuple(node.outputs[0].shape) for node in model.graph] == [(1, 4, 3, 3), (1, 4, 3, 3), (1, 4, 1, 1)]
+    norm = model.graph.node(0)
+    assert norm.op_type == "GroupNormalization" and norm.attributes.get_int("num_groups") == 2
+    assert [value.name for value in norm.inputs] == ["x", "scale", "bias"]

@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 from hypothesis import given, settings
@@ -17,7 +18,7 @@ from torch import nn
 
 from edgeopt import ir as eir
 from edgeopt.io import load_model
-from edgeopt.passes import fold_constants
+from edgeopt.passes import fold_constants, optimize_for_quantization
 from edgeopt.passes._constant_ops import CONSTANT_OPS
 
 from ._helpers import assert_same_outputs, explain, make_model, op_types, random_weight
@@ -76,6 +77,64 @@ def test_integer_division_truncates_toward_zero_as_onnx_does():
     model = make_model(nodes, [("x", [2])], [("y", [2])])
     result = fold_constants(model)
     np.testing.assert_array_equal(eir.constant_array(result.model.graph.node(0).inputs[1]), [-3.0, -3.0])
+    assert_same_outputs(model, result.model)
+
+
+def test_castlike_of_a_constant_folds_and_the_conv_bias_it_builds_becomes_a_constant():
+    """torch's dynamo exporter, unoptimized, writes a bias-free Conv's zero bias as
+    ``Expand(CastLike(0, x), Expand(Shape(w, end=1), [1]))``: CastLike reads only x's type."""
+    nodes = [helper.make_node("Shape", ["w"], ["channels"], name="shape", start=0, end=1),
+             _constant("one", np.array([1], np.int64)),
+             helper.make_node("Expand", ["channels", "one"], ["bias_shape"], name="expand_shape"),
+             _constant("zero", np.array(0.0, np.float64)),
+             helper.make_node("CastLike", ["zero", "x"], ["zero_like"], name="castlike"),
+             helper.make_node("Expand", ["zero_like", "bias_shape"], ["bias"], name="expand_bias"),
+             helper.make_node("Conv", ["x", "w", "bias"], ["y"], name="conv", kernel_shape=[3, 3])]
+    model = make_model(nodes, [("x", [1, 3, 5, 5])], [("y", [1, 4, 3, 3])], [random_weight("w", [4, 3, 3, 3])],
+                       opset=18)
+    result = fold_constants(model)
+    assert op_types(result.model) == ["Conv"]
+    bias = eir.constant_array(result.model.graph.node(0).inputs[2])
+    assert bias.dtype == np.float32 and bias.shape == (4,) and not bias.any()
+    assert_same_outputs(model, result.model)
+
+
+def test_shapes_the_folded_constants_make_inferable_are_inferred():
+    """dynamo's unoptimized mean over H and W: ReduceMean's axes come out of a Reshape that shape
+    inference does not see through; once folded, the mean and what reads it get their shapes, and the
+    pipeline pools it as a GlobalAveragePool."""
+    nodes = [_constant("axes_2d", np.array([-1, -2], np.int64)),
+             _constant("flat", np.array([-1], np.int64)),
+             helper.make_node("Reshape", ["axes_2d", "flat"], ["axes"], name="axes"),
+             helper.make_node("ReduceMean", ["x", "axes"], ["mean"], name="mean", keepdims=1),
+             helper.make_node("Conv", ["mean", "w"], ["y"], name="conv", kernel_shape=[1, 1])]
+    model = make_model(nodes, [("x", [1, 8, 4, 4])], [("y", [1, 4, 1, 1])], [random_weight("w", [4, 8, 1, 1])],
+                       opset=18)
+    assert model.graph.node(3).outputs[0].shape is None  # inference alone cannot see the axes
+    folded = fold_constants(model).model
+    mean = next(node for node in folded.graph if node.op_type == "ReduceMean")
+    assert mean.outputs[0].shape == ir.Shape([1, 8, 1, 1])
+    optimized = optimize_for_quantization(model).model
+    assert op_types(optimized) == ["GlobalAveragePool", "Conv"]
+    assert_same_outputs(model, optimized)
+
+
+def test_a_shape_of_a_value_shaped_after_folding_folds_in_turn():
+    """dynamo's unoptimized GroupNorm reshapes back to ``Shape(x)`` of a value that has a shape only
+    once an earlier fold lets inference through: folding and inference alternate to a fixed point."""
+    nodes = [_constant("axes_2d", np.array([-1, -2], np.int64)),
+             _constant("flat", np.array([-1], np.int64)),
+             helper.make_node("Reshape", ["axes_2d", "flat"], ["axes"], name="axes"),
+             helper.make_node("ReduceMean", ["x", "axes"], ["mean"], name="mean", keepdims=1),
+             helper.make_node("Conv", ["mean", "w"], ["c"], name="conv", kernel_shape=[1, 1]),
+             helper.make_node("Shape", ["c"], ["c_shape"], name="shape"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "c_shape"], ["y"], name="back")]
+    model = make_model(nodes, [("x", [1, 8, 4, 4])], [("y", [1, 4, 1, 1])], [random_weight("w", [4, 8, 1, 1])],
+                       opset=18)
+    result = fold_constants(model)
+    assert op_types(result.model) == ["ReduceMean", "Conv", "Relu", "Reshape"]
+    assert [line for line in explain(result) if "not folded" in line] == []
     assert_same_outputs(model, result.model)
 
 

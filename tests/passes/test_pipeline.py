@@ -50,8 +50,8 @@ def test_pipeline_on_mobilenet_folds_batchnorm_and_keeps_outputs(mobilenet):
     gates = [n for n in result.model.graph if n.op_type == "Clip" and activation_clamp(n) == (0.0, 1.0)]
     assert len(gates) == 3  # SE gates stay gates (not HardSwish), folded into their convs as [0, 1] clamps
     assert [r.name for r in result.reports] == [
-        "fold-constants", "eliminate-dead-code", "fold-pad", "fold-batchnorm", "fold-affine", "fuse-matmul-add",
-        "fuse-activations", "canonicalize", "eliminate-dead-code"]
+        "fold-constants", "eliminate-dead-code", "split-sequence", "fold-pad", "fold-batchnorm", "fold-affine",
+        "fuse-matmul-add", "fuse-activations", "canonicalize", "eliminate-dead-code"]
     assert result.modified
     assert_same_outputs(mobilenet, result.model)
     assert not optimize_for_quantization(result.model).modified

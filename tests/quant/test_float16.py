@@ -634,3 +634,27 @@ def test_bf16_exclude_names_a_node_inside_a_subgraph():
     assert [(node.node_name, node.reason) for node in result.float_nodes] == [("else_mm", "excluded by config")]
     with pytest.raises(ConfigError, match="'else_mm' is neither a node name"):  # fp16 keeps subgraphs float32
         quantize(control_flow_model(), Fp16Config(exclude=("else_mm",)), data=None)
+
+
+def test_fp16_checks_the_ranges_of_a_model_holding_a_tensor_sequence():
+    """torch's dynamo exporter, unoptimized, writes ``x.chunk(2, 1)`` as SplitToSequence -> SequenceAt:
+    the range check observed the sequence as a tensor (a Reshape of it), and ONNX Runtime refused the
+    observing model. The tensors SequenceAt takes out are observed instead."""
+    nodes = [helper.make_node("Mul", ["x", "w"], ["scaled"], name="scale"),
+             helper.make_node("SplitToSequence", ["scaled", "sizes"], ["parts"], name="chunk", axis=1),
+             helper.make_node("SequenceAt", ["parts", "zero"], ["a"], name="first"),
+             helper.make_node("SequenceAt", ["parts", "one"], ["b"], name="second"),
+             helper.make_node("Add", ["a", "b"], ["y"], name="add")]
+    graph = helper.make_graph(
+        nodes, "chunk", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 3])],
+        initializer=[numpy_helper.from_array(np.full((1, 4, 1), 2.0, np.float32), "w"),
+                     numpy_helper.from_array(np.array([2, 2], np.int64), "sizes"),
+                     numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                     numpy_helper.from_array(np.array(1, np.int64), "one")])
+    model = load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    data = [random_feed(eir.model_inputs(model), seed=seed) for seed in range(4)]
+    result = quantize(model, Fp16Config(), data=data)
+    assert any(note.startswith("activation ranges checked on 4 calibration batches") for note in result.notes)
+    reference, outputs = run_both(model, result.model)
+    assert sqnr_db(reference["y"], outputs["y"]) >= FP16_MIN_SQNR_DB

@@ -54,8 +54,8 @@ def compile_model(model: ModelSource, output: str | os.PathLike, *, target: str 
     if not isinstance(model, ir.Model) and Path(output).resolve() in Path(model).resolve().parents:
         raise OutputError(f"the model {model} is inside the output folder {output}: compiling would replace it; "
                           "choose another -o")
-    result = compile_c(load(model, input_shapes=input_shapes), output, device=device, name=name,
-                       rounding=rounding, force=force)
+    result = compile_c(_static_shape_arithmetic_folded(load(model, input_shapes=input_shapes)), output,
+                       device=device, name=name, rounding=rounding, force=force)
     host = None
     if measure:
         try:
@@ -65,6 +65,23 @@ def compile_model(model: ModelSource, output: str | os.PathLike, *, target: str 
     report = CompileReport(result=result, host=host)
     report.write()
     return report
+
+
+def _static_shape_arithmetic_folded(model: ir.Model) -> ir.Model:
+    """``model`` with the shape arithmetic a dynamic dim left in it folded, now that every shape is fixed.
+
+    A model quantized with a dynamic batch keeps ``Shape -> Squeeze/Gather -> Concat -> Reshape``
+    (``x.view(x.size(0), -1)``, and torch.flatten in the dynamo exporter's unoptimized graph): the C has
+    no Shape kernel, and once ``--input-shape`` fixes the shapes those nodes are constants. A model
+    without Shape or Size nodes is compiled as it is.
+    """
+    if not any(node.op_type in ("Shape", "Size") for node in model.graph):
+        return model
+    from edgeopt.passes import EliminateDeadCodePass, FoldConstantsPass
+
+    FoldConstantsPass()(model)
+    EliminateDeadCodePass()(model)
+    return model
 
 
 def verify(out_dir: str | os.PathLike, data, *, preprocess: ImagePreprocess | None = None,

@@ -397,12 +397,37 @@ def _attach_weights(model: ir.Model, detached: Mapping[str, ir.Tensor]) -> None:
         initializers[name].const_value = tensor
 
 
+# Ops whose output has the shape and type of their first input but which ONNX's shape inference
+# (1.23) leaves untyped, and with them every value after them: GroupNormalization, which torch's
+# dynamo exporter writes from opset 21 (a GroupNorm CNN then lost every shape past its first
+# norm, and with them the float passes' rewrites: a mean pooled as GlobalAveragePool, a PRelu as
+# LeakyRelu). Inference runs with an Identity standing in for each.
+_SHAPE_OF_INPUT_OPS = frozenset({"GroupNormalization"})
+
+
 def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    stand_ins = _stand_in_identities(proto.graph)
     try:
-        return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception as error:  # inference is best effort; runtime fills the gaps
         logger.warning("ONNX shape inference failed (%s); shapes come from running the model", error)
-        return proto
+        inferred = proto
+    for index, node in stand_ins.items():
+        inferred.graph.node[index].CopyFrom(node)
+    return inferred
+
+
+def _stand_in_identities(graph: onnx.GraphProto) -> dict[int, onnx.NodeProto]:
+    """Turn each :data:`_SHAPE_OF_INPUT_OPS` node of ``graph`` into an Identity of its first input, in
+    place; return the original nodes by position, to put back after inference."""
+    originals = {}
+    for index, node in enumerate(graph.node):
+        if node.op_type in _SHAPE_OF_INPUT_OPS and node.domain in ("", "ai.onnx") and len(node.output) == 1:
+            originals[index] = onnx.NodeProto()
+            originals[index].CopyFrom(node)
+            identity = onnx.helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name)
+            node.CopyFrom(identity)
+    return originals
 
 
 def load_model(

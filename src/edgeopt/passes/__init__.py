@@ -27,11 +27,13 @@ from edgeopt.passes.fuse_activations import (
     is_relu6,
 )
 from edgeopt.passes.fuse_matmul_add import FuseMatMulAddPass, fuse_matmul_add
+from edgeopt.passes.split_sequence import SplitSequencePass, split_sequence
 
 #: Every pass class, for meta-tests and the CLI's ``passes`` listing.
 ALL_PASSES: tuple[type[RulePass], ...] = (
     FoldConstantsPass,
     EliminateDeadCodePass,
+    SplitSequencePass,
     FoldPadPass,
     FoldBatchNormPass,
     FoldAffinePass,
@@ -59,6 +61,7 @@ __all__ = [
     "RuleContext",
     "RuleOutcome",
     "RulePass",
+    "SplitSequencePass",
     "activation_clamp",
     "canonicalize",
     "default_passes",
@@ -72,4 +75,5 @@ __all__ = [
     "fuse_matmul_add",
     "is_relu6",
     "optimize_for_quantization",
+    "split_sequence",
 ]

@@ -24,6 +24,7 @@ from edgeopt.passes.fold_constants import FoldConstantsPass
 from edgeopt.passes.fold_pad import FoldPadPass
 from edgeopt.passes.fuse_activations import FuseActivationsPass
 from edgeopt.passes.fuse_matmul_add import FuseMatMulAddPass
+from edgeopt.passes.split_sequence import SplitSequencePass
 
 __all__ = ["PipelineResult", "default_passes", "optimize_for_quantization"]
 
@@ -43,6 +44,8 @@ def default_passes(*, copy_shared: bool = True, fuse_gemm: bool = True,
         FoldConstantsPass(copy_shared=copy_shared),
         # Identity/Dropout and orphaned nodes go, so "only reader" checks count real readers.
         EliminateDeadCodePass(),
+        # A tensor sequence only taken apart again (dynamo's unoptimized torch.split) becomes a Split.
+        SplitSequencePass(),
         # A zero Pad before a Conv becomes the Conv's own padding.
         FoldPadPass(),
         # BatchNormalization after Conv/ConvTranspose/Gemm/MatMul becomes part of the weights.

@@ -5,8 +5,17 @@ evaluating it once (numpy, :mod:`edgeopt.passes._constant_ops`) and storing
 the result as an initializer removes the node. Exporters leave many such
 nodes: ``Constant`` nodes holding weights and scalars, and the shape
 arithmetic around Reshape (``Shape -> Gather -> Unsqueeze -> Concat``), whose
-``Shape`` is itself constant once the input shape is static. Later rules
-then see plain initializers.
+``Shape`` is itself constant once the input shape is static, and
+``CastLike(constant, x)``, which reads only the type of ``x``: torch's dynamo
+exporter, unoptimized, writes a bias-free Conv's zero bias as
+``Expand(CastLike(0, x), Shape(weight)[:1])`` (so the Conv kept a computed bias,
+its BatchNorm did not fold and it stayed float). Later rules then see plain
+initializers, and shapes: when folding computed something (not only turned
+Constant nodes, which inference reads, into initializers) and values are left
+of unknown shape, ONNX shape inference runs again, since a folded input may
+be what it lacked (dynamo's unoptimized ``ReduceMean(x, Reshape([-1, -2],
+[-1]))`` left the mean, and every value after it, without a shape, so the
+mean of an SE block was not pooled as a GlobalAveragePool).
 
 Folding a node whose constant input other nodes read too leaves both the
 input and the result in the model. For shape arithmetic that is nothing; for
@@ -20,17 +29,21 @@ from ``Transpose(E)`` and stores only its packed copy).
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes import common as common_passes
 
 from edgeopt import ir as eir
 from edgeopt.passes._constant_ops import CONSTANT_OPS
 from edgeopt.passes._matching import shape_text
-from edgeopt.passes._report import ReportedPassResult
+from edgeopt.passes._report import PassReport, ReportedPassResult
 from edgeopt.passes._rules import Match, Rule, RuleContext, RulePass, run_on_copy
 
 __all__ = ["DEFAULT_MAX_ELEMENTS", "SHARED_COPY_MIN_ELEMENTS", "FoldConstantsPass", "fold_constants"]
+
+logger = logging.getLogger(__name__)
 
 #: Results larger than this (and larger than every input) are not materialized.
 DEFAULT_MAX_ELEMENTS = 1 << 20
@@ -99,6 +112,8 @@ class FoldConstantRule(Rule):
             return None  # a second name for a weight: dead-code removal makes its readers read the weight
         if node.op_type in ("Shape", "Size") and eir.static_shape(node.inputs[0]) is not None:
             return _ConstantNode(nodes=(node,), node=node)
+        if node.op_type == "CastLike" and eir.is_constant(node.inputs[0]) and node.inputs[1].dtype is not None:
+            return _ConstantNode(nodes=(node,), node=node)  # only the type of input 1 is read
         inputs = [v for v in node.inputs if v is not None]
         if inputs and all(eir.is_constant(v) for v in inputs):
             return _ConstantNode(nodes=(node,), node=node)
@@ -130,6 +145,8 @@ class FoldConstantRule(Rule):
             return array if array is not None else "sparse or string Constant"
         if node.op_type in ("Shape", "Size"):
             return _shape_result(node)
+        if node.op_type == "CastLike":
+            return eir.constant_array(node.inputs[0]).astype(node.inputs[1].dtype.numpy())
         function = CONSTANT_OPS.get(node.op_type)
         if function is None:
             return f"no constant evaluator for {node.op_type}"
@@ -156,6 +173,7 @@ class FoldConstantsPass(RulePass):
 
     * ``Constant`` nodes -> initializers of the same name;
     * ``Shape``/``Size`` of a value with a static shape -> int64 initializer;
+    * ``CastLike`` of a constant to a value of known type -> the constant in that type;
     * any op of :data:`~edgeopt.passes._constant_ops.CONSTANT_OPS` (Reshape,
       Unsqueeze, Cast, Concat, Gather, Slice, Add, Mul, ...) whose inputs are
       all constants -> its result.
@@ -165,14 +183,49 @@ class FoldConstantsPass(RulePass):
     ConstantOfShape), outputs that are graph outputs, multi-output nodes,
     and with ``copy_shared=False`` a copy of a constant other nodes read.
     Never folds Quantize/DequantizeLinear. Preconditions: none; shapes need
-    to be inferred (as ``load_model`` does) for Shape folding. Rewrites the
-    model it is given (main graph only).
+    to be inferred (as ``load_model`` does) for Shape folding. After folding,
+    values still without a shape get one from ONNX shape inference where the
+    folded constants make it possible. Rewrites the model it is given (main
+    graph only).
     """
 
     name = "fold-constants"
 
     def __init__(self, max_elements: int = DEFAULT_MAX_ELEMENTS, *, copy_shared: bool = True) -> None:
         self.rules = (FoldConstantRule(max_elements, copy_shared=copy_shared),)
+
+    def call(self, model: ir.Model) -> ReportedPassResult:
+        """Fold to a fixed point; while that leaves values without a shape that inference then finds,
+        fold again (a Shape of a value inference just shaped folds in turn)."""
+        computing = [node for node in model.graph if node.op_type != "Constant"]
+        result = super().call(model)
+        applied = list(result.report.applied)
+        for _ in range(self.max_sweeps):
+            # inference reads Constant nodes already: only a folded computation can give it something new
+            folded = [node for node in computing if node.graph is None]
+            computing = [node for node in model.graph if node.op_type != "Constant"]
+            if not (folded and _infer_missing_shapes(model)):
+                break
+            result = super().call(model)
+            applied += result.report.applied
+        report = PassReport(name=self.name, modified=bool(applied), outcomes=(*applied, *result.report.refused))
+        return ReportedPassResult(model=model, modified=report.modified, report=report)
+
+
+def _unshaped(model: ir.Model) -> int:
+    return sum(value.shape is None for node in model.graph for value in node.outputs)
+
+
+def _infer_missing_shapes(model: ir.Model) -> bool:
+    """ONNX shape inference when values lack a shape, best effort as at loading; whether it found any."""
+    missing = _unshaped(model)
+    if not missing:
+        return False
+    try:
+        common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+    except Exception as error:  # an op ONNX's inference rejects: the shapes stay as they were
+        logger.info("shape inference after folding skipped (%s)", str(error).splitlines()[0] if str(error) else error)
+    return _unshaped(model) < missing
 
 
 def fold_constants(model: ir.Model, *, max_elements: int = DEFAULT_MAX_ELEMENTS,

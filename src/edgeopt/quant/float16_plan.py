@@ -160,6 +160,9 @@ def _keep_float32_reason(node: ir.Node, exclude: tuple[str, ...], opset: int, *,
         return f"op of domain {node.domain!r}: no float16 schema to check"
     if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()):
         return "control flow: its subgraphs are kept float32"
+    if any(isinstance(v.type, ir.SequenceType) for v in float_values([*node.inputs, *node.outputs])):
+        # SplitToSequence computed float16 into a sequence still typed float32: ONNX Runtime refused the model
+        return "it reads or writes a tensor sequence (kept float32)"
     if node.op_type in numeric_ops:
         return numeric_ops[node.op_type]
     forced = next((float32_values[v] for v in (*node.inputs, *node.outputs) if v in float32_values), None)

@@ -145,7 +145,10 @@ def _check_activations(model: ir.Model, data: Iterable[Batch], check: RangeCheck
     from edgeopt.quant.calibrate import calibrate
     from edgeopt.quant.config import CalibrationConfig
 
-    values = {v.name: v for v in all_float_values(model.graph) if v.name and not is_constant(v)}
+    # tensors only: a sequence of float tensors (SplitToSequence, dynamo's unoptimized chunk) has no range of
+    # its own to observe (its tensors are observed where SequenceAt takes them out) and cannot be reshaped
+    values = {v.name: v for v in all_float_values(model.graph)
+              if v.name and not is_constant(v) and not isinstance(v.type, ir.SequenceType)}
     calibration = calibrate(model, data, list(values), CalibrationConfig(), progress=progress)
     peaks = {}
     for name, tensor in calibration.tensors.items():

@@ -207,8 +207,8 @@ def fill_missing_shapes(model: ir.Model, feed: Mapping[str, np.ndarray] | None =
     Returns how many values were filled. The model's graph values are updated
     in place (this is a fresh model owned by the caller, never the user's file).
     """
-    missing = [v for node in model.graph for v in node.outputs
-               if v.name and (eir.static_shape(v) is None or v.dtype is None)]
+    missing = [v for node in model.graph for v in node.outputs if v.name and not isinstance(v.type, ir.SequenceType)
+               and (eir.static_shape(v) is None or v.dtype is None)]  # a sequence has no one shape
     if not missing:
         return 0
     results = _run_for(model, missing, feed)
