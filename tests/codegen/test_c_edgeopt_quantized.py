@@ -189,6 +189,7 @@ def test_a_model_quantized_with_a_dynamic_batch_compiles_once_its_shape_is_fixed
     np.save(tmp_path / "calib.npy", _smooth_images(16, seed=0))
     api.quantize(float_path, Int8Config(target=Target.MCU), tmp_path / "calib.npy",
                  output=tmp_path / "view.int8.onnx", check_speed=False, check_fidelity=False)
-    api.compile_model(tmp_path / "view.int8.onnx", tmp_path / "c", measure=False, input_shapes={"input": (1, 3, 32, 32)})
+    api.compile_model(tmp_path / "view.int8.onnx", tmp_path / "c", measure=False,
+                      input_shapes={"input": (1, 3, 32, 32)})
     result = verify(tmp_path / "c", [{"input": x[np.newaxis]} for x in _smooth_images(3, seed=1)])
     assert result.bit_exact, result.first_mismatch
