@@ -17,23 +17,30 @@ from edgeopt.quant.int4 import Int4WeightConfig
 _WIDTH = 64
 
 
-def _mlp(rough: str = "fc2") -> ir.Model:
+def _mlp(rough: str = "fc2", *, transposed: str = "", also_output: str = "") -> ir.Model:
     """x [8, 64] -> fc1 -> Relu -> fc2 -> Relu -> fc3 -> y; the ``rough`` layer's weights heavy-tailed
-    (a few large values per block: int4 rounds the rest of its block coarsely)."""
+    (a few large values per block: int4 rounds the rest of its block coarsely); the ``transposed`` layer
+    reads its weight through a Transpose (as a tied LM head does); ``also_output`` is a model output too."""
     rng = np.random.default_rng(3)
     nodes, initializers, x = [], [], "x"
     for index, name in enumerate(("fc1", "fc2", "fc3")):
         weight = rng.standard_normal((_WIDTH, _WIDTH)) / np.sqrt(_WIDTH)
         if name == rough:
             weight *= np.where(rng.random(weight.shape) < 0.03, 12.0, 1.0)
-        initializers.append(numpy_helper.from_array(weight.astype(np.float32), f"{name}.weight"))
-        nodes.append(helper.make_node("MatMul", [x, f"{name}.weight"], [f"{name}_out"], name=name))
+        weight_name = f"{name}.weight"
+        if name == transposed:
+            weight = weight.T
+            nodes.append(helper.make_node("Transpose", [weight_name], [f"{name}.weight_t"], name=f"{name}_t"))
+        initializers.append(numpy_helper.from_array(weight.astype(np.float32), weight_name))
+        nodes.append(helper.make_node("MatMul", [x, f"{name}.weight_t" if name == transposed else weight_name],
+                                      [f"{name}_out"], name=name))
         x = f"{name}_out"
         if index < 2:
             nodes.append(helper.make_node("Relu", [x], [f"relu{index}"], name=f"relu{index}"))
             x = f"relu{index}"
+    outputs = [x, *([also_output] if also_output else [])]
     graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, _WIDTH])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [8, _WIDTH])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, [8, _WIDTH]) for o in outputs],
                               initializer=initializers)
     return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
@@ -55,6 +62,26 @@ def test_the_layer_adding_the_most_noise_goes_back_to_float_first_and_the_rest_s
     assert ops.count("MatMulNBits") == 3 - len(search.best_excluded)
     reasons = {entry.node_name: entry.reason for entry in search.result.float_nodes}
     assert reasons["fc2"].startswith(RETURNED) and "int8" not in reasons["fc2"]
+
+
+def test_an_unreachable_goal_returns_every_layer_and_ends_with_the_float_model():
+    search = accuracy_aware_quantize(_mlp(), Int4WeightConfig(), _data(), AccuracyGoal(min_sqnr_db=200.0))
+    assert search.met and set(search.best_excluded) == {"fc1", "fc2", "fc3"}
+    assert not any(node.op_type == "MatMulNBits" for node in search.result.model.graph)
+
+
+def test_a_layer_reading_its_weight_through_a_transpose_is_ranked_too():
+    # int4 names the constant behind the Transpose as the weight it quantized (a tied LM head's case)
+    search = accuracy_aware_quantize(_mlp(rough="fc3", transposed="fc3"), Int4WeightConfig(float_passes=False),
+                                     _data(), AccuracyGoal(min_sqnr_db=200.0, max_float_nodes=1))
+    assert search.steps[0].next_node == "fc3", search.steps[0]
+
+
+def test_an_input_that_is_a_model_output_too_is_measured_not_taken_as_exact():
+    # relu1, fc3's input, is compared as a model output, not as a layer row
+    search = accuracy_aware_quantize(_mlp(rough="fc3", also_output="relu1"), Int4WeightConfig(), _data(),
+                                     AccuracyGoal(min_sqnr_db=200.0, max_float_nodes=1))
+    assert search.steps[0].next_node == "fc3" and "dB lost inside the node" in search.steps[0].reason, search.steps[0]
 
 
 def test_the_api_writes_the_searched_int4_model(tmp_path):

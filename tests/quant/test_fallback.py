@@ -9,6 +9,7 @@ import pytest
 import edgeopt
 from edgeopt.errors import ConfigError
 from edgeopt.quant.accuracy import AccuracyGoal, accuracy_aware_quantize
+from edgeopt.quant.compare import compare_models
 from edgeopt.quant.config import Fallback, Int8Config
 from edgeopt.quant.fallback import IN_FLOAT16, KEPT_FLOAT32
 from edgeopt.quant.int8 import quantize_int8
@@ -75,10 +76,63 @@ def test_the_accuracy_search_returns_model_nodes_and_they_compute_in_float16():
     assert all(reasons[name].endswith(IN_FLOAT16) for name in search.best_excluded), reasons
 
 
+def test_the_search_returns_the_int8_nodes_behind_a_float16_node_as_it_does_with_a_float32_one():
+    # conv2 excluded and computing in float16 reads conv1's output through a Cast: conv1, the pool and fc
+    # must still be candidates (a node reading Cast(DQ(x)) reads x quantized)
+    returned = {}
+    for fallback in ("float", "fp16"):
+        search = accuracy_aware_quantize(_net(), Int8Config(exclude=("conv2",), fallback=fallback),
+                                         batches(_SHAPE, 8), AccuracyGoal(min_sqnr_db=200.0))
+        returned[fallback] = set(search.best_excluded)
+    assert returned["fp16"] == returned["float"] == {"conv1", "pool", "fc"}, returned
+
+
+def test_compare_matches_a_quantized_tensor_a_float16_node_writes():
+    # relu2 computes in float16 and is quantized for the pool through a Cast to float32 (another name)
+    data = batches(_SHAPE, 4)
+    rows = {}
+    for fallback in ("float", "fp16"):
+        result = quantize_int8(_net(), Int8Config(exclude=("conv2",), fallback=fallback), data)
+        comparison = compare_models(_net(), result.model, data)
+        assert comparison.unmatched == ()
+        rows[fallback] = {row.tensor: row.lost_db is not None for row in comparison.layers}
+    assert rows["fp16"] == rows["float"] and rows["fp16"]["relu2"] and rows["fp16"]["pool"], rows
+
+
+def test_a_node_reading_a_float16_cast_twice_is_one_float_island():
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["q"], name="q"),
+             helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["dq"], name="dq"),
+             helper.make_node("Cast", ["dq"], ["half"], name="to_half", to=TensorProto.FLOAT16),
+             helper.make_node("Mul", ["half", "half"], ["square"], name="square"),
+             helper.make_node("Cast", ["square"], ["y"], name="to_float", to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+                              initializer=[numpy_helper.from_array(np.array(0.1, np.float32), "scale"),
+                                           numpy_helper.from_array(np.array(128, np.uint8), "zero")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [island.op_type for island in float_islands(model)] == ["Mul (float16)"]
+
+
 def test_the_speed_check_names_the_ops_computing_in_float16():
     result = quantize_int8(_net(), Int8Config(exclude=("fc",), fallback="fp16"), batches(_SHAPE, 8))
     # fc reads the pool in float, so the pool computes in float16 too: the first op behind the Cast
     assert "GlobalAveragePool (float16)" in {island.op_type for island in float_islands(result.model)}
+
+
+def test_a_float_matmul_the_float16_crash_workaround_rewrites_still_computes_in_float16():
+    # MatMul(Transpose(h, perm=[1, 0, 2]), W) in float16 crashes ONNX Runtime 1.32: the conversion computes
+    # the MatMul before the Transpose, a new node of the same name, which the fallback still converts
+    rng = np.random.default_rng(0)
+    g = GraphBuilder()
+    h = g.node("MatMul", ["x", g.weight("w0", (16, 16))], "mm0")
+    y = g.node("MatMul", [g.node("Transpose", [h], "tr", perm=[1, 0, 2]), g.weight("w1", (16, 16))], "mm1")
+    data = [{"x": rng.standard_normal((2, 4, 16)).astype(np.float32)} for _ in range(8)]
+    result = quantize_int8(g.model([y], (2, 4, 16)), Int8Config(exclude=("mm1",), fallback="fp16"), data)
+    reasons = {entry.node_name: entry.reason for entry in result.float_nodes}
+    assert reasons == {"mm1": f"excluded (--exclude); {IN_FLOAT16}"}
+    assert _node(result.model, "mm1").inputs[1].dtype == ir.DataType.FLOAT16
 
 
 def test_a_model_wholly_in_int8_says_the_fallback_had_nothing_to_convert():

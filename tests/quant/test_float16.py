@@ -639,7 +639,8 @@ def test_bf16_exclude_names_a_node_inside_a_subgraph():
 def test_fp16_checks_the_ranges_of_a_model_holding_a_tensor_sequence():
     """torch's dynamo exporter, unoptimized, writes ``x.chunk(2, 1)`` as SplitToSequence -> SequenceAt:
     the range check observed the sequence as a tensor (a Reshape of it), and ONNX Runtime refused the
-    observing model. The tensors SequenceAt takes out are observed instead."""
+    observing model. The tensors SequenceAt takes out are observed instead. Without the float passes,
+    whose split-sequence pass would turn the sequence into a Split first."""
     nodes = [helper.make_node("Mul", ["x", "w"], ["scaled"], name="scale"),
              helper.make_node("SplitToSequence", ["scaled", "sizes"], ["parts"], name="chunk", axis=1),
              helper.make_node("SequenceAt", ["parts", "zero"], ["a"], name="first"),
@@ -654,7 +655,8 @@ def test_fp16_checks_the_ranges_of_a_model_holding_a_tensor_sequence():
                      numpy_helper.from_array(np.array(1, np.int64), "one")])
     model = load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
     data = [random_feed(eir.model_inputs(model), seed=seed) for seed in range(4)]
-    result = quantize(model, Fp16Config(), data=data)
+    result = quantize(model, Fp16Config(float_passes=False), data=data)
+    assert "SplitToSequence" in [node.op_type for node in result.model.graph]
     assert any(note.startswith("activation ranges checked on 4 calibration batches") for note in result.notes)
     reference, outputs = run_both(model, result.model)
     assert sqnr_db(reference["y"], outputs["y"]) >= FP16_MIN_SQNR_DB

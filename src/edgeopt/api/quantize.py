@@ -360,7 +360,9 @@ def _check_request(model: ModelSource, config: object, data, *, output, preproce
     if data is None and (preprocess is not None or max_samples is not None):
         raise ConfigError(f"{'--preprocess' if preprocess is not None else '--max-samples'} applies to --data: "
                           "give --data too, or drop it")
-    fp16_fallback = getattr(getattr(config, "fallback", None), "value", None) == "fp16"
+    from edgeopt.quant import Fallback, Int8Config
+
+    fp16_fallback = isinstance(config, Int8Config) and config.fallback is Fallback.FP16
     if isinstance(data, Iterator) and (goal is not None or getattr(config, "smoothquant_alpha", None) is not None
                                        or fp16_fallback):
         needs = ("the accuracy search" if goal is not None else "--fallback fp16" if fp16_fallback
@@ -524,8 +526,12 @@ def _low_fidelity(result: QuantResult, fidelity: CompareResult) -> list[str]:
             text += ("; `edgeopt compare` shows the layers where the error arises, "
                      + ("--gptq rounds the weights for the least output error, " if rounds else "")
                      + "and --min-sqnr DB or --exclude returns the worst to float")
+        elif result.scheme == "int4":
+            text += ("; `edgeopt compare` shows the layers where the error arises, and --min-sqnr DB or --exclude "
+                     "returns the worst to float")
         else:  # fp16 keeps the nodes of out-of-range weights and (with data) activations float32 already
-            text += "; `edgeopt compare` gives the output rows, and --exclude keeps the nodes you name in float32"
+            text += ("; `edgeopt compare` shows the layers where the error arises, and --exclude keeps the nodes "
+                     "you name in float32")
         warnings.append(text)
     return warnings
 

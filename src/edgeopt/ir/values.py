@@ -150,3 +150,11 @@ def subgraphs(node: ir.Node) -> list[ir.Graph]:
         elif attribute.type == ir.AttributeType.GRAPHS:
             graphs.extend(attribute.as_graphs())
     return graphs
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """ONNX shape inference over ``model`` in place, best effort as at loading: types and shapes, with data
+    propagation through shape arithmetic, and no error for what it cannot infer."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)

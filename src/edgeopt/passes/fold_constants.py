@@ -33,7 +33,6 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import common as common_passes
 
 from edgeopt import ir as eir
 from edgeopt.passes._constant_ops import CONSTANT_OPS
@@ -222,7 +221,7 @@ def _infer_missing_shapes(model: ir.Model) -> bool:
     if not missing:
         return False
     try:
-        common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+        eir.infer_shapes(model)
     except Exception as error:  # an op ONNX's inference rejects: the shapes stay as they were
         logger.info("shape inference after folding skipped (%s)", str(error).splitlines()[0] if str(error) else error)
     return _unshaped(model) < missing

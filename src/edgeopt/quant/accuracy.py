@@ -19,9 +19,9 @@ same: the float model runs once per sample (:class:`FloatReference`). A
 Ctrl-C keeps the best model of the rounds scored so far.
 
 Once the goal is met with several nodes back in float, each of them is tried
-in int8 again, earliest first (a node that looked worst early may have changed
+in int8 (int4) again, earliest first (a node that looked worst early may have changed
 nothing: the damage was downstream of a node returned later): one that the
-goal holds without runs in int8 again. The model returned is then the one
+goal holds without runs in int8 (int4) again. The model returned is then the one
 meeting the goal with the fewest float nodes.
 """
 
@@ -44,7 +44,7 @@ from edgeopt.quant.calibration_memo import CalibrationMemo
 from edgeopt.quant.compare import CompareResult, compare_models
 from edgeopt.quant.compare_matching import (carried_value, computed_from, fused_chain, quantized_input_names,
                                             value_names)
-from edgeopt.quant.config import Int8Config
+from edgeopt.quant.config import Fallback, Int8Config
 from edgeopt.quant.fallback import fallback_part, past_fallback_casts
 from edgeopt.quant.float_reference import FloatReference
 from edgeopt.quant.int4 import Int4WeightConfig, quantize_int4
@@ -53,7 +53,7 @@ from edgeopt.quant.ops import is_qdq_op
 from edgeopt.quant.model_checks import check_exclude, vanished_excludes
 from edgeopt.quant.placement import (DATA_MOVEMENT_OPS, READ_IN_FLOAT, readers_behind_qdq,
                                      readers_past_data_movement)
-from edgeopt.quant.registry import QuantResult
+from edgeopt.quant.registry import FloatNode, QuantResult
 
 __all__ = ["RETURNED", "AccuracyGoal", "AccuracySearch", "AccuracyStep", "accuracy_aware_quantize"]
 
@@ -175,7 +175,7 @@ def _base_model(model: ir.Model, config: Int8Config | Int4WeightConfig | None = 
         base = model.clone()
         weight_only_float_passes(base, config.exclude, run=config.float_passes, subgraphs=True)
         # typed, as a loaded model is: the rounds' tensors are matched by name to its float ones
-        common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(base)
+        eir.infer_shapes(base)
     else:
         base = convert_opset(model, QDQ_OPSET) if eir.default_opset(model) < QDQ_OPSET else model.clone()
         base = optimize_for_quantization(base).model
@@ -235,26 +235,51 @@ def _float_node_names(result: QuantResult) -> set[str]:
     return {f.node_name for f in result.float_nodes if not f.reason.startswith(READ_IN_FLOAT)}
 
 
+def _all_float(model: ir.Model, config: Int4WeightConfig) -> QuantResult:
+    """An int4 round with every layer back in float: the float model, its layers listed as excluded."""
+    float_nodes = tuple(FloatNode(node.name, node.op_type, "excluded by config") for node in model.graph
+                        if node.name in config.exclude)
+    return QuantResult(model=model, scheme="int4", tensors=(), float_nodes=float_nodes,
+                       notes=("every layer is back in float: the model is the float model",), config=config)
+
+
+def _int4_layers(base: ir.Model, result: QuantResult) -> dict[str, ir.Node]:
+    """The MatMul/Gemm nodes of ``base`` whose weights ``result`` holds in int4, by the name of their output
+    (a weight read through a Transpose, a tied embedding's, is named by the constant behind it)."""
+    quantized = {info.name for info in result.tensors if info.kind == "weight"}
+    layers = {}
+    for node in base.graph:
+        weight = node.inputs[1] if eir.is_op(node, "MatMul", "Gemm") and len(node.inputs) > 1 else None
+        transpose = weight.producer() if weight is not None else None
+        if transpose is not None and transpose.op_type == "Transpose":
+            weight = transpose.inputs[0]
+        if weight is not None and weight.name in quantized:
+            layers[node.outputs[0].name] = node
+    return layers
+
+
 def _weight_damage(base: ir.Model, result: QuantResult, comparison: CompareResult) -> list[_Candidate]:
     """Weight-only (int4): the layers whose weights ``result`` holds in int4, most damaging first: by the
     noise (relative to the signal) added inside the op computing with them, from the SQNR of its output
-    (a row matched by name, a MatMulNBits', or a model output) and of its inputs'. A layer whose inputs are
-    exact (the first, or one after layers returned to float) adds all its output's noise."""
-    quantized = {info.name for info in result.tensors if info.kind == "weight"}
-    values = value_names(base.graph)
-    sqnr = {row.tensor: row.sqnr_db for row in comparison.layers}
-    measured = [*sqnr.items(), *((row.name, row.sqnr_db) for row in comparison.outputs if row.signal)]
+    (a row matched by name, a MatMulNBits', or a model output) and of its input. A layer whose input is
+    exact (a model input, or the output of layers returned to float) adds all its output's noise; one whose
+    input was not measured is ranked as if it were, and says so."""
+    measured = {row.tensor: row.sqnr_db for row in comparison.layers}
+    measured |= {row.name: row.sqnr_db for row in comparison.outputs if row.signal}
+    inputs = {value.name for value in base.graph.inputs}
     ranked = []
-    for name, output_db in measured:
-        node = values[name].producer() if name in values else None
-        if node is None or not eir.is_op(node, "MatMul", "Gemm") or len(node.inputs) < 2 \
-                or node.inputs[1] is None or node.inputs[1].name not in quantized:
+    for name, node in _int4_layers(base, result).items():
+        if name not in measured:
             continue
         carried = computed_from(node.inputs[0])
-        input_db = sqnr.get(carried.name, math.inf) if carried is not None else math.inf
-        added = 10 ** (-output_db / 10) - (10 ** (-input_db / 10) if math.isfinite(input_db) else 0.0)
-        inside = "its input exact" if math.isinf(input_db) else f"{input_db - output_db:.1f} dB lost inside the node"
-        ranked.append(_Candidate(added, node, f"output SQNR {output_db:.1f} dB, {inside}"))
+        input_db = measured.get(carried.name, math.inf) if carried is not None else math.inf
+        added = 10 ** (-measured[name] / 10) - (10 ** (-input_db / 10) if math.isfinite(input_db) else 0.0)
+        if math.isfinite(input_db):
+            inside = f"{input_db - measured[name]:.1f} dB lost inside the node"
+        else:
+            exact = carried is not None and (carried.name in inputs or carried.name in measured)
+            inside = "its input exact" if exact else "its input not measured (counted as exact)"
+        ranked.append(_Candidate(added, node, f"output SQNR {measured[name]:.1f} dB, {inside}"))
     ranked.sort(key=lambda item: (-item.damage, item.node.name))
     return ranked
 
@@ -320,6 +345,7 @@ class _Search:
                  evaluate: Evaluate | None) -> None:
         self.base, self.config, self.data, self.goal, self.evaluate = base, config, data, goal, evaluate
         self.scheme = "int4" if isinstance(config, Int4WeightConfig) else "int8"  # what a node runs in, if not float
+        self.int4_layers: dict[str, ir.Node] | None = None  # the first int4 round's, by output name
         self.started = time.monotonic()
         self.memo = CalibrationMemo()  # the rounds differ only in what is excluded: one calibration serves them
         self.float_reference = FloatReference(base)  # and the float side of every round's comparison is the same
@@ -328,9 +354,14 @@ class _Search:
 
     def quantize(self, excluded: tuple[str, ...]) -> QuantResult:
         config = replace(self.config, exclude=tuple(dict.fromkeys(self.config.exclude + excluded)))
-        if isinstance(config, Int4WeightConfig):
-            return quantize_int4(self.base.clone(), config, self.data)
-        return quantize_int8(self.base.clone(), config, self.data, memo=self.memo)
+        if not isinstance(config, Int4WeightConfig):
+            return quantize_int8(self.base.clone(), config, self.data, memo=self.memo)
+        if self.int4_layers and all(node.name in config.exclude for node in self.int4_layers.values()):
+            return _all_float(self.base.clone(), config)  # what int4 would refuse: nothing left to quantize
+        result = quantize_int4(self.base.clone(), config, self.data)
+        if self.int4_layers is None:
+            self.int4_layers = _int4_layers(self.base, result)
+        return result
 
     def candidates(self, result: QuantResult, comparison: CompareResult,
                    excluded: tuple[str, ...]) -> list[_Candidate]:
@@ -361,9 +392,11 @@ class _Search:
 
     @property
     def calibration_passes(self) -> int:
-        """Passes over the data that quantized: int8's rounds share theirs; each int4 round reads the data
-        for its layers' input statistics."""
-        return len(self.steps) if isinstance(self.config, Int4WeightConfig) else self.memo.passes
+        """Passes over the data that quantized: int8's rounds share theirs, and with ``--fallback fp16`` each
+        reads it again for the float16 range check; each int4 round reads it for its layers' statistics."""
+        if isinstance(self.config, Int4WeightConfig):
+            return len(self.steps)
+        return self.memo.passes + (len(self.steps) if self.config.fallback is Fallback.FP16 else 0)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -410,7 +443,8 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config | Int4WeightConf
 
 
 def _search(search: _Search, float_score: float, progress: Callable[[int, int | None], None] | None) -> str:
-    """The rounds, then the retrying in int8 of the nodes they returned once the goal is met; why it stopped."""
+    """The rounds, then the retrying in int8 (int4) of the nodes they returned once the goal is met; why it
+    stopped."""
     stopped = _rounds(search, float_score, progress)
     if search.goal.met(search.best[0], float_score) and len(search.best[2]) > 1:
         pruned = _prune(search, float_score)
@@ -421,7 +455,7 @@ def _search(search: _Search, float_score: float, progress: Callable[[int, int | 
 
 def _interrupted_text(search: _Search, float_score: float) -> str:
     rounds = count_of(len(search.steps), "round", "rounds")
-    if search.goal.met(search.best[0], float_score):  # the retrying in int8 of the nodes returned
+    if search.goal.met(search.best[0], float_score):  # the retrying in int8 (int4) of the nodes returned
         return f"goal met ({search.goal.describe()}), then interrupted after {rounds} while retrying in " \
                f"{search.scheme} the nodes returned to float"
     return f"interrupted after {rounds}"
@@ -473,15 +507,15 @@ def _returned_together(candidates: list[_Candidate], room: int) -> list[_Candida
 
 
 def _prune(search: _Search, float_score: float) -> int:
-    """Try each node of the goal-meeting ``search.best`` in int8 again, earliest first, keeping it there when
-    the goal still holds; within the time budget. ``search.best`` becomes the goal-meeting round with the
-    fewest float nodes; how many went back to int8."""
+    """Try each node of the goal-meeting ``search.best`` in int8 (int4) again, earliest first, keeping it there
+    when the goal still holds; within the time budget. ``search.best`` becomes the goal-meeting round with the
+    fewest float nodes; how many went back to int8 (int4)."""
     pruned = 0
     met_by = next(step for step in search.steps if step.returned and step.excluded + step.returned == search.best[2])
     for node_name in search.best[2][:len(met_by.excluded)]:  # the last ones returned are what met the goal
         if search.elapsed() + search.steps[-1].seconds > search.goal.time_budget_s:
-            logger.warning(f"the time budget ended the retrying of float nodes in {search.scheme} before %s: the model "
-                           "keeps it and the nodes after it in float", node_name)
+            logger.warning("the time budget ended the retrying of float nodes in %s before %s: the model "
+                           "keeps it and the nodes after it in float", search.scheme, node_name)
             break
         round_start = time.monotonic()
         trial = tuple(name for name in search.best[2] if name != node_name)

@@ -73,7 +73,9 @@ Progress = Callable[[int, int | None], None]
 
 @dataclass(frozen=True, kw_only=True)
 class LayerComparison:
-    """Fidelity of one quantized activation to its float counterpart."""
+    """Fidelity of one quantized activation to its float counterpart. A tensor matched by name (a float16 or
+    weight-only model's) has no scale: ``scale`` is NaN, ``zero_point`` None and ``zero_point_dtype`` its
+    type there (``float16``, ``float``)."""
 
     tensor: str
     quant_tensor: str

@@ -35,10 +35,10 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.quant.ops import is_qdq_op
+from edgeopt.quant.ops import is_float16_cast, is_qdq_op
+from edgeopt.quant.placement import DATA_MOVEMENT_OPS
 
 __all__ = [
-    "DATA_MOVES",
     "OutputCodes",
     "TensorMatch",
     "activation_pairs",
@@ -170,10 +170,23 @@ def may_hold_original(float_model: ir.Model, quant_model: ir.Model) -> bool:
     return False
 
 
+def _half_behind(value: ir.Value) -> ir.Value | None:
+    """The float16 value ``value`` is a Cast to float32 of (a node computing in float16 under ``--fallback
+    fp16`` writes it under the float model's name), else None."""
+    cast = value.producer()
+    if cast is None or cast.op_type != "Cast" or cast.attributes.get_int("to") != ir.DataType.FLOAT:
+        return None
+    return cast.inputs[0] if cast.inputs[0] is not None and cast.inputs[0].dtype == ir.DataType.FLOAT16 else None
+
+
 def _counterpart(quantize: ir.Node, dequantize: ir.Node, float_values: Mapping[str, ir.Value],
                  original_values: Mapping[str, ir.Value]) -> tuple[ir.Value, bool] | None:
-    """The float value the pair stands in for, and whether it is the original model's."""
-    for name in (quantize.inputs[0].name, dequantize.outputs[0].name):
+    """The float value the pair stands in for, and whether it is the original model's (a value a node
+    computing in float16 writes is quantized through a Cast to float32, named otherwise: the cast value's
+    name is the one to look for)."""
+    quantized = quantize.inputs[0]
+    half = _half_behind(quantized)
+    for name in ((half.name,) if half is not None else ()) + (quantized.name, dequantize.outputs[0].name):
         if _kept_as_given(name, quantize.inputs[0], float_values, original_values):
             return original_values[name], True
         if name in float_values:
@@ -216,9 +229,9 @@ def match_pairs(float_model: ir.Model, quant_model: ir.Model,
 
 # ---------------------------------------------------------- a model without Q/DQ pairs: tensors by name
 
-#: Ops whose output is a rearrangement of their input's values: a row for it repeats its input's.
-DATA_MOVES = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split",
-                        "Expand", "MaxPool", "Identity", "Concat", "Cast"})
+#: Ops whose output rearranges their input's values, so that a row for it repeats its input's: placement's data
+#: movement, and Concat and Cast (a float16 model's joins), which change no value either.
+DATA_MOVES = frozenset({*DATA_MOVEMENT_OPS, "Concat", "Cast"})
 
 
 #: Ops that compute what another op computes in the float model (a weight-only model's MatMulNBits), by
@@ -355,10 +368,16 @@ def match_tensors(float_model: ir.Model, quant_model: ir.Model) -> tuple[TensorM
 
 
 def carried_value(value: ir.Value | None) -> ir.Value | None:
-    """The float value a QuantizeLinear -> DequantizeLinear pair carries to ``value``, if it is one."""
+    """The float value a QuantizeLinear -> DequantizeLinear pair carries to ``value``, if it is one (through
+    the Cast to float16 ``--fallback fp16`` puts between the pair and a node computing in float16)."""
+    cast = value.producer() if value is not None else None
+    if is_float16_cast(cast):
+        value = cast.inputs[0]
     dequantize = value.producer() if value is not None else None
     quantize_node = dequantize.inputs[0].producer() if is_qdq_op(dequantize, "DequantizeLinear") else None
-    return quantize_node.inputs[0] if is_qdq_op(quantize_node, "QuantizeLinear") else None
+    if not is_qdq_op(quantize_node, "QuantizeLinear"):
+        return None
+    return _half_behind(quantize_node.inputs[0]) or quantize_node.inputs[0]
 
 
 def quantized_input_names(node: ir.Node) -> list[str]:

@@ -70,7 +70,7 @@ def _float32_outputs(model: ir.Model) -> ir.Model:
 
 
 def comparison_runs(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatch], outputs: list[str],
-          original: ir.Model | None = None, float_reference: FloatReference | None = None) -> Runs:
+                    original: ir.Model | None = None, float_reference: FloatReference | None = None) -> Runs:
     """The float model with its matched tensors exposed, or ``float_reference`` of it (and the original
     float model with those that are its); the quantized model as is, for the outputs; and the quantized
     model with its matched DQ outputs exposed, for the per-layer rows."""

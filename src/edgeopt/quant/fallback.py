@@ -7,8 +7,8 @@ float16, as a mixed int8/fp16 deployment does on a runtime with float16
 kernels (GPU, NPU, ARM CPUs with FP16 arithmetic): their weights are stored
 at half the size, and a Cast joins each to its int8 neighbours' float32
 Q/DQ side. :func:`edgeopt.quant.float16.convert_fp16` does the conversion, with
-its checks: a node whose values float16 cannot hold (beyond +-65504 on the
-calibration data, read again for that), or an op float16 does not suit
+its checks: a node whose values float16 cannot hold (beyond +-32752, half its
+range, on the calibration data, read again for that), or an op float16 does not suit
 (:data:`edgeopt.quant.float16.FLOAT32_OPS`), stays float32 and says why. The
 int8 nodes, the Q/DQ pairs and the model's inputs and outputs keep their types.
 """
@@ -21,11 +21,10 @@ import onnx_ir as ir
 
 from edgeopt.metrics import count_of
 from edgeopt.quant.float16 import convert_fp16
+from edgeopt.quant.ops import is_float16_cast
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback
 
 __all__ = ["IN_FLOAT16", "KEPT_FLOAT32", "fallback_part", "fp16_fallback", "past_fallback_casts"]
-
-_FLOAT16 = ir.DataType.FLOAT16
 
 #: Appended to the reason of a float node that computes in float16,
 IN_FLOAT16 = "computes in float16 (--fallback fp16)"
@@ -47,7 +46,7 @@ def past_fallback_casts(nodes: Iterable[ir.Node]) -> list[ir.Node]:
     accuracy search returns those to float, not a Cast the float model does not have)."""
     found = []
     for node in nodes:
-        if node.op_type == "Cast" and node.domain in ("", "ai.onnx") and node.attributes.get_int("to") == _FLOAT16:
+        if is_float16_cast(node):
             found += [use.node for output in node.outputs for use in output.uses()]
         else:
             found.append(node)
@@ -58,18 +57,17 @@ def fp16_fallback(model: ir.Model, float_nodes: Sequence[FloatNode], data: Itera
                   progress: ProgressCallback | None = None) -> tuple[tuple[FloatNode, ...], list[str]]:
     """``float_nodes`` of the int8 ``model`` (rewritten in place) computing in float16 where it holds
     their values; returns the float nodes, each reason saying which type it computes in, and the notes."""
-    names = {entry.node_name for entry in float_nodes}
-    within = [node for node in model.graph if node.name in names]
-    conversion = convert_fp16(model, (), data, within=within, progress=progress)
+    conversion = convert_fp16(model, (), data, within={entry.node_name for entry in float_nodes}, progress=progress)
+    present = {node.name for node in model.graph}  # the crash workaround replaces a Transpose before a MatMul
     low = {node.name for node in conversion.plan.low_nodes}
     kept = {node.name: reason for node, reason in conversion.plan.kept}
     nodes = tuple(entry._replace(reason=f"{entry.reason}; {IN_FLOAT16}") if entry.node_name in low
                   else entry._replace(reason=f"{entry.reason}; {KEPT_FLOAT32}: {kept[entry.node_name]}")
                   if entry.node_name in kept else entry
-                  for entry in float_nodes)
+                  for entry in float_nodes if entry.node_name in present)
     log = conversion.log
     computes = "computes" if len(low) == 1 else "compute"
-    notes = [f"--fallback fp16: {len(low)} of {count_of(len(float_nodes), 'float node', 'float nodes')} {computes} "
+    notes = [f"--fallback fp16: {len(low)} of {count_of(len(nodes), 'float node', 'float nodes')} {computes} "
              f"in float16 ({count_of(len(log.tensors), 'weight', 'weights')}, {log.bytes_before} -> "
              f"{log.bytes_after} bytes; {count_of(len(conversion.casts.made), 'Cast node', 'Cast nodes')} join "
              "them to the float32 side of the Q/DQ pairs)"]

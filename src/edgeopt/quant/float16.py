@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
@@ -277,10 +276,6 @@ def _float_passes(model: ir.Model, config: Fp16Config | Bf16Config) -> list[str]
                                     subgraphs=isinstance(config, Bf16Config))
 
 
-def _infer_types(model: ir.Model) -> None:
-    common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
-
-
 def _float_nodes(kept: Iterable[tuple[ir.Node, str]]) -> tuple[FloatNode, ...]:
     return tuple(FloatNode(node.name or node.op_type, node.op_type, reason) for node, reason in kept)
 
@@ -386,12 +381,13 @@ class Fp16Conversion:
 
 
 def convert_fp16(model: ir.Model, exclude: tuple[str, ...], data: Iterable[Batch] | None, *,
-                 io_dtype: ir.DataType = _FLOAT, within: Collection[ir.Node] | None = None,
+                 io_dtype: ir.DataType = _FLOAT, within: Collection[str] | None = None,
                  progress: ProgressCallback | None = None) -> Fp16Conversion:
     """Float16 weights and compute for the nodes of ``model`` that float16 suits (in place; see the module
-    docstring), graph inputs and outputs in ``io_dtype``. ``within``: only these nodes may compute in
-    float16 (the float nodes of an int8 model); the others keep their types and are not listed as kept."""
-    _infer_types(model)
+    docstring), graph inputs and outputs in ``io_dtype``. ``within``: only the nodes of these names may
+    compute in float16 (the float nodes of an int8 model: by name, as the float16 crash workaround replaces
+    a MatMul by one of the same name); the others keep their types and are not listed as kept."""
+    eir.infer_shapes(model)
     crash_notes = _avoid_ort_fp16_crashes(model)
     ranges = check_fp16_ranges(model, data, progress=progress)
     graph, opset = model.graph, eir.default_opset(model)
@@ -452,7 +448,7 @@ def _avoid_ort_fp16_crashes(model: ir.Model) -> list[str]:
     swapped = _transpose_after_matmul(model.graph)
     if not swapped:
         return []
-    _infer_types(model)
+    eir.infer_shapes(model)
     return [f"{count_of(swapped, 'MatMul', 'MatMuls')} of a Transpose(perm=[1, 0, 2]) by a 2-D weight computed "
             "before the Transpose instead (the same values): ONNX Runtime 1.32 crashes creating a session for "
             "that float16 pattern"]
@@ -506,7 +502,7 @@ def quantize_bf16(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | N
     """Bfloat16 weight storage with float32 compute; see the module docstring. ``data`` is not used."""
     model, opset_notes = _bf16_opset(model, config, data)
     passes = _float_passes(model, config)
-    _infer_types(model)
+    eir.infer_shapes(model)
     graph, opset = model.graph, eir.default_opset(model)
     plan = plan_half_precision(graph, config.exclude, opset, _BFLOAT16, numeric_ops={}, io_dtype=_FLOAT,
                                weights_only=True)

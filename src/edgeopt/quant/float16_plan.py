@@ -221,19 +221,19 @@ class HalfPrecisionPlan:
 def plan_half_precision(graph: ir.Graph, exclude: tuple[str, ...], opset: int, low: ir.DataType, *,
                         numeric_ops: Mapping[str, str], io_dtype: ir.DataType,
                         float32_values: Mapping[ir.Value, str] | None = None,
-                        weights_only: bool = False, within: Collection[ir.Node] | None = None) -> HalfPrecisionPlan:
+                        weights_only: bool = False, within: Collection[str] | None = None) -> HalfPrecisionPlan:
     """The nodes of ``graph`` that compute in ``low``, and those kept float32 with the reason.
 
     ``float32_values``: values that must stay float32 (out of the low type's range), each with the
     reason given to every node that reads or writes it. ``weights_only`` (bf16: weights stored low,
     compute float32) plans only where constants may be stored low: activation types do not matter,
     and an op outside the ONNX domain whose schema ONNX Runtime has is planned by that schema.
-    ``within``: only these nodes are planned; the others keep their types and are not listed as kept.
+    ``within``: only the nodes of these names are planned; the others keep their types and are not listed.
     """
     plan = HalfPrecisionPlan(graph=graph, opset=opset, low=low, io_dtype=io_dtype)
     # Weights only, the nodes of subgraphs (If branches, Loop bodies) may read low weights through a Cast too
     for node in graph.all_nodes() if weights_only else graph:
-        if _is_constant_node(node) or (within is not None and node not in within):
+        if _is_constant_node(node) or (within is not None and node.name not in within):
             continue
         reason = _keep_float32_reason(node, exclude, opset, numeric_ops=numeric_ops,
                                       float32_values=float32_values or {}, weights_only=weights_only)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 __all__ = ["FUSED_BETWEEN_PAIRS", "MCU_OP_RULES", "OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule", "QUANTIZED_OP_TYPES",
-           "is_qdq_op", "weight_axis"]
+           "is_float16_cast", "is_qdq_op", "weight_axis"]
 
 
 class OpRole(enum.Enum):
@@ -139,6 +139,13 @@ QDQ_DOMAINS = ("", "ai.onnx", "com.microsoft")
 def is_qdq_op(node: ir.Node | None, op_type: str) -> bool:
     """True when ``node`` is ``op_type`` in one of the QDQ domains."""
     return node is not None and node.op_type == op_type and node.domain in QDQ_DOMAINS
+
+
+def is_float16_cast(node: ir.Node | None) -> bool:
+    """True when ``node`` casts to float16: in an int8 model, ``--fallback fp16``'s join between the float32
+    side of a Q/DQ pair and a node computing in float16."""
+    return (node is not None and node.op_type == "Cast" and node.domain in ("", "ai.onnx")
+            and node.attributes.get_int("to") == ir.DataType.FLOAT16)
 
 
 def weight_axis(node: ir.Node, weight_rank: int) -> int | None:

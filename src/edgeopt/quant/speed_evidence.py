@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.quant.ops import QDQ_DOMAINS, is_qdq_op
+from edgeopt.quant.ops import QDQ_DOMAINS, is_float16_cast, is_qdq_op
 
 __all__ = [
     "INT8_CAPABLE_OPS",
@@ -119,12 +119,12 @@ def float_islands(model: ir.Model, *, int8_ops: frozenset[str] = INT8_CAPABLE_OP
             continue
         if not any(_is_activation_dequantize(value) for value in node.inputs):
             continue
-        if node.op_type == "Cast" and node.attributes.get_int("to") == ir.DataType.FLOAT16:  # --fallback fp16
+        if is_float16_cast(node):  # --fallback fp16: the nodes reading the Cast compute in float16
             islands += [FloatIsland(node=eir.node_label(use.node), op_type=f"{use.node.op_type} (float16)")
                         for use in node.outputs[0].uses()]
         else:
             islands.append(FloatIsland(node=eir.node_label(node), op_type=node.op_type))
-    return tuple(islands)
+    return tuple(dict.fromkeys(islands))  # a node fed by two such Casts is one island
 
 
 def _is_activation_dequantize(value: ir.Value | None) -> bool:
