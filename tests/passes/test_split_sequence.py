@@ -61,6 +61,18 @@ def test_a_computed_position_is_left_with_the_reason():
     assert explain(result) == ["split + take: not rewritten: a SequenceAt position is not a constant within the parts"]
 
 
+def test_two_graph_outputs_taking_out_the_same_part_are_left_with_the_reason():
+    # one Split output cannot carry both names: rewritten, one output would lose its name
+    nodes = [helper.make_node("SplitToSequence", ["x", "split"], ["parts"], name="split", axis=1),
+             helper.make_node("SequenceAt", ["parts", "zero"], ["a"], name="take_a"),
+             helper.make_node("SequenceAt", ["parts", "zero"], ["b"], name="take_b")]
+    model = make_model(nodes, [("x", [1, 4])], [("a", [1, 2]), ("b", [1, 2])],
+                       [_int64("split", [2, 2]), _int64("zero", 0)], opset=18)
+    result = split_sequence(model)
+    assert explain(result) == ["split + take_a + take_b: not rewritten: two graph outputs take the same part out"]
+    assert [value.name for value in result.model.graph.outputs] == ["a", "b"]
+
+
 def test_the_float_passes_leave_no_sequence():
     model = _yolo_split([2, 2, 5], [0, 1, 2])
     assert "SplitToSequence" not in op_types(optimize_for_quantization(model).model)

@@ -86,6 +86,9 @@ class SplitSequenceRule(Rule):
         positions = [_position(reader, len(sizes)) for reader in match.readers]
         if None in positions:
             return "a SequenceAt position is not a constant within the parts"
+        named = [position for reader, position in zip(match.readers, positions) if reader.outputs[0].is_graph_output()]
+        if len(named) != len(set(named)):  # one Split output cannot carry two graph outputs' names
+            return "two graph outputs take the same part out"
         match.sizes, match.positions = sizes, positions
         return None
 
