@@ -42,8 +42,7 @@ from edgeopt.errors import ConfigError, Interrupted
 from edgeopt.metrics import count_of, json_number
 from edgeopt.quant.calibration_memo import CalibrationMemo
 from edgeopt.quant.compare import CompareResult, compare_models
-from edgeopt.quant.compare_matching import (carried_value, computed_from, fused_chain, quantized_input_names,
-                                            value_names)
+from edgeopt.quant.compare_matching import carried_value, computed_from, fused_chain, quantized_input_names
 from edgeopt.quant.config import Fallback, Int8Config
 from edgeopt.quant.fallback import fallback_part, past_fallback_casts
 from edgeopt.quant.float_reference import FloatReference
