@@ -195,14 +195,27 @@ def test_models_with_different_inputs_are_refused(mobilenet, tmp_path):
         compare_models(float_path, ir.from_proto(quant), _samples(1, seed=6))
 
 
-def test_models_without_a_common_output_are_refused(mobilenet):
+def test_models_without_a_common_output_are_refused():
+    # two outputs each, none of the same name: which is which is not known (one each is compared by position)
+    data = [{"x": np.linspace(-1, 1, 4, dtype=np.float32).reshape(1, 4)}]
+    float_model, quant_model = _two_output_model("offsets"), _two_output_model("offsets_renamed")
+    quant_model.graph.output[0].name = "scores_renamed"
+    for node in quant_model.graph.node:
+        node.output[:] = ["scores_renamed" if name == "scores" else name for name in node.output]
+    with pytest.raises(DataError, match="no output name"):
+        compare_models(ir.from_proto(float_model), ir.from_proto(quant_model), data)
+
+
+def test_a_single_output_of_another_name_is_compared_by_position(mobilenet, caplog):
     float_path, quant_path = mobilenet
     quant = onnx.load(str(quant_path))
     quant.graph.output[0].name = "logits"
     for node in quant.graph.node:
         node.output[:] = ["logits" if name == "output" else name for name in node.output]
-    with pytest.raises(DataError, match="no output name"):
-        compare_models(float_path, ir.from_proto(quant), _samples(1, seed=6))
+    with caplog.at_level("WARNING"):
+        result = compare_models(float_path, ir.from_proto(quant), _samples(2, seed=6))
+    assert [row.name for row in result.outputs] == ["output"] and result.outputs[0].sqnr_db > 10
+    assert "compared by position" in caplog.text
 
 
 

@@ -113,3 +113,14 @@ def test_quantize_s_fidelity_check_of_a_float16_model_has_its_matmul_rows(transf
     report = edgeopt.quantize(path, Fp16Config(), data, output=folder / "fp16_checked.onnx", check_speed=False)
     rows = report.fidelity.layers
     assert report.fidelity.by_name and sum(row.op_type == "MatMul" for row in rows) >= 12, len(rows)
+
+
+def test_a_single_output_renamed_by_a_converter_is_compared_by_position(transformer):
+    path, folder = transformer
+    data = _samples((1, 16, 32))
+    model = ir.load(_quantized(path, Fp16Config(), data, folder / "fp16_renamed.onnx"))
+    model.graph.outputs[0].name = "logits"  # the float model calls it "output"
+    result = edgeopt.compare(path, model, data)
+    assert [row.name for row in result.outputs] == ["output"] and result.outputs[0].sqnr_db > 40
+    assert any("compared by position" in warning for warning in result.warnings), result.warnings
+    assert model.graph.outputs[0].name == "logits"  # the model given is not renamed

@@ -180,6 +180,20 @@ def _load(model: ModelSource) -> ir.Model:
     return load_model(model, require_static=False)
 
 
+def _renamed_output(float_model: ir.Model, quant_model: ir.Model) -> ir.Model:
+    """``quant_model``, or a copy whose one output is named as the float model's one output when the two
+    differ (a converter that renamed it): the two are compared by position, and a warning says so."""
+    (float_output,), (quant_output,) = float_model.graph.outputs, quant_model.graph.outputs
+    taken = {v.name for v in quant_model.graph.inputs} | {v.name for node in quant_model.graph for v in node.outputs}
+    if float_output.name == quant_output.name or float_output.name in taken:
+        return quant_model
+    logger.warning("the models' one output is named %s in the float model and %s in the quantized model: compared "
+                   "by position", float_output.name, quant_output.name)
+    renamed = quant_model.clone()
+    renamed.graph.outputs[0].name = float_output.name
+    return renamed
+
+
 def _check_interfaces(float_model: ir.Model, quant_model: ir.Model) -> list[str]:
     """The output names both models have; refuses models with different inputs."""
     float_inputs = [s.name for s in eir.model_inputs(float_model)]
@@ -294,6 +308,8 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     float_ir, quant_ir = _load(float_model), _load(quant_model)
     if float_reference is not None and float_reference.model is not float_ir:  # its tensors would be another's
         raise ValueError("compare_models: float_reference was made for another float model than float_model")
+    if len(float_ir.graph.outputs) == len(quant_ir.graph.outputs) == 1:
+        quant_ir = _renamed_output(float_ir, quant_ir)
     outputs = _check_interfaces(float_ir, quant_ir)
     original_ir = _load(original) if original is not None and may_hold_original(float_ir, quant_ir) else None
     matches, unmatched, pairs = match_pairs(float_ir, quant_ir, original_ir)
