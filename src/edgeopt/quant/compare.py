@@ -44,7 +44,7 @@ from edgeopt.metrics import (AgreementMeter, EqualityMeter, FidelityMeter, Float
                              looks_like_class_scores)
 from edgeopt.quant.compare_matching import (OutputCodes, TensorMatch, carried_value, compared_by_name, computed_from,
                                             fused_chain, match_names, match_pairs, match_tensors, may_hold_original,
-                                            missing_qdq_note, output_codes, quantized_input_names)
+                                            missing_qdq_note, output_codes, quantized_input_names, value_names)
 from edgeopt.quant.compare_runs import Runs, comparison_runs
 from edgeopt.quant.rescaled import Rescaled, read_rescaled
 
@@ -184,8 +184,7 @@ def _renamed_output(float_model: ir.Model, quant_model: ir.Model) -> ir.Model:
     """``quant_model``, or a copy whose one output is named as the float model's one output when the two
     differ (a converter that renamed it): the two are compared by position, and a warning says so."""
     (float_output,), (quant_output,) = float_model.graph.outputs, quant_model.graph.outputs
-    taken = {v.name for v in quant_model.graph.inputs} | {v.name for node in quant_model.graph for v in node.outputs}
-    if float_output.name == quant_output.name or float_output.name in taken:
+    if float_output.name == quant_output.name or float_output.name in value_names(quant_model.graph):
         return quant_model
     logger.warning("the models' one output is named %s in the float model and %s in the quantized model: compared "
                    "by position", float_output.name, quant_output.name)
@@ -313,7 +312,8 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     outputs = _check_interfaces(float_ir, quant_ir)
     original_ir = _load(original) if original is not None and may_hold_original(float_ir, quant_ir) else None
     matches, unmatched, pairs = match_pairs(float_ir, quant_ir, original_ir)
-    if not pairs and compared_by_name(quant_ir):
+    by_name = not pairs and compared_by_name(quant_ir)
+    if by_name:
         matches = match_names(float_ir, quant_ir, original_ir)
     source = open_data(data, eir.model_inputs(float_ir))
     source = take(source, max_samples) if max_samples is not None else source
@@ -322,10 +322,10 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     _stream(source, runs, meters, progress)
     if meters.samples == 0:
         raise DataError("the data gave no samples: point --data at at least one sample")
-    return CompareResult(samples=meters.samples, layers=tuple(_with_losses(quant_ir, meters.layer_rows(), not pairs)),
+    return CompareResult(samples=meters.samples, layers=tuple(_with_losses(quant_ir, meters.layer_rows(), by_name)),
                          outputs=tuple(meters.output_rows()), quantized_tensors=pairs,
                          unmatched=tuple(unmatched), skipped=tuple(meters.skipped), rows=meters.rows,
-                         by_name=not pairs and bool(matches))
+                         by_name=by_name and bool(matches))
 
 
 def _computing_node(value: ir.Value | None) -> ir.Node | None:
