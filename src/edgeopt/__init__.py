@@ -32,7 +32,7 @@ _EXPORTS = {
                     "edgeopt.quant.config"),
     **dict.fromkeys(("Bf16Config", "Fp16Config"), "edgeopt.quant.float16"),
     **dict.fromkeys(("INT8", "UINT8"), "edgeopt.quant.formats"),  # Int8Config(activation_format=UINT8)
-    "Int4WeightConfig": "edgeopt.quant.int4",
+    **dict.fromkeys(("Int4WeightConfig", "WeightFallback"), "edgeopt.quant.int4"),
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]
@@ -48,4 +48,4 @@ if TYPE_CHECKING:  # the names for type checkers and IDEs
     from edgeopt.quant.config import CalibrationMethod, Fallback, Int8Config, PerBlock, PerChannel, PerTensor, Target
     from edgeopt.quant.float16 import Bf16Config, Fp16Config
     from edgeopt.quant.formats import INT8, UINT8
-    from edgeopt.quant.int4 import Int4WeightConfig
+    from edgeopt.quant.int4 import Int4WeightConfig, WeightFallback

@@ -159,4 +159,4 @@ def test_the_cli_refuses_fallback_with_a_scheme_it_does_not_apply_to(cli, tmp_pa
     path = tmp_path / "net.onnx"
     ir.save(_net(), path)
     result = cli("quantize", path, "-o", tmp_path / "q.onnx", "--scheme", "fp16", "--fallback", "fp16")
-    assert_one_line_error(result, "--fallback applies to --scheme int8 and uint8 only")
+    assert_one_line_error(result, "--fallback fp16 applies to --scheme int8 and uint8 only, not fp16")

@@ -259,7 +259,7 @@ def packed_weights(model: ir.Model, node: ir.Node) -> MatMulNBitsWeight:
     return MatMulNBitsWeight(packed=constant[1], scales=constant[2],
                              zero_points=constant[3] if len(constant) > 3 else None,
                              k=attributes.get_int("K"), n=attributes.get_int("N"),
-                             block_size=attributes.get_int("block_size"))
+                             block_size=attributes.get_int("block_size"), bits=attributes.get_int("bits"))
 
 
 @pytest.mark.parametrize("block_size", [32, 128])

@@ -21,7 +21,7 @@ from edgeopt.errors import ConfigError, DataError, EdgeoptError, Interrupted, Ou
 from edgeopt.io import (FILE_BYTES_KEY, atomic_write_files, check_writable, model_file_bytes, model_files,
                         model_to_bytes)
 from edgeopt.metrics import count_of, json_text
-from edgeopt.quant.accuracy import RETURNED, AccuracyGoal, AccuracySearch, accuracy_aware_quantize
+from edgeopt.quant.accuracy import RETURNED, RETURNED_TO_8_BITS, AccuracyGoal, AccuracySearch, accuracy_aware_quantize
 from edgeopt.quant.compare import CompareResult
 from edgeopt.quant.placement import EXCLUDED
 from edgeopt.quant.registry import Batch, QuantResult
@@ -42,7 +42,7 @@ LOW_FIDELITY_DB = 10.0
 # --equalize-relu6's change of the float model itself is a warning when the int8 model's output SQNR is
 # within this of it: most of the int8 model's error is then that change, not quantization.
 RELU6_DOMINATES_DB = 3.0
-_KEPT_REASONS = (EXCLUDED, RETURNED)
+_KEPT_REASONS = (EXCLUDED, RETURNED, RETURNED_TO_8_BITS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -403,7 +403,8 @@ def _result_warnings(config: object, result: QuantResult, search: AccuracySearch
     if search is not None and not search.met:
         warnings.append(f"accuracy goal not met ({search.goal.describe()}): best score "
                         f"{search.goal.score_text(search.best_score)} with "
-                        f"{count_of(len(search.best_excluded), 'node', 'nodes')} back in float; "
+                        f"{count_of(len(search.best_excluded), 'node', 'nodes')} "
+                        f"{search.kept_where}; "
                         f"{search.stopped_because}")
     if not isinstance(config, Int8Config):
         return warnings

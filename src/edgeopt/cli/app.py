@@ -300,7 +300,9 @@ def quantize(
     fallback: Annotated[FallbackChoice, typer.Option(
         "--fallback", help="What the nodes kept out of int8 (--exclude, the accuracy search, no integer kernel) "
                            "compute in: float (float32), or fp16 where float16 holds their values (for "
-                           "runtimes with float16 kernels; weights half the size).")] = FallbackChoice.float,
+                           "runtimes with float16 kernels; weights half the size). int4-weight: float, or int8 "
+                           "to hold the weights of the layers kept out of int4 in 8 bits (same blocks).")]
+    = FallbackChoice.float,
     max_samples: Annotated[Optional[int], typer.Option(
         "--max-samples", min=1, help="Use at most N calibration batches (samples, for data of batch 1).")] = None,
     evaluate: Annotated[Optional[str], typer.Option("--eval", metavar="MODULE:FUNCTION",
@@ -362,7 +364,8 @@ def _kept_text(report: api.QuantizeReport) -> str:
     met = "met" if search.met else "not met"
     return (f"the best model found so far is written to {report.output} (goal {search.goal.describe()} {met}, "
             f"score {search.goal.score_text(search.best_score)}, "
-            f"{count_of(len(search.best_excluded), 'node', 'nodes')} back in float)")
+            f"{count_of(len(search.best_excluded), 'node', 'nodes')} "
+            f"{search.kept_where})")
 
 
 def _seconds(text: str) -> float:
@@ -380,15 +383,16 @@ def _seconds(text: str) -> float:
 
 def _render_search(search) -> None:
     goal = search.goal
+    to_8_bits = search.returned_to != "float"
     rows = table(f"accuracy search: {goal.describe()} -> {search.stopped_because}",
-                 [("round", "right"), ("float nodes", "right"), ("score", "right"), ("next back to float", "left"),
-                  ("why", "left")])
+                 [("round", "right"), ("8-bit layers" if to_8_bits else "float nodes", "right"), ("score", "right"),
+                  ("next to 8 bits" if to_8_bits else "next back to float", "left"), ("why", "left")])
     low = "int4" if search.result.scheme == "int4" else "int8"
     for index, step in enumerate(search.steps):
         score = goal.score_text(step.score)
         if step.retried:  # a pruning round after the goal was met
             kept = f"goal still met: runs {low}" if goal.met(step.score, search.float_score) else \
-                "goal missed without it: stays float"
+                f"goal missed without it: stays {'in ' if to_8_bits else ''}{search.returned_to}"
             rows.add_row(str(index), str(len(step.excluded)), score, f"{step.retried} tried in {low}", kept)
             continue
         rows.add_row(str(index), str(len(step.excluded)), score,
@@ -397,7 +401,8 @@ def _render_search(search) -> None:
     float_text = "" if math.isinf(search.float_score) else f" (float model {goal.score_text(search.float_score)})"
     added = ", ".join(search.best_excluded) or "none"
     state.stdout.print(f"best: score {goal.score_text(search.best_score)}{float_text} with "
-                       f"{count_of(len(search.best_excluded), 'node', 'nodes')} back in float: {added}")
+                       f"{count_of(len(search.best_excluded), 'node', 'nodes')} "
+                       f"{search.kept_where}: {added}")
     passes = count_of(search.calibration_passes, "calibration pass", "calibration passes")
     state.stdout.print(f"{count_of(len(search.steps), 'round', 'rounds')}, {passes} over the data")
 
@@ -413,12 +418,14 @@ def _returned_text(step) -> str:
 FLOAT_NODES_LISTED = 24  # beyond this many, one row per op and reason (every node is in --json and the report)
 
 
-def _render_float_nodes(float_nodes, output) -> None:
+def _render_float_nodes(float_nodes, output, scheme: str) -> None:
     from edgeopt.api.quantize import report_path
 
+    # int4 weight-only computes in float throughout: its list is of the layers whose weights are not int4
+    kept = f"{count_of(len(float_nodes), 'node', 'nodes')} " + ("kept out of int4" if scheme == "int4"
+                                                                  else "left in float")
     if len(float_nodes) <= FLOAT_NODES_LISTED:
-        rows = table(f"{count_of(len(float_nodes), 'node', 'nodes')} left in float", [("node", "left"), ("op", "left"),
-                                                                   ("reason", "left")])
+        rows = table(kept, [("node", "left"), ("op", "left"), ("reason", "left")])
         for node in float_nodes:
             rows.add_row(node.node_name, node.op_type, node.reason)
         state.stdout.print(rows)
@@ -427,7 +434,7 @@ def _render_float_nodes(float_nodes, output) -> None:
     for node in float_nodes:
         groups.setdefault((node.op_type, _reason_kind(node.reason)), []).append((node.node_name, node.reason))
     where = f"; each one in {report_path(output)}" if output is not None else "; each one with --json"
-    rows = table(f"{count_of(len(float_nodes), 'node', 'nodes')} left in float, by op and reason{where}",
+    rows = table(f"{kept}, by op and reason{where}",
                  [("op", "left"), ("nodes", "right"), ("e.g.", "left"), ("reason", "left")])
     for (op_type, kind), members in groups.items():
         name, reason = members[0]
@@ -439,10 +446,10 @@ def _render_float_nodes(float_nodes, output) -> None:
 def _reason_kind(reason: str) -> str:
     """A reason without what is its node's own (the round and figures of the accuracy search, the node
     kept float that another is read for), so that the nodes float for one cause group in one row."""
-    from edgeopt.quant.accuracy import RETURNED
+    from edgeopt.quant.accuracy import RETURNED, RETURNED_TO_8_BITS
     from edgeopt.quant.placement import MOVES_FOR_KEPT, READ_IN_FLOAT
 
-    for kind in (RETURNED, READ_IN_FLOAT, MOVES_FOR_KEPT):
+    for kind in (RETURNED, RETURNED_TO_8_BITS, READ_IN_FLOAT, MOVES_FOR_KEPT):
         if reason.startswith(kind):
             return kind
     return reason
@@ -457,7 +464,7 @@ def _render_quantize(report: api.QuantizeReport) -> None:
     for note in result.notes:
         state.stdout.print(f"note: {note}")
     if result.float_nodes:
-        _render_float_nodes(result.float_nodes, report.output)
+        _render_float_nodes(result.float_nodes, report.output, result.scheme)
     summary = table(f"{result.scheme} -> {report.output}", [("", "left"), ("", "left")])
     summary.show_header = False
     summary.add_row("size", f"{bytes_text(report.float_bytes)} -> {bytes_text(report.quant_bytes)} "

@@ -30,7 +30,8 @@ class TargetChoice(str, enum.Enum):
 
 class FallbackChoice(str, enum.Enum):
     float = "float"
-    fp16 = "fp16"
+    fp16 = "fp16"  # int8, uint8
+    int8 = "int8"  # int4-weight
 
 
 class CalibrationChoice(str, enum.Enum):
@@ -75,7 +76,8 @@ def quant_config(scheme: Scheme, target: TargetChoice, calibration: CalibrationC
     if scheme is Scheme.bf16:
         return Bf16Config(exclude=exclude)
     size = BLOCK_SIZE if block_size is None else block_size
-    return Int4WeightConfig(granularity=quant.PerBlock(size=size), exclude=exclude, gptq=algorithms.gptq)
+    return Int4WeightConfig(granularity=quant.PerBlock(size=size), exclude=exclude, gptq=algorithms.gptq,
+                            fallback=algorithms.fallback.value)
 
 
 def _refuse_options_of_other_schemes(scheme: Scheme, target: TargetChoice, calibration: CalibrationChoice,
@@ -83,12 +85,16 @@ def _refuse_options_of_other_schemes(scheme: Scheme, target: TargetChoice, calib
                                      algorithms: Int8Algorithms) -> None:
     """An option the chosen scheme would silently ignore is an error: the user meant something by it."""
     int8 = scheme in (Scheme.int8, Scheme.uint8)
+    fallback_of = {FallbackChoice.fp16: (Scheme.int8, Scheme.uint8), FallbackChoice.int8: (Scheme.int4_weight,)}
+    if scheme not in fallback_of.get(algorithms.fallback, (scheme,)):
+        schemes = " and ".join(s.value for s in fallback_of[algorithms.fallback])
+        raise ConfigError(f"--fallback {algorithms.fallback.value} applies to --scheme {schemes} only, not "
+                          f"{scheme.value}: drop it")
     given = {
         "--target": target is not TargetChoice.ort, "--calibration": calibration is not CalibrationChoice.percentile,
         "--per-tensor": per_tensor, "--equalize": algorithms.equalize, "--equalize-relu6": algorithms.equalize_relu6,
         "--no-bias-correct": not algorithms.bias_correct, "--adaround": algorithms.adaround,
         "--smoothquant": algorithms.smoothquant_alpha is not None,
-        "--fallback": algorithms.fallback is not FallbackChoice.float,
     } if not int8 else {}
     if scheme is not Scheme.int4_weight:
         given["--block-size"] = block_size is not None

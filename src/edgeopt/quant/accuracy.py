@@ -22,7 +22,9 @@ Once the goal is met with several nodes back in float, each of them is tried
 in int8 (int4) again, earliest first (a node that looked worst early may have changed
 nothing: the damage was downstream of a node returned later): one that the
 goal holds without runs in int8 (int4) again. The model returned is then the one
-meeting the goal with the fewest float nodes.
+meeting the goal with the fewest float nodes. With int4's 8-bit fallback
+(``Int4WeightConfig(fallback="int8")``) a layer the search takes out of int4
+goes to 8 bits instead of float, and the search ends when none is left in int4.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from edgeopt.quant.compare_matching import carried_value, computed_from, fused_c
 from edgeopt.quant.config import Fallback, Int8Config
 from edgeopt.quant.fallback import fallback_part, past_fallback_casts
 from edgeopt.quant.float_reference import FloatReference
-from edgeopt.quant.int4 import Int4WeightConfig, quantize_int4
+from edgeopt.quant.int4 import Int4WeightConfig, WeightFallback, quantize_int4
 from edgeopt.quant.int8 import quantize_int8
 from edgeopt.quant.ops import is_qdq_op
 from edgeopt.quant.model_checks import check_exclude, vanished_excludes
@@ -54,12 +56,15 @@ from edgeopt.quant.placement import (DATA_MOVEMENT_OPS, READ_IN_FLOAT, readers_b
                                      readers_past_data_movement)
 from edgeopt.quant.registry import FloatNode, QuantResult
 
-__all__ = ["RETURNED", "AccuracyGoal", "AccuracySearch", "AccuracyStep", "accuracy_aware_quantize"]
+__all__ = ["RETURNED", "RETURNED_TO_8_BITS", "AccuracyGoal", "AccuracySearch", "AccuracyStep",
+           "accuracy_aware_quantize"]
 
 logger = logging.getLogger(__name__)
 
-#: The reason a node the search returned to float stays float.
+#: The reason a node the search returned to float stays float,
 RETURNED = "returned to float by the accuracy search"
+#: and an int4 layer's, with the 8-bit fallback, that stays in 8 bits.
+RETURNED_TO_8_BITS = "taken out of int4 into 8 bits by the accuracy search"
 
 Evaluate = Callable[[ir.Model], float]
 _Best = tuple[float, QuantResult, tuple[str, ...]]  # a round's score, result and the nodes it returned
@@ -153,11 +158,17 @@ class AccuracySearch:
     stopped_because: str
     calibration_passes: int = 1  # over the data, for all the rounds (one unless a round needed a new tensor)
     interrupted: bool = False  # by Ctrl-C: the best of the rounds scored before it
+    returned_to: str = "float"  # where the nodes taken out of int8 (int4) go: "float", or int4's "8 bits"
+
+    @property
+    def kept_where(self) -> str:
+        """Where the nodes it took out of int8 (int4) are: "back in float", or "in 8 bits"."""
+        return "back in float" if self.returned_to == "float" else f"in {self.returned_to}"
 
     def to_dict(self) -> dict:
         return {"goal": self.goal.describe(), "float_score": json_number(self.float_score),
                 "best_score": json_number(self.best_score),
-                "met": self.met, "float_nodes_added": list(self.best_excluded),
+                "met": self.met, "float_nodes_added": list(self.best_excluded), "returned_to": self.returned_to,
                 "stopped_because": self.stopped_because, "interrupted": self.interrupted,
                 "calibration_passes": self.calibration_passes, "steps": [s.to_dict() for s in self.steps]}
 
@@ -244,8 +255,10 @@ def _all_float(model: ir.Model, config: Int4WeightConfig) -> QuantResult:
 
 def _int4_layers(base: ir.Model, result: QuantResult) -> dict[str, ir.Node]:
     """The MatMul/Gemm nodes of ``base`` whose weights ``result`` holds in int4, by the name of their output
-    (a weight read through a Transpose, a tied embedding's, is named by the constant behind it)."""
-    quantized = {info.name for info in result.tensors if info.kind == "weight"}
+    (a weight read through a Transpose, a tied embedding's, is named by the constant behind it); not those
+    the 8-bit fallback holds."""
+    int4 = result.config.weight_format.name
+    quantized = {info.name for info in result.tensors if info.kind == "weight" and info.format == int4}
     layers = {}
     for node in base.graph:
         weight = node.inputs[1] if eir.is_op(node, "MatMul", "Gemm") and len(node.inputs) > 1 else None
@@ -344,6 +357,10 @@ class _Search:
                  evaluate: Evaluate | None) -> None:
         self.base, self.config, self.data, self.goal, self.evaluate = base, config, data, goal, evaluate
         self.scheme = "int4" if isinstance(config, Int4WeightConfig) else "int8"  # what a node runs in, if not float
+        self.to_8_bits = isinstance(config, Int4WeightConfig) and config.fallback is WeightFallback.INT8
+        self.returned_to, self.back_in, self.none_left = (
+            ("8 bits", "in 8 bits", "no layer left in int4 to hold in 8 bits") if self.to_8_bits
+            else ("float", "back in float", "no quantized node left to return to float"))
         self.int4_layers: dict[str, ir.Node] | None = None  # the first int4 round's, by output name
         self.started = time.monotonic()
         self.memo = CalibrationMemo()  # the rounds differ only in what is excluded: one calibration serves them
@@ -355,7 +372,8 @@ class _Search:
         config = replace(self.config, exclude=tuple(dict.fromkeys(self.config.exclude + excluded)))
         if not isinstance(config, Int4WeightConfig):
             return quantize_int8(self.base.clone(), config, self.data, memo=self.memo)
-        if self.int4_layers and all(node.name in config.exclude for node in self.int4_layers.values()):
+        if not self.to_8_bits and self.int4_layers and all(node.name in config.exclude
+                                                           for node in self.int4_layers.values()):
             return _all_float(self.base.clone(), config)  # what int4 would refuse: nothing left to quantize
         result = quantize_int4(self.base.clone(), config, self.data)
         if self.int4_layers is None:
@@ -431,11 +449,12 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config | Int4WeightConf
         stopped, interrupted = _interrupted_text(search, float_score), True
     best_score, best_result, best_excluded = search.best
     returned = _why_returned(search.steps, [name for name in best_excluded if name not in config.exclude], goal,
-                             float_score, search.scheme)
+                             float_score, search.scheme, RETURNED_TO_8_BITS if search.to_8_bits else RETURNED)
     found = AccuracySearch(result=_labelled(best_result, returned, vanished), goal=goal, float_score=float_score,
                            best_score=best_score, best_excluded=best_excluded,
                            met=goal.met(best_score, float_score), steps=tuple(search.steps), stopped_because=stopped,
-                           calibration_passes=search.calibration_passes, interrupted=interrupted)
+                           calibration_passes=search.calibration_passes, interrupted=interrupted,
+                           returned_to=search.returned_to)
     if interrupted:
         raise Interrupted(found)
     return found
@@ -448,7 +467,8 @@ def _search(search: _Search, float_score: float, progress: Callable[[int, int | 
     if search.goal.met(search.best[0], float_score) and len(search.best[2]) > 1:
         pruned = _prune(search, float_score)
         if pruned:
-            stopped += f"; {pruned} of the nodes returned to float changed too little and run {search.scheme} again"
+            stopped += (f"; {pruned} of the nodes returned to {search.returned_to} changed too little and run "
+                        f"{search.scheme} again")
     return stopped
 
 
@@ -456,7 +476,7 @@ def _interrupted_text(search: _Search, float_score: float) -> str:
     rounds = count_of(len(search.steps), "round", "rounds")
     if search.goal.met(search.best[0], float_score):  # the retrying in int8 (int4) of the nodes returned
         return f"goal met ({search.goal.describe()}), then interrupted after {rounds} while retrying in " \
-               f"{search.scheme} the nodes returned to float"
+               f"{search.scheme} the nodes returned to {search.returned_to}"
     return f"interrupted after {rounds}"
 
 
@@ -483,8 +503,8 @@ def _rounds(search: _Search, float_score: float, progress: Callable[[int, int | 
         round_seconds = time.monotonic() - round_start
         if not candidates or len(excluded) >= goal.max_float_nodes:
             steps[-1] = replace(steps[-1], seconds=round_seconds)
-            return ("no quantized node left to return to float" if not candidates
-                    else f"{goal.max_float_nodes} nodes already back in float")
+            return (search.none_left if not candidates
+                    else f"{goal.max_float_nodes} nodes already {search.back_in}")
         first, *others = _returned_together(candidates, goal.max_float_nodes - len(excluded))
         steps[-1] = replace(steps[-1], seconds=round_seconds, next_node=first.node.name,
                             next_op_type=first.node.op_type, reason=first.reason,
@@ -540,7 +560,7 @@ def _excludes_of_base(model: ir.Model, base: ir.Model,
 
 
 def _why_returned(steps: list[AccuracyStep], returned: list[str], goal: AccuracyGoal,
-                  float_score: float, scheme: str = "int8") -> dict[str, str]:
+                  float_score: float, scheme: str = "int8", kind: str = RETURNED) -> dict[str, str]:
     """The reason each node the search returned stays float: :data:`RETURNED`, then what was measured when
     it was chosen and, when it was tried in ``scheme`` again, the score that missed the goal."""
     reasons = {}
@@ -553,8 +573,9 @@ def _why_returned(steps: list[AccuracyStep], returned: list[str], goal: Accuracy
         if retried is not None:
             why.append(f"in {scheme} again the score was {goal.score_text(retried.score)}, missing {goal.describe()}")
         elif met is not None:  # the last one returned: it met the goal, and is not tried again
-            why.append(f"with it in float the score reached {goal.score_text(met.score)}, meeting {goal.describe()}")
-        reasons[name] = f"{RETURNED} ({'; '.join(why)})"
+            where = "8 bits" if kind == RETURNED_TO_8_BITS else "float"
+            why.append(f"with it in {where} the score reached {goal.score_text(met.score)}, meeting {goal.describe()}")
+        reasons[name] = f"{kind} ({'; '.join(why)})"
     return reasons
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "PerTensor",
     "Target",
     "check_exclude_names",
+    "require_enum",
 ]
 
 
@@ -109,7 +110,7 @@ Granularity = PerTensor | PerChannel | PerBlock
 _ACTIVATION_FORMATS = (UINT8, INT8)
 
 
-def _require_enum(config: object, field: str, enum_type: type[enum.Enum], key: str) -> None:
+def require_enum(config: object, field: str, enum_type: type[enum.Enum], key: str) -> None:
     """``config.field`` as a member of ``enum_type``; its value spelled as on the command line (``"mse"``)
     becomes that member, as the API mirrors the CLI."""
     value = getattr(config, field)
@@ -135,7 +136,7 @@ class CalibrationConfig:
     activation_format: Format = UINT8
 
     def __post_init__(self) -> None:
-        _require_enum(self, "method", CalibrationMethod, "calibration method")
+        require_enum(self, "method", CalibrationMethod, "calibration method")
         if not isinstance(self.percentile, (int, float)) or not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile!r}")
         if not isinstance(self.num_bins, int) or self.num_bins < 256 or self.num_bins % 2:
@@ -196,8 +197,8 @@ class Int8Config:
     fallback: Fallback = Fallback.FLOAT
 
     def __post_init__(self) -> None:
-        _require_enum(self, "target", Target, "target")
-        _require_enum(self, "fallback", Fallback, "fallback")
+        require_enum(self, "target", Target, "target")
+        require_enum(self, "fallback", Fallback, "fallback")
         if self.quantize_outputs is not None and not isinstance(self.quantize_outputs, bool):
             raise ConfigError(f"quantize_outputs must be True, False or None (from the target), "
                               f"got {self.quantize_outputs!r}")
@@ -211,7 +212,7 @@ class Int8Config:
         if self.smoothquant_alpha is not None and not (isinstance(self.smoothquant_alpha, (int, float))
                                                        and 0.0 < self.smoothquant_alpha < 1.0):
             raise ConfigError(f"smoothquant alpha must be in (0, 1), got {self.smoothquant_alpha!r}")
-        _require_enum(self, "calibration", CalibrationMethod, "calibration")
+        require_enum(self, "calibration", CalibrationMethod, "calibration")
         if not isinstance(self.weight_granularity, (PerTensor, PerChannel)):
             raise ConfigError("weight_granularity of int8 must be PerTensor() or PerChannel(), "
                               f"got {self.weight_granularity!r}")

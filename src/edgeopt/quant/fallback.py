@@ -24,19 +24,21 @@ from edgeopt.quant.float16 import convert_fp16
 from edgeopt.quant.ops import is_float16_cast
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback
 
-__all__ = ["IN_FLOAT16", "KEPT_FLOAT32", "fallback_part", "fp16_fallback", "past_fallback_casts"]
+__all__ = ["IN_8_BITS", "IN_FLOAT16", "KEPT_FLOAT32", "fallback_part", "fp16_fallback", "past_fallback_casts"]
 
 #: Appended to the reason of a float node that computes in float16,
 IN_FLOAT16 = "computes in float16 (--fallback fp16)"
-#: and, followed by why, to that of one float16 does not suit.
+#: and, followed by why, to that of one float16 does not suit;
 KEPT_FLOAT32 = "float32, not float16"
+#: int4 weight-only: to that of a layer kept out of int4 whose weight is held in 8 bits (followed by the format).
+IN_8_BITS = "weight held in 8 bits"
 
 
 def fallback_part(reason: str) -> str:
-    """What :func:`fp16_fallback` appended to a float node's ``reason`` ("" when nothing): a reason written
-    anew (the accuracy search's) keeps it."""
-    at = min((reason.find(f"; {marker}") for marker in (IN_FLOAT16, KEPT_FLOAT32) if f"; {marker}" in reason),
-             default=-1)
+    """What a fallback (:func:`fp16_fallback`, int4's 8 bits) appended to a float node's ``reason`` ("" when
+    nothing): a reason written anew (the accuracy search's) keeps it."""
+    markers = (IN_FLOAT16, KEPT_FLOAT32, IN_8_BITS)
+    at = min((reason.find(f"; {marker}") for marker in markers if f"; {marker}" in reason), default=-1)
     return reason[at:] if at >= 0 else ""
 
 

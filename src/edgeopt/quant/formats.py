@@ -33,6 +33,7 @@ __all__ = [
     "FORMATS",
     "INT4",
     "INT8",
+    "INT8_BLOCK",
     "INT8_SYMMETRIC",
     "INT32",
     "UINT4",
@@ -79,7 +80,9 @@ def _integer(name: str, dtype: type, onnx_type: ir.DataType, bits: int, qmin: in
 # name -> format. Roles: int8_symmetric = weights; uint8/int8 = activations
 # (uint8 for ONNX Runtime on x86, int8 for the MCU/TFLite scheme); int32 =
 # biases (scale = input_scale * weight_scale); int4/uint4 = block-wise
-# weight-only; float16/bfloat16 = weights stored low, compute in float.
+# weight-only, int8_block/uint8 its 8-bit fallback (int8_block: symmetric
+# with all 256 levels, as int4 uses all 16); float16/bfloat16 = weights stored
+# low, compute in float.
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
@@ -89,6 +92,7 @@ FORMATS: dict[str, Format] = {
         _integer("int32", np.int32, ir.DataType.INT32, 32, -(2**31) + 1, 2**31 - 1, symmetric=True),
         _integer("int4", np.int8, ir.DataType.INT4, 4, -8, 7, symmetric=True, block=32),
         _integer("uint4", np.uint8, ir.DataType.UINT4, 4, 0, 15, block=32),
+        _integer("int8_block", np.int8, ir.DataType.INT8, 8, -128, 127, symmetric=True, block=32),
         Format(name="float16", numpy_dtype=np.dtype(np.float16), onnx_type=ir.DataType.FLOAT16, bits=16),
         Format(name="bfloat16", numpy_dtype=np.dtype(ml_dtypes.bfloat16), onnx_type=ir.DataType.BFLOAT16,
                bits=16),
@@ -101,6 +105,7 @@ UINT8 = FORMATS["uint8"]
 INT32 = FORMATS["int32"]
 INT4 = FORMATS["int4"]
 UINT4 = FORMATS["uint4"]
+INT8_BLOCK = FORMATS["int8_block"]
 FLOAT16 = FORMATS["float16"]
 BFLOAT16 = FORMATS["bfloat16"]
 

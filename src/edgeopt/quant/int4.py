@@ -6,7 +6,9 @@ the least squared error -- weighted, when calibration data is given, by the mean
 channels (:mod:`edgeopt.quant.int4_importance`) -- and ``w' = (q - zero_point) * scale``; the math, the nibble
 packing and the MatMulNBits layout are in :mod:`edgeopt.quant.int4_blocks`. With ``gptq`` (and data) a 2-D
 weight is rounded by GPTQ against its layer's input correlation instead (:mod:`edgeopt.quant.int4_gptq`). This
-module is the scheme: which nodes, and how each is rewritten.
+module is the scheme: which nodes, and how each is rewritten (the graph edits: :mod:`edgeopt.quant.int4_lowering`).
+With ``fallback="int8"`` the layers kept out of int4 (``exclude``, which the accuracy search extends) are
+quantized the same way in 8 bits (``int8_block`` or ``uint8``: MatMulNBits bits = 8) instead of staying float.
 
 Lowering, per node:
 
@@ -49,25 +51,28 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError, ModelError
 from edgeopt.metrics import count_of
-from edgeopt.quant.config import PerBlock, check_exclude_names
+from edgeopt.quant.config import PerBlock, check_exclude_names, require_enum
+from edgeopt.quant.fallback import IN_8_BITS
 from edgeopt.quant.float16 import UniqueNames, weight_only_float_passes
-from edgeopt.quant.formats import INT4, UINT4, Format
-from edgeopt.quant.int4_blocks import BlockQuantizedWeight, encode_matmul_nbits, pack_nibbles, quantize_blocks
+from edgeopt.quant.formats import INT4, INT8_BLOCK, UINT4, UINT8, Format
+from edgeopt.quant.int4_blocks import BlockQuantizedWeight, quantize_blocks
 from edgeopt.quant.int4_gptq import gptq_blocks
 from edgeopt.quant.int4_importance import GRAM_BUDGET_BYTES, StreamedStatistics, summed_statistics
+from edgeopt.quant.int4_lowering import (MS_DOMAIN, EncodedWeight, Lowering, WeightTarget, block_bytes,
+                                         dequantize_linear_constants, drop_unread, lower_dequantize_linear,
+                                         lower_matmul_nbits, matmul_nbits_constants, read_constant)
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 
 __all__ = [
     "AccuracyLevel",
     "Int4WeightConfig",
+    "WeightFallback",
     "quantize_int4",
 ]
 
 logger = logging.getLogger(__name__)
 
-_MS_DOMAIN = "com.microsoft"
 _BLOCKED_DQ_OPSET = 21  # DequantizeLinear gained block_size (and INT4) in opset 21
-_NBITS_BITS = 4
 
 
 class AccuracyLevel(enum.IntEnum):
@@ -80,7 +85,16 @@ class AccuracyLevel(enum.IntEnum):
     INT8 = 4  # the input is quantized to int8 per block: fastest on CPU, least accurate
 
 
+class WeightFallback(enum.Enum):
+    """What the MatMul/Gemm layers kept out of int4 (excluded, or returned by the accuracy search) hold their
+    weights in."""
+
+    FLOAT = "float"  # float32, as in the float model
+    INT8 = "int8"  # 8 bits in the same blocks (MatMulNBits bits = 8): a quarter of float32's bytes
+
+
 _WEIGHT_FORMATS = (INT4, UINT4)
+_FALLBACK_FORMATS = {INT4: INT8_BLOCK, UINT4: UINT8}  # the 8-bit format of each, symmetric or not alike
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,7 +110,12 @@ class Int4WeightConfig:
     ``float_passes``: fold constants and BatchNorm, drop dead nodes first
     (False: quantize the graph as it is). ``gptq``: round each 2-D weight by
     GPTQ against its layer's input correlation on the calibration data
-    (:mod:`edgeopt.quant.int4_gptq`); needs data.
+    (:mod:`edgeopt.quant.int4_gptq`); needs data. ``fallback``: what the
+    layers kept out of int4 by ``exclude`` (which the accuracy search extends)
+    hold their weights in: float32, or 8 bits in the same blocks
+    (``WeightFallback.INT8``, ``"int8"``: ``int8_block`` for int4, ``uint8``
+    for uint4), about 0.3 of float32's bytes and some 24 dB more weight SQNR
+    than 4 bits.
     """
 
     granularity: PerBlock = PerBlock(size=32)
@@ -105,8 +124,10 @@ class Int4WeightConfig:
     exclude: tuple[str, ...] = ()
     float_passes: bool = True
     gptq: bool = False
+    fallback: WeightFallback = WeightFallback.FLOAT
 
     def __post_init__(self) -> None:
+        require_enum(self, "fallback", WeightFallback, "fallback")
         for key in ("float_passes", "gptq"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
@@ -123,113 +144,47 @@ class Int4WeightConfig:
     def block_size(self) -> int:
         return self.granularity.size
 
+    @property
+    def fallback_format(self) -> Format | None:
+        """The format of the layers kept out of int4, None when they stay float."""
+        return _FALLBACK_FORMATS[self.weight_format] if self.fallback is WeightFallback.INT8 else None
+
 
 # ---------------------------------------------------------------------------
 # which nodes, and how
 # ---------------------------------------------------------------------------
 
 
-class _Lowering(enum.Enum):
-    MATMUL_NBITS = "MatMulNBits"
-    DEQUANTIZE_LINEAR = "DequantizeLinear"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class _Target:
-    """A MatMul/Gemm whose weight is quantized: the effective ``[..., K, N]`` weight and its extras."""
-
-    node: ir.Node
-    weight_value: ir.Value
-    weight: np.ndarray
-    weight_axis: int  # the K axis of the weight as stored (for the report)
-    lowering: _Lowering
-    bias: np.ndarray | None = None  # [N], MatMulNBits' bias input
-    addend: ir.Value | np.ndarray | None = None  # added after the product when it is not a row bias
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class _Encoded:
-    """A quantized weight's new constants (quantized values, scales, zero points or None), shared by
-    every node that reads the same weight, and their bytes."""
-
-    values: tuple[ir.Value, ir.Value, ir.Value | None]
-    nbytes: int
-    k: int = 0  # MatMulNBits' attributes
-    n: int = 0
-    block_size: int = 0
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class _ReadConstant:
-    """A constant as a node reads it: directly, or through Transpose/Identity nodes."""
-
-    value: ir.Value  # the constant itself
-    array: np.ndarray  # what the node reads
-    axes: tuple[int, ...]  # axes[i]: the axis of the stored constant that read axis i comes from
-
-
-def _read_constant(value: ir.Value | None) -> _ReadConstant | None:
-    """``value`` as a constant, looking through Transpose/Identity (a tied weight's ``Transpose(E)``,
-    left unfolded so that E is stored once), or None."""
-    array = eir.constant_array(value)
-    if array is not None:
-        return _ReadConstant(value=value, array=array, axes=tuple(range(array.ndim)))
-    producer = value.producer() if value is not None else None
-    if not eir.is_op(producer, "Transpose", "Identity") or producer.inputs[0] is None:
-        return None
-    source = _read_constant(producer.inputs[0])
-    if source is None or producer.op_type == "Identity":
-        return source
-    perm = producer.attributes.get_ints("perm", None) or tuple(reversed(range(source.array.ndim)))
-    return _ReadConstant(value=source.value, array=np.transpose(source.array, perm),
-                         axes=tuple(source.axes[axis] for axis in perm))
-
-
-def _drop_unread(value: ir.Value | None) -> None:
-    """Remove ``value`` once nothing reads it, with the Transpose/Identity chain that made it from a constant
-    (each from the graph, main or subgraph, that holds it)."""
-    while value is not None and not value.uses() and not value.is_graph_output():
-        producer = value.producer()
-        if not eir.is_op(producer, "Transpose", "Identity"):
-            if value.graph is not None:
-                eir.drop_if_unused(value.graph, value)
-            return
-        value = producer.inputs[0]
-        producer.graph.remove(producer, safe=True)
-
-
-def _match(node: ir.Node, config: Int4WeightConfig, opset: int) -> _Target | str:
-    """How to quantize ``node``'s weight, or why it stays float."""
-    if node.name in config.exclude or node.op_type in config.exclude:
+def _match(node: ir.Node, config: Int4WeightConfig, opset: int) -> WeightTarget | str:
+    """How to quantize ``node``'s weight (in int4, or in 8 bits when excluded and the fallback is int8), or
+    why it stays float."""
+    excluded = node.name in config.exclude or node.op_type in config.exclude
+    fmt = config.fallback_format if excluded else config.weight_format
+    if fmt is None:
         return "excluded by config"
-    source = _read_constant(node.inputs[1] if len(node.inputs) > 1 else None)
+    found = _match_format(node, config, opset, fmt)
+    return f"excluded by config, and not held in {fmt.name} either: {found}" if excluded and isinstance(found, str) \
+        else found
+
+
+def _match_format(node: ir.Node, config: Int4WeightConfig, opset: int, fmt: Format) -> WeightTarget | str:
+    source = read_constant(node.inputs[1] if len(node.inputs) > 1 else None)
     if source is None:
         return "its right-hand input is not a constant: weight-only quantization needs one"
     target = _match_weight(node, source.value, source.array, opset)
     if isinstance(target, str):
         return target
     if not np.isfinite(target.weight).all():  # one inf makes its block's scale inf: every value of it NaN
-        return "its weight holds inf or NaN, which no int4 block scale can represent"
+        return f"its weight holds inf or NaN, which no {fmt.name} block scale can represent"
     k = target.weight.shape[-2]
-    int4_bytes = _int4_bytes(target.weight.shape, config, target.lowering)
-    if int4_bytes >= target.weight.nbytes:
-        return (f"K = {k} is below the block size {config.block_size}: padded to whole blocks its int4 form takes "
-                f"{int4_bytes} bytes, no fewer than its {target.weight.nbytes} float32 bytes")
-    return dataclasses.replace(target, weight_axis=source.axes[target.weight_axis])
+    nbytes = block_bytes(target.weight.shape, config.block_size, fmt, target.lowering)
+    if nbytes >= target.weight.nbytes:
+        return (f"K = {k} is below the block size {config.block_size}: padded to whole blocks its {fmt.name} form "
+                f"takes {nbytes} bytes, no fewer than its {target.weight.nbytes} float32 bytes")
+    return dataclasses.replace(target, weight_axis=source.axes[target.weight_axis], weight_format=fmt)
 
 
-def _int4_bytes(shape: tuple[int, ...], config: Int4WeightConfig, lowering: _Lowering) -> int:
-    """Bytes of a ``[..., K, N]`` weight quantized in blocks along K: codes, scales and zero points."""
-    *batch, k, n = shape
-    matrices, blocks = int(np.prod(batch, dtype=np.int64)), -(-k // config.block_size)
-    zero_points = not config.weight_format.symmetric
-    if lowering is _Lowering.MATMUL_NBITS:  # K padded to whole blocks; zero points packed per column
-        return n * blocks * (config.block_size // 2 + 4) + zero_points * n * -(-blocks // 2)
-    codes, scales = matrices * k * n, matrices * blocks * n
-    return -(-codes // 2) + 4 * scales + zero_points * -(-scales // 2)
-
-
-def _match_weight(node: ir.Node, weight_value: ir.Value, weight: np.ndarray, opset: int) -> _Target | str:
+def _match_weight(node: ir.Node, weight_value: ir.Value, weight: np.ndarray, opset: int) -> WeightTarget | str:
     """:func:`_match` for ``weight`` as the node reads it (``weight_axis`` in its axes)."""
     if weight.dtype != np.float32:
         return f"its weight is {weight.dtype}, not float32"
@@ -240,20 +195,20 @@ def _match_weight(node: ir.Node, weight_value: ir.Value, weight: np.ndarray, ops
     if weight.ndim == 2:
         if _rank(node.inputs[0]) == 1:
             return "its input is 1-D: MatMulNBits needs a matrix input"
-        return _Target(node=node, weight_value=weight_value, weight=weight, weight_axis=0,
-                       lowering=_Lowering.MATMUL_NBITS)
+        return WeightTarget(node=node, weight_value=weight_value, weight=weight, weight_axis=0,
+                       lowering=Lowering.MATMUL_NBITS)
     if opset < _BLOCKED_DQ_OPSET:
         return (f"its weight is {weight.ndim}-D: that needs DequantizeLinear with block_size "
                 f"(opset {_BLOCKED_DQ_OPSET}), and the model has opset {opset}")
-    return _Target(node=node, weight_value=weight_value, weight=weight, weight_axis=weight.ndim - 2,
-                   lowering=_Lowering.DEQUANTIZE_LINEAR)
+    return WeightTarget(node=node, weight_value=weight_value, weight=weight, weight_axis=weight.ndim - 2,
+                   lowering=Lowering.DEQUANTIZE_LINEAR)
 
 
 def _rank(value: ir.Value | None) -> int | None:
     return len(value.shape) if value is not None and value.shape is not None else None
 
 
-def _match_gemm(node: ir.Node, weight_value: ir.Value, weight: np.ndarray) -> _Target | str:
+def _match_gemm(node: ir.Node, weight_value: ir.Value, weight: np.ndarray) -> WeightTarget | str:
     attributes = node.attributes
     if attributes.get_int("transA", 0):
         return "transA=1: its input would need a Transpose"
@@ -261,20 +216,20 @@ def _match_gemm(node: ir.Node, weight_value: ir.Value, weight: np.ndarray) -> _T
     transposed = bool(attributes.get_int("transB", 0))
     effective = (weight.T if transposed else weight) * np.float32(alpha)
     target = dict(node=node, weight_value=weight_value, weight=np.ascontiguousarray(effective, np.float32),
-                  weight_axis=1 if transposed else 0, lowering=_Lowering.MATMUL_NBITS)
+                  weight_axis=1 if transposed else 0, lowering=Lowering.MATMUL_NBITS)
     c_value = node.inputs[2] if len(node.inputs) > 2 else None
     if c_value is None:
-        return _Target(**target)
+        return WeightTarget(**target)
     c = eir.constant_array(c_value)
     if c is None:
         if beta != 1.0:
             return f"non-constant C with beta={beta}: it would need a Mul"
-        return _Target(**target, addend=c_value)
+        return WeightTarget(**target, addend=c_value)
     c = (np.asarray(c, dtype=np.float32) * np.float32(beta)).astype(np.float32)
     n = effective.shape[1]
     if c.ndim <= 1 or (c.ndim == 2 and c.shape[0] == 1):  # broadcasts along rows: a bias
-        return _Target(**target, bias=np.broadcast_to(c.reshape(-1), (n,)).copy())
-    return _Target(**target, addend=c)
+        return WeightTarget(**target, bias=np.broadcast_to(c.reshape(-1), (n,)).copy())
+    return WeightTarget(**target, addend=c)
 
 
 def _float_passes(model: ir.Model, config: Int4WeightConfig) -> list[str]:
@@ -283,106 +238,17 @@ def _float_passes(model: ir.Model, config: Int4WeightConfig) -> list[str]:
     return weight_only_float_passes(model, config.exclude, run=config.float_passes, subgraphs=True)
 
 
-# ---------------------------------------------------------------------------
-# graph edits
-# ---------------------------------------------------------------------------
 
-
-def _initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
-    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
-    graph.register_initializer(value)
-    return value
-
-
-def _array_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    return _initializer(graph, name, ir.Tensor(np.ascontiguousarray(array), name=name))
-
-
-def _packed_initializer(graph: ir.Graph, name: str, values: np.ndarray, fmt: Format) -> ir.Value:
-    """An ONNX INT4/UINT4 tensor: ``values`` flattened and packed two per byte."""
-    packed = pack_nibbles(values.reshape(-1), fmt)
-    return _initializer(graph, name, ir.PackedTensor(packed, fmt.onnx_type, shape=values.shape, name=name))
-
-
-def _addend_value(graph: ir.Graph, names: UniqueNames, target: _Target) -> ir.Value | None:
-    if isinstance(target.addend, np.ndarray):
-        return _array_initializer(graph, names(f"{target.node.name or 'gemm'}_C"), target.addend)
-    return target.addend
-
-
-def _matmul_nbits_constants(graph: ir.Graph, names: UniqueNames, base: str,
-                            quantized: BlockQuantizedWeight) -> _Encoded:
-    encoded = encode_matmul_nbits(quantized)
-    zero_points = (None if encoded.zero_points is None
-                   else _array_initializer(graph, names(f"{base}_zero_points"), encoded.zero_points))
-    values = (_array_initializer(graph, names(f"{base}_Q4"), encoded.packed),
-              _array_initializer(graph, names(f"{base}_scales"), encoded.scales), zero_points)
-    return _Encoded(values=values, nbytes=sum(v.const_value.nbytes for v in values if v is not None),
-                    k=encoded.k, n=encoded.n, block_size=encoded.block_size)
-
-
-def _lower_matmul_nbits(graph: ir.Graph, names: UniqueNames, target: _Target, config: Int4WeightConfig,
-                        encoded: _Encoded) -> None:
-    """Replace the node by MatMulNBits (+ Add) reading the ``encoded`` weight."""
-    node = target.node
-    inputs: list[ir.Value | None] = [node.inputs[0], *encoded.values, None, None]
-    if target.bias is not None:
-        inputs[5] = _array_initializer(graph, names(f"{node.name or target.weight_value.name}_bias"), target.bias)
-    while inputs[-1] is None:
-        inputs.pop()
-    attributes = [ir.AttrInt64("K", encoded.k), ir.AttrInt64("N", encoded.n),
-                  ir.AttrInt64("bits", _NBITS_BITS), ir.AttrInt64("block_size", encoded.block_size)]
-    if config.accuracy_level is not None:
-        attributes.append(ir.AttrInt64("accuracy_level", int(config.accuracy_level)))
-    nbits = ir.Node(_MS_DOMAIN, "MatMulNBits", inputs, attributes, num_outputs=1,
-                    name=names(f"{node.name or 'matmul'}_Q4"), version=1)
-    new_nodes, result = [nbits], nbits.outputs[0]
-    addend = _addend_value(graph, names, target)
-    if addend is not None:
-        result.name, result.type = names(f"{node.outputs[0].name}_product"), ir.TensorType(ir.DataType.FLOAT)
-        add = ir.Node("", "Add", [result, addend], num_outputs=1, name=names(f"{node.name or 'gemm'}_add"))
-        new_nodes.append(add)
-        result = add.outputs[0]
-    # the node's own graph (a subgraph's MatMul is replaced there); the new constants are the main graph's
-    ir.convenience.replace_nodes_and_values(node.graph, node, [node], new_nodes, [node.outputs[0]], [result])
-
-
-def _dequantize_linear_constants(graph: ir.Graph, names: UniqueNames, base: str,
-                                 quantized: BlockQuantizedWeight) -> _Encoded:
-    fmt = quantized.format
-    values = (_packed_initializer(graph, names(f"{base}_{fmt.name}"), quantized.q, fmt),
-              _array_initializer(graph, names(f"{base}_scale"), quantized.scale),
-              None if fmt.symmetric else _packed_initializer(graph, names(f"{base}_zero_point"),
-                                                             quantized.zero_point, fmt))
-    zero_point_bytes = 0 if fmt.symmetric else (quantized.zero_point.size + 1) // 2
-    return _Encoded(values=values, nbytes=(quantized.q.size + 1) // 2 + quantized.scale.nbytes + zero_point_bytes)
-
-
-def _lower_dequantize_linear(names: UniqueNames, target: _Target, quantized: BlockQuantizedWeight,
-                             encoded: _Encoded) -> None:
-    """Feed the MatMul from DequantizeLinear of the ``encoded`` INT4 weight."""
-    node, base = target.node, target.weight_value.name
-    inputs = [v for v in encoded.values if v is not None]
-    dequantize_node = ir.Node("", "DequantizeLinear", inputs,
-                              [ir.AttrInt64("axis", quantized.axis), ir.AttrInt64("block_size", quantized.block_size)],
-                              num_outputs=1, name=names(f"{base}_DequantizeLinear"))
-    output = dequantize_node.outputs[0]
-    output.name, output.type = names(f"{base}_dequantized"), ir.TensorType(ir.DataType.FLOAT)
-    output.shape = ir.Shape(quantized.q.shape)
-    node.graph.insert_before(node, dequantize_node)
-    node.replace_input_with(1, output)
-
-
-def _by_weight(targets: Iterable[_Target]) -> dict[tuple, list[_Target]]:
+def _by_weight(targets: Iterable[WeightTarget]) -> dict[tuple, list[WeightTarget]]:
     """Targets grouped by the weight they quantize (its lowering, shape and bytes), in graph order."""
-    groups: dict[tuple, list[_Target]] = {}
+    groups: dict[tuple, list[WeightTarget]] = {}
     for target in targets:
         digest = hashlib.sha256(target.weight.tobytes()).hexdigest()
-        groups.setdefault((target.lowering, target.weight.shape, digest), []).append(target)
+        groups.setdefault((target.lowering, target.weight_format.name, target.weight.shape, digest), []).append(target)
     return groups
 
 
-def _statistics(model: ir.Model, groups: Mapping[tuple, list[_Target]], data: Iterable[Batch] | None,
+def _statistics(model: ir.Model, groups: Mapping[tuple, list[WeightTarget]], data: Iterable[Batch] | None,
                 config: Int4WeightConfig, progress: ProgressCallback | None) -> StreamedStatistics:
     """What the calibration passes see of each target's input (nothing without data): of the inputs that are
     main-graph values, which the calibration run observes (not a subgraph's own)."""
@@ -394,13 +260,13 @@ def _statistics(model: ir.Model, groups: Mapping[tuple, list[_Target]], data: It
 _WEIGHTED = "clip search, weighted by input channels"
 
 
-def _quantized(readers: list[_Target], config: Int4WeightConfig, statistics: StreamedStatistics,
+def _quantized(readers: list[WeightTarget], config: Int4WeightConfig, statistics: StreamedStatistics,
                done: _Lowered) -> tuple[BlockQuantizedWeight, str]:
     """A weight quantized for its ``readers``, and how (for the report)."""
     weight = readers[0].weight
     seen = summed_statistics((statistics.get(t.node.inputs[0].name) for t in readers), weight.shape[-2])
     done.unweighted += seen is None  # (all of them without data)
-    fmt, block_size = config.weight_format, config.block_size
+    fmt, block_size = readers[0].weight_format, config.block_size
     if seen is None:
         return quantize_blocks(weight, block_size, fmt), "clip search"
     if not config.gptq or weight.ndim != 2:
@@ -412,7 +278,7 @@ def _quantized(readers: list[_Target], config: Int4WeightConfig, statistics: Str
     return solved.weight, f"GPTQ rounding, {_WEIGHTED}"
 
 
-def _tensor_info(target: _Target, quantized: BlockQuantizedWeight, method: str) -> TensorQuantInfo:
+def _tensor_info(target: WeightTarget, quantized: BlockQuantizedWeight, method: str) -> TensorQuantInfo:
     return TensorQuantInfo(
         name=target.weight_value.name, kind="weight", op_type=target.node.op_type, format=quantized.format.name,
         range=(float(target.weight.min()), float(target.weight.max())),
@@ -421,9 +287,17 @@ def _tensor_info(target: _Target, quantized: BlockQuantizedWeight, method: str) 
 
 
 def _kept_note(float_nodes: Iterable[FloatNode]) -> list[str]:
-    groups = Counter((node.op_type, node.reason) for node in float_nodes)
-    parts = [f"{op} x{count} ({reason})" for (op, reason), count in sorted(groups.items())]
-    return ["left float: " + "; ".join(parts)] if parts else []
+    """The layers left float, by op and reason, and those held in 8 bits (the fallback), by op."""
+    marker = f"; {IN_8_BITS} "
+    groups = Counter((node.op_type, node.reason) for node in float_nodes if marker not in node.reason)
+    low = [node for node in float_nodes if marker in node.reason]
+    notes = ["left float: " + "; ".join(f"{op} x{count} ({reason})" for (op, reason), count in sorted(groups.items()))
+             ] if groups else []
+    if low:
+        held = low[0].reason[low[0].reason.index(marker) + 2:]  # "weight held in 8 bits (uint8, --fallback int8)"
+        notes.append(f"kept out of int4, {held}: "
+                     + ", ".join(f"{op} x{count}" for op, count in sorted(Counter(n.op_type for n in low).items())))
+    return notes
 
 
 def _still_float_note(graph: ir.Graph, weights: Iterable[ir.Value]) -> list[str]:
@@ -445,16 +319,17 @@ class _Lowered:
 
     tensors: list[TensorQuantInfo] = dataclasses.field(default_factory=list)
     counts: Counter = dataclasses.field(default_factory=Counter)
-    encodings: dict[tuple, _Encoded] = dataclasses.field(default_factory=dict)
+    encodings: dict[tuple, EncodedWeight] = dataclasses.field(default_factory=dict)
     weights: dict[ir.Value, int] = dataclasses.field(default_factory=dict)  # float32 bytes of each weight read
     heads: list[tuple[str, str, int]] = dataclasses.field(default_factory=list)
     short: int = 0  # layers whose K is below the block size
+    in_8_bits: int = 0  # layers held in the 8-bit fallback format
     unweighted: int = 0  # weights whose readers' inputs the calibration run did not observe
     gptq: Counter = dataclasses.field(default_factory=Counter)  # weights, columns, of which GPTQ's kept; not_2d
     passes: int = 0  # over the calibration data
 
 
-def _find_targets(graph: ir.Graph, config: Int4WeightConfig, opset: int) -> tuple[list[_Target], list[FloatNode]]:
+def _find_targets(graph: ir.Graph, config: Int4WeightConfig, opset: int) -> tuple[list[WeightTarget], list[FloatNode]]:
     """The MatMul/Gemm nodes of ``graph`` and of its subgraphs (If branches, Loop and Scan bodies) to
     quantize, and those left float with the reason."""
     targets, float_nodes = [], []
@@ -462,12 +337,16 @@ def _find_targets(graph: ir.Graph, config: Int4WeightConfig, opset: int) -> tupl
         target = _match(node, config, opset)
         if isinstance(target, str):
             float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, target))
-        else:
-            targets.append(target)
+            continue
+        targets.append(target)
+        if target.weight_format is not config.weight_format:  # kept out of int4, in 8 bits: listed with why
+            float_nodes.append(FloatNode(node.name or node.op_type, node.op_type,
+                                         f"excluded by config; {IN_8_BITS} ({target.weight_format.name}, "
+                                         "--fallback int8)"))
     return targets, float_nodes
 
 
-def _quantize_all(groups: Mapping[tuple, list[_Target]], config: Int4WeightConfig, statistics: StreamedStatistics,
+def _quantize_all(groups: Mapping[tuple, list[WeightTarget]], config: Int4WeightConfig, statistics: StreamedStatistics,
                   done: _Lowered) -> dict[tuple, tuple[BlockQuantizedWeight, str]]:
     """Each distinct weight quantized, and how, before the graph changes: the calibration passes that
     :meth:`StreamedStatistics.get` runs read the float model. An input's statistics go when done with."""
@@ -481,7 +360,7 @@ def _quantize_all(groups: Mapping[tuple, list[_Target]], config: Int4WeightConfi
     return quantized
 
 
-def _lower_all(graph: ir.Graph, groups: Mapping[tuple, list[_Target]], config: Int4WeightConfig,
+def _lower_all(graph: ir.Graph, groups: Mapping[tuple, list[WeightTarget]], config: Int4WeightConfig,
                statistics: StreamedStatistics) -> _Lowered:
     """Quantize each distinct weight once (``groups``: :func:`_by_weight`) and rewrite every node reading
     it; the new constants go to the main graph, which the subgraphs' nodes read too."""
@@ -489,21 +368,24 @@ def _lower_all(graph: ir.Graph, groups: Mapping[tuple, list[_Target]], config: I
     weights = _quantize_all(groups, config, statistics, done)
     for key, readers in groups.items():  # a weight read by several nodes (tied embeddings) is stored once
         quantized, method = weights.pop(key)
-        encode = (_matmul_nbits_constants if key[0] is _Lowering.MATMUL_NBITS else _dequantize_linear_constants)
+        encode = (matmul_nbits_constants if key[0] is Lowering.MATMUL_NBITS else dequantize_linear_constants)
         done.encodings[key] = encode(graph, names, readers[0].weight_value.name, quantized)
         for target in readers:
             node = target.node
-            if node.graph is graph and node.outputs[0].is_graph_output():  # the head (a classifier, an LM head)
+            int4 = target.weight_format is config.weight_format
+            if int4 and node.graph is graph and node.outputs[0].is_graph_output():  # the head (a classifier, LM)
                 done.heads.append((node.name or node.op_type, node.outputs[0].name, target.weight.nbytes))
             done.short += target.weight.shape[-2] < config.block_size  # K of the [..., K, N] weight
             read = [v for v in node.inputs[1:] if v is not None]  # the weight (maybe via a Transpose), C
-            if target.lowering is _Lowering.MATMUL_NBITS:
-                _lower_matmul_nbits(graph, names, target, config, done.encodings[key])
+            if target.lowering is Lowering.MATMUL_NBITS:
+                level = None if config.accuracy_level is None else int(config.accuracy_level)
+                lower_matmul_nbits(graph, names, target, level, done.encodings[key])
             else:
-                _lower_dequantize_linear(names, target, quantized, done.encodings[key])
+                lower_dequantize_linear(names, target, quantized, done.encodings[key])
             for value in read:  # the old weight, and a Gemm's bias moved into MatMulNBits' bias input
-                _drop_unread(value)
+                drop_unread(value)
             done.counts[target.lowering] += 1
+            done.in_8_bits += target.weight_format is not config.weight_format
             done.tensors.append(_tensor_info(target, quantized, method))
             done.weights[target.weight_value] = target.weight.nbytes
     return done
@@ -528,16 +410,16 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
     inside = sum(1 for target in targets if target.node.graph is not graph)  # before the rewrite removes them
     groups = _by_weight(targets)
     done = _lower_all(graph, groups, config, _statistics(model, groups, data, config, progress))
-    if done.counts[_Lowering.MATMUL_NBITS]:
-        model.opset_imports.setdefault(_MS_DOMAIN, 1)
+    if done.counts[Lowering.MATMUL_NBITS]:
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
     bytes_before = sum(done.weights.values())  # each float32 weight once, however many nodes read it
     bytes_after = sum(encoded.nbytes for encoded in done.encodings.values())
     notes = [*_summary_notes(config, done, bytes_before, bytes_after, weighted=data is not None),
              *_gptq_note(done), *_subgraph_note(inside), *passes, *_kept_note(float_nodes),
              *_still_float_note(graph, done.weights), *_head_and_block_notes(config, done)]
     logger.info("int4: %s", notes[0])
-    details = {"matmul_nbits": done.counts[_Lowering.MATMUL_NBITS],
-               "dequantize_linear": done.counts[_Lowering.DEQUANTIZE_LINEAR],
+    details = {"matmul_nbits": done.counts[Lowering.MATMUL_NBITS],
+               "dequantize_linear": done.counts[Lowering.DEQUANTIZE_LINEAR],
                "weight_bytes_before": bytes_before, "weight_bytes_after": bytes_after}
     return QuantResult(model=model, scheme="int4", tensors=tuple(done.tensors), float_nodes=tuple(float_nodes),
                        notes=tuple(notes), config=config, details=details)
@@ -557,11 +439,13 @@ def _summary_notes(config: Int4WeightConfig, done: _Lowered, bytes_before: int, 
                   "does not observe (inside subgraphs)")
     else:
         search = ", weighted by each layer's input channels on the calibration data"
+    in_8_bits = (f" ({done.in_8_bits} of them, kept out of int4, in 8 bits: {config.fallback_format.name}, "
+                 "--fallback int8)" if done.in_8_bits else "")
     return [
         f"int4 weight-only ({fmt.name}, {'symmetric' if fmt.symmetric else 'asymmetric with zero points'}, "
-        f"blocks of {config.block_size} along K): {counts[_Lowering.MATMUL_NBITS]} MatMul/Gemm -> "
-        f"MatMulNBits (ONNX Runtime com.microsoft), {counts[_Lowering.DEQUANTIZE_LINEAR]} -> "
-        f"DequantizeLinear + MatMul; weights {bytes_before} -> {bytes_after} bytes with scales",
+        f"blocks of {config.block_size} along K): {counts[Lowering.MATMUL_NBITS]} MatMul/Gemm -> "
+        f"MatMulNBits (ONNX Runtime com.microsoft), {counts[Lowering.DEQUANTIZE_LINEAR]} -> "
+        f"DequantizeLinear + MatMul{in_8_bits}; weights {bytes_before} -> {bytes_after} bytes with scales",
         "block scales: clipping searched per block for the least weight error" + search,
         "activations and compute stay float32" + (
             "" if config.accuracy_level is None

@@ -1,4 +1,4 @@
-"""Block-wise 4-bit weight quantization, nibble packing and the MatMulNBits encoding.
+"""Block-wise 4-bit (and 8-bit) weight quantization, nibble packing and the MatMulNBits encoding.
 
 For a weight ``W`` of shape ``[..., K, N]``, K (the reduction axis) is cut
 into blocks of ``b`` rows; each block of each column gets its own scale (and
@@ -12,7 +12,9 @@ zero point) in the format of :mod:`edgeopt.quant.formats`, and
   ``zero_point = 0``; the old ``max|w| / 7`` left level -8 unused, about
   1 dB worse;
 * ``uint4`` (asymmetric): the block range widened to include 0 and scaled by
-  ``r``, ``scale = (max - min) / 15``, ``zero_point = clamp(rint(-min / scale), 0, 15)``.
+  ``r``, ``scale = (max - min) / 15``, ``zero_point = clamp(rint(-min / scale), 0, 15)``;
+* the 8-bit formats the int4 scheme falls back to for some layers, ``int8_block``
+  (symmetric, -128 as int4's -8) and ``uint8``, the same way over 256 levels.
 
 Per block, the ratio of :data:`CLIP_RATIOS` with the least squared error
 ``sum_k h_k (w_k - w'_k)**2`` is kept: clipping a lone large value costs it
@@ -35,6 +37,8 @@ value 0 -- scales float32 ``[N * ceil(K / b)]``; for int4 the code is
 ``q + 8`` and there are no zero points (MatMulNBits then uses 8); for uint4
 the code is ``q`` and zero points are packed the same way, ``[N *
 ceil(ceil(K / b) / 2)]``. It computes with ``(code - zero_point) * scale``.
+With bits = 8, B is ``[N, ceil(K / b), b]``, one code a byte (``q + 128`` for
+``int8_block``, whose default zero point is 128), and zero points one a byte.
 """
 
 from __future__ import annotations
@@ -225,43 +229,56 @@ def block_scales(weight: np.ndarray, block_size: int, fmt: Format,
 
 @dataclass(frozen=True, kw_only=True)
 class MatMulNBitsWeight:
-    """The constant inputs of a 4-bit MatMulNBits: B, scales and (uint4) zero points."""
+    """The constant inputs of a MatMulNBits: B, scales and (asymmetric formats) zero points."""
 
-    packed: np.ndarray  # uint8 [N, n_blocks, block_size / 2]
+    packed: np.ndarray  # uint8 [N, n_blocks, block_size * bits / 8]
     scales: np.ndarray  # float32 [N * n_blocks]
-    zero_points: np.ndarray | None  # uint8 [N * ceil(n_blocks / 2)], None: the op's default 8
+    zero_points: np.ndarray | None  # uint8 [N * ceil(n_blocks * bits / 8)], None: the op's default 2**(bits - 1)
     k: int
     n: int
     block_size: int
+    bits: int = 4
+
+
+def _store_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned codes as MatMulNBits stores them along the last axis: two per byte (4 bits), or one."""
+    return pack_nibbles(codes, UINT4) if bits == 4 else codes.astype(np.uint8)
+
+
+def _read_codes(stored: np.ndarray, count: int, bits: int) -> np.ndarray:
+    return (unpack_nibbles(stored, count, UINT4) if bits == 4 else stored[..., :count]).astype(np.int64)
 
 
 def encode_matmul_nbits(weight: BlockQuantizedWeight) -> MatMulNBitsWeight:
-    """Lay out a 2-D block-quantized weight ``[K, N]`` the way MatMulNBits reads it."""
+    """Lay out a 2-D block-quantized weight ``[K, N]`` (4 or 8 bits) the way MatMulNBits reads it."""
     if weight.q.ndim != 2:
         raise ValueError(f"MatMulNBits takes a 2-D weight, got shape {weight.q.shape}")
+    bits = weight.format.bits
+    if bits not in (4, 8):
+        raise ValueError(f"MatMulNBits is written here for 4- and 8-bit formats, not {weight.format.name}")
     k, n = weight.q.shape
     symmetric = weight.format.symmetric
-    # MatMulNBits codes are unsigned; int4's q in [-8, 7] is stored as q + 8, its default zero point.
-    codes = weight.q.astype(np.int16) + (8 if symmetric else 0)
-    padding = 8 if symmetric else weight.zero_point[-1:]  # padded rows dequantize to 0
+    # MatMulNBits codes are unsigned; a signed q is stored as q + 2**(bits - 1), its default zero point.
+    offset = 1 << (bits - 1)
+    codes = weight.q.astype(np.int16) + (offset if symmetric else 0)
+    padding = offset if symmetric else weight.zero_point[-1:]  # padded rows dequantize to 0
     codes = _pad_rows(codes, weight.block_size, padding)  # [K_padded, N]
     n_blocks = codes.shape[0] // weight.block_size
-    per_column = codes.T.reshape(n, n_blocks, weight.block_size)
-    packed = pack_nibbles(per_column, UINT4)
+    packed = _store_codes(codes.T.reshape(n, n_blocks, weight.block_size), bits)
     scales = np.ascontiguousarray(weight.scale.T).reshape(-1).astype(np.float32)
-    zero_points = None if symmetric else pack_nibbles(weight.zero_point.T, UINT4).reshape(-1)
+    zero_points = None if symmetric else _store_codes(weight.zero_point.T, bits).reshape(-1)
     return MatMulNBitsWeight(packed=packed, scales=scales, zero_points=zero_points, k=k, n=n,
-                             block_size=weight.block_size)
+                             block_size=weight.block_size, bits=bits)
 
 
 def decode_matmul_nbits(encoded: MatMulNBitsWeight) -> np.ndarray:
     """What MatMulNBits computes with: ``(code - zero_point) * scale`` as float32 ``[K, N]``."""
-    n, n_blocks, block_size = encoded.n, encoded.packed.shape[1], encoded.block_size
-    codes = unpack_nibbles(encoded.packed, block_size, UINT4).astype(np.int64)  # [N, n_blocks, b]
+    n, n_blocks, block_size, bits = encoded.n, encoded.packed.shape[1], encoded.block_size, encoded.bits
+    codes = _read_codes(encoded.packed, block_size, bits)  # [N, n_blocks, b]
     if encoded.zero_points is None:
-        zero_points = np.full((n, n_blocks), 8, dtype=np.int64)
+        zero_points = np.full((n, n_blocks), 1 << (bits - 1), dtype=np.int64)
     else:
-        zero_points = unpack_nibbles(encoded.zero_points.reshape(n, -1), n_blocks, UINT4).astype(np.int64)
+        zero_points = _read_codes(encoded.zero_points.reshape(n, -1), n_blocks, bits)
     scales = encoded.scales.reshape(n, n_blocks, 1)
     values = (codes - zero_points[..., None]).astype(np.float32) * scales
     return values.reshape(n, n_blocks * block_size)[:, :encoded.k].T

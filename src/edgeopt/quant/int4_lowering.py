@@ -1,0 +1,211 @@
+"""How an int4 weight-only model is written: the MatMul/Gemm nodes chosen, their new constants, the rewrite.
+
+A weight quantized in blocks (:mod:`edgeopt.quant.int4_blocks`) replaces its node in one of two ways
+(:class:`Lowering`): ONNX Runtime's ``com.microsoft.MatMulNBits`` for a 2-D weight (``bits`` 4, or 8 for a
+layer the 8-bit fallback holds), or the standard ``DequantizeLinear(weight, scale, zero_point, axis,
+block_size)`` feeding the MatMul for a weight of higher rank (opset 21). A weight read by several nodes (a
+tied embedding) gets its constants once; the old float weight goes once nothing reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+from edgeopt.quant.float16 import UniqueNames
+from edgeopt.quant.formats import Format
+from edgeopt.quant.int4_blocks import BlockQuantizedWeight, encode_matmul_nbits, pack_nibbles
+
+__all__ = [
+    "MS_DOMAIN",
+    "EncodedWeight",
+    "Lowering",
+    "ReadConstant",
+    "WeightTarget",
+    "block_bytes",
+    "dequantize_linear_constants",
+    "drop_unread",
+    "lower_dequantize_linear",
+    "lower_matmul_nbits",
+    "matmul_nbits_constants",
+    "read_constant",
+]
+
+MS_DOMAIN = "com.microsoft"
+
+
+class Lowering(enum.Enum):
+    MATMUL_NBITS = "MatMulNBits"
+    DEQUANTIZE_LINEAR = "DequantizeLinear"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WeightTarget:
+    """A MatMul/Gemm whose weight is quantized: the effective ``[..., K, N]`` weight, the format it is held in
+    (int4/uint4, or the 8-bit fallback's) and its extras."""
+
+    node: ir.Node
+    weight_value: ir.Value
+    weight: np.ndarray
+    weight_axis: int  # the K axis of the weight as stored (for the report)
+    lowering: Lowering
+    weight_format: Format | None = None  # set once the node is matched against the config
+    bias: np.ndarray | None = None  # [N], MatMulNBits' bias input
+    addend: ir.Value | np.ndarray | None = None  # added after the product when it is not a row bias
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EncodedWeight:
+    """A quantized weight's new constants (quantized values, scales, zero points or None), shared by
+    every node that reads the same weight, and their bytes."""
+
+    values: tuple[ir.Value, ir.Value, ir.Value | None]
+    nbytes: int
+    k: int = 0  # MatMulNBits' attributes
+    n: int = 0
+    block_size: int = 0
+    bits: int = 4
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReadConstant:
+    """A constant as a node reads it: directly, or through Transpose/Identity nodes."""
+
+    value: ir.Value  # the constant itself
+    array: np.ndarray  # what the node reads
+    axes: tuple[int, ...]  # axes[i]: the axis of the stored constant that read axis i comes from
+
+
+def read_constant(value: ir.Value | None) -> ReadConstant | None:
+    """``value`` as a constant, looking through Transpose/Identity (a tied weight's ``Transpose(E)``,
+    left unfolded so that E is stored once), or None."""
+    array = eir.constant_array(value)
+    if array is not None:
+        return ReadConstant(value=value, array=array, axes=tuple(range(array.ndim)))
+    producer = value.producer() if value is not None else None
+    if not eir.is_op(producer, "Transpose", "Identity") or producer.inputs[0] is None:
+        return None
+    source = read_constant(producer.inputs[0])
+    if source is None or producer.op_type == "Identity":
+        return source
+    perm = producer.attributes.get_ints("perm", None) or tuple(reversed(range(source.array.ndim)))
+    return ReadConstant(value=source.value, array=np.transpose(source.array, perm),
+                         axes=tuple(source.axes[axis] for axis in perm))
+
+
+def drop_unread(value: ir.Value | None) -> None:
+    """Remove ``value`` once nothing reads it, with the Transpose/Identity chain that made it from a constant
+    (each from the graph, main or subgraph, that holds it)."""
+    while value is not None and not value.uses() and not value.is_graph_output():
+        producer = value.producer()
+        if not eir.is_op(producer, "Transpose", "Identity"):
+            if value.graph is not None:
+                eir.drop_if_unused(value.graph, value)
+            return
+        value = producer.inputs[0]
+        producer.graph.remove(producer, safe=True)
+
+
+def block_bytes(shape: tuple[int, ...], block_size: int, fmt: Format, lowering: Lowering) -> int:
+    """Bytes of a ``[..., K, N]`` weight quantized in blocks along K in ``fmt``: codes, scales, zero points."""
+    *batch, k, n = shape
+    matrices, blocks, per_byte = int(np.prod(batch, dtype=np.int64)), -(-k // block_size), 8 // fmt.bits
+    zero_points = not fmt.symmetric
+    if lowering is Lowering.MATMUL_NBITS:  # K padded to whole blocks; zero points packed per column
+        return n * blocks * (block_size // per_byte + 4) + zero_points * n * -(-blocks // per_byte)
+    codes, scales = matrices * k * n, matrices * blocks * n
+    return -(-codes // per_byte) + 4 * scales + zero_points * -(-scales // per_byte)
+
+
+def _initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
+    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
+    graph.register_initializer(value)
+    return value
+
+
+def _array_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    return _initializer(graph, name, ir.Tensor(np.ascontiguousarray(array), name=name))
+
+
+def _typed_initializer(graph: ir.Graph, name: str, values: np.ndarray, fmt: Format) -> ir.Value:
+    """An ONNX tensor of ``fmt``: INT4/UINT4 flattened and packed two per byte, 8-bit as they are."""
+    if fmt.bits == 8:
+        return _array_initializer(graph, name, values.astype(fmt.numpy_dtype))
+    packed = pack_nibbles(values.reshape(-1), fmt)
+    return _initializer(graph, name, ir.PackedTensor(packed, fmt.onnx_type, shape=values.shape, name=name))
+
+
+def _addend_value(graph: ir.Graph, names: UniqueNames, target: WeightTarget) -> ir.Value | None:
+    if isinstance(target.addend, np.ndarray):
+        return _array_initializer(graph, names(f"{target.node.name or 'gemm'}_C"), target.addend)
+    return target.addend
+
+
+def matmul_nbits_constants(graph: ir.Graph, names: UniqueNames, base: str,
+                           quantized: BlockQuantizedWeight) -> EncodedWeight:
+    encoded = encode_matmul_nbits(quantized)
+    zero_points = (None if encoded.zero_points is None
+                   else _array_initializer(graph, names(f"{base}_zero_points"), encoded.zero_points))
+    values = (_array_initializer(graph, names(f"{base}_Q{encoded.bits}"), encoded.packed),
+              _array_initializer(graph, names(f"{base}_scales"), encoded.scales), zero_points)
+    return EncodedWeight(values=values, nbytes=sum(v.const_value.nbytes for v in values if v is not None),
+                         k=encoded.k, n=encoded.n, block_size=encoded.block_size, bits=encoded.bits)
+
+
+def lower_matmul_nbits(graph: ir.Graph, names: UniqueNames, target: WeightTarget, accuracy_level: int | None,
+                       encoded: EncodedWeight) -> None:
+    """Replace the node by MatMulNBits (+ Add) reading the ``encoded`` weight."""
+    node = target.node
+    inputs: list[ir.Value | None] = [node.inputs[0], *encoded.values, None, None]
+    if target.bias is not None:
+        inputs[5] = _array_initializer(graph, names(f"{node.name or target.weight_value.name}_bias"), target.bias)
+    while inputs[-1] is None:
+        inputs.pop()
+    attributes = [ir.AttrInt64("K", encoded.k), ir.AttrInt64("N", encoded.n),
+                  ir.AttrInt64("bits", encoded.bits), ir.AttrInt64("block_size", encoded.block_size)]
+    if accuracy_level is not None:
+        attributes.append(ir.AttrInt64("accuracy_level", accuracy_level))
+    nbits = ir.Node(MS_DOMAIN, "MatMulNBits", inputs, attributes, num_outputs=1,
+                    name=names(f"{node.name or 'matmul'}_Q{encoded.bits}"), version=1)
+    new_nodes, result = [nbits], nbits.outputs[0]
+    addend = _addend_value(graph, names, target)
+    if addend is not None:
+        result.name, result.type = names(f"{node.outputs[0].name}_product"), ir.TensorType(ir.DataType.FLOAT)
+        add = ir.Node("", "Add", [result, addend], num_outputs=1, name=names(f"{node.name or 'gemm'}_add"))
+        new_nodes.append(add)
+        result = add.outputs[0]
+    # the node's own graph (a subgraph's MatMul is replaced there); the new constants are the main graph's
+    ir.convenience.replace_nodes_and_values(node.graph, node, [node], new_nodes, [node.outputs[0]], [result])
+
+
+def dequantize_linear_constants(graph: ir.Graph, names: UniqueNames, base: str,
+                                quantized: BlockQuantizedWeight) -> EncodedWeight:
+    fmt = quantized.format
+    values = (_typed_initializer(graph, names(f"{base}_{fmt.name}"), quantized.q, fmt),
+              _array_initializer(graph, names(f"{base}_scale"), quantized.scale),
+              None if fmt.symmetric else _typed_initializer(graph, names(f"{base}_zero_point"),
+                                                            quantized.zero_point, fmt))
+    per_byte = 8 // fmt.bits
+    zero_point_bytes = 0 if fmt.symmetric else -(-quantized.zero_point.size // per_byte)
+    return EncodedWeight(values=values, bits=fmt.bits,
+                         nbytes=-(-quantized.q.size // per_byte) + quantized.scale.nbytes + zero_point_bytes)
+
+
+def lower_dequantize_linear(names: UniqueNames, target: WeightTarget, quantized: BlockQuantizedWeight,
+                            encoded: EncodedWeight) -> None:
+    """Feed the MatMul from DequantizeLinear of the ``encoded`` (INT4, UINT4 or 8-bit) weight."""
+    node, base = target.node, target.weight_value.name
+    inputs = [v for v in encoded.values if v is not None]
+    dequantize_node = ir.Node("", "DequantizeLinear", inputs,
+                              [ir.AttrInt64("axis", quantized.axis), ir.AttrInt64("block_size", quantized.block_size)],
+                              num_outputs=1, name=names(f"{base}_DequantizeLinear"))
+    output = dequantize_node.outputs[0]
+    output.name, output.type = names(f"{base}_dequantized"), ir.TensorType(ir.DataType.FLOAT)
+    output.shape = ir.Shape(quantized.q.shape)
+    node.graph.insert_before(node, dequantize_node)
+    node.replace_input_with(1, output)
+
