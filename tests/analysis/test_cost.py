@@ -211,6 +211,24 @@ def test_quantized_weight_counts_but_its_scales_do_not(tmp_path):
     assert report.macs == 1 * 8 * 4
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_matmul_nbits_counts_k_times_n_weights_not_its_packed_bytes(tmp_path, bits):
+    # K = 40 in blocks of 32: B is [N, 2 blocks, 32 * bits / 8] bytes, K padded to 64
+    k, n, block_size = 40, 6, 32
+    packed = numpy_helper.from_array(np.zeros((n, 2, block_size * bits // 8), np.uint8), "b")
+    scales = numpy_helper.from_array(np.ones(n * 2, np.float32), "scales")
+    node = helper.make_node("MatMulNBits", ["x", "b", "scales"], ["y"], domain="com.microsoft", name="nbits",
+                            K=k, N=n, bits=bits, block_size=block_size)
+    graph = helper.make_graph([node], "nbits", [_info("x", [3, k])], [_info("y", [3, n])], [packed, scales])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    onnx.save(model, tmp_path / "nbits.onnx")
+    report = analyze_cost(load_model(tmp_path / "nbits.onnx"))
+    _assert_totals(report)
+    assert [(r.params, r.weight_bytes) for r in report.nodes] == [(k * n, n * 2 * block_size * bits // 8)]
+    assert report.macs == 3 * n * k
+
+
 def test_unknown_shapes_cost_zero_and_are_listed(tmp_path):
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[1, 1]),

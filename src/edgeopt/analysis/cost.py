@@ -36,7 +36,8 @@ many were skipped).
 Parameters: a constant input (initializer or Constant output) with more than
 one element is a *weight* when its dtype is floating point, an integer of at
 most 8 bits (quantized weights), or int32 fed to DequantizeLinear or as the
-QLinearConv bias (quantized bias). Scales and zero points of quantization ops
+QLinearConv bias (quantized bias). MatMulNBits' packed B counts its ``K * N``
+weights, not its bytes. Scales and zero points of quantization ops
 and int64 shape/index tensors are not weights. Each weight is counted once,
 on the first node (in execution order) that consumes it. ``params`` counts its
 elements, ``weight_bytes`` its stored bytes; ``param_bytes_fp32/fp16/int8``
@@ -290,9 +291,15 @@ def _node_weights(node: ir.Node, seen: set[int]) -> tuple[int, int]:
         if tensor is None or tensor.size <= 1 or not _is_weight_dtype(tensor.dtype, node.op_type, position):
             continue
         seen.add(id(value))
-        params += tensor.size
+        params += _packed_weights(node) if (node.op_type, position) == ("MatMulNBits", 1) else tensor.size
         stored_bytes += tensor.nbytes
     return params, stored_bytes
+
+
+def _packed_weights(node: ir.Node) -> int:
+    """The weights MatMulNBits' B holds: ``K * N``, however many bits each (its bytes are two per byte at 4
+    bits, with K padded to whole blocks)."""
+    return node.attributes.get_int("K", 0) * node.attributes.get_int("N", 0)
 
 
 # ---------------------------------------------------------------- rows
