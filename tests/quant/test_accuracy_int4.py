@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -10,9 +12,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 import edgeopt
 from edgeopt.errors import ConfigError
-from edgeopt.quant.accuracy import RETURNED, AccuracyGoal, accuracy_aware_quantize
+from edgeopt.io import model_to_bytes
+from edgeopt.quant import int4_importance
+from edgeopt.quant.accuracy import RETURNED, AccuracyGoal, _base_model, accuracy_aware_quantize
 from edgeopt.quant.float16 import Fp16Config
-from edgeopt.quant.int4 import Int4WeightConfig
+from edgeopt.quant.int4 import Int4WeightConfig, quantize_int4
 
 _WIDTH = 64
 
@@ -105,3 +109,28 @@ def test_a_goal_is_refused_where_no_search_can_run(tmp_path, config, data, messa
         edgeopt.quantize(path, config, _data() if data else None, output=tmp_path / "q.onnx",
                          goal=AccuracyGoal(min_sqnr_db=30.0))
     assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("config", [Int4WeightConfig(), Int4WeightConfig(fallback="int8"),
+                                    Int4WeightConfig(gptq=True), Int4WeightConfig(gptq=True, fallback="int8")],
+                         ids=["float", "int8-fallback", "gptq", "gptq-int8-fallback"])
+def test_the_rounds_share_one_pass_and_each_weight_s_rounding_and_give_a_fresh_quantization_s_bytes(config):
+    # the rounds quantize one float model on one data set: the first round's statistics serve all of them,
+    # and a weight quantized in the same format for the same readers is the same weight
+    search = accuracy_aware_quantize(_mlp(), config, _data(), AccuracyGoal(min_sqnr_db=23.0))
+    assert search.met and len(search.steps) >= 3 and search.calibration_passes == 1, search.steps
+    excluded = tuple(dict.fromkeys(config.exclude + search.best_excluded))
+    fresh = quantize_int4(_base_model(_mlp(), config), replace(config, exclude=excluded), _data())
+    assert model_to_bytes(search.result.model) == model_to_bytes(fresh.model)
+    assert search.result.notes == fresh.notes
+
+
+def test_input_correlations_that_take_several_passes_are_read_again_each_round(monkeypatch):
+    # they are not all held at once, so no round keeps them for the next; the weights still are
+    monkeypatch.setattr(int4_importance, "GRAM_BUDGET_BYTES", _WIDTH * _WIDTH * 8)
+    config = Int4WeightConfig(gptq=True)
+    search = accuracy_aware_quantize(_mlp(), config, _data(), AccuracyGoal(min_sqnr_db=200.0, max_float_nodes=1))
+    assert [step.next_node for step in search.steps] == ["fc2", None]
+    assert search.calibration_passes == 3  # the first round's three inputs, one a pass; none in the second
+    fresh = quantize_int4(_base_model(_mlp(), config), replace(config, exclude=search.best_excluded), _data())
+    assert model_to_bytes(search.result.model) == model_to_bytes(fresh.model)

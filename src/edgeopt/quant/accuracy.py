@@ -48,7 +48,7 @@ from edgeopt.quant.compare_matching import carried_value, computed_from, fused_c
 from edgeopt.quant.config import Fallback, Int8Config
 from edgeopt.quant.fallback import fallback_part, past_fallback_casts
 from edgeopt.quant.float_reference import FloatReference
-from edgeopt.quant.int4 import Int4WeightConfig, WeightFallback, quantize_int4
+from edgeopt.quant.int4 import Int4Memo, Int4WeightConfig, WeightFallback, quantize_int4
 from edgeopt.quant.int8 import quantize_int8
 from edgeopt.quant.ops import is_qdq_op
 from edgeopt.quant.model_checks import check_exclude, vanished_excludes
@@ -364,6 +364,7 @@ class _Search:
         self.int4_layers: dict[str, ir.Node] | None = None  # the first int4 round's, by output name
         self.started = time.monotonic()
         self.memo = CalibrationMemo()  # the rounds differ only in what is excluded: one calibration serves them
+        self.int4_memo = Int4Memo()  # (int4: the weights quantized and the input statistics, likewise)
         self.float_reference = FloatReference(base)  # and the float side of every round's comparison is the same
         self.best: _Best | None = None
         self.steps: list[AccuracyStep] = []
@@ -375,7 +376,7 @@ class _Search:
         if not self.to_8_bits and self.int4_layers and all(node.name in config.exclude
                                                            for node in self.int4_layers.values()):
             return _all_float(self.base.clone(), config)  # what int4 would refuse: nothing left to quantize
-        result = quantize_int4(self.base.clone(), config, self.data)
+        result = quantize_int4(self.base.clone(), config, self.data, memo=self.int4_memo)
         if self.int4_layers is None:
             self.int4_layers = _int4_layers(self.base, result)
         return result
@@ -410,9 +411,10 @@ class _Search:
     @property
     def calibration_passes(self) -> int:
         """Passes over the data that quantized: int8's rounds share theirs, and with ``--fallback fp16`` each
-        reads it again for the float16 range check; each int4 round reads it for its layers' statistics."""
+        reads it again for the float16 range check; int4's share theirs too (but for GPTQ input correlations
+        too large for one pass, which each round reads again)."""
         if isinstance(self.config, Int4WeightConfig):
-            return len(self.steps)
+            return self.int4_memo.passes
         return self.memo.passes + (len(self.steps) if self.config.fallback is Fallback.FP16 else 0)
 
     def elapsed(self) -> float:

@@ -57,7 +57,8 @@ from edgeopt.quant.float16 import UniqueNames, weight_only_float_passes
 from edgeopt.quant.formats import INT4, INT8_BLOCK, UINT4, UINT8, Format
 from edgeopt.quant.int4_blocks import BlockQuantizedWeight, quantize_blocks
 from edgeopt.quant.int4_gptq import gptq_blocks
-from edgeopt.quant.int4_importance import GRAM_BUDGET_BYTES, StreamedStatistics, summed_statistics
+from edgeopt.quant.int4_importance import (GRAM_BUDGET_BYTES, LayerInputStatistics, StreamedStatistics,
+                                           summed_statistics)
 from edgeopt.quant.int4_lowering import (MS_DOMAIN, EncodedWeight, Lowering, WeightTarget, block_bytes,
                                          dequantize_linear_constants, drop_unread, lower_dequantize_linear,
                                          lower_matmul_nbits, matmul_nbits_constants, read_constant)
@@ -65,6 +66,7 @@ from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResu
 
 __all__ = [
     "AccuracyLevel",
+    "Int4Memo",
     "Int4WeightConfig",
     "WeightFallback",
     "quantize_int4",
@@ -248,34 +250,85 @@ def _by_weight(targets: Iterable[WeightTarget]) -> dict[tuple, list[WeightTarget
     return groups
 
 
+@dataclasses.dataclass
+class Int4Memo:
+    """What the rounds of an int4 accuracy search share, each quantizing the same float model with other layers
+    excluded: each weight as quantized for the same readers in the same format (with what it adds to the
+    notes), and the layers' input statistics when one pass over the data held them all. A round then quantizes
+    only the weights no round before it did, and reads the data only for inputs none observed: the same bytes
+    as a fresh quantization, without the clip search (or GPTQ) of every weight each round."""
+
+    weights: dict[tuple, _Quantized] = dataclasses.field(default_factory=dict)
+    statistics: dict[str, LayerInputStatistics] = dataclasses.field(default_factory=dict)
+    passes: int = 0  # over the calibration data, by all the rounds
+
+
+@dataclasses.dataclass(frozen=True)
+class _Quantized:
+    """A weight quantized for its readers, how (for the report), and what it adds to the GPTQ and weighting
+    notes' counts (``unweighted``; GPTQ's ``weights``, ``columns``, ``kept``, ``not_2d``)."""
+
+    weight: BlockQuantizedWeight
+    method: str
+    counts: Counter
+
+
+class _Statistics:
+    """The layers' input statistics: a memo's, else those :class:`StreamedStatistics` computes (kept in the
+    memo when one pass computes them all)."""
+
+    def __init__(self, streamed: StreamedStatistics, memo: Int4Memo | None) -> None:
+        self.streamed = streamed
+        self._memo = memo.statistics if memo is not None and len(streamed.passes) <= 1 else None
+        self._known = memo.statistics if memo is not None else {}
+
+    def get(self, name: str) -> LayerInputStatistics | None:
+        if name in self._known:
+            return self._known[name]
+        seen = self.streamed.get(name)
+        if self._memo is not None and seen is not None:
+            self._memo[name] = seen
+        return seen
+
+    def release(self, name: str) -> None:
+        self.streamed.release(name)
+
+
+def _reader_inputs(readers: list[WeightTarget]) -> tuple[str, ...]:
+    return tuple(target.node.inputs[0].name for target in readers)
+
+
 def _statistics(model: ir.Model, groups: Mapping[tuple, list[WeightTarget]], data: Iterable[Batch] | None,
-                config: Int4WeightConfig, progress: ProgressCallback | None) -> StreamedStatistics:
+                config: Int4WeightConfig, progress: ProgressCallback | None, memo: Int4Memo | None) -> _Statistics:
     """What the calibration passes see of each target's input (nothing without data): of the inputs that are
-    main-graph values, which the calibration run observes (not a subgraph's own)."""
-    weights = [([t.node.inputs[0].name for t in readers if t.node.inputs[0].graph is model.graph],
-                readers[0].weight.shape[-2]) for readers in groups.values()]
-    return StreamedStatistics(model, data, [w for w in weights if w[0]], correlation=config.gptq, progress=progress)
+    main-graph values, which the calibration run observes (not a subgraph's own), those of the weights and
+    inputs ``memo`` does not hold."""
+    weights = [([t.node.inputs[0].name for t in readers if t.node.inputs[0].graph is model.graph
+                 and (memo is None or t.node.inputs[0].name not in memo.statistics)], readers[0].weight.shape[-2])
+               for key, readers in groups.items() if memo is None or (key, _reader_inputs(readers)) not in memo.weights]
+    streamed = StreamedStatistics(model, data, [w for w in weights if w[0]], correlation=config.gptq,
+                                  progress=progress)
+    if memo is not None:
+        memo.passes += len(streamed.passes)
+    return _Statistics(streamed, memo)
 
 
 _WEIGHTED = "clip search, weighted by input channels"
 
 
-def _quantized(readers: list[WeightTarget], config: Int4WeightConfig, statistics: StreamedStatistics,
-               done: _Lowered) -> tuple[BlockQuantizedWeight, str]:
+def _quantized(readers: list[WeightTarget], config: Int4WeightConfig, statistics: _Statistics) -> _Quantized:
     """A weight quantized for its ``readers``, and how (for the report)."""
     weight = readers[0].weight
     seen = summed_statistics((statistics.get(t.node.inputs[0].name) for t in readers), weight.shape[-2])
-    done.unweighted += seen is None  # (all of them without data)
     fmt, block_size = readers[0].weight_format, config.block_size
-    if seen is None:
-        return quantize_blocks(weight, block_size, fmt), "clip search"
+    if seen is None:  # (all of them without data)
+        return _Quantized(quantize_blocks(weight, block_size, fmt), "clip search", Counter(unweighted=1))
     if not config.gptq or weight.ndim != 2:
-        if config.gptq:
-            done.gptq["not_2d"] += 1
-        return quantize_blocks(weight, block_size, fmt, importance=seen.mean_square), _WEIGHTED
+        return _Quantized(quantize_blocks(weight, block_size, fmt, importance=seen.mean_square), _WEIGHTED,
+                          Counter(not_2d=int(config.gptq)))
     solved = gptq_blocks(weight, seen, block_size, fmt)
-    done.gptq.update(weights=1, columns=solved.columns, kept=solved.gptq_columns)
-    return solved.weight, f"GPTQ rounding, {_WEIGHTED}"
+    return _Quantized(solved.weight, f"GPTQ rounding, {_WEIGHTED}",
+                      Counter(weights=1, columns=solved.columns, kept=solved.gptq_columns))
 
 
 def _tensor_info(target: WeightTarget, quantized: BlockQuantizedWeight, method: str) -> TensorQuantInfo:
@@ -346,14 +399,21 @@ def _find_targets(graph: ir.Graph, config: Int4WeightConfig, opset: int) -> tupl
     return targets, float_nodes
 
 
-def _quantize_all(groups: Mapping[tuple, list[WeightTarget]], config: Int4WeightConfig, statistics: StreamedStatistics,
-                  done: _Lowered) -> dict[tuple, tuple[BlockQuantizedWeight, str]]:
-    """Each distinct weight quantized, and how, before the graph changes: the calibration passes that
-    :meth:`StreamedStatistics.get` runs read the float model. An input's statistics go when done with."""
+def _quantize_all(groups: Mapping[tuple, list[WeightTarget]], config: Int4WeightConfig, statistics: _Statistics,
+                  done: _Lowered, memo: Int4Memo | None) -> dict[tuple, _Quantized]:
+    """Each distinct weight quantized (or found in ``memo``), and how, before the graph changes: the calibration
+    passes that :meth:`StreamedStatistics.get` runs read the float model. An input's statistics go when done
+    with."""
     unread = Counter(target.node.inputs[0].name for readers in groups.values() for target in readers)
     quantized = {}
     for key, readers in groups.items():
-        quantized[key] = _quantized(readers, config, statistics, done)
+        found = memo.weights.get((key, _reader_inputs(readers))) if memo is not None else None
+        quantized[key] = found or _quantized(readers, config, statistics)
+        if memo is not None:
+            memo.weights[key, _reader_inputs(readers)] = quantized[key]
+        counts = quantized[key].counts
+        done.unweighted += counts["unweighted"]
+        done.gptq += Counter({name: counts[name] for name in ("weights", "columns", "kept", "not_2d")})
         unread.subtract(target.node.inputs[0].name for target in readers)
         for name in {target.node.inputs[0].name for target in readers if unread[target.node.inputs[0].name] <= 0}:
             statistics.release(name)
@@ -361,13 +421,14 @@ def _quantize_all(groups: Mapping[tuple, list[WeightTarget]], config: Int4Weight
 
 
 def _lower_all(graph: ir.Graph, groups: Mapping[tuple, list[WeightTarget]], config: Int4WeightConfig,
-               statistics: StreamedStatistics) -> _Lowered:
+               statistics: _Statistics, memo: Int4Memo | None) -> _Lowered:
     """Quantize each distinct weight once (``groups``: :func:`_by_weight`) and rewrite every node reading
     it; the new constants go to the main graph, which the subgraphs' nodes read too."""
-    names, done = UniqueNames(graph), _Lowered(passes=len(statistics.passes))
-    weights = _quantize_all(groups, config, statistics, done)
+    names, done = UniqueNames(graph), _Lowered(passes=len(statistics.streamed.passes))
+    weights = _quantize_all(groups, config, statistics, done, memo)
     for key, readers in groups.items():  # a weight read by several nodes (tied embeddings) is stored once
-        quantized, method = weights.pop(key)
+        found = weights.pop(key)
+        quantized, method = found.weight, found.method
         encode = (matmul_nbits_constants if key[0] is Lowering.MATMUL_NBITS else dequantize_linear_constants)
         done.encodings[key] = encode(graph, names, readers[0].weight_value.name, quantized)
         for target in readers:
@@ -393,10 +454,11 @@ def _lower_all(graph: ir.Graph, groups: Mapping[tuple, list[WeightTarget]], conf
 
 @register_scheme(Int4WeightConfig)
 def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batch] | None = None, *,
-                  progress: ProgressCallback | None = None) -> QuantResult:
+                  progress: ProgressCallback | None = None, memo: Int4Memo | None = None) -> QuantResult:
     """Int4 weight-only block quantization of MatMul/Gemm; see the module docstring. ``data``, when
     given, weighs each block's clipping search by the layer's input channels (:mod:`.int4_importance`),
-    and GPTQ rounds against them (``config.gptq``, which needs it)."""
+    and GPTQ rounds against them (``config.gptq``, which needs it). ``memo``: what earlier quantizations of
+    the same float model with the same data left (:class:`Int4Memo`; the accuracy search's rounds)."""
     if config.gptq and data is None:
         raise ConfigError("GPTQ (--gptq) rounds each weight against its layer's inputs on calibration data: "
                           "give --data (a folder of .npy, images, or module:function), or drop --gptq")
@@ -409,7 +471,7 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
                          "weights of MatMul/Gemm only; use int8 or fp16 for this model")
     inside = sum(1 for target in targets if target.node.graph is not graph)  # before the rewrite removes them
     groups = _by_weight(targets)
-    done = _lower_all(graph, groups, config, _statistics(model, groups, data, config, progress))
+    done = _lower_all(graph, groups, config, _statistics(model, groups, data, config, progress, memo), memo)
     if done.counts[Lowering.MATMUL_NBITS]:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     bytes_before = sum(done.weights.values())  # each float32 weight once, however many nodes read it
