@@ -157,7 +157,8 @@ def quantize_ort(source: pathlib.Path, target: pathlib.Path, block_size: int, sy
 
 def quantize_edgeopt(source: pathlib.Path, target: pathlib.Path, block_size: int, fmt, data, gptq: bool) -> float:
     start = time.perf_counter()
-    config = Int4WeightConfig(granularity=PerBlock(size=block_size), weight_format=fmt, gptq=gptq)
+    # the embedding table stays float, as ORT's MatMul/Gemm-only quantizer leaves it: the same layers compared
+    config = Int4WeightConfig(granularity=PerBlock(size=block_size), weight_format=fmt, gptq=gptq, embeddings="float")
     result = quantize(load_model(source), config, data=data)
     target.write_bytes(model_to_bytes(result.model))
     return time.perf_counter() - start

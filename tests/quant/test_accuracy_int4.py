@@ -134,3 +134,21 @@ def test_input_correlations_that_take_several_passes_are_read_again_each_round(m
     assert search.calibration_passes == 3  # the first round's three inputs, one a pass; none in the second
     fresh = quantize_int4(_base_model(_mlp(), config), replace(config, exclude=search.best_excluded), _data())
     assert model_to_bytes(search.result.model) == model_to_bytes(fresh.model)
+
+
+def test_an_embedding_table_is_ranked_as_a_layer_whose_input_is_exact(tmp_path):
+    from .test_int4 import tied_lm_model
+
+    model = tied_lm_model(tmp_path)
+    rng = np.random.default_rng(0)
+    data = [{"ids": rng.integers(0, 96, (2, 5)).astype(np.int64)} for _ in range(8)]
+    search = accuracy_aware_quantize(model, Int4WeightConfig(embeddings="int4"), data,
+                                     AccuracyGoal(min_sqnr_db=200.0))
+    chosen = {step.next_node: step.reason for step in search.steps if step.next_node}
+    assert set(chosen) == {"embed", "proj", "head"}, search.steps
+    assert chosen["embed"].endswith("its input exact")
+    # a table in 8 bits (the default) or excluded stays so: the search, seeing E in int4 for the head, never
+    # picks its Gather
+    for config in (Int4WeightConfig(), Int4WeightConfig(embeddings="int4", exclude=("Gather",))):
+        kept = accuracy_aware_quantize(model, config, data, AccuracyGoal(min_sqnr_db=200.0))
+        assert "embed" not in {step.next_node for step in kept.steps}, kept.steps

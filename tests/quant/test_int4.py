@@ -547,7 +547,7 @@ def float_constants(model: ir.Model) -> list[str]:
 
 def test_a_tied_head_is_quantized_through_its_transpose_and_the_embedding_stays_once(tmp_path):
     model = tied_lm_model(tmp_path)
-    config = Int4WeightConfig()
+    config = Int4WeightConfig(exclude=("Gather",))  # the table a Gather reads stays float: E, once
     result = quantize(model, config, data=None)
     assert op_types(result.model) == ["Gather", "MatMulNBits", "Tanh", "MatMulNBits"]
     assert float_constants(result.model) == ["E"]  # the Gather's; no float E^T beside it
@@ -560,9 +560,71 @@ def test_a_tied_head_is_quantized_through_its_transpose_and_the_embedding_stays_
     assert sqnr_db(expected, OrtSession(result.model).run(TIED_FEED)["logits"]) >= MATCHES_REFERENCE_DB
 
 
-def fake_quantized_tied(model: ir.Model, config: Int4WeightConfig) -> ir.Model:
+def test_an_embedding_table_becomes_gather_block_quantized_rows_that_ort_looks_up_exactly(tmp_path):
+    # E [96, 64] in blocks of 32 along each row: quantized as the head's E^T is, so both readers compute
+    # with the same dequantized E, each from its own packing
+    model = tied_lm_model(tmp_path)
+    config = Int4WeightConfig(embeddings="int4")
+    result = quantize(model, config, data=None)
+    assert op_types(result.model) == ["GatherBlockQuantized", "MatMulNBits", "Tanh", "MatMulNBits"]
+    assert float_constants(result.model) == [] and result.details["gather_block_quantized"] == 1
+    gather = result.model.graph.node(0)
+    assert [gather.attributes.get_int(a) for a in ("gather_axis", "quantize_axis", "block_size", "bits")] == [
+        0, 1, 32, 4]
+    assert gather.inputs[0].shape == ir.Shape([96, 32]) and gather.inputs[2].shape == ir.Shape([96, 2])
+    assert [(t.name, t.op_type, t.axis) for t in result.tensors] == [("E", "Gather", 1), ("P", "MatMul", 0),
+                                                                     ("E", "MatMul", 1)]
+    restored = quantize_blocks(eir.constant_array(model.graph.initializers["E"]).T, 32, config.weight_format)
+    exposed = ir.from_proto(ir.to_proto(result.model))
+    exposed.graph.outputs.append(exposed.graph.node(0).outputs[0])  # the looked-up rows, h
+    rows = OrtSession(exposed).run(TIED_FEED)["h"]
+    np.testing.assert_array_equal(rows, restored.dequantize().T[TIED_FEED["ids"]])
+    expected = OrtSession(fake_quantized_tied(model, config, rows_too=True)).run(TIED_FEED)["logits"]
+    assert sqnr_db(expected, OrtSession(result.model).run(TIED_FEED)["logits"]) >= MATCHES_REFERENCE_DB
+    assert "1 Gather table (embeddings) -> GatherBlockQuantized, each row in blocks (uint4; " in result.notes[0]
+
+
+def test_embedding_tables_are_held_in_8_bits_by_default_and_float_on_request(tmp_path):
+    model = tied_lm_model(tmp_path)
+    result = quantize(model, Int4WeightConfig(), data=None)
+    gather = result.model.graph.node(0)
+    assert gather.op_type == "GatherBlockQuantized" and gather.attributes.get_int("bits") == 8
+    assert {(t.op_type, t.format) for t in result.tensors} == {("Gather", "uint8"), ("MatMul", "uint4")}
+    assert result.float_nodes == ()  # by design, not kept out of int4
+    reference = OrtSession(model).run(TIED_FEED)["logits"]
+    eight_bit = sqnr_db(reference, OrtSession(result.model).run(TIED_FEED)["logits"])
+    four_bit = quantize(model, Int4WeightConfig(embeddings="int4"), data=None).model
+    assert eight_bit > sqnr_db(reference, OrtSession(four_bit).run(TIED_FEED)["logits"])
+    kept = quantize(model, Int4WeightConfig(embeddings="float"), data=None)
+    assert op_types(kept.model)[0] == "Gather" and float_constants(kept.model) == ["E"]
+    assert [f.reason for f in kept.float_nodes] == ["an embedding table, kept float by config (--embeddings float)"]
+
+
+def test_a_gather_of_shapes_is_no_weight_and_a_table_of_odd_rows_stays_float_with_why(tmp_path):
+    table = numpy_helper.from_array(np.ones((10, 40), np.float32), "T")  # D = 40: no whole blocks of 32
+    dims = numpy_helper.from_array(np.array([2, 40], np.int64), "dims")
+    nodes = [helper.make_node("Gather", ["T", "ids"], ["rows"], name="embed"),
+             helper.make_node("Gather", ["dims", "zero"], ["d0"], name="pick"),  # shape arithmetic
+             helper.make_node("Unsqueeze", ["d0", "zero1"], ["d0v"]),
+             helper.make_node("Concat", ["d0v", "tail"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["rows", "shape"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "W"], ["output"], name="fc")]
+    initializers = [table, dims, numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                    numpy_helper.from_array(np.array([0], np.int64), "zero1"),
+                    numpy_helper.from_array(np.array([40], np.int64), "tail"),
+                    numpy_helper.from_array(np.ones((40, 8), np.float32), "W")]
+    graph = helper.make_graph(nodes, "odd", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [2, 8])],
+                              initializer=initializers)
+    result = quantize(save(graph, tmp_path / "odd.onnx"), Int4WeightConfig(float_passes=False), data=None)
+    assert [(f.node_name, f.reason) for f in result.float_nodes] == [
+        ("embed", "its rows hold D = 40 values, not a multiple of the block size 32: GatherBlockQuantized "
+                  "blocks whole rows")]
+
+
+def fake_quantized_tied(model: ir.Model, config: Int4WeightConfig, *, rows_too: bool = False) -> ir.Model:
     """:func:`tied_lm_model` with P and the head's E^T (untied from the Gather's E) holding their
-    reference dequantization."""
+    reference dequantization, and the Gather's E too when ``rows_too``."""
     copy = ir.from_proto(ir.to_proto(model))
     graph = copy.graph
     restore = lambda array: quantize_blocks(array, config.block_size, config.weight_format).dequantize()  # noqa: E731
@@ -571,13 +633,15 @@ def fake_quantized_tied(model: ir.Model, config: Int4WeightConfig) -> ir.Model:
     head_weight = restore(eir.constant_array(graph.initializers["E"]).T)
     next(node for node in graph if node.name == "tie").replace_input_with(
         0, eir.add_initializer(graph, np.ascontiguousarray(head_weight.T), "E_restored"))
+    if rows_too:
+        graph.initializers["E"].const_value = ir.Tensor(np.ascontiguousarray(head_weight.T), name="E")
     return copy
 
 
 def test_an_excluded_tied_head_does_not_copy_the_embedding(tmp_path):
     model = tied_lm_model(tmp_path)
     result = quantize(model, Int4WeightConfig(exclude=("head",)), data=None)
-    assert op_types(result.model) == ["Gather", "MatMulNBits", "Tanh", "Transpose", "MatMul"]
+    assert op_types(result.model) == ["GatherBlockQuantized", "MatMulNBits", "Tanh", "Transpose", "MatMul"]
     assert float_constants(result.model) == ["E"]
     reference = OrtSession(model).run(TIED_FEED)["logits"]
     assert sqnr_db(reference, OrtSession(result.model).run(TIED_FEED)["logits"]) >= 15.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -69,7 +70,7 @@ def test_an_excluded_layer_holds_its_weight_in_8_bits_that_ort_runs_exactly(tmp_
     assert {t.name: t.format for t in result.tensors} == {"fc1.weight": fmt.name, "fc2.weight": fallback.name}
     (kept,) = result.float_nodes
     assert kept.node_name == "fc2" and f"; {IN_8_BITS} ({fallback.name}" in kept.reason
-    assert "1 of them, kept out of int4, in 8 bits" in result.notes[0]
+    assert "; 1 of these, kept out of int4, in 8 bits (" in result.notes[0]
     # ONNX Runtime computes with what the encoding decodes to: the float model on those weights
     fc2 = packed_weights(result.model, nodes["fc2_Q8"])
     w2 = eir.constant_array(next(n for n in model.graph if n.name == "fc2").inputs[1]).T
@@ -180,3 +181,20 @@ def test_the_command_line_holds_an_excluded_layer_in_8_bits(cli, tmp_path):
     report = json.loads(outcome.stdout)
     (kept,) = report["float_nodes"]
     assert kept["reason"] == "excluded by config; weight held in 8 bits (uint8, --fallback int8)"
+
+
+def test_the_command_line_chooses_what_embedding_tables_are_held_in(cli, tmp_path):
+    from .test_int4 import tied_lm_model
+
+    path = tmp_path / "tied.onnx"
+    save_model(tied_lm_model(tmp_path), path)
+    out = tmp_path / "out.onnx"
+    assert_one_line_error(cli("quantize", path, "-o", out, "--scheme", "fp16", "--embeddings", "int4"),
+                          "--embeddings applies to --scheme int4-weight only, not fp16")
+    assert not out.exists()
+    for choice, bits in (("int4", 4), ("int8", 8)):
+        outcome = cli("quantize", path, "-o", out, "--scheme", "int4-weight", "--embeddings", choice,
+                      "--no-speed-check", "--json")
+        assert outcome.code == 0, outcome
+        gather = next(node for node in onnx.load(out).graph.node if node.op_type == "GatherBlockQuantized")
+        assert next(a.i for a in gather.attribute if a.name == "bits") == bits

@@ -37,7 +37,7 @@ Parameters: a constant input (initializer or Constant output) with more than
 one element is a *weight* when its dtype is floating point, an integer of at
 most 8 bits (quantized weights), or int32 fed to DequantizeLinear or as the
 QLinearConv bias (quantized bias). MatMulNBits' packed B counts its ``K * N``
-weights, not its bytes. Scales and zero points of quantization ops
+weights and GatherBlockQuantized's table its values, not their bytes. Scales and zero points of quantization ops
 and int64 shape/index tensors are not weights. Each weight is counted once,
 on the first node (in execution order) that consumes it. ``params`` counts its
 elements, ``weight_bytes`` its stored bytes; ``param_bytes_fp32/fp16/int8``
@@ -211,7 +211,7 @@ _DATA_MOVEMENT = """
     Size Cast CastLike DepthToSpace SpaceToDepth Scatter ScatterND
     ScatterElements Dropout QuantizeLinear DequantizeLinear DynamicQuantizeLinear
     ConstantOfShape Range NonZero OneHot ReverseSequence Trilu EyeLike Compress
-    Optional OptionalGetElement OptionalHasElement
+    Optional OptionalGetElement OptionalHasElement GatherBlockQuantized
 """.split()
 
 _CONTROL_FLOW = ("If", "Loop", "Scan")
@@ -254,6 +254,7 @@ _QUANTIZATION_PARAMETERS: dict[str, frozenset[int]] = {
     "ConvInteger": frozenset({2, 3}),
     "MatMulInteger": frozenset({2, 3}),
     "MatMulNBits": frozenset({2, 3, 4}),
+    "GatherBlockQuantized": frozenset({2, 3}),
 }
 
 # (op_type, position) where an int32 constant is a quantized bias.
@@ -291,15 +292,20 @@ def _node_weights(node: ir.Node, seen: set[int]) -> tuple[int, int]:
         if tensor is None or tensor.size <= 1 or not _is_weight_dtype(tensor.dtype, node.op_type, position):
             continue
         seen.add(id(value))
-        params += _packed_weights(node) if (node.op_type, position) == ("MatMulNBits", 1) else tensor.size
+        params += _packed_weights(node, tensor) if (node.op_type, position) in _PACKED else tensor.size
         stored_bytes += tensor.nbytes
     return params, stored_bytes
 
 
-def _packed_weights(node: ir.Node) -> int:
-    """The weights MatMulNBits' B holds: ``K * N``, however many bits each (its bytes are two per byte at 4
-    bits, with K padded to whole blocks)."""
-    return node.attributes.get_int("K", 0) * node.attributes.get_int("N", 0)
+_PACKED = frozenset({("MatMulNBits", 1), ("GatherBlockQuantized", 0)})  # uint8 bytes holding 4- or 8-bit weights
+
+
+def _packed_weights(node: ir.Node, tensor: ir.TensorProtocol) -> int:
+    """The weights a packed input holds, however many bits each: MatMulNBits' B ``K * N`` (its bytes are two
+    per byte at 4 bits, K padded to whole blocks), GatherBlockQuantized's table ``8 / bits`` per byte."""
+    if node.op_type == "MatMulNBits":
+        return node.attributes.get_int("K", 0) * node.attributes.get_int("N", 0)
+    return tensor.size * 8 // node.attributes.get_int("bits", 4)
 
 
 # ---------------------------------------------------------------- rows

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from edgeopt.errors import ConfigError
 
-__all__ = ["BLOCK_SIZE", "DEFAULT_TIME_BUDGET", "CalibrationChoice", "FallbackChoice", "Int8Algorithms", "Scheme",
-           "TargetChoice", "quant_config"]
+__all__ = ["BLOCK_SIZE", "DEFAULT_TIME_BUDGET", "CalibrationChoice", "EmbeddingsChoice", "FallbackChoice",
+           "Int8Algorithms", "Scheme", "TargetChoice", "quant_config"]
 
 
 class Scheme(str, enum.Enum):
@@ -34,6 +34,12 @@ class FallbackChoice(str, enum.Enum):
     int8 = "int8"  # int4-weight
 
 
+class EmbeddingsChoice(str, enum.Enum):
+    int8 = "int8"
+    int4 = "int4"
+    float = "float"
+
+
 class CalibrationChoice(str, enum.Enum):
     minmax = "minmax"
     percentile = "percentile"
@@ -53,6 +59,7 @@ class Int8Algorithms:
     gptq: bool
     smoothquant_alpha: float | None
     fallback: FallbackChoice = FallbackChoice.float
+    embeddings: EmbeddingsChoice | None = None  # int4-weight's; None: its default
 
 
 def quant_config(scheme: Scheme, target: TargetChoice, calibration: CalibrationChoice, per_tensor: bool,
@@ -77,7 +84,8 @@ def quant_config(scheme: Scheme, target: TargetChoice, calibration: CalibrationC
         return Bf16Config(exclude=exclude)
     size = BLOCK_SIZE if block_size is None else block_size
     return Int4WeightConfig(granularity=quant.PerBlock(size=size), exclude=exclude, gptq=algorithms.gptq,
-                            fallback=algorithms.fallback.value)
+                            fallback=algorithms.fallback.value,
+                            embeddings=(algorithms.embeddings or EmbeddingsChoice.int8).value)
 
 
 def _refuse_options_of_other_schemes(scheme: Scheme, target: TargetChoice, calibration: CalibrationChoice,
@@ -98,10 +106,12 @@ def _refuse_options_of_other_schemes(scheme: Scheme, target: TargetChoice, calib
     } if not int8 else {}
     if scheme is not Scheme.int4_weight:
         given["--block-size"] = block_size is not None
+        given["--embeddings"] = algorithms.embeddings is not None
         if not int8:
             given["--gptq"] = algorithms.gptq
     ignored = [option for option, set_ in given.items() if set_]
     if ignored:
-        applies = {"--block-size": "int4-weight", "--gptq": "int8, uint8 and int4-weight"}.get(ignored[0],
+        applies = {"--block-size": "int4-weight", "--embeddings": "int4-weight",
+                   "--gptq": "int8, uint8 and int4-weight"}.get(ignored[0],
                                                                                                "int8 and uint8")
         raise ConfigError(f"{ignored[0]} applies to --scheme {applies} only, not {scheme.value}: drop it")

@@ -48,7 +48,8 @@ from edgeopt.quant.compare_matching import carried_value, computed_from, fused_c
 from edgeopt.quant.config import Fallback, Int8Config
 from edgeopt.quant.fallback import fallback_part, past_fallback_casts
 from edgeopt.quant.float_reference import FloatReference
-from edgeopt.quant.int4 import Int4Memo, Int4WeightConfig, WeightFallback, quantize_int4
+from edgeopt.quant.int4 import Int4WeightConfig, WeightFallback, quantize_int4
+from edgeopt.quant.int4_rounding import Int4Memo
 from edgeopt.quant.int8 import quantize_int8
 from edgeopt.quant.ops import is_qdq_op
 from edgeopt.quant.model_checks import check_exclude, vanished_excludes
@@ -258,14 +259,15 @@ def _int4_layers(base: ir.Model, result: QuantResult) -> dict[str, ir.Node]:
     (a weight read through a Transpose, a tied embedding's, is named by the constant behind it); not those
     the 8-bit fallback holds."""
     int4 = result.config.weight_format.name
-    quantized = {info.name for info in result.tensors if info.kind == "weight" and info.format == int4}
+    quantized = {(info.name, info.op_type) for info in result.tensors if info.kind == "weight" and info.format == int4}
     layers = {}
     for node in base.graph:
         weight = node.inputs[1] if eir.is_op(node, "MatMul", "Gemm") and len(node.inputs) > 1 else None
+        weight = node.inputs[0] if eir.is_op(node, "Gather") else weight  # an embedding table
         transpose = weight.producer() if weight is not None else None
         if transpose is not None and transpose.op_type == "Transpose":
             weight = transpose.inputs[0]
-        if weight is not None and weight.name in quantized:
+        if weight is not None and (weight.name, node.op_type) in quantized:
             layers[node.outputs[0].name] = node
     return layers
 
@@ -283,7 +285,7 @@ def _weight_damage(base: ir.Model, result: QuantResult, comparison: CompareResul
     for name, node in _int4_layers(base, result).items():
         if name not in measured:
             continue
-        carried = computed_from(node.inputs[0])
+        carried = computed_from(node.inputs[1] if node.op_type == "Gather" else node.inputs[0])  # (its indices)
         input_db = measured.get(carried.name, math.inf) if carried is not None else math.inf
         added = 10 ** (-measured[name] / 10) - (10 ** (-input_db / 10) if math.isfinite(input_db) else 0.0)
         if math.isfinite(input_db):

@@ -6,7 +6,8 @@ the least squared error -- weighted, when calibration data is given, by the mean
 channels (:mod:`edgeopt.quant.int4_importance`) -- and ``w' = (q - zero_point) * scale``; the math, the nibble
 packing and the MatMulNBits layout are in :mod:`edgeopt.quant.int4_blocks`. With ``gptq`` (and data) a 2-D
 weight is rounded by GPTQ against its layer's input correlation instead (:mod:`edgeopt.quant.int4_gptq`). This
-module is the scheme: which nodes, and how each is rewritten (the graph edits: :mod:`edgeopt.quant.int4_lowering`).
+module is the scheme: which nodes, and how each is rewritten (the graph edits: :mod:`edgeopt.quant.int4_lowering`;
+each weight's rounding and what an accuracy search's rounds share: :mod:`edgeopt.quant.int4_rounding`).
 With ``fallback="int8"`` the layers kept out of int4 (``exclude``, which the accuracy search extends) are
 quantized the same way in 8 bits (``int8_block`` or ``uint8``: MatMulNBits bits = 8) instead of staying float.
 
@@ -55,18 +56,18 @@ from edgeopt.quant.config import PerBlock, check_exclude_names, require_enum
 from edgeopt.quant.fallback import IN_8_BITS
 from edgeopt.quant.float16 import UniqueNames, weight_only_float_passes
 from edgeopt.quant.formats import INT4, INT8_BLOCK, UINT4, UINT8, Format
-from edgeopt.quant.int4_blocks import BlockQuantizedWeight, quantize_blocks
-from edgeopt.quant.int4_gptq import gptq_blocks
-from edgeopt.quant.int4_importance import (GRAM_BUDGET_BYTES, LayerInputStatistics, StreamedStatistics,
-                                           summed_statistics)
+from edgeopt.quant.int4_blocks import BlockQuantizedWeight
+from edgeopt.quant.int4_importance import GRAM_BUDGET_BYTES
 from edgeopt.quant.int4_lowering import (MS_DOMAIN, EncodedWeight, Lowering, WeightTarget, block_bytes,
-                                         dequantize_linear_constants, drop_unread, lower_dequantize_linear,
-                                         lower_matmul_nbits, matmul_nbits_constants, read_constant)
+                                         dequantize_linear_constants, drop_unread, gather_block_quantized_constants,
+                                         lower_dequantize_linear, lower_gather_block_quantized, lower_matmul_nbits,
+                                         matmul_nbits_constants, read_constant)
+from edgeopt.quant.int4_rounding import Int4Memo, LayerStatistics, Rounded, layer_statistics, reader_inputs, rounded
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 
 __all__ = [
     "AccuracyLevel",
-    "Int4Memo",
+    "Embeddings",
     "Int4WeightConfig",
     "WeightFallback",
     "quantize_int4",
@@ -95,6 +96,14 @@ class WeightFallback(enum.Enum):
     INT8 = "int8"  # 8 bits in the same blocks (MatMulNBits bits = 8): a quarter of float32's bytes
 
 
+class Embeddings(enum.Enum):
+    """What the embedding tables Gather nodes read are held in (GatherBlockQuantized, rows in blocks)."""
+
+    INT8 = "int8"  # 8 bits (the fallback's format): a quarter of float32's bytes at about 46 dB, as NNCF keeps them
+    INT4 = "int4"  # the weights' format
+    FLOAT = "float"  # float32, left as they are
+
+
 _WEIGHT_FORMATS = (INT4, UINT4)
 _FALLBACK_FORMATS = {INT4: INT8_BLOCK, UINT4: UINT8}  # the 8-bit format of each, symmetric or not alike
 
@@ -117,7 +126,11 @@ class Int4WeightConfig:
     hold their weights in: float32, or 8 bits in the same blocks
     (``WeightFallback.INT8``, ``"int8"``: ``int8_block`` for int4, ``uint8``
     for uint4), about 0.3 of float32's bytes and some 24 dB more weight SQNR
-    than 4 bits.
+    than 4 bits. ``embeddings``: what the tables Gather nodes read (an
+    embedding ``[rows, D]``, D a multiple of the block size) are held in, as
+    ONNX Runtime's GatherBlockQuantized: 8 bits by default (an embedding's rows
+    feed the whole model: in 4 bits the test GPT loses 1.25 dB of output SQNR,
+    in 8 bits 0.01 dB), int4, or float.
     """
 
     granularity: PerBlock = PerBlock(size=32)
@@ -127,9 +140,11 @@ class Int4WeightConfig:
     float_passes: bool = True
     gptq: bool = False
     fallback: WeightFallback = WeightFallback.FLOAT
+    embeddings: Embeddings = Embeddings.INT8
 
     def __post_init__(self) -> None:
         require_enum(self, "fallback", WeightFallback, "fallback")
+        require_enum(self, "embeddings", Embeddings, "embeddings")
         for key in ("float_passes", "gptq"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
@@ -151,6 +166,12 @@ class Int4WeightConfig:
         """The format of the layers kept out of int4, None when they stay float."""
         return _FALLBACK_FORMATS[self.weight_format] if self.fallback is WeightFallback.INT8 else None
 
+    @property
+    def table_format(self) -> Format | None:
+        """The format of the embedding tables, None when they stay float."""
+        return {Embeddings.INT8: _FALLBACK_FORMATS[self.weight_format], Embeddings.INT4: self.weight_format,
+                Embeddings.FLOAT: None}[self.embeddings]
+
 
 # ---------------------------------------------------------------------------
 # which nodes, and how
@@ -162,11 +183,41 @@ def _match(node: ir.Node, config: Int4WeightConfig, opset: int) -> WeightTarget 
     why it stays float."""
     excluded = node.name in config.exclude or node.op_type in config.exclude
     fmt = config.fallback_format if excluded else config.weight_format
+    if node.op_type == "Gather" and not excluded:
+        fmt = config.table_format
+        if fmt is None:
+            return "an embedding table, kept float by config (--embeddings float)"
     if fmt is None:
         return "excluded by config"
-    found = _match_format(node, config, opset, fmt)
+    found = _match_table(node, config, fmt) if node.op_type == "Gather" else _match_format(node, config, opset, fmt)
     return f"excluded by config, and not held in {fmt.name} either: {found}" if excluded and isinstance(found, str) \
         else found
+
+
+def _table(node: ir.Node) -> np.ndarray | None:
+    """A Gather's constant floating-point table (an embedding), or None: a Gather of shapes or indices is no
+    weight."""
+    table = eir.constant_array(node.inputs[0]) if node.inputs and node.inputs[0] is not None else None
+    return table if table is not None and np.issubdtype(table.dtype, np.floating) and table.ndim >= 2 else None
+
+
+def _match_table(node: ir.Node, config: Int4WeightConfig, fmt: Format) -> WeightTarget | str:
+    """A Gather's embedding table ``E [rows, D]`` as the ``[D, rows]`` weight ``E^T`` whose blocks along D are
+    GatherBlockQuantized's, or why it stays float."""
+    table = _table(node)
+    axis = node.attributes.get_int("axis", 0)
+    if table.dtype != np.float32:
+        return f"its table is {table.dtype}, not float32"
+    if table.ndim != 2 or axis not in (0, -2):
+        return (f"it gathers along axis {axis} of a {table.ndim}-D table: GatherBlockQuantized is written here "
+                "for the rows of a 2-D table")
+    if table.shape[1] % config.block_size:
+        return (f"its rows hold D = {table.shape[1]} values, not a multiple of the block size {config.block_size}: "
+                "GatherBlockQuantized blocks whole rows")
+    if not np.isfinite(table).all():
+        return f"its table holds inf or NaN, which no {fmt.name} block scale can represent"
+    return WeightTarget(node=node, weight_value=node.inputs[0], weight=np.ascontiguousarray(table.T), weight_axis=1,
+                        lowering=Lowering.GATHER_BLOCK_QUANTIZED, weight_format=fmt)
 
 
 def _match_format(node: ir.Node, config: Int4WeightConfig, opset: int, fmt: Format) -> WeightTarget | str:
@@ -250,85 +301,8 @@ def _by_weight(targets: Iterable[WeightTarget]) -> dict[tuple, list[WeightTarget
     return groups
 
 
-@dataclasses.dataclass
-class Int4Memo:
-    """What the rounds of an int4 accuracy search share, each quantizing the same float model with other layers
-    excluded: each weight as quantized for the same readers in the same format (with what it adds to the
-    notes), and the layers' input statistics when one pass over the data held them all. A round then quantizes
-    only the weights no round before it did, and reads the data only for inputs none observed: the same bytes
-    as a fresh quantization, without the clip search (or GPTQ) of every weight each round."""
-
-    weights: dict[tuple, _Quantized] = dataclasses.field(default_factory=dict)
-    statistics: dict[str, LayerInputStatistics] = dataclasses.field(default_factory=dict)
-    passes: int = 0  # over the calibration data, by all the rounds
-
-
-@dataclasses.dataclass(frozen=True)
-class _Quantized:
-    """A weight quantized for its readers, how (for the report), and what it adds to the GPTQ and weighting
-    notes' counts (``unweighted``; GPTQ's ``weights``, ``columns``, ``kept``, ``not_2d``)."""
-
-    weight: BlockQuantizedWeight
-    method: str
-    counts: Counter
-
-
-class _Statistics:
-    """The layers' input statistics: a memo's, else those :class:`StreamedStatistics` computes (kept in the
-    memo when one pass computes them all)."""
-
-    def __init__(self, streamed: StreamedStatistics, memo: Int4Memo | None) -> None:
-        self.streamed = streamed
-        self._memo = memo.statistics if memo is not None and len(streamed.passes) <= 1 else None
-        self._known = memo.statistics if memo is not None else {}
-
-    def get(self, name: str) -> LayerInputStatistics | None:
-        if name in self._known:
-            return self._known[name]
-        seen = self.streamed.get(name)
-        if self._memo is not None and seen is not None:
-            self._memo[name] = seen
-        return seen
-
-    def release(self, name: str) -> None:
-        self.streamed.release(name)
-
-
-def _reader_inputs(readers: list[WeightTarget]) -> tuple[str, ...]:
-    return tuple(target.node.inputs[0].name for target in readers)
-
-
-def _statistics(model: ir.Model, groups: Mapping[tuple, list[WeightTarget]], data: Iterable[Batch] | None,
-                config: Int4WeightConfig, progress: ProgressCallback | None, memo: Int4Memo | None) -> _Statistics:
-    """What the calibration passes see of each target's input (nothing without data): of the inputs that are
-    main-graph values, which the calibration run observes (not a subgraph's own), those of the weights and
-    inputs ``memo`` does not hold."""
-    weights = [([t.node.inputs[0].name for t in readers if t.node.inputs[0].graph is model.graph
-                 and (memo is None or t.node.inputs[0].name not in memo.statistics)], readers[0].weight.shape[-2])
-               for key, readers in groups.items() if memo is None or (key, _reader_inputs(readers)) not in memo.weights]
-    streamed = StreamedStatistics(model, data, [w for w in weights if w[0]], correlation=config.gptq,
-                                  progress=progress)
-    if memo is not None:
-        memo.passes += len(streamed.passes)
-    return _Statistics(streamed, memo)
-
-
-_WEIGHTED = "clip search, weighted by input channels"
-
-
-def _quantized(readers: list[WeightTarget], config: Int4WeightConfig, statistics: _Statistics) -> _Quantized:
-    """A weight quantized for its ``readers``, and how (for the report)."""
-    weight = readers[0].weight
-    seen = summed_statistics((statistics.get(t.node.inputs[0].name) for t in readers), weight.shape[-2])
-    fmt, block_size = readers[0].weight_format, config.block_size
-    if seen is None:  # (all of them without data)
-        return _Quantized(quantize_blocks(weight, block_size, fmt), "clip search", Counter(unweighted=1))
-    if not config.gptq or weight.ndim != 2:
-        return _Quantized(quantize_blocks(weight, block_size, fmt, importance=seen.mean_square), _WEIGHTED,
-                          Counter(not_2d=int(config.gptq)))
-    solved = gptq_blocks(weight, seen, block_size, fmt)
-    return _Quantized(solved.weight, f"GPTQ rounding, {_WEIGHTED}",
-                      Counter(weights=1, columns=solved.columns, kept=solved.gptq_columns))
+_ENCODERS = {Lowering.MATMUL_NBITS: matmul_nbits_constants, Lowering.DEQUANTIZE_LINEAR: dequantize_linear_constants,
+             Lowering.GATHER_BLOCK_QUANTIZED: gather_block_quantized_constants}
 
 
 def _tensor_info(target: WeightTarget, quantized: BlockQuantizedWeight, method: str) -> TensorQuantInfo:
@@ -386,42 +360,43 @@ def _find_targets(graph: ir.Graph, config: Int4WeightConfig, opset: int) -> tupl
     """The MatMul/Gemm nodes of ``graph`` and of its subgraphs (If branches, Loop and Scan bodies) to
     quantize, and those left float with the reason."""
     targets, float_nodes = [], []
-    for node in [n for n in graph.all_nodes() if eir.is_op(n, "MatMul", "Gemm")]:
+    for node in [n for n in graph.all_nodes() if eir.is_op(n, "MatMul", "Gemm")
+                 or (eir.is_op(n, "Gather") and _table(n) is not None)]:
         target = _match(node, config, opset)
         if isinstance(target, str):
             float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, target))
             continue
         targets.append(target)
-        if target.weight_format is not config.weight_format:  # kept out of int4, in 8 bits: listed with why
+        if node.name in config.exclude or node.op_type in config.exclude:  # kept out of int4, in 8 bits: with why
             float_nodes.append(FloatNode(node.name or node.op_type, node.op_type,
                                          f"excluded by config; {IN_8_BITS} ({target.weight_format.name}, "
                                          "--fallback int8)"))
     return targets, float_nodes
 
 
-def _quantize_all(groups: Mapping[tuple, list[WeightTarget]], config: Int4WeightConfig, statistics: _Statistics,
-                  done: _Lowered, memo: Int4Memo | None) -> dict[tuple, _Quantized]:
+def _quantize_all(groups: Mapping[tuple, list[WeightTarget]], config: Int4WeightConfig, statistics: LayerStatistics,
+                  done: _Lowered, memo: Int4Memo | None) -> dict[tuple, Rounded]:
     """Each distinct weight quantized (or found in ``memo``), and how, before the graph changes: the calibration
     passes that :meth:`StreamedStatistics.get` runs read the float model. An input's statistics go when done
     with."""
-    unread = Counter(target.node.inputs[0].name for readers in groups.values() for target in readers)
+    unread = Counter(name for readers in groups.values() for name in reader_inputs(readers))
     quantized = {}
     for key, readers in groups.items():
-        found = memo.weights.get((key, _reader_inputs(readers))) if memo is not None else None
-        quantized[key] = found or _quantized(readers, config, statistics)
+        found = memo.weights.get((key, reader_inputs(readers))) if memo is not None else None
+        quantized[key] = found or rounded(readers, config.block_size, config.gptq, statistics)
         if memo is not None:
-            memo.weights[key, _reader_inputs(readers)] = quantized[key]
+            memo.weights[key, reader_inputs(readers)] = quantized[key]
         counts = quantized[key].counts
         done.unweighted += counts["unweighted"]
         done.gptq += Counter({name: counts[name] for name in ("weights", "columns", "kept", "not_2d")})
-        unread.subtract(target.node.inputs[0].name for target in readers)
-        for name in {target.node.inputs[0].name for target in readers if unread[target.node.inputs[0].name] <= 0}:
+        unread.subtract(reader_inputs(readers))
+        for name in {name for name in reader_inputs(readers) if unread[name] <= 0}:
             statistics.release(name)
     return quantized
 
 
 def _lower_all(graph: ir.Graph, groups: Mapping[tuple, list[WeightTarget]], config: Int4WeightConfig,
-               statistics: _Statistics, memo: Int4Memo | None) -> _Lowered:
+               statistics: LayerStatistics, memo: Int4Memo | None) -> _Lowered:
     """Quantize each distinct weight once (``groups``: :func:`_by_weight`) and rewrite every node reading
     it; the new constants go to the main graph, which the subgraphs' nodes read too."""
     names, done = UniqueNames(graph), _Lowered(passes=len(statistics.streamed.passes))
@@ -429,24 +404,27 @@ def _lower_all(graph: ir.Graph, groups: Mapping[tuple, list[WeightTarget]], conf
     for key, readers in groups.items():  # a weight read by several nodes (tied embeddings) is stored once
         found = weights.pop(key)
         quantized, method = found.weight, found.method
-        encode = (matmul_nbits_constants if key[0] is Lowering.MATMUL_NBITS else dequantize_linear_constants)
-        done.encodings[key] = encode(graph, names, readers[0].weight_value.name, quantized)
+        done.encodings[key] = _ENCODERS[key[0]](graph, names, readers[0].weight_value.name, quantized)
         for target in readers:
             node = target.node
-            int4 = target.weight_format is config.weight_format
+            layer = target.activation is not None  # (read before the rewrite detaches the node's inputs)
+            int4 = target.weight_format is config.weight_format and layer
+            done.in_8_bits += target.weight_format is not config.weight_format and layer
             if int4 and node.graph is graph and node.outputs[0].is_graph_output():  # the head (a classifier, LM)
                 done.heads.append((node.name or node.op_type, node.outputs[0].name, target.weight.nbytes))
             done.short += target.weight.shape[-2] < config.block_size  # K of the [..., K, N] weight
-            read = [v for v in node.inputs[1:] if v is not None]  # the weight (maybe via a Transpose), C
+            # the weight (maybe via a Transpose), C; a Gather's table
+            read = [v for v in (node.inputs[1:] if layer else node.inputs[:1]) if v is not None]
             if target.lowering is Lowering.MATMUL_NBITS:
                 level = None if config.accuracy_level is None else int(config.accuracy_level)
                 lower_matmul_nbits(graph, names, target, level, done.encodings[key])
+            elif target.lowering is Lowering.GATHER_BLOCK_QUANTIZED:
+                lower_gather_block_quantized(graph, names, target, done.encodings[key])
             else:
                 lower_dequantize_linear(names, target, quantized, done.encodings[key])
             for value in read:  # the old weight, and a Gemm's bias moved into MatMulNBits' bias input
                 drop_unread(value)
             done.counts[target.lowering] += 1
-            done.in_8_bits += target.weight_format is not config.weight_format
             done.tensors.append(_tensor_info(target, quantized, method))
             done.weights[target.weight_value] = target.weight.nbytes
     return done
@@ -471,8 +449,8 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
                          "weights of MatMul/Gemm only; use int8 or fp16 for this model")
     inside = sum(1 for target in targets if target.node.graph is not graph)  # before the rewrite removes them
     groups = _by_weight(targets)
-    done = _lower_all(graph, groups, config, _statistics(model, groups, data, config, progress, memo), memo)
-    if done.counts[Lowering.MATMUL_NBITS]:
+    done = _lower_all(graph, groups, config, layer_statistics(model, groups, data, config.gptq, progress, memo), memo)
+    if done.counts[Lowering.MATMUL_NBITS] or done.counts[Lowering.GATHER_BLOCK_QUANTIZED]:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     bytes_before = sum(done.weights.values())  # each float32 weight once, however many nodes read it
     bytes_after = sum(encoded.nbytes for encoded in done.encodings.values())
@@ -482,6 +460,7 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
     logger.info("int4: %s", notes[0])
     details = {"matmul_nbits": done.counts[Lowering.MATMUL_NBITS],
                "dequantize_linear": done.counts[Lowering.DEQUANTIZE_LINEAR],
+               "gather_block_quantized": done.counts[Lowering.GATHER_BLOCK_QUANTIZED],
                "weight_bytes_before": bytes_before, "weight_bytes_after": bytes_after}
     return QuantResult(model=model, scheme="int4", tensors=tuple(done.tensors), float_nodes=tuple(float_nodes),
                        notes=tuple(notes), config=config, details=details)
@@ -490,9 +469,13 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
 def _summary_notes(config: Int4WeightConfig, done: _Lowered, bytes_before: int, bytes_after: int, *,
                    weighted: bool) -> list[str]:
     fmt, counts = config.weight_format, done.counts
-    if not weighted:
+    tables = counts[Lowering.GATHER_BLOCK_QUANTIZED]
+    layers = sum(key[0] is not Lowering.GATHER_BLOCK_QUANTIZED for key in done.encodings)
+    if not layers:
+        search = ""
+    elif not weighted:
         search = " (--data would weigh it by each layer's input channels)"
-    elif done.unweighted == len(done.encodings):
+    elif done.unweighted == layers:
         search = (" (not weighted: every layer reads an input computed inside a subgraph, which the calibration "
                   "run does not observe)")
     elif done.unweighted:
@@ -501,18 +484,28 @@ def _summary_notes(config: Int4WeightConfig, done: _Lowered, bytes_before: int, 
                   "does not observe (inside subgraphs)")
     else:
         search = ", weighted by each layer's input channels on the calibration data"
-    in_8_bits = (f" ({done.in_8_bits} of them, kept out of int4, in 8 bits: {config.fallback_format.name}, "
+    in_8_bits = (f"; {done.in_8_bits} of these, kept out of int4, in 8 bits ({config.fallback_format.name}, "
                  "--fallback int8)" if done.in_8_bits else "")
     return [
         f"int4 weight-only ({fmt.name}, {'symmetric' if fmt.symmetric else 'asymmetric with zero points'}, "
         f"blocks of {config.block_size} along K): {counts[Lowering.MATMUL_NBITS]} MatMul/Gemm -> "
         f"MatMulNBits (ONNX Runtime com.microsoft), {counts[Lowering.DEQUANTIZE_LINEAR]} -> "
-        f"DequantizeLinear + MatMul{in_8_bits}; weights {bytes_before} -> {bytes_after} bytes with scales",
-        "block scales: clipping searched per block for the least weight error" + search,
+        f"DequantizeLinear + MatMul"
+        + (f", {count_of(tables, 'Gather table', 'Gather tables')} (embeddings) -> GatherBlockQuantized, each row "
+           f"in blocks ({_table_formats(done)})" if tables else "")
+        + f"{in_8_bits}; weights {bytes_before} -> {bytes_after} bytes with scales",
+        "block scales: clipping searched per block for the least weight error" + search
+        + ("; a table's rows unweighted: they are looked up, not multiplied" if tables else ""),
         "activations and compute stay float32" + (
             "" if config.accuracy_level is None
             else f"; MatMulNBits accuracy_level={int(config.accuracy_level)} ({config.accuracy_level.name})"),
     ]
+
+
+def _table_formats(done: _Lowered) -> str:
+    """The formats the embedding tables are held in, and how to change them."""
+    formats = sorted({info.format for info in done.tensors if info.op_type == "Gather"})
+    return f"{', '.join(formats)}; --embeddings int8, int4 or float"
 
 
 def _gptq_note(done: _Lowered) -> list[str]:

@@ -1,9 +1,12 @@
 """How an int4 weight-only model is written: the MatMul/Gemm nodes chosen, their new constants, the rewrite.
 
-A weight quantized in blocks (:mod:`edgeopt.quant.int4_blocks`) replaces its node in one of two ways
+A weight quantized in blocks (:mod:`edgeopt.quant.int4_blocks`) replaces its node in one of three ways
 (:class:`Lowering`): ONNX Runtime's ``com.microsoft.MatMulNBits`` for a 2-D weight (``bits`` 4, or 8 for a
-layer the 8-bit fallback holds), or the standard ``DequantizeLinear(weight, scale, zero_point, axis,
-block_size)`` feeding the MatMul for a weight of higher rank (opset 21). A weight read by several nodes (a
+layer the 8-bit fallback holds), the standard ``DequantizeLinear(weight, scale, zero_point, axis,
+block_size)`` feeding the MatMul for a weight of higher rank (opset 21), or ``com.microsoft.GatherBlockQuantized``
+for a Gather's embedding table ``E [rows, D]``: quantized as the ``[D, rows]`` weight ``E^T`` is (blocks along
+D), its codes are MatMulNBits' B with each row's blocks laid end to end, ``[rows, D * bits / 8]``, and its
+scales and zero points ``[rows, ...]`` likewise. A weight read by several nodes (a
 tied embedding) gets its constants once; the old float weight goes once nothing reads it.
 """
 
@@ -29,7 +32,9 @@ __all__ = [
     "block_bytes",
     "dequantize_linear_constants",
     "drop_unread",
+    "gather_block_quantized_constants",
     "lower_dequantize_linear",
+    "lower_gather_block_quantized",
     "lower_matmul_nbits",
     "matmul_nbits_constants",
     "read_constant",
@@ -41,6 +46,7 @@ MS_DOMAIN = "com.microsoft"
 class Lowering(enum.Enum):
     MATMUL_NBITS = "MatMulNBits"
     DEQUANTIZE_LINEAR = "DequantizeLinear"
+    GATHER_BLOCK_QUANTIZED = "GatherBlockQuantized"  # an embedding table's rows, for a Gather
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,6 +60,11 @@ class WeightTarget:
     weight_axis: int  # the K axis of the weight as stored (for the report)
     lowering: Lowering
     weight_format: Format | None = None  # set once the node is matched against the config
+
+    @property
+    def activation(self) -> ir.Value | None:
+        """What the weight multiplies (whose channels weigh its rounding), None for a Gather's table."""
+        return None if self.lowering is Lowering.GATHER_BLOCK_QUANTIZED else self.node.inputs[0]
     bias: np.ndarray | None = None  # [N], MatMulNBits' bias input
     addend: ir.Value | np.ndarray | None = None  # added after the product when it is not a row bias
 
@@ -115,7 +126,7 @@ def block_bytes(shape: tuple[int, ...], block_size: int, fmt: Format, lowering: 
     *batch, k, n = shape
     matrices, blocks, per_byte = int(np.prod(batch, dtype=np.int64)), -(-k // block_size), 8 // fmt.bits
     zero_points = not fmt.symmetric
-    if lowering is Lowering.MATMUL_NBITS:  # K padded to whole blocks; zero points packed per column
+    if lowering is not Lowering.DEQUANTIZE_LINEAR:  # K padded to whole blocks; zero points packed per column
         return n * blocks * (block_size // per_byte + 4) + zero_points * n * -(-blocks // per_byte)
     codes, scales = matrices * k * n, matrices * blocks * n
     return -(-codes // per_byte) + 4 * scales + zero_points * -(-scales // per_byte)
@@ -193,6 +204,32 @@ def dequantize_linear_constants(graph: ir.Graph, names: UniqueNames, base: str,
     zero_point_bytes = 0 if fmt.symmetric else -(-quantized.zero_point.size // per_byte)
     return EncodedWeight(values=values, bits=fmt.bits,
                          nbytes=-(-quantized.q.size // per_byte) + quantized.scale.nbytes + zero_point_bytes)
+
+
+def gather_block_quantized_constants(graph: ir.Graph, names: UniqueNames, base: str,
+                                     quantized: BlockQuantizedWeight) -> EncodedWeight:
+    """The constants of GatherBlockQuantized for a table quantized as its transpose ``[D, rows]``."""
+    encoded = encode_matmul_nbits(quantized)  # [rows, D / b, b * bits / 8]: each row's blocks in order
+    rows = encoded.n
+    arrays = (encoded.packed.reshape(rows, -1), encoded.scales.reshape(rows, -1),
+              None if encoded.zero_points is None else encoded.zero_points.reshape(rows, -1))
+    values = tuple(None if array is None else _array_initializer(graph, names(f"{base}_{suffix}"), array)
+                   for array, suffix in zip(arrays, (f"rows_Q{encoded.bits}", "row_scales", "row_zero_points")))
+    return EncodedWeight(values=values, nbytes=sum(v.const_value.nbytes for v in values if v is not None),
+                         k=encoded.k, n=rows, block_size=encoded.block_size, bits=encoded.bits)
+
+
+def lower_gather_block_quantized(graph: ir.Graph, names: UniqueNames, target: WeightTarget,
+                                 encoded: EncodedWeight) -> None:
+    """Replace the Gather by GatherBlockQuantized reading the ``encoded`` table (rows along axis 0)."""
+    node = target.node
+    data, scales, zero_points = encoded.values
+    inputs = [data, node.inputs[1], scales, *([zero_points] if zero_points is not None else [])]
+    attributes = [ir.AttrInt64("gather_axis", 0), ir.AttrInt64("quantize_axis", 1),
+                  ir.AttrInt64("block_size", encoded.block_size), ir.AttrInt64("bits", encoded.bits)]
+    gather = ir.Node(MS_DOMAIN, "GatherBlockQuantized", inputs, attributes, num_outputs=1,
+                     name=names(f"{node.name or 'gather'}_Q{encoded.bits}"), version=1)
+    ir.convenience.replace_nodes_and_values(node.graph, node, [node], [gather], [node.outputs[0]], [gather.outputs[0]])
 
 
 def lower_dequantize_linear(names: UniqueNames, target: WeightTarget, quantized: BlockQuantizedWeight,
