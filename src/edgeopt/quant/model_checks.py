@@ -16,7 +16,7 @@ __all__ = ["NodeIndex", "check_exclude", "check_not_quantized", "vanished_exclud
 
 _QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm",
                             "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
-                            "MatMulNBits", "QAttention", "QEmbedLayerNormalization"})
+                            "MatMulNBits", "GatherBlockQuantized", "QAttention", "QEmbedLayerNormalization"})
 
 
 _HALF_TYPES = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}

@@ -59,6 +59,7 @@ _INTEGER_KERNELS = frozenset({"ConvInteger", "MatMulInteger", "MatMulIntegerToFl
 PRECISION_LABELS = {"int8": "int8 (QDQ)", "int4": "int4 weights", "float16": "fp16", "bfloat16": "bf16",
                     "float32": "float32"}
 _LOW_BIT_WEIGHTS = frozenset({ir.DataType.INT4, ir.DataType.UINT4})
+_BLOCK_QUANTIZED_OPS = frozenset({"MatMulNBits", "GatherBlockQuantized"})  # ONNX Runtime's, for weight-only
 
 
 def model_precision(model: ir.Model) -> str:
@@ -66,8 +67,8 @@ def model_precision(model: ir.Model) -> str:
     quantized), "int4" (weight-only block quantization), "float16", "bfloat16", else "float32"."""
     if any(is_qdq_op(node, "QuantizeLinear") and not eir.is_constant(node.inputs[0]) for node in model.graph):
         return "int8"
-    if any(node.op_type == "MatMulNBits" or (is_qdq_op(node, "DequantizeLinear") and node.inputs[0] is not None
-                                             and node.inputs[0].dtype in _LOW_BIT_WEIGHTS)
+    if any(node.op_type in _BLOCK_QUANTIZED_OPS or (is_qdq_op(node, "DequantizeLinear") and node.inputs[0] is not None
+                                                    and node.inputs[0].dtype in _LOW_BIT_WEIGHTS)
            for node in model.graph):
         return "int4"
     stored = {value.dtype for value in model.graph.initializers.values()}
