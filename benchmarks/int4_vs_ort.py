@@ -23,6 +23,11 @@ MatMul on edgeopt's own reference dequantization of the same weights (rounding
 only: 60+ dB).
 
     .venv/bin/python benchmarks/int4_vs_ort.py [--blocks 16,32,64,128] [--models mlp,gpt]
+    .venv/bin/python benchmarks/int4_vs_ort.py --tables
+
+``--tables``: the GPT with its embedding table quantized too (block 32), ONNX Runtime's quantizer with its
+Gather support (``GatherBlockQuantized``, int4) against edgeopt's ``--embeddings int4`` and its default (the
+table in 8 bits); ``table dB`` decodes each file's table.
 
 Prints a markdown table. Run by hand, not a test.
 """
@@ -155,10 +160,12 @@ def quantize_ort(source: pathlib.Path, target: pathlib.Path, block_size: int, sy
     return time.perf_counter() - start
 
 
-def quantize_edgeopt(source: pathlib.Path, target: pathlib.Path, block_size: int, fmt, data, gptq: bool) -> float:
+def quantize_edgeopt(source: pathlib.Path, target: pathlib.Path, block_size: int, fmt, data, gptq: bool,
+                     embeddings: str = "float") -> float:
     start = time.perf_counter()
-    # the embedding table stays float, as ORT's MatMul/Gemm-only quantizer leaves it: the same layers compared
-    config = Int4WeightConfig(granularity=PerBlock(size=block_size), weight_format=fmt, gptq=gptq, embeddings="float")
+    # by default the embedding table stays float, as ORT's MatMul/Gemm-only quantizer leaves it: the same layers
+    config = Int4WeightConfig(granularity=PerBlock(size=block_size), weight_format=fmt, gptq=gptq,
+                              embeddings=embeddings)
     result = quantize(load_model(source), config, data=data)
     target.write_bytes(model_to_bytes(result.model))
     return time.perf_counter() - start
@@ -237,6 +244,64 @@ def as_float_matmuls(path: pathlib.Path, target: pathlib.Path) -> None:
     onnx.save(model, str(target))
 
 
+def quantize_ort_with_tables(source: pathlib.Path, target: pathlib.Path, block_size: int) -> float:
+    """ORT's quantizer with its Gather support on: the embedding table too, in int4 (its default asymmetric)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    start = time.perf_counter()
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), block_size=block_size, is_symmetric=False,
+                                     op_types_to_quantize=("MatMul", "Gather"),
+                                     quant_axes=(("MatMul", 0), ("Gather", 1)))
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(target), False)
+    return time.perf_counter() - start
+
+
+def decoded_table(path: pathlib.Path) -> np.ndarray:
+    """The table the model's GatherBlockQuantized looks rows up in, ``(q - zero_point) * scale`` per block of each
+    row, whichever way the file stores its codes (ORT: UINT4 tensors; edgeopt: bytes, two 4-bit codes each)."""
+    model = onnx.load(str(path))
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    attributes = _attributes(node)
+    bits, block_size = attributes.get("bits", 4), attributes["block_size"]
+    data, scales = constants[node.input[0]], constants[node.input[2]]
+    zero_points = constants[node.input[3]] if len(node.input) > 3 and node.input[3] else None
+    rows, blocks = scales.shape
+    if data.dtype == np.uint8 and bits == 4 and data.shape[1] * 2 == blocks * block_size:  # packed in bytes
+        data = np.stack([data & 0x0F, data >> 4], axis=-1).reshape(rows, -1)
+        if zero_points is not None:
+            zero_points = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(rows, -1)[:, :blocks]
+    default = 1 << (bits - 1)
+    zero_points = np.full((rows, blocks), default) if zero_points is None else zero_points[:, :blocks]
+    codes = data.astype(np.int64).reshape(rows, blocks, block_size)
+    return ((codes - zero_points.astype(np.int64)[..., None]) * scales[..., None]).reshape(rows, -1).astype(np.float32)
+
+
+TABLE_VARIANTS = (  # label, tool, --embeddings
+    ("ORT RTN asym, MatMul + Gather", "ort", None),
+    ("edgeopt uint4 + data, --embeddings int4", "edgeopt", "int4"),
+    ("edgeopt uint4 + data (default: table in 8 bits)", "edgeopt", "int8"),
+)
+
+
+def table_rows(float_path: pathlib.Path, folder: pathlib.Path, calibration: list[dict], held_out: list[dict],
+               reference: np.ndarray, block_size: int) -> list[list]:
+    """The GPT with its embedding table quantized too: ORT's Gather support against edgeopt's."""
+    table = next(numpy_helper.to_array(t) for t in onnx.load(str(float_path)).graph.initializer
+                 if t.name == "embed.weight")
+    rows = []
+    for label, tool, embeddings in TABLE_VARIANTS:
+        path = folder / f"gpt.tables.{block_size}.{tool}.{embeddings}.onnx"
+        seconds = (quantize_ort_with_tables(float_path, path, block_size) if tool == "ort" else
+                   quantize_edgeopt(float_path, path, block_size, UINT4, calibration, False, embeddings))
+        rows.append(["gpt", block_size, label, f"{sqnr_db(table, decoded_table(path)):.2f}",
+                     f"{np.mean(weight_sqnrs(float_path, path)):.2f}", f"{sqnr_db(reference, run(path, held_out)):.2f}",
+                     f"{path.stat().st_size / 1024:.0f}", f"{seconds:.2f}"])
+        print(" | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
+    return rows
+
+
 def measure(name: str, float_path: pathlib.Path, path: pathlib.Path, held_out: list[dict],
             reference: np.ndarray, edgeopt: bool) -> dict:
     layers = weight_sqnrs(float_path, path)
@@ -271,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", default="16,32,64,128")
     parser.add_argument("--models", default="mlp,gpt")
+    parser.add_argument("--tables", action="store_true",
+                        help="only the GPT with its embedding table quantized too, at block 32")
     args = parser.parse_args(argv)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # a line per node otherwise
     blocks = [int(b) for b in args.blocks.split(",")]
@@ -278,6 +345,15 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="int4_vs_ort_") as tmp:
         folder = pathlib.Path(tmp)
         models = build_models(folder)
+        if args.tables:
+            float_path, calibration, held_out = models["gpt"]
+            rows = table_rows(float_path, folder, calibration, held_out, run(float_path, held_out), 32)
+            headers = ["model", "block", "quantizer", "table dB", "layer weight dB (mean)", "output dB (held out)",
+                       "KiB", "s"]
+            print("\n".join(markdown_table(headers, rows, right=[False, True, False, *[True] * 5])))
+            print()
+            print("\n".join(environment_markdown(environment(sys.argv))))
+            return
         for model_name in args.models.split(","):
             float_path, calibration, held_out = models[model_name]
             reference = run(float_path, held_out)
