@@ -17,6 +17,7 @@ __all__ = [
     "InputSpec",
     "constant_array",
     "default_opset",
+    "index_limits",
     "is_constant",
     "is_op",
     "model_inputs",
@@ -133,6 +134,44 @@ def model_inputs(model: ir.Model) -> list[InputSpec]:
         dtype = numpy_dtype(value) or np.dtype(np.float32)
         specs.append(InputSpec(name=value.name, shape=shape, dtype=dtype, rank_known=value.shape is not None))
     return specs
+
+
+#: Ops whose output holds (some of) their first input's values, so indices flow through them unchanged.
+_INDEX_CARRIERS = ("Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Expand", "Flatten", "Transpose",
+                   "Slice", "Tile", "Concat")
+
+
+def _table_rows(node: ir.Node, index: int) -> int | None:
+    """How many entries ``node``'s input ``index`` may pick among, when it is a Gather's indices."""
+    if node.op_type not in ("Gather", "GatherElements") or index != 1 or node.domain not in ONNX_DOMAINS:
+        return None
+    shape = static_shape(node.inputs[0])
+    axis = node.attributes.get_int("axis", 0)
+    return shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
+
+
+def index_limits(model: ir.Model) -> dict[str, int]:
+    """For each integer graph input that indexes a table (token ids -> an embedding's Gather, reached
+    directly or through Cast, Unsqueeze, Reshape ...), the number of rows of its smallest such table:
+    the ids a random input may hold are below it."""
+    limits = {}
+    for value in model.graph.inputs:
+        dtype = numpy_dtype(value)
+        if dtype is None or not np.issubdtype(dtype, np.integer):
+            continue
+        rows, pending, seen = [], [value], set()
+        while pending:
+            current = pending.pop()
+            for usage in current.uses():
+                node = usage.node
+                rows.append(_table_rows(node, usage.idx))
+                if node.op_type in _INDEX_CARRIERS and usage.idx == 0 or node.op_type == "Concat":
+                    pending.extend(v for v in node.outputs if id(v) not in seen)
+                    seen.update(id(v) for v in node.outputs)
+        known = [count for count in rows if count]
+        if known:
+            limits[value.name] = min(known)
+    return limits
 
 
 def default_opset(model: ir.Model) -> int:

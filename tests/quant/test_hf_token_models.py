@@ -1,0 +1,39 @@
+"""Hugging Face-style token models (``tests/hf_models.py``): int64 token ids and attention masks,
+embeddings, ``arange`` positions, additive masks, tied LM heads. What users exporting a BERT or a
+GPT-2 hit first. Each export takes about a second (cached per process).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import edgeopt
+from tests.hf_models import HF_INPUTS, build_hf
+
+
+def _fixed(name: str, tokens: int = 8) -> dict[str, tuple[int, int]]:
+    return {input_name: (1, tokens) for input_name in HF_INPUTS[name]}
+
+
+def test_inspect_of_a_bert_with_token_types_runs_it_on_ids_its_tables_hold(tmp_path):
+    """The shapes after ``arange`` (Range) are only known by running the model, on random inputs:
+    integers in [0, 8) made the token type ids index past their 2-row table and inspect failed.
+    Integer inputs that index a table are drawn below its row count."""
+    report = edgeopt.inspect(build_hf("bert", tmp_path), input_shapes=_fixed("bert"))
+    assert report.cost.macs > 0
+    assert all(row.output_shapes and None not in row.output_shapes[0] for row in report.cost.nodes)
+
+
+def test_bench_of_a_bert_without_data_feeds_ids_its_tables_hold(tmp_path):
+    result = edgeopt.bench(build_hf("bert", tmp_path), config=edgeopt.BenchConfig(runs=2, warmup=1),
+                           input_shapes=_fixed("bert"))
+    assert len(result.to_dict()["models"]) == 1
+
+
+def test_index_limits_follow_token_ids_through_casts_and_reshapes(tmp_path):
+    from edgeopt import ir as eir
+    from edgeopt.io import load_model
+
+    limits = eir.index_limits(load_model(build_hf("bert", tmp_path), require_static=False))
+    assert limits == {"input_ids": 100, "token_type_ids": 2}  # the attention mask indexes nothing
+    assert np.issubdtype(type(limits["input_ids"]), np.integer)
