@@ -7,6 +7,10 @@
   ``Where(tril, scores, finfo.min)``, ``gelu_new`` (tanh GELU with ``pow(x, 3)``), the LM head
   tied to ``wte`` (``x @ wte.weight.t()``).
 * ``vit``: pixel_values -> patch Conv, cls token Concat, position embedding Add, 2 pre-norm layers.
+* ``llama_mask``: a one-layer decoder whose causal mask is built as Hugging Face's ``_update_causal_mask``
+  (sdpa path) builds it, ``_unmask_unattended`` included: ``triu(full((S, S), finfo.min))``, padding
+  filled with ``finfo.min``, rows that are all ``finfo.min`` (left padding) multiplied by 0. Exported with
+  a static sequence length, as edge deployments fix it, so the ``full`` stays an [S, S] constant.
 
 Hidden size 64, vocabulary 100, random seeded weights. ``build_hf(name, tmp_dir, opset)`` exports
 with the TorchScript exporter (batch and sequence dynamic), ``dynamo=True`` for opset 18 and up;
@@ -143,15 +147,34 @@ class Vit(nn.Module):
         return self.head(self.ln(self.encoder(x)[:, 0]))
 
 
-_MODULES = {"bert": Bert, "gpt2": Gpt2, "vit": Vit}
+class LlamaMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(VOCAB, HIDDEN), nn.Linear(HIDDEN, VOCAB)
+        self.query, self.key, self.value = (nn.Linear(HIDDEN, HIDDEN) for _ in range(3))
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embed(input_ids)
+        lowest = torch.finfo(torch.float32).min
+        causal = torch.triu(torch.full((input_ids.shape[1],) * 2, lowest), diagonal=1)
+        causal = causal[None, None].expand(input_ids.shape[0], 1, -1, -1).clone()
+        padding = (causal + attention_mask[:, None, None, :].to(torch.float32)) == 0
+        causal = causal.masked_fill(padding, lowest)
+        causal = causal.mul(~torch.all(causal == lowest, dim=-1, keepdim=True))
+        scores = self.query(x)[:, None] @ self.key(x)[:, None].transpose(-1, -2) / math.sqrt(HIDDEN) + causal
+        return self.head((torch.softmax(scores, dim=-1) @ self.value(x)[:, None])[:, 0])
+
+
+_MODULES = {"bert": Bert, "gpt2": Gpt2, "vit": Vit, "llama_mask": LlamaMask}
 #: The inputs of each model, in the order its forward takes them.
 HF_INPUTS = {"bert": ("input_ids", "attention_mask", "token_type_ids"), "gpt2": ("input_ids",),
-             "vit": ("pixel_values",)}
+             "vit": ("pixel_values",), "llama_mask": ("input_ids", "attention_mask")}
 
 
 def hf_samples(name: str, count: int, seed: int = 0, *, tokens: int | None = None) -> list[dict[str, np.ndarray]]:
     """``count`` batch-1 samples: 5 to 16 tokens each (``tokens`` fixes it), the last ones of a BERT
-    sample padding (id 0, mask 0), its second half token type 1; ViT images 3x16x16."""
+    sample padding (id 0, mask 0), its second half token type 1, the first ones of a llama_mask sample
+    masked; ViT images 3x16x16."""
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(count):
@@ -162,6 +185,11 @@ def hf_samples(name: str, count: int, seed: int = 0, *, tokens: int | None = Non
         ids = rng.integers(1, VOCAB, (1, length)).astype(np.int64)
         if name == "gpt2":
             samples.append({"input_ids": ids})
+            continue
+        if name == "llama_mask":  # left padding, as decoders batch prompts
+            mask = np.ones_like(ids)
+            mask[:, :int(rng.integers(1, length // 2))] = 0
+            samples.append({"input_ids": ids, "attention_mask": mask})
             continue
         mask, types = np.ones_like(ids), np.zeros_like(ids)
         padding = int(rng.integers(0, length // 2))
@@ -175,6 +203,10 @@ def _export(module: nn.Module, name: str, path: pathlib.Path, opset: int) -> Non
     inputs = list(HF_INPUTS[name])
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
+        if name == "llama_mask":
+            torch.onnx.export(module, example, str(path), dynamo=False, opset_version=opset, input_names=inputs,
+                              output_names=["logits"])
+            return
         if opset < 18:
             axes = {n: {0: "batch"} if name == "vit" else {0: "batch", 1: "tokens"} for n in inputs}
             axes["logits"] = {0: "batch", 1: "tokens"} if name == "gpt2" else {0: "batch"}
@@ -199,8 +231,8 @@ def _hf_bytes(name: str, opset: int) -> bytes:
 
 
 def build_hf(name: str, tmp_dir, opset: int = 17) -> pathlib.Path:
-    """Export ``name`` (bert, gpt2, vit) to ``tmp_dir/<name>_op<opset>.onnx``: TorchScript below opset
-    18, dynamo from 18; batch and token dims dynamic."""
+    """Export ``name`` (bert, gpt2, vit, llama_mask) to ``tmp_dir/<name>_op<opset>.onnx``: TorchScript below
+    opset 18, dynamo from 18; batch and token dims dynamic (llama_mask: 1 x 8, TorchScript)."""
     path = pathlib.Path(tmp_dir) / f"{name}_op{opset}.onnx"
     path.write_bytes(_hf_bytes(name, opset))
     return path

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 import edgeopt
-from tests.hf_models import HF_INPUTS, build_hf
+from tests.hf_models import HF_INPUTS, build_hf, hf_samples
 
 
 def _fixed(name: str, tokens: int = 8) -> dict[str, tuple[int, int]]:
@@ -37,3 +37,23 @@ def test_index_limits_follow_token_ids_through_casts_and_reshapes(tmp_path):
     limits = eir.index_limits(load_model(build_hf("bert", tmp_path), require_static=False))
     assert limits == {"input_ids": 100, "token_type_ids": 2}  # the attention mask indexes nothing
     assert np.issubdtype(type(limits["input_ids"]), np.integer)
+
+
+def test_bf16_keeps_a_mask_constant_of_float32_min_exact(tmp_path):
+    """Hugging Face fills causal masks with finfo(float32).min (-3.40e38), beyond bfloat16's largest
+    value (3.39e38): stored in bf16 the [S, S] mask constant became -inf, ``_unmask_unattended``'s
+    ``mask == finfo.min`` no longer matched the left-padded rows, ``-inf * 0`` gave NaN and the output
+    SQNR fell to 1.8 dB. Such a constant stays float32, noted; the others are stored in bf16."""
+    from edgeopt.io import load_model
+    from edgeopt.quant import quantize
+    from edgeopt.quant.float16 import Bf16Config
+
+    from .int8_models import sqnr_db
+    from .test_float16 import BF16_MIN_SQNR_DB
+
+    model = load_model(build_hf("llama_mask", tmp_path))
+    samples = hf_samples("llama_mask", 4, tokens=8)
+    result = quantize(model, Bf16Config(), samples)
+    assert sqnr_db(model, result.model, samples) >= BF16_MIN_SQNR_DB
+    assert any("kept float32: finite values beyond bfloat16's" in note for note in result.notes)
+    assert result.details["weights_converted"] >= 5  # the embedding, q, k, v and the head

@@ -5,7 +5,8 @@ Each entry is a plain function with the op's signature: inputs positional
 defaults; where an attribute became an input in a later opset (Unsqueeze
 axes, Clip bounds) either form is accepted. They cover the
 shape arithmetic (Shape -> Gather -> Unsqueeze -> Concat -> Reshape) and the
-elementwise math on weights that exporters write; anything else is not folded.
+elementwise math on weights that exporters write (and the Mod of a negative axis that
+torch's nn.MultiheadAttention export computes); anything else is not folded.
 Results keep ONNX dtypes: integer Div truncates toward zero, Pow keeps the
 base's type.
 """
@@ -30,6 +31,11 @@ def _div(a, b):
     if np.issubdtype(a.dtype, np.integer):
         return np.trunc(np.true_divide(a, b)).astype(a.dtype)
     return np.divide(a, b).astype(a.dtype)
+
+
+def _mod(a, b, *, fmod: int = 0):
+    """``fmod=0``: the remainder takes the divisor's sign (Python's ``%``), integers only; 1: the dividend's (C)."""
+    return np.asarray(np.fmod(a, b) if fmod else np.mod(a, b)).astype(a.dtype)
 
 
 def _cast(x, *, to: int, saturate: int = 1):
@@ -137,6 +143,7 @@ CONSTANT_OPS: dict[str, Callable[..., np.ndarray]] = {
     "Sub": _elementwise(np.subtract),
     "Mul": _elementwise(np.multiply),
     "Div": _div,
+    "Mod": _mod,
     "Pow": _elementwise(np.power),
     "Neg": _elementwise(np.negative),
     "Abs": _elementwise(np.abs),
