@@ -57,3 +57,18 @@ def test_bf16_keeps_a_mask_constant_of_float32_min_exact(tmp_path):
     assert sqnr_db(model, result.model, samples) >= BF16_MIN_SQNR_DB
     assert any("kept float32: finite values beyond bfloat16's" in note for note in result.notes)
     assert result.details["weights_converted"] >= 5  # the embedding, q, k, v and the head
+
+
+def test_int8_folds_a_static_causal_mask_and_keeps_its_add_float_for_the_mask(tmp_path):
+    """``triu(full((S, S), finfo.min))`` of a static-length export is a Trilu of a constant: it was not
+    folded (no evaluator for Trilu), so the mask was a computed value and its readers were listed float
+    for want of an integer kernel; folded, the Add applying it names the mask as its reason."""
+    from edgeopt.io import load_model
+    from edgeopt.quant import Int8Config, quantize
+
+    samples = hf_samples("llama_mask", 16, tokens=8)
+    result = quantize(load_model(build_hf("llama_mask", tmp_path)), Int8Config(), samples)
+    assert not any("Trilu" in note for note in result.notes)
+    assert "Trilu" not in [node.op_type for node in result.model.graph]
+    reasons = {node.op_type: node.reason for node in result.float_nodes}
+    assert "an attention mask?" in reasons["Add"]
