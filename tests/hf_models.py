@@ -11,6 +11,8 @@
   (sdpa path) builds it, ``_unmask_unattended`` included: ``triu(full((S, S), finfo.min))``, padding
   filled with ``finfo.min``, rows that are all ``finfo.min`` (left padding) multiplied by 0. Exported with
   a static sequence length, as edge deployments fix it, so the ``full`` stays an [S, S] constant.
+* ``t5``: input_ids, attention_mask -> one T5 encoder layer (RMSNorm, no biases) whose attention adds a
+  relative position bias: buckets computed at run time as T5 does, ``(log(n / 8) / log(16) * 8).long()``.
 
 Hidden size 64, vocabulary 100, random seeded weights. ``build_hf(name, tmp_dir, opset)`` exports
 with the TorchScript exporter (batch and sequence dynamic), ``dynamo=True`` for opset 18 and up;
@@ -165,10 +167,38 @@ class LlamaMask(nn.Module):
         return self.head((torch.softmax(scores, dim=-1) @ self.value(x)[:, None])[:, 0])
 
 
-_MODULES = {"bert": Bert, "gpt2": Gpt2, "vit": Vit, "llama_mask": LlamaMask}
+def _t5_buckets(relative: torch.Tensor, buckets: int = 32, max_distance: int = 128) -> torch.Tensor:
+    half = buckets // 2
+    exact, distance = half // 2, torch.abs(relative)
+    large = exact + (torch.log(distance.float() / exact) / math.log(max_distance / exact) * (half - exact)).long()
+    large = torch.min(large, torch.full_like(large, half - 1))
+    return (relative > 0).long() * half + torch.where(distance < exact, distance, large)
+
+
+class T5(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.relative_bias = nn.Embedding(VOCAB, HIDDEN), nn.Embedding(32, HEADS)
+        self.query, self.key, self.value, self.out = (nn.Linear(HIDDEN, HIDDEN, bias=False) for _ in range(4))
+        self.norm = nn.Parameter(torch.ones(HIDDEN))
+        self.head = nn.Linear(HIDDEN, 5)
+
+    def forward(self, input_ids, attention_mask):
+        x, tokens = self.embed(input_ids), input_ids.shape[1]
+        positions = torch.arange(tokens, dtype=torch.long)
+        bias = self.relative_bias(_t5_buckets(positions[None, :] - positions[:, None])).permute(2, 0, 1)[None]
+        mask = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        h = self.norm * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        q, k, v = _heads(self.query(h)), _heads(self.key(h)), _heads(self.value(h))
+        x = x + self.out(_merge(torch.softmax(q @ k.transpose(-1, -2) + bias + mask, dim=-1) @ v))
+        return self.head(x.mean(1))
+
+
+_MODULES = {"bert": Bert, "gpt2": Gpt2, "vit": Vit, "llama_mask": LlamaMask, "t5": T5}
 #: The inputs of each model, in the order its forward takes them.
 HF_INPUTS = {"bert": ("input_ids", "attention_mask", "token_type_ids"), "gpt2": ("input_ids",),
-             "vit": ("pixel_values",), "llama_mask": ("input_ids", "attention_mask")}
+             "vit": ("pixel_values",), "llama_mask": ("input_ids", "attention_mask"),
+             "t5": ("input_ids", "attention_mask")}
 
 
 def hf_samples(name: str, count: int, seed: int = 0, *, tokens: int | None = None) -> list[dict[str, np.ndarray]]:
@@ -192,6 +222,10 @@ def hf_samples(name: str, count: int, seed: int = 0, *, tokens: int | None = Non
             samples.append({"input_ids": ids, "attention_mask": mask})
             continue
         mask, types = np.ones_like(ids), np.zeros_like(ids)
+        if name == "t5":
+            mask[:, length - int(rng.integers(0, length // 2)):] = 0
+            samples.append({"input_ids": ids, "attention_mask": mask})
+            continue
         padding = int(rng.integers(0, length // 2))
         mask[:, length - padding:], ids[:, length - padding:], types[:, length // 2:] = 0, 0, 1
         samples.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
@@ -231,7 +265,7 @@ def _hf_bytes(name: str, opset: int) -> bytes:
 
 
 def build_hf(name: str, tmp_dir, opset: int = 17) -> pathlib.Path:
-    """Export ``name`` (bert, gpt2, vit, llama_mask) to ``tmp_dir/<name>_op<opset>.onnx``: TorchScript below
+    """Export ``name`` (bert, gpt2, vit, llama_mask, t5) to ``tmp_dir/<name>_op<opset>.onnx``: TorchScript below
     opset 18, dynamo from 18; batch and token dims dynamic (llama_mask: 1 x 8, TorchScript)."""
     path = pathlib.Path(tmp_dir) / f"{name}_op{opset}.onnx"
     path.write_bytes(_hf_bytes(name, opset))

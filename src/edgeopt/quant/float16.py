@@ -63,6 +63,7 @@ from edgeopt.quant.float16_plan import (
     all_float_values,
     float_values,
     graphs_within,
+    index_arithmetic,
     is_constant,
     plan_half_precision,
 )
@@ -396,7 +397,7 @@ def convert_fp16(model: ir.Model, exclude: tuple[str, ...], data: Iterable[Batch
     ranges = check_fp16_ranges(model, data, progress=progress)
     graph, opset = model.graph, eir.default_opset(model)
     plan = plan_half_precision(graph, exclude, opset, _FLOAT16, numeric_ops=FLOAT32_OPS, io_dtype=io_dtype,
-                               float32_values=ranges.float32_values, within=within)
+                               float32_values={**index_arithmetic(graph), **ranges.float32_values}, within=within)
     log = _WeightLog()
     homes = _convert_fp16(plan, log)
     namer = UniqueNames(graph)
