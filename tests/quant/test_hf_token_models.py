@@ -93,3 +93,26 @@ def test_fp16_computes_t5_relative_position_buckets_in_float32(tmp_path):
     kept = sorted(node.op_type for node in result.float_nodes if node.reason == INDEX_ARITHMETIC_REASON)
     assert kept == ["Cast", "Cast", "Div", "Div", "Log", "Mul"]  # int -> float, / 8, log, / log(16), * 8, -> long
     assert "MatMul" not in [node.op_type for node in result.float_nodes]
+
+
+def test_int8_keeps_t5_relative_position_buckets_exact(tmp_path):
+    """int8 quantized T5's bucket arithmetic (the distance cast to float, / 8, log, / log(16), * 8): each
+    step rounded to 8 bits before the Cast to int64, and 372 of 2500 relative positions (50 tokens) took
+    another bucket's bias. Those nodes stay float, for both targets, with the reason."""
+    from edgeopt.io import load_model
+    from edgeopt.quant import Int8Config, Target, quantize
+    from edgeopt.quant.masks import INDEX_REASON
+
+    model = load_model(build_hf("t5", tmp_path), require_static=False)
+    samples = hf_samples("t5", 16, tokens=40)
+    for target in (Target.ORT, Target.MCU):
+        result = quantize(model, Int8Config(target=target), samples)
+        indexing = sorted(node.node_name for node in result.float_nodes if node.reason == INDEX_REASON)
+        assert len(indexing) == 3, indexing  # / 8, / log(16), * 8 (the Casts and the Log have no kernel)
+        node = next(node for node in result.model.graph if node.op_type == "Log")
+        assert node.inputs[0].producer().op_type == "Mul"  # / 8, in float
+        steps = []
+        while node.op_type != "Cast":  # log -> / log(16) -> * 8 -> Cast to int64, no Q/DQ between
+            node = next(iter(node.outputs[0].consumers()))
+            steps.append(node.op_type)
+        assert steps == ["Mul", "Mul", "Cast"]

@@ -17,6 +17,7 @@ __all__ = [
     "InputSpec",
     "constant_array",
     "default_opset",
+    "index_arithmetic_values",
     "index_limits",
     "is_constant",
     "is_op",
@@ -172,6 +173,34 @@ def index_limits(model: ir.Model) -> dict[str, int]:
         if known:
             limits[value.name] = min(known)
     return limits
+
+
+def _is_integer(value: ir.Value) -> bool:
+    return value.dtype is not None and (value.dtype.is_integer() or value.dtype == ir.DataType.BOOL)
+
+
+def index_arithmetic_values(graph: ir.Graph) -> set[ir.Value]:
+    """The float values computed from integer tensors (through a Cast) and constants alone that a Cast
+    to an integer type reads, directly or through others of them: integer arithmetic done in float, as
+    T5's relative position buckets ``(log(n / 8) / log(16) * 8).long()``. The truncation turns any
+    rounding into a whole step (float16 gives 1 for 2 at n = 16), so they must be computed exactly."""
+    derived: set[ir.Value] = set()
+    for node in graph:
+        inputs = [v for v in node.inputs if v is not None]
+        if inputs and any(not is_constant(v) for v in inputs) and all(
+                _is_integer(v) or is_constant(v) or v in derived for v in inputs):
+            derived.update(v for v in node.outputs if v.dtype == ir.DataType.FLOAT)
+    reached: set[ir.Value] = set()
+    pending = [node.inputs[0] for node in graph if is_op(node, "Cast") and node.inputs and node.inputs[0] in derived
+               and ir.DataType(node.attributes.get_int("to", 0)).is_integer()]
+    while pending:
+        value = pending.pop()
+        if value in reached:
+            continue
+        reached.add(value)
+        producer = value.producer()
+        pending.extend(v for v in (producer.inputs if producer is not None else ()) if v in derived)
+    return reached
 
 
 def default_opset(model: ir.Model) -> int:

@@ -74,32 +74,10 @@ INDEX_ARITHMETIC_REASON = ("computes in float an integer that a Cast truncates (
                            "log(distance) scaled to a bucket index): float16 rounding would change the integer")
 
 
-def _is_integer(value: ir.Value) -> bool:
-    return value.dtype is not None and (value.dtype.is_integer() or value.dtype == ir.DataType.BOOL)
-
-
 def index_arithmetic(graph: ir.Graph) -> dict[ir.Value, str]:
-    """The float values computed from integer tensors (through a Cast) and constants alone whose result a
-    Cast to an integer type reads, each with :data:`INDEX_ARITHMETIC_REASON`: the truncation turns a
-    float16 rounding error into a whole step (T5's ``(log(n / 8) / log(16) * 8).long()`` at n = 16 gives 2
-    in float32, 1 in float16), so they stay float32."""
-    derived: set[ir.Value] = set()
-    for node in graph:
-        inputs = [v for v in node.inputs if v is not None]
-        if inputs and any(not is_constant(v) for v in inputs) and all(
-                _is_integer(v) or is_constant(v) or v in derived for v in inputs):
-            derived.update(v for v in node.outputs if v.dtype == _FLOAT)
-    reached: set[ir.Value] = set()
-    pending = [node.inputs[0] for node in graph if eir.is_op(node, "Cast") and node.inputs and node.inputs[0] in derived
-               and ir.DataType(node.attributes.get_int("to", 0)).is_integer()]
-    while pending:
-        value = pending.pop()
-        if value in reached:
-            continue
-        reached.add(value)
-        producer = value.producer()
-        pending.extend(v for v in (producer.inputs if producer is not None else ()) if v in derived)
-    return dict.fromkeys(reached, INDEX_ARITHMETIC_REASON)
+    """:func:`edgeopt.ir.index_arithmetic_values`, each with :data:`INDEX_ARITHMETIC_REASON`: computed in
+    float16, the truncation turns a rounding error into a whole step, so they stay float32."""
+    return dict.fromkeys(eir.index_arithmetic_values(graph), INDEX_ARITHMETIC_REASON)
 
 
 # ---------------------------------------------------------------------------
