@@ -11,6 +11,8 @@
   (sdpa path) builds it, ``_unmask_unattended`` included: ``triu(full((S, S), finfo.min))``, padding
   filled with ``finfo.min``, rows that are all ``finfo.min`` (left padding) multiplied by 0. Exported with
   a static sequence length, as edge deployments fix it, so the ``full`` stays an [S, S] constant.
+* ``rope``: input_ids, position_ids -> one Llama-style attention layer with rotary embeddings computed
+  as Hugging Face's LlamaRotaryEmbedding does: angles ``inv_freq @ position_ids``, ``cat(f, f)``, cos, sin.
 * ``t5``: input_ids, attention_mask -> one T5 encoder layer (RMSNorm, no biases) whose attention adds a
   relative position bias: buckets computed at run time as T5 does, ``(log(n / 8) / log(16) * 8).long()``.
 
@@ -194,17 +196,42 @@ class T5(nn.Module):
         return self.head(x.mean(1))
 
 
-_MODULES = {"bert": Bert, "gpt2": Gpt2, "vit": Vit, "llama_mask": LlamaMask, "t5": T5}
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Rope(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(VOCAB, HIDDEN), nn.Linear(HIDDEN, VOCAB, bias=False)
+        self.query, self.key, self.value, self.out = (nn.Linear(HIDDEN, HIDDEN, bias=False) for _ in range(4))
+        dims = HIDDEN // HEADS
+        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, dims, 2).float() / dims)))
+
+    def forward(self, input_ids, position_ids):
+        x = self.embed(input_ids)
+        inv_freq = self.inv_freq[None, :, None].expand(position_ids.shape[0], -1, 1)
+        angles = (inv_freq @ position_ids[:, None, :].float()).transpose(1, 2)
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+        q, k, v = _heads(self.query(x)), _heads(self.key(x)), _heads(self.value(x))
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        scores = q @ k.transpose(-1, -2) / math.sqrt(HIDDEN // HEADS)
+        return self.head(x + self.out(_merge(torch.softmax(scores, dim=-1) @ v)))
+
+
+_MODULES = {"bert": Bert, "gpt2": Gpt2, "vit": Vit, "llama_mask": LlamaMask, "t5": T5, "rope": Rope}
 #: The inputs of each model, in the order its forward takes them.
 HF_INPUTS = {"bert": ("input_ids", "attention_mask", "token_type_ids"), "gpt2": ("input_ids",),
              "vit": ("pixel_values",), "llama_mask": ("input_ids", "attention_mask"),
-             "t5": ("input_ids", "attention_mask")}
+             "t5": ("input_ids", "attention_mask"), "rope": ("input_ids", "position_ids")}
 
 
 def hf_samples(name: str, count: int, seed: int = 0, *, tokens: int | None = None) -> list[dict[str, np.ndarray]]:
     """``count`` batch-1 samples: 5 to 16 tokens each (``tokens`` fixes it), the last ones of a BERT
     sample padding (id 0, mask 0), its second half token type 1, the first ones of a llama_mask sample
-    masked; ViT images 3x16x16."""
+    masked, rope positions starting anywhere below 200; ViT images 3x16x16."""
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(count):
@@ -215,6 +242,10 @@ def hf_samples(name: str, count: int, seed: int = 0, *, tokens: int | None = Non
         ids = rng.integers(1, VOCAB, (1, length)).astype(np.int64)
         if name == "gpt2":
             samples.append({"input_ids": ids})
+            continue
+        if name == "rope":  # a prompt continued from a cache: positions from 0 to about 250
+            start = int(rng.integers(0, 200))
+            samples.append({"input_ids": ids, "position_ids": np.arange(start, start + length)[None]})
             continue
         if name == "llama_mask":  # left padding, as decoders batch prompts
             mask = np.ones_like(ids)
@@ -265,7 +296,7 @@ def _hf_bytes(name: str, opset: int) -> bytes:
 
 
 def build_hf(name: str, tmp_dir, opset: int = 17) -> pathlib.Path:
-    """Export ``name`` (bert, gpt2, vit, llama_mask, t5) to ``tmp_dir/<name>_op<opset>.onnx``: TorchScript below
+    """Export ``name`` (bert, gpt2, vit, llama_mask, t5, rope) to ``tmp_dir/<name>_op<opset>.onnx``: TorchScript below
     opset 18, dynamo from 18; batch and token dims dynamic (llama_mask: 1 x 8, TorchScript)."""
     path = pathlib.Path(tmp_dir) / f"{name}_op{opset}.onnx"
     path.write_bytes(_hf_bytes(name, opset))

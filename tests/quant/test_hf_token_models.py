@@ -116,3 +116,44 @@ def test_int8_keeps_t5_relative_position_buckets_exact(tmp_path):
             node = next(iter(node.outputs[0].consumers()))
             steps.append(node.op_type)
         assert steps == ["Mul", "Mul", "Cast"]
+
+
+def test_rotary_angles_stay_float32_in_int8_and_fp16(tmp_path):
+    """Rotary embeddings' angles ``inv_freq @ position_ids`` reach hundreds of radians: int8 rounded them to
+    steps of about 1 rad before cos/sin (cos/sin 9-12 dB SQNR, the attention scores 10 dB; 30 dB kept
+    float), and float16 has steps of 0.125 rad at 128 and 2 rad past 2048 (Hugging Face computes them in
+    float32 for that reason). The angle MatMul and what moves its output to cos/sin stay float32."""
+    from edgeopt.io import load_model
+    from edgeopt.quant import Int8Config, quantize
+    from edgeopt.quant.float16 import Fp16Config
+    from edgeopt.quant.float16_plan import INDEX_ARITHMETIC_REASON
+    from edgeopt.quant.masks import INDEX_REASON
+
+    model = load_model(build_hf("rope", tmp_path), require_static=False)
+    samples = hf_samples("rope", 16)
+    for config, reason in ((Int8Config(), INDEX_REASON), (Fp16Config(), INDEX_ARITHMETIC_REASON)):
+        result = quantize(model, config, samples)
+        kept = {node.op_type for node in result.float_nodes if node.reason.endswith(reason)}
+        assert kept >= {"MatMul", "Concat"}, (type(config).__name__, kept)
+        for trig in (node for node in result.model.graph if node.op_type in ("Sin", "Cos")):
+            assert trig.inputs[0].producer().op_type == "Concat"  # no DequantizeLinear, no Cast to float16
+
+
+def test_a_dequantized_activation_read_by_sin_is_no_position_arithmetic():
+    """--fallback fp16 plans the float nodes of the int8 model, Q/DQ pairs included: a DequantizeLinear
+    reads an integer tensor and constants, like position arithmetic, but writes an activation (a SIREN's
+    Sin reads it), which may compute in float16."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeopt import ir as eir
+
+    nodes = [helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["x"]),
+             helper.make_node("Sin", ["x"], ["y"])]
+    graph = helper.make_graph(nodes, "siren", [helper.make_tensor_value_info("q", TensorProto.UINT8, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              [numpy_helper.from_array(np.array(0.1, np.float32), "scale"),
+                               numpy_helper.from_array(np.array(128, np.uint8), "zero")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    eir.infer_shapes(model)
+    assert eir.index_arithmetic_values(model.graph) == set()

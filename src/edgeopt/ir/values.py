@@ -179,20 +179,31 @@ def _is_integer(value: ir.Value) -> bool:
     return value.dtype is not None and (value.dtype.is_integer() or value.dtype == ir.DataType.BOOL)
 
 
+def _position_sink(node: ir.Node) -> bool:
+    """A Cast to an integer type (it truncates) or a Sin/Cos (it reads absolute angles)."""
+    if is_op(node, "Sin", "Cos"):
+        return True
+    return is_op(node, "Cast") and ir.DataType(node.attributes.get_int("to", 0)).is_integer()
+
+
 def index_arithmetic_values(graph: ir.Graph) -> set[ir.Value]:
     """The float values computed from integer tensors (through a Cast) and constants alone that a Cast
-    to an integer type reads, directly or through others of them: integer arithmetic done in float, as
-    T5's relative position buckets ``(log(n / 8) / log(16) * 8).long()``. The truncation turns any
-    rounding into a whole step (float16 gives 1 for 2 at n = 16), so they must be computed exactly."""
+    to an integer type or a Sin/Cos reads, directly or through others of them: position arithmetic done
+    in float. T5's relative position buckets ``(log(n / 8) / log(16) * 8).long()`` (the truncation
+    turns any rounding into a whole step: float16 gives 1 for 2 at n = 16), rotary embeddings'
+    angles ``inv_freq @ position_ids`` before cos/sin (hundreds of radians: 8-bit steps of 1 rad,
+    float16 ones of 2 rad past 2048; Hugging Face computes them in float32 whatever the model's
+    type). They must be computed exactly."""
     derived: set[ir.Value] = set()
     for node in graph:
         inputs = [v for v in node.inputs if v is not None]
+        if is_op(node, "DequantizeLinear"):  # an int8 model's activation (--fallback fp16), not a position
+            continue
         if inputs and any(not is_constant(v) for v in inputs) and all(
                 _is_integer(v) or is_constant(v) or v in derived for v in inputs):
             derived.update(v for v in node.outputs if v.dtype == ir.DataType.FLOAT)
     reached: set[ir.Value] = set()
-    pending = [node.inputs[0] for node in graph if is_op(node, "Cast") and node.inputs and node.inputs[0] in derived
-               and ir.DataType(node.attributes.get_int("to", 0)).is_integer()]
+    pending = [node.inputs[0] for node in graph if _position_sink(node) and node.inputs and node.inputs[0] in derived]
     while pending:
         value = pending.pop()
         if value in reached:

@@ -70,8 +70,8 @@ FLOAT32_OPS: Mapping[str, str] = {
 }
 
 
-INDEX_ARITHMETIC_REASON = ("computes in float an integer that a Cast truncates (T5's relative position buckets: "
-                           "log(distance) scaled to a bucket index): float16 rounding would change the integer")
+INDEX_ARITHMETIC_REASON = ("computes positions in float for a Cast to an integer or a Sin/Cos (T5's relative "
+                           "position buckets, rotary angles): float16 rounding would move them")
 
 
 def index_arithmetic(graph: ir.Graph) -> dict[ir.Value, str]:

@@ -11,9 +11,10 @@ from one: inf flows to every reader up to a Softmax (whose output is finite);
 a large finite value is a mask only on the way to a Softmax (elsewhere,
 ``x - 20000``, it is an offset like any other).
 
-Integer arithmetic done in float (:func:`edgeopt.ir.index_arithmetic_values`: T5's
-relative position buckets, ``(log(n / 8) / log(16) * 8).long()``) stays float too:
-a Cast truncates the result, so 8-bit rounding moves positions to other buckets.
+Position arithmetic done in float (:func:`edgeopt.ir.index_arithmetic_values`: T5's
+relative position buckets ``(log(n / 8) / log(16) * 8).long()``, which a Cast truncates,
+rotary angles ``inv_freq @ position_ids``, which cos/sin read) stays float too: rounded
+to 8 bits, positions would move to other buckets and angles by a radian.
 """
 
 from __future__ import annotations
@@ -93,8 +94,8 @@ def mask_refusal(node: ir.Node, sources: Mapping[str, str]) -> str | None:
 
 
 #: Why a node computing integer arithmetic in float (a position bucket) stays float.
-INDEX_REASON = ("computes in float an integer that a Cast truncates (T5's relative position buckets): "
-                "8-bit rounding would change the integer")
+INDEX_REASON = ("computes positions in float for a Cast to an integer or a Sin/Cos (T5's relative position "
+                "buckets, rotary angles): 8-bit rounding would move them")
 
 
 def index_refusal(node: ir.Node, values: set[ir.Value]) -> str | None:

@@ -43,8 +43,8 @@ Rules, in order:
    it, up to a Softmax (:mod:`edgeopt.quant.masks` says when a large finite
    value is a mask). No 8-bit range holds them next to the scores: Softmax
    would weight the masked positions (a causal model would read future tokens).
-   So does integer arithmetic done in float that a Cast truncates (T5's position
-   buckets): rounded to 8 bits, positions would move to other buckets.
+   So does position arithmetic done in float for a Cast to an integer or a Sin/Cos
+   (T5's buckets, rotary angles): rounded to 8 bits, positions would move.
 7. A Softmax output that gets a Q/DQ (a quantized MatMul reads the attention
    probabilities) is listed in ``probabilities``: its range is fixed to
    ``[0, 1)`` with scale ``1 / 256``, as TFLite and ONNX Runtime's quantizer
