@@ -182,6 +182,13 @@ def test_integer_arithmetic_matches_the_onnx_reference(a, data, op):
     ("Expand", [np.array([[1.0], [2.0]], np.float32), np.array([2, 3])], {}),
     ("Range", [np.array(1, np.int64), np.array(9, np.int64), np.array(3, np.int64)], {}),
     ("Flatten", [np.zeros((2, 3, 4), np.float32)], {"axis": 2}),
+    # a causal mask of static length: triu(full((S, S), finfo.min), 1), as Hugging Face builds it
+    ("Trilu", [np.full((4, 4), np.finfo(np.float32).min, np.float32), np.array(1, np.int64)], {}),
+    ("Trilu", [np.ones((2, 3, 5), np.float32), np.array(-1, np.int64)], {"upper": 0}),
+    ("Trilu", [np.ones((3, 3), np.int64)], {}),
+    # torch's nn.MultiheadAttention export: the Mod of a negative axis by the rank
+    ("Mod", [np.array([-1, 7, -9], np.int64), np.array([3, -4, 4], np.int64)], {}),
+    ("Mod", [np.array([-1.5, 7.25], np.float32), np.array([1.0, -2.0], np.float32)], {"fmod": 1}),
 ])
 def test_shape_ops_match_the_onnx_reference(op, arrays, attributes):
     names = [f"i{k}" for k in range(len(arrays))]

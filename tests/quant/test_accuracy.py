@@ -433,3 +433,19 @@ def test_a_model_returned_whole_to_float_is_scored_as_its_fidelity_check_measure
     search = accuracy_aware_quantize(load_model(build_onnx("mobilenet_v2", tmp_path)), Int8Config(), data,
                                      AccuracyGoal(min_sqnr_db=200.0))
     assert not search.result.tensors and search.met and math.isinf(search.best_score)
+
+
+def test_shape_readers_of_a_float_nodes_quantized_output_are_not_returned_with_its_readers(tmp_path):
+    # GPT-2's Conv1D reads its LayerNorm output as x.view(-1, x.size(-1)) and x.size(): the search returned
+    # c_attn "with /h.0/c_attn/Shape, Shape_1, Shape_2" and, once the goal was met, spent a round trying
+    # each Shape in int8 again, where a Shape reads no value and a tensor it alone reads is not quantized
+    from edgeopt.io import load_model
+    from tests.hf_models import build_hf, hf_samples
+
+    model = load_model(build_hf("gpt2", tmp_path), require_static=False)
+    search = accuracy_aware_quantize(model, Int8Config(), hf_samples("gpt2", 4),
+                                     AccuracyGoal(min_sqnr_db=200.0, max_float_nodes=6))
+    returned = [name for step in search.steps for name in step.returned]
+    assert any("c_attn/Gemm" in name for name in returned)  # read from the first block's ln_1
+    ops = {node.name: node.op_type for node in model.graph}
+    assert [name for name in returned if ops.get(name) in ("Shape", "Size")] == []

@@ -405,19 +405,22 @@ def test_bf16_keeps_float32_positions_and_excluded_weights(tmp_path):
 
 
 def test_bf16_opset_conversion_of_a_model_random_inputs_do_not_fit_is_written_unchecked():
-    # token type ids index a 2-row table: random ids (0..7) make the model fail, so the conversion
+    # token type ids, shifted by 3, index a 2-row table: random ids (0..7; those reaching a Gather through
+    # Cast/Reshape.. are drawn below its rows, not these) make the model fail, so the conversion
     # cannot be checked without data; it is written, and says so (it crashed the command)
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("Gather", ["table", "types"], ["rows"], axis=0),
+    nodes = [helper.make_node("Add", ["types", "shift"], ["shifted"]),
+             helper.make_node("Gather", ["table", "shifted"], ["rows"], axis=0),
              helper.make_node("MatMul", ["rows", "w"], ["y"])]
     weights = [numpy_helper.from_array(rng.standard_normal((2, 16)).astype(np.float32), "table"),
-               numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w")]
+               numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w"),
+               numpy_helper.from_array(np.array(-3, np.int64), "shift")]
     graph = helper.make_graph(nodes, "types", [helper.make_tensor_value_info("types", TensorProto.INT64, [1, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])], weights)
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)], ir_version=7))
     result = quantize(model, Bf16Config(), data=None)
     assert any("not checked: without --data" in note for note in result.notes)
-    checked = quantize(model, Bf16Config(), data=[{"types": np.array([[0, 1, 1, 0]])}])
+    checked = quantize(model, Bf16Config(), data=[{"types": np.array([[3, 4, 4, 3]])}])
     assert any("float outputs match the original on 1 batch " in note for note in checked.notes)
 
 

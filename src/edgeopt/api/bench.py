@@ -24,13 +24,14 @@ __all__ = ["bench"]
 
 
 def _bench_feeds(specs: Sequence[eir.InputSpec], data: str | os.PathLike | Iterable | None, count: int,
-                 preprocess: ImagePreprocess | None) -> list[dict]:
-    """Up to ``count`` real samples from ``data``, or a few random feeds of the inputs' shapes."""
+                 preprocess: ImagePreprocess | None, limits: Mapping[str, int] | None = None) -> list[dict]:
+    """Up to ``count`` real samples from ``data``, or a few random feeds of the inputs' shapes (token ids
+    below ``limits``, :func:`edgeopt.ir.index_limits`)."""
     from edgeopt.data import open_data, take
     from edgeopt.runtime.ort import random_feed
 
     if data is None:
-        return [random_feed(specs, seed=i) for i in range(min(count, 4))]
+        return [random_feed(specs, seed=i, limits=limits) for i in range(min(count, 4))]
     feeds = list(take(open_data(data, specs, preprocess=preprocess), count))
     if not feeds:
         named = f"--data {data}" if isinstance(data, (str, os.PathLike)) else f"the data given ({type(data).__name__})"
@@ -71,7 +72,8 @@ def bench(models: Sequence[ModelSource], *, config: BenchConfig = BenchConfig(),
         targets.append(BenchTarget(name=model_name(model), onnx_bytes=onnx_bytes,
                                    file_bytes=_file_bytes(model, onnx_bytes)))
         try:
-            feeds.append(_bench_feeds(eir.model_inputs(loaded), data, config.runs + config.warmup, preprocess))
+            feeds.append(_bench_feeds(eir.model_inputs(loaded), data, config.runs + config.warmup, preprocess,
+                                      eir.index_limits(loaded)))
         except DataError as error:  # with several models, say which one the data does not fit
             if len(models) == 1:
                 raise

@@ -17,6 +17,8 @@ __all__ = [
     "InputSpec",
     "constant_array",
     "default_opset",
+    "index_arithmetic_values",
+    "index_limits",
     "is_constant",
     "is_op",
     "model_inputs",
@@ -133,6 +135,83 @@ def model_inputs(model: ir.Model) -> list[InputSpec]:
         dtype = numpy_dtype(value) or np.dtype(np.float32)
         specs.append(InputSpec(name=value.name, shape=shape, dtype=dtype, rank_known=value.shape is not None))
     return specs
+
+
+#: Ops whose output holds (some of) their first input's values, so indices flow through them unchanged.
+_INDEX_CARRIERS = ("Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Expand", "Flatten", "Transpose",
+                   "Slice", "Tile", "Concat")
+
+
+def _table_rows(node: ir.Node, index: int) -> int | None:
+    """How many entries ``node``'s input ``index`` may pick among, when it is a Gather's indices."""
+    if node.op_type not in ("Gather", "GatherElements") or index != 1 or node.domain not in ONNX_DOMAINS:
+        return None
+    shape = static_shape(node.inputs[0])
+    axis = node.attributes.get_int("axis", 0)
+    return shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
+
+
+def index_limits(model: ir.Model) -> dict[str, int]:
+    """For each integer graph input that indexes a table (token ids -> an embedding's Gather, reached
+    directly or through Cast, Unsqueeze, Reshape ...), the number of rows of its smallest such table:
+    the ids a random input may hold are below it."""
+    limits = {}
+    for value in model.graph.inputs:
+        dtype = numpy_dtype(value)
+        if dtype is None or not np.issubdtype(dtype, np.integer):
+            continue
+        rows, pending, seen = [], [value], set()
+        while pending:
+            current = pending.pop()
+            for usage in current.uses():
+                node = usage.node
+                rows.append(_table_rows(node, usage.idx))
+                if node.op_type in _INDEX_CARRIERS and usage.idx == 0 or node.op_type == "Concat":
+                    pending.extend(v for v in node.outputs if id(v) not in seen)
+                    seen.update(id(v) for v in node.outputs)
+        known = [count for count in rows if count]
+        if known:
+            limits[value.name] = min(known)
+    return limits
+
+
+def _is_integer(value: ir.Value) -> bool:
+    return value.dtype is not None and (value.dtype.is_integer() or value.dtype == ir.DataType.BOOL)
+
+
+def _position_sink(node: ir.Node) -> bool:
+    """A Cast to an integer type (it truncates) or a Sin/Cos (it reads absolute angles)."""
+    if is_op(node, "Sin", "Cos"):
+        return True
+    return is_op(node, "Cast") and ir.DataType(node.attributes.get_int("to", 0)).is_integer()
+
+
+def index_arithmetic_values(graph: ir.Graph) -> set[ir.Value]:
+    """The float values computed from integer tensors (through a Cast) and constants alone that a Cast
+    to an integer type or a Sin/Cos reads, directly or through others of them: position arithmetic done
+    in float. T5's relative position buckets ``(log(n / 8) / log(16) * 8).long()`` (the truncation
+    turns any rounding into a whole step: float16 gives 1 for 2 at n = 16), rotary embeddings'
+    angles ``inv_freq @ position_ids`` before cos/sin (hundreds of radians: 8-bit steps of 1 rad,
+    float16 ones of 2 rad past 2048; Hugging Face computes them in float32 whatever the model's
+    type). They must be computed exactly."""
+    derived: set[ir.Value] = set()
+    for node in graph:
+        inputs = [v for v in node.inputs if v is not None]
+        if is_op(node, "DequantizeLinear"):  # an int8 model's activation (--fallback fp16), not a position
+            continue
+        if inputs and any(not is_constant(v) for v in inputs) and all(
+                _is_integer(v) or is_constant(v) or v in derived for v in inputs):
+            derived.update(v for v in node.outputs if v.dtype == ir.DataType.FLOAT)
+    reached: set[ir.Value] = set()
+    pending = [node.inputs[0] for node in graph if _position_sink(node) and node.inputs and node.inputs[0] in derived]
+    while pending:
+        value = pending.pop()
+        if value in reached:
+            continue
+        reached.add(value)
+        producer = value.producer()
+        pending.extend(v for v in (producer.inputs if producer is not None else ()) if v in derived)
+    return reached
 
 
 def default_opset(model: ir.Model) -> int:

@@ -5,7 +5,9 @@ Each entry is a plain function with the op's signature: inputs positional
 defaults; where an attribute became an input in a later opset (Unsqueeze
 axes, Clip bounds) either form is accepted. They cover the
 shape arithmetic (Shape -> Gather -> Unsqueeze -> Concat -> Reshape) and the
-elementwise math on weights that exporters write; anything else is not folded.
+elementwise math on weights that exporters write (and the Mod of a negative axis that
+torch's nn.MultiheadAttention export computes, the Trilu of a causal mask of static
+length); anything else is not folded.
 Results keep ONNX dtypes: integer Div truncates toward zero, Pow keeps the
 base's type.
 """
@@ -30,6 +32,17 @@ def _div(a, b):
     if np.issubdtype(a.dtype, np.integer):
         return np.trunc(np.true_divide(a, b)).astype(a.dtype)
     return np.divide(a, b).astype(a.dtype)
+
+
+def _mod(a, b, *, fmod: int = 0):
+    """``fmod=0``: the remainder takes the divisor's sign (Python's ``%``), integers only; 1: the dividend's (C)."""
+    return np.asarray(np.fmod(a, b) if fmod else np.mod(a, b)).astype(a.dtype)
+
+
+def _trilu(x, k=None, *, upper: int = 1):
+    """The upper (or lower) triangle of the last two axes from diagonal ``k``; a causal mask's ``triu``."""
+    diagonal = int(k) if k is not None else 0
+    return (np.triu(x, diagonal) if upper else np.tril(x, diagonal)).astype(x.dtype)
 
 
 def _cast(x, *, to: int, saturate: int = 1):
@@ -137,6 +150,8 @@ CONSTANT_OPS: dict[str, Callable[..., np.ndarray]] = {
     "Sub": _elementwise(np.subtract),
     "Mul": _elementwise(np.multiply),
     "Div": _div,
+    "Mod": _mod,
+    "Trilu": _trilu,
     "Pow": _elementwise(np.power),
     "Neg": _elementwise(np.negative),
     "Abs": _elementwise(np.abs),

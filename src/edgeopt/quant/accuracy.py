@@ -304,7 +304,8 @@ def _quantized_readers(result: QuantResult) -> list[_Candidate]:
     float_nodes = _float_node_names(result)
     found = []
     for node in dict.fromkeys(past_fallback_casts(result.model.graph)):
-        if node.name in float_nodes or is_qdq_op(node, "QuantizeLinear") or is_qdq_op(node, "DequantizeLinear"):
+        if (node.name in float_nodes or is_qdq_op(node, "QuantizeLinear") or is_qdq_op(node, "DequantizeLinear")
+                or eir.is_op(node, "Shape", "Size")):
             continue
         inputs = quantized_input_names(node)
         if inputs:
@@ -320,8 +321,10 @@ def _readers_through_qdq(node: ir.Node) -> list[ir.Node]:
 
 def _computing_readers(node: ir.Node) -> list[ir.Node]:
     """The readers of ``node``'s quantized outputs, past the data-movement ops between: returning
-    those to float would change no value."""
-    return readers_past_data_movement(past_fallback_casts(_readers_through_qdq(node)))
+    those to float would change no value. Shape and Size read no value (a dynamic reshape's
+    ``x.size()``): a tensor they alone read is not quantized, so they never go back to float."""
+    readers = readers_past_data_movement(past_fallback_casts(_readers_through_qdq(node)))
+    return [reader for reader in readers if not eir.is_op(reader, "Shape", "Size")]
 
 
 def _quantized_producers(quant_model: ir.Model, comparison: CompareResult) -> list[tuple[ir.Node, float]]:

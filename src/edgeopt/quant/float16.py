@@ -24,8 +24,12 @@ bfloat16 kernels, so bf16 here means *weights stored in bfloat16, compute
 float32*: each float32 constant (with more than one element) that is read at
 a data position becomes a bfloat16 tensor followed by ``Cast(to=FLOAT)``.
 The file is about half the size and runs on every runtime; ONNX Runtime
-folds the casts when it loads the model. bfloat16 keeps float32's exponent,
-so nothing clamps; it keeps 8 significant bits (relative error <= 2**-9).
+folds the casts when it loads the model. bfloat16 keeps float32's exponent
+and 8 significant bits (relative error <= 2**-9), but its largest value is
+3.39e38: float32's ``finfo.min``/``max`` (3.40e38), with which Hugging Face
+fills attention masks, would round to -inf/inf, and ``0 * -inf`` or an
+``== finfo.min`` test then changes the output; a constant holding such a
+value stays float32 (exact) and is noted.
 
 Both first run the float-exact passes int8 runs (BatchNorm and affine
 folding, activation fusion; not MatMul + Add -> Gemm, which only helps int8
@@ -59,6 +63,7 @@ from edgeopt.quant.float16_plan import (
     all_float_values,
     float_values,
     graphs_within,
+    index_arithmetic,
     is_constant,
     plan_half_precision,
 )
@@ -392,7 +397,7 @@ def convert_fp16(model: ir.Model, exclude: tuple[str, ...], data: Iterable[Batch
     ranges = check_fp16_ranges(model, data, progress=progress)
     graph, opset = model.graph, eir.default_opset(model)
     plan = plan_half_precision(graph, exclude, opset, _FLOAT16, numeric_ops=FLOAT32_OPS, io_dtype=io_dtype,
-                               float32_values=ranges.float32_values, within=within)
+                               float32_values={**index_arithmetic(graph), **ranges.float32_values}, within=within)
     log = _WeightLog()
     homes = _convert_fp16(plan, log)
     namer = UniqueNames(graph)
@@ -508,7 +513,8 @@ def quantize_bf16(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | N
                                weights_only=True)
     log = _WeightLog()
     weight_bytes = _float32_weight_bytes(graph, min_size=2)
-    scalars, casts_inserted = _store_weights_bf16(graph, plan, log)
+    beyond: list[str] = []
+    scalars, casts_inserted = _store_weights_bf16(graph, plan, log, beyond)
     float_nodes = _float_nodes((node, reason) for node, reason in plan.kept if _reads_constant(node))
     notes = [
         "weights stored in bf16, compute float32: each converted weight is cast back to float32 "
@@ -519,6 +525,10 @@ def quantize_bf16(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | N
         *opset_notes,
         *passes,
     ]
+    if beyond:
+        notes.append(f"{count_of(len(beyond), 'constant', 'constants')} kept float32: finite values beyond "
+                     f"bfloat16's ±3.39e38 (float32's finfo.min/max, as attention masks hold) would round to "
+                     f"±inf: {', '.join(beyond[:3])}{' ...' if len(beyond) > 3 else ''}")
     kept = _kept_note(float_nodes)
     notes += [kept.replace("kept in float32", "weights kept in float32")] if kept else []
     logger.info("bf16: %s", notes[1])
@@ -545,16 +555,27 @@ def _bf16_opset(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | Non
                        "cannot take"]
 
 
-def _store_weights_bf16(graph: ir.Graph, plan: HalfPrecisionPlan, log: _WeightLog) -> tuple[int, int]:
+def _rounds_to_inf(array: np.ndarray) -> bool:
+    """Whether a finite value of ``array`` is beyond bfloat16's largest, so that storing it gives ±inf."""
+    return bool(np.any(np.isinf(array.astype(BFLOAT16.numpy_dtype)) & np.isfinite(array)))
+
+
+def _store_weights_bf16(graph: ir.Graph, plan: HalfPrecisionPlan, log: _WeightLog,
+                        beyond: list[str]) -> tuple[int, int]:
     """Store each weight ``plan`` gives to bf16 as bfloat16, read through a Cast back to float32 (one per
     weight and graph: a subgraph's own weight is cast back inside that subgraph). Scalars stay float32:
-    no size to win, and epsilons and math constants stay exact. The number of scalars and of casts."""
+    no size to win, and epsilons and math constants stay exact; so do weights that would round to ±inf,
+    named in ``beyond``. The number of scalars and of casts."""
     namer = UniqueNames(graph)
     casts: dict[ir.Graph, _Casts] = {}
     scalars = 0
     for value in [v for v in _float32_constants(graph) if plan.wants(v) == {_BFLOAT16}]:
-        if eir.constant_array(value).size <= 1:
+        array = eir.constant_array(value)
+        if array.size <= 1:
             scalars += 1
+            continue
+        if _rounds_to_inf(array):
+            beyond.append(value.name)
             continue
         uses = list(value.uses())
         _convert_constant(value, BFLOAT16, log)

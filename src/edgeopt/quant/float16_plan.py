@@ -38,8 +38,8 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 
-__all__ = ["FLOAT32_OPS", "HalfPrecisionPlan", "all_float_values", "float_values", "graphs_within", "is_constant",
-           "plan_half_precision"]
+__all__ = ["FLOAT32_OPS", "INDEX_ARITHMETIC_REASON", "HalfPrecisionPlan", "all_float_values", "float_values",
+           "graphs_within", "index_arithmetic", "is_constant", "plan_half_precision"]
 
 _FLOAT = ir.DataType.FLOAT
 _FLOAT16 = ir.DataType.FLOAT16
@@ -68,6 +68,16 @@ FLOAT32_OPS: Mapping[str, str] = {
     "Multinomial": _DTYPE_ATTRIBUTE,
     "EyeLike": _DTYPE_ATTRIBUTE,
 }
+
+
+INDEX_ARITHMETIC_REASON = ("computes positions in float for a Cast to an integer or a Sin/Cos (T5's relative "
+                           "position buckets, rotary angles): float16 rounding would move them")
+
+
+def index_arithmetic(graph: ir.Graph) -> dict[ir.Value, str]:
+    """:func:`edgeopt.ir.index_arithmetic_values`, each with :data:`INDEX_ARITHMETIC_REASON`: computed in
+    float16, the truncation turns a rounding error into a whole step, so they stay float32."""
+    return dict.fromkeys(eir.index_arithmetic_values(graph), INDEX_ARITHMETIC_REASON)
 
 
 # ---------------------------------------------------------------------------

@@ -10,6 +10,11 @@ A tensor is masked when it is such a constant read as an operand, or computed
 from one: inf flows to every reader up to a Softmax (whose output is finite);
 a large finite value is a mask only on the way to a Softmax (elsewhere,
 ``x - 20000``, it is an offset like any other).
+
+Position arithmetic done in float (:func:`edgeopt.ir.index_arithmetic_values`: T5's
+relative position buckets ``(log(n / 8) / log(16) * 8).long()``, which a Cast truncates,
+rotary angles ``inv_freq @ position_ids``, which cos/sin read) stays float too: rounded
+to 8 bits, positions would move to other buckets and angles by a radian.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.quant.ops import OpRole, OpRule
 
-__all__ = ["mask_like_values", "mask_refusal"]
+__all__ = ["INDEX_REASON", "index_refusal", "mask_like_values", "mask_refusal"]
 
 # Additive attention masks hold -inf, or a large negative stand-in: BERT's -10000, float32's minimum.
 _MASK_FLOOR = -1e4
@@ -86,3 +91,13 @@ def mask_refusal(node: ir.Node, sources: Mapping[str, str]) -> str | None:
     source = sources[value.name]
     held = f"{value.name!r} holds" if value.name == source else f"{value.name!r} holds, from the constant {source!r},"
     return f"{held} -inf, NaN or values <= {_MASK_FLOOR:g} (an attention mask?), which no 8-bit range represents"
+
+
+#: Why a node computing integer arithmetic in float (a position bucket) stays float.
+INDEX_REASON = ("computes positions in float for a Cast to an integer or a Sin/Cos (T5's relative position "
+                "buckets, rotary angles): 8-bit rounding would move them")
+
+
+def index_refusal(node: ir.Node, values: set[ir.Value]) -> str | None:
+    """:data:`INDEX_REASON` when ``node`` reads or writes one of ``values`` (index arithmetic), else None."""
+    return INDEX_REASON if any(v in values for v in (*node.inputs, *node.outputs) if v is not None) else None

@@ -127,7 +127,7 @@ def check_conversion(original: ir.Model, converted: ir.Model, data: Iterable[Map
     random = data is None
     if random and not all(spec.is_static for spec in specs):
         return None
-    feeds = [random_feed(specs, seed=seed) for seed in range(2)] if random else data
+    feeds = [random_feed(specs, seed=seed, limits=eir.index_limits(original)) for seed in range(2)] if random else data
     check = OpsetCheck(original, converted, tolerance=tolerance)
     for feed in feeds:
         if check.batches_checked >= check.max_batches:

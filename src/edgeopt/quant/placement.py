@@ -43,6 +43,8 @@ Rules, in order:
    it, up to a Softmax (:mod:`edgeopt.quant.masks` says when a large finite
    value is a mask). No 8-bit range holds them next to the scores: Softmax
    would weight the masked positions (a causal model would read future tokens).
+   So does position arithmetic done in float for a Cast to an integer or a Sin/Cos
+   (T5's buckets, rotary angles): rounded to 8 bits, positions would move.
 7. A Softmax output that gets a Q/DQ (a quantized MatMul reads the attention
    probabilities) is listed in ``probabilities``: its range is fixed to
    ``[0, 1)`` with scale ``1 / 256``, as TFLite and ONNX Runtime's quantizer
@@ -65,24 +67,13 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.passes import PATTERN_KEY, activation_clamp
-from edgeopt.quant.masks import mask_like_values, mask_refusal
+from edgeopt.quant.masks import index_refusal, mask_like_values, mask_refusal
 from edgeopt.quant.ops import (FUSED_BETWEEN_PAIRS, FUSING_PRODUCERS, OP_RULES, OpRole, OpRule, is_qdq_op,
                                weight_axis)
 from edgeopt.quant.registry import FloatNode
 
-__all__ = [
-    "DATA_MOVEMENT_OPS",
-    "EXCLUDED",
-    "MOVES_FOR_KEPT",
-    "READ_IN_FLOAT",
-    "BiasUse",
-    "QdqPlan",
-    "UnionFind",
-    "WeightUse",
-    "plan_qdq",
-    "readers_behind_qdq",
-    "readers_past_data_movement",
-]
+__all__ = ["DATA_MOVEMENT_OPS", "EXCLUDED", "MOVES_FOR_KEPT", "READ_IN_FLOAT", "BiasUse", "QdqPlan", "UnionFind",
+           "WeightUse", "plan_qdq", "readers_behind_qdq", "readers_past_data_movement"]
 
 #: The reason a node the user's --exclude names stays float.
 EXCLUDED = "excluded (--exclude)"
@@ -375,11 +366,12 @@ def _triage(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[st
     """Float-computing nodes split into integer candidates and refusals (name -> reason)."""
     candidates: dict[str, ir.Node] = {}
     refusals: dict[str, str] = {}
-    masked = mask_like_values(graph, rules)
+    masked, indices = mask_like_values(graph, rules), eir.index_arithmetic_values(graph)
     for node in graph:
         if not _computes_float(node, non_float):
             continue
-        reason = _refusal(node, exclude, keep_float, rules) or mask_refusal(node, masked)
+        reason = (_refusal(node, exclude, keep_float, rules) or mask_refusal(node, masked)
+                  or index_refusal(node, indices))
         if reason is None:
             candidates[node.name] = node
         else:

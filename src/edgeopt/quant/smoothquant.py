@@ -135,6 +135,12 @@ def _linear_site(value: ir.Value, channels: int) -> _Site | None:
     return _Site(kind="linear", node=producer, bias_add=bias_add)
 
 
+def _value_readers(value: ir.Value) -> list[ir.Node]:
+    """The nodes reading ``value``'s values: Shape and Size read only its shape, which scaling channels
+    keeps (dynamic attention reshapes, GPT-2's Conv1D ``x.view(-1, x.size(-1))`` with ``x.size()[:-1]``)."""
+    return [reader for reader in eir.consumers(value) if not eir.is_op(reader, "Shape", "Size")]
+
+
 def _keeps_last_axis(source: ir.Value, value: ir.Value) -> bool:
     dims = [v.shape.dims[-1] if v.shape is not None and len(v.shape) else None for v in (source, value)]
     return isinstance(dims[0], int) and dims[0] == dims[1]
@@ -146,7 +152,7 @@ def _through_reshapes(value: ir.Value) -> ir.Value:
     channel in both, so dividing it at the source divides it in ``value``."""
     while eir.is_op(producer := value.producer(), "Reshape"):
         source = producer.inputs[0]
-        if (source is None or source.is_graph_output() or len(eir.consumers(source)) != 1
+        if (source is None or source.is_graph_output() or len(_value_readers(source)) != 1
                 or not _keeps_last_axis(source, value)):
             break
         value = source
@@ -156,8 +162,7 @@ def _through_reshapes(value: ir.Value) -> ir.Value:
 def _site(value: ir.Value, targets: list[ir.Node], channels: int, insert_mul: bool) -> _Site | str:
     origin = _through_reshapes(value)
     producer = origin.producer()
-    # Shape and Size read only the shape, which scaling channels keeps (dynamic attention reshapes)
-    readers = [reader for reader in eir.consumers(value) if not eir.is_op(reader, "Shape", "Size")]
+    readers = _value_readers(value)
     exclusive = len(readers) == len(targets) and not value.is_graph_output()
     reason = f"{value.name!r} is also read by nodes that are not smoothed" if not exclusive else None
     if exclusive and eir.is_op(producer, "LayerNormalization"):
@@ -171,7 +176,7 @@ def _site(value: ir.Value, targets: list[ir.Node], channels: int, insert_mul: bo
         source = f"{producer.op_type} {eir.node_label(producer)!r}" if producer is not None else "a graph input"
         reason = f"{value.name!r} comes from {source}, which cannot absorb 1/s"
         behind = producer.inputs[0] if eir.is_op(producer, "Reshape") and producer.inputs else None
-        others = [r for r in eir.consumers(behind) if r is not producer] if behind is not None else []
+        others = [r for r in _value_readers(behind) if r is not producer] if behind is not None else []
         if others:  # a Reshape edgeopt put before a Gemm, of a tensor others read too (a post-LN residual)
             reason = (f"{behind.name!r} is also read by {others[0].op_type} {eir.node_label(others[0])!r}, "
                       "which dividing it by s would change")

@@ -251,7 +251,9 @@ def speed_check(float_model: ModelSource, quant_model: ModelSource, *, runs: int
     _check_inputs(float_ir, quant_ir)
     inputs = "random" if feed is None else ", ".join(f"{name} {shape_text(np.shape(array))}"
                                                      for name, array in feed.items())
-    feed = dict(feed) if feed is not None else random_feed(eir.model_inputs(float_ir))
+    if feed is None:
+        feed = random_feed(eir.model_inputs(float_ir), limits=eir.index_limits(float_ir))
+    feed = dict(feed)
     sessions = (OrtSession(float_ir, threads=threads), OrtSession(quant_ir, threads=threads))
     float_ms, quant_ms = _interleaved_medians(sessions, feed, runs)
     evidence = _evidence(quant_ir, float_ms, threads)

@@ -174,8 +174,12 @@ class OrtSession:
         return dict(zip(names, values))
 
 
-def random_feed(specs: Sequence[eir.InputSpec], seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs of the right static shapes and dtypes (floats in [-1, 1))."""
+def random_feed(specs: Sequence[eir.InputSpec], seed: int = 0,
+                limits: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Random inputs of the right static shapes and dtypes (floats in [-1, 1), integers in [0, 8)).
+
+    ``limits`` (:func:`edgeopt.ir.index_limits`) bounds the integers of inputs that index a table:
+    a BERT's token type ids pick one of 2 rows, and an id of 5 fails the run."""
     rng = np.random.default_rng(seed)
     feed = {}
     for spec in specs:
@@ -187,7 +191,8 @@ def random_feed(specs: Sequence[eir.InputSpec], seed: int = 0) -> dict[str, np.n
         elif spec.dtype == np.bool_:
             feed[spec.name] = rng.integers(0, 2, spec.shape).astype(np.bool_)
         else:
-            feed[spec.name] = rng.integers(0, 8, spec.shape).astype(spec.dtype)
+            high = min(8, (limits or {}).get(spec.name, 8))
+            feed[spec.name] = rng.integers(0, max(high, 1), spec.shape).astype(spec.dtype)
     return feed
 
 
@@ -241,7 +246,7 @@ def fill_missing_types(model: ir.Model, feed: Mapping[str, np.ndarray] | None = 
 
 def _run_for(model: ir.Model, values: Sequence[ir.Value], feed: Mapping[str, np.ndarray] | None) -> dict:
     """The arrays of ``values`` (node outputs) in one unoptimized run on ``feed`` or random inputs."""
-    feed = dict(feed) if feed is not None else random_feed(eir.model_inputs(model))
+    feed = dict(feed) if feed is not None else random_feed(eir.model_inputs(model), limits=eir.index_limits(model))
     session = OrtSession(_with_all_outputs(model, [v.name for v in values]), optimize=False)
     return session.run(feed, [v.name for v in values])
 
