@@ -152,3 +152,19 @@ def test_an_embedding_table_is_ranked_as_a_layer_whose_input_is_exact(tmp_path):
     for config in (Int4WeightConfig(), Int4WeightConfig(embeddings="int4", exclude=("Gather",))):
         kept = accuracy_aware_quantize(model, config, data, AccuracyGoal(min_sqnr_db=200.0))
         assert "embed" not in {step.next_node for step in kept.steps}, kept.steps
+
+
+def test_a_search_taking_every_layer_out_of_int4_keeps_the_8_bit_table_it_measured(tmp_path):
+    # the default 8-bit table is no int4 layer: with every MatMul back in float the model still holds it, as a
+    # fresh quantization with the same exclusions does; not the float model, scored inf and "met"
+    from .test_int4 import tied_lm_model
+
+    model = tied_lm_model(tmp_path)
+    rng = np.random.default_rng(0)
+    data = [{"ids": rng.integers(0, 96, (2, 5)).astype(np.int64)} for _ in range(8)]
+    config = Int4WeightConfig()
+    search = accuracy_aware_quantize(model, config, data, AccuracyGoal(min_sqnr_db=200.0))
+    assert set(search.best_excluded) == {"proj", "head"} and not search.met, search.steps
+    assert [node.op_type for node in search.result.model.graph][0] == "GatherBlockQuantized"
+    fresh = quantize_int4(_base_model(model, config), replace(config, exclude=search.best_excluded), data)
+    assert model_to_bytes(search.result.model) == model_to_bytes(fresh.model)
