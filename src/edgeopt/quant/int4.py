@@ -183,10 +183,10 @@ def _match(node: ir.Node, config: Int4WeightConfig, opset: int) -> WeightTarget 
     why it stays float."""
     excluded = node.name in config.exclude or node.op_type in config.exclude
     fmt = config.fallback_format if excluded else config.weight_format
+    if node.op_type == "Gather" and config.table_format is None:  # excluded too: the fallback holds no float table
+        return "an embedding table, kept float by config (--embeddings float)"
     if node.op_type == "Gather" and not excluded:
         fmt = config.table_format
-        if fmt is None:
-            return "an embedding table, kept float by config (--embeddings float)"
     if fmt is None:
         return "excluded by config"
     found = _match_table(node, config, fmt) if node.op_type == "Gather" else _match_format(node, config, opset, fmt)
