@@ -285,3 +285,23 @@ def test_real_mobilenet_macs_match_torch_module_formula(tmp_path):
     running_stats = sum(b.numel() for name, b in module.named_buffers()
                         if name.endswith(("running_mean", "running_var")))
     assert report.params == sum(p.numel() for p in module.parameters()) + running_stats
+
+
+@pytest.mark.parametrize(("dtype", "bits"), [(TensorProto.UINT8, 4), (TensorProto.UINT8, 8), (TensorProto.UINT4, 4)],
+                         ids=["uint8-4-bit", "uint8-8-bit", "uint4"])
+def test_gather_block_quantized_counts_its_table_s_values_however_stored(tmp_path, dtype, bits):
+    # edgeopt packs the codes in uint8 bytes (8 / bits a byte); ONNX Runtime's quantizer writes a UINT4 tensor of
+    # the table's own shape, one element a value
+    rows, d, block_size = 10, 64, 32
+    shape = [rows, d * bits // 8] if dtype == TensorProto.UINT8 else [rows, d]
+    table = helper.make_tensor("table", dtype, shape, np.zeros(int(np.prod(shape)), np.uint8).tolist())
+    scales = numpy_helper.from_array(np.ones((rows, d // block_size), np.float32), "scales")
+    node = helper.make_node("GatherBlockQuantized", ["table", "ids", "scales"], ["y"], domain="com.microsoft",
+                            name="embed", gather_axis=0, quantize_axis=1, block_size=block_size, bits=bits)
+    graph = helper.make_graph([node], "gbq", [_info("ids", [3], TensorProto.INT64)], [_info("y", [3, d])],
+                              [table, scales])
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), tmp_path / "gbq.onnx")
+    report = analyze_cost(load_model(tmp_path / "gbq.onnx"))
+    _assert_totals(report)
+    assert [(r.params, r.weight_bytes) for r in report.nodes] == [(rows * d, rows * d * bits // 8)]

@@ -178,6 +178,14 @@ def test_compare_of_an_unrelated_second_model_is_warned_about(cli, tmp_path):
     assert "is it a quantization" not in itself.stderr
 
 
+def test_compare_refuses_a_quantization_option_it_would_ignore(cli, tmp_path):
+    # --embeddings says how int4-weight quantizes; compare quantizes nothing, and took it silently
+    path = build_onnx("resnet", tmp_path)
+    np.save(tmp_path / "x.npy", np.random.default_rng(3).normal(size=(2, 3, 32, 32)).astype(np.float32))
+    result = cli("compare", path, path, "--data", tmp_path / "x.npy", "--embeddings", "int4")
+    assert result.code == 2 and "--embeddings" in result.stderr, result
+
+
 # ----------------------------------------------------------------- bad input
 
 

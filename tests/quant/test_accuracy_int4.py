@@ -142,13 +142,45 @@ def test_an_embedding_table_is_ranked_as_a_layer_whose_input_is_exact(tmp_path):
     model = tied_lm_model(tmp_path)
     rng = np.random.default_rng(0)
     data = [{"ids": rng.integers(0, 96, (2, 5)).astype(np.int64)} for _ in range(8)]
-    search = accuracy_aware_quantize(model, Int4WeightConfig(embeddings="int4"), data,
+    search = accuracy_aware_quantize(model, Int4WeightConfig(embeddings="int4", fallback="int8"), data,
                                      AccuracyGoal(min_sqnr_db=200.0))
     chosen = {step.next_node: step.reason for step in search.steps if step.next_node}
     assert set(chosen) == {"embed", "proj", "head"}, search.steps
     assert chosen["embed"].endswith("its input exact")
+    # with the head back in float its E stays float32, which the Gather then reads too: no int4 copy of it
+    search = accuracy_aware_quantize(model, Int4WeightConfig(embeddings="int4"), data,
+                                     AccuracyGoal(min_sqnr_db=200.0))
+    assert {step.next_node for step in search.steps if step.next_node} == {"proj", "head"}, search.steps
+    assert "GatherBlockQuantized" not in {node.op_type for node in search.result.model.graph}
     # a table in 8 bits (the default) or excluded stays so: the search, seeing E in int4 for the head, never
     # picks its Gather
     for config in (Int4WeightConfig(), Int4WeightConfig(embeddings="int4", exclude=("Gather",))):
         kept = accuracy_aware_quantize(model, config, data, AccuracyGoal(min_sqnr_db=200.0))
         assert "embed" not in {step.next_node for step in kept.steps}, kept.steps
+
+
+def _untied_lm() -> ir.Model:
+    """ids [2, 5] -> Gather(E [96, 64]) "embed" -> MatMul "proj" -> Tanh -> MatMul "head" -> logits."""
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
+             helper.make_node("MatMul", ["h", "P"], ["p"], name="proj"), helper.make_node("Tanh", ["p"], ["t"]),
+             helper.make_node("MatMul", ["t", "H"], ["logits"], name="head")]
+    initializers = [numpy_helper.from_array((rng.standard_normal(shape) * 0.5).astype(np.float32), name)
+                    for name, shape in (("E", (96, 64)), ("P", (64, 64)), ("H", (64, 96)))]
+    graph = helper.make_graph(nodes, "lm", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 5, 96])],
+                              initializer=initializers)
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_a_search_taking_every_layer_out_of_int4_keeps_the_8_bit_table_it_measured():
+    # the default 8-bit table is no int4 layer: with every MatMul back in float the model still holds it, as a
+    # fresh quantization with the same exclusions does; not the float model, scored inf and "met"
+    rng = np.random.default_rng(0)
+    data = [{"ids": rng.integers(0, 96, (2, 5)).astype(np.int64)} for _ in range(8)]
+    config = Int4WeightConfig()
+    search = accuracy_aware_quantize(_untied_lm(), config, data, AccuracyGoal(min_sqnr_db=200.0))
+    assert set(search.best_excluded) == {"proj", "head"} and not search.met, search.steps
+    assert [node.op_type for node in search.result.model.graph][0] == "GatherBlockQuantized"
+    fresh = quantize_int4(_base_model(_untied_lm(), config), replace(config, exclude=search.best_excluded), data)
+    assert model_to_bytes(search.result.model) == model_to_bytes(fresh.model)

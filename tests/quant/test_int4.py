@@ -641,10 +641,37 @@ def fake_quantized_tied(model: ir.Model, config: Int4WeightConfig, *, rows_too: 
 def test_an_excluded_tied_head_does_not_copy_the_embedding(tmp_path):
     model = tied_lm_model(tmp_path)
     result = quantize(model, Int4WeightConfig(exclude=("head",)), data=None)
-    assert op_types(result.model) == ["GatherBlockQuantized", "MatMulNBits", "Tanh", "Transpose", "MatMul"]
-    assert float_constants(result.model) == ["E"]
+    # E stays float32 for the head: the Gather reads it too, rather than an 8-bit copy beside it
+    assert op_types(result.model) == ["Gather", "MatMulNBits", "Tanh", "Transpose", "MatMul"]
+    assert float_constants(result.model) == ["E"] and [t.name for t in result.tensors] == ["P"]
+    assert {f.node_name: f.reason for f in result.float_nodes}["embed"] == (
+        "its table stays in the model in float32 for head (MatMul): a GatherBlockQuantized copy beside it would "
+        "add bytes, not save them")
     reference = OrtSession(model).run(TIED_FEED)["logits"]
     assert sqnr_db(reference, OrtSession(result.model).run(TIED_FEED)["logits"]) >= 15.0
+
+
+@pytest.mark.parametrize("reader", ["ReduceMean", "graph output"])
+def test_a_table_other_nodes_read_in_float_stays_float_instead_of_a_quantized_copy(tmp_path, reader):
+    table = (np.random.default_rng(0).standard_normal((50, 64))).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
+             helper.make_node("MatMul", ["h", "W"], ["y"], name="fc"),
+             helper.make_node("ReduceMean", ["E"], ["extra"], axes=[0], keepdims=0) if reader == "ReduceMean"
+             else helper.make_node("Identity", ["E"], ["extra"])]
+    graph = helper.make_graph(nodes, "table", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 8]),
+                               helper.make_tensor_value_info("extra", TensorProto.FLOAT,
+                                                             [64] if reader == "ReduceMean" else [50, 64])],
+                              initializer=[numpy_helper.from_array(table, "E"),
+                                           numpy_helper.from_array(np.ones((64, 8), np.float32), "W")])
+    model = save(graph, tmp_path / "table.onnx")
+    result = quantize(model, Int4WeightConfig(embeddings="int4"), data=None)
+    assert op_types(result.model)[0] == "Gather" and float_constants(result.model) == ["E"]
+    assert len(model_to_bytes(result.model)) < len(model_to_bytes(model))
+    (kept,) = result.float_nodes
+    assert kept.node_name == "embed" and kept.reason.startswith("its table stays in the model in float32 for ")
+    feed = {"ids": np.array([[0, 1, -1], [4, 5, 49]], np.int64)}
+    np.testing.assert_array_equal(OrtSession(result.model).run(feed)["extra"], OrtSession(model).run(feed)["extra"])
 
 
 # --------------------------------------------------------------------------

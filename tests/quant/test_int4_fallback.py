@@ -117,6 +117,19 @@ def test_a_layer_8_bits_would_not_make_smaller_stays_float_and_says_why(tmp_path
     assert reasons["fc1"].startswith("excluded by config, and not held in uint8 either: K = 4 is below")
 
 
+@pytest.mark.parametrize("exclude", ["embed", "Gather"])
+def test_an_excluded_table_kept_float_by_embeddings_float_stays_float_with_the_8_bit_fallback(tmp_path, exclude):
+    # the fallback holds what is kept out of int4 in 8 bits; --embeddings float kept the table out of any format
+    from .test_int4 import float_constants, tied_lm_model
+
+    model = tied_lm_model(tmp_path)
+    result = quantize(model, Int4WeightConfig(embeddings="float", exclude=(exclude,), fallback="int8"), data=None)
+    assert op_types(result.model) == ["Gather", "MatMulNBits", "Tanh", "MatMulNBits"]
+    assert float_constants(result.model) == ["E"]
+    assert [(f.node_name, f.reason) for f in result.float_nodes] == [
+        ("embed", "an embedding table, kept float by config (--embeddings float)")]
+
+
 @pytest.mark.parametrize("make", [lambda: Int4WeightConfig(fallback="fp16"),
                                   lambda: Int4WeightConfig(fallback=Fallback.FP16)])
 def test_a_fallback_int4_cannot_take_is_a_config_error(make):

@@ -302,9 +302,12 @@ _PACKED = frozenset({("MatMulNBits", 1), ("GatherBlockQuantized", 0)})  # uint8 
 
 def _packed_weights(node: ir.Node, tensor: ir.TensorProtocol) -> int:
     """The weights a packed input holds, however many bits each: MatMulNBits' B ``K * N`` (its bytes are two
-    per byte at 4 bits, K padded to whole blocks), GatherBlockQuantized's table ``8 / bits`` per byte."""
+    per byte at 4 bits, K padded to whole blocks), GatherBlockQuantized's uint8 table ``8 / bits`` per byte; an
+    INT4/UINT4 table (as ONNX Runtime's quantizer writes it) holds one a value already."""
     if node.op_type == "MatMulNBits":
         return node.attributes.get_int("K", 0) * node.attributes.get_int("N", 0)
+    if tensor.dtype != ir.DataType.UINT8:
+        return tensor.size
     return tensor.size * 8 // node.attributes.get_int("bits", 4)
 
 

@@ -504,10 +504,6 @@ def compare(
     quant_model: Annotated[Path, typer.Argument(help="Its quantized (QDQ) version.")],
     data: Annotated[str, typer.Option("--data", help="Inputs to compare on: a .npy/.npz file or a folder "
                                                      "of them, a folder of images, or module:function.")],
-    embeddings: Annotated[Optional[EmbeddingsChoice], typer.Option(
-        "--embeddings", help="int4-weight: what the embedding tables Gather nodes read are held in, as ONNX "
-                             "Runtime's GatherBlockQuantized: int8 (default; about 0.01 dB of output SQNR where "
-                             "int4 costs 1.25 dB on a small GPT), int4, or float.")] = None,
     max_samples: Annotated[Optional[int], typer.Option(
         "--max-samples", min=1, help="Use at most N batches (samples, for data of batch 1).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Show only the N worst layers.")] = None,

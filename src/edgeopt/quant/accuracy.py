@@ -40,7 +40,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from edgeopt import ir as eir
-from edgeopt.errors import ConfigError, Interrupted
+from edgeopt.errors import ConfigError, Interrupted, ModelError
 from edgeopt.metrics import count_of, json_number
 from edgeopt.quant.calibration_memo import CalibrationMemo
 from edgeopt.quant.compare import CompareResult, compare_models
@@ -378,10 +378,12 @@ class _Search:
         config = replace(self.config, exclude=tuple(dict.fromkeys(self.config.exclude + excluded)))
         if not isinstance(config, Int4WeightConfig):
             return quantize_int8(self.base.clone(), config, self.data, memo=self.memo)
-        if not self.to_8_bits and self.int4_layers and all(node.name in config.exclude
-                                                           for node in self.int4_layers.values()):
-            return _all_float(self.base.clone(), config)  # what int4 would refuse: nothing left to quantize
-        result = quantize_int4(self.base.clone(), config, self.data, memo=self.int4_memo)
+        try:  # (not by the layers the first round held in int4: 8-bit tables may remain, or go with them)
+            result = quantize_int4(self.base.clone(), config, self.data, memo=self.int4_memo)
+        except ModelError:
+            if self.int4_layers is None:
+                raise
+            return _all_float(self.base.clone(), config)  # what int4 refuses: nothing left to quantize
         if self.int4_layers is None:
             self.int4_layers = _int4_layers(self.base, result)
         return result

@@ -34,7 +34,9 @@ elimination, BatchNorm/affine folding, activation fusion; not MatMul + Add -> Ge
 ``Identity(W)`` and ``Transpose(W)`` of a weight become plain constants the rewrite can quantize, and dead
 branches are not quantized and stored. A Transpose of a weight other nodes read too (a tied embedding, read by
 a Gather and, as ``Transpose(E)``, by the LM head) is not folded, which would store a second float copy: the
-head's weight is read through the Transpose, and only its packed form is added.
+head's weight is read through the Transpose, and only its packed form is added. Likewise a table that stays
+float32 for another reader (a tied head kept float, a graph output) is no GatherBlockQuantized copy: the Gather
+reads it in float.
 """
 
 from __future__ import annotations
@@ -183,10 +185,10 @@ def _match(node: ir.Node, config: Int4WeightConfig, opset: int) -> WeightTarget 
     why it stays float."""
     excluded = node.name in config.exclude or node.op_type in config.exclude
     fmt = config.fallback_format if excluded else config.weight_format
+    if node.op_type == "Gather" and config.table_format is None:  # excluded too: the fallback holds no float table
+        return "an embedding table, kept float by config (--embeddings float)"
     if node.op_type == "Gather" and not excluded:
         fmt = config.table_format
-        if fmt is None:
-            return "an embedding table, kept float by config (--embeddings float)"
     if fmt is None:
         return "excluded by config"
     found = _match_table(node, config, fmt) if node.op_type == "Gather" else _match_format(node, config, opset, fmt)
@@ -359,10 +361,11 @@ class _Lowered:
 def _find_targets(graph: ir.Graph, config: Int4WeightConfig, opset: int) -> tuple[list[WeightTarget], list[FloatNode]]:
     """The MatMul/Gemm nodes of ``graph`` and of its subgraphs (If branches, Loop and Scan bodies) to
     quantize, and those left float with the reason."""
+    matched = {node: _match(node, config, opset) for node in graph.all_nodes() if eir.is_op(node, "MatMul", "Gemm")
+               or (eir.is_op(node, "Gather") and _table(node) is not None)}
+    _keep_read_tables_float(matched)
     targets, float_nodes = [], []
-    for node in [n for n in graph.all_nodes() if eir.is_op(n, "MatMul", "Gemm")
-                 or (eir.is_op(n, "Gather") and _table(n) is not None)]:
-        target = _match(node, config, opset)
+    for node, target in matched.items():
         if isinstance(target, str):
             float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, target))
             continue
@@ -372,6 +375,37 @@ def _find_targets(graph: ir.Graph, config: Int4WeightConfig, opset: int) -> tupl
                                          f"excluded by config; {IN_8_BITS} ({target.weight_format.name}, "
                                          "--fallback int8)"))
     return targets, float_nodes
+
+
+def _keep_read_tables_float(matched: dict[ir.Node, WeightTarget | str]) -> None:
+    """Leave float the tables whose float32 values stay in the model anyway (another node reads them in float,
+    a tied head kept float; or they are a graph output): a quantized copy beside them adds bytes and error."""
+    changed = True
+    while changed:
+        changed = False
+        reading = {(t.node, 0 if t.lowering is Lowering.GATHER_BLOCK_QUANTIZED else 1)
+                   for t in matched.values() if isinstance(t, WeightTarget)}
+        for node, target in matched.items():
+            reader = (_float_reader(target.weight_value, reading) if isinstance(target, WeightTarget)
+                      and target.lowering is Lowering.GATHER_BLOCK_QUANTIZED else None)
+            if reader is not None:
+                matched[node], changed = (f"its table stays in the model in float32 for {reader}: a "
+                                          "GatherBlockQuantized copy beside it would add bytes, not save them"), True
+
+
+def _float_reader(value: ir.Value, quantized: set[tuple[ir.Node, int]]) -> str | None:
+    """What reads ``value`` in float once the ``quantized`` (node, input) pairs read it quantized, looking
+    through Transpose/Identity; None when nothing does."""
+    if value.is_graph_output():
+        return f"the graph output {value.name!r}"
+    for node, index in value.uses():
+        if eir.is_op(node, "Transpose", "Identity"):
+            found = _float_reader(node.outputs[0], quantized)
+        else:
+            found = None if (node, index) in quantized else f"{node.name or node.op_type} ({node.op_type})"
+        if found is not None:
+            return found
+    return None
 
 
 def _quantize_all(groups: Mapping[tuple, list[WeightTarget]], config: Int4WeightConfig, statistics: LayerStatistics,
