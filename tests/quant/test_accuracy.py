@@ -124,9 +124,9 @@ def test_nodes_that_did_not_help_go_back_to_int8_once_the_goal_is_met(monkeypatc
         name = next(ranking)
         node = next(node for node in result.model.graph if node.name == name)
         assert name not in float_nodes
-        return [accuracy._Candidate(10.0, node, "ranked first by the test")]
+        return [accuracy.Candidate(10.0, node, "ranked first by the test")]
 
-    monkeypatch.setattr(accuracy, "_node_damage", ranked)
+    monkeypatch.setattr(accuracy, "node_damage", ranked)
     search = accuracy_aware_quantize(_conv_classifier(), Int8Config(), batches((1, 3, 8, 8), 16),
                                      AccuracyGoal(max_drop=0.5), evaluate=conv2_is_float)
     assert search.met and search.best_excluded == ("conv2",) and search.best_score == 100.0
@@ -215,7 +215,7 @@ def test_an_argmax_writing_class_indices_is_not_ranked_by_their_sqnr():
     # candidate "damaged" by the SQNR of the indices, though returning it to float changes nothing
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgeopt.quant.accuracy import _node_damage
+    from edgeopt.quant.accuracy_damage import node_damage as _node_damage
     from edgeopt.quant.compare import compare_models
     from edgeopt.quant.int8 import quantize_int8
 

@@ -34,7 +34,6 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import NamedTuple
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -44,17 +43,14 @@ from edgeopt.errors import ConfigError, Interrupted, ModelError
 from edgeopt.metrics import count_of, json_number
 from edgeopt.quant.calibration_memo import CalibrationMemo
 from edgeopt.quant.compare import CompareResult, compare_models
-from edgeopt.quant.compare_matching import carried_value, computed_from, fused_chain, quantized_input_names
 from edgeopt.quant.config import Fallback, Int8Config
-from edgeopt.quant.fallback import fallback_part, past_fallback_casts
+from edgeopt.quant.fallback import fallback_part
 from edgeopt.quant.float_reference import FloatReference
 from edgeopt.quant.int4 import Int4WeightConfig, WeightFallback, quantize_int4
 from edgeopt.quant.int4_rounding import Int4Memo
+from edgeopt.quant.accuracy_damage import Candidate, int4_layers, node_damage, quantized_readers, weight_damage
 from edgeopt.quant.int8 import quantize_int8
-from edgeopt.quant.ops import is_qdq_op
 from edgeopt.quant.model_checks import check_exclude, vanished_excludes
-from edgeopt.quant.placement import (DATA_MOVEMENT_OPS, READ_IN_FLOAT, readers_behind_qdq,
-                                     readers_past_data_movement)
 from edgeopt.quant.registry import FloatNode, QuantResult
 
 __all__ = ["RETURNED", "RETURNED_TO_8_BITS", "AccuracyGoal", "AccuracySearch", "AccuracyStep",
@@ -200,158 +196,12 @@ def _output_sqnr(comparison: CompareResult) -> float:
     return -math.inf if worst is None else worst
 
 
-class _Candidate(NamedTuple):
-    damage: float  # the ranking: dB lost inside the node (int8), noise added relative to the signal (int4)
-    node: ir.Node
-    reason: str
-    through: str | None = None  # the float node whose quantized output the damage is measured on
-
-
-def _node_damage(result: QuantResult, comparison: CompareResult) -> list[_Candidate]:
-    """The quantized nodes that returning to float would help, worst first.
-
-    A float node's output (a Tanh, a LayerNorm) is quantized only because quantized nodes read it: its
-    damage goes to those readers (``through`` names it), since returning the float node itself would
-    change nothing.
-    """
-    sqnr = {row.tensor: row.sqnr_db for row in comparison.layers}
-    float_nodes = _float_node_names(result)
-    ranked = []
-    for node, sqnr_db in _quantized_producers(result.model, comparison):
-        if eir.is_op(node, *DATA_MOVEMENT_OPS):  # lossless: returning it to float changes no value
-            continue
-        fused = fused_chain(node, float_nodes)  # Gemm -> Relu -> Q: the Gemm's error shows at the Relu's output
-        head = fused[0] if fused else node
-        input_sqnr = [sqnr[name] for name in quantized_input_names(head) if name in sqnr]
-        upstream = min(input_sqnr) if input_sqnr else math.inf
-        damage = (upstream - sqnr_db) if math.isfinite(upstream) else -sqnr_db
-        inside = f"the node and its fused {'+'.join(n.op_type for n in fused[1:])}" if fused else "the node"
-        reason = (f"output SQNR {sqnr_db:.1f} dB, {damage:.1f} dB lost inside {inside}"
-                  if math.isfinite(upstream) else f"output SQNR {sqnr_db:.1f} dB")
-        if head.name not in float_nodes:
-            ranked.append(_Candidate(damage, head, reason))
-            continue
-        for reader in _computing_readers(head):
-            if reader.name not in float_nodes:
-                ranked.append(_Candidate(damage, reader, f"reads {head.name} ({head.op_type}, float) quantized: "
-                                         f"{reason}", through=head.name))
-    ranked.sort(key=lambda item: (-item.damage, item.node.name))
-    seen: set[str] = set()  # a node reached twice (its own output, a float node it reads) counts once
-    return [item for item in ranked if not (item.node.name in seen or seen.add(item.node.name))]
-
-
-def _float_node_names(result: QuantResult) -> set[str]:
-    """The nodes that read float inputs: not those that read int8 and compute in float because a node kept
-    float reads their output (returning one to float still takes the quantization off its inputs)."""
-    return {f.node_name for f in result.float_nodes if not f.reason.startswith(READ_IN_FLOAT)}
-
-
 def _all_float(model: ir.Model, config: Int4WeightConfig) -> QuantResult:
     """An int4 round with every layer back in float: the float model, its layers listed as excluded."""
     float_nodes = tuple(FloatNode(node.name, node.op_type, "excluded by config") for node in model.graph
                         if node.name in config.exclude)
     return QuantResult(model=model, scheme="int4", tensors=(), float_nodes=float_nodes,
                        notes=("every layer is back in float: the model is the float model",), config=config)
-
-
-def _int4_layers(base: ir.Model, result: QuantResult) -> dict[str, ir.Node]:
-    """The MatMul/Gemm nodes of ``base`` whose weights ``result`` holds in int4, by the name of their output
-    (a weight read through a Transpose, a tied embedding's, is named by the constant behind it); not those
-    the 8-bit fallback holds."""
-    int4 = result.config.weight_format.name
-    quantized = {(info.name, info.op_type) for info in result.tensors if info.kind == "weight" and info.format == int4}
-    layers = {}
-    for node in base.graph:
-        weight = node.inputs[1] if eir.is_op(node, "MatMul", "Gemm") and len(node.inputs) > 1 else None
-        weight = node.inputs[0] if eir.is_op(node, "Gather") else weight  # an embedding table
-        transpose = weight.producer() if weight is not None else None
-        if transpose is not None and transpose.op_type == "Transpose":
-            weight = transpose.inputs[0]
-        if weight is not None and (weight.name, node.op_type) in quantized:
-            layers[node.outputs[0].name] = node
-    return layers
-
-
-def _weight_damage(base: ir.Model, result: QuantResult, comparison: CompareResult) -> list[_Candidate]:
-    """Weight-only (int4): the layers whose weights ``result`` holds in int4, most damaging first: by the
-    noise (relative to the signal) added inside the op computing with them, from the SQNR of its output
-    (a row matched by name, a MatMulNBits', or a model output) and of its input. A layer whose input is
-    exact (a model input, or the output of layers returned to float) adds all its output's noise; one whose
-    input was not measured is ranked as if it were, and says so."""
-    measured = {row.tensor: row.sqnr_db for row in comparison.layers}
-    measured |= {row.name: row.sqnr_db for row in comparison.outputs if row.signal}
-    inputs = {value.name for value in base.graph.inputs}
-    ranked = []
-    for name, node in _int4_layers(base, result).items():
-        if name not in measured:
-            continue
-        carried = computed_from(node.inputs[1] if node.op_type == "Gather" else node.inputs[0])  # (its indices)
-        input_db = measured.get(carried.name, math.inf) if carried is not None else math.inf
-        added = 10 ** (-measured[name] / 10) - (10 ** (-input_db / 10) if math.isfinite(input_db) else 0.0)
-        if math.isfinite(input_db):
-            inside = f"{input_db - measured[name]:.1f} dB lost inside the node"
-        else:
-            exact = carried is not None and (carried.name in inputs or carried.name in measured)
-            inside = "its input exact" if exact else "its input not measured (counted as exact)"
-        ranked.append(_Candidate(added, node, f"output SQNR {measured[name]:.1f} dB, {inside}"))
-    ranked.sort(key=lambda item: (-item.damage, item.node.name))
-    return ranked
-
-
-def _quantized_readers(result: QuantResult) -> list[_Candidate]:
-    """Nodes still reading a quantized activation whose own output is not compared (its readers are
-    float): no damage is measured for them, but the search must be able to return them too."""
-    float_nodes = _float_node_names(result)
-    found = []
-    for node in dict.fromkeys(past_fallback_casts(result.model.graph)):
-        if (node.name in float_nodes or is_qdq_op(node, "QuantizeLinear") or is_qdq_op(node, "DequantizeLinear")
-                or eir.is_op(node, "Shape", "Size")):
-            continue
-        inputs = quantized_input_names(node)
-        if inputs:
-            found.append(_Candidate(0.0, node, f"still reads {inputs[0]} quantized"))
-    return found
-
-
-def _readers_through_qdq(node: ir.Node) -> list[ir.Node]:
-    """The nodes reading ``node``'s outputs through a QuantizeLinear -> DequantizeLinear pair."""
-    return [reader for output in node.outputs for use in output.uses() if is_qdq_op(use.node, "QuantizeLinear")
-            for reader in readers_behind_qdq(use.node)]
-
-
-def _computing_readers(node: ir.Node) -> list[ir.Node]:
-    """The readers of ``node``'s quantized outputs, past the data-movement ops between: returning
-    those to float would change no value. Shape and Size read no value (a dynamic reshape's
-    ``x.size()``): a tensor they alone read is not quantized, so they never go back to float."""
-    readers = readers_past_data_movement(past_fallback_casts(_readers_through_qdq(node)))
-    return [reader for reader in readers if not eir.is_op(reader, "Shape", "Size")]
-
-
-def _quantized_producers(quant_model: ir.Model, comparison: CompareResult) -> list[tuple[ir.Node, float]]:
-    """(node, SQNR dB of its quantized output) for the compared activations, and for the nodes
-    writing a graph output (compared as a model output, not a layer)."""
-    values = {v.name: v for node in quant_model.graph for v in node.outputs}
-    graph_outputs = {value.name: value for value in quant_model.graph.outputs}
-    found = [(_producer(values.get(row.tensor)), row.sqnr_db) for row in comparison.layers]
-    found += [(_output_writer(graph_outputs.get(row.name)), row.sqnr_db) for row in comparison.outputs
-              if row.signal]  # class indices: their "SQNR" is no node's damage (an ArgMax has no int8 error)
-    return [(node, sqnr_db) for node, sqnr_db in found
-            if node is not None and node.op_type not in ("QuantizeLinear", "DequantizeLinear")]
-
-
-def _producer(value: ir.Value | None) -> ir.Node | None:
-    return value.producer() if value is not None else None
-
-
-def _output_writer(output: ir.Value | None) -> ir.Node | None:
-    """The node computing a graph output: behind its Q -> DQ pair, or writing it in float from
-    quantized inputs (a Gemm/MatMul left with a float output); None when it runs all in float."""
-    carried = carried_value(output)
-    if carried is not None:
-        return _producer(carried)
-    node = _producer(output)
-    reads_quantized = node is not None and any(is_qdq_op(_producer(v), "DequantizeLinear") for v in node.inputs)
-    return node if reads_quantized else None
 
 
 class _Search:
@@ -385,16 +235,16 @@ class _Search:
                 raise
             return _all_float(self.base.clone(), config)  # what int4 refuses: nothing left to quantize
         if self.int4_layers is None:
-            self.int4_layers = _int4_layers(self.base, result)
+            self.int4_layers = int4_layers(self.base, result)
         return result
 
     def candidates(self, result: QuantResult, comparison: CompareResult,
-                   excluded: tuple[str, ...]) -> list[_Candidate]:
+                   excluded: tuple[str, ...]) -> list[Candidate]:
         """The nodes not ``excluded`` yet to return to float, most damaging first."""
         if isinstance(self.config, Int4WeightConfig):
-            return [c for c in _weight_damage(self.base, result, comparison) if c.node.name not in excluded]
-        found = [c for c in _node_damage(result, comparison) if c.node.name not in excluded]
-        return found or [c for c in _quantized_readers(result) if c.node.name not in excluded]
+            return [c for c in weight_damage(self.base, result, comparison) if c.node.name not in excluded]
+        found = [c for c in node_damage(result, comparison) if c.node.name not in excluded]
+        return found or [c for c in quantized_readers(result) if c.node.name not in excluded]
 
     def compare(self, result: QuantResult) -> CompareResult:
         # a round left all float is compared as the final fidelity check compares it: against a session of the
@@ -525,7 +375,7 @@ def _rounds(search: _Search, float_score: float, progress: Callable[[int, int | 
         excluded = excluded + steps[-1].returned
 
 
-def _returned_together(candidates: list[_Candidate], room: int) -> list[_Candidate]:
+def _returned_together(candidates: list[Candidate], room: int) -> list[Candidate]:
     """The most damaging candidate, with the other readers of the float node's quantized output it reads
     (at most ``room`` in all): returning one reader alone leaves that tensor quantized for the others."""
     first = candidates[0]
