@@ -266,6 +266,17 @@ def hf_samples(name: str, count: int, seed: int = 0, *, tokens: int | None = Non
 def _export(module: nn.Module, name: str, path: pathlib.Path, opset: int) -> None:
     example = tuple(torch.from_numpy(array) for array in hf_samples(name, 1, tokens=8)[0].values())
     inputs = list(HF_INPUTS[name])
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # nn.TransformerEncoderLayer's inference fast path (the ViT's) is one fused op TorchScript cannot export
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        _export_unfused(module, name, path, opset, example, inputs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _export_unfused(module: nn.Module, name: str, path: pathlib.Path, opset: int, example: tuple,
+                    inputs: list[str]) -> None:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         if name == "llama_mask":
