@@ -581,7 +581,7 @@ def test_an_embedding_table_becomes_gather_block_quantized_rows_that_ort_looks_u
     np.testing.assert_array_equal(rows, restored.dequantize().T[TIED_FEED["ids"]])
     expected = OrtSession(fake_quantized_tied(model, config, rows_too=True)).run(TIED_FEED)["logits"]
     assert sqnr_db(expected, OrtSession(result.model).run(TIED_FEED)["logits"]) >= MATCHES_REFERENCE_DB
-    assert "1 Gather table (embeddings) -> GatherBlockQuantized, each row in blocks (uint4; " in result.notes[0]
+    assert "1 Gather of embedding tables -> GatherBlockQuantized, each row in blocks (uint4; " in result.notes[0]
 
 
 def test_embedding_tables_are_held_in_8_bits_by_default_and_float_on_request(tmp_path):

@@ -525,7 +525,7 @@ def _summary_notes(config: Int4WeightConfig, done: _Lowered, bytes_before: int, 
         f"blocks of {config.block_size} along K): {counts[Lowering.MATMUL_NBITS]} MatMul/Gemm -> "
         f"MatMulNBits (ONNX Runtime com.microsoft), {counts[Lowering.DEQUANTIZE_LINEAR]} -> "
         f"DequantizeLinear + MatMul"
-        + (f", {count_of(tables, 'Gather table', 'Gather tables')} (embeddings) -> GatherBlockQuantized, each row "
+        + (f", {count_of(tables, 'Gather', 'Gathers')} of embedding tables -> GatherBlockQuantized, each row "
            f"in blocks ({_table_formats(done)})" if tables else "")
         + f"{in_8_bits}; weights {bytes_before} -> {bytes_after} bytes with scales",
         "block scales: clipping searched per block for the least weight error" + search
