@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.quant.ops import is_float16_cast, is_qdq_op
+from edgeopt.quant.ops import WEIGHT_ONLY_OPS, is_float16_cast, is_qdq_op
 from edgeopt.quant.placement import DATA_MOVEMENT_OPS
 
 __all__ = [
@@ -237,7 +237,6 @@ DATA_MOVES = frozenset({*DATA_MOVEMENT_OPS, "Concat", "Cast"})
 #: Ops that compute what another op computes in the float model (a weight-only model's MatMulNBits), by
 #: the name of what they compute: a MatMul, a Gemm and a MatMulNBits are all a matrix product.
 _COMPUTES_AS = {"MatMulNBits": "MatMul", "Gemm": "MatMul", "GatherBlockQuantized": "Gather"}
-_WEIGHT_ONLY_OPS = frozenset({"MatMulNBits", "GatherBlockQuantized"})
 
 
 def _kind(op_type: str) -> str:
@@ -294,7 +293,7 @@ def compared_by_name(model: ir.Model) -> bool:
     value or weight, an int4/int8 weight, a MatMulNBits); a float32 model's tensors would all be exact."""
     if activation_pairs(model) or _integer_operators(model):
         return False
-    if any(node.op_type in _WEIGHT_ONLY_OPS for node in model.graph):
+    if any(node.op_type in WEIGHT_ONLY_OPS for node in model.graph):
         return True
     values = [*model.graph.initializers.values(), *(v for node in model.graph for v in node.outputs)]
     return any(value.dtype in _LOW_TYPES for value in values)

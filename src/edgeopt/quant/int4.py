@@ -184,11 +184,10 @@ def _match(node: ir.Node, config: Int4WeightConfig, opset: int) -> WeightTarget 
     """How to quantize ``node``'s weight (in int4, or in 8 bits when excluded and the fallback is int8), or
     why it stays float."""
     excluded = node.name in config.exclude or node.op_type in config.exclude
-    fmt = config.fallback_format if excluded else config.weight_format
     if node.op_type == "Gather" and config.table_format is None:  # excluded too: the fallback holds no float table
         return "an embedding table, kept float by config (--embeddings float)"
-    if node.op_type == "Gather" and not excluded:
-        fmt = config.table_format
+    fmt = config.fallback_format if excluded else config.table_format if node.op_type == "Gather" \
+        else config.weight_format
     if fmt is None:
         return "excluded by config"
     found = _match_table(node, config, fmt) if node.op_type == "Gather" else _match_format(node, config, opset, fmt)
@@ -251,12 +250,12 @@ def _match_weight(node: ir.Node, weight_value: ir.Value, weight: np.ndarray, ops
         if _rank(node.inputs[0]) == 1:
             return "its input is 1-D: MatMulNBits needs a matrix input"
         return WeightTarget(node=node, weight_value=weight_value, weight=weight, weight_axis=0,
-                       lowering=Lowering.MATMUL_NBITS)
+                            lowering=Lowering.MATMUL_NBITS)
     if opset < _BLOCKED_DQ_OPSET:
         return (f"its weight is {weight.ndim}-D: that needs DequantizeLinear with block_size "
                 f"(opset {_BLOCKED_DQ_OPSET}), and the model has opset {opset}")
     return WeightTarget(node=node, weight_value=weight_value, weight=weight, weight_axis=weight.ndim - 2,
-                   lowering=Lowering.DEQUANTIZE_LINEAR)
+                        lowering=Lowering.DEQUANTIZE_LINEAR)
 
 
 def _rank(value: ir.Value | None) -> int | None:
@@ -291,7 +290,6 @@ def _float_passes(model: ir.Model, config: Int4WeightConfig) -> list[str]:
     """Check ``exclude`` against the given model, then run the float passes in place; notes (int4 quantizes
     subgraphs' nodes too)."""
     return weight_only_float_passes(model, config.exclude, run=config.float_passes, subgraphs=True)
-
 
 
 def _by_weight(targets: Iterable[WeightTarget]) -> dict[tuple, list[WeightTarget]]:

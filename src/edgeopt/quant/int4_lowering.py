@@ -105,7 +105,7 @@ def read_constant(value: ir.Value | None) -> ReadConstant | None:
         return source
     perm = producer.attributes.get_ints("perm", None) or tuple(reversed(range(source.array.ndim)))
     return ReadConstant(value=source.value, array=np.transpose(source.array, perm),
-                         axes=tuple(source.axes[axis] for axis in perm))
+                        axes=tuple(source.axes[axis] for axis in perm))
 
 
 def drop_unread(value: ir.Value | None) -> None:

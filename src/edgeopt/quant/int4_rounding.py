@@ -103,7 +103,7 @@ def rounded(readers: list[WeightTarget], block_size: int, gptq: bool, statistics
         return Rounded(quantize_blocks(weight, block_size, fmt), "clip search", Counter(unweighted=1))
     if not gptq or weight.ndim != 2:
         return Rounded(quantize_blocks(weight, block_size, fmt, importance=seen.mean_square), _WEIGHTED,
-                          Counter(not_2d=int(gptq)))
+                       Counter(not_2d=int(gptq)))
     solved = gptq_blocks(weight, seen, block_size, fmt)
     return Rounded(solved.weight, f"GPTQ rounding, {_WEIGHTED}",
-                      Counter(weights=1, columns=solved.columns, kept=solved.gptq_columns))
+                   Counter(weights=1, columns=solved.columns, kept=solved.gptq_columns))

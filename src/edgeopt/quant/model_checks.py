@@ -11,12 +11,13 @@ import onnx_ir as ir
 
 from edgeopt.errors import ConfigError, ModelError
 from edgeopt.metrics import count_of
+from edgeopt.quant.ops import WEIGHT_ONLY_OPS
 
 __all__ = ["NodeIndex", "check_exclude", "check_not_quantized", "vanished_excludes"]
 
 _QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm",
                             "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
-                            "MatMulNBits", "GatherBlockQuantized", "QAttention", "QEmbedLayerNormalization"})
+                            *WEIGHT_ONLY_OPS, "QAttention", "QEmbedLayerNormalization"})
 
 
 _HALF_TYPES = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}

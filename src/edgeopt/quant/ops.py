@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 __all__ = ["FUSED_BETWEEN_PAIRS", "MCU_OP_RULES", "OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule", "QUANTIZED_OP_TYPES",
-           "is_float16_cast", "is_qdq_op", "weight_axis"]
+           "WEIGHT_ONLY_OPS", "is_float16_cast", "is_qdq_op", "weight_axis"]
 
 
 class OpRole(enum.Enum):
@@ -126,6 +126,10 @@ MCU_OP_RULES: dict[str, OpRule] = {op: rule for op, rule in OP_RULES.items() if 
 FUSED_BETWEEN_PAIRS = frozenset({"Softmax"})
 
 QUANTIZED_OP_TYPES = frozenset(MCU_OP_RULES)
+
+# ONNX Runtime's weight-only ops (com.microsoft): block-quantized weights, float compute; a MatMulNBits
+# computes what a MatMul does, a GatherBlockQuantized what a Gather does.
+WEIGHT_ONLY_OPS = frozenset({"MatMulNBits", "GatherBlockQuantized"})
 
 # Ops that produce a quantized output a fused Relu/Clip can clamp.
 FUSING_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul"})

@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.quant.ops import QDQ_DOMAINS, is_float16_cast, is_qdq_op
+from edgeopt.quant.ops import QDQ_DOMAINS, WEIGHT_ONLY_OPS, is_float16_cast, is_qdq_op
 
 __all__ = [
     "INT8_CAPABLE_OPS",
@@ -59,7 +59,6 @@ _INTEGER_KERNELS = frozenset({"ConvInteger", "MatMulInteger", "MatMulIntegerToFl
 PRECISION_LABELS = {"int8": "int8 (QDQ)", "int4": "int4 weights", "float16": "fp16", "bfloat16": "bf16",
                     "float32": "float32"}
 _LOW_BIT_WEIGHTS = frozenset({ir.DataType.INT4, ir.DataType.UINT4})
-_BLOCK_QUANTIZED_OPS = frozenset({"MatMulNBits", "GatherBlockQuantized"})  # ONNX Runtime's, for weight-only
 
 
 def model_precision(model: ir.Model) -> str:
@@ -67,7 +66,7 @@ def model_precision(model: ir.Model) -> str:
     quantized), "int4" (weight-only block quantization), "float16", "bfloat16", else "float32"."""
     if any(is_qdq_op(node, "QuantizeLinear") and not eir.is_constant(node.inputs[0]) for node in model.graph):
         return "int8"
-    if any(node.op_type in _BLOCK_QUANTIZED_OPS or (is_qdq_op(node, "DequantizeLinear") and node.inputs[0] is not None
+    if any(node.op_type in WEIGHT_ONLY_OPS or (is_qdq_op(node, "DequantizeLinear") and node.inputs[0] is not None
                                                     and node.inputs[0].dtype in _LOW_BIT_WEIGHTS)
            for node in model.graph):
         return "int4"
