@@ -160,7 +160,7 @@ class AccuracySearch:
     @property
     def kept_where(self) -> str:
         """Where the nodes it took out of int8 (int4) are: "back in float", or "in 8 bits"."""
-        return "back in float" if self.returned_to == "float" else f"in {self.returned_to}"
+        return _kept_where(self.returned_to)
 
     def to_dict(self) -> dict:
         return {"goal": self.goal.describe(), "float_score": json_number(self.float_score),
@@ -168,6 +168,11 @@ class AccuracySearch:
                 "met": self.met, "float_nodes_added": list(self.best_excluded), "returned_to": self.returned_to,
                 "stopped_because": self.stopped_because, "interrupted": self.interrupted,
                 "calibration_passes": self.calibration_passes, "steps": [s.to_dict() for s in self.steps]}
+
+
+def _kept_where(returned_to: str) -> str:
+    """Where the nodes the search took out of int8 (int4) are: "back in float", or "in 8 bits"."""
+    return "back in float" if returned_to == "float" else f"in {returned_to}"
 
 
 def _base_model(model: ir.Model, config: Int8Config | Int4WeightConfig | None = None) -> ir.Model:
@@ -213,9 +218,9 @@ class _Search:
         self.base, self.config, self.data, self.goal, self.evaluate = base, config, data, goal, evaluate
         self.scheme = "int4" if isinstance(config, Int4WeightConfig) else "int8"  # what a node runs in, if not float
         self.to_8_bits = isinstance(config, Int4WeightConfig) and config.fallback is WeightFallback.INT8
-        self.returned_to, self.back_in, self.none_left = (
-            ("8 bits", "in 8 bits", "no layer left in int4 to hold in 8 bits") if self.to_8_bits
-            else ("float", "back in float", "no quantized node left to return to float"))
+        self.returned_to = "8 bits" if self.to_8_bits else "float"
+        self.none_left = ("no layer left in int4 to hold in 8 bits" if self.to_8_bits
+                          else "no quantized node left to return to float")
         self.int4_layers: dict[str, ir.Node] | None = None  # the first int4 round's, by output name
         self.started = time.monotonic()
         self.memo = CalibrationMemo()  # the rounds differ only in what is excluded: one calibration serves them
@@ -363,7 +368,7 @@ def _rounds(search: _Search, float_score: float, progress: Callable[[int, int | 
         if not candidates or len(excluded) >= goal.max_float_nodes:
             steps[-1] = replace(steps[-1], seconds=round_seconds)
             return (search.none_left if not candidates
-                    else f"{goal.max_float_nodes} nodes already {search.back_in}")
+                    else f"{goal.max_float_nodes} nodes already {_kept_where(search.returned_to)}")
         first, *others = _returned_together(candidates, goal.max_float_nodes - len(excluded))
         steps[-1] = replace(steps[-1], seconds=round_seconds, next_node=first.node.name,
                             next_op_type=first.node.op_type, reason=first.reason,
