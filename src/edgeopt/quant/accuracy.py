@@ -9,8 +9,11 @@ calibration data (goal ``sqnr >= min_sqnr_db``).
 Each round quantizes with the current exclusion set, measures the metric, and
 if it misses the goal measures every quantized activation against the float
 model (:func:`edgeopt.quant.compare.compare_models`). The damage a node does is
-measured, not guessed: the SQNR of its quantized inputs minus the SQNR of its
-output, i.e. the decibels of fidelity lost inside that node. The node with the
+measured, not guessed: the decibels of fidelity lost inside that node, as
+compare's "lost dB" gives them (the SQNR of its quantized inputs minus the SQNR
+of its output for a node reading a quantized weight; for one reading none, only
+what its output's Q/DQ pair rounds off what it computed: the error a LayerNorm
+scales up came in with its input). The node with the
 largest damage goes back to float and the next round starts. The loop ends
 when the goal is met, the time budget would be exceeded by another round, or
 no quantized node is left; the best model seen is returned either way, with

@@ -43,17 +43,12 @@ def node_damage(result: QuantResult, comparison: CompareResult) -> list[Candidat
     sqnr = {row.tensor: row.sqnr_db for row in comparison.layers}
     float_nodes = _float_node_names(result)
     ranked = []
-    for node, sqnr_db in _quantized_producers(result.model, comparison):
+    for node, sqnr_db, computed_db in _quantized_producers(result.model, comparison):
         if eir.is_op(node, *DATA_MOVEMENT_OPS):  # lossless: returning it to float changes no value
             continue
         fused = fused_chain(node, float_nodes)  # Gemm -> Relu -> Q: the Gemm's error shows at the Relu's output
         head = fused[0] if fused else node
-        input_sqnr = [sqnr[name] for name in quantized_input_names(head) if name in sqnr]
-        upstream = min(input_sqnr) if input_sqnr else math.inf
-        damage = (upstream - sqnr_db) if math.isfinite(upstream) else -sqnr_db
-        inside = f"the node and its fused {'+'.join(n.op_type for n in fused[1:])}" if fused else "the node"
-        reason = (f"output SQNR {sqnr_db:.1f} dB, {damage:.1f} dB lost inside {inside}"
-                  if math.isfinite(upstream) else f"output SQNR {sqnr_db:.1f} dB")
+        damage, reason = _int8_damage(head, fused, sqnr, sqnr_db, computed_db)
         if head.name not in float_nodes:
             ranked.append(Candidate(damage, head, reason))
             continue
@@ -137,6 +132,26 @@ def _readers_through_qdq(node: ir.Node) -> list[ir.Node]:
             for reader in readers_behind_qdq(use.node)]
 
 
+def _int8_damage(head: ir.Node, fused: list[ir.Node], sqnr: dict[str, float], sqnr_db: float,
+                 computed_db: float | None) -> tuple[float, str]:
+    """The dB lost inside ``head`` (and its ``fused`` chain), and the reason that says so.
+
+    A node reading no quantized constant (an Add of two activations, a Softmax, a LayerNorm kept float;
+    ``computed_db``: the SQNR of what it computes before its output's Q/DQ pair) adds only that pair's
+    rounding: the error it scales up came in with its inputs. Any other node: the worst SQNR of its
+    quantized inputs minus its output's. An exact computation (inf dB, a shape's arithmetic) ranks by
+    its output's SQNR alone, last."""
+    input_sqnr = [sqnr[name] for name in quantized_input_names(head) if name in sqnr]
+    upstream = computed_db if computed_db is not None else min(input_sqnr, default=math.inf)
+    if not math.isfinite(upstream):
+        return -sqnr_db, f"output SQNR {sqnr_db:.1f} dB"
+    damage = upstream - sqnr_db
+    if computed_db is not None:
+        return damage, f"output SQNR {sqnr_db:.1f} dB, {damage:.1f} dB lost to its output's rounding"
+    inside = f"the node and its fused {'+'.join(n.op_type for n in fused[1:])}" if fused else "the node"
+    return damage, f"output SQNR {sqnr_db:.1f} dB, {damage:.1f} dB lost inside {inside}"
+
+
 def _computing_readers(node: ir.Node) -> list[ir.Node]:
     """The readers of ``node``'s quantized outputs, past the data-movement ops between: returning
     those to float would change no value. Shape and Size read no value (a dynamic reshape's
@@ -145,15 +160,16 @@ def _computing_readers(node: ir.Node) -> list[ir.Node]:
     return [reader for reader in readers if not eir.is_op(reader, "Shape", "Size")]
 
 
-def _quantized_producers(quant_model: ir.Model, comparison: CompareResult) -> list[tuple[ir.Node, float]]:
+def _quantized_producers(quant_model: ir.Model,
+                         comparison: CompareResult) -> list[tuple[ir.Node, float, float | None]]:
     """(node, SQNR dB of its quantized output) for the compared activations, and for the nodes
     writing a graph output (compared as a model output, not a layer)."""
     values = {v.name: v for node in quant_model.graph for v in node.outputs}
     graph_outputs = {value.name: value for value in quant_model.graph.outputs}
-    found = [(_producer(values.get(row.tensor)), row.sqnr_db) for row in comparison.layers]
-    found += [(_output_writer(graph_outputs.get(row.name)), row.sqnr_db) for row in comparison.outputs
+    found = [(_producer(values.get(row.tensor)), row.sqnr_db, row.computed_sqnr_db) for row in comparison.layers]
+    found += [(_output_writer(graph_outputs.get(row.name)), row.sqnr_db, None) for row in comparison.outputs
               if row.signal]  # class indices: their "SQNR" is no node's damage (an ArgMax has no int8 error)
-    return [(node, sqnr_db) for node, sqnr_db in found
+    return [(node, sqnr_db, computed_db) for node, sqnr_db, computed_db in found
             if node is not None and node.op_type not in ("QuantizeLinear", "DequantizeLinear")]
 
 

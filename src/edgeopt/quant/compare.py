@@ -44,7 +44,8 @@ from edgeopt.metrics import (AgreementMeter, EqualityMeter, FidelityMeter, Float
                              looks_like_class_scores)
 from edgeopt.quant.compare_matching import (OutputCodes, TensorMatch, carried_value, compared_by_name, computed_from,
                                             fused_chain, match_names, match_pairs, match_tensors, may_hold_original,
-                                            missing_qdq_note, output_codes, quantized_input_names, value_names)
+                                            missing_qdq_note, output_codes, quantized_input_names,
+                                            computed_before_quantizing, value_names)
 from edgeopt.quant.compare_runs import Runs, comparison_runs
 from edgeopt.quant.rescaled import Rescaled, read_rescaled
 
@@ -86,15 +87,18 @@ class LayerComparison:
     sqnr_db: float
     cosine: float
     max_abs_error: float
-    lost_db: float | None = None  # SQNR lost inside the node writing it: its quantized inputs' worst minus this
+    lost_db: float | None = None  # SQNR lost inside the node writing it (see _with_losses)
+    # for a node reading no quantized constant: the SQNR of what it computes before its output's Q/DQ pair
+    computed_sqnr_db: float | None = None
 
     def to_dict(self) -> dict:
         lost = None if self.lost_db is None else json_number(self.lost_db)
+        computed = None if self.computed_sqnr_db is None else json_number(self.computed_sqnr_db)
         return {"tensor": self.tensor, "quant_tensor": self.quant_tensor, "op_type": self.op_type,
                 "scale": json_number(self.scale), "zero_point": self.zero_point,
                 "zero_point_dtype": self.zero_point_dtype, "sqnr_db": json_number(self.sqnr_db),
                 "cosine": json_number(self.cosine), "max_abs_error": json_number(self.max_abs_error),
-                "lost_db": lost}
+                "lost_db": lost, "computed_sqnr_db": computed}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,13 +224,16 @@ class _Meters:
 
     def __init__(self, matches: list[TensorMatch], outputs: list[str],
                  rescaled: Mapping[str, Rescaled] | None = None,
-                 output_codes: Mapping[str, OutputCodes] | None = None) -> None:
+                 output_codes: Mapping[str, OutputCodes] | None = None,
+                 before_quantizing: Mapping[str, str] | None = None) -> None:
         self.matches = {m.float_name: m for m in matches}
+        self.before_quantizing = dict(before_quantizing or {})  # float name -> a selecting op's output before Q
         self.rescaled = dict(rescaled or {})  # tensors a float rewrite scaled per channel (equalization ...)
         self.output_codes = dict(output_codes or {})
         scratch = Float64Scratch()  # one set of work arrays for every meter of the comparison
         self.layers = {m.float_name: FidelityMeter(m.float_name, scratch=scratch) for m in matches}
         self.outputs = {name: FidelityMeter(name, scratch=scratch) for name in outputs}
+        self.carried = {name: FidelityMeter(name, scratch=scratch) for name in self.before_quantizing}
         self.agreement: dict[str, AgreementMeter] = {}
         self.skipped: list[str] = []
         self.samples = self.rows = 0
@@ -238,6 +245,7 @@ class _Meters:
                 logger.warning("tensor %s has shape %s in the float model but %s in the quantized model: skipped",
                                name, reference[name].shape, layers[quant_name].shape)
                 del self.layers[name]
+                self.carried.pop(name, None)
                 self.skipped.append(name)
         # class scores: their top-1; integer outputs (an ArgMax's class indices): equal values
         self.agreement = {name: EqualityMeter(name) if reference[name].dtype.kind in "iub" else AgreementMeter(name)
@@ -255,6 +263,9 @@ class _Meters:
         for name, meter in self.layers.items():
             array = layers[self.matches[name].quant_name]
             meter.update(reference[name], self.rescaled[name].undo(array) if name in self.rescaled else array)
+        for name, meter in self.carried.items():
+            array = layers[self.before_quantizing[name]]
+            meter.update(reference[name], self.rescaled[name].undo(array) if name in self.rescaled else array)
         for name, meter in self.outputs.items():
             meter.update(reference[name], outputs[name])
         for name, meter in self.agreement.items():
@@ -271,6 +282,10 @@ class _Meters:
                                         zero_point_dtype=match.zero_point_dtype, sqnr_db=fidelity.sqnr_db,
                                         cosine=fidelity.cosine, max_abs_error=fidelity.max_abs_error))
         return sorted(rows, key=lambda r: (math.isnan(r.sqnr_db), r.sqnr_db, r.tensor))
+
+    def carried_sqnr(self) -> dict[str, float]:
+        """Per tensor a selecting op writes: the SQNR of what it writes before its Q/DQ pair."""
+        return {name: meter.result().sqnr_db for name, meter in self.carried.items()}
 
     def output_rows(self) -> list[OutputComparison]:
         rows = []
@@ -317,12 +332,14 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
         matches = match_names(float_ir, quant_ir, original_ir)
     source = open_data(data, eir.model_inputs(float_ir))
     source = take(source, max_samples) if max_samples is not None else source
-    meters = _Meters(matches, outputs, read_rescaled(quant_ir), output_codes(float_ir, quant_ir, outputs))
-    runs = comparison_runs(float_ir, quant_ir, matches, outputs, original_ir, float_reference)
+    selected = {} if by_name else computed_before_quantizing(quant_ir, matches)
+    meters = _Meters(matches, outputs, read_rescaled(quant_ir), output_codes(float_ir, quant_ir, outputs), selected)
+    runs = comparison_runs(float_ir, quant_ir, matches, outputs, original_ir, float_reference, list(selected.values()))
     _stream(source, runs, meters, progress)
     if meters.samples == 0:
         raise DataError("the data gave no samples: point --data at at least one sample")
-    return CompareResult(samples=meters.samples, layers=tuple(_with_losses(quant_ir, meters.layer_rows(), by_name)),
+    layers = _with_losses(quant_ir, meters.layer_rows(), by_name, meters.carried_sqnr())
+    return CompareResult(samples=meters.samples, layers=tuple(layers),
                          outputs=tuple(meters.output_rows()), quantized_tensors=pairs,
                          unmatched=tuple(unmatched), skipped=tuple(meters.skipped), rows=meters.rows,
                          by_name=by_name and bool(matches))
@@ -341,24 +358,41 @@ def _input_names(node: ir.Node, by_name: bool) -> list[str]:
     return [carried.name for carried in map(computed_from, node.inputs) if carried is not None]
 
 
-def _with_losses(quant_model: ir.Model, rows: list[LayerComparison], by_name: bool = False) -> list[LayerComparison]:
-    """The rows with the decibels lost inside the node writing each tensor: the worst SQNR of its
-    quantized inputs (``by_name``: of its inputs, a model input exact) minus its output's. A row's SQNR
-    is cumulative (every layer before adds its error); the loss is where the error arises."""
+def _with_losses(quant_model: ir.Model, rows: list[LayerComparison], by_name: bool = False,
+                 carried: Mapping[str, float] | None = None) -> list[LayerComparison]:
+    """The rows with the decibels lost inside the node writing each tensor. A row's SQNR is cumulative
+    (every layer before adds its error); the loss is where the error arises:
+
+    * a node reading no quantized constant (a Gather, a Concat, a LayerNorm kept float, an Add of two
+      activations; ``carried``: the SQNR of what it computes before its output's Q/DQ pair) loses only
+      what that pair rounds: a Gather of the class token at 18 dB from a sequence at 29 dB lost nothing,
+      and a LayerNorm that scales a badly quantized row up loses nothing either, the error came in;
+    * a node reading a quantized weight (a conv, a Gemm): the worst SQNR of its quantized inputs
+      (``by_name``: of its inputs, a model input exact) minus its output's.
+
+    An input quantized exactly (inf dB) and an output that is not leaves it all lost inside (inf)."""
+    carried = carried or {}
     sqnr = {row.tensor: row.sqnr_db for row in rows}
     if by_name:  # the model's inputs are the float model's: exact
         sqnr |= {value.name: math.inf for value in quant_model.graph.inputs}
     values = {v.name: v for node in quant_model.graph for v in node.outputs}
     with_losses = []
     for row in rows:
+        if row.tensor in carried:
+            with_losses.append(replace(row, lost_db=_lost([carried[row.tensor]], row.sqnr_db),
+                                       computed_sqnr_db=carried[row.tensor]))
+            continue
         node = _computing_node(values.get(row.tensor)) if not by_name else values[row.quant_tensor].producer()
         upstream = [sqnr[name] for name in _input_names(node, by_name) if name in sqnr] if node is not None else []
-        lost = None
-        if upstream and math.isfinite(row.sqnr_db):  # an input quantized exactly (inf dB): all is lost inside
-            finite = [value for value in upstream if math.isfinite(value)]
-            lost = min(finite) - row.sqnr_db if finite else math.inf
-        with_losses.append(replace(row, lost_db=lost))
+        with_losses.append(replace(row, lost_db=_lost(upstream, row.sqnr_db)))
     return with_losses
+
+
+def _lost(upstream: list[float], sqnr_db: float) -> float | None:
+    if not upstream or not math.isfinite(sqnr_db):
+        return None
+    finite = [value for value in upstream if math.isfinite(value)]
+    return min(finite) - sqnr_db if finite else math.inf
 
 
 def _stream(source: Iterable[dict[str, np.ndarray]], runs: Runs, meters: _Meters,

@@ -44,6 +44,7 @@ __all__ = [
     "activation_pairs",
     "carried_value",
     "compared_by_name",
+    "computed_before_quantizing",
     "computed_from",
     "fused_chain",
     "match_names",
@@ -377,6 +378,43 @@ def carried_value(value: ir.Value | None) -> ir.Value | None:
     if not is_qdq_op(quantize_node, "QuantizeLinear"):
         return None
     return _half_behind(quantize_node.inputs[0]) or quantize_node.inputs[0]
+
+
+def computed_before_quantizing(quant_model: ir.Model, matches: list[TensorMatch]) -> dict[str, str]:
+    """Float name -> the quantized model's name of what the node writing that tensor computes before its
+    Q/DQ pair, for each match written by a node (and its fused chain) that reads no quantized constant
+    and computes in float32: a Gather of the class token, a Concat, a LayerNorm kept float, an Add of two
+    activations. What such a node writes there is its float arithmetic on its quantized inputs, exactly,
+    so the error it holds came in with them; the node loses only what its output's pair rounds."""
+    values = value_names(quant_model.graph)
+    computed = {}
+    for match in matches:
+        before = carried_value(values.get(match.quant_name))
+        node = before.producer() if before is not None else None
+        if node is None or not before.name or before.dtype == ir.DataType.FLOAT16:
+            continue
+        if not any(map(_reads_quantized_constant, fused_chain(node) or [node])):
+            computed[match.float_name] = before.name
+    return computed
+
+
+def _reads_quantized_constant(node: ir.Node) -> bool:
+    """Whether ``node`` reads a weight, bias or other constant quantized (through a DequantizeLinear, or a
+    packed weight-only op's): its own output then carries that constant's rounding."""
+    if node.op_type in WEIGHT_ONLY_OPS or node.domain not in ("", "ai.onnx"):
+        return True
+    for value in node.inputs:
+        dequantize = value.producer() if value is not None else None
+        if is_float16_cast(dequantize):
+            dequantize = dequantize.inputs[0].producer()
+        if not is_qdq_op(dequantize, "DequantizeLinear"):
+            continue
+        source = dequantize.inputs[0]
+        quantize_node = source.producer()
+        if eir.is_constant(source) or (is_qdq_op(quantize_node, "QuantizeLinear")
+                                       and eir.is_constant(quantize_node.inputs[0])):
+            return True
+    return False
 
 
 def quantized_input_names(node: ir.Node) -> list[str]:

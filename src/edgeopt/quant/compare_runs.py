@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -70,10 +70,12 @@ def _float32_outputs(model: ir.Model) -> ir.Model:
 
 
 def comparison_runs(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatch], outputs: list[str],
-                    original: ir.Model | None = None, float_reference: FloatReference | None = None) -> Runs:
+                    original: ir.Model | None = None, float_reference: FloatReference | None = None,
+                    before_quantizing: Sequence[str] = ()) -> Runs:
     """The float model with its matched tensors exposed, or ``float_reference`` of it (and the original
     float model with those that are its); the quantized model as is, for the outputs; and the quantized
-    model with its matched DQ outputs exposed, for the per-layer rows."""
+    model with its matched DQ outputs exposed, for the per-layer rows, and the tensors ``before_quantizing``
+    (what a node writes before a Q/DQ pair)."""
     from edgeopt.runtime.ort import OrtSession, observing_session
 
     float_specs = {s.name: s.dtype for s in eir.model_inputs(float_model)}
@@ -81,7 +83,7 @@ def comparison_runs(float_model: ir.Model, quant_model: ir.Model, matches: list[
     computed = [m for m in matches if m.float_name not in float_inputs]
     float_names = [m.float_name for m in computed if not m.original]
     original_names = tuple(m.float_name for m in computed if m.original)
-    layer_names = [m.quant_name for m in matches]
+    layer_names = list(dict.fromkeys([*(m.quant_name for m in matches), *before_quantizing]))
     recast = {s.name: s.dtype for s in eir.model_inputs(quant_model)
               if s.dtype.kind == "f" and float_specs.get(s.name, s.dtype).kind == "f"
               and s.dtype != float_specs[s.name]}
