@@ -211,3 +211,15 @@ def test_the_command_line_chooses_what_embedding_tables_are_held_in(cli, tmp_pat
         assert outcome.code == 0, outcome
         gather = next(node for node in onnx.load(out).graph.node if node.op_type == "GatherBlockQuantized")
         assert next(a.i for a in gather.attribute if a.name == "bits") == bits
+
+
+def test_a_model_whose_weights_are_all_in_8_bits_is_not_called_int4(tmp_path):
+    # every layer excluded with the 8-bit fallback: the speed check called the model "int4 weights"
+    from edgeopt.quant.speed_evidence import PRECISION_LABELS, model_precision
+
+    model = mlp(tmp_path)
+    all_8_bits = quantize(model, Int4WeightConfig(exclude=("fc1", "fc2"), fallback="int8"), data=None).model
+    assert {node.attributes.get_int("bits") for node in _nbits_nodes(all_8_bits).values()} == {8}
+    assert PRECISION_LABELS[model_precision(all_8_bits)] == "8-bit weights"
+    mixed = quantize(model, Int4WeightConfig(exclude=("fc2",), fallback="int8"), data=None).model
+    assert PRECISION_LABELS[model_precision(mixed)] == "int4 weights"

@@ -303,6 +303,8 @@ def test_half_precision_and_weight_only_models_get_their_own_reasons():
     reasons = slowdown_reasons(_evidence(precision="int4", float_ms=TINY_MODEL_MS / 2,
                                          islands=(FloatIsland(node="n", op_type="Erf"),)))
     assert len(reasons) == 2 and "int4 weight-only" in reasons[0] and "overhead" in reasons[1]
+    (reason,) = slowdown_reasons(_evidence(precision="weight8"))  # int4's fallback and tables, all in 8 bits
+    assert reason.startswith("8-bit weight-only") and "int4" not in reason
 
 
 def test_several_reasons_come_most_fundamental_first():

@@ -46,6 +46,7 @@ from edgeopt import ir as eir
 from edgeopt.data.feeds import shape_text
 from edgeopt.errors import ConfigError, DataError
 from edgeopt.quant.speed_evidence import (
+    WEIGHT_ONLY_PRECISIONS,
     X86_MACHINES,
     SpeedEvidence,
     float_islands,
@@ -116,9 +117,10 @@ def _half_precision_reason(evidence: SpeedEvidence) -> str | None:
 
 
 def _weight_only_reason(evidence: SpeedEvidence) -> str | None:
-    if evidence.precision != "int4":
+    if evidence.precision not in WEIGHT_ONLY_PRECISIONS:
         return None
-    return ("int4 weight-only: the weights are unpacked at run time and the compute stays float, so the gain "
+    bits = "int4" if evidence.precision == "int4" else "8-bit"
+    return (f"{bits} weight-only: the weights are unpacked at run time and the compute stays float, so the gain "
             "is size and memory traffic, a speed-up only on large memory-bound MatMuls")
 
 

@@ -24,6 +24,7 @@ from edgeopt.quant.ops import QDQ_DOMAINS, WEIGHT_ONLY_OPS, is_float16_cast, is_
 __all__ = [
     "INT8_CAPABLE_OPS",
     "PRECISION_LABELS",
+    "WEIGHT_ONLY_PRECISIONS",
     "FloatIsland",
     "KernelCount",
     "SpeedEvidence",
@@ -56,20 +57,22 @@ _INTEGER_KERNELS = frozenset({"ConvInteger", "MatMulInteger", "MatMulIntegerToFl
 
 
 # model_precision() values and how a report names them
-PRECISION_LABELS = {"int8": "int8 (QDQ)", "int4": "int4 weights", "float16": "fp16", "bfloat16": "bf16",
-                    "float32": "float32"}
+PRECISION_LABELS = {"int8": "int8 (QDQ)", "int4": "int4 weights", "weight8": "8-bit weights", "float16": "fp16",
+                    "bfloat16": "bf16", "float32": "float32"}
+#: the model_precision() values of weight-only block quantization
+WEIGHT_ONLY_PRECISIONS = ("int4", "weight8")
 _LOW_BIT_WEIGHTS = frozenset({ir.DataType.INT4, ir.DataType.UINT4})
 
 
 def model_precision(model: ir.Model) -> str:
     """What a quantized model computes or stores in, read from its graph: "int8" (activations are
-    quantized), "int4" (weight-only block quantization), "float16", "bfloat16", else "float32"."""
+    quantized), "int4" (weight-only block quantization, some of it in 4 bits), "weight8" (all of it in
+    8 bits: int4's 8-bit fallback and embedding tables), "float16", "bfloat16", else "float32"."""
     if any(is_qdq_op(node, "QuantizeLinear") and not eir.is_constant(node.inputs[0]) for node in model.graph):
         return "int8"
-    if any(node.op_type in WEIGHT_ONLY_OPS or (is_qdq_op(node, "DequantizeLinear") and node.inputs[0] is not None
-                                                    and node.inputs[0].dtype in _LOW_BIT_WEIGHTS)
-           for node in model.graph):
-        return "int4"
+    bits = {bits for node in model.graph if (bits := _weight_only_bits(node)) is not None}
+    if bits:
+        return "int4" if 4 in bits else "weight8"
     stored = {value.dtype for value in model.graph.initializers.values()}
     stored |= {ir.DataType(node.attributes["to"].value) for node in model.graph
                if node.op_type == "Cast" and "to" in node.attributes}
@@ -77,6 +80,18 @@ def model_precision(model: ir.Model) -> str:
         if dtype in stored:
             return name
     return "float32"
+
+
+def _weight_only_bits(node: ir.Node) -> int | None:
+    """The bits of the weight ``node`` unpacks, when it is weight-only block quantization: a MatMulNBits
+    or GatherBlockQuantized (its ``bits``), or a blocked or 4-bit DequantizeLinear of a constant."""
+    if node.op_type in WEIGHT_ONLY_OPS:
+        return node.attributes.get_int("bits", 4)
+    if not is_qdq_op(node, "DequantizeLinear") or node.inputs[0] is None:
+        return None
+    if node.inputs[0].dtype in _LOW_BIT_WEIGHTS:
+        return 4
+    return 8 if eir.is_constant(node.inputs[0]) and node.attributes.get_int("block_size", 0) else None
 
 
 def read_cpu_flags(path: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str] | None:
