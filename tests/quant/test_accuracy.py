@@ -131,6 +131,8 @@ def test_nodes_that_did_not_help_go_back_to_int8_once_the_goal_is_met(monkeypatc
                                      AccuracyGoal(max_drop=0.5), evaluate=conv2_is_float)
     assert search.met and search.best_excluded == ("conv2",) and search.best_score == 100.0
     assert [step.retried for step in search.steps if step.retried] == ["conv1", "fc"]
+    steps = search.to_dict()["steps"]  # "retried" names it for int8 and int4 searches alike
+    assert [step["retried"] for step in steps if step["retried"]] == ["conv1", "fc"]
     assert "2 of the nodes returned to float changed too little" in search.stopped_because
     assert {f.node_name for f in search.result.float_nodes if "accuracy search" in f.reason} == {"conv2"}
     why = next(f.reason for f in search.result.float_nodes if f.node_name == "conv2")

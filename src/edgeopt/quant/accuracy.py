@@ -131,7 +131,8 @@ class AccuracyStep:
     # returned with next_node: the other readers of the quantized output of the float node it reads (a
     # LayerNorm's Q, K and V): that tensor stays quantized until every reader computes in float
     also_returned: tuple[str, ...] = ()
-    retried: str | None = None  # a pruning round: this node was tried in int8 again (``excluded`` without it)
+    # a pruning round: this node was tried in int8 (an int4 search: int4) again (``excluded`` without it)
+    retried: str | None = None
 
     @property
     def returned(self) -> tuple[str, ...]:
@@ -141,7 +142,8 @@ class AccuracyStep:
     def to_dict(self) -> dict:
         return {"excluded": list(self.excluded), "score": json_number(self.score), "seconds": self.seconds,
                 "next_node": self.next_node, "next_op_type": self.next_op_type, "reason": self.reason,
-                "also_returned": list(self.also_returned), "retried_in_int8": self.retried}
+                "also_returned": list(self.also_returned), "retried": self.retried,
+                "retried_in_int8": self.retried}  # the first name, kept for readers of int8 reports
 
 
 @dataclass(frozen=True, kw_only=True)
