@@ -1,0 +1,32 @@
+"""Detection, segmentation and super-resolution models (``tests/vision_models.py``) quantize to int8 that holds
+on the image sizes they run at, not only the size they were calibrated at."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgeopt.io import load_model
+from edgeopt.quant import Int8Config, quantize
+from edgeopt.quant.masks import GRID_REASON
+from edgeopt.runtime.ort import OrtSession
+from tests.vision_models import build_vision, vision_inputs
+
+
+def _sqnr_db(expected: np.ndarray, got: np.ndarray) -> float:
+    expected = expected.astype(np.float64)
+    return float(10.0 * np.log10(np.sum(expected ** 2) / np.sum((expected - got) ** 2)))
+
+
+def test_a_detectors_box_centres_hold_on_images_larger_than_the_calibration_images(tmp_path):
+    """YOLO decodes box centres in the graph: ``(sigmoid(p) * 2 - 0.5 + grid) * stride``, the grid a Range
+    over the feature map's run-time width and height. Calibrated on 64x64 images, the grid and the centres
+    were quantized to the ranges seen there (a grid of 0..1 at stride 32): on 128x128 images they clipped,
+    centres off by up to 64 pixels (8 dB). They stay float; the convs and the scores are int8."""
+    float_model = load_model(build_vision("yolo", tmp_path, 17), require_static=False)
+    result = quantize(float_model, Int8Config(), vision_inputs("yolo", 16, seed=0))
+    assert any(node.reason == GRID_REASON for node in result.float_nodes)
+    want, have = OrtSession(float_model), OrtSession(result.model)
+    for feed in vision_inputs("yolo", 2, seed=1, size=(128, 128)):
+        expected, got = want.run(feed)["output"], have.run(feed)["output"]
+        assert _sqnr_db(expected[:, :2], got[:, :2]) > 40.0  # box centres, in pixels
+        assert _sqnr_db(expected[:, 4:], got[:, 4:]) > 40.0  # objectness and class scores
