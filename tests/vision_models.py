@@ -11,6 +11,8 @@ torch builders (exported with :func:`tests.models.export_onnx` / :func:`tests.mo
   feature map's dynamic size, ``F.interpolate`` to the input size (align_corners False, then True).
 * ``super_resolution``: PReLU, LeakyReLU, InstanceNorm and GroupNorm, a ConvTranspose2d and a
   PixelShuffle (DepthToSpace), x4 in all.
+* ``coordconv``: coordinates in [-1, 1] computed from the feature map's run-time size, concatenated as
+  channels (CoordConv, SOLO): positions that, unlike a detector's, do not grow with the image.
 
 ``onnx.helper`` builders write what tf2onnx/keras2onnx and old exporters write; see
 :func:`tf_detector_graph`.
@@ -180,11 +182,31 @@ class TinySuperResolution(nn.Module):
         return self.up2(self.up1(features + self.body(features)))
 
 
+class CoordConv(nn.Module):
+    """Conv -> ReLU, concatenated with two channels of coordinates normalized to [-1, 1] by the feature map's
+    run-time size (``arange(w) / (w - 1) * 2 - 1``) -> Conv: positions that do not grow with the image."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(10, 4, 3, padding=1)
+
+    def forward(self, x):
+        f = self.features(x)
+        batch, _, height, width = f.shape
+        xs = torch.arange(width, dtype=torch.float32) / (width - 1) * 2.0 - 1.0
+        ys = torch.arange(height, dtype=torch.float32) / (height - 1) * 2.0 - 1.0
+        grid_x = xs.reshape(1, 1, 1, width).expand(batch, 1, height, width)
+        grid_y = ys.reshape(1, 1, height, 1).expand(batch, 1, height, width)
+        return self.head(torch.cat([f, grid_x, grid_y], 1))
+
+
 # name -> (builder, example input shape, dims of the input that are dynamic)
 VISION_MODELS = {
     "yolo": (lambda: TinyYolo(3), (1, 3, 64, 64), {0: "N", 2: "H", 3: "W"}),
     "deeplab": (lambda: TinyDeepLab(4), (1, 3, 32, 32), {0: "N", 2: "H", 3: "W"}),
     "super_resolution": (TinySuperResolution, (1, 3, 16, 16), {0: "N", 2: "H", 3: "W"}),
+    "coordconv": (CoordConv, (1, 3, 16, 16), {0: "N", 2: "H", 3: "W"}),
 }
 
 

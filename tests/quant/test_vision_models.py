@@ -78,3 +78,14 @@ def test_the_microcontrollers_batchnorm_rewrite_keeps_the_float_outputs(tmp_path
     result = optimize_for_quantization(model, batchnorm_to_affine=True)
     assert "BatchNormalization" not in [node.op_type for node in result.model.graph]
     assert_same_outputs(model, result.model)
+
+
+def test_coordinates_normalized_by_the_run_time_size_are_quantized_with_the_features(tmp_path):
+    """CoordConv divides its Range by the feature map's size: the coordinates stay in [-1, 1] whatever the
+    image, so the Conv reading them with the features stays int8 (only the Range arithmetic is float)."""
+    float_model = load_model(build_vision("coordconv", tmp_path, 17), require_static=False)
+    result = quantize(float_model, Int8Config(), vision_inputs("coordconv", 16, seed=0))
+    assert "Conv" not in [node.op_type for node in result.float_nodes]
+    want, have = OrtSession(float_model), OrtSession(result.model)
+    for feed in vision_inputs("coordconv", 2, seed=1, size=(32, 24)):
+        assert _sqnr_db(want.run(feed)["output"], have.run(feed)["output"]) > 30.0

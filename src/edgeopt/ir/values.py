@@ -216,10 +216,17 @@ def index_arithmetic_values(graph: ir.Graph) -> set[ir.Value]:
 
 
 # Ops through which a float position stays a position (its magnitude still grows with the input's size):
-# casts and data movement; an offset added to it; a scale applied to it; a Gather of positions (its input 0).
+# casts and data movement; an offset added to it; a scale applied to it (a Div by a constant: divided by the
+# image's size, CoordConv's ``arange(w) / (w - 1)``, it is a fraction); a Gather of positions (its input 0).
 _GRID_CARRIERS = ("Cast", "Range", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Expand", "Tile", "Flatten",
-                  "Transpose", "Concat", "Slice", "Split", "Add", "Sub", "Mul", "Div", "Neg")
+                  "Transpose", "Concat", "Slice", "Split", "Add", "Sub", "Mul", "Neg")
 _GATHERS = ("Gather", "GatherElements", "GatherND")
+
+
+def _carries_grid(node: ir.Node, read: list[int]) -> bool:
+    if is_op(node, "Div"):
+        return read == [0] and is_constant(node.inputs[1])
+    return is_op(node, *_GRID_CARRIERS) or is_op(node, *_GATHERS) and 0 in read
 
 
 def run_time_grid_values(graph: ir.Graph) -> set[ir.Value]:
@@ -234,7 +241,7 @@ def run_time_grid_values(graph: ir.Graph) -> set[ir.Value]:
         read = [index for index, value in enumerate(node.inputs) if value is not None and value in positions]
         if is_op(node, "Range") or (read and (_is_integer(node.outputs[0]) if node.outputs else False)):
             positions.update(node.outputs)
-        elif read and (is_op(node, *_GRID_CARRIERS) or is_op(node, *_GATHERS) and 0 in read):
+        elif read and _carries_grid(node, read):
             positions.update(node.outputs)
     return {value for value in positions if value.dtype == ir.DataType.FLOAT}
 
