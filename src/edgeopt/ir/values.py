@@ -20,6 +20,7 @@ __all__ = [
     "index_arithmetic_values",
     "index_limits",
     "is_constant",
+    "run_time_grid_values",
     "is_op",
     "model_inputs",
     "numpy_dtype",
@@ -212,6 +213,37 @@ def index_arithmetic_values(graph: ir.Graph) -> set[ir.Value]:
         producer = value.producer()
         pending.extend(v for v in (producer.inputs if producer is not None else ()) if v in derived)
     return reached
+
+
+# Ops through which a float position stays a position (its magnitude still grows with the input's size):
+# casts and data movement; an offset added to it; a scale applied to it (a Div by a constant: divided by the
+# image's size, CoordConv's ``arange(w) / (w - 1)``, it is a fraction); a Gather of positions (its input 0).
+_GRID_CARRIERS = ("Cast", "Range", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Expand", "Tile", "Flatten",
+                  "Transpose", "Concat", "Slice", "Split", "Add", "Sub", "Mul", "Neg")
+_GATHERS = ("Gather", "GatherElements", "GatherND")
+
+
+def _carries_grid(node: ir.Node, read: list[int]) -> bool:
+    if is_op(node, "Div"):
+        return read == [0] and is_constant(node.inputs[1])
+    return is_op(node, *_GRID_CARRIERS) or is_op(node, *_GATHERS) and 0 in read
+
+
+def run_time_grid_values(graph: ir.Graph) -> set[ir.Value]:
+    """The float values that hold positions a Range computes at run time (from the input's size), and what
+    offsets, scales, moves or joins them: a detector's grid of cell coordinates, its box centres in
+    pixels (``(sigmoid(p) * 2 - 0.5 + grid) * stride``) and the outputs they are concatenated into. Their
+    range grows with the input's height and width, so no range calibrated on images of one size holds
+    them on larger ones. A Range of constants is folded before this is asked; a Gather that looks rows up
+    by positions (a position embedding) reads them as indices and holds the table's values."""
+    positions: set[ir.Value] = set()
+    for node in graph:
+        read = [index for index, value in enumerate(node.inputs) if value is not None and value in positions]
+        if is_op(node, "Range") or (read and (_is_integer(node.outputs[0]) if node.outputs else False)):
+            positions.update(node.outputs)
+        elif read and _carries_grid(node, read):
+            positions.update(node.outputs)
+    return {value for value in positions if value.dtype == ir.DataType.FLOAT}
 
 
 def default_opset(model: ir.Model) -> int:

@@ -30,14 +30,15 @@ __all__ = ["PipelineResult", "default_passes", "optimize_for_quantization"]
 
 
 def default_passes(*, copy_shared: bool = True, fuse_gemm: bool = True,
-                   canonicalize: bool = True) -> list[RulePass]:
+                   canonicalize: bool = True, batchnorm_to_affine: bool = False) -> list[RulePass]:
     """The stages of :func:`optimize_for_quantization`, in order.
 
     The weight-only schemes (fp16/bf16, int4) take ``copy_shared=False``: a tied weight's
     ``Transpose(E)`` is read through rather than folded into a second copy of E;
     ``fuse_gemm=False``: a MatMul + Add becoming a Gemm would only rename what a user excludes; and
     ``canonicalize=False``: they run no integer kernels to rewrite Div, PRelu and Gemm for (int4
-    folds a Gemm's alpha and beta into its own MatMulNBits).
+    folds a Gemm's alpha and beta into its own MatMulNBits). ``batchnorm_to_affine``: the microcontroller
+    target's canonicalization also makes a BatchNormalization it cannot fold a Mul and an Add.
     """
     stages = [
         # Constant nodes and shape arithmetic become initializers, so rules see constants.
@@ -58,7 +59,7 @@ def default_passes(*, copy_shared: bool = True, fuse_gemm: bool = True,
         FuseActivationsPass(),
         # Div by a constant, a one-slope PRelu, Gemm's alpha/beta and a spatial mean become the forms
         # integer kernels take.
-        CanonicalizePass(),
+        CanonicalizePass(batchnorm_to_affine=batchnorm_to_affine),
         # The weights folding replaced, and nodes fusion orphaned, are dropped.
         EliminateDeadCodePass(),
     ]
@@ -83,10 +84,15 @@ class PipelineResult:
         """The rewrites a rule matched but refused, for a report's notes: a count, then one indented line
         per pass and reason, naming the first place and how many more (an exporter's pattern met at
         every block is one line: ``  not fused (fuse-activations): A + B and 5 more: HardSwish needs
-        opset >= 14 (model has 13)``). None refused: no notes."""
+        opset >= 14 (model has 13)``). None refused: no notes. A refusal whose node a later pass rewrote
+        (a BatchNormalization not after a Conv, canonicalized into a Mul and an Add) is not listed."""
         by_reason: dict[tuple[str, str, str], list[tuple[str, ...]]] = {}
-        for report in self.reports:
+        for position, report in enumerate(self.reports):
+            rewritten_later = {name for later in self.reports[position + 1:] for outcome in later.applied
+                               for name in outcome.nodes}
             for outcome in report.refused:
+                if outcome.nodes[-1] in rewritten_later:  # a later pass rewrote it: not as exported after all
+                    continue
                 by_reason.setdefault((report.name, outcome.verb, outcome.message), []).append(outcome.nodes)
         if not by_reason:
             return []
@@ -99,11 +105,13 @@ class PipelineResult:
         return notes
 
 
-def optimize_for_quantization(model: ir.Model, *, in_place: bool = False) -> PipelineResult:
+def optimize_for_quantization(model: ir.Model, *, in_place: bool = False,
+                              batchnorm_to_affine: bool = False) -> PipelineResult:
     """Run the default float passes on a copy of ``model`` (the input is not modified), or on
-    ``model`` itself with ``in_place`` (the weights folding replaces are then freed as it goes)."""
+    ``model`` itself with ``in_place`` (the weights folding replaces are then freed as it goes);
+    ``batchnorm_to_affine`` as :func:`default_passes` takes it."""
     working = model if in_place else model.clone()
     reports = []
-    for stage in default_passes():
+    for stage in default_passes(batchnorm_to_affine=batchnorm_to_affine):
         reports.append(stage(working).report)
     return PipelineResult(model=working, modified=any(r.modified for r in reports), reports=tuple(reports))

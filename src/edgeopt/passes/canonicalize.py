@@ -246,6 +246,58 @@ class GeluCubeToMulRule(Rule):
         return "rewritten as (x * x) * x"
 
 
+@dataclasses.dataclass
+class _NormMatch(Match):
+    node: ir.Node
+    scale: np.ndarray  # gamma / sqrt(var + epsilon), shaped to broadcast over x's channel axis 1
+    shift: np.ndarray  # beta - mean * scale, the same shape
+
+
+# The producers fold-batchnorm folds a BatchNormalization into (when it may): one it left after them stays
+_FOLDS_BATCHNORM = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+class BatchNormToAffineRule(Rule):
+    """BatchNormalization(x) after no Conv/Gemm (after an Add, a Concat, a pooling) -> Mul(x, s) then Add(b)."""
+
+    name = "batchnorm-to-affine"
+    anchor_ops = frozenset({"BatchNormalization"})
+    verb = "rewritten"
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        if eir.is_op(node.inputs[0].producer(), *_FOLDS_BATCHNORM):  # refused folding: its reason stands
+            return None
+        params = [eir.constant_array(v) if v is not None else None for v in node.inputs[1:5]]
+        if len(node.outputs) != 1 or len(params) != 4 or any(p is None or p.ndim != 1 for p in params):
+            return None
+        if node.attributes.get_int("training_mode", 0) or not np.issubdtype(params[0].dtype, np.floating):
+            return None
+        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+        scale = gamma / np.sqrt(var + node.attributes.get_float("epsilon", 1e-5))
+        return _NormMatch(nodes=(node,), node=node, scale=scale, shift=beta - mean * scale)
+
+    def check(self, match: _NormMatch, context: RuleContext) -> str | None:
+        x = match.node.inputs[0]
+        if x.shape is None or len(x.shape) < 2:
+            return "the input's rank is unknown: the per-channel constants need it"
+        if _scales_an_input(x):
+            return ("it normalizes a graph input: in float it costs no conversion, as a quantized Mul and Add it "
+                    "would round the input twice more")
+        return None
+
+    def rewrite(self, match: _NormMatch, context: RuleContext) -> str:
+        node, graph = match.node, context.graph
+        x, label = node.inputs[0], eir.node_label(node)
+        shape = (-1,) + (1,) * (len(x.shape) - 2)
+        dtype = eir.constant_array(node.inputs[1]).dtype
+        scale = eir.add_initializer(graph, match.scale.astype(dtype).reshape(shape), f"{label}_scale")
+        shift = eir.add_initializer(graph, match.shift.astype(dtype).reshape(shape), f"{label}_shift")
+        mul = ir.node("Mul", [x, scale], name=f"{label}_scale")
+        add = ir.node("Add", [mul.outputs[0], shift], name=node.name)
+        eir.replace_nodes(graph, [node], node.outputs[0], [mul, add])
+        return "rewritten as Mul and Add by per-channel constants"
+
+
 class CanonicalizePass(RulePass):
     """Rewrite Div by a constant, a one-slope PRelu, a scaled Gemm, a spatial mean and a tanh-GELU's Pow cube
     into the forms integer kernels take.
@@ -259,7 +311,12 @@ class CanonicalizePass(RulePass):
     * ``ReduceMean(x, axes=[2, 3])`` of a rank-4 ``x`` -> ``GlobalAveragePool(x)``,
       then ``Flatten(axis=1)`` when ``keepdims=0``;
     * ``Pow(x, 3)`` that fuse-activations annotated as part of a tanh-GELU ->
-      ``Mul(Mul(x, x), x)``, annotated the same.
+      ``Mul(Mul(x, x), x)``, annotated the same;
+    * with ``batchnorm_to_affine`` (the microcontroller, whose kernels have no BatchNormalization), a
+      BatchNormalization not after a Conv/ConvTranspose/Gemm/MatMul (after an Add, a Concat: nothing to
+      fold it into) -> ``Add(Mul(x, s), b)``, ``s`` and ``b`` per channel. Not for ONNX Runtime: in float
+      between int8 layers it costs a conversion, as two int8 ops two roundings (-1.5 dB on a tf2onnx-style
+      segmenter's output).
 
     Preconditions (else left, with the reason): the divisor is finite with
     every magnitude in [2**-14, 2**14] (its reciprocal then fits float16), x
@@ -269,15 +326,15 @@ class CanonicalizePass(RulePass):
     fuse-activations annotated (a GELU below opset 20, kept float); the slope's rank does
     not exceed x's; the Gemm's ``B`` and ``C`` are float constants, ``C`` one
     value per output (``[N]``, ``[1, N]`` or one element), no ``transA``; the
-    mean's input has a known rank of 4 and constant axes. Rewrites the model
-    it is given.
+    mean's input has a known rank of 4 and constant axes; the BatchNormalization's input has a known
+    rank and is not a graph input (scaled by constants alone). Rewrites the model it is given.
     """
 
     name = "canonicalize"
 
-    def __init__(self) -> None:
+    def __init__(self, *, batchnorm_to_affine: bool = False) -> None:
         self.rules = (DivToMulRule(), PReluToLeakyReluRule(), GemmScalesRule(), SpatialMeanRule(),
-                      GeluCubeToMulRule())
+                      GeluCubeToMulRule(), *([BatchNormToAffineRule()] if batchnorm_to_affine else []))
 
 
 def canonicalize(model: ir.Model) -> ReportedPassResult:

@@ -70,13 +70,14 @@ def _granularity(config: Int8Config) -> str:
     return "tensor" if isinstance(config.weight_granularity, PerTensor) else "output channel"
 
 
-def _optimize(model: ir.Model) -> tuple[ir.Model, object | None]:
-    """Run ``edgeopt.passes.optimize_for_quantization`` on ``model`` itself (already the scheme's own)."""
+def _optimize(model: ir.Model, target: Target) -> tuple[ir.Model, object | None]:
+    """Run ``edgeopt.passes.optimize_for_quantization`` on ``model`` itself (already the scheme's own); for
+    the microcontroller, whose kernels have no BatchNormalization, one it cannot fold becomes a Mul and an Add."""
     try:
         from edgeopt.passes import optimize_for_quantization
     except ImportError:
         return model, None
-    result = optimize_for_quantization(model, in_place=True)
+    result = optimize_for_quantization(model, in_place=True, batchnorm_to_affine=target is Target.MCU)
     return result.model, result
 
 
@@ -370,7 +371,7 @@ def _float_model(model: ir.Model, config: Int8Config, data: Iterable[Batch] | No
         check = OpsetCheck(model, converted, tolerance=config.verify_tolerance)
         model = converted
     _infer_ranks(model)
-    model, optimization = _optimize(model)
+    model, optimization = _optimize(model, config.target)
     if optimization is not None:
         notes.extend(optimization.refusal_notes())
     _prepare(model)

@@ -27,7 +27,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.quant.ops import OpRole, OpRule
 
-__all__ = ["INDEX_REASON", "index_refusal", "mask_like_values", "mask_refusal"]
+__all__ = ["GRID_REASON", "INDEX_REASON", "grid_refusal", "index_refusal", "mask_like_values", "mask_refusal"]
 
 # Additive attention masks hold -inf, or a large negative stand-in: BERT's -10000, float32's minimum.
 _MASK_FLOOR = -1e4
@@ -101,3 +101,14 @@ INDEX_REASON = ("computes positions in float for a Cast to an integer or a Sin/C
 def index_refusal(node: ir.Node, values: set[ir.Value]) -> str | None:
     """:data:`INDEX_REASON` when ``node`` reads or writes one of ``values`` (index arithmetic), else None."""
     return INDEX_REASON if any(v in values for v in (*node.inputs, *node.outputs) if v is not None) else None
+
+
+#: Why a node computing positions from the input's size (a detector's grid, its box centres) stays float.
+GRID_REASON = ("computes positions from the input's size (a detector's grid of cells, its boxes in pixels): "
+               "their range grows with the image, so a range calibrated on one size clips them on larger ones")
+
+
+def grid_refusal(node: ir.Node, values: set[ir.Value]) -> str | None:
+    """:data:`GRID_REASON` when ``node`` reads or writes one of ``values``
+    (:func:`edgeopt.ir.run_time_grid_values`), else None."""
+    return GRID_REASON if any(v in values for v in (*node.inputs, *node.outputs) if v is not None) else None

@@ -187,7 +187,9 @@ class _QdqInserter:
         else:
             build.graph.insert_after(producer, [q, dq])
         for node, index in uses:
-            node.replace_input_with(index, dq.outputs[0])
+            # a Shape reads the int8 tensor (its shape is the same): reading the DequantizeLinear's output, it
+            # kept a float copy of the whole tensor computed for its shape alone (ONNX Runtime cannot drop it)
+            node.replace_input_with(index, (quantized if eir.is_op(node, "Shape", "Size") else dq.outputs[0]))
         if value.is_graph_output() and not value.is_graph_input():  # an input passed through stays itself
             self._move_graph_output(value, dq.outputs[0])
         params = self.params[name]
