@@ -42,10 +42,10 @@ from edgeopt.data import batch_rows, open_data, take, with_origin
 from edgeopt.errors import DataError
 from edgeopt.metrics import (AgreementMeter, EqualityMeter, FidelityMeter, Float64Scratch, json_number,
                              looks_like_class_scores)
-from edgeopt.quant.compare_matching import (OutputCodes, TensorMatch, carried_value, compared_by_name, computed_from,
-                                            fused_chain, match_names, match_pairs, match_tensors, may_hold_original,
-                                            missing_qdq_note, output_codes, quantized_input_names,
-                                            computed_before_quantizing, value_names)
+from edgeopt.quant.compare_matching import (OutputCodes, TensorMatch, carried_value, compared_by_name,
+                                            computed_before_quantizing, computed_from, fused_chain, match_names,
+                                            match_pairs, match_tensors, may_hold_original, missing_qdq_note,
+                                            output_codes, quantized_input_names, value_names)
 from edgeopt.quant.compare_runs import Runs, comparison_runs
 from edgeopt.quant.rescaled import Rescaled, read_rescaled
 
@@ -227,7 +227,8 @@ class _Meters:
                  output_codes: Mapping[str, OutputCodes] | None = None,
                  before_quantizing: Mapping[str, str] | None = None) -> None:
         self.matches = {m.float_name: m for m in matches}
-        self.before_quantizing = dict(before_quantizing or {})  # float name -> a selecting op's output before Q
+        # float name -> what the node writing it (reading no quantized constant) computes before its Q/DQ pair
+        self.before_quantizing = dict(before_quantizing or {})
         self.rescaled = dict(rescaled or {})  # tensors a float rewrite scaled per channel (equalization ...)
         self.output_codes = dict(output_codes or {})
         scratch = Float64Scratch()  # one set of work arrays for every meter of the comparison
@@ -284,7 +285,7 @@ class _Meters:
         return sorted(rows, key=lambda r: (math.isnan(r.sqnr_db), r.sqnr_db, r.tensor))
 
     def carried_sqnr(self) -> dict[str, float]:
-        """Per tensor a selecting op writes: the SQNR of what it writes before its Q/DQ pair."""
+        """Per tensor of ``before_quantizing``: the SQNR of what its node computes before its Q/DQ pair."""
         return {name: meter.result().sqnr_db for name, meter in self.carried.items()}
 
     def output_rows(self) -> list[OutputComparison]:
@@ -332,9 +333,9 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
         matches = match_names(float_ir, quant_ir, original_ir)
     source = open_data(data, eir.model_inputs(float_ir))
     source = take(source, max_samples) if max_samples is not None else source
-    selected = {} if by_name else computed_before_quantizing(quant_ir, matches)
-    meters = _Meters(matches, outputs, read_rescaled(quant_ir), output_codes(float_ir, quant_ir, outputs), selected)
-    runs = comparison_runs(float_ir, quant_ir, matches, outputs, original_ir, float_reference, list(selected.values()))
+    computed = {} if by_name else computed_before_quantizing(quant_ir, matches)
+    meters = _Meters(matches, outputs, read_rescaled(quant_ir), output_codes(float_ir, quant_ir, outputs), computed)
+    runs = comparison_runs(float_ir, quant_ir, matches, outputs, original_ir, float_reference, list(computed.values()))
     _stream(source, runs, meters, progress)
     if meters.samples == 0:
         raise DataError("the data gave no samples: point --data at at least one sample")
