@@ -8,12 +8,15 @@ channel, u8/s8, MinMax) on the same data: 45.0, 45.4, 41.5, 44.7 and 35.3 dB.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from onnx import helper
 
 import edgeopt
 from edgeopt.metrics import sqnr_db
+from edgeopt.io.save import save_model
 from edgeopt.quant.adaround import AdaRoundConfig, Backend, LayerInputSampler, adaround_weights
 from edgeopt.quant.gptq import gptq_layer
 from edgeopt.runtime.ort import OrtSession
@@ -98,3 +101,34 @@ def test_adaround_rounds_the_convolutions_of_a_keyword_spotting_tcn(tmp_path):
     notes = edgeopt.quantize(str(path), edgeopt.Int8Config(gptq=True), audio_samples("kws_tcn", 8),
                              check_fidelity=False, check_speed=False).result.notes
     assert "GPTQ rounding: 6 weights learned, 1 layer skipped" in notes, notes
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm"])
+def test_inspect_counts_the_macs_of_recurrent_layers(name, tmp_path):
+    """GRU/LSTM had no cost rule: `edgeopt inspect` gave the 2-layer GRU over 100 frames 384 MACs (its
+    Linear head; 1.31 M with the GRUs) and the LSTM 576 (1.23 M), and did not say it had left them out."""
+    from torch import nn
+
+    from tests.audio_models import build_audio_torch
+
+    module, _ = build_audio_torch(name)
+    frames, expected = 100, 0
+    for layer in module.modules():
+        if isinstance(layer, (nn.GRU, nn.LSTM)):
+            gates = 3 if isinstance(layer, nn.GRU) else 4
+            expected += sum(frames * gates * layer.hidden_size * (weight.shape[1] + layer.hidden_size)
+                            for key, weight in layer.named_parameters() if key.startswith("weight_ih"))
+        elif isinstance(layer, nn.Linear):
+            expected += layer.in_features * layer.out_features
+    report = edgeopt.inspect(str(build_audio(name, tmp_path, 17)), input_shapes={"input": (1, frames, 40)}).cost
+    assert report.macs == expected and report.uncounted_ops == ()
+
+
+def test_inspect_says_which_ops_it_did_not_count(cli, tmp_path):
+    """An op without a cost rule costs 0 in the totals: the table now says so, and names it."""
+    model = make_model([helper.make_node("Einsum", ["a", "b"], ["y"], equation="ij,jk->ik")],
+                       [("a", [2, 3]), ("b", [3, 4])], [("y", [2, 4])])
+    path = save_model(model, tmp_path / "einsum.onnx")
+    result = cli("inspect", path)
+    assert result.code == 0 and "Einsum: no cost rule, 0 MACs and FLOPs in the totals" in result.stdout
+    assert json.loads(cli("inspect", path, "--json").stdout)["uncounted_ops"] == ["Einsum"]
