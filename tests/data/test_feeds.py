@@ -166,6 +166,25 @@ def test_a_scalar_input_stacks_as_a_vector_of_samples():
     assert feeds[3]["x"].shape == (1, 16)
 
 
+def test_per_sample_lengths_stack_with_the_samples_they_describe(tmp_path):
+    """An LSTM with ``sequence_lens``: x [N, T, 40] and lengths [N], a file holding x (4, 90, 40) and
+    lengths (4,) was refused: "holds different numbers of samples per input (x: 4, lengths: 1)". The
+    lengths vector is cut with x, one value per sample; alone (or of another length) it is one batch."""
+    from edgeopt.data import dataset_from_arrays, open_data
+
+    specs = [spec("x", ("N", "T", 40)), spec("lengths", ("N",), np.int32)]
+    arrays = {"x": np.ones((4, 90, 40), np.float32), "lengths": np.array([90, 70, 50, 30], np.int32)}
+    np.savez(tmp_path / "s0.npz", **arrays)
+    for source in (dataset_from_arrays(arrays, specs), open_data(tmp_path, specs)):
+        feeds = list(source)
+        assert len(feeds) == 4 and feeds[2]["x"].shape == (1, 90, 40) and feeds[2]["lengths"].tolist() == [50]
+    lengths = [spec("lengths", ("N",), np.int32)]
+    assert [f["lengths"].tolist() for f in dataset_from_arrays({"lengths": arrays["lengths"]}, lengths)] == [
+        [90, 70, 50, 30]]
+    with pytest.raises(DataError, match=r"different numbers of samples per input \(x: 4, lengths: 1\)"):
+        list(dataset_from_arrays({**arrays, "lengths": arrays["lengths"][:3]}, specs))
+
+
 def test_a_batch_of_n_for_a_batch_1_input_says_how_to_give_samples():
     # a DataLoader's batches of 32 for a model exported at batch 1 were told "reshape or resize the data"
     import edgeopt

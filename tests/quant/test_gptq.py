@@ -189,24 +189,24 @@ def test_the_low_fidelity_warning_offers_gptq_unless_it_was_on(tmp_path):
 
 
 def test_notes_count_and_explain_every_layer_left_to_nearest():
-    """A 1-D convolution (the sampler refuses it) and a Gemm with too few input rows are both skipped,
+    """A 3-D convolution (the sampler refuses it) and a Gemm with too few input rows are both skipped,
     and the notes say which and why; they said "1 weight learned, 1 layer skipped" and no reason."""
-    nodes = [helper.make_node("Conv", ["x", "k1"], ["c1"], name="conv1d", pads=[1, 1]),
+    nodes = [helper.make_node("Conv", ["x", "k1"], ["c1"], name="conv3d", pads=[0, 0, 1, 0, 0, 1]),
              helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("Unsqueeze", ["r1", "axis"], ["u"]),
+             helper.make_node("Squeeze", ["r1", "axis"], ["u"]),
              helper.make_node("Conv", ["u", "k2"], ["c2"], name="conv2d"),
              helper.make_node("Flatten", ["c2"], ["f"]),
              helper.make_node("Gemm", ["f", "w", "b"], ["y"], name="head", transB=1)]
-    model = make_model(nodes, [("x", [1, 4, 16])], [("y", [1, 3])],
-                       [random_weight("k1", (8, 4, 3), 1), numpy_helper.from_array(np.array([3], np.int64), "axis"),
+    model = make_model(nodes, [("x", [1, 4, 1, 1, 16])], [("y", [1, 3])],
+                       [random_weight("k1", (8, 4, 1, 1, 3), 1), numpy_helper.from_array(np.array([2], np.int64), "axis"),
                         random_weight("k2", (6, 8, 1, 1), 2), random_weight("w", (3, 96), 3), random_weight("b", (3,))])
-    data = np.random.default_rng(0).standard_normal((16, 1, 4, 16)).astype(np.float32)
+    data = np.random.default_rng(0).standard_normal((16, 1, 4, 1, 1, 16)).astype(np.float32)
     notes = edgeopt.quantize(model, edgeopt.Int8Config(gptq=True), data, check_fidelity=False,
                              check_speed=False).result.notes
     first = next(index for index, note in enumerate(notes) if note.startswith("GPTQ rounding:"))
     assert notes[first] == "GPTQ rounding: 1 weight learned, 2 layers skipped"
     reasons = notes[first + 1:first + 3]
-    assert reasons[0].startswith("  not rounded: conv1d: only 2-D convolutions"), reasons
+    assert reasons[0].startswith("  not rounded: conv3d: only 1-D and 2-D convolutions"), reasons
     assert reasons[1].startswith("  not rounded: head: 16 input samples for 96 weights"), reasons
 
 

@@ -12,6 +12,9 @@ is the number of elements of the node's first output, ``in`` of its first input:
 * MatMul (numpy broadcasting, 1-D operands promoted and squeezed):
   ``prod(batch) * M * N * K`` = ``out * A.shape[-1]``. Same for QLinearMatMul,
   MatMulInteger, and MatMulNBits (``K`` from its attribute).
+* RNN/GRU/LSTM (X ``[T, N, I]``, or ``[N, T, I]`` with ``layout=1``; W ``[D, G*H, I]``,
+  R ``[D, G*H, H]`` with G = 1/3/4 gates): every one of the ``T * N`` steps multiplies the input
+  by W and the previous hidden state by R in each of the D directions, ``T * N * (|W| + |R|)``.
 
 ``other_flops`` counts the remaining arithmetic:
 
@@ -24,6 +27,10 @@ is the number of elements of the node's first output, ``in`` of its first input:
 * BatchNormalization: ``2 * out`` (scale and shift once folded);
 * LayerNormalization/InstanceNormalization/GroupNormalization: ``7 * in``
   (mean, centre, square, variance, normalize, scale, shift);
+* RNN/GRU/LSTM, per step and direction: ``G * H`` sums of the two products and ``G * H`` gate
+  activations, ``2 * G * H`` bias adds when B is given, and the state update: GRU ``4 * H``
+  (``(1 - z) n + z h`` and ``r`` times the recurrent term), LSTM ``5 * H`` (``f c + i g``,
+  ``tanh(c)``, times ``o``), RNN none;
 * Resize: nearest ``0``, linear ``4 * out``, cubic ``16 * out`` (2-D taps);
 * data movement and format conversion (Reshape, Transpose, Concat, Gather,
   Slice, Pad, Cast, QuantizeLinear/DequantizeLinear...): ``0``.
@@ -166,6 +173,17 @@ def _matmul_nbits(node: ir.Node) -> Cost:
     return out * int(_attribute(node, "K", 0)), out if _has_input(node, 5) else 0
 
 
+_STATE_UPDATE_FLOPS = {"RNN": 0, "GRU": 4, "LSTM": 5}  # per hidden unit, step and direction (module doc)
+
+
+def _recurrent(node: ir.Node) -> Cost:
+    x, w, r = _shape(node.inputs[0]), _shape(_input(node, 1)), _shape(_input(node, 2))
+    steps, (directions, gate_units, hidden) = x[0] * x[1], r
+    biases = 2 * gate_units if _has_input(node, 3) else 0
+    other = directions * (2 * gate_units + biases + _STATE_UPDATE_FLOPS[node.op_type] * hidden)
+    return steps * (math.prod(w) + math.prod(r)), steps * other
+
+
 def _per_output(node: ir.Node, factor: int = 1) -> Cost:
     return 0, factor * _elements(node.outputs[0])
 
@@ -226,6 +244,7 @@ _RULES: dict[str, Callable[[ir.Node], Cost]] = {
     "MatMulInteger": _matmul,
     "QLinearMatMul": _matmul,
     "MatMulNBits": _matmul_nbits,
+    **{op: _recurrent for op in _STATE_UPDATE_FLOPS},
     "MaxPool": _pool,
     "AveragePool": _pool,
     "LpPool": _pool,

@@ -131,6 +131,8 @@ def _render_inspect_totals(result: api.InspectResult) -> None:
     ]
     if cost.unknown_nodes:
         lines.append(("not counted", f"{count_of(len(cost.unknown_nodes), 'node', 'nodes')} with unknown shapes"))
+    if cost.uncounted_ops:
+        lines.append(("not counted", f"{', '.join(cost.uncounted_ops)}: no cost rule, 0 MACs and FLOPs in the totals"))
     totals = table("totals", [("", "left"), ("", "left")])
     totals.show_header = False
     for key, value in lines:

@@ -12,6 +12,8 @@ along axis 0. For an input of shape ``[B, *rest]`` an array is cut as:
 * ``[N*B, *rest]``: N batches of B rows (B is 1 when the batch dim is dynamic);
 * ``[N, B, *rest]``: N whole inputs stacked on a new axis (``np.stack`` of
   batch-1 samples, or samples of an input without a batch axis): N batches;
+* ``[N]`` for an input ``[B]`` of dynamic batch (per-sample lengths): N batches of one
+  value when the feed's other inputs hold N samples, else one batch as is;
 * anything else: one batch as is, which ``check_feed`` then accepts or
   refuses with the expected shape.
 
@@ -139,10 +141,29 @@ def _cut(array: np.ndarray, cut: _Cut, index: int) -> np.ndarray:
     return array[index * cut.rows:(index + 1) * cut.rows]
 
 
+def _batch_vector(spec: InputSpec | None, shape: tuple[int, ...]) -> bool:
+    """A 1-D array for a 1-D input of dynamic batch (per-sample lengths ``[N]``): one batch of that many
+    values, or that many batch-1 samples; the feed's other inputs decide."""
+    return (spec is not None and spec.rank_known and len(spec.shape) == 1 and not isinstance(spec.shape[0], int)
+            and len(shape) == 1)
+
+
+def _plan_cuts(specs: Sequence[InputSpec], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, _Cut]:
+    """Each array's cut; a batch vector (:func:`_batch_vector`) as long as the samples the other inputs
+    hold is cut with them, one value per sample (``x [4, T, 40]`` with ``lengths [4]``: 4 samples)."""
+    by_name = {spec.name: spec for spec in specs}
+    cuts = {name: _plan_cut(by_name.get(name), shape) for name, shape in shapes.items()}
+    vectors = {name for name, shape in shapes.items() if _batch_vector(by_name.get(name), shape)}
+    others = {cut.count for name, cut in cuts.items() if name in by_name and name not in vectors}
+    if len(others) == 1 and (count := others.pop()) > 1:
+        cuts.update({name: _Cut(count=count, rows=1) for name in vectors if shapes[name][0] == count})
+    return cuts
+
+
 def stacked_count(specs: Sequence[InputSpec], shapes: Mapping[str, tuple[int, ...]], *, where: str) -> int:
     """How many batches :func:`split_stacked` yields for arrays of these shapes."""
-    by_name = {spec.name: spec for spec in specs}
-    counts = {name: _plan_cut(by_name[name], shape).count for name, shape in shapes.items() if name in by_name}
+    names = {spec.name for spec in specs}
+    counts = {name: cut.count for name, cut in _plan_cuts(specs, shapes).items() if name in names}
     if len(set(counts.values())) > 1:
         shown = ", ".join(f"{name}: {count}" for name, count in counts.items())
         raise DataError(f"{where} holds different numbers of samples per input ({shown}): "
@@ -158,10 +179,9 @@ def split_stacked(
     where: str,
 ) -> Iterator[tuple[dict[str, np.ndarray], str]]:
     """Cut arrays stacked on axis 0 into per-batch feeds, all inputs in lockstep."""
-    by_name = {spec.name: spec for spec in specs}
     shapes = {name: _shape(array, name, where) for name, array in arrays.items()}
     count = stacked_count(specs, shapes, where=where)
-    cuts = {name: _plan_cut(by_name.get(name), shape) for name, shape in shapes.items()}
+    cuts = _plan_cuts(specs, shapes)
     for index in range(count):
         label = where if count == 1 else f"{where} [sample {index}]"
         yield {name: _cut(arrays[name], cuts[name], index) for name in arrays}, label

@@ -9,7 +9,8 @@ QDQ builder. ``model`` is only read.
 
 Layouts: a layer is ``G`` independent problems ``W[G, N, K]``, ``X[G, S, K]``.
 A Conv ``W[M, C/g, kh, kw]`` has ``G = g``, ``N = M/g`` and ``K = C/g kh kw``
-with the im2col patches of the group's channels; Gemm/MatMul have ``G = 1``
+with the im2col patches of the group's channels (a 1-D Conv ``W[M, C/g, k]`` as the 2-D Conv of
+kernel ``1 x k`` over an input of height 1 that it equals); Gemm/MatMul have ``G = 1``
 and the input's rows (weight ``[K, N]`` viewed as ``[N, K]``).
 
 Samples: up to ``max_samples`` rows (patch positions) per layer, reservoir-
@@ -106,12 +107,23 @@ class _Reservoir:
         return rows
 
 
-def _conv_geometry(node: ir.Node, weight: np.ndarray, spatial: tuple[int, int]) -> tuple[list[int], ...]:
-    """``(pads [top, left, bottom, right], strides, dilations, output size)`` of a 2-D Conv."""
-    kernel = list(weight.shape[2:])
-    strides = list(node.attributes.get_ints("strides", [1, 1]))
-    dilations = list(node.attributes.get_ints("dilations", [1, 1]))
-    auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
+def _conv_attributes(node: ir.Node, rank: int) -> tuple[list[int], list[int], list[int], str]:
+    """``(pads, strides, dilations, auto_pad)`` of a Conv with ``rank`` spatial axes, ONNX defaults filled in."""
+    return (list(node.attributes.get_ints("pads", [0] * 2 * rank)),
+            list(node.attributes.get_ints("strides", [1] * rank)),
+            list(node.attributes.get_ints("dilations", [1] * rank)),
+            node.attributes.get_string("auto_pad", "NOTSET"))
+
+
+def _conv_geometry(node: ir.Node, weight: np.ndarray, spatial: tuple[int, ...]) -> tuple[list[int], ...]:
+    """``(pads [top, left, bottom, right], strides, dilations, output size)`` of a 2-D Conv; of a 1-D
+    Conv (weight ``[M, C/g, k]``, ``spatial`` ``(L,)``) those of the 2-D Conv it equals: kernel ``1 x k``
+    over an input of height 1."""
+    pads, strides, dilations, auto_pad = _conv_attributes(node, weight.ndim - 2)
+    kernel, spatial = list(weight.shape[2:]), list(spatial)
+    if weight.ndim == 3:
+        pads, strides, dilations, kernel, spatial = ([0, pads[0], 0, pads[1]], [1, *strides], [1, *dilations],
+                                                     [1, *kernel], [1, *spatial])
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         pads = [0, 0, 0, 0]
         for axis in range(2):
@@ -119,8 +131,8 @@ def _conv_geometry(node: ir.Node, weight: np.ndarray, spatial: tuple[int, int]) 
                         + (kernel[axis] - 1) * dilations[axis] + 1 - spatial[axis], 0)
             small = total // 2
             pads[axis], pads[axis + 2] = (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
-    else:
-        pads = list(node.attributes.get_ints("pads", [0, 0, 0, 0])) if auto_pad == "NOTSET" else [0, 0, 0, 0]
+    elif auto_pad != "NOTSET":
+        pads = [0, 0, 0, 0]
     size = [(spatial[a] + pads[a] + pads[a + 2] - (kernel[a] - 1) * dilations[a] - 1) // strides[a] + 1
             for a in range(2)]
     return pads, strides, dilations, size
@@ -128,6 +140,8 @@ def _conv_geometry(node: ir.Node, weight: np.ndarray, spatial: tuple[int, int]) 
 
 def _conv_patches(node: ir.Node, weight: np.ndarray, batch: np.ndarray, reservoir: _Reservoir) -> None:
     pads, strides, dilations, (height, width) = _conv_geometry(node, weight, batch.shape[2:])
+    if weight.ndim == 3:  # a 1-D Conv's [N, C, L] input as [N, C, 1, L], its kernel as 1 x k
+        batch, weight = batch[:, :, None, :], weight[:, :, None, :]
     candidates, slots = reservoir.choose(batch.shape[0] * height * width)
     if len(candidates) == 0:  # the reservoir is full and keeps none of this batch
         return
@@ -162,8 +176,8 @@ def _layer_refusal(node: ir.Node | None) -> str | None:
     weight = eir.constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None or not np.issubdtype(weight.dtype, np.floating):
         return "the weight is not a float constant"
-    if node.op_type == "Conv" and weight.ndim != 4:
-        return f"only 2-D convolutions (weight rank {weight.ndim})"
+    if node.op_type == "Conv" and weight.ndim not in (3, 4):
+        return f"only 1-D and 2-D convolutions (weight rank {weight.ndim})"
     if node.op_type != "Conv" and weight.ndim != 2:
         return f"the weight has rank {weight.ndim}, not 2"
     return None

@@ -178,7 +178,8 @@ def _keep_float32_reason(node: ir.Node, exclude: tuple[str, ...], opset: int, *,
     forced = next((float32_values[v] for v in (*node.inputs, *node.outputs) if v in float32_values), None)
     if forced is not None:
         return forced
-    if not weights_only and any(v is not None and v.dtype is None for v in (*node.inputs, *node.outputs)):
+    # an omitted optional output (an LSTM's Y as '' when only Y_h is read) has a name of '' and no type
+    if not weights_only and any(v is not None and v.name and v.dtype is None for v in (*node.inputs, *node.outputs)):
         return "tensor types unknown (shape inference could not type it)"
     positions = _positions(node.op_type, opset, node.domain)
     if positions is None:

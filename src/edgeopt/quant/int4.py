@@ -63,7 +63,7 @@ from edgeopt.quant.int4_importance import GRAM_BUDGET_BYTES
 from edgeopt.quant.int4_lowering import (MS_DOMAIN, EncodedWeight, Lowering, WeightTarget, block_bytes,
                                          dequantize_linear_constants, drop_unread, gather_block_quantized_constants,
                                          lower_dequantize_linear, lower_gather_block_quantized, lower_matmul_nbits,
-                                         matmul_nbits_constants, read_constant)
+                                         matmul_nbits_constants, read_constant, uncovered_weights_note)
 from edgeopt.quant.int4_rounding import Int4Memo, LayerStatistics, Rounded, layer_statistics, reader_inputs, rounded
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 
@@ -488,7 +488,8 @@ def quantize_int4(model: ir.Model, config: Int4WeightConfig, data: Iterable[Batc
     bytes_after = sum(encoded.nbytes for encoded in done.encodings.values())
     notes = [*_summary_notes(config, done, bytes_before, bytes_after, weighted=data is not None),
              *_gptq_note(done), *_subgraph_note(inside), *passes, *_kept_note(float_nodes),
-             *_still_float_note(graph, done.weights), *_head_and_block_notes(config, done)]
+             *_still_float_note(graph, done.weights), *uncovered_weights_note(graph),
+             *_head_and_block_notes(config, done)]
     logger.info("int4: %s", notes[0])
     details = {"matmul_nbits": done.counts[Lowering.MATMUL_NBITS],
                "dequantize_linear": done.counts[Lowering.DEQUANTIZE_LINEAR],

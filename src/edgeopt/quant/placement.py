@@ -46,7 +46,8 @@ Rules, in order:
    So does position arithmetic done in float for a Cast to an integer or a Sin/Cos
    (T5's buckets, rotary angles): rounded to 8 bits, positions would move. And positions a Range
    computes from the input's size (a detector's grid, its box centres in pixels): no range calibrated
-   on one image size holds them on a larger one.
+   on one image size holds them on a larger one; and what computes a Log's input
+   (:mod:`edgeopt.quant.log_inputs`: a log-mel front end).
 7. A Softmax output that gets a Q/DQ (a quantized MatMul reads the attention
    probabilities) is listed in ``probabilities``: its range is fixed to
    ``[0, 1)`` with scale ``1 / 256``, as TFLite and ONNX Runtime's quantizer
@@ -69,6 +70,7 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.passes import PATTERN_KEY, activation_clamp
+from edgeopt.quant.log_inputs import log_input_nodes, log_input_refusal
 from edgeopt.quant.masks import grid_refusal, index_refusal, mask_like_values, mask_refusal
 from edgeopt.quant.ops import (FUSED_BETWEEN_PAIRS, FUSING_PRODUCERS, OP_RULES, OpRole, OpRule, is_qdq_op,
                                weight_axis)
@@ -368,13 +370,13 @@ def _triage(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[st
     """Float-computing nodes split into integer candidates and refusals (name -> reason)."""
     candidates: dict[str, ir.Node] = {}
     refusals: dict[str, str] = {}
-    masked, indices = mask_like_values(graph, rules), eir.index_arithmetic_values(graph)
+    masked, indices, logs = mask_like_values(graph, rules), eir.index_arithmetic_values(graph), log_input_nodes(graph)
     grid = eir.run_time_grid_values(graph)
     for node in graph:
         if not _computes_float(node, non_float):
             continue
         reason = (_refusal(node, exclude, keep_float, rules) or mask_refusal(node, masked)
-                  or index_refusal(node, indices) or grid_refusal(node, grid))
+                  or index_refusal(node, indices) or grid_refusal(node, grid) or log_input_refusal(node, logs))
         if reason is None:
             candidates[node.name] = node
         else:
