@@ -212,3 +212,24 @@ def test_fp16_converts_a_recurrent_layer_whose_optional_outputs_are_omitted():
     report = edgeopt.quantize(model, edgeopt.Fp16Config(), data, check_speed=False)
     assert [node.op_type for node in report.result.float_nodes] == [], report.result.float_nodes
     assert report.fidelity.outputs[0].sqnr_db > 55.0 and not report.warnings
+
+
+def test_a_log_of_class_scores_leaves_the_network_before_it_int8(tmp_path):
+    # log(softmax(...)) at the end of a sequential CNN: every node has one reader, and the walk from the
+    # Log's input went through the Softmax and took the whole network to float
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Flatten", ["r2"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "head"], ["logits"], name="head", transB=1),
+             helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1),
+             helper.make_node("Log", ["probabilities"], ["output"], name="log")]
+    weights = {"w1": (8, 3, 3, 3), "w2": (8, 8, 3, 3), "head": (10, 128)}
+    constants = [random_weight(name, shape, seed) for seed, (name, shape) in enumerate(weights.items())]
+    model = make_model(nodes, [("x", [1, 3, 8, 8])], [("output", [1, 10])], constants)
+    data = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    report = edgeopt.quantize(model, edgeopt.Int8Config(), data, check_speed=False)
+    kept = {node.node_name for node in report.result.float_nodes}
+    assert not kept & {"conv1", "conv2", "head"}, kept

@@ -7,9 +7,13 @@ log-mel front end feeds a Log with power spectra and mel energies that span many
 (a keyword-spotting net with its front end in the graph: output SQNR 14 dB, top-1 agreement 63 %;
 with the front end float, 44 dB and 94 %). ``log(softmax(x))`` loses its small probabilities likewise.
 
-A node is kept when every reader of each of its outputs is the Log or such a node, walking up from
-the Log's input: ``mel @ power + eps`` (Add, MatMul, the Transpose between them) stays float, and a
-tensor another reader takes too stops the walk there. What the Log writes is quantized as usual.
+A node is kept when it is one of the ops a spectral front end is built from (the framing and STFT
+conv, squares and sums, the mel MatMul, ``+ eps``, moves) and every reader of each of its outputs is
+the Log or such a node, walking up from the Log's input: ``mel @ power + eps`` (Add, MatMul, the
+Transpose between them) stays float, and a tensor another reader takes too stops the walk there. So
+does any other op: ``log(softmax(gemm(...)))`` keeps its Softmax's input quantized and the network
+before it int8 (a walk through every single-reader node took a whole sequential CNN to float). What
+the Log writes is quantized as usual.
 """
 
 from __future__ import annotations
@@ -19,6 +23,14 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 
 __all__ = ["log_input_nodes", "log_input_refusal"]
+
+
+#: The ops of a spectral front end between a signal and its Log: framing and the STFT as a conv or
+#: MatMul, the power (squares, sums, a magnitude's Sqrt/Abs), the mel MatMul, the floor (+ eps, Max,
+#: Clip) and the moves between them.
+_FRONT_END_OPS = ("Conv", "MatMul", "Gemm", "Mul", "Pow", "Sqrt", "Abs", "Add", "Sub", "Max", "Clip",
+                  "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceMean", "Transpose", "Reshape", "Squeeze",
+                  "Unsqueeze", "Slice", "Split", "Concat", "Pad", "Identity", "Cast")
 
 
 def _feeds_only(node: ir.Node, kept: set[str]) -> bool:
@@ -35,7 +47,8 @@ def log_input_nodes(graph: ir.Graph) -> dict[str, str]:
         kept, stack = {log.name}, [log.inputs[0]]
         while stack:
             node = stack.pop().producer()
-            if node is None or node.name in kept or node.graph is not graph or not _feeds_only(node, kept):
+            if (node is None or node.name in kept or node.graph is not graph or not eir.is_op(node, *_FRONT_END_OPS)
+                    or not _feeds_only(node, kept)):
                 continue
             kept.add(node.name)
             feeding.setdefault(node.name, log.name)
