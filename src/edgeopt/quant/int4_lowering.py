@@ -248,7 +248,6 @@ def lower_dequantize_linear(names: UniqueNames, target: WeightTarget, quantized:
     node.replace_input_with(1, output)
 
 
-
 #: The readers of a weight int4-weight rewrites, or reports when it leaves their weight float (``_kept_note``).
 _INT4_READERS = frozenset({"MatMul", "Gemm", "Gather"})
 
