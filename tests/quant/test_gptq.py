@@ -198,7 +198,8 @@ def test_notes_count_and_explain_every_layer_left_to_nearest():
              helper.make_node("Flatten", ["c2"], ["f"]),
              helper.make_node("Gemm", ["f", "w", "b"], ["y"], name="head", transB=1)]
     model = make_model(nodes, [("x", [1, 4, 1, 1, 16])], [("y", [1, 3])],
-                       [random_weight("k1", (8, 4, 1, 1, 3), 1), numpy_helper.from_array(np.array([2], np.int64), "axis"),
+                       [random_weight("k1", (8, 4, 1, 1, 3), 1),
+                        numpy_helper.from_array(np.array([2], np.int64), "axis"),
                         random_weight("k2", (6, 8, 1, 1), 2), random_weight("w", (3, 96), 3), random_weight("b", (3,))])
     data = np.random.default_rng(0).standard_normal((16, 1, 4, 1, 1, 16)).astype(np.float32)
     notes = edgeopt.quantize(model, edgeopt.Int8Config(gptq=True), data, check_fidelity=False,

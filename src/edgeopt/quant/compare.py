@@ -225,16 +225,18 @@ class _Meters:
     def __init__(self, matches: list[TensorMatch], outputs: list[str],
                  rescaled: Mapping[str, Rescaled] | None = None,
                  output_codes: Mapping[str, OutputCodes] | None = None,
-                 before_quantizing: Mapping[str, str] | None = None) -> None:
+                 before_quantizing: Mapping[str, str | None] | None = None) -> None:
         self.matches = {m.float_name: m for m in matches}
-        # float name -> what the node writing it (reading no quantized constant) computes before its Q/DQ pair
+        # float name -> what the node writing it (reading no quantized constant) computes before its Q/DQ
+        # pair; None: the pair changes none of its values (a Reshape on its input's grid)
         self.before_quantizing = dict(before_quantizing or {})
         self.rescaled = dict(rescaled or {})  # tensors a float rewrite scaled per channel (equalization ...)
         self.output_codes = dict(output_codes or {})
         scratch = Float64Scratch()  # one set of work arrays for every meter of the comparison
         self.layers = {m.float_name: FidelityMeter(m.float_name, scratch=scratch) for m in matches}
         self.outputs = {name: FidelityMeter(name, scratch=scratch) for name in outputs}
-        self.carried = {name: FidelityMeter(name, scratch=scratch) for name in self.before_quantizing}
+        self.carried = {name: FidelityMeter(name, scratch=scratch)
+                        for name, before in self.before_quantizing.items() if before is not None}
         self.agreement: dict[str, AgreementMeter] = {}
         self.skipped: list[str] = []
         self.samples = self.rows = 0
@@ -286,7 +288,9 @@ class _Meters:
 
     def carried_sqnr(self) -> dict[str, float]:
         """Per tensor of ``before_quantizing``: the SQNR of what its node computes before its Q/DQ pair."""
-        return {name: meter.result().sqnr_db for name, meter in self.carried.items()}
+        exact = {name: self.layers[name].result().sqnr_db for name, before in self.before_quantizing.items()
+                 if before is None and name in self.layers}
+        return exact | {name: meter.result().sqnr_db for name, meter in self.carried.items()}
 
     def output_rows(self) -> list[OutputComparison]:
         rows = []
@@ -335,7 +339,8 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     source = take(source, max_samples) if max_samples is not None else source
     computed = {} if by_name else computed_before_quantizing(quant_ir, matches)
     meters = _Meters(matches, outputs, read_rescaled(quant_ir), output_codes(float_ir, quant_ir, outputs), computed)
-    runs = comparison_runs(float_ir, quant_ir, matches, outputs, original_ir, float_reference, list(computed.values()))
+    runs = comparison_runs(float_ir, quant_ir, matches, outputs, original_ir, float_reference,
+                           [name for name in computed.values() if name is not None])
     _stream(source, runs, meters, progress)
     if meters.samples == 0:
         raise DataError("the data gave no samples: point --data at at least one sample")

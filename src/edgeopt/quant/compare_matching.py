@@ -380,15 +380,18 @@ def carried_value(value: ir.Value | None) -> ir.Value | None:
     return _half_behind(quantize_node.inputs[0]) or quantize_node.inputs[0]
 
 
-def computed_before_quantizing(quant_model: ir.Model, matches: list[TensorMatch]) -> dict[str, str]:
+def computed_before_quantizing(quant_model: ir.Model, matches: list[TensorMatch]) -> dict[str, str | None]:
     """Float name -> the quantized model's name of what the node writing that tensor computes before its
     Q/DQ pair, for each match written by a node (and its fused chain) that reads no quantized constant
     and computes in float32: a Gather of the class token, a Concat, a LayerNorm kept float, an Add of two
     activations. What such a node writes there is its float arithmetic on its quantized inputs, exactly,
     so the error it holds came in with them; the node loses only what its output's pair rounds. Not when
-    the match is a Relu or Clip whose clamping the pair's range does instead (:func:`_follow_clamps`)."""
+    the match is a Relu or Clip whose clamping the pair's range does instead (:func:`_follow_clamps`).
+
+    None for a data-movement node (a Reshape, a Gather) whose input's pair has the scale and zero point
+    of its output's: the values it writes lie on that grid, so the pair changes none (nothing to run)."""
     values = value_names(quant_model.graph)
-    computed = {}
+    computed: dict[str, str | None] = {}
     for match in matches:
         before = carried_value(values.get(match.quant_name))
         node = before.producer() if before is not None else None
@@ -397,8 +400,32 @@ def computed_before_quantizing(quant_model: ir.Model, matches: list[TensorMatch]
         if match.op_type in _RANGE_CLAMPS and node.op_type not in _RANGE_CLAMPS:
             continue  # a Relu the quantizer dropped (ORT's after an Add): what comes before the pair is unclamped
         if not any(map(_reads_quantized_constant, fused_chain(node) or [node])):
-            computed[match.float_name] = before.name
+            exact = _moves_on_one_grid(node, values[match.quant_name].producer())
+            computed[match.float_name] = None if exact else before.name
     return computed
+
+
+def _moves_on_one_grid(node: ir.Node, dequantize: ir.Node | None) -> bool:
+    """Whether ``node`` only moves values (:data:`DATA_MOVEMENT_OPS`) of one input that a DequantizeLinear
+    with the same scale, zero point and axis as ``dequantize`` (its output's) writes."""
+    fed = [value for value in node.inputs if value is not None and not eir.is_constant(value)]
+    if not eir.is_op(node, *DATA_MOVEMENT_OPS) or len(fed) != 1 or not is_qdq_op(dequantize, "DequantizeLinear"):
+        return False
+    source = fed[0].producer()
+    return is_qdq_op(source, "DequantizeLinear") and _same_grid(source, dequantize)
+
+
+def _same_grid(first: ir.Node, second: ir.Node) -> bool:
+    if first.attributes.get_int("axis", 1) != second.attributes.get_int("axis", 1):
+        return False
+    for index in (1, 2):  # scale, zero point (absent from both: the same default)
+        given = [node.inputs[index] if len(node.inputs) > index else None for node in (first, second)]
+        if given == [None, None]:
+            continue
+        a, b = map(eir.constant_array, given)
+        if a is None or b is None or a.dtype != b.dtype or not np.array_equal(a, b):
+            return False
+    return True
 
 
 def _reads_quantized_constant(node: ir.Node) -> bool:
