@@ -185,6 +185,20 @@ def test_per_sample_lengths_stack_with_the_samples_they_describe(tmp_path):
         list(dataset_from_arrays({**arrays, "lengths": arrays["lengths"][:3]}, specs))
 
 
+def test_a_vector_of_another_dim_than_the_batch_is_not_cut_into_samples():
+    """Beside x [1, 8] (batch 1), a vector input class_ids [K] is the model's, whatever its length: four
+    samples of x and class_ids (4,) fed each sample one class id ([3], [1], ...) instead of refusing."""
+    from edgeopt.data import dataset_from_arrays
+
+    arrays = {"x": np.ones((4, 8), np.float32), "class_ids": np.array([3, 1, 4, 1], np.int64)}
+    for batch in (1, "N"):
+        specs = [spec("x", (batch, 8)), spec("class_ids", ("K",), np.int64)]
+        with pytest.raises(DataError, match=r"different numbers of samples per input \(x: 4, class_ids: 1\)"):
+            list(dataset_from_arrays(arrays, specs))
+    specs = [spec("x", (None, 8)), spec("class_ids", (None,), np.int64)]  # unnamed dims: may be the batch
+    assert [feed["class_ids"].tolist() for feed in dataset_from_arrays(arrays, specs)] == [[3], [1], [4], [1]]
+
+
 def test_a_batch_of_n_for_a_batch_1_input_says_how_to_give_samples():
     # a DataLoader's batches of 32 for a model exported at batch 1 were told "reshape or resize the data"
     import edgeopt

@@ -89,3 +89,56 @@ def test_coordinates_normalized_by_the_run_time_size_are_quantized_with_the_feat
     want, have = OrtSession(float_model), OrtSession(result.model)
     for feed in vision_inputs("coordconv", 2, seed=1, size=(32, 24)):
         assert _sqnr_db(want.run(feed)["output"], have.run(feed)["output"]) > 30.0
+
+
+def _length_masked_model():
+    """``h = (x @ w1) * (arange(T) < lengths)``, ``y = reshape(h @ w2 + h, [-1, T, 8])``: a speech or text
+    model's padding mask, its positions compared with each sample's length; T also reshapes."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    constants = [numpy_helper.from_array(array, name) for name, array in (
+        ("w1", rng.standard_normal((8, 8)).astype(np.float32)), ("w2", rng.standard_normal((8, 8)).astype(np.float32)),
+        ("one", np.array([1], np.int64)), ("zero", np.array(0, np.int64)), ("step", np.array(1, np.int64)),
+        ("minus_one", np.array([-1], np.int64)), ("eight", np.array([8], np.int64)),
+        ("axis0", np.array([0], np.int64)), ("axis1", np.array([1], np.int64)), ("axis2", np.array([2], np.int64)))]
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Gather", ["shape", "step"], ["time"]),
+             helper.make_node("Range", ["zero", "time", "step"], ["t"]),
+             helper.make_node("Unsqueeze", ["t", "axis0"], ["t_row"]),
+             helper.make_node("Unsqueeze", ["lengths", "axis1"], ["length_column"]),
+             helper.make_node("Less", ["t_row", "length_column"], ["valid"]),
+             helper.make_node("Cast", ["valid"], ["valid_float"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["valid_float", "axis2"], ["mask"]),
+             helper.make_node("MatMul", ["x", "w1"], ["h0"], name="first"),
+             helper.make_node("Mul", ["h0", "mask"], ["h"], name="masked"),
+             helper.make_node("MatMul", ["h", "w2"], ["h1"], name="second"),
+             helper.make_node("Add", ["h1", "h"], ["h2"], name="residual"),
+             helper.make_node("Shape", ["t"], ["t_shape"]),
+             helper.make_node("Concat", ["minus_one", "t_shape", "eight"], ["new_shape"], axis=0),
+             helper.make_node("Reshape", ["h2", "new_shape"], ["y"], name="reshape")]
+    graph = helper.make_graph(nodes, "masked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 8]),
+                                                helper.make_tensor_value_info("lengths", TensorProto.INT64, ["N"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", 8])], constants)
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_length_mask_and_a_shape_from_positions_are_no_grid(tmp_path):
+    """Positions compared with the lengths make a mask of 0 and 1, not positions: the rule for a detector's
+    grid took the masked activations, and everything an Add or Mul carried them into, for positions
+    (both MatMuls and the residual Add kept float, 'computes positions from the input's size'); so did
+    a Reshape whose shape holds T."""
+    import onnx
+
+    from edgeopt import ir as eir
+
+    path = tmp_path / "masked.onnx"
+    onnx.save(_length_masked_model(), path)
+    model = load_model(path, require_static=False)
+    assert {value.name for value in eir.run_time_grid_values(model.graph)} == set()
+    rng = np.random.default_rng(1)
+    data = [{"x": rng.standard_normal((1, frames, 8)).astype(np.float32), "lengths": np.array([frames - 3])}
+            for frames in (20, 30, 40, 50)]
+    result = quantize(model, Int8Config(), data)
+    assert not any(node.reason == GRID_REASON for node in result.float_nodes)
+    assert not {"first", "masked", "second", "residual"} & {node.node_name for node in result.float_nodes}

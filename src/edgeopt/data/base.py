@@ -148,15 +148,24 @@ def _batch_vector(spec: InputSpec | None, shape: tuple[int, ...]) -> bool:
             and len(shape) == 1)
 
 
+def _same_batch(dim: object, other: object) -> bool:
+    """Whether a vector's dim may be another input's dynamic batch: unnamed, or of the same name."""
+    return not isinstance(other, int) and (dim is None or other is None or dim == other)
+
+
 def _plan_cuts(specs: Sequence[InputSpec], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, _Cut]:
     """Each array's cut; a batch vector (:func:`_batch_vector`) as long as the samples the other inputs
-    hold is cut with them, one value per sample (``x [4, T, 40]`` with ``lengths [4]``: 4 samples)."""
+    hold is cut with them, one value per sample (``x [4, T, 40]`` with ``lengths [4]``: 4 samples), when
+    its dim is their batch dim: beside ``x [1, 8]`` a vector ``class_ids [K]`` is the model's, not per sample."""
     by_name = {spec.name: spec for spec in specs}
     cuts = {name: _plan_cut(by_name.get(name), shape) for name, shape in shapes.items()}
     vectors = {name for name, shape in shapes.items() if _batch_vector(by_name.get(name), shape)}
     others = {cut.count for name, cut in cuts.items() if name in by_name and name not in vectors}
+    batches = [by_name[name].shape[0] for name in cuts
+               if name in by_name and name not in vectors and by_name[name].rank_known and by_name[name].shape]
     if len(others) == 1 and (count := others.pop()) > 1:
-        cuts.update({name: _Cut(count=count, rows=1) for name in vectors if shapes[name][0] == count})
+        cuts.update({name: _Cut(count=count, rows=1) for name in vectors if shapes[name][0] == count
+                     and any(_same_batch(by_name[name].shape[0], batch) for batch in batches)})
     return cuts
 
 

@@ -221,9 +221,17 @@ def index_arithmetic_values(graph: ir.Graph) -> set[ir.Value]:
 _GRID_CARRIERS = ("Cast", "Range", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Expand", "Tile", "Flatten",
                   "Transpose", "Concat", "Slice", "Split", "Add", "Sub", "Mul", "Neg")
 _GATHERS = ("Gather", "GatherElements", "GatherND")
+# Moves whose inputs after the first are a shape, axes, starts or repeats: read there, a position moves no position
+_SHAPED_MOVES = ("Reshape", "Expand", "Tile", "Slice", "Split", "Squeeze", "Unsqueeze")
 
 
 def _carries_grid(node: ir.Node, read: list[int]) -> bool:
+    """Whether ``node``, reading positions at its inputs ``read``, writes positions: integer arithmetic
+    on them does, a comparison does not (``arange(T) < lengths``: a mask of 0 and 1, whatever T)."""
+    if is_op(node, *_SHAPED_MOVES) and 0 not in read:
+        return False
+    if node.outputs and _is_integer(node.outputs[0]):
+        return node.outputs[0].dtype != ir.DataType.BOOL
     if is_op(node, "Div"):
         return read == [0] and is_constant(node.inputs[1])
     return is_op(node, *_GRID_CARRIERS) or is_op(node, *_GATHERS) and 0 in read
@@ -235,13 +243,12 @@ def run_time_grid_values(graph: ir.Graph) -> set[ir.Value]:
     pixels (``(sigmoid(p) * 2 - 0.5 + grid) * stride``) and the outputs they are concatenated into. Their
     range grows with the input's height and width, so no range calibrated on images of one size holds
     them on larger ones. A Range of constants is folded before this is asked; a Gather that looks rows up
-    by positions (a position embedding) reads them as indices and holds the table's values."""
+    by positions (a position embedding) reads them as indices and holds the table's values; a length mask
+    (``x * (arange(T) < lengths)``) compares them and holds 0 and 1."""
     positions: set[ir.Value] = set()
     for node in graph:
         read = [index for index, value in enumerate(node.inputs) if value is not None and value in positions]
-        if is_op(node, "Range") or (read and (_is_integer(node.outputs[0]) if node.outputs else False)):
-            positions.update(node.outputs)
-        elif read and _carries_grid(node, read):
+        if is_op(node, "Range") or (read and _carries_grid(node, read)):
             positions.update(node.outputs)
     return {value for value in positions if value.dtype == ir.DataType.FLOAT}
 

@@ -385,7 +385,8 @@ def computed_before_quantizing(quant_model: ir.Model, matches: list[TensorMatch]
     Q/DQ pair, for each match written by a node (and its fused chain) that reads no quantized constant
     and computes in float32: a Gather of the class token, a Concat, a LayerNorm kept float, an Add of two
     activations. What such a node writes there is its float arithmetic on its quantized inputs, exactly,
-    so the error it holds came in with them; the node loses only what its output's pair rounds.
+    so the error it holds came in with them; the node loses only what its output's pair rounds. Not when
+    the match is a Relu or Clip whose clamping the pair's range does instead (:func:`_follow_clamps`).
 
     None for a data-movement node (a Reshape, a Gather) whose input's pair has the scale and zero point
     of its output's: the values it writes lie on that grid, so the pair changes none (nothing to run)."""
@@ -396,6 +397,8 @@ def computed_before_quantizing(quant_model: ir.Model, matches: list[TensorMatch]
         node = before.producer() if before is not None else None
         if node is None or not before.name or before.dtype == ir.DataType.FLOAT16:
             continue
+        if match.op_type in _RANGE_CLAMPS and node.op_type not in _RANGE_CLAMPS:
+            continue  # a Relu the quantizer dropped (ORT's after an Add): what comes before the pair is unclamped
         if not any(map(_reads_quantized_constant, fused_chain(node) or [node])):
             exact = _moves_on_one_grid(node, values[match.quant_name].producer())
             computed[match.float_name] = None if exact else before.name
