@@ -1,0 +1,84 @@
+"""Transformers fused by ONNX Runtime's own optimizer (``onnxruntime.transformers.optimizer``) into
+com.microsoft ops: a BERT becomes EmbedLayerNormalization, Attention (packed QKV weight),
+SkipLayerNormalization and BiasGelu. Users bring these models as they come out of that tool.
+Each fused model is built once per process from ``tests/hf_models.py`` (about 2 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import logging
+import pathlib
+import tempfile
+
+import pytest
+
+import edgeopt
+from tests.hf_models import HEADS, HF_INPUTS, HIDDEN, build_hf
+
+
+@functools.cache
+def _fused_bytes(name: str) -> bytes:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        level = logging.getLogger("onnxruntime").level
+        logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+        try:
+            fused = optimize_model(str(build_hf(name, tmp, 17)), model_type=name, num_heads=HEADS,
+                                   hidden_size=HIDDEN, use_gpu=False)
+        finally:
+            logging.getLogger("onnxruntime").setLevel(level)
+        path = pathlib.Path(tmp) / "fused.onnx"
+        fused.save_model_to_file(str(path))
+        return path.read_bytes()
+
+
+def build_fused(name: str, tmp_dir) -> pathlib.Path:
+    """``name`` (bert, gpt2, vit) from tests/hf_models.py at opset 17, fused by ONNX Runtime's optimizer."""
+    path = pathlib.Path(tmp_dir) / f"{name}_fused.onnx"
+    path.write_bytes(_fused_bytes(name))
+    return path
+
+
+def _fixed(name: str, tokens: int = 16) -> dict[str, tuple[int, int]]:
+    return {input_name: (1, tokens) for input_name in HF_INPUTS[name]}
+
+
+def _ops(report) -> dict[str, list]:
+    rows: dict[str, list] = {}
+    for row in report.cost.nodes:
+        rows.setdefault(row.op_type, []).append(row)
+    return rows
+
+
+def test_the_fused_bert_holds_the_contrib_ops_this_file_is_about(tmp_path):
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(build_fused("bert", tmp_path)).graph.node}
+    assert {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu"} <= ops
+
+
+def test_inspect_of_a_fused_bert_feeds_token_types_its_segment_table_holds(tmp_path):
+    """EmbedLayerNormalization reads the token type ids as indices into its 2-row segment table:
+    random ids in [0, 8) made the shape-finding run fail ("input index out of range")."""
+    from edgeopt import ir as eir
+    from edgeopt.io import load_model
+
+    path = build_fused("bert", tmp_path)
+    limits = eir.index_limits(load_model(path, require_static=False))
+    assert limits == {"input_ids": 100, "token_type_ids": 2}
+    assert edgeopt.inspect(path, input_shapes=_fixed("bert")).cost.macs > 0
+
+
+def test_inspect_counts_the_macs_of_a_fused_attention_as_of_the_ops_it_replaced(tmp_path):
+    """Attention_0 computes the Q, K, V projections (16 tokens x 64 x 192) and the scores and context
+    (2 x 16 x 16 x 64): 229,376 MACs, not 0; the fused model costs what the unfused one does."""
+    fused = edgeopt.inspect(build_fused("bert", tmp_path), input_shapes=_fixed("bert"))
+    attention = _ops(fused)["Attention"]
+    assert [row.macs for row in attention] == [16 * 64 * 192 + 2 * 16 * 16 * 64] * 2
+    assert "Attention" not in fused.cost.uncounted_ops and not fused.cost.unknown_nodes
+    unfused = edgeopt.inspect(build_hf("bert", tmp_path), input_shapes=_fixed("bert"))
+    assert fused.cost.macs == unfused.cost.macs
