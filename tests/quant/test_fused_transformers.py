@@ -105,3 +105,16 @@ def test_fp16_without_data_types_a_fused_bert_of_dynamic_dims_by_a_small_run(tmp
     assert kept == {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu"}
     assert report.quant_bytes < 0.7 * report.float_bytes
     assert _output_sqnr_db(path, tmp_path / "fp16.onnx", "bert") > 50
+
+
+def test_int4_says_the_fused_attention_and_embeddings_keep_their_weights_float32(tmp_path):
+    """The packed QKV weights of the two Attention nodes and the EmbedLayerNormalization tables, 140,800 bytes,
+    about 30 % of the file, stayed float32 and no note said so (contrib ops were skipped)."""
+    path = build_fused("bert", tmp_path)
+    report = edgeopt.quantize(path, edgeopt.Int4WeightConfig(), output=tmp_path / "int4.onnx",
+                              check_fidelity=False, check_speed=False)
+    assert report.result.details["matmul_nbits"] == 8
+    note = next(text for text in report.result.notes if text.startswith("int4-weight rewrites MatMul/Gemm"))
+    assert "those of Attention x2, EmbedLayerNormalization x1 stay float32 (140,800 bytes)" in note
+    assert "no int4 form" in note and "half" not in note  # fp16 keeps these contrib ops float32 too
+    assert _output_sqnr_db(path, tmp_path / "int4.onnx", "bert") > 15
