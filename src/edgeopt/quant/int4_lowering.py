@@ -278,7 +278,8 @@ def uncovered_weights_note(graph: ir.Graph) -> list[str]:
     smaller = ("--scheme int8 stores them in a quarter of that, fp16 in half" if set(readers) <= {"Conv"}
                else "--scheme fp16 stores them in half of that")  # int8 keeps a GRU/LSTM float: no integer kernel
     if fused:  # fp16 and int8 keep these contrib ops float32 too
-        smaller = (f"ONNX Runtime's fused {', '.join(sorted(fused))} (com.microsoft) read them as float32 inputs, "
+        smaller = (f"ONNX Runtime's fused {', '.join(sorted(fused))} (com.microsoft) "
+                   f"{'reads' if len(fused) == 1 else 'read'} them as float32 inputs, "
                    "with no int4 form: optimize the model with those fusions off (its FusionOptions) for MatMul "
                    "and Gather nodes int4 rewrites")
     return [f"int4-weight rewrites MatMul/Gemm weights only: those of {ops} stay float32 ({nbytes:,} bytes); "
