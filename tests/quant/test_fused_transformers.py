@@ -20,15 +20,19 @@ from tests.hf_models import HEADS, HF_INPUTS, HIDDEN, build_hf
 
 
 @functools.cache
-def _fused_bytes(name: str) -> bytes:
+def _fused_bytes(name: str, multi_head: bool = False) -> bytes:
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions(name)
+    options.use_multi_head_attention = multi_head  # separate Q, K, V MatMuls feeding MultiHeadAttention
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         level = logging.getLogger("onnxruntime").level
         logging.getLogger("onnxruntime").setLevel(logging.ERROR)
         try:
             fused = optimize_model(str(build_hf(name, tmp, 17)), model_type=name, num_heads=HEADS,
-                                   hidden_size=HIDDEN, use_gpu=False)
+                                   hidden_size=HIDDEN, use_gpu=False, optimization_options=options)
         finally:
             logging.getLogger("onnxruntime").setLevel(level)
         path = pathlib.Path(tmp) / "fused.onnx"
@@ -36,10 +40,11 @@ def _fused_bytes(name: str) -> bytes:
         return path.read_bytes()
 
 
-def build_fused(name: str, tmp_dir) -> pathlib.Path:
-    """``name`` (bert, gpt2, vit) from tests/hf_models.py at opset 17, fused by ONNX Runtime's optimizer."""
-    path = pathlib.Path(tmp_dir) / f"{name}_fused.onnx"
-    path.write_bytes(_fused_bytes(name))
+def build_fused(name: str, tmp_dir, *, multi_head: bool = False) -> pathlib.Path:
+    """``name`` (bert, gpt2, vit) from tests/hf_models.py at opset 17, fused by ONNX Runtime's optimizer
+    (``multi_head``: into MultiHeadAttention rather than Attention)."""
+    path = pathlib.Path(tmp_dir) / f"{name}_fused{'_mha' if multi_head else ''}.onnx"
+    path.write_bytes(_fused_bytes(name, multi_head))
     return path
 
 
@@ -82,6 +87,13 @@ def test_inspect_counts_the_macs_of_a_fused_attention_as_of_the_ops_it_replaced(
     assert "Attention" not in fused.cost.uncounted_ops and not fused.cost.unknown_nodes
     unfused = edgeopt.inspect(build_hf("bert", tmp_path), input_shapes=_fixed("bert"))
     assert fused.cost.macs == unfused.cost.macs
+
+
+def test_inspect_counts_the_scores_and_context_of_a_multi_head_attention(tmp_path):
+    """MultiHeadAttention reads Q, K, V projected by MatMuls: its own MACs are 2 x 16 x 16 x 64."""
+    fused = edgeopt.inspect(build_fused("bert", tmp_path, multi_head=True), input_shapes=_fixed("bert"))
+    assert [row.macs for row in _ops(fused)["MultiHeadAttention"]] == [2 * 16 * 16 * 64] * 2
+    assert fused.cost.macs == edgeopt.inspect(build_hf("bert", tmp_path), input_shapes=_fixed("bert")).cost.macs
 
 
 def _output_sqnr_db(float_path, quant_path, name: str) -> float:
