@@ -245,8 +245,9 @@ def fill_missing_types(model: ir.Model, feed: Mapping[str, np.ndarray] | None = 
     return len(missing)
 
 
-#: Sizes a dynamic input dim takes in the run that only types values: batch 1, 8 of anything else
-#: (tokens, pixels), the same for every input naming the same symbol.
+#: Sizes a dynamic input dim takes in the run that only types values: 1 on the first (batch) axis, 8 on
+#: any other (tokens, pixels), so inputs sharing a symbol on the same axis agree. A run these sizes do not
+#: fit fails as before (DataError): the caller says to give data.
 _TYPING_BATCH, _TYPING_SIZE = 1, 8
 
 
