@@ -1,7 +1,8 @@
 """Transformers fused by ONNX Runtime's own optimizer (``onnxruntime.transformers.optimizer``) into
 com.microsoft ops: a BERT becomes EmbedLayerNormalization, Attention (packed QKV weight),
-SkipLayerNormalization and BiasGelu. Users bring these models as they come out of that tool.
-Each fused model is built once per process from ``tests/hf_models.py`` (about 2 s).
+SkipLayerNormalization and BiasGelu (MultiHeadAttention with ``use_multi_head_attention``), a ViT keeps
+its attention MatMuls between SkipLayerNormalization and BiasGelu. Users bring these models as they come
+out of that tool. Each fused model is built once per process from ``tests/hf_models.py`` (about 2 s).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import io
 import logging
 import pathlib
 import tempfile
-
-import pytest
 
 import edgeopt
 from tests.hf_models import HEADS, HF_INPUTS, HIDDEN, build_hf
