@@ -12,6 +12,11 @@ is the number of elements of the node's first output, ``in`` of its first input:
 * MatMul (numpy broadcasting, 1-D operands promoted and squeezed):
   ``prod(batch) * M * N * K`` = ``out * A.shape[-1]``. Same for QLinearMatMul,
   MatMulInteger, and MatMulNBits (``K`` from its attribute).
+* com.microsoft Attention (input ``[B, S, D]``, packed QKV weight ``[D, Q + K + V]``, ``num_heads``):
+  the projection ``B * S * D * (Q + K + V)`` plus scores and context over the ``S`` keys,
+  ``B * S * S * (Q + V)``; MultiHeadAttention and ONNX's Attention (query ``[B, S, Q]``, key
+  ``[B, L, K]``, output ``[B, S, V]``, or 4-D per head): ``B * S * L * (Q + V)``. Packed and cached
+  layouts (past keys) have no rule: their nodes are listed as unknown.
 * RNN/GRU/LSTM (X ``[T, N, I]``, or ``[N, T, I]`` with ``layout=1``; W ``[D, G*H, I]``,
   R ``[D, G*H, H]`` with G = 1/3/4 gates): every one of the ``T * N`` steps multiplies the input
   by W and the previous hidden state by R in each of the D directions, ``T * N * (|W| + |R|)``.
@@ -26,7 +31,11 @@ is the number of elements of the node's first output, ``in`` of its first input:
 * Softmax/LogSoftmax: ``3 * in`` (exp, sum, divide);
 * BatchNormalization: ``2 * out`` (scale and shift once folded);
 * LayerNormalization/InstanceNormalization/GroupNormalization: ``7 * in``
-  (mean, centre, square, variance, normalize, scale, shift);
+  (mean, centre, square, variance, normalize, scale, shift); com.microsoft's
+  SkipLayerNormalization ``9 * in`` (the skip and bias adds first), EmbedLayerNormalization
+  ``9 * out`` (the word, position and segment rows summed first);
+* Attention/MultiHeadAttention: the bias adds (``B * S * (Q + K + V)``) and a softmax over each
+  head's scores, ``3 * B * heads * S * L``;
 * RNN/GRU/LSTM, per step and direction: ``G * H`` sums of the two products and ``G * H`` gate
   activations, ``2 * G * H`` bias adds when B is given, and the state update: GRU ``4 * H``
   (``(1 - z) n + z h`` and ``r`` times the recurrent term), LSTM ``5 * H`` (``f c + i g``,
@@ -173,6 +182,34 @@ def _matmul_nbits(node: ir.Node) -> Cost:
     return out * int(_attribute(node, "K", 0)), out if _has_input(node, 5) else 0
 
 
+def _attention(node: ir.Node) -> Cost:
+    """com.microsoft Attention: the packed QKV projection, then scores and context (module doc)."""
+    if node.domain in ("", "ai.onnx"):  # ONNX's Attention (opset 23) reads Q, K and V, as MultiHeadAttention
+        return _multi_head_attention(node)
+    batch, tokens, width = _shape(node.inputs[0])
+    projected = _shape(_input(node, 1))[-1]
+    sizes = tuple(_attribute(node, "qkv_hidden_sizes", ())) or (projected // 3,) * 3
+    heads = int(_attribute(node, "num_heads", 1))
+    attend = batch * tokens * tokens * (sizes[0] + sizes[2])
+    bias = batch * tokens * projected if _has_input(node, 2) else 0
+    return batch * tokens * width * projected + attend, bias + 3 * batch * heads * tokens * tokens
+
+
+def _multi_head_attention(node: ir.Node) -> Cost:
+    """Attention over separate query, key and value, 3-D ``[B, S, heads * h]`` or 4-D ``[B, heads, S, h]``
+    (module doc); packed or cached layouts have no rule."""
+    query, key, output = _shape(node.inputs[0]), _shape(_input(node, 1)), _shape(node.outputs[0])
+    if len(query) != len(key) or len(query) not in (3, 4) or len(output) != len(query):
+        raise _UnknownShape
+    if len(query) == 3:
+        heads = int(_attribute(node, "num_heads", _attribute(node, "q_num_heads", 1)))
+        (batch, tokens, query_width), keys, value_width = query, key[1], output[-1]
+    else:
+        (batch, heads, tokens, query_width), keys = query, key[2]
+        query_width, value_width = heads * query_width, heads * output[-1]
+    return batch * tokens * keys * (query_width + value_width), 3 * batch * heads * tokens * keys
+
+
 _STATE_UPDATE_FLOPS = {"RNN": 0, "GRU": 4, "LSTM": 5}  # per hidden unit, step and direction (module doc)
 
 
@@ -252,6 +289,10 @@ _RULES: dict[str, Callable[[ir.Node], Cost]] = {
     "LogSoftmax": partial(_per_input, factor=3),
     "BatchNormalization": partial(_per_output, factor=2),
     "LayerNormalization": partial(_per_input, factor=7),
+    "SkipLayerNormalization": partial(_per_input, factor=9),
+    "EmbedLayerNormalization": partial(_per_output, factor=9),
+    "Attention": _attention,
+    "MultiHeadAttention": _multi_head_attention,
     "InstanceNormalization": partial(_per_input, factor=7),
     "GroupNormalization": partial(_per_input, factor=7),
     "Resize": _resize,

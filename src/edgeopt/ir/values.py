@@ -143,8 +143,18 @@ _INDEX_CARRIERS = ("Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Expan
                    "Slice", "Tile", "Concat")
 
 
+#: com.microsoft's EmbedLayerNormalization (ONNX Runtime's fused BERT embeddings): which table each of
+#: its index inputs picks rows of (input_ids -> word, segment_ids -> segment, position_ids -> position).
+_EMBED_LAYER_NORM_TABLES = {0: 2, 1: 4, 8: 3}
+
+
 def _table_rows(node: ir.Node, index: int) -> int | None:
-    """How many entries ``node``'s input ``index`` may pick among, when it is a Gather's indices."""
+    """How many entries ``node``'s input ``index`` may pick among, when it is a Gather's indices (or an
+    EmbedLayerNormalization's ids)."""
+    if node.op_type == "EmbedLayerNormalization" and node.domain == "com.microsoft":
+        table = _EMBED_LAYER_NORM_TABLES.get(index)
+        shape = static_shape(node.inputs[table]) if table is not None and table < len(node.inputs) else None
+        return shape[0] if shape else None
     if node.op_type not in ("Gather", "GatherElements") or index != 1 or node.domain not in ONNX_DOMAINS:
         return None
     shape = static_shape(node.inputs[0])

@@ -474,8 +474,8 @@ def _transpose_after_matmul(graph: ir.Graph) -> int:
             continue
         perm = transpose.attributes.get("perm")
         x, weight = transpose.inputs[0], node.inputs[1]
-        if (perm is None or list(perm.as_ints()) != [1, 0, 2] or x.shape is None or len(x.shape) != 3
-                or weight.shape is None or len(weight.shape) != 2):
+        # perm [1, 0, 2] makes x 3-D: its shape may be unknown (the output of a com.microsoft op), not its rank
+        if perm is None or list(perm.as_ints()) != [1, 0, 2] or weight.shape is None or len(weight.shape) != 2:
             continue
         label = eir.node_label(node)
         product = ir.node("MatMul", [x, weight], name=node.name)  # the old node goes: its name is free

@@ -167,7 +167,8 @@ def _keep_float32_reason(node: ir.Node, exclude: tuple[str, ...], opset: int, *,
     if node.name in exclude or node.op_type in exclude:
         return "excluded by config"
     if node.domain not in eir.ONNX_DOMAINS and not (weights_only and _positions(node.op_type, opset, node.domain)):
-        return f"op of domain {node.domain!r}: no float16 schema to check"
+        return f"op of domain {node.domain!r}: " + ("no ONNX Runtime schema to check" if weights_only
+                                                      else "fp16 computes ONNX-domain ops only")
     if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()):
         return "control flow: its subgraphs are kept float32"
     if any(isinstance(v.type, ir.SequenceType) for v in float_values([*node.inputs, *node.outputs])):

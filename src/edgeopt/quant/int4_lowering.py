@@ -252,18 +252,24 @@ def lower_dequantize_linear(names: UniqueNames, target: WeightTarget, quantized:
 _INT4_READERS = frozenset({"MatMul", "Gemm", "Gather"})
 
 
+#: What int4-weight writes (com.microsoft): their float inputs are its scales, not weights left float.
+_INT4_WRITTEN = frozenset({"MatMulNBits", "GatherBlockQuantized"})
+
+
 def uncovered_weights_note(graph: ir.Graph) -> list[str]:
-    """The float weights (constants of rank >= 2) that nodes int4 never rewrites read (Conv, GRU, LSTM...):
-    the size line counts their bytes, and without this note nothing said why the file stayed that large."""
+    """The float weights (constants of rank >= 2) that nodes int4 never rewrites read (Conv, GRU, LSTM...;
+    the fused Attention and EmbedLayerNormalization of ONNX Runtime's transformer optimizer): the size line
+    counts their bytes, and without this note nothing said why the file stayed that large."""
     readers: dict[str, int] = {}
-    nbytes, seen = 0, set()
+    nbytes, fused, seen = 0, set(), set()
     for node in graph:
-        if node.op_type in _INT4_READERS or node.domain not in ("", "ai.onnx"):
+        if node.op_type in (_INT4_READERS if node.domain in ("", "ai.onnx") else _INT4_WRITTEN):
             continue
         weights = [value for value in node.inputs if value is not None and value.const_value is not None
                    and len(value.shape or ()) >= 2 and value.dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE)]
         if weights:
             readers[node.op_type] = readers.get(node.op_type, 0) + 1
+            fused.update({node.op_type} if node.domain not in ("", "ai.onnx") else set())
         nbytes += sum(value.const_value.nbytes for value in weights if id(value) not in seen)
         seen.update(id(value) for value in weights)
     if not readers:
@@ -271,5 +277,10 @@ def uncovered_weights_note(graph: ir.Graph) -> list[str]:
     ops = ", ".join(f"{op} x{count}" for op, count in sorted(readers.items()))
     smaller = ("--scheme int8 stores them in a quarter of that, fp16 in half" if set(readers) <= {"Conv"}
                else "--scheme fp16 stores them in half of that")  # int8 keeps a GRU/LSTM float: no integer kernel
+    if fused:  # fp16 and int8 keep these contrib ops float32 too
+        smaller = (f"ONNX Runtime's fused {', '.join(sorted(fused))} (com.microsoft) "
+                   f"{'reads' if len(fused) == 1 else 'read'} them as float32 inputs, "
+                   "with no int4 form: optimize the model with those fusions off (its FusionOptions) for MatMul "
+                   "and Gather nodes int4 rewrites")
     return [f"int4-weight rewrites MatMul/Gemm weights only: those of {ops} stay float32 ({nbytes:,} bytes); "
             + smaller]

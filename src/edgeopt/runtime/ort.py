@@ -231,17 +231,33 @@ def fill_missing_types(model: ir.Model, feed: Mapping[str, np.ndarray] | None = 
     ONNX Runtime knows the output types of its own ops (com.microsoft's
     SkipLayerNormalization, FusedMatMul ...) that ONNX's inference cannot
     type. Shapes are left alone: those of one run would fix dynamic dims.
-    ``feed`` None runs on random inputs (static input shapes only, else
-    DataError). Returns how many values were typed; the model is updated in place.
+    ``feed`` None runs on random inputs; a dynamic dim takes a small size
+    (:func:`_typing_feed`): the types do not depend on it. DataError when the
+    run fails. Returns how many values were typed; the model is updated in place.
     """
     missing = [v for node in model.graph for v in node.outputs if v.name and v.dtype is None]
     if not missing:
         return 0
-    results = _run_for(model, missing, feed)
+    results = _run_for(model, missing, feed if feed is not None else _typing_feed(model))
     for value in missing:
         value.dtype = ir.DataType.from_numpy(results[value.name].dtype)
     logger.info("typed %d values by running the model", len(missing))
     return len(missing)
+
+
+#: Sizes a dynamic input dim takes in the run that only types values: 1 on the first (batch) axis, 8 on
+#: any other (tokens, pixels), so inputs sharing a symbol on the same axis agree. A run these sizes do not
+#: fit fails as before (DataError): the caller says to give data.
+_TYPING_BATCH, _TYPING_SIZE = 1, 8
+
+
+def _typing_feed(model: ir.Model) -> dict[str, np.ndarray]:
+    """Random inputs for a run whose only use is the dtypes of its values: dynamic dims made small."""
+    specs = [eir.InputSpec(name=spec.name, shape=tuple(
+        dim if isinstance(dim, int) else _TYPING_BATCH if axis == 0 else _TYPING_SIZE
+        for axis, dim in enumerate(spec.shape)), dtype=spec.dtype, rank_known=spec.rank_known)
+        for spec in eir.model_inputs(model)]
+    return random_feed(specs, limits=eir.index_limits(model))
 
 
 def _run_for(model: ir.Model, values: Sequence[ir.Value], feed: Mapping[str, np.ndarray] | None) -> dict:
