@@ -1,8 +1,9 @@
 """Which node the accuracy search returns next: the damage each one does, measured, not guessed.
 
-int8: a node's damage is the decibels of SQNR lost inside it, the SQNR of its quantized inputs minus that
-of its output (:func:`node_damage`); a float node's quantized output charges the nodes reading it, since
-returning the float node itself would change nothing. Weight-only (int4): a layer's damage is the noise,
+int8: a node's damage is the decibels of SQNR lost inside it (:func:`node_damage`): for a node reading no
+quantized constant, what its output's Q/DQ pair rounds off what it computed; for any other, the SQNR of its
+quantized inputs minus that of its output. A float node's quantized output charges the nodes reading it,
+since returning the float node itself would change nothing. Weight-only (int4): a layer's damage is the noise,
 relative to the signal, it adds inside (:func:`weight_damage`), from its output's and its input's SQNR,
 their rows matched by name.
 """

@@ -98,9 +98,14 @@ INDEX_REASON = ("computes positions in float for a Cast to an integer or a Sin/C
                 "buckets, rotary angles): 8-bit rounding would move them")
 
 
+def _touches(node: ir.Node, values: set[ir.Value]) -> bool:
+    """Whether ``node`` reads or writes one of ``values``."""
+    return any(v in values for v in (*node.inputs, *node.outputs) if v is not None)
+
+
 def index_refusal(node: ir.Node, values: set[ir.Value]) -> str | None:
     """:data:`INDEX_REASON` when ``node`` reads or writes one of ``values`` (index arithmetic), else None."""
-    return INDEX_REASON if any(v in values for v in (*node.inputs, *node.outputs) if v is not None) else None
+    return INDEX_REASON if _touches(node, values) else None
 
 
 #: Why a node computing positions from the input's size (a detector's grid, its box centres) stays float.
@@ -111,4 +116,4 @@ GRID_REASON = ("computes positions from the input's size (a detector's grid of c
 def grid_refusal(node: ir.Node, values: set[ir.Value]) -> str | None:
     """:data:`GRID_REASON` when ``node`` reads or writes one of ``values``
     (:func:`edgeopt.ir.run_time_grid_values`), else None."""
-    return GRID_REASON if any(v in values for v in (*node.inputs, *node.outputs) if v is not None) else None
+    return GRID_REASON if _touches(node, values) else None
