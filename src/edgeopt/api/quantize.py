@@ -16,14 +16,14 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.api._common import (ModelSource, Progress, calibration_source, check_flag, check_path, check_type,
                                  comparable_float, load, logged_warnings, model_source)
+from edgeopt.api._quantize_warnings import blocks_c, loose_goal, low_fidelity, mcu_float_warning, relu6_warning
 from edgeopt.data import ImagePreprocess, batch_rows
 from edgeopt.errors import ConfigError, DataError, EdgeoptError, Interrupted, OutputError
 from edgeopt.io import (FILE_BYTES_KEY, atomic_write_files, check_writable, model_file_bytes, model_files,
                         model_to_bytes)
 from edgeopt.metrics import count_of, json_text
-from edgeopt.quant.accuracy import RETURNED, RETURNED_TO_8_BITS, AccuracyGoal, AccuracySearch, accuracy_aware_quantize
+from edgeopt.quant.accuracy import AccuracyGoal, AccuracySearch, accuracy_aware_quantize
 from edgeopt.quant.compare import CompareResult
-from edgeopt.quant.placement import EXCLUDED
 from edgeopt.quant.registry import Batch, QuantResult
 from edgeopt.quant.speed import SpeedCheck
 
@@ -36,13 +36,6 @@ logger = logging.getLogger(__name__)
 
 
 MIN_CALIBRATION_SAMPLES = 16
-# Output SQNR below this (noise at a tenth of the signal's power) is told as a warning: classifiers
-# start to change their top-1 well above it, and a model this far off usually has a cause to fix.
-LOW_FIDELITY_DB = 10.0
-# --equalize-relu6's change of the float model itself is a warning when the int8 model's output SQNR is
-# within this of it: most of the int8 model's error is then that change, not quantization.
-RELU6_DOMINATES_DB = 3.0
-_KEPT_REASONS = (EXCLUDED, RETURNED, RETURNED_TO_8_BITS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +49,7 @@ class QuantizeReport:
     calibration_samples: int  # samples (rows of the batches)
     calibration_batches: int = 0
     fidelity: CompareResult | None = None
+    fidelity_on: str = "calibration"  # the samples the fidelity check ran on: "calibration", or "held-out"
     speed: SpeedCheck | None = None
     search: AccuracySearch | None = None
     warnings: tuple[str, ...] = ()
@@ -79,6 +73,7 @@ class QuantizeReport:
             "float_nodes": [{"node": f.node_name, "op_type": f.op_type, "reason": f.reason}
                             for f in result.float_nodes],
             "fidelity": self.fidelity.to_dict() if self.fidelity else None,
+            "fidelity_on": self.fidelity_on if self.fidelity else None,
             "speed": self.speed.to_dict() if self.speed else None,
             "accuracy_search": self.search.to_dict() if self.search else None,
             "tensors": [{"name": t.name, "kind": t.kind, "op_type": t.op_type, "format": t.format,
@@ -192,7 +187,7 @@ def _evaluator(evaluate: str | Callable[[str], float] | None) -> Callable[[ir.Mo
 def quantize(model: ModelSource, config: object, data=None, *, output: str | os.PathLike | None = None,
              preprocess: ImagePreprocess | None = None, max_samples: int | None = None,
              goal: AccuracyGoal | None = None, evaluate: str | Callable[[str], float] | None = None,
-             check_fidelity: bool = True, check_speed: bool = True,
+             eval_data=None, check_fidelity: bool = True, check_speed: bool = True,
              progress: Progress | None = None) -> QuantizeReport:
     """Quantize ``model`` with ``config`` (Int8Config, Fp16Config, Bf16Config, Int4WeightConfig).
 
@@ -203,9 +198,13 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     measured on up to 64 calibration samples, and float vs quantized latency
     in ONNX Runtime, with the reasons when the quantized model is slower.
 
+    ``eval_data`` (anything ``--data`` takes; ``--eval-data``): held-out samples the fidelity check and
+    the accuracy search measure on instead of the calibration data, whose ranges were fitted to it
+    (``preprocess`` applies to it too, ``max_samples`` does not).
+
     With an accuracy ``goal`` (int8, int4-weight), the most damaging layers go back to
     float one by one until it is met (``evaluate(model_path) -> score`` for a
-    ``max_drop`` goal; output SQNR on the calibration data for ``min_sqnr_db``).
+    ``max_drop`` goal; output SQNR on the calibration data, or ``eval_data``, for ``min_sqnr_db``).
     Warnings logged on the way (an integer input cast to float ...) are in
     the report's ``warnings`` too.
 
@@ -224,8 +223,8 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     check_flag(check_speed, "check_speed")
     with logged_warnings() as logged:
         return _quantize(model, config, data, output=output, preprocess=preprocess, max_samples=max_samples,
-                         goal=goal, evaluate=evaluate, check_fidelity=check_fidelity, check_speed=check_speed,
-                         progress=progress, logged=logged)
+                         goal=goal, evaluate=evaluate, eval_data=eval_data, check_fidelity=check_fidelity,
+                         check_speed=check_speed, progress=progress, logged=logged)
 
 
 def _check_config(config: object, data: object) -> None:
@@ -248,19 +247,21 @@ def _check_argument_types(goal: object, evaluate: object, output: object) -> Non
 
 
 def _quantize(model: ModelSource, config: object, data, *, output, preprocess, max_samples, goal, evaluate,
-              check_fidelity: bool, check_speed: bool, progress: Progress | None,
+              eval_data, check_fidelity: bool, check_speed: bool, progress: Progress | None,
               logged: list[str]) -> QuantizeReport:
     """Check the request, quantize (or search), measure, write: each step below in that order."""
     _check_request(model, config, data, output=output, preprocess=preprocess, max_samples=max_samples, goal=goal)
+    _check_eval_data(eval_data, output=output, goal=goal, check_fidelity=check_fidelity)
     loaded = load(model, require_static=False)
     float_bytes = _float_bytes(model, loaded)
     source = _CountingSource(calibration_source(loaded, data, preprocess, max_samples)) if data is not None else None
+    held_out = calibration_source(loaded, eval_data, preprocess, None) if eval_data is not None else None
     _check_goal(config, data, goal, evaluate)
     search = None
     if goal is not None:
         try:
             search = accuracy_aware_quantize(loaded, config, source, goal, evaluate=_evaluator(evaluate),
-                                             progress=progress)
+                                             progress=progress, measure_data=held_out)
         except Interrupted as stop:  # the best model found so far is written all the same, then the stop goes on
             search = stop.partial
         result = search.result
@@ -275,14 +276,14 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
             loaded = None
     quant_bytes = model_to_bytes(result.model, value_info=False)  # inferable annotations: size only
     warnings = _result_warnings(config, result, search, source)
-    checks = _Checks(model=model, loaded=loaded, data=data, preprocess=preprocess, max_samples=max_samples,
-                     fidelity=check_fidelity, speed=check_speed)
+    checks = _Checks(model=model, loaded=loaded, data=data, eval_data=eval_data, preprocess=preprocess,
+                     max_samples=max_samples, fidelity=check_fidelity, speed=check_speed)
     fidelity, speed, search = _checked(checks, result, search, warnings)
     report = QuantizeReport(result=result, output=Path(output) if output is not None else None,
                             float_bytes=float_bytes, quant_bytes=len(quant_bytes),
                             calibration_samples=source.samples if source is not None else 0,
                             calibration_batches=source.count if source is not None else 0,
-                            fidelity=fidelity, speed=speed, search=search,
+                            fidelity=fidelity, fidelity_on=checks.fidelity_on, speed=speed, search=search,
                             warnings=tuple(dict.fromkeys([*logged, *warnings])))
     if output is not None:  # written last: an error in the checks above leaves nothing behind
         # the artifact ships with its measured numbers: both files are replaced, or neither
@@ -299,10 +300,15 @@ class _Checks:
     model: ModelSource
     loaded: ir.Model | None  # None: freed by the scheme, loaded again from ``model``
     data: object
+    eval_data: object  # held-out samples for the fidelity check, or None
     preprocess: ImagePreprocess | None
     max_samples: int | None
     fidelity: bool
     speed: bool
+
+    @property
+    def fidelity_on(self) -> str:
+        return "calibration" if self.eval_data is None else "held-out"
 
 
 def _checked(checks: _Checks, result: QuantResult, search: AccuracySearch | None,
@@ -325,24 +331,41 @@ def _checked(checks: _Checks, result: QuantResult, search: AccuracySearch | None
 
 def _checks(checks: _Checks, result: QuantResult,
             warnings: list[str]) -> tuple[CompareResult | None, SpeedCheck | None]:
-    """Fidelity to the float model on the data (when it can be read again) and float vs quantized speed."""
-    data = checks.data
+    """Fidelity to the float model on the held-out data, else on the calibration data (when it can be read
+    again), and float vs quantized speed."""
+    data, held_out = checks.data, checks.eval_data
     reiterable = data is not None and not isinstance(data, Iterator)
-    if checks.fidelity and not reiterable and data is not None:
+    measured = held_out if held_out is not None else data if reiterable else None
+    if checks.fidelity and measured is None and data is not None:
         warnings.append("fidelity check skipped: the calibration data was a one-shot iterator, already read "
-                        "(pass a list, a re-iterable, a folder or a file to have it measured)")
+                        "(pass a list, a re-iterable, a folder or a file to have it measured, or --eval-data)")
     loaded = checks.loaded
-    if loaded is None and ((checks.fidelity and reiterable) or checks.speed):
+    if loaded is None and ((checks.fidelity and measured is not None) or checks.speed):
         loaded = load(checks.model, require_static=False)
-    fidelity = (_fidelity(loaded, result.model, data, checks.preprocess, checks.max_samples)
-                if checks.fidelity and reiterable else None)
-    if fidelity is not None:
-        warnings.extend(_fidelity_warnings(result, fidelity))
+    fidelity = None
+    if checks.fidelity and measured is not None:
+        limit = checks.max_samples if held_out is None else None  # --max-samples limits the calibration data
+        fidelity = _fidelity(loaded, result.model, measured, checks.preprocess, limit)
+        warnings.extend(_fidelity_warnings(result, fidelity, checks.fidelity_on))
     speed = None
     if checks.speed:
-        speed, skipped = _speed_check(loaded, result, data if reiterable else None, checks.preprocess)
+        speed, skipped = _speed_check(loaded, result, data if reiterable else held_out, checks.preprocess)
         warnings.extend(skipped)
     return fidelity, speed
+
+
+def _check_eval_data(eval_data, *, output, goal: AccuracyGoal | None, check_fidelity: bool) -> None:
+    """--eval-data is measured on, more than once with a search, and by something: the fidelity check or
+    the search; it is never written over."""
+    if eval_data is None:
+        return
+    if isinstance(eval_data, Iterator):
+        raise ConfigError("--eval-data is read more than once (each round of the search, the checks), and it is a "
+                          "one-shot iterator (a generator): pass a list, a re-iterable, a folder or a file")
+    if goal is None and not check_fidelity:
+        raise ConfigError("--eval-data is what the fidelity check and the accuracy search measure on, and neither "
+                          "runs: drop it, or keep the fidelity check on")
+    _check_output_outside_data(eval_data, output)
 
 
 def _check_request(model: ModelSource, config: object, data, *, output, preprocess, max_samples,
@@ -398,7 +421,7 @@ def _result_warnings(config: object, result: QuantResult, search: AccuracySearch
     from edgeopt.quant import Int8Config, Target
 
     warnings = []
-    if search is not None and (loose := _loose_goal(search)):
+    if search is not None and (loose := loose_goal(search)):
         warnings.append(loose)
     if search is not None and not search.met:
         warnings.append(f"accuracy goal not met ({search.goal.describe()}): best score "
@@ -408,8 +431,8 @@ def _result_warnings(config: object, result: QuantResult, search: AccuracySearch
                         f"{search.stopped_because}")
     if not isinstance(config, Int8Config):
         return warnings
-    if config.target is Target.MCU and (blocking := _blocks_c(result)):
-        warnings.append(_mcu_float_warning(blocking))
+    if config.target is Target.MCU and (blocking := blocks_c(result)):
+        warnings.append(mcu_float_warning(blocking))
     if not result.tensors:
         why = (f"{count_of(len(result.float_nodes), 'node', 'nodes')} kept float, listed above" if result.float_nodes
                else "it computes nothing from its inputs that int8 could hold: no Conv, Gemm, MatMul or other op "
@@ -426,18 +449,18 @@ def _result_warnings(config: object, result: QuantResult, search: AccuracySearch
     return warnings
 
 
-def _fidelity_warnings(result: QuantResult, fidelity: CompareResult) -> list[str]:
+def _fidelity_warnings(result: QuantResult, fidelity: CompareResult, measured_on: str) -> list[str]:
     """Outputs not measured (inf/NaN, and whose fault), low fidelity, and --equalize-relu6's share of it."""
-    warnings = []
+    warnings, where = [], f"the {measured_on} data"
     unmeasured = [row for row in fidelity.outputs if math.isnan(row.sqnr_db)]
     if float_fault := [row.name for row in unmeasured if not row.reference_finite]:
         warnings.append(f"fidelity of {', '.join(float_fault)} not measured: the float model's outputs hold "
-                        "inf/NaN on the calibration data (check the model and the data's scale)")
+                        f"inf/NaN on {where} (check the model and the data's scale)")
     if quant_fault := [row.name for row in unmeasured if row.reference_finite]:
-        warnings.append(f"output {', '.join(quant_fault)} of the {result.scheme} model holds inf/NaN on the "
-                        "calibration data where the float model's is finite: the model written is broken there; "
+        warnings.append(f"output {', '.join(quant_fault)} of the {result.scheme} model holds inf/NaN on {where} "
+                        "where the float model's is finite: the model written is broken there; "
                         "`edgeopt compare` finds the layer, --exclude keeps it float")
-    return [*warnings, *_low_fidelity(result, fidelity), *_relu6_warning(result, fidelity)]
+    return [*warnings, *low_fidelity(result, fidelity, where), *relu6_warning(result, fidelity)]
 
 
 def _speed_check(loaded: ir.Model, result: QuantResult, data, preprocess) -> tuple[SpeedCheck | None, list[str]]:
@@ -453,88 +476,6 @@ def _speed_check(loaded: ir.Model, result: QuantResult, data, preprocess) -> tup
         logger.info("the quantized model is slower than float here (%.3f ms vs %.3f ms): %s", speed.quant_ms,
                     speed.float_ms, "; ".join(speed.reasons or ("no cause found",)))
     return speed, []
-
-
-def _loose_goal(search: AccuracySearch) -> str | None:
-    """A warning when --max-drop is as large as the float model's (positive) score: any model scoring 0 or
-    more meets it, the sign of a score in other units than the drop (a fraction, 0.978, with --max-drop 1
-    meant as one point of accuracy)."""
-    drop, score = search.goal.max_drop, search.float_score
-    if drop is None or not (math.isfinite(score) and 0 < score <= drop):
-        return None
-    hint = (f"if --eval returns a fraction ({score:.4g} for {score * 100:.4g} %), one point is --max-drop 0.01"
-            if score <= 1 else "give the drop in the units of the score")
-    return (f"--max-drop {drop:g} is as large as the float model's score itself ({score:.4g}): any model scoring 0 "
-            f"or more meets it; {hint}")
-
-
-def _blocks_c(result: QuantResult) -> list:
-    """The float nodes edgeopt compile cannot lower: every one but a data-movement op (an Identity
-    passing an input on to an output), which the C does as a copy of the int8 values."""
-    from edgeopt.runtime.reference.lower import MOVEMENT_OPS
-
-    return [node for node in result.float_nodes if _kept(node) or node.op_type not in MOVEMENT_OPS]
-
-
-def _kept(node) -> bool:
-    """Whether the user (--exclude) or the accuracy search kept this node float."""
-    return node.reason.startswith(_KEPT_REASONS)
-
-
-def _relu6_warning(result: QuantResult, fidelity: CompareResult) -> list[str]:
-    """A warning when most of the int8 model's error is --equalize-relu6's change of the float model."""
-    change = result.details.get("relu6_float_sqnr_db")
-    measured = [row.sqnr_db for row in fidelity.outputs if row.signal and math.isfinite(row.sqnr_db)]
-    if change is None or not measured or change > min(measured) + RELU6_DOMINATES_DB:
-        return []
-    return [f"most of the int8 model's error is --equalize-relu6's change of the float model itself: its outputs "
-            f"are at {change:.1f} dB SQNR against the original's, the int8 model's at {min(measured):.1f} dB; "
-            "--equalize keeps the float model"]
-
-
-def _mcu_float_warning(float_nodes) -> str:
-    """What float nodes mean for the mcu target: no C (compile lowers all-int8 models only), and why."""
-    names = [f.node_name for f in float_nodes]
-    listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-    text = (f"{count_of(len(names), 'node stays', 'nodes stay')} float ({listed}): "
-            "edgeopt compile lowers all-int8 models only, so this model runs in ONNX Runtime but cannot become C")
-    if any(_kept(f) for f in float_nodes):
-        text += "; drop --exclude (or the accuracy goal) for the mcu target"
-    if any("gelu" in f.reason.lower() for f in float_nodes):
-        text += "; a spelled-out GELU becomes one Gelu op (an int8 lookup table) when exported at opset 20 or later"
-    return text
-
-
-def _low_fidelity(result: QuantResult, fidelity: CompareResult) -> list[str]:
-    """A warning for each output whose SQNR against the float model is below LOW_FIDELITY_DB, with
-    what to do about it (and the cause when edgeopt made one: ReLU6 turned into ReLU)."""
-    warnings = []
-    for row in fidelity.outputs:
-        if not row.sqnr_db < LOW_FIDELITY_DB or not row.signal:  # NaN: told above; class indices: agreement
-            continue
-        text = (f"output {row.name}: SQNR {row.sqnr_db:.1f} dB against the float model on the calibration data "
-                f"(below {LOW_FIDELITY_DB:g} dB: the {result.scheme} model's outputs are far from the float "
-                "model's)")
-        replaced = result.details.get("relu6_replaced", ())
-        if replaced:
-            text += (f"; --equalize-relu6 turned {len(replaced)} ReLU6 into ReLU, which changes the float model "
-                     "itself wherever a value exceeds 6: try --equalize instead")
-        elif result.scheme in ("int8", "uint8"):
-            from edgeopt.quant import Int8Config
-
-            config = result.config
-            rounds = not (isinstance(config, Int8Config) and (config.gptq or config.adaround))
-            text += ("; `edgeopt compare` shows the layers where the error arises, "
-                     + ("--gptq rounds the weights for the least output error, " if rounds else "")
-                     + "and --min-sqnr DB or --exclude returns the worst to float")
-        elif result.scheme == "int4":
-            text += ("; `edgeopt compare` shows the layers where the error arises, and --min-sqnr DB or --exclude "
-                     "returns the worst to float")
-        else:  # fp16 keeps the nodes of out-of-range weights and (with data) activations float32 already
-            text += ("; `edgeopt compare` shows the layers where the error arises, and --exclude keeps the nodes "
-                     "you name in float32")
-        warnings.append(text)
-    return warnings
 
 
 def _float_bytes(model: ModelSource, loaded: ir.Model) -> int:
@@ -556,7 +497,7 @@ FIDELITY_SAMPLES = 64
 
 def _fidelity(float_model: ir.Model, quant_model: ir.Model, data, preprocess,
               max_samples: int | None) -> CompareResult:
-    """Fidelity on the first calibration batches: at most 64, and no more than ``--max-samples``;
+    """Fidelity on the first batches of ``data``: at most 64, and no more than ``max_samples``;
     per-layer rows as ``compare`` gives them (against the float model after the same float passes)."""
     from edgeopt.quant.compare import compare_models
 

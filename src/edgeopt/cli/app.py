@@ -320,6 +320,9 @@ def quantize(
     min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", metavar="DB",
                                                       help="Without labels: the same loop until the output SQNR "
                                                            "against the float model reaches DB.")] = None,
+    eval_data: Annotated[Optional[str], typer.Option(
+        "--eval-data", help="Held-out samples (as --data takes them) that the fidelity check and --min-sqnr "
+                            "measure on, instead of the calibration data the ranges were fitted to.")] = None,
     time_budget: Annotated[Optional[str], typer.Option("--time-budget", help="Limit of the accuracy loop, e.g. "
                                                                              "90s, 10m, 1h (default 10m).")] = None,
     preprocess: PreprocessOption = None,
@@ -345,7 +348,7 @@ def quantize(
     with progress_bar("calibrating" if goal is None else "accuracy search") as update, quiet:
         try:
             report = api.quantize(model, config, data, output=output, max_samples=max_samples, goal=goal,
-                                  evaluate=evaluate, preprocess=parse_preprocess(preprocess),
+                                  evaluate=evaluate, eval_data=eval_data, preprocess=parse_preprocess(preprocess),
                                   check_speed=speed_check, progress=update)
         except Interrupted as stop:  # the best model found so far, written: shown, then the stop goes on
             report = stop.partial
@@ -411,7 +414,8 @@ def _render_search(search) -> None:
                        f"{count_of(len(search.best_excluded), 'node', 'nodes')} "
                        f"{search.kept_where}: {added}")
     passes = count_of(search.calibration_passes, "calibration pass", "calibration passes")
-    state.stdout.print(f"{count_of(len(search.steps), 'round', 'rounds')}, {passes} over the data")
+    state.stdout.print(f"{count_of(len(search.steps), 'round', 'rounds')}, {passes} over the data; each round "
+                       f"compared on the {search.measured_on} data")
 
 
 def _returned_text(step) -> str:
@@ -481,7 +485,7 @@ def _render_quantize(report: api.QuantizeReport) -> None:
                                        f"{in_batches(report.calibration_samples, report.calibration_batches)}")
     if report.fidelity is not None:
         fidelity = report.fidelity
-        counted = (f"{count_of(fidelity.rows, 'calibration sample', 'calibration samples')}"
+        counted = (f"{count_of(fidelity.rows, f'{report.fidelity_on} sample', f'{report.fidelity_on} samples')}"
                    f"{in_batches(fidelity.rows, fidelity.samples)}")
         for out in fidelity.outputs:
             if not out.signal:  # class indices: how many are equal, nothing else
