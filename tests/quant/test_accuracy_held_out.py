@@ -92,10 +92,20 @@ def test_held_out_data_that_cannot_serve_is_refused_before_anything_runs(tmp_pat
     with pytest.raises(ConfigError, match="neither runs"):
         edgeopt.quantize(model, Int8Config(), _calibration(), eval_data=_held_out(), check_fidelity=False,
                          output=out)
+    read = []
+
+    class Calibration:  # records whether the calibration ran
+        def __iter__(self):
+            read.append(True)
+            return iter(_calibration())
+
+    # a wrong input name in the held-out samples is found before the calibration, not after it
     with pytest.raises(DataError, match="'y'"):
-        edgeopt.quantize(model, Int8Config(), _calibration(), eval_data=[{"y": np.zeros(SHAPE, np.float32)}],
+        edgeopt.quantize(model, Int8Config(), Calibration(), eval_data=[{"y": np.zeros(SHAPE, np.float32)}],
                          output=out)
-    assert not out.exists()
+    with pytest.raises(DataError, match="--eval-data gave no samples"):
+        edgeopt.quantize(model, Int8Config(), Calibration(), eval_data=[], output=out)
+    assert not read and not out.exists()
 
 
 @pytest.fixture

@@ -255,7 +255,7 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
     loaded = load(model, require_static=False)
     float_bytes = _float_bytes(model, loaded)
     source = _CountingSource(calibration_source(loaded, data, preprocess, max_samples)) if data is not None else None
-    held_out = calibration_source(loaded, eval_data, preprocess, None) if eval_data is not None else None
+    held_out = _opened_eval_data(loaded, eval_data, preprocess)
     _check_goal(config, data, goal, evaluate)
     search = None
     if goal is not None:
@@ -352,6 +352,17 @@ def _checks(checks: _Checks, result: QuantResult,
         speed, skipped = _speed_check(loaded, result, data if reiterable else held_out, checks.preprocess)
         warnings.extend(skipped)
     return fidelity, speed
+
+
+def _opened_eval_data(model: ir.Model, eval_data, preprocess: ImagePreprocess | None):
+    """--eval-data opened, its first sample checked against the model's inputs now rather than after the
+    calibration; None when not given."""
+    if eval_data is None:
+        return None
+    source = calibration_source(model, eval_data, preprocess, None)
+    if next(iter(source), None) is None:
+        raise DataError("--eval-data gave no samples: point it at at least one held-out sample")
+    return source
 
 
 def _check_eval_data(eval_data, *, output, goal: AccuracyGoal | None, check_fidelity: bool) -> None:
