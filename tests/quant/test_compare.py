@@ -57,33 +57,80 @@ def test_layers_are_sorted_worst_first(result):
 
 
 def test_each_row_says_how_much_was_lost_inside_the_node_writing_it(result, mobilenet):
-    # a row's SQNR is cumulative (the last layers rank worst); "lost" is where the error arises: for a
-    # node reading a quantized weight (a conv), the worst SQNR of its quantized inputs minus its output's;
-    # for one reading none (an Add of two activations), what its output's Q/DQ pair rounds off what it
-    # computed from its quantized inputs, measured on the tensor it writes before that pair
+    # a row's SQNR is cumulative (the last layers rank worst); "lost" is where the error arises: what the
+    # node computed from its quantized inputs (computed_sqnr_db) against what it wrote. For a node reading a
+    # quantized weight (a conv) that is its float twin, the float model's conv fed the quantized inputs; for
+    # one reading none (an Add of two activations), the tensor it writes before its output's Q/DQ pair
     import onnx_ir as ir
 
-    from edgeopt.quant.compare import quantized_input_names
+    from edgeopt.quant.compare_matching import fused_chain, reads_quantized_constant
 
     quant = ir.load(str(mobilenet[1]))
     values = {v.name: v for node in quant.graph for v in node.outputs}
-    sqnr = {row.tensor: row.sqnr_db for row in result.layers}
     measured = [row for row in result.layers if row.lost_db is not None]
     assert len(measured) >= len(result.layers) - 2  # the graph input has no node, hence no loss
-    weighted = [row for row in measured if row.computed_sqnr_db is None]
-    unweighted = [row for row in measured if row.computed_sqnr_db is not None]
-    assert "Conv" in {values[row.tensor].producer().op_type for row in weighted}
-    assert {values[row.tensor].producer().op_type for row in unweighted} >= {"Add", "GlobalAveragePool", "Flatten"}
-    for row in weighted:
-        inputs = [sqnr[name] for name in quantized_input_names(values[row.tensor].producer()) if name in sqnr]
-        if inputs:  # a conv whose Relu ORT's quantizer dropped: the row is the conv's own
-            assert row.lost_db == pytest.approx(min(inputs) - row.sqnr_db)
-    for row in unweighted:
+
+    def weighted(row) -> bool:
+        node = values[row.tensor].producer()
+        return any(map(reads_quantized_constant, fused_chain(node) or [node]))
+
+    assert "Conv" in {values[row.tensor].producer().op_type for row in measured if weighted(row)}
+    assert {values[row.tensor].producer().op_type for row in measured if not weighted(row)} >= {
+        "Add", "GlobalAveragePool", "Flatten"}
+    # ORT's quantizer keeps the names: every row has what its node computed, weighted or not
+    assert all(row.computed_sqnr_db is not None for row in measured)
+    for row in measured:
         assert row.lost_db == pytest.approx(row.computed_sqnr_db - row.sqnr_db)
-        assert row.lost_db > -0.1  # a rounding adds error, bar chance
+        assert row.lost_db > -0.1, row  # a rounding adds error, bar chance
         if row.op_type == "Flatten":  # moves values only, on the scale it reads: nothing to round
             assert row.lost_db == 0.0
     assert json.loads(json.dumps(result.to_dict()))["layers"][0]["lost_db"] is not None
+
+
+def test_a_weighted_layer_is_measured_against_its_float_twin_on_the_same_quantized_input(tmp_path):
+    # conv2 + its Relu, as the float model has them, run on what the int8 model feeds conv2 (relu1's output,
+    # dequantized): its SQNR against the float model is the error conv2 received, not the error it made
+    import edgeopt
+    from edgeopt.quant.config import Int8Config
+    from edgeopt.runtime.ort import OrtSession, observing_session
+    from tests.quant.int8_models import GraphBuilder, batches
+
+    g = GraphBuilder(seed=5)
+    x = g.node("Relu", [g.conv("x", 3, 8, "conv1")], "relu1")
+    x = g.node("Relu", [g.conv(x, 8, 8, "conv2")], "relu2")
+    flat = g.node("Flatten", [g.node("GlobalAveragePool", [x], "pool")], "flat")
+    model = g.model([g.node("Gemm", [flat, g.weight("fc.w", (4, 8)), g.weight("fc.b", (4,))], "fc", transB=1)],
+                    (1, 3, 8, 8))
+    data = batches((1, 3, 8, 8), 8, seed=1)
+    quantized = edgeopt.quantize(model, Int8Config(), data, check_speed=False, check_fidelity=False).model
+    result = compare_models(model, quantized, data)
+    row = next(row for row in result.layers if row.tensor == "relu2")
+
+    relu1 = next(row for row in result.layers if row.tensor == "relu1").quant_tensor
+    fed = observing_session(quantized, [relu1])
+    second = g.model([x], (1, 3, 8, 8))  # the same builder's graph: conv2's float weights
+    float_relu2 = observing_session(model, ["relu2"])
+    twin_onnx = onnx.helper.make_model(onnx.helper.make_graph(
+        [n for n in onnx.load_model_from_string(_bytes(second)).graph.node if n.name in ("conv2", "relu2")],
+        "twin", [onnx.helper.make_tensor_value_info("relu1", onnx.TensorProto.FLOAT, None)],
+        [onnx.helper.make_tensor_value_info("relu2", onnx.TensorProto.FLOAT, None)],
+        [t for t in onnx.load_model_from_string(_bytes(second)).graph.initializer if t.name.startswith("conv2")]),
+        opset_imports=[onnx.helper.make_opsetid("", 17)])
+    twin = OrtSession(ir.from_proto(twin_onnx))
+    signal = noise = 0.0
+    for feed in data:
+        reference = float_relu2.run(feed, ["relu2"])["relu2"].astype(np.float64)
+        computed = twin.run({"relu1": fed.run(feed, [relu1])[relu1]})["relu2"]
+        signal, noise = signal + np.sum(reference ** 2), noise + np.sum((reference - computed) ** 2)
+    assert row.computed_sqnr_db == pytest.approx(10 * np.log10(signal / noise), abs=1e-3)
+    assert row.lost_db == pytest.approx(row.computed_sqnr_db - row.sqnr_db)
+    assert row.lost_db > 0
+
+
+def _bytes(model) -> bytes:
+    from edgeopt.io import model_to_bytes
+
+    return model_to_bytes(model)
 
 
 def test_a_selected_row_carries_its_error_in_and_loses_nothing(tmp_path):
@@ -582,3 +629,21 @@ def test_a_relu_ort_dropped_after_an_add_is_not_measured_on_the_unclamped_sum(tm
             if row.tensor.endswith("features.5/Relu_output_0")]
     assert len(rows) == 1 and rows[0].lost_db > -10
     assert rows[0].computed_sqnr_db is None or rows[0].computed_sqnr_db > rows[0].sqnr_db - 1
+
+
+def test_no_float_twin_is_built_where_equalization_rescaled_the_tensors(tmp_path):
+    # --equalize divides channels of conv1's output by s and multiplies conv2's weights by s: the float
+    # model's conv2 fed the quantized (rescaled) input computes something else, so those rows keep the
+    # input-minus-output measure, and the other layers still get their twins
+    import edgeopt
+    from edgeopt.quant.rescaled import read_rescaled
+
+    path = build_onnx("mobilenet_v2", tmp_path)
+    data = _samples(8, seed=1)
+    quantized = edgeopt.quantize(path, edgeopt.Int8Config(equalize=True), data, check_speed=False,
+                                 check_fidelity=False).model
+    rescaled = read_rescaled(quantized)
+    result = edgeopt.compare(path, quantized, data)
+    assert rescaled and all(row.computed_sqnr_db is None for row in result.layers if row.tensor in rescaled)
+    twinned = [row for row in result.layers if row.op_type == "Conv" and row.computed_sqnr_db is not None]
+    assert len(twinned) >= 3 and all(row.lost_db > -0.1 for row in twinned)

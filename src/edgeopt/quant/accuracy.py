@@ -9,11 +9,11 @@ calibration data, or on held-out samples when given (goal ``sqnr >= min_sqnr_db`
 Each round quantizes with the current exclusion set, measures the metric, and
 if it misses the goal measures every quantized activation against the float
 model (:func:`edgeopt.quant.compare.compare_models`). The damage a node does is
-measured, not guessed: the decibels of fidelity lost inside that node, as
-compare's "lost dB" gives them (the SQNR of its quantized inputs minus the SQNR
-of its output for a node reading a quantized weight; for one reading none, only
-what its output's Q/DQ pair rounds off what it computed: the error a LayerNorm
-scales up came in with its input). The node with the
+measured, not guessed: the decibels of fidelity lost inside that node
+(:mod:`edgeopt.quant.accuracy_damage`: the SQNR of its quantized inputs minus the
+SQNR of its output for a node reading a quantized weight; for one reading none,
+only what its output's Q/DQ pair rounds off what it computed, as compare's "lost
+dB": the error a LayerNorm scales up came in with its input). The node with the
 largest damage goes back to float and the next round starts. The loop ends
 when the goal is met, the time budget would be exceeded by another round, or
 no quantized node is left; the best model seen is returned either way, with
@@ -265,7 +265,7 @@ class _Search:
         # (~140 dB apart: a 200 dB goal went unmet by the float model itself, measured inf once written)
         reference = self.float_reference if result.tensors else None
         return compare_models(self.base, result.model, self.measure_data, max_samples=FIDELITY_SAMPLES,
-                              float_reference=reference)
+                              float_reference=reference, float_twins=False)  # (not what it ranks layers by)
 
     def score(self, quant_model: ir.Model, comparison: CompareResult) -> float:
         if self.evaluate is not None:

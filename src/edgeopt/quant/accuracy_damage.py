@@ -2,7 +2,12 @@
 
 int8: a node's damage is the decibels of SQNR lost inside it (:func:`node_damage`): for a node reading no
 quantized constant, what its output's Q/DQ pair rounds off what it computed; for any other, the SQNR of its
-quantized inputs minus that of its output. A float node's quantized output charges the nodes reading it,
+quantized inputs minus that of its output. (``compare`` measures the latter against the layer's float twin
+instead, fed the same quantized inputs: a truer account of where error arises, but as a ranking it did worse on
+``benchmarks/accuracy_search.py``, which runs the search on eight test architectures: efficientnet missed its
+goal with 5 nodes float where the drop from the inputs meets it with 2, and BERT kept 22 nodes float instead of 8.
+Returning a layer to float also takes the rounding off the inputs only it reads, which the drop counts and the
+twin does not.) A float node's quantized output charges the nodes reading it,
 since returning the float node itself would change nothing. Weight-only (int4): a layer's damage is the noise,
 relative to the signal, it adds inside (:func:`weight_damage`), from its output's and its input's SQNR,
 their rows matched by name.
@@ -17,7 +22,8 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.quant.compare import CompareResult
-from edgeopt.quant.compare_matching import carried_value, computed_from, fused_chain, quantized_input_names
+from edgeopt.quant.compare_matching import (carried_value, computed_from, fused_chain, quantized_input_names,
+                                            reads_quantized_constant)
 from edgeopt.quant.fallback import past_fallback_casts
 from edgeopt.quant.ops import is_qdq_op
 from edgeopt.quant.placement import (DATA_MOVEMENT_OPS, READ_IN_FLOAT, readers_behind_qdq,
@@ -140,8 +146,10 @@ def _int8_damage(head: ir.Node, fused: list[ir.Node], sqnr: dict[str, float], sq
     A node reading no quantized constant (an Add of two activations, a Softmax, a LayerNorm kept float;
     ``computed_db``: the SQNR of what it computes before its output's Q/DQ pair) adds only that pair's
     rounding: the error it scales up came in with its inputs. Any other node: the worst SQNR of its
-    quantized inputs minus its output's. An exact computation (inf dB, a shape's arithmetic) ranks by
-    its output's SQNR alone, last."""
+    quantized inputs minus its output's (not its float twin's ``computed_db``: see the module docstring).
+    An exact computation (inf dB, a shape's arithmetic) ranks by its output's SQNR alone, last."""
+    if any(map(reads_quantized_constant, fused or [head])):
+        computed_db = None
     input_sqnr = [sqnr[name] for name in quantized_input_names(head) if name in sqnr]
     upstream = computed_db if computed_db is not None else min(input_sqnr, default=math.inf)
     if not math.isfinite(upstream):
@@ -149,8 +157,8 @@ def _int8_damage(head: ir.Node, fused: list[ir.Node], sqnr: dict[str, float], sq
     damage = upstream - sqnr_db
     if computed_db is not None:
         return damage, f"output SQNR {sqnr_db:.1f} dB, {damage:.1f} dB lost to its output's rounding"
-    inside = f"the node and its fused {'+'.join(n.op_type for n in fused[1:])}" if fused else "the node"
-    return damage, f"output SQNR {sqnr_db:.1f} dB, {damage:.1f} dB lost inside {inside}"
+    with_fused = f" (with its fused {'+'.join(n.op_type for n in fused[1:])})" if fused else ""
+    return damage, f"output SQNR {sqnr_db:.1f} dB, {damage:.1f} dB below its quantized inputs'{with_fused}"
 
 
 def _computing_readers(node: ir.Node) -> list[ir.Node]:

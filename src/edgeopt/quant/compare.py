@@ -47,6 +47,7 @@ from edgeopt.quant.compare_matching import (OutputCodes, TensorMatch, carried_va
                                             match_pairs, match_tensors, may_hold_original, missing_qdq_note,
                                             output_codes, quantized_input_names, value_names)
 from edgeopt.quant.compare_runs import Runs, comparison_runs
+from edgeopt.quant.compare_twins import float_weight_twins
 from edgeopt.quant.rescaled import Rescaled, read_rescaled
 
 __all__ = [
@@ -88,7 +89,8 @@ class LayerComparison:
     cosine: float
     max_abs_error: float
     lost_db: float | None = None  # SQNR lost inside the node writing it (see _with_losses)
-    # for a node reading no quantized constant: the SQNR of what it computes before its output's Q/DQ pair
+    # the SQNR of what the node computes from its quantized inputs: before its output's Q/DQ pair, or (a node
+    # reading a quantized weight) its float twin's output
     computed_sqnr_db: float | None = None
 
     def to_dict(self) -> dict:
@@ -306,7 +308,8 @@ class _Meters:
 
 def compare_models(float_model: ModelSource, quant_model: ModelSource, data: object, *,
                    original: ModelSource | None = None, max_samples: int | None = None,
-                   progress: Progress | None = None, float_reference: FloatReference | None = None) -> CompareResult:
+                   progress: Progress | None = None, float_reference: FloatReference | None = None,
+                   float_twins: bool = True) -> CompareResult:
     """Per-layer SQNR/cosine/max error of ``quant_model``'s activations, and output-level metrics.
 
     The output rows are those of ``quant_model`` run as is (ONNX Runtime's
@@ -322,7 +325,9 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     takes; ``max_samples`` limits the batches read; ``progress(done, total)``
     is called per batch (``total`` is None when the source does not know its
     length). ``float_reference``: one of ``float_model`` (the same object) kept from an earlier comparison
-    on the same data, which answers for it without running it again.
+    on the same data, which answers for it without running it again. ``float_twins``: measure what a layer
+    reading a quantized weight loses against its float twin (:mod:`edgeopt.quant.compare_twins`); without
+    them, as the accuracy search ranks it, by the drop from its quantized inputs.
     """
     float_ir, quant_ir = _load(float_model), _load(quant_model)
     if float_reference is not None and float_reference.model is not float_ir:  # its tensors would be another's
@@ -338,9 +343,14 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     source = open_data(data, eir.model_inputs(float_ir))
     source = take(source, max_samples) if max_samples is not None else source
     computed = {} if by_name else computed_before_quantizing(quant_ir, matches)
-    meters = _Meters(matches, outputs, read_rescaled(quant_ir), output_codes(float_ir, quant_ir, outputs), computed)
+    rescaled = read_rescaled(quant_ir)
+    # a layer reading a quantized weight: what its float twin computes from the same quantized inputs
+    layer_model, twins = ((quant_ir, {}) if by_name or not float_twins else
+                          float_weight_twins(float_ir, quant_ir, matches, skip=computed, rescaled=rescaled))
+    computed |= twins
+    meters = _Meters(matches, outputs, rescaled, output_codes(float_ir, quant_ir, outputs), computed)
     runs = comparison_runs(float_ir, quant_ir, matches, outputs, original_ir, float_reference,
-                           [name for name in computed.values() if name is not None])
+                           [name for name in computed.values() if name is not None], layer_model=layer_model)
     _stream(source, runs, meters, progress)
     if meters.samples == 0:
         raise DataError("the data gave no samples: point --data at at least one sample")
@@ -373,8 +383,11 @@ def _with_losses(quant_model: ir.Model, rows: list[LayerComparison], by_name: bo
       activations; ``carried``: the SQNR of what it computes before its output's Q/DQ pair) loses only
       what that pair rounds: a Gather of the class token at 18 dB from a sequence at 29 dB lost nothing,
       and a LayerNorm that scales a badly quantized row up loses nothing either, the error came in;
-    * a node reading a quantized weight (a conv, a Gemm): the worst SQNR of its quantized inputs
-      (``by_name``: of its inputs, a model input exact) minus its output's.
+    * a node reading a quantized weight (a conv, a Gemm; ``carried``: the SQNR of its float twin, fed the
+      same quantized inputs, :mod:`edgeopt.quant.compare_twins`) loses its weights' rounding and its
+      output's; where no twin could be built (tensors a float rewrite rescaled, a model compared by name),
+      the worst SQNR of its quantized inputs (``by_name``: of its inputs, a model input exact) minus its
+      output's.
 
     An input quantized exactly (inf dB) and an output that is not leaves it all lost inside (inf)."""
     carried = carried or {}

@@ -46,6 +46,7 @@ __all__ = [
     "compared_by_name",
     "computed_before_quantizing",
     "computed_from",
+    "dequantizes_constant",
     "fused_chain",
     "match_names",
     "match_tensors",
@@ -54,6 +55,7 @@ __all__ = [
     "missing_qdq_note",
     "output_codes",
     "quantized_input_names",
+    "reads_quantized_constant",
     "value_names",
 ]
 
@@ -399,7 +401,7 @@ def computed_before_quantizing(quant_model: ir.Model, matches: list[TensorMatch]
             continue
         if match.op_type in _RANGE_CLAMPS and node.op_type not in _RANGE_CLAMPS:
             continue  # a Relu the quantizer dropped (ORT's after an Add): what comes before the pair is unclamped
-        if not any(map(_reads_quantized_constant, fused_chain(node) or [node])):
+        if not any(map(reads_quantized_constant, fused_chain(node) or [node])):
             exact = _moves_on_one_grid(node, values[match.quant_name].producer())
             computed[match.float_name] = None if exact else before.name
     return computed
@@ -428,23 +430,26 @@ def _same_grid(first: ir.Node, second: ir.Node) -> bool:
     return True
 
 
-def _reads_quantized_constant(node: ir.Node) -> bool:
+def reads_quantized_constant(node: ir.Node) -> bool:
     """Whether ``node`` reads a weight, bias or other constant quantized (through a DequantizeLinear, or a
     packed weight-only op's): its own output then carries that constant's rounding."""
     if node.op_type in WEIGHT_ONLY_OPS or node.domain not in ("", "ai.onnx"):
         return True
-    for value in node.inputs:
-        dequantize = value.producer() if value is not None else None
-        if is_float16_cast(dequantize):
-            dequantize = dequantize.inputs[0].producer()
-        if not is_qdq_op(dequantize, "DequantizeLinear"):
-            continue
-        source = dequantize.inputs[0]
-        quantize_node = source.producer()
-        if eir.is_constant(source) or (is_qdq_op(quantize_node, "QuantizeLinear")
-                                       and eir.is_constant(quantize_node.inputs[0])):
-            return True
-    return False
+    return any(map(dequantizes_constant, node.inputs))
+
+
+def dequantizes_constant(value: ir.Value | None) -> bool:
+    """Whether ``value`` is a quantized constant, dequantized (through the Cast to float16 of
+    ``--fallback fp16``): an int8 initializer's DequantizeLinear, or a Q -> DQ pair of a float one."""
+    dequantize = value.producer() if value is not None else None
+    if is_float16_cast(dequantize):
+        dequantize = dequantize.inputs[0].producer()
+    if not is_qdq_op(dequantize, "DequantizeLinear"):
+        return False
+    source = dequantize.inputs[0]
+    quantize_node = source.producer()
+    return eir.is_constant(source) or (is_qdq_op(quantize_node, "QuantizeLinear")
+                                       and eir.is_constant(quantize_node.inputs[0]))
 
 
 def quantized_input_names(node: ir.Node) -> list[str]:

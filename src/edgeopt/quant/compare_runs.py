@@ -71,11 +71,12 @@ def _float32_outputs(model: ir.Model) -> ir.Model:
 
 def comparison_runs(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatch], outputs: list[str],
                     original: ir.Model | None = None, float_reference: FloatReference | None = None,
-                    before_quantizing: Sequence[str] = ()) -> Runs:
+                    before_quantizing: Sequence[str] = (), *, layer_model: ir.Model | None = None) -> Runs:
     """The float model with its matched tensors exposed, or ``float_reference`` of it (and the original
     float model with those that are its); the quantized model as is, for the outputs; and the quantized
-    model with its matched DQ outputs exposed, for the per-layer rows, and the tensors ``before_quantizing``
-    (what a node writes before a Q/DQ pair)."""
+    model (or ``layer_model``, it with float-weight twins added) with its matched DQ outputs exposed, for
+    the per-layer rows, and the tensors ``before_quantizing`` (what a node writes before a Q/DQ pair, or
+    its twin)."""
     from edgeopt.runtime.ort import OrtSession, observing_session
 
     float_specs = {s.name: s.dtype for s in eir.model_inputs(float_model)}
@@ -91,7 +92,8 @@ def comparison_runs(float_model: ir.Model, quant_model: ir.Model, matches: list[
     return Runs(float_session=float_session,
                  float_names=list(dict.fromkeys([*outputs, *float_names])),
                  output_session=OrtSession(_float32_outputs(quant_model)), outputs=outputs,
-                 layer_session=observing_session(quant_model, layer_names) if layer_names else None,
+                 layer_session=(observing_session(layer_model or quant_model, layer_names) if layer_names
+                                else None),
                  layer_names=layer_names, quant_float_inputs=recast,
                  original_session=observing_session(original, original_names) if original_names else None,
                  original_names=original_names)

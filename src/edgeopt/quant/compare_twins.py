@@ -1,0 +1,155 @@
+"""Float-weight twins: what a quantized layer would compute from its quantized inputs with its float weights.
+
+A row of ``compare`` holds the error of a tensor from every layer before it. For
+a layer reading a quantized weight (a conv, a Gemm), the error arising inside it
+is its weights' rounding and its output's; the error of its inputs, scaled
+by its arithmetic, is not its own. Its own share shows against a *twin*: the
+float model's nodes computing the same tensor (the conv and the Relu fused with
+it), copied into the quantized model and fed the quantized model's
+dequantized activations in place of the float model's tensors. With ``y`` the
+float tensor, ``y_t`` the twin's and ``y_q`` the quantized one::
+
+    carried = SQNR(y, y_t)    # the inputs' error, through the layer's float arithmetic
+    lost    = carried - SQNR(y, y_q)
+
+so a layer that averages its inputs' noise away is not credited with the gain
+(the old measure, worst input SQNR minus output SQNR, could be negative), and
+one that amplifies it is not blamed for it.
+
+A twin is built only where it computes the same function: the float nodes
+between the tensors the quantized layer's activations stand for and the
+tensor it writes, of the same op types but for a Relu or Clip a quantizer
+dropped (its Q range clamps); none where a float rewrite (equalization,
+SmoothQuant) rescaled those tensors, since the float weights are then not
+those the quantized layer approximates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+from edgeopt.quant.compare_matching import (TensorMatch, carried_value, dequantizes_constant, fused_chain,
+                                            reads_quantized_constant, value_names)
+
+__all__ = ["TWIN_SUFFIX", "float_weight_twins"]
+
+#: Appended to the names of a twin's nodes, values and constants in the quantized model.
+TWIN_SUFFIX = "__edgeopt_twin"
+#: The longest float chain copied for one row (a Conv, a BatchNormalization left unfolded, a Relu).
+_MAX_CHAIN = 4
+_CLAMPS = ("Relu", "Clip")
+
+
+def float_weight_twins(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatch],
+                       skip: Collection[str] = (), rescaled: Collection[str] = ()) -> tuple[ir.Model, dict[str, str]]:
+    """``quant_model`` (a copy, when a twin was added) with a twin for every match written by a layer reading
+    a quantized constant, and float name -> the twin's output name in it. ``skip``: float names measured
+    otherwise; ``rescaled``: float names of tensors a float rewrite rescaled (no twin touches one)."""
+    by_quant_name = {m.quant_name: m for m in matches}
+    float_values, quant_values = value_names(float_model.graph), value_names(quant_model.graph)
+    order = {node: index for index, node in enumerate(float_model.graph)}
+    plans: list[tuple[TensorMatch, list[ir.Node], dict[str, str]]] = []
+    for match in matches:
+        if match.float_name in skip or match.original or match.float_name in rescaled:
+            continue
+        frontier = _quantized_chain_inputs(quant_values.get(match.quant_name), by_quant_name)
+        if not frontier or any(name in rescaled for name in frontier):
+            continue
+        chain = _float_chain(float_values.get(match.float_name), frontier, order)
+        if chain and _same_computation(chain, quant_values[match.quant_name]):
+            plans.append((match, chain, frontier))
+    if not plans:
+        return quant_model, {}
+    model = quant_model.clone()
+    values, constants = value_names(model.graph), {}  # constants: one copy each, however many twins read it
+    twins = {match.float_name: _copy_chain(model.graph, chain, {f: values[q] for f, q in frontier.items()},
+                                           constants)
+             for match, chain, frontier in plans}
+    return model, twins
+
+
+def _quantized_chain_inputs(value: ir.Value | None, by_quant_name: Mapping[str, TensorMatch]) -> dict[str, str]:
+    """Float name -> DQ output name for each activation input of the chain writing ``value`` (a DQ output),
+    when that chain reads a quantized constant and every activation it reads is a matched DQ output."""
+    before = carried_value(value)
+    node = before.producer() if before is not None else None
+    if node is None:
+        return {}
+    chain = fused_chain(node) or [node]
+    if not any(map(reads_quantized_constant, chain)):
+        return {}
+    frontier = {}
+    for input_value in chain[0].inputs:
+        if input_value is None or eir.is_constant(input_value) or dequantizes_constant(input_value):
+            continue
+        match = by_quant_name.get(input_value.name)
+        if match is None:
+            return {}  # an activation read in float, or not matched: the twin would not be fed as the layer is
+        frontier[match.float_name] = match.quant_name
+    return frontier
+
+
+def _float_chain(value: ir.Value | None, frontier: Mapping[str, str], order: Mapping[ir.Node, int]) -> list[ir.Node]:
+    """The float model's nodes computing ``value`` from the ``frontier`` tensors and constants, in the
+    graph's order; [] when they read anything else, hold a subgraph, or are more than :data:`_MAX_CHAIN`."""
+    chain: set[ir.Node] = set()
+    pending = [value]
+    while pending:
+        current = pending.pop()
+        if current is None or current.name in frontier or eir.is_constant(current):
+            continue
+        node = current.producer()
+        if node is None or node.graph is None or len(chain) == _MAX_CHAIN or _holds_subgraph(node):
+            return []
+        if node not in chain:
+            chain.add(node)
+            pending += list(node.inputs)
+    reached = {v.name for node in chain for v in node.inputs if v is not None}
+    return sorted(chain, key=order.__getitem__) if set(frontier) <= reached else []
+
+
+def _holds_subgraph(node: ir.Node) -> bool:
+    return any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values())
+
+
+def _same_computation(chain: list[ir.Node], quantized: ir.Value) -> bool:
+    """Whether the float ``chain`` computes what the quantized chain writing ``quantized`` does: the same op
+    types, less the Relu/Clip a quantizer may drop."""
+    head = carried_value(quantized).producer()
+    quantized_chain = fused_chain(head) or [head]
+    kinds = [node.op_type for node in chain]
+    wanted = [node.op_type for node in quantized_chain]
+    return kinds == wanted or [kind for kind in kinds if kind not in _CLAMPS] == wanted
+
+
+def _copy_chain(graph: ir.Graph, chain: list[ir.Node], fed: Mapping[str, ir.Value],
+                constants: dict[str, ir.Value]) -> str:
+    """Append copies of ``chain`` to ``graph``, reading ``fed`` (float name -> quantized value) and copies of
+    its constants (kept in ``constants`` by name); the name of the last copy's output."""
+    copies: dict[str, ir.Value] = dict(fed)
+    for node in chain:
+        inputs = [None if value is None else copies.get(value.name) or _constant_copy(graph, value, constants)
+                  for value in node.inputs]
+        outputs = [ir.Value(name=f"{value.name}{TWIN_SUFFIX}", type=value.type,
+                            shape=value.shape.copy() if value.shape is not None else None) for value in node.outputs]
+        attributes = [ir.Attr(attr.name, attr.type, attr.value) for attr in node.attributes.values()]
+        copy = ir.Node(node.domain, node.op_type, inputs, attributes, name=f"{node.name}{TWIN_SUFFIX}",
+                       outputs=outputs)
+        graph.append(copy)
+        copies |= {old.name: new for old, new in zip(node.outputs, copy.outputs)}
+    return chain[-1].outputs[0].name + TWIN_SUFFIX
+
+
+def _constant_copy(graph: ir.Graph, value: ir.Value, copies: dict[str, ir.Value]) -> ir.Value:
+    """A float-model constant (an initializer, a Constant node's output) as an initializer of ``graph``."""
+    if value.name in copies:
+        return copies[value.name]
+    array = eir.constant_array(value)
+    copy = ir.Value(name=f"{value.name}{TWIN_SUFFIX}", const_value=ir.tensor(array))
+    copy.type, copy.shape = ir.TensorType(ir.DataType.from_numpy(array.dtype)), ir.Shape(array.shape)
+    graph.register_initializer(copy)
+    copies[value.name] = copy
+    return copy
