@@ -346,7 +346,8 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     rescaled = read_rescaled(quant_ir)
     # a layer reading a quantized weight: what its float twin computes from the same quantized inputs
     layer_model, twins = ((quant_ir, {}) if by_name or not float_twins else
-                          float_weight_twins(float_ir, quant_ir, matches, skip=computed, rescaled=rescaled))
+                          float_weight_twins(float_ir, quant_ir, matches, skip=computed, rescaled=rescaled,
+                                             original=original_ir))
     computed |= twins
     meters = _Meters(matches, outputs, rescaled, output_codes(float_ir, quant_ir, outputs), computed)
     runs = comparison_runs(float_ir, quant_ir, matches, outputs, original_ir, float_reference,

@@ -14,7 +14,9 @@ float tensor, ``y_t`` the twin's and ``y_q`` the quantized one::
 
 so a layer that averages its inputs' noise away is not credited with the gain
 (the old measure, worst input SQNR minus output SQNR, could be negative), and
-one that amplifies it is not blamed for it.
+one that amplifies it is not blamed for it. The same serves a node whose Relu
+another quantizer dropped, letting its output's Q range clamp (ONNX Runtime's
+after an Add): the twin is the float Add and Relu.
 
 A twin is built only where it computes the same function: the float nodes
 between the tensors the quantized layer's activations stand for and the
@@ -31,8 +33,7 @@ from collections.abc import Collection, Mapping
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.quant.compare_matching import (TensorMatch, carried_value, dequantizes_constant, fused_chain,
-                                            reads_quantized_constant, value_names)
+from edgeopt.quant.compare_matching import TensorMatch, carried_value, dequantizes_constant, fused_chain, value_names
 
 __all__ = ["TWIN_SUFFIX", "float_weight_twins"]
 
@@ -44,28 +45,36 @@ _CLAMPS = ("Relu", "Clip")
 
 
 def float_weight_twins(float_model: ir.Model, quant_model: ir.Model, matches: list[TensorMatch],
-                       skip: Collection[str] = (), rescaled: Collection[str] = ()) -> tuple[ir.Model, dict[str, str]]:
-    """``quant_model`` (a copy, when a twin was added) with a twin for every match written by a layer reading
-    a quantized constant, and float name -> the twin's output name in it. ``skip``: float names measured
-    otherwise; ``rescaled``: float names of tensors a float rewrite rescaled (no twin touches one)."""
+                       skip: Collection[str] = (), rescaled: Collection[str] = (),
+                       original: ir.Model | None = None) -> tuple[ir.Model, dict[str, str]]:
+    """``quant_model`` (a copy, when a twin was added) with a twin for every match not in ``skip`` (measured
+    otherwise: :func:`~edgeopt.quant.compare_matching.computed_before_quantizing`), and float name -> the
+    twin's output name in it. ``rescaled``: float names of tensors a float rewrite rescaled (no twin touches one);
+    ``original``: the float model as given, whose nodes compute the matches that are its tensors."""
     by_quant_name = {m.quant_name: m for m in matches}
-    float_values, quant_values = value_names(float_model.graph), value_names(quant_model.graph)
-    order = {node: index for index, node in enumerate(float_model.graph)}
+    quant_values = value_names(quant_model.graph)
+    graphs = [model.graph for model in (float_model, original) if model is not None]
+    values = {graph: value_names(graph) for graph in graphs}
+    order = {node: index for graph in graphs for index, node in enumerate(graph)}
     plans: list[tuple[TensorMatch, list[ir.Node], dict[str, str]]] = []
     for match in matches:
-        if match.float_name in skip or match.original or match.float_name in rescaled:
+        if match.float_name in skip or match.float_name in rescaled or (match.original and original is None):
             continue
         frontier = _quantized_chain_inputs(quant_values.get(match.quant_name), by_quant_name)
         if not frontier or any(name in rescaled for name in frontier):
             continue
-        chain = _float_chain(float_values.get(match.float_name), frontier, order)
-        if chain and _same_computation(chain, quant_values[match.quant_name]):
-            plans.append((match, chain, frontier))
+        # the tensor's own model first; the other when the layer's inputs are only there (ORT's quantizer
+        # quantizes a conv's output before the BatchNormalization the passes folded into it)
+        for graph in sorted(graphs, key=lambda g: g is not graphs[-1 if match.original else 0]):
+            chain = _float_chain(values[graph].get(match.float_name), frontier, order)
+            if chain and _same_computation(chain, quant_values[match.quant_name]):
+                plans.append((match, chain, frontier))
+                break
     if not plans:
         return quant_model, {}
     model = quant_model.clone()
-    values, constants = value_names(model.graph), {}  # constants: one copy each, however many twins read it
-    twins = {match.float_name: _copy_chain(model.graph, chain, {f: values[q] for f, q in frontier.items()},
+    copied, constants = value_names(model.graph), {}  # constants: one copy each, however many twins read it
+    twins = {match.float_name: _copy_chain(model.graph, chain, {f: copied[q] for f, q in frontier.items()},
                                            constants)
              for match, chain, frontier in plans}
     return model, twins
@@ -73,14 +82,12 @@ def float_weight_twins(float_model: ir.Model, quant_model: ir.Model, matches: li
 
 def _quantized_chain_inputs(value: ir.Value | None, by_quant_name: Mapping[str, TensorMatch]) -> dict[str, str]:
     """Float name -> DQ output name for each activation input of the chain writing ``value`` (a DQ output),
-    when that chain reads a quantized constant and every activation it reads is a matched DQ output."""
+    when every activation it reads is a matched DQ output."""
     before = carried_value(value)
     node = before.producer() if before is not None else None
     if node is None:
         return {}
     chain = fused_chain(node) or [node]
-    if not any(map(reads_quantized_constant, chain)):
-        return {}
     frontier = {}
     for input_value in chain[0].inputs:
         if input_value is None or eir.is_constant(input_value) or dequantizes_constant(input_value):
