@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Decoder", "decoder_names", "decoder_samples", "export_decoder", "greedy", "progression", "train"]
+__all__ = ["Decoder", "decoder_names", "decoder_samples", "export_decoder", "greedy", "progression", "train", "with_outlier_channels"]
 
 VOCAB, HIDDEN, HEADS, LAYERS = 128, 64, 4, 2
 HEAD_DIM = HIDDEN // HEADS
@@ -212,3 +212,15 @@ def train(module: Decoder, steps: int = 300, seed: int = 0) -> Decoder:
         loss.backward()
         optimizer.step()
     return module.eval()
+
+
+def with_outlier_channels(module: Decoder, channels=(3, 17, 40), factor: float = 30.0) -> Decoder:
+    """LLM-style activation outliers, same float function: RMSNorm weights of ``channels`` x ``factor``
+    in every block, the rows of the q/k/v and gate/up weights reading them / ``factor``."""
+    with torch.no_grad():
+        for block in module.blocks:
+            for norm, readers in ((block.norm_1, (block.q, block.k, block.v)), (block.norm_2, (block.gate, block.up))):
+                norm.weight[list(channels)] *= factor
+                for linear in readers:
+                    linear.weight[:, list(channels)] /= factor
+    return module
