@@ -12,7 +12,9 @@ Hidden 64, vocabulary 128, 2 layers, seeded random weights. The cache tensors ar
 ``past_{key,value}_{i}`` [batch, kv_heads, past, head_dim] in and ``present_{key,value}_{i}`` out.
 ``export_decoder`` writes TorchScript (opset < 18, batch / sequence / past dynamic) or dynamo
 (opset >= 18); ``decoder_samples`` gives prompts of varying lengths with caches of varying lengths;
-``greedy`` decodes step by step with the cache in ONNX Runtime.
+``greedy`` decodes step by step with the cache in ONNX Runtime; ``train`` teaches a module arithmetic
+progressions in a few seconds, so that greedy decoding has something to agree on.
+(``tests/hf_models.py`` holds the cache-less Hugging Face-style models; ``rotate_half`` is its.)
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import warnings
 import numpy as np
 import torch
 from torch import nn
+
+from tests.hf_models import _rotate_half
 
 __all__ = ["Decoder", "decoder_names", "decoder_samples", "export_decoder", "greedy", "progression", "train", "with_outlier_channels"]
 
@@ -39,10 +43,6 @@ class _RmsNorm(nn.Module):
 
     def forward(self, x):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
-
-
-def _rotate_half(x):
-    return torch.cat((-x[..., HEAD_DIM // 2:], x[..., :HEAD_DIM // 2]), dim=-1)
 
 
 class _Block(nn.Module):
