@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 import onnx
 import pytest
@@ -382,3 +384,28 @@ def test_values_after_a_group_normalization_get_their_shapes(tmp_path):
     norm = model.graph.node(0)
     assert norm.op_type == "GroupNormalization" and norm.attributes.get_int("num_groups") == 2
     assert [value.name for value in norm.inputs] == ["x", "scale", "bias"]
+
+
+def _cache_model(path) -> pathlib.Path:
+    """A decoder's cache step in one Concat: past [batch, past, 4] and x [batch, tokens, 4] -> y."""
+    inputs = [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "tokens", 4]),
+              *(onnx.helper.make_tensor_value_info(f"past_{i}", onnx.TensorProto.FLOAT, ["batch", "past", 4])
+                for i in range(3))]
+    outputs = [onnx.helper.make_tensor_value_info(f"y_{i}", onnx.TensorProto.FLOAT, ["batch", "total", 4])
+               for i in range(3)]
+    nodes = [onnx.helper.make_node("Concat", [f"past_{i}", "x"], [f"y_{i}"], axis=1) for i in range(3)]
+    graph = onnx.helper.make_graph(nodes, "cache", inputs, outputs)
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(path))
+    return pathlib.Path(path)
+
+
+def test_inputs_sharing_a_dim_name_take_its_size_from_the_one_given(tmp_path):
+    path = _cache_model(tmp_path / "cache.onnx")
+    with pytest.raises(ModelError, match=r"'past_0' has dynamic shape 1xpastx4: .*2 other inputs with the same dim"):
+        load_model(path, input_shapes={"x": (1, 3, 4)})
+    model = load_model(path, input_shapes={"x": (1, 3, 4), "past_0": (1, 5, 4)})
+    assert [v.shape for v in eir.model_inputs(model)] == [(1, 3, 4), *[(1, 5, 4)] * 3]
+    assert [tuple(v.shape) for v in model.graph.outputs] == [(1, 8, 4)] * 3
+    # a name given two sizes binds nothing: the inputs not given stay dynamic
+    with pytest.raises(ModelError, match="'past_2' has dynamic shape"):
+        load_model(path, input_shapes={"x": (1, 3, 4), "past_0": (1, 5, 4), "past_1": (1, 6, 4)})

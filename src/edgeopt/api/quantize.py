@@ -274,7 +274,8 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
         result = run_scheme(loaded, config, source, progress=progress, in_place=owned)
         if owned:
             loaded = None
-    quant_bytes = model_to_bytes(result.model, value_info=False)  # inferable annotations: size only
+    # inferable annotations and exporters' debugging notes: size only
+    quant_bytes = model_to_bytes(result.model, value_info=False, exporter_metadata=False)
     warnings = _result_warnings(config, result, search, source)
     checks = _Checks(model=model, loaded=loaded, data=data, eval_data=eval_data, preprocess=preprocess,
                      max_samples=max_samples, fidelity=check_fidelity, speed=check_speed)

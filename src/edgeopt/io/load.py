@@ -313,10 +313,42 @@ def _fix_input_shapes(graph: onnx.GraphProto, shapes: Mapping[str, Sequence[int]
         for position, (old, new) in enumerate(zip(current, shape)):
             if isinstance(old, int) and old != new:
                 raise ModelError(f"--input-shape {name}: dim {position} is fixed to {old} in the model, got {new}")
-        tensor_shape = value.type.tensor_type.shape
-        tensor_shape.ClearField("dim")
-        for size in shape:
-            tensor_shape.dim.add().dim_value = int(size)
+    bound = _bound_dim_names(by_name, shapes)
+    for name, shape in shapes.items():
+        _set_dims(by_name[name], shape)
+    for name, value in by_name.items():
+        params = [dim.dim_param for dim in value.type.tensor_type.shape.dim]
+        if name not in shapes and any(param in bound for param in params):
+            _set_dims(value, [bound.get(param, dim.dim_value) if param else dim.dim_value
+                              for param, dim in zip(params, value.type.tensor_type.shape.dim)], keep_params=True)
+            logger.info("--input-shape: %s takes its sizes of %s from the inputs given", name,
+                        ", ".join(sorted({p for p in params if p in bound})))
+
+
+def _bound_dim_names(by_name: Mapping[str, onnx.ValueInfoProto], shapes: Mapping[str, Sequence[int]]
+                     ) -> dict[str, int]:
+    """The sizes the given shapes give the inputs' named dims (``batch``, ``past``): ONNX's named dims
+    are equal wherever the name recurs, so a decoder's KV-cache inputs take ``batch`` and ``past``
+    from one of them. A name given two sizes binds nothing."""
+    sizes: dict[str, set[int]] = {}
+    for name, shape in shapes.items():
+        for dim, size in zip(by_name[name].type.tensor_type.shape.dim, shape):
+            if dim.dim_param:
+                sizes.setdefault(dim.dim_param, set()).add(int(size))
+    return {param: next(iter(found)) for param, found in sizes.items() if len(found) == 1}
+
+
+def _set_dims(value: onnx.ValueInfoProto, shape: Sequence[int], *, keep_params: bool = False) -> None:
+    """Write ``shape`` into ``value``'s type; with ``keep_params`` a size 0 keeps the dim's name."""
+    tensor_shape = value.type.tensor_type.shape
+    params = [dim.dim_param for dim in tensor_shape.dim]
+    tensor_shape.ClearField("dim")
+    for size, param in zip(shape, params if keep_params else [""] * len(shape)):
+        dim = tensor_shape.dim.add()
+        if size or not param:
+            dim.dim_value = int(size)
+        else:
+            dim.dim_param = param
 
 
 def _check_static(graph: onnx.GraphProto) -> None:
@@ -331,6 +363,10 @@ def _check_static(graph: onnx.GraphProto) -> None:
             named = [params[i] or "?" for i, d in enumerate(dims) if i > 0 and not isinstance(d, int)]
             told = (f" with {', '.join(dict.fromkeys(named))} replaced by the integer sizes you will run" if named
                     else " (the sizes you will run)" if example != shown else "")
+            sharing = [other.name for other in graph.input if other is not value and set(params) & {
+                dim.dim_param for dim in other.type.tensor_type.shape.dim if dim.dim_param}]
+            if sharing:
+                told += f"; {len(sharing)} other inputs with the same dim names ({sharing[0]}, ...) take these sizes"
             raise ModelError(f"input {value.name!r} has dynamic shape {shown}: fix it with --input-shape "
                              f"{value.name}={example}{told}")
 

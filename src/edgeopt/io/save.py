@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 
 from edgeopt.errors import ModelError, OutputError
@@ -132,18 +133,41 @@ def current_umask() -> int:
     return mask
 
 
-def model_to_bytes(model: ir.Model, *, value_info: bool = True) -> bytes:
+#: Per-node debugging notes exporters write (torch's dynamo exporter: the Python stack trace, FX node,
+#: module path of every node; onnxscript's rewriter and optimizer: the rule that made it).
+_EXPORTER_METADATA_PREFIXES = ("pkg.torch.", "pkg.onnxscript.", "namespace")
+
+
+def model_to_bytes(model: ir.Model, *, value_info: bool = True, exporter_metadata: bool = True) -> bytes:
     """Serialize a model to ONNX protobuf bytes (deterministic for equal models).
 
     ``value_info`` False leaves out the type and shape annotations of intermediate values:
     any runtime infers them again, and on a small QDQ model they are a quarter of the file.
+    ``exporter_metadata`` False leaves out the exporters' per-node debugging notes: torch's
+    dynamo exporter writes a stack trace per node, 45% of a 2-layer decoder's int4 file.
     """
     proto = ir.to_proto(model)
     if not value_info:
         del proto.graph.value_info[:]
+    if not exporter_metadata:
+        _drop_exporter_metadata(proto.graph)
     if proto.ByteSize() > _PROTOBUF_LIMIT_BYTES:
         raise ModelError("model is larger than 2 GB: protobuf cannot hold it in one file")
     return proto.SerializeToString(deterministic=True)
+
+
+def _drop_exporter_metadata(graph: onnx.GraphProto) -> None:
+    """Remove the exporters' debugging entries from the nodes and values of ``graph`` and its subgraphs."""
+    holders = [*graph.node, *graph.input, *graph.output, *graph.value_info, *graph.initializer]
+    for holder in holders:
+        kept = [entry for entry in holder.metadata_props if not entry.key.startswith(_EXPORTER_METADATA_PREFIXES)]
+        if len(kept) != len(holder.metadata_props):
+            del holder.metadata_props[:]
+            holder.metadata_props.extend(kept)
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in [attribute.g, *attribute.graphs] if attribute.HasField("g") else attribute.graphs:
+                _drop_exporter_metadata(subgraph)
 
 
 def save_model(model: ir.Model, path: str | os.PathLike) -> Path:

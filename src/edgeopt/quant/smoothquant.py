@@ -25,6 +25,9 @@ channel and absorb it better. A channel with ``m_j = 0`` or ``w_j = 0`` keeps
 
 * ``LayerNormalization`` over the last axis (the standard case, pre-norm
   attention and MLP blocks): ``gamma' = gamma / s``, ``beta' = beta / s``;
+* a Mul by a constant per-channel vector, RMSNorm's weight
+  (``x * rsqrt(mean(x^2) + eps) * w``, Llama's pre-norm blocks): ``w' = w / s``
+  (not a scalar: GELU's ``* 0.5``, part of an activation kept whole);
 * a MatMul/Gemm with a constant weight, optionally followed by an Add of a
   constant bias (an exported Linear): its output columns and bias ``/ s``.
 
@@ -50,6 +53,7 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
+from edgeopt.passes import PATTERN_KEY
 from edgeopt.quant.channel_stats import ChannelAbsMax, ChannelAbsMaxHook, ChannelAbsMaxObserver
 from edgeopt.quant.rescaled import Rescaled
 
@@ -98,7 +102,8 @@ def smoothing_inputs(model: ir.Model) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class _Site:
-    """Where ``X / s`` is folded: ``kind`` is "LayerNormalization", "linear" or "Mul"."""
+    """Where ``X / s`` is folded: ``kind`` is "LayerNormalization", "scale" (a Mul by a constant), "linear"
+    or "Mul" (one inserted)."""
 
     kind: str
     node: ir.Node | None = None
@@ -116,6 +121,22 @@ def _layer_norm_refusal(node: ir.Node, channels: int) -> str | None:
         if array is None or array.size not in (1, channels):
             return f"LayerNormalization {eir.node_label(node)!r} has a non-constant or non-vector scale/bias"
     return None
+
+
+def _scale_index(node: ir.Node | None, channels: int) -> int | None:
+    """The input of a Mul ``node`` holding a constant that ``1 / s`` can multiply: a vector along the last
+    axis, no wider than the other input, which is not constant (RMSNorm's weight). Not a node of a
+    fused activation's pattern."""
+    if not eir.is_op(node, "Mul") or len(node.inputs) != 2 or PATTERN_KEY in node.metadata_props:
+        return None
+    arrays = [eir.constant_array(v) if v is not None else None for v in node.inputs]
+    if sum(array is not None for array in arrays) != 1:
+        return None
+    index = 0 if arrays[0] is not None else 1
+    array, other = arrays[index], node.inputs[1 - index]
+    if other is None or other.shape is None or array.ndim > len(other.shape):
+        return None
+    return index if channels > 1 and array.size == channels and array.shape[-1] == channels else None
 
 
 def _linear_site(value: ir.Value, channels: int) -> _Site | None:
@@ -169,6 +190,8 @@ def _site(value: ir.Value, targets: list[ir.Node], channels: int, insert_mul: bo
         reason = _layer_norm_refusal(producer, channels)
         if reason is None:
             return _Site(kind="LayerNormalization", node=producer)
+    elif exclusive and _scale_index(producer, channels) is not None:
+        return _Site(kind="scale", node=producer)
     elif exclusive:
         site = _linear_site(origin, channels)
         if site is not None:
@@ -276,6 +299,9 @@ def _apply(graph: ir.Graph, value: ir.Value, site: _Site, targets: list[ir.Node]
         for index in (1, 2):
             if len(site.node.inputs) > index and site.node.inputs[index] is not None:
                 _scale_input(graph, site.node, index, 1.0 / scale, rows=False)
+        return eir.node_label(site.node)
+    if site.kind == "scale":
+        _scale_input(graph, site.node, _scale_index(site.node, scale.size), 1.0 / scale, rows=False)
         return eir.node_label(site.node)
     if site.kind == "linear":
         _scale_output_columns(graph, site, 1.0 / scale)

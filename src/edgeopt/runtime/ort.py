@@ -432,14 +432,28 @@ def optimized_model(model: ir.Model, *, threads: int | None = None) -> ir.Model:
     """The graph ONNX Runtime actually runs after its optimizations (QDQ fusions, layout).
 
     Used to check which integer kernels (QLinearConv, QLinearMatMul ...) a
-    QDQ model turns into. Written by ORT to a temporary file and read back.
+    QDQ model turns into. Written by ORT to a temporary file and read back, its
+    initializers of 1 MiB or more left out (their names, types and shapes stay):
+    the model's large weights reach ONNX Runtime as in the sessions (no protobuf
+    copy), and what it writes may pass protobuf's 2 GB (ONNX Runtime computes a
+    float16 model's MatMuls in float32, with float32 copies of their weights).
     """
     options = _session_options(threads, optimize=True)
+    source, initializers = _as_session_input(model)
+    weights = [ort.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()]
+    if initializers:
+        options.add_external_initializers(list(initializers), weights)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.data")
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                     str(_OPTIMIZED_EXTERNAL_MIN_BYTES))
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "optimized.onnx"
         options.optimized_model_filepath = str(path)
         try:
-            ort.InferenceSession(_ort_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as error:
             raise _load_error(error) from None
-        return ir.from_proto(onnx.load(str(path)))
+        return ir.from_proto(onnx.load(str(path), load_external_data=False))
+
+
+_OPTIMIZED_EXTERNAL_MIN_BYTES = 1 << 20
