@@ -558,6 +558,32 @@ def test_float32_models_with_float64_constants_are_not_float64_models():
     assert quantize(small, Int8Config(), [{"ids": np.arange(4)}]).tensors
 
 
+@pytest.mark.parametrize("scheme", ["int8", "fp16", "int4"])
+def test_a_float64_input_cast_to_float32_before_float32_weights_is_a_float32_model(scheme):
+    # a graph fed float64 (a TensorFlow placeholder, a pipeline's input) that casts it to float32 computes
+    # in float32: it was refused as "model computes in float64" although every weight is float32
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeopt import Fp16Config, Int4WeightConfig
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("w1", (16, 32)), ("w2", (32, 8)))]
+    nodes = [helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("MatMul", ["x32", "w1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "f64_in", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], weights)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    config = {"int8": Int8Config(), "fp16": Fp16Config(), "int4": Int4WeightConfig()}[scheme]
+    data = [{"x": rng.standard_normal((4, 16))} for _ in range(4)]
+    result = quantize(model, config, data if scheme == "int8" else None)
+    low = {"int8": "QuantizeLinear", "fp16": "Cast", "int4": "MatMulNBits"}[scheme]
+    assert low in {node.op_type for node in result.model.graph}
+    assert result.model.graph.inputs[0].dtype == ir.DataType.DOUBLE
+
+
 def test_a_branch_of_data_movement_only_is_quantized_for_the_mcu_target():
     # x -> Conv -> y, and x -> MaxPool -> Flatten -> z: the C kernels need every output int8, so the
     # MaxPool and Flatten are quantized there (left float they made a model compile refuses)

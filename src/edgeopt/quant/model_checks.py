@@ -42,18 +42,20 @@ def check_not_quantized(model: ir.Model) -> None:
 def _check_not_float64(model: ir.Model) -> None:
     """ModelError for a model that computes in float64 (numpy or scikit-learn exporters write them):
     every scheme converts float32 values, so it would come back unchanged. A float32 input, or
-    float32 weights (initializers and Constant nodes) outnumbering float64 ones, make a float32 model."""
+    float32 weights (initializers and Constant nodes) outnumbering float64 ones, make a float32 model;
+    so does a float64 input cast to float32 before float32 weights (a TensorFlow graph fed float64, a
+    pipeline's cast), but a float64 input with no float32 weight is a float64 model."""
     inputs = {v.dtype for v in model.graph.inputs}
     if ir.DataType.FLOAT in inputs:
         return
-    if ir.DataType.DOUBLE not in inputs:
-        tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
-        tensors += [node.attributes["value"].value for node in model.graph.all_nodes()
-                    if node.op_type == "Constant" and "value" in node.attributes]
-        sizes = {dtype: sum(t.size for t in tensors if t.dtype == dtype)
-                 for dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE)}
-        if sizes[ir.DataType.DOUBLE] <= sizes[ir.DataType.FLOAT]:
-            return
+    tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
+    tensors += [node.attributes["value"].value for node in model.graph.all_nodes()
+                if node.op_type == "Constant" and "value" in node.attributes]
+    sizes = {dtype: sum(t.size for t in tensors if t.dtype == dtype)
+             for dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE)}
+    if sizes[ir.DataType.DOUBLE] < sizes[ir.DataType.FLOAT] or (
+            ir.DataType.DOUBLE not in inputs and sizes[ir.DataType.DOUBLE] == sizes[ir.DataType.FLOAT]):
+        return
     raise ModelError("model computes in float64 (its inputs or most of its weights are float64): edgeopt "
                      "quantizes float32 models; export it in float32 (torch: model.float(); skl2onnx: "
                      "FloatTensorType)")
