@@ -260,6 +260,24 @@ def test_nodes_inside_if_branches_are_not_counted(tmp_path):
     assert (report.macs, report.other_flops) == (0, 0)
 
 
+def test_weights_read_inside_a_scan_body_are_parameters_of_the_scan(tmp_path):
+    # an RNN written as a Scan over outer-scope weights: inspect said 416 parameters for 1,952 in the file (the
+    # body's x @ w and h @ u and its own bias were counted nowhere); each counts once, on the Scan's row
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["xt", "w"], ["a"]), helper.make_node("MatMul", ["h", "u"], ["b"]),
+         helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("Add", ["s", "bias"], ["c"]),
+         helper.make_node("Tanh", ["c"], ["hn"]), helper.make_node("Identity", ["hn"], ["yt"])],
+        "body", [_info("h", [1, 32]), _info("xt", [1, 16])], [_info("hn", [1, 32]), _info("yt", [1, 32])],
+        initializer=[_weight("bias", 1, 32)])
+    nodes = [helper.make_node("Scan", ["h0", "x"], ["last", "ys"], name="scan", num_scan_inputs=1, body=body),
+             helper.make_node("MatMul", ["last", "w_out"], ["y"], name="head")]
+    report = analyze_cost(_load(tmp_path, nodes, [_info("x", [6, 1, 16]), _info("h0", [1, 32])], [_info("y", [1, 4])],
+                                [_weight("w", 16, 32), _weight("u", 32, 32), _weight("w_out", 32, 4)]))
+    _assert_totals(report)
+    assert {row.name: row.params for row in report.nodes} == {"scan": 16 * 32 + 32 * 32 + 32, "head": 32 * 4}
+    assert report.subgraph_nodes == 6 and report.macs == 32 * 4
+
+
 def test_real_mobilenet_macs_match_torch_module_formula(tmp_path):
     torch = pytest.importorskip("torch")
     from tests import models

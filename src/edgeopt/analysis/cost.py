@@ -47,7 +47,7 @@ is the number of elements of the node's first output, ``in`` of its first input:
 Ops with no rule cost 0 and are listed in ``CostReport.uncounted_ops``; nodes
 whose needed shapes are unknown cost 0 and are listed in ``unknown_nodes``.
 Nodes inside If/Loop/Scan bodies are not counted (``subgraph_nodes`` says how
-many were skipped).
+many were skipped): how often a body runs is known at run time only. Their weights are: see below.
 
 Parameters: a constant input (initializer or Constant output) with more than
 one element is a *weight* when its dtype is floating point, an integer of at
@@ -55,7 +55,8 @@ most 8 bits (quantized weights), or int32 fed to DequantizeLinear or as the
 QLinearConv bias (quantized bias). MatMulNBits' packed B counts its ``K * N``
 weights and GatherBlockQuantized's table its values, not their bytes. Scales and zero points of quantization ops
 and int64 shape/index tensors are not weights. Each weight is counted once,
-on the first node (in execution order) that consumes it. ``params`` counts its
+on the first node (in execution order) that consumes it; a weight read inside an If branch or a Loop/Scan
+body (its own, or one of the outer graph) counts on the If/Loop/Scan node. ``params`` counts its
 elements, ``weight_bytes`` its stored bytes; ``param_bytes_fp32/fp16/int8``
 are ``params * 4/2/1``. Every total of :class:`CostReport` is the sum of its rows.
 """
@@ -342,18 +343,20 @@ def _is_weight_dtype(dtype: ir.DataType, op_type: str, position: int) -> bool:
 
 
 def _node_weights(node: ir.Node, seen: set[int]) -> tuple[int, int]:
-    """(elements, stored bytes) of the weights first consumed by ``node``; updates ``seen``."""
+    """(elements, stored bytes) of the weights first consumed by ``node`` or by the nodes of its
+    subgraphs (an If, a Loop or a Scan holds what its bodies read); updates ``seen``."""
     params = stored_bytes = 0
-    skipped = _QUANTIZATION_PARAMETERS.get(node.op_type, frozenset())
-    for position, value in enumerate(node.inputs):
-        if value is None or position in skipped or id(value) in seen:
-            continue
-        tensor = _constant_tensor(value)
-        if tensor is None or tensor.size <= 1 or not _is_weight_dtype(tensor.dtype, node.op_type, position):
-            continue
-        seen.add(id(value))
-        params += _packed_weights(node, tensor) if (node.op_type, position) in _PACKED else tensor.size
-        stored_bytes += tensor.nbytes
+    for reader in (node, *(inner for graph in subgraphs(node) for inner in graph.all_nodes())):
+        skipped = _QUANTIZATION_PARAMETERS.get(reader.op_type, frozenset())
+        for position, value in enumerate(reader.inputs):
+            if value is None or position in skipped or id(value) in seen:
+                continue
+            tensor = _constant_tensor(value)
+            if tensor is None or tensor.size <= 1 or not _is_weight_dtype(tensor.dtype, reader.op_type, position):
+                continue
+            seen.add(id(value))
+            params += _packed_weights(reader, tensor) if (reader.op_type, position) in _PACKED else tensor.size
+            stored_bytes += tensor.nbytes
     return params, stored_bytes
 
 
