@@ -171,6 +171,24 @@ def test_nodes_out_of_order_are_sorted_and_ordered_graphs_keep_their_order(tmp_p
     assert [node.name for node in load_model(tmp_path / "o.onnx").graph][-2:] == ["conv", "relu"]
 
 
+def test_a_stale_static_output_shape_gives_way_to_the_inferred_one(tmp_path):
+    """A head swapped by hand keeps its old output shape in the file: ONNX's inference kept it over the
+    one it computes, so inspect showed y 1x1000 and counted the Relu's FLOPs on it; a partial inferred
+    shape still takes the exporter's static dims."""
+    from onnx import TensorProto, helper
+
+    _, graph = _conv_relu_graph()
+    graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1000]))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "stale.onnx")
+    assert eir.static_shape(load_model(tmp_path / "stale.onnx").graph.outputs[0]) == (1, 8, 8, 8)
+    reshape = helper.make_graph(
+        [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Reshape", ["x", "s"], ["y"])], "r",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    onnx.save(helper.make_model(reshape, opset_imports=[helper.make_opsetid("", 11)]), tmp_path / "r.onnx")
+    assert eir.static_shape(load_model(tmp_path / "r.onnx").graph.outputs[0]) == (2, 3)
+
+
 def test_an_ir3_model_listing_its_weights_as_inputs_converts_to_opset_13(tmp_path):
     """Old exporters (IR 3) list every initializer as a graph input; dropping those inputs needs IR >= 4,
     or the opset converter no longer sees the weights ('Input w is undefined')."""

@@ -335,15 +335,17 @@ def _check_static(graph: onnx.GraphProto) -> None:
                              f"{value.name}={example}{told}")
 
 
-def _clear_symbolic_shapes(graph: onnx.GraphProto) -> dict[str, onnx.TensorShapeProto]:
-    """Forget exporter-written intermediate/output shapes so inference recomputes them.
+def _clear_output_shapes(graph: onnx.GraphProto) -> dict[str, onnx.TensorShapeProto]:
+    """Forget exporter-written intermediate and output shapes so inference recomputes them: a symbolic
+    dim may be fixed by ``--input-shape`` now, and a static one may be stale (a head swapped by hand,
+    its output still written 1x1000), which ONNX's inference keeps over what it computes.
 
     Returns the output shapes cleared, for :func:`_restore_output_shapes`.
     """
     del graph.value_info[:]
     cleared: dict[str, onnx.TensorShapeProto] = {}
     for value in graph.output:
-        if any(not isinstance(d, int) for d in _dims(value)):
+        if value.type.tensor_type.HasField("shape"):
             cleared[value.name] = onnx.TensorShapeProto()
             cleared[value.name].CopyFrom(value.type.tensor_type.shape)
             value.type.tensor_type.ClearField("shape")
@@ -351,7 +353,8 @@ def _clear_symbolic_shapes(graph: onnx.GraphProto) -> dict[str, onnx.TensorShape
 
 
 def _restore_output_shapes(graph: onnx.GraphProto, cleared: Mapping[str, onnx.TensorShapeProto]) -> None:
-    """Give the exporter's shape back to outputs whose shape inference could not find.
+    """Give the exporter's shape back to outputs whose shape inference could not find, and its static
+    dims to those inference left unknown (when the ranks agree).
 
     Before opset 13 inference loses even the rank of a Reshape whose target is computed at run
     time, as ``x.view(x.size(0), -1)`` exports (Shape -> Gather -> Unsqueeze -> Concat, ops that
@@ -359,8 +362,15 @@ def _restore_output_shapes(graph: onnx.GraphProto, cleared: Mapping[str, onnx.Te
     """
     for value in graph.output:
         tensor_type = value.type.tensor_type
-        if value.name in cleared and not tensor_type.HasField("shape"):
-            tensor_type.shape.CopyFrom(cleared[value.name])
+        if value.name not in cleared:
+            continue
+        written = cleared[value.name]
+        if not tensor_type.HasField("shape"):
+            tensor_type.shape.CopyFrom(written)
+        elif len(tensor_type.shape.dim) == len(written.dim):
+            for dim, exported in zip(tensor_type.shape.dim, written.dim):
+                if not dim.HasField("dim_value") and exported.HasField("dim_value") and not dim.dim_param:
+                    dim.dim_value = exported.dim_value
 
 
 # Weights move out of the protobuf into numpy arrays before shape inference: ONNX's inference
@@ -455,7 +465,7 @@ def load_model(
         _fix_input_shapes(graph, input_shapes)
     if require_static:
         _check_static(graph)
-    output_shapes = _clear_symbolic_shapes(graph)
+    output_shapes = _clear_output_shapes(graph)
     detached = _detach_weights(graph)
     del graph  # the original protobuf (and its arena) goes once inference has copied it
     proto = _infer_shapes(_inline_functions(proto))
