@@ -661,3 +661,23 @@ def test_a_large_negative_constant_that_reaches_no_softmax_is_no_mask():
     data = [{"x": batch["x"] + 20000} for batch in batches(SHAPE, 4)]
     result = quantize(b.model(["y"], SHAPE), Int8Config(), data)
     assert not result.float_nodes
+
+
+def test_ops_of_onnx_runtimes_optimizer_stay_float_saying_to_quantize_the_exported_model(tmp_path):
+    # a model saved by ONNX Runtime after its optimizations (optimized_model_filepath): its convs are FusedConv or
+    # com.microsoft.nchwc Conv, listed float as "no integer kernel for Conv", which says nothing of what to do
+    import onnxruntime as ort
+
+    b = GraphBuilder(seed=11)
+    b.conv(b.node("Relu", [b.conv("x", 8, 8, "c1")], "relu"), 8, 4, "y")
+    source = tmp_path / "model.onnx"
+    source.write_bytes(ir.to_proto(b.model(["y"], SHAPE)).SerializeToString())
+    reasons = {}
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level, options.optimized_model_filepath = level, str(tmp_path / "opt.onnx")
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        result = quantize(ir.load(tmp_path / "opt.onnx"), Int8Config(), batches(SHAPE, 4))
+        reasons.update({node.op_type: node.reason for node in result.float_nodes})
+    assert "FusedConv" in reasons  # (and at ORT_ENABLE_ALL, on a CPU with AVX2, com.microsoft.nchwc's Conv)
+    assert all(reason.endswith("quantize the model as exported instead") for reason in reasons.values()), reasons

@@ -140,6 +140,20 @@ FUSING_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", 
 QDQ_DOMAINS = ("", "ai.onnx", "com.microsoft")
 
 
+# What ONNX Runtime's graph optimizer writes into a model it saves (``SessionOptions.optimized_model_filepath``):
+# its fused contrib ops and its blocked-layout domain. A layer folded into one is no Conv, Gemm or MatMul any more.
+_RUNTIME_FUSIONS = frozenset({"FusedConv", "FusedGemm", "FusedMatMul", "NhwcConv", "NhwcFusedConv"})
+_RUNTIME_LAYOUT_DOMAINS = frozenset({"com.microsoft.nchwc"})
+
+
+def runtime_fusion_reason(node: ir.Node) -> str | None:
+    """Why an op of ONNX Runtime's optimizer stays float, saying what to do; None for every other op."""
+    if node.domain in _RUNTIME_LAYOUT_DOMAINS or (node.domain == "com.microsoft" and node.op_type in _RUNTIME_FUSIONS):
+        return (f"{node.op_type} ({node.domain}) is ONNX Runtime's own fused or re-laid-out op, saved after its "
+                "optimizations: quantize the model as exported instead")
+    return None
+
+
 def is_qdq_op(node: ir.Node | None, op_type: str) -> bool:
     """True when ``node`` is ``op_type`` in one of the QDQ domains."""
     return node is not None and node.op_type == op_type and node.domain in QDQ_DOMAINS
