@@ -681,3 +681,26 @@ def test_ops_of_onnx_runtimes_optimizer_stay_float_saying_to_quantize_the_export
         reasons.update({node.op_type: node.reason for node in result.float_nodes})
     assert "FusedConv" in reasons  # (and at ORT_ENABLE_ALL, on a CPU with AVX2, com.microsoft.nchwc's Conv)
     assert all(reason.endswith("quantize the model as exported instead") for reason in reasons.values()), reasons
+
+
+def test_an_if_says_the_convs_of_its_branches_stay_float_with_it():
+    # torch.jit.script's `if x.mean() > 0: relu(conv_a(x)) else: relu(conv_b(x))`: the If was listed float as "no
+    # integer kernel for If", saying nothing of the two convs in its branches, which int8 leaves float too
+    from onnx import TensorProto, helper
+
+    b = GraphBuilder(seed=12)
+    branches = {}
+    for side in ("then", "else"):
+        node_count = len(b.nodes)
+        b.conv("x", 8, 8, f"{side}_conv")
+        branches[side] = helper.make_graph(b.nodes[node_count:], side, [], [
+            helper.make_tensor_value_info(f"{side}_conv", TensorProto.FLOAT, [1, 8, 8, 8])])
+        del b.nodes[node_count:]  # the branch reads the main graph's weights
+    b.node("ReduceMean", ["x"], "mean", keepdims=0)
+    b.node("Greater", ["mean", b.constant("zero", 0.0)], "positive")
+    b.node("If", ["positive"], "branch", then_branch=branches["then"], else_branch=branches["else"])
+    b.conv("branch", 8, 4, "y")
+    result = _quantize(b.model(["y"], SHAPE))
+    reasons = {node.node_name: node.reason for node in result.float_nodes}
+    assert reasons["branch"].startswith("control flow: int8 quantizes the main graph, so the 2 Conv/Gemm/MatMul")
+    assert _nodes(result.model, "QuantizeLinear")  # the main graph's convs are int8

@@ -38,8 +38,10 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from edgeopt import ir as eir
+
 __all__ = ["FUSED_BETWEEN_PAIRS", "MCU_OP_RULES", "OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule", "QUANTIZED_OP_TYPES",
-           "WEIGHT_ONLY_OPS", "is_float16_cast", "is_qdq_op", "weight_axis"]
+           "WEIGHT_ONLY_OPS", "float_op_reason", "is_float16_cast", "is_qdq_op", "weight_axis"]
 
 
 class OpRole(enum.Enum):
@@ -146,12 +148,20 @@ _RUNTIME_FUSIONS = frozenset({"FusedConv", "FusedGemm", "FusedMatMul", "NhwcConv
 _RUNTIME_LAYOUT_DOMAINS = frozenset({"com.microsoft.nchwc"})
 
 
-def runtime_fusion_reason(node: ir.Node) -> str | None:
-    """Why an op of ONNX Runtime's optimizer stays float, saying what to do; None for every other op."""
+def float_op_reason(node: ir.Node) -> str | None:
+    """Why ``node``, an op without an integer kernel, stays float when more is to say than that: an op of ONNX
+    Runtime's optimizer (what to do), control flow (what stays float with it); None for every other op."""
     if node.domain in _RUNTIME_LAYOUT_DOMAINS or (node.domain == "com.microsoft" and node.op_type in _RUNTIME_FUSIONS):
         return (f"{node.op_type} ({node.domain}) is ONNX Runtime's own fused or re-laid-out op, saved after its "
                 "optimizations: quantize the model as exported instead")
-    return None
+    if node.op_type not in ("If", "Loop", "Scan"):
+        return None
+    layers = sum(each.op_type in _LAYERS for graph in eir.subgraphs(node) for each in graph.all_nodes())
+    return (f"control flow: int8 quantizes the main graph, so the {layers} Conv/Gemm/MatMul of its subgraphs "
+            "stay float too (int4-weight and bf16 store their weights low)")
+
+
+_LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 def is_qdq_op(node: ir.Node | None, op_type: str) -> bool:
