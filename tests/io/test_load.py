@@ -344,6 +344,15 @@ def test_local_functions_are_inlined_so_their_layers_quantize(tmp_path):
     assert not result.float_nodes
 
 
+def test_inlined_nodes_are_named_after_the_calls_that_run_them(tmp_path):
+    """TorchScript's export_modules_as_functions calls Block as /b1/act/Block and /b2/act/Block, whose body
+    names its nodes Conv_0, Relu_1: inlined, they were Conv_0__1 and Conv_0__2, names no user can place in
+    the network (in float-node lists, compare's rows, --exclude)."""
+    path = _nested_function_model(tmp_path / "functions.onnx")
+    names = [node.name for node in load_model(path).graph]
+    assert names == [f"block/{call}/{op}" for call in ("first", "second") for op in ("MatMul", "Add", "Relu")]
+
+
 def test_a_function_written_for_an_older_opset_is_converted_as_it_is_inlined(tmp_path):
     """A function body may import another opset than the model (onnxscript writes its own): ReduceMean
     with an axes attribute (opset 13) inlined into an opset-18 graph, where axes is an input, was an
