@@ -158,7 +158,7 @@ def float_op_reason(node: ir.Node) -> str | None:
         return None
     layers = sum(each.op_type in _LAYERS for graph in eir.subgraphs(node) for each in graph.all_nodes())
     return (f"control flow: int8 quantizes the main graph, so the {layers} Conv/Gemm/MatMul of its subgraphs "
-            "stay float too (int4-weight and bf16 store their weights low)")
+            "stay float too (bf16 stores their weights low, int4-weight those of MatMul/Gemm)")
 
 
 _LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
