@@ -704,3 +704,15 @@ def test_an_if_says_the_convs_of_its_branches_stay_float_with_it():
     reasons = {node.node_name: node.reason for node in result.float_nodes}
     assert reasons["branch"].startswith("control flow: int8 quantizes the main graph, so the 2 Conv/Gemm/MatMul")
     assert _nodes(result.model, "QuantizeLinear")  # the main graph's convs are int8
+
+
+def test_an_exclude_naming_a_node_of_a_scan_body_says_int8_leaves_it_float_anyway():
+    # it was "--exclude 'b_mm1' is neither a node name nor an op type of the model": it is one, in the Scan's body
+    from tests.control_flow_models import scan_rnn, scan_rnn_data
+
+    model = ir.from_proto(scan_rnn())
+    with pytest.raises(ConfigError, match="'b_mm1' is neither .* of the model's main graph: it is inside an If branch "
+                                          "or a Loop/Scan body, which this scheme leaves float anyway: drop it"):
+        quantize(model, Int8Config(exclude=("b_mm1",)), scan_rnn_data(2))
+    with pytest.raises(ConfigError, match="'b_mm9' is neither a node name nor an op type of the model; its op types"):
+        quantize(model, Int8Config(exclude=("b_mm9",)), scan_rnn_data(2))

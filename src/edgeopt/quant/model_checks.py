@@ -67,14 +67,17 @@ class NodeIndex:
 
     names: tuple[str, ...]
     op_types: frozenset[str]
+    left_out: frozenset[str] = frozenset()  # the names of subgraph nodes, when they are not indexed
 
     @classmethod
     def of(cls, model: ir.Model, *, subgraphs: bool = False) -> NodeIndex:
         """The main graph's nodes; with ``subgraphs``, those of If branches and Loop/Scan bodies too (for the
         schemes that rewrite them: int4-weight, bf16)."""
         nodes = list(model.graph.all_nodes() if subgraphs else model.graph)
+        main = {id(node) for node in nodes}
+        inner = () if subgraphs else (node.name for node in model.graph.all_nodes() if id(node) not in main)
         return cls(names=tuple(node.name for node in nodes if node.name),
-                   op_types=frozenset(node.op_type for node in nodes))
+                   op_types=frozenset(node.op_type for node in nodes), left_out=frozenset(inner))
 
 
 def check_exclude(models: Iterable[ir.Model | NodeIndex], exclude: Iterable[str]) -> None:
@@ -89,6 +92,10 @@ def check_exclude(models: Iterable[ir.Model | NodeIndex], exclude: Iterable[str]
     for entry in exclude:
         if entry in op_types or entry in names:
             continue
+        if any(entry in index.left_out for index in indexes):
+            raise ConfigError(f"--exclude {entry!r} is neither a node name nor an op type of the model's main graph: "
+                              "it is inside an If branch or a Loop/Scan body, which this scheme leaves float anyway: "
+                              "drop it")
         raise ConfigError(f"--exclude {entry!r} is neither a node name nor an op type of the model; "
                           f"{_exclude_suggestion(entry, names, op_types)}")
 
