@@ -389,12 +389,16 @@ class CanonicalizePass(RulePass):
     value per output (``[N]``, ``[1, N]`` or one element), no ``transA``; the
     mean's input has a known rank of 4 and constant axes; the Einsum contracts its first operand's last
     axis alone, keeping the others in order, with no repeated index; the BatchNormalization's input has a known
-    rank and is not a graph input (scaled by constants alone). Rewrites the model it is given.
+    rank and is not a graph input (scaled by constants alone). ``weight_only`` (the fp16/bf16 and int4
+    pipelines) rewrites the Einsum alone. Rewrites the model it is given.
     """
 
     name = "canonicalize"
 
-    def __init__(self, *, batchnorm_to_affine: bool = False) -> None:
+    def __init__(self, *, batchnorm_to_affine: bool = False, weight_only: bool = False) -> None:
+        if weight_only:  # (fp16/bf16, int4: no integer kernel to suit, but int4 holds MatMul weights only)
+            self.rules = (EinsumToMatMulRule(),)
+            return
         self.rules = (DivToMulRule(), PReluToLeakyReluRule(), GemmScalesRule(), SpatialMeanRule(),
                       GeluCubeToMulRule(), EinsumToMatMulRule(),
                       *([BatchNormToAffineRule()] if batchnorm_to_affine else []))
