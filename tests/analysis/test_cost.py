@@ -260,6 +260,54 @@ def test_nodes_inside_if_branches_are_not_counted(tmp_path):
     assert (report.macs, report.other_flops) == (0, 0)
 
 
+def test_weights_read_inside_a_scan_body_are_parameters_of_the_scan(tmp_path):
+    # an RNN written as a Scan over outer-scope weights: inspect said 416 parameters for 1,952 in the file (the
+    # body's x @ w and h @ u and its own bias were counted nowhere); each counts once, on the Scan's row
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["xt", "w"], ["a"]), helper.make_node("MatMul", ["h", "u"], ["b"]),
+         helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("Add", ["s", "bias"], ["c"]),
+         helper.make_node("Tanh", ["c"], ["hn"]), helper.make_node("Identity", ["hn"], ["yt"])],
+        "body", [_info("h", [1, 32]), _info("xt", [1, 16])], [_info("hn", [1, 32]), _info("yt", [1, 32])],
+        initializer=[_weight("bias", 1, 32)])
+    nodes = [helper.make_node("Scan", ["h0", "x"], ["last", "ys"], name="scan", num_scan_inputs=1, body=body),
+             helper.make_node("MatMul", ["last", "w_out"], ["y"], name="head")]
+    report = analyze_cost(_load(tmp_path, nodes, [_info("x", [6, 1, 16]), _info("h0", [1, 32])], [_info("y", [1, 4])],
+                                [_weight("w", 16, 32), _weight("u", 32, 32), _weight("w_out", 32, 4)]))
+    _assert_totals(report)
+    assert {row.name: row.params for row in report.nodes} == {"scan": 16 * 32 + 32 * 32 + 32, "head": 32 * 4}
+    assert report.subgraph_nodes == 6 and report.macs == 32 * 4
+
+
+def test_an_onnx_runtime_qoperator_model_costs_what_its_float_model_does(tmp_path):
+    # ONNX Runtime's QOperator format (quant_format=QOperator): its QGemm, QLinearAdd and QLinearGlobalAveragePool
+    # had no rule (0 MACs, listed uncounted) and the QGemm's int32 bias was no parameter
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "x8"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1)]
+    _load(tmp_path, nodes, [_info("x", [1, 3, 4, 4]), _info("x8", [1, 8, 4, 4])], [_info("y", [1, 10])],
+          [_weight("w", 8, 3, 3, 3), _weight("b", 8), _weight("wf", 10, 8), _weight("bf", 10)])
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.feeds = iter([{"x": rng.standard_normal((1, 3, 4, 4)).astype(np.float32),
+                                "x8": rng.standard_normal((1, 8, 4, 4)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(str(tmp_path / "model.onnx"), str(tmp_path / "qop.onnx"), Reader(),
+                    quant_format=QuantFormat.QOperator)
+    quantized = edgeopt.inspect(tmp_path / "qop.onnx").cost  # (shapes past the contrib ops: from a typing run)
+    assert {"QGemm", "QLinearAdd", "QLinearGlobalAveragePool"} <= {row.op_type for row in quantized.nodes}
+    assert quantized.uncounted_ops == () and quantized.unknown_nodes == ()
+    expected = edgeopt.inspect(tmp_path / "model.onnx").cost
+    assert (quantized.macs, quantized.params) == (expected.macs, expected.params)
+
+
 def test_real_mobilenet_macs_match_torch_module_formula(tmp_path):
     torch = pytest.importorskip("torch")
     from tests import models

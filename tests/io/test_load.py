@@ -173,6 +173,24 @@ def test_nodes_out_of_order_are_sorted_and_ordered_graphs_keep_their_order(tmp_p
     assert [node.name for node in load_model(tmp_path / "o.onnx").graph][-2:] == ["conv", "relu"]
 
 
+def test_a_stale_static_output_shape_gives_way_to_the_inferred_one(tmp_path):
+    """A head swapped by hand keeps its old output shape in the file: ONNX's inference kept it over the
+    one it computes, so inspect showed y 1x1000 and counted the Relu's FLOPs on it; a partial inferred
+    shape still takes the exporter's static dims."""
+    from onnx import TensorProto, helper
+
+    _, graph = _conv_relu_graph()
+    graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1000]))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "stale.onnx")
+    assert eir.static_shape(load_model(tmp_path / "stale.onnx").graph.outputs[0]) == (1, 8, 8, 8)
+    reshape = helper.make_graph(
+        [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Reshape", ["x", "s"], ["y"])], "r",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    onnx.save(helper.make_model(reshape, opset_imports=[helper.make_opsetid("", 11)]), tmp_path / "r.onnx")
+    assert eir.static_shape(load_model(tmp_path / "r.onnx").graph.outputs[0]) == (2, 3)
+
+
 def test_an_ir3_model_listing_its_weights_as_inputs_converts_to_opset_13(tmp_path):
     """Old exporters (IR 3) list every initializer as a graph input; dropping those inputs needs IR >= 4,
     or the opset converter no longer sees the weights ('Input w is undefined')."""
@@ -326,6 +344,15 @@ def test_local_functions_are_inlined_so_their_layers_quantize(tmp_path):
     data = [{"x": sample} for sample in np.random.default_rng(5).standard_normal((16, 1, 8)).astype(np.float32)]
     result = quantize(model, Int8Config(), data)
     assert not result.float_nodes
+
+
+def test_inlined_nodes_are_named_after_the_calls_that_run_them(tmp_path):
+    """TorchScript's export_modules_as_functions calls Block as /b1/act/Block and /b2/act/Block, whose body
+    names its nodes Conv_0, Relu_1: inlined, they were Conv_0__1 and Conv_0__2, names no user can place in
+    the network (in float-node lists, compare's rows, --exclude)."""
+    path = _nested_function_model(tmp_path / "functions.onnx")
+    names = [node.name for node in load_model(path).graph]
+    assert names == [f"block/{call}/{op}" for call in ("first", "second") for op in ("MatMul", "Add", "Relu")]
 
 
 def test_a_function_written_for_an_older_opset_is_converted_as_it_is_inlined(tmp_path):

@@ -79,3 +79,13 @@ def test_a_model_too_large_for_protobuf_is_a_model_error_not_an_output_error(mon
     with pytest.raises(ModelError, match="larger than 2 GB") as raised:
         save.model_to_bytes(model)
     assert not isinstance(raised.value, OutputError)
+
+
+def test_a_special_file_is_refused_not_replaced_by_the_rename(tmp_path):
+    # -o /dev/null ("only the numbers, please"): the finished file was renamed over the device, which root
+    # may do: /dev/null became a regular file holding the model
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    with pytest.raises(OutputError, match="pipe is a device, pipe or socket, not a file"):
+        atomic_write_files([(pipe, b"model")])
+    assert pipe.is_fifo() and [path.name for path in tmp_path.iterdir()] == ["pipe"]

@@ -153,3 +153,31 @@ def test_a_pow_cube_elsewhere_stays():
     RMSNorm's square, say)."""
     model = _unary("Pow", 3.0)
     assert op_types(canonicalize(model).model) == ["Relu", "Pow"]
+
+
+def _einsum(equation: str, weight_shape, output_shape):
+    """x [2, 8, 32] -> Relu -> Einsum(equation, ., W) -> y: a dense layer as tf2onnx writes Keras' EinsumDense."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Einsum", ["r", "w"], ["y"], name="dense", equation=equation)]
+    return make_model(nodes, [("x", [2, 8, 32])], [("y", list(output_shape))],
+                      [random_weight("w", weight_shape)], opset=17)
+
+
+@pytest.mark.parametrize("equation, weight_shape", [
+    ("bij,jk->bik", (32, 16)), ("...j,jk->...k", (32, 16)), ("bij, kj -> bik", (16, 32))])
+def test_an_einsum_dense_layer_becomes_a_matmul(equation, weight_shape):
+    # Einsum has no integer kernel: a model of EinsumDense layers came back from int8 as the float model
+    model = _einsum(equation, weight_shape, (2, 8, 16))
+    result = canonicalize(model)
+    assert op_types(result.model) == ["Relu", "MatMul"] and result.model.graph.outputs[0].name == "y"
+    assert_same_outputs(model, result.model)
+
+
+@pytest.mark.parametrize("equation, output_shape, reason", [
+    ("bij,jk->bki", (2, 16, 8), "is not x @ W with the other axes kept in order"),
+    ("bij,ik->bjk", (2, 32, 16), "not a weight read along the first's last axis")])
+def test_an_einsum_that_is_no_dense_layer_is_left_with_the_reason(equation, output_shape, reason):
+    weight_shape = (32, 16) if equation.startswith("bij,jk") else (8, 16)
+    result = canonicalize(_einsum(equation, weight_shape, output_shape))
+    assert op_types(result.model) == ["Relu", "Einsum"]
+    assert any(reason in line for line in explain(result)), explain(result)

@@ -184,3 +184,18 @@ def test_a_search_taking_every_layer_out_of_int4_keeps_the_8_bit_table_it_measur
     assert [node.op_type for node in search.result.model.graph][0] == "GatherBlockQuantized"
     fresh = quantize_int4(_base_model(_untied_lm(), config), replace(config, exclude=search.best_excluded), data)
     assert model_to_bytes(search.result.model) == model_to_bytes(fresh.model)
+
+
+def test_layers_inside_a_scan_body_are_returned_once_the_measured_ones_are():
+    # an RNN written as a Scan: its body's two int4 MatMuls were never candidates (ONNX Runtime shows no tensor
+    # of a subgraph), so --min-sqnr 45 stopped at 18.1 dB saying "no quantized node left to return to float"
+    from tests.control_flow_models import scan_rnn, scan_rnn_data
+
+    model = ir.from_proto(scan_rnn())
+    search = accuracy_aware_quantize(model, Int4WeightConfig(), scan_rnn_data(), AccuracyGoal(min_sqnr_db=45.0))
+    assert search.met and {"b_mm1", "b_mm2"} <= set(search.best_excluded), search.stopped_because
+    assert {"b_mm1", "b_mm2"} <= {entry.node_name for entry in search.result.float_nodes}
+    # and a body layer may be excluded by name, as without a goal
+    excluded = accuracy_aware_quantize(model, Int4WeightConfig(exclude=("b_mm1",)), scan_rnn_data(),
+                                       AccuracyGoal(min_sqnr_db=10.0))
+    assert ("b_mm1", "excluded by config") in {(f.node_name, f.reason) for f in excluded.result.float_nodes}

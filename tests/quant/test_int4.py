@@ -868,3 +868,18 @@ def test_layers_whose_inputs_only_subgraphs_compute_are_not_said_to_be_weighted(
     search = next(note for note in result.notes if note.startswith("block scales"))
     assert "weighted by each layer's input channels" not in search
     assert "not weighted: every layer reads an input computed inside a subgraph" in search, search
+
+
+def test_an_einsum_dense_layer_is_held_in_int4():
+    # tf2onnx writes Keras' EinsumDense as Einsum("bij,jk->bik", x, W): int4 refused the model ("no MatMul/Gemm
+    # weight to quantize (the model has none)"); it is a MatMul, and its weight goes int4
+    rng = np.random.default_rng(9)
+    nodes = [helper.make_node("Einsum", ["x", "w"], ["h"], name="dense", equation="bij,jk->bik"),
+             helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "einsum", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8, 32])],
+                              [numpy_helper.from_array((rng.standard_normal((64, 32)) * 0.2).astype(np.float32), "w")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    result = quantize(model, Int4WeightConfig(), data=None)
+    assert [node.op_type for node in result.model.graph] == ["MatMulNBits", "Relu"]
+    assert not result.float_nodes

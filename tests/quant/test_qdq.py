@@ -558,6 +558,32 @@ def test_float32_models_with_float64_constants_are_not_float64_models():
     assert quantize(small, Int8Config(), [{"ids": np.arange(4)}]).tensors
 
 
+@pytest.mark.parametrize("scheme", ["int8", "fp16", "int4"])
+def test_a_float64_input_cast_to_float32_before_float32_weights_is_a_float32_model(scheme):
+    # a graph fed float64 (a TensorFlow placeholder, a pipeline's input) that casts it to float32 computes
+    # in float32: it was refused as "model computes in float64" although every weight is float32
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeopt import Fp16Config, Int4WeightConfig
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("w1", (16, 32)), ("w2", (32, 8)))]
+    nodes = [helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("MatMul", ["x32", "w1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "f64_in", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], weights)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    config = {"int8": Int8Config(), "fp16": Fp16Config(), "int4": Int4WeightConfig()}[scheme]
+    data = [{"x": rng.standard_normal((4, 16))} for _ in range(4)]
+    result = quantize(model, config, data if scheme == "int8" else None)
+    low = {"int8": "QuantizeLinear", "fp16": "Cast", "int4": "MatMulNBits"}[scheme]
+    assert low in {node.op_type for node in result.model.graph}
+    assert result.model.graph.inputs[0].dtype == ir.DataType.DOUBLE
+
+
 def test_a_branch_of_data_movement_only_is_quantized_for_the_mcu_target():
     # x -> Conv -> y, and x -> MaxPool -> Flatten -> z: the C kernels need every output int8, so the
     # MaxPool and Flatten are quantized there (left float they made a model compile refuses)
@@ -635,3 +661,58 @@ def test_a_large_negative_constant_that_reaches_no_softmax_is_no_mask():
     data = [{"x": batch["x"] + 20000} for batch in batches(SHAPE, 4)]
     result = quantize(b.model(["y"], SHAPE), Int8Config(), data)
     assert not result.float_nodes
+
+
+def test_ops_of_onnx_runtimes_optimizer_stay_float_saying_to_quantize_the_exported_model(tmp_path):
+    # a model saved by ONNX Runtime after its optimizations (optimized_model_filepath): its convs are FusedConv or
+    # com.microsoft.nchwc Conv, listed float as "no integer kernel for Conv", which says nothing of what to do
+    import onnxruntime as ort
+
+    b = GraphBuilder(seed=11)
+    b.conv(b.node("Relu", [b.conv("x", 8, 8, "c1")], "relu"), 8, 4, "y")
+    source = tmp_path / "model.onnx"
+    source.write_bytes(ir.to_proto(b.model(["y"], SHAPE)).SerializeToString())
+    reasons = {}
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level, options.optimized_model_filepath = level, str(tmp_path / "opt.onnx")
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        result = quantize(ir.load(tmp_path / "opt.onnx"), Int8Config(), batches(SHAPE, 4))
+        reasons.update({node.op_type: node.reason for node in result.float_nodes})
+    assert "FusedConv" in reasons  # (and at ORT_ENABLE_ALL, on a CPU with AVX2, com.microsoft.nchwc's Conv)
+    assert all(reason.endswith("quantize the model as exported instead") for reason in reasons.values()), reasons
+
+
+def test_an_if_says_the_convs_of_its_branches_stay_float_with_it():
+    # torch.jit.script's `if x.mean() > 0: relu(conv_a(x)) else: relu(conv_b(x))`: the If was listed float as "no
+    # integer kernel for If", saying nothing of the two convs in its branches, which int8 leaves float too
+    from onnx import TensorProto, helper
+
+    b = GraphBuilder(seed=12)
+    branches = {}
+    for side in ("then", "else"):
+        node_count = len(b.nodes)
+        b.conv("x", 8, 8, f"{side}_conv")
+        branches[side] = helper.make_graph(b.nodes[node_count:], side, [], [
+            helper.make_tensor_value_info(f"{side}_conv", TensorProto.FLOAT, [1, 8, 8, 8])])
+        del b.nodes[node_count:]  # the branch reads the main graph's weights
+    b.node("ReduceMean", ["x"], "mean", keepdims=0)
+    b.node("Greater", ["mean", b.constant("zero", 0.0)], "positive")
+    b.node("If", ["positive"], "branch", then_branch=branches["then"], else_branch=branches["else"])
+    b.conv("branch", 8, 4, "y")
+    result = _quantize(b.model(["y"], SHAPE))
+    reasons = {node.node_name: node.reason for node in result.float_nodes}
+    assert reasons["branch"].startswith("control flow: int8 quantizes the main graph, so the 2 Conv/Gemm/MatMul")
+    assert _nodes(result.model, "QuantizeLinear")  # the main graph's convs are int8
+
+
+def test_an_exclude_naming_a_node_of_a_scan_body_says_int8_leaves_it_float_anyway():
+    # it was "--exclude 'b_mm1' is neither a node name nor an op type of the model": it is one, in the Scan's body
+    from tests.control_flow_models import scan_rnn, scan_rnn_data
+
+    model = ir.from_proto(scan_rnn())
+    with pytest.raises(ConfigError, match="'b_mm1' is neither .* of the model's main graph: it is inside an If branch "
+                                          "or a Loop/Scan body, which this scheme leaves float anyway: drop it"):
+        quantize(model, Int8Config(exclude=("b_mm1",)), scan_rnn_data(2))
+    with pytest.raises(ConfigError, match="'b_mm9' is neither a node name nor an op type of the model; its op types"):
+        quantize(model, Int8Config(exclude=("b_mm9",)), scan_rnn_data(2))

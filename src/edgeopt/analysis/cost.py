@@ -8,7 +8,8 @@ is the number of elements of the node's first output, ``in`` of its first input:
   Depthwise is ``g == C_in``. QLinearConv and ConvInteger use the same formula.
 * ConvTranspose (weight ``[C_in, C_out/g, k...]``): every input pixel scatters
   a kernel, ``N * C_in * prod(in_spatial) * (C_out/g) * prod(k)`` = ``in * prod(weight[1:])``.
-* Gemm: ``M * N * K`` with ``K = A.shape[0] if transA else A.shape[1]``.
+* Gemm: ``M * N * K`` with ``K = A.shape[0] if transA else A.shape[1]``; the same for QGemm. ONNX Runtime's
+  other QOperator ops (QLinearAdd, QLinearGlobalAveragePool ...) cost what their float op does.
 * MatMul (numpy broadcasting, 1-D operands promoted and squeezed):
   ``prod(batch) * M * N * K`` = ``out * A.shape[-1]``. Same for QLinearMatMul,
   MatMulInteger, and MatMulNBits (``K`` from its attribute).
@@ -47,15 +48,16 @@ is the number of elements of the node's first output, ``in`` of its first input:
 Ops with no rule cost 0 and are listed in ``CostReport.uncounted_ops``; nodes
 whose needed shapes are unknown cost 0 and are listed in ``unknown_nodes``.
 Nodes inside If/Loop/Scan bodies are not counted (``subgraph_nodes`` says how
-many were skipped).
+many were skipped): how often a body runs is known at run time only. Their weights are: see below.
 
 Parameters: a constant input (initializer or Constant output) with more than
 one element is a *weight* when its dtype is floating point, an integer of at
 most 8 bits (quantized weights), or int32 fed to DequantizeLinear or as the
-QLinearConv bias (quantized bias). MatMulNBits' packed B counts its ``K * N``
+QLinearConv or QGemm bias (quantized bias). MatMulNBits' packed B counts its ``K * N``
 weights and GatherBlockQuantized's table its values, not their bytes. Scales and zero points of quantization ops
 and int64 shape/index tensors are not weights. Each weight is counted once,
-on the first node (in execution order) that consumes it. ``params`` counts its
+on the first node (in execution order) that consumes it; a weight read inside an If branch or a Loop/Scan
+body (its own, or one of the outer graph) counts on the If/Loop/Scan node. ``params`` counts its
 elements, ``weight_bytes`` its stored bytes; ``param_bytes_fp32/fp16/int8``
 are ``params * 4/2/1``. Every total of :class:`CostReport` is the sum of its rows.
 """
@@ -166,11 +168,11 @@ def _conv_transpose(node: ir.Node) -> Cost:
     return macs, _elements(node.outputs[0]) if _has_input(node, 2) else 0
 
 
-def _gemm(node: ir.Node) -> Cost:
+def _gemm(node: ir.Node, bias: int = 2) -> Cost:
     a_shape = _shape(node.inputs[0])
     k = a_shape[0] if _attribute(node, "transA", 0) else a_shape[1]
     out = _elements(node.outputs[0])
-    return out * k, out if _has_input(node, 2) else 0
+    return out * k, out if _has_input(node, bias) else 0
 
 
 def _matmul(node: ir.Node, a: int = 0) -> Cost:
@@ -277,6 +279,7 @@ _RULES: dict[str, Callable[[ir.Node], Cost]] = {
     "ConvInteger": partial(_conv, weight=1, bias=None),
     "ConvTranspose": _conv_transpose,
     "Gemm": _gemm,
+    "QGemm": partial(_gemm, bias=6),
     "MatMul": _matmul,
     "MatMulInteger": _matmul,
     "QLinearMatMul": _matmul,
@@ -299,6 +302,9 @@ _RULES: dict[str, Callable[[ir.Node], Cost]] = {
     "Upsample": _resize,
     **{op: _per_output for op in _ELEMENTWISE},
     **{op: _per_input for op in _REDUCTIONS},
+    **{f"QLinear{op}": _per_output for op in ("Add", "Mul", "Sigmoid", "LeakyRelu")},
+    "QLinearSoftmax": partial(_per_input, factor=3), "QLinearAveragePool": _pool,
+    "QLinearGlobalAveragePool": _per_input, "QLinearConcat": _free,
     **{op: _free for op in (*_DATA_MOVEMENT, *_CONTROL_FLOW)},
 }
 
@@ -311,6 +317,7 @@ _QUANTIZATION_PARAMETERS: dict[str, frozenset[int]] = {
     "DequantizeLinear": frozenset({1, 2}),
     "QLinearConv": frozenset({1, 2, 4, 5, 6, 7}),
     "QLinearMatMul": frozenset({1, 2, 4, 5, 6, 7}),
+    "QGemm": frozenset({1, 2, 4, 5, 7, 8}),
     "ConvInteger": frozenset({2, 3}),
     "MatMulInteger": frozenset({2, 3}),
     "MatMulNBits": frozenset({2, 3, 4}),
@@ -318,7 +325,7 @@ _QUANTIZATION_PARAMETERS: dict[str, frozenset[int]] = {
 }
 
 # (op_type, position) where an int32 constant is a quantized bias.
-_INT32_WEIGHTS = frozenset({("DequantizeLinear", 0), ("QLinearConv", 8)})
+_INT32_WEIGHTS = frozenset({("DequantizeLinear", 0), ("QLinearConv", 8), ("QGemm", 6)})
 
 
 def _constant_tensor(value: ir.Value) -> ir.TensorProtocol | None:
@@ -342,18 +349,20 @@ def _is_weight_dtype(dtype: ir.DataType, op_type: str, position: int) -> bool:
 
 
 def _node_weights(node: ir.Node, seen: set[int]) -> tuple[int, int]:
-    """(elements, stored bytes) of the weights first consumed by ``node``; updates ``seen``."""
+    """(elements, stored bytes) of the weights first consumed by ``node`` or by the nodes of its
+    subgraphs (an If, a Loop or a Scan holds what its bodies read); updates ``seen``."""
     params = stored_bytes = 0
-    skipped = _QUANTIZATION_PARAMETERS.get(node.op_type, frozenset())
-    for position, value in enumerate(node.inputs):
-        if value is None or position in skipped or id(value) in seen:
-            continue
-        tensor = _constant_tensor(value)
-        if tensor is None or tensor.size <= 1 or not _is_weight_dtype(tensor.dtype, node.op_type, position):
-            continue
-        seen.add(id(value))
-        params += _packed_weights(node, tensor) if (node.op_type, position) in _PACKED else tensor.size
-        stored_bytes += tensor.nbytes
+    for reader in (node, *(inner for graph in subgraphs(node) for inner in graph.all_nodes())):
+        skipped = _QUANTIZATION_PARAMETERS.get(reader.op_type, frozenset())
+        for position, value in enumerate(reader.inputs):
+            if value is None or position in skipped or id(value) in seen:
+                continue
+            tensor = _constant_tensor(value)
+            if tensor is None or tensor.size <= 1 or not _is_weight_dtype(tensor.dtype, reader.op_type, position):
+                continue
+            seen.add(id(value))
+            params += _packed_weights(reader, tensor) if (reader.op_type, position) in _PACKED else tensor.size
+            stored_bytes += tensor.nbytes
     return params, stored_bytes
 
 

@@ -51,6 +51,7 @@ class InspectResult:
             "weight_bytes": {"stored": cost.weight_bytes, "fp32": cost.param_bytes_fp32,
                              "fp16": cost.param_bytes_fp16, "int8": cost.param_bytes_int8},
             "unknown_nodes": list(cost.unknown_nodes), "uncounted_ops": list(cost.uncounted_ops),
+            "subgraph_nodes": cost.subgraph_nodes,
             "nodes": [{"name": n.name, "op_type": n.op_type,
                        "output_shapes": [list(s) if s is not None else None for s in n.output_shapes],
                        "dtype": n.output_dtype, "params": n.params, "macs": n.macs,

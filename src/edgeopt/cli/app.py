@@ -133,6 +133,9 @@ def _render_inspect_totals(result: api.InspectResult) -> None:
         lines.append(("not counted", f"{count_of(len(cost.unknown_nodes), 'node', 'nodes')} with unknown shapes"))
     if cost.uncounted_ops:
         lines.append(("not counted", f"{', '.join(cost.uncounted_ops)}: no cost rule, 0 MACs and FLOPs in the totals"))
+    if cost.subgraph_nodes:
+        lines.append(("not counted", f"{count_of(cost.subgraph_nodes, 'node', 'nodes')} inside If/Loop/Scan bodies: "
+                                     "their MACs and FLOPs are not in the totals (their weights are)"))
     totals = table("totals", [("", "left"), ("", "left")])
     totals.show_header = False
     for key, value in lines:

@@ -258,21 +258,57 @@ def _node_names(graph: onnx.GraphProto) -> set[str]:
 
 def _inline_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
     """``proto`` with every call of a local function replaced by the function's body (nested calls
-    too). A body node without a name is named ``Function/OpType`` first: the inliner suffixes the names
-    per call, and reports and ``--exclude`` need names."""
+    too). A body node is named after the call that runs it (``/b1/act/Block/Conv_0`` for the ``Conv_0`` of
+    the function the node ``/b1/act/Block`` calls): reports and ``--exclude`` name each layer where it is."""
     if not proto.functions:
         return proto
-    for function in proto.functions:
-        for node in function.node:
-            node.name = node.name or f"{function.name}/{node.op_type}"
+    generated = _name_by_call_site(proto)
     try:
         inlined = onnx.inliner.inline_local_functions(proto, convert_version=True)
     except Exception as error:
         raise ModelError(f"cannot inline the model's local functions ({', '.join(f.name for f in proto.functions)}): "
                          f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
                          ) from None
+    _drop_inliner_suffixes(inlined.graph, generated)
     logger.info("inlined the calls of %d local function(s)", len(proto.functions))
     return inlined
+
+
+def _name_by_call_site(proto: onnx.ModelProto) -> set[str]:
+    """Give each call of a local function in the main graph (and the calls nested in those) its own copy
+    of the function, whose nodes are named ``{call}/{node}`` (``{call}/{OpType}`` when unnamed); return
+    those names. Calls inside subgraphs keep the shared functions, their nodes named ``{Function}/{node}``."""
+    functions = {(f.domain, f.name, f.overload): f for f in proto.functions}
+    copies: list[onnx.FunctionProto] = []
+    calls = [node for node in proto.graph.node if (node.domain, node.op_type, node.overload) in functions]
+    while calls:
+        call = calls.pop()
+        original = functions[(call.domain, call.op_type, call.overload)]
+        copy = onnx.FunctionProto()
+        copy.CopyFrom(original)
+        copy.name = call.op_type = f"{original.name}__call{len(copies)}"
+        for node, source in zip(copy.node, original.node):
+            node.name = f"{call.name}/{source.name or source.op_type}"
+            if (node.domain, node.op_type, node.overload) in functions:
+                calls.append(node)
+        copies.append(copy)
+    for function in proto.functions:
+        for node in function.node:
+            node.name = f"{function.name}/{node.name or node.op_type}"
+    proto.functions.extend(copies)
+    return {node.name for copy in copies for node in copy.node}
+
+
+def _drop_inliner_suffixes(graph: onnx.GraphProto, generated: set[str]) -> None:
+    """The inliner suffixes every name it copies (``__1``, and ``_0`` ... for a repeat): drop that from the
+    call-site names, which are unique already (a repeat in one body gets ``_1`` ...)."""
+    taken = {node.name for node in graph.node}
+    for node in graph.node:
+        base, sep, suffix = node.name.rpartition("__")
+        base = base if sep and base in generated and suffix.split("_")[0].isdigit() else None
+        if base is not None:
+            taken.discard(node.name)
+            node.name = claim_name(base, taken)
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
@@ -371,15 +407,17 @@ def _check_static(graph: onnx.GraphProto) -> None:
                              f"{value.name}={example}{told}")
 
 
-def _clear_symbolic_shapes(graph: onnx.GraphProto) -> dict[str, onnx.TensorShapeProto]:
-    """Forget exporter-written intermediate/output shapes so inference recomputes them.
+def _clear_output_shapes(graph: onnx.GraphProto) -> dict[str, onnx.TensorShapeProto]:
+    """Forget exporter-written intermediate and output shapes so inference recomputes them: a symbolic
+    dim may be fixed by ``--input-shape`` now, and a static one may be stale (a head swapped by hand,
+    its output still written 1x1000), which ONNX's inference keeps over what it computes.
 
     Returns the output shapes cleared, for :func:`_restore_output_shapes`.
     """
     del graph.value_info[:]
     cleared: dict[str, onnx.TensorShapeProto] = {}
     for value in graph.output:
-        if any(not isinstance(d, int) for d in _dims(value)):
+        if value.type.tensor_type.HasField("shape"):
             cleared[value.name] = onnx.TensorShapeProto()
             cleared[value.name].CopyFrom(value.type.tensor_type.shape)
             value.type.tensor_type.ClearField("shape")
@@ -387,7 +425,8 @@ def _clear_symbolic_shapes(graph: onnx.GraphProto) -> dict[str, onnx.TensorShape
 
 
 def _restore_output_shapes(graph: onnx.GraphProto, cleared: Mapping[str, onnx.TensorShapeProto]) -> None:
-    """Give the exporter's shape back to outputs whose shape inference could not find.
+    """Give the exporter's shape back to outputs whose shape inference could not find, and its static
+    dims to those inference left unknown (when the ranks agree).
 
     Before opset 13 inference loses even the rank of a Reshape whose target is computed at run
     time, as ``x.view(x.size(0), -1)`` exports (Shape -> Gather -> Unsqueeze -> Concat, ops that
@@ -395,8 +434,15 @@ def _restore_output_shapes(graph: onnx.GraphProto, cleared: Mapping[str, onnx.Te
     """
     for value in graph.output:
         tensor_type = value.type.tensor_type
-        if value.name in cleared and not tensor_type.HasField("shape"):
-            tensor_type.shape.CopyFrom(cleared[value.name])
+        if value.name not in cleared:
+            continue
+        written = cleared[value.name]
+        if not tensor_type.HasField("shape"):
+            tensor_type.shape.CopyFrom(written)
+        elif len(tensor_type.shape.dim) == len(written.dim):
+            for dim, exported in zip(tensor_type.shape.dim, written.dim):
+                if not dim.HasField("dim_value") and exported.HasField("dim_value") and not dim.dim_param:
+                    dim.dim_value = exported.dim_value
 
 
 # Weights move out of the protobuf into numpy arrays before shape inference: ONNX's inference
@@ -491,7 +537,7 @@ def load_model(
         _fix_input_shapes(graph, input_shapes)
     if require_static:
         _check_static(graph)
-    output_shapes = _clear_symbolic_shapes(graph)
+    output_shapes = _clear_output_shapes(graph)
     detached = _detach_weights(graph)
     del graph  # the original protobuf (and its arena) goes once inference has copied it
     proto = _infer_shapes(_inline_functions(proto))

@@ -27,7 +27,8 @@ _PROTOBUF_LIMIT_BYTES = 2**31 - 1
 
 def check_writable(path: str | os.PathLike) -> Path:
     """Refuse, before any work, an output path that cannot be written: its folder is missing or
-    read-only, or the path is a folder."""
+    read-only, or the path is a folder or a special file (``/dev/null``: replaced by a regular file
+    when run as root)."""
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     if folder.exists() and not folder.is_dir():
@@ -36,6 +37,9 @@ def check_writable(path: str | os.PathLike) -> Path:
         raise OutputError(f"output folder {folder} does not exist: create it or choose another -o path")
     if target.is_dir():
         raise OutputError(f"output {target} is a folder: give a file path to -o")
+    if target.exists() and not target.is_file():  # the rename below would put a file in its place
+        raise OutputError(f"output {target} is a device, pipe or socket, not a file (the finished file is renamed "
+                          "over the target, which would replace it): give a file path to -o")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {folder} is not writable: choose another -o path")
     return target

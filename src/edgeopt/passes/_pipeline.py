@@ -37,7 +37,8 @@ def default_passes(*, copy_shared: bool = True, fuse_gemm: bool = True,
     ``Transpose(E)`` is read through rather than folded into a second copy of E;
     ``fuse_gemm=False``: a MatMul + Add becoming a Gemm would only rename what a user excludes; and
     ``canonicalize=False``: they run no integer kernels to rewrite Div, PRelu and Gemm for (int4
-    folds a Gemm's alpha and beta into its own MatMulNBits). ``batchnorm_to_affine``: the microcontroller
+    folds a Gemm's alpha and beta into its own MatMulNBits); only an Einsum dense layer becomes a MatMul,
+    whose weight int4 holds. ``batchnorm_to_affine``: the microcontroller
     target's canonicalization also makes a BatchNormalization it cannot fold a Mul and an Add.
     """
     stages = [
@@ -59,12 +60,11 @@ def default_passes(*, copy_shared: bool = True, fuse_gemm: bool = True,
         FuseActivationsPass(),
         # Div by a constant, a one-slope PRelu, Gemm's alpha/beta and a spatial mean become the forms
         # integer kernels take.
-        CanonicalizePass(batchnorm_to_affine=batchnorm_to_affine),
+        CanonicalizePass(batchnorm_to_affine=batchnorm_to_affine, weight_only=not canonicalize),
         # The weights folding replaced, and nodes fusion orphaned, are dropped.
         EliminateDeadCodePass(),
     ]
-    return [stage for stage in stages if (fuse_gemm or not isinstance(stage, FuseMatMulAddPass))
-            and (canonicalize or not isinstance(stage, CanonicalizePass))]
+    return [stage for stage in stages if fuse_gemm or not isinstance(stage, FuseMatMulAddPass)]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

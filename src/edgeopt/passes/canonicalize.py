@@ -26,7 +26,11 @@ where a constant is inverted or multiplied through):
   ``gelu_new``) is ``Mul(Mul(x, x), x)``, as torch writes the cube: Pow has
   no integer kernel, so on the microcontroller, where the group's other ops
   run in int8, the model did not compile. Only there: a Pow squaring the
-  input of a spelled-out RMSNorm, say, would round ``x * x`` to 8 bits.
+  input of a spelled-out RMSNorm, say, would round ``x * x`` to 8 bits;
+* ``Einsum("...ij,jk->...ik", x, W)`` with a constant 2-D ``W`` (a dense layer as tf2onnx writes Keras'
+  ``EinsumDense`` and JAX exports write theirs; ``...ij,kj->...ik`` takes ``W`` transposed) is
+  ``MatMul(x, W)``: Einsum has no integer kernel, so the layer stayed float (a model of such layers
+  came back as the float model).
 """
 
 from __future__ import annotations
@@ -247,6 +251,61 @@ class GeluCubeToMulRule(Rule):
 
 
 @dataclasses.dataclass
+class _EinsumMatch(Match):
+    einsum: ir.Node
+    weight: np.ndarray
+    transposed: bool = False
+
+
+def _dense_einsum(equation: str) -> bool | str:
+    """Whether ``equation`` multiplies its first operand's last axis by a [K, N] weight (False) or by a
+    [N, K] one (True), keeping every other axis in place; else why not."""
+    terms, arrow, output = equation.replace(" ", "").partition("->")
+    operands = terms.split(",")
+    if not arrow or len(operands) != 2 or len(operands[1]) != 2 or not operands[0]:
+        return "not two operands and a 2-D second one with an explicit output"
+    x, (first, second) = operands[0], operands[1]
+    letters = x.replace("...", "")
+    if len(set(letters)) != len(letters) or first == second or x[-1] not in (first, second):
+        return "its second operand is not a weight read along the first's last axis"
+    other = second if x[-1] == first else first
+    if other in letters or output != x[:-1] + other:
+        return f"{equation!r} is not x @ W with the other axes kept in order"
+    return x[-1] == second
+
+
+class EinsumToMatMulRule(Rule):
+    """Einsum("...ij,jk->...ik", x, constant W) -> MatMul(x, W); "...ij,kj->...ik" -> MatMul(x, W.T)."""
+
+    name = "einsum-to-matmul"
+    anchor_ops = frozenset({"Einsum"})
+    verb = "rewritten"
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        weight = eir.constant_array(node.inputs[1]) if len(node.inputs) == 2 else None
+        if weight is None or weight.ndim != 2 or not np.issubdtype(weight.dtype, np.floating):
+            return None
+        return _EinsumMatch(nodes=(node,), einsum=node, weight=weight)
+
+    def check(self, match: _EinsumMatch, context: RuleContext) -> str | None:
+        transposed = _dense_einsum(match.einsum.attributes.get_string("equation", ""))
+        if isinstance(transposed, str):
+            return transposed
+        match.transposed = transposed
+        return None
+
+    def rewrite(self, match: _EinsumMatch, context: RuleContext) -> str:
+        node, graph = match.einsum, context.graph
+        old = node.inputs[1]
+        weight = old if not match.transposed else eir.add_initializer(
+            graph, np.ascontiguousarray(match.weight.T), f"{old.name or eir.node_label(node)}_transposed")
+        matmul = ir.node("MatMul", [node.inputs[0], weight], name=node.name)
+        eir.replace_nodes(graph, [node], node.outputs[0], [matmul])
+        eir.drop_if_unused(graph, old)
+        return "rewritten as MatMul"
+
+
+@dataclasses.dataclass
 class _NormMatch(Match):
     node: ir.Node
     scale: np.ndarray  # gamma / sqrt(var + epsilon), shaped to broadcast over x's channel axis 1
@@ -312,6 +371,8 @@ class CanonicalizePass(RulePass):
       then ``Flatten(axis=1)`` when ``keepdims=0``;
     * ``Pow(x, 3)`` that fuse-activations annotated as part of a tanh-GELU ->
       ``Mul(Mul(x, x), x)``, annotated the same;
+    * ``Einsum("...ij,jk->...ik", x, W)``, ``W`` a 2-D float constant -> ``MatMul(x, W)`` (``W.T`` for
+      ``...ij,kj->...ik``);
     * with ``batchnorm_to_affine`` (the microcontroller, whose kernels have no BatchNormalization), a
       BatchNormalization not after a Conv/ConvTranspose/Gemm/MatMul (after an Add, a Concat: nothing to
       fold it into) -> ``Add(Mul(x, s), b)``, ``s`` and ``b`` per channel. Not for ONNX Runtime: in float
@@ -326,15 +387,21 @@ class CanonicalizePass(RulePass):
     fuse-activations annotated (a GELU below opset 20, kept float); the slope's rank does
     not exceed x's; the Gemm's ``B`` and ``C`` are float constants, ``C`` one
     value per output (``[N]``, ``[1, N]`` or one element), no ``transA``; the
-    mean's input has a known rank of 4 and constant axes; the BatchNormalization's input has a known
-    rank and is not a graph input (scaled by constants alone). Rewrites the model it is given.
+    mean's input has a known rank of 4 and constant axes; the Einsum contracts its first operand's last
+    axis alone, keeping the others in order, with no repeated index; the BatchNormalization's input has a known
+    rank and is not a graph input (scaled by constants alone). ``weight_only`` (the fp16/bf16 and int4
+    pipelines) rewrites the Einsum alone. Rewrites the model it is given.
     """
 
     name = "canonicalize"
 
-    def __init__(self, *, batchnorm_to_affine: bool = False) -> None:
+    def __init__(self, *, batchnorm_to_affine: bool = False, weight_only: bool = False) -> None:
+        if weight_only:  # (fp16/bf16, int4: no integer kernel to suit, but int4 holds MatMul weights only)
+            self.rules = (EinsumToMatMulRule(),)
+            return
         self.rules = (DivToMulRule(), PReluToLeakyReluRule(), GemmScalesRule(), SpatialMeanRule(),
-                      GeluCubeToMulRule(), *([BatchNormToAffineRule()] if batchnorm_to_affine else []))
+                      GeluCubeToMulRule(), EinsumToMatMulRule(),
+                      *([BatchNormToAffineRule()] if batchnorm_to_affine else []))
 
 
 def canonicalize(model: ir.Model) -> ReportedPassResult:

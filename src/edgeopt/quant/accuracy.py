@@ -53,7 +53,7 @@ from edgeopt.quant.int4 import Int4WeightConfig, WeightFallback, quantize_int4
 from edgeopt.quant.int4_rounding import Int4Memo
 from edgeopt.quant.accuracy_damage import Candidate, int4_layers, node_damage, quantized_readers, weight_damage
 from edgeopt.quant.int8 import quantize_int8
-from edgeopt.quant.model_checks import check_exclude, vanished_excludes
+from edgeopt.quant.model_checks import NodeIndex, check_exclude, vanished_excludes
 from edgeopt.quant.registry import FloatNode, QuantResult
 
 __all__ = ["RETURNED", "RETURNED_TO_8_BITS", "AccuracyGoal", "AccuracySearch", "AccuracyStep",
@@ -210,7 +210,7 @@ def _output_sqnr(comparison: CompareResult) -> float:
 
 def _all_float(model: ir.Model, config: Int4WeightConfig) -> QuantResult:
     """An int4 round with every layer back in float: the float model, its layers listed as excluded."""
-    float_nodes = tuple(FloatNode(node.name, node.op_type, "excluded by config") for node in model.graph
+    float_nodes = tuple(FloatNode(node.name, node.op_type, "excluded by config") for node in model.graph.all_nodes()
                         if node.name in config.exclude)
     return QuantResult(model=model, scheme="int4", tensors=(), float_nodes=float_nodes,
                        notes=("every layer is back in float: the model is the float model",), config=config)
@@ -430,10 +430,11 @@ def _excludes_of_base(model: ir.Model, base: ir.Model,
     """``config`` with the exclude entries the float passes removed from ``base`` left out (the rounds
     quantize ``base``), and the notes saying so. An entry must name a node or op type of the user's
     model or of ``base``: a BatchNormalization folded into its conv is a node of the user's file."""
-    check_exclude([model, base], config.exclude)
-    present = {node.name for node in base.graph} | {node.op_type for node in base.graph}
-    kept = tuple(entry for entry in config.exclude if entry in present)
-    return replace(config, exclude=kept), vanished_excludes(base, config.exclude)
+    subgraphs = isinstance(config, Int4WeightConfig)  # int4 quantizes If branches and Loop/Scan bodies too
+    check_exclude([NodeIndex.of(each, subgraphs=subgraphs) for each in (model, base)], config.exclude)
+    index = NodeIndex.of(base, subgraphs=subgraphs)
+    kept = tuple(entry for entry in config.exclude if entry in {*index.names, *index.op_types})
+    return replace(config, exclude=kept), vanished_excludes(base, config.exclude, subgraphs=subgraphs)
 
 
 def _why_returned(steps: list[AccuracyStep], returned: list[str], goal: AccuracyGoal,

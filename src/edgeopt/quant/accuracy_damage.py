@@ -81,7 +81,7 @@ def int4_layers(base: ir.Model, result: QuantResult) -> dict[str, ir.Node]:
     int4 = result.config.weight_format.name
     quantized = {(info.name, info.op_type) for info in result.tensors if info.kind == "weight" and info.format == int4}
     layers = {}
-    for node in base.graph:
+    for node in base.graph.all_nodes():  # (and those of If branches and Loop/Scan bodies)
         weight = node.inputs[1] if eir.is_op(node, "MatMul", "Gemm") and len(node.inputs) > 1 else None
         weight = node.inputs[0] if eir.is_op(node, "Gather") else weight  # an embedding table
         transpose = weight.producer() if weight is not None else None
@@ -101,9 +101,11 @@ def weight_damage(base: ir.Model, result: QuantResult, comparison: CompareResult
     measured = {row.tensor: row.sqnr_db for row in comparison.layers}
     measured |= {row.name: row.sqnr_db for row in comparison.outputs if row.signal}
     inputs = {value.name for value in base.graph.inputs}
-    ranked = []
+    ranked, unmeasured = [], []
     for name, node in int4_layers(base, result).items():
-        if name not in measured:
+        if name not in measured:  # inside a subgraph: ONNX Runtime shows no tensor of it
+            unmeasured.append(Candidate(0.0, node, "its output not measured (inside a control-flow subgraph): "
+                                                   "returned once every measured layer is"))
             continue
         carried = computed_from(node.inputs[1] if node.op_type == "Gather" else node.inputs[0])  # (its indices)
         input_db = measured.get(carried.name, math.inf) if carried is not None else math.inf
@@ -115,7 +117,7 @@ def weight_damage(base: ir.Model, result: QuantResult, comparison: CompareResult
             inside = "its input exact" if exact else "its input not measured (counted as exact)"
         ranked.append(Candidate(added, node, f"output SQNR {measured[name]:.1f} dB, {inside}"))
     ranked.sort(key=lambda item: (-item.damage, item.node.name))
-    return ranked
+    return ranked + unmeasured
 
 
 def quantized_readers(result: QuantResult) -> list[Candidate]:

@@ -42,18 +42,20 @@ def check_not_quantized(model: ir.Model) -> None:
 def _check_not_float64(model: ir.Model) -> None:
     """ModelError for a model that computes in float64 (numpy or scikit-learn exporters write them):
     every scheme converts float32 values, so it would come back unchanged. A float32 input, or
-    float32 weights (initializers and Constant nodes) outnumbering float64 ones, make a float32 model."""
+    float32 weights (initializers and Constant nodes) outnumbering float64 ones, make a float32 model;
+    so does a float64 input cast to float32 before float32 weights (a TensorFlow graph fed float64, a
+    pipeline's cast), but a float64 input with no float32 weight is a float64 model."""
     inputs = {v.dtype for v in model.graph.inputs}
     if ir.DataType.FLOAT in inputs:
         return
-    if ir.DataType.DOUBLE not in inputs:
-        tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
-        tensors += [node.attributes["value"].value for node in model.graph.all_nodes()
-                    if node.op_type == "Constant" and "value" in node.attributes]
-        sizes = {dtype: sum(t.size for t in tensors if t.dtype == dtype)
-                 for dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE)}
-        if sizes[ir.DataType.DOUBLE] <= sizes[ir.DataType.FLOAT]:
-            return
+    tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
+    tensors += [node.attributes["value"].value for node in model.graph.all_nodes()
+                if node.op_type == "Constant" and "value" in node.attributes]
+    sizes = {dtype: sum(t.size for t in tensors if t.dtype == dtype)
+             for dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE)}
+    if sizes[ir.DataType.DOUBLE] < sizes[ir.DataType.FLOAT] or (
+            ir.DataType.DOUBLE not in inputs and sizes[ir.DataType.DOUBLE] == sizes[ir.DataType.FLOAT]):
+        return
     raise ModelError("model computes in float64 (its inputs or most of its weights are float64): edgeopt "
                      "quantizes float32 models; export it in float32 (torch: model.float(); skl2onnx: "
                      "FloatTensorType)")
@@ -65,14 +67,17 @@ class NodeIndex:
 
     names: tuple[str, ...]
     op_types: frozenset[str]
+    left_out: frozenset[str] = frozenset()  # the names of subgraph nodes, when they are not indexed
 
     @classmethod
     def of(cls, model: ir.Model, *, subgraphs: bool = False) -> NodeIndex:
         """The main graph's nodes; with ``subgraphs``, those of If branches and Loop/Scan bodies too (for the
         schemes that rewrite them: int4-weight, bf16)."""
         nodes = list(model.graph.all_nodes() if subgraphs else model.graph)
+        main = {id(node) for node in nodes}
+        inner = () if subgraphs else (node.name for node in model.graph.all_nodes() if id(node) not in main)
         return cls(names=tuple(node.name for node in nodes if node.name),
-                   op_types=frozenset(node.op_type for node in nodes))
+                   op_types=frozenset(node.op_type for node in nodes), left_out=frozenset(inner))
 
 
 def check_exclude(models: Iterable[ir.Model | NodeIndex], exclude: Iterable[str]) -> None:
@@ -87,6 +92,10 @@ def check_exclude(models: Iterable[ir.Model | NodeIndex], exclude: Iterable[str]
     for entry in exclude:
         if entry in op_types or entry in names:
             continue
+        if any(entry in index.left_out for index in indexes):
+            raise ConfigError(f"--exclude {entry!r} is neither a node name nor an op type of the model's main graph: "
+                              "it is inside an If branch or a Loop/Scan body, which this scheme leaves float anyway: "
+                              "drop it")
         raise ConfigError(f"--exclude {entry!r} is neither a node name nor an op type of the model; "
                           f"{_exclude_suggestion(entry, names, op_types)}")
 

@@ -38,8 +38,10 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from edgeopt import ir as eir
+
 __all__ = ["FUSED_BETWEEN_PAIRS", "MCU_OP_RULES", "OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule", "QUANTIZED_OP_TYPES",
-           "WEIGHT_ONLY_OPS", "is_float16_cast", "is_qdq_op", "weight_axis"]
+           "WEIGHT_ONLY_OPS", "float_op_reason", "is_float16_cast", "is_qdq_op", "weight_axis"]
 
 
 class OpRole(enum.Enum):
@@ -138,6 +140,28 @@ FUSING_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", 
 # Domains whose QuantizeLinear/DequantizeLinear (and QLinear*) ops a QDQ model may use: ONNX's and
 # ONNX Runtime's contrib domain (written by other quantizers).
 QDQ_DOMAINS = ("", "ai.onnx", "com.microsoft")
+
+
+# What ONNX Runtime's graph optimizer writes into a model it saves (``SessionOptions.optimized_model_filepath``):
+# its fused contrib ops and its blocked-layout domain. A layer folded into one is no Conv, Gemm or MatMul any more.
+_RUNTIME_FUSIONS = frozenset({"FusedConv", "FusedGemm", "FusedMatMul", "NhwcConv", "NhwcFusedConv"})
+_RUNTIME_LAYOUT_DOMAINS = frozenset({"com.microsoft.nchwc"})
+
+
+def float_op_reason(node: ir.Node) -> str | None:
+    """Why ``node``, an op without an integer kernel, stays float when more is to say than that: an op of ONNX
+    Runtime's optimizer (what to do), control flow (what stays float with it); None for every other op."""
+    if node.domain in _RUNTIME_LAYOUT_DOMAINS or (node.domain == "com.microsoft" and node.op_type in _RUNTIME_FUSIONS):
+        return (f"{node.op_type} ({node.domain}) is ONNX Runtime's own fused or re-laid-out op, saved after its "
+                "optimizations: quantize the model as exported instead")
+    if node.op_type not in ("If", "Loop", "Scan"):
+        return None
+    layers = sum(each.op_type in _LAYERS for graph in eir.subgraphs(node) for each in graph.all_nodes())
+    return (f"control flow: int8 quantizes the main graph, so the {layers} Conv/Gemm/MatMul of its subgraphs "
+            "stay float too (bf16 stores their weights low, int4-weight those of MatMul/Gemm)")
+
+
+_LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 def is_qdq_op(node: ir.Node | None, op_type: str) -> bool:

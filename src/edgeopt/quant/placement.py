@@ -73,7 +73,7 @@ from edgeopt.passes import PATTERN_KEY, activation_clamp
 from edgeopt.quant.log_inputs import log_input_nodes, log_input_refusal
 from edgeopt.quant.masks import grid_refusal, index_refusal, mask_like_values, mask_refusal
 from edgeopt.quant.ops import (FUSED_BETWEEN_PAIRS, FUSING_PRODUCERS, OP_RULES, OpRole, OpRule, is_qdq_op,
-                               weight_axis)
+                               float_op_reason, weight_axis)
 from edgeopt.quant.registry import FloatNode
 
 __all__ = ["DATA_MOVEMENT_OPS", "EXCLUDED", "MOVES_FOR_KEPT", "READ_IN_FLOAT", "BiasUse", "QdqPlan", "UnionFind",
@@ -192,7 +192,7 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
     if pattern is not None and not _quantized_op_by_op(pattern, rules):  # each of its ops told so, kernel or not
         return f"part of a spelled-out {pattern} (kept as one float op)"
     if not eir.is_op(node, *rules):
-        return _no_kernel(node.op_type)
+        return float_op_reason(node) or _no_kernel(node.op_type)
     if rules[node.op_type].role is OpRole.WEIGHTED:
         return _weighted_refusal(node)
     if node.op_type == "Resize":
