@@ -647,3 +647,27 @@ def test_no_float_twin_is_built_where_equalization_rescaled_the_tensors(tmp_path
     assert rescaled and all(row.computed_sqnr_db is None for row in result.layers if row.tensor in rescaled)
     twinned = [row for row in result.layers if row.op_type == "Conv" and row.computed_sqnr_db is not None]
     assert len(twinned) >= 3 and all(row.lost_db > -0.1 for row in twinned)
+
+
+def test_a_softmax_that_opset_conversion_wrapped_in_reshapes_shows_its_loss(tmp_path):
+    # opset 11's Softmax(axis=1) on a 4-D tensor normalizes over C*H*W; converted to opset 13 it becomes
+    # Flatten -> Softmax -> Reshape, and the row of its output is the Reshape's, exact on its input's grid.
+    # The loss is the Softmax's: 256 probabilities near 1/256 on the fixed 1/256 grid
+    import edgeopt
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(0.3 * rng.standard_normal((4, 4, 1, 1)).astype(np.float32), name)
+               for name in ("w", "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Softmax", ["c"], ["s"], name="softmax", axis=1),
+             helper.make_node("Conv", ["s", "w2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], weights)
+    path = tmp_path / "softmax11.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=6), path)
+    data = [{"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(16)]
+    quantized = edgeopt.quantize(path, edgeopt.Int8Config(), data, check_speed=False, check_fidelity=False).model
+    row = next(row for row in edgeopt.compare(path, quantized, data).layers if row.tensor == "s")
+    assert row.op_type == "Softmax" and row.sqnr_db < 20
+    assert row.computed_sqnr_db > 35 and row.lost_db == pytest.approx(row.computed_sqnr_db - row.sqnr_db)

@@ -270,6 +270,8 @@ class _Meters:
             meter.update(reference[name], self.rescaled[name].undo(array) if name in self.rescaled else array)
         for name, meter in self.carried.items():
             array = layers[self.before_quantizing[name]]
+            if array.shape != reference[name].shape and array.size == reference[name].size:
+                array = array.reshape(reference[name].shape)  # the same values in order (reshaped_from)
             meter.update(reference[name], self.rescaled[name].undo(array) if name in self.rescaled else array)
         for name, meter in self.outputs.items():
             meter.update(reference[name], outputs[name])

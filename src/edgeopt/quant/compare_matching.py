@@ -391,8 +391,12 @@ def computed_before_quantizing(quant_model: ir.Model, matches: list[TensorMatch]
     the match is a Relu or Clip whose clamping the pair's range does instead (:func:`_follow_clamps`).
 
     None for a data-movement node (a Reshape, a Gather) whose input's pair has the scale and zero point
-    of its output's: the values it writes lie on that grid, so the pair changes none (nothing to run)."""
+    of its output's: the values it writes lie on that grid, so the pair changes none (nothing to run).
+    But when reshapes on one grid carry the values of a node that has no row of its own (the Softmax an
+    opset conversion wrapped in Flatten and Reshape), that node's tensor before its pair, in another shape
+    of the same values in the same order (:func:`reshaped_from`)."""
     values = value_names(quant_model.graph)
+    matched = {match.quant_name for match in matches}
     computed: dict[str, str | None] = {}
     for match in matches:
         before = carried_value(values.get(match.quant_name))
@@ -403,8 +407,29 @@ def computed_before_quantizing(quant_model: ir.Model, matches: list[TensorMatch]
             continue  # a Relu the quantizer dropped (ORT's after an Add): what comes before the pair is unclamped
         if not any(map(reads_quantized_constant, fused_chain(node) or [node])):
             exact = _moves_on_one_grid(node, values[match.quant_name].producer())
-            computed[match.float_name] = None if exact else before.name
+            computed[match.float_name] = reshaped_from(node, matched) if exact else before.name
     return computed
+
+
+_ORDER_KEEPING = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+
+
+def reshaped_from(node: ir.Node, matched: Collection[str]) -> str | None:
+    """The tensor, before its Q/DQ pair, of the node whose values ``node`` and the order-keeping reshapes
+    before it (each on its input's grid) pass on, when that node reads no quantized constant and the
+    tensors between have no row (``matched``: the DQ outputs with one); else None."""
+    while eir.is_op(node, *_ORDER_KEEPING):
+        source = next((v for v in node.inputs if v is not None and not eir.is_constant(v)), None)
+        if source is None or source.name in matched:
+            return None
+        before = carried_value(source)
+        node = before.producer() if before is not None else None
+        if node is None or before.dtype == ir.DataType.FLOAT16:
+            return None
+        if not _moves_on_one_grid(node, source.producer()):
+            computes = not any(map(reads_quantized_constant, fused_chain(node) or [node]))
+            return before.name if computes and not eir.is_op(node, *DATA_MOVEMENT_OPS) else None
+    return None
 
 
 def _moves_on_one_grid(node: ir.Node, dequantize: ir.Node | None) -> bool:
