@@ -34,6 +34,7 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.quant.compare_matching import TensorMatch, carried_value, dequantizes_constant, fused_chain, value_names
+from edgeopt.quant.ops import is_float16_cast
 
 __all__ = ["TWIN_SUFFIX", "float_weight_twins"]
 
@@ -90,6 +91,8 @@ def _quantized_chain_inputs(value: ir.Value | None, by_quant_name: Mapping[str, 
     chain = fused_chain(node) or [node]
     frontier = {}
     for input_value in chain[0].inputs:
+        if is_float16_cast(input_value.producer() if input_value is not None else None):
+            input_value = input_value.producer().inputs[0]  # a node computing in float16 (--fallback fp16)
         if input_value is None or eir.is_constant(input_value) or dequantizes_constant(input_value):
             continue
         match = by_quant_name.get(input_value.name)
