@@ -671,3 +671,24 @@ def test_a_softmax_that_opset_conversion_wrapped_in_reshapes_shows_its_loss(tmp_
     row = next(row for row in edgeopt.compare(path, quantized, data).layers if row.tensor == "s")
     assert row.op_type == "Softmax" and row.sqnr_db < 20
     assert row.computed_sqnr_db > 35 and row.lost_db == pytest.approx(row.computed_sqnr_db - row.sqnr_db)
+
+
+def test_a_node_computing_in_float16_is_measured_against_its_float_twin():
+    # --fallback fp16: conv2, kept out of int8, reads its quantized input through a Cast to float16 and
+    # holds float16 weights; its twin (the float32 conv2 on the same quantized input) shows what float16 and
+    # its output's rounding cost it
+    import edgeopt
+    from tests.quant.int8_models import GraphBuilder, batches
+
+    g = GraphBuilder(seed=6)
+    x = g.node("Relu", [g.conv("x", 3, 8, "conv1")], "relu1")
+    x = g.node("Relu", [g.conv(x, 8, 8, "conv2")], "relu2")
+    x = g.conv(x, 8, 4, "conv3")
+    model = g.model([x], (1, 3, 8, 8))
+    data = batches((1, 3, 8, 8), 8, seed=2)
+    quantized = edgeopt.quantize(model, edgeopt.Int8Config(fallback="fp16", exclude=("conv2",)), data,
+                                 check_speed=False, check_fidelity=False).model
+    assert any(node.op_type == "Conv" and node.inputs[1].dtype == ir.DataType.FLOAT16 for node in quantized.graph)
+    row = next(row for row in edgeopt.compare(model, quantized, data).layers if row.tensor == "relu2")
+    assert row.computed_sqnr_db is not None and row.lost_db == pytest.approx(row.computed_sqnr_db - row.sqnr_db)
+    assert row.lost_db > 0
