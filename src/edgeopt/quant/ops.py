@@ -95,9 +95,9 @@ OP_RULES: dict[str, OpRule] = {
     "Clip": _FUSED,
 }
 
-# ONNX Runtime gathers, slices and splits int8 values; edgeopt's C has no kernel for them: the MCU target
-# keeps them float (and says so).
-_NO_C_KERNEL = frozenset({"Gather", "Slice", "Split"})
+# ONNX Runtime gathers int8 values; edgeopt's C has no Gather kernel: the MCU target keeps it float (and says
+# so). Slice and Split (steps of 1) copy int8 blocks in the C, as Concat does.
+_NO_C_KERNEL = frozenset({"Gather"})
 
 # ONNX Runtime has no integer ConvTranspose on the CPU: between Q/DQ pairs it ran the float kernel on
 # weights dequantized on every run (slower than float, and the weights rounded), so the ORT target keeps
