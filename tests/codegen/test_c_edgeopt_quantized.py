@@ -251,9 +251,10 @@ def test_split_and_slice_compile_bit_exact_and_agree_with_onnx_runtime(tmp_path,
             assert np.abs(ours[name] - theirs[name]).max() <= 2.01 * reference.output_info(name).scale
 
 
-@pytest.mark.parametrize("name", ["shufflenet", "ghostnet"])
-def test_shufflenet_and_ghostnet_compile(tmp_path, name):
-    """ShuffleNetV2 (chunk -> Slice, channel shuffle) and GhostNet (Concat -> Slice to the out width)."""
+@pytest.mark.parametrize("name", ["shufflenet", "ghostnet", "densenet"])
+def test_zoo_models_compile(tmp_path, name):
+    """ShuffleNetV2 (chunk -> Slice, channel shuffle), GhostNet (Concat -> Slice to the out width) and DenseNet
+    (BN-ReLU-Conv after each Concat: the BatchNorm becomes a 1x1 depthwise Conv)."""
     from tests.zoo_models import build_zoo
 
     np.save(tmp_path / "calib.npy", _smooth_images(16, seed=0))
