@@ -178,6 +178,29 @@ def test_two_axis_layer_norm_with_reciprocal(opset, with_affine):
     assert_same_outputs(model, result.model)
 
 
+@pytest.mark.parametrize("axes, fused", [([-2, -1], True), ([1], False)])
+def test_a_layer_norm_computing_x_minus_mean_twice_is_matched(axes, fused):
+    # torch's dynamo exporter with optimize=False writes (x - mean) once for the square and once for the
+    # division: the rule wanted one Sub with two readers, so ConvNeXt's LayerNorm2d exported so was quantized
+    # step by step (29.5 dB where the TorchScript export of the same module reaches 33.3 dB)
+    nodes = _layer_norm_nodes(False)
+    nodes.insert(2, helper.make_node("Sub", ["x", "mean"], ["d2"], name="sub_again"))
+    nodes[-3].input[0] = "d2"  # the normalize Mul reads the second Sub
+    for node in (nodes[0], nodes[4]):
+        node.attribute[0].ints[:] = axes
+    gamma_shape = [1, 4, 6] if fused else [4, 1]
+    constants = [weight("eps", 1e-3), random_weight("gamma", gamma_shape, low=0.5, high=1.5),
+                 random_weight("beta", [6] if fused else [4, 1])]
+    model = make_model(nodes, [("x", [3, 4, 6])], [("y", [3, 4, 6])], constants)
+    result = fuse_activations(model)
+    if fused:
+        assert op_types(result.model) == ["LayerNormalization"]
+    else:
+        assert {n.metadata_props.get(PATTERN_KEY) for n in result.model.graph} == {"layer_norm"}
+    assert explain(result) == []
+    assert_same_outputs(model, result.model)
+
+
 def test_below_opset_17_a_layer_norm_is_annotated_and_its_steps_stay_float_together():
     # No LayerNormalization before opset 17: the group was quantized op by op (Q/DQ between the Div, the
     # gamma Mul and the beta Add): a transformer exported at opset 14 lost 1.7 dB against its opset-17 twin
