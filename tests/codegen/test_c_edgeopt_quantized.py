@@ -193,3 +193,70 @@ def test_a_model_quantized_with_a_dynamic_batch_compiles_once_its_shape_is_fixed
                       input_shapes={"input": (1, 3, 32, 32)})
     result = verify(tmp_path / "c", [{"input": x[np.newaxis]} for x in _smooth_images(3, seed=1)])
     assert result.bit_exact, result.first_mismatch
+
+
+def _split_slice_model(path, opset: int) -> None:
+    """Conv -> Relu -> Split in channels (uneven [3, 5] by the opset's own spelling: attribute before 13, input
+    from 13, ``num_outputs`` from 18 in equal halves) -> a conv on one part, the last 4 channels of the other
+    (Slice with a negative start, an end past the dimension) -> Concat -> conv; and a spatial crop of the
+    Relu (Slice over H and W with negative ends) -> 1x1 conv, a second output."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    sizes = [4, 4] if opset >= 18 else [3, 5]
+    init = {"w1": rng.normal(0, 0.3, (8, 3, 3, 3)), "w2": rng.normal(0, 0.3, (4, sizes[0], 3, 3)),
+            "w3": rng.normal(0, 0.3, (6, 8, 1, 1)), "w4": rng.normal(0, 0.3, (5, 8, 1, 1))}
+    ints = {"starts": [-4], "ends": [1 << 40], "axes": [1], "crop_starts": [2, 1], "crop_ends": [-1, -3],
+            "crop_axes": [2, 3]}
+    split = (helper.make_node("Split", ["relu"], ["a", "b"], axis=1, split=sizes) if opset < 13 else
+             helper.make_node("Split", ["relu", "sizes"], ["a", "b"], axis=1) if opset < 18 else
+             helper.make_node("Split", ["relu"], ["a", "b"], axis=1, num_outputs=2))
+    ints["sizes"] = sizes
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["relu"]), split,
+             helper.make_node("Conv", ["a", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Slice", ["b", "starts", "ends", "axes"], ["last4"]),
+             helper.make_node("Concat", ["c2", "last4"], ["cat"], axis=1),
+             helper.make_node("Conv", ["cat", "w3"], ["output"]),
+             helper.make_node("Slice", ["relu", "crop_starts", "crop_ends", "crop_axes"], ["crop"]),
+             helper.make_node("Conv", ["crop", "w4"], ["crop_output"])]
+    graph = helper.make_graph(
+        nodes, "split_slice", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("crop_output", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(v.astype(np.float32), k) for k, v in init.items()]
+        + [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in ints.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_split_and_slice_compile_bit_exact_and_agree_with_onnx_runtime(tmp_path, opset):
+    """Split and Slice (steps of 1) copy int8 blocks in the C, so the MCU target quantizes them (they were
+    kept float and compile refused them by name): ONNX Runtime's int8 result, the reference and the C agree."""
+    from edgeopt.runtime.ort import OrtSession
+    from edgeopt.runtime.reference import ReferenceModel
+
+    float_path = tmp_path / "split_slice.onnx"
+    _split_slice_model(float_path, opset)
+    np.save(tmp_path / "calib.npy", _smooth_images(16, seed=0))
+    held_out = [{"input": x[np.newaxis]} for x in _smooth_images(3, seed=1)]
+    _quantize_compile_verify(float_path, tmp_path / "calib.npy", held_out, tmp_path, tensors_per_input=8)
+    model = api.load(tmp_path / "model.int8.onnx")
+    reference, session = ReferenceModel(model), OrtSession(model)
+    for feed in held_out:
+        ours, theirs = reference.run_float(feed), session.run(feed)
+        for name in ("output", "crop_output"):
+            assert ours[name].shape == theirs[name].shape
+            assert np.abs(ours[name] - theirs[name]).max() <= 2.01 * reference.output_info(name).scale
+
+
+@pytest.mark.parametrize("name", ["shufflenet", "ghostnet", "densenet"])
+def test_zoo_models_compile(tmp_path, name):
+    """ShuffleNetV2 (chunk -> Slice, channel shuffle), GhostNet (Concat -> Slice to the out width) and DenseNet
+    (BN-ReLU-Conv after each Concat: the BatchNorm becomes a 1x1 depthwise Conv)."""
+    from tests.zoo_models import build_zoo
+
+    np.save(tmp_path / "calib.npy", _smooth_images(16, seed=0))
+    held_out = [{"input": x[np.newaxis]} for x in _smooth_images(2, seed=1)]
+    _quantize_compile_verify(build_zoo(name, tmp_path, 13), tmp_path / "calib.npy", held_out, tmp_path)

@@ -41,7 +41,8 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 
 __all__ = ["FUSED_BETWEEN_PAIRS", "MCU_OP_RULES", "OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule", "QUANTIZED_OP_TYPES",
-           "WEIGHT_ONLY_OPS", "float_op_reason", "is_float16_cast", "is_qdq_op", "weight_axis"]
+           "WEIGHT_ONLY_OPS", "float_op_reason", "is_float16_cast", "is_qdq_op", "slow_group_refusal",
+           "weight_axis"]
 
 
 class OpRole(enum.Enum):
@@ -55,12 +56,14 @@ class OpRole(enum.Enum):
 class OpRule:
     """``activation_inputs``: indices of the inputs that get Q/DQ (None: all of them);
     ``all_outputs``: every output gets one (Split), not only the first; ``modes``: the values of the
-    node's ``mode`` attribute that run in integer (None: any)."""
+    node's ``mode`` attribute that run in integer (None: any); ``slow_group_channels``: the input channels
+    per group of a grouped conv whose integer kernel is slower than float (it stays float)."""
 
     role: OpRole
     activation_inputs: tuple[int, ...] | None = (0,)
     all_outputs: bool = False
     modes: frozenset[str] | None = None
+    slow_group_channels: frozenset[int] = frozenset()
 
 
 _WEIGHTED = OpRule(role=OpRole.WEIGHTED)
@@ -69,8 +72,12 @@ _BINARY = OpRule(role=OpRole.ARITHMETIC, activation_inputs=(0, 1))
 _MOVE = OpRule(role=OpRole.SHARED)
 _FUSED = OpRule(role=OpRole.ACTIVATION)
 
+# ONNX Runtime (1.32, x86) runs a grouped Conv with 2 to 4 input channels per group (ResNeXt's 32x4d) in int8
+# 1.4x to 4.3x slower than in float, group by group (3x3, 64 to 256 channels; as a float layer between int8
+# ones 1.8x to 3x faster than its QLinearConv); depthwise (1 per group) and 8 or more per group gain in int8.
+# The ORT target keeps those float; the microcontroller's kernels have no such penalty.
 OP_RULES: dict[str, OpRule] = {
-    "Conv": _WEIGHTED,
+    "Conv": OpRule(role=OpRole.WEIGHTED, slow_group_channels=frozenset({2, 3, 4})),
     "Gemm": _WEIGHTED,
     "MatMul": OpRule(role=OpRole.WEIGHTED, activation_inputs=(0, 1)),  # input 1: weight if constant
     "Add": _BINARY,
@@ -97,9 +104,9 @@ OP_RULES: dict[str, OpRule] = {
     "Clip": _FUSED,
 }
 
-# ONNX Runtime gathers, slices and splits int8 values; edgeopt's C has no kernel for them: the MCU target
-# keeps them float (and says so).
-_NO_C_KERNEL = frozenset({"Gather", "Slice", "Split"})
+# ONNX Runtime gathers int8 values; edgeopt's C has no Gather kernel: the MCU target keeps it float (and says
+# so). Slice and Split (steps of 1) copy int8 blocks in the C, as Concat does.
+_NO_C_KERNEL = frozenset({"Gather"})
 
 # ONNX Runtime has no integer ConvTranspose on the CPU: between Q/DQ pairs it ran the float kernel on
 # weights dequantized on every run (slower than float, and the weights rounded), so the ORT target keeps
@@ -109,6 +116,7 @@ _NO_C_KERNEL = frozenset({"Gather", "Slice", "Split"})
 # DQ and a Q, so the ORT target keeps them float. A Softmax output gets the fixed range [0, 1). A constant
 # Pad copies int8 values and fills with its value quantized at their scale.
 MCU_OP_RULES: dict[str, OpRule] = {op: rule for op, rule in OP_RULES.items() if op not in _NO_C_KERNEL} | {
+    "Conv": _WEIGHTED,
     "ConvTranspose": _WEIGHTED,  # QDQ for int8 converters; edgeopt's C refuses it with a hint
     "Softmax": _UNARY,
     "Tanh": _UNARY,
@@ -174,6 +182,17 @@ def is_float16_cast(node: ir.Node | None) -> bool:
     side of a Q/DQ pair and a node computing in float16."""
     return (node is not None and node.op_type == "Cast" and node.domain in ("", "ai.onnx")
             and node.attributes.get_int("to") == ir.DataType.FLOAT16)
+
+
+def slow_group_refusal(node: ir.Node, rule: OpRule) -> str | None:
+    """Why a grouped Conv stays float: its groups are ``rule.slow_group_channels`` input channels wide."""
+    groups = node.attributes.get_int("group", 1)
+    weight_shape = node.inputs[1].shape if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    per_group = weight_shape[1] if weight_shape is not None and len(weight_shape) > 1 else None
+    if groups <= 1 or not isinstance(per_group, int) or per_group not in rule.slow_group_channels:
+        return None
+    return (f"a grouped Conv with {per_group} input channels per group: ONNX Runtime's int8 kernel runs it slower "
+            "than its float Conv (depthwise convs and groups of 8 or more channels run faster in int8)")
 
 
 def weight_axis(node: ir.Node, weight_rank: int) -> int | None:

@@ -73,7 +73,7 @@ from edgeopt.passes import PATTERN_KEY, activation_clamp
 from edgeopt.quant.log_inputs import log_input_nodes, log_input_refusal
 from edgeopt.quant.masks import grid_refusal, index_refusal, mask_like_values, mask_refusal
 from edgeopt.quant.ops import (FUSED_BETWEEN_PAIRS, FUSING_PRODUCERS, OP_RULES, OpRole, OpRule, is_qdq_op,
-                               float_op_reason, weight_axis)
+                               float_op_reason, slow_group_refusal, weight_axis)
 from edgeopt.quant.registry import FloatNode
 
 __all__ = ["DATA_MOVEMENT_OPS", "EXCLUDED", "MOVES_FOR_KEPT", "READ_IN_FLOAT", "BiasUse", "QdqPlan", "UnionFind",
@@ -194,7 +194,7 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
     if not eir.is_op(node, *rules):
         return float_op_reason(node) or _no_kernel(node.op_type)
     if rules[node.op_type].role is OpRole.WEIGHTED:
-        return _weighted_refusal(node)
+        return _weighted_refusal(node) or slow_group_refusal(node, rules[node.op_type])
     if node.op_type == "Resize":
         return _resize_refusal(node, rules["Resize"])
     if node.op_type == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].uses():
@@ -588,10 +588,11 @@ def _kept_float_closure(graph: ir.Graph, refusals: dict[str, str], rules: Mappin
 
 
 def _kept_float(node: ir.Node, refusal: str | None, rules: Mapping[str, OpRule]) -> bool:
-    """An op with an integer kernel that the user (or an accuracy tool) keeps float (its refusal says
-    so). It reads its inputs before their Q/DQ pairs: between a DequantizeLinear and a QuantizeLinear
-    ONNX Runtime would fuse it into that kernel again (QLinearAdd, QLinearConv with weights it
+    """An op with an integer kernel that the user (or an accuracy tool) keeps float, or a grouped Conv slower
+    in int8 (its refusal says so). It reads its inputs before their Q/DQ pairs: between a DequantizeLinear and
+    a QuantizeLinear ONNX Runtime would fuse it into that kernel again (QLinearAdd, QLinearConv with weights it
     quantizes itself), and the node would not be float at all. Relu/Clip are not fused by
     themselves, so they read DQ."""
     rule = rules.get(node.op_type)
-    return refusal in (EXCLUDED, _KEPT_ON_REQUEST) and (rule is None or rule.role is not OpRole.ACTIVATION)
+    kept = refusal in (EXCLUDED, _KEPT_ON_REQUEST) or (rule and refusal and refusal == slow_group_refusal(node, rule))
+    return kept and (rule is None or rule.role is not OpRole.ACTIVATION)

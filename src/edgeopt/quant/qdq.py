@@ -25,7 +25,7 @@ only on a clash), so the same inputs give byte-identical models.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,16 +54,33 @@ def _union_range(members: list[str], ranges: Mapping[str, tuple[float, float]]) 
     return (min(float(ranges[m][0]) for m in members), max(float(ranges[m][1]) for m in members))
 
 
+def _narrow_concat(parts: list[list[str]], ranges: Mapping[str, tuple[float, float]],
+                   concat_outputs: Collection[str]) -> bool:
+    """Whether a Concat output among ``parts`` spans less than half their joint range."""
+    low, high = _union_range([m for p in parts for m in p], ranges)
+    widths = [high_p - low_p for p in parts if any(m in concat_outputs for m in p)
+              for low_p, high_p in [_union_range(p, ranges)]]
+    return high > low and any(width < 0.5 * (high - low) for width in widths)
+
+
 def activation_qparams(plan: QdqPlan, ranges: Mapping[str, tuple[float, float]], fmt: Format, *,
-                       relax_concat: bool = False) -> dict[str, _Params]:
+                       relax_concat: bool = False, concat_outputs: Collection[str] = ()) -> dict[str, _Params]:
     """Scale and zero point per planned activation/constant tensor; shared tensors share them.
 
     Tensors of one ``plan.groups`` entry always share (the union of their
     ranges). Concat joins groups into one scale too, except with
-    ``relax_concat`` (ONNX Runtime: QLinearConcat requantizes) when the joint
-    range is negative somewhere: then the groups holding a fused Relu/Clip
-    output keep their own range, so the Q after the activation keeps zero
-    point = qmin and ONNX Runtime can still fold the clamp into the producer.
+    ``relax_concat`` (ONNX Runtime: QLinearConcat requantizes):
+
+    * when one of the joined Concat outputs (``concat_outputs``) spans less than half the joint range,
+      every group keeps its own range. Concats that share inputs (DenseNet's ``cat(features)`` of each
+      layer) join into one scale, the block's widest; its first Concat, of the block input alone, then
+      rounded that input at 2 to 3 times its own step (a small DenseNet's output: 28.4 -> 33.6 dB);
+    * when the joint range is negative somewhere, the groups holding a fused Relu/Clip
+      output keep their own range, so the Q after the activation keeps zero
+      point = qmin and ONNX Runtime can still fold the clamp into the producer.
+
+    Elsewhere one scale saves QLinearConcat's second rounding (0.2 to 1.8 dB on
+    SqueezeNet, GoogLeNet, ShuffleNet and GhostNet against a scale per group).
     """
     order = {name: i for i, name in enumerate((*plan.activations, *plan.constants))}
     component = {t: group for group in plan.groups for t in group}
@@ -76,7 +93,9 @@ def activation_qparams(plan: QdqPlan, ranges: Mapping[str, tuple[float, float]],
     for cluster in joined.clusters():
         parts = [sorted(component.get(r, (r,)), key=order.__getitem__) for r in cluster]
         own: list[list[str]] = []
-        if relax_concat and len(parts) > 1 and _union_range([m for p in parts for m in p], ranges)[0] < 0:
+        if relax_concat and len(parts) > 1 and _narrow_concat(parts, ranges, concat_outputs):
+            own = parts
+        elif relax_concat and len(parts) > 1 and _union_range([m for p in parts for m in p], ranges)[0] < 0:
             own = [p for p in parts if any(m in plan.clamped for m in p)]
         shared = [m for p in parts if p not in own for m in p]
         for members in [*own, shared] if shared else own:
@@ -304,7 +323,9 @@ def insert_qdq(model: ir.Model, plan: QdqPlan, ranges: Mapping[str, tuple[float,
     missing = [name for name in plan.activations if name not in all_ranges]
     if missing:
         raise ValueError(f"no calibrated range for {', '.join(missing[:5])}")
-    params = activation_qparams(plan, all_ranges, config.activations, relax_concat=config.target is Target.ORT)
+    concat_outputs = {node.outputs[0].name for node in model.graph if node.op_type == "Concat"}
+    params = activation_qparams(plan, all_ranges, config.activations, relax_concat=config.target is Target.ORT,
+                                concat_outputs=concat_outputs)
     inserter = _QdqInserter(model, plan, params, config)
     inserter.rounded_weights = dict(rounded_weights or {})
     for name in plan.activations:

@@ -258,6 +258,15 @@ def pack_concat(op: IntOp, ctx: PackContext):
     return decls, "\n    ".join(calls)
 
 
+def pack_slice(op: IntOp, ctx: PackContext):
+    axis, in_shape = op.params.axis, ctx.shape(op.inputs[0])
+    inner = int(np.prod(in_shape[axis + 1:], dtype=np.int64))
+    fields = dict(outer=int(np.prod(in_shape[:axis], dtype=np.int64)), in_block=int(in_shape[axis]) * inner,
+                  out_block=op.params.size * inner, offset=op.params.start * inner)
+    name = f"op{ctx.index}_params"
+    return [_struct("eo_slice_params", name, fields)], _call(op, ctx, name)
+
+
 PACKERS = {
     "conv2d": pack_conv2d,
     "conv2d_add": pack_conv2d_add,
@@ -275,4 +284,5 @@ PACKERS = {
     "transpose": pack_transpose,
     "reshape": pack_reshape,
     "concat": pack_concat,
+    "slice": pack_slice,
 }

@@ -8,6 +8,8 @@ gamma + beta`` over the trailing axes as::
     n    = Div(d, Sqrt(Add(var, eps)))  (or Mul(d, Reciprocal(...)))
     y    = Add(Mul(n, gamma), beta)     (gamma and beta optional)
 
+``x - mean`` may be computed twice, once for the square and once for the
+division (torch's dynamo exporter writes it so with ``optimize=False``).
 The reduced axes must be the trailing ones (``LayerNormalization`` normalizes
 ``x.shape[axis:]``), both ReduceMeans keep dims, and every intermediate has
 exactly the readers the formula gives it. gamma and beta are absorbed when
@@ -15,6 +17,11 @@ they are constants that broadcast to the normalized shape. Below opset 17 the
 nodes are annotated ``layer_norm`` instead (``metadata_props["edgeopt.pattern"]``),
 so the quantizer keeps the group float as one op, as it keeps a
 LayerNormalization (no integer kernel), and puts no Q/DQ pair between its steps.
+So are the nodes of a LayerNorm over leading axes, which no LayerNormalization
+expresses: ConvNeXt's channels-first LayerNorm (``x.mean(1, keepdim=True)`` of an
+NCHW tensor, then ``weight[:, None, None] * x + bias[:, None, None]``), quantized
+step by step it rounded its variance, quotient and affine to 8 bits each (-1.3 dB
+at a small ConvNeXt's output).
 """
 
 from __future__ import annotations
@@ -44,7 +51,12 @@ class _LayerNormMatch(Match):
     epsilon: float = 1e-5
     scale: np.ndarray | None = None
     bias: np.ndarray | None = None
-    annotate_only: bool = False  # below opset 17: the group is marked, not fused
+    annotate_only: str | None = None  # why the group is marked, not fused (below opset 17, leading axes)
+    twin: ir.Node | None = None  # a second Sub(x, mean), the one the square reads (the division reads ``sub``)
+
+    @property
+    def head(self) -> tuple[ir.Node, ...]:
+        return (self.mean, self.sub) if self.twin is None else (self.mean, self.sub, self.twin)
 
 
 def _trailing_axis(axes: list[int] | None, rank: int | None) -> int | str:
@@ -60,6 +72,15 @@ def _trailing_axis(axes: list[int] | None, rank: int | None) -> int | str:
     return normalized[0] - rank
 
 
+def _leading_axes(match: _LayerNormMatch) -> list[int] | None:
+    """The reduced axes, sorted and non-negative, when they are constant and x's rank is known (trailing or not)."""
+    axes = reduce_axes(match.mean)
+    if axes is None or match.x.shape is None:
+        return None
+    rank = len(match.x.shape)
+    return sorted(a + rank if a < 0 else a for a in axes)
+
+
 def _normalized_dims(match: _LayerNormMatch) -> tuple[int, tuple[int, ...]] | str:
     """(axis, static normalized dims) of the reduction, or why there are none."""
     rank = len(match.x.shape) if match.x.shape is not None else None
@@ -72,15 +93,22 @@ def _normalized_dims(match: _LayerNormMatch) -> tuple[int, tuple[int, ...]] | st
     return axis, dims
 
 
-def _split_d_readers(d: ir.Value) -> tuple[ir.Node, ir.Node] | str:
-    """(square, normalize) among the two readers of ``d = x - mean``."""
-    readers = eir.consumers(d)
-    if d.is_graph_output() or len(readers) != 2:
+def _split_d_readers(match: _LayerNormMatch) -> tuple[ir.Node, ir.Node] | str:
+    """(square, normalize) among the two readers of ``d = x - mean`` (of the two Subs, one reader each, when
+    it is computed twice: then ``match.sub`` becomes the one the division reads)."""
+    subs = match.head[1:]
+    readers = [reader for sub in subs for reader in eir.consumers(sub.outputs[0])]
+    if any(sub.outputs[0].is_graph_output() for sub in subs) or len(readers) != 2 or \
+            (len(subs) == 2 and any(len(eir.consumers(sub.outputs[0])) != 1 for sub in subs)):
         return f"x - mean has {len(readers)} readers (expected its square and the division)"
     for square, normalize in (readers, readers[::-1]):
-        squares = (is_op(square, "Pow") and square.inputs[0] is d and scalar(square.inputs[1]) == 2.0) \
-            or (is_op(square, "Mul") and square.inputs[0] is d and square.inputs[1] is d)
-        if squares and is_op(normalize, "Div", "Mul"):
+        d = square.inputs[0]
+        squares = (is_op(square, "Pow") and scalar(square.inputs[1]) == 2.0) \
+            or (is_op(square, "Mul") and square.inputs[1] is d)
+        if squares and d.producer() in subs and is_op(normalize, "Div", "Mul"):
+            if match.twin is not None:
+                match.twin = d.producer()
+                match.sub = subs[0] if match.twin is subs[1] else subs[1]
             return square, normalize
     return "x - mean is not squared (Pow 2 or Mul) and divided"
 
@@ -125,6 +153,19 @@ def _fit(array: np.ndarray, normalized: tuple[int, ...], rank: int) -> np.ndarra
     return np.broadcast_to(array, normalized).copy()
 
 
+def _absorb_annotated(match: _LayerNormMatch, op_type: str, axes: list[int], rank: int) -> None:
+    """Take a following Mul (gamma) or Add (beta) into an annotated group when its constant varies only
+    along the reduced ``axes`` (a per-channel affine)."""
+    output = match.body[-1].outputs[0]
+    node = _follow(output, op_type)
+    constant = eir.constant_array(other_input(node, output)) if node is not None else None
+    if constant is None or constant.ndim > rank:
+        return
+    padded = (1,) * (rank - constant.ndim) + constant.shape
+    if all(size == 1 or axis in axes for axis, size in enumerate(padded)):
+        match.body.append(node)
+
+
 def _absorb(match: _LayerNormMatch, op_type: str, normalized: tuple[int, ...], rank: int) -> np.ndarray | None:
     """Take the constant of a following Mul (gamma) or Add (beta) into the match."""
     output = match.body[-1].outputs[0]
@@ -145,20 +186,28 @@ class LayerNormRule(Rule):
     def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
         if PATTERN_KEY in node.metadata_props:  # marked already (below opset 17)
             return None
-        sub = sole_consumer(node.outputs[0])
-        x = node.inputs[0]
-        if not is_op(sub, "Sub") or sub.inputs[0] is not x or sub.inputs[1] is not node.outputs[0]:
+        x, subs = node.inputs[0], eir.consumers(node.outputs[0])
+        if node.outputs[0].is_graph_output() or not 1 <= len(subs) <= 2 or not all(
+                is_op(sub, "Sub") and sub.inputs[0] is x and sub.inputs[1] is node.outputs[0] for sub in subs):
             return None
-        return _LayerNormMatch(nodes=(node, sub), mean=node, sub=sub, x=x)
+        return _LayerNormMatch(nodes=(node, *subs), mean=node, sub=subs[0], x=x,
+                               twin=subs[1] if len(subs) == 2 else None)
 
     def check(self, match: _LayerNormMatch, context: RuleContext) -> str | None:
-        match.annotate_only = context.opset < LAYER_NORM_OPSET
-        readers = _split_d_readers(match.sub.outputs[0])
+        if context.opset < LAYER_NORM_OPSET:
+            match.annotate_only = f"LayerNormalization needs opset >= {LAYER_NORM_OPSET}, model has {context.opset}"
+        readers = _split_d_readers(match)
         if isinstance(readers, str):
             return readers
         reason = _variance_chain(match, *readers)
         if reason is not None:
             return reason
+        axes = _leading_axes(match)
+        if axes is not None and axes != list(range(len(match.x.shape) - len(axes), len(match.x.shape))):
+            match.annotate_only = f"axes {axes} are not trailing: no LayerNormalization normalizes them"
+            for op_type in ("Mul", "Add"):
+                _absorb_annotated(match, op_type, axes, len(match.x.shape))
+            return None
         normalized = _normalized_dims(match)
         if isinstance(normalized, str):
             return normalized
@@ -172,9 +221,8 @@ class LayerNormRule(Rule):
 
     def rewrite(self, match: _LayerNormMatch, context: RuleContext) -> str:
         if match.annotate_only:
-            annotate((match.mean, match.sub, *match.body), "layer_norm")
-            return (f"annotated as layer_norm (LayerNormalization needs opset >= {LAYER_NORM_OPSET}, "
-                    f"model has {context.opset})")
+            annotate((*match.head, *match.body), "layer_norm")
+            return f"annotated as layer_norm ({match.annotate_only})"
         graph = context.graph
         dtype = eir.numpy_dtype(match.x) or np.dtype(np.float32)
         name = eir.node_label(match.mean)
@@ -183,6 +231,6 @@ class LayerNormRule(Rule):
             inputs.append(eir.add_initializer(graph, match.bias.astype(dtype), f"{name}.bias"))
         new = ir.node("LayerNormalization", inputs, {"axis": match.axis, "epsilon": match.epsilon},
                       name=f"{name}_LayerNormalization")
-        old = [match.mean, match.sub, *match.body]
+        old = [*match.head, *match.body]
         eir.replace_nodes(graph, old, match.body[-1].outputs[0], [new])
         return f"fused into LayerNormalization (axis={match.axis})"

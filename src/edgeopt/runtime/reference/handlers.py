@@ -41,6 +41,8 @@ from edgeopt.runtime.reference.same_scale import (
     lower_pad,
     lower_reduce_mean,
     lower_resize,
+    lower_slice,
+    lower_split,
 )
 from edgeopt.runtime.reference.tables import lut_params, softmax_params
 
@@ -241,6 +243,8 @@ HANDLERS = {
     "Relu": lower_clamp,
     "Clip": lower_clamp,
     "Softmax": lower_softmax,
+    "Slice": lower_slice,
+    "Split": lower_split,
     **{op: lower_movement for op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity")},
     **{op: lower_lut for op in ("Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Gelu")},
 }

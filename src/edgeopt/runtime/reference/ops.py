@@ -31,6 +31,7 @@ from edgeopt.runtime.reference.program import (
     RequantizeParams,
     ReshapeParams,
     ResizeNearestParams,
+    SliceParams,
     SoftmaxParams,
     TransposeParams,
 )
@@ -201,6 +202,12 @@ def concat(*xs: np.ndarray, params: ConcatParams, rounding: str) -> np.ndarray:
     return np.concatenate(xs, axis=params.axis)
 
 
+def slice_(x: np.ndarray, *, params: SliceParams, rounding: str) -> np.ndarray:
+    taken = [slice(None)] * x.ndim
+    taken[params.axis] = slice(params.start, params.start + params.size)
+    return np.ascontiguousarray(x[tuple(taken)])
+
+
 def _spec(kind, reference, params_type, c_kernel, in_place=()) -> tuple[str, OpSpec]:
     return kind, OpSpec(kind=kind, reference=reference, params_type=params_type, c_kernel=c_kernel,
                         in_place=in_place)
@@ -223,4 +230,5 @@ OPS: dict[str, OpSpec] = dict([
     _spec("transpose", transpose, TransposeParams, "eo_transpose_s8"),
     _spec("reshape", reshape, ReshapeParams, "eo_copy_s8", in_place=(0,)),
     _spec("concat", concat, ConcatParams, "eo_concat_s8"),
+    _spec("slice", slice_, SliceParams, "eo_slice_s8"),
 ])

@@ -37,6 +37,7 @@ __all__ = [
     "RequantizeParams",
     "ReshapeParams",
     "ResizeNearestParams",
+    "SliceParams",
     "SoftmaxParams",
     "TensorInfo",
     "TransposeParams",
@@ -250,6 +251,15 @@ class ConcatParams:
     """Concatenation along a stored axis; inputs already share the output's quantization."""
 
     axis: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class SliceParams:
+    """``y = x[..., start:start + size, ...]`` along one stored axis (step 1): Slice, and each output of Split."""
+
+    axis: int
+    start: int
+    size: int
 
 
 @dataclass(frozen=True, kw_only=True)

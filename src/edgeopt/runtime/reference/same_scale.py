@@ -1,7 +1,7 @@
 """Lowering of the ops that keep their input's quantization: pools, means, data movement.
 
-Max pooling, reshapes, transposes, concatenation, padding and nearest resize
-copy or select quantized values, so their output shares the input's scale and
+Max pooling, reshapes, transposes, concatenation, slicing and splitting (step 1),
+padding and nearest resize copy or select quantized values, so their output shares the input's scale and
 zero point (the QDQ plan puts them in one scale group); average pooling and
 means requantize once. Rank-4 activations are NHWC in the program, so axes
 are mapped through the tensor's layout. The handlers are registered in
@@ -33,6 +33,7 @@ from edgeopt.runtime.reference.program import (
     PadParams,
     ReshapeParams,
     ResizeNearestParams,
+    SliceParams,
     TransposeParams,
     stored_layout,
 )
@@ -48,6 +49,8 @@ __all__ = [
     "lower_pad",
     "lower_reduce_mean",
     "lower_resize",
+    "lower_slice",
+    "lower_split",
 ]
 
 
@@ -185,6 +188,70 @@ def lower_concat(lo: Lowering, node: ir.Node) -> None:
     rank = len(lo.logical_shape(plan.value))
     axis = int(attribute(node, "axis")) % rank
     lo.finish("concat", inputs, plan, ConcatParams(axis=stored_layout(rank).index(axis)), node)
+
+
+def _constant_ints(node: ir.Node, index: int | None, name: str) -> list[int] | None:
+    """Constant integer input ``index`` of ``node``, or its attribute ``name`` (older opsets: ``index`` None);
+    None when absent."""
+    if index is not None and index < len(node.inputs) and node.inputs[index] is not None and node.inputs[index].name:
+        array = eir.constant_array(node.inputs[index])
+        if array is None:
+            raise UnsupportedOpError(f"{node_label(node)}: its {name} must be constants")
+        return [int(v) for v in array.reshape(-1)]
+    value = attribute(node, name, None)
+    return None if value is None else [int(v) for v in value]
+
+
+def _emit_slices(lo: Lowering, node: ir.Node, x: str, value: ir.Value, cuts: dict[int, tuple[int, int]]) -> None:
+    """Bind ``value`` to ``x`` cut to ``cuts`` (logical axis -> (start, size)): one copy per cut axis."""
+    info, qparams = lo.tensors[x], lo.params_of(x)
+    shape = list(info.logical_shape)
+    cuts = {axis: cut for axis, cut in cuts.items() if cut != (0, shape[axis])}
+    if not cuts:
+        name = lo.add_tensor(value.name, tuple(shape), qparams)
+        lo.bind(value, lo.emit("reshape", [x], name, ReshapeParams(shape=lo.tensors[name].shape), node))
+        return
+    for position, (axis, (start, size)) in enumerate(sorted(cuts.items())):
+        shape[axis] = size
+        name = value.name if position == len(cuts) - 1 else f"{value.name}__slice{position}"
+        lo.add_tensor(name, tuple(shape), qparams)
+        x = lo.emit("slice", [x], name, SliceParams(axis=info.layout.index(axis), start=start, size=size), node)
+    lo.bind(value, x)
+
+
+def lower_slice(lo: Lowering, node: ir.Node) -> None:
+    """Slice with constant starts/ends/axes and steps of 1 (ONNX's clamping of out-of-range bounds)."""
+    x = lo.activation(node.inputs[0], node)
+    shape = lo.tensors[x].logical_shape
+    rank, new_inputs = len(shape), lo.opset >= 10
+    starts, ends, axes, steps = (_constant_ints(node, index if new_inputs else None, name)
+                                 for index, name in enumerate(("starts", "ends", "axes", "steps"), 1))
+    if starts is None or ends is None:
+        raise UnsupportedOpError(f"{node_label(node)}: Slice needs its starts and ends")
+    axes = axes or list(range(len(starts)))
+    if any(step != 1 for step in steps or ()):
+        raise UnsupportedOpError(f"{node_label(node)}: Slice with steps {steps} is not supported (steps of 1 are)")
+    cuts = {}
+    for axis, start, end in zip(axes, starts, ends):
+        axis, dim = axis % rank, shape[axis % rank]
+        start, end = (min(max(v + dim if v < 0 else v, 0), dim) for v in (start, end))
+        cuts[axis] = (start, max(end - start, 0))
+    _emit_slices(lo, node, x, node.outputs[0], cuts)
+
+
+def lower_split(lo: Lowering, node: ir.Node) -> None:
+    """Split along one axis into the sizes given (input 1 from opset 13, else attribute ``split``) or equal parts."""
+    x = lo.activation(node.inputs[0], node)
+    shape = lo.tensors[x].logical_shape
+    axis = int(attribute(node, "axis", 0)) % len(shape)
+    sizes = _constant_ints(node, 1 if lo.opset >= 13 else None, "split")
+    if sizes is None:
+        sizes = [lo.logical_shape(value)[axis] for value in node.outputs]
+    start = 0
+    for value, size in zip(node.outputs, sizes):
+        if value.uses() or value.is_graph_output():
+            _emit_slices(lo, node, x, value, {axis: (start, size)})
+        start += size
 
 
 def lower_movement(lo: Lowering, node: ir.Node) -> None:

@@ -296,3 +296,9 @@ void eo_concat_s8(const eo_concat_params *p, const int8_t *in, int8_t *out) {
     for (o = 0; o < p->outer; ++o)
         memcpy(out + (long)o * p->out_block + p->offset, in + (long)o * p->in_block, (size_t)p->in_block);
 }
+
+void eo_slice_s8(const eo_slice_params *p, const int8_t *in, int8_t *out) {
+    int o;
+    for (o = 0; o < p->outer; ++o)
+        memcpy(out + (long)o * p->out_block, in + (long)o * p->in_block + p->offset, (size_t)p->out_block);
+}

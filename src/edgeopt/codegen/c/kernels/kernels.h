@@ -101,4 +101,8 @@ void eo_copy_s8(const eo_copy_params *p, const int8_t *in, int8_t *out);
 typedef struct { int outer, in_block, out_block, offset; } eo_concat_params;
 void eo_concat_s8(const eo_concat_params *p, const int8_t *in, int8_t *out);
 
+/* Slice/Split: outer blocks of out_block bytes from in blocks of in_block bytes at offset (concat's inverse). */
+typedef struct { int outer, in_block, out_block, offset; } eo_slice_params;
+void eo_slice_s8(const eo_slice_params *p, const int8_t *in, int8_t *out);
+
 #endif
