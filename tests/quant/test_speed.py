@@ -312,3 +312,47 @@ def test_several_reasons_come_most_fundamental_first():
                                          islands=(FloatIsland(node="n", op_type="Erf"),)))
     assert len(reasons) == 3
     assert "dot-product" in reasons[0] and "overhead" in reasons[1] and "float islands" in reasons[2]
+
+
+# ------------------------------------------------------------------ profile
+
+
+def test_the_profile_times_each_op_type_of_the_graph_onnx_runtime_runs(resnet):
+    from edgeopt.runtime.ort import op_times_ms
+
+    feed = {"input": np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)}
+    float_times, quant_times = (op_times_ms(path, feed, runs=3, threads=1) for path in resnet)
+    assert all(ms > 0 for ms in [*float_times.values(), *quant_times.values()])
+    assert list(quant_times.values()) == sorted(quant_times.values(), reverse=True)
+    assert "QLinearConv" in quant_times and not any(op.startswith("QLinear") for op in float_times)
+
+
+def test_op_profile_puts_each_int8_kernel_next_to_the_float_ops_of_its_kind():
+    from edgeopt.quant.speed_evidence import PROFILED_OPS, OpTime, op_profile
+
+    float_times = {"Conv": 0.030, "FusedConv": 0.010, "ReorderOutput": 0.013, "Transpose": 0.004}
+    quant_times = {"QLinearConv": 0.050, "Transpose": 0.020, "QuantizeLinear": 0.012, "QGemm": 0.003, "Mul": 0.001}
+    assert op_profile(float_times, quant_times) == (
+        OpTime("QLinearConv", 0.050, "Conv", pytest.approx(0.040)), OpTime("Transpose", 0.020, "Transpose", 0.004),
+        OpTime("QuantizeLinear", 0.012, "QuantizeLinear", None), OpTime("QGemm", 0.003, "Gemm", None))
+    assert len(op_profile(float_times, quant_times)) == PROFILED_OPS
+
+
+def test_the_profile_is_a_reason_naming_where_the_time_goes():
+    from edgeopt.quant.speed_evidence import OpTime
+
+    times = (OpTime("Transpose", 0.05, "Transpose", 0.01), OpTime("QuantizeLinear", 0.012, "QuantizeLinear", None))
+    (reason,) = slowdown_reasons(_evidence(op_times=times))
+    assert "Transpose 0.050 ms (Transpose 0.010 ms)" in reason and "QuantizeLinear 0.012 ms (none in float)" in reason
+    assert json.loads(json.dumps(_evidence(op_times=times).to_dict()))["op_times"][0]["op_type"] == "Transpose"
+
+
+def test_a_slower_quantized_model_is_profiled(resnet, monkeypatch):
+    import edgeopt.quant.speed as speed
+
+    monkeypatch.setattr(speed, "_interleaved_medians", lambda sessions, feed, runs: (1.0, 2.0))
+    slower = speed_check(*resnet, runs=2, threads=1)
+    assert slower.evidence.op_times and slower.evidence.op_times[0].quant_ms > 0
+    assert any(reason.startswith("where the time goes") for reason in slower.reasons)
+    monkeypatch.setattr(speed, "_interleaved_medians", lambda sessions, feed, runs: (2.0, 1.0))
+    assert speed_check(*resnet, runs=2, threads=1).evidence.op_times == ()  # faster: nothing to explain

@@ -18,7 +18,11 @@ When speedup < 1 the reasons edgeopt can see are listed:
 * Q/DQ nodes left unfused in the graph ONNX Runtime actually runs (read back
   from its optimizer), or no integer kernel at all;
 * compute-heavy layers that run in float there between int8 kernels (nodes
-  kept float and the nodes writing their inputs).
+  kept float and the nodes writing their inputs);
+* and, measured rather than read from the graph, where the quantized model's
+  time goes: its costliest op types in ONNX Runtime's profile of a few runs,
+  each next to the float model's ops of the same kind (an int8 Transpose
+  slower than the float one, a QuantizeLinear with no float counterpart).
 
 The evidence is gathered in :mod:`edgeopt.quant.speed_evidence`.
 
@@ -53,6 +57,7 @@ from edgeopt.quant.speed_evidence import (
     int8_dot_product_instructions,
     kernel_count,
     model_precision,
+    op_profile,
     read_cpu_flags,
     signed_activations,
 )
@@ -148,13 +153,23 @@ def _float_layers_reason(evidence: SpeedEvidence) -> str | None:
             "their inputs")
 
 
+def _profile_reason(evidence: SpeedEvidence) -> str | None:
+    if not evidence.op_times:
+        return None
+    costs = ", ".join(f"{time.op_type} {time.quant_ms:.3f} ms ("
+                      + (f"{time.float_kind} {time.float_ms:.3f} ms" if time.float_ms is not None else "none in float")
+                      + ")" for time in evidence.op_times)
+    return (f"where the time goes, by ONNX Runtime's profile (ms per run; the float model's ops of the same kind in "
+            f"brackets): {costs}")
+
+
 def slowdown_reasons(evidence: SpeedEvidence) -> tuple[str, ...]:
     """Every reason ``evidence`` shows why the quantized model may not beat float, most fundamental first."""
     if evidence.precision == "int8":
         checks = (_cpu_reason, _tiny_reason, _kernels_reason, _float_layers_reason, _islands_reason,
-                  _signed_reason)
+                  _signed_reason, _profile_reason)
     else:
-        checks = (_half_precision_reason, _weight_only_reason, _tiny_reason)
+        checks = (_half_precision_reason, _weight_only_reason, _tiny_reason, _profile_reason)
     return tuple(reason for check in checks if (reason := check(evidence)) is not None)
 
 
@@ -226,7 +241,8 @@ def _check_inputs(float_model: ir.Model, quant_model: ir.Model) -> None:
                         f"{', '.join(quant_inputs)}): time a QDQ model against the float model it came from")
 
 
-def _evidence(quant_model: ir.Model, float_ms: float, threads: int | None) -> SpeedEvidence:
+def _evidence(quant_model: ir.Model, float_ms: float, threads: int | None,
+              op_times: tuple = ()) -> SpeedEvidence:
     from edgeopt.runtime.ort import optimized_model
 
     machine = platform.machine() or "unknown"
@@ -234,7 +250,16 @@ def _evidence(quant_model: ir.Model, float_ms: float, threads: int | None) -> Sp
     return SpeedEvidence(machine=machine, dot_product=int8_dot_product_instructions(read_cpu_flags(), machine),
                          islands=float_islands(quant_model), signed_activations=signed_activations(quant_model),
                          float_ms=float_ms, kernels=kernel_count(optimized), precision=model_precision(quant_model),
-                         runtime_casts=sum(1 for node in optimized.graph if node.op_type == "Cast"))
+                         runtime_casts=sum(1 for node in optimized.graph if node.op_type == "Cast"),
+                         op_times=op_times)
+
+
+def _profiled(float_model: ir.Model, quant_model: ir.Model, feed: Mapping[str, np.ndarray],
+              threads: int | None) -> tuple:
+    """:func:`op_profile` of the two models, from ONNX Runtime's profile of a few runs of each."""
+    from edgeopt.runtime.ort import op_times_ms
+
+    return op_profile(op_times_ms(float_model, feed, threads=threads), op_times_ms(quant_model, feed, threads=threads))
 
 
 def speed_check(float_model: ModelSource, quant_model: ModelSource, *, runs: int = 50,
@@ -258,7 +283,8 @@ def speed_check(float_model: ModelSource, quant_model: ModelSource, *, runs: int
     feed = dict(feed)
     sessions = (OrtSession(float_ir, threads=threads), OrtSession(quant_ir, threads=threads))
     float_ms, quant_ms = _interleaved_medians(sessions, feed, runs)
-    evidence = _evidence(quant_ir, float_ms, threads)
+    op_times = _profiled(float_ir, quant_ir, feed, threads) if float_ms < quant_ms else ()
+    evidence = _evidence(quant_ir, float_ms, threads, op_times)
     reasons = slowdown_reasons(evidence) if float_ms < quant_ms else ()
     return SpeedCheck(float_ms=float_ms, quant_ms=quant_ms, runs=runs, threads=threads,
                       evidence=evidence, reasons=reasons, inputs=inputs)

@@ -4,7 +4,8 @@ The precision a model computes in (:func:`model_precision`, read from its
 graph), the CPU's int8 dot-product instructions (:func:`read_cpu_flags`),
 float islands and int8 activations in the QDQ graph, and the kernels of the
 graph ONNX Runtime actually runs (:func:`kernel_count`: integer kernels, Q/DQ
-nodes left unfused, compute-heavy layers left in float), gathered in one
+nodes left unfused, compute-heavy layers left in float), and where the time
+goes by ONNX Runtime's profiler (:func:`op_profile`), gathered in one
 :class:`SpeedEvidence` that :mod:`edgeopt.quant.speed` turns into reasons.
 """
 
@@ -15,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import onnx_ir as ir
 
@@ -27,12 +29,14 @@ __all__ = [
     "WEIGHT_ONLY_PRECISIONS",
     "FloatIsland",
     "KernelCount",
+    "OpTime",
     "SpeedEvidence",
     "X86_MACHINES",
     "float_islands",
     "int8_dot_product_instructions",
     "kernel_count",
     "model_precision",
+    "op_profile",
     "read_cpu_flags",
     "signed_activations",
 ]
@@ -214,6 +218,7 @@ class SpeedEvidence:
     kernels: KernelCount | None = None
     precision: str = "int8"  # model_precision() of the quantized model
     runtime_casts: int = 0  # Cast nodes in the graph ONNX Runtime runs
+    op_times: tuple[OpTime, ...] = ()  # the quantized model's costliest op types, profiled (when it was slower)
 
     @property
     def label(self) -> str:
@@ -224,4 +229,40 @@ class SpeedEvidence:
                 "int8_dot_product": None if self.dot_product is None else list(self.dot_product),
                 "float_islands": [{"node": i.node, "op_type": i.op_type} for i in self.islands],
                 "signed_activations": list(self.signed_activations),
-                "kernels": self.kernels.to_dict() if self.kernels is not None else None}
+                "kernels": self.kernels.to_dict() if self.kernels is not None else None,
+                "op_times": [time._asdict() for time in self.op_times]}
+
+
+class OpTime(NamedTuple):
+    """An op type of the graph ONNX Runtime runs for the quantized model and its milliseconds per run, next
+    to those of the float model's ops of the same kind (a QLinearConv's are its Convs'); None: none there."""
+
+    op_type: str
+    quant_ms: float
+    float_kind: str
+    float_ms: float | None
+
+
+# The kernels ONNX Runtime runs in place of an op, by the op they compute; QLinear<Op> computes <Op>.
+_KIND = {"QGemm": "Gemm", "FusedGemm": "Gemm", "ConvInteger": "Conv", "FusedConv": "Conv", "NhwcConv": "Conv",
+         "NhwcFusedConv": "Conv", "MatMulInteger": "MatMul", "MatMulIntegerToFloat": "MatMul",
+         "DynamicQuantizeMatMul": "MatMul", "FusedMatMul": "MatMul", "MatMulNBits": "MatMul",
+         "QAttention": "Attention"}
+#: How many op types a slowdown's reason names.
+PROFILED_OPS = 4
+
+
+def _kind(op_type: str) -> str:
+    if op_type in _KIND:
+        return _KIND[op_type]
+    return op_type.removeprefix("QLinear") if op_type.startswith("QLinear") else op_type
+
+
+def op_profile(float_times: Mapping[str, float], quant_times: Mapping[str, float]) -> tuple[OpTime, ...]:
+    """The quantized model's :data:`PROFILED_OPS` costliest op types (``op -> ms per run``, as
+    :func:`edgeopt.runtime.ort.op_times_ms` gives them), each next to the float model's time for its kind."""
+    by_kind: dict[str, float] = {}
+    for op_type, ms in float_times.items():
+        by_kind[_kind(op_type)] = by_kind.get(_kind(op_type), 0.0) + ms
+    costliest = sorted(quant_times.items(), key=lambda item: -item[1])[:PROFILED_OPS]
+    return tuple(OpTime(op_type, ms, _kind(op_type), by_kind.get(_kind(op_type))) for op_type, ms in costliest)

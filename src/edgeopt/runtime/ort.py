@@ -28,7 +28,7 @@ from edgeopt.errors import DataError, ModelError
 
 __all__ = ["CHANNEL_MEAN_SUFFIXES", "PACKED_RANGE_OUTPUTS", "RANGE_SUFFIXES", "OpTypes", "OrtSession",
            "batch_one_reshapes", "fill_missing_shapes", "fill_missing_types", "observing_session", "op_types",
-           "optimized_model", "ort_version", "random_feed", "range_session"]
+           "op_times_ms", "optimized_model", "ort_version", "random_feed", "range_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,12 +141,17 @@ class OrtSession:
     """A CPU inference session; ``run`` takes and returns ``{name: array}``."""
 
     def __init__(self, model: ir.Model | SessionModel | bytes | str | os.PathLike, *,
-                 threads: int | None = None, optimize: bool = True, spin: bool = True) -> None:
+                 threads: int | None = None, optimize: bool = True, spin: bool = True,
+                 profile_prefix: str | None = None) -> None:
         """``model``: an in-memory model (its large weights are handed to ONNX Runtime without a
         copy, see :func:`session_model`), serialized bytes, or a file path. ``spin=False``: ONNX
         Runtime's worker threads sleep between runs rather than spin, leaving the cores to
-        Python's work in between (calibration statistics); spinning suits back-to-back runs."""
+        Python's work in between (calibration statistics); spinning suits back-to-back runs.
+        ``profile_prefix``: ONNX Runtime profiles every run into a JSON file of that prefix
+        (:meth:`end_profiling` names it)."""
         options = _session_options(threads, optimize, spin)
+        if profile_prefix is not None:
+            options.enable_profiling, options.profile_file_prefix = True, profile_prefix
         self._weights: list[ort.OrtValue] = []  # ONNX Runtime reads them for the session's life
         if isinstance(model, (str, os.PathLike)):
             source = str(model)
@@ -172,6 +177,32 @@ class OrtSession:
                 message += " (an index input holds values past its table: token ids at or above the vocabulary size?)"
             raise DataError(f"ONNX Runtime failed to run the model: {message}") from None
         return dict(zip(names, values))
+
+    def end_profiling(self) -> str:
+        """Stop profiling; the path of the JSON file written."""
+        return self._session.end_profiling()
+
+
+def op_times_ms(model: ir.Model | str | os.PathLike, feed: Mapping[str, np.ndarray], *, runs: int = 20,
+                threads: int | None = None) -> dict[str, float]:
+    """Milliseconds per run each op type of the graph ONNX Runtime runs takes (its profiler's kernel
+    times, summed over the nodes of that type, averaged over ``runs`` runs after a first one, whose
+    allocations are not counted), largest first."""
+    import json
+
+    with tempfile.TemporaryDirectory() as folder:
+        session = OrtSession(model, threads=threads, profile_prefix=os.path.join(folder, "profile"))
+        for _ in range(runs + 1):
+            session.run(feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    starts = sorted(e["ts"] + e["dur"] for e in events if e.get("name") == "model_run")
+    cutoff = starts[0] if starts else 0
+    totals: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= cutoff:
+            op = event.get("args", {}).get("op_name", "?")
+            totals[op] = totals.get(op, 0.0) + event["dur"] / 1000.0 / max(len(starts) - 1, 1)
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
 def random_feed(specs: Sequence[eir.InputSpec], seed: int = 0,
