@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
+import numpy as np
 import pytest
 
 from edgeopt.errors import OutputError
@@ -89,3 +90,68 @@ def test_a_special_file_is_refused_not_replaced_by_the_rename(tmp_path):
     with pytest.raises(OutputError, match="pipe is a device, pipe or socket, not a file"):
         atomic_write_files([(pipe, b"model")])
     assert pipe.is_fifo() and [path.name for path in tmp_path.iterdir()] == ["pipe"]
+
+
+def test_a_model_past_the_protobuf_limit_is_written_with_its_weights_beside_it(tmp_path):
+    # past 2 GB (here a limit of 4 KiB) the weights go to model.onnx.data, as onnx.save_model writes external
+    # data; ONNX Runtime and edgeopt load the pair, with the outputs of the model as it was in memory
+    import onnxruntime as ort
+
+    from edgeopt.io import load_model, model_file_contents
+    from tests.quant.int8_models import GraphBuilder
+
+    g = GraphBuilder(seed=1)
+    model = g.model([g.conv(g.node("Relu", [g.conv("x", 3, 32, "c1")], "r"), 32, 16, "c2")], (1, 3, 8, 8))
+    path = tmp_path / "big.onnx"
+    files = model_file_contents(model, path, limit_bytes=4096)
+    assert [file.name for file, _ in files] == ["big.onnx", "big.onnx.data"] and len(files[0][1]) < 4096
+    whole = model_file_contents(model, tmp_path / "whole.onnx")
+    assert len(whole) == 1
+    for file, data in [*files, *whole]:
+        file.write_bytes(data)
+    x = {"x": np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    expected = ort.InferenceSession(str(tmp_path / "whole.onnx"), providers=["CPUExecutionProvider"]).run(None, x)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)
+    np.testing.assert_array_equal(got[0], expected[0])
+    assert len(list(load_model(path).graph.initializers)) == len(list(model.graph.initializers))
+
+
+def test_quantize_writes_the_model_its_external_data_and_its_report_together(tmp_path, monkeypatch):
+    import functools
+    import importlib
+
+    import onnxruntime as ort
+
+    import edgeopt
+    from edgeopt.io import model_file_contents
+
+    api_quantize = importlib.import_module("edgeopt.api.quantize")  # (edgeopt.api.quantize is also the function)
+    from tests.quant.int8_models import GraphBuilder, batches
+
+    monkeypatch.setattr(api_quantize, "model_file_contents", functools.partial(model_file_contents, limit_bytes=2048))
+    g = GraphBuilder(seed=2)
+    model = g.model([g.conv(g.node("Relu", [g.conv("x", 3, 32, "c1")], "r"), 32, 16, "c2")], (1, 3, 8, 8))
+    out = tmp_path / "q.onnx"
+    report = edgeopt.quantize(model, edgeopt.Fp16Config(), output=out, check_speed=False)
+    data = tmp_path / "q.onnx.data"
+    assert data.exists() and (tmp_path / "q.report.json").exists()
+    assert report.quant_bytes == out.stat().st_size + data.stat().st_size
+    x = {"x": np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    assert ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, x)[0].shape == (1, 16, 8, 8)
+
+
+def test_an_output_whose_external_data_file_would_replace_the_inputs_is_refused(tmp_path):
+    # the input's weights live in out.onnx.data: writing out.onnx past 2 GB would put its own there
+    import onnx
+
+    import edgeopt
+    from edgeopt.errors import OutputError
+    from tests.models import external_data_model
+
+    source = external_data_model(tmp_path / "source.onnx")
+    onnx.save(onnx.load(str(source)), str(tmp_path / "model.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="out.onnx.data", size_threshold=0)
+    before = (tmp_path / "out.onnx.data").read_bytes()
+    with pytest.raises(OutputError, match="out.onnx.data"):
+        edgeopt.quantize(tmp_path / "model.onnx", edgeopt.Fp16Config(), output=tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx.data").read_bytes() == before and not (tmp_path / "out.onnx").exists()

@@ -19,8 +19,8 @@ from edgeopt.api._common import (ModelSource, Progress, calibration_source, chec
 from edgeopt.api._quantize_warnings import blocks_c, loose_goal, low_fidelity, mcu_float_warning, relu6_warning
 from edgeopt.data import ImagePreprocess, batch_rows
 from edgeopt.errors import ConfigError, DataError, EdgeoptError, Interrupted, OutputError
-from edgeopt.io import (FILE_BYTES_KEY, atomic_write_files, check_writable, model_file_bytes, model_files,
-                        model_to_bytes)
+from edgeopt.io import (FILE_BYTES_KEY, atomic_write_files, check_writable, external_data_path, model_file_bytes,
+                        model_file_contents, model_files)
 from edgeopt.metrics import count_of, json_text
 from edgeopt.quant.accuracy import AccuracyGoal, AccuracySearch, accuracy_aware_quantize
 from edgeopt.quant.compare import CompareResult
@@ -125,11 +125,12 @@ def _check_output_outside_data(data, output: str | os.PathLike | None) -> None:
 
 
 def _overwrites_input(model: ModelSource, output: str | os.PathLike | None) -> Path | None:
-    """The input file (the model or one of its external data files) that ``output`` or its report would
-    replace, if any."""
+    """The input file (the model or one of its external data files) that ``output``, its report or its
+    external data file (past 2 GB) would replace, if any."""
     if output is None or isinstance(model, ir.Model):
         return None
-    existing = [written for written in (Path(output), report_path(output)) if written.exists()]
+    outputs = (Path(output), report_path(output), external_data_path(output))
+    existing = [written for written in outputs if written.exists()]
     if not existing:  # every input file exists: nothing new can be one (and the model is not parsed again)
         return None
     inputs = {file.resolve(): file for file in model_files(model)}
@@ -156,7 +157,8 @@ def _evaluator(evaluate: str | Callable[[str], float] | None) -> Callable[[ir.Mo
     def score(model: ir.Model) -> float:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder, "candidate.onnx")
-            path.write_bytes(model_to_bytes(model))
+            for file, data in model_file_contents(model, path):
+                file.write_bytes(data)
             try:
                 with directory.entered():
                     value = function(str(path))
@@ -274,21 +276,22 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
         result = run_scheme(loaded, config, source, progress=progress, in_place=owned)
         if owned:
             loaded = None
-    # inferable annotations and exporters' debugging notes: size only
-    quant_bytes = model_to_bytes(result.model, value_info=False, exporter_metadata=False)
+    # inferable annotations and exporters' debugging notes: size only; past 2 GB the weights go beside the .onnx
+    written = model_file_contents(result.model, output if output is not None else "model.onnx", value_info=False,
+                                  exporter_metadata=False)
     warnings = _result_warnings(config, result, search, source)
     checks = _Checks(model=model, loaded=loaded, data=data, eval_data=eval_data, preprocess=preprocess,
                      max_samples=max_samples, fidelity=check_fidelity, speed=check_speed)
     fidelity, speed, search = _checked(checks, result, search, warnings)
     report = QuantizeReport(result=result, output=Path(output) if output is not None else None,
-                            float_bytes=float_bytes, quant_bytes=len(quant_bytes),
+                            float_bytes=float_bytes, quant_bytes=sum(len(data) for _, data in written),
                             calibration_samples=source.samples if source is not None else 0,
                             calibration_batches=source.count if source is not None else 0,
                             fidelity=fidelity, fidelity_on=checks.fidelity_on, speed=speed, search=search,
                             warnings=tuple(dict.fromkeys([*logged, *warnings])))
     if output is not None:  # written last: an error in the checks above leaves nothing behind
-        # the artifact ships with its measured numbers: both files are replaced, or neither
-        atomic_write_files([(output, quant_bytes), (report_path(output), json_text(report.to_dict()).encode())])
+        # the artifact ships with its measured numbers: all its files are replaced, or none
+        atomic_write_files([*written, (report_path(output), json_text(report.to_dict()).encode())])
     if report.interrupted:
         raise Interrupted(report)
     return report
@@ -387,6 +390,7 @@ def _check_request(model: ModelSource, config: object, data, *, output, preproce
     if output is not None:  # first: a folder (-o .) has no name to derive the report's from
         check_writable(output)
         check_writable(report_path(output))
+        check_writable(external_data_path(output))  # written past 2 GB
     _check_output_outside_data(data, output)
     overwritten = _overwrites_input(model, output)
     if overwritten is not None:
@@ -494,7 +498,7 @@ def _float_bytes(model: ModelSource, loaded: ir.Model) -> int:
     """Size of the float model: its file(s) on disk (noted when loaded), or serialized when it came
     from memory."""
     if isinstance(model, ir.Model):
-        return len(model_to_bytes(model))
+        return sum(len(data) for _, data in model_file_contents(model, "model.onnx"))
     return loaded.meta.get(FILE_BYTES_KEY) or model_file_bytes(model)
 
 

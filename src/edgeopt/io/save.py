@@ -19,10 +19,14 @@ import onnx_ir as ir
 
 from edgeopt.errors import ModelError, OutputError
 
-__all__ = ["atomic_write_bytes", "atomic_write_files", "check_writable", "current_umask", "make_output_folder",
-           "model_to_bytes", "save_model"]
+__all__ = ["atomic_write_bytes", "atomic_write_files", "check_writable", "current_umask", "external_data_path",
+           "make_output_folder", "model_file_contents", "model_to_bytes", "save_model"]
 
 _PROTOBUF_LIMIT_BYTES = 2**31 - 1
+# Past protobuf's limit, tensors of at least this size go to the external data file, each at an offset
+# aligned to this (ONNX Runtime may map the file's pages straight into the tensors).
+_EXTERNAL_MIN_BYTES = 1024
+_EXTERNAL_ALIGNMENT = 4096
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -150,14 +154,73 @@ def model_to_bytes(model: ir.Model, *, value_info: bool = True, exporter_metadat
     ``exporter_metadata`` False leaves out the exporters' per-node debugging notes: torch's
     dynamo exporter writes a stack trace per node, 45% of a 2-layer decoder's int4 file.
     """
+    proto = _to_proto(model, value_info, exporter_metadata)
+    if _byte_size(proto) > _PROTOBUF_LIMIT_BYTES:
+        raise ModelError("model is larger than 2 GB: protobuf cannot hold it in one file (save it with its "
+                         "weights beside it: edgeopt.io.model_file_contents)")
+    return proto.SerializeToString(deterministic=True)
+
+
+def _to_proto(model: ir.Model, value_info: bool, exporter_metadata: bool) -> onnx.ModelProto:
     proto = ir.to_proto(model)
     if not value_info:
         del proto.graph.value_info[:]
     if not exporter_metadata:
         _drop_exporter_metadata(proto.graph)
-    if proto.ByteSize() > _PROTOBUF_LIMIT_BYTES:
-        raise ModelError("model is larger than 2 GB: protobuf cannot hold it in one file")
-    return proto.SerializeToString(deterministic=True)
+    return proto
+
+
+def external_data_path(path: str | os.PathLike) -> Path:
+    """Where the weights of a model written at ``path`` go when it passes 2 GB: ``model.onnx.data``."""
+    return Path(path).with_name(f"{Path(path).name}.data")
+
+
+def model_file_contents(model: ir.Model, path: str | os.PathLike, *, value_info: bool = True,
+                        exporter_metadata: bool = True,
+                        limit_bytes: int = _PROTOBUF_LIMIT_BYTES) -> list[tuple[Path, bytes]]:
+    """The files that hold ``model`` written at ``path``, with their bytes: the .onnx alone, or, when it would
+    pass protobuf's 2 GB (``limit_bytes``), the .onnx with its weights in :func:`external_data_path` beside
+    it (ONNX's external data, as ``onnx.save_model(save_as_external_data=True)`` and torch write it; ONNX
+    Runtime and ``edgeopt`` read it from beside the model). See :func:`model_to_bytes` for the flags."""
+    proto = _to_proto(model, value_info, exporter_metadata)
+    if _byte_size(proto) <= limit_bytes:
+        return [(Path(path), proto.SerializeToString(deterministic=True))]
+    data_path = external_data_path(path)
+    blob = bytearray()
+    for tensor in _initializers(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) < _EXTERNAL_MIN_BYTES:
+            continue  # (a tensor in typed fields, bfloat16 or strings say, stays inline)
+        blob.extend(bytes(-len(blob) % _EXTERNAL_ALIGNMENT))
+        offset = len(blob)
+        blob.extend(tensor.raw_data)
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(blob) - offset))):
+            tensor.external_data.add(key=key, value=value)
+    if _byte_size(proto) > limit_bytes:
+        raise ModelError("model is larger than 2 GB without its weights: protobuf cannot hold its graph in one file")
+    return [(Path(path), proto.SerializeToString(deterministic=True)), (data_path, bytes(blob))]
+
+
+def _byte_size(proto: onnx.ModelProto) -> int:
+    """The serialized size of ``proto``; past 2 GB protobuf refuses to count it, and that is all we need."""
+    from google.protobuf.message import EncodeError
+
+    try:
+        return proto.ByteSize()
+    except EncodeError:
+        return _PROTOBUF_LIMIT_BYTES + 1
+
+
+def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """The initializers of ``graph`` and of its subgraphs, and the tensors of its Constant nodes."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            for subgraph in [attribute.g, *attribute.graphs] if attribute.HasField("g") else attribute.graphs:
+                yield from _initializers(subgraph)
 
 
 def _drop_exporter_metadata(graph: onnx.GraphProto) -> None:
