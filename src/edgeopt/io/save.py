@@ -238,5 +238,6 @@ def _drop_exporter_metadata(graph: onnx.GraphProto) -> None:
 
 
 def save_model(model: ir.Model, path: str | os.PathLike) -> Path:
-    """Save ``model`` as a self-contained .onnx file, atomically."""
-    return atomic_write_bytes(path, model_to_bytes(model))
+    """Save ``model`` as a self-contained .onnx file, atomically (past 2 GB, with its weights beside it in
+    :func:`external_data_path`)."""
+    return atomic_write_files(model_file_contents(model, path))[0]
