@@ -81,7 +81,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write_files([(path, data)])[0]
 
 
-def atomic_write_files(files: Sequence[tuple[str | os.PathLike, bytes]]) -> list[Path]:
+def atomic_write_files(files: Sequence[tuple[str | os.PathLike, bytes | bytearray]]) -> list[Path]:
     """Write several files that belong together (a model and its report): all of them or none.
 
     Each is written in full to a temporary file beside its target first; then all are renamed
@@ -177,7 +177,7 @@ def external_data_path(path: str | os.PathLike) -> Path:
 
 def model_file_contents(model: ir.Model, path: str | os.PathLike, *, value_info: bool = True,
                         exporter_metadata: bool = True,
-                        limit_bytes: int = _PROTOBUF_LIMIT_BYTES) -> list[tuple[Path, bytes]]:
+                        limit_bytes: int = _PROTOBUF_LIMIT_BYTES) -> list[tuple[Path, bytes | bytearray]]:
     """The files that hold ``model`` written at ``path``, with their bytes: the .onnx alone, or, when it would
     pass protobuf's 2 GB (``limit_bytes``), the .onnx with its weights in :func:`external_data_path` beside
     it (ONNX's external data, as ``onnx.save_model(save_as_external_data=True)`` and torch write it; ONNX
@@ -199,7 +199,7 @@ def model_file_contents(model: ir.Model, path: str | os.PathLike, *, value_info:
             tensor.external_data.add(key=key, value=value)
     if _byte_size(proto) > limit_bytes:
         raise ModelError("model is larger than 2 GB without its weights: protobuf cannot hold its graph in one file")
-    return [(Path(path), proto.SerializeToString(deterministic=True)), (data_path, bytes(blob))]
+    return [(Path(path), proto.SerializeToString(deterministic=True)), (data_path, blob)]  # (no copy of the weights)
 
 
 def _byte_size(proto: onnx.ModelProto) -> int:
