@@ -198,6 +198,7 @@ def test_float_constant_reshaped_before_use_counts_on_the_reshape(tmp_path):
 
 
 def test_quantized_weight_counts_but_its_scales_do_not(tmp_path):
+    # the scales are no parameters of the network, but they are stored: 32 int8 weights and 8 float32 scales
     weight = numpy_helper.from_array(np.ones((8, 4), np.int8), "wq")
     scale = numpy_helper.from_array(np.full(8, 0.1, np.float32), "scale")
     nodes = [
@@ -206,7 +207,7 @@ def test_quantized_weight_counts_but_its_scales_do_not(tmp_path):
     ]
     report = analyze_cost(_load(tmp_path, nodes, [_info("x", [1, 4])], [_info("y", None)], [weight, scale]))
     _assert_totals(report)
-    assert [(r.name, r.params, r.weight_bytes) for r in report.nodes] == [("dq", 32, 32), ("gemm", 0, 0)]
+    assert [(r.name, r.params, r.weight_bytes) for r in report.nodes] == [("dq", 32, 32 + 8 * 4), ("gemm", 0, 0)]
     assert report.param_bytes_fp32 == 32 * 4
     assert report.macs == 1 * 8 * 4
 
@@ -225,7 +226,8 @@ def test_matmul_nbits_counts_k_times_n_weights_not_its_packed_bytes(tmp_path, bi
     onnx.save(model, tmp_path / "nbits.onnx")
     report = analyze_cost(load_model(tmp_path / "nbits.onnx"))
     _assert_totals(report)
-    assert [(r.params, r.weight_bytes) for r in report.nodes] == [(k * n, n * 2 * block_size * bits // 8)]
+    # stored: the packed bytes and the 12 float32 block scales
+    assert [(r.params, r.weight_bytes) for r in report.nodes] == [(k * n, n * 2 * block_size * bits // 8 + 12 * 4)]
     assert report.macs == 3 * n * k
 
 
@@ -352,4 +354,5 @@ def test_gather_block_quantized_counts_its_table_s_values_however_stored(tmp_pat
     onnx.save(helper.make_model(graph, opset_imports=opsets), tmp_path / "gbq.onnx")
     report = analyze_cost(load_model(tmp_path / "gbq.onnx"))
     _assert_totals(report)
-    assert [(r.params, r.weight_bytes) for r in report.nodes] == [(rows * d, rows * d * bits // 8)]
+    # stored: the codes and the float32 block scales
+    assert [(r.params, r.weight_bytes) for r in report.nodes] == [(rows * d, rows * d * bits // 8 + rows * 2 * 4)]

@@ -335,3 +335,18 @@ def test_run_counts_the_samples_of_a_dynamic_batch(cli, tmp_path):
     result = cli("run", path, "-i", tmp_path / "x.npy", "-o", tmp_path / "out", "--json")
     assert result.code == 0, result.stderr
     assert json.loads(result.stdout)["samples"] == 8
+
+
+def test_inspect_of_a_quantized_model_shows_the_weights_as_stored(cli, tmp_path):
+    # an int8 model's weights take neither their float32 nor their int8 bytes alone: int8 codes, int32 biases,
+    # scales and zero points
+    import edgeopt
+    from edgeopt.demo import demo_calibration_path, demo_model_path
+
+    out = tmp_path / "demo.int8.onnx"
+    edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), demo_calibration_path(), output=out, check_speed=False)
+    stored = edgeopt.inspect(out).cost.weight_bytes
+    shown = cli("inspect", out)
+    assert shown.code == 0 and "stored (as" in shown.stdout
+    assert "stored (as" not in cli("inspect", demo_model_path()).stdout  # float32: stored as fp32
+    assert json.loads(cli("inspect", out, "--json").stdout)["weight_bytes"]["stored"] == stored

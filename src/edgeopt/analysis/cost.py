@@ -355,7 +355,13 @@ def _node_weights(node: ir.Node, seen: set[int]) -> tuple[int, int]:
     for reader in (node, *(inner for graph in subgraphs(node) for inner in graph.all_nodes())):
         skipped = _QUANTIZATION_PARAMETERS.get(reader.op_type, frozenset())
         for position, value in enumerate(reader.inputs):
-            if value is None or position in skipped or id(value) in seen:
+            if value is None or id(value) in seen:
+                continue
+            if position in skipped:  # scales and zero points: stored, but no parameters of the network
+                quantization = _constant_tensor(value)
+                if quantization is not None:
+                    seen.add(id(value))
+                    stored_bytes += quantization.nbytes
                 continue
             tensor = _constant_tensor(value)
             if tensor is None or tensor.size <= 1 or not _is_weight_dtype(tensor.dtype, reader.op_type, position):

@@ -116,6 +116,16 @@ def _render_inspect(result: api.InspectResult) -> None:
     _render_inspect_totals(result)
 
 
+def _weights_text(cost) -> str:
+    """The weights' bytes as float32, float16 and int8; and as stored, when that is none of these (a quantized
+    model: its low-bit weights with their scales and zero points)."""
+    sizes = (f"{bytes_text(cost.param_bytes_fp32)} fp32 / {bytes_text(cost.param_bytes_fp16)} fp16 / "
+             f"{bytes_text(cost.param_bytes_int8)} int8")
+    if cost.weight_bytes in (cost.param_bytes_fp32, cost.param_bytes_fp16, cost.param_bytes_int8):
+        return sizes
+    return f"{bytes_text(cost.weight_bytes)} stored (as {sizes})"
+
+
 def _render_inspect_totals(result: api.InspectResult) -> None:
     cost, memory = result.cost, result.memory
     lines = [
@@ -123,8 +133,7 @@ def _render_inspect_totals(result: api.InspectResult) -> None:
         ("MACs", f"{count_text(cost.macs)} ({cost.macs:,})"),
         ("other FLOPs", f"{count_text(cost.other_flops)} ({cost.other_flops:,})"),
         ("parameters", f"{count_text(cost.params)} ({cost.params:,})"),
-        ("weights", f"{bytes_text(cost.param_bytes_fp32)} fp32 / {bytes_text(cost.param_bytes_fp16)} fp16 / "
-                    f"{bytes_text(cost.param_bytes_int8)} int8"),
+        ("weights", _weights_text(cost)),
         ("peak activation RAM", f"{bytes_text(memory.peak_activation_bytes)} ({memory.peak_activation_bytes:,} B, "
                                 f"greedy arena plan; lower bound {memory.lower_bound_bytes:,} B "
                                 f"at {memory.peak_node})"),
