@@ -29,10 +29,12 @@ those the quantized layer approximates.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
 from edgeopt import ir as eir
+from edgeopt.naming import claim_name
 from edgeopt.quant.compare_matching import TensorMatch, carried_value, dequantizes_constant, fused_chain, value_names
 from edgeopt.quant.ops import is_float16_cast
 
@@ -74,11 +76,24 @@ def float_weight_twins(float_model: ir.Model, quant_model: ir.Model, matches: li
     if not plans:
         return quant_model, {}
     model = quant_model.clone()
-    copied, constants = value_names(model.graph), {}  # constants: one copy each, however many twins read it
-    twins = {match.float_name: _copy_chain(model.graph, chain, {f: copied[q] for f, q in frontier.items()},
-                                           constants)
+    copied = value_names(model.graph)
+    # one copy of each float constant (by identity: the two float models may hold different tensors of one
+    # name), however many twins read it; every name the copies take is new to the graph
+    names = _Names(taken={*copied, *model.graph.initializers})
+    twins = {match.float_name: _copy_chain(model.graph, chain, {f: copied[q] for f, q in frontier.items()}, names)
              for match, chain, frontier in plans}
     return model, twins
+
+
+@dataclass
+class _Names:
+    """The names taken in the graph the twins join, and the copies of the float constants made so far."""
+
+    taken: set[str]
+    constants: dict[int, ir.Value] = field(default_factory=dict)
+
+    def new(self, base: str) -> str:
+        return claim_name(f"{base}{TWIN_SUFFIX}", self.taken)
 
 
 def _quantized_chain_inputs(value: ir.Value | None, by_quant_name: Mapping[str, TensorMatch]) -> dict[str, str]:
@@ -135,31 +150,30 @@ def _same_computation(chain: list[ir.Node], quantized: ir.Value) -> bool:
     return kinds == wanted or [kind for kind in kinds if kind not in _CLAMPS] == wanted
 
 
-def _copy_chain(graph: ir.Graph, chain: list[ir.Node], fed: Mapping[str, ir.Value],
-                constants: dict[str, ir.Value]) -> str:
+def _copy_chain(graph: ir.Graph, chain: list[ir.Node], fed: Mapping[str, ir.Value], names: _Names) -> str:
     """Append copies of ``chain`` to ``graph``, reading ``fed`` (float name -> quantized value) and copies of
-    its constants (kept in ``constants`` by name); the name of the last copy's output."""
+    its constants; the name of the last copy's output."""
     copies: dict[str, ir.Value] = dict(fed)
     for node in chain:
-        inputs = [None if value is None else copies.get(value.name) or _constant_copy(graph, value, constants)
+        inputs = [None if value is None else copies.get(value.name) or _constant_copy(graph, value, names)
                   for value in node.inputs]
-        outputs = [ir.Value(name=f"{value.name}{TWIN_SUFFIX}", type=value.type,
+        outputs = [ir.Value(name=names.new(value.name), type=value.type,
                             shape=value.shape.copy() if value.shape is not None else None) for value in node.outputs]
         attributes = [ir.Attr(attr.name, attr.type, attr.value) for attr in node.attributes.values()]
         copy = ir.Node(node.domain, node.op_type, inputs, attributes, name=f"{node.name}{TWIN_SUFFIX}",
                        outputs=outputs)
         graph.append(copy)
         copies |= {old.name: new for old, new in zip(node.outputs, copy.outputs)}
-    return chain[-1].outputs[0].name + TWIN_SUFFIX
+    return copies[chain[-1].outputs[0].name].name
 
 
-def _constant_copy(graph: ir.Graph, value: ir.Value, copies: dict[str, ir.Value]) -> ir.Value:
+def _constant_copy(graph: ir.Graph, value: ir.Value, names: _Names) -> ir.Value:
     """A float-model constant (an initializer, a Constant node's output) as an initializer of ``graph``."""
-    if value.name in copies:
-        return copies[value.name]
+    if id(value) in names.constants:
+        return names.constants[id(value)]
     array = eir.constant_array(value)
-    copy = ir.Value(name=f"{value.name}{TWIN_SUFFIX}", const_value=ir.tensor(array))
+    copy = ir.Value(name=names.new(value.name), const_value=ir.tensor(array))
     copy.type, copy.shape = ir.TensorType(ir.DataType.from_numpy(array.dtype)), ir.Shape(array.shape)
     graph.register_initializer(copy)
-    copies[value.name] = copy
+    names.constants[id(value)] = copy
     return copy
