@@ -136,5 +136,5 @@ def test_a_missing_held_out_file_is_one_clear_line(cli, tmp_path, npy_files):
     model, calibration, _ = npy_files
     result = cli("quantize", model, "--data", calibration, "--eval-data", tmp_path / "nope.npy",
                  "-o", tmp_path / "q.onnx")
-    assert_one_line_error(result, "nope.npy")
+    assert_one_line_error(result, "--eval-data: ", "nope.npy")
     assert not (tmp_path / "q.onnx").exists()

@@ -363,8 +363,12 @@ def _opened_eval_data(model: ir.Model, eval_data, preprocess: ImagePreprocess | 
     calibration; None when not given."""
     if eval_data is None:
         return None
-    source = calibration_source(model, eval_data, preprocess, None)
-    if next(iter(source), None) is None:
+    try:
+        source = calibration_source(model, eval_data, preprocess, None)
+        first = next(iter(source), None)
+    except DataError as error:  # which of the two data options it is about
+        raise DataError(f"--eval-data: {error}") from None
+    if first is None:
         raise DataError("--eval-data gave no samples: point it at at least one held-out sample")
     return source
 
