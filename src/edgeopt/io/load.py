@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ import onnx.inliner
 import onnx_ir as ir
 
 from edgeopt.errors import ModelError
+from edgeopt.io.save import node_subgraphs
 from edgeopt.io.shapes import (check_static, clear_output_shapes, fix_input_shapes, parse_input_shapes,
                                restore_output_shapes)
 from edgeopt.naming import claim_name
@@ -151,19 +152,11 @@ def _drop_shadowing_inputs(graph: onnx.GraphProto) -> None:
         graph.input.extend(kept)
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    """The graphs ``node``'s attributes hold (If branches, Loop and Scan bodies)."""
-    for attribute in node.attribute:
-        if attribute.HasField("g"):
-            yield attribute.g
-        yield from attribute.graphs
-
-
 def _used_names(graph: onnx.GraphProto) -> set[str]:
     used = {name for node in graph.node for name in node.input}
     used.update(v.name for v in graph.output)
     for node in graph.node:
-        for subgraph in _subgraphs(node):
+        for subgraph in node_subgraphs(node):
             used.update(_used_names(subgraph))
     return used
 
@@ -196,7 +189,7 @@ def _densify_constants(nodes: Iterable[onnx.NodeProto]) -> None:
                 tensor = _dense(attribute.sparse_tensor, node.output[0])
                 attribute.Clear()
                 attribute.CopyFrom(onnx.helper.make_attribute("value", tensor))
-        for subgraph in _subgraphs(node):
+        for subgraph in node_subgraphs(node):
             _densify_sparse(subgraph)
 
 
@@ -225,7 +218,7 @@ def _unique_node_names(graph: onnx.GraphProto, taken: set[str] | None = None) ->
             node.name = renamed
         seen.add(node.name)
     for node in graph.node:  # after this graph's names, which keep the labels inspect shows
-        for subgraph in _subgraphs(node):
+        for subgraph in node_subgraphs(node):
             _unique_node_names(subgraph, taken)
 
 
@@ -233,7 +226,7 @@ def _node_names(graph: onnx.GraphProto) -> set[str]:
     """The names of the nodes of ``graph`` and of its subgraphs."""
     names = {node.name for node in graph.node}
     for node in graph.node:
-        for subgraph in _subgraphs(node):
+        for subgraph in node_subgraphs(node):
             names |= _node_names(subgraph)
     return names
 

@@ -216,11 +216,17 @@ def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """The initializers of ``graph`` and of its subgraphs, and the tensors of its Constant nodes."""
     yield from graph.initializer
     for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            for subgraph in [attribute.g, *attribute.graphs] if attribute.HasField("g") else attribute.graphs:
-                yield from _initializers(subgraph)
+        yield from (attribute.t for attribute in node.attribute if attribute.HasField("t"))
+        for subgraph in node_subgraphs(node):
+            yield from _initializers(subgraph)
+
+
+def node_subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs ``node``'s attributes hold (If branches, Loop and Scan bodies)."""
+    for attribute in node.attribute:
+        if attribute.HasField("g"):
+            yield attribute.g
+        yield from attribute.graphs
 
 
 def _drop_exporter_metadata(graph: onnx.GraphProto) -> None:
@@ -232,9 +238,8 @@ def _drop_exporter_metadata(graph: onnx.GraphProto) -> None:
             del holder.metadata_props[:]
             holder.metadata_props.extend(kept)
     for node in graph.node:
-        for attribute in node.attribute:
-            for subgraph in [attribute.g, *attribute.graphs] if attribute.HasField("g") else attribute.graphs:
-                _drop_exporter_metadata(subgraph)
+        for subgraph in node_subgraphs(node):
+            _drop_exporter_metadata(subgraph)
 
 
 def save_model(model: ir.Model, path: str | os.PathLike) -> Path:
