@@ -63,14 +63,14 @@ def float_weight_twins(float_model: ir.Model, quant_model: ir.Model, matches: li
     for match in matches:
         if match.float_name in skip or match.float_name in rescaled or (match.original and original is None):
             continue
-        frontier = _quantized_chain_inputs(quant_values.get(match.quant_name), by_quant_name)
+        quantized_chain, frontier = _quantized_chain(quant_values.get(match.quant_name), by_quant_name)
         if not frontier or any(name in rescaled for name in frontier):
             continue
         # the tensor's own model first; the other when the layer's inputs are only there (ORT's quantizer
         # quantizes a conv's output before the BatchNormalization the passes folded into it)
         for graph in sorted(graphs, key=lambda g: g is not graphs[-1 if match.original else 0]):
             chain = _float_chain(values[graph].get(match.float_name), frontier, order)
-            if chain and _same_computation(chain, quant_values[match.quant_name]):
+            if chain and _same_computation(chain, quantized_chain):
                 plans.append((match, chain, frontier))
                 break
     if not plans:
@@ -96,13 +96,14 @@ class _Names:
         return claim_name(f"{base}{TWIN_SUFFIX}", self.taken)
 
 
-def _quantized_chain_inputs(value: ir.Value | None, by_quant_name: Mapping[str, TensorMatch]) -> dict[str, str]:
-    """Float name -> DQ output name for each activation input of the chain writing ``value`` (a DQ output),
-    when every activation it reads is a matched DQ output."""
+def _quantized_chain(value: ir.Value | None,
+                     by_quant_name: Mapping[str, TensorMatch]) -> tuple[list[ir.Node], dict[str, str]]:
+    """The chain of nodes writing ``value`` (a DQ output) and float name -> DQ output name for each activation
+    it reads, when every one is a matched DQ output (else no inputs)."""
     before = carried_value(value)
     node = before.producer() if before is not None else None
     if node is None:
-        return {}
+        return [], {}
     chain = fused_chain(node) or [node]
     frontier = {}
     for input_value in chain[0].inputs:
@@ -112,9 +113,9 @@ def _quantized_chain_inputs(value: ir.Value | None, by_quant_name: Mapping[str, 
             continue
         match = by_quant_name.get(input_value.name)
         if match is None:
-            return {}  # an activation read in float, or not matched: the twin would not be fed as the layer is
+            return chain, {}  # an activation read in float, or not matched: the twin would not be fed as the layer is
         frontier[match.float_name] = match.quant_name
-    return frontier
+    return chain, frontier
 
 
 def _float_chain(value: ir.Value | None, frontier: Mapping[str, str], order: Mapping[ir.Node, int]) -> list[ir.Node]:
@@ -140,11 +141,9 @@ def _holds_subgraph(node: ir.Node) -> bool:
     return any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values())
 
 
-def _same_computation(chain: list[ir.Node], quantized: ir.Value) -> bool:
-    """Whether the float ``chain`` computes what the quantized chain writing ``quantized`` does: the same op
-    types, less the Relu/Clip a quantizer may drop."""
-    head = carried_value(quantized).producer()
-    quantized_chain = fused_chain(head) or [head]
+def _same_computation(chain: list[ir.Node], quantized_chain: list[ir.Node]) -> bool:
+    """Whether the float ``chain`` computes what ``quantized_chain`` does: the same op types, less the
+    Relu/Clip a quantizer may drop."""
     kinds = [node.op_type for node in chain]
     wanted = [node.op_type for node in quantized_chain]
     return kinds == wanted or [kind for kind in kinds if kind not in _CLAMPS] == wanted
