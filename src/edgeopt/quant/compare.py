@@ -229,8 +229,8 @@ class _Meters:
                  output_codes: Mapping[str, OutputCodes] | None = None,
                  before_quantizing: Mapping[str, str | None] | None = None) -> None:
         self.matches = {m.float_name: m for m in matches}
-        # float name -> what the node writing it (reading no quantized constant) computes before its Q/DQ
-        # pair; None: the pair changes none of its values (a Reshape on its input's grid)
+        # float name -> what the node writing it computes from its quantized inputs: the tensor before its Q/DQ
+        # pair, or its float twin's output; None: the pair changes none of its values (a Reshape on its grid)
         self.before_quantizing = dict(before_quantizing or {})
         self.rescaled = dict(rescaled or {})  # tensors a float rewrite scaled per channel (equalization ...)
         self.output_codes = dict(output_codes or {})
@@ -266,13 +266,12 @@ class _Meters:
         if self.samples == 0:
             self._first_batch(reference, layers)
         for name, meter in self.layers.items():
-            array = layers[self.matches[name].quant_name]
-            meter.update(reference[name], self.rescaled[name].undo(array) if name in self.rescaled else array)
+            meter.update(reference[name], self._in_float_scales(name, layers[self.matches[name].quant_name]))
         for name, meter in self.carried.items():
             array = layers[self.before_quantizing[name]]
             if array.shape != reference[name].shape and array.size == reference[name].size:
                 array = array.reshape(reference[name].shape)  # the same values in order (reshaped_from)
-            meter.update(reference[name], self.rescaled[name].undo(array) if name in self.rescaled else array)
+            meter.update(reference[name], self._in_float_scales(name, array))
         for name, meter in self.outputs.items():
             meter.update(reference[name], outputs[name])
         for name, meter in self.agreement.items():
@@ -289,6 +288,10 @@ class _Meters:
                                         zero_point_dtype=match.zero_point_dtype, sqnr_db=fidelity.sqnr_db,
                                         cosine=fidelity.cosine, max_abs_error=fidelity.max_abs_error))
         return sorted(rows, key=lambda r: (math.isnan(r.sqnr_db), r.sqnr_db, r.tensor))
+
+    def _in_float_scales(self, name: str, array: np.ndarray) -> np.ndarray:
+        """``array``, the quantized model's ``name``, with a float rewrite's per-channel scaling undone."""
+        return self.rescaled[name].undo(array) if name in self.rescaled else array
 
     def carried_sqnr(self) -> dict[str, float]:
         """Per tensor of ``before_quantizing``: the SQNR of what its node computes before its Q/DQ pair."""
