@@ -280,7 +280,7 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
     written = model_file_contents(result.model, output if output is not None else "model.onnx", value_info=False,
                                   exporter_metadata=False)
     warnings = _result_warnings(config, result, search, source)
-    checks = _Checks(model=model, loaded=loaded, data=data, eval_data=eval_data, preprocess=preprocess,
+    checks = _Checks(model=model, loaded=loaded, data=data, eval_data=held_out, preprocess=preprocess,
                      max_samples=max_samples, fidelity=check_fidelity, speed=check_speed)
     fidelity, speed, search = _checked(checks, result, search, warnings)
     report = QuantizeReport(result=result, output=Path(output) if output is not None else None,
@@ -304,7 +304,7 @@ class _Checks:
     model: ModelSource
     loaded: ir.Model | None  # None: freed by the scheme, loaded again from ``model``
     data: object
-    eval_data: object  # held-out samples for the fidelity check, or None
+    eval_data: object  # held-out samples for the fidelity check, opened (checked once), or None
     preprocess: ImagePreprocess | None
     max_samples: int | None
     fidelity: bool
