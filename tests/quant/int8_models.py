@@ -68,6 +68,18 @@ class GraphBuilder:
         return ir.from_proto(proto)
 
 
+def conv_classifier() -> ir.Model:
+    """x [1, 3, 8, 8] -> Conv -> Relu -> Conv -> Relu -> global pool -> Flatten -> Gemm, whose output is the
+    graph's (seed 3)."""
+    g = GraphBuilder(seed=3)
+    x = g.node("Relu", [g.conv("x", 3, 8, "conv1")], "relu1")
+    x = g.node("Relu", [g.conv(x, 8, 8, "conv2")], "relu2")
+    x = g.node("Flatten", [g.node("GlobalAveragePool", [x], "pool")], "flat")
+    logits = g.node("Gemm", [x, g.weight("fc.weight", (10, 8)), g.weight("fc.bias", (10,), 0.1)], "fc",
+                    transB=1)
+    return g.model([logits], (1, 3, 8, 8))
+
+
 def batches(shape: Sequence[int], count: int, seed: int = 0, name: str = "x") -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(count)]

@@ -11,24 +11,13 @@ import pytest
 from edgeopt.errors import ConfigError
 from edgeopt.quant.accuracy import AccuracyGoal, accuracy_aware_quantize
 from edgeopt.quant.config import CalibrationMethod, Int8Config
-from tests.quant.int8_models import GraphBuilder, batches
-
-
-def _conv_classifier():
-    """Conv -> Relu -> Conv -> Relu -> global pool -> Flatten -> Gemm, whose output is the graph's."""
-    g = GraphBuilder(seed=3)
-    x = g.node("Relu", [g.conv("x", 3, 8, "conv1")], "relu1")
-    x = g.node("Relu", [g.conv(x, 8, 8, "conv2")], "relu2")
-    x = g.node("Flatten", [g.node("GlobalAveragePool", [x], "pool")], "flat")
-    logits = g.node("Gemm", [x, g.weight("fc.weight", (10, 8)), g.weight("fc.bias", (10,), 0.1)], "fc",
-                    transB=1)
-    return g.model([logits], (1, 3, 8, 8))
+from tests.quant.int8_models import GraphBuilder, batches, conv_classifier
 
 
 def test_the_node_writing_a_graph_output_can_go_back_to_float():
     # An unreachable goal returns every quantized node to float, the last layer too (it is compared
     # as a model output, not as a layer): the search ends with the float model's exact outputs.
-    search = accuracy_aware_quantize(_conv_classifier(), Int8Config(), batches((1, 3, 8, 8), 16),
+    search = accuracy_aware_quantize(conv_classifier(), Int8Config(), batches((1, 3, 8, 8), 16),
                                      AccuracyGoal(min_sqnr_db=200.0))
     assert search.met and math.isinf(search.best_score)
     assert "fc" in search.best_excluded
@@ -36,7 +25,7 @@ def test_the_node_writing_a_graph_output_can_go_back_to_float():
 
 
 def test_a_reachable_goal_keeps_the_rest_quantized():
-    search = accuracy_aware_quantize(_conv_classifier(), Int8Config(), batches((1, 3, 8, 8), 16),
+    search = accuracy_aware_quantize(conv_classifier(), Int8Config(), batches((1, 3, 8, 8), 16),
                                      AccuracyGoal(min_sqnr_db=0.0))
     assert search.met and search.best_excluded == () and len(search.steps) == 1
     assert any(node.op_type == "QuantizeLinear" for node in search.result.model.graph)
@@ -127,7 +116,7 @@ def test_nodes_that_did_not_help_go_back_to_int8_once_the_goal_is_met(monkeypatc
         return [accuracy.Candidate(10.0, node, "ranked first by the test")]
 
     monkeypatch.setattr(accuracy, "node_damage", ranked)
-    search = accuracy_aware_quantize(_conv_classifier(), Int8Config(), batches((1, 3, 8, 8), 16),
+    search = accuracy_aware_quantize(conv_classifier(), Int8Config(), batches((1, 3, 8, 8), 16),
                                      AccuracyGoal(max_drop=0.5), evaluate=conv2_is_float)
     assert search.met and search.best_excluded == ("conv2",) and search.best_score == 100.0
     assert [step.retried for step in search.steps if step.retried] == ["conv1", "fc"]
@@ -173,7 +162,7 @@ def _search_and_fresh(model, config, data, goal):
 def test_the_rounds_share_one_calibration_pass_and_give_a_fresh_quantization_s_bytes(config):
     # Every round quantizes the same float model with one more node excluded: the first round's pass
     # observed everything the later ones need, so they read the data only to measure.
-    search, same_bytes, fresh_notes = _search_and_fresh(_conv_classifier(), config, batches((1, 3, 8, 8), 16),
+    search, same_bytes, fresh_notes = _search_and_fresh(conv_classifier(), config, batches((1, 3, 8, 8), 16),
                                                         AccuracyGoal(min_sqnr_db=200.0))
     assert len(search.steps) >= 3 and search.calibration_passes == 1
     assert same_bytes and search.result.notes == fresh_notes
@@ -206,7 +195,7 @@ def test_adaround_learns_each_layer_once_for_all_rounds(monkeypatch):
         return real(model, samples, **options)
 
     monkeypatch.setattr(int8, "adaround_weights", counted)
-    search, same_bytes, fresh_notes = _search_and_fresh(_conv_classifier(), Int8Config(adaround=True),
+    search, same_bytes, fresh_notes = _search_and_fresh(conv_classifier(), Int8Config(adaround=True),
                                                         batches((1, 3, 8, 8), 16), AccuracyGoal(min_sqnr_db=200.0))
     assert len(search.steps) >= 3 and same_bytes and search.result.notes == fresh_notes
     assert len(calls) == 2  # the search's first round, and the fresh quantization it is compared with
@@ -355,7 +344,7 @@ def test_ctrl_c_while_retrying_nodes_in_int8_keeps_the_goal_meeting_model():
         return score
 
     with pytest.raises(Interrupted) as stopped:
-        accuracy_aware_quantize(_conv_classifier(), Int8Config(), batches((1, 3, 8, 8), 16),
+        accuracy_aware_quantize(conv_classifier(), Int8Config(), batches((1, 3, 8, 8), 16),
                                 AccuracyGoal(max_drop=1.0), evaluate=evaluate)
     search = stopped.value.partial
     assert search.interrupted and search.met and len(search.best_excluded) == 2 and len(search.steps) == 3
@@ -397,7 +386,7 @@ def test_a_ctrl_c_after_a_round_is_scored_keeps_that_round_among_the_steps():
             raise KeyboardInterrupt
 
     with pytest.raises(Interrupted) as stopped:
-        accuracy_aware_quantize(_conv_classifier(), Int8Config(), batches((1, 3, 8, 8), 16),
+        accuracy_aware_quantize(conv_classifier(), Int8Config(), batches((1, 3, 8, 8), 16),
                                 AccuracyGoal(min_sqnr_db=200.0), progress=progress)
     search = stopped.value.partial
     assert calls == [1, 2] and len(search.steps) == 2 and search.stopped_because == "interrupted after 2 rounds"
@@ -417,7 +406,7 @@ def test_an_eval_scoring_int8_one_max_drop_below_float_keeps_the_model_int8():
     def fraction(model: ir.Model) -> float:  # sklearn-style accuracy: 0.93 in float, 0.92 once quantized
         return 0.92 if any(node.op_type == "QuantizeLinear" for node in model.graph) else 0.93
 
-    search = accuracy_aware_quantize(_conv_classifier(), Int8Config(), batches((1, 3, 8, 8), 16),
+    search = accuracy_aware_quantize(conv_classifier(), Int8Config(), batches((1, 3, 8, 8), 16),
                                      AccuracyGoal(max_drop=0.01), evaluate=fraction)
     assert search.met and search.best_excluded == () and len(search.steps) == 1
 

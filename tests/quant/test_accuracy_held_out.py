@@ -18,20 +18,10 @@ from edgeopt.quant.accuracy import AccuracyGoal, accuracy_aware_quantize
 from edgeopt.quant.compare import compare_models
 from edgeopt.quant.config import CalibrationMethod, Int8Config
 from tests.conftest import assert_one_line_error
-from tests.quant.int8_models import GraphBuilder, batches
+from tests.quant.int8_models import batches, conv_classifier
 
 SHAPE = (1, 3, 8, 8)
 GOAL_DB = 30.0
-
-
-def _conv_classifier():
-    g = GraphBuilder(seed=3)
-    x = g.node("Relu", [g.conv("x", 3, 8, "conv1")], "relu1")
-    x = g.node("Relu", [g.conv(x, 8, 8, "conv2")], "relu2")
-    x = g.node("Flatten", [g.node("GlobalAveragePool", [x], "pool")], "flat")
-    logits = g.node("Gemm", [x, g.weight("fc.weight", (10, 8)), g.weight("fc.bias", (10,), 0.1)], "fc",
-                    transB=1)
-    return g.model([logits], SHAPE)
 
 
 def _calibration():
@@ -48,7 +38,7 @@ def _output_sqnr(model, quantized, data) -> float:
 
 
 def test_the_search_compares_each_round_on_the_held_out_data():
-    model, config = _conv_classifier(), Int8Config(calibration=CalibrationMethod.MINMAX)
+    model, config = conv_classifier(), Int8Config(calibration=CalibrationMethod.MINMAX)
     goal = AccuracyGoal(min_sqnr_db=GOAL_DB)
     flattered = accuracy_aware_quantize(model, config, _calibration(), goal)
     # measured on its own calibration data the int8 model meets the goal at once, yet clips on new inputs
@@ -64,7 +54,7 @@ def test_the_search_compares_each_round_on_the_held_out_data():
 
 
 def test_the_fidelity_check_runs_on_the_held_out_data_when_given(tmp_path):
-    model = _conv_classifier()
+    model = conv_classifier()
     report = edgeopt.quantize(model, Int8Config(), _calibration(), eval_data=_held_out()[:10], check_speed=False)
     assert report.fidelity_on == "held-out" and report.fidelity.rows == 10
     assert report.fidelity.worst_output_sqnr() == pytest.approx(
@@ -80,13 +70,13 @@ def test_the_fidelity_check_runs_on_the_held_out_data_when_given(tmp_path):
 
 
 def test_held_out_data_for_an_fp16_model_without_calibration_data_is_measured_on(tmp_path):
-    report = edgeopt.quantize(_conv_classifier(), edgeopt.Fp16Config(), eval_data=_held_out()[:4],
+    report = edgeopt.quantize(conv_classifier(), edgeopt.Fp16Config(), eval_data=_held_out()[:4],
                               check_speed=False)
     assert report.fidelity_on == "held-out" and report.fidelity.rows == 4
 
 
 def test_held_out_data_that_cannot_serve_is_refused_before_anything_runs(tmp_path):
-    model, out = _conv_classifier(), tmp_path / "q.onnx"
+    model, out = conv_classifier(), tmp_path / "q.onnx"
     with pytest.raises(ConfigError, match="--eval-data is read more than once"):
         edgeopt.quantize(model, Int8Config(), _calibration(), eval_data=iter(_held_out()), output=out)
     with pytest.raises(ConfigError, match="neither runs"):
@@ -116,7 +106,7 @@ def npy_files(tmp_path):
     model = tmp_path / "model.onnx"
     from edgeopt.io import save_model
 
-    save_model(_conv_classifier(), model)
+    save_model(conv_classifier(), model)
     return model, calibration, held_out
 
 
