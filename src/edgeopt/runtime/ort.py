@@ -129,12 +129,18 @@ def _session_bytes(model: bytes) -> bytes:
     return proto.SerializeToString()
 
 
-def _as_session_input(model: ir.Model | bytes | SessionModel) -> tuple[bytes, Mapping[str, np.ndarray]]:
+def _as_session_input(model: ir.Model | bytes | SessionModel,
+                      options: ort.SessionOptions) -> tuple[bytes, list[ort.OrtValue]]:
+    """The serialized model ONNX Runtime loads, its large initializers handed to ``options`` without a copy,
+    and the OrtValues holding them, which must live as long as the session."""
     if isinstance(model, ir.Model):
         model = session_model(model)
-    if isinstance(model, SessionModel):
-        return model.proto.SerializeToString(), model.initializers
-    return _session_bytes(model), {}
+    if not isinstance(model, SessionModel):
+        return _session_bytes(model), []
+    weights = [ort.OrtValue.ortvalue_from_numpy(array) for array in model.initializers.values()]
+    if weights:
+        options.add_external_initializers(list(model.initializers), weights)
+    return model.proto.SerializeToString(), weights
 
 
 class OrtSession:
@@ -156,10 +162,7 @@ class OrtSession:
         if isinstance(model, (str, os.PathLike)):
             source = str(model)
         else:
-            source, initializers = _as_session_input(model)
-            if initializers:
-                self._weights = [ort.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()]
-                options.add_external_initializers(list(initializers), self._weights)
+            source, self._weights = _as_session_input(model, options)
         try:
             self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as error:
@@ -470,10 +473,7 @@ def optimized_model(model: ir.Model, *, threads: int | None = None) -> ir.Model:
     float16 model's MatMuls in float32, with float32 copies of their weights).
     """
     options = _session_options(threads, optimize=True)
-    source, initializers = _as_session_input(model)
-    weights = [ort.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()]
-    if initializers:
-        options.add_external_initializers(list(initializers), weights)
+    source, weights = _as_session_input(model, options)  # (kept alive until ONNX Runtime has written the model)
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.data")
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                      str(_OPTIMIZED_EXTERNAL_MIN_BYTES))
