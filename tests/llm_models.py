@@ -30,7 +30,8 @@ from torch import nn
 
 from tests.hf_models import _rotate_half
 
-__all__ = ["Decoder", "decoder_names", "decoder_samples", "export_decoder", "greedy", "progression", "train", "with_outlier_channels"]
+__all__ = ["Decoder", "decoder_names", "decoder_samples", "export_decoder", "greedy", "progression", "train",
+           "with_outlier_channels"]
 
 VOCAB, HIDDEN, HEADS, LAYERS = 128, 64, 4, 2
 HEAD_DIM = HIDDEN // HEADS

@@ -172,7 +172,8 @@ class GoogLeNet(nn.Module):
 class ResNeXtBlock(nn.Module):
     def __init__(self, cin, width, cout, stride, group_width=4):
         super().__init__()
-        self.body = nn.Sequential(ConvBNAct(cin, width, 1), ConvBNAct(width, width, 3, stride, groups=width // group_width),
+        self.body = nn.Sequential(ConvBNAct(cin, width, 1),
+                                  ConvBNAct(width, width, 3, stride, groups=width // group_width),
                                   ConvBNAct(width, cout, 1, act=None))
         self.shortcut = nn.Identity() if stride == 1 and cin == cout else ConvBNAct(cin, cout, 1, stride, act=None)
 
@@ -240,7 +241,8 @@ class MobileViTBlock(nn.Module):
 
     def __init__(self, channels, dim, heads=2):
         super().__init__()
-        self.local = nn.Sequential(ConvBNAct(channels, channels, 3, act="silu"), nn.Conv2d(channels, dim, 1, bias=False))
+        self.local = nn.Sequential(ConvBNAct(channels, channels, 3, act="silu"),
+                                   nn.Conv2d(channels, dim, 1, bias=False))
         self.norm1, self.attn = nn.LayerNorm(dim), nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
@@ -317,8 +319,10 @@ class KerasNHWC(nn.Module):
 
     def __init__(self, classes=10):
         super().__init__()
-        self.features = nn.Sequential(ConvBNAct(3, 16, 3, 2, act="relu6"), ConvBNAct(16, 16, 3, groups=16, act="relu6"),
-                                      ConvBNAct(16, 32, 1, act="relu6"), ConvBNAct(32, 32, 3, 2, groups=32, act="relu6"),
+        self.features = nn.Sequential(ConvBNAct(3, 16, 3, 2, act="relu6"),
+                                      ConvBNAct(16, 16, 3, groups=16, act="relu6"),
+                                      ConvBNAct(16, 32, 1, act="relu6"),
+                                      ConvBNAct(32, 32, 3, 2, groups=32, act="relu6"),
                                       ConvBNAct(32, 32, 1, act="relu6"))
         self.fc = nn.Linear(32, classes)
 
