@@ -31,6 +31,7 @@ _EXPORTS = {
     **dict.fromkeys(("CalibrationMethod", "Fallback", "Int8Config", "PerBlock", "PerChannel", "PerTensor", "Target"),
                     "edgeopt.quant.config"),
     **dict.fromkeys(("Bf16Config", "Fp16Config"), "edgeopt.quant.float16"),
+    "DynamicInt8Config": "edgeopt.quant.dynamic",
     **dict.fromkeys(("INT8", "UINT8"), "edgeopt.quant.formats"),  # Int8Config(activation_format=UINT8)
     **dict.fromkeys(("Int4WeightConfig", "WeightFallback"), "edgeopt.quant.int4"),
 }
@@ -46,6 +47,7 @@ if TYPE_CHECKING:  # the names for type checkers and IDEs
     from edgeopt.errors import Interrupted
     from edgeopt.quant.accuracy import AccuracyGoal
     from edgeopt.quant.config import CalibrationMethod, Fallback, Int8Config, PerBlock, PerChannel, PerTensor, Target
+    from edgeopt.quant.dynamic import DynamicInt8Config
     from edgeopt.quant.float16 import Bf16Config, Fp16Config
     from edgeopt.quant.formats import INT8, UINT8
     from edgeopt.quant.int4 import Int4WeightConfig, WeightFallback

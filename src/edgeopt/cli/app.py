@@ -281,7 +281,10 @@ def quantize(
                                                                "them, a folder of images, or module:function "
                                                                "(required for int8).")] = None,
     scheme: Annotated[Scheme, typer.Option("--scheme", help="int8 (activations by --target), uint8, fp16, bf16, "
-                                                            "int4-weight.")] = Scheme.int8,
+                                                            "int4-weight, int8-dynamic (MatMul/Gemm weights int8, "
+                                                            "activations quantized as the model runs: "
+                                                            "transformers in ONNX Runtime, no --data needed)."
+                                                   )] = Scheme.int8,
     target: Annotated[TargetChoice, typer.Option("--target", help="ort: u8 activations x s8 weights (ONNX Runtime "
                                                                   "on x86); mcu: TFLite int8 scheme.")]
     = TargetChoice.ort,
@@ -320,7 +323,8 @@ def quantize(
     embeddings: Annotated[Optional[EmbeddingsChoice], typer.Option(
         "--embeddings", help="int4-weight: what the embedding tables Gather nodes read are held in, as ONNX "
                              "Runtime's GatherBlockQuantized: int8 (default; about 0.01 dB of output SQNR where "
-                             "int4 costs 1.25 dB on a small GPT), int4, or float.")] = None,
+                             "int4 costs 1.25 dB on a small GPT), int4, or float. int8-dynamic: int8 per row "
+                             "(default) or float.")] = None,
     max_samples: Annotated[Optional[int], typer.Option(
         "--max-samples", min=1, help="Use at most N calibration batches (samples, for data of batch 1).")] = None,
     evaluate: Annotated[Optional[str], typer.Option("--eval", metavar="MODULE:FUNCTION",
@@ -342,7 +346,7 @@ def quantize(
                                               help="Time float vs quantized in ONNX Runtime afterwards.")] = True,
     json_output: JsonOption = False,
 ) -> None:
-    """Quantize a float model (int8 QDQ calibrated on --data, fp16, bf16 or int4 weight-only)."""
+    """Quantize a float model (int8 QDQ calibrated on --data, fp16, bf16, int4 weight-only or dynamic int8)."""
     from edgeopt.quant.accuracy import AccuracyGoal
 
     algorithms = Int8Algorithms(equalize=equalize, equalize_relu6=equalize_relu6, bias_correct=bias_correct,

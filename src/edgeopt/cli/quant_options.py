@@ -17,6 +17,7 @@ class Scheme(str, enum.Enum):
     fp16 = "fp16"
     bf16 = "bf16"
     int4_weight = "int4-weight"
+    int8_dynamic = "int8-dynamic"
 
 
 BLOCK_SIZE = 32  # --block-size's default
@@ -78,6 +79,12 @@ def quant_config(scheme: Scheme, target: TargetChoice, calibration: CalibrationC
             equalize=algorithms.equalize or algorithms.equalize_relu6, equalize_relu6=algorithms.equalize_relu6,
             bias_correct=algorithms.bias_correct, adaround=algorithms.adaround, gptq=algorithms.gptq,
             smoothquant_alpha=algorithms.smoothquant_alpha, fallback=algorithms.fallback.value)
+    if scheme is Scheme.int8_dynamic:
+        from edgeopt.quant.dynamic import DynamicInt8Config
+
+        return DynamicInt8Config(weight_granularity=quant.PerTensor() if per_tensor else quant.PerChannel(),
+                                 exclude=exclude, smoothquant_alpha=algorithms.smoothquant_alpha,
+                                 embeddings=algorithms.embeddings is not EmbeddingsChoice.float)
     if scheme is Scheme.fp16:
         return Fp16Config(exclude=exclude)
     if scheme is Scheme.bf16:
@@ -93,25 +100,33 @@ def _refuse_options_of_other_schemes(scheme: Scheme, target: TargetChoice, calib
                                      algorithms: Int8Algorithms) -> None:
     """An option the chosen scheme would silently ignore is an error: the user meant something by it."""
     int8 = scheme in (Scheme.int8, Scheme.uint8)
+    dynamic = scheme is Scheme.int8_dynamic
     fallback_of = {FallbackChoice.fp16: (Scheme.int8, Scheme.uint8), FallbackChoice.int8: (Scheme.int4_weight,)}
     if scheme not in fallback_of.get(algorithms.fallback, (scheme,)):
         schemes = " and ".join(s.value for s in fallback_of[algorithms.fallback])
         raise ConfigError(f"--fallback {algorithms.fallback.value} applies to --scheme {schemes} only, not "
                           f"{scheme.value}: drop it")
+    if dynamic and target is not TargetChoice.ort:
+        raise ConfigError("--scheme int8-dynamic quantizes activations as ONNX Runtime runs the model; a "
+                          "microcontroller needs them calibrated ahead of time: use --scheme int8 --target mcu "
+                          "with --data")
+    if dynamic and algorithms.embeddings is EmbeddingsChoice.int4:
+        raise ConfigError("--embeddings int4 applies to --scheme int4-weight; int8-dynamic holds embedding tables "
+                          "in int8 or float: give --embeddings int8 or float")
     given = {
         "--target": target is not TargetChoice.ort, "--calibration": calibration is not CalibrationChoice.percentile,
-        "--per-tensor": per_tensor, "--equalize": algorithms.equalize, "--equalize-relu6": algorithms.equalize_relu6,
-        "--no-bias-correct": not algorithms.bias_correct, "--adaround": algorithms.adaround,
-        "--smoothquant": algorithms.smoothquant_alpha is not None,
+        "--per-tensor": per_tensor and not dynamic, "--equalize": algorithms.equalize,
+        "--equalize-relu6": algorithms.equalize_relu6, "--no-bias-correct": not algorithms.bias_correct,
+        "--adaround": algorithms.adaround, "--smoothquant": algorithms.smoothquant_alpha is not None and not dynamic,
     } if not int8 else {}
     if scheme is not Scheme.int4_weight:
         given["--block-size"] = block_size is not None
-        given["--embeddings"] = algorithms.embeddings is not None
+        given["--embeddings"] = algorithms.embeddings is not None and not dynamic
         if not int8:
             given["--gptq"] = algorithms.gptq
     ignored = [option for option, set_ in given.items() if set_]
     if ignored:
-        applies = {"--block-size": "int4-weight", "--embeddings": "int4-weight",
-                   "--gptq": "int8, uint8 and int4-weight"}.get(ignored[0],
-                                                                                               "int8 and uint8")
+        applies = {"--block-size": "int4-weight", "--embeddings": "int4-weight and int8-dynamic",
+                   "--gptq": "int8, uint8 and int4-weight", "--per-tensor": "int8, uint8 and int8-dynamic",
+                   "--smoothquant": "int8, uint8 and int8-dynamic"}.get(ignored[0], "int8 and uint8")
         raise ConfigError(f"{ignored[0]} applies to --scheme {applies} only, not {scheme.value}: drop it")

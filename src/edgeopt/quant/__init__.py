@@ -30,7 +30,7 @@ from edgeopt.quant.qdq import insert_qdq
 from edgeopt.quant.registry import FloatNode, QuantResult, TensorQuantInfo, register_scheme
 
 # Schemes written in their own modules register themselves on import.
-for _scheme_module in ("float16", "int4"):
+for _scheme_module in ("float16", "int4", "dynamic"):
     try:
         importlib.import_module(f"edgeopt.quant.{_scheme_module}")
     except ModuleNotFoundError as _error:

@@ -43,7 +43,8 @@ from edgeopt.errors import DataError
 from edgeopt.metrics import (AgreementMeter, EqualityMeter, FidelityMeter, Float64Scratch, json_number,
                              looks_like_class_scores)
 from edgeopt.quant.compare_matching import (OutputCodes, TensorMatch, carried_value, compared_by_name,
-                                            computed_before_quantizing, computed_from, fused_chain, match_names,
+                                            computed_before_quantizing, computed_from, dynamic_product_input,
+                                            fused_chain, is_dynamic_model, match_names,
                                             match_pairs, match_tensors, may_hold_original, missing_qdq_note,
                                             output_codes, quantized_input_names, value_names)
 from edgeopt.quant.compare_runs import Runs, comparison_runs
@@ -401,6 +402,7 @@ def _with_losses(quant_model: ir.Model, rows: list[LayerComparison], by_name: bo
     if by_name:  # the model's inputs are the float model's: exact
         sqnr |= {value.name: math.inf for value in quant_model.graph.inputs}
     values = {v.name: v for node in quant_model.graph for v in node.outputs}
+    dynamic = by_name and is_dynamic_model(quant_model)
     with_losses = []
     for row in rows:
         if row.tensor in carried:
@@ -408,7 +410,15 @@ def _with_losses(quant_model: ir.Model, rows: list[LayerComparison], by_name: bo
                                        computed_sqnr_db=carried[row.tensor]))
             continue
         node = _computing_node(values.get(row.tensor)) if not by_name else values[row.quant_tensor].producer()
-        upstream = [sqnr[name] for name in _input_names(node, by_name) if name in sqnr] if node is not None else []
+        if dynamic:  # a dynamic int8 model computes in float32 but for its quantized products
+            quantized = dynamic_product_input(node)
+            if quantized is False:
+                with_losses.append(replace(row, lost_db=0.0))
+                continue
+            names = [computed_from(quantized).name] if quantized is not None else []
+        else:
+            names = _input_names(node, by_name) if node is not None else []
+        upstream = [sqnr[name] for name in names if name in sqnr]
         with_losses.append(replace(row, lost_db=_lost(upstream, row.sqnr_db)))
     return with_losses
 

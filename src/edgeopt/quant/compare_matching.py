@@ -44,6 +44,8 @@ __all__ = [
     "activation_pairs",
     "carried_value",
     "compared_by_name",
+    "dynamic_product_input",
+    "is_dynamic_model",
     "computed_before_quantizing",
     "computed_from",
     "dequantizes_constant",
@@ -246,11 +248,65 @@ def _kind(op_type: str) -> str:
     return _COMPUTES_AS.get(op_type, op_type)
 
 
+# A dynamic int8 model's product: DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (rescale) [-> Add
+# (bias)]; its embedding lookup: Gather (int8 rows) -> Cast -> Mul (row scales).
+_DYNAMIC_PRODUCTS = {"MatMulInteger": "MatMul", "Gather": "Gather"}
+
+
+def _dynamic_kind(node: ir.Node) -> str | None:
+    """What a dynamic int8 model's rescaling Mul (or the bias Add after it) computes, else None."""
+    if node.op_type == "Add":
+        return next((kind for value in node.inputs if value is not None and value.producer() is not None
+                     and value.producer().op_type == "Mul" and (kind := _dynamic_kind(value.producer()))), None)
+    if node.op_type != "Mul":
+        return None
+    for value in node.inputs:
+        cast = value.producer() if value is not None else None
+        if cast is not None and cast.op_type == "Cast" and cast.inputs[0] is not None:
+            source = cast.inputs[0].producer()
+            if source is not None and source.op_type in _DYNAMIC_PRODUCTS and source.outputs[0].dtype in (
+                    ir.DataType.INT32, ir.DataType.INT8):
+                return _DYNAMIC_PRODUCTS[source.op_type]
+    return None
+
+
+def dynamic_product_input(node: ir.Node | None) -> ir.Value | None | bool:
+    """For the last node of a dynamic int8 chain (its rescaling Mul or bias Add): what it quantized as it ran
+    (the MatMul's activation, a table lookup's indices); False for any other node."""
+    if node is None or _dynamic_kind(node) is None:
+        return False
+    if node.op_type == "Add":
+        node = next(v.producer() for v in node.inputs if v is not None and v.producer() is not None
+                    and v.producer().op_type == "Mul" and _dynamic_kind(v.producer()))
+    source = next(v.producer().inputs[0].producer() for v in node.inputs
+                  if v is not None and v.producer() is not None and v.producer().op_type == "Cast")
+    if source.op_type == "Gather":
+        return source.inputs[1]
+    quantize = source.inputs[0].producer() if source.inputs[0] is not None else None
+    return quantize.inputs[0] if quantize is not None and quantize.op_type == "DynamicQuantizeLinear" else None
+
+
+def is_dynamic_model(model: ir.Model) -> bool:
+    """Whether ``model`` quantizes activations as it runs (DynamicQuantizeLinear)."""
+    return any(node.op_type == "DynamicQuantizeLinear" for node in model.graph)
+
+
+def _written_as(value: ir.Value) -> str:
+    """What computes ``value``: its producer's kind, a dynamic int8 chain's as the product it replaces."""
+    producer = value.producer()
+    return _dynamic_kind(producer) or _kind(producer.op_type)
+
+
 def _readers(value: ir.Value) -> frozenset[str]:
-    """What the ops reading ``value`` compute, past the Casts a float16 conversion put before them."""
+    """What the ops reading ``value`` compute, past the Casts a float16 conversion put before them and the
+    DynamicQuantizeLinear of a dynamic int8 model's products."""
     ops = set()
     for use in value.uses():
-        ops |= _readers(use.node.outputs[0]) if use.node.op_type == "Cast" else {_kind(use.node.op_type)}
+        if use.node.op_type in ("Cast", "DynamicQuantizeLinear"):
+            ops |= _readers(use.node.outputs[0])
+        else:
+            ops.add(_DYNAMIC_PRODUCTS.get(use.node.op_type, _kind(use.node.op_type))
+                    if use.node.op_type == "MatMulInteger" else _kind(use.node.op_type))
     return frozenset(ops)
 
 
@@ -260,7 +316,7 @@ def _same_tensor(quantized: ir.Value, candidate: ir.Value | None) -> bool:
     optimized model's conv output of that name, which holds the normalized values)."""
     if candidate is None or candidate.producer() is None or candidate.dtype not in _FLOAT_TYPES:
         return False
-    return (_kind(candidate.producer().op_type) == _kind(quantized.producer().op_type)
+    return (_kind(candidate.producer().op_type) == _written_as(quantized)
             and _readers(candidate) == _readers(quantized))
 
 
@@ -293,9 +349,12 @@ def compared_by_name(model: ir.Model) -> bool:
     """Whether ``model``'s tensors are matched by name (:func:`match_names`): it has no activation Q/DQ pair
     and no integer operator (ONNX Runtime's QOperator format passes activations on as integers: only its
     float islands would be compared), and stores or computes something in less than float32 (a float16
-    value or weight, an int4/int8 weight, a MatMulNBits); a float32 model's tensors would all be exact."""
-    if activation_pairs(model) or _integer_operators(model):
+    value or weight, an int4/int8 weight, a MatMulNBits), or it is a dynamic int8 model (DynamicQuantizeLinear
+    and MatMulInteger only); a float32 model's tensors would all be exact."""
+    if activation_pairs(model) or set(_integer_operators(model)) - _DYNAMIC_OPERATORS:
         return False
+    if _integer_operators(model):  # a dynamic int8 model: its products are float tensors named as in float
+        return True
     if any(node.op_type in WEIGHT_ONLY_OPS for node in model.graph):
         return True
     values = [*model.graph.initializers.values(), *(v for node in model.graph for v in node.outputs)]
@@ -319,14 +378,18 @@ def match_names(float_model: ir.Model, quant_model: ir.Model,
             kept_as_given = True
         else:
             continue
-        matches.append(TensorMatch(float_name=value.name, quant_name=value.name, op_type=value.producer().op_type,
-                                   scale=math.nan, zero_point=None,
+        float_op = (original_values if kept_as_given else float_values)[value.name].producer().op_type
+        op_type = f"{float_op} (int8)" if _dynamic_kind(value.producer()) else value.producer().op_type
+        matches.append(TensorMatch(float_name=value.name, quant_name=value.name, op_type=op_type, scale=math.nan, zero_point=None,
                                    zero_point_dtype=(value.dtype or ir.DataType.FLOAT).name.lower(),
                                    original=kept_as_given))
     return matches
 
 
 _INTEGER_OPERATORS = ("ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeLinear")
+#: The integer operators of a dynamic int8 model (edgeopt's int8-dynamic, ONNX Runtime's quantize_dynamic), whose
+#: products are rescaled to float tensors under the float model's names: compared by name.
+_DYNAMIC_OPERATORS = frozenset({"MatMulInteger", "DynamicQuantizeLinear"})
 
 
 def _integer_operators(model: ir.Model) -> list[str]:

@@ -61,7 +61,7 @@ from edgeopt.quant.formats import INT4, INT8_BLOCK, UINT4, UINT8, Format
 from edgeopt.quant.int4_blocks import BlockQuantizedWeight
 from edgeopt.quant.int4_importance import GRAM_BUDGET_BYTES
 from edgeopt.quant.int4_lowering import (MS_DOMAIN, EncodedWeight, Lowering, WeightTarget, block_bytes,
-                                         dequantize_linear_constants, drop_unread, gather_block_quantized_constants,
+                                         dequantize_linear_constants, drop_unread, gather_block_quantized_constants, gemm_as_matmul,
                                          lower_dequantize_linear, lower_gather_block_quantized, lower_matmul_nbits,
                                          matmul_nbits_constants, read_constant, uncovered_weights_note)
 from edgeopt.quant.int4_rounding import Int4Memo, LayerStatistics, Rounded, layer_statistics, reader_inputs, rounded
@@ -263,27 +263,11 @@ def _rank(value: ir.Value | None) -> int | None:
 
 
 def _match_gemm(node: ir.Node, weight_value: ir.Value, weight: np.ndarray) -> WeightTarget | str:
-    attributes = node.attributes
-    if attributes.get_int("transA", 0):
-        return "transA=1: its input would need a Transpose"
-    alpha, beta = attributes.get_float("alpha", 1.0), attributes.get_float("beta", 1.0)
-    transposed = bool(attributes.get_int("transB", 0))
-    effective = (weight.T if transposed else weight) * np.float32(alpha)
-    target = dict(node=node, weight_value=weight_value, weight=np.ascontiguousarray(effective, np.float32),
-                  weight_axis=1 if transposed else 0, lowering=Lowering.MATMUL_NBITS)
-    c_value = node.inputs[2] if len(node.inputs) > 2 else None
-    if c_value is None:
-        return WeightTarget(**target)
-    c = eir.constant_array(c_value)
-    if c is None:
-        if beta != 1.0:
-            return f"non-constant C with beta={beta}: it would need a Mul"
-        return WeightTarget(**target, addend=c_value)
-    c = (np.asarray(c, dtype=np.float32) * np.float32(beta)).astype(np.float32)
-    n = effective.shape[1]
-    if c.ndim <= 1 or (c.ndim == 2 and c.shape[0] == 1):  # broadcasts along rows: a bias
-        return WeightTarget(**target, bias=np.broadcast_to(c.reshape(-1), (n,)).copy())
-    return WeightTarget(**target, addend=c)
+    gemm = gemm_as_matmul(node, weight)
+    if isinstance(gemm, str):
+        return gemm
+    return WeightTarget(node=node, weight_value=weight_value, weight=gemm.weight, weight_axis=gemm.k_axis,
+                        lowering=Lowering.MATMUL_NBITS, bias=gemm.bias, addend=gemm.addend)
 
 
 def _float_passes(model: ir.Model, config: Int4WeightConfig) -> list[str]:

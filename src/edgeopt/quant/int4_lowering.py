@@ -26,6 +26,7 @@ from edgeopt.quant.int4_blocks import BlockQuantizedWeight, encode_matmul_nbits,
 __all__ = [
     "MS_DOMAIN",
     "EncodedWeight",
+    "GemmAsMatMul",
     "Lowering",
     "ReadConstant",
     "WeightTarget",
@@ -33,6 +34,7 @@ __all__ = [
     "dequantize_linear_constants",
     "drop_unread",
     "gather_block_quantized_constants",
+    "gemm_as_matmul",
     "lower_dequantize_linear",
     "lower_gather_block_quantized",
     "lower_matmul_nbits",
@@ -107,6 +109,41 @@ def read_constant(value: ir.Value | None) -> ReadConstant | None:
     perm = producer.attributes.get_ints("perm", None) or tuple(reversed(range(source.array.ndim)))
     return ReadConstant(value=source.value, array=np.transpose(source.array, perm),
                         axes=tuple(source.axes[axis] for axis in perm))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GemmAsMatMul:
+    """A Gemm ``alpha * A @ op(B) + beta * C`` with a constant B as ``A @ weight`` plus a row ``bias`` or an
+    ``addend`` (a constant or a tensor, added after the product)."""
+
+    weight: np.ndarray  # [K, N], alpha folded in
+    k_axis: int  # the K axis of B as stored (1 when transB)
+    bias: np.ndarray | None = None  # [N]
+    addend: ir.Value | np.ndarray | None = None
+
+
+def gemm_as_matmul(node: ir.Node, weight: np.ndarray) -> GemmAsMatMul | str:
+    """The Gemm ``node`` (B = ``weight``) as a product by a ``[K, N]`` weight, or why it cannot be one."""
+    attributes = node.attributes
+    if attributes.get_int("transA", 0):
+        return "transA=1: its input would need a Transpose"
+    alpha, beta = attributes.get_float("alpha", 1.0), attributes.get_float("beta", 1.0)
+    transposed = bool(attributes.get_int("transB", 0))
+    effective = np.ascontiguousarray((weight.T if transposed else weight) * np.float32(alpha), np.float32)
+    k_axis = 1 if transposed else 0
+    c_value = node.inputs[2] if len(node.inputs) > 2 else None
+    if c_value is None:
+        return GemmAsMatMul(weight=effective, k_axis=k_axis)
+    c = eir.constant_array(c_value)
+    if c is None:
+        if beta != 1.0:
+            return f"non-constant C with beta={beta}: it would need a Mul"
+        return GemmAsMatMul(weight=effective, k_axis=k_axis, addend=c_value)
+    c = (np.asarray(c, dtype=np.float32) * np.float32(beta)).astype(np.float32)
+    if c.ndim <= 1 or (c.ndim == 2 and c.shape[0] == 1):  # broadcasts along rows: a bias
+        return GemmAsMatMul(weight=effective, k_axis=k_axis,
+                            bias=np.broadcast_to(c.reshape(-1), (effective.shape[1],)).copy())
+    return GemmAsMatMul(weight=effective, k_axis=k_axis, addend=c)
 
 
 def drop_unread(value: ir.Value | None) -> None:

@@ -28,7 +28,7 @@ The evidence is gathered in :mod:`edgeopt.quant.speed_evidence`.
 
 The precision of the quantized model is read from its graph
 (:func:`model_precision`): the integer-kernel reasons above apply to int8
-models; an fp16/bf16 model is told that ONNX Runtime's CPU provider computes
+models (a dynamic int8 model's: the CPU's, the model's size and the profile); an fp16/bf16 model is told that ONNX Runtime's CPU provider computes
 it in float32 (with the Cast nodes counted in the graph it runs), an int4
 weight-only model that its compute stays float.
 """
@@ -168,6 +168,8 @@ def slowdown_reasons(evidence: SpeedEvidence) -> tuple[str, ...]:
     if evidence.precision == "int8":
         checks = (_cpu_reason, _tiny_reason, _kernels_reason, _float_layers_reason, _islands_reason,
                   _signed_reason, _profile_reason)
+    elif evidence.precision == "int8-dynamic":  # integer MatMuls, everything between them float by design
+        checks = (_cpu_reason, _tiny_reason, _profile_reason)
     else:
         checks = (_half_precision_reason, _weight_only_reason, _tiny_reason, _profile_reason)
     return tuple(reason for check in checks if (reason := check(evidence)) is not None)

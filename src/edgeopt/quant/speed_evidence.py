@@ -61,19 +61,23 @@ _INTEGER_KERNELS = frozenset({"ConvInteger", "MatMulInteger", "MatMulIntegerToFl
 
 
 # model_precision() values and how a report names them
-PRECISION_LABELS = {"int8": "int8 (QDQ)", "int4": "int4 weights", "weight8": "8-bit weights", "float16": "fp16",
+PRECISION_LABELS = {"int8": "int8 (QDQ)", "int8-dynamic": "int8 (dynamic)", "int4": "int4 weights", "weight8": "8-bit weights", "float16": "fp16",
                     "bfloat16": "bf16", "float32": "float32"}
 #: the model_precision() values of weight-only block quantization
 WEIGHT_ONLY_PRECISIONS = ("int4", "weight8")
 _LOW_BIT_WEIGHTS = frozenset({ir.DataType.INT4, ir.DataType.UINT4})
+_DYNAMIC_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul"})
 
 
 def model_precision(model: ir.Model) -> str:
     """What a quantized model computes or stores in, read from its graph: "int8" (activations are
     quantized), "int4" (weight-only block quantization, some of it in 4 bits), "weight8" (all of it in
-    8 bits: int4's 8-bit fallback and embedding tables), "float16", "bfloat16", else "float32"."""
+    8 bits: int4's 8-bit fallback and embedding tables), "int8-dynamic" (activations quantized as the model
+    runs), "float16", "bfloat16", else "float32"."""
     if any(is_qdq_op(node, "QuantizeLinear") and not eir.is_constant(node.inputs[0]) for node in model.graph):
         return "int8"
+    if any(node.op_type in _DYNAMIC_OPS for node in model.graph):
+        return "int8-dynamic"
     bits = {bits for node in model.graph if (bits := _weight_only_bits(node)) is not None}
     if bits:
         return "int4" if 4 in bits else "weight8"

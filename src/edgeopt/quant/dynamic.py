@@ -1,0 +1,413 @@
+"""Dynamic int8: weights quantized ahead of time, each activation when it is computed.
+
+For ``y = x @ W`` with a constant ``W [K, N]`` (a MatMul, or a Gemm with ``transA = 0``: ``alpha`` and
+``transB`` folded into W, ``beta * C`` into a bias), W is stored in int8, symmetric, one scale per output
+column (``PerChannel``, the default) or one for the whole weight (``PerTensor``), in ``[-127, 127]``. At run
+time the input is quantized to uint8 over its own range, per tensor and per run::
+
+    x_q, x_scale, x_zp = DynamicQuantizeLinear(x)
+    y = Cast(MatMulInteger(x_q, W_q, x_zp, 0), float) * (x_scale * w_scale) [+ bias]
+
+which ONNX Runtime fuses into one ``DynamicQuantizeMatMul`` (u8 x s8 integer kernels, VNNI where the CPU
+has it). MatMuls reading the same input share one DynamicQuantizeLinear. No calibration data is needed: a
+range is measured on each input as it runs, so there is no clipping to choose and nothing to go stale when
+the inputs change (sequence lengths, prompts). That is what suits transformers, whose activations swing
+from one input to the next; convolutions are left float (integer convolution without fused requantization
+is slower than float in ONNX Runtime): quantize those statically (``Int8Config``, with data).
+
+Embedding tables (a Gather of the rows of a constant 2-D float table, when nothing else reads the table in
+float) are stored in int8 with one scale per row: ``Gather(E_q) -> Cast -> Mul(Gather(row scales))``.
+
+With ``smoothquant_alpha`` (and calibration data), SmoothQuant first moves the outlier channels of the
+MatMul/Gemm inputs into the weights (:mod:`edgeopt.quant.smoothquant`): a per-tensor run-time scale is set by
+its largest channel, so a few 50x channels leave the others a handful of levels.
+
+Everything else stays float and is listed with the reason: MatMuls of two activations (attention's scores),
+weights of rank > 2 or not float32, excluded nodes, and the MatMul/Gemm nodes of control-flow subgraphs.
+The float-exact passes of the weight-only schemes run first (constant folding, BatchNorm folding, dead-code
+elimination), so an exporter's ``Transpose(W)`` becomes a constant the rewrite can quantize.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+from edgeopt.errors import ConfigError, ModelError
+from edgeopt.metrics import count_of
+from edgeopt.quant.calibrate import calibrate
+from edgeopt.quant.config import CalibrationConfig, PerChannel, PerTensor, check_exclude_names
+from edgeopt.quant.float16 import UniqueNames, weight_only_float_passes
+from edgeopt.quant.formats import INT8_SYMMETRIC, UINT8
+from edgeopt.quant.int4_lowering import drop_unread, gemm_as_matmul, read_constant
+from edgeopt.quant.primitives import quantize_per_channel
+from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
+from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
+
+__all__ = ["DynamicInt8Config", "quantize_dynamic_int8"]
+
+logger = logging.getLogger(__name__)
+
+SCHEME = "int8-dynamic"
+_OPSET = 11  # DynamicQuantizeLinear
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DynamicInt8Config:
+    """Dynamic int8 quantization of MatMul/Gemm (and embedding tables); see the module docstring.
+
+    ``weight_granularity``: ``PerChannel()`` (one scale per output column) or ``PerTensor()``.
+    ``exclude``: node names or op types to leave float. ``embeddings``: store the tables Gather nodes read
+    in int8 (per row). ``smoothquant_alpha``: migrate activation outliers into the weights first (needs
+    calibration data; 0.5 is the paper's). ``float_passes``: fold constants and BatchNorm, drop dead nodes
+    first (False: quantize the graph as it is).
+    """
+
+    weight_granularity: PerChannel | PerTensor = PerChannel()
+    exclude: tuple[str, ...] = ()
+    embeddings: bool = True
+    smoothquant_alpha: float | None = None
+    float_passes: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weight_granularity, (PerChannel, PerTensor)) or (
+                isinstance(self.weight_granularity, PerChannel) and self.weight_granularity.axis is not None):
+            raise ConfigError("weight_granularity of int8-dynamic must be PerChannel() (one scale per output "
+                              f"column) or PerTensor(), got {self.weight_granularity!r}")
+        for key in ("embeddings", "float_passes"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        alpha = self.smoothquant_alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                  or not 0.0 <= alpha <= 1.0):
+            raise ConfigError(f"SmoothQuant alpha must be in [0, 1], got {alpha!r}")
+        object.__setattr__(self, "exclude", check_exclude_names(self.exclude))
+
+    @property
+    def per_channel(self) -> bool:
+        return isinstance(self.weight_granularity, PerChannel)
+
+
+# ---------------------------------------------------------------------------
+# which nodes
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Layer:
+    """A MatMul/Gemm to rewrite: its ``[K, N]`` weight as it multiplies, and what is added after."""
+
+    node: ir.Node
+    weight_value: ir.Value  # the constant as stored
+    weight: np.ndarray  # [K, N]
+    n_axis: int  # the N axis of the stored constant (for the report)
+    bias: np.ndarray | None = None
+    addend: ir.Value | np.ndarray | None = None
+
+
+def _float_input(node: ir.Node) -> str | None:
+    value = node.inputs[0] if node.inputs else None
+    if value is None:
+        return "it has no input"
+    if value.type is not None and value.type.dtype not in (ir.DataType.FLOAT, None):
+        return f"its input is {value.type.dtype.name}, not float32: DynamicQuantizeLinear reads float32"
+    if value.shape is not None and len(value.shape) < 2:
+        return "its input is a vector: MatMulInteger is written here for matrix inputs"
+    return None
+
+
+def _match(node: ir.Node, config: DynamicInt8Config, graph: ir.Graph) -> _Layer | str:
+    if node.name in config.exclude or node.op_type in config.exclude:
+        return "excluded by config"
+    if node.graph is not graph:
+        return ("inside a control-flow subgraph (If/Loop/Scan): dynamic int8 rewrites the main graph only; "
+                "int4-weight quantizes subgraph layers")
+    source = read_constant(node.inputs[1] if len(node.inputs) > 1 else None)
+    if source is None:
+        return ("both of its inputs are computed (attention's scores and context): dynamic int8 needs a "
+                "constant weight")
+    refusal = _float_input(node)
+    if refusal is not None:
+        return refusal
+    weight = source.array
+    if weight.dtype != np.float32:
+        return f"its weight is {weight.dtype}, not float32"
+    if node.op_type == "Gemm":
+        gemm = gemm_as_matmul(node, weight)
+        if isinstance(gemm, str):
+            return gemm
+        n_axis = source.axes[1 - gemm.k_axis]
+        layer = _Layer(node=node, weight_value=source.value, weight=gemm.weight, n_axis=n_axis, bias=gemm.bias,
+                       addend=gemm.addend)
+    elif weight.ndim != 2:
+        return (f"its weight is {weight.ndim}-D: ONNX Runtime fuses MatMulInteger into DynamicQuantizeMatMul for "
+                "2-D weights only")
+    else:
+        layer = _Layer(node=node, weight_value=source.value, weight=weight, n_axis=source.axes[1])
+    if not np.isfinite(layer.weight).all():
+        return "its weight holds inf or NaN, which no int8 scale can represent"
+    return layer
+
+
+def _table(node: ir.Node) -> np.ndarray | None:
+    """A Gather's constant float32 2-D table read along axis 0 (an embedding), or None."""
+    table = eir.constant_array(node.inputs[0]) if node.inputs and node.inputs[0] is not None else None
+    if table is None or table.dtype != np.float32 or table.ndim != 2:
+        return None
+    return table if node.attributes.get_int("axis", 0) in (0, -2) else None
+
+
+def _table_refusal(node: ir.Node, table: np.ndarray, config: DynamicInt8Config, graph: ir.Graph) -> str | None:
+    if not config.embeddings:
+        return "an embedding table, kept float by config (--embeddings float)"
+    if node.name in config.exclude or node.op_type in config.exclude:
+        return "excluded by config"
+    if node.graph is not graph:
+        return "inside a control-flow subgraph (If/Loop/Scan): dynamic int8 rewrites the main graph only"
+    if not np.isfinite(table).all():
+        return "its table holds inf or NaN, which no int8 scale can represent"
+    value = node.inputs[0]
+    if value.is_graph_output():
+        return f"its table is the graph output {value.name!r} too: an int8 copy beside it would add bytes"
+    other = next((use.node for use in value.uses() if not _is_table_read(use.node)), None)
+    if other is not None:
+        return (f"its table stays in the model in float32 for {other.name or other.op_type} ({other.op_type}): "
+                "an int8 copy beside it would add bytes, not save them")
+    return None
+
+
+def _is_table_read(node: ir.Node) -> bool:
+    return eir.is_op(node, "Gather") and _table(node) is not None
+
+
+# ---------------------------------------------------------------------------
+# the rewrite
+# ---------------------------------------------------------------------------
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    tensor = ir.Tensor(np.ascontiguousarray(array), name=name)
+    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
+    graph.register_initializer(value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Weight:
+    """A weight's int8 constants (shared by every node reading the same weight)."""
+
+    q: ir.Value
+    scale: ir.Value
+    zero_point: ir.Value | None  # None: a table's (its rows are rescaled, not multiplied)
+    nbytes: int
+    info: tuple[np.ndarray, np.ndarray]  # scale, float range
+
+
+class _Rewriter:
+    def __init__(self, graph: ir.Graph, config: DynamicInt8Config) -> None:
+        self.graph, self.config, self.names = graph, config, UniqueNames(graph)
+        self.quantized_inputs: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
+        self.weights: dict[tuple, _Weight] = {}
+        self.float_bytes: dict[ir.Value, int] = {}  # each float weight read, once
+        self.tensors: list[TensorQuantInfo] = []
+        self.counts: Counter = Counter()
+
+    def weight(self, layer: _Layer) -> _Weight:
+        """The int8 constants of ``layer``'s weight, made once per distinct weight."""
+        key = (layer.weight.shape, hashlib.sha256(layer.weight.tobytes()).hexdigest())
+        found = self.weights.get(key)
+        if found is None:
+            axis = 1 if self.config.per_channel else None
+            q, scale, _ = quantize_per_channel(layer.weight, axis, INT8_SYMMETRIC)
+            base = layer.weight_value.name or "weight"
+            zero_point = np.zeros(scale.shape, np.int8)
+            values = (_initializer(self.graph, self.names(f"{base}_quantized"), q),
+                      _initializer(self.graph, self.names(f"{base}_scale"), scale.astype(np.float32)),
+                      _initializer(self.graph, self.names(f"{base}_zero_point"), zero_point))
+            nbytes = sum(value.const_value.nbytes for value in values)
+            found = self.weights[key] = _Weight(*values, nbytes=nbytes, info=(scale, layer.weight))
+        self.float_bytes[layer.weight_value] = layer.weight_value.const_value.nbytes
+        return found
+
+    def quantized_input(self, value: ir.Value, graph: ir.Graph) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """``DynamicQuantizeLinear(value)``'s outputs, one node per input however many layers read it."""
+        found = self.quantized_inputs.get(value)
+        if found is None:
+            base = value.name or "input"
+            node = ir.Node("", "DynamicQuantizeLinear", [value], num_outputs=3,
+                           name=self.names(f"{base}_DynamicQuantizeLinear"))
+            for output, suffix in zip(node.outputs, ("quantized", "scale", "zero_point")):
+                output.name = self.names(f"{base}_{suffix}")
+            _insert_after_producer(graph, value, node)
+            found = self.quantized_inputs[value] = tuple(node.outputs)
+            self.counts["DynamicQuantizeLinear"] += 1
+        return found
+
+    def rewrite(self, layer: _Layer) -> None:
+        node, graph = layer.node, layer.node.graph
+        weight = self.weight(layer)
+        x_q, x_scale, x_zero_point = self.quantized_input(node.inputs[0], graph)
+        label = node.name or node.op_type
+        product = ir.Node("", "MatMulInteger", [x_q, weight.q, x_zero_point, weight.zero_point], num_outputs=1,
+                          name=self.names(f"{label}_MatMulInteger"))
+        cast = ir.Node("", "Cast", [product.outputs[0]], [ir.AttrInt64("to", ir.DataType.FLOAT)], num_outputs=1,
+                       name=self.names(f"{label}_Cast"))
+        scales = ir.Node("", "Mul", [x_scale, weight.scale], num_outputs=1, name=self.names(f"{label}_scales"))
+        scaled = ir.Node("", "Mul", [cast.outputs[0], scales.outputs[0]], num_outputs=1,
+                         name=self.names(f"{label}_rescale"))
+        new_nodes = [product, cast, scales, scaled]
+        for new, suffix in ((product, "int32"), (cast, "int32_float"), (scales, "scales")):
+            new.outputs[0].name = self.names(f"{node.outputs[0].name}_{suffix}")
+        addend = layer.bias if layer.bias is not None else layer.addend
+        if isinstance(addend, np.ndarray):
+            addend = _initializer(self.graph, self.names(f"{label}_bias"), addend)
+        if addend is not None:
+            scaled.outputs[0].name = self.names(f"{node.outputs[0].name}_product")
+            new_nodes.append(ir.Node("", "Add", [scaled.outputs[0], addend], num_outputs=1,
+                                     name=self.names(f"{label}_bias_add")))
+        read = [v for v in node.inputs[1:] if v is not None]
+        ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]],
+                                                [new_nodes[-1].outputs[0]])
+        for value in read:
+            drop_unread(value)
+        self.counts[node.op_type] += 1
+        scale, values = weight.info
+        self.tensors.append(TensorQuantInfo(
+            name=layer.weight_value.name, kind="weight", op_type=node.op_type, format=INT8_SYMMETRIC.name,
+            range=(float(values.min()), float(values.max())), scale=tuple(np.ravel(scale).tolist()),
+            zero_point=(0,) * np.size(scale), method="minmax", axis=layer.n_axis if self.config.per_channel else None))
+
+    def rewrite_table(self, node: ir.Node, table: np.ndarray) -> None:
+        """``Gather(E, ids)`` as ``Cast(Gather(E_q, ids)) * Gather(row scales, ids)``, E_q int8 per row."""
+        table_value = node.inputs[0]
+        key = ("table", table.shape, hashlib.sha256(table.tobytes()).hexdigest())
+        found = self.weights.get(key)
+        if found is None:
+            q, scale, _ = quantize_per_channel(table, 0, INT8_SYMMETRIC)
+            base = table_value.name or "table"
+            values = (_initializer(self.graph, self.names(f"{base}_quantized"), q),
+                      _initializer(self.graph, self.names(f"{base}_row_scale"), scale.reshape(-1, 1)))
+            found = self.weights[key] = _Weight(*values, None, nbytes=q.nbytes + scale.nbytes,
+                                                info=(scale, table))
+        self.float_bytes[table_value] = table_value.const_value.nbytes
+        label, output = node.name or "Gather", node.outputs[0].name
+        axis = [ir.AttrInt64("axis", 0)]
+        rows = ir.Node("", "Gather", [found.q, node.inputs[1]], axis, num_outputs=1, name=self.names(f"{label}_int8"))
+        cast = ir.Node("", "Cast", [rows.outputs[0]], [ir.AttrInt64("to", ir.DataType.FLOAT)], num_outputs=1,
+                       name=self.names(f"{label}_Cast"))
+        scales = ir.Node("", "Gather", [found.scale, node.inputs[1]], axis, num_outputs=1,
+                         name=self.names(f"{label}_scales"))
+        scaled = ir.Node("", "Mul", [cast.outputs[0], scales.outputs[0]], num_outputs=1,
+                         name=self.names(f"{label}_rescale"))
+        for new, suffix in ((rows, "int8"), (cast, "int8_float"), (scales, "row_scales")):
+            new.outputs[0].name = self.names(f"{output}_{suffix}")
+        ir.convenience.replace_nodes_and_values(node.graph, node, [node], [rows, cast, scales, scaled],
+                                                [node.outputs[0]], [scaled.outputs[0]])
+        drop_unread(table_value)
+        self.counts["table"] += 1
+        scale, values = found.info
+        self.tensors.append(TensorQuantInfo(
+            name=table_value.name, kind="weight", op_type="Gather", format=INT8_SYMMETRIC.name,
+            range=(float(values.min()), float(values.max())), scale=tuple(np.ravel(scale).tolist()),
+            zero_point=(0,) * np.size(scale), method="minmax", axis=0))
+
+
+def _insert_after_producer(graph: ir.Graph, value: ir.Value, node: ir.Node) -> None:
+    """Put ``node`` (reading ``value``) right after the node that computes ``value``, or first."""
+    producer = value.producer()
+    if producer is not None and producer.graph is graph:
+        graph.insert_after(producer, node)
+    elif len(graph):
+        graph.insert_before(next(iter(graph)), node)
+    else:
+        graph.append(node)
+
+
+# ---------------------------------------------------------------------------
+# the scheme
+# ---------------------------------------------------------------------------
+
+
+def _smoothed(model: ir.Model, config: DynamicInt8Config, data: Iterable[Batch] | None,
+              progress: ProgressCallback | None) -> list[str]:
+    if config.smoothquant_alpha is None:
+        return []
+    if data is None:
+        raise ConfigError("SmoothQuant (--smoothquant) measures each channel's range on calibration data: give "
+                          "--data (a folder of .npy, images, or module:function), or drop --smoothquant")
+    hook = ChannelAbsMaxHook(smoothing_inputs(model))
+    if not hook.tensors:
+        return ["SmoothQuant: no MatMul/Gemm with a constant weight reads an activation: nothing to smooth"]
+    calibrate(model, data, list(hook.tensors), CalibrationConfig(), hooks=[hook], progress=progress)
+    report = smooth(model, hook.result(), alpha=config.smoothquant_alpha)
+    notes = [f"SmoothQuant (alpha {config.smoothquant_alpha:g}): "
+             f"{count_of(len(report.smoothed), 'input', 'inputs')} smoothed, {len(report.skipped)} skipped"]
+    return notes + [f"not smoothed: {reason}" for _, reason in report.skipped[:5]]
+
+
+def _kept_note(float_nodes: Iterable[FloatNode]) -> list[str]:
+    groups = Counter((node.op_type, node.reason) for node in float_nodes)
+    return ["left float: " + "; ".join(f"{op} x{count} ({reason})" for (op, reason), count in sorted(groups.items()))
+            ] if groups else []
+
+
+@register_scheme(DynamicInt8Config)
+def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iterable[Batch] | None = None, *,
+                          progress: ProgressCallback | None = None) -> QuantResult:
+    """Dynamic int8 of MatMul/Gemm weights and embedding tables; see the module docstring. ``data`` is
+    needed only for SmoothQuant (``config.smoothquant_alpha``)."""
+    opset = eir.default_opset(model)
+    if opset < _OPSET:
+        raise ModelError(f"the model has opset {opset}; {SCHEME} writes DynamicQuantizeLinear, which needs opset "
+                         f"{_OPSET}: export the model at opset {_OPSET} or later")
+    notes = weight_only_float_passes(model, config.exclude, run=config.float_passes, subgraphs=True)
+    notes += _smoothed(model, config, data, progress)
+    graph = model.graph
+    layers, float_nodes = [], []
+    for node in list(graph.all_nodes()):
+        if eir.is_op(node, "MatMul", "Gemm"):
+            found = _match(node, config, graph)
+            if isinstance(found, str):
+                float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, found))
+            else:
+                layers.append(found)
+    rewriter = _Rewriter(graph, config)
+    for layer in layers:
+        rewriter.rewrite(layer)
+    tables = [node for node in list(graph.all_nodes()) if _is_table_read(node)]
+    for node in tables:  # after the layers: a tied head quantized above no longer reads its table in float
+        refusal = _table_refusal(node, _table(node), config, graph)
+        if refusal is None:
+            rewriter.rewrite_table(node, _table(node))
+        else:
+            float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, refusal))
+    if not layers:
+        reasons = "; ".join(f"{f.node_name}: {f.reason}" for f in float_nodes[:3]) or "the model has none"
+        raise ModelError(f"no MatMul/Gemm with a constant weight to quantize ({reasons}): {SCHEME} quantizes the "
+                         "weights of MatMul/Gemm layers; for convolutions use --scheme int8 with --data")
+    counts = rewriter.counts
+    bytes_before = sum(rewriter.float_bytes.values())
+    bytes_after = sum(weight.nbytes for weight in rewriter.weights.values())
+    granularity = "per output column" if config.per_channel else "per tensor"
+    notes = [
+        f"dynamic int8: {counts['MatMul']} MatMul and {counts['Gemm']} Gemm -> DynamicQuantizeLinear + "
+        f"MatMulInteger (ONNX Runtime fuses them into DynamicQuantizeMatMul), "
+        f"{count_of(counts['DynamicQuantizeLinear'], 'input', 'inputs')} quantized at run time"
+        + (f", {count_of(counts['table'], 'embedding table', 'embedding tables')} in int8 per row"
+           if counts["table"] else "") + f"; weights {bytes_before} -> {bytes_after} bytes with scales",
+        f"weights int8 symmetric {granularity}; activations {UINT8.name} asymmetric per tensor, each range "
+        "measured as the model runs (no calibration)",
+        *notes, *_kept_note(float_nodes)]
+    logger.info("%s: %s", SCHEME, notes[0])
+    details = {"matmul": counts["MatMul"], "gemm": counts["Gemm"], "tables": counts["table"],
+               "dynamic_inputs": counts["DynamicQuantizeLinear"], "weight_bytes_before": bytes_before,
+               "weight_bytes_after": bytes_after}
+    return QuantResult(model=model, scheme=SCHEME, tensors=tuple(rewriter.tensors), float_nodes=tuple(float_nodes),
+                       notes=tuple(notes), config=config, details=details)
