@@ -203,7 +203,7 @@ def test_the_command_line_chooses_what_embedding_tables_are_held_in(cli, tmp_pat
     save_model(tied_lm_model(tmp_path), path)
     out = tmp_path / "out.onnx"
     assert_one_line_error(cli("quantize", path, "-o", out, "--scheme", "fp16", "--embeddings", "int4"),
-                          "--embeddings applies to --scheme int4-weight only, not fp16")
+                          "--embeddings applies to --scheme int4-weight and int8-dynamic only, not fp16")
     assert not out.exists()
     for choice, bits in (("int4", 4), ("int8", 8)):
         outcome = cli("quantize", path, "-o", out, "--scheme", "int4-weight", "--embeddings", choice,

@@ -423,6 +423,8 @@ def _check_goal(config: object, data, goal: AccuracyGoal | None, evaluate) -> No
     if data is None and isinstance(config, Int8Config):
         raise ConfigError("int8 quantization needs calibration data: give --data (a folder of .npy, images, "
                           "or module:function)")
+    if goal is not None and not isinstance(config, (Int8Config, Int4WeightConfig)):
+        raise ConfigError("--max-drop/--min-sqnr apply to int8 and int4-weight quantization only")
     if data is None and goal is not None:
         raise ConfigError("the accuracy search (--max-drop/--min-sqnr) measures each round on --data: give --data "
                           "(a folder of .npy, images, or module:function)")
@@ -431,8 +433,6 @@ def _check_goal(config: object, data, goal: AccuracyGoal | None, evaluate) -> No
             raise ConfigError("--eval goes with --max-drop (the score drop you accept); --min-sqnr is the goal "
                               "without --eval: give one of the two")
         raise ConfigError("--eval is used with --max-drop: give the largest score drop you accept")
-    if goal is not None and not isinstance(config, (Int8Config, Int4WeightConfig)):
-        raise ConfigError("--max-drop/--min-sqnr apply to int8 and int4-weight quantization only")
 
 
 def _result_warnings(config: object, result: QuantResult, search: AccuracySearch | None,

@@ -42,9 +42,9 @@ from edgeopt.data import batch_rows, open_data, take, with_origin
 from edgeopt.errors import DataError
 from edgeopt.metrics import (AgreementMeter, EqualityMeter, FidelityMeter, Float64Scratch, json_number,
                              looks_like_class_scores)
+from edgeopt.quant.compare_dynamic import dynamic_product_input, is_dynamic_model
 from edgeopt.quant.compare_matching import (OutputCodes, TensorMatch, carried_value, compared_by_name,
-                                            computed_before_quantizing, computed_from, dynamic_product_input,
-                                            fused_chain, is_dynamic_model, match_names,
+                                            computed_before_quantizing, computed_from, fused_chain, match_names,
                                             match_pairs, match_tensors, may_hold_original, missing_qdq_note,
                                             output_codes, quantized_input_names, value_names)
 from edgeopt.quant.compare_runs import Runs, comparison_runs
@@ -414,6 +414,9 @@ def _with_losses(quant_model: ir.Model, rows: list[LayerComparison], by_name: bo
             quantized = dynamic_product_input(node)
             if quantized is False:
                 with_losses.append(replace(row, lost_db=0.0))
+                continue
+            if quantized is not None and quantized.dtype not in (ir.DataType.FLOAT, None):  # a lookup's indices
+                with_losses.append(replace(row, lost_db=_lost([math.inf], row.sqnr_db)))
                 continue
             names = [computed_from(quantized).name] if quantized is not None else []
         else:

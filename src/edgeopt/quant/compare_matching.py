@@ -35,6 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
+from edgeopt.quant.compare_dynamic import DYNAMIC_PRODUCTS, dynamic_kind
 from edgeopt.quant.ops import WEIGHT_ONLY_OPS, is_float16_cast, is_qdq_op
 from edgeopt.quant.placement import DATA_MOVEMENT_OPS
 
@@ -44,8 +45,6 @@ __all__ = [
     "activation_pairs",
     "carried_value",
     "compared_by_name",
-    "dynamic_product_input",
-    "is_dynamic_model",
     "computed_before_quantizing",
     "computed_from",
     "dequantizes_constant",
@@ -248,53 +247,10 @@ def _kind(op_type: str) -> str:
     return _COMPUTES_AS.get(op_type, op_type)
 
 
-# A dynamic int8 model's product: DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (rescale) [-> Add
-# (bias)]; its embedding lookup: Gather (int8 rows) -> Cast -> Mul (row scales).
-_DYNAMIC_PRODUCTS = {"MatMulInteger": "MatMul", "Gather": "Gather"}
-
-
-def _dynamic_kind(node: ir.Node) -> str | None:
-    """What a dynamic int8 model's rescaling Mul (or the bias Add after it) computes, else None."""
-    if node.op_type == "Add":
-        return next((kind for value in node.inputs if value is not None and value.producer() is not None
-                     and value.producer().op_type == "Mul" and (kind := _dynamic_kind(value.producer()))), None)
-    if node.op_type != "Mul":
-        return None
-    for value in node.inputs:
-        cast = value.producer() if value is not None else None
-        if cast is not None and cast.op_type == "Cast" and cast.inputs[0] is not None:
-            source = cast.inputs[0].producer()
-            if source is not None and source.op_type in _DYNAMIC_PRODUCTS and source.outputs[0].dtype in (
-                    ir.DataType.INT32, ir.DataType.INT8):
-                return _DYNAMIC_PRODUCTS[source.op_type]
-    return None
-
-
-def dynamic_product_input(node: ir.Node | None) -> ir.Value | None | bool:
-    """For the last node of a dynamic int8 chain (its rescaling Mul or bias Add): what it quantized as it ran
-    (the MatMul's activation, a table lookup's indices); False for any other node."""
-    if node is None or _dynamic_kind(node) is None:
-        return False
-    if node.op_type == "Add":
-        node = next(v.producer() for v in node.inputs if v is not None and v.producer() is not None
-                    and v.producer().op_type == "Mul" and _dynamic_kind(v.producer()))
-    source = next(v.producer().inputs[0].producer() for v in node.inputs
-                  if v is not None and v.producer() is not None and v.producer().op_type == "Cast")
-    if source.op_type == "Gather":
-        return source.inputs[1]
-    quantize = source.inputs[0].producer() if source.inputs[0] is not None else None
-    return quantize.inputs[0] if quantize is not None and quantize.op_type == "DynamicQuantizeLinear" else None
-
-
-def is_dynamic_model(model: ir.Model) -> bool:
-    """Whether ``model`` quantizes activations as it runs (DynamicQuantizeLinear)."""
-    return any(node.op_type == "DynamicQuantizeLinear" for node in model.graph)
-
-
 def _written_as(value: ir.Value) -> str:
     """What computes ``value``: its producer's kind, a dynamic int8 chain's as the product it replaces."""
     producer = value.producer()
-    return _dynamic_kind(producer) or _kind(producer.op_type)
+    return dynamic_kind(producer) or _kind(producer.op_type)
 
 
 def _readers(value: ir.Value) -> frozenset[str]:
@@ -305,7 +261,7 @@ def _readers(value: ir.Value) -> frozenset[str]:
         if use.node.op_type in ("Cast", "DynamicQuantizeLinear"):
             ops |= _readers(use.node.outputs[0])
         else:
-            ops.add(_DYNAMIC_PRODUCTS.get(use.node.op_type, _kind(use.node.op_type))
+            ops.add(DYNAMIC_PRODUCTS.get(use.node.op_type, _kind(use.node.op_type))
                     if use.node.op_type == "MatMulInteger" else _kind(use.node.op_type))
     return frozenset(ops)
 
@@ -332,9 +288,12 @@ def _named_tensors(quant_model: ir.Model) -> list[ir.Value]:
 
 
 def computed_from(value: ir.Value | None) -> ir.Value | None:
-    """The tensor ``value`` carries, past data movement and Casts (a float16 model's)."""
+    """The tensor ``value`` carries, past data movement and Casts (a float16 model's). A data move's data is
+    its first input (a Reshape's computed shape, a Slice's bounds are not); a Concat's, all of them."""
     while value is not None and value.producer() is not None and value.producer().op_type in DATA_MOVES:
-        fed = [v for v in value.producer().inputs if v is not None and not eir.is_constant(v)]
+        producer = value.producer()
+        data = producer.inputs if producer.op_type == "Concat" else producer.inputs[:1]
+        fed = [v for v in data if v is not None and not eir.is_constant(v)]
         if len(fed) != 1:
             break
         value = fed[0]
@@ -379,8 +338,9 @@ def match_names(float_model: ir.Model, quant_model: ir.Model,
         else:
             continue
         float_op = (original_values if kept_as_given else float_values)[value.name].producer().op_type
-        op_type = f"{float_op} (int8)" if _dynamic_kind(value.producer()) else value.producer().op_type
-        matches.append(TensorMatch(float_name=value.name, quant_name=value.name, op_type=op_type, scale=math.nan, zero_point=None,
+        op_type = f"{float_op} (int8)" if dynamic_kind(value.producer()) else value.producer().op_type
+        matches.append(TensorMatch(float_name=value.name, quant_name=value.name, op_type=op_type, scale=math.nan,
+                                   zero_point=None,
                                    zero_point_dtype=(value.dtype or ir.DataType.FLOAT).name.lower(),
                                    original=kept_as_given))
     return matches

@@ -46,7 +46,7 @@ from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.config import CalibrationConfig, PerChannel, PerTensor, check_exclude_names
 from edgeopt.quant.float16 import UniqueNames, weight_only_float_passes
 from edgeopt.quant.formats import INT8_SYMMETRIC, UINT8
-from edgeopt.quant.int4_lowering import drop_unread, gemm_as_matmul, read_constant
+from edgeopt.quant.int4_lowering import drop_unread, gemm_as_matmul, read_constant, uncovered_weights_note
 from edgeopt.quant.primitives import quantize_per_channel
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
@@ -352,6 +352,17 @@ def _smoothed(model: ir.Model, config: DynamicInt8Config, data: Iterable[Batch] 
     return notes + [f"not smoothed: {reason}" for _, reason in report.skipped[:5]]
 
 
+def _warn_mostly_float(graph: ir.Graph, quantized_bytes: int) -> None:
+    """A warning (in the report) when more float32 weight bytes stay than were quantized: a convolutional
+    model, whose Conv weights dynamic int8 leaves alone."""
+    kept = sum(value.const_value.nbytes for value in graph.initializers.values()
+               if value.const_value is not None and value.dtype == ir.DataType.FLOAT and len(value.shape or ()) >= 2)
+    if kept > quantized_bytes:
+        logger.warning("most of the weights stay float32 (%s of %s bytes, listed in the notes): %s quantizes "
+                       "MatMul/Gemm layers; --scheme int8 with --data quantizes convolutions too", f"{kept:,}",
+                       f"{kept + quantized_bytes:,}", SCHEME)
+
+
 def _kept_note(float_nodes: Iterable[FloatNode]) -> list[str]:
     groups = Counter((node.op_type, node.reason) for node in float_nodes)
     return ["left float: " + "; ".join(f"{op} x{count} ({reason})" for (op, reason), count in sorted(groups.items()))
@@ -404,8 +415,9 @@ def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iter
            if counts["table"] else "") + f"; weights {bytes_before} -> {bytes_after} bytes with scales",
         f"weights int8 symmetric {granularity}; activations {UINT8.name} asymmetric per tensor, each range "
         "measured as the model runs (no calibration)",
-        *notes, *_kept_note(float_nodes)]
+        *notes, *_kept_note(float_nodes), *uncovered_weights_note(graph, SCHEME)]
     logger.info("%s: %s", SCHEME, notes[0])
+    _warn_mostly_float(graph, bytes_before)
     details = {"matmul": counts["MatMul"], "gemm": counts["Gemm"], "tables": counts["table"],
                "dynamic_inputs": counts["DynamicQuantizeLinear"], "weight_bytes_before": bytes_before,
                "weight_bytes_after": bytes_after}

@@ -61,7 +61,8 @@ from edgeopt.quant.formats import INT4, INT8_BLOCK, UINT4, UINT8, Format
 from edgeopt.quant.int4_blocks import BlockQuantizedWeight
 from edgeopt.quant.int4_importance import GRAM_BUDGET_BYTES
 from edgeopt.quant.int4_lowering import (MS_DOMAIN, EncodedWeight, Lowering, WeightTarget, block_bytes,
-                                         dequantize_linear_constants, drop_unread, gather_block_quantized_constants, gemm_as_matmul,
+                                         dequantize_linear_constants, drop_unread, gather_block_quantized_constants,
+                                         gemm_as_matmul,
                                          lower_dequantize_linear, lower_gather_block_quantized, lower_matmul_nbits,
                                          matmul_nbits_constants, read_constant, uncovered_weights_note)
 from edgeopt.quant.int4_rounding import Int4Memo, LayerStatistics, Rounded, layer_statistics, reader_inputs, rounded

@@ -293,10 +293,11 @@ _INT4_READERS = frozenset({"MatMul", "Gemm", "Gather"})
 _INT4_WRITTEN = frozenset({"MatMulNBits", "GatherBlockQuantized"})
 
 
-def uncovered_weights_note(graph: ir.Graph) -> list[str]:
-    """The float weights (constants of rank >= 2) that nodes int4 never rewrites read (Conv, GRU, LSTM...;
-    the fused Attention and EmbedLayerNormalization of ONNX Runtime's transformer optimizer): the size line
-    counts their bytes, and without this note nothing said why the file stayed that large."""
+def uncovered_weights_note(graph: ir.Graph, scheme: str = "int4-weight") -> list[str]:
+    """The float weights (constants of rank >= 2) that nodes int4 (or int8-dynamic, ``scheme``) never rewrites
+    read (Conv, GRU, LSTM...; the fused Attention and EmbedLayerNormalization of ONNX Runtime's transformer
+    optimizer): the size line counts their bytes, and without this note nothing said why the file stayed that
+    large."""
     readers: dict[str, int] = {}
     nbytes, fused, seen = 0, set(), set()
     for node in graph:
@@ -317,7 +318,7 @@ def uncovered_weights_note(graph: ir.Graph) -> list[str]:
     if fused:  # fp16 and int8 keep these contrib ops float32 too
         smaller = (f"ONNX Runtime's fused {', '.join(sorted(fused))} (com.microsoft) "
                    f"{'reads' if len(fused) == 1 else 'read'} them as float32 inputs, "
-                   "with no int4 form: optimize the model with those fusions off (its FusionOptions) for MatMul "
-                   "and Gather nodes int4 rewrites")
-    return [f"int4-weight rewrites MatMul/Gemm weights only: those of {ops} stay float32 ({nbytes:,} bytes); "
+                   f"with no {scheme.removesuffix('-weight')} form: optimize the model with those fusions off (its "
+                   f"FusionOptions) for MatMul and Gather nodes {scheme.removesuffix('-weight')} rewrites")
+    return [f"{scheme} rewrites MatMul/Gemm weights only: those of {ops} stay float32 ({nbytes:,} bytes); "
             + smaller]

@@ -28,7 +28,8 @@ The evidence is gathered in :mod:`edgeopt.quant.speed_evidence`.
 
 The precision of the quantized model is read from its graph
 (:func:`model_precision`): the integer-kernel reasons above apply to int8
-models (a dynamic int8 model's: the CPU's, the model's size and the profile); an fp16/bf16 model is told that ONNX Runtime's CPU provider computes
+models (a dynamic int8 model's: the CPU's, the model's size and the profile); an fp16/bf16 model is told
+that ONNX Runtime's CPU provider computes
 it in float32 (with the Cast nodes counted in the graph it runs), an int4
 weight-only model that its compute stays float.
 """

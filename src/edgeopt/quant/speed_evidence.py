@@ -61,7 +61,8 @@ _INTEGER_KERNELS = frozenset({"ConvInteger", "MatMulInteger", "MatMulIntegerToFl
 
 
 # model_precision() values and how a report names them
-PRECISION_LABELS = {"int8": "int8 (QDQ)", "int8-dynamic": "int8 (dynamic)", "int4": "int4 weights", "weight8": "8-bit weights", "float16": "fp16",
+PRECISION_LABELS = {"int8": "int8 (QDQ)", "int8-dynamic": "int8 (dynamic)", "int4": "int4 weights",
+                    "weight8": "8-bit weights", "float16": "fp16",
                     "bfloat16": "bf16", "float32": "float32"}
 #: the model_precision() values of weight-only block quantization
 WEIGHT_ONLY_PRECISIONS = ("int4", "weight8")
