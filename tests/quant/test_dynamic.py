@@ -20,7 +20,7 @@ from edgeopt.quant.compare import compare_models
 from edgeopt.quant.speed_evidence import model_precision
 from edgeopt.runtime.ort import OrtSession, optimized_model
 from tests.hf_models import build_hf, hf_samples
-from tests.quant.test_int4 import gaussian_feed, mlp, op_types, save, sqnr_db
+from tests.quant.test_int4 import gaussian_feed, merged_decoder_model, mlp, op_types, save, sqnr_db
 
 MATCHES_REFERENCE_DB = 60.0  # ONNX Runtime's kernels against the numpy reference: float rounding only
 
@@ -222,3 +222,18 @@ def test_onnx_runtimes_dynamic_models_are_compared_by_name_too(tmp_path):
     quantize_dynamic(str(path), str(theirs), weight_type=QuantType.QInt8)
     result = compare_models(load(path), load(theirs), hf_samples("gpt2", 4, seed=1))
     assert result.by_name and [row for row in result.layers if row.op_type == "Gemm (int8)"]
+
+
+def test_layers_inside_if_branches_and_loop_bodies_are_quantized(tmp_path):
+    model = merged_decoder_model(tmp_path)
+    result = quantize(model, DynamicInt8Config(), data=None)
+    nodes = list(result.model.graph.all_nodes())
+    assert [n.op_type for n in nodes if n.op_type in ("MatMul", "MatMulInteger")] == ["MatMulInteger"] * 5
+    # x, read in both branches, is quantized in each: neither branch sees the other's values
+    assert sum(n.op_type == "DynamicQuantizeLinear" for n in nodes) == 5
+    assert any(note.startswith("4 of them inside control-flow subgraphs") for note in result.notes)
+    session, reference = OrtSession(result.model), OrtSession(model)
+    for use_cache in (True, False):
+        feed = {"x": np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32),
+                "use_cache": np.array(use_cache)}
+        assert sqnr_db(reference.run(feed)["y"], session.run(feed)["y"]) >= 30.0

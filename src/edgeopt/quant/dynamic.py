@@ -22,8 +22,10 @@ With ``smoothquant_alpha`` (and calibration data), SmoothQuant first moves the o
 MatMul/Gemm inputs into the weights (:mod:`edgeopt.quant.smoothquant`): a per-tensor run-time scale is set by
 its largest channel, so a few 50x channels leave the others a handful of levels.
 
+The MatMul/Gemm nodes of control-flow subgraphs (If branches, Loop and Scan bodies: a merged decoder's
+layers) are rewritten the same way, their int8 weights stored in the main graph, which subgraphs read.
 Everything else stays float and is listed with the reason: MatMuls of two activations (attention's scores),
-weights of rank > 2 or not float32, excluded nodes, and the MatMul/Gemm nodes of control-flow subgraphs.
+weights of rank > 2 or not float32, and excluded nodes.
 The float-exact passes of the weight-only schemes run first (constant folding, BatchNorm folding, dead-code
 elimination), so an exporter's ``Transpose(W)`` becomes a constant the rewrite can quantize.
 """
@@ -123,12 +125,9 @@ def _float_input(node: ir.Node) -> str | None:
     return None
 
 
-def _match(node: ir.Node, config: DynamicInt8Config, graph: ir.Graph) -> _Layer | str:
+def _match(node: ir.Node, config: DynamicInt8Config) -> _Layer | str:
     if node.name in config.exclude or node.op_type in config.exclude:
         return "excluded by config"
-    if node.graph is not graph:
-        return ("inside a control-flow subgraph (If/Loop/Scan): dynamic int8 rewrites the main graph only; "
-                "int4-weight quantizes subgraph layers")
     source = read_constant(node.inputs[1] if len(node.inputs) > 1 else None)
     if source is None:
         return ("both of its inputs are computed (attention's scores and context): dynamic int8 needs a "
@@ -164,13 +163,11 @@ def _table(node: ir.Node) -> np.ndarray | None:
     return table if node.attributes.get_int("axis", 0) in (0, -2) else None
 
 
-def _table_refusal(node: ir.Node, table: np.ndarray, config: DynamicInt8Config, graph: ir.Graph) -> str | None:
+def _table_refusal(node: ir.Node, table: np.ndarray, config: DynamicInt8Config) -> str | None:
     if not config.embeddings:
         return "an embedding table, kept float by config (--embeddings float)"
     if node.name in config.exclude or node.op_type in config.exclude:
         return "excluded by config"
-    if node.graph is not graph:
-        return "inside a control-flow subgraph (If/Loop/Scan): dynamic int8 rewrites the main graph only"
     if not np.isfinite(table).all():
         return "its table holds inf or NaN, which no int8 scale can represent"
     value = node.inputs[0]
@@ -213,7 +210,8 @@ class _Weight:
 class _Rewriter:
     def __init__(self, graph: ir.Graph, config: DynamicInt8Config) -> None:
         self.graph, self.config, self.names = graph, config, UniqueNames(graph)
-        self.quantized_inputs: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
+        # per graph: an If's two branches each quantize an outer value they read
+        self.quantized_inputs: dict[tuple[ir.Graph, ir.Value], tuple[ir.Value, ir.Value, ir.Value]] = {}
         self.weights: dict[tuple, _Weight] = {}
         self.float_bytes: dict[ir.Value, int] = {}  # each float weight read, once
         self.tensors: list[TensorQuantInfo] = []
@@ -237,8 +235,9 @@ class _Rewriter:
         return found
 
     def quantized_input(self, value: ir.Value, graph: ir.Graph) -> tuple[ir.Value, ir.Value, ir.Value]:
-        """``DynamicQuantizeLinear(value)``'s outputs, one node per input however many layers read it."""
-        found = self.quantized_inputs.get(value)
+        """``DynamicQuantizeLinear(value)``'s outputs, one node per input (in each graph that reads it) however
+        many layers read it."""
+        found = self.quantized_inputs.get((graph, value))
         if found is None:
             base = value.name or "input"
             node = ir.Node("", "DynamicQuantizeLinear", [value], num_outputs=3,
@@ -246,7 +245,7 @@ class _Rewriter:
             for output, suffix in zip(node.outputs, ("quantized", "scale", "zero_point")):
                 output.name = self.names(f"{base}_{suffix}")
             _insert_after_producer(graph, value, node)
-            found = self.quantized_inputs[value] = tuple(node.outputs)
+            found = self.quantized_inputs[graph, value] = tuple(node.outputs)
             self.counts["DynamicQuantizeLinear"] += 1
         return found
 
@@ -384,17 +383,18 @@ def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iter
     layers, float_nodes = [], []
     for node in list(graph.all_nodes()):
         if eir.is_op(node, "MatMul", "Gemm"):
-            found = _match(node, config, graph)
+            found = _match(node, config)
             if isinstance(found, str):
                 float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, found))
             else:
                 layers.append(found)
+    inside = sum(layer.node.graph is not graph for layer in layers)  # before the rewrite detaches them
     rewriter = _Rewriter(graph, config)
     for layer in layers:
         rewriter.rewrite(layer)
     tables = [node for node in list(graph.all_nodes()) if _is_table_read(node)]
     for node in tables:  # after the layers: a tied head quantized above no longer reads its table in float
-        refusal = _table_refusal(node, _table(node), config, graph)
+        refusal = _table_refusal(node, _table(node), config)
         if refusal is None:
             rewriter.rewrite_table(node, _table(node))
         else:
@@ -415,6 +415,8 @@ def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iter
            if counts["table"] else "") + f"; weights {bytes_before} -> {bytes_after} bytes with scales",
         f"weights int8 symmetric {granularity}; activations {UINT8.name} asymmetric per tensor, each range "
         "measured as the model runs (no calibration)",
+        *([f"{inside} of them inside control-flow subgraphs (If branches, Loop/Scan bodies), each quantizing its "
+            "inputs there; their int8 weights are stored in the main graph"] if inside else []),
         *notes, *_kept_note(float_nodes), *uncovered_weights_note(graph, SCHEME)]
     logger.info("%s: %s", SCHEME, notes[0])
     _warn_mostly_float(graph, bytes_before)
