@@ -44,6 +44,14 @@ def test_data_gives_the_fidelity_check_and_smoothquant(cli, tmp_path, bert, bert
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
     assert float(report["fidelity"]["outputs"][0]["sqnr_db"]) > 30
+    assert report["fidelity_on"] == "calibration"  # SmoothQuant's scales were fitted to it
+
+
+def test_data_nothing_was_fitted_to_is_said_to_be_so(cli, tmp_path, bert, bert_data):
+    result = cli("quantize", bert, "--scheme", "int8-dynamic", "-o", tmp_path / "q.onnx", "--data", bert_data,
+                 "--no-speed-check")
+    assert result.code == 0, result.stderr
+    assert "(on 12 data samples)" in result.stdout
     assert any(note.startswith("SmoothQuant (alpha 0.5)") for note in report["notes"])
 
 

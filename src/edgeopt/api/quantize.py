@@ -49,7 +49,9 @@ class QuantizeReport:
     calibration_samples: int  # samples (rows of the batches)
     calibration_batches: int = 0
     fidelity: CompareResult | None = None
-    fidelity_on: str = "calibration"  # the samples the fidelity check ran on: "calibration", or "held-out"
+    # the samples the fidelity check ran on: "calibration" (--data, which the scheme fitted to), "held-out"
+    # (--eval-data), or "data" (--data, which the scheme fitted nothing to: int8-dynamic without SmoothQuant)
+    fidelity_on: str = "calibration"
     speed: SpeedCheck | None = None
     search: AccuracySearch | None = None
     warnings: tuple[str, ...] = ()
@@ -281,7 +283,8 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
                                   exporter_metadata=False)
     warnings = _result_warnings(config, result, search, source)
     checks = _Checks(model=model, loaded=loaded, data=data, eval_data=held_out, preprocess=preprocess,
-                     max_samples=max_samples, fidelity=check_fidelity, speed=check_speed)
+                     max_samples=max_samples, fidelity=check_fidelity, speed=check_speed,
+                     fitted=getattr(config, "fits_data", True))
     fidelity, speed, search = _checked(checks, result, search, warnings)
     report = QuantizeReport(result=result, output=Path(output) if output is not None else None,
                             float_bytes=float_bytes, quant_bytes=sum(len(data) for _, data in written),
@@ -309,10 +312,11 @@ class _Checks:
     max_samples: int | None
     fidelity: bool
     speed: bool
+    fitted: bool = True  # whether the scheme fitted anything to ``data`` (ranges, SmoothQuant's scales)
 
     @property
     def fidelity_on(self) -> str:
-        return "calibration" if self.eval_data is None else "held-out"
+        return "held-out" if self.eval_data is not None else "calibration" if self.fitted else "data"
 
 
 def _checked(checks: _Checks, result: QuantResult, search: AccuracySearch | None,
@@ -471,7 +475,7 @@ def _result_warnings(config: object, result: QuantResult, search: AccuracySearch
 
 def _fidelity_warnings(result: QuantResult, fidelity: CompareResult, measured_on: str) -> list[str]:
     """Outputs not measured (inf/NaN, and whose fault), low fidelity, and --equalize-relu6's share of it."""
-    warnings, where = [], f"the {measured_on} data"
+    warnings, where = [], "the data" if measured_on == "data" else f"the {measured_on} data"
     unmeasured = [row for row in fidelity.outputs if math.isnan(row.sqnr_db)]
     if float_fault := [row.name for row in unmeasured if not row.reference_finite]:
         warnings.append(f"fidelity of {', '.join(float_fault)} not measured: the float model's outputs hold "

@@ -93,6 +93,11 @@ class DynamicInt8Config:
         object.__setattr__(self, "exclude", check_exclude_names(self.exclude))
 
     @property
+    def fits_data(self) -> bool:
+        """Whether the calibration data shapes the model (SmoothQuant's scales); else it only checks it."""
+        return self.smoothquant_alpha is not None
+
+    @property
     def per_channel(self) -> bool:
         return isinstance(self.weight_granularity, PerChannel)
 
