@@ -20,7 +20,10 @@ float) are stored in int8 with one scale per row: ``Gather(E_q) -> Cast -> Mul(G
 
 With ``smoothquant_alpha`` (and calibration data), SmoothQuant first moves the outlier channels of the
 MatMul/Gemm inputs into the weights (:mod:`edgeopt.quant.smoothquant`): a per-tensor run-time scale is set by
-its largest channel, so a few 50x channels leave the others a handful of levels.
+its largest channel, so a few 50x channels leave the others a handful of levels. Where ``X / s`` cannot be
+folded into the op computing X (a post-norm LayerNorm whose output the residual reads too), a ``Mul`` by
+``1 / s`` is inserted before the layers: DynamicQuantizeLinear reads its output, so the smoothing holds
+(in a static QDQ model that Mul's input would be quantized as it is, which is why int8 does not insert it).
 
 The MatMul/Gemm nodes of control-flow subgraphs (If branches, Loop and Scan bodies: a merged decoder's
 layers) are rewritten the same way, their int8 weights stored in the main graph, which subgraphs read.
@@ -203,11 +206,11 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 @dataclasses.dataclass(frozen=True)
 class _Weight:
-    """A weight's int8 constants (shared by every node reading the same weight)."""
+    """A weight's int8 constants (shared by every node reading the same weight): symmetric, so no zero point
+    (MatMulInteger's is 0 when left out)."""
 
     q: ir.Value
     scale: ir.Value
-    zero_point: ir.Value | None  # None: a table's (its rows are rescaled, not multiplied)
     nbytes: int
     info: tuple[np.ndarray, np.ndarray]  # scale, float range
 
@@ -230,10 +233,8 @@ class _Rewriter:
             axis = 1 if self.config.per_channel else None
             q, scale, _ = quantize_per_channel(layer.weight, axis, INT8_SYMMETRIC)
             base = layer.weight_value.name or "weight"
-            zero_point = np.zeros(scale.shape, np.int8)
             values = (_initializer(self.graph, self.names(f"{base}_quantized"), q),
-                      _initializer(self.graph, self.names(f"{base}_scale"), scale.astype(np.float32)),
-                      _initializer(self.graph, self.names(f"{base}_zero_point"), zero_point))
+                      _initializer(self.graph, self.names(f"{base}_scale"), scale.astype(np.float32)))
             nbytes = sum(value.const_value.nbytes for value in values)
             found = self.weights[key] = _Weight(*values, nbytes=nbytes, info=(scale, layer.weight))
         self.float_bytes[layer.weight_value] = layer.weight_value.const_value.nbytes
@@ -259,7 +260,7 @@ class _Rewriter:
         weight = self.weight(layer)
         x_q, x_scale, x_zero_point = self.quantized_input(node.inputs[0], graph)
         label = node.name or node.op_type
-        product = ir.Node("", "MatMulInteger", [x_q, weight.q, x_zero_point, weight.zero_point], num_outputs=1,
+        product = ir.Node("", "MatMulInteger", [x_q, weight.q, x_zero_point], num_outputs=1,
                           name=self.names(f"{label}_MatMulInteger"))
         cast = ir.Node("", "Cast", [product.outputs[0]], [ir.AttrInt64("to", ir.DataType.FLOAT)], num_outputs=1,
                        name=self.names(f"{label}_Cast"))
@@ -298,7 +299,7 @@ class _Rewriter:
             base = table_value.name or "table"
             values = (_initializer(self.graph, self.names(f"{base}_quantized"), q),
                       _initializer(self.graph, self.names(f"{base}_row_scale"), scale.reshape(-1, 1)))
-            found = self.weights[key] = _Weight(*values, None, nbytes=q.nbytes + scale.nbytes,
+            found = self.weights[key] = _Weight(*values, nbytes=q.nbytes + scale.nbytes,
                                                 info=(scale, table))
         self.float_bytes[table_value] = table_value.const_value.nbytes
         label, output = node.name or "Gather", node.outputs[0].name
@@ -350,7 +351,9 @@ def _smoothed(model: ir.Model, config: DynamicInt8Config, data: Iterable[Batch] 
     if not hook.tensors:
         return ["SmoothQuant: no MatMul/Gemm with a constant weight reads an activation: nothing to smooth"]
     calibrate(model, data, list(hook.tensors), CalibrationConfig(), hooks=[hook], progress=progress)
-    report = smooth(model, hook.result(), alpha=config.smoothquant_alpha)
+    # where X / s cannot be folded into X's producer (a post-norm LayerNorm whose output the residual reads
+    # too), a Mul by 1 / s: its output is what DynamicQuantizeLinear reads, so the smoothing holds
+    report = smooth(model, hook.result(), alpha=config.smoothquant_alpha, insert_mul=True)
     notes = [f"SmoothQuant (alpha {config.smoothquant_alpha:g}): "
              f"{count_of(len(report.smoothed), 'input', 'inputs')} smoothed, {len(report.skipped)} skipped"]
     return notes + [f"not smoothed: {reason}" for _, reason in report.skipped[:5]]
