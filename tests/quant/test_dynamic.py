@@ -237,3 +237,45 @@ def test_layers_inside_if_branches_and_loop_bodies_are_quantized(tmp_path):
         feed = {"x": np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32),
                 "use_cache": np.array(use_cache)}
         assert sqnr_db(reference.run(feed)["y"], session.run(feed)["y"]) >= 30.0
+
+
+def test_an_lstm_becomes_dynamic_quantize_lstm_as_onnx_runtime_writes_it(tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from tests.audio_models import audio_samples, build_audio
+
+    path = build_audio("lstm", tmp_path)
+    result = quantize(load(path), DynamicInt8Config(), data=None)
+    lstm = next(node for node in result.model.graph if node.op_type == "DynamicQuantizeLSTM")
+    assert lstm.domain == "com.microsoft" and result.details["lstm"] == 1
+    float_lstm = next(node for node in load(path).graph if node.op_type == "LSTM")
+    directions, rows, inputs = eir.constant_array(float_lstm.inputs[1]).shape
+    assert eir.constant_array(lstm.inputs[1]).shape == (directions, inputs, rows)  # transposed, int8
+    assert eir.constant_array(lstm.inputs[8]).shape == (directions, rows)  # a scale per gate row
+    assert result.details["weight_bytes_after"] < 0.3 * result.details["weight_bytes_before"]
+    theirs = tmp_path / "ort.onnx"
+    quantize_dynamic(str(path), str(theirs), weight_type=QuantType.QInt8, per_channel=True)
+    samples = audio_samples("lstm", 8, seed=2)
+    sessions = [OrtSession(model) for model in (load(path), result.model, load(theirs))]
+    reference, mine, other = ([session.run(s)["output"].ravel() for s in samples] for session in sessions)
+    mine_db = sqnr_db(np.concatenate(reference), np.concatenate(mine))
+    assert mine_db >= 40.0 and mine_db >= sqnr_db(np.concatenate(reference), np.concatenate(other)) - 0.1
+
+
+def test_a_gru_and_a_batch_first_lstm_stay_float_with_the_reason(tmp_path):
+    from tests.audio_models import build_audio
+
+    result = quantize(load(build_audio("gru", tmp_path)), DynamicInt8Config(), data=None)
+    assert {(n.op_type, n.reason) for n in result.float_nodes} == {
+        ("GRU", "ONNX Runtime has no quantized GRU (DynamicQuantizeLSTM is the LSTM's)")}
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("W", (1, 32, 4)), ("R", (1, 32, 8)), ("head", (8, 3)))]
+    nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["y"], name="rnn", hidden_size=8, layout=1),
+             helper.make_node("MatMul", ["y", "head"], ["out"], name="head")]
+    graph = helper.make_graph(nodes, "batch_first", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 5, 1, 3])],
+                              initializer=weights)
+    kept = quantize(save(graph, tmp_path / "batch_first.onnx"), DynamicInt8Config(), data=None)
+    assert [(n.node_name, n.reason) for n in kept.float_nodes] == [
+        ("rnn", "layout=1 (batch-first): ONNX Runtime's DynamicQuantizeLSTM takes sequence-first inputs")]

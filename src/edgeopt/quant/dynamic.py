@@ -15,6 +15,9 @@ the inputs change (sequence lengths, prompts). That is what suits transformers, 
 from one input to the next; convolutions are left float (integer convolution without fused requantization
 is slower than float in ONNX Runtime): quantize those statically (``Int8Config``, with data).
 
+LSTM layers become ONNX Runtime's ``DynamicQuantizeLSTM`` (:mod:`edgeopt.quant.dynamic_lstm`): int8 weights,
+each step's input and hidden state quantized as it runs; GRU and RNN have no such form and stay float.
+
 Embedding tables (a Gather of the rows of a constant 2-D float table, when nothing else reads the table in
 float) are stored in int8 with one scale per row: ``Gather(E_q) -> Cast -> Mul(Gather(row scales))``.
 
@@ -49,6 +52,7 @@ from edgeopt.errors import ConfigError, ModelError
 from edgeopt.metrics import count_of
 from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.config import CalibrationConfig, PerChannel, PerTensor, check_exclude_names
+from edgeopt.quant.dynamic_lstm import MS_DOMAIN, LoweredLstm, lower_lstm, lstm_refusal
 from edgeopt.quant.float16 import UniqueNames, weight_only_float_passes
 from edgeopt.quant.formats import INT8_SYMMETRIC, UINT8
 from edgeopt.quant.int4_lowering import drop_unread, gemm_as_matmul, read_constant, uncovered_weights_note
@@ -359,6 +363,24 @@ def _smoothed(model: ir.Model, config: DynamicInt8Config, data: Iterable[Batch] 
     return notes + [f"not smoothed: {reason}" for _, reason in report.skipped[:5]]
 
 
+def _lower_recurrent(graph: ir.Graph, config: DynamicInt8Config, names: UniqueNames,
+                     float_nodes: list[FloatNode]) -> LoweredLstm:
+    """Each LSTM as DynamicQuantizeLSTM (:mod:`edgeopt.quant.dynamic_lstm`); a GRU or RNN, or an LSTM that
+    cannot be, listed float with why."""
+    done = LoweredLstm()
+    for node in list(graph.all_nodes()):
+        if not eir.is_op(node, "LSTM", "GRU", "RNN"):
+            continue
+        refusal = ("excluded by config" if node.name in config.exclude or node.op_type in config.exclude
+                   else lstm_refusal(node) if node.op_type == "LSTM"
+                   else f"ONNX Runtime has no quantized {node.op_type} (DynamicQuantizeLSTM is the LSTM's)")
+        if refusal is None:
+            lower_lstm(graph, names, node, config.per_channel, done)
+        else:
+            float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, refusal))
+    return done
+
+
 def _warn_mostly_float(graph: ir.Graph, quantized_bytes: int) -> None:
     """A warning (in the report) when more float32 weight bytes stay than were quantized: a convolutional
     model, whose Conv weights dynamic int8 leaves alone."""
@@ -400,6 +422,7 @@ def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iter
     rewriter = _Rewriter(graph, config)
     for layer in layers:
         rewriter.rewrite(layer)
+    lstms = _lower_recurrent(graph, config, rewriter.names, float_nodes)
     tables = [node for node in list(graph.all_nodes()) if _is_table_read(node)]
     for node in tables:  # after the layers: a tied head quantized above no longer reads its table in float
         refusal = _table_refusal(node, _table(node), config)
@@ -407,20 +430,24 @@ def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iter
             rewriter.rewrite_table(node, _table(node))
         else:
             float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, refusal))
-    if not layers:
+    if not layers and not lstms.tensors:
         reasons = "; ".join(f"{f.node_name}: {f.reason}" for f in float_nodes[:3]) or "the model has none"
         raise ModelError(f"no MatMul/Gemm with a constant weight to quantize ({reasons}): {SCHEME} quantizes the "
                          "weights of MatMul/Gemm layers; for convolutions use --scheme int8 with --data")
     counts = rewriter.counts
-    bytes_before = sum(rewriter.float_bytes.values())
-    bytes_after = sum(weight.nbytes for weight in rewriter.weights.values())
+    bytes_before = sum(rewriter.float_bytes.values()) + lstms.float_bytes
+    bytes_after = sum(weight.nbytes for weight in rewriter.weights.values()) + lstms.int8_bytes
+    if lstms.tensors:
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
     granularity = "per output column" if config.per_channel else "per tensor"
     notes = [
         f"dynamic int8: {counts['MatMul']} MatMul and {counts['Gemm']} Gemm -> DynamicQuantizeLinear + "
         f"MatMulInteger (ONNX Runtime fuses them into DynamicQuantizeMatMul), "
         f"{count_of(counts['DynamicQuantizeLinear'], 'input', 'inputs')} quantized at run time"
         + (f", {count_of(counts['table'], 'embedding table', 'embedding tables')} in int8 per row"
-           if counts["table"] else "") + f"; weights {bytes_before} -> {bytes_after} bytes with scales",
+           if counts["table"] else "")
+        + (f", {count_of(len(lstms.tensors) // 2, 'LSTM', 'LSTMs')} -> DynamicQuantizeLSTM (com.microsoft)"
+           if lstms.tensors else "") + f"; weights {bytes_before} -> {bytes_after} bytes with scales",
         f"weights int8 symmetric {granularity}; activations {UINT8.name} asymmetric per tensor, each range "
         "measured as the model runs (no calibration)",
         *([f"{inside} of them inside control-flow subgraphs (If branches, Loop/Scan bodies), each quantizing its "
@@ -429,7 +456,7 @@ def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iter
     logger.info("%s: %s", SCHEME, notes[0])
     _warn_mostly_float(graph, bytes_before)
     details = {"matmul": counts["MatMul"], "gemm": counts["Gemm"], "tables": counts["table"],
-               "dynamic_inputs": counts["DynamicQuantizeLinear"], "weight_bytes_before": bytes_before,
-               "weight_bytes_after": bytes_after}
-    return QuantResult(model=model, scheme=SCHEME, tensors=tuple(rewriter.tensors), float_nodes=tuple(float_nodes),
-                       notes=tuple(notes), config=config, details=details)
+               "lstm": len(lstms.tensors) // 2, "dynamic_inputs": counts["DynamicQuantizeLinear"],
+               "weight_bytes_before": bytes_before, "weight_bytes_after": bytes_after}
+    return QuantResult(model=model, scheme=SCHEME, tensors=(*rewriter.tensors, *lstms.tensors),
+                       float_nodes=tuple(float_nodes), notes=tuple(notes), config=config, details=details)
