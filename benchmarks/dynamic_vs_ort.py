@@ -17,7 +17,9 @@ Models (built here or by the repository's test builders; no downloads):
   ``benchmarks/.cache/``): its 200 calibration images and the 450-image test split, with accuracy;
 * ``encoder768``: a BERT-base-size encoder, two ``nn.TransformerEncoderLayer(768, 12, 3072)`` (GELU) and
   a ``Linear(768, 10)`` head, seeded, input ``[1, 128, 768]``: fidelity on 16 random inputs (16 others
-  calibrate), and latency at a realistic size.
+  calibrate), and latency at a realistic size;
+* ``lstm_speech``: a speech model's recurrent core, two sequence-first ``nn.LSTM(80, 512)`` layers over 100
+  frames and a 30-way per-frame head, seeded (ORT's ``DynamicQuantizeLSTM`` on both sides).
 
 Settings per model: fp32; ORT ``quantize_dynamic(weight_type=QInt8)`` with ``per_channel=False`` (its
 default) and ``per_channel=True``; edgeopt ``DynamicInt8Config()`` (no data) and
@@ -72,13 +74,14 @@ if str(REPO_ROOT) not in sys.path:
 
 HF_MODELS = ("bert", "gpt2", "vit", "t5")
 DECODER_MODELS = ("llama", "llama_outliers")
-ALL_MODELS = (*HF_MODELS, *DECODER_MODELS, "transformer", "encoder768")
+LARGE_MODELS = ("encoder768", "lstm_speech")  # realistic sizes, fewer latency runs
+ALL_MODELS = (*HF_MODELS, *DECODER_MODELS, "transformer", *LARGE_MODELS)
 CALIBRATION_SAMPLES, EVALUATION_SAMPLES = 64, 64
 DIGITS_CALIBRATION_SAMPLES = 200
 ENCODER_SAMPLES = 16  # calibration and evaluation inputs each, [1, 128, 768]
 DECODER_TRAIN_STEPS = 200
 GREEDY_PROMPTS, GREEDY_PROMPT_TOKENS, GREEDY_STEPS = 8, 6, 16
-SMALL_RUNS, LARGE_RUNS = 200, 30  # latency runs per model: the small models, encoder768
+SMALL_RUNS, LARGE_RUNS = 200, 30  # latency runs per model: the small models, LARGE_MODELS
 SMOOTHQUANT_ALPHA = 0.5
 LATENCY_SLACK = 1.05
 
@@ -187,11 +190,40 @@ def encoder_case(work: pathlib.Path) -> Case:
     return Case(name="encoder768", fp32_path=path, calibration=inputs(1), evaluation=inputs(2), runs=LARGE_RUNS)
 
 
+def lstm_case(work: pathlib.Path) -> Case:
+    """A speech model's recurrent core: two sequence-first LSTM layers (80 mel bands in, hidden 512) over 100
+    frames and a 30-way per-frame head, seeded, [100, 1, 80]."""
+    import torch
+    from torch import nn
+
+    class Speech(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(80, 512, num_layers=2), nn.Linear(512, 30)
+
+        def forward(self, frames):
+            return self.head(self.rnn(frames)[0])
+
+    torch.manual_seed(0)
+    module, path = Speech().eval(), work / "lstm_speech.onnx"
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(module, (torch.zeros(100, 1, 80),), str(path), dynamo=False, opset_version=17,
+                          input_names=["frames"], output_names=["logits"])
+
+    def inputs(seed: int) -> list[dict]:
+        rng = np.random.default_rng(seed)
+        return [{"frames": rng.standard_normal((100, 1, 80)).astype(np.float32)} for _ in range(ENCODER_SAMPLES)]
+
+    return Case(name="lstm_speech", fp32_path=path, calibration=inputs(1), evaluation=inputs(2), runs=LARGE_RUNS)
+
+
 def build_case(name: str, work: pathlib.Path) -> Case:
     if name in HF_MODELS:
         return hf_case(name, work)
     if name in DECODER_MODELS:
         return decoder_case(name, work)
+    if name == "lstm_speech":
+        return lstm_case(work)
     return digits_case(work) if name == "transformer" else encoder_case(work)
 
 
@@ -306,7 +338,8 @@ def quantize_all(case: Case, work: pathlib.Path, repeats: int) -> None:
             row.file_bytes, row.int8_layers = row.path.stat().st_size, int8_layers(row.path)
 
 
-INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"})
+INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+                         "DynamicQuantizeLSTM"})
 
 
 def int8_layers(path: pathlib.Path) -> int:
@@ -497,10 +530,10 @@ def report(cases: list[Case], fp32: dict, env: dict, args: argparse.Namespace, l
              f"- quantize s: the least of {args.repeats} in-process runs (path in, file out), settings taking "
              "turns; latency: every setting of a model round-robin in its own process (edgeopt.bench), "
              f"1 intra-op thread, the first evaluation feed, {args.small_runs} runs ({args.large_runs} for "
-             "encoder768), median; 'vs' columns are latency ratios (below 1 is faster)",
+             "encoder768 and lstm_speech), median; 'vs' columns are latency ratios (below 1 is faster)",
              "- SQNR and top-1 agreement: first output against the float model over every evaluation sample "
-             f"(hf models and decoders {EVALUATION_SAMPLES}, transformer 450 test images, encoder768 "
-             f"{ENCODER_SAMPLES}); greedy %: tokens equal to the float model's, {GREEDY_PROMPTS} prompts x "
+             f"(hf models and decoders {EVALUATION_SAMPLES}, transformer 450 test images, encoder768 and "
+             f"lstm_speech {ENCODER_SAMPLES}); greedy %: tokens equal to the float model's, {GREEDY_PROMPTS} prompts x "
              f"{GREEDY_STEPS} steps",
              f"- load average (1 min) at start {load_start:.2f}, at end {os.getloadavg()[0]:.2f} on "
              f"{os.cpu_count()} cores",
@@ -510,8 +543,8 @@ def report(cases: list[Case], fp32: dict, env: dict, args: argparse.Namespace, l
              f"- SQNR against ORT's better dynamic setting, compared at 0.1 dB; latency against ORT's "
              f"per-channel model (<= {LATENCY_SLACK}x); file size against ORT's smaller file",
              "- the small models run in about 0.1 ms, where a few per cent between processes is noise (see the "
-             "fp32 copy of each model above): their latency verdicts can flip from run to run, encoder768's much "
-             "less", "",
+             "fp32 copy of each model above): their latency verdicts can flip from run to run, encoder768's and "
+             "lstm_speech's much less", "",
              *checks_table(all_checks(cases))]
     return "\n".join(lines) + "\n"
 

@@ -281,9 +281,10 @@ def quantize(
                                                                "them, a folder of images, or module:function "
                                                                "(required for int8).")] = None,
     scheme: Annotated[Scheme, typer.Option("--scheme", help="int8 (activations by --target), uint8, fp16, bf16, "
-                                                            "int4-weight, int8-dynamic (MatMul/Gemm weights int8, "
-                                                            "activations quantized as the model runs: "
-                                                            "transformers in ONNX Runtime, no --data needed)."
+                                                            "int4-weight, int8-dynamic (MatMul/Gemm/LSTM weights "
+                                                            "int8, activations quantized as the model runs: "
+                                                            "transformers and RNNs in ONNX Runtime, no --data "
+                                                            "needed)."
                                                    )] = Scheme.int8,
     target: Annotated[TargetChoice, typer.Option("--target", help="ort: u8 activations x s8 weights (ONNX Runtime "
                                                                   "on x86); mcu: TFLite int8 scheme.")]
