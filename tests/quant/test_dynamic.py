@@ -4,6 +4,7 @@ quantized as the model runs, as ONNX Runtime's ``quantize_dynamic`` writes it an
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import onnx
@@ -260,6 +261,9 @@ def test_an_lstm_becomes_dynamic_quantize_lstm_as_onnx_runtime_writes_it(tmp_pat
     reference, mine, other = ([session.run(s)["output"].ravel() for s in samples] for session in sessions)
     mine_db = sqnr_db(np.concatenate(reference), np.concatenate(mine))
     assert mine_db >= 40.0 and mine_db >= sqnr_db(np.concatenate(reference), np.concatenate(other)) - 0.1
+    rows = compare_models(load(path), result.model, samples[:4]).layers
+    assert {row.op_type for row in rows} >= {"LSTM (int8)"}  # compare finds it by name, all its loss inside
+    assert all(row.lost_db == math.inf for row in rows if row.op_type == "LSTM (int8)")
 
 
 def test_a_gru_and_a_batch_first_lstm_stay_float_with_the_reason(tmp_path):

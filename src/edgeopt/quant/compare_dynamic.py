@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-__all__ = ["DYNAMIC_PRODUCTS", "dynamic_kind", "dynamic_product_input", "is_dynamic_model"]
+__all__ = ["DYNAMIC_OPS", "DYNAMIC_PRODUCTS", "dynamic_kind", "dynamic_product_input", "is_dynamic_model"]
 
 
 # A dynamic int8 model's product: DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (rescale) [-> Add
-# (bias)]; its embedding lookup: Gather (int8 rows) -> Cast -> Mul (row scales).
+# (bias)]; its embedding lookup: Gather (int8 rows) -> Cast -> Mul (row scales); an LSTM: one
+# DynamicQuantizeLSTM (com.microsoft), quantizing each step's input and hidden state inside.
 DYNAMIC_PRODUCTS = {"MatMulInteger": "MatMul", "Gather": "Gather"}
+DYNAMIC_OPS = {"DynamicQuantizeLSTM": "LSTM"}
 
 
 def dynamic_kind(node: ir.Node) -> str | None:
-    """What a dynamic int8 model's rescaling Mul (or the bias Add after it) computes, else None."""
+    """What a dynamic int8 model's rescaling Mul (or the bias Add after it), or its one-node quantized op
+    (DynamicQuantizeLSTM), computes, else None."""
+    if node.op_type in DYNAMIC_OPS:
+        return DYNAMIC_OPS[node.op_type]
     if node.op_type == "Add":
         return next((kind for value in node.inputs if value is not None and value.producer() is not None
                      and value.producer().op_type == "Mul" and (kind := dynamic_kind(value.producer()))), None)
@@ -42,6 +47,8 @@ def dynamic_product_input(node: ir.Node | None) -> ir.Value | None | bool:
     (the MatMul's activation, a table lookup's indices); False for any other node."""
     if node is None or dynamic_kind(node) is None:
         return False
+    if node.op_type in DYNAMIC_OPS:  # its sequence input, quantized step by step inside
+        return node.inputs[0]
     if node.op_type == "Add":
         node = next(v.producer() for v in node.inputs if v is not None and v.producer() is not None
                     and v.producer().op_type == "Mul" and dynamic_kind(v.producer()))
@@ -54,5 +61,5 @@ def dynamic_product_input(node: ir.Node | None) -> ir.Value | None | bool:
 
 
 def is_dynamic_model(model: ir.Model) -> bool:
-    """Whether ``model`` quantizes activations as it runs (DynamicQuantizeLinear)."""
-    return any(node.op_type == "DynamicQuantizeLinear" for node in model.graph)
+    """Whether ``model`` quantizes activations as it runs (DynamicQuantizeLinear, DynamicQuantizeLSTM)."""
+    return any(node.op_type == "DynamicQuantizeLinear" or node.op_type in DYNAMIC_OPS for node in model.graph)
