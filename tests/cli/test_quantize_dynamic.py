@@ -68,7 +68,7 @@ def test_compare_lists_the_quantized_products(cli, tmp_path, bert, bert_data):
     (["--target", "mcu"], ("a microcontroller needs them calibrated ahead of time", "--scheme int8 --target mcu")),
     (["--embeddings", "int4"], ("int8-dynamic holds embedding tables in int8 or float",)),
     (["--smoothquant", "0.5"], ("SmoothQuant (--smoothquant) measures each channel's range", "give --data")),
-    (["--min-sqnr", "40"], ("--max-drop/--min-sqnr apply to int8 and int4-weight",)),
+    (["--min-sqnr", "40"], ("the accuracy search (--max-drop/--min-sqnr) measures each round on --data",)),
 ])
 def test_what_does_not_apply_is_one_line(cli, tmp_path, bert, options, fragments):
     out = tmp_path / "q.onnx"

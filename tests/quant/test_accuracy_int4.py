@@ -99,7 +99,7 @@ def test_the_api_writes_the_searched_int4_model(tmp_path):
 
 
 @pytest.mark.parametrize(("config", "data", "message"), [
-    (Fp16Config(), True, "apply to int8 and int4-weight quantization only"),
+    (Fp16Config(), True, "apply to int8, int4-weight and int8-dynamic quantization only"),
     (Int4WeightConfig(), False, "measures each round on --data"),
 ])
 def test_a_goal_is_refused_where_no_search_can_run(tmp_path, config, data, message):

@@ -422,13 +422,14 @@ def _check_request(model: ModelSource, config: object, data, *, output, preproce
 def _check_goal(config: object, data, goal: AccuracyGoal | None, evaluate) -> None:
     """int8 needs data; --eval goes with --max-drop; an accuracy goal is int8's and int4's, and needs data."""
     from edgeopt.quant import Int8Config
+    from edgeopt.quant.dynamic import DynamicInt8Config
     from edgeopt.quant.int4 import Int4WeightConfig
 
     if data is None and isinstance(config, Int8Config):
         raise ConfigError("int8 quantization needs calibration data: give --data (a folder of .npy, images, "
                           "or module:function)")
-    if goal is not None and not isinstance(config, (Int8Config, Int4WeightConfig)):
-        raise ConfigError("--max-drop/--min-sqnr apply to int8 and int4-weight quantization only")
+    if goal is not None and not isinstance(config, (Int8Config, Int4WeightConfig, DynamicInt8Config)):
+        raise ConfigError("--max-drop/--min-sqnr apply to int8, int4-weight and int8-dynamic quantization only")
     if data is None and goal is not None:
         raise ConfigError("the accuracy search (--max-drop/--min-sqnr) measures each round on --data: give --data "
                           "(a folder of .npy, images, or module:function)")

@@ -47,11 +47,12 @@ from edgeopt.metrics import count_of, json_number
 from edgeopt.quant.calibration_memo import CalibrationMemo
 from edgeopt.quant.compare import CompareResult, compare_models
 from edgeopt.quant.config import Fallback, Int8Config
+from edgeopt.quant.dynamic import DynamicInt8Config, quantize_dynamic_int8
 from edgeopt.quant.fallback import fallback_part
 from edgeopt.quant.float_reference import FloatReference
 from edgeopt.quant.int4 import Int4WeightConfig, WeightFallback, quantize_int4
 from edgeopt.quant.int4_rounding import Int4Memo
-from edgeopt.quant.accuracy_damage import Candidate, int4_layers, node_damage, quantized_readers, weight_damage
+from edgeopt.quant.accuracy_damage import Candidate, low_bit_layers, node_damage, quantized_readers, weight_damage
 from edgeopt.quant.int8 import quantize_int8
 from edgeopt.quant.model_checks import NodeIndex, check_exclude, vanished_excludes
 from edgeopt.quant.registry import FloatNode, QuantResult
@@ -190,7 +191,7 @@ def _base_model(model: ir.Model, config: Int8Config | Int4WeightConfig | None = 
     from edgeopt.quant.int8 import QDQ_OPSET
     from edgeopt.quant.opset import convert_opset
 
-    if isinstance(config, Int4WeightConfig):
+    if isinstance(config, (Int4WeightConfig, DynamicInt8Config)):
         base = model.clone()
         weight_only_float_passes(base, config.exclude, run=config.float_passes, subgraphs=True)
         # typed, as a loaded model is: the rounds' tensors are matched by name to its float ones
@@ -208,11 +209,12 @@ def _output_sqnr(comparison: CompareResult) -> float:
     return -math.inf if worst is None else worst
 
 
-def _all_float(model: ir.Model, config: Int4WeightConfig) -> QuantResult:
-    """An int4 round with every layer back in float: the float model, its layers listed as excluded."""
+def _all_float(model: ir.Model, config: Int4WeightConfig | DynamicInt8Config, scheme: str) -> QuantResult:
+    """An int4 (dynamic int8) round with every layer back in float: the float model, its layers listed as
+    excluded."""
     float_nodes = tuple(FloatNode(node.name, node.op_type, "excluded by config") for node in model.graph.all_nodes()
                         if node.name in config.exclude)
-    return QuantResult(model=model, scheme="int4", tensors=(), float_nodes=float_nodes,
+    return QuantResult(model=model, scheme=scheme, tensors=(), float_nodes=float_nodes,
                        notes=("every layer is back in float: the model is the float model",), config=config)
 
 
@@ -224,12 +226,16 @@ class _Search:
                  evaluate: Evaluate | None, measure_data: Iterable | None = None) -> None:
         self.base, self.config, self.data, self.goal, self.evaluate = base, config, data, goal, evaluate
         self.measure_data = data if measure_data is None else measure_data  # what each round is compared on
-        self.scheme = "int4" if isinstance(config, Int4WeightConfig) else "int8"  # what a node runs in, if not float
+        # what a node runs in, if not float
+        self.scheme = ("int4" if isinstance(config, Int4WeightConfig) else "int8-dynamic"
+                       if isinstance(config, DynamicInt8Config) else "int8")
+        self.weight_layers = isinstance(config, (Int4WeightConfig, DynamicInt8Config))  # ranked by weight_damage
         self.to_8_bits = isinstance(config, Int4WeightConfig) and config.fallback is WeightFallback.INT8
         self.returned_to = "8 bits" if self.to_8_bits else "float"
         self.none_left = ("no layer left in int4 to hold in 8 bits" if self.to_8_bits
                           else "no quantized node left to return to float")
-        self.int4_layers: dict[str, ir.Node] | None = None  # the first int4 round's, by output name
+        self.first_layers: dict[str, ir.Node] | None = None  # the first int4 (dynamic int8) round's, by output name
+        self.dynamic_passes = 0  # SmoothQuant's, one per dynamic int8 round
         self.started = time.monotonic()
         self.memo = CalibrationMemo()  # the rounds differ only in what is excluded: one calibration serves them
         self.int4_memo = Int4Memo()  # (int4: the weights quantized and the input statistics, likewise)
@@ -239,22 +245,29 @@ class _Search:
 
     def quantize(self, excluded: tuple[str, ...]) -> QuantResult:
         config = replace(self.config, exclude=tuple(dict.fromkeys(self.config.exclude + excluded)))
-        if not isinstance(config, Int4WeightConfig):
+        if not self.weight_layers:
             return quantize_int8(self.base.clone(), config, self.data, memo=self.memo)
         try:  # (not by the layers the first round held in int4: 8-bit tables may remain, or go with them)
-            result = quantize_int4(self.base.clone(), config, self.data, memo=self.int4_memo)
+            result = (quantize_int4(self.base.clone(), config, self.data, memo=self.int4_memo)
+                      if isinstance(config, Int4WeightConfig) else self._quantize_dynamic(config))
         except ModelError:
-            if self.int4_layers is None:
+            if self.first_layers is None:
                 raise
-            return _all_float(self.base.clone(), config)  # what int4 refuses: nothing left to quantize
-        if self.int4_layers is None:
-            self.int4_layers = int4_layers(self.base, result)
+            # what int4 (dynamic int8) refuses: nothing left to quantize
+            return _all_float(self.base.clone(), config, self.scheme)
+        if self.first_layers is None:
+            self.first_layers = low_bit_layers(self.base, result)
         return result
+
+    def _quantize_dynamic(self, config: DynamicInt8Config) -> QuantResult:
+        """A dynamic int8 round; SmoothQuant's calibration pass is counted (each round runs one)."""
+        self.dynamic_passes += config.smoothquant_alpha is not None
+        return quantize_dynamic_int8(self.base.clone(), config, self.data)
 
     def candidates(self, result: QuantResult, comparison: CompareResult,
                    excluded: tuple[str, ...]) -> list[Candidate]:
         """The nodes not ``excluded`` yet to return to float, most damaging first."""
-        if isinstance(self.config, Int4WeightConfig):
+        if self.weight_layers:
             return [c for c in weight_damage(self.base, result, comparison) if c.node.name not in excluded]
         found = [c for c in node_damage(result, comparison) if c.node.name not in excluded]
         return found or [c for c in quantized_readers(result) if c.node.name not in excluded]
@@ -285,6 +298,8 @@ class _Search:
         too large for one pass, which each round reads again)."""
         if isinstance(self.config, Int4WeightConfig):
             return self.int4_memo.passes
+        if isinstance(self.config, DynamicInt8Config):
+            return self.dynamic_passes
         return self.memo.passes + (len(self.steps) if self.config.fallback is Fallback.FP16 else 0)
 
     def elapsed(self) -> float:
@@ -430,7 +445,8 @@ def _excludes_of_base(model: ir.Model, base: ir.Model,
     """``config`` with the exclude entries the float passes removed from ``base`` left out (the rounds
     quantize ``base``), and the notes saying so. An entry must name a node or op type of the user's
     model or of ``base``: a BatchNormalization folded into its conv is a node of the user's file."""
-    subgraphs = isinstance(config, Int4WeightConfig)  # int4 quantizes If branches and Loop/Scan bodies too
+    # int4 and dynamic int8 quantize If branches and Loop/Scan bodies too
+    subgraphs = isinstance(config, (Int4WeightConfig, DynamicInt8Config))
     check_exclude([NodeIndex.of(each, subgraphs=subgraphs) for each in (model, base)], config.exclude)
     index = NodeIndex.of(base, subgraphs=subgraphs)
     kept = tuple(entry for entry in config.exclude if entry in {*index.names, *index.op_types})

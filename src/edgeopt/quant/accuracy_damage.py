@@ -30,7 +30,7 @@ from edgeopt.quant.placement import (DATA_MOVEMENT_OPS, READ_IN_FLOAT, readers_b
                                      readers_past_data_movement)
 from edgeopt.quant.registry import QuantResult
 
-__all__ = ["Candidate", "int4_layers", "node_damage", "quantized_readers", "weight_damage"]
+__all__ = ["Candidate", "low_bit_layers", "node_damage", "quantized_readers", "weight_damage"]
 
 
 class Candidate(NamedTuple):
@@ -74,15 +74,18 @@ def _float_node_names(result: QuantResult) -> set[str]:
     return {f.node_name for f in result.float_nodes if not f.reason.startswith(READ_IN_FLOAT)}
 
 
-def int4_layers(base: ir.Model, result: QuantResult) -> dict[str, ir.Node]:
+def low_bit_layers(base: ir.Model, result: QuantResult) -> dict[str, ir.Node]:
     """The MatMul/Gemm nodes of ``base`` whose weights ``result`` holds in int4, by the name of their output
     (a weight read through a Transpose, a tied embedding's, is named by the constant behind it); not those
-    the 8-bit fallback holds."""
-    int4 = result.config.weight_format.name
-    quantized = {(info.name, info.op_type) for info in result.tensors if info.kind == "weight" and info.format == int4}
+    the 8-bit fallback holds. For dynamic int8 (a config without ``weight_format``): every quantized
+    MatMul/Gemm, table and LSTM."""
+    low = getattr(result.config, "weight_format", None)
+    quantized = {(info.name, info.op_type) for info in result.tensors
+                 if info.kind == "weight" and (low is None or info.format == low.name)}
     layers = {}
     for node in base.graph.all_nodes():  # (and those of If branches and Loop/Scan bodies)
-        weight = node.inputs[1] if eir.is_op(node, "MatMul", "Gemm") and len(node.inputs) > 1 else None
+        weight = (node.inputs[1] if eir.is_op(node, "MatMul", "Gemm", "LSTM") and len(node.inputs) > 1
+                  else None)
         weight = node.inputs[0] if eir.is_op(node, "Gather") else weight  # an embedding table
         transpose = weight.producer() if weight is not None else None
         if transpose is not None and transpose.op_type == "Transpose":
@@ -102,7 +105,7 @@ def weight_damage(base: ir.Model, result: QuantResult, comparison: CompareResult
     measured |= {row.name: row.sqnr_db for row in comparison.outputs if row.signal}
     inputs = {value.name for value in base.graph.inputs}
     ranked, unmeasured = [], []
-    for name, node in int4_layers(base, result).items():
+    for name, node in low_bit_layers(base, result).items():
         if name not in measured:  # inside a subgraph: ONNX Runtime shows no tensor of it
             unmeasured.append(Candidate(0.0, node, "its output not measured (inside a control-flow subgraph): "
                                                    "returned once every measured layer is"))
