@@ -86,3 +86,16 @@ def test_a_convolutional_model_is_told_to_use_static_int8(cli, tmp_path):
                for text in report["warnings"]), report["warnings"]
     assert any(text.startswith("int8-dynamic rewrites MatMul/Gemm weights only: those of Conv x") for text in
                report["notes"])
+
+
+def test_inspect_reads_the_dynamic_model(cli, tmp_path):
+    from tests.quant.test_int4 import mlp
+
+    mlp(tmp_path)
+    out = tmp_path / "mlp.dynamic.onnx"
+    assert cli("quantize", tmp_path / "mlp.onnx", "--scheme", "int8-dynamic", "-o", out).code == 0
+    result = cli("inspect", out)
+    assert result.code == 0, result.stderr
+    assert "32x256, scalar, scalar" in result.stdout  # DynamicQuantizeLinear's scale and zero point
+    report = json.loads(cli("inspect", out, "--json").stdout)
+    assert report["macs"] == 32 * (256 * 384 + 384 * 64)  # MatMulInteger counts as the MatMul it is

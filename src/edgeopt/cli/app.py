@@ -109,7 +109,7 @@ def _render_inspect(result: api.InspectResult) -> None:
                  [("#", "right"), ("node", "left"), ("op", "left"), ("output shape", "left"), ("dtype", "left"),
                   ("params", "right"), ("MACs", "right"), ("activation", "right")])
     for index, node in enumerate(result.cost.nodes):
-        shapes = ", ".join("x".join(map(str, s)) if s is not None else "?" for s in node.output_shapes)
+        shapes = ", ".join(("x".join(map(str, s)) or "scalar") if s is not None else "?" for s in node.output_shapes)
         rows.add_row(str(index), node.name, node.op_type, shapes, node.output_dtype, count_text(node.params),
                      count_text(node.macs), bytes_text(node.activation_bytes))
     state.stdout.print(rows)
