@@ -68,6 +68,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _common import REPO_ROOT, environment, environment_markdown, markdown_table  # noqa: E402
+from quantize_vs_ort import _import_both_tools  # noqa: E402
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -278,16 +279,6 @@ SETTINGS = (
             functools.partial(quantize_edgeopt, smoothquant_alpha=SMOOTHQUANT_ALPHA), "edgeopt", judged=True),
     Setting("edgeopt-static", "edgeopt static int8 (info)", quantize_edgeopt_static, "edgeopt"),
 )
-
-
-def _import_both_tools() -> None:
-    """Load what either quantizer needs before any clock starts (edgeopt's API imports lazily)."""
-    import onnxruntime.quantization  # noqa: F401
-
-    import edgeopt.api
-
-    for name in edgeopt.api.__all__:
-        getattr(edgeopt.api, name)
 
 
 # ---------------------------------------------------------------- measuring
