@@ -283,3 +283,21 @@ def test_a_gru_and_a_batch_first_lstm_stay_float_with_the_reason(tmp_path):
     kept = quantize(save(graph, tmp_path / "batch_first.onnx"), DynamicInt8Config(), data=None)
     assert [(n.node_name, n.reason) for n in kept.float_nodes] == [
         ("rnn", "layout=1 (batch-first): ONNX Runtime's DynamicQuantizeLSTM takes sequence-first inputs")]
+
+
+def test_a_constant_on_the_left_and_a_one_value_table_stay_float_with_the_reason(tmp_path):
+    rng = np.random.default_rng(0)
+    constants = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+                 for name, shape in (("left", (4, 8)), ("w", (6, 3)), ("bias_table", (10, 1)))]
+    nodes = [helper.make_node("MatMul", ["left", "x"], ["y"], name="left_product"),  # [4, 8] @ [8, 6]
+             helper.make_node("MatMul", ["y", "w"], ["z"], name="dense"),
+             helper.make_node("Gather", ["bias_table", "ids"], ["b"], name="lookup")]
+    graph = helper.make_graph(nodes, "odd", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 6]),
+                                             helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 3]),
+                               helper.make_tensor_value_info("b", TensorProto.FLOAT, [3, 1])], initializer=constants)
+    result = quantize(save(graph, tmp_path / "odd.onnx"), DynamicInt8Config(float_passes=False), data=None)
+    assert result.details["matmul"] == 1 and result.details["tables"] == 0
+    assert {(n.node_name, n.reason) for n in result.float_nodes} == {
+        ("left_product", "its constant is the left-hand input (W @ x): dynamic int8 is written for x @ W"),
+        ("lookup", "its rows hold one value each: an int8 value and its row's scale take more bytes than float32")}

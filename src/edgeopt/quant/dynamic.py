@@ -141,6 +141,8 @@ def _match(node: ir.Node, config: DynamicInt8Config) -> _Layer | str:
     if node.name in config.exclude or node.op_type in config.exclude:
         return "excluded by config"
     source = read_constant(node.inputs[1] if len(node.inputs) > 1 else None)
+    if source is None and read_constant(node.inputs[0] if node.inputs else None) is not None:
+        return "its constant is the left-hand input (W @ x): dynamic int8 is written for x @ W"
     if source is None:
         return ("both of its inputs are computed (attention's scores and context): dynamic int8 needs a "
                 "constant weight")
@@ -182,6 +184,8 @@ def _table_refusal(node: ir.Node, table: np.ndarray, config: DynamicInt8Config) 
         return "excluded by config"
     if not np.isfinite(table).all():
         return "its table holds inf or NaN, which no int8 scale can represent"
+    if table.shape[1] < 2:
+        return "its rows hold one value each: an int8 value and its row's scale take more bytes than float32"
     value = node.inputs[0]
     if value.is_graph_output():
         return f"its table is the graph output {value.name!r} too: an int8 copy beside it would add bytes"
