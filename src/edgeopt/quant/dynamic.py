@@ -220,7 +220,8 @@ class _Weight:
     q: ir.Value
     scale: ir.Value
     nbytes: int
-    info: tuple[np.ndarray, np.ndarray]  # scale, float range
+    scales: np.ndarray  # for the report
+    value_range: tuple[float, float]  # of the float weight (not kept: a large model's would double its memory)
 
 
 class _Rewriter:
@@ -244,7 +245,8 @@ class _Rewriter:
             values = (_initializer(self.graph, self.names(f"{base}_quantized"), q),
                       _initializer(self.graph, self.names(f"{base}_scale"), scale.astype(np.float32)))
             nbytes = sum(value.const_value.nbytes for value in values)
-            found = self.weights[key] = _Weight(*values, nbytes=nbytes, info=(scale, layer.weight))
+            found = self.weights[key] = _Weight(*values, nbytes=nbytes, scales=scale,
+                                                value_range=(float(layer.weight.min()), float(layer.weight.max())))
         self.float_bytes[layer.weight_value] = layer.weight_value.const_value.nbytes
         return found
 
@@ -291,11 +293,11 @@ class _Rewriter:
         for value in read:
             drop_unread(value)
         self.counts[node.op_type] += 1
-        scale, values = weight.info
         self.tensors.append(TensorQuantInfo(
             name=layer.weight_value.name, kind="weight", op_type=node.op_type, format=INT8_SYMMETRIC.name,
-            range=(float(values.min()), float(values.max())), scale=tuple(np.ravel(scale).tolist()),
-            zero_point=(0,) * np.size(scale), method="minmax", axis=layer.n_axis if self.config.per_channel else None))
+            range=weight.value_range, scale=tuple(np.ravel(weight.scales).tolist()),
+            zero_point=(0,) * np.size(weight.scales), method="minmax",
+            axis=layer.n_axis if self.config.per_channel else None))
 
     def rewrite_table(self, node: ir.Node, table: np.ndarray) -> None:
         """``Gather(E, ids)`` as ``Cast(Gather(E_q, ids)) * Gather(row scales, ids)``, E_q int8 per row."""
@@ -307,8 +309,8 @@ class _Rewriter:
             base = table_value.name or "table"
             values = (_initializer(self.graph, self.names(f"{base}_quantized"), q),
                       _initializer(self.graph, self.names(f"{base}_row_scale"), scale.reshape(-1, 1)))
-            found = self.weights[key] = _Weight(*values, nbytes=q.nbytes + scale.nbytes,
-                                                info=(scale, table))
+            found = self.weights[key] = _Weight(*values, nbytes=q.nbytes + scale.nbytes, scales=scale,
+                                                value_range=(float(table.min()), float(table.max())))
         self.float_bytes[table_value] = table_value.const_value.nbytes
         label, output = node.name or "Gather", node.outputs[0].name
         axis = [ir.AttrInt64("axis", 0)]
@@ -325,11 +327,10 @@ class _Rewriter:
                                                 [node.outputs[0]], [scaled.outputs[0]])
         drop_unread(table_value)
         self.counts["table"] += 1
-        scale, values = found.info
         self.tensors.append(TensorQuantInfo(
             name=table_value.name, kind="weight", op_type="Gather", format=INT8_SYMMETRIC.name,
-            range=(float(values.min()), float(values.max())), scale=tuple(np.ravel(scale).tolist()),
-            zero_point=(0,) * np.size(scale), method="minmax", axis=0))
+            range=found.value_range, scale=tuple(np.ravel(found.scales).tolist()),
+            zero_point=(0,) * np.size(found.scales), method="minmax", axis=0))
 
 
 def _insert_after_producer(graph: ir.Graph, value: ir.Value, node: ir.Node) -> None:
