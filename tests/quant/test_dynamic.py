@@ -111,6 +111,35 @@ def test_the_same_input_is_quantized_once_for_every_layer_reading_it(tmp_path):
         assert sqnr_db(value, OrtSession(result.model).run(feed)[name]) >= 35.0
 
 
+@pytest.mark.parametrize(("x_shape", "w_shape", "scale_shape"), [
+    ((32,), (32, 16), (16,)),  # a vector input
+    ((8, 32), (32,), ()),  # a vector weight: one column, a scalar product per row
+    ((32,), (32,), ()),  # both: a scalar
+    ((8, 32), (2, 32, 16), (2, 1, 16)),  # a stack of weights: a scale per column of each matrix
+    ((2, 8, 32), (3, 2, 32, 16), (3, 2, 1, 16)),
+])
+def test_vectors_and_stacks_of_weights_are_quantized_as_onnx_runtime_runs_them(tmp_path, x_shape, w_shape,
+                                                                               scale_shape):
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal(w_shape) / np.sqrt(32)).astype(np.float32)
+    out_shape = np.matmul(np.zeros(x_shape), np.zeros(w_shape)).shape
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "shapes",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+                              initializer=[numpy_helper.from_array(weight, "w")])
+    model = save(graph, tmp_path / "shapes.onnx")
+    result = quantize(model, DynamicInt8Config(), data=None)
+    assert result.details["matmul"] == 1 and not result.float_nodes
+    onnx.checker.check_model(ir.to_proto(result.model), full_check=True)  # the product keeps the output's shape
+    scale = next(v for v in result.model.graph.initializers.values() if v.name == "w_scale")
+    assert tuple(scale.shape) == scale_shape
+    fused = op_types(optimized_model(result.model))
+    assert "DynamicQuantizeMatMul" in fused and "MatMulInteger" not in fused, fused
+    feed = gaussian_feed(model)
+    expected, actual = OrtSession(model).run(feed)["y"], OrtSession(result.model).run(feed)["y"]
+    assert actual.shape == expected.shape and sqnr_db(expected, actual) >= 35.0
+
+
 def test_what_stays_float_is_listed_with_the_reason(tmp_path):
     model = load(build_hf("bert", tmp_path))
     result = quantize(model, DynamicInt8Config(exclude=("/pooler/Gemm",)), data=None)

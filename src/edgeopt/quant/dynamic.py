@@ -31,7 +31,8 @@ folded into the op computing X (a post-norm LayerNorm whose output the residual 
 The MatMul/Gemm nodes of control-flow subgraphs (If branches, Loop and Scan bodies: a merged decoder's
 layers) are rewritten the same way, their int8 weights stored in the main graph, which subgraphs read.
 Everything else stays float and is listed with the reason: MatMuls of two activations (attention's scores),
-weights of rank > 2 or not float32, and excluded nodes.
+weights not float32, and excluded nodes. A MatMul's weight may be a vector ``[K]`` (one scale) or a stack
+``[..., K, N]`` (one scale per column of each matrix).
 The float-exact passes of the weight-only schemes run first (constant folding, BatchNorm folding, dead-code
 elimination), so an exporter's ``Transpose(W)`` becomes a constant the rewrite can quantize.
 """
@@ -132,9 +133,7 @@ def _float_input(node: ir.Node) -> str | None:
         return "it has no input"
     if value.type is not None and value.type.dtype not in (ir.DataType.FLOAT, None):
         return f"its input is {value.type.dtype.name}, not float32: DynamicQuantizeLinear reads float32"
-    if value.shape is not None and len(value.shape) < 2:
-        return "its input is a vector: MatMulInteger is written here for matrix inputs"
-    return None
+    return None  # a vector input too: MatMulInteger takes MatMul's shapes, and ONNX Runtime fuses it all the same
 
 
 def _match(node: ir.Node, config: DynamicInt8Config) -> _Layer | str:
@@ -157,11 +156,8 @@ def _match(node: ir.Node, config: DynamicInt8Config) -> _Layer | str:
         n_axis = source.axes[1 - gemm.k_axis]
         layer = _Layer(node=node, weight_value=source.value, weight=gemm.weight, n_axis=n_axis, bias=gemm.bias,
                        addend=gemm.addend)
-    elif weight.ndim != 2:
-        return (f"its weight is {weight.ndim}-D: ONNX Runtime fuses MatMulInteger into DynamicQuantizeMatMul for "
-                "2-D weights only")
-    else:
-        layer = _Layer(node=node, weight_value=source.value, weight=weight, n_axis=source.axes[1])
+    else:  # [K, N]; [K] (one column) or [..., K, N] (a stack of matrices) too
+        layer = _Layer(node=node, weight_value=source.value, weight=weight, n_axis=source.axes[-1])
     if not np.isfinite(layer.weight).all():
         return "its weight holds inf or NaN, which no int8 scale can represent"
     return layer
@@ -202,7 +198,7 @@ def _is_table_read(node: ir.Node) -> bool:
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.Tensor(np.ascontiguousarray(array), name=name)
+    tensor = ir.Tensor(np.asarray(array, order="C"), name=name)  # a scalar stays one (ascontiguousarray: [1])
     value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
     graph.register_initializer(value)
     return value
@@ -234,8 +230,7 @@ class _Rewriter:
         key = (layer.weight.shape, hashlib.sha256(layer.weight.tobytes()).hexdigest())
         found = self.weights.get(key)
         if found is None:
-            axis = 1 if self.config.per_channel else None
-            q, scale, _ = quantize_per_channel(layer.weight, axis, INT8_SYMMETRIC)
+            q, scale = _quantized_weight(layer.weight, self.config.per_channel)
             base = layer.weight_value.name or "weight"
             values = (_initializer(self.graph, self.names(f"{base}_quantized"), q),
                       _initializer(self.graph, self.names(f"{base}_scale"), scale.astype(np.float32)))
@@ -326,6 +321,21 @@ class _Rewriter:
             name=table_value.name, kind="weight", op_type="Gather", format=INT8_SYMMETRIC.name,
             range=(float(values.min()), float(values.max())), scale=tuple(np.ravel(scale).tolist()),
             zero_point=(0,) * np.size(scale), method="minmax", axis=0))
+
+
+def _quantized_weight(weight: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes and scales of a ``[K, N]`` weight: one scale per output column (``[N]``) or one in all. A
+    vector ``[K]`` is one column (a scalar scale); a stack ``[..., K, N]`` has one per column of each matrix, shaped
+    ``[..., 1, N]`` to broadcast over the product (ONNX Runtime's DynamicQuantizeMatMul takes that shape)."""
+    if not per_channel or weight.ndim == 1:
+        q, scale, _ = quantize_per_channel(weight, None, INT8_SYMMETRIC)
+        return q, scale.reshape(())  # [K] @ [K] is a scalar: so stays its product
+    if weight.ndim == 2:
+        q, scale, _ = quantize_per_channel(weight, 1, INT8_SYMMETRIC)
+        return q, scale
+    columns = np.swapaxes(weight, -1, -2)  # [..., N, K]
+    q, scale, _ = quantize_per_channel(columns.reshape(-1, weight.shape[-2]), 0, INT8_SYMMETRIC)
+    return np.swapaxes(q.reshape(columns.shape), -1, -2), scale.reshape(*weight.shape[:-2], 1, weight.shape[-1])
 
 
 def _insert_after_producer(graph: ir.Graph, value: ir.Value, node: ir.Node) -> None:
