@@ -295,6 +295,29 @@ def test_an_lstm_becomes_dynamic_quantize_lstm_as_onnx_runtime_writes_it(tmp_pat
     assert all(row.lost_db == math.inf for row in rows if row.op_type == "LSTM (int8)")
 
 
+def test_lstms_sharing_their_weights_share_the_int8_copies(tmp_path):
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+               for name, shape in (("W", (1, 32, 4)), ("R", (1, 32, 8)))]
+    nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["forward"], name="forward", hidden_size=8),
+             helper.make_node("LSTM", ["x", "W", "R"], ["backward"], name="backward", hidden_size=8,
+                              direction="reverse")]
+    graph = helper.make_graph(nodes, "shared_lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 2, 4])],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, [5, 1, 2, 8])
+                               for name in ("forward", "backward")], initializer=weights)
+    model = save(graph, tmp_path / "shared_lstm.onnx")
+    result = quantize(model, DynamicInt8Config(), data=None)
+    assert op_types(result.model) == ["DynamicQuantizeLSTM"] * 2 and result.details["lstm"] == 2
+    assert len(result.model.graph.initializers) == 6  # W and R once: int8, scales, zero points
+    # counted once too: W and R in float32; int8 values, and per gate row a float32 scale and an int8 zero point
+    assert result.details["weight_bytes_before"] == 4 * 32 * (4 + 8)
+    assert result.details["weight_bytes_after"] == 32 * (4 + 8) + 2 * 32 * (4 + 1)
+    assert "2 LSTMs -> DynamicQuantizeLSTM" in result.notes[0]
+    feed = gaussian_feed(model)
+    for name, value in OrtSession(model).run(feed).items():
+        assert sqnr_db(value, OrtSession(result.model).run(feed)[name]) >= 35.0
+
+
 def test_a_gru_and_a_batch_first_lstm_stay_float_with_the_reason(tmp_path):
     from tests.audio_models import build_audio
 

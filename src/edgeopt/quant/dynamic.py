@@ -456,7 +456,7 @@ def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iter
         f"{count_of(counts['DynamicQuantizeLinear'], 'input', 'inputs')} quantized at run time"
         + (f", {count_of(counts['table'], 'embedding table', 'embedding tables')} in int8 per row"
            if counts["table"] else "")
-        + (f", {count_of(len(lstms.tensors) // 2, 'LSTM', 'LSTMs')} -> DynamicQuantizeLSTM (com.microsoft)"
+        + (f", {count_of(lstms.count, 'LSTM', 'LSTMs')} -> DynamicQuantizeLSTM (com.microsoft)"
            if lstms.tensors else "") + f"; weights {bytes_before} -> {bytes_after} bytes with scales",
         f"weights int8 symmetric {granularity}; activations {UINT8.name} asymmetric per tensor, each range "
         "measured as the model runs (no calibration)",
@@ -466,7 +466,7 @@ def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iter
     logger.info("%s: %s", SCHEME, notes[0])
     _warn_mostly_float(graph, bytes_before)
     details = {"matmul": counts["MatMul"], "gemm": counts["Gemm"], "tables": counts["table"],
-               "lstm": len(lstms.tensors) // 2, "dynamic_inputs": counts["DynamicQuantizeLinear"],
+               "lstm": lstms.count, "dynamic_inputs": counts["DynamicQuantizeLinear"],
                "weight_bytes_before": bytes_before, "weight_bytes_after": bytes_after}
     return QuantResult(model=model, scheme=SCHEME, tensors=(*rewriter.tensors, *lstms.tensors),
                        float_nodes=tuple(float_nodes), notes=tuple(notes), config=config, details=details)
