@@ -244,6 +244,18 @@ def test_compare_shows_each_quantized_product_and_where_it_loses(tmp_path):
     assert all(row.lost_db == 0.0 for row in rows.values() if not row.op_type.endswith("(int8)"))
 
 
+def test_compare_undoes_smoothquants_division_of_the_layer_norm_outputs(tmp_path):
+    from tests.models import build_onnx
+
+    path = build_onnx("transformer", tmp_path)  # pre-norm: 1/s folds into each LayerNorm's gamma and beta
+    rng = np.random.default_rng(0)
+    samples = [{"input": rng.standard_normal((1, 16, 32)).astype(np.float32)} for _ in range(6)]
+    result = quantize(load_model(path), DynamicInt8Config(smoothquant_alpha=0.5), data=samples)
+    rows = compare_models(load_model(path), result.model, samples).layers
+    norms = [row for row in rows if row.op_type == "LayerNormalization"]
+    assert len(norms) == 5 and all(row.sqnr_db > 30.0 for row in norms), [(r.tensor, r.sqnr_db) for r in norms]
+
+
 def test_onnx_runtimes_dynamic_models_are_compared_by_name_too(tmp_path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

@@ -58,6 +58,7 @@ from edgeopt.quant.float16 import UniqueNames, weight_only_float_passes
 from edgeopt.quant.formats import INT8_SYMMETRIC, UINT8
 from edgeopt.quant.int4_lowering import drop_unread, gemm_as_matmul, read_constant, uncovered_weights_note
 from edgeopt.quant.primitives import quantize_per_channel
+from edgeopt.quant.rescaled import record_rescaled
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
 
@@ -368,6 +369,7 @@ def _smoothed(model: ir.Model, config: DynamicInt8Config, data: Iterable[Batch] 
     # where X / s cannot be folded into X's producer (a post-norm LayerNorm whose output the residual reads
     # too), a Mul by 1 / s: its output is what DynamicQuantizeLinear reads, so the smoothing holds
     report = smooth(model, hook.result(), alpha=config.smoothquant_alpha, insert_mul=True)
+    record_rescaled(model, report.rescaled)  # the tensors now divided by s, for compare to undo
     notes = [f"SmoothQuant (alpha {config.smoothquant_alpha:g}): "
              f"{count_of(len(report.smoothed), 'input', 'inputs')} smoothed, {len(report.skipped)} skipped"]
     return notes + [f"not smoothed: {reason}" for _, reason in report.skipped[:5]]
