@@ -395,13 +395,18 @@ def _lower_recurrent(graph: ir.Graph, config: DynamicInt8Config, names: UniqueNa
 
 def _warn_mostly_float(graph: ir.Graph, quantized_bytes: int) -> None:
     """A warning (in the report) when more float32 weight bytes stay than were quantized: a convolutional
-    model, whose Conv weights dynamic int8 leaves alone."""
-    kept = sum(value.const_value.nbytes for value in graph.initializers.values()
-               if value.const_value is not None and value.dtype == ir.DataType.FLOAT and len(value.shape or ()) >= 2)
-    if kept > quantized_bytes:
-        logger.warning("most of the weights stay float32 (%s of %s bytes, listed in the notes): %s quantizes "
-                       "MatMul/Gemm layers; --scheme int8 with --data quantizes convolutions too", f"{kept:,}",
-                       f"{kept + quantized_bytes:,}", SCHEME)
+    model, whose Conv weights dynamic int8 leaves alone (static int8 quantizes them), or a GRU's (no int8
+    scheme quantizes those: static int8 is no advice there)."""
+    kept = [value for value in graph.initializers.values()
+            if value.const_value is not None and value.dtype == ir.DataType.FLOAT and len(value.shape or ()) >= 2]
+    kept_bytes = sum(value.const_value.nbytes for value in kept)
+    if kept_bytes <= quantized_bytes:
+        return
+    readers = sorted({use.node.op_type for value in kept for use in value.uses()})
+    advice = ("--scheme int8 with --data quantizes convolutions too" if {"Conv", "ConvTranspose"} & set(readers)
+              else f"those {', '.join(readers)} reads stay float (the notes say why): --scheme fp16 halves them")
+    logger.warning("most of the weights stay float32 (%s of %s bytes, listed in the notes): %s quantizes "
+                   "MatMul/Gemm layers; %s", f"{kept_bytes:,}", f"{kept_bytes + quantized_bytes:,}", SCHEME, advice)
 
 
 def _kept_note(float_nodes: Iterable[FloatNode]) -> list[str]:
