@@ -151,6 +151,15 @@ def test_what_stays_float_is_listed_with_the_reason(tmp_path):
     assert any(note.startswith("left float: ") for note in result.notes)
 
 
+def test_a_constant_first_operand_is_named_as_the_reason_not_computed_inputs(tmp_path):
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["w", "x"], ["y"], name="left")], "w_first",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 8])], initializer=[weight])
+    with pytest.raises(ModelError, match=r"left: its constant is the first operand \(W @ x\)"):
+        quantize(save(graph, tmp_path / "w_first.onnx"), DynamicInt8Config(), data=None)
+
+
 def test_a_bert_is_at_least_as_faithful_as_onnx_runtimes_dynamic_quantization(tmp_path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

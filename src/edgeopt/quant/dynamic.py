@@ -141,6 +141,9 @@ def _match(node: ir.Node, config: DynamicInt8Config) -> _Layer | str:
     if node.name in config.exclude or node.op_type in config.exclude:
         return "excluded by config"
     source = read_constant(node.inputs[1] if len(node.inputs) > 1 else None)
+    if source is None and node.inputs and read_constant(node.inputs[0]) is not None:
+        return ("its constant is the first operand (W @ x): dynamic int8 quantizes x @ W, the input as it runs, "
+                "the weight per output column")
     if source is None:
         return ("both of its inputs are computed (attention's scores and context): dynamic int8 needs a "
                 "constant weight")
