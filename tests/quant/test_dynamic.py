@@ -160,6 +160,17 @@ def test_a_constant_first_operand_is_named_as_the_reason_not_computed_inputs(tmp
         quantize(save(graph, tmp_path / "w_first.onnx"), DynamicInt8Config(), data=None)
 
 
+def test_an_einsum_with_a_stacked_weight_is_named_as_the_reason(tmp_path):
+    # Keras' EinsumDense over heads (weight [D, H, K]): no dense layer the float passes can make a MatMul
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((32, 4, 8)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Einsum", ["x", "w"], ["y"], name="heads", equation="bsd,dhk->bshk")],
+                              "einsum", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 4, 8])],
+                              initializer=[weight])
+    with pytest.raises(ModelError, match=r"\(heads: an Einsum with a constant operand that is no dense layer"):
+        quantize(save(graph, tmp_path / "einsum.onnx"), DynamicInt8Config(), data=None)
+
+
 def test_a_bert_is_at_least_as_faithful_as_onnx_runtimes_dynamic_quantization(tmp_path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

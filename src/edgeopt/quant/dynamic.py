@@ -68,6 +68,8 @@ logger = logging.getLogger(__name__)
 
 SCHEME = "int8-dynamic"
 _OPSET = 11  # DynamicQuantizeLinear
+_EINSUM_REASON = ("an Einsum with a constant operand that is no dense layer x @ W (the float passes make those "
+                  "MatMuls): dynamic int8 has no Einsum form")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -438,6 +440,8 @@ def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iter
                 float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, found))
             else:
                 layers.append(found)
+        elif eir.is_op(node, "Einsum") and any(eir.is_constant(value) for value in node.inputs if value is not None):
+            float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, _EINSUM_REASON))
     inside = sum(layer.node.graph is not graph for layer in layers)  # before the rewrite detaches them
     rewriter = _Rewriter(graph, config)
     for layer in layers:
