@@ -310,6 +310,22 @@ def test_an_onnx_runtime_qoperator_model_costs_what_its_float_model_does(tmp_pat
     assert (quantized.macs, quantized.params) == (expected.macs, expected.params)
 
 
+def test_a_dynamic_quantize_lstm_costs_what_its_float_lstm_does(tmp_path):
+    # ONNX Runtime's DynamicQuantizeLSTM (edgeopt's int8-dynamic writes it) had no rule (0 MACs, listed
+    # uncounted), and its per-gate-row scales and zero points counted as parameters
+    from edgeopt import DynamicInt8Config
+    from edgeopt.quant import quantize
+
+    nodes = [helper.make_node("LSTM", ["x", "w", "r", "b"], ["y"], hidden_size=8, direction="bidirectional")]
+    expected = analyze_cost(_load(tmp_path, nodes, [_info("x", [5, 2, 4])], [_info("y", [5, 2, 2, 8])],
+                                  [_weight("w", 2, 32, 4), _weight("r", 2, 32, 8), _weight("b", 2, 64)]))
+    model = quantize(load_model(tmp_path / "model.onnx"), DynamicInt8Config(), data=None).model
+    quantized = analyze_cost(model)
+    assert [row.op_type for row in quantized.nodes] == ["DynamicQuantizeLSTM"] and quantized.uncounted_ops == ()
+    assert (quantized.macs, quantized.other_flops, quantized.params) == (
+        expected.macs, expected.other_flops, expected.params)
+
+
 def test_real_mobilenet_macs_match_torch_module_formula(tmp_path):
     torch = pytest.importorskip("torch")
     from tests import models

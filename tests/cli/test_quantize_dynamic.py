@@ -62,6 +62,10 @@ def test_compare_lists_the_quantized_products(cli, tmp_path, bert, bert_data):
     assert result.code == 0, result.stderr
     ops = {row["op_type"] for row in json.loads(result.stdout)["layers"]}
     assert {"MatMul (int8)", "Gemm (int8)", "Gather (int8)"} <= ops
+    text = cli("compare", bert, out, "--data", bert_data)
+    assert text.code == 0, text.stderr
+    assert "(a dynamic int8 model: each '(int8)' row quantized its input as the model ran" in text.stdout
+    assert "weight-only" not in text.stdout
 
 
 @pytest.mark.parametrize(("options", "fragments"), [

@@ -4,6 +4,7 @@ quantized as the model runs, as ONNX Runtime's ``quantize_dynamic`` writes it an
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -111,6 +112,35 @@ def test_the_same_input_is_quantized_once_for_every_layer_reading_it(tmp_path):
         assert sqnr_db(value, OrtSession(result.model).run(feed)[name]) >= 35.0
 
 
+@pytest.mark.parametrize(("x_shape", "w_shape", "scale_shape"), [
+    ((32,), (32, 16), (16,)),  # a vector input
+    ((8, 32), (32,), ()),  # a vector weight: one column, a scalar product per row
+    ((32,), (32,), ()),  # both: a scalar
+    ((8, 32), (2, 32, 16), (2, 1, 16)),  # a stack of weights: a scale per column of each matrix
+    ((2, 8, 32), (3, 2, 32, 16), (3, 2, 1, 16)),
+])
+def test_vectors_and_stacks_of_weights_are_quantized_as_onnx_runtime_runs_them(tmp_path, x_shape, w_shape,
+                                                                               scale_shape):
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal(w_shape) / np.sqrt(32)).astype(np.float32)
+    out_shape = np.matmul(np.zeros(x_shape), np.zeros(w_shape)).shape
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "shapes",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+                              initializer=[numpy_helper.from_array(weight, "w")])
+    model = save(graph, tmp_path / "shapes.onnx")
+    result = quantize(model, DynamicInt8Config(), data=None)
+    assert result.details["matmul"] == 1 and not result.float_nodes
+    onnx.checker.check_model(ir.to_proto(result.model), full_check=True)  # the product keeps the output's shape
+    scale = next(v for v in result.model.graph.initializers.values() if v.name == "w_scale")
+    assert tuple(scale.shape) == scale_shape
+    fused = op_types(optimized_model(result.model))
+    assert "DynamicQuantizeMatMul" in fused and "MatMulInteger" not in fused, fused
+    feed = gaussian_feed(model)
+    expected, actual = OrtSession(model).run(feed)["y"], OrtSession(result.model).run(feed)["y"]
+    assert actual.shape == expected.shape and sqnr_db(expected, actual) >= 35.0
+
+
 def test_what_stays_float_is_listed_with_the_reason(tmp_path):
     model = load(build_hf("bert", tmp_path))
     result = quantize(model, DynamicInt8Config(exclude=("/pooler/Gemm",)), data=None)
@@ -119,6 +149,17 @@ def test_what_stays_float_is_listed_with_the_reason(tmp_path):
     attention = [n for n in result.float_nodes if n.reason.startswith("both of its inputs are computed")]
     assert len(attention) == 4  # scores and context of two layers
     assert any(note.startswith("left float: ") for note in result.notes)
+
+
+def test_an_einsum_with_a_stacked_weight_is_named_as_the_reason(tmp_path):
+    # Keras' EinsumDense over heads (weight [D, H, K]): no dense layer the float passes can make a MatMul
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((32, 4, 8)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Einsum", ["x", "w"], ["y"], name="heads", equation="bsd,dhk->bshk")],
+                              "einsum", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 4, 8])],
+                              initializer=[weight])
+    with pytest.raises(ModelError, match=r"\(heads: an Einsum with a constant operand that is no dense layer"):
+        quantize(save(graph, tmp_path / "einsum.onnx"), DynamicInt8Config(), data=None)
 
 
 def test_a_bert_is_at_least_as_faithful_as_onnx_runtimes_dynamic_quantization(tmp_path):
@@ -215,6 +256,18 @@ def test_compare_shows_each_quantized_product_and_where_it_loses(tmp_path):
     assert all(row.lost_db == 0.0 for row in rows.values() if not row.op_type.endswith("(int8)"))
 
 
+def test_compare_undoes_smoothquants_division_of_the_layer_norm_outputs(tmp_path):
+    from tests.models import build_onnx
+
+    path = build_onnx("transformer", tmp_path)  # pre-norm: 1/s folds into each LayerNorm's gamma and beta
+    rng = np.random.default_rng(0)
+    samples = [{"input": rng.standard_normal((1, 16, 32)).astype(np.float32)} for _ in range(6)]
+    result = quantize(load_model(path), DynamicInt8Config(smoothquant_alpha=0.5), data=samples)
+    rows = compare_models(load_model(path), result.model, samples).layers
+    norms = [row for row in rows if row.op_type == "LayerNormalization"]
+    assert len(norms) == 5 and all(row.sqnr_db > 30.0 for row in norms), [(r.tensor, r.sqnr_db) for r in norms]
+
+
 def test_onnx_runtimes_dynamic_models_are_compared_by_name_too(tmp_path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -266,12 +319,39 @@ def test_an_lstm_becomes_dynamic_quantize_lstm_as_onnx_runtime_writes_it(tmp_pat
     assert all(row.lost_db == math.inf for row in rows if row.op_type == "LSTM (int8)")
 
 
-def test_a_gru_and_a_batch_first_lstm_stay_float_with_the_reason(tmp_path):
+def test_lstms_sharing_their_weights_share_the_int8_copies(tmp_path):
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+               for name, shape in (("W", (1, 32, 4)), ("R", (1, 32, 8)))]
+    nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["forward"], name="forward", hidden_size=8),
+             helper.make_node("LSTM", ["x", "W", "R"], ["backward"], name="backward", hidden_size=8,
+                              direction="reverse")]
+    graph = helper.make_graph(nodes, "shared_lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 2, 4])],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, [5, 1, 2, 8])
+                               for name in ("forward", "backward")], initializer=weights)
+    model = save(graph, tmp_path / "shared_lstm.onnx")
+    result = quantize(model, DynamicInt8Config(), data=None)
+    assert op_types(result.model) == ["DynamicQuantizeLSTM"] * 2 and result.details["lstm"] == 2
+    assert len(result.model.graph.initializers) == 6  # W and R once: int8, scales, zero points
+    # counted once too: W and R in float32; int8 values, and per gate row a float32 scale and an int8 zero point
+    assert result.details["weight_bytes_before"] == 4 * 32 * (4 + 8)
+    assert result.details["weight_bytes_after"] == 32 * (4 + 8) + 2 * 32 * (4 + 1)
+    assert "2 LSTMs -> DynamicQuantizeLSTM" in result.notes[0]
+    feed = gaussian_feed(model)
+    for name, value in OrtSession(model).run(feed).items():
+        assert sqnr_db(value, OrtSession(result.model).run(feed)[name]) >= 35.0
+
+
+def test_a_gru_and_a_batch_first_lstm_stay_float_with_the_reason(tmp_path, caplog):
     from tests.audio_models import build_audio
 
-    result = quantize(load(build_audio("gru", tmp_path)), DynamicInt8Config(), data=None)
+    with caplog.at_level(logging.WARNING, logger="edgeopt.quant.dynamic"):
+        result = quantize(load(build_audio("gru", tmp_path)), DynamicInt8Config(), data=None)
     assert {(n.op_type, n.reason) for n in result.float_nodes} == {
         ("GRU", "ONNX Runtime has no quantized GRU (DynamicQuantizeLSTM is the LSTM's)")}
+    # a model without convolutions is not sent to static int8, which keeps a GRU float too
+    assert [record.getMessage().split("; ", 1)[1] for record in caplog.records] == [
+        "those GRU reads stay float (the notes say why): --scheme fp16 halves them"]
     rng = np.random.default_rng(0)
     weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
                for name, shape in (("W", (1, 32, 4)), ("R", (1, 32, 8)), ("head", (8, 3)))]

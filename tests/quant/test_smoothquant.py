@@ -209,6 +209,20 @@ def test_folds_into_a_preceding_linear_layer_with_its_bias():
     assert_same_outputs(original, model)
 
 
+def test_a_gemm_adding_a_computed_c_is_not_a_folding_site():
+    """Gemm(x, W, c) with c a graph input: c cannot take 1/s, so h is smoothed by an inserted Mul (or left)."""
+    nodes = [helper.make_node("Gemm", ["x", "w1", "c"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])]
+    inits = [random_weight("w1", (4, 6), 1), random_weight("w2", (6, 3), 2)]
+    model = make_model(nodes, [("x", [2, 4]), ("c", [2, 6])], [("y", [2, 3])], inits)
+    abs_max = {"h": np.array([1.0, 50.0, 2.0, 0.5, 3.0, 1.0])}
+    left = smooth(model.clone(), abs_max)
+    assert not left.smoothed and "which cannot absorb 1/s" in dict(left.skipped)["h"]
+    original = model.clone()
+    report = smooth(model, abs_max, insert_mul=True)
+    assert [s.tensor for s in report.smoothed] == ["h"] and report.smoothed[0].folded_into == "h_smooth"
+    assert_same_outputs(original, model)
+
+
 def test_a_tensor_with_other_readers_is_left_alone():
     nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], axis=-1),
              helper.make_node("MatMul", ["n", "w"], ["m"]), helper.make_node("Add", ["n", "m"], ["y"])]

@@ -20,7 +20,8 @@ is the number of elements of the node's first output, ``in`` of its first input:
   layouts (past keys) have no rule: their nodes are listed as unknown.
 * RNN/GRU/LSTM (X ``[T, N, I]``, or ``[N, T, I]`` with ``layout=1``; W ``[D, G*H, I]``,
   R ``[D, G*H, H]`` with G = 1/3/4 gates): every one of the ``T * N`` steps multiplies the input
-  by W and the previous hidden state by R in each of the D directions, ``T * N * (|W| + |R|)``.
+  by W and the previous hidden state by R in each of the D directions, ``T * N * (|W| + |R|)``;
+  ONNX Runtime's DynamicQuantizeLSTM too (int8 W ``[D, I, 4H]`` and R ``[D, H, 4H]``, stored transposed).
 
 ``other_flops`` counts the remaining arithmetic:
 
@@ -215,11 +216,14 @@ def _multi_head_attention(node: ir.Node) -> Cost:
 _STATE_UPDATE_FLOPS = {"RNN": 0, "GRU": 4, "LSTM": 5}  # per hidden unit, step and direction (module doc)
 
 
-def _recurrent(node: ir.Node) -> Cost:
+def _recurrent(node: ir.Node, *, transposed: bool = False) -> Cost:
+    """An RNN, GRU or LSTM; ``transposed``: ONNX Runtime's DynamicQuantizeLSTM, its W and R stored
+    ``[D, I, 4H]`` and ``[D, H, 4H]``."""
     x, w, r = _shape(node.inputs[0]), _shape(_input(node, 1)), _shape(_input(node, 2))
-    steps, (directions, gate_units, hidden) = x[0] * x[1], r
+    steps, (directions, gate_units, hidden) = x[0] * x[1], (r[0], r[2], r[1]) if transposed else r
     biases = 2 * gate_units if _has_input(node, 3) else 0
-    other = directions * (2 * gate_units + biases + _STATE_UPDATE_FLOPS[node.op_type] * hidden)
+    state_update = _STATE_UPDATE_FLOPS["LSTM" if transposed else node.op_type]
+    other = directions * (2 * gate_units + biases + state_update * hidden)
     return steps * (math.prod(w) + math.prod(r)), steps * other
 
 
@@ -285,6 +289,7 @@ _RULES: dict[str, Callable[[ir.Node], Cost]] = {
     "QLinearMatMul": _matmul,
     "MatMulNBits": _matmul_nbits,
     **{op: _recurrent for op in _STATE_UPDATE_FLOPS},
+    "DynamicQuantizeLSTM": partial(_recurrent, transposed=True),
     "MaxPool": _pool,
     "AveragePool": _pool,
     "LpPool": _pool,
@@ -321,6 +326,7 @@ _QUANTIZATION_PARAMETERS: dict[str, frozenset[int]] = {
     "ConvInteger": frozenset({2, 3}),
     "MatMulInteger": frozenset({2, 3}),
     "MatMulNBits": frozenset({2, 3, 4}),
+    "DynamicQuantizeLSTM": frozenset({8, 9, 10, 11}),
     "GatherBlockQuantized": frozenset({2, 3}),
 }
 

@@ -62,6 +62,9 @@ def _lost_text(lost_db: float | None) -> str:
 
 
 def _coverage_line(result: CompareResult) -> str:
+    if result.by_name and any(row.op_type.endswith(" (int8)") for row in result.layers):
+        return (f"matched {result.matched} tensors by name, op and readers (a dynamic int8 model: each "
+                "'(int8)' row quantized its input as the model ran, the other rows compute in float)")
     if result.by_name:
         return (f"matched {result.matched} tensors by name, op and readers (no QuantizeLinear -> DequantizeLinear "
                 "pair: a float16, bfloat16 or weight-only model)")

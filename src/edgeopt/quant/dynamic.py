@@ -31,7 +31,8 @@ folded into the op computing X (a post-norm LayerNorm whose output the residual 
 The MatMul/Gemm nodes of control-flow subgraphs (If branches, Loop and Scan bodies: a merged decoder's
 layers) are rewritten the same way, their int8 weights stored in the main graph, which subgraphs read.
 Everything else stays float and is listed with the reason: MatMuls of two activations (attention's scores),
-weights of rank > 2 or not float32, and excluded nodes.
+weights not float32, and excluded nodes. A MatMul's weight may be a vector ``[K]`` (one scale) or a stack
+``[..., K, N]`` (one scale per column of each matrix).
 The float-exact passes of the weight-only schemes run first (constant folding, BatchNorm folding, dead-code
 elimination), so an exporter's ``Transpose(W)`` becomes a constant the rewrite can quantize.
 """
@@ -57,6 +58,7 @@ from edgeopt.quant.float16 import UniqueNames, weight_only_float_passes
 from edgeopt.quant.formats import INT8_SYMMETRIC, UINT8
 from edgeopt.quant.int4_lowering import drop_unread, gemm_as_matmul, read_constant, uncovered_weights_note
 from edgeopt.quant.primitives import quantize_per_channel
+from edgeopt.quant.rescaled import record_rescaled
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
 
@@ -66,6 +68,8 @@ logger = logging.getLogger(__name__)
 
 SCHEME = "int8-dynamic"
 _OPSET = 11  # DynamicQuantizeLinear
+_EINSUM_REASON = ("an Einsum with a constant operand that is no dense layer x @ W (the float passes make those "
+                  "MatMuls): dynamic int8 has no Einsum form")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -132,9 +136,7 @@ def _float_input(node: ir.Node) -> str | None:
         return "it has no input"
     if value.type is not None and value.type.dtype not in (ir.DataType.FLOAT, None):
         return f"its input is {value.type.dtype.name}, not float32: DynamicQuantizeLinear reads float32"
-    if value.shape is not None and len(value.shape) < 2:
-        return "its input is a vector: MatMulInteger is written here for matrix inputs"
-    return None
+    return None  # a vector input too: MatMulInteger takes MatMul's shapes, and ONNX Runtime fuses it all the same
 
 
 def _match(node: ir.Node, config: DynamicInt8Config) -> _Layer | str:
@@ -159,11 +161,8 @@ def _match(node: ir.Node, config: DynamicInt8Config) -> _Layer | str:
         n_axis = source.axes[1 - gemm.k_axis]
         layer = _Layer(node=node, weight_value=source.value, weight=gemm.weight, n_axis=n_axis, bias=gemm.bias,
                        addend=gemm.addend)
-    elif weight.ndim != 2:
-        return (f"its weight is {weight.ndim}-D: ONNX Runtime fuses MatMulInteger into DynamicQuantizeMatMul for "
-                "2-D weights only")
-    else:
-        layer = _Layer(node=node, weight_value=source.value, weight=weight, n_axis=source.axes[1])
+    else:  # [K, N]; [K] (one column) or [..., K, N] (a stack of matrices) too
+        layer = _Layer(node=node, weight_value=source.value, weight=weight, n_axis=source.axes[-1])
     if not np.isfinite(layer.weight).all():
         return "its weight holds inf or NaN, which no int8 scale can represent"
     return layer
@@ -206,7 +205,7 @@ def _is_table_read(node: ir.Node) -> bool:
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.Tensor(np.ascontiguousarray(array), name=name)
+    tensor = ir.Tensor(np.asarray(array, order="C"), name=name)  # a scalar stays one (ascontiguousarray: [1])
     value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
     graph.register_initializer(value)
     return value
@@ -239,8 +238,7 @@ class _Rewriter:
         key = (layer.weight.shape, hashlib.sha256(layer.weight.tobytes()).hexdigest())
         found = self.weights.get(key)
         if found is None:
-            axis = 1 if self.config.per_channel else None
-            q, scale, _ = quantize_per_channel(layer.weight, axis, INT8_SYMMETRIC)
+            q, scale = _quantized_weight(layer.weight, self.config.per_channel)
             base = layer.weight_value.name or "weight"
             values = (_initializer(self.graph, self.names(f"{base}_quantized"), q),
                       _initializer(self.graph, self.names(f"{base}_scale"), scale.astype(np.float32)))
@@ -333,6 +331,21 @@ class _Rewriter:
             zero_point=(0,) * np.size(found.scales), method="minmax", axis=0))
 
 
+def _quantized_weight(weight: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes and scales of a ``[K, N]`` weight: one scale per output column (``[N]``) or one in all. A
+    vector ``[K]`` is one column (a scalar scale); a stack ``[..., K, N]`` has one per column of each matrix, shaped
+    ``[..., 1, N]`` to broadcast over the product (ONNX Runtime's DynamicQuantizeMatMul takes that shape)."""
+    if not per_channel or weight.ndim == 1:
+        q, scale, _ = quantize_per_channel(weight, None, INT8_SYMMETRIC)
+        return q, scale.reshape(())  # [K] @ [K] is a scalar: so stays its product
+    if weight.ndim == 2:
+        q, scale, _ = quantize_per_channel(weight, 1, INT8_SYMMETRIC)
+        return q, scale
+    columns = np.swapaxes(weight, -1, -2)  # [..., N, K]
+    q, scale, _ = quantize_per_channel(columns.reshape(-1, weight.shape[-2]), 0, INT8_SYMMETRIC)
+    return np.swapaxes(q.reshape(columns.shape), -1, -2), scale.reshape(*weight.shape[:-2], 1, weight.shape[-1])
+
+
 def _insert_after_producer(graph: ir.Graph, value: ir.Value, node: ir.Node) -> None:
     """Put ``node`` (reading ``value``) right after the node that computes ``value``, or first."""
     producer = value.producer()
@@ -363,6 +376,7 @@ def _smoothed(model: ir.Model, config: DynamicInt8Config, data: Iterable[Batch] 
     # where X / s cannot be folded into X's producer (a post-norm LayerNorm whose output the residual reads
     # too), a Mul by 1 / s: its output is what DynamicQuantizeLinear reads, so the smoothing holds
     report = smooth(model, hook.result(), alpha=config.smoothquant_alpha, insert_mul=True)
+    record_rescaled(model, report.rescaled)  # the tensors now divided by s, for compare to undo
     notes = [f"SmoothQuant (alpha {config.smoothquant_alpha:g}): "
              f"{count_of(len(report.smoothed), 'input', 'inputs')} smoothed, {len(report.skipped)} skipped"]
     return notes + [f"not smoothed: {reason}" for _, reason in report.skipped[:5]]
@@ -388,13 +402,18 @@ def _lower_recurrent(graph: ir.Graph, config: DynamicInt8Config, names: UniqueNa
 
 def _warn_mostly_float(graph: ir.Graph, quantized_bytes: int) -> None:
     """A warning (in the report) when more float32 weight bytes stay than were quantized: a convolutional
-    model, whose Conv weights dynamic int8 leaves alone."""
-    kept = sum(value.const_value.nbytes for value in graph.initializers.values()
-               if value.const_value is not None and value.dtype == ir.DataType.FLOAT and len(value.shape or ()) >= 2)
-    if kept > quantized_bytes:
-        logger.warning("most of the weights stay float32 (%s of %s bytes, listed in the notes): %s quantizes "
-                       "MatMul/Gemm layers; --scheme int8 with --data quantizes convolutions too", f"{kept:,}",
-                       f"{kept + quantized_bytes:,}", SCHEME)
+    model, whose Conv weights dynamic int8 leaves alone (static int8 quantizes them), or a GRU's (no int8
+    scheme quantizes those: static int8 is no advice there)."""
+    kept = [value for value in graph.initializers.values()
+            if value.const_value is not None and value.dtype == ir.DataType.FLOAT and len(value.shape or ()) >= 2]
+    kept_bytes = sum(value.const_value.nbytes for value in kept)
+    if kept_bytes <= quantized_bytes:
+        return
+    readers = sorted({use.node.op_type for value in kept for use in value.uses()})
+    advice = ("--scheme int8 with --data quantizes convolutions too" if {"Conv", "ConvTranspose"} & set(readers)
+              else f"those {', '.join(readers)} reads stay float (the notes say why): --scheme fp16 halves them")
+    logger.warning("most of the weights stay float32 (%s of %s bytes, listed in the notes): %s quantizes "
+                   "MatMul/Gemm layers; %s", f"{kept_bytes:,}", f"{kept_bytes + quantized_bytes:,}", SCHEME, advice)
 
 
 def _kept_note(float_nodes: Iterable[FloatNode]) -> list[str]:
@@ -423,6 +442,8 @@ def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iter
                 float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, found))
             else:
                 layers.append(found)
+        elif eir.is_op(node, "Einsum") and any(eir.is_constant(value) for value in node.inputs if value is not None):
+            float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, _EINSUM_REASON))
     inside = sum(layer.node.graph is not graph for layer in layers)  # before the rewrite detaches them
     rewriter = _Rewriter(graph, config)
     for layer in layers:
@@ -451,7 +472,7 @@ def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iter
         f"{count_of(counts['DynamicQuantizeLinear'], 'input', 'inputs')} quantized at run time"
         + (f", {count_of(counts['table'], 'embedding table', 'embedding tables')} in int8 per row"
            if counts["table"] else "")
-        + (f", {count_of(len(lstms.tensors) // 2, 'LSTM', 'LSTMs')} -> DynamicQuantizeLSTM (com.microsoft)"
+        + (f", {count_of(lstms.count, 'LSTM', 'LSTMs')} -> DynamicQuantizeLSTM (com.microsoft)"
            if lstms.tensors else "") + f"; weights {bytes_before} -> {bytes_after} bytes with scales",
         f"weights int8 symmetric {granularity}; activations {UINT8.name} asymmetric per tensor, each range "
         "measured as the model runs (no calibration)",
@@ -461,7 +482,7 @@ def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iter
     logger.info("%s: %s", SCHEME, notes[0])
     _warn_mostly_float(graph, bytes_before)
     details = {"matmul": counts["MatMul"], "gemm": counts["Gemm"], "tables": counts["table"],
-               "lstm": len(lstms.tensors) // 2, "dynamic_inputs": counts["DynamicQuantizeLinear"],
+               "lstm": lstms.count, "dynamic_inputs": counts["DynamicQuantizeLinear"],
                "weight_bytes_before": bytes_before, "weight_bytes_after": bytes_after}
     return QuantResult(model=model, scheme=SCHEME, tensors=(*rewriter.tensors, *lstms.tensors),
                        float_nodes=tuple(float_nodes), notes=tuple(notes), config=config, details=details)

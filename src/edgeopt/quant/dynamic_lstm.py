@@ -43,17 +43,23 @@ def lstm_refusal(node: ir.Node) -> str | None:
 
 
 class LoweredLstm:
-    """What :func:`lower_lstm` stored: the two weights' reports and bytes before and after."""
+    """What :func:`lower_lstm` stored: how many LSTMs, each distinct weight's report and int8 constants
+    (LSTMs sharing a W or R share them), and bytes before and after."""
 
     def __init__(self) -> None:
+        self.count = 0
         self.tensors: list[TensorQuantInfo] = []
+        self.stored: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
         self.float_bytes = 0
         self.int8_bytes = 0
 
 
 def _quantized(graph: ir.Graph, names, value: ir.Value, per_channel: bool, done: LoweredLstm,
                op_type: str) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """``value`` ([D, 4H, K]) as DynamicQuantizeLSTM's int8 ``[D, K, 4H]``, scales and zero points."""
+    """``value`` ([D, 4H, K]) as DynamicQuantizeLSTM's int8 ``[D, K, 4H]``, scales and zero points, made once
+    however many LSTMs read it."""
+    if value in done.stored:
+        return done.stored[value]
     weight = eir.constant_array(value)
     directions, rows, _ = weight.shape
     if per_channel:  # one scale per gate row of each direction
@@ -78,7 +84,8 @@ def _quantized(graph: ir.Graph, names, value: ir.Value, per_channel: bool, done:
         name=value.name, kind="weight", op_type=op_type, format=INT8_SYMMETRIC.name,
         range=(float(weight.min()), float(weight.max())), scale=tuple(np.ravel(scale).tolist()),
         zero_point=(0,) * scale.size, method="minmax", axis=1 if per_channel else None))
-    return stored[0], stored[1], stored[2]
+    done.stored[value] = stored[0], stored[1], stored[2]
+    return done.stored[value]
 
 
 def lower_lstm(graph: ir.Graph, names, node: ir.Node, per_channel: bool, done: LoweredLstm) -> None:
@@ -95,3 +102,4 @@ def lower_lstm(graph: ir.Graph, names, node: ir.Node, per_channel: bool, done: L
                                             list(lstm.outputs))
     for value in (w, r):
         drop_unread(value)
+    done.count += 1

@@ -153,6 +153,9 @@ def _linear_site(value: ir.Value, channels: int) -> _Site | None:
     weight = _row_weight(producer) if producer is not None else None
     if weight is None or weight.shape[1] != channels:
         return None
+    addend = producer.inputs[2] if producer.op_type == "Gemm" and len(producer.inputs) > 2 else None
+    if addend is not None and eir.constant_array(addend) is None:  # a computed C cannot take 1 / s
+        return None
     return _Site(kind="linear", node=producer, bias_add=bias_add)
 
 
