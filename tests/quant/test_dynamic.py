@@ -381,3 +381,13 @@ def test_a_constant_on_the_left_and_a_one_value_table_stay_float_with_the_reason
     assert {(n.node_name, n.reason) for n in result.float_nodes} == {
         ("left_product", "its constant is the left-hand input (W @ x): dynamic int8 is written for x @ W"),
         ("lookup", "its rows hold one value each: an int8 value and its row's scale take more bytes than float32")}
+
+
+def test_compare_measures_a_product_behind_smoothquants_inserted_mul(tmp_path):
+    path = build_hf("bert", tmp_path)  # post-norm: the LayerNorm output is read by the residual too, no fold
+    samples = hf_samples("bert", 8, seed=1)
+    result = quantize(load(path), DynamicInt8Config(smoothquant_alpha=0.5), data=samples)
+    assert any(note.startswith("SmoothQuant (alpha 0.5): ") for note in result.notes)
+    rows = compare_models(load(path), result.model, samples).layers
+    products = [row for row in rows if row.op_type in ("MatMul (int8)", "Gemm (int8)")]
+    assert len(products) == 13 and all(row.lost_db is not None for row in products)  # (logits: an output)

@@ -418,12 +418,23 @@ def _with_losses(quant_model: ir.Model, rows: list[LayerComparison], by_name: bo
             if quantized is not None and quantized.dtype not in (ir.DataType.FLOAT, None):  # a lookup's indices
                 with_losses.append(replace(row, lost_db=_lost([math.inf], row.sqnr_db)))
                 continue
-            names = [computed_from(quantized).name] if quantized is not None else []
+            names = [_measured_input(quantized, sqnr).name] if quantized is not None else []
         else:
             names = _input_names(node, by_name) if node is not None else []
         upstream = [sqnr[name] for name in names if name in sqnr]
         with_losses.append(replace(row, lost_db=_lost(upstream, row.sqnr_db)))
     return with_losses
+
+
+def _measured_input(value: ir.Value, sqnr: Mapping[str, float]) -> ir.Value:
+    """The row a dynamic product's input is measured by: the tensor it carries, before the Mul by 1 / s that
+    SmoothQuant inserts where it cannot fold (that Mul's output has no float counterpart)."""
+    value = computed_from(value)
+    producer = value.producer()
+    if value.name not in sqnr and eir.is_op(producer, "Mul") and any(map(eir.is_constant, producer.inputs)):
+        fed = [v for v in producer.inputs if v is not None and not eir.is_constant(v)]
+        return computed_from(fed[0]) if len(fed) == 1 else value
+    return value
 
 
 def _lost(upstream: list[float], sqnr_db: float) -> float | None:

@@ -253,12 +253,21 @@ def _written_as(value: ir.Value) -> str:
     return dynamic_kind(producer) or _kind(producer.op_type)
 
 
+def _smoothing_mul(node: ir.Node) -> bool:
+    """A Mul by a constant whose output only DynamicQuantizeLinear nodes read: SmoothQuant's ``X / s`` before a
+    dynamic int8 model's products."""
+    uses = node.outputs[0].uses() if node.op_type == "Mul" else ()
+    return (bool(uses) and any(map(eir.is_constant, node.inputs))
+            and all(use.node.op_type == "DynamicQuantizeLinear" for use in uses))
+
+
 def _readers(value: ir.Value) -> frozenset[str]:
     """What the ops reading ``value`` compute, past the Casts a float16 conversion put before them and the
-    DynamicQuantizeLinear of a dynamic int8 model's products."""
+    DynamicQuantizeLinear of a dynamic int8 model's products (and the Mul by 1 / s SmoothQuant puts before
+    that where it cannot fold)."""
     ops = set()
     for use in value.uses():
-        if use.node.op_type in ("Cast", "DynamicQuantizeLinear"):
+        if use.node.op_type in ("Cast", "DynamicQuantizeLinear") or _smoothing_mul(use.node):
             ops |= _readers(use.node.outputs[0])
         else:
             ops.add(DYNAMIC_PRODUCTS.get(use.node.op_type, _kind(use.node.op_type))
