@@ -103,3 +103,15 @@ def test_inspect_reads_the_dynamic_model(cli, tmp_path):
     assert "32x256, scalar, scalar" in result.stdout  # DynamicQuantizeLinear's scale and zero point
     report = json.loads(cli("inspect", out, "--json").stdout)
     assert report["macs"] == 32 * (256 * 384 + 384 * 64)  # MatMulInteger counts as the MatMul it is
+
+
+def test_compile_tells_a_dynamic_model_to_quantize_statically_for_the_mcu(cli, tmp_path):
+    from tests.quant.test_int4 import mlp
+
+    mlp(tmp_path)
+    out = tmp_path / "mlp.dynamic.onnx"
+    assert cli("quantize", tmp_path / "mlp.onnx", "--scheme", "int8-dynamic", "-o", out, "--no-speed-check").code == 0
+    result = cli("compile", out, "--target", "c", "-o", tmp_path / "c")
+    assert_one_line_error(result, "dynamic int8 one (DynamicQuantizeLinear, MatMulInteger)",
+                          "--scheme int8 --target mcu --data")
+    assert not (tmp_path / "c").exists()

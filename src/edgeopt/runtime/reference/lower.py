@@ -382,6 +382,10 @@ def _run_node(lowering: Lowering, node: ir.Node, handlers) -> None:
         lowering.failed.update(v.name for v in node.outputs)
 
 
+# what a dynamic int8 model (edgeopt's int8-dynamic, ONNX Runtime's quantize_dynamic) computes with
+_DYNAMIC_OPS = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"})
+
+
 def lower(model: ir.Model, *, fuse: bool = True) -> Program:
     """The integer program of a QDQ model; raises UnsupportedOpError listing every op it cannot lower.
 
@@ -391,6 +395,11 @@ def lower(model: ir.Model, *, fuse: bool = True) -> Program:
     from edgeopt.runtime.reference.handlers import HANDLERS
 
     if not _is_quantized(model):
+        dynamic = sorted({node.op_type for node in model.graph if node.op_type in _DYNAMIC_OPS})
+        if dynamic:
+            raise ModelError(f"the model is a dynamic int8 one ({', '.join(dynamic)}): it quantizes activations "
+                             "as ONNX Runtime runs it, and the C needs their ranges fitted ahead of time: quantize "
+                             "the float model with `edgeopt quantize --scheme int8 --target mcu --data ...`")
         raise ModelError("the model has no QuantizeLinear/DequantizeLinear nodes: it is a float model; "
                          "run `edgeopt quantize` first")
     lowering = Lowering(model)
