@@ -103,6 +103,9 @@ def test_inspect_reads_the_dynamic_model(cli, tmp_path):
     assert "32x256, scalar, scalar" in result.stdout  # DynamicQuantizeLinear's scale and zero point
     report = json.loads(cli("inspect", out, "--json").stdout)
     assert report["macs"] == 32 * (256 * 384 + 384 * 64)  # MatMulInteger counts as the MatMul it is
+    float_report = json.loads(cli("inspect", tmp_path / "mlp.onnx", "--json").stdout)
+    assert report["params"] == float_report["params"]  # the weight scales are stored, but no parameters
+    assert report["weight_bytes"]["stored"] < 0.3 * float_report["weight_bytes"]["stored"]
 
 
 def test_compile_tells_a_dynamic_model_to_quantize_statically_for_the_mcu(cli, tmp_path):

@@ -354,12 +354,30 @@ def _is_weight_dtype(dtype: ir.DataType, op_type: str, position: int) -> bool:
     return dtype == ir.DataType.INT32 and (op_type, position) in _INT32_WEIGHTS
 
 
+def _dynamic_scales(node: ir.Node) -> frozenset[int]:
+    """The inputs of a dynamic int8 model's node that are weight scales: a Mul by the scale a
+    DynamicQuantizeLinear computes (``x_scale * w_scale``), a Gather of an int8 table's row scales."""
+    if node.op_type == "Mul":
+        producers = [value.producer() if value is not None else None for value in node.inputs]
+        if any(p is not None and p.op_type == "DynamicQuantizeLinear" for p in producers):
+            return frozenset(i for i, p in enumerate(producers) if p is None or is_constant_node(p))
+    if node.op_type == "Gather" and node.outputs[0].uses():
+        rescale = next(iter(node.outputs[0].uses())).node
+        cast = next((v.producer() for v in rescale.inputs if v is not None and v.producer() is not None
+                     and v.producer().op_type == "Cast"), None) if rescale.op_type == "Mul" else None
+        rows = cast.inputs[0].producer() if cast is not None and cast.inputs[0] is not None else None
+        table = _constant_tensor(rows.inputs[0]) if rows is not None and rows.op_type == "Gather" else None
+        if table is not None and table.dtype == ir.DataType.INT8:
+            return frozenset({0})
+    return frozenset()
+
+
 def _node_weights(node: ir.Node, seen: set[int]) -> tuple[int, int]:
     """(elements, stored bytes) of the weights first consumed by ``node`` or by the nodes of its
     subgraphs (an If, a Loop or a Scan holds what its bodies read); updates ``seen``."""
     params = stored_bytes = 0
     for reader in (node, *(inner for graph in subgraphs(node) for inner in graph.all_nodes())):
-        skipped = _QUANTIZATION_PARAMETERS.get(reader.op_type, frozenset())
+        skipped = _QUANTIZATION_PARAMETERS.get(reader.op_type, frozenset()) | _dynamic_scales(reader)
         for position, value in enumerate(reader.inputs):
             if value is None or id(value) in seen:
                 continue
