@@ -420,7 +420,8 @@ def _check_request(model: ModelSource, config: object, data, *, output, preproce
 
 
 def _check_goal(config: object, data, goal: AccuracyGoal | None, evaluate) -> None:
-    """int8 needs data; --eval goes with --max-drop; an accuracy goal is int8's and int4's, and needs data."""
+    """int8 needs data; --eval goes with --max-drop; an accuracy goal is int8's, int4's and int8-dynamic's, and needs
+    data."""
     from edgeopt.quant import Int8Config
     from edgeopt.quant.dynamic import DynamicInt8Config
     from edgeopt.quant.int4 import Int4WeightConfig
