@@ -1,5 +1,5 @@
-"""Accuracy-aware int8 (and int4 weight-only): put the most damaging layers back in float until the metric
-is within budget.
+"""Accuracy-aware int8 (and int4 weight-only, and dynamic int8): put the most damaging layers back in float
+until the metric is within budget.
 
 The metric is either the user's (``evaluate(model) -> score``, higher is
 better; the goal is ``float_score - score <= max_drop``) or, without labels,
@@ -27,7 +27,9 @@ nothing: the damage was downstream of a node returned later): one that the
 goal holds without runs in int8 (int4) again. The model returned is then the one
 meeting the goal with the fewest float nodes. With int4's 8-bit fallback
 (``Int4WeightConfig(fallback="int8")``) a layer the search takes out of int4
-goes to 8 bits instead of float, and the search ends when none is left in int4.
+goes to 8 bits instead of float, and the search ends when none is left in int4. Dynamic int8
+(``DynamicInt8Config``) ranks its layers as int4 does: by the noise each adds inside (its rows matched by
+name), its MatMul/Gemm, embedding tables and LSTMs alike.
 """
 
 from __future__ import annotations
