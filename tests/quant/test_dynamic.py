@@ -391,3 +391,15 @@ def test_compare_measures_a_product_behind_smoothquants_inserted_mul(tmp_path):
     rows = compare_models(load(path), result.model, samples).layers
     products = [row for row in rows if row.op_type in ("MatMul (int8)", "Gemm (int8)")]
     assert len(products) == 13 and all(row.lost_db is not None for row in products)  # (logits: an output)
+
+
+def test_a_one_shot_generator_the_scheme_did_not_read_is_measured(tmp_path):
+    import edgeopt
+
+    mlp(tmp_path)
+    batches = ({"input": np.random.default_rng(seed).standard_normal((32, 256)).astype(np.float32)}
+               for seed in range(8))
+    report = edgeopt.quantize(tmp_path / "mlp.onnx", DynamicInt8Config(), batches, output=tmp_path / "q.onnx",
+                              check_speed=False)
+    assert report.fidelity is not None and report.fidelity_on == "data" and not report.warnings
+    assert report.calibration_samples == 0  # nothing was calibrated on it

@@ -284,7 +284,7 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
     warnings = _result_warnings(config, result, search, source)
     checks = _Checks(model=model, loaded=loaded, data=data, eval_data=held_out, preprocess=preprocess,
                      max_samples=max_samples, fidelity=check_fidelity, speed=check_speed,
-                     fitted=getattr(config, "fits_data", True))
+                     fitted=getattr(config, "fits_data", True), unread=source is not None and source.count == 0)
     fidelity, speed, search = _checked(checks, result, search, warnings)
     report = QuantizeReport(result=result, output=Path(output) if output is not None else None,
                             float_bytes=float_bytes, quant_bytes=sum(len(data) for _, data in written),
@@ -313,6 +313,7 @@ class _Checks:
     fidelity: bool
     speed: bool
     fitted: bool = True  # whether the scheme fitted anything to ``data`` (ranges, SmoothQuant's scales)
+    unread: bool = False  # whether ``data`` is still unread (the scheme needed none of it)
 
     @property
     def fidelity_on(self) -> str:
@@ -343,7 +344,9 @@ def _checks(checks: _Checks, result: QuantResult,
     again), and float vs quantized speed."""
     data, held_out = checks.data, checks.eval_data
     reiterable = data is not None and not isinstance(data, Iterator)
-    measured = held_out if held_out is not None else data if reiterable else None
+    # a one-shot iterator the scheme did not read (int8-dynamic without SmoothQuant) is there to be measured
+    readable = reiterable or (data is not None and checks.unread)
+    measured = held_out if held_out is not None else data if readable else None
     if checks.fidelity and measured is None and data is not None:
         warnings.append("fidelity check skipped: the calibration data was a one-shot iterator, already read "
                         "(pass a list, a re-iterable, a folder or a file to have it measured, or --eval-data)")
