@@ -97,6 +97,7 @@ def test_inspect_counts_the_scores_and_context_of_a_multi_head_attention(tmp_pat
 
 def _output_sqnr_db(float_path, quant_path, name: str) -> float:
     from edgeopt.metrics import sqnr_db
+    from edgeopt.io import load_model
     from edgeopt.runtime.ort import OrtSession
     from tests.hf_models import hf_samples
 
@@ -151,3 +152,49 @@ def test_fp16_of_a_fused_vit_avoids_the_float16_pattern_onnx_runtime_crashes_on(
                          text=True, cwd=pathlib.Path(__file__).parents[2], timeout=120)
     assert run.returncode == 0, run.stderr[-500:]
     assert float(run.stdout.strip().splitlines()[-1]) > 50
+
+
+def test_dynamic_int8_writes_qattention_for_the_fused_attention(tmp_path):
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edgeopt.io import load_model
+    from edgeopt.runtime.ort import OrtSession
+    from tests.hf_models import hf_samples
+
+    path = build_fused("bert", tmp_path)
+    report = edgeopt.quantize(path, edgeopt.DynamicInt8Config(), None, output=tmp_path / "ours.onnx",
+                              check_fidelity=False, check_speed=False)
+    ops = [node.op_type for node in onnx.load(tmp_path / "ours.onnx").graph.node]
+    assert ops.count("QAttention") == 2 and "Attention" not in ops and report.result.details["attention"] == 2
+    attention = [info for info in report.result.tensors if info.op_type == "Attention"]
+    assert {info.format for info in attention} == {"int7_symmetric"} and len(attention[0].scale) == 3 * HIDDEN
+    assert any("EmbedLayerNormalization x1 stay float32" in note for note in report.result.notes)
+    # ONNX Runtime's own quantizer needs DefaultTensorType on this model (it fails to infer a type otherwise)
+    quantize_dynamic(str(path), str(tmp_path / "ort.onnx"), weight_type=QuantType.QInt8, per_channel=True,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    sessions = [OrtSession(load_model(p, require_static=False))
+                for p in (path, tmp_path / "ours.onnx", tmp_path / "ort.onnx")]
+    samples = hf_samples("bert", 16, seed=2)
+    reference, mine, theirs = (np.concatenate([s.run(feed)["logits"].ravel() for feed in samples]) for s in sessions)
+
+    def sqnr(other):
+        return 10 * np.log10(np.sum(reference ** 2) / np.sum((reference - other) ** 2))
+
+    assert sqnr(mine) >= sqnr(theirs)  # measured 39.7 against 37.2 dB
+
+
+def test_an_attention_qattention_cannot_take_stays_float_with_the_reason(tmp_path):
+    import onnx
+
+    path = build_fused("bert", tmp_path)
+    model = onnx.load(path)
+    for node in model.graph.node:
+        if node.op_type == "Attention":
+            node.attribute.append(onnx.helper.make_attribute("qkv_hidden_sizes", [HIDDEN] * 3))
+    onnx.save(model, tmp_path / "sized.onnx")
+    report = edgeopt.quantize(tmp_path / "sized.onnx", edgeopt.DynamicInt8Config(), None, check_fidelity=False,
+                              check_speed=False)
+    assert [(node.op_type, node.reason) for node in report.result.float_nodes if node.op_type == "Attention"] == [
+        ("Attention", "its Q, K and V have different sizes (qkv_hidden_sizes), which QAttention does not take")] * 2

@@ -15,7 +15,8 @@ the inputs change (sequence lengths, prompts). That is what suits transformers, 
 from one input to the next; convolutions are left float (integer convolution without fused requantization
 is slower than float in ONNX Runtime): quantize those statically (``Int8Config``, with data).
 
-LSTM layers become ONNX Runtime's ``DynamicQuantizeLSTM`` (:mod:`edgeopt.quant.dynamic_lstm`): int8 weights,
+ONNX Runtime's fused ``Attention`` (its transformer optimizer's) becomes its ``QAttention``
+(:mod:`edgeopt.quant.dynamic_attention`). LSTM layers become ONNX Runtime's ``DynamicQuantizeLSTM`` (:mod:`edgeopt.quant.dynamic_lstm`): int8 weights,
 each step's input and hidden state quantized as it runs; GRU and RNN have no such form and stay float.
 
 Embedding tables (a Gather of the rows of a constant 2-D float table, when nothing else reads the table in
@@ -53,6 +54,7 @@ from edgeopt.errors import ConfigError, ModelError
 from edgeopt.metrics import count_of
 from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.config import CalibrationConfig, PerChannel, PerTensor, check_exclude_names
+from edgeopt.quant.dynamic_attention import attention_refusal, lower_attention
 from edgeopt.quant.dynamic_lstm import MS_DOMAIN, LoweredLstm, lower_lstm, lstm_refusal
 from edgeopt.quant.float16 import UniqueNames, weight_only_float_passes
 from edgeopt.quant.formats import INT8_SYMMETRIC, UINT8
@@ -382,6 +384,27 @@ def _smoothed(model: ir.Model, config: DynamicInt8Config, data: Iterable[Batch] 
     return notes + [f"not smoothed: {reason}" for _, reason in report.skipped[:5]]
 
 
+def _lower_attention(graph: ir.Graph, config: DynamicInt8Config, rewriter: _Rewriter,
+                     float_nodes: list[FloatNode]) -> list[tuple[TensorQuantInfo, int]]:
+    """Each of ONNX Runtime's fused Attention nodes as QAttention (:mod:`edgeopt.quant.dynamic_attention`), its
+    input quantized by the DynamicQuantizeLinear the layers share; the others listed float with why. Each
+    weight's report and int8 bytes."""
+    done = []
+    for node in list(graph.all_nodes()):
+        if node.op_type != "Attention" or node.domain != MS_DOMAIN:
+            continue
+        refusal = ("excluded by config" if node.name in config.exclude or node.op_type in config.exclude
+                   else attention_refusal(node))
+        if refusal is not None:
+            float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, refusal))
+            continue
+        weight = node.inputs[1]
+        rewriter.float_bytes[weight] = weight.const_value.nbytes
+        done.append((lower_attention(graph, rewriter.names, node, config.per_channel, rewriter.quantized_input),
+                     int(np.prod(weight.shape))))
+    return done
+
+
 def _lower_recurrent(graph: ir.Graph, config: DynamicInt8Config, names: UniqueNames,
                      float_nodes: list[FloatNode]) -> LoweredLstm:
     """Each LSTM as DynamicQuantizeLSTM (:mod:`edgeopt.quant.dynamic_lstm`); a GRU or RNN, or an LSTM that
@@ -448,6 +471,7 @@ def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iter
     rewriter = _Rewriter(graph, config)
     for layer in layers:
         rewriter.rewrite(layer)
+    attention = _lower_attention(graph, config, rewriter, float_nodes)
     lstms = _lower_recurrent(graph, config, rewriter.names, float_nodes)
     tables = [node for node in list(graph.all_nodes()) if _is_table_read(node)]
     for node in tables:  # after the layers: a tied head quantized above no longer reads its table in float
@@ -456,14 +480,15 @@ def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iter
             rewriter.rewrite_table(node, _table(node))
         else:
             float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, refusal))
-    if not layers and not lstms.tensors:
+    if not layers and not lstms.tensors and not attention:
         reasons = "; ".join(f"{f.node_name}: {f.reason}" for f in float_nodes[:3]) or "the model has none"
         raise ModelError(f"no MatMul/Gemm with a constant weight to quantize ({reasons}): {SCHEME} quantizes the "
                          "weights of MatMul/Gemm layers; for convolutions use --scheme int8 with --data")
     counts = rewriter.counts
     bytes_before = sum(rewriter.float_bytes.values()) + lstms.float_bytes
-    bytes_after = sum(weight.nbytes for weight in rewriter.weights.values()) + lstms.int8_bytes
-    if lstms.tensors:
+    bytes_after = (sum(weight.nbytes for weight in rewriter.weights.values()) + lstms.int8_bytes
+                   + sum(len(info.scale) * 5 + info_bytes for info, info_bytes in attention))
+    if lstms.tensors or attention:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     granularity = "per output column" if config.per_channel else "per tensor"
     notes = [
@@ -472,6 +497,8 @@ def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iter
         f"{count_of(counts['DynamicQuantizeLinear'], 'input', 'inputs')} quantized at run time"
         + (f", {count_of(counts['table'], 'embedding table', 'embedding tables')} in int8 per row"
            if counts["table"] else "")
+        + (f", {count_of(len(attention), 'Attention', 'Attentions')} -> QAttention (com.microsoft; 7-bit "
+           "weights, as ONNX Runtime writes them)" if attention else "")
         + (f", {count_of(lstms.count, 'LSTM', 'LSTMs')} -> DynamicQuantizeLSTM (com.microsoft)"
            if lstms.tensors else "") + f"; weights {bytes_before} -> {bytes_after} bytes with scales",
         f"weights int8 symmetric {granularity}; activations {UINT8.name} asymmetric per tensor, each range "
@@ -482,7 +509,8 @@ def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iter
     logger.info("%s: %s", SCHEME, notes[0])
     _warn_mostly_float(graph, bytes_before)
     details = {"matmul": counts["MatMul"], "gemm": counts["Gemm"], "tables": counts["table"],
-               "lstm": lstms.count, "dynamic_inputs": counts["DynamicQuantizeLinear"],
+               "lstm": lstms.count, "attention": len(attention), "dynamic_inputs": counts["DynamicQuantizeLinear"],
                "weight_bytes_before": bytes_before, "weight_bytes_after": bytes_after}
-    return QuantResult(model=model, scheme=SCHEME, tensors=(*rewriter.tensors, *lstms.tensors),
+    return QuantResult(model=model, scheme=SCHEME,
+                       tensors=(*rewriter.tensors, *(info for info, _ in attention), *lstms.tensors),
                        float_nodes=tuple(float_nodes), notes=tuple(notes), config=config, details=details)

@@ -1,0 +1,86 @@
+"""Dynamic int8 of ONNX Runtime's fused ``com.microsoft.Attention``: its ``QAttention``.
+
+ONNX Runtime's transformer optimizer packs a layer's Q, K and V projections into one Attention node whose
+weight ``[hidden, 3 * hidden]`` is an input: no MatMul is left for dynamic int8 to rewrite. QAttention takes
+that weight in int8, one scale per output column (``PerChannel``) or one (``PerTensor``), and the layer's
+input as uint8 with its scale and zero point, which a DynamicQuantizeLinear computes as the model runs (shared
+with any MatMul reading the same input). The weights use 7 bits (``[-63, 63]``), as ONNX Runtime's own
+quantizer writes them for QAttention: its u8 x s8 products are then safe from 16-bit saturation on CPUs
+without int8 dot-product instructions. Bias, mask and past carry over with the attributes.
+
+An Attention with ``qkv_hidden_sizes`` (Q, K and V of different sizes), one reading an attention bias or a
+past sequence length (inputs QAttention does not take), or whose weight is not a constant float32 matrix,
+stays float with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+from edgeopt.quant.formats import INT8_SYMMETRIC
+from edgeopt.quant.int4_lowering import drop_unread
+from edgeopt.quant.primitives import quantize_per_channel
+from edgeopt.quant.registry import TensorQuantInfo
+
+__all__ = ["QATTENTION_FORMAT", "attention_refusal", "lower_attention"]
+
+MS_DOMAIN = "com.microsoft"
+#: QAttention's weights: int8 storage, 7 bits used (ONNX Runtime's reduce_range)
+QATTENTION_FORMAT = dataclasses.replace(INT8_SYMMETRIC, name="int7_symmetric", qmin=-63, qmax=63)
+
+
+def attention_refusal(node: ir.Node) -> str | None:
+    """Why the Attention ``node`` cannot become QAttention, or None."""
+    if "qkv_hidden_sizes" in node.attributes:
+        return "its Q, K and V have different sizes (qkv_hidden_sizes), which QAttention does not take"
+    if any(value is not None for value in node.inputs[5:]):
+        return "it reads an attention bias or a past sequence length, which QAttention does not take"
+    if len(node.inputs) < 3 or node.inputs[2] is None:
+        return "it has no bias, which QAttention requires"
+    weight = eir.constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None:
+        return "its weight is not a constant: dynamic int8 needs constant weights"
+    if weight.dtype != np.float32 or weight.ndim != 2:
+        return f"its weight is a {weight.ndim}-D {weight.dtype} tensor, not the float32 matrix QAttention takes"
+    if not np.isfinite(weight).all():
+        return "its weight holds inf or NaN, which no int8 scale can represent"
+    source = node.inputs[0]
+    if source is None or (source.type is not None and source.type.dtype not in (ir.DataType.FLOAT, None)):
+        return "its input is not float32: DynamicQuantizeLinear reads float32"
+    return None
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    tensor = ir.Tensor(np.asarray(array), name=name)
+    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
+    graph.register_initializer(value)
+    return value
+
+
+def lower_attention(graph: ir.Graph, names, node: ir.Node, per_channel: bool, quantized_input) -> TensorQuantInfo:
+    """Replace the Attention ``node`` by QAttention reading ``quantized_input(value, graph)``'s outputs
+    (DynamicQuantizeLinear's); the new constants go to ``graph`` (the main graph). Its weight's report."""
+    weight_value = node.inputs[1]
+    weight = eir.constant_array(weight_value)
+    q, scale, _ = quantize_per_channel(weight, 1 if per_channel else None, QATTENTION_FORMAT)
+    base = weight_value.name or "attention_weight"
+    q_value = _initializer(graph, names(f"{base}_quantized"), q)
+    scale_value = _initializer(graph, names(f"{base}_scale"), scale.astype(np.float32))
+    zero_value = _initializer(graph, names(f"{base}_zero_point"), np.zeros(scale.shape, np.int8))
+    x_q, x_scale, x_zero_point = quantized_input(node.inputs[0], node.graph)
+    inputs = [x_q, q_value, node.inputs[2], x_scale, scale_value, node.inputs[3] if len(node.inputs) > 3 else None,
+              x_zero_point, zero_value, node.inputs[4] if len(node.inputs) > 4 else None]
+    while inputs[-1] is None:
+        inputs.pop()
+    attention = ir.Node(MS_DOMAIN, "QAttention", inputs, list(node.attributes.values()),
+                        num_outputs=len(node.outputs), name=names(f"{node.name or 'attention'}_int8"), version=1)
+    ir.convenience.replace_nodes_and_values(node.graph, node, [node], [attention], list(node.outputs),
+                                            list(attention.outputs))
+    drop_unread(weight_value)
+    return TensorQuantInfo(name=weight_value.name, kind="weight", op_type="Attention", format=QATTENTION_FORMAT.name,
+                           range=(float(weight.min()), float(weight.max())), scale=tuple(np.ravel(scale).tolist()),
+                           zero_point=(0,) * scale.size, method="minmax", axis=1 if per_channel else None)
