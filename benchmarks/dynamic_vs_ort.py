@@ -7,6 +7,8 @@ into ``DynamicQuantizeMatMul``). No calibration data, except for SmoothQuant.
 Models (built here or by the repository's test builders; no downloads):
 
 * ``bert``, ``gpt2``, ``vit``, ``t5``: the Hugging Face-style models of ``tests/hf_models.py`` (hidden 64);
+  ``bert_fused``: that BERT after ONNX Runtime's transformer optimizer (``Attention``,
+  ``EmbedLayerNormalization``, ``SkipLayerNormalization``: ``tests/quant/test_fused_transformers.py``);
   64 calibration samples (seed 1, SmoothQuant and static int8 only) and 64 evaluation samples (seed 2);
 * ``llama``: the decoder of ``tests/llm_models.py`` with its KV cache, trained 200 steps on arithmetic
   progressions; ``llama_outliers``: the same trained weights with ``with_outlier_channels`` (RMSNorm
@@ -73,7 +75,7 @@ from quantize_vs_ort import _import_both_tools  # noqa: E402
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-HF_MODELS = ("bert", "gpt2", "vit", "t5")
+HF_MODELS = ("bert", "gpt2", "vit", "t5", "bert_fused")
 DECODER_MODELS = ("llama", "llama_outliers")
 LARGE_MODELS = ("encoder768", "lstm_speech")  # realistic sizes, fewer latency runs
 ALL_MODELS = (*HF_MODELS, *DECODER_MODELS, "transformer", *LARGE_MODELS)
@@ -116,10 +118,12 @@ def _quiet():
 
 def hf_case(name: str, work: pathlib.Path) -> Case:
     from tests.hf_models import build_hf, hf_samples
+    from tests.quant.test_fused_transformers import build_fused
 
-    return Case(name=name, fp32_path=build_hf(name, work),
-                calibration=hf_samples(name, CALIBRATION_SAMPLES, seed=1),
-                evaluation=hf_samples(name, EVALUATION_SAMPLES, seed=2))
+    source = name.removesuffix("_fused")  # bert_fused: the BERT as ONNX Runtime's optimizer fuses it
+    path = build_fused(source, work) if name.endswith("_fused") else build_hf(name, work)
+    return Case(name=name, fp32_path=path, calibration=hf_samples(source, CALIBRATION_SAMPLES, seed=1),
+                evaluation=hf_samples(source, EVALUATION_SAMPLES, seed=2))
 
 
 @functools.cache
@@ -233,10 +237,14 @@ def build_case(name: str, work: pathlib.Path) -> Case:
 
 def quantize_ort(source: pathlib.Path, target: pathlib.Path, data: list[dict], *,
                  per_channel: bool) -> tuple[str, ...]:
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     del data  # dynamic: no calibration
-    quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=per_channel)
+    # DefaultTensorType: the type ORT falls back to where its shape inference finds none (the fused BERT's
+    # com.microsoft ops); without it ORT refuses that model, and it changes nothing where types are known
+    quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=per_channel,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return ()
 
 
@@ -330,7 +338,7 @@ def quantize_all(case: Case, work: pathlib.Path, repeats: int) -> None:
 
 
 INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
-                         "DynamicQuantizeLSTM"})
+                         "DynamicQuantizeLSTM", "QAttention", "QEmbedLayerNormalization"})
 
 
 def int8_layers(path: pathlib.Path) -> int:

@@ -182,7 +182,7 @@ def test_dynamic_int8_writes_qattention_for_the_fused_attention(tmp_path):
     def sqnr(other):
         return 10 * np.log10(np.sum(reference ** 2) / np.sum((reference - other) ** 2))
 
-    assert sqnr(mine) >= sqnr(theirs)  # measured 39.7 against 37.2 dB
+    assert sqnr(mine) >= sqnr(theirs)  # benchmarks/dynamic_vs_ort.py, on 64 samples: 40.5 against 38.3 dB
 
 
 def test_an_attention_qattention_cannot_take_stays_float_with_the_reason(tmp_path):
