@@ -8,9 +8,10 @@ with any MatMul reading the same input). The weights use 7 bits (``[-63, 63]``),
 quantizer writes them for QAttention: its u8 x s8 products are then safe from 16-bit saturation on CPUs
 without int8 dot-product instructions. Bias, mask and past carry over with the attributes.
 
-An Attention with ``qkv_hidden_sizes`` (Q, K and V of different sizes), one reading an attention bias or a
-past sequence length (inputs QAttention does not take), or whose weight is not a constant float32 matrix,
-stays float with the reason.
+An Attention with ``qkv_hidden_sizes`` (Q, K and V of different sizes) or another attribute QAttention's
+schema lacks (``rotary_embedding_dim``: ONNX Runtime refuses to load a QAttention holding it), one reading an
+attention bias or a past sequence length (inputs QAttention does not take), or whose weight is not a constant
+float32 matrix, stays float with the reason.
 """
 
 from __future__ import annotations
@@ -31,12 +32,18 @@ __all__ = ["QATTENTION_FORMAT", "attention_refusal", "lower_attention"]
 MS_DOMAIN = "com.microsoft"
 #: QAttention's weights: int8 storage, 7 bits used (ONNX Runtime's reduce_range)
 QATTENTION_FORMAT = dataclasses.replace(INT8_SYMMETRIC, name="int7_symmetric", qmin=-63, qmax=63)
+#: The attributes of ONNX Runtime's QAttention schema (com.microsoft, version 1), all Attention's too
+_QATTENTION_ATTRIBUTES = frozenset({"num_heads", "unidirectional", "mask_filter_value", "scale", "do_rotary",
+                                    "past_present_share_buffer"})
 
 
 def attention_refusal(node: ir.Node) -> str | None:
     """Why the Attention ``node`` cannot become QAttention, or None."""
     if "qkv_hidden_sizes" in node.attributes:
         return "its Q, K and V have different sizes (qkv_hidden_sizes), which QAttention does not take"
+    unknown = sorted(set(node.attributes) - _QATTENTION_ATTRIBUTES)
+    if unknown:
+        return f"it has attribute {', '.join(unknown)}, which QAttention does not take"
     if any(value is not None for value in node.inputs[5:]):
         return "it reads an attention bias or a past sequence length, which QAttention does not take"
     if len(node.inputs) < 3 or node.inputs[2] is None:

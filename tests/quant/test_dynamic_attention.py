@@ -1,0 +1,54 @@
+"""Dynamic int8 of ONNX Runtime's fused com.microsoft Attention (QAttention), on small models built inline:
+two Attention layers in a row over a ``[2, 8, 32]`` input, 4 heads, each with its own packed QKV weight."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import edgeopt
+from edgeopt.runtime.ort import OrtSession
+
+HIDDEN, HEADS = 32, 4
+SHAPE = (2, 8, HIDDEN)
+
+
+def attention_model(tmp_path, *attributes: dict, shared: bool = False):
+    """One Attention per entry of ``attributes`` (its extra attributes), each reading the one before; each with
+    its own weight, or all one (``shared``)."""
+    rng = np.random.default_rng(0)
+    initializers, nodes, source = [], [], "x"
+    for index, extra in enumerate(attributes):
+        weight = "weight" if shared else f"weight_{index}"
+        if not shared or index == 0:
+            initializers += [
+                numpy_helper.from_array(rng.normal(0, 0.2, (HIDDEN, 3 * HIDDEN)).astype(np.float32), weight),
+                numpy_helper.from_array(rng.normal(0, 0.1, 3 * HIDDEN).astype(np.float32), f"bias_{index}")]
+        bias = "bias_0" if shared else f"bias_{index}"
+        nodes.append(helper.make_node("Attention", [source, weight, bias], [f"y_{index}"], name=f"attention_{index}",
+                                      domain="com.microsoft", num_heads=HEADS, **extra))
+        source = f"y_{index}"
+    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
+                              [helper.make_tensor_value_info(source, TensorProto.FLOAT, SHAPE)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)], ir_version=8)
+    path = tmp_path / "attention.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def _quantize(path, output, config=None):
+    return edgeopt.quantize(path, config or edgeopt.DynamicInt8Config(), None, output=output, check_fidelity=False,
+                            check_speed=False)
+
+
+def test_an_attribute_qattention_lacks_keeps_the_attention_float(tmp_path):
+    """``rotary_embedding_dim`` was copied onto the QAttention, whose schema has no such attribute: ONNX
+    Runtime refused to load the model written ("This is an invalid model")."""
+    path = attention_model(tmp_path, {}, {"rotary_embedding_dim": HIDDEN // HEADS})
+    report = _quantize(path, tmp_path / "q.onnx")
+    assert [(node.node_name, node.reason) for node in report.result.float_nodes] == [
+        ("attention_1", "it has attribute rotary_embedding_dim, which QAttention does not take")]
+    feed = {"x": np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)}
+    OrtSession(tmp_path / "q.onnx").run(feed)  # loads and runs
