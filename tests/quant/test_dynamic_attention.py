@@ -52,3 +52,14 @@ def test_an_attribute_qattention_lacks_keeps_the_attention_float(tmp_path):
         ("attention_1", "it has attribute rotary_embedding_dim, which QAttention does not take")]
     feed = {"x": np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)}
     OrtSession(tmp_path / "q.onnx").run(feed)  # loads and runs
+
+
+def test_inspect_costs_a_qattention_as_its_attention_and_counts_no_scale_as_a_parameter(tmp_path):
+    """QAttention had no cost rule (0 MACs) and its weight scales and zero points (2 x 96 per layer) were
+    counted as parameters."""
+    path = attention_model(tmp_path, {}, {})
+    _quantize(path, tmp_path / "q.onnx")
+    float_cost, quant_cost = edgeopt.inspect(path).cost, edgeopt.inspect(tmp_path / "q.onnx").cost
+    assert quant_cost.macs == float_cost.macs == 2 * (2 * 8 * HIDDEN * 3 * HIDDEN + 2 * 8 * 8 * 2 * HIDDEN)
+    assert "QAttention" not in quant_cost.uncounted_ops
+    assert quant_cost.params == float_cost.params == 2 * (HIDDEN * 3 * HIDDEN + 3 * HIDDEN)

@@ -15,9 +15,10 @@ is the number of elements of the node's first output, ``in`` of its first input:
   MatMulInteger, and MatMulNBits (``K`` from its attribute).
 * com.microsoft Attention (input ``[B, S, D]``, packed QKV weight ``[D, Q + K + V]``, ``num_heads``):
   the projection ``B * S * D * (Q + K + V)`` plus scores and context over the ``S`` keys,
-  ``B * S * S * (Q + V)``; MultiHeadAttention and ONNX's Attention (query ``[B, S, Q]``, key
-  ``[B, L, K]``, output ``[B, S, V]``, or 4-D per head): ``B * S * L * (Q + V)``. Packed and cached
-  layouts (past keys) have no rule: their nodes are listed as unknown.
+  ``B * S * S * (Q + V)``, and so its QAttention (int8 weight and input); MultiHeadAttention and ONNX's
+  Attention (query ``[B, S, Q]``, key ``[B, L, K]``, output ``[B, S, V]``, or 4-D per head):
+  ``B * S * L * (Q + V)``. Packed and cached layouts (past keys) have no rule: their nodes are listed
+  as unknown.
 * RNN/GRU/LSTM (X ``[T, N, I]``, or ``[N, T, I]`` with ``layout=1``; W ``[D, G*H, I]``,
   R ``[D, G*H, H]`` with G = 1/3/4 gates): every one of the ``T * N`` steps multiplies the input
   by W and the previous hidden state by R in each of the D directions, ``T * N * (|W| + |R|)``;
@@ -300,6 +301,7 @@ _RULES: dict[str, Callable[[ir.Node], Cost]] = {
     "SkipLayerNormalization": partial(_per_input, factor=9),
     "EmbedLayerNormalization": partial(_per_output, factor=9),
     "Attention": _attention,
+    "QAttention": _attention,
     "MultiHeadAttention": _multi_head_attention,
     "InstanceNormalization": partial(_per_input, factor=7),
     "GroupNormalization": partial(_per_input, factor=7),
@@ -327,6 +329,7 @@ _QUANTIZATION_PARAMETERS: dict[str, frozenset[int]] = {
     "MatMulInteger": frozenset({2, 3}),
     "MatMulNBits": frozenset({2, 3, 4}),
     "DynamicQuantizeLSTM": frozenset({8, 9, 10, 11}),
+    "QAttention": frozenset({3, 4, 6, 7}),
     "GatherBlockQuantized": frozenset({2, 3}),
 }
 
