@@ -63,3 +63,30 @@ def test_inspect_costs_a_qattention_as_its_attention_and_counts_no_scale_as_a_pa
     assert quant_cost.macs == float_cost.macs == 2 * (2 * 8 * HIDDEN * 3 * HIDDEN + 2 * 8 * 8 * 2 * HIDDEN)
     assert "QAttention" not in quant_cost.uncounted_ops
     assert quant_cost.params == float_cost.params == 2 * (HIDDEN * 3 * HIDDEN + 3 * HIDDEN)
+
+
+def _samples(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal(SHAPE).astype(np.float32)} for _ in range(count)]
+
+
+def test_compare_measures_a_qattention_as_its_attention(tmp_path):
+    """No layer row: ONNX cannot type an Attention's output, and a QAttention was not known to compute
+    what its Attention does."""
+    path = attention_model(tmp_path, {}, {})
+    _quantize(path, tmp_path / "q.onnx")
+    rows = edgeopt.compare(path, tmp_path / "q.onnx", _samples(4)).layers
+    assert [(row.tensor, row.op_type) for row in rows] == [("y_0", "Attention (int8)")]
+    assert 30 < rows[0].sqnr_db < 60 and rows[0].lost_db == float("inf")  # its input is the model's: exact
+
+
+def test_the_accuracy_search_returns_an_attention_to_float(tmp_path):
+    """The search ranked MatMul/Gemm, tables and LSTMs only: with two Attentions it had nothing to return
+    and missed the goal ("no quantized node left to return to float")."""
+    path = attention_model(tmp_path, {}, {})
+    report = edgeopt.quantize(path, edgeopt.DynamicInt8Config(), _samples(4), output=tmp_path / "q.onnx",
+                              goal=edgeopt.AccuracyGoal(min_sqnr_db=60), check_speed=False)
+    assert report.search.met and set(report.search.best_excluded) == {"attention_0", "attention_1"}
+    assert report.search.best_excluded[0] == "attention_0"  # measured: the first adds the most noise
+    reasons = {node.node_name: node.reason for node in report.result.float_nodes}
+    assert reasons["attention_0"].startswith("returned to float by the accuracy search (round 0: output SQNR ")

@@ -78,14 +78,14 @@ def low_bit_layers(base: ir.Model, result: QuantResult) -> dict[str, ir.Node]:
     """The MatMul/Gemm nodes of ``base`` whose weights ``result`` holds in int4, by the name of their output
     (a weight read through a Transpose, a tied embedding's, is named by the constant behind it); not those
     the 8-bit fallback holds. For dynamic int8 (a config without ``weight_format``): every quantized
-    MatMul/Gemm, table and LSTM."""
+    MatMul/Gemm, table, LSTM and ONNX Runtime's fused Attention (its QAttention's)."""
     low = getattr(result.config, "weight_format", None)
     quantized = {(info.name, info.op_type) for info in result.tensors
                  if info.kind == "weight" and (low is None or info.format == low.name)}
     layers = {}
     for node in base.graph.all_nodes():  # (and those of If branches and Loop/Scan bodies)
-        weight = (node.inputs[1] if eir.is_op(node, "MatMul", "Gemm", "LSTM") and len(node.inputs) > 1
-                  else None)
+        weight = (node.inputs[1] if (eir.is_op(node, "MatMul", "Gemm", "LSTM") or _fused_attention(node))
+                  and len(node.inputs) > 1 else None)
         weight = node.inputs[0] if eir.is_op(node, "Gather") else weight  # an embedding table
         transpose = weight.producer() if weight is not None else None
         if transpose is not None and transpose.op_type == "Transpose":
@@ -93,6 +93,10 @@ def low_bit_layers(base: ir.Model, result: QuantResult) -> dict[str, ir.Node]:
         if weight is not None and (weight.name, node.op_type) in quantized:
             layers[node.outputs[0].name] = node
     return layers
+
+
+def _fused_attention(node: ir.Node) -> bool:
+    return node.op_type == "Attention" and node.domain == "com.microsoft"
 
 
 def weight_damage(base: ir.Model, result: QuantResult, comparison: CompareResult) -> list[Candidate]:

@@ -345,6 +345,7 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     matches, unmatched, pairs = match_pairs(float_ir, quant_ir, original_ir)
     by_name = not pairs and compared_by_name(quant_ir)
     if by_name:
+        _typed(float_ir, original_ir)
         matches = match_names(float_ir, quant_ir, original_ir)
     source = open_data(data, eir.model_inputs(float_ir))
     source = take(source, max_samples) if max_samples is not None else source
@@ -366,6 +367,21 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
                          outputs=tuple(meters.output_rows()), quantized_tensors=pairs,
                          unmatched=tuple(unmatched), skipped=tuple(meters.skipped), rows=meters.rows,
                          by_name=by_name and bool(matches))
+
+
+def _typed(*models: ir.Model | None) -> None:
+    """The float tensors ONNX shape inference left untyped (those after a com.microsoft Attention or
+    SkipLayerNormalization) typed by one run: tensors are matched by name only when the float one is known to
+    be float. Only dtypes are set, which the model already determined; a run that fails leaves them unknown."""
+    from edgeopt.runtime.ort import fill_missing_types
+
+    for model in models:
+        if model is None:
+            continue
+        try:
+            fill_missing_types(model)
+        except DataError as error:
+            logger.info("tensors left untyped, not compared: %s", error)
 
 
 def _computing_node(value: ir.Value | None) -> ir.Node | None:

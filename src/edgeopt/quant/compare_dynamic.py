@@ -11,9 +11,10 @@ __all__ = ["DYNAMIC_OPS", "DYNAMIC_PRODUCTS", "dynamic_kind", "dynamic_product_i
 
 # A dynamic int8 model's product: DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (rescale) [-> Add
 # (bias)]; its embedding lookup: Gather (int8 rows) -> Cast -> Mul (row scales); an LSTM: one
-# DynamicQuantizeLSTM (com.microsoft), quantizing each step's input and hidden state inside.
+# DynamicQuantizeLSTM (com.microsoft), quantizing each step's input and hidden state inside; ONNX Runtime's fused
+# Attention: DynamicQuantizeLinear -> QAttention (com.microsoft).
 DYNAMIC_PRODUCTS = {"MatMulInteger": "MatMul", "Gather": "Gather"}
-DYNAMIC_OPS = {"DynamicQuantizeLSTM": "LSTM"}
+DYNAMIC_OPS = {"DynamicQuantizeLSTM": "LSTM", "QAttention": "Attention"}
 
 
 def dynamic_kind(node: ir.Node) -> str | None:
@@ -47,8 +48,10 @@ def dynamic_product_input(node: ir.Node | None) -> ir.Value | None | bool:
     (the MatMul's activation, a table lookup's indices); False for any other node."""
     if node is None or dynamic_kind(node) is None:
         return False
-    if node.op_type in DYNAMIC_OPS:  # its sequence input, quantized step by step inside
-        return node.inputs[0]
+    if node.op_type in DYNAMIC_OPS:  # an LSTM's sequence input, quantized step by step inside; a QAttention's
+        quantize = node.inputs[0].producer() if node.inputs[0] is not None else None
+        return quantize.inputs[0] if quantize is not None and quantize.op_type == "DynamicQuantizeLinear" \
+            else node.inputs[0]
     if node.op_type == "Add":
         node = next(v.producer() for v in node.inputs if v is not None and v.producer() is not None
                     and v.producer().op_type == "Mul" and dynamic_kind(v.producer()))

@@ -240,7 +240,8 @@ DATA_MOVES = frozenset({*DATA_MOVEMENT_OPS, "Concat", "Cast"})
 
 #: Ops that compute what another op computes in the float model (a weight-only model's MatMulNBits), by
 #: the name of what they compute: a MatMul, a Gemm and a MatMulNBits are all a matrix product.
-_COMPUTES_AS = {"MatMulNBits": "MatMul", "Gemm": "MatMul", "GatherBlockQuantized": "Gather"}
+_COMPUTES_AS = {"MatMulNBits": "MatMul", "Gemm": "MatMul", "GatherBlockQuantized": "Gather",
+                "QAttention": "Attention"}
 
 
 def _kind(op_type: str) -> str:
