@@ -90,3 +90,19 @@ def test_the_accuracy_search_returns_an_attention_to_float(tmp_path):
     assert report.search.best_excluded[0] == "attention_0"  # measured: the first adds the most noise
     reasons = {node.node_name: node.reason for node in report.result.float_nodes}
     assert reasons["attention_0"].startswith("returned to float by the accuracy search (round 0: output SQNR ")
+
+
+def test_a_weight_two_attentions_share_is_stored_once_in_int8(tmp_path):
+    """Each Attention quantized its weight again: two int8 copies of the one float32 weight (ALBERT shares one
+    layer's weights across all its layers, whose int8 model came out larger than its float one)."""
+    path = attention_model(tmp_path, {}, {}, shared=True)
+    report = _quantize(path, tmp_path / "q.onnx")
+    model = onnx.load(tmp_path / "q.onnx")
+    assert sorted(init.name for init in model.graph.initializer) == [
+        "bias_0", "weight_quantized", "weight_scale", "weight_zero_point"]
+    assert [node.input[1] for node in model.graph.node if node.op_type == "QAttention"] == ["weight_quantized"] * 2
+    stored = HIDDEN * 3 * HIDDEN + 3 * HIDDEN * (4 + 1)  # int8 values, a float32 scale and an int8 zero point each
+    assert f"weights {HIDDEN * 3 * HIDDEN * 4} -> {stored} bytes with scales" in report.result.notes[0]
+    feed = _samples(1)[0]
+    want, got = OrtSession(path).run(feed)["y_1"], OrtSession(tmp_path / "q.onnx").run(feed)["y_1"]
+    assert 10 * np.log10(np.sum(want ** 2) / np.sum((want - got) ** 2)) > 30

@@ -54,7 +54,7 @@ from edgeopt.errors import ConfigError, ModelError
 from edgeopt.metrics import count_of
 from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.config import CalibrationConfig, PerChannel, PerTensor, check_exclude_names
-from edgeopt.quant.dynamic_attention import attention_refusal, lower_attention
+from edgeopt.quant.dynamic_attention import AttentionWeights, attention_refusal, lower_attention
 from edgeopt.quant.dynamic_lstm import MS_DOMAIN, LoweredLstm, lower_lstm, lstm_refusal
 from edgeopt.quant.float16 import UniqueNames, weight_only_float_passes
 from edgeopt.quant.formats import INT8_SYMMETRIC, UINT8
@@ -388,8 +388,8 @@ def _lower_attention(graph: ir.Graph, config: DynamicInt8Config, rewriter: _Rewr
                      float_nodes: list[FloatNode]) -> list[tuple[TensorQuantInfo, int]]:
     """Each of ONNX Runtime's fused Attention nodes as QAttention (:mod:`edgeopt.quant.dynamic_attention`), its
     input quantized by the DynamicQuantizeLinear the layers share; the others listed float with why. Each
-    weight's report and int8 bytes."""
-    done = []
+    weight's report and the bytes its int8 constants add (a weight several read, once)."""
+    done, weights = [], AttentionWeights(graph, rewriter.names, config.per_channel)
     for node in list(graph.all_nodes()):
         if node.op_type != "Attention" or node.domain != MS_DOMAIN:
             continue
@@ -400,8 +400,7 @@ def _lower_attention(graph: ir.Graph, config: DynamicInt8Config, rewriter: _Rewr
             continue
         weight = node.inputs[1]
         rewriter.float_bytes[weight] = weight.const_value.nbytes
-        done.append((lower_attention(graph, rewriter.names, node, config.per_channel, rewriter.quantized_input),
-                     int(np.prod(weight.shape))))
+        done.append(lower_attention(node, weights, rewriter.quantized_input))
     return done
 
 
@@ -487,7 +486,7 @@ def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iter
     counts = rewriter.counts
     bytes_before = sum(rewriter.float_bytes.values()) + lstms.float_bytes
     bytes_after = (sum(weight.nbytes for weight in rewriter.weights.values()) + lstms.int8_bytes
-                   + sum(len(info.scale) * 5 + info_bytes for info, info_bytes in attention))
+                   + sum(added_bytes for _, added_bytes in attention))
     if lstms.tensors or attention:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     granularity = "per output column" if config.per_channel else "per tensor"

@@ -27,7 +27,7 @@ from edgeopt.quant.int4_lowering import drop_unread
 from edgeopt.quant.primitives import quantize_per_channel
 from edgeopt.quant.registry import TensorQuantInfo
 
-__all__ = ["QATTENTION_FORMAT", "attention_refusal", "lower_attention"]
+__all__ = ["QATTENTION_FORMAT", "AttentionWeights", "attention_refusal", "lower_attention"]
 
 MS_DOMAIN = "com.microsoft"
 #: QAttention's weights: int8 storage, 7 bits used (ONNX Runtime's reduce_range)
@@ -68,26 +68,47 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def lower_attention(graph: ir.Graph, names, node: ir.Node, per_channel: bool, quantized_input) -> TensorQuantInfo:
+class AttentionWeights:
+    """The QAttention constants of each Attention weight (int8 values, scales, zero points), made once in
+    ``graph`` (the main graph) however many Attention nodes read the weight (ALBERT shares its layers')."""
+
+    def __init__(self, graph: ir.Graph, names, per_channel: bool) -> None:
+        self.graph, self.names, self.per_channel = graph, names, per_channel
+        self.made: dict[ir.Value, tuple[tuple[ir.Value, ir.Value, ir.Value], TensorQuantInfo]] = {}
+
+    def of(self, weight_value: ir.Value) -> tuple[tuple[ir.Value, ir.Value, ir.Value], TensorQuantInfo, int]:
+        """The constants, the weight's report, and the bytes they add (0 when already made)."""
+        if weight_value in self.made:
+            return (*self.made[weight_value], 0)
+        weight = eir.constant_array(weight_value)
+        q, scale, _ = quantize_per_channel(weight, 1 if self.per_channel else None, QATTENTION_FORMAT)
+        base = weight_value.name or "attention_weight"
+        constants = (_initializer(self.graph, self.names(f"{base}_quantized"), q),
+                     _initializer(self.graph, self.names(f"{base}_scale"), scale.astype(np.float32)),
+                     _initializer(self.graph, self.names(f"{base}_zero_point"), np.zeros(scale.shape, np.int8)))
+        info = TensorQuantInfo(name=weight_value.name, kind="weight", op_type="Attention",
+                               format=QATTENTION_FORMAT.name, range=(float(weight.min()), float(weight.max())),
+                               scale=tuple(np.ravel(scale).tolist()), zero_point=(0,) * scale.size, method="minmax",
+                               axis=1 if self.per_channel else None)
+        self.made[weight_value] = (constants, info)
+        return constants, info, sum(value.const_value.nbytes for value in constants)
+
+
+def lower_attention(node: ir.Node, weights: AttentionWeights, quantized_input) -> tuple[TensorQuantInfo, int]:
     """Replace the Attention ``node`` by QAttention reading ``quantized_input(value, graph)``'s outputs
-    (DynamicQuantizeLinear's); the new constants go to ``graph`` (the main graph). Its weight's report."""
+    (DynamicQuantizeLinear's) and its weight's constants from ``weights``. Its weight's report and the bytes
+    its constants add."""
     weight_value = node.inputs[1]
-    weight = eir.constant_array(weight_value)
-    q, scale, _ = quantize_per_channel(weight, 1 if per_channel else None, QATTENTION_FORMAT)
-    base = weight_value.name or "attention_weight"
-    q_value = _initializer(graph, names(f"{base}_quantized"), q)
-    scale_value = _initializer(graph, names(f"{base}_scale"), scale.astype(np.float32))
-    zero_value = _initializer(graph, names(f"{base}_zero_point"), np.zeros(scale.shape, np.int8))
+    (q_value, scale_value, zero_value), info, added_bytes = weights.of(weight_value)
     x_q, x_scale, x_zero_point = quantized_input(node.inputs[0], node.graph)
     inputs = [x_q, q_value, node.inputs[2], x_scale, scale_value, node.inputs[3] if len(node.inputs) > 3 else None,
               x_zero_point, zero_value, node.inputs[4] if len(node.inputs) > 4 else None]
     while inputs[-1] is None:
         inputs.pop()
     attention = ir.Node(MS_DOMAIN, "QAttention", inputs, list(node.attributes.values()),
-                        num_outputs=len(node.outputs), name=names(f"{node.name or 'attention'}_int8"), version=1)
+                        num_outputs=len(node.outputs), name=weights.names(f"{node.name or 'attention'}_int8"),
+                        version=1)
     ir.convenience.replace_nodes_and_values(node.graph, node, [node], [attention], list(node.outputs),
                                             list(attention.outputs))
     drop_unread(weight_value)
-    return TensorQuantInfo(name=weight_value.name, kind="weight", op_type="Attention", format=QATTENTION_FORMAT.name,
-                           range=(float(weight.min()), float(weight.max())), scale=tuple(np.ravel(scale).tolist()),
-                           zero_point=(0,) * scale.size, method="minmax", axis=1 if per_channel else None)
+    return info, added_bytes
