@@ -49,7 +49,7 @@ from edgeopt.metrics import count_of, json_number
 from edgeopt.quant.calibration_memo import CalibrationMemo
 from edgeopt.quant.compare import CompareResult, compare_models
 from edgeopt.quant.config import Fallback, Int8Config
-from edgeopt.quant.dynamic import DynamicInt8Config, quantize_dynamic_int8
+from edgeopt.quant.dynamic import DynamicInt8Config, quantize_dynamic_int8, warn_mostly_float
 from edgeopt.quant.fallback import fallback_part
 from edgeopt.quant.float_reference import FloatReference
 from edgeopt.quant.int4 import Int4WeightConfig, WeightFallback, quantize_int4
@@ -264,7 +264,7 @@ class _Search:
     def _quantize_dynamic(self, config: DynamicInt8Config) -> QuantResult:
         """A dynamic int8 round; SmoothQuant's calibration pass is counted (each round runs one)."""
         self.dynamic_passes += config.smoothquant_alpha is not None
-        return quantize_dynamic_int8(self.base.clone(), config, self.data)
+        return quantize_dynamic_int8(self.base.clone(), config, self.data, warn=False)  # of the best only
 
     def candidates(self, result: QuantResult, comparison: CompareResult,
                    excluded: tuple[str, ...]) -> list[Candidate]:
@@ -349,6 +349,8 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config | Int4WeightConf
                            calibration_passes=search.calibration_passes, interrupted=interrupted,
                            returned_to=search.returned_to,
                            measured_on="calibration" if measure_data is None else "held-out")
+    if isinstance(config, DynamicInt8Config):
+        warn_mostly_float(found.result)
     if interrupted:
         raise Interrupted(found)
     return found

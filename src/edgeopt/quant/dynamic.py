@@ -64,7 +64,7 @@ from edgeopt.quant.rescaled import record_rescaled
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
 
-__all__ = ["DynamicInt8Config", "quantize_dynamic_int8"]
+__all__ = ["DynamicInt8Config", "quantize_dynamic_int8", "warn_mostly_float"]
 
 logger = logging.getLogger(__name__)
 
@@ -422,11 +422,14 @@ def _lower_recurrent(graph: ir.Graph, config: DynamicInt8Config, names: UniqueNa
     return done
 
 
-def _warn_mostly_float(graph: ir.Graph, quantized_bytes: int) -> None:
-    """A warning (in the report) when more float32 weight bytes stay than were quantized: a convolutional
-    model, whose Conv weights dynamic int8 leaves alone (static int8 quantizes them), or a GRU's (no int8
-    scheme quantizes those: static int8 is no advice there)."""
-    kept = [value for value in graph.initializers.values()
+def warn_mostly_float(result: QuantResult) -> None:
+    """A warning (in the report) when more float32 weight bytes stay in ``result`` (a dynamic int8 one) than
+    were quantized: a convolutional model, whose Conv weights dynamic int8 leaves alone (static int8
+    quantizes them), or a GRU's (no int8 scheme quantizes those: static int8 is no advice there)."""
+    quantized_bytes = result.details.get("weight_bytes_before")
+    if quantized_bytes is None:  # (the accuracy search's round with every layer back in float)
+        return
+    kept = [value for value in result.model.graph.initializers.values()
             if value.const_value is not None and value.dtype == ir.DataType.FLOAT and len(value.shape or ()) >= 2]
     kept_bytes = sum(value.const_value.nbytes for value in kept)
     if kept_bytes <= quantized_bytes:
@@ -446,9 +449,10 @@ def _kept_note(float_nodes: Iterable[FloatNode]) -> list[str]:
 
 @register_scheme(DynamicInt8Config)
 def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iterable[Batch] | None = None, *,
-                          progress: ProgressCallback | None = None) -> QuantResult:
+                          progress: ProgressCallback | None = None, warn: bool = True) -> QuantResult:
     """Dynamic int8 of MatMul/Gemm weights and embedding tables; see the module docstring. ``data`` is
-    needed only for SmoothQuant (``config.smoothquant_alpha``)."""
+    needed only for SmoothQuant (``config.smoothquant_alpha``). ``warn``: log :func:`warn_mostly_float`'s
+    warning (the accuracy search says it of the model it keeps only, not of every round)."""
     opset = eir.default_opset(model)
     if opset < _OPSET:
         raise ModelError(f"the model has opset {opset}; {SCHEME} writes DynamicQuantizeLinear, which needs opset "
@@ -506,10 +510,12 @@ def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iter
             "inputs there; their int8 weights are stored in the main graph"] if inside else []),
         *notes, *_kept_note(float_nodes), *uncovered_weights_note(graph, SCHEME)]
     logger.info("%s: %s", SCHEME, notes[0])
-    _warn_mostly_float(graph, bytes_before)
     details = {"matmul": counts["MatMul"], "gemm": counts["Gemm"], "tables": counts["table"],
                "lstm": lstms.count, "attention": len(attention), "dynamic_inputs": counts["DynamicQuantizeLinear"],
                "weight_bytes_before": bytes_before, "weight_bytes_after": bytes_after}
-    return QuantResult(model=model, scheme=SCHEME,
-                       tensors=(*rewriter.tensors, *(info for info, _ in attention), *lstms.tensors),
-                       float_nodes=tuple(float_nodes), notes=tuple(notes), config=config, details=details)
+    result = QuantResult(model=model, scheme=SCHEME,
+                         tensors=(*rewriter.tensors, *(info for info, _ in attention), *lstms.tensors),
+                         float_nodes=tuple(float_nodes), notes=tuple(notes), config=config, details=details)
+    if warn:
+        warn_mostly_float(result)
+    return result
