@@ -423,3 +423,23 @@ def test_the_accuracy_search_warns_of_the_model_it_keeps_not_of_each_round(tmp_p
     kept, said = warnings(39.0)  # fc1 (393,216 bytes) float, fc2 in int8: said once, of this model
     assert kept == ("fc1",) and len(said) == 1 and said[0].startswith(
         "most of the weights stay float32 (393,216 of 491,520 bytes")
+
+
+def test_the_float_weights_warning_counts_no_scale_of_a_quantized_lstm(tmp_path, caplog):
+    """The DynamicQuantizeLSTM's [1, 64] float32 weight scales were counted as weights kept float, and it was
+    named among the ops whose weights 'stay float'."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+               for name, shape in (("W", (1, 64, 16)), ("R", (1, 64, 16)), ("GW", (1, 96, 16)), ("GR", (1, 96, 32)))]
+    nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["", "h"], name="lstm", hidden_size=16),
+             helper.make_node("GRU", ["h", "GW", "GR"], ["y"], name="gru", hidden_size=32)]
+    graph = helper.make_graph(nodes, "lstm_gru", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, 2, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 2, 32])],
+                              initializer=weights)
+    with caplog.at_level(logging.WARNING, logger="edgeopt.quant.dynamic"):
+        quantize(save(graph, tmp_path / "lstm_gru.onnx"), DynamicInt8Config(), data=None)
+    gru_bytes, lstm_bytes = 4 * 96 * (16 + 32), 4 * 64 * (16 + 16)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"most of the weights stay float32 ({gru_bytes:,} of {gru_bytes + lstm_bytes:,} bytes, listed in the notes): "
+        "int8-dynamic quantizes MatMul/Gemm layers; those GRU reads stay float (the notes say why): "
+        "--scheme fp16 halves them"]

@@ -429,8 +429,10 @@ def warn_mostly_float(result: QuantResult) -> None:
     quantized_bytes = result.details.get("weight_bytes_before")
     if quantized_bytes is None:  # (the accuracy search's round with every layer back in float)
         return
+    # (a DynamicQuantizeLSTM's float matrices are its weights' scales and its bias, [D, 4H] and [D, 8H])
     kept = [value for value in result.model.graph.initializers.values()
-            if value.const_value is not None and value.dtype == ir.DataType.FLOAT and len(value.shape or ()) >= 2]
+            if value.const_value is not None and value.dtype == ir.DataType.FLOAT and len(value.shape or ()) >= 2
+            and not any(use.node.op_type == "DynamicQuantizeLSTM" for use in value.uses())]
     kept_bytes = sum(value.const_value.nbytes for value in kept)
     if kept_bytes <= quantized_bytes:
         return
