@@ -16,8 +16,9 @@ from one input to the next; convolutions are left float (integer convolution wit
 is slower than float in ONNX Runtime): quantize those statically (``Int8Config``, with data).
 
 ONNX Runtime's fused ``Attention`` (its transformer optimizer's) becomes its ``QAttention``
-(:mod:`edgeopt.quant.dynamic_attention`). LSTM layers become ONNX Runtime's ``DynamicQuantizeLSTM`` (:mod:`edgeopt.quant.dynamic_lstm`): int8 weights,
-each step's input and hidden state quantized as it runs; GRU and RNN have no such form and stay float.
+(:mod:`edgeopt.quant.dynamic_attention`). LSTM layers become ONNX Runtime's ``DynamicQuantizeLSTM``
+(:mod:`edgeopt.quant.dynamic_lstm`): int8 weights, each step's input and hidden state quantized as it runs;
+GRU and RNN have no such form and stay float.
 
 Embedding tables (a Gather of the rows of a constant 2-D float table, when nothing else reads the table in
 float) are stored in int8 with one scale per row: ``Gather(E_q) -> Cast -> Mul(Gather(row scales))``.
