@@ -106,3 +106,19 @@ def test_a_weight_two_attentions_share_is_stored_once_in_int8(tmp_path):
     feed = _samples(1)[0]
     want, got = OrtSession(path).run(feed)["y_1"], OrtSession(tmp_path / "q.onnx").run(feed)["y_1"]
     assert 10 * np.log10(np.sum(want ** 2) / np.sum((want - got) ** 2)) > 30
+
+
+def test_a_layer_compare_did_not_measure_is_not_said_to_be_in_a_subgraph(tmp_path):
+    """A main-graph layer without a row (compare matched no tensor of it) was ranked 'inside a control-flow
+    subgraph'."""
+    from edgeopt.io import load_model
+    from edgeopt.quant.accuracy_damage import weight_damage
+    from edgeopt.quant.compare import CompareResult
+    from edgeopt.quant.dynamic import quantize_dynamic_int8
+
+    path = attention_model(tmp_path, {}, {})
+    result = quantize_dynamic_int8(load_model(path), edgeopt.DynamicInt8Config())
+    nothing = CompareResult(samples=1, rows=1, layers=(), outputs=(), quantized_tensors=0, unmatched=())
+    assert [(c.node.name, c.reason) for c in weight_damage(load_model(path), result, nothing)] == [
+        (name, "its output not measured (no tensor of the quantized model matched it): returned once every "
+               "measured layer is") for name in ("attention_0", "attention_1")]

@@ -110,8 +110,10 @@ def weight_damage(base: ir.Model, result: QuantResult, comparison: CompareResult
     inputs = {value.name for value in base.graph.inputs}
     ranked, unmeasured = [], []
     for name, node in low_bit_layers(base, result).items():
-        if name not in measured:  # inside a subgraph: ONNX Runtime shows no tensor of it
-            unmeasured.append(Candidate(0.0, node, "its output not measured (inside a control-flow subgraph): "
+        if name not in measured:  # inside a subgraph: ONNX Runtime shows no tensor of it (or compare matched none)
+            where = ("inside a control-flow subgraph" if node.graph is not base.graph
+                     else "no tensor of the quantized model matched it")
+            unmeasured.append(Candidate(0.0, node, f"its output not measured ({where}): "
                                                    "returned once every measured layer is"))
             continue
         carried = computed_from(node.inputs[1] if node.op_type == "Gather" else node.inputs[0])  # (its indices)
