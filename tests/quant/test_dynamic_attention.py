@@ -122,3 +122,19 @@ def test_a_layer_compare_did_not_measure_is_not_said_to_be_in_a_subgraph(tmp_pat
     assert [(c.node.name, c.reason) for c in weight_damage(load_model(path), result, nothing)] == [
         (name, "its output not measured (no tensor of the quantized model matched it): returned once every "
                "measured layer is") for name in ("attention_0", "attention_1")]
+
+
+def test_compare_leaves_the_float_model_it_is_given_untyped(tmp_path):
+    from edgeopt.io import load_model, model_to_bytes
+    from edgeopt.quant.compare import compare_models
+    from tests.hf_models import hf_samples
+    from tests.quant.test_fused_transformers import build_fused
+
+    path = build_fused("bert", tmp_path)
+    float_model = load_model(path, require_static=False)
+    before = model_to_bytes(float_model)
+    quantized = edgeopt.quantize(path, edgeopt.DynamicInt8Config(), None, check_fidelity=False,
+                                 check_speed=False).result.model
+    result = compare_models(float_model, quantized, hf_samples("bert", 4, seed=1))
+    assert any(row.op_type == "Attention (int8)" for row in result.layers)
+    assert model_to_bytes(float_model) == before  # the types compare needed were set on its own copy

@@ -345,7 +345,9 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     matches, unmatched, pairs = match_pairs(float_ir, quant_ir, original_ir)
     by_name = not pairs and compared_by_name(quant_ir)
     if by_name:
-        _typed(float_ir, original_ir)
+        if float_ir is float_model and float_reference is None and _untyped(float_ir):
+            float_ir = float_ir.clone()  # typed below: the caller's model is left as it was given
+        _typed(float_ir, original_ir if original_ir is not original else None)
         matches = match_names(float_ir, quant_ir, original_ir)
     source = open_data(data, eir.model_inputs(float_ir))
     source = take(source, max_samples) if max_samples is not None else source
@@ -367,6 +369,10 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
                          outputs=tuple(meters.output_rows()), quantized_tensors=pairs,
                          unmatched=tuple(unmatched), skipped=tuple(meters.skipped), rows=meters.rows,
                          by_name=by_name and bool(matches))
+
+
+def _untyped(model: ir.Model) -> bool:
+    return any(value.name and value.dtype is None for node in model.graph for value in node.outputs)
 
 
 def _typed(*models: ir.Model | None) -> None:
