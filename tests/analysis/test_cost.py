@@ -372,3 +372,27 @@ def test_gather_block_quantized_counts_its_table_s_values_however_stored(tmp_pat
     _assert_totals(report)
     # stored: the codes and the float32 block scales
     assert [(r.params, r.weight_bytes) for r in report.nodes] == [(rows * d, rows * d * bits // 8 + rows * 2 * 4)]
+
+
+def test_a_fused_attention_reading_a_past_attends_over_the_past_keys_too(tmp_path):
+    batch, tokens, width, heads, past = 2, 8, 32, 4, 3
+    weight = numpy_helper.from_array(np.zeros((width, 3 * width), np.float32), "w")
+    bias = numpy_helper.from_array(np.zeros(3 * width, np.float32), "b")
+    costs = []
+    for with_past in (False, True):
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, tokens, width])]
+        if with_past:
+            inputs.append(helper.make_tensor_value_info("past", TensorProto.FLOAT,
+                                                        [2, batch, heads, past, width // heads]))
+        node = helper.make_node("Attention", ["x", "w", "b", "", "past"] if with_past else ["x", "w", "b"],
+                                ["y", "present"] if with_past else ["y"], domain="com.microsoft", num_heads=heads)
+        graph = helper.make_graph([node], "attention", inputs,
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, tokens, width])],
+                                  initializer=[weight, bias])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        onnx.save(model, tmp_path / "attention.onnx")
+        costs.append(analyze_cost(load_model(tmp_path / "attention.onnx")).macs)
+    projection = batch * tokens * width * 3 * width
+    assert costs == [projection + batch * tokens * tokens * 2 * width,
+                     projection + batch * tokens * (tokens + past) * 2 * width]

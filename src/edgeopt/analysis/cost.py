@@ -14,11 +14,11 @@ is the number of elements of the node's first output, ``in`` of its first input:
   ``prod(batch) * M * N * K`` = ``out * A.shape[-1]``. Same for QLinearMatMul,
   MatMulInteger, and MatMulNBits (``K`` from its attribute).
 * com.microsoft Attention (input ``[B, S, D]``, packed QKV weight ``[D, Q + K + V]``, ``num_heads``):
-  the projection ``B * S * D * (Q + K + V)`` plus scores and context over the ``S`` keys,
-  ``B * S * S * (Q + V)``, and so its QAttention (int8 weight and input); MultiHeadAttention and ONNX's
-  Attention (query ``[B, S, Q]``, key ``[B, L, K]``, output ``[B, S, V]``, or 4-D per head):
-  ``B * S * L * (Q + V)``. Packed and cached layouts (past keys) have no rule: their nodes are listed
-  as unknown.
+  the projection ``B * S * D * (Q + K + V)`` plus scores and context over the ``L`` keys (``S``, plus
+  the past's ``P`` when it reads a past ``[2, B, heads, P, h]``), ``B * S * L * (Q + V)``, and so its
+  QAttention (int8 weight and input); MultiHeadAttention and ONNX's Attention (query ``[B, S, Q]``, key
+  ``[B, L, K]``, output ``[B, S, V]``, or 4-D per head): ``B * S * L * (Q + V)``. Their packed and
+  cached layouts (past keys) have no rule: those nodes are listed as unknown.
 * RNN/GRU/LSTM (X ``[T, N, I]``, or ``[N, T, I]`` with ``layout=1``; W ``[D, G*H, I]``,
   R ``[D, G*H, H]`` with G = 1/3/4 gates): every one of the ``T * N`` steps multiplies the input
   by W and the previous hidden state by R in each of the D directions, ``T * N * (|W| + |R|)``;
@@ -187,16 +187,19 @@ def _matmul_nbits(node: ir.Node) -> Cost:
 
 
 def _attention(node: ir.Node) -> Cost:
-    """com.microsoft Attention: the packed QKV projection, then scores and context (module doc)."""
+    """com.microsoft Attention (and QAttention): the packed QKV projection, then scores and context over the
+    new tokens and the past ones (module doc)."""
     if node.domain in ("", "ai.onnx"):  # ONNX's Attention (opset 23) reads Q, K and V, as MultiHeadAttention
         return _multi_head_attention(node)
     batch, tokens, width = _shape(node.inputs[0])
     projected = _shape(_input(node, 1))[-1]
     sizes = tuple(_attribute(node, "qkv_hidden_sizes", ())) or (projected // 3,) * 3
     heads = int(_attribute(node, "num_heads", 1))
-    attend = batch * tokens * tokens * (sizes[0] + sizes[2])
+    past = 8 if node.op_type == "QAttention" else 4  # past [2, B, heads, past_length, head_size]: more keys
+    keys = tokens + (_shape(_input(node, past))[3] if _has_input(node, past) else 0)
+    attend = batch * tokens * keys * (sizes[0] + sizes[2])
     bias = batch * tokens * projected if _has_input(node, 2) else 0
-    return batch * tokens * width * projected + attend, bias + 3 * batch * heads * tokens * tokens
+    return batch * tokens * width * projected + attend, bias + 3 * batch * heads * tokens * keys
 
 
 def _multi_head_attention(node: ir.Node) -> Cost:
