@@ -138,3 +138,33 @@ def test_compare_leaves_the_float_model_it_is_given_untyped(tmp_path):
     result = compare_models(float_model, quantized, hf_samples("bert", 4, seed=1))
     assert any(row.op_type == "Attention (int8)" for row in result.layers)
     assert model_to_bytes(float_model) == before  # the types compare needed were set on its own copy
+
+
+def test_attentions_inside_if_branches_are_quantized_and_said_to_be(tmp_path):
+    rng = np.random.default_rng(1)
+    weight = numpy_helper.from_array(rng.normal(0, 0.2, (HIDDEN, 3 * HIDDEN)).astype(np.float32), "weight")
+    bias = numpy_helper.from_array(rng.normal(0, 0.1, 3 * HIDDEN).astype(np.float32), "bias")
+    branches = {name: helper.make_graph(
+        [helper.make_node("Attention", ["x", "weight", "bias"], [f"{name}_y"], name=f"{name}_attention",
+                          domain="com.microsoft", num_heads=HEADS, unidirectional=int(name == "then"))],
+        name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, SHAPE)]) for name in ("then", "else")}
+    graph = helper.make_graph(
+        [helper.make_node("If", ["causal"], ["y"], name="branch", then_branch=branches["then"],
+                          else_branch=branches["else"])], "branched",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE),
+         helper.make_tensor_value_info("causal", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, SHAPE)], [weight, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)], ir_version=8)
+    onnx.save(model, tmp_path / "branched.onnx")
+    report = edgeopt.quantize(tmp_path / "branched.onnx", edgeopt.DynamicInt8Config(), None,
+                              output=tmp_path / "q.onnx", check_fidelity=False, check_speed=False)
+    assert report.result.details["attention"] == 2
+    assert "2 Attentions inside control-flow subgraphs, their int8 weights stored in the main graph" in \
+        report.result.notes
+    float_session, quant_session = OrtSession(edgeopt.load(tmp_path / "branched.onnx")), OrtSession(
+        edgeopt.load(tmp_path / "q.onnx"))
+    for causal in (True, False):
+        feed = {"x": rng.normal(0, 1, SHAPE).astype(np.float32), "causal": np.array(causal)}
+        expected, got = float_session.run(feed)["y"], quant_session.run(feed)["y"]
+        assert 10 * np.log10(np.sum(expected ** 2) / np.sum((expected - got) ** 2)) >= 30.0

@@ -401,6 +401,7 @@ def _lower_attention(graph: ir.Graph, config: DynamicInt8Config, rewriter: _Rewr
             continue
         weight = node.inputs[1]
         rewriter.float_bytes[weight] = weight.const_value.nbytes
+        rewriter.counts["attention_inside"] += node.graph is not graph  # (before the rewrite detaches it)
         done.append(lower_attention(node, weights, rewriter.quantized_input))
     return done
 
@@ -511,6 +512,8 @@ def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iter
         "measured as the model runs (no calibration)",
         *([f"{inside} of them inside control-flow subgraphs (If branches, Loop/Scan bodies), each quantizing its "
             "inputs there; their int8 weights are stored in the main graph"] if inside else []),
+        *([f"{count_of(counts['attention_inside'], 'Attention', 'Attentions')} inside control-flow subgraphs, "
+           "their int8 weights stored in the main graph"] if counts["attention_inside"] else []),
         *notes, *_kept_note(float_nodes), *uncovered_weights_note(graph, SCHEME)]
     logger.info("%s: %s", SCHEME, notes[0])
     details = {"matmul": counts["MatMul"], "gemm": counts["Gemm"], "tables": counts["table"],
