@@ -88,6 +88,7 @@ def test_per_tensor_weights_have_one_scale(tmp_path):
 @pytest.mark.parametrize("make", [
     lambda: DynamicInt8Config(weight_granularity=PerChannel(axis=0)),
     lambda: DynamicInt8Config(smoothquant_alpha=1.5),
+    lambda: DynamicInt8Config(smoothquant_alpha=1.0),  # (0, 1), as Int8Config takes it
     lambda: DynamicInt8Config(embeddings="yes"),
     lambda: DynamicInt8Config(exclude="fc1"),
 ])

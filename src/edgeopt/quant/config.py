@@ -34,6 +34,8 @@ __all__ = [
     "PerTensor",
     "Target",
     "check_exclude_names",
+    "check_smoothquant_alpha",
+    "require_bools",
     "require_enum",
 ]
 
@@ -108,6 +110,22 @@ _BLOCK_SIZES = (16, 32, 64, 128, 256)
 Granularity = PerTensor | PerChannel | PerBlock
 
 _ACTIVATION_FORMATS = (UINT8, INT8)
+
+
+def require_bools(config: object, *fields: str) -> None:
+    """ConfigError for a field of ``config`` that is not True or False (a string such as "no" would count as
+    true)."""
+    for field in fields:
+        value = getattr(config, field)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{field} must be True or False, got {value!r}")
+
+
+def check_smoothquant_alpha(alpha: object) -> None:
+    """ConfigError unless ``alpha`` (SmoothQuant's migration strength, ``--smoothquant``) is None or in (0, 1)."""
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not 0.0 < alpha < 1.0):
+        raise ConfigError(f"smoothquant alpha must be in (0, 1), got {alpha!r}")
 
 
 def require_enum(config: object, field: str, enum_type: type[enum.Enum], key: str) -> None:
@@ -202,16 +220,12 @@ class Int8Config:
         if self.quantize_outputs is not None and not isinstance(self.quantize_outputs, bool):
             raise ConfigError(f"quantize_outputs must be True, False or None (from the target), "
                               f"got {self.quantize_outputs!r}")
-        for key in ("equalize", "equalize_relu6", "bias_correct", "adaround", "gptq"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"{key} must be True or False, got {getattr(self, key)!r}")
+        require_bools(self, "equalize", "equalize_relu6", "bias_correct", "adaround", "gptq")
         if self.adaround and self.gptq:
             raise ConfigError("adaround and gptq (--adaround, --gptq) are two ways of rounding the weights: pick one")
         if self.equalize_relu6 and not self.equalize:
             raise ConfigError("equalize_relu6 (--equalize-relu6) is a way of equalizing: set equalize too")
-        if self.smoothquant_alpha is not None and not (isinstance(self.smoothquant_alpha, (int, float))
-                                                       and 0.0 < self.smoothquant_alpha < 1.0):
-            raise ConfigError(f"smoothquant alpha must be in (0, 1), got {self.smoothquant_alpha!r}")
+        check_smoothquant_alpha(self.smoothquant_alpha)
         require_enum(self, "calibration", CalibrationMethod, "calibration")
         if not isinstance(self.weight_granularity, (PerTensor, PerChannel)):
             raise ConfigError("weight_granularity of int8 must be PerTensor() or PerChannel(), "

@@ -54,7 +54,8 @@ from edgeopt import ir as eir
 from edgeopt.errors import ConfigError, ModelError
 from edgeopt.metrics import count_of
 from edgeopt.quant.calibrate import calibrate
-from edgeopt.quant.config import CalibrationConfig, PerChannel, PerTensor, check_exclude_names
+from edgeopt.quant.config import (CalibrationConfig, PerChannel, PerTensor, check_exclude_names,
+                                  check_smoothquant_alpha, require_bools)
 from edgeopt.quant.dynamic_attention import AttentionWeights, attention_refusal, lower_attention
 from edgeopt.quant.dynamic_lstm import MS_DOMAIN, LoweredLstm, lower_lstm, lstm_refusal
 from edgeopt.quant.float16 import UniqueNames, weight_only_float_passes
@@ -97,13 +98,8 @@ class DynamicInt8Config:
                 isinstance(self.weight_granularity, PerChannel) and self.weight_granularity.axis is not None):
             raise ConfigError("weight_granularity of int8-dynamic must be PerChannel() (one scale per output "
                               f"column) or PerTensor(), got {self.weight_granularity!r}")
-        for key in ("embeddings", "float_passes"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
-        alpha = self.smoothquant_alpha
-        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
-                                  or not 0.0 <= alpha <= 1.0):
-            raise ConfigError(f"SmoothQuant alpha must be in [0, 1], got {alpha!r}")
+        require_bools(self, "embeddings", "float_passes")
+        check_smoothquant_alpha(self.smoothquant_alpha)
         object.__setattr__(self, "exclude", check_exclude_names(self.exclude))
 
     @property

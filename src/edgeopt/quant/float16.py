@@ -53,10 +53,9 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.errors import ConfigError
 from edgeopt.metrics import count_of
 from edgeopt.naming import claim_name
-from edgeopt.quant.config import check_exclude_names
+from edgeopt.quant.config import check_exclude_names, require_bools
 from edgeopt.quant.float16_plan import (
     FLOAT32_OPS,
     HalfPrecisionPlan,
@@ -98,9 +97,7 @@ class Fp16Config:
     float_passes: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("keep_io_float32", "float_passes"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        require_bools(self, "keep_io_float32", "float_passes")
         object.__setattr__(self, "exclude", check_exclude_names(self.exclude))  # a list becomes a tuple
 
 
@@ -116,8 +113,7 @@ class Bf16Config:
     float_passes: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.float_passes, bool):
-            raise ConfigError(f"float_passes must be true or false, got {self.float_passes!r}")
+        require_bools(self, "float_passes")
         object.__setattr__(self, "exclude", check_exclude_names(self.exclude))  # a list becomes a tuple
 
 

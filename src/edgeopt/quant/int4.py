@@ -54,7 +54,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError, ModelError
 from edgeopt.metrics import count_of
-from edgeopt.quant.config import PerBlock, check_exclude_names, require_enum
+from edgeopt.quant.config import PerBlock, check_exclude_names, require_bools, require_enum
 from edgeopt.quant.fallback import IN_8_BITS
 from edgeopt.quant.float16 import UniqueNames, weight_only_float_passes
 from edgeopt.quant.formats import INT4, INT8_BLOCK, UINT4, UINT8, Format
@@ -148,9 +148,7 @@ class Int4WeightConfig:
     def __post_init__(self) -> None:
         require_enum(self, "fallback", WeightFallback, "fallback")
         require_enum(self, "embeddings", Embeddings, "embeddings")
-        for key in ("float_passes", "gptq"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        require_bools(self, "float_passes", "gptq")
         if not isinstance(self.granularity, PerBlock):
             raise ConfigError(f"granularity of int4 must be PerBlock(size=...), got {self.granularity!r}")
         if self.weight_format not in _WEIGHT_FORMATS:
