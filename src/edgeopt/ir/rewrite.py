@@ -19,6 +19,7 @@ __all__ = [
     "consumers",
     "drop_if_unused",
     "node_label",
+    "register_array",
     "remove_nodes",
     "replace_constant_input",
     "replace_nodes",
@@ -64,16 +65,17 @@ def unique_value_name(graph: ir.Graph, hint: str) -> str:
 
 def add_initializer(graph: ir.Graph, array: np.ndarray, name_hint: str) -> ir.Value:
     """Register ``array`` as a new initializer of ``graph`` and return its value."""
+    return register_array(graph, unique_value_name(graph, name_hint), array)
+
+
+def register_array(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` under ``name``, already unique (a rewrite naming many constants keeps its own set
+    of taken names), as an initializer of ``graph``; its value."""
     array = np.asarray(array)
     if not array.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d array into 1-d)
         array = array.copy()
-    name = unique_value_name(graph, name_hint)
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.Tensor(np.asarray(array), name=name),
-    )
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.Tensor(array, name=name))
     graph.register_initializer(value)
     return value
 

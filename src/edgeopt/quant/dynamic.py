@@ -203,13 +203,6 @@ def _is_table_read(node: ir.Node) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.Tensor(np.asarray(array, order="C"), name=name)  # a scalar stays one (ascontiguousarray: [1])
-    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
-    graph.register_initializer(value)
-    return value
-
-
 @dataclasses.dataclass(frozen=True)
 class _Weight:
     """A weight's int8 constants (shared by every node reading the same weight): symmetric, so no zero point
@@ -239,8 +232,8 @@ class _Rewriter:
         if found is None:
             q, scale = _quantized_weight(layer.weight, self.config.per_channel)
             base = layer.weight_value.name or "weight"
-            values = (_initializer(self.graph, self.names(f"{base}_quantized"), q),
-                      _initializer(self.graph, self.names(f"{base}_scale"), scale.astype(np.float32)))
+            values = (eir.register_array(self.graph, self.names(f"{base}_quantized"), q),
+                      eir.register_array(self.graph, self.names(f"{base}_scale"), scale.astype(np.float32)))
             nbytes = sum(value.const_value.nbytes for value in values)
             found = self.weights[key] = _Weight(*values, nbytes=nbytes, scales=scale,
                                                 value_range=(float(layer.weight.min()), float(layer.weight.max())))
@@ -279,7 +272,7 @@ class _Rewriter:
             new.outputs[0].name = self.names(f"{node.outputs[0].name}_{suffix}")
         addend = layer.bias if layer.bias is not None else layer.addend
         if isinstance(addend, np.ndarray):
-            addend = _initializer(self.graph, self.names(f"{label}_bias"), addend)
+            addend = eir.register_array(self.graph, self.names(f"{label}_bias"), addend)
         if addend is not None:
             scaled.outputs[0].name = self.names(f"{node.outputs[0].name}_product")
             new_nodes.append(ir.Node("", "Add", [scaled.outputs[0], addend], num_outputs=1,
@@ -304,8 +297,8 @@ class _Rewriter:
         if found is None:
             q, scale, _ = quantize_per_channel(table, 0, INT8_SYMMETRIC)
             base = table_value.name or "table"
-            values = (_initializer(self.graph, self.names(f"{base}_quantized"), q),
-                      _initializer(self.graph, self.names(f"{base}_row_scale"), scale.reshape(-1, 1)))
+            values = (eir.register_array(self.graph, self.names(f"{base}_quantized"), q),
+                      eir.register_array(self.graph, self.names(f"{base}_row_scale"), scale.reshape(-1, 1)))
             found = self.weights[key] = _Weight(*values, nbytes=q.nbytes + scale.nbytes, scales=scale,
                                                 value_range=(float(table.min()), float(table.max())))
         self.float_bytes[table_value] = table_value.const_value.nbytes

@@ -61,13 +61,6 @@ def attention_refusal(node: ir.Node) -> str | None:
     return None
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.Tensor(np.asarray(array), name=name)
-    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
-    graph.register_initializer(value)
-    return value
-
-
 class AttentionWeights:
     """The QAttention constants of each Attention weight (int8 values, scales, zero points), made once in
     ``graph`` (the main graph) however many Attention nodes read the weight (ALBERT shares its layers')."""
@@ -83,9 +76,9 @@ class AttentionWeights:
         weight = eir.constant_array(weight_value)
         q, scale, _ = quantize_per_channel(weight, 1 if self.per_channel else None, QATTENTION_FORMAT)
         base = weight_value.name or "attention_weight"
-        constants = (_initializer(self.graph, self.names(f"{base}_quantized"), q),
-                     _initializer(self.graph, self.names(f"{base}_scale"), scale.astype(np.float32)),
-                     _initializer(self.graph, self.names(f"{base}_zero_point"), np.zeros(scale.shape, np.int8)))
+        constants = (eir.register_array(self.graph, self.names(f"{base}_quantized"), q),
+                     eir.register_array(self.graph, self.names(f"{base}_scale"), scale.astype(np.float32)),
+                     eir.register_array(self.graph, self.names(f"{base}_zero_point"), np.zeros(scale.shape, np.int8)))
         info = TensorQuantInfo(name=weight_value.name, kind="weight", op_type="Attention",
                                format=QATTENTION_FORMAT.name, range=(float(weight.min()), float(weight.max())),
                                scale=tuple(np.ravel(scale).tolist()), zero_point=(0,) * scale.size, method="minmax",

@@ -70,14 +70,9 @@ def _quantized(graph: ir.Graph, names, value: ir.Value, per_channel: bool, done:
         q = np.stack([part[0] for part in parts])
         scale = np.array([float(part[1]) for part in parts], np.float32)
     base = value.name or "weight"
-    stored = []
-    for suffix, array in (("quantized", np.ascontiguousarray(q.transpose(0, 2, 1))),
-                          ("scale", scale.astype(np.float32)), ("zero_point", np.zeros(scale.shape, np.int8))):
-        name = names(f"{base}_{suffix}")
-        tensor = ir.Tensor(array, name=name)
-        stored.append(ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape),
-                               type=ir.TensorType(tensor.dtype)))
-        graph.register_initializer(stored[-1])
+    stored = [eir.register_array(graph, names(f"{base}_{suffix}"), array)
+              for suffix, array in (("quantized", q.transpose(0, 2, 1)), ("scale", scale.astype(np.float32)),
+                                    ("zero_point", np.zeros(scale.shape, np.int8)))]
     done.float_bytes += weight.nbytes
     done.int8_bytes += sum(v.const_value.nbytes for v in stored)
     done.tensors.append(TensorQuantInfo(

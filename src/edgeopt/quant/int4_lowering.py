@@ -176,21 +176,17 @@ def _initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Va
     return value
 
 
-def _array_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    return _initializer(graph, name, ir.Tensor(np.ascontiguousarray(array), name=name))
-
-
 def _typed_initializer(graph: ir.Graph, name: str, values: np.ndarray, fmt: Format) -> ir.Value:
     """An ONNX tensor of ``fmt``: INT4/UINT4 flattened and packed two per byte, 8-bit as they are."""
     if fmt.bits == 8:
-        return _array_initializer(graph, name, values.astype(fmt.numpy_dtype))
+        return eir.register_array(graph, name, values.astype(fmt.numpy_dtype))
     packed = pack_nibbles(values.reshape(-1), fmt)
     return _initializer(graph, name, ir.PackedTensor(packed, fmt.onnx_type, shape=values.shape, name=name))
 
 
 def _addend_value(graph: ir.Graph, names: UniqueNames, target: WeightTarget) -> ir.Value | None:
     if isinstance(target.addend, np.ndarray):
-        return _array_initializer(graph, names(f"{target.node.name or 'gemm'}_C"), target.addend)
+        return eir.register_array(graph, names(f"{target.node.name or 'gemm'}_C"), target.addend)
     return target.addend
 
 
@@ -198,9 +194,9 @@ def matmul_nbits_constants(graph: ir.Graph, names: UniqueNames, base: str,
                            quantized: BlockQuantizedWeight) -> EncodedWeight:
     encoded = encode_matmul_nbits(quantized)
     zero_points = (None if encoded.zero_points is None
-                   else _array_initializer(graph, names(f"{base}_zero_points"), encoded.zero_points))
-    values = (_array_initializer(graph, names(f"{base}_Q{encoded.bits}"), encoded.packed),
-              _array_initializer(graph, names(f"{base}_scales"), encoded.scales), zero_points)
+                   else eir.register_array(graph, names(f"{base}_zero_points"), encoded.zero_points))
+    values = (eir.register_array(graph, names(f"{base}_Q{encoded.bits}"), encoded.packed),
+              eir.register_array(graph, names(f"{base}_scales"), encoded.scales), zero_points)
     return EncodedWeight(values=values, nbytes=sum(v.const_value.nbytes for v in values if v is not None),
                          k=encoded.k, n=encoded.n, block_size=encoded.block_size, bits=encoded.bits)
 
@@ -211,7 +207,7 @@ def lower_matmul_nbits(graph: ir.Graph, names: UniqueNames, target: WeightTarget
     node = target.node
     inputs: list[ir.Value | None] = [node.inputs[0], *encoded.values, None, None]
     if target.bias is not None:
-        inputs[5] = _array_initializer(graph, names(f"{node.name or target.weight_value.name}_bias"), target.bias)
+        inputs[5] = eir.register_array(graph, names(f"{node.name or target.weight_value.name}_bias"), target.bias)
     while inputs[-1] is None:
         inputs.pop()
     attributes = [ir.AttrInt64("K", encoded.k), ir.AttrInt64("N", encoded.n),
@@ -235,7 +231,7 @@ def dequantize_linear_constants(graph: ir.Graph, names: UniqueNames, base: str,
                                 quantized: BlockQuantizedWeight) -> EncodedWeight:
     fmt = quantized.format
     values = (_typed_initializer(graph, names(f"{base}_{fmt.name}"), quantized.q, fmt),
-              _array_initializer(graph, names(f"{base}_scale"), quantized.scale),
+              eir.register_array(graph, names(f"{base}_scale"), quantized.scale),
               None if fmt.symmetric else _typed_initializer(graph, names(f"{base}_zero_point"),
                                                             quantized.zero_point, fmt))
     per_byte = 8 // fmt.bits
@@ -251,7 +247,7 @@ def gather_block_quantized_constants(graph: ir.Graph, names: UniqueNames, base: 
     rows = encoded.n
     arrays = (encoded.packed.reshape(rows, -1), encoded.scales.reshape(rows, -1),
               None if encoded.zero_points is None else encoded.zero_points.reshape(rows, -1))
-    values = tuple(None if array is None else _array_initializer(graph, names(f"{base}_{suffix}"), array)
+    values = tuple(None if array is None else eir.register_array(graph, names(f"{base}_{suffix}"), array)
                    for array, suffix in zip(arrays, (f"rows_Q{encoded.bits}", "row_scales", "row_zero_points")))
     return EncodedWeight(values=values, nbytes=sum(v.const_value.nbytes for v in values if v is not None),
                          k=encoded.k, n=rows, block_size=encoded.block_size, bits=encoded.bits)

@@ -129,12 +129,7 @@ class _Builder:
         return claim_name(base, self._used)
 
     def initializer(self, base: str, array: np.ndarray) -> ir.Value:
-        name = self.unique(base)
-        tensor = ir.Tensor(np.asarray(array), name=name)  # the array is numpy already: skip ir.tensor's dispatch
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
-                         const_value=tensor)
-        self.graph.register_initializer(value)
-        return value
+        return eir.register_array(self.graph, self.unique(base), array)
 
     def dequantize_node(self, base: str, inputs: list[ir.Value], like: ir.Value | None,
                         axis: int | None = None) -> ir.Node:
