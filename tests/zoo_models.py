@@ -156,17 +156,23 @@ class InceptionBlock(nn.Module):
         return torch.cat([self.b1(x), self.b2(x), self.b3(x), self.b4(x)], 1)
 
 
-class GoogLeNet(nn.Module):
-    def __init__(self, classes=10):
+class PooledClassifier(nn.Module):
+    """``stem`` -> ``blocks`` -> global average pool -> a Linear from ``width`` features to the classes."""
+
+    def __init__(self, stem: nn.Module, blocks: nn.Module, width: int, classes: int):
         super().__init__()
-        self.stem = nn.Sequential(ConvBNAct(3, 16, 3, 2), nn.MaxPool2d(3, 2, ceil_mode=True))
-        self.blocks = nn.Sequential(InceptionBlock(16, 8, 8, 16, 4, 8, 8), InceptionBlock(40, 16, 12, 24, 4, 8, 8),
-                                    nn.MaxPool2d(3, 2, ceil_mode=True), InceptionBlock(56, 16, 12, 24, 4, 8, 8))
-        self.fc = nn.Linear(56, classes)
+        self.stem, self.blocks, self.fc = stem, blocks, nn.Linear(width, classes)
 
     def forward(self, x):
-        x = F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1)
-        return self.fc(torch.flatten(x, 1))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
+
+
+class GoogLeNet(PooledClassifier):
+    def __init__(self, classes=10):
+        super().__init__(nn.Sequential(ConvBNAct(3, 16, 3, 2), nn.MaxPool2d(3, 2, ceil_mode=True)),
+                         nn.Sequential(InceptionBlock(16, 8, 8, 16, 4, 8, 8), InceptionBlock(40, 16, 12, 24, 4, 8, 8),
+                                       nn.MaxPool2d(3, 2, ceil_mode=True), InceptionBlock(56, 16, 12, 24, 4, 8, 8)),
+                         56, classes)
 
 
 class ResNeXtBlock(nn.Module):
@@ -181,16 +187,10 @@ class ResNeXtBlock(nn.Module):
         return F.relu(self.body(x) + self.shortcut(x))
 
 
-class ResNeXt(nn.Module):
+class ResNeXt(PooledClassifier):
     def __init__(self, classes=10):
-        super().__init__()
-        self.stem = ConvBNAct(3, 16, 3, 2)
-        self.blocks = nn.Sequential(ResNeXtBlock(16, 16, 32, 1), ResNeXtBlock(32, 32, 64, 2),
-                                    ResNeXtBlock(64, 32, 64, 1))
-        self.fc = nn.Linear(64, classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
+        super().__init__(ConvBNAct(3, 16, 3, 2), nn.Sequential(ResNeXtBlock(16, 16, 32, 1), ResNeXtBlock(32, 32, 64, 2),
+                                                               ResNeXtBlock(64, 32, 64, 1)), 64, classes)
 
 
 class LayerNorm2d(nn.Module):
@@ -302,16 +302,11 @@ class GhostBottleneck(nn.Module):
         return self.ghost2(self.dw(self.ghost1(x))) + self.shortcut(x)
 
 
-class GhostNet(nn.Module):
+class GhostNet(PooledClassifier):
     def __init__(self, classes=10):
-        super().__init__()
-        self.stem = ConvBNAct(3, 16, 3, 2)
-        self.blocks = nn.Sequential(GhostBottleneck(16, 24, 15, 1), GhostBottleneck(15, 36, 24, 2),
-                                    GhostBottleneck(24, 36, 24, 1))
-        self.fc = nn.Linear(24, classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
+        super().__init__(ConvBNAct(3, 16, 3, 2), nn.Sequential(GhostBottleneck(16, 24, 15, 1),
+                                                               GhostBottleneck(15, 36, 24, 2),
+                                                               GhostBottleneck(24, 36, 24, 1)), 24, classes)
 
 
 class KerasNHWC(nn.Module):
