@@ -54,7 +54,7 @@ from edgeopt.quant.fallback import fallback_part
 from edgeopt.quant.float_reference import FloatReference
 from edgeopt.quant.int4 import Int4WeightConfig, WeightFallback, quantize_int4
 from edgeopt.quant.int4_rounding import Int4Memo
-from edgeopt.quant.accuracy_damage import Candidate, low_bit_layers, node_damage, quantized_readers, weight_damage
+from edgeopt.quant.accuracy_damage import Candidate, node_damage, quantized_readers, weight_damage
 from edgeopt.quant.int8 import quantize_int8
 from edgeopt.quant.model_checks import NodeIndex, check_exclude, vanished_excludes
 from edgeopt.quant.registry import FloatNode, QuantResult
@@ -236,7 +236,6 @@ class _Search:
         self.returned_to = "8 bits" if self.to_8_bits else "float"
         self.none_left = ("no layer left in int4 to hold in 8 bits" if self.to_8_bits
                           else "no quantized node left to return to float")
-        self.first_layers: dict[str, ir.Node] | None = None  # the first int4 (dynamic int8) round's, by output name
         self.dynamic_passes = 0  # SmoothQuant's, one per dynamic int8 round
         self.started = time.monotonic()
         self.memo = CalibrationMemo()  # the rounds differ only in what is excluded: one calibration serves them
@@ -253,12 +252,10 @@ class _Search:
             result = (quantize_int4(self.base.clone(), config, self.data, memo=self.int4_memo)
                       if isinstance(config, Int4WeightConfig) else self._quantize_dynamic(config))
         except ModelError:
-            if self.first_layers is None:
+            if not self.steps:  # the first round's refusal is the model's
                 raise
-            # what int4 (dynamic int8) refuses: nothing left to quantize
+            # what int4 (dynamic int8) refuses once layers are back in float: nothing left to quantize
             return _all_float(self.base.clone(), config, self.scheme)
-        if self.first_layers is None:
-            self.first_layers = low_bit_layers(self.base, result)
         return result
 
     def _quantize_dynamic(self, config: DynamicInt8Config) -> QuantResult:
