@@ -57,10 +57,10 @@ from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.config import (CalibrationConfig, PerChannel, PerTensor, check_exclude_names,
                                   check_smoothquant_alpha, require_bools)
 from edgeopt.quant.dynamic_attention import AttentionWeights, attention_refusal, lower_attention
-from edgeopt.quant.dynamic_lstm import MS_DOMAIN, LoweredLstm, lower_lstm, lstm_refusal
+from edgeopt.quant.dynamic_lstm import LoweredLstm, lower_lstm, lstm_refusal
 from edgeopt.quant.float16 import UniqueNames, weight_only_float_passes
 from edgeopt.quant.formats import INT8_SYMMETRIC, UINT8
-from edgeopt.quant.int4_lowering import drop_unread, gemm_as_matmul, read_constant, uncovered_weights_note
+from edgeopt.quant.int4_lowering import MS_DOMAIN, drop_unread, gemm_as_matmul, read_constant, uncovered_weights_note
 from edgeopt.quant.primitives import quantize_per_channel
 from edgeopt.quant.rescaled import record_rescaled
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme

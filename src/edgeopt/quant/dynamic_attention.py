@@ -23,13 +23,12 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.quant.formats import INT8_SYMMETRIC
-from edgeopt.quant.int4_lowering import drop_unread
+from edgeopt.quant.int4_lowering import MS_DOMAIN, drop_unread
 from edgeopt.quant.primitives import quantize_per_channel
 from edgeopt.quant.registry import TensorQuantInfo
 
 __all__ = ["QATTENTION_FORMAT", "AttentionWeights", "attention_refusal", "lower_attention"]
 
-MS_DOMAIN = "com.microsoft"
 #: QAttention's weights: int8 storage, 7 bits used (ONNX Runtime's reduce_range)
 QATTENTION_FORMAT = dataclasses.replace(INT8_SYMMETRIC, name="int7_symmetric", qmin=-63, qmax=63)
 #: The attributes of ONNX Runtime's QAttention schema (com.microsoft, version 1), all Attention's too

@@ -18,13 +18,12 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.quant.formats import INT8_SYMMETRIC
-from edgeopt.quant.int4_lowering import drop_unread
+from edgeopt.quant.int4_lowering import MS_DOMAIN, drop_unread
 from edgeopt.quant.primitives import quantize_per_channel
 from edgeopt.quant.registry import TensorQuantInfo
 
-__all__ = ["MS_DOMAIN", "LoweredLstm", "lower_lstm", "lstm_refusal"]
+__all__ = ["LoweredLstm", "lower_lstm", "lstm_refusal"]
 
-MS_DOMAIN = "com.microsoft"
 
 
 def lstm_refusal(node: ir.Node) -> str | None:
