@@ -32,14 +32,14 @@ def _float_ops(result) -> list[str]:
 def test_an_unoptimized_dynamo_cnn_quantizes_as_its_torchscript_export(tmp_path):
     """mobilenet_v3 through dynamo with optimize=False: the zero biases fold (CastLike of a constant),
     so BatchNorm folds and every Conv is int8; the SE blocks' means, whose axes a Reshape computes,
-    get shapes once folded and pool as GlobalAveragePool. Only the HardSwish nodes stay float, as in
-    the TorchScript export."""
+    get shapes once folded and pool as GlobalAveragePool. The same nodes stay float as in the TorchScript
+    export: HardSwish nodes of inputs too narrow for an integer gate (on these N(0, 1) inputs)."""
     dynamo = load_model(build_dynamo("mobilenet_v3", tmp_path, 18, optimize=False))
     torchscript = load_model(build_onnx("mobilenet_v3", tmp_path, 18))
     calibration = _inputs("mobilenet_v3", 16, seed=0)
     result = quantize(dynamo, Int8Config(), calibration)
     reference = quantize(torchscript, Int8Config(), calibration)
-    assert _float_ops(result) == _float_ops(reference) == ["HardSwish"] * 7
+    assert _float_ops(result) == _float_ops(reference) and set(_float_ops(result)) <= {"HardSwish"}
     assert "BatchNormalization" not in [node.op_type for node in result.model.graph]
     held_out = _inputs("mobilenet_v3", 8, seed=1)
     assert sqnr_db(dynamo, result.model, held_out) >= sqnr_db(torchscript, reference.model, held_out) - 1.0

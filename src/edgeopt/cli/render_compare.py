@@ -70,7 +70,8 @@ def _coverage_line(result: CompareResult) -> str:
                 "pair: a float16, bfloat16 or weight-only model)")
     line = f"matched {result.matched} of {result.quantized_tensors} quantized activations to float tensors"
     if result.unmatched:
-        line += f"; {len(result.unmatched)} have no float counterpart (removed or renamed by passes)"
+        line += (f"; {len(result.unmatched)} have no float counterpart (removed or renamed by passes, or added by "
+                 "the quantizer: a HardSwish's gate on ONNX Runtime)")
     if result.skipped:
         line += f"; {len(result.skipped)} skipped (shapes differ)"
     return line

@@ -64,8 +64,22 @@ def node_damage(result: QuantResult, comparison: CompareResult) -> list[Candidat
                 ranked.append(Candidate(damage, reader, f"reads {head.name} ({head.op_type}, float) quantized: "
                                          f"{reason}", through=head.name))
     ranked.sort(key=lambda item: (-item.damage, item.node.name))
-    seen: set[str] = set()  # a node reached twice (its own output, a float node it reads) counts once
-    return [item for item in ranked if not (item.node.name in seen or seen.add(item.node.name))]
+    return _as_exported(result, ranked)
+
+
+def _as_exported(result: QuantResult, candidates: list[Candidate]) -> list[Candidate]:
+    """``candidates`` with each node the quantizer wrote for another (a HardSwish's Add, Q, DQ and Mul on
+    ONNX Runtime) as that node, which the search can return to float by its name; each node once (a node
+    reached twice, by its own output and a float node it reads, counts once)."""
+    parts = result.details.get("rewritten_parts", {}) if result.details else {}
+    nodes = {node.name: node for node in result.model.graph} if parts else {}
+    found, seen = [], set()
+    for item in candidates:
+        node = nodes.get(parts.get(item.node.name, ""), item.node)
+        if node.name not in seen:
+            seen.add(node.name)
+            found.append(item._replace(node=node))
+    return found
 
 
 def _float_node_names(result: QuantResult) -> set[str]:
@@ -141,7 +155,7 @@ def quantized_readers(result: QuantResult) -> list[Candidate]:
         inputs = quantized_input_names(node)
         if inputs:
             found.append(Candidate(0.0, node, f"still reads {inputs[0]} quantized"))
-    return found
+    return _as_exported(result, found)
 
 
 def _readers_through_qdq(node: ir.Node) -> list[ir.Node]:

@@ -41,6 +41,7 @@ from edgeopt.quant.config import CalibrationConfig, CalibrationMethod, Fallback,
 from edgeopt.quant.equalize import equalize
 from edgeopt.quant.fallback import fp16_fallback
 from edgeopt.quant.gptq import gptq_layer
+from edgeopt.quant.hard_activations import lower_hard_activations
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
 from edgeopt.quant.ops import FUSED_BETWEEN_PAIRS, MCU_OP_RULES, OP_RULES, is_qdq_op
 from edgeopt.quant.opset import OpsetCheck, OpsetConversion, convert_opset
@@ -409,12 +410,15 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     ranges = calibration.ranges()
     concats = {node.outputs[0].name: node.name for node in model.graph if node.op_type == "Concat"}
     tensors = insert_qdq(model, plan, ranges, config, methods=calibration.methods(), rounded_weights=rounded)
+    float_nodes, rewritten = plan.float_nodes, {}
+    if config.target is Target.ORT:  # the C has HardSwish/HardSigmoid kernels of its own
+        rewritten, kept = lower_hard_activations(model, config.activations, frozenset(f.node_name for f in float_nodes))
+        float_nodes = (*float_nodes, *kept)
     notes.extend(_excluded_float_anyway(model, config.exclude, rules))
     notes.extend(_coarse_concat_notes(concats, plan, ranges, tensors, config.target))
     conversion: OpsetConversion | None = check.result() if check is not None else None
     if conversion is not None:
         notes.append(conversion.note())
-    float_nodes = plan.float_nodes
     if float_nodes:
         notes.append(f"{count_of(len(float_nodes), 'node stays', 'nodes stay')} float (see float_nodes)")
     if config.fallback is Fallback.FP16 and float_nodes:
@@ -424,7 +428,8 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
         notes.append("--fallback fp16: every node runs in int8, none computes in float16")
     details = {"calibration": calibration, "plan": plan, "opset_conversion": conversion,
                "activation_format": config.activations.name, "optimization": optimization,
-               "relu6_replaced": relu6_replaced, "relu6_float_sqnr_db": relu6_change}
+               "relu6_replaced": relu6_replaced, "relu6_float_sqnr_db": relu6_change,
+               "rewritten_parts": types.MappingProxyType(rewritten)}
     # named as the CLI's --scheme: uint8 when the user asked for uint8 activations, else int8 (whose
     # activation type follows the target, told in the notes)
     scheme = "uint8" if config.activation_format is not None and config.activation_format.name == "uint8" else "int8"

@@ -6,9 +6,11 @@ QuantizeLinear`` into an integer kernel (QLinearConv, QLinearMatMul, QGemm,
 QLinearAdd, QLinearMul, QLinearConcat, QLinearAveragePool,
 QLinearGlobalAveragePool, QLinearSigmoid, QLinearLeakyRelu, or the int8
 version of a data-movement op) and the TFLite int8 scheme has the same
-kernel. Everything else stays float and is reported. The microcontroller
-target (:data:`MCU_OP_RULES`) adds the ops the C kernels compute from int8
-(Softmax, Tanh, Elu, Gelu, HardSigmoid, HardSwish, ReduceMean, GlobalMaxPool, Pad)
+kernel; HardSwish and HardSigmoid too, which edgeopt rewrites into QLinearAdd
+and QLinearMul (:mod:`edgeopt.quant.hard_activations`). Everything else
+stays float and is reported. The microcontroller target
+(:data:`MCU_OP_RULES`) adds the ops the C kernels compute from int8
+(Softmax, Tanh, Elu, Gelu, ReduceMean, GlobalMaxPool, Pad)
 and ConvTranspose, which ONNX Runtime runs in float (it has no integer
 ConvTranspose on the CPU), and drops those it has no kernel for (Gather,
 Slice, Split).
@@ -86,6 +88,10 @@ OP_RULES: dict[str, OpRule] = {
     "GlobalAveragePool": _UNARY,
     "Sigmoid": _UNARY,
     "LeakyRelu": _UNARY,
+    # no integer kernel in ONNX Runtime: edgeopt writes them as QLinearAdd (+ QLinearMul) after placing
+    # their Q/DQ pairs (edgeopt.quant.hard_activations); one that cannot be stays float between its pairs
+    "HardSigmoid": _UNARY,
+    "HardSwish": _UNARY,
     "Concat": OpRule(role=OpRole.SHARED, activation_inputs=None),
     "MaxPool": _MOVE,
     "Reshape": _MOVE,
@@ -122,8 +128,6 @@ MCU_OP_RULES: dict[str, OpRule] = {op: rule for op, rule in OP_RULES.items() if 
     "Tanh": _UNARY,
     "Elu": _UNARY,
     "Gelu": _UNARY,
-    "HardSigmoid": _UNARY,
-    "HardSwish": _UNARY,
     "ReduceMean": _UNARY,
     "GlobalMaxPool": _MOVE,
     "Pad": _MOVE,

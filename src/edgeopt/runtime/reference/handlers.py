@@ -70,9 +70,13 @@ def lower_dequantize(lo: Lowering, node: ir.Node) -> None:
     source = node.inputs[0]
     if eir.is_constant(source):
         return  # weights, biases and constant operands are read by their consumer
+    params = lo.qdq_params(node)
     if source.name not in lo.tensor_of and source.is_graph_input():
-        lo.model_input(source, lo.qdq_params(node), is_float=False)
-    lo.bind(node.outputs[0], lo.activation(source, node))
+        lo.model_input(source, params, is_float=False)
+    tensor = lo.activation(source, node)
+    if lo.params_of(tensor) != params:  # its Q's integers read at another scale (a HardSwish gate on ORT)
+        tensor = lo.reinterpret(tensor, params, node.outputs[0].name, node)
+    lo.bind(node.outputs[0], tensor)
 
 
 # -- conv and fully connected -------------------------------------------------------------

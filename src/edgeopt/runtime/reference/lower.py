@@ -214,6 +214,15 @@ class Lowering:
                                   multiplier=multiplier, shift=shift, act_min=act_range[0], act_max=act_range[1])
         return self.emit("requantize", [source], output, params, node)
 
+    def reinterpret(self, source: str, target: QParams, output: str, node: ir.Node) -> str:
+        """Emit ``output``: ``source``'s integers unchanged, read at ``target``'s scale and zero point."""
+        info = self.tensors[source]
+        multiplier, shift = real_multiplier(1.0)
+        self.add_stored_tensor(output, info.shape, target, info.layout)
+        params = RequantizeParams(input_zero_point=0, output_zero_point=0, multiplier=multiplier, shift=shift,
+                                  act_min=-128, act_max=127)
+        return self.emit("requantize", [source], output, params, node)
+
     # -- looking ahead from a compute node -----------------------------------------
 
     def clip_bounds(self, node: ir.Node) -> tuple[float, float]:
