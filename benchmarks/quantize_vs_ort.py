@@ -418,7 +418,33 @@ def mobilenet_v2_224():
     return _Classifier(nn.Sequential(*layers), nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, 1000)))
 
 
-FIDELITY_BUILDERS = {"resnet18_224": resnet18_224, "mobilenet_v2_224": mobilenet_v2_224}
+def mobilenet_v3_224():
+    """MobileNetV3-Large: the paper's (kernel, expansion, out, SE, activation, stride) table, hardswish from
+    the fifth stage on, SE gates of hardsigmoid; 960-d last conv, 1280-d hardswish head. Not among ALL_MODELS
+    (``benchmarks/hardswish.py`` measures it)."""
+    from torch import nn
+
+    from tests.models import ConvBNAct, InvertedResidual, SqueezeExcite, _Classifier
+
+    def se(channels):
+        return SqueezeExcite(channels, max(8, channels // 4), act="relu", gate="hardsigmoid")
+
+    layers, cin = [ConvBNAct(3, 16, 3, 2, act="hardswish")], 16
+    for k, expanded, c, gated, act, s in (
+            (3, 16, 16, 0, "relu", 1), (3, 64, 24, 0, "relu", 2), (3, 72, 24, 0, "relu", 1),
+            (5, 72, 40, 1, "relu", 2), (5, 120, 40, 1, "relu", 1), (5, 120, 40, 1, "relu", 1),
+            (3, 240, 80, 0, "hardswish", 2), (3, 200, 80, 0, "hardswish", 1), (3, 184, 80, 0, "hardswish", 1),
+            (3, 184, 80, 0, "hardswish", 1), (3, 480, 112, 1, "hardswish", 1), (3, 672, 112, 1, "hardswish", 1),
+            (5, 672, 160, 1, "hardswish", 2), (5, 960, 160, 1, "hardswish", 1), (5, 960, 160, 1, "hardswish", 1)):
+        layers.append(InvertedResidual(cin, expanded, c, kernel=k, stride=s, act=act, se=se if gated else None))
+        cin = c
+    layers.append(ConvBNAct(cin, 960, 1, act="hardswish"))
+    head = nn.Sequential(nn.Linear(960, 1280), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(1280, 1000))
+    return _Classifier(nn.Sequential(*layers), head)
+
+
+FIDELITY_BUILDERS = {"resnet18_224": resnet18_224, "mobilenet_v2_224": mobilenet_v2_224,
+                     "mobilenet_v3_224": mobilenet_v3_224}
 
 
 def smooth_images(count: int, seed: int, stream: int) -> np.ndarray:
@@ -506,7 +532,7 @@ def prepare_fidelity_case(name: str, *, seed: int, calib_samples: int, work: pat
 
 def prepare_case(name: str, *, seed: int, calib_samples: int, work: pathlib.Path) -> Case:
     """Float model, calibration samples and test split for architecture ``name``."""
-    if name in FIDELITY_MODELS:
+    if name in FIDELITY_BUILDERS:
         return prepare_fidelity_case(name, seed=seed, calib_samples=calib_samples, work=work)
     x_train, x_test, y_train, y_test = digits_split()
     if name == "demo":
