@@ -82,6 +82,7 @@ def _as_before():
 
     rules = {op: rule for op, rule in int8.OP_RULES.items() if op not in ("HardSwish", "HardSigmoid")}
     with (mock.patch.object(int8, "OP_RULES", rules),
+          mock.patch.object(int8, "without_integer_form", lambda model, fmt, ranges=None: {}),
           mock.patch.object(int8, "lower_hard_activations", lambda model, fmt, listed: ({}, []))):
         yield
 

@@ -21,6 +21,8 @@ microcontroller target keeps its own HardSwish and HardSigmoid kernels and is no
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx_ir as ir
 
@@ -30,9 +32,39 @@ from edgeopt.quant.formats import Format
 from edgeopt.quant.ops import is_qdq_op
 from edgeopt.quant.registry import FloatNode
 
-__all__ = ["lower_hard_activations"]
+__all__ = ["lower_hard_activations", "without_integer_form"]
 
 _TOLERANCE = 1e-6  # relative, on a quantized range's end against the clamp's
+_OPS = ("HardSwish", "HardSigmoid")
+
+
+def _signed_reason(op_type: str) -> str:
+    return (f"no integer {op_type} in ONNX Runtime, which (1.32, x86) fuses no QLinearAdd or QLinearMul of int8 "
+            "activations to write it with (it does of uint8): computed in float")
+
+
+def _narrow_reason(span: float) -> str:
+    return (f"no integer HardSwish in ONNX Runtime, and its input spans {span:.3g} (< 6), finer than an 8-bit gate "
+            "over [0, 6]: computed in float")
+
+
+def without_integer_form(model: ir.Model, fmt: Format,
+                         ranges: Mapping[str, tuple[float, float]] | None = None) -> dict[str, str]:
+    """The HardSwish and HardSigmoid nodes :func:`lower_hard_activations` will not write in integer (name ->
+    why), for placement to treat as ops without a kernel: every one with int8 activations and, given the
+    calibrated ``ranges``, each HardSwish whose input spans less than 6."""
+    found = {}
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _OPS:
+            continue
+        if fmt.qmin < 0:
+            found[node.name] = _signed_reason(node.op_type)
+        elif node.op_type == "HardSwish" and ranges is not None and node.inputs[0].name in ranges:
+            low, high = ranges[node.inputs[0].name]
+            span = max(high, 0.0) - min(low, 0.0)
+            if span < 6.0 * (1 - _TOLERANCE):
+                found[node.name] = _narrow_reason(span)
+    return found
 
 
 def _scalar_params(node: ir.Node) -> tuple[float, int] | None:
@@ -68,6 +100,7 @@ class _Lowering:
         self.taken = {v.name for v in graph.inputs if v.name} | set(graph.initializers)
         self.taken |= {v.name for node in graph for v in node.outputs if v.name} | {n.name for n in graph if n.name}
         self.constants: dict[tuple, ir.Value] = {}
+        self.offsets: dict[tuple[str, float], ir.Value] = {}
 
     def constant(self, base: str, array: np.ndarray) -> ir.Value:
         return eir.register_array(self.graph, claim_name(base, self.taken), array)
@@ -86,18 +119,21 @@ class _Lowering:
         return ir.node(op_type, inputs, outputs=[output], name=claim_name(name, self.taken))
 
     def shift(self, base: str, x: ir.Value, offset: float, constants: str) -> list[ir.Node]:
-        """``x + offset`` with the offset a quantized constant holding it exactly (one step of ``|offset|``),
-        its initializers named ``{constants}_offset_...`` and shared by every node adding the same offset."""
+        """``x + offset``, the offset a quantized constant holding it exactly (one step of ``|offset|``): one
+        DequantizeLinear, named ``{constants}_offset...``, for every node adding the same offset."""
         dtype = self.format.numpy_dtype
-        code, zero = (1, 0) if offset > 0 else (0, 1)  # (uint8) -c as (0 - 1) * c
-        constant = [self.shared(f"{constants}_offset_quantized", np.array(code, dtype)),
-                    self.shared(f"{constants}_offset_scale", np.array(abs(offset), np.float32)),
-                    self.shared(f"{constants}_offset_zero_point", np.array(zero, dtype))]
-        offset_value = self.value(f"{base}_offset", x, ir.DataType.FLOAT)
-        offset_value.shape = ir.Shape([])
-        dq = self.node("DequantizeLinear", constant, offset_value, f"{base}_offset_DequantizeLinear")
+        nodes, key = [], (constants, offset)
+        if key not in self.offsets:
+            code, zero = (1, 0) if offset > 0 else (0, 1)  # (uint8) -c as (0 - 1) * c
+            constant = [self.shared(f"{constants}_offset_quantized", np.array(code, dtype)),
+                        self.shared(f"{constants}_offset_scale", np.array(abs(offset), np.float32)),
+                        self.shared(f"{constants}_offset_zero_point", np.array(zero, dtype))]
+            value = ir.Value(name=claim_name(f"{constants}_offset", self.taken), shape=ir.Shape([]),
+                             type=ir.TensorType(ir.DataType.FLOAT))
+            nodes.append(self.node("DequantizeLinear", constant, value, f"{constants}_offset_DequantizeLinear"))
+            self.offsets[key] = value
         shifted = self.value(f"{base}_shifted", x, ir.DataType.FLOAT)
-        return [dq, self.node("Add", [x, offset_value], shifted, f"{base}_shift")]
+        return [*nodes, self.node("Add", [x, self.offsets[key]], shifted, f"{base}_shift")]
 
     def hardswish(self, node: ir.Node, x: ir.Value) -> str | None:
         """``x * gate``, the gate ``clip(x + 3, 0, 6)`` quantized over [0, 6] and read back over [0, 1]; or
@@ -107,8 +143,7 @@ class _Lowering:
         levels = fmt.qmax - fmt.qmin
         input_scale = _scalar_params(x.producer())[0]
         if input_scale * levels < 6.0 * (1 - _TOLERANCE):
-            return (f"no integer HardSwish in ONNX Runtime, and its input spans {input_scale * levels:.3g} (< 6), "
-                    "finer than an 8-bit gate over [0, 6]: computed in float between its Q/DQ pairs")
+            return _narrow_reason(input_scale * levels)
         nodes = self.shift(base, x, 3.0, "hardswish")
         zero = self.shared("hardswish_gate_zero_point", np.array(fmt.qmin, fmt.numpy_dtype))
         quantized = self.value(f"{base}_gate_quantized", x, fmt.onnx_type)
@@ -168,14 +203,13 @@ def lower_hard_activations(model: ir.Model, fmt: Format, listed: frozenset[str] 
     ``listed``, the nodes already reported float), which compute in float: still correct, not faster."""
     lowering, parts, kept = _Lowering(model.graph, fmt), {}, []
     for node in list(model.graph):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("HardSwish", "HardSigmoid"):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _OPS:
             continue
         label = eir.node_label(node)
         x, quantizer = _quantized_input(node), _sole_quantizer(node.outputs[0])
         before = {id(each) for each in model.graph}
         if fmt.qmin < 0:
-            reason = (f"no integer {node.op_type} in ONNX Runtime, which (1.32, x86) fuses no QLinearAdd or QLinearMul "
-                      "of int8 activations to write it with (it does of uint8): computed in float")
+            reason = _signed_reason(node.op_type)
         elif x is None or quantizer is None:
             reason = (f"no integer {node.op_type} in ONNX Runtime, and its input is not quantized or its output "
                       "is read in float too: computed in float")

@@ -41,7 +41,7 @@ from edgeopt.quant.config import CalibrationConfig, CalibrationMethod, Fallback,
 from edgeopt.quant.equalize import equalize
 from edgeopt.quant.fallback import fp16_fallback
 from edgeopt.quant.gptq import gptq_layer
-from edgeopt.quant.hard_activations import lower_hard_activations
+from edgeopt.quant.hard_activations import lower_hard_activations, without_integer_form
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
 from edgeopt.quant.ops import FUSED_BETWEEN_PAIRS, MCU_OP_RULES, OP_RULES, is_qdq_op
 from edgeopt.quant.opset import OpsetCheck, OpsetConversion, convert_opset
@@ -394,7 +394,10 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     model, check, optimization, relu6_replaced, relu6_change = _float_model(model, config, data, memo, notes)
     hooks = [check] if check is not None else []
     rules = MCU_OP_RULES if config.target is Target.MCU else OP_RULES  # the kernels that will run it
-    plan = plan_qdq(model, exclude=config.exclude, quantize_outputs=config.outputs_quantized, rules=rules)
+    ort = config.target is Target.ORT  # (the C has HardSwish/HardSigmoid kernels of its own)
+    no_kernel = without_integer_form(model, config.activations) if ort else {}
+    plan = plan_qdq(model, exclude=config.exclude, quantize_outputs=config.outputs_quantized, rules=rules,
+                    no_kernel=no_kernel)
     _check_finite_weights(model, plan)
     extra = _AccuracyHooks(model, plan, config)
     calibration = extra.calibrate(model, data, list(dict.fromkeys([*plan.activations, *extra.tensors])), config,
@@ -403,15 +406,16 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     notes.extend(extra_notes)
     if config.calibration is CalibrationMethod.AUTO:
         notes.append(_auto_note(calibration.methods(), plan.activations))
-    if calibration.non_float & set(plan.activations) or extra.replan:
+    narrow = without_integer_form(model, config.activations, calibration.ranges()) if ort else {}
+    if calibration.non_float & set(plan.activations) or extra.replan or narrow.keys() - no_kernel.keys():
         plan = plan_qdq(model, exclude=config.exclude, non_float=calibration.non_float,
-                        quantize_outputs=config.outputs_quantized, rules=rules)
+                        quantize_outputs=config.outputs_quantized, rules=rules, no_kernel=no_kernel | narrow)
     notes.extend(_wide_softmax_notes(model, plan.probabilities, config.activations))  # its readers, before Q/DQ
     ranges = calibration.ranges()
     concats = {node.outputs[0].name: node.name for node in model.graph if node.op_type == "Concat"}
     tensors = insert_qdq(model, plan, ranges, config, methods=calibration.methods(), rounded_weights=rounded)
     float_nodes, rewritten = plan.float_nodes, {}
-    if config.target is Target.ORT:  # the C has HardSwish/HardSigmoid kernels of its own
+    if ort:
         rewritten, kept = lower_hard_activations(model, config.activations, frozenset(f.node_name for f in float_nodes))
         float_nodes = (*float_nodes, *kept)
     notes.extend(_excluded_float_anyway(model, config.exclude, rules))

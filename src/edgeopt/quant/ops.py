@@ -43,8 +43,8 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 
 __all__ = ["FUSED_BETWEEN_PAIRS", "MCU_OP_RULES", "OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule", "QUANTIZED_OP_TYPES",
-           "WEIGHT_ONLY_OPS", "float_op_reason", "is_float16_cast", "is_qdq_op", "slow_group_refusal",
-           "weight_axis"]
+           "WEIGHT_ONLY_OPS", "float_op_reason", "is_float16_cast", "is_qdq_op", "pad_refusal", "resize_refusal",
+           "slow_group_refusal", "weight_axis"]
 
 
 class OpRole(enum.Enum):
@@ -186,6 +186,33 @@ def is_float16_cast(node: ir.Node | None) -> bool:
     side of a Q/DQ pair and a node computing in float16."""
     return (node is not None and node.op_type == "Cast" and node.domain in ("", "ai.onnx")
             and node.attributes.get_int("to") == ir.DataType.FLOAT16)
+
+
+def resize_refusal(node: ir.Node, rule: OpRule) -> str | None:
+    """Why a Resize stays float: its mode has no integer kernel (cubic), or not one the target runs."""
+    mode = node.attributes.get_string("mode", "nearest")
+    if mode == "cubic":
+        return "cubic Resize has no integer kernel"
+    if rule.modes is not None and mode not in rule.modes:
+        return (f"ONNX Runtime interpolates a {mode} Resize in float between its DequantizeLinear and "
+                "QuantizeLinear (it runs nearest on int8): kept float, its output quantized with a range of its own")
+    return None
+
+
+def pad_refusal(node: ir.Node) -> str | None:
+    """Why a Pad stays float: it copies int8 values only when it pads with a constant by constant,
+    non-negative amounts."""
+    mode = node.attributes.get_string("mode", "constant")
+    if mode != "constant":
+        return f"{mode} Pad has no integer kernel (constant padding has)"
+    amounts = [eir.constant_array(v) for v in node.inputs[1:2] if v is not None]
+    if amounts and (amounts[0] is None or (amounts[0] < 0).any()):
+        return "its pads are not constant and non-negative"
+    if len(node.inputs) > 2 and node.inputs[2] is not None and not eir.is_constant(node.inputs[2]):
+        return "its padding value is not a constant"
+    if len(node.inputs) > 3 and node.inputs[3] is not None:  # left when the rank is unknown
+        return "it pads some axes (an axes input) of a tensor of unknown rank"
+    return None
 
 
 def slow_group_refusal(node: ir.Node, rule: OpRule) -> str | None:

@@ -65,6 +65,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import onnx_ir as ir
 
@@ -72,8 +73,8 @@ from edgeopt import ir as eir
 from edgeopt.passes import PATTERN_KEY, activation_clamp
 from edgeopt.quant.log_inputs import log_input_nodes, log_input_refusal
 from edgeopt.quant.masks import grid_refusal, index_refusal, mask_like_values, mask_refusal
-from edgeopt.quant.ops import (FUSED_BETWEEN_PAIRS, FUSING_PRODUCERS, OP_RULES, OpRole, OpRule, is_qdq_op,
-                               float_op_reason, slow_group_refusal, weight_axis)
+from edgeopt.quant.ops import (FUSED_BETWEEN_PAIRS, FUSING_PRODUCERS, OP_RULES, OpRole, OpRule, float_op_reason,
+                               is_qdq_op, pad_refusal, resize_refusal, slow_group_refusal, weight_axis)
 from edgeopt.quant.registry import FloatNode
 
 __all__ = ["DATA_MOVEMENT_OPS", "EXCLUDED", "MOVES_FOR_KEPT", "READ_IN_FLOAT", "BiasUse", "QdqPlan", "UnionFind",
@@ -180,7 +181,7 @@ def _quantized_op_by_op(pattern: str, rules: Mapping[str, OpRule]) -> bool:
 
 
 def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str],
-             rules: Mapping[str, OpRule]) -> str | None:
+             rules: Mapping[str, OpRule], no_kernel: Mapping[str, str]) -> str | None:
     """Why ``node`` stays float, or None when it can run in integer. A node excluded or kept float is so
     whatever its op: one without a rule of its own may still be fused by ONNX Runtime between the Q/DQ
     pairs of its neighbours (an attention Softmax, as QLinearSoftmax), unless it reads float."""
@@ -188,6 +189,8 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
         return EXCLUDED
     if node.name in keep_float:
         return _KEPT_ON_REQUEST
+    if node.name in no_kernel:
+        return no_kernel[node.name]
     pattern = node.metadata_props.get(PATTERN_KEY)
     if pattern is not None and not _quantized_op_by_op(pattern, rules):  # each of its ops told so, kernel or not
         return f"part of a spelled-out {pattern} (kept as one float op)"
@@ -196,36 +199,11 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
     if rules[node.op_type].role is OpRole.WEIGHTED:
         return _weighted_refusal(node) or slow_group_refusal(node, rules[node.op_type])
     if node.op_type == "Resize":
-        return _resize_refusal(node, rules["Resize"])
+        return resize_refusal(node, rules["Resize"])
     if node.op_type == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].uses():
         return "MaxPool indices output is used"
     if node.op_type == "Pad":
-        return _pad_refusal(node)
-    return None
-
-
-def _resize_refusal(node: ir.Node, rule: OpRule) -> str | None:
-    mode = node.attributes.get_string("mode", "nearest")
-    if mode == "cubic":
-        return "cubic Resize has no integer kernel"
-    if rule.modes is not None and mode not in rule.modes:
-        return (f"ONNX Runtime interpolates a {mode} Resize in float between its DequantizeLinear and "
-                "QuantizeLinear (it runs nearest on int8): kept float, its output quantized with a range of its own")
-    return None
-
-
-def _pad_refusal(node: ir.Node) -> str | None:
-    """A Pad copies int8 values when it pads with a constant by constant, non-negative amounts."""
-    mode = node.attributes.get_string("mode", "constant")
-    if mode != "constant":
-        return f"{mode} Pad has no integer kernel (constant padding has)"
-    amounts = [eir.constant_array(v) for v in node.inputs[1:2] if v is not None]
-    if amounts and (amounts[0] is None or (amounts[0] < 0).any()):
-        return "its pads are not constant and non-negative"
-    if len(node.inputs) > 2 and node.inputs[2] is not None and not eir.is_constant(node.inputs[2]):
-        return "its padding value is not a constant"
-    if len(node.inputs) > 3 and node.inputs[3] is not None:  # left when the rank is unknown
-        return "it pads some axes (an axes input) of a tensor of unknown rank"
+        return pad_refusal(node)
     return None
 
 
@@ -365,8 +343,8 @@ def _float_output_fuses(node: ir.Node, output: ir.Value, weight: ir.Value | None
             and not output.uses() and weight is not None and eir.is_constant(weight))
 
 
-def _triage(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[str],
-            non_float: Collection[str], rules: Mapping[str, OpRule]) -> tuple[dict[str, ir.Node], dict[str, str]]:
+def _triage(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[str], non_float: Collection[str],
+            rules: Mapping[str, OpRule], no_kernel: Mapping[str, str]) -> tuple[dict[str, ir.Node], dict[str, str]]:
     """Float-computing nodes split into integer candidates and refusals (name -> reason)."""
     candidates: dict[str, ir.Node] = {}
     refusals: dict[str, str] = {}
@@ -375,7 +353,7 @@ def _triage(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[st
     for node in graph:
         if not _computes_float(node, non_float):
             continue
-        reason = (_refusal(node, exclude, keep_float, rules) or mask_refusal(node, masked)
+        reason = (_refusal(node, exclude, keep_float, rules, no_kernel) or mask_refusal(node, masked)
                   or index_refusal(node, indices) or grid_refusal(node, grid) or log_input_refusal(node, logs))
         if reason is None:
             candidates[node.name] = node
@@ -386,7 +364,7 @@ def _triage(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[st
 
 def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Collection[str] = (),
              non_float: Collection[str] = (), quantize_outputs: bool = True,
-             rules: Mapping[str, OpRule] = OP_RULES) -> QdqPlan:
+             rules: Mapping[str, OpRule] = OP_RULES, no_kernel: Mapping[str, str] = MappingProxyType({})) -> QdqPlan:
     """Plan Q/DQ placement on ``model`` (not modified).
 
     ``exclude``: node names or op types that stay float (the user's
@@ -397,13 +375,14 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     with a constant weight (and read by nothing else) stays float; ONNX
     Runtime runs such a pair as QGemm / MatMulIntegerToFloat with a float output.
     ``rules``: the ops that run in integer and how (:data:`~edgeopt.quant.ops.OP_RULES`, or
-    :data:`~edgeopt.quant.ops.MCU_OP_RULES` for the microcontroller kernels).
+    :data:`~edgeopt.quant.ops.MCU_OP_RULES` for the microcontroller kernels); ``no_kernel``: nodes whose op
+    has a rule but that have no integer form here (name -> why), float between their neighbours' pairs.
     """
     graph = model.graph
     names = [node.name for node in graph]
     if not all(names) or len(set(names)) != len(names):
         raise ValueError("plan_qdq needs unique node names: run onnx_ir's NameFixPass on the model first")
-    candidates, refusals = _triage(graph, exclude, keep_float, non_float, rules)
+    candidates, refusals = _triage(graph, exclude, keep_float, non_float, rules, no_kernel)
     fused_by_producer = _fusions(candidates, refusals, rules)
     fused = {activation.name: producer for producer, activation in fused_by_producer.items()}
     _refuse_isolated_movers(candidates, refusals, rules, outputs_quantized=quantize_outputs)
