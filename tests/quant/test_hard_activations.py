@@ -191,3 +191,16 @@ def test_a_narrow_hardswish_is_placed_as_an_op_without_kernel():
                                plan_qdq(model))
     assert (narrow.nodes, narrow.activations) == (before.nodes, before.activations)
     assert [f.reason for f in narrow.float_nodes] == ["narrow"] and "hswish" in lowered.nodes
+
+
+def test_a_hardsigmoid_without_offset_is_placed_as_an_op_without_kernel():
+    # beta 0: no Add to clamp with (a Q -> DQ requantization ONNX Runtime would run in float)
+    b = GraphBuilder(seed=23)  # (after an Add: after a Gemm or a Conv it would fold into it as a clamp)
+    total = b.node("Add", [b.node("Gemm", ["x", b.weight("fc1.weight", (32, 16))], "fc1", transB=1),
+                           b.node("Gemm", ["x", b.weight("fc1b.weight", (32, 16))], "fc1b", transB=1)], "sum")
+    gate = b.node("HardSigmoid", [total], "gate", alpha=0.2, beta=0.0)
+    b.node("Gemm", [gate, b.weight("fc2.weight", (10, 32))], "y", transB=1)
+    result = quantize(b.model(["y"], (1, 16)), Int8Config(), batches((1, 16), 16))
+    assert [(f.node_name, f.op_type) for f in result.float_nodes] == [("gate", "HardSigmoid")]
+    assert "writes none with alpha 0.2, beta 0" in result.float_nodes[0].reason
+    assert "gate" not in result.details["plan"].nodes

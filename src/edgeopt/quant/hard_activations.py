@@ -14,9 +14,11 @@ Both are a clamp of an affine function, and a clamp is what quantization does at
 ONNX Runtime fuses the ``DQ -> Add -> Q`` and ``DQ -> Mul -> Q`` of uint8 activations (its x86 kernels' type:
 with int8 ones it fuses neither, and the ops stay float) into QLinearAdd and QLinearMul: two passes
 over the tensor in integer, where the float op cost a DequantizeLinear, a HardSigmoid, a Mul and a
-QuantizeLinear (a MobileNetV3-Large at 224x224: 3.75 -> 3.09 ms an image on one core). The gate is rounded
-to 1/255, below the output's own rounding. The Q -> DQ pair of the gate has two scales by design; the
-microcontroller target keeps its own HardSwish and HardSigmoid kernels and is not rewritten.
+QuantizeLinear (``benchmarks/hardswish.py``: a MobileNetV3-Large at 224x224 in 3.03 ms instead of 3.23 on one
+core). The gate is rounded to 1/255: below the output's own rounding where the input spans 6 or more, and only
+there is a HardSwish rewritten (:func:`without_integer_form` tells placement which are not, so they are placed
+as ops without a kernel). The Q -> DQ pair of the gate has two scales by design; the microcontroller target
+keeps its own HardSwish and HardSigmoid kernels and is not rewritten.
 """
 
 from __future__ import annotations
@@ -48,17 +50,28 @@ def _narrow_reason(span: float) -> str:
             "over [0, 6]: computed in float")
 
 
+def _hardsigmoid_refusal(node: ir.Node) -> str | None:
+    alpha, beta = node.attributes.get_float("alpha", 0.2), node.attributes.get_float("beta", 0.5)
+    if alpha > 0 and beta != 0:
+        return None
+    return (f"no integer HardSigmoid in ONNX Runtime, and edgeopt writes none with alpha {alpha:g}, beta {beta:g} "
+            "(only for a positive alpha and a non-zero beta): computed in float")
+
+
 def without_integer_form(model: ir.Model, fmt: Format,
                          ranges: Mapping[str, tuple[float, float]] | None = None) -> dict[str, str]:
     """The HardSwish and HardSigmoid nodes :func:`lower_hard_activations` will not write in integer (name ->
-    why), for placement to treat as ops without a kernel: every one with int8 activations and, given the
-    calibrated ``ranges``, each HardSwish whose input spans less than 6."""
+    why), for placement to treat as ops without a kernel: every one with int8 activations, a HardSigmoid of an
+    alpha or beta it has no form for and, given the calibrated ``ranges``, each HardSwish whose input spans
+    less than 6."""
     found = {}
     for node in model.graph:
         if node.domain not in ("", "ai.onnx") or node.op_type not in _OPS:
             continue
         if fmt.qmin < 0:
             found[node.name] = _signed_reason(node.op_type)
+        elif node.op_type == "HardSigmoid" and _hardsigmoid_refusal(node) is not None:
+            found[node.name] = _hardsigmoid_refusal(node)
         elif node.op_type == "HardSwish" and ranges is not None and node.inputs[0].name in ranges:
             low, high = ranges[node.inputs[0].name]
             span = max(high, 0.0) - min(low, 0.0)
@@ -174,10 +187,8 @@ class _Lowering:
         scale, zero_point = _scalar_params(quantizer)
         fmt = self.format
         top = (fmt.qmax - zero_point) * scale
-        if alpha <= 0 or beta == 0:
-            return (f"no integer HardSigmoid in ONNX Runtime, and edgeopt writes none with alpha {alpha:g}, beta "
-                    f"{beta:g} (only for a positive alpha and a non-zero beta): computed in float between its Q/DQ "
-                    "pairs")
+        if _hardsigmoid_refusal(node) is not None:
+            return _hardsigmoid_refusal(node)
         if zero_point != fmt.qmin or top > 1.0 + _TOLERANCE:
             return (f"no integer HardSigmoid in ONNX Runtime, and its output's quantized range "
                     f"[{(fmt.qmin - zero_point) * scale:.3g}, {top:.3g}] (a scale it shares) is not inside the "
