@@ -204,3 +204,21 @@ def test_a_hardsigmoid_without_offset_is_placed_as_an_op_without_kernel():
     assert [(f.node_name, f.op_type) for f in result.float_nodes] == [("gate", "HardSigmoid")]
     assert "writes none with alpha 0.2, beta 0" in result.float_nodes[0].reason
     assert "gate" not in result.details["plan"].nodes
+
+
+def test_compare_shows_a_lowered_hardsigmoid_at_the_scale_its_dequantizelinear_reads():
+    # its Q quantizes x + beta / alpha at the output's scale / alpha; the tensor is stored and read at the output's
+    # scale (the DQ's): compare showed 0.0196 (1/255 / 0.2) for a HardSigmoid held over [0, 1] at 1/255
+    import edgeopt
+
+    b = GraphBuilder(seed=5)
+    total = b.node("Add", [b.conv("x", 3, 8, "c1"), b.conv("x", 3, 8, "c2")], "add")
+    b.conv(b.node("HardSigmoid", [total], "hsig", alpha=0.2, beta=0.5), 8, 4, "y")
+    model = b.model(["y"], (1, 3, 8, 8))
+    data = [{"x": 3 * batch["x"]} for batch in batches((1, 3, 8, 8), 8)]
+    result = quantize(model, Int8Config(), data)
+    assert result.details["rewritten_parts"]["hsig"] == "hsig"
+    stored = next(t for t in result.tensors if t.name == "hsig")
+    row = next(row for row in edgeopt.compare(model, result.model, data).layers if row.tensor == "hsig")
+    assert (row.op_type, row.zero_point) == ("HardSigmoid", 0)
+    assert row.scale == pytest.approx(stored.scale[0]) == pytest.approx(1 / 255)

@@ -69,8 +69,9 @@ _RANGE_CLAMPS = ("Relu", "Clip")  # a quantizer may drop these: the Q range clam
 class TensorMatch:
     """A float-model tensor and the DequantizeLinear output standing in for it in the QDQ model.
 
-    ``scale`` is the Q node's (the largest one for a per-axis Q: the coarsest
-    step); ``zero_point`` is None when a per-axis Q has several.
+    ``scale`` is the DQ node's, the step the tensor is read at (the largest one per axis: the coarsest), which
+    is the Q's but where edgeopt quantizes at another (a lowered HardSigmoid's Q at the step over ``alpha``);
+    ``zero_point`` is None when a per-axis Q has several.
     """
 
     float_name: str
@@ -209,7 +210,7 @@ def _match(quantize: ir.Node, dequantize: ir.Node, float_values: Mapping[str, ir
     zero_point, zero_point_dtype = _zero_point(quantize)
     return TensorMatch(float_name=value.name, quant_name=dequantize.outputs[0].name,
                        op_type=producer.op_type if producer is not None else "input",
-                       scale=_scale(quantize), zero_point=zero_point, zero_point_dtype=zero_point_dtype,
+                       scale=_scale(dequantize), zero_point=zero_point, zero_point_dtype=zero_point_dtype,
                        original=found[1])
 
 
