@@ -78,8 +78,8 @@ def _mcu_kernel_ops_model(path) -> None:
 
 def test_ops_only_the_mcu_kernels_run_in_integer_are_quantized_for_mcu(tmp_path):
     """Softmax, Tanh and Elu stay float for ONNX Runtime (no integer kernel there; HardSwish becomes its
-    QLinearAdd + QLinearMul) but are quantized for the microcontroller, so a final Softmax compiles; the mean pool (a ReduceMean over H and
-    W) becomes a GlobalAveragePool, an integer kernel on both."""
+    QLinearAdd + QLinearMul) but are quantized for the microcontroller, so a final Softmax compiles; the mean
+    pool (a ReduceMean over H and W) becomes a GlobalAveragePool, an integer kernel on both."""
     float_path = tmp_path / "mcu_ops.onnx"
     _mcu_kernel_ops_model(float_path)
     np.save(tmp_path / "calib.npy", _smooth_images(24, seed=0))
