@@ -22,7 +22,9 @@ Each is quantized three ways, calibrated on the same samples as ``quantize_vs_or
   uint8 activations, MinMax), its fastest model in ``quantize_vs_ort.py``.
 
 Latency: the median of interleaved runs of (float, int8) pairs, one thread, pinned to one core (as
-``quantize_vs_ort.py`` times); "vs fp32" is the ratio within the pair.
+``quantize_vs_ort.py`` times); "vs fp32" is the speed-up within the pair, and "vs ORT" the latency relative to
+ORT's int8 model as the two pairs' ratios give it (each against the float model timed beside it, so drift of
+the machine between pairs cancels).
 
     python benchmarks/hardswish.py [--models mobilenet_v3_224,demo] [--markdown out.md]
 
@@ -147,7 +149,7 @@ def table(rows: list[Row]) -> list[str]:
     ort = {row.model: row for row in rows if row.setting == "ORT"}
     body = [[row.model, row.setting, row.integer_hardswish, f"{row.sqnr_db:.2f}", f"{100 * row.agreement:.2f}",
              "-" if row.accuracy is None else f"{100 * row.accuracy:.2f}", f"{row.median_ms:.3f}",
-             f"{row.vs_fp32:.2f}x", f"{row.median_ms / ort[row.model].median_ms:.2f}x"] for row in rows]
+             f"{row.vs_fp32:.2f}x", f"{ort[row.model].vs_fp32 / row.vs_fp32:.2f}x"] for row in rows]
     return markdown_table(["model", "setting", "HardSwish in int8", "SQNR dB", "agree %", "accuracy %",
                            "median ms", "vs fp32", "vs ORT"], body)
 
