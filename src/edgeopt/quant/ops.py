@@ -89,7 +89,8 @@ OP_RULES: dict[str, OpRule] = {
     "Sigmoid": _UNARY,
     "LeakyRelu": _UNARY,
     # no integer kernel in ONNX Runtime: edgeopt writes them as QLinearAdd (+ QLinearMul) after placing
-    # their Q/DQ pairs (edgeopt.quant.hard_activations); one that cannot be stays float between its pairs
+    # their Q/DQ pairs (edgeopt.quant.hard_activations); one it has no integer form for (int8 activations, a
+    # HardSwish input under 6 wide) is placed as an op without a kernel (plan_qdq's no_kernel)
     "HardSigmoid": _UNARY,
     "HardSwish": _UNARY,
     "Concat": OpRule(role=OpRole.SHARED, activation_inputs=None),
