@@ -170,9 +170,6 @@ def _constant_copy(graph: ir.Graph, value: ir.Value, names: _Names) -> ir.Value:
     """A float-model constant (an initializer, a Constant node's output) as an initializer of ``graph``."""
     if id(value) in names.constants:
         return names.constants[id(value)]
-    array = eir.constant_array(value)
-    copy = ir.Value(name=names.new(value.name), const_value=ir.tensor(array))
-    copy.type, copy.shape = ir.TensorType(ir.DataType.from_numpy(array.dtype)), ir.Shape(array.shape)
-    graph.register_initializer(copy)
+    copy = eir.register_array(graph, names.new(value.name), eir.constant_array(value))
     names.constants[id(value)] = copy
     return copy
