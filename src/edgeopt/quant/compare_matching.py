@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.quant.compare_dynamic import DYNAMIC_PRODUCTS, dynamic_kind
+from edgeopt.quant.compare_dynamic import dynamic_kind
 from edgeopt.quant.ops import WEIGHT_ONLY_OPS, is_float16_cast, is_qdq_op
 from edgeopt.quant.placement import DATA_MOVEMENT_OPS
 
@@ -239,10 +239,11 @@ def match_pairs(float_model: ir.Model, quant_model: ir.Model,
 DATA_MOVES = frozenset({*DATA_MOVEMENT_OPS, "Concat", "Cast"})
 
 
-#: Ops that compute what another op computes in the float model (a weight-only model's MatMulNBits), by
-#: the name of what they compute: a MatMul, a Gemm and a MatMulNBits are all a matrix product.
+#: Ops that compute what another op computes in the float model (a weight-only model's MatMulNBits, a dynamic
+#: int8 model's MatMulInteger), by the name of what they compute: a MatMul, a Gemm and a MatMulNBits are all a
+#: matrix product.
 _COMPUTES_AS = {"MatMulNBits": "MatMul", "Gemm": "MatMul", "GatherBlockQuantized": "Gather",
-                "QAttention": "Attention"}
+                "QAttention": "Attention", "MatMulInteger": "MatMul"}
 
 
 def _kind(op_type: str) -> str:
@@ -272,8 +273,7 @@ def _readers(value: ir.Value) -> frozenset[str]:
         if use.node.op_type in ("Cast", "DynamicQuantizeLinear") or _smoothing_mul(use.node):
             ops |= _readers(use.node.outputs[0])
         else:
-            ops.add(DYNAMIC_PRODUCTS.get(use.node.op_type, _kind(use.node.op_type))
-                    if use.node.op_type == "MatMulInteger" else _kind(use.node.op_type))
+            ops.add(_kind(use.node.op_type))
     return frozenset(ops)
 
 
