@@ -105,6 +105,14 @@ def test_a_hardswish_of_an_input_narrower_than_its_gate_stays_float_and_says_why
     assert lower_hard_activations(model, UINT8, frozenset({"act"})) == ({}, [])
 
 
+def test_a_hardswish_placement_reported_float_is_not_rewritten_whatever_surrounds_it():
+    # placed as an op without a kernel (its calibrated input under 6 wide) but between its neighbours' pairs of
+    # a wider shared scale: rewritten, it ran in integer while the report called it float
+    model = _qdq_op("HardSwish", UINT8, (-8.0, 8.0), (-0.375, 8.0))
+    assert lower_hard_activations(model, UINT8, frozenset({"act"})) == ({}, [])
+    assert "HardSwish" in [node.op_type for node in model.graph]
+
+
 def test_int8_activations_keep_them_float_as_onnx_runtime_fuses_no_int8_qlinearadd():
     model = _qdq_op("HardSwish", INT8, (-8.0, 8.0), (-0.375, 8.0))
     assert ort_op_counts(_qdq_op("Add", INT8, (-8.0, 8.0), (-8.0, 8.0), 2))["QLinearAdd"] == 0  # (why)

@@ -209,14 +209,15 @@ class _Lowering:
 def lower_hard_activations(model: ir.Model, fmt: Format, listed: frozenset[str] = frozenset(),
                            ) -> tuple[dict[str, str], list[FloatNode]]:
     """Rewrite each HardSwish and HardSigmoid of the main graph between a DequantizeLinear and a lone
-    QuantizeLinear (per tensor) as above. Returns the nodes written for them (node name -> the name of the
-    node they stand for, which the Mul or Add computing the result keeps), and the others (those not in
-    ``listed``, the nodes already reported float), which compute in float: still correct, not faster."""
+    QuantizeLinear (per tensor) as above, but those in ``listed``, the nodes already reported float (placed as
+    ops without a kernel: their neighbours' pairs may surround them all the same). Returns the nodes written
+    for them (node name -> the name of the node they stand for, which the Mul or Add computing the result
+    keeps), and the others, which compute in float: still correct, not faster."""
     lowering, parts, kept = _Lowering(model.graph, fmt), {}, []
     for node in list(model.graph):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in _OPS:
-            continue
         label = eir.node_label(node)
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _OPS or label in listed:
+            continue
         x, quantizer = _quantized_input(node), _sole_quantizer(node.outputs[0])
         before = {id(each) for each in model.graph}
         if fmt.qmin < 0:
@@ -230,6 +231,6 @@ def lower_hard_activations(model: ir.Model, fmt: Format, listed: frozenset[str] 
             reason = lowering.hardsigmoid(node, x, quantizer)
         if reason is None:
             parts.update((each.name, label) for each in model.graph if id(each) not in before)
-        elif label not in listed:
+        else:
             kept.append(FloatNode(label, node.op_type, reason))
     return parts, kept
