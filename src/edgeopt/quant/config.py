@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from edgeopt.errors import ConfigError
@@ -35,9 +36,15 @@ __all__ = [
     "Target",
     "check_exclude_names",
     "check_smoothquant_alpha",
+    "is_excluded",
     "require_bools",
     "require_enum",
 ]
+
+
+def is_excluded(node, exclude: Collection[str]) -> bool:
+    """Whether ``exclude`` (node names and op types, as ``--exclude`` takes them) names ``node`` or its op."""
+    return node.name in exclude or node.op_type in exclude
 
 
 def check_exclude_names(names: object) -> tuple[str, ...]:

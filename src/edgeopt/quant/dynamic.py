@@ -55,7 +55,7 @@ from edgeopt.errors import ConfigError, ModelError
 from edgeopt.metrics import count_of
 from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.config import (CalibrationConfig, PerChannel, PerTensor, check_exclude_names,
-                                  check_smoothquant_alpha, require_bools)
+                                  check_smoothquant_alpha, is_excluded, require_bools)
 from edgeopt.quant.dynamic_attention import AttentionWeights, attention_refusal, lower_attention
 from edgeopt.quant.dynamic_lstm import LoweredLstm, lower_lstm, lstm_refusal
 from edgeopt.quant.float16 import UniqueNames, weight_only_float_passes
@@ -139,7 +139,7 @@ def _float_input(node: ir.Node) -> str | None:
 
 
 def _match(node: ir.Node, config: DynamicInt8Config) -> _Layer | str:
-    if node.name in config.exclude or node.op_type in config.exclude:
+    if is_excluded(node, config.exclude):
         return "excluded by config"
     source = read_constant(node.inputs[1] if len(node.inputs) > 1 else None)
     if source is None and read_constant(node.inputs[0] if node.inputs else None) is not None:
@@ -178,7 +178,7 @@ def _table(node: ir.Node) -> np.ndarray | None:
 def _table_refusal(node: ir.Node, table: np.ndarray, config: DynamicInt8Config) -> str | None:
     if not config.embeddings:
         return "an embedding table, kept float by config (--embeddings float)"
-    if node.name in config.exclude or node.op_type in config.exclude:
+    if is_excluded(node, config.exclude):
         return "excluded by config"
     if not np.isfinite(table).all():
         return "its table holds inf or NaN, which no int8 scale can represent"
@@ -383,8 +383,7 @@ def _lower_attention(graph: ir.Graph, config: DynamicInt8Config, rewriter: _Rewr
     for node in list(graph.all_nodes()):
         if node.op_type != "Attention" or node.domain != MS_DOMAIN:
             continue
-        refusal = ("excluded by config" if node.name in config.exclude or node.op_type in config.exclude
-                   else attention_refusal(node))
+        refusal = "excluded by config" if is_excluded(node, config.exclude) else attention_refusal(node)
         if refusal is not None:
             float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, refusal))
             continue
@@ -403,7 +402,7 @@ def _lower_recurrent(graph: ir.Graph, config: DynamicInt8Config, names: UniqueNa
     for node in list(graph.all_nodes()):
         if not eir.is_op(node, "LSTM", "GRU", "RNN"):
             continue
-        refusal = ("excluded by config" if node.name in config.exclude or node.op_type in config.exclude
+        refusal = ("excluded by config" if is_excluded(node, config.exclude)
                    else lstm_refusal(node) if node.op_type == "LSTM"
                    else f"ONNX Runtime has no quantized {node.op_type} (DynamicQuantizeLSTM is the LSTM's)")
         if refusal is None:

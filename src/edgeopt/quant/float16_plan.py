@@ -37,6 +37,7 @@ import onnx
 import onnx_ir as ir
 
 from edgeopt import ir as eir
+from edgeopt.quant.config import is_excluded
 
 __all__ = ["FLOAT32_OPS", "INDEX_ARITHMETIC_REASON", "HalfPrecisionPlan", "all_float_values", "float_values",
            "graphs_within", "index_arithmetic", "is_constant", "plan_half_precision"]
@@ -164,7 +165,7 @@ def _is_constant_node(node: ir.Node) -> bool:
 def _keep_float32_reason(node: ir.Node, exclude: tuple[str, ...], opset: int, *, numeric_ops: Mapping[str, str],
                          float32_values: Mapping[ir.Value, str], weights_only: bool) -> str | None:
     """Why ``node`` must stay float32, or None when it may compute in half precision."""
-    if node.name in exclude or node.op_type in exclude:
+    if is_excluded(node, exclude):
         return "excluded by config"
     if node.domain not in eir.ONNX_DOMAINS and not (weights_only and _positions(node.op_type, opset, node.domain)):
         return f"op of domain {node.domain!r}: " + ("no ONNX Runtime schema to check" if weights_only

@@ -54,7 +54,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError, ModelError
 from edgeopt.metrics import count_of
-from edgeopt.quant.config import PerBlock, check_exclude_names, require_bools, require_enum
+from edgeopt.quant.config import PerBlock, check_exclude_names, is_excluded, require_bools, require_enum
 from edgeopt.quant.fallback import IN_8_BITS
 from edgeopt.quant.float16 import UniqueNames, weight_only_float_passes
 from edgeopt.quant.formats import INT4, INT8_BLOCK, UINT4, UINT8, Format
@@ -182,7 +182,7 @@ class Int4WeightConfig:
 def _match(node: ir.Node, config: Int4WeightConfig, opset: int) -> WeightTarget | str:
     """How to quantize ``node``'s weight (in int4, or in 8 bits when excluded and the fallback is int8), or
     why it stays float."""
-    excluded = node.name in config.exclude or node.op_type in config.exclude
+    excluded = is_excluded(node, config.exclude)
     if node.op_type == "Gather" and config.table_format is None:  # excluded too: the fallback holds no float table
         return "an embedding table, kept float by config (--embeddings float)"
     fmt = config.fallback_format if excluded else config.table_format if node.op_type == "Gather" \
@@ -351,7 +351,7 @@ def _find_targets(graph: ir.Graph, config: Int4WeightConfig, opset: int) -> tupl
             float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, target))
             continue
         targets.append(target)
-        if node.name in config.exclude or node.op_type in config.exclude:  # kept out of int4, in 8 bits: with why
+        if is_excluded(node, config.exclude):  # kept out of int4, in 8 bits: with why
             float_nodes.append(FloatNode(node.name or node.op_type, node.op_type,
                                          f"excluded by config; {IN_8_BITS} ({target.weight_format.name}, "
                                          "--fallback int8)"))

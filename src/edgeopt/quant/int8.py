@@ -37,7 +37,8 @@ from edgeopt.quant.adaround_solver import backend_used
 from edgeopt.quant.bias_correction import ChannelMeanHook, correct_biases, correction_inputs, round_to_nearest
 from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.calibration_memo import CalibrationMemo
-from edgeopt.quant.config import CalibrationConfig, CalibrationMethod, Fallback, Int8Config, PerTensor, Target
+from edgeopt.quant.config import (CalibrationConfig, CalibrationMethod, Fallback, Int8Config, PerTensor, Target,
+                                  is_excluded)
 from edgeopt.quant.equalize import equalize
 from edgeopt.quant.fallback import fp16_fallback
 from edgeopt.quant.gptq import gptq_layer
@@ -283,7 +284,7 @@ def _excluded_float_anyway(model: ir.Model, exclude: Iterable[str], rules: Mappi
     exclude = set(exclude)
     notes = []
     for node in model.graph:
-        if node.op_type in rules or not (node.name in exclude or node.op_type in exclude):
+        if node.op_type in rules or not is_excluded(node, exclude):
             continue
         quantizers = [use.node for value in node.outputs for use in value.uses()
                       if is_qdq_op(use.node, "QuantizeLinear")]

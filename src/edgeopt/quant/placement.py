@@ -71,6 +71,7 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.passes import PATTERN_KEY, activation_clamp
+from edgeopt.quant.config import is_excluded
 from edgeopt.quant.log_inputs import log_input_nodes, log_input_refusal
 from edgeopt.quant.masks import grid_refusal, index_refusal, mask_like_values, mask_refusal
 from edgeopt.quant.ops import (FUSED_BETWEEN_PAIRS, FUSING_PRODUCERS, OP_RULES, OpRole, OpRule, float_op_reason,
@@ -185,7 +186,7 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
     """Why ``node`` stays float, or None when it can run in integer. A node excluded or kept float is so
     whatever its op: one without a rule of its own may still be fused by ONNX Runtime between the Q/DQ
     pairs of its neighbours (an attention Softmax, as QLinearSoftmax), unless it reads float."""
-    if node.name in exclude or node.op_type in exclude:
+    if is_excluded(node, exclude):
         return EXCLUDED
     if node.name in keep_float:
         return _KEPT_ON_REQUEST
