@@ -70,8 +70,8 @@ def without_integer_form(model: ir.Model, fmt: Format,
             continue
         if fmt.qmin < 0:
             found[node.name] = _signed_reason(node.op_type)
-        elif node.op_type == "HardSigmoid" and _hardsigmoid_refusal(node) is not None:
-            found[node.name] = _hardsigmoid_refusal(node)
+        elif node.op_type == "HardSigmoid" and (refusal := _hardsigmoid_refusal(node)) is not None:
+            found[node.name] = refusal
         elif node.op_type == "HardSwish" and ranges is not None and node.inputs[0].name in ranges:
             low, high = ranges[node.inputs[0].name]
             span = max(high, 0.0) - min(low, 0.0)
@@ -182,13 +182,13 @@ class _Lowering:
     def hardsigmoid(self, node: ir.Node, x: ir.Value, quantizer: ir.Node) -> str | None:
         """``x + beta / alpha`` under the output's Q with its scale over ``alpha``, when that Q saturates at
         0 and at or below 1 (the clamp is then the Q's); else why not, and nothing changed."""
-        alpha = node.attributes.get_float("alpha", 0.2)
-        beta = node.attributes.get_float("beta", 0.5)
+        refusal = _hardsigmoid_refusal(node)
+        if refusal is not None:
+            return refusal
+        alpha, beta = node.attributes.get_float("alpha", 0.2), node.attributes.get_float("beta", 0.5)
         scale, zero_point = _scalar_params(quantizer)
         fmt = self.format
         top = (fmt.qmax - zero_point) * scale
-        if _hardsigmoid_refusal(node) is not None:
-            return _hardsigmoid_refusal(node)
         if zero_point != fmt.qmin or top > 1.0 + _TOLERANCE:
             return (f"no integer HardSigmoid in ONNX Runtime, and its output's quantized range "
                     f"[{(fmt.qmin - zero_point) * scale:.3g}, {top:.3g}] (a scale it shares) is not inside the "
