@@ -283,11 +283,9 @@ class _Rewriter:
         for value in read:
             drop_unread(value)
         self.counts[node.op_type] += 1
-        self.tensors.append(TensorQuantInfo(
-            name=layer.weight_value.name, kind="weight", op_type=node.op_type, format=INT8_SYMMETRIC.name,
-            range=weight.value_range, scale=tuple(np.ravel(weight.scales).tolist()),
-            zero_point=(0,) * np.size(weight.scales), method="minmax",
-            axis=layer.n_axis if self.config.per_channel else None))
+        self.tensors.append(TensorQuantInfo.symmetric_weight(
+            layer.weight_value.name, node.op_type, INT8_SYMMETRIC.name, weight.value_range, weight.scales,
+            layer.n_axis if self.config.per_channel else None))
 
     def rewrite_table(self, node: ir.Node, table: np.ndarray) -> None:
         """``Gather(E, ids)`` as ``Cast(Gather(E_q, ids)) * Gather(row scales, ids)``, E_q int8 per row."""
@@ -317,10 +315,8 @@ class _Rewriter:
                                                 [node.outputs[0]], [scaled.outputs[0]])
         drop_unread(table_value)
         self.counts["table"] += 1
-        self.tensors.append(TensorQuantInfo(
-            name=table_value.name, kind="weight", op_type="Gather", format=INT8_SYMMETRIC.name,
-            range=found.value_range, scale=tuple(np.ravel(found.scales).tolist()),
-            zero_point=(0,) * np.size(found.scales), method="minmax", axis=0))
+        self.tensors.append(TensorQuantInfo.symmetric_weight(
+            table_value.name, "Gather", INT8_SYMMETRIC.name, found.value_range, found.scales, 0))
 
 
 def _quantized_weight(weight: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -78,10 +78,9 @@ class AttentionWeights:
         constants = (eir.register_array(self.graph, self.names(f"{base}_quantized"), q),
                      eir.register_array(self.graph, self.names(f"{base}_scale"), scale.astype(np.float32)),
                      eir.register_array(self.graph, self.names(f"{base}_zero_point"), np.zeros(scale.shape, np.int8)))
-        info = TensorQuantInfo(name=weight_value.name, kind="weight", op_type="Attention",
-                               format=QATTENTION_FORMAT.name, range=(float(weight.min()), float(weight.max())),
-                               scale=tuple(np.ravel(scale).tolist()), zero_point=(0,) * scale.size, method="minmax",
-                               axis=1 if self.per_channel else None)
+        info = TensorQuantInfo.symmetric_weight(weight_value.name, "Attention", QATTENTION_FORMAT.name,
+                                                (float(weight.min()), float(weight.max())), scale,
+                                                1 if self.per_channel else None)
         self.made[weight_value] = (constants, info)
         return constants, info, sum(value.const_value.nbytes for value in constants)
 

@@ -74,10 +74,9 @@ def _quantized(graph: ir.Graph, names, value: ir.Value, per_channel: bool, done:
                                     ("zero_point", np.zeros(scale.shape, np.int8)))]
     done.float_bytes += weight.nbytes
     done.int8_bytes += sum(v.const_value.nbytes for v in stored)
-    done.tensors.append(TensorQuantInfo(
-        name=value.name, kind="weight", op_type=op_type, format=INT8_SYMMETRIC.name,
-        range=(float(weight.min()), float(weight.max())), scale=tuple(np.ravel(scale).tolist()),
-        zero_point=(0,) * scale.size, method="minmax", axis=1 if per_channel else None))
+    done.tensors.append(TensorQuantInfo.symmetric_weight(
+        value.name, op_type, INT8_SYMMETRIC.name, (float(weight.min()), float(weight.max())), scale,
+        1 if per_channel else None))
     done.stored[value] = stored[0], stored[1], stored[2]
     return done.stored[value]
 

@@ -87,6 +87,15 @@ class TensorQuantInfo:
     method: str
     axis: int | None = None
 
+    @classmethod
+    def symmetric_weight(cls, name: str, op_type: str, fmt: str, value_range: tuple[float, float], scale,
+                         axis: int | None) -> TensorQuantInfo:
+        """A weight rounded symmetric (zero points 0) over its min/max, its ``scale`` an array (one per
+        channel, or one)."""
+        scales = tuple(np.ravel(scale).tolist())
+        return cls(name=name, kind="weight", op_type=op_type, format=fmt, range=value_range, scale=scales,
+                   zero_point=(0,) * len(scales), method="minmax", axis=axis)
+
 
 @dataclass(frozen=True, kw_only=True)
 class QuantResult:
