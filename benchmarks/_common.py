@@ -33,6 +33,7 @@ __all__ = [
     "environment_markdown",
     "library_versions",
     "markdown_table",
+    "publish",
     "peak_rss_mb",
     "prepare_cache_dir",
     "run_worker",
@@ -98,6 +99,13 @@ def environment_markdown(env: dict) -> list[str]:
         f"- CPU: {env['cpu']}, {env['cores']} cores; ISA flags: {' '.join(env['isa_flags']) or 'unknown'}",
         f"- Python {env['python']}; {versions}",
     ]
+
+
+def publish(text: str, markdown: pathlib.Path | None) -> None:
+    """Print the report, and write it to ``markdown`` too when given (``--markdown``)."""
+    print(text)
+    if markdown is not None:
+        markdown.write_text(text)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], *,

@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from _common import environment, environment_markdown, markdown_table  # noqa: E402
+from _common import environment, environment_markdown, markdown_table, publish  # noqa: E402
 
 #: model -> output-SQNR goal (dB): above plain int8's on these weights and samples
 GOALS = {"mobilenet_v3": 52.0, "efficientnet": 55.0, "resnet": 50.0, "transformer": 40.0,
@@ -129,9 +129,7 @@ def main() -> None:
     table = markdown_table(columns, [[row[c] for c in columns] for row in rows],
                            right=[not column.startswith(("model", "met")) for column in columns])
     text = "\n".join([*environment_markdown(environment(sys.argv)), "", *table, ""])
-    print(text)
-    if args.markdown is not None:
-        args.markdown.write_text(text)
+    publish(text, args.markdown)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from _common import (  # noqa: E402
     markdown_table,
     peak_rss_mb,
     prepare_cache_dir,
+    publish,
     run_worker,
 )
 from quantize_vs_ort import _import_both_tools  # noqa: E402
@@ -154,9 +155,7 @@ def main(argv: list[str]) -> int:
         f"- load average (1 min) at start {load_start:.2f}, at end {os.getloadavg()[0]:.2f}", "",
         *markdown_table(["setting", "quantize s", "peak RSS MB", "file MiB", "median ms", "vs fp32", "SQNR dB"],
                         rows, right=[False] + [True] * 6), ""])
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text)
+    publish(text, args.markdown)
     return 0
 
 

@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import REPO_ROOT, environment, environment_markdown, markdown_table  # noqa: E402
+from _common import REPO_ROOT, environment, environment_markdown, markdown_table, publish  # noqa: E402
 from quantize_vs_ort import _import_both_tools  # noqa: E402
 
 if str(REPO_ROOT) not in sys.path:
@@ -594,9 +594,7 @@ def main(argv: list[str]) -> int:
             cases.append(case)
     text = report(cases, fp32, env, args, load_start)
     text += f"\nTotal benchmark time {time.perf_counter() - start:.0f} s.\n"
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text)
+    publish(text, args.markdown)
     return 0
 
 

@@ -45,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from _common import environment, environment_markdown, markdown_table  # noqa: E402
+from _common import environment, environment_markdown, markdown_table, publish  # noqa: E402
 from quantize_vs_ort import (  # noqa: E402
     TEST_FEEDS_FOR_LATENCY,
     _fidelity,
@@ -168,9 +168,7 @@ def main(argv: list[str]) -> None:
         rows = run(models, pathlib.Path(folder))
     lines = ["## HardSwish in integer on ONNX Runtime", "", *environment_markdown(env), "", *table(rows), ""]
     text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text)
+    publish(text, args.markdown)
 
 
 if __name__ == "__main__":

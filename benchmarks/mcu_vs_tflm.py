@@ -969,7 +969,7 @@ def main(argv: list[str]) -> int:
               f"or pass --tflm-python PATH", file=sys.stderr)
         return 2
     sys.path.insert(0, str(SCRIPT.parent))
-    from _common import environment, prepare_cache_dir
+    from _common import environment, prepare_cache_dir, publish
 
     env = environment(sys.argv)
     env["loadavg"] = {"start": list(os.getloadavg())}
@@ -977,9 +977,7 @@ def main(argv: list[str]) -> int:
     results = [run_model(name, args, cache) for name in args.models.split(",")]
     env["loadavg"]["end"] = list(os.getloadavg())
     text = report(results, env, args)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text)
+    publish(text, args.markdown)
     if args.json:
         args.json.write_text(json.dumps({"environment": env, "results": results}, indent=2, default=str))
     return 0

@@ -100,6 +100,7 @@ from _common import (  # noqa: E402
     markdown_table,
     peak_rss_mb,
     prepare_cache_dir,
+    publish,
     run_worker,
 )
 
@@ -1144,9 +1145,7 @@ def main(argv: list[str]) -> int:
     cases = [run_case(name, args, work) for name in args.models]
     text = report(cases, all_checks(cases, default_method), env, args, default_method)
     text += f"\nTotal benchmark time {time.perf_counter() - start:.0f} s.\n"
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text)
+    publish(text, args.markdown)
     return 0
 
 

@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from _common import environment, environment_markdown, markdown_table, peak_rss_mb  # noqa: E402
+from _common import environment, environment_markdown, markdown_table, peak_rss_mb, publish  # noqa: E402
 from quantize_vs_ort import (  # noqa: E402
     ALL_MODELS,
     _fidelity,
@@ -104,9 +104,7 @@ def main(argv: list[str]) -> int:
                              rows, right=[False, False, True, True, True, True, True]),
              "", *environment_markdown(env)]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text)
+    publish(text, args.markdown)
     return 0
 
 
