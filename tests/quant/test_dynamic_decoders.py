@@ -8,12 +8,12 @@ import functools
 import pathlib
 import tempfile
 
-import numpy as np
 import pytest
 import torch
 
 import edgeopt
 from edgeopt.io import load_model
+from edgeopt.metrics import FidelityMeter
 from edgeopt.quant.accuracy import AccuracyGoal
 from edgeopt.runtime.ort import OrtSession
 from tests.llm_models import Decoder, decoder_samples, export_decoder, with_outlier_channels
@@ -36,11 +36,10 @@ def decoder(tmp_path) -> pathlib.Path:
 
 def logits_sqnr_db(float_path, quant_path, samples) -> float:
     want, have = (OrtSession(load_model(p, require_static=False)) for p in (float_path, quant_path))
-    signal = noise = 0.0
+    meter = FidelityMeter()  # energies summed over the samples
     for feed in samples:
-        expected, got = want.run(feed)["logits"].astype(np.float64), have.run(feed)["logits"]
-        signal, noise = signal + np.sum(expected ** 2), noise + np.sum((expected - got) ** 2)
-    return float(10 * np.log10(signal / noise))
+        meter.update(want.run(feed)["logits"], have.run(feed)["logits"])
+    return meter.result().sqnr_db
 
 
 def test_smoothquant_takes_the_outliers_where_onnx_runtime_cannot(decoder, tmp_path):
