@@ -86,8 +86,8 @@ def lower_conv(lo: Lowering, node: ir.Node) -> None:
     x = lo.activation(node.inputs[0], node)
     weight, weight_scale = lo.weight(node.inputs[1], node, channel_axis=0)
     if weight.ndim != 4:
-        raise UnsupportedOpError(f"{node_label(node)}: only 2-D convolution is supported (write a 1-D conv as a "
-                                 "Conv2d with a (1, k) kernel on [N, C, 1, L])")
+        raise UnsupportedOpError(f"{node_label(node)}: only 1-D and 2-D convolutions with a constant weight are "
+                                 f"supported (this one has a {weight.ndim - 2}-D kernel)")
     plan, source = lo.output_plan(node), lo.params_of(x)
     bias = lo.bias(node.inputs[2] if len(node.inputs) > 2 else None, node, source.scale * weight_scale)
     multiplier, shift = lo.per_channel_multipliers(source.scale * weight_scale / plan.qparams.scale)

@@ -27,6 +27,7 @@ from edgeopt.errors import ModelError, UnsupportedOpError
 from edgeopt.metrics import count_of
 from edgeopt.runtime.reference.fixed_point import quantize_multiplier
 from edgeopt.runtime.reference.fuse import fuse_conv_add
+from edgeopt.runtime.reference.lift_1d import lift_1d
 from edgeopt.runtime.reference.program import (
     IntOp,
     Program,
@@ -411,6 +412,7 @@ def lower(model: ir.Model, *, fuse: bool = True) -> Program:
                              "the float model with `edgeopt quantize --scheme int8 --target mcu --data ...`")
         raise ModelError("the model has no QuantizeLinear/DequantizeLinear nodes: it is a float model; "
                          "run `edgeopt quantize` first")
+    model = lift_1d(model)  # 1-D convolutions and pools run as 2-D ones over a height of 1
     lowering = Lowering(model)
     for node in model.graph:
         if id(node) not in lowering.absorbed:

@@ -89,7 +89,7 @@ def _pool_geometry(lo: Lowering, node: ir.Node, x: str, kernel) -> tuple[tuple[i
 def _rank4(lo: Lowering, node: ir.Node) -> str:
     x = lo.activation(node.inputs[0], node)
     if len(lo.tensors[x].shape) != 4:
-        raise UnsupportedOpError(f"{node_label(node)}: only 2-D (NCHW) pooling is supported")
+        raise UnsupportedOpError(f"{node_label(node)}: only 1-D and 2-D (NCL, NCHW) pooling is supported")
     return x
 
 
@@ -285,7 +285,10 @@ def _reshape_through_logical(lo: Lowering, node, x, to_logical, out_logical, out
     identity_out = tuple(out_layout) == tuple(range(len(out_layout)))
     temp = value.name if identity_out else value.name + "__logical"
     lo.add_stored_tensor(temp, out_logical, qparams, range(len(out_logical)))
-    lo.emit("transpose", [x], temp, TransposeParams(perm=to_logical), node)
+    if tuple(to_logical) == tuple(range(len(to_logical))):  # stored as logical already: a copy, often in place
+        lo.emit("reshape", [x], temp, ReshapeParams(shape=tuple(out_logical)), node)
+    else:
+        lo.emit("transpose", [x], temp, TransposeParams(perm=to_logical), node)
     if identity_out:
         return temp
     name = lo.add_tensor(value.name, out_logical, qparams)
