@@ -129,6 +129,17 @@ def _trimmed(region: set[ir.Node]) -> set[ir.Node]:
     return region
 
 
+def _unsqueezes_height(node: ir.Node, opset: int) -> bool:
+    """An ``Unsqueeze`` of a rank-3 tensor at axis 2 (of its rank-4 output): what the lift does."""
+    if node.op_type != "Unsqueeze" or node.domain not in eir.ONNX_DOMAINS or _rank(node.inputs[0]) != 3:
+        return False
+    if opset >= 13:
+        axes = eir.constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    else:
+        axes = node.attributes.get_ints("axes", None)
+    return axes is not None and [int(a) % 4 for a in np.ravel(axes)] == [_HEIGHT]
+
+
 class _Lifter:
     """Rewrites the region's nodes in graph order; see the module docstring."""
 
@@ -162,7 +173,9 @@ class _Lifter:
 
     def squeeze_back(self, value: ir.Value, node: ir.Node) -> None:
         """Give readers outside the region (and the graph output) ``value`` at rank 3 again."""
-        outside = [(use.node, use.idx) for use in value.uses() if use.node not in self.region]
+        lifted_readers = self._bypass_unsqueezes(value)
+        outside = [(use.node, use.idx) for use in value.uses()
+                   if use.node not in self.region and use.node not in lifted_readers]
         is_output = value.is_graph_output()
         if not outside and not is_output:
             return
@@ -178,6 +191,23 @@ class _Lifter:
         if is_output:
             outputs = self.graph.outputs
             outputs[outputs.index(value)] = back
+
+    def _bypass_unsqueezes(self, value: ir.Value) -> set[ir.Node]:
+        """Readers of ``value`` that an ``Unsqueeze`` at axis 2 outside the region fed (the model's own
+        lift, as a dynamo export writes a 1-D adaptive pool): they read the lifted value itself now, and
+        the Unsqueeze goes. The readers of the value at rank 4, returned."""
+        readers = set()
+        for use in list(value.uses()):
+            unsqueeze = use.node
+            if unsqueeze in self.region or not _unsqueezes_height(unsqueeze, self.opset):
+                continue
+            out = unsqueeze.outputs[0]
+            if out.is_graph_output():
+                continue
+            readers.update(reader.node for reader in out.uses())
+            out.replace_all_uses_with(value)
+            self.graph.remove(unsqueeze, safe=True)
+        return readers
 
     # -- the region's nodes -----------------------------------------------------------
 
