@@ -180,6 +180,14 @@ def pack_mean(op: IntOp, ctx: PackContext):
     return [_struct("eo_mean_params", name, fields)], _call(op, ctx, name)
 
 
+def pack_batch_matmul(op: IntOp, ctx: PackContext):
+    p, name = op.params, f"op{ctx.index}_params"
+    fields = {field: getattr(p, field) for field in (
+        "batch", "rows", "depth", "columns", "a_zero_point", "b_zero_point", "output_zero_point", "multiplier",
+        "shift", "act_min", "act_max")}
+    return [_struct("eo_batch_matmul_params", name, fields)], _call(op, ctx, name)
+
+
 def pack_requantize(op: IntOp, ctx: PackContext):
     p, name = op.params, f"op{ctx.index}_params"
     fields = dict(size=ctx.size(op.output), input_zero_point=p.input_zero_point,
@@ -271,6 +279,7 @@ PACKERS = {
     "conv2d": pack_conv2d,
     "conv2d_add": pack_conv2d_add,
     "fully_connected": pack_fully_connected,
+    "batch_matmul": pack_batch_matmul,
     "add": pack_add,
     "mul": pack_mul,
     "max_pool": pack_max_pool,

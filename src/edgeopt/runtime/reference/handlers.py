@@ -31,6 +31,7 @@ from edgeopt.runtime.reference.program import (
     MulParams,
     stored_layout,
 )
+from edgeopt.runtime.reference.attention import lower_activation_matmul, lower_softmax
 from edgeopt.runtime.reference.same_scale import (
     lower_average_pool,
     lower_concat,
@@ -44,7 +45,7 @@ from edgeopt.runtime.reference.same_scale import (
     lower_slice,
     lower_split,
 )
-from edgeopt.runtime.reference.tables import lut_params, softmax_params
+from edgeopt.runtime.reference.tables import lut_params
 
 __all__ = ["HANDLERS"]
 
@@ -132,6 +133,9 @@ def lower_gemm(lo: Lowering, node: ir.Node) -> None:
 
 
 def lower_matmul(lo: Lowering, node: ir.Node) -> None:
+    if not _is_constant_operand(node.inputs[1]):
+        lower_activation_matmul(lo, node)
+        return
     x = lo.activation(node.inputs[0], node)
     weight, scale = lo.weight(node.inputs[1], node, channel_axis=1)
     if weight.ndim != 2:
@@ -142,12 +146,15 @@ def lower_matmul(lo: Lowering, node: ir.Node) -> None:
 # -- elementwise binary ---------------------------------------------------------------------
 
 
+def _is_constant_operand(value: ir.Value | None) -> bool:
+    """A DequantizeLinear of a constant (a quantized weight or constant operand)."""
+    producer = value.producer() if value is not None else None
+    return producer is not None and producer.op_type == "DequantizeLinear" and eir.is_constant(producer.inputs[0])
+
+
 def _operand(lo: Lowering, value: ir.Value, node: ir.Node, out_rank: int) -> str:
     """An activation input, or a constant operand stored broadcast-ready in the output's layout."""
-    producer = value.producer()
-    is_constant = (producer is not None and producer.op_type == "DequantizeLinear"
-                   and eir.is_constant(producer.inputs[0]))
-    if value.name in lo.tensor_of or not is_constant:
+    if value.name in lo.tensor_of or not _is_constant_operand(value):
         tensor = lo.activation(value, node)
         if len(lo.tensors[tensor].shape) != out_rank:
             raise UnsupportedOpError(f"{node_label(node)}: broadcasting activations of different rank")
@@ -211,20 +218,6 @@ def lower_lut(lo: Lowering, node: ir.Node) -> None:
     x = lo.activation(node.inputs[0], node)
     plan = lo.output_plan(node)
     lo.finish("lut", [x], plan, lut_params(node, lo.params_of(x), plan), node)
-
-
-def lower_softmax(lo: Lowering, node: ir.Node) -> None:
-    x = lo.activation(node.inputs[0], node)
-    info = lo.tensors[x]
-    rank = len(info.shape)
-    axis = int(attribute(node, "axis", -1 if lo.opset >= 13 else 1)) % rank
-    if info.layout.index(axis) != rank - 1 or (lo.opset < 13 and axis != rank - 1):
-        raise UnsupportedOpError(
-            f"{node_label(node)}: Softmax over axis {axis} of a rank-{rank} tensor is not supported: the C kernel "
-            "reduces the innermost axis as stored, which is the channel axis of an NCHW tensor (axis 1) and "
-            "the last axis otherwise")
-    plan = lo.output_plan(node)
-    lo.finish("softmax", [x], plan, softmax_params(lo.params_of(x), plan.qparams), node)
 
 
 HANDLERS = {

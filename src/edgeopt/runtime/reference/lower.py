@@ -28,6 +28,7 @@ from edgeopt.metrics import count_of
 from edgeopt.runtime.reference.fixed_point import quantize_multiplier
 from edgeopt.runtime.reference.fuse import fuse_conv_add
 from edgeopt.runtime.reference.lift_1d import lift_1d
+from edgeopt.runtime.reference.transposes import compose_transposes
 from edgeopt.runtime.reference.program import (
     IntOp,
     Program,
@@ -425,4 +426,5 @@ def lower(model: ir.Model, *, fuse: bool = True) -> Program:
     constants = {name: array for name, array in lowering.constants.items() if name in used}
     program = Program(tensors=lowering.tensors, constants=constants, ops=tuple(lowering.ops),
                       inputs=tuple(lowering.inputs), outputs=outputs)
+    program = compose_transposes(program)
     return fuse_conv_add(program) if fuse else program

@@ -19,6 +19,7 @@ from edgeopt.runtime.reference.fixed_point import multiply_by_quantized_multipli
 from edgeopt.runtime.reference.program import (
     AddParams,
     AvgPoolParams,
+    BatchMatMulParams,
     ConcatParams,
     Conv2dAddParams,
     Conv2dParams,
@@ -94,6 +95,14 @@ def fully_connected(x: np.ndarray, *, params: FullyConnectedParams, rounding: st
     p = params
     acc = _centered(x, p.input_zero_point).astype(np.float64) @ p.weight.astype(np.float64).T
     acc = acc.astype(np.int64) + p.bias
+    return _finish(acc, p.multiplier, p.shift, p.output_zero_point, p.act_min, p.act_max, rounding)
+
+
+def batch_matmul(a: np.ndarray, b: np.ndarray, *, params: BatchMatMulParams, rounding: str) -> np.ndarray:
+    p = params
+    left = _centered(a, p.a_zero_point).reshape(p.batch, p.rows, p.depth).astype(np.float64)
+    right = _centered(b, p.b_zero_point).reshape(p.batch, p.depth, p.columns).astype(np.float64)
+    acc = (left @ right).astype(np.int64)  # exact: far below 2**53
     return _finish(acc, p.multiplier, p.shift, p.output_zero_point, p.act_min, p.act_max, rounding)
 
 
@@ -216,6 +225,7 @@ def _spec(kind, reference, params_type, c_kernel, in_place=()) -> tuple[str, OpS
 OPS: dict[str, OpSpec] = dict([
     _spec("conv2d", conv2d, Conv2dParams, "eo_conv2d_s8"),
     _spec("fully_connected", fully_connected, FullyConnectedParams, "eo_fully_connected_s8"),
+    _spec("batch_matmul", batch_matmul, BatchMatMulParams, "eo_batch_matmul_s8"),
     _spec("conv2d_add", conv2d_add, Conv2dAddParams, "eo_conv2d_add_s8", in_place=(1,)),
     _spec("add", add, AddParams, "eo_add_s8", in_place=(0, 1)),
     _spec("mul", mul, MulParams, "eo_mul_s8", in_place=(0, 1)),

@@ -22,6 +22,7 @@ import numpy as np
 __all__ = [
     "AddParams",
     "AvgPoolParams",
+    "BatchMatMulParams",
     "ConcatParams",
     "Conv2dAddParams",
     "Conv2dParams",
@@ -100,6 +101,24 @@ class FullyConnectedParams:
     shift: np.ndarray  # int32 (O,)
     input_zero_point: int
     output_zero_point: int
+    act_min: int
+    act_max: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchMatMulParams:
+    """y[b, m, n] = requant(sum_k (a[b, m, k] - a_zp)(b[b, k, n] - b_zp)), both operands activations in
+    logical (row-major) order, one multiplier."""
+
+    batch: int
+    rows: int
+    depth: int
+    columns: int
+    a_zero_point: int
+    b_zero_point: int
+    output_zero_point: int
+    multiplier: int
+    shift: int
     act_min: int
     act_max: int
 

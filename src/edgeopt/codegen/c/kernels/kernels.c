@@ -302,3 +302,20 @@ void eo_slice_s8(const eo_slice_params *p, const int8_t *in, int8_t *out) {
     for (o = 0; o < p->outer; ++o)
         memcpy(out + (long)o * p->out_block, in + (long)o * p->in_block + p->offset, (size_t)p->out_block);
 }
+
+void eo_batch_matmul_s8(const eo_batch_matmul_params *p, const int8_t *a, const int8_t *b, int8_t *out) {
+    int g, m, n, k;
+    for (g = 0; g < p->batch; ++g) {
+        const int8_t *left = a + (long)g * p->rows * p->depth, *right = b + (long)g * p->depth * p->columns;
+        int8_t *y = out + (long)g * p->rows * p->columns;
+        for (m = 0; m < p->rows; ++m)
+            for (n = 0; n < p->columns; ++n) {
+                int32_t acc = 0;
+                for (k = 0; k < p->depth; ++k)
+                    acc += ((int32_t)left[(long)m * p->depth + k] - p->a_zero_point)
+                         * ((int32_t)right[(long)k * p->columns + n] - p->b_zero_point);
+                y[(long)m * p->columns + n] =
+                    finish(acc, p->multiplier, p->shift, p->output_zero_point, p->act_min, p->act_max);
+            }
+    }
+}

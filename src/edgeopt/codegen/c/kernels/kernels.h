@@ -105,4 +105,11 @@ void eo_concat_s8(const eo_concat_params *p, const int8_t *in, int8_t *out);
 typedef struct { int outer, in_block, out_block, offset; } eo_slice_params;
 void eo_slice_s8(const eo_slice_params *p, const int8_t *in, int8_t *out);
 
+/* MatMul of two activations, both in row-major order: y[g] = requant((a[g] - za) x (b[g] - zb)) per batch g. */
+typedef struct {
+    int batch, rows, depth, columns;
+    int32_t a_zero_point, b_zero_point, output_zero_point, multiplier, shift, act_min, act_max;
+} eo_batch_matmul_params;
+void eo_batch_matmul_s8(const eo_batch_matmul_params *p, const int8_t *a, const int8_t *b, int8_t *out);
+
 #endif
