@@ -461,10 +461,39 @@ def test_an_embedding_table_is_stored_in_int8_and_gathered_from_it():
     assert len(model_to_bytes(result.model)) < 0.3 * len(model_to_bytes(model))
     assert ort_op_counts(result.model)["Gather"] == 1 and "embed" not in {n.node_name for n in result.float_nodes}
     assert sqnr_db(model, result.model, data) > 30
-    from edgeopt.quant import Target  # edgeopt's C has no Gather kernel: the MCU target keeps it float, and says so
+    from edgeopt.quant import Target  # edgeopt's C gathers at constant indices only: the MCU target keeps a
+    # lookup of token ids float, and says so
 
     mcu = quantize(model, Int8Config(target=Target.MCU), data)
-    assert ("embed", "Gather", "no integer kernel for Gather") in mcu.float_nodes
+    reasons = {node.node_name: node.reason for node in mcu.float_nodes}
+    assert "run-time indices (an embedding lookup)" in reasons["embed"]
+
+
+def test_the_mcu_target_gathers_an_activation_at_constant_indices_in_int8():
+    """Attention's q, k, v = qkv[0], qkv[1], qkv[2] (Gather of a scalar index) copies int8 blocks in the C."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeopt.quant import Target
+    from edgeopt.runtime.reference import lower
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array((rng.standard_normal((8, 24)) * 0.3).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([1, 4, 3, 8]), "shape")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["qkv"], name="proj"),
+             helper.make_node("Reshape", ["qkv", "shape"], ["split"], name="split"),
+             helper.make_node("Transpose", ["split"], ["heads"], name="heads", perm=[2, 0, 1, 3])]
+    outputs = []
+    for name in "qkv":
+        nodes.append(helper.make_node("Gather", ["heads", f"i{name}"], [name], name=f"take_{name}", axis=0))
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4, 8]))
+    initializers = [weight, shape] + [numpy_helper.from_array(np.array(i), f"i{n}") for i, n in enumerate("qkv")]
+    graph = helper.make_graph(nodes, "gather", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+                              outputs, initializers)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    data = [{"x": rng.standard_normal((1, 4, 8)).astype(np.float32)} for _ in range(8)]
+    mcu = quantize(model, Int8Config(target=Target.MCU), data)
+    assert not {node.node_name for node in mcu.float_nodes} & {"take_q", "take_k", "take_v"}
+    assert [op.kind for op in lower(mcu.model).ops].count("slice") == 3
 
 
 def test_the_rewrites_the_float_passes_refused_are_in_the_notes_with_their_reason():

@@ -12,8 +12,8 @@ stays float and is reported. The microcontroller target
 (:data:`MCU_OP_RULES`) adds the ops the C kernels compute from int8
 (Softmax, Tanh, Elu, Gelu, ReduceMean, GlobalMaxPool, Pad)
 and ConvTranspose, which ONNX Runtime runs in float (it has no integer
-ConvTranspose on the CPU), and drops those it has no kernel for (Gather,
-Slice, Split).
+ConvTranspose on the CPU), and keeps a Gather float unless its indices are
+constant (the C copies int8 blocks; a lookup of token ids has no kernel).
 
 Roles:
 
@@ -43,8 +43,8 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 
 __all__ = ["FUSED_BETWEEN_PAIRS", "MCU_OP_RULES", "OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule", "QUANTIZED_OP_TYPES",
-           "WEIGHT_ONLY_OPS", "float_op_reason", "is_float16_cast", "is_qdq_op", "pad_refusal", "resize_refusal",
-           "slow_group_refusal", "weight_axis"]
+           "WEIGHT_ONLY_OPS", "float_op_reason", "gather_refusal", "is_float16_cast", "is_qdq_op", "pad_refusal",
+           "resize_refusal", "slow_group_refusal", "weight_axis"]
 
 
 class OpRole(enum.Enum):
@@ -59,13 +59,15 @@ class OpRule:
     """``activation_inputs``: indices of the inputs that get Q/DQ (None: all of them);
     ``all_outputs``: every output gets one (Split), not only the first; ``modes``: the values of the
     node's ``mode`` attribute that run in integer (None: any); ``slow_group_channels``: the input channels
-    per group of a grouped conv whose integer kernel is slower than float (it stays float)."""
+    per group of a grouped conv whose integer kernel is slower than float (it stays float);
+    ``constant_indices``: a Gather runs in integer only at constant indices."""
 
     role: OpRole
     activation_inputs: tuple[int, ...] | None = (0,)
     all_outputs: bool = False
     modes: frozenset[str] | None = None
     slow_group_channels: frozenset[int] = frozenset()
+    constant_indices: bool = False
 
 
 _WEIGHTED = OpRule(role=OpRole.WEIGHTED)
@@ -111,9 +113,9 @@ OP_RULES: dict[str, OpRule] = {
     "Clip": _FUSED,
 }
 
-# ONNX Runtime gathers int8 values; edgeopt's C has no Gather kernel: the MCU target keeps it float (and says
-# so). Slice and Split (steps of 1) copy int8 blocks in the C, as Concat does.
-_NO_C_KERNEL = frozenset({"Gather"})
+# ONNX Runtime gathers int8 values at any indices; edgeopt's C copies int8 blocks at constant ones (attention's
+# q, k, v = qkv[0], qkv[1], qkv[2]), as it slices and concatenates: the MCU target keeps a lookup by run-time
+# indices (an embedding of token ids) float, and says so.
 
 # ONNX Runtime has no integer ConvTranspose on the CPU: between Q/DQ pairs it ran the float kernel on
 # weights dequantized on every run (slower than float, and the weights rounded), so the ORT target keeps
@@ -122,7 +124,8 @@ _NO_C_KERNEL = frozenset({"Gather"})
 # compute from int8 but ONNX Runtime has no QDQ fusion for: there they would run in float between a
 # DQ and a Q, so the ORT target keeps them float. A Softmax output gets the fixed range [0, 1). A constant
 # Pad copies int8 values and fills with its value quantized at their scale.
-MCU_OP_RULES: dict[str, OpRule] = {op: rule for op, rule in OP_RULES.items() if op not in _NO_C_KERNEL} | {
+MCU_OP_RULES: dict[str, OpRule] = OP_RULES | {
+    "Gather": OpRule(role=OpRole.SHARED, constant_indices=True),
     "Conv": _WEIGHTED,
     "ConvTranspose": _WEIGHTED,  # QDQ for int8 converters; edgeopt's C refuses it with a hint
     "Softmax": _UNARY,
@@ -197,6 +200,14 @@ def resize_refusal(node: ir.Node, rule: OpRule) -> str | None:
     if rule.modes is not None and mode not in rule.modes:
         return (f"ONNX Runtime interpolates a {mode} Resize in float between its DequantizeLinear and "
                 "QuantizeLinear (it runs nearest on int8): kept float, its output quantized with a range of its own")
+    return None
+
+
+def gather_refusal(node: ir.Node, rule: OpRule) -> str | None:
+    """Why a Gather stays float: the target's kernels gather at constant indices only, and these are not."""
+    if rule.constant_indices and (len(node.inputs) < 2 or not eir.is_constant(node.inputs[1])):
+        return ("a Gather at run-time indices (an embedding lookup) has no integer kernel in the C, which gathers "
+                "at constant indices only")
     return None
 
 

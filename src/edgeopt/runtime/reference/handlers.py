@@ -35,6 +35,7 @@ from edgeopt.runtime.reference.attention import lower_activation_matmul, lower_s
 from edgeopt.runtime.reference.same_scale import (
     lower_average_pool,
     lower_concat,
+    lower_gather,
     lower_global_average_pool,
     lower_global_max_pool,
     lower_max_pool,
@@ -234,6 +235,7 @@ HANDLERS = {
     "GlobalAveragePool": lower_global_average_pool,
     "ReduceMean": lower_reduce_mean,
     "Concat": lower_concat,
+    "Gather": lower_gather,
     "Pad": lower_pad,
     "Resize": lower_resize,
     "Upsample": lower_resize,

@@ -42,6 +42,7 @@ from edgeopt.runtime.reference.tables import nearest_indices
 __all__ = [
     "lower_average_pool",
     "lower_concat",
+    "lower_gather",
     "lower_global_average_pool",
     "lower_global_max_pool",
     "lower_max_pool",
@@ -254,6 +255,47 @@ def lower_split(lo: Lowering, node: ir.Node) -> None:
         start += size
 
 
+def lower_gather(lo: Lowering, node: ir.Node) -> None:
+    """Gather of an activation at constant indices: one slice per run of consecutive indices (joined by a
+    concat when there are several); a scalar index then drops its axis (a reshape), as attention's
+    ``q, k, v = qkv[0], qkv[1], qkv[2]`` does."""
+    x = lo.activation(node.inputs[0], node)
+    indices = eir.constant_array(node.inputs[1])
+    if indices is None or indices.ndim > 1:
+        raise UnsupportedOpError(f"{node_label(node)}: Gather needs constant indices (a scalar or a list); a "
+                                 "lookup by run-time indices, such as an embedding of token ids, has no C kernel")
+    shape = lo.tensors[x].logical_shape
+    axis = int(attribute(node, "axis", 0)) % len(shape)
+    positions = [int(i) % shape[axis] for i in indices.reshape(-1)]
+    value = node.outputs[0]
+    gathered = _gathered(lo, node, x, axis, positions, value.name if indices.ndim else f"{value.name}__kept")
+    lo.bind(value, gathered if indices.ndim else _reshaped(lo, node, gathered, lo.logical_shape(value)))
+
+
+def _gathered(lo: Lowering, node: ir.Node, x: str, axis: int, positions: list[int], name: str) -> str:
+    info, qparams = lo.tensors[x], lo.params_of(x)
+    runs = []
+    for position in positions:
+        if runs and position == runs[-1][0] + runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([position, 1])
+    parts = []
+    for index, (start, size) in enumerate(runs):
+        shape = list(info.logical_shape)
+        shape[axis] = size
+        part = name if len(runs) == 1 else f"{name}__part{index}"
+        lo.add_tensor(part, tuple(shape), qparams)
+        parts.append(lo.emit("slice", [x], part, SliceParams(axis=info.layout.index(axis), start=start, size=size),
+                             node))
+    if len(runs) == 1:
+        return parts[0]
+    shape = list(info.logical_shape)
+    shape[axis] = len(positions)
+    lo.add_tensor(name, tuple(shape), qparams)
+    return lo.emit("concat", parts, name, ConcatParams(axis=info.layout.index(axis)), node)
+
+
 def lower_movement(lo: Lowering, node: ir.Node) -> None:
     """Reshape/Flatten/Squeeze/Unsqueeze/Transpose/Identity as int8 data movement in stored layout."""
     x = lo.activation(node.inputs[0], node)
@@ -267,12 +309,20 @@ def lower_movement(lo: Lowering, node: ir.Node) -> None:
         total = tuple(int(to_logical[p]) for p in (perm[a] for a in out_layout))
         name = lo.add_tensor(value.name, out_logical, qparams)
         lo.emit("transpose", [x], name, TransposeParams(perm=total), node)
-    elif _same_order(info, out_logical, out_layout):
-        name = lo.add_tensor(value.name, out_logical, qparams)
-        lo.emit("reshape", [x], name, ReshapeParams(shape=lo.tensors[name].shape), node)
     else:
-        name = _reshape_through_logical(lo, node, x, to_logical, out_logical, out_layout)
+        name = _reshaped(lo, node, x, out_logical)
     lo.bind(value, name)
+
+
+def _reshaped(lo: Lowering, node: ir.Node, x: str, out_logical) -> str:
+    """``x`` reshaped to ``out_logical`` (as the tensor of ``node``'s output): a copy when the stored order
+    allows, else through the logical order."""
+    info, out_layout = lo.tensors[x], stored_layout(len(out_logical))
+    if _same_order(info, out_logical, out_layout):
+        name = lo.add_tensor(node.outputs[0].name, out_logical, lo.params_of(x))
+        return lo.emit("reshape", [x], name, ReshapeParams(shape=lo.tensors[name].shape), node)
+    to_logical = tuple(int(a) for a in np.argsort(info.layout))
+    return _reshape_through_logical(lo, node, x, to_logical, out_logical, out_layout)
 
 
 def _same_order(info, out_logical, out_layout) -> bool:
