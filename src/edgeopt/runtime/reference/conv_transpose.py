@@ -7,7 +7,8 @@ Per spatial axis, ConvTranspose scatters input index ``i`` through tap ``k`` ont
 * ``pads`` (auto_pad NOTSET): ``begin = pads[start]``, ``out = full + output_padding - pads[start] - pads[end]``;
 * ``output_shape`` given, or auto_pad SAME_UPPER / SAME_LOWER (which ask for ``out = in * stride``): the total
   padding ``full + output_padding - out`` is split in two, the odd one at the end for SAME_UPPER and at the
-  start otherwise; ONNX Runtime refuses a negative total, and so does this;
+  start otherwise. A negative total is refused for ``output_shape``, as ONNX Runtime does, and is 0 for
+  SAME_* (a stride longer than the dilated kernel), as ONNX Runtime and ONNX's shape inference make it;
 * VALID: ``begin = 0``, ``out = full + output_padding``.
 
 The output pixel ``o`` then reads, in gather form, every tap whose ``o + begin - k * dilation`` is a multiple
@@ -45,22 +46,21 @@ def transposed_geometry(node: ir.Node, in_hw, kernel, strides, dilations) -> tup
     pads = list(attribute(node, "pads", [0, 0, 0, 0]))
     begins, sizes = [], []
     for axis, (size, k, s, d) in enumerate(zip(in_hw, kernel, strides, dilations)):
-        full = s * (size - 1) + d * (k - 1) + 1 + int(output_padding[axis])
-        out = int(list(output_shape)[axis - 2]) if output_shape is not None else (
-            size * s if auto_pad in ("SAME_UPPER", "SAME_LOWER") else None)
-        if out is not None:
-            total = full - out
+        full = s * (size - 1) + d * (k - 1) + 1 + int(output_padding[axis])  # output_padding included
+        if output_shape is not None:
+            total = full - int(list(output_shape)[axis - 2])
             if total < 0:
-                raise UnsupportedOpError(f"{node_label(node)}: output_shape {list(output_shape or [])} is larger "
-                                         "than the transposed convolution computes")
-            begins.append(total // 2 if auto_pad == "SAME_UPPER" else total - total // 2)
-        elif auto_pad == "VALID":
-            begins.append(0)
-            out = full
+                raise UnsupportedOpError(f"{node_label(node)}: output_shape {list(output_shape)} is larger than "
+                                         "the transposed convolution computes (ONNX Runtime refuses it too)")
+        elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            total = max(0, full - size * s)
         else:
-            begins.append(int(pads[axis]))
-            out = full - int(pads[axis]) - int(pads[axis + 2])
-        sizes.append(out)
+            begin, end = (0, 0) if auto_pad == "VALID" else (int(pads[axis]), int(pads[axis + 2]))
+            begins.append(begin)
+            sizes.append(full - begin - end)
+            continue
+        begins.append(total // 2 if auto_pad == "SAME_UPPER" else total - total // 2)
+        sizes.append(full - total)
     return (begins[0], begins[1]), (sizes[0], sizes[1])
 
 
