@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["FLOAT_BUILDERS", "calibration_batches", "float_model", "quantize_with_ort"]
+__all__ = ["CONV_TRANSPOSE_CASES", "FLOAT_BUILDERS", "calibration_batches", "float_model", "integer_conv_transposes",
+           "integer_feeds", "quantize_with_ort"]
 
 _OPSET = 17
 
@@ -56,6 +57,17 @@ class _Builder:
             inputs.append(self.const((self.rng.standard_normal(cout) * 0.1).astype(np.float32), "b"))
         return self.node("Conv", inputs, kernel_shape=[k, k], strides=[stride, stride], group=group,
                          dilations=[dilation, dilation], pads=[pad] * 4)
+
+    def conv_transpose(self, x: str, cin: int, cout: int, k: int = 2, stride: int = 2, group: int = 1,
+                       bias: bool = True, **attrs) -> str:
+        """ConvTranspose, weight [cin, cout / group, k, k]; ``attrs`` are its others (pads, auto_pad ...)."""
+        fan_in = cin // group * k * k / stride**2  # the taps that reach one output pixel, on average
+        weight = self.rng.standard_normal((cin, cout // group, k, k)) / np.sqrt(fan_in)
+        inputs = [x, self.const(weight.astype(np.float32), "w")]
+        if bias:
+            inputs.append(self.const((self.rng.standard_normal(cout) * 0.1).astype(np.float32), "b"))
+        return self.node("ConvTranspose", inputs, kernel_shape=[k, k], strides=[stride, stride], group=group,
+                         **attrs)
 
     def gemm(self, x: str, cin: int, cout: int) -> str:
         weight = (self.rng.standard_normal((cout, cin)) / np.sqrt(cin)).astype(np.float32)
@@ -141,6 +153,29 @@ def pad_resize_reduce() -> onnx.ModelProto:
     return b.model(b.gemm(x, 8, 4), (1, 3, 16, 16))
 
 
+def conv_transpose() -> onnx.ModelProto:
+    """A decoder: stride 2 kernel 2 (+ Relu, folded), stride 2 kernel 3 pad 1 output_padding 1 without bias,
+    stride 1 kernel 3 pad 1 (+ Clip 0..6, folded)."""
+    b = _Builder(8)
+    x = b.node("Relu", [b.conv("input", 3, 8, k=3)])
+    x = b.node("Relu", [b.conv_transpose(x, 8, 8, k=2, stride=2)])
+    x = b.conv_transpose(x, 8, 6, k=3, stride=2, bias=False, pads=[1, 1, 1, 1], output_padding=[1, 1])
+    x = b.conv_transpose(x, 6, 6, k=3, stride=1, pads=[1, 1, 1, 1])
+    return b.model(b.node("Clip", [x, b.const(np.float32(0.0)), b.const(np.float32(6.0))]), (1, 3, 5, 5))
+
+
+def conv_transpose_padding() -> onnx.ModelProto:
+    """Dilation 2 with asymmetric pads, auto_pad SAME_UPPER (odd total padding: the extra one at the end),
+    a depthwise (group = channels) SAME_LOWER one (odd: the extra one at the start) and one sized by
+    output_shape (total padding 1 and 2)."""
+    b = _Builder(9)
+    x = b.conv("input", 3, 6, k=1)
+    x = b.conv_transpose(x, 6, 6, k=3, stride=2, dilations=[2, 2], pads=[1, 0, 0, 2])
+    x = b.node("Relu", [b.conv_transpose(x, 6, 5, k=3, stride=2, auto_pad="SAME_UPPER")])
+    x = b.conv_transpose(x, 5, 5, k=2, stride=1, group=5, auto_pad="SAME_LOWER", dilations=[1, 2])
+    return b.model(b.conv_transpose(x, 5, 4, k=3, stride=2, output_shape=[40, 35]), (1, 3, 4, 4))
+
+
 FLOAT_BUILDERS = {
     "conv_relu": conv_relu,
     "depthwise_separable": depthwise_separable,
@@ -149,7 +184,71 @@ FLOAT_BUILDERS = {
     "gemm_classifier": gemm_classifier,
     "lut_activations": lut_activations,
     "pad_resize_reduce": pad_resize_reduce,
+    "conv_transpose": conv_transpose,
+    "conv_transpose_padding": conv_transpose_padding,
 }
+
+
+def integer_conv_transposes(cases: list[dict], in_channels: int = 3, in_hw=(5, 4), seed: int = 0) -> onnx.ModelProto:
+    """Hand-made QDQ ConvTransposes at scale 1, zero point 0, weights in {-1, 0, 1} and integer biases: with
+    integer inputs every float ONNX Runtime computes is an exact integer inside int8, so it is the integer
+    result. ``cases``: one branch from the input each, output ``y<i>``; a case's ``out_channels`` (default 4),
+    ``kernel`` (3), ``relu`` and ``bias`` (True) are taken out, the rest are the node's attributes."""
+    rng = np.random.default_rng(seed)
+    inits = [_init("one", np.float32(1.0)), _init("zero", np.int8(0))]
+    nodes = [helper.make_node("QuantizeLinear", ["input", "one", "zero"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "one", "zero"], ["x"])]
+    outputs = []
+    for index, case in enumerate(cases):
+        attrs, name = dict(case), f"deconv{index}"
+        out_channels, kernel = attrs.pop("out_channels", 4), attrs.pop("kernel", 3)
+        relu, bias = attrs.pop("relu", False), attrs.pop("bias", True)
+        group = attrs.get("group", 1)
+        weight = rng.integers(-1, 2, (in_channels, out_channels // group, kernel, kernel)).astype(np.int8)
+        inits.append(_init(f"{name}_wq", weight))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}_wq", "one", "zero"], [f"{name}_w"]))
+        inputs = ["x", f"{name}_w"]
+        if bias:
+            inits.append(_init(f"{name}_b", rng.integers(-3, 4, out_channels).astype(np.float32)))
+            inputs.append(f"{name}_b")
+        nodes.append(helper.make_node("ConvTranspose", inputs, [f"{name}_out"], name=name, **attrs))
+        result = f"{name}_out"
+        if relu:
+            nodes.append(helper.make_node("Relu", [result], [f"{name}_relu"], name=f"{name}_relu"))
+            result = f"{name}_relu"
+        nodes += [helper.make_node("QuantizeLinear", [result, "one", "zero"], [f"{name}_q"]),
+                  helper.make_node("DequantizeLinear", [f"{name}_q", "one", "zero"], [f"y{index}"])]
+        outputs.append(helper.make_tensor_value_info(f"y{index}", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "deconvs", [helper.make_tensor_value_info(
+        "input", TensorProto.FLOAT, [1, in_channels, *in_hw])], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)], ir_version=8)
+
+
+# integer_conv_transposes cases on its default input [1, 3, 5, 4]; kernel 3, 4 output channels unless said
+CONV_TRANSPOSE_CASES = {
+    "stride2_kernel2": dict(kernel=2, strides=[2, 2]),
+    "stride2_kernel3_pad1_output_padding1": dict(strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]),
+    "stride1_kernel3_pad1": dict(pads=[1, 1, 1, 1]),
+    "dilation2": dict(strides=[2, 2], dilations=[2, 2]),
+    "stride4_dilation2": dict(kernel=4, strides=[4, 4], dilations=[2, 2]),  # every other tap reaches a pixel
+    "asymmetric": dict(strides=[2, 3], dilations=[1, 2], pads=[0, 2, 1, 0]),
+    "same_upper": dict(strides=[2, 2], auto_pad="SAME_UPPER"),  # total padding 1: the extra one at the end
+    "same_lower": dict(strides=[2, 2], auto_pad="SAME_LOWER"),  # ... at the start
+    "same_upper_kernel1": dict(kernel=1, strides=[2, 2], auto_pad="SAME_UPPER"),  # in * stride > full: no pads
+    "valid_output_padding": dict(strides=[3, 2], auto_pad="VALID", output_padding=[2, 1]),
+    "output_shape": dict(strides=[2, 2], output_shape=[10, 8]),
+    "output_shape_same_upper": dict(strides=[2, 2], output_shape=[10, 8], auto_pad="SAME_UPPER"),
+    "kernel1_stride2": dict(kernel=1, strides=[2, 2]),  # pixels no tap reaches hold the bias
+    "kernel4_stride2_pad1": dict(kernel=4, strides=[2, 2], pads=[1, 1, 1, 1]),
+    "relu_without_bias": dict(strides=[2, 2], relu=True, bias=False),
+    "depthwise": dict(group=3, out_channels=3, strides=[2, 2], pads=[1, 1, 1, 1]),
+}
+
+
+def integer_feeds(count: int = 2, in_channels: int = 3, in_hw=(5, 4)) -> list[dict[str, np.ndarray]]:
+    """Inputs of integer_conv_transposes: integers in [-2, 2], exact at scale 1."""
+    rng = np.random.default_rng(7)
+    return [{"input": rng.integers(-2, 3, (1, in_channels, *in_hw)).astype(np.float32)} for _ in range(count)]
 
 
 def float_model(name: str) -> onnx.ModelProto:

@@ -119,7 +119,7 @@ OP_RULES: dict[str, OpRule] = {
 
 # ONNX Runtime has no integer ConvTranspose on the CPU: between Q/DQ pairs it ran the float kernel on
 # weights dequantized on every run (slower than float, and the weights rounded), so the ORT target keeps
-# it float. The microcontroller target quantizes it (TFLite Micro has a kernel).
+# it float. The microcontroller target quantizes it (TFLite Micro and edgeopt's C have integer kernels).
 # The microcontroller target adds the ops its integer kernels (edgeopt's C, TFLite Micro / CMSIS-NN)
 # compute from int8 but ONNX Runtime has no QDQ fusion for: there they would run in float between a
 # DQ and a Q, so the ORT target keeps them float. A Softmax output gets the fixed range [0, 1). A constant
@@ -127,7 +127,7 @@ OP_RULES: dict[str, OpRule] = {
 MCU_OP_RULES: dict[str, OpRule] = OP_RULES | {
     "Gather": OpRule(role=OpRole.SHARED, constant_indices=True),
     "Conv": _WEIGHTED,
-    "ConvTranspose": _WEIGHTED,  # QDQ for int8 converters; edgeopt's C refuses it with a hint
+    "ConvTranspose": _WEIGHTED,  # edgeopt's C: 2-D, group 1 or depthwise
     "Softmax": _UNARY,
     "Tanh": _UNARY,
     "Elu": _UNARY,

@@ -135,6 +135,9 @@ def program_macs(program: Program) -> int:
             total += program.tensors[op.output].size * int(np.prod(weight.shape[1:]))
         elif op.kind == "fully_connected":
             total += program.tensors[op.output].size * op.params.weight.shape[1]
+        elif op.kind == "conv_transpose2d":  # every input value scatters a kernel per output channel of its group
+            out_channels, kernel_h, kernel_w, _ = op.params.weight.shape
+            total += program.tensors[op.inputs[0]].size * out_channels // op.params.group * kernel_h * kernel_w
     return int(total)
 
 

@@ -97,6 +97,14 @@ def pack_conv2d_add(op: IntOp, ctx: PackContext):
     return decls, _call(op, ctx, f"{name}_params")
 
 
+def pack_conv_transpose2d(op: IntOp, ctx: PackContext):
+    """A conv's fields: pad_top/pad_left are where the output starts in the uncropped transposed output."""
+    name = f"op{ctx.index}"
+    decls, fields = _conv_fields(op.params, name, ctx.shape(op.inputs[0]), ctx.shape(op.output))
+    decls.append(_struct("eo_conv_transpose2d_params", f"{name}_params", fields))
+    return decls, _call(op, ctx, f"{name}_params")
+
+
 def pack_fully_connected(op: IntOp, ctx: PackContext):
     p, name = op.params, f"op{ctx.index}"
     out_features, depth = p.weight.shape
@@ -278,6 +286,7 @@ def pack_slice(op: IntOp, ctx: PackContext):
 PACKERS = {
     "conv2d": pack_conv2d,
     "conv2d_add": pack_conv2d_add,
+    "conv_transpose2d": pack_conv_transpose2d,
     "fully_connected": pack_fully_connected,
     "batch_matmul": pack_batch_matmul,
     "add": pack_add,

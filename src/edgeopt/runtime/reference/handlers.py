@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.errors import UnsupportedOpError
+from edgeopt.runtime.reference.conv_transpose import lower_conv_transpose
 from edgeopt.runtime.reference.lower import (
     Lowering,
     QParams,
@@ -225,6 +226,7 @@ HANDLERS = {
     "QuantizeLinear": lower_quantize,
     "DequantizeLinear": lower_dequantize,
     "Conv": lower_conv,
+    "ConvTranspose": lower_conv_transpose,
     "Gemm": lower_gemm,
     "MatMul": lower_matmul,
     "Add": lower_add,

@@ -352,7 +352,6 @@ FLOAT_ISLAND = "its output is not quantized (a float island)"
 
 # What to do about a refused op, told once after the list (op type -> hint).
 _OP_HINTS = {
-    "ConvTranspose": "for ConvTranspose, upsample with a nearest Resize followed by a Conv",
     "LayerNormalization": "LayerNorm has no int8 kernel: a BatchNorm (folded into the conv) does",
     "Erf": "a spelled-out GELU (Div, Erf, Add, Mul) has no kernel: export at opset 20 or later, where GELU "
            "is one Gelu op (a lookup table here), or use another activation",

@@ -23,6 +23,7 @@ from edgeopt.runtime.reference.program import (
     ConcatParams,
     Conv2dAddParams,
     Conv2dParams,
+    ConvTranspose2dParams,
     FullyConnectedParams,
     LutParams,
     MaxPoolParams,
@@ -117,6 +118,29 @@ def add(a: np.ndarray, b: np.ndarray, *, params: AddParams, rounding: str) -> np
 def conv2d_add(x: np.ndarray, shortcut: np.ndarray, *, params: Conv2dAddParams, rounding: str) -> np.ndarray:
     """The unfused pair, by definition: the conv's int8 result (rounded and clamped) added to ``shortcut``."""
     return add(conv2d(x, params=params.conv, rounding=rounding), shortcut, params=params.add, rounding=rounding)
+
+
+def conv_transpose2d(x: np.ndarray, *, params: ConvTranspose2dParams, rounding: str) -> np.ndarray:
+    """Scatter form: tap (ky, kx) of input pixel (iy, ix) lands on uncropped output pixel
+    (iy * stride + ky * dilation) per axis; the output is that canvas from ``pads`` on, ``output_hw`` big."""
+    p = params
+    n, h, w, _ = x.shape
+    out_channels, kh, kw, group_channels = p.weight.shape
+    (sh, sw), (dh, dw), (top, left), (oh, ow) = p.strides, p.dilations, p.pads, p.output_hw
+    groups = p.group
+    centered = _centered(x, p.input_zero_point).astype(np.float64).reshape(n, h, w, groups, group_channels)
+    weight = p.weight.astype(np.float64).reshape(groups, out_channels // groups, kh, kw, group_channels)
+    origin_h, origin_w = max(0, -top), max(0, -left)  # canvas index of uncropped row / column 0
+    canvas = np.zeros((n, origin_h + max(sh * (h - 1) + dh * (kh - 1) + 1, top + oh),
+                       origin_w + max(sw * (w - 1) + dw * (kw - 1) + 1, left + ow), out_channels))
+    for i in range(kh):
+        for j in range(kw):
+            tap = np.einsum("nhwgc,goc->nhwgo", centered, weight[:, :, i, j, :]).reshape(n, h, w, out_channels)
+            y0, x0 = origin_h + i * dh, origin_w + j * dw
+            canvas[:, y0: y0 + sh * (h - 1) + 1: sh, x0: x0 + sw * (w - 1) + 1: sw] += tap
+    acc = canvas[:, origin_h + top: origin_h + top + oh, origin_w + left: origin_w + left + ow]
+    acc = acc.astype(np.int64) + p.bias
+    return _finish(acc, p.multiplier, p.shift, p.output_zero_point, p.act_min, p.act_max, rounding)
 
 
 def mul(a: np.ndarray, b: np.ndarray, *, params: MulParams, rounding: str) -> np.ndarray:
@@ -227,6 +251,7 @@ OPS: dict[str, OpSpec] = dict([
     _spec("fully_connected", fully_connected, FullyConnectedParams, "eo_fully_connected_s8"),
     _spec("batch_matmul", batch_matmul, BatchMatMulParams, "eo_batch_matmul_s8"),
     _spec("conv2d_add", conv2d_add, Conv2dAddParams, "eo_conv2d_add_s8", in_place=(1,)),
+    _spec("conv_transpose2d", conv_transpose2d, ConvTranspose2dParams, "eo_conv_transpose2d_s8"),
     _spec("add", add, AddParams, "eo_add_s8", in_place=(0, 1)),
     _spec("mul", mul, MulParams, "eo_mul_s8", in_place=(0, 1)),
     _spec("max_pool", max_pool, MaxPoolParams, "eo_max_pool_s8"),

@@ -26,6 +26,7 @@ __all__ = [
     "ConcatParams",
     "Conv2dAddParams",
     "Conv2dParams",
+    "ConvTranspose2dParams",
     "FullyConnectedParams",
     "IntOp",
     "LutParams",
@@ -86,6 +87,32 @@ class Conv2dParams:
     strides: tuple[int, int]
     dilations: tuple[int, int]
     pads: tuple[int, int, int, int]  # top, left, bottom, right
+    group: int
+    act_min: int
+    act_max: int
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ConvTranspose2dParams:
+    """NHWC transposed conv, read in gather form with the weight in OHWI (I = input channels / group).
+
+    y[n, oy, ox, o] = requant(bias[o] + sum of (x[n, iy, ix, i] - zp_in) * weight[o, ky, kx, i] over the
+    taps with ``iy * stride_h + ky * dilation_h = oy + pad_top`` and ``ix * stride_w + kx * dilation_w =
+    ox + pad_left`` inside the input, and the channels i of o's group): the scatter of every input pixel
+    through the kernel, cropped by ``pads`` at the start and to ``output_hw`` (ONNX's output_padding and
+    output_shape only move the end).
+    """
+
+    weight: np.ndarray  # int8 (O, KH, KW, I/group)
+    bias: np.ndarray  # int32 (O,)
+    multiplier: np.ndarray  # int32 (O,) Q31
+    shift: np.ndarray  # int32 (O,)
+    input_zero_point: int
+    output_zero_point: int
+    strides: tuple[int, int]
+    dilations: tuple[int, int]
+    pads: tuple[int, int]  # top, left
+    output_hw: tuple[int, int]
     group: int
     act_min: int
     act_max: int

@@ -318,4 +318,63 @@ void eo_batch_matmul_s8(const eo_batch_matmul_params *p, const int8_t *a, const 
                     finish(acc, p->multiplier, p->shift, p->output_zero_point, p->act_min, p->act_max);
             }
     }
+
+/* The input index of tap k for uncropped output index target: (target - k * dilation) / stride when that
+ * divides exactly and lands in [0, size), else -1. */
+static int transposed_source(int target, int k, int stride, int dilation, int size) {
+    int r = target - k * dilation;
+    return (r < 0 || r % stride != 0 || r / stride >= size) ? -1 : r / stride;
+}
+
+/* The taps of one output index along one axis: first, first + step, ... below end. Exact multiples recur
+ * every stride / gcd(stride, dilation) taps and the quotient falls as k grows, so the taps that land in
+ * the input are one run of that progression. Found once per output position, not per channel. */
+typedef struct { int first, step, end; } eo_taps;
+
+static eo_taps transposed_taps(int target, int stride, int dilation, int kernel, int size) {
+    eo_taps taps;
+    int a = stride, b = dilation;
+    while (b) { int r = a % b; a = b; b = r; }
+    taps.step = stride / a;
+    for (taps.first = 0; taps.first < kernel; ++taps.first)
+        if (transposed_source(target, taps.first, stride, dilation, size) >= 0) break;
+    for (taps.end = taps.first; taps.end < kernel; taps.end += taps.step)
+        if (transposed_source(target, taps.end, stride, dilation, size) < 0) break;
+    return taps;
+}
+
+static int32_t transposed_accumulator(const eo_conv_transpose2d_params *p, const int8_t *in, long image,
+                                      int ty, int tx, const eo_taps *rows, const eo_taps *cols, int o) {
+    int group_channels = p->c / p->group;
+    int first = (o / (p->out_c / p->group)) * group_channels;
+    int32_t zero_point = p->input_zero_point, acc = p->bias[o];
+    int ky, kx, ic;
+    for (ky = rows->first; ky < rows->end; ky += rows->step) {
+        const int8_t *row = in + (image + (ty - ky * p->dilation_h) / p->stride_h) * p->w * p->c + first;
+        const int8_t *wt = p->weight + ((long)o * p->kernel_h + ky) * p->kernel_w * group_channels;
+        for (kx = cols->first; kx < cols->end; kx += cols->step) {
+            const int8_t *src = row + (long)((tx - kx * p->dilation_w) / p->stride_w) * p->c;
+            const int8_t *tap = wt + (long)kx * group_channels;
+            for (ic = 0; ic < group_channels; ++ic)
+                acc += ((int32_t)src[ic] - zero_point) * tap[ic];
+        }
+    }
+    return acc;
+}
+
+void eo_conv_transpose2d_s8(const eo_conv_transpose2d_params *p, const int8_t *in, int8_t *out) {
+    int b, oy, ox, o;
+    for (b = 0; b < p->n; ++b)
+        for (oy = 0; oy < p->out_h; ++oy) {
+            int ty = oy + p->pad_top;
+            eo_taps rows = transposed_taps(ty, p->stride_h, p->dilation_h, p->kernel_h, p->h);
+            for (ox = 0; ox < p->out_w; ++ox) {
+                int tx = ox + p->pad_left;
+                eo_taps cols = transposed_taps(tx, p->stride_w, p->dilation_w, p->kernel_w, p->w);
+                int8_t *dst = out + (((long)b * p->out_h + oy) * p->out_w + ox) * p->out_c;
+                for (o = 0; o < p->out_c; ++o)
+                    dst[o] = finish(transposed_accumulator(p, in, (long)b * p->h, ty, tx, &rows, &cols, o),
+                                    p->multiplier[o], p->shift[o], p->output_zero_point, p->act_min, p->act_max);
+            }
+        }
 }

@@ -112,4 +112,11 @@ typedef struct {
 } eo_batch_matmul_params;
 void eo_batch_matmul_s8(const eo_batch_matmul_params *p, const int8_t *a, const int8_t *b, int8_t *out);
 
+/* Transposed conv (ONNX ConvTranspose) in gather form, a conv's fields and OHWI weight (I = c / group):
+ * out[b, oy, ox, o] = requant(bias[o] + sum of (in[b, iy, ix, i] - zp) * weight[o, ky, kx, i] over the taps
+ * with iy * stride_h + ky * dilation_h = oy + pad_top (and the same for x) inside the input; pad_top and
+ * pad_left are where the output starts in the uncropped transposed output. out is never in. */
+typedef eo_conv2d_params eo_conv_transpose2d_params;
+void eo_conv_transpose2d_s8(const eo_conv_transpose2d_params *p, const int8_t *in, int8_t *out);
+
 #endif
