@@ -318,6 +318,7 @@ void eo_batch_matmul_s8(const eo_batch_matmul_params *p, const int8_t *a, const 
                     finish(acc, p->multiplier, p->shift, p->output_zero_point, p->act_min, p->act_max);
             }
     }
+}
 
 /* The input index of tap k for uncropped output index target: (target - k * dilation) / stride when that
  * divides exactly and lands in [0, size), else -1. */
