@@ -275,7 +275,11 @@ void eo_transpose_s8(const eo_transpose_params *p, const int8_t *in, int8_t *out
     long in_stride[EO_MAX_RANK], stride[EO_MAX_RANK], total = 1, i;
     int out_shape[EO_MAX_RANK], index[EO_MAX_RANK], d;
     for (d = p->rank - 1; d >= 0; --d) { in_stride[d] = total; total *= p->in_shape[d]; }
-    for (d = 0; d < p->rank; ++d) { out_shape[d] = p->in_shape[p->perm[d]]; stride[d] = in_stride[p->perm[d]]; index[d] = 0; }
+    for (d = 0; d < p->rank; ++d) {
+        out_shape[d] = p->in_shape[p->perm[d]];
+        stride[d] = in_stride[p->perm[d]];
+        index[d] = 0;
+    }
     for (i = 0; i < total; ++i) {
         long source = 0;
         for (d = 0; d < p->rank; ++d) source += index[d] * stride[d];
