@@ -44,13 +44,14 @@ def _quantized(float_path, tmp_path, calibration) -> object:
 def _helper_model(path) -> None:
     """Every op the lift rewrites, on [1, 8, 48]: a strided SAME_UPPER conv, a padded strided max pool, a
     depthwise conv, a per-channel Mul of the pool, a time Pad and Slice (a TCN's causal chomp), Concat over channels
-    and over time, a mean over time, and a rank-3 graph output taken inside the region."""
+    and over time, a strided ConvTranspose, a mean over time, and a rank-3 graph output taken inside the
+    region."""
     rng = np.random.default_rng(0)
     weights = {"w1": rng.normal(0, 0.4, (16, 8, 3)), "b1": rng.normal(0, 0.1, 16),
                "wd": rng.normal(0, 0.5, (16, 1, 5)), "gain": rng.uniform(0.5, 1.5, (16, 1)),
                "w2": rng.normal(0, 0.3, (8, 32, 1)), "pads": np.array([0, 0, 2, 0, 0, 0]),
                "starts": np.array([0]), "ends": np.array([12]), "axes": np.array([2]),
-               "fc": rng.normal(0, 0.3, (8, 4))}
+               "wt": rng.normal(0, 0.3, (8, 8, 3)), "fc": rng.normal(0, 0.3, (8, 4))}
     nodes = [
         helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv_same", strides=[2], auto_pad="SAME_UPPER"),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
@@ -63,7 +64,9 @@ def _helper_model(path) -> None:
         helper.make_node("Slice", ["padded", "starts", "ends", "axes"], ["chomped"], name="chomp"),
         helper.make_node("Concat", ["chomped", "chomped"], ["twice"], name="cat_time", axis=-1),
         helper.make_node("Identity", ["twice"], ["features"], name="features"),
-        helper.make_node("ReduceMean", ["twice"], ["mean"], name="mean_time", axes=[2], keepdims=1),
+        helper.make_node("ConvTranspose", ["twice", "wt"], ["up"], name="upsample", strides=[2], pads=[1, 1],
+                         output_padding=[1]),
+        helper.make_node("ReduceMean", ["up"], ["mean"], name="mean_time", axes=[2], keepdims=1),
         helper.make_node("Flatten", ["mean"], ["flat"], name="flatten"),
         helper.make_node("MatMul", ["flat", "fc"], ["logits"], name="fc"),
     ]

@@ -3,7 +3,8 @@
 A 1-D ``Conv`` over ``x[N, C, L]`` with kernel ``w[O, C/g, k]`` equals the 2-D
 ``Conv`` over ``x[N, C, 1, L]`` with kernel ``w[O, C/g, 1, k]``, strides
 ``(1, s)``, dilations ``(1, d)`` and pads ``(0, b, 0, e)``: the height axis
-of size 1 is never windowed. The same holds for ``AveragePool``/``MaxPool``
+of size 1 is never windowed. The same holds for ``ConvTranspose`` (weight
+``[C, O/g, 1, k]``, ``output_padding (0, p)``), ``AveragePool``/``MaxPool``
 (kernel ``(1, k)``) and for ``GlobalAveragePool``/``GlobalMaxPool``. The
 program stores rank-4 tensors NHWC, so ``[N, C, 1, L]`` is stored
 ``[N, 1, L, C]``: channels innermost, as keyword-spotting, audio and sensor
@@ -33,7 +34,8 @@ from edgeopt import ir as eir
 
 __all__ = ["lift_1d"]
 
-_SPATIAL = frozenset({"Conv", "AveragePool", "MaxPool"})
+_SPATIAL = frozenset({"Conv", "ConvTranspose", "AveragePool", "MaxPool"})
+_WEIGHTED = frozenset({"Conv", "ConvTranspose"})
 _GLOBAL = frozenset({"GlobalAveragePool", "GlobalMaxPool"})
 _ELEMENTWISE = frozenset({"QuantizeLinear", "DequantizeLinear", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh",
                           "HardSigmoid", "HardSwish", "Elu", "Gelu", "Identity", "Add", "Mul", "Sub", "Div",
@@ -75,7 +77,7 @@ def _is_seed(node: ir.Node) -> bool:
         return False
     if node.op_type in _GLOBAL:
         return True
-    if node.op_type == "Conv":
+    if node.op_type in _WEIGHTED:
         return len(node.inputs) > 1 and _constant_chain(node.inputs[1]) and _rank(node.inputs[1]) == 3
     return node.op_type in _SPATIAL
 
@@ -258,7 +260,7 @@ def _reads_lifted_constant(node: ir.Node, index: int) -> bool:
     """Whether constant input ``index`` of a lifted ``node`` lines up with its activations' axes (an
     operand broadcast against them, a tensor concatenated to them, a conv's weight) rather than
     being a parameter (scales, pads, axes, a bias)."""
-    return node.op_type in _BINARY or node.op_type == "Concat" or (node.op_type == "Conv" and index == 1)
+    return node.op_type in _BINARY or node.op_type == "Concat" or (node.op_type in _WEIGHTED and index == 1)
 
 
 def _keep(lifter: _Lifter, node: ir.Node) -> None:
@@ -272,6 +274,11 @@ def _windows(lifter: _Lifter, node: ir.Node) -> None:
     if "pads" in node.attributes:
         begin, end = node.attributes.get_ints("pads")
         node.attributes["pads"] = ir.AttrInt64s("pads", [0, begin, 0, end])
+    if "output_padding" in node.attributes:  # ConvTranspose
+        node.attributes["output_padding"] = ir.AttrInt64s("output_padding",
+                                                          [0, *node.attributes.get_ints("output_padding")])
+    if "output_shape" in node.attributes:
+        node.attributes["output_shape"] = ir.AttrInt64s("output_shape", [1, *node.attributes.get_ints("output_shape")])
 
 
 def _axis(lifter: _Lifter, node: ir.Node) -> None:
