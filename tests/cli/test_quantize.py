@@ -844,20 +844,20 @@ def test_fp16_with_float16_inputs_is_compared_on_float32_data(tmp_path):
 
 
 def test_the_mcu_target_warns_about_float_nodes_compile_refuses(tmp_path):
-    # a PRelu with a slope per channel has no int8 path and stays float: compile refuses the model,
+    # a Softplus has no int8 path and stays float: compile refuses the model,
     # so quantize --target mcu says so (only a data-movement node passing values on is lowered as a copy)
     from onnx import helper
 
     rng = np.random.default_rng(0)
     weights = {name: rng.standard_normal(shape).astype(np.float32)
-               for name, shape in (("W", (8, 8)), ("B", (8,)), ("S", (8,)), ("W2", (8, 4)), ("B2", (4,)))}
+               for name, shape in (("W", (8, 8)), ("B", (8,)), ("W2", (8, 4)), ("B2", (4,)))}
     nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["g1"], name="g1"),
-             helper.make_node("PRelu", ["g1", "S"], ["r"], name="prelu"),
+             helper.make_node("Softplus", ["g1"], ["r"], name="softplus"),
              helper.make_node("Gemm", ["r", "W2", "B2"], ["y"], name="g2")]
-    path = _save(tmp_path, "gemm_prelu", nodes, weights, [1, 8], [1, 4])
+    path = _save(tmp_path, "gemm_softplus", nodes, weights, [1, 8], [1, 4])
     data = [{"x": rng.standard_normal((1, 8)).astype(np.float32)} for _ in range(16)]
     report = edgeopt.quantize(path, edgeopt.Int8Config(target=edgeopt.Target.MCU), data, check_speed=False)
-    assert any("prelu" in w and "cannot become C" in w for w in report.warnings), report.warnings
+    assert any("softplus" in w and "cannot become C" in w for w in report.warnings), report.warnings
 
 
 def test_compare_sorts_by_the_loss_inside_each_node_when_asked(cli, tmp_path):

@@ -10,7 +10,7 @@ kernel; HardSwish and HardSigmoid too, which edgeopt rewrites into QLinearAdd
 and QLinearMul (:mod:`edgeopt.quant.hard_activations`). Everything else
 stays float and is reported. The microcontroller target
 (:data:`MCU_OP_RULES`) adds the ops the C kernels compute from int8
-(Softmax, Tanh, Elu, Gelu, ReduceMean, GlobalMaxPool, Pad)
+(Softmax, Tanh, Elu, Gelu, ReduceMean, GlobalMaxPool, Pad, PRelu, DepthToSpace, SpaceToDepth, linear Resize)
 and ConvTranspose, which ONNX Runtime runs in float (it has no integer
 ConvTranspose on the CPU), and keeps a Gather float unless its indices are
 constant (the C copies int8 blocks; a lookup of token ids has no kernel).
@@ -23,7 +23,7 @@ Roles:
 * ``ARITHMETIC``: inputs and output quantized with their own scales.
 * ``SHARED``: data movement (pooling by max, reshapes, nearest resize (also linear on the MCU),
   concatenation, Split and Slice, Gather of rows -- an embedding table is then
-  stored in int8; constant Pad on the MCU): the float inputs and the outputs
+  stored in int8; constant Pad, DepthToSpace and SpaceToDepth on the MCU): the float inputs and the outputs
   share one scale, so the integer kernel copies values without requantizing
   (ONNX Runtime drops the Q/DQ pairs around Split, Slice, Reshape ... only
   when the scales are equal).
@@ -44,6 +44,7 @@ from edgeopt import ir as eir
 
 __all__ = ["FUSED_BETWEEN_PAIRS", "MCU_OP_RULES", "OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule", "QUANTIZED_OP_TYPES",
            "WEIGHT_ONLY_OPS", "float_op_reason", "gather_refusal", "is_float16_cast", "is_qdq_op", "pad_refusal",
+           "prelu_refusal",
            "resize_refusal", "slow_group_refusal", "weight_axis"]
 
 
@@ -136,6 +137,9 @@ MCU_OP_RULES: dict[str, OpRule] = OP_RULES | {
     "GlobalMaxPool": _MOVE,
     "Pad": _MOVE,
     "Resize": OpRule(role=OpRole.SHARED, modes=frozenset({"nearest", "linear"})),  # TFLite's int8 bilinear
+    "PRelu": _UNARY,  # a constant slope (input 1 stays float: the C folds it into its multipliers)
+    "DepthToSpace": _MOVE,
+    "SpaceToDepth": _MOVE,
 }
 
 # Ops without a rule of their own on the ORT target that ONNX Runtime still runs as an integer kernel
@@ -193,13 +197,36 @@ def is_float16_cast(node: ir.Node | None) -> bool:
 
 
 def resize_refusal(node: ir.Node, rule: OpRule) -> str | None:
-    """Why a Resize stays float: its mode has no integer kernel (cubic), or not one the target runs."""
+    """Why a Resize stays float: its mode has no integer kernel (cubic), or not one the target runs, or it
+    shrinks with antialias (the integer bilinear kernel reads two neighbours, not a filter stretched by 1/scale)."""
     mode = node.attributes.get_string("mode", "nearest")
     if mode == "cubic":
         return "cubic Resize has no integer kernel"
     if rule.modes is not None and mode not in rule.modes:
         return (f"ONNX Runtime interpolates a {mode} Resize in float between its DequantizeLinear and "
                 "QuantizeLinear (it runs nearest on int8): kept float, its output quantized with a range of its own")
+    if mode == "linear" and node.attributes.get_int("antialias", 0) and _may_shrink(node):
+        return "a linear Resize with antialias=1 that shrinks has no integer kernel"
+    return None
+
+
+def _may_shrink(node: ir.Node) -> bool:
+    """Whether a Resize makes an axis smaller, by its constant scales or sizes (True when it cannot tell)."""
+    inputs = list(node.inputs) + [None] * 4
+    scales = eir.constant_array(inputs[2]) if inputs[2] is not None else None
+    if scales is not None and scales.size:
+        return bool((scales < 1).any())
+    sizes = eir.constant_array(inputs[3]) if inputs[3] is not None else None
+    shape = inputs[0].shape if inputs[0] is not None else None
+    if sizes is None or shape is None or len(sizes) != len(shape) or not all(isinstance(d, int) for d in shape):
+        return True
+    return any(int(size) < dim for size, dim in zip(sizes, shape))
+
+
+def prelu_refusal(node: ir.Node) -> str | None:
+    """Why a PRelu stays float: the integer kernel folds a constant slope into its multipliers."""
+    if len(node.inputs) < 2 or node.inputs[1] is None or not eir.is_constant(node.inputs[1]):
+        return "its slope is not a constant"
     return None
 
 

@@ -75,8 +75,8 @@ from edgeopt.quant.config import is_excluded
 from edgeopt.quant.log_inputs import log_input_nodes, log_input_refusal
 from edgeopt.quant.masks import grid_refusal, index_refusal, mask_like_values, mask_refusal
 from edgeopt.quant.ops import (FUSED_BETWEEN_PAIRS, FUSING_PRODUCERS, OP_RULES, OpRole, OpRule, float_op_reason,
-                               gather_refusal, is_qdq_op, pad_refusal, resize_refusal, slow_group_refusal,
-                               weight_axis)
+                               gather_refusal, is_qdq_op, pad_refusal, prelu_refusal, resize_refusal,
+                               slow_group_refusal, weight_axis)
 from edgeopt.quant.registry import FloatNode
 
 __all__ = ["DATA_MOVEMENT_OPS", "EXCLUDED", "MOVES_FOR_KEPT", "READ_IN_FLOAT", "BiasUse", "QdqPlan", "UnionFind",
@@ -208,6 +208,8 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
         return pad_refusal(node)
     if node.op_type == "Gather":
         return gather_refusal(node, rules["Gather"])
+    if node.op_type == "PRelu":
+        return prelu_refusal(node)
     return None
 
 

@@ -283,6 +283,33 @@ def pack_slice(op: IntOp, ctx: PackContext):
     return [_struct("eo_slice_params", name, fields)], _call(op, ctx, name)
 
 
+def pack_prelu(op: IntOp, ctx: PackContext):
+    p, prefix = op.params, f"op{ctx.index}"
+    shape = ctx.shape(op.inputs[0])
+    decls = [c_array(f"{prefix}_multiplier", p.negative_multiplier.astype(np.int32)),
+             c_array(f"{prefix}_shift", p.negative_shift.astype(np.int32)),
+             c_array(f"{prefix}_sign", p.negative_sign.astype(np.int8)),
+             _struct("eo_prelu_params", f"{prefix}_params", dict(
+                 outer=int(np.prod(shape[:p.axis], dtype=np.int64)), channels=shape[p.axis],
+                 inner=int(np.prod(shape[p.axis + 1:], dtype=np.int64)), input_zero_point=p.input_zero_point,
+                 output_zero_point=p.output_zero_point, positive_multiplier=p.positive_multiplier,
+                 positive_shift=p.positive_shift, act_min=p.act_min, act_max=p.act_max,
+                 negative_multiplier=f"{prefix}_multiplier", negative_shift=f"{prefix}_shift",
+                 negative_sign=f"{prefix}_sign"))]
+    return decls, _call(op, ctx, f"{prefix}_params")
+
+
+def pack_resize_bilinear(op: IntOp, ctx: PackContext):
+    p, prefix = op.params, f"op{ctx.index}"
+    n, h, w, c = ctx.shape(op.inputs[0])
+    _, out_h, out_w, _ = ctx.shape(op.output)
+    tables = ("row_low", "row_high", "row_fraction", "col_low", "col_high", "col_fraction")
+    decls = [c_array(f"{prefix}_{table}", getattr(p, table).astype(np.int32)) for table in tables]
+    decls.append(_struct("eo_resize_bilinear_params", f"{prefix}_params", dict(
+        n=n, h=h, w=w, c=c, out_h=out_h, out_w=out_w, **{table: f"{prefix}_{table}" for table in tables})))
+    return decls, _call(op, ctx, f"{prefix}_params")
+
+
 PACKERS = {
     "conv2d": pack_conv2d,
     "conv2d_add": pack_conv2d_add,
@@ -303,4 +330,6 @@ PACKERS = {
     "reshape": pack_reshape,
     "concat": pack_concat,
     "slice": pack_slice,
+    "prelu": pack_prelu,
+    "resize_bilinear": pack_resize_bilinear,
 }

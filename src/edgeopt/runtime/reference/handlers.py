@@ -5,7 +5,8 @@ folds scales into fixed-point multipliers and emits ops of the table in
 ``ops.py``. Rank-4 activations are NHWC in the program, so axis attributes
 are mapped through the tensor's layout. Here: Q/DQ, conv and fully connected
 layers, elementwise Add/Mul and activations; the ops that keep their input's
-quantization (pools, means, data movement) are in ``same_scale.py``.
+quantization (pools, means, data movement) are in ``same_scale.py``; PRelu,
+DepthToSpace/SpaceToDepth and Resize (nearest or linear) in ``vision_ops.py``.
 """
 
 from __future__ import annotations
@@ -43,11 +44,11 @@ from edgeopt.runtime.reference.same_scale import (
     lower_movement,
     lower_pad,
     lower_reduce_mean,
-    lower_resize,
     lower_slice,
     lower_split,
 )
 from edgeopt.runtime.reference.tables import lut_params
+from edgeopt.runtime.reference.vision_ops import lower_depth_to_space, lower_prelu, lower_resize
 
 __all__ = ["HANDLERS"]
 
@@ -248,4 +249,7 @@ HANDLERS = {
     "Split": lower_split,
     **{op: lower_movement for op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity")},
     **{op: lower_lut for op in ("Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Gelu")},
+    "PRelu": lower_prelu,
+    "DepthToSpace": lower_depth_to_space,
+    "SpaceToDepth": lower_depth_to_space,
 }

@@ -355,6 +355,9 @@ _OP_HINTS = {
     "LayerNormalization": "LayerNorm has no int8 kernel: a BatchNorm (folded into the conv) does",
     "Erf": "a spelled-out GELU (Div, Erf, Add, Mul) has no kernel: export at opset 20 or later, where GELU "
            "is one Gelu op (a lookup table here), or use another activation",
+    "Resize": "Resize runs nearest or linear (bilinear over H and W, without antialias when it shrinks): export "
+              "a cubic one as linear",
+    "PRelu": "PRelu needs a constant slope (an initializer) of one value or one per channel",
 }
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from edgeopt.runtime.reference.fixed_point import multiply_by_quantized_multiplier as mbqm
 from edgeopt.runtime.reference.program import (
+    BILINEAR_FRACTION_BITS,
     AddParams,
     AvgPoolParams,
     BatchMatMulParams,
@@ -30,8 +31,10 @@ from edgeopt.runtime.reference.program import (
     MeanParams,
     MulParams,
     PadParams,
+    PReluParams,
     RequantizeParams,
     ReshapeParams,
+    ResizeBilinearParams,
     ResizeNearestParams,
     SliceParams,
     SoftmaxParams,
@@ -241,6 +244,36 @@ def slice_(x: np.ndarray, *, params: SliceParams, rounding: str) -> np.ndarray:
     return np.ascontiguousarray(x[tuple(taken)])
 
 
+def prelu(x: np.ndarray, *, params: PReluParams, rounding: str) -> np.ndarray:
+    """Two requantizations, TFLite's int8 PRelu: the identity scale where x >= zp_in, the slope's per channel
+    below (the slope folded into the multiplier, its sign applied to the input first)."""
+    p = params
+    along = [1] * x.ndim
+    along[p.axis] = -1
+    centered = _centered(x, p.input_zero_point)
+    negative = mbqm(centered * p.negative_sign.astype(np.int64).reshape(along), p.negative_multiplier.reshape(along),
+                    p.negative_shift.reshape(along), rounding)
+    out = np.where(centered >= 0, mbqm(centered, p.positive_multiplier, p.positive_shift, rounding), negative)
+    return np.clip(out + p.output_zero_point, p.act_min, p.act_max).astype(np.int8)
+
+
+def resize_bilinear(x: np.ndarray, *, params: ResizeBilinearParams, rounding: str) -> np.ndarray:
+    """Q10 row weights, then Q10 column weights: a Q20 sum (at most 2**27 in magnitude: exact in int32), rounded
+    once: half away from zero (``"double"``, TFLite's default build) or half up (``"single"``)."""
+    p, one = params, 1 << BILINEAR_FRACTION_BITS
+    x = x.astype(np.int64)
+    row_weight = p.row_fraction.astype(np.int64)[None, :, None, None]
+    rows = x[:, p.row_low] * (one - row_weight) + x[:, p.row_high] * row_weight
+    col_weight = p.col_fraction.astype(np.int64)[None, None, :, None]
+    total = rows[:, :, p.col_low] * (one - col_weight) + rows[:, :, p.col_high] * col_weight
+    bits, half = 2 * BILINEAR_FRACTION_BITS, 1 << (2 * BILINEAR_FRACTION_BITS - 1)
+    if rounding == "single":
+        out = (total + half) >> bits
+    else:
+        out = np.sign(total) * ((np.abs(total) + half) >> bits)
+    return np.clip(out, -128, 127).astype(np.int8)
+
+
 def _spec(kind, reference, params_type, c_kernel, in_place=()) -> tuple[str, OpSpec]:
     return kind, OpSpec(kind=kind, reference=reference, params_type=params_type, c_kernel=c_kernel,
                         in_place=in_place)
@@ -266,4 +299,6 @@ OPS: dict[str, OpSpec] = dict([
     _spec("reshape", reshape, ReshapeParams, "eo_copy_s8", in_place=(0,)),
     _spec("concat", concat, ConcatParams, "eo_concat_s8"),
     _spec("slice", slice_, SliceParams, "eo_slice_s8"),
+    _spec("prelu", prelu, PReluParams, "eo_prelu_s8", in_place=(0,)),
+    _spec("resize_bilinear", resize_bilinear, ResizeBilinearParams, "eo_resize_bilinear_s8"),
 ])

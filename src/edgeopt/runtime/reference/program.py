@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = [
+    "BILINEAR_FRACTION_BITS",
     "AddParams",
     "AvgPoolParams",
     "BatchMatMulParams",
@@ -33,11 +34,13 @@ __all__ = [
     "MaxPoolParams",
     "MeanParams",
     "MulParams",
+    "PReluParams",
     "PadParams",
     "Program",
     "ProgramIO",
     "RequantizeParams",
     "ReshapeParams",
+    "ResizeBilinearParams",
     "ResizeNearestParams",
     "SliceParams",
     "SoftmaxParams",
@@ -306,6 +309,41 @@ class SliceParams:
     axis: int
     start: int
     size: int
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class PReluParams:
+    """y = zp_out + requant(x - zp_in) with ``s_in / s_out`` where x >= zp_in, else
+    ``zp_out + requant((x - zp_in) * negative_sign[c], negative_multiplier[c], negative_shift[c])`` with
+    ``|slope[c]| * s_in / s_out``: the slope varies along the stored ``axis`` (one value: any size-1 array)."""
+
+    axis: int
+    input_zero_point: int
+    output_zero_point: int
+    positive_multiplier: int
+    positive_shift: int
+    negative_multiplier: np.ndarray  # int32 (C,)
+    negative_shift: np.ndarray  # int32 (C,)
+    negative_sign: np.ndarray  # int8 (C,): the sign of the slope, -1, 0 or 1
+    act_min: int
+    act_max: int
+
+
+BILINEAR_FRACTION_BITS = 10  # of a bilinear weight: 1.0 is 1024, as in TFLite (and EO_BILINEAR_BITS in the C)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ResizeBilinearParams:
+    """NHWC bilinear resize with Q10 weights (TFLite's int8 ResizeBilinear), same quantization in and out:
+    ``y[n, i, j, c] = round(sum of x[n, r, k, c] * wr * wk / 2**20)`` over rows ``r`` in (row_low[i], row_high[i])
+    with weights (1024 - row_fraction[i], row_fraction[i]), columns ``k`` alike."""
+
+    row_low: np.ndarray  # int32 (OH,)
+    row_high: np.ndarray
+    row_fraction: np.ndarray  # int32 (OH,) in [0, 1024]
+    col_low: np.ndarray  # int32 (OW,)
+    col_high: np.ndarray
+    col_fraction: np.ndarray
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,6 +9,8 @@ LUT activations); the runtime that reads them is integer only.
 * Softmax: ``exp_table[d + 255] = round(2**16 * exp(s_in * d))`` for ``d = x - max`` in [-255, 0].
 * Resize (nearest): the source row/column of every output row/column, from ONNX's
   ``coordinate_transformation_mode`` and ``nearest_mode``.
+* Resize (linear): the two source rows/columns of every output row/column and the Q10 weight of the
+  second, ``round(2**10 * (u - floor(u)))`` for the source coordinate ``u``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt.errors import UnsupportedOpError
-from edgeopt.runtime.reference.program import LutParams, SoftmaxParams
+from edgeopt.runtime.reference.program import BILINEAR_FRACTION_BITS, LutParams, SoftmaxParams
 
-__all__ = ["lut_params", "nearest_indices", "softmax_params"]
+__all__ = ["linear_weights", "lut_params", "lut_table", "nearest_indices", "softmax_params"]
 
 
 def _gelu(x: np.ndarray, node: ir.Node) -> np.ndarray:
@@ -57,13 +59,18 @@ def _unary(node: ir.Node, x: np.ndarray) -> np.ndarray:
     raise UnsupportedOpError(f"{node.op_type} ({node.name}): no lookup table")
 
 
-def lut_params(node: ir.Node, source, plan) -> LutParams:
+def lut_table(function, source, plan) -> np.ndarray:
+    """The int8 table of ``function`` (float32 in, float32 out) from ``source``'s quantization to ``plan``'s."""
     q = np.arange(-128, 128, dtype=np.int32)
     x = (q - source.zero_point).astype(np.float32) * np.float32(source.scale)
     with np.errstate(over="ignore"):
-        y = _unary(node, x).astype(np.float32)
+        y = function(x).astype(np.float32)
     out = np.rint(y / np.float32(plan.qparams.scale)) + plan.qparams.zero_point
-    return LutParams(table=np.clip(out, plan.act_min, plan.act_max).astype(np.int8))
+    return np.clip(out, plan.act_min, plan.act_max).astype(np.int8)
+
+
+def lut_params(node: ir.Node, source, plan) -> LutParams:
+    return LutParams(table=lut_table(lambda x: _unary(node, x), source, plan))
 
 
 def softmax_params(source, target) -> SoftmaxParams:
@@ -105,14 +112,34 @@ def _round_nearest(mode: str, x: np.ndarray) -> np.ndarray:
     raise UnsupportedOpError(f"Resize nearest_mode={mode} is not supported")
 
 
+def _source_coordinates(node: ir.Node, opset: int, size_in: int, size_out: int, scale: float | None) -> np.ndarray:
+    """Where every output position along one axis reads the input (ONNX Resize's coordinate_transformation_mode;
+    asymmetric for Upsample and Resize-10)."""
+    from edgeopt.runtime.reference.lower import attribute
+
+    old = opset < 11 or node.op_type == "Upsample"
+    transform = "asymmetric" if old else _text(attribute(node, "coordinate_transformation_mode"), "half_pixel")
+    scale = scale if scale else size_out / size_in
+    return _source_coordinate(transform, np.arange(size_out, dtype=np.float64), scale, size_in, size_out)
+
+
 def nearest_indices(node: ir.Node, opset: int, size_in: int, size_out: int, scale: float | None) -> np.ndarray:
     """Source index of every output position along one axis (ONNX Resize, mode=nearest)."""
     from edgeopt.runtime.reference.lower import attribute
 
     old = opset < 11 or node.op_type == "Upsample"
-    transform = "asymmetric" if old else _text(attribute(node, "coordinate_transformation_mode"), "half_pixel")
     rounding = "floor" if old else _text(attribute(node, "nearest_mode"), "round_prefer_floor")
-    scale = scale if scale else size_out / size_in
-    x = np.arange(size_out, dtype=np.float64)
-    index = _round_nearest(rounding, _source_coordinate(transform, x, scale, size_in, size_out))
+    index = _round_nearest(rounding, _source_coordinates(node, opset, size_in, size_out, scale))
     return np.clip(index, 0, size_in - 1).astype(np.int32)
+
+
+def linear_weights(node: ir.Node, opset: int, size_in: int, size_out: int,
+                   scale: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lower neighbour, upper neighbour, Q10 weight of the upper one) of every output position along one axis
+    (ONNX Resize, mode=linear): the source coordinate ``u`` clamped to [0, size_in - 1] as ONNX Runtime does,
+    neighbours ``floor(u)`` and ``min(floor(u) + 1, size_in - 1)``, weight ``round((u - floor(u)) * 2**10)``."""
+    source = np.clip(_source_coordinates(node, opset, size_in, size_out, scale), 0, size_in - 1)
+    low = np.floor(source)
+    fraction = np.rint((source - low) * (1 << BILINEAR_FRACTION_BITS))
+    high = np.minimum(low + 1, size_in - 1)
+    return low.astype(np.int32), high.astype(np.int32), fraction.astype(np.int32)

@@ -383,3 +383,52 @@ void eo_conv_transpose2d_s8(const eo_conv_transpose2d_params *p, const int8_t *i
             }
         }
 }
+
+/* In place: element i of in is read just before element i of out is written. */
+void eo_prelu_s8(const eo_prelu_params *p, const int8_t *in, int8_t *out) {
+    int o, ch, i;
+    long index = 0;
+    for (o = 0; o < p->outer; ++o)
+        for (ch = 0; ch < p->channels; ++ch)
+            for (i = 0; i < p->inner; ++i, ++index) {
+                int32_t x = (int32_t)in[index] - p->input_zero_point;
+                out[index] = x >= 0
+                    ? finish(x, p->positive_multiplier, p->positive_shift, p->output_zero_point, p->act_min, p->act_max)
+                    : finish(x * p->negative_sign[ch], p->negative_multiplier[ch], p->negative_shift[ch],
+                             p->output_zero_point, p->act_min, p->act_max);
+            }
+}
+
+/* total / 2^(2 * EO_BILINEAR_BITS) rounded: |total| <= 2^27, so int32 holds every step. */
+static int8_t bilinear_round(int32_t total) {
+    const int32_t bits = 2 * EO_BILINEAR_BITS, half = (int32_t)1 << (bits - 1);
+    int32_t out;
+#if EO_SINGLE_ROUNDING
+    int32_t up = total + half; /* floor(up / 2^bits), spelled without shifting a negative number */
+    out = up >= 0 ? up >> bits : -((-up + ((int32_t)1 << bits) - 1) >> bits);
+#else
+    out = total >= 0 ? (total + half) >> bits : -((half - total) >> bits);
+#endif
+    return (int8_t)clamp32(out, -128, 127);
+}
+
+void eo_resize_bilinear_s8(const eo_resize_bilinear_params *p, const int8_t *in, int8_t *out) {
+    const int32_t one = (int32_t)1 << EO_BILINEAR_BITS;
+    int b, oy, ox, ch;
+    for (b = 0; b < p->n; ++b)
+        for (oy = 0; oy < p->out_h; ++oy) {
+            const int8_t *top = in + ((long)b * p->h + p->row_low[oy]) * p->w * p->c;
+            const int8_t *bottom = in + ((long)b * p->h + p->row_high[oy]) * p->w * p->c;
+            int32_t fy = p->row_fraction[oy];
+            for (ox = 0; ox < p->out_w; ++ox) {
+                long left = (long)p->col_low[ox] * p->c, right = (long)p->col_high[ox] * p->c;
+                int32_t fx = p->col_fraction[ox];
+                int8_t *dst = out + (((long)b * p->out_h + oy) * p->out_w + ox) * p->c;
+                for (ch = 0; ch < p->c; ++ch) {
+                    int32_t at_left = (one - fy) * top[left + ch] + fy * bottom[left + ch];
+                    int32_t at_right = (one - fy) * top[right + ch] + fy * bottom[right + ch];
+                    dst[ch] = bilinear_round(at_left * (one - fx) + at_right * fx);
+                }
+            }
+        }
+}

@@ -119,4 +119,22 @@ void eo_batch_matmul_s8(const eo_batch_matmul_params *p, const int8_t *a, const 
 typedef eo_conv2d_params eo_conv_transpose2d_params;
 void eo_conv_transpose2d_s8(const eo_conv_transpose2d_params *p, const int8_t *in, int8_t *out);
 
+/* PRelu with a slope along one axis: the tensor viewed as outer x channels x inner, the slope's axis in the
+ * middle; x >= zero point requantized by positive_*, below by the channel's negative_* after its sign. */
+typedef struct {
+    int outer, channels, inner;
+    int32_t input_zero_point, output_zero_point, positive_multiplier, positive_shift, act_min, act_max;
+    const int32_t *negative_multiplier, *negative_shift; const int8_t *negative_sign;
+} eo_prelu_params;
+void eo_prelu_s8(const eo_prelu_params *p, const int8_t *in, int8_t *out);
+
+/* Bilinear resize, NHWC: rows row_low/row_high weighted (2^EO_BILINEAR_BITS - f, f) with f = row_fraction,
+ * columns alike; the Q20 sum rounded once (half away from zero, or half up with EO_SINGLE_ROUNDING). */
+#define EO_BILINEAR_BITS 10
+typedef struct {
+    int n, h, w, c, out_h, out_w;
+    const int32_t *row_low, *row_high, *row_fraction, *col_low, *col_high, *col_fraction;
+} eo_resize_bilinear_params;
+void eo_resize_bilinear_s8(const eo_resize_bilinear_params *p, const int8_t *in, int8_t *out);
+
 #endif
