@@ -120,6 +120,15 @@ def test_antialias_changes_nothing_when_the_resize_enlarges():
     assert _steps_from_float(model, feeds, "double") <= 0.75
 
 
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize_scales_given_for_the_axes_attribute_of_opset_18(mode):
+    """Scales for H and W only, with ``axes=[2, 3]`` (the nearest path read scales[2] of a 2-element array)."""
+    model = op_model("Resize", (1, 2, 4, 5), (1, 2, 8, 10), inputs=["", "scales"],
+                     constants={"scales": np.float32([2, 2])}, opset=18, mode=mode, axes=[2, 3])
+    within, _, worst = _agreement(model, random_feeds((1, 2, 4, 5), 2), "double")
+    assert within == 1.0 and worst <= 1
+
+
 def test_resize_10_interpolates_from_the_asymmetric_coordinate():
     model = op_model("Resize", (1, 2, 4, 4), (1, 2, 8, 12), inputs=["scales"],
                      constants={"scales": np.float32([1, 1, 2, 3])}, opset=10, mode="linear")

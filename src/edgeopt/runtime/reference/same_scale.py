@@ -52,6 +52,7 @@ __all__ = [
     "lower_resize",
     "lower_slice",
     "lower_split",
+    "resize_scales",
 ]
 
 
@@ -365,6 +366,20 @@ def lower_pad(lo: Lowering, node: ir.Node) -> None:
     _same_params(lo, "pad", [x], node, PadParams(pads=stored, value=fill))
 
 
+def resize_scales(lo: Lowering, node: ir.Node, rank: int) -> list[float] | None:
+    """The constant scales of every axis (its ``axes`` attribute spread), or None when sizes are given."""
+    index = 1 if node.op_type == "Upsample" or lo.opset < 11 else 2
+    value = node.inputs[index] if len(node.inputs) > index else None
+    scales = eir.constant_array(value) if value is not None and value.name else None
+    if scales is None or scales.size == 0:
+        return None
+    axes = attribute(node, "axes", None) or range(rank)
+    full = [1.0] * rank
+    for axis, scale in zip(axes, scales.reshape(-1)):
+        full[int(axis) % rank] = float(scale)
+    return full
+
+
 def lower_resize(lo: Lowering, node: ir.Node) -> None:
     x = _rank4(lo, node)
     mode = attribute(node, "mode", "nearest")
@@ -373,10 +388,7 @@ def lower_resize(lo: Lowering, node: ir.Node) -> None:
     in_shape, out_shape = lo.tensors[x].logical_shape, lo.logical_shape(node.outputs[0])
     if in_shape[:2] != out_shape[:2]:
         raise UnsupportedOpError(f"{node_label(node)}: Resize may only scale H and W")
-    scale_index = 1 if node.op_type == "Upsample" or lo.opset < 11 else 2
-    scales_value = node.inputs[scale_index] if len(node.inputs) > scale_index else None
-    scales = eir.constant_array(scales_value) if scales_value is not None and scales_value.name else None
-    rows, cols = (nearest_indices(node, lo.opset, in_shape[a], out_shape[a],
-                                  None if scales is None or scales.size == 0 else float(scales[a]))
+    scales = resize_scales(lo, node, 4)
+    rows, cols = (nearest_indices(node, lo.opset, in_shape[a], out_shape[a], None if scales is None else scales[a])
                   for a in (2, 3))
     _same_params(lo, "resize_nearest", [x], node, ResizeNearestParams(row_index=rows, col_index=cols))

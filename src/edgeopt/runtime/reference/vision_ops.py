@@ -37,6 +37,7 @@ from edgeopt.runtime.reference.program import (
     TransposeParams,
 )
 from edgeopt.runtime.reference.same_scale import lower_resize as lower_resize_nearest
+from edgeopt.runtime.reference.same_scale import resize_scales
 from edgeopt.runtime.reference.tables import linear_weights, lut_table
 
 __all__ = ["lower_depth_to_space", "lower_prelu", "lower_resize"]
@@ -133,20 +134,6 @@ def lower_depth_to_space(lo: Lowering, node: ir.Node) -> None:
 # -- Resize, mode linear ---------------------------------------------------------------------------------
 
 
-def _scales(lo: Lowering, node: ir.Node, rank: int) -> list[float] | None:
-    """The constant scales of every axis (its ``axes`` attribute spread), or None when sizes are given."""
-    index = 1 if node.op_type == "Upsample" or lo.opset < 11 else 2
-    value = node.inputs[index] if len(node.inputs) > index else None
-    scales = eir.constant_array(value) if value is not None and value.name else None
-    if scales is None or scales.size == 0:
-        return None
-    axes = attribute(node, "axes", None) or range(rank)
-    full = [1.0] * rank
-    for axis, scale in zip(axes, scales.reshape(-1)):
-        full[int(axis) % rank] = float(scale)
-    return full
-
-
 def _check_bilinear(node: ir.Node, in_shape, out_shape) -> None:
     if in_shape[:2] != out_shape[:2]:
         raise UnsupportedOpError(f"{node_label(node)}: Resize may only scale H and W")
@@ -163,7 +150,7 @@ def _lower_bilinear(lo: Lowering, node: ir.Node) -> None:
     in_shape, value = lo.tensors[x].logical_shape, node.outputs[0]
     out_shape = lo.logical_shape(value)
     _check_bilinear(node, in_shape, out_shape)
-    scales = _scales(lo, node, 4)
+    scales = resize_scales(lo, node, 4)
     try:
         (row_low, row_high, row_fraction), (col_low, col_high, col_fraction) = (
             linear_weights(node, lo.opset, in_shape[a], out_shape[a], None if scales is None else scales[a])
