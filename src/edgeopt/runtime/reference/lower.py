@@ -41,7 +41,7 @@ from edgeopt.runtime.reference.program import (
 __all__ = ["QParams", "lower"]
 
 CLAMP_OPS = ("Relu", "Clip")
-MOVEMENT_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity")
+MOVEMENT_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "DepthToSpace", "SpaceToDepth")
 
 
 class _Skip(Exception):
