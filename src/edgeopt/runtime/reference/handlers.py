@@ -24,6 +24,7 @@ from edgeopt.runtime.reference.lower import (
     node_label,
     real_multiplier,
 )
+from edgeopt.runtime.reference.normalization import claim_spelled_out, lower_layer_normalization
 from edgeopt.runtime.reference.program import (
     AddParams,
     Conv2dParams,
@@ -46,7 +47,7 @@ from edgeopt.runtime.reference.same_scale import (
 )
 from edgeopt.runtime.reference.tables import lut_params, softmax_params
 
-__all__ = ["HANDLERS"]
+__all__ = ["HANDLERS", "PATTERNS"]
 
 _ADD_LEFT_SHIFT = 20
 
@@ -251,4 +252,8 @@ HANDLERS = {
     "Split": lower_split,
     **{op: lower_movement for op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity")},
     **{op: lower_lut for op in ("Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Gelu")},
+    "LayerNormalization": lower_layer_normalization,
 }
+
+# Spelled-out groups lowered as one op (a LayerNorm, an erf GELU), claimed before the graph walk.
+PATTERNS = (claim_spelled_out,)
