@@ -36,7 +36,7 @@ def _integer_against_float(x, gamma, beta, epsilon=1e-5, rounding="double"):
     q = np.clip(np.rint(x / source.scale) + source.zero_point, -128, 127).astype(np.int8)
     with np.errstate(invalid="ignore"):
         expected = _float_layer_norm((q.astype(np.float64) - source.zero_point) * source.scale, gamma, beta, epsilon)
-    expected = np.where(np.isnan(expected), beta, expected)  # a constant row without epsilon: 0 / 0, whose limit is beta
+    expected = np.where(np.isnan(expected), beta, expected)  # a constant row without epsilon: 0 / 0, its limit beta
     target = _qparams(expected)
     params = layer_norm_params((x.shape[0], x.shape[1], 1), source, OutputPlan(None, target, -128, 127, ()),
                                epsilon, gamma, beta)

@@ -18,7 +18,7 @@ from edgeopt import ir as eir
 from edgeopt.passes import PATTERN_KEY
 from edgeopt.quant.ops import ONE_OP_PATTERNS, OpRule
 
-__all__ = ["group_boundary", "quantized_as_one_op"]
+__all__ = ["group_boundary", "quantized_as_one_op", "refuse_partial_groups"]
 
 
 def quantized_as_one_op(node: ir.Node, rules: Mapping[str, OpRule]) -> bool:
@@ -41,3 +41,20 @@ def group_boundary(members: Mapping[str, ir.Node], is_float: Callable[[ir.Value]
                                                                     for use in value.uses())):
                 names[value.name] = None
     return list(names)
+
+
+def refuse_partial_groups(grouped: dict[str, ir.Node], refusals: dict[str, str]) -> None:
+    """A group one of whose nodes stays float (excluded, or kept float by an accuracy search) stays float whole:
+    its other nodes move from ``grouped`` to ``refusals``, group by group through their shared values."""
+    pending = list(grouped.values())
+    while pending:
+        node = pending.pop()
+        pattern = node.metadata_props.get(PATTERN_KEY)
+        neighbours = [value.producer() for value in node.inputs if value is not None]
+        neighbours += [use.node for value in node.outputs for use in value.uses()]
+        same = [n for n in neighbours if n is not None and n.metadata_props.get(PATTERN_KEY) == pattern]
+        kept = next((n for n in same if n.name in refusals), None)
+        if node.name in grouped and kept is not None:
+            del grouped[node.name]
+            refusals[node.name] = f"part of a spelled-out {pattern} whose {kept.op_type} ({kept.name}) stays float"
+            pending.extend(n for n in same if n.name in grouped)

@@ -78,7 +78,7 @@ from edgeopt.quant.log_inputs import log_input_nodes, log_input_refusal
 from edgeopt.quant.masks import grid_refusal, index_refusal, mask_like_values, mask_refusal
 from edgeopt.quant.ops import (FUSED_BETWEEN_PAIRS, FUSING_PRODUCERS, OP_RULES, OpRole, OpRule, float_op_reason,
                                is_qdq_op, pad_refusal, resize_refusal, slow_group_refusal, weight_axis)
-from edgeopt.quant.one_op_groups import group_boundary, quantized_as_one_op
+from edgeopt.quant.one_op_groups import group_boundary, quantized_as_one_op, refuse_partial_groups
 from edgeopt.quant.registry import FloatNode
 
 __all__ = ["DATA_MOVEMENT_OPS", "EXCLUDED", "MOVES_FOR_KEPT", "READ_IN_FLOAT", "BiasUse", "QdqPlan", "UnionFind",
@@ -367,6 +367,7 @@ def _triage(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[st
             (grouped if quantized_as_one_op(node, rules) else candidates)[node.name] = node
         else:
             refusals[node.name] = reason
+    refuse_partial_groups(grouped, refusals)
     return candidates, refusals, grouped
 
 
