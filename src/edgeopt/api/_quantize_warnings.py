@@ -67,8 +67,6 @@ def mcu_float_warning(float_nodes) -> str:
             "edgeopt compile lowers all-int8 models only, so this model runs in ONNX Runtime but cannot become C")
     if any(_kept(f) for f in float_nodes):
         text += "; drop --exclude (or the accuracy goal) for the mcu target"
-    if any("gelu" in f.reason.lower() for f in float_nodes):
-        text += "; a spelled-out GELU becomes one Gelu op (an int8 lookup table) when exported at opset 20 or later"
     return text
 
 

@@ -10,7 +10,8 @@ kernel; HardSwish and HardSigmoid too, which edgeopt rewrites into QLinearAdd
 and QLinearMul (:mod:`edgeopt.quant.hard_activations`). Everything else
 stays float and is reported. The microcontroller target
 (:data:`MCU_OP_RULES`) adds the ops the C kernels compute from int8
-(Softmax, Tanh, Elu, Gelu, ReduceMean, GlobalMaxPool, Pad, PRelu, DepthToSpace, SpaceToDepth, linear Resize)
+(Softmax, Tanh, Elu, Gelu, ReduceMean, GlobalMaxPool, Pad, PRelu, DepthToSpace, SpaceToDepth, linear Resize,
+LayerNormalization, and the spelled-out GELU and LayerNorm groups of :data:`ONE_OP_PATTERNS`)
 and ConvTranspose, which ONNX Runtime runs in float (it has no integer
 ConvTranspose on the CPU), and keeps a Gather float unless its indices are
 constant (the C copies int8 blocks; a lookup of token ids has no kernel).
@@ -42,9 +43,9 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 
-__all__ = ["FUSED_BETWEEN_PAIRS", "MCU_OP_RULES", "OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule", "QUANTIZED_OP_TYPES",
-           "WEIGHT_ONLY_OPS", "float_op_reason", "gather_refusal", "is_float16_cast", "is_qdq_op", "pad_refusal",
-           "prelu_refusal",
+__all__ = ["FUSED_BETWEEN_PAIRS", "MCU_OP_RULES", "ONE_OP_PATTERNS", "OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule",
+           "QUANTIZED_OP_TYPES", "WEIGHT_ONLY_OPS", "float_op_reason", "gather_refusal", "is_float16_cast", "is_qdq_op",
+           "pad_refusal", "prelu_refusal",
            "resize_refusal", "slow_group_refusal", "weight_axis"]
 
 
@@ -140,7 +141,14 @@ MCU_OP_RULES: dict[str, OpRule] = OP_RULES | {
     "PRelu": _UNARY,  # a constant slope (input 1 stays float: the C folds it into its multipliers)
     "DepthToSpace": _MOVE,
     "SpaceToDepth": _MOVE,
+    "LayerNormalization": _UNARY,  # input 0 and the output: Scale and B stay float, folded by the C lowering
 }
+
+# Spelled-out groups the float passes annotate (``edgeopt.pattern``) that a target computes as one integer op,
+# where it has that op's kernel: an erf GELU (below opset 20) as a Gelu lookup table, a LayerNorm (below
+# opset 17, or over the channels of NCHW, which no LayerNormalization expresses) as a LayerNormalization.
+# Their input and output get a Q/DQ pair, the values between their steps none.
+ONE_OP_PATTERNS = {"gelu": "Gelu", "layer_norm": "LayerNormalization"}
 
 # Ops without a rule of their own on the ORT target that ONNX Runtime still runs as an integer kernel
 # (QLinearSoftmax) when their input and output both have Q/DQ pairs, as an attention's Softmax between

@@ -14,7 +14,9 @@ Rules, in order:
    = 1, Resize not cubic ...). Nodes the float passes annotated as one
    spelled-out activation or LayerNorm (``edgeopt.pattern``: gelu, gelu_tanh, layer_norm) stay float
    together, one activation, one output range, unless the target has an integer kernel for each of
-   their ops (SiLU; tanh-GELU on the MCU, its cube ``Pow(x, 3)`` written ``x * x * x`` by the float passes).
+   their ops (SiLU; tanh-GELU on the MCU, its cube ``Pow(x, 3)`` written ``x * x * x`` by the float passes)
+   or for the one op they spell (:data:`~edgeopt.quant.ops.ONE_OP_PATTERNS`: the erf GELU and LayerNorm on
+   the MCU): then the group runs in integer as that op, with a Q/DQ pair on what enters and what leaves it.
 2. Relu/Clip (0 within the clamp) after a candidate Conv/ConvTranspose/Gemm/MatMul/Add/Mul that
    has it as its only consumer is fused: the producer's output gets no Q/DQ,
    the activation's output does (its clamp becomes the quantization range).
@@ -77,6 +79,7 @@ from edgeopt.quant.masks import grid_refusal, index_refusal, mask_like_values, m
 from edgeopt.quant.ops import (FUSED_BETWEEN_PAIRS, FUSING_PRODUCERS, OP_RULES, OpRole, OpRule, float_op_reason,
                                gather_refusal, is_qdq_op, pad_refusal, prelu_refusal, resize_refusal,
                                slow_group_refusal, weight_axis)
+from edgeopt.quant.one_op_groups import group_boundary, quantized_as_one_op, refuse_partial_groups
 from edgeopt.quant.registry import FloatNode
 
 __all__ = ["DATA_MOVEMENT_OPS", "EXCLUDED", "MOVES_FOR_KEPT", "READ_IN_FLOAT", "BiasUse", "QdqPlan", "UnionFind",
@@ -173,7 +176,8 @@ def _weighted_refusal(node: ir.Node) -> str | None:
 # SiLU = x * sigmoid(x) quantizes well as its two ops. Tanh-GELU's eight steps in int8 around ONNX Runtime's float
 # Tanh measured 0.05 to 0.8 dB below one float group on transformer MLPs, and slower (2.17 against 1.98 ms for
 # 256 -> 1024 -> 256 on 128 tokens); on the MCU a float group would not compile, so there it runs as int8 Mul,
-# Add and Tanh. GELU's Erf chain and LayerNorm have no integer kernel for every op: one float op.
+# Add and Tanh. GELU's Erf chain and LayerNorm have no integer kernel for every op: one op (float, or on the
+# MCU the integer op they spell, ONE_OP_PATTERNS).
 _OP_BY_OP_PATTERNS = {"silu": {"Sigmoid", "Mul"}, "gelu_tanh": {"Mul", "Add", "Tanh"}}
 
 
@@ -195,7 +199,7 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
         return no_kernel[node.name]
     pattern = node.metadata_props.get(PATTERN_KEY)
     if pattern is not None and not _quantized_op_by_op(pattern, rules):  # each of its ops told so, kernel or not
-        return f"part of a spelled-out {pattern} (kept as one float op)"
+        return None if quantized_as_one_op(node, rules) else f"part of a spelled-out {pattern} (kept as one float op)"
     if not eir.is_op(node, *rules):
         return float_op_reason(node) or _no_kernel(node.op_type)
     if rules[node.op_type].role is OpRole.WEIGHTED:
@@ -350,9 +354,12 @@ def _float_output_fuses(node: ir.Node, output: ir.Value, weight: ir.Value | None
 
 
 def _triage(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[str], non_float: Collection[str],
-            rules: Mapping[str, OpRule], no_kernel: Mapping[str, str]) -> tuple[dict[str, ir.Node], dict[str, str]]:
-    """Float-computing nodes split into integer candidates and refusals (name -> reason)."""
+            rules: Mapping[str, OpRule], no_kernel: Mapping[str, str]
+            ) -> tuple[dict[str, ir.Node], dict[str, str], dict[str, ir.Node]]:
+    """Float-computing nodes split into integer candidates, refusals (name -> reason) and the members of
+    spelled-out groups computed as one integer op."""
     candidates: dict[str, ir.Node] = {}
+    grouped: dict[str, ir.Node] = {}
     refusals: dict[str, str] = {}
     masked, indices, logs = mask_like_values(graph, rules), eir.index_arithmetic_values(graph), log_input_nodes(graph)
     grid = eir.run_time_grid_values(graph)
@@ -362,10 +369,11 @@ def _triage(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[st
         reason = (_refusal(node, exclude, keep_float, rules, no_kernel) or mask_refusal(node, masked)
                   or index_refusal(node, indices) or grid_refusal(node, grid) or log_input_refusal(node, logs))
         if reason is None:
-            candidates[node.name] = node
+            (grouped if quantized_as_one_op(node, rules) else candidates)[node.name] = node
         else:
             refusals[node.name] = reason
-    return candidates, refusals
+    refuse_partial_groups(grouped, refusals)
+    return candidates, refusals, grouped
 
 
 def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Collection[str] = (),
@@ -388,15 +396,16 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     names = [node.name for node in graph]
     if not all(names) or len(set(names)) != len(names):
         raise ValueError("plan_qdq needs unique node names: run onnx_ir's NameFixPass on the model first")
-    candidates, refusals = _triage(graph, exclude, keep_float, non_float, rules, no_kernel)
+    candidates, refusals, grouped = _triage(graph, exclude, keep_float, non_float, rules, no_kernel)
     fused_by_producer = _fusions(candidates, refusals, rules)
     fused = {activation.name: producer for producer, activation in fused_by_producer.items()}
-    _refuse_isolated_movers(candidates, refusals, rules, outputs_quantized=quantize_outputs)
+    _refuse_isolated_movers(candidates, refusals, rules, outputs_quantized=quantize_outputs, grouped=grouped)
     float_chain = () if quantize_outputs else _float_output_chains(graph, candidates, refusals, rules)
     planner = _Planner(graph, non_float, rules, quantize_outputs=quantize_outputs, float_chain=float_chain)
     for node in candidates.values():
         if node.name not in fused and node.name not in refusals:
             planner.add_node(node, fused_by_producer.get(node.name, node).outputs[0])
+    planner.activations.update(dict.fromkeys(group_boundary(grouped, lambda v: _is_float(v, non_float))))
     clamped = [a.outputs[0].name for a in fused_by_producer.values() if activation_clamp(a)[0] == 0.0]
     softmax_outputs = {node.outputs[0].name for node in graph if eir.is_op(node, "Softmax")}
     activations = planner.ordered(planner.activations)
@@ -405,7 +414,7 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     read_in_float.update(dict.fromkeys(float_chain, _FLOAT_CONCAT))
     fused_by_ort = _fused_between_pairs(graph, refusals, set(activations), rules)
     return QdqPlan(
-        nodes=tuple(name for name in candidates if name not in refusals),
+        nodes=tuple(name for name in candidates if name not in refusals) + tuple(grouped),
         fused=tuple(fused.items()),
         activations=activations,
         constants=planner.ordered(planner.constants),
@@ -493,15 +502,18 @@ def _moves(node: ir.Node | None, candidates: Mapping[str, ir.Node], refusals: Ma
 
 
 def _refuse_isolated_movers(candidates: Mapping[str, ir.Node], refusals: dict[str, str],
-                            rules: Mapping[str, OpRule], *, outputs_quantized: bool) -> None:
+                            rules: Mapping[str, OpRule], *, outputs_quantized: bool,
+                            grouped: Collection[str] = ()) -> None:
     """Refuse the data-movement ops (Reshape, Transpose, Concat, MaxPool ...) that no integer kernel
     reads or writes, through other such ops: between float nodes their Q/DQ pairs would only round
     values (an excluded Gemm -> Reshape -> Relu). With ``outputs_quantized`` (the MCU target, whose
-    kernels need every tensor int8) a graph output counts as such a reader."""
+    kernels need every tensor int8) a graph output counts as such a reader; so does a spelled-out group
+    computed as one integer op (``grouped``)."""
     moves = functools.partial(_moves, candidates=candidates, refusals=refusals, rules=rules)  # refusals as they grow
 
     def computes(node: ir.Node | None) -> bool:  # a fused activation too: it computes with its producer
-        return node is not None and node.name in candidates and node.name not in refusals and not moves(node)
+        return node is not None and (node.name in grouped or (node.name in candidates and node.name not in refusals
+                                                             and not moves(node)))
 
     seen: set[str] = set()
     for start in [node for node in candidates.values() if moves(node)]:

@@ -310,6 +310,18 @@ def pack_resize_bilinear(op: IntOp, ctx: PackContext):
     return decls, _call(op, ctx, f"{prefix}_params")
 
 
+def pack_layer_norm(op: IntOp, ctx: PackContext):
+    p, prefix = op.params, f"op{ctx.index}"
+    decls = [c_array(f"{prefix}_multiplier", p.multiplier), c_array(f"{prefix}_shift", p.shift),
+             c_array(f"{prefix}_bias", p.bias),
+             _struct("eo_layer_norm_params", f"{prefix}_params", dict(
+                 outer=p.outer, reduce=p.reduce, inner=p.inner, epsilon_term=f"(int64_t){p.epsilon_term}LL",
+                 fraction_bits=p.fraction_bits, bias_bits=p.bias_bits, output_zero_point=p.output_zero_point,
+                 act_min=p.act_min, act_max=p.act_max, multiplier=f"{prefix}_multiplier", shift=f"{prefix}_shift",
+                 bias=f"{prefix}_bias"))]
+    return decls, _call(op, ctx, f"{prefix}_params")
+
+
 PACKERS = {
     "conv2d": pack_conv2d,
     "conv2d_add": pack_conv2d_add,
@@ -332,4 +344,5 @@ PACKERS = {
     "slice": pack_slice,
     "prelu": pack_prelu,
     "resize_bilinear": pack_resize_bilinear,
+    "layer_norm": pack_layer_norm,
 }

@@ -26,6 +26,7 @@ from edgeopt.runtime.reference.lower import (
     node_label,
     real_multiplier,
 )
+from edgeopt.runtime.reference.normalization import claim_spelled_out, lower_layer_normalization
 from edgeopt.runtime.reference.program import (
     AddParams,
     Conv2dParams,
@@ -50,7 +51,7 @@ from edgeopt.runtime.reference.same_scale import (
 from edgeopt.runtime.reference.tables import lut_params
 from edgeopt.runtime.reference.vision_ops import lower_depth_to_space, lower_prelu, lower_resize
 
-__all__ = ["HANDLERS"]
+__all__ = ["HANDLERS", "PATTERNS"]
 
 _ADD_LEFT_SHIFT = 20
 
@@ -252,4 +253,8 @@ HANDLERS = {
     "PRelu": lower_prelu,
     "DepthToSpace": lower_depth_to_space,
     "SpaceToDepth": lower_depth_to_space,
+    "LayerNormalization": lower_layer_normalization,
 }
+
+# Spelled-out groups lowered as one op (a LayerNorm, an erf GELU), claimed before the graph walk.
+PATTERNS = (claim_spelled_out,)

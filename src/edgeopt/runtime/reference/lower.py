@@ -17,6 +17,7 @@ int8: ``q8 = q - 128`` with zero point ``zp - 128``, the same real values.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,6 +129,7 @@ class Lowering:
         self.inputs: list[ProgramIO] = []
         self.tensor_of: dict[str, str] = {}
         self.absorbed: set[int] = set()
+        self.claimed: dict[int, Callable[[Lowering, ir.Node], None]] = {}  # a group's first node -> its lowering
         self.failed: set[str] = set()
         self.errors: list[str] = []
 
@@ -352,9 +354,9 @@ FLOAT_ISLAND = "its output is not quantized (a float island)"
 
 # What to do about a refused op, told once after the list (op type -> hint).
 _OP_HINTS = {
-    "LayerNormalization": "LayerNorm has no int8 kernel: a BatchNorm (folded into the conv) does",
-    "Erf": "a spelled-out GELU (Div, Erf, Add, Mul) has no kernel: export at opset 20 or later, where GELU "
-           "is one Gelu op (a lookup table here), or use another activation",
+    "Erf": "Erf is computed only inside a spelled-out GELU, 0.5 * x * (1 + erf(x / sqrt(2))) with no "
+           "QuantizeLinear between its steps (one lookup table; `edgeopt quantize --target mcu` places its Q/DQ so): "
+           "quantize the float model so, or export at opset 20 or later, where GELU is one Gelu op",
     "Resize": "Resize runs nearest or linear (bilinear over H and W, without antialias when it shrinks): export "
               "a cubic one as linear",
     "PRelu": "PRelu needs a constant slope (an initializer) of one value or one per channel",
@@ -383,7 +385,8 @@ def _is_quantized(model: ir.Model) -> bool:
 
 
 def _run_node(lowering: Lowering, node: ir.Node, handlers) -> None:
-    handler = handlers.get(node.op_type) if node.domain in eir.ONNX_DOMAINS else None
+    handler = lowering.claimed.get(id(node)) or (handlers.get(node.op_type) if node.domain in eir.ONNX_DOMAINS
+                                                 else None)
     try:
         if handler is None:
             raise UnsupportedOpError(f"{node_label(node)}")
@@ -405,7 +408,7 @@ def lower(model: ir.Model, *, fuse: bool = True) -> Program:
     ``fuse``: replace each conv -> residual Add pair by one ``conv2d_add`` op (bit-identical results,
     one activation less live; see :mod:`edgeopt.runtime.reference.fuse`).
     """
-    from edgeopt.runtime.reference.handlers import HANDLERS
+    from edgeopt.runtime.reference.handlers import HANDLERS, PATTERNS
 
     if not _is_quantized(model):
         dynamic = sorted({node.op_type for node in model.graph if node.op_type in _DYNAMIC_OPS})
@@ -417,6 +420,8 @@ def lower(model: ir.Model, *, fuse: bool = True) -> Program:
                          "run `edgeopt quantize` first")
     model = lift_1d(model)  # 1-D convolutions and pools run as 2-D ones over a height of 1
     lowering = Lowering(model)
+    for claim in PATTERNS:
+        claim(lowering)
     for node in model.graph:
         if id(node) not in lowering.absorbed:
             _run_node(lowering, node, HANDLERS)

@@ -10,6 +10,7 @@ is :func:`multiply_by_quantized_multiplier`, and the result is clamped to int8.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from edgeopt.runtime.reference.program import (
     Conv2dParams,
     ConvTranspose2dParams,
     FullyConnectedParams,
+    LayerNormParams,
     LutParams,
     MaxPoolParams,
     MeanParams,
@@ -274,6 +276,33 @@ def resize_bilinear(x: np.ndarray, *, params: ResizeBilinearParams, rounding: st
     return np.clip(out, -128, 127).astype(np.int8)
 
 
+def _inverse_sqrt(variance: int) -> tuple[int, int]:
+    """``(inverse, k)`` with ``1 / sqrt(variance) ~= inverse * 2**(k - 61)``: ``variance * 4**k`` lies in
+    [2**60, 2**62), its floor square root ``r`` in [2**30, 2**31), ``inverse = round(2**61 / r)``
+    (at most 2**31); (0, 0) for a variance of 0."""
+    if variance == 0:
+        return 0, 0
+    k = max(0, (62 - variance.bit_length()) // 2)
+    root = math.isqrt(variance << (2 * k))
+    return ((1 << 61) + (root >> 1)) // root, k
+
+
+def layer_norm(x: np.ndarray, *, params: LayerNormParams, rounding: str) -> np.ndarray:
+    """LayerNorm of each (outer, inner) row over the middle axis, in integers (see LayerNormParams)."""
+    p = params
+    rows = x.astype(np.int64).reshape(p.outer, p.reduce, p.inner).transpose(0, 2, 1)
+    total = rows.sum(axis=-1, keepdims=True)
+    variance = p.reduce * (rows * rows).sum(axis=-1, keepdims=True) - total * total + p.epsilon_term
+    pairs = [_inverse_sqrt(int(v)) for v in variance.reshape(-1)]
+    inverse = np.array([pair[0] for pair in pairs], dtype=np.int64).reshape(variance.shape)
+    exponent = 61 - p.fraction_bits - np.array([pair[1] for pair in pairs], dtype=np.int64).reshape(variance.shape)
+    normalized = ((p.reduce * rows - total) * inverse + (np.int64(1) << (exponent - 1))) >> exponent
+    scaled = mbqm(normalized, p.multiplier, p.shift, rounding) + p.bias
+    out = ((scaled + (1 << (p.bias_bits - 1))) >> p.bias_bits) + p.output_zero_point
+    out = np.clip(out, p.act_min, p.act_max).astype(np.int8)
+    return np.ascontiguousarray(out.transpose(0, 2, 1)).reshape(x.shape)
+
+
 def _spec(kind, reference, params_type, c_kernel, in_place=()) -> tuple[str, OpSpec]:
     return kind, OpSpec(kind=kind, reference=reference, params_type=params_type, c_kernel=c_kernel,
                         in_place=in_place)
@@ -301,4 +330,5 @@ OPS: dict[str, OpSpec] = dict([
     _spec("slice", slice_, SliceParams, "eo_slice_s8"),
     _spec("prelu", prelu, PReluParams, "eo_prelu_s8", in_place=(0,)),
     _spec("resize_bilinear", resize_bilinear, ResizeBilinearParams, "eo_resize_bilinear_s8"),
+    _spec("layer_norm", layer_norm, LayerNormParams, "eo_layer_norm_s8", in_place=(0,)),
 ])

@@ -30,6 +30,7 @@ __all__ = [
     "ConvTranspose2dParams",
     "FullyConnectedParams",
     "IntOp",
+    "LayerNormParams",
     "LutParams",
     "MaxPoolParams",
     "MeanParams",
@@ -325,6 +326,32 @@ class PReluParams:
     negative_multiplier: np.ndarray  # int32 (C,)
     negative_shift: np.ndarray  # int32 (C,)
     negative_sign: np.ndarray  # int8 (C,): the sign of the slope, -1, 0 or 1
+    act_min: int
+    act_max: int
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LayerNormParams:
+    """LayerNorm over the middle axis of a stored tensor viewed as (outer, reduce, inner), in integers.
+
+    Per row of ``D = reduce`` values: ``S1 = sum(x)``, ``S2 = sum(x * x)`` (int64), ``d = D * x - S1`` and
+    ``V = D * S2 - S1**2 + epsilon_term`` (``D**2 * (var + eps)`` in input steps squared), so that
+    ``(x - mean) / sqrt(var + eps) = d / sqrt(V)``. ``1 / sqrt(V) = inverse * 2**(k - 61)`` (integer
+    square root, one division per row); ``n = d * inverse`` rounded to ``fraction_bits`` bits; then per
+    position ``c`` of the row ``y = requant(n, multiplier[c], shift[c]) + bias[c]`` (``gamma / s_out`` and
+    ``beta / s_out``, with ``bias_bits`` extra bits), rounded down by ``bias_bits``, plus the zero point.
+    """
+
+    outer: int
+    reduce: int
+    inner: int
+    epsilon_term: int  # round(D**2 * eps / s_in**2)
+    fraction_bits: int
+    bias_bits: int
+    multiplier: np.ndarray  # int32 (D,), negative where gamma is
+    shift: np.ndarray  # int32 (D,)
+    bias: np.ndarray  # int32 (D,)
+    output_zero_point: int
     act_min: int
     act_max: int
 

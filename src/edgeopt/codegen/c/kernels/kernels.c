@@ -432,3 +432,50 @@ void eo_resize_bilinear_s8(const eo_resize_bilinear_params *p, const int8_t *in,
             }
         }
 }
+
+/* floor(sqrt(v)), digit by digit. */
+static uint64_t isqrt64(uint64_t v) {
+    uint64_t root = 0, bit = (uint64_t)1 << 62;
+    while (bit > v) bit >>= 2;
+    while (bit) {
+        if (v >= root + bit) { v -= root + bit; root = (root >> 1) + bit; }
+        else root >>= 1;
+        bit >>= 2;
+    }
+    return root;
+}
+
+void eo_layer_norm_s8(const eo_layer_norm_params *p, const int8_t *in, int8_t *out) {
+    const int32_t d_count = p->reduce;
+    int o, i, c;
+    for (o = 0; o < p->outer; ++o)
+        for (i = 0; i < p->inner; ++i) {
+            const long base = (long)o * p->reduce * p->inner + i;
+            int32_t total = 0;
+            int64_t squares = 0, variance, inverse = 0, half;
+            int k = 0, exponent;
+            for (c = 0; c < p->reduce; ++c) {
+                int32_t x = in[base + (long)c * p->inner];
+                total += x;
+                squares += x * x;
+            }
+            /* D^2 (var + eps) in input steps squared, under 2^62 */
+            variance = (int64_t)d_count * squares - (int64_t)total * total + p->epsilon_term;
+            if (variance > 0) {
+                uint64_t shifted = (uint64_t)variance, root;
+                while (shifted < ((uint64_t)1 << 60)) { shifted <<= 2; ++k; }
+                root = isqrt64(shifted); /* in [2^30, 2^31): 1 / sqrt(variance) ~= 2^(k - 61) * inverse */
+                inverse = (int64_t)((((uint64_t)1 << 61) + (root >> 1)) / root);
+            }
+            exponent = 61 - p->fraction_bits - k;
+            half = (int64_t)1 << (exponent - 1);
+            for (c = 0; c < p->reduce; ++c) {
+                const long index = base + (long)c * p->inner;
+                int64_t deviation = (int64_t)d_count * in[index] - total;
+                int32_t normalized = (int32_t)((deviation * inverse + half) >> exponent);
+                int64_t scaled = (int64_t)eo_requantize(normalized, p->multiplier[c], p->shift[c]) + p->bias[c];
+                int64_t q = ((scaled + ((int64_t)1 << (p->bias_bits - 1))) >> p->bias_bits) + p->output_zero_point;
+                out[index] = (int8_t)(q < p->act_min ? p->act_min : (q > p->act_max ? p->act_max : q));
+            }
+        }
+}

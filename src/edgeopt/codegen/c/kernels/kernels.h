@@ -137,4 +137,15 @@ typedef struct {
 } eo_resize_bilinear_params;
 void eo_resize_bilinear_s8(const eo_resize_bilinear_params *p, const int8_t *in, int8_t *out);
 
+/* LayerNorm of each (outer, inner) row of D = reduce values (stride inner), in integers: see LayerNormParams in
+ * edgeopt/runtime/reference/program.py. multiplier/shift/bias are per position of a row (gamma and beta folded
+ * with the output scale, bias_bits below its step); out may be in (in place). */
+typedef struct {
+    int outer, reduce, inner;
+    int64_t epsilon_term;
+    int32_t fraction_bits, bias_bits, output_zero_point, act_min, act_max;
+    const int32_t *multiplier, *shift, *bias;
+} eo_layer_norm_params;
+void eo_layer_norm_s8(const eo_layer_norm_params *p, const int8_t *in, int8_t *out);
+
 #endif

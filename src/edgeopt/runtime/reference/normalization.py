@@ -1,0 +1,184 @@
+"""Lowering of LayerNorm (the ONNX op, and spelled out) to ``layer_norm``, and of a spelled-out GELU to a ``lut``.
+
+LayerNorm ``y = (x - mean) / sqrt(var + eps) * gamma + beta`` over the normalized axes, with
+``x = s_in * (q - zp_in)``: mean and variance are shift- and scale-invariant, so in the input's integer
+steps ``(x - mean) / sqrt(var + eps) = d / sqrt(V)`` with ``d = D * q - sum(q)`` and
+``V = D * sum(q * q) - sum(q)**2 + D**2 * eps / s_in**2`` (D values per row; ``eps / s_in**2`` is epsilon
+in input steps squared, rounded once into ``epsilon_term``). ``1 / sqrt(V)`` is found at run time in
+integers (:func:`edgeopt.runtime.reference.ops.layer_norm`); per position ``c`` of the row,
+``gamma[c] / s_out`` becomes a fixed-point multiplier (signed: gamma may be negative) and ``beta[c] / s_out``
+an int32 offset, both with ``BIAS_BITS`` bits below the output step, rounded away once at the end.
+
+The normalized axes must be contiguous in the stored layout (NHWC for rank 4), in any order there: the
+kernel views the tensor as (outer, D, inner). So a LayerNorm over the channels of an NCHW tensor
+(ConvNeXt's channels-first LayerNorm2d, spelled out) reduces the innermost stored axis, and one over the
+last axis of a permuted [N, H, W, C] tensor a middle one.
+
+A spelled-out group (:mod:`edgeopt.runtime.reference.patterns`) is claimed before the graph walk: its
+first node (graph order) lowers the whole group, the others are skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+from edgeopt.errors import UnsupportedOpError
+from edgeopt.runtime.reference.fixed_point import quantize_multiplier
+from edgeopt.runtime.reference.lower import Lowering, OutputPlan, QParams, attribute, node_label
+from edgeopt.runtime.reference.patterns import SpelledGelu, SpelledLayerNorm, match_erf_gelu, match_layer_norm
+from edgeopt.runtime.reference.program import LayerNormParams, LutParams
+
+__all__ = ["BIAS_BITS", "claim_spelled_out", "layer_norm_params", "lower_layer_normalization"]
+
+#: Bits below the output step kept through gamma's multiply and beta's add, dropped by one rounding at the end.
+BIAS_BITS = 8
+#: The longest row: sums stay exact (``D * sum(q * q) < 2**60``) and ``d`` fits int32.
+MAX_ROW = 1 << 23
+_MAX_EPSILON_TERM = 1 << 61  # with D * sum(q * q) < 2**60, V < 2**62: its square root fits int32
+
+
+def _signed_multipliers(reals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q31 multipliers and shifts of ``|real|``, each multiplier negated where ``real`` is negative."""
+    pairs = [quantize_multiplier(abs(float(r))) if r != 0 else (0, 0) for r in reals]
+    multiplier = np.array([int(math.copysign(m, r)) for (m, _), r in zip(pairs, reals)], dtype=np.int32)
+    return multiplier, np.array([s for _, s in pairs], dtype=np.int32)
+
+
+def layer_norm_params(geometry: tuple[int, int, int], source: QParams, plan: OutputPlan, epsilon: float,
+                      gamma: np.ndarray, beta: np.ndarray) -> LayerNormParams:
+    """The integer parameters of a LayerNorm over the middle axis of ``geometry`` = (outer, D, inner);
+    ``gamma``, ``beta``: one real per position of a row, in stored order."""
+    outer, reduce, inner = geometry
+    fraction_bits = 30 - ((reduce - 1).bit_length() + 1) // 2  # |normalized| <= sqrt(D - 1) < 2**(30 - fraction)
+    target = plan.qparams
+    multiplier, shift = _signed_multipliers(gamma / target.scale * 2.0 ** (BIAS_BITS - fraction_bits))
+    bias = np.clip(np.rint(beta / target.scale * 2.0 ** BIAS_BITS), -(2**31), 2**31 - 1).astype(np.int32)
+    epsilon_term = min(float(reduce) ** 2 * epsilon / source.scale ** 2, float(_MAX_EPSILON_TERM))
+    return LayerNormParams(outer=outer, reduce=reduce, inner=inner, epsilon_term=int(round(epsilon_term)),
+                           fraction_bits=fraction_bits, bias_bits=BIAS_BITS, multiplier=multiplier, shift=shift,
+                           bias=bias, output_zero_point=target.zero_point, act_min=plan.act_min,
+                           act_max=plan.act_max)
+
+
+def _geometry(lo: Lowering, x: str, axes, node: ir.Node) -> tuple[int, int, int]:
+    """(outer, D, inner) of the stored tensor ``x`` normalized over the logical ``axes``."""
+    info = lo.tensors[x]
+    positions = sorted(info.layout.index(a) for a in axes)
+    if positions != list(range(positions[0], positions[-1] + 1)):
+        raise UnsupportedOpError(f"{node_label(node)}: LayerNorm over axes {list(axes)} of a rank-{len(info.shape)} "
+                                 "tensor is not supported: the normalized axes must be neighbours in the stored "
+                                 "layout (NHWC for rank 4; the last axis, or the channels of NCHW, always are)")
+    shape = info.shape
+    reduce = int(np.prod(shape[positions[0]:positions[-1] + 1], dtype=np.int64))
+    if reduce > MAX_ROW:
+        raise UnsupportedOpError(f"{node_label(node)}: LayerNorm over {reduce} values; the kernel takes at most "
+                                 f"{MAX_ROW}")
+    return (int(np.prod(shape[:positions[0]], dtype=np.int64)), reduce,
+            int(np.prod(shape[positions[-1] + 1:], dtype=np.int64)))
+
+
+def _along_row(lo: Lowering, x: str, axes, array: np.ndarray, what: str, node: ir.Node) -> np.ndarray:
+    """``array`` (broadcasting to ``x``'s logical shape, varying only along ``axes``) as one value per position
+    of a row, in stored order."""
+    info = lo.tensors[x]
+    logical, rank = info.logical_shape, len(info.shape)
+    padded = np.asarray(array, dtype=np.float64)
+    padded = padded.reshape((1,) * (rank - padded.ndim) + padded.shape) if padded.ndim <= rank else None
+    target = tuple(logical[a] if a in axes else 1 for a in range(rank))
+    try:
+        full = np.broadcast_to(padded, target) if padded is not None else None
+    except ValueError:
+        full = None
+    if full is None:
+        raise UnsupportedOpError(f"{node_label(node)}: LayerNorm {what} of shape {list(np.shape(array))} does not "
+                                 f"broadcast along the normalized axes {list(axes)} of {list(logical)}")
+    return np.ascontiguousarray(full.transpose(info.layout)).reshape(-1)
+
+
+def _emit_layer_norm(lo: Lowering, anchor: ir.Node, last: ir.Node, x: str, axes, epsilon: float,
+                     gamma: np.ndarray, beta: np.ndarray) -> None:
+    if not math.isfinite(epsilon) or epsilon < 0:
+        raise UnsupportedOpError(f"{node_label(anchor)}: LayerNorm epsilon {epsilon} is not a non-negative number")
+    geometry = _geometry(lo, x, axes, anchor)
+    plan = lo.output_plan(last)
+    params = layer_norm_params(geometry, lo.params_of(x), plan, epsilon, _along_row(lo, x, axes, gamma, "scale",
+                               anchor), _along_row(lo, x, axes, beta, "bias", anchor))
+    lo.finish("layer_norm", [x], plan, params, anchor)
+
+
+def lower_layer_normalization(lo: Lowering, node: ir.Node) -> None:
+    """ONNX LayerNormalization (opset 17): normalized over ``x.shape[axis:]``, Scale and B constants."""
+    if any(output is not None and (output.uses() or output.is_graph_output()) for output in node.outputs[1:]):
+        raise UnsupportedOpError(f"{node_label(node)}: LayerNormalization's Mean and InvStdDev outputs have no "
+                                 "int8 kernel")
+    x = lo.activation(node.inputs[0], node)
+    rank = len(lo.tensors[x].shape)
+    axis = int(attribute(node, "axis", -1)) % rank
+    scale = lo.real_constant(node.inputs[1], node)
+    bias_value = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    bias = lo.real_constant(bias_value, node) if bias_value is not None and bias_value.name else np.zeros(1)
+    _emit_layer_norm(lo, node, node, x, tuple(range(axis, rank)), float(attribute(node, "epsilon", 1e-5)),
+                     scale, bias)
+
+
+def _lower_spelled_layer_norm(lo: Lowering, node: ir.Node, match: SpelledLayerNorm) -> None:
+    x = lo.activation(match.x, node)
+    scale = match.scale if match.scale is not None else np.ones(1)
+    bias = match.bias if match.bias is not None else np.zeros(1)
+    _emit_layer_norm(lo, match.nodes[0], match.last, x, match.axes, match.epsilon, scale, bias)
+
+
+_FLOAT_OPS = {"Div": np.divide, "Mul": np.multiply, "Add": np.add, "Erf": np.vectorize(math.erf, otypes=[np.float64])}
+
+
+def _evaluate(match: SpelledGelu, x: np.ndarray) -> np.ndarray:
+    """The group's float ops on ``x``, each rounded to float32 as ONNX Runtime computes them."""
+    values = {match.x.name: x}
+    for node in match.nodes:
+        args = [values[v.name] if v.name in values else eir.constant_array(v).astype(np.float32)
+                for v in node.inputs]
+        values[node.outputs[0].name] = _FLOAT_OPS[node.op_type](*args).astype(np.float32)
+    return values[match.last.outputs[0].name]
+
+
+def _lower_spelled_gelu(lo: Lowering, node: ir.Node, match: SpelledGelu) -> None:
+    """``table[q + 128] = clamp(rint(gelu(s_in * (q - zp_in)) / s_out) + zp_out)``, as tables.lut_params."""
+    x = lo.activation(match.x, node)
+    source, plan = lo.params_of(x), lo.output_plan(match.last)
+    q = np.arange(-128, 128, dtype=np.int32)
+    with np.errstate(over="ignore"):
+        y = _evaluate(match, (q - source.zero_point).astype(np.float32) * np.float32(source.scale))
+    table = np.rint(y / np.float32(plan.qparams.scale)) + plan.qparams.zero_point
+    anchor = match.nodes[1]  # the Erf
+    lo.finish("lut", [x], plan, LutParams(table=np.clip(table, plan.act_min, plan.act_max).astype(np.int8)), anchor)
+
+
+def _lower_group(lo: Lowering, node: ir.Node, *, match, lower) -> None:
+    """Lower a claimed group at its first node; on failure its every value counts as failed (reported once)."""
+    done = False
+    try:
+        lower(lo, node, match)
+        done = True
+    finally:
+        if not done:
+            lo.failed.update(value.name for member in match.nodes for value in member.outputs)
+
+
+def claim_spelled_out(lo: Lowering) -> None:
+    """Find the spelled-out LayerNorms and GELUs of ``lo``'s graph and claim them: the group's first node
+    (graph order) lowers it, the rest are skipped."""
+    order = {id(node): position for position, node in enumerate(lo.model.graph)}
+    for node in lo.model.graph:
+        match = (match_layer_norm(node) if node.op_type == "ReduceMean"
+                 else match_erf_gelu(node) if node.op_type == "Erf" else None)
+        if match is None or any(id(member) in lo.absorbed or id(member) in lo.claimed for member in match.nodes):
+            continue
+        lower = _lower_spelled_layer_norm if isinstance(match, SpelledLayerNorm) else _lower_spelled_gelu
+        first = min(match.nodes, key=lambda member: order[id(member)])
+        lo.absorbed.update(id(member) for member in match.nodes if member is not first)
+        lo.claimed[id(first)] = functools.partial(_lower_group, match=match, lower=lower)

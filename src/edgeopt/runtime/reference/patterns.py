@@ -1,0 +1,243 @@
+"""Spelled-out LayerNorm and erf-GELU in a QDQ graph: node groups that are one function of one int8 tensor.
+
+Exporters below opset 17 (no LayerNormalization) or 20 (no Gelu), and any exporter for ConvNeXt's
+channels-first LayerNorm (over axis 1 of NCHW, which no LayerNormalization expresses), write::
+
+    LayerNorm  mean = ReduceMean(x, axes)   d = Sub(x, mean)   (computed once, or twice)
+               var = ReduceMean(Pow(d, 2) or Mul(d, d), axes)
+               n = Div(d, Sqrt(Add(var, eps)))   or   Mul(d, Reciprocal(Sqrt(Add(var, eps))))
+               y = [Add(] [Mul(] n [, gamma)] [, beta)]     gamma and beta constant along the axes
+    GELU       e = Erf(Div(x, sqrt(2)) or Mul(x, 1 / sqrt(2)))
+               y = (e + 1) times x and 0.5, in any association (x * 0.5 * (1 + e), (x * (1 + e)) * 0.5 ...)
+
+Every intermediate is read by the next step alone and is no graph output; both ReduceMeans keep dims and
+reduce the same constant axes. Then ``y`` depends on ``x`` alone: with ``x`` an int8 tensor and ``y``
+reaching a QuantizeLinear, the group lowers to one integer op (``layer_norm``, or a ``lut`` of 256 entries)
+and no float value is left between. The same structural rules as the float pass that fuses or annotates
+these groups (:mod:`edgeopt.passes.rules.layer_norm`, ``gelu``), re-stated here for QDQ graphs, whose
+producer need not be edgeopt.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from edgeopt import ir as eir
+
+__all__ = ["SpelledGelu", "SpelledLayerNorm", "match_erf_gelu", "match_layer_norm"]
+
+_GELU_LINKS = 3  # (1 + e) * x * 0.5 takes at most three Mul/Div nodes after the Add
+
+
+@dataclass(frozen=True, eq=False)
+class SpelledLayerNorm:
+    """``nodes`` (ReduceMean first, graph order) compute ``y = (x - mean) / sqrt(var + epsilon) * scale + bias``
+    over ``axes`` (logical, non-negative); ``scale``/``bias`` are None when the group has no Mul/Add."""
+
+    nodes: tuple[ir.Node, ...]
+    x: ir.Value
+    axes: tuple[int, ...]
+    epsilon: float
+    scale: np.ndarray | None
+    bias: np.ndarray | None
+
+    @property
+    def last(self) -> ir.Node:
+        return self.nodes[-1]
+
+
+@dataclass(frozen=True, eq=False)
+class SpelledGelu:
+    """``nodes`` (in an order that evaluates them) compute ``0.5 * x * (1 + erf(x / sqrt(2)))``."""
+
+    nodes: tuple[ir.Node, ...]
+    x: ir.Value
+
+    @property
+    def last(self) -> ir.Node:
+        return self.nodes[-1]
+
+
+def _only_reader(value: ir.Value) -> ir.Node | None:
+    readers = eir.consumers(value)
+    return readers[0] if len(readers) == 1 and not value.is_graph_output() else None
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    array = eir.constant_array(value) if value is not None else None
+    if array is None or array.size != 1 or not np.issubdtype(array.dtype, np.number):
+        return None
+    return float(array.reshape(()))
+
+
+def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:
+    if len(node.inputs) != 2 or value not in node.inputs:
+        return None
+    return node.inputs[1] if node.inputs[0] is value else node.inputs[0]
+
+
+def _next(value: ir.Value, *op_types: str) -> ir.Node | None:
+    node = _only_reader(value)
+    return node if eir.is_op(node, *op_types) else None
+
+
+def _axes(node: ir.Node, rank: int) -> tuple[int, ...] | None:
+    """The constant, non-negative, sorted axes of a ReduceMean that keeps dims (all axes when none are given)."""
+    if node.attributes.get_int("keepdims", 1) != 1:
+        return None
+    if "axes" in node.attributes:
+        axes = list(node.attributes.get_ints("axes"))
+    elif len(node.inputs) > 1 and node.inputs[1] is not None:
+        array = eir.constant_array(node.inputs[1])
+        if array is None:
+            return None
+        axes = [int(a) for a in array.reshape(-1)]
+    else:
+        axes = []
+    if not axes:
+        return None if node.attributes.get_int("noop_with_empty_axes", 0) else tuple(range(rank))
+    return tuple(sorted(a % rank for a in axes))
+
+
+# -- LayerNorm ------------------------------------------------------------------------------------------
+
+
+def _squares(node: ir.Node, d: ir.Value) -> bool:
+    if eir.is_op(node, "Pow"):
+        return node.inputs[0] is d and _scalar(node.inputs[1]) == 2.0
+    return eir.is_op(node, "Mul") and node.inputs[0] is d and node.inputs[1] is d
+
+
+def _variance(square: ir.Node, axes, rank: int) -> tuple[list[ir.Node], float] | None:
+    """``Sqrt(Add(ReduceMean(square, axes), eps))``: its nodes (square first) and eps."""
+    variance = _next(square.outputs[0], "ReduceMean")
+    add = _next(variance.outputs[0], "Add") if variance is not None and _axes(variance, rank) == axes else None
+    epsilon = _scalar(_other(add, variance.outputs[0])) if add is not None else None
+    sqrt = _next(add.outputs[0], "Sqrt") if epsilon is not None else None
+    return ([square, variance, add, sqrt], epsilon) if sqrt is not None and epsilon >= 0 else None
+
+
+def _divides(normalize: ir.Node, d: ir.Value, sqrt: ir.Node) -> list[ir.Node] | None:
+    """The nodes dividing ``d`` by ``sqrt``'s output: ``[normalize]`` or ``[reciprocal, normalize]``."""
+    std = sqrt.outputs[0]
+    if eir.is_op(normalize, "Div"):
+        ok = normalize.inputs[0] is d and normalize.inputs[1] is std and _only_reader(std) is normalize
+        return [normalize] if ok else None
+    reciprocal = _next(std, "Reciprocal")
+    if eir.is_op(normalize, "Mul") and reciprocal is not None and _other(normalize, d) is reciprocal.outputs[0] \
+            and _only_reader(reciprocal.outputs[0]) is normalize:
+        return [reciprocal, normalize]
+    return None
+
+
+def _affine(node: ir.Node, op_type: str, axes, rank: int) -> tuple[ir.Node, np.ndarray] | None:
+    """The Mul (gamma) or Add (beta) alone reading ``node``'s output by a constant varying only along ``axes``."""
+    following = _next(node.outputs[0], op_type)
+    other = _other(following, node.outputs[0]) if following is not None else None
+    constant = eir.constant_array(other) if other is not None else None
+    if constant is None or constant.ndim > rank or not np.issubdtype(constant.dtype, np.floating):
+        return None
+    padded = (1,) * (rank - constant.ndim) + constant.shape
+    if any(size != 1 and axis not in axes for axis, size in enumerate(padded)):
+        return None
+    return following, constant.astype(np.float64)
+
+
+def match_layer_norm(mean: ir.Node) -> SpelledLayerNorm | None:
+    """The spelled-out LayerNorm whose first ReduceMean is ``mean``, or None."""
+    x = mean.inputs[0] if eir.is_op(mean, "ReduceMean") and mean.inputs else None
+    rank = len(x.shape) if x is not None and x.shape is not None else None
+    axes = _axes(mean, rank) if rank else None
+    subs = eir.consumers(mean.outputs[0]) if axes is not None and not mean.outputs[0].is_graph_output() else []
+    if not 1 <= len(subs) <= 2 or not all(eir.is_op(s, "Sub") and s.inputs[0] is x and s.inputs[1] is mean.outputs[0]
+                                          and not s.outputs[0].is_graph_output() for s in subs):
+        return None
+    uses = [(sub, reader) for sub in subs for reader in eir.consumers(sub.outputs[0])]
+    if len(uses) != 2 or (len(subs) == 2 and uses[0][0] is uses[1][0]):
+        return None
+    for (square_sub, square), (divided_sub, normalize) in (uses, uses[::-1]):
+        found = _variance(square, axes, rank) if _squares(square, square_sub.outputs[0]) else None
+        division = _divides(normalize, divided_sub.outputs[0], found[0][-1]) if found else None
+        if division is not None:
+            return _with_affine([mean, *subs, *found[0], *division], x, axes, found[1], rank)
+    return None
+
+
+def _with_affine(nodes: list[ir.Node], x: ir.Value, axes, epsilon: float, rank: int) -> SpelledLayerNorm:
+    scale = _affine(nodes[-1], "Mul", axes, rank)
+    if scale is not None:
+        nodes.append(scale[0])
+    bias = _affine(nodes[-1], "Add", axes, rank)
+    if bias is not None:
+        nodes.append(bias[0])
+    return SpelledLayerNorm(nodes=tuple(nodes), x=x, axes=axes, epsilon=epsilon,
+                            scale=scale[1] if scale else None, bias=bias[1] if bias else None)
+
+
+# -- GELU ------------------------------------------------------------------------------------------------
+
+
+def _erf_argument(erf: ir.Node) -> tuple[ir.Node, ir.Value] | None:
+    """``x / sqrt(2)`` or ``x * (1 / sqrt(2))`` read by ``erf`` alone: (that node, x)."""
+    scale = erf.inputs[0].producer() if erf.inputs and erf.inputs[0] is not None else None
+    if not eir.is_op(scale, "Div", "Mul") or _only_reader(erf.inputs[0]) is not erf:
+        return None
+    if scale.op_type == "Div":
+        x, number, expected = scale.inputs[0], _scalar(scale.inputs[1]), math.sqrt(2.0)
+    else:
+        constant = 1 if _scalar(scale.inputs[1]) is not None else 0
+        x, number, expected = scale.inputs[1 - constant], _scalar(scale.inputs[constant]), 1 / math.sqrt(2.0)
+    if number is None or _scalar(x) is not None or not math.isclose(number, expected, rel_tol=1e-3):
+        return None
+    return scale, x
+
+
+def _times_x(value: ir.Value, x: ir.Value, node: ir.Node) -> tuple[ir.Node | None, float] | None:
+    """``value`` is ``x`` itself, or ``x * c`` / ``x / c`` read by ``node`` alone: (that node or None, c)."""
+    if value is x:
+        return None, 1.0
+    scaled = value.producer()
+    if not eir.is_op(scaled, "Mul", "Div") or _only_reader(value) is not node or x not in scaled.inputs:
+        return None
+    number = _scalar(_other(scaled, x))
+    if number is None or number == 0 or (scaled.op_type == "Div" and scaled.inputs[0] is not x):
+        return None
+    return scaled, (1 / number if scaled.op_type == "Div" else number)
+
+
+def _product(start: ir.Value, x: ir.Value) -> list[ir.Node] | None:
+    """The Mul/Div chain from ``start`` to ``0.5 * x * start`` (x brought in once), each link read alone."""
+    current, nodes, factor, has_x = start, [], 1.0, False
+    for _ in range(_GELU_LINKS):
+        node = _next(current, "Mul", "Div")
+        other = _other(node, current) if node is not None else None
+        number = _scalar(other)
+        if other is None or (node.op_type == "Div" and (node.inputs[0] is not current or not number)):
+            return None
+        if number is not None:
+            factor = factor / number if node.op_type == "Div" else factor * number
+        else:
+            brought = _times_x(other, x, node) if not has_x else None
+            if brought is None:
+                return None
+            nodes += [brought[0]] if brought[0] is not None else []
+            factor, has_x = factor * brought[1], True
+        nodes.append(node)
+        current = node.outputs[0]
+        if has_x and math.isclose(factor, 0.5, rel_tol=1e-4):
+            return nodes
+    return None
+
+
+def match_erf_gelu(erf: ir.Node) -> SpelledGelu | None:
+    """The spelled-out exact GELU around ``erf``, or None."""
+    argument = _erf_argument(erf) if eir.is_op(erf, "Erf") else None
+    plus = _next(erf.outputs[0], "Add") if argument is not None else None
+    if plus is None or not math.isclose(_scalar(_other(plus, erf.outputs[0])) or 0.0, 1.0, rel_tol=1e-6):
+        return None
+    chain = _product(plus.outputs[0], argument[1])
+    return SpelledGelu(nodes=(argument[0], erf, plus, *chain), x=argument[1]) if chain else None
