@@ -12,7 +12,6 @@ from onnx import TensorProto, helper
 
 from edgeopt import api
 from edgeopt.codegen.c import compile_c, verify
-from edgeopt.errors import UnsupportedOpError
 from edgeopt.quant import Int8Config, Target
 from tests.runtime.layer_norm_models import constant, layer_norm_op, qdq_graph, spelled_gelu, spelled_layer_norm
 
@@ -122,16 +121,16 @@ def test_convnext_quantized_for_the_mcu_compiles_bit_exact(tmp_path):
     assert verified.bit_exact, verified.first_mismatch
 
 
-def test_a_conformer_block_is_refused_only_for_its_attention_products(tmp_path):
-    # its four LayerNorms compile; q @ k^T and probs @ v multiply two activations, which no C kernel does
+def test_a_conformer_block_quantized_for_the_mcu_compiles_bit_exact(tmp_path):
+    # four LayerNorms, SiLU, GLU, 1-D depthwise conv and self-attention (q @ k^T and probs @ v multiply two
+    # activations: one batch_matmul kernel each)
     from edgeopt.io import load_model, save_model
     from tests.audio_models import audio_samples, build_audio
 
     fixed = tmp_path / "conformer_t80.onnx"
     save_model(load_model(build_audio("conformer", tmp_path), input_shapes={"input": (1, 80, 40)}), fixed)
-    _, model = _quantize_for_mcu(fixed, audio_samples("conformer", 8, frames=(80, 80)), tmp_path / "q.onnx")
-    with pytest.raises(UnsupportedOpError) as caught:
-        compile_c(model, tmp_path / "c")
-    refused = str(caught.value).split(". To fix")[0]
-    assert "MatMul (/attn/MatMul)" in refused and "a product of two activations" in refused
-    assert "LayerNormalization" not in refused
+    samples = audio_samples("conformer", 10, frames=(80, 80))
+    _, model = _quantize_for_mcu(fixed, samples[:8], tmp_path / "q.onnx")
+    compile_c(model, tmp_path / "c")
+    verified = verify(tmp_path / "c", samples[8:])
+    assert verified.bit_exact, verified.first_mismatch

@@ -279,8 +279,7 @@ class Lowering:
         data = eir.constant_array(producer.inputs[0]) if producer is not None and producer.inputs else None
         if producer is None or producer.op_type != "DequantizeLinear" or data is None:
             raise UnsupportedOpError(f"{node_label(node)}: input {value.name if value else '?'!r} must be a "
-                                     "constant DequantizeLinear (quantized weights; a product of two activations, "
-                                     "as attention's q @ k^T, has no C kernel)")
+                                     "constant DequantizeLinear (a quantized weight or constant operand)")
         scale = eir.constant_array(producer.inputs[1]).astype(np.float64)
         zp_value = producer.inputs[2] if len(producer.inputs) > 2 else None
         zero_point = eir.constant_array(zp_value) if zp_value is not None else np.zeros_like(scale, data.dtype)
