@@ -11,7 +11,7 @@ and QLinearMul (:mod:`edgeopt.quant.hard_activations`). Everything else
 stays float and is reported. The microcontroller target
 (:data:`MCU_OP_RULES`) adds the ops the C kernels compute from int8
 (Softmax, Tanh, Elu, Gelu, ReduceMean, GlobalMaxPool, Pad, PRelu, DepthToSpace, SpaceToDepth, linear Resize,
-LayerNormalization, and the spelled-out GELU and LayerNorm groups of :data:`ONE_OP_PATTERNS`)
+LayerNormalization, InstanceNormalization, and the spelled-out GELU and LayerNorm groups of :data:`ONE_OP_PATTERNS`)
 and ConvTranspose, which ONNX Runtime runs in float (it has no integer
 ConvTranspose on the CPU), and keeps a Gather float unless its indices are
 constant (the C copies int8 blocks; a lookup of token ids has no kernel).
@@ -62,7 +62,8 @@ class OpRule:
     ``all_outputs``: every output gets one (Split), not only the first; ``modes``: the values of the
     node's ``mode`` attribute that run in integer (None: any); ``slow_group_channels``: the input channels
     per group of a grouped conv whose integer kernel is slower than float (it stays float);
-    ``constant_indices``: a Gather runs in integer only at constant indices."""
+    ``constant_indices``: a Gather runs in integer only at constant indices; ``fuses_clamp``: a Relu/Clip
+    that alone reads its output folds into its range, as after the ops of :data:`FUSING_PRODUCERS`."""
 
     role: OpRole
     activation_inputs: tuple[int, ...] | None = (0,)
@@ -70,6 +71,7 @@ class OpRule:
     modes: frozenset[str] | None = None
     slow_group_channels: frozenset[int] = frozenset()
     constant_indices: bool = False
+    fuses_clamp: bool = False
 
 
 _WEIGHTED = OpRule(role=OpRole.WEIGHTED)
@@ -77,6 +79,7 @@ _UNARY = OpRule(role=OpRole.ARITHMETIC)
 _BINARY = OpRule(role=OpRole.ARITHMETIC, activation_inputs=(0, 1))
 _MOVE = OpRule(role=OpRole.SHARED)
 _FUSED = OpRule(role=OpRole.ACTIVATION)
+_NORMALIZATION = OpRule(role=OpRole.ARITHMETIC, fuses_clamp=True)
 
 # ONNX Runtime (1.32, x86) runs a grouped Conv with 2 to 4 input channels per group (ResNeXt's 32x4d) in int8
 # 1.4x to 4.3x slower than in float, group by group (3x3, 64 to 256 channels; as a float layer between int8
@@ -141,7 +144,9 @@ MCU_OP_RULES: dict[str, OpRule] = OP_RULES | {
     "PRelu": _UNARY,  # a constant slope (input 1 stays float: the C folds it into its multipliers)
     "DepthToSpace": _MOVE,
     "SpaceToDepth": _MOVE,
-    "LayerNormalization": _UNARY,  # input 0 and the output: Scale and B stay float, folded by the C lowering
+    # input 0 and the output: Scale and B stay float, folded by the C lowering, whose kernel also clamps
+    "LayerNormalization": _NORMALIZATION,
+    "InstanceNormalization": _NORMALIZATION,
 }
 
 # Spelled-out groups the float passes annotate (``edgeopt.pattern``) that a target computes as one integer op,

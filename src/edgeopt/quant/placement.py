@@ -221,10 +221,11 @@ def _computes_float(node: ir.Node, non_float: Collection[str]) -> bool:
     return bool(node.outputs) and _is_float(node.outputs[0], non_float) and node.op_type != "Constant"
 
 
-def _fused_activation(producer: ir.Node, candidates: dict[str, ir.Node]) -> ir.Node | None:
+def _fused_activation(producer: ir.Node, candidates: dict[str, ir.Node], rules: Mapping[str, OpRule]) -> ir.Node | None:
     output = producer.outputs[0]
     uses = list(output.uses())
-    if producer.op_type not in FUSING_PRODUCERS or len(uses) != 1 or output.is_graph_output():
+    fuses = producer.op_type in FUSING_PRODUCERS or rules[producer.op_type].fuses_clamp
+    if not fuses or len(uses) != 1 or output.is_graph_output():
         return None
     consumer, index = uses[0]
     if index != 0 or consumer.name not in candidates or consumer.op_type not in ("Relu", "Clip"):
@@ -434,7 +435,7 @@ def _fusions(candidates: Mapping[str, ir.Node], refusals: dict[str, str],
     """Each integer producer's fused Relu/Clip (producer name -> activation); an activation fused with
     no producer joins ``refusals`` with the reason."""
     fused_by_producer = {node.name: activation for node in candidates.values()
-                         if (activation := _fused_activation(node, candidates)) is not None}
+                         if (activation := _fused_activation(node, candidates, rules)) is not None}
     fused = {activation.name for activation in fused_by_producer.values()}
     for node in candidates.values():
         if node.name not in fused and rules[node.op_type].role is OpRole.ACTIVATION:

@@ -26,7 +26,11 @@ from edgeopt.runtime.reference.lower import (
     node_label,
     real_multiplier,
 )
-from edgeopt.runtime.reference.normalization import claim_spelled_out, lower_layer_normalization
+from edgeopt.runtime.reference.normalization import (
+    claim_spelled_out,
+    lower_instance_normalization,
+    lower_layer_normalization,
+)
 from edgeopt.runtime.reference.program import (
     AddParams,
     Conv2dParams,
@@ -254,6 +258,7 @@ HANDLERS = {
     "DepthToSpace": lower_depth_to_space,
     "SpaceToDepth": lower_depth_to_space,
     "LayerNormalization": lower_layer_normalization,
+    "InstanceNormalization": lower_instance_normalization,
 }
 
 # Spelled-out groups lowered as one op (a LayerNorm, an erf GELU), claimed before the graph walk.

@@ -33,7 +33,8 @@ from edgeopt.runtime.reference.lower import Lowering, OutputPlan, QParams, attri
 from edgeopt.runtime.reference.patterns import SpelledGelu, SpelledLayerNorm, match_erf_gelu, match_layer_norm
 from edgeopt.runtime.reference.program import LayerNormParams, LutParams
 
-__all__ = ["BIAS_BITS", "claim_spelled_out", "layer_norm_params", "lower_layer_normalization"]
+__all__ = ["BIAS_BITS", "claim_spelled_out", "layer_norm_params", "lower_instance_normalization",
+           "lower_layer_normalization"]
 
 #: Bits below the output step kept through gamma's multiply and beta's add, dropped by one rounding at the end.
 BIAS_BITS = 8
@@ -50,9 +51,10 @@ def _signed_multipliers(reals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def layer_norm_params(geometry: tuple[int, int, int], source: QParams, plan: OutputPlan, epsilon: float,
-                      gamma: np.ndarray, beta: np.ndarray) -> LayerNormParams:
+                      gamma: np.ndarray, beta: np.ndarray, *, affine_inner: bool = False) -> LayerNormParams:
     """The integer parameters of a LayerNorm over the middle axis of ``geometry`` = (outer, D, inner);
-    ``gamma``, ``beta``: one real per position of a row, in stored order."""
+    ``gamma``, ``beta``: one real per position of a row, in stored order (``affine_inner``: per inner
+    position, InstanceNorm's channels)."""
     outer, reduce, inner = geometry
     fraction_bits = 30 - ((reduce - 1).bit_length() + 1) // 2  # |normalized| <= sqrt(D - 1) < 2**(30 - fraction)
     target = plan.qparams
@@ -62,7 +64,7 @@ def layer_norm_params(geometry: tuple[int, int, int], source: QParams, plan: Out
     return LayerNormParams(outer=outer, reduce=reduce, inner=inner, epsilon_term=int(round(epsilon_term)),
                            fraction_bits=fraction_bits, bias_bits=BIAS_BITS, multiplier=multiplier, shift=shift,
                            bias=bias, output_zero_point=target.zero_point, act_min=plan.act_min,
-                           act_max=plan.act_max)
+                           act_max=plan.act_max, affine_inner=affine_inner)
 
 
 def _geometry(lo: Lowering, x: str, axes, node: ir.Node) -> tuple[int, int, int]:
@@ -124,6 +126,34 @@ def lower_layer_normalization(lo: Lowering, node: ir.Node) -> None:
     bias = lo.real_constant(bias_value, node) if bias_value is not None and bias_value.name else np.zeros(1)
     _emit_layer_norm(lo, node, node, x, tuple(range(axis, rank)), float(attribute(node, "epsilon", 1e-5)),
                      scale, bias)
+
+
+def lower_instance_normalization(lo: Lowering, node: ir.Node) -> None:
+    """ONNX InstanceNormalization: each (n, c) normalized over the spatial axes, then ``scale[c]``, ``B[c]``.
+    On an NHWC tensor the rows are (n, channel) of H x W values, the channel the inner axis: the affine
+    varies along it (``affine_inner``). On another layout (a GroupNorm exported as a reshape to [N, G, -1]
+    around it) the channel is an outer axis: only a scale and B alike for every channel are folded."""
+    x = lo.activation(node.inputs[0], node)
+    info = lo.tensors[x]
+    rank = len(info.shape)
+    if rank < 3:
+        raise UnsupportedOpError(f"{node_label(node)}: InstanceNormalization needs a rank >= 3 input")
+    scale, bias = (lo.real_constant(value, node).reshape(-1) for value in node.inputs[1:3])
+    epsilon = float(attribute(node, "epsilon", 1e-5))
+    if not math.isfinite(epsilon) or epsilon < 0:
+        raise UnsupportedOpError(f"{node_label(node)}: epsilon {epsilon} is not a non-negative number")
+    outer, reduce, inner = _geometry(lo, x, tuple(range(2, rank)), node)
+    plan = lo.output_plan(node)
+    if info.layout[-1] == 1 and inner == scale.size == bias.size:
+        params = layer_norm_params((outer, reduce, inner), lo.params_of(x), plan, epsilon, scale, bias,
+                                   affine_inner=True)
+    elif np.ptp(scale) == 0 and np.ptp(bias) == 0:
+        params = layer_norm_params((outer, reduce, inner), lo.params_of(x), plan, epsilon,
+                                   np.full(reduce, scale[0]), np.full(reduce, bias[0]))
+    else:
+        raise UnsupportedOpError(f"{node_label(node)}: InstanceNormalization of a rank-{rank} tensor with a scale "
+                                 "or B per channel: the C kernel takes those per channel on NCHW (rank 4) only")
+    lo.finish("layer_norm", [x], plan, params, node)
 
 
 def _lower_spelled_layer_norm(lo: Lowering, node: ir.Node, match: SpelledLayerNorm) -> None:

@@ -297,7 +297,9 @@ def layer_norm(x: np.ndarray, *, params: LayerNormParams, rounding: str) -> np.n
     inverse = np.array([pair[0] for pair in pairs], dtype=np.int64).reshape(variance.shape)
     exponent = 61 - p.fraction_bits - np.array([pair[1] for pair in pairs], dtype=np.int64).reshape(variance.shape)
     normalized = ((p.reduce * rows - total) * inverse + (np.int64(1) << (exponent - 1))) >> exponent
-    scaled = mbqm(normalized, p.multiplier, p.shift, rounding) + p.bias
+    along = (-1, 1) if p.affine_inner else (1, -1)  # rows are (outer, inner, D)
+    scaled = (mbqm(normalized, p.multiplier.reshape(along), p.shift.reshape(along), rounding)
+              + p.bias.reshape(along))
     out = ((scaled + (1 << (p.bias_bits - 1))) >> p.bias_bits) + p.output_zero_point
     out = np.clip(out, p.act_min, p.act_max).astype(np.int8)
     return np.ascontiguousarray(out.transpose(0, 2, 1)).reshape(x.shape)

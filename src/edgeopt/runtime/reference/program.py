@@ -354,6 +354,8 @@ class LayerNormParams:
     output_zero_point: int
     act_min: int
     act_max: int
+    #: InstanceNorm: multiplier, shift and bias per inner position (the channel of NHWC), not per row position
+    affine_inner: bool = False
 
 
 BILINEAR_FRACTION_BITS = 10  # of a bilinear weight: 1.0 is 1024, as in TFLite (and EO_BILINEAR_BITS in the C)

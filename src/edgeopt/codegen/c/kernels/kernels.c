@@ -473,7 +473,8 @@ void eo_layer_norm_s8(const eo_layer_norm_params *p, const int8_t *in, int8_t *o
                 const long index = base + (long)c * p->inner;
                 int64_t deviation = (int64_t)d_count * in[index] - total;
                 int32_t normalized = (int32_t)((deviation * inverse + half) >> exponent);
-                int64_t scaled = (int64_t)eo_requantize(normalized, p->multiplier[c], p->shift[c]) + p->bias[c];
+                const int a = p->affine_inner ? i : c;
+                int64_t scaled = (int64_t)eo_requantize(normalized, p->multiplier[a], p->shift[a]) + p->bias[a];
                 int64_t q = ((scaled + ((int64_t)1 << (p->bias_bits - 1))) >> p->bias_bits) + p->output_zero_point;
                 out[index] = (int8_t)(q < p->act_min ? p->act_min : (q > p->act_max ? p->act_max : q));
             }
