@@ -1,16 +1,35 @@
 """edgeopt's generated C next to TensorFlow Lite for Microcontrollers, on the same float models.
 
 For each architecture (a demo-like CNN on 8x8 digits, a MobileNetV2/V3-style
-and a ResNet-style CNN on digits upsampled to 32x32x3), one float model is
+and a ResNet-style CNN on digits upsampled to 32x32x3, and ``kws1d``, a 1-D
+CNN in the style of keyword-spotting and sensor models), one float model is
 trained once in Keras (fixed seeds) on scikit-learn's digits
-(``train_test_split(test_size=0.25, random_state=0, stratify=y)``). Then:
+(``train_test_split(test_size=0.25, random_state=0, stratify=y)``).
+
+kws1d reads each digit as a sequence: the 8x8 image bilinearly upsampled to
+32x32 (one channel), image row t (top to bottom) is time step t, its 32
+pixels (left to right) the step's 32 features, as the frames and mel bands of
+a spectrogram: Keras input ``(32, 32)``, NLC. Layers: Conv1D stem (32, k=3),
+a depthwise-separable block (DepthwiseConv1D k=3, pointwise Conv1D to 48),
+MaxPooling1D(2), two residual blocks of two dilated Conv1D each (k=3,
+dilation 2 then 4), every conv followed by BatchNormalization and ReLU (the
+second conv of a residual block: BatchNormalization, then ReLU after the
+Add), GlobalAveragePooling1D, Dense(10). Its ONNX export is NCL (input
+``[1, 32 features, 32 steps]``, kernels ``[O, I/g, k]``, Conv ``dilations``,
+``MaxPool`` with ``kernel_shape [2]``), the same choice as the 2-D models'
+NCHW. edgeopt's C takes that input as given, ``[1, C, L]``, and transposes
+it once to ``[N, L, C]``, the layout of every tensor between its 1-D layers
+(``lift_1d``); the ``.tflite`` takes ``[1, L, C]`` (TFLite runs Conv1D as
+CONV_2D between RESHAPEs).
+
+Then, for every model:
 
 * **TFLite Micro**: the Keras model is converted with ``tf.lite.TFLiteConverter``
   to a full-int8 ``.tflite`` (``Optimize.DEFAULT``, the calibration samples as
   representative dataset, ``TFLITE_BUILTINS_INT8``, int8 input and output) and
   run in TFLM's Python interpreter (PyPI ``tflite-micro``, reference kernels).
 * **edgeopt**: the *same trained weights* are written to ONNX (opset 17,
-  NCHW, BatchNormalization nodes kept, Keras' asymmetric ``same`` padding as
+  NCHW or NCL, BatchNormalization nodes kept, Keras' asymmetric ``same`` padding as
   Conv pads) by a small exporter in this script; the ONNX float outputs are
   checked against Keras' on the test split. Then ``edgeopt.api.quantize``
   (``Int8Config(target=Target.MCU)``, defaults otherwise, the same calibration
@@ -67,7 +86,7 @@ passes.
 Run from the repository root::
 
     python3 -m venv .venv-tflm && .venv-tflm/bin/pip install -e '.[tflm]'   # once (or: make tflm-venv)
-    .venv/bin/python benchmarks/mcu_vs_tflm.py [--models demo,mobilenet,resnet] [--seed 0]
+    .venv/bin/python benchmarks/mcu_vs_tflm.py [--models demo,mobilenet,resnet,kws1d] [--seed 0]
         [--repeats 5] [--verify-samples 100] [--markdown out.md] [--json out.json]
         [--tflm-python .venv-tflm/bin/python] [--retrain]
 
@@ -93,8 +112,8 @@ import numpy as np
 SCRIPT = pathlib.Path(__file__).resolve()
 REPO_ROOT = SCRIPT.parents[1]
 RESULT_PREFIX = "TFLM-RESULT "
-ALL_MODELS = ("demo", "mobilenet", "resnet")
-EPOCHS = {"demo": 40, "mobilenet": 25, "resnet": 20}
+ALL_MODELS = ("demo", "mobilenet", "resnet", "kws1d")
+EPOCHS = {"demo": 40, "mobilenet": 25, "resnet": 20, "kws1d": 30}
 NOISE = 0.03  # run-to-run spread of median latencies seen on a shared 2-core machine
 CFLAGS = ["-std=c99", "-O2"]  # the generated Makefile's optimisation level
 # for the flash probe: no unwind tables, unused sections dropped
@@ -104,8 +123,10 @@ SECTION_FLAGS = ["-ffunction-sections", "-fdata-sections", "-fno-unwind-tables",
 # ---------------------------------------------------------------- architectures (shared by both sides)
 #
 # A model is a list of layers, each a dict: {"name", "op", "in": [names], ...}.
-# ops: input, conv (kernel, stride, filters, depthwise, bias, bn, act), add (act),
-# mul, gap (keepdims), dense (units), act (act). act: None, relu, relu6, hswish, hsigmoid.
+# ops: input (shape: spatial sizes then channels, channels last as Keras), conv (kernel, stride, dilation,
+# filters, depthwise, bias, bn, act), add (act), mul, pool (kind: max or avg, size = stride, valid padding),
+# gap (keepdims), dense (units), act (act). act: None, relu, relu6, hswish, hsigmoid. An input of shape
+# (L, C) makes every conv and pool 1-D (Keras Conv1D, ONNX Conv over [N, C, L]), (H, W, C) 2-D.
 
 
 class _Spec:
@@ -119,9 +140,12 @@ class _Spec:
         self.layers.append({"name": name, "op": op, "in": list(inputs), **kw})
         return name
 
-    def conv(self, x, filters, kernel, stride=1, act=None, depthwise=False, bn=True, bias=False):
+    def conv(self, x, filters, kernel, stride=1, act=None, depthwise=False, bn=True, bias=False, dilation=1):
         return self._add("conv", [x], filters=filters, kernel=kernel, stride=stride, act=act,
-                         depthwise=depthwise, bn=bn, bias=bias)
+                         depthwise=depthwise, bn=bn, bias=bias, dilation=dilation)
+
+    def pool(self, x, kind, size):
+        return self._add("pool", [x], kind=kind, size=size)
 
     def add(self, a, b, act=None):
         return self._add("add", [a, b], act=act)
@@ -151,6 +175,11 @@ class _Spec:
             y = self.se(y, expanded, max(8, expanded // 4))
         y = self.conv(y, cout, 1)
         return self.add(x, y) if stride == 1 and cin == cout else y
+
+    def dilated_residual(self, x, channels, kernel, dilation):
+        y = self.conv(x, channels, kernel, act="relu", dilation=dilation)
+        y = self.conv(y, channels, kernel, dilation=dilation)
+        return self.add(x, y, act="relu")
 
 
 def architecture(name: str) -> list[dict]:
@@ -184,14 +213,29 @@ def architecture(name: str) -> list[dict]:
             x = s.add(shortcut, y, act="relu")
         s.dense(s.gap(x, keepdims=False), 10)
         return s.layers
+    if name == "kws1d":  # a keyword-spotting / sensor 1-D CNN: 32 time steps of 32 features (digits_data)
+        s = _Spec((32, 32))
+        x = s.conv("input", 32, 3, act="relu")                                 # 32 steps x 32
+        x = s.conv(x, 32, 3, act="relu", depthwise=True)                       # depthwise-separable block
+        x = s.conv(x, 48, 1, act="relu")                                       # 32 x 48
+        x = s.pool(x, "max", 2)                                                # 16 x 48
+        x = s.dilated_residual(x, 48, 3, dilation=2)
+        x = s.dilated_residual(x, 48, 3, dilation=4)
+        s.dense(s.gap(x, keepdims=False), 10)
+        return s.layers
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(ALL_MODELS)}")
 
 
-def same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+def same_pads(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
     """TensorFlow's ``padding='same'``: the extra pixel goes at the end (bottom/right)."""
     out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
     return total // 2, total - total // 2
+
+
+def channels_first(x: np.ndarray) -> np.ndarray:
+    """Keras' channels-last batch (NHWC, NLC) in ONNX's layout (NCHW, NCL)."""
+    return np.ascontiguousarray(np.moveaxis(x, -1, 1))
 
 
 # ---------------------------------------------------------------- TFLM worker (runs in .venv-tflm)
@@ -214,6 +258,11 @@ def _keras_model(layers, batch_size=None):
             return L.Activation("hard_sigmoid", name=name)(x)
         raise ValueError(act)
 
+    one_d = len(layers[0]["shape"]) == 2  # (L, C): Conv1D and friends
+    conv_layer, depthwise_layer = (L.Conv1D, L.DepthwiseConv1D) if one_d else (L.Conv2D, L.DepthwiseConv2D)
+    pool_layers = {"max": L.MaxPooling1D, "avg": L.AveragePooling1D} if one_d else \
+        {"max": L.MaxPooling2D, "avg": L.AveragePooling2D}
+    gap_layer = L.GlobalAveragePooling1D if one_d else L.GlobalAveragePooling2D
     values = {}
     for layer in layers:
         name, op, ins = layer["name"], layer["op"], [values.get(i) for i in layer["in"]]
@@ -221,11 +270,11 @@ def _keras_model(layers, batch_size=None):
             out = keras.Input(shape=tuple(layer["shape"]), batch_size=batch_size, name="input")
         elif op == "conv":
             if layer["depthwise"]:
-                out = L.DepthwiseConv2D(layer["kernel"], strides=layer["stride"], padding="same",
-                                        use_bias=layer["bias"], name=name)(ins[0])
+                out = depthwise_layer(layer["kernel"], strides=layer["stride"], padding="same",
+                                      dilation_rate=layer["dilation"], use_bias=layer["bias"], name=name)(ins[0])
             else:
-                out = L.Conv2D(layer["filters"], layer["kernel"], strides=layer["stride"], padding="same",
-                               use_bias=layer["bias"], name=name)(ins[0])
+                out = conv_layer(layer["filters"], layer["kernel"], strides=layer["stride"], padding="same",
+                                 dilation_rate=layer["dilation"], use_bias=layer["bias"], name=name)(ins[0])
             if layer["bn"]:
                 out = L.BatchNormalization(momentum=0.9, name=name + "_bn")(out)  # torch-like
             out = activation(out, layer["act"], name + "_act")
@@ -233,8 +282,10 @@ def _keras_model(layers, batch_size=None):
             out = activation(L.Add(name=name)(ins), layer["act"], name + "_act")
         elif op == "mul":
             out = L.Multiply(name=name)(ins)
+        elif op == "pool":
+            out = pool_layers[layer["kind"]](layer["size"], name=name)(ins[0])
         elif op == "gap":
-            out = L.GlobalAveragePooling2D(keepdims=layer["keepdims"], name=name)(ins[0])
+            out = gap_layer(keepdims=layer["keepdims"], name=name)(ins[0])
         elif op == "dense":
             out = L.Dense(layer["units"], name=name)(ins[0])
         elif op == "act":
@@ -246,7 +297,7 @@ def _keras_model(layers, batch_size=None):
 
 
 def _export_weights(model, layers) -> dict[str, np.ndarray]:
-    """Every trained parameter, keyed ``layer/param`` (Keras layouts: HWIO, HWC1, IO)."""
+    """Every trained parameter, keyed ``layer/param`` (Keras layouts: HWIO, HWC1, IO; 1-D: LIO, LC1)."""
     weights = {}
     for layer in layers:
         if layer["op"] == "conv":
@@ -283,11 +334,12 @@ def _train_keras(layers, data, *, epochs: int, seed: int):
 
     def shifted():  # random shifts of up to one input-grid step (8x8 digits: 1 px; 32x32: 4 px)
         step = 1 if x.shape[1] == 8 else 4
-        padded = np.pad(x, ((0, 0), (step, step), (step, step), (0, 0)))
-        out = np.empty_like(x)
+        image = x if x.ndim == 4 else x[..., None]  # kws1d: the image behind the sequence (steps = rows)
+        padded = np.pad(image, ((0, 0), (step, step), (step, step), (0, 0)))
+        out = np.empty_like(image)
         for i, (dy, dx) in enumerate(rng.integers(0, 3, (len(x), 2)) * step):
             out[i] = padded[i, dy:dy + x.shape[1], dx:dx + x.shape[2]]
-        return out
+        return out.reshape(x.shape)
 
     for _ in range(epochs):
         model.fit(shifted(), y, batch_size=32, epochs=1, shuffle=True, verbose=0)
@@ -482,7 +534,8 @@ def tflm_timer(payload: dict) -> None:
 
 
 def export_onnx(layers: list[dict], weights: dict[str, np.ndarray], path: pathlib.Path) -> None:
-    """The Keras model as ONNX (NCHW): Conv [+BatchNormalization] [+act], Add, Mul, GAP, Gemm."""
+    """The Keras model as ONNX (NCHW, or NCL for a 1-D model): Conv [+BatchNormalization] [+act], Add, Mul,
+    MaxPool/AveragePool, GAP, Gemm. Keras kernels (spatial..., in, out) become ONNX's (out, in, spatial...)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -512,26 +565,27 @@ def export_onnx(layers: list[dict], weights: dict[str, np.ndarray], path: pathli
         name, op = layer["name"], layer["op"]
         ins = [value[i] for i in layer["in"]]
         if op == "input":
-            h, w, c = layer["shape"]
-            graph_input = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, c, h, w])
-            value[name], sizes[name] = "input", (h, w)
+            *spatial, c = layer["shape"]
+            graph_input = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, c, *spatial])
+            value[name], sizes[name] = "input", tuple(spatial)
             continue
         if op == "conv":
-            k, stride = layer["kernel"], layer["stride"]
-            h, w = sizes[layer["in"][0]]
-            top, bottom = same_pads(h, k, stride)
-            left, right = same_pads(w, k, stride)
+            k, stride, dilation = layer["kernel"], layer["stride"], layer["dilation"]
+            spatial = sizes[layer["in"][0]]
+            rank = len(spatial)
+            pads = [same_pads(size, k, stride, dilation) for size in spatial]
             kernel = weights[name + "/kernel"]
-            if layer["depthwise"]:  # HWC1 -> C1HW
-                weight, group = kernel.transpose(2, 3, 0, 1), kernel.shape[2]
-            else:  # HWIO -> OIHW
-                weight, group = kernel.transpose(3, 2, 0, 1), 1
+            if layer["depthwise"]:  # HWC1 -> C1HW (1-D: LC1 -> C1L)
+                weight, group = kernel.transpose(rank, rank + 1, *range(rank)), kernel.shape[rank]
+            else:  # HWIO -> OIHW (1-D: LIO -> OIL)
+                weight, group = kernel.transpose(rank + 1, rank, *range(rank)), 1
             inputs = [ins[0], const(name + "_W", weight)]
             if layer["bias"]:
                 inputs.append(const(name + "_B", weights[name + "/bias"]))
             out = name
-            nodes.append(helper.make_node("Conv", inputs, [out], name=name, kernel_shape=[k, k],
-                                          strides=[stride, stride], pads=[top, left, bottom, right], group=group))
+            nodes.append(helper.make_node("Conv", inputs, [out], name=name, kernel_shape=[k] * rank,
+                                          strides=[stride] * rank, dilations=[dilation] * rank,
+                                          pads=[b for b, _ in pads] + [e for _, e in pads], group=group))
             if layer["bn"]:
                 bn = name + "_bn"
                 nodes.append(helper.make_node(
@@ -539,19 +593,25 @@ def export_onnx(layers: list[dict], weights: dict[str, np.ndarray], path: pathli
                     [out] + [const(f"{bn}_{p}", weights[f"{name}/{p}"]) for p in ("gamma", "beta", "mean", "var")],
                     [bn], name=bn, epsilon=float(weights[name + "/eps"])))
                 out = bn
-            value[name], sizes[name] = act(out, layer["act"], name), (-(-h // stride), -(-w // stride))
+            value[name], sizes[name] = act(out, layer["act"], name), tuple(-(-size // stride) for size in spatial)
         elif op == "add":
             nodes.append(helper.make_node("Add", ins, [name], name=name))
             value[name], sizes[name] = act(name, layer["act"], name), sizes[layer["in"][0]]
         elif op == "mul":
             nodes.append(helper.make_node("Mul", ins, [name], name=name))
             value[name], sizes[name] = name, sizes[layer["in"][0]]
+        elif op == "pool":  # Keras' default: stride = pool size, 'valid' padding
+            spatial, size = sizes[layer["in"][0]], layer["size"]
+            kind = {"max": "MaxPool", "avg": "AveragePool"}[layer["kind"]]
+            nodes.append(helper.make_node(kind, ins, [name], name=name, kernel_shape=[size] * len(spatial),
+                                          strides=[size] * len(spatial)))
+            value[name], sizes[name] = name, tuple(n // size for n in spatial)
         elif op == "gap":
             pooled = name if layer["keepdims"] else name + "_pool"
             nodes.append(helper.make_node("GlobalAveragePool", ins, [pooled], name=pooled))
             if not layer["keepdims"]:
                 nodes.append(helper.make_node("Flatten", [pooled], [name], name=name, axis=1))
-            value[name], sizes[name] = name, (1, 1)
+            value[name], sizes[name] = name, (1,) * len(sizes[layer["in"][0]])
         elif op == "dense":
             nodes.append(helper.make_node("Gemm", [ins[0], const(name + "_W", weights[name + "/kernel"]),
                                                    const(name + "_B", weights[name + "/bias"])], [name], name=name))
@@ -665,10 +725,11 @@ def empty_program_size(work: pathlib.Path, cc: str, flags: list[str]) -> dict:
 def edgeopt_side(name: str, onnx_path: pathlib.Path, data: dict, work: pathlib.Path, args) -> dict:
     from edgeopt import api
     from edgeopt.codegen.c import compile_c, verify
+    from edgeopt.codegen.c.api import read_manifest
     from edgeopt.io import load_model
     from edgeopt.quant import Int8Config, Target
 
-    calib = [{"input": data["calib"][i:i + 1].transpose(0, 3, 1, 2).copy()} for i in range(len(data["calib"]))]
+    calib = [{"input": channels_first(data["calib"][i:i + 1])} for i in range(len(data["calib"]))]
     qdq_path = work / "edgeopt_int8.onnx"
     start = time.perf_counter()
     api.quantize(str(onnx_path), Int8Config(target=Target.MCU), calib, output=str(qdq_path), check_speed=False)
@@ -681,7 +742,7 @@ def edgeopt_side(name: str, onnx_path: pathlib.Path, data: dict, work: pathlib.P
     report = {"quantize_s": quantize_s, "arena_bytes": result.arena_bytes,
               "lower_bound_bytes": result.lower_bound_bytes, "weight_bytes": result.weight_bytes,
               "plan_method": result.plan_method, "c_ops": result.ops}
-    x_test = data["x_test"].transpose(0, 3, 1, 2)
+    x_test = channels_first(data["x_test"])
     checked = x_test[: args.verify_samples]
     start = time.perf_counter()
     check = verify(out_dir, ({"input": checked[i:i + 1].copy()} for i in range(len(checked))))
@@ -689,11 +750,14 @@ def edgeopt_side(name: str, onnx_path: pathlib.Path, data: dict, work: pathlib.P
                   tensors_compared=check.tensors_compared, verify_s=time.perf_counter() - start,
                   first_mismatch=None if check.first_mismatch is None else vars(check.first_mismatch))
 
-    # input quantization with the C model's own input scale / zero point (model.h)
+    # input quantization with the C model's own input scale / zero point (model.h), in its stored layout
+    # (the manifest's permutation of the ONNX layout: NHWC for a 2-D model; a 1-D model's [N, C, L] input
+    # is stored as given and transposed by the program)
     header = (out_dir / "model.h").read_text()
     scale = float(re.search(r"#define MODEL_INPUT0_SCALE ([^f\s]+)f", header).group(1))
     zero = int(re.search(r"#define MODEL_INPUT0_ZERO_POINT (-?\d+)", header).group(1))
-    x_q = np.clip(np.round(data["x_test"] / scale) + zero, -128, 127).astype(np.int8)  # NHWC: the stored layout
+    layout = read_manifest(out_dir)["inputs"][0]["layout"]
+    x_q = np.clip(np.round(x_test / scale) + zero, -128, 127).astype(np.int8).transpose(layout).copy()
     (out_dir / "eo_bench.c").write_text(_BENCH_C.format(name="model", P="MODEL"))
     sources = [out_dir / f for f in ("eo_bench.c", "model.c", "kernels.c")]
     _compile(args.cc, CFLAGS, sources, out_dir / "eo_bench", out_dir)
@@ -723,7 +787,10 @@ def edgeopt_side(name: str, onnx_path: pathlib.Path, data: dict, work: pathlib.P
 
 
 def digits_data(name: str, calib_samples: int, seed: int) -> dict:
-    """Digits NHWC float32 in [0,1]: 8x8x1 (demo) or bilinearly upsampled to 32x32x3; calibration subset."""
+    """Digits NHWC float32 in [0,1]: 8x8x1 (demo) or bilinearly upsampled to 32x32x3; calibration subset.
+
+    kws1d: upsampled to 32x32x1 and read as a sequence, NLC [32, 32]: time step t is image row t (top to
+    bottom), its 32 features the row's pixels (left to right), as a spectrogram's frames of mel bands."""
     sys.path.insert(0, str(SCRIPT.parent))
     from _common import digits_split
 
@@ -734,10 +801,12 @@ def digits_data(name: str, calib_samples: int, seed: int) -> dict:
 
         def up(x):
             return F.interpolate(torch.from_numpy(x), size=(32, 32), mode="bilinear",
-                                 align_corners=False).repeat(1, 3, 1, 1).numpy()
+                                 align_corners=False).repeat(1, 1 if name == "kws1d" else 3, 1, 1).numpy()
 
         x_train, x_test = up(x_train), up(x_test)
     x_train, x_test = x_train.transpose(0, 2, 3, 1).copy(), x_test.transpose(0, 2, 3, 1).copy()
+    if name == "kws1d":  # [N, 32, 32, 1] -> [N, 32 steps, 32 features]
+        x_train, x_test = x_train[..., 0].copy(), x_test[..., 0].copy()
     pick = np.random.default_rng(seed).choice(len(x_train), size=min(calib_samples, len(x_train)), replace=False)
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test, "calib": x_train[pick]}
 
@@ -821,7 +890,7 @@ def run_model(name: str, args, cache: pathlib.Path) -> dict:
     onnx_path = work / "float.onnx"
     export_onnx(layers, weights, onnx_path)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    x_test_nchw = data["x_test"].transpose(0, 3, 1, 2)
+    x_test_nchw = channels_first(data["x_test"])
     onnx_logits = np.concatenate([session.run(None, {"input": x_test_nchw[i:i + 1]})[0]
                                   for i in range(len(x_test_nchw))])
     keras_logits = np.load(work / "keras_logits.npy")
