@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeopt.errors import CodegenError
 from edgeopt.runtime.reference.ops import OPS
 from edgeopt.runtime.reference.program import IntOp, Program
 
@@ -63,23 +64,36 @@ def _call(op: IntOp, ctx: PackContext, params: str, inputs=None) -> str:
     return f"{OPS[op.kind].c_kernel}(&{params}, {args}, {ctx.pointer(op.output)});"
 
 
-def _requant_arrays(prefix: str, p) -> list[str]:
-    return [c_array(f"{prefix}_bias", p.bias), c_array(f"{prefix}_multiplier", p.multiplier),
+def _requant_arrays(prefix: str, p, bias: np.ndarray | None = None) -> list[str]:
+    return [c_array(f"{prefix}_bias", p.bias if bias is None else bias), c_array(f"{prefix}_multiplier", p.multiplier),
             c_array(f"{prefix}_shift", p.shift)]
 
 
-def _conv_fields(p, name: str, in_shape, out_shape) -> tuple[list[str], dict[str, object]]:
-    """The const arrays and the ``eo_conv2d_params`` fields of conv params ``p`` (arrays named ``name_*``)."""
+def _zero_point_sums(p) -> np.ndarray:
+    """``zp_in * sum(weight[o])`` per output channel: ``sum((x - zp) w) = sum(x w) - zp sum(w)``, so a kernel's
+    inner loop multiplies the int8 values alone (one subtraction less per multiply-accumulate)."""
+    sums = p.input_zero_point * p.weight.reshape(len(p.bias), -1).astype(np.int64).sum(1)
+    if np.abs(sums.astype(np.int64) - p.bias).max(initial=0) >= 2**31:
+        raise CodegenError("a layer's bias less its input zero point times its weights' sum overflows int32")
+    return sums.astype(np.int32)
+
+
+def _conv_fields(p, name: str, in_shape, out_shape, *, zero_point_sums: bool = True
+                 ) -> tuple[list[str], dict[str, object]]:
+    """The const arrays and the ``eo_conv2d_params`` fields of conv params ``p`` (arrays named ``name_*``);
+    ``zero_point_sums``: with :func:`_zero_point_sums` (conv2d; the transposed conv's gather does not read it)."""
     n, h, w, c = in_shape
     _, out_h, out_w, out_c = out_shape
     decls = [c_array(f"{name}_weight", p.weight), *_requant_arrays(name, p)]
+    if zero_point_sums:
+        decls.append(c_array(f"{name}_zero_point_sums", _zero_point_sums(p)))
     fields = dict(
         n=n, h=h, w=w, c=c, out_h=out_h, out_w=out_w, out_c=out_c, kernel_h=p.weight.shape[1],
         kernel_w=p.weight.shape[2], group=p.group, stride_h=p.strides[0], stride_w=p.strides[1],
         dilation_h=p.dilations[0], dilation_w=p.dilations[1], pad_top=p.pads[0], pad_left=p.pads[1],
         input_zero_point=p.input_zero_point, output_zero_point=p.output_zero_point, act_min=p.act_min,
         act_max=p.act_max, weight=f"{name}_weight", bias=f"{name}_bias", multiplier=f"{name}_multiplier",
-        shift=f"{name}_shift")
+        shift=f"{name}_shift", zero_point_sums=f"{name}_zero_point_sums" if zero_point_sums else "0")
     return decls, fields
 
 
@@ -100,7 +114,8 @@ def pack_conv2d_add(op: IntOp, ctx: PackContext):
 def pack_conv_transpose2d(op: IntOp, ctx: PackContext):
     """A conv's fields: pad_top/pad_left are where the output starts in the uncropped transposed output."""
     name = f"op{ctx.index}"
-    decls, fields = _conv_fields(op.params, name, ctx.shape(op.inputs[0]), ctx.shape(op.output))
+    decls, fields = _conv_fields(op.params, name, ctx.shape(op.inputs[0]), ctx.shape(op.output),
+                                 zero_point_sums=False)
     decls.append(_struct("eo_conv_transpose2d_params", f"{name}_params", fields))
     return decls, _call(op, ctx, f"{name}_params")
 
@@ -108,7 +123,7 @@ def pack_conv_transpose2d(op: IntOp, ctx: PackContext):
 def pack_fully_connected(op: IntOp, ctx: PackContext):
     p, name = op.params, f"op{ctx.index}"
     out_features, depth = p.weight.shape
-    decls = [c_array(f"{name}_weight", p.weight), *_requant_arrays(name, p)]
+    decls = [c_array(f"{name}_weight", p.weight), *_requant_arrays(name, p, p.bias - _zero_point_sums(p))]
     decls.append(_struct("eo_fully_connected_params", f"{name}_params", dict(
         rows=ctx.size(op.inputs[0]) // depth, depth=depth, out_features=out_features,
         input_zero_point=p.input_zero_point, output_zero_point=p.output_zero_point, act_min=p.act_min,

@@ -45,9 +45,9 @@ static int8_t finish(int32_t acc, int32_t multiplier, int32_t shift, int32_t zer
 }
 
 /* The taps of one output position that fall inside the input: rows ky0..ky1-1, columns kx0..kx1-1 of
- * the kernel, whose input pixel is (y + ky * dilation_h, x + kx * dilation_w) of image b. Found once per
- * position, not per output channel and tap. */
-typedef struct { long image; int y, x, ky0, ky1, kx0, kx1; } eo_window;
+ * the kernel, whose input pixel is (y + ky * dilation_h, x + kx * dilation_w) of image b; cut when the border
+ * leaves some taps out. Found once per position, not per output channel and tap. */
+typedef struct { long image; int y, x, ky0, ky1, kx0, kx1, cut; } eo_window;
 
 static eo_window conv_window(const eo_conv2d_params *p, int b, int oy, int ox) {
     eo_window win;
@@ -62,19 +62,22 @@ static eo_window conv_window(const eo_conv2d_params *p, int b, int oy, int ox) {
     while (win.kx0 < p->kernel_w && win.x + win.kx0 * p->dilation_w < 0) ++win.kx0;
     win.kx1 = p->kernel_w;
     while (win.kx1 > win.kx0 && win.x + (win.kx1 - 1) * p->dilation_w >= p->w) --win.kx1;
+    win.cut = win.ky0 > 0 || win.ky1 < p->kernel_h || win.kx0 > 0 || win.kx1 < p->kernel_w;
     return win;
 }
 
 /* The int32 accumulator of output channel o at a position: bias + sum over the window of (x - zp) * w. */
-static inline int32_t conv_accumulator(const eo_conv2d_params *p, const int8_t *in, const eo_window *win, int o) {
+/* The sum of (x - zero_point) w over the taps of o's window that fall inside the input. */
+static inline int32_t window_sum(const eo_conv2d_params *p, const int8_t *in, const eo_window *win, int o,
+                                 int32_t zero_point) {
     int group_channels = p->c / p->group;
     int first = (o / (p->out_c / p->group)) * group_channels;
-    int32_t zero_point = p->input_zero_point;
+    const int8_t *weights = p->weight + (long)o * p->kernel_h * p->kernel_w * group_channels;
     int ky, kx, ic;
-    int32_t acc = p->bias[o];
+    int32_t acc = 0;
     for (ky = win->ky0; ky < win->ky1; ++ky) {
         const int8_t *row = in + (win->image + win->y + ky * p->dilation_h) * p->w * p->c + first;
-        const int8_t *wt = p->weight + ((long)o * p->kernel_h + ky) * p->kernel_w * group_channels;
+        const int8_t *wt = weights + (long)ky * p->kernel_w * group_channels;
         for (kx = win->kx0; kx < win->kx1; ++kx) {
             const int8_t *src = row + (long)(win->x + kx * p->dilation_w) * p->c;
             const int8_t *tap = wt + (long)kx * group_channels;
@@ -83,6 +86,14 @@ static inline int32_t conv_accumulator(const eo_conv2d_params *p, const int8_t *
         }
     }
     return acc;
+}
+
+/* bias + the sum of (x - zp) w over o's window. A window inside the input takes zero_point_sums[o] = zp * (the
+ * sum of o's weights) once and multiplies the int8 values alone; one the border cuts subtracts zp tap by tap
+ * (its taps outside read padding: the zero point, real 0). */
+static inline int32_t conv_accumulator(const eo_conv2d_params *p, const int8_t *in, const eo_window *win, int o) {
+    if (win->cut) return p->bias[o] + window_sum(p, in, win, o, p->input_zero_point);
+    return p->bias[o] - p->zero_point_sums[o] + window_sum(p, in, win, o, 0);
 }
 
 void eo_conv2d_s8(const eo_conv2d_params *p, const int8_t *in, int8_t *out) {
@@ -104,7 +115,7 @@ void eo_fully_connected_s8(const eo_fully_connected_params *p, const int8_t *in,
         for (o = 0; o < p->out_features; ++o) {
             const int8_t *x = in + (long)r * p->depth, *wt = p->weight + (long)o * p->depth;
             int32_t acc = p->bias[o];
-            for (k = 0; k < p->depth; ++k) acc += ((int32_t)x[k] - p->input_zero_point) * wt[k];
+            for (k = 0; k < p->depth; ++k) acc += (int32_t)x[k] * wt[k]; /* bias has -zp * sum(wt) folded in */
             out[(long)r * p->out_features + o] =
                 finish(acc, p->multiplier[o], p->shift[o], p->output_zero_point, p->act_min, p->act_max);
         }

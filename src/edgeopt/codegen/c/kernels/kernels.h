@@ -14,14 +14,17 @@
 
 int32_t eo_requantize(int32_t x, int32_t multiplier, int32_t shift);
 
+/* Conv (NHWC, weight OHWI). zero_point_sums[o] = input_zero_point * (sum of o's weights), for the windows
+ * inside the input (eo_conv2d_s8, eo_conv2d_add_s8; eo_conv_transpose2d_s8 does not read it). */
 typedef struct {
     int n, h, w, c, out_h, out_w, out_c, kernel_h, kernel_w, group;
     int stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left;
     int32_t input_zero_point, output_zero_point, act_min, act_max;
-    const int8_t *weight; const int32_t *bias, *multiplier, *shift;
+    const int8_t *weight; const int32_t *bias, *multiplier, *shift, *zero_point_sums;
 } eo_conv2d_params;
 void eo_conv2d_s8(const eo_conv2d_params *p, const int8_t *in, int8_t *out);
 
+/* bias: the int32 bias with -input_zero_point * (sum of o's weights) folded in. */
 typedef struct {
     int rows, depth, out_features;
     int32_t input_zero_point, output_zero_point, act_min, act_max;
