@@ -69,9 +69,7 @@ static eo_window conv_window(const eo_conv2d_params *p, int b, int oy, int ox) {
 /* The int32 accumulator of output channel o at a position: bias + sum over the window of (x - zp) * w. */
 /* The sum of (x - zero_point) w over the taps of o's window that fall inside the input. */
 static inline int32_t window_sum(const eo_conv2d_params *p, const int8_t *in, const eo_window *win, int o,
-                                 int32_t zero_point) {
-    int group_channels = p->c / p->group;
-    int first = (o / (p->out_c / p->group)) * group_channels;
+                                 int first, int group_channels, int32_t zero_point) {
     const int8_t *weights = p->weight + (long)o * p->kernel_h * p->kernel_w * group_channels;
     int ky, kx, ic;
     int32_t acc = 0;
@@ -88,28 +86,38 @@ static inline int32_t window_sum(const eo_conv2d_params *p, const int8_t *in, co
     return acc;
 }
 
-/* bias + the sum of (x - zp) w over o's window. A window inside the input takes zero_point_sums[o] = zp * (the
- * sum of o's weights) once and multiplies the int8 values alone; one the border cuts subtracts zp tap by tap
- * (its taps outside read padding: the zero point, real 0). */
-static inline int32_t conv_accumulator(const eo_conv2d_params *p, const int8_t *in, const eo_window *win, int o) {
-    if (win->cut) return p->bias[o] + window_sum(p, in, win, o, p->input_zero_point);
-    return p->bias[o] - p->zero_point_sums[o] + window_sum(p, in, win, o, 0);
+/* bias + the sum of (x - zp) w over o's window (o reads input channels first .. first + group_channels - 1).
+ * A window inside the input takes zero_point_sums[o] = zp * (the sum of o's weights) once and multiplies the
+ * int8 values alone; one the border cuts subtracts zp tap by tap (its taps outside read padding: the zero
+ * point, real 0). */
+static inline int32_t conv_accumulator(const eo_conv2d_params *p, const int8_t *in, const eo_window *win, int o,
+                                       int first, int group_channels) {
+    if (win->cut) return p->bias[o] + window_sum(p, in, win, o, first, group_channels, p->input_zero_point);
+    return p->bias[o] - p->zero_point_sums[o] + window_sum(p, in, win, o, first, group_channels, 0);
 }
 
-void eo_conv2d_s8(const eo_conv2d_params *p, const int8_t *in, int8_t *out) {
-    int b, oy, ox, o;
-    for (b = 0; b < p->n; ++b)
-        for (oy = 0; oy < p->out_h; ++oy)
-            for (ox = 0; ox < p->out_w; ++ox) {
-                eo_window win = conv_window(p, b, oy, ox);
-                int8_t *dst = out + (((long)b * p->out_h + oy) * p->out_w + ox) * p->out_c;
-                for (o = 0; o < p->out_c; ++o)
-                    dst[o] = finish(conv_accumulator(p, in, &win, o), p->multiplier[o], p->shift[o],
-                                    p->output_zero_point, p->act_min, p->act_max);
+/* Both conv kernels work on a copy of their parameters: the int8 stores could otherwise alias them (a char
+ * type aliases anything), and every field would be read again after each output. */
+void eo_conv2d_s8(const eo_conv2d_params *params, const int8_t *in, int8_t *out) {
+    const eo_conv2d_params p = *params;
+    const int group_channels = p.c / p.group, per_group = p.out_c / p.group;
+    int b, oy, ox, g, j;
+    for (b = 0; b < p.n; ++b)
+        for (oy = 0; oy < p.out_h; ++oy)
+            for (ox = 0; ox < p.out_w; ++ox) {
+                eo_window win = conv_window(&p, b, oy, ox);
+                int8_t *dst = out + (((long)b * p.out_h + oy) * p.out_w + ox) * p.out_c;
+                for (g = 0; g < p.group; ++g)
+                    for (j = 0; j < per_group; ++j) {
+                        int o = g * per_group + j;
+                        dst[o] = finish(conv_accumulator(&p, in, &win, o, g * group_channels, group_channels),
+                                        p.multiplier[o], p.shift[o], p.output_zero_point, p.act_min, p.act_max);
+                    }
             }
 }
 
-void eo_fully_connected_s8(const eo_fully_connected_params *p, const int8_t *in, int8_t *out) {
+void eo_fully_connected_s8(const eo_fully_connected_params *params, const int8_t *in, int8_t *out) {
+    const eo_fully_connected_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
     int r, o, k;
     for (r = 0; r < p->rows; ++r)
         for (o = 0; o < p->out_features; ++o) {
@@ -134,7 +142,8 @@ static int8_t add_pair(const eo_add_params *p, int8_t a, int8_t b) {
     return finish(sum, p->output_multiplier, p->output_shift, p->output_zero_point, p->act_min, p->act_max);
 }
 
-void eo_add_s8(const eo_add_params *p, const int8_t *a, const int8_t *b, int8_t *out) {
+void eo_add_s8(const eo_add_params *params, const int8_t *a, const int8_t *b, int8_t *out) {
+    const eo_add_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
     int i0, i1, i2, i3;
     long index = 0;
     EO_FOR4(p->shape) {
@@ -145,23 +154,29 @@ void eo_add_s8(const eo_add_params *p, const int8_t *a, const int8_t *b, int8_t 
 
 /* out may be shortcut (in place): element (b, oy, ox, o) of shortcut is read just before that element of
  * out is written, and the conv reads only in. */
-void eo_conv2d_add_s8(const eo_conv2d_add_params *p, const int8_t *in, const int8_t *shortcut, int8_t *out) {
-    const eo_conv2d_params *conv = &p->conv;
-    int b, oy, ox, o;
-    for (b = 0; b < conv->n; ++b)
-        for (oy = 0; oy < conv->out_h; ++oy)
-            for (ox = 0; ox < conv->out_w; ++ox) {
-                eo_window win = conv_window(conv, b, oy, ox);
-                for (o = 0; o < conv->out_c; ++o) {
-                    long index = (((long)b * conv->out_h + oy) * conv->out_w + ox) * conv->out_c + o;
-                    int8_t t = finish(conv_accumulator(conv, in, &win, o), conv->multiplier[o], conv->shift[o],
-                                      conv->output_zero_point, conv->act_min, conv->act_max);
-                    out[index] = add_pair(&p->add, t, shortcut[index]);
-                }
+void eo_conv2d_add_s8(const eo_conv2d_add_params *params, const int8_t *in, const int8_t *shortcut, int8_t *out) {
+    const eo_conv2d_params conv = params->conv;
+    const eo_add_params add = params->add;
+    const int group_channels = conv.c / conv.group, per_group = conv.out_c / conv.group;
+    int b, oy, ox, g, j;
+    for (b = 0; b < conv.n; ++b)
+        for (oy = 0; oy < conv.out_h; ++oy)
+            for (ox = 0; ox < conv.out_w; ++ox) {
+                eo_window win = conv_window(&conv, b, oy, ox);
+                long base = (((long)b * conv.out_h + oy) * conv.out_w + ox) * conv.out_c;
+                for (g = 0; g < conv.group; ++g)
+                    for (j = 0; j < per_group; ++j) {
+                        int o = g * per_group + j;
+                        int8_t t = finish(conv_accumulator(&conv, in, &win, o, g * group_channels, group_channels),
+                                          conv.multiplier[o], conv.shift[o], conv.output_zero_point, conv.act_min,
+                                          conv.act_max);
+                        out[base + o] = add_pair(&add, t, shortcut[base + o]);
+                    }
             }
 }
 
-void eo_mul_s8(const eo_mul_params *p, const int8_t *a, const int8_t *b, int8_t *out) {
+void eo_mul_s8(const eo_mul_params *params, const int8_t *a, const int8_t *b, int8_t *out) {
+    const eo_mul_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
     int i0, i1, i2, i3;
     long index = 0;
     EO_FOR4(p->shape) {
@@ -172,7 +187,8 @@ void eo_mul_s8(const eo_mul_params *p, const int8_t *a, const int8_t *b, int8_t 
     }
 }
 
-void eo_max_pool_s8(const eo_max_pool_params *p, const int8_t *in, int8_t *out) {
+void eo_max_pool_s8(const eo_max_pool_params *params, const int8_t *in, int8_t *out) {
+    const eo_max_pool_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
     int b, oy, ox, ch, ky, kx;
     for (b = 0; b < p->n; ++b)
         for (oy = 0; oy < p->out_h; ++oy)
@@ -195,7 +211,8 @@ void eo_max_pool_s8(const eo_max_pool_params *p, const int8_t *in, int8_t *out) 
                 }
 }
 
-void eo_avg_pool_s8(const eo_avg_pool_params *p, const int8_t *in, int8_t *out) {
+void eo_avg_pool_s8(const eo_avg_pool_params *params, const int8_t *in, int8_t *out) {
+    const eo_avg_pool_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
     int b, oy, ox, ch, ky, kx;
     for (b = 0; b < p->n; ++b)
         for (oy = 0; oy < p->out_h; ++oy)
@@ -219,7 +236,8 @@ void eo_avg_pool_s8(const eo_avg_pool_params *p, const int8_t *in, int8_t *out) 
                 }
 }
 
-void eo_mean_s8(const eo_mean_params *p, const int8_t *in, int8_t *out) {
+void eo_mean_s8(const eo_mean_params *params, const int8_t *in, int8_t *out) {
+    const eo_mean_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
     int o, r, i;
     for (o = 0; o < p->outer; ++o)
         for (i = 0; i < p->inner; ++i) {
@@ -230,19 +248,22 @@ void eo_mean_s8(const eo_mean_params *p, const int8_t *in, int8_t *out) {
         }
 }
 
-void eo_requantize_s8(const eo_requantize_params *p, const int8_t *in, int8_t *out) {
+void eo_requantize_s8(const eo_requantize_params *params, const int8_t *in, int8_t *out) {
+    const eo_requantize_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
     int i;
     for (i = 0; i < p->size; ++i)
         out[i] = finish((int32_t)in[i] - p->input_zero_point, p->multiplier, p->shift, p->output_zero_point,
                         p->act_min, p->act_max);
 }
 
-void eo_lut_s8(const eo_lut_params *p, const int8_t *in, int8_t *out) {
+void eo_lut_s8(const eo_lut_params *params, const int8_t *in, int8_t *out) {
+    const eo_lut_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
     int i;
     for (i = 0; i < p->size; ++i) out[i] = p->table[(int)in[i] + 128];
 }
 
-void eo_softmax_s8(const eo_softmax_params *p, const int8_t *in, int8_t *out) {
+void eo_softmax_s8(const eo_softmax_params *params, const int8_t *in, int8_t *out) {
+    const eo_softmax_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
     int r, i;
     for (r = 0; r < p->rows; ++r) {
         const int8_t *x = in + (long)r * p->depth;
@@ -260,7 +281,8 @@ void eo_softmax_s8(const eo_softmax_params *p, const int8_t *in, int8_t *out) {
     }
 }
 
-void eo_pad_s8(const eo_pad_params *p, const int8_t *in, int8_t *out) {
+void eo_pad_s8(const eo_pad_params *params, const int8_t *in, int8_t *out) {
+    const eo_pad_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
     int out_shape[4], i0, i1, i2, i3, d;
     long index = 0;
     for (d = 0; d < 4; ++d) out_shape[d] = p->in_shape[d] + p->before[d] + p->after[d];
@@ -273,7 +295,8 @@ void eo_pad_s8(const eo_pad_params *p, const int8_t *in, int8_t *out) {
     }
 }
 
-void eo_resize_nearest_s8(const eo_resize_nearest_params *p, const int8_t *in, int8_t *out) {
+void eo_resize_nearest_s8(const eo_resize_nearest_params *params, const int8_t *in, int8_t *out) {
+    const eo_resize_nearest_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
     int b, oy, ox;
     for (b = 0; b < p->n; ++b)
         for (oy = 0; oy < p->out_h; ++oy)
@@ -282,7 +305,8 @@ void eo_resize_nearest_s8(const eo_resize_nearest_params *p, const int8_t *in, i
                        in + (((long)b * p->h + p->row_index[oy]) * p->w + p->col_index[ox]) * p->c, (size_t)p->c);
 }
 
-void eo_transpose_s8(const eo_transpose_params *p, const int8_t *in, int8_t *out) {
+void eo_transpose_s8(const eo_transpose_params *params, const int8_t *in, int8_t *out) {
+    const eo_transpose_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
     long in_stride[EO_MAX_RANK], stride[EO_MAX_RANK], total = 1, i;
     int out_shape[EO_MAX_RANK], index[EO_MAX_RANK], d;
     for (d = p->rank - 1; d >= 0; --d) { in_stride[d] = total; total *= p->in_shape[d]; }
@@ -318,7 +342,8 @@ void eo_slice_s8(const eo_slice_params *p, const int8_t *in, int8_t *out) {
         memcpy(out + (long)o * p->out_block, in + (long)o * p->in_block + p->offset, (size_t)p->out_block);
 }
 
-void eo_batch_matmul_s8(const eo_batch_matmul_params *p, const int8_t *a, const int8_t *b, int8_t *out) {
+void eo_batch_matmul_s8(const eo_batch_matmul_params *params, const int8_t *a, const int8_t *b, int8_t *out) {
+    const eo_batch_matmul_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
     int g, m, n, k;
     for (g = 0; g < p->batch; ++g) {
         const int8_t *left = a + (long)g * p->rows * p->depth, *right = b + (long)g * p->depth * p->columns;
@@ -378,7 +403,8 @@ static int32_t transposed_accumulator(const eo_conv_transpose2d_params *p, const
     return acc;
 }
 
-void eo_conv_transpose2d_s8(const eo_conv_transpose2d_params *p, const int8_t *in, int8_t *out) {
+void eo_conv_transpose2d_s8(const eo_conv_transpose2d_params *params, const int8_t *in, int8_t *out) {
+    const eo_conv_transpose2d_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
     int b, oy, ox, o;
     for (b = 0; b < p->n; ++b)
         for (oy = 0; oy < p->out_h; ++oy) {
@@ -396,7 +422,8 @@ void eo_conv_transpose2d_s8(const eo_conv_transpose2d_params *p, const int8_t *i
 }
 
 /* In place: element i of in is read just before element i of out is written. */
-void eo_prelu_s8(const eo_prelu_params *p, const int8_t *in, int8_t *out) {
+void eo_prelu_s8(const eo_prelu_params *params, const int8_t *in, int8_t *out) {
+    const eo_prelu_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
     int o, ch, i;
     long index = 0;
     for (o = 0; o < p->outer; ++o)
@@ -423,7 +450,8 @@ static int8_t bilinear_round(int32_t total) {
     return (int8_t)clamp32(out, -128, 127);
 }
 
-void eo_resize_bilinear_s8(const eo_resize_bilinear_params *p, const int8_t *in, int8_t *out) {
+void eo_resize_bilinear_s8(const eo_resize_bilinear_params *params, const int8_t *in, int8_t *out) {
+    const eo_resize_bilinear_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
     const int32_t one = (int32_t)1 << EO_BILINEAR_BITS;
     int b, oy, ox, ch;
     for (b = 0; b < p->n; ++b)
@@ -456,7 +484,8 @@ static uint64_t isqrt64(uint64_t v) {
     return root;
 }
 
-void eo_layer_norm_s8(const eo_layer_norm_params *p, const int8_t *in, int8_t *out) {
+void eo_layer_norm_s8(const eo_layer_norm_params *params, const int8_t *in, int8_t *out) {
+    const eo_layer_norm_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
     const int32_t d_count = p->reduce;
     int o, i, c;
     for (o = 0; o < p->outer; ++o)
