@@ -37,11 +37,11 @@ def _shared_half_gelu(path) -> None:
              helper.make_node("Erf", ["d"], ["e"]), helper.make_node("Add", ["e", "one"], ["e1"]),
              helper.make_node("Mul", ["half", "e1"], ["h"]), helper.make_node("Mul", ["x", "h"], ["y"]),
              helper.make_node("Add", ["x", "one"], ["shifted"])]
-    graph = helper.make_graph(nodes, "shared_half_gelu", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                                                                        [1, 6, 8])],
+    initializers = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+    graph = helper.make_graph(nodes, "shared_half_gelu",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 6, 8])],
                               [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 6, 8])
-                               for name in ("y", "shifted")],
-                              initializer=[numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+                               for name in ("y", "shifted")], initializer=initializers)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
 
 
