@@ -152,3 +152,22 @@ def test_back_to_back_transposes_run_as_one(quantized):
             assert program.tensors[first.output].shape != tuple(shape[a] for a in first.params.perm), op.node
     if name == "multi_head":
         assert [op.kind for op in program.ops].count("transpose") == 7
+
+
+def test_an_inner_axis_past_the_int32_accumulator_is_refused(tmp_path):
+    """The C sums in int32 (the reference in int64): 34,000 products of up to 255 x 255 could overflow, and
+    the two would then differ without a word."""
+    depth = 34_000
+    nodes = [helper.make_node("MatMul", ["a", "b"], ["output"], name="long_matmul")]
+    _save(tmp_path / "float.onnx", nodes,
+          [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 1, depth]),
+           helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, depth, 1])],
+          [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1, 1])], {})
+    rng = np.random.default_rng(0)
+    data = [{"a": rng.uniform(0, 1, (1, 1, depth)).astype(np.float32),
+             "b": rng.uniform(0, 1, (1, depth, 1)).astype(np.float32)} for _ in range(2)]
+    api.quantize(tmp_path / "float.onnx", Int8Config(target=Target.MCU), data, output=tmp_path / "int8.onnx",
+                 check_speed=False, check_fidelity=False)
+    with pytest.raises(UnsupportedOpError, match=r"long_matmul.*34000 products.*int32") as error:
+        lower(api.load(tmp_path / "int8.onnx"))
+    assert "\n" not in str(error.value)

@@ -145,3 +145,54 @@ def test_generated_c_is_bit_exact(name, request, tmp_path):
     result = verify(tmp_path / "c", _signals(2, seed=9, channels=model.graph.inputs[0].shape[1]))
     assert result.bit_exact, result.first_mismatch
     assert result.tensors_compared >= 2 * 10
+
+
+def _normalized_helper_model(path) -> None:
+    """Conv1d, a LayerNorm over channels spelled out (as a ConvNeXt-1D or wav2vec2 feature encoder below
+    opset 17 writes it), the erf GELU spelled out, a pointwise Conv1d: on [1, 8, 12]."""
+    rng = np.random.default_rng(1)
+    weights = {"w1": rng.normal(0, 0.4, (8, 8, 3)), "two": np.array(2.0), "eps": np.array(1e-5),
+               "gamma": rng.uniform(0.5, 1.5, (8, 1)), "beta": rng.normal(0, 0.1, (8, 1)),
+               "sqrt2": np.array(np.sqrt(2.0)), "one": np.array(1.0), "half": np.array(0.5),
+               "w2": rng.normal(0, 0.4, (4, 8, 1))}
+    nodes = [
+        helper.make_node("Conv", ["input", "w1"], ["c"], name="conv", pads=[1, 1]),
+        helper.make_node("ReduceMean", ["c"], ["mean"], name="mean", axes=[1]),
+        helper.make_node("Sub", ["c", "mean"], ["centered"], name="center"),
+        helper.make_node("Pow", ["centered", "two"], ["squared"], name="square"),
+        helper.make_node("ReduceMean", ["squared"], ["variance"], name="variance", axes=[1]),
+        helper.make_node("Add", ["variance", "eps"], ["shifted"], name="epsilon"),
+        helper.make_node("Sqrt", ["shifted"], ["deviation"], name="sqrt"),
+        helper.make_node("Div", ["centered", "deviation"], ["normalized"], name="normalize"),
+        helper.make_node("Mul", ["normalized", "gamma"], ["scaled"], name="gamma"),
+        helper.make_node("Add", ["scaled", "beta"], ["x"], name="beta"),
+        helper.make_node("Div", ["x", "sqrt2"], ["z"], name="gelu_div"),
+        helper.make_node("Erf", ["z"], ["e"], name="gelu_erf"),
+        helper.make_node("Add", ["e", "one"], ["e1"], name="gelu_add"),
+        helper.make_node("Mul", ["x", "e1"], ["xe"], name="gelu_mul"),
+        helper.make_node("Mul", ["xe", "half"], ["g"], name="gelu_half"),
+        helper.make_node("Conv", ["g", "w2"], ["output"], name="pointwise"),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv1d_norm", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 8, 12])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 12])],
+        initializer=[numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+
+
+@needs_gcc
+def test_spelled_out_layer_norm_and_gelu_after_a_conv1d_compile(tmp_path):
+    """The lift kept their Sub/Add/Mul in 2-D with a Squeeze among them: neither group was recognized and
+    compile refused them as float islands. They now stay whole at rank 3."""
+    _normalized_helper_model(tmp_path / "norm.onnx")
+    rng = np.random.default_rng(0)
+    batches = [{"input": rng.normal(0, 1, (1, 8, 12)).astype(np.float32)} for _ in range(10)]
+    api.quantize(tmp_path / "norm.onnx", Int8Config(target=Target.MCU), batches[:8], output=tmp_path / "q.onnx",
+                 check_speed=False, check_fidelity=False)
+    model = api.load(tmp_path / "q.onnx")
+    assert sorted({op.kind for op in lower(model).ops} - {"reshape", "transpose"}) == ["conv2d", "layer_norm", "lut"]
+    within, _, worst = q.agreement(ReferenceModel(model, rounding="single"), OrtSession(model), batches[8:])
+    assert within >= 0.999 and worst <= 1, (within, worst)
+    compile_c(model, tmp_path / "c")
+    result = verify(tmp_path / "c", batches[8:])
+    assert result.bit_exact, result.first_mismatch

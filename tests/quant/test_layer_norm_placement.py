@@ -74,3 +74,20 @@ def test_excluding_one_step_of_a_group_keeps_the_whole_group_float():
     assert set(reasons) == {"Div", "Erf", "Add", "Mul"} and reasons["Erf"].startswith("excluded")
     assert reasons["Div"].startswith("part of a spelled-out gelu whose Erf")
     assert _quantized_values(result.model) <= {"x", "y_float"}
+
+
+def test_a_layer_norm_read_by_a_gelu_has_a_pair_between_the_two_groups():
+    """Two spelled-out groups back to back are two int8 ops: the LayerNorm's output is quantized (it was
+    left float, inside neither group, and compile refused it as a float island)."""
+    norm, norm_constants = spelled_layer_norm([-1], np.linspace(0.5, 1.5, 8), np.zeros(8))
+    gelu, gelu_constants = spelled_gelu("half_last")
+    for node in norm:
+        node.input[:] = ["x" if name == "xd" else name for name in node.input]
+        node.output[:] = ["n_out" if name == "y" else name for name in node.output]
+    for node in gelu:
+        node.input[:] = ["n_out" if name == "xd" else name for name in node.input]
+    model = make_model([*norm, *gelu], [("x", (2, 8))], [("y", (2, 8))], [*norm_constants, *gelu_constants],
+                       opset=13)
+    mcu = _quantize(model, "mcu")
+    assert mcu.float_nodes == ()
+    assert _quantized_values(mcu.model) == {"x", "n_out", "y_float"}

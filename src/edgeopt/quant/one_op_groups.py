@@ -29,18 +29,27 @@ def quantized_as_one_op(node: ir.Node, rules: Mapping[str, OpRule]) -> bool:
 
 def group_boundary(members: Mapping[str, ir.Node], is_float: Callable[[ir.Value], bool]) -> list[str]:
     """The float values entering the groups of ``members`` (name -> node) from outside, constants aside, and
-    those leaving them (read by another node, or graph outputs), in graph order of their readers."""
+    those leaving them (read by another node, or graph outputs), in graph order of their readers. A value
+    from one group into a group of another pattern (a LayerNorm's output read by a GELU) leaves the first and
+    enters the second: each group is one integer op, reading and writing int8."""
     names: dict[str, None] = {}
+
+    def inside(other: ir.Node | None, node: ir.Node) -> bool:
+        return other is not None and other.name in members and _pattern(other) == _pattern(node)
+
     for node in members.values():
         for value in node.inputs:
-            producer = value.producer() if value is not None else None
-            if is_float(value) and not eir.is_constant(value) and (producer is None or producer.name not in members):
+            if is_float(value) and not eir.is_constant(value) and not inside(value.producer(), node):
                 names[value.name] = None
         for value in node.outputs:
-            if is_float(value) and (value.is_graph_output() or any(use.node.name not in members
+            if is_float(value) and (value.is_graph_output() or any(not inside(use.node, node)
                                                                     for use in value.uses())):
                 names[value.name] = None
     return list(names)
+
+
+def _pattern(node: ir.Node) -> str | None:
+    return node.metadata_props.get(PATTERN_KEY)
 
 
 def refuse_partial_groups(grouped: dict[str, ir.Node], refusals: dict[str, str]) -> None:

@@ -6,7 +6,8 @@ self-attention) is one ``batch_matmul`` op over their logical order::
     y[b, m, n] = requant(sum_k (A[b, m, k] - za) (B[b, k, n] - zb), sa sb / sy) + zy
 
 with one fixed-point multiplier (both operands are per-tensor), the int32
-accumulator exact (``|term| <= 255**2``, so ``k`` up to 33,000). The batch
+accumulator exact (``|term| <= 255**2``, so ``k`` up to 33,000; a longer inner axis, at the
+actual zero points, is refused). The batch
 axes (heads, ...) must agree; an operand broadcast over them is refused. The
 kernel reads and writes logical (row-major) order: a rank-4 operand, stored
 NHWC in the program, is transposed to it first, and a rank-4 result back.
@@ -51,6 +52,7 @@ def lower_activation_matmul(lo: Lowering, node: ir.Node) -> None:
         raise UnsupportedOpError(f"{node_label(node)}: MatMul of two activations needs [..., M, K] x [..., K, N] "
                                  f"with the same batch axes (got {list(a_shape)} and {list(b_shape)})")
     plan, sa, sb = lo.output_plan(node), lo.params_of(a), lo.params_of(b)
+    _check_accumulator(node, a_shape[-1], sa.zero_point, sb.zero_point)
     multiplier, shift = real_multiplier(sa.scale * sb.scale / plan.qparams.scale)
     params = BatchMatMulParams(
         batch=int(np.prod(a_shape[:-2], dtype=np.int64)), rows=a_shape[-2], depth=a_shape[-1], columns=b_shape[-1],
@@ -64,6 +66,15 @@ def lower_activation_matmul(lo: Lowering, node: ir.Node) -> None:
     product = lo.add_stored_tensor(f"{plan.value.name}__logical", out_shape, plan.qparams, _identity(len(out_shape)))
     lo.emit("batch_matmul", inputs, product, params, node)
     lo.finish("transpose", [product], plan, TransposeParams(perm=stored_layout(len(out_shape))), node)
+
+
+def _check_accumulator(node: ir.Node, depth: int, a_zero_point: int, b_zero_point: int) -> None:
+    """Refuse a depth whose sum of products may leave the C kernel's int32 accumulator."""
+    largest = (max(127 - a_zero_point, a_zero_point + 128) * max(127 - b_zero_point, b_zero_point + 128))
+    if depth * largest > 2**31 - 1:
+        raise UnsupportedOpError(f"{node_label(node)}: MatMul of two activations over {depth} products may "
+                                 f"overflow the kernel's int32 accumulator (at most {(2**31 - 1) // largest} at "
+                                 "these zero points): split the inner axis in parts and add them")
 
 
 def lower_softmax(lo: Lowering, node: ir.Node) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
+from edgeopt.runtime.reference.patterns import match_erf_gelu, match_layer_norm
 
 __all__ = ["lift_1d"]
 
@@ -99,9 +100,19 @@ def _liftable(node: ir.Node) -> bool:
     return True
 
 
+def _spelled_out(graph: ir.Graph) -> set[ir.Node]:
+    """The nodes of spelled-out LayerNorms and erf-GELUs: lowered as one op each, they must keep their rank
+    (a lifted Sub or Mul among them, and the Squeeze back, would hide the group from its matcher)."""
+    groups = [match_layer_norm(node) if node.op_type == "ReduceMean" else match_erf_gelu(node)
+              for node in graph if node.op_type in ("ReduceMean", "Erf")]
+    return {member for group in groups if group is not None for member in group.nodes}
+
+
 def _region(graph: ir.Graph) -> set[ir.Node]:
-    """The nodes reached from a 1-D conv or pool through liftable nodes over rank-3 activations."""
+    """The nodes reached from a 1-D conv or pool through liftable nodes over rank-3 activations (the
+    members of a spelled-out LayerNorm or GELU excepted)."""
     region = {node for node in graph if _is_seed(node)}
+    kept = _spelled_out(graph)
     frontier = list(region)
     while frontier:
         node = frontier.pop()
@@ -110,7 +121,7 @@ def _region(graph: ir.Graph) -> set[ir.Node]:
             if value.producer() is not None:
                 neighbours.append(value.producer())
             for other in neighbours:
-                if other not in region and other.graph is graph and _liftable(other):
+                if other not in region and other not in kept and other.graph is graph and _liftable(other):
                     region.add(other)
                     frontier.append(other)
     return _trimmed(region)

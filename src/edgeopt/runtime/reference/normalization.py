@@ -30,7 +30,13 @@ from edgeopt import ir as eir
 from edgeopt.errors import UnsupportedOpError
 from edgeopt.runtime.reference.fixed_point import quantize_multiplier
 from edgeopt.runtime.reference.lower import Lowering, OutputPlan, QParams, attribute, node_label
-from edgeopt.runtime.reference.patterns import SpelledGelu, SpelledLayerNorm, match_erf_gelu, match_layer_norm
+from edgeopt.runtime.reference.patterns import (
+    SpelledGelu,
+    SpelledLayerNorm,
+    constant_operand,
+    match_erf_gelu,
+    match_layer_norm,
+)
 from edgeopt.runtime.reference.program import LayerNormParams, LutParams
 
 __all__ = ["BIAS_BITS", "claim_spelled_out", "layer_norm_params", "lower_instance_normalization",
@@ -170,7 +176,7 @@ def _evaluate(match: SpelledGelu, x: np.ndarray) -> np.ndarray:
     """The group's float ops on ``x``, each rounded to float32 as ONNX Runtime computes them."""
     values = {match.x.name: x}
     for node in match.nodes:
-        args = [values[v.name] if v.name in values else eir.constant_array(v).astype(np.float32)
+        args = [values[v.name] if v.name in values else constant_operand(v).astype(np.float32)
                 for v in node.inputs]
         values[node.outputs[0].name] = _FLOAT_OPS[node.op_type](*args).astype(np.float32)
     return values[match.last.outputs[0].name]

@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 
-__all__ = ["SpelledGelu", "SpelledLayerNorm", "match_erf_gelu", "match_layer_norm"]
+__all__ = ["SpelledGelu", "SpelledLayerNorm", "constant_operand", "match_erf_gelu", "match_layer_norm"]
 
 _GELU_LINKS = 3  # (1 + e) * x * 0.5 takes at most three Mul/Div nodes after the Add
 
@@ -67,8 +67,30 @@ def _only_reader(value: ir.Value) -> ir.Node | None:
     return readers[0] if len(readers) == 1 and not value.is_graph_output() else None
 
 
+def constant_operand(value: ir.Value | None) -> np.ndarray | None:
+    """A constant operand as the float op reads it: the constant itself, or the float32 ``(q - zp) * scale``
+    of a DequantizeLinear of constants. Exporters share one scalar initializer among nodes (dynamo's 0.5 is
+    GELU's and attention's); when the quantizer stores it int8 for a quantized reader, the group's float
+    node reads the same DequantizeLinear."""
+    array = eir.constant_array(value)
+    producer = value.producer() if value is not None and array is None else None
+    if not eir.is_op(producer, "DequantizeLinear") or len(producer.inputs) < 2:
+        return array
+    data, scale = eir.constant_array(producer.inputs[0]), eir.constant_array(producer.inputs[1])
+    zero_point = eir.constant_array(producer.inputs[2]) if len(producer.inputs) > 2 else None
+    if data is None or scale is None or (zero_point is None and len(producer.inputs) > 2
+                                         and producer.inputs[2] is not None):
+        return None
+    shape = [1] * data.ndim
+    if scale.size > 1:
+        shape[producer.attributes.get_int("axis", 1) % data.ndim] = scale.size
+    zero_point = np.zeros(1, np.int64) if zero_point is None else zero_point.astype(np.int64)
+    return ((data.astype(np.int64) - zero_point.reshape(shape)).astype(np.float32)
+            * scale.astype(np.float32).reshape(shape))
+
+
 def _scalar(value: ir.Value | None) -> float | None:
-    array = eir.constant_array(value) if value is not None else None
+    array = constant_operand(value) if value is not None else None
     if array is None or array.size != 1 or not np.issubdtype(array.dtype, np.number):
         return None
     return float(array.reshape(()))
@@ -138,7 +160,7 @@ def _affine(node: ir.Node, op_type: str, axes, rank: int) -> tuple[ir.Node, np.n
     """The Mul (gamma) or Add (beta) alone reading ``node``'s output by a constant varying only along ``axes``."""
     following = _next(node.outputs[0], op_type)
     other = _other(following, node.outputs[0]) if following is not None else None
-    constant = eir.constant_array(other) if other is not None else None
+    constant = constant_operand(other) if other is not None else None
     if constant is None or constant.ndim > rank or not np.issubdtype(constant.dtype, np.floating):
         return None
     padded = (1,) * (rank - constant.ndim) + constant.shape

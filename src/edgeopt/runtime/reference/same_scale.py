@@ -265,6 +265,9 @@ def lower_gather(lo: Lowering, node: ir.Node) -> None:
     if indices is None or indices.ndim > 1:
         raise UnsupportedOpError(f"{node_label(node)}: Gather needs constant indices (a scalar or a list); a "
                                  "lookup by run-time indices, such as an embedding of token ids, has no C kernel")
+    if indices.size == 0:
+        raise UnsupportedOpError(f"{node_label(node)}: Gather with no indices makes an empty tensor, which the C "
+                                 "does not hold: remove it from the model")
     shape = lo.tensors[x].logical_shape
     axis = int(attribute(node, "axis", 0)) % len(shape)
     positions = [int(i) % shape[axis] for i in indices.reshape(-1)]
