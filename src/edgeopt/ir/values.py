@@ -90,6 +90,12 @@ def is_constant(value: ir.Value | None) -> bool:
     return producer is not None and producer.op_type == "Constant"
 
 
+def is_quantized_constant(value: ir.Value | None) -> bool:
+    """Whether ``value`` is a DequantizeLinear of a constant: a quantized weight or constant operand."""
+    producer = value.producer() if value is not None else None
+    return is_op(producer, "DequantizeLinear") and bool(producer.inputs) and is_constant(producer.inputs[0])
+
+
 def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     """The shape of ``value`` as ints, or None when unknown or dynamic."""
     if value is None:

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt.errors import UnsupportedOpError
-from edgeopt.runtime.reference.lower import Lowering, attribute, node_label
+from edgeopt.runtime.reference.lower import Lowering, attribute, node_label, text_attribute
 from edgeopt.runtime.reference.program import ConvTranspose2dParams
 
 __all__ = ["lower_conv_transpose", "transposed_geometry"]
@@ -33,14 +33,9 @@ __all__ = ["lower_conv_transpose", "transposed_geometry"]
 _SUPPORTED = "2-D ConvTranspose with group 1 or depthwise (group = input channels = output channels)"
 
 
-def _auto_pad(node: ir.Node) -> str:
-    auto_pad = attribute(node, "auto_pad", "NOTSET")
-    return auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-
-
 def transposed_geometry(node: ir.Node, in_hw, kernel, strides, dilations) -> tuple[tuple[int, int], tuple[int, int]]:
     """((begin_h, begin_w), (out_h, out_w)) of a ConvTranspose, as the ONNX spec computes them (module doc)."""
-    auto_pad = _auto_pad(node)
+    auto_pad = text_attribute(node, "auto_pad", "NOTSET")
     output_padding = list(attribute(node, "output_padding", [0, 0]))
     output_shape = attribute(node, "output_shape", None)
     pads = list(attribute(node, "pads", [0, 0, 0, 0]))

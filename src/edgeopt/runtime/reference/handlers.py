@@ -141,7 +141,7 @@ def lower_gemm(lo: Lowering, node: ir.Node) -> None:
 
 
 def lower_matmul(lo: Lowering, node: ir.Node) -> None:
-    if not _is_constant_operand(node.inputs[1]):
+    if not eir.is_quantized_constant(node.inputs[1]):
         lower_activation_matmul(lo, node)
         return
     x = lo.activation(node.inputs[0], node)
@@ -154,15 +154,9 @@ def lower_matmul(lo: Lowering, node: ir.Node) -> None:
 # -- elementwise binary ---------------------------------------------------------------------
 
 
-def _is_constant_operand(value: ir.Value | None) -> bool:
-    """A DequantizeLinear of a constant (a quantized weight or constant operand)."""
-    producer = value.producer() if value is not None else None
-    return producer is not None and producer.op_type == "DequantizeLinear" and eir.is_constant(producer.inputs[0])
-
-
 def _operand(lo: Lowering, value: ir.Value, node: ir.Node, out_rank: int) -> str:
     """An activation input, or a constant operand stored broadcast-ready in the output's layout."""
-    if value.name in lo.tensor_of or not _is_constant_operand(value):
+    if value.name in lo.tensor_of or not eir.is_quantized_constant(value):
         tensor = lo.activation(value, node)
         if len(lo.tensors[tensor].shape) != out_rank:
             raise UnsupportedOpError(f"{node_label(node)}: broadcasting activations of different rank")

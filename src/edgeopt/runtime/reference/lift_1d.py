@@ -63,10 +63,7 @@ def _rank(value: ir.Value | None) -> int | None:
 
 def _constant_chain(value: ir.Value | None) -> bool:
     """A constant, or a DequantizeLinear of one (a weight, a bias, a quantized constant operand)."""
-    if value is None or eir.is_constant(value):
-        return True
-    producer = value.producer()
-    return producer is not None and producer.op_type == "DequantizeLinear" and eir.is_constant(producer.inputs[0])
+    return value is None or eir.is_constant(value) or eir.is_quantized_constant(value)
 
 
 def _activations(node: ir.Node) -> list[ir.Value]:

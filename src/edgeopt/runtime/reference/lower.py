@@ -85,6 +85,15 @@ def attribute(node: ir.Node, name: str, default=None):
     return default if attr is None else attr.value
 
 
+def text_attribute(node: ir.Node, name: str, default: str) -> str:
+    """A string attribute (``mode``, ``auto_pad`` ...) as text, ``default`` when absent."""
+    value = attribute(node, name)
+    if value is None:
+        return default
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+
 def real_multiplier(real: float) -> tuple[int, int]:
     return quantize_multiplier(real) if real > 0 else (0, 0)
 
@@ -180,8 +189,7 @@ class Lowering:
             return self.tensor_of[value.name]
         if value.name in self.failed:
             raise _Skip()
-        producer = value.producer()
-        if producer is not None and producer.op_type == "DequantizeLinear" and eir.is_constant(producer.inputs[0]):
+        if eir.is_quantized_constant(value):
             raise UnsupportedOpError(f"{node_label(node)} reads the constant {value.name!r} where the kernel takes "
                                      "an activation (a weight is input B of MatMul/Gemm, W of Conv): swap the "
                                      "operands (x @ W, not W @ x) or keep the node float")
@@ -364,7 +372,7 @@ _OP_HINTS = {
 
 def _what_to_do(errors: list[str], model: ir.Model) -> str:
     """The advice for the refusals in ``errors``, each said once: the float-island rule, hints for the
-    op types refused, and the ops the C kernels cover."""
+    op types refused, and the ops the C kernels cover when one refused has no kernel at all."""
     from edgeopt.runtime.reference.handlers import HANDLERS
 
     refused = {node.op_type for node in model.graph if any(error.startswith(node_label(node)) for error in errors)}
@@ -374,9 +382,10 @@ def _what_to_do(errors: list[str], model: ir.Model) -> str:
                          "all it has kernels for (the ort target leaves a last Gemm/MatMul's output float), and "
                          "what it lists as kept float (an excluded node, an op without an int8 kernel) cannot be "
                          "compiled")
-    supported = sorted(op for op in HANDLERS if op not in ("QuantizeLinear", "DequantizeLinear"))
-    advice.append(f"the C kernels cover {', '.join(supported)}: replace the other ops in the model you export")
-    return ". To fix: " + "; ".join(advice)
+    if refused - HANDLERS.keys():  # an op with no kernel at all (else each refusal says what its op supports)
+        supported = sorted(op for op in HANDLERS if op not in ("QuantizeLinear", "DequantizeLinear"))
+        advice.append(f"the C kernels cover {', '.join(supported)}: replace the other ops in the model you export")
+    return ". To fix: " + "; ".join(advice) if advice else ""
 
 
 def _is_quantized(model: ir.Model) -> bool:

@@ -24,6 +24,7 @@ from edgeopt.runtime.reference.lower import (
     conv_pads,
     node_label,
     real_multiplier,
+    text_attribute,
 )
 from edgeopt.runtime.reference.program import (
     AvgPoolParams,
@@ -52,6 +53,7 @@ __all__ = [
     "lower_resize",
     "lower_slice",
     "lower_split",
+    "rank4_input",
     "resize_scales",
 ]
 
@@ -88,15 +90,19 @@ def _pool_geometry(lo: Lowering, node: ir.Node, x: str, kernel) -> tuple[tuple[i
     return strides, (top, left, bottom, right)
 
 
-def _rank4(lo: Lowering, node: ir.Node) -> str:
+_POOLING = "only 1-D and 2-D (NCL, NCHW) pooling is supported"
+
+
+def rank4_input(lo: Lowering, node: ir.Node, refusal: str = _POOLING) -> str:
+    """The program tensor of ``node``'s input 0, which must be rank 4 (else ``refusal``)."""
     x = lo.activation(node.inputs[0], node)
     if len(lo.tensors[x].shape) != 4:
-        raise UnsupportedOpError(f"{node_label(node)}: only 1-D and 2-D (NCL, NCHW) pooling is supported")
+        raise UnsupportedOpError(f"{node_label(node)}: {refusal}")
     return x
 
 
 def lower_max_pool(lo: Lowering, node: ir.Node) -> None:
-    x = _rank4(lo, node)
+    x = rank4_input(lo, node)
     if len(node.outputs) > 1 and node.outputs[1].name:
         raise UnsupportedOpError(f"{node_label(node)}: MaxPool indices output is not supported")
     kernel = tuple(attribute(node, "kernel_shape"))
@@ -110,7 +116,7 @@ def lower_max_pool(lo: Lowering, node: ir.Node) -> None:
 
 
 def lower_global_max_pool(lo: Lowering, node: ir.Node) -> None:
-    x = _rank4(lo, node)
+    x = rank4_input(lo, node)
     kernel = tuple(lo.tensors[x].shape[1:3])
     params = MaxPoolParams(kernel=kernel, strides=(1, 1), pads=(0, 0, 0, 0), act_min=-128, act_max=127)
     _same_params(lo, "max_pool", [x], node, params)
@@ -129,7 +135,7 @@ def _average(lo: Lowering, node: ir.Node, x: str, kernel, strides, pads, include
 
 
 def lower_average_pool(lo: Lowering, node: ir.Node) -> None:
-    x = _rank4(lo, node)
+    x = rank4_input(lo, node)
     kernel = tuple(attribute(node, "kernel_shape"))
     strides, pads = _pool_geometry(lo, node, x, kernel)
     _average(lo, node, x, kernel, strides, pads, bool(attribute(node, "count_include_pad", 0)))
@@ -151,7 +157,7 @@ def _mean(lo: Lowering, node: ir.Node, x: str, stored_axes: list[int]) -> None:
 
 
 def lower_global_average_pool(lo: Lowering, node: ir.Node) -> None:
-    _mean(lo, node, _rank4(lo, node), [1, 2])
+    _mean(lo, node, rank4_input(lo, node), [1, 2])
 
 
 def lower_reduce_mean(lo: Lowering, node: ir.Node) -> None:
@@ -351,8 +357,8 @@ def _reshape_through_logical(lo: Lowering, node, x, to_logical, out_logical, out
 
 def lower_pad(lo: Lowering, node: ir.Node) -> None:
     x = lo.activation(node.inputs[0], node)
-    mode = attribute(node, "mode", "constant")
-    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+    mode = text_attribute(node, "mode", "constant")
+    if mode != "constant":
         raise UnsupportedOpError(f"{node_label(node)}: only constant padding is supported")
     pads = attribute(node, "pads") if lo.opset < 11 else eir.constant_array(node.inputs[1])
     value = 0.0
@@ -384,9 +390,9 @@ def resize_scales(lo: Lowering, node: ir.Node, rank: int) -> list[float] | None:
 
 
 def lower_resize(lo: Lowering, node: ir.Node) -> None:
-    x = _rank4(lo, node)
-    mode = attribute(node, "mode", "nearest")
-    if (mode.decode() if isinstance(mode, bytes) else mode) != "nearest":
+    x = rank4_input(lo, node)
+    mode = text_attribute(node, "mode", "nearest")
+    if mode != "nearest":
         raise UnsupportedOpError(f"{node_label(node)}: only nearest Resize is supported (mode={mode})")
     in_shape, out_shape = lo.tensors[x].logical_shape, lo.logical_shape(node.outputs[0])
     if in_shape[:2] != out_shape[:2]:

@@ -80,12 +80,6 @@ def softmax_params(source, target) -> SoftmaxParams:
                          output_zero_point=target.zero_point)
 
 
-def _text(value, default: str) -> str:
-    if value is None:
-        return default
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _source_coordinate(mode: str, x: np.ndarray, scale: float, size_in: int, size_out: int) -> np.ndarray:
     if mode == "half_pixel":
         return (x + 0.5) / scale - 0.5
@@ -115,20 +109,20 @@ def _round_nearest(mode: str, x: np.ndarray) -> np.ndarray:
 def _source_coordinates(node: ir.Node, opset: int, size_in: int, size_out: int, scale: float | None) -> np.ndarray:
     """Where every output position along one axis reads the input (ONNX Resize's coordinate_transformation_mode;
     asymmetric for Upsample and Resize-10)."""
-    from edgeopt.runtime.reference.lower import attribute
+    from edgeopt.runtime.reference.lower import attribute, text_attribute
 
     old = opset < 11 or node.op_type == "Upsample"
-    transform = "asymmetric" if old else _text(attribute(node, "coordinate_transformation_mode"), "half_pixel")
+    transform = "asymmetric" if old else text_attribute(node, "coordinate_transformation_mode", "half_pixel")
     scale = scale if scale else size_out / size_in
     return _source_coordinate(transform, np.arange(size_out, dtype=np.float64), scale, size_in, size_out)
 
 
 def nearest_indices(node: ir.Node, opset: int, size_in: int, size_out: int, scale: float | None) -> np.ndarray:
     """Source index of every output position along one axis (ONNX Resize, mode=nearest)."""
-    from edgeopt.runtime.reference.lower import attribute
+    from edgeopt.runtime.reference.lower import attribute, text_attribute
 
     old = opset < 11 or node.op_type == "Upsample"
-    rounding = "floor" if old else _text(attribute(node, "nearest_mode"), "round_prefer_floor")
+    rounding = "floor" if old else text_attribute(node, "nearest_mode", "round_prefer_floor")
     index = _round_nearest(rounding, _source_coordinates(node, opset, size_in, size_out, scale))
     return np.clip(index, 0, size_in - 1).astype(np.int32)
 

@@ -28,7 +28,13 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.errors import UnsupportedOpError
-from edgeopt.runtime.reference.lower import Lowering, attribute, node_label, real_multiplier
+from edgeopt.runtime.reference.lower import (
+    Lowering,
+    attribute,
+    node_label,
+    real_multiplier,
+    text_attribute,
+)
 from edgeopt.runtime.reference.program import (
     LutParams,
     PReluParams,
@@ -37,23 +43,10 @@ from edgeopt.runtime.reference.program import (
     TransposeParams,
 )
 from edgeopt.runtime.reference.same_scale import lower_resize as lower_resize_nearest
-from edgeopt.runtime.reference.same_scale import resize_scales
+from edgeopt.runtime.reference.same_scale import rank4_input, resize_scales
 from edgeopt.runtime.reference.tables import linear_weights, lut_table
 
 __all__ = ["lower_depth_to_space", "lower_prelu", "lower_resize"]
-
-
-def _text(value, default: str) -> str:
-    if value is None:
-        return default
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _rank4(lo: Lowering, node: ir.Node) -> str:
-    x = lo.activation(node.inputs[0], node)
-    if len(lo.tensors[x].shape) != 4:
-        raise UnsupportedOpError(f"{node_label(node)}: only rank-4 (NCHW) tensors are supported")
-    return x
 
 
 # -- PRelu ------------------------------------------------------------------------------------------
@@ -61,10 +54,7 @@ def _rank4(lo: Lowering, node: ir.Node) -> str:
 
 def _constant_slope(lo: Lowering, node: ir.Node) -> np.ndarray:
     value = node.inputs[1] if len(node.inputs) > 1 else None
-    producer = value.producer() if value is not None else None
-    quantized = (producer is not None and producer.op_type == "DequantizeLinear"
-                 and eir.is_constant(producer.inputs[0]))
-    if value is None or (eir.constant_array(value) is None and not quantized):
+    if value is None or (eir.constant_array(value) is None and not eir.is_quantized_constant(value)):
         raise UnsupportedOpError(f"{node_label(node)}: its slope must be a constant (an initializer)")
     return lo.real_constant(value, node)
 
@@ -105,7 +95,7 @@ def _blocks(node: ir.Node, shape: tuple[int, ...], block: int) -> tuple[tuple[in
         if h % block or w % block:
             raise UnsupportedOpError(f"{node_label(node)}: H and W must be multiples of the block size {block}")
         return (n, h // block, block, w // block, block, c), (0, 1, 3, 2, 4, 5)
-    mode = _text(attribute(node, "mode"), "DCR")
+    mode = text_attribute(node, "mode", "DCR")
     if c % (block * block):
         raise UnsupportedOpError(f"{node_label(node)}: C must be a multiple of the block size squared")
     if mode == "DCR":
@@ -117,7 +107,7 @@ def _blocks(node: ir.Node, shape: tuple[int, ...], block: int) -> tuple[tuple[in
 
 def lower_depth_to_space(lo: Lowering, node: ir.Node) -> None:
     """DepthToSpace and SpaceToDepth: reshape (aliased by the planner), six-axis transpose, reshape."""
-    x = _rank4(lo, node)
+    x = rank4_input(lo, node, "only rank-4 (NCHW) tensors are supported")
     view, perm = _blocks(node, lo.tensors[x].shape, int(attribute(node, "blocksize")))
     qparams, value = lo.params_of(x), node.outputs[0]
     blocks = lo.add_stored_tensor(f"{value.name}__blocks", view, qparams, range(6))
@@ -140,13 +130,13 @@ def _check_bilinear(node: ir.Node, in_shape, out_shape) -> None:
     if attribute(node, "antialias", 0) and any(o < i for o, i in zip(out_shape[2:], in_shape[2:])):
         raise UnsupportedOpError(f"{node_label(node)}: a linear Resize with antialias=1 that shrinks is not "
                                  "supported (export it with antialias=0)")
-    policy = _text(attribute(node, "keep_aspect_ratio_policy"), "stretch")
+    policy = text_attribute(node, "keep_aspect_ratio_policy", "stretch")
     if policy != "stretch":
         raise UnsupportedOpError(f"{node_label(node)}: keep_aspect_ratio_policy={policy} is not supported")
 
 
 def _lower_bilinear(lo: Lowering, node: ir.Node) -> None:
-    x = _rank4(lo, node)
+    x = rank4_input(lo, node, "only rank-4 (NCHW) tensors are supported")
     in_shape, value = lo.tensors[x].logical_shape, node.outputs[0]
     out_shape = lo.logical_shape(value)
     _check_bilinear(node, in_shape, out_shape)
@@ -165,7 +155,7 @@ def _lower_bilinear(lo: Lowering, node: ir.Node) -> None:
 
 def lower_resize(lo: Lowering, node: ir.Node) -> None:
     """Resize and Upsample: nearest (a gather of rows and columns) or linear (bilinear); cubic is refused."""
-    mode = _text(attribute(node, "mode"), "nearest")
+    mode = text_attribute(node, "mode", "nearest")
     if mode in ("linear", "bilinear"):
         _lower_bilinear(lo, node)
     elif mode == "nearest":
