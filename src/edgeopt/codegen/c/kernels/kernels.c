@@ -116,8 +116,7 @@ void eo_conv2d_s8(const eo_conv2d_params *params, const int8_t *in, int8_t *out)
             }
 }
 
-void eo_fully_connected_s8(const eo_fully_connected_params *params, const int8_t *in, int8_t *out) {
-    const eo_fully_connected_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
+void eo_fully_connected_s8(const eo_fully_connected_params *p, const int8_t *in, int8_t *out) {
     int r, o, k;
     for (r = 0; r < p->rows; ++r)
         for (o = 0; o < p->out_features; ++o) {
@@ -142,8 +141,7 @@ static int8_t add_pair(const eo_add_params *p, int8_t a, int8_t b) {
     return finish(sum, p->output_multiplier, p->output_shift, p->output_zero_point, p->act_min, p->act_max);
 }
 
-void eo_add_s8(const eo_add_params *params, const int8_t *a, const int8_t *b, int8_t *out) {
-    const eo_add_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
+void eo_add_s8(const eo_add_params *p, const int8_t *a, const int8_t *b, int8_t *out) {
     int i0, i1, i2, i3;
     long index = 0;
     EO_FOR4(p->shape) {
@@ -175,8 +173,7 @@ void eo_conv2d_add_s8(const eo_conv2d_add_params *params, const int8_t *in, cons
             }
 }
 
-void eo_mul_s8(const eo_mul_params *params, const int8_t *a, const int8_t *b, int8_t *out) {
-    const eo_mul_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
+void eo_mul_s8(const eo_mul_params *p, const int8_t *a, const int8_t *b, int8_t *out) {
     int i0, i1, i2, i3;
     long index = 0;
     EO_FOR4(p->shape) {
@@ -187,8 +184,7 @@ void eo_mul_s8(const eo_mul_params *params, const int8_t *a, const int8_t *b, in
     }
 }
 
-void eo_max_pool_s8(const eo_max_pool_params *params, const int8_t *in, int8_t *out) {
-    const eo_max_pool_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
+void eo_max_pool_s8(const eo_max_pool_params *p, const int8_t *in, int8_t *out) {
     int b, oy, ox, ch, ky, kx;
     for (b = 0; b < p->n; ++b)
         for (oy = 0; oy < p->out_h; ++oy)
@@ -211,8 +207,7 @@ void eo_max_pool_s8(const eo_max_pool_params *params, const int8_t *in, int8_t *
                 }
 }
 
-void eo_avg_pool_s8(const eo_avg_pool_params *params, const int8_t *in, int8_t *out) {
-    const eo_avg_pool_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
+void eo_avg_pool_s8(const eo_avg_pool_params *p, const int8_t *in, int8_t *out) {
     int b, oy, ox, ch, ky, kx;
     for (b = 0; b < p->n; ++b)
         for (oy = 0; oy < p->out_h; ++oy)
@@ -236,8 +231,7 @@ void eo_avg_pool_s8(const eo_avg_pool_params *params, const int8_t *in, int8_t *
                 }
 }
 
-void eo_mean_s8(const eo_mean_params *params, const int8_t *in, int8_t *out) {
-    const eo_mean_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
+void eo_mean_s8(const eo_mean_params *p, const int8_t *in, int8_t *out) {
     int o, r, i;
     for (o = 0; o < p->outer; ++o)
         for (i = 0; i < p->inner; ++i) {
@@ -248,22 +242,19 @@ void eo_mean_s8(const eo_mean_params *params, const int8_t *in, int8_t *out) {
         }
 }
 
-void eo_requantize_s8(const eo_requantize_params *params, const int8_t *in, int8_t *out) {
-    const eo_requantize_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
+void eo_requantize_s8(const eo_requantize_params *p, const int8_t *in, int8_t *out) {
     int i;
     for (i = 0; i < p->size; ++i)
         out[i] = finish((int32_t)in[i] - p->input_zero_point, p->multiplier, p->shift, p->output_zero_point,
                         p->act_min, p->act_max);
 }
 
-void eo_lut_s8(const eo_lut_params *params, const int8_t *in, int8_t *out) {
-    const eo_lut_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
+void eo_lut_s8(const eo_lut_params *p, const int8_t *in, int8_t *out) {
     int i;
     for (i = 0; i < p->size; ++i) out[i] = p->table[(int)in[i] + 128];
 }
 
-void eo_softmax_s8(const eo_softmax_params *params, const int8_t *in, int8_t *out) {
-    const eo_softmax_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
+void eo_softmax_s8(const eo_softmax_params *p, const int8_t *in, int8_t *out) {
     int r, i;
     for (r = 0; r < p->rows; ++r) {
         const int8_t *x = in + (long)r * p->depth;
@@ -281,8 +272,7 @@ void eo_softmax_s8(const eo_softmax_params *params, const int8_t *in, int8_t *ou
     }
 }
 
-void eo_pad_s8(const eo_pad_params *params, const int8_t *in, int8_t *out) {
-    const eo_pad_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
+void eo_pad_s8(const eo_pad_params *p, const int8_t *in, int8_t *out) {
     int out_shape[4], i0, i1, i2, i3, d;
     long index = 0;
     for (d = 0; d < 4; ++d) out_shape[d] = p->in_shape[d] + p->before[d] + p->after[d];
@@ -295,8 +285,7 @@ void eo_pad_s8(const eo_pad_params *params, const int8_t *in, int8_t *out) {
     }
 }
 
-void eo_resize_nearest_s8(const eo_resize_nearest_params *params, const int8_t *in, int8_t *out) {
-    const eo_resize_nearest_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
+void eo_resize_nearest_s8(const eo_resize_nearest_params *p, const int8_t *in, int8_t *out) {
     int b, oy, ox;
     for (b = 0; b < p->n; ++b)
         for (oy = 0; oy < p->out_h; ++oy)
@@ -305,8 +294,7 @@ void eo_resize_nearest_s8(const eo_resize_nearest_params *params, const int8_t *
                        in + (((long)b * p->h + p->row_index[oy]) * p->w + p->col_index[ox]) * p->c, (size_t)p->c);
 }
 
-void eo_transpose_s8(const eo_transpose_params *params, const int8_t *in, int8_t *out) {
-    const eo_transpose_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
+void eo_transpose_s8(const eo_transpose_params *p, const int8_t *in, int8_t *out) {
     long in_stride[EO_MAX_RANK], stride[EO_MAX_RANK], total = 1, i;
     int out_shape[EO_MAX_RANK], index[EO_MAX_RANK], d;
     for (d = p->rank - 1; d >= 0; --d) { in_stride[d] = total; total *= p->in_shape[d]; }
@@ -342,8 +330,7 @@ void eo_slice_s8(const eo_slice_params *p, const int8_t *in, int8_t *out) {
         memcpy(out + (long)o * p->out_block, in + (long)o * p->in_block + p->offset, (size_t)p->out_block);
 }
 
-void eo_batch_matmul_s8(const eo_batch_matmul_params *params, const int8_t *a, const int8_t *b, int8_t *out) {
-    const eo_batch_matmul_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
+void eo_batch_matmul_s8(const eo_batch_matmul_params *p, const int8_t *a, const int8_t *b, int8_t *out) {
     int g, m, n, k;
     for (g = 0; g < p->batch; ++g) {
         const int8_t *left = a + (long)g * p->rows * p->depth, *right = b + (long)g * p->depth * p->columns;
@@ -403,8 +390,7 @@ static int32_t transposed_accumulator(const eo_conv_transpose2d_params *p, const
     return acc;
 }
 
-void eo_conv_transpose2d_s8(const eo_conv_transpose2d_params *params, const int8_t *in, int8_t *out) {
-    const eo_conv_transpose2d_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
+void eo_conv_transpose2d_s8(const eo_conv_transpose2d_params *p, const int8_t *in, int8_t *out) {
     int b, oy, ox, o;
     for (b = 0; b < p->n; ++b)
         for (oy = 0; oy < p->out_h; ++oy) {
@@ -422,8 +408,7 @@ void eo_conv_transpose2d_s8(const eo_conv_transpose2d_params *params, const int8
 }
 
 /* In place: element i of in is read just before element i of out is written. */
-void eo_prelu_s8(const eo_prelu_params *params, const int8_t *in, int8_t *out) {
-    const eo_prelu_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
+void eo_prelu_s8(const eo_prelu_params *p, const int8_t *in, int8_t *out) {
     int o, ch, i;
     long index = 0;
     for (o = 0; o < p->outer; ++o)
@@ -450,8 +435,7 @@ static int8_t bilinear_round(int32_t total) {
     return (int8_t)clamp32(out, -128, 127);
 }
 
-void eo_resize_bilinear_s8(const eo_resize_bilinear_params *params, const int8_t *in, int8_t *out) {
-    const eo_resize_bilinear_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
+void eo_resize_bilinear_s8(const eo_resize_bilinear_params *p, const int8_t *in, int8_t *out) {
     const int32_t one = (int32_t)1 << EO_BILINEAR_BITS;
     int b, oy, ox, ch;
     for (b = 0; b < p->n; ++b)
@@ -484,8 +468,7 @@ static uint64_t isqrt64(uint64_t v) {
     return root;
 }
 
-void eo_layer_norm_s8(const eo_layer_norm_params *params, const int8_t *in, int8_t *out) {
-    const eo_layer_norm_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
+void eo_layer_norm_s8(const eo_layer_norm_params *p, const int8_t *in, int8_t *out) {
     const int32_t d_count = p->reduce;
     int o, i, c;
     for (o = 0; o < p->outer; ++o)
