@@ -45,8 +45,7 @@ from edgeopt import ir as eir
 
 __all__ = ["FUSED_BETWEEN_PAIRS", "MCU_OP_RULES", "ONE_OP_PATTERNS", "OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule",
            "QUANTIZED_OP_TYPES", "WEIGHT_ONLY_OPS", "float_op_reason", "gather_refusal", "is_float16_cast", "is_qdq_op",
-           "pad_refusal", "prelu_refusal",
-           "resize_refusal", "slow_group_refusal", "weight_axis"]
+           "pad_refusal", "prelu_refusal", "resize_refusal", "slow_group_refusal", "weight_axis"]
 
 
 class OpRole(enum.Enum):

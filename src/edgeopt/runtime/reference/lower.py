@@ -29,7 +29,6 @@ from edgeopt.metrics import count_of
 from edgeopt.runtime.reference.fixed_point import quantize_multiplier
 from edgeopt.runtime.reference.fuse import fuse_conv_add
 from edgeopt.runtime.reference.lift_1d import lift_1d
-from edgeopt.runtime.reference.transposes import compose_transposes
 from edgeopt.runtime.reference.program import (
     IntOp,
     Program,
@@ -38,6 +37,7 @@ from edgeopt.runtime.reference.program import (
     TensorInfo,
     stored_layout,
 )
+from edgeopt.runtime.reference.transposes import compose_transposes
 
 __all__ = ["QParams", "lower"]
 
@@ -91,7 +91,6 @@ def text_attribute(node: ir.Node, name: str, default: str) -> str:
     if value is None:
         return default
     return value.decode() if isinstance(value, bytes) else str(value)
-
 
 
 def real_multiplier(real: float) -> tuple[int, int]:
