@@ -171,3 +171,18 @@ def test_an_inner_axis_past_the_int32_accumulator_is_refused(tmp_path):
     with pytest.raises(UnsupportedOpError, match=r"long_matmul.*34000 products.*int32") as error:
         lower(api.load(tmp_path / "int8.onnx"))
     assert "\n" not in str(error.value)
+
+
+@needs_gcc
+def test_mobilevit_quantized_for_the_mcu_compiles_bit_exact(tmp_path):
+    """MobileViT's transformer: LayerNorm, qkv split by Gather at constant indices, Q K^T, Softmax, P V."""
+    from tests.zoo_models import build_zoo
+
+    rng = np.random.default_rng(6)
+    samples = [{"input": rng.normal(0, 1, (1, 3, 32, 32)).astype(np.float32)} for _ in range(10)]
+    report = api.quantize(build_zoo("mobilevit", tmp_path), Int8Config(target=Target.MCU), samples[:8],
+                          output=tmp_path / "int8.onnx", check_speed=False, check_fidelity=False)
+    assert report.result.float_nodes == ()
+    compile_c(api.load(tmp_path / "int8.onnx"), tmp_path / "c")
+    result = verify(tmp_path / "c", samples[8:])
+    assert result.bit_exact, result.first_mismatch
