@@ -529,3 +529,29 @@ def test_a_pattern_refused_at_every_block_is_one_note_naming_the_first_place(mod
     assert len(refused) == 1 and refused[0].endswith("and 6 more: HardSwish needs opset >= 14 (model has 13)")
     assert not any(note.startswith("float passes:") for note in quantize(models("mobilenet_v3", 14), Int8Config(),
                                                                            feeds).notes)
+
+
+def test_the_mcu_target_quantizes_a_relu_no_op_before_it_absorbs():
+    """A Relu after a MaxPool: the ORT target keeps it float (no integer kernel there); the MCU target gives
+    it a Q/DQ pair of its own, which the C runs as a clamped requantization."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeopt.quant import Target
+    from edgeopt.runtime.reference import lower
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.normal(0, 0.4, shape).astype(np.float32), name)
+               for name, shape in (("w", (4, 3, 3, 3)), ("w2", (4, 4, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Relu", ["p"], ["r"], name="lone_relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "relu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])], weights)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    data = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    assert "lone_relu" in {node.node_name for node in quantize(model, Int8Config(), data).float_nodes}
+    mcu = quantize(model, Int8Config(target=Target.MCU), data)
+    assert mcu.float_nodes == ()
+    assert [op.kind for op in lower(mcu.model).ops].count("requantize") >= 1
+    assert sqnr_db(model, mcu.model, data) > 30

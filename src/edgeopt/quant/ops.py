@@ -62,7 +62,8 @@ class OpRule:
     node's ``mode`` attribute that run in integer (None: any); ``slow_group_channels``: the input channels
     per group of a grouped conv whose integer kernel is slower than float (it stays float);
     ``constant_indices``: a Gather runs in integer only at constant indices; ``fuses_clamp``: a Relu/Clip
-    that alone reads its output folds into its range, as after the ops of :data:`FUSING_PRODUCERS`."""
+    that alone reads its output folds into its range, as after the ops of :data:`FUSING_PRODUCERS`;
+    ``standalone``: a Relu/Clip no op before it absorbs runs in integer by itself (a clamped requantization)."""
 
     role: OpRole
     activation_inputs: tuple[int, ...] | None = (0,)
@@ -71,6 +72,7 @@ class OpRule:
     slow_group_channels: frozenset[int] = frozenset()
     constant_indices: bool = False
     fuses_clamp: bool = False
+    standalone: bool = False
 
 
 _WEIGHTED = OpRule(role=OpRole.WEIGHTED)
@@ -130,6 +132,9 @@ OP_RULES: dict[str, OpRule] = {
 # Pad copies int8 values and fills with its value quantized at their scale.
 MCU_OP_RULES: dict[str, OpRule] = OP_RULES | {
     "Gather": OpRule(role=OpRole.SHARED, constant_indices=True),
+    # after a pool, a Slice, a Transpose ...: the C clamps while it requantizes (ONNX Runtime has no such kernel)
+    "Relu": OpRule(role=OpRole.ACTIVATION, standalone=True),
+    "Clip": OpRule(role=OpRole.ACTIVATION, standalone=True),
     "Conv": _WEIGHTED,
     "ConvTranspose": _WEIGHTED,  # edgeopt's C: 2-D, group 1 or depthwise
     "Softmax": _UNARY,

@@ -438,7 +438,9 @@ def _fusions(candidates: Mapping[str, ir.Node], refusals: dict[str, str],
                          if (activation := _fused_activation(node, candidates, rules)) is not None}
     fused = {activation.name for activation in fused_by_producer.values()}
     for node in candidates.values():
-        if node.name not in fused and rules[node.op_type].role is OpRole.ACTIVATION:
+        rule = rules[node.op_type]
+        if node.name not in fused and rule.role is OpRole.ACTIVATION and not (rule.standalone and
+                                                                             _clamp_allows_fusion(node)):
             refusals[node.name] = _unfused_reason(node)
     return fused_by_producer
 
