@@ -30,7 +30,7 @@ from edgeopt.runtime.reference.program import ConvTranspose2dParams
 
 __all__ = ["lower_conv_transpose", "transposed_geometry"]
 
-_SUPPORTED = "2-D ConvTranspose with group 1 or depthwise (group = input channels = output channels)"
+_SUPPORTED = "1-D or 2-D ConvTranspose with group 1 or depthwise (group = input channels = output channels)"
 
 
 def transposed_geometry(node: ir.Node, in_hw, kernel, strides, dilations) -> tuple[tuple[int, int], tuple[int, int]]:
