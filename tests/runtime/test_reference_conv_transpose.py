@@ -65,8 +65,9 @@ def test_mcu_quantization_scales_output_channels_and_the_lowering_reads_them():
 @pytest.mark.parametrize("case, message", [
     (dict(group=2, out_channels=4), r"ConvTranspose \(deconv0\): ConvTranspose with group 2 over 4 input and 4 "
                                     r"output channels is not supported; the C kernel takes 1-D or 2-D "
-                                    r"ConvTranspose with group 1 or depthwise \(group = input channels = output channels\): write "
-                                    r"it as one ConvTranspose per group, each on a Split of the input"),
+                                    r"ConvTranspose with group 1 or depthwise \(group = input channels = output "
+                                    r"channels\): write it as one ConvTranspose per group, each on a Split of the "
+                                    r"input"),
     (dict(strides=[2, 2], auto_pad="SAME_UPPER", output_padding=[1, 1]),
      r"ConvTranspose \(deconv0\): the model records output shape \[1, 4, 11, 9\], the ONNX formula gives "
      r"\[1, 4, 10, 8\] .*give explicit pads"),
