@@ -78,13 +78,14 @@ def _zero_point_sums(p) -> np.ndarray:
     return sums.astype(np.int32)
 
 
-def _conv_fields(p, name: str, in_shape, out_shape, *, zero_point_sums: bool = True
-                 ) -> tuple[list[str], dict[str, object]]:
+def _conv_fields(p, name: str, in_shape, out_shape, *, zero_point_sums: bool = True,
+                 weight: np.ndarray | None = None) -> tuple[list[str], dict[str, object]]:
     """The const arrays and the ``eo_conv2d_params`` fields of conv params ``p`` (arrays named ``name_*``);
-    ``zero_point_sums``: with :func:`_zero_point_sums` (conv2d; the transposed conv's gather does not read it)."""
+    ``zero_point_sums``: with :func:`_zero_point_sums` (conv2d; the transposed conv's gather does not read it);
+    ``weight``: the weight in another layout than ``p``'s OHWI (a depthwise conv's HWC)."""
     n, h, w, c = in_shape
     _, out_h, out_w, out_c = out_shape
-    decls = [c_array(f"{name}_weight", p.weight), *_requant_arrays(name, p)]
+    decls = [c_array(f"{name}_weight", p.weight if weight is None else weight), *_requant_arrays(name, p)]
     if zero_point_sums:
         decls.append(c_array(f"{name}_zero_point_sums", _zero_point_sums(p)))
     fields = dict(
@@ -97,9 +98,19 @@ def _conv_fields(p, name: str, in_shape, out_shape, *, zero_point_sums: bool = T
     return decls, fields
 
 
+def _depthwise_hwc(p, in_shape, out_shape) -> np.ndarray | None:
+    """A depthwise conv's weight HWC ``[kh, kw, C]``, as ``eo_conv2d_s8`` reads it (its channels contiguous
+    per tap; ``eo_is_depthwise`` in kernels.h); None for other convs (OHWI)."""
+    if not (p.group > 1 and p.group == in_shape[3] == out_shape[3]):
+        return None
+    return np.ascontiguousarray(p.weight[:, :, :, 0].transpose(1, 2, 0))
+
+
 def pack_conv2d(op: IntOp, ctx: PackContext):
     name = f"op{ctx.index}"
-    decls, fields = _conv_fields(op.params, name, ctx.shape(op.inputs[0]), ctx.shape(op.output))
+    in_shape, out_shape = ctx.shape(op.inputs[0]), ctx.shape(op.output)
+    decls, fields = _conv_fields(op.params, name, in_shape, out_shape,
+                                 weight=_depthwise_hwc(op.params, in_shape, out_shape))
     decls.append(_struct("eo_conv2d_params", f"{name}_params", fields))
     return decls, _call(op, ctx, f"{name}_params")
 

@@ -96,12 +96,47 @@ static inline int32_t conv_accumulator(const eo_conv2d_params *p, const int8_t *
     return p->bias[o] - p->zero_point_sums[o] + window_sum(p, in, win, o, first, group_channels, 0);
 }
 
+/* A depthwise conv (one input and one output channel per group), its weights stored HWC by the generator:
+ * per window, each tap multiplies a run of channels contiguous in the input and in the weights, into
+ * EO_DEPTHWISE_RUN accumulators, instead of one channel's taps at a time. */
+#define EO_DEPTHWISE_RUN 32
+static void depthwise(const eo_conv2d_params *p, const int8_t *in, int8_t *out) {
+    int32_t acc[EO_DEPTHWISE_RUN];
+    int b, oy, ox, c0, j, ky, kx;
+    for (b = 0; b < p->n; ++b)
+        for (oy = 0; oy < p->out_h; ++oy)
+            for (ox = 0; ox < p->out_w; ++ox) {
+                eo_window win = conv_window(p, b, oy, ox);
+                int8_t *dst = out + (((long)b * p->out_h + oy) * p->out_w + ox) * p->out_c;
+                int32_t zero_point = win.cut ? p->input_zero_point : 0;
+                for (c0 = 0; c0 < p->c; c0 += EO_DEPTHWISE_RUN) {
+                    int run = p->c - c0 < EO_DEPTHWISE_RUN ? p->c - c0 : EO_DEPTHWISE_RUN;
+                    for (j = 0; j < run; ++j)
+                        acc[j] = p->bias[c0 + j] - (win.cut ? 0 : p->zero_point_sums[c0 + j]);
+                    for (ky = win.ky0; ky < win.ky1; ++ky)
+                        for (kx = win.kx0; kx < win.kx1; ++kx) {
+                            const int8_t *src = in + ((win.image + win.y + ky * p->dilation_h) * p->w
+                                                      + win.x + kx * p->dilation_w) * p->c + c0;
+                            const int8_t *tap = p->weight + ((long)ky * p->kernel_w + kx) * p->c + c0;
+                            for (j = 0; j < run; ++j) acc[j] += ((int32_t)src[j] - zero_point) * tap[j];
+                        }
+                    for (j = 0; j < run; ++j)
+                        dst[c0 + j] = finish(acc[j], p->multiplier[c0 + j], p->shift[c0 + j], p->output_zero_point,
+                                             p->act_min, p->act_max);
+                }
+            }
+}
+
 /* Both conv kernels work on a copy of their parameters: the int8 stores could otherwise alias them (a char
  * type aliases anything), and every field would be read again after each output. */
 void eo_conv2d_s8(const eo_conv2d_params *params, const int8_t *in, int8_t *out) {
     const eo_conv2d_params p = *params;
     const int group_channels = p.c / p.group, per_group = p.out_c / p.group;
     int b, oy, ox, g, j;
+    if (eo_is_depthwise(&p)) {
+        depthwise(&p, in, out);
+        return;
+    }
     for (b = 0; b < p.n; ++b)
         for (oy = 0; oy < p.out_h; ++oy)
             for (ox = 0; ox < p.out_w; ++ox) {
