@@ -3,7 +3,9 @@
 ``PACKERS[kind](op, context)`` returns the C declarations the op needs (its
 ``const`` weight/table arrays and its parameter struct) and the kernel call.
 The kernel name comes from the ops table (``OPS[kind].c_kernel``), so the
-reference semantics and the C code are looked up from one place.
+reference semantics and the C code are looked up from one place; a depthwise
+``conv2d`` calls ``eo_depthwise_conv2d_s8`` (the same arithmetic, its weight
+laid out HWC), so a model without one does not link it.
 """
 
 from __future__ import annotations
@@ -59,9 +61,9 @@ def _c_value(value) -> str:
     return str(int(value)) if not isinstance(value, str) else value
 
 
-def _call(op: IntOp, ctx: PackContext, params: str, inputs=None) -> str:
+def _call(op: IntOp, ctx: PackContext, params: str, inputs=None, kernel: str | None = None) -> str:
     args = ", ".join(ctx.pointer(name) for name in (inputs or op.inputs))
-    return f"{OPS[op.kind].c_kernel}(&{params}, {args}, {ctx.pointer(op.output)});"
+    return f"{kernel or OPS[op.kind].c_kernel}(&{params}, {args}, {ctx.pointer(op.output)});"
 
 
 def _requant_arrays(prefix: str, p, bias: np.ndarray | None = None) -> list[str]:
@@ -99,8 +101,8 @@ def _conv_fields(p, name: str, in_shape, out_shape, *, zero_point_sums: bool = T
 
 
 def _depthwise_hwc(p, in_shape, out_shape) -> np.ndarray | None:
-    """A depthwise conv's weight HWC ``[kh, kw, C]``, as ``eo_conv2d_s8`` reads it (its channels contiguous
-    per tap; ``eo_is_depthwise`` in kernels.h); None for other convs (OHWI)."""
+    """A depthwise conv's weight HWC ``[kh, kw, C]``, as ``eo_depthwise_conv2d_s8`` reads it (its channels
+    contiguous per tap); None for other convs (OHWI, ``eo_conv2d_s8``)."""
     if not (p.group > 1 and p.group == in_shape[3] == out_shape[3]):
         return None
     return np.ascontiguousarray(p.weight[:, :, :, 0].transpose(1, 2, 0))
@@ -109,10 +111,10 @@ def _depthwise_hwc(p, in_shape, out_shape) -> np.ndarray | None:
 def pack_conv2d(op: IntOp, ctx: PackContext):
     name = f"op{ctx.index}"
     in_shape, out_shape = ctx.shape(op.inputs[0]), ctx.shape(op.output)
-    decls, fields = _conv_fields(op.params, name, in_shape, out_shape,
-                                 weight=_depthwise_hwc(op.params, in_shape, out_shape))
+    depthwise = _depthwise_hwc(op.params, in_shape, out_shape)
+    decls, fields = _conv_fields(op.params, name, in_shape, out_shape, weight=depthwise)
     decls.append(_struct("eo_conv2d_params", f"{name}_params", fields))
-    return decls, _call(op, ctx, f"{name}_params")
+    return decls, _call(op, ctx, f"{name}_params", kernel=None if depthwise is None else "eo_depthwise_conv2d_s8")
 
 
 def pack_conv2d_add(op: IntOp, ctx: PackContext):

@@ -96,11 +96,13 @@ static inline int32_t conv_accumulator(const eo_conv2d_params *p, const int8_t *
     return p->bias[o] - p->zero_point_sums[o] + window_sum(p, in, win, o, first, group_channels, 0);
 }
 
-/* A depthwise conv (one input and one output channel per group), its weights stored HWC by the generator:
+/* A depthwise conv (one input and one output channel per group), its weights stored HWC by the generator
+ * (which calls this kernel instead of eo_conv2d_s8 for such a conv, so a model without one does not link it):
  * per window, each tap multiplies a run of channels contiguous in the input and in the weights, into
  * EO_DEPTHWISE_RUN accumulators, instead of one channel's taps at a time. */
 #define EO_DEPTHWISE_RUN 32
-static void depthwise(const eo_conv2d_params *p, const int8_t *in, int8_t *out) {
+void eo_depthwise_conv2d_s8(const eo_conv2d_params *params, const int8_t *in, int8_t *out) {
+    const eo_conv2d_params copy = *params, *p = &copy; /* a copy: see eo_conv2d_s8 */
     int32_t acc[EO_DEPTHWISE_RUN];
     int b, oy, ox, c0, j, ky, kx;
     for (b = 0; b < p->n; ++b)
@@ -133,10 +135,6 @@ void eo_conv2d_s8(const eo_conv2d_params *params, const int8_t *in, int8_t *out)
     const eo_conv2d_params p = *params;
     const int group_channels = p.c / p.group, per_group = p.out_c / p.group;
     int b, oy, ox, g, j;
-    if (eo_is_depthwise(&p)) {
-        depthwise(&p, in, out);
-        return;
-    }
     for (b = 0; b < p.n; ++b)
         for (oy = 0; oy < p.out_h; ++oy)
             for (ox = 0; ox < p.out_w; ++ox) {

@@ -23,8 +23,8 @@ typedef struct {
     const int8_t *weight; const int32_t *bias, *multiplier, *shift, *zero_point_sums;
 } eo_conv2d_params;
 void eo_conv2d_s8(const eo_conv2d_params *p, const int8_t *in, int8_t *out);
-/* eo_conv2d_s8 takes a depthwise conv's weight HWC (kernel_h, kernel_w, channels), not OHWI. */
-#define eo_is_depthwise(p) ((p)->group > 1 && (p)->group == (p)->c && (p)->out_c == (p)->c)
+/* A depthwise conv (group = c = out_c > 1), its weight HWC (kernel_h, kernel_w, channels), not OHWI. */
+void eo_depthwise_conv2d_s8(const eo_conv2d_params *p, const int8_t *in, int8_t *out);
 
 /* bias: the int32 bias with -input_zero_point * (sum of o's weights) folded in. */
 typedef struct {
