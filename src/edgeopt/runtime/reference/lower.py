@@ -358,14 +358,12 @@ class Lowering:
 
 FLOAT_ISLAND = "its output is not quantized (a float island)"
 
-# What to do about a refused op, told once after the list (op type -> hint).
+# What to do about a refused op, told once after the list (op type -> hint), where its refusal cannot say it
+# alone (each Resize or PRelu refusal says what the kernel takes).
 _OP_HINTS = {
     "Erf": "Erf is computed only inside a spelled-out GELU, 0.5 * x * (1 + erf(x / sqrt(2))) with no "
            "QuantizeLinear between its steps (one lookup table; `edgeopt quantize --target mcu` places its Q/DQ so): "
            "quantize the float model so, or export at opset 20 or later, where GELU is one Gelu op",
-    "Resize": "Resize runs nearest or linear (bilinear over H and W, without antialias when it shrinks): export "
-              "a cubic one as linear",
-    "PRelu": "PRelu needs a constant slope (an initializer) of one value or one per channel",
 }
 
 
