@@ -17,6 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qdq_models as q
+from mcu_flow import assert_compiles_bit_exact, quantize_for_mcu
 from edgeopt import api
 from edgeopt.codegen.c import compile_c, verify
 from edgeopt.errors import UnsupportedOpError
@@ -180,9 +181,6 @@ def test_mobilevit_quantized_for_the_mcu_compiles_bit_exact(tmp_path):
 
     rng = np.random.default_rng(6)
     samples = [{"input": rng.normal(0, 1, (1, 3, 32, 32)).astype(np.float32)} for _ in range(10)]
-    report = api.quantize(build_zoo("mobilevit", tmp_path), Int8Config(target=Target.MCU), samples[:8],
-                          output=tmp_path / "int8.onnx", check_speed=False, check_fidelity=False)
-    assert report.result.float_nodes == ()
-    compile_c(api.load(tmp_path / "int8.onnx"), tmp_path / "c")
-    result = verify(tmp_path / "c", samples[8:])
-    assert result.bit_exact, result.first_mismatch
+    result, model = quantize_for_mcu(build_zoo("mobilevit", tmp_path), samples[:8], tmp_path / "int8.onnx")
+    assert result.float_nodes == ()
+    assert_compiles_bit_exact(model, tmp_path / "c", samples[8:])

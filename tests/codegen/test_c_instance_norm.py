@@ -16,6 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qdq_models as q
+from mcu_flow import quantize_for_mcu
 from edgeopt import api
 from edgeopt.codegen.c import compile_c, verify
 from edgeopt.errors import UnsupportedOpError
@@ -67,10 +68,9 @@ def _inputs(count: int, seed: int) -> list[dict[str, np.ndarray]]:
 def quantized(request, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp(request.param)
     {"instance_norm": _instance_norm, "group_norm": _group_norm}[request.param](tmp_path / "float.onnx")
-    result = api.quantize(tmp_path / "float.onnx", Int8Config(target=Target.MCU), _inputs(16, seed=0),
-                          output=tmp_path / "int8.onnx", check_speed=False, check_fidelity=False)
-    assert result.result.float_nodes == ()
-    return api.load(tmp_path / "int8.onnx")
+    result, model = quantize_for_mcu(tmp_path / "float.onnx", _inputs(16, seed=0), tmp_path / "int8.onnx")
+    assert result.float_nodes == ()
+    return model
 
 
 def test_integer_reference_is_within_a_step_of_onnx_runtime(quantized):
@@ -94,10 +94,9 @@ def test_a_per_channel_scale_on_a_rank_3_tensor_is_refused_in_one_line(tmp_path)
         helper.make_node("Reshape", ["c", "groups"], ["g"], name="to_groups"),
         helper.make_node("InstanceNormalization", ["g", "two", "zeros"], ["gn"], name="group_norm"),
         helper.make_node("Reshape", ["gn", "back"], ["n"], name="from_groups")], constants)
-    api.quantize(tmp_path / "float.onnx", Int8Config(target=Target.MCU), _inputs(8, seed=0),
-                 output=tmp_path / "int8.onnx", check_speed=False, check_fidelity=False)
+    _, model = quantize_for_mcu(tmp_path / "float.onnx", _inputs(8, seed=0), tmp_path / "int8.onnx")
     with pytest.raises(UnsupportedOpError, match=r"group_norm.*per channel on NCHW \(rank 4\) only") as error:
-        lower(api.load(tmp_path / "int8.onnx"))
+        lower(model)
     assert "\n" not in str(error.value)
 
 
@@ -109,7 +108,7 @@ def test_super_resolution_quantized_for_the_mcu_compiles_bit_exact(tmp_path):
     rng = np.random.default_rng(5)
     samples = [{"input": rng.normal(0, 1, (1, 3, 16, 16)).astype(np.float32)} for _ in range(10)]
     api.quantize(build_vision("super_resolution", tmp_path), Int8Config(target=Target.MCU), samples[:8],
-                 output=tmp_path / "int8.onnx", check_speed=False, check_fidelity=False)
+                 output=tmp_path / "int8.onnx", check_speed=False, check_fidelity=False)  # dynamic H, W: fixed below
     api.compile_model(tmp_path / "int8.onnx", tmp_path / "c", input_shapes={"input": (1, 3, 16, 16)})
     result = verify(tmp_path / "c", samples[8:])
     assert result.bit_exact, result.first_mismatch

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from edgeopt import api
+from mcu_flow import assert_compiles_bit_exact, quantize_for_mcu
 from edgeopt.codegen.c import compile_c, verify
-from edgeopt.quant import Int8Config, Target
 from tests.runtime.layer_norm_models import constant, layer_norm_op, qdq_graph, spelled_gelu, spelled_layer_norm
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("make") is None,
@@ -91,18 +90,12 @@ def _mlp_model(path, opset: int):
     return path
 
 
-def _quantize_for_mcu(float_path, samples, output):
-    report = api.quantize(float_path, Int8Config(target=Target.MCU), samples, output=output,
-                          check_speed=False, check_fidelity=False)
-    return report.result, api.load(output)
-
-
 @pytest.mark.parametrize("opset", [17, 13])
 def test_a_layer_norm_gelu_mlp_quantized_for_the_mcu_compiles_bit_exact(opset, tmp_path):
     # the spelled-out GELU (and LayerNorm at opset 13) were float groups: 'cannot become C'
     rng = np.random.default_rng(2)
     samples = [{"x": (rng.standard_normal((1, 8, 16)) * 3 + 1).astype(np.float32)} for _ in range(10)]
-    result, model = _quantize_for_mcu(_mlp_model(tmp_path / "mlp.onnx", opset), samples[:8], tmp_path / "q.onnx")
+    result, model = quantize_for_mcu(_mlp_model(tmp_path / "mlp.onnx", opset), samples[:8], tmp_path / "q.onnx")
     assert result.float_nodes == ()
     compile_c(model, tmp_path / "c", rounding="single")
     assert verify(tmp_path / "c", samples[8:]).bit_exact
@@ -114,11 +107,9 @@ def test_convnext_quantized_for_the_mcu_compiles_bit_exact(tmp_path):
 
     rng = np.random.default_rng(3)
     samples = [{"input": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)} for _ in range(10)]
-    result, model = _quantize_for_mcu(build_zoo("convnext", tmp_path), samples[:8], tmp_path / "q.onnx")
+    result, model = quantize_for_mcu(build_zoo("convnext", tmp_path), samples[:8], tmp_path / "q.onnx")
     assert result.float_nodes == ()
-    compile_c(model, tmp_path / "c")
-    verified = verify(tmp_path / "c", samples[8:])
-    assert verified.bit_exact, verified.first_mismatch
+    assert_compiles_bit_exact(model, tmp_path / "c", samples[8:])
 
 
 def test_a_conformer_block_quantized_for_the_mcu_compiles_bit_exact(tmp_path):
@@ -130,7 +121,5 @@ def test_a_conformer_block_quantized_for_the_mcu_compiles_bit_exact(tmp_path):
     fixed = tmp_path / "conformer_t80.onnx"
     save_model(load_model(build_audio("conformer", tmp_path), input_shapes={"input": (1, 80, 40)}), fixed)
     samples = audio_samples("conformer", 10, frames=(80, 80))
-    _, model = _quantize_for_mcu(fixed, samples[:8], tmp_path / "q.onnx")
-    compile_c(model, tmp_path / "c")
-    verified = verify(tmp_path / "c", samples[8:])
-    assert verified.bit_exact, verified.first_mismatch
+    _, model = quantize_for_mcu(fixed, samples[:8], tmp_path / "q.onnx")
+    assert_compiles_bit_exact(model, tmp_path / "c", samples[8:])
