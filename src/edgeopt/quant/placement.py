@@ -73,10 +73,11 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.passes import PATTERN_KEY, activation_clamp
+from edgeopt.quant.clamp_fusion import clamp_fusions
 from edgeopt.quant.config import is_excluded
 from edgeopt.quant.log_inputs import log_input_nodes, log_input_refusal
 from edgeopt.quant.masks import grid_refusal, index_refusal, mask_like_values, mask_refusal
-from edgeopt.quant.ops import (FUSED_BETWEEN_PAIRS, FUSING_PRODUCERS, OP_RULES, OpRole, OpRule, float_op_reason,
+from edgeopt.quant.ops import (FUSED_BETWEEN_PAIRS, OP_RULES, OpRole, OpRule, float_op_reason,
                                gather_refusal, is_qdq_op, pad_refusal, prelu_refusal, resize_refusal,
                                slow_group_refusal, weight_axis)
 from edgeopt.quant.one_op_groups import group_boundary, quantized_as_one_op, refuse_partial_groups
@@ -138,22 +139,6 @@ def _is_float(value: ir.Value | None, non_float: Collection[str]) -> bool:
     if value is None or value.name in non_float:
         return False
     return value.dtype is None or value.dtype == ir.DataType.FLOAT
-
-
-def _clamp_allows_fusion(node: ir.Node) -> bool:
-    """Relu/Clip fuse when 0 lies within their clamp (the quantized range always contains 0)."""
-    clamp = activation_clamp(node)
-    return clamp is not None and clamp[0] <= 0.0 <= clamp[1]
-
-
-def _unfused_reason(node: ir.Node) -> str:
-    """Why a Relu/Clip stays float: it is quantized only as the clamp of the op before it."""
-    clamp = activation_clamp(node)
-    if clamp is None:
-        return f"{node.op_type} with bounds that are not constants cannot fold into a quantization range"
-    if not clamp[0] <= 0.0 <= clamp[1]:
-        return f"{node.op_type} to [{clamp[0]:g}, {clamp[1]:g}] excludes 0, which every quantized range holds"
-    return f"{node.op_type} is quantized only fused after a Conv, Gemm, MatMul, Add or Mul (its only reader)"
 
 
 def _weighted_refusal(node: ir.Node) -> str | None:
@@ -219,20 +204,6 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
 
 def _computes_float(node: ir.Node, non_float: Collection[str]) -> bool:
     return bool(node.outputs) and _is_float(node.outputs[0], non_float) and node.op_type != "Constant"
-
-
-def _fused_activation(producer: ir.Node, candidates: dict[str, ir.Node], rules: Mapping[str, OpRule]) -> ir.Node | None:
-    output = producer.outputs[0]
-    uses = list(output.uses())
-    fuses = producer.op_type in FUSING_PRODUCERS or rules[producer.op_type].fuses_clamp
-    if not fuses or len(uses) != 1 or output.is_graph_output():
-        return None
-    consumer, index = uses[0]
-    if index != 0 or consumer.name not in candidates or consumer.op_type not in ("Relu", "Clip"):
-        return None
-    if not _clamp_allows_fusion(consumer):
-        return None
-    return consumer
 
 
 class UnionFind:
@@ -398,7 +369,7 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     if not all(names) or len(set(names)) != len(names):
         raise ValueError("plan_qdq needs unique node names: run onnx_ir's NameFixPass on the model first")
     candidates, refusals, grouped = _triage(graph, exclude, keep_float, non_float, rules, no_kernel)
-    fused_by_producer = _fusions(candidates, refusals, rules)
+    fused_by_producer = clamp_fusions(candidates, refusals, rules)
     fused = {activation.name: producer for producer, activation in fused_by_producer.items()}
     _refuse_isolated_movers(candidates, refusals, rules, outputs_quantized=quantize_outputs, grouped=grouped)
     float_chain = () if quantize_outputs else _float_output_chains(graph, candidates, refusals, rules)
@@ -428,21 +399,6 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
         probabilities=tuple(name for name in activations if name in softmax_outputs),
         kept_float=tuple(node.name for node in graph if node.name in kept),
     )
-
-
-def _fusions(candidates: Mapping[str, ir.Node], refusals: dict[str, str],
-             rules: Mapping[str, OpRule]) -> dict[str, ir.Node]:
-    """Each integer producer's fused Relu/Clip (producer name -> activation); an activation fused with
-    no producer joins ``refusals`` with the reason."""
-    fused_by_producer = {node.name: activation for node in candidates.values()
-                         if (activation := _fused_activation(node, candidates, rules)) is not None}
-    fused = {activation.name for activation in fused_by_producer.values()}
-    for node in candidates.values():
-        rule = rules[node.op_type]
-        if node.name not in fused and rule.role is OpRole.ACTIVATION and not (rule.standalone and
-                                                                             _clamp_allows_fusion(node)):
-            refusals[node.name] = _unfused_reason(node)
-    return fused_by_producer
 
 
 def _float_nodes(graph: ir.Graph, refusals: Mapping[str, str], read_in_float: Mapping[str, str],
