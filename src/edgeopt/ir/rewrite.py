@@ -19,12 +19,14 @@ __all__ = [
     "consumers",
     "drop_if_unused",
     "node_label",
+    "other_input",
     "register_array",
     "remove_nodes",
     "replace_constant_input",
     "replace_nodes",
     "replace_value",
     "replace_value_refusal",
+    "sole_consumer",
     "unique_value_name",
 ]
 
@@ -43,6 +45,22 @@ def consumers(value: ir.Value) -> list[ir.Node]:
     for usage in value.uses():
         seen.setdefault(id(usage.node), usage.node)
     return list(seen.values())
+
+
+def sole_consumer(value: ir.Value) -> ir.Node | None:
+    """The only node reading ``value``, when there is exactly one and it is not a graph output."""
+    if value.is_graph_output():
+        return None
+    readers = consumers(value)
+    return readers[0] if len(readers) == 1 else None
+
+
+def other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
+    """For a binary node reading ``value``, its other input."""
+    if len(node.inputs) != 2:
+        return None
+    first, second = node.inputs
+    return second if first is value else first
 
 
 def _graph_value_names(graph: ir.Graph) -> set[str]:

@@ -96,6 +96,16 @@ def is_quantized_constant(value: ir.Value | None) -> bool:
     return is_op(producer, "DequantizeLinear") and bool(producer.inputs) and is_constant(producer.inputs[0])
 
 
+def reduce_axes(node: ir.Node) -> list[int] | None:
+    """The constant axes of a ReduceMean (attribute before opset 18, input after); None when absent."""
+    if "axes" in node.attributes:
+        return list(node.attributes.get_ints("axes"))
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        axes = constant_array(node.inputs[1])
+        return [int(a) for a in axes.reshape(-1)] if axes is not None else None
+    return None
+
+
 def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     """The shape of ``value`` as ints, or None when unknown or dynamic."""
     if value is None:

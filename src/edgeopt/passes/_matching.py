@@ -34,6 +34,9 @@ __all__ = [
 ]
 
 is_op = eir.is_op
+other_input = eir.other_input
+reduce_axes = eir.reduce_axes
+sole_consumer = eir.sole_consumer
 
 
 def producer_and_constant(node: ir.Node, op_types: tuple[str, ...], *,
@@ -56,16 +59,6 @@ def producer_op(value: ir.Value | None, *op_types: str) -> ir.Node | None:
     return producer if is_op(producer, *op_types) else None
 
 
-def reduce_axes(node: ir.Node) -> list[int] | None:
-    """The constant axes of a ReduceMean (attribute before opset 18, input after); None when absent."""
-    if "axes" in node.attributes:
-        return list(node.attributes.get_ints("axes"))
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
-        axes = eir.constant_array(node.inputs[1])
-        return [int(a) for a in axes.reshape(-1)] if axes is not None else None
-    return None
-
-
 def is_close(number: float | None, expected: float, rel_tol: float = 1e-6) -> bool:
     """True when ``number`` (a :func:`scalar`, None when not a constant) is ``expected`` within ``rel_tol``."""
     return number is not None and math.isclose(number, expected, rel_tol=rel_tol)
@@ -77,22 +70,6 @@ def scalar(value: ir.Value | None) -> float | None:
     if array is None or array.size != 1 or not np.issubdtype(array.dtype, np.number):
         return None
     return float(array.reshape(()))
-
-
-def other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
-    """For a binary node reading ``value``, its other input."""
-    if len(node.inputs) != 2:
-        return None
-    first, second = node.inputs
-    return second if first is value else first
-
-
-def sole_consumer(value: ir.Value) -> ir.Node | None:
-    """The only node reading ``value``, when there is exactly one and it is not a graph output."""
-    if value.is_graph_output():
-        return None
-    readers = eir.consumers(value)
-    return readers[0] if len(readers) == 1 else None
 
 
 def shape_text(shape: tuple[int, ...]) -> str:

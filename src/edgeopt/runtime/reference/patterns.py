@@ -62,11 +62,6 @@ class SpelledGelu:
         return self.nodes[-1]
 
 
-def _only_reader(value: ir.Value) -> ir.Node | None:
-    readers = eir.consumers(value)
-    return readers[0] if len(readers) == 1 and not value.is_graph_output() else None
-
-
 def constant_operand(value: ir.Value | None) -> np.ndarray | None:
     """A constant operand as the float op reads it: the constant itself, or the float32 ``(q - zp) * scale``
     of a DequantizeLinear of constants. Exporters share one scalar initializer among nodes (dynamo's 0.5 is
@@ -96,14 +91,8 @@ def _scalar(value: ir.Value | None) -> float | None:
     return float(array.reshape(()))
 
 
-def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:
-    if len(node.inputs) != 2 or value not in node.inputs:
-        return None
-    return node.inputs[1] if node.inputs[0] is value else node.inputs[0]
-
-
 def _next(value: ir.Value, *op_types: str) -> ir.Node | None:
-    node = _only_reader(value)
+    node = eir.sole_consumer(value)
     return node if eir.is_op(node, *op_types) else None
 
 
@@ -111,15 +100,9 @@ def _axes(node: ir.Node, rank: int) -> tuple[int, ...] | None:
     """The constant, non-negative, sorted axes of a ReduceMean that keeps dims (all axes when none are given)."""
     if node.attributes.get_int("keepdims", 1) != 1:
         return None
-    if "axes" in node.attributes:
-        axes = list(node.attributes.get_ints("axes"))
-    elif len(node.inputs) > 1 and node.inputs[1] is not None:
-        array = eir.constant_array(node.inputs[1])
-        if array is None:
-            return None
-        axes = [int(a) for a in array.reshape(-1)]
-    else:
-        axes = []
+    axes = eir.reduce_axes(node)
+    if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+        return None  # axes computed at run time
     if not axes:
         return None if node.attributes.get_int("noop_with_empty_axes", 0) else tuple(range(rank))
     return tuple(sorted(a % rank for a in axes))
@@ -138,7 +121,7 @@ def _variance(square: ir.Node, axes, rank: int) -> tuple[list[ir.Node], float] |
     """``Sqrt(Add(ReduceMean(square, axes), eps))``: its nodes (square first) and eps."""
     variance = _next(square.outputs[0], "ReduceMean")
     add = _next(variance.outputs[0], "Add") if variance is not None and _axes(variance, rank) == axes else None
-    epsilon = _scalar(_other(add, variance.outputs[0])) if add is not None else None
+    epsilon = _scalar(eir.other_input(add, variance.outputs[0])) if add is not None else None
     sqrt = _next(add.outputs[0], "Sqrt") if epsilon is not None else None
     return ([square, variance, add, sqrt], epsilon) if sqrt is not None and epsilon >= 0 else None
 
@@ -147,11 +130,12 @@ def _divides(normalize: ir.Node, d: ir.Value, sqrt: ir.Node) -> list[ir.Node] | 
     """The nodes dividing ``d`` by ``sqrt``'s output: ``[normalize]`` or ``[reciprocal, normalize]``."""
     std = sqrt.outputs[0]
     if eir.is_op(normalize, "Div"):
-        ok = normalize.inputs[0] is d and normalize.inputs[1] is std and _only_reader(std) is normalize
+        ok = normalize.inputs[0] is d and normalize.inputs[1] is std and eir.sole_consumer(std) is normalize
         return [normalize] if ok else None
     reciprocal = _next(std, "Reciprocal")
-    if eir.is_op(normalize, "Mul") and reciprocal is not None and _other(normalize, d) is reciprocal.outputs[0] \
-            and _only_reader(reciprocal.outputs[0]) is normalize:
+    if (eir.is_op(normalize, "Mul") and reciprocal is not None
+            and eir.other_input(normalize, d) is reciprocal.outputs[0]
+            and eir.sole_consumer(reciprocal.outputs[0]) is normalize):
         return [reciprocal, normalize]
     return None
 
@@ -159,7 +143,7 @@ def _divides(normalize: ir.Node, d: ir.Value, sqrt: ir.Node) -> list[ir.Node] | 
 def _affine(node: ir.Node, op_type: str, axes, rank: int) -> tuple[ir.Node, np.ndarray] | None:
     """The Mul (gamma) or Add (beta) alone reading ``node``'s output by a constant varying only along ``axes``."""
     following = _next(node.outputs[0], op_type)
-    other = _other(following, node.outputs[0]) if following is not None else None
+    other = eir.other_input(following, node.outputs[0]) if following is not None else None
     constant = constant_operand(other) if other is not None else None
     if constant is None or constant.ndim > rank or not np.issubdtype(constant.dtype, np.floating):
         return None
@@ -206,7 +190,7 @@ def _with_affine(nodes: list[ir.Node], x: ir.Value, axes, epsilon: float, rank: 
 def _erf_argument(erf: ir.Node) -> tuple[ir.Node, ir.Value] | None:
     """``x / sqrt(2)`` or ``x * (1 / sqrt(2))`` read by ``erf`` alone: (that node, x)."""
     scale = erf.inputs[0].producer() if erf.inputs and erf.inputs[0] is not None else None
-    if not eir.is_op(scale, "Div", "Mul") or _only_reader(erf.inputs[0]) is not erf:
+    if not eir.is_op(scale, "Div", "Mul") or eir.sole_consumer(erf.inputs[0]) is not erf:
         return None
     if scale.op_type == "Div":
         x, number, expected = scale.inputs[0], _scalar(scale.inputs[1]), math.sqrt(2.0)
@@ -223,9 +207,9 @@ def _times_x(value: ir.Value, x: ir.Value, node: ir.Node) -> tuple[ir.Node | Non
     if value is x:
         return None, 1.0
     scaled = value.producer()
-    if not eir.is_op(scaled, "Mul", "Div") or _only_reader(value) is not node or x not in scaled.inputs:
+    if not eir.is_op(scaled, "Mul", "Div") or eir.sole_consumer(value) is not node or x not in scaled.inputs:
         return None
-    number = _scalar(_other(scaled, x))
+    number = _scalar(eir.other_input(scaled, x))
     if number is None or number == 0 or (scaled.op_type == "Div" and scaled.inputs[0] is not x):
         return None
     return scaled, (1 / number if scaled.op_type == "Div" else number)
@@ -236,7 +220,7 @@ def _product(start: ir.Value, x: ir.Value) -> list[ir.Node] | None:
     current, nodes, factor, has_x = start, [], 1.0, False
     for _ in range(_GELU_LINKS):
         node = _next(current, "Mul", "Div")
-        other = _other(node, current) if node is not None else None
+        other = eir.other_input(node, current) if node is not None else None
         number = _scalar(other)
         if other is None or (node.op_type == "Div" and (node.inputs[0] is not current or not number)):
             return None
@@ -259,7 +243,7 @@ def match_erf_gelu(erf: ir.Node) -> SpelledGelu | None:
     """The spelled-out exact GELU around ``erf``, or None."""
     argument = _erf_argument(erf) if eir.is_op(erf, "Erf") else None
     plus = _next(erf.outputs[0], "Add") if argument is not None else None
-    if plus is None or not math.isclose(_scalar(_other(plus, erf.outputs[0])) or 0.0, 1.0, rel_tol=1e-6):
+    if plus is None or not math.isclose(_scalar(eir.other_input(plus, erf.outputs[0])) or 0.0, 1.0, rel_tol=1e-6):
         return None
     chain = _product(plus.outputs[0], argument[1])
     return SpelledGelu(nodes=(argument[0], erf, plus, *chain), x=argument[1]) if chain else None
