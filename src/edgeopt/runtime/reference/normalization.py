@@ -38,6 +38,7 @@ from edgeopt.runtime.reference.patterns import (
     match_layer_norm,
 )
 from edgeopt.runtime.reference.program import LayerNormParams, LutParams
+from edgeopt.runtime.reference.tables import lut_table
 
 __all__ = ["BIAS_BITS", "claim_spelled_out", "layer_norm_params", "lower_instance_normalization",
            "lower_layer_normalization"]
@@ -183,15 +184,11 @@ def _evaluate(match: SpelledGelu, x: np.ndarray) -> np.ndarray:
 
 
 def _lower_spelled_gelu(lo: Lowering, node: ir.Node, match: SpelledGelu) -> None:
-    """``table[q + 128] = clamp(rint(gelu(s_in * (q - zp_in)) / s_out) + zp_out)``, as tables.lut_params."""
+    """The group's own float ops, evaluated on the 256 int8 inputs, as one lookup table (tables.lut_table)."""
     x = lo.activation(match.x, node)
-    source, plan = lo.params_of(x), lo.output_plan(match.last)
-    q = np.arange(-128, 128, dtype=np.int32)
-    with np.errstate(over="ignore"):
-        y = _evaluate(match, (q - source.zero_point).astype(np.float32) * np.float32(source.scale))
-    table = np.rint(y / np.float32(plan.qparams.scale)) + plan.qparams.zero_point
-    anchor = match.nodes[1]  # the Erf
-    lo.finish("lut", [x], plan, LutParams(table=np.clip(table, plan.act_min, plan.act_max).astype(np.int8)), anchor)
+    plan = lo.output_plan(match.last)
+    table = lut_table(lambda values: _evaluate(match, values), lo.params_of(x), plan)
+    lo.finish("lut", [x], plan, LutParams(table=table), match.nodes[1])  # named after the Erf
 
 
 def _lower_group(lo: Lowering, node: ir.Node, *, match, lower) -> None:

@@ -109,7 +109,7 @@ def _round_nearest(mode: str, x: np.ndarray) -> np.ndarray:
 def _source_coordinates(node: ir.Node, opset: int, size_in: int, size_out: int, scale: float | None) -> np.ndarray:
     """Where every output position along one axis reads the input (ONNX Resize's coordinate_transformation_mode;
     asymmetric for Upsample and Resize-10)."""
-    from edgeopt.runtime.reference.lower import attribute, text_attribute
+    from edgeopt.runtime.reference.lower import text_attribute
 
     old = opset < 11 or node.op_type == "Upsample"
     transform = "asymmetric" if old else text_attribute(node, "coordinate_transformation_mode", "half_pixel")
@@ -119,7 +119,7 @@ def _source_coordinates(node: ir.Node, opset: int, size_in: int, size_out: int, 
 
 def nearest_indices(node: ir.Node, opset: int, size_in: int, size_out: int, scale: float | None) -> np.ndarray:
     """Source index of every output position along one axis (ONNX Resize, mode=nearest)."""
-    from edgeopt.runtime.reference.lower import attribute, text_attribute
+    from edgeopt.runtime.reference.lower import text_attribute
 
     old = opset < 11 or node.op_type == "Upsample"
     rounding = "floor" if old else text_attribute(node, "nearest_mode", "round_prefer_floor")
