@@ -11,7 +11,7 @@ and QLinearMul (:mod:`edgeopt.quant.hard_activations`). Everything else
 stays float and is reported. The microcontroller target
 (:data:`MCU_OP_RULES`) adds the ops the C kernels compute from int8
 (Softmax, Tanh, Elu, Gelu, ReduceMean, GlobalMaxPool, Pad, PRelu, DepthToSpace, SpaceToDepth, linear Resize,
-LayerNormalization, InstanceNormalization, and the spelled-out GELU and LayerNorm groups of :data:`ONE_OP_PATTERNS`)
+LayerNormalization, InstanceNormalization, GRU, and the spelled-out GELU and LayerNorm groups of :data:`ONE_OP_PATTERNS`)
 and ConvTranspose, which ONNX Runtime runs in float (it has no integer
 ConvTranspose on the CPU), and keeps a Gather float unless its indices are
 constant (the C copies int8 blocks; a lookup of token ids has no kernel).
@@ -44,7 +44,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 
 __all__ = ["FUSED_BETWEEN_PAIRS", "MCU_OP_RULES", "ONE_OP_PATTERNS", "OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule",
-           "QUANTIZED_OP_TYPES", "WEIGHT_ONLY_OPS", "float_op_reason", "gather_refusal", "is_float16_cast", "is_qdq_op",
+           "QUANTIZED_OP_TYPES", "WEIGHT_ONLY_OPS", "float_op_reason", "gather_refusal", "gru_refusal", "is_float16_cast", "is_qdq_op",
            "pad_refusal", "prelu_refusal", "resize_refusal", "slow_group_refusal", "weight_axis"]
 
 
@@ -63,7 +63,8 @@ class OpRule:
     per group of a grouped conv whose integer kernel is slower than float (it stays float);
     ``constant_indices``: a Gather runs in integer only at constant indices; ``fuses_clamp``: a Relu/Clip
     that alone reads its output folds into its range, as after the ops of :data:`FUSING_PRODUCERS`;
-    ``standalone``: a Relu/Clip no op before it absorbs runs in integer by itself (a clamped requantization)."""
+    ``standalone``: a Relu/Clip no op before it absorbs runs in integer by itself (a clamped requantization);
+    ``weight_inputs``: constant inputs quantized as int8 weights along :func:`weight_axis` (a GRU's W and R)."""
 
     role: OpRole
     activation_inputs: tuple[int, ...] | None = (0,)
@@ -73,6 +74,7 @@ class OpRule:
     constant_indices: bool = False
     fuses_clamp: bool = False
     standalone: bool = False
+    weight_inputs: tuple[int, ...] = ()
 
 
 _WEIGHTED = OpRule(role=OpRole.WEIGHTED)
@@ -151,6 +153,8 @@ MCU_OP_RULES: dict[str, OpRule] = OP_RULES | {
     # input 0 and the output: Scale and B stay float, folded by the C lowering, whose kernel also clamps
     "LayerNormalization": _NORMALIZATION,
     "InstanceNormalization": _NORMALIZATION,
+    # input X and the outputs Y, Y_h that are read; W and R int8 per gate row, B stays float (the C folds it)
+    "GRU": OpRule(role=OpRole.ARITHMETIC, weight_inputs=(1, 2), all_outputs=True),
 }
 
 # Spelled-out groups the float passes annotate (``edgeopt.pattern``) that a target computes as one integer op,
@@ -255,6 +259,32 @@ def gather_refusal(node: ir.Node, rule: OpRule) -> str | None:
     return None
 
 
+#: The widest GRU the C kernel takes: R's int8 times the int16 hidden state, summed over H, stays in int32.
+GRU_MAX_HIDDEN = 512
+
+
+def gru_refusal(node: ir.Node, *, float_weights: bool = True) -> str | None:
+    """Why a GRU stays float: the integer kernel takes constant weights and bias, the default activations,
+    no clip, all sequences at full length and a hidden size of at most :data:`GRU_MAX_HIDDEN`.
+    ``float_weights``: check that W, R and B are float constants (not yet quantized)."""
+    inputs = list(node.inputs) + [None] * (6 - len(node.inputs))
+    for index, label in ((1, "W"), (2, "R"), (3, "B")):
+        value = inputs[index]
+        if float_weights and value is not None and value.name and not eir.is_constant(value):
+            return f"its {label} is not a constant"
+    if inputs[4] is not None and inputs[4].name:
+        return "it has a sequence_lens input (the integer kernel runs every sequence to its full length)"
+    activations = node.attributes.get_strings("activations", None)
+    if activations and [a.lower() for a in activations] != ["sigmoid", "tanh"] * (len(activations) // 2):
+        return f"activations {list(activations)}: the integer kernel computes the default Sigmoid and Tanh"
+    if node.attributes.get("clip") is not None:
+        return "clip is set: the integer kernel does not clip the gates' inputs"
+    hidden = node.attributes.get_int("hidden_size", 0)
+    if hidden > GRU_MAX_HIDDEN:
+        return f"hidden_size {hidden}: the integer kernel takes at most {GRU_MAX_HIDDEN}"
+    return None
+
+
 def pad_refusal(node: ir.Node) -> str | None:
     """Why a Pad stays float: it copies int8 values only when it pads with a constant by constant,
     non-negative amounts."""
@@ -287,7 +317,7 @@ def weight_axis(node: ir.Node, weight_rank: int) -> int | None:
 
     Conv [Cout, Cin/g, k...]: 0. ConvTranspose [Cin, Cout/g, k...]: 1 when
     group == 1 (with groups, axis 1 does not index output channels). Gemm:
-    0 with transB (weight [N, K]) else 1. MatMul [K, N]: 1; a batched MatMul weight [..., K, N] is
+    0 with transB (weight [N, K]) else 1. GRU W/R [D, 3H, K]: 1. MatMul [K, N]: 1; a batched MatMul weight [..., K, N] is
     quantized per tensor, since ONNX Runtime's integer MatMul takes per-column zero points for a 2-D
     weight only (it refuses the model otherwise).
     """
@@ -297,6 +327,8 @@ def weight_axis(node: ir.Node, weight_rank: int) -> int | None:
         return 1 if node.attributes.get_int("group", 1) == 1 else None
     if node.op_type == "Gemm":
         return 0 if node.attributes.get_int("transB", 0) else 1
+    if node.op_type == "GRU":  # W [D, 3H, I], R [D, 3H, H]: per gate row
+        return 1
     if node.op_type == "MatMul":  # a batched weight [B, K, N]: per tensor (see the docstring)
         return 1 if weight_rank == 2 else None
     return None

@@ -78,7 +78,7 @@ from edgeopt.quant.config import is_excluded
 from edgeopt.quant.log_inputs import log_input_nodes, log_input_refusal
 from edgeopt.quant.masks import grid_refusal, index_refusal, mask_like_values, mask_refusal
 from edgeopt.quant.ops import (FUSED_BETWEEN_PAIRS, OP_RULES, OpRole, OpRule, float_op_reason,
-                               gather_refusal, is_qdq_op, pad_refusal, prelu_refusal, resize_refusal,
+                               gather_refusal, gru_refusal, is_qdq_op, pad_refusal, prelu_refusal, resize_refusal,
                                slow_group_refusal, weight_axis)
 from edgeopt.quant.one_op_groups import group_boundary, quantized_as_one_op, refuse_partial_groups
 from edgeopt.quant.registry import FloatNode
@@ -199,6 +199,8 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
         return gather_refusal(node, rules["Gather"])
     if node.op_type == "PRelu":
         return prelu_refusal(node)
+    if node.op_type == "GRU":
+        return gru_refusal(node)
     return None
 
 
@@ -260,19 +262,23 @@ class _Planner:
         # input 1 of a Conv/Gemm/MatMul is its weight when constant; a MatMul's computed input 1 (the V
         # of attention's probs @ V) is an activation like input 0
         weight = node.inputs[1] if rule.role is OpRole.WEIGHTED and eir.is_constant(node.inputs[1]) else None
-        if weight is not None:
-            self.weights.append(WeightUse(node=node.name, tensor=weight.name,
-                                          axis=weight_axis(node, eir.constant_array(weight).ndim)))
+        weights = [weight] if weight is not None else []
+        weights += [node.inputs[i] for i in rule.weight_inputs if i < len(node.inputs) and eir.is_constant(node.inputs[i])]
+        for value in weights:
+            self.weights.append(WeightUse(node=node.name, tensor=value.name,
+                                          axis=weight_axis(node, eir.constant_array(value).ndim)))
         shared = []
         for index in indices:
             value = node.inputs[index] if index < len(node.inputs) else None
-            if value is weight or not _is_float(value, self.non_float):
+            if value in weights or not _is_float(value, self.non_float):
                 continue
             (self.constants if eir.is_constant(value) else self.activations)[value.name] = None
             shared.append(value.name)
         outputs = [output.name]
-        if rule.all_outputs:  # Split: every output read by something
+        if rule.all_outputs:  # Split: every output read by something; a GRU: those of Y and Y_h that are read
             outputs += [v.name for v in node.outputs[1:] if _is_float(v, self.non_float) and v.uses()]
+            if rule.weight_inputs and not (output.uses() or output.is_graph_output()):
+                outputs = outputs[1:]
         if self.quantize_outputs or not _float_output_fuses(node, output, weight):
             self.activations.update(dict.fromkeys(outputs))
         if node.op_type == "Concat":
@@ -460,6 +466,12 @@ def _moves(node: ir.Node | None, candidates: Mapping[str, ir.Node], refusals: Ma
             and rules[node.op_type].role is OpRole.SHARED)
 
 
+def _read_as_activation(use, rules: Mapping[str, OpRule]) -> bool:
+    """Whether ``use`` is an input its node may read as int8: not a GRU's initial_h (input 5, which stays float)."""
+    rule = rules.get(use.node.op_type)
+    return rule is None or not rule.weight_inputs or rule.activation_inputs is None or use.idx in rule.activation_inputs
+
+
 def _refuse_isolated_movers(candidates: Mapping[str, ir.Node], refusals: dict[str, str],
                             rules: Mapping[str, OpRule], *, outputs_quantized: bool,
                             grouped: Collection[str] = ()) -> None:
@@ -483,7 +495,7 @@ def _refuse_isolated_movers(candidates: Mapping[str, ir.Node], refusals: dict[st
         while stack:
             node = stack.pop()
             neighbours = [v.producer() for v in node.inputs if v is not None]
-            neighbours += [use.node for v in node.outputs for use in v.uses()]
+            neighbours += [use.node for v in node.outputs for use in v.uses() if _read_as_activation(use, rules)]
             anchored = anchored or any(computes(n) for n in neighbours) or (
                 outputs_quantized and any(v.is_graph_output() for v in node.outputs))
             for n in neighbours:

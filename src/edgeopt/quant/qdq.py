@@ -261,8 +261,10 @@ class _QdqInserter:
                         "minmax", axis)
         self.replaced.add(tensor)
         dequantized, scale = self.weight_cache[key]
-        node.replace_input_with(1, dequantized)
-        self.weight_scales[node_name] = scale
+        for index, value in enumerate(node.inputs):  # input 1; a GRU's W (1) and R (2)
+            if value is not None and value.name == tensor:
+                node.replace_input_with(index, dequantized)
+        self.weight_scales.setdefault(node_name, scale)
 
     def bias(self, node_name: str, tensor: str, input_name: str, weight_name: str) -> None:
         node = self.build.nodes[node_name]

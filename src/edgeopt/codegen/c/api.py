@@ -126,7 +126,7 @@ def _check_options(name: str, rounding: str) -> None:
 
 
 def program_macs(program: Program) -> int:
-    """Multiply-accumulates of the convolutions and fully connected layers."""
+    """Multiply-accumulates of the convolutions, fully connected layers, MatMuls of two activations and GRUs."""
     total = 0
     for op in program.ops:
         if op.kind in ("conv2d", "conv2d_add"):
@@ -138,6 +138,12 @@ def program_macs(program: Program) -> int:
         elif op.kind == "conv_transpose2d":  # every input value scatters a kernel per output channel of its group
             out_channels, kernel_h, kernel_w, _ = op.params.weight.shape
             total += program.tensors[op.inputs[0]].size * out_channels // op.params.group * kernel_h * kernel_w
+        elif op.kind == "batch_matmul":
+            p = op.params
+            total += p.batch * p.rows * p.depth * p.columns
+        elif op.kind == "gru":  # each step: the three gates' rows over the input and the state
+            p = op.params
+            total += p.directions * p.batch * p.steps * 3 * p.hidden * (p.input_size + p.hidden)
     return int(total)
 
 

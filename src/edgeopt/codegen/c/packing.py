@@ -16,16 +16,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeopt.errors import CodegenError
+from edgeopt.runtime.reference.gru import SIGMOID_TABLE, TANH_TABLE
 from edgeopt.runtime.reference.ops import OPS
 from edgeopt.runtime.reference.program import IntOp, Program
 
 __all__ = ["PACKERS", "PackContext", "c_array"]
 
-_C_TYPES = {np.dtype(np.int8): "int8_t", np.dtype(np.int32): "int32_t"}
+_C_TYPES = {np.dtype(np.int8): "int8_t", np.dtype(np.int16): "int16_t", np.dtype(np.int32): "int32_t"}
 
 
 def c_array(name: str, array: np.ndarray) -> str:
-    """``static const <type> name[n] = {...};`` (flash) for an int8/int32 array."""
+    """``static const <type> name[n] = {...};`` (flash) for an int8/int16/int32 array."""
     flat = np.ascontiguousarray(array).reshape(-1)
     c_type = _C_TYPES[flat.dtype]
     rows = [", ".join(str(int(v)) for v in flat[i:i + 24]) for i in range(0, max(len(flat), 1), 24)]
@@ -351,6 +352,28 @@ def pack_layer_norm(op: IntOp, ctx: PackContext):
     return decls, _call(op, ctx, f"{prefix}_params")
 
 
+def pack_gru(op: IntOp, ctx: PackContext):
+    """The GRU's arrays; its gate tables have one name in every model (the emitter declares them once)."""
+    p, prefix = op.params, f"op{ctx.index}"
+    arrays = {"w": p.w, "r": p.r, "w_multiplier": p.w_multiplier, "w_shift": p.w_shift,
+              "r_multiplier": p.r_multiplier, "r_shift": p.r_shift, "w_bias": p.w_bias, "r_bias": p.r_bias,
+              "initial": p.initial}
+    decls = [c_array("eo_gru_sigmoid_table", SIGMOID_TABLE), c_array("eo_gru_tanh_table", TANH_TABLE)]
+    decls += [c_array(f"{prefix}_{field}", array) for field, array in arrays.items()]
+    x_t, x_b = p.x_strides
+    y_t, y_d, y_b, y_h = p.y_strides
+    decls.append(_struct("eo_gru_params", f"{prefix}_params", dict(
+        steps=p.steps, batch=p.batch, input_size=p.input_size, hidden=p.hidden, directions=p.directions,
+        reverse=int(p.reverse), linear_before_reset=int(p.linear_before_reset), final_only=int(p.final_only),
+        x_stride_t=x_t, x_stride_b=x_b, y_stride_t=y_t, y_stride_d=y_d, y_stride_b=y_b, y_stride_h=y_h,
+        input_zero_point=p.input_zero_point, output_multiplier=p.output_multiplier, output_shift=p.output_shift,
+        output_zero_point=p.output_zero_point, act_min=p.act_min, act_max=p.act_max,
+        **{field: f"{prefix}_{field}" for field in arrays}, sigmoid="eo_gru_sigmoid_table",
+        tanh="eo_gru_tanh_table")))
+    call = _call(op, ctx, f"{prefix}_params")
+    return decls, f"{call[:-2]}, (int16_t *){ctx.pointer(op.scratch)});"
+
+
 PACKERS = {
     "conv2d": pack_conv2d,
     "conv2d_add": pack_conv2d_add,
@@ -374,4 +397,5 @@ PACKERS = {
     "prelu": pack_prelu,
     "resize_bilinear": pack_resize_bilinear,
     "layer_norm": pack_layer_norm,
+    "gru": pack_gru,
 }

@@ -5,7 +5,8 @@ picks the order); model inputs live from step 0. A tensor lives from the step
 that writes it to the last step that reads it; model outputs live to the last
 step (the caller reads them after the run). Constants are ``const`` arrays in
 flash and take no arena space. The kernels need no scratch memory
-(convolutions accumulate straight from the input).
+(convolutions accumulate straight from the input), except a GRU's state: its
+op's ``scratch`` tensor, which lives during that step only.
 
 In place: when an op's kernel may overwrite an input (``OPS[kind].in_place``
 lists the positions: elementwise requantize/LUT/Add/Mul/Softmax, Reshape, and
@@ -78,6 +79,8 @@ def program_lifetimes(program: Program) -> tuple[TensorLifetime, ...]:
     for step, op in enumerate(program.ops):
         start.setdefault(op.output, step)
         end[op.output] = max(end.get(op.output, step), step)
+        if op.scratch is not None:  # the kernel's working memory, during its op only
+            start[op.scratch] = end[op.scratch] = step
         for name in op.inputs:
             if name not in program.constants:
                 end[name] = max(end.get(name, step), step)

@@ -197,18 +197,18 @@ class Lowering:
 
     # -- emitting -----------------------------------------------------------------
 
-    def emit(self, kind: str, inputs, output: str, params, node: ir.Node) -> str:
+    def emit(self, kind: str, inputs, output: str, params, node: ir.Node, scratch: str | None = None) -> str:
         self.ops.append(IntOp(kind=kind, inputs=tuple(inputs), output=output, params=params,
-                              node=node.name or node.op_type))
+                              node=node.name or node.op_type, scratch=scratch))
         return output
 
     def bind(self, value: ir.Value, tensor: str) -> None:
         self.tensor_of[value.name] = tensor
 
-    def finish(self, kind: str, inputs, plan: OutputPlan, params, node: ir.Node) -> str:
+    def finish(self, kind: str, inputs, plan: OutputPlan, params, node: ir.Node, scratch: str | None = None) -> str:
         """Emit a compute op writing ``plan``'s tensor and bind its value and absorbed clamps."""
         name = self.add_tensor(plan.value.name, self.logical_shape(plan.value), plan.qparams)
-        self.emit(kind, inputs, name, params, node)
+        self.emit(kind, inputs, name, params, node, scratch)
         self.bind(plan.value, name)
         for clamp in plan.absorbed:
             self.absorbed.add(id(clamp))
@@ -254,9 +254,10 @@ class Lowering:
             bounds.append(default if array is None else float(array.item()))
         return bounds[0], bounds[1]
 
-    def output_plan(self, node: ir.Node) -> OutputPlan:
-        """Follow ``node``'s output through Relu/Clip and data movement to its QuantizeLinear."""
-        value = node.outputs[0]
+    def output_plan(self, node: ir.Node, value: ir.Value | None = None) -> OutputPlan:
+        """Follow ``node``'s output (``value``, else its first) through Relu/Clip and data movement to its
+        QuantizeLinear."""
+        value = value if value is not None else node.outputs[0]
         low, high, absorbed, current, absorbing = -math.inf, math.inf, [], value, True
         while True:
             users = [use.node for use in current.uses()]

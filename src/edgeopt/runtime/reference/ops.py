@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeopt.runtime.reference.fixed_point import multiply_by_quantized_multiplier as mbqm
+from edgeopt.runtime.reference.gru import gru
 from edgeopt.runtime.reference.program import (
     BILINEAR_FRACTION_BITS,
     AddParams,
@@ -27,6 +28,7 @@ from edgeopt.runtime.reference.program import (
     Conv2dParams,
     ConvTranspose2dParams,
     FullyConnectedParams,
+    GruParams,
     LayerNormParams,
     LutParams,
     MaxPoolParams,
@@ -333,4 +335,5 @@ OPS: dict[str, OpSpec] = dict([
     _spec("prelu", prelu, PReluParams, "eo_prelu_s8", in_place=(0,)),
     _spec("resize_bilinear", resize_bilinear, ResizeBilinearParams, "eo_resize_bilinear_s8"),
     _spec("layer_norm", layer_norm, LayerNormParams, "eo_layer_norm_s8", in_place=(0,)),
+    _spec("gru", gru, GruParams, "eo_gru_s8"),
 ])

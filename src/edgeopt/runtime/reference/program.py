@@ -29,6 +29,7 @@ __all__ = [
     "Conv2dParams",
     "ConvTranspose2dParams",
     "FullyConnectedParams",
+    "GruParams",
     "IntOp",
     "LayerNormParams",
     "LutParams",
@@ -331,6 +332,43 @@ class PReluParams:
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
+class GruParams:
+    """An ONNX GRU in integers (:mod:`edgeopt.runtime.reference.gru` has the arithmetic).
+
+    ``x`` is read at ``t * x_strides[0] + b * x_strides[1] + i``; the output (Y, or with ``final_only``
+    Y_h) is written at ``t * st + d * sd + b * sb + j * sh`` for ``y_strides = (st, sd, sb, sh)`` (t = 0
+    for Y_h). Direction 1 of two, or the one direction when ``reverse``, runs from the last step back.
+    """
+
+    steps: int
+    batch: int
+    input_size: int
+    hidden: int
+    directions: int
+    reverse: bool
+    linear_before_reset: bool
+    final_only: bool
+    output_size: int
+    x_strides: tuple[int, int]
+    y_strides: tuple[int, int, int, int]
+    input_zero_point: int
+    w: np.ndarray  # int8 (D, 3H, I), gates z, r, n
+    r: np.ndarray  # int8 (D, 3H, H)
+    w_multiplier: np.ndarray  # int32 (3H,): s_x * s_w[row] in Q12 steps
+    w_shift: np.ndarray  # int32 (3H,)
+    r_multiplier: np.ndarray  # int32 (3H,): s_r[row] from Q15 to Q12
+    r_shift: np.ndarray  # int32 (3H,)
+    w_bias: np.ndarray  # int32 (D, 3H), Q12
+    r_bias: np.ndarray  # int32 (D, 3H), Q12
+    initial: np.ndarray  # int16 (D, B, H), Q15
+    output_multiplier: int  # 2**-15 / s_out
+    output_shift: int
+    output_zero_point: int
+    act_min: int
+    act_max: int
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
 class LayerNormParams:
     """LayerNorm over the middle axis of a stored tensor viewed as (outer, reduce, inner), in integers.
 
@@ -384,6 +422,7 @@ class IntOp:
     output: str
     params: object
     node: str
+    scratch: str | None = None  # an arena tensor the C kernel works in during this op only (a GRU's state)
 
 
 @dataclass(frozen=True, kw_only=True)

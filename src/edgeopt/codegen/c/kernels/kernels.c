@@ -536,3 +536,75 @@ void eo_layer_norm_s8(const eo_layer_norm_params *p, const int8_t *in, int8_t *o
             }
         }
 }
+
+/* A gate's function of a Q12 input, in Q15: clamped to [-8, 8), interpolated between entries 1/32 apart. */
+static int32_t gru_gate(int64_t q12, const int16_t *table) {
+    const int32_t u = (int32_t)(q12 < -32768 ? -32768 : (q12 > 32767 ? 32767 : q12)) + 32768;
+    const int32_t low = table[u >> 7], high = table[(u >> 7) + 1];
+    return low + (((high - low) * (u & 127) + 64) >> 7);
+}
+
+static int32_t gru_input_row(const int8_t *w, const int8_t *x, int32_t zero_point, int n) {
+    int32_t acc = 0;
+    int i;
+    for (i = 0; i < n; ++i) acc += w[i] * (x[i] - zero_point);
+    return acc;
+}
+
+static int32_t gru_state_row(const int8_t *r, const int16_t *h, int n) {
+    int32_t acc = 0;
+    int i;
+    for (i = 0; i < n; ++i) acc += r[i] * h[i];
+    return acc;
+}
+
+static void gru_write(const eo_gru_params *p, int8_t *out, long base, const int16_t *h) {
+    int j;
+    for (j = 0; j < p->hidden; ++j)
+        out[base + j * p->y_stride_h] = finish(h[j], p->output_multiplier, p->output_shift, p->output_zero_point,
+                                               p->act_min, p->act_max);
+}
+
+void eo_gru_s8(const eo_gru_params *p, const int8_t *in, int8_t *out, int16_t *scratch) {
+    const int H = p->hidden, I = p->input_size, rows = 3 * p->hidden;
+    int16_t *h = scratch, *next = scratch + H, *gated = scratch + 2 * H, *update = scratch + 3 * H;
+    int d, b, step, j;
+    for (d = 0; d < p->directions; ++d)
+        for (b = 0; b < p->batch; ++b) {
+            const int8_t *w = p->w + (long)d * rows * I, *r = p->r + (long)d * rows * H;
+            const int32_t *wb = p->w_bias + (long)d * rows, *rb = p->r_bias + (long)d * rows;
+            const int backward = p->reverse || d == 1;
+            memcpy(h, p->initial + ((long)d * p->batch + b) * H, sizeof(int16_t) * H);
+            for (step = 0; step < p->steps; ++step) {
+                const int t = backward ? p->steps - 1 - step : step;
+                const int8_t *x = in + t * p->x_stride_t + b * p->x_stride_b;
+#define EO_GX(row) ((int64_t)eo_requantize(gru_input_row(w + (long)(row) * I, x, p->input_zero_point, I), \
+                                           p->w_multiplier[row], p->w_shift[row]) + wb[row])
+#define EO_GH(row, state) ((int64_t)eo_requantize(gru_state_row(r + (long)(row) * H, state, H), \
+                                                  p->r_multiplier[row], p->r_shift[row]) + rb[row])
+                for (j = 0; j < H; ++j) {
+                    const int64_t z = gru_gate(EO_GX(j) + EO_GH(j, h), p->sigmoid);
+                    const int64_t reset = gru_gate(EO_GX(H + j) + EO_GH(H + j, h), p->sigmoid);
+                    if (p->linear_before_reset) {
+                        const int64_t n = gru_gate(EO_GX(2 * H + j) + ((reset * EO_GH(2 * H + j, h) + 16384) >> 15),
+                                                   p->tanh);
+                        next[j] = (int16_t)(((32768 - z) * n + z * h[j] + 16384) >> 15);
+                    } else {
+                        gated[j] = (int16_t)((reset * h[j] + 16384) >> 15);
+                        update[j] = (int16_t)z;
+                    }
+                }
+                if (!p->linear_before_reset)
+                    for (j = 0; j < H; ++j) {
+                        const int64_t n = gru_gate(EO_GX(2 * H + j) + EO_GH(2 * H + j, gated), p->tanh);
+                        next[j] = (int16_t)(((32768 - (int64_t)update[j]) * n + (int64_t)update[j] * h[j] + 16384)
+                                            >> 15);
+                    }
+#undef EO_GX
+#undef EO_GH
+                memcpy(h, next, sizeof(int16_t) * H);
+                if (!p->final_only) gru_write(p, out, t * p->y_stride_t + d * p->y_stride_d + b * p->y_stride_b, h);
+            }
+            if (p->final_only) gru_write(p, out, d * p->y_stride_d + b * p->y_stride_b, h);
+        }
+}

@@ -154,4 +154,19 @@ typedef struct {
 } eo_layer_norm_params;
 void eo_layer_norm_s8(const eo_layer_norm_params *p, const int8_t *in, int8_t *out);
 
+/* ONNX GRU (edgeopt/runtime/reference/gru.py): int8 sequence in, Y (or with final_only Y_h) out. The state is
+ * Q15 in scratch (4 x hidden int16, in the arena); gate inputs are Q12, read from 513-entry Q15 tables over
+ * [-8, 8). x at t * x_stride_t + b * x_stride_b + i; out at t * y_stride_t + d * y_stride_d + b * y_stride_b
+ * + j * y_stride_h (t = 0 for Y_h). Direction 1, or the only one when reverse, runs from the last step. */
+typedef struct {
+    int steps, batch, input_size, hidden, directions, reverse, linear_before_reset, final_only;
+    long x_stride_t, x_stride_b, y_stride_t, y_stride_d, y_stride_b, y_stride_h;
+    int32_t input_zero_point, output_multiplier, output_shift, output_zero_point, act_min, act_max;
+    const int8_t *w, *r;                                        /* [D][3H][I], [D][3H][H]: gates z, r, n */
+    const int32_t *w_multiplier, *w_shift, *r_multiplier, *r_shift; /* [3H]: to Q12 */
+    const int32_t *w_bias, *r_bias;                             /* [D][3H], Q12 */
+    const int16_t *initial, *sigmoid, *tanh;                    /* [D][B][H] Q15; the tables */
+} eo_gru_params;
+void eo_gru_s8(const eo_gru_params *p, const int8_t *in, int8_t *out, int16_t *scratch);
+
 #endif
