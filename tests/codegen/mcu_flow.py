@@ -12,7 +12,7 @@ def quantize_for_mcu(float_path, data, output):
     and speed checks."""
     report = api.quantize(float_path, Int8Config(target=Target.MCU), data, output=output, check_speed=False,
                           check_fidelity=False)
-    return report.result, api.load(output)
+    return report.result, api.load(output, require_static=False)  # dynamic dims: compile fixes them
 
 
 def assert_compiles_bit_exact(model, out_dir, held_out, **compile_options):

@@ -11,7 +11,8 @@ and QLinearMul (:mod:`edgeopt.quant.hard_activations`). Everything else
 stays float and is reported. The microcontroller target
 (:data:`MCU_OP_RULES`) adds the ops the C kernels compute from int8
 (Softmax, Tanh, Elu, Gelu, ReduceMean, GlobalMaxPool, Pad, PRelu, DepthToSpace, SpaceToDepth, linear Resize,
-LayerNormalization, InstanceNormalization, GRU, and the spelled-out GELU and LayerNorm groups of :data:`ONE_OP_PATTERNS`)
+LayerNormalization, InstanceNormalization, GRU, and the spelled-out GELU and LayerNorm groups of
+:data:`ONE_OP_PATTERNS`)
 and ConvTranspose, which ONNX Runtime runs in float (it has no integer
 ConvTranspose on the CPU), and keeps a Gather float unless its indices are
 constant (the C copies int8 blocks; a lookup of token ids has no kernel).
@@ -44,7 +45,8 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 
 __all__ = ["FUSED_BETWEEN_PAIRS", "MCU_OP_RULES", "ONE_OP_PATTERNS", "OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule",
-           "QUANTIZED_OP_TYPES", "WEIGHT_ONLY_OPS", "float_op_reason", "gather_refusal", "gru_refusal", "is_float16_cast", "is_qdq_op",
+           "QUANTIZED_OP_TYPES", "WEIGHT_ONLY_OPS", "float_op_reason", "gather_refusal", "gru_refusal",
+           "is_float16_cast", "is_qdq_op",
            "pad_refusal", "prelu_refusal", "resize_refusal", "slow_group_refusal", "weight_axis"]
 
 
@@ -272,6 +274,8 @@ def gru_refusal(node: ir.Node, *, float_weights: bool = True) -> str | None:
         value = inputs[index]
         if float_weights and value is not None and value.name and not eir.is_constant(value):
             return f"its {label} is not a constant"
+    if node.attributes.get_int("layout", 0) != 0:
+        return "layout=1 (batch-first): the integer kernel takes ONNX's default layout, as ONNX Runtime does"
     if inputs[4] is not None and inputs[4].name:
         return "it has a sequence_lens input (the integer kernel runs every sequence to its full length)"
     activations = node.attributes.get_strings("activations", None)
@@ -317,8 +321,8 @@ def weight_axis(node: ir.Node, weight_rank: int) -> int | None:
 
     Conv [Cout, Cin/g, k...]: 0. ConvTranspose [Cin, Cout/g, k...]: 1 when
     group == 1 (with groups, axis 1 does not index output channels). Gemm:
-    0 with transB (weight [N, K]) else 1. GRU W/R [D, 3H, K]: 1. MatMul [K, N]: 1; a batched MatMul weight [..., K, N] is
-    quantized per tensor, since ONNX Runtime's integer MatMul takes per-column zero points for a 2-D
+    0 with transB (weight [N, K]) else 1. GRU W/R [D, 3H, K]: 1 (per gate row). MatMul [K, N]: 1; a
+    batched MatMul weight [..., K, N] is quantized per tensor, since ONNX Runtime's integer MatMul takes per-column zero points for a 2-D
     weight only (it refuses the model otherwise).
     """
     if node.op_type == "Conv":

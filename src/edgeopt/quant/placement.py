@@ -263,7 +263,8 @@ class _Planner:
         # of attention's probs @ V) is an activation like input 0
         weight = node.inputs[1] if rule.role is OpRole.WEIGHTED and eir.is_constant(node.inputs[1]) else None
         weights = [weight] if weight is not None else []
-        weights += [node.inputs[i] for i in rule.weight_inputs if i < len(node.inputs) and eir.is_constant(node.inputs[i])]
+        weights += [node.inputs[i] for i in rule.weight_inputs
+                    if i < len(node.inputs) and eir.is_constant(node.inputs[i])]
         for value in weights:
             self.weights.append(WeightUse(node=node.name, tensor=value.name,
                                           axis=weight_axis(node, eir.constant_array(value).ndim)))

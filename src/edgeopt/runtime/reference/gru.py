@@ -12,8 +12,8 @@ Q15 (int16, ``h = q / 2**15``): it is a mix of a tanh and the previous state, so
 from a state there. Each matrix product is an exact int32 sum, moved by one fixed-point multiplier per
 row to Q12 (``2**-12`` steps), where both biases are added; a gate's input is clamped to [-8, 8) and
 read from a 513-entry Q15 table of sigmoid or tanh over that range, linearly interpolated between
-entries ``1/32`` apart (at most 3 Q15 steps from the function). The output (Y, or Y_h: the last state
-of each direction) is ``h`` requantized to int8 at the output's scale.
+entries ``1/32`` apart (within 4 Q15 steps of the function: 3.7 for tanh, where it bends most). The
+output (Y, or Y_h: the last state of each direction) is ``h`` requantized to int8 at the output's scale.
 
 The C kernel ``eo_gru_s8`` does the same arithmetic row by row, with an int16 scratch of 4 x hidden
 values (the state, the next state, ``r * h`` and ``z``) in the arena.

@@ -41,7 +41,7 @@ def _biases(lo: Lowering, node: ir.Node, directions: int, hidden: int) -> tuple[
     return q[:, :3 * hidden], q[:, 3 * hidden:]
 
 
-def _initial_state(node: ir.Node, shape: tuple[int, int, int], layout: int) -> np.ndarray:
+def _initial_state(node: ir.Node, shape: tuple[int, int, int]) -> np.ndarray:
     value = node.inputs[5] if len(node.inputs) > 5 else None
     if value is None or not value.name:
         return np.zeros(shape, np.int16)
@@ -50,8 +50,7 @@ def _initial_state(node: ir.Node, shape: tuple[int, int, int], layout: int) -> n
         raise UnsupportedOpError(f"{node_label(node)}: initial_h is computed at run time: the C kernel takes a "
                                  "constant initial state (compile with --input-shape, which folds a zeros state "
                                  "computed from the input's shape)")
-    real = array.astype(np.float64).reshape(shape if layout == 0 else (shape[1], shape[0], shape[2]))
-    real = real if layout == 0 else real.transpose(1, 0, 2)
+    real = np.broadcast_to(array.astype(np.float64), shape)
     if not np.all(np.abs(real) <= 1.0):
         raise UnsupportedOpError(f"{node_label(node)}: initial_h holds values outside [-1, 1]; the integer state "
                                  "is a Q15 number in that range")
@@ -63,12 +62,10 @@ def lower_gru(lo: Lowering, node: ir.Node) -> None:
     reason = gru_refusal(node, float_weights=False)  # W and R: lo.weight() checks them
     if reason is not None:
         raise UnsupportedOpError(f"{node_label(node)}: {reason}")
-    layout = int(attribute(node, "layout", 0))
     direction = text_attribute(node, "direction", "forward")
     x = lo.activation(node.inputs[0], node)
     x_info = lo.tensors[x]
-    steps, batch, input_size = (x_info.shape if layout == 0 else
-                                (x_info.shape[1], x_info.shape[0], x_info.shape[2]))
+    steps, batch, input_size = x_info.shape  # [T, B, I] (layout 0; gru_refusal refuses 1)
     if input_size > _MAX_INPUT:
         raise UnsupportedOpError(f"{node_label(node)}: input size {input_size}; the C kernel takes at most "
                                  f"{_MAX_INPUT}")
@@ -80,30 +77,26 @@ def lower_gru(lo: Lowering, node: ir.Node) -> None:
     w_multiplier, w_shift = lo.per_channel_multipliers(source.scale * w_scale * 2.0**GATE_FRACTION_BITS)
     r_multiplier, r_shift = lo.per_channel_multipliers(r_scale * 2.0**(GATE_FRACTION_BITS - STATE_FRACTION_BITS))
     w_bias, r_bias = _biases(lo, node, directions, hidden)
-    x_strides = (batch * input_size, input_size) if layout == 0 else (input_size, steps * input_size)
+    x_strides = (batch * input_size, input_size)
     common = dict(steps=steps, batch=batch, input_size=input_size, hidden=hidden, directions=directions,
                   reverse=direction == "reverse", linear_before_reset=bool(attribute(node, "linear_before_reset", 0)),
                   x_strides=x_strides, input_zero_point=source.zero_point, w=w.reshape(directions, rows, -1),
                   r=r.reshape(directions, rows, hidden), w_multiplier=w_multiplier, w_shift=w_shift,
                   r_multiplier=r_multiplier, r_shift=r_shift, w_bias=w_bias, r_bias=r_bias,
-                  initial=_initial_state(node, (directions, batch, hidden), layout))
+                  initial=_initial_state(node, (directions, batch, hidden)))
     read = [(index, value) for index, value in enumerate(node.outputs[:2])
             if value is not None and value.name and (value.uses() or value.is_graph_output())]
     for index, value in read:
-        _emit(lo, node, x, value, final_only=index == 1, layout=layout, common=common)
+        _emit(lo, node, x, value, final_only=index == 1, common=common)
 
 
-def _emit(lo: Lowering, node: ir.Node, x: str, value: ir.Value, *, final_only: bool, layout: int,
-          common: dict) -> None:
+def _emit(lo: Lowering, node: ir.Node, x: str, value: ir.Value, *, final_only: bool, common: dict) -> None:
     plan = lo.output_plan(node, value)
     target: QParams = plan.qparams
     multiplier, shift = real_multiplier(2.0**-STATE_FRACTION_BITS / target.scale)
     info = lo.tensors[lo.add_tensor(value.name, lo.logical_shape(value), target)]  # as finish() adds it
-    if final_only:  # Y_h [D, B, H] (layout 1: [B, D, H])
-        axes = (0, 0, 1, 2) if layout == 0 else (0, 1, 0, 2)
-        strides = (0, *_strides(info, axes[1:]))
-    else:  # Y [T, D, B, H] (layout 1: [B, T, D, H])
-        strides = _strides(info, (0, 1, 2, 3) if layout == 0 else (1, 2, 0, 3))
+    # Y_h [D, B, H] (no step axis), Y [T, D, B, H]: rank 4, stored NHWC as [T, B, H, D]
+    strides = (0, *_strides(info, (0, 1, 2))) if final_only else _strides(info, (0, 1, 2, 3))
     scratch = lo.add_stored_tensor(f"{value.name}#scratch", (scratch_bytes(common["hidden"]),), QParams(1.0, 0),
                                    (0,))
     params = GruParams(**common, final_only=final_only, output_size=info.size, y_strides=strides,
