@@ -177,3 +177,14 @@ def test_the_keyword_spotting_gru_compiles_bit_exact(keyword_gru, tmp_path):
     _, _, fixed, held_out = keyword_gru
     result = assert_compiles_bit_exact(fixed, tmp_path / "c", held_out[:2])
     assert result.tensors_compared > 0
+
+
+def test_quantize_does_not_warn_that_a_shape_computed_state_blocks_the_c(tmp_path):
+    """PyTorch's zeros initial state (Shape -> ConstantOfShape -> Slice) stays float at quantize time, where the
+    batch is dynamic; compile folds it once --input-shape fixes the shapes, so it is no reason to warn that the
+    model cannot become C."""
+    path = build_audio("gru", tmp_path)
+    report = api.quantize(path, Int8Config(target="mcu"), audio_samples("gru", 8), output=tmp_path / "int8.onnx",
+                          check_speed=False, check_fidelity=False)
+    assert {node.op_type for node in report.result.float_nodes} == {"ConstantOfShape", "Slice"}
+    assert not [warning for warning in report.warnings if "cannot become C" in warning], report.warnings

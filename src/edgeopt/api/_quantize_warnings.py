@@ -37,10 +37,29 @@ def loose_goal(search: AccuracySearch) -> str | None:
 
 def blocks_c(result: QuantResult) -> list:
     """The float nodes edgeopt compile cannot lower: every one but a data-movement op (an Identity
-    passing an input on to an output), which the C does as a copy of the int8 values."""
+    passing an input on to an output), which the C does as a copy of the int8 values, and those that compute
+    from the input's shape alone (PyTorch's zeros initial state of a GRU), which compile folds to constants
+    once --input-shape fixes the shapes."""
     from edgeopt.runtime.reference.lower import MOVEMENT_OPS
 
-    return [node for node in result.float_nodes if _kept(node) or node.op_type not in MOVEMENT_OPS]
+    folded = _shape_only(result.model) if result.model is not None else set()
+    return [node for node in result.float_nodes
+            if _kept(node) or (node.op_type not in MOVEMENT_OPS and node.node_name not in folded)]
+
+
+def _shape_only(model) -> set[str]:
+    """Names of the nodes whose outputs follow from constants and tensor shapes alone (not from values)."""
+    from edgeopt import ir as eir
+
+    known: set[str] = set()  # values computed from shapes and constants
+    names = set()
+    for node in model.graph:
+        inputs = [value for value in node.inputs if value is not None and value.name]
+        if node.op_type in ("Shape", "Size") or all(value.name in known or eir.is_constant(value)
+                                                     for value in inputs):
+            known.update(value.name for value in node.outputs)
+            names.add(node.name)
+    return names
 
 
 def _kept(node) -> bool:

@@ -322,8 +322,8 @@ def weight_axis(node: ir.Node, weight_rank: int) -> int | None:
     Conv [Cout, Cin/g, k...]: 0. ConvTranspose [Cin, Cout/g, k...]: 1 when
     group == 1 (with groups, axis 1 does not index output channels). Gemm:
     0 with transB (weight [N, K]) else 1. GRU W/R [D, 3H, K]: 1 (per gate row). MatMul [K, N]: 1; a
-    batched MatMul weight [..., K, N] is quantized per tensor, since ONNX Runtime's integer MatMul takes per-column zero points for a 2-D
-    weight only (it refuses the model otherwise).
+    batched MatMul weight [..., K, N] is quantized per tensor, since ONNX Runtime's integer MatMul takes
+    per-column zero points for a 2-D weight only (it refuses the model otherwise).
     """
     if node.op_type == "Conv":
         return 0
