@@ -11,7 +11,7 @@ and QLinearMul (:mod:`edgeopt.quant.hard_activations`). Everything else
 stays float and is reported. The microcontroller target
 (:data:`MCU_OP_RULES`) adds the ops the C kernels compute from int8
 (Softmax, Tanh, Elu, Gelu, ReduceMean, GlobalMaxPool, Pad, PRelu, DepthToSpace, SpaceToDepth, linear Resize,
-LayerNormalization, InstanceNormalization, GRU, and the spelled-out GELU and LayerNorm groups of
+LayerNormalization, InstanceNormalization, GRU, LSTM, and the spelled-out GELU and LayerNorm groups of
 :data:`ONE_OP_PATTERNS`)
 and ConvTranspose, which ONNX Runtime runs in float (it has no integer
 ConvTranspose on the CPU), and keeps a Gather float unless its indices are
@@ -45,9 +45,9 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 
 __all__ = ["FUSED_BETWEEN_PAIRS", "MCU_OP_RULES", "ONE_OP_PATTERNS", "OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule",
-           "QUANTIZED_OP_TYPES", "WEIGHT_ONLY_OPS", "float_op_reason", "gather_refusal", "gru_refusal",
+           "QUANTIZED_OP_TYPES", "WEIGHT_ONLY_OPS", "float_op_reason", "gather_refusal",
            "is_float16_cast", "is_qdq_op",
-           "pad_refusal", "prelu_refusal", "resize_refusal", "slow_group_refusal", "weight_axis"]
+           "pad_refusal", "prelu_refusal", "recurrent_refusal", "resize_refusal", "slow_group_refusal", "weight_axis"]
 
 
 class OpRole(enum.Enum):
@@ -85,6 +85,7 @@ _BINARY = OpRule(role=OpRole.ARITHMETIC, activation_inputs=(0, 1))
 _MOVE = OpRule(role=OpRole.SHARED)
 _FUSED = OpRule(role=OpRole.ACTIVATION)
 _NORMALIZATION = OpRule(role=OpRole.ARITHMETIC, fuses_clamp=True)
+_RECURRENT = OpRule(role=OpRole.ARITHMETIC, weight_inputs=(1, 2), all_outputs=True)
 
 # ONNX Runtime (1.32, x86) runs a grouped Conv with 2 to 4 input channels per group (ResNeXt's 32x4d) in int8
 # 1.4x to 4.3x slower than in float, group by group (3x3, 64 to 256 channels; as a float layer between int8
@@ -155,8 +156,10 @@ MCU_OP_RULES: dict[str, OpRule] = OP_RULES | {
     # input 0 and the output: Scale and B stay float, folded by the C lowering, whose kernel also clamps
     "LayerNormalization": _NORMALIZATION,
     "InstanceNormalization": _NORMALIZATION,
-    # input X and the outputs Y, Y_h that are read; W and R int8 per gate row, B stays float (the C folds it)
-    "GRU": OpRule(role=OpRole.ARITHMETIC, weight_inputs=(1, 2), all_outputs=True),
+    # input X and the outputs read (Y, Y_h, an LSTM's Y_c); W and R int8 per gate row; B and the initial
+    # states stay float (the C folds them)
+    "GRU": _RECURRENT,
+    "LSTM": _RECURRENT,
 }
 
 # Spelled-out groups the float passes annotate (``edgeopt.pattern``) that a target computes as one integer op,
@@ -261,15 +264,17 @@ def gather_refusal(node: ir.Node, rule: OpRule) -> str | None:
     return None
 
 
-#: The widest GRU the C kernel takes: R's int8 times the int16 hidden state, summed over H, stays in int32.
-GRU_MAX_HIDDEN = 512
+#: The widest GRU/LSTM the C kernels take: R's int8 times the int16 hidden state, summed over H, stays in int32.
+RECURRENT_MAX_HIDDEN = 512
+_DEFAULT_ACTIVATIONS = {"GRU": ["sigmoid", "tanh"], "LSTM": ["sigmoid", "tanh", "tanh"]}
 
 
-def gru_refusal(node: ir.Node, *, float_weights: bool = True) -> str | None:
-    """Why a GRU stays float: the integer kernel takes constant weights and bias, the default activations,
-    no clip, all sequences at full length and a hidden size of at most :data:`GRU_MAX_HIDDEN`.
-    ``float_weights``: check that W, R and B are float constants (not yet quantized)."""
-    inputs = list(node.inputs) + [None] * (6 - len(node.inputs))
+def recurrent_refusal(node: ir.Node, *, float_weights: bool = True) -> str | None:
+    """Why a GRU or LSTM stays float: the integer kernels take constant weights and bias, the default
+    activations, no clip, peepholes or coupled input-forget gate, all sequences at full length, ONNX's
+    default layout and a hidden size of at most :data:`RECURRENT_MAX_HIDDEN`. ``float_weights``: check
+    that W, R and B are float constants (not yet quantized)."""
+    inputs = list(node.inputs) + [None] * (8 - len(node.inputs))
     for index, label in ((1, "W"), (2, "R"), (3, "B")):
         value = inputs[index]
         if float_weights and value is not None and value.name and not eir.is_constant(value):
@@ -278,14 +283,20 @@ def gru_refusal(node: ir.Node, *, float_weights: bool = True) -> str | None:
         return "layout=1 (batch-first): the integer kernel takes ONNX's default layout, as ONNX Runtime does"
     if inputs[4] is not None and inputs[4].name:
         return "it has a sequence_lens input (the integer kernel runs every sequence to its full length)"
+    if inputs[7] is not None and inputs[7].name:
+        return "it has peepholes (input P): the integer kernel has none"
+    if node.attributes.get_int("input_forget", 0):
+        return "input_forget=1 (coupled input and forget gates): the integer kernel computes them apart"
     activations = node.attributes.get_strings("activations", None)
-    if activations and [a.lower() for a in activations] != ["sigmoid", "tanh"] * (len(activations) // 2):
-        return f"activations {list(activations)}: the integer kernel computes the default Sigmoid and Tanh"
+    default = _DEFAULT_ACTIVATIONS[node.op_type]
+    if activations and [a.lower() for a in activations] != default * (len(activations) // len(default)):
+        named = ", ".join(name.capitalize() for name in default[:-1]) + f" and {default[-1].capitalize()}"
+        return f"activations {list(activations)}: the integer kernel computes the default {named}"
     if node.attributes.get("clip") is not None:
         return "clip is set: the integer kernel does not clip the gates' inputs"
     hidden = node.attributes.get_int("hidden_size", 0)
-    if hidden > GRU_MAX_HIDDEN:
-        return f"hidden_size {hidden}: the integer kernel takes at most {GRU_MAX_HIDDEN}"
+    if hidden > RECURRENT_MAX_HIDDEN:
+        return f"hidden_size {hidden}: the integer kernel takes at most {RECURRENT_MAX_HIDDEN}"
     return None
 
 
@@ -321,7 +332,7 @@ def weight_axis(node: ir.Node, weight_rank: int) -> int | None:
 
     Conv [Cout, Cin/g, k...]: 0. ConvTranspose [Cin, Cout/g, k...]: 1 when
     group == 1 (with groups, axis 1 does not index output channels). Gemm:
-    0 with transB (weight [N, K]) else 1. GRU W/R [D, 3H, K]: 1 (per gate row). MatMul [K, N]: 1; a
+    0 with transB (weight [N, K]) else 1. GRU/LSTM W/R [D, G*H, K]: 1 (per gate row). MatMul [K, N]: 1; a
     batched MatMul weight [..., K, N] is quantized per tensor, since ONNX Runtime's integer MatMul takes
     per-column zero points for a 2-D weight only (it refuses the model otherwise).
     """
@@ -331,7 +342,7 @@ def weight_axis(node: ir.Node, weight_rank: int) -> int | None:
         return 1 if node.attributes.get_int("group", 1) == 1 else None
     if node.op_type == "Gemm":
         return 0 if node.attributes.get_int("transB", 0) else 1
-    if node.op_type == "GRU":  # W [D, 3H, I], R [D, 3H, H]: per gate row
+    if node.op_type in ("GRU", "LSTM"):  # W [D, G*H, I], R [D, G*H, H]: per gate row
         return 1
     if node.op_type == "MatMul":  # a batched weight [B, K, N]: per tensor (see the docstring)
         return 1 if weight_rank == 2 else None

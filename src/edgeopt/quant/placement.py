@@ -78,7 +78,7 @@ from edgeopt.quant.config import is_excluded
 from edgeopt.quant.log_inputs import log_input_nodes, log_input_refusal
 from edgeopt.quant.masks import grid_refusal, index_refusal, mask_like_values, mask_refusal
 from edgeopt.quant.ops import (FUSED_BETWEEN_PAIRS, OP_RULES, OpRole, OpRule, float_op_reason,
-                               gather_refusal, gru_refusal, is_qdq_op, pad_refusal, prelu_refusal, resize_refusal,
+                               gather_refusal, is_qdq_op, pad_refusal, prelu_refusal, recurrent_refusal, resize_refusal,
                                slow_group_refusal, weight_axis)
 from edgeopt.quant.one_op_groups import group_boundary, quantized_as_one_op, refuse_partial_groups
 from edgeopt.quant.registry import FloatNode
@@ -199,8 +199,8 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
         return gather_refusal(node, rules["Gather"])
     if node.op_type == "PRelu":
         return prelu_refusal(node)
-    if node.op_type == "GRU":
-        return gru_refusal(node)
+    if node.op_type in ("GRU", "LSTM"):
+        return recurrent_refusal(node)
     return None
 
 
@@ -468,7 +468,8 @@ def _moves(node: ir.Node | None, candidates: Mapping[str, ir.Node], refusals: Ma
 
 
 def _read_as_activation(use, rules: Mapping[str, OpRule]) -> bool:
-    """Whether ``use`` is an input its node may read as int8: not a GRU's initial_h (input 5, which stays float)."""
+    """Whether ``use`` is an input its node may read as int8: not a GRU's or LSTM's initial state (inputs 5
+    and 6, which stay float)."""
     rule = rules.get(use.node.op_type)
     return rule is None or not rule.weight_inputs or rule.activation_inputs is None or use.idx in rule.activation_inputs
 

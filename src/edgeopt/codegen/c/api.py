@@ -141,9 +141,9 @@ def program_macs(program: Program) -> int:
         elif op.kind == "batch_matmul":
             p = op.params
             total += p.batch * p.rows * p.depth * p.columns
-        elif op.kind == "gru":  # each step: the three gates' rows over the input and the state
+        elif op.kind in ("gru", "lstm"):  # each step: every gate's rows over the input and the state
             p = op.params
-            total += p.directions * p.batch * p.steps * 3 * p.hidden * (p.input_size + p.hidden)
+            total += p.directions * p.batch * p.steps * op.params.w.shape[1] * (p.input_size + p.hidden)
     return int(total)
 
 

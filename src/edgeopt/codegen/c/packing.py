@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeopt.errors import CodegenError
-from edgeopt.runtime.reference.gru import SIGMOID_TABLE, TANH_TABLE
+from edgeopt.runtime.reference.rnn import SIGMOID_TABLE, TANH_TABLE
 from edgeopt.runtime.reference.ops import OPS
 from edgeopt.runtime.reference.program import IntOp, Program
 
@@ -352,24 +352,24 @@ def pack_layer_norm(op: IntOp, ctx: PackContext):
     return decls, _call(op, ctx, f"{prefix}_params")
 
 
-def pack_gru(op: IntOp, ctx: PackContext):
-    """The GRU's arrays; its gate tables have one name in every model (the emitter declares them once)."""
+def pack_recurrent(op: IntOp, ctx: PackContext):
+    """A GRU's or LSTM's arrays; the gate tables have one name in every model (the emitter declares them once)."""
     p, prefix = op.params, f"op{ctx.index}"
     arrays = {"w": p.w, "r": p.r, "w_multiplier": p.w_multiplier, "w_shift": p.w_shift,
               "r_multiplier": p.r_multiplier, "r_shift": p.r_shift, "w_bias": p.w_bias, "r_bias": p.r_bias,
-              "initial": p.initial}
-    decls = [c_array("eo_gru_sigmoid_table", SIGMOID_TABLE), c_array("eo_gru_tanh_table", TANH_TABLE)]
+              "initial": p.initial, "initial_cell": p.initial_cell}
+    decls = [c_array("eo_rnn_sigmoid_table", SIGMOID_TABLE), c_array("eo_rnn_tanh_table", TANH_TABLE)]
     decls += [c_array(f"{prefix}_{field}", array) for field, array in arrays.items()]
     x_t, x_b = p.x_strides
     y_t, y_d, y_b, y_h = p.y_strides
-    decls.append(_struct("eo_gru_params", f"{prefix}_params", dict(
-        steps=p.steps, batch=p.batch, input_size=p.input_size, hidden=p.hidden, directions=p.directions,
-        reverse=int(p.reverse), linear_before_reset=int(p.linear_before_reset), final_only=int(p.final_only),
+    decls.append(_struct("eo_recurrent_params", f"{prefix}_params", dict(
+        output=p.output, steps=p.steps, batch=p.batch, input_size=p.input_size, hidden=p.hidden,
+        directions=p.directions, reverse=int(p.reverse), linear_before_reset=int(p.linear_before_reset),
         x_stride_t=x_t, x_stride_b=x_b, y_stride_t=y_t, y_stride_d=y_d, y_stride_b=y_b, y_stride_h=y_h,
         input_zero_point=p.input_zero_point, output_multiplier=p.output_multiplier, output_shift=p.output_shift,
         output_zero_point=p.output_zero_point, act_min=p.act_min, act_max=p.act_max,
-        **{field: f"{prefix}_{field}" for field in arrays}, sigmoid="eo_gru_sigmoid_table",
-        tanh="eo_gru_tanh_table")))
+        **{field: f"{prefix}_{field}" for field in arrays}, sigmoid="eo_rnn_sigmoid_table",
+        tanh="eo_rnn_tanh_table")))
     call = _call(op, ctx, f"{prefix}_params")
     return decls, f"{call[:-2]}, (int16_t *){ctx.pointer(op.scratch)});"
 
@@ -397,5 +397,6 @@ PACKERS = {
     "prelu": pack_prelu,
     "resize_bilinear": pack_resize_bilinear,
     "layer_norm": pack_layer_norm,
-    "gru": pack_gru,
+    "gru": pack_recurrent,
+    "lstm": pack_recurrent,
 }

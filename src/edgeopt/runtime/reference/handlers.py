@@ -39,7 +39,7 @@ from edgeopt.runtime.reference.program import (
     stored_layout,
 )
 from edgeopt.runtime.reference.attention import lower_activation_matmul, lower_softmax
-from edgeopt.runtime.reference.recurrent import lower_gru
+from edgeopt.runtime.reference.recurrent import lower_recurrent
 from edgeopt.runtime.reference.same_scale import (
     lower_average_pool,
     lower_concat,
@@ -253,7 +253,8 @@ HANDLERS = {
     "DepthToSpace": lower_depth_to_space,
     "SpaceToDepth": lower_depth_to_space,
     "LayerNormalization": lower_layer_normalization,
-    "GRU": lower_gru,
+    "GRU": lower_recurrent,
+    "LSTM": lower_recurrent,
     "InstanceNormalization": lower_instance_normalization,
 }
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeopt.runtime.reference.fixed_point import multiply_by_quantized_multiplier as mbqm
-from edgeopt.runtime.reference.gru import gru
+from edgeopt.runtime.reference.rnn import recurrent
 from edgeopt.runtime.reference.program import (
     BILINEAR_FRACTION_BITS,
     AddParams,
@@ -28,7 +28,6 @@ from edgeopt.runtime.reference.program import (
     Conv2dParams,
     ConvTranspose2dParams,
     FullyConnectedParams,
-    GruParams,
     LayerNormParams,
     LutParams,
     MaxPoolParams,
@@ -36,6 +35,7 @@ from edgeopt.runtime.reference.program import (
     MulParams,
     PadParams,
     PReluParams,
+    RecurrentParams,
     RequantizeParams,
     ReshapeParams,
     ResizeBilinearParams,
@@ -335,5 +335,6 @@ OPS: dict[str, OpSpec] = dict([
     _spec("prelu", prelu, PReluParams, "eo_prelu_s8", in_place=(0,)),
     _spec("resize_bilinear", resize_bilinear, ResizeBilinearParams, "eo_resize_bilinear_s8"),
     _spec("layer_norm", layer_norm, LayerNormParams, "eo_layer_norm_s8", in_place=(0,)),
-    _spec("gru", gru, GruParams, "eo_gru_s8"),
+    _spec("gru", recurrent, RecurrentParams, "eo_gru_s8"),
+    _spec("lstm", recurrent, RecurrentParams, "eo_lstm_s8"),
 ])

@@ -29,8 +29,7 @@ __all__ = [
     "Conv2dParams",
     "ConvTranspose2dParams",
     "FullyConnectedParams",
-    "GruParams",
-    "IntOp",
+        "IntOp",
     "LayerNormParams",
     "LutParams",
     "MaxPoolParams",
@@ -38,6 +37,7 @@ __all__ = [
     "MulParams",
     "PReluParams",
     "PadParams",
+    "RecurrentParams",
     "Program",
     "ProgramIO",
     "RequantizeParams",
@@ -332,35 +332,38 @@ class PReluParams:
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class GruParams:
-    """An ONNX GRU in integers (:mod:`edgeopt.runtime.reference.gru` has the arithmetic).
+class RecurrentParams:
+    """An ONNX GRU or LSTM (``cell``) in integers (:mod:`edgeopt.runtime.reference.rnn` has the arithmetic).
 
-    ``x`` is read at ``t * x_strides[0] + b * x_strides[1] + i``; the output (Y, or with ``final_only``
-    Y_h) is written at ``t * st + d * sd + b * sb + j * sh`` for ``y_strides = (st, sd, sb, sh)`` (t = 0
-    for Y_h). Direction 1 of two, or the one direction when ``reverse``, runs from the last step back.
+    ``x`` is read at ``t * x_strides[0] + b * x_strides[1] + i``; the output (``output`` 0: Y, 1: Y_h, 2:
+    an LSTM's Y_c) is written at ``t * st + d * sd + b * sb + j * sh`` for ``y_strides = (st, sd, sb, sh)``
+    (t = 0 for Y_h and Y_c). Direction 1 of two, or the one direction when ``reverse``, runs from the last
+    step back. G gates: 3 (GRU: z, r, n) or 4 (LSTM: i, o, f, c).
     """
 
+    cell: str  # "gru" or "lstm"
+    output: int
     steps: int
     batch: int
     input_size: int
     hidden: int
     directions: int
     reverse: bool
-    linear_before_reset: bool
-    final_only: bool
+    linear_before_reset: bool  # GRU only
     output_size: int
     x_strides: tuple[int, int]
     y_strides: tuple[int, int, int, int]
     input_zero_point: int
-    w: np.ndarray  # int8 (D, 3H, I), gates z, r, n
-    r: np.ndarray  # int8 (D, 3H, H)
-    w_multiplier: np.ndarray  # int32 (3H,): s_x * s_w[row] in Q12 steps
-    w_shift: np.ndarray  # int32 (3H,)
-    r_multiplier: np.ndarray  # int32 (3H,): s_r[row] from Q15 to Q12
-    r_shift: np.ndarray  # int32 (3H,)
-    w_bias: np.ndarray  # int32 (D, 3H), Q12
-    r_bias: np.ndarray  # int32 (D, 3H), Q12
+    w: np.ndarray  # int8 (D, G*H, I)
+    r: np.ndarray  # int8 (D, G*H, H)
+    w_multiplier: np.ndarray  # int32 (G*H,): s_x * s_w[row] in Q12 steps
+    w_shift: np.ndarray  # int32 (G*H,)
+    r_multiplier: np.ndarray  # int32 (G*H,): s_r[row] from Q15 to Q12
+    r_shift: np.ndarray  # int32 (G*H,)
+    w_bias: np.ndarray  # int32 (D, G*H), Q12
+    r_bias: np.ndarray  # int32 (D, G*H), Q12
     initial: np.ndarray  # int16 (D, B, H), Q15
+    initial_cell: np.ndarray  # int32 (D, B, H), Q15 (zeros for a GRU)
     output_multiplier: int  # 2**-15 / s_out
     output_shift: int
     output_zero_point: int

@@ -538,56 +538,73 @@ void eo_layer_norm_s8(const eo_layer_norm_params *p, const int8_t *in, int8_t *o
 }
 
 /* A gate's function of a Q12 input, in Q15: clamped to [-8, 8), interpolated between entries 1/32 apart. */
-static int32_t gru_gate(int64_t q12, const int16_t *table) {
+static int32_t rnn_gate(int64_t q12, const int16_t *table) {
     const int32_t u = (int32_t)(q12 < -32768 ? -32768 : (q12 > 32767 ? 32767 : q12)) + 32768;
     const int32_t low = table[u >> 7], high = table[(u >> 7) + 1];
     return low + (((high - low) * (u & 127) + 64) >> 7);
 }
 
-static int32_t gru_input_row(const int8_t *w, const int8_t *x, int32_t zero_point, int n) {
+/* Row `row` of W times the step's input, in Q12 with Wb. */
+static int64_t rnn_input_row(const eo_recurrent_params *p, const int8_t *w, const int32_t *wb, const int8_t *x,
+                             int row) {
+    const int8_t *weights = w + (long)row * p->input_size;
     int32_t acc = 0;
     int i;
-    for (i = 0; i < n; ++i) acc += w[i] * (x[i] - zero_point);
-    return acc;
+    for (i = 0; i < p->input_size; ++i) acc += weights[i] * (x[i] - p->input_zero_point);
+    return (int64_t)eo_requantize(acc, p->w_multiplier[row], p->w_shift[row]) + wb[row];
 }
 
-static int32_t gru_state_row(const int8_t *r, const int16_t *h, int n) {
+/* Row `row` of R times a Q15 vector, in Q12 with Rb. */
+static int64_t rnn_state_row(const eo_recurrent_params *p, const int8_t *r, const int32_t *rb, const int16_t *state,
+                             int row) {
+    const int8_t *weights = r + (long)row * p->hidden;
     int32_t acc = 0;
     int i;
-    for (i = 0; i < n; ++i) acc += r[i] * h[i];
-    return acc;
+    for (i = 0; i < p->hidden; ++i) acc += weights[i] * state[i];
+    return (int64_t)eo_requantize(acc, p->r_multiplier[row], p->r_shift[row]) + rb[row];
 }
 
-static void gru_write(const eo_gru_params *p, int8_t *out, long base, const int16_t *h) {
+/* Q15 values (an int16 state, or with `cell` an int32 one) requantized to the output at base. */
+static void rnn_write(const eo_recurrent_params *p, int8_t *out, long base, const int16_t *h, const int32_t *cell) {
     int j;
     for (j = 0; j < p->hidden; ++j)
-        out[base + j * p->y_stride_h] = finish(h[j], p->output_multiplier, p->output_shift, p->output_zero_point,
-                                               p->act_min, p->act_max);
+        out[base + j * p->y_stride_h] = finish(cell ? cell[j] : h[j], p->output_multiplier, p->output_shift,
+                                               p->output_zero_point, p->act_min, p->act_max);
 }
 
-void eo_gru_s8(const eo_gru_params *p, const int8_t *in, int8_t *out, int16_t *scratch) {
-    const int H = p->hidden, I = p->input_size, rows = 3 * p->hidden;
+typedef struct { const int8_t *w, *r; const int32_t *wb, *rb; int backward; } rnn_direction;
+
+static rnn_direction rnn_weights(const eo_recurrent_params *p, int d, int gates) {
+    rnn_direction dir;
+    const long rows = (long)gates * p->hidden;
+    dir.w = p->w + d * rows * p->input_size;
+    dir.r = p->r + d * rows * p->hidden;
+    dir.wb = p->w_bias + d * rows;
+    dir.rb = p->r_bias + d * rows;
+    dir.backward = p->reverse || d == 1;
+    return dir;
+}
+
+void eo_gru_s8(const eo_recurrent_params *p, const int8_t *in, int8_t *out, int16_t *scratch) {
+    const int H = p->hidden;
     int16_t *h = scratch, *next = scratch + H, *gated = scratch + 2 * H, *update = scratch + 3 * H;
     int d, b, step, j;
     for (d = 0; d < p->directions; ++d)
         for (b = 0; b < p->batch; ++b) {
-            const int8_t *w = p->w + (long)d * rows * I, *r = p->r + (long)d * rows * H;
-            const int32_t *wb = p->w_bias + (long)d * rows, *rb = p->r_bias + (long)d * rows;
-            const int backward = p->reverse || d == 1;
+            const rnn_direction dir = rnn_weights(p, d, 3);
             memcpy(h, p->initial + ((long)d * p->batch + b) * H, sizeof(int16_t) * H);
             for (step = 0; step < p->steps; ++step) {
-                const int t = backward ? p->steps - 1 - step : step;
+                const int t = dir.backward ? p->steps - 1 - step : step;
                 const int8_t *x = in + t * p->x_stride_t + b * p->x_stride_b;
-#define EO_GX(row) ((int64_t)eo_requantize(gru_input_row(w + (long)(row) * I, x, p->input_zero_point, I), \
-                                           p->w_multiplier[row], p->w_shift[row]) + wb[row])
-#define EO_GH(row, state) ((int64_t)eo_requantize(gru_state_row(r + (long)(row) * H, state, H), \
-                                                  p->r_multiplier[row], p->r_shift[row]) + rb[row])
                 for (j = 0; j < H; ++j) {
-                    const int64_t z = gru_gate(EO_GX(j) + EO_GH(j, h), p->sigmoid);
-                    const int64_t reset = gru_gate(EO_GX(H + j) + EO_GH(H + j, h), p->sigmoid);
+                    const int64_t z = rnn_gate(rnn_input_row(p, dir.w, dir.wb, x, j)
+                                               + rnn_state_row(p, dir.r, dir.rb, h, j), p->sigmoid);
+                    const int64_t reset = rnn_gate(rnn_input_row(p, dir.w, dir.wb, x, H + j)
+                                                   + rnn_state_row(p, dir.r, dir.rb, h, H + j), p->sigmoid);
                     if (p->linear_before_reset) {
-                        const int64_t n = gru_gate(EO_GX(2 * H + j) + ((reset * EO_GH(2 * H + j, h) + 16384) >> 15),
-                                                   p->tanh);
+                        const int64_t gh = rnn_state_row(p, dir.r, dir.rb, h, 2 * H + j);
+                        const int64_t n = rnn_gate(rnn_input_row(p, dir.w, dir.wb, x, 2 * H + j)
+                                                   + ((reset * gh + 16384) >> 15), p->tanh);
                         next[j] = (int16_t)(((32768 - z) * n + z * h[j] + 16384) >> 15);
                     } else {
                         gated[j] = (int16_t)((reset * h[j] + 16384) >> 15);
@@ -596,15 +613,46 @@ void eo_gru_s8(const eo_gru_params *p, const int8_t *in, int8_t *out, int16_t *s
                 }
                 if (!p->linear_before_reset)
                     for (j = 0; j < H; ++j) {
-                        const int64_t n = gru_gate(EO_GX(2 * H + j) + EO_GH(2 * H + j, gated), p->tanh);
-                        next[j] = (int16_t)(((32768 - (int64_t)update[j]) * n + (int64_t)update[j] * h[j] + 16384)
-                                            >> 15);
+                        const int64_t z = update[j];
+                        const int64_t n = rnn_gate(rnn_input_row(p, dir.w, dir.wb, x, 2 * H + j)
+                                                   + rnn_state_row(p, dir.r, dir.rb, gated, 2 * H + j), p->tanh);
+                        next[j] = (int16_t)(((32768 - z) * n + z * h[j] + 16384) >> 15);
                     }
-#undef EO_GX
-#undef EO_GH
                 memcpy(h, next, sizeof(int16_t) * H);
-                if (!p->final_only) gru_write(p, out, t * p->y_stride_t + d * p->y_stride_d + b * p->y_stride_b, h);
+                if (p->output == 0) rnn_write(p, out, t * p->y_stride_t + d * p->y_stride_d + b * p->y_stride_b, h, 0);
             }
-            if (p->final_only) gru_write(p, out, d * p->y_stride_d + b * p->y_stride_b, h);
+            if (p->output) rnn_write(p, out, d * p->y_stride_d + b * p->y_stride_b, h, 0);
+        }
+}
+
+void eo_lstm_s8(const eo_recurrent_params *p, const int8_t *in, int8_t *out, int16_t *scratch) {
+    const int H = p->hidden;
+    int16_t *h = scratch, *next = scratch + H;
+    int32_t *cell = (int32_t *)(void *)(scratch + 2 * H); /* 4-byte aligned: the scratch is, and 2H int16 are 4H B */
+    int d, b, step, j;
+    for (d = 0; d < p->directions; ++d)
+        for (b = 0; b < p->batch; ++b) {
+            const rnn_direction dir = rnn_weights(p, d, 4);
+            const long state = ((long)d * p->batch + b) * H;
+            memcpy(h, p->initial + state, sizeof(int16_t) * H);
+            memcpy(cell, p->initial_cell + state, sizeof(int32_t) * H);
+            for (step = 0; step < p->steps; ++step) {
+                const int t = dir.backward ? p->steps - 1 - step : step;
+                const int8_t *x = in + t * p->x_stride_t + b * p->x_stride_b;
+                for (j = 0; j < H; ++j) {
+                    int64_t gate[4], c;
+                    int k;
+                    for (k = 0; k < 4; ++k)
+                        gate[k] = rnn_gate(rnn_input_row(p, dir.w, dir.wb, x, k * H + j)
+                                           + rnn_state_row(p, dir.r, dir.rb, h, k * H + j),
+                                           k < 3 ? p->sigmoid : p->tanh); /* i, o, f, c~ */
+                    c = (gate[2] * cell[j] + gate[0] * gate[3] + 16384) >> 15;
+                    cell[j] = sat32(c);
+                    next[j] = (int16_t)((gate[1] * rnn_gate((int64_t)cell[j] >> 3, p->tanh) + 16384) >> 15);
+                }
+                memcpy(h, next, sizeof(int16_t) * H);
+                if (p->output == 0) rnn_write(p, out, t * p->y_stride_t + d * p->y_stride_d + b * p->y_stride_b, h, 0);
+            }
+            if (p->output) rnn_write(p, out, d * p->y_stride_d + b * p->y_stride_b, h, p->output == 2 ? cell : 0);
         }
 }

@@ -154,19 +154,23 @@ typedef struct {
 } eo_layer_norm_params;
 void eo_layer_norm_s8(const eo_layer_norm_params *p, const int8_t *in, int8_t *out);
 
-/* ONNX GRU (edgeopt/runtime/reference/gru.py): int8 sequence in, Y (or with final_only Y_h) out. The state is
- * Q15 in scratch (4 x hidden int16, in the arena); gate inputs are Q12, read from 513-entry Q15 tables over
- * [-8, 8). x at t * x_stride_t + b * x_stride_b + i; out at t * y_stride_t + d * y_stride_d + b * y_stride_b
- * + j * y_stride_h (t = 0 for Y_h). Direction 1, or the only one when reverse, runs from the last step. */
+/* ONNX GRU and LSTM (edgeopt/runtime/reference/rnn.py): int8 sequence in, one output out (output 0: Y, 1: Y_h,
+ * 2: an LSTM's Y_c). The state is Q15 in scratch (4 x hidden int16, in the arena; an LSTM's cell int32 Q15);
+ * gate inputs are Q12, read from 513-entry Q15 tables over [-8, 8). x at t * x_stride_t + b * x_stride_b + i;
+ * out at t * y_stride_t + d * y_stride_d + b * y_stride_b + j * y_stride_h (t = 0 for Y_h and Y_c). Direction 1,
+ * or the only one when reverse, runs from the last step. G gates: GRU z, r, n; LSTM i, o, f, c. */
 typedef struct {
-    int steps, batch, input_size, hidden, directions, reverse, linear_before_reset, final_only;
+    int output, steps, batch, input_size, hidden, directions, reverse, linear_before_reset;
     long x_stride_t, x_stride_b, y_stride_t, y_stride_d, y_stride_b, y_stride_h;
     int32_t input_zero_point, output_multiplier, output_shift, output_zero_point, act_min, act_max;
-    const int8_t *w, *r;                                        /* [D][3H][I], [D][3H][H]: gates z, r, n */
-    const int32_t *w_multiplier, *w_shift, *r_multiplier, *r_shift; /* [3H]: to Q12 */
-    const int32_t *w_bias, *r_bias;                             /* [D][3H], Q12 */
-    const int16_t *initial, *sigmoid, *tanh;                    /* [D][B][H] Q15; the tables */
-} eo_gru_params;
-void eo_gru_s8(const eo_gru_params *p, const int8_t *in, int8_t *out, int16_t *scratch);
+    const int8_t *w, *r;                                        /* [D][G*H][I], [D][G*H][H] */
+    const int32_t *w_multiplier, *w_shift, *r_multiplier, *r_shift; /* [G*H]: to Q12 */
+    const int32_t *w_bias, *r_bias;                             /* [D][G*H], Q12 */
+    const int16_t *initial;                                     /* [D][B][H] Q15 */
+    const int32_t *initial_cell;                                /* [D][B][H] Q15 (LSTM) */
+    const int16_t *sigmoid, *tanh;                              /* the tables */
+} eo_recurrent_params;
+void eo_gru_s8(const eo_recurrent_params *p, const int8_t *in, int8_t *out, int16_t *scratch);
+void eo_lstm_s8(const eo_recurrent_params *p, const int8_t *in, int8_t *out, int16_t *scratch);
 
 #endif

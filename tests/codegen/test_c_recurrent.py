@@ -1,13 +1,15 @@
-"""GRU in integers for the microcontroller target: quantized by `edgeopt quantize --target mcu`, lowered to
-the ``gru`` op of the integer reference, compiled to ``eo_gru_s8``, bit-exact against the reference.
+"""GRU and LSTM in integers for the microcontroller target: quantized by `edgeopt quantize --target mcu`,
+lowered to the ``gru``/``lstm`` ops of the integer reference, compiled to ``eo_gru_s8``/``eo_lstm_s8``,
+bit-exact against the reference.
 
-The state is Q15 between steps (runtime/reference/gru.py), so the integer GRU stays close to ONNX Runtime's
-float GRU over the QDQ model's int8 weights: the reference's output is within a step or two of it. Variants
-built with onnx.helper cover what exporters write: linear_before_reset 0 (ONNX's default) and 1 (PyTorch's),
-forward, reverse and bidirectional, Y read, Y_h read, both read, a constant initial state. A batch-first
-GRU (layout 1) stays float: ONNX Runtime cannot run one, so it cannot be calibrated either. The
-keyword-spotting model of tests/audio_models.py (PyTorch's 2-layer batch-first
-GRU with its zeros state computed from the input's shape) compiles once --input-shape fixes the shapes.
+The state is Q15 between steps (runtime/reference/rnn.py), so the integer cells stay close to ONNX Runtime's
+float GRU/LSTM over the QDQ model's int8 weights: the reference's output is within a step or two of it.
+Variants built with onnx.helper cover what exporters write: a GRU's linear_before_reset 0 (ONNX's default)
+and 1 (PyTorch's), forward, reverse and bidirectional, Y read, Y_h read, both read, an LSTM's Y_c, constant
+initial states. A batch-first cell (layout 1) stays float: ONNX Runtime cannot run one, so it cannot be
+calibrated either. The keyword-spotting models of tests/audio_models.py (PyTorch's 2-layer batch-first
+GRU, and its bidirectional LSTM averaged over time, each with zeros states computed from the input's shape)
+compile once --input-shape fixes the shapes.
 """
 
 from __future__ import annotations
@@ -30,38 +32,40 @@ from edgeopt.errors import UnsupportedOpError
 from edgeopt.quant import Int8Config
 from edgeopt.runtime.ort import OrtSession
 from edgeopt.runtime.reference import ReferenceModel, lower
-from edgeopt.runtime.reference.gru import SIGMOID_TABLE, TANH_TABLE, gate_activation
+from edgeopt.runtime.reference.rnn import SIGMOID_TABLE, TANH_TABLE, gate_activation
 
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("make") is None,
                                reason="needs gcc and make")
 STEPS, BATCH, FEATURES, HIDDEN = 7, 2, 6, 5
 
 
-def _gru_model(path, *, directions=1, layout=0, outputs=("y",), initial=False, opset=17, **attributes):
-    """A GRU over the model's input (int8 in both runtimes, so they differ by the GRU alone), then a Tanh on each
-    output read (an op after it, as in a model)."""
+def _cell_model(path, *, op="GRU", directions=1, outputs=("y",), initial=False, opset=17, **attributes):
+    """A GRU or LSTM over the model's input (int8 in both runtimes, so they differ by the cell alone), then a
+    Tanh on each output read (an op after it, as in a model)."""
     rng = np.random.default_rng(0)
-    x_shape = [STEPS, BATCH, FEATURES] if layout == 0 else [BATCH, STEPS, FEATURES]
-    weights = {"W": rng.normal(0, 0.5, (directions, 3 * HIDDEN, FEATURES)).astype(np.float32),
-               "R": rng.normal(0, 0.5, (directions, 3 * HIDDEN, HIDDEN)).astype(np.float32),
-               "B": rng.normal(0, 0.3, (directions, 6 * HIDDEN)).astype(np.float32)}
-    inputs = ["input", "W", "R", "B", "", ""]
+    gates = 3 if op == "GRU" else 4
+    x_shape = [STEPS, BATCH, FEATURES]
+    weights = {"W": rng.normal(0, 0.5, (directions, gates * HIDDEN, FEATURES)).astype(np.float32),
+               "R": rng.normal(0, 0.5, (directions, gates * HIDDEN, HIDDEN)).astype(np.float32),
+               "B": rng.normal(0, 0.3, (directions, 2 * gates * HIDDEN)).astype(np.float32)}
+    inputs = ["input", "W", "R", "B", "", "", ""]
+    state = [directions, BATCH, HIDDEN]
     if initial:
-        state = [directions, BATCH, HIDDEN] if layout == 0 else [BATCH, directions, HIDDEN]
         weights["h0"] = rng.uniform(-0.8, 0.8, state).astype(np.float32)
         inputs[5] = "h0"
-    if layout:
-        attributes["layout"] = 1
-    gru = helper.make_node("GRU", [i for i in inputs if i] if not initial else inputs, ["y", "y_h"], name="gru",
-                           hidden_size=HIDDEN, **({"direction": "bidirectional"} if directions == 2 else {}),
-                           **attributes)
-    y_shape = ([STEPS, directions, BATCH, HIDDEN] if layout == 0 else [BATCH, STEPS, directions, HIDDEN])
-    h_shape = [directions, BATCH, HIDDEN] if layout == 0 else [BATCH, directions, HIDDEN]
-    shapes = {"y": y_shape, "y_h": h_shape}
-    nodes = [gru]
+        if op == "LSTM":
+            weights["c0"] = rng.uniform(-2.0, 2.0, state).astype(np.float32)
+            inputs[6] = "c0"
+    while not inputs[-1]:
+        inputs.pop()
+    names = ["y", "y_h", "y_c"][:gates - 1]
+    cell = helper.make_node(op, inputs, names, name=op.lower(), hidden_size=HIDDEN,
+                            **({"direction": "bidirectional"} if directions == 2 else {}), **attributes)
+    shapes = {"y": [STEPS, directions, BATCH, HIDDEN], "y_h": state, "y_c": state}
+    nodes = [cell]
     nodes += [helper.make_node("Tanh", [name], [f"out_{name}"], name=f"tanh_{name}") for name in outputs]
     graph = helper.make_graph(
-        nodes, "gru", [helper.make_tensor_value_info("input", TensorProto.FLOAT, x_shape)],
+        nodes, op.lower(), [helper.make_tensor_value_info("input", TensorProto.FLOAT, x_shape)],
         [helper.make_tensor_value_info(f"out_{name}", TensorProto.FLOAT, shapes[name]) for name in outputs],
         initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
@@ -79,24 +83,29 @@ VARIANTS = {
     "reverse_both_outputs": dict(direction="reverse", outputs=("y", "y_h")),
     "bidirectional_initial_state": dict(directions=2, initial=True, linear_before_reset=1, outputs=("y", "y_h")),
     "bidirectional_onnx_default": dict(directions=2, outputs=("y",)),
+    "lstm_forward_y": dict(op="LSTM"),
+    "lstm_states_y_h_y_c": dict(op="LSTM", outputs=("y_h", "y_c")),
+    "lstm_bidirectional_initial_states": dict(op="LSTM", directions=2, initial=True, outputs=("y", "y_c")),
+    "lstm_reverse": dict(op="LSTM", direction="reverse", outputs=("y",)),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def variant(request, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp(request.param)
-    shape = _gru_model(tmp_path / "float.onnx", **VARIANTS[request.param])
+    shape = _cell_model(tmp_path / "float.onnx", **VARIANTS[request.param])
     result, model = quantize_for_mcu(tmp_path / "float.onnx", _inputs(shape, 16, seed=0), tmp_path / "int8.onnx")
     assert result.float_nodes == ()
     return request.param, shape, model
 
 
-def test_the_gru_runs_in_integers_within_two_steps_of_onnx_runtime(variant):
+def test_the_cell_runs_in_integers_within_two_steps_of_onnx_runtime(variant):
     name, shape, model = variant
     within, _, worst = q.agreement(ReferenceModel(model), OrtSession(model), _inputs(shape, 4, seed=3))
     assert within >= 0.98 and worst <= 2, (name, within, worst)
     reads = len(VARIANTS[name].get("outputs", ("y",)))
-    assert [op.kind for op in lower(model).ops].count("gru") == reads  # Y and Y_h each from one op
+    kind = VARIANTS[name].get("op", "GRU").lower()
+    assert [op.kind for op in lower(model).ops].count(kind) == reads  # each output read from one op
 
 
 @needs_gcc
@@ -116,50 +125,62 @@ def test_gate_tables_are_within_four_q15_steps_of_sigmoid_and_tanh():
     assert gate_activation(np.array([10**9]), SIGMOID_TABLE)[0] == SIGMOID_TABLE[-1]  # clamped, not wrapped
 
 
-def test_the_ort_target_keeps_a_gru_float(tmp_path):
-    """ONNX Runtime has no QDQ GRU: on the ort target the GRU runs in float between DQ and Q, so stays float."""
-    shape = _gru_model(tmp_path / "float.onnx")
+@pytest.mark.parametrize("op", ["GRU", "LSTM"])
+def test_the_ort_target_keeps_the_cells_float(tmp_path, op):
+    """ONNX Runtime has no QDQ GRU or LSTM: on the ort target they would run in float between DQ and Q, so they
+    stay float (int8-dynamic's DynamicQuantizeLSTM is the ORT route for an LSTM)."""
+    shape = _cell_model(tmp_path / "float.onnx", op=op)
     result = api.quantize(tmp_path / "float.onnx", Int8Config(), _inputs(shape, 8, seed=0),
                           output=tmp_path / "int8.onnx", check_speed=False, check_fidelity=False).result
-    assert "GRU" in [node.op_type for node in result.float_nodes]  # and the Tanh, which has no ORT kernel
+    assert op in [node.op_type for node in result.float_nodes]  # and the Tanh, which has no ORT kernel
 
 
 @pytest.mark.parametrize("attributes, reason", [
     (dict(clip=2.0), "clip is set"),
     (dict(activations=["Sigmoid", "Relu"]), "the integer kernel computes the default Sigmoid and Tanh"),
+    (dict(op="LSTM", input_forget=1), "input_forget=1"),
+    (dict(op="LSTM", activations=["Sigmoid", "Tanh", "Relu"]), "computes the default Sigmoid, Tanh and Tanh"),
 ])
-def test_a_gru_the_kernel_cannot_run_stays_float_and_compile_says_why_in_one_line(tmp_path, attributes, reason):
-    shape = _gru_model(tmp_path / "float.onnx", **attributes)
+def test_a_cell_the_kernel_cannot_run_stays_float_and_compile_says_why_in_one_line(tmp_path, attributes, reason):
+    shape = _cell_model(tmp_path / "float.onnx", **attributes)
+    op = attributes.get("op", "GRU")
     result, model = quantize_for_mcu(tmp_path / "float.onnx", _inputs(shape, 8, seed=0), tmp_path / "int8.onnx")
-    assert [(node.op_type, reason in node.reason) for node in result.float_nodes] == [("GRU", True)]
+    assert [(node.op_type, reason in node.reason) for node in result.float_nodes] == [(op, True)]
     with pytest.raises(UnsupportedOpError) as error:
         compile_c(model, tmp_path / "c")
-    assert "\n" not in str(error.value) and "GRU (gru)" in str(error.value)
+    assert "\n" not in str(error.value) and f"{op} ({op.lower()})" in str(error.value)
 
 
-@pytest.fixture(scope="module")
-def keyword_gru(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("kws_gru")
-    path = build_audio("gru", tmp_path)
-    quantize_for_mcu(path, audio_samples("gru", 16), tmp_path / "int8.onnx")
+# the keyword-spotting models: (cell ops in the program, the SQNR each runtime's int8 reaches against float)
+KEYWORD_MODELS = {"gru": 2, "lstm": 1}
+
+
+@pytest.fixture(scope="module", params=sorted(KEYWORD_MODELS))
+def keyword_model(request, tmp_path_factory):
+    name = request.param
+    tmp_path = tmp_path_factory.mktemp(f"kws_{name}")
+    path = build_audio(name, tmp_path)
+    quantize_for_mcu(path, audio_samples(name, 16), tmp_path / "int8.onnx")
     frames = 49  # what `edgeopt compile --input-shape input=1x49x40` loads
     loaded = api.load(tmp_path / "int8.onnx", input_shapes={"input": (1, frames, 40)})
     fixed = _static_shape_arithmetic_folded(loaded)
-    held_out = audio_samples("gru", 6, seed=7, frames=(frames, frames))
-    return path, tmp_path / "int8.onnx", fixed, held_out
+    held_out = audio_samples(name, 6, seed=7, frames=(frames, frames))
+    return name, path, tmp_path / "int8.onnx", fixed, held_out
 
 
 def _sqnr(ours: np.ndarray, reference: np.ndarray) -> float:
     return float(10 * np.log10(np.sum(reference**2) / max(float(np.sum((ours - reference) ** 2)), 1e-30)))
 
 
-def test_the_keyword_spotting_gru_in_integers_keeps_the_qdq_models_fidelity(keyword_gru):
-    """PyTorch's 2-layer batch-first GRU (linear_before_reset 1, zeros state from the input's shape): the integer
-    reference against the QDQ model in ONNX Runtime (which runs the GRUs in float over the int8 weights) and
-    both against the float model, on 6 held-out clips of 49 frames. Measured: 34.7 dB to identical against
-    the QDQ model; mean 35.5 dB against float, the QDQ model's 36.2 (one clip is at 22.5 dB for both: the
-    untrained model's logits are close there, and int8 flips its top-1 in both runtimes alike)."""
-    path, quantized, fixed, held_out = keyword_gru
+def test_the_keyword_spotting_cells_in_integers_keep_the_qdq_models_fidelity(keyword_model):
+    """PyTorch's 2-layer batch-first GRU (linear_before_reset 1) and 1-layer bidirectional LSTM averaged over
+    time, zeros states from the input's shape: the integer reference against the QDQ model in ONNX Runtime
+    (which runs the cells in float over the int8 weights) and both against the float model, on 6 held-out
+    clips of 49 frames. Measured: GRU 34.7 dB to identical against the QDQ model, mean 35.5 dB against
+    float (the QDQ model 36.2; one clip is at 22.5 dB for both: the untrained model's logits are close
+    there, and int8 flips its top-1 in both runtimes alike); LSTM 40.5 dB to identical, mean 29.2 dB
+    (the QDQ model 29.2)."""
+    name, path, quantized, fixed, held_out = keyword_model
     reference, qdq, float_session = ReferenceModel(fixed), OrtSession(quantized), OrtSession(path)
     ours_db, qdq_db = [], []
     for feed in held_out:
@@ -169,12 +190,12 @@ def test_the_keyword_spotting_gru_in_integers_keeps_the_qdq_models_fidelity(keyw
         ours_db.append(_sqnr(ours, truth))
         qdq_db.append(_sqnr(theirs, truth))
     assert np.mean(ours_db) >= np.mean(qdq_db) - 1.5, (ours_db, qdq_db)
-    assert [op.kind for op in reference.program.ops].count("gru") == 2
+    assert [op.kind for op in reference.program.ops].count(name) == KEYWORD_MODELS[name]
 
 
 @needs_gcc
-def test_the_keyword_spotting_gru_compiles_bit_exact(keyword_gru, tmp_path):
-    _, _, fixed, held_out = keyword_gru
+def test_the_keyword_spotting_cells_compile_bit_exact(keyword_model, tmp_path):
+    _, _, _, fixed, held_out = keyword_model
     result = assert_compiles_bit_exact(fixed, tmp_path / "c", held_out[:2])
     assert result.tensors_compared > 0
 

@@ -1,0 +1,134 @@
+"""The integer GRU and LSTM: ONNX's recurrent ops over an int8 sequence, their state kept in Q15 between steps.
+
+Per step, for each direction and batch row, with the gates stacked in W and R as ONNX stacks them (GRU:
+z, r, n; LSTM: i, o, f, c)::
+
+    GRU   z = sigmoid(W_z x + R_z h + Wb_z + Rb_z)        r = sigmoid(W_r x + R_r h + Wb_r + Rb_r)
+          n = tanh(W_n x + Wb_n + r * (R_n h + Rb_n))     (linear_before_reset = 1, PyTorch's)
+          n = tanh(W_n x + Wb_n + R_n (r * h) + Rb_n)     (linear_before_reset = 0, ONNX's default)
+          h = (1 - z) * n + z * h
+    LSTM  i, o, f = sigmoid(W_g x + R_g h + Wb_g + Rb_g)  c~ = tanh(W_c x + R_c h + Wb_c + Rb_c)
+          C = f * C + i * c~                               h = o * tanh(C)
+
+In integers: ``x`` is int8 at its scale; W and R are int8 with one scale per gate row. ``h`` lives in
+Q15 (int16, ``h = q / 2**15``): a GRU's is a mix of a tanh and the previous state, an LSTM's a sigmoid
+times a tanh, so it stays in [-1, 1] from a state there. An LSTM's cell ``C`` is not bounded (it may grow
+by 1 a step): it is Q15 in int32 (up to 65,536), saturated there. Each matrix product is an exact int32
+sum, moved by one fixed-point multiplier per row to Q12 (``2**-12`` steps), where both biases are added;
+a gate's input is clamped to [-8, 8) and read from a 513-entry Q15 table of sigmoid or tanh over that
+range, linearly interpolated between entries ``1/32`` apart (within 4 Q15 steps of the function: 3.7 for
+tanh, where it bends most); ``tanh(C)`` reads ``C`` in Q12 (``C >> 3``). The output (Y; Y_h, the last
+state of each direction; an LSTM's Y_c, its last cell) is requantized to int8 at the output's scale.
+
+The C kernels ``eo_gru_s8`` and ``eo_lstm_s8`` do the same arithmetic row by row, in a scratch of
+:func:`scratch_bytes` in the arena.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from edgeopt.runtime.reference.fixed_point import multiply_by_quantized_multiplier as mbqm
+from edgeopt.runtime.reference.program import RecurrentParams
+
+__all__ = ["GATE_FRACTION_BITS", "GATES", "SIGMOID_TABLE", "STATE_FRACTION_BITS", "TANH_TABLE", "gate_activation",
+           "recurrent", "scratch_bytes"]
+
+#: The state's and the gates' fixed point: Q15 (int16; an LSTM's cell int32).
+STATE_FRACTION_BITS = 15
+#: The gates' inputs: Q12 in int64 sums, clamped to [-8, 8) before the table.
+GATE_FRACTION_BITS = 12
+#: Gates per cell, stacked in W, R and B in this order.
+GATES = {"gru": 3, "lstm": 4}
+_TABLE_STEP_BITS = 7  # Q12 units between table entries: 2**7 / 2**12 = 1/32
+_ONE = 1 << STATE_FRACTION_BITS
+_HALF = 1 << (STATE_FRACTION_BITS - 1)
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+def _table(function) -> np.ndarray:
+    points = [-8.0 + k / 32.0 for k in range(513)]
+    return np.array([min(max(round(function(v) * _ONE), -(_ONE - 1)), _ONE - 1) for v in points], dtype=np.int16)
+
+
+SIGMOID_TABLE = _table(lambda v: 1.0 / (1.0 + math.exp(-v)))
+TANH_TABLE = _table(math.tanh)
+
+
+def gate_activation(q12: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``table``'s function of Q12 values, in Q15: clamp to [-8, 8), interpolate between two entries."""
+    u = np.clip(np.asarray(q12, dtype=np.int64), -(1 << 15), (1 << 15) - 1) + (1 << 15)
+    index, fraction = u >> _TABLE_STEP_BITS, u & ((1 << _TABLE_STEP_BITS) - 1)
+    low = table.astype(np.int64)[index]
+    high = table.astype(np.int64)[index + 1]
+    return low + (((high - low) * fraction + (1 << (_TABLE_STEP_BITS - 1))) >> _TABLE_STEP_BITS)
+
+
+def scratch_bytes(hidden: int) -> int:
+    """The C kernels' scratch: four int16 rows (GRU: state, next state, ``r * h``, ``z``; LSTM: state, next
+    state and the int32 cell)."""
+    return 4 * hidden * 2
+
+
+def _rows(p: RecurrentParams, d: int, vector: np.ndarray, rows: slice, rounding: str) -> np.ndarray:
+    """R's ``rows`` times the Q15 ``vector`` [B, H], in Q12 with Rb."""
+    product = vector @ p.r[d, rows].astype(np.int64).T
+    return mbqm(product, p.r_multiplier[rows], p.r_shift[rows], rounding) + p.r_bias[d, rows]
+
+
+def _gru_step(p: RecurrentParams, d: int, gx: np.ndarray, h: np.ndarray, c, rounding: str):
+    hidden = p.hidden
+    gates = slice(0, 3 * hidden) if p.linear_before_reset else slice(0, 2 * hidden)
+    gh = _rows(p, d, h, gates, rounding)
+    z = gate_activation(gx[:, :hidden] + gh[:, :hidden], SIGMOID_TABLE)
+    reset = gate_activation(gx[:, hidden:2 * hidden] + gh[:, hidden:2 * hidden], SIGMOID_TABLE)
+    if p.linear_before_reset:
+        candidate = gx[:, 2 * hidden:] + ((reset * gh[:, 2 * hidden:] + _HALF) >> STATE_FRACTION_BITS)
+    else:
+        gated = (reset * h + _HALF) >> STATE_FRACTION_BITS
+        candidate = gx[:, 2 * hidden:] + _rows(p, d, gated, slice(2 * hidden, 3 * hidden), rounding)
+    n = gate_activation(candidate, TANH_TABLE)
+    return ((_ONE - z) * n + z * h + _HALF) >> STATE_FRACTION_BITS, c
+
+
+def _lstm_step(p: RecurrentParams, d: int, gx: np.ndarray, h: np.ndarray, c: np.ndarray, rounding: str):
+    hidden = p.hidden
+    g = gx + _rows(p, d, h, slice(0, 4 * hidden), rounding)
+    i, o, f = (gate_activation(g[:, k * hidden:(k + 1) * hidden], SIGMOID_TABLE) for k in range(3))
+    candidate = gate_activation(g[:, 3 * hidden:], TANH_TABLE)
+    c = np.clip((f * c + i * candidate + _HALF) >> STATE_FRACTION_BITS, *_INT32)
+    squashed = gate_activation(c >> (STATE_FRACTION_BITS - GATE_FRACTION_BITS), TANH_TABLE)
+    return (o * squashed + _HALF) >> STATE_FRACTION_BITS, c
+
+
+def _write(p: RecurrentParams, out: np.ndarray, t: int, d: int, q15: np.ndarray, rounding: str) -> None:
+    values = np.clip(mbqm(q15, p.output_multiplier, p.output_shift, rounding) + p.output_zero_point,
+                     p.act_min, p.act_max)
+    st, sd, sb, sh = p.y_strides
+    out[t * st + d * sd + np.arange(p.batch)[:, None] * sb + np.arange(p.hidden)[None, :] * sh] = values
+
+
+def recurrent(x: np.ndarray, *, params: RecurrentParams, rounding: str) -> np.ndarray:
+    """A GRU or an LSTM (``params.cell``) writing Y, Y_h or Y_c (``params.output``: 0, 1, 2)."""
+    p = params
+    step_function = _gru_step if p.cell == "gru" else _lstm_step
+    flat = x.reshape(-1)
+    out = np.zeros(p.output_size, dtype=np.int8)
+    xt, xb = p.x_strides
+    rows = np.arange(p.batch)[:, None] * xb + np.arange(p.input_size)[None, :]
+    for d in range(p.directions):
+        w = p.w[d].astype(np.int64)
+        h, c = p.initial[d].astype(np.int64), p.initial_cell[d].astype(np.int64)
+        backward = p.reverse or d == 1
+        for step in range(p.steps):
+            t = p.steps - 1 - step if backward else step
+            centered = flat[t * xt + rows].astype(np.int64) - p.input_zero_point
+            gx = mbqm(centered @ w.T, p.w_multiplier, p.w_shift, rounding) + p.w_bias[d]
+            h, c = step_function(p, d, gx, h, c, rounding)
+            if p.output == 0:
+                _write(p, out, t, d, h, rounding)
+        if p.output:
+            _write(p, out, 0, d, h if p.output == 1 else c, rounding)
+    return out
