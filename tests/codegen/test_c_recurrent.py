@@ -41,7 +41,9 @@ STEPS, BATCH, FEATURES, HIDDEN = 7, 2, 6, 5
 
 def _cell_model(path, *, op="GRU", directions=1, outputs=("y",), initial=False, opset=17, **attributes):
     """A GRU or LSTM over the model's input (int8 in both runtimes, so they differ by the cell alone), then a
-    Tanh on each output read (an op after it, as in a model)."""
+    Tanh on each output read (an op after it, as in a model). ``initial``: True for constant initial states,
+    "inputs" for states read from model inputs (a streaming model's, carried from one call to the next).
+    Returns the model inputs' shapes."""
     rng = np.random.default_rng(0)
     gates = 3 if op == "GRU" else 4
     x_shape = [STEPS, BATCH, FEATURES]
@@ -50,7 +52,11 @@ def _cell_model(path, *, op="GRU", directions=1, outputs=("y",), initial=False, 
                "B": rng.normal(0, 0.3, (directions, 2 * gates * HIDDEN)).astype(np.float32)}
     inputs = ["input", "W", "R", "B", "", "", ""]
     state = [directions, BATCH, HIDDEN]
-    if initial:
+    model_inputs = {"input": x_shape}
+    if initial == "inputs":
+        model_inputs.update({"h0": state, **({"c0": state} if op == "LSTM" else {})})
+        inputs[5:5 + len(model_inputs) - 1] = list(model_inputs)[1:]
+    elif initial:
         weights["h0"] = rng.uniform(-0.8, 0.8, state).astype(np.float32)
         inputs[5] = "h0"
         if op == "LSTM":
@@ -65,16 +71,22 @@ def _cell_model(path, *, op="GRU", directions=1, outputs=("y",), initial=False, 
     nodes = [cell]
     nodes += [helper.make_node("Tanh", [name], [f"out_{name}"], name=f"tanh_{name}") for name in outputs]
     graph = helper.make_graph(
-        nodes, op.lower(), [helper.make_tensor_value_info("input", TensorProto.FLOAT, x_shape)],
+        nodes, op.lower(), [helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+                            for name, dims in model_inputs.items()],
         [helper.make_tensor_value_info(f"out_{name}", TensorProto.FLOAT, shapes[name]) for name in outputs],
         initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
-    return x_shape
+    return model_inputs
 
 
-def _inputs(shape, count: int, seed: int) -> list[dict[str, np.ndarray]]:
+_INPUT_VALUES = {"input": lambda rng, dims: rng.normal(0, 1, dims), "h0": lambda rng, dims: rng.uniform(-0.9, 0.9, dims),
+                 "c0": lambda rng, dims: rng.uniform(-3.0, 3.0, dims)}
+
+
+def _inputs(shapes, count: int, seed: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    return [{"input": rng.normal(0, 1, shape).astype(np.float32)} for _ in range(count)]
+    return [{name: _INPUT_VALUES[name](rng, dims).astype(np.float32) for name, dims in shapes.items()}
+            for _ in range(count)]
 
 
 VARIANTS = {
@@ -87,6 +99,8 @@ VARIANTS = {
     "lstm_states_y_h_y_c": dict(op="LSTM", outputs=("y_h", "y_c")),
     "lstm_bidirectional_initial_states": dict(op="LSTM", directions=2, initial=True, outputs=("y", "y_c")),
     "lstm_reverse": dict(op="LSTM", direction="reverse", outputs=("y",)),
+    "gru_streaming_state": dict(initial="inputs", linear_before_reset=1, outputs=("y", "y_h")),
+    "lstm_streaming_states": dict(op="LSTM", directions=2, initial="inputs", outputs=("y_h", "y_c")),
 }
 
 
@@ -105,7 +119,10 @@ def test_the_cell_runs_in_integers_within_two_steps_of_onnx_runtime(variant):
     assert within >= 0.98 and worst <= 2, (name, within, worst)
     reads = len(VARIANTS[name].get("outputs", ("y",)))
     kind = VARIANTS[name].get("op", "GRU").lower()
-    assert [op.kind for op in lower(model).ops].count(kind) == reads  # each output read from one op
+    cells = [op for op in lower(model).ops if op.kind == kind]
+    assert len(cells) == reads  # each output read from one op
+    if VARIANTS[name].get("initial") == "inputs":  # the states are int8 inputs of the op, after x
+        assert {len(op.inputs) for op in cells} == {len(shape)}
 
 
 @needs_gcc

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from edgeopt import ir as eir
 from edgeopt.metrics import count_of
 from edgeopt.quant.accuracy import RETURNED, RETURNED_TO_8_BITS, AccuracySearch
 from edgeopt.quant.compare import CompareResult
@@ -42,24 +43,15 @@ def blocks_c(result: QuantResult) -> list:
     once --input-shape fixes the shapes."""
     from edgeopt.runtime.reference.lower import MOVEMENT_OPS
 
-    folded = _shape_only(result.model) if result.model is not None else set()
+    folded = eir.shape_derived_values(result.model.graph) if result.model is not None else set()
+    nodes = {node.name: node for node in result.model.graph} if result.model is not None else {}
     return [node for node in result.float_nodes
-            if _kept(node) or (node.op_type not in MOVEMENT_OPS and node.node_name not in folded)]
+            if _kept(node) or (node.op_type not in MOVEMENT_OPS
+                               and not _computes_from_shapes(nodes.get(node.node_name), folded))]
 
 
-def _shape_only(model) -> set[str]:
-    """Names of the nodes whose outputs follow from constants and tensor shapes alone (not from values)."""
-    from edgeopt import ir as eir
-
-    known: set[str] = set()  # values computed from shapes and constants
-    names = set()
-    for node in model.graph:
-        inputs = [value for value in node.inputs if value is not None and value.name]
-        if node.op_type in ("Shape", "Size") or all(value.name in known or eir.is_constant(value)
-                                                     for value in inputs):
-            known.update(value.name for value in node.outputs)
-            names.add(node.name)
-    return names
+def _computes_from_shapes(node, folded: set[str]) -> bool:
+    return node is not None and bool(node.outputs) and all(value.name in folded for value in node.outputs)
 
 
 def _kept(node) -> bool:

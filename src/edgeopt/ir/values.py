@@ -24,6 +24,7 @@ __all__ = [
     "model_inputs",
     "numpy_dtype",
     "run_time_grid_values",
+    "shape_derived_values",
     "static_shape",
     "subgraphs",
     "value_bytes",
@@ -277,6 +278,18 @@ def run_time_grid_values(graph: ir.Graph) -> set[ir.Value]:
         if is_op(node, "Range") or (read and _carries_grid(node, read)):
             positions.update(node.outputs)
     return {value for value in positions if value.dtype == ir.DataType.FLOAT}
+
+
+def shape_derived_values(graph: ir.Graph) -> set[str]:
+    """Names of the values that follow from constants and tensor shapes alone, not from any input's values:
+    PyTorch's zeros initial state of a GRU/LSTM (Shape -> Gather -> Concat -> ConstantOfShape). Once the
+    input shapes are fixed, constant folding turns them into constants."""
+    known: set[str] = set()
+    for node in graph:
+        inputs = [value for value in node.inputs if value is not None and value.name]
+        if is_op(node, "Shape", "Size") or all(value.name in known or is_constant(value) for value in inputs):
+            known.update(value.name for value in node.outputs)
+    return known
 
 
 def default_opset(model: ir.Model) -> int:

@@ -251,6 +251,7 @@ class _Planner:
         self.groups = UnionFind()
         self.concat_groups = UnionFind()
         self.float_chain = float_chain  # Concats (and movers) joining a model output's parts in float
+        self.shape_derived = eir.shape_derived_values(graph)  # a zeros state from the input's shape: folded later
 
     def add_node(self, node: ir.Node, output: ir.Value) -> None:
         if node.name in self.float_chain:  # joins a model output's parts in float: each keeps its own scale
@@ -259,6 +260,8 @@ class _Planner:
             return
         rule = self.rules[node.op_type]
         indices = rule.activation_inputs if rule.activation_inputs is not None else range(len(node.inputs))
+        if rule.weight_inputs:  # a GRU/LSTM: its initial states too when read from data (a streaming model's)
+            indices = (*indices, *data_state_inputs(node, self.shape_derived))
         # input 1 of a Conv/Gemm/MatMul is its weight when constant; a MatMul's computed input 1 (the V
         # of attention's probs @ V) is an activation like input 0
         weight = node.inputs[1] if rule.role is OpRole.WEIGHTED and eir.is_constant(node.inputs[1]) else None
@@ -378,7 +381,8 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     candidates, refusals, grouped = _triage(graph, exclude, keep_float, non_float, rules, no_kernel)
     fused_by_producer = clamp_fusions(candidates, refusals, rules)
     fused = {activation.name: producer for producer, activation in fused_by_producer.items()}
-    _refuse_isolated_movers(candidates, refusals, rules, outputs_quantized=quantize_outputs, grouped=grouped)
+    _refuse_isolated_movers(candidates, refusals, rules, outputs_quantized=quantize_outputs, grouped=grouped,
+                            shape_derived=eir.shape_derived_values(graph))
     float_chain = () if quantize_outputs else _float_output_chains(graph, candidates, refusals, rules)
     planner = _Planner(graph, non_float, rules, quantize_outputs=quantize_outputs, float_chain=float_chain)
     for node in candidates.values():
@@ -467,16 +471,30 @@ def _moves(node: ir.Node | None, candidates: Mapping[str, ir.Node], refusals: Ma
             and rules[node.op_type].role is OpRole.SHARED)
 
 
-def _read_as_activation(use, rules: Mapping[str, OpRule]) -> bool:
+#: A GRU's initial_h, an LSTM's initial_h and initial_c.
+RECURRENT_STATE_INPUTS = (5, 6)
+
+
+def data_state_inputs(node: ir.Node, shape_derived: Collection[str]) -> tuple[int, ...]:
+    """The initial-state inputs of a GRU/LSTM that come from data (a streaming model's state inputs): quantized
+    like its X. A constant state, or one computed from the input's shape alone, stays float and is folded."""
+    return tuple(index for index in RECURRENT_STATE_INPUTS if index < len(node.inputs)
+                 and node.inputs[index] is not None and node.inputs[index].name
+                 and not eir.is_constant(node.inputs[index]) and node.inputs[index].name not in shape_derived)
+
+
+def _read_as_activation(use, rules: Mapping[str, OpRule], shape_derived: Collection[str]) -> bool:
     """Whether ``use`` is an input its node may read as int8: not a GRU's or LSTM's initial state (inputs 5
-    and 6, which stay float)."""
+    and 6) unless it comes from data."""
     rule = rules.get(use.node.op_type)
-    return rule is None or not rule.weight_inputs or rule.activation_inputs is None or use.idx in rule.activation_inputs
+    if rule is None or not rule.weight_inputs or rule.activation_inputs is None or use.idx in rule.activation_inputs:
+        return True
+    return use.idx in data_state_inputs(use.node, shape_derived)
 
 
 def _refuse_isolated_movers(candidates: Mapping[str, ir.Node], refusals: dict[str, str],
                             rules: Mapping[str, OpRule], *, outputs_quantized: bool,
-                            grouped: Collection[str] = ()) -> None:
+                            grouped: Collection[str] = (), shape_derived: Collection[str] = ()) -> None:
     """Refuse the data-movement ops (Reshape, Transpose, Concat, MaxPool ...) that no integer kernel
     reads or writes, through other such ops: between float nodes their Q/DQ pairs would only round
     values (an excluded Gemm -> Reshape -> Relu). With ``outputs_quantized`` (the MCU target, whose
@@ -497,7 +515,8 @@ def _refuse_isolated_movers(candidates: Mapping[str, ir.Node], refusals: dict[st
         while stack:
             node = stack.pop()
             neighbours = [v.producer() for v in node.inputs if v is not None]
-            neighbours += [use.node for v in node.outputs for use in v.uses() if _read_as_activation(use, rules)]
+            neighbours += [use.node for v in node.outputs for use in v.uses()
+                           if _read_as_activation(use, rules, shape_derived)]
             anchored = anchored or any(computes(n) for n in neighbours) or (
                 outputs_quantized and any(v.is_graph_output() for v in node.outputs))
             for n in neighbours:

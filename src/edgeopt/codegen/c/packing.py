@@ -369,9 +369,18 @@ def pack_recurrent(op: IntOp, ctx: PackContext):
         input_zero_point=p.input_zero_point, output_multiplier=p.output_multiplier, output_shift=p.output_shift,
         output_zero_point=p.output_zero_point, act_min=p.act_min, act_max=p.act_max,
         **{field: f"{prefix}_{field}" for field in arrays}, sigmoid="eo_rnn_sigmoid_table",
-        tanh="eo_rnn_tanh_table")))
-    call = _call(op, ctx, f"{prefix}_params")
-    return decls, f"{call[:-2]}, (int16_t *){ctx.pointer(op.scratch)});"
+        tanh="eo_rnn_tanh_table", state_count=len(p.state_inputs), **_state_fields(p.state_inputs))))
+    states = [ctx.pointer(name) for name in op.inputs[1:]] + ["0"] * (3 - len(op.inputs))
+    call = (f"{OPS[op.kind].c_kernel}(&{prefix}_params, {ctx.pointer(op.inputs[0])}, {', '.join(states)}, "
+            f"{ctx.pointer(op.output)}, (int16_t *){ctx.pointer(op.scratch)});")
+    return decls, call
+
+
+def _state_fields(moves) -> dict:
+    """The C initializers of the state inputs' (which, zero point, multiplier, shift), two slots each."""
+    padded = list(moves) + [(0, 0, 0, 0)] * (2 - len(moves))
+    return {field: [move[k] for move in padded] for k, field in
+            enumerate(("state_which", "state_zero_point", "state_multiplier", "state_shift"))}
 
 
 PACKERS = {

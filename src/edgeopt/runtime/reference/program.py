@@ -338,7 +338,8 @@ class RecurrentParams:
     ``x`` is read at ``t * x_strides[0] + b * x_strides[1] + i``; the output (``output`` 0: Y, 1: Y_h, 2:
     an LSTM's Y_c) is written at ``t * st + d * sd + b * sb + j * sh`` for ``y_strides = (st, sd, sb, sh)``
     (t = 0 for Y_h and Y_c). Direction 1 of two, or the one direction when ``reverse``, runs from the last
-    step back. G gates: 3 (GRU: z, r, n) or 4 (LSTM: i, o, f, c).
+    step back. G gates: 3 (GRU: z, r, n) or 4 (LSTM: i, o, f, c). A streaming model's initial states
+    (``state_inputs``) are op inputs after ``x``, int8 ``[D, B, H]``, moved to Q15.
     """
 
     cell: str  # "gru" or "lstm"
@@ -362,8 +363,11 @@ class RecurrentParams:
     r_shift: np.ndarray  # int32 (G*H,)
     w_bias: np.ndarray  # int32 (D, G*H), Q12
     r_bias: np.ndarray  # int32 (D, G*H), Q12
-    initial: np.ndarray  # int16 (D, B, H), Q15
+    initial: np.ndarray  # int16 (D, B, H), Q15: the constant initial state
     initial_cell: np.ndarray  # int32 (D, B, H), Q15 (zeros for a GRU)
+    # initial states read from input tensors instead, in the op's inputs after x (int8 [D, B, H]): for each,
+    # (0 for h or 1 for c, its zero point, the multiplier and shift of its scale to Q15)
+    state_inputs: tuple[tuple[int, int, int, int], ...] = ()
     output_multiplier: int  # 2**-15 / s_out
     output_shift: int
     output_zero_point: int

@@ -43,20 +43,36 @@ def _biases(lo: Lowering, node: ir.Node, directions: int, rows: int) -> tuple[np
 
 
 def _initial(node: ir.Node, index: int, shape: tuple[int, int, int], label: str, bound: float) -> np.ndarray:
-    """The constant initial state of input ``index`` in Q15 (zeros when absent), within ``bound``."""
+    """The constant initial state of input ``index`` in Q15 (zeros when absent or read from a tensor), within
+    ``bound``."""
     value = node.inputs[index] if len(node.inputs) > index else None
-    if value is None or not value.name:
-        return np.zeros(shape, np.int64)
-    array = eir.constant_array(value)
+    array = eir.constant_array(value) if value is not None and value.name else None
     if array is None:
-        raise UnsupportedOpError(f"{node_label(node)}: {label} is computed at run time: the C kernel takes a "
-                                 "constant initial state (compile with --input-shape, which folds a zeros state "
-                                 "computed from the input's shape)")
+        return np.zeros(shape, np.int64)
     real = np.broadcast_to(array.astype(np.float64), shape)
     if not np.all(np.abs(real) <= bound):
         raise UnsupportedOpError(f"{node_label(node)}: {label} holds values outside [-{bound:g}, {bound:g}], the "
                                  "range of the integer state")
     return np.rint(real * _ONE).astype(np.int64)
+
+
+def _state_inputs(lo: Lowering, node: ir.Node, shape: tuple[int, int, int]) -> tuple[list[str], tuple]:
+    """The initial states read from tensors (a streaming model's state inputs): their program tensors and,
+    for each, (0 for h or 1 for c, zero point, multiplier and shift to Q15)."""
+    tensors, moves = [], []
+    for which, index in enumerate((5, 6) if node.op_type == "LSTM" else (5,)):
+        value = node.inputs[index] if len(node.inputs) > index else None
+        if value is None or not value.name or eir.constant_array(value) is not None:
+            continue
+        tensor = lo.activation(value, node)  # a state computed from the input's shape: folded by --input-shape
+        if lo.tensors[tensor].size != int(np.prod(shape)):
+            raise UnsupportedOpError(f"{node_label(node)}: its initial state {value.name!r} has "
+                                     f"{lo.tensors[tensor].size} values, not D x B x H = {int(np.prod(shape))}")
+        source = lo.params_of(tensor)
+        multiplier, shift = real_multiplier(source.scale * _ONE)
+        tensors.append(tensor)
+        moves.append((which, source.zero_point, multiplier, shift))
+    return tensors, tuple(moves)
 
 
 def lower_recurrent(lo: Lowering, node: ir.Node) -> None:
@@ -89,12 +105,13 @@ def lower_recurrent(lo: Lowering, node: ir.Node) -> None:
                   w=w.reshape(directions, rows, -1), r=r.reshape(directions, rows, hidden), w_multiplier=w_multiplier,
                   w_shift=w_shift, r_multiplier=r_multiplier, r_shift=r_shift, w_bias=w_bias, r_bias=r_bias,
                   initial=initial, initial_cell=cell_state)
+    states, common["state_inputs"] = _state_inputs(lo, node, state)
     for output, value in enumerate(node.outputs[:3]):
         if value is not None and value.name and (value.uses() or value.is_graph_output()):
-            _emit(lo, node, x, value, output, common)
+            _emit(lo, node, [x, *states], value, output, common)
 
 
-def _emit(lo: Lowering, node: ir.Node, x: str, value: ir.Value, output: int, common: dict) -> None:
+def _emit(lo: Lowering, node: ir.Node, inputs: list[str], value: ir.Value, output: int, common: dict) -> None:
     plan = lo.output_plan(node, value)
     target: QParams = plan.qparams
     multiplier, shift = real_multiplier(2.0**-STATE_FRACTION_BITS / target.scale)
@@ -106,4 +123,4 @@ def _emit(lo: Lowering, node: ir.Node, x: str, value: ir.Value, output: int, com
     params = RecurrentParams(**common, output=output, output_size=info.size, y_strides=strides,
                              output_multiplier=multiplier, output_shift=shift, output_zero_point=target.zero_point,
                              act_min=plan.act_min, act_max=plan.act_max)
-    lo.finish(common["cell"], [x], plan, params, node, scratch)
+    lo.finish(common["cell"], inputs, plan, params, node, scratch)

@@ -110,9 +110,20 @@ def _write(p: RecurrentParams, out: np.ndarray, t: int, d: int, q15: np.ndarray,
     out[t * st + d * sd + np.arange(p.batch)[:, None] * sb + np.arange(p.hidden)[None, :] * sh] = values
 
 
-def recurrent(x: np.ndarray, *, params: RecurrentParams, rounding: str) -> np.ndarray:
-    """A GRU or an LSTM (``params.cell``) writing Y, Y_h or Y_c (``params.output``: 0, 1, 2)."""
+def _states(p: RecurrentParams, inputs: tuple[np.ndarray, ...], rounding: str) -> list[np.ndarray]:
+    """The initial [h, c] in Q15, each [D, B, H]: the constants, or the int8 state inputs moved to Q15."""
+    states = [p.initial.astype(np.int64), p.initial_cell.astype(np.int64)]
+    for tensor, (which, zero_point, multiplier, shift) in zip(inputs, p.state_inputs):
+        moved = mbqm(tensor.astype(np.int64).reshape(states[which].shape) - zero_point, multiplier, shift, rounding)
+        states[which] = np.clip(moved, 1 - _ONE, _ONE - 1) if which == 0 else moved  # h within int16
+    return states
+
+
+def recurrent(x: np.ndarray, *states: np.ndarray, params: RecurrentParams, rounding: str) -> np.ndarray:
+    """A GRU or an LSTM (``params.cell``) writing Y, Y_h or Y_c (``params.output``: 0, 1, 2); ``states``: the
+    initial states read from tensors (``params.state_inputs``)."""
     p = params
+    initial_h, initial_c = _states(p, states, rounding)
     step_function = _gru_step if p.cell == "gru" else _lstm_step
     flat = x.reshape(-1)
     out = np.zeros(p.output_size, dtype=np.int8)
@@ -120,7 +131,7 @@ def recurrent(x: np.ndarray, *, params: RecurrentParams, rounding: str) -> np.nd
     rows = np.arange(p.batch)[:, None] * xb + np.arange(p.input_size)[None, :]
     for d in range(p.directions):
         w = p.w[d].astype(np.int64)
-        h, c = p.initial[d].astype(np.int64), p.initial_cell[d].astype(np.int64)
+        h, c = initial_h[d], initial_c[d]
         backward = p.reverse or d == 1
         for step in range(p.steps):
             t = p.steps - 1 - step if backward else step

@@ -572,6 +572,24 @@ static void rnn_write(const eo_recurrent_params *p, int8_t *out, long base, cons
                                                p->output_zero_point, p->act_min, p->act_max);
 }
 
+/* The initial h (int16) and c (int32, or none) of direction d, batch row b: the constants, or the int8 state
+ * inputs moved to Q15. */
+static void rnn_initial(const eo_recurrent_params *p, const int8_t *state0, const int8_t *state1, long offset,
+                        int16_t *h, int32_t *cell) {
+    int k, j;
+    memcpy(h, p->initial + offset, sizeof(int16_t) * p->hidden);
+    if (cell) memcpy(cell, p->initial_cell + offset, sizeof(int32_t) * p->hidden);
+    for (k = 0; k < p->state_count; ++k) {
+        const int8_t *state = (k == 0 ? state0 : state1) + offset;
+        for (j = 0; j < p->hidden; ++j) {
+            const int32_t q15 = eo_requantize(state[j] - p->state_zero_point[k], p->state_multiplier[k],
+                                              p->state_shift[k]);
+            if (p->state_which[k] == 0) h[j] = (int16_t)clamp32(q15, -32767, 32767);
+            else if (cell) cell[j] = q15;
+        }
+    }
+}
+
 typedef struct { const int8_t *w, *r; const int32_t *wb, *rb; int backward; } rnn_direction;
 
 static rnn_direction rnn_weights(const eo_recurrent_params *p, int d, int gates) {
@@ -585,14 +603,15 @@ static rnn_direction rnn_weights(const eo_recurrent_params *p, int d, int gates)
     return dir;
 }
 
-void eo_gru_s8(const eo_recurrent_params *p, const int8_t *in, int8_t *out, int16_t *scratch) {
+void eo_gru_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *state0, const int8_t *state1,
+               int8_t *out, int16_t *scratch) {
     const int H = p->hidden;
     int16_t *h = scratch, *next = scratch + H, *gated = scratch + 2 * H, *update = scratch + 3 * H;
     int d, b, step, j;
     for (d = 0; d < p->directions; ++d)
         for (b = 0; b < p->batch; ++b) {
             const rnn_direction dir = rnn_weights(p, d, 3);
-            memcpy(h, p->initial + ((long)d * p->batch + b) * H, sizeof(int16_t) * H);
+            rnn_initial(p, state0, state1, ((long)d * p->batch + b) * H, h, 0);
             for (step = 0; step < p->steps; ++step) {
                 const int t = dir.backward ? p->steps - 1 - step : step;
                 const int8_t *x = in + t * p->x_stride_t + b * p->x_stride_b;
@@ -625,7 +644,8 @@ void eo_gru_s8(const eo_recurrent_params *p, const int8_t *in, int8_t *out, int1
         }
 }
 
-void eo_lstm_s8(const eo_recurrent_params *p, const int8_t *in, int8_t *out, int16_t *scratch) {
+void eo_lstm_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *state0, const int8_t *state1,
+                int8_t *out, int16_t *scratch) {
     const int H = p->hidden;
     int16_t *h = scratch, *next = scratch + H;
     int32_t *cell = (int32_t *)(void *)(scratch + 2 * H); /* 4-byte aligned: the scratch is, and 2H int16 are 4H B */
@@ -633,9 +653,7 @@ void eo_lstm_s8(const eo_recurrent_params *p, const int8_t *in, int8_t *out, int
     for (d = 0; d < p->directions; ++d)
         for (b = 0; b < p->batch; ++b) {
             const rnn_direction dir = rnn_weights(p, d, 4);
-            const long state = ((long)d * p->batch + b) * H;
-            memcpy(h, p->initial + state, sizeof(int16_t) * H);
-            memcpy(cell, p->initial_cell + state, sizeof(int32_t) * H);
+            rnn_initial(p, state0, state1, ((long)d * p->batch + b) * H, h, cell);
             for (step = 0; step < p->steps; ++step) {
                 const int t = dir.backward ? p->steps - 1 - step : step;
                 const int8_t *x = in + t * p->x_stride_t + b * p->x_stride_b;

@@ -169,8 +169,14 @@ typedef struct {
     const int16_t *initial;                                     /* [D][B][H] Q15 */
     const int32_t *initial_cell;                                /* [D][B][H] Q15 (LSTM) */
     const int16_t *sigmoid, *tanh;                              /* the tables */
+    /* initial states read from int8 tensors state0, state1 ([D][B][H], a streaming model's) instead: for each,
+     * 0 for h or 1 for c, its zero point and the multiplier and shift of its scale to Q15 */
+    int state_count, state_which[2];
+    int32_t state_zero_point[2], state_multiplier[2], state_shift[2];
 } eo_recurrent_params;
-void eo_gru_s8(const eo_recurrent_params *p, const int8_t *in, int8_t *out, int16_t *scratch);
-void eo_lstm_s8(const eo_recurrent_params *p, const int8_t *in, int8_t *out, int16_t *scratch);
+void eo_gru_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *state0, const int8_t *state1,
+               int8_t *out, int16_t *scratch);
+void eo_lstm_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *state0, const int8_t *state1,
+                int8_t *out, int16_t *scratch);
 
 #endif
