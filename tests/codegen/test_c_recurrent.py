@@ -6,10 +6,10 @@ The state is Q15 between steps (runtime/reference/rnn.py), so the integer cells 
 float GRU/LSTM over the QDQ model's int8 weights: the reference's output is within a step or two of it.
 Variants built with onnx.helper cover what exporters write: a GRU's linear_before_reset 0 (ONNX's default)
 and 1 (PyTorch's), forward, reverse and bidirectional, Y read, Y_h read, both read, an LSTM's Y_c, constant
-initial states. A batch-first cell (layout 1) stays float: ONNX Runtime cannot run one, so it cannot be
-calibrated either. The keyword-spotting models of tests/audio_models.py (PyTorch's 2-layer batch-first
-GRU, and its bidirectional LSTM averaged over time, each with zeros states computed from the input's shape)
-compile once --input-shape fixes the shapes.
+initial states, and a streaming model's states read from model inputs. A batch-first cell (layout 1) stays
+float: ONNX Runtime cannot run one, so it cannot be calibrated either. The keyword-spotting models of
+tests/audio_models.py (PyTorch's 2-layer batch-first GRU, and its bidirectional LSTM averaged over time,
+each with zeros states computed from the input's shape) compile once --input-shape fixes the shapes.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def _cell_model(path, *, op="GRU", directions=1, outputs=("y",), initial=False, 
     return model_inputs
 
 
-_INPUT_VALUES = {"input": lambda rng, dims: rng.normal(0, 1, dims), "h0": lambda rng, dims: rng.uniform(-0.9, 0.9, dims),
+_INPUT_VALUES = {"input": lambda rng, dims: rng.normal(0, 1, dims),
+                 "h0": lambda rng, dims: rng.uniform(-0.9, 0.9, dims),
                  "c0": lambda rng, dims: rng.uniform(-3.0, 3.0, dims)}
 
 

@@ -279,7 +279,7 @@ class _Planner:
             (self.constants if eir.is_constant(value) else self.activations)[value.name] = None
             shared.append(value.name)
         outputs = [output.name]
-        if rule.all_outputs:  # Split: every output read by something; a GRU: those of Y and Y_h that are read
+        if rule.all_outputs:  # Split: every output read by something; a GRU/LSTM: those of Y, Y_h, Y_c read
             outputs += [v.name for v in node.outputs[1:] if _is_float(v, self.non_float) and v.uses()]
             if rule.weight_inputs and not (output.uses() or output.is_graph_output()):
                 outputs = outputs[1:]

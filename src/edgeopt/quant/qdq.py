@@ -261,7 +261,8 @@ class _QdqInserter:
                         "minmax", axis)
         self.replaced.add(tensor)
         dequantized, scale = self.weight_cache[key]
-        for index, value in enumerate(node.inputs):  # input 1; a GRU's W (1) and R (2)
+        for index in (1, 2):  # input 1; a GRU's or LSTM's W (1) and R (2)
+            value = node.inputs[index] if index < len(node.inputs) else None
             if value is not None and value.name == tensor:
                 node.replace_input_with(index, dequantized)
         self.weight_scales.setdefault(node_name, scale)
