@@ -227,3 +227,15 @@ def test_quantize_does_not_warn_that_a_shape_computed_state_blocks_the_c(tmp_pat
                           check_speed=False, check_fidelity=False)
     assert {node.op_type for node in report.result.float_nodes} == {"ConstantOfShape", "Slice"}
     assert not [warning for warning in report.warnings if "cannot become C" in warning], report.warnings
+
+
+@pytest.mark.parametrize("op", ["GRU", "LSTM"])
+def test_the_fidelity_check_measures_y_h_against_the_cells_own_twin_output(op, tmp_path):
+    """A cell reading quantized W and R gets a float-weight twin in the fidelity check; the twin's Y_h is its
+    second output, and Y (its first, [T, D, B, H]) was compared against the float Y_h ([D, B, H]): quantize
+    failed with 'reference shape ... differs from test shape' on any cell whose Y_h is read."""
+    shape = _cell_model(tmp_path / "float.onnx", op=op, outputs=("y_h",))
+    report = api.quantize(tmp_path / "float.onnx", Int8Config(target="mcu"), _inputs(shape, 8, seed=0),
+                          output=tmp_path / "int8.onnx", check_speed=False)
+    row, = [row for row in report.fidelity.layers if row.tensor == "y_h"]
+    assert row.computed_sqnr_db > row.sqnr_db > 20  # the twin, float weights, is the closer to float (~40 dB)

@@ -80,8 +80,8 @@ def float_weight_twins(float_model: ir.Model, quant_model: ir.Model, matches: li
     # one copy of each float constant (by identity: the two float models may hold different tensors of one
     # name), however many twins read it; every name the copies take is new to the graph
     names = _Names(taken={*copied, *model.graph.initializers})
-    twins = {match.float_name: _copy_chain(model.graph, chain, {f: copied[q] for f, q in frontier.items()}, names)
-             for match, chain, frontier in plans}
+    twins = {match.float_name: _copy_chain(model.graph, chain, {f: copied[q] for f, q in frontier.items()}, names,
+                                           match.float_name) for match, chain, frontier in plans}
     return model, twins
 
 
@@ -149,9 +149,11 @@ def _same_computation(chain: list[ir.Node], quantized_chain: list[ir.Node]) -> b
     return kinds == wanted or [kind for kind in kinds if kind not in _CLAMPS] == wanted
 
 
-def _copy_chain(graph: ir.Graph, chain: list[ir.Node], fed: Mapping[str, ir.Value], names: _Names) -> str:
+def _copy_chain(graph: ir.Graph, chain: list[ir.Node], fed: Mapping[str, ir.Value], names: _Names,
+                written: str) -> str:
     """Append copies of ``chain`` to ``graph``, reading ``fed`` (float name -> quantized value) and copies of
-    its constants; the name of the last copy's output."""
+    its constants; the name of the copy of ``written``, the float tensor the chain computes (an output of its
+    last node, not always the first: an LSTM's or GRU's Y_h is its second)."""
     copies: dict[str, ir.Value] = dict(fed)
     for node in chain:
         inputs = [None if value is None else copies.get(value.name) or _constant_copy(graph, value, names)
@@ -163,7 +165,7 @@ def _copy_chain(graph: ir.Graph, chain: list[ir.Node], fed: Mapping[str, ir.Valu
                        outputs=outputs)
         graph.append(copy)
         copies |= {old.name: new for old, new in zip(node.outputs, copy.outputs)}
-    return copies[chain[-1].outputs[0].name].name
+    return copies[written].name
 
 
 def _constant_copy(graph: ir.Graph, value: ir.Value, names: _Names) -> ir.Value:
