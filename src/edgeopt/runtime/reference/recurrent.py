@@ -65,6 +65,9 @@ def _state_inputs(lo: Lowering, node: ir.Node, shape: tuple[int, int, int]) -> t
         if value is None or not value.name or eir.constant_array(value) is not None:
             continue
         tensor = lo.activation(value, node)  # a state computed from the input's shape: folded by --input-shape
+        if lo.tensors[tensor].layout != tuple(range(len(lo.tensors[tensor].shape))):
+            raise UnsupportedOpError(f"{node_label(node)}: its initial state {value.name!r} is stored permuted; "
+                                     "the C kernel reads [D, B, H] in order")
         if lo.tensors[tensor].size != int(np.prod(shape)):
             raise UnsupportedOpError(f"{node_label(node)}: its initial state {value.name!r} has "
                                      f"{lo.tensors[tensor].size} values, not D x B x H = {int(np.prod(shape))}")
@@ -82,7 +85,11 @@ def lower_recurrent(lo: Lowering, node: ir.Node) -> None:
         raise UnsupportedOpError(f"{node_label(node)}: {reason}")
     cell = node.op_type.lower()
     x = lo.activation(node.inputs[0], node)
-    steps, batch, input_size = lo.tensors[x].shape  # [T, B, I] (layout 0; recurrent_refusal refuses 1)
+    steps, batch, input_size = lo.tensors[x].logical_shape  # [T, B, I] (layout 0; recurrent_refusal refuses 1)
+    x_strides = _strides(lo.tensors[x], (0, 1, 2))
+    if x_strides[2] != 1:
+        raise UnsupportedOpError(f"{node_label(node)}: its input is stored with the features of a step apart "
+                                 f"(strides {list(x_strides)}); the C kernel reads each step's features in a row")
     if input_size > _MAX_INPUT:
         raise UnsupportedOpError(f"{node_label(node)}: input size {input_size}; the C kernel takes at most "
                                  f"{_MAX_INPUT}")
@@ -101,7 +108,7 @@ def lower_recurrent(lo: Lowering, node: ir.Node) -> None:
     common = dict(cell=cell, steps=steps, batch=batch, input_size=input_size, hidden=hidden, directions=directions,
                   reverse=text_attribute(node, "direction", "forward") == "reverse",
                   linear_before_reset=bool(attribute(node, "linear_before_reset", 0)),
-                  x_strides=(batch * input_size, input_size), input_zero_point=source.zero_point,
+                  x_strides=x_strides[:2], input_zero_point=source.zero_point,
                   w=w.reshape(directions, rows, -1), r=r.reshape(directions, rows, hidden), w_multiplier=w_multiplier,
                   w_shift=w_shift, r_multiplier=r_multiplier, r_shift=r_shift, w_bias=w_bias, r_bias=r_bias,
                   initial=initial, initial_cell=cell_state)
