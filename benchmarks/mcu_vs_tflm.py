@@ -22,6 +22,22 @@ it once to ``[N, L, C]``, the layout of every tensor between its 1-D layers
 (``lift_1d``); the ``.tflite`` takes ``[1, L, C]`` (TFLite runs Conv1D as
 CONV_2D between RESHAPEs).
 
+kws_lstm reads the same sequences with one Keras LSTM (32 units, Keras'
+defaults: tanh, recurrent sigmoid, not unrolled; its last hidden state) and
+Dense(10). Its ONNX export keeps Keras' input ``[1, 32 steps, 32 features]``
+and transposes it to an ONNX LSTM's ``[steps, 1, features]`` (layout 0, no
+initial states), Y_h flattened to ``[1, 32]`` for the Gemm; Keras' gate
+blocks i, f, c, o become ONNX's i, o, f, c, and ONNX's B is Keras' bias
+followed by zeros (Keras has one bias per gate, ONNX adds two). TFLite's
+converter fuses a Keras LSTM into UNIDIRECTIONAL_SEQUENCE_LSTM (which TFLM
+runs in int8, with an int16 cell state) only for Keras 2's layer, whose
+function carries the ``api_implements`` attribute the converter looks for.
+Keras 3's LSTM (here TF 2.21, Keras 3.15) converts to a WHILE loop instead,
+and its full-int8 conversion crashes (segmentation fault in the converter's
+calibration; a SavedModel from ``model.export`` fails to lower its
+TensorList ops), so kws_lstm is not among the default ``--models``: with
+Keras 3, ``--models kws_lstm`` stops with the TFLM worker's crash.
+
 Then, for every model:
 
 * **TFLite Micro**: the Keras model is converted with ``tf.lite.TFLiteConverter``
@@ -112,8 +128,10 @@ import numpy as np
 SCRIPT = pathlib.Path(__file__).resolve()
 REPO_ROOT = SCRIPT.parents[1]
 RESULT_PREFIX = "TFLM-RESULT "
-ALL_MODELS = ("demo", "mobilenet", "resnet", "kws1d")
-EPOCHS = {"demo": 40, "mobilenet": 25, "resnet": 20, "kws1d": 30}
+ALL_MODELS = ("demo", "mobilenet", "resnet", "kws1d", "kws_lstm")
+DEFAULT_MODELS = ALL_MODELS[:-1]  # kws_lstm on request only: Keras 3's LSTM does not become a .tflite (docstring)
+SEQUENCE_MODELS = ("kws1d", "kws_lstm")  # digits read as 32 steps of 32 features (digits_data)
+EPOCHS = {"demo": 40, "mobilenet": 25, "resnet": 20, "kws1d": 30, "kws_lstm": 30}
 NOISE = 0.03  # run-to-run spread of median latencies seen on a shared 2-core machine
 CFLAGS = ["-std=c99", "-O2"]  # the generated Makefile's optimisation level
 # for the flash probe: no unwind tables, unused sections dropped
@@ -125,8 +143,9 @@ SECTION_FLAGS = ["-ffunction-sections", "-fdata-sections", "-fno-unwind-tables",
 # A model is a list of layers, each a dict: {"name", "op", "in": [names], ...}.
 # ops: input (shape: spatial sizes then channels, channels last as Keras), conv (kernel, stride, dilation,
 # filters, depthwise, bias, bn, act), add (act), mul, pool (kind: max or avg, size = stride, valid padding),
-# gap (keepdims), dense (units), act (act). act: None, relu, relu6, hswish, hsigmoid. An input of shape
-# (L, C) makes every conv and pool 1-D (Keras Conv1D, ONNX Conv over [N, C, L]), (H, W, C) 2-D.
+# gap (keepdims), dense (units), act (act), lstm (units: Keras LSTM, its last hidden state). act: None, relu,
+# relu6, hswish, hsigmoid. An input of shape (L, C) makes every conv and pool 1-D (Keras Conv1D, ONNX Conv over
+# [N, C, L]), (H, W, C) 2-D. A model with an lstm keeps Keras' [N, L, C] as its ONNX input (onnx_layout).
 
 
 class _Spec:
@@ -161,6 +180,9 @@ class _Spec:
 
     def act(self, x, act):
         return self._add("act", [x], act=act)
+
+    def lstm(self, x, units):
+        return self._add("lstm", [x], units=units)
 
     def se(self, x, channels, squeeze):
         s = self.gap(x, keepdims=True)
@@ -223,6 +245,10 @@ def architecture(name: str) -> list[dict]:
         x = s.dilated_residual(x, 48, 3, dilation=4)
         s.dense(s.gap(x, keepdims=False), 10)
         return s.layers
+    if name == "kws_lstm":  # the same sequences through one LSTM (32 units), its last hidden state classified
+        s = _Spec((32, 32))
+        s.dense(s.lstm("input", 32), 10)
+        return s.layers
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(ALL_MODELS)}")
 
 
@@ -236,6 +262,12 @@ def same_pads(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[i
 def channels_first(x: np.ndarray) -> np.ndarray:
     """Keras' channels-last batch (NHWC, NLC) in ONNX's layout (NCHW, NCL)."""
     return np.ascontiguousarray(np.moveaxis(x, -1, 1))
+
+
+def onnx_layout(layers: list[dict], x: np.ndarray) -> np.ndarray:
+    """A Keras batch in the ONNX export's input layout: channels first for the CNNs; a recurrent model's
+    [N, steps, features] as given (its export transposes to the LSTM's [steps, N, features] itself)."""
+    return np.ascontiguousarray(x) if any(layer["op"] == "lstm" for layer in layers) else channels_first(x)
 
 
 # ---------------------------------------------------------------- TFLM worker (runs in .venv-tflm)
@@ -290,6 +322,8 @@ def _keras_model(layers, batch_size=None):
             out = L.Dense(layer["units"], name=name)(ins[0])
         elif op == "act":
             out = activation(ins[0], layer["act"], name)
+        elif op == "lstm":  # defaults: tanh, recurrent sigmoid, unit forget bias, not unrolled
+            out = L.LSTM(layer["units"], name=name)(ins[0])
         else:
             raise ValueError(op)
         values[name] = out
@@ -297,7 +331,8 @@ def _keras_model(layers, batch_size=None):
 
 
 def _export_weights(model, layers) -> dict[str, np.ndarray]:
-    """Every trained parameter, keyed ``layer/param`` (Keras layouts: HWIO, HWC1, IO; 1-D: LIO, LC1)."""
+    """Every trained parameter, keyed ``layer/param`` (Keras layouts: HWIO, HWC1, IO; 1-D: LIO, LC1; LSTM:
+    kernel [I, 4H], recurrent_kernel [H, 4H], bias [4H], gates i, f, c, o)."""
     weights = {}
     for layer in layers:
         if layer["op"] == "conv":
@@ -315,6 +350,10 @@ def _export_weights(model, layers) -> dict[str, np.ndarray]:
         elif layer["op"] == "dense":
             kernel, bias = model.get_layer(layer["name"]).get_weights()
             weights[layer["name"] + "/kernel"], weights[layer["name"] + "/bias"] = kernel, bias
+        elif layer["op"] == "lstm":
+            kernel, recurrent, bias = model.get_layer(layer["name"]).get_weights()
+            weights.update({layer["name"] + "/kernel": kernel, layer["name"] + "/recurrent_kernel": recurrent,
+                            layer["name"] + "/bias": bias})
     return {k: np.asarray(v, np.float32) for k, v in weights.items()}
 
 
@@ -334,7 +373,7 @@ def _train_keras(layers, data, *, epochs: int, seed: int):
 
     def shifted():  # random shifts of up to one input-grid step (8x8 digits: 1 px; 32x32: 4 px)
         step = 1 if x.shape[1] == 8 else 4
-        image = x if x.ndim == 4 else x[..., None]  # kws1d: the image behind the sequence (steps = rows)
+        image = x if x.ndim == 4 else x[..., None]  # kws1d, kws_lstm: the image behind the sequence (rows)
         padded = np.pad(image, ((0, 0), (step, step), (step, step), (0, 0)))
         out = np.empty_like(image)
         for i, (dy, dx) in enumerate(rng.integers(0, 3, (len(x), 2)) * step):
@@ -535,7 +574,13 @@ def tflm_timer(payload: dict) -> None:
 
 def export_onnx(layers: list[dict], weights: dict[str, np.ndarray], path: pathlib.Path) -> None:
     """The Keras model as ONNX (NCHW, or NCL for a 1-D model): Conv [+BatchNormalization] [+act], Add, Mul,
-    MaxPool/AveragePool, GAP, Gemm. Keras kernels (spatial..., in, out) become ONNX's (out, in, spatial...)."""
+    MaxPool/AveragePool, GAP, Gemm. Keras kernels (spatial..., in, out) become ONNX's (out, in, spatial...).
+
+    A model with an LSTM takes Keras' [1, steps, features] (onnx_layout), transposed to the ONNX LSTM's
+    [steps, 1, features] (layout 0, the layout edgeopt's MCU target and ONNX Runtime run); its Y_h
+    [1 direction, 1, H] is flattened to [1, H] for the Gemm. Keras' gate blocks i, f, c, o become ONNX's i, o,
+    f, c; W [1, 4H, I] and R [1, 4H, H] are the transposed kernels, B [1, 8H] Keras' bias then zeros (Keras
+    has one bias per gate, ONNX adds Wb + Rb); no initial states (zeros, as Keras')."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -566,7 +611,8 @@ def export_onnx(layers: list[dict], weights: dict[str, np.ndarray], path: pathli
         ins = [value[i] for i in layer["in"]]
         if op == "input":
             *spatial, c = layer["shape"]
-            graph_input = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, c, *spatial])
+            shape = [1, *spatial, c] if any(other["op"] == "lstm" for other in layers) else [1, c, *spatial]
+            graph_input = helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)
             value[name], sizes[name] = "input", tuple(spatial)
             continue
         if op == "conv":
@@ -618,6 +664,20 @@ def export_onnx(layers: list[dict], weights: dict[str, np.ndarray], path: pathli
             value[name] = name
         elif op == "act":
             value[name], sizes[name] = act(ins[0], layer["act"], name), sizes[layer["in"][0]]
+        elif op == "lstm":
+            units = layer["units"]
+
+            def onnx_gates(a):  # the last axis' Keras gate blocks i, f, c, o in ONNX's order i, o, f, c
+                return np.concatenate([a[..., g * units:(g + 1) * units] for g in (0, 3, 1, 2)], axis=-1)
+
+            bias = np.concatenate([onnx_gates(weights[name + "/bias"]), np.zeros(4 * units, np.float32)])
+            nodes.append(helper.make_node("Transpose", ins, [name + "_steps"], name=name + "_steps", perm=[1, 0, 2]))
+            nodes.append(helper.make_node(
+                "LSTM", [name + "_steps", const(name + "_W", onnx_gates(weights[name + "/kernel"]).T[None]),
+                         const(name + "_R", onnx_gates(weights[name + "/recurrent_kernel"]).T[None]),
+                         const(name + "_B", bias[None])], ["", name + "_h"], name=name, hidden_size=units))
+            nodes.append(helper.make_node("Flatten", [name + "_h"], [name], name=name + "_flat", axis=2))
+            value[name] = name
     last = layers[-1]
     nodes.append(helper.make_node("Identity", [value[last["name"]]], ["logits"], name="output"))
     output = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, last["units"]])
@@ -722,14 +782,14 @@ def empty_program_size(work: pathlib.Path, cc: str, flags: list[str]) -> dict:
     return size_of(work / "empty")
 
 
-def edgeopt_side(name: str, onnx_path: pathlib.Path, data: dict, work: pathlib.Path, args) -> dict:
+def edgeopt_side(layers: list[dict], onnx_path: pathlib.Path, data: dict, work: pathlib.Path, args) -> dict:
     from edgeopt import api
     from edgeopt.codegen.c import compile_c, verify
     from edgeopt.codegen.c.api import read_manifest
     from edgeopt.io import load_model
     from edgeopt.quant import Int8Config, Target
 
-    calib = [{"input": channels_first(data["calib"][i:i + 1])} for i in range(len(data["calib"]))]
+    calib = [{"input": onnx_layout(layers, data["calib"][i:i + 1])} for i in range(len(data["calib"]))]
     qdq_path = work / "edgeopt_int8.onnx"
     start = time.perf_counter()
     api.quantize(str(onnx_path), Int8Config(target=Target.MCU), calib, output=str(qdq_path), check_speed=False)
@@ -742,7 +802,7 @@ def edgeopt_side(name: str, onnx_path: pathlib.Path, data: dict, work: pathlib.P
     report = {"quantize_s": quantize_s, "arena_bytes": result.arena_bytes,
               "lower_bound_bytes": result.lower_bound_bytes, "weight_bytes": result.weight_bytes,
               "plan_method": result.plan_method, "c_ops": result.ops}
-    x_test = channels_first(data["x_test"])
+    x_test = onnx_layout(layers, data["x_test"])
     checked = x_test[: args.verify_samples]
     start = time.perf_counter()
     check = verify(out_dir, ({"input": checked[i:i + 1].copy()} for i in range(len(checked))))
@@ -789,8 +849,8 @@ def edgeopt_side(name: str, onnx_path: pathlib.Path, data: dict, work: pathlib.P
 def digits_data(name: str, calib_samples: int, seed: int) -> dict:
     """Digits NHWC float32 in [0,1]: 8x8x1 (demo) or bilinearly upsampled to 32x32x3; calibration subset.
 
-    kws1d: upsampled to 32x32x1 and read as a sequence, NLC [32, 32]: time step t is image row t (top to
-    bottom), its 32 features the row's pixels (left to right), as a spectrogram's frames of mel bands."""
+    kws1d, kws_lstm: upsampled to 32x32x1 and read as a sequence, NLC [32, 32]: time step t is image row t
+    (top to bottom), its 32 features the row's pixels (left to right), as a spectrogram's frames of mel bands."""
     sys.path.insert(0, str(SCRIPT.parent))
     from _common import digits_split
 
@@ -801,11 +861,11 @@ def digits_data(name: str, calib_samples: int, seed: int) -> dict:
 
         def up(x):
             return F.interpolate(torch.from_numpy(x), size=(32, 32), mode="bilinear",
-                                 align_corners=False).repeat(1, 1 if name == "kws1d" else 3, 1, 1).numpy()
+                                 align_corners=False).repeat(1, 1 if name in SEQUENCE_MODELS else 3, 1, 1).numpy()
 
         x_train, x_test = up(x_train), up(x_test)
     x_train, x_test = x_train.transpose(0, 2, 3, 1).copy(), x_test.transpose(0, 2, 3, 1).copy()
-    if name == "kws1d":  # [N, 32, 32, 1] -> [N, 32 steps, 32 features]
+    if name in SEQUENCE_MODELS:  # [N, 32, 32, 1] -> [N, 32 steps, 32 features]
         x_train, x_test = x_train[..., 0].copy(), x_test[..., 0].copy()
     pick = np.random.default_rng(seed).choice(len(x_train), size=min(calib_samples, len(x_train)), replace=False)
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test, "calib": x_train[pick]}
@@ -890,15 +950,15 @@ def run_model(name: str, args, cache: pathlib.Path) -> dict:
     onnx_path = work / "float.onnx"
     export_onnx(layers, weights, onnx_path)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    x_test_nchw = channels_first(data["x_test"])
-    onnx_logits = np.concatenate([session.run(None, {"input": x_test_nchw[i:i + 1]})[0]
-                                  for i in range(len(x_test_nchw))])
+    x_test_onnx = onnx_layout(layers, data["x_test"])
+    onnx_logits = np.concatenate([session.run(None, {"input": x_test_onnx[i:i + 1]})[0]
+                                  for i in range(len(x_test_onnx))])
     keras_logits = np.load(work / "keras_logits.npy")
     export_diff = float(np.abs(onnx_logits - keras_logits).max())
     if export_diff > 1e-3:  # the two sides would not be running the same model
         raise RuntimeError(f"{name}: the ONNX export differs from Keras by {export_diff:.2e} (max |diff| of logits)")
     print(f"[{name}] ONNX export vs Keras: max |diff| {export_diff:.2e}; edgeopt quantize + compile ...", flush=True)
-    edgeopt = edgeopt_side(name, onnx_path, data, work, args)
+    edgeopt = edgeopt_side(layers, onnx_path, data, work, args)
     print(f"[{name}] latency: edgeopt's C driver and the TFLM wheel take turns, {args.repeats} pass(es) each ...",
           flush=True)
     eo_latency, tflm_latency = alternate_latency(name, work, args, tflm["arena_bytes"], len(data["y_test"]))
@@ -1007,7 +1067,8 @@ def report(results: list[dict], env: dict, args) -> str:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(ALL_MODELS))
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help=f"comma-separated, from {', '.join(ALL_MODELS)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None, help="override the per-model epochs")
     parser.add_argument("--calib-samples", type=int, default=200)
