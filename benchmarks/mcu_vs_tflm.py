@@ -1,9 +1,10 @@
 """edgeopt's generated C next to TensorFlow Lite for Microcontrollers, on the same float models.
 
 For each architecture (a demo-like CNN on 8x8 digits, a MobileNetV2/V3-style
-and a ResNet-style CNN on digits upsampled to 32x32x3, and ``kws1d``, a 1-D
-CNN in the style of keyword-spotting and sensor models), one float model is
-trained once in Keras (fixed seeds) on scikit-learn's digits
+and a ResNet-style CNN on digits upsampled to 32x32x3, ``kws1d``, a 1-D
+CNN in the style of keyword-spotting and sensor models, and ``kws_lstm``, an
+LSTM on the same sequences), one float model is trained once in Keras
+(fixed seeds) on scikit-learn's digits
 (``train_test_split(test_size=0.25, random_state=0, stratify=y)``).
 
 kws1d reads each digit as a sequence: the 8x8 image bilinearly upsampled to
@@ -28,15 +29,22 @@ Dense(10). Its ONNX export keeps Keras' input ``[1, 32 steps, 32 features]``
 and transposes it to an ONNX LSTM's ``[steps, 1, features]`` (layout 0, no
 initial states), Y_h flattened to ``[1, 32]`` for the Gemm; Keras' gate
 blocks i, f, c, o become ONNX's i, o, f, c, and ONNX's B is Keras' bias
-followed by zeros (Keras has one bias per gate, ONNX adds two). TFLite's
-converter fuses a Keras LSTM into UNIDIRECTIONAL_SEQUENCE_LSTM (which TFLM
-runs in int8, with an int16 cell state) only for Keras 2's layer, whose
-function carries the ``api_implements`` attribute the converter looks for.
-Keras 3's LSTM (here TF 2.21, Keras 3.15) converts to a WHILE loop instead,
-and its full-int8 conversion crashes (segmentation fault in the converter's
-calibration; a SavedModel from ``model.export`` fails to lower its
-TensorList ops), so kws_lstm is not among the default ``--models``: with
-Keras 3, ``--models kws_lstm`` stops with the TFLM worker's crash.
+followed by zeros (Keras has one bias per gate, ONNX adds two). edgeopt's
+C runs it as Transpose, the LSTM (``eo_lstm_s8``), a copy and the Gemm.
+TFLite's converter fuses a Keras LSTM into UNIDIRECTIONAL_SEQUENCE_LSTM
+(which TFLM runs in int8, with an int16 cell state) only for Keras 2's
+layer, whose function carries the ``api_implements`` attribute the converter
+looks for. Keras 3's LSTM (TF 2.21, Keras 3.15) converts to a WHILE loop
+instead, and its full-int8 conversion crashes (segmentation fault in the
+converter's calibration). So kws_lstm alone is built, trained, exported and
+converted with Keras 2 (``tf_keras``, in the ``tflm`` extra): its worker
+runs with ``TF_USE_LEGACY_KERAS=1`` (the other models stay in Keras 3), its
+cache folder is named ``kws_lstm-keras2-...``, and the converted model has a
+fixed batch of 1 (as every model here). Its ``.tflite`` runs
+UNIDIRECTIONAL_SEQUENCE_LSTM (all 32 steps; its hidden and cell states are
+variable tensors, reset before every sample, else one sample's last state
+starts the next), STRIDED_SLICE (the last step's hidden state) and
+FULLY_CONNECTED.
 
 Then, for every model:
 
@@ -75,13 +83,13 @@ Measured per model and side:
   bound of TFLM's code on this host.
 * **host latency per inference**: median (and min) over ``--repeats`` passes
   of the test split of one inference: for TFLM around ``invoke()`` of the
-  wheel's Python interpreter (its C++ interpreter and reference kernels; input
-  set and output read outside the timer, so the timer adds only a Python call
-  into the binding), in a long-lived ``.venv-tflm`` process that warms up
-  with one pass; for edgeopt around ``model_run()`` in a C driver (every
-  sample in one process after a warm-up pass, ``-O2``). The two processes
-  take turns, one pass each, the first of each pair alternating, so drift of
-  a shared machine hits both alike.
+  wheel's Python interpreter (its C++ interpreter and reference kernels; the
+  variable tensors reset, input set and output read outside the timer, so the
+  timer adds only a Python call into the binding), in a long-lived
+  ``.venv-tflm`` process that warms up with one pass; for edgeopt around
+  ``model_run()`` in a C driver (every sample in one process after a warm-up
+  pass, ``-O2``). The two processes take turns, one pass each, the first of
+  each pair alternating, so drift of a shared machine hits both alike.
 * **accuracy** (top-1) on the digits test split, and the top-1 agreement of
   the two int8 models; whether edgeopt's C is bit-exact with edgeopt's integer
   reference interpreter (``verify``: every intermediate tensor, on
@@ -102,7 +110,7 @@ passes.
 Run from the repository root::
 
     python3 -m venv .venv-tflm && .venv-tflm/bin/pip install -e '.[tflm]'   # once (or: make tflm-venv)
-    .venv/bin/python benchmarks/mcu_vs_tflm.py [--models demo,mobilenet,resnet,kws1d] [--seed 0]
+    .venv/bin/python benchmarks/mcu_vs_tflm.py [--models demo,mobilenet,resnet,kws1d,kws_lstm] [--seed 0]
         [--repeats 5] [--verify-samples 100] [--markdown out.md] [--json out.json]
         [--tflm-python .venv-tflm/bin/python] [--retrain]
 
@@ -129,7 +137,6 @@ SCRIPT = pathlib.Path(__file__).resolve()
 REPO_ROOT = SCRIPT.parents[1]
 RESULT_PREFIX = "TFLM-RESULT "
 ALL_MODELS = ("demo", "mobilenet", "resnet", "kws1d", "kws_lstm")
-DEFAULT_MODELS = ALL_MODELS[:-1]  # kws_lstm on request only: Keras 3's LSTM does not become a .tflite (docstring)
 SEQUENCE_MODELS = ("kws1d", "kws_lstm")  # digits read as 32 steps of 32 features (digits_data)
 EPOCHS = {"demo": 40, "mobilenet": 25, "resnet": 20, "kws1d": 30, "kws_lstm": 30}
 NOISE = 0.03  # run-to-run spread of median latencies seen on a shared 2-core machine
@@ -264,18 +271,36 @@ def channels_first(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(x, -1, 1))
 
 
+def recurrent(layers: list[dict]) -> bool:
+    """Whether the model has an LSTM: its TFLM side runs in Keras 2 (tf_keras, docstring), its ONNX input is
+    [N, steps, features]."""
+    return any(layer["op"] == "lstm" for layer in layers)
+
+
 def onnx_layout(layers: list[dict], x: np.ndarray) -> np.ndarray:
     """A Keras batch in the ONNX export's input layout: channels first for the CNNs; a recurrent model's
     [N, steps, features] as given (its export transposes to the LSTM's [steps, N, features] itself)."""
-    return np.ascontiguousarray(x) if any(layer["op"] == "lstm" for layer in layers) else channels_first(x)
+    return np.ascontiguousarray(x) if recurrent(layers) else channels_first(x)
 
 
 # ---------------------------------------------------------------- TFLM worker (runs in .venv-tflm)
 
 
-def _keras_model(layers, batch_size=None):
+def _keras():
+    """Keras 3, or Keras 2 (tf_keras) in a worker started with TF_USE_LEGACY_KERAS=1 (a model with an LSTM:
+    run_tflm_worker), the variable that also makes TensorFlow's own code (the converter) use tf_keras."""
+    if os.environ.get("TF_USE_LEGACY_KERAS") == "1":
+        import tf_keras
+
+        return tf_keras
     import keras
-    from keras import layers as L
+
+    return keras
+
+
+def _keras_model(layers, batch_size=None):
+    keras = _keras()
+    L = keras.layers
 
     def activation(x, act, name):
         if act is None:
@@ -358,9 +383,9 @@ def _export_weights(model, layers) -> dict[str, np.ndarray]:
 
 
 def _train_keras(layers, data, *, epochs: int, seed: int):
-    import keras
     import tensorflow as tf
 
+    keras = _keras()
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     model = _keras_model(layers)
@@ -432,6 +457,14 @@ def _tflm_interpreter(flatbuffer: bytes, arena: int):
     return runtime.Interpreter.from_bytes(flatbuffer, arena_size=arena)
 
 
+def _set_sample(interpreter, x: np.ndarray) -> None:
+    """A new, independent inference: ``reset()`` zeroes TFLM's variable tensors (UNIDIRECTIONAL_SEQUENCE_LSTM's
+    hidden and cell state, which otherwise carry one sample's last state into the next: kws_lstm's accuracy
+    drops to about 30%; nothing for the CNNs), then the input is set. Outside the latency timer."""
+    interpreter.reset()
+    interpreter.set_input(x, 0)
+
+
 def _tflm_min_arena(flatbuffer: bytes, sample: np.ndarray) -> int:
     """The smallest arena (16-byte steps) with which the interpreter allocates and invokes."""
 
@@ -475,7 +508,7 @@ def tflm_worker(payload: dict) -> dict:
     data = dict(np.load(payload["data"]))
     work = pathlib.Path(payload["work"])
     weights_file, tflite_file = work / "keras_weights.npz", work / "model.tflite"
-    result = {"versions": {"tensorflow": tf.__version__, "keras": __import__("keras").__version__,
+    result = {"versions": {"tensorflow": tf.__version__, "keras": _keras().__version__,
                            "tflite-micro": tflite_micro.__version__}}
     model = _keras_model(layers)
     if payload.get("cached") and weights_file.exists() and tflite_file.exists():
@@ -507,7 +540,7 @@ def tflm_worker(payload: dict) -> dict:
     interpreter = _tflm_interpreter(flatbuffer, result["arena_bytes"])
     outputs = []
     for i in range(len(x_q)):  # the outputs (latency: tflm_timer, taking turns with edgeopt's driver)
-        interpreter.set_input(x_q[i:i + 1], 0)
+        _set_sample(interpreter, x_q[i:i + 1])
         interpreter.invoke()
         outputs.append(np.array(interpreter.get_output(0)).reshape(-1))
     text = _capture_stderr(interpreter.print_allocations)
@@ -554,14 +587,14 @@ def tflm_timer(payload: dict) -> None:
     interpreter = _tflm_interpreter((work / "model.tflite").read_bytes(), payload["arena"])
     times = np.empty(len(inputs), np.int64)
     for i in range(len(inputs)):  # warm-up pass
-        interpreter.set_input(inputs[i:i + 1], 0)
+        _set_sample(interpreter, inputs[i:i + 1])
         interpreter.invoke()
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() != "pass":
             break
         for i in range(len(inputs)):
-            interpreter.set_input(inputs[i:i + 1], 0)
+            _set_sample(interpreter, inputs[i:i + 1])
             start = time.perf_counter_ns()
             interpreter.invoke()
             times[i] = time.perf_counter_ns() - start
@@ -611,7 +644,7 @@ def export_onnx(layers: list[dict], weights: dict[str, np.ndarray], path: pathli
         ins = [value[i] for i in layer["in"]]
         if op == "input":
             *spatial, c = layer["shape"]
-            shape = [1, *spatial, c] if any(other["op"] == "lstm" for other in layers) else [1, c, *spatial]
+            shape = [1, *spatial, c] if recurrent(layers) else [1, c, *spatial]
             graph_input = helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)
             value[name], sizes[name] = "input", tuple(spatial)
             continue
@@ -872,8 +905,11 @@ def digits_data(name: str, calib_samples: int, seed: int) -> dict:
 
 
 def run_tflm_worker(python: str, payload: dict, timeout_s: float = 3600.0) -> dict:
+    """Train, convert and run one model in ``.venv-tflm``; a model with an LSTM in Keras 2 (docstring)."""
     command = [python, str(SCRIPT), "--tflm-worker", json.dumps(payload)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    if recurrent(payload["layers"]):  # read before TensorFlow is imported, so set for the process
+        env["TF_USE_LEGACY_KERAS"] = "1"
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT, env=env)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
@@ -937,7 +973,8 @@ def run_model(name: str, args, cache: pathlib.Path) -> dict:
 
     layers = architecture(name)
     epochs = EPOCHS[name] if args.epochs is None else args.epochs
-    work = cache / f"{name}-seed{args.seed}-e{epochs}-c{args.calib_samples}"
+    keras2 = "-keras2" if recurrent(layers) else ""  # not a Keras 3 model's cached weights (no .tflite)
+    work = cache / f"{name}{keras2}-seed{args.seed}-e{epochs}-c{args.calib_samples}"
     work.mkdir(parents=True, exist_ok=True)
     data = digits_data(name, args.calib_samples, args.seed)
     np.savez(work / "data.npz", **data)
@@ -1002,12 +1039,22 @@ def checks(results: list[dict]) -> list[list[str]]:
     return rows
 
 
+def _versions(results: list[dict]) -> str:
+    """The TF side's package versions, as the first model's; a model that differs (kws_lstm's Keras 2) named."""
+    first = results[0]["tflm"]["versions"]
+    parts = []
+    for package, version in first.items():
+        others = [f"{r['name']}: {r['tflm']['versions'][package]}" for r in results
+                  if r["tflm"]["versions"][package] != version]
+        parts.append(f"{package} {version}" + (f" ({', '.join(others)})" if others else ""))
+    return ", ".join(parts)
+
+
 def report(results: list[dict], env: dict, args) -> str:
     sys.path.insert(0, str(SCRIPT.parent))
     from _common import environment_markdown, markdown_table
 
     first = results[0]
-    versions = first["tflm"]["versions"]
     library = first["tflm"].get("wheel_library")
     load = env.get("loadavg", {})
     lines = ["## MCU: edgeopt C vs TensorFlow Lite Micro", "",
@@ -1018,7 +1065,7 @@ def report(results: list[dict], env: dict, args) -> str:
              "written to ONNX unchanged for edgeopt and converted with `tf.lite.TFLiteConverter` for TFLM. "
              "How each number is measured: the script's docstring, summarised under the tables.", "",
              *environment_markdown(env),
-             "- TF side (`.venv-tflm`, the `tflm` extra): " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+             "- TF side (`.venv-tflm`, the `tflm` extra): " + _versions(results),
              f"- seed {args.seed}; the same {first['calib_samples']} calibration images (digits training split) "
              f"for both; accuracy on the {first['test_samples']} test images; latency: median over {args.repeats} "
              f"timed pass(es) of the test split after a warm-up pass, edgeopt's C driver and the TFLM wheel's "
@@ -1067,8 +1114,7 @@ def report(results: list[dict], env: dict, args) -> str:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                        help=f"comma-separated, from {', '.join(ALL_MODELS)}")
+    parser.add_argument("--models", default=",".join(ALL_MODELS), help="comma-separated, a subset of the default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None, help="override the per-model epochs")
     parser.add_argument("--calib-samples", type=int, default=200)
