@@ -1,9 +1,10 @@
 """edgeopt's generated C next to TensorFlow Lite for Microcontrollers, on the same float models.
 
 For each architecture (a demo-like CNN on 8x8 digits, a MobileNetV2/V3-style
-and a ResNet-style CNN on digits upsampled to 32x32x3, and ``kws1d``, a 1-D
-CNN in the style of keyword-spotting and sensor models), one float model is
-trained once in Keras (fixed seeds) on scikit-learn's digits
+and a ResNet-style CNN on digits upsampled to 32x32x3, ``kws1d``, a 1-D
+CNN in the style of keyword-spotting and sensor models, and ``kws_lstm``, an
+LSTM on the same sequences), one float model is trained once in Keras
+(fixed seeds) on scikit-learn's digits
 (``train_test_split(test_size=0.25, random_state=0, stratify=y)``).
 
 kws1d reads each digit as a sequence: the 8x8 image bilinearly upsampled to
@@ -21,6 +22,29 @@ NCHW. edgeopt's C takes that input as given, ``[1, C, L]``, and transposes
 it once to ``[N, L, C]``, the layout of every tensor between its 1-D layers
 (``lift_1d``); the ``.tflite`` takes ``[1, L, C]`` (TFLite runs Conv1D as
 CONV_2D between RESHAPEs).
+
+kws_lstm reads the same sequences with one Keras LSTM (32 units, Keras'
+defaults: tanh, recurrent sigmoid, not unrolled; its last hidden state) and
+Dense(10). Its ONNX export keeps Keras' input ``[1, 32 steps, 32 features]``
+and transposes it to an ONNX LSTM's ``[steps, 1, features]`` (layout 0, no
+initial states), Y_h flattened to ``[1, 32]`` for the Gemm; Keras' gate
+blocks i, f, c, o become ONNX's i, o, f, c, and ONNX's B is Keras' bias
+followed by zeros (Keras has one bias per gate, ONNX adds two). edgeopt's
+C runs it as Transpose, the LSTM (``eo_lstm_s8``), a copy and the Gemm.
+TFLite's converter fuses a Keras LSTM into UNIDIRECTIONAL_SEQUENCE_LSTM
+(which TFLM runs in int8, with an int16 cell state) only for Keras 2's
+layer, whose function carries the ``api_implements`` attribute the converter
+looks for. Keras 3's LSTM (TF 2.21, Keras 3.15) converts to a WHILE loop
+instead, and its full-int8 conversion crashes (segmentation fault in the
+converter's calibration). So kws_lstm alone is built, trained, exported and
+converted with Keras 2 (``tf_keras``, in the ``tflm`` extra): its worker
+runs with ``TF_USE_LEGACY_KERAS=1`` (the other models stay in Keras 3), its
+cache folder is named ``kws_lstm-keras2-...``, and the converted model has a
+fixed batch of 1 (as every model here). Its ``.tflite`` runs
+UNIDIRECTIONAL_SEQUENCE_LSTM (all 32 steps; its hidden and cell states are
+variable tensors, reset before every sample, else one sample's last state
+starts the next), STRIDED_SLICE (the last step's hidden state) and
+FULLY_CONNECTED.
 
 Then, for every model:
 
@@ -59,13 +83,13 @@ Measured per model and side:
   bound of TFLM's code on this host.
 * **host latency per inference**: median (and min) over ``--repeats`` passes
   of the test split of one inference: for TFLM around ``invoke()`` of the
-  wheel's Python interpreter (its C++ interpreter and reference kernels; input
-  set and output read outside the timer, so the timer adds only a Python call
-  into the binding), in a long-lived ``.venv-tflm`` process that warms up
-  with one pass; for edgeopt around ``model_run()`` in a C driver (every
-  sample in one process after a warm-up pass, ``-O2``). The two processes
-  take turns, one pass each, the first of each pair alternating, so drift of
-  a shared machine hits both alike.
+  wheel's Python interpreter (its C++ interpreter and reference kernels; the
+  variable tensors reset, input set and output read outside the timer, so the
+  timer adds only a Python call into the binding), in a long-lived
+  ``.venv-tflm`` process that warms up with one pass; for edgeopt around
+  ``model_run()`` in a C driver (every sample in one process after a warm-up
+  pass, ``-O2``). The two processes take turns, one pass each, the first of
+  each pair alternating, so drift of a shared machine hits both alike.
 * **accuracy** (top-1) on the digits test split, and the top-1 agreement of
   the two int8 models; whether edgeopt's C is bit-exact with edgeopt's integer
   reference interpreter (``verify``: every intermediate tensor, on
@@ -86,7 +110,7 @@ passes.
 Run from the repository root::
 
     python3 -m venv .venv-tflm && .venv-tflm/bin/pip install -e '.[tflm]'   # once (or: make tflm-venv)
-    .venv/bin/python benchmarks/mcu_vs_tflm.py [--models demo,mobilenet,resnet,kws1d] [--seed 0]
+    .venv/bin/python benchmarks/mcu_vs_tflm.py [--models demo,mobilenet,resnet,kws1d,kws_lstm] [--seed 0]
         [--repeats 5] [--verify-samples 100] [--markdown out.md] [--json out.json]
         [--tflm-python .venv-tflm/bin/python] [--retrain]
 
@@ -112,8 +136,9 @@ import numpy as np
 SCRIPT = pathlib.Path(__file__).resolve()
 REPO_ROOT = SCRIPT.parents[1]
 RESULT_PREFIX = "TFLM-RESULT "
-ALL_MODELS = ("demo", "mobilenet", "resnet", "kws1d")
-EPOCHS = {"demo": 40, "mobilenet": 25, "resnet": 20, "kws1d": 30}
+ALL_MODELS = ("demo", "mobilenet", "resnet", "kws1d", "kws_lstm")
+SEQUENCE_MODELS = ("kws1d", "kws_lstm")  # digits read as 32 steps of 32 features (digits_data)
+EPOCHS = {"demo": 40, "mobilenet": 25, "resnet": 20, "kws1d": 30, "kws_lstm": 30}
 NOISE = 0.03  # run-to-run spread of median latencies seen on a shared 2-core machine
 CFLAGS = ["-std=c99", "-O2"]  # the generated Makefile's optimisation level
 # for the flash probe: no unwind tables, unused sections dropped
@@ -125,8 +150,9 @@ SECTION_FLAGS = ["-ffunction-sections", "-fdata-sections", "-fno-unwind-tables",
 # A model is a list of layers, each a dict: {"name", "op", "in": [names], ...}.
 # ops: input (shape: spatial sizes then channels, channels last as Keras), conv (kernel, stride, dilation,
 # filters, depthwise, bias, bn, act), add (act), mul, pool (kind: max or avg, size = stride, valid padding),
-# gap (keepdims), dense (units), act (act). act: None, relu, relu6, hswish, hsigmoid. An input of shape
-# (L, C) makes every conv and pool 1-D (Keras Conv1D, ONNX Conv over [N, C, L]), (H, W, C) 2-D.
+# gap (keepdims), dense (units), act (act), lstm (units: Keras LSTM, its last hidden state). act: None, relu,
+# relu6, hswish, hsigmoid. An input of shape (L, C) makes every conv and pool 1-D (Keras Conv1D, ONNX Conv over
+# [N, C, L]), (H, W, C) 2-D. A model with an lstm keeps Keras' [N, L, C] as its ONNX input (onnx_layout).
 
 
 class _Spec:
@@ -161,6 +187,9 @@ class _Spec:
 
     def act(self, x, act):
         return self._add("act", [x], act=act)
+
+    def lstm(self, x, units):
+        return self._add("lstm", [x], units=units)
 
     def se(self, x, channels, squeeze):
         s = self.gap(x, keepdims=True)
@@ -223,6 +252,10 @@ def architecture(name: str) -> list[dict]:
         x = s.dilated_residual(x, 48, 3, dilation=4)
         s.dense(s.gap(x, keepdims=False), 10)
         return s.layers
+    if name == "kws_lstm":  # the same sequences through one LSTM (32 units), its last hidden state classified
+        s = _Spec((32, 32))
+        s.dense(s.lstm("input", 32), 10)
+        return s.layers
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(ALL_MODELS)}")
 
 
@@ -238,12 +271,36 @@ def channels_first(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(x, -1, 1))
 
 
+def recurrent(layers: list[dict]) -> bool:
+    """Whether the model has an LSTM: its TFLM side runs in Keras 2 (tf_keras, docstring), its ONNX input is
+    [N, steps, features]."""
+    return any(layer["op"] == "lstm" for layer in layers)
+
+
+def onnx_layout(layers: list[dict], x: np.ndarray) -> np.ndarray:
+    """A Keras batch in the ONNX export's input layout: channels first for the CNNs; a recurrent model's
+    [N, steps, features] as given (its export transposes to the LSTM's [steps, N, features] itself)."""
+    return np.ascontiguousarray(x) if recurrent(layers) else channels_first(x)
+
+
 # ---------------------------------------------------------------- TFLM worker (runs in .venv-tflm)
 
 
-def _keras_model(layers, batch_size=None):
+def _keras():
+    """Keras 3, or Keras 2 (tf_keras) in a worker started with TF_USE_LEGACY_KERAS=1 (a model with an LSTM:
+    run_tflm_worker), the variable that also makes TensorFlow's own code (the converter) use tf_keras."""
+    if os.environ.get("TF_USE_LEGACY_KERAS") == "1":
+        import tf_keras
+
+        return tf_keras
     import keras
-    from keras import layers as L
+
+    return keras
+
+
+def _keras_model(layers, batch_size=None):
+    keras = _keras()
+    L = keras.layers
 
     def activation(x, act, name):
         if act is None:
@@ -290,6 +347,8 @@ def _keras_model(layers, batch_size=None):
             out = L.Dense(layer["units"], name=name)(ins[0])
         elif op == "act":
             out = activation(ins[0], layer["act"], name)
+        elif op == "lstm":  # defaults: tanh, recurrent sigmoid, unit forget bias, not unrolled
+            out = L.LSTM(layer["units"], name=name)(ins[0])
         else:
             raise ValueError(op)
         values[name] = out
@@ -297,7 +356,8 @@ def _keras_model(layers, batch_size=None):
 
 
 def _export_weights(model, layers) -> dict[str, np.ndarray]:
-    """Every trained parameter, keyed ``layer/param`` (Keras layouts: HWIO, HWC1, IO; 1-D: LIO, LC1)."""
+    """Every trained parameter, keyed ``layer/param`` (Keras layouts: HWIO, HWC1, IO; 1-D: LIO, LC1; LSTM:
+    kernel [I, 4H], recurrent_kernel [H, 4H], bias [4H], gates i, f, c, o)."""
     weights = {}
     for layer in layers:
         if layer["op"] == "conv":
@@ -315,13 +375,17 @@ def _export_weights(model, layers) -> dict[str, np.ndarray]:
         elif layer["op"] == "dense":
             kernel, bias = model.get_layer(layer["name"]).get_weights()
             weights[layer["name"] + "/kernel"], weights[layer["name"] + "/bias"] = kernel, bias
+        elif layer["op"] == "lstm":
+            kernel, recurrent, bias = model.get_layer(layer["name"]).get_weights()
+            weights.update({layer["name"] + "/kernel": kernel, layer["name"] + "/recurrent_kernel": recurrent,
+                            layer["name"] + "/bias": bias})
     return {k: np.asarray(v, np.float32) for k, v in weights.items()}
 
 
 def _train_keras(layers, data, *, epochs: int, seed: int):
-    import keras
     import tensorflow as tf
 
+    keras = _keras()
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     model = _keras_model(layers)
@@ -334,7 +398,7 @@ def _train_keras(layers, data, *, epochs: int, seed: int):
 
     def shifted():  # random shifts of up to one input-grid step (8x8 digits: 1 px; 32x32: 4 px)
         step = 1 if x.shape[1] == 8 else 4
-        image = x if x.ndim == 4 else x[..., None]  # kws1d: the image behind the sequence (steps = rows)
+        image = x if x.ndim == 4 else x[..., None]  # kws1d, kws_lstm: the image behind the sequence (rows)
         padded = np.pad(image, ((0, 0), (step, step), (step, step), (0, 0)))
         out = np.empty_like(image)
         for i, (dy, dx) in enumerate(rng.integers(0, 3, (len(x), 2)) * step):
@@ -393,6 +457,14 @@ def _tflm_interpreter(flatbuffer: bytes, arena: int):
     return runtime.Interpreter.from_bytes(flatbuffer, arena_size=arena)
 
 
+def _set_sample(interpreter, x: np.ndarray) -> None:
+    """A new, independent inference: ``reset()`` zeroes TFLM's variable tensors (UNIDIRECTIONAL_SEQUENCE_LSTM's
+    hidden and cell state, which otherwise carry one sample's last state into the next: kws_lstm's accuracy
+    drops to about 30%; nothing for the CNNs), then the input is set. Outside the latency timer."""
+    interpreter.reset()
+    interpreter.set_input(x, 0)
+
+
 def _tflm_min_arena(flatbuffer: bytes, sample: np.ndarray) -> int:
     """The smallest arena (16-byte steps) with which the interpreter allocates and invokes."""
 
@@ -436,7 +508,7 @@ def tflm_worker(payload: dict) -> dict:
     data = dict(np.load(payload["data"]))
     work = pathlib.Path(payload["work"])
     weights_file, tflite_file = work / "keras_weights.npz", work / "model.tflite"
-    result = {"versions": {"tensorflow": tf.__version__, "keras": __import__("keras").__version__,
+    result = {"versions": {"tensorflow": tf.__version__, "keras": _keras().__version__,
                            "tflite-micro": tflite_micro.__version__}}
     model = _keras_model(layers)
     if payload.get("cached") and weights_file.exists() and tflite_file.exists():
@@ -468,7 +540,7 @@ def tflm_worker(payload: dict) -> dict:
     interpreter = _tflm_interpreter(flatbuffer, result["arena_bytes"])
     outputs = []
     for i in range(len(x_q)):  # the outputs (latency: tflm_timer, taking turns with edgeopt's driver)
-        interpreter.set_input(x_q[i:i + 1], 0)
+        _set_sample(interpreter, x_q[i:i + 1])
         interpreter.invoke()
         outputs.append(np.array(interpreter.get_output(0)).reshape(-1))
     text = _capture_stderr(interpreter.print_allocations)
@@ -515,14 +587,14 @@ def tflm_timer(payload: dict) -> None:
     interpreter = _tflm_interpreter((work / "model.tflite").read_bytes(), payload["arena"])
     times = np.empty(len(inputs), np.int64)
     for i in range(len(inputs)):  # warm-up pass
-        interpreter.set_input(inputs[i:i + 1], 0)
+        _set_sample(interpreter, inputs[i:i + 1])
         interpreter.invoke()
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() != "pass":
             break
         for i in range(len(inputs)):
-            interpreter.set_input(inputs[i:i + 1], 0)
+            _set_sample(interpreter, inputs[i:i + 1])
             start = time.perf_counter_ns()
             interpreter.invoke()
             times[i] = time.perf_counter_ns() - start
@@ -535,7 +607,13 @@ def tflm_timer(payload: dict) -> None:
 
 def export_onnx(layers: list[dict], weights: dict[str, np.ndarray], path: pathlib.Path) -> None:
     """The Keras model as ONNX (NCHW, or NCL for a 1-D model): Conv [+BatchNormalization] [+act], Add, Mul,
-    MaxPool/AveragePool, GAP, Gemm. Keras kernels (spatial..., in, out) become ONNX's (out, in, spatial...)."""
+    MaxPool/AveragePool, GAP, Gemm. Keras kernels (spatial..., in, out) become ONNX's (out, in, spatial...).
+
+    A model with an LSTM takes Keras' [1, steps, features] (onnx_layout), transposed to the ONNX LSTM's
+    [steps, 1, features] (layout 0, the layout edgeopt's MCU target and ONNX Runtime run); its Y_h
+    [1 direction, 1, H] is flattened to [1, H] for the Gemm. Keras' gate blocks i, f, c, o become ONNX's i, o,
+    f, c; W [1, 4H, I] and R [1, 4H, H] are the transposed kernels, B [1, 8H] Keras' bias then zeros (Keras
+    has one bias per gate, ONNX adds Wb + Rb); no initial states (zeros, as Keras')."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -566,7 +644,8 @@ def export_onnx(layers: list[dict], weights: dict[str, np.ndarray], path: pathli
         ins = [value[i] for i in layer["in"]]
         if op == "input":
             *spatial, c = layer["shape"]
-            graph_input = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, c, *spatial])
+            shape = [1, *spatial, c] if recurrent(layers) else [1, c, *spatial]
+            graph_input = helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)
             value[name], sizes[name] = "input", tuple(spatial)
             continue
         if op == "conv":
@@ -618,6 +697,20 @@ def export_onnx(layers: list[dict], weights: dict[str, np.ndarray], path: pathli
             value[name] = name
         elif op == "act":
             value[name], sizes[name] = act(ins[0], layer["act"], name), sizes[layer["in"][0]]
+        elif op == "lstm":
+            units = layer["units"]
+
+            def onnx_gates(a):  # the last axis' Keras gate blocks i, f, c, o in ONNX's order i, o, f, c
+                return np.concatenate([a[..., g * units:(g + 1) * units] for g in (0, 3, 1, 2)], axis=-1)
+
+            bias = np.concatenate([onnx_gates(weights[name + "/bias"]), np.zeros(4 * units, np.float32)])
+            nodes.append(helper.make_node("Transpose", ins, [name + "_steps"], name=name + "_steps", perm=[1, 0, 2]))
+            nodes.append(helper.make_node(
+                "LSTM", [name + "_steps", const(name + "_W", onnx_gates(weights[name + "/kernel"]).T[None]),
+                         const(name + "_R", onnx_gates(weights[name + "/recurrent_kernel"]).T[None]),
+                         const(name + "_B", bias[None])], ["", name + "_h"], name=name, hidden_size=units))
+            nodes.append(helper.make_node("Flatten", [name + "_h"], [name], name=name + "_flat", axis=2))
+            value[name] = name
     last = layers[-1]
     nodes.append(helper.make_node("Identity", [value[last["name"]]], ["logits"], name="output"))
     output = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, last["units"]])
@@ -722,14 +815,14 @@ def empty_program_size(work: pathlib.Path, cc: str, flags: list[str]) -> dict:
     return size_of(work / "empty")
 
 
-def edgeopt_side(name: str, onnx_path: pathlib.Path, data: dict, work: pathlib.Path, args) -> dict:
+def edgeopt_side(layers: list[dict], onnx_path: pathlib.Path, data: dict, work: pathlib.Path, args) -> dict:
     from edgeopt import api
     from edgeopt.codegen.c import compile_c, verify
     from edgeopt.codegen.c.api import read_manifest
     from edgeopt.io import load_model
     from edgeopt.quant import Int8Config, Target
 
-    calib = [{"input": channels_first(data["calib"][i:i + 1])} for i in range(len(data["calib"]))]
+    calib = [{"input": onnx_layout(layers, data["calib"][i:i + 1])} for i in range(len(data["calib"]))]
     qdq_path = work / "edgeopt_int8.onnx"
     start = time.perf_counter()
     api.quantize(str(onnx_path), Int8Config(target=Target.MCU), calib, output=str(qdq_path), check_speed=False)
@@ -742,7 +835,7 @@ def edgeopt_side(name: str, onnx_path: pathlib.Path, data: dict, work: pathlib.P
     report = {"quantize_s": quantize_s, "arena_bytes": result.arena_bytes,
               "lower_bound_bytes": result.lower_bound_bytes, "weight_bytes": result.weight_bytes,
               "plan_method": result.plan_method, "c_ops": result.ops}
-    x_test = channels_first(data["x_test"])
+    x_test = onnx_layout(layers, data["x_test"])
     checked = x_test[: args.verify_samples]
     start = time.perf_counter()
     check = verify(out_dir, ({"input": checked[i:i + 1].copy()} for i in range(len(checked))))
@@ -789,8 +882,8 @@ def edgeopt_side(name: str, onnx_path: pathlib.Path, data: dict, work: pathlib.P
 def digits_data(name: str, calib_samples: int, seed: int) -> dict:
     """Digits NHWC float32 in [0,1]: 8x8x1 (demo) or bilinearly upsampled to 32x32x3; calibration subset.
 
-    kws1d: upsampled to 32x32x1 and read as a sequence, NLC [32, 32]: time step t is image row t (top to
-    bottom), its 32 features the row's pixels (left to right), as a spectrogram's frames of mel bands."""
+    kws1d, kws_lstm: upsampled to 32x32x1 and read as a sequence, NLC [32, 32]: time step t is image row t
+    (top to bottom), its 32 features the row's pixels (left to right), as a spectrogram's frames of mel bands."""
     sys.path.insert(0, str(SCRIPT.parent))
     from _common import digits_split
 
@@ -801,19 +894,22 @@ def digits_data(name: str, calib_samples: int, seed: int) -> dict:
 
         def up(x):
             return F.interpolate(torch.from_numpy(x), size=(32, 32), mode="bilinear",
-                                 align_corners=False).repeat(1, 1 if name == "kws1d" else 3, 1, 1).numpy()
+                                 align_corners=False).repeat(1, 1 if name in SEQUENCE_MODELS else 3, 1, 1).numpy()
 
         x_train, x_test = up(x_train), up(x_test)
     x_train, x_test = x_train.transpose(0, 2, 3, 1).copy(), x_test.transpose(0, 2, 3, 1).copy()
-    if name == "kws1d":  # [N, 32, 32, 1] -> [N, 32 steps, 32 features]
+    if name in SEQUENCE_MODELS:  # [N, 32, 32, 1] -> [N, 32 steps, 32 features]
         x_train, x_test = x_train[..., 0].copy(), x_test[..., 0].copy()
     pick = np.random.default_rng(seed).choice(len(x_train), size=min(calib_samples, len(x_train)), replace=False)
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test, "calib": x_train[pick]}
 
 
 def run_tflm_worker(python: str, payload: dict, timeout_s: float = 3600.0) -> dict:
+    """Train, convert and run one model in ``.venv-tflm``; a model with an LSTM in Keras 2 (docstring)."""
     command = [python, str(SCRIPT), "--tflm-worker", json.dumps(payload)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    if recurrent(payload["layers"]):  # read before TensorFlow is imported, so set for the process
+        env["TF_USE_LEGACY_KERAS"] = "1"
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT, env=env)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
@@ -877,7 +973,8 @@ def run_model(name: str, args, cache: pathlib.Path) -> dict:
 
     layers = architecture(name)
     epochs = EPOCHS[name] if args.epochs is None else args.epochs
-    work = cache / f"{name}-seed{args.seed}-e{epochs}-c{args.calib_samples}"
+    keras2 = "-keras2" if recurrent(layers) else ""  # not a Keras 3 model's cached weights (no .tflite)
+    work = cache / f"{name}{keras2}-seed{args.seed}-e{epochs}-c{args.calib_samples}"
     work.mkdir(parents=True, exist_ok=True)
     data = digits_data(name, args.calib_samples, args.seed)
     np.savez(work / "data.npz", **data)
@@ -890,15 +987,15 @@ def run_model(name: str, args, cache: pathlib.Path) -> dict:
     onnx_path = work / "float.onnx"
     export_onnx(layers, weights, onnx_path)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    x_test_nchw = channels_first(data["x_test"])
-    onnx_logits = np.concatenate([session.run(None, {"input": x_test_nchw[i:i + 1]})[0]
-                                  for i in range(len(x_test_nchw))])
+    x_test_onnx = onnx_layout(layers, data["x_test"])
+    onnx_logits = np.concatenate([session.run(None, {"input": x_test_onnx[i:i + 1]})[0]
+                                  for i in range(len(x_test_onnx))])
     keras_logits = np.load(work / "keras_logits.npy")
     export_diff = float(np.abs(onnx_logits - keras_logits).max())
     if export_diff > 1e-3:  # the two sides would not be running the same model
         raise RuntimeError(f"{name}: the ONNX export differs from Keras by {export_diff:.2e} (max |diff| of logits)")
     print(f"[{name}] ONNX export vs Keras: max |diff| {export_diff:.2e}; edgeopt quantize + compile ...", flush=True)
-    edgeopt = edgeopt_side(name, onnx_path, data, work, args)
+    edgeopt = edgeopt_side(layers, onnx_path, data, work, args)
     print(f"[{name}] latency: edgeopt's C driver and the TFLM wheel take turns, {args.repeats} pass(es) each ...",
           flush=True)
     eo_latency, tflm_latency = alternate_latency(name, work, args, tflm["arena_bytes"], len(data["y_test"]))
@@ -942,12 +1039,22 @@ def checks(results: list[dict]) -> list[list[str]]:
     return rows
 
 
+def _versions(results: list[dict]) -> str:
+    """The TF side's package versions, as the first model's; a model that differs (kws_lstm's Keras 2) named."""
+    first = results[0]["tflm"]["versions"]
+    parts = []
+    for package, version in first.items():
+        others = [f"{r['name']}: {r['tflm']['versions'][package]}" for r in results
+                  if r["tflm"]["versions"][package] != version]
+        parts.append(f"{package} {version}" + (f" ({', '.join(others)})" if others else ""))
+    return ", ".join(parts)
+
+
 def report(results: list[dict], env: dict, args) -> str:
     sys.path.insert(0, str(SCRIPT.parent))
     from _common import environment_markdown, markdown_table
 
     first = results[0]
-    versions = first["tflm"]["versions"]
     library = first["tflm"].get("wheel_library")
     load = env.get("loadavg", {})
     lines = ["## MCU: edgeopt C vs TensorFlow Lite Micro", "",
@@ -958,7 +1065,7 @@ def report(results: list[dict], env: dict, args) -> str:
              "written to ONNX unchanged for edgeopt and converted with `tf.lite.TFLiteConverter` for TFLM. "
              "How each number is measured: the script's docstring, summarised under the tables.", "",
              *environment_markdown(env),
-             "- TF side (`.venv-tflm`, the `tflm` extra): " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+             "- TF side (`.venv-tflm`, the `tflm` extra): " + _versions(results),
              f"- seed {args.seed}; the same {first['calib_samples']} calibration images (digits training split) "
              f"for both; accuracy on the {first['test_samples']} test images; latency: median over {args.repeats} "
              f"timed pass(es) of the test split after a warm-up pass, edgeopt's C driver and the TFLM wheel's "
@@ -1007,7 +1114,7 @@ def report(results: list[dict], env: dict, args) -> str:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(ALL_MODELS))
+    parser.add_argument("--models", default=",".join(ALL_MODELS), help="comma-separated, a subset of the default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None, help="override the per-model epochs")
     parser.add_argument("--calib-samples", type=int, default=200)
