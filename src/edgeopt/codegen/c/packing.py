@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeopt.errors import CodegenError
-from edgeopt.runtime.reference.rnn import SIGMOID_TABLE, TANH_TABLE
+from edgeopt.runtime.reference.rnn import TANH_TABLE
 from edgeopt.runtime.reference.ops import OPS
 from edgeopt.runtime.reference.program import IntOp, Program
 
@@ -353,13 +353,15 @@ def pack_layer_norm(op: IntOp, ctx: PackContext):
 
 
 def pack_recurrent(op: IntOp, ctx: PackContext):
-    """A GRU's or LSTM's arrays; the gate tables have one name in every model (the emitter declares them once)."""
+    """A GRU's or LSTM's arrays (none for an all-zero bias or initial state: the kernel reads a null pointer as
+    zeros; shifts as int8); the tanh table has one name in every model (the emitter declares it once)."""
     p, prefix = op.params, f"op{ctx.index}"
-    arrays = {"w": p.w, "r": p.r, "w_multiplier": p.w_multiplier, "w_shift": p.w_shift,
-              "r_multiplier": p.r_multiplier, "r_shift": p.r_shift, "w_bias": p.w_bias, "r_bias": p.r_bias,
-              "initial": p.initial, "initial_cell": p.initial_cell}
-    decls = [c_array("eo_rnn_sigmoid_table", SIGMOID_TABLE), c_array("eo_rnn_tanh_table", TANH_TABLE)]
-    decls += [c_array(f"{prefix}_{field}", array) for field, array in arrays.items()]
+    arrays = {"w": p.w, "r": p.r, "w_multiplier": p.w_multiplier, "w_shift": p.w_shift.astype(np.int8),
+              "r_multiplier": p.r_multiplier, "r_shift": p.r_shift.astype(np.int8), "w_bias": p.w_bias,
+              "r_bias": p.r_bias, "initial": p.initial, "initial_cell": p.initial_cell}
+    stored = {field: array for field, array in arrays.items() if np.any(array)}
+    decls = [c_array("eo_rnn_tanh_table", TANH_TABLE)]
+    decls += [c_array(f"{prefix}_{field}", array) for field, array in stored.items()]
     x_t, x_b = p.x_strides
     y_t, y_d, y_b, y_h = p.y_strides
     decls.append(_struct("eo_recurrent_params", f"{prefix}_params", dict(
@@ -368,8 +370,8 @@ def pack_recurrent(op: IntOp, ctx: PackContext):
         x_stride_t=x_t, x_stride_b=x_b, y_stride_t=y_t, y_stride_d=y_d, y_stride_b=y_b, y_stride_h=y_h,
         input_zero_point=p.input_zero_point, output_multiplier=p.output_multiplier, output_shift=p.output_shift,
         output_zero_point=p.output_zero_point, act_min=p.act_min, act_max=p.act_max,
-        **{field: f"{prefix}_{field}" for field in arrays}, sigmoid="eo_rnn_sigmoid_table",
-        tanh="eo_rnn_tanh_table", state_count=len(p.state_inputs), **_state_fields(p.state_inputs))))
+        **{field: f"{prefix}_{field}" if field in stored else "0" for field in arrays}, tanh="eo_rnn_tanh_table",
+        state_count=len(p.state_inputs), **_state_fields(p.state_inputs))))
     states = [ctx.pointer(name) for name in op.inputs[1:]] + ["0"] * (3 - len(op.inputs))
     call = (f"{OPS[op.kind].c_kernel}(&{prefix}_params, {ctx.pointer(op.inputs[0])}, {', '.join(states)}, "
             f"{ctx.pointer(op.output)}, (int16_t *){ctx.pointer(op.scratch)});")

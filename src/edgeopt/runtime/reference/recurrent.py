@@ -33,13 +33,18 @@ def _strides(info: TensorInfo, axes: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _biases(lo: Lowering, node: ir.Node, directions: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(Wb, Rb) in Q12, each [D, G*H]."""
+    """(Wb, Rb) in Q12, each [D, G*H]. Both are added to a gate's input, so Rb is folded into Wb (before
+    rounding), except a GRU's Rb_n with linear_before_reset, which the reset gate scales: Rb is zeros
+    elsewhere (and the C stores no array for zeros)."""
     value = node.inputs[3] if len(node.inputs) > 3 else None
     if value is None or not value.name:
         return (np.zeros((directions, rows), np.int32),) * 2
     real = lo.real_constant(value, node).reshape(directions, 2 * rows) * 2.0**GATE_FRACTION_BITS
-    q = np.clip(np.rint(real), -(2**31), 2**31 - 1).astype(np.int32)
-    return q[:, :rows], q[:, rows:]
+    w_bias, r_bias = real[:, :rows].copy(), real[:, rows:].copy()
+    kept = (node.op_type == "GRU" and bool(attribute(node, "linear_before_reset", 0))) * (rows // 3)
+    w_bias[:, :rows - kept] += r_bias[:, :rows - kept]
+    r_bias[:, :rows - kept] = 0.0
+    return tuple(np.clip(np.rint(b), -(2**31), 2**31 - 1).astype(np.int32) for b in (w_bias, r_bias))
 
 
 def _initial(node: ir.Node, index: int, shape: tuple[int, int, int], label: str, bound: float) -> np.ndarray:

@@ -15,9 +15,9 @@ Q15 (int16, ``h = q / 2**15``): a GRU's is a mix of a tanh and the previous stat
 times a tanh, so it stays in [-1, 1] from a state there. An LSTM's cell ``C`` is not bounded (it may grow
 by 1 a step): it is Q15 in int32 (up to 65,536), saturated there. Each matrix product is an exact int32
 sum, moved by one fixed-point multiplier per row to Q12 (``2**-12`` steps), where both biases are added;
-a gate's input is clamped to [-8, 8) and read from a 513-entry Q15 table of sigmoid or tanh over that
-range, linearly interpolated between entries ``1/32`` apart (within 4 Q15 steps of the function: 3.7 for
-tanh, where it bends most); ``tanh(C)`` reads ``C`` in Q12 (``C >> 3``). The output (Y; Y_h, the last
+tanh clamps its input to [-8, 8) and reads a 513-entry Q15 table over that range, linearly interpolated
+between entries ``1/32`` apart (within 4 Q15 steps: 3.7 where it bends most); sigmoid is ``(1 + tanh(x /
+2)) / 2`` from the same table (within 2.5 steps); ``tanh(C)`` reads ``C`` in Q12 (``C >> 3``). The output (Y; Y_h, the last
 state of each direction; an LSTM's Y_c, its last cell) is requantized to int8 at the output's scale.
 
 The C kernels ``eo_gru_s8`` and ``eo_lstm_s8`` do the same arithmetic row by row, in a scratch of
@@ -33,8 +33,8 @@ import numpy as np
 from edgeopt.runtime.reference.fixed_point import multiply_by_quantized_multiplier as mbqm
 from edgeopt.runtime.reference.program import RecurrentParams
 
-__all__ = ["GATE_FRACTION_BITS", "GATES", "SIGMOID_TABLE", "STATE_FRACTION_BITS", "TANH_TABLE", "gate_activation",
-           "recurrent", "scratch_bytes"]
+__all__ = ["GATE_FRACTION_BITS", "GATES", "STATE_FRACTION_BITS", "TANH_TABLE", "recurrent", "scratch_bytes", "sigmoid",
+           "tanh"]
 
 #: The state's and the gates' fixed point: Q15 (int16; an LSTM's cell int32).
 STATE_FRACTION_BITS = 15
@@ -42,7 +42,7 @@ STATE_FRACTION_BITS = 15
 GATE_FRACTION_BITS = 12
 #: Gates per cell, stacked in W, R and B in this order.
 GATES = {"gru": 3, "lstm": 4}
-_TABLE_STEP_BITS = 7  # Q12 units between table entries: 2**7 / 2**12 = 1/32
+_TABLE_STEP_BITS_BELOW_ONE = 5  # table entries 2**-5 = 1/32 apart
 _ONE = 1 << STATE_FRACTION_BITS
 _HALF = 1 << (STATE_FRACTION_BITS - 1)
 _INT32 = (-(2**31), 2**31 - 1)
@@ -53,17 +53,29 @@ def _table(function) -> np.ndarray:
     return np.array([min(max(round(function(v) * _ONE), -(_ONE - 1)), _ONE - 1) for v in points], dtype=np.int16)
 
 
-SIGMOID_TABLE = _table(lambda v: 1.0 / (1.0 + math.exp(-v)))
 TANH_TABLE = _table(math.tanh)
 
 
-def gate_activation(q12: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """``table``'s function of Q12 values, in Q15: clamp to [-8, 8), interpolate between two entries."""
-    u = np.clip(np.asarray(q12, dtype=np.int64), -(1 << 15), (1 << 15) - 1) + (1 << 15)
-    index, fraction = u >> _TABLE_STEP_BITS, u & ((1 << _TABLE_STEP_BITS) - 1)
-    low = table.astype(np.int64)[index]
-    high = table.astype(np.int64)[index + 1]
-    return low + (((high - low) * fraction + (1 << (_TABLE_STEP_BITS - 1))) >> _TABLE_STEP_BITS)
+def _tanh_fixed(value: np.ndarray, fraction_bits: int) -> np.ndarray:
+    """tanh of fixed-point values with ``fraction_bits`` bits, in Q15: clamp to [-8, 8), interpolate between
+    two entries of :data:`TANH_TABLE` (``1/32`` apart) by the bits below an entry."""
+    shift, limit = fraction_bits - _TABLE_STEP_BITS_BELOW_ONE, 8 << fraction_bits
+    u = np.clip(np.asarray(value, dtype=np.int64), -limit, limit - 1) + limit
+    index, fraction = u >> shift, u & ((1 << shift) - 1)
+    low = TANH_TABLE.astype(np.int64)[index]
+    high = TANH_TABLE.astype(np.int64)[index + 1]
+    return low + (((high - low) * fraction + (1 << (shift - 1))) >> shift)
+
+
+def tanh(q12: np.ndarray) -> np.ndarray:
+    """tanh of Q12 values, in Q15 (within 4 steps: 3.7 where it bends most)."""
+    return _tanh_fixed(q12, GATE_FRACTION_BITS)
+
+
+def sigmoid(q12: np.ndarray) -> np.ndarray:
+    """sigmoid of Q12 values, in Q15, as ``(1 + tanh(x / 2)) / 2``: the Q12 value read as Q13 is ``x / 2``, so
+    one table serves both (1 KB of flash less) and sigmoid is within 2.5 steps."""
+    return (_ONE + _tanh_fixed(q12, GATE_FRACTION_BITS + 1)) >> 1
 
 
 def scratch_bytes(hidden: int) -> int:
@@ -82,24 +94,24 @@ def _gru_step(p: RecurrentParams, d: int, gx: np.ndarray, h: np.ndarray, c, roun
     hidden = p.hidden
     gates = slice(0, 3 * hidden) if p.linear_before_reset else slice(0, 2 * hidden)
     gh = _rows(p, d, h, gates, rounding)
-    z = gate_activation(gx[:, :hidden] + gh[:, :hidden], SIGMOID_TABLE)
-    reset = gate_activation(gx[:, hidden:2 * hidden] + gh[:, hidden:2 * hidden], SIGMOID_TABLE)
+    z = sigmoid(gx[:, :hidden] + gh[:, :hidden])
+    reset = sigmoid(gx[:, hidden:2 * hidden] + gh[:, hidden:2 * hidden])
     if p.linear_before_reset:
         candidate = gx[:, 2 * hidden:] + ((reset * gh[:, 2 * hidden:] + _HALF) >> STATE_FRACTION_BITS)
     else:
         gated = (reset * h + _HALF) >> STATE_FRACTION_BITS
         candidate = gx[:, 2 * hidden:] + _rows(p, d, gated, slice(2 * hidden, 3 * hidden), rounding)
-    n = gate_activation(candidate, TANH_TABLE)
+    n = tanh(candidate)
     return ((_ONE - z) * n + z * h + _HALF) >> STATE_FRACTION_BITS, c
 
 
 def _lstm_step(p: RecurrentParams, d: int, gx: np.ndarray, h: np.ndarray, c: np.ndarray, rounding: str):
     hidden = p.hidden
     g = gx + _rows(p, d, h, slice(0, 4 * hidden), rounding)
-    i, o, f = (gate_activation(g[:, k * hidden:(k + 1) * hidden], SIGMOID_TABLE) for k in range(3))
-    candidate = gate_activation(g[:, 3 * hidden:], TANH_TABLE)
+    i, o, f = (sigmoid(g[:, k * hidden:(k + 1) * hidden]) for k in range(3))
+    candidate = tanh(g[:, 3 * hidden:])
     c = np.clip((f * c + i * candidate + _HALF) >> STATE_FRACTION_BITS, *_INT32)
-    squashed = gate_activation(c >> (STATE_FRACTION_BITS - GATE_FRACTION_BITS), TANH_TABLE)
+    squashed = tanh(c >> (STATE_FRACTION_BITS - GATE_FRACTION_BITS))
     return (o * squashed + _HALF) >> STATE_FRACTION_BITS, c
 
 

@@ -537,11 +537,21 @@ void eo_layer_norm_s8(const eo_layer_norm_params *p, const int8_t *in, int8_t *o
         }
 }
 
-/* A gate's function of a Q12 input, in Q15: clamped to [-8, 8), interpolated between entries 1/32 apart. */
-static int32_t rnn_gate(int64_t q12, const int16_t *table) {
-    const int32_t u = (int32_t)(q12 < -32768 ? -32768 : (q12 > 32767 ? 32767 : q12)) + 32768;
-    const int32_t low = table[u >> 7], high = table[(u >> 7) + 1];
-    return low + (((high - low) * (u & 127) + 64) >> 7);
+/* tanh of a fixed-point input with `bits` fraction bits, in Q15: clamped to [-8, 8), interpolated between table
+ * entries 1/32 apart by the bits below an entry. */
+static int32_t rnn_tanh_fixed(const eo_recurrent_params *p, int64_t value, int bits) {
+    const int shift = bits - 5;
+    const int64_t limit = (int64_t)8 << bits;
+    const int32_t u = (int32_t)((value < -limit ? -limit : (value > limit - 1 ? limit - 1 : value)) + limit);
+    const int32_t low = p->tanh[u >> shift], high = p->tanh[(u >> shift) + 1];
+    return low + (((high - low) * (u & ((1 << shift) - 1)) + (1 << (shift - 1))) >> shift);
+}
+
+static int32_t rnn_tanh(const eo_recurrent_params *p, int64_t q12) { return rnn_tanh_fixed(p, q12, 12); }
+
+/* sigmoid(x) = (1 + tanh(x / 2)) / 2 in Q15: the Q12 input read as Q13 is x / 2. */
+static int32_t rnn_sigmoid(const eo_recurrent_params *p, int64_t q12) {
+    return (32768 + rnn_tanh_fixed(p, q12, 13)) >> 1;
 }
 
 /* Row `row` of W times the step's input, in Q12 with Wb. */
@@ -551,7 +561,7 @@ static int64_t rnn_input_row(const eo_recurrent_params *p, const int8_t *w, cons
     int32_t acc = 0;
     int i;
     for (i = 0; i < p->input_size; ++i) acc += weights[i] * (x[i] - p->input_zero_point);
-    return (int64_t)eo_requantize(acc, p->w_multiplier[row], p->w_shift[row]) + wb[row];
+    return (int64_t)eo_requantize(acc, p->w_multiplier[row], p->w_shift[row]) + (wb ? wb[row] : 0);
 }
 
 /* Row `row` of R times a Q15 vector, in Q12 with Rb. */
@@ -561,7 +571,7 @@ static int64_t rnn_state_row(const eo_recurrent_params *p, const int8_t *r, cons
     int32_t acc = 0;
     int i;
     for (i = 0; i < p->hidden; ++i) acc += weights[i] * state[i];
-    return (int64_t)eo_requantize(acc, p->r_multiplier[row], p->r_shift[row]) + rb[row];
+    return (int64_t)eo_requantize(acc, p->r_multiplier[row], p->r_shift[row]) + (rb ? rb[row] : 0);
 }
 
 /* Q15 values (an int16 state, or with `cell` an int32 one) requantized to the output at base. */
@@ -577,8 +587,10 @@ static void rnn_write(const eo_recurrent_params *p, int8_t *out, long base, cons
 static void rnn_initial(const eo_recurrent_params *p, const int8_t *state0, const int8_t *state1, long offset,
                         int16_t *h, int32_t *cell) {
     int k, j;
-    memcpy(h, p->initial + offset, sizeof(int16_t) * p->hidden);
-    if (cell) memcpy(cell, p->initial_cell + offset, sizeof(int32_t) * p->hidden);
+    if (p->initial) memcpy(h, p->initial + offset, sizeof(int16_t) * p->hidden);
+    else memset(h, 0, sizeof(int16_t) * p->hidden);
+    if (cell && p->initial_cell) memcpy(cell, p->initial_cell + offset, sizeof(int32_t) * p->hidden);
+    else if (cell) memset(cell, 0, sizeof(int32_t) * p->hidden);
     for (k = 0; k < p->state_count; ++k) {
         const int8_t *state = (k == 0 ? state0 : state1) + offset;
         for (j = 0; j < p->hidden; ++j) {
@@ -597,8 +609,8 @@ static rnn_direction rnn_weights(const eo_recurrent_params *p, int d, int gates)
     const long rows = (long)gates * p->hidden;
     dir.w = p->w + d * rows * p->input_size;
     dir.r = p->r + d * rows * p->hidden;
-    dir.wb = p->w_bias + d * rows;
-    dir.rb = p->r_bias + d * rows;
+    dir.wb = p->w_bias ? p->w_bias + d * rows : 0;
+    dir.rb = p->r_bias ? p->r_bias + d * rows : 0;
     dir.backward = p->reverse || d == 1;
     return dir;
 }
@@ -616,14 +628,14 @@ void eo_gru_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *sta
                 const int t = dir.backward ? p->steps - 1 - step : step;
                 const int8_t *x = in + t * p->x_stride_t + b * p->x_stride_b;
                 for (j = 0; j < H; ++j) {
-                    const int64_t z = rnn_gate(rnn_input_row(p, dir.w, dir.wb, x, j)
-                                               + rnn_state_row(p, dir.r, dir.rb, h, j), p->sigmoid);
-                    const int64_t reset = rnn_gate(rnn_input_row(p, dir.w, dir.wb, x, H + j)
-                                                   + rnn_state_row(p, dir.r, dir.rb, h, H + j), p->sigmoid);
+                    const int64_t z = rnn_sigmoid(p, rnn_input_row(p, dir.w, dir.wb, x, j)
+                                                  + rnn_state_row(p, dir.r, dir.rb, h, j));
+                    const int64_t reset = rnn_sigmoid(p, rnn_input_row(p, dir.w, dir.wb, x, H + j)
+                                                      + rnn_state_row(p, dir.r, dir.rb, h, H + j));
                     if (p->linear_before_reset) {
                         const int64_t gh = rnn_state_row(p, dir.r, dir.rb, h, 2 * H + j);
-                        const int64_t n = rnn_gate(rnn_input_row(p, dir.w, dir.wb, x, 2 * H + j)
-                                                   + ((reset * gh + 16384) >> 15), p->tanh);
+                        const int64_t n = rnn_tanh(p, rnn_input_row(p, dir.w, dir.wb, x, 2 * H + j)
+                                                      + ((reset * gh + 16384) >> 15));
                         next[j] = (int16_t)(((32768 - z) * n + z * h[j] + 16384) >> 15);
                     } else {
                         gated[j] = (int16_t)((reset * h[j] + 16384) >> 15);
@@ -633,8 +645,8 @@ void eo_gru_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *sta
                 if (!p->linear_before_reset)
                     for (j = 0; j < H; ++j) {
                         const int64_t z = update[j];
-                        const int64_t n = rnn_gate(rnn_input_row(p, dir.w, dir.wb, x, 2 * H + j)
-                                                   + rnn_state_row(p, dir.r, dir.rb, gated, 2 * H + j), p->tanh);
+                        const int64_t n = rnn_tanh(p, rnn_input_row(p, dir.w, dir.wb, x, 2 * H + j)
+                                                      + rnn_state_row(p, dir.r, dir.rb, gated, 2 * H + j));
                         next[j] = (int16_t)(((32768 - z) * n + z * h[j] + 16384) >> 15);
                     }
                 memcpy(h, next, sizeof(int16_t) * H);
@@ -660,13 +672,14 @@ void eo_lstm_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *st
                 for (j = 0; j < H; ++j) {
                     int64_t gate[4], c;
                     int k;
-                    for (k = 0; k < 4; ++k)
-                        gate[k] = rnn_gate(rnn_input_row(p, dir.w, dir.wb, x, k * H + j)
-                                           + rnn_state_row(p, dir.r, dir.rb, h, k * H + j),
-                                           k < 3 ? p->sigmoid : p->tanh); /* i, o, f, c~ */
+                    for (k = 0; k < 4; ++k) { /* i, o, f, c~ */
+                        const int64_t q12 = rnn_input_row(p, dir.w, dir.wb, x, k * H + j)
+                                            + rnn_state_row(p, dir.r, dir.rb, h, k * H + j);
+                        gate[k] = k < 3 ? rnn_sigmoid(p, q12) : rnn_tanh(p, q12);
+                    }
                     c = (gate[2] * cell[j] + gate[0] * gate[3] + 16384) >> 15;
                     cell[j] = sat32(c);
-                    next[j] = (int16_t)((gate[1] * rnn_gate((int64_t)cell[j] >> 3, p->tanh) + 16384) >> 15);
+                    next[j] = (int16_t)((gate[1] * rnn_tanh(p, (int64_t)cell[j] >> 3) + 16384) >> 15);
                 }
                 memcpy(h, next, sizeof(int16_t) * H);
                 if (p->output == 0) rnn_write(p, out, t * p->y_stride_t + d * p->y_stride_d + b * p->y_stride_b, h, 0);

@@ -156,7 +156,7 @@ void eo_layer_norm_s8(const eo_layer_norm_params *p, const int8_t *in, int8_t *o
 
 /* ONNX GRU and LSTM (edgeopt/runtime/reference/rnn.py): int8 sequence in, one output out (output 0: Y, 1: Y_h,
  * 2: an LSTM's Y_c). The state is Q15 in scratch (4 x hidden int16, in the arena; an LSTM's cell int32 Q15);
- * gate inputs are Q12, read from 513-entry Q15 tables over [-8, 8). x at t * x_stride_t + b * x_stride_b + i;
+ * gate inputs are Q12, read from a 513-entry Q15 tanh table over [-8, 8). x at t * x_stride_t + b * x_stride_b + i;
  * out at t * y_stride_t + d * y_stride_d + b * y_stride_b + j * y_stride_h (t = 0 for Y_h and Y_c). Direction 1,
  * or the only one when reverse, runs from the last step. G gates: GRU z, r, n; LSTM i, o, f, c. */
 typedef struct {
@@ -164,11 +164,12 @@ typedef struct {
     long x_stride_t, x_stride_b, y_stride_t, y_stride_d, y_stride_b, y_stride_h;
     int32_t input_zero_point, output_multiplier, output_shift, output_zero_point, act_min, act_max;
     const int8_t *w, *r;                                        /* [D][G*H][I], [D][G*H][H] */
-    const int32_t *w_multiplier, *w_shift, *r_multiplier, *r_shift; /* [G*H]: to Q12 */
-    const int32_t *w_bias, *r_bias;                             /* [D][G*H], Q12 */
-    const int16_t *initial;                                     /* [D][B][H] Q15 */
-    const int32_t *initial_cell;                                /* [D][B][H] Q15 (LSTM) */
-    const int16_t *sigmoid, *tanh;                              /* the tables */
+    const int32_t *w_multiplier, *r_multiplier;                 /* [G*H]: to Q12 */
+    const int8_t *w_shift, *r_shift;                            /* [G*H] */
+    const int32_t *w_bias, *r_bias;                             /* [D][G*H], Q12; null: zeros */
+    const int16_t *initial;                                     /* [D][B][H] Q15; null: zeros */
+    const int32_t *initial_cell;                                /* [D][B][H] Q15 (LSTM); null: zeros */
+    const int16_t *tanh;      /* 513 entries over [-8, 8); sigmoid(x) = (1 + tanh(x / 2)) / 2 */
     /* initial states read from int8 tensors state0, state1 ([D][B][H], a streaming model's) instead: for each,
      * 0 for h or 1 for c, its zero point and the multiplier and shift of its scale to Q15 */
     int state_count, state_which[2];
