@@ -29,6 +29,7 @@ import onnx_ir as ir
 from edgeopt.analysis.memory import lower_bound_bytes as lower_bound_of
 from edgeopt.codegen.c.build import BUILD_DIR, RUN_FOLDER_PREFIX, build, run_batch
 from edgeopt.codegen.c.emit import emit_sources
+from edgeopt.codegen.c.packing import recurrent_arrays
 from edgeopt.codegen.c.plan import MemoryPlan, plan_memory, program_lifetimes
 from edgeopt.codegen.c.schedule import Schedule, choose_schedule, reorder
 from edgeopt.devices import DeviceProfile, load_device
@@ -38,6 +39,7 @@ from edgeopt.io.save import check_creatable, current_umask
 from edgeopt.runtime.reference import ReferenceModel, lower
 from edgeopt.runtime.reference.fixed_point import ROUNDINGS
 from edgeopt.runtime.reference.program import Program
+from edgeopt.runtime.reference.rnn import TANH_TABLE
 
 __all__ = ["MANIFEST", "CompileResult", "LayerMismatch", "VerifyResult", "compile_c", "is_c_folder",
            "read_manifest", "verify"]
@@ -159,8 +161,13 @@ def _array_bytes(params) -> int:
 
 
 def _weight_bytes(program) -> int:
+    """Bytes of the model's constant arrays; a GRU's or LSTM's as its C stores them, with their shared tanh
+    table once."""
     total = sum(a.nbytes for a in program.constants.values())
-    return int(total + sum(_array_bytes(op.params) for op in program.ops))
+    cells = [op for op in program.ops if op.kind in ("gru", "lstm")]
+    total += sum(array.nbytes for op in cells for array in recurrent_arrays(op.params).values() if array is not None)
+    total += TANH_TABLE.nbytes if cells else 0
+    return int(total + sum(_array_bytes(op.params) for op in program.ops if op not in cells))
 
 
 def _io_manifest(program: Program, ios) -> list[dict]:

@@ -20,7 +20,7 @@ from edgeopt.runtime.reference.rnn import TANH_TABLE
 from edgeopt.runtime.reference.ops import OPS
 from edgeopt.runtime.reference.program import IntOp, Program
 
-__all__ = ["PACKERS", "PackContext", "c_array"]
+__all__ = ["PACKERS", "PackContext", "c_array", "recurrent_arrays"]
 
 _C_TYPES = {np.dtype(np.int8): "int8_t", np.dtype(np.int16): "int16_t", np.dtype(np.int32): "int32_t"}
 
@@ -352,14 +352,22 @@ def pack_layer_norm(op: IntOp, ctx: PackContext):
     return decls, _call(op, ctx, f"{prefix}_params")
 
 
+def recurrent_arrays(p) -> dict[str, np.ndarray | None]:
+    """The arrays a GRU's or LSTM's C stores, by field (None: an all-zero bias or initial state, which the
+    kernel reads as a null pointer); shifts as int8."""
+    arrays = {"w": p.w, "r": p.r, "w_multiplier": p.w_multiplier, "w_shift": p.w_shift.astype(np.int8),
+              "r_multiplier": p.r_multiplier, "r_shift": p.r_shift.astype(np.int8), "w_bias": p.w_bias,
+              "r_bias": p.r_bias, "initial": p.initial, "initial_cell": p.initial_cell}
+    optional = ("w_bias", "r_bias", "initial", "initial_cell")
+    return {field: None if field in optional and not np.any(array) else array for field, array in arrays.items()}
+
+
 def pack_recurrent(op: IntOp, ctx: PackContext):
     """A GRU's or LSTM's arrays (none for an all-zero bias or initial state: the kernel reads a null pointer as
     zeros; shifts as int8); the tanh table has one name in every model (the emitter declares it once)."""
     p, prefix = op.params, f"op{ctx.index}"
-    arrays = {"w": p.w, "r": p.r, "w_multiplier": p.w_multiplier, "w_shift": p.w_shift.astype(np.int8),
-              "r_multiplier": p.r_multiplier, "r_shift": p.r_shift.astype(np.int8), "w_bias": p.w_bias,
-              "r_bias": p.r_bias, "initial": p.initial, "initial_cell": p.initial_cell}
-    stored = {field: array for field, array in arrays.items() if np.any(array)}
+    arrays = recurrent_arrays(p)
+    stored = {field: array for field, array in arrays.items() if array is not None}
     decls = [c_array("eo_rnn_tanh_table", TANH_TABLE)]
     decls += [c_array(f"{prefix}_{field}", array) for field, array in stored.items()]
     x_t, x_b = p.x_strides
