@@ -2,9 +2,10 @@
 
 Measured on the host, with the system gcc at ``-O2`` (the Makefile's flags):
 
-* flash = ``size -A`` of ``model.o`` and of the kernels ``model.o`` calls
-  (``kernels.o`` is built with ``-ffunction-sections``; unused kernels would be
-  dropped by the linker): ``.text`` (code) + ``.rodata`` (weights, tables) +
+* flash = ``size -A`` of ``model.o`` and of the kernels ``model.o`` calls and
+  the helpers they reach by relocation (``kernels.o`` is built with
+  ``-ffunction-sections``; the rest would be dropped by the linker):
+  ``.text`` (code) + ``.rodata`` (weights, tables) +
   ``.data*`` (parameter structs). ``weights_bytes`` are the int8 weights,
   int32 biases, multipliers, shifts and lookup tables; ``code_bytes`` is the
   rest (code and parameter structs), so flash = weights + code. Host x86-64
@@ -92,13 +93,42 @@ def _flash_sections(sections: dict[str, int], keep) -> tuple[int, int, int]:
     return text, rodata, data
 
 
+def _references(path: Path) -> dict[str, set[str]]:
+    """For each ``.text.*`` section of an object, the sections its relocations name (the static helpers a
+    kernel calls, when gcc did not inline them)."""
+    result = subprocess.run(["readelf", "-rW", str(path)], capture_output=True, text=True)
+    references: dict[str, set[str]] = {}
+    current = None
+    for line in result.stdout.splitlines():
+        if line.startswith("Relocation section '.rela.text."):
+            current = references.setdefault(line.split("'")[1].removeprefix(".rela"), set())
+        elif line.startswith("Relocation section"):
+            current = None
+        elif current is not None and len(fields := line.split()) >= 5:  # offset, info, type, value, symbol
+            symbol = fields[4]
+            if symbol.startswith(".text.") or symbol.startswith("eo_"):  # a helper's section, or a kernel
+                current.add(symbol if symbol.startswith(".text.") else f".text.{symbol}")
+    return references
+
+
+def _reachable(roots: set[str], references: dict[str, set[str]]) -> set[str]:
+    seen, stack = set(roots), list(roots)
+    while stack:
+        for section in references.get(stack.pop(), ()):
+            if section not in seen:
+                seen.add(section)
+                stack.append(section)
+    return seen
+
+
 def _object_sizes(folder: Path, name: str) -> tuple[int, int, int]:
     model = _flash_sections(_sections(folder / f"{name}.o"), lambda section: True)
     called = _called_kernels(folder / f"{name}.o") | {"eo_requantize"}
+    # code: the kernels the model calls and the helpers they reach (a linker with --gc-sections keeps those)
+    text = _reachable({f".text.{kernel}" for kernel in called}, _references(folder / "kernels.o"))
 
-    def used(section: str) -> bool:  # helpers (.text.srdhm ...) count; kernels only when called
-        function = section.split(".", 2)[-1] if section.startswith(".text.") else ""
-        return not (function.startswith("eo_") and function not in called)
+    def used(section: str) -> bool:
+        return not section.startswith(".text.") or section in text
 
     kernels = _flash_sections(_sections(folder / "kernels.o"), used)
     return tuple(a + b for a, b in zip(model, kernels))
