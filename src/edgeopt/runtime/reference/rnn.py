@@ -16,9 +16,10 @@ times a tanh, so it stays in [-1, 1] from a state there. An LSTM's cell ``C`` is
 by 1 a step): it is Q15 in int32 (up to 65,536), saturated there. Each matrix product is an exact int32
 sum, moved by one fixed-point multiplier per row to Q12 (``2**-12`` steps), where both biases are added;
 tanh clamps its input to [-8, 8) and reads a 513-entry Q15 table over that range, linearly interpolated
-between entries ``1/32`` apart (within 4 Q15 steps: 3.7 where it bends most); sigmoid is ``(1 + tanh(x /
-2)) / 2`` from the same table (within 2.5 steps); ``tanh(C)`` reads ``C`` in Q12 (``C >> 3``). The output (Y; Y_h, the last
-state of each direction; an LSTM's Y_c, its last cell) is requantized to int8 at the output's scale.
+between entries ``1/32`` apart (within 4 Q15 steps: 3.7 where it bends most); sigmoid is
+``(1 + tanh(x / 2)) / 2`` from the same table (within 2.5 steps); ``tanh(C)`` reads ``C`` in Q12
+(``C >> 3``). The output (Y; Y_h, the last state of each direction; an LSTM's Y_c, its last cell) is
+requantized to int8 at the output's scale.
 
 The C kernels ``eo_gru_s8`` and ``eo_lstm_s8`` do the same arithmetic row by row, in a scratch of
 :func:`scratch_bytes` in the arena.
