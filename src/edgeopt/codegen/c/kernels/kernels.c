@@ -129,26 +129,6 @@ void eo_depthwise_conv2d_s8(const eo_conv2d_params *params, const int8_t *in, in
             }
 }
 
-/* Both conv kernels work on a copy of their parameters: the int8 stores could otherwise alias them (a char
- * type aliases anything), and every field would be read again after each output. */
-void eo_conv2d_s8(const eo_conv2d_params *params, const int8_t *in, int8_t *out) {
-    const eo_conv2d_params p = *params;
-    const int group_channels = p.c / p.group, per_group = p.out_c / p.group;
-    int b, oy, ox, g, j;
-    for (b = 0; b < p.n; ++b)
-        for (oy = 0; oy < p.out_h; ++oy)
-            for (ox = 0; ox < p.out_w; ++ox) {
-                eo_window win = conv_window(&p, b, oy, ox);
-                int8_t *dst = out + (((long)b * p.out_h + oy) * p.out_w + ox) * p.out_c;
-                for (g = 0; g < p.group; ++g)
-                    for (j = 0; j < per_group; ++j) {
-                        int o = g * per_group + j;
-                        dst[o] = finish(conv_accumulator(&p, in, &win, o, g * group_channels, group_channels),
-                                        p.multiplier[o], p.shift[o], p.output_zero_point, p.act_min, p.act_max);
-                    }
-            }
-}
-
 void eo_fully_connected_s8(const eo_fully_connected_params *p, const int8_t *in, int8_t *out) {
     int r, o, k;
     for (r = 0; r < p->rows; ++r)
@@ -183,27 +163,37 @@ void eo_add_s8(const eo_add_params *p, const int8_t *a, const int8_t *b, int8_t 
     }
 }
 
-/* out may be shortcut (in place): element (b, oy, ox, o) of shortcut is read just before that element of
- * out is written, and the conv reads only in. */
-void eo_conv2d_add_s8(const eo_conv2d_add_params *params, const int8_t *in, const int8_t *shortcut, int8_t *out) {
-    const eo_conv2d_params conv = params->conv;
-    const eo_add_params add = params->add;
-    const int group_channels = conv.c / conv.group, per_group = conv.out_c / conv.group;
+/* Every output of a conv, and with `add` the residual Add of `shortcut` at the same place (out may be shortcut,
+ * in place: element (b, oy, ox, o) of shortcut is read just before that element of out is written, and the conv
+ * reads only in). It works on copies of the parameters: the int8 stores could otherwise alias them (a char
+ * type aliases anything), and every field would be read again after each output. */
+static void conv_outputs(const eo_conv2d_params *params, const eo_add_params *add, const int8_t *in,
+                         const int8_t *shortcut, int8_t *out) {
+    const eo_conv2d_params p = *params;
+    const eo_add_params residual = add ? *add : (eo_add_params){0};
+    const int group_channels = p.c / p.group, per_group = p.out_c / p.group;
     int b, oy, ox, g, j;
-    for (b = 0; b < conv.n; ++b)
-        for (oy = 0; oy < conv.out_h; ++oy)
-            for (ox = 0; ox < conv.out_w; ++ox) {
-                eo_window win = conv_window(&conv, b, oy, ox);
-                long base = (((long)b * conv.out_h + oy) * conv.out_w + ox) * conv.out_c;
-                for (g = 0; g < conv.group; ++g)
+    for (b = 0; b < p.n; ++b)
+        for (oy = 0; oy < p.out_h; ++oy)
+            for (ox = 0; ox < p.out_w; ++ox) {
+                eo_window win = conv_window(&p, b, oy, ox);
+                long base = (((long)b * p.out_h + oy) * p.out_w + ox) * p.out_c;
+                for (g = 0; g < p.group; ++g)
                     for (j = 0; j < per_group; ++j) {
                         int o = g * per_group + j;
-                        int8_t t = finish(conv_accumulator(&conv, in, &win, o, g * group_channels, group_channels),
-                                          conv.multiplier[o], conv.shift[o], conv.output_zero_point, conv.act_min,
-                                          conv.act_max);
-                        out[base + o] = add_pair(&add, t, shortcut[base + o]);
+                        int8_t t = finish(conv_accumulator(&p, in, &win, o, g * group_channels, group_channels),
+                                          p.multiplier[o], p.shift[o], p.output_zero_point, p.act_min, p.act_max);
+                        out[base + o] = add ? add_pair(&residual, t, shortcut[base + o]) : t;
                     }
             }
+}
+
+void eo_conv2d_s8(const eo_conv2d_params *params, const int8_t *in, int8_t *out) {
+    conv_outputs(params, 0, in, 0, out);
+}
+
+void eo_conv2d_add_s8(const eo_conv2d_add_params *params, const int8_t *in, const int8_t *shortcut, int8_t *out) {
+    conv_outputs(&params->conv, &params->add, in, shortcut, out);
 }
 
 void eo_mul_s8(const eo_mul_params *p, const int8_t *a, const int8_t *b, int8_t *out) {
