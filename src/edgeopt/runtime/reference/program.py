@@ -80,8 +80,9 @@ class TensorInfo:
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class Conv2dParams:
-    """NHWC conv; weight is OHWI with I = input channels / group (depthwise: group = C_in)."""
+class _ConvFields:
+    """What a conv and a transposed conv both hold: OHWI int8 weights (I = input channels / group), per
+    output channel int32 bias and requantization, zero points, strides, dilations, groups, clamp."""
 
     weight: np.ndarray  # int8 (O, KH, KW, I/group)
     bias: np.ndarray  # int32 (O,)
@@ -91,14 +92,20 @@ class Conv2dParams:
     output_zero_point: int
     strides: tuple[int, int]
     dilations: tuple[int, int]
-    pads: tuple[int, int, int, int]  # top, left, bottom, right
     group: int
     act_min: int
     act_max: int
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class ConvTranspose2dParams:
+class Conv2dParams(_ConvFields):
+    """NHWC conv; weight is OHWI with I = input channels / group (depthwise: group = C_in)."""
+
+    pads: tuple[int, int, int, int]  # top, left, bottom, right
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ConvTranspose2dParams(_ConvFields):
     """NHWC transposed conv, read in gather form with the weight in OHWI (I = input channels / group).
 
     y[n, oy, ox, o] = requant(bias[o] + sum of (x[n, iy, ix, i] - zp_in) * weight[o, ky, kx, i] over the
@@ -108,19 +115,8 @@ class ConvTranspose2dParams:
     output_shape only move the end).
     """
 
-    weight: np.ndarray  # int8 (O, KH, KW, I/group)
-    bias: np.ndarray  # int32 (O,)
-    multiplier: np.ndarray  # int32 (O,) Q31
-    shift: np.ndarray  # int32 (O,)
-    input_zero_point: int
-    output_zero_point: int
-    strides: tuple[int, int]
-    dilations: tuple[int, int]
     pads: tuple[int, int]  # top, left
     output_hw: tuple[int, int]
-    group: int
-    act_min: int
-    act_max: int
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
