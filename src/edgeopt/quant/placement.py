@@ -241,7 +241,8 @@ class UnionFind:
 
 class _Planner:
     def __init__(self, graph: ir.Graph, non_float: Collection[str], rules: Mapping[str, OpRule], *,
-                 quantize_outputs: bool = True, float_chain: Collection[str] = ()) -> None:
+                 quantize_outputs: bool = True, float_chain: Collection[str] = (),
+                 shape_derived: Collection[str] = ()) -> None:
         self.graph, self.rules, self.non_float = graph, rules, non_float
         self.quantize_outputs = quantize_outputs
         self.activations: dict[str, None] = {}
@@ -251,7 +252,7 @@ class _Planner:
         self.groups = UnionFind()
         self.concat_groups = UnionFind()
         self.float_chain = float_chain  # Concats (and movers) joining a model output's parts in float
-        self.shape_derived = eir.shape_derived_values(graph)  # a zeros state from the input's shape: folded later
+        self.shape_derived = shape_derived  # a zeros state from the input's shape: folded later
 
     def add_node(self, node: ir.Node, output: ir.Value) -> None:
         if node.name in self.float_chain:  # joins a model output's parts in float: each keeps its own scale
@@ -381,10 +382,12 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     candidates, refusals, grouped = _triage(graph, exclude, keep_float, non_float, rules, no_kernel)
     fused_by_producer = clamp_fusions(candidates, refusals, rules)
     fused = {activation.name: producer for producer, activation in fused_by_producer.items()}
+    shape_derived = eir.shape_derived_values(graph)
     _refuse_isolated_movers(candidates, refusals, rules, outputs_quantized=quantize_outputs, grouped=grouped,
-                            shape_derived=eir.shape_derived_values(graph))
+                            shape_derived=shape_derived)
     float_chain = () if quantize_outputs else _float_output_chains(graph, candidates, refusals, rules)
-    planner = _Planner(graph, non_float, rules, quantize_outputs=quantize_outputs, float_chain=float_chain)
+    planner = _Planner(graph, non_float, rules, quantize_outputs=quantize_outputs, float_chain=float_chain,
+                       shape_derived=shape_derived)
     for node in candidates.values():
         if node.name not in fused and node.name not in refusals:
             planner.add_node(node, fused_by_producer.get(node.name, node).outputs[0])

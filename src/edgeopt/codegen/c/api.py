@@ -127,6 +127,10 @@ def _check_options(name: str, rounding: str) -> None:
         raise ConfigError(f"--rounding {rounding!r} is not one of: {', '.join(ROUNDINGS)}")
 
 
+#: The recurrent cells' op kinds (runtime/reference/rnn.py).
+_CELLS = ("gru", "lstm")
+
+
 def program_macs(program: Program) -> int:
     """Multiply-accumulates of the convolutions, fully connected layers, MatMuls of two activations and GRUs."""
     total = 0
@@ -143,7 +147,7 @@ def program_macs(program: Program) -> int:
         elif op.kind == "batch_matmul":
             p = op.params
             total += p.batch * p.rows * p.depth * p.columns
-        elif op.kind in ("gru", "lstm"):  # each step: every gate's rows over the input and the state
+        elif op.kind in _CELLS:  # each step: every gate's rows over the input and the state
             p = op.params
             total += p.directions * p.batch * p.steps * op.params.w.shape[1] * (p.input_size + p.hidden)
     return int(total)
@@ -164,10 +168,10 @@ def _weight_bytes(program) -> int:
     """Bytes of the model's constant arrays; a GRU's or LSTM's as its C stores them, with their shared tanh
     table once."""
     total = sum(a.nbytes for a in program.constants.values())
-    cells = [op for op in program.ops if op.kind in ("gru", "lstm")]
+    cells = [op for op in program.ops if op.kind in _CELLS]
     total += sum(array.nbytes for op in cells for array in recurrent_arrays(op.params).values() if array is not None)
     total += TANH_TABLE.nbytes if cells else 0
-    return int(total + sum(_array_bytes(op.params) for op in program.ops if op not in cells))
+    return int(total + sum(_array_bytes(op.params) for op in program.ops if op.kind not in _CELLS))
 
 
 def _io_manifest(program: Program, ios) -> list[dict]:
