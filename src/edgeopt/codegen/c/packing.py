@@ -67,9 +67,17 @@ def _call(op: IntOp, ctx: PackContext, params: str, inputs=None, kernel: str | N
     return f"{kernel or OPS[op.kind].c_kernel}(&{params}, {args}, {ctx.pointer(op.output)});"
 
 
+def _shifts(shift: np.ndarray) -> np.ndarray:
+    """Per-channel shifts as the C stores them: int8 (they lie in [-31, 30]), a byte a channel instead of four."""
+    shift = np.asarray(shift)
+    if shift.size and (shift.min() < -128 or shift.max() > 127):
+        raise CodegenError("a per-channel shift lies outside int8")
+    return shift.astype(np.int8)
+
+
 def _requant_arrays(prefix: str, p, bias: np.ndarray | None = None) -> list[str]:
     return [c_array(f"{prefix}_bias", p.bias if bias is None else bias), c_array(f"{prefix}_multiplier", p.multiplier),
-            c_array(f"{prefix}_shift", p.shift)]
+            c_array(f"{prefix}_shift", _shifts(p.shift))]
 
 
 def _zero_point_sums(p) -> np.ndarray:
@@ -201,7 +209,7 @@ def pack_max_pool(op: IntOp, ctx: PackContext):
 
 def pack_avg_pool(op: IntOp, ctx: PackContext):
     p, prefix = op.params, f"op{ctx.index}"
-    decls = [c_array(f"{prefix}_multiplier", p.multiplier), c_array(f"{prefix}_shift", p.shift)]
+    decls = [c_array(f"{prefix}_multiplier", p.multiplier), c_array(f"{prefix}_shift", _shifts(p.shift))]
     fields = _pool_fields(op, ctx) | dict(
         pad_bottom=p.pads[2], pad_right=p.pads[3], count_include_pad=int(p.count_include_pad),
         input_zero_point=p.input_zero_point, output_zero_point=p.output_zero_point, act_min=p.act_min,
@@ -284,6 +292,8 @@ def pack_transpose(op: IntOp, ctx: PackContext):
 
 
 def pack_reshape(op: IntOp, ctx: PackContext):
+    if ctx.pointer(op.inputs[0]) == ctx.pointer(op.output):  # written in place: the bytes are already there
+        return [], "/* in place: same bytes, new shape */"
     name = f"op{ctx.index}_params"
     return [_struct("eo_copy_params", name, dict(size=ctx.size(op.output)))], _call(op, ctx, name)
 
@@ -316,7 +326,7 @@ def pack_prelu(op: IntOp, ctx: PackContext):
     p, prefix = op.params, f"op{ctx.index}"
     shape = ctx.shape(op.inputs[0])
     decls = [c_array(f"{prefix}_multiplier", p.negative_multiplier.astype(np.int32)),
-             c_array(f"{prefix}_shift", p.negative_shift.astype(np.int32)),
+             c_array(f"{prefix}_shift", _shifts(p.negative_shift)),
              c_array(f"{prefix}_sign", p.negative_sign.astype(np.int8)),
              _struct("eo_prelu_params", f"{prefix}_params", dict(
                  outer=int(np.prod(shape[:p.axis], dtype=np.int64)), channels=shape[p.axis],
@@ -341,7 +351,7 @@ def pack_resize_bilinear(op: IntOp, ctx: PackContext):
 
 def pack_layer_norm(op: IntOp, ctx: PackContext):
     p, prefix = op.params, f"op{ctx.index}"
-    decls = [c_array(f"{prefix}_multiplier", p.multiplier), c_array(f"{prefix}_shift", p.shift),
+    decls = [c_array(f"{prefix}_multiplier", p.multiplier), c_array(f"{prefix}_shift", _shifts(p.shift)),
              c_array(f"{prefix}_bias", p.bias),
              _struct("eo_layer_norm_params", f"{prefix}_params", dict(
                  outer=p.outer, reduce=p.reduce, inner=p.inner, affine_inner=int(p.affine_inner),
@@ -354,9 +364,8 @@ def pack_layer_norm(op: IntOp, ctx: PackContext):
 
 def recurrent_arrays(p) -> dict[str, np.ndarray | None]:
     """The arrays a GRU's or LSTM's C stores, by field (None: an all-zero bias or initial state, which the
-    kernel reads as a null pointer); shifts as int8."""
-    arrays = {"w": p.w, "r": p.r, "w_multiplier": p.w_multiplier, "w_shift": p.w_shift.astype(np.int8),
-              "r_multiplier": p.r_multiplier, "r_shift": p.r_shift.astype(np.int8), "w_bias": p.w_bias,
+    kernel reads as a null pointer)."""
+    arrays = {"w": p.w, "r": p.r, "w_multiplier": p.w_multiplier, "r_multiplier": p.r_multiplier, "w_bias": p.w_bias,
               "r_bias": p.r_bias, "initial": p.initial, "initial_cell": p.initial_cell}
     optional = ("w_bias", "r_bias", "initial", "initial_cell")
     return {field: None if field in optional and not np.any(array) else array for field, array in arrays.items()}
@@ -364,7 +373,7 @@ def recurrent_arrays(p) -> dict[str, np.ndarray | None]:
 
 def pack_recurrent(op: IntOp, ctx: PackContext):
     """A GRU's or LSTM's arrays (none for an all-zero bias or initial state: the kernel reads a null pointer as
-    zeros; shifts as int8); the tanh table has one name in every model (the emitter declares it once)."""
+    zeros); the tanh table has one name in every model (the emitter declares it once)."""
     p, prefix = op.params, f"op{ctx.index}"
     arrays = recurrent_arrays(p)
     stored = {field: array for field, array in arrays.items() if array is not None}
@@ -377,8 +386,9 @@ def pack_recurrent(op: IntOp, ctx: PackContext):
         directions=p.directions, reverse=int(p.reverse), linear_before_reset=int(p.linear_before_reset),
         x_stride_t=x_t, x_stride_b=x_b, y_stride_t=y_t, y_stride_d=y_d, y_stride_b=y_b, y_stride_h=y_h,
         input_zero_point=p.input_zero_point, output_multiplier=p.output_multiplier, output_shift=p.output_shift,
-        output_zero_point=p.output_zero_point, act_min=p.act_min, act_max=p.act_max,
-        **{field: f"{prefix}_{field}" if field in stored else "0" for field in arrays}, tanh="eo_rnn_tanh_table",
+        output_zero_point=p.output_zero_point, act_min=p.act_min, act_max=p.act_max, w_shift=p.w_shift,
+        r_shift=p.r_shift, **{field: f"{prefix}_{field}" if field in stored else "0" for field in arrays},
+        tanh="eo_rnn_tanh_table",
         state_count=len(p.state_inputs), **_state_fields(p.state_inputs))))
     states = [ctx.pointer(name) for name in op.inputs[1:]] + ["0"] * (3 - len(op.inputs))
     call = (f"{OPS[op.kind].c_kernel}(&{prefix}_params, {ctx.pointer(op.inputs[0])}, {', '.join(states)}, "

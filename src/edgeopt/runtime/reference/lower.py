@@ -333,7 +333,7 @@ class Lowering:
 
     def per_channel_multipliers(self, reals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         pairs = [real_multiplier(float(r)) for r in reals]
-        return (np.array([m for m, _ in pairs], dtype=np.int32), np.array([s for _, s in pairs], dtype=np.int32))
+        return (np.array([m for m, _ in pairs], dtype=np.int32), np.array([s for _, s in pairs], dtype=np.int8))
 
     # -- program boundary ---------------------------------------------------------------
 

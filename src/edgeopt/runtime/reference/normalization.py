@@ -54,7 +54,7 @@ def _signed_multipliers(reals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Q31 multipliers and shifts of ``|real|``, each multiplier negated where ``real`` is negative."""
     pairs = [quantize_multiplier(abs(float(r))) if r != 0 else (0, 0) for r in reals]
     multiplier = np.array([int(math.copysign(m, r)) for (m, _), r in zip(pairs, reals)], dtype=np.int32)
-    return multiplier, np.array([s for _, s in pairs], dtype=np.int32)
+    return multiplier, np.array([s for _, s in pairs], dtype=np.int8)
 
 
 def layer_norm_params(geometry: tuple[int, int, int], source: QParams, plan: OutputPlan, epsilon: float,

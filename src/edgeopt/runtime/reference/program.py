@@ -87,7 +87,7 @@ class _ConvFields:
     weight: np.ndarray  # int8 (O, KH, KW, I/group)
     bias: np.ndarray  # int32 (O,)
     multiplier: np.ndarray  # int32 (O,) Q31
-    shift: np.ndarray  # int32 (O,)
+    shift: np.ndarray  # int8 (O,): in [-31, 30]
     input_zero_point: int
     output_zero_point: int
     strides: tuple[int, int]
@@ -126,7 +126,7 @@ class FullyConnectedParams:
     weight: np.ndarray  # int8 (O, K)
     bias: np.ndarray  # int32 (O,)
     multiplier: np.ndarray  # int32 (O,)
-    shift: np.ndarray  # int32 (O,)
+    shift: np.ndarray  # int8 (O,): in [-31, 30]
     input_zero_point: int
     output_zero_point: int
     act_min: int
@@ -214,7 +214,7 @@ class AvgPoolParams:
     input_zero_point: int
     output_zero_point: int
     multiplier: np.ndarray  # int32 (KH*KW + 1,), indexed by count
-    shift: np.ndarray
+    shift: np.ndarray  # int8 (KH*KW + 1,)
     act_min: int
     act_max: int
 
@@ -321,7 +321,7 @@ class PReluParams:
     positive_multiplier: int
     positive_shift: int
     negative_multiplier: np.ndarray  # int32 (C,)
-    negative_shift: np.ndarray  # int32 (C,)
+    negative_shift: np.ndarray  # int8 (C,)
     negative_sign: np.ndarray  # int8 (C,): the sign of the slope, -1, 0 or 1
     act_min: int
     act_max: int
@@ -353,10 +353,12 @@ class RecurrentParams:
     input_zero_point: int
     w: np.ndarray  # int8 (D, G*H, I)
     r: np.ndarray  # int8 (D, G*H, H)
-    w_multiplier: np.ndarray  # int32 (G*H,): s_x * s_w[row] in Q12 steps
-    w_shift: np.ndarray  # int32 (G*H,)
-    r_multiplier: np.ndarray  # int32 (G*H,): s_r[row] from Q15 to Q12
-    r_shift: np.ndarray  # int32 (G*H,)
+    # one int16 multiplier per row and one shift per matrix (rnn.scale_rows): W's product to Q12 steps is
+    # s_x * s_w[row] = w_multiplier[row] / 2**w_shift; R's from Q15 to Q12 s_r[row] = r_multiplier[row] / 2**r_shift
+    w_multiplier: np.ndarray  # int16 (G*H,)
+    w_shift: int
+    r_multiplier: np.ndarray  # int16 (G*H,)
+    r_shift: int
     w_bias: np.ndarray  # int32 (D, G*H), Q12
     r_bias: np.ndarray  # int32 (D, G*H), Q12
     initial: np.ndarray  # int16 (D, B, H), Q15: the constant initial state
@@ -390,7 +392,7 @@ class LayerNormParams:
     fraction_bits: int
     bias_bits: int
     multiplier: np.ndarray  # int32 (D,), negative where gamma is
-    shift: np.ndarray  # int32 (D,)
+    shift: np.ndarray  # int8 (D,)
     bias: np.ndarray  # int32 (D,)
     output_zero_point: int
     act_min: int

@@ -17,7 +17,13 @@ from edgeopt.errors import UnsupportedOpError
 from edgeopt.quant.ops import recurrent_refusal
 from edgeopt.runtime.reference.lower import Lowering, QParams, attribute, node_label, real_multiplier, text_attribute
 from edgeopt.runtime.reference.program import RecurrentParams, TensorInfo
-from edgeopt.runtime.reference.rnn import GATE_FRACTION_BITS, GATES, STATE_FRACTION_BITS, scratch_bytes
+from edgeopt.runtime.reference.rnn import (
+    GATE_FRACTION_BITS,
+    GATES,
+    STATE_FRACTION_BITS,
+    row_multipliers,
+    scratch_bytes,
+)
 
 __all__ = ["lower_recurrent"]
 
@@ -103,8 +109,11 @@ def lower_recurrent(lo: Lowering, node: ir.Node) -> None:
     directions, rows = w.shape[0], w.shape[1]
     hidden = rows // GATES[cell]
     source = lo.params_of(x)
-    w_multiplier, w_shift = lo.per_channel_multipliers(source.scale * w_scale * 2.0**GATE_FRACTION_BITS)
-    r_multiplier, r_shift = lo.per_channel_multipliers(r_scale * 2.0**(GATE_FRACTION_BITS - STATE_FRACTION_BITS))
+    try:
+        w_multiplier, w_shift = row_multipliers(source.scale * w_scale * 2.0**GATE_FRACTION_BITS, "W")
+        r_multiplier, r_shift = row_multipliers(r_scale * 2.0**(GATE_FRACTION_BITS - STATE_FRACTION_BITS), "R")
+    except ValueError as error:
+        raise UnsupportedOpError(f"{node_label(node)}: {error}") from None
     w_bias, r_bias = _biases(lo, node, directions, rows)
     state = (directions, batch, hidden)
     initial = np.clip(_initial(node, 5, state, "initial_h", 1.0), 1 - _ONE, _ONE - 1).astype(np.int16)

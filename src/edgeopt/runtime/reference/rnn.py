@@ -14,9 +14,10 @@ In integers: ``x`` is int8 at its scale; W and R are int8 with one scale per gat
 Q15 (int16, ``h = q / 2**15``): a GRU's is a mix of a tanh and the previous state, an LSTM's a sigmoid
 times a tanh, so it stays in [-1, 1] from a state there. An LSTM's cell ``C`` is not bounded (it may grow
 by 1 a step): it is Q15 in int32 (up to 65,536), saturated there. Each matrix product is an exact int32
-sum, moved by one fixed-point multiplier per row to Q12 (``2**-12`` steps), where both biases are added;
-tanh clamps its input to [-8, 8) and reads a 513-entry Q15 table over that range, linearly interpolated
-between entries ``1/32`` apart (within 4 Q15 steps: 3.7 where it bends most); sigmoid is
+sum, moved to Q12 (``2**-12`` steps) by one int16 multiplier per row over a power of two per matrix
+(:func:`scale_rows`), where both biases are added;
+tanh clamps its input's magnitude below 8 and reads a 257-entry Q15 table over [0, 8], linearly interpolated
+between entries ``1/32`` apart, negated for a negative input (within 4 Q15 steps: 3.7 where it bends most); sigmoid is
 ``(1 + tanh(x / 2)) / 2`` from the same table (within 2.5 steps); ``tanh(C)`` reads ``C`` in Q12
 (``C >> 3``). The output (Y; Y_h, the last state of each direction; an LSTM's Y_c, its last cell) is
 requantized to int8 at the output's scale.
@@ -34,12 +35,12 @@ import numpy as np
 from edgeopt.runtime.reference.fixed_point import multiply_by_quantized_multiplier as mbqm
 from edgeopt.runtime.reference.program import RecurrentParams
 
-__all__ = ["GATE_FRACTION_BITS", "GATES", "STATE_FRACTION_BITS", "TANH_TABLE", "recurrent", "scratch_bytes", "sigmoid",
-           "tanh"]
+__all__ = ["GATE_FRACTION_BITS", "GATES", "STATE_FRACTION_BITS", "TANH_TABLE", "recurrent", "row_multipliers",
+           "scale_rows", "scratch_bytes", "sigmoid", "tanh"]
 
 #: The state's and the gates' fixed point: Q15 (int16; an LSTM's cell int32).
 STATE_FRACTION_BITS = 15
-#: The gates' inputs: Q12 in int64 sums, clamped to [-8, 8) before the table.
+#: The gates' inputs: Q12 in int64 sums, their magnitude clamped below 8 before the table.
 GATE_FRACTION_BITS = 12
 #: Gates per cell, stacked in W, R and B in this order.
 GATES = {"gru": 3, "lstm": 4}
@@ -49,23 +50,22 @@ _HALF = 1 << (STATE_FRACTION_BITS - 1)
 _INT32 = (-(2**31), 2**31 - 1)
 
 
-def _table(function) -> np.ndarray:
-    points = [-8.0 + k / 32.0 for k in range(513)]
-    return np.array([min(max(round(function(v) * _ONE), -(_ONE - 1)), _ONE - 1) for v in points], dtype=np.int16)
-
-
-TANH_TABLE = _table(math.tanh)
+#: tanh over [0, 8] in Q15, 257 entries ``1/32`` apart (tanh is odd: negative inputs read it mirrored).
+TANH_TABLE = np.array([min(round(math.tanh(k / 32.0) * _ONE), _ONE - 1) for k in range(257)], dtype=np.int16)
 
 
 def _tanh_fixed(value: np.ndarray, fraction_bits: int) -> np.ndarray:
-    """tanh of fixed-point values with ``fraction_bits`` bits, in Q15: clamp to [-8, 8), interpolate between
-    two entries of :data:`TANH_TABLE` (``1/32`` apart) by the bits below an entry."""
+    """tanh of fixed-point values with ``fraction_bits`` bits, in Q15: ``|value|`` clamped below 8, interpolated
+    between two entries of :data:`TANH_TABLE` (``1/32`` apart) by the bits below an entry, negated for a
+    negative value (exactly odd)."""
     shift, limit = fraction_bits - _TABLE_STEP_BITS_BELOW_ONE, 8 << fraction_bits
-    u = np.clip(np.asarray(value, dtype=np.int64), -limit, limit - 1) + limit
+    value = np.asarray(value, dtype=np.int64)
+    u = np.minimum(np.abs(value), limit - 1)
     index, fraction = u >> shift, u & ((1 << shift) - 1)
     low = TANH_TABLE.astype(np.int64)[index]
     high = TANH_TABLE.astype(np.int64)[index + 1]
-    return low + (((high - low) * fraction + (1 << (shift - 1))) >> shift)
+    magnitude = low + (((high - low) * fraction + (1 << (shift - 1))) >> shift)
+    return np.where(value < 0, -magnitude, magnitude)
 
 
 def tanh(q12: np.ndarray) -> np.ndarray:
@@ -85,30 +85,55 @@ def scratch_bytes(hidden: int) -> int:
     return 4 * hidden * 2
 
 
-def _rows(p: RecurrentParams, d: int, vector: np.ndarray, rows: slice, rounding: str) -> np.ndarray:
+#: The largest row multiplier: int16.
+_MAX_ROW_MULTIPLIER = (1 << 15) - 1
+
+
+def row_multipliers(real: np.ndarray, what: str) -> tuple[np.ndarray, int]:
+    """Real per-row factors as int16 multipliers over one ``2**shift`` (:func:`scale_rows`): the largest
+    shift, at most 62, that keeps every multiplier within int16. ValueError (naming ``what``) when that
+    shift would be below 1 (a factor near 2**14: one step of the product far beyond the gates' range)."""
+    real = np.asarray(real, dtype=np.float64)
+    largest = float(real.max(initial=0.0))
+    shift = 62 if largest <= 0 else min(62, 14 - math.floor(math.log2(largest)))
+    while shift >= 1 and np.rint(largest * 2.0**shift) > _MAX_ROW_MULTIPLIER:
+        shift -= 1
+    if shift < 1:
+        raise ValueError(f"{what}: a scale of {largest:.3g} Q12 steps per unit of the product is too coarse for the "
+                         "gates' fixed point")
+    return np.rint(real * 2.0**shift).astype(np.int16), shift
+
+
+def scale_rows(product: np.ndarray, multiplier: np.ndarray, shift: int) -> np.ndarray:
+    """Exact int32 sums [..., rows] times each row's int16 ``multiplier`` over ``2**shift``, rounded half up:
+    one shift per matrix keeps every row's error within half a step of the matrix's largest (2 bytes a row)."""
+    return (product * multiplier.astype(np.int64) + (1 << (shift - 1))) >> shift
+
+
+def _rows(p: RecurrentParams, d: int, vector: np.ndarray, rows: slice) -> np.ndarray:
     """R's ``rows`` times the Q15 ``vector`` [B, H], in Q12 with Rb."""
     product = vector @ p.r[d, rows].astype(np.int64).T
-    return mbqm(product, p.r_multiplier[rows], p.r_shift[rows], rounding) + p.r_bias[d, rows]
+    return scale_rows(product, p.r_multiplier[rows], p.r_shift) + p.r_bias[d, rows]
 
 
-def _gru_step(p: RecurrentParams, d: int, gx: np.ndarray, h: np.ndarray, c, rounding: str):
+def _gru_step(p: RecurrentParams, d: int, gx: np.ndarray, h: np.ndarray, c):
     hidden = p.hidden
     gates = slice(0, 3 * hidden) if p.linear_before_reset else slice(0, 2 * hidden)
-    gh = _rows(p, d, h, gates, rounding)
+    gh = _rows(p, d, h, gates)
     z = sigmoid(gx[:, :hidden] + gh[:, :hidden])
     reset = sigmoid(gx[:, hidden:2 * hidden] + gh[:, hidden:2 * hidden])
     if p.linear_before_reset:
         candidate = gx[:, 2 * hidden:] + ((reset * gh[:, 2 * hidden:] + _HALF) >> STATE_FRACTION_BITS)
     else:
         gated = (reset * h + _HALF) >> STATE_FRACTION_BITS
-        candidate = gx[:, 2 * hidden:] + _rows(p, d, gated, slice(2 * hidden, 3 * hidden), rounding)
+        candidate = gx[:, 2 * hidden:] + _rows(p, d, gated, slice(2 * hidden, 3 * hidden))
     n = tanh(candidate)
     return ((_ONE - z) * n + z * h + _HALF) >> STATE_FRACTION_BITS, c
 
 
-def _lstm_step(p: RecurrentParams, d: int, gx: np.ndarray, h: np.ndarray, c: np.ndarray, rounding: str):
+def _lstm_step(p: RecurrentParams, d: int, gx: np.ndarray, h: np.ndarray, c: np.ndarray):
     hidden = p.hidden
-    g = gx + _rows(p, d, h, slice(0, 4 * hidden), rounding)
+    g = gx + _rows(p, d, h, slice(0, 4 * hidden))
     i, o, f = (sigmoid(g[:, k * hidden:(k + 1) * hidden]) for k in range(3))
     candidate = tanh(g[:, 3 * hidden:])
     c = np.clip((f * c + i * candidate + _HALF) >> STATE_FRACTION_BITS, *_INT32)
@@ -149,8 +174,8 @@ def recurrent(x: np.ndarray, *states: np.ndarray, params: RecurrentParams, round
         for step in range(p.steps):
             t = p.steps - 1 - step if backward else step
             centered = flat[t * xt + rows].astype(np.int64) - p.input_zero_point
-            gx = mbqm(centered @ w.T, p.w_multiplier, p.w_shift, rounding) + p.w_bias[d]
-            h, c = step_function(p, d, gx, h, c, rounding)
+            gx = scale_rows(centered @ w.T, p.w_multiplier, p.w_shift) + p.w_bias[d]
+            h, c = step_function(p, d, gx, h, c)
             if p.output == 0:
                 _write(p, out, t, d, h, rounding)
         if p.output:

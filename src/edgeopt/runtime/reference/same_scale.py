@@ -129,7 +129,7 @@ def _average(lo: Lowering, node: ir.Node, x: str, kernel, strides, pads, include
     params = AvgPoolParams(kernel=kernel, strides=strides, pads=pads, count_include_pad=include_pad,
                            input_zero_point=source.zero_point, output_zero_point=plan.qparams.zero_point,
                            multiplier=np.array([m for m, _ in pairs], np.int32),
-                           shift=np.array([s for _, s in pairs], np.int32),
+                           shift=np.array([s for _, s in pairs], np.int8),
                            act_min=plan.act_min, act_max=plan.act_max)
     lo.finish("avg_pool", [x], plan, params, node)
 

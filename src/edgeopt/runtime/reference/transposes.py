@@ -1,14 +1,17 @@
-"""Compose back-to-back transposes of a lowered program into one.
+"""Compose back-to-back transposes of a lowered program into one, and drop those that keep the bytes in order.
 
 Rank-4 tensors are stored NHWC and the others in logical order, so a reshape
 that changes rank, and the per-head Reshape/Transpose pairs of attention, lower
 to chains of transposes. ``t = transpose(x, p1)`` then ``y = transpose(t, p2)``
 is ``y = transpose(x, [p1[i] for i in p2])``: one pass over the data instead of
-two, and ``t`` no longer exists. A composition that is the identity is a copy
-(``reshape``, which the planner may write in place). Applied only when ``t`` is
-read by the second transpose alone, is not a model output and is ``x`` permuted
-(a transpose op may also reshape: the second half of a rank-changing reshape);
-bit-identical.
+two, and ``t`` no longer exists. Applied only when ``t`` is read by the second
+transpose alone, is not a model output and is ``x`` permuted (a transpose op
+may also reshape: the second half of a rank-changing reshape).
+
+A transpose that leaves the bytes in order (the identity, or one that moves
+only axes of size 1, as Keras' ``[1, T, F]`` read as an ONNX cell's
+``[T, 1, F]``) becomes a copy (``reshape``, which the planner may write in
+place). Both are bit-identical.
 """
 
 from __future__ import annotations
@@ -40,9 +43,9 @@ def compose_transposes(program: Program) -> Program:
             gone.add(source)
         position[op.output] = len(ops)
         ops.append(op)
-    if not gone:
-        return program
     kept = tuple(_as_copy(op, program) for op in ops if op is not None)
+    if not gone and kept == program.ops:
+        return program
     tensors = {name: info for name, info in program.tensors.items() if name not in gone}
     return replace(program, tensors=tensors, ops=kept)
 
@@ -55,6 +58,12 @@ def _keeps_shape(op: IntOp, program: Program) -> bool:
 
 
 def _as_copy(op: IntOp, program: Program) -> IntOp:
-    if op.kind != "transpose" or op.params.perm != tuple(range(len(op.params.perm))):
+    """A transpose that keeps the bytes in order as a ``reshape``: the identity, or one that moves only axes of
+    size 1 (Keras' ``[1, T, F]`` read as an ONNX cell's ``[T, 1, F]``)."""
+    if op.kind != "transpose":
+        return op
+    shape = program.tensors[op.inputs[0]].shape
+    moved = [axis for axis in op.params.perm if shape[axis] != 1]
+    if moved != sorted(moved):
         return op
     return replace(op, kind="reshape", params=ReshapeParams(shape=program.tensors[op.output].shape))

@@ -527,14 +527,15 @@ void eo_layer_norm_s8(const eo_layer_norm_params *p, const int8_t *in, int8_t *o
         }
 }
 
-/* tanh of a fixed-point input with `bits` fraction bits, in Q15: clamped to [-8, 8), interpolated between table
- * entries 1/32 apart by the bits below an entry. */
+/* tanh of a fixed-point input with `bits` fraction bits, in Q15: its magnitude clamped below 8, interpolated
+ * between entries of the table over [0, 8] 1/32 apart by the bits below an entry, negated for a negative input. */
 static int32_t rnn_tanh_fixed(const eo_recurrent_params *p, int64_t value, int bits) {
     const int shift = bits - 5;
-    const int64_t limit = (int64_t)8 << bits;
-    const int32_t u = (int32_t)((value < -limit ? -limit : (value > limit - 1 ? limit - 1 : value)) + limit);
+    const int64_t limit = (int64_t)8 << bits, magnitude = value < 0 ? -value : value;
+    const int32_t u = (int32_t)(magnitude > limit - 1 ? limit - 1 : magnitude);
     const int32_t low = p->tanh[u >> shift], high = p->tanh[(u >> shift) + 1];
-    return low + (((high - low) * (u & ((1 << shift) - 1)) + (1 << (shift - 1))) >> shift);
+    const int32_t result = low + (((high - low) * (u & ((1 << shift) - 1)) + (1 << (shift - 1))) >> shift);
+    return value < 0 ? -result : result;
 }
 
 static int32_t rnn_tanh(const eo_recurrent_params *p, int64_t q12) { return rnn_tanh_fixed(p, q12, 12); }
@@ -544,6 +545,11 @@ static int32_t rnn_sigmoid(const eo_recurrent_params *p, int64_t q12) {
     return (32768 + rnn_tanh_fixed(p, q12, 13)) >> 1;
 }
 
+/* A row's exact sum times its multiplier over 2^shift, rounded half up (rnn.py's scale_rows). */
+static int64_t rnn_scale_row(int32_t acc, int16_t multiplier, int shift) {
+    return ((int64_t)acc * multiplier + ((int64_t)1 << (shift - 1))) >> shift;
+}
+
 /* Row `row` of W times the step's input, in Q12 with Wb. */
 static int64_t rnn_input_row(const eo_recurrent_params *p, const int8_t *w, const int32_t *wb, const int8_t *x,
                              int row) {
@@ -551,7 +557,7 @@ static int64_t rnn_input_row(const eo_recurrent_params *p, const int8_t *w, cons
     int32_t acc = 0;
     int i;
     for (i = 0; i < p->input_size; ++i) acc += weights[i] * (x[i] - p->input_zero_point);
-    return (int64_t)eo_requantize(acc, p->w_multiplier[row], p->w_shift[row]) + (wb ? wb[row] : 0);
+    return rnn_scale_row(acc, p->w_multiplier[row], p->w_shift) + (wb ? wb[row] : 0);
 }
 
 /* Row `row` of R times a Q15 vector, in Q12 with Rb. */
@@ -561,7 +567,7 @@ static int64_t rnn_state_row(const eo_recurrent_params *p, const int8_t *r, cons
     int32_t acc = 0;
     int i;
     for (i = 0; i < p->hidden; ++i) acc += weights[i] * state[i];
-    return (int64_t)eo_requantize(acc, p->r_multiplier[row], p->r_shift[row]) + (rb ? rb[row] : 0);
+    return rnn_scale_row(acc, p->r_multiplier[row], p->r_shift) + (rb ? rb[row] : 0);
 }
 
 /* Q15 values (an int16 state, or with `cell` an int32 one) requantized to the output at base. */

@@ -20,7 +20,7 @@ typedef struct {
     int n, h, w, c, out_h, out_w, out_c, kernel_h, kernel_w, group;
     int stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left;
     int32_t input_zero_point, output_zero_point, act_min, act_max;
-    const int8_t *weight; const int32_t *bias, *multiplier, *shift, *zero_point_sums;
+    const int8_t *weight; const int32_t *bias, *multiplier, *zero_point_sums; const int8_t *shift;
 } eo_conv2d_params;
 void eo_conv2d_s8(const eo_conv2d_params *p, const int8_t *in, int8_t *out);
 /* A depthwise conv (group = c = out_c > 1), its weight HWC (kernel_h, kernel_w, channels), not OHWI. */
@@ -30,7 +30,7 @@ void eo_depthwise_conv2d_s8(const eo_conv2d_params *p, const int8_t *in, int8_t 
 typedef struct {
     int rows, depth, out_features;
     int32_t input_zero_point, output_zero_point, act_min, act_max;
-    const int8_t *weight; const int32_t *bias, *multiplier, *shift;
+    const int8_t *weight; const int32_t *bias, *multiplier; const int8_t *shift;
 } eo_fully_connected_params;
 void eo_fully_connected_s8(const eo_fully_connected_params *p, const int8_t *in, int8_t *out);
 
@@ -63,7 +63,7 @@ typedef struct {
     int n, h, w, c, out_h, out_w, kernel_h, kernel_w, stride_h, stride_w, pad_top, pad_left;
     int pad_bottom, pad_right, count_include_pad;
     int32_t input_zero_point, output_zero_point, act_min, act_max;
-    const int32_t *multiplier, *shift; /* indexed by window count */
+    const int32_t *multiplier; const int8_t *shift; /* indexed by window count */
 } eo_avg_pool_params;
 void eo_avg_pool_s8(const eo_avg_pool_params *p, const int8_t *in, int8_t *out);
 
@@ -129,7 +129,7 @@ void eo_conv_transpose2d_s8(const eo_conv_transpose2d_params *p, const int8_t *i
 typedef struct {
     int outer, channels, inner;
     int32_t input_zero_point, output_zero_point, positive_multiplier, positive_shift, act_min, act_max;
-    const int32_t *negative_multiplier, *negative_shift; const int8_t *negative_sign;
+    const int32_t *negative_multiplier; const int8_t *negative_shift, *negative_sign;
 } eo_prelu_params;
 void eo_prelu_s8(const eo_prelu_params *p, const int8_t *in, int8_t *out);
 
@@ -150,13 +150,14 @@ typedef struct {
     int outer, reduce, inner, affine_inner;
     int64_t epsilon_term;
     int32_t fraction_bits, bias_bits, output_zero_point, act_min, act_max;
-    const int32_t *multiplier, *shift, *bias;
+    const int32_t *multiplier, *bias; const int8_t *shift;
 } eo_layer_norm_params;
 void eo_layer_norm_s8(const eo_layer_norm_params *p, const int8_t *in, int8_t *out);
 
 /* ONNX GRU and LSTM (edgeopt/runtime/reference/rnn.py): int8 sequence in, one output out (output 0: Y, 1: Y_h,
  * 2: an LSTM's Y_c). The state is Q15 in scratch (4 x hidden int16, in the arena; an LSTM's cell int32 Q15);
- * gate inputs are Q12, read from a 513-entry Q15 tanh table over [-8, 8). x at t * x_stride_t + b * x_stride_b + i;
+ * gate inputs are Q12 (each row's sum times its int16 multiplier over a power of two per matrix), read from a
+ * 257-entry Q15 tanh table over [0, 8] (odd). x at t * x_stride_t + b * x_stride_b + i;
  * out at t * y_stride_t + d * y_stride_d + b * y_stride_b + j * y_stride_h (t = 0 for Y_h and Y_c). Direction 1,
  * or the only one when reverse, runs from the last step. G gates: GRU z, r, n; LSTM i, o, f, c. */
 typedef struct {
@@ -164,12 +165,12 @@ typedef struct {
     long x_stride_t, x_stride_b, y_stride_t, y_stride_d, y_stride_b, y_stride_h;
     int32_t input_zero_point, output_multiplier, output_shift, output_zero_point, act_min, act_max;
     const int8_t *w, *r;                                        /* [D][G*H][I], [D][G*H][H] */
-    const int32_t *w_multiplier, *r_multiplier;                 /* [G*H]: to Q12 */
-    const int8_t *w_shift, *r_shift;                            /* [G*H] */
+    const int16_t *w_multiplier, *r_multiplier;                 /* [G*H]: to Q12 over 2^w_shift, 2^r_shift */
+    int w_shift, r_shift;
     const int32_t *w_bias, *r_bias;                             /* [D][G*H], Q12; null: zeros */
     const int16_t *initial;                                     /* [D][B][H] Q15; null: zeros */
     const int32_t *initial_cell;                                /* [D][B][H] Q15 (LSTM); null: zeros */
-    const int16_t *tanh;      /* 513 entries over [-8, 8); sigmoid(x) = (1 + tanh(x / 2)) / 2 */
+    const int16_t *tanh;      /* 257 entries over [0, 8]; sigmoid(x) = (1 + tanh(x / 2)) / 2 */
     /* initial states read from int8 tensors state0, state1 ([D][B][H], a streaming model's) instead: for each,
      * 0 for h or 1 for c, its zero point and the multiplier and shift of its scale to Q15 */
     int state_count, state_which[2];
