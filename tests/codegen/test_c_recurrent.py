@@ -32,24 +32,24 @@ from edgeopt.errors import UnsupportedOpError
 from edgeopt.quant import Int8Config
 from edgeopt.runtime.ort import OrtSession
 from edgeopt.runtime.reference import ReferenceModel, lower
-from edgeopt.runtime.reference.rnn import sigmoid, tanh
+from edgeopt.runtime.reference.rnn import row_multipliers, scale_rows, sigmoid, tanh
 
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("make") is None,
                                reason="needs gcc and make")
 STEPS, BATCH, FEATURES, HIDDEN = 7, 2, 6, 5
 
 
-def _cell_model(path, *, op="GRU", directions=1, outputs=("y",), initial=False, opset=17, **attributes):
+def _cell_model(path, *, op="GRU", directions=1, outputs=("y",), initial=False, opset=17, bias=0.3, **attributes):
     """A GRU or LSTM over the model's input (int8 in both runtimes, so they differ by the cell alone), then a
     Tanh on each output read (an op after it, as in a model). ``initial``: True for constant initial states,
     "inputs" for states read from model inputs (a streaming model's, carried from one call to the next).
-    Returns the model inputs' shapes."""
+    ``bias``: B's standard deviation. Returns the model inputs' shapes."""
     rng = np.random.default_rng(0)
     gates = 3 if op == "GRU" else 4
     x_shape = [STEPS, BATCH, FEATURES]
     weights = {"W": rng.normal(0, 0.5, (directions, gates * HIDDEN, FEATURES)).astype(np.float32),
                "R": rng.normal(0, 0.5, (directions, gates * HIDDEN, HIDDEN)).astype(np.float32),
-               "B": rng.normal(0, 0.3, (directions, 2 * gates * HIDDEN)).astype(np.float32)}
+               "B": rng.normal(0, bias, (directions, 2 * gates * HIDDEN)).astype(np.float32)}
     inputs = ["input", "W", "R", "B", "", "", ""]
     state = [directions, BATCH, HIDDEN]
     model_inputs = {"input": x_shape}
@@ -102,6 +102,7 @@ VARIANTS = {
     "lstm_reverse": dict(op="LSTM", direction="reverse", outputs=("y",)),
     "gru_streaming_state": dict(initial="inputs", linear_before_reset=1, outputs=("y", "y_h")),
     "lstm_streaming_states": dict(op="LSTM", directions=2, initial="inputs", outputs=("y_h", "y_c")),
+    "lstm_biases_beyond_8": dict(op="LSTM", bias=6.0, outputs=("y", "y_h")),  # int16 biases in coarser steps
 }
 
 
@@ -124,6 +125,7 @@ def test_the_cell_runs_in_integers_within_two_steps_of_onnx_runtime(variant):
     assert len(cells) == reads  # each output read from one op
     if VARIANTS[name].get("initial") == "inputs":  # the states are int8 inputs of the op, after x
         assert {len(op.inputs) for op in cells} == {len(shape)}
+    assert {op.params.bias_shift > 0 for op in cells} == {"bias" in VARIANTS[name]}  # biases of 8 and more
 
 
 @needs_gcc
@@ -141,6 +143,21 @@ def test_the_gates_are_within_three_and_four_q15_steps_of_sigmoid_and_tanh():
     assert np.abs(sigmoid(q12) - expected_sigmoid).max() <= 3  # measured 2.3: tanh(x / 2)'s error halved, a floor
     assert np.abs(tanh(q12) - expected_tanh).max() <= 4  # measured 3.7
     assert tanh(np.array([10**9]))[0] == 32767 and sigmoid(np.array([-(10**9)]))[0] == 0  # clamped, not wrapped
+    assert np.array_equal(tanh(-q12), -tanh(q12))  # one table over [0, 8], read mirrored
+
+
+def test_row_multipliers_keep_every_row_within_half_a_step_of_the_largest_rows_error():
+    """One shift per matrix: the largest row's multiplier fills int16, smaller rows keep the same absolute
+    error (what a gate's sum feels), not the same relative one."""
+    rng = np.random.default_rng(0)
+    real = np.exp(rng.uniform(math.log(1e-3), math.log(0.5), 64))
+    multiplier, shift = row_multipliers(real, "W")
+    assert multiplier.dtype == np.int16 and 2**14 <= multiplier.max() <= 2**15 - 1
+    product = rng.integers(-(2**20), 2**20, (8, 64))
+    error = np.abs(scale_rows(product, multiplier, shift) - product * real)
+    assert error.max() <= 0.5 + 2**20 * 2.0 ** -(shift + 1)
+    with pytest.raises(ValueError, match="too coarse"):
+        row_multipliers(np.array([0.5, 2.0**14]), "R")
 
 
 @pytest.mark.parametrize("op", ["GRU", "LSTM"])

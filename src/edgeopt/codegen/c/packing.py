@@ -387,9 +387,10 @@ def pack_recurrent(op: IntOp, ctx: PackContext):
         x_stride_t=x_t, x_stride_b=x_b, y_stride_t=y_t, y_stride_d=y_d, y_stride_b=y_b, y_stride_h=y_h,
         input_zero_point=p.input_zero_point, output_multiplier=p.output_multiplier, output_shift=p.output_shift,
         output_zero_point=p.output_zero_point, act_min=p.act_min, act_max=p.act_max, w_shift=p.w_shift,
-        r_shift=p.r_shift, **{field: f"{prefix}_{field}" if field in stored else "0" for field in arrays},
-        tanh="eo_rnn_tanh_table",
-        state_count=len(p.state_inputs), **_state_fields(p.state_inputs))))
+        r_shift=p.r_shift, bias_shift=p.bias_shift,
+        **{field: f"{prefix}_{field}" if field in stored else "0" for field in arrays}, tanh="eo_rnn_tanh_table",
+        state_inputs="eo_rnn_state_inputs" if p.state_inputs else "0", state_count=len(p.state_inputs),
+        **_state_fields(p.state_inputs))))
     states = [ctx.pointer(name) for name in op.inputs[1:]] + ["0"] * (3 - len(op.inputs))
     call = (f"{OPS[op.kind].c_kernel}(&{prefix}_params, {ctx.pointer(op.inputs[0])}, {', '.join(states)}, "
             f"{ctx.pointer(op.output)}, (int16_t *){ctx.pointer(op.scratch)});")

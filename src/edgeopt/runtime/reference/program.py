@@ -359,8 +359,9 @@ class RecurrentParams:
     w_shift: int
     r_multiplier: np.ndarray  # int16 (G*H,)
     r_shift: int
-    w_bias: np.ndarray  # int32 (D, G*H), Q12
-    r_bias: np.ndarray  # int32 (D, G*H), Q12
+    w_bias: np.ndarray  # int16 (D, G*H): Q12 over 2**-bias_shift
+    r_bias: np.ndarray  # int16 (D, G*H): Q12 over 2**-bias_shift
+    bias_shift: int  # 0 unless a bias reaches 8 (32,768 Q12 steps)
     initial: np.ndarray  # int16 (D, B, H), Q15: the constant initial state
     initial_cell: np.ndarray  # int32 (D, B, H), Q15 (zeros for a GRU)
     # initial states read from input tensors instead, in the op's inputs after x (int8 [D, B, H]): for each,

@@ -38,19 +38,23 @@ def _strides(info: TensorInfo, axes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(stored[info.layout.index(axis)] for axis in axes)
 
 
-def _biases(lo: Lowering, node: ir.Node, directions: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(Wb, Rb) in Q12, each [D, G*H]. Both are added to a gate's input, so Rb is folded into Wb (before
-    rounding), except a GRU's Rb_n with linear_before_reset, which the reset gate scales: Rb is zeros
-    elsewhere (and the C stores no array for zeros)."""
+def _biases(lo: Lowering, node: ir.Node, directions: int, rows: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(Wb, Rb, shift): int16 Q12 values over ``2**-shift``, each [D, G*H], ``shift`` 0 unless a bias
+    reaches 8 (then the fewest coarser steps that hold it). Both are added to a gate's input, so Rb is folded
+    into Wb (before rounding), except a GRU's Rb_n with linear_before_reset, which the reset gate scales:
+    Rb is zeros elsewhere (and the C stores no array for zeros)."""
     value = node.inputs[3] if len(node.inputs) > 3 else None
     if value is None or not value.name:
-        return (np.zeros((directions, rows), np.int32),) * 2
+        return np.zeros((directions, rows), np.int16), np.zeros((directions, rows), np.int16), 0
     real = lo.real_constant(value, node).reshape(directions, 2 * rows) * 2.0**GATE_FRACTION_BITS
     w_bias, r_bias = real[:, :rows].copy(), real[:, rows:].copy()
     kept = (node.op_type == "GRU" and bool(attribute(node, "linear_before_reset", 0))) * (rows // 3)
     w_bias[:, :rows - kept] += r_bias[:, :rows - kept]
     r_bias[:, :rows - kept] = 0.0
-    return tuple(np.clip(np.rint(b), -(2**31), 2**31 - 1).astype(np.int32) for b in (w_bias, r_bias))
+    shift = 0
+    while max(np.abs(np.rint(b / 2.0**shift)).max(initial=0) for b in (w_bias, r_bias)) > 2**15 - 1:
+        shift += 1
+    return np.rint(w_bias / 2.0**shift).astype(np.int16), np.rint(r_bias / 2.0**shift).astype(np.int16), shift
 
 
 def _initial(node: ir.Node, index: int, shape: tuple[int, int, int], label: str, bound: float) -> np.ndarray:
@@ -114,7 +118,7 @@ def lower_recurrent(lo: Lowering, node: ir.Node) -> None:
         r_multiplier, r_shift = row_multipliers(r_scale * 2.0**(GATE_FRACTION_BITS - STATE_FRACTION_BITS), "R")
     except ValueError as error:
         raise UnsupportedOpError(f"{node_label(node)}: {error}") from None
-    w_bias, r_bias = _biases(lo, node, directions, rows)
+    w_bias, r_bias, bias_shift = _biases(lo, node, directions, rows)
     state = (directions, batch, hidden)
     initial = np.clip(_initial(node, 5, state, "initial_h", 1.0), 1 - _ONE, _ONE - 1).astype(np.int16)
     cell_state = (_initial(node, 6, state, "initial_c", 2.0**16 - 1) if cell == "lstm"
@@ -125,7 +129,7 @@ def lower_recurrent(lo: Lowering, node: ir.Node) -> None:
                   x_strides=x_strides[:2], input_zero_point=source.zero_point,
                   w=w.reshape(directions, rows, -1), r=r.reshape(directions, rows, hidden), w_multiplier=w_multiplier,
                   w_shift=w_shift, r_multiplier=r_multiplier, r_shift=r_shift, w_bias=w_bias, r_bias=r_bias,
-                  initial=initial, initial_cell=cell_state)
+                  bias_shift=bias_shift, initial=initial, initial_cell=cell_state)
     states, common["state_inputs"] = _state_inputs(lo, node, state)
     for output, value in enumerate(node.outputs[:3]):
         if value is not None and value.name and (value.uses() or value.is_graph_output()):

@@ -15,7 +15,8 @@ Q15 (int16, ``h = q / 2**15``): a GRU's is a mix of a tanh and the previous stat
 times a tanh, so it stays in [-1, 1] from a state there. An LSTM's cell ``C`` is not bounded (it may grow
 by 1 a step): it is Q15 in int32 (up to 65,536), saturated there. Each matrix product is an exact int32
 sum, moved to Q12 (``2**-12`` steps) by one int16 multiplier per row over a power of two per matrix
-(:func:`scale_rows`), where both biases are added;
+(:func:`scale_rows`), where both biases are added
+(int16, Q12 unless one reaches 8: then ``bias_shift`` coarser steps);
 tanh clamps its input's magnitude below 8 and reads a 257-entry Q15 table over [0, 8], linearly interpolated
 between entries ``1/32`` apart, negated for a negative input (within 4 Q15 steps: 3.7 where it bends most); sigmoid is
 ``(1 + tanh(x / 2)) / 2`` from the same table (within 2.5 steps); ``tanh(C)`` reads ``C`` in Q12
@@ -113,7 +114,7 @@ def scale_rows(product: np.ndarray, multiplier: np.ndarray, shift: int) -> np.nd
 def _rows(p: RecurrentParams, d: int, vector: np.ndarray, rows: slice) -> np.ndarray:
     """R's ``rows`` times the Q15 ``vector`` [B, H], in Q12 with Rb."""
     product = vector @ p.r[d, rows].astype(np.int64).T
-    return scale_rows(product, p.r_multiplier[rows], p.r_shift) + p.r_bias[d, rows]
+    return scale_rows(product, p.r_multiplier[rows], p.r_shift) + (p.r_bias[d, rows].astype(np.int64) << p.bias_shift)
 
 
 def _gru_step(p: RecurrentParams, d: int, gx: np.ndarray, h: np.ndarray, c):
@@ -168,13 +169,13 @@ def recurrent(x: np.ndarray, *states: np.ndarray, params: RecurrentParams, round
     xt, xb = p.x_strides
     rows = np.arange(p.batch)[:, None] * xb + np.arange(p.input_size)[None, :]
     for d in range(p.directions):
-        w = p.w[d].astype(np.int64)
+        w, w_bias = p.w[d].astype(np.int64), p.w_bias[d].astype(np.int64) << p.bias_shift
         h, c = initial_h[d], initial_c[d]
         backward = p.reverse or d == 1
         for step in range(p.steps):
             t = p.steps - 1 - step if backward else step
             centered = flat[t * xt + rows].astype(np.int64) - p.input_zero_point
-            gx = scale_rows(centered @ w.T, p.w_multiplier, p.w_shift) + p.w_bias[d]
+            gx = scale_rows(centered @ w.T, p.w_multiplier, p.w_shift) + w_bias
             h, c = step_function(p, d, gx, h, c)
             if p.output == 0:
                 _write(p, out, t, d, h, rounding)

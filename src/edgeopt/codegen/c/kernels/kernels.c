@@ -550,24 +550,29 @@ static int64_t rnn_scale_row(int32_t acc, int16_t multiplier, int shift) {
     return ((int64_t)acc * multiplier + ((int64_t)1 << (shift - 1))) >> shift;
 }
 
+/* A bias in Q12 (null: zero). */
+static int64_t rnn_bias(const eo_recurrent_params *p, const int16_t *bias, int row) {
+    return bias ? (int64_t)bias[row] * ((int64_t)1 << p->bias_shift) : 0;
+}
+
 /* Row `row` of W times the step's input, in Q12 with Wb. */
-static int64_t rnn_input_row(const eo_recurrent_params *p, const int8_t *w, const int32_t *wb, const int8_t *x,
+static int64_t rnn_input_row(const eo_recurrent_params *p, const int8_t *w, const int16_t *wb, const int8_t *x,
                              int row) {
     const int8_t *weights = w + (long)row * p->input_size;
     int32_t acc = 0;
     int i;
     for (i = 0; i < p->input_size; ++i) acc += weights[i] * (x[i] - p->input_zero_point);
-    return rnn_scale_row(acc, p->w_multiplier[row], p->w_shift) + (wb ? wb[row] : 0);
+    return rnn_scale_row(acc, p->w_multiplier[row], p->w_shift) + rnn_bias(p, wb, row);
 }
 
 /* Row `row` of R times a Q15 vector, in Q12 with Rb. */
-static int64_t rnn_state_row(const eo_recurrent_params *p, const int8_t *r, const int32_t *rb, const int16_t *state,
+static int64_t rnn_state_row(const eo_recurrent_params *p, const int8_t *r, const int16_t *rb, const int16_t *state,
                              int row) {
     const int8_t *weights = r + (long)row * p->hidden;
     int32_t acc = 0;
     int i;
     for (i = 0; i < p->hidden; ++i) acc += weights[i] * state[i];
-    return rnn_scale_row(acc, p->r_multiplier[row], p->r_shift) + (rb ? rb[row] : 0);
+    return rnn_scale_row(acc, p->r_multiplier[row], p->r_shift) + rnn_bias(p, rb, row);
 }
 
 /* Q15 values (an int16 state, or with `cell` an int32 one) requantized to the output at base. */
@@ -578,15 +583,9 @@ static void rnn_write(const eo_recurrent_params *p, int8_t *out, long base, cons
                                                p->output_zero_point, p->act_min, p->act_max);
 }
 
-/* The initial h (int16) and c (int32, or none) of direction d, batch row b: the constants, or the int8 state
- * inputs moved to Q15. */
-static void rnn_initial(const eo_recurrent_params *p, const int8_t *state0, const int8_t *state1, long offset,
-                        int16_t *h, int32_t *cell) {
+void eo_rnn_state_inputs(const eo_recurrent_params *p, const int8_t *state0, const int8_t *state1, long offset,
+                         int16_t *h, int32_t *cell) {
     int k, j;
-    if (p->initial) memcpy(h, p->initial + offset, sizeof(int16_t) * p->hidden);
-    else memset(h, 0, sizeof(int16_t) * p->hidden);
-    if (cell && p->initial_cell) memcpy(cell, p->initial_cell + offset, sizeof(int32_t) * p->hidden);
-    else if (cell) memset(cell, 0, sizeof(int32_t) * p->hidden);
     for (k = 0; k < p->state_count; ++k) {
         const int8_t *state = (k == 0 ? state0 : state1) + offset;
         for (j = 0; j < p->hidden; ++j) {
@@ -598,7 +597,18 @@ static void rnn_initial(const eo_recurrent_params *p, const int8_t *state0, cons
     }
 }
 
-typedef struct { const int8_t *w, *r; const int32_t *wb, *rb; int backward; } rnn_direction;
+/* The initial h (int16) and c (int32, or none) of direction d, batch row b at offset: the constants (null:
+ * zeros), or the state inputs. */
+static void rnn_initial(const eo_recurrent_params *p, const int8_t *state0, const int8_t *state1, long offset,
+                        int16_t *h, int32_t *cell) {
+    if (p->initial) memcpy(h, p->initial + offset, sizeof(int16_t) * p->hidden);
+    else memset(h, 0, sizeof(int16_t) * p->hidden);
+    if (cell && p->initial_cell) memcpy(cell, p->initial_cell + offset, sizeof(int32_t) * p->hidden);
+    else if (cell) memset(cell, 0, sizeof(int32_t) * p->hidden);
+    if (p->state_inputs) p->state_inputs(p, state0, state1, offset, h, cell);
+}
+
+typedef struct { const int8_t *w, *r; const int16_t *wb, *rb; int backward; } rnn_direction;
 
 static rnn_direction rnn_weights(const eo_recurrent_params *p, int d, int gates) {
     rnn_direction dir;

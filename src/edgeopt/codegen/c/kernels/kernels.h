@@ -160,22 +160,31 @@ void eo_layer_norm_s8(const eo_layer_norm_params *p, const int8_t *in, int8_t *o
  * 257-entry Q15 tanh table over [0, 8] (odd). x at t * x_stride_t + b * x_stride_b + i;
  * out at t * y_stride_t + d * y_stride_d + b * y_stride_b + j * y_stride_h (t = 0 for Y_h and Y_c). Direction 1,
  * or the only one when reverse, runs from the last step. G gates: GRU z, r, n; LSTM i, o, f, c. */
-typedef struct {
+typedef struct eo_recurrent_params eo_recurrent_params;
+/* The initial h (int16) and c (int32, or none) moved to Q15 from int8 state inputs (a streaming model's) at offset:
+ * eo_rnn_state_inputs, by pointer, so that a model without state inputs links none of it. */
+typedef void eo_rnn_states_fn(const eo_recurrent_params *p, const int8_t *state0, const int8_t *state1, long offset,
+                              int16_t *h, int32_t *cell);
+struct eo_recurrent_params {
     int output, steps, batch, input_size, hidden, directions, reverse, linear_before_reset;
     long x_stride_t, x_stride_b, y_stride_t, y_stride_d, y_stride_b, y_stride_h;
     int32_t input_zero_point, output_multiplier, output_shift, output_zero_point, act_min, act_max;
     const int8_t *w, *r;                                        /* [D][G*H][I], [D][G*H][H] */
     const int16_t *w_multiplier, *r_multiplier;                 /* [G*H]: to Q12 over 2^w_shift, 2^r_shift */
     int w_shift, r_shift;
-    const int32_t *w_bias, *r_bias;                             /* [D][G*H], Q12; null: zeros */
+    const int16_t *w_bias, *r_bias;                 /* [D][G*H], Q12 over 2^-bias_shift; null: zeros */
+    int bias_shift;
     const int16_t *initial;                                     /* [D][B][H] Q15; null: zeros */
     const int32_t *initial_cell;                                /* [D][B][H] Q15 (LSTM); null: zeros */
     const int16_t *tanh;      /* 257 entries over [0, 8]; sigmoid(x) = (1 + tanh(x / 2)) / 2 */
     /* initial states read from int8 tensors state0, state1 ([D][B][H], a streaming model's) instead: for each,
      * 0 for h or 1 for c, its zero point and the multiplier and shift of its scale to Q15 */
+    eo_rnn_states_fn *state_inputs; /* eo_rnn_state_inputs, or null without state inputs */
     int state_count, state_which[2];
     int32_t state_zero_point[2], state_multiplier[2], state_shift[2];
-} eo_recurrent_params;
+};
+void eo_rnn_state_inputs(const eo_recurrent_params *p, const int8_t *state0, const int8_t *state1, long offset,
+                         int16_t *h, int32_t *cell);
 void eo_gru_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *state0, const int8_t *state1,
                int8_t *out, int16_t *scratch);
 void eo_lstm_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *state0, const int8_t *state1,
