@@ -295,3 +295,31 @@ def test_a_conv_front_end_before_the_cell_compiles_bit_exact(cell, tmp_path):
         ours, theirs = reference.dequantize(reference.run(feed))["output"], qdq.run(feed)["output"]
         assert 10 * np.log10(np.sum(theirs**2) / max(float(np.sum((ours - theirs) ** 2)), 1e-30)) >= 30.0
     assert_compiles_bit_exact(model, tmp_path / "c", data[:2])
+    # the conv's NHWC output read back as [N, C, T], then permuted to [T, N, C]: with N = 1 the two transposes
+    # compose to the bytes as stored (a reshape, in place); the one left moves the model's input to [N, T, C]
+    program = lower(model)
+    assert [op.kind for op in program.ops].count("transpose") == 1
+    assert "eo_copy_s8(" not in (tmp_path / "c" / "model.c").read_text()
+
+
+@needs_gcc
+def test_a_single_batch_first_sequence_reaches_the_cell_without_a_copy(tmp_path):
+    """Keras' export: the input [1, T, F] transposed to the cell's [T, 1, F]. Moving an axis of size 1 moves no
+    byte: the transpose is a reshape the planner writes in place, and the C calls no kernel for it."""
+    nodes = [helper.make_node("Transpose", ["input"], ["steps"], perm=[1, 0, 2], name="to_steps"),
+             helper.make_node("LSTM", ["steps", "W", "R", "B"], ["", "y_h"], name="lstm", hidden_size=HIDDEN),
+             helper.make_node("Tanh", ["y_h"], ["output"], name="tanh")]
+    rng = np.random.default_rng(0)
+    weights = {"W": rng.normal(0, 0.5, (1, 4 * HIDDEN, FEATURES)), "R": rng.normal(0, 0.5, (1, 4 * HIDDEN, HIDDEN)),
+               "B": rng.normal(0, 0.3, (1, 8 * HIDDEN))}
+    graph = helper.make_graph(
+        nodes, "batch_first", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, STEPS, FEATURES])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1, HIDDEN])],
+        initializer=[numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "float.onnx")
+    data = [{"input": rng.normal(0, 1, (1, STEPS, FEATURES)).astype(np.float32)} for _ in range(8)]
+    _, model = quantize_for_mcu(tmp_path / "float.onnx", data, tmp_path / "int8.onnx")
+    assert [op.kind for op in lower(model).ops] == ["reshape", "lstm", "lut"]  # the Tanh: a table
+    assert_compiles_bit_exact(model, tmp_path / "c", data[:2])
+    code = (tmp_path / "c" / "model.c").read_text()
+    assert "eo_transpose_s8(" not in code and "eo_copy_s8(" not in code

@@ -4,9 +4,11 @@ Rank-4 tensors are stored NHWC and the others in logical order, so a reshape
 that changes rank, and the per-head Reshape/Transpose pairs of attention, lower
 to chains of transposes. ``t = transpose(x, p1)`` then ``y = transpose(t, p2)``
 is ``y = transpose(x, [p1[i] for i in p2])``: one pass over the data instead of
-two, and ``t`` no longer exists. Applied only when ``t`` is read by the second
-transpose alone, is not a model output and is ``x`` permuted (a transpose op
-may also reshape: the second half of a rank-changing reshape).
+two, and ``t`` no longer exists. Applied when ``t`` is read by the second
+transpose alone, is not a model output and is ``x`` permuted up to axes of size
+1 (a transpose op may also reshape: the second half of a rank-changing reshape,
+as a 1-D conv's NHWC output read back as [N, C, L]); axes of size 1 are left
+out of the composition, since they do not move any byte.
 
 A transpose that leaves the bytes in order (the identity, or one that moves
 only axes of size 1, as Keras' ``[1, T, F]`` read as an ONNX cell's
@@ -21,11 +23,20 @@ from dataclasses import replace
 
 from edgeopt.runtime.reference.program import IntOp, Program, ReshapeParams, TransposeParams
 
-__all__ = ["compose_transposes"]
+__all__ = ["compose_transposes", "sink_transposes"]
 
 
 def compose_transposes(program: Program) -> Program:
-    """``program`` with each transpose of a transpose's single-use output composed into one op."""
+    """``program`` with each transpose of a transpose's single-use output composed into one op, moving
+    transposes below the ops that commute with them (:func:`sink_transposes`) until none meets another."""
+    while True:
+        composed = _compose_once(sink_transposes(program))
+        if composed.ops == program.ops:
+            return composed
+        program = composed
+
+
+def _compose_once(program: Program) -> Program:
     readers = Counter(name for op in program.ops for name in op.inputs)
     outputs = {io.tensor for io in program.outputs}
     ops: list[IntOp | None] = []
@@ -35,10 +46,9 @@ def compose_transposes(program: Program) -> Program:
         source = op.inputs[0] if op.inputs else None
         first = ops[position[source]] if op.kind == "transpose" and source in position else None
         if (first is not None and first.kind == "transpose" and readers[source] == 1 and source not in outputs
-                and _keeps_shape(first, program)):
-            perm = tuple(first.params.perm[axis] for axis in op.params.perm)
-            op = IntOp(kind="transpose", inputs=first.inputs, output=op.output, params=TransposeParams(perm=perm),
-                       node=op.node)
+                and _order(first, program) is not None):
+            op = IntOp(kind="transpose", inputs=first.inputs, output=op.output,
+                       params=TransposeParams(perm=_composed(first, op, program)), node=op.node)
             ops[position.pop(source)] = None
             gone.add(source)
         position[op.output] = len(ops)
@@ -50,11 +60,76 @@ def compose_transposes(program: Program) -> Program:
     return replace(program, tensors=tensors, ops=kept)
 
 
-def _keeps_shape(op: IntOp, program: Program) -> bool:
-    """Whether a transpose's output is its input permuted, without the reshape a transpose op may add
-    (a rank-changing reshape lowers to transposes whose output tensor has another shape)."""
+def sink_transposes(program: Program) -> Program:
+    """``program`` with each transpose whose single-use output an op reads that commutes with it moved below
+    that op: ``f(transpose(x, p))`` is ``transpose(f(x), p)`` for an elementwise ``f`` (a table, a
+    requantize, a Mul or Add by one value) and for a Softmax when ``p`` keeps the innermost axis innermost.
+    The transpose then meets the next one (a rank-4 attention score goes back to logical order after its
+    scale and Softmax), and :func:`compose_transposes` merges them."""
+    readers = Counter(name for op in program.ops for name in op.inputs)
+    outputs = {io.tensor for io in program.outputs}
+    tensors = dict(program.tensors)
+    ops: list[IntOp | None] = []
+    position: dict[str, int] = {}
+    for op in program.ops:
+        source = next((name for name in op.inputs if name in position), None)
+        moved = ops[position[source]] if source is not None else None
+        if (moved is not None and moved.kind == "transpose" and readers[source] == 1 and source not in outputs
+                and _keeps_shape(moved, tensors) and _commutes(op, source, moved, tensors)):
+            x = moved.inputs[0]
+            before = f"{op.output}__unpermuted"
+            after, perm = tensors[op.output], moved.params.perm
+            layout = [0] * len(perm)  # stored axis perm[i] of `before` is axis i of `after`
+            for axis, logical in zip(perm, after.layout):
+                layout[axis] = logical
+            tensors[before] = replace(after, name=before, shape=tensors[x].shape, layout=tuple(layout))
+            ops[position.pop(source)] = None
+            del tensors[source]
+            ops.append(replace(op, inputs=tuple(x if name == source else name for name in op.inputs), output=before))
+            op = IntOp(kind="transpose", inputs=(before,), output=op.output, params=moved.params, node=moved.node)
+        if op.kind == "transpose":
+            position[op.output] = len(ops)
+        ops.append(op)
+    kept = tuple(op for op in ops if op is not None)
+    return program if kept == program.ops else replace(program, tensors=tensors, ops=kept)
+
+
+def _commutes(op: IntOp, source: str, transpose: IntOp, tensors) -> bool:
+    """Whether ``op`` reading the transposed ``source`` gives its output transposed when it reads the
+    transpose's input instead."""
+    if op.kind in ("lut", "requantize"):
+        return True
+    if op.kind in ("mul", "add"):
+        others = [name for name in op.inputs if name != source]
+        return len(others) == 1 and tensors[others[0]].size == 1
+    if op.kind == "softmax":  # it reduces the innermost stored axis
+        return transpose.params.perm[-1] == len(transpose.params.perm) - 1
+    return False
+
+
+def _keeps_shape(op: IntOp, tensors) -> bool:
+    """Whether a transpose's output is its input permuted, without the reshape a transpose op may add."""
+    source = tensors[op.inputs[0]].shape
+    return tensors[op.output].shape == tuple(source[axis] for axis in op.params.perm)
+
+
+def _order(op: IntOp, program: Program) -> list[int] | None:
+    """The input axes of size above 1 in the order a transpose writes them, or None when its output is not
+    its input permuted up to axes of size 1 (the second half of a reshape that merges or splits axes)."""
     source = program.tensors[op.inputs[0]].shape
-    return program.tensors[op.output].shape == tuple(source[axis] for axis in op.params.perm)
+    moved = [axis for axis in op.params.perm if source[axis] != 1]
+    if [source[axis] for axis in moved] != [size for size in program.tensors[op.output].shape if size != 1]:
+        return None
+    return moved
+
+
+def _composed(first: IntOp, second: IntOp, program: Program) -> tuple[int, ...]:
+    """The perm over ``first``'s input of ``second`` after ``first``: its axes of size 1 first, then the others
+    in the order the two write them (``t``'s axes of size above 1 are ``x``'s in ``first``'s order)."""
+    source, middle = program.tensors[first.inputs[0]].shape, program.tensors[second.inputs[0]].shape
+    written = dict(zip([axis for axis, size in enumerate(middle) if size != 1], _order(first, program)))
+    order = [written[axis] for axis in second.params.perm if middle[axis] != 1]
+    return (*[axis for axis, size in enumerate(source) if size == 1], *order)
 
 
 def _as_copy(op: IntOp, program: Program) -> IntOp:

@@ -1,0 +1,75 @@
+"""Transposes in the integer program: composed, moved past the ops that commute with them, or dropped.
+
+Exporters write transposes around layout-agnostic ops (an activation between a transpose to channels-last and
+one back; Keras' ``[1, T, F]`` read as a sequence-first ``[T, 1, F]``). Each costs the C a pass over the tensor
+and an arena buffer. The lowering moves a transpose below an elementwise op or a Softmax that keeps its axis
+innermost, composes the ones that meet, and keeps as a copy (written in place) one that moves no byte.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qdq_models as q
+from mcu_flow import assert_compiles_bit_exact, quantize_for_mcu
+from edgeopt.runtime.ort import OrtSession
+from edgeopt.runtime.reference import ReferenceModel, lower
+
+needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("make") is None,
+                               reason="needs gcc and make")
+
+
+def _model(path, middle: list, output_shape) -> None:
+    """Conv [1, 3, 6, 7] -> 4 channels, then ``middle`` (nodes from "c" to "output")."""
+    weight = np.random.default_rng(0).normal(0, 0.4, (4, 3, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]), *middle]
+    graph = helper.make_graph(nodes, "transposes", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                  [1, 3, 6, 7])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, output_shape)],
+                              initializer=[numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def _assert_agrees_with_onnx_runtime(model) -> None:
+    within, _, worst = q.agreement(ReferenceModel(model), OrtSession(model), _data(4, 3))
+    assert within >= 0.99 and worst <= 1, (within, worst)
+
+
+def _data(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"input": rng.normal(0, 1, (1, 3, 6, 7)).astype(np.float32)} for _ in range(count)]
+
+
+@needs_gcc
+def test_a_transpose_pair_around_an_activation_vanishes(tmp_path):
+    """NCHW -> NHWC, Sigmoid, back to NCHW: the table runs on the conv's output as stored, and the two
+    transposes compose to nothing."""
+    _model(tmp_path / "float.onnx", [
+        helper.make_node("Transpose", ["c"], ["t"], name="to_nhwc", perm=[0, 2, 3, 1]),
+        helper.make_node("Sigmoid", ["t"], ["s"], name="sigmoid"),
+        helper.make_node("Transpose", ["s"], ["output"], name="to_nchw", perm=[0, 3, 1, 2])], [1, 4, 6, 7])
+    _, model = quantize_for_mcu(tmp_path / "float.onnx", _data(16, 0), tmp_path / "int8.onnx")
+    kinds = [op.kind for op in lower(model).ops]
+    assert "transpose" not in kinds and kinds[:2] == ["conv2d", "lut"], kinds
+    _assert_agrees_with_onnx_runtime(model)
+    assert_compiles_bit_exact(model, tmp_path / "c", _data(2, 1))
+
+
+@needs_gcc
+def test_a_transpose_that_moves_the_softmax_axis_stays_before_it(tmp_path):
+    """Softmax over the channels after NCHW -> NHWC: the transpose brings another axis innermost, so moving
+    it below the Softmax would normalize the wrong axis; it stays, and the result is still bit-exact."""
+    _model(tmp_path / "float.onnx", [
+        helper.make_node("Transpose", ["c"], ["t"], name="to_nhwc", perm=[0, 2, 3, 1]),
+        helper.make_node("Softmax", ["t"], ["output"], name="softmax", axis=2)], [1, 6, 7, 4])
+    _, model = quantize_for_mcu(tmp_path / "float.onnx", _data(16, 0), tmp_path / "int8.onnx")
+    program = lower(model)
+    softmax, = [op for op in program.ops if op.kind == "softmax"]
+    assert {op.output: op for op in program.ops}[softmax.inputs[0]].kind == "transpose"
+    _assert_agrees_with_onnx_runtime(model)
+    assert_compiles_bit_exact(model, tmp_path / "c", _data(2, 1))
