@@ -30,7 +30,8 @@ and transposes it to an ONNX LSTM's ``[steps, 1, features]`` (layout 0, no
 initial states), Y_h flattened to ``[1, 32]`` for the Gemm; Keras' gate
 blocks i, f, c, o become ONNX's i, o, f, c, and ONNX's B is Keras' bias
 followed by zeros (Keras has one bias per gate, ONNX adds two). edgeopt's
-C runs it as Transpose, the LSTM (``eo_lstm_s8``), a copy and the Gemm.
+C runs it as the LSTM (``eo_lstm_s8``) and the Gemm: the Transpose, which moves only the batch axis of 1,
+and the flatten are reshapes written in place.
 TFLite's converter fuses a Keras LSTM into UNIDIRECTIONAL_SEQUENCE_LSTM
 (which TFLM runs in int8, with an int16 cell state) only for Keras 2's
 layer, whose function carries the ``api_implements`` attribute the converter
