@@ -1,13 +1,13 @@
-"""GRU and LSTM in integers for the microcontroller target: quantized by `edgeopt quantize --target mcu`,
-lowered to the ``gru``/``lstm`` ops of the integer reference, compiled to ``eo_gru_s8``/``eo_lstm_s8``,
-bit-exact against the reference.
+"""RNN, GRU and LSTM in integers for the microcontroller target: quantized by `edgeopt quantize --target mcu`,
+lowered to the ``rnn``/``gru``/``lstm`` ops of the integer reference, compiled to ``eo_rnn_s8``/``eo_gru_s8``/
+``eo_lstm_s8``, bit-exact against the reference.
 
 The state is Q15 between steps (runtime/reference/rnn.py), so the integer cells stay close to ONNX Runtime's
 float GRU/LSTM over the QDQ model's int8 weights: the reference's output is within a step or two of it.
 Variants built with onnx.helper cover what exporters write: a GRU's linear_before_reset 0 (ONNX's default)
 and 1 (PyTorch's), forward, reverse and bidirectional, Y read, Y_h read, both read, an LSTM's Y_c, constant
-initial states, and a streaming model's states read from model inputs. A batch-first cell (layout 1) stays
-float: ONNX Runtime cannot run one, so it cannot be calibrated either. The keyword-spotting models of
+initial states, a streaming model's states read from model inputs, and a plain tanh RNN's. A batch-first
+cell (layout 1) stays float: ONNX Runtime cannot run one, so it cannot be calibrated either. The keyword-spotting models of
 tests/audio_models.py (PyTorch's 2-layer batch-first GRU, and its bidirectional LSTM averaged over time,
 each with zeros states computed from the input's shape) compile once --input-shape fixes the shapes.
 """
@@ -45,7 +45,7 @@ def _cell_model(path, *, op="GRU", directions=1, outputs=("y",), initial=False, 
     "inputs" for states read from model inputs (a streaming model's, carried from one call to the next).
     ``bias``: B's standard deviation. Returns the model inputs' shapes."""
     rng = np.random.default_rng(0)
-    gates = 3 if op == "GRU" else 4
+    gates = {"RNN": 1, "GRU": 3, "LSTM": 4}[op]
     x_shape = [STEPS, BATCH, FEATURES]
     weights = {"W": rng.normal(0, 0.5, (directions, gates * HIDDEN, FEATURES)).astype(np.float32),
                "R": rng.normal(0, 0.5, (directions, gates * HIDDEN, HIDDEN)).astype(np.float32),
@@ -64,7 +64,7 @@ def _cell_model(path, *, op="GRU", directions=1, outputs=("y",), initial=False, 
             inputs[6] = "c0"
     while not inputs[-1]:
         inputs.pop()
-    names = ["y", "y_h", "y_c"][:gates - 1]
+    names = ["y", "y_h", "y_c"][:3 if op == "LSTM" else 2]
     cell = helper.make_node(op, inputs, names, name=op.lower(), hidden_size=HIDDEN,
                             **({"direction": "bidirectional"} if directions == 2 else {}), **attributes)
     shapes = {"y": [STEPS, directions, BATCH, HIDDEN], "y_h": state, "y_c": state}
@@ -103,6 +103,9 @@ VARIANTS = {
     "gru_streaming_state": dict(initial="inputs", linear_before_reset=1, outputs=("y", "y_h")),
     "lstm_streaming_states": dict(op="LSTM", directions=2, initial="inputs", outputs=("y_h", "y_c")),
     "lstm_biases_beyond_8": dict(op="LSTM", bias=6.0, outputs=("y", "y_h")),  # int16 biases in coarser steps
+    "rnn_forward_y": dict(op="RNN"),
+    "rnn_bidirectional_initial_state": dict(op="RNN", directions=2, initial=True, outputs=("y", "y_h")),
+    "rnn_reverse_streaming_state": dict(op="RNN", direction="reverse", initial="inputs", outputs=("y_h",)),
 }
 
 
@@ -160,10 +163,10 @@ def test_row_multipliers_keep_every_row_within_half_a_step_of_the_largest_rows_e
         row_multipliers(np.array([0.5, 2.0**14]), "R")
 
 
-@pytest.mark.parametrize("op", ["GRU", "LSTM"])
+@pytest.mark.parametrize("op", ["RNN", "GRU", "LSTM"])
 def test_the_ort_target_keeps_the_cells_float(tmp_path, op):
-    """ONNX Runtime has no QDQ GRU or LSTM: on the ort target they would run in float between DQ and Q, so they
-    stay float (int8-dynamic's DynamicQuantizeLSTM is the ORT route for an LSTM)."""
+    """ONNX Runtime has no QDQ RNN, GRU or LSTM: on the ort target they would run in float between DQ and Q, so
+    they stay float (int8-dynamic's DynamicQuantizeLSTM is the ORT route for an LSTM)."""
     shape = _cell_model(tmp_path / "float.onnx", op=op)
     result = api.quantize(tmp_path / "float.onnx", Int8Config(), _inputs(shape, 8, seed=0),
                           output=tmp_path / "int8.onnx", check_speed=False, check_fidelity=False).result
@@ -175,6 +178,7 @@ def test_the_ort_target_keeps_the_cells_float(tmp_path, op):
     (dict(activations=["Sigmoid", "Relu"]), "the integer kernel computes the default Sigmoid and Tanh"),
     (dict(op="LSTM", input_forget=1), "input_forget=1"),
     (dict(op="LSTM", activations=["Sigmoid", "Tanh", "Relu"]), "computes the default Sigmoid, Tanh and Tanh"),
+    (dict(op="RNN", activations=["Relu"]), "the integer kernel computes the default Tanh"),
 ])
 def test_a_cell_the_kernel_cannot_run_stays_float_and_compile_says_why_in_one_line(tmp_path, attributes, reason):
     shape = _cell_model(tmp_path / "float.onnx", **attributes)
@@ -246,7 +250,7 @@ def test_quantize_does_not_warn_that_a_shape_computed_state_blocks_the_c(tmp_pat
     assert not [warning for warning in report.warnings if "cannot become C" in warning], report.warnings
 
 
-@pytest.mark.parametrize("op", ["GRU", "LSTM"])
+@pytest.mark.parametrize("op", ["RNN", "GRU", "LSTM"])
 def test_the_fidelity_check_measures_y_h_against_the_cells_own_twin_output(op, tmp_path):
     """A cell reading quantized W and R gets a float-weight twin in the fidelity check; the twin's Y_h is its
     second output, and Y (its first, [T, D, B, H]) was compared against the float Y_h ([D, B, H]): quantize
@@ -268,7 +272,7 @@ def _crnn_onnx(path, cell: str) -> None:
         def __init__(self):
             super().__init__()
             self.conv = nn.Sequential(nn.Conv1d(40, 32, 5, stride=2, padding=2), nn.BatchNorm1d(32), nn.ReLU())
-            self.rnn = (nn.GRU if cell == "gru" else nn.LSTM)(32, 24)
+            self.rnn = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[cell](32, 24)
             self.head = nn.Linear(24, 12)
 
         def forward(self, x):
@@ -281,7 +285,7 @@ def _crnn_onnx(path, cell: str) -> None:
 
 
 @needs_gcc
-@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 def test_a_conv_front_end_before_the_cell_compiles_bit_exact(cell, tmp_path):
     """The conv's [N, C, T] output reaches the cell through the lift of 1-D convs (stored [N, T, C]) and the
     permute; measured: identical to the QDQ model in ONNX Runtime on most clips, 43.5 dB on the others."""

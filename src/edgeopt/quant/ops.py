@@ -11,7 +11,7 @@ and QLinearMul (:mod:`edgeopt.quant.hard_activations`). Everything else
 stays float and is reported. The microcontroller target
 (:data:`MCU_OP_RULES`) adds the ops the C kernels compute from int8
 (Softmax, Tanh, Elu, Gelu, ReduceMean, GlobalMaxPool, Pad, PRelu, DepthToSpace, SpaceToDepth, linear Resize,
-LayerNormalization, InstanceNormalization, GRU, LSTM, and the spelled-out GELU and LayerNorm groups of
+LayerNormalization, InstanceNormalization, RNN, GRU, LSTM, and the spelled-out GELU and LayerNorm groups of
 :data:`ONE_OP_PATTERNS`)
 and ConvTranspose, which ONNX Runtime runs in float (it has no integer
 ConvTranspose on the CPU), and keeps a Gather float unless its indices are
@@ -45,7 +45,8 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 
 __all__ = ["FUSED_BETWEEN_PAIRS", "MCU_OP_RULES", "ONE_OP_PATTERNS", "OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule",
-           "QUANTIZED_OP_TYPES", "WEIGHT_ONLY_OPS", "float_op_reason", "gather_refusal",
+           "QUANTIZED_OP_TYPES", "RECURRENT_MAX_HIDDEN", "RECURRENT_OPS", "WEIGHT_ONLY_OPS", "float_op_reason",
+           "gather_refusal",
            "is_float16_cast", "is_qdq_op",
            "pad_refusal", "prelu_refusal", "recurrent_refusal", "resize_refusal", "slow_group_refusal", "weight_axis"]
 
@@ -158,6 +159,7 @@ MCU_OP_RULES: dict[str, OpRule] = OP_RULES | {
     "InstanceNormalization": _NORMALIZATION,
     # input X and the outputs read (Y, Y_h, an LSTM's Y_c); W and R int8 per gate row; B and the initial
     # states stay float (the C folds them)
+    "RNN": _RECURRENT,
     "GRU": _RECURRENT,
     "LSTM": _RECURRENT,
 }
@@ -264,13 +266,15 @@ def gather_refusal(node: ir.Node, rule: OpRule) -> str | None:
     return None
 
 
-#: The widest GRU/LSTM the C kernels take: R's int8 times the int16 hidden state, summed over H, stays in int32.
+#: The recurrent ops the MCU target quantizes (W and R per gate row) and the C runs.
+RECURRENT_OPS = ("RNN", "GRU", "LSTM")
+#: The widest cell the C kernels take: R's int8 times the int16 hidden state, summed over H, stays in int32.
 RECURRENT_MAX_HIDDEN = 512
-_DEFAULT_ACTIVATIONS = {"GRU": ["sigmoid", "tanh"], "LSTM": ["sigmoid", "tanh", "tanh"]}
+_DEFAULT_ACTIVATIONS = {"RNN": ["tanh"], "GRU": ["sigmoid", "tanh"], "LSTM": ["sigmoid", "tanh", "tanh"]}
 
 
 def recurrent_refusal(node: ir.Node, *, float_weights: bool = True) -> str | None:
-    """Why a GRU or LSTM stays float: the integer kernels take constant weights and bias, the default
+    """Why an RNN, GRU or LSTM stays float: the integer kernels take constant weights and bias, the default
     activations, no clip, peepholes or coupled input-forget gate, all sequences at full length, ONNX's
     default layout and a hidden size of at most :data:`RECURRENT_MAX_HIDDEN`. ``float_weights``: check
     that W, R and B are float constants (not yet quantized)."""
@@ -290,7 +294,8 @@ def recurrent_refusal(node: ir.Node, *, float_weights: bool = True) -> str | Non
     activations = node.attributes.get_strings("activations", None)
     default = _DEFAULT_ACTIVATIONS[node.op_type]
     if activations and [a.lower() for a in activations] != default * (len(activations) // len(default)):
-        named = ", ".join(name.capitalize() for name in default[:-1]) + f" and {default[-1].capitalize()}"
+        named = " and ".join(filter(None, (", ".join(name.capitalize() for name in default[:-1]),
+                                          default[-1].capitalize())))
         return f"activations {list(activations)}: the integer kernel computes the default {named}"
     if node.attributes.get("clip") is not None:
         return "clip is set: the integer kernel does not clip the gates' inputs"
@@ -332,7 +337,7 @@ def weight_axis(node: ir.Node, weight_rank: int) -> int | None:
 
     Conv [Cout, Cin/g, k...]: 0. ConvTranspose [Cin, Cout/g, k...]: 1 when
     group == 1 (with groups, axis 1 does not index output channels). Gemm:
-    0 with transB (weight [N, K]) else 1. GRU/LSTM W/R [D, G*H, K]: 1 (per gate row). MatMul [K, N]: 1; a
+    0 with transB (weight [N, K]) else 1. RNN/GRU/LSTM W/R [D, G*H, K]: 1 (per gate row). MatMul [K, N]: 1; a
     batched MatMul weight [..., K, N] is quantized per tensor, since ONNX Runtime's integer MatMul takes
     per-column zero points for a 2-D weight only (it refuses the model otherwise).
     """
@@ -342,7 +347,7 @@ def weight_axis(node: ir.Node, weight_rank: int) -> int | None:
         return 1 if node.attributes.get_int("group", 1) == 1 else None
     if node.op_type == "Gemm":
         return 0 if node.attributes.get_int("transB", 0) else 1
-    if node.op_type in ("GRU", "LSTM"):  # W [D, G*H, I], R [D, G*H, H]: per gate row
+    if node.op_type in RECURRENT_OPS:  # W [D, G*H, I], R [D, G*H, H]: per gate row
         return 1
     if node.op_type == "MatMul":  # a batched weight [B, K, N]: per tensor (see the docstring)
         return 1 if weight_rank == 2 else None

@@ -77,7 +77,7 @@ from edgeopt.quant.clamp_fusion import clamp_fusions
 from edgeopt.quant.config import is_excluded
 from edgeopt.quant.log_inputs import log_input_nodes, log_input_refusal
 from edgeopt.quant.masks import grid_refusal, index_refusal, mask_like_values, mask_refusal
-from edgeopt.quant.ops import (FUSED_BETWEEN_PAIRS, OP_RULES, OpRole, OpRule, float_op_reason,
+from edgeopt.quant.ops import (FUSED_BETWEEN_PAIRS, OP_RULES, RECURRENT_OPS, OpRole, OpRule, float_op_reason,
                                gather_refusal, is_qdq_op, pad_refusal, prelu_refusal, recurrent_refusal, resize_refusal,
                                slow_group_refusal, weight_axis)
 from edgeopt.quant.one_op_groups import group_boundary, quantized_as_one_op, refuse_partial_groups
@@ -199,7 +199,7 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
         return gather_refusal(node, rules["Gather"])
     if node.op_type == "PRelu":
         return prelu_refusal(node)
-    if node.op_type in ("GRU", "LSTM"):
+    if node.op_type in RECURRENT_OPS:
         return recurrent_refusal(node)
     return None
 
@@ -474,7 +474,7 @@ def _moves(node: ir.Node | None, candidates: Mapping[str, ir.Node], refusals: Ma
             and rules[node.op_type].role is OpRole.SHARED)
 
 
-#: A GRU's initial_h, an LSTM's initial_h and initial_c.
+#: An RNN's or GRU's initial_h, an LSTM's initial_h and initial_c.
 RECURRENT_STATE_INPUTS = (5, 6)
 
 

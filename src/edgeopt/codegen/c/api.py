@@ -39,7 +39,7 @@ from edgeopt.io.save import check_creatable, current_umask
 from edgeopt.runtime.reference import ReferenceModel, lower
 from edgeopt.runtime.reference.fixed_point import ROUNDINGS
 from edgeopt.runtime.reference.program import Program
-from edgeopt.runtime.reference.rnn import TANH_TABLE
+from edgeopt.runtime.reference.rnn import GATES, TANH_TABLE
 
 __all__ = ["MANIFEST", "CompileResult", "LayerMismatch", "VerifyResult", "compile_c", "is_c_folder",
            "read_manifest", "verify"]
@@ -128,11 +128,12 @@ def _check_options(name: str, rounding: str) -> None:
 
 
 #: The recurrent cells' op kinds (runtime/reference/rnn.py).
-_CELLS = ("gru", "lstm")
+_CELLS = tuple(GATES)
 
 
 def program_macs(program: Program) -> int:
-    """Multiply-accumulates of the convolutions, fully connected layers, MatMuls of two activations and GRUs."""
+    """Multiply-accumulates of the convolutions, fully connected layers, MatMuls of two activations and
+    recurrent cells."""
     total = 0
     for op in program.ops:
         if op.kind in ("conv2d", "conv2d_add"):
@@ -165,7 +166,7 @@ def _array_bytes(params) -> int:
 
 
 def _weight_bytes(program) -> int:
-    """Bytes of the model's constant arrays; a GRU's or LSTM's as its C stores them, with their shared tanh
+    """Bytes of the model's constant arrays; a recurrent cell's as its C stores them, with their shared tanh
     table once."""
     total = sum(a.nbytes for a in program.constants.values())
     cells = [op for op in program.ops if op.kind in _CELLS]

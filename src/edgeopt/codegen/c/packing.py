@@ -363,7 +363,7 @@ def pack_layer_norm(op: IntOp, ctx: PackContext):
 
 
 def recurrent_arrays(p) -> dict[str, np.ndarray | None]:
-    """The arrays a GRU's or LSTM's C stores, by field (None: an all-zero bias or initial state, which the
+    """The arrays a recurrent cell's C stores, by field (None: an all-zero bias or initial state, which the
     kernel reads as a null pointer)."""
     arrays = {"w": p.w, "r": p.r, "w_multiplier": p.w_multiplier, "r_multiplier": p.r_multiplier, "w_bias": p.w_bias,
               "r_bias": p.r_bias, "initial": p.initial, "initial_cell": p.initial_cell}
@@ -372,7 +372,7 @@ def recurrent_arrays(p) -> dict[str, np.ndarray | None]:
 
 
 def pack_recurrent(op: IntOp, ctx: PackContext):
-    """A GRU's or LSTM's arrays (none for an all-zero bias or initial state: the kernel reads a null pointer as
+    """A recurrent cell's arrays (none for an all-zero bias or initial state: the kernel reads a null pointer as
     zeros); the tanh table has one name in every model (the emitter declares it once)."""
     p, prefix = op.params, f"op{ctx.index}"
     arrays = recurrent_arrays(p)
@@ -427,6 +427,7 @@ PACKERS = {
     "prelu": pack_prelu,
     "resize_bilinear": pack_resize_bilinear,
     "layer_norm": pack_layer_norm,
+    "rnn": pack_recurrent,
     "gru": pack_recurrent,
     "lstm": pack_recurrent,
 }

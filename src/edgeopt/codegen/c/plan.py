@@ -5,7 +5,7 @@ picks the order); model inputs live from step 0. A tensor lives from the step
 that writes it to the last step that reads it; model outputs live to the last
 step (the caller reads them after the run). Constants are ``const`` arrays in
 flash and take no arena space. The kernels need no scratch memory
-(convolutions accumulate straight from the input), except a GRU's or LSTM's state: its
+(convolutions accumulate straight from the input), except a recurrent cell's state: its
 op's ``scratch`` tensor, which lives during that step only.
 
 In place: when an op's kernel may overwrite an input (``OPS[kind].in_place``

@@ -255,6 +255,7 @@ HANDLERS = {
     "LayerNormalization": lower_layer_normalization,
     "GRU": lower_recurrent,
     "LSTM": lower_recurrent,
+    "RNN": lower_recurrent,
     "InstanceNormalization": lower_instance_normalization,
 }
 

@@ -335,6 +335,7 @@ OPS: dict[str, OpSpec] = dict([
     _spec("prelu", prelu, PReluParams, "eo_prelu_s8", in_place=(0,)),
     _spec("resize_bilinear", resize_bilinear, ResizeBilinearParams, "eo_resize_bilinear_s8"),
     _spec("layer_norm", layer_norm, LayerNormParams, "eo_layer_norm_s8", in_place=(0,)),
+    _spec("rnn", recurrent, RecurrentParams, "eo_rnn_s8"),
     _spec("gru", recurrent, RecurrentParams, "eo_gru_s8"),
     _spec("lstm", recurrent, RecurrentParams, "eo_lstm_s8"),
 ])

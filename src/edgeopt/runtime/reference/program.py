@@ -329,16 +329,16 @@ class PReluParams:
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class RecurrentParams:
-    """An ONNX GRU or LSTM (``cell``) in integers (:mod:`edgeopt.runtime.reference.rnn` has the arithmetic).
+    """An ONNX RNN, GRU or LSTM (``cell``) in integers (:mod:`edgeopt.runtime.reference.rnn` has the arithmetic).
 
     ``x`` is read at ``t * x_strides[0] + b * x_strides[1] + i``; the output (``output`` 0: Y, 1: Y_h, 2:
     an LSTM's Y_c) is written at ``t * st + d * sd + b * sb + j * sh`` for ``y_strides = (st, sd, sb, sh)``
     (t = 0 for Y_h and Y_c). Direction 1 of two, or the one direction when ``reverse``, runs from the last
-    step back. G gates: 3 (GRU: z, r, n) or 4 (LSTM: i, o, f, c). A streaming model's initial states
+    step back. G gates: 1 (RNN), 3 (GRU: z, r, n) or 4 (LSTM: i, o, f, c). A streaming model's initial states
     (``state_inputs``) are op inputs after ``x``, int8 ``[D, B, H]``, moved to Q15.
     """
 
-    cell: str  # "gru" or "lstm"
+    cell: str  # "rnn", "gru" or "lstm"
     output: int
     steps: int
     batch: int

@@ -1,4 +1,4 @@
-"""Lowering of ONNX GRU and LSTM to the integer ``gru`` and ``lstm`` ops (:mod:`edgeopt.runtime.reference.rnn`).
+"""Lowering of ONNX RNN, GRU and LSTM to the integer ``rnn``, ``gru`` and ``lstm`` ops (:mod:`.rnn`).
 
 The QDQ model (``edgeopt quantize --target mcu``) quantizes X, W and R (int8, one scale per gate row) and
 the outputs that are read; B and the initial states stay float constants and are folded here. Each of Y,
@@ -94,7 +94,7 @@ def _state_inputs(lo: Lowering, node: ir.Node, shape: tuple[int, int, int]) -> t
 
 
 def lower_recurrent(lo: Lowering, node: ir.Node) -> None:
-    """A GRU or LSTM: one op for each of its outputs that is read."""
+    """An RNN, GRU or LSTM: one op for each of its outputs that is read."""
     reason = recurrent_refusal(node, float_weights=False)  # W and R: lo.weight() checks them
     if reason is not None:
         raise UnsupportedOpError(f"{node_label(node)}: {reason}")
@@ -143,8 +143,8 @@ def _emit(lo: Lowering, node: ir.Node, inputs: list[str], value: ir.Value, outpu
     info = lo.tensors[lo.add_tensor(value.name, lo.logical_shape(value), target)]  # as finish() adds it
     # Y_h, Y_c [D, B, H] (no step axis), Y [T, D, B, H]: rank 4, stored NHWC as [T, B, H, D]
     strides = (0, *_strides(info, (0, 1, 2))) if output else _strides(info, (0, 1, 2, 3))
-    scratch = lo.add_stored_tensor(f"{value.name}#scratch", (scratch_bytes(common["hidden"]),), QParams(1.0, 0),
-                                   (0,))
+    scratch = lo.add_stored_tensor(f"{value.name}#scratch", (scratch_bytes(common["cell"], common["hidden"]),),
+                                   QParams(1.0, 0), (0,))
     params = RecurrentParams(**common, output=output, output_size=info.size, y_strides=strides,
                              output_multiplier=multiplier, output_shift=shift, output_zero_point=target.zero_point,
                              act_min=plan.act_min, act_max=plan.act_max)

@@ -1,8 +1,9 @@
-"""The integer GRU and LSTM: ONNX's recurrent ops over an int8 sequence, their state kept in Q15 between steps.
+"""The integer RNN, GRU and LSTM: ONNX's recurrent ops over an int8 sequence, their state in Q15 between steps.
 
 Per step, for each direction and batch row, with the gates stacked in W and R as ONNX stacks them (GRU:
 z, r, n; LSTM: i, o, f, c)::
 
+    RNN   h = tanh(W x + R h + Wb + Rb)
     GRU   z = sigmoid(W_z x + R_z h + Wb_z + Rb_z)        r = sigmoid(W_r x + R_r h + Wb_r + Rb_r)
           n = tanh(W_n x + Wb_n + r * (R_n h + Rb_n))     (linear_before_reset = 1, PyTorch's)
           n = tanh(W_n x + Wb_n + R_n (r * h) + Rb_n)     (linear_before_reset = 0, ONNX's default)
@@ -11,20 +12,20 @@ z, r, n; LSTM: i, o, f, c)::
           C = f * C + i * c~                               h = o * tanh(C)
 
 In integers: ``x`` is int8 at its scale; W and R are int8 with one scale per gate row. ``h`` lives in
-Q15 (int16, ``h = q / 2**15``): a GRU's is a mix of a tanh and the previous state, an LSTM's a sigmoid
-times a tanh, so it stays in [-1, 1] from a state there. An LSTM's cell ``C`` is not bounded (it may grow
-by 1 a step): it is Q15 in int32 (up to 65,536), saturated there. Each matrix product is an exact int32
-sum, moved to Q12 (``2**-12`` steps) by one int16 multiplier per row over a power of two per matrix
-(:func:`scale_rows`), where both biases are added
-(int16, Q12 unless one reaches 8: then ``bias_shift`` coarser steps);
-tanh clamps its input's magnitude below 8 and reads a 257-entry Q15 table over [0, 8], linearly interpolated
-between entries ``1/32`` apart, negated for a negative input (within 4 Q15 steps: 3.7 where it bends most); sigmoid is
-``(1 + tanh(x / 2)) / 2`` from the same table (within 2.5 steps); ``tanh(C)`` reads ``C`` in Q12
-(``C >> 3``). The output (Y; Y_h, the last state of each direction; an LSTM's Y_c, its last cell) is
-requantized to int8 at the output's scale.
+Q15 (int16, ``h = q / 2**15``): an RNN's is a tanh, a GRU's a mix of a tanh and the previous state, an
+LSTM's a sigmoid times a tanh, so it stays in [-1, 1] from a state there. An LSTM's cell ``C`` is not
+bounded (it may grow by 1 a step): it is Q15 in int32 (up to 65,536), saturated there.
 
-The C kernels ``eo_gru_s8`` and ``eo_lstm_s8`` do the same arithmetic row by row, in a scratch of
-:func:`scratch_bytes` in the arena.
+Each matrix product is an exact int32 sum, moved to Q12 (``2**-12`` steps) by one int16 multiplier per
+row over a power of two per matrix (:func:`scale_rows`), where both biases are added (int16, Q12 unless
+one reaches 8: then ``bias_shift`` coarser steps). tanh clamps its input's magnitude below 8 and reads a
+257-entry Q15 table over [0, 8], linearly interpolated between entries ``1/32`` apart, negated for a
+negative input (within 4 Q15 steps: 3.7 where it bends most); sigmoid is ``(1 + tanh(x / 2)) / 2`` from
+the same table (within 2.5 steps); ``tanh(C)`` reads ``C`` in Q12 (``C >> 3``). The output (Y; Y_h, the
+last state of each direction; an LSTM's Y_c, its last cell) is requantized to int8 at the output's scale.
+
+The C kernels ``eo_rnn_s8``, ``eo_gru_s8`` and ``eo_lstm_s8`` do the same arithmetic row by row, in a
+scratch of :func:`scratch_bytes` in the arena.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ STATE_FRACTION_BITS = 15
 #: The gates' inputs: Q12 in int64 sums, their magnitude clamped below 8 before the table.
 GATE_FRACTION_BITS = 12
 #: Gates per cell, stacked in W, R and B in this order.
-GATES = {"gru": 3, "lstm": 4}
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 _TABLE_STEP_BITS_BELOW_ONE = 5  # table entries 2**-5 = 1/32 apart
 _ONE = 1 << STATE_FRACTION_BITS
 _HALF = 1 << (STATE_FRACTION_BITS - 1)
@@ -80,10 +81,10 @@ def sigmoid(q12: np.ndarray) -> np.ndarray:
     return (_ONE + _tanh_fixed(q12, GATE_FRACTION_BITS + 1)) >> 1
 
 
-def scratch_bytes(hidden: int) -> int:
-    """The C kernels' scratch: four int16 rows (GRU: state, next state, ``r * h``, ``z``; LSTM: state, next
-    state and the int32 cell)."""
-    return 4 * hidden * 2
+def scratch_bytes(cell: str, hidden: int) -> int:
+    """The C kernels' scratch: int16 rows of ``hidden``, two for an RNN (state, next state), four for a GRU
+    (state, next state, ``r * h``, ``z``) and an LSTM (state, next state and the int32 cell)."""
+    return (2 if cell == "rnn" else 4) * hidden * 2
 
 
 #: The largest row multiplier: int16.
@@ -115,6 +116,10 @@ def _rows(p: RecurrentParams, d: int, vector: np.ndarray, rows: slice) -> np.nda
     """R's ``rows`` times the Q15 ``vector`` [B, H], in Q12 with Rb."""
     product = vector @ p.r[d, rows].astype(np.int64).T
     return scale_rows(product, p.r_multiplier[rows], p.r_shift) + (p.r_bias[d, rows].astype(np.int64) << p.bias_shift)
+
+
+def _rnn_step(p: RecurrentParams, d: int, gx: np.ndarray, h: np.ndarray, c):
+    return tanh(gx + _rows(p, d, h, slice(0, p.hidden))), c
 
 
 def _gru_step(p: RecurrentParams, d: int, gx: np.ndarray, h: np.ndarray, c):
@@ -159,11 +164,11 @@ def _states(p: RecurrentParams, inputs: tuple[np.ndarray, ...], rounding: str) -
 
 
 def recurrent(x: np.ndarray, *states: np.ndarray, params: RecurrentParams, rounding: str) -> np.ndarray:
-    """A GRU or an LSTM (``params.cell``) writing Y, Y_h or Y_c (``params.output``: 0, 1, 2); ``states``: the
+    """An RNN, a GRU or an LSTM (``params.cell``) writing Y, Y_h or Y_c (``params.output``: 0, 1, 2); ``states``: the
     initial states read from tensors (``params.state_inputs``)."""
     p = params
     initial_h, initial_c = _states(p, states, rounding)
-    step_function = _gru_step if p.cell == "gru" else _lstm_step
+    step_function = {"rnn": _rnn_step, "gru": _gru_step, "lstm": _lstm_step}[p.cell]
     flat = x.reshape(-1)
     out = np.zeros(p.output_size, dtype=np.int8)
     xt, xb = p.x_strides

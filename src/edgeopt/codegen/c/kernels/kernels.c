@@ -621,6 +621,28 @@ static rnn_direction rnn_weights(const eo_recurrent_params *p, int d, int gates)
     return dir;
 }
 
+void eo_rnn_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *state0, const int8_t *state1,
+               int8_t *out, int16_t *scratch) {
+    const int H = p->hidden;
+    int16_t *h = scratch, *next = scratch + H;
+    int d, b, step, j;
+    for (d = 0; d < p->directions; ++d)
+        for (b = 0; b < p->batch; ++b) {
+            const rnn_direction dir = rnn_weights(p, d, 1);
+            rnn_initial(p, state0, state1, ((long)d * p->batch + b) * H, h, 0);
+            for (step = 0; step < p->steps; ++step) {
+                const int t = dir.backward ? p->steps - 1 - step : step;
+                const int8_t *x = in + t * p->x_stride_t + b * p->x_stride_b;
+                for (j = 0; j < H; ++j)
+                    next[j] = (int16_t)rnn_tanh(p, rnn_input_row(p, dir.w, dir.wb, x, j)
+                                                   + rnn_state_row(p, dir.r, dir.rb, h, j));
+                memcpy(h, next, sizeof(int16_t) * H);
+                if (p->output == 0) rnn_write(p, out, t * p->y_stride_t + d * p->y_stride_d + b * p->y_stride_b, h, 0);
+            }
+            if (p->output) rnn_write(p, out, d * p->y_stride_d + b * p->y_stride_b, h, 0);
+        }
+}
+
 void eo_gru_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *state0, const int8_t *state1,
                int8_t *out, int16_t *scratch) {
     const int H = p->hidden;

@@ -154,12 +154,13 @@ typedef struct {
 } eo_layer_norm_params;
 void eo_layer_norm_s8(const eo_layer_norm_params *p, const int8_t *in, int8_t *out);
 
-/* ONNX GRU and LSTM (edgeopt/runtime/reference/rnn.py): int8 sequence in, one output out (output 0: Y, 1: Y_h,
- * 2: an LSTM's Y_c). The state is Q15 in scratch (4 x hidden int16, in the arena; an LSTM's cell int32 Q15);
+/* ONNX RNN, GRU and LSTM (edgeopt/runtime/reference/rnn.py): int8 sequence in, one output out (output 0: Y,
+ * 1: Y_h, 2: an LSTM's Y_c). The state is Q15 in scratch (2 or 4 x hidden int16, in the arena; an LSTM's cell
+ * int32 Q15);
  * gate inputs are Q12 (each row's sum times its int16 multiplier over a power of two per matrix), read from a
  * 257-entry Q15 tanh table over [0, 8] (odd). x at t * x_stride_t + b * x_stride_b + i;
  * out at t * y_stride_t + d * y_stride_d + b * y_stride_b + j * y_stride_h (t = 0 for Y_h and Y_c). Direction 1,
- * or the only one when reverse, runs from the last step. G gates: GRU z, r, n; LSTM i, o, f, c. */
+ * or the only one when reverse, runs from the last step. G gates: RNN 1; GRU z, r, n; LSTM i, o, f, c. */
 typedef struct eo_recurrent_params eo_recurrent_params;
 /* The initial h (int16) and c (int32, or none) moved to Q15 from int8 state inputs (a streaming model's) at offset:
  * eo_rnn_state_inputs, by pointer, so that a model without state inputs links none of it. */
@@ -185,6 +186,8 @@ struct eo_recurrent_params {
 };
 void eo_rnn_state_inputs(const eo_recurrent_params *p, const int8_t *state0, const int8_t *state1, long offset,
                          int16_t *h, int32_t *cell);
+void eo_rnn_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *state0, const int8_t *state1,
+               int8_t *out, int16_t *scratch);
 void eo_gru_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *state0, const int8_t *state1,
                int8_t *out, int16_t *scratch);
 void eo_lstm_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *state0, const int8_t *state1,
