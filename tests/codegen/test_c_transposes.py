@@ -8,6 +8,7 @@ innermost, composes the ones that meet, and keeps as a copy (written in place) o
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -73,3 +74,34 @@ def test_a_transpose_that_moves_the_softmax_axis_stays_before_it(tmp_path):
     assert {op.output: op for op in program.ops}[softmax.inputs[0]].kind == "transpose"
     _assert_agrees_with_onnx_runtime(model)
     assert_compiles_bit_exact(model, tmp_path / "c", _data(2, 1))
+
+
+@needs_gcc
+def test_a_channels_last_model_reads_and_writes_its_own_order_with_no_transpose(tmp_path):
+    """tf2onnx and Keras write NHWC models: Transpose to NCHW after the input, back to NHWC before the output.
+    The C takes the input and gives the output in the model's own NHWC order (the manifest's layout is the
+    identity), and neither end runs a transpose."""
+    rng = np.random.default_rng(0)
+    weight = rng.normal(0, 0.4, (4, 3, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Transpose", ["input"], ["nchw"], name="to_nchw", perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["nchw", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Transpose", ["r"], ["output"], name="to_nhwc", perm=[0, 2, 3, 1])]
+    graph = helper.make_graph(nodes, "nhwc", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 6, 7, 3])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 6, 7, 4])],
+                              initializer=[numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "float.onnx")
+    data = [{"input": rng.normal(0, 1, (1, 6, 7, 3)).astype(np.float32)} for _ in range(16)]
+    _, model = quantize_for_mcu(tmp_path / "float.onnx", data, tmp_path / "int8.onnx")
+    program = lower(model)
+    assert [op.kind for op in program.ops] == ["reshape", "conv2d", "reshape"]
+    for io in (*program.inputs, *program.outputs):
+        assert program.tensors[io.tensor].layout == (0, 1, 2, 3), io.name
+    within, _, worst = q.agreement(ReferenceModel(model), OrtSession(model), data[:4])
+    assert within >= 0.99 and worst <= 1, (within, worst)
+    assert_compiles_bit_exact(model, tmp_path / "c", data[:2])
+    manifest = json.loads((tmp_path / "c" / "edgeopt_c.json").read_text())
+    assert [entry["layout"] for entry in manifest["inputs"] + manifest["outputs"]] == [[0, 1, 2, 3]] * 2
+    code = (tmp_path / "c" / "model.c").read_text()
+    assert "eo_transpose_s8(" not in code and "eo_copy_s8(" not in code
+    assert "the ONNX value's axes [0, 1, 2, 3]" in (tmp_path / "c" / "model.h").read_text()

@@ -7,7 +7,9 @@ with the rounding variant fixed), ``main.c`` (reads samples from a binary
 file, writes outputs, optionally every intermediate tensor), ``bench.c`` (a
 host timing harness) and a ``Makefile`` that builds into ``.build/``.
 
-Tensors cross the C boundary as int8 in stored layout (NHWC for rank 4).
+Tensors cross the C boundary as int8 in stored layout: NHWC for rank 4, or, for an input read by a transpose
+alone or an output a transpose writes, the order that transpose's other side has (a channels-last model's
+NHWC; :func:`edgeopt.runtime.reference.transposes.boundary_layouts`).
 With ``-DEO_TRACE`` each op's output is passed to ``eo_trace(step, data, size)``.
 """
 
@@ -51,7 +53,8 @@ def _io_macros(program: Program, prefix: str) -> list[str]:
         for index, io in enumerate(ios):
             info = program.tensors[io.tensor]
             tag = f"{prefix}_{kind}{index}"
-            lines += [f"/* {kind.lower()} {index}: {io.name!r}, int8, stored shape {list(info.shape)} */",
+            lines += [f"/* {kind.lower()} {index}: {io.name!r}, int8, stored shape {list(info.shape)}: the ONNX "
+                      f"value's axes {list(info.layout)} */",
                       f"#define {tag}_BYTES {info.size}",
                       f"#define {tag}_SCALE {info.scale!r}f",
                       f"#define {tag}_ZERO_POINT {info.zero_point}"]
@@ -73,7 +76,8 @@ def _header(program: Program, plan: MemoryPlan, name: str, device_sram_bytes: in
     if device_sram_bytes is not None:
         lines.append(f"#define {prefix}_DEVICE_SRAM_BYTES {device_sram_bytes}")
     lines += ["", *_io_macros(program, prefix), "",
-              "/* Inputs and outputs are int8 in NHWC (rank 4) order. Returns 0. */",
+              "/* Inputs and outputs are int8 in their stored shape (above: the ONNX axis each stored axis is;"
+              " NHWC for an NCHW tensor). Returns 0. */",
               f"{_signature(program, name)};", "", "#endif"]
     return "\n".join(lines) + "\n"
 

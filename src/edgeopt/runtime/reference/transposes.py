@@ -23,7 +23,7 @@ from dataclasses import replace
 
 from edgeopt.runtime.reference.program import IntOp, Program, ReshapeParams, TransposeParams
 
-__all__ = ["compose_transposes", "sink_transposes"]
+__all__ = ["boundary_layouts", "compose_transposes", "sink_transposes"]
 
 
 def compose_transposes(program: Program) -> Program:
@@ -32,8 +32,38 @@ def compose_transposes(program: Program) -> Program:
     while True:
         composed = _compose_once(sink_transposes(program))
         if composed.ops == program.ops:
-            return composed
+            return boundary_layouts(composed)
         program = composed
+
+
+def boundary_layouts(program: Program) -> Program:
+    """``program`` with a model input read by one transpose alone stored as that transpose writes it, and a
+    model output a transpose writes (read by no op) stored as the transpose reads it: the transpose becomes a
+    copy (a reshape, written in place), and the caller's buffer takes the order the model's first or last
+    layer works in. A channels-last model (tf2onnx, Keras: NHWC input, Transpose to NCHW, ..., Transpose
+    back) then reads and writes its own NHWC order, with no transpose at either end. Each boundary tensor's
+    ``layout`` says how its stored axes map to the ONNX value's."""
+    readers = Counter(name for op in program.ops for name in op.inputs)
+    inputs, outputs = {io.tensor for io in program.inputs}, {io.tensor for io in program.outputs}
+    tensors, ops = dict(program.tensors), list(program.ops)
+    for index, op in enumerate(ops):
+        if op.kind != "transpose":
+            continue
+        source, perm = op.inputs[0], op.params.perm
+        if source in inputs and readers[source] == 1 and source not in outputs:
+            info = tensors[source]
+            tensors[source] = replace(info, shape=tuple(info.shape[axis] for axis in perm),
+                                      layout=tuple(info.layout[axis] for axis in perm))
+        elif op.output in outputs and not readers[op.output] and _keeps_shape(op, tensors):
+            info, layout = tensors[op.output], [0] * len(perm)
+            for axis, logical in zip(perm, info.layout):  # stored axis perm[i] of the source is axis i here
+                layout[axis] = logical
+            tensors[op.output] = replace(info, shape=tensors[source].shape, layout=tuple(layout))
+        else:
+            continue
+        ops[index] = replace(op, kind="reshape", params=ReshapeParams(shape=tensors[op.output].shape))
+    kept = tuple(ops)
+    return program if kept == program.ops else replace(program, tensors=tensors, ops=kept)
 
 
 def _compose_once(program: Program) -> Program:
