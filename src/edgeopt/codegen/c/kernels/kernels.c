@@ -621,97 +621,101 @@ static rnn_direction rnn_weights(const eo_recurrent_params *p, int d, int gates)
     return dir;
 }
 
-void eo_rnn_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *state0, const int8_t *state1,
-               int8_t *out, int16_t *scratch) {
+/* One step of a cell: the next state from x and h (GRU: `work` holds r * h and z; LSTM: `cell` is updated). */
+typedef void rnn_step(const eo_recurrent_params *p, const rnn_direction *dir, const int8_t *x, const int16_t *h,
+                      int16_t *next, int16_t *work, int32_t *cell);
+
+/* Every direction and batch row of a cell of `gates` gates over the sequence: the initial state, the steps, the
+ * output (with `has_cell`, an LSTM's int32 cell after the two state rows of the scratch). */
+static void rnn_run(const eo_recurrent_params *p, const int8_t *in, const int8_t *state0, const int8_t *state1,
+                    int8_t *out, int16_t *scratch, int gates, int has_cell, rnn_step *step_function) {
     const int H = p->hidden;
     int16_t *h = scratch, *next = scratch + H;
-    int d, b, step, j;
+    int32_t *cell = has_cell ? (int32_t *)(void *)(scratch + 2 * H) : 0; /* 4-byte aligned: 2H int16 are 4H B */
+    int d, b, step;
     for (d = 0; d < p->directions; ++d)
         for (b = 0; b < p->batch; ++b) {
-            const rnn_direction dir = rnn_weights(p, d, 1);
-            rnn_initial(p, state0, state1, ((long)d * p->batch + b) * H, h, 0);
-            for (step = 0; step < p->steps; ++step) {
-                const int t = dir.backward ? p->steps - 1 - step : step;
-                const int8_t *x = in + t * p->x_stride_t + b * p->x_stride_b;
-                for (j = 0; j < H; ++j)
-                    next[j] = (int16_t)rnn_tanh(p, rnn_input_row(p, dir.w, dir.wb, x, j)
-                                                   + rnn_state_row(p, dir.r, dir.rb, h, j));
-                memcpy(h, next, sizeof(int16_t) * H);
-                if (p->output == 0) rnn_write(p, out, t * p->y_stride_t + d * p->y_stride_d + b * p->y_stride_b, h, 0);
-            }
-            if (p->output) rnn_write(p, out, d * p->y_stride_d + b * p->y_stride_b, h, 0);
-        }
-}
-
-void eo_gru_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *state0, const int8_t *state1,
-               int8_t *out, int16_t *scratch) {
-    const int H = p->hidden;
-    int16_t *h = scratch, *next = scratch + H, *gated = scratch + 2 * H, *update = scratch + 3 * H;
-    int d, b, step, j;
-    for (d = 0; d < p->directions; ++d)
-        for (b = 0; b < p->batch; ++b) {
-            const rnn_direction dir = rnn_weights(p, d, 3);
-            rnn_initial(p, state0, state1, ((long)d * p->batch + b) * H, h, 0);
-            for (step = 0; step < p->steps; ++step) {
-                const int t = dir.backward ? p->steps - 1 - step : step;
-                const int8_t *x = in + t * p->x_stride_t + b * p->x_stride_b;
-                for (j = 0; j < H; ++j) {
-                    const int64_t z = rnn_sigmoid(p, rnn_input_row(p, dir.w, dir.wb, x, j)
-                                                  + rnn_state_row(p, dir.r, dir.rb, h, j));
-                    const int64_t reset = rnn_sigmoid(p, rnn_input_row(p, dir.w, dir.wb, x, H + j)
-                                                      + rnn_state_row(p, dir.r, dir.rb, h, H + j));
-                    if (p->linear_before_reset) {
-                        const int64_t gh = rnn_state_row(p, dir.r, dir.rb, h, 2 * H + j);
-                        const int64_t n = rnn_tanh(p, rnn_input_row(p, dir.w, dir.wb, x, 2 * H + j)
-                                                      + ((reset * gh + 16384) >> 15));
-                        next[j] = (int16_t)(((32768 - z) * n + z * h[j] + 16384) >> 15);
-                    } else {
-                        gated[j] = (int16_t)((reset * h[j] + 16384) >> 15);
-                        update[j] = (int16_t)z;
-                    }
-                }
-                if (!p->linear_before_reset)
-                    for (j = 0; j < H; ++j) {
-                        const int64_t z = update[j];
-                        const int64_t n = rnn_tanh(p, rnn_input_row(p, dir.w, dir.wb, x, 2 * H + j)
-                                                      + rnn_state_row(p, dir.r, dir.rb, gated, 2 * H + j));
-                        next[j] = (int16_t)(((32768 - z) * n + z * h[j] + 16384) >> 15);
-                    }
-                memcpy(h, next, sizeof(int16_t) * H);
-                if (p->output == 0) rnn_write(p, out, t * p->y_stride_t + d * p->y_stride_d + b * p->y_stride_b, h, 0);
-            }
-            if (p->output) rnn_write(p, out, d * p->y_stride_d + b * p->y_stride_b, h, 0);
-        }
-}
-
-void eo_lstm_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *state0, const int8_t *state1,
-                int8_t *out, int16_t *scratch) {
-    const int H = p->hidden;
-    int16_t *h = scratch, *next = scratch + H;
-    int32_t *cell = (int32_t *)(void *)(scratch + 2 * H); /* 4-byte aligned: the scratch is, and 2H int16 are 4H B */
-    int d, b, step, j;
-    for (d = 0; d < p->directions; ++d)
-        for (b = 0; b < p->batch; ++b) {
-            const rnn_direction dir = rnn_weights(p, d, 4);
+            const rnn_direction dir = rnn_weights(p, d, gates);
             rnn_initial(p, state0, state1, ((long)d * p->batch + b) * H, h, cell);
             for (step = 0; step < p->steps; ++step) {
                 const int t = dir.backward ? p->steps - 1 - step : step;
-                const int8_t *x = in + t * p->x_stride_t + b * p->x_stride_b;
-                for (j = 0; j < H; ++j) {
-                    int64_t gate[4], c;
-                    int k;
-                    for (k = 0; k < 4; ++k) { /* i, o, f, c~ */
-                        const int64_t q12 = rnn_input_row(p, dir.w, dir.wb, x, k * H + j)
-                                            + rnn_state_row(p, dir.r, dir.rb, h, k * H + j);
-                        gate[k] = k < 3 ? rnn_sigmoid(p, q12) : rnn_tanh(p, q12);
-                    }
-                    c = (gate[2] * cell[j] + gate[0] * gate[3] + 16384) >> 15;
-                    cell[j] = sat32(c);
-                    next[j] = (int16_t)((gate[1] * rnn_tanh(p, (int64_t)cell[j] >> 3) + 16384) >> 15);
-                }
+                step_function(p, &dir, in + t * p->x_stride_t + b * p->x_stride_b, h, next, scratch + 2 * H, cell);
                 memcpy(h, next, sizeof(int16_t) * H);
                 if (p->output == 0) rnn_write(p, out, t * p->y_stride_t + d * p->y_stride_d + b * p->y_stride_b, h, 0);
             }
             if (p->output) rnn_write(p, out, d * p->y_stride_d + b * p->y_stride_b, h, p->output == 2 ? cell : 0);
         }
+}
+
+static void rnn_tanh_step(const eo_recurrent_params *p, const rnn_direction *dir, const int8_t *x, const int16_t *h,
+                          int16_t *next, int16_t *work, int32_t *cell) {
+    int j;
+    (void)work;
+    (void)cell;
+    for (j = 0; j < p->hidden; ++j)
+        next[j] = (int16_t)rnn_tanh(p, rnn_input_row(p, dir->w, dir->wb, x, j)
+                                       + rnn_state_row(p, dir->r, dir->rb, h, j));
+}
+
+static void rnn_gru_step(const eo_recurrent_params *p, const rnn_direction *dir, const int8_t *x, const int16_t *h,
+                         int16_t *next, int16_t *work, int32_t *cell) {
+    const int H = p->hidden;
+    int16_t *gated = work, *update = work + H;
+    int j;
+    (void)cell;
+    for (j = 0; j < H; ++j) {
+        const int64_t z = rnn_sigmoid(p, rnn_input_row(p, dir->w, dir->wb, x, j)
+                                      + rnn_state_row(p, dir->r, dir->rb, h, j));
+        const int64_t reset = rnn_sigmoid(p, rnn_input_row(p, dir->w, dir->wb, x, H + j)
+                                          + rnn_state_row(p, dir->r, dir->rb, h, H + j));
+        if (p->linear_before_reset) {
+            const int64_t gh = rnn_state_row(p, dir->r, dir->rb, h, 2 * H + j);
+            const int64_t n = rnn_tanh(p, rnn_input_row(p, dir->w, dir->wb, x, 2 * H + j)
+                                          + ((reset * gh + 16384) >> 15));
+            next[j] = (int16_t)(((32768 - z) * n + z * h[j] + 16384) >> 15);
+        } else {
+            gated[j] = (int16_t)((reset * h[j] + 16384) >> 15);
+            update[j] = (int16_t)z;
+        }
+    }
+    if (!p->linear_before_reset)
+        for (j = 0; j < H; ++j) {
+            const int64_t z = update[j];
+            const int64_t n = rnn_tanh(p, rnn_input_row(p, dir->w, dir->wb, x, 2 * H + j)
+                                          + rnn_state_row(p, dir->r, dir->rb, gated, 2 * H + j));
+            next[j] = (int16_t)(((32768 - z) * n + z * h[j] + 16384) >> 15);
+        }
+}
+
+static void rnn_lstm_step(const eo_recurrent_params *p, const rnn_direction *dir, const int8_t *x, const int16_t *h,
+                          int16_t *next, int16_t *work, int32_t *cell) {
+    const int H = p->hidden;
+    int j, k;
+    (void)work;
+    for (j = 0; j < H; ++j) {
+        int64_t gate[4], c;
+        for (k = 0; k < 4; ++k) { /* i, o, f, c~ */
+            const int64_t q12 = rnn_input_row(p, dir->w, dir->wb, x, k * H + j)
+                                + rnn_state_row(p, dir->r, dir->rb, h, k * H + j);
+            gate[k] = k < 3 ? rnn_sigmoid(p, q12) : rnn_tanh(p, q12);
+        }
+        c = (gate[2] * cell[j] + gate[0] * gate[3] + 16384) >> 15;
+        cell[j] = sat32(c);
+        next[j] = (int16_t)((gate[1] * rnn_tanh(p, (int64_t)cell[j] >> 3) + 16384) >> 15);
+    }
+}
+
+void eo_rnn_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *state0, const int8_t *state1,
+               int8_t *out, int16_t *scratch) {
+    rnn_run(p, in, state0, state1, out, scratch, 1, 0, rnn_tanh_step);
+}
+
+void eo_gru_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *state0, const int8_t *state1,
+               int8_t *out, int16_t *scratch) {
+    rnn_run(p, in, state0, state1, out, scratch, 3, 0, rnn_gru_step);
+}
+
+void eo_lstm_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *state0, const int8_t *state1,
+                int8_t *out, int16_t *scratch) {
+    rnn_run(p, in, state0, state1, out, scratch, 4, 1, rnn_lstm_step);
 }
