@@ -18,10 +18,10 @@ second conv of a residual block: BatchNormalization, then ReLU after the
 Add), GlobalAveragePooling1D, Dense(10). Its ONNX export is NCL (input
 ``[1, 32 features, 32 steps]``, kernels ``[O, I/g, k]``, Conv ``dilations``,
 ``MaxPool`` with ``kernel_shape [2]``), the same choice as the 2-D models'
-NCHW. edgeopt's C takes that input as given, ``[1, C, L]``, and transposes
-it once to ``[N, L, C]``, the layout of every tensor between its 1-D layers
-(``lift_1d``); the ``.tflite`` takes ``[1, L, C]`` (TFLite runs Conv1D as
-CONV_2D between RESHAPEs).
+NCHW. edgeopt's C stores that input ``[1, L, C]`` (its manifest layout
+``(0, 2, 1)``), the layout of every tensor between its 1-D layers
+(``lift_1d``), so it runs no transpose; the ``.tflite`` takes ``[1, L, C]``
+too (TFLite runs Conv1D as CONV_2D between RESHAPEs).
 
 kws_lstm reads the same sequences with one Keras LSTM (32 units, Keras'
 defaults: tanh, recurrent sigmoid, not unrolled; its last hidden state) and
@@ -845,8 +845,8 @@ def edgeopt_side(layers: list[dict], onnx_path: pathlib.Path, data: dict, work: 
                   first_mismatch=None if check.first_mismatch is None else vars(check.first_mismatch))
 
     # input quantization with the C model's own input scale / zero point (model.h), in its stored layout
-    # (the manifest's permutation of the ONNX layout: NHWC for a 2-D model; a 1-D model's [N, C, L] input
-    # is stored as given and transposed by the program)
+    # (the manifest's permutation of the ONNX layout: NHWC for a 2-D model, [N, L, C] for a 1-D model's
+    # [N, C, L] input)
     header = (out_dir / "model.h").read_text()
     scale = float(re.search(r"#define MODEL_INPUT0_SCALE ([^f\s]+)f", header).group(1))
     zero = int(re.search(r"#define MODEL_INPUT0_ZERO_POINT (-?\d+)", header).group(1))

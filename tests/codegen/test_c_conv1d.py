@@ -117,11 +117,14 @@ def test_integer_reference_agrees_with_onnx_runtime(name, request):
 
 @pytest.mark.parametrize("name", ["kws_tcn", "kws_tcn_dynamo", "every_op"])
 def test_layers_run_channels_innermost(name, request):
-    """One transpose brings the [N, C, L] input to [N, L, C]; none between the 1-D layers (every_op has
-    a second one for its rank-3 graph output, which leaves as [N, C, L])."""
+    """No transpose at all: the [N, C, L] input is stored [N, L, C] (its layout says so: the C takes the
+    frames of a feature pipeline as they come), the 1-D layers run channels innermost between them, and
+    every_op's rank-3 graph output leaves as [N, L, C] too."""
     program = lower(request.getfixturevalue(name))
     assert not any(op.kind == "conv2d" and len(program.tensors[op.inputs[0]].shape) != 4 for op in program.ops)
-    assert _transposes(program) == (2 if name == "every_op" else 1)
+    assert _transposes(program) == 0
+    boundary = [program.tensors[io.tensor] for io in (*program.inputs, *program.outputs)]
+    assert [info.layout for info in boundary if len(info.shape) == 3] == [(0, 2, 1)] * (2 if name == "every_op" else 1)
 
 
 def test_the_given_model_is_left_as_it_was(kws_tcn):

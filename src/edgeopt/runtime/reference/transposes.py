@@ -1,4 +1,4 @@
-"""Compose back-to-back transposes of a lowered program into one, and drop those that keep the bytes in order.
+"""Transposes of a lowered program: composed, moved below the ops that commute with them, dropped at the ends.
 
 Rank-4 tensors are stored NHWC and the others in logical order, so a reshape
 that changes rank, and the per-head Reshape/Transpose pairs of attention, lower
@@ -8,12 +8,17 @@ two, and ``t`` no longer exists. Applied when ``t`` is read by the second
 transpose alone, is not a model output and is ``x`` permuted up to axes of size
 1 (a transpose op may also reshape: the second half of a rank-changing reshape,
 as a 1-D conv's NHWC output read back as [N, C, L]); axes of size 1 are left
-out of the composition, since they do not move any byte.
+out of the composition, since they do not move any byte. A reshape that only
+adds or drops axes of size 1 composes the same way (the lift of a 1-D conv's
+``[N, C, L]`` input to ``[N, C, 1, L]`` before its transpose to NHWC).
 
-A transpose that leaves the bytes in order (the identity, or one that moves
-only axes of size 1, as Keras' ``[1, T, F]`` read as an ONNX cell's
+A transposition moves below the ops that commute with it (:func:`sink_transposes`)
+to meet the next one; one that leaves the bytes in order (the identity, or one
+that moves only axes of size 1, as Keras' ``[1, T, F]`` read as an ONNX cell's
 ``[T, 1, F]``) becomes a copy (``reshape``, which the planner may write in
-place). Both are bit-identical.
+place); and one right after a model input or right before a model output is
+dropped by storing that input or output in the order on its other side
+(:func:`boundary_layouts`). All are bit-identical.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 
-from edgeopt.runtime.reference.program import IntOp, Program, ReshapeParams, TransposeParams
+from edgeopt.runtime.reference.program import IntOp, Program, ReshapeParams, TensorInfo, TransposeParams
 
 __all__ = ["boundary_layouts", "compose_transposes", "sink_transposes"]
 
@@ -54,11 +59,8 @@ def boundary_layouts(program: Program) -> Program:
             info = tensors[source]
             tensors[source] = replace(info, shape=tuple(info.shape[axis] for axis in perm),
                                       layout=tuple(info.layout[axis] for axis in perm))
-        elif op.output in outputs and not readers[op.output] and _keeps_shape(op, tensors):
-            info, layout = tensors[op.output], [0] * len(perm)
-            for axis, logical in zip(perm, info.layout):  # stored axis perm[i] of the source is axis i here
-                layout[axis] = logical
-            tensors[op.output] = replace(info, shape=tensors[source].shape, layout=tuple(layout))
+        elif op.output in outputs and not readers[op.output] and _order(op, tensors) is not None:
+            tensors[op.output] = _stored_as_source(op, tensors)
         else:
             continue
         ops[index] = replace(op, kind="reshape", params=ReshapeParams(shape=tensors[op.output].shape))
@@ -75,10 +77,10 @@ def _compose_once(program: Program) -> Program:
     for op in program.ops:
         source = op.inputs[0] if op.inputs else None
         first = ops[position[source]] if op.kind == "transpose" and source in position else None
-        if (first is not None and first.kind == "transpose" and readers[source] == 1 and source not in outputs
-                and _order(first, program) is not None):
+        if (first is not None and first.kind in ("transpose", "reshape") and readers[source] == 1
+                and source not in outputs and _order(first, program.tensors) is not None):
             op = IntOp(kind="transpose", inputs=first.inputs, output=op.output,
-                       params=TransposeParams(perm=_composed(first, op, program)), node=op.node)
+                       params=TransposeParams(perm=_composed(first, op, program.tensors)), node=op.node)
             ops[position.pop(source)] = None
             gone.add(source)
         position[op.output] = len(ops)
@@ -137,27 +139,40 @@ def _commutes(op: IntOp, source: str, transpose: IntOp, tensors) -> bool:
     return False
 
 
+def _stored_as_source(op: IntOp, tensors) -> TensorInfo:
+    """A transpose's output stored in its input's byte order: its axes of size 1 first, then the others as
+    the input holds them (``layout``: the output's logical axis each stored axis is)."""
+    info, moved = tensors[op.output], _order(op, tensors)
+    source = tensors[op.inputs[0]].shape
+    logical = info.logical_shape
+    stored_kept = [info.layout[axis] for axis, size in enumerate(info.shape) if size != 1]  # in `moved` order
+    kept = [stored_kept[moved.index(axis)] for axis, size in enumerate(source) if size != 1]
+    layout = (*[axis for axis, size in enumerate(logical) if size == 1], *kept)
+    return replace(info, shape=tuple(logical[axis] for axis in layout), layout=layout)
+
+
 def _keeps_shape(op: IntOp, tensors) -> bool:
     """Whether a transpose's output is its input permuted, without the reshape a transpose op may add."""
     source = tensors[op.inputs[0]].shape
     return tensors[op.output].shape == tuple(source[axis] for axis in op.params.perm)
 
 
-def _order(op: IntOp, program: Program) -> list[int] | None:
-    """The input axes of size above 1 in the order a transpose writes them, or None when its output is not
-    its input permuted up to axes of size 1 (the second half of a reshape that merges or splits axes)."""
-    source = program.tensors[op.inputs[0]].shape
-    moved = [axis for axis in op.params.perm if source[axis] != 1]
-    if [source[axis] for axis in moved] != [size for size in program.tensors[op.output].shape if size != 1]:
+def _order(op: IntOp, tensors) -> list[int] | None:
+    """The input axes of size above 1 in the order a transpose (or a reshape: in order) writes them, or None
+    when its output is not its input permuted up to axes of size 1 (a reshape that merges or splits axes)."""
+    source = tensors[op.inputs[0]].shape
+    perm = op.params.perm if op.kind == "transpose" else range(len(source))
+    moved = [axis for axis in perm if source[axis] != 1]
+    if [source[axis] for axis in moved] != [size for size in tensors[op.output].shape if size != 1]:
         return None
     return moved
 
 
-def _composed(first: IntOp, second: IntOp, program: Program) -> tuple[int, ...]:
+def _composed(first: IntOp, second: IntOp, tensors) -> tuple[int, ...]:
     """The perm over ``first``'s input of ``second`` after ``first``: its axes of size 1 first, then the others
     in the order the two write them (``t``'s axes of size above 1 are ``x``'s in ``first``'s order)."""
-    source, middle = program.tensors[first.inputs[0]].shape, program.tensors[second.inputs[0]].shape
-    written = dict(zip([axis for axis, size in enumerate(middle) if size != 1], _order(first, program)))
+    source, middle = tensors[first.inputs[0]].shape, tensors[second.inputs[0]].shape
+    written = dict(zip([axis for axis, size in enumerate(middle) if size != 1], _order(first, tensors)))
     order = [written[axis] for axis in second.params.perm if middle[axis] != 1]
     return (*[axis for axis, size in enumerate(source) if size == 1], *order)
 
