@@ -72,6 +72,9 @@ def test_compile_writes_the_project_report_and_memory_map(compiled):
     assert report["ram_bytes"] == report["arena_bytes"] + report["stack_bytes_estimate"]
     assert report["host"]["latency_ms"] > 0 and report["device"]["name"] == "cortex-m7"
     assert report["fit"]["fits"] and report["fit"]["sram_spare_bytes"] == 512 * 1024 - report["ram_bytes"]
+    # the C's buffers: an NCHW input is stored NHWC, and the report says which ONNX axis each stored axis is
+    (entry,) = report["inputs"]
+    assert entry["layout"] == [0, 2, 3, 1] and len(entry["stored_shape"]) == 4 and report["outputs"]
     memory_map = json.loads((compiled / "memory_map.json").read_text())
     assert memory_map["arena_bytes"] == report["arena_bytes"]
     assert all(t["offset"] + t["bytes"] <= report["arena_bytes"] for t in memory_map["tensors"])
@@ -80,7 +83,8 @@ def test_compile_writes_the_project_report_and_memory_map(compiled):
 def test_compile_prints_the_report(cli, qdq_path, tmp_path):
     result = cli("compile", qdq_path, "-o", tmp_path / "out", "--device", "cortex-m4", "--no-measure")
     assert result.code == 0, result.stderr
-    for fragment in ("arena", "lower bound", "weights", "cortex-m4", "STM32F446RE", "(estimate"):
+    for fragment in ("arena", "lower bound", "weights", "cortex-m4", "STM32F446RE", "(estimate",
+                     "in 'input' int8 [", "= ONNX axes [0, 2, 3, 1]"):
         assert fragment in result.stdout, fragment
 
 

@@ -72,6 +72,17 @@ def _spare(spare: int | None, total: int, what: str) -> str:
     return f"{what} {spare:,} B to spare of {bytes_text(total)}"
 
 
+def _io_text(result) -> str:
+    """The C's buffers: int8, their stored shape, and which ONNX axis each stored axis is when not in order."""
+    parts = []
+    for kind, entries in (("in", result.inputs), ("out", result.outputs)):
+        for entry in entries:
+            layout = entry["layout"]
+            order = "" if layout == sorted(layout) else f" = ONNX axes {layout}"
+            parts.append(f"{kind} {entry['name']!r} int8 {entry['stored_shape']}{order}")
+    return "; ".join(parts)
+
+
 def _render_compile(model: Path, report) -> None:
     result, host, profile = report.result, report.host, report.result.profile
     bound = "optimal" if result.plan_optimal else "best found in the search budget"
@@ -95,6 +106,7 @@ def _render_compile(model: Path, report) -> None:
                      + _spare(report.sram_spare_bytes, profile.sram_bytes, "SRAM")),
              ("device latency", f"{report.estimated_device_latency_ms:.3f} ms (estimate: {count_text(result.macs)} "
                                 f"MACs / ({profile.int8_macs_per_cycle:g} MACs/cycle x {profile.clock_mhz:g} MHz))"),
+             ("io", _io_text(result)),
              ("files", f"{result.out_dir}/: {', '.join(result.files)}, report.json")]
     summary = table(f"{model.name} -> C99, {result.ops} ops, {result.rounding} rounding", [("", "left"), ("", "left")])
     summary.show_header = False

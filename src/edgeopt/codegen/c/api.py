@@ -69,6 +69,10 @@ class CompileResult:
     profile: DeviceProfile
     rounding: str
     name: str
+    # the C's input and output buffers, as the manifest has them: name, stored_shape, layout (the ONNX axis
+    # each stored axis is), scale, zero_point
+    inputs: tuple[dict, ...] = ()
+    outputs: tuple[dict, ...] = ()
 
     @property
     def device(self) -> str:
@@ -311,8 +315,9 @@ def _result(out_dir, files, program, plan, schedule, profile, name, rounding, gr
                          greedy_arena_bytes=plan.greedy_bytes, plan_method=plan.method, plan_optimal=plan.optimal,
                          graph_order_lower_bound_bytes=graph_order_bound, schedule_method=schedule.method,
                          in_place_ops=len(plan.in_place), weight_bytes=_weight_bytes(program),
-                         macs=program_macs(program), profile=profile,
-                         rounding=rounding, name=name)
+                         macs=program_macs(program), profile=profile, rounding=rounding, name=name,
+                         inputs=tuple(_io_manifest(program, program.inputs)),
+                         outputs=tuple(_io_manifest(program, program.outputs)))
 
 
 def is_c_folder(path: str | Path) -> bool:

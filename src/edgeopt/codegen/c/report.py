@@ -257,6 +257,7 @@ class CompileReport:
                     "sram_spare_bytes": self.sram_spare_bytes, "arena_fits_sram": result.fits,
                     "misses": self.misses()},
             "device_latency_ms_estimate": self.estimated_device_latency_ms,
+            "inputs": list(result.inputs), "outputs": list(result.outputs),
         }
 
     def write(self) -> Path:
