@@ -844,7 +844,7 @@ def test_fp16_with_float16_inputs_is_compared_on_float32_data(tmp_path):
 
 
 def test_the_mcu_target_warns_about_float_nodes_compile_refuses(tmp_path):
-    # a Softplus has no int8 path and stays float: compile refuses the model,
+    # a Floor has no int8 path and stays float: compile refuses the model,
     # so quantize --target mcu says so (only a data-movement node passing values on is lowered as a copy)
     from onnx import helper
 
@@ -852,12 +852,45 @@ def test_the_mcu_target_warns_about_float_nodes_compile_refuses(tmp_path):
     weights = {name: rng.standard_normal(shape).astype(np.float32)
                for name, shape in (("W", (8, 8)), ("B", (8,)), ("W2", (8, 4)), ("B2", (4,)))}
     nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["g1"], name="g1"),
-             helper.make_node("Softplus", ["g1"], ["r"], name="softplus"),
+             helper.make_node("Floor", ["g1"], ["r"], name="floor"),
              helper.make_node("Gemm", ["r", "W2", "B2"], ["y"], name="g2")]
-    path = _save(tmp_path, "gemm_softplus", nodes, weights, [1, 8], [1, 4])
+    path = _save(tmp_path, "gemm_floor", nodes, weights, [1, 8], [1, 4])
     data = [{"x": rng.standard_normal((1, 8)).astype(np.float32)} for _ in range(16)]
     report = edgeopt.quantize(path, edgeopt.Int8Config(target=edgeopt.Target.MCU), data, check_speed=False)
-    assert any("softplus" in w and "cannot become C" in w for w in report.warnings), report.warnings
+    assert any("floor" in w and "cannot become C" in w for w in report.warnings), report.warnings
+
+
+def test_the_mcu_target_warns_about_a_loop_reading_the_input_from_outside_its_body(tmp_path):
+    """tf2onnx's Keras 3 RNN: a Loop whose listed inputs are constants (trip count, a counter) but whose body
+    reads the model input from the graph around it, and whose first output is the int64 counter. It was not
+    listed as float (its first output is no float) nor warned about (taken as computed from shapes alone), and
+    compile then refused the model."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Add", ["counter_in", "one"], ["counter_out"]),
+         helper.make_node("Gather", ["x", "i"], ["step"], axis=0),  # the model input, read from outside
+         helper.make_node("Tanh", ["step"], ["scan"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("counter_in", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("counter_out", TensorProto.INT64, []),
+         helper.make_tensor_value_info("scan", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(np.array(1, np.int64), "one")])
+    nodes = [helper.make_node("Loop", ["trip", "cond", "counter"], ["count", "steps"], name="while_loop", body=body),
+             helper.make_node("Reshape", ["steps", "shape"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "W", "B"], ["y"], name="dense")]
+    rng = np.random.default_rng(0)
+    weights = {"trip": np.array(4, np.int64), "cond": np.array(True), "counter": np.array(0, np.int64),
+               "shape": np.array([1, 32], np.int64), "W": rng.standard_normal((32, 4)).astype(np.float32),
+               "B": np.zeros(4, np.float32)}
+    path = _save(tmp_path, "outer_scope_loop", nodes, weights, [4, 1, 8], [1, 4])
+    data = [{"x": rng.standard_normal((4, 1, 8)).astype(np.float32)} for _ in range(16)]
+    report = edgeopt.quantize(path, edgeopt.Int8Config(target=edgeopt.Target.MCU), data, check_speed=False)
+    assert "while_loop" in [node.node_name for node in report.result.float_nodes]
+    assert any("while_loop" in w and "cannot become C" in w for w in report.warnings), report.warnings
 
 
 def test_compare_sorts_by_the_loss_inside_each_node_when_asked(cli, tmp_path):

@@ -67,9 +67,9 @@ def test_output_files_and_arena_macro(tmp_path):
 
 def test_unsupported_ops_are_refused_before_writing(tmp_path):
     b = q._Builder(1)
-    x = b.node("Erf", [b.node("Relu", [b.conv("input", 3, 4)])])
+    x = b.node("Floor", [b.node("Relu", [b.conv("input", 3, 4)])])
     model = q.to_ir(q.quantize_with_ort(b.model(b.conv(x, 4, 4, k=1), (1, 3, 8, 8))))
-    with pytest.raises(UnsupportedOpError, match=r"Erf \(erf"):
+    with pytest.raises(UnsupportedOpError, match=r"Floor \(floor"):
         compile_c(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -202,7 +202,7 @@ def test_a_refusal_says_what_to_do_once():
 
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
-             helper.make_node("Erf", ["xd"], ["e"]), helper.make_node("Abs", ["e"], ["a"]),
+             helper.make_node("Erf", ["xd"], ["e"]), helper.make_node("Log", ["e"], ["a"]),
              helper.make_node("QuantizeLinear", ["a", "s", "z"], ["aq"]),
              helper.make_node("DequantizeLinear", ["aq", "s", "z"], ["y"])]
     graph = helper.make_graph(nodes, "refused", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
@@ -212,5 +212,36 @@ def test_a_refusal_says_what_to_do_once():
     with pytest.raises(UnsupportedOpError) as caught:
         compile_c(model, "/nonexistent/never-written")
     message = str(caught.value)
-    assert "Erf (" in message and "Abs (" in message and message.count("every op output must reach") <= 1
-    assert "export at opset 20" in message and "the C kernels cover Add," in message
+    assert "Erf (" in message and "Log (" in message and message.count("every op output must reach") <= 1
+    assert "export at opset 20" in message and "the C kernels cover Abs, Add," in message
+
+
+@needs_gcc
+def test_a_weight_several_ops_read_is_stored_once(tmp_path):
+    """One initializer read by four Gemms (a tied layer; tf2onnx's unrolled RNN reads one kernel at every
+    step) is one int8 array in the QDQ model: the C declares it once too, and the weights count it once."""
+    import onnx
+
+    from mcu_flow import assert_compiles_bit_exact, quantize_for_mcu
+
+    rng = np.random.default_rng(0)
+    nodes, previous = [], "input"
+    for k in range(4):
+        nodes += [helper.make_node("Gemm", [previous, "W", "B"], [f"g{k}"], name=f"dense{k}"),
+                  helper.make_node("Relu", [f"g{k}"], [f"r{k}"], name=f"relu{k}")]
+        previous = f"r{k}"
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info(previous, TensorProto.FLOAT, [1, 64])],
+                              [numpy_helper.from_array((rng.standard_normal((64, 64)) * 0.15).astype(np.float32), "W"),
+                               numpy_helper.from_array(np.full(64, 0.05, np.float32), "B")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "float.onnx")
+    data = [{"input": rng.random((1, 64), dtype=np.float32)} for _ in range(16)]
+    _, model = quantize_for_mcu(tmp_path / "float.onnx", data, tmp_path / "int8.onnx")
+    result = assert_compiles_bit_exact(model, tmp_path / "c", data[:2])
+    code = (tmp_path / "c" / "model.c").read_text()
+    assert len(re.findall(r"static const int8_t \w+\[4096\]", code)) == 1
+    assert len(re.findall(r"#define op\d+_weight op\d+_weight /\* the same values \*/", code)) == 3
+    stored = sum(int(length) * {"int8_t": 1, "int16_t": 2, "int32_t": 4}[c_type]
+                 for c_type, length in re.findall(r"static const (\w+) \w+\[(\d+)\] = \{", code))
+    assert compile_c(model, tmp_path / "again").weight_bytes == stored < 2 * 4096
+    assert result.bit_exact

@@ -22,6 +22,7 @@ __all__ = [
     "is_constant",
     "is_op",
     "model_inputs",
+    "outer_reads",
     "numpy_dtype",
     "run_time_grid_values",
     "shape_derived_values",
@@ -286,10 +287,26 @@ def shape_derived_values(graph: ir.Graph) -> set[str]:
     input shapes are fixed, constant folding turns them into constants."""
     known: set[str] = set()
     for node in graph:
-        inputs = [value for value in node.inputs if value is not None and value.name]
+        inputs = [value for value in (*node.inputs, *outer_reads(node)) if value is not None and value.name]
         if is_op(node, "Shape", "Size") or all(value.name in known or is_constant(value) for value in inputs):
             known.update(value.name for value in node.outputs)
     return known
+
+
+def outer_reads(node: ir.Node) -> list[ir.Value]:
+    """The values the subgraphs of ``node`` (If branches, Loop and Scan bodies, nested ones included) read from
+    the graphs around it without listing them as inputs (tf2onnx's RNN loops read the model input so)."""
+    reads: list[ir.Value] = []
+    for graph in subgraphs(node):
+        inner = list(graph.all_nodes())
+        defined = {id(value) for value in (*graph.inputs, *graph.initializers.values())}
+        defined.update(id(value) for each in inner for value in each.outputs)
+        for each in inner:
+            defined.update(id(value) for nested in subgraphs(each)
+                           for value in (*nested.inputs, *nested.initializers.values()))
+        reads += [value for each in inner for value in each.inputs
+                  if value is not None and id(value) not in defined]
+    return reads
 
 
 def default_opset(model: ir.Model) -> int:

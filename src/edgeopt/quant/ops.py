@@ -147,6 +147,10 @@ MCU_OP_RULES: dict[str, OpRule] = OP_RULES | {
     "Tanh": _UNARY,
     "Elu": _UNARY,
     "Gelu": _UNARY,
+    # more tables of one input (runtime/reference/tables.py's LUT_OPS), and TFLite's Sub
+    **{op: _UNARY for op in ("Softplus", "Softsign", "Mish", "Abs", "Neg", "Exp", "Erf", "Selu", "Celu",
+                             "ThresholdedRelu")},
+    "Sub": _BINARY,
     "ReduceMean": _UNARY,
     "GlobalMaxPool": _MOVE,
     "Pad": _MOVE,

@@ -205,7 +205,10 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
 
 
 def _computes_float(node: ir.Node, non_float: Collection[str]) -> bool:
-    return bool(node.outputs) and _is_float(node.outputs[0], non_float) and node.op_type != "Constant"
+    """Whether ``node`` writes a float value: its first output, or, for control flow, any (tf2onnx's RNN Loop
+    writes its trip count first)."""
+    outputs = node.outputs if node.op_type in ("If", "Loop", "Scan") else node.outputs[:1]
+    return any(_is_float(value, non_float) for value in outputs) and node.op_type != "Constant"
 
 
 class UnionFind:

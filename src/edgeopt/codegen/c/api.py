@@ -29,7 +29,6 @@ import onnx_ir as ir
 from edgeopt.analysis.memory import lower_bound_bytes as lower_bound_of
 from edgeopt.codegen.c.build import BUILD_DIR, RUN_FOLDER_PREFIX, build, run_batch
 from edgeopt.codegen.c.emit import emit_sources
-from edgeopt.codegen.c.packing import recurrent_arrays
 from edgeopt.codegen.c.plan import MemoryPlan, plan_memory, program_lifetimes
 from edgeopt.codegen.c.schedule import Schedule, choose_schedule, reorder
 from edgeopt.devices import DeviceProfile, load_device
@@ -39,7 +38,7 @@ from edgeopt.io.save import check_creatable, current_umask
 from edgeopt.runtime.reference import ReferenceModel, lower
 from edgeopt.runtime.reference.fixed_point import ROUNDINGS
 from edgeopt.runtime.reference.program import Program
-from edgeopt.runtime.reference.rnn import GATES, TANH_TABLE
+from edgeopt.runtime.reference.rnn import GATES
 
 __all__ = ["MANIFEST", "CompileResult", "LayerMismatch", "VerifyResult", "compile_c", "is_c_folder",
            "read_manifest", "verify"]
@@ -158,27 +157,6 @@ def program_macs(program: Program) -> int:
     return int(total)
 
 
-def _array_bytes(params) -> int:
-    """Bytes of the arrays in a params object, nested params (a fused op's) included."""
-    total = 0
-    for value in vars(params).values():
-        if isinstance(value, np.ndarray):
-            total += value.nbytes
-        elif dataclasses.is_dataclass(value):
-            total += _array_bytes(value)
-    return total
-
-
-def _weight_bytes(program) -> int:
-    """Bytes of the model's constant arrays; a recurrent cell's as its C stores them, with their shared tanh
-    table once."""
-    total = sum(a.nbytes for a in program.constants.values())
-    cells = [op for op in program.ops if op.kind in _CELLS]
-    total += sum(array.nbytes for op in cells for array in recurrent_arrays(op.params).values() if array is not None)
-    total += TANH_TABLE.nbytes if cells else 0
-    return int(total + sum(_array_bytes(op.params) for op in program.ops if op.kind not in _CELLS))
-
-
 def _io_manifest(program: Program, ios) -> list[dict]:
     return [{"name": io.name, "tensor": io.tensor, "is_float": io.is_float,
              "stored_shape": list(program.tensors[io.tensor].shape),
@@ -295,7 +273,8 @@ def compile_c(model: ir.Model, out_dir: str | Path, *, device: str | Path | Devi
     files = dict(sources.files) | {MEMORY_MAP: json.dumps(_memory_map(program, plan), indent=2)}
     _write_folder(out_dir, files, model, _manifest(program, plan, schedule, profile, name, rounding), force)
     graph_order_bound = lower_bound_of(program_lifetimes(lowered))
-    result = _result(out_dir, files, program, plan, schedule, profile, name, rounding, graph_order_bound)
+    result = _result(out_dir, files, program, plan, schedule, profile, name, rounding, graph_order_bound,
+                     sources.const_bytes)
     if not result.fits:
         logger.info("arena of %d bytes does not fit %s (%d bytes of SRAM): %d bytes short; the build check fails",
                        result.arena_bytes, profile.name, profile.sram_bytes, result.missing_bytes)
@@ -309,12 +288,13 @@ def _manifest(program: Program, plan: MemoryPlan, schedule: Schedule, profile: D
             "outputs": _io_manifest(program, program.outputs)}
 
 
-def _result(out_dir, files, program, plan, schedule, profile, name, rounding, graph_order_bound) -> CompileResult:
+def _result(out_dir, files, program, plan, schedule, profile, name, rounding, graph_order_bound,
+            const_bytes: int) -> CompileResult:
     return CompileResult(out_dir=out_dir, files=tuple(sorted(files)), ops=len(program.ops),
                          arena_bytes=plan.arena_bytes, lower_bound_bytes=plan.lower_bound_bytes,
                          greedy_arena_bytes=plan.greedy_bytes, plan_method=plan.method, plan_optimal=plan.optimal,
                          graph_order_lower_bound_bytes=graph_order_bound, schedule_method=schedule.method,
-                         in_place_ops=len(plan.in_place), weight_bytes=_weight_bytes(program),
+                         in_place_ops=len(plan.in_place), weight_bytes=const_bytes,
                          macs=program_macs(program), profile=profile, rounding=rounding, name=name,
                          inputs=tuple(_io_manifest(program, program.inputs)),
                          outputs=tuple(_io_manifest(program, program.outputs)))

@@ -53,7 +53,7 @@ from edgeopt.runtime.reference.same_scale import (
     lower_slice,
     lower_split,
 )
-from edgeopt.runtime.reference.tables import lut_params
+from edgeopt.runtime.reference.tables import LUT_OPS, lut_params
 from edgeopt.runtime.reference.vision_ops import lower_depth_to_space, lower_prelu, lower_resize
 
 __all__ = ["HANDLERS", "PATTERNS"]
@@ -181,9 +181,11 @@ def _binary_inputs(lo: Lowering, node: ir.Node):
 
 
 def lower_add(lo: Lowering, node: ir.Node) -> None:
+    """TFLite's int8 Add; a Sub is the same op with the second input's multiplier negated (as TFLite's SUB)."""
     plan, a, b, qa, qb = _binary_inputs(lo, node)
     twice_max = 2.0 * max(qa.scale, qb.scale)
     (ma, sa), (mb, sb) = real_multiplier(qa.scale / twice_max), real_multiplier(qb.scale / twice_max)
+    mb = -mb if node.op_type == "Sub" else mb
     mo, so = real_multiplier(twice_max / ((1 << _ADD_LEFT_SHIFT) * plan.qparams.scale))
     params = AddParams(input_zero_points=(qa.zero_point, qb.zero_point), input_multipliers=(ma, mb),
                        input_shifts=(sa, sb), output_multiplier=mo, output_shift=so,
@@ -231,6 +233,7 @@ HANDLERS = {
     "Gemm": lower_gemm,
     "MatMul": lower_matmul,
     "Add": lower_add,
+    "Sub": lower_add,
     "Mul": lower_mul,
     "MaxPool": lower_max_pool,
     "GlobalMaxPool": lower_global_max_pool,
@@ -248,7 +251,7 @@ HANDLERS = {
     "Slice": lower_slice,
     "Split": lower_split,
     **{op: lower_movement for op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity")},
-    **{op: lower_lut for op in ("Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Gelu")},
+    **{op: lower_lut for op in LUT_OPS},
     "PRelu": lower_prelu,
     "DepthToSpace": lower_depth_to_space,
     "SpaceToDepth": lower_depth_to_space,

@@ -362,9 +362,10 @@ FLOAT_ISLAND = "its output is not quantized (a float island)"
 # What to do about a refused op, told once after the list (op type -> hint), where its refusal cannot say it
 # alone (each Resize or PRelu refusal says what the kernel takes).
 _OP_HINTS = {
-    "Erf": "Erf is computed only inside a spelled-out GELU, 0.5 * x * (1 + erf(x / sqrt(2))) with no "
-           "QuantizeLinear between its steps (one lookup table; `edgeopt quantize --target mcu` places its Q/DQ so): "
-           "quantize the float model so, or export at opset 20 or later, where GELU is one Gelu op",
+    "Erf": "an Erf is a lookup table when its input and output are quantized, and a spelled-out GELU, "
+           "0.5 * x * (1 + erf(x / sqrt(2))), one table when no QuantizeLinear sits between its steps "
+           "(`edgeopt quantize --target mcu` places its Q/DQ so): quantize the float model so, or export at opset "
+           "20 or later, where GELU is one Gelu op",
 }
 
 

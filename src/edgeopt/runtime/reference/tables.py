@@ -23,7 +23,11 @@ import onnx_ir as ir
 from edgeopt.errors import UnsupportedOpError
 from edgeopt.runtime.reference.program import BILINEAR_FRACTION_BITS, LutParams, SoftmaxParams
 
-__all__ = ["linear_weights", "lut_params", "lut_table", "nearest_indices", "softmax_params"]
+__all__ = ["LUT_OPS", "linear_weights", "lut_params", "lut_table", "nearest_indices", "softmax_params"]
+
+#: The elementwise ops of one input computed by a 256-entry table (the MCU target quantizes them).
+LUT_OPS = ("Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Gelu", "Softplus", "Softsign", "Mish",
+           "Abs", "Neg", "Exp", "Erf", "Selu", "Celu", "ThresholdedRelu")
 
 
 def _gelu(x: np.ndarray, node: ir.Node) -> np.ndarray:
@@ -56,6 +60,29 @@ def _unary(node: ir.Node, x: np.ndarray) -> np.ndarray:
             return np.where(x >= 0, x, np.float32(attribute(node, "alpha", 1.0)) * (np.exp(x) - one))
         case "Gelu":
             return _gelu(x, node)
+        case "Softplus":
+            return np.logaddexp(zero, x)
+        case "Softsign":
+            return x / (one + np.abs(x))
+        case "Mish":
+            return x * np.tanh(np.logaddexp(zero, x))
+        case "Abs":
+            return np.abs(x)
+        case "Neg":
+            return -x
+        case "Exp":
+            return np.exp(x)
+        case "Erf":
+            return np.vectorize(math.erf, otypes=[np.float32])(x)
+        case "Selu":
+            alpha = np.float32(attribute(node, "alpha", 1.67326319217681884765625))
+            gamma = np.float32(attribute(node, "gamma", 1.05070102214813232421875))
+            return gamma * np.where(x > 0, x, alpha * (np.exp(x) - one))
+        case "Celu":
+            alpha = np.float32(attribute(node, "alpha", 1.0))
+            return np.maximum(zero, x) + np.minimum(zero, alpha * (np.exp(x / alpha) - one))
+        case "ThresholdedRelu":
+            return np.where(x > np.float32(attribute(node, "alpha", 1.0)), x, zero)
     raise UnsupportedOpError(f"{node.op_type} ({node.name}): no lookup table")
 
 

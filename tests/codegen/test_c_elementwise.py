@@ -1,0 +1,99 @@
+"""Elementwise ops the microcontroller target quantizes beyond the common activations: tables and Sub.
+
+Any elementwise op of one int8 input is a 256-entry table (Softplus, Mish, Softsign, Abs, Neg, Exp, Erf, Selu,
+Celu, ThresholdedRelu, as Sigmoid or Tanh are); a Sub is TFLite's int8 Add with the second input's multiplier
+negated, also when it folds into a conv before it (conv2d_add). Each between two convs (so both its sides are int8),
+quantized with ``--target mcu``: no float node left, the integer reference within one step of ONNX Runtime on the
+QDQ model, and the generated C bit-exact with the reference. The ort target keeps them float (ONNX Runtime has
+no integer kernel for them).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qdq_models as q
+from mcu_flow import assert_compiles_bit_exact, quantize_for_mcu
+from edgeopt import api
+from edgeopt.quant import Int8Config
+from edgeopt.runtime.ort import OrtSession
+from edgeopt.runtime.reference import ReferenceModel, lower
+
+needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("make") is None,
+                               reason="needs gcc and make")
+SHAPE = [1, 3, 6, 7]
+
+
+def _save(path, middle: list, opset: int = 18) -> None:
+    """conv_a(input) -> c, conv_b(input) -> d, ``middle`` (from c and d to "m"), conv_out(m) -> output."""
+    rng = np.random.default_rng(0)
+    weights = {"wa": rng.normal(0, 0.4, (4, 3, 3, 3)), "wb": rng.normal(0, 0.4, (4, 3, 3, 3)),
+               "wo": rng.normal(0, 0.4, (2, 4, 1, 1)), "offset": rng.normal(0, 0.5, (1, 4, 1, 1))}
+    nodes = [helper.make_node("Conv", ["input", "wa"], ["c"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["input", "wb"], ["d"], name="conv_b", pads=[1, 1, 1, 1]),
+             *middle,
+             helper.make_node("Conv", ["m", "wo"], ["output"], name="conv_out")]
+    graph = helper.make_graph(
+        nodes, "elementwise", [helper.make_tensor_value_info("input", TensorProto.FLOAT, SHAPE)],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 2, 6, 7])],
+        initializer=[numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
+
+
+def _data(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"input": rng.normal(0, 1, SHAPE).astype(np.float32)} for _ in range(count)]
+
+
+UNARY = {"Softplus": {}, "Softsign": {}, "Mish": {}, "Abs": {}, "Neg": {}, "Exp": {}, "Erf": {}, "Selu": {},
+         "Celu": {"alpha": 0.5}, "ThresholdedRelu": {"alpha": 0.3}}
+SUBS = {  # and the op each lowers to
+    "sub_of_two_tables": ([helper.make_node("Sigmoid", ["c"], ["sc"], name="sigmoid"),
+                           helper.make_node("Tanh", ["d"], ["td"], name="tanh"),
+                           helper.make_node("Sub", ["sc", "td"], ["m"], name="sub")], "add"),
+    "sub_of_a_constant": ([helper.make_node("Sub", ["offset", "c"], ["m"], name="sub")], "add"),
+    # a conv's output minus another's: the Sub folds into one of the convs (conv2d_add)
+    "sub_of_two_convs": ([helper.make_node("Sub", ["c", "d"], ["m"], name="sub")], "conv2d_add"),
+}
+
+
+def _middle(name: str) -> list:
+    if name in UNARY:
+        return [helper.make_node(name, ["c"], ["m"], name=name.lower(), **UNARY[name])]
+    return SUBS[name][0]
+
+
+@pytest.fixture(scope="module", params=[*UNARY, *SUBS])
+def quantized(request, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp(request.param)
+    _save(tmp_path / "float.onnx", _middle(request.param))
+    result, model = quantize_for_mcu(tmp_path / "float.onnx", _data(16, 0), tmp_path / "int8.onnx")
+    assert result.float_nodes == (), result.float_nodes
+    return request.param, tmp_path, model
+
+
+def test_the_integer_op_is_within_a_step_of_onnx_runtime(quantized):
+    name, _, model = quantized
+    within, _, worst = q.agreement(ReferenceModel(model), OrtSession(model), _data(4, 3))
+    assert within >= 0.99 and worst <= 2, (name, within, worst)
+    kinds = [op.kind for op in lower(model).ops]
+    assert ("lut" if name in UNARY else SUBS[name][1]) in kinds, kinds
+
+
+@needs_gcc
+def test_generated_c_is_bit_exact(quantized, tmp_path):
+    _, _, model = quantized
+    assert_compiles_bit_exact(model, tmp_path / "c", _data(2, 4))
+
+
+@pytest.mark.parametrize("op", ["Mish", "Neg"])
+def test_the_ort_target_keeps_them_float(tmp_path, op):
+    _save(tmp_path / "float.onnx", _middle(op))
+    result = api.quantize(tmp_path / "float.onnx", Int8Config(), _data(8, 0), output=tmp_path / "int8.onnx",
+                          check_speed=False, check_fidelity=False).result
+    assert op in [node.op_type for node in result.float_nodes]
