@@ -97,3 +97,53 @@ def test_the_ort_target_keeps_them_float(tmp_path, op):
     result = api.quantize(tmp_path / "float.onnx", Int8Config(), _data(8, 0), output=tmp_path / "int8.onnx",
                           check_speed=False, check_fidelity=False).result
     assert op in [node.op_type for node in result.float_nodes]
+
+
+def _lower_rank_add(path, out_rank: int) -> None:
+    """Gemm [1, 16] + Squeeze(MatMul)[16] (tf2onnx's unrolled RNN cell), or, with ``out_rank`` 4, a conv's
+    [1, 4, 6, 7] + the [4, 6, 7] Squeeze of another conv."""
+    rng = np.random.default_rng(0)
+    if out_rank == 2:
+        nodes = [helper.make_node("Gemm", ["input", "w1", "b1"], ["a"], name="dense"),
+                 helper.make_node("MatMul", ["input", "w2"], ["m"], name="recurrent"),
+                 helper.make_node("Squeeze", ["m", "axes"], ["s"], name="squeeze"),
+                 helper.make_node("Add", ["a", "s"], ["sum"], name="add"),
+                 helper.make_node("Tanh", ["sum"], ["output"], name="tanh")]
+        weights = {"w1": rng.normal(0, 0.4, (8, 16)), "b1": np.zeros(16), "w2": rng.normal(0, 0.4, (8, 16))}
+        shapes = ([1, 8], [1, 16])
+    else:
+        nodes = [helper.make_node("Conv", ["input", "wa"], ["c"], name="conv_a", pads=[1, 1, 1, 1]),
+                 helper.make_node("Conv", ["input", "wb"], ["d"], name="conv_b", pads=[1, 1, 1, 1]),
+                 helper.make_node("Squeeze", ["d", "axes"], ["s"], name="squeeze"),
+                 helper.make_node("Add", ["c", "s"], ["output"], name="add")]
+        weights = {"wa": rng.normal(0, 0.4, (4, 3, 3, 3)), "wb": rng.normal(0, 0.4, (4, 3, 3, 3))}
+        shapes = (SHAPE, [1, 4, 6, 7])
+    graph = helper.make_graph(
+        nodes, "lower_rank", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shapes[0])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, shapes[1])],
+        initializer=[*(numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()),
+                     numpy_helper.from_array(np.array([0], np.int64), "axes")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+
+
+@needs_gcc
+def test_an_add_of_a_lower_rank_activation_compiles(tmp_path):
+    """ONNX broadcasts [16] over [1, 16]: the lower-rank operand is a reshape (in place), then the Add."""
+    _lower_rank_add(tmp_path / "float.onnx", 2)
+    rng = np.random.default_rng(1)
+    data = [{"input": rng.normal(0, 1, (1, 8)).astype(np.float32)} for _ in range(16)]
+    _, model = quantize_for_mcu(tmp_path / "float.onnx", data, tmp_path / "int8.onnx")
+    within, _, worst = q.agreement(ReferenceModel(model), OrtSession(model), data[:4])
+    assert within >= 0.99 and worst <= 1, (within, worst)
+    assert_compiles_bit_exact(model, tmp_path / "c", data[:2])
+
+
+def test_a_lower_rank_activation_the_layout_would_reorder_is_refused_in_one_line(tmp_path):
+    """[4, 6, 7] over NCHW [1, 4, 6, 7] is stored [1, 6, 7, 4] in the C: a reshape would read it out of order."""
+    from edgeopt.errors import UnsupportedOpError
+
+    _lower_rank_add(tmp_path / "float.onnx", 4)
+    _, model = quantize_for_mcu(tmp_path / "float.onnx", _data(8, 0), tmp_path / "int8.onnx")
+    with pytest.raises(UnsupportedOpError, match=r"add.*rank 3 over rank 4 would reorder") as error:
+        lower(model)
+    assert "\n" not in str(error.value)

@@ -105,3 +105,44 @@ def test_a_channels_last_model_reads_and_writes_its_own_order_with_no_transpose(
     code = (tmp_path / "c" / "model.c").read_text()
     assert "eo_transpose_s8(" not in code and "eo_copy_s8(" not in code
     assert "the ONNX value's axes [0, 1, 2, 3]" in (tmp_path / "c" / "model.h").read_text()
+
+
+@needs_gcc
+def test_tf2onnx_conv1d_blocks_run_with_no_transpose_and_their_bias_and_relu_folded(tmp_path):
+    """tf2onnx writes a Keras Conv1D over an NWC input as Unsqueeze, Transpose to NCHW, a 1 x k Conv without bias,
+    Squeeze, then the bias as an Add of a [C, 1] constant and the activation. The Add and the Relu move above the
+    Squeeze into the conv (a float pass), the transposes vanish: two convs, the pool and the dense, as a Conv1d
+    written natively."""
+    rng = np.random.default_rng(0)
+    weights = {"w1": rng.normal(0, 0.4, (16, 8, 1, 3)), "b1": rng.normal(0, 0.2, (16, 1)),
+               "w2": rng.normal(0, 0.3, (16, 16, 1, 3)), "b2": rng.normal(0, 0.2, (16, 1)),
+               "fc": rng.normal(0, 0.3, (16, 5)), "fc_b": rng.normal(0, 0.1, 5)}
+    constants = {"axis1": np.array([1], np.int64), "axis2": np.array([2], np.int64)}
+    nodes = [helper.make_node("Unsqueeze", ["input", "axis1"], ["u"], name="expand"),
+             helper.make_node("Transpose", ["u"], ["nchw"], name="to_nchw", perm=[0, 3, 1, 2])]
+    previous = "nchw"
+    for k in (1, 2):
+        nodes += [helper.make_node("Conv", [previous, f"w{k}"], [f"c{k}"], name=f"conv{k}", pads=[0, 1, 0, 1]),
+                  helper.make_node("Squeeze", [f"c{k}", "axis2"], [f"s{k}"], name=f"squeeze{k}"),
+                  helper.make_node("Add", [f"s{k}", f"b{k}"], [f"a{k}"], name=f"bias{k}"),
+                  helper.make_node("Relu", [f"a{k}"], [f"r{k}"], name=f"relu{k}")]
+        if k == 1:
+            nodes.append(helper.make_node("Unsqueeze", ["r1", "axis2"], ["e1"], name="expand1"))
+            previous = "e1"
+    nodes += [helper.make_node("GlobalAveragePool", ["r2"], ["pooled"], name="pool"),
+              helper.make_node("Squeeze", ["pooled", "axis2"], ["flat"], name="flatten"),
+              helper.make_node("Gemm", ["flat", "fc", "fc_b"], ["output"], name="dense")]
+    graph = helper.make_graph(
+        nodes, "tf2onnx_conv1d", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 32, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 5])],
+        initializer=[*(numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()),
+                     *(numpy_helper.from_array(v, k) for k, v in constants.items())])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "float.onnx")
+    data = [{"input": rng.normal(0, 1, (1, 32, 8)).astype(np.float32)} for _ in range(16)]
+    _, model = quantize_for_mcu(tmp_path / "float.onnx", data, tmp_path / "int8.onnx")
+    kinds = [op.kind for op in lower(model).ops if op.kind != "reshape"]
+    assert kinds == ["conv2d", "conv2d", "mean", "fully_connected"], kinds
+    within, _, worst = q.agreement(ReferenceModel(model), OrtSession(model), data[:4])
+    assert within >= 0.99 and worst <= 1, (within, worst)
+    assert_compiles_bit_exact(model, tmp_path / "c", data[:2])
+    assert "eo_copy_s8(" not in (tmp_path / "c" / "model.c").read_text()

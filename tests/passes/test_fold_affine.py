@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from onnx import helper
+from onnx import helper, numpy_helper
 from torch import nn
 
 from edgeopt.passes import activation_clamp, fold_affine
@@ -202,3 +202,42 @@ def test_a_hard_sigmoid_of_a_conv_read_elsewhere_is_left():
                        opset=13)
     result = fold_affine(model)
     assert not result.modified and explain(result) == []
+
+
+def _tf2onnx_conv1d(opset: int, reshape: str = "Squeeze"):
+    """tf2onnx's Keras Conv1D: x[1, 4, 1, 9] -> Conv 1 x 3 (no bias) -> Squeeze(axis 2) -> Add(bias [8, 1]) ->
+    Relu -> y[1, 8, 9]; with ``reshape="Reshape"`` the Squeeze is a Reshape to [1, 8, 9]."""
+    axes = [helper.make_node("Squeeze", ["c", "axes"], ["s"], name="squeeze")] if opset >= 13 else [
+        helper.make_node("Squeeze", ["c"], ["s"], name="squeeze", axes=[2])]
+    drop = axes if reshape == "Squeeze" else [helper.make_node("Reshape", ["c", "shape"], ["s"], name="reshape")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[1, 3], pads=[0, 1, 0, 1]),
+             *drop,
+             helper.make_node("Add", ["s", "bias"], ["a"], name="bias_add"),
+             helper.make_node("Relu", ["a"], ["y"], name="relu")]
+    constants = [random_weight("w", [8, 4, 1, 3]), weight("bias", RNG.normal(0, 1, (8, 1))),
+                 numpy_helper.from_array(np.array([2], np.int64), "axes"),
+                 numpy_helper.from_array(np.array([1, 8, 9], np.int64), "shape")]
+    return make_model(nodes, [("x", [1, 4, 1, 9])], [("y", [1, 8, 9])], constants, opset=opset)
+
+
+@pytest.mark.parametrize("opset, reshape", [(11, "Squeeze"), (13, "Squeeze"), (17, "Reshape")])
+def test_a_bias_and_a_clamp_after_a_squeezed_conv_fold_into_it(opset, reshape):
+    """The bias Add moves above the Squeeze (its [8, 1] constant as [8, 1, 1]) and folds into the conv; the Relu
+    moves above it too, where the quantizer folds it into the conv's range: Conv -> Relu -> Squeeze."""
+    model = _tf2onnx_conv1d(opset, reshape)
+    result = fold_affine(model)
+    assert op_types(result.model) == ["Conv", "Relu", reshape]
+    assert len(result.model.graph.node("conv").inputs) == 3  # the bias, created
+    assert_same_outputs(model, result.model)
+
+
+def test_an_add_after_a_reshape_that_merges_axes_stays():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["c", "shape"], ["s"], name="flatten"),
+             helper.make_node("Add", ["s", "bias"], ["y"], name="add")]
+    model = make_model(nodes, [("x", [1, 4, 5, 5])], [("y", [1, 200])],
+                       [random_weight("w", [8, 4, 3, 3]), weight("bias", RNG.normal(0, 1, 200)),
+                        numpy_helper.from_array(np.array([1, 200], np.int64), "shape")])
+    result = fold_affine(model)
+    assert op_types(result.model) == ["Conv", "Reshape", "Add"]
+    assert any("more than add or drop axes of size 1" in line for line in explain(result))

@@ -78,6 +78,10 @@ def mcu_float_warning(float_nodes) -> str:
             "edgeopt compile lowers all-int8 models only, so this model runs in ONNX Runtime but cannot become C")
     if any(_kept(f) for f in float_nodes):
         text += "; drop --exclude (or the accuracy goal) for the mcu target"
+    if any(f.op_type in ("Loop", "Scan") for f in float_nodes):
+        text += ("; a Loop or Scan (a recurrent layer a converter wrote as control flow, as tf2onnx does for Keras "
+                 "3's) has no C kernel: export it as an ONNX LSTM, GRU or RNN op (tf2onnx writes one for Keras 2's "
+                 "layers, Keras 3's model.export(format='onnx') for an LSTM)")
     return text
 
 

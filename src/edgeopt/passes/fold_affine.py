@@ -239,6 +239,85 @@ class HardSigmoidIntoLayerRule(Rule):
         return f"folded into {eir.node_label(match.layer)}, clamped to [0, 1]"
 
 
+@dataclasses.dataclass
+class _Reshaped(Match):
+    layer: ir.Node
+    reshape: ir.Node
+    op: ir.Node
+    constant: ir.Value | None  # a Mul/Div/Add/Sub's (a clamp has none)
+    moved: np.ndarray | None = None  # that constant in the layer output's rank
+
+
+_UNIT_RESHAPES = ("Squeeze", "Unsqueeze", "Reshape", "Flatten")
+_CLAMPS = ("Relu", "Clip")
+
+
+def _in_rank_of(array: np.ndarray, before: tuple[int, ...], after: tuple[int, ...]) -> np.ndarray | None:
+    """``array``, broadcast over ``after``, written over ``before`` when ``after`` is ``before`` with axes of size 1
+    added or dropped (the other axes keep their order, so the values do too); None otherwise."""
+    if array.ndim > len(after):
+        return None
+    full = array.reshape((1,) * (len(after) - array.ndim) + array.shape)
+    if any(size != 1 for size, extent in zip(full.shape, after) if extent == 1):
+        return None
+    sizes = iter(size for size, extent in zip(full.shape, after) if extent != 1)
+    return full.reshape(tuple(1 if extent == 1 else next(sizes) for extent in before))
+
+
+class AboveUnitReshapeRule(Rule):
+    """Conv -> Squeeze/Unsqueeze/Reshape of axes of size 1 -> Mul/Div/Add/Sub(per-channel constant) or
+    Relu/Clip: the op moves above the reshape (a constant in the conv's rank), so that the rules above fold
+    it, or the quantizer folds the clamp into the conv. tf2onnx writes a Keras Conv1D so: Unsqueeze, Conv 1 x k,
+    Squeeze, then its bias as an Add of a [C, 1] constant, then its activation. (A Gemm's reshape is the
+    unflatten fuse-matmul-add writes after this pass: left alone, so that running the passes twice changes
+    nothing.)"""
+
+    name = "above-unit-reshape"
+    anchor_ops = frozenset({"Mul", "Div", "Add", "Sub", *_CLAMPS})
+    verb = "moved"
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        if node.op_type in _CLAMPS:
+            reshape, constant = producer_op(node.inputs[0], *_UNIT_RESHAPES), None
+        else:
+            found = producer_and_constant(node, _UNIT_RESHAPES, commutative=node.op_type in ("Mul", "Add"))
+            reshape, constant = found if found is not None else (None, None)
+        layer = producer_op(reshape.inputs[0], "Conv", "ConvTranspose") if reshape is not None else None
+        if layer is None:
+            return None
+        return _Reshaped(nodes=(layer, reshape, node), layer=layer, reshape=reshape, op=node, constant=constant)
+
+    def check(self, match: _Reshaped, context: RuleContext) -> str | None:
+        before, after = eir.static_shape(match.reshape.inputs[0]), eir.static_shape(match.reshape.outputs[0])
+        if sole_consumer(match.layer.outputs[0]) is not match.reshape or sole_consumer(match.reshape.outputs[0]) \
+                is not match.op:
+            return "the layer or the reshape has another reader"
+        if before is None or after is None or [n for n in before if n != 1] != [n for n in after if n != 1]:
+            return "the reshape does more than add or drop axes of size 1"
+        if match.constant is not None:
+            array = eir.constant_array(match.constant)
+            match.moved = _in_rank_of(array, before, after) if np.issubdtype(array.dtype, np.floating) else None
+            if match.moved is None:
+                return "the constant is no float broadcast over the reshape's output"
+            parts = foldable_parts(match.layer, match.reshape)  # moved only to fold: a per-channel constant
+            reason = parts if isinstance(parts, str) else vector_refusal(match.moved, parts.output_rank, parts.channels)
+            if reason is not None:
+                return reason
+        return eir.replace_value_refusal(match.op.outputs[0], match.reshape.outputs[0])
+
+    def rewrite(self, match: _Reshaped, context: RuleContext) -> str:
+        op, reshape, output = match.op, match.reshape, match.reshape.outputs[0]
+        inputs = [match.layer.outputs[0] if value is output else value for value in op.inputs]
+        if match.constant is not None:
+            constant = eir.add_initializer(context.graph, match.moved, f"{eir.node_label(op)}_constant")
+            inputs = [value if value is match.layer.outputs[0] else constant for value in inputs]
+        moved = ir.node(op.op_type, inputs, dict(op.attributes.items()), name=f"{eir.node_label(op)}_before_reshape")
+        again = ir.node(reshape.op_type, [moved.outputs[0], *reshape.inputs[1:]], dict(reshape.attributes.items()),
+                        name=f"{eir.node_label(reshape)}_after")
+        eir.replace_nodes(context.graph, [op, reshape], op.outputs[0], [moved, again])
+        return f"moved above {eir.node_label(reshape)}"
+
+
 class FoldAffinePass(RulePass):
     """Fold constant per-channel or scalar Mul/Div/Add/Sub, and HardSigmoid, after a Conv, ConvTranspose or Gemm.
 
@@ -253,7 +332,12 @@ class FoldAffinePass(RulePass):
       the Clip's bounds too (``clip(conv + 3, 0, 6) / 6`` -> a conv clamped to
       ``[0, 1]``);
     * ``HardSigmoid(layer; alpha, beta)`` -> weight scaled by ``alpha``, bias
-      ``alpha * b + beta``, then ``Clip(0, 1)``.
+      ``alpha * b + beta``, then ``Clip(0, 1)``;
+    * ``op(reshape(conv), c)`` for those ops, and a Relu or Clip of
+      ``reshape(conv)``, the reshape adding or dropping axes of size 1 only
+      (tf2onnx's Conv1D: a Squeeze, then the bias Add and the activation) ->
+      ``reshape(op(layer, c'))``, ``c'`` the constant in the layer's rank,
+      which the rules above then fold (a clamp, the quantizer).
 
     ``s`` and ``t`` are float constants shaped ``[C,1,1]``, ``[1,C,1,1]``,
     ``[1,C]`` (Gemm) or one element. Preconditions (else left, with the
@@ -269,7 +353,8 @@ class FoldAffinePass(RulePass):
     name = "fold-affine"
 
     def __init__(self) -> None:
-        self.rules = (ScaleIntoLayerRule(), ShiftIntoLayerRule(), ScaleThroughClampRule(), HardSigmoidIntoLayerRule())
+        self.rules = (ScaleIntoLayerRule(), ShiftIntoLayerRule(), ScaleThroughClampRule(), HardSigmoidIntoLayerRule(),
+                      AboveUnitReshapeRule())
 
 
 def fold_affine(model: ir.Model) -> ReportedPassResult:

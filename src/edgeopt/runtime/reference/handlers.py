@@ -36,6 +36,7 @@ from edgeopt.runtime.reference.program import (
     Conv2dParams,
     FullyConnectedParams,
     MulParams,
+    ReshapeParams,
     stored_layout,
 )
 from edgeopt.runtime.reference.attention import lower_activation_matmul, lower_softmax
@@ -159,9 +160,7 @@ def _operand(lo: Lowering, value: ir.Value, node: ir.Node, out_rank: int) -> str
     """An activation input, or a constant operand stored broadcast-ready in the output's layout."""
     if value.name in lo.tensor_of or not eir.is_quantized_constant(value):
         tensor = lo.activation(value, node)
-        if len(lo.tensors[tensor].shape) != out_rank:
-            raise UnsupportedOpError(f"{node_label(node)}: broadcasting activations of different rank")
-        return tensor
+        return tensor if len(lo.tensors[tensor].shape) == out_rank else _in_rank(lo, tensor, out_rank, node)
     data, scale, zero_point, _ = lo.dequantize_constant(value, node)
     if scale.size != 1:
         raise UnsupportedOpError(f"{node_label(node)}: per-axis quantized constant operand")
@@ -171,6 +170,25 @@ def _operand(lo: Lowering, value: ir.Value, node: ir.Node, out_rank: int) -> str
     lo.constants[name] = np.ascontiguousarray(logical.transpose(layout)).astype(np.int8)
     return lo.add_stored_tensor(name, lo.constants[name].shape,
                                 QParams(float(scale.reshape(())), int(zero_point.reshape(()))), layout)
+
+
+def _in_rank(lo: Lowering, tensor: str, rank: int, node: ir.Node) -> str:
+    """An activation of lower rank, broadcast by ONNX's rules (axes of size 1 in front), as a tensor of ``rank``:
+    a reshape, when its bytes stay in order in the new rank's stored layout (a [16] bias-like row under a
+    [1, 16] one; tf2onnx's unrolled RNN cell adds such), else refused."""
+    info = lo.tensors[tensor]
+    extra = rank - len(info.shape)
+    layout = stored_layout(rank)
+    logical = (1,) * max(extra, 0) + info.logical_shape
+    # the original logical axis of each stored axis of size above 1, before and after
+    kept_before = [axis for axis, size in zip(info.layout, info.shape) if size != 1]
+    kept_after = [axis - extra for axis in layout if axis >= extra and logical[axis] != 1]
+    if extra < 0 or kept_before != kept_after:
+        raise UnsupportedOpError(f"{node_label(node)}: broadcasting an activation of rank {len(info.shape)} over "
+                                 f"rank {rank} would reorder its values in the C's layout")
+    shape = tuple(logical[axis] for axis in layout)
+    name = lo.add_stored_tensor(f"{tensor}__rank{rank}", shape, lo.params_of(tensor), layout)
+    return lo.emit("reshape", [tensor], name, ReshapeParams(shape=shape), node)
 
 
 def _binary_inputs(lo: Lowering, node: ir.Node):

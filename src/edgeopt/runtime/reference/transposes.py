@@ -107,14 +107,11 @@ def sink_transposes(program: Program) -> Program:
         source = next((name for name in op.inputs if name in position), None)
         moved = ops[position[source]] if source is not None else None
         if (moved is not None and moved.kind == "transpose" and readers[source] == 1 and source not in outputs
-                and _keeps_shape(moved, tensors) and _commutes(op, source, moved, tensors)):
+                and (op.kind in _UNARY or _keeps_shape(moved, tensors)) and _commutes(op, source, moved, tensors)):
             x = moved.inputs[0]
-            before = f"{op.output}__unpermuted"
-            after, perm = tensors[op.output], moved.params.perm
-            layout = [0] * len(perm)  # stored axis perm[i] of `before` is axis i of `after`
-            for axis, logical in zip(perm, after.layout):
-                layout[axis] = logical
-            tensors[before] = replace(after, name=before, shape=tensors[x].shape, layout=tuple(layout))
+            before = f"{op.output}__unpermuted"  # op of x: x's shape and layout, op's quantization
+            tensors[before] = replace(tensors[op.output], name=before, shape=tensors[x].shape,
+                                      layout=tensors[x].layout)
             ops[position.pop(source)] = None
             del tensors[source]
             ops.append(replace(op, inputs=tuple(x if name == source else name for name in op.inputs), output=before))
@@ -126,10 +123,14 @@ def sink_transposes(program: Program) -> Program:
     return program if kept == program.ops else replace(program, tensors=tensors, ops=kept)
 
 
+#: Elementwise ops of one input: they commute with any transpose, one that also reshapes included.
+_UNARY = ("lut", "requantize")
+
+
 def _commutes(op: IntOp, source: str, transpose: IntOp, tensors) -> bool:
     """Whether ``op`` reading the transposed ``source`` gives its output transposed when it reads the
     transpose's input instead."""
-    if op.kind in ("lut", "requantize"):
+    if op.kind in _UNARY:
         return True
     if op.kind in ("mul", "add"):
         others = [name for name in op.inputs if name != source]
