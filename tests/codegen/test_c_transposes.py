@@ -146,3 +146,28 @@ def test_tf2onnx_conv1d_blocks_run_with_no_transpose_and_their_bias_and_relu_fol
     assert within >= 0.99 and worst <= 1, (within, worst)
     assert_compiles_bit_exact(model, tmp_path / "c", data[:2])
     assert "eo_copy_s8(" not in (tmp_path / "c" / "model.c").read_text()
+
+
+@needs_gcc
+def test_a_squeezed_conv_output_through_a_table_and_back_runs_with_no_transpose(tmp_path):
+    """Conv [1, 4, 1, 7] -> Squeeze (rank 3, stored [N, C, L]) -> Sigmoid -> Unsqueeze -> Conv: the transposes the
+    rank changes lower to meet across the table (a transpose that also reshapes, then a reshape of unit axes,
+    compose) and vanish."""
+    rng = np.random.default_rng(0)
+    weights = {"w1": rng.normal(0, 0.4, (4, 3, 1, 3)), "w2": rng.normal(0, 0.4, (2, 4, 1, 3))}
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c"], name="conv1", pads=[0, 1, 0, 1]),
+             helper.make_node("Squeeze", ["c", "axes"], ["s"], name="squeeze"),
+             helper.make_node("Sigmoid", ["s"], ["g"], name="sigmoid"),
+             helper.make_node("Unsqueeze", ["g", "axes"], ["u"], name="unsqueeze"),
+             helper.make_node("Conv", ["u", "w2"], ["output"], name="conv2", pads=[0, 1, 0, 1])]
+    graph = helper.make_graph(
+        nodes, "squeezed", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 1, 7])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 2, 1, 7])],
+        initializer=[*(numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()),
+                     numpy_helper.from_array(np.array([2], np.int64), "axes")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "float.onnx")
+    data = [{"input": rng.normal(0, 1, (1, 3, 1, 7)).astype(np.float32)} for _ in range(16)]
+    _, model = quantize_for_mcu(tmp_path / "float.onnx", data, tmp_path / "int8.onnx")
+    kinds = [op.kind for op in lower(model).ops if op.kind != "reshape"]
+    assert kinds == ["conv2d", "lut", "conv2d"], kinds
+    assert_compiles_bit_exact(model, tmp_path / "c", data[:2])

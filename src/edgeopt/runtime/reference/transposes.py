@@ -76,9 +76,11 @@ def _compose_once(program: Program) -> Program:
     gone: set[str] = set()
     for op in program.ops:
         source = op.inputs[0] if op.inputs else None
-        first = ops[position[source]] if op.kind == "transpose" and source in position else None
-        if (first is not None and first.kind in ("transpose", "reshape") and readers[source] == 1
-                and source not in outputs and _order(first, program.tensors) is not None):
+        first = ops[position[source]] if op.kind in ("transpose", "reshape") and source in position else None
+        # a transpose after a transpose or a unit-axis reshape, or a reshape after a transpose
+        pair = first is not None and ({first.kind, op.kind} == {"transpose", "reshape"} or first.kind == op.kind
+                                      == "transpose")
+        if pair and readers[source] == 1 and source not in outputs and _order(first, program.tensors) is not None:
             op = IntOp(kind="transpose", inputs=first.inputs, output=op.output,
                        params=TransposeParams(perm=_composed(first, op, program.tensors)), node=op.node)
             ops[position.pop(source)] = None
@@ -170,11 +172,13 @@ def _order(op: IntOp, tensors) -> list[int] | None:
 
 
 def _composed(first: IntOp, second: IntOp, tensors) -> tuple[int, ...]:
-    """The perm over ``first``'s input of ``second`` after ``first``: its axes of size 1 first, then the others
-    in the order the two write them (``t``'s axes of size above 1 are ``x``'s in ``first``'s order)."""
+    """The perm over ``first``'s input of ``second`` after ``first`` (either may be a reshape of axes of size 1,
+    which keeps the order): its axes of size 1 first, then the others in the order the two write them
+    (``t``'s axes of size above 1 are ``x``'s in ``first``'s order)."""
     source, middle = tensors[first.inputs[0]].shape, tensors[second.inputs[0]].shape
     written = dict(zip([axis for axis, size in enumerate(middle) if size != 1], _order(first, tensors)))
-    order = [written[axis] for axis in second.params.perm if middle[axis] != 1]
+    perm = second.params.perm if second.kind == "transpose" else range(len(middle))
+    order = [written[axis] for axis in perm if middle[axis] != 1]
     return (*[axis for axis, size in enumerate(source) if size == 1], *order)
 
 
