@@ -147,3 +147,26 @@ def test_a_lower_rank_activation_the_layout_would_reorder_is_refused_in_one_line
     with pytest.raises(UnsupportedOpError, match=r"add.*rank 3 over rank 4 would reorder") as error:
         lower(model)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("axes, keepdims", [([1], 0), ([1], 1), ([2], 1)])
+def test_a_reduce_max_is_a_max_pool_over_rows(tmp_path, axes, keepdims):
+    """tf2onnx writes Keras' GlobalMaxPooling1D as ReduceMax over the steps of [N, L, C]: a max pool over the
+    [outer, reduce, 1, inner] view, at the input's scale, bit-exact."""
+    rng = np.random.default_rng(0)
+    weight = rng.normal(0, 0.4, (6, 5)).astype(np.float32)
+    out_shape = [1, 1, 5] if keepdims and axes == [1] else ([1, 5] if not keepdims else [1, 8, 1])
+    nodes = [helper.make_node("MatMul", ["input", "w"], ["m"], name="dense"),
+             helper.make_node("ReduceMax", ["m"], ["output"], name="max", axes=axes, keepdims=keepdims)]
+    graph = helper.make_graph(nodes, "reduce_max", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                  [1, 8, 6])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)],
+                              initializer=[numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "float.onnx")
+    data = [{"input": rng.normal(0, 1, (1, 8, 6)).astype(np.float32)} for _ in range(16)]
+    result, model = quantize_for_mcu(tmp_path / "float.onnx", data, tmp_path / "int8.onnx")
+    assert result.float_nodes == ()
+    assert "max_pool" in [op.kind for op in lower(model).ops]
+    within, _, worst = q.agreement(ReferenceModel(model), OrtSession(model), data[:4])
+    assert within >= 0.99 and worst <= 1, (within, worst)
+    assert_compiles_bit_exact(model, tmp_path / "c", data[:2])

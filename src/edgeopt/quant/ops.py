@@ -153,6 +153,7 @@ MCU_OP_RULES: dict[str, OpRule] = OP_RULES | {
     "Sub": _BINARY,
     "ReduceMean": _UNARY,
     "GlobalMaxPool": _MOVE,
+    "ReduceMax": _MOVE,  # tf2onnx's GlobalMaxPooling1D: a max pool over the reduced rows
     "Pad": _MOVE,
     "Resize": OpRule(role=OpRole.SHARED, modes=frozenset({"nearest", "linear"})),  # TFLite's int8 bilinear
     "PRelu": _UNARY,  # a constant slope (input 1 stays float: the C folds it into its multipliers)

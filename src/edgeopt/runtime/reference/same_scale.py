@@ -49,6 +49,7 @@ __all__ = [
     "lower_max_pool",
     "lower_movement",
     "lower_pad",
+    "lower_reduce_max",
     "lower_reduce_mean",
     "lower_resize",
     "lower_slice",
@@ -141,15 +142,20 @@ def lower_average_pool(lo: Lowering, node: ir.Node) -> None:
     _average(lo, node, x, kernel, strides, pads, bool(attribute(node, "count_include_pad", 0)))
 
 
-def _mean(lo: Lowering, node: ir.Node, x: str, stored_axes: list[int]) -> None:
+def _rows_of(lo: Lowering, node: ir.Node, x: str, stored_axes: list[int]) -> tuple[int, int, int]:
+    """(outer, reduce, inner) of ``x`` reduced over ``stored_axes``, which must be adjacent."""
     shape = lo.tensors[x].shape
     stored_axes = sorted(stored_axes)
     if stored_axes != list(range(stored_axes[0], stored_axes[-1] + 1)):
         raise UnsupportedOpError(f"{node_label(node)}: reducing non-adjacent axes (in NHWC) is not supported")
+    return (int(np.prod(shape[:stored_axes[0]], dtype=np.int64)),
+            int(np.prod(shape[stored_axes[0]:stored_axes[-1] + 1], dtype=np.int64)),
+            int(np.prod(shape[stored_axes[-1] + 1:], dtype=np.int64)))
+
+
+def _mean(lo: Lowering, node: ir.Node, x: str, stored_axes: list[int]) -> None:
+    outer, reduce, inner = _rows_of(lo, node, x, stored_axes)
     plan, source = lo.output_plan(node), lo.params_of(x)
-    outer = int(np.prod(shape[:stored_axes[0]], dtype=np.int64))
-    reduce = int(np.prod(shape[stored_axes[0]:stored_axes[-1] + 1], dtype=np.int64))
-    inner = int(np.prod(shape[stored_axes[-1] + 1:], dtype=np.int64))
     multiplier, shift = real_multiplier(source.scale / (reduce * plan.qparams.scale))
     params = MeanParams(outer=outer, reduce=reduce, inner=inner, input_zero_point=source.zero_point,
                         output_zero_point=plan.qparams.zero_point, multiplier=multiplier, shift=shift)
@@ -160,7 +166,8 @@ def lower_global_average_pool(lo: Lowering, node: ir.Node) -> None:
     _mean(lo, node, rank4_input(lo, node), [1, 2])
 
 
-def lower_reduce_mean(lo: Lowering, node: ir.Node) -> None:
+def _reduced(lo: Lowering, node: ir.Node) -> tuple[str, list[int]]:
+    """A ReduceMean's or ReduceMax's input and the stored axes it reduces (checked to keep the layout)."""
     x = lo.activation(node.inputs[0], node)
     info = lo.tensors[x]
     rank = len(info.shape)
@@ -171,7 +178,36 @@ def lower_reduce_mean(lo: Lowering, node: ir.Node) -> None:
     stored_axes = [info.layout.index(a) for a in axes]
     if not int(attribute(node, "keepdims", 1)):
         _check_kept_order(node, info.layout, stored_axes)
-    _mean(lo, node, x, stored_axes)
+    return x, stored_axes
+
+
+def lower_reduce_mean(lo: Lowering, node: ir.Node) -> None:
+    _mean(lo, node, *_reduced(lo, node))
+
+
+def lower_reduce_max(lo: Lowering, node: ir.Node) -> None:
+    """ReduceMax over adjacent stored axes: a max pool over the rows of the [outer, reduce, 1, inner] view
+    (reshapes in place on either side), at the input's quantization."""
+    x, stored_axes = _reduced(lo, node)
+    outer, reduce, inner = _rows_of(lo, node, x, stored_axes)
+    source, plan, value = lo.params_of(x), lo.output_plan(node), node.outputs[0]
+    view = lo.add_stored_tensor(f"{value.name}__rows", (outer, reduce, 1, inner), source, (0, 1, 2, 3))
+    lo.emit("reshape", [x], view, ReshapeParams(shape=(outer, reduce, 1, inner)), node)
+    act_min, act_max = clamp_range(source, -math.inf, math.inf)
+    if plan.qparams == source:
+        act_min, act_max = plan.act_min, plan.act_max
+    pooled = lo.add_stored_tensor(f"{value.name}__max", (outer, 1, 1, inner), source, (0, 1, 2, 3))
+    lo.emit("max_pool", [view], pooled, MaxPoolParams(kernel=(reduce, 1), strides=(1, 1), pads=(0, 0, 0, 0),
+                                                     act_min=act_min, act_max=act_max), node)
+    if plan.qparams != source:
+        pooled = lo.requantize(pooled, plan.qparams, f"{value.name}__requantized", node,
+                               (plan.act_min, plan.act_max))
+    name = lo.add_tensor(value.name, lo.logical_shape(value), plan.qparams)
+    lo.emit("reshape", [pooled], name, ReshapeParams(shape=lo.tensors[name].shape), node)
+    lo.bind(value, name)
+    for clamp in plan.absorbed:
+        lo.absorbed.add(id(clamp))
+        lo.bind(clamp.outputs[0], name)
 
 
 def _check_kept_order(node: ir.Node, layout, stored_axes: list[int]) -> None:
@@ -181,7 +217,7 @@ def _check_kept_order(node: ir.Node, layout, stored_axes: list[int]) -> None:
     kept = [layout[p] for p in range(len(layout)) if p not in stored_axes]  # logical axes, stored order
     renumbered = [sorted(kept).index(a) for a in kept]
     if tuple(renumbered) != tuple(stored_layout(len(kept))):
-        raise UnsupportedOpError(f"{node_label(node)}: ReduceMean with keepdims=0 over these axes would change "
+        raise UnsupportedOpError(f"{node_label(node)}: {node.op_type} with keepdims=0 over these axes would change "
                                  "the tensor's memory layout; keepdims=1 (then Flatten or Reshape) is supported")
 
 
