@@ -287,6 +287,10 @@ class _Planner:
             outputs += [v.name for v in node.outputs[1:] if _is_float(v, self.non_float) and v.uses()]
             if rule.weight_inputs and not (output.uses() or output.is_graph_output()):
                 outputs = outputs[1:]
+            elif rule.weight_inputs and len(node.outputs) > 1 and node.outputs[1].name in outputs \
+                    and node.attributes.get_string("direction", "forward") != "bidirectional":
+                # Y_h is Y's last step: one scale for both, so that the C slices it out of Y (one recurrence)
+                self.groups.union([output.name, node.outputs[1].name])
         if self.quantize_outputs or not _float_output_fuses(node, output, weight):
             self.activations.update(dict.fromkeys(outputs))
         if node.op_type == "Concat":

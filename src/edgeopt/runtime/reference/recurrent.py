@@ -3,7 +3,8 @@
 The QDQ model (``edgeopt quantize --target mcu``) quantizes X, W and R (int8, one scale per gate row) and
 the outputs that are read; B and the initial states stay float constants and are folded here. Each of Y,
 Y_h and Y_c that is read becomes one op writing it (two read: the recurrence runs twice, each op writing
-its own output at its own scale). A state computed from the input's shape (PyTorch's zeros) is a constant
+its own output at its own scale), but for Y_h beside Y of a one-direction cell at one quantization (the MCU
+quantizer gives them one scale): Y's last step, sliced out of Y. A state computed from the input's shape (PyTorch's zeros) is a constant
 once `edgeopt compile --input-shape` fixes the shapes.
 """
 
@@ -16,7 +17,7 @@ from edgeopt import ir as eir
 from edgeopt.errors import UnsupportedOpError
 from edgeopt.quant.ops import recurrent_refusal
 from edgeopt.runtime.reference.lower import Lowering, QParams, attribute, node_label, real_multiplier, text_attribute
-from edgeopt.runtime.reference.program import RecurrentParams, TensorInfo
+from edgeopt.runtime.reference.program import RecurrentParams, ReshapeParams, SliceParams, TensorInfo
 from edgeopt.runtime.reference.rnn import (
     GATE_FRACTION_BITS,
     GATES,
@@ -131,9 +132,35 @@ def lower_recurrent(lo: Lowering, node: ir.Node) -> None:
                   w_shift=w_shift, r_multiplier=r_multiplier, r_shift=r_shift, w_bias=w_bias, r_bias=r_bias,
                   bias_shift=bias_shift, initial=initial, initial_cell=cell_state)
     states, common["state_inputs"] = _state_inputs(lo, node, state)
-    for output, value in enumerate(node.outputs[:3]):
-        if value is not None and value.name and (value.uses() or value.is_graph_output()):
-            _emit(lo, node, [x, *states], value, output, common)
+    read = [output for output, value in enumerate(node.outputs[:3])
+            if value is not None and value.name and (value.uses() or value.is_graph_output())]
+    for output in read:
+        if output == 1 and 0 in read and _same_plan(lo, node) and directions == 1:
+            _last_step(lo, node, common["reverse"])
+        else:
+            _emit(lo, node, [x, *states], node.outputs[output], output, common)
+
+
+def _same_plan(lo: Lowering, node: ir.Node) -> bool:
+    """Whether Y and Y_h are quantized (and clamped) alike, as `quantize --target mcu` makes them."""
+    y, last = lo.output_plan(node, node.outputs[0]), lo.output_plan(node, node.outputs[1])
+    return (y.qparams, y.act_min, y.act_max) == (last.qparams, last.act_min, last.act_max)
+
+
+def _last_step(lo: Lowering, node: ir.Node, reverse: bool) -> None:
+    """Y_h of a one-direction cell whose Y is read at the same quantization: Y's last step (its first, when it
+    runs in reverse), sliced out of Y (stored [T, B, H, 1]) instead of a second run of the recurrence."""
+    y, value = lo.tensor_of[node.outputs[0].name], node.outputs[1]
+    info = lo.tensors[y]
+    step = lo.add_stored_tensor(f"{value.name}__step", (1, *info.shape[1:]), lo.params_of(y), info.layout)
+    lo.emit("slice", [y], step, SliceParams(axis=0, start=0 if reverse else info.shape[0] - 1, size=1), node)
+    plan = lo.output_plan(node, value)
+    name = lo.add_tensor(value.name, lo.logical_shape(value), plan.qparams)
+    lo.emit("reshape", [step], name, ReshapeParams(shape=lo.tensors[name].shape), node)
+    lo.bind(value, name)
+    for clamp in plan.absorbed:
+        lo.absorbed.add(id(clamp))
+        lo.bind(clamp.outputs[0], name)
 
 
 def _emit(lo: Lowering, node: ir.Node, inputs: list[str], value: ir.Value, output: int, common: dict) -> None:
