@@ -34,6 +34,7 @@ from edgeopt.runtime.reference.program import (
     Program,
     ProgramIO,
     RequantizeParams,
+    ReshapeParams,
     TensorInfo,
     stored_layout,
 )
@@ -214,6 +215,13 @@ class Lowering:
             self.absorbed.add(id(clamp))
             self.bind(clamp.outputs[0], name)
         return name
+
+    def finish_as_reshape(self, source: str, plan: OutputPlan, node: ir.Node) -> str:
+        """Bind ``plan``'s value (and its absorbed clamps) to ``source``'s bytes under the value's own shape: a
+        reshape, which the planner writes in place."""
+        logical = self.logical_shape(plan.value)
+        shape = tuple(int(logical[axis]) for axis in stored_layout(len(logical)))
+        return self.finish("reshape", [source], plan, ReshapeParams(shape=shape), node)
 
     def requantize(self, source: str, target: QParams, output: str, node: ir.Node,
                    act_range: tuple[int, int] = (-128, 127)) -> str:

@@ -17,7 +17,7 @@ from edgeopt import ir as eir
 from edgeopt.errors import UnsupportedOpError
 from edgeopt.quant.ops import recurrent_refusal
 from edgeopt.runtime.reference.lower import Lowering, QParams, attribute, node_label, real_multiplier, text_attribute
-from edgeopt.runtime.reference.program import RecurrentParams, ReshapeParams, SliceParams, TensorInfo
+from edgeopt.runtime.reference.program import RecurrentParams, SliceParams, TensorInfo
 from edgeopt.runtime.reference.rnn import (
     GATE_FRACTION_BITS,
     GATES,
@@ -154,13 +154,7 @@ def _last_step(lo: Lowering, node: ir.Node, reverse: bool) -> None:
     info = lo.tensors[y]
     step = lo.add_stored_tensor(f"{value.name}__step", (1, *info.shape[1:]), lo.params_of(y), info.layout)
     lo.emit("slice", [y], step, SliceParams(axis=0, start=0 if reverse else info.shape[0] - 1, size=1), node)
-    plan = lo.output_plan(node, value)
-    name = lo.add_tensor(value.name, lo.logical_shape(value), plan.qparams)
-    lo.emit("reshape", [step], name, ReshapeParams(shape=lo.tensors[name].shape), node)
-    lo.bind(value, name)
-    for clamp in plan.absorbed:
-        lo.absorbed.add(id(clamp))
-        lo.bind(clamp.outputs[0], name)
+    lo.finish_as_reshape(step, lo.output_plan(node, value), node)
 
 
 def _emit(lo: Lowering, node: ir.Node, inputs: list[str], value: ir.Value, output: int, common: dict) -> None:

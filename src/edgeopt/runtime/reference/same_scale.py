@@ -202,12 +202,7 @@ def lower_reduce_max(lo: Lowering, node: ir.Node) -> None:
     if plan.qparams != source:
         pooled = lo.requantize(pooled, plan.qparams, f"{value.name}__requantized", node,
                                (plan.act_min, plan.act_max))
-    name = lo.add_tensor(value.name, lo.logical_shape(value), plan.qparams)
-    lo.emit("reshape", [pooled], name, ReshapeParams(shape=lo.tensors[name].shape), node)
-    lo.bind(value, name)
-    for clamp in plan.absorbed:
-        lo.absorbed.add(id(clamp))
-        lo.bind(clamp.outputs[0], name)
+    lo.finish_as_reshape(pooled, plan, node)
 
 
 def _check_kept_order(node: ir.Node, layout, stored_axes: list[int]) -> None:
