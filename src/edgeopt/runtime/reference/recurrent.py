@@ -4,8 +4,8 @@ The QDQ model (``edgeopt quantize --target mcu``) quantizes X, W and R (int8, on
 the outputs that are read; B and the initial states stay float constants and are folded here. Each of Y,
 Y_h and Y_c that is read becomes one op writing it (two read: the recurrence runs twice, each op writing
 its own output at its own scale), but for Y_h beside Y of a one-direction cell at one quantization (the MCU
-quantizer gives them one scale): Y's last step, sliced out of Y. A state computed from the input's shape (PyTorch's zeros) is a constant
-once `edgeopt compile --input-shape` fixes the shapes.
+quantizer gives them one scale): Y's last step, sliced out of Y. A state computed from the input's shape
+(PyTorch's zeros) is a constant once `edgeopt compile --input-shape` fixes the shapes.
 """
 
 from __future__ import annotations
