@@ -10,9 +10,9 @@ kernel; HardSwish and HardSigmoid too, which edgeopt rewrites into QLinearAdd
 and QLinearMul (:mod:`edgeopt.quant.hard_activations`). Everything else
 stays float and is reported. The microcontroller target
 (:data:`MCU_OP_RULES`) adds the ops the C kernels compute from int8
-(Softmax, Tanh, Elu, Gelu, ReduceMean, GlobalMaxPool, Pad, PRelu, DepthToSpace, SpaceToDepth, linear Resize,
-LayerNormalization, InstanceNormalization, RNN, GRU, LSTM, and the spelled-out GELU and LayerNorm groups of
-:data:`ONE_OP_PATTERNS`)
+(Softmax, the table ops of :data:`TABLE_OPS` (Tanh, Elu, Gelu, Softplus ...), Sub, ReduceMean, ReduceMax,
+GlobalMaxPool, Pad, PRelu, DepthToSpace, SpaceToDepth, linear Resize, LayerNormalization, InstanceNormalization,
+RNN, GRU, LSTM, and the spelled-out GELU and LayerNorm groups of :data:`ONE_OP_PATTERNS`)
 and ConvTranspose, which ONNX Runtime runs in float (it has no integer
 ConvTranspose on the CPU), and keeps a Gather float unless its indices are
 constant (the C copies int8 blocks; a lookup of token ids has no kernel).
@@ -45,10 +45,9 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 
 __all__ = ["FUSED_BETWEEN_PAIRS", "MCU_OP_RULES", "ONE_OP_PATTERNS", "OP_RULES", "QDQ_DOMAINS", "OpRole", "OpRule",
-           "QUANTIZED_OP_TYPES", "RECURRENT_MAX_HIDDEN", "RECURRENT_OPS", "WEIGHT_ONLY_OPS", "float_op_reason",
-           "gather_refusal",
-           "is_float16_cast", "is_qdq_op",
-           "pad_refusal", "prelu_refusal", "recurrent_refusal", "resize_refusal", "slow_group_refusal", "weight_axis"]
+           "QUANTIZED_OP_TYPES", "RECURRENT_MAX_HIDDEN", "RECURRENT_OPS", "TABLE_OPS", "WEIGHT_ONLY_OPS",
+           "float_op_reason", "gather_refusal", "is_float16_cast", "is_qdq_op", "pad_refusal", "prelu_refusal",
+           "recurrent_refusal", "resize_refusal", "slow_group_refusal", "weight_axis"]
 
 
 class OpRole(enum.Enum):
@@ -87,6 +86,11 @@ _MOVE = OpRule(role=OpRole.SHARED)
 _FUSED = OpRule(role=OpRole.ACTIVATION)
 _NORMALIZATION = OpRule(role=OpRole.ARITHMETIC, fuses_clamp=True)
 _RECURRENT = OpRule(role=OpRole.ARITHMETIC, weight_inputs=(1, 2), all_outputs=True)
+
+#: The elementwise ops of one input the C computes by a 256-entry table (runtime/reference/tables.py): the
+#: MCU target quantizes each like Sigmoid.
+TABLE_OPS = ("Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Gelu", "Softplus", "Softsign",
+             "Mish", "Abs", "Neg", "Exp", "Erf", "Selu", "Celu", "ThresholdedRelu")
 
 # ONNX Runtime (1.32, x86) runs a grouped Conv with 2 to 4 input channels per group (ResNeXt's 32x4d) in int8
 # 1.4x to 4.3x slower than in float, group by group (3x3, 64 to 256 channels; as a float layer between int8
@@ -144,13 +148,8 @@ MCU_OP_RULES: dict[str, OpRule] = OP_RULES | {
     "Conv": _WEIGHTED,
     "ConvTranspose": _WEIGHTED,  # edgeopt's C: 2-D, group 1 or depthwise
     "Softmax": _UNARY,
-    "Tanh": _UNARY,
-    "Elu": _UNARY,
-    "Gelu": _UNARY,
-    # more tables of one input (runtime/reference/tables.py's LUT_OPS), and TFLite's Sub
-    **{op: _UNARY for op in ("Softplus", "Softsign", "Mish", "Abs", "Neg", "Exp", "Erf", "Selu", "Celu",
-                             "ThresholdedRelu")},
-    "Sub": _BINARY,
+    **dict.fromkeys(TABLE_OPS, _UNARY),  # Sigmoid, LeakyRelu, HardSigmoid and HardSwish as for ORT
+    "Sub": _BINARY,  # TFLite's
     "ReduceMean": _UNARY,
     "GlobalMaxPool": _MOVE,
     "ReduceMax": _MOVE,  # tf2onnx's GlobalMaxPooling1D: a max pool over the reduced rows

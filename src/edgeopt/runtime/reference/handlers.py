@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.errors import UnsupportedOpError
+from edgeopt.quant.ops import TABLE_OPS
 from edgeopt.runtime.reference.conv_transpose import lower_conv_transpose
 from edgeopt.runtime.reference.lower import (
     Lowering,
@@ -55,7 +56,7 @@ from edgeopt.runtime.reference.same_scale import (
     lower_slice,
     lower_split,
 )
-from edgeopt.runtime.reference.tables import LUT_OPS, lut_params
+from edgeopt.runtime.reference.tables import lut_params
 from edgeopt.runtime.reference.vision_ops import lower_depth_to_space, lower_prelu, lower_resize
 
 __all__ = ["HANDLERS", "PATTERNS"]
@@ -271,7 +272,7 @@ HANDLERS = {
     "Slice": lower_slice,
     "Split": lower_split,
     **{op: lower_movement for op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity")},
-    **{op: lower_lut for op in LUT_OPS},
+    **dict.fromkeys(TABLE_OPS, lower_lut),
     "PRelu": lower_prelu,
     "DepthToSpace": lower_depth_to_space,
     "SpaceToDepth": lower_depth_to_space,

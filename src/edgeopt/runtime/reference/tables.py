@@ -23,11 +23,7 @@ import onnx_ir as ir
 from edgeopt.errors import UnsupportedOpError
 from edgeopt.runtime.reference.program import BILINEAR_FRACTION_BITS, LutParams, SoftmaxParams
 
-__all__ = ["LUT_OPS", "linear_weights", "lut_params", "lut_table", "nearest_indices", "softmax_params"]
-
-#: The elementwise ops of one input computed by a 256-entry table (the MCU target quantizes them).
-LUT_OPS = ("Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Gelu", "Softplus", "Softsign", "Mish",
-           "Abs", "Neg", "Exp", "Erf", "Selu", "Celu", "ThresholdedRelu")
+__all__ = ["linear_weights", "lut_params", "lut_table", "nearest_indices", "softmax_params"]
 
 
 def _gelu(x: np.ndarray, node: ir.Node) -> np.ndarray:
