@@ -153,7 +153,7 @@ def program_macs(program: Program) -> int:
             total += p.batch * p.rows * p.depth * p.columns
         elif op.kind in _CELLS:  # each step: every gate's rows over the input and the state
             p = op.params
-            total += p.directions * p.batch * p.steps * op.params.w.shape[1] * (p.input_size + p.hidden)
+            total += p.directions * p.batch * p.steps * p.w.shape[1] * (p.input_size + p.hidden)
     return int(total)
 
 
@@ -271,9 +271,10 @@ def compile_c(model: ir.Model, out_dir: str | Path, *, device: str | Path | Devi
     plan = plan_memory(program)
     sources = emit_sources(program, plan, name=name, rounding=rounding, device_sram_bytes=profile.sram_bytes)
     files = dict(sources.files) | {MEMORY_MAP: json.dumps(_memory_map(program, plan), indent=2)}
-    _write_folder(out_dir, files, model, _manifest(program, plan, schedule, profile, name, rounding), force)
+    manifest = _manifest(program, plan, schedule, profile, name, rounding)
+    _write_folder(out_dir, files, model, manifest, force)
     graph_order_bound = lower_bound_of(program_lifetimes(lowered))
-    result = _result(out_dir, files, program, plan, schedule, profile, name, rounding, graph_order_bound,
+    result = _result(out_dir, files, program, plan, schedule, profile, manifest, graph_order_bound,
                      sources.const_bytes)
     if not result.fits:
         logger.info("arena of %d bytes does not fit %s (%d bytes of SRAM): %d bytes short; the build check fails",
@@ -288,16 +289,15 @@ def _manifest(program: Program, plan: MemoryPlan, schedule: Schedule, profile: D
             "outputs": _io_manifest(program, program.outputs)}
 
 
-def _result(out_dir, files, program, plan, schedule, profile, name, rounding, graph_order_bound,
+def _result(out_dir, files, program, plan, schedule, profile, manifest: dict, graph_order_bound,
             const_bytes: int) -> CompileResult:
     return CompileResult(out_dir=out_dir, files=tuple(sorted(files)), ops=len(program.ops),
                          arena_bytes=plan.arena_bytes, lower_bound_bytes=plan.lower_bound_bytes,
                          greedy_arena_bytes=plan.greedy_bytes, plan_method=plan.method, plan_optimal=plan.optimal,
                          graph_order_lower_bound_bytes=graph_order_bound, schedule_method=schedule.method,
                          in_place_ops=len(plan.in_place), weight_bytes=const_bytes,
-                         macs=program_macs(program), profile=profile, rounding=rounding, name=name,
-                         inputs=tuple(_io_manifest(program, program.inputs)),
-                         outputs=tuple(_io_manifest(program, program.outputs)))
+                         macs=program_macs(program), profile=profile, rounding=manifest["rounding"],
+                         name=manifest["name"], inputs=tuple(manifest["inputs"]), outputs=tuple(manifest["outputs"]))
 
 
 def is_c_folder(path: str | Path) -> bool:

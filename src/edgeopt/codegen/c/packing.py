@@ -20,7 +20,7 @@ from edgeopt.runtime.reference.rnn import TANH_TABLE
 from edgeopt.runtime.reference.ops import OPS
 from edgeopt.runtime.reference.program import IntOp, Program
 
-__all__ = ["PACKERS", "PackContext", "c_array", "recurrent_arrays"]
+__all__ = ["PACKERS", "PackContext", "c_array"]
 
 _C_TYPES = {np.dtype(np.int8): "int8_t", np.dtype(np.int16): "int16_t", np.dtype(np.int32): "int32_t"}
 
@@ -362,7 +362,7 @@ def pack_layer_norm(op: IntOp, ctx: PackContext):
     return decls, _call(op, ctx, f"{prefix}_params")
 
 
-def recurrent_arrays(p) -> dict[str, np.ndarray | None]:
+def _recurrent_arrays(p) -> dict[str, np.ndarray | None]:
     """The arrays a recurrent cell's C stores, by field (None: an all-zero bias or initial state, which the
     kernel reads as a null pointer)."""
     arrays = {"w": p.w, "r": p.r, "w_multiplier": p.w_multiplier, "r_multiplier": p.r_multiplier, "w_bias": p.w_bias,
@@ -375,7 +375,7 @@ def pack_recurrent(op: IntOp, ctx: PackContext):
     """A recurrent cell's arrays (none for an all-zero bias or initial state: the kernel reads a null pointer as
     zeros); the tanh table has one name in every model (the emitter declares it once)."""
     p, prefix = op.params, f"op{ctx.index}"
-    arrays = recurrent_arrays(p)
+    arrays = _recurrent_arrays(p)
     stored = {field: array for field, array in arrays.items() if array is not None}
     decls = [c_array("eo_rnn_tanh_table", TANH_TABLE)]
     decls += [c_array(f"{prefix}_{field}", array) for field, array in stored.items()]
