@@ -77,11 +77,12 @@ from edgeopt.quant.clamp_fusion import clamp_fusions
 from edgeopt.quant.config import is_excluded
 from edgeopt.quant.log_inputs import log_input_nodes, log_input_refusal
 from edgeopt.quant.masks import grid_refusal, index_refusal, mask_like_values, mask_refusal
-from edgeopt.quant.ops import (FUSED_BETWEEN_PAIRS, OP_RULES, RECURRENT_OPS, OpRole, OpRule, float_op_reason,
-                               gather_refusal, is_qdq_op, pad_refusal, prelu_refusal, recurrent_refusal, resize_refusal,
-                               slow_group_refusal, weight_axis)
+from edgeopt.quant.ops import (DATA_MOVEMENT_OPS, FUSED_BETWEEN_PAIRS, OP_RULES, RECURRENT_OPS, OpRole, OpRule,
+                               float_op_reason, gather_refusal, is_qdq_op, pad_refusal, prelu_refusal,
+                               recurrent_refusal, resize_refusal, slow_group_refusal, weight_axis)
 from edgeopt.quant.one_op_groups import group_boundary, quantized_as_one_op, refuse_partial_groups
 from edgeopt.quant.registry import FloatNode
+from edgeopt.quant.residual_stream import RESIDUAL_STREAM_KEPT, residual_adds
 
 __all__ = ["DATA_MOVEMENT_OPS", "EXCLUDED", "MOVES_FOR_KEPT", "READ_IN_FLOAT", "BiasUse", "QdqPlan", "UnionFind",
            "WeightUse", "plan_qdq", "readers_behind_qdq", "readers_past_data_movement"]
@@ -94,9 +95,6 @@ READ_IN_FLOAT = "its output is read in float"
 #: How the reason starts for a data-movement op kept float because only a node kept float reads it.
 MOVES_FOR_KEPT = "moves data only for"
 
-# Ops ONNX Runtime's QDQ optimizer moves a DequantizeLinear past (they reorder values, not change them).
-DATA_MOVEMENT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split",
-                     "Expand", "MaxPool", "Identity")
 
 @dataclass(frozen=True, kw_only=True)
 class WeightUse:
@@ -387,6 +385,7 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     if not all(names) or len(set(names)) != len(names):
         raise ValueError("plan_qdq needs unique node names: run onnx_ir's NameFixPass on the model first")
     candidates, refusals, grouped = _triage(graph, exclude, keep_float, non_float, rules, no_kernel)
+    refusals.update(residual_adds(graph, candidates, refusals))
     fused_by_producer = clamp_fusions(candidates, refusals, rules)
     fused = {activation.name: producer for producer, activation in fused_by_producer.items()}
     shape_derived = eir.shape_derived_values(graph)
@@ -593,5 +592,6 @@ def _kept_float(node: ir.Node, refusal: str | None, rules: Mapping[str, OpRule])
     quantizes itself), and the node would not be float at all. Relu/Clip are not fused by
     themselves, so they read DQ."""
     rule = rules.get(node.op_type)
-    kept = refusal in (EXCLUDED, _KEPT_ON_REQUEST) or (rule and refusal and refusal == slow_group_refusal(node, rule))
+    kept = (refusal in (EXCLUDED, _KEPT_ON_REQUEST, RESIDUAL_STREAM_KEPT)
+            or (rule and refusal and refusal == slow_group_refusal(node, rule)))
     return kept and (rule is None or rule.role is not OpRole.ACTIVATION)
