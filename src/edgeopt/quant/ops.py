@@ -44,10 +44,10 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 
-__all__ = ["DATA_MOVEMENT_OPS", "FUSED_BETWEEN_PAIRS", "MCU_OP_RULES", "ONE_OP_PATTERNS", "OP_RULES", "QDQ_DOMAINS",
-           "OpRole", "OpRule", "QUANTIZED_OP_TYPES", "RECURRENT_MAX_HIDDEN", "RECURRENT_OPS", "TABLE_OPS", "WEIGHT_ONLY_OPS",
-           "float_op_reason", "gather_refusal", "is_float16_cast", "is_qdq_op", "pad_refusal", "prelu_refusal",
-           "recurrent_refusal", "resize_refusal", "slow_group_refusal", "weight_axis"]
+__all__ = ["DATA_MOVEMENT_OPS", "FUSED_BETWEEN_PAIRS", "MCU_OP_RULES", "ONE_OP_PATTERNS", "OP_RULES",
+           "QDQ_DOMAINS", "OpRole", "OpRule", "QUANTIZED_OP_TYPES", "RECURRENT_MAX_HIDDEN", "RECURRENT_OPS",
+           "TABLE_OPS", "WEIGHT_ONLY_OPS", "float_op_reason", "gather_refusal", "is_float16_cast", "is_qdq_op",
+           "pad_refusal", "prelu_refusal", "recurrent_refusal", "resize_refusal", "slow_group_refusal", "weight_axis"]
 
 # Ops ONNX Runtime's QDQ optimizer moves a DequantizeLinear past (they reorder values, not change them).
 DATA_MOVEMENT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split",
