@@ -15,7 +15,7 @@ from onnx import helper
 import edgeopt
 from edgeopt.quant.api import quantize
 from edgeopt.quant.config import Int8Config
-from edgeopt.quant.residual_stream import RESIDUAL_STREAM, RESIDUAL_STREAM_KEPT
+from edgeopt.quant.residual_stream import RESIDUAL_STREAM, ResidualAdd
 from tests.hf_models import build_hf, hf_samples
 from tests.passes._helpers import make_model, random_weight, weight
 
@@ -52,11 +52,40 @@ def _quantized(model) -> set[str]:
 def test_the_residual_add_stays_float_and_its_gemm_writes_a_float_output():
     result = quantize(_pre_norm_block(), Int8Config(), _data((4, WIDTH)))
     reasons = {f.op_type: f.reason for f in result.float_nodes}
-    assert reasons["Add"] == RESIDUAL_STREAM_KEPT
+    assert reasons["Add"] == ResidualAdd(reads_unquantized=True, as_sum=True).reason
     quantized = _quantized(result.model)
     assert "stream" not in quantized and "branch" not in quantized  # QGemm with a float output
     assert {"n1", "n2"} <= quantized  # the Gemms still read int8
     assert "Gemm" not in reasons  # both keep their integer kernel
+    assert [n.op_type for n in result.model.graph if n.outputs[0].name == "stream"] == ["Sum"]
+
+
+def _ort_optimized_ops(model, tmp_path) -> set[str]:
+    import onnxruntime as ort
+
+    from edgeopt.io import model_to_bytes
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model_to_bytes(model), options, providers=["CPUExecutionProvider"])
+    import onnx
+
+    return {node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node}
+
+
+def test_a_post_norm_add_is_a_sum_onnx_runtime_does_not_fuse_into_skip_layer_normalization(tmp_path):
+    # ONNX Runtime 1.32 fuses Add + LayerNormalization into SkipLayerNormalization, 8x slower on CPU
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["branch"]),
+             helper.make_node("Add", ["x", "branch"], ["stream"]),
+             helper.make_node("LayerNormalization", ["stream", "g", "b"], ["n"], axis=-1),
+             helper.make_node("MatMul", ["n", "w2"], ["y"])]
+    initializers = [random_weight("w1", (WIDTH, WIDTH)), random_weight("w2", (WIDTH, WIDTH)),
+                    weight("g", np.ones(WIDTH)), weight("b", np.zeros(WIDTH))]
+    model = make_model(nodes, [("x", (1, 4, WIDTH))], [("y", (1, 4, WIDTH))], initializers)
+    assert "SkipLayerNormalization" in _ort_optimized_ops(model, tmp_path)  # the float model is fused
+    result = quantize(model, Int8Config(), _data((1, 4, WIDTH)))
+    ops = _ort_optimized_ops(result.model, tmp_path)
+    assert "SkipLayerNormalization" not in ops and "Sum" in ops
 
 
 def test_a_stream_an_int8_gemm_reads_too_stays_quantized():
@@ -81,7 +110,7 @@ def test_a_conv_branch_keeps_its_integer_kernel_and_the_add_reads_it_dequantized
     model = make_model(nodes, [("x", (1, 4, 6, 6))], [("y", (1, 4, 6, 6))], initializers, opset=21)
     result = quantize(model, Int8Config(), _data((1, 4, 6, 6)))
     reasons = {f.op_type: f.reason for f in result.float_nodes}
-    assert reasons["Add"] == RESIDUAL_STREAM and "Conv" not in reasons
+    assert reasons["Add"] == ResidualAdd(reads_unquantized=False, as_sum=False).reason and "Conv" not in reasons
     assert "branch" in _quantized(result.model)
 
 

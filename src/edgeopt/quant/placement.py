@@ -50,7 +50,9 @@ Rules, in order:
    computes from the input's size (a detector's grid, its box centres in pixels): no range calibrated
    on one image size holds them on a larger one; and what computes a Log's input
    (:mod:`edgeopt.quant.log_inputs`: a log-mel front end).
-7. A Softmax output that gets a Q/DQ (a quantized MatMul reads the attention
+7. On a target whose LayerNorm is float (ONNX Runtime), the Adds of a residual stream that it reads stay
+   float (:mod:`edgeopt.quant.residual_stream`): a transformer's stream keeps its precision.
+8. A Softmax output that gets a Q/DQ (a quantized MatMul reads the attention
    probabilities) is listed in ``probabilities``: its range is fixed to
    ``[0, 1)`` with scale ``1 / 256``, as TFLite and ONNX Runtime's quantizer
    fix it, not calibrated. A calibrated range misses the peaks of shorter
@@ -82,9 +84,10 @@ from edgeopt.quant.ops import (DATA_MOVEMENT_OPS, FUSED_BETWEEN_PAIRS, OP_RULES,
                                recurrent_refusal, resize_refusal, slow_group_refusal, weight_axis)
 from edgeopt.quant.one_op_groups import group_boundary, quantized_as_one_op, refuse_partial_groups
 from edgeopt.quant.registry import FloatNode
-from edgeopt.quant.residual_stream import RESIDUAL_STREAM_KEPT, residual_adds
+from edgeopt.quant.residual_stream import residual_adds
+from edgeopt.quant.union_find import UnionFind
 
-__all__ = ["DATA_MOVEMENT_OPS", "EXCLUDED", "MOVES_FOR_KEPT", "READ_IN_FLOAT", "BiasUse", "QdqPlan", "UnionFind",
+__all__ = ["DATA_MOVEMENT_OPS", "EXCLUDED", "MOVES_FOR_KEPT", "READ_IN_FLOAT", "BiasUse", "QdqPlan",
            "WeightUse", "plan_qdq", "readers_behind_qdq", "readers_past_data_movement"]
 
 #: The reason a node the user's --exclude names stays float.
@@ -131,6 +134,7 @@ class QdqPlan:
     float_nodes: tuple[FloatNode, ...]
     probabilities: tuple[str, ...] = ()  # Softmax outputs: fixed range [0, 1), not calibrated
     kept_float: tuple[str, ...] = ()  # excluded nodes ONNX Runtime could fuse: they read float inputs
+    sums: tuple[str, ...] = ()  # float Adds written as Sum (edgeopt.quant.residual_stream)
 
 
 def _is_float(value: ir.Value | None, non_float: Collection[str]) -> bool:
@@ -207,37 +211,6 @@ def _computes_float(node: ir.Node, non_float: Collection[str]) -> bool:
     writes its trip count first)."""
     outputs = node.outputs if node.op_type in ("If", "Loop", "Scan") else node.outputs[:1]
     return any(_is_float(value, non_float) for value in outputs) and node.op_type != "Constant"
-
-
-class UnionFind:
-    """Union-find over tensor names; groups come out in order of first appearance."""
-
-    def __init__(self) -> None:
-        self._parent: dict[str, str] = {}
-
-    def find(self, name: str) -> str:
-        self._parent.setdefault(name, name)
-        while self._parent[name] != name:
-            self._parent[name] = self._parent[self._parent[name]]
-            name = self._parent[name]
-        return name
-
-    def union(self, names: Iterable[str]) -> None:
-        roots = [self.find(n) for n in names]
-        for root in roots[1:]:
-            if root != roots[0]:
-                self._parent[root] = roots[0]
-
-    def clusters(self) -> tuple[tuple[str, ...], ...]:
-        """Every set, singletons included."""
-        members: dict[str, list[str]] = {}
-        for name in self._parent:
-            members.setdefault(self.find(name), []).append(name)
-        return tuple(tuple(group) for group in members.values())
-
-    def groups(self) -> tuple[tuple[str, ...], ...]:
-        """The sets of two or more names."""
-        return tuple(group for group in self.clusters() if len(group) > 1)
 
 
 class _Planner:
@@ -385,7 +358,8 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     if not all(names) or len(set(names)) != len(names):
         raise ValueError("plan_qdq needs unique node names: run onnx_ir's NameFixPass on the model first")
     candidates, refusals, grouped = _triage(graph, exclude, keep_float, non_float, rules, no_kernel)
-    refusals.update(residual_adds(graph, candidates, refusals))
+    residual = residual_adds(graph, candidates, refusals)
+    refusals.update((name, add.reason) for name, add in residual.items())
     fused_by_producer = clamp_fusions(candidates, refusals, rules)
     fused = {activation.name: producer for producer, activation in fused_by_producer.items()}
     shape_derived = eir.shape_derived_values(graph)
@@ -401,7 +375,8 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     clamped = [a.outputs[0].name for a in fused_by_producer.values() if activation_clamp(a)[0] == 0.0]
     softmax_outputs = {node.outputs[0].name for node in graph if eir.is_op(node, "Softmax")}
     activations = planner.ordered(planner.activations)
-    kept = _kept_float_closure(graph, refusals, rules)
+    unquantized = {name for name, add in residual.items() if add.reads_unquantized}
+    kept = _kept_float_closure(graph, refusals, rules, unquantized)
     read_in_float = _read_in_float(candidates, refusals, fused_by_producer, kept, rules)
     read_in_float.update(dict.fromkeys(float_chain, _FLOAT_CONCAT))
     fused_by_ort = _fused_between_pairs(graph, refusals, set(activations), rules)
@@ -418,6 +393,7 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
         float_nodes=_float_nodes(graph, refusals, read_in_float, fused_by_ort),
         probabilities=tuple(name for name in activations if name in softmax_outputs),
         kept_float=tuple(node.name for node in graph if node.name in kept),
+        sums=tuple(name for name, add in residual.items() if add.as_sum),
     )
 
 
@@ -565,12 +541,13 @@ def readers_past_data_movement(readers: Iterable[ir.Node]) -> list[ir.Node]:
     return found
 
 
-def _kept_float_closure(graph: ir.Graph, refusals: dict[str, str], rules: Mapping[str, OpRule]) -> set[str]:
-    """The nodes kept float (:func:`_kept_float`), plus the data-movement ops (Transpose, Reshape,
+def _kept_float_closure(graph: ir.Graph, refusals: dict[str, str], rules: Mapping[str, OpRule],
+                        also: Collection[str] = ()) -> set[str]:
+    """The nodes kept float (:func:`_kept_float`, and ``also``), plus the data-movement ops (Transpose, Reshape,
     Slice ...) read only by them, transitively: ONNX Runtime moves a DequantizeLinear past such an
     op, which would put the kept node between a DQ and a Q again. Those not already float join
     ``refusals`` with the reason."""
-    kept = {node.name for node in graph if _kept_float(node, refusals.get(node.name), rules)}
+    kept = {node.name for node in graph if node.name in also or _kept_float(node, refusals.get(node.name), rules)}
     stack = [node for node in graph if node.name in kept]
     while stack:
         reader = stack.pop()
@@ -592,6 +569,5 @@ def _kept_float(node: ir.Node, refusal: str | None, rules: Mapping[str, OpRule])
     quantizes itself), and the node would not be float at all. Relu/Clip are not fused by
     themselves, so they read DQ."""
     rule = rules.get(node.op_type)
-    kept = (refusal in (EXCLUDED, _KEPT_ON_REQUEST, RESIDUAL_STREAM_KEPT)
-            or (rule and refusal and refusal == slow_group_refusal(node, rule)))
+    kept = refusal in (EXCLUDED, _KEPT_ON_REQUEST) or (rule and refusal and refusal == slow_group_refusal(node, rule))
     return kept and (rule is None or rule.role is not OpRole.ACTIVATION)

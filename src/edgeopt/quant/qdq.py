@@ -35,7 +35,8 @@ from edgeopt import ir as eir
 from edgeopt.naming import claim_name
 from edgeopt.quant.config import Int8Config, PerChannel, Target
 from edgeopt.quant.formats import INT8_SYMMETRIC, INT32, Format
-from edgeopt.quant.placement import QdqPlan, UnionFind
+from edgeopt.quant.placement import QdqPlan
+from edgeopt.quant.union_find import UnionFind
 from edgeopt.quant.primitives import choose_qparams, quantize, quantize_bias, quantize_per_channel
 from edgeopt.quant.registry import TensorQuantInfo
 
@@ -335,6 +336,10 @@ def insert_qdq(model: ir.Model, plan: QdqPlan, ranges: Mapping[str, tuple[float,
     for use in plan.biases:
         inserter.bias(use.node, use.tensor, use.input, use.weight)
     inserter.remove_unused_constants()
+    sums = frozenset(plan.sums)
+    for node in model.graph:
+        if node.name in sums:
+            node.op_type = "Sum"  # the same function (edgeopt.quant.residual_stream says why)
     return tuple(inserter.infos)
 
 
