@@ -29,6 +29,7 @@ from edgeopt.passes.rules import (
     GeluRule,
     HardSigmoidMulRule,
     LayerNormRule,
+    RmsNormRule,
     SiluRule,
     TanhGeluRule,
 )
@@ -79,6 +80,7 @@ class FuseActivationsPass(RulePass):
 
     * ``ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div[/Mul gamma][/Add beta]``
       over trailing axes -> ``LayerNormalization`` (opset >= 17);
+    * ``x * rsqrt(mean(x^2) + eps) [* w]`` over the last axis (RMSNorm) -> annotated ``rms_norm``;
     * ``clip(x + 3, 0, 6) / 6`` -> ``HardSigmoid(alpha=1/6, beta=0.5)``;
     * ``x * clip(x + 3, 0, 6) / 6`` (any association; ReLU6 is a Clip) and
       ``x * HardSigmoid(x)`` -> ``HardSwish`` (opset >= 14; below it the
@@ -101,8 +103,8 @@ class FuseActivationsPass(RulePass):
     name = "fuse-activations"
 
     def __init__(self) -> None:
-        self.rules = (LayerNormRule(), ClampMinMaxRule(), ClipHardSigmoidRule(), HardSigmoidMulRule(), GeluRule(),
-                      TanhGeluRule(), SiluRule())
+        self.rules = (LayerNormRule(), RmsNormRule(), ClampMinMaxRule(), ClipHardSigmoidRule(), HardSigmoidMulRule(),
+                      GeluRule(), TanhGeluRule(), SiluRule())
 
 
 def fuse_activations(model: ir.Model) -> ReportedPassResult:

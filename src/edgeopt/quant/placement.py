@@ -12,7 +12,7 @@ Rules, in order:
    tensors, it is not excluded (by node name or op type) or kept float, and
    its own preconditions hold (constant weight and bias, Gemm alpha = beta
    = 1, Resize not cubic ...). Nodes the float passes annotated as one
-   spelled-out activation or LayerNorm (``edgeopt.pattern``: gelu, gelu_tanh, layer_norm) stay float
+   spelled-out activation or LayerNorm (``edgeopt.pattern``: gelu, gelu_tanh, layer_norm, rms_norm) stay float
    together, one activation, one output range, unless the target has an integer kernel for each of
    their ops (SiLU; tanh-GELU on the MCU, its cube ``Pow(x, 3)`` written ``x * x * x`` by the float passes)
    or for the one op they spell (:data:`~edgeopt.quant.ops.ONE_OP_PATTERNS`: the erf GELU and LayerNorm on

@@ -54,6 +54,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.errors import ConfigError
 from edgeopt.passes import PATTERN_KEY
+from edgeopt.passes.rules import RMS_NORM
 from edgeopt.quant.channel_stats import ChannelAbsMax, ChannelAbsMaxHook, ChannelAbsMaxObserver
 from edgeopt.quant.rescaled import Rescaled
 
@@ -126,8 +127,9 @@ def _layer_norm_refusal(node: ir.Node, channels: int) -> str | None:
 def _scale_index(node: ir.Node | None, channels: int) -> int | None:
     """The input of a Mul ``node`` holding a constant that ``1 / s`` can multiply: a vector along the last
     axis, no wider than the other input, which is not constant (RMSNorm's weight). Not a node of a
-    fused activation's pattern."""
-    if not eir.is_op(node, "Mul") or len(node.inputs) != 2 or PATTERN_KEY in node.metadata_props:
+    fused activation's pattern; an annotated RMSNorm's gain may take it (the group stays float)."""
+    pattern = node.metadata_props.get(PATTERN_KEY, RMS_NORM) if node is not None else None
+    if not eir.is_op(node, "Mul") or len(node.inputs) != 2 or pattern != RMS_NORM:
         return None
     arrays = [eir.constant_array(v) if v is not None else None for v in node.inputs]
     if sum(array is not None for array in arrays) != 1:

@@ -12,14 +12,17 @@ from edgeopt.passes.rules.activations import (
 )
 from edgeopt.passes.rules.gelu import GeluRule, TanhGeluRule
 from edgeopt.passes.rules.layer_norm import LayerNormRule
+from edgeopt.passes.rules.rms_norm import RMS_NORM, RmsNormRule
 
 __all__ = [
     "PATTERN_KEY",
+    "RMS_NORM",
     "ClampMinMaxRule",
     "ClipHardSigmoidRule",
     "GeluRule",
     "HardSigmoidMulRule",
     "LayerNormRule",
+    "RmsNormRule",
     "SiluRule",
     "TanhGeluRule",
     "clip_node",
