@@ -89,3 +89,19 @@ def test_a_pre_norm_block_with_rms_norms_keeps_the_group_and_its_stream_float():
         == 2 * len(first)
     quantized = {n.inputs[0].name for n in result.model.graph if n.op_type == "QuantizeLinear"}
     assert {"n", "n2"} <= quantized and not quantized & {"sq", "ms", "mse", "r", "inv", "xr", "s", "branch"}
+
+
+def test_the_written_model_carries_no_pattern_annotation(tmp_path):
+    import onnx
+
+    import edgeopt
+    from edgeopt.io import save_model
+
+    nodes, constants = _rms_norm()
+    model = make_model([*nodes, helper.make_node("MatMul", ["n", "wm"], ["y"])], [("x", SHAPE)], [("y", SHAPE)],
+                       [*constants, random_weight("wm", (WIDTH, WIDTH))])
+    source = save_model(model, tmp_path / "float.onnx")
+    data = [{"x": np.random.default_rng(i).standard_normal(SHAPE).astype(np.float32)} for i in range(4)]
+    edgeopt.quantize(source, Int8Config(), data, output=tmp_path / "int8.onnx", check_speed=False)
+    written = onnx.load(tmp_path / "int8.onnx")
+    assert not any(entry.key == PATTERN_KEY for node in written.graph.node for entry in node.metadata_props)

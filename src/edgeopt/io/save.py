@@ -142,8 +142,9 @@ def current_umask() -> int:
 
 
 #: Per-node debugging notes exporters write (torch's dynamo exporter: the Python stack trace, FX node,
-#: module path of every node; onnxscript's rewriter and optimizer: the rule that made it).
-_EXPORTER_METADATA_PREFIXES = ("pkg.torch.", "pkg.onnxscript.", "namespace")
+#: module path of every node; onnxscript's rewriter and optimizer: the rule that made it), and the float
+#: passes' pattern annotations (``edgeopt.pattern``: the quantizer's plan, of no use to a reader of the file).
+_EXPORTER_METADATA_PREFIXES = ("pkg.torch.", "pkg.onnxscript.", "namespace", "edgeopt.pattern")
 
 
 def model_to_bytes(model: ir.Model, *, value_info: bool = True, exporter_metadata: bool = True) -> bytes:
@@ -151,8 +152,9 @@ def model_to_bytes(model: ir.Model, *, value_info: bool = True, exporter_metadat
 
     ``value_info`` False leaves out the type and shape annotations of intermediate values:
     any runtime infers them again, and on a small QDQ model they are a quarter of the file.
-    ``exporter_metadata`` False leaves out the exporters' per-node debugging notes: torch's
-    dynamo exporter writes a stack trace per node, 45% of a 2-layer decoder's int4 file.
+    ``exporter_metadata`` False leaves out the exporters' per-node debugging notes (torch's
+    dynamo exporter writes a stack trace per node, 45% of a 2-layer decoder's int4 file) and the
+    float passes' pattern annotations.
     """
     proto = _to_proto(model, value_info, exporter_metadata)
     if _byte_size(proto) > _PROTOBUF_LIMIT_BYTES:
