@@ -5,11 +5,11 @@ Quantized per tensor, the stream takes 8-bit steps set by its widest tokens and 
 normalization (float in ONNX Runtime, which has no integer LayerNorm) scales the error of the narrow rows up
 with them: a ViT's class token, a padded or short token. Measured in static int8 on the transformers of
 ``tests/hf_models.py`` (output SQNR against the float model): BERT 29.1 -> 36.0 dB, GPT-2 33.1 -> 40.2 dB,
-ViT 19.1 -> 22.5 dB; ONNX Runtime's ``quantize_static`` (MinMax) 23.6, 31.9 and 19.1 dB. A spelled-out RMSNorm
-(``edgeopt.passes.rules.rms_norm``) is such a normalization too: the KV-cache decoder of ``tests/llm_models.py``
-26.5 -> 28.6 dB, with the RMSNorm float as one group. Latency in ONNX
-Runtime stays within noise: the Adds were QLinearAdds, and the Gemms writing the branches keep their
-integer kernels with a float output.
+ViT 19.1 -> 22.5 dB; ONNX Runtime's ``quantize_static`` (MinMax) 23.6, 31.9 and 19.1 dB. A spelled-out
+RMSNorm (``edgeopt.passes.rules.rms_norm``) is such a normalization too: the KV-cache decoder of
+``tests/llm_models.py`` 26.5 -> 28.6 dB, with the RMSNorm float as one group. Latency in ONNX Runtime stays
+within noise: the Adds were QLinearAdds, and the Gemms writing the branches keep their integer kernels with
+a float output.
 
 An Add that a LayerNormalization alone reads is written as ``Sum`` (the same function): ONNX Runtime would fuse
 a float Add + LayerNormalization into its ``SkipLayerNormalization``, whose CPU kernel measured 8x slower
@@ -61,15 +61,15 @@ def _normalizes(node: ir.Node) -> bool:
 def residual_adds(graph: ir.Graph, candidates: Mapping[str, ir.Node], refusals: Mapping[str, str]
                   ) -> dict[str, ResidualAdd]:
     """The Adds of a residual stream that the target normalizes in float (ONNX Runtime has no integer
-    LayerNorm), name -> reason: each an integer candidate whose every reader stays float or is such an Add,
+    LayerNorm), by name: each an integer candidate whose every reader stays float or is such an Add,
     looking through data movement (a ViT's class-token Gather), at least one of them a normalization or such
     an Add (a transformer's ``x + attention(norm(x))``). Quantized, the stream's 8-bit steps are set by its
     widest tokens and channels, and the normalization scales the error of the narrow ones up with them.
 
     Such an Add reads its inputs before their Q/DQ pairs (kept float as ``--exclude`` keeps a node) when that
-    costs no integer kernel: each input comes from a float node, another
-    such Add, or a Gemm / constant-weight MatMul that the Add alone reads (ONNX Runtime then runs it with a
-    float output, and the branch is not rounded to 8 bits either). Otherwise it reads them dequantized."""
+    costs no integer kernel: each input comes from a float node, another such Add, or a Gemm / constant-weight
+    MatMul that the Add alone reads (ONNX Runtime then runs it with a float output, and the branch is not
+    rounded to 8 bits either). Otherwise it reads them dequantized. :class:`ResidualAdd` says which."""
     found: set[str] = set()
     memo: dict[str, bool] = {}
 
