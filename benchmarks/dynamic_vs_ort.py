@@ -19,7 +19,8 @@ Models (built here or by the repository's test builders; no downloads):
   ``benchmarks/.cache/``): its 200 calibration images and the 450-image test split, with accuracy;
 * ``encoder768``: a BERT-base-size encoder, two ``nn.TransformerEncoderLayer(768, 12, 3072)`` (GELU) and
   a ``Linear(768, 10)`` head, seeded, input ``[1, 128, 768]``: fidelity on 16 random inputs (16 others
-  calibrate), and latency at a realistic size;
+  calibrate), and latency at a realistic size; ``encoder768_prenorm``: the same with ``norm_first=True``
+  (GPT's and ViT's order) and a LayerNorm before the head;
 * ``lstm_speech``: a speech model's recurrent core, two sequence-first ``nn.LSTM(80, 512)`` layers over 100
   frames and a 30-way per-frame head, seeded (ORT's ``DynamicQuantizeLSTM`` on both sides).
 
@@ -78,7 +79,7 @@ if str(REPO_ROOT) not in sys.path:
 
 HF_MODELS = ("bert", "gpt2", "vit", "t5", "bert_fused")
 DECODER_MODELS = ("llama", "llama_outliers")
-LARGE_MODELS = ("encoder768", "lstm_speech")  # realistic sizes, fewer latency runs
+LARGE_MODELS = ("encoder768", "encoder768_prenorm", "lstm_speech")  # realistic sizes, fewer latency runs
 ALL_MODELS = (*HF_MODELS, *DECODER_MODELS, "transformer", *LARGE_MODELS)
 CALIBRATION_SAMPLES, EVALUATION_SAMPLES = 64, 64
 DIGITS_CALIBRATION_SAMPLES = 200
@@ -165,21 +166,24 @@ def digits_case(work: pathlib.Path) -> Case:
                 evaluation=[{digits.input_name: image[None]} for image in digits.test_x], labels=digits.test_y)
 
 
-def _encoder768():
+def _encoder768(norm_first: bool):
     from torch import nn
 
     def layer() -> nn.Module:
-        return nn.TransformerEncoderLayer(768, 12, 3072, batch_first=True, dropout=0.0, activation="gelu")
+        return nn.TransformerEncoderLayer(768, 12, 3072, batch_first=True, dropout=0.0, activation="gelu",
+                                          norm_first=norm_first)
 
-    return nn.Sequential(layer(), layer(), nn.Linear(768, 10)).eval()
+    final = [nn.LayerNorm(768)] if norm_first else []
+    return nn.Sequential(layer(), layer(), *final, nn.Linear(768, 10)).eval()
 
 
-def encoder_case(work: pathlib.Path) -> Case:
-    """BERT-base-size: two 768-wide encoder layers (12 heads, FFN 3072) and a 10-way head, [1, 128, 768]."""
+def encoder_case(work: pathlib.Path, name: str) -> Case:
+    """BERT-base-size: two 768-wide encoder layers (12 heads, FFN 3072) and a 10-way head, [1, 128, 768];
+    ``encoder768_prenorm``: the layers normalize first (GPT's and ViT's order), a LayerNorm before the head."""
     import torch
 
     torch.manual_seed(0)
-    module, path = _encoder768(), work / "encoder768.onnx"
+    module, path = _encoder768(name == "encoder768_prenorm"), work / f"{name}.onnx"
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused inference op does not export
     try:
@@ -193,7 +197,7 @@ def encoder_case(work: pathlib.Path) -> Case:
         rng = np.random.default_rng(seed)
         return [{"input": rng.standard_normal((1, 128, 768)).astype(np.float32)} for _ in range(ENCODER_SAMPLES)]
 
-    return Case(name="encoder768", fp32_path=path, calibration=inputs(1), evaluation=inputs(2), runs=LARGE_RUNS)
+    return Case(name=name, fp32_path=path, calibration=inputs(1), evaluation=inputs(2), runs=LARGE_RUNS)
 
 
 def lstm_case(work: pathlib.Path) -> Case:
@@ -230,7 +234,7 @@ def build_case(name: str, work: pathlib.Path) -> Case:
         return decoder_case(name, work)
     if name == "lstm_speech":
         return lstm_case(work)
-    return digits_case(work) if name == "transformer" else encoder_case(work)
+    return digits_case(work) if name == "transformer" else encoder_case(work, name)
 
 
 # ---------------------------------------------------------------- the quantizers
@@ -552,9 +556,9 @@ def report(cases: list[Case], fp32: dict, env: dict, args: argparse.Namespace, l
              f"- quantize s: the least of {args.repeats} in-process runs (path in, file out), settings taking "
              "turns; latency: every setting of a model round-robin in its own process (edgeopt.bench), "
              f"1 intra-op thread, the first evaluation feed, {args.small_runs} runs ({args.large_runs} for "
-             "encoder768 and lstm_speech), median; 'vs' columns are latency ratios (below 1 is faster)",
+             "the encoder768s and lstm_speech), median; 'vs' columns are latency ratios (below 1 is faster)",
              "- SQNR and top-1 agreement: first output against the float model over every evaluation sample "
-             f"(hf models and decoders {EVALUATION_SAMPLES}, transformer 450 test images, encoder768 and "
+             f"(hf models and decoders {EVALUATION_SAMPLES}, transformer 450 test images, the encoder768s and "
              f"lstm_speech {ENCODER_SAMPLES}); greedy %: tokens equal to the float model's, {GREEDY_PROMPTS} prompts x "
              f"{GREEDY_STEPS} steps",
              f"- load average (1 min) at start {load_start:.2f}, at end {os.getloadavg()[0]:.2f} on "
