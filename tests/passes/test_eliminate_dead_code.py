@@ -55,3 +55,15 @@ def test_dropout_whose_mask_is_used_stays():
 def test_clean_model_is_not_modified():
     model = make_model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [("x", [2])], [("y", [2])])
     assert not eliminate_dead_code(model).modified
+
+
+def test_a_cast_to_the_type_its_input_has_is_removed_and_a_real_cast_stays():
+    # Hugging Face's RMSNorm: hidden_states.to(torch.float32) on a float32 model
+    nodes = [helper.make_node("Cast", ["x"], ["same"], name="same_type", to=1),
+             helper.make_node("Relu", ["same"], ["r"], name="relu"),
+             helper.make_node("Cast", ["r"], ["half"], name="to_half", to=10),
+             helper.make_node("Cast", ["half"], ["y"], name="to_float", to=1)]
+    model = make_model(nodes, [("x", [2, 3])], [("y", [2, 3])])
+    result = eliminate_dead_code(model)
+    assert op_types(result.model) == ["Relu", "Cast", "Cast"]
+    assert_same_outputs(model, result.model)

@@ -124,3 +124,43 @@ def test_static_int8_of_transformers_keeps_their_stream_float(tmp_path, name, be
     adds = [f for f in report.result.float_nodes if f.reason.startswith(RESIDUAL_STREAM)]
     assert len(adds) >= 4
     assert report.fidelity.outputs[0].sqnr_db > before_db + 3.0, report.fidelity.outputs[0].sqnr_db
+
+
+def test_a_hugging_face_rms_norm_and_its_stream_stay_float_in_a_torchscript_export(tmp_path):
+    # LlamaRMSNorm: hidden_states.to(float32).pow(2).mean(-1) ... weight * (x * rsqrt(var + eps)); TorchScript
+    # writes the .to() as a Cast, which left a float island and hid the stream from the norm (29.9 dB; 32.9 now)
+    import torch
+    from torch import nn
+
+    class RmsNorm(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.weight = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+        def forward(self, x):
+            variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+            return self.weight * (x * torch.rsqrt(variance + 1e-6))
+
+    class Block(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.norm_1, self.norm_2 = RmsNorm(width), RmsNorm(width)
+            self.attention = nn.Linear(width, width)
+            self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+        def forward(self, x):
+            x = x + self.attention(self.norm_1(x))
+            return x + self.down(nn.functional.silu(self.up(self.norm_2(x))))
+
+    torch.manual_seed(0)
+    module = nn.Sequential(Block(32), Block(32), RmsNorm(32), nn.Linear(32, 10)).eval()
+    path = tmp_path / "rms.onnx"
+    torch.onnx.export(module, (torch.randn(1, 8, 32),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"])
+    rng = np.random.default_rng(0)
+    data = [{"x": rng.standard_normal((1, 8, 32)).astype(np.float32)} for _ in range(16)]
+    report = edgeopt.quantize(path, Int8Config(), data, check_speed=False, check_fidelity=False)
+    reasons = [f.reason for f in report.result.float_nodes]
+    assert sum(reason.startswith(RESIDUAL_STREAM) for reason in reasons) == 4
+    assert not any("Cast" in reason for reason in reasons)
+    assert sum(reason == "part of a spelled-out rms_norm (kept as one float op)" for reason in reasons) == 5 * 7

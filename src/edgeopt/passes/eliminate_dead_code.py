@@ -3,8 +3,8 @@
 A node is dead when none of its outputs is a graph output or read by a live
 node; walking the graph backwards, removing a dead node can only make its
 producers dead, so one reverse sweep finds them all. Initializers no node
-reads are dropped too. ``Identity`` and inference-mode ``Dropout`` are the
-identity function: their readers are pointed at their input.
+reads are dropped too. ``Identity``, inference-mode ``Dropout`` and a ``Cast`` to the type its input
+already has are the identity function: their readers are pointed at their input.
 """
 
 from __future__ import annotations
@@ -34,6 +34,28 @@ class IdentityRule(Rule):
 
     def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
         return _PassThrough(nodes=(node,), node=node) if node.inputs and node.inputs[0] is not None else None
+
+    def check(self, match: _PassThrough, context: RuleContext) -> str | None:
+        return eir.replace_value_refusal(match.node.outputs[0], match.node.inputs[0])
+
+    def rewrite(self, match: _PassThrough, context: RuleContext) -> str:
+        return _bypass(match.node, context)
+
+
+class SameTypeCastRule(Rule):
+    """``y = Cast(x, to=T)`` with ``x`` already of type ``T``: readers of ``y`` read ``x``. Hugging Face's
+    RMSNorm writes one (``hidden_states.to(torch.float32)`` on a float32 model), which TorchScript exports as a
+    Cast that no quantizer kernel takes: a float island before each norm."""
+
+    name = "remove-same-type-cast"
+    anchor_ops = frozenset({"Cast"})
+    verb = "removed"
+
+    def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
+        source = node.inputs[0] if node.inputs else None
+        if source is None or source.dtype is None or node.attributes.get_int("to", 0) != source.dtype.value:
+            return None
+        return _PassThrough(nodes=(node,), node=node)
 
     def check(self, match: _PassThrough, context: RuleContext) -> str | None:
         return eir.replace_value_refusal(match.node.outputs[0], match.node.inputs[0])
@@ -104,7 +126,7 @@ class EliminateDeadCodePass(RulePass):
 
     Rewrites:
 
-    * ``Identity(x)`` -> ``x`` (a graph output keeps its name);
+    * ``Identity(x)`` -> ``x`` (a graph output keeps its name), and so a ``Cast`` to the type ``x`` has;
     * ``Dropout(x)`` with no training flag (or a constant false) and an unused
       mask -> ``x``;
     * nodes whose outputs nothing reads, walking backwards -> removed;
@@ -119,7 +141,7 @@ class EliminateDeadCodePass(RulePass):
     name = "eliminate-dead-code"
 
     def __init__(self) -> None:
-        self.rules = (IdentityRule(), DropoutRule())
+        self.rules = (IdentityRule(), SameTypeCastRule(), DropoutRule())
 
     def call(self, model: ir.Model) -> ReportedPassResult:
         result = super().call(model)
