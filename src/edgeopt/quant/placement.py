@@ -225,13 +225,14 @@ class _Planner:
         self.biases: list[BiasUse] = []
         self.groups = UnionFind()
         self.concat_groups = UnionFind()
-        self.float_chain = float_chain  # Concats (and movers) joining a model output's parts in float
+        self.float_chain = float_chain  # Concats (and movers) joining in float parts no integer kernel reads
         self.shape_derived = shape_derived  # a zeros state from the input's shape: folded later
 
     def add_node(self, node: ir.Node, output: ir.Value) -> None:
-        if node.name in self.float_chain:  # joins a model output's parts in float: each keeps its own scale
+        if node.name in self.float_chain:  # joins its parts in float: each keeps its own scale
             self.activations.update((v.name, None) for v in node.inputs if _is_float(v, self.non_float)
-                                    and not eir.is_constant(v) and v.producer().name not in self.float_chain)
+                                    and not eir.is_constant(v)
+                                    and (v.producer() is None or v.producer().name not in self.float_chain))
             return
         rule = self.rules[node.op_type]
         indices = rule.activation_inputs if rule.activation_inputs is not None else range(len(node.inputs))
@@ -282,19 +283,31 @@ class _Planner:
 
 _FLOAT_CONCAT = ("joins (or moves) the parts of a model output in float, each quantized with its own scale: one "
                  "scale for all would round the narrow ones coarsely (a detector's scores beside its box coordinates)")
+_FLOAT_READ_CONCAT = ("joins (or moves) in float parts that only float nodes read, each quantized with its own "
+                      "scale: one scale for all would round the narrow ones coarsely (a class token beside patches)")
 
 
 def _float_output_chains(graph: ir.Graph, candidates: Mapping[str, ir.Node], refusals: Mapping[str, str],
-                         rules: Mapping[str, OpRule]) -> set[str]:
-    """The Concats, and the movers around them, through which parts reach a graph output nothing else reads,
-    each read by the chain alone (YOLO's head: per-anchor Concats, reshaped, concatenated): with ``quantize_outputs``
-    off they join the parts in float, each at its own scale (one of 640 / 255 rounded scores beside pixels to 0)."""
+                         rules: Mapping[str, OpRule]) -> dict[str, str]:
+    """The Concats, and the movers around them, through which parts reach a graph output nothing else reads
+    (YOLO's head: per-anchor Concats, reshaped, concatenated), or a value only float nodes read (a ViT's class
+    token concatenated to its patches, read by the position Add of a float residual stream), each read by the
+    chain alone, name -> reason: with ``quantize_outputs`` off they join the parts in float, each at its own
+    scale (one of 640 / 255 rounded scores beside pixels to 0; the class token, 50 times narrower than the
+    patches, to 10.8 dB). An integer Concat whose output is only dequantized again would buy nothing for it."""
     def movable(node: ir.Node | None) -> bool:
         return _moves(node, candidates, refusals, rules) and len(node.outputs) == 1
 
-    chains: set[str] = set()
-    for output in graph.outputs:
-        if output.uses() or not movable(output.producer()):
+    def read_in_float(value: ir.Value) -> bool:
+        readers = [r for r in eir.consumers(value) if r.op_type not in ("Shape", "Size")]
+        return bool(readers) and all(r.name in refusals for r in readers) and not value.is_graph_output()
+
+    chains: dict[str, str] = {}
+    ends = [(v, _FLOAT_CONCAT) for v in graph.outputs if not v.uses()]
+    ends += [(node.outputs[0], _FLOAT_READ_CONCAT) for node in graph if node.op_type == "Concat" and movable(node)
+             and read_in_float(node.outputs[0])]
+    for output, reason in ends:
+        if not movable(output.producer()) or output.producer().name in chains:
             continue
         chain, stack = [], [output.producer()]
         while stack:
@@ -303,7 +316,7 @@ def _float_output_chains(graph: ir.Graph, candidates: Mapping[str, ir.Node], ref
             stack += [v.producer() for v in node.inputs if v is not None and movable(v.producer())
                       and all(use.node is node for use in v.uses()) and not v.is_graph_output()]
         if any(node.op_type == "Concat" for node in chain):
-            chains.update(node.name for node in chain)
+            chains.update((node.name, reason) for node in chain)
     return chains
 
 
@@ -365,7 +378,7 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     shape_derived = eir.shape_derived_values(graph)
     _refuse_isolated_movers(candidates, refusals, rules, outputs_quantized=quantize_outputs, grouped=grouped,
                             shape_derived=shape_derived)
-    float_chain = () if quantize_outputs else _float_output_chains(graph, candidates, refusals, rules)
+    float_chain = {} if quantize_outputs else _float_output_chains(graph, candidates, refusals, rules)
     planner = _Planner(graph, non_float, rules, quantize_outputs=quantize_outputs, float_chain=float_chain,
                        shape_derived=shape_derived)
     for node in candidates.values():
@@ -378,7 +391,7 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     unquantized = {name for name, add in residual.items() if add.reads_unquantized}
     kept = _kept_float_closure(graph, refusals, rules, unquantized)
     read_in_float = _read_in_float(candidates, refusals, fused_by_producer, kept, rules)
-    read_in_float.update(dict.fromkeys(float_chain, _FLOAT_CONCAT))
+    read_in_float.update(float_chain)
     fused_by_ort = _fused_between_pairs(graph, refusals, set(activations), rules)
     return QdqPlan(
         nodes=tuple(name for name in candidates if name not in refusals) + tuple(grouped),
