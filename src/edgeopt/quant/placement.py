@@ -298,14 +298,14 @@ def _float_output_chains(graph: ir.Graph, candidates: Mapping[str, ir.Node], ref
     def movable(node: ir.Node | None) -> bool:
         return _moves(node, candidates, refusals, rules) and len(node.outputs) == 1
 
-    def read_in_float(value: ir.Value) -> bool:
+    def only_float_readers(value: ir.Value) -> bool:
         readers = [r for r in eir.consumers(value) if r.op_type not in ("Shape", "Size")]
         return bool(readers) and all(r.name in refusals for r in readers) and not value.is_graph_output()
 
     chains: dict[str, str] = {}
     ends = [(v, _FLOAT_CONCAT) for v in graph.outputs if not v.uses()]
     ends += [(node.outputs[0], _FLOAT_READ_CONCAT) for node in graph if node.op_type == "Concat" and movable(node)
-             and read_in_float(node.outputs[0])]
+             and only_float_readers(node.outputs[0])]
     for output, reason in ends:
         if not movable(output.producer()) or output.producer().name in chains:
             continue

@@ -36,9 +36,9 @@ from edgeopt.naming import claim_name
 from edgeopt.quant.config import Int8Config, PerChannel, Target
 from edgeopt.quant.formats import INT8_SYMMETRIC, INT32, Format
 from edgeopt.quant.placement import QdqPlan
-from edgeopt.quant.union_find import UnionFind
 from edgeopt.quant.primitives import choose_qparams, quantize, quantize_bias, quantize_per_channel
 from edgeopt.quant.registry import TensorQuantInfo
+from edgeopt.quant.union_find import UnionFind
 
 __all__ = ["activation_qparams", "insert_qdq", "probability_range"]
 
