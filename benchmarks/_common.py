@@ -182,3 +182,30 @@ def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
     y = digits.target.astype(np.int64)
     return tuple(train_test_split(x, y, test_size=0.25, random_state=0, stratify=y))
+
+
+def chosen_models(parser, value: str, choices) -> list[str]:
+    """The comma-separated names of ``--models`` (``value``), each one of ``choices``; else the parser's error."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in choices]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(choices)}")
+    return names
+
+
+def ort_quantize_static(source, target, data: list[dict], method: str = "MinMax", **extra_options) -> None:
+    """ONNX Runtime's ``quantize_static`` as its docs recommend for x86: QDQ, per-channel int8 weights, uint8
+    activations, with calibration ``method`` (a ``CalibrationMethod`` name) on the samples ``data``."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.samples = iter(data)
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    quantize_static(source, target, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=getattr(CalibrationMethod, method), extra_options=extra_options)

@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from _common import environment, environment_markdown, markdown_table, publish  # noqa: E402
+from _common import chosen_models, environment, environment_markdown, markdown_table, publish  # noqa: E402
 
 #: model -> output-SQNR goal (dB): above plain int8's on these weights and samples
 GOALS = {"mobilenet_v3": 52.0, "efficientnet": 55.0, "resnet": 50.0, "transformer": 40.0,
@@ -117,10 +117,7 @@ def main() -> None:
                         help="search again measuring each round on the held-out samples (eval_data)")
     parser.add_argument("--markdown", type=pathlib.Path, help="also write the table and environment here")
     args = parser.parse_args()
-    names = [name.strip() for name in args.models.split(",") if name.strip()]
-    unknown = [name for name in names if name not in GOALS]
-    if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(GOALS)}")
+    names = chosen_models(parser, args.models, GOALS)
     rows = []
     for name in names:
         rows.append(run(name, GOALS[name], eval_data=args.eval_data))

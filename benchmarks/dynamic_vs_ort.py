@@ -71,7 +71,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import REPO_ROOT, environment, environment_markdown, markdown_table, publish  # noqa: E402
+from _common import (REPO_ROOT, environment, environment_markdown, markdown_table,  # noqa: E402
+                     ort_quantize_static, publish)
 from quantize_vs_ort import _import_both_tools  # noqa: E402
 
 if str(REPO_ROOT) not in sys.path:
@@ -272,23 +273,11 @@ def quantize_edgeopt_static(source: pathlib.Path, target: pathlib.Path, data: li
 
 
 def quantize_ort_static(source: pathlib.Path, target: pathlib.Path, data: list[dict]) -> tuple[str, ...]:
-    """ORT's ``quantize_static`` as its docs recommend for x86: QDQ, per-channel int8 weights, uint8
-    activations, MinMax (its Percentile and Entropy calibrators fail on samples of different lengths)."""
+    """ORT's ``quantize_static`` with MinMax (its Percentile and Entropy calibrators fail on samples of different
+    lengths)."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.samples = iter(data)
-
-        def get_next(self):
-            return next(self.samples, None)
-
-    quantize_static(source, target, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    ort_quantize_static(source, target, data, "MinMax", DefaultTensorType=onnx.TensorProto.FLOAT)
     return ()
 
 

@@ -34,7 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from _common import environment, environment_markdown, markdown_table, publish  # noqa: E402
+from _common import (chosen_models, environment, environment_markdown, markdown_table,  # noqa: E402
+                     ort_quantize_static, publish)
 
 SAMPLES = 16
 ORT_METHODS = ("MinMax", "Percentile")
@@ -79,22 +80,6 @@ def _sqnr(float_path: pathlib.Path, quant_path: pathlib.Path, samples: list[dict
     return worst
 
 
-def _quantize_ort(source: pathlib.Path, target: pathlib.Path, data: list[dict], method: str) -> None:
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.samples = iter(data)
-
-        def get_next(self):
-            return next(self.samples, None)
-
-    quantize_static(source, target, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=getattr(CalibrationMethod, method))
-
-
 def _quantize_edgeopt(source: pathlib.Path, target: pathlib.Path, data: list[dict]) -> None:
     import edgeopt
 
@@ -118,7 +103,7 @@ def run(name: str, build, shape: tuple[int, ...], folder: pathlib.Path) -> list[
     calibration, evaluation = _samples(path, shape, 0), _samples(path, shape, 1)
     row = [name, _measure(lambda t: _quantize_edgeopt(path, t, calibration), path, folder / f"{name}-eo.onnx",
                           evaluation)]
-    row += [_measure(lambda t, m=method: _quantize_ort(path, t, calibration, m), path,
+    row += [_measure(lambda t, m=method: ort_quantize_static(path, t, calibration, m), path,
                      folder / f"{name}-ort-{method}.onnx", evaluation) for method in ORT_METHODS]
     return row
 
@@ -139,10 +124,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(builders), help=f"comma-separated, from {', '.join(builders)}")
     parser.add_argument("--markdown", type=pathlib.Path, help="also write the table and environment here")
     args = parser.parse_args()
-    names = [name.strip() for name in args.models.split(",") if name.strip()]
-    unknown = [name for name in names if name not in builders]
-    if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(builders)}")
+    names = chosen_models(parser, args.models, builders)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     rows = []
