@@ -38,7 +38,7 @@ from edgeopt.runtime.reference.patterns import (
     match_layer_norm,
 )
 from edgeopt.runtime.reference.program import LayerNormParams, LutParams
-from edgeopt.runtime.reference.tables import lut_table
+from edgeopt.runtime.reference.tables import erf, lut_table
 
 __all__ = ["BIAS_BITS", "claim_spelled_out", "layer_norm_params", "lower_instance_normalization",
            "lower_layer_normalization"]
@@ -170,7 +170,7 @@ def _lower_spelled_layer_norm(lo: Lowering, node: ir.Node, match: SpelledLayerNo
     _emit_layer_norm(lo, match.nodes[0], match.last, x, match.axes, match.epsilon, scale, bias)
 
 
-_FLOAT_OPS = {"Div": np.divide, "Mul": np.multiply, "Add": np.add, "Erf": np.vectorize(math.erf, otypes=[np.float64])}
+_FLOAT_OPS = {"Div": np.divide, "Mul": np.multiply, "Add": np.add, "Erf": erf}
 
 
 def _evaluate(match: SpelledGelu, x: np.ndarray) -> np.ndarray:

@@ -23,7 +23,10 @@ import onnx_ir as ir
 from edgeopt.errors import UnsupportedOpError
 from edgeopt.runtime.reference.program import BILINEAR_FRACTION_BITS, LutParams, SoftmaxParams
 
-__all__ = ["linear_weights", "lut_params", "lut_table", "nearest_indices", "softmax_params"]
+__all__ = ["erf", "linear_weights", "lut_params", "lut_table", "nearest_indices", "softmax_params"]
+
+#: The error function, elementwise, in float64 (numpy has none of its own).
+erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
 def _gelu(x: np.ndarray, node: ir.Node) -> np.ndarray:
@@ -32,7 +35,7 @@ def _gelu(x: np.ndarray, node: ir.Node) -> np.ndarray:
     if node.attributes.get_string("approximate", "none") == "tanh":
         gate = np.tanh(math.sqrt(2.0 / math.pi) * (wide + 0.044715 * wide ** 3))
     else:
-        gate = np.vectorize(math.erf)(wide / math.sqrt(2.0))
+        gate = erf(wide / math.sqrt(2.0))
     return (0.5 * wide * (1.0 + gate)).astype(np.float32)
 
 
@@ -69,7 +72,7 @@ def _unary(node: ir.Node, x: np.ndarray) -> np.ndarray:
         case "Exp":
             return np.exp(x)
         case "Erf":
-            return np.vectorize(math.erf, otypes=[np.float32])(x)
+            return erf(x).astype(np.float32)
         case "Selu":
             alpha = np.float32(attribute(node, "alpha", 1.67326319217681884765625))
             gamma = np.float32(attribute(node, "gamma", 1.05070102214813232421875))
