@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-from edgeopt.codegen.c.packing import PACKERS, PackContext, c_array
+from edgeopt.codegen.c.packing import C_TYPE_BYTES, PACKERS, PackContext, c_array
 from edgeopt.codegen.c.plan import MemoryPlan
 from edgeopt.runtime.reference.program import Program
 
@@ -36,7 +36,6 @@ class CSources:
 
 #: A ``c_array`` declaration: type, name, length, values.
 _ARRAY = re.compile(r"static const (\w+) (\w+)\[(\d+)\] = (\{.*\});", re.S)
-_TYPE_BYTES = {"int8_t": 1, "int16_t": 2, "int32_t": 4}
 
 
 def _shared_arrays(decls) -> tuple[list[str], int]:
@@ -55,7 +54,7 @@ def _shared_arrays(decls) -> tuple[list[str], int]:
             kept.append(f"#define {array} {first[c_type, values]} /* the same values */")
             continue
         first[c_type, values] = array
-        total += _TYPE_BYTES[c_type] * int(length)
+        total += C_TYPE_BYTES[c_type] * int(length)
         kept.append(decl)
     return kept, total
 

@@ -20,9 +20,11 @@ from edgeopt.runtime.reference.rnn import TANH_TABLE
 from edgeopt.runtime.reference.ops import OPS
 from edgeopt.runtime.reference.program import IntOp, Program
 
-__all__ = ["PACKERS", "PackContext", "c_array"]
+__all__ = ["C_TYPE_BYTES", "PACKERS", "PackContext", "c_array"]
 
 _C_TYPES = {np.dtype(np.int8): "int8_t", np.dtype(np.int16): "int16_t", np.dtype(np.int32): "int32_t"}
+#: The bytes of an element of each C type :func:`c_array` declares.
+C_TYPE_BYTES = {c_type: dtype.itemsize for dtype, c_type in _C_TYPES.items()}
 
 
 def c_array(name: str, array: np.ndarray) -> str:
