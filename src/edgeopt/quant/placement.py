@@ -281,10 +281,11 @@ class _Planner:
         return tuple(sorted(names, key=lambda n: (order.get(n, -1), n)))
 
 
-_FLOAT_CONCAT = ("joins (or moves) the parts of a model output in float, each quantized with its own scale: one "
-                 "scale for all would round the narrow ones coarsely (a detector's scores beside its box coordinates)")
-_FLOAT_READ_CONCAT = ("joins (or moves) in float parts that only float nodes read, each quantized with its own "
-                      "scale: one scale for all would round the narrow ones coarsely (a class token beside patches)")
+_OWN_SCALES = "each quantized with its own scale: one scale for all would round the narrow ones coarsely"
+_FLOAT_CONCAT = (f"joins (or moves) the parts of a model output in float, {_OWN_SCALES} (a detector's scores "
+                 "beside its box coordinates)")
+_FLOAT_READ_CONCAT = (f"joins (or moves) in float parts that only float nodes read, {_OWN_SCALES} (a class token "
+                      "beside patches)")
 
 
 def _float_output_chains(graph: ir.Graph, candidates: Mapping[str, ir.Node], refusals: Mapping[str, str],

@@ -164,11 +164,15 @@ def _order(op: IntOp, tensors) -> list[int] | None:
     """The input axes of size above 1 in the order a transpose (or a reshape: in order) writes them, or None
     when its output is not its input permuted up to axes of size 1 (a reshape that merges or splits axes)."""
     source = tensors[op.inputs[0]].shape
-    perm = op.params.perm if op.kind == "transpose" else range(len(source))
-    moved = [axis for axis in perm if source[axis] != 1]
+    moved = [axis for axis in _perm(op, len(source)) if source[axis] != 1]
     if [source[axis] for axis in moved] != [size for size in tensors[op.output].shape if size != 1]:
         return None
     return moved
+
+
+def _perm(op: IntOp, rank: int):
+    """The axis order a transpose writes its input in; a reshape's (of axes of size 1 only) keeps it."""
+    return op.params.perm if op.kind == "transpose" else range(rank)
 
 
 def _composed(first: IntOp, second: IntOp, tensors) -> tuple[int, ...]:
@@ -177,8 +181,7 @@ def _composed(first: IntOp, second: IntOp, tensors) -> tuple[int, ...]:
     (``t``'s axes of size above 1 are ``x``'s in ``first``'s order)."""
     source, middle = tensors[first.inputs[0]].shape, tensors[second.inputs[0]].shape
     written = dict(zip([axis for axis, size in enumerate(middle) if size != 1], _order(first, tensors)))
-    perm = second.params.perm if second.kind == "transpose" else range(len(middle))
-    order = [written[axis] for axis in perm if middle[axis] != 1]
+    order = [written[axis] for axis in _perm(second, len(middle)) if middle[axis] != 1]
     return (*[axis for axis, size in enumerate(source) if size == 1], *order)
 
 
