@@ -246,6 +246,21 @@ def test_tensors_missing_from_the_float_model_are_counted_not_compared(mobilenet
     assert old not in {row.tensor for row in result.layers}
 
 
+def test_samples_are_counted_on_the_feed_not_on_a_sequence_first_output():
+    # a CRNN's [T, B, classes] output: its leading axis is time, and counting it said 634 samples for 24
+    import edgeopt
+    from edgeopt.quant.config import Int8Config
+    from tests.quant.int8_models import GraphBuilder, batches
+
+    g = GraphBuilder(seed=3)
+    steps = g.node("Transpose", [g.node("MatMul", ["x", g.weight("w", (8, 6))], "proj")], "time_first", perm=[1, 0, 2])
+    model = g.model([steps], (1, 5, 8))
+    data = batches((1, 5, 8), 4, seed=2)
+    quantized = edgeopt.quantize(model, Int8Config(), data, check_speed=False, check_fidelity=False).model
+    result = compare_models(model, quantized, data)
+    assert (result.samples, result.rows) == (4, 4)
+
+
 def test_streams_with_a_sample_limit_and_reports_progress(mobilenet):
     float_path, quant_path = mobilenet
     calls = []

@@ -213,6 +213,13 @@ def test_a_convolutional_model_is_refused_with_what_to_use(tmp_path):
         quantize(model, DynamicInt8Config(exclude=("Gemm",)), data=None)
 
 
+def test_a_model_without_convolutions_is_not_pointed_at_them(tmp_path):
+    # every layer excluded: the refusal said "for convolutions use --scheme int8" of an MLP
+    with pytest.raises(ModelError, match="use --scheme int8 with --data, or fp16, for this model") as caught:
+        quantize(mlp(tmp_path), DynamicInt8Config(exclude=("MatMul", "Gemm")), data=None)
+    assert "convolutions" not in str(caught.value)
+
+
 def test_an_opset_10_model_is_refused(tmp_path):
     model = mlp(tmp_path)
     proto = onnx.load(tmp_path / "mlp.onnx")

@@ -631,6 +631,22 @@ def test_fp16_says_weights_read_inside_subgraphs_stay_float32_for_control_flow(c
     assert "control flow: its subgraphs are kept float32 (12288 bytes)" in warnings[0], warnings
 
 
+def test_a_weight_that_is_also_a_graph_output_is_named_as_why_it_stays_float32(caplog):
+    # it said "mostly because: no node reads them", though a MatMul reads it
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64]),
+                               helper.make_tensor_value_info("w", TensorProto.FLOAT, [64, 64])], [weight])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    for config in (Fp16Config(), Bf16Config()):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="edgeopt"):
+            quantize(model, config, data=None)
+        warnings = [r.message for r in caplog.records if "converted only" in r.message]
+        assert warnings and "they are graph outputs themselves, which keep float32 (16384 bytes)" in warnings[0]
+
+
 def test_bf16_exclude_names_a_node_inside_a_subgraph():
     result = quantize(control_flow_model(), Bf16Config(exclude=("else_mm",)), data=None)
     assert {t.name for t in result.tensors} == {"wa", "wl"}

@@ -37,6 +37,7 @@ import onnx_ir as ir
 
 from edgeopt.errors import ModelError
 from edgeopt.io.save import node_subgraphs
+from edgeopt.io.shape_values import complete_reshape_shapes
 from edgeopt.io.shapes import (check_static, clear_output_shapes, fix_input_shapes, parse_input_shapes,
                                restore_output_shapes)
 from edgeopt.naming import claim_name
@@ -331,13 +332,19 @@ _SHAPE_OF_INPUT_OPS = frozenset({"GroupNormalization"})
 def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     stand_ins = _stand_in_identities(proto.graph)
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+        inferred = _onnx_inference(proto)
     except Exception as error:  # inference is best effort; runtime fills the gaps
         logger.warning("ONNX shape inference failed (%s); shapes come from running the model", error)
         inferred = proto
+    else:
+        inferred = complete_reshape_shapes(inferred, _onnx_inference)
     for index, node in stand_ins.items():
         inferred.graph.node[index].CopyFrom(node)
     return inferred
+
+
+def _onnx_inference(proto: onnx.ModelProto) -> onnx.ModelProto:
+    return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
 
 
 def _stand_in_identities(graph: onnx.GraphProto) -> dict[int, onnx.NodeProto]:

@@ -259,9 +259,10 @@ class _Meters:
                           if reference[name].dtype.kind in "iub" or looks_like_class_scores(reference[name].shape)}
 
     def update(self, reference: Mapping[str, np.ndarray], layers: Mapping[str, np.ndarray],
-               outputs: Mapping[str, np.ndarray]) -> None:
+               outputs: Mapping[str, np.ndarray], *, rows: int) -> None:
         """``reference``: the float model's tensors; ``layers``: the quantized model's DQ outputs (by
-        their names); ``outputs``: its graph outputs from the session that runs it as is."""
+        their names); ``outputs``: its graph outputs from the session that runs it as is; ``rows``: the
+        samples in the batch fed (counted on the feed: an output may be sequence-first, [T, B, C])."""
         outputs = {name: self.output_codes[name].dequantize(array) if name in self.output_codes else array
                    for name, array in outputs.items()}
         if self.samples == 0:
@@ -278,7 +279,7 @@ class _Meters:
         for name, meter in self.agreement.items():
             meter.update(reference[name], outputs[name])
         self.samples += 1
-        self.rows += batch_rows(outputs)
+        self.rows += rows
 
     def layer_rows(self) -> list[LayerComparison]:
         rows = []
@@ -474,7 +475,7 @@ def _stream(source: Iterable[dict[str, np.ndarray]], runs: Runs, meters: _Meters
             measured = runs.run(feed)
         except DataError as error:  # ONNX Runtime refusing the values: name the sample
             raise with_origin(error, feed) from None
-        meters.update(*measured)
+        meters.update(*measured, rows=batch_rows(feed))
         if progress is not None:
             progress(meters.samples, total)
 

@@ -473,8 +473,11 @@ def quantize_dynamic_int8(model: ir.Model, config: DynamicInt8Config, data: Iter
             float_nodes.append(FloatNode(node.name or node.op_type, node.op_type, refusal))
     if not layers and not lstms.tensors and not attention:
         reasons = "; ".join(f"{f.node_name}: {f.reason}" for f in float_nodes[:3]) or "the model has none"
+        convolutions = any(eir.is_op(node, "Conv", "ConvTranspose") for node in graph.all_nodes())
         raise ModelError(f"no MatMul/Gemm with a constant weight to quantize ({reasons}): {SCHEME} quantizes the "
-                         "weights of MatMul/Gemm layers; for convolutions use --scheme int8 with --data")
+                         "weights of MatMul/Gemm layers; "
+                         + ("for convolutions use --scheme int8 with --data" if convolutions
+                            else "use --scheme int8 with --data, or fp16, for this model"))
     counts = rewriter.counts
     bytes_before = sum(rewriter.float_bytes.values()) + lstms.float_bytes
     bytes_after = (sum(weight.nbytes for weight in rewriter.weights.values()) + lstms.int8_bytes

@@ -310,9 +310,14 @@ def _read_by(node: ir.Node) -> list[ir.Value]:
 _MOSTLY_CONVERTED = 0.5  # below this share of the weight bytes converted, the result is not what was asked for
 
 
+#: Why a constant that is itself a graph output keeps float32 (outputs keep the I/O type).
+_OUTPUT_CONSTANT = "they are graph outputs themselves, which keep float32"
+
+
 def _warn_mostly_float32(scheme: str, weight_bytes: int, log: _WeightLog,
-                         kept: Iterable[tuple[ir.Node, str]]) -> None:
-    """A warning when most float32 weight bytes stay float32, with the reasons holding the most bytes."""
+                         kept: Iterable[tuple[ir.Node, str]], outputs: Iterable[ir.Value]) -> None:
+    """A warning when most float32 weight bytes stay float32, with the reasons holding the most bytes
+    (the nodes kept float32 that read them, or ``outputs``, the graph's, that are such constants)."""
     if not weight_bytes or log.bytes_before >= weight_bytes * _MOSTLY_CONVERTED:
         return
     held: Counter[str] = Counter()
@@ -322,9 +327,13 @@ def _warn_mostly_float32(scheme: str, weight_bytes: int, log: _WeightLog,
             if is_constant(value) and value not in counted:
                 counted.add(value)
                 held[reason] += eir.constant_array(value).nbytes
+    for value in outputs:
+        if is_constant(value) and value.dtype == ir.DataType.FLOAT and value not in counted:
+            counted.add(value)
+            held[_OUTPUT_CONSTANT] += eir.constant_array(value).nbytes
     reasons = "; ".join(f"{reason} ({size} bytes)" for reason, size in held.most_common(2))
-    logger.warning("%s converted only %d of %d float32 weight bytes (%.0f%%): the others are read by nodes kept "
-                   "float32 (listed in the notes), mostly because: %s", scheme, log.bytes_before, weight_bytes,
+    logger.warning("%s converted only %d of %d float32 weight bytes (%.0f%%): the others stay float32 (the nodes "
+                   "kept float32 are listed in the notes), mostly because: %s", scheme, log.bytes_before, weight_bytes,
                    100 * log.bytes_before / weight_bytes, reasons or "no node reads them")
 
 
@@ -435,7 +444,7 @@ def quantize_fp16(model: ir.Model, config: Fp16Config, data: Iterable[Batch] | N
     kept = _kept_note(float_nodes)
     notes += [kept] if kept else []
     logger.info("fp16: %s", notes[0])
-    _warn_mostly_float32("fp16", weight_bytes, log, plan.kept)
+    _warn_mostly_float32("fp16", weight_bytes, log, plan.kept, model.graph.outputs)
     details = {"weights_converted": len(log.tensors), "weight_bytes_before": log.bytes_before,
                "weight_bytes_after": log.bytes_after, "clamped_values": log.clamped,
                "flushed_values": log.flushed, "casts_inserted": len(casts.made), **ranges.details}
@@ -528,7 +537,7 @@ def quantize_bf16(model: ir.Model, config: Bf16Config, data: Iterable[Batch] | N
     kept = _kept_note(float_nodes)
     notes += [kept.replace("kept in float32", "weights kept in float32")] if kept else []
     logger.info("bf16: %s", notes[1])
-    _warn_mostly_float32("bf16", weight_bytes, log, plan.kept)
+    _warn_mostly_float32("bf16", weight_bytes, log, plan.kept, model.graph.outputs)
     details = {"weights_converted": len(log.tensors), "weight_bytes_before": log.bytes_before,
                "weight_bytes_after": log.bytes_after, "casts_inserted": casts_inserted}
     return QuantResult(model=model, scheme="bf16", tensors=tuple(log.tensors), float_nodes=float_nodes,
