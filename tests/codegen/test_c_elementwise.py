@@ -170,3 +170,23 @@ def test_a_reduce_max_is_a_max_pool_over_rows(tmp_path, axes, keepdims):
     within, _, worst = q.agreement(ReferenceModel(model), OrtSession(model), data[:4])
     assert within >= 0.99 and worst <= 1, (within, worst)
     assert_compiles_bit_exact(model, tmp_path / "c", data[:2])
+
+
+@needs_gcc
+def test_a_rank_5_broadcast_add_compiles_bit_exact(tmp_path):
+    # Swin's shifted-window mask: scores viewed [B, windows, heads, N, N] + mask [1, windows, 1, N, N]; the C
+    # kernels broadcast over 4 axes, and this one stopped `edgeopt compile` with an internal error (exit 70)
+    rng = np.random.default_rng(0)
+    mask = numpy_helper.from_array(np.where(rng.random((1, 2, 1, 6, 7)) > 0.5, -1.0, 0.5).astype(np.float32), "mask")
+    shape = numpy_helper.from_array(np.array([1, 2, 2, 6, 7], np.int64), "five")
+    back = numpy_helper.from_array(np.array([1, 4, 6, 7], np.int64), "four")
+    path = tmp_path / "float.onnx"
+    _save(path, [helper.make_node("Reshape", ["c", "five"], ["c5"], name="split"),
+                 helper.make_node("Add", ["c5", "mask"], ["m5"], name="masked"),
+                 helper.make_node("Reshape", ["m5", "four"], ["m"], name="merge")])
+    proto = onnx.load(path)
+    proto.graph.initializer.extend([mask, shape, back])
+    onnx.save(proto, path)
+    result, model = quantize_for_mcu(path, _data(16, 0), tmp_path / "int8.onnx")
+    assert result.float_nodes == (), result.float_nodes
+    assert_compiles_bit_exact(model, tmp_path / "c", _data(2, 4))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeopt.errors import CodegenError
+from edgeopt.errors import CodegenError, UnsupportedOpError
 from edgeopt.runtime.reference.rnn import TANH_TABLE
 from edgeopt.runtime.reference.ops import OPS
 from edgeopt.runtime.reference.program import IntOp, Program
@@ -162,13 +162,35 @@ def _broadcast_strides(in_shape, out_shape) -> list[int]:
     return [0 if shape[d] == 1 and out_shape[d] != 1 else contiguous[d] for d in range(4)]
 
 
+def _collapsed(a_shape, b_shape, out) -> tuple[tuple[int, ...], ...]:
+    """The same broadcast over fewer axes: unit output axes dropped, and neighbouring axes merged where
+    each input either spans both or is broadcast along both (Swin's window-mask Add, [1, nW, 1, N, N] to
+    [B, nW, heads, N, N], is a rank-3 broadcast)."""
+    a_full = (1,) * (len(out) - len(a_shape)) + tuple(a_shape)
+    b_full = (1,) * (len(out) - len(b_shape)) + tuple(b_shape)
+    merged: list[list[int]] = []  # [size, a spans it, b spans it]
+    for size, a, b in zip(out, a_full, b_full):
+        if size == 1:
+            continue
+        kind = [a == size, b == size]
+        if merged and merged[-1][1:] == kind:
+            merged[-1][0] *= size
+        else:
+            merged.append([size, *kind])
+    merged = merged or [[1, True, True]]
+    return (tuple(m[0] for m in merged), tuple(m[0] if m[1] else 1 for m in merged),
+            tuple(m[0] if m[2] else 1 for m in merged))
+
+
 def _binary_geometry(op: IntOp, ctx: PackContext) -> dict[str, object]:
-    out = ctx.shape(op.output)
+    out, a_shape, b_shape = ctx.shape(op.output), ctx.shape(op.inputs[0]), ctx.shape(op.inputs[1])
     if len(out) > 4:
-        raise ValueError(f"{op.node}: broadcasting ops support rank <= 4")
+        out, a_shape, b_shape = _collapsed(a_shape, b_shape, out)
+        if len(out) > 4:
+            raise UnsupportedOpError(f"{op.node}: a broadcast over {len(out)} axes that cannot be merged into 4 "
+                                     "(the C kernels' limit)")
     out4 = (1,) * (4 - len(out)) + tuple(out)
-    return dict(shape=out4, a_stride=_broadcast_strides(ctx.shape(op.inputs[0]), out4),
-                b_stride=_broadcast_strides(ctx.shape(op.inputs[1]), out4))
+    return dict(shape=out4, a_stride=_broadcast_strides(a_shape, out4), b_stride=_broadcast_strides(b_shape, out4))
 
 
 def _add_fields(p) -> dict[str, object]:
