@@ -45,6 +45,7 @@ from edgeopt.quant.gptq import gptq_layer
 from edgeopt.quant.hard_activations import lower_hard_activations, without_integer_form
 from edgeopt.quant.smoothquant import ChannelAbsMaxHook, smooth, smoothing_inputs
 from edgeopt.quant.ops import FUSED_BETWEEN_PAIRS, MCU_OP_RULES, OP_RULES, is_qdq_op
+from edgeopt.quant.masks import FLOAT_TARGET_MASK_FLOOR, MASK_FLOOR
 from edgeopt.quant.opset import OpsetCheck, OpsetConversion, convert_opset
 from edgeopt.quant.model_checks import NodeIndex, check_exclude, vanished_excludes
 from edgeopt.quant.placement import plan_qdq, readers_behind_qdq, readers_past_data_movement
@@ -397,8 +398,9 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     rules = MCU_OP_RULES if config.target is Target.MCU else OP_RULES  # the kernels that will run it
     ort = config.target is Target.ORT  # (the C has HardSwish/HardSigmoid kernels of its own)
     no_kernel = without_integer_form(model, config.activations) if ort else {}
+    mask_floor = FLOAT_TARGET_MASK_FLOOR if ort else MASK_FLOOR  # ONNX Runtime runs a float Add at no cost
     plan = plan_qdq(model, exclude=config.exclude, quantize_outputs=config.outputs_quantized, rules=rules,
-                    no_kernel=no_kernel)
+                    no_kernel=no_kernel, mask_floor=mask_floor)
     _check_finite_weights(model, plan)
     extra = _AccuracyHooks(model, plan, config)
     calibration = extra.calibrate(model, data, list(dict.fromkeys([*plan.activations, *extra.tensors])), config,
@@ -410,7 +412,8 @@ def quantize_int8(model: ir.Model, config: Int8Config, data: Iterable[Batch] | N
     narrow = without_integer_form(model, config.activations, calibration.ranges()) if ort else {}
     if calibration.non_float & set(plan.activations) or extra.replan or narrow.keys() - no_kernel.keys():
         plan = plan_qdq(model, exclude=config.exclude, non_float=calibration.non_float,
-                        quantize_outputs=config.outputs_quantized, rules=rules, no_kernel=no_kernel | narrow)
+                        quantize_outputs=config.outputs_quantized, rules=rules, no_kernel=no_kernel | narrow,
+                        mask_floor=mask_floor)
     notes.extend(_wide_softmax_notes(model, plan.probabilities, config.activations))  # its readers, before Q/DQ
     ranges = calibration.ranges()
     concats = {node.outputs[0].name: node.name for node in model.graph if node.op_type == "Concat"}

@@ -1,7 +1,7 @@
 """Attention masks: constants no 8-bit range represents next to the scores they are added to.
 
 An additive mask holds -inf (PyTorch's scaled_dot_product_attention) or a large
-negative stand-in (BERT's -10000, Hugging Face's float32 minimum) where a
+negative stand-in (BERT's -10000, Hugging Face's float32 minimum, Swin's -100) where a
 position must get no attention. Quantized, -inf clamps to the low end of the
 scores' range, and a stand-in stretches that range over the mask so every
 score rounds to one value: either way Softmax weights the masked positions.
@@ -27,15 +27,21 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.quant.ops import OpRole, OpRule
 
-__all__ = ["GRID_REASON", "INDEX_REASON", "grid_refusal", "index_refusal", "mask_like_values", "mask_refusal"]
+__all__ = ["FLOAT_TARGET_MASK_FLOOR", "GRID_REASON", "INDEX_REASON", "MASK_FLOOR", "grid_refusal", "index_refusal",
+           "mask_like_values", "mask_refusal"]
 
-# Additive attention masks hold -inf, or a large negative stand-in: BERT's -10000, float32's minimum.
-_MASK_FLOOR = -1e4
+#: Additive attention masks hold -inf, or a large negative stand-in: BERT's -10000, float32's minimum.
+MASK_FLOOR = -1e4
+#: Where the target runs float nodes (ONNX Runtime), Swin's -100 too (exp(-100) is 4e-44: no attention), which
+#: stretched the range of the scores it is added to 30x (their Softmax at 20 dB, 38 dB with the Add float). The
+#: microcontroller target, whose C has no float node, keeps :data:`MASK_FLOOR` and quantizes it with the
+#: scores (the model compiles).
+FLOAT_TARGET_MASK_FLOOR = -100.0
 
 
-def _mask_kind(node: ir.Node, index: int, rules: Mapping[str, OpRule]) -> str | None:
+def _mask_kind(node: ir.Node, index: int, rules: Mapping[str, OpRule], floor: float) -> str | None:
     """``"inf"`` or ``"large"`` when input ``index`` of ``node`` is a float constant holding inf/NaN or
-    values <= :data:`_MASK_FLOOR` that the node would quantize as an operand (or reads in float: its
+    values <= ``floor`` that the node would quantize as an operand (or reads in float: its
     output carries them on), not as a weight, a bias or a clamp bound; else None."""
     if eir.is_op(node, *rules):
         rule = rules[node.op_type]
@@ -47,7 +53,7 @@ def _mask_kind(node: ir.Node, index: int, rules: Mapping[str, OpRule]) -> str | 
         return None
     if not bool(np.isfinite(array).all()):
         return "inf"
-    return "large" if float(array.min()) <= _MASK_FLOOR else None
+    return "large" if float(array.min()) <= floor else None
 
 
 def _softmax_feeders(graph: ir.Graph) -> set[str]:
@@ -59,8 +65,9 @@ def _softmax_feeders(graph: ir.Graph) -> set[str]:
     return feeders
 
 
-def mask_like_values(graph: ir.Graph, rules: Mapping[str, OpRule]) -> dict[str, str]:
-    """Tensors holding inf, NaN or mask values (rule 6), each mapped to the constant it comes from.
+def mask_like_values(graph: ir.Graph, rules: Mapping[str, OpRule], floor: float = MASK_FLOOR) -> dict[str, str]:
+    """Tensors holding inf, NaN or mask values (at or below ``floor``; rule 6), each mapped to the constant
+    it comes from.
     inf flows on to every reader up to a Softmax; a large finite value is a mask only on the way to a
     Softmax (elsewhere, ``x - 20000``, it is an offset like any other)."""
     feeders = _softmax_feeders(graph)
@@ -71,7 +78,7 @@ def mask_like_values(graph: ir.Graph, rules: Mapping[str, OpRule]) -> dict[str, 
         for index, value in enumerate(node.inputs):
             if value is None:
                 continue
-            kind = None if value.name in sources else _mask_kind(node, index, rules)
+            kind = None if value.name in sources else _mask_kind(node, index, rules, floor)
             if kind == "inf" or (kind == "large" and toward_softmax):
                 sources[value.name] = value.name
                 finite.update([value.name] if kind == "large" else [])
@@ -84,13 +91,13 @@ def mask_like_values(graph: ir.Graph, rules: Mapping[str, OpRule]) -> dict[str, 
     return sources
 
 
-def mask_refusal(node: ir.Node, sources: Mapping[str, str]) -> str | None:
+def mask_refusal(node: ir.Node, sources: Mapping[str, str], floor: float = MASK_FLOOR) -> str | None:
     value = next((v for v in (*node.inputs, *node.outputs) if v is not None and v.name in sources), None)
     if value is None:
         return None
     source = sources[value.name]
     held = f"{value.name!r} holds" if value.name == source else f"{value.name!r} holds, from the constant {source!r},"
-    return f"{held} -inf, NaN or values <= {_MASK_FLOOR:g} (an attention mask?), which no 8-bit range represents"
+    return f"{held} -inf, NaN or values <= {floor:g} (an attention mask?), which no 8-bit range represents"
 
 
 #: Why a node computing integer arithmetic in float (a position bucket) stays float.

@@ -41,8 +41,8 @@ Rules, in order:
    listed among the float nodes (:data:`READ_IN_FLOAT`), though they stay
    in ``nodes``.
 6. A node that reads or writes an attention mask stays float: a constant
-   holding -inf, NaN or values at or below -10000 and what is computed from
-   it, up to a Softmax (:mod:`edgeopt.quant.masks` says when a large finite
+   holding -inf, NaN or values at or below -10000 (-100 on ONNX Runtime: Swin's) and what is
+   computed from it, up to a Softmax (:mod:`edgeopt.quant.masks` says when a large finite
    value is a mask). No 8-bit range holds them next to the scores: Softmax
    would weight the masked positions (a causal model would read future tokens).
    So does position arithmetic done in float for a Cast to an integer or a Sin/Cos
@@ -78,7 +78,7 @@ from edgeopt.passes import PATTERN_KEY, activation_clamp
 from edgeopt.quant.clamp_fusion import clamp_fusions
 from edgeopt.quant.config import is_excluded
 from edgeopt.quant.log_inputs import log_input_nodes, log_input_refusal
-from edgeopt.quant.masks import grid_refusal, index_refusal, mask_like_values, mask_refusal
+from edgeopt.quant.masks import MASK_FLOOR, grid_refusal, index_refusal, mask_like_values, mask_refusal
 from edgeopt.quant.ops import (DATA_MOVEMENT_OPS, FUSED_BETWEEN_PAIRS, OP_RULES, RECURRENT_OPS, OpRole, OpRule,
                                float_op_reason, gather_refusal, is_qdq_op, pad_refusal, prelu_refusal,
                                recurrent_refusal, resize_refusal, slow_group_refusal, weight_axis)
@@ -329,19 +329,20 @@ def _float_output_fuses(node: ir.Node, output: ir.Value, weight: ir.Value | None
 
 
 def _triage(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[str], non_float: Collection[str],
-            rules: Mapping[str, OpRule], no_kernel: Mapping[str, str]
+            rules: Mapping[str, OpRule], no_kernel: Mapping[str, str], mask_floor: float
             ) -> tuple[dict[str, ir.Node], dict[str, str], dict[str, ir.Node]]:
     """Float-computing nodes split into integer candidates, refusals (name -> reason) and the members of
     spelled-out groups computed as one integer op."""
     candidates: dict[str, ir.Node] = {}
     grouped: dict[str, ir.Node] = {}
     refusals: dict[str, str] = {}
-    masked, indices, logs = mask_like_values(graph, rules), eir.index_arithmetic_values(graph), log_input_nodes(graph)
+    masked, indices = mask_like_values(graph, rules, mask_floor), eir.index_arithmetic_values(graph)
+    logs = log_input_nodes(graph)
     grid = eir.run_time_grid_values(graph)
     for node in graph:
         if not _computes_float(node, non_float):
             continue
-        reason = (_refusal(node, exclude, keep_float, rules, no_kernel) or mask_refusal(node, masked)
+        reason = (_refusal(node, exclude, keep_float, rules, no_kernel) or mask_refusal(node, masked, mask_floor)
                   or index_refusal(node, indices) or grid_refusal(node, grid) or log_input_refusal(node, logs))
         if reason is None:
             (grouped if quantized_as_one_op(node, rules) else candidates)[node.name] = node
@@ -353,7 +354,8 @@ def _triage(graph: ir.Graph, exclude: Collection[str], keep_float: Collection[st
 
 def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Collection[str] = (),
              non_float: Collection[str] = (), quantize_outputs: bool = True,
-             rules: Mapping[str, OpRule] = OP_RULES, no_kernel: Mapping[str, str] = MappingProxyType({})) -> QdqPlan:
+             rules: Mapping[str, OpRule] = OP_RULES, no_kernel: Mapping[str, str] = MappingProxyType({}),
+             mask_floor: float = MASK_FLOOR) -> QdqPlan:
     """Plan Q/DQ placement on ``model`` (not modified).
 
     ``exclude``: node names or op types that stay float (the user's
@@ -366,12 +368,13 @@ def plan_qdq(model: ir.Model, *, exclude: Collection[str] = (), keep_float: Coll
     ``rules``: the ops that run in integer and how (:data:`~edgeopt.quant.ops.OP_RULES`, or
     :data:`~edgeopt.quant.ops.MCU_OP_RULES` for the microcontroller kernels); ``no_kernel``: nodes whose op
     has a rule but that have no integer form here (name -> why), float between their neighbours' pairs.
+    ``mask_floor``: a constant at or below it on the way to a Softmax is an attention mask (rule 6).
     """
     graph = model.graph
     names = [node.name for node in graph]
     if not all(names) or len(set(names)) != len(names):
         raise ValueError("plan_qdq needs unique node names: run onnx_ir's NameFixPass on the model first")
-    candidates, refusals, grouped = _triage(graph, exclude, keep_float, non_float, rules, no_kernel)
+    candidates, refusals, grouped = _triage(graph, exclude, keep_float, non_float, rules, no_kernel, mask_floor)
     residual = residual_adds(graph, candidates, refusals)
     refusals.update((name, add.reason) for name, add in residual.items())
     fused_by_producer = clamp_fusions(candidates, refusals, rules)
