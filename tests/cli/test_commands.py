@@ -103,6 +103,16 @@ def test_run_dynamic_model_takes_shape_from_data(cli, tmp_path):
     assert np.load(tmp_path / "out" / "output.npy").shape[:2] == (2, 4)
 
 
+def test_run_given_a_folder_says_it_takes_one_file(cli, tmp_path):
+    # it said "input file <folder> not found" of a folder that exists
+    path = build_onnx("resnet", tmp_path)
+    (tmp_path / "samples").mkdir()
+    np.save(tmp_path / "samples" / "a.npy", np.zeros((1, 3, 32, 32), np.float32))
+    result = cli("run", path, "-i", f"input={tmp_path / 'samples'}", "-o", tmp_path / "out")
+    assert_one_line_error(result, "is a folder: give one .npy or .npz file")
+    assert not (tmp_path / "out").exists()
+
+
 def test_run_never_writes_an_output_over_its_input_file(cli, tmp_path):
     path = build_onnx("resnet", tmp_path)  # its output is named "output"
     x = np.random.default_rng(2).normal(size=(1, 3, 32, 32)).astype(np.float32)

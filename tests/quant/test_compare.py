@@ -261,6 +261,20 @@ def test_samples_are_counted_on_the_feed_not_on_a_sequence_first_output():
     assert (result.samples, result.rows) == (4, 4)
 
 
+def test_a_quantized_model_of_another_network_is_compared_and_warned_about(mobilenet, tmp_path):
+    # the same interface, another network: tensors of the same name and another shape were matched, and the float
+    # twins built on them failed to load ("BatchNormalization__edgeopt_twin ... Dimension mismatch"); a pair of
+    # unrelated networks at 0.3 dB (ShuffleNet, SqueezeNet) compared without a word
+    from edgeopt import api
+
+    float_path, quant_path = mobilenet
+    other = quantize_qdq(build_onnx("mobilenet_v3", tmp_path), tmp_path / "mobilenet_v3_qdq.onnx")
+    result = api.compare(float_path, other, _samples(4, seed=1))
+    assert any("a quantization of this float model" in w for w in result.warnings), result.warnings
+    assert result.matched * 2 < result.quantized_tensors
+    assert not api.compare(float_path, quant_path, _samples(4, seed=1)).warnings
+
+
 def test_streams_with_a_sample_limit_and_reports_progress(mobilenet):
     float_path, quant_path = mobilenet
     calls = []

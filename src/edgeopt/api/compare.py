@@ -48,4 +48,14 @@ def _compare(float_model: ModelSource, quant_model: ModelSource, data, *, prepro
             logger.warning("output %s: SQNR %.1f dB, the second model's outputs are no closer to the first's than "
                            "zeros: is it a quantization of this float model (and a working one)?", output.name,
                            output.sqnr_db)
+    worst = result.worst_output_sqnr()
+    if (worst is not None and 0 <= worst < _UNRELATED_DB and result.quantized_tensors >= 4
+            and 2 * result.matched < result.quantized_tensors):
+        logger.warning("only %d of %d quantized tensors have a counterpart in the float model, and the outputs are "
+                       "at %.1f dB: is the second model a quantization of this float model?", result.matched,
+                       result.quantized_tensors, worst)
     return result
+
+
+#: Below this output SQNR, with most quantized tensors unmatched, the two models look unrelated.
+_UNRELATED_DB = 10.0

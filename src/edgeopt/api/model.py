@@ -148,6 +148,9 @@ def _output_files(folder: Path, names: Sequence[str]) -> dict[str, Path]:
 def read_input_file(path: str | os.PathLike) -> np.ndarray | dict[str, np.ndarray]:
     """The array in a .npy file, or the arrays of a .npz keyed by name (read whole: nothing stays mapped)."""
     path = Path(path)
+    if path.is_dir():  # quantize's --data takes a folder of samples; run reads one batch
+        raise DataError(f"input {path} is a folder: give one .npy or .npz file (one batch); "
+                        "`edgeopt compare --data` or `quantize --data` read a folder of samples")
     if not path.is_file():
         raise DataError(f"input file {path} not found")
     try:

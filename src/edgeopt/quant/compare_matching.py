@@ -219,17 +219,26 @@ def match_pairs(float_model: ir.Model, quant_model: ir.Model,
     """Matches (one per float tensor), names of unmatched DQ outputs, number of activation pairs."""
     float_values = value_names(float_model.graph)
     original_values = value_names(original.graph) if original is not None else {}
-    quant_names = set(value_names(quant_model.graph))
+    quant_values = value_names(quant_model.graph)
+    quant_names = set(quant_values)
     matched: dict[str, TensorMatch] = {}
     unmatched = []
     pairs = activation_pairs(quant_model)
     for quantize, dequantize in pairs:
         match = _match(quantize, dequantize, float_values, original_values, quant_names)
-        if match is None:
+        if match is None or _shapes_differ(float_values.get(match.float_name), quant_values.get(match.quant_name)):
+            # another network's tensor of the same name (a float twin built on it would not even load)
             unmatched.append(dequantize.outputs[0].name)
         else:
             matched.setdefault(match.float_name, match)
     return list(matched.values()), unmatched, len(pairs)
+
+
+def _shapes_differ(float_value: ir.Value | None, quant_value: ir.Value | None) -> bool:
+    """Whether both values have static shapes, and not the same one."""
+    shapes = [None if v is None or v.shape is None else v.shape.dims for v in (float_value, quant_value)]
+    static = all(dims is not None and all(isinstance(d, int) for d in dims) for dims in shapes)
+    return static and tuple(shapes[0]) != tuple(shapes[1])
 
 
 # ---------------------------------------------------------- a model without Q/DQ pairs: tensors by name
