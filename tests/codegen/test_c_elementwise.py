@@ -190,3 +190,29 @@ def test_a_rank_5_broadcast_add_compiles_bit_exact(tmp_path):
     result, model = quantize_for_mcu(path, _data(16, 0), tmp_path / "int8.onnx")
     assert result.float_nodes == (), result.float_nodes
     assert_compiles_bit_exact(model, tmp_path / "c", _data(2, 4))
+
+
+@needs_gcc
+def test_a_model_normalizing_raw_pixels_in_its_graph_compiles_bit_exact(tmp_path):
+    # (x / 255 - mean) / std before the first conv: the Divs stayed float (ONNX Runtime's placement), and
+    # `edgeopt compile` refused the model for that one float node
+    rng = np.random.default_rng(1)
+    weights = {"full": np.array(255.0), "mean": np.array([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1),
+               "std": np.array([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1), "w1": rng.normal(0, 0.4, (4, 3, 3, 3)),
+               "w2": rng.normal(0, 0.4, (2, 4, 1, 1))}
+    nodes = [helper.make_node("Div", ["input", "full"], ["unit"], name="to_unit"),
+             helper.make_node("Sub", ["unit", "mean"], ["centered"], name="center"),
+             helper.make_node("Div", ["centered", "std"], ["scaled"], name="scale"),
+             helper.make_node("Conv", ["scaled", "w1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["output"], name="conv2")]
+    graph = helper.make_graph(
+        nodes, "pixels", [helper.make_tensor_value_info("input", TensorProto.FLOAT, SHAPE)],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 2, 6, 7])],
+        initializer=[numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+    path = tmp_path / "float.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    pixels = [{"input": np.random.default_rng(seed).uniform(0, 255, SHAPE).astype(np.float32)} for seed in range(18)]
+    result, model = quantize_for_mcu(path, pixels[:16], tmp_path / "int8.onnx")
+    assert result.float_nodes == (), result.float_nodes
+    assert_compiles_bit_exact(model, tmp_path / "c", pixels[16:])

@@ -44,6 +44,24 @@ def test_a_division_normalizing_the_input_stays_float():
                                "as a quantized Mul it would round the input once more"]
 
 
+def test_for_the_microcontroller_the_input_normalization_becomes_integer_ops_too():
+    # its C runs no float node: a Div or a BatchNorm on the input was the one float node that kept a model
+    # normalizing raw pixels in the graph ((x / 255 - mean) / std) from compiling
+    nodes = [helper.make_node("Div", ["x", "full"], ["unit"], name="to_unit"),
+             helper.make_node("Sub", ["unit", "mean"], ["centered"], name="sub"),
+             helper.make_node("Div", ["centered", "std"], ["scaled"], name="div"),
+             helper.make_node("BatchNormalization", ["scaled", "gamma", "beta", "bn_mean", "var"], ["y"], name="bn")]
+    model = make_model(nodes, [("x", [1, 3, 4, 4])], [("y", [1, 3, 4, 4])],
+                       [weight("full", 255.0), weight("mean", np.full((3, 1, 1), 0.45)),
+                        weight("std", np.full((3, 1, 1), 0.225)), random_weight("gamma", [3], low=0.5, high=1.5),
+                        random_weight("beta", [3]), random_weight("bn_mean", [3]),
+                        random_weight("var", [3], low=0.5, high=1.5)])
+    assert op_types(canonicalize(model).model) == ["Div", "Sub", "Div", "BatchNormalization"]
+    result = run_on_copy(CanonicalizePass(integer_only=True), model)
+    assert op_types(result.model) == ["Mul", "Sub", "Mul", "Conv"]
+    assert_same_outputs(model, result.model)
+
+
 @pytest.mark.parametrize("divisor, reason", [
     (0.0, "the divisor is zero, not finite or outside [6.10352e-05, 16384] somewhere"),
     (1e9, "the divisor is zero, not finite or outside [6.10352e-05, 16384] somewhere"),
@@ -197,7 +215,7 @@ def test_a_batchnorm_with_nothing_to_fold_into_becomes_a_depthwise_conv_for_the_
     model = make_model(nodes, [("x", list(shape))], [("y", list(shape))],
                        [random_weight("gamma", [channels], low=0.5, high=1.5), random_weight("beta", [channels]),
                         random_weight("mean", [channels]), random_weight("var", [channels], low=0.5, high=1.5)])
-    result = run_on_copy(CanonicalizePass(batchnorm_to_affine=True), model)
+    result = run_on_copy(CanonicalizePass(integer_only=True), model)
     assert op_types(result.model) == ops
     conv = next(node for node in result.model.graph if node.op_type in ("Conv", "Add"))
     assert conv.name == "bn" and result.model.graph.outputs[0].name == "y"

@@ -75,7 +75,7 @@ def test_a_batchnorm_after_an_add_is_an_int8_mul_and_add_on_the_microcontroller(
 
 def test_the_microcontrollers_batchnorm_rewrite_keeps_the_float_outputs(tmp_path):
     model = load_model(build_vision("tf_detector", tmp_path, 21))
-    result = optimize_for_quantization(model, batchnorm_to_affine=True)
+    result = optimize_for_quantization(model, integer_only=True)
     assert "BatchNormalization" not in [node.op_type for node in result.model.graph]
     assert_same_outputs(model, result.model)
 

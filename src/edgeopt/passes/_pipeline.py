@@ -30,7 +30,7 @@ __all__ = ["PipelineResult", "default_passes", "optimize_for_quantization"]
 
 
 def default_passes(*, copy_shared: bool = True, fuse_gemm: bool = True,
-                   canonicalize: bool = True, batchnorm_to_affine: bool = False) -> list[RulePass]:
+                   canonicalize: bool = True, integer_only: bool = False) -> list[RulePass]:
     """The stages of :func:`optimize_for_quantization`, in order.
 
     The weight-only schemes (fp16/bf16, int4) take ``copy_shared=False``: a tied weight's
@@ -38,8 +38,9 @@ def default_passes(*, copy_shared: bool = True, fuse_gemm: bool = True,
     ``fuse_gemm=False``: a MatMul + Add becoming a Gemm would only rename what a user excludes; and
     ``canonicalize=False``: they run no integer kernels to rewrite Div, PRelu and Gemm for (int4
     folds a Gemm's alpha and beta into its own MatMulNBits); only an Einsum dense layer becomes a MatMul,
-    whose weight int4 holds. ``batchnorm_to_affine``: the microcontroller
-    target's canonicalization also makes a BatchNormalization it cannot fold a Mul and an Add.
+    whose weight int4 holds. ``integer_only``: the microcontroller target's canonicalization (its C runs no
+    float node) also makes a BatchNormalization it cannot fold a depthwise Conv or a Mul and an Add, and a Div
+    or BatchNormalization scaling a graph input (``(x / 255 - mean) / std``) is rewritten too.
     """
     stages = [
         # Constant nodes and shape arithmetic become initializers, so rules see constants.
@@ -60,7 +61,7 @@ def default_passes(*, copy_shared: bool = True, fuse_gemm: bool = True,
         FuseActivationsPass(),
         # Div by a constant, a one-slope PRelu, Gemm's alpha/beta and a spatial mean become the forms
         # integer kernels take.
-        CanonicalizePass(batchnorm_to_affine=batchnorm_to_affine, weight_only=not canonicalize),
+        CanonicalizePass(integer_only=integer_only, weight_only=not canonicalize),
         # The weights folding replaced, and nodes fusion orphaned, are dropped.
         EliminateDeadCodePass(),
     ]
@@ -106,12 +107,12 @@ class PipelineResult:
 
 
 def optimize_for_quantization(model: ir.Model, *, in_place: bool = False,
-                              batchnorm_to_affine: bool = False) -> PipelineResult:
+                              integer_only: bool = False) -> PipelineResult:
     """Run the default float passes on a copy of ``model`` (the input is not modified), or on
     ``model`` itself with ``in_place`` (the weights folding replaces are then freed as it goes);
-    ``batchnorm_to_affine`` as :func:`default_passes` takes it."""
+    ``integer_only`` as :func:`default_passes` takes it."""
     working = model if in_place else model.clone()
     reports = []
-    for stage in default_passes(batchnorm_to_affine=batchnorm_to_affine):
+    for stage in default_passes(integer_only=integer_only):
         reports.append(stage(working).report)
     return PipelineResult(model=working, modified=any(r.modified for r in reports), reports=tuple(reports))

@@ -61,11 +61,15 @@ class _ConstantOperand(Match):
 
 
 class DivToMulRule(Rule):
-    """Div(x, constant c) -> Mul(x, 1 / c)."""
+    """Div(x, constant c) -> Mul(x, 1 / c). ``integer_only`` (the microcontroller, whose C runs no float node):
+    a Div scaling a graph input too, which would otherwise be the one float node that keeps it from compiling."""
 
     name = "div-to-mul"
     anchor_ops = frozenset({"Div"})
     verb = "rewritten"
+
+    def __init__(self, *, integer_only: bool = False) -> None:
+        self.integer_only = integer_only
 
     def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
         array = eir.constant_array(node.inputs[1]) if len(node.inputs) == 2 else None
@@ -76,7 +80,7 @@ class DivToMulRule(Rule):
     def check(self, match: _ConstantOperand, context: RuleContext) -> str | None:
         if PATTERN_KEY in match.node.metadata_props:  # a spelled-out GELU's x / sqrt(2): float as one group
             return f"part of a spelled-out {match.node.metadata_props[PATTERN_KEY]}, kept float as one op"
-        if _scales_an_input(match.node.inputs[0]):
+        if not self.integer_only and _scales_an_input(match.node.inputs[0]):
             return ("it normalizes a graph input: in float it costs no conversion, as a quantized Mul it "
                     "would round the input once more")
         magnitude = np.abs(match.array.astype(np.float64))
@@ -328,6 +332,9 @@ class BatchNormToAffineRule(Rule):
     anchor_ops = frozenset({"BatchNormalization"})
     verb = "rewritten"
 
+    def __init__(self, *, integer_only: bool = False) -> None:
+        self.integer_only = integer_only
+
     def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
         if eir.is_op(node.inputs[0].producer(), *_FOLDS_BATCHNORM):  # refused folding: its reason stands
             return None
@@ -344,7 +351,7 @@ class BatchNormToAffineRule(Rule):
         x = match.node.inputs[0]
         if x.shape is None or len(x.shape) < 2:
             return "the input's rank is unknown: the per-channel constants need it"
-        if _scales_an_input(x):
+        if not self.integer_only and _scales_an_input(x):
             return ("it normalizes a graph input: in float it costs no conversion, as a quantized Mul and Add it "
                     "would round the input twice more")
         return None
@@ -385,7 +392,7 @@ class CanonicalizePass(RulePass):
       ``Mul(Mul(x, x), x)``, annotated the same;
     * ``Einsum("...ij,jk->...ik", x, W)``, ``W`` a 2-D float constant -> ``MatMul(x, W)`` (``W.T`` for
       ``...ij,kj->...ik``);
-    * with ``batchnorm_to_affine`` (the microcontroller, whose kernels have no BatchNormalization), a
+    * with ``integer_only`` (the microcontroller, whose C runs no float node and has no BatchNormalization), a
       BatchNormalization not after a Conv/ConvTranspose/Gemm/MatMul (after an Add, a Concat: nothing to
       fold it into) -> a 1x1 depthwise ``Conv(x, s, b)`` (NCHW), else ``Add(Mul(x, s), b)``, ``s`` and ``b``
       per channel. Not for ONNX Runtime: in float
@@ -396,7 +403,7 @@ class CanonicalizePass(RulePass):
     every magnitude in [2**-14, 2**14] (its reciprocal then fits float16), x
     is not a constant (constant folding's business) nor a graph input scaled
     by elementwise ops with constants (``(x - mean) / std`` preprocessing, float
-    before the first quantized layer), and the Div is not part of a pattern
+    before the first quantized layer; with ``integer_only`` it is rewritten too: the C has no float node), and the Div is not part of a pattern
     fuse-activations annotated (a GELU below opset 20, kept float); the slope's rank does
     not exceed x's; the Gemm's ``B`` and ``C`` are float constants, ``C`` one
     value per output (``[N]``, ``[1, N]`` or one element), no ``transA``; the
@@ -408,13 +415,13 @@ class CanonicalizePass(RulePass):
 
     name = "canonicalize"
 
-    def __init__(self, *, batchnorm_to_affine: bool = False, weight_only: bool = False) -> None:
+    def __init__(self, *, integer_only: bool = False, weight_only: bool = False) -> None:
         if weight_only:  # (fp16/bf16, int4: no integer kernel to suit, but int4 holds MatMul weights only)
             self.rules = (EinsumToMatMulRule(),)
             return
-        self.rules = (DivToMulRule(), PReluToLeakyReluRule(), GemmScalesRule(), SpatialMeanRule(),
-                      GeluCubeToMulRule(), EinsumToMatMulRule(),
-                      *([BatchNormToAffineRule()] if batchnorm_to_affine else []))
+        self.rules = (DivToMulRule(integer_only=integer_only), PReluToLeakyReluRule(), GemmScalesRule(),
+                      SpatialMeanRule(), GeluCubeToMulRule(), EinsumToMatMulRule(),
+                      *([BatchNormToAffineRule(integer_only=True)] if integer_only else []))
 
 
 def canonicalize(model: ir.Model) -> ReportedPassResult:

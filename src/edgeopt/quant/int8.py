@@ -80,7 +80,7 @@ def _optimize(model: ir.Model, target: Target) -> tuple[ir.Model, object | None]
         from edgeopt.passes import optimize_for_quantization
     except ImportError:
         return model, None
-    result = optimize_for_quantization(model, in_place=True, batchnorm_to_affine=target is Target.MCU)
+    result = optimize_for_quantization(model, in_place=True, integer_only=target is Target.MCU)
     return result.model, result
 
 
