@@ -284,10 +284,15 @@ def test_the_mcu_target_quantizes_split_and_slice_and_shares_a_constant_pad():
     result = _quantize(b.model(["y"], SHAPE), Int8Config(target=Target.MCU))
     assert result.float_nodes == ()
     assert _scale_of(result.model, "relu").name == _scale_of(result.model, "pad").name
+    # reflect and edge padding copy int8 values too (the C mirrors or repeats them); wrap (opset 19) does not
     b.nodes[-2].attribute.append(helper.make_attribute("mode", "reflect"))
     reflected = _quantize(b.model(["y"], SHAPE), Int8Config(target=Target.MCU))
-    assert [(n.node_name, n.reason) for n in reflected.float_nodes] == [
-        ("pad", "reflect Pad has no integer kernel (constant padding has)")]
+    assert reflected.float_nodes == ()
+    assert _scale_of(reflected.model, "relu").name == _scale_of(reflected.model, "pad").name
+    b.nodes[-2].attribute[-1].CopyFrom(helper.make_attribute("mode", "wrap"))
+    wrapped = _quantize(b.model(["y"], SHAPE), Int8Config(target=Target.MCU))
+    assert [(n.node_name, n.reason) for n in wrapped.float_nodes] == [
+        ("pad", "wrap Pad has no integer kernel (constant, edge and reflect padding have)")]
 
 
 def _spelled_hard_activations(opset: int) -> ir.Model:

@@ -25,8 +25,8 @@ Roles:
 * ``ARITHMETIC``: inputs and output quantized with their own scales.
 * ``SHARED``: data movement (pooling by max, reshapes, nearest resize (also linear on the MCU),
   concatenation, Split and Slice, Gather of rows -- an embedding table is then
-  stored in int8; constant Pad, DepthToSpace and SpaceToDepth on the MCU): the float inputs and the outputs
-  share one scale, so the integer kernel copies values without requantizing
+  stored in int8; constant, reflect and edge Pad, DepthToSpace and SpaceToDepth on the MCU): the float inputs
+  and the outputs share one scale, so the integer kernel copies values without requantizing
   (ONNX Runtime drops the Q/DQ pairs around Split, Slice, Reshape ... only
   when the scales are equal).
 * ``ACTIVATION``: Relu and Clip are never quantized alone; after a
@@ -143,7 +143,7 @@ OP_RULES: dict[str, OpRule] = {
 # The microcontroller target adds the ops its integer kernels (edgeopt's C, TFLite Micro / CMSIS-NN)
 # compute from int8 but ONNX Runtime has no QDQ fusion for: there they would run in float between a
 # DQ and a Q, so the ORT target keeps them float. A Softmax output gets the fixed range [0, 1). A constant
-# Pad copies int8 values and fills with its value quantized at their scale.
+# Pad copies int8 values and fills with its value quantized at their scale; a reflect or edge Pad copies them.
 MCU_OP_RULES: dict[str, OpRule] = OP_RULES | {
     "Gather": OpRule(role=OpRole.SHARED, constant_indices=True),
     # after a pool, a Slice, a Transpose ...: the C clamps while it requantizes (ONNX Runtime has no such kernel)
@@ -157,7 +157,7 @@ MCU_OP_RULES: dict[str, OpRule] = OP_RULES | {
     "ReduceMean": _UNARY,
     "GlobalMaxPool": _MOVE,
     "ReduceMax": _MOVE,  # tf2onnx's GlobalMaxPooling1D: a max pool over the reduced rows
-    "Pad": _MOVE,
+    "Pad": OpRule(role=OpRole.SHARED, modes=frozenset({"constant", "reflect", "edge"})),
     "Resize": OpRule(role=OpRole.SHARED, modes=frozenset({"nearest", "linear"})),  # TFLite's int8 bilinear
     "PRelu": _UNARY,  # a constant slope (input 1 stays float: the C folds it into its multipliers)
     "DepthToSpace": _MOVE,
@@ -313,12 +313,14 @@ def recurrent_refusal(node: ir.Node, *, float_weights: bool = True) -> str | Non
     return None
 
 
-def pad_refusal(node: ir.Node) -> str | None:
-    """Why a Pad stays float: it copies int8 values only when it pads with a constant by constant,
-    non-negative amounts."""
+def pad_refusal(node: ir.Node, rule: OpRule) -> str | None:
+    """Why a Pad stays float: it copies int8 values only in a mode of ``rule``'s, by constant,
+    non-negative amounts, with a constant padding value."""
     mode = node.attributes.get_string("mode", "constant")
-    if mode != "constant":
-        return f"{mode} Pad has no integer kernel (constant padding has)"
+    if rule.modes is not None and mode not in rule.modes:
+        *others, last = sorted(rule.modes)
+        kernels = f"{', '.join(others)} and {last} padding have" if others else f"{last} padding has"
+        return f"{mode} Pad has no integer kernel ({kernels})"
     amounts = [eir.constant_array(v) for v in node.inputs[1:2] if v is not None]
     if amounts and (amounts[0] is None or (amounts[0] < 0).any()):
         return "its pads are not constant and non-negative"

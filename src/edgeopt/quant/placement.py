@@ -196,7 +196,7 @@ def _refusal(node: ir.Node, exclude: Collection[str], keep_float: Collection[str
     if node.op_type == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].uses():
         return "MaxPool indices output is used"
     if node.op_type == "Pad":
-        return pad_refusal(node)
+        return pad_refusal(node, rules["Pad"])
     if node.op_type == "Gather":
         return gather_refusal(node, rules["Gather"])
     if node.op_type == "PRelu":

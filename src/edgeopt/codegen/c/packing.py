@@ -282,14 +282,18 @@ def pack_softmax(op: IntOp, ctx: PackContext):
     return decls, _call(op, ctx, f"{prefix}_params")
 
 
+#: eo_pad_params.mode for each PadParams.mode.
+_PAD_MODES = {"constant": 0, "reflect": 1, "edge": 2}
+
+
 def pack_pad(op: IntOp, ctx: PackContext):
     p, name = op.params, f"op{ctx.index}_params"
     shape = ctx.shape(op.inputs[0])
     if len(shape) > 4:
-        raise ValueError(f"{op.node}: Pad supports rank <= 4")
+        raise UnsupportedOpError(f"{op.node}: the C pads tensors of rank <= 4 (this one has rank {len(shape)})")
     fill = 4 - len(shape)
     fields = dict(in_shape=(1,) * fill + tuple(shape), before=(0,) * fill + tuple(b for b, _ in p.pads),
-                  after=(0,) * fill + tuple(a for _, a in p.pads), value=p.value)
+                  after=(0,) * fill + tuple(a for _, a in p.pads), value=p.value, mode=_PAD_MODES[p.mode])
     return [_struct("eo_pad_params", name, fields)], _call(op, ctx, name)
 
 
@@ -308,7 +312,7 @@ def pack_resize_nearest(op: IntOp, ctx: PackContext):
 def pack_transpose(op: IntOp, ctx: PackContext):
     shape, perm = ctx.shape(op.inputs[0]), op.params.perm
     if len(shape) > 6:
-        raise ValueError(f"{op.node}: Transpose supports rank <= 6")
+        raise UnsupportedOpError(f"{op.node}: the C transposes tensors of rank <= 6 (this one has rank {len(shape)})")
     pad = 6 - len(shape)
     fields = dict(rank=len(shape), in_shape=tuple(shape) + (1,) * pad, perm=tuple(perm) + (0,) * pad)
     name = f"op{ctx.index}_params"

@@ -223,6 +223,8 @@ def softmax(x: np.ndarray, *, params: SoftmaxParams, rounding: str) -> np.ndarra
 
 
 def pad(x: np.ndarray, *, params: PadParams, rounding: str) -> np.ndarray:
+    if params.mode != "constant":
+        return np.pad(x, params.pads, mode=params.mode)  # ONNX's reflect and edge are numpy's
     return np.pad(x, params.pads, constant_values=params.value)
 
 

@@ -267,10 +267,12 @@ class SoftmaxParams:
 
 @dataclass(frozen=True, kw_only=True)
 class PadParams:
-    """Constant padding of the stored tensor, ``pads[axis] = (before, after)``."""
+    """Padding of the stored tensor, ``pads[axis] = (before, after)``: with ``value`` (``mode`` "constant"),
+    or the values mirrored about the edge ("reflect", the edge itself not repeated) or repeating it ("edge")."""
 
     pads: tuple[tuple[int, int], ...]
     value: int
+    mode: str = "constant"
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)

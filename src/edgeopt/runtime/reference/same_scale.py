@@ -389,8 +389,9 @@ def _reshape_through_logical(lo: Lowering, node, x, to_logical, out_logical, out
 def lower_pad(lo: Lowering, node: ir.Node) -> None:
     x = lo.activation(node.inputs[0], node)
     mode = text_attribute(node, "mode", "constant")
-    if mode != "constant":
-        raise UnsupportedOpError(f"{node_label(node)}: only constant padding is supported")
+    if mode not in ("constant", "reflect", "edge"):
+        raise UnsupportedOpError(f"{node_label(node)}: {mode} padding is not supported (constant, reflect and "
+                                 "edge are)")
     pads = attribute(node, "pads") if lo.opset < 11 else eir.constant_array(node.inputs[1])
     value = 0.0
     if lo.opset < 11:
@@ -402,8 +403,12 @@ def lower_pad(lo: Lowering, node: ir.Node) -> None:
     if pads is None or len(pads) != 2 * rank or min(pads) < 0 or (len(node.inputs) > 3 and node.inputs[3]):
         raise UnsupportedOpError(f"{node_label(node)}: needs constant non-negative pads over all axes")
     stored = tuple((int(pads[a]), int(pads[a + rank])) for a in info.layout)
+    stored_shape = [info.shape[a] for a in info.layout]
+    if mode == "reflect" and any(max(amounts) >= size for amounts, size in zip(stored, stored_shape)
+                                 if max(amounts) > 0):
+        raise UnsupportedOpError(f"{node_label(node)}: reflect padding by as much as the axis is long")
     fill = int(np.clip(source.zero_point + np.rint(value / source.scale), -128, 127))
-    _same_params(lo, "pad", [x], node, PadParams(pads=stored, value=fill))
+    _same_params(lo, "pad", [x], node, PadParams(pads=stored, value=fill, mode=mode))
 
 
 def resize_scales(lo: Lowering, node: ir.Node, rank: int) -> list[float] | None:

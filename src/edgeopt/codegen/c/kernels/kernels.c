@@ -295,6 +295,13 @@ void eo_softmax_s8(const eo_softmax_params *p, const int8_t *in, int8_t *out) {
     }
 }
 
+/* The input index an output index reads along an axis of n values, for a reflect (1) or edge (2) pad. */
+static int eo_pad_source(int s, int n, int mode) {
+    if (s < 0) return mode == 1 ? -s : 0;
+    if (s >= n) return mode == 1 ? 2 * (n - 1) - s : n - 1;
+    return s;
+}
+
 void eo_pad_s8(const eo_pad_params *p, const int8_t *in, int8_t *out) {
     int out_shape[4], i0, i1, i2, i3, d;
     long index = 0;
@@ -303,6 +310,11 @@ void eo_pad_s8(const eo_pad_params *p, const int8_t *in, int8_t *out) {
         int s0 = i0 - p->before[0], s1 = i1 - p->before[1], s2 = i2 - p->before[2], s3 = i3 - p->before[3];
         int inside = s0 >= 0 && s0 < p->in_shape[0] && s1 >= 0 && s1 < p->in_shape[1]
                   && s2 >= 0 && s2 < p->in_shape[2] && s3 >= 0 && s3 < p->in_shape[3];
+        if (!inside && p->mode != 0) {
+            s0 = eo_pad_source(s0, p->in_shape[0], p->mode); s1 = eo_pad_source(s1, p->in_shape[1], p->mode);
+            s2 = eo_pad_source(s2, p->in_shape[2], p->mode); s3 = eo_pad_source(s3, p->in_shape[3], p->mode);
+            inside = 1;
+        }
         out[index++] = inside ? in[((((long)s0 * p->in_shape[1] + s1) * p->in_shape[2] + s2) * p->in_shape[3]) + s3]
                               : p->value;
     }

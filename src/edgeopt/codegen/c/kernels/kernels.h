@@ -87,7 +87,8 @@ typedef struct {
 } eo_softmax_params;
 void eo_softmax_s8(const eo_softmax_params *p, const int8_t *in, int8_t *out);
 
-typedef struct { int in_shape[4]; int before[4]; int after[4]; int8_t value; } eo_pad_params;
+/* mode: 0 fills with value, 1 reflects about the edge (not repeating it), 2 repeats the edge. */
+typedef struct { int in_shape[4]; int before[4]; int after[4]; int8_t value; int mode; } eo_pad_params;
 void eo_pad_s8(const eo_pad_params *p, const int8_t *in, int8_t *out);
 
 typedef struct {
