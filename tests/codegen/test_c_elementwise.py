@@ -192,30 +192,40 @@ def test_a_rank_5_broadcast_add_compiles_bit_exact(tmp_path):
     assert_compiles_bit_exact(model, tmp_path / "c", _data(2, 4))
 
 
+def _quantized_for_mcu_exactly(tmp_path, nodes, constants: dict, output_shape, data, held_out):
+    """Quantize ``nodes`` (``input`` [SHAPE] -> ``output``, float constants and int64 ones as given) for the
+    microcontroller: every node int8, the integer reference within a step of ONNX Runtime on the QDQ model,
+    and the C bit-exact with the reference."""
+    graph = helper.make_graph(
+        nodes, "model", [helper.make_tensor_value_info("input", TensorProto.FLOAT, SHAPE)],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, output_shape)],
+        initializer=[numpy_helper.from_array(v if v.dtype == np.int64 else v.astype(np.float32), k)
+                     for k, v in constants.items()])
+    path = tmp_path / "float.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    result, model = quantize_for_mcu(path, data, tmp_path / "int8.onnx")
+    assert result.float_nodes == (), result.float_nodes
+    within, _, worst = q.agreement(ReferenceModel(model), OrtSession(model), held_out)
+    assert within >= 0.99 and worst <= 1, (within, worst)
+    assert_compiles_bit_exact(model, tmp_path / "c", held_out[:2])
+
+
 @needs_gcc
 def test_a_model_normalizing_raw_pixels_in_its_graph_compiles_bit_exact(tmp_path):
     # (x / 255 - mean) / std before the first conv: the Divs stayed float (ONNX Runtime's placement), and
     # `edgeopt compile` refused the model for that one float node
     rng = np.random.default_rng(1)
-    weights = {"full": np.array(255.0), "mean": np.array([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1),
-               "std": np.array([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1), "w1": rng.normal(0, 0.4, (4, 3, 3, 3)),
-               "w2": rng.normal(0, 0.4, (2, 4, 1, 1))}
+    constants = {"full": np.array(255.0), "mean": np.array([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1),
+                 "std": np.array([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1), "w1": rng.normal(0, 0.4, (4, 3, 3, 3)),
+                 "w2": rng.normal(0, 0.4, (2, 4, 1, 1))}
     nodes = [helper.make_node("Div", ["input", "full"], ["unit"], name="to_unit"),
              helper.make_node("Sub", ["unit", "mean"], ["centered"], name="center"),
              helper.make_node("Div", ["centered", "std"], ["scaled"], name="scale"),
              helper.make_node("Conv", ["scaled", "w1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c"], ["r"], name="relu"),
              helper.make_node("Conv", ["r", "w2"], ["output"], name="conv2")]
-    graph = helper.make_graph(
-        nodes, "pixels", [helper.make_tensor_value_info("input", TensorProto.FLOAT, SHAPE)],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 2, 6, 7])],
-        initializer=[numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
-    path = tmp_path / "float.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    pixels = [{"input": np.random.default_rng(seed).uniform(0, 255, SHAPE).astype(np.float32)} for seed in range(18)]
-    result, model = quantize_for_mcu(path, pixels[:16], tmp_path / "int8.onnx")
-    assert result.float_nodes == (), result.float_nodes
-    assert_compiles_bit_exact(model, tmp_path / "c", pixels[16:])
+    pixels = [{"input": np.random.default_rng(seed).uniform(0, 255, SHAPE).astype(np.float32)} for seed in range(20)]
+    _quantized_for_mcu_exactly(tmp_path, nodes, constants, [1, 2, 6, 7], pixels[:16], pixels[16:])
 
 
 @needs_gcc
@@ -224,20 +234,29 @@ def test_a_reflect_or_edge_pad_runs_in_int8_on_the_microcontroller(mode, tmp_pat
     # a super-resolution or style-transfer net's ReflectionPad2d before its convs: it stayed float ("reflect Pad
     # has no integer kernel"), and `edgeopt compile` refused the model for that one float node
     rng = np.random.default_rng(2)
-    weights = {"w1": rng.normal(0, 0.4, (4, 3, 3, 3)), "w2": rng.normal(0, 0.4, (2, 4, 3, 3))}
+    constants = {"w1": rng.normal(0, 0.4, (4, 3, 3, 3)), "w2": rng.normal(0, 0.4, (2, 4, 3, 3)),
+                 "pads": np.array([0, 0, 2, 1, 0, 0, 1, 2], np.int64)}
     nodes = [helper.make_node("Conv", ["input", "w1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c"], ["r"], name="relu"),
              helper.make_node("Pad", ["r", "pads"], ["padded"], name="pad", mode=mode),
              helper.make_node("Conv", ["padded", "w2"], ["output"], name="conv2")]
-    pads = numpy_helper.from_array(np.array([0, 0, 2, 1, 0, 0, 1, 2], np.int64), "pads")
-    graph = helper.make_graph(
-        nodes, "padded", [helper.make_tensor_value_info("input", TensorProto.FLOAT, SHAPE)],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 2, 7, 8])],
-        initializer=[*(numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()), pads])
-    path = tmp_path / "float.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    result, model = quantize_for_mcu(path, _data(16, 0), tmp_path / "int8.onnx")
-    assert result.float_nodes == (), result.float_nodes
-    within, _, worst = q.agreement(ReferenceModel(model), OrtSession(model), _data(4, 3))
-    assert within >= 0.99 and worst <= 1, (within, worst)
-    assert_compiles_bit_exact(model, tmp_path / "c", _data(2, 4))
+    _quantized_for_mcu_exactly(tmp_path, nodes, constants, [1, 2, 7, 8], _data(16, 0), _data(4, 3))
+
+
+@needs_gcc
+@pytest.mark.parametrize("op", ["ReduceSum", "ReduceMean"])
+def test_a_sum_over_branches_without_keepdims_runs_in_int8_on_the_microcontroller(op, tmp_path):
+    # SKNet: two conv branches stacked [N, 2, C, H, W], summed over the branches without keepdims. ReduceSum had
+    # no integer kernel, and a reduction whose kept axes are not the output's stored order was refused
+    rng = np.random.default_rng(3)
+    constants = {"wa": rng.normal(0, 0.4, (4, 3, 3, 3)), "wb": rng.normal(0, 0.4, (4, 3, 3, 3)),
+                 "wo": rng.normal(0, 0.4, (2, 4, 1, 1)), "axis": np.array([1], np.int64)}
+    reduce = (helper.make_node(op, ["stacked", "axis"], ["m"], name="sum", keepdims=0) if op == "ReduceSum"
+              else helper.make_node(op, ["stacked"], ["m"], name="sum", axes=[1], keepdims=0))
+    nodes = [helper.make_node("Conv", ["input", "wa"], ["c"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["input", "wb"], ["d"], name="conv_b", pads=[1, 1, 1, 1]),
+             helper.make_node("Unsqueeze", ["c", "axis"], ["c5"], name="ua"),
+             helper.make_node("Unsqueeze", ["d", "axis"], ["d5"], name="ub"),
+             helper.make_node("Concat", ["c5", "d5"], ["stacked"], name="stack", axis=1), reduce,
+             helper.make_node("Conv", ["m", "wo"], ["output"], name="conv_out")]
+    _quantized_for_mcu_exactly(tmp_path, nodes, constants, [1, 2, 6, 7], _data(16, 0), _data(4, 3))

@@ -155,6 +155,7 @@ MCU_OP_RULES: dict[str, OpRule] = OP_RULES | {
     **dict.fromkeys(TABLE_OPS, _UNARY),  # Sigmoid, LeakyRelu, HardSigmoid and HardSwish as for ORT
     "Sub": _BINARY,  # TFLite's
     "ReduceMean": _UNARY,
+    "ReduceSum": _UNARY,  # the mean kernel without the count (SKNet's sum over branches)
     "GlobalMaxPool": _MOVE,
     "ReduceMax": _MOVE,  # tf2onnx's GlobalMaxPooling1D: a max pool over the reduced rows
     "Pad": OpRule(role=OpRole.SHARED, modes=frozenset({"constant", "reflect", "edge"})),

@@ -53,6 +53,7 @@ from edgeopt.runtime.reference.same_scale import (
     lower_pad,
     lower_reduce_max,
     lower_reduce_mean,
+    lower_reduce_sum,
     lower_slice,
     lower_split,
 )
@@ -260,6 +261,7 @@ HANDLERS = {
     "AveragePool": lower_average_pool,
     "GlobalAveragePool": lower_global_average_pool,
     "ReduceMean": lower_reduce_mean,
+    "ReduceSum": lower_reduce_sum,
     "ReduceMax": lower_reduce_max,
     "Concat": lower_concat,
     "Gather": lower_gather,

@@ -42,7 +42,7 @@ _ELEMENTWISE = frozenset({"QuantizeLinear", "DequantizeLinear", "Relu", "Clip", 
                           "HardSigmoid", "HardSwish", "Elu", "Gelu", "Identity", "Add", "Mul", "Sub", "Div",
                           "PRelu"})
 _AXIS_OPS = frozenset({"Concat", "Split"})
-_LIFTABLE = _SPATIAL | _GLOBAL | _ELEMENTWISE | _AXIS_OPS | {"Pad", "Slice", "ReduceMean"}
+_LIFTABLE = _SPATIAL | _GLOBAL | _ELEMENTWISE | _AXIS_OPS | {"Pad", "Slice", "ReduceMean", "ReduceSum"}
 _HEIGHT = 2  # the axis inserted: [N, C, L] -> [N, C, 1, L]
 
 
@@ -90,7 +90,7 @@ def _liftable(node: ir.Node) -> bool:
         return False
     if node.op_type in _SPATIAL or node.op_type in _GLOBAL:
         return _is_seed(node)
-    if node.op_type == "ReduceMean":
+    if node.op_type in ("ReduceMean", "ReduceSum"):
         return bool(node.attributes.get_int("keepdims", 1))
     if node.op_type in ("Pad", "Slice"):
         return all(eir.is_constant(v) for v in node.inputs[1:] if v is not None and v.name)
@@ -341,7 +341,7 @@ def _slice(lifter: _Lifter, node: ir.Node) -> None:
 _ATTRIBUTE_RULES: dict[str, Callable[[_Lifter, ir.Node], None]] = {
     **dict.fromkeys(_SPATIAL, _windows), **dict.fromkeys(_AXIS_OPS, _axis),
     "QuantizeLinear": _quantize_axis, "DequantizeLinear": _quantize_axis,
-    "ReduceMean": _reduce_axes, "Pad": _pad, "Slice": _slice,
+    "ReduceMean": _reduce_axes, "ReduceSum": _reduce_axes, "Pad": _pad, "Slice": _slice,
 }
 
 

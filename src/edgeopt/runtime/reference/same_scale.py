@@ -51,6 +51,7 @@ __all__ = [
     "lower_pad",
     "lower_reduce_max",
     "lower_reduce_mean",
+    "lower_reduce_sum",
     "lower_resize",
     "lower_slice",
     "lower_split",
@@ -153,13 +154,32 @@ def _rows_of(lo: Lowering, node: ir.Node, x: str, stored_axes: list[int]) -> tup
             int(np.prod(shape[stored_axes[-1] + 1:], dtype=np.int64)))
 
 
-def _mean(lo: Lowering, node: ir.Node, x: str, stored_axes: list[int]) -> None:
+def _mean(lo: Lowering, node: ir.Node, x: str, stored_axes: list[int], *, averaged: bool = True) -> None:
+    """The mean (or, not ``averaged``, the sum) over ``stored_axes``: the kernel sums the centred int8 values
+    in int32, then requantizes by the scales' ratio (over the count for a mean). Without keepdims, axes kept
+    in an order that is not the output's stored layout (SKNet's sum over the branches of [N, B, C, H, W]
+    leaves [N, C, H, W] in NCHW order) are transposed into it."""
     outer, reduce, inner = _rows_of(lo, node, x, stored_axes)
     plan, source = lo.output_plan(node), lo.params_of(x)
-    multiplier, shift = real_multiplier(source.scale / (reduce * plan.qparams.scale))
+    multiplier, shift = real_multiplier(source.scale / ((reduce if averaged else 1) * plan.qparams.scale))
     params = MeanParams(outer=outer, reduce=reduce, inner=inner, input_zero_point=source.zero_point,
                         output_zero_point=plan.qparams.zero_point, multiplier=multiplier, shift=shift)
-    lo.finish("mean", [x], plan, params, node)
+    kept = _kept_layout(lo.tensors[x].layout, stored_axes)
+    if int(attribute(node, "keepdims", 1)) or kept == tuple(stored_layout(len(kept))):
+        lo.finish("mean", [x], plan, params, node)
+        return
+    info = lo.tensors[x]
+    shape = [info.shape[p] for p in range(len(info.shape)) if p not in stored_axes]
+    temp = lo.add_stored_tensor(f"{plan.value.name}__kept_order", shape, plan.qparams, kept)
+    lo.emit("mean", [x], temp, params, node)
+    perm = tuple(kept.index(axis) for axis in stored_layout(len(kept)))
+    lo.finish("transpose", [temp], plan, TransposeParams(perm=perm), node)
+
+
+def _kept_layout(layout, stored_axes: list[int]) -> tuple[int, ...]:
+    """The logical axes a reduction without keepdims keeps, renumbered, in their stored order."""
+    kept = [layout[p] for p in range(len(layout)) if p not in stored_axes]
+    return tuple(sorted(kept).index(a) for a in kept)
 
 
 def lower_global_average_pool(lo: Lowering, node: ir.Node) -> None:
@@ -167,28 +187,38 @@ def lower_global_average_pool(lo: Lowering, node: ir.Node) -> None:
 
 
 def _reduced(lo: Lowering, node: ir.Node) -> tuple[str, list[int]]:
-    """A ReduceMean's or ReduceMax's input and the stored axes it reduces (checked to keep the layout)."""
+    """A ReduceMean's, ReduceSum's or ReduceMax's input and the stored axes it reduces (checked to keep the
+    layout)."""
     x = lo.activation(node.inputs[0], node)
     info = lo.tensors[x]
     rank = len(info.shape)
     axes = attribute(node, "axes", None)
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
+    if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].name:
         axes = eir.constant_array(node.inputs[1])
+        if axes is None:
+            raise UnsupportedOpError(f"{node_label(node)}: its axes must be a constant")
+    if (axes is None or len(axes) == 0) and int(attribute(node, "noop_with_empty_axes", 0)):
+        raise UnsupportedOpError(f"{node_label(node)}: noop_with_empty_axes without axes (an identity) is not "
+                                 "supported")
     axes = list(range(rank)) if axes is None or len(axes) == 0 else [int(a) % rank for a in axes]
-    stored_axes = [info.layout.index(a) for a in axes]
-    if not int(attribute(node, "keepdims", 1)):
-        _check_kept_order(node, info.layout, stored_axes)
-    return x, stored_axes
+    return x, [info.layout.index(a) for a in axes]
 
 
 def lower_reduce_mean(lo: Lowering, node: ir.Node) -> None:
     _mean(lo, node, *_reduced(lo, node))
 
 
+def lower_reduce_sum(lo: Lowering, node: ir.Node) -> None:
+    """SKNet's sum over its branches, an attention pooling's weighted sum: the mean kernel without the count."""
+    _mean(lo, node, *_reduced(lo, node), averaged=False)
+
+
 def lower_reduce_max(lo: Lowering, node: ir.Node) -> None:
     """ReduceMax over adjacent stored axes: a max pool over the rows of the [outer, reduce, 1, inner] view
     (reshapes in place on either side), at the input's quantization."""
     x, stored_axes = _reduced(lo, node)
+    if not int(attribute(node, "keepdims", 1)):
+        _check_kept_order(node, lo.tensors[x].layout, stored_axes)
     outer, reduce, inner = _rows_of(lo, node, x, stored_axes)
     source, plan, value = lo.params_of(x), lo.output_plan(node), node.outputs[0]
     view = lo.add_stored_tensor(f"{value.name}__rows", (outer, reduce, 1, inner), source, (0, 1, 2, 3))
@@ -209,9 +239,8 @@ def _check_kept_order(node: ir.Node, layout, stored_axes: list[int]) -> None:
     """Without keepdims the output drops axes: the axes kept, in their stored order, must be the
     output's stored layout (reducing H alone of an NHWC tensor leaves [N, W, C], which is no layout
     of the [N, C, W] output)."""
-    kept = [layout[p] for p in range(len(layout)) if p not in stored_axes]  # logical axes, stored order
-    renumbered = [sorted(kept).index(a) for a in kept]
-    if tuple(renumbered) != tuple(stored_layout(len(kept))):
+    kept = _kept_layout(layout, stored_axes)
+    if kept != tuple(stored_layout(len(kept))):
         raise UnsupportedOpError(f"{node_label(node)}: {node.op_type} with keepdims=0 over these axes would change "
                                  "the tensor's memory layout; keepdims=1 (then Flatten or Reshape) is supported")
 
