@@ -121,9 +121,11 @@ def _slice(node: onnx.NodeProto, values: dict[str, Value]) -> Value | None:
     else:
         starts, ends = _attribute(node, "starts", []), _attribute(node, "ends", [])
         axes, steps = _attribute(node, "axes", [0]), [1]
-    if len(starts) != 1 or list(axes) not in ([0], [-1]) or any(not isinstance(v, int) for v in (*starts, *ends)):
+    # one axis, step 1 (a negative step clamps its bounds otherwise than Python's slices)
+    if len(starts) != 1 or list(axes) not in ([0], [-1]) or list(steps) != [1] \
+            or any(not isinstance(v, int) for v in (*starts, *ends)):
         return None
-    return data[0][slice(starts[0], ends[0], steps[0])], False
+    return data[0][slice(starts[0], ends[0])], False
 
 
 def _gather(node: onnx.NodeProto, values: dict[str, Value]) -> Value | None:
