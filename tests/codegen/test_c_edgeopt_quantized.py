@@ -96,8 +96,9 @@ def test_ops_only_the_mcu_kernels_run_in_integer_are_quantized_for_mcu(tmp_path)
     assert result.bit_exact, result.first_mismatch
 
 
+@pytest.mark.parametrize("op", ["ReduceMean", "ReduceMax"])
 @pytest.mark.parametrize("axes, keepdims", [([2], 0), ([3], 0), ([2], 1), ([2, 3], 0), ([1], 0)])
-def test_reduce_mean_without_keepdims_writes_the_outputs_layout(tmp_path, axes, keepdims):
+def test_a_reduction_without_keepdims_writes_the_outputs_layout(tmp_path, op, axes, keepdims):
     """Reducing H (or W) alone of an NHWC tensor without keepdims leaves [N, W, C], which is no layout of
     the [N, C, W] output: the C once computed right values in the wrong order, and verify, which shares the
     lowering, called it bit-exact; then it was refused. Now a transpose writes the output's layout: the
@@ -112,7 +113,7 @@ def test_reduce_mean_without_keepdims_writes_the_outputs_layout(tmp_path, axes, 
     weight = np.random.default_rng(0).normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-         helper.make_node("ReduceMean", ["c"], ["mean"], name="mean", axes=axes, keepdims=keepdims)],
+         helper.make_node(op, ["c"], ["mean"], name="mean", axes=axes, keepdims=keepdims)],
         "mean", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
         [helper.make_tensor_value_info("mean", TensorProto.FLOAT, None)], [numpy_helper.from_array(weight, "w")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "mean.onnx")

@@ -244,7 +244,7 @@ def test_a_reflect_or_edge_pad_runs_in_int8_on_the_microcontroller(mode, tmp_pat
 
 
 @needs_gcc
-@pytest.mark.parametrize("op", ["ReduceSum", "ReduceMean"])
+@pytest.mark.parametrize("op", ["ReduceSum", "ReduceMean", "ReduceMax"])
 def test_a_sum_over_branches_without_keepdims_runs_in_int8_on_the_microcontroller(op, tmp_path):
     # SKNet: two conv branches stacked [N, 2, C, H, W], summed over the branches without keepdims. ReduceSum had
     # no integer kernel, and a reduction whose kept axes are not the output's stored order was refused

@@ -164,22 +164,30 @@ def _mean(lo: Lowering, node: ir.Node, x: str, stored_axes: list[int], *, averag
     multiplier, shift = real_multiplier(source.scale / ((reduce if averaged else 1) * plan.qparams.scale))
     params = MeanParams(outer=outer, reduce=reduce, inner=inner, input_zero_point=source.zero_point,
                         output_zero_point=plan.qparams.zero_point, multiplier=multiplier, shift=shift)
-    kept = _kept_layout(lo.tensors[x].layout, stored_axes)
-    if int(attribute(node, "keepdims", 1)) or kept == tuple(stored_layout(len(kept))):
+    temp = _in_kept_order(lo, node, plan, x, stored_axes)
+    if temp is None:
         lo.finish("mean", [x], plan, params, node)
         return
-    info = lo.tensors[x]
-    shape = [info.shape[p] for p in range(len(info.shape)) if p not in stored_axes]
-    temp = lo.add_stored_tensor(f"{plan.value.name}__kept_order", shape, plan.qparams, kept)
     lo.emit("mean", [x], temp, params, node)
+    _transpose_into_output(lo, node, plan, temp)
+
+
+def _in_kept_order(lo: Lowering, node: ir.Node, plan, x: str, stored_axes: list[int]) -> str | None:
+    """Without keepdims, when the axes kept are not in the output's stored order, a tensor holding the reduced
+    values in the order they are kept (for :func:`_transpose_into_output`); else None."""
+    layout = lo.tensors[x].layout
+    kept = [layout[p] for p in range(len(layout)) if p not in stored_axes]
+    kept = tuple(sorted(kept).index(a) for a in kept)  # the logical axes kept, renumbered, in stored order
+    if int(attribute(node, "keepdims", 1)) or kept == tuple(stored_layout(len(kept))):
+        return None
+    shape = [lo.tensors[x].shape[p] for p in range(len(layout)) if p not in stored_axes]
+    return lo.add_stored_tensor(f"{plan.value.name}__kept_order", shape, plan.qparams, kept)
+
+
+def _transpose_into_output(lo: Lowering, node: ir.Node, plan, temp: str) -> None:
+    kept = lo.tensors[temp].layout
     perm = tuple(kept.index(axis) for axis in stored_layout(len(kept)))
     lo.finish("transpose", [temp], plan, TransposeParams(perm=perm), node)
-
-
-def _kept_layout(layout, stored_axes: list[int]) -> tuple[int, ...]:
-    """The logical axes a reduction without keepdims keeps, renumbered, in their stored order."""
-    kept = [layout[p] for p in range(len(layout)) if p not in stored_axes]
-    return tuple(sorted(kept).index(a) for a in kept)
 
 
 def lower_global_average_pool(lo: Lowering, node: ir.Node) -> None:
@@ -217,8 +225,6 @@ def lower_reduce_max(lo: Lowering, node: ir.Node) -> None:
     """ReduceMax over adjacent stored axes: a max pool over the rows of the [outer, reduce, 1, inner] view
     (reshapes in place on either side), at the input's quantization."""
     x, stored_axes = _reduced(lo, node)
-    if not int(attribute(node, "keepdims", 1)):
-        _check_kept_order(node, lo.tensors[x].layout, stored_axes)
     outer, reduce, inner = _rows_of(lo, node, x, stored_axes)
     source, plan, value = lo.params_of(x), lo.output_plan(node), node.outputs[0]
     view = lo.add_stored_tensor(f"{value.name}__rows", (outer, reduce, 1, inner), source, (0, 1, 2, 3))
@@ -232,17 +238,12 @@ def lower_reduce_max(lo: Lowering, node: ir.Node) -> None:
     if plan.qparams != source:
         pooled = lo.requantize(pooled, plan.qparams, f"{value.name}__requantized", node,
                                (plan.act_min, plan.act_max))
-    lo.finish_as_reshape(pooled, plan, node)
-
-
-def _check_kept_order(node: ir.Node, layout, stored_axes: list[int]) -> None:
-    """Without keepdims the output drops axes: the axes kept, in their stored order, must be the
-    output's stored layout (reducing H alone of an NHWC tensor leaves [N, W, C], which is no layout
-    of the [N, C, W] output)."""
-    kept = _kept_layout(layout, stored_axes)
-    if kept != tuple(stored_layout(len(kept))):
-        raise UnsupportedOpError(f"{node_label(node)}: {node.op_type} with keepdims=0 over these axes would change "
-                                 "the tensor's memory layout; keepdims=1 (then Flatten or Reshape) is supported")
+    temp = _in_kept_order(lo, node, plan, x, stored_axes)
+    if temp is None:
+        lo.finish_as_reshape(pooled, plan, node)
+        return
+    lo.emit("reshape", [pooled], temp, ReshapeParams(shape=lo.tensors[temp].shape), node)
+    _transpose_into_output(lo, node, plan, temp)
 
 
 def lower_concat(lo: Lowering, node: ir.Node) -> None:
