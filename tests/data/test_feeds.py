@@ -7,6 +7,7 @@ import pytest
 
 from edgeopt.data import check_feed
 from edgeopt.errors import DataError
+from edgeopt.io import model_to_bytes
 from tests.data.helpers import IMAGE, TOKENS, VECTOR, spec
 
 
@@ -199,11 +200,21 @@ def test_a_vector_of_another_dim_than_the_batch_is_not_cut_into_samples():
     assert [feed["class_ids"].tolist() for feed in dataset_from_arrays(arrays, specs)] == [[3], [1], [4], [1]]
 
 
-def test_a_batch_of_n_for_a_batch_1_input_says_how_to_give_samples():
-    # a DataLoader's batches of 32 for a model exported at batch 1 were told "reshape or resize the data"
+def test_a_dataloaders_batches_for_a_batch_1_model_are_cut_into_samples():
+    # a DataLoader's batches of 32 for a model exported at batch 1 were refused ("the model takes batch 1, this is
+    # a batch of 32"), though a stacked array of the same samples is cut into them: the same model either way
     import edgeopt
+    from edgeopt.data import IterableSource
     from edgeopt.demo import demo_calibration_path, demo_model_path
 
-    batches = np.load(demo_calibration_path())[:64].reshape(2, 32, 1, 8, 8)
-    with pytest.raises(DataError, match="the model takes batch 1, this is a batch of 32: yield one sample per item"):
-        edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), [{"input": b} for b in batches], check_speed=False)
+    samples = np.load(demo_calibration_path())[:64]
+    batches = [{"input": b} for b in samples.reshape(2, 32, 1, 8, 8)]
+    from_batches = edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), batches, check_speed=False)
+    stacked = edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), {"input": samples}, check_speed=False)
+    assert from_batches.calibration_samples == stacked.calibration_samples == 64
+    assert model_to_bytes(from_batches.model) == model_to_bytes(stacked.model)
+    source = IterableSource(batches, [spec("input", (1, 1, 8, 8))])
+    assert source.num_samples == 64 and len(list(source)) == 64
+    assert IterableSource(iter(batches), [spec("input", (1, 1, 8, 8))]).num_samples is None
+    dynamic = IterableSource(batches, [spec("input", ("N", 1, 8, 8))])  # a model of dynamic batch takes them whole
+    assert dynamic.num_samples == 2 and [feed["input"].shape[0] for feed in dynamic] == [32, 32]

@@ -271,6 +271,34 @@ def as_feed(item: object, specs: Sequence[InputSpec], *, where: str) -> dict[str
     return feed
 
 
+def item_feeds(item: object, specs: Sequence[InputSpec], *, where: str) -> Iterator[tuple[dict[str, object], str]]:
+    """The feeds of one user item: :func:`as_feed`, and for a model that takes batch 1 an item holding
+    several samples stacked on axis 0 (a DataLoader's batch of 8) cut into them, as a stacked array is. A
+    model of dynamic batch runs such an item as one batch."""
+    feed = as_feed(item, specs, where=where)
+    if not _several_for_batch_one(feed, specs, where):
+        yield feed, where
+        return
+    yield from split_stacked(specs, feed, where=where)
+
+
+def _several_for_batch_one(feed: Mapping[str, object], specs: Sequence[InputSpec], where: str) -> bool:
+    """Whether the model takes batch 1 and ``feed`` holds an input of its rank with more than one row."""
+    by_name = {spec.name: spec for spec in specs}
+    if not by_name or not all(spec.rank_known and spec.shape and spec.shape[0] == 1 for spec in specs):
+        return False
+    return any(name in by_name and len(shape := _shape(value, name, where)) == len(by_name[name].shape)
+               and shape[0] > 1 for name, value in feed.items())
+
+
+def _item_count(item: object, specs: Sequence[InputSpec], where: str) -> int:
+    """How many feeds :func:`item_feeds` makes of ``item`` (read from shapes, no data copied)."""
+    feed = as_feed(item, specs, where=where)
+    if not _several_for_batch_one(feed, specs, where):
+        return 1
+    return stacked_count(specs, {name: _shape(value, name, where) for name, value in feed.items()}, where=where)
+
+
 class IterableSource(DataSource):
     """Batches from any Python iterable of ``{name: array}`` dicts (or arrays, single input)."""
 
@@ -281,12 +309,16 @@ class IterableSource(DataSource):
 
     @property
     def num_samples(self) -> int | None:
-        return len(self._items) if hasattr(self._items, "__len__") else None
+        if not isinstance(self._items, Sequence):  # a DataLoader's len counts batches, which a model of batch 1
+            # takes sample by sample: their number is known once read
+            takes_one = all(spec.rank_known and spec.shape and spec.shape[0] == 1 for spec in self._specs)
+            return len(self._items) if hasattr(self._items, "__len__") and not takes_one else None
+        return sum(_item_count(item, self._specs, f"{self._label} item {index}")
+                   for index, item in enumerate(self._items))
 
     def _feeds(self) -> Iterator[tuple[Mapping[str, object], str]]:
         for index, item in enumerate(self._items):
-            where = f"{self._label} item {index}"
-            yield as_feed(item, self._specs, where=where), where
+            yield from item_feeds(item, self._specs, where=f"{self._label} item {index}")
 
     def describe(self) -> str:
         count = self.num_samples

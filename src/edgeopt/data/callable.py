@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from edgeopt.data.base import DataSource, as_feed, split_stacked
+from edgeopt.data.base import DataSource, item_feeds, split_stacked
 from edgeopt.errors import DataError
 from edgeopt.ir.values import InputSpec
 
@@ -182,8 +182,7 @@ class CallableSource(DataSource):
     def _items(self, items: Iterable[object]) -> Iterator[tuple[Mapping[str, object], str]]:
         try:
             for index, item in enumerate(self._read_in_their_directory(items)):
-                where = f"{self._spec_text} item {index}"
-                yield as_feed(item, self._specs, where=where), where
+                yield from item_feeds(item, self._specs, where=f"{self._spec_text} item {index}")
         except DataError:
             raise
         except (Exception, SystemExit) as error:  # the user's generator failed mid-way
