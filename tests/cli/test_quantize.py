@@ -966,3 +966,14 @@ def test_a_model_with_no_op_int8_could_run_says_so_instead_of_pointing_at_an_emp
     assert not report.result.float_nodes
     [warning] = [w for w in report.warnings if w.startswith("no node runs in int8")]
     assert "listed above" not in warning and "no Conv, Gemm, MatMul" in warning, warning
+
+
+def test_time_budgets_are_read_as_people_write_them():
+    # "1m30s", "10min" and "20sec" were refused ("write it like 90s, 10m or 1h")
+    from edgeopt.cli.app import _seconds
+
+    assert [_seconds(text) for text in ("90s", "10m", "1h", "1m30s", "10min", "20sec", "1.5m", "1h30m", "2 min",
+                                        "45")] == [90, 600, 3600, 90, 600, 20, 90, 5400, 120, 45]
+    for text in ("1d", "abc", "", "m"):
+        with pytest.raises(ConfigError, match="write it like 90s, 10m, 1m30s or 1h"):
+            _seconds(text)

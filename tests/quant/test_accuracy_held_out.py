@@ -128,3 +128,17 @@ def test_a_missing_held_out_file_is_one_clear_line(cli, tmp_path, npy_files):
                  "-o", tmp_path / "q.onnx")
     assert_one_line_error(result, "--eval-data: ", "nope.npy")
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_the_fidelity_check_says_it_read_only_the_first_64_calibration_samples(cli, tmp_path, npy_files):
+    # it said "(on 64 calibration samples)" of 80 given, and a goal met on those was taken as met on all
+    model, _, _ = npy_files
+    calibration = tmp_path / "eighty.npy"
+    np.save(calibration, np.random.default_rng(5).standard_normal((80, *_calibration()[0]["x"].shape[1:]))
+            .astype(np.float32))
+    result = cli("quantize", model, "--data", calibration, "-o", tmp_path / "q.onnx", "--no-speed-check")
+    assert result.code == 0, result.stderr
+    assert "(on the first 64 calibration samples of 80)" in result.stdout
+    searched = cli("quantize", model, "--data", calibration, "--min-sqnr", "20", "-o", tmp_path / "s.onnx",
+                   "--no-speed-check")
+    assert "each round compared on the calibration data (its first 64 samples at most)" in searched.stdout

@@ -22,7 +22,7 @@ from edgeopt.errors import ConfigError, DataError, EdgeoptError, Interrupted, Ou
 from edgeopt.io import (FILE_BYTES_KEY, atomic_write_files, check_writable, external_data_path, model_file_bytes,
                         model_file_contents, model_files)
 from edgeopt.metrics import count_of, json_text
-from edgeopt.quant.accuracy import AccuracyGoal, AccuracySearch, accuracy_aware_quantize
+from edgeopt.quant.accuracy import FIDELITY_SAMPLES, AccuracyGoal, AccuracySearch, accuracy_aware_quantize
 from edgeopt.quant.compare import CompareResult
 from edgeopt.quant.registry import Batch, QuantResult
 from edgeopt.quant.speed import SpeedCheck
@@ -519,9 +519,6 @@ def report_path(output: str | os.PathLike) -> Path:
     """Where the numbers of a quantized model go: ``model.int8.onnx`` -> ``model.int8.report.json``."""
     path = Path(output)
     return path.with_name(f"{path.stem}.report.json")
-
-
-FIDELITY_SAMPLES = 64
 
 
 def _fidelity(float_model: ir.Model, quant_model: ir.Model, data, preprocess,

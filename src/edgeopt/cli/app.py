@@ -6,6 +6,7 @@ import contextlib
 import enum
 import logging
 import math
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -341,7 +342,7 @@ def quantize(
         "--eval-data", help="Held-out samples (as --data takes them) that the fidelity check and --min-sqnr "
                             "measure on, instead of the calibration data the ranges were fitted to.")] = None,
     time_budget: Annotated[Optional[str], typer.Option("--time-budget", help="Limit of the accuracy loop, e.g. "
-                                                                             "90s, 10m, 1h (default 10m).")] = None,
+                                                                             "90s, 10m, 1m30s, 1h (default 10m).")] = None,
     preprocess: PreprocessOption = None,
     speed_check: Annotated[bool, typer.Option("--speed-check/--no-speed-check",
                                               help="Time float vs quantized in ONNX Runtime afterwards.")] = True,
@@ -395,15 +396,25 @@ def _kept_text(report: api.QuantizeReport) -> str:
             f"{search.kept_where})")
 
 
+_DURATION_UNITS = {"s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1, "m": 60, "min": 60, "mins": 60,
+                   "minute": 60, "minutes": 60, "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600}
+_DURATION_PART = re.compile(r"\s*([-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|nan|inf))\s*([a-zA-Z]*)",
+                            re.IGNORECASE)
+
+
 def _seconds(text: str) -> float:
-    """'90s', '10m', '1h' or plain seconds."""
-    units = {"s": 1, "m": 60, "h": 3600}
-    number, unit = (text[:-1], text[-1]) if text and text[-1].lower() in units else (text, "s")
-    try:
-        value = float(number) * units[unit.lower()]
-    except ValueError:
-        raise ConfigError(f"--time-budget {text!r}: write it like 90s, 10m or 1h") from None
-    if not value > 0:  # NaN too: it was passed on, to be refused as the Python field time_budget_s
+    """'90s', '10m', '1h', '1m30s', '10min', '1.5h' or plain seconds."""
+    value, position, parts = 0.0, 0, 0
+    while position < len(text.rstrip()):
+        match = _DURATION_PART.match(text, position)
+        unit = match.group(2).lower() if match else ""
+        if match is None or (unit and unit not in _DURATION_UNITS) or (not unit and match.end() < len(text.rstrip())):
+            raise ConfigError(f"--time-budget {text!r}: write it like 90s, 10m, 1m30s or 1h") from None
+        value += float(match.group(1)) * _DURATION_UNITS.get(unit, 1)
+        position, parts = match.end(), parts + 1
+    if parts == 0:
+        raise ConfigError(f"--time-budget {text!r}: write it like 90s, 10m, 1m30s or 1h")
+    if not value > 0:
         raise ConfigError(f"--time-budget {text!r} must be positive")
     return value
 
@@ -431,8 +442,12 @@ def _render_search(search) -> None:
                        f"{count_of(len(search.best_excluded), 'node', 'nodes')} "
                        f"{search.kept_where}: {added}")
     passes = count_of(search.calibration_passes, "calibration pass", "calibration passes")
+    from edgeopt.quant.accuracy import FIDELITY_SAMPLES
+
+    measured = ("scored by the --eval function" if goal.max_drop is not None else
+                f"compared on the {search.measured_on} data (its first {FIDELITY_SAMPLES} samples at most)")
     state.stdout.print(f"{count_of(len(search.steps), 'round', 'rounds')}, {passes} over the data; each round "
-                       f"compared on the {search.measured_on} data")
+                       f"{measured}")
 
 
 def _returned_text(step) -> str:
@@ -504,6 +519,8 @@ def _render_quantize(report: api.QuantizeReport) -> None:
         fidelity = report.fidelity
         counted = (f"{count_of(fidelity.rows, f'{report.fidelity_on} sample', f'{report.fidelity_on} samples')}"
                    f"{in_batches(fidelity.rows, fidelity.samples)}")
+        if report.fidelity_on == "calibration" and fidelity.rows < report.calibration_samples:
+            counted = f"the first {counted} of {report.calibration_samples}"
         for out in fidelity.outputs:
             if not out.signal:  # class indices: how many are equal, nothing else
                 summary.add_row(f"fidelity {out.name}", f"equal values {out.top1_agreement:.2%} (on {counted})")
