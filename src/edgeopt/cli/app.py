@@ -341,8 +341,8 @@ def quantize(
     eval_data: Annotated[Optional[str], typer.Option(
         "--eval-data", help="Held-out samples (as --data takes them) that the fidelity check and --min-sqnr "
                             "measure on, instead of the calibration data the ranges were fitted to.")] = None,
-    time_budget: Annotated[Optional[str], typer.Option("--time-budget", help="Limit of the accuracy loop, e.g. "
-                                                                             "90s, 10m, 1m30s, 1h (default 10m).")] = None,
+    time_budget: Annotated[Optional[str], typer.Option(
+        "--time-budget", help="Limit of the accuracy loop, e.g. 90s, 10m, 1m30s, 1h (default 10m).")] = None,
     preprocess: PreprocessOption = None,
     speed_check: Annotated[bool, typer.Option("--speed-check/--no-speed-check",
                                               help="Time float vs quantized in ONNX Runtime afterwards.")] = True,
