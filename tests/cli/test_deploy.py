@@ -246,6 +246,11 @@ def test_device_too_small_writes_the_code_says_bytes_missing_and_the_build_fails
     assert report["fit"]["sram_spare_bytes"] < 0 and report["fit"]["flash_spare_bytes"] < 0
     build = subprocess.run(["make", "-s"], cwd=tmp_path / "out", capture_output=True, text=True)
     assert build.returncode != 0 and "eo_arena_fits_device" in build.stderr
+    # under --json, one object: the report with its error (it printed the report, then the error, two documents)
+    as_json = cli("compile", qdq_path, "-o", tmp_path / "again", "--device", board, "--json")
+    printed = json.loads(as_json.stdout)
+    assert as_json.code == result.code and "does not fit tiny" in printed["error"]["message"]
+    assert printed["fit"]["sram_spare_bytes"] < 0
 
 
 def test_bad_device_and_target(cli, qdq_path, tmp_path):

@@ -122,6 +122,21 @@ def test_bad_options_are_config_errors(tmp_path):
                     {"device": "pdp-11"}, {"device": tmp_path / "no.yaml"}):
         with pytest.raises(ConfigError):
             compile_c(_qdq(), tmp_path / "out", **options)
+    # EO_KERNELS's header guard was kernels.h's (EO_KERNELS_H): the code did not build, and compile said only
+    # "host measurement skipped"
+    for name in ("EO_KERNELS", "eo_model"):
+        with pytest.raises(ConfigError, match="names starting with eo_ are the kernels'"):
+            compile_c(_qdq(), tmp_path / "out", name=name)
+
+
+@needs_gcc
+def test_generated_code_that_does_not_build_is_an_error_not_a_skipped_measurement(tmp_path, monkeypatch):
+    from edgeopt import api
+    from edgeopt.codegen.c import emit
+
+    monkeypatch.setattr(emit, "_in_comment", lambda text: text + " */ broken")  # as an unescaped name did
+    with pytest.raises(CodegenError, match="the generated C does not build"):
+        api.compile_model(_qdq(), tmp_path / "out")
 
 
 @needs_gcc

@@ -260,3 +260,41 @@ def test_a_sum_over_branches_without_keepdims_runs_in_int8_on_the_microcontrolle
              helper.make_node("Concat", ["c5", "d5"], ["stacked"], name="stack", axis=1), reduce,
              helper.make_node("Conv", ["m", "wo"], ["output"], name="conv_out")]
     _quantized_for_mcu_exactly(tmp_path, nodes, constants, [1, 2, 6, 7], _data(16, 0), _data(4, 3))
+
+
+def test_a_bias_that_leaves_the_int32_accumulator_no_room_is_refused_naming_the_layer(tmp_path):
+    # a bias near int32's limit (a layer of tiny weights, its bias clipped there): the C's int32 sum of bias and
+    # products wrapped (signed overflow, undefined behaviour) where the reference's int64 sum saturated, and
+    # verify found 737 values differing
+    from edgeopt.codegen.c import compile_c
+    from edgeopt.errors import CodegenError
+
+    _save(tmp_path / "float.onnx", [helper.make_node("Relu", ["c"], ["m"], name="relu")])
+    _, model = quantize_for_mcu(tmp_path / "float.onnx", _data(16, 0), tmp_path / "int8.onnx")
+    proto = onnx.load(tmp_path / "int8.onnx")
+    bias = next(init for init in proto.graph.initializer if init.data_type == TensorProto.INT32
+                and any(node.op_type == "DequantizeLinear" and node.input[0] == init.name
+                        and any(c.input[2:3] == [node.output[0]] and c.name == "conv_a" for c in proto.graph.node)
+                        for node in proto.graph.node))
+    bias.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(bias).shape, 2**31 - 1000, np.int32),
+                                          bias.name))
+    onnx.save(proto, tmp_path / "edge.onnx")
+    with pytest.raises(CodegenError, match="conv_a: its int32 bias .* leaves no room in the C's int32 accumulator"):
+        compile_c(api.load(tmp_path / "edge.onnx", require_static=False), tmp_path / "c")
+
+
+@needs_gcc
+def test_input_and_output_names_are_written_safely_into_c_comments(tmp_path):
+    # an ONNX name holding "*/" ended model.h's comment (the rest became code: "#error x"), "/*" broke -Werror
+    # (-Wcomment) and a backslash spliced the line: the generated code did not build
+    weight = np.random.default_rng(4).normal(0, 0.4, (2, 3, 3, 3)).astype(np.float32)
+    source, sink = "pixels */ #error x \\", "prob /* é \\"
+    graph = helper.make_graph(
+        [helper.make_node("Conv", [source, "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], [sink], name="relu")],
+        "names", [helper.make_tensor_value_info(source, TensorProto.FLOAT, SHAPE)],
+        [helper.make_tensor_value_info(sink, TensorProto.FLOAT, [1, 2, 6, 7])], [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "float.onnx")
+    feeds = [{source: feed["input"]} for feed in _data(18, 0)]
+    _, model = quantize_for_mcu(tmp_path / "float.onnx", feeds[:16], tmp_path / "int8.onnx")
+    assert_compiles_bit_exact(model, tmp_path / "c", feeds[16:])  # verify builds it with -Wall -Wextra -Werror

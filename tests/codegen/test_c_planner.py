@@ -250,3 +250,21 @@ def test_fused_blocks_are_bit_exact_in_c(tmp_path):
              for s, batch in zip((0.5, 4.0), q.calibration_batches(float_model, 2))]
     outcome = verify(tmp_path / "c", feeds)
     assert outcome.bit_exact, outcome.first_mismatch
+
+
+@pytest.mark.parametrize("line, message", [
+    ("clock_mhz: .inf", "clock_mhz must be a positive finite number"),  # it reported 0.000 ms at inf MHz
+    ("int8_macs_per_cycle: .nan", "int8_macs_per_cycle must be a positive finite number"),  # "nan ms"
+    ("sram_bytes: 20000.7", "20000.7 is not a whole number of bytes"),  # silently 20000
+    ("sram_bytes: 99999999999999999999999", "up to 1 TiB"),  # the generated model.c did not build
+])
+def test_a_profile_with_impossible_numbers_is_refused(tmp_path, line, message):
+    key = line.split(":")[0]
+    fields = {"board": "b", "flash_bytes": "1 MiB", "sram_bytes": "256 KiB", "clock_mhz": "100",
+              "int8_macs_per_cycle": "1", "fp32_macs_per_cycle": "1"}
+    path = tmp_path / "board.yaml"
+    path.write_text("".join(f"{k}: {v}\n" for k, v in fields.items() if k != key) + line + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_device(path)
+    path.write_text("".join(f"{k}: {v}\n" for k, v in fields.items() if k != "sram_bytes") + "sram_bytes: 1e5\n")
+    assert load_device(path).sram_bytes == 100_000  # scientific notation was refused as "not a size"

@@ -13,7 +13,7 @@ import onnx_ir as ir
 from edgeopt.api._common import ModelSource, check_flag, check_path, load, model_source
 from edgeopt.api.model import RunResult, _check_spares_inputs, _name_unnamed, _sample_feeds, _write_outputs
 from edgeopt.data import ImagePreprocess
-from edgeopt.errors import ConfigError, EdgeoptError, OutputError
+from edgeopt.errors import CodegenError, ConfigError, EdgeoptError, OutputError
 
 __all__ = ["compile_model", "is_compiled_folder", "run_compiled", "verify"]
 
@@ -43,6 +43,7 @@ def compile_model(model: ModelSource, output: str | os.PathLike, *, target: str 
     still written, and the report's ``fits``/``misses()`` say by how much.
     """
     from edgeopt.codegen.c import compile_c
+    from edgeopt.codegen.c.build import BuildFailed
     from edgeopt.codegen.c.report import CompileReport, measure_host
 
     model = model_source(model)
@@ -60,7 +61,9 @@ def compile_model(model: ModelSource, output: str | os.PathLike, *, target: str 
     if measure:
         try:
             host = measure_host(result.out_dir)
-        except EdgeoptError as error:
+        except BuildFailed as error:  # the generated code does not build: that is no measurement to skip
+            raise CodegenError(f"the generated C does not build ({error}): please report it") from None
+        except EdgeoptError as error:  # no gcc or make here, a binary that cannot run
             logger.warning("host measurement skipped: %s", error)
     report = CompileReport(result=result, host=host)
     report.write()

@@ -54,14 +54,26 @@ def compile_command(
     report = api.compile_model(model, output, target=target.value, device=device, name=name,
                                rounding=rounding.value, force=force, measure=measure,
                                input_shapes=input_shapes(input_shape))
-    if json_output:
-        print_json(report.to_dict())
-    else:
-        _render_compile(model, report)
+    failure = None
     if not report.fits:
         check = "; its build check fails" if not report.result.fits else ""  # the Makefile checks the arena
-        raise CodegenError(f"the model does not fit {report.result.device}: " + "; ".join(report.misses())
-                           + f" (code written to {report.result.out_dir}{check})")
+        failure = CodegenError(f"the model does not fit {report.result.device}: " + "; ".join(report.misses())
+                               + f" (code written to {report.result.out_dir}{check})")
+    _finish(report.to_dict(), failure, json_output, lambda: _render_compile(model, report))
+
+
+def _finish(result: dict, failure: CodegenError | None, json_output: bool, render) -> None:
+    """The result, rendered or as JSON, then ``failure`` raised; under --json the failure carries the result,
+    so stdout holds one JSON object (the result with its ``error``), not the result and then the error."""
+    if json_output and failure is not None:
+        failure.result = result
+        raise failure
+    if json_output:
+        print_json(result)
+    else:
+        render()
+    if failure is not None:
+        raise failure
 
 
 def _spare(spare: int | None, total: int, what: str) -> str:
@@ -128,13 +140,14 @@ def verify_command(
     result = api.verify(folder, data, max_samples=max_samples,
                         preprocess=parse_preprocess(preprocess))
     mismatch = result.first_mismatch
-    if json_output:
-        print_json(result.to_dict())
-    elif mismatch is None:
-        state.stdout.print(f"bit-exact: {count_of(result.batches, 'sample', 'samples')}, "
-                           f"{result.tensors_compared:,} tensors compared (every op's output, C vs reference)")
-    if mismatch is not None:
-        raise CodegenError(f"C differs from the reference at step {mismatch.step}, node {mismatch.node} "
-                           f"({mismatch.kind}), tensor {mismatch.tensor!r}: "
-                           f"{count_of(mismatch.differing_elements, 'element differs', 'elements differ')}, "
-                           f"by up to {mismatch.max_abs_difference} (sample {result.batches})")
+    failure = None if mismatch is None else CodegenError(
+        f"C differs from the reference at step {mismatch.step}, node {mismatch.node} ({mismatch.kind}), tensor "
+        f"{mismatch.tensor!r}: {count_of(mismatch.differing_elements, 'element differs', 'elements differ')}, "
+        f"by up to {mismatch.max_abs_difference} (sample {result.batches})")
+
+    def render() -> None:
+        if mismatch is None:
+            state.stdout.print(f"bit-exact: {count_of(result.batches, 'sample', 'samples')}, "
+                               f"{result.tensors_compared:,} tensors compared (every op's output, C vs reference)")
+
+    _finish(result.to_dict(), failure, json_output, render)

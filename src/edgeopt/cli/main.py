@@ -92,7 +92,7 @@ def _run_app(argv: list[str] | None) -> int:
     except EdgeoptError as error:
         if state.debug:
             raise
-        return _fail(str(error), error.exit_code, as_json=as_json)
+        return _fail(str(error), error.exit_code, as_json=as_json, result=getattr(error, "result", None))
     except KeyboardInterrupt:
         return _interrupted(as_json=as_json)
     except Exception as error:  # a bug: one line unless --debug

@@ -16,6 +16,7 @@ the cores' optimized int8/fp32 kernels, not measurements of this model.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -28,6 +29,8 @@ from edgeopt.errors import ConfigError
 __all__ = ["DeviceProfile", "known_devices", "load_device", "parse_bytes"]
 
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+#: The largest memory a profile may give (the generated C compares the arena with it as a constant).
+_MAX_BYTES = 2**40
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,12 +49,13 @@ class DeviceProfile:
     def __post_init__(self) -> None:
         for key in ("flash_bytes", "sram_bytes"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"device {self.name!r}: {key} must be a positive number of bytes, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_BYTES:
+                raise ConfigError(f"device {self.name!r}: {key} must be a positive number of bytes up to 1 TiB, "
+                                  f"got {value!r}")
         for key in ("clock_mhz", "int8_macs_per_cycle", "fp32_macs_per_cycle"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"device {self.name!r}: {key} must be a positive number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"device {self.name!r}: {key} must be a positive finite number, got {value!r}")
 
     def estimated_latency_ms(self, macs: int, *, dtype: str = "int8") -> float:
         """``macs / (macs per cycle x clock)`` in ms: an estimate (no memory stalls, no non-MAC ops)."""
@@ -69,11 +73,14 @@ def parse_bytes(value: object, *, what: str) -> int:
     """``524288``, ``"512 KiB"``, ``"2MiB"`` -> bytes."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMG]i?B|B)?\s*", str(value), flags=re.I)
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?(?:e[0-9]+)?)\s*([KMG]i?B|B)?\s*", str(value), flags=re.I)
     if match is None:
         raise ConfigError(f"{what}: {value!r} is not a size; write bytes (524288) or with a unit (512 KiB, 2 MiB)")
     number, unit = match.groups()
-    return int(float(number) * _UNITS[(unit or "").lower()])
+    size = float(number) * _UNITS[(unit or "").lower()]
+    if not size.is_integer():  # 20000.7 bytes was cut to 20000
+        raise ConfigError(f"{what}: {value!r} is not a whole number of bytes")
+    return int(size)
 
 
 def _folder():

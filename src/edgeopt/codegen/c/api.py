@@ -123,6 +123,8 @@ _GENERATED_STEMS = frozenset({"kernels", "main", "bench"})  # the project's othe
 def _check_options(name: str, rounding: str) -> None:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise ConfigError(f"--name {name!r} must be a C identifier (letters, digits, underscore)")
+    if name.upper().startswith("EO_"):  # the kernels' own macros: EO_KERNELS_H would be both headers' guard
+        raise ConfigError(f"--name {name!r}: names starting with eo_ are the kernels' (choose another name)")
     if name.lower() in _GENERATED_STEMS:  # Kernels.c is kernels.c on a case-insensitive file system
         raise ConfigError(f"--name {name!r} would overwrite the generated {name}.c/.h (the project also writes "
                           f"{', '.join(sorted(_GENERATED_STEMS))}): choose another name")

@@ -12,10 +12,14 @@ import numpy as np
 
 from edgeopt.errors import CodegenError
 
-__all__ = ["BUILD_DIR", "RUN_FOLDER_PREFIX", "build", "run_batch", "run_binary"]
+__all__ = ["BUILD_DIR", "RUN_FOLDER_PREFIX", "BuildFailed", "build", "run_batch", "run_binary"]
 
 BUILD_DIR = ".build"
 RUN_FOLDER_PREFIX = ".edgeopt-run-"  # a run's input/output files, in BUILD_DIR (a killed run may leave one)
+
+
+class BuildFailed(CodegenError):
+    """The compiler refused the generated code (the tools are there): an error, not a skipped measurement."""
 
 
 def _check_tools() -> None:
@@ -41,7 +45,7 @@ def build(out_dir: str | Path, target: str) -> Path:
     result = subprocess.run(["make", "-s", target], cwd=out_dir, capture_output=True, text=True)
     if result.returncode != 0:
         message = _explain(Path(out_dir), result.stderr or result.stdout)
-        raise CodegenError(f"building {target} in {out_dir} failed: {message}")
+        raise BuildFailed(f"building {target} in {out_dir} failed: {message}")
     return Path(out_dir) / BUILD_DIR / target
 
 

@@ -82,25 +82,38 @@ def _requant_arrays(prefix: str, p, bias: np.ndarray | None = None) -> list[str]
             c_array(f"{prefix}_shift", _shifts(p.shift))]
 
 
-def _zero_point_sums(p) -> np.ndarray:
+def _zero_point_sums(p, node: str) -> np.ndarray:
     """``zp_in * sum(weight[o])`` per output channel: ``sum((x - zp) w) = sum(x w) - zp sum(w)``, so a kernel's
     inner loop multiplies the int8 values alone (one subtraction less per multiply-accumulate)."""
     sums = p.input_zero_point * p.weight.reshape(len(p.bias), -1).astype(np.int64).sum(1)
     if np.abs(sums.astype(np.int64) - p.bias).max(initial=0) >= 2**31:
-        raise CodegenError("a layer's bias less its input zero point times its weights' sum overflows int32")
+        raise CodegenError(f"{node}: its bias less its input zero point times its weights' sum overflows int32")
     return sums.astype(np.int32)
 
 
-def _conv_fields(p, name: str, in_shape, out_shape, *, zero_point_sums: bool = True,
+def _check_accumulator(p, node: str) -> None:
+    """Refuse a layer whose int32 accumulator could overflow: the C sums in int32 (the reference in int64,
+    saturating), so ``|bias| + (128 + |zp|) sum|w|`` per output channel must stay below 2**31. A bias that
+    large (a layer of tiny weights, its bias clipped to int32's limit) leaves no room for the products."""
+    magnitudes = np.abs(p.weight.reshape(len(p.bias), -1).astype(np.int64)).sum(1)
+    worst = np.abs(np.asarray(p.bias, np.int64)) + (128 + abs(int(p.input_zero_point))) * magnitudes
+    if worst.max(initial=0) >= 2**31:
+        raise CodegenError(f"{node}: its int32 bias ({int(np.abs(p.bias).max())} at most) leaves no room in the C's "
+                           "int32 accumulator for the sum of its products: its weights are tiny next to its bias "
+                           "(check the layer's float weights and bias, or keep it out of this model)")
+
+
+def _conv_fields(p, name: str, in_shape, out_shape, node: str, *, zero_point_sums: bool = True,
                  weight: np.ndarray | None = None) -> tuple[list[str], dict[str, object]]:
     """The const arrays and the ``eo_conv2d_params`` fields of conv params ``p`` (arrays named ``name_*``);
     ``zero_point_sums``: with :func:`_zero_point_sums` (conv2d; the transposed conv's gather does not read it);
     ``weight``: the weight in another layout than ``p``'s OHWI (a depthwise conv's HWC)."""
     n, h, w, c = in_shape
     _, out_h, out_w, out_c = out_shape
+    _check_accumulator(p, node)
     decls = [c_array(f"{name}_weight", p.weight if weight is None else weight), *_requant_arrays(name, p)]
     if zero_point_sums:
-        decls.append(c_array(f"{name}_zero_point_sums", _zero_point_sums(p)))
+        decls.append(c_array(f"{name}_zero_point_sums", _zero_point_sums(p, node)))
     fields = dict(
         n=n, h=h, w=w, c=c, out_h=out_h, out_w=out_w, out_c=out_c, kernel_h=p.weight.shape[1],
         kernel_w=p.weight.shape[2], group=p.group, stride_h=p.strides[0], stride_w=p.strides[1],
@@ -123,14 +136,14 @@ def pack_conv2d(op: IntOp, ctx: PackContext):
     name = f"op{ctx.index}"
     in_shape, out_shape = ctx.shape(op.inputs[0]), ctx.shape(op.output)
     depthwise = _depthwise_hwc(op.params, in_shape, out_shape)
-    decls, fields = _conv_fields(op.params, name, in_shape, out_shape, weight=depthwise)
+    decls, fields = _conv_fields(op.params, name, in_shape, out_shape, op.node, weight=depthwise)
     decls.append(_struct("eo_conv2d_params", f"{name}_params", fields))
     return decls, _call(op, ctx, f"{name}_params", kernel=None if depthwise is None else "eo_depthwise_conv2d_s8")
 
 
 def pack_conv2d_add(op: IntOp, ctx: PackContext):
     name = f"op{ctx.index}"
-    decls, conv = _conv_fields(op.params.conv, name, ctx.shape(op.inputs[0]), ctx.shape(op.output))
+    decls, conv = _conv_fields(op.params.conv, name, ctx.shape(op.inputs[0]), ctx.shape(op.output), op.node)
     decls.append(_struct("eo_conv2d_add_params", f"{name}_params", dict(conv=conv, add=_add_fields(op.params.add))))
     return decls, _call(op, ctx, f"{name}_params")
 
@@ -138,7 +151,7 @@ def pack_conv2d_add(op: IntOp, ctx: PackContext):
 def pack_conv_transpose2d(op: IntOp, ctx: PackContext):
     """A conv's fields: pad_top/pad_left are where the output starts in the uncropped transposed output."""
     name = f"op{ctx.index}"
-    decls, fields = _conv_fields(op.params, name, ctx.shape(op.inputs[0]), ctx.shape(op.output),
+    decls, fields = _conv_fields(op.params, name, ctx.shape(op.inputs[0]), ctx.shape(op.output), op.node,
                                  zero_point_sums=False)
     decls.append(_struct("eo_conv_transpose2d_params", f"{name}_params", fields))
     return decls, _call(op, ctx, f"{name}_params")
@@ -147,7 +160,8 @@ def pack_conv_transpose2d(op: IntOp, ctx: PackContext):
 def pack_fully_connected(op: IntOp, ctx: PackContext):
     p, name = op.params, f"op{ctx.index}"
     out_features, depth = p.weight.shape
-    decls = [c_array(f"{name}_weight", p.weight), *_requant_arrays(name, p, p.bias - _zero_point_sums(p))]
+    _check_accumulator(p, op.node)
+    decls = [c_array(f"{name}_weight", p.weight), *_requant_arrays(name, p, p.bias - _zero_point_sums(p, op.node))]
     decls.append(_struct("eo_fully_connected_params", f"{name}_params", dict(
         rows=ctx.size(op.inputs[0]) // depth, depth=depth, out_features=out_features,
         input_zero_point=p.input_zero_point, output_zero_point=p.output_zero_point, act_min=p.act_min,
