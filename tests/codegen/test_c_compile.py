@@ -260,3 +260,17 @@ def test_a_weight_several_ops_read_is_stored_once(tmp_path):
                  for c_type, length in re.findall(r"static const (\w+) \w+\[(\d+)\] = \{", code))
     assert compile_c(model, tmp_path / "again").weight_bytes == stored < 2 * 4096
     assert result.bit_exact
+
+
+@needs_gcc
+def test_verify_runs_the_c_under_the_sanitizers_and_catches_an_arena_overrun(tmp_path):
+    # an arena 8 bytes short: the plain build still agreed with the reference ("bit-exact: 32 samples") while
+    # writing past it; under AddressSanitizer the overrun stops the run
+    out = tmp_path / "out"
+    compile_c(_qdq("depthwise_separable"), out)
+    data = [dict(batch) for batch in q.calibration_batches(q.float_model("depthwise_separable"), 2)]
+    assert verify(out, data).sanitized
+    model_c = out / "model.c"
+    model_c.write_text(re.sub(r"bytes\[(\d+)\]", r"bytes[\1 - 8]", model_c.read_text()))
+    with pytest.raises(CodegenError, match="broke a memory or arithmetic rule .* AddressSanitizer: global-buffer"):
+        verify(out, data)

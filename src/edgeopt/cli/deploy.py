@@ -147,7 +147,9 @@ def verify_command(
 
     def render() -> None:
         if mismatch is None:
+            checked = "; the C ran under AddressSanitizer and UBSan" if result.sanitized else ""
             state.stdout.print(f"bit-exact: {count_of(result.batches, 'sample', 'samples')}, "
-                               f"{result.tensors_compared:,} tensors compared (every op's output, C vs reference)")
+                               f"{result.tensors_compared:,} tensors compared (every op's output, C vs reference"
+                               f"{checked})")
 
     _finish(result.to_dict(), failure, json_output, render)

@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt.analysis.memory import lower_bound_bytes as lower_bound_of
-from edgeopt.codegen.c.build import BUILD_DIR, RUN_FOLDER_PREFIX, build, run_batch
+from edgeopt.codegen.c.build import BUILD_DIR, RUN_FOLDER_PREFIX, BuildFailed, build, run_batch
 from edgeopt.codegen.c.emit import emit_sources
 from edgeopt.codegen.c.plan import MemoryPlan, plan_memory, program_lifetimes
 from edgeopt.codegen.c.schedule import Schedule, choose_schedule, reorder
@@ -106,6 +106,7 @@ class VerifyResult:
     batches: int
     tensors_compared: int
     first_mismatch: LayerMismatch | None
+    sanitized: bool = False  # the C ran under AddressSanitizer and UBSan
 
     @property
     def bit_exact(self) -> bool:
@@ -114,7 +115,8 @@ class VerifyResult:
     def to_dict(self) -> dict:
         mismatch = self.first_mismatch
         return {"bit_exact": self.bit_exact, "samples": self.batches, "tensors_compared": self.tensors_compared,
-                "first_mismatch": None if mismatch is None else dataclasses.asdict(mismatch)}
+                "first_mismatch": None if mismatch is None else dataclasses.asdict(mismatch),
+                "sanitized": self.sanitized}
 
 
 _GENERATED_STEMS = frozenset({"kernels", "main", "bench"})  # the project's other C files
@@ -235,7 +237,8 @@ def _written_by_compile(out_dir: Path) -> set[str]:
 def _built_by_make(out_dir: Path) -> set[str]:
     """What the generated Makefile's targets write into its build folder."""
     name = json.loads((out_dir / MANIFEST).read_text())["name"]  # readable: _written_by_compile read it
-    return {name, f"{name}_trace", f"{name}_bench", f"{name}.o", "kernels.o", f"{name}.su", "kernels.su"}
+    return {name, f"{name}_trace", f"{name}_checked", f"{name}_bench", f"{name}.o", "kernels.o", f"{name}.su",
+            "kernels.su"}
 
 
 def _write_folder(out_dir: Path, files: Mapping[str, str], model: ir.Model, manifest: dict, force: bool) -> None:
@@ -339,16 +342,43 @@ def verify(out_dir: str | Path, data: Iterable[Mapping[str, np.ndarray]]) -> Ver
     manifest = read_manifest(out_dir)
     program = reorder(lower(load_model(out_dir / _REFERENCE_MODEL)), manifest["schedule"])
     reference = ReferenceModel(program, rounding=manifest["rounding"])
-    binary = build(out_dir, f"{manifest['name']}_trace")
+    binary, sanitized = _traced_binary(out_dir, manifest["name"])
     batches = compared = 0
     for feed in data:
         expected = reference.trace(feed)
         sample = b"".join(expected[io.tensor].tobytes() for io in reference.program.inputs)
-        _, trace = run_batch(binary, sample, trace=True)
+        try:
+            _, trace = run_batch(binary, sample, trace=True)
+        except CodegenError as error:
+            if not sanitized:
+                raise
+            raise CodegenError(f"the C broke a memory or arithmetic rule on sample {batches + 1} (AddressSanitizer "
+                               f"and UBSan): {_sanitizer_line(str(error))}") from None
         count, mismatch = _compare(reference, trace, expected)
         batches, compared = batches + 1, compared + count
         if mismatch is not None:
-            return VerifyResult(batches=batches, tensors_compared=compared, first_mismatch=mismatch)
+            return VerifyResult(batches=batches, tensors_compared=compared, first_mismatch=mismatch,
+                                sanitized=sanitized)
     if not batches:  # nothing compared is not "bit-exact"
         raise DataError("the data gave no samples: point --data at at least one sample")
-    return VerifyResult(batches=batches, tensors_compared=compared, first_mismatch=None)
+    return VerifyResult(batches=batches, tensors_compared=compared, first_mismatch=None, sanitized=sanitized)
+
+
+def _sanitizer_line(text: str) -> str:
+    """The line of a sanitizer's report that says what went wrong (``ERROR: AddressSanitizer: ...``,
+    ``kernels.c:95: runtime error: ...``), else ``text``."""
+    for line in text.splitlines():
+        if "ERROR:" in line or "runtime error:" in line:
+            return re.sub(r"^==\d+==", "", line).strip()
+    return text
+
+
+def _traced_binary(out_dir: Path, name: str) -> tuple[Path, bool]:
+    """The tracing driver, under AddressSanitizer and UBSan where the compiler has them (an arena overrun, a
+    signed overflow then stop it, where the plain build may still agree with the reference), else plain."""
+    try:
+        return build(out_dir, f"{name}_checked"), True
+    except BuildFailed:
+        plain = build(out_dir, f"{name}_trace")  # a fault of the code itself fails here too, and is raised
+        logger.info("the sanitized build failed (no sanitizer runtime?): verifying without it")
+        return plain, False
