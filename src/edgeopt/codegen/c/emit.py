@@ -205,7 +205,8 @@ int main(int argc, char **argv) {{
     if (!in) {{ fprintf(stderr, "cannot open %s\\n", argv[1]); return 1; }}
     out = fopen(argv[2], "wb");
     if (!out) {{ fprintf(stderr, "cannot write %s\\n", argv[2]); return 1; }}
-    if (argc > 3 && !(trace_file = fopen(argv[3], "wb"))) {{ fprintf(stderr, "cannot write %s\\n", argv[3]); return 1; }}
+    if (argc > 3) trace_file = fopen(argv[3], "wb");
+    if (argc > 3 && !trace_file) {{ fprintf(stderr, "cannot write %s\\n", argv[3]); return 1; }}
     while ((status = read_sample(in)) == 1) {{
         {name}_run({args});
 {writes}
