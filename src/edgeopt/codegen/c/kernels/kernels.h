@@ -8,6 +8,10 @@
 
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #ifndef EO_SINGLE_ROUNDING
 #define EO_SINGLE_ROUNDING 0
 #endif
@@ -193,5 +197,9 @@ void eo_gru_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *sta
                int8_t *out, int16_t *scratch);
 void eo_lstm_s8(const eo_recurrent_params *p, const int8_t *in, const int8_t *state0, const int8_t *state1,
                 int8_t *out, int16_t *scratch);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif
