@@ -142,3 +142,15 @@ def test_the_fidelity_check_says_it_read_only_the_first_64_calibration_samples(c
     searched = cli("quantize", model, "--data", calibration, "--min-sqnr", "20", "-o", tmp_path / "s.onnx",
                    "--no-speed-check")
     assert "each round compared on the calibration data (its first 64 samples at most)" in searched.stdout
+
+
+def test_a_held_out_set_of_a_few_samples_is_warned_about(cli, tmp_path, npy_files):
+    # the search judged its rounds "on 3 held-out samples" without a word; calibrating on as few warns
+    model, calibration, held_out = npy_files
+    few = tmp_path / "few.npy"
+    np.save(few, np.load(held_out)[:3])
+    result = cli("quantize", model, "--data", calibration, "--eval-data", few, "-o", tmp_path / "q.onnx",
+                 "--no-speed-check")
+    assert result.code == 0, result.stderr
+    warned = "only 3 held-out samples: the fidelity figures (and an accuracy search's rounds) rest on them"
+    assert warned in result.stderr

@@ -489,6 +489,10 @@ def _fidelity_warnings(result: QuantResult, fidelity: CompareResult, measured_on
         warnings.append(f"output {', '.join(quant_fault)} of the {result.scheme} model holds inf/NaN on {where} "
                         "where the float model's is finite: the model written is broken there; "
                         "`edgeopt compare` finds the layer, --exclude keeps it float")
+    if measured_on == "held-out" and fidelity.rows < MIN_CALIBRATION_SAMPLES:
+        warnings.append(f"only {count_of(fidelity.rows, 'held-out sample', 'held-out samples')}: the fidelity "
+                        "figures (and an accuracy search's rounds) rest on them "
+                        f"(use at least {MIN_CALIBRATION_SAMPLES})")
     return [*warnings, *low_fidelity(result, fidelity, where), *relu6_warning(result, fidelity)]
 
 
