@@ -403,9 +403,9 @@ class CanonicalizePass(RulePass):
     every magnitude in [2**-14, 2**14] (its reciprocal then fits float16), x
     is not a constant (constant folding's business) nor a graph input scaled
     by elementwise ops with constants (``(x - mean) / std`` preprocessing, float
-    before the first quantized layer; with ``integer_only`` it is rewritten too: the C has no float node), and the Div is not part of a pattern
-    fuse-activations annotated (a GELU below opset 20, kept float); the slope's rank does
-    not exceed x's; the Gemm's ``B`` and ``C`` are float constants, ``C`` one
+    before the first quantized layer; with ``integer_only`` it is rewritten too: the C has no float node),
+    and the Div is not part of a pattern fuse-activations annotated (a GELU below opset 20, kept float);
+    the slope's rank does not exceed x's; the Gemm's ``B`` and ``C`` are float constants, ``C`` one
     value per output (``[N]``, ``[1, N]`` or one element), no ``transA``; the
     mean's input has a known rank of 4 and constant axes; the Einsum contracts its first operand's last
     axis alone, keeping the others in order, with no repeated index; the BatchNormalization's input has a known

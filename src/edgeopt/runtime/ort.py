@@ -177,8 +177,8 @@ class OrtSession:
         except Exception as error:
             message = _ort_message(error)
             if "must be within the inclusive range" in message:  # Gather's indices
-                message += (" (an index input holds values past its table: token ids at or above the vocabulary size, or a "
-                            "sequence longer than a position table?)")
+                message += (" (an index input holds values past its table: token ids at or above the vocabulary "
+                            "size, or a sequence longer than a position table?)")
             raise DataError(f"ONNX Runtime failed to run the model: {message}") from None
         return dict(zip(names, values))
 
