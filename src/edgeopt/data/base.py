@@ -282,10 +282,15 @@ def item_feeds(item: object, specs: Sequence[InputSpec], *, where: str) -> Itera
     yield from split_stacked(specs, feed, where=where)
 
 
+def _takes_batch_one(specs: Sequence[InputSpec]) -> bool:
+    """Whether every input of the model has a batch dim fixed at 1 (an export at batch 1)."""
+    return bool(specs) and all(spec.rank_known and spec.shape and spec.shape[0] == 1 for spec in specs)
+
+
 def _several_for_batch_one(feed: Mapping[str, object], specs: Sequence[InputSpec], where: str) -> bool:
     """Whether the model takes batch 1 and ``feed`` holds an input of its rank with more than one row."""
     by_name = {spec.name: spec for spec in specs}
-    if not by_name or not all(spec.rank_known and spec.shape and spec.shape[0] == 1 for spec in specs):
+    if not _takes_batch_one(specs):
         return False
     return any(name in by_name and len(shape := _shape(value, name, where)) == len(by_name[name].shape)
                and shape[0] > 1 for name, value in feed.items())
@@ -311,8 +316,7 @@ class IterableSource(DataSource):
     def num_samples(self) -> int | None:
         if not isinstance(self._items, Sequence):  # a DataLoader's len counts batches, which a model of batch 1
             # takes sample by sample: their number is known once read
-            takes_one = all(spec.rank_known and spec.shape and spec.shape[0] == 1 for spec in self._specs)
-            return len(self._items) if hasattr(self._items, "__len__") and not takes_one else None
+            return len(self._items) if hasattr(self._items, "__len__") and not _takes_batch_one(self._specs) else None
         return sum(_item_count(item, self._specs, f"{self._label} item {index}")
                    for index, item in enumerate(self._items))
 
