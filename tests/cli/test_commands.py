@@ -95,6 +95,20 @@ def test_run_stacked_samples_one_by_one_without_name(cli, tmp_path):
     np.testing.assert_allclose(outputs, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_run_takes_samples_stacked_with_np_stack(cli, tmp_path):
+    # N x 1 x 3 x 32 x 32, the form --data takes: it was refused ("... stacked samples ...: pass {name: array}
+    # with the samples stacked on axis 0")
+    path = build_onnx("resnet", tmp_path)
+    batch = np.random.default_rng(3).normal(size=(3, 1, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "stacked.npy", batch)
+    result = cli("run", path, "-i", tmp_path / "stacked.npy", "-o", tmp_path / "out", "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["samples"] == 3
+    session = OrtSession(path)
+    expected = np.concatenate([session.run({"input": sample})["output"] for sample in batch])
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "output.npy"), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_run_dynamic_model_takes_shape_from_data(cli, tmp_path):
     path = dynamic_input_model(tmp_path / "dyn.onnx")
     np.save(tmp_path / "x.npy", np.ones((2, 3, 5, 7), np.float32))

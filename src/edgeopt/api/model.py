@@ -15,6 +15,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.analysis import CostReport, MemoryReport, analyze_cost, memory_report
 from edgeopt.api._common import ModelSource, Progress, check_path, load, model_name, model_source
+from edgeopt.data.feeds import dims_match
 from edgeopt.data.npy import read_error
 from edgeopt.errors import DataError, OutputError
 from edgeopt.io import atomic_write_files, make_output_folder
@@ -89,11 +90,14 @@ class RunResult:
 
 
 def _split_samples(spec: eir.InputSpec, array: np.ndarray) -> list[np.ndarray] | None:
-    """Per-sample arrays when ``array`` stacks N samples for a batch-1 input, else None."""
+    """Per-sample arrays when ``array`` stacks N samples for a batch-1 input (concatenated, ``N x C x H x W``,
+    or ``np.stack``-ed, ``N x 1 x C x H x W``, as ``--data`` takes them), else None."""
     if spec.shape and array.ndim == len(spec.shape) - 1:
         return [array[np.newaxis]]
     if spec.shape and spec.shape[0] == 1 and array.ndim == len(spec.shape) and array.shape[0] > 1:
         return [array[i:i + 1] for i in range(array.shape[0])]
+    if spec.shape and array.ndim == len(spec.shape) + 1 and dims_match(spec.shape, array.shape[1:]):
+        return [array[i] for i in range(array.shape[0])]
     return None
 
 
