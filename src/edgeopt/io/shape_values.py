@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgeopt.io.shapes import value_dims
+
 __all__ = ["complete_reshape_shapes"]
 
 logger = logging.getLogger(__name__)
@@ -57,19 +59,11 @@ def complete_reshape_shapes(proto: onnx.ModelProto, infer: Callable[[onnx.ModelP
     return proto
 
 
-def _dims(value_type: onnx.TypeProto) -> list[Element] | None:
-    tensor = value_type.tensor_type
-    if not value_type.HasField("tensor_type") or not tensor.HasField("shape"):
-        return None
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
-
-
 def _known_shapes(graph: onnx.GraphProto) -> dict[str, list[Element]]:
     shapes = {init.name: list(init.dims) for init in graph.initializer}
     for info in (*graph.input, *graph.value_info, *graph.output):
-        dims = _dims(info.type)
-        if dims is not None:
-            shapes[info.name] = dims
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):  # else no rank known
+            shapes[info.name] = value_dims(info)
     return shapes
 
 

@@ -12,7 +12,8 @@ import onnx
 
 from edgeopt.errors import ModelError
 
-__all__ = ["check_static", "clear_output_shapes", "fix_input_shapes", "parse_input_shapes", "restore_output_shapes"]
+__all__ = ["check_static", "clear_output_shapes", "fix_input_shapes", "parse_input_shapes", "restore_output_shapes",
+           "value_dims"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ def parse_input_shapes(specs: Iterable[str]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
+def value_dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
+    """Each dim of ``value``'s tensor shape: its size, its name, or None (neither, or a size of 0)."""
     dims: list[int | str | None] = []
     for dim in value.type.tensor_type.shape.dim:
         if dim.HasField("dim_value") and dim.dim_value > 0:
@@ -68,7 +70,7 @@ def fix_input_shapes(graph: onnx.GraphProto, shapes: Mapping[str, Sequence[int]]
         if name not in by_name:
             raise ModelError(f"--input-shape names {name!r}, but the model's inputs are: {', '.join(by_name)}")
         value = by_name[name]
-        current = _dims(value)
+        current = value_dims(value)
         if value.type.tensor_type.HasField("shape") and len(current) != len(shape):
             raise ModelError(f"--input-shape {name}: model input has rank {len(current)} "
                              f"({'x'.join(str(d or '?') for d in current)}), got {len(shape)} dims")
@@ -115,7 +117,7 @@ def _set_dims(value: onnx.ValueInfoProto, shape: Sequence[int], *, keep_params: 
 
 def check_static(graph: onnx.GraphProto) -> None:
     for value in graph.input:
-        dims = _dims(value)
+        dims = value_dims(value)
         if not value.type.tensor_type.HasField("shape") or any(not isinstance(d, int) for d in dims):
             shown = "x".join(str(d) if d is not None else "?" for d in dims) or "unknown"
             params = [dim.dim_param for dim in value.type.tensor_type.shape.dim]
