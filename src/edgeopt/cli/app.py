@@ -409,7 +409,7 @@ def _seconds(text: str) -> float:
         match = _DURATION_PART.match(text, position)
         unit = match.group(2).lower() if match else ""
         if match is None or (unit and unit not in _DURATION_UNITS) or (not unit and match.end() < len(text.rstrip())):
-            raise ConfigError(f"--time-budget {text!r}: write it like 90s, 10m, 1m30s or 1h") from None
+            raise ConfigError(f"--time-budget {text!r}: write it like 90s, 10m, 1m30s or 1h")
         value += float(match.group(1)) * _DURATION_UNITS.get(unit, 1)
         position, parts = match.end(), parts + 1
     if parts == 0:
