@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeopt.errors import ConfigError, DataError
+from edgeopt.metrics import count_of
 from edgeopt.quant.speed import TINY_MODEL_MS, slowdown_reasons, speed_check
 from edgeopt.quant.speed_evidence import (
     FloatIsland,
@@ -292,7 +293,8 @@ def test_layers_left_in_float_between_int8_kernels_are_a_reason(resnet):
     counts = kernel_count(optimized_model(kept))
     assert counts.float_layers and counts.integer_kernels
     reasons = slowdown_reasons(_evidence(kernels=counts))
-    assert any(r.startswith(f"{sum(counts.float_layers.values())} layers run in float") for r in reasons)
+    layers = count_of(sum(counts.float_layers.values()), "layer runs", "layers run")  # "1 layer runs"
+    assert any(r.startswith(f"{layers} in float") for r in reasons)
 
 
 def test_half_precision_and_weight_only_models_get_their_own_reasons():

@@ -50,6 +50,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.data.feeds import shape_text
 from edgeopt.errors import ConfigError, DataError
+from edgeopt.metrics import count_of
 from edgeopt.quant.speed_evidence import (
     WEIGHT_ONLY_PRECISIONS,
     X86_MACHINES,
@@ -139,7 +140,8 @@ def _kernels_reason(evidence: SpeedEvidence) -> str | None:
                 "the QDQ model runs in float with extra quantize/dequantize work")
     if kernels.unfused_qdq:
         return (f"{kernels.unfused_qdq} QuantizeLinear/DequantizeLinear nodes remain after ONNX Runtime's "
-                f"optimizations (next to {kernels.integer_kernels} integer kernels): each is a float<->int8 "
+                f"optimizations (next to {count_of(kernels.integer_kernels, 'integer kernel', 'integer kernels')}): "
+                "each is a float<->int8 "
                 "conversion pass over a tensor")
     return None
 
@@ -149,7 +151,8 @@ def _float_layers_reason(evidence: SpeedEvidence) -> str | None:
     if kernels is None or not kernels.float_layers or not kernels.integer_kernels:
         return None
     ops = ", ".join(f"{op} x{count}" if count > 1 else op for op, count in kernels.float_layers.items())
-    return (f"{sum(kernels.float_layers.values())} layers run in float in the graph ONNX Runtime runs ({ops}), "
+    layers = count_of(sum(kernels.float_layers.values()), "layer runs", "layers run")
+    return (f"{layers} in float in the graph ONNX Runtime runs ({ops}), "
             "between int8 kernels: nodes kept float (--exclude, the accuracy search) and the nodes writing "
             "their inputs")
 
