@@ -107,3 +107,20 @@ def test_a_gelu_table_is_onnx_runtime_s_gelu_of_every_int8_input(approximate):
     feed = {"x": np.arange(-128, 128, dtype=np.float32) * np.float32(input_scale)}
     expected = OrtSession(model, optimize=False).run(feed)["y"]
     np.testing.assert_array_equal(ReferenceModel(model).run(feed)["y"], expected)
+
+
+def test_an_argmax_output_is_refused_with_what_to_do_instead():
+    # a classifier exported with its argmax: the C has no index output, and the int8 scores order alike
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("QuantizeLinear", ["input", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["scores"]),
+             helper.make_node("ArgMax", ["scores"], ["output"], name="argmax", axis=1, keepdims=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 10])],
+                              [helper.make_tensor_value_info("output", TensorProto.INT64, [1])],
+                              [numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+                               numpy_helper.from_array(np.array(0, np.int8), "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(UnsupportedOpError, match="ArgMax \\(argmax\\).*export the model without it and take the "
+                                                 "index of the largest int8 output"):
+        lower(q.to_ir(model))

@@ -374,6 +374,9 @@ _OP_HINTS = {
            "0.5 * x * (1 + erf(x / sqrt(2))), one table when no QuantizeLinear sits between its steps "
            "(`edgeopt quantize --target mcu` places its Q/DQ so): quantize the float model so, or export at opset "
            "20 or later, where GELU is one Gelu op",
+    "ArgMax": "an ArgMax of class scores needs no kernel: export the model without it and take the index of the "
+              "largest int8 output in your C (a positive scale keeps the float scores' order; ties aside)",
+    "ArgMin": "export the model without the ArgMin and take the index of the smallest int8 output in your C",
 }
 
 
