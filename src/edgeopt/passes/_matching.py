@@ -24,6 +24,7 @@ __all__ = [
     "follow_product",
     "is_close",
     "is_op",
+    "only_reader",
     "other_input",
     "producer_and_constant",
     "producer_op",
@@ -51,6 +52,13 @@ def producer_and_constant(node: ir.Node, op_types: tuple[str, ...], *,
         if producer is not None and eir.is_constant(constant):
             return producer, constant
     return None
+
+
+def only_reader(node: ir.Node, *op_types: str) -> ir.Node | None:
+    """The one node reading ``node``'s first output if it is one of ``op_types`` (and that output is no graph
+    output), else None."""
+    reader = sole_consumer(node.outputs[0]) if not node.outputs[0].is_graph_output() else None
+    return reader if is_op(reader, *op_types) else None
 
 
 def producer_op(value: ir.Value | None, *op_types: str) -> ir.Node | None:

@@ -28,6 +28,7 @@ from edgeopt.passes.rules import (
     ClipHardSigmoidRule,
     GeluRule,
     HardSigmoidMulRule,
+    L2NormRule,
     LayerNormRule,
     RmsNormRule,
     SiluRule,
@@ -81,6 +82,7 @@ class FuseActivationsPass(RulePass):
     * ``ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div[/Mul gamma][/Add beta]``
       over trailing axes -> ``LayerNormalization`` (opset >= 17);
     * ``x * rsqrt(mean(x^2) + eps) [* w]`` over the last axis (RMSNorm) -> annotated ``rms_norm``;
+    * ``x / max(ReduceL2(x, axes), eps)`` (``F.normalize``) -> annotated ``l2_norm``;
     * ``clip(x + 3, 0, 6) / 6`` -> ``HardSigmoid(alpha=1/6, beta=0.5)``;
     * ``x * clip(x + 3, 0, 6) / 6`` (any association; ReLU6 is a Clip) and
       ``x * HardSigmoid(x)`` -> ``HardSwish`` (opset >= 14; below it the
@@ -103,7 +105,7 @@ class FuseActivationsPass(RulePass):
     name = "fuse-activations"
 
     def __init__(self) -> None:
-        self.rules = (LayerNormRule(), RmsNormRule(), ClampMinMaxRule(), ClipHardSigmoidRule(), HardSigmoidMulRule(),
+        self.rules = (LayerNormRule(), RmsNormRule(), L2NormRule(), ClampMinMaxRule(), ClipHardSigmoidRule(), HardSigmoidMulRule(),
                       GeluRule(), TanhGeluRule(), SiluRule())
 
 

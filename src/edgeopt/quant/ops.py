@@ -12,7 +12,8 @@ stays float and is reported. The microcontroller target
 (:data:`MCU_OP_RULES`) adds the ops the C kernels compute from int8
 (Softmax, the table ops of :data:`TABLE_OPS` (Tanh, Elu, Gelu, Softplus ...), Sub, ReduceMean, ReduceMax,
 GlobalMaxPool, Pad, PRelu, DepthToSpace, SpaceToDepth, linear Resize, LayerNormalization, InstanceNormalization,
-RNN, GRU, LSTM, and the spelled-out GELU and LayerNorm groups of :data:`ONE_OP_PATTERNS`)
+RMSNormalization, LpNormalization, RNN, GRU, LSTM, and the spelled-out GELU, LayerNorm, RMSNorm and L2
+normalization groups of :data:`ONE_OP_PATTERNS`)
 and ConvTranspose, which ONNX Runtime runs in float (it has no integer
 ConvTranspose on the CPU), and keeps a Gather float unless its indices are
 constant (the C copies int8 blocks; a lookup of token ids has no kernel).
@@ -166,6 +167,8 @@ MCU_OP_RULES: dict[str, OpRule] = OP_RULES | {
     # input 0 and the output: Scale and B stay float, folded by the C lowering, whose kernel also clamps
     "LayerNormalization": _NORMALIZATION,
     "InstanceNormalization": _NORMALIZATION,
+    "RMSNormalization": _NORMALIZATION,  # opset 23; and spelled out (ONE_OP_PATTERNS)
+    "LpNormalization": _NORMALIZATION,  # p = 2 only (the lowering refuses p = 1); and F.normalize spelled out
     # input X and the outputs read (Y, Y_h, an LSTM's Y_c); W and R int8 per gate row; B and the initial
     # states stay float (the C folds them)
     "RNN": _RECURRENT,
@@ -175,9 +178,11 @@ MCU_OP_RULES: dict[str, OpRule] = OP_RULES | {
 
 # Spelled-out groups the float passes annotate (``edgeopt.pattern``) that a target computes as one integer op,
 # where it has that op's kernel: an erf GELU (below opset 20) as a Gelu lookup table, a LayerNorm (below
-# opset 17, or over the channels of NCHW, which no LayerNormalization expresses) as a LayerNormalization.
-# Their input and output get a Q/DQ pair, the values between their steps none.
-ONE_OP_PATTERNS = {"gelu": "Gelu", "layer_norm": "LayerNormalization"}
+# opset 17, or over the channels of NCHW, which no LayerNormalization expresses) as a LayerNormalization, an
+# RMSNorm (below opset 23) as an RMSNormalization, F.normalize as an LpNormalization (the C's LayerNorm kernel
+# with no mean subtracted, for both). Their input and output get a Q/DQ pair, the values between their steps none.
+ONE_OP_PATTERNS = {"gelu": "Gelu", "layer_norm": "LayerNormalization", "rms_norm": "RMSNormalization",
+                   "l2_norm": "LpNormalization"}
 
 # Ops without a rule of their own on the ORT target that ONNX Runtime still runs as an integer kernel
 # (QLinearSoftmax) when their input and output both have Q/DQ pairs, as an attention's Softmax between

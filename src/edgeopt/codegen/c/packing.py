@@ -395,6 +395,7 @@ def pack_layer_norm(op: IntOp, ctx: PackContext):
              c_array(f"{prefix}_bias", p.bias),
              _struct("eo_layer_norm_params", f"{prefix}_params", dict(
                  outer=p.outer, reduce=p.reduce, inner=p.inner, affine_inner=int(p.affine_inner),
+                 centered=int(p.centered), input_zero_point=p.input_zero_point,
                  epsilon_term=f"(int64_t){p.epsilon_term}LL",
                  fraction_bits=p.fraction_bits, bias_bits=p.bias_bits, output_zero_point=p.output_zero_point,
                  act_min=p.act_min, act_max=p.act_max, multiplier=f"{prefix}_multiplier", shift=f"{prefix}_shift",

@@ -20,7 +20,7 @@ import dataclasses
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.passes._matching import is_op, other_input, reduce_axes, scalar, sole_consumer
+from edgeopt.passes._matching import is_op, only_reader, other_input, reduce_axes, scalar, sole_consumer
 from edgeopt.passes._rules import Match, Rule, RuleContext
 from edgeopt.passes.rules.activations import PATTERN_KEY, annotate
 
@@ -44,10 +44,6 @@ def _square_of(node: ir.Node | None) -> ir.Value | None:
     return None
 
 
-def _only_reader(node: ir.Node, *op_types: str) -> ir.Node | None:
-    reader = sole_consumer(node.outputs[0]) if not node.outputs[0].is_graph_output() else None
-    return reader if is_op(reader, *op_types) else None
-
 
 def _scaled(value: ir.Value, x: ir.Value, body: list[ir.Node]) -> bool:
     """``value`` is ``x``, or ``Mul(w, x)`` by a constant read only by the division (T5's ``w * x * r``)."""
@@ -63,7 +59,7 @@ def _scaled(value: ir.Value, x: ir.Value, body: list[ir.Node]) -> bool:
 
 def _normalized(sqrt: ir.Node, x: ir.Value, body: list[ir.Node]) -> ir.Node | None:
     """The node writing ``x / r`` from ``r = sqrt``'s output, appending the division's nodes to ``body``."""
-    division = _only_reader(sqrt, "Div", "Reciprocal")
+    division = only_reader(sqrt, "Div", "Reciprocal")
     if division is None:
         return None
     r = sqrt.outputs[0]
@@ -73,7 +69,7 @@ def _normalized(sqrt: ir.Node, x: ir.Value, body: list[ir.Node]) -> ir.Node | No
     if division.op_type == "Div" and (division.inputs[1] is not r or scalar(division.inputs[0]) != 1.0):
         return None
     body.append(division)  # 1 / r
-    product = _only_reader(division, "Mul")
+    product = only_reader(division, "Mul")
     if product is None:
         return None
     body.append(product)
@@ -101,15 +97,15 @@ class RmsNormRule(Rule):
         if rank is None or mean.attributes.get_int("keepdims", 1) != 1 or \
                 reduce_axes(mean) not in ([-1], [rank - 1]):
             return "not a mean over the last axis that keeps it"
-        add = _only_reader(mean, "Add")
+        add = only_reader(mean, "Add")
         if add is None or scalar(other_input(add, mean.outputs[0])) is None:
             return "the mean of squares is not followed by + eps"
-        sqrt = _only_reader(add, "Sqrt")
+        sqrt = only_reader(add, "Sqrt")
         body: list[ir.Node] = []
         last = _normalized(sqrt, match.x, body) if sqrt is not None else None
         if last is None:
             return "x is not divided by sqrt(mean(x^2) + eps)"
-        gain = _only_reader(last, "Mul")
+        gain = only_reader(last, "Mul")
         if gain is not None and eir.is_constant(other_input(gain, last.outputs[0])):
             body.append(gain)
         nodes = (mean, square, add, sqrt, *body)

@@ -31,6 +31,8 @@ from edgeopt.runtime.reference.normalization import (
     claim_spelled_out,
     lower_instance_normalization,
     lower_layer_normalization,
+    lower_lp_normalization,
+    lower_rms_normalization,
 )
 from edgeopt.runtime.reference.program import (
     AddParams,
@@ -279,6 +281,8 @@ HANDLERS = {
     "DepthToSpace": lower_depth_to_space,
     "SpaceToDepth": lower_depth_to_space,
     "LayerNormalization": lower_layer_normalization,
+    "RMSNormalization": lower_rms_normalization,
+    "LpNormalization": lower_lp_normalization,
     "GRU": lower_recurrent,
     "LSTM": lower_recurrent,
     "RNN": lower_recurrent,

@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.runtime.reference.patterns import match_erf_gelu, match_layer_norm
+from edgeopt.runtime.reference.patterns import match_spelled_out
 
 __all__ = ["lift_1d"]
 
@@ -98,10 +98,10 @@ def _liftable(node: ir.Node) -> bool:
 
 
 def _spelled_out(graph: ir.Graph) -> set[ir.Node]:
-    """The nodes of spelled-out LayerNorms and erf-GELUs: lowered as one op each, they must keep their rank
-    (a lifted Sub or Mul among them, and the Squeeze back, would hide the group from its matcher)."""
-    groups = [match_layer_norm(node) if node.op_type == "ReduceMean" else match_erf_gelu(node)
-              for node in graph if node.op_type in ("ReduceMean", "Erf")]
+    """The nodes of spelled-out LayerNorms, RMSNorms, L2 norms and erf-GELUs: lowered as one op each, they must
+    keep their rank (a lifted Sub or Mul among them, and the Squeeze back, would hide the group from its
+    matcher)."""
+    groups = [match_spelled_out(node) for node in graph]
     return {member for group in groups if group is not None for member in group.nodes}
 
 

@@ -1,4 +1,5 @@
-"""Lowering of LayerNorm (the ONNX op, and spelled out) to ``layer_norm``, and of a spelled-out GELU to a ``lut``.
+"""Lowering of LayerNorm, RMSNorm and L2 normalization (the ONNX ops, and spelled out) to ``layer_norm``, and of
+a spelled-out GELU to a ``lut``.
 
 LayerNorm ``y = (x - mean) / sqrt(var + eps) * gamma + beta`` over the normalized axes, with
 ``x = s_in * (q - zp_in)``: mean and variance are shift- and scale-invariant, so in the input's integer
@@ -8,6 +9,12 @@ in input steps squared, rounded once into ``epsilon_term``). ``1 / sqrt(V)`` is 
 integers (:func:`edgeopt.runtime.reference.ops.layer_norm`); per position ``c`` of the row,
 ``gamma[c] / s_out`` becomes a fixed-point multiplier (signed: gamma may be negative) and ``beta[c] / s_out``
 an int32 offset, both with ``BIAS_BITS`` bits below the output step, rounded away once at the end.
+
+RMSNorm ``y = x / sqrt(mean(x^2) + eps) * gamma`` subtracts no mean: the same kernel, not centered, on
+``q - zp_in`` (``d = D * (q - zp_in)``, ``V = D * sum((q - zp_in)**2) + D**2 * eps / s_in**2``). An L2
+normalization ``y = x / max(||x||, eps)`` (LpNormalization with p = 2, ``F.normalize``) is an RMSNorm with
+gamma ``1 / sqrt(D)`` and ``eps**2 / D`` for its epsilon: ``x / sqrt(||x||**2 + eps**2)``, which differs from
+``max(||x||, eps)`` only for a norm near eps (by at most sqrt(2), at a norm of eps itself).
 
 The normalized axes must be contiguous in the stored layout (NHWC for rank 4), in any order there: the
 kernel views the tensor as (outer, D, inner). So a LayerNorm over the channels of an NCHW tensor
@@ -34,19 +41,20 @@ from edgeopt.runtime.reference.patterns import (
     SpelledGelu,
     SpelledLayerNorm,
     constant_operand,
-    match_erf_gelu,
-    match_layer_norm,
+    match_spelled_out,
 )
 from edgeopt.runtime.reference.program import LayerNormParams, LutParams
 from edgeopt.runtime.reference.tables import erf, lut_table
 
 __all__ = ["BIAS_BITS", "claim_spelled_out", "layer_norm_params", "lower_instance_normalization",
-           "lower_layer_normalization"]
+           "lower_layer_normalization", "lower_lp_normalization", "lower_rms_normalization"]
 
 #: Bits below the output step kept through gamma's multiply and beta's add, dropped by one rounding at the end.
 BIAS_BITS = 8
 #: The longest row: sums stay exact (``D * sum(q * q) < 2**60``) and ``d`` fits int32.
 MAX_ROW = 1 << 23
+#: Not centered, ``|q - zp_in|`` reaches 255, not 128: half the row for the same bound.
+MAX_UNCENTERED_ROW = 1 << 22
 _MAX_EPSILON_TERM = 1 << 61  # with D * sum(q * q) < 2**60, V < 2**62: its square root fits int32
 
 
@@ -58,10 +66,11 @@ def _signed_multipliers(reals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def layer_norm_params(geometry: tuple[int, int, int], source: QParams, plan: OutputPlan, epsilon: float,
-                      gamma: np.ndarray, beta: np.ndarray, *, affine_inner: bool = False) -> LayerNormParams:
+                      gamma: np.ndarray, beta: np.ndarray, *, affine_inner: bool = False,
+                      centered: bool = True) -> LayerNormParams:
     """The integer parameters of a LayerNorm over the middle axis of ``geometry`` = (outer, D, inner);
     ``gamma``, ``beta``: one real per position of a row, in stored order (``affine_inner``: per inner
-    position, InstanceNorm's channels)."""
+    position, InstanceNorm's channels). ``centered`` False: an RMSNorm (no mean subtracted)."""
     outer, reduce, inner = geometry
     fraction_bits = 30 - ((reduce - 1).bit_length() + 1) // 2  # |normalized| <= sqrt(D - 1) < 2**(30 - fraction)
     target = plan.qparams
@@ -71,10 +80,11 @@ def layer_norm_params(geometry: tuple[int, int, int], source: QParams, plan: Out
     return LayerNormParams(outer=outer, reduce=reduce, inner=inner, epsilon_term=int(round(epsilon_term)),
                            fraction_bits=fraction_bits, bias_bits=BIAS_BITS, multiplier=multiplier, shift=shift,
                            bias=bias, output_zero_point=target.zero_point, act_min=plan.act_min,
-                           act_max=plan.act_max, affine_inner=affine_inner)
+                           act_max=plan.act_max, affine_inner=affine_inner, centered=centered,
+                           input_zero_point=0 if centered else source.zero_point)
 
 
-def _geometry(lo: Lowering, x: str, axes, node: ir.Node) -> tuple[int, int, int]:
+def _geometry(lo: Lowering, x: str, axes, node: ir.Node, *, centered: bool = True) -> tuple[int, int, int]:
     """(outer, D, inner) of the stored tensor ``x`` normalized over the logical ``axes``."""
     info = lo.tensors[x]
     positions = sorted(info.layout.index(a) for a in axes)
@@ -84,9 +94,10 @@ def _geometry(lo: Lowering, x: str, axes, node: ir.Node) -> tuple[int, int, int]
                                  "layout (NHWC for rank 4; the last axis, or the channels of NCHW, always are)")
     shape = info.shape
     reduce = int(np.prod(shape[positions[0]:positions[-1] + 1], dtype=np.int64))
-    if reduce > MAX_ROW:
-        raise UnsupportedOpError(f"{node_label(node)}: LayerNorm over {reduce} values; the kernel takes at most "
-                                 f"{MAX_ROW}")
+    longest = MAX_ROW if centered else MAX_UNCENTERED_ROW
+    if reduce > longest:
+        raise UnsupportedOpError(f"{node_label(node)}: {'LayerNorm' if centered else 'RMS or L2 norm'} over {reduce} "
+                                 f"values; the kernel takes at most {longest}")
     return (int(np.prod(shape[:positions[0]], dtype=np.int64)), reduce,
             int(np.prod(shape[positions[-1] + 1:], dtype=np.int64)))
 
@@ -110,13 +121,13 @@ def _along_row(lo: Lowering, x: str, axes, array: np.ndarray, what: str, node: i
 
 
 def _emit_layer_norm(lo: Lowering, anchor: ir.Node, last: ir.Node, x: str, axes, epsilon: float,
-                     gamma: np.ndarray, beta: np.ndarray) -> None:
+                     gamma: np.ndarray, beta: np.ndarray, *, centered: bool = True) -> None:
     if not math.isfinite(epsilon) or epsilon < 0:
-        raise UnsupportedOpError(f"{node_label(anchor)}: LayerNorm epsilon {epsilon} is not a non-negative number")
-    geometry = _geometry(lo, x, axes, anchor)
+        raise UnsupportedOpError(f"{node_label(anchor)}: epsilon {epsilon} is not a non-negative number")
+    geometry = _geometry(lo, x, axes, anchor, centered=centered)
     plan = lo.output_plan(last)
     params = layer_norm_params(geometry, lo.params_of(x), plan, epsilon, _along_row(lo, x, axes, gamma, "scale",
-                               anchor), _along_row(lo, x, axes, beta, "bias", anchor))
+                               anchor), _along_row(lo, x, axes, beta, "bias", anchor), centered=centered)
     lo.finish("layer_norm", [x], plan, params, anchor)
 
 
@@ -133,6 +144,28 @@ def lower_layer_normalization(lo: Lowering, node: ir.Node) -> None:
     bias = lo.real_constant(bias_value, node) if bias_value is not None and bias_value.name else np.zeros(1)
     _emit_layer_norm(lo, node, node, x, tuple(range(axis, rank)), float(attribute(node, "epsilon", 1e-5)),
                      scale, bias)
+
+
+def lower_rms_normalization(lo: Lowering, node: ir.Node) -> None:
+    """ONNX RMSNormalization (opset 23): normalized over ``x.shape[axis:]``, Scale constant."""
+    x = lo.activation(node.inputs[0], node)
+    rank = len(lo.tensors[x].shape)
+    axis = int(attribute(node, "axis", -1)) % rank
+    _emit_layer_norm(lo, node, node, x, tuple(range(axis, rank)), float(attribute(node, "epsilon", 1e-5)),
+                     lo.real_constant(node.inputs[1], node), np.zeros(1), centered=False)
+
+
+def lower_lp_normalization(lo: Lowering, node: ir.Node) -> None:
+    """ONNX LpNormalization with p = 2: ``x / ||x||`` along ``axis`` (an RMSNorm with gamma 1 / sqrt(D))."""
+    if int(attribute(node, "p", 2)) != 2:
+        raise UnsupportedOpError(f"{node_label(node)}: LpNormalization with p = {attribute(node, 'p', 2)}: the C "
+                                 "kernel normalizes by the L2 norm (p = 2) only")
+    x = lo.activation(node.inputs[0], node)
+    info = lo.tensors[x]
+    axis = int(attribute(node, "axis", -1)) % len(info.shape)
+    count = int(info.logical_shape[axis])
+    _emit_layer_norm(lo, node, node, x, (axis,), 0.0, np.full(1, 1.0 / math.sqrt(count)), np.zeros(1),
+                     centered=False)
 
 
 def lower_instance_normalization(lo: Lowering, node: ir.Node) -> None:
@@ -167,7 +200,8 @@ def _lower_spelled_layer_norm(lo: Lowering, node: ir.Node, match: SpelledLayerNo
     x = lo.activation(match.x, node)
     scale = match.scale if match.scale is not None else np.ones(1)
     bias = match.bias if match.bias is not None else np.zeros(1)
-    _emit_layer_norm(lo, match.nodes[0], match.last, x, match.axes, match.epsilon, scale, bias)
+    _emit_layer_norm(lo, match.nodes[0], match.last, x, match.axes, match.epsilon, scale, bias,
+                     centered=match.centered)
 
 
 _FLOAT_OPS = {"Div": np.divide, "Mul": np.multiply, "Add": np.add, "Erf": erf}
@@ -203,12 +237,11 @@ def _lower_group(lo: Lowering, node: ir.Node, *, match, lower) -> None:
 
 
 def claim_spelled_out(lo: Lowering) -> None:
-    """Find the spelled-out LayerNorms and GELUs of ``lo``'s graph and claim them: the group's first node
-    (graph order) lowers it, the rest are skipped."""
+    """Find the spelled-out LayerNorms, RMSNorms, L2 norms and GELUs of ``lo``'s graph and claim them: the
+    group's first node (graph order) lowers it, the rest are skipped."""
     order = {id(node): position for position, node in enumerate(lo.model.graph)}
     for node in lo.model.graph:
-        match = (match_layer_norm(node) if node.op_type == "ReduceMean"
-                 else match_erf_gelu(node) if node.op_type == "Erf" else None)
+        match = match_spelled_out(node)
         if match is None or any(id(member) in lo.absorbed or id(member) in lo.claimed for member in match.nodes):
             continue
         lower = _lower_spelled_layer_norm if isinstance(match, SpelledLayerNorm) else _lower_spelled_gelu

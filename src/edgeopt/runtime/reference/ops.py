@@ -294,8 +294,8 @@ def _inverse_sqrt(variance: int) -> tuple[int, int]:
 def layer_norm(x: np.ndarray, *, params: LayerNormParams, rounding: str) -> np.ndarray:
     """LayerNorm of each (outer, inner) row over the middle axis, in integers (see LayerNormParams)."""
     p = params
-    rows = x.astype(np.int64).reshape(p.outer, p.reduce, p.inner).transpose(0, 2, 1)
-    total = rows.sum(axis=-1, keepdims=True)
+    rows = (x.astype(np.int64) - p.input_zero_point).reshape(p.outer, p.reduce, p.inner).transpose(0, 2, 1)
+    total = rows.sum(axis=-1, keepdims=True) if p.centered else np.zeros((*rows.shape[:-1], 1), np.int64)
     variance = p.reduce * (rows * rows).sum(axis=-1, keepdims=True) - total * total + p.epsilon_term
     pairs = [_inverse_sqrt(int(v)) for v in variance.reshape(-1)]
     inverse = np.array([pair[0] for pair in pairs], dtype=np.int64).reshape(variance.shape)

@@ -1,4 +1,5 @@
-"""Spelled-out LayerNorm and erf-GELU in a QDQ graph: node groups that are one function of one int8 tensor.
+"""Spelled-out LayerNorm, RMSNorm, L2 norm and erf-GELU in a QDQ graph: node groups that are one function of
+one int8 tensor.
 
 Exporters below opset 17 (no LayerNormalization) or 20 (no Gelu), and any exporter for ConvNeXt's
 channels-first LayerNorm (over axis 1 of NCHW, which no LayerNormalization expresses), write::
@@ -7,15 +8,20 @@ channels-first LayerNorm (over axis 1 of NCHW, which no LayerNormalization expre
                var = ReduceMean(Pow(d, 2) or Mul(d, d), axes)
                n = Div(d, Sqrt(Add(var, eps)))   or   Mul(d, Reciprocal(Sqrt(Add(var, eps))))
                y = [Add(] [Mul(] n [, gamma)] [, beta)]     gamma and beta constant along the axes
+    RMSNorm    r = Sqrt(Add(ReduceMean(Pow(x, 2) or Mul(x, x), axes), eps))
+               y = [Mul(] Div(x, r) or Mul(x, Reciprocal(r)) or Mul(x, Div(1, r)) [, gamma)]
+               (T5 scales first: Mul(gamma, x) in place of x)
+    L2 norm    n = Clip(ReduceL2(x, axes), eps) or Max(ReduceL2(x, axes), eps)
+               y = Div(x, n or Expand(n, Shape(x) or a constant))      (F.normalize)
     GELU       e = Erf(Div(x, sqrt(2)) or Mul(x, 1 / sqrt(2)))
                y = (e + 1) times x and 0.5, in any association (x * 0.5 * (1 + e), (x * (1 + e)) * 0.5 ...)
 
 Every intermediate is read by the next step alone and is no graph output; both ReduceMeans keep dims and
 reduce the same constant axes. Then ``y`` depends on ``x`` alone: with ``x`` an int8 tensor and ``y``
-reaching a QuantizeLinear, the group lowers to one integer op (``layer_norm``, or a ``lut`` of 256 entries)
-and no float value is left between. The same structural rules as the float pass that fuses or annotates
-these groups (:mod:`edgeopt.passes.rules.layer_norm`, ``gelu``), re-stated here for QDQ graphs, whose
-producer need not be edgeopt.
+reaching a QuantizeLinear, the group lowers to one integer op (``layer_norm``, centered or not, or a ``lut``
+of 256 entries) and no float value is left between. The same structural rules as the float pass that fuses
+or annotates these groups (:mod:`edgeopt.passes.rules.layer_norm`, ``rms_norm``, ``l2_norm``, ``gelu``),
+re-stated here for QDQ graphs, whose producer need not be edgeopt.
 """
 
 from __future__ import annotations
@@ -28,15 +34,18 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 
-__all__ = ["SpelledGelu", "SpelledLayerNorm", "constant_operand", "match_erf_gelu", "match_layer_norm"]
+__all__ = ["SpelledGelu", "SpelledLayerNorm", "constant_operand", "match_erf_gelu", "match_l2_norm",
+           "match_layer_norm", "match_rms_norm", "match_spelled_out"]
 
 _GELU_LINKS = 3  # (1 + e) * x * 0.5 takes at most three Mul/Div nodes after the Add
 
 
 @dataclass(frozen=True, eq=False)
 class SpelledLayerNorm:
-    """``nodes`` (ReduceMean first, graph order) compute ``y = (x - mean) / sqrt(var + epsilon) * scale + bias``
-    over ``axes`` (logical, non-negative); ``scale``/``bias`` are None when the group has no Mul/Add."""
+    """``nodes`` (in graph order) compute ``y = (x - mean) / sqrt(var + epsilon) * scale + bias``
+    over ``axes`` (logical, non-negative); ``scale``/``bias`` are None when the group has no Mul/Add.
+    ``centered`` False: no mean subtracted, ``y = x / sqrt(mean(x^2) + epsilon) * scale`` (an RMSNorm; an L2
+    norm is one with ``scale`` 1 / sqrt(D) and ``epsilon`` eps^2 / D, D values normalized together)."""
 
     nodes: tuple[ir.Node, ...]
     x: ir.Value
@@ -44,6 +53,7 @@ class SpelledLayerNorm:
     epsilon: float
     scale: np.ndarray | None
     bias: np.ndarray | None
+    centered: bool = True
 
     @property
     def last(self) -> ir.Node:
@@ -97,7 +107,7 @@ def _next(value: ir.Value, *op_types: str) -> ir.Node | None:
 
 
 def _axes(node: ir.Node, rank: int) -> tuple[int, ...] | None:
-    """The constant, non-negative, sorted axes of a ReduceMean that keeps dims (all axes when none are given)."""
+    """The constant, non-negative, sorted axes of a reduction that keeps dims (all axes when none are given)."""
     if node.attributes.get_int("keepdims", 1) != 1:
         return None
     axes = eir.reduce_axes(node)
@@ -145,12 +155,17 @@ def _affine(node: ir.Node, op_type: str, axes, rank: int) -> tuple[ir.Node, np.n
     following = _next(node.outputs[0], op_type)
     other = eir.other_input(following, node.outputs[0]) if following is not None else None
     constant = constant_operand(other) if other is not None else None
-    if constant is None or constant.ndim > rank or not np.issubdtype(constant.dtype, np.floating):
-        return None
-    padded = (1,) * (rank - constant.ndim) + constant.shape
-    if any(size != 1 and axis not in axes for axis, size in enumerate(padded)):
+    if constant is None or not np.issubdtype(constant.dtype, np.floating) or not _along(constant, axes, rank):
         return None
     return following, constant.astype(np.float64)
+
+
+def _along(constant: np.ndarray, axes, rank: int) -> bool:
+    """Whether ``constant`` broadcasts to rank ``rank`` varying only along ``axes``."""
+    if constant.ndim > rank:
+        return False
+    padded = (1,) * (rank - constant.ndim) + constant.shape
+    return all(size == 1 or axis in axes for axis, size in enumerate(padded))
 
 
 def match_layer_norm(mean: ir.Node) -> SpelledLayerNorm | None:
@@ -182,6 +197,114 @@ def _with_affine(nodes: list[ir.Node], x: ir.Value, axes, epsilon: float, rank: 
         nodes.append(bias[0])
     return SpelledLayerNorm(nodes=tuple(nodes), x=x, axes=axes, epsilon=epsilon,
                             scale=scale[1] if scale else None, bias=bias[1] if bias else None)
+
+
+# -- RMSNorm and L2 norm ---------------------------------------------------------------------------------
+
+
+def _scaled_x(value: ir.Value, x: ir.Value, reader: ir.Node) -> tuple[list[ir.Node], np.ndarray | None] | None:
+    """``value`` is ``x`` (no node, no scale), or ``Mul(gamma, x)`` read by ``reader`` alone with a constant
+    ``gamma`` (T5's): ([that Mul], gamma)."""
+    if value is x:
+        return [], None
+    node = value.producer()
+    other = eir.other_input(node, x) if eir.is_op(node, "Mul") and x in node.inputs else None
+    gamma = constant_operand(other) if other is not None else None
+    if gamma is None or not np.issubdtype(gamma.dtype, np.floating) or eir.sole_consumer(value) is not reader \
+            or value.is_graph_output():
+        return None
+    return [node], gamma.astype(np.float64)
+
+
+def _rms_division(sqrt: ir.Node, x: ir.Value) -> tuple[list[ir.Node], np.ndarray | None] | None:
+    """The nodes dividing ``x`` (or ``gamma * x``) by ``sqrt``'s output, in graph order, and that gamma."""
+    root = sqrt.outputs[0]
+    reader = _next(root, "Div", "Reciprocal")
+    if eir.is_op(reader, "Div") and reader.inputs[1] is root and _scalar(reader.inputs[0]) != 1.0:
+        scaled = _scaled_x(reader.inputs[0], x, reader)
+        return (scaled[0] + [reader], scaled[1]) if scaled is not None else None
+    if eir.is_op(reader, "Div") and (reader.inputs[1] is not root or _scalar(reader.inputs[0]) != 1.0):
+        return None
+    product = _next(reader.outputs[0], "Mul") if reader is not None else None
+    scaled = _scaled_x(eir.other_input(product, reader.outputs[0]), x, product) if product is not None else None
+    return (scaled[0] + [reader, product], scaled[1]) if scaled is not None else None
+
+
+def match_rms_norm(mean: ir.Node) -> SpelledLayerNorm | None:
+    """The spelled-out RMSNorm whose ReduceMean (of ``x`` squared) is ``mean``, or None."""
+    square = mean.inputs[0].producer() if eir.is_op(mean, "ReduceMean") and mean.inputs else None
+    x = square.inputs[0] if eir.is_op(square, "Pow", "Mul") and square.inputs else None
+    rank = len(x.shape) if x is not None and x.shape is not None else None
+    if not rank or not _squares(square, x) or eir.sole_consumer(square.outputs[0]) is not mean \
+            or square.outputs[0].is_graph_output() or eir.is_op(x.producer(), "Sub"):  # a LayerNorm's variance
+        return None
+    axes = _axes(mean, rank)
+    found = _variance(square, axes, rank) if axes is not None else None
+    division = _rms_division(found[0][-1], x) if found is not None else None
+    if division is None or (division[1] is not None and not _along(division[1], axes, rank)):
+        return None
+    nodes, scale = [*found[0], *division[0]], division[1]
+    gain = _affine(nodes[-1], "Mul", axes, rank)
+    if gain is not None:
+        nodes.append(gain[0])
+        scale = gain[1] if scale is None else scale * gain[1]
+    return SpelledLayerNorm(nodes=tuple(nodes), x=x, axes=axes, epsilon=found[1], scale=scale, bias=None,
+                            centered=False)
+
+
+def _clip_bound(node: ir.Node, index: int, name: str, default: float) -> float | None:
+    """A Clip's bound: its attribute before opset 11, else its input (``default`` when absent), None if not
+    constant."""
+    if name in node.attributes:
+        return node.attributes.get_float(name, default)
+    value = node.inputs[index] if len(node.inputs) > index else None
+    return default if value is None or not value.name else _scalar(value)
+
+
+def _norm_floor(node: ir.Node | None) -> float | None:
+    """The eps of ``Clip(n, eps)`` (no upper bound) or ``Max(n, eps)``, constant and >= 0, else None."""
+    if eir.is_op(node, "Clip"):
+        low = _clip_bound(node, 1, "min", -math.inf) if _clip_bound(node, 2, "max", math.inf) == math.inf else None
+    elif eir.is_op(node, "Max") and len(node.inputs) == 2:
+        low = _scalar(node.inputs[1])
+    else:
+        return None
+    return low if low is not None and math.isfinite(low) and low >= 0 else None
+
+
+def match_l2_norm(norm: ir.Node) -> SpelledLayerNorm | None:
+    """The spelled-out L2 normalization (``F.normalize``) whose ReduceL2 is ``norm``, or None."""
+    x = norm.inputs[0] if eir.is_op(norm, "ReduceL2") and norm.inputs else None
+    rank = len(x.shape) if x is not None and x.shape is not None else None
+    axes = _axes(norm, rank) if rank else None
+    floor = _next(norm.outputs[0], "Clip", "Max") if axes is not None and not norm.outputs[0].is_graph_output() \
+        else None
+    epsilon = _norm_floor(floor)
+    nodes = [norm, floor]
+    divisor = _next(floor.outputs[0], "Expand", "Div") if epsilon is not None else None
+    if eir.is_op(divisor, "Expand"):
+        shape = divisor.inputs[1].producer()  # TorchScript's Shape(x): part of the group
+        if eir.is_op(shape, "Shape") and shape.inputs[0] is x and eir.sole_consumer(shape.outputs[0]) is divisor:
+            nodes.append(shape)
+        nodes.append(divisor)
+        divisor = _next(divisor.outputs[0], "Div")
+    if divisor is None or divisor.inputs[0] is not x or divisor.inputs[1] is not nodes[-1].outputs[0]:
+        return None
+    if any(not isinstance(x.shape[a], int) for a in axes):
+        return None
+    count = int(np.prod([x.shape[a] for a in axes]))
+    return SpelledLayerNorm(nodes=(*nodes, divisor), x=x, axes=axes, epsilon=epsilon * epsilon / count,
+                            scale=np.full(1, 1.0 / math.sqrt(count)), bias=None, centered=False)
+
+
+def match_spelled_out(node: ir.Node) -> SpelledLayerNorm | SpelledGelu | None:
+    """The spelled-out group ``node`` anchors (a LayerNorm's first ReduceMean, an RMSNorm's ReduceMean, an L2
+    norm's ReduceL2, a GELU's Erf), or None."""
+    if node.op_type == "ReduceMean":
+        return match_layer_norm(node) or match_rms_norm(node)
+    if node.op_type == "ReduceL2":
+        return match_l2_norm(node)
+    return match_erf_gelu(node) if node.op_type == "Erf" else None
 
 
 # -- GELU ------------------------------------------------------------------------------------------------

@@ -386,6 +386,7 @@ class LayerNormParams:
     square root, one division per row); ``n = d * inverse`` rounded to ``fraction_bits`` bits; then per
     position ``c`` of the row ``y = requant(n, multiplier[c], shift[c]) + bias[c]`` (``gamma / s_out`` and
     ``beta / s_out``, with ``bias_bits`` extra bits), rounded down by ``bias_bits``, plus the zero point.
+    Not ``centered`` (RMSNorm, L2 norm): ``x`` is ``q - input_zero_point`` and ``S1`` is 0.
     """
 
     outer: int
@@ -402,6 +403,8 @@ class LayerNormParams:
     act_max: int
     #: InstanceNorm: multiplier, shift and bias per inner position (the channel of NHWC), not per row position
     affine_inner: bool = False
+    centered: bool = True
+    input_zero_point: int = 0  # subtracted when not centered (a centered row is shift-invariant)
 
 
 BILINEAR_FRACTION_BITS = 10  # of a bilinear weight: 1.0 is 1024, as in TFLite (and EO_BILINEAR_BITS in the C)

@@ -513,10 +513,11 @@ void eo_layer_norm_s8(const eo_layer_norm_params *p, const int8_t *in, int8_t *o
             int64_t squares = 0, variance, inverse = 0, half;
             int k = 0, exponent;
             for (c = 0; c < p->reduce; ++c) {
-                int32_t x = in[base + (long)c * p->inner];
+                int32_t x = in[base + (long)c * p->inner] - p->input_zero_point;
                 total += x;
                 squares += x * x;
             }
+            if (!p->centered) total = 0;
             /* D^2 (var + eps) in input steps squared, under 2^62 */
             variance = (int64_t)d_count * squares - (int64_t)total * total + p->epsilon_term;
             if (variance > 0) {
@@ -529,7 +530,7 @@ void eo_layer_norm_s8(const eo_layer_norm_params *p, const int8_t *in, int8_t *o
             half = (int64_t)1 << (exponent - 1);
             for (c = 0; c < p->reduce; ++c) {
                 const long index = base + (long)c * p->inner;
-                int64_t deviation = (int64_t)d_count * in[index] - total;
+                int64_t deviation = (int64_t)d_count * (in[index] - p->input_zero_point) - total;
                 int32_t normalized = (int32_t)((deviation * inverse + half) >> exponent);
                 const int a = p->affine_inner ? i : c;
                 int64_t scaled = (int64_t)eo_requantize(normalized, p->multiplier[a], p->shift[a]) + p->bias[a];

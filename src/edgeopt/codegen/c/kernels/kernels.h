@@ -150,9 +150,11 @@ void eo_resize_bilinear_s8(const eo_resize_bilinear_params *p, const int8_t *in,
 /* LayerNorm of each (outer, inner) row of D = reduce values (stride inner), in integers: see LayerNormParams in
  * edgeopt/runtime/reference/program.py. multiplier/shift/bias are per position of a row (gamma and beta folded
  * with the output scale, bias_bits below its step), or per inner position with affine_inner (InstanceNorm's
- * per-channel scale); out may be in (in place). */
+ * per-channel scale); centered 0: no mean subtracted, values taken less input_zero_point (RMSNorm, L2 norm);
+ * out may be in (in place). */
 typedef struct {
-    int outer, reduce, inner, affine_inner;
+    int outer, reduce, inner, affine_inner, centered;
+    int32_t input_zero_point;
     int64_t epsilon_term;
     int32_t fraction_bits, bias_bits, output_zero_point, act_min, act_max;
     const int32_t *multiplier, *bias; const int8_t *shift;
