@@ -105,8 +105,8 @@ class FuseActivationsPass(RulePass):
     name = "fuse-activations"
 
     def __init__(self) -> None:
-        self.rules = (LayerNormRule(), RmsNormRule(), L2NormRule(), ClampMinMaxRule(), ClipHardSigmoidRule(), HardSigmoidMulRule(),
-                      GeluRule(), TanhGeluRule(), SiluRule())
+        self.rules = (LayerNormRule(), RmsNormRule(), L2NormRule(), ClampMinMaxRule(), ClipHardSigmoidRule(),
+                      HardSigmoidMulRule(), GeluRule(), TanhGeluRule(), SiluRule())
 
 
 def fuse_activations(model: ir.Model) -> ReportedPassResult:
