@@ -274,3 +274,17 @@ def test_verify_runs_the_c_under_the_sanitizers_and_catches_an_arena_overrun(tmp
     model_c.write_text(re.sub(r"bytes\[(\d+)\]", r"bytes[\1 - 8]", model_c.read_text()))
     with pytest.raises(CodegenError, match="broke a memory or arithmetic rule .* AddressSanitizer: global-buffer"):
         verify(out, data)
+
+
+@needs_gcc
+def test_the_c_builds_under_the_strict_warnings_embedded_projects_use(tmp_path):
+    # firmware builds often add -Wconversion -Wsign-conversion -Wshadow to -Werror: the recurrent kernels'
+    # `sizeof(int16_t) * p->hidden` (int to size_t) stopped such a build
+    import subprocess
+
+    compile_c(_qdq("conv_relu"), tmp_path / "c")
+    flags = ["-std=c99", "-Wall", "-Wextra", "-Wpedantic", "-Wconversion", "-Wsign-conversion", "-Wshadow",
+             "-Wdouble-promotion", "-Wcast-qual", "-Werror", "-c", "-o", "/dev/null"]
+    for source in ("kernels.c", "model.c"):
+        built = subprocess.run(["gcc", *flags, source], cwd=tmp_path / "c", capture_output=True, text=True)
+        assert built.returncode == 0, built.stderr

@@ -614,10 +614,10 @@ void eo_rnn_state_inputs(const eo_recurrent_params *p, const int8_t *state0, con
  * zeros), or the state inputs. */
 static void rnn_initial(const eo_recurrent_params *p, const int8_t *state0, const int8_t *state1, long offset,
                         int16_t *h, int32_t *cell) {
-    if (p->initial) memcpy(h, p->initial + offset, sizeof(int16_t) * p->hidden);
-    else memset(h, 0, sizeof(int16_t) * p->hidden);
-    if (cell && p->initial_cell) memcpy(cell, p->initial_cell + offset, sizeof(int32_t) * p->hidden);
-    else if (cell) memset(cell, 0, sizeof(int32_t) * p->hidden);
+    if (p->initial) memcpy(h, p->initial + offset, sizeof(int16_t) * (size_t)p->hidden);
+    else memset(h, 0, sizeof(int16_t) * (size_t)p->hidden);
+    if (cell && p->initial_cell) memcpy(cell, p->initial_cell + offset, sizeof(int32_t) * (size_t)p->hidden);
+    else if (cell) memset(cell, 0, sizeof(int32_t) * (size_t)p->hidden);
     if (p->state_inputs) p->state_inputs(p, state0, state1, offset, h, cell);
 }
 
@@ -653,7 +653,7 @@ static void rnn_run(const eo_recurrent_params *p, const int8_t *in, const int8_t
             for (step = 0; step < p->steps; ++step) {
                 const int t = dir.backward ? p->steps - 1 - step : step;
                 step_function(p, &dir, in + t * p->x_stride_t + b * p->x_stride_b, h, next, scratch + 2 * H, cell);
-                memcpy(h, next, sizeof(int16_t) * H);
+                memcpy(h, next, sizeof(int16_t) * (size_t)H);
                 if (p->output == 0) rnn_write(p, out, t * p->y_stride_t + d * p->y_stride_d + b * p->y_stride_b, h, 0);
             }
             if (p->output) rnn_write(p, out, d * p->y_stride_d + b * p->y_stride_b, h, p->output == 2 ? cell : 0);
