@@ -127,6 +127,40 @@ def test_a_weighted_layer_is_measured_against_its_float_twin_on_the_same_quantiz
     assert row.lost_db > 0
 
 
+def test_two_rows_whose_twins_copy_one_float_node_give_each_copy_a_name_of_its_own(tmp_path):
+    # GPT-2's c_attn: one MatMul computes q, k and v, which a Split takes apart. With `att @ v` kept float, the
+    # twins of two rows each copied the MatMul as '/c_attn/MatMul__edgeopt_twin', and ONNX Runtime refused the
+    # model ("two nodes with same node name"): quantize's fidelity check and `compare` failed with exit 2
+    torch = pytest.importorskip("torch")
+    import edgeopt
+    from edgeopt.quant.config import Int8Config
+
+    width, heads, tokens = 16, 2, 6
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn, self.c_proj = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+
+        def forward(self, x):
+            q, k, v = (t.view(1, tokens, heads, -1).transpose(1, 2) for t in self.c_attn(x).split(width, dim=2))
+            attention = ((q @ k.transpose(-2, -1)) / math.sqrt(width // heads)).softmax(-1)
+            return x + self.c_proj((attention @ v).transpose(1, 2).reshape(1, tokens, width))
+
+    torch.manual_seed(0)
+    path = tmp_path / "attention.onnx"
+    torch.onnx.export(Attention().eval(), (torch.randn(1, tokens, width),), str(path), input_names=["x"],
+                      opset_version=17, dynamo=False)
+    probs_v = [node.name for node in onnx.load(path).graph.node if node.op_type == "MatMul"][2]
+    rng = np.random.default_rng(0)
+    data = [{"x": rng.standard_normal((1, tokens, width)).astype(np.float32)} for _ in range(8)]
+    report = edgeopt.quantize(path, Int8Config(exclude=(probs_v,)), data, output=tmp_path / "q.onnx",
+                              check_speed=False)
+    assert report.fidelity is not None
+    result = compare_models(edgeopt.load(path), edgeopt.load(tmp_path / "q.onnx"), data)
+    assert sum(row.computed_sqnr_db is not None for row in result.layers) >= 2
+
+
 def _bytes(model) -> bytes:
     from edgeopt.io import model_to_bytes
 

@@ -79,7 +79,7 @@ def float_weight_twins(float_model: ir.Model, quant_model: ir.Model, matches: li
     copied = value_names(model.graph)
     # one copy of each float constant (by identity: the two float models may hold different tensors of one
     # name), however many twins read it; every name the copies take is new to the graph
-    names = _Names(taken={*copied, *model.graph.initializers})
+    names = _Names(taken={*copied, *model.graph.initializers}, node_names={node.name for node in model.graph})
     twins = {match.float_name: _copy_chain(model.graph, chain, {f: copied[q] for f, q in frontier.items()}, names,
                                            match.float_name) for match, chain, frontier in plans}
     return model, twins
@@ -87,13 +87,20 @@ def float_weight_twins(float_model: ir.Model, quant_model: ir.Model, matches: li
 
 @dataclass
 class _Names:
-    """The names taken in the graph the twins join, and the copies of the float constants made so far."""
+    """The value and node names taken in the graph the twins join, and the copies of the float constants made
+    so far."""
 
     taken: set[str]
+    node_names: set[str] = field(default_factory=set)
     constants: dict[int, ir.Value] = field(default_factory=dict)
 
     def new(self, base: str) -> str:
         return claim_name(f"{base}{TWIN_SUFFIX}", self.taken)
+
+    def new_node(self, base: str) -> str:
+        """A node name of its own: two rows' chains may copy one float node (GPT-2's c_attn MatMul computes
+        the q, k and v a Split takes apart), and ONNX Runtime refuses a graph with two nodes of one name."""
+        return claim_name(f"{base}{TWIN_SUFFIX}", self.node_names)
 
 
 def _quantized_chain(value: ir.Value | None,
@@ -161,7 +168,7 @@ def _copy_chain(graph: ir.Graph, chain: list[ir.Node], fed: Mapping[str, ir.Valu
         outputs = [ir.Value(name=names.new(value.name), type=value.type,
                             shape=value.shape.copy() if value.shape is not None else None) for value in node.outputs]
         attributes = [ir.Attr(attr.name, attr.type, attr.value) for attr in node.attributes.values()]
-        copy = ir.Node(node.domain, node.op_type, inputs, attributes, name=f"{node.name}{TWIN_SUFFIX}",
+        copy = ir.Node(node.domain, node.op_type, inputs, attributes, name=names.new_node(node.name),
                        outputs=outputs)
         graph.append(copy)
         copies |= {old.name: new for old, new in zip(node.outputs, copy.outputs)}
