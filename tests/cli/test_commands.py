@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
+import edgeopt.demo
 from edgeopt import api
 from edgeopt.errors import ConfigError, DataError
 from edgeopt.runtime.ort import OrtSession
@@ -374,3 +375,17 @@ def test_inspect_of_a_quantized_model_shows_the_weights_as_stored(cli, tmp_path)
     assert shown.code == 0 and "stored (as" in shown.stdout
     assert "stored (as" not in cli("inspect", demo_model_path()).stdout  # float32: stored as fp32
     assert json.loads(cli("inspect", out, "--json").stdout)["weight_bytes"]["stored"] == stored
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(cli, tmp_path, monkeypatch):
+    # `edgeopt --debug quantize missing.onnx` exited 1 (the traceback escaping to Python), not 2 as without it
+    missing = cli("--debug", "quantize", tmp_path / "missing.onnx", "-o", tmp_path / "q.onnx", "--scheme", "fp16")
+    assert missing.code == 2 and "Traceback" in missing.stderr and "error: " in missing.stderr
+    assert cli("quantize", tmp_path / "missing.onnx", "-o", tmp_path / "q.onnx", "--scheme", "fp16").code == 2
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(api, "inspect", broken)
+    bug = cli("--debug", "inspect", edgeopt.demo.demo_model_path())
+    assert bug.code == 70 and "Traceback" in bug.stderr and "RuntimeError: a bug" in bug.stderr

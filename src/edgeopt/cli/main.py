@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import traceback
 
 from rich.text import Text
 
@@ -90,19 +91,24 @@ def _run_app(argv: list[str] | None) -> int:
     except InterruptedAfterWriting as stop:
         return _interrupted(stop.message, stop.result, as_json=as_json)
     except EdgeoptError as error:
-        if state.debug:
-            raise
+        _debug_traceback()
         return _fail(str(error), error.exit_code, as_json=as_json, result=getattr(error, "result", None))
     except KeyboardInterrupt:
         return _interrupted(as_json=as_json)
     except Exception as error:  # a bug: one line unless --debug
         if ctrl_c_seen():  # a Ctrl-C inside an extension's import surfaces as its ImportError
             return _interrupted(as_json=as_json)
-        if state.debug:
-            raise
+        _debug_traceback()
         return _fail(f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback "
                      "and please report it)", INTERNAL_ERROR, as_json=as_json)
     return 0
+
+
+def _debug_traceback() -> None:
+    """With --debug, the traceback of the exception being handled, on stderr; the exit code stays the error's
+    (a traceback escaping to Python exited 1 whatever the error)."""
+    if state.debug:
+        traceback.print_exc(file=sys.stderr)
 
 
 def _exited(done: SystemExit, as_json: bool) -> int:
