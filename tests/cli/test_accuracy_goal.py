@@ -336,3 +336,16 @@ def test_ctrl_c_in_the_checks_after_a_search_writes_its_model_without_them(tmp_p
     assert search.met and search.interrupted and search.stopped_because.endswith("; then interrupted")
     written = json.loads((tmp_path / "q.report.json").read_text())
     assert written["fidelity"] is None and written["accuracy_search"]["interrupted"] is True
+
+
+def test_max_float_nodes_limits_the_search_and_the_stop_names_the_option(cli, tmp_path):
+    # the search's limit of 32 nodes had no option, and hitting it said only "32 nodes already back in float"
+    out = tmp_path / "q.onnx"
+    result = cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", out, "--min-sqnr", "200",
+                 "--max-float-nodes", "1", "--no-speed-check", "--json")
+    assert result.code == 8, result.stderr
+    search = json.loads(result.stdout)["accuracy_search"]
+    assert len(search["float_nodes_added"]) == 1
+    assert search["stopped_because"] == "1 node already back in float (the search's limit: --max-float-nodes)"
+    alone = cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", out, "--max-float-nodes", "3")
+    assert alone.code == 4 and "--max-float-nodes limits the accuracy search" in alone.stderr

@@ -440,3 +440,17 @@ def test_shape_readers_of_a_float_nodes_quantized_output_are_not_returned_with_i
     assert any("c_attn/Gemm" in name for name in returned)  # read from the first block's ln_1
     ops = {node.name: node.op_type for node in model.graph}
     assert [name for name in returned if ops.get(name) in ("Shape", "Size")] == []
+
+
+def test_data_movement_left_quantized_goes_back_in_one_step_beyond_the_room():
+    # a ViT's head split (Reshape, Transpose, Squeeze, Gathers ...) after its float qkv Gemm, still quantized for
+    # the int8 probs @ v, went back one node a round (18 rounds), each counted against max_float_nodes: the
+    # search stopped at its limit of 32 before it reached probs @ v (with it: goal met, 2 nodes float)
+    from edgeopt.quant.accuracy import _returned_together
+    from edgeopt.quant.accuracy_damage import DATA_MOVEMENT_LEFT, Candidate
+
+    nodes = [ir.Node("", op, [], name=f"n{i}") for i, op in enumerate(["Reshape", "Transpose", "Gather", "Gather"])]
+    movement = [Candidate(0.0, node, "still reads x quantized", through=DATA_MOVEMENT_LEFT) for node in nodes]
+    assert _returned_together(movement, room=1) == movement
+    readers = [Candidate(1.0, node, "reads the LayerNorm's output", through="ln") for node in nodes]
+    assert _returned_together(readers, room=2) == readers[:2]  # computing readers: within the room

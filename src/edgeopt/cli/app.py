@@ -343,6 +343,9 @@ def quantize(
                             "measure on, instead of the calibration data the ranges were fitted to.")] = None,
     time_budget: Annotated[Optional[str], typer.Option(
         "--time-budget", help="Limit of the accuracy loop, e.g. 90s, 10m, 1m30s, 1h (default 10m).")] = None,
+    max_float_nodes: Annotated[Optional[int], typer.Option(
+        "--max-float-nodes", min=1, help="Most nodes the accuracy loop returns to float (default 32; data "
+                                         "movement between them not counted).")] = None,
     preprocess: PreprocessOption = None,
     speed_check: Annotated[bool, typer.Option("--speed-check/--no-speed-check",
                                               help="Time float vs quantized in ONNX Runtime afterwards.")] = True,
@@ -358,9 +361,11 @@ def quantize(
     goal = None
     if max_drop is not None or min_sqnr is not None:
         goal = AccuracyGoal(max_drop=max_drop, min_sqnr_db=min_sqnr,
-                            time_budget_s=_seconds(time_budget or DEFAULT_TIME_BUDGET))
-    elif time_budget is not None:
-        raise ConfigError("--time-budget limits the accuracy search: use it with --max-drop or --min-sqnr, or drop it")
+                            time_budget_s=_seconds(time_budget or DEFAULT_TIME_BUDGET),
+                            **({} if max_float_nodes is None else {"max_float_nodes": max_float_nodes}))
+    elif time_budget is not None or max_float_nodes is not None:
+        option = "--time-budget" if time_budget is not None else "--max-float-nodes"
+        raise ConfigError(f"{option} limits the accuracy search: use it with --max-drop or --min-sqnr, or drop it")
     # under --json, stdout is the report alone: what --eval or --data code prints goes to stderr
     quiet = contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext()
     with progress_bar("calibrating" if goal is None else "accuracy search") as update, quiet:

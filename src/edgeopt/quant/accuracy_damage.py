@@ -30,7 +30,7 @@ from edgeopt.quant.placement import (DATA_MOVEMENT_OPS, READ_IN_FLOAT, readers_b
                                      readers_past_data_movement)
 from edgeopt.quant.registry import QuantResult
 
-__all__ = ["Candidate", "low_bit_layers", "node_damage", "quantized_readers", "weight_damage"]
+__all__ = ["DATA_MOVEMENT_LEFT", "Candidate", "low_bit_layers", "node_damage", "quantized_readers", "weight_damage"]
 
 
 class Candidate(NamedTuple):
@@ -143,9 +143,16 @@ def weight_damage(base: ir.Model, result: QuantResult, comparison: CompareResult
     return ranked + unmeasured
 
 
+#: The ``through`` of the data-movement nodes :func:`quantized_readers` finds: the search returns them together.
+DATA_MOVEMENT_LEFT = "(data movement still quantized)"
+
+
 def quantized_readers(result: QuantResult) -> list[Candidate]:
     """Nodes still reading a quantized activation whose own output is not compared (its readers are
-    float): no damage is measured for them, but the search must be able to return them too."""
+    float): no damage is measured for them, but the search must be able to return them too. The
+    data-movement ones (a head split's Reshape, Transpose and Gathers between float nodes) share one
+    ``through``: each alone changes nothing but a Q/DQ round trip, and one per round took a round each
+    (18 rounds of a ViT's search)."""
     float_nodes = _float_node_names(result)
     found = []
     for node in dict.fromkeys(past_fallback_casts(result.model.graph)):
@@ -154,7 +161,8 @@ def quantized_readers(result: QuantResult) -> list[Candidate]:
             continue
         inputs = quantized_input_names(node)
         if inputs:
-            found.append(Candidate(0.0, node, f"still reads {inputs[0]} quantized"))
+            group = DATA_MOVEMENT_LEFT if eir.is_op(node, *DATA_MOVEMENT_OPS) else None
+            found.append(Candidate(0.0, node, f"still reads {inputs[0]} quantized", through=group))
     return _as_exported(result, found)
 
 
