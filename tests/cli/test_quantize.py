@@ -594,12 +594,15 @@ def test_nodes_float_for_one_cause_share_a_row_whatever_their_own_figures(capsys
 
     monkeypatch.setattr(cli_app, "FLOAT_NODES_LISTED", 2)
     nodes = [FloatNode(f"conv{i}", "Conv", f"returned to float by the accuracy search (round {i}: output SQNR "
-                                             f"{20 + i}.0 dB)") for i in range(3)]
+                                             f"{20 + i}.0 dB); computes in float16 (--fallback fp16)")
+             for i in range(3)]
     nodes.append(FloatNode("tanh", "Tanh", "no integer kernel for Tanh"))
     cli_app._render_float_nodes(nodes, None, "int8")
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("│ ")]
     assert len(rows) == 2
-    grouped = "│ Conv │     3 │ conv0 │ returned to float by the accuracy search; round 0: output SQNR 20.0 dB"
+    # the example's reason whole (cut at the kind, it read "search; round 0: ... dB); computes in float16 (--fall...")
+    grouped = ("│ Conv │     3 │ conv0 │ returned to float by the accuracy search (round 0: output SQNR 20.0 dB);"
+               " computes in float16 (--fallback fp16)")
     assert grouped in rows[0]
     assert rows[1].split("│")[4].strip() == "no integer kernel for Tanh"
 

@@ -152,7 +152,7 @@ def _search_and_fresh(model, config, data, goal):
     from edgeopt.quant.int8 import quantize_int8
 
     search = accuracy_aware_quantize(model, config, data, goal)
-    fresh = quantize_int8(_base_model(model), replace(config, exclude=config.exclude + search.best_excluded), data)
+    fresh = quantize_int8(_base_model(model)[0], replace(config, exclude=config.exclude + search.best_excluded), data)
     return search, model_to_bytes(search.result.model) == model_to_bytes(fresh.model), fresh.notes
 
 
@@ -454,3 +454,14 @@ def test_data_movement_left_quantized_goes_back_in_one_step_beyond_the_room():
     assert _returned_together(movement, room=1) == movement
     readers = [Candidate(1.0, node, "reads the LayerNorm's output", through="ln") for node in nodes]
     assert _returned_together(readers, room=2) == readers[:2]  # computing readers: within the room
+
+
+def test_the_quantizers_notes_on_nodes_the_search_returned_do_not_name_an_exclude_the_user_never_gave():
+    # "note: --exclude /blocks.0/attn/Softmax: ... now reads its input in float" after a search run without --exclude
+    from edgeopt.quant.accuracy import _as_returned
+
+    note = "--exclude /attn/Softmax: /attn/Softmax (Softmax) now reads its input in float; exclude those to keep it"
+    assert _as_returned(note, {"/attn/Softmax": "returned"}) == (
+        "returned to float by the accuracy search, /attn/Softmax: /attn/Softmax (Softmax) now reads its input in "
+        "float; exclude those to keep it")
+    assert _as_returned(note, {}) == note  # the user's own --exclude

@@ -120,7 +120,7 @@ def test_the_rounds_share_one_pass_and_each_weight_s_rounding_and_give_a_fresh_q
     search = accuracy_aware_quantize(_mlp(), config, _data(), AccuracyGoal(min_sqnr_db=23.0))
     assert search.met and len(search.steps) >= 3 and search.calibration_passes == 1, search.steps
     excluded = tuple(dict.fromkeys(config.exclude + search.best_excluded))
-    fresh = quantize_int4(_base_model(_mlp(), config), replace(config, exclude=excluded), _data())
+    fresh = quantize_int4(_base_model(_mlp(), config)[0], replace(config, exclude=excluded), _data())
     assert model_to_bytes(search.result.model) == model_to_bytes(fresh.model)
     assert search.result.notes == fresh.notes
 
@@ -132,7 +132,7 @@ def test_input_correlations_that_take_several_passes_are_read_again_each_round(m
     search = accuracy_aware_quantize(_mlp(), config, _data(), AccuracyGoal(min_sqnr_db=200.0, max_float_nodes=1))
     assert [step.next_node for step in search.steps] == ["fc2", None]
     assert search.calibration_passes == 3  # the first round's three inputs, one a pass; none in the second
-    fresh = quantize_int4(_base_model(_mlp(), config), replace(config, exclude=search.best_excluded), _data())
+    fresh = quantize_int4(_base_model(_mlp(), config)[0], replace(config, exclude=search.best_excluded), _data())
     assert model_to_bytes(search.result.model) == model_to_bytes(fresh.model)
 
 
@@ -182,7 +182,7 @@ def test_a_search_taking_every_layer_out_of_int4_keeps_the_8_bit_table_it_measur
     search = accuracy_aware_quantize(_untied_lm(), config, data, AccuracyGoal(min_sqnr_db=200.0))
     assert set(search.best_excluded) == {"proj", "head"} and not search.met, search.steps
     assert [node.op_type for node in search.result.model.graph][0] == "GatherBlockQuantized"
-    fresh = quantize_int4(_base_model(_untied_lm(), config), replace(config, exclude=search.best_excluded), data)
+    fresh = quantize_int4(_base_model(_untied_lm(), config)[0], replace(config, exclude=search.best_excluded), data)
     assert model_to_bytes(search.result.model) == model_to_bytes(fresh.model)
 
 
@@ -199,3 +199,17 @@ def test_layers_inside_a_scan_body_are_returned_once_the_measured_ones_are():
     excluded = accuracy_aware_quantize(model, Int4WeightConfig(exclude=("b_mm1",)), scan_rnn_data(),
                                        AccuracyGoal(min_sqnr_db=10.0))
     assert ("b_mm1", "excluded by config") in {(f.node_name, f.reason) for f in excluded.result.float_nodes}
+
+
+def test_the_search_reports_what_the_float_passes_did_to_the_users_model():
+    # the rounds quantize the model the passes already ran on: the search's int4 model said "float passes first:
+    # nothing to fold or fuse" where int4 alone said "48 -> 33 nodes"
+    import edgeopt.demo
+    from edgeopt.io import load_model
+
+    model = load_model(edgeopt.demo.demo_model_path())
+    data = [{"input": sample[None]} for sample in np.load(edgeopt.demo.demo_calibration_path())[:16]]
+    alone = [n for n in quantize_int4(model.clone(), Int4WeightConfig(), data).notes if n.startswith("float passes")]
+    search = accuracy_aware_quantize(model, Int4WeightConfig(), data, AccuracyGoal(min_sqnr_db=25.0))
+    assert [n for n in search.result.notes if n.startswith("float passes")] == alone
+    assert "nodes" in alone[0] and "nothing to fold" not in alone[0]

@@ -79,7 +79,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _global(
-    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of any error (exit codes stay the same).")] = False,
+    debug: Annotated[bool, typer.Option(
+        "--debug", help="Show the traceback of any error (exit codes stay the same).")] = False,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")] = 0,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
@@ -484,10 +485,10 @@ def _render_float_nodes(float_nodes, output, scheme: str) -> None:
     where = f"; each one in {report_path(output)}" if output is not None else "; each one with --json"
     rows = table(f"{kept}, by op and reason{where}",
                  [("op", "left"), ("nodes", "right"), ("e.g.", "left"), ("reason", "left")])
-    for (op_type, kind), members in groups.items():
+    for (op_type, _), members in groups.items():
         name, reason = members[0]
-        own = reason[len(kind):].strip(" ()")  # the first node's own part: its round and figures ...
-        rows.add_row(op_type, str(len(members)), name, reason if len(members) == 1 or not own else f"{kind}; {own}")
+        # the example's own reason, whole: cut at the kind, "(round 5: ...)" lost its brackets and "by 'x'" its place
+        rows.add_row(op_type, str(len(members)), name, reason)
     state.stdout.print(rows)
 
 

@@ -61,6 +61,7 @@ from edgeopt.quant.accuracy_damage import (
     quantized_readers,
     weight_damage,
 )
+from edgeopt.quant.float16 import FLOAT_PASSES
 from edgeopt.quant.int8 import quantize_int8
 from edgeopt.quant.model_checks import NodeIndex, check_exclude, vanished_excludes
 from edgeopt.quant.registry import FloatNode, QuantResult
@@ -191,9 +192,10 @@ def _kept_where(returned_to: str) -> str:
     return "back in float" if returned_to == "float" else f"in {returned_to}"
 
 
-def _base_model(model: ir.Model, config: Int8Config | Int4WeightConfig | None = None) -> ir.Model:
+def _base_model(model: ir.Model, config: Int8Config | Int4WeightConfig | None = None) -> tuple[ir.Model, list[str]]:
     """The optimized float model, named as the quantizer will name it, so exclusions refer to real nodes
-    (int4: after the weight-only passes, where a MatMul stays a MatMul for MatMulNBits to replace)."""
+    (int4: after the weight-only passes, where a MatMul stays a MatMul for MatMulNBits to replace); and the
+    weight-only passes' note on what they did (the rounds, quantizing ``base``, find nothing left to do)."""
     from edgeopt.passes import optimize_for_quantization
     from edgeopt.quant.float16 import weight_only_float_passes
     from edgeopt.quant.int8 import QDQ_OPSET
@@ -201,14 +203,15 @@ def _base_model(model: ir.Model, config: Int8Config | Int4WeightConfig | None = 
 
     if isinstance(config, (Int4WeightConfig, DynamicInt8Config)):
         base = model.clone()
-        weight_only_float_passes(base, config.exclude, run=config.float_passes, subgraphs=True)
+        notes = [note for note in weight_only_float_passes(base, config.exclude, run=config.float_passes,
+                                                           subgraphs=True) if note.startswith(FLOAT_PASSES)]
         # typed, as a loaded model is: the rounds' tensors are matched by name to its float ones
         eir.infer_shapes(base)
     else:
         base = convert_opset(model, QDQ_OPSET) if eir.default_opset(model) < QDQ_OPSET else model.clone()
-        base = optimize_for_quantization(base).model
+        base, notes = optimize_for_quantization(base).model, []
     common_passes.NameFixPass()(base)
-    return base
+    return base, notes
 
 
 def _output_sqnr(comparison: CompareResult) -> float:
@@ -335,7 +338,7 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config | Int4WeightConf
     """
     if goal.max_drop is not None and evaluate is None:
         raise ConfigError("--max-drop needs --eval module:function to score a model")
-    base = _base_model(model, config)
+    base, pass_notes = _base_model(model, config)
     config, vanished = _excludes_of_base(model, base, config)
     search = _Search(base, config, data, goal, evaluate, measure_data)
     float_score = evaluate(search.base) if evaluate is not None else math.inf
@@ -348,8 +351,8 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config | Int4WeightConf
     best_score, best_result, best_excluded = search.best
     returned = _why_returned(search.steps, [name for name in best_excluded if name not in config.exclude], goal,
                              float_score, search.scheme, RETURNED_TO_8_BITS if search.to_8_bits else RETURNED)
-    found = AccuracySearch(result=_labelled(best_result, returned, vanished), goal=goal, float_score=float_score,
-                           best_score=best_score, best_excluded=best_excluded,
+    found = AccuracySearch(result=_labelled(best_result, returned, vanished, pass_notes), goal=goal,
+                           float_score=float_score, best_score=best_score, best_excluded=best_excluded,
                            met=goal.met(best_score, float_score), steps=tuple(search.steps), stopped_because=stopped,
                            calibration_passes=search.calibration_passes, interrupted=interrupted,
                            returned_to=search.returned_to,
@@ -492,13 +495,25 @@ def _why_returned(steps: list[AccuracyStep], returned: list[str], goal: Accuracy
     return reasons
 
 
-def _labelled(result: QuantResult, returned: Mapping[str, str], vanished: list[str]) -> QuantResult:
+def _labelled(result: QuantResult, returned: Mapping[str, str], vanished: list[str],
+              pass_notes: list[str] = ()) -> QuantResult:
     """``result`` with the nodes the search returned to float saying so and why (they went through
     exclude), and the notes of exclude entries the float passes removed, where quantizing the user's
-    model puts them: after the activation note and the float passes' refusals."""
+    model puts them: after the activation note and the float passes' refusals. ``pass_notes``: what the
+    weight-only float passes did to the user's model, in place of the round's "nothing to fold"."""
     float_nodes = tuple(f._replace(reason=returned[f.node_name] + fallback_part(f.reason)) if f.node_name in returned
                         else f for f in result.float_nodes)
     optimization = result.details.get("optimization")
     at = 1 + (len(optimization.refusal_notes()) if optimization is not None else 0)
-    notes = (*result.notes[:at], *vanished, *result.notes[at:])
+    notes = tuple(_as_returned(note, returned) for note in (*result.notes[:at], *vanished, *result.notes[at:]))
+    if pass_notes:
+        notes = tuple(pass_notes[0] if note.startswith(FLOAT_PASSES) else note for note in notes)
     return replace(result, float_nodes=float_nodes, notes=notes)
+
+
+def _as_returned(note: str, returned: Mapping[str, str]) -> str:
+    """A note the quantizer wrote of an excluded node, ``--exclude NAME: ...``, saying that the search returned
+    it when it did (the user gave no --exclude)."""
+    head, colon, rest = note.partition(": ")
+    name = head.removeprefix("--exclude ") if head.startswith("--exclude ") else None
+    return f"returned to float by the accuracy search, {name}: {rest}" if name in returned and colon else note

@@ -72,10 +72,13 @@ from edgeopt.quant.opset import check_conversion, convert_opset
 from edgeopt.quant.model_checks import NodeIndex, check_exclude, vanished_excludes
 from edgeopt.quant.registry import Batch, FloatNode, ProgressCallback, QuantResult, TensorQuantInfo, register_scheme
 
-__all__ = ["FLOAT32_OPS", "Bf16Config", "Fp16Config", "Fp16Conversion", "HalfArray", "UniqueNames", "convert_fp16",
-           "quantize_bf16", "quantize_fp16", "to_float16", "weight_only_float_passes"]
+__all__ = ["FLOAT32_OPS", "FLOAT_PASSES", "Bf16Config", "Fp16Config", "Fp16Conversion", "HalfArray", "UniqueNames",
+           "convert_fp16", "quantize_bf16", "quantize_fp16", "to_float16", "weight_only_float_passes"]
 
 logger = logging.getLogger(__name__)
+
+#: How the note of the weight-only schemes' float passes starts.
+FLOAT_PASSES = "float passes first"
 
 _FLOAT = ir.DataType.FLOAT
 _FLOAT16 = ir.DataType.FLOAT16
@@ -265,8 +268,8 @@ def weight_only_float_passes(model: ir.Model, exclude: Iterable[str], *, run: bo
     for stage in default_passes(copy_shared=False, fuse_gemm=False, canonicalize=False):
         modified |= stage(model).report.modified
     after = sum(1 for _ in model.graph)
-    notes = [f"float passes first (constant, BatchNorm and affine folding, activation fusion, dead-code "
-             f"elimination): {before} -> {after} nodes" if modified else "float passes first: nothing to fold or fuse"]
+    notes = [f"{FLOAT_PASSES} (constant, BatchNorm and affine folding, activation fusion, dead-code "
+             f"elimination): {before} -> {after} nodes" if modified else f"{FLOAT_PASSES}: nothing to fold or fuse"]
     return notes + vanished_excludes(model, exclude, subgraphs=subgraphs)
 
 
