@@ -199,3 +199,34 @@ def test_the_vit_search_goes_to_the_class_tokens_path_at_once(tmp_path):
                               hf_samples("vit", 32), check_speed=False, goal=edgeopt.AccuracyGoal(min_sqnr_db=28))
     search = report.search
     assert search.met and len(search.best_excluded) <= 4 and len(search.steps) <= 16, search.steps
+
+
+def test_fp16_computes_buckets_of_constant_positions_in_float32_too():
+    # at static shapes T5's relative positions are constants: the float passes fold the int -> float Cast and the
+    # / 8 into an initializer but not the Log after it, and the Log, Div, Mul and Cast to int64 of the buckets ran
+    # in float16 (they were not computed "from integer tensors")
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeopt.quant import quantize
+    from edgeopt.quant.float16 import Fp16Config
+    from edgeopt.quant.float16_plan import INDEX_ARITHMETIC_REASON
+
+    positions = np.abs(np.arange(12)[None, :] - np.arange(12)[:, None]).astype(np.int64) + 8
+    nodes = [helper.make_node("Cast", ["positions"], ["p"], to=TensorProto.FLOAT),
+             helper.make_node("Div", ["p", "eight"], ["scaled"]),
+             helper.make_node("Log", ["scaled"], ["log"]),
+             helper.make_node("Div", ["log", "log16"], ["fraction"]),
+             helper.make_node("Mul", ["fraction", "eight"], ["steps"]),
+             helper.make_node("Cast", ["steps"], ["buckets"], to=TensorProto.INT64),
+             helper.make_node("Gather", ["table", "buckets"], ["bias"]),
+             helper.make_node("Add", ["x", "bias"], ["y"])]
+    constants = {"positions": positions, "eight": np.float32(8), "log16": np.float32(np.log(16)),
+                 "table": np.random.default_rng(0).normal(0, 1, (32,)).astype(np.float32)}
+    graph = helper.make_graph(nodes, "buckets", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [12, 12])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items()])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    result = quantize(model, Fp16Config(), None)
+    kept = sorted(node.op_type for node in result.float_nodes if node.reason == INDEX_ARITHMETIC_REASON)
+    assert kept == ["Cast", "Div", "Log", "Mul"], kept

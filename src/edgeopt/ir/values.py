@@ -228,8 +228,9 @@ def index_arithmetic_values(graph: ir.Graph) -> set[ir.Value]:
         inputs = [v for v in node.inputs if v is not None]
         if is_op(node, "DequantizeLinear"):  # an int8 model's activation (--fallback fp16), not a position
             continue
-        if inputs and any(not is_constant(v) for v in inputs) and all(
-                _is_integer(v) or is_constant(v) or v in derived for v in inputs):
+        # (constants alone too: at static shapes T5's relative positions are an initializer, and the Log of it,
+        # which the float passes do not fold, computed the buckets in float16)
+        if inputs and all(_is_integer(v) or is_constant(v) or v in derived for v in inputs):
             derived.update(v for v in node.outputs if v.dtype == ir.DataType.FLOAT)
     reached: set[ir.Value] = set()
     pending = [node.inputs[0] for node in graph if _position_sink(node) and node.inputs and node.inputs[0] in derived]
