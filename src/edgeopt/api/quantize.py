@@ -193,7 +193,7 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
              goal: AccuracyGoal | None = None, evaluate: str | Callable[[str], float] | None = None,
              eval_data=None, check_fidelity: bool = True, check_speed: bool = True,
              progress: Progress | None = None) -> QuantizeReport:
-    """Quantize ``model`` with ``config`` (Int8Config, Fp16Config, Bf16Config, Int4WeightConfig).
+    """Quantize ``model`` with ``config`` (Int8Config, Fp16Config, Bf16Config, Int4WeightConfig, DynamicInt8Config).
 
     Calibration ``data`` is anything ``--data`` takes; required for int8. The
     output is written atomically to ``output`` (never over the input), and
@@ -206,7 +206,7 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     the accuracy search measure on instead of the calibration data, whose ranges were fitted to it
     (``preprocess`` applies to it too, ``max_samples`` does not).
 
-    With an accuracy ``goal`` (int8, int4-weight), the most damaging layers go back to
+    With an accuracy ``goal`` (int8, int4-weight, int8-dynamic), the most damaging layers go back to
     float one by one until it is met (``evaluate(model_path) -> score`` for a
     ``max_drop`` goal; output SQNR on the calibration data, or ``eval_data``, for ``min_sqnr_db``).
     Warnings logged on the way (an integer input cast to float ...) are in

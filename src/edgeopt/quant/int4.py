@@ -115,7 +115,7 @@ _FALLBACK_FORMATS = {INT4: INT8_BLOCK, UINT4: UINT8}  # the 8-bit format of each
 class Int4WeightConfig:
     """Int4 weight-only quantization of MatMul/Gemm weights.
 
-    ``granularity``: blocks of ``size`` values along K (a power of two >= 16).
+    ``granularity``: blocks of ``size`` values along K (16, 32, 64, 128 or 256).
     ``weight_format``: ``UINT4`` (asymmetric, per-block zero points: the
     default, about 1 dB more weight SQNR than int4 for 2.5% more bytes at
     b = 32) or ``INT4`` (symmetric, no zero points). ``accuracy_level``: written to
