@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import onnx_ir as ir
@@ -496,7 +496,7 @@ def _why_returned(steps: list[AccuracyStep], returned: list[str], goal: Accuracy
 
 
 def _labelled(result: QuantResult, returned: Mapping[str, str], vanished: list[str],
-              pass_notes: list[str] = ()) -> QuantResult:
+              pass_notes: Sequence[str] = ()) -> QuantResult:
     """``result`` with the nodes the search returned to float saying so and why (they went through
     exclude), and the notes of exclude entries the float passes removed, where quantizing the user's
     model puts them: after the activation note and the float passes' refusals. ``pass_notes``: what the

@@ -72,7 +72,8 @@ def layer_norm_params(geometry: tuple[int, int, int], source: QParams, plan: Out
     ``gamma``, ``beta``: one real per position of a row, in stored order (``affine_inner``: per inner
     position, InstanceNorm's channels). ``centered`` False: an RMSNorm (no mean subtracted)."""
     outer, reduce, inner = geometry
-    fraction_bits = 30 - ((reduce - 1).bit_length() + 1) // 2  # |normalized| <= sqrt(D - 1) < 2**(30 - fraction)
+    # |normalized| <= sqrt(D - 1), not centered sqrt(D): at most 2**(30 - fraction), whatever D
+    fraction_bits = 30 - ((reduce - 1).bit_length() + 1) // 2
     target = plan.qparams
     multiplier, shift = _signed_multipliers(gamma / target.scale * 2.0 ** (BIAS_BITS - fraction_bits))
     bias = np.clip(np.rint(beta / target.scale * 2.0 ** BIAS_BITS), -(2**31), 2**31 - 1).astype(np.int32)
