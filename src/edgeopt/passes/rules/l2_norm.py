@@ -35,7 +35,6 @@ class _L2NormMatch(Match):
     x: ir.Value
 
 
-
 def _norm_floor(node: ir.Node) -> float | None:
     """The eps of ``Clip(n, eps)`` (no upper bound) or ``Max(n, eps)`` with a constant eps >= 0, else None."""
     if is_op(node, "Clip"):
