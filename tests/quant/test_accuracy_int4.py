@@ -150,7 +150,9 @@ def test_an_embedding_table_is_ranked_as_a_layer_whose_input_is_exact(tmp_path):
     # with the head back in float its E stays float32, which the Gather then reads too: no int4 copy of it
     search = accuracy_aware_quantize(model, Int4WeightConfig(embeddings="int4"), data,
                                      AccuracyGoal(min_sqnr_db=200.0))
-    assert {step.next_node for step in search.steps if step.next_node} == {"proj", "head"}, search.steps
+    # (the table's Gather, ranked 22.2 dB against the head's 22.1 since the clip search weighs the inputs' mean,
+    # may be returned on the way; tried in int4 again once the head is float it changes nothing, and goes back)
+    assert set(search.best_excluded) == {"proj", "head"}, search.steps
     assert "GatherBlockQuantized" not in {node.op_type for node in search.result.model.graph}
     # a table in 8 bits (the default) or excluded stays so: the search, seeing E in int4 for the head, never
     # picks its Gather

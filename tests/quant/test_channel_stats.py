@@ -62,3 +62,18 @@ def test_int4_importance_is_float32_and_bias_correction_means_float64():
 
     assert square.result()["x"].dtype == np.float32
     assert mean.result()["x"].dtype == np.float64
+
+
+def test_int4s_moments_are_the_mean_square_and_the_mean_of_each_channel():
+    # the clipping search weighs a block's errors by the channels' variance and, together, by their mean
+    from edgeopt.quant.channel_stats import ChannelMomentsHook
+
+    whole, one_by_one = ChannelMomentsHook(["x"]), ChannelMomentsHook(["x"])
+    whole.update({}, {"x": _SAMPLES})
+    for sample in _SAMPLES:
+        one_by_one.update({}, {"x": sample[None]})
+    seen = whole.result()["x"]
+    assert seen.mean_square.dtype == seen.mean.dtype == np.float32
+    np.testing.assert_allclose(seen.mean_square, _EXPECTED[ChannelMeanSquareHook], rtol=1e-6)
+    np.testing.assert_allclose(seen.mean, _EXPECTED[ChannelMeanHook], rtol=1e-6)
+    np.testing.assert_array_equal(one_by_one.result()["x"].mean, seen.mean)

@@ -34,6 +34,8 @@ __all__ = [
     "ChannelMeanObserver",
     "ChannelMeanSquareHook",
     "ChannelMeans",
+    "ChannelMomentsHook",
+    "ChannelMomentsObserver",
     "ChannelStatsHook",
     "InputCorrelationHook",
     "LayerInputStatistics",
@@ -138,6 +140,17 @@ class ChannelMeanSquareObserver(ChannelMeanObserver):
         super().update(np.square(np.asarray(array, dtype=np.float64)))
 
 
+class ChannelMomentsObserver:
+    """Running means of ``x`` and of ``x**2`` of each slice along ``axis``."""
+
+    def __init__(self, axis: int) -> None:
+        self.first, self.second = ChannelMeanObserver(axis=axis), ChannelMeanSquareObserver(axis=axis)
+
+    def update(self, array) -> None:
+        self.first.update(array)
+        self.second.update(array)
+
+
 @dataclass(frozen=True, kw_only=True)
 class LayerInputStatistics:
     """What the calibration pass saw of a layer's input ``x [..., K]``: ``E[x**2]`` per last-axis channel
@@ -147,6 +160,8 @@ class LayerInputStatistics:
     mean_square: np.ndarray
     gram: np.ndarray | None = None
     rows: int = 0  # the samples (rows of x) ``gram`` averages
+    #: ``E[x]`` per channel (float32 ``[K]``), or None: the clipping search's coherent error term
+    mean: np.ndarray | None = None
 
     @cached_property
     def inverse_factor(self) -> np.ndarray:
@@ -266,7 +281,7 @@ class ChannelMeanHook(ChannelStatsHook):
 
 
 class ChannelMeanSquareHook(ChannelStatsHook):
-    """``E[x**2]`` per last-axis channel of ``tensors`` (float32), for int4's clipping search."""
+    """``E[x**2]`` per last-axis channel of ``tensors`` (float32)."""
 
     def __init__(self, tensors: Iterable[str]) -> None:
         super().__init__(dict.fromkeys(tensors, -1), lambda axis: ChannelMeanSquareObserver(axis=axis))
@@ -274,6 +289,20 @@ class ChannelMeanSquareHook(ChannelStatsHook):
     def _value(self, observer: ChannelMeanSquareObserver) -> np.ndarray | None:
         mean = observer.result().mean
         return mean.astype(np.float32) if mean.size else None
+
+
+class ChannelMomentsHook(ChannelStatsHook):
+    """:class:`LayerInputStatistics` of ``E[x**2]`` and ``E[x]`` per last-axis channel of ``tensors`` (float32),
+    for int4's clipping search."""
+
+    def __init__(self, tensors: Iterable[str]) -> None:
+        super().__init__(dict.fromkeys(tensors, -1), lambda axis: ChannelMomentsObserver(axis=axis))
+
+    def _value(self, observer: ChannelMomentsObserver) -> LayerInputStatistics | None:
+        mean_square, mean = observer.second.result().mean, observer.first.result().mean
+        if not mean_square.size:
+            return None
+        return LayerInputStatistics(mean_square=mean_square.astype(np.float32), mean=mean.astype(np.float32))
 
 
 class InputCorrelationHook(ChannelStatsHook):

@@ -166,8 +166,10 @@ def _candidate(block_range: tuple[np.ndarray, np.ndarray], fmt: Format,
 
 
 def _squared_error(blocks: np.ndarray, importance: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
-                   fmt: Format) -> np.ndarray:
-    """``sum_k h_k (w_k - w'_k)**2`` per block, ``w'`` rounded as :func:`~edgeopt.quant.primitives.quantize`."""
+                   fmt: Format, mean: np.ndarray | None = None) -> np.ndarray:
+    """``sum_k h_k e_k**2`` per block, ``e = w - w'`` with ``w'`` rounded as
+    :func:`~edgeopt.quant.primitives.quantize`; with ``mean``, ``+ (sum_k mu_k e_k)**2`` (``h`` then the
+    channels' variance)."""
     error = blocks / scale
     np.rint(error, out=error)
     error += zero_point
@@ -175,19 +177,22 @@ def _squared_error(blocks: np.ndarray, importance: np.ndarray, scale: np.ndarray
     error -= zero_point
     error *= scale
     np.subtract(blocks, error, out=error)
+    coherent = (error * mean).sum(axis=-2, keepdims=True) if mean is not None else None
     np.square(error, out=error)
     error *= importance
-    return error.sum(axis=-2, keepdims=True)
+    total = error.sum(axis=-2, keepdims=True)
+    return total if coherent is None else total + np.square(coherent)
 
 
-def _search(blocks: np.ndarray, importance: np.ndarray, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
+def _search(blocks: np.ndarray, importance: np.ndarray, fmt: Format,
+            mean: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per block, the candidate of :data:`CLIP_RATIOS` with the least weighted squared error."""
     block_range = _block_range(blocks, fmt)
     best_scale, best_zero_point = _candidate(block_range, fmt, CLIP_RATIOS[0])
-    best_error = _squared_error(blocks, importance, best_scale, best_zero_point, fmt)
+    best_error = _squared_error(blocks, importance, best_scale, best_zero_point, fmt, mean)
     for ratio in CLIP_RATIOS[1:]:
         scale, zero_point = _candidate(block_range, fmt, ratio)
-        error = _squared_error(blocks, importance, scale, zero_point, fmt)
+        error = _squared_error(blocks, importance, scale, zero_point, fmt, mean)
         better = error < best_error  # ties keep the wider range: deterministic
         best_error = np.where(better, error, best_error)
         best_scale = np.where(better, scale, best_scale)
@@ -197,32 +202,45 @@ def _search(blocks: np.ndarray, importance: np.ndarray, fmt: Format) -> tuple[np
 
 
 def quantize_blocks(weight: np.ndarray, block_size: int, fmt: Format,
-                    importance: np.ndarray | None = None) -> BlockQuantizedWeight:
+                    importance: np.ndarray | None = None, mean: np.ndarray | None = None) -> BlockQuantizedWeight:
     """Block quantization of ``weight [..., K, N]`` along K into ``fmt``, each block's clipping searched.
 
     ``importance``: ``[K]`` non-negative weights of the input channels in the
     error the search minimizes (the mean square of the layer's input on
-    calibration data); None weighs them equally.
+    calibration data); None weighs them equally. ``mean``: the input channels'
+    mean (:func:`block_scales`).
     """
     weight = np.asarray(weight, dtype=np.float32)
-    scale, zero_point = block_scales(weight, block_size, fmt, importance)
+    scale, zero_point = block_scales(weight, block_size, fmt, importance, mean)
     q = quantize(weight, scale, zero_point, fmt, axis=weight.ndim - 2, block_size=block_size)
     return BlockQuantizedWeight(q=q, scale=scale, zero_point=zero_point, block_size=block_size, format=fmt)
 
 
-def block_scales(weight: np.ndarray, block_size: int, fmt: Format,
-                 importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def block_scales(weight: np.ndarray, block_size: int, fmt: Format, importance: np.ndarray | None = None,
+                 mean: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The searched scale (float32) and zero point (``fmt``'s dtype) of each block of ``weight [..., K, N]``,
-    ``[..., ceil(K / b), N]`` each: :func:`quantize_blocks` without the rounding."""
+    ``[..., ceil(K / b), N]`` each: :func:`quantize_blocks` without the rounding.
+
+    With the input channels' ``mean`` (and ``importance`` their mean square), a block's error is
+    ``sum_k var_k e_k**2 + (sum_k mu_k e_k)**2``: the part of the input that is the same for every sample
+    multiplies the block's errors together, not one by one. On inputs that are mostly their mean (a random
+    MobileViT's, 99.9 % of ``E[x**2]``) the mean square alone weighed each error as if it averaged out, and
+    the clipping it chose made the held-out output 29.8 dB against 34.6 with no data at all."""
     weight = np.asarray(weight, dtype=np.float32)
     k, n = weight.shape[-2:]
     padded = _pad_rows(weight, block_size, 0.0)
     blocks = padded.reshape(*padded.shape[:-2], -1, block_size, n)
     if importance is None:
         importance = np.ones(k, np.float32)
-    weights = _pad_rows(np.asarray(importance, np.float32).reshape(k, 1), block_size, 0.0).reshape(-1, block_size, 1)
+    importance = np.asarray(importance, np.float32).reshape(k, 1)
+    coherent = None
+    if mean is not None:
+        mean = np.asarray(mean, np.float32).reshape(k, 1)
+        importance = np.maximum(importance - np.square(mean), 0)  # the variance
+        coherent = _pad_rows(mean, block_size, 0.0).reshape(-1, block_size, 1)
+    weights = _pad_rows(importance, block_size, 0.0).reshape(-1, block_size, 1)
     step = max(1, _CHUNK_ELEMENTS // max(1, padded.size // n))
-    found = [_search(blocks[..., start:start + step], weights, fmt) for start in range(0, n, step)]
+    found = [_search(blocks[..., start:start + step], weights, fmt, coherent) for start in range(0, n, step)]
     scale = np.concatenate([f[0] for f in found], axis=-1)
     return scale, np.concatenate([f[1] for f in found], axis=-1).astype(fmt.numpy_dtype)
 

@@ -33,11 +33,11 @@ import onnx_ir as ir
 from edgeopt.errors import DataError, EmptyDataError
 from edgeopt.metrics import count_of
 from edgeopt.quant.calibrate import calibrate
-from edgeopt.quant.channel_stats import ChannelMeanSquareHook, InputCorrelationHook, LayerInputStatistics
+from edgeopt.quant.channel_stats import ChannelMomentsHook, InputCorrelationHook, LayerInputStatistics
 from edgeopt.quant.config import CalibrationConfig
 from edgeopt.quant.registry import Batch, ProgressCallback
 
-__all__ = ["GRAM_BUDGET_BYTES", "ChannelMeanSquareHook", "LayerInputStatistics", "StreamedStatistics",
+__all__ = ["GRAM_BUDGET_BYTES", "ChannelMomentsHook", "LayerInputStatistics", "StreamedStatistics",
            "correlation_passes", "summed_statistics"]
 
 GRAM_BUDGET_BYTES = 1 << 30  # K x K float64 sums held at once; more take more passes over the data
@@ -99,7 +99,7 @@ class StreamedStatistics:
         samples as the first."""
         self._ran.add(index)
         names = self.passes[index]
-        hook = InputCorrelationHook(names) if self._correlation else ChannelMeanSquareHook(names)
+        hook = InputCorrelationHook(names) if self._correlation else ChannelMomentsHook(names)
         try:
             samples = calibrate(self._model, self._data, names, CalibrationConfig(),
                                 progress=self._pass_progress(index), hooks=[hook]).num_batches
@@ -111,8 +111,7 @@ class StreamedStatistics:
             raise self._not_reread(index + 1, samples)
         self._samples = samples
         seen = hook.result()
-        self._loaded.update(seen if self._correlation else
-                            {name: LayerInputStatistics(mean_square=mean_square) for name, mean_square in seen.items()})
+        self._loaded.update(seen)
 
     def _pass_progress(self, index: int) -> ProgressCallback | None:
         """Progress over all the passes: pass ``index`` continues where the one before ended."""
@@ -143,4 +142,4 @@ def summed_statistics(readers: Iterable[LayerInputStatistics | None], k: int) ->
     grams = [seen.gram for seen in readers]
     return LayerInputStatistics(mean_square=sum(seen.mean_square for seen in readers),
                                 gram=None if any(gram is None for gram in grams) else sum(grams),
-                                rows=min(seen.rows for seen in readers))
+                                rows=min(seen.rows for seen in readers))  # (no mean: each reader's term apart)

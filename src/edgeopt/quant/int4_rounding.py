@@ -102,7 +102,7 @@ def rounded(readers: list[WeightTarget], block_size: int, gptq: bool, statistics
     if seen is None:  # (all of them without data)
         return Rounded(quantize_blocks(weight, block_size, fmt), "clip search", Counter(unweighted=1))
     if not gptq or weight.ndim != 2:
-        return Rounded(quantize_blocks(weight, block_size, fmt, importance=seen.mean_square), _WEIGHTED,
+        return Rounded(quantize_blocks(weight, block_size, fmt, importance=seen.mean_square, mean=seen.mean), _WEIGHTED,
                        Counter(not_2d=int(gptq)))
     solved = gptq_blocks(weight, seen, block_size, fmt)
     return Rounded(solved.weight, f"GPTQ rounding, {_WEIGHTED}",
