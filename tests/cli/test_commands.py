@@ -389,3 +389,19 @@ def test_debug_shows_the_traceback_and_keeps_the_exit_code(cli, tmp_path, monkey
     monkeypatch.setattr(api, "inspect", broken)
     bug = cli("--debug", "inspect", edgeopt.demo.demo_model_path())
     assert bug.code == 70 and "Traceback" in bug.stderr and "RuntimeError: a bug" in bug.stderr
+
+
+def test_a_scalar_npy_and_an_npy_of_no_samples_are_data_errors(cli, tmp_path):
+    # np.save of a scalar: "internal error: IndexError" (exit 70) in quantize, compare, bench and run; run of an
+    # array of 0 samples: the same
+    model = edgeopt.demo.demo_model_path()
+    np.save(tmp_path / "scalar.npy", np.float32(3))
+    np.save(tmp_path / "none.npy", np.zeros((0, 1, 1, 8, 8), np.float32))
+    scalar = cli("run", model, "-i", tmp_path / "scalar.npy", "-o", tmp_path / "out")
+    assert_one_line_error(scalar, "a single number, no axes")
+    assert scalar.code == 3
+    quantized = cli("quantize", model, "--data", tmp_path / "scalar.npy", "-o", tmp_path / "q.onnx")
+    assert quantized.code == 3 and "a single number" in quantized.stderr
+    empty = cli("run", model, "-i", tmp_path / "none.npy", "-o", tmp_path / "out")
+    assert_one_line_error(empty, "holds no sample")
+    assert empty.code == 3

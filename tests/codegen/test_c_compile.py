@@ -288,3 +288,25 @@ def test_the_c_builds_under_the_strict_warnings_embedded_projects_use(tmp_path):
     for source in ("kernels.c", "model.c"):
         built = subprocess.run(["gcc", *flags, source], cwd=tmp_path / "c", capture_output=True, text=True)
         assert built.returncode == 0, built.stderr
+
+
+@pytest.mark.parametrize("content", ["garbage", "{}", "[1]", '{"name": "model"}'])
+def test_a_damaged_manifest_is_a_codegen_error_saying_to_compile_again(content, tmp_path):
+    # verify, run and bench of a folder whose edgeopt_c.json was damaged: "internal error" (JSONDecodeError,
+    # KeyError, TypeError), exit 70
+    from edgeopt.codegen.c.api import MANIFEST, read_manifest
+
+    compile_c(_qdq("conv_relu"), tmp_path / "c")
+    (tmp_path / "c" / MANIFEST).write_text(content)
+    with pytest.raises(CodegenError, match="compile the model again into a new folder"):
+        read_manifest(tmp_path / "c")
+    with pytest.raises(CodegenError, match="compile the model again"):
+        verify(tmp_path / "c", [])
+
+
+def test_a_device_profile_that_is_not_utf8_is_refused_with_the_reason(tmp_path):
+    from edgeopt.devices import load_device
+
+    (tmp_path / "latin1.yaml").write_bytes(b"board: caf\xe9\nflash_bytes: 256 KiB\nsram_bytes: 64 KiB\n")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_device(tmp_path / "latin1.yaml")

@@ -436,3 +436,22 @@ def test_inputs_sharing_a_dim_name_take_its_size_from_the_one_given(tmp_path):
     # a name given two sizes binds nothing: the inputs not given stay dynamic
     with pytest.raises(ModelError, match="'past_2' has dynamic shape"):
         load_model(path, input_shapes={"x": (1, 3, 4), "past_0": (1, 5, 4), "past_1": (1, 6, 4)})
+
+
+def test_a_model_without_outputs_an_empty_file_and_a_device_are_refused_at_load(tmp_path):
+    # no graph outputs: quantize showed ONNX Runtime's internal text (exit 2), run blamed the data (3), bench its
+    # worker (1), inspect said nothing; an empty file "had no nodes"; /dev/zero was read until memory ran out
+    import edgeopt.demo
+
+    proto = onnx.load(edgeopt.demo.demo_model_path())
+    del proto.graph.output[:]
+    onnx.save(proto, tmp_path / "no_outputs.onnx")
+    with pytest.raises(ModelError, match="has no graph outputs: nothing it computes can be read"):
+        load_model(tmp_path / "no_outputs.onnx")
+    with pytest.raises(ModelError, match="has no graph outputs"):
+        load_model(proto)
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(ModelError, match="is empty \\(0 bytes\\)"):
+        load_model(tmp_path / "empty.onnx")
+    with pytest.raises(ModelError, match="is not a regular file"):
+        load_model("/dev/zero")

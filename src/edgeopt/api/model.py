@@ -240,6 +240,9 @@ def run(model: ModelSource, inputs: Mapping[str, np.ndarray | str | os.PathLike]
     loaded = load(model, require_static=False)
     specs = eir.model_inputs(loaded)
     feeds = _sample_feeds(specs, _name_unnamed(specs, arrays))
+    if not feeds:  # an array of 0 samples (stacked on an axis of length 0)
+        named = ", ".join(map(str, input_files)) or "--input"
+        raise DataError(f"{named} holds no sample (an axis of length 0): give at least one")
     session = OrtSession(loaded)
     if output_dir is not None:
         _check_spares_inputs(session.output_names, Path(output_dir), input_files)

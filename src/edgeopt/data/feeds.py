@@ -102,11 +102,14 @@ def _check_shape(spec: InputSpec, array: np.ndarray, where: str) -> None:
     stacked = _is_stacked(spec.shape, array.shape)
     if stacked:  # np.stack of batches: the rank is as documented, a sample's own shape is what differs
         rank_note = f" ({array.shape[0]} stacked samples of {shape_text(array.shape[1:])})"
+    elif array.ndim == 0:  # np.save of a scalar
+        rank_note = f" (a single number, no axes: the model wants rank {len(spec.shape)})"
     elif array.ndim != len(spec.shape):
         rank_note = f" (rank {array.ndim}, the model wants rank {len(spec.shape)})"
     if stacked and dims_match(spec.shape, array.shape[1:]):  # an item of a generator holding many samples
         advice = _ONE_SAMPLE_PER_ITEM
-    elif not stacked and spec.shape[0] == 1 and array.shape[0] > 1 and dims_match(spec.shape[1:], array.shape[1:]):
+    elif not stacked and array.ndim and spec.shape[0] == 1 and array.shape[0] > 1 \
+            and dims_match(spec.shape[1:], array.shape[1:]):
         # a DataLoader's batches for a model exported at batch 1
         advice = f"the model takes batch 1, this is a batch of {array.shape[0]}: {_ONE_SAMPLE_PER_ITEM}"
     raise DataError(f"{where}: input {spec.name!r} wants shape {shape_text(spec.shape)} "

@@ -123,7 +123,12 @@ def load_device(device: str | Path | DeviceProfile) -> DeviceProfile:
         path = Path(text)
         if not path.is_file():
             raise ConfigError(f"device profile {path} not found")
-        return _from_mapping(path.stem, _read_yaml(path.read_text(), str(path)), str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"device profile {path} is not UTF-8 text (byte {error.start}): save it as UTF-8 "
+                              "YAML") from None
+        return _from_mapping(path.stem, _read_yaml(text, str(path)), str(path))
     if text not in known_devices():
         raise ConfigError(f"unknown device {text!r}: known devices are {', '.join(known_devices())}, "
                           "or give the path of a profile YAML file")

@@ -76,6 +76,7 @@ def _read_model(path: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelPr
         proto.CopyFrom(path)
         if not proto.graph.node:
             raise ModelError("the onnx.ModelProto given is not a valid ONNX model (its graph has no nodes)")
+        _require_outputs(proto, "the onnx.ModelProto given")
         tensors = [*proto.graph.initializer, *(attribute.t for node in proto.graph.node
                                                for attribute in node.attribute if attribute.HasField("t"))]
         if any(onnx.external_data_helper.uses_external_data(tensor) for tensor in tensors):
@@ -89,6 +90,10 @@ def _read_model(path: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelPr
         saved_model = " (a TensorFlow SavedModel: convert it with python -m tf2onnx.convert --saved-model)"
         raise ModelError(f"{file} is a folder, not an .onnx model file"
                          f"{saved_model if (file / 'saved_model.pb').is_file() else ''}")
+    if not file.is_file():  # /dev/zero was read until memory ran out, a FIFO blocked for ever
+        raise ModelError(f"{file} is not a regular file (a device or a pipe): give the path of an .onnx file")
+    if file.stat().st_size == 0:
+        raise ModelError(f"{file} is empty (0 bytes): the export or the copy did not finish")
     try:
         proto = onnx.load(str(file), load_external_data=False)
         sidecars = _external_files(proto, file.parent)
@@ -108,7 +113,16 @@ def _read_model(path: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelPr
                          "is the file truncated or of another format?") from None
     if not proto.graph.node:
         raise ModelError(f"{file} is not a valid ONNX model (its graph has no nodes)")
+    _require_outputs(proto, str(file))
     return proto, _disk_bytes(file, sidecars)
+
+
+def _require_outputs(proto: onnx.ModelProto, what: str) -> None:
+    """A graph without outputs computes nothing anyone can read: ONNX Runtime refused it with an internal
+    message (quantize), run blamed the data and bench its worker."""
+    if not proto.graph.output:
+        raise ModelError(f"{what} has no graph outputs: nothing it computes can be read; export it with its "
+                         "outputs (torch.onnx.export's output_names, or graph.output)")
 
 
 _TFLITE_IDENTIFIER = b"TFL3"  # a .tflite flatbuffer's file identifier, at bytes 4-8

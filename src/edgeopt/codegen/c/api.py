@@ -310,11 +310,27 @@ def is_c_folder(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
 
 
+_RECOMPILE = "compile the model again into a new folder (or delete this one first)"
+#: What a manifest must hold (``verify``, ``run`` and ``bench`` read each).
+_MANIFEST_KEYS = {"name": str, "rounding": str, "inputs": list, "outputs": list, "schedule": list}
+
+
 def read_manifest(out_dir: str | Path) -> dict:
+    """The folder's ``edgeopt_c.json``; a missing, unreadable or damaged one is an error saying to recompile."""
     out_dir = Path(out_dir)
     if not is_c_folder(out_dir):
         raise CodegenError(f"{out_dir} is not a folder written by `edgeopt compile --target c`")
-    return json.loads((out_dir / MANIFEST).read_text())
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise CodegenError(f"{out_dir / MANIFEST} cannot be read ({error}): {_RECOMPILE}") from None
+    damaged = [key for key, kind in _MANIFEST_KEYS.items()
+               if not isinstance(manifest, dict) or not isinstance(manifest.get(key), kind)]
+    if damaged or not all(isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                          for entry in manifest["inputs"] + manifest["outputs"]):
+        what = f"no valid {', '.join(damaged)}" if damaged else "an input or output entry without a name"
+        raise CodegenError(f"{out_dir / MANIFEST} is damaged ({what}): {_RECOMPILE}")
+    return manifest
 
 
 def _compare(reference: ReferenceModel, trace: bytes,
