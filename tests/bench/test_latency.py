@@ -86,3 +86,32 @@ def test_models_take_turns_with_the_first_of_each_round_rotating():
     feeds = [[{"x": np.zeros((1, 2), np.float32)}]] * 2
     _time_interleaved(targets, feeds, BenchConfig(runs=4, warmup=0), [Recording("A"), Recording("B")], None)
     assert "".join(order) == "ABBAABBA"
+
+
+def test_more_threads_than_the_machine_can_use_are_refused():
+    # --threads 100000 grew the worker to 20,000 threads and 16.7 GB for more than 10 minutes
+    from edgeopt.bench.latency import max_threads
+    from edgeopt.errors import ConfigError
+
+    assert BenchConfig(threads=max_threads()).threads == max_threads()
+    with pytest.raises(ConfigError, match="is more than this machine can use"):
+        BenchConfig(threads=100000)
+
+
+def test_a_worker_interrupted_while_it_starts_is_not_left_running(monkeypatch):
+    # a SIGTERM while the worker built its session: bench_models never held it, so nothing killed it
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    def interrupted(self, tag):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(_Worker, "_expect", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _Worker("demo", demo_model_path().read_bytes(), [{"input": demo_data()[0][:1]}], None)
+    assert started and started[0].poll() is not None

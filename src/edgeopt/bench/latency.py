@@ -52,6 +52,16 @@ class BenchConfig:
             raise ConfigError(f"--warmup must be 0 or more, got {self.warmup}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        cores = os.cpu_count() or 1
+        if self.threads is not None and self.threads > max_threads():
+            # 100000 threads grew a worker to 16.7 GB for 10 minutes: more threads than cores only adds switching
+            raise ConfigError(f"--threads {self.threads} is more than this machine can use ({cores} cores; at most "
+                              f"{max_threads()} accepted): give at most the number of cores")
+
+
+def max_threads() -> int:
+    """The most intra-op threads ``--threads`` takes: four per core, and 16 at least."""
+    return max(16, 4 * (os.cpu_count() or 1))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,8 +199,12 @@ class _Worker:
             os.close(from_child_write)
         self._send = Connection(to_child_write, readable=False)
         self._recv = Connection(from_child_read, writable=False)
-        self._call(lambda: self._send.send((model_bytes, list(feeds), threads)))
-        self.baseline_rss_bytes = self._expect("ready")
+        try:
+            self._call(lambda: self._send.send((model_bytes, list(feeds), threads)))
+            self.baseline_rss_bytes = self._expect("ready")
+        except BaseException:  # a Ctrl-C or SIGTERM while it starts: bench_models never got it to close
+            self.close()
+            raise
 
     def _call(self, action):
         try:
