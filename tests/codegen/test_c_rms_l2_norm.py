@@ -139,3 +139,4 @@ def test_an_embedding_net_with_rms_norm_and_f_normalize_compiles_for_the_mcu(dyn
     within, _, worst = q.agreement(ReferenceModel(model), OrtSession(model), samples[32:])
     assert within >= 0.98 and worst <= 2, (within, worst)
     assert_compiles_bit_exact(model, tmp_path / "c", samples[32:34])
+

@@ -124,3 +124,32 @@ def test_an_argmax_output_is_refused_with_what_to_do_instead():
     with pytest.raises(UnsupportedOpError, match="ArgMax \\(argmax\\).*export the model without it and take the "
                                                  "index of the largest int8 output"):
         lower(q.to_ir(model))
+
+
+def test_quantizing_for_the_mcu_warns_when_compile_would_still_refuse_the_model(tmp_path):
+    # a classifier exported with its argmax: no node stays float (the ArgMax writes integers), so quantize said
+    # nothing, and compile refused the model afterwards
+    from onnx import TensorProto, helper, numpy_helper
+
+    import edgeopt
+    from edgeopt.quant import Int8Config, Target
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fc"], ["scores"], name="fc", transB=1),
+             helper.make_node("ArgMax", ["scores"], ["label"], name="argmax", axis=1, keepdims=0)]
+    graph = helper.make_graph(nodes, "classifier",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("label", TensorProto.INT64, [1])],
+                              [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w"),
+                               numpy_helper.from_array(rng.normal(0, 0.3, (10, 8)).astype(np.float32), "fc")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "argmax.onnx")
+    data = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    report = edgeopt.quantize(tmp_path / "argmax.onnx", Int8Config(target=Target.MCU), data,
+                              output=tmp_path / "q.onnx", check_speed=False)
+    assert report.result.float_nodes == ()
+    assert any(w.startswith("edgeopt compile will refuse this model") and "ArgMax (argmax)" in w
+               for w in report.warnings), report.warnings

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from edgeopt import ir as eir
+from edgeopt.errors import EdgeoptError
 from edgeopt.metrics import count_of
 from edgeopt.quant.accuracy import RETURNED, RETURNED_TO_8_BITS, AccuracySearch
 from edgeopt.quant.compare import CompareResult
@@ -83,6 +84,22 @@ def mcu_float_warning(float_nodes) -> str:
                  "3's) has no C kernel: export it as an ONNX LSTM, GRU or RNN op (tf2onnx writes one for Keras 2's "
                  "layers, Keras 3's model.export(format='onnx') for an LSTM)")
     return text
+
+
+def mcu_lowering_refusal(result: QuantResult) -> str | None:
+    """For the mcu target with no float node: what ``edgeopt compile`` would still refuse (an ArgMax of the
+    class scores reads them dequantized and writes integers, so it is no float node, and has no C kernel),
+    found by lowering the model as compile does; None when it lowers."""
+    from edgeopt.errors import UnsupportedOpError
+    from edgeopt.runtime.reference import lower
+
+    try:
+        lower(result.model.clone())
+    except UnsupportedOpError as error:
+        return f"edgeopt compile will refuse this model: {error}"
+    except EdgeoptError:  # anything else compile has its own message for
+        return None
+    return None
 
 
 def low_fidelity(result: QuantResult, fidelity: CompareResult, where: str) -> list[str]:

@@ -16,7 +16,8 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.api._common import (ModelSource, Progress, calibration_source, check_flag, check_path, check_type,
                                  comparable_float, load, logged_warnings, model_source)
-from edgeopt.api._quantize_warnings import blocks_c, loose_goal, low_fidelity, mcu_float_warning, relu6_warning
+from edgeopt.api._quantize_warnings import (blocks_c, loose_goal, low_fidelity, mcu_float_warning,
+                                            mcu_lowering_refusal, relu6_warning)
 from edgeopt.data import ImagePreprocess, batch_rows
 from edgeopt.errors import ConfigError, DataError, EdgeoptError, Interrupted, OutputError
 from edgeopt.io import (FILE_BYTES_KEY, atomic_write_files, check_writable, external_data_path, model_file_bytes,
@@ -462,6 +463,8 @@ def _result_warnings(config: object, result: QuantResult, search: AccuracySearch
         return warnings
     if config.target is Target.MCU and (blocking := blocks_c(result)):
         warnings.append(mcu_float_warning(blocking))
+    elif config.target is Target.MCU and (refusal := mcu_lowering_refusal(result)):
+        warnings.append(refusal)
     if not result.tensors:
         why = (f"{count_of(len(result.float_nodes), 'node', 'nodes')} kept float, listed above" if result.float_nodes
                else "it computes nothing from its inputs that int8 could hold: no Conv, Gemm, MatMul or other op "
