@@ -3,11 +3,14 @@
 A layer ``y = x @ W`` with ``W`` rounded to ``W + E`` makes the output error
 ``x @ E``; its expected square over the data, per output column ``e``, is
 ``e^T H e`` with ``H = E[x x^T]`` the correlation of the input channels (the
-last axis of the layer's input). The clipping search weighs the weight error
-of row k by the diagonal alone, ``h_k = E[x_k**2]``: cross terms
-``H_jk e_j e_k`` have no sign to exploit for independent rounding errors. A
-channel that is always near zero then costs nothing however coarse its
-weights, and a loud one (a transformer's outlier channels) costs the most.
+last axis of the layer's input). With ``H = mu mu^T + C`` (the channels' means
+``mu`` and covariance ``C``), the clipping search weighs the weight error of
+row k by the variance ``C_kk`` and the block's errors together by the means,
+``(mu . e)**2``: the covariance's cross terms ``C_jk e_j e_k`` have no sign to
+exploit for independent rounding errors, but the means multiply every sample
+alike (:func:`edgeopt.quant.int4_blocks.block_scales`). A channel that is
+always near zero then costs nothing however coarse its weights, and a loud
+one (a transformer's outlier channels) costs the most.
 GPTQ (:mod:`edgeopt.quant.int4_gptq`) makes the errors dependent, so it reads
 all of ``H``: ``K x K`` float64 sums per input tensor, shared by the layers
 that read it. Streaming passes, sums only: the result depends on how samples
