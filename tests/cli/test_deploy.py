@@ -288,3 +288,19 @@ def test_weights_alone_over_flash_miss_without_measuring_and_the_build_check_is_
     assert_one_line_error(result, "does not fit", "weights alone", "at least 1 bytes missing")
     assert "build check" not in result.stderr  # the Makefile checks the arena only, and that fits
     assert subprocess.run(["make", "-s"], cwd=tmp_path / "out", capture_output=True).returncode == 0
+
+
+def test_a_ctrl_c_during_the_host_measurement_keeps_the_project_and_writes_its_report(cli, qdq_path, tmp_path,
+                                                                                       monkeypatch):
+    # the folder was left without report.json, and "exit 130, error: interrupted" said nothing of what was there
+    import edgeopt.codegen.c.report as report_module
+
+    def interrupted(out_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_module, "measure_host", interrupted)
+    result = cli("compile", qdq_path, "-o", tmp_path / "c")
+    assert result.code == 130, result.stderr
+    assert "the C project in" in result.stderr and "its host measurement was not" in result.stderr
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["host"] is None and report["arena_bytes"] > 0

@@ -13,7 +13,7 @@ import onnx_ir as ir
 from edgeopt.api._common import ModelSource, check_flag, check_path, load, model_source
 from edgeopt.api.model import RunResult, _check_spares_inputs, _name_unnamed, _sample_feeds, _write_outputs
 from edgeopt.data import ImagePreprocess
-from edgeopt.errors import CodegenError, ConfigError, EdgeoptError, OutputError
+from edgeopt.errors import CodegenError, ConfigError, EdgeoptError, Interrupted, OutputError
 
 __all__ = ["compile_model", "is_compiled_folder", "run_compiled", "verify"]
 
@@ -65,6 +65,10 @@ def compile_model(model: ModelSource, output: str | os.PathLike, *, target: str 
             raise CodegenError(f"the generated C does not build ({error}): please report it") from None
         except EdgeoptError as error:  # no gcc or make here, a binary that cannot run
             logger.warning("host measurement skipped: %s", error)
+        except KeyboardInterrupt:  # the code is written: its report too, without the host's figures
+            report = CompileReport(result=result, host=None)
+            report.write()
+            raise Interrupted(report) from None
     report = CompileReport(result=result, host=host)
     report.write()
     return report

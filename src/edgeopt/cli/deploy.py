@@ -12,10 +12,10 @@ from typing import Annotated, Optional
 import typer
 
 from edgeopt import api
-from edgeopt.cli import state
+from edgeopt.cli import InterruptedAfterWriting, state
 from edgeopt.cli.app import InputShapeOption, JsonOption, PreprocessOption, app, input_shapes, parse_preprocess
 from edgeopt.cli.render import bytes_text, count_of, count_text, print_json, table
-from edgeopt.errors import CodegenError
+from edgeopt.errors import CodegenError, Interrupted
 
 __all__ = ["compile_command", "verify_command"]
 
@@ -51,9 +51,14 @@ def compile_command(
     json_output: JsonOption = False,
 ) -> None:
     """Generate C for an int8 model: arena plan, flash/RAM/latency report, fit against a device."""
-    report = api.compile_model(model, output, target=target.value, device=device, name=name,
-                               rounding=rounding.value, force=force, measure=measure,
-                               input_shapes=input_shapes(input_shape))
+    try:
+        report = api.compile_model(model, output, target=target.value, device=device, name=name,
+                                   rounding=rounding.value, force=force, measure=measure,
+                                   input_shapes=input_shapes(input_shape))
+    except Interrupted as stop:  # during the host measurement: the project and its report are written
+        raise InterruptedAfterWriting(f"the C project in {stop.partial.result.out_dir} is complete; its host "
+                                      "measurement was not (report.json has no host figures)",
+                                      stop.partial.to_dict()) from None
     failure = None
     if not report.fits:
         check = "; its build check fails" if not report.result.fits else ""  # the Makefile checks the arena
