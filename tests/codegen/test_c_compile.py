@@ -290,14 +290,29 @@ def test_the_c_builds_under_the_strict_warnings_embedded_projects_use(tmp_path):
         assert built.returncode == 0, built.stderr
 
 
-@pytest.mark.parametrize("content", ["garbage", "{}", "[1]", '{"name": "model"}'])
+def _damaged(manifest: dict, edit: str) -> dict:
+    import json
+
+    key, _, value = edit.partition("=")
+    where, _, field = key.partition(".")
+    target = manifest["inputs"][0] if where == "input" else manifest
+    target[field or where] = json.loads(value)
+    return manifest
+
+
+@pytest.mark.parametrize("content", ["garbage", "{}", "[1]", '{"name": "model"}', "input.stored_shape=[1, 3]",
+                                     "input.scale=0", "input.zero_point=1000", 'input.scale="x"', "schedule=[0, 1, 99]",
+                                     "schedule=[]", "outputs=[]", 'name="../../evil"', 'rounding="triple"'])
 def test_a_damaged_manifest_is_a_codegen_error_saying_to_compile_again(content, tmp_path):
     # verify, run and bench of a folder whose edgeopt_c.json was damaged: "internal error" (JSONDecodeError,
-    # KeyError, TypeError), exit 70
+    # KeyError, TypeError, IndexError), exit 70; a zero scale or a zero point of 1000: wrong numbers, exit 0
+    import json
+
     from edgeopt.codegen.c.api import MANIFEST, read_manifest
 
     compile_c(_qdq("conv_relu"), tmp_path / "c")
-    (tmp_path / "c" / MANIFEST).write_text(content)
+    manifest = json.loads((tmp_path / "c" / MANIFEST).read_text())
+    (tmp_path / "c" / MANIFEST).write_text(json.dumps(_damaged(manifest, content)) if "=" in content else content)
     with pytest.raises(CodegenError, match="compile the model again into a new folder"):
         read_manifest(tmp_path / "c")
     with pytest.raises(CodegenError, match="compile the model again"):

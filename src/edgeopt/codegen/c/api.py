@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import shutil
 import tempfile
@@ -326,11 +327,40 @@ def read_manifest(out_dir: str | Path) -> dict:
         raise CodegenError(f"{out_dir / MANIFEST} cannot be read ({error}): {_RECOMPILE}") from None
     damaged = [key for key, kind in _MANIFEST_KEYS.items()
                if not isinstance(manifest, dict) or not isinstance(manifest.get(key), kind)]
-    if damaged or not all(isinstance(entry, dict) and isinstance(entry.get("name"), str)
-                          for entry in manifest["inputs"] + manifest["outputs"]):
-        what = f"no valid {', '.join(damaged)}" if damaged else "an input or output entry without a name"
-        raise CodegenError(f"{out_dir / MANIFEST} is damaged ({what}): {_RECOMPILE}")
+    problem = f"no valid {', '.join(damaged)}" if damaged else _manifest_problem(manifest)
+    if problem:
+        raise CodegenError(f"{out_dir / MANIFEST} is damaged ({problem}): {_RECOMPILE}")
     return manifest
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with a manifest's values (its keys are there, of the right types), else None: a hand
+    edit went on to a KeyError, a divide by zero or wrong numbers in verify, run and bench."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", manifest["name"]):
+        return f"name {manifest['name']!r} is no C identifier"
+    if manifest["rounding"] not in ROUNDINGS:
+        return f"rounding {manifest['rounding']!r}"
+    schedule = manifest["schedule"]
+    if not schedule or sorted(schedule) != list(range(len(schedule))) or not all(map(_is_int, schedule)):
+        return "the schedule is not an order of the ops"
+    if not manifest["inputs"] or not manifest["outputs"]:
+        return "no inputs or no outputs"
+    for entry in manifest["inputs"] + manifest["outputs"]:
+        shape = entry.get("stored_shape") if isinstance(entry, dict) else None
+        scale, zero_point = (entry.get("scale"), entry.get("zero_point")) if isinstance(entry, dict) else (0, 0)
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("tensor"), str)
+                and isinstance(entry.get("is_float"), bool) and isinstance(shape, list) and shape
+                and all(_is_int(d) and d > 0 for d in shape) and isinstance(entry.get("layout"), list)
+                and sorted(entry["layout"]) == list(range(len(shape)))
+                and isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
+                and scale > 0 and _is_int(zero_point) and -128 <= zero_point <= 127):
+            name = entry.get("name") if isinstance(entry, dict) else entry
+            return f"the entry of {name!r}: its tensor, shape, layout, scale or zero point"
+    return None
 
 
 def _compare(reference: ReferenceModel, trace: bytes,
@@ -356,7 +386,10 @@ def verify(out_dir: str | Path, data: Iterable[Mapping[str, np.ndarray]]) -> Ver
     """
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
-    program = reorder(lower(load_model(out_dir / _REFERENCE_MODEL)), manifest["schedule"])
+    try:
+        program = reorder(lower(load_model(out_dir / _REFERENCE_MODEL)), manifest["schedule"])
+    except ValueError as error:  # a schedule of another length than the reference model's ops
+        raise CodegenError(f"{out_dir / MANIFEST} is damaged ({error}): {_RECOMPILE}") from None
     reference = ReferenceModel(program, rounding=manifest["rounding"])
     binary, sanitized = _traced_binary(out_dir, manifest["name"])
     batches = compared = 0
