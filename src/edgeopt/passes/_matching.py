@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -84,8 +85,11 @@ def shape_text(shape: tuple[int, ...]) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 
 
-def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
-    """The constant (min, max) of a Clip: attributes before opset 11, inputs after."""
+def clip_bounds(node: ir.Node, read: Callable[[ir.Value], float | None] | None = None
+                ) -> tuple[float, float] | None:
+    """The constant (min, max) of a Clip: attributes before opset 11, inputs after, each input's number as
+    ``read`` gives it (:func:`scalar`; a QDQ graph's matcher reads dequantized constants too)."""
+    read = scalar if read is None else read
     low, high = -math.inf, math.inf
     if "min" in node.attributes or "max" in node.attributes:
         return (node.attributes.get_float("min", low), node.attributes.get_float("max", high))
@@ -93,7 +97,7 @@ def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
         bound = node.inputs[position] if len(node.inputs) > position else None
         if bound is None:
             continue
-        number = scalar(bound)
+        number = read(bound)
         if number is None:
             return None
         if position == 1:

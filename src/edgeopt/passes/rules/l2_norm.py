@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import onnx_ir as ir
 
@@ -24,7 +25,7 @@ from edgeopt.passes._matching import clip_bounds, is_op, only_reader, reduce_axe
 from edgeopt.passes._rules import Match, Rule, RuleContext
 from edgeopt.passes.rules.activations import PATTERN_KEY, annotate
 
-__all__ = ["L2_NORM", "L2NormRule"]
+__all__ = ["L2_NORM", "L2NormRule", "norm_floor"]
 
 #: The pattern name the group's nodes carry.
 L2_NORM = "l2_norm"
@@ -35,13 +36,14 @@ class _L2NormMatch(Match):
     x: ir.Value
 
 
-def _norm_floor(node: ir.Node) -> float | None:
-    """The eps of ``Clip(n, eps)`` (no upper bound) or ``Max(n, eps)`` with a constant eps >= 0, else None."""
+def norm_floor(node: ir.Node | None, read: Callable[[ir.Value], float | None] = scalar) -> float | None:
+    """The eps of ``Clip(n, eps)`` (no upper bound) or ``Max(n, eps)`` with a constant eps >= 0, else None;
+    constants as ``read`` gives them (the reference's QDQ matcher reads dequantized ones too)."""
     if is_op(node, "Clip"):
-        bounds = clip_bounds(node)
+        bounds = clip_bounds(node, read)
         low = bounds[0] if bounds is not None and bounds[1] == math.inf else None
     elif is_op(node, "Max") and len(node.inputs) == 2:
-        low = scalar(node.inputs[1])
+        low = read(node.inputs[1])
     else:
         return None
     return low if low is not None and math.isfinite(low) and low >= 0 else None
@@ -64,7 +66,7 @@ class L2NormRule(Rule):
         if norm.attributes.get_int("keepdims", 1) != 1 or not reduce_axes(norm):
             return "not a norm over constant axes that keeps them"
         floor = only_reader(norm, "Clip", "Max")
-        if floor is None or _norm_floor(floor) is None:
+        if floor is None or norm_floor(floor) is None:
             return "the norm is not clamped below by a constant eps >= 0"
         body = [floor]
         divisor = only_reader(floor, "Expand", "Div")

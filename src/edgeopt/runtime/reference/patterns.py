@@ -33,6 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
+from edgeopt.passes.rules.l2_norm import norm_floor
 
 __all__ = ["SpelledGelu", "SpelledLayerNorm", "constant_operand", "match_erf_gelu", "match_l2_norm",
            "match_layer_norm", "match_rms_norm", "match_spelled_out"]
@@ -252,26 +253,6 @@ def match_rms_norm(mean: ir.Node) -> SpelledLayerNorm | None:
                             centered=False)
 
 
-def _clip_bound(node: ir.Node, index: int, name: str, default: float) -> float | None:
-    """A Clip's bound: its attribute before opset 11, else its input (``default`` when absent), None if not
-    constant."""
-    if name in node.attributes:
-        return node.attributes.get_float(name, default)
-    value = node.inputs[index] if len(node.inputs) > index else None
-    return default if value is None or not value.name else _scalar(value)
-
-
-def _norm_floor(node: ir.Node | None) -> float | None:
-    """The eps of ``Clip(n, eps)`` (no upper bound) or ``Max(n, eps)``, constant and >= 0, else None."""
-    if eir.is_op(node, "Clip"):
-        low = _clip_bound(node, 1, "min", -math.inf) if _clip_bound(node, 2, "max", math.inf) == math.inf else None
-    elif eir.is_op(node, "Max") and len(node.inputs) == 2:
-        low = _scalar(node.inputs[1])
-    else:
-        return None
-    return low if low is not None and math.isfinite(low) and low >= 0 else None
-
-
 def match_l2_norm(norm: ir.Node) -> SpelledLayerNorm | None:
     """The spelled-out L2 normalization (``F.normalize``) whose ReduceL2 is ``norm``, or None."""
     x = norm.inputs[0] if eir.is_op(norm, "ReduceL2") and norm.inputs else None
@@ -279,7 +260,7 @@ def match_l2_norm(norm: ir.Node) -> SpelledLayerNorm | None:
     axes = _axes(norm, rank) if rank else None
     floor = _next(norm.outputs[0], "Clip", "Max") if axes is not None and not norm.outputs[0].is_graph_output() \
         else None
-    epsilon = _norm_floor(floor)
+    epsilon = norm_floor(floor, _scalar)
     nodes = [norm, floor]
     divisor = _next(floor.outputs[0], "Expand", "Div") if epsilon is not None else None
     if eir.is_op(divisor, "Expand"):
