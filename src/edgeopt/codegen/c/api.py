@@ -123,8 +123,11 @@ class VerifyResult:
 _GENERATED_STEMS = frozenset({"kernels", "main", "bench"})  # the project's other C files
 
 
+_C_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def _check_options(name: str, rounding: str) -> None:
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+    if not _C_IDENTIFIER.fullmatch(name):
         raise ConfigError(f"--name {name!r} must be a C identifier (letters, digits, underscore)")
     if name.upper().startswith("EO_"):  # the kernels' own macros: EO_KERNELS_H would be both headers' guard
         raise ConfigError(f"--name {name!r}: names starting with eo_ are the kernels' (choose another name)")
@@ -340,7 +343,7 @@ def _is_int(value) -> bool:
 def _manifest_problem(manifest: dict) -> str | None:
     """What is wrong with a manifest's values (its keys are there, of the right types), else None: a hand
     edit went on to a KeyError, a divide by zero or wrong numbers in verify, run and bench."""
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", manifest["name"]):
+    if not _C_IDENTIFIER.fullmatch(manifest["name"]):
         return f"name {manifest['name']!r} is no C identifier"
     if manifest["rounding"] not in ROUNDINGS:
         return f"rounding {manifest['rounding']!r}"
