@@ -252,8 +252,6 @@ class _Search:
         self.float_reference = FloatReference(base)  # and the float side of every round's comparison is the same
         self.best: _Best | None = None
         self.steps: list[AccuracyStep] = []
-        #: data movement returned with its float neighbours, all at once: not counted in max_float_nodes
-        self.movement: set[str] = set()
 
     def quantize(self, excluded: tuple[str, ...]) -> QuantResult:
         config = replace(self.config, exclude=tuple(dict.fromkeys(self.config.exclude + excluded)))
@@ -390,7 +388,7 @@ def _rounds(search: _Search, float_score: float, progress: Callable[[int, int | 
     to ``search.steps`` and the best one to ``search.best``; why it stopped."""
     goal, steps = search.goal, search.steps
     excluded: tuple[str, ...] = ()
-    movement = search.movement
+    movement: set[str] = set()  # data movement returned with its float neighbours: not counted in max_float_nodes
     while True:
         round_start = time.monotonic()
         result = search.quantize(excluded)
