@@ -52,11 +52,10 @@ class BenchConfig:
             raise ConfigError(f"--warmup must be 0 or more, got {self.warmup}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
-        cores = os.cpu_count() or 1
-        if self.threads is not None and self.threads > max_threads():
+        if self.threads is not None and self.threads > (limit := max_threads()):
             # 100000 threads grew a worker to 16.7 GB for 10 minutes: more threads than cores only adds switching
-            raise ConfigError(f"--threads {self.threads} is more than this machine can use ({cores} cores; at most "
-                              f"{max_threads()} accepted): give at most the number of cores")
+            raise ConfigError(f"--threads {self.threads} is more than this machine can use ({os.cpu_count() or 1} "
+                              f"cores; at most {limit} accepted): give at most the number of cores")
 
 
 def max_threads() -> int:
