@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from edgeopt.errors import ConfigError, DataError
 from edgeopt.io import load_model, model_to_bytes
 from edgeopt.quant import quantize
-from edgeopt.quant.channel_stats import ChannelMeanSquareHook, InputCorrelationHook
+from edgeopt.quant.channel_stats import ChannelMomentsHook, InputCorrelationHook
 from edgeopt.quant.formats import INT4, UINT4
 from edgeopt.quant.int4 import Int4WeightConfig
 from edgeopt.quant.int4_blocks import block_scales, quantize_blocks
@@ -168,9 +168,9 @@ def test_correlation_hook_sums_the_rows_whatever_the_batching():
     for seen in (whole.result()["x"], split.result()["x"]):
         np.testing.assert_allclose(seen.gram, rows.T @ rows / 30, rtol=1e-12)
         assert seen.rows == 30
-    mean_square = ChannelMeanSquareHook(["x"])
-    mean_square.update({"x": x}, {})
-    np.testing.assert_array_equal(whole.result()["x"].mean_square, mean_square.result()["x"])
+    moments = ChannelMomentsHook(["x"])
+    moments.update({"x": x}, {})
+    np.testing.assert_array_equal(whole.result()["x"].mean_square, moments.result()["x"].mean_square)
 
 
 def test_correlation_hook_leaves_out_rows_with_nan_or_infinity():

@@ -4,7 +4,7 @@ Three accuracy tools need one number per channel of some tensors, summed or
 maximised over every calibration sample: bias correction the channel means of
 each layer's input (:class:`ChannelMeanHook`), SmoothQuant the channel maxima
 of ``|x|`` (:class:`ChannelAbsMaxHook`), int4's clipping search the channel
-mean squares (:class:`ChannelMeanSquareHook`), and int4's GPTQ the whole
+mean squares and means (:class:`ChannelMomentsHook`), and int4's GPTQ the whole
 correlation ``E[x x^T]`` of the channels with them (:class:`InputCorrelationHook`:
 ``K x K`` float64 sums per tensor). Each is an observer per tensor
 behind one hook (:class:`ChannelStatsHook`): the calibration pass hands it
@@ -32,7 +32,6 @@ __all__ = [
     "ChannelAbsMaxObserver",
     "ChannelMeanHook",
     "ChannelMeanObserver",
-    "ChannelMeanSquareHook",
     "ChannelMeans",
     "ChannelMomentsHook",
     "ChannelMomentsObserver",
@@ -154,7 +153,7 @@ class ChannelMomentsObserver:
 @dataclass(frozen=True, kw_only=True)
 class LayerInputStatistics:
     """What the calibration pass saw of a layer's input ``x [..., K]``: ``E[x**2]`` per last-axis channel
-    (float32 ``[K]``, as :class:`ChannelMeanSquareHook` gives it) and, for GPTQ, ``E[x x^T]`` (float64
+    (float32 ``[K]``, as :class:`ChannelMomentsHook` gives it) and, for GPTQ, ``E[x x^T]`` (float64
     ``[K, K]``, read-only) over ``rows`` rows holding no NaN or infinity, or None."""
 
     mean_square: np.ndarray
@@ -278,17 +277,6 @@ class ChannelMeanHook(ChannelStatsHook):
     def _value(self, observer: ChannelMeanObserver) -> np.ndarray | None:
         mean = observer.result().mean
         return mean if mean.size else None
-
-
-class ChannelMeanSquareHook(ChannelStatsHook):
-    """``E[x**2]`` per last-axis channel of ``tensors`` (float32)."""
-
-    def __init__(self, tensors: Iterable[str]) -> None:
-        super().__init__(dict.fromkeys(tensors, -1), lambda axis: ChannelMeanSquareObserver(axis=axis))
-
-    def _value(self, observer: ChannelMeanSquareObserver) -> np.ndarray | None:
-        mean = observer.result().mean
-        return mean.astype(np.float32) if mean.size else None
 
 
 class ChannelMomentsHook(ChannelStatsHook):
