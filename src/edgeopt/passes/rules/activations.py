@@ -44,6 +44,7 @@ __all__ = [
     "SiluRule",
     "annotate",
     "clip_node",
+    "is_annotated",
 ]
 
 #: Node metadata key naming the activation a group of nodes computes.
@@ -58,7 +59,8 @@ def annotate(nodes: tuple[ir.Node, ...], pattern: str) -> None:
         node.metadata_props[PATTERN_KEY] = pattern
 
 
-def _is_annotated(node: ir.Node) -> bool:
+def is_annotated(node: ir.Node) -> bool:
+    """Whether ``node`` belongs to a pattern a rule annotated already."""
     return PATTERN_KEY in node.metadata_props
 
 
@@ -161,7 +163,7 @@ class SiluRule(Rule):
     anchor_ops = frozenset({"Sigmoid"})
 
     def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
-        if _is_annotated(node):
+        if is_annotated(node):
             return None
         chain = follow_product(node.outputs[0], node.inputs[0], 1.0)
         return _ChainMatch(nodes=(node, *chain.nodes), head=node, chain=chain) if chain else None

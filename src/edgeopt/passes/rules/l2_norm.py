@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from edgeopt.passes._matching import clip_bounds, is_op, only_reader, reduce_axes, scalar
 from edgeopt.passes._rules import Match, Rule, RuleContext
-from edgeopt.passes.rules.activations import PATTERN_KEY, annotate
+from edgeopt.passes.rules.activations import annotate, is_annotated
 
 __all__ = ["L2_NORM", "L2NormRule", "norm_floor"]
 
@@ -57,7 +57,7 @@ class L2NormRule(Rule):
     verb = "annotated"
 
     def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
-        if not node.inputs or node.inputs[0] is None or PATTERN_KEY in node.metadata_props:
+        if not node.inputs or node.inputs[0] is None or is_annotated(node):
             return None
         return _L2NormMatch(nodes=(node,), x=node.inputs[0])
 
@@ -79,7 +79,7 @@ class L2NormRule(Rule):
                 and len(match.x.shape) != len(divisor.outputs[0].shape):
             return "the division broadcasts x to another rank"
         nodes = (norm, *body, divisor)
-        if any(PATTERN_KEY in n.metadata_props for n in nodes):
+        if any(map(is_annotated, nodes)):
             return "part of another pattern"
         match.nodes = nodes
         return None

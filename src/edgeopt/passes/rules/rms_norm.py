@@ -22,7 +22,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.passes._matching import is_op, only_reader, other_input, reduce_axes, scalar, sole_consumer
 from edgeopt.passes._rules import Match, Rule, RuleContext
-from edgeopt.passes.rules.activations import PATTERN_KEY, annotate
+from edgeopt.passes.rules.activations import annotate, is_annotated
 
 __all__ = ["RMS_NORM", "RmsNormRule"]
 
@@ -86,7 +86,7 @@ class RmsNormRule(Rule):
     def pattern(self, node: ir.Node, context: RuleContext) -> Match | None:
         square = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
         x = _square_of(square)
-        if x is None or PATTERN_KEY in node.metadata_props or sole_consumer(square.outputs[0]) is not node \
+        if x is None or is_annotated(node) or sole_consumer(square.outputs[0]) is not node \
                 or is_op(x.producer(), "Sub"):  # x - mean: a LayerNorm's variance
             return None
         return _RmsNormMatch(nodes=(node, square), x=x)
@@ -109,7 +109,7 @@ class RmsNormRule(Rule):
         if gain is not None and eir.is_constant(other_input(gain, last.outputs[0])):
             body.append(gain)
         nodes = (mean, square, add, sqrt, *body)
-        if any(PATTERN_KEY in n.metadata_props for n in nodes):
+        if any(map(is_annotated, nodes)):
             return "part of another pattern"
         match.nodes = nodes
         return None
