@@ -27,13 +27,16 @@ _EXPORTS = {
     "AccuracyGoal": "edgeopt.quant.accuracy",
     "BenchConfig": "edgeopt.bench",
     "ImagePreprocess": "edgeopt.data",
-    "Interrupted": "edgeopt.errors",
+    **dict.fromkeys(("ConfigError", "DataError", "EdgeoptError", "EdgeoptWarning", "Interrupted", "ModelError",
+                     "OutputError", "UnsupportedOpError"), "edgeopt.errors"),
+    "QuantizeReport": "edgeopt.api.quantize",
+    "CompareResult": "edgeopt.quant.compare",
     **dict.fromkeys(("CalibrationMethod", "Fallback", "Int8Config", "PerBlock", "PerChannel", "PerTensor", "Target"),
                     "edgeopt.quant.config"),
     **dict.fromkeys(("Bf16Config", "Fp16Config"), "edgeopt.quant.float16"),
     "DynamicInt8Config": "edgeopt.quant.dynamic",
-    **dict.fromkeys(("INT8", "UINT8"), "edgeopt.quant.formats"),  # Int8Config(activation_format=UINT8)
-    **dict.fromkeys(("Int4WeightConfig", "WeightFallback"), "edgeopt.quant.int4"),
+    **dict.fromkeys(("INT4", "INT8", "UINT4", "UINT8"), "edgeopt.quant.formats"),  # Int8Config(activation_format=UINT8)
+    **dict.fromkeys(("AccuracyLevel", "Embeddings", "Int4WeightConfig", "WeightFallback"), "edgeopt.quant.int4"),
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]
@@ -44,10 +47,13 @@ if TYPE_CHECKING:  # the names for type checkers and IDEs
     from edgeopt.api import bench, compare, compile_model, from_torch, inspect, load, quantize, run, verify
     from edgeopt.bench import BenchConfig
     from edgeopt.data import ImagePreprocess
-    from edgeopt.errors import Interrupted
+    from edgeopt.api.quantize import QuantizeReport
+    from edgeopt.errors import (ConfigError, DataError, EdgeoptError, EdgeoptWarning, Interrupted, ModelError,
+                                OutputError, UnsupportedOpError)
     from edgeopt.quant.accuracy import AccuracyGoal
     from edgeopt.quant.config import CalibrationMethod, Fallback, Int8Config, PerBlock, PerChannel, PerTensor, Target
     from edgeopt.quant.dynamic import DynamicInt8Config
     from edgeopt.quant.float16 import Bf16Config, Fp16Config
-    from edgeopt.quant.formats import INT8, UINT8
-    from edgeopt.quant.int4 import Int4WeightConfig, WeightFallback
+    from edgeopt.quant.formats import INT4, INT8, UINT4, UINT8
+    from edgeopt.quant.compare import CompareResult
+    from edgeopt.quant.int4 import AccuracyLevel, Embeddings, Int4WeightConfig, WeightFallback

@@ -19,6 +19,7 @@ __all__ = [
     "PassError",
     "CodegenError",
     "Interrupted",
+    "EdgeoptWarning",
 ]
 
 
@@ -72,6 +73,12 @@ class CodegenError(EdgeoptError):
     """Code generation refused the model or failed to build it."""
 
     exit_code = 7
+
+
+class EdgeoptWarning(UserWarning):
+    """A warning of a result (too few calibration samples, an accuracy goal not met, int8 slower than
+    float ...), issued by the Python API through :mod:`warnings` as well as kept in the result's
+    ``warnings``; the command line prints them as ``warning:`` lines instead."""
 
 
 class Interrupted(KeyboardInterrupt):

@@ -271,9 +271,9 @@ def test_output_over_an_external_data_file_of_the_input_is_refused(cli, tmp_path
                           "m.onnx.data", "overwrite")
     (tmp_path / "weights").mkdir()
     onnx.save(onnx.load(demo_model_path()), tmp_path / "weights" / "w.onnx", save_as_external_data=True,
-              location="w.report.json", size_threshold=0)  # where -o w.json puts its numbers
+              location="w.json.report.json", size_threshold=0)  # where -o w.json puts its numbers
     assert_one_line_error(cli("quantize", tmp_path / "weights" / "w.onnx", "--scheme", "fp16",
-                              "-o", tmp_path / "weights" / "w.json"), "w.report.json", "overwrite")
+                              "-o", tmp_path / "weights" / "w.json"), "w.json.report.json", "overwrite")
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
 
 

@@ -6,7 +6,8 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,14 +15,15 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.errors import ConfigError
+from edgeopt.errors import ConfigError, EdgeoptWarning
 from edgeopt.io import load_model
 
 if TYPE_CHECKING:
     from edgeopt.data import ImagePreprocess
 
-__all__ = ["ModelSource", "Progress", "calibration_source", "check_flag", "check_path", "check_type",
-           "comparable_float", "load", "logged_warnings", "model_name", "model_source"]
+__all__ = ["ModelSource", "Progress", "calibration_source", "check_flag", "check_path", "check_progress",
+           "check_type", "comparable_float", "issue_warnings", "load", "logged_warnings", "model_name",
+           "model_source"]
 
 ModelSource = str | os.PathLike | ir.Model
 Progress = Callable[[int, int], None]
@@ -58,6 +60,12 @@ def check_flag(value: object, what: str) -> None:
     """ConfigError unless ``value`` is True or False: a string such as "no" would count as true."""
     if not isinstance(value, (bool, np.bool_)):
         raise ConfigError(f"{what} must be True or False, got {type(value).__name__} {str(value)[:40]!r}")
+
+
+def check_progress(progress: object) -> None:
+    """ConfigError, before any work, unless ``progress`` is None or a function(done, total)."""
+    if progress is not None and not callable(progress):
+        raise ConfigError(f"progress must be a function(done, total) or None, got {type(progress).__name__}")
 
 
 def check_path(value: object, what: str, *, optional: bool = True) -> None:
@@ -122,6 +130,14 @@ def logged_warnings() -> Iterator[list[str]]:
         yield messages
     finally:
         root.removeHandler(handler)
+
+
+def issue_warnings(messages: Iterable[str]) -> None:
+    """A result's warnings through Python's :mod:`warnings` too (:class:`edgeopt.errors.EdgeoptWarning`),
+    attributed to the line that called the API function: a script sees them without reading the result
+    (those logged on the way reach no handler of logging's when the script configured none)."""
+    for message in messages:
+        warnings.warn(message, EdgeoptWarning, stacklevel=3)
 
 
 def calibration_source(model: ir.Model, data, preprocess: ImagePreprocess | None, max_samples: int | None):

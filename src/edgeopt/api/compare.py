@@ -6,8 +6,8 @@ import dataclasses
 import logging
 
 from edgeopt import ir as eir
-from edgeopt.api._common import (ModelSource, Progress, calibration_source, comparable_float, load, logged_warnings,
-                                 model_source)
+from edgeopt.api._common import (ModelSource, Progress, calibration_source, check_progress, comparable_float,
+                                 issue_warnings, load, logged_warnings, model_source)
 from edgeopt.data import ImagePreprocess
 from edgeopt.quant.compare import CompareResult
 
@@ -20,9 +20,11 @@ def compare(float_model: ModelSource, quant_model: ModelSource, data, *, preproc
             max_samples: int | None = None, progress: Progress | None = None) -> CompareResult:
     """Per-layer SQNR and cosine of a quantized model against its float model, worst first; the warnings
     logged on the way are in its ``warnings`` too (a model without Q/DQ pairs, outputs below 0 dB ...)."""
+    check_progress(progress)
     with logged_warnings() as logged:
         result = _compare(float_model, quant_model, data, preprocess=preprocess, max_samples=max_samples,
                           progress=progress)
+    issue_warnings(logged)
     return dataclasses.replace(result, warnings=tuple(logged))
 
 

@@ -14,8 +14,8 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.analysis import CostReport, MemoryReport, analyze_cost, memory_report
-from edgeopt.api._common import ModelSource, Progress, check_path, load, model_name, model_source
-from edgeopt.data.feeds import dims_match
+from edgeopt.api._common import ModelSource, Progress, check_path, check_progress, load, model_name, model_source
+from edgeopt.data.feeds import as_numpy, dims_match
 from edgeopt.data.npy import read_error
 from edgeopt.errors import DataError, OutputError
 from edgeopt.io import atomic_write_files, make_output_folder
@@ -173,7 +173,7 @@ def read_input_file(path: str | os.PathLike) -> np.ndarray | dict[str, np.ndarra
 def _read_inputs(inputs: Mapping[str, np.ndarray | str | os.PathLike]) -> tuple[dict[str, np.ndarray], list[Path]]:
     """Arrays by input name (a value may be a .npy file), and the files they came from. A single array
     or .npy file, not in a mapping, feeds the model's only input; a single .npz feeds the inputs its keys name."""
-    if isinstance(inputs, (np.ndarray, str, os.PathLike)):
+    if isinstance(inputs, (str, os.PathLike)) or hasattr(inputs, "__array__"):  # a numpy array, a torch tensor
         inputs = {"": inputs}
     if not isinstance(inputs, Mapping):
         raise DataError(f"inputs must map input names to arrays or .npy files, got a {type(inputs).__name__}")
@@ -189,8 +189,8 @@ def _read_inputs(inputs: Mapping[str, np.ndarray | str | os.PathLike]) -> tuple[
             else:
                 arrays[name] = loaded
             files.append(Path(value))
-        elif isinstance(value, np.ndarray):
-            arrays[name] = value
+        elif hasattr(value, "__array__"):
+            arrays[name] = as_numpy(value)
         else:
             which = f"input {name!r}" if name else "the input"
             raise DataError(f"{which} is a {type(value).__name__}: pass a numpy array or the path of a .npy file")
@@ -232,6 +232,7 @@ def run(model: ModelSource, inputs: Mapping[str, np.ndarray | str | os.PathLike]
 
     model = model_source(model)
     check_path(output_dir, "output_dir")
+    check_progress(progress)
     if output_dir is not None:
         make_output_folder(output_dir, create=False)  # before any work
     arrays, input_files = _read_inputs(inputs)

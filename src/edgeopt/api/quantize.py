@@ -14,8 +14,8 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.api._common import (ModelSource, Progress, calibration_source, check_flag, check_path, check_type,
-                                 comparable_float, load, logged_warnings, model_source)
+from edgeopt.api._common import (ModelSource, Progress, calibration_source, check_flag, check_path, check_progress,
+                                 check_type, comparable_float, issue_warnings, load, logged_warnings, model_source)
 from edgeopt.api._quantize_warnings import (blocks_c, loose_goal, low_fidelity, mcu_float_warning,
                                             mcu_lowering_refusal, relu6_warning)
 from edgeopt.data import ImagePreprocess, batch_rows
@@ -65,6 +65,25 @@ class QuantizeReport:
     def interrupted(self) -> bool:
         """Whether a Ctrl-C stopped the accuracy search (or the checks after it): the model is its best so far."""
         return self.search is not None and self.search.interrupted
+
+    def save(self, path: str | os.PathLike) -> QuantizeReport:
+        """Write the model to ``path`` as ``quantize(output=path)`` does (atomically, without shape
+        annotations, its weights beside it past 2 GB) with its numbers in the report file beside it;
+        returns the report naming that output."""
+        check_path(path, "path", optional=False)
+        check_writable(path)
+        check_writable(report_path(path))
+        check_writable(external_data_path(path))
+        saved = dataclasses.replace(self, output=Path(path))
+        write_quantized(saved, written_files(self.model, path))
+        return saved
+
+    def __repr__(self) -> str:  # the dataclass's repr holds the whole graph: tens of kilobytes
+        fidelity = self.fidelity.worst_output_sqnr() if self.fidelity is not None else None
+        sqnr = f", output SQNR {fidelity:.2f} dB" if fidelity is not None else ""
+        return (f"QuantizeReport(scheme={self.result.scheme!r}, output={str(self.output) if self.output else None!r}, "
+                f"{self.float_bytes} -> {self.quant_bytes} bytes, {len(self.result.float_nodes)} float nodes{sqnr}, "
+                f"{len(self.warnings)} warnings)")
 
     def to_dict(self) -> dict:
         result = self.result
@@ -226,10 +245,13 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     _check_argument_types(goal, evaluate, output)
     check_flag(check_fidelity, "check_fidelity")
     check_flag(check_speed, "check_speed")
+    check_progress(progress)
     with logged_warnings() as logged:
-        return _quantize(model, config, data, output=output, preprocess=preprocess, max_samples=max_samples,
-                         goal=goal, evaluate=evaluate, eval_data=eval_data, check_fidelity=check_fidelity,
-                         check_speed=check_speed, progress=progress, logged=logged)
+        report = _quantize(model, config, data, output=output, preprocess=preprocess, max_samples=max_samples,
+                           goal=goal, evaluate=evaluate, eval_data=eval_data, check_fidelity=check_fidelity,
+                           check_speed=check_speed, progress=progress, logged=logged)
+    issue_warnings(report.warnings)
+    return report
 
 
 def _check_config(config: object, data: object) -> None:
@@ -279,9 +301,7 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
         result = run_scheme(loaded, config, source, progress=progress, in_place=owned)
         if owned:
             loaded = None
-    # inferable annotations and exporters' debugging notes: size only; past 2 GB the weights go beside the .onnx
-    written = model_file_contents(result.model, output if output is not None else "model.onnx", value_info=False,
-                                  exporter_metadata=False)
+    written = written_files(result.model, output if output is not None else "model.onnx")
     warnings = _result_warnings(config, result, search, source)
     checks = _Checks(model=model, loaded=loaded, data=data, eval_data=held_out, preprocess=preprocess,
                      max_samples=max_samples, fidelity=check_fidelity, speed=check_speed,
@@ -294,8 +314,7 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
                             fidelity=fidelity, fidelity_on=checks.fidelity_on, speed=speed, search=search,
                             warnings=tuple(dict.fromkeys([*logged, *warnings])))
     if output is not None:  # written last: an error in the checks above leaves nothing behind
-        # the artifact ships with its measured numbers: all its files are replaced, or none
-        atomic_write_files([*written, (report_path(output), json_text(report.to_dict()).encode())])
+        write_quantized(report, written)
     if report.interrupted:
         raise Interrupted(report)
     return report
@@ -522,10 +541,24 @@ def _float_bytes(model: ModelSource, loaded: ir.Model) -> int:
     return loaded.meta.get(FILE_BYTES_KEY) or model_file_bytes(model)
 
 
+def written_files(model: ir.Model, output: str | os.PathLike) -> list[tuple[Path, bytes | bytearray]]:
+    """The files of a quantized model at ``output``: without inferable annotations and exporters' debugging
+    notes (size only); past 2 GB the weights go beside the .onnx."""
+    return model_file_contents(model, output, value_info=False, exporter_metadata=False)
+
+
+def write_quantized(report: QuantizeReport, written: list[tuple[Path, bytes | bytearray]]) -> None:
+    """The model's files and its report at ``report.output``: the artifact ships with its measured numbers,
+    all its files replaced, or none."""
+    atomic_write_files([*written, (report_path(report.output), json_text(report.to_dict()).encode())])
+
+
 def report_path(output: str | os.PathLike) -> Path:
-    """Where the numbers of a quantized model go: ``model.int8.onnx`` -> ``model.int8.report.json``."""
+    """Where the numbers of a quantized model go: ``model.int8.onnx`` -> ``model.int8.report.json``; a name
+    not ending in ``.onnx`` keeps its whole name (``m.int8`` -> ``m.int8.report.json``: ``m.fp16``'s differs)."""
     path = Path(output)
-    return path.with_name(f"{path.stem}.report.json")
+    stem = path.stem if path.suffix.lower() == ".onnx" else path.name
+    return path.with_name(f"{stem}.report.json")
 
 
 def _fidelity(float_model: ir.Model, quant_model: ir.Model, data, preprocess,

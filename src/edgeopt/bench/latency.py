@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeopt._scalars import plain_fields
 from edgeopt.errors import ConfigError, EdgeoptError
 
 __all__ = ["BenchConfig", "BenchResult", "BenchTarget", "ModelTiming", "bench_models"]
@@ -41,9 +42,10 @@ class BenchConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        plain_fields(self)
         for key in ("runs", "warmup", "threads"):
             value = getattr(self, key)
-            integer = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+            integer = isinstance(value, int) and not isinstance(value, bool)
             if (value is not None or key != "threads") and not integer:
                 raise ConfigError(f"{key} must be an integer (--{key}), got {type(value).__name__} {value!r}")
         if self.runs < 1:

@@ -13,13 +13,14 @@ import logging
 import signal
 import sys
 import traceback
+import warnings
 
 from rich.text import Text
 
 from edgeopt.cli import INTERRUPTED, InterruptedAfterWriting, ctrl_c_seen, error_object, json_flag_given, state
 from edgeopt.cli.app import app
 from edgeopt.cli.render import print_json
-from edgeopt.errors import EdgeoptError
+from edgeopt.errors import EdgeoptError, EdgeoptWarning
 
 __all__ = ["main"]
 
@@ -73,7 +74,9 @@ def _run(argv: list[str] | None) -> int:
     log.addHandler(handler)
     log.propagate = False
     try:
-        return _run_app(argv)
+        with warnings.catch_warnings():  # the API's EdgeoptWarnings are the report's, which the commands print
+            warnings.simplefilter("ignore", EdgeoptWarning)
+            return _run_app(argv)
     finally:
         log.removeHandler(handler)
         log.propagate = propagate

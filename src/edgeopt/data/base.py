@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeopt.data.feeds import check_feed, dims_match
+from edgeopt._scalars import plain_scalar
+from edgeopt.data.feeds import as_numpy, check_feed, dims_match
 from edgeopt.errors import ConfigError, DataError
 from edgeopt.ir.values import InputSpec
 from edgeopt.metrics import count_of
@@ -199,7 +200,8 @@ def split_stacked(
 def _shape(value: object, name: str, where: str) -> tuple[int, ...]:
     """The shape of an array or nested list; a ragged list (rows of different lengths) is a DataError."""
     try:
-        return tuple(np.shape(value))
+        shape = getattr(value, "shape", None)  # an array, a tensor, a file's lazy rows: nothing read or converted
+        return tuple(map(int, shape)) if shape is not None else tuple(np.shape(value))
     except ValueError as error:  # numpy: "setting an array element with a sequence ... inhomogeneous shape"
         raise DataError(f"{where}: input '{name}' is a nested list whose rows differ in length, not an array: "
                         "give an array (or lists of equal lengths), or samples of different shapes as a list of "
@@ -209,7 +211,7 @@ def _shape(value: object, name: str, where: str) -> tuple[int, ...]:
 def _read_only(array: object, name: str) -> np.ndarray:
     """A read-only view, so check_feed hands out copies and the caller's data stays untouched."""
     _shape(array, name, "arrays")
-    view = np.asarray(array).view()
+    view = as_numpy(array).view()
     view.flags.writeable = False
     return view
 
@@ -267,7 +269,7 @@ def as_feed(item: object, specs: Sequence[InputSpec], *, where: str) -> dict[str
     for name, value in feed.items():
         spec = by_name.get(name)
         if spec is not None and _plan_cut(spec, _shape(value, name, where)).add_axis:
-            feed[name] = np.asarray(value)[np.newaxis]
+            feed[name] = as_numpy(value)[np.newaxis]
     return feed
 
 
@@ -384,6 +386,8 @@ def reads_again(data: object) -> bool:
 
 def take(source: DataSource, limit: int) -> DataSource:
     """The first ``limit`` batches of ``source`` (a source yielding one sample per batch gives samples)."""
+    limit = plain_scalar(limit)
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ConfigError(f"the number of samples to take must be a positive integer, got {limit!r}")
+        raise ConfigError(f"max_samples (--max-samples), the number of samples to take, must be a positive integer, "
+                          f"got {limit!r}")
     return TakeSource(source, limit)

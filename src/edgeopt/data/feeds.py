@@ -30,7 +30,7 @@ import numpy as np
 from edgeopt.errors import DataError
 from edgeopt.ir.values import InputSpec
 
-__all__ = ["check_feed", "dims_match", "forget_cast_warnings", "shape_text"]
+__all__ = ["as_numpy", "check_feed", "dims_match", "forget_cast_warnings", "shape_text"]
 
 _NUMERIC_KINDS = "biuf"
 
@@ -79,9 +79,17 @@ def _check_names(specs: Sequence[InputSpec], feed: Mapping[str, object], where: 
                             f"(the model's inputs are: {_input_list(specs)}): add an array named {spec.name!r}")
 
 
+def as_numpy(value: object) -> np.ndarray:
+    """``value`` as a numpy array (no copy where numpy needs none); a torch tensor that requires grad
+    (activations captured without ``torch.no_grad()``), which numpy refuses, is detached first."""
+    if type(value).__module__.startswith("torch") and callable(getattr(value, "detach", None)):
+        value = value.detach().cpu()
+    return np.asarray(value)
+
+
 def _as_array(value: object, name: str, where: str) -> np.ndarray:
     try:
-        array = np.asarray(value)
+        array = as_numpy(value)
     except (ValueError, TypeError) as error:
         raise DataError(f"{where}: the data for input {name!r} is not an array "
                         f"({str(error).splitlines()[0]}): give a numeric numpy array") from None

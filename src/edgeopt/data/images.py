@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from edgeopt._scalars import is_number, plain_fields
 from edgeopt.data.base import DataSource
 from edgeopt.data.feeds import shape_text
 from edgeopt.data.npy import check_path, natural_key
@@ -64,7 +65,7 @@ class ImageDtype(enum.Enum):
 def _check_floats(key: str, values: tuple[float, ...], *, positive: bool) -> None:
     if not isinstance(values, tuple) or not values:
         raise ConfigError(f"{key} must be a non-empty tuple of numbers, one per channel or one for all")
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or not positive) for v in values):
+    if not all(is_number(v) and math.isfinite(v) and (v > 0 or not positive) for v in values):
         kind = "positive numbers" if positive else "finite numbers"
         raise ConfigError(f"{key}={values} must hold {kind}")
 
@@ -80,8 +81,9 @@ class ImagePreprocess:
     dtype: ImageDtype = ImageDtype.AUTO
 
     def __post_init__(self) -> None:
+        plain_fields(self)
         if self.size is not None and not (isinstance(self.size, tuple) and len(self.size) == 2
-                                          and all(isinstance(d, int) and d > 0 for d in self.size)):
+                                          and all(is_number(d) and isinstance(d, int) and d > 0 for d in self.size)):
             raise ConfigError(f"size={self.size!r} must be (height, width) in positive pixels, e.g. (224, 224)")
         _check_floats("mean", self.mean, positive=False)
         _check_floats("std", self.std, positive=True)

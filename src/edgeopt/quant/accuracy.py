@@ -44,6 +44,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from edgeopt import ir as eir
+from edgeopt._scalars import is_number, plain_fields
 from edgeopt.errors import ConfigError, Interrupted, ModelError
 from edgeopt.metrics import count_of, json_number
 from edgeopt.quant.calibration_memo import CalibrationMemo
@@ -83,10 +84,6 @@ _Best = tuple[float, QuantResult, tuple[str, ...]]  # a round's score, result an
 FIDELITY_SAMPLES = 64
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True, kw_only=True)
 class AccuracyGoal:
     """Exactly one of ``max_drop`` (score points, needs an evaluate function) or ``min_sqnr_db``."""
@@ -97,13 +94,14 @@ class AccuracyGoal:
     max_float_nodes: int = 32
 
     def __post_init__(self) -> None:
+        plain_fields(self)
         if (self.max_drop is None) == (self.min_sqnr_db is None):
             raise ConfigError("give exactly one accuracy goal: --max-drop (with --eval) or --min-sqnr")
         for key, value, option in (("max_drop", self.max_drop, "--max-drop"),
                                    ("min_sqnr_db", self.min_sqnr_db, "--min-sqnr")):
-            if value is not None and (not _is_number(value) or not math.isfinite(value) or value < 0):
+            if value is not None and (not is_number(value) or not math.isfinite(value) or value < 0):
                 raise ConfigError(f"{key} ({option}) must be a finite number >= 0, got {value!r}")
-        if not _is_number(self.time_budget_s) or not self.time_budget_s > 0:
+        if not is_number(self.time_budget_s) or not self.time_budget_s > 0:
             raise ConfigError(f"time_budget_s must be a positive number of seconds, got {self.time_budget_s!r} "
                               "(the CLI's --time-budget 10m is 600)")
         if not isinstance(self.max_float_nodes, int) or isinstance(self.max_float_nodes, bool) \

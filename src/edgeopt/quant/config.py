@@ -21,6 +21,7 @@ import math
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from edgeopt._scalars import is_number, plain_fields
 from edgeopt.errors import ConfigError
 from edgeopt.quant.formats import INT8, UINT8, Format
 
@@ -39,6 +40,7 @@ __all__ = [
     "is_excluded",
     "require_bools",
     "require_enum",
+    "require_format",
 ]
 
 
@@ -96,7 +98,8 @@ class PerChannel:
     axis: int | None = None
 
     def __post_init__(self) -> None:
-        if self.axis is not None and not isinstance(self.axis, int):
+        plain_fields(self)
+        if self.axis is not None and (not isinstance(self.axis, int) or isinstance(self.axis, bool)):
             raise ConfigError(f"PerChannel axis must be an integer or None, got {self.axis!r}")
 
 
@@ -107,7 +110,8 @@ class PerBlock:
     size: int = 32
 
     def __post_init__(self) -> None:
-        if not isinstance(self.size, int) or self.size not in _BLOCK_SIZES:
+        plain_fields(self)
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size not in _BLOCK_SIZES:
             raise ConfigError(f"block size (--block-size) must be one of {', '.join(map(str, _BLOCK_SIZES))} "
                               f"(what ONNX Runtime's MatMulNBits runs), got {self.size!r}")
 
@@ -130,8 +134,7 @@ def require_bools(config: object, *fields: str) -> None:
 
 def check_smoothquant_alpha(alpha: object) -> None:
     """ConfigError unless ``alpha`` (SmoothQuant's migration strength, ``--smoothquant``) is None or in (0, 1)."""
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
-                              or not 0.0 < alpha < 1.0):
+    if alpha is not None and (not is_number(alpha) or not 0.0 < alpha < 1.0):
         raise ConfigError(f"smoothquant alpha must be in (0, 1), got {alpha!r}")
 
 
@@ -145,6 +148,18 @@ def require_enum(config: object, field: str, enum_type: type[enum.Enum], key: st
     if not isinstance(value, enum_type):
         allowed = ", ".join(f"{enum_type.__name__}.{m.name} ({m.value!r})" for m in enum_type)
         raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+
+
+def require_format(config: object, field: str, allowed: tuple[Format, ...], key: str) -> None:
+    """``config.field`` as one of the ``allowed`` formats (None passes: the caller's default); its name
+    (``"uint8"``, as ``--scheme`` spells it) becomes that format."""
+    value = getattr(config, field)
+    if isinstance(value, str):
+        value = next((fmt for fmt in allowed if fmt.name == value.lower()), value)
+        object.__setattr__(config, field, value)
+    if value is not None and value not in allowed:
+        names = " or ".join(f"{fmt.name.upper()} ({fmt.name!r})" for fmt in allowed)
+        raise ConfigError(f"{key} must be edgeopt.{names}, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,13 +176,16 @@ class CalibrationConfig:
     activation_format: Format = UINT8
 
     def __post_init__(self) -> None:
+        plain_fields(self)
         require_enum(self, "method", CalibrationMethod, "calibration method")
-        if not isinstance(self.percentile, (int, float)) or not 50.0 < self.percentile <= 100.0:
+        if not is_number(self.percentile) or not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile!r}")
-        if not isinstance(self.num_bins, int) or self.num_bins < 256 or self.num_bins % 2:
+        if not isinstance(self.num_bins, int) or isinstance(self.num_bins, bool) or self.num_bins < 256 \
+                or self.num_bins % 2:
             raise ConfigError(f"num_bins must be an even integer >= 256, got {self.num_bins!r}")
-        if self.activation_format not in _ACTIVATION_FORMATS:
-            raise ConfigError(f"activation_format must be uint8 or int8, got {self.activation_format!r}")
+        if self.activation_format is None:
+            raise ConfigError("activation_format of a calibration must be UINT8 or INT8, got None")
+        require_format(self, "activation_format", _ACTIVATION_FORMATS, "activation_format")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,6 +240,7 @@ class Int8Config:
     fallback: Fallback = Fallback.FLOAT
 
     def __post_init__(self) -> None:
+        plain_fields(self)
         require_enum(self, "target", Target, "target")
         require_enum(self, "fallback", Fallback, "fallback")
         if self.quantize_outputs is not None and not isinstance(self.quantize_outputs, bool):
@@ -240,11 +259,9 @@ class Int8Config:
         if isinstance(self.weight_granularity, PerChannel) and self.weight_granularity.axis is not None:
             raise ConfigError("int8 weights are quantized per output channel, whose axis each op decides "
                               "(Conv 0, ConvTranspose 1, Gemm by transB, MatMul last): use PerChannel()")
-        if self.activation_format is not None and self.activation_format not in _ACTIVATION_FORMATS:
-            raise ConfigError(f"activation_format must be uint8, int8 or None (from the target), "
-                              f"got {self.activation_format!r}")
+        require_format(self, "activation_format", _ACTIVATION_FORMATS, "activation_format (None: from the target)")
         object.__setattr__(self, "exclude", check_exclude_names(self.exclude))  # a list becomes a tuple
-        if not isinstance(self.verify_tolerance, (int, float)) or not math.isfinite(self.verify_tolerance) \
+        if not is_number(self.verify_tolerance) or not math.isfinite(self.verify_tolerance) \
                 or self.verify_tolerance <= 0:
             raise ConfigError(f"verify_tolerance must be a positive number, got {self.verify_tolerance!r}")
         _ = self.calibration_config  # validates percentile and num_bins

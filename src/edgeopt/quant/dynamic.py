@@ -51,6 +51,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
+from edgeopt._scalars import plain_fields
 from edgeopt.errors import ConfigError, ModelError
 from edgeopt.metrics import count_of
 from edgeopt.quant.calibrate import calibrate
@@ -76,13 +77,16 @@ _EINSUM_REASON = ("an Einsum with a constant operand that is no dense layer x @ 
                   "MatMuls): dynamic int8 has no Einsum form")
 
 
+_EMBEDDING_WORDS = {"int8": True, "float": False}  # the CLI's words for the embeddings flag
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DynamicInt8Config:
     """Dynamic int8 quantization of MatMul/Gemm (and embedding tables); see the module docstring.
 
     ``weight_granularity``: ``PerChannel()`` (one scale per output column) or ``PerTensor()``.
     ``exclude``: node names or op types to leave float. ``embeddings``: store the tables Gather nodes read
-    in int8 (per row). ``smoothquant_alpha``: migrate activation outliers into the weights first (needs
+    in int8 (per row; True or ``"int8"``, False or ``"float"`` as ``--embeddings`` says). ``smoothquant_alpha``: migrate activation outliers into the weights first (needs
     calibration data; 0.5 is the paper's). ``float_passes``: fold constants and BatchNorm, drop dead nodes
     first (False: quantize the graph as it is).
     """
@@ -94,10 +98,13 @@ class DynamicInt8Config:
     float_passes: bool = True
 
     def __post_init__(self) -> None:
+        plain_fields(self)
         if not isinstance(self.weight_granularity, (PerChannel, PerTensor)) or (
                 isinstance(self.weight_granularity, PerChannel) and self.weight_granularity.axis is not None):
             raise ConfigError("weight_granularity of int8-dynamic must be PerChannel() (one scale per output "
                               f"column) or PerTensor(), got {self.weight_granularity!r}")
+        if isinstance(self.embeddings, str) and self.embeddings.lower() in _EMBEDDING_WORDS:  # --embeddings int8|float
+            object.__setattr__(self, "embeddings", _EMBEDDING_WORDS[self.embeddings.lower()])
         require_bools(self, "embeddings", "float_passes")
         check_smoothquant_alpha(self.smoothquant_alpha)
         object.__setattr__(self, "exclude", check_exclude_names(self.exclude))

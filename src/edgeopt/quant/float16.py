@@ -53,6 +53,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
+from edgeopt._scalars import plain_fields
 from edgeopt.metrics import count_of
 from edgeopt.naming import claim_name
 from edgeopt.quant.config import check_exclude_names, require_bools
@@ -100,6 +101,7 @@ class Fp16Config:
     float_passes: bool = True
 
     def __post_init__(self) -> None:
+        plain_fields(self)
         require_bools(self, "keep_io_float32", "float_passes")
         object.__setattr__(self, "exclude", check_exclude_names(self.exclude))  # a list becomes a tuple
 
@@ -116,6 +118,7 @@ class Bf16Config:
     float_passes: bool = True
 
     def __post_init__(self) -> None:
+        plain_fields(self)
         require_bools(self, "float_passes")
         object.__setattr__(self, "exclude", check_exclude_names(self.exclude))  # a list becomes a tuple
 

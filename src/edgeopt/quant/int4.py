@@ -52,9 +52,11 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
+from edgeopt._scalars import plain_fields
 from edgeopt.errors import ConfigError, ModelError
 from edgeopt.metrics import count_of
-from edgeopt.quant.config import PerBlock, check_exclude_names, is_excluded, require_bools, require_enum
+from edgeopt.quant.config import (PerBlock, check_exclude_names, is_excluded, require_bools, require_enum,
+                                  require_format)
 from edgeopt.quant.fallback import IN_8_BITS
 from edgeopt.quant.float16 import UniqueNames, weight_only_float_passes
 from edgeopt.quant.formats import INT4, INT8_BLOCK, UINT4, UINT8, Format
@@ -146,17 +148,29 @@ class Int4WeightConfig:
     embeddings: Embeddings = Embeddings.INT8
 
     def __post_init__(self) -> None:
+        plain_fields(self)
         require_enum(self, "fallback", WeightFallback, "fallback")
         require_enum(self, "embeddings", Embeddings, "embeddings")
         require_bools(self, "float_passes", "gptq")
         if not isinstance(self.granularity, PerBlock):
             raise ConfigError(f"granularity of int4 must be PerBlock(size=...), got {self.granularity!r}")
-        if self.weight_format not in _WEIGHT_FORMATS:
-            raise ConfigError(f"weight_format of int4 must be int4 or uint4, got {self.weight_format!r}")
-        if self.accuracy_level is not None and not isinstance(self.accuracy_level, AccuracyLevel):
-            allowed = ", ".join(f"AccuracyLevel.{m.name}" for m in AccuracyLevel)
-            raise ConfigError(f"accuracy_level must be None or one of {allowed}, got {self.accuracy_level!r}")
+        if self.weight_format is None:
+            raise ConfigError("weight_format of int4 must be UINT4 or INT4, got None")
+        require_format(self, "weight_format", _WEIGHT_FORMATS, "weight_format of int4")
+        self._check_accuracy_level()
         object.__setattr__(self, "exclude", check_exclude_names(self.exclude))  # a list becomes a tuple
+
+    def _check_accuracy_level(self) -> None:
+        """``accuracy_level`` as an AccuracyLevel; its name (``"int8"``) or ONNX Runtime's number (4) becomes one."""
+        level = self.accuracy_level
+        if isinstance(level, str):
+            level = AccuracyLevel.__members__.get(level.upper(), level)
+        elif isinstance(level, int) and not isinstance(level, (bool, AccuracyLevel)) and level in set(AccuracyLevel):
+            level = AccuracyLevel(level)
+        object.__setattr__(self, "accuracy_level", level)
+        if level is not None and not isinstance(level, AccuracyLevel):
+            allowed = ", ".join(f"AccuracyLevel.{m.name} ({m.name.lower()!r}, {m.value})" for m in AccuracyLevel)
+            raise ConfigError(f"accuracy_level must be None or one of {allowed}, got {level!r}")
 
     @property
     def block_size(self) -> int:
