@@ -57,7 +57,7 @@ def test_enum_settings_take_the_command_line_spelling():
     ({"num_bins": 100}, "num_bins"),
     ({"weight_granularity": PerChannel(axis=1)}, "use PerChannel()"),
     ({"weight_granularity": PerBlock(size=32)}, "PerTensor() or PerChannel()"),
-    ({"activation_format": INT32}, r"activation_format \(None: from the target\) must be edgeopt.UINT8"),
+    ({"activation_format": INT32}, "activation_format (None: from the target) must be edgeopt.UINT8"),
     ({"exclude": "Conv"}, "exclude must be a list"),
     ({"verify_tolerance": 0.0}, "verify_tolerance"),
 ])

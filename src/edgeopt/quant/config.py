@@ -159,7 +159,8 @@ def require_format(config: object, field: str, allowed: tuple[Format, ...], key:
         object.__setattr__(config, field, value)
     if value is not None and value not in allowed:
         names = " or ".join(f"{fmt.name.upper()} ({fmt.name!r})" for fmt in allowed)
-        raise ConfigError(f"{key} must be edgeopt.{names}, got {value!r}")
+        given = f"{value.name} (a Format)" if isinstance(value, Format) else repr(value)
+        raise ConfigError(f"{key} must be edgeopt.{names}, got {given}")
 
 
 @dataclass(frozen=True, kw_only=True)
