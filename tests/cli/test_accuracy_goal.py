@@ -349,3 +349,65 @@ def test_max_float_nodes_limits_the_search_and_the_stop_names_the_option(cli, tm
     assert search["stopped_because"] == "1 node already back in float (the search's limit: --max-float-nodes)"
     alone = cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", out, "--max-float-nodes", "3")
     assert alone.code == 4 and "--max-float-nodes limits the accuracy search" in alone.stderr
+
+
+def test_a_drop_of_a_tenth_or_more_on_a_score_of_at_most_one_is_warned_about(cli, tmp_path, evals):
+    # --max-drop 0.5 on a fraction is a 50-point drop: nothing was said
+    result = cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", tmp_path / "q.onnx",
+                 "--eval", f"{evals}:fraction", "--max-drop", "0.5", "--no-speed-check", "--json")
+    assert result.code == 0, result.stderr
+    warnings = json.loads(result.stdout)["warnings"]
+    assert any("--max-drop 0.5 on a float model scoring 0.98" in w and "accepts a drop of 50 points" in w
+               and "one point is --max-drop 0.01" in w for w in warnings), warnings
+    small = cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", tmp_path / "q.onnx",
+                "--eval", f"{evals}:fraction", "--max-drop", "0.01", "--no-speed-check", "--json")
+    assert not any("--max-drop" in w for w in json.loads(small.stdout)["warnings"])
+
+
+def test_an_eval_failing_in_a_later_round_keeps_the_best_model_of_the_rounds_before(cli, tmp_path):
+    # the rounds already scored were thrown away: exit 3 and nothing written
+    evals = tmp_path / "flaky.py"
+    evals.write_text(textwrap.dedent('''
+        calls = 0
+
+        def flaky(path):
+            global calls
+            calls += 1
+            if calls == 4:  # the float model, then rounds 0 and 1 are scored
+                raise ValueError("the board did not answer")
+            return 100.0 if calls == 1 else 50.0 + calls
+    '''))
+    out = tmp_path / "q.onnx"
+    result = cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", out, "--eval",
+                 f"{evals}:flaky", "--max-drop", "1", "--no-speed-check", "--json")
+    assert result.code == 8, result.stderr
+    search = json.loads(result.stdout)["accuracy_search"]
+    assert search["stopped_because"].startswith("round 2 failed: --eval ") and "the board did not answer" in \
+        search["stopped_because"]
+    assert len(search["steps"]) == 2 and search["best_score"] == 53.0 and not search["met"]
+    assert json.loads((tmp_path / "q.report.json").read_text())["accuracy_search"] == search
+    assert "the accuracy search stopped at round 2, which failed" in result.stderr
+
+
+def test_under_json_what_an_evals_child_processes_print_goes_to_stderr(tmp_path):
+    import subprocess
+    import sys
+
+    evals = tmp_path / "runner.py"
+    evals.write_text(textwrap.dedent('''
+        import os
+        import subprocess
+        import sys
+
+        def flashed(path):
+            subprocess.run([sys.executable, "-c", "print('runner: flashed')"], check=True)
+            os.write(1, b"raw write\\n")
+            return 1.0
+    '''))
+    command = [sys.executable, "-m", "edgeopt", "quantize", str(demo_model_path()), "--data",
+               str(demo_calibration_path()), "-o", str(tmp_path / "q.onnx"), "--eval", f"{evals}:flashed",
+               "--max-drop", "0.5", "--no-speed-check", "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["accuracy_search"]["met"]  # stdout: the report alone
+    assert "runner: flashed" in result.stderr and "raw write" in result.stderr

@@ -122,7 +122,9 @@ def test_nodes_that_did_not_help_go_back_to_int8_once_the_goal_is_met(monkeypatc
     assert [step.retried for step in search.steps if step.retried] == ["conv1", "fc"]
     steps = search.to_dict()["steps"]  # "retried" names it for int8 and int4 searches alike
     assert [step["retried"] for step in steps if step["retried"]] == ["conv1", "fc"]
-    assert "2 of the nodes returned to float changed too little" in search.stopped_because
+    # conv1 goes back to the quantizer, which keeps it float while conv2 (float) reads its output
+    assert "; 1 of the nodes returned to float changed too little and run int8 again; 1 more changed too little " \
+           "to stay returned, but the quantizer keeps it float all the same" in search.stopped_because
     assert {f.node_name for f in search.result.float_nodes if "accuracy search" in f.reason} == {"conv2"}
     why = next(f.reason for f in search.result.float_nodes if f.node_name == "conv2")
     assert why == ("returned to float by the accuracy search (round 2: ranked first by the test; with it in float "
@@ -465,3 +467,44 @@ def test_the_quantizers_notes_on_nodes_the_search_returned_do_not_name_an_exclud
         "returned to float by the accuracy search, /attn/Softmax: /attn/Softmax (Softmax) now reads its input in "
         "float; exclude those to keep it")
     assert _as_returned(note, {}) == note  # the user's own --exclude
+
+
+def test_a_node_retried_while_a_float_node_reads_it_is_not_counted_as_running_int8(monkeypatch):
+    # QA: the search said 2 nodes "run int8 again" that ONNX Runtime ran in float: each Conv's reader,
+    # a HardSwish returned after it, was still float when the Conv was retried, and stayed float after
+    from edgeopt.quant import accuracy
+
+    g = GraphBuilder(seed=3)
+    x = g.node("HardSwish", [g.conv("x", 3, 8, "conv1")], "hs1")
+    x = g.node("Relu", [g.conv(x, 8, 8, "conv2")], "relu2")
+    x = g.node("Flatten", [g.node("GlobalAveragePool", [x], "pool")], "flat")
+    logits = g.node("Gemm", [x, g.weight("fc.weight", (10, 8)), g.weight("fc.bias", (10,), 0.1)], "fc", transB=1)
+    model = g.model([logits], (1, 3, 8, 8))
+
+    def float_reads(model, name):
+        node = next(node for node in model.graph if node.name == name)
+        return not any(v.producer() is not None and v.producer().op_type == "DequantizeLinear" for v in node.inputs)
+
+    def needs_hs1_and_conv2_float(model):  # the user's metric
+        return 100.0 if float_reads(model, "hs1") and float_reads(model, "conv2") else 0.0
+
+    ranking = iter(["conv1", "hs1", "conv2"])
+
+    def ranked(result, comparison):
+        name = next(ranking)
+        node = next(node for node in result.model.graph if node.name == name)
+        return [accuracy.Candidate(10.0, node, "ranked first by the test")]
+
+    monkeypatch.setattr(accuracy, "node_damage", ranked)
+    search = accuracy_aware_quantize(model, Int8Config(), batches((1, 3, 8, 8), 16), AccuracyGoal(max_drop=0.5),
+                                     evaluate=needs_hs1_and_conv2_float)
+    assert search.met and search.best_excluded == ("hs1", "conv2")
+    retried = {step.retried: step for step in search.steps if step.retried}
+    assert list(retried) == ["conv1", "hs1"]
+    assert retried["conv1"].still_float.startswith("its output is read in float by 'hs1'")
+    assert retried["hs1"].score == 0.0  # missed the goal: stays returned (float while conv2, float, reads it)
+    assert search.to_dict()["steps"][-2]["still_float"] == retried["conv1"].still_float
+    assert "nodes returned to float changed too little and run" not in search.stopped_because
+    assert search.stopped_because.endswith("; 1 more changed too little to stay returned, but the quantizer keeps it "
+                                           "float all the same (a float node reads the output; see the float nodes)")
+    assert {f.node_name for f in search.result.float_nodes} == {"conv1", "hs1", "conv2", "relu2"}

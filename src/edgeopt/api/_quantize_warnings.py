@@ -26,14 +26,24 @@ _KEPT_REASONS = (EXCLUDED, RETURNED, RETURNED_TO_8_BITS)
 def loose_goal(search: AccuracySearch) -> str | None:
     """A warning when --max-drop is as large as the float model's (positive) score: any model scoring 0 or
     more meets it, the sign of a score in other units than the drop (a fraction, 0.978, with --max-drop 1
-    meant as one point of accuracy)."""
+    meant as one point of accuracy); and when a score of at most 1 (a fraction?) is given a drop of 0.1 or
+    more, ten points of accuracy if it is one (--max-drop 0.5 meant as half a point)."""
     drop, score = search.goal.max_drop, search.float_score
-    if drop is None or not (math.isfinite(score) and 0 < score <= drop):
+    if drop is None or not math.isfinite(score) or score <= 0:
+        return None
+    if score > drop and not (score <= 1 and drop >= _FRACTION_DROP):
         return None
     hint = (f"if --eval returns a fraction ({score:.4g} for {score * 100:.4g} %), one point is --max-drop 0.01"
             if score <= 1 else "give the drop in the units of the score")
+    if score > drop:
+        return (f"--max-drop {drop:g} on a float model scoring {score:.4g} accepts a drop of {drop * 100:.3g} points "
+                f"of accuracy if --eval returns a fraction ({score:.4g} for {score * 100:.4g} %): one point is "
+                "--max-drop 0.01")
     return (f"--max-drop {drop:g} is as large as the float model's score itself ({score:.4g}): any model scoring 0 "
             f"or more meets it; {hint}")
+
+
+_FRACTION_DROP = 0.1  # on a score of at most 1: ten points of accuracy if the score is a fraction
 
 
 def blocks_c(result: QuantResult) -> list:

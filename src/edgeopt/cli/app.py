@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import math
 import re
-import sys
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -18,7 +16,8 @@ from edgeopt import __version__, api  # api's functions, and ONNX with them, loa
 from edgeopt.cli import InterruptedAfterWriting, state
 from edgeopt.cli.quant_options import (BLOCK_SIZE, DEFAULT_TIME_BUDGET, CalibrationChoice, EmbeddingsChoice,
                                        FallbackChoice, Int8Algorithms, Scheme, TargetChoice, quant_config)
-from edgeopt.cli.render import bytes_text, count_of, count_text, in_batches, print_json, progress_bar, table
+from edgeopt.cli.render import (bytes_text, count_of, count_text, in_batches, print_json, progress_bar,
+                                stdout_to_stderr, table)
 from edgeopt.errors import ConfigError, DataError, Interrupted
 
 if TYPE_CHECKING:
@@ -220,7 +219,7 @@ def bench(
     from edgeopt.bench import BenchConfig
 
     config = BenchConfig(runs=runs, warmup=warmup, threads=threads)
-    with progress_bar("benchmarking") as update:
+    with progress_bar("benchmarking") as update, stdout_to_stderr(json_output):  # --data module:function prints
         result = api.bench(models, config=config, data=data, input_shapes=input_shapes(input_shape),
                            preprocess=parse_preprocess(preprocess), progress=update)
     if json_output:
@@ -368,8 +367,7 @@ def quantize(
         option = "--time-budget" if time_budget is not None else "--max-float-nodes"
         raise ConfigError(f"{option} limits the accuracy search: use it with --max-drop or --min-sqnr, or drop it")
     # under --json, stdout is the report alone: what --eval or --data code prints goes to stderr
-    quiet = contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext()
-    with progress_bar("calibrating" if goal is None else "accuracy search") as update, quiet:
+    with progress_bar("calibrating" if goal is None else "accuracy search") as update, stdout_to_stderr(json_output):
         try:
             report = api.quantize(model, config, data, output=output, max_samples=max_samples, goal=goal,
                                   evaluate=evaluate, eval_data=eval_data, preprocess=parse_preprocess(preprocess),
@@ -435,8 +433,10 @@ def _render_search(search) -> None:
     for index, step in enumerate(search.steps):
         score = goal.score_text(step.score)
         if step.retried:  # a pruning round after the goal was met
-            kept = f"goal still met: runs {low}" if goal.met(step.score, search.float_score) else \
-                f"goal missed without it: stays {'in ' if to_8_bits else ''}{search.returned_to}"
+            kept = f"goal missed without it: stays {'in ' if to_8_bits else ''}{search.returned_to}"
+            if goal.met(step.score, search.float_score):
+                kept = f"goal still met: runs {low}" if not step.still_float else \
+                    f"goal still met, but the quantizer keeps it float: {step.still_float}"
             rows.add_row(str(index), str(len(step.excluded)), score, f"{step.retried} tried in {low}", kept)
             continue
         rows.add_row(str(index), str(len(step.excluded)), score,
@@ -563,7 +563,7 @@ def compare(
     """Per-layer SQNR and cosine of a quantized model against its float model, worst first."""
     from edgeopt.cli.render_compare import render_compare
 
-    with progress_bar("comparing") as update:
+    with progress_bar("comparing") as update, stdout_to_stderr(json_output):  # --data module:function prints
         result = api.compare(float_model, quant_model, data, max_samples=max_samples,
                              preprocess=parse_preprocess(preprocess), progress=update)
     if sort is SortChoice.lost:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -11,7 +14,8 @@ from rich.table import Table
 from edgeopt.cli import state
 from edgeopt.metrics import count_of, json_text
 
-__all__ = ["bytes_text", "count_of", "count_text", "in_batches", "print_json", "progress_bar", "table"]
+__all__ = ["bytes_text", "count_of", "count_text", "in_batches", "print_json", "progress_bar", "stdout_to_stderr",
+           "table"]
 
 
 def count_text(value: float) -> str:
@@ -37,6 +41,36 @@ def in_batches(samples: int, batches: int) -> str:
 
 def print_json(data: dict) -> None:
     print(json_text(data))
+
+
+@contextmanager
+def stdout_to_stderr(active: bool = True) -> Iterator[None]:
+    """Inside, what user code (an --eval or --data function) writes to stdout goes to stderr: Python's
+    ``print``, and (file descriptor 1 pointed at 2) what its child processes and C extensions write, so
+    that ``--json`` leaves one JSON document on stdout. Only ``print`` where stdout has no descriptor."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    descriptor = _descriptor(sys.stdout)
+    saved = os.dup(descriptor) if descriptor is not None and _descriptor(sys.stderr) is not None else None
+    try:
+        if saved is not None:
+            os.dup2(_descriptor(sys.stderr), descriptor)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            sys.stderr.flush()
+            os.dup2(saved, descriptor)
+            os.close(saved)
+
+
+def _descriptor(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # a StringIO, a pytest capture
+        return None
 
 
 def table(title: str | None, columns: list[tuple[str, str]]) -> Table:

@@ -45,7 +45,7 @@ import onnx_ir.passes.common as common_passes
 
 from edgeopt import ir as eir
 from edgeopt._scalars import is_number, plain_fields
-from edgeopt.errors import ConfigError, Interrupted, ModelError
+from edgeopt.errors import ConfigError, EdgeoptError, Interrupted, ModelError
 from edgeopt.metrics import count_of, json_number
 from edgeopt.quant.calibration_memo import CalibrationMemo
 from edgeopt.quant.compare import CompareResult, compare_models
@@ -141,6 +141,8 @@ class AccuracyStep:
     also_returned: tuple[str, ...] = ()
     # a pruning round: this node was tried in int8 (an int4 search: int4) again (``excluded`` without it)
     retried: str | None = None
+    # ... and the quantizer kept it float all the same (a float node reads its output): the quantizer's reason
+    still_float: str | None = None
 
     @property
     def returned(self) -> tuple[str, ...]:
@@ -151,7 +153,8 @@ class AccuracyStep:
         return {"excluded": list(self.excluded), "score": json_number(self.score), "seconds": self.seconds,
                 "next_node": self.next_node, "next_op_type": self.next_op_type, "reason": self.reason,
                 "also_returned": list(self.also_returned), "retried": self.retried,
-                "retried_in_int8": self.retried}  # the first name, kept for readers of int8 reports
+                "retried_in_int8": self.retried,  # the first name, kept for readers of int8 reports
+                "still_float": self.still_float}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -330,7 +333,9 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config | Int4WeightConf
 
     A KeyboardInterrupt (Ctrl-C) once a round has been scored raises :class:`~edgeopt.errors.Interrupted`
     whose ``partial`` is the search so far (``interrupted`` True, the best model found); before that, the
-    KeyboardInterrupt goes on as it came.
+    KeyboardInterrupt goes on as it came. An error in a later round (``evaluate`` raising, or returning no
+    finite score, for one candidate) ends the search there with the best model found, saying so in
+    ``stopped_because`` and a warning: the rounds already scored are kept.
     """
     if goal.max_drop is not None and evaluate is None:
         raise ConfigError("--max-drop needs --eval module:function to score a model")
@@ -344,6 +349,13 @@ def accuracy_aware_quantize(model: ir.Model, config: Int8Config | Int4WeightConf
         if search.best is None:
             raise
         stopped, interrupted = _interrupted_text(search, float_score), True
+    except EdgeoptError as error:  # one candidate the --eval function failed on: the rounds scored are kept
+        if search.best is None:
+            raise
+        stopped, interrupted = _failed_text(search, float_score, error), False
+        logger.warning("the accuracy search stopped at round %d, which failed (%s): the best model of the %s "
+                       "before it is returned", len(search.steps), error,
+                       count_of(len(search.steps), "round", "rounds"))
     best_score, best_result, best_excluded = search.best
     returned = _why_returned(search.steps, [name for name in best_excluded if name not in config.exclude], goal,
                              float_score, search.scheme, RETURNED_TO_8_BITS if search.to_8_bits else RETURNED)
@@ -366,9 +378,15 @@ def _search(search: _Search, float_score: float, progress: Callable[[int, int | 
     stopped = _rounds(search, float_score, progress)
     if search.goal.met(search.best[0], float_score) and len(search.best[2]) > 1:
         pruned = _prune(search, float_score)
-        if pruned:
-            stopped += (f"; {pruned} of the nodes returned to {search.returned_to} changed too little and run "
-                        f"{search.scheme} again")
+        still_float = {f.node_name for f in search.best[1].float_nodes}
+        running = [name for name in pruned if name not in still_float]
+        if running:
+            stopped += (f"; {len(running)} of the nodes returned to {search.returned_to} changed too little and "
+                        f"run {search.scheme} again")
+        if kept_float := len(pruned) - len(running):
+            stopped += (f"; {kept_float} more changed too little to stay returned, but the quantizer keeps "
+                        f"{'it' if kept_float == 1 else 'them'} float all the same (a float node reads the output; "
+                        "see the float nodes)")
     return stopped
 
 
@@ -378,6 +396,13 @@ def _interrupted_text(search: _Search, float_score: float) -> str:
         return f"goal met ({search.goal.describe()}), then interrupted after {rounds} while retrying in " \
                f"{search.scheme} the nodes returned to {search.returned_to}"
     return f"interrupted after {rounds}"
+
+
+def _failed_text(search: _Search, float_score: float, error: EdgeoptError) -> str:
+    failed = f"round {len(search.steps)} failed: {error}"
+    if search.goal.met(search.best[0], float_score):  # in the retrying in int8 (int4) of the nodes returned
+        return f"goal met ({search.goal.describe()}), then {failed}"
+    return failed
 
 
 def _rounds(search: _Search, float_score: float, progress: Callable[[int, int | None], None] | None) -> str:
@@ -433,11 +458,12 @@ def _returned_together(candidates: list[Candidate], room: int) -> list[Candidate
     return together if first.through == DATA_MOVEMENT_LEFT else together[:room]
 
 
-def _prune(search: _Search, float_score: float) -> int:
+def _prune(search: _Search, float_score: float) -> list[str]:
     """Try each node of the goal-meeting ``search.best`` in int8 (int4) again, earliest first, keeping it there
     when the goal still holds; within the time budget. ``search.best`` becomes the goal-meeting round with the
-    fewest float nodes; how many went back to int8 (int4)."""
-    pruned = 0
+    fewest float nodes; the nodes given back to the quantizer (which keeps one float all the same while a float
+    node reads its output: one returned after it, until that one is retried too)."""
+    pruned = []
     met_by = next(step for step in search.steps if step.returned and step.excluded + step.returned == search.best[2])
     # one by one, data movement too: a run of it returned together and retried together stayed float whole where
     # one by one all but one went back (a ViT: 37 nodes float against 2, for half the rounds)
@@ -450,11 +476,13 @@ def _prune(search: _Search, float_score: float) -> int:
         trial = tuple(name for name in search.best[2] if name != node_name)
         result = search.quantize(trial)
         score = search.score(result.model, search.compare(result))
+        still_float = next((f.reason for f in result.float_nodes if f.node_name == node_name), None)
         search.steps.append(AccuracyStep(excluded=trial, score=score, seconds=time.monotonic() - round_start,
-                                         retried=node_name))
+                                         retried=node_name, still_float=still_float))
         if search.goal.met(score, float_score):
             logger.info("goal still met with %s in %s again (%.3f)", node_name, search.scheme, score)
-            search.best, pruned = (score, result, trial), pruned + 1
+            search.best = (score, result, trial)
+            pruned.append(node_name)
     return pruned
 
 
