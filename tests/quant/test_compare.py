@@ -755,3 +755,25 @@ def test_a_node_computing_in_float16_is_measured_against_its_float_twin():
     row = next(row for row in edgeopt.compare(model, quantized, data).layers if row.tensor == "relu2")
     assert row.computed_sqnr_db is not None and row.lost_db == pytest.approx(row.computed_sqnr_db - row.sqnr_db)
     assert row.lost_db > 0
+
+
+def test_a_quantized_model_given_first_gets_output_rows_only_and_a_warning(tmp_path):
+    # an int8 model against itself showed layers at 1.5 dB ("lost: all") though its outputs were equal,
+    # and an fp16 model given first failed to load a node edgeopt built ("bound to different types")
+    import warnings
+
+    import edgeopt
+    from edgeopt.demo import demo_calibration_path, demo_model_path
+
+    data = np.load(demo_calibration_path())[:16]
+    int8, fp16 = tmp_path / "int8.onnx", tmp_path / "fp16.onnx"
+    edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), data, output=int8, check_speed=False)
+    edgeopt.quantize(demo_model_path(), edgeopt.Fp16Config(), output=fp16, check_speed=False)
+    for first, holds in ((int8, "QuantizeLinear/DequantizeLinear nodes"), (fp16, "float16, bfloat16 or low-bit")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", edgeopt.EdgeoptWarning)
+            result = edgeopt.compare(first, int8, data)
+        assert not result.layers and result.outputs[0].top1_agreement is not None
+        assert any(f"the first model is no float32 model (it holds {holds}" in w for w in result.warnings)
+    assert math.isinf(edgeopt.compare(int8, int8, data).outputs[0].sqnr_db)
+    assert edgeopt.compare(demo_model_path(), int8, data).layers  # the float model first: its layers

@@ -31,19 +31,27 @@ def compare(float_model: ModelSource, quant_model: ModelSource, data, *, preproc
 def _compare(float_model: ModelSource, quant_model: ModelSource, data, *, preprocess: ImagePreprocess | None,
              max_samples: int | None, progress: Progress | None) -> CompareResult:
     from edgeopt.quant.compare import compare_models, missing_qdq_note
+    from edgeopt.quant.compare_matching import below_float32
 
     float_model, quant_model = model_source(float_model, "float model"), model_source(quant_model, "quantized model")
     quant_ir = load(quant_model, require_static=False)
     # edgeopt's quantizer folds BatchNorm ... first: its tensors are those of the optimized float model;
     # the model as given serves a quantizer that kept its graph (ONNX Runtime's quantize_static), read
     # again by compare_models only for such a model (its weights are not held twice for edgeopt's own)
-    float_ir = comparable_float(load(float_model, require_static=False), in_place=True)  # a fresh copy already
+    float_ir = load(float_model, require_static=False)
+    quantized = below_float32(float_ir)
+    if quantized is not None:  # two quantizations compared: their tensors are no float reference for the layers
+        logger.warning("the first model is no float32 model (it holds %s): per-layer rows measure a quantized "
+                       "model against its float model, so only the outputs are compared (give the float model "
+                       "first for the layers)", quantized)
+    float_ir = comparable_float(float_ir, in_place=True)  # a fresh copy already
     from edgeopt.data import AlsoCheckedSource
 
     source = AlsoCheckedSource(calibration_source(float_ir, data, preprocess, max_samples),
                                eir.model_inputs(quant_ir), "second model")
-    result = compare_models(float_ir, quant_ir, source, original=float_model, progress=progress)
-    if not result.layers and (note := missing_qdq_note(quant_ir)) is not None:
+    result = compare_models(float_ir, quant_ir, source, original=float_model, progress=progress,
+                            layers=quantized is None)
+    if quantized is None and not result.layers and (note := missing_qdq_note(quant_ir)) is not None:
         logger.warning(note)
     for output in result.outputs:
         if output.signal and output.sqnr_db < 0:  # noise above the signal: no quantization of this model gives that

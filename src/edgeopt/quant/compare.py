@@ -316,7 +316,7 @@ class _Meters:
 def compare_models(float_model: ModelSource, quant_model: ModelSource, data: object, *,
                    original: ModelSource | None = None, max_samples: int | None = None,
                    progress: Progress | None = None, float_reference: FloatReference | None = None,
-                   float_twins: bool = True) -> CompareResult:
+                   float_twins: bool = True, layers: bool = True) -> CompareResult:
     """Per-layer SQNR/cosine/max error of ``quant_model``'s activations, and output-level metrics.
 
     The output rows are those of ``quant_model`` run as is (ONNX Runtime's
@@ -334,7 +334,8 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     length). ``float_reference``: one of ``float_model`` (the same object) kept from an earlier comparison
     on the same data, which answers for it without running it again. ``float_twins``: measure what a layer
     reading a quantized weight loses against its float twin (:mod:`edgeopt.quant.compare_twins`); without
-    them, as the accuracy search ranks it, by the drop from its quantized inputs.
+    them, as the accuracy search ranks it, by the drop from its quantized inputs. ``layers`` False: output
+    rows only (the first model is no float model: its tensors are no reference for the layers).
     """
     float_ir, quant_ir = _load(float_model), _load(quant_model)
     if float_reference is not None and float_reference.model is not float_ir:  # its tensors would be another's
@@ -343,8 +344,8 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
         quant_ir = _renamed_output(float_ir, quant_ir)
     outputs = _check_interfaces(float_ir, quant_ir)
     original_ir = _load(original) if original is not None and may_hold_original(float_ir, quant_ir) else None
-    matches, unmatched, pairs = match_pairs(float_ir, quant_ir, original_ir)
-    by_name = not pairs and compared_by_name(quant_ir)
+    matches, unmatched, pairs = match_pairs(float_ir, quant_ir, original_ir) if layers else ([], [], 0)
+    by_name = layers and not pairs and compared_by_name(quant_ir)
     if by_name:
         if float_ir is float_model and float_reference is None and _untyped(float_ir):
             float_ir = float_ir.clone()  # typed below: the caller's model is left as it was given
@@ -355,7 +356,7 @@ def compare_models(float_model: ModelSource, quant_model: ModelSource, data: obj
     computed = {} if by_name else computed_before_quantizing(quant_ir, matches)
     rescaled = read_rescaled(quant_ir)
     # a layer reading a quantized weight: what its float twin computes from the same quantized inputs
-    layer_model, twins = ((quant_ir, {}) if by_name or not float_twins else
+    layer_model, twins = ((quant_ir, {}) if by_name or not float_twins or not layers else
                           float_weight_twins(float_ir, quant_ir, matches, skip=computed, rescaled=rescaled,
                                              original=original_ir))
     computed |= twins

@@ -43,6 +43,7 @@ __all__ = [
     "OutputCodes",
     "TensorMatch",
     "activation_pairs",
+    "below_float32",
     "carried_value",
     "compared_by_name",
     "computed_before_quantizing",
@@ -376,6 +377,18 @@ def _integer_operators(model: ir.Model) -> list[str]:
     """The op types of ``model`` that compute on integer activations (QLinearConv, MatMulInteger ...)."""
     return sorted({node.op_type for node in model.graph
                    if node.op_type.startswith("QLinear") or node.op_type in _INTEGER_OPERATORS})
+
+
+def below_float32(model: ir.Model) -> str | None:
+    """What makes ``model`` no float32 model, in words (QuantizeLinear/DequantizeLinear nodes, integer
+    operators, float16/bfloat16 or low-bit values), or None for a float32 model."""
+    if any(is_qdq_op(node, op) for node in model.graph for op in ("QuantizeLinear", "DequantizeLinear")):
+        return "QuantizeLinear/DequantizeLinear nodes"
+    if integer_ops := _integer_operators(model):
+        return f"integer operators ({', '.join(integer_ops[:4])})"
+    if compared_by_name(model):
+        return "float16, bfloat16 or low-bit weights"
+    return None
 
 
 def missing_qdq_note(model: ir.Model) -> str | None:
