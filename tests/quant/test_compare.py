@@ -777,3 +777,15 @@ def test_a_quantized_model_given_first_gets_output_rows_only_and_a_warning(tmp_p
         assert any(f"the first model is no float32 model (it holds {holds}" in w for w in result.warnings)
     assert math.isinf(edgeopt.compare(int8, int8, data).outputs[0].sqnr_db)
     assert edgeopt.compare(demo_model_path(), int8, data).layers  # the float model first: its layers
+
+
+def test_a_row_without_a_scale_writes_null_in_json_not_a_string(tmp_path):
+    # "scale": "nan" mixed strings into a numeric column
+    import edgeopt
+    from edgeopt.demo import demo_calibration_path, demo_model_path
+
+    fp16 = tmp_path / "fp16.onnx"
+    edgeopt.quantize(demo_model_path(), edgeopt.Fp16Config(), output=fp16, check_speed=False)
+    layers = edgeopt.compare(demo_model_path(), fp16, np.load(demo_calibration_path())[:4]).to_dict()["layers"]
+    assert layers and all(row["scale"] is None for row in layers)
+    json.dumps(layers, allow_nan=False)

@@ -98,7 +98,8 @@ class LayerComparison:
         lost = None if self.lost_db is None else json_number(self.lost_db)
         computed = None if self.computed_sqnr_db is None else json_number(self.computed_sqnr_db)
         return {"tensor": self.tensor, "quant_tensor": self.quant_tensor, "op_type": self.op_type,
-                "scale": json_number(self.scale), "zero_point": self.zero_point,
+                "scale": None if math.isnan(self.scale) else json_number(self.scale),  # no Q/DQ pair: no scale
+                "zero_point": self.zero_point,
                 "zero_point_dtype": self.zero_point_dtype, "sqnr_db": json_number(self.sqnr_db),
                 "cosine": json_number(self.cosine), "max_abs_error": json_number(self.max_abs_error),
                 "lost_db": lost, "computed_sqnr_db": computed}
