@@ -127,3 +127,18 @@ def test_outputs_not_ending_in_onnx_keep_reports_of_their_own(tmp_path, data):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp16", "m.fp16.report.json", "m.int8",
                                                            "m.int8.report.json"]
     assert json.loads((tmp_path / "m.int8.report.json").read_text())["scheme"] == "int8"
+
+
+def test_a_dataloader_of_input_tensors_is_data_and_one_with_labels_is_told_what_to_do(tmp_path, data):
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    # its batches are [x] lists: "item 0 is a list, not a dict of arrays keyed by input name"
+    loader = DataLoader(TensorDataset(torch.from_numpy(data)), batch_size=8)
+    edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), loader, output=tmp_path / "l.onnx", check_speed=False)
+    edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), data, output=tmp_path / "a.onnx", check_speed=False)
+    assert _sha(tmp_path / "l.onnx") == _sha(tmp_path / "a.onnx")
+    labelled = DataLoader(TensorDataset(torch.from_numpy(data), torch.zeros(len(data))), batch_size=8)
+    with pytest.raises(edgeopt.DataError, match=r"is a list of 2 arrays, and the model takes 1 input \(input\): "
+                                                r"yield the inputs alone"):
+        edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), labelled, check_speed=False)

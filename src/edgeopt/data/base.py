@@ -253,7 +253,8 @@ def dataset_from_arrays(arrays: Mapping[str, np.ndarray], specs: Sequence[InputS
 
 
 def as_feed(item: object, specs: Sequence[InputSpec], *, where: str) -> dict[str, object]:
-    """One batch from a user's item: a mapping, or a bare array for a single-input model.
+    """One batch from a user's item: a mapping, a bare array for a single-input model, or a list or tuple
+    of arrays, one per model input in its input order (a ``DataLoader(TensorDataset(x))`` batch is ``[x]``).
 
     An array missing only the batch axis gets one; nothing else is reshaped.
     """
@@ -261,6 +262,8 @@ def as_feed(item: object, specs: Sequence[InputSpec], *, where: str) -> dict[str
         feed = dict(item)
     elif len(specs) == 1 and hasattr(item, "__array__"):
         feed = {specs[0].name: item}
+    elif isinstance(item, (list, tuple)) and item and all(hasattr(value, "__array__") for value in item):
+        feed = _positional_feed(item, specs, where)
     else:
         inputs = ", ".join(spec.name for spec in specs)
         raise DataError(f"{where} is a {type(item).__name__}, not a dict of arrays keyed by input name "
@@ -271,6 +274,18 @@ def as_feed(item: object, specs: Sequence[InputSpec], *, where: str) -> dict[str
         if spec is not None and _plan_cut(spec, _shape(value, name, where)).add_axis:
             feed[name] = as_numpy(value)[np.newaxis]
     return feed
+
+
+def _positional_feed(item: Sequence[object], specs: Sequence[InputSpec], where: str) -> dict[str, object]:
+    """A list or tuple of arrays as the model's inputs in order; of another length, a DataError (a batch of
+    inputs and labels, as a classification DataLoader yields, is the common case)."""
+    if len(item) != len(specs):
+        inputs = ", ".join(spec.name for spec in specs)
+        raise DataError(f"{where} is a {type(item).__name__} of {len(item)} arrays, and the model takes "
+                        f"{count_of(len(specs), 'input', 'inputs')} ({inputs}): yield the inputs alone, in that "
+                        "order (a DataLoader of (inputs, labels): a dataset without the labels), or "
+                        "{name: array} dicts")
+    return {spec.name: value for spec, value in zip(specs, item)}
 
 
 def item_feeds(item: object, specs: Sequence[InputSpec], *, where: str) -> Iterator[tuple[dict[str, object], str]]:
