@@ -142,3 +142,17 @@ def test_a_dataloader_of_input_tensors_is_data_and_one_with_labels_is_told_what_
     with pytest.raises(edgeopt.DataError, match=r"is a list of 2 arrays, and the model takes 1 input \(input\): "
                                                 r"yield the inputs alone"):
         edgeopt.quantize(demo_model_path(), edgeopt.Int8Config(), labelled, check_speed=False)
+
+
+def test_errors_raised_to_python_give_the_python_names_of_the_options_they_name(tmp_path, cli):
+    # "give --data" told a script's author of a flag they do not have
+    with pytest.raises(ConfigError) as caught:
+        edgeopt.quantize(demo_model_path(), edgeopt.Int8Config())
+    assert str(caught.value).endswith("give --data (a folder of .npy, images, or module:function) "
+                                      "(in Python: --data is data)")
+    with pytest.raises(edgeopt.DataError, match=r"\(in Python: --input is inputs\)$"):
+        edgeopt.run(demo_model_path(), {"x": np.zeros((1, 1, 8, 8), np.float32)})
+    with pytest.raises(ConfigError, match=r"give exactly one accuracy goal: max_drop \(--max-drop, "):
+        edgeopt.AccuracyGoal()
+    result = cli("quantize", demo_model_path(), "-o", tmp_path / "q.onnx")  # the command line: its words alone
+    assert result.code == 4 and "give --data" in result.stderr and "in Python" not in result.stderr

@@ -21,5 +21,5 @@ def test_demo_refuses_a_folder_it_cannot_create(cli, tmp_path):
 
 def test_demo_checks_runs_before_writing_anything(cli, tmp_path):
     result = cli("demo", "-o", tmp_path / "out", "--runs", "0")
-    assert_one_line_error(result, "--runs must be at least 1")
+    assert_one_line_error(result, "runs (--runs) must be at least 1")
     assert not (tmp_path / "out").exists()

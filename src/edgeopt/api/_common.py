@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
+from edgeopt.api._terms import python_terms
 from edgeopt.errors import ConfigError, EdgeoptWarning
 from edgeopt.io import load_model
 
@@ -75,6 +76,7 @@ def check_path(value: object, what: str, *, optional: bool = True) -> None:
     raise ConfigError(f"{what} must be a path (a str or pathlib.Path), got {type(value).__name__}")
 
 
+@python_terms()
 def load(model: ModelSource, *, input_shapes: Mapping[str, Sequence[int]] | None = None,
          require_static: bool = True) -> ir.Model:
     """Load a model from a path (normalized, shapes inferred) or copy an in-memory one."""
@@ -137,7 +139,7 @@ def issue_warnings(messages: Iterable[str]) -> None:
     attributed to the line that called the API function: a script sees them without reading the result
     (those logged on the way reach no handler of logging's when the script configured none)."""
     for message in messages:
-        warnings.warn(message, EdgeoptWarning, stacklevel=3)
+        warnings.warn(message, EdgeoptWarning, stacklevel=4)  # past this, the API function and its python_terms
 
 
 def calibration_source(model: ir.Model, data, preprocess: ImagePreprocess | None, max_samples: int | None):

@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.api._common import ModelSource, Progress, check_type, load, model_name, model_source
+from edgeopt.api._terms import python_terms
 from edgeopt.api.deploy import is_compiled_folder
 from edgeopt.bench import BenchConfig, BenchResult, BenchTarget, bench_models
 from edgeopt.data import ImagePreprocess
@@ -43,6 +44,7 @@ def _file_bytes(model: ModelSource, onnx_bytes: bytes) -> int:
     return len(onnx_bytes) if isinstance(model, ir.Model) else model_file_bytes(model)
 
 
+@python_terms()
 def bench(models: Sequence[ModelSource], *, config: BenchConfig = BenchConfig(),
           data: str | os.PathLike | Iterable | None = None,
           input_shapes: Mapping[str, Sequence[int]] | None = None,

@@ -8,6 +8,7 @@ import logging
 from edgeopt import ir as eir
 from edgeopt.api._common import (ModelSource, Progress, calibration_source, check_progress, comparable_float,
                                  issue_warnings, load, logged_warnings, model_source)
+from edgeopt.api._terms import python_terms
 from edgeopt.data import ImagePreprocess
 from edgeopt.quant.compare import CompareResult
 
@@ -16,6 +17,7 @@ __all__ = ["compare"]
 logger = logging.getLogger(__name__)
 
 
+@python_terms()
 def compare(float_model: ModelSource, quant_model: ModelSource, data, *, preprocess: ImagePreprocess | None = None,
             max_samples: int | None = None, progress: Progress | None = None) -> CompareResult:
     """Per-layer SQNR and cosine of a quantized model against its float model, worst first; the warnings

@@ -11,6 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt.api._common import ModelSource, check_flag, check_path, load, model_source
+from edgeopt.api._terms import python_terms
 from edgeopt.api.model import RunResult, _check_spares_inputs, _name_unnamed, _sample_feeds, _write_outputs
 from edgeopt.data import ImagePreprocess
 from edgeopt.errors import CodegenError, ConfigError, EdgeoptError, Interrupted, OutputError
@@ -26,6 +27,7 @@ def is_compiled_folder(model: ModelSource) -> bool:
     return not isinstance(model, ir.Model) and is_c_folder(model)
 
 
+@python_terms()
 def compile_model(model: ModelSource, output: str | os.PathLike, *, target: str = "c",
                   device: str | os.PathLike = "x86-host", name: str = "model", rounding: str = "double",
                   force: bool = False, measure: bool = True,
@@ -91,6 +93,7 @@ def _static_shape_arithmetic_folded(model: ir.Model) -> ir.Model:
     return model
 
 
+@python_terms(**{"-o": "out_dir"})
 def verify(out_dir: str | os.PathLike, data, *, preprocess: ImagePreprocess | None = None,
            max_samples: int | None = None):
     """Run the C code in ``out_dir`` and the reference interpreter on ``data``; name the first layer that differs."""

@@ -15,6 +15,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.analysis import CostReport, MemoryReport, analyze_cost, memory_report
 from edgeopt.api._common import ModelSource, Progress, check_path, check_progress, load, model_name, model_source
+from edgeopt.api._terms import python_terms
 from edgeopt.data.feeds import as_numpy, dims_match
 from edgeopt.data.npy import read_error
 from edgeopt.errors import DataError, OutputError
@@ -61,6 +62,7 @@ class InspectResult:
         }
 
 
+@python_terms()
 def inspect(model: ModelSource, *, input_shapes: Mapping[str, Sequence[int]] | None = None) -> InspectResult:
     """Per-node op, shape, dtype, params, MACs, activation bytes; totals and peak activation RAM."""
     model = model_source(model)
@@ -216,6 +218,7 @@ def _write_outputs(outputs: Mapping[str, np.ndarray], folder: Path) -> tuple[Pat
     return tuple(atomic_write_files(files))  # the outputs of one run together, or none
 
 
+@python_terms(**{"-o": "output_dir", "-o/--output": "output_dir", "--output": "output_dir"})
 def run(model: ModelSource, inputs: Mapping[str, np.ndarray | str | os.PathLike] | np.ndarray | str | os.PathLike, *,
         output_dir: str | os.PathLike | None = None, progress: Progress | None = None) -> RunResult:
     """Run ``model`` in ONNX Runtime; N stacked samples for a batch-1 input run one by one.
@@ -270,6 +273,7 @@ def _feed_samples(specs: Sequence[eir.InputSpec], feed: Mapping[str, np.ndarray]
 # ------------------------------------------------------------------------- torch
 
 
+@python_terms()
 def from_torch(module, example_inputs, *, path: str | os.PathLike | None = None, opset: int = 17,
                input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None) -> ir.Model:
     """Export a ``torch.nn.Module`` to ONNX (eval mode) and load it; saved to ``path`` if given."""

@@ -16,6 +16,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.api._common import (ModelSource, Progress, calibration_source, check_flag, check_path, check_progress,
                                  check_type, comparable_float, issue_warnings, load, logged_warnings, model_source)
+from edgeopt.api._terms import python_terms
 from edgeopt.api._quantize_warnings import (blocks_c, loose_goal, low_fidelity, mcu_float_warning,
                                             mcu_lowering_refusal, relu6_warning)
 from edgeopt.data import ImagePreprocess, batch_rows
@@ -208,6 +209,7 @@ def _evaluator(evaluate: str | Callable[[str], float] | None) -> Callable[[ir.Mo
     return score
 
 
+@python_terms()
 def quantize(model: ModelSource, config: object, data=None, *, output: str | os.PathLike | None = None,
              preprocess: ImagePreprocess | None = None, max_samples: int | None = None,
              goal: AccuracyGoal | None = None, evaluate: str | Callable[[str], float] | None = None,
@@ -215,7 +217,9 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
              progress: Progress | None = None) -> QuantizeReport:
     """Quantize ``model`` with ``config`` (Int8Config, Fp16Config, Bf16Config, Int4WeightConfig, DynamicInt8Config).
 
-    Calibration ``data`` is anything ``--data`` takes; required for int8. The
+    Calibration ``data`` is anything ``--data`` takes (an array, {name: array}, a list or iterable of
+    batches, a DataLoader, a .npy/.npz file or folder); required for int8. It is read to its end: an endless
+    iterator (``itertools.cycle``, a streaming dataset) needs ``max_samples``. The
     output is written atomically to ``output`` (never over the input), and
     its measured numbers beside it in ``<stem>.report.json``. After
     quantizing, fidelity to the float model (output SQNR, top-1 agreement) is

@@ -49,11 +49,11 @@ class BenchConfig:
             if (value is not None or key != "threads") and not integer:
                 raise ConfigError(f"{key} must be an integer (--{key}), got {type(value).__name__} {value!r}")
         if self.runs < 1:
-            raise ConfigError(f"--runs must be at least 1, got {self.runs}")
+            raise ConfigError(f"runs (--runs) must be at least 1, got {self.runs}")
         if self.warmup < 0:
-            raise ConfigError(f"--warmup must be 0 or more, got {self.warmup}")
+            raise ConfigError(f"warmup (--warmup) must be 0 or more, got {self.warmup}")
         if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+            raise ConfigError(f"threads (--threads) must be at least 1, got {self.threads}")
         if self.threads is not None and self.threads > (limit := max_threads()):
             # 100000 threads grew a worker to 16.7 GB for 10 minutes: more threads than cores only adds switching
             raise ConfigError(f"--threads {self.threads} is more than this machine can use ({os.cpu_count() or 1} "

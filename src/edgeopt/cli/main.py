@@ -17,6 +17,7 @@ import warnings
 
 from rich.text import Text
 
+from edgeopt.api._terms import command_line
 from edgeopt.cli import INTERRUPTED, InterruptedAfterWriting, ctrl_c_seen, error_object, json_flag_given, state
 from edgeopt.cli.app import app
 from edgeopt.cli.render import print_json
@@ -76,7 +77,8 @@ def _run(argv: list[str] | None) -> int:
     try:
         with warnings.catch_warnings():  # the API's EdgeoptWarnings are the report's, which the commands print
             warnings.simplefilter("ignore", EdgeoptWarning)
-            return _run_app(argv)
+            with command_line():  # errors keep the command line's option names alone
+                return _run_app(argv)
     finally:
         log.removeHandler(handler)
         log.propagate = propagate
