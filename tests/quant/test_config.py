@@ -131,3 +131,12 @@ def test_a_mistyped_exclude_suggests_the_op_type_or_node_meant():
             edgeopt.quantize(demo_model_path(), edgeopt.Fp16Config(exclude=(typed,)), check_speed=False)
     with pytest.raises(ConfigError, match="its op types are .*Conv.*; node names are like"):
         edgeopt.quantize(demo_model_path(), edgeopt.Fp16Config(exclude=("xyzzy",)), check_speed=False)
+
+
+def test_a_percentile_or_histogram_size_the_method_never_reads_is_refused():
+    # Int8Config(calibration="minmax", percentile=99.9) changed nothing, silently
+    with pytest.raises(ConfigError, match="percentile applies to calibration='percentile', not 'minmax'"):
+        Int8Config(calibration="minmax", percentile=99.9)
+    with pytest.raises(ConfigError, match="'minmax' keeps none"):
+        Int8Config(calibration="minmax", num_bins=4096)
+    assert Int8Config(calibration="mse", num_bins=4096).calibration_config.num_bins == 4096

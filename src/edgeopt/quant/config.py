@@ -16,6 +16,7 @@ means the output-channel axis of the op that reads the weight: 0 for Conv,
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from collections.abc import Collection
@@ -266,6 +267,18 @@ class Int8Config:
                 or self.verify_tolerance <= 0:
             raise ConfigError(f"verify_tolerance must be a positive number, got {self.verify_tolerance!r}")
         _ = self.calibration_config  # validates percentile and num_bins
+        self._check_unused_settings()
+
+    def _check_unused_settings(self) -> None:
+        """ConfigError for a percentile or a histogram size the calibration method never reads (given
+        with minmax, a percentile of 99.9 changed nothing, silently)."""
+        defaults = {field.name: field.default for field in dataclasses.fields(self)}
+        if self.percentile != defaults["percentile"] and self.calibration is not CalibrationMethod.PERCENTILE:
+            raise ConfigError(f"percentile applies to calibration='percentile', not {self.calibration.value!r}: "
+                              "drop it, or choose percentile calibration")
+        if self.num_bins != defaults["num_bins"] and not self.calibration.needs_histogram:
+            raise ConfigError(f"num_bins sizes the histograms of percentile, entropy, mse and auto calibration; "
+                              f"{self.calibration.value!r} keeps none: drop it")
 
     @property
     def activations(self) -> Format:
