@@ -156,3 +156,9 @@ def test_errors_raised_to_python_give_the_python_names_of_the_options_they_name(
         edgeopt.AccuracyGoal()
     result = cli("quantize", demo_model_path(), "-o", tmp_path / "q.onnx")  # the command line: its words alone
     assert result.code == 4 and "give --data" in result.stderr and "in Python" not in result.stderr
+
+
+def test_bf16_fits_nothing_to_the_data_it_is_measured_on(data):
+    # its fidelity was said to be on "calibration" data, which bfloat16 (float32's range) never reads to decide
+    report = edgeopt.quantize(demo_model_path(), edgeopt.Bf16Config(), data, check_speed=False)
+    assert report.fidelity_on == "data"

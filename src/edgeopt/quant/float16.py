@@ -122,6 +122,11 @@ class Bf16Config:
         require_bools(self, "float_passes")
         object.__setattr__(self, "exclude", check_exclude_names(self.exclude))  # a list becomes a tuple
 
+    @property
+    def fits_data(self) -> bool:
+        """False: bfloat16's range is float32's, so no data decides anything; data given is only measured on."""
+        return False
+
 
 # ---------------------------------------------------------------------------
 # numerics
