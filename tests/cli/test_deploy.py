@@ -304,3 +304,12 @@ def test_a_ctrl_c_during_the_host_measurement_keeps_the_project_and_writes_its_r
     assert "the C project in" in result.stderr and "its host measurement was not" in result.stderr
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     assert report["host"] is None and report["arena_bytes"] > 0
+
+
+def test_verify_of_a_missing_or_foreign_folder_is_an_input_error_not_a_build_error(cli, tmp_path, data_folder):
+    # both exited 7, the code of a failed code generation or build
+    missing = cli("verify", tmp_path / "nothere", "--data", data_folder)
+    assert missing.code == 2 and "nothere not found: give the folder `edgeopt compile --target c` wrote" in \
+        missing.stderr
+    foreign = cli("verify", tmp_path, "--data", data_folder)
+    assert foreign.code == 2 and "is not a folder written by `edgeopt compile --target c`" in foreign.stderr

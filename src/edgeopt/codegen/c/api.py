@@ -33,7 +33,7 @@ from edgeopt.codegen.c.emit import emit_sources
 from edgeopt.codegen.c.plan import MemoryPlan, plan_memory, program_lifetimes
 from edgeopt.codegen.c.schedule import Schedule, choose_schedule, reorder
 from edgeopt.devices import DeviceProfile, load_device
-from edgeopt.errors import CodegenError, ConfigError, DataError, OutputError
+from edgeopt.errors import CodegenError, ConfigError, DataError, ModelError, OutputError
 from edgeopt.io import load_model, save_model
 from edgeopt.io.save import check_creatable, current_umask
 from edgeopt.runtime.reference import ReferenceModel, lower
@@ -322,8 +322,10 @@ _MANIFEST_KEYS = {"name": str, "rounding": str, "inputs": list, "outputs": list,
 def read_manifest(out_dir: str | Path) -> dict:
     """The folder's ``edgeopt_c.json``; a missing, unreadable or damaged one is an error saying to recompile."""
     out_dir = Path(out_dir)
-    if not is_c_folder(out_dir):
-        raise CodegenError(f"{out_dir} is not a folder written by `edgeopt compile --target c`")
+    if not out_dir.exists():
+        raise ModelError(f"{out_dir} not found: give the folder `edgeopt compile --target c` wrote")
+    if not is_c_folder(out_dir):  # what was given is unusable as given: the model's exit code, not the build's
+        raise ModelError(f"{out_dir} is not a folder written by `edgeopt compile --target c`")
     try:
         manifest = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
