@@ -150,6 +150,16 @@ def test_unknown_key_names_the_allowed_keys(tmp_path):
                                               clock_mhz=100, int8_macs_per_cycle=1, fp32_macs_per_cycle=1)
 
 
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    # the later silently won: which sram_bytes counted depended on the order of the lines
+    path = tmp_path / "board.yaml"
+    path.write_text("board: b\nflash_bytes: 1 MiB\nsram_bytes: 256 KiB\nclock_mhz: 100\n"
+                    "int8_macs_per_cycle: 1\nfp32_macs_per_cycle: 1\nsram_bytes: 128 KiB\n")
+    with pytest.raises(ConfigError, match=r"board.yaml is not valid YAML: key 'sram_bytes' is given twice "
+                                          r"\(again on line 7\)"):
+        load_device(path)
+
+
 def test_bad_values_are_config_errors(tmp_path):
     path = tmp_path / "board.yaml"
     for bad in ("sram_bytes: lots", "sram_bytes: -4", "clock_mhz: 0"):

@@ -107,11 +107,29 @@ def _from_mapping(name: str, data: object, source: str) -> DeviceProfile:
     return DeviceProfile(name=name, **values)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader refusing a key given twice (the later silently won: an sram_bytes edited below the
+    old one left both, and which counted depended on their order)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (again on line "
+                                                        f"{key_node.start_mark.line + 1})",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(text: str, source: str) -> object:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{source} is not valid YAML: {str(error).splitlines()[0]}") from None
+        lines = str(error).splitlines()
+        problem = next((line for line in lines if "given twice" in line), lines[0])
+        raise ConfigError(f"{source} is not valid YAML: {problem.strip()}") from None
 
 
 def load_device(device: str | Path | DeviceProfile) -> DeviceProfile:
