@@ -16,9 +16,9 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.api._common import (ModelSource, Progress, calibration_source, check_flag, check_path, check_progress,
                                  check_type, comparable_float, issue_warnings, load, logged_warnings, model_source)
-from edgeopt.api._terms import python_terms
 from edgeopt.api._quantize_warnings import (blocks_c, loose_goal, low_fidelity, mcu_float_warning,
                                             mcu_lowering_refusal, relu6_warning)
+from edgeopt.api._terms import python_terms
 from edgeopt.data import ImagePreprocess, batch_rows
 from edgeopt.errors import ConfigError, DataError, EdgeoptError, Interrupted, OutputError
 from edgeopt.io import (FILE_BYTES_KEY, atomic_write_files, check_writable, external_data_path, model_file_bytes,
@@ -221,7 +221,9 @@ def quantize(model: ModelSource, config: object, data=None, *, output: str | os.
     batches, a DataLoader, a .npy/.npz file or folder); required for int8. It is read to its end: an endless
     iterator (``itertools.cycle``, a streaming dataset) needs ``max_samples``. The
     output is written atomically to ``output`` (never over the input), and
-    its measured numbers beside it in ``<stem>.report.json``. After
+    its measured numbers beside it in ``OUT.report.json`` (for ``OUT.onnx``; ``OUT.x.report.json`` for a
+    name not ending in ``.onnx``). The report's ``warnings`` are issued as :class:`edgeopt.EdgeoptWarning`
+    too; ``report.save(path)`` writes the model and its numbers elsewhere. After
     quantizing, fidelity to the float model (output SQNR, top-1 agreement) is
     measured on up to 64 calibration samples, and float vs quantized latency
     in ONNX Runtime, with the reasons when the quantized model is slower.

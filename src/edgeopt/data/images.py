@@ -83,7 +83,8 @@ class ImagePreprocess:
     def __post_init__(self) -> None:
         plain_fields(self)
         if self.size is not None and not (isinstance(self.size, tuple) and len(self.size) == 2
-                                          and all(is_number(d) and isinstance(d, int) and d > 0 for d in self.size)):
+                                          and all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                                  for d in self.size)):
             raise ConfigError(f"size={self.size!r} must be (height, width) in positive pixels, e.g. (224, 224)")
         _check_floats("mean", self.mean, positive=False)
         _check_floats("std", self.std, positive=True)
