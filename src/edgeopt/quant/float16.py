@@ -48,6 +48,7 @@ import logging
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
@@ -116,16 +117,12 @@ class Bf16Config:
 
     exclude: tuple[str, ...] = ()
     float_passes: bool = True
+    fits_data: ClassVar[bool] = False  # bfloat16's range is float32's: data decides nothing, it is only measured on
 
     def __post_init__(self) -> None:
         plain_fields(self)
         require_bools(self, "float_passes")
         object.__setattr__(self, "exclude", check_exclude_names(self.exclude))  # a list becomes a tuple
-
-    @property
-    def fits_data(self) -> bool:
-        """False: bfloat16's range is float32's, so no data decides anything; data given is only measured on."""
-        return False
 
 
 # ---------------------------------------------------------------------------
