@@ -154,3 +154,17 @@ def test_a_held_out_set_of_a_few_samples_is_warned_about(cli, tmp_path, npy_file
     assert result.code == 0, result.stderr
     warned = "only 3 held-out samples: the fidelity figures (and an accuracy search's rounds) rest on them"
     assert warned in result.stderr
+
+
+def test_the_fidelity_line_says_when_it_measured_the_first_64_held_out_samples_only(cli, tmp_path, npy_files):
+    # "(on 64 held-out samples)" of 100 given: the check reads at most 64, and the line did not say so
+    model, calibration, _ = npy_files
+    held_out = tmp_path / "held100.npy"
+    np.save(held_out, np.concatenate([feed["x"] for feed in batches((1, 3, 8, 8), 100, seed=7)]))
+    result = cli("quantize", model, "--data", calibration, "--eval-data", held_out, "-o", tmp_path / "q.onnx",
+                 "--no-speed-check")
+    assert result.code == 0, result.stderr
+    assert "(on the first 64 held-out samples of 100)" in result.stdout
+    as_json = cli("quantize", model, "--data", calibration, "--eval-data", held_out, "-o", tmp_path / "r.onnx",
+                  "--no-speed-check", "--json")
+    assert json.loads(as_json.stdout)["eval_samples"] == 100

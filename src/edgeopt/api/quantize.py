@@ -57,6 +57,7 @@ class QuantizeReport:
     speed: SpeedCheck | None = None
     search: AccuracySearch | None = None
     warnings: tuple[str, ...] = ()
+    eval_samples: int | None = None  # the samples --eval-data holds, when its source knows (fidelity reads 64)
 
     @property
     def model(self) -> ir.Model:
@@ -96,7 +97,7 @@ class QuantizeReport:
             "float_nodes": [{"node": f.node_name, "op_type": f.op_type, "reason": f.reason}
                             for f in result.float_nodes],
             "fidelity": self.fidelity.to_dict() if self.fidelity else None,
-            "fidelity_on": self.fidelity_on if self.fidelity else None,
+            "fidelity_on": self.fidelity_on if self.fidelity else None, "eval_samples": self.eval_samples,
             "speed": self.speed.to_dict() if self.speed else None,
             "accuracy_search": self.search.to_dict() if self.search else None,
             "tensors": [{"name": t.name, "kind": t.kind, "op_type": t.op_type, "format": t.format,
@@ -318,7 +319,8 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
                             calibration_samples=source.samples if source is not None else 0,
                             calibration_batches=source.count if source is not None else 0,
                             fidelity=fidelity, fidelity_on=checks.fidelity_on, speed=speed, search=search,
-                            warnings=tuple(dict.fromkeys([*logged, *warnings])))
+                            warnings=tuple(dict.fromkeys([*logged, *warnings])),
+                            eval_samples=getattr(held_out, "num_samples", None))
     if output is not None:  # written last: an error in the checks above leaves nothing behind
         write_quantized(report, written)
     if report.interrupted:

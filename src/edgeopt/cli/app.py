@@ -522,11 +522,16 @@ def _render_quantize(report: api.QuantizeReport) -> None:
         summary.add_row("calibration", f"{count_of(report.calibration_samples, 'sample', 'samples')}"
                                        f"{in_batches(report.calibration_samples, report.calibration_batches)}")
     if report.fidelity is not None:
+        from edgeopt.quant.accuracy import FIDELITY_SAMPLES
+
         fidelity = report.fidelity
         counted = (f"{count_of(fidelity.rows, f'{report.fidelity_on} sample', f'{report.fidelity_on} samples')}"
                    f"{in_batches(fidelity.rows, fidelity.samples)}")
-        if report.fidelity_on == "calibration" and fidelity.rows < report.calibration_samples:
-            counted = f"the first {counted} of {report.calibration_samples}"
+        available = report.calibration_samples if report.fidelity_on == "calibration" else report.eval_samples
+        if available and fidelity.rows < available:
+            counted = f"the first {counted} of {available}"
+        elif fidelity.rows >= FIDELITY_SAMPLES:  # the data's size unknown: at most that many are measured
+            counted = f"the first {counted}: the check reads at most {FIDELITY_SAMPLES}"
         for out in fidelity.outputs:
             if not out.signal:  # class indices: how many are equal, nothing else
                 summary.add_row(f"fidelity {out.name}", f"equal values {out.top1_agreement:.2%} (on {counted})")
