@@ -257,3 +257,18 @@ def _constant_behind(value: ir.Value) -> np.ndarray:
         return eir.constant_array(value)
     quantized, scale = eir.constant_array(node.inputs[0]), eir.constant_array(node.inputs[1])
     return quantized.astype(np.float64) * scale
+
+
+def test_a_quantized_layer_bias_correction_cannot_correct_is_named_as_skipped():
+    # an int8 ConvTranspose (the MCU target) was neither corrected nor counted: "1 layer corrected, 0 skipped"
+    from edgeopt.quant import quantize
+    from edgeopt.quant.config import Int8Config
+    from tests.quant.int8_models import GraphBuilder, batches
+
+    g = GraphBuilder(seed=3)
+    x = g.node("Relu", [g.conv("x", 3, 8, "conv1")], "relu1")
+    x = g.node("ConvTranspose", [x, g.weight("up.weight", (8, 4, 2, 2)), g.weight("up.bias", (4,), 0.1)], "up",
+               strides=[2, 2])
+    result = quantize(g.model([x], (1, 3, 8, 8)), Int8Config(target="mcu"), batches((1, 3, 8, 8), 16))
+    assert "bias correction: 1 layer corrected, 1 skipped" in result.notes
+    assert "  not corrected: up: a ConvTranspose has no bias correction (Conv, Gemm and MatMul have)" in result.notes

@@ -269,4 +269,7 @@ def correct_biases(model: ir.Model, input_means: Mapping[str, np.ndarray], *,
             skipped.append((eir.node_label(node), outcome))
         else:
             corrected.append(outcome)
+    handled = {node.name for node in _corrected_layers(model, layers)}
+    skipped += [(eir.node_label(node), f"a {node.op_type} has no bias correction (Conv, Gemm and MatMul have)")
+                for node in model.graph if layers is not None and node.name in layers and node.name not in handled]
     return BiasCorrectionReport(corrected=tuple(corrected), skipped=tuple(skipped))

@@ -275,6 +275,7 @@ class _AccuracyHooks:
                                     layers=self.quantized_layers)
             notes.append(f"bias correction: {count_of(len(report.corrected), 'layer', 'layers')} corrected, "
                          f"{len(report.skipped)} skipped")
+            notes += _first_skips([f"not corrected: {node}: {reason}" for node, reason in report.skipped])
         return rounded, notes
 
 
