@@ -300,3 +300,21 @@ def test_folds_into_a_llama_rms_norm_weight(tmp_path):
     assert summary.startswith("SmoothQuant (alpha 0.5): 5 inputs smoothed")  # q/k/v and gate/up of 2 blocks, the head
     gain = model_sqnr_db(model, smoothed.model, held_out) - model_sqnr_db(model, plain.model, held_out)
     assert gain >= INT8_GAIN_DB, gain  # measured 8.4 dB (24.3 -> 32.6)
+
+
+@pytest.mark.parametrize("perm, smoothed", [([1, 0, 2], True), ([0, 2, 1], False)])
+def test_looks_through_a_transpose_that_keeps_the_channel_axis_last(perm, smoothed):
+    # nn.TransformerEncoderLayer transposes its LayerNorm's output to [S, B, K] for the attention: static
+    # SmoothQuant stopped there ("Transpose ... cannot absorb 1/s") while the dynamic scheme smoothed it
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], axis=-1),
+             helper.make_node("Transpose", ["n"], ["t"], perm=perm), helper.make_node("MatMul", ["t", "w"], ["y"])]
+    inits = [random_weight("gamma", (4,), 1), random_weight("beta", (4,), 2), random_weight("w", (4, 4), 3)]
+    model = make_model(nodes, [("x", [2, 4, 4])], [("y", [4, 2, 4] if perm == [1, 0, 2] else [2, 4, 4])], inits)
+    original = model.clone()
+    report = smooth(model, {"t": np.array([1.0, 9.0, 1.0, 1.0])})
+    if smoothed:
+        assert [(s.tensor, s.folded_into) for s in report.smoothed] == [("t", "LayerNormalization(->n)")]
+        assert set(report.rescaled) == {"t", "n"}
+    else:  # the channels would move off the last axis: the LayerNorm's gamma cannot take 1/s for them
+        assert not report.smoothed and "Transpose" in dict(report.skipped)["t"]
+    assert_same_outputs(original, model)

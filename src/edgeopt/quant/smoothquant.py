@@ -20,8 +20,9 @@ channel and absorb it better. A channel with ``m_j = 0`` or ``w_j = 0`` keeps
 
 ``X / s`` costs nothing when folded into the op that produces ``X``, provided
 ``X`` is read only by the smoothed layers (else the other readers would see
-``X / s``). Reshapes that keep the last axis are looked through (a Linear on
-``[B, S, K]`` runs as a Gemm on rows ``Reshape(X, [-1, K])``). The producer:
+``X / s``). Reshapes and Transposes that keep the last axis are looked through
+(a Linear on ``[B, S, K]`` runs as a Gemm on rows ``Reshape(X, [-1, K])``;
+``nn.TransformerEncoderLayer`` transposes to ``[S, B, K]`` for its attention). The producer:
 
 * ``LayerNormalization`` over the last axis (the standard case, pre-norm
   attention and MLP blocks): ``gamma' = gamma / s``, ``beta' = beta / s``;
@@ -173,16 +174,25 @@ def _keeps_last_axis(source: ir.Value, value: ir.Value) -> bool:
 
 
 def _through_reshapes(value: ir.Value) -> ir.Value:
-    """The tensor ``value`` is a reshaped copy of, through Reshapes that keep the last axis (a Gemm's
-    rows ``[-1, K]`` of ``[B, S, K]``) and whose input they alone read: channel ``j`` is the same
-    channel in both, so dividing it at the source divides it in ``value``."""
-    while eir.is_op(producer := value.producer(), "Reshape"):
+    """The tensor ``value`` is a reshaped copy of, through Reshapes and Transposes that keep the last axis
+    (a Gemm's rows ``[-1, K]`` of ``[B, S, K]``; PyTorch's ``nn.MultiheadAttention`` taking ``[S, B, K]``
+    from a batch-first encoder, perm ``[1, 0, 2]``) and whose input they alone read: channel ``j`` is the
+    same channel in both, so dividing it at the source divides it in ``value``."""
+    while eir.is_op(producer := value.producer(), "Reshape", "Transpose"):
         source = producer.inputs[0]
         if (source is None or source.is_graph_output() or len(_value_readers(source)) != 1
-                or not _keeps_last_axis(source, value)):
+                or not _keeps_last_axis(source, value) or not _last_axis_stays(producer)):
             break
         value = source
     return value
+
+
+def _last_axis_stays(node: ir.Node) -> bool:
+    """A Reshape (its last axis checked by the shapes), or a Transpose whose perm leaves the last axis last."""
+    if node.op_type != "Transpose":
+        return True
+    perm = node.attributes.get("perm")
+    return perm is not None and list(perm.value)[-1] == len(perm.value) - 1
 
 
 def _site(value: ir.Value, targets: list[ir.Node], channels: int, insert_mul: bool) -> _Site | str:
