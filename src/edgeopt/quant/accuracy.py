@@ -96,8 +96,8 @@ class AccuracyGoal:
     def __post_init__(self) -> None:
         plain_fields(self)
         if (self.max_drop is None) == (self.min_sqnr_db is None):
-            raise ConfigError("give exactly one accuracy goal: max_drop (--max-drop, with an evaluate function: --eval) "
-                              "or min_sqnr_db (--min-sqnr)")
+            raise ConfigError("give exactly one accuracy goal: max_drop (--max-drop, with an evaluate function: "
+                              "--eval) or min_sqnr_db (--min-sqnr)")
         for key, value, option in (("max_drop", self.max_drop, "--max-drop"),
                                    ("min_sqnr_db", self.min_sqnr_db, "--min-sqnr")):
             if value is not None and (not is_number(value) or not math.isfinite(value) or value < 0):

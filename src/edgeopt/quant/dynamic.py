@@ -86,7 +86,8 @@ class DynamicInt8Config:
 
     ``weight_granularity``: ``PerChannel()`` (one scale per output column) or ``PerTensor()``.
     ``exclude``: node names or op types to leave float. ``embeddings``: store the tables Gather nodes read
-    in int8 (per row; True or ``"int8"``, False or ``"float"`` as ``--embeddings`` says). ``smoothquant_alpha``: migrate activation outliers into the weights first (needs
+    in int8 (per row; True or ``"int8"``, False or ``"float"`` as ``--embeddings`` says).
+    ``smoothquant_alpha``: migrate activation outliers into the weights first (needs
     calibration data; 0.5 is the paper's). ``float_passes``: fold constants and BatchNorm, drop dead nodes
     first (False: quantize the graph as it is).
     """
