@@ -12,7 +12,7 @@ from edgeopt.quant.compare import CompareResult
 from edgeopt.quant.placement import EXCLUDED
 from edgeopt.quant.registry import QuantResult
 
-__all__ = ["blocks_c", "loose_goal", "low_fidelity", "mcu_float_warning", "relu6_warning"]
+__all__ = ["blocks_c", "clipping_ranges", "loose_goal", "low_fidelity", "mcu_float_warning", "relu6_warning"]
 
 # Output SQNR below this (noise at a tenth of the signal's power) is told as a warning: classifiers
 # start to change their top-1 well above it, and a model this far off usually has a cause to fix.
@@ -21,6 +21,34 @@ LOW_FIDELITY_DB = 10.0
 # within this of it: most of the int8 model's error is then that change, not quantization.
 RELU6_DOMINATES_DB = 3.0
 _KEPT_REASONS = (EXCLUDED, RETURNED, RETURNED_TO_8_BITS)
+# An activation losing this much at its own quantization, while its calibrated range leaves out a good part of
+# what calibration saw (a quarter of the range's width or more beyond it), is told as clipped by its method.
+CLIPPING_LOSS_DB = 10.0
+_CLIPPED_SHARE = 0.25
+
+
+def clipping_ranges(result: QuantResult, fidelity: CompareResult) -> list[str]:
+    """A warning when the calibration method's ranges clip activations hard enough to lose CLIPPING_LOSS_DB
+    or more each at their own quantization (entropy's KL threshold below a ReLU6's saturated values, say):
+    measured, and the setting that keeps those values named."""
+    calibration = result.details.get("calibration")
+    ranges = {t.name: t for t in result.tensors if t.kind == "activation" and t.method not in ("minmax", "derived")}
+    clipped = []
+    for row in fidelity.layers:
+        info, seen = ranges.get(row.tensor), calibration.tensors.get(row.tensor) if calibration else None
+        if row.lost_db is None or not row.lost_db >= CLIPPING_LOSS_DB or info is None or seen is None:
+            continue
+        (low, high), (seen_low, seen_high) = info.range, seen.minmax.range
+        if max(seen_high - high, low - seen_low) >= _CLIPPED_SHARE * (high - low):
+            clipped.append((row.lost_db, row.tensor, info.method, (low, high), (seen_low, seen_high)))
+    if not clipped:
+        return []
+    lost, name, method, (low, high), (seen_low, seen_high) = max(clipped, key=lambda item: item[0])
+    lost_text = "all" if math.isinf(lost) else f"{lost:.1f} dB"
+    return [f"{count_of(len(clipped), 'activation loses', 'activations lose')} {CLIPPING_LOSS_DB:g} dB or more at "
+            f"its own quantization where the calibrated range clips values calibration saw: the worst, {name} "
+            f"({method}), loses {lost_text} with [{low:.4g}, {high:.4g}] against [{seen_low:.4g}, {seen_high:.4g}] "
+            "seen; --calibration percentile (the default) or minmax keeps those values"]
 
 
 def loose_goal(search: AccuracySearch) -> str | None:

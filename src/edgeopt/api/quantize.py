@@ -16,7 +16,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.api._common import (ModelSource, Progress, calibration_source, check_flag, check_path, check_progress,
                                  check_type, comparable_float, issue_warnings, load, logged_warnings, model_source)
-from edgeopt.api._quantize_warnings import (blocks_c, loose_goal, low_fidelity, mcu_float_warning,
+from edgeopt.api._quantize_warnings import (blocks_c, clipping_ranges, loose_goal, low_fidelity, mcu_float_warning,
                                             mcu_lowering_refusal, relu6_warning)
 from edgeopt.api._terms import python_terms
 from edgeopt.data import ImagePreprocess, batch_rows
@@ -523,7 +523,8 @@ def _fidelity_warnings(result: QuantResult, fidelity: CompareResult, measured_on
         warnings.append(f"only {count_of(fidelity.rows, 'held-out sample', 'held-out samples')}: the fidelity "
                         "figures (and an accuracy search's rounds) rest on them "
                         f"(use at least {MIN_CALIBRATION_SAMPLES})")
-    return [*warnings, *low_fidelity(result, fidelity, where), *relu6_warning(result, fidelity)]
+    return [*warnings, *low_fidelity(result, fidelity, where), *relu6_warning(result, fidelity),
+            *clipping_ranges(result, fidelity)]
 
 
 def _speed_check(loaded: ir.Model, result: QuantResult, data, preprocess) -> tuple[SpeedCheck | None, list[str]]:
