@@ -184,10 +184,7 @@ def test_an_eval_that_changes_directory_leaves_data_and_output_paths_as_given(cl
 def test_a_drop_as_large_as_the_score_itself_is_warned_about(cli, tmp_path, evals):
     # sklearn's accuracy_score is a fraction: --max-drop 1.0 (the README's "1 point") then accepts any
     # model at all, and the search stopped at round 0 saying "goal met"
-    result = cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", tmp_path / "q.onnx",
-                 "--eval", f"{evals}:fraction", "--max-drop", "1.0", "--no-speed-check", "--json")
-    assert result.code == 0, result.stderr
-    warnings = json.loads(result.stdout)["warnings"]
+    warnings = _warnings_of_a_drop(cli, tmp_path, evals, "1.0")
     assert any("--max-drop 1 is as large as the float model's score itself" in w and "--max-drop 0.01" in w
                for w in warnings), warnings
     percent = _quantize(cli, tmp_path, evals, "accuracy", "--json")
@@ -353,15 +350,18 @@ def test_max_float_nodes_limits_the_search_and_the_stop_names_the_option(cli, tm
 
 def test_a_drop_of_a_tenth_or_more_on_a_score_of_at_most_one_is_warned_about(cli, tmp_path, evals):
     # --max-drop 0.5 on a fraction is a 50-point drop: nothing was said
-    result = cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", tmp_path / "q.onnx",
-                 "--eval", f"{evals}:fraction", "--max-drop", "0.5", "--no-speed-check", "--json")
-    assert result.code == 0, result.stderr
-    warnings = json.loads(result.stdout)["warnings"]
+    warnings = _warnings_of_a_drop(cli, tmp_path, evals, "0.5")
     assert any("--max-drop 0.5 on a float model scoring 0.98" in w and "accepts a drop of 50 points" in w
                and "one point is --max-drop 0.01" in w for w in warnings), warnings
-    small = cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", tmp_path / "q.onnx",
-                "--eval", f"{evals}:fraction", "--max-drop", "0.01", "--no-speed-check", "--json")
-    assert not any("--max-drop" in w for w in json.loads(small.stdout)["warnings"])
+    assert not any("--max-drop" in w for w in _warnings_of_a_drop(cli, tmp_path, evals, "0.01"))
+
+
+def _warnings_of_a_drop(cli, tmp_path, evals, drop: str) -> list[str]:
+    """The report's warnings for --max-drop ``drop`` on a score that is a fraction (sklearn's accuracy_score)."""
+    result = cli("quantize", demo_model_path(), "--data", demo_calibration_path(), "-o", tmp_path / "q.onnx",
+                 "--eval", f"{evals}:fraction", "--max-drop", drop, "--no-speed-check", "--json")
+    assert result.code == 0, result.stderr
+    return json.loads(result.stdout)["warnings"]
 
 
 def test_an_eval_failing_in_a_later_round_keeps_the_best_model_of_the_rounds_before(cli, tmp_path):
