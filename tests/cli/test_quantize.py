@@ -980,3 +980,12 @@ def test_time_budgets_are_read_as_people_write_them():
     for text in ("1d", "abc", "", "m"):
         with pytest.raises(ConfigError, match="write it like 90s, 10m, 1m30s or 1h"):
             _seconds(text)
+
+
+def test_a_weights_file_left_beside_the_output_by_an_earlier_model_is_warned_about(cli, tmp_path, calib):
+    # a model past 2 GB wrote OUT.onnx.data; a small one written whole to OUT.onnx left it there, unread
+    (tmp_path / "q.onnx.data").write_bytes(b"old weights")
+    result = cli("quantize", demo_model_path(), "--data", calib, "-o", tmp_path / "q.onnx", "--no-speed-check")
+    assert result.code == 0, result.stderr
+    assert "q.onnx.data is left from an earlier model: q.onnx is written whole and does not read it" in result.stderr
+    assert (tmp_path / "q.onnx.data").read_bytes() == b"old weights"  # not edgeopt's to delete

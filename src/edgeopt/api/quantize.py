@@ -309,7 +309,7 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
         if owned:
             loaded = None
     written = written_files(result.model, output if output is not None else "model.onnx")
-    warnings = _result_warnings(config, result, search, source)
+    warnings = _result_warnings(config, result, search, source) + _stale_weights(output, written)
     checks = _Checks(model=model, loaded=loaded, data=data, eval_data=held_out, preprocess=preprocess,
                      max_samples=max_samples, fidelity=check_fidelity, speed=check_speed,
                      fitted=getattr(config, "fits_data", True), unread=source is not None and source.count == 0)
@@ -548,6 +548,16 @@ def _float_bytes(model: ModelSource, loaded: ir.Model) -> int:
     if isinstance(model, ir.Model):
         return sum(len(data) for _, data in model_file_contents(model, "model.onnx"))
     return loaded.meta.get(FILE_BYTES_KEY) or model_file_bytes(model)
+
+
+def _stale_weights(output: str | os.PathLike | None, written: list[tuple[Path, bytes | bytearray]]) -> list[str]:
+    """A warning when a weights file an earlier, larger model left at ``OUT.onnx.data`` stays beside an
+    ``OUT.onnx`` now written whole, which does not read it (it is not edgeopt's to delete)."""
+    stale = external_data_path(output) if output is not None else None
+    if stale is None or not stale.exists() or any(path == stale for path, _ in written):
+        return []
+    return [f"{stale} is left from an earlier model: {Path(output).name} is written whole and does not read it "
+            "(delete it, or write elsewhere)"]
 
 
 def written_files(model: ir.Model, output: str | os.PathLike) -> list[tuple[Path, bytes | bytearray]]:
