@@ -9,12 +9,17 @@ from __future__ import annotations
 import dataclasses
 import operator
 
-__all__ = ["is_number", "plain_fields", "plain_scalar"]
+__all__ = ["is_integer", "is_number", "plain_fields", "plain_scalar"]
 
 
 def is_number(value: object) -> bool:
     """Whether ``value`` is an int or a float, not a bool (which Python counts as an int)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_integer(value: object) -> bool:
+    """Whether ``value`` is an int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def plain_scalar(value: object) -> object:

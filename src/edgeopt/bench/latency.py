@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeopt._scalars import plain_fields
+from edgeopt._scalars import is_integer, plain_fields
 from edgeopt.errors import ConfigError, EdgeoptError
 
 __all__ = ["BenchConfig", "BenchResult", "BenchTarget", "ModelTiming", "bench_models"]
@@ -45,7 +45,7 @@ class BenchConfig:
         plain_fields(self)
         for key in ("runs", "warmup", "threads"):
             value = getattr(self, key)
-            integer = isinstance(value, int) and not isinstance(value, bool)
+            integer = is_integer(value)
             if (value is not None or key != "threads") and not integer:
                 raise ConfigError(f"{key} must be an integer (--{key}), got {type(value).__name__} {value!r}")
         if self.runs < 1:

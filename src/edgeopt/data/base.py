@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeopt._scalars import plain_scalar
+from edgeopt._scalars import is_integer, plain_scalar
 from edgeopt.data.feeds import as_numpy, check_feed, dims_match
 from edgeopt.errors import ConfigError, DataError
 from edgeopt.ir.values import InputSpec
@@ -402,7 +402,7 @@ def reads_again(data: object) -> bool:
 def take(source: DataSource, limit: int) -> DataSource:
     """The first ``limit`` batches of ``source`` (a source yielding one sample per batch gives samples)."""
     limit = plain_scalar(limit)
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+    if not is_integer(limit) or limit < 1:
         raise ConfigError(f"max_samples (--max-samples), the number of samples to take, must be a positive integer, "
                           f"got {limit!r}")
     return TakeSource(source, limit)

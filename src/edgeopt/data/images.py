@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from edgeopt._scalars import is_number, plain_fields
+from edgeopt._scalars import is_integer, is_number, plain_fields
 from edgeopt.data.base import DataSource
 from edgeopt.data.feeds import shape_text
 from edgeopt.data.npy import check_path, natural_key
@@ -83,8 +83,7 @@ class ImagePreprocess:
     def __post_init__(self) -> None:
         plain_fields(self)
         if self.size is not None and not (isinstance(self.size, tuple) and len(self.size) == 2
-                                          and all(isinstance(d, int) and not isinstance(d, bool) and d > 0
-                                                  for d in self.size)):
+                                          and all(is_integer(d) and d > 0 for d in self.size)):
             raise ConfigError(f"size={self.size!r} must be (height, width) in positive pixels, e.g. (224, 224)")
         _check_floats("mean", self.mean, positive=False)
         _check_floats("std", self.std, positive=True)

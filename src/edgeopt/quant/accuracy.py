@@ -44,7 +44,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from edgeopt import ir as eir
-from edgeopt._scalars import is_number, plain_fields
+from edgeopt._scalars import is_integer, is_number, plain_fields
 from edgeopt.errors import ConfigError, EdgeoptError, Interrupted, ModelError
 from edgeopt.metrics import count_of, json_number
 from edgeopt.quant.calibration_memo import CalibrationMemo
@@ -105,8 +105,7 @@ class AccuracyGoal:
         if not is_number(self.time_budget_s) or not self.time_budget_s > 0:
             raise ConfigError(f"time_budget_s must be a positive number of seconds, got {self.time_budget_s!r} "
                               "(the CLI's --time-budget 10m is 600)")
-        if not isinstance(self.max_float_nodes, int) or isinstance(self.max_float_nodes, bool) \
-                or self.max_float_nodes < 1:
+        if not is_integer(self.max_float_nodes) or self.max_float_nodes < 1:
             raise ConfigError(f"max_float_nodes must be an integer >= 1, got {self.max_float_nodes!r}")
 
     def met(self, score: float, float_score: float) -> bool:

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeopt._scalars import is_integer
 from edgeopt.errors import ConfigError
 from edgeopt.quant.formats import INT8_SYMMETRIC
 
@@ -85,7 +86,7 @@ class AdaRoundConfig:
     def __post_init__(self) -> None:
         for key in ("iterations", "max_samples", "seed"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "seed" else 1):
+            if not is_integer(value) or value < (0 if key == "seed" else 1):
                 raise ConfigError(f"AdaRound {key} must be a {'non-negative' if key == 'seed' else 'positive'} "
                                   f"integer, got {value!r}")
         for key in ("learning_rate", "regularization", "beta_start", "beta_end"):

@@ -22,7 +22,7 @@ import math
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from edgeopt._scalars import is_number, plain_fields
+from edgeopt._scalars import is_integer, is_number, plain_fields
 from edgeopt.errors import ConfigError
 from edgeopt.quant.formats import INT8, UINT8, Format
 
@@ -100,7 +100,7 @@ class PerChannel:
 
     def __post_init__(self) -> None:
         plain_fields(self)
-        if self.axis is not None and (not isinstance(self.axis, int) or isinstance(self.axis, bool)):
+        if self.axis is not None and not is_integer(self.axis):
             raise ConfigError(f"PerChannel axis must be an integer or None, got {self.axis!r}")
 
 
@@ -112,7 +112,7 @@ class PerBlock:
 
     def __post_init__(self) -> None:
         plain_fields(self)
-        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size not in _BLOCK_SIZES:
+        if not is_integer(self.size) or self.size not in _BLOCK_SIZES:
             raise ConfigError(f"block size (--block-size) must be one of {', '.join(map(str, _BLOCK_SIZES))} "
                               f"(what ONNX Runtime's MatMulNBits runs), got {self.size!r}")
 
@@ -182,8 +182,7 @@ class CalibrationConfig:
         require_enum(self, "method", CalibrationMethod, "calibration method")
         if not is_number(self.percentile) or not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile!r}")
-        if not isinstance(self.num_bins, int) or isinstance(self.num_bins, bool) or self.num_bins < 256 \
-                or self.num_bins % 2:
+        if not is_integer(self.num_bins) or self.num_bins < 256 or self.num_bins % 2:
             raise ConfigError(f"num_bins must be an even integer >= 256, got {self.num_bins!r}")
         if self.activation_format is None:
             raise ConfigError("activation_format of a calibration must be UINT8 or INT8, got None")

@@ -57,6 +57,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
+from edgeopt._scalars import is_integer
 from edgeopt.errors import ConfigError
 from edgeopt.quant.rescaled import Rescaled
 
@@ -378,7 +379,7 @@ def _collect_pairs(graph: ir.Graph, replace_relu6: bool) -> tuple[list[_Pair], l
 
 
 def _check_settings(iterations: int, tolerance: float) -> None:
-    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+    if not is_integer(iterations) or iterations < 1:
         raise ConfigError(f"equalization iterations must be a positive integer, got {iterations!r}")
     if not isinstance(tolerance, (int, float)) or not tolerance > 0:
         raise ConfigError(f"equalization tolerance must be positive, got {tolerance!r}")

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from edgeopt._scalars import is_integer, is_number
 from edgeopt.analysis.memory import lower_bound_bytes as lower_bound_of
 from edgeopt.codegen.c.build import BUILD_DIR, RUN_FOLDER_PREFIX, BuildFailed, build, run_batch
 from edgeopt.codegen.c.emit import emit_sources
@@ -338,10 +339,6 @@ def read_manifest(out_dir: str | Path) -> dict:
     return manifest
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _manifest_problem(manifest: dict) -> str | None:
     """What is wrong with a manifest's values (its keys are there, of the right types), else None: a hand
     edit went on to a KeyError, a divide by zero or wrong numbers in verify, run and bench."""
@@ -350,7 +347,7 @@ def _manifest_problem(manifest: dict) -> str | None:
     if manifest["rounding"] not in ROUNDINGS:
         return f"rounding {manifest['rounding']!r}"
     schedule = manifest["schedule"]
-    if not schedule or sorted(schedule) != list(range(len(schedule))) or not all(map(_is_int, schedule)):
+    if not schedule or sorted(schedule) != list(range(len(schedule))) or not all(map(is_integer, schedule)):
         return "the schedule is not an order of the ops"
     if not manifest["inputs"] or not manifest["outputs"]:
         return "no inputs or no outputs"
@@ -359,10 +356,10 @@ def _manifest_problem(manifest: dict) -> str | None:
         scale, zero_point = (entry.get("scale"), entry.get("zero_point")) if isinstance(entry, dict) else (0, 0)
         if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("tensor"), str)
                 and isinstance(entry.get("is_float"), bool) and isinstance(shape, list) and shape
-                and all(_is_int(d) and d > 0 for d in shape) and isinstance(entry.get("layout"), list)
+                and all(is_integer(d) and d > 0 for d in shape) and isinstance(entry.get("layout"), list)
                 and sorted(entry["layout"]) == list(range(len(shape)))
-                and isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
-                and scale > 0 and _is_int(zero_point) and -128 <= zero_point <= 127):
+                and is_number(scale) and math.isfinite(scale)
+                and scale > 0 and is_integer(zero_point) and -128 <= zero_point <= 127):
             name = entry.get("name") if isinstance(entry, dict) else entry
             return f"the entry of {name!r}: its tensor, shape, layout, scale or zero point"
     return None
