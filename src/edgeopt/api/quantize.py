@@ -73,9 +73,7 @@ class QuantizeReport:
         annotations, its weights beside it past 2 GB) with its numbers in the report file beside it;
         returns the report naming that output."""
         check_path(path, "path", optional=False)
-        check_writable(path)
-        check_writable(report_path(path))
-        check_writable(external_data_path(path))
+        _check_writable_artifact(path)
         saved = dataclasses.replace(self, output=Path(path))
         write_quantized(saved, written_files(self.model, path))
         return saved
@@ -426,10 +424,8 @@ def _check_request(model: ModelSource, config: object, data, *, output, preproce
                    goal: AccuracyGoal | None) -> None:
     """What can be refused before the model is read: where the output goes, options without --data,
     and data that can be read only once for work that reads it again."""
-    if output is not None:  # first: a folder (-o .) has no name to derive the report's from
-        check_writable(output)
-        check_writable(report_path(output))
-        check_writable(external_data_path(output))  # written past 2 GB
+    if output is not None:  # first: before the data and the model are looked at
+        _check_writable_artifact(output)
     _check_output_outside_data(data, output)
     overwritten = _overwrites_input(model, output)
     if overwritten is not None:
@@ -570,6 +566,14 @@ def write_quantized(report: QuantizeReport, written: list[tuple[Path, bytes | by
     """The model's files and its report at ``report.output``: the artifact ships with its measured numbers,
     all its files replaced, or none."""
     atomic_write_files([*written, (report_path(report.output), json_text(report.to_dict()).encode())])
+
+
+def _check_writable_artifact(output: str | os.PathLike) -> None:
+    """OutputError unless the model's file, its report and its weights file (written past 2 GB) can all go
+    at ``output``."""
+    check_writable(output)  # first: a folder (-o .) has no name to derive the other two's from
+    check_writable(report_path(output))
+    check_writable(external_data_path(output))
 
 
 def report_path(output: str | os.PathLike) -> Path:
