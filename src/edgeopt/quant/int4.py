@@ -52,7 +52,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt._scalars import plain_fields
+from edgeopt._scalars import is_integer, plain_fields
 from edgeopt.errors import ConfigError, ModelError
 from edgeopt.metrics import count_of
 from edgeopt.quant.config import (PerBlock, check_exclude_names, is_excluded, require_bools, require_enum,
@@ -165,7 +165,7 @@ class Int4WeightConfig:
         level = self.accuracy_level
         if isinstance(level, str):
             level = AccuracyLevel.__members__.get(level.upper(), level)
-        elif isinstance(level, int) and not isinstance(level, (bool, AccuracyLevel)) and level in set(AccuracyLevel):
+        elif is_integer(level) and not isinstance(level, AccuracyLevel) and level in set(AccuracyLevel):
             level = AccuracyLevel(level)
         object.__setattr__(self, "accuracy_level", level)
         if level is not None and not isinstance(level, AccuracyLevel):
