@@ -16,14 +16,15 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt.api._common import (ModelSource, Progress, calibration_source, check_flag, check_path, check_progress,
                                  check_type, comparable_float, issue_warnings, load, logged_warnings, model_source)
+from edgeopt.api._artifact import (check_writable_artifact, report_path, stale_weights, write_quantized,
+                                   written_files)
 from edgeopt.api._quantize_warnings import (blocks_c, clipping_ranges, loose_goal, low_fidelity, mcu_float_warning,
                                             mcu_lowering_refusal, relu6_warning)
 from edgeopt.api._terms import python_terms
 from edgeopt.data import ImagePreprocess, batch_rows
 from edgeopt.errors import ConfigError, DataError, EdgeoptError, Interrupted, OutputError
-from edgeopt.io import (FILE_BYTES_KEY, atomic_write_files, check_writable, external_data_path, model_file_bytes,
-                        model_file_contents, model_files)
-from edgeopt.metrics import count_of, json_text
+from edgeopt.io import FILE_BYTES_KEY, external_data_path, model_file_bytes, model_file_contents, model_files
+from edgeopt.metrics import count_of
 from edgeopt.quant.accuracy import FIDELITY_SAMPLES, AccuracyGoal, AccuracySearch, accuracy_aware_quantize
 from edgeopt.quant.compare import CompareResult
 from edgeopt.quant.registry import Batch, QuantResult
@@ -73,7 +74,7 @@ class QuantizeReport:
         annotations, its weights beside it past 2 GB) with its numbers in the report file beside it;
         returns the report naming that output."""
         check_path(path, "path", optional=False)
-        _check_writable_artifact(path)
+        check_writable_artifact(path)
         saved = dataclasses.replace(self, output=Path(path))
         write_quantized(saved, written_files(self.model, path))
         return saved
@@ -307,7 +308,7 @@ def _quantize(model: ModelSource, config: object, data, *, output, preprocess, m
         if owned:
             loaded = None
     written = written_files(result.model, output if output is not None else "model.onnx")
-    warnings = _result_warnings(config, result, search, source) + _stale_weights(output, written)
+    warnings = _result_warnings(config, result, search, source) + stale_weights(output, written)
     checks = _Checks(model=model, loaded=loaded, data=data, eval_data=held_out, preprocess=preprocess,
                      max_samples=max_samples, fidelity=check_fidelity, speed=check_speed,
                      fitted=getattr(config, "fits_data", True), unread=source is not None and source.count == 0)
@@ -425,7 +426,7 @@ def _check_request(model: ModelSource, config: object, data, *, output, preproce
     """What can be refused before the model is read: where the output goes, options without --data,
     and data that can be read only once for work that reads it again."""
     if output is not None:  # first: before the data and the model are looked at
-        _check_writable_artifact(output)
+        check_writable_artifact(output)
     _check_output_outside_data(data, output)
     overwritten = _overwrites_input(model, output)
     if overwritten is not None:
@@ -544,44 +545,6 @@ def _float_bytes(model: ModelSource, loaded: ir.Model) -> int:
     if isinstance(model, ir.Model):
         return sum(len(data) for _, data in model_file_contents(model, "model.onnx"))
     return loaded.meta.get(FILE_BYTES_KEY) or model_file_bytes(model)
-
-
-def _stale_weights(output: str | os.PathLike | None, written: list[tuple[Path, bytes | bytearray]]) -> list[str]:
-    """A warning when a weights file an earlier, larger model left at ``OUT.onnx.data`` stays beside an
-    ``OUT.onnx`` now written whole, which does not read it (it is not edgeopt's to delete)."""
-    stale = external_data_path(output) if output is not None else None
-    if stale is None or not stale.exists() or any(path == stale for path, _ in written):
-        return []
-    return [f"{stale} is left from an earlier model: {Path(output).name} is written whole and does not read it "
-            "(delete it, or write elsewhere)"]
-
-
-def written_files(model: ir.Model, output: str | os.PathLike) -> list[tuple[Path, bytes | bytearray]]:
-    """The files of a quantized model at ``output``: without inferable annotations and exporters' debugging
-    notes (size only); past 2 GB the weights go beside the .onnx."""
-    return model_file_contents(model, output, value_info=False, exporter_metadata=False)
-
-
-def write_quantized(report: QuantizeReport, written: list[tuple[Path, bytes | bytearray]]) -> None:
-    """The model's files and its report at ``report.output``: the artifact ships with its measured numbers,
-    all its files replaced, or none."""
-    atomic_write_files([*written, (report_path(report.output), json_text(report.to_dict()).encode())])
-
-
-def _check_writable_artifact(output: str | os.PathLike) -> None:
-    """OutputError unless the model's file, its report and its weights file (written past 2 GB) can all go
-    at ``output``."""
-    check_writable(output)  # first: a folder (-o .) has no name to derive the other two's from
-    check_writable(report_path(output))
-    check_writable(external_data_path(output))
-
-
-def report_path(output: str | os.PathLike) -> Path:
-    """Where the numbers of a quantized model go: ``model.int8.onnx`` -> ``model.int8.report.json``; a name
-    not ending in ``.onnx`` keeps its whole name (``m.int8`` -> ``m.int8.report.json``: ``m.fp16``'s differs)."""
-    path = Path(output)
-    stem = path.stem if path.suffix.lower() == ".onnx" else path.name
-    return path.with_name(f"{stem}.report.json")
 
 
 def _fidelity(float_model: ir.Model, quant_model: ir.Model, data, preprocess,
