@@ -125,10 +125,10 @@ def test_quantize_writes_the_model_its_external_data_and_its_report_together(tmp
     import edgeopt
     from edgeopt.io import model_file_contents
 
-    api_quantize = importlib.import_module("edgeopt.api.quantize")  # (edgeopt.api.quantize is also the function)
+    artifact = importlib.import_module("edgeopt.api._artifact")  # where quantize's files are made
     from tests.quant.int8_models import GraphBuilder, batches
 
-    monkeypatch.setattr(api_quantize, "model_file_contents", functools.partial(model_file_contents, limit_bytes=2048))
+    monkeypatch.setattr(artifact, "model_file_contents", functools.partial(model_file_contents, limit_bytes=2048))
     g = GraphBuilder(seed=2)
     model = g.model([g.conv(g.node("Relu", [g.conv("x", 3, 32, "c1")], "r"), 32, 16, "c2")], (1, 3, 8, 8))
     out = tmp_path / "q.onnx"
