@@ -1,8 +1,9 @@
-"""How edgeopt rounds int8 weights: to nearest (the default), GPTQ (``--gptq``) or AdaRound (``--adaround``).
+"""How edgeopt rounds int8 weights: to nearest (``--no-depthwise-gptq``), the depthwise layers by GPTQ
+(the default), every layer by GPTQ (``--gptq``) or by AdaRound (``--adaround``).
 
 The models, calibration samples and evaluation sets of ``quantize_vs_ort.py``
 (its cached trained exports and its untrained 224x224 CNNs, same seed), each
-quantized three times with edgeopt's default settings otherwise (percentile
+quantized once per setting with edgeopt's default settings otherwise (percentile
 calibration, bias correction, per-channel int8 weights, uint8 activations):
 
 * output SQNR (dB) and top-1 agreement with the float model on the larger
@@ -45,7 +46,8 @@ from quantize_vs_ort import (  # noqa: E402
 
 import edgeopt  # noqa: E402
 
-SETTINGS = {"nearest": {}, "gptq": {"gptq": True}, "adaround": {"adaround": True}}
+SETTINGS = {"nearest": {"depthwise_gptq": False}, "depthwise": {}, "gptq": {"gptq": True},
+            "adaround": {"adaround": True}}
 
 
 def _outputs(path: pathlib.Path, case) -> np.ndarray:
@@ -99,7 +101,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="edgeopt-rounding-") as folder:
         for name in args.models.split(","):
             rows += measure(name, args.settings.split(","), pathlib.Path(folder), args.calib_samples, args.seed)
-    lines = ["## `benchmarks/rounding.py`: int8 weight rounding, nearest vs GPTQ vs AdaRound", "",
+    lines = ["## `benchmarks/rounding.py`: int8 weight rounding, nearest vs depthwise GPTQ vs GPTQ vs AdaRound", "",
              *markdown_table(["model", "rounding", "SQNR dB", "agree %", "drop pts", "quantize s", "peak RSS MB"],
                              rows, right=[False, False, True, True, True, True, True]),
              "", *environment_markdown(env)]

@@ -313,6 +313,10 @@ def quantize(
                                                       "--data: K x K float64 per layer input, 128 MiB at K = "
                                                       "4096, at most 1 GiB at a time; more takes more passes "
                                                       "over the data).")] = False,
+    depthwise_gptq: Annotated[bool, typer.Option(
+        "--depthwise-gptq/--no-depthwise-gptq",
+        help="Round the depthwise convolutions' weights by GPTQ, from their input correlations gathered in "
+             "the calibration pass (--gptq and --adaround round them with every other layer).")] = True,
     smoothquant: Annotated[Optional[float], typer.Option("--smoothquant", metavar="ALPHA",
                                                          help="Migrate activation outliers of MatMul/Gemm inputs "
                                                               "into the weights (transformers), e.g. 0.5.")] = None,
@@ -355,8 +359,8 @@ def quantize(
     from edgeopt.quant.accuracy import AccuracyGoal
 
     algorithms = Int8Algorithms(equalize=equalize, equalize_relu6=equalize_relu6, bias_correct=bias_correct,
-                                 adaround=adaround, gptq=gptq, smoothquant_alpha=smoothquant, fallback=fallback,
-                                 embeddings=embeddings)
+                                 adaround=adaround, gptq=gptq, depthwise_gptq=depthwise_gptq,
+                                 smoothquant_alpha=smoothquant, fallback=fallback, embeddings=embeddings)
     config = quant_config(scheme, target, calibration, per_tensor, tuple(exclude or ()), block_size, algorithms)
     goal = None
     if max_drop is not None or min_sqnr is not None:

@@ -59,6 +59,7 @@ class Int8Algorithms:
     adaround: bool
     gptq: bool
     smoothquant_alpha: float | None
+    depthwise_gptq: bool = True
     fallback: FallbackChoice = FallbackChoice.float
     embeddings: EmbeddingsChoice | None = None  # int4-weight's; None: its default
 
@@ -78,7 +79,8 @@ def quant_config(scheme: Scheme, target: TargetChoice, calibration: CalibrationC
             activation_format=quant.format_named("uint8") if scheme is Scheme.uint8 else None, exclude=exclude,
             equalize=algorithms.equalize or algorithms.equalize_relu6, equalize_relu6=algorithms.equalize_relu6,
             bias_correct=algorithms.bias_correct, adaround=algorithms.adaround, gptq=algorithms.gptq,
-            smoothquant_alpha=algorithms.smoothquant_alpha, fallback=algorithms.fallback.value)
+            depthwise_gptq=algorithms.depthwise_gptq, smoothquant_alpha=algorithms.smoothquant_alpha,
+            fallback=algorithms.fallback.value)
     if scheme is Scheme.int8_dynamic:
         from edgeopt.quant.dynamic import DynamicInt8Config
 
@@ -117,6 +119,7 @@ def _refuse_options_of_other_schemes(scheme: Scheme, target: TargetChoice, calib
         "--target": target is not TargetChoice.ort, "--calibration": calibration is not CalibrationChoice.percentile,
         "--per-tensor": per_tensor and not dynamic, "--equalize": algorithms.equalize,
         "--equalize-relu6": algorithms.equalize_relu6, "--no-bias-correct": not algorithms.bias_correct,
+        "--no-depthwise-gptq": not algorithms.depthwise_gptq,
         "--adaround": algorithms.adaround, "--smoothquant": algorithms.smoothquant_alpha is not None and not dynamic,
     } if not int8 else {}
     if scheme is not Scheme.int4_weight:

@@ -59,6 +59,8 @@ __all__ = [
     "adaround_layer",
     "adaround_model",
     "adaround_weights",
+    "conv_geometry",
+    "quantized_weight_axis",
 ]
 
 logger = logging.getLogger(__name__)
@@ -115,7 +117,7 @@ def _conv_attributes(node: ir.Node, rank: int) -> tuple[list[int], list[int], li
             node.attributes.get_string("auto_pad", "NOTSET"))
 
 
-def _conv_geometry(node: ir.Node, weight: np.ndarray, spatial: tuple[int, ...]) -> tuple[list[int], ...]:
+def conv_geometry(node: ir.Node, weight: np.ndarray, spatial: tuple[int, ...]) -> tuple[list[int], ...]:
     """``(pads [top, left, bottom, right], strides, dilations, output size)`` of a 2-D Conv; of a 1-D
     Conv (weight ``[M, C/g, k]``, ``spatial`` ``(L,)``) those of the 2-D Conv it equals: kernel ``1 x k``
     over an input of height 1."""
@@ -139,7 +141,7 @@ def _conv_geometry(node: ir.Node, weight: np.ndarray, spatial: tuple[int, ...]) 
 
 
 def _conv_patches(node: ir.Node, weight: np.ndarray, batch: np.ndarray, reservoir: _Reservoir) -> None:
-    pads, strides, dilations, (height, width) = _conv_geometry(node, weight, batch.shape[2:])
+    pads, strides, dilations, (height, width) = conv_geometry(node, weight, batch.shape[2:])
     if weight.ndim == 3:  # a 1-D Conv's [N, C, L] input as [N, C, 1, L], its kernel as 1 x k
         batch, weight = batch[:, :, None, :], weight[:, :, None, :]
     candidates, slots = reservoir.choose(batch.shape[0] * height * width)
@@ -299,7 +301,8 @@ class AdaRoundResult:
 
         def quantize_weight(weight: np.ndarray, node: ir.Node) -> np.ndarray:
             name = node.inputs[1].name
-            if name not in self.weights or _weight_axis(node, weight.ndim, self.granularity) != self.axes[name]:
+            axis = quantized_weight_axis(node, weight.ndim, self.granularity)
+            if name not in self.weights or axis != self.axes[name]:
                 return nearest(weight, node)
             return dequantize(self.weights[name], self.scales[name], 0, axis=self.axes[name])
 
@@ -333,7 +336,8 @@ def _output_mse(matrices: np.ndarray, samples: np.ndarray, quantized: np.ndarray
     return float(np.mean(error**2))
 
 
-def _weight_axis(node: ir.Node, rank: int, granularity: PerTensor | PerChannel) -> int | None:
+def quantized_weight_axis(node: ir.Node, rank: int, granularity: PerTensor | PerChannel) -> int | None:
+    """The axis of ``node``'s weight (of rank ``rank``) that the QDQ builder gives its scales (None: one scale)."""
     if not isinstance(granularity, PerChannel):
         return None
     return granularity.axis if granularity.axis is not None else weight_axis(node, rank)
@@ -342,7 +346,7 @@ def _weight_axis(node: ir.Node, rank: int, granularity: PerTensor | PerChannel) 
 def _round_layer(node: ir.Node, rows: np.ndarray, solve: Solver,
                  granularity: PerTensor | PerChannel) -> tuple[np.ndarray, np.ndarray, int | None, RoundedLayer]:
     weight = eir.constant_array(node.inputs[1])
-    axis = _weight_axis(node, weight.ndim, granularity)
+    axis = quantized_weight_axis(node, weight.ndim, granularity)
     nearest, scale, _ = quantize_per_channel(weight, axis)
     matrices = _weight_matrices(node, weight.astype(np.float64))
     samples = _sample_matrices(node, rows.astype(np.float64))

@@ -5,16 +5,17 @@ with one more node excluded. Everything its calibration passes measure is a
 statistic of one tensor of the *float* model: min/max and histograms, the
 channel means bias correction reads, the channel maxima of SmoothQuant, the
 input rows AdaRound samples (each layer's reservoir seeded by the layer's
-name). None depends on which other tensors a pass observes, and the float
-model after the float passes is the same in every round. So a round that
+name), the tap correlations of the depthwise layers. None depends on which
+other tensors a pass observes, and the float model after the float passes is
+the same in every round. So a round that
 needs no tensor, channel mean or AdaRound layer beyond what an earlier pass
 saw is answered from that pass, and gets what a fresh pass would give, bytes
 included, without reading the data again. A round needing more (a node put
 back in int8 whose input was never observed) runs a fresh pass, which is
 kept in place of the last.
 
-AdaRound's learned rounding is kept too: each layer's is learned from its own
-samples and weight alone, so a round whose layers all had theirs learned
+The learned rounding (AdaRound's, GPTQ's) is kept too: each layer's is learned
+from its own samples and weight alone, so a round whose layers all had theirs learned
 before reads them from here (unless a weight is shared between layers, where
 which layer learns it depends on which others are there).
 """
@@ -30,6 +31,7 @@ import numpy as np
 from edgeopt.quant.adaround import SHARED_WEIGHT, AdaRoundResult, LayerInputSampler
 from edgeopt.quant.calibrate import CalibrationResult
 from edgeopt.quant.channel_stats import ChannelMeanHook
+from edgeopt.quant.depthwise_rounding import DepthwiseCorrelationHook
 
 __all__ = ["CalibrationMemo"]
 
@@ -41,7 +43,7 @@ class CalibrationMemo:
 
     calibration: CalibrationResult | None = None
     means: ChannelMeanHook | None = None
-    sampler: LayerInputSampler | None = None
+    sampler: LayerInputSampler | DepthwiseCorrelationHook | None = None
     channel_abs_max: dict[str, np.ndarray] | None = None  # SmoothQuant's, measured before calibration
     relu6_change_db: float | None = None  # --equalize-relu6's change of the float model
     rounding: AdaRoundResult | None = None  # AdaRound's, for the layers in _rounded
@@ -51,20 +53,21 @@ class CalibrationMemo:
     _rounded: frozenset[str] = field(default=frozenset(), repr=False)
 
     def answer(self, tensors: Sequence[str], means: ChannelMeanHook | None,
-               sampler: LayerInputSampler | None) -> CalibrationResult | None:
+               sampler: LayerInputSampler | DepthwiseCorrelationHook | None) -> CalibrationResult | None:
         """The calibration of ``tensors`` from the last pass, or None when it saw too little: a tensor,
         a channel mean (on the same axis) or an AdaRound layer that ``means``/``sampler`` want."""
         if self.calibration is None or not self._tensors.issuperset(tensors):
             return None
         if means is not None and (self.means is None or not self.means.tensors.items() >= means.tensors.items()):
             return None
-        if sampler is not None and (self.sampler is None or not self.sampler.layers >= sampler.layers):
+        if sampler is not None and (type(self.sampler) is not type(sampler)
+                                    or not self.sampler.layers >= sampler.layers):
             return None
         self.reused += 1
         return self.calibration.restricted(tensors)
 
     def keep(self, calibration: CalibrationResult, means: ChannelMeanHook | None,
-             sampler: LayerInputSampler | None) -> None:
+             sampler: LayerInputSampler | DepthwiseCorrelationHook | None) -> None:
         """Remember a fresh pass (and the hooks that ran in it) in place of the last."""
         self.calibration, self.means, self.sampler = calibration, means, sampler
         self._tensors = frozenset(calibration.tensors)

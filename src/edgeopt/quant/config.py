@@ -205,7 +205,9 @@ class Int8Config:
     (it helps some depthwise nets, costs others), AdaRound costs 20-50x the
     time for a few tenths of a dB, so both are opt-in; GPTQ reaches AdaRound's
     figures at 1.5-3.4x the default's time (``benchmarks/rounding.py``) and is opt-in as well (at most one
-    of the two). ``equalize_relu6``
+    of the two). ``depthwise_gptq`` (on by default) rounds the depthwise convolutions alone by GPTQ, from
+    statistics of the calibration pass (:mod:`edgeopt.quant.depthwise_rounding`); ``gptq`` and
+    ``adaround`` round them with the rest. ``equalize_relu6``
     (with ``equalize``) equalizes through ReLU6 too by turning each such
     ReLU6 into a ReLU (Nagel et al.'s recipe for MobileNetV2; it changes the
     float model wherever a pre-activation exceeded 6, and is reported).
@@ -236,6 +238,7 @@ class Int8Config:
     bias_correct: bool = True
     adaround: bool = False
     gptq: bool = False
+    depthwise_gptq: bool = True
     smoothquant_alpha: float | None = None
     quantize_outputs: bool | None = None
     fallback: Fallback = Fallback.FLOAT
@@ -247,7 +250,7 @@ class Int8Config:
         if self.quantize_outputs is not None and not isinstance(self.quantize_outputs, bool):
             raise ConfigError(f"quantize_outputs must be True, False or None (from the target), "
                               f"got {self.quantize_outputs!r}")
-        require_bools(self, "equalize", "equalize_relu6", "bias_correct", "adaround", "gptq")
+        require_bools(self, "equalize", "equalize_relu6", "bias_correct", "adaround", "gptq", "depthwise_gptq")
         if self.adaround and self.gptq:
             raise ConfigError("adaround and gptq (--adaround, --gptq) are two ways of rounding the weights: pick one")
         if self.equalize_relu6 and not self.equalize:

@@ -39,8 +39,8 @@ import numpy as np
 from edgeopt.quant.adaround_solver import channel_scales, check_layout
 from edgeopt.quant.formats import INT8_SYMMETRIC
 
-__all__ = ["BLOCK", "DAMPING", "gptq_factor", "gptq_layer", "inverse_factor", "output_error", "shrunk_gram",
-           "sweep"]
+__all__ = ["BLOCK", "DAMPING", "gptq_factor", "gptq_from_gram", "gptq_layer", "inverse_factor", "output_error",
+           "shrunk_gram", "sweep"]
 
 #: Inputs rounded between two matrix-product updates of the rest.
 BLOCK = 128
@@ -134,11 +134,18 @@ def gptq_layer(weight: np.ndarray, inputs: np.ndarray, scale, *, damping: float 
     steps = grouped.astype(np.float64) / channel_scales(scale, grouped)[..., None]
     samples = samples.astype(np.float64)
     gram = samples.transpose(0, 2, 1) @ samples / samples.shape[1]
+    return gptq_from_gram(steps, gram, samples.shape[1], damping=damping).reshape(np.shape(weight))
+
+
+def gptq_from_gram(steps: np.ndarray, gram: np.ndarray, rows: int, *, damping: float = DAMPING) -> np.ndarray:
+    """Int8 ``[G, N, K]`` for ``steps[G, N, K]`` (weights over their scales), rounded by GPTQ on the input
+    correlations ``gram[G, K, K]``, each a mean over ``rows`` samples; per output channel, whichever of
+    GPTQ's and the nearest rounding has the smaller output error ``e H e^T``."""
     order = np.argsort(-np.einsum("gkk->gk", gram), axis=1, kind="stable")
     ordered_gram = np.take_along_axis(np.take_along_axis(gram, order[:, :, None], 1), order[:, None, :], 2)
     ordered = np.take_along_axis(steps, order[:, None, :], 2)
-    ints = np.take_along_axis(sweep(ordered, gptq_factor(ordered_gram, samples.shape[1], damping)),
+    ints = np.take_along_axis(sweep(ordered, gptq_factor(ordered_gram, rows, damping)),
                               np.argsort(order, axis=1)[:, None, :], 2)
     nearest = np.clip(np.rint(steps), _QMIN, _QMAX)
     keep_nearest = output_error(steps - nearest, gram) <= output_error(steps - ints, gram)
-    return np.where(keep_nearest[..., None], nearest, ints).astype(np.int8).reshape(np.shape(weight))
+    return np.where(keep_nearest[..., None], nearest, ints).astype(np.int8)

@@ -32,13 +32,14 @@ from edgeopt import ir as eir
 from edgeopt.data.base import reads_again
 from edgeopt.errors import ModelError
 from edgeopt.metrics import count_of
-from edgeopt.quant.adaround import AdaRoundConfig, LayerInputSampler, adaround_weights
+from edgeopt.quant.adaround import AdaRoundConfig, AdaRoundResult, LayerInputSampler, adaround_weights
 from edgeopt.quant.adaround_solver import backend_used
 from edgeopt.quant.bias_correction import ChannelMeanHook, correct_biases, correction_inputs, round_to_nearest
 from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.calibration_memo import CalibrationMemo
 from edgeopt.quant.config import (CalibrationConfig, CalibrationMethod, Fallback, Int8Config, PerTensor, Target,
                                   is_excluded)
+from edgeopt.quant.depthwise_rounding import DepthwiseCorrelationHook, round_depthwise
 from edgeopt.quant.equalize import equalize
 from edgeopt.quant.fallback import fp16_fallback
 from edgeopt.quant.gptq import gptq_layer
@@ -226,9 +227,14 @@ class _AccuracyHooks:
         self.quantized_layers = frozenset(use.node for use in plan.weights)
         self.means = (ChannelMeanHook(correction_inputs(model, self.quantized_layers)) if config.bias_correct
                       else None)
-        self.sampler = (LayerInputSampler(model, [use.node for use in plan.weights],
-                                          max_samples=AdaRoundConfig().max_samples)
-                        if config.adaround or config.gptq else None)
+        layers = [use.node for use in plan.weights]
+        # learned rounding of every layer from sampled input rows, or GPTQ of the depthwise layers alone
+        # from their tap correlations; either hook rides the calibration pass
+        if config.adaround or config.gptq:
+            self.sampler = LayerInputSampler(model, layers, max_samples=AdaRoundConfig().max_samples)
+        else:
+            depthwise = DepthwiseCorrelationHook(model, layers) if config.depthwise_gptq else None
+            self.sampler = depthwise if depthwise is not None and depthwise.layers else None
         self.hooks = [h for h in (self.means, self.sampler) if h is not None]
         self.tensors = [t for h in self.hooks for t in h.tensors]
         self.replan = config.bias_correct  # bias correction may give a bias-less Conv a bias input
@@ -249,25 +255,38 @@ class _AccuracyHooks:
             memo.keep(calibration, self.means, self.sampler)
         return calibration
 
+    def _round(self, model: ir.Model, samples: Mapping) -> AdaRoundResult:
+        """The learned rounding of the layers in ``samples`` (what the sampler gathered for each)."""
+        if isinstance(self.sampler, DepthwiseCorrelationHook):
+            return round_depthwise(model, samples, self.config.weight_granularity)
+        return adaround_weights(model, samples, config=AdaRoundConfig(), granularity=self.config.weight_granularity,
+                                solver=gptq_layer if self.config.gptq else None)
+
+    def _rounding_note(self, result: AdaRoundResult, skipped) -> str:
+        if isinstance(self.sampler, DepthwiseCorrelationHook):
+            improved = sum(layer.mse_learned < layer.mse_nearest for layer in result.layers)
+            return (f"depthwise convolutions rounded by GPTQ: {count_of(len(result.weights), 'weight', 'weights')}, "
+                    f"{improved} with less output error than the nearest rounding, "
+                    f"{count_of(len(skipped), 'layer', 'layers')} skipped")
+        backend = backend_used(AdaRoundConfig().backend).value
+        method = ("GPTQ rounding" if self.config.gptq else
+                  f"AdaRound ({backend} backend; the torch and numpy backends round a few weights differently)")
+        return (f"{method}: {count_of(len(result.weights), 'weight', 'weights')} learned, "
+                f"{count_of(len(skipped), 'layer', 'layers')} skipped")
+
     def apply(self, model: ir.Model, memo: CalibrationMemo | None = None) -> tuple[dict, list[str]]:
         notes, rounded, quantizer = [], {}, round_to_nearest(self.config.weight_granularity)
         if self.sampler is not None:
             samples = {name: rows for name, rows in self._samples_seen.result().items() if name in self.sampler.layers}
             result = memo.learned_rounding(frozenset(samples)) if memo is not None else None
             if result is None:
-                result = adaround_weights(model, samples, config=AdaRoundConfig(),
-                                          granularity=self.config.weight_granularity,
-                                          solver=gptq_layer if self.config.gptq else None)
+                result = self._round(model, samples)
                 if memo is not None:
                     memo.keep_rounding(frozenset(samples), result)
             rounded, quantizer = result.rounded_weights(), result.weight_quantizer()
-            backend = backend_used(AdaRoundConfig().backend).value
-            method = ("GPTQ rounding" if self.config.gptq else
-                      f"AdaRound ({backend} backend; the torch and numpy backends round a few weights differently)")
             # the layers the sampler refused (a 1-D convolution) are left to nearest rounding as well
-            skipped = (*self.sampler.skipped, *result.skipped)
-            notes.append(f"{method}: {count_of(len(result.weights), 'weight', 'weights')} learned, "
-                         f"{count_of(len(skipped), 'layer', 'layers')} skipped")
+            skipped = (*getattr(self.sampler, "skipped", ()), *result.skipped)
+            notes.append(self._rounding_note(result, skipped))
             notes += _first_skips([f"not rounded: {name}: {reason}" for name, reason in skipped])
         if self.means is not None:
             means = {name: mean for name, mean in self._means_seen.result().items() if name in self.means.tensors}

@@ -1,0 +1,216 @@
+"""GPTQ rounding of depthwise convolutions by default, from tap correlations summed in the calibration pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import helper, numpy_helper
+
+import edgeopt
+from edgeopt.errors import ConfigError
+from edgeopt.passes import optimize_for_quantization
+from edgeopt.quant.adaround import conv_geometry
+from edgeopt.quant.depthwise_rounding import (POSITIONS, DepthwiseCorrelationHook, DepthwiseInputs, is_depthwise,
+                                              round_depthwise)
+from edgeopt.quant.gptq import output_error
+from edgeopt.quant.primitives import quantize_per_channel
+from tests.models import depthwise_separable_spread
+from tests.passes._helpers import export_torch, make_model
+
+
+def _depthwise(channels: int, spatial: list[int], kernel: list[int], *, multiplier: int = 1, seed: int = 0,
+               **attributes) -> ir.Model:
+    weight = np.random.default_rng(seed).standard_normal((channels * multiplier, 1, *kernel)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="dw", group=channels, **attributes)
+    pads, strides, _, size = conv_geometry(ir.from_proto(node), weight, tuple(spatial))
+    return make_model([node], [("x", [1, channels, *spatial])], [("y", [1, channels * multiplier, *size])],
+                      [numpy_helper.from_array(weight, "w")])
+
+
+def _im2col_gram(samples: np.ndarray, kernel, strides, pads, dilations) -> tuple[np.ndarray, int]:
+    """Sum over every sample and output position of ``t t^T`` per channel, ``t`` the taps: written out."""
+    padded = np.pad(samples.astype(np.float64), ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    span = [(kernel[a] - 1) * dilations[a] + 1 for a in range(2)]
+    out = [(padded.shape[2 + a] - span[a]) // strides[a] + 1 for a in range(2)]
+    gram, rows = np.zeros((samples.shape[1], kernel[0] * kernel[1], kernel[0] * kernel[1])), 0
+    for image in padded:
+        for y in range(out[0]):
+            for x in range(out[1]):
+                window = image[:, y * strides[0]:y * strides[0] + span[0]:dilations[0],
+                               x * strides[1]:x * strides[1] + span[1]:dilations[1]].reshape(image.shape[0], -1)
+                gram += window[:, :, None] * window[:, None, :]
+                rows += 1
+    return gram, rows
+
+
+def _fed(hook: DepthwiseCorrelationHook, samples: np.ndarray, batch: int) -> dict[str, DepthwiseInputs]:
+    for start in range(0, len(samples), batch):
+        hook.update({"x": samples[start:start + batch]}, {})
+    return hook.result()
+
+
+@pytest.mark.parametrize(("spatial", "kernel", "attributes"), [
+    ([4, 4], [3, 3], {"pads": [1, 1, 1, 1], "strides": [2, 2]}),  # 2 x 2 outputs, padding on every side
+    ([5, 5], [3, 3], {"dilations": [2, 2], "pads": [1, 0, 0, 1]}),  # 2 x 2 outputs, dilated, uneven padding
+    ([3, 4], [2, 2], {"auto_pad": "SAME_UPPER", "strides": [2, 2]}),  # 2 x 2
+])
+def test_every_tap_of_a_small_feature_map_is_summed_as_im2col_gives_it(spatial, kernel, attributes):
+    model = _depthwise(3, spatial, kernel, **attributes)
+    samples = np.random.default_rng(1).standard_normal((5, 3, *spatial)).astype(np.float32)
+    seen = _fed(DepthwiseCorrelationHook(model, ["dw"]), samples, batch=2)["dw"]
+    pads, strides, dilations, _ = conv_geometry(next(iter(model.graph)), np.zeros((3, 1, *kernel)), tuple(spatial))
+    for fold, picked in enumerate((samples[0::2], samples[1::2])):
+        gram, rows = _im2col_gram(picked, kernel, strides, pads, dilations)
+        assert seen.rows[fold] == rows
+        np.testing.assert_allclose(seen.folds[fold], gram / rows, rtol=1e-6, atol=1e-9)
+
+
+def test_a_1d_depthwise_conv_is_summed_as_a_1_by_k_one():
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="dw", group=2, pads=[1, 1])
+    weight = np.ones((2, 1, 3), np.float32)
+    model = make_model([node], [("x", [1, 2, 6])], [("y", [1, 2, 6])], [numpy_helper.from_array(weight, "w")])
+    samples = np.random.default_rng(2).standard_normal((4, 2, 6)).astype(np.float32)
+    seen = _fed(DepthwiseCorrelationHook(model, ["dw"]), samples, batch=4)["dw"]
+    gram, rows = _im2col_gram(samples[0::2, :, None, :], [1, 3], [1, 1], [0, 1, 0, 1], [1, 1])
+    assert seen.rows == (rows, rows) and rows == 2 * POSITIONS - 4  # 6 positions a sample: all of them
+    np.testing.assert_allclose(seen.folds[0], gram / rows, rtol=1e-6)
+
+
+def test_a_large_feature_map_gives_the_same_positions_whatever_the_batching():
+    model = _depthwise(4, [16, 16], [3, 3], pads=[1, 1, 1, 1])
+    samples = np.random.default_rng(3).standard_normal((11, 4, 16, 16)).astype(np.float32)
+    one, grouped = (_fed(DepthwiseCorrelationHook(model, ["dw"]), samples, batch)["dw"] for batch in (1, 7))
+    assert one.rows == grouped.rows == (6 * POSITIONS, 5 * POSITIONS)  # POSITIONS of the 256 positions a sample
+    np.testing.assert_allclose(one.folds, grouped.folds, rtol=1e-12)
+    # successive samples take other positions: all 256 over 32 samples (8 interleaved grids of 8)
+    hook = DepthwiseCorrelationHook(model, ["dw"])
+    index = {tuple(hook._taps("dw", next(iter(model.graph)), (16, 16), phase)[0][:, 4]) for phase in range(8)}
+    assert len(index) == 8
+
+
+def test_positions_holding_nan_are_left_out_of_their_channel():
+    model = _depthwise(2, [2, 2], [1, 2])
+    samples = np.random.default_rng(4).standard_normal((4, 2, 2, 2)).astype(np.float32)
+    poisoned = samples.copy()
+    poisoned[2, 1, 0, 0] = np.nan  # channel 1 of sample 2 (fold 0), one of its 2 x 1 positions
+    clean, seen = (_fed(DepthwiseCorrelationHook(model, ["dw"]), data, batch=4)["dw"] for data in (samples, poisoned))
+    assert np.isfinite(seen.folds).all() and seen.rows == (3, 4)  # the fewest of any channel
+    assert np.allclose(seen.folds[1], clean.folds[1]) and np.allclose(seen.folds[0, 0], clean.folds[0, 0])
+
+
+def test_only_depthwise_convolutions_are_covered():
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="first", pads=[1, 1, 1, 1]),  # one input channel
+             helper.make_node("Conv", ["a", "w2"], ["b"], name="dw", group=4, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["b", "w3"], ["c"], name="pointwise"),
+             helper.make_node("Conv", ["c", "w4"], ["y"], name="dw1x1", group=4)]
+    rng = np.random.default_rng(5)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name) for name, shape in
+               (("w1", (4, 1, 3, 3)), ("w2", (4, 1, 3, 3)), ("w3", (4, 4, 1, 1)), ("w4", (4, 1, 1, 1)))]
+    model = make_model(nodes, [("x", [1, 1, 6, 6])], [("y", [1, 4, 6, 6])], weights)
+    assert [node.name for node in model.graph if is_depthwise(node)] == ["dw"]
+    assert DepthwiseCorrelationHook(model, [node.name for node in model.graph]).tensors == ("a",)
+
+
+def _smooth(count: int, channels: int, size: int, seed: int) -> np.ndarray:
+    """Spatially correlated inputs (a 3x3 box blur of noise), the case where GPTQ's error feedback pays."""
+    noise = np.random.default_rng(seed).standard_normal((count, channels, size + 2, size + 2))
+    return sum(noise[:, :, dy:dy + size, dx:dx + size] for dy in range(3) for dx in range(3)).astype(np.float32)
+
+
+def test_the_rounding_has_less_output_error_on_unseen_inputs_than_the_nearest():
+    model = _depthwise(32, [12, 12], [3, 3], multiplier=2, pads=[1, 1, 1, 1], seed=6)
+    fitted = _fed(DepthwiseCorrelationHook(model, ["dw"]), _smooth(64, 32, 12, seed=7), batch=16)
+    held_out = _fed(DepthwiseCorrelationHook(model, ["dw"]), _smooth(64, 32, 12, seed=8), batch=16)["dw"].gram
+    result = round_depthwise(model, fitted)
+    weight = next(iter(model.graph)).inputs[1].const_value.numpy()
+    nearest, scale, _ = quantize_per_channel(weight, 0)
+    matrices, steps = weight.reshape(32, 2, 9).astype(np.float64), np.asarray(scale, np.float64).reshape(32, 2, 1)
+    error = {name: output_error(matrices - ints.reshape(32, 2, 9) * steps, held_out)
+             for name, ints in (("nearest", nearest), ("gptq", result.weights["w"]))}
+    assert len(result.layers) == 1 and result.layers[0].mse_learned < result.layers[0].mse_nearest
+    assert error["gptq"].sum() < 0.8 * error["nearest"].sum(), {k: v.sum() for k, v in error.items()}
+    assert np.mean(error["gptq"] <= error["nearest"]) > 0.8
+
+
+def test_a_single_calibration_sample_keeps_the_nearest_rounding():
+    """With one sample there is no second fold to check the rounding on, so none is trusted."""
+    model = _depthwise(8, [12, 12], [3, 3], pads=[1, 1, 1, 1])
+    result = round_depthwise(model, _fed(DepthwiseCorrelationHook(model, ["dw"]), _smooth(1, 8, 12, 9), batch=1))
+    nearest, _, _ = quantize_per_channel(next(iter(model.graph)).inputs[1].const_value.numpy(), 0)
+    assert np.array_equal(result.weights["w"], nearest)
+
+
+# --------------------------------------------------------------------------
+# through quantize
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dw_net_path(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("depthwise")
+    model = optimize_for_quantization(export_torch(depthwise_separable_spread(), (1, 3, 16, 16), folder)).model
+    path = folder / "dw.onnx"
+    ir.save(model, path)
+    return path
+
+
+def _depthwise_weights(path) -> dict[str, np.ndarray]:
+    """The dequantized weight of each depthwise Conv of a QDQ model, by node name."""
+    from edgeopt.quant.primitives import dequantize
+
+    model = ir.load(path)
+    weights = {}
+    for node in model.graph:
+        if node.op_type == "Conv" and node.attributes.get_int("group", 1) > 1:
+            dq = node.inputs[1].producer()
+            q, scale = (value.const_value.numpy() for value in dq.inputs[:2])
+            weights[node.name] = dequantize(q, scale, 0, axis=dq.attributes.get_int("axis", 1))
+    return weights
+
+
+def test_quantize_rounds_the_depthwise_layers_by_default_and_their_output_error_falls_on_unseen_inputs(
+        dw_net_path, tmp_path):
+    from edgeopt.runtime.ort import observing_session
+
+    calibration, held_out = _smooth(64, 3, 16, seed=10), _smooth(64, 3, 16, seed=11)
+    paths, notes = {}, {}
+    for name, config in (("default", edgeopt.Int8Config()), ("again", edgeopt.Int8Config()),
+                         ("nearest", edgeopt.Int8Config(depthwise_gptq=False))):
+        paths[name] = tmp_path / f"{name}.onnx"
+        notes[name] = edgeopt.quantize(str(dw_net_path), config, calibration, output=paths[name],
+                                       check_fidelity=False, check_speed=False).result.notes
+    assert any(note.startswith("depthwise convolutions rounded by GPTQ: 2 weights, ") for note in notes["default"])
+    assert not any("rounded by GPTQ" in note for note in notes["nearest"])
+    assert paths["default"].read_bytes() == paths["again"].read_bytes()
+    # each depthwise layer's output error on held-out inputs (their tap correlations, in the float model)
+    model = ir.load(dw_net_path)
+    hook = DepthwiseCorrelationHook(model, [node.name for node in model.graph])
+    session = observing_session(model, list(hook.tensors))
+    for image in held_out:
+        feed = {"input": image[None]}
+        hook.update(feed, session.run(feed, list(hook.tensors)))
+    unseen = hook.result()
+    floats = {node.name: node.inputs[1].const_value.numpy() for node in model.graph if node.name in unseen}
+    rounded = {name: _depthwise_weights(paths[name]) for name in ("default", "nearest")}
+    assert sorted(rounded["default"]) == sorted(unseen) and len(unseen) == 2
+    total = dict.fromkeys(rounded, 0.0)
+    for layer, weight in floats.items():
+        errors = {name: output_error((weight - rounded[name][layer]).reshape(weight.shape[0], 1, -1).astype(
+            np.float64), unseen[layer].gram).sum() for name in rounded}
+        assert not np.array_equal(rounded["default"][layer], rounded["nearest"][layer])
+        assert errors["default"] < errors["nearest"], (layer, errors)
+        total = {name: total[name] + errors[name] for name in total}
+    assert total["default"] < 0.9 * total["nearest"], total  # measured: 0.031 against 0.038
+
+
+def test_gptq_rounds_the_depthwise_layers_with_the_rest(dw_net_path):
+    notes = edgeopt.quantize(str(dw_net_path), edgeopt.Int8Config(gptq=True), _smooth(32, 3, 16, seed=12),
+                             check_fidelity=False, check_speed=False).result.notes
+    assert any(note.startswith("GPTQ rounding: 6 weights learned") for note in notes)
+    assert not any(note.startswith("depthwise convolutions") for note in notes)
+
+
+def test_the_setting_must_be_a_bool():
+    with pytest.raises(ConfigError, match="depthwise_gptq must be True or False"):
+        edgeopt.Int8Config(depthwise_gptq="no")
