@@ -264,10 +264,11 @@ class _AccuracyHooks:
 
     def _rounding_note(self, result: AdaRoundResult, skipped) -> str:
         if isinstance(self.sampler, DepthwiseCorrelationHook):
-            improved = sum(layer.mse_learned < layer.mse_nearest for layer in result.layers)
-            return (f"depthwise convolutions rounded by GPTQ: {count_of(len(result.weights), 'weight', 'weights')}, "
-                    f"{improved} with less output error than the nearest rounding, "
-                    f"{count_of(len(skipped), 'layer', 'layers')} skipped")
+            nearest = sum(layer.mse_nearest for layer in result.layers)
+            change = 100 * (1 - sum(layer.mse_learned for layer in result.layers) / nearest) if nearest > 0 else 0.0
+            return (f"depthwise convolutions rounded by GPTQ: {count_of(len(result.layers), 'layer', 'layers')}, "
+                    f"their output error on the calibration data {change:.0f} % below the nearest rounding's, "
+                    f"{len(skipped)} skipped")
         backend = backend_used(AdaRoundConfig().backend).value
         method = ("GPTQ rounding" if self.config.gptq else
                   f"AdaRound ({backend} backend; the torch and numpy backends round a few weights differently)")
