@@ -1,5 +1,5 @@
-"""How edgeopt rounds int8 weights: to nearest (``--no-depthwise-gptq``), the depthwise layers by GPTQ
-(the default), every layer by GPTQ (``--gptq``) or by AdaRound (``--adaround``).
+"""How edgeopt rounds int8 weights: to nearest (the default), the depthwise layers by GPTQ
+(``--depthwise-gptq``), every layer by GPTQ (``--gptq``) or by AdaRound (``--adaround``).
 
 The models, calibration samples and evaluation sets of ``quantize_vs_ort.py``
 (its cached trained exports and its untrained 224x224 CNNs, same seed), each
@@ -46,7 +46,7 @@ from quantize_vs_ort import (  # noqa: E402
 
 import edgeopt  # noqa: E402
 
-SETTINGS = {"nearest": {"depthwise_gptq": False}, "depthwise": {}, "gptq": {"gptq": True},
+SETTINGS = {"nearest": {}, "depthwise": {"depthwise_gptq": True}, "gptq": {"gptq": True},
             "adaround": {"adaround": True}}
 
 

@@ -85,10 +85,10 @@ def test_a_large_feature_map_gives_the_same_positions_whatever_the_batching():
     one, grouped = (_fed(DepthwiseCorrelationHook(model, ["dw"]), samples, batch)["dw"] for batch in (1, 7))
     assert one.rows == grouped.rows == (6 * POSITIONS, 5 * POSITIONS)  # POSITIONS of the 256 positions a sample
     np.testing.assert_allclose(one.folds, grouped.folds, rtol=1e-12)
-    # successive samples take other positions: all 256 over 32 samples (8 interleaved grids of 8)
-    hook = DepthwiseCorrelationHook(model, ["dw"])
-    index = {tuple(hook._taps("dw", next(iter(model.graph)), (16, 16), phase)[0][:, 4]) for phase in range(8)}
-    assert len(index) == 8
+    # successive samples take other positions: 64 of the 256 over 8 samples (8 interleaved grids of 8)
+    index, _ = DepthwiseCorrelationHook(model, ["dw"])._taps("dw", next(iter(model.graph)), (16, 16))
+    centres = index.reshape(8, POSITIONS, 9)[:, :, 4]
+    assert len(np.unique(centres)) == 8 * POSITIONS
 
 
 def test_positions_holding_nan_are_left_out_of_their_channel():
@@ -171,14 +171,14 @@ def _depthwise_weights(path) -> dict[str, np.ndarray]:
     return weights
 
 
-def test_quantize_rounds_the_depthwise_layers_by_default_and_their_output_error_falls_on_unseen_inputs(
+def test_quantize_rounds_the_depthwise_layers_and_their_output_error_falls_on_unseen_inputs(
         dw_net_path, tmp_path):
     from edgeopt.runtime.ort import observing_session
 
     calibration, held_out = _smooth(64, 3, 16, seed=10), _smooth(64, 3, 16, seed=11)
     paths, notes = {}, {}
-    for name, config in (("default", edgeopt.Int8Config()), ("again", edgeopt.Int8Config()),
-                         ("nearest", edgeopt.Int8Config(depthwise_gptq=False))):
+    for name, config in (("default", edgeopt.Int8Config(depthwise_gptq=True)),
+                         ("again", edgeopt.Int8Config(depthwise_gptq=True)), ("nearest", edgeopt.Int8Config())):
         paths[name] = tmp_path / f"{name}.onnx"
         notes[name] = edgeopt.quantize(str(dw_net_path), config, calibration, output=paths[name],
                                        check_fidelity=False, check_speed=False).result.notes
@@ -215,6 +215,10 @@ def test_gptq_rounds_the_depthwise_layers_with_the_rest(dw_net_path):
     assert not any(note.startswith("depthwise convolutions") for note in notes)
 
 
-def test_the_setting_must_be_a_bool():
+def test_the_setting_must_be_a_bool_and_is_one_way_of_rounding():
     with pytest.raises(ConfigError, match="depthwise_gptq must be True or False"):
         edgeopt.Int8Config(depthwise_gptq="no")
+    for other in ("gptq", "adaround"):
+        with pytest.raises(ConfigError, match=rf"^{other} \(--{other}\) rounds the depthwise convolutions too: "
+                                              r"drop depthwise_gptq \(--depthwise-gptq\)$"):
+            edgeopt.Int8Config(depthwise_gptq=True, **{other: True})

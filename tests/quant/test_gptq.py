@@ -144,7 +144,7 @@ def test_model_weights_rounded_by_gptq_are_more_faithful(dw_net_path):
 def test_quantize_with_gptq_is_more_faithful_and_reproducible(dw_net_path, tmp_path):
     calibration, held_out = _images(32, seed=0), _images(32, seed=1)
     paths = {}
-    for name, config in (("nearest", edgeopt.Int8Config(depthwise_gptq=False)), ("gptq", edgeopt.Int8Config(gptq=True)),
+    for name, config in (("nearest", edgeopt.Int8Config()), ("gptq", edgeopt.Int8Config(gptq=True)),
                          ("again", edgeopt.Int8Config(gptq=True))):
         paths[name] = tmp_path / f"{name}.onnx"
         report = edgeopt.quantize(str(dw_net_path), config, calibration, output=paths[name],

@@ -29,7 +29,7 @@ _PYTHON_NAMES = {
     "--scheme": "the config's type (Int8Config, Fp16Config, ...)", "--target": "target",
     "--exclude": "exclude", "--calibration": "calibration", "--per-tensor": "weight_granularity=PerTensor()",
     "--equalize": "equalize=True", "--equalize-relu6": "equalize_relu6=True", "--adaround": "adaround=True",
-    "--gptq": "gptq=True", "--no-depthwise-gptq": "depthwise_gptq=False", "--no-bias-correct": "bias_correct=False",
+    "--gptq": "gptq=True", "--depthwise-gptq": "depthwise_gptq=True", "--no-bias-correct": "bias_correct=False",
     "--smoothquant": "smoothquant_alpha", "--fallback": "fallback",
     "--embeddings": "embeddings", "--block-size": "PerBlock(size=...)",
     "--max-drop": "AccuracyGoal(max_drop=...)", "--min-sqnr": "AccuracyGoal(min_sqnr_db=...)",

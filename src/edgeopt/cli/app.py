@@ -314,9 +314,9 @@ def quantize(
                                                       "4096, at most 1 GiB at a time; more takes more passes "
                                                       "over the data).")] = False,
     depthwise_gptq: Annotated[bool, typer.Option(
-        "--depthwise-gptq/--no-depthwise-gptq",
-        help="Round the depthwise convolutions' weights by GPTQ, from their input correlations gathered in "
-             "the calibration pass (--gptq and --adaround round them with every other layer).")] = True,
+        "--depthwise-gptq",
+        help="Round the depthwise convolutions' weights alone by GPTQ, from their input correlations "
+             "gathered in the calibration pass (a smaller gain than --gptq's, at little cost).")] = False,
     smoothquant: Annotated[Optional[float], typer.Option("--smoothquant", metavar="ALPHA",
                                                          help="Migrate activation outliers of MatMul/Gemm inputs "
                                                               "into the weights (transformers), e.g. 0.5.")] = None,

@@ -59,7 +59,7 @@ class Int8Algorithms:
     adaround: bool
     gptq: bool
     smoothquant_alpha: float | None
-    depthwise_gptq: bool = True
+    depthwise_gptq: bool = False
     fallback: FallbackChoice = FallbackChoice.float
     embeddings: EmbeddingsChoice | None = None  # int4-weight's; None: its default
 
@@ -119,7 +119,7 @@ def _refuse_options_of_other_schemes(scheme: Scheme, target: TargetChoice, calib
         "--target": target is not TargetChoice.ort, "--calibration": calibration is not CalibrationChoice.percentile,
         "--per-tensor": per_tensor and not dynamic, "--equalize": algorithms.equalize,
         "--equalize-relu6": algorithms.equalize_relu6, "--no-bias-correct": not algorithms.bias_correct,
-        "--no-depthwise-gptq": not algorithms.depthwise_gptq,
+        "--depthwise-gptq": algorithms.depthwise_gptq,
         "--adaround": algorithms.adaround, "--smoothquant": algorithms.smoothquant_alpha is not None and not dynamic,
     } if not int8 else {}
     if scheme is not Scheme.int4_weight:

@@ -50,10 +50,10 @@ DAMPING = 0.01
 _QMIN, _QMAX = INT8_SYMMETRIC.qmin, INT8_SYMMETRIC.qmax
 
 
-def shrunk_gram(gram: np.ndarray, rows: int) -> np.ndarray:
+def shrunk_gram(gram: np.ndarray, rows) -> np.ndarray:
     """``(1 - a) H + a diag(H)`` for each ``H = E[x x^T]`` of ``gram [..., K, K]``, a mean over ``rows``
-    samples: its off-diagonal shrunk toward 0 by ``a``, the share of it that is sampling noise
-    (Ledoit-Wolf shrinkage toward the diagonal, Schafer and Strimmer's "target D"):
+    samples (one count, or one per ``H``): its off-diagonal shrunk toward 0 by ``a``, the share of it that
+    is sampling noise (Ledoit-Wolf shrinkage toward the diagonal, Schafer and Strimmer's "target D"):
     ``a = sum_{k != l} Var(H_kl) / sum_{k != l} H_kl**2`` (at most 1), the variance of a mean of
     ``rows`` products ``x_k x_l`` taken as for Gaussian inputs, ``(H_kk H_ll + H_kl**2) / rows``. Many
     rows, or strongly correlated inputs: about ``H``; few rows of independent inputs: about ``diag(H)``,
@@ -62,7 +62,7 @@ def shrunk_gram(gram: np.ndarray, rows: int) -> np.ndarray:
     diagonal = np.einsum("...kk->...k", gram)
     diagonal_square = np.sum(diagonal * diagonal, axis=-1)
     off_square = np.sum(gram * gram, axis=(-2, -1)) - diagonal_square
-    noise = (np.sum(diagonal, axis=-1) ** 2 - diagonal_square + off_square) / max(rows, 1)
+    noise = (np.sum(diagonal, axis=-1) ** 2 - diagonal_square + off_square) / np.maximum(rows, 1)
     shrink = np.minimum(1.0, noise / np.where(off_square > 0, off_square, 1.0))
     shrink = np.where(off_square > 0, shrink, 1.0)[..., None, None]
     return (1.0 - shrink) * gram + shrink * (diagonal[..., None] * np.eye(gram.shape[-1]))
@@ -93,7 +93,7 @@ def inverse_factor(gram: np.ndarray, damping: float = DAMPING) -> np.ndarray:
             load *= 10.0
 
 
-def gptq_factor(gram: np.ndarray, rows: int, damping: float = DAMPING) -> np.ndarray:
+def gptq_factor(gram: np.ndarray, rows, damping: float = DAMPING) -> np.ndarray:
     """GPTQ's ``U`` for each input correlation of ``gram [G, K, K]`` (a mean over ``rows`` samples):
     shrunk by its sampling noise, dead inputs made solvable, loaded by ``damping``."""
     return inverse_factor(_dead_inputs_solvable(shrunk_gram(gram, rows)), damping)
@@ -137,9 +137,10 @@ def gptq_layer(weight: np.ndarray, inputs: np.ndarray, scale, *, damping: float 
     return gptq_from_gram(steps, gram, samples.shape[1], damping=damping).reshape(np.shape(weight))
 
 
-def gptq_from_gram(steps: np.ndarray, gram: np.ndarray, rows: int, *, damping: float = DAMPING) -> np.ndarray:
+def gptq_from_gram(steps: np.ndarray, gram: np.ndarray, rows, *, damping: float = DAMPING) -> np.ndarray:
     """Int8 ``[G, N, K]`` for ``steps[G, N, K]`` (weights over their scales), rounded by GPTQ on the input
-    correlations ``gram[G, K, K]``, each a mean over ``rows`` samples; per output channel, whichever of
+    correlations ``gram[G, K, K]``, each a mean over ``rows`` samples (one count, or ``[G]``); per output
+    channel, whichever of
     GPTQ's and the nearest rounding has the smaller output error ``e H e^T``."""
     order = np.argsort(-np.einsum("gkk->gk", gram), axis=1, kind="stable")
     ordered_gram = np.take_along_axis(np.take_along_axis(gram, order[:, :, None], 1), order[:, None, :], 2)
