@@ -273,6 +273,9 @@ class RoundedLayer:
     samples: int
     mse_nearest: float
     mse_learned: float
+    #: output channels whose learned rounding differs from the nearest, of ``channels`` (depthwise GPTQ's)
+    channels_learned: int | None = None
+    channels: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

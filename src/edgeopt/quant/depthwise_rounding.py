@@ -10,9 +10,9 @@ convolution (``weight [M, 1, k...]``, ``group > 1``) that is a ``K x K``
 matrix per input channel (``K = k*k`` taps), small enough to gather in the
 calibration pass itself, beside the ranges: :class:`DepthwiseCorrelationHook`
 reads each layer's input batch by batch and sums ``x x^T`` over
-:data:`POSITIONS` output positions of each sample (evenly spaced, on one of
-eight interleaved grids in turn; every position of a smaller feature map),
-the even and the odd samples apart. The samples' count, not the feature
+:data:`POSITIONS` output positions of each sample (one in each band of rows
+and each band of columns, offset from sample to sample; every position of a
+smaller feature map), the even and the odd samples apart. The samples' count, not the feature
 map's size, sets the rows: 200 samples give 1,600 per layer, which GPTQ
 shrinks toward the diagonal by their sampling noise. :func:`round_depthwise`
 rounds each layer's weights from those sums; an output channel keeps the
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+import math
 
 import numpy as np
 import onnx_ir as ir
@@ -55,8 +56,7 @@ POSITIONS = 8
 #: Samples gathered at a time (their taps: 16 x 8 positions x 25 taps x 960 channels, 3 million
 #: values at most in a MobileNet).
 _CHUNK = 16
-#: Sample ``i`` of a large feature map takes the positions ``(j + (i mod 8 + 0.5) / 8) x spacing``:
-#: eight interleaved grids, taken in turn.
+#: Sample ``i`` of a large feature map takes the positions of set ``i mod 8`` (:func:`_positions`).
 _PHASES = 8
 
 
@@ -78,16 +78,39 @@ class DepthwiseInputs:
     """What the calibration pass saw of a depthwise layer's input: per input channel (group), the mean
     ``E[x x^T]`` of the taps one output position reads, over the even and over the odd samples apart
     (``folds``: float64 ``[F, G, K, K]``, ``K`` taps; ``F`` = 2, or 1 when one of them saw nothing),
-    each over ``rows[f]`` positions holding no NaN or infinity (the fewest of any channel)."""
+    each over ``rows[f, g]`` positions holding no NaN or infinity (a channel with none: zeros)."""
 
     folds: np.ndarray
-    rows: tuple[int, ...]
+    rows: np.ndarray
 
     @property
     def gram(self) -> np.ndarray:
         """``E[x x^T]`` over all the samples: ``[G, K, K]``."""
-        weights = np.asarray(self.rows, dtype=np.float64) / sum(self.rows)
-        return np.tensordot(weights, self.folds, axes=1)
+        total = self.rows.sum(axis=0)
+        weights = self.rows / np.maximum(total, 1)
+        return np.einsum("fg,fgkl->gkl", weights, self.folds)
+
+
+def _positions(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns ``[phases, P]`` of the output positions each of the :data:`_PHASES` sets holds: every
+    position when there are at most :data:`POSITIONS`; else a Latin-hypercube sample of the map, one
+    position in each of ``P`` bands of rows and in each of ``P`` bands of columns (band ``j`` of rows
+    with band ``3 j mod P`` of columns), offset within the bands from set to set, so that the sets
+    together cover ``8 P`` rows and columns, the padded borders included. (Positions taken every
+    ``H W / P`` along the flattened map fell in one column when ``H`` was a multiple of ``P``, and the
+    left and right borders were never read.)"""
+    positions = height * width
+    if positions <= POSITIONS:
+        flat = np.broadcast_to(np.arange(positions), (_PHASES, positions))
+        return np.divmod(flat, width)
+    take = POSITIONS
+    step = 3 if math.gcd(3, take) == 1 else 1
+    band = np.arange(take)
+    phase = np.arange(_PHASES)[:, None]
+    rows = (band + (phase + 0.5) / _PHASES) / take
+    cols = ((band * step) % take + ((phase * 5) % _PHASES + 0.5) / _PHASES) / take
+    return (np.minimum(np.floor(rows * height), height - 1).astype(np.int64),
+            np.minimum(np.floor(cols * width), width - 1).astype(np.int64))
 
 
 class DepthwiseCorrelationHook:
@@ -150,7 +173,8 @@ class DepthwiseCorrelationHook:
     def _fold_in(self, name: str, fold: int, taps: np.ndarray) -> None:
         """Add the correlations of ``taps [C, rows, K]`` to the layer's sums of ``fold``."""
         taps = taps.astype(np.float64)
-        gram = taps.transpose(0, 2, 1) @ taps
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf: found below, left out
+            gram = taps.transpose(0, 2, 1) @ taps
         rows = np.full(taps.shape[0], taps.shape[1], dtype=np.int64)
         if not np.isfinite(gram).all():  # a position with a NaN or infinity says nothing of the rounding
             finite = np.isfinite(taps).all(axis=2)
@@ -172,11 +196,7 @@ class DepthwiseCorrelationHook:
             pads, strides, dilations, (out_h, out_w) = conv_geometry(node, weight, spatial)
             height, width = (1, spatial[0]) if weight.ndim == 3 else spatial
             kernel = (1, weight.shape[2]) if weight.ndim == 3 else weight.shape[2:]
-            positions = max(out_h * out_w, 1)
-            take = min(positions, POSITIONS)
-            starts = (np.arange(_PHASES)[:, None] + 0.5) / _PHASES
-            flat = np.floor((np.arange(take) + starts) * (positions / take)).astype(np.int64)  # [phases, P]
-            y, x = np.divmod(np.minimum(flat, positions - 1), max(out_w, 1))
+            y, x = _positions(max(out_h, 1), max(out_w, 1))  # [phases, P] each
             rows_at = y[..., None] * strides[0] - pads[0] + np.arange(kernel[0]) * dilations[0]  # [phases, P, kh]
             cols_at = x[..., None] * strides[1] - pads[1] + np.arange(kernel[1]) * dilations[1]  # [phases, P, kw]
             inside = (((rows_at >= 0) & (rows_at < height))[..., :, None]
@@ -187,14 +207,15 @@ class DepthwiseCorrelationHook:
         return self._tap_cache[key]
 
     def result(self) -> dict[str, DepthwiseInputs]:
-        """The tap correlations by layer (layers never seen, or whose every position held NaN, left out)."""
+        """The tap correlations by layer (layers never seen, or whose every position held NaN, left out;
+        a fold of samples whose every position held NaN too)."""
         results = {}
         for name, sums in self._sums.items():
             rows = self._rows[name]
-            seen = rows.min(axis=1) > 0
+            seen = rows.max(axis=1) > 0
             if seen.any():
-                folds = sums[seen] / rows[seen][:, :, None, None]
-                results[name] = DepthwiseInputs(folds=folds, rows=tuple(int(r) for r in rows[seen].min(axis=1)))
+                folds = sums[seen] / np.maximum(rows[seen], 1)[:, :, None, None]
+                results[name] = DepthwiseInputs(folds=folds, rows=rows[seen].copy())
         return results
 
 
@@ -230,9 +251,10 @@ def round_depthwise(model: ir.Model, inputs: Mapping[str, DepthwiseInputs],
         ints = _rounded(steps, nearest, seen)
         weights[weight_name], scales[weight_name], axes[weight_name] = ints.reshape(weight.shape), scale, axis
         layers.append(RoundedLayer(
-            node=eir.node_label(node), weight=weight_name, samples=sum(seen.rows),
+            node=eir.node_label(node), weight=weight_name, samples=int(seen.rows.sum(axis=0).max()),
             mse_nearest=float(np.mean(output_error((steps - nearest) * step_sizes, gram))),
-            mse_learned=float(np.mean(output_error((steps - ints) * step_sizes, gram)))))
+            mse_learned=float(np.mean(output_error((steps - ints) * step_sizes, gram))),
+            channels_learned=int(np.any(ints != nearest, axis=2).sum()), channels=int(np.prod(ints.shape[:2]))))
     return AdaRoundResult(weights=weights, scales=scales, axes=axes, layers=tuple(layers), skipped=tuple(skipped),
                           granularity=granularity)
 
@@ -247,9 +269,8 @@ def _rounded(steps: np.ndarray, nearest: np.ndarray, seen: DepthwiseInputs) -> n
     three GPTQ problems (each fold, all samples) are solved as one batch."""
     if len(seen.rows) < 2:
         return nearest.astype(np.int8)
-    groups = steps.shape[0]
     grams = np.concatenate([seen.folds[0], seen.folds[1], seen.gram])
-    rows = np.repeat([seen.rows[0], seen.rows[1], sum(seen.rows)], groups)
+    rows = np.concatenate([seen.rows[0], seen.rows[1], seen.rows.sum(axis=0)])
     fold0, fold1, pooled = gptq_from_gram(np.concatenate([steps] * 3), grams, rows).reshape(3, *steps.shape)
     learned = output_error(steps - fold0, seen.folds[1]) + output_error(steps - fold1, seen.folds[0])
     nearest_error = output_error(steps - nearest, seen.folds[1]) + output_error(steps - nearest, seen.folds[0])

@@ -264,11 +264,16 @@ class _AccuracyHooks:
 
     def _rounding_note(self, result: AdaRoundResult, skipped) -> str:
         if isinstance(self.sampler, DepthwiseCorrelationHook):
-            nearest = sum(layer.mse_nearest for layer in result.layers)
-            change = 100 * (1 - sum(layer.mse_learned for layer in result.layers) / nearest) if nearest > 0 else 0.0
-            return (f"depthwise convolutions rounded by GPTQ: {count_of(len(result.layers), 'layer', 'layers')}, "
-                    f"their output error on the calibration data {change:.0f} % below the nearest rounding's, "
-                    f"{len(skipped)} skipped")
+            layers = result.layers
+            nearest = sum(layer.mse_nearest for layer in layers)
+            change = 100 * (1 - sum(layer.mse_learned for layer in layers) / nearest) if nearest > 0 else 0.0
+            learned, channels = (sum(getattr(layer, field) for layer in layers)
+                                 for field in ("channels_learned", "channels"))
+            return (f"depthwise GPTQ: {count_of(len(layers), 'layer', 'layers')}, {learned} of "
+                    f"{count_of(channels, 'output channel', 'output channels')} rounded by GPTQ (the others "
+                    "keep the nearest rounding: GPTQ's did not carry over from one half of the calibration "
+                    f"samples to the other), output error on the calibration data {change:.0f} % below the "
+                    f"nearest rounding's before bias correction; {len(skipped)} skipped")
         backend = backend_used(AdaRoundConfig().backend).value
         method = ("GPTQ rounding" if self.config.gptq else
                   f"AdaRound ({backend} backend; the torch and numpy backends round a few weights differently)")
@@ -289,6 +294,8 @@ class _AccuracyHooks:
             skipped = (*getattr(self.sampler, "skipped", ()), *result.skipped)
             notes.append(self._rounding_note(result, skipped))
             notes += _first_skips([f"not rounded: {name}: {reason}" for name, reason in skipped])
+        elif self.config.depthwise_gptq:
+            notes.append("depthwise GPTQ: no depthwise convolution with a quantized weight to round")
         if self.means is not None:
             means = {name: mean for name, mean in self._means_seen.result().items() if name in self.means.tensors}
             report = correct_biases(model, means, quantize_weight=quantizer,
