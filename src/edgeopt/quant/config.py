@@ -207,7 +207,7 @@ class Int8Config:
     figures at 1.5-3.4x the default's time (``benchmarks/rounding.py``) and is opt-in as well (at most one
     of the two). ``depthwise_gptq`` rounds the depthwise convolutions alone by GPTQ, from statistics of
     the calibration pass (:mod:`edgeopt.quant.depthwise_rounding`): a smaller gain than ``gptq``'s at
-    no measurable cost on 224x224 MobileNetV2, but 10-100 % more calibration time on 32x32 nets, so it
+    6 % more time on 224x224 MobileNetV2, but 20-150 % more calibration time on 32x32 nets, so it
     is opt-in too (``gptq`` and ``adaround`` round those layers with the rest: one of the three).
     ``equalize_relu6``
     (with ``equalize``) equalizes through ReLU6 too by turning each such

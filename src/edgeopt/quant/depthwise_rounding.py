@@ -21,14 +21,14 @@ error on the odd ones, and the other way round (GPTQ's own guard judges it
 on the samples it fitted, which a 25-tap channel can overfit).
 
 ``benchmarks/rounding.py`` (output SQNR against the float model on each
-model's larger evaluation set): MobileNetV2 at 224x224 14.89 -> 15.23 dB at
-no measurable cost (3.97 vs 3.98 s), the 32x32 depthwise-separable nets
-+0.05 to +0.82 dB, the models without depthwise layers unchanged. On those
-32x32 nets, whose calibration takes 0.1-0.3 s, the statistics and the
-rounding add 15 % (the demo) to 100 % (MobileNetV3's 5x5 layers) of the
-calibration time, past the 0.5x of ONNX Runtime's that the benchmark holds
-it to, so the rounding is opt-in. ``--gptq`` and ``--adaround`` round every
-layer, these included, from sampled input rows.
+model's larger evaluation set, one run each): MobileNetV2 at 224x224 14.89 ->
+15.25 dB for 6 % more time (3.29 against 3.11 s), the 32x32
+depthwise-separable nets +0.02 to +0.76 dB, the models without depthwise
+layers unchanged. On those 32x32 nets, whose calibration takes 0.1-0.3 s,
+the statistics and the rounding add 20 % (the demo) to 150 % (MobileNetV3's
+5x5 layers) of the calibration time, past the 0.5x of ONNX Runtime's that
+the benchmark holds it to, so the rounding is opt-in. ``--gptq`` and
+``--adaround`` round every layer, these included, from sampled input rows.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def is_depthwise(node: ir.Node) -> bool:
     """A depthwise 1-D or 2-D Conv: groups of one input channel each (``group > 1``, a float constant
     weight ``[M, 1, k...]`` of more than one tap). A Conv of a one-channel input (a grayscale network's
     first layer) has that weight too, but rounding the demo model's that way made its output less
-    faithful (29.65 -> 29.49 dB on the benchmark's 4,050 images), so it keeps the nearest rounding."""
+    faithful (29.62 -> 29.38 dB on the benchmark's 4,050 images), so it keeps the nearest rounding."""
     if not eir.is_op(node, "Conv") or len(node.inputs) < 2 or node.inputs[0] is None:
         return False
     weight = eir.constant_array(node.inputs[1])
