@@ -7,16 +7,16 @@ channel means bias correction reads, the channel maxima of SmoothQuant, the
 input rows AdaRound samples (each layer's reservoir seeded by the layer's
 name), the tap correlations of the depthwise layers. None depends on which
 other tensors a pass observes, and the float model after the float passes is
-the same in every round. So a round that
-needs no tensor, channel mean or AdaRound layer beyond what an earlier pass
-saw is answered from that pass, and gets what a fresh pass would give, bytes
-included, without reading the data again. A round needing more (a node put
+the same in every round. So a round that needs no tensor, channel mean or
+learned-rounding layer beyond what an earlier pass saw is answered from that
+pass, and gets what a fresh pass would give, bytes included, without reading
+the data again. A round needing more (a node put
 back in int8 whose input was never observed) runs a fresh pass, which is
 kept in place of the last.
 
 The learned rounding (AdaRound's, GPTQ's) is kept too: each layer's is learned
-from its own samples and weight alone, so a round whose layers all had theirs learned
-before reads them from here (unless a weight is shared between layers, where
+from its own samples and weight alone, so a round whose layers all had theirs
+learned before reads them from here (unless a weight is shared between layers, where
 which layer learns it depends on which others are there).
 """
 

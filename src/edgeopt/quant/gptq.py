@@ -140,8 +140,7 @@ def gptq_layer(weight: np.ndarray, inputs: np.ndarray, scale, *, damping: float 
 def gptq_from_gram(steps: np.ndarray, gram: np.ndarray, rows, *, damping: float = DAMPING) -> np.ndarray:
     """Int8 ``[G, N, K]`` for ``steps[G, N, K]`` (weights over their scales), rounded by GPTQ on the input
     correlations ``gram[G, K, K]``, each a mean over ``rows`` samples (one count, or ``[G]``); per output
-    channel, whichever of
-    GPTQ's and the nearest rounding has the smaller output error ``e H e^T``."""
+    channel, whichever of GPTQ's and the nearest rounding has the smaller output error ``e H e^T``."""
     order = np.argsort(-np.einsum("gkk->gk", gram), axis=1, kind="stable")
     ordered_gram = np.take_along_axis(np.take_along_axis(gram, order[:, :, None], 1), order[:, None, :], 2)
     ordered = np.take_along_axis(steps, order[:, None, :], 2)
