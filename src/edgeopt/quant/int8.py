@@ -270,10 +270,10 @@ class _AccuracyHooks:
             learned, channels = (sum(getattr(layer, field) for layer in layers)
                                  for field in ("channels_learned", "channels"))
             return (f"depthwise GPTQ: {count_of(len(layers), 'layer', 'layers')}, {learned} of "
-                    f"{count_of(channels, 'output channel', 'output channels')} rounded by GPTQ (the others "
-                    "keep the nearest rounding: GPTQ's did not carry over from one half of the calibration "
-                    f"samples to the other), output error on the calibration data {change:.0f} % below the "
-                    f"nearest rounding's before bias correction; {len(skipped)} skipped")
+                    f"{count_of(channels, 'output channel', 'output channels')} rounded otherwise than to nearest "
+                    "(a channel keeps the nearest rounding unless GPTQ's, fitted on one half of the calibration "
+                    f"samples, also cuts the error on the other), output error on the calibration data "
+                    f"{change:.0f} % below the nearest rounding's before bias correction; {len(skipped)} skipped")
         backend = backend_used(AdaRoundConfig().backend).value
         method = ("GPTQ rounding" if self.config.gptq else
                   f"AdaRound ({backend} backend; the torch and numpy backends round a few weights differently)")
