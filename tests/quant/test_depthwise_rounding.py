@@ -13,14 +13,13 @@ from onnx import helper, numpy_helper
 
 import edgeopt
 from edgeopt.errors import ConfigError
-from edgeopt.passes import optimize_for_quantization
 from edgeopt.quant.adaround import conv_geometry
 from edgeopt.quant.depthwise_rounding import (POSITIONS, DepthwiseCorrelationHook, DepthwiseInputs, is_depthwise,
                                               round_depthwise)
 from edgeopt.quant.gptq import output_error
 from edgeopt.quant.primitives import quantize_per_channel
-from tests.models import depthwise_separable_spread
-from tests.passes._helpers import export_torch, make_model
+from tests.passes._helpers import make_model
+from tests.quant.test_gptq import dw_net_path  # noqa: F401 (a fixture: the depthwise-separable net)
 
 
 def _depthwise(channels: int, spatial: list[int], kernel: list[int], *, multiplier: int = 1, seed: int = 0,
@@ -153,15 +152,6 @@ def test_a_single_calibration_sample_keeps_the_nearest_rounding():
 # --------------------------------------------------------------------------
 # through quantize
 # --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def dw_net_path(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("depthwise")
-    model = optimize_for_quantization(export_torch(depthwise_separable_spread(), (1, 3, 16, 16), folder)).model
-    path = folder / "dw.onnx"
-    ir.save(model, path)
-    return path
 
 
 def _depthwise_weights(path) -> dict[str, np.ndarray]:
