@@ -122,6 +122,8 @@ class DepthwiseCorrelationHook:
 
     #: Which positions a sample gives depends on its index in the stream, not on how samples are batched.
     groupable = True
+    #: Layers refused while sampling (the sampler of AdaRound's has some): none, non-depthwise ones are not taken.
+    skipped: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, model: ir.Model, nodes: Collection[str]) -> None:
         by_name = {node.name: node for node in model.graph}

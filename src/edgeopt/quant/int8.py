@@ -291,7 +291,7 @@ class _AccuracyHooks:
                     memo.keep_rounding(frozenset(samples), result)
             rounded, quantizer = result.rounded_weights(), result.weight_quantizer()
             # the layers the sampler refused (a 1-D convolution) are left to nearest rounding as well
-            skipped = (*getattr(self.sampler, "skipped", ()), *result.skipped)
+            skipped = (*self.sampler.skipped, *result.skipped)
             notes.append(self._rounding_note(result, skipped))
             notes += _first_skips([f"not rounded: {name}: {reason}" for name, reason in skipped])
         elif self.config.depthwise_gptq:
