@@ -6,6 +6,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from onnx import numpy_helper
 
 from edgeopt.errors import DataError
 from edgeopt.quant import CalibrationConfig, CalibrationMethod, calibrate
@@ -187,3 +188,49 @@ def test_a_tensor_one_hook_reads_whole_stays_whole_for_a_channel_means_hook_too(
     alone = ChannelMeanHook({"relu": 1})  # alone, it gets the means computed inside ONNX Runtime
     calibrate(model, data, ["relu"], CalibrationConfig(), hooks=[alone])
     np.testing.assert_allclose(alone.result()["relu"], relu.mean(axis=(0, 2, 3)), rtol=1e-5)
+
+
+def _rearranging_model():
+    """conv -> Reshape -> Transpose -> Relu, with a Flatten of the input and of an unobserved Reshape."""
+    b = GraphBuilder(seed=2)
+    b.conv("x", 3, 4, "conv")
+    b.initializers += [numpy_helper.from_array(np.array(shape, np.int64), name)
+                       for name, shape in (("shape", [1, 4, 256]), ("shape2", [1, 1024]))]
+    b.node("Reshape", ["conv", "shape"], "rows")
+    b.node("Transpose", ["rows"], "cols", perm=[0, 2, 1])
+    b.node("Relu", ["cols"], "relu")
+    b.node("Flatten", ["x"], "flat_x", axis=1)
+    b.node("Reshape", ["relu", "shape2"], "hidden")
+    b.node("Identity", ["hidden"], "y")
+    return b.model(["y", "flat_x"], SHAPE)
+
+
+@pytest.mark.parametrize("method", [CalibrationMethod.MINMAX, CalibrationMethod.ENTROPY])
+def test_a_rearranged_tensor_takes_its_roots_statistics_exactly(method):
+    """A Reshape or Transpose holds its input's values: it is not observed again, and its statistics are
+    exactly those it gets when observed on its own (through a chain, and whatever the order asked)."""
+    from edgeopt.quant.calibrate import same_values_aliases
+
+    model, data, config = _rearranging_model(), batches(SHAPE, 5), CalibrationConfig(method=method)
+    names = ["cols", "y", "conv", "rows", "flat_x", "x", "relu"]
+    assert same_values_aliases(model, names) == {"cols": "conv", "rows": "conv", "flat_x": "x", "y": "relu"}
+    assert same_values_aliases(model, names, keep={"rows"}) == {"cols": "rows", "flat_x": "x", "y": "relu"}
+    result = calibrate(model, data, names, config)
+    assert list(result.tensors) == names
+    for name in names:
+        alone = calibrate(model, data, [name], config).tensors[name]
+        tensor = result.tensors[name]
+        # (``minmax.count`` counts values when they are seen, batches when ONNX Runtime reduces them)
+        assert tensor.name == name and tensor.range == alone.range
+        assert (tensor.minmax.min, tensor.minmax.max) == (alone.minmax.min, alone.minmax.max)
+        if method.needs_histogram:
+            np.testing.assert_array_equal(tensor.histogram.counts, alone.histogram.counts)
+            assert (tensor.histogram.width, tensor.histogram.start) == (alone.histogram.width, alone.histogram.start)
+
+
+def test_a_rearranged_tensor_a_hook_reads_whole_is_fetched_for_it():
+    model, data = _rearranging_model(), batches(SHAPE, 3)
+    hook = _WholeTensorHook("cols")
+    result = calibrate(model, data, ["conv", "cols"], CalibrationConfig(), hooks=[hook])
+    assert np.concatenate(hook.batches).shape == (3, 256, 4)
+    assert result.tensors["cols"].range == result.tensors["conv"].range

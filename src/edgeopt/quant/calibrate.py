@@ -13,6 +13,11 @@ when it is first asked for (the searches cost more than the data pass on
 small models), so accuracy tools can switch methods without running the
 data again.
 
+A tensor that only rearranges another observed tensor's values (Reshape,
+Transpose, Flatten, Squeeze, Unsqueeze, Identity, chained) holds the same
+values batch by batch, so it is not observed again: it takes that tensor's
+statistics, which are exactly what observing it would give.
+
 Hooks (``update(feed, outputs)``) see every batch and the model outputs,
 e.g. to check a converted model against the original on the same data.
 """
@@ -39,7 +44,7 @@ from edgeopt.quant.registry import Batch, ProgressCallback
 from edgeopt.runtime.memory import return_freed_memory
 from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES, PACKED_RANGE_OUTPUTS, RANGE_SUFFIXES
 
-__all__ = ["BatchHook", "CalibrationResult", "TensorCalibration", "calibrate"]
+__all__ = ["BatchHook", "CalibrationResult", "TensorCalibration", "calibrate", "same_values_aliases"]
 
 logger = logging.getLogger(__name__)
 
@@ -341,6 +346,34 @@ def _channel_mean_axes(model: ir.Model, wanted: Mapping[str, int]) -> dict[str, 
     return axes
 
 
+# Ops whose first output holds exactly the values of their first input, rearranged.
+_SAME_VALUES_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+
+
+def same_values_aliases(model: ir.Model, names: Sequence[str], *, keep: Iterable[str] = ()) -> dict[str, str]:
+    """``{alias: root}`` for those of ``names`` (except ``keep``) that rearrange another of ``names``.
+
+    ``root`` is reached from ``alias`` through a chain of :data:`_SAME_VALUES_OPS`
+    (whose intermediate tensors need not be in ``names``), so the two hold the
+    same multiset of values on every run and have the same statistics.
+    """
+    wanted, kept = set(names), set(keep)
+    nearest: dict[str, str] = {}  # tensor -> root of the nearest tensor of ``names`` up its chain
+    aliases = {}
+    for node in model.graph:  # topological order: a node's input is settled before its outputs
+        if not (eir.is_op(node, *_SAME_VALUES_OPS) and node.inputs and node.inputs[0] is not None):
+            continue
+        source, output = node.inputs[0].name, node.outputs[0].name
+        root = nearest.get(source, source if source in wanted else None)
+        if output in wanted and (root is None or output in kept):
+            continue  # observed itself: a root, found by the default above
+        if root is not None:
+            nearest[output] = root
+            if output in wanted:
+                aliases[output] = root
+    return aliases
+
+
 def calibrate(
     model: ir.Model,
     data: Iterable[Batch],
@@ -356,22 +389,26 @@ def calibrate(
     names = list(dict.fromkeys(tensors))
     specs = eir.model_inputs(model)
     input_names = {spec.name for spec in specs}
-    computed = [name for name in names if name not in input_names]
     model_outputs = [value.name for value in model.graph.outputs] if hooks else []
     # Tensors only min/max-observed come back as their min and max reduced inside ONNX Runtime;
     # histograms and hooks need the whole tensor. Hooks that only want channel means get them
     # reduced inside ONNX Runtime too, unless the tensor comes whole anyway (another hook reads it).
     mean_hooks = [hook for hook in hooks if getattr(hook, "channel_means", False)]
     read_whole = {t for hook in hooks if hook not in mean_hooks for t in getattr(hook, "tensors", ())}
+    observed = {name for name in names if name not in input_names}
+    mean_axes = {t: axis for hook in mean_hooks for t, axis in hook.tensors.items() if t in observed}
+    no_rank = set(mean_axes) - set(_channel_mean_axes(model, mean_axes))  # their means: from the whole tensor
+    # a tensor fetched whole for a hook is observed itself; the other rearrangements take their root's statistics
+    aliases = same_values_aliases(model, names, keep={*read_whole, *model_outputs, *no_rank})
+    computed = [name for name in names if name in observed and name not in aliases]
     whole = [n for n in computed if config.method.needs_histogram or n in read_whole or n in model_outputs]
-    fetched, observed = set(whole), set(computed)
-    wanted_means = {t: axis for hook in mean_hooks for t, axis in hook.tensors.items()
-                    if t in observed and t not in fetched}
+    fetched = set(whole)
+    wanted_means = {t: axis for t, axis in mean_axes.items() if t not in fetched}
     means = _channel_mean_axes(model, wanted_means)
     whole += [t for t in wanted_means if t not in means]  # rank unknown: fetched whole after all
     fetched = set(whole)
     reduced = [n for n in computed if n not in fetched]
-    observation = _Observation(names, config, inputs=input_names, whole=whole,
+    observation = _Observation([n for n in names if n not in aliases], config, inputs=input_names, whole=whole,
                                packed=_float32_outputs(model, reduced), channel_means=means)
     fetch = list(dict.fromkeys([*model_outputs, *observation.fetch]))
     runner = Runner(model, observation, fetch,
@@ -402,6 +439,9 @@ def calibrate(
             pending.result()
     if done == 0:
         raise EmptyDataError("calibration data is empty: give at least one batch")
-    logger.info("calibrated %d tensors on %d batches", len(names), done)
-    results = observation.results()
+    logger.info("calibrated %d tensors (%d of them rearranging another) on %d batches", len(names), len(aliases),
+                done)
+    observed_results = observation.results()
+    results = {name: replace(observed_results[aliases[name]], name=name) if name in aliases
+               else observed_results[name] for name in names}
     return CalibrationResult(tensors=types.MappingProxyType(results), config=config, num_batches=done)
