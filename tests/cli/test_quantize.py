@@ -330,6 +330,7 @@ def test_outputs_get_the_usual_permissions(cli, tmp_path, calib):
     ("int8-dynamic", ["--block-size", "64"], "int4-weight"),
     ("int8-dynamic", ["--gptq"], "int8, uint8 and int4-weight"), ("int8-dynamic", ["--adaround"], "int8 and uint8"),
     ("int8-dynamic", ["--no-bias-correct"], "int8 and uint8"), ("bf16", ["--depthwise-gptq"], "int8 and uint8"),
+    ("fp16", ["--no-depthwise-gptq"], "int8 and uint8"),
     ("fp16", ["--embeddings", "float"], "int4-weight and int8-dynamic"),
 ])
 def test_an_option_the_scheme_would_ignore_is_an_error(cli, tmp_path, calib, scheme, option, applies):

@@ -14,8 +14,8 @@ from onnx import helper, numpy_helper
 import edgeopt
 from edgeopt.errors import ConfigError
 from edgeopt.quant.adaround import conv_geometry
-from edgeopt.quant.depthwise_rounding import (POSITIONS, DepthwiseCorrelationHook, DepthwiseInputs, is_depthwise,
-                                              round_depthwise)
+from edgeopt.quant.depthwise_rounding import (DEFAULT_MAX_SHARE, POSITIONS, DepthwiseCorrelationHook,
+                                              DepthwiseInputs, is_depthwise, round_depthwise, statistics_share)
 from edgeopt.quant.gptq import output_error
 from edgeopt.quant.primitives import quantize_per_channel
 from tests.passes._helpers import make_model
@@ -215,12 +215,13 @@ def test_gptq_rounds_the_depthwise_layers_with_the_rest(dw_net_path):
 
 
 def test_the_setting_must_be_a_bool_and_is_one_way_of_rounding():
-    with pytest.raises(ConfigError, match="depthwise_gptq must be True or False"):
+    with pytest.raises(ConfigError, match="depthwise_gptq must be True, False or None"):
         edgeopt.Int8Config(depthwise_gptq="no")
     for other in ("gptq", "adaround"):
         with pytest.raises(ConfigError, match=rf"^{other} \(--{other}\) rounds the depthwise convolutions too: "
                                               r"drop depthwise_gptq \(--depthwise-gptq\)$"):
             edgeopt.Int8Config(depthwise_gptq=True, **{other: True})
+        assert edgeopt.Int8Config(**{other: True}).depthwise_gptq is None  # the default gives way to them
 
 
 def test_a_channel_never_finite_keeps_the_nearest_rounding_and_the_others_are_still_rounded():
@@ -297,3 +298,52 @@ def test_a_model_without_depthwise_layers_is_told_so(tmp_path):
     data = [{"x": image[None]} for image in _smooth(16, 3, 8, seed=18)]
     notes = edgeopt.quantize(str(path), edgeopt.Int8Config(depthwise_gptq=True), data, check_speed=False).result.notes
     assert "depthwise GPTQ: no depthwise convolution with a quantized weight to round" in notes
+
+
+# --------------------------------------------------------------------------
+# on by default where it costs little
+# --------------------------------------------------------------------------
+
+
+def test_the_statistics_share_is_their_multiply_adds_over_the_models():
+    """8 channels of 3x3 taps: 8 positions x 81 per channel, against the Conv's 9 per output element."""
+    small = _depthwise(8, [12, 12], [3, 3], pads=[1, 1, 1, 1])
+    large = _depthwise(8, [64, 64], [3, 3], pads=[1, 1, 1, 1])
+    assert statistics_share(small, ["dw"]) == pytest.approx(8 * 8 * 81 / (8 * 144 * 9))  # 50 %
+    assert statistics_share(large, ["dw"]) == pytest.approx(8 * 8 * 81 / (8 * 4096 * 9))  # 1.8 %
+    assert statistics_share(large, ["dw"]) < DEFAULT_MAX_SHARE < statistics_share(small, ["dw"])
+    tiny = _depthwise(8, [2, 2], [3, 3], pads=[1, 1, 1, 1])  # 4 positions, all of them
+    assert statistics_share(tiny, ["dw"]) == pytest.approx(8 * 4 * 81 / (8 * 4 * 9))
+    batch = ir.SymbolicDim("N")  # a free batch dim is one sample
+    for value in (*large.graph.inputs, *large.graph.outputs):
+        value.shape = ir.Shape([batch, *list(value.shape)[1:]])
+    assert statistics_share(large, ["dw"]) == pytest.approx(8 * 8 * 81 / (8 * 4096 * 9))
+    for value in large.graph.outputs:
+        value.shape = None  # unknown: looks costly
+    assert statistics_share(large, ["dw"]) == float("inf")
+
+
+@pytest.mark.parametrize(("size", "by_default"), [(64, True), (12, False)])
+def test_by_default_the_depthwise_layers_are_rounded_where_the_statistics_cost_little(tmp_path, size, by_default):
+    model = _depthwise(8, [size, size], [3, 3], pads=[1, 1, 1, 1], seed=19)
+    path = tmp_path / "dw.onnx"
+    ir.save(model, path)
+    data = [{"x": image[None]} for image in _smooth(24, 8, size, seed=20)]
+    outputs, notes = {}, {}
+    for name, setting in (("default", None), ("on", True), ("off", False)):
+        outputs[name] = tmp_path / f"{name}.onnx"
+        notes[name] = edgeopt.quantize(str(path), edgeopt.Int8Config(depthwise_gptq=setting), data,
+                                       output=outputs[name], check_speed=False).result.notes
+    same = "on" if by_default else "off"
+    assert outputs["default"].read_bytes() == outputs[same].read_bytes()
+    assert outputs["on"].read_bytes() != outputs["off"].read_bytes()
+    share = statistics_share(model, ["dw"])
+    if by_default:
+        prefix = (f"depthwise GPTQ (by default: its statistics cost {100 * share:.1f} % of the model's multiply-adds, "
+                  "at most 2.0 %; --no-depthwise-gptq skips it): 1 layer, ")
+        assert any(note.startswith(prefix) for note in notes["default"]), notes["default"]
+    else:
+        assert (f"depthwise GPTQ off: its statistics would cost {100 * share:.1f} % of the model's multiply-adds "
+                "(on by default up to 2.0 %); --depthwise-gptq rounds the depthwise convolutions anyway"
+                in notes["default"])
+    assert not any(note.startswith("depthwise GPTQ") for note in notes["off"])

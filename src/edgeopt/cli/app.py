@@ -313,11 +313,13 @@ def quantize(
                                                       "--data: K x K float64 per layer input, 128 MiB at K = "
                                                       "4096, at most 1 GiB at a time; more takes more passes "
                                                       "over the data).")] = False,
-    depthwise_gptq: Annotated[bool, typer.Option(
-        "--depthwise-gptq",
+    depthwise_gptq: Annotated[Optional[bool], typer.Option(
+        "--depthwise-gptq/--no-depthwise-gptq",
         help="Round the depthwise convolutions' weights alone by GPTQ, from their input correlations "
              "gathered in the calibration pass (a smaller gain than --gptq's, in less time: +6 % on "
-             "MobileNetV2 at 224x224, up to 2.5x on a 0.1 s calibration).")] = False,
+             "MobileNetV2 at 224x224, up to 2.5x on a 0.1 s calibration). Default: when those statistics "
+             "cost at most 2 % of the model's multiply-adds, and without --gptq or --adaround.",
+        show_default=False)] = None,
     smoothquant: Annotated[Optional[float], typer.Option("--smoothquant", metavar="ALPHA",
                                                          help="Migrate activation outliers of MatMul/Gemm inputs "
                                                               "into the weights (transformers), e.g. 0.5.")] = None,

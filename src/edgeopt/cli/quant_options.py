@@ -59,7 +59,7 @@ class Int8Algorithms:
     adaround: bool
     gptq: bool
     smoothquant_alpha: float | None
-    depthwise_gptq: bool = False
+    depthwise_gptq: bool | None = None  # None: when it costs little
     fallback: FallbackChoice = FallbackChoice.float
     embeddings: EmbeddingsChoice | None = None  # int4-weight's; None: its default
 
@@ -115,11 +115,12 @@ def _refuse_options_of_other_schemes(scheme: Scheme, target: TargetChoice, calib
     if dynamic and algorithms.embeddings is EmbeddingsChoice.int4:
         raise ConfigError("--embeddings int4 applies to --scheme int4-weight; int8-dynamic holds embedding tables "
                           "in int8 or float: give --embeddings int8 or float")
+    depthwise_option = "--depthwise-gptq" if algorithms.depthwise_gptq else "--no-depthwise-gptq"
     given = {
         "--target": target is not TargetChoice.ort, "--calibration": calibration is not CalibrationChoice.percentile,
         "--per-tensor": per_tensor and not dynamic, "--equalize": algorithms.equalize,
         "--equalize-relu6": algorithms.equalize_relu6, "--no-bias-correct": not algorithms.bias_correct,
-        "--depthwise-gptq": algorithms.depthwise_gptq,
+        depthwise_option: algorithms.depthwise_gptq is not None,
         "--adaround": algorithms.adaround, "--smoothquant": algorithms.smoothquant_alpha is not None and not dynamic,
     } if not int8 else {}
     if scheme is not Scheme.int4_weight:

@@ -207,8 +207,11 @@ class Int8Config:
     figures at 1.5-3.4x the default's time (``benchmarks/rounding.py``) and is opt-in as well (at most one
     of the two). ``depthwise_gptq`` rounds the depthwise convolutions alone by GPTQ, from statistics of
     the calibration pass (:mod:`edgeopt.quant.depthwise_rounding`): a smaller gain than ``gptq``'s at
-    6 % more time on 224x224 MobileNetV2, but 20-150 % more calibration time on 32x32 nets, so it
-    is opt-in too (``gptq`` and ``adaround`` round those layers with the rest: one of the three).
+    6 % more time on 224x224 MobileNetV2, but 20-150 % more calibration time on 32x32 nets. None (the
+    default) rounds them so when the statistics' multiply-adds are at most 2 % of the model's
+    (``depthwise_rounding.statistics_share``: 1.5 % on that MobileNetV2, 28-170 % on those nets) and
+    neither ``gptq`` nor ``adaround`` is set (they round those layers with the rest); True always (not
+    with those two), False never.
     ``equalize_relu6``
     (with ``equalize``) equalizes through ReLU6 too by turning each such
     ReLU6 into a ReLU (Nagel et al.'s recipe for MobileNetV2; it changes the
@@ -240,7 +243,7 @@ class Int8Config:
     bias_correct: bool = True
     adaround: bool = False
     gptq: bool = False
-    depthwise_gptq: bool = False
+    depthwise_gptq: bool | None = None
     smoothquant_alpha: float | None = None
     quantize_outputs: bool | None = None
     fallback: Fallback = Fallback.FLOAT
@@ -252,7 +255,10 @@ class Int8Config:
         if self.quantize_outputs is not None and not isinstance(self.quantize_outputs, bool):
             raise ConfigError(f"quantize_outputs must be True, False or None (from the target), "
                               f"got {self.quantize_outputs!r}")
-        require_bools(self, "equalize", "equalize_relu6", "bias_correct", "adaround", "gptq", "depthwise_gptq")
+        require_bools(self, "equalize", "equalize_relu6", "bias_correct", "adaround", "gptq")
+        if self.depthwise_gptq is not None and not isinstance(self.depthwise_gptq, bool):
+            raise ConfigError(f"depthwise_gptq must be True, False or None (when it costs little), "
+                              f"got {self.depthwise_gptq!r}")
         if self.adaround and self.gptq:
             raise ConfigError("adaround and gptq (--adaround, --gptq) are two ways of rounding the weights: pick one")
         if self.depthwise_gptq and (self.adaround or self.gptq):

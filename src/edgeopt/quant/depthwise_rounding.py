@@ -27,8 +27,12 @@ depthwise-separable nets +0.02 to +0.76 dB, the models without depthwise
 layers unchanged. On those 32x32 nets, whose calibration takes 0.1-0.3 s,
 the statistics and the rounding add 20 % (the demo) to 150 % (MobileNetV3's
 5x5 layers) of the calibration time, past the 0.5x of ONNX Runtime's that
-the benchmark holds it to, so the rounding is opt-in. ``--gptq`` and
-``--adaround`` round every layer, these included, from sampled input rows.
+the benchmark holds it to. So by default the layers are rounded this way
+only where the statistics' multiply-adds are at most :data:`DEFAULT_MAX_SHARE`
+of the model's (:func:`statistics_share`: 1.5 % on that MobileNetV2, 28-170 %
+on those nets); ``--depthwise-gptq`` and ``--no-depthwise-gptq`` decide
+either way. ``--gptq`` and ``--adaround`` round every layer, these included,
+from sampled input rows.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ from edgeopt.quant.config import PerChannel, PerTensor
 from edgeopt.quant.gptq import gptq_from_gram, output_error
 from edgeopt.quant.primitives import quantize_per_channel
 
-__all__ = ["POSITIONS", "DepthwiseCorrelationHook", "DepthwiseInputs", "is_depthwise", "round_depthwise"]
+__all__ = ["DEFAULT_MAX_SHARE", "POSITIONS", "DepthwiseCorrelationHook", "DepthwiseInputs", "is_depthwise",
+           "round_depthwise", "statistics_share"]
 
 #: Output positions per sample whose input taps are summed: every position of a feature map this
 #: small or smaller, an evenly spaced sample of a larger one.
@@ -58,6 +63,56 @@ POSITIONS = 8
 _CHUNK = 16
 #: Sample ``i`` of a large feature map takes the positions of set ``i mod 8`` (:func:`_positions`).
 _PHASES = 8
+
+
+#: Without ``depthwise_gptq`` set either way, the depthwise layers are rounded by GPTQ when their statistics'
+#: multiply-adds per sample are at most this share of the model's (:func:`statistics_share`).
+DEFAULT_MAX_SHARE = 0.02
+
+
+def statistics_share(model: ir.Model, layers: Collection[str]) -> float:
+    """The multiply-adds per sample of the tap correlations of ``layers``, over those of the model's
+    Conv, ConvTranspose, Gemm and MatMul nodes (``inf`` when none is known).
+
+    A layer of ``C`` channels and ``K`` taps adds ``C * K * K`` per output position sampled
+    (:data:`POSITIONS`, or fewer on a smaller map); a Conv costs ``K_in`` per output element. A leading
+    dimension that is not a number is the batch (one sample); a node of unknown output shape counts as
+    nothing, so an unknown model looks costly. Measured: MobileNetV2 at 224x224, 1.5 %, calibrates in
+    6 % more time; the benchmark's 32x32 nets (28-170 %) in 20-150 % more.
+    """
+    model_macs = statistics = 0
+    for node in model.graph:
+        outputs = _per_sample_elements(node.outputs[0]) if node.outputs else None
+        if outputs is None or node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        if node.op_type in ("Conv", "ConvTranspose"):
+            if weight is None or weight.shape is None or not all(isinstance(d, int) for d in weight.shape):
+                continue
+            inputs = _per_sample_elements(node.inputs[0]) if node.op_type == "ConvTranspose" else outputs
+            if inputs is None:
+                continue
+            model_macs += inputs * math.prod(weight.shape[1:])
+            if node.name in layers:
+                taps = math.prod(weight.shape[2:])
+                positions = min(POSITIONS, outputs // weight.shape[0])
+                statistics += weight.shape[0] * positions * taps * taps
+        else:
+            first = node.inputs[0].shape if node.inputs[0] is not None else None
+            inner = first[-1] if first is not None and len(first) else None
+            if node.op_type == "Gemm" and node.attributes.get_int("transA", 0) and first is not None:
+                inner = first[0]
+            if isinstance(inner, int):
+                model_macs += outputs * inner
+    return statistics / model_macs if model_macs else math.inf
+
+
+def _per_sample_elements(value: ir.Value | None) -> int | None:
+    """Elements of ``value`` per sample: all its dims but a leading batch dim; None if one is unknown."""
+    shape = value.shape if value is not None else None
+    if shape is None or not all(isinstance(dim, int) for dim in list(shape)[1:]):
+        return None
+    return math.prod(list(shape)[1:])
 
 
 def is_depthwise(node: ir.Node) -> bool:

@@ -39,7 +39,8 @@ from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.calibration_memo import CalibrationMemo
 from edgeopt.quant.config import (CalibrationConfig, CalibrationMethod, Fallback, Int8Config, PerTensor, Target,
                                   is_excluded)
-from edgeopt.quant.depthwise_rounding import DepthwiseCorrelationHook, round_depthwise
+from edgeopt.quant.depthwise_rounding import (DEFAULT_MAX_SHARE, DepthwiseCorrelationHook, round_depthwise,
+                                             statistics_share)
 from edgeopt.quant.equalize import equalize
 from edgeopt.quant.fallback import fp16_fallback
 from edgeopt.quant.gptq import gptq_layer
@@ -217,12 +218,17 @@ def _auto_note(methods: Mapping[str, str], activations: Iterable[str]) -> str:
     return f"auto calibration, the range of least estimated error per tensor: {listed}"
 
 
+def _share(fraction: float) -> str:
+    return f"{100 * fraction:.1f} %"
+
+
 class _AccuracyHooks:
     """Statistics for bias correction and learned rounding (AdaRound, GPTQ), gathered in the one
     calibration pass."""
 
     def __init__(self, model: ir.Model, plan, config: Int8Config) -> None:
         self.config = config
+        self.depthwise_share: float | None = None  # of depthwise GPTQ's statistics, when it was on by default
         # only the layers whose weights are quantized have a weight error to correct
         self.quantized_layers = frozenset(use.node for use in plan.weights)
         self.means = (ChannelMeanHook(correction_inputs(model, self.quantized_layers)) if config.bias_correct
@@ -233,7 +239,10 @@ class _AccuracyHooks:
         if config.adaround or config.gptq:
             self.sampler = LayerInputSampler(model, layers, max_samples=AdaRoundConfig().max_samples)
         else:
-            depthwise = DepthwiseCorrelationHook(model, layers) if config.depthwise_gptq else None
+            depthwise = DepthwiseCorrelationHook(model, layers) if config.depthwise_gptq is not False else None
+            if depthwise is not None and depthwise.layers and config.depthwise_gptq is None:
+                self.depthwise_share = statistics_share(model, depthwise.layers)  # on by default when cheap
+                depthwise = depthwise if self.depthwise_share <= DEFAULT_MAX_SHARE else None
             self.sampler = depthwise if depthwise is not None and depthwise.layers else None
         self.hooks = [h for h in (self.means, self.sampler) if h is not None]
         self.tensors = [t for h in self.hooks for t in h.tensors]
@@ -269,7 +278,10 @@ class _AccuracyHooks:
             change = 100 * (1 - sum(layer.mse_learned for layer in layers) / nearest) if nearest > 0 else 0.0
             learned, channels = (sum(getattr(layer, field) for layer in layers)
                                  for field in ("channels_learned", "channels"))
-            return (f"depthwise GPTQ: {count_of(len(layers), 'layer', 'layers')}, {learned} of "
+            default = ("" if self.depthwise_share is None else
+                       f" (by default: its statistics cost {_share(self.depthwise_share)} of the model's "
+                       f"multiply-adds, at most {_share(DEFAULT_MAX_SHARE)}; --no-depthwise-gptq skips it)")
+            return (f"depthwise GPTQ{default}: {count_of(len(layers), 'layer', 'layers')}, {learned} of "
                     f"{count_of(channels, 'output channel', 'output channels')} rounded otherwise than to nearest "
                     "(a channel keeps the nearest rounding unless GPTQ's, fitted on one half of the calibration "
                     f"samples, also cuts the error on the other), output error on the calibration data "
@@ -296,6 +308,10 @@ class _AccuracyHooks:
             notes += _first_skips([f"not rounded: {name}: {reason}" for name, reason in skipped])
         elif self.config.depthwise_gptq:
             notes.append("depthwise GPTQ: no depthwise convolution with a quantized weight to round")
+        elif self.depthwise_share is not None:
+            notes.append(f"depthwise GPTQ off: its statistics would cost {_share(self.depthwise_share)} of the "
+                         f"model's multiply-adds (on by default up to {_share(DEFAULT_MAX_SHARE)}); "
+                         "--depthwise-gptq rounds the depthwise convolutions anyway")
         if self.means is not None:
             means = {name: mean for name, mean in self._means_seen.result().items() if name in self.means.tensors}
             report = correct_biases(model, means, quantize_weight=quantizer,
