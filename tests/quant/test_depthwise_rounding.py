@@ -347,3 +347,22 @@ def test_by_default_the_depthwise_layers_are_rounded_where_the_statistics_cost_l
                 "(on by default up to 2.0 %); --depthwise-gptq rounds the depthwise convolutions anyway"
                 in notes["default"])
     assert not any(note.startswith("depthwise GPTQ") for note in notes["off"])
+
+
+def test_layers_of_one_shape_are_rounded_together_as_each_alone(dw_net_path):
+    from edgeopt.runtime.ort import observing_session
+
+    model = ir.load(dw_net_path)
+    hook = DepthwiseCorrelationHook(model, [node.name for node in model.graph])
+    session = observing_session(model, list(hook.tensors))
+    for image in _smooth(24, 3, 16, seed=22):
+        feed = {"input": image[None]}
+        hook.update(feed, session.run(feed, list(hook.tensors)))
+    seen = hook.result()
+    assert len(seen) == 2
+    together = round_depthwise(model, seen)
+    for name in seen:
+        alone = round_depthwise(model, {name: seen[name]})
+        (weight, ints), = alone.weights.items()
+        assert np.array_equal(together.weights[weight], ints)
+        assert alone.layers == tuple(layer for layer in together.layers if layer.weight == weight)

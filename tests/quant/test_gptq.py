@@ -304,3 +304,22 @@ def test_independent_inputs_from_a_sample_not_much_wider_are_not_fitted():
     scale = np.abs(weight).max(axis=1) / 127
     ints = gptq_layer(weight, train, scale)
     assert _output_mse(weight, scale, ints, test) < 1.1 * _output_mse(weight, scale, _nearest(weight, scale), test)
+
+
+def test_the_small_matrix_factor_is_lapacks_and_refuses_what_is_not_positive_definite():
+    """Up to 16 inputs the factor is computed with numpy's batched arithmetic instead of LAPACK's
+    per-matrix calls: the same upper U with U^T U = A^-1."""
+    from edgeopt.quant import gptq
+
+    rng = np.random.default_rng(21)
+    for size in (2, 9, 16):
+        rows = rng.standard_normal((50, size, size + 3))
+        matrices = rows @ rows.transpose(0, 2, 1) / (size + 3) + 1e-3 * np.eye(size)
+        factor = gptq._small_inverse_factor(matrices)
+        np.testing.assert_allclose(factor, gptq._lapack_inverse_factor(matrices), rtol=1e-9, atol=1e-12)
+        assert np.array_equal(factor, np.triu(factor))
+        np.testing.assert_allclose(factor.transpose(0, 2, 1) @ factor, np.linalg.inv(matrices), rtol=1e-8, atol=1e-10)
+    singular = np.zeros((3, 4, 4))
+    with pytest.raises(np.linalg.LinAlgError):
+        gptq._small_inverse_factor(singular)
+    assert np.isfinite(gptq.inverse_factor(singular)).all()  # more loading until it is solvable

@@ -282,10 +282,12 @@ def round_depthwise(model: ir.Model, inputs: Mapping[str, DepthwiseInputs],
 
     ``model`` is only read. Scales are the QDQ builder's (min/max int8
     symmetric, per output channel or per tensor); the result plugs into the
-    QDQ builder and bias correction as AdaRound's does.
+    QDQ builder and bias correction as AdaRound's does. The layers of one
+    shape (taps, channel multiplier) are solved together, as one batch.
     """
     by_name = {node.name: node for node in model.graph}
-    weights, scales, axes, layers, skipped = {}, {}, {}, [], []
+    taken: dict[str, _Layer] = {}
+    scales, axes, skipped = {}, {}, []
     for name, seen in inputs.items():
         node = by_name.get(name)
         if node is None or not is_depthwise(node):
@@ -293,42 +295,78 @@ def round_depthwise(model: ir.Model, inputs: Mapping[str, DepthwiseInputs],
             continue
         weight_name, weight = node.inputs[1].name, eir.constant_array(node.inputs[1])
         axis = quantized_weight_axis(node, weight.ndim, granularity)
-        if weight_name in weights:
+        if weight_name in scales:
             skipped.append((name, f"its weight {weight_name!r} {SHARED_WEIGHT}"))
             continue
         if axis not in (None, 0):
             skipped.append((name, f"its scales run along weight axis {axis}, not the output channels"))
             continue
-        _, scale, _ = quantize_per_channel(weight, axis)
+        _, scales[weight_name], _ = quantize_per_channel(weight, axis)
+        axes[weight_name] = axis
         group = node.attributes.get_int("group", 1)
         matrices = weight.astype(np.float64).reshape(group, weight.shape[0] // group, -1)
-        step_sizes = channel_scales(scale, matrices)[..., None]
-        steps = matrices / step_sizes
-        gram, nearest = seen.gram, np.clip(np.rint(steps), -127, 127)
-        ints = _rounded(steps, nearest, seen)
-        weights[weight_name], scales[weight_name], axes[weight_name] = ints.reshape(weight.shape), scale, axis
+        step_sizes = channel_scales(scales[weight_name], matrices)[..., None]
+        taken[name] = _Layer(node=node, weight=weight, seen=seen, step_sizes=step_sizes, steps=matrices / step_sizes)
+    ints = _rounded_together(list(taken.values()))
+    layers = []
+    for (name, layer), rounded in zip(taken.items(), ints):
+        steps, step_sizes, gram = layer.steps, layer.step_sizes, layer.seen.gram
+        nearest = np.clip(np.rint(steps), -127, 127)
         layers.append(RoundedLayer(
-            node=eir.node_label(node), weight=weight_name, samples=int(seen.rows.sum(axis=0).max()),
+            node=eir.node_label(layer.node), weight=layer.node.inputs[1].name,
+            samples=int(layer.seen.rows.sum(axis=0).max()),
             mse_nearest=float(np.mean(output_error((steps - nearest) * step_sizes, gram))),
-            mse_learned=float(np.mean(output_error((steps - ints) * step_sizes, gram))),
-            channels_learned=int(np.any(ints != nearest, axis=2).sum()), channels=int(np.prod(ints.shape[:2]))))
+            mse_learned=float(np.mean(output_error((steps - rounded) * step_sizes, gram))),
+            channels_learned=int(np.any(rounded != nearest, axis=2).sum()), channels=int(np.prod(rounded.shape[:2]))))
+    weights = {layer.node.inputs[1].name: rounded.reshape(layer.weight.shape)
+               for layer, rounded in zip(taken.values(), ints)}
     return AdaRoundResult(weights=weights, scales=scales, axes=axes, layers=tuple(layers), skipped=tuple(skipped),
                           granularity=granularity)
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Layer:
+    """A depthwise layer to round: its node, float weight, statistics, and weights over their scales."""
 
-def _rounded(steps: np.ndarray, nearest: np.ndarray, seen: DepthwiseInputs) -> np.ndarray:
+    node: ir.Node
+    weight: np.ndarray
+    seen: DepthwiseInputs
+    step_sizes: np.ndarray  # [G, N, 1]
+    steps: np.ndarray  # [G, N, K]
+
+
+def _rounded_together(layers: list[_Layer]) -> list[np.ndarray]:
+    """:func:`_rounded` of each layer, the layers of one shape (``N``, ``K``) with both folds stacked along the
+    groups and solved as one problem (each group's channels are solved alone: the result is the same)."""
+    results: list[np.ndarray | None] = [None] * len(layers)
+    batches: dict[tuple[int, int], list[int]] = {}
+    for index, layer in enumerate(layers):
+        if len(layer.seen.rows) < 2:  # one fold only: nothing to check a rounding on
+            results[index] = np.clip(np.rint(layer.steps), -127, 127).astype(np.int8)
+        else:
+            batches.setdefault(layer.steps.shape[1:], []).append(index)
+    for members in batches.values():
+        stacked = _rounded(np.concatenate([layers[i].steps for i in members]),
+                           np.concatenate([layers[i].seen.folds for i in members], axis=1),
+                           np.concatenate([layers[i].seen.rows for i in members], axis=1))
+        bounds = np.cumsum([0, *(len(layers[i].steps) for i in members)])
+        for i, start, stop in zip(members, bounds[:-1], bounds[1:]):
+            results[i] = stacked[start:stop]
+    return results
+
+
+def _rounded(steps: np.ndarray, folds: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Int8 ``[G, N, K]``: GPTQ's rounding on all the samples for each output channel whose GPTQ rounding
-    fitted on one fold of them has less output error than the nearest rounding on the other, summed over
-    both ways round; the nearest for the others. GPTQ's own guard judges it on the samples it fitted,
-    which a 25-tap channel can overfit when they are few: a channel whose rounding does not carry over
-    to unseen samples keeps the nearest. One fold only (a single sample): the nearest everywhere. The
-    three GPTQ problems (each fold, all samples) are solved as one batch."""
-    if len(seen.rows) < 2:
-        return nearest.astype(np.int8)
-    grams = np.concatenate([seen.folds[0], seen.folds[1], seen.gram])
-    rows = np.concatenate([seen.rows[0], seen.rows[1], seen.rows.sum(axis=0)])
-    fold0, fold1, pooled = gptq_from_gram(np.concatenate([steps] * 3), grams, rows).reshape(3, *steps.shape)
-    learned = output_error(steps - fold0, seen.folds[1]) + output_error(steps - fold1, seen.folds[0])
-    nearest_error = output_error(steps - nearest, seen.folds[1]) + output_error(steps - nearest, seen.folds[0])
+    fitted on one fold of them (``folds [2, G, K, K]``, means over ``rows [2, G]``) has less output error
+    than the nearest rounding on the other, summed over both ways round; the nearest for the others. GPTQ's
+    own guard judges it on the samples it fitted, which a 25-tap channel can overfit when they are few: a
+    channel whose rounding does not carry over to unseen samples keeps the nearest. The three GPTQ
+    problems (each fold, all samples) are solved as one batch."""
+    nearest = np.clip(np.rint(steps), -127, 127)
+    pooled_gram = DepthwiseInputs(folds=folds, rows=rows).gram
+    grams = np.concatenate([folds[0], folds[1], pooled_gram])
+    counts = np.concatenate([rows[0], rows[1], rows.sum(axis=0)])
+    fold0, fold1, pooled = gptq_from_gram(np.concatenate([steps] * 3), grams, counts).reshape(3, *steps.shape)
+    learned = output_error(steps - fold0, folds[1]) + output_error(steps - fold1, folds[0])
+    nearest_error = output_error(steps - nearest, folds[1]) + output_error(steps - nearest, folds[0])
     return np.where((learned < nearest_error)[..., None], pooled, nearest).astype(np.int8)

@@ -85,12 +85,43 @@ def inverse_factor(gram: np.ndarray, damping: float = DAMPING) -> np.ndarray:
     eye = np.eye(gram.shape[-1])
     mean = np.einsum("gkk->gk", gram).mean(axis=1)[:, None, None]
     load = damping
+    factor = _small_inverse_factor if gram.shape[-1] <= _SMALL else _lapack_inverse_factor
     while True:
         loaded = gram + (load * np.where(mean > 0, mean, 1.0)) * eye
         try:
-            return np.linalg.cholesky(np.linalg.inv(loaded)).transpose(0, 2, 1)
+            return factor(loaded)
         except np.linalg.LinAlgError:
             load *= 10.0
+
+
+#: Up to this many inputs, :func:`inverse_factor` loops over them with numpy's arithmetic batched over the
+#: matrices: on 21,000 9 x 9 matrices (a 224x224 MobileNetV2's depthwise channels, three times) 34 ms against
+#: LAPACK's 57-128 ms; past 16 inputs LAPACK is faster (25: 54 against 95 ms on 3,000).
+_SMALL = 16
+
+
+def _lapack_inverse_factor(loaded: np.ndarray) -> np.ndarray:
+    return np.linalg.cholesky(np.linalg.inv(loaded)).transpose(0, 2, 1)
+
+
+def _small_inverse_factor(loaded: np.ndarray) -> np.ndarray:
+    """:func:`_lapack_inverse_factor` without LAPACK: with ``P`` the order reversed and ``P A P = R R^T``
+    (Cholesky), ``U = P R^-1 P`` is upper with ``U^T U = A^-1``: the factor of the inverse, unique.
+    Computed with the batch as the last axis, so each step is one vector operation over all matrices."""
+    matrices = np.ascontiguousarray(loaded.transpose(1, 2, 0)[::-1, ::-1])  # P A P, [K, K, G]
+    size = loaded.shape[-1]
+    lower = np.zeros_like(matrices)
+    for j in range(size):  # Cholesky, column by column
+        pivot = matrices[j, j] - np.square(lower[j, :j]).sum(axis=0)
+        if not np.all(pivot > 0):  # also NaN
+            raise np.linalg.LinAlgError("not positive definite")
+        lower[j, j] = np.sqrt(pivot)
+        lower[j + 1:, j] = (matrices[j + 1:, j] - (lower[j + 1:, :j] * lower[j, :j]).sum(axis=1)) / lower[j, j]
+    inverse = np.zeros_like(matrices)
+    for i in range(size):  # its inverse, row by row (lower too)
+        inverse[i, i] = 1.0 / lower[i, i]
+        inverse[i, :i] = -(lower[i, :i, None] * inverse[:i, :i]).sum(axis=0) * inverse[i, i]
+    return np.ascontiguousarray(inverse[::-1, ::-1].transpose(2, 0, 1))
 
 
 def gptq_factor(gram: np.ndarray, rows, damping: float = DAMPING) -> np.ndarray:
