@@ -63,6 +63,9 @@ POSITIONS = 8
 _CHUNK = 16
 #: Sample ``i`` of a large feature map takes the positions of set ``i mod 8`` (:func:`_positions`).
 _PHASES = 8
+#: Tap rows of a layer's fold gathered before their correlations are summed: 16 samples' worth. One sample at a
+#: time (a 224x224 model runs its samples one by one) took twice the time (MobileNetV2: 0.28 against 0.15 s).
+_FOLD_ROWS = 16 * POSITIONS
 
 
 #: Without ``depthwise_gptq`` set either way, the depthwise layers are rounded by GPTQ when their statistics'
@@ -191,6 +194,7 @@ class DepthwiseCorrelationHook:
         self._rows: dict[str, np.ndarray] = {}
         self._seen: dict[str, int] = {}
         self._tap_cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._waiting: dict[tuple[str, int], list[np.ndarray]] = {}  # taps not yet in the sums, by layer and fold
 
     def update(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         for name, node in self._layers.items():
@@ -224,8 +228,21 @@ class DepthwiseCorrelationHook:
         for fold in (0, 1):
             picked = taps[stream % 2 == fold]
             if len(picked):
-                self._fold_in(name, fold, picked.reshape(len(picked), channels, -1, width).transpose(1, 0, 2, 3)
-                              .reshape(channels, -1, width))
+                self._buffer(name, fold, picked.reshape(len(picked), channels, -1, width).transpose(1, 0, 2, 3)
+                             .reshape(channels, -1, width))
+
+    def _buffer(self, name: str, fold: int, taps: np.ndarray) -> None:
+        """Keep ``taps [C, rows, K]`` until :data:`_FOLD_ROWS` rows of the layer's fold are waiting, then add
+        them at once: the correlations are many small products, whose count costs more than their size."""
+        waiting = self._waiting.setdefault((name, fold), [])
+        waiting.append(taps)
+        if sum(part.shape[1] for part in waiting) >= _FOLD_ROWS:
+            self._flush(name, fold)
+
+    def _flush(self, name: str, fold: int) -> None:
+        waiting = self._waiting.pop((name, fold), [])
+        if waiting:
+            self._fold_in(name, fold, waiting[0] if len(waiting) == 1 else np.concatenate(waiting, axis=1))
 
     def _fold_in(self, name: str, fold: int, taps: np.ndarray) -> None:
         """Add the correlations of ``taps [C, rows, K]`` to the layer's sums of ``fold``."""
@@ -266,6 +283,8 @@ class DepthwiseCorrelationHook:
     def result(self) -> dict[str, DepthwiseInputs]:
         """The tap correlations by layer (layers never seen, or whose every position held NaN, left out;
         a fold of samples whose every position held NaN too)."""
+        for name, fold in list(self._waiting):
+            self._flush(name, fold)
         results = {}
         for name, sums in self._sums.items():
             rows = self._rows[name]
