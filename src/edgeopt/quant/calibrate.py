@@ -299,23 +299,30 @@ class _Observation:
     Graph inputs come from the feed; ``whole`` tensors whole from the outputs;
     the others as min and max reduced inside ONNX Runtime: packed in two
     arrays for the tensors declared float32, two scalars each for the rest.
+    ``for_hooks`` are fetched whole too, for the hooks, but observed as the others.
     """
 
     def __init__(self, names: Sequence[str], config: CalibrationConfig, *, inputs: set[str],
-                 whole: Sequence[str], packed: Sequence[str],
+                 whole: Sequence[str], packed: Sequence[str], for_hooks: Sequence[str] = (),
                  channel_means: Mapping[str, tuple[int, int]] | None = None) -> None:
         self.observers = {name: _TensorObserver(name, config) for name in names}
         self.inputs = [name for name in names if name in inputs]
         self.whole, self.packed = list(whole), _PackedRanges(packed)
+        self.for_hooks = [name for name in for_hooks if name not in set(self.whole)]
         self.channel_means = dict(channel_means or {})  # for hooks: name -> (channel axis, rank)
         done = {*self.inputs, *self.whole, *self.packed.names}
         self.reduced = [name for name in names if name not in done]
 
     @property
+    def full(self) -> list[str]:
+        """The tensors a run returns whole."""
+        return [*self.whole, *self.for_hooks]
+
+    @property
     def fetch(self) -> list[str]:
         """The session outputs one run must return."""
         means = [name + suffix for name in self.channel_means for suffix in CHANNEL_MEAN_SUFFIXES]
-        return [*self.whole, *_range_names(self.reduced), *(PACKED_RANGE_OUTPUTS if self.packed.names else ()),
+        return [*self.full, *_range_names(self.reduced), *(PACKED_RANGE_OUTPUTS if self.packed.names else ()),
                 *means]
 
     def update(self, feed: Batch, outputs: Mapping[str, np.ndarray], samples: int = 1) -> None:
@@ -401,42 +408,45 @@ def calibrate(
     # a tensor fetched whole for a hook is observed itself; the other rearrangements take their root's statistics
     aliases = same_values_aliases(model, names, keep={*read_whole, *model_outputs, *no_rank})
     computed = [name for name in names if name in observed and name not in aliases]
-    whole = [n for n in computed if config.method.needs_histogram or n in read_whole or n in model_outputs]
-    fetched = set(whole)
+    # a hook's tensor comes whole for the hook; its min and max, with a min/max method, still from ONNX Runtime
+    whole = [n for n in computed if config.method.needs_histogram or n in model_outputs]
+    for_hooks = [n for n in computed if n in read_whole and n not in whole]
+    fetched = {*whole, *for_hooks}
     wanted_means = {t: axis for t, axis in mean_axes.items() if t not in fetched}
     means = _channel_mean_axes(model, wanted_means)
     whole += [t for t in wanted_means if t not in means]  # rank unknown: fetched whole after all
-    fetched = set(whole)
-    reduced = [n for n in computed if n not in fetched]
+    reduced = [n for n in computed if n not in whole]
     observation = _Observation([n for n in names if n not in aliases], config, inputs=input_names, whole=whole,
-                               packed=_float32_outputs(model, reduced), channel_means=means)
+                               packed=_float32_outputs(model, reduced), for_hooks=for_hooks, channel_means=means)
     fetch = list(dict.fromkeys([*model_outputs, *observation.fetch]))
     runner = Runner(model, observation, fetch,
-                    group=group_size(specs, hooks, fetched_bytes=fetched_bytes(model, whole)))
+                    group=group_size(specs, hooks, fetched_bytes=fetched_bytes(model, observation.full)))
     total, done = _length(data), 0
     runs = (run for feeds in groups(data, specs, runner.group) for run in runner.run(feeds))
 
-    def observe(feed: Batch, outputs: Mapping[str, np.ndarray], samples: int) -> None:
-        observation.update(feed, outputs, samples)
+    def feed_hooks(feed: Batch, outputs: Mapping[str, np.ndarray]) -> None:
         for hook in hooks:
             hook.update(feed, outputs)
 
-    # Observing a batch (histograms, hooks) overlaps ONNX Runtime's run of the next one: one
-    # worker thread takes the batches in order, at most one behind, so results are those of a
-    # plain loop and no more than two batches' outputs are alive at once.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeopt-observe") as worker:
-        pending = None
+    # Observing a batch overlaps ONNX Runtime's run of the next one: one worker thread observes the
+    # tensors (histograms), another feeds the hooks, each taking the batches in order and at most one
+    # behind, so results are those of a plain loop and no more than two batches' outputs are alive at once.
+    with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeopt-observe") as worker,
+          ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeopt-hooks") as hook_worker):
+        pending = []
         for feed, outputs, samples in runs:
-            if pending is not None:
-                pending.result()
-            pending = worker.submit(observe, feed, outputs, samples)
-            del feed, outputs  # the worker holds the batch until it is observed
+            for future in pending:
+                future.result()
+            pending = [worker.submit(observation.update, feed, outputs, samples)]
+            if hooks:
+                pending.append(hook_worker.submit(feed_hooks, feed, outputs))
+            del feed, outputs  # the workers hold the batch until it is observed
             for _ in range(samples):
                 done += 1
                 if progress is not None:
                     progress(done, total)
-        if pending is not None:
-            pending.result()
+        for future in pending:
+            future.result()
     if done == 0:
         raise EmptyDataError("calibration data is empty: give at least one batch")
     logger.info("calibrated %d tensors (%d of them rearranging another) on %d batches", len(names), len(aliases),

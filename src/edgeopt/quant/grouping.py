@@ -103,7 +103,7 @@ class Runner:
 
     def _session(self, *, free_batch: bool) -> OrtSession:
         observation = self.observation
-        return range_session(self.model, observation.whole, observation.reduced, packed=observation.packed.names,
+        return range_session(self.model, observation.full, observation.reduced, packed=observation.packed.names,
                              channel_means=observation.channel_means, free_batch=free_batch)
 
     def run(self, feeds: list[dict]) -> Iterator[tuple[dict, dict, int]]:
