@@ -323,6 +323,16 @@ def test_the_statistics_share_is_their_multiply_adds_over_the_models():
     assert statistics_share(large, ["dw"]) == float("inf")
 
 
+def test_a_depthwise_layer_of_unknown_size_makes_the_share_infinite(tmp_path):
+    """The pointwise conv's cost is known, the depthwise one's output size is not: not "free"."""
+    import onnx
+
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(onnx.load(_dw_model(tmp_path))))
+    assert statistics_share(model, ["dw"]) == pytest.approx(8 * 8 * 81 / (8 * 144 * 9 + 4 * 144 * 8))
+    next(node for node in model.graph if node.name == "dw").outputs[0].shape = ir.Shape([1, 8, "H", "W"])
+    assert statistics_share(model, ["dw"]) == float("inf")
+
+
 @pytest.mark.parametrize(("size", "by_default"), [(64, True), (12, False)])
 def test_by_default_the_depthwise_layers_are_rounded_where_the_statistics_cost_little(tmp_path, size, by_default):
     model = _depthwise(8, [size, size], [3, 3], pads=[1, 1, 1, 1], seed=19)

@@ -83,10 +83,12 @@ def statistics_share(model: ir.Model, layers: Collection[str]) -> float:
     A layer of ``C`` channels and ``K`` taps adds ``C * K * K`` per output position sampled
     (:data:`POSITIONS`, or fewer on a smaller map); a Conv costs ``K_in`` per output element. A leading
     dimension that is not a number is the batch (one sample); a node of unknown output shape counts as
-    nothing, so an unknown model looks costly. Measured: MobileNetV2 at 224x224, 1.5 %, calibrates in
-    6 % more time; the benchmark's 32x32 nets (28-170 %) in 20-150 % more.
+    nothing, and a layer of ``layers`` of unknown size makes the share ``inf``: an unknown model looks
+    costly. Measured: MobileNetV2 at 224x224, 1.5 %, calibrates in 10-25 % more time; the benchmark's
+    32x32 nets (28-170 %) in 20-150 % more.
     """
     model_macs = statistics = 0
+    sized = set()  # the layers whose statistics were counted
     for node in model.graph:
         outputs = _per_sample_elements(node.outputs[0]) if node.outputs else None
         if outputs is None or node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2:
@@ -100,6 +102,7 @@ def statistics_share(model: ir.Model, layers: Collection[str]) -> float:
                 continue
             model_macs += inputs * math.prod(weight.shape[1:])
             if node.name in layers:
+                sized.add(node.name)
                 taps = math.prod(weight.shape[2:])
                 positions = min(POSITIONS, outputs // weight.shape[0])
                 statistics += weight.shape[0] * positions * taps * taps
@@ -110,7 +113,7 @@ def statistics_share(model: ir.Model, layers: Collection[str]) -> float:
                 inner = first[0]
             if isinstance(inner, int):
                 model_macs += outputs * inner
-    return statistics / model_macs if model_macs else math.inf
+    return statistics / model_macs if model_macs and sized >= set(layers) else math.inf
 
 
 def _per_sample_elements(value: ir.Value | None) -> int | None:
