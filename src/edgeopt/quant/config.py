@@ -207,7 +207,7 @@ class Int8Config:
     figures at 1.5-3.4x the default's time (``benchmarks/rounding.py``) and is opt-in as well (at most one
     of the two). ``depthwise_gptq`` rounds the depthwise convolutions alone by GPTQ, from statistics of
     the calibration pass (:mod:`edgeopt.quant.depthwise_rounding`): a smaller gain than ``gptq``'s at
-    6 % more time on 224x224 MobileNetV2, but 20-150 % more calibration time on 32x32 nets. None (the
+    10-27 % more time on 224x224 MobileNetV2, but 20-150 % more calibration time on 32x32 nets. None (the
     default) rounds them so when the statistics' multiply-adds are at most 2 % of the model's
     (``depthwise_rounding.statistics_share``: 1.5 % on that MobileNetV2, 28-170 % on those nets) and
     neither ``gptq`` nor ``adaround`` is set (they round those layers with the rest); True always (not
