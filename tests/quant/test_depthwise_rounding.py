@@ -376,3 +376,20 @@ def test_layers_of_one_shape_are_rounded_together_as_each_alone(dw_net_path):
         (weight, ints), = alone.weights.items()
         assert np.array_equal(together.weights[weight], ints)
         assert alone.layers == tuple(layer for layer in together.layers if layer.weight == weight)
+
+
+def test_a_depthwise_layer_of_unknown_size_is_off_by_default_and_the_note_says_why(tmp_path):
+    from onnx import TensorProto, save
+
+    rng = np.random.default_rng(25)  # a 1-D depthwise conv over a free time axis
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="dw", group=4, pads=[1, 1])]
+    graph = helper.make_graph(nodes, "tcn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, "T"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, "T"])],
+                              [numpy_helper.from_array(rng.standard_normal((4, 1, 3)).astype(np.float32), "w")])
+    path = tmp_path / "tcn.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    data = [{"x": rng.standard_normal((1, 4, 20)).astype(np.float32)} for _ in range(16)]
+    notes = edgeopt.quantize(str(path), edgeopt.Int8Config(), data, check_speed=False).result.notes
+    assert ("depthwise GPTQ off: the size per sample of its statistics or of the model is unknown (free spatial "
+            "or time dims) (on by default up to 2.0 %); --depthwise-gptq rounds the depthwise convolutions anyway"
+            in notes), notes

@@ -85,7 +85,7 @@ def statistics_share(model: ir.Model, layers: Collection[str]) -> float:
     (:data:`POSITIONS`, or fewer on a smaller map); a Conv costs ``K_in`` per output element. A leading
     dimension that is not a number is the batch (one sample); a node of unknown output shape counts as
     nothing, and a layer of ``layers`` of unknown size makes the share ``inf``: an unknown model looks
-    costly. Measured: MobileNetV2 at 224x224, 1.5 %, calibrates in 10-25 % more time; the benchmark's
+    costly. Measured: MobileNetV2 at 224x224, 1.5 %, calibrates in 10-27 % more time; the benchmark's
     32x32 nets (28-170 %) in 20-150 % more.
     """
     model_macs = statistics = 0
@@ -239,8 +239,9 @@ class DepthwiseCorrelationHook:
                              .reshape(channels, -1, width))
 
     def _buffer(self, name: str, fold: int, taps: np.ndarray) -> None:
-        """Keep ``taps [C, rows, K]`` until :data:`_FOLD_ROWS` rows of the layer's fold are waiting, then add
-        them at once: the correlations are many small products, whose count costs more than their size."""
+        """Keep ``taps [C, rows, K]`` until :data:`_FOLD_ROWS` rows of the layer's fold are waiting (or
+        :data:`_FOLD_BYTES` of them as float64), then add them at once: the correlations are many small
+        products, whose count costs more than their size."""
         waiting = self._waiting.setdefault((name, fold), [])
         waiting.append(taps)
         rows = sum(part.shape[1] for part in waiting)
@@ -336,7 +337,7 @@ def round_depthwise(model: ir.Model, inputs: Mapping[str, DepthwiseInputs],
         taken[name] = _Layer(node=node, weight=weight, seen=seen, step_sizes=step_sizes, steps=matrices / step_sizes)
     ints = _rounded_together(list(taken.values()))
     layers = []
-    for (name, layer), rounded in zip(taken.items(), ints):
+    for layer, rounded in zip(taken.values(), ints):
         steps, step_sizes, gram = layer.steps, layer.step_sizes, layer.seen.gram
         nearest = np.clip(np.rint(steps), -127, 127)
         layers.append(RoundedLayer(

@@ -20,6 +20,7 @@ logged and written into the result's notes.
 from __future__ import annotations
 
 import logging
+import math
 import types
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -309,8 +310,10 @@ class _AccuracyHooks:
         elif self.config.depthwise_gptq:
             notes.append("depthwise GPTQ: no depthwise convolution with a quantized weight to round")
         elif self.depthwise_share is not None:
-            notes.append(f"depthwise GPTQ off: its statistics would cost {_share(self.depthwise_share)} of the "
-                         f"model's multiply-adds (on by default up to {_share(DEFAULT_MAX_SHARE)}); "
+            cost = (f"its statistics would cost {_share(self.depthwise_share)} of the model's multiply-adds"
+                    if math.isfinite(self.depthwise_share) else
+                    "the size per sample of its statistics or of the model is unknown (free spatial or time dims)")
+            notes.append(f"depthwise GPTQ off: {cost} (on by default up to {_share(DEFAULT_MAX_SHARE)}); "
                          "--depthwise-gptq rounds the depthwise convolutions anyway")
         if self.means is not None:
             means = {name: mean for name, mean in self._means_seen.result().items() if name in self.means.tensors}
