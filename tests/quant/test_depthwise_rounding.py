@@ -312,6 +312,8 @@ def test_the_statistics_share_is_their_multiply_adds_over_the_models():
     assert statistics_share(small, ["dw"]) == pytest.approx(8 * 8 * 81 / (8 * 144 * 9))  # 50 %
     assert statistics_share(large, ["dw"]) == pytest.approx(8 * 8 * 81 / (8 * 4096 * 9))  # 1.8 %
     assert statistics_share(large, ["dw"]) < DEFAULT_MAX_SHARE < statistics_share(small, ["dw"])
+    doubled = _depthwise(8, [12, 12], [3, 3], multiplier=2, pads=[1, 1, 1, 1])  # one correlation per group
+    assert statistics_share(doubled, ["dw"]) == pytest.approx(8 * 8 * 81 / (16 * 144 * 9))
     tiny = _depthwise(8, [2, 2], [3, 3], pads=[1, 1, 1, 1])  # 4 positions, all of them
     assert statistics_share(tiny, ["dw"]) == pytest.approx(8 * 4 * 81 / (8 * 4 * 9))
     batch = ir.SymbolicDim("N")  # a free batch dim is one sample
@@ -393,3 +395,26 @@ def test_a_depthwise_layer_of_unknown_size_is_off_by_default_and_the_note_says_w
     assert ("depthwise GPTQ off: the size per sample of its statistics or of the model is unknown (free spatial "
             "or time dims) (on by default up to 2.0 %); --depthwise-gptq rounds the depthwise convolutions anyway"
             in notes), notes
+
+
+def test_the_default_is_decided_on_all_the_depthwise_layers_whatever_is_excluded(tmp_path):
+    """Two depthwise layers cost 3.7 % together, 1.9 % alone: excluding one (as a round of the accuracy
+    search does) must not switch the rounding on for the other."""
+    from onnx import TensorProto, save
+
+    rng = np.random.default_rng(26)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="dw1", group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["a", "w2"], ["b"], name="dw2", group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["b", "w3"], ["y"], name="pw")]
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("w1", (8, 1, 3, 3)), ("w2", (8, 1, 3, 3)), ("w3", (16, 8, 1, 1)))]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 32, 32])], weights)
+    path = tmp_path / "two.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    data = [{"x": image[None]} for image in _smooth(16, 8, 32, seed=27)]
+    off = ("depthwise GPTQ off: its statistics would cost 3.7 % of the model's multiply-adds (on by default up to "
+           "2.0 %); --depthwise-gptq rounds the depthwise convolutions anyway")
+    for exclude in ((), ("dw1",)):
+        notes = edgeopt.quantize(str(path), edgeopt.Int8Config(exclude=exclude), data, check_speed=False).result.notes
+        assert off in notes, (exclude, notes)

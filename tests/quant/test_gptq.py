@@ -319,6 +319,10 @@ def test_the_small_matrix_factor_is_lapacks_and_refuses_what_is_not_positive_def
         np.testing.assert_allclose(factor, gptq._lapack_inverse_factor(matrices), rtol=1e-9, atol=1e-12)
         assert np.array_equal(factor, np.triu(factor))
         np.testing.assert_allclose(factor.transpose(0, 2, 1) @ factor, np.linalg.inv(matrices), rtol=1e-8, atol=1e-10)
+    broken = np.repeat(np.eye(4)[None], 3, axis=0)
+    broken[1, 0, 0] = np.nan  # handed to LAPACK, which carries it into that factor as before, and returns
+    factor = gptq.inverse_factor(broken)
+    assert np.isnan(factor[1]).any() and np.isfinite(factor[[0, 2]]).all()
     singular = np.zeros((3, 4, 4))
     with pytest.raises(np.linalg.LinAlgError):
         gptq._small_inverse_factor(singular)

@@ -16,7 +16,7 @@ data again.
 A tensor that only rearranges another observed tensor's values (Reshape,
 Transpose, Flatten, Squeeze, Unsqueeze, Identity, chained) holds the same
 values batch by batch, so it is not observed again: it takes that tensor's
-statistics, which are exactly what observing it would give.
+statistics (the same values, hence the same min, max and histogram).
 
 Hooks (``update(feed, outputs)``) see every batch and the model outputs,
 e.g. to check a converted model against the original on the same data.

@@ -81,12 +81,13 @@ def statistics_share(model: ir.Model, layers: Collection[str]) -> float:
     """The multiply-adds per sample of the tap correlations of ``layers``, over those of the model's
     Conv, ConvTranspose, Gemm and MatMul nodes (``inf`` when none is known).
 
-    A layer of ``C`` channels and ``K`` taps adds ``C * K * K`` per output position sampled
-    (:data:`POSITIONS`, or fewer on a smaller map); a Conv costs ``K_in`` per output element. A leading
-    dimension that is not a number is the batch (one sample); a node of unknown output shape counts as
-    nothing, and a layer of ``layers`` of unknown size makes the share ``inf``: an unknown model looks
-    costly. Measured: MobileNetV2 at 224x224, 1.5 %, calibrates in 10-27 % more time; the benchmark's
-    32x32 nets (28-170 %) in 20-150 % more.
+    A layer of ``G`` groups (input channels) and ``K`` taps adds ``G * K * K`` per output position sampled
+    (:data:`POSITIONS`, or fewer on a smaller map); a Conv costs ``K_in`` per output element. Every
+    tensor's leading dimension is taken as the batch (one sample), a number or not: right for a Conv's
+    ``N``, an undercount of a 2-D MatMul's rows or of a batch of patches, which only makes the share
+    look larger. A node of unknown output shape counts as nothing, and a layer of ``layers`` of unknown
+    size makes the share ``inf``: an unknown model looks costly. Measured: MobileNetV2 at 224x224, 1.5 %,
+    calibrates in 10-27 % more time; the benchmark's 32x32 nets (28-170 %) in 20-150 % more.
     """
     model_macs = statistics = 0
     sized = set()  # the layers whose statistics were counted
@@ -106,7 +107,7 @@ def statistics_share(model: ir.Model, layers: Collection[str]) -> float:
                 sized.add(node.name)
                 taps = math.prod(weight.shape[2:])
                 positions = min(POSITIONS, outputs // weight.shape[0])
-                statistics += weight.shape[0] * positions * taps * taps
+                statistics += node.attributes.get_int("group", 1) * positions * taps * taps
         else:
             first = node.inputs[0].shape if node.inputs[0] is not None else None
             inner = first[-1] if first is not None and len(first) else None

@@ -85,7 +85,10 @@ def inverse_factor(gram: np.ndarray, damping: float = DAMPING) -> np.ndarray:
     eye = np.eye(gram.shape[-1])
     mean = np.einsum("gkk->gk", gram).mean(axis=1)[:, None, None]
     load = damping
-    factor = _small_inverse_factor if gram.shape[-1] <= _SMALL else _lapack_inverse_factor
+    # (LAPACK's also for a NaN or an infinity, which it carries into the factor where the loop would raise
+    # for ever)
+    small = gram.shape[-1] <= _SMALL and bool(np.isfinite(gram).all())
+    factor = _small_inverse_factor if small else _lapack_inverse_factor
     while True:
         loaded = gram + (load * np.where(mean > 0, mean, 1.0)) * eye
         try:
@@ -113,7 +116,7 @@ def _small_inverse_factor(loaded: np.ndarray) -> np.ndarray:
     lower = np.zeros_like(matrices)
     for j in range(size):  # Cholesky, column by column
         pivot = matrices[j, j] - np.square(lower[j, :j]).sum(axis=0)
-        if not np.all(pivot > 0):  # also NaN
+        if not np.all(np.isfinite(pivot) & (pivot > 0)):
             raise np.linalg.LinAlgError("not positive definite")
         lower[j, j] = np.sqrt(pivot)
         lower[j + 1:, j] = (matrices[j + 1:, j] - (lower[j + 1:, :j] * lower[j, :j]).sum(axis=1)) / lower[j, j]

@@ -40,8 +40,8 @@ from edgeopt.quant.calibrate import calibrate
 from edgeopt.quant.calibration_memo import CalibrationMemo
 from edgeopt.quant.config import (CalibrationConfig, CalibrationMethod, Fallback, Int8Config, PerTensor, Target,
                                   is_excluded)
-from edgeopt.quant.depthwise_rounding import (DEFAULT_MAX_SHARE, DepthwiseCorrelationHook, round_depthwise,
-                                             statistics_share)
+from edgeopt.quant.depthwise_rounding import (DEFAULT_MAX_SHARE, DepthwiseCorrelationHook, is_depthwise,
+                                             round_depthwise, statistics_share)
 from edgeopt.quant.equalize import equalize
 from edgeopt.quant.fallback import fp16_fallback
 from edgeopt.quant.gptq import gptq_layer
@@ -242,7 +242,10 @@ class _AccuracyHooks:
         else:
             depthwise = DepthwiseCorrelationHook(model, layers) if config.depthwise_gptq is not False else None
             if depthwise is not None and depthwise.layers and config.depthwise_gptq is None:
-                self.depthwise_share = statistics_share(model, depthwise.layers)  # on by default when cheap
+                # on by default when cheap: judged on all the model's depthwise layers, so that excluding some
+                # (the accuracy search's rounds) does not switch it on for the others
+                self.depthwise_share = statistics_share(model, [node.name for node in model.graph
+                                                                if is_depthwise(node)])
                 depthwise = depthwise if self.depthwise_share <= DEFAULT_MAX_SHARE else None
             self.sampler = depthwise if depthwise is not None and depthwise.layers else None
         self.hooks = [h for h in (self.means, self.sampler) if h is not None]
