@@ -396,3 +396,20 @@ def test_a_fused_attention_reading_a_past_attends_over_the_past_keys_too(tmp_pat
     projection = batch * tokens * width * 3 * width
     assert costs == [projection + batch * tokens * tokens * 2 * width,
                      projection + batch * tokens * (tokens + past) * 2 * width]
+
+
+def test_a_free_batch_counts_as_one_sample_when_asked(tmp_path):
+    """A model exported with a dynamic batch has an unknown cost, or its cost per sample; a free dim
+    elsewhere stays unknown either way."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("MatMul", ["y", "m"], ["z"], name="matmul")]
+    model = _load(tmp_path, nodes, [_info("x", ["N", 3, 8, 8])], [_info("z", ["N", 4, 8, 5])],
+                  [_weight("w", 4, 3, 3, 3), _weight("m", 8, 5)], require_static=False)
+    assert analyze_cost(model).unknown_nodes == ("conv", "matmul")
+    per_sample = analyze_cost(model, free_batch_as_one=True)
+    assert per_sample.unknown_nodes == ()
+    assert [row.macs for row in per_sample.nodes] == [4 * 64 * 27, 4 * 8 * 5 * 8]
+    assert per_sample.nodes[0].output_shapes == ((1, 4, 8, 8),)
+    free_width = _load(tmp_path, nodes[:1], [_info("x", [1, 3, 8, "W"])], [_info("y", [1, 4, 8, "W"])],
+                       [_weight("w", 4, 3, 3, 3)], require_static=False)
+    assert analyze_cost(free_width, free_batch_as_one=True).unknown_nodes == ("conv",)

@@ -69,6 +69,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 
@@ -77,7 +78,7 @@ import onnx_ir as ir
 from edgeopt.analysis._graph import execution_steps, is_constant_node
 from edgeopt.ir import constant_array, numpy_dtype, static_shape, subgraphs, value_bytes
 
-__all__ = ["CostReport", "NodeCost", "analyze_cost"]
+__all__ = ["CostReport", "NodeCost", "analyze_cost", "sample_shape"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +130,28 @@ class _UnknownShape(Exception):
 # ---------------------------------------------------------------- shapes
 
 
-def _shape(value: ir.Value | None) -> Shape:
+# Set by analyze_cost(free_batch_as_one=True): shapes are read by sample_shape instead of static_shape.
+_FREE_BATCH_AS_ONE: ContextVar[bool] = ContextVar("free_batch_as_one", default=False)
+
+
+def sample_shape(value: ir.Value | None) -> Shape | None:
+    """The static shape of ``value``, a leading dim that is not a number (a free batch) taken as 1; None
+    when another dim is unknown."""
     shape = static_shape(value)
+    if shape is not None or value is None or value.shape is None:
+        return shape
+    dims = list(value.shape.dims)
+    if dims and not isinstance(dims[0], int) and all(isinstance(dim, int) for dim in dims[1:]):
+        return (1, *dims[1:])
+    return None
+
+
+def _static_shape(value: ir.Value | None) -> Shape | None:
+    return sample_shape(value) if _FREE_BATCH_AS_ONE.get() else static_shape(value)
+
+
+def _shape(value: ir.Value | None) -> Shape:
+    shape = _static_shape(value)
     if shape is None:
         raise _UnknownShape
     return shape
@@ -426,8 +447,15 @@ def _output_dtype(node: ir.Node) -> str:
 
 def _activation_bytes(node: ir.Node) -> int | None:
     """Bytes of the node's outputs, or None when a size is unknown."""
-    sizes = [value_bytes(value) for value in node.outputs if value.name]
+    sizes = [_value_bytes(value) for value in node.outputs if value.name]
     return None if None in sizes else sum(sizes)
+
+
+def _value_bytes(value: ir.Value) -> int | None:
+    if not _FREE_BATCH_AS_ONE.get():
+        return value_bytes(value)
+    shape, dtype = sample_shape(value), numpy_dtype(value)
+    return None if shape is None or dtype is None else math.prod(shape) * dtype.itemsize
 
 
 def _compute_cost(node: ir.Node) -> Cost | None:
@@ -447,7 +475,7 @@ def _node_cost(name: str, node: ir.Node, seen: set[int]) -> tuple[NodeCost, bool
     params, weight_bytes = _node_weights(node, seen)
     row = NodeCost(
         name=name, op_type=node.op_type, output_dtype=_output_dtype(node),
-        output_shapes=tuple(static_shape(v) for v in node.outputs if v.name),
+        output_shapes=tuple(_static_shape(v) for v in node.outputs if v.name),
         params=params, weight_bytes=weight_bytes,
         macs=cost[0] if cost else 0, other_flops=cost[1] if cost else 0,
         activation_bytes=activation_bytes or 0,
@@ -481,16 +509,25 @@ def _report(rows: list[NodeCost], unknown: list[str], nodes: list[ir.Node]) -> C
     )
 
 
-def analyze_cost(model: ir.Model) -> CostReport:
-    """MACs, other FLOPs, parameters and activation bytes of every node (see module doc)."""
+def analyze_cost(model: ir.Model, *, free_batch_as_one: bool = False) -> CostReport:
+    """MACs, other FLOPs, parameters and activation bytes of every node (see module doc).
+
+    ``free_batch_as_one``: a tensor whose leading dim is not a number (a free batch) and whose other dims
+    are counts as one sample (:func:`sample_shape`), so a model exported with a dynamic batch has a cost
+    per sample instead of an unknown one (a free time axis leading a recurrent input counts as one step).
+    """
     seen: set[int] = set()
     rows, unknown = [], []
     steps = execution_steps(model.graph)
-    for name, node in steps:
-        row, is_unknown = _node_cost(name, node, seen)
-        rows.append(row)
-        if is_unknown:
-            unknown.append(name)
+    token = _FREE_BATCH_AS_ONE.set(free_batch_as_one)
+    try:
+        for name, node in steps:
+            row, is_unknown = _node_cost(name, node, seen)
+            rows.append(row)
+            if is_unknown:
+                unknown.append(name)
+    finally:
+        _FREE_BATCH_AS_ONE.reset(token)
     if unknown:
         logger.info("cost of %d nodes is partly unknown (unknown shapes): %s", len(unknown), ", ".join(unknown[:5]))
     return _report(rows, unknown, [node for _, node in steps])

@@ -46,6 +46,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
+from edgeopt.analysis.cost import analyze_cost, sample_shape
 from edgeopt.quant.adaround import (SHARED_WEIGHT, AdaRoundResult, RoundedLayer, conv_geometry,
                                     quantized_weight_axis)
 from edgeopt.quant.adaround_solver import channel_scales
@@ -78,52 +79,30 @@ DEFAULT_MAX_SHARE = 0.02
 
 
 def statistics_share(model: ir.Model, layers: Collection[str]) -> float:
-    """The multiply-adds per sample of the tap correlations of ``layers``, over those of the model's
-    Conv, ConvTranspose, Gemm and MatMul nodes (``inf`` when none is known).
+    """The multiply-adds of the tap correlations of ``layers``, over the model's (``inf`` when either is
+    unknown).
 
-    A layer of ``G`` groups (input channels) and ``K`` taps adds ``G * K * K`` per output position sampled
-    (:data:`POSITIONS`, or fewer on a smaller map); a Conv costs ``K_in`` per output element. Every
-    tensor's leading dimension is taken as the batch (one sample), a number or not: right for a Conv's
-    ``N``, an undercount of a 2-D MatMul's rows or of a batch of patches, which only makes the share
-    look larger. A node of unknown output shape counts as nothing, and a layer of ``layers`` of unknown
-    size makes the share ``inf``: an unknown model looks costly. Measured: MobileNetV2 at 224x224, 1.5 %,
-    calibrates in 10-27 % more time; the benchmark's 32x32 nets (28-170 %) in 20-150 % more.
+    A layer of ``G`` groups (input channels) and ``K`` taps adds ``G * K * K`` per output position
+    sampled (:data:`POSITIONS` per sample, or fewer on a smaller map); the model's are those of
+    :func:`edgeopt.analysis.cost.analyze_cost`, both counted with a free leading (batch) dim as one
+    sample. A node of unknown size counts as nothing in the model's, and a layer of ``layers`` of
+    unknown size makes the share ``inf``: an unknown model looks costly. Measured: MobileNetV2 at
+    224x224, 1.5 %, calibrates in 10-27 % more time; the benchmark's 32x32 nets (28-170 %) in 20-150 %
+    more.
     """
-    model_macs = statistics = 0
-    sized = set()  # the layers whose statistics were counted
-    for node in model.graph:
-        outputs = _per_sample_elements(node.outputs[0]) if node.outputs else None
-        if outputs is None or node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2:
-            continue
-        weight = node.inputs[1]
-        if node.op_type in ("Conv", "ConvTranspose"):
-            if weight is None or weight.shape is None or not all(isinstance(d, int) for d in weight.shape):
-                continue
-            inputs = _per_sample_elements(node.inputs[0]) if node.op_type == "ConvTranspose" else outputs
-            if inputs is None:
-                continue
-            model_macs += inputs * math.prod(weight.shape[1:])
-            if node.name in layers:
-                sized.add(node.name)
-                taps = math.prod(weight.shape[2:])
-                positions = min(POSITIONS, outputs // weight.shape[0])
-                statistics += node.attributes.get_int("group", 1) * positions * taps * taps
-        else:
-            first = node.inputs[0].shape if node.inputs[0] is not None else None
-            inner = first[-1] if first is not None and len(first) else None
-            if node.op_type == "Gemm" and node.attributes.get_int("transA", 0) and first is not None:
-                inner = first[0]
-            if isinstance(inner, int):
-                model_macs += outputs * inner
-    return statistics / model_macs if model_macs and sized >= set(layers) else math.inf
-
-
-def _per_sample_elements(value: ir.Value | None) -> int | None:
-    """Elements of ``value`` per sample: all its dims but a leading batch dim; None if one is unknown."""
-    shape = value.shape if value is not None else None
-    if shape is None or not all(isinstance(dim, int) for dim in list(shape)[1:]):
-        return None
-    return math.prod(list(shape)[1:])
+    by_name = {node.name: node for node in model.graph}
+    statistics = 0
+    for name in layers:
+        node = by_name.get(name)
+        output = sample_shape(node.outputs[0]) if node is not None and node.outputs else None
+        weight = node.inputs[1].shape if output is not None and len(node.inputs) > 1 else None
+        if output is None or weight is None or not all(isinstance(dim, int) for dim in weight):
+            return math.inf
+        taps = math.prod(list(weight)[2:])
+        positions = min(POSITIONS, math.prod(output[2:]))
+        statistics += output[0] * node.attributes.get_int("group", 1) * positions * taps * taps
+    model_macs = analyze_cost(model, free_batch_as_one=True).macs
+    return statistics / model_macs if model_macs else math.inf
 
 
 def is_depthwise(node: ir.Node) -> bool:
