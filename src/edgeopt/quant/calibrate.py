@@ -308,7 +308,8 @@ class _Observation:
         self.observers = {name: _TensorObserver(name, config) for name in names}
         self.inputs = [name for name in names if name in inputs]
         self.whole, self.packed = list(whole), _PackedRanges(packed)
-        self.for_hooks = [name for name in for_hooks if name not in set(self.whole)]
+        observed_whole = set(self.whole)
+        self.for_hooks = [name for name in for_hooks if name not in observed_whole]
         self.channel_means = dict(channel_means or {})  # for hooks: name -> (channel axis, rank)
         done = {*self.inputs, *self.whole, *self.packed.names}
         self.reduced = [name for name in names if name not in done]

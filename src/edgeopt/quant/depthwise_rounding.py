@@ -53,6 +53,7 @@ from edgeopt.quant.adaround_solver import channel_scales
 from edgeopt.quant.config import PerChannel, PerTensor
 from edgeopt.quant.gptq import gptq_from_gram, output_error
 from edgeopt.quant.primitives import quantize_per_channel
+from edgeopt.runtime.memory import MMAP_THRESHOLD_BYTES
 
 __all__ = ["DEFAULT_MAX_SHARE", "POSITIONS", "DepthwiseCorrelationHook", "DepthwiseInputs", "is_depthwise",
            "round_depthwise", "statistics_share"]
@@ -68,9 +69,9 @@ _PHASES = 8
 #: Tap rows of a layer's fold gathered before their correlations are summed: 16 samples' worth. One sample at a
 #: time (a 224x224 model runs its samples one by one) took twice the time (MobileNetV2: 0.28 against 0.15 s).
 _FOLD_ROWS = 16 * POSITIONS
-#: ... or fewer, so that their float64 copy stays under glibc's mmap threshold (pinned at 1 MiB by
-#: :mod:`edgeopt.runtime.memory`; a larger temporary is mapped afresh and page-faulted in at every use).
-_FOLD_BYTES = 3 << 18
+#: The size kept under glibc's mmap threshold (pinned by :mod:`edgeopt.runtime.memory`) by the temporaries of
+#: folding taps and of rounding: a larger one is mapped afresh and page-faulted in at every use.
+_TEMPORARY_BYTES = MMAP_THRESHOLD_BYTES * 3 // 4
 
 
 #: Without ``depthwise_gptq`` set either way, the depthwise layers are rounded by GPTQ when their statistics'
@@ -220,12 +221,12 @@ class DepthwiseCorrelationHook:
 
     def _buffer(self, name: str, fold: int, taps: np.ndarray) -> None:
         """Keep ``taps [C, rows, K]`` until :data:`_FOLD_ROWS` rows of the layer's fold are waiting (or
-        :data:`_FOLD_BYTES` of them as float64), then add them at once: the correlations are many small
-        products, whose count costs more than their size."""
+        :data:`_TEMPORARY_BYTES` of them as float64), then add them at once: the correlations are many
+        small products, whose count costs more than their size."""
         waiting = self._waiting.setdefault((name, fold), [])
         waiting.append(taps)
         rows = sum(part.shape[1] for part in waiting)
-        if rows >= _FOLD_ROWS or rows * taps.shape[0] * taps.shape[2] * 8 >= _FOLD_BYTES:
+        if rows >= _FOLD_ROWS or rows * taps.shape[0] * taps.shape[2] * 8 >= _TEMPORARY_BYTES:
             self._flush(name, fold)
 
     def _flush(self, name: str, fold: int) -> None:
@@ -343,12 +344,6 @@ class _Layer:
     steps: np.ndarray  # [G, N, K]
 
 
-#: Channels rounded at a time. Their three problems' ``K x K`` temporaries (9 x 9: 750 KiB) stay under glibc's mmap
-#: threshold (:mod:`edgeopt.runtime.memory` pins it at 1 MiB), so they reuse heap memory: all of a 224x224
-#: MobileNetV2's 7,000 at once made 14 MB temporaries, each mapped afresh and page-faulted in (0.40 s against 0.15).
-_GROUPS_AT_ONCE = 384
-
-
 def _rounded_together(layers: list[_Layer]) -> list[np.ndarray]:
     """:func:`_rounded` of each layer, the layers of one shape (``N``, ``K``) with both folds stacked along the
     groups and solved as one problem (each group's channels are solved alone: the result is the same)."""
@@ -359,11 +354,14 @@ def _rounded_together(layers: list[_Layer]) -> list[np.ndarray]:
             results[index] = np.clip(np.rint(layer.steps), -127, 127).astype(np.int8)
         else:
             batches.setdefault(layer.steps.shape[1:], []).append(index)
-    for members in batches.values():
+    for (_, width), members in batches.items():
+        # channels rounded at a time: their three problems' K x K float64 temporaries within _TEMPORARY_BYTES
+        # (all of a 224x224 MobileNetV2's 7,000 at once took 0.40 s instead of 0.10, in page faults)
+        at_once = max(1, _TEMPORARY_BYTES // (3 * width * width * 8))
         steps = np.concatenate([layers[i].steps for i in members])
         folds = np.concatenate([layers[i].seen.folds for i in members], axis=1)
         rows = np.concatenate([layers[i].seen.rows for i in members], axis=1)
-        parts = [slice(start, start + _GROUPS_AT_ONCE) for start in range(0, len(steps), _GROUPS_AT_ONCE)]
+        parts = [slice(start, start + at_once) for start in range(0, len(steps), at_once)]
         stacked = np.concatenate([_rounded(steps[part], folds[:, part], rows[:, part]) for part in parts])
         bounds = np.cumsum([0, *(len(layers[i].steps) for i in members)])
         for i, start, stop in zip(members, bounds[:-1], bounds[1:]):

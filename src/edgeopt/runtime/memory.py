@@ -20,7 +20,7 @@ import ctypes
 import functools
 import logging
 
-__all__ = ["return_freed_memory"]
+__all__ = ["MMAP_THRESHOLD_BYTES", "return_freed_memory"]
 
 logger = logging.getLogger(__name__)
 
