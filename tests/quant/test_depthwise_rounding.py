@@ -238,19 +238,20 @@ def test_a_channel_never_finite_keeps_the_nearest_rounding_and_the_others_are_st
     assert result.layers[0].channels_learned > 0
 
 
-def _dw_model(tmp_path) -> str:
-    from onnx import TensorProto, save
+def _saved(path, nodes, inputs, outputs, weights: dict[str, tuple[int, ...]], seed: int) -> str:
+    """:func:`make_model`'s model, its weights seeded N(0, 1), written to ``path``."""
+    rng = np.random.default_rng(seed)
+    initializers = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+                    for name, shape in weights.items()]
+    ir.save(make_model(nodes, inputs, outputs, initializers), path)
+    return str(path)
 
-    rng = np.random.default_rng(14)
+
+def _dw_model(tmp_path) -> str:
     nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="dw", group=8, pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["a"], ["r"]), helper.make_node("Conv", ["r", "w2"], ["y"], name="pw")]
-    graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 12, 12])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 12, 12])],
-                              [numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32), "w1"),
-                               numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2")])
-    path = str(tmp_path / "dw.onnx")
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
+    return _saved(tmp_path / "dw.onnx", nodes, [("x", [1, 8, 12, 12])], [("y", [1, 4, 12, 12])],
+                  {"w1": (8, 1, 3, 3), "w2": (4, 8, 1, 1)}, seed=14)
 
 
 @pytest.mark.parametrize("config", [
@@ -286,17 +287,10 @@ def test_the_accuracy_search_rounds_once_and_matches_a_fresh_quantization(dw_net
 
 
 def test_a_model_without_depthwise_layers_is_told_so(tmp_path):
-    from onnx import TensorProto, save
-
-    weight = np.random.default_rng(17).standard_normal((4, 3, 3, 3)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "plain",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
-                              [numpy_helper.from_array(weight, "w")])
-    path = tmp_path / "plain.onnx"
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    path = _saved(tmp_path / "plain.onnx", [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+                  [("x", [1, 3, 8, 8])], [("y", [1, 4, 6, 6])], {"w": (4, 3, 3, 3)}, seed=17)
     data = [{"x": image[None]} for image in _smooth(16, 3, 8, seed=18)]
-    notes = edgeopt.quantize(str(path), edgeopt.Int8Config(depthwise_gptq=True), data, check_speed=False).result.notes
+    notes = edgeopt.quantize(path, edgeopt.Int8Config(depthwise_gptq=True), data, check_speed=False).result.notes
     assert "depthwise GPTQ: no depthwise convolution with a quantized weight to round" in notes
 
 
@@ -327,9 +321,7 @@ def test_the_statistics_share_is_their_multiply_adds_over_the_models():
 
 def test_a_depthwise_layer_of_unknown_size_makes_the_share_infinite(tmp_path):
     """The pointwise conv's cost is known, the depthwise one's output size is not: not "free"."""
-    import onnx
-
-    model = ir.from_proto(onnx.shape_inference.infer_shapes(onnx.load(_dw_model(tmp_path))))
+    model = ir.load(_dw_model(tmp_path))  # its shapes inferred
     assert statistics_share(model, ["dw"]) == pytest.approx(8 * 8 * 81 / (8 * 144 * 9 + 4 * 144 * 8))
     next(node for node in model.graph if node.name == "dw").outputs[0].shape = ir.Shape([1, 8, "H", "W"])
     assert statistics_share(model, ["dw"]) == float("inf")
@@ -381,17 +373,12 @@ def test_layers_of_one_shape_are_rounded_together_as_each_alone(dw_net_path):
 
 
 def test_a_depthwise_layer_of_unknown_size_is_off_by_default_and_the_note_says_why(tmp_path):
-    from onnx import TensorProto, save
-
-    rng = np.random.default_rng(25)  # a 1-D depthwise conv over a free time axis
-    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="dw", group=4, pads=[1, 1])]
-    graph = helper.make_graph(nodes, "tcn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, "T"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, "T"])],
-                              [numpy_helper.from_array(rng.standard_normal((4, 1, 3)).astype(np.float32), "w")])
-    path = tmp_path / "tcn.onnx"
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="dw", group=4, pads=[1, 1])]  # over a free time axis
+    path = _saved(tmp_path / "tcn.onnx", nodes, [("x", [1, 4, "T"])], [("y", [1, 4, "T"])], {"w": (4, 1, 3)},
+                  seed=25)
+    rng = np.random.default_rng(25)
     data = [{"x": rng.standard_normal((1, 4, 20)).astype(np.float32)} for _ in range(16)]
-    notes = edgeopt.quantize(str(path), edgeopt.Int8Config(), data, check_speed=False).result.notes
+    notes = edgeopt.quantize(path, edgeopt.Int8Config(), data, check_speed=False).result.notes
     assert ("depthwise GPTQ off: the size per sample of its statistics or of the model is unknown (free spatial "
             "or time dims) (on by default up to 2.0 %); --depthwise-gptq rounds the depthwise convolutions anyway"
             in notes), notes
@@ -400,21 +387,14 @@ def test_a_depthwise_layer_of_unknown_size_is_off_by_default_and_the_note_says_w
 def test_the_default_is_decided_on_all_the_depthwise_layers_whatever_is_excluded(tmp_path):
     """Two depthwise layers cost 3.7 % together, 1.9 % alone: excluding one (as a round of the accuracy
     search does) must not switch the rounding on for the other."""
-    from onnx import TensorProto, save
-
-    rng = np.random.default_rng(26)
     nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="dw1", group=8, pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["a", "w2"], ["b"], name="dw2", group=8, pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["b", "w3"], ["y"], name="pw")]
-    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
-               for name, shape in (("w1", (8, 1, 3, 3)), ("w2", (8, 1, 3, 3)), ("w3", (16, 8, 1, 1)))]
-    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 32, 32])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 32, 32])], weights)
-    path = tmp_path / "two.onnx"
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    path = _saved(tmp_path / "two.onnx", nodes, [("x", [1, 8, 32, 32])], [("y", [1, 16, 32, 32])],
+                  {"w1": (8, 1, 3, 3), "w2": (8, 1, 3, 3), "w3": (16, 8, 1, 1)}, seed=26)
     data = [{"x": image[None]} for image in _smooth(16, 8, 32, seed=27)]
     off = ("depthwise GPTQ off: its statistics would cost 3.7 % of the model's multiply-adds (on by default up to "
            "2.0 %); --depthwise-gptq rounds the depthwise convolutions anyway")
     for exclude in ((), ("dw1",)):
-        notes = edgeopt.quantize(str(path), edgeopt.Int8Config(exclude=exclude), data, check_speed=False).result.notes
+        notes = edgeopt.quantize(path, edgeopt.Int8Config(exclude=exclude), data, check_speed=False).result.notes
         assert off in notes, (exclude, notes)
