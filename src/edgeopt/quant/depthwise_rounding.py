@@ -30,7 +30,7 @@ the statistics and the rounding add 20 % (the demo) to 150 % (MobileNetV3's
 5x5 layers) of the calibration time, past the 0.5x of ONNX Runtime's that
 the benchmark holds it to. So by default the layers are rounded this way
 only where the statistics' multiply-adds are at most :data:`DEFAULT_MAX_SHARE`
-of the model's (:func:`statistics_share`: 1.5 % on that MobileNetV2, 0.6 % on
+of the model's (:func:`statistics_share`: 1.5 % on that MobileNetV2, 0.5 % on
 the test MobileViT, 28-170 % on those nets); ``--depthwise-gptq`` and ``--no-depthwise-gptq`` decide
 either way. ``--gptq`` and ``--adaround`` round every layer, these included,
 from sampled input rows.
