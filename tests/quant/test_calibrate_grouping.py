@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx
+import pytest
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
@@ -225,3 +226,58 @@ def test_histograms_and_ranges_do_not_depend_on_how_samples_are_grouped_into_run
             monkeypatch.setattr(grouping, "GROUP_SIZE", size)
             results.append(_histograms(model, data, names, method))
         assert results[0] == results[1] == results[2], method
+
+
+class _OrderHook:
+    """Records the first value of every batch it sees, in order (groupable: sees groups as one batch)."""
+
+    groupable = True
+    tensors = ("y",)
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def update(self, feed, outputs) -> None:
+        self.seen.extend(float(sample.reshape(-1)[0]) for sample in outputs["y"])
+
+
+@pytest.mark.parametrize("size", [1, 16])
+def test_runs_in_flight_give_what_one_run_at_a_time_gives(monkeypatch, size):
+    # two runs at once (each on half the cores) must observe and hand the hooks every batch in data order
+    from edgeopt.quant import CalibrationMethod, grouping
+
+    model, data = _conv_relu(), _samples((1, 3, 8, 8), seed=4)
+    names = _tensor_names(model)
+    monkeypatch.setattr(grouping, "GROUP_SIZE", size)
+    monkeypatch.setattr(grouping.os, "cpu_count", lambda: 2)
+    results = []
+    for width in (1, 2):
+        monkeypatch.setattr(grouping, "RUNS_IN_FLIGHT", width)
+        for method in (CalibrationMethod.MINMAX, CalibrationMethod.PERCENTILE):
+            hook = _OrderHook()
+            result = calibrate(model, iter(data), names, CalibrationConfig(method=method), hooks=[hook])
+            results.append(({name: result.tensors[name].range for name in names}, hook.seen, result.num_batches))
+    assert results[0] == results[2] and results[1] == results[3]
+    assert results[0][2] == SAMPLES and len(results[0][1]) == SAMPLES
+
+
+def test_the_min_of_a_clamped_tensor_is_its_floor():
+    # min/max calibration takes a Relu's or a Clip(0.5, 4)'s floor for the min of its output (a range
+    # holds 0 anyway), even where every value is above it; the max, and an unclamped tensor's min, as seen
+    weight = np.random.default_rng(5).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("Abs", ["conv"], ["abs"]),
+             helper.make_node("Add", ["abs", "one"], ["shifted"]),  # >= 1: above both floors
+             helper.make_node("Relu", ["shifted"], ["relu"]),
+             helper.make_node("Clip", ["shifted", "lo", "hi"], ["clip"]),
+             helper.make_node("Add", ["relu", "clip"], ["y"])]
+    scalars = [(name, np.array(value, np.float32)) for name, value in (("one", 1.0), ("lo", 0.5), ("hi", 4.0))]
+    model = _model(nodes, (1, 3, 8, 8), (1, 4, 8, 8), [("w", weight), *scalars])
+    data = _samples((1, 3, 8, 8), seed=5)
+    names = _tensor_names(model)
+    result = calibrate(model, iter(data), names, CalibrationConfig())
+    seen = _per_sample_ranges(model, data, names)
+    assert seen["relu"][0] >= 1 and seen["clip"][0] >= 1
+    assert result.tensors["relu"].minmax.range == (0.0, seen["relu"][1])
+    assert result.tensors["clip"].minmax.range == (0.5, seen["clip"][1])
+    assert result.tensors["conv"].minmax.range == seen["conv"] and seen["conv"][0] < 0

@@ -18,6 +18,12 @@ Transpose, Flatten, Squeeze, Unsqueeze, Identity, chained) holds the same
 values batch by batch, so it is not observed again: it takes that tensor's
 statistics (the same values, hence the same min, max and histogram).
 
+With the min/max method the extremes are reduced inside ONNX Runtime. The
+min of a tensor a clamp keeps at or above 0 (Relu, ReLU6's Clip) is not
+reduced: it is the clamp's floor, since a quantization range holds 0 whatever
+a min at or above 0 is (MobileNetV2's ReLU6 outputs are 88 % of the values
+it observes).
+
 Hooks (``update(feed, outputs)``) see every batch and the model outputs,
 e.g. to check a converted model against the original on the same data.
 """
@@ -25,6 +31,7 @@ e.g. to check a converted model against the original on the same data.
 from __future__ import annotations
 
 import logging
+import math
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +43,7 @@ import onnx_ir as ir
 
 from edgeopt import ir as eir
 from edgeopt.errors import DataError, EmptyDataError
+from edgeopt.passes import activation_clamp
 from edgeopt.quant.config import CalibrationConfig, CalibrationMethod
 from edgeopt.quant.grouping import Runner, fetched_bytes, group_size, groups
 from edgeopt.quant.observers import HistogramObserver, HistogramStats, MinMaxObserver, MinMaxStats
@@ -287,6 +295,17 @@ def _range_names(names: Sequence[str]) -> list[str]:
     return [name + suffix for name in names for suffix in RANGE_SUFFIXES]
 
 
+def _floors(model: ir.Model, names: Sequence[str]) -> dict[str, float]:
+    """The lower bound of each of ``names`` made by a clamp (Relu, Clip with constant bounds) that keeps
+    it at or above 0."""
+    wanted, floors = set(names), {}
+    for node in model.graph:
+        clamp = activation_clamp(node) if node.outputs and node.outputs[0].name in wanted else None
+        if clamp is not None and 0.0 <= clamp[0] < math.inf:
+            floors[node.outputs[0].name] = float(clamp[0])
+    return floors
+
+
 def _float32_outputs(model: ir.Model, names: Sequence[str]) -> list[str]:
     """Those of ``names`` that nodes of the graph declare float32."""
     declared = {value.name: value.dtype for node in model.graph for value in node.outputs}
@@ -300,14 +319,19 @@ class _Observation:
     the others as min and max reduced inside ONNX Runtime: packed in two
     arrays for the tensors declared float32, two scalars each for the rest.
     ``for_hooks`` are fetched whole too, for the hooks, but observed as the others.
+    The min of a packed tensor with a floor (``floors``: the lower bound, at least 0, of the clamp that
+    made it) is that floor, not observed: its range holds 0 anyway (see ``range_session``).
     """
 
     def __init__(self, names: Sequence[str], config: CalibrationConfig, *, inputs: set[str],
                  whole: Sequence[str], packed: Sequence[str], for_hooks: Sequence[str] = (),
-                 channel_means: Mapping[str, tuple[int, int]] | None = None) -> None:
+                 channel_means: Mapping[str, tuple[int, int]] | None = None,
+                 floors: Mapping[str, float] | None = None) -> None:
         self.observers = {name: _TensorObserver(name, config) for name in names}
         self.inputs = [name for name in names if name in inputs]
         self.whole, self.packed = list(whole), _PackedRanges(packed)
+        packed_names = set(self.packed.names)
+        self.floors = {name: floor for name, floor in (floors or {}).items() if name in packed_names}
         observed_whole = set(self.whole)
         self.for_hooks = [name for name in for_hooks if name not in observed_whole]
         self.channel_means = dict(channel_means or {})  # for hooks: name -> (channel axis, rank)
@@ -418,20 +442,22 @@ def calibrate(
     whole += [t for t in wanted_means if t not in means]  # rank unknown: fetched whole after all
     reduced = [n for n in computed if n not in whole]
     observation = _Observation([n for n in names if n not in aliases], config, inputs=input_names, whole=whole,
-                               packed=_float32_outputs(model, reduced), for_hooks=for_hooks, channel_means=means)
+                               packed=_float32_outputs(model, reduced), for_hooks=for_hooks, channel_means=means,
+                               floors=_floors(model, reduced))
     fetch = list(dict.fromkeys([*model_outputs, *observation.fetch]))
     runner = Runner(model, observation, fetch,
                     group=group_size(specs, hooks, fetched_bytes=fetched_bytes(model, observation.full)))
     total, done = _length(data), 0
-    runs = (run for feeds in groups(data, specs, runner.group) for run in runner.run(feeds))
+    runs = runner.run_all(groups(data, specs, runner.group))
 
     def feed_hooks(feed: Batch, outputs: Mapping[str, np.ndarray]) -> None:
         for hook in hooks:
             hook.update(feed, outputs)
 
-    # Observing a batch overlaps ONNX Runtime's run of the next one: one worker thread observes the
-    # tensors (histograms), another feeds the hooks, each taking the batches in order and at most one
-    # behind, so results are those of a plain loop and no more than two batches' outputs are alive at once.
+    # Observing a batch overlaps ONNX Runtime's runs of the next ones (two at once, see Runner.run_all): one
+    # worker thread observes the tensors (histograms), another feeds the hooks, each taking the batches in
+    # order and at most one behind, so results are those of a plain loop and no more than four batches'
+    # outputs are alive at once.
     with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeopt-observe") as worker,
           ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeopt-hooks") as hook_worker):
         pending = []

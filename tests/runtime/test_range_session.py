@@ -1,0 +1,95 @@
+"""range_session: the extremes and channel means ONNX Runtime reduces during calibration, against numpy.
+
+A clamped tensor's min is its clamp's floor, unreduced, and its max comes from
+GlobalMaxPool when it is 4-D; a channel mean of an NCHW tensor comes from
+GlobalAveragePool. Each must give what numpy gives on the whole tensor, on a
+batch-1 run and on a run of several samples as one batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES, PACKED_RANGE_OUTPUTS, observing_session, range_session
+
+CHANNELS = 16
+
+
+def _model() -> ir.Model:
+    """x [1,16,12,12] -> Conv 3x3 -> relu -> Conv 1x1 -> proj (unclamped) -> Clip(0.5, 4) -> clip
+    -> Reshape [1,16,144] -> Relu -> relu3d; shapes inferred, as load_model does."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((CHANNELS, CHANNELS, *k)).astype(np.float32) / 4, name)
+               for name, k in (("w3", (3, 3)), ("w1", (1, 1)))]
+    constants = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", 0.5), ("hi", 4.0))]
+    constants.append(numpy_helper.from_array(np.array([1, CHANNELS, -1], np.int64), "flat"))
+    nodes = [helper.make_node("Conv", ["x", "w3"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["conv"], ["relu"]),
+             helper.make_node("Conv", ["relu", "w1"], ["proj"]),
+             helper.make_node("Clip", ["proj", "lo", "hi"], ["clip"]),
+             helper.make_node("Reshape", ["clip", "flat"], ["clip3d"]),
+             helper.make_node("Relu", ["clip3d"], ["y"])]
+    graph = helper.make_graph(nodes, "ranges",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, CHANNELS, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, CHANNELS, 144])],
+                              initializer=[*weights, *constants])
+    opsets = [helper.make_opsetid("", 17)]
+    proto = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
+    return ir.from_proto(onnx.shape_inference.infer_shapes(proto, strict_mode=True))
+
+
+PACKED = ["conv", "relu", "proj", "clip", "y"]
+FLOORS = {"relu": 0.0, "clip": 0.5, "y": 0.0}
+
+
+def _feed(samples: int = 1) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(1).standard_normal((samples, CHANNELS, 12, 12)).astype(np.float32)}
+
+
+def _whole(model: ir.Model, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every tensor of PACKED, whole, one sample per run, stacked."""
+    session = observing_session(model, PACKED)
+    runs = [session.run({"x": sample[None]}) for sample in feed["x"]]
+    return {name: np.concatenate([run[name] for run in runs]) for name in PACKED}
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_a_floor_stands_in_for_the_min_and_the_pooled_max_is_the_max(samples):
+    model, feed = _model(), _feed(samples)
+    session = range_session(model, [], [], packed=PACKED, floors=FLOORS, free_batch=samples > 1)
+    outputs = session.run(feed, list(PACKED_RANGE_OUTPUTS))
+    whole = _whole(model, feed)
+    for index, name in enumerate(PACKED):
+        assert outputs[PACKED_RANGE_OUTPUTS[1]][index] == whole[name].max(), name
+        expected_min = FLOORS.get(name, whole[name].min())
+        assert outputs[PACKED_RANGE_OUTPUTS[0]][index] == np.float32(expected_min), name
+    # the floors hold: a clamped tensor never goes below its floor
+    assert all(whole[name].min() >= floor for name, floor in FLOORS.items())
+
+
+def test_a_floor_below_zero_or_of_a_tensor_not_packed_is_ignored():
+    model, feed = _model(), _feed()
+    session = range_session(model, [], ["x"], packed=PACKED, floors={"proj": -1.0, "x": 0.0})
+    outputs = session.run(feed, [*PACKED_RANGE_OUTPUTS, "x__edgeopt_min"])
+    whole = _whole(model, feed)
+    assert outputs[PACKED_RANGE_OUTPUTS[0]][PACKED.index("proj")] == whole["proj"].min() != -1.0
+    assert outputs["x__edgeopt_min"] == feed["x"].min() < 0
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_channel_means_through_global_average_pool_match_numpy(samples):
+    model, feed = _model(), _feed(samples)
+    means = {"relu": (1, 4), "clip": (1, 4), "y": (1, 3)}
+    session = range_session(model, [], [], channel_means=means, free_batch=samples > 1)
+    names = [name + suffix for name in means for suffix in CHANNEL_MEAN_SUFFIXES]
+    outputs = session.run(feed, names)
+    whole = _whole(model, feed)
+    for name, (axis, rank) in means.items():
+        axes = tuple(a for a in range(rank) if a != axis)
+        np.testing.assert_allclose(outputs[name + CHANNEL_MEAN_SUFFIXES[0]], whole[name].mean(axis=axes),
+                                   rtol=1e-5, atol=1e-6 * float(np.abs(whole[name]).max()))
+        assert int(outputs[name + CHANNEL_MEAN_SUFFIXES[1]]) == whole[name].size, name
