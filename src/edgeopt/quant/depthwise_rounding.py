@@ -181,7 +181,7 @@ class DepthwiseCorrelationHook:
         self._sums: dict[str, np.ndarray] = {}
         self._rows: dict[str, np.ndarray] = {}
         self._seen: dict[str, int] = {}
-        self._tap_cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._tap_cache: dict[tuple, tuple[np.ndarray, list]] = {}
         self._waiting: dict[tuple[str, int], list[np.ndarray]] = {}  # taps not yet in the sums, by layer and fold
 
     def update(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
@@ -201,23 +201,17 @@ class DepthwiseCorrelationHook:
     def _add(self, name: str, node: ir.Node, batch: np.ndarray) -> None:
         """Fold one chunk of samples ``[B, C, *spatial]`` into the layer's sums."""
         count, channels = batch.shape[:2]
-        planes = np.ascontiguousarray(batch).reshape(count, channels, -1)
-        index, inside = self._taps(name, node, batch.shape[2:])  # [phases, P K] each
+        planes = batch.reshape(count, channels, -1)
+        index, padding = self._taps(name, node, batch.shape[2:])
         first = self._seen.get(name, 0)
         self._seen[name] = first + count
-        stream = first + np.arange(count)  # each sample's place in the stream: its phase and fold
-        phase = stream % _PHASES
-        # one gather for the chunk: sample b, channel c, tap t at planes[b, c, index[phase[b], t]]
-        offsets = (np.arange(count)[:, None] * channels + np.arange(channels)) * planes.shape[2]
-        taps = planes.reshape(-1).take(offsets[:, :, None] + index[phase][:, None, :])  # [B, C, P K]
-        if not inside.all():
-            taps = np.where(inside[phase][:, None, :], taps, 0)  # zero padding
         width = int(np.prod(self._weights[name].shape[2:]))
-        for fold in (0, 1):
-            picked = taps[stream % 2 == fold]
-            if len(picked):
-                self._buffer(name, fold, picked.reshape(len(picked), channels, -1, width).transpose(1, 0, 2, 3)
-                             .reshape(channels, -1, width))
+        for sample, stream in enumerate(range(first, first + count)):  # its place in the stream: phase and fold
+            phase = stream % _PHASES
+            taps = planes[sample].take(index[phase], axis=1)  # [C, P K]
+            if padding[phase] is not None:
+                np.copyto(taps, 0, where=padding[phase])  # the zero padding
+            self._buffer(name, stream % 2, taps.reshape(channels, -1, width))
 
     def _buffer(self, name: str, fold: int, taps: np.ndarray) -> None:
         """Keep ``taps [C, rows, K]`` until :data:`_FOLD_ROWS` rows of the layer's fold are waiting (or
@@ -238,22 +232,22 @@ class DepthwiseCorrelationHook:
         """Add the correlations of ``taps [C, rows, K]`` to the layer's sums of ``fold``."""
         taps = taps.astype(np.float64)
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf: found below, left out
-            gram = taps.transpose(0, 2, 1) @ taps
+            gram = _gram(taps)
         rows = np.full(taps.shape[0], taps.shape[1], dtype=np.int64)
         if not np.isfinite(gram).all():  # a position with a NaN or infinity says nothing of the rounding
             finite = np.isfinite(taps).all(axis=2)
             taps = np.where(finite[..., None], taps, 0.0)
-            gram, rows = taps.transpose(0, 2, 1) @ taps, finite.sum(axis=1)
+            gram, rows = _gram(taps), finite.sum(axis=1)
         if name not in self._sums:
             self._sums[name] = np.zeros((2, *gram.shape))
             self._rows[name] = np.zeros((2, len(rows)), dtype=np.int64)
         self._sums[name][fold] += gram
         self._rows[name][fold] += rows
 
-    def _taps(self, name: str, node: ir.Node, spatial: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    def _taps(self, name: str, node: ir.Node, spatial: tuple[int, ...]) -> tuple[np.ndarray, list]:
         """For each of the :data:`_PHASES` sets of a sample's positions, where the taps of its positions lie
-        in the flattened input plane, and whether each falls inside it rather than on the zero padding:
-        ``[phases, P K]`` each (``P`` positions of ``K`` taps, positions outermost)."""
+        in the flattened input plane (``[phases, P K]``: ``P`` positions of ``K`` taps, positions outermost),
+        and which of them fall on the zero padding instead (``[P K]`` per phase; None when none does)."""
         key = (name, spatial)
         if key not in self._tap_cache:
             weight = self._weights[name]
@@ -267,7 +261,8 @@ class DepthwiseCorrelationHook:
                       & ((cols_at >= 0) & (cols_at < width))[..., None, :])
             index = (np.clip(rows_at, 0, height - 1)[..., :, None] * width
                      + np.clip(cols_at, 0, width - 1)[..., None, :])
-            self._tap_cache[key] = index.reshape(_PHASES, -1), inside.reshape(_PHASES, -1)
+            self._tap_cache[key] = (index.reshape(_PHASES, -1),
+                                    [None if row.all() else ~row for row in inside.reshape(_PHASES, -1)])
         return self._tap_cache[key]
 
     def result(self) -> dict[str, DepthwiseInputs]:
@@ -283,6 +278,13 @@ class DepthwiseCorrelationHook:
                 folds = sums[seen] / np.maximum(rows[seen], 1)[:, :, None, None]
                 results[name] = DepthwiseInputs(folds=folds, rows=rows[seen].copy())
         return results
+
+
+def _gram(taps: np.ndarray) -> np.ndarray:
+    """``x^T x`` of each ``[rows, K]`` matrix of ``taps [C, rows, K]``. The transposed operand is made
+    contiguous: numpy's matmul of a transposed stack of small matrices loops element by element, 7 times
+    slower (0.65 against 0.09 ms for 96 channels of 128 rows of 9 taps)."""
+    return np.ascontiguousarray(taps.transpose(0, 2, 1)) @ taps
 
 
 def round_depthwise(model: ir.Model, inputs: Mapping[str, DepthwiseInputs],
