@@ -281,3 +281,17 @@ def test_the_min_of_a_clamped_tensor_is_its_floor():
     assert result.tensors["relu"].minmax.range == (0.0, seen["relu"][1])
     assert result.tensors["clip"].minmax.range == (0.5, seen["clip"][1])
     assert result.tensors["conv"].minmax.range == seen["conv"] and seen["conv"][0] < 0
+
+
+def test_runs_go_ahead_only_while_what_they_return_whole_is_small_and_known(monkeypatch):
+    from edgeopt.quant import grouping
+
+    monkeypatch.setattr(grouping.os, "cpu_count", lambda: 2)
+    model = _conv_relu()  # conv and y: 4 x 8 x 8 float32 = 1 KiB a sample each
+    assert grouping.runs_in_flight(model, [], 16) == 2
+    assert grouping.runs_in_flight(model, ["conv", "y"], 16) == 2
+    assert grouping.runs_in_flight(model, ["conv", "y"], grouping.RUN_AHEAD_FETCH_BYTES // 2048 + 1) == 1
+    model.graph.node(0).outputs[0].shape = ir.Shape(["n", 4, 8, 8])  # not static: its size is unknown
+    assert grouping.runs_in_flight(model, ["conv"], 1) == 1
+    monkeypatch.setattr(grouping.os, "cpu_count", lambda: 1)
+    assert grouping.runs_in_flight(model, [], 16) == 1

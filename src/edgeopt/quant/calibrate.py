@@ -45,7 +45,7 @@ from edgeopt import ir as eir
 from edgeopt.errors import DataError, EmptyDataError
 from edgeopt.passes import activation_clamp
 from edgeopt.quant.config import CalibrationConfig, CalibrationMethod
-from edgeopt.quant.grouping import Runner, fetched_bytes, group_size, groups
+from edgeopt.quant.grouping import Runner, fetched_bytes, group_size, groups, runs_in_flight
 from edgeopt.quant.observers import HistogramObserver, HistogramStats, MinMaxObserver, MinMaxStats
 from edgeopt.quant.range_choosers import entropy_range, expected_mse, mse_range, percentile_range
 from edgeopt.quant.registry import Batch, ProgressCallback
@@ -445,8 +445,8 @@ def calibrate(
                                packed=_float32_outputs(model, reduced), for_hooks=for_hooks, channel_means=means,
                                floors=_floors(model, reduced))
     fetch = list(dict.fromkeys([*model_outputs, *observation.fetch]))
-    runner = Runner(model, observation, fetch,
-                    group=group_size(specs, hooks, fetched_bytes=fetched_bytes(model, observation.full)))
+    group = group_size(specs, hooks, fetched_bytes=fetched_bytes(model, observation.full))
+    runner = Runner(model, observation, fetch, group=group, width=runs_in_flight(model, observation.full, group))
     total, done = _length(data), 0
     runs = runner.run_all(groups(data, specs, runner.group))
 
@@ -454,10 +454,10 @@ def calibrate(
         for hook in hooks:
             hook.update(feed, outputs)
 
-    # Observing a batch overlaps ONNX Runtime's runs of the next ones (two at once, see Runner.run_all): one
-    # worker thread observes the tensors (histograms), another feeds the hooks, each taking the batches in
-    # order and at most one behind, so results are those of a plain loop and no more than four batches'
-    # outputs are alive at once.
+    # Observing a batch overlaps ONNX Runtime's runs of the next ones (two at once where they return little
+    # whole, see runs_in_flight): one worker thread observes the tensors (histograms), another feeds the
+    # hooks, each taking the batches in order and at most one behind, so results are those of a plain loop
+    # and no more than two batches' outputs are alive at once, four while runs go ahead.
     with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeopt-observe") as worker,
           ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeopt-hooks") as hook_worker):
         pending = []

@@ -13,8 +13,9 @@ for big inputs, where per-call overhead no longer matters and a batch's
 activations would dominate peak memory: at most GROUP_INPUT_BYTES of input
 and GROUP_FETCH_BYTES of whole tensors returned per group.
 
-Groups run RUNS_IN_FLIGHT at a time on the one session, each run on its
-share of the cores, their results handed on in data order: the observers see
+Groups run RUNS_IN_FLIGHT at a time on the one session (while what a run
+returns whole is small: RUN_AHEAD_FETCH_BYTES), each run on its share of the
+cores, their results handed on in data order: the observers see
 the batches as a plain loop would, and the statistics are those of one run at
 a time (the benchmark's 40 int8 models came out byte-identical).
 """
@@ -37,8 +38,8 @@ from edgeopt.errors import DataError
 from edgeopt.quant.registry import Batch
 from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES, RANGE_SUFFIXES, OrtSession, range_session
 
-__all__ = ["GROUP_FETCH_BYTES", "GROUP_INPUT_BYTES", "GROUP_SIZE", "RUNS_IN_FLIGHT", "Runner", "fetched_bytes",
-           "group_size", "groups"]
+__all__ = ["GROUP_FETCH_BYTES", "GROUP_INPUT_BYTES", "GROUP_SIZE", "RUNS_IN_FLIGHT", "RUN_AHEAD_FETCH_BYTES",
+           "Runner", "fetched_bytes", "group_size", "groups", "runs_in_flight"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,10 @@ GROUP_FETCH_BYTES = 64 << 20  # whole tensors returned per group (histograms): a
 #: while Python observes (see ``range_session``), so one run on two threads was no faster than on one
 #: (a 224x224 MobileNetV2), while two runs side by side keep both cores busy.
 RUNS_IN_FLIGHT = 2
+#: Runs go ahead of the observers only while what a run returns whole is at most this size: two more
+#: batches are alive then. (A 224x224 MobileNetV2's depthwise inputs, 15 MB a sample, fetched for depthwise
+#: GPTQ, raised its peak RSS by 60 MB, past ONNX Runtime's own calibration's.)
+RUN_AHEAD_FETCH_BYTES = 4 << 20
 _MATCH_TOLERANCE = 1e-5  # of a tensor's magnitude: summation order, not mixed-up samples (see _matches)
 
 
@@ -67,14 +72,29 @@ def group_size(specs: Sequence[eir.InputSpec], hooks: Sequence[object], *, fetch
 
 def fetched_bytes(model: ir.Model, names: Iterable[str]) -> int:
     """Bytes per sample of the tensors ``names`` whose static shapes are known (the others count 0)."""
+    return sum(size or 0 for size in _sample_bytes(model, names))
+
+
+def runs_in_flight(model: ir.Model, whole: Sequence[str], group: int) -> int:
+    """How many groups run at once: :data:`RUNS_IN_FLIGHT` (at most one per core) when the tensors a
+    run returns whole (``whole``, ``group`` samples a run) are of known shapes and at most
+    :data:`RUN_AHEAD_FETCH_BYTES` in all, else 1."""
+    sizes = _sample_bytes(model, whole)
+    if any(size is None for size in sizes) or sum(sizes) * group > RUN_AHEAD_FETCH_BYTES:
+        return 1
+    return max(1, min(RUNS_IN_FLIGHT, os.cpu_count() or 1))
+
+
+def _sample_bytes(model: ir.Model, names: Iterable[str]) -> list[int | None]:
+    """Bytes per sample of each of ``names`` as float32 (what is fetched whole), None when its shape is not
+    static."""
     values = {v.name: v for node in model.graph for v in node.outputs}
     values.update((v.name, v) for v in model.graph.inputs)
-    total = 0
+    sizes = []
     for name in names:
         shape = eir.static_shape(values.get(name))
-        if shape is not None:
-            total += int(np.prod(shape)) * 4  # float32 activations (what is fetched whole)
-    return total
+        sizes.append(int(np.prod(shape)) * 4 if shape is not None else None)
+    return sizes
 
 
 def groups(data: Iterable[Batch], specs: Sequence[eir.InputSpec], size: int) -> Iterator[list[dict]]:
@@ -105,15 +125,14 @@ class Runner:
     """Runs groups of feeds as one batch while the model allows it, else one by one; up to
     :data:`RUNS_IN_FLIGHT` groups at once (:meth:`run_all`), their results in order."""
 
-    def __init__(self, model: ir.Model, observation, fetch: Sequence[str], *, group: int) -> None:
+    def __init__(self, model: ir.Model, observation, fetch: Sequence[str], *, group: int, width: int = 1) -> None:
         self.model, self.observation = model, observation
         self.outputs = [value.name for value in model.graph.outputs]
         self.fetch = list(fetch)
         self.group = group
         self.grouped = group > 1
-        cores = os.cpu_count() or 1
-        self.width = max(1, min(RUNS_IN_FLIGHT, cores))
-        self.threads = max(1, cores // self.width) if self.width > 1 else None
+        self.width = width  # groups run at once (runs_in_flight), each on its share of the cores
+        self.threads = max(1, (os.cpu_count() or 1) // width) if width > 1 else None
         self._fallback = threading.Lock()
         # Grouping is trusted once the first group matches its samples' single runs.
         self.unverified = self.grouped
