@@ -23,7 +23,8 @@ on the samples it fitted, which a 25-tap channel can overfit).
 ``benchmarks/rounding.py`` (output SQNR against the float model on each
 model's larger evaluation set, one run each): MobileNetV2 at 224x224 14.89 ->
 15.25 dB (top-1 agreement 67.8 -> 71.5 %) for 10-27 % more time (3.25 against
-2.56 s in the run of 2026-11-25 02:32 UTC; +0.26 s on 1.2 s with min/max ranges), the 32x32
+2.56 s in the run of 2026-11-25 02:32 UTC; with min/max ranges +0.26 s on 1.2 s then, and
+1.0-1.1 against 1.7-1.8 s once the min/max pass got cheaper, fresh processes, 2026-11-25 05:00 UTC), the 32x32
 depthwise-separable nets +0.02 to +0.76 dB, the models without depthwise
 layers unchanged. On those 32x32 nets, whose calibration takes 0.1-0.3 s,
 the statistics and the rounding add 20 % (the demo) to 150 % (MobileNetV3's
