@@ -59,6 +59,7 @@ import onnx_ir as ir
 from edgeopt import ir as eir
 from edgeopt._scalars import is_integer
 from edgeopt.errors import ConfigError
+from edgeopt.passes import activation_clamp
 from edgeopt.quant.rescaled import Rescaled
 
 __all__ = [
@@ -138,22 +139,6 @@ def _sole_reader(value: ir.Value) -> ir.Node | str:
     return readers[0]
 
 
-def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
-    """Constant (min, max) of a Clip (attributes before opset 11, inputs after), else None."""
-    if "min" in node.attributes or "max" in node.attributes:
-        return node.attributes.get_float("min", -math.inf), node.attributes.get_float("max", math.inf)
-    bounds = [-math.inf, math.inf]
-    for position in (1, 2):
-        value = node.inputs[position] if len(node.inputs) > position else None
-        if value is None:
-            continue
-        array = eir.constant_array(value)
-        if array is None or array.size != 1:
-            return None
-        bounds[position - 1] = float(array.reshape(()))
-    return bounds[0], bounds[1]
-
-
 def _activation_refusal(node: ir.Node, replace_relu6: bool) -> str | None:
     """Why ``node`` does not commute with a positive per-channel scale (None when it does)."""
     if eir.is_op(node, *_HOMOGENEOUS):
@@ -162,7 +147,7 @@ def _activation_refusal(node: ir.Node, replace_relu6: bool) -> str | None:
         return f"{node.op_type} {eir.node_label(node)!r} is not positive-homogeneous"
     if not eir.is_op(node, "Clip"):
         return f"it feeds {node.op_type} {eir.node_label(node)!r}, not a Conv/Gemm/MatMul or a ReLU"
-    bounds = _clip_bounds(node)
+    bounds = activation_clamp(node)  # a Clip's constant bounds (None when computed)
     if bounds is None:
         return f"Clip {eir.node_label(node)!r} has computed bounds"
     if bounds == (0.0, math.inf):
@@ -392,7 +377,7 @@ def _store(graph: ir.Graph, pairs: list[_Pair]) -> tuple[str, ...]:
     replaced = []
     for pair in pairs:
         clip = pair.activation
-        if clip is not None and eir.is_op(clip, "Clip") and _clip_bounds(clip) == (0.0, 6.0):
+        if clip is not None and eir.is_op(clip, "Clip") and activation_clamp(clip) == (0.0, 6.0):
             replaced.append(eir.node_label(clip))
             _replace_clip_by_relu(graph, clip)
     return tuple(replaced)
