@@ -28,6 +28,7 @@ from edgeopt.ir.values import (
     static_shape,
     subgraphs,
     value_bytes,
+    values_by_name,
 )
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "static_shape",
     "subgraphs",
     "value_bytes",
+    "values_by_name",
 ]
 
 from edgeopt.ir.rewrite import (  # noqa: E402  (appended: graph-rewrite builders)

@@ -29,6 +29,7 @@ __all__ = [
     "static_shape",
     "subgraphs",
     "value_bytes",
+    "values_by_name",
 ]
 
 Dim = int | str | None
@@ -141,6 +142,13 @@ def value_bytes(value: ir.Value) -> int | None:
     if shape is None or dtype is None:
         return None
     return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+def values_by_name(model: ir.Model) -> dict[str, ir.Value]:
+    """The graph's inputs and its nodes' outputs (top-level graph), by name."""
+    values = {value.name: value for node in model.graph for value in node.outputs}
+    values.update((value.name, value) for value in model.graph.inputs)
+    return values
 
 
 def model_inputs(model: ir.Model) -> list[InputSpec]:

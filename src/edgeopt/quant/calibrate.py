@@ -319,8 +319,8 @@ class _Observation:
     the others as min and max reduced inside ONNX Runtime: packed in two
     arrays for the tensors declared float32, two scalars each for the rest.
     ``for_hooks`` are fetched whole too, for the hooks, but observed as the others.
-    The min of a packed tensor with a floor (``floors``: the lower bound, at least 0, of the clamp that
-    made it) is that floor, not observed: its range holds 0 anyway (see ``range_session``).
+    The min of a packed tensor with a floor (``floors``, of packed tensors: the lower bound, at least 0, of
+    the clamp that made it) is that floor, not observed: its range holds 0 anyway (see ``range_session``).
     """
 
     def __init__(self, names: Sequence[str], config: CalibrationConfig, *, inputs: set[str],
@@ -330,8 +330,7 @@ class _Observation:
         self.observers = {name: _TensorObserver(name, config) for name in names}
         self.inputs = [name for name in names if name in inputs]
         self.whole, self.packed = list(whole), _PackedRanges(packed)
-        packed_names = set(self.packed.names)
-        self.floors = {name: floor for name, floor in (floors or {}).items() if name in packed_names}
+        self.floors = dict(floors or {})
         observed_whole = set(self.whole)
         self.for_hooks = [name for name in for_hooks if name not in observed_whole]
         self.channel_means = dict(channel_means or {})  # for hooks: name -> (channel axis, rank)
@@ -441,9 +440,9 @@ def calibrate(
     means = _channel_mean_axes(model, wanted_means)
     whole += [t for t in wanted_means if t not in means]  # rank unknown: fetched whole after all
     reduced = [n for n in computed if n not in whole]
+    packed = _float32_outputs(model, reduced)
     observation = _Observation([n for n in names if n not in aliases], config, inputs=input_names, whole=whole,
-                               packed=_float32_outputs(model, reduced), for_hooks=for_hooks, channel_means=means,
-                               floors=_floors(model, reduced))
+                               packed=packed, for_hooks=for_hooks, channel_means=means, floors=_floors(model, packed))
     fetch = list(dict.fromkeys([*model_outputs, *observation.fetch]))
     group = group_size(specs, hooks, fetched_bytes=fetched_bytes(model, observation.full))
     runner = Runner(model, observation, fetch, group=group, width=runs_in_flight(model, observation.full, group))

@@ -88,8 +88,7 @@ def runs_in_flight(model: ir.Model, whole: Sequence[str], group: int) -> int:
 def _sample_bytes(model: ir.Model, names: Iterable[str]) -> list[int | None]:
     """Bytes per sample of each of ``names`` as float32 (what is fetched whole), None when its shape is not
     static."""
-    values = {v.name: v for node in model.graph for v in node.outputs}
-    values.update((v.name, v) for v in model.graph.inputs)
+    values = eir.values_by_name(model)
     sizes = []
     for name in names:
         shape = eir.static_shape(values.get(name))

@@ -434,12 +434,6 @@ def _add_range_nodes(graph, reduced: Sequence[str], packed: Sequence[str], floor
         graph.output.append(onnx.ValueInfoProto(name=output))
 
 
-def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
-    values = {v.name: v for node in model.graph for v in node.outputs}
-    values.update((v.name, v) for v in model.graph.inputs)
-    return values
-
-
 def _dims(value: ir.Value | None) -> tuple:
     return tuple(value.shape.dims) if value is not None and value.shape is not None else ()
 
@@ -508,7 +502,7 @@ def range_session(model: ir.Model, full: Sequence[str], reduced: Sequence[str], 
     """
     prepared = _with_all_outputs(model, full)
     proto = prepared.proto
-    values = _values_by_name(model)
+    values = eir.values_by_name(model)
     if free_batch:
         _free_batch_dim(proto.graph)
         _follow_batch(proto.graph, batch_one_reshapes(model))
