@@ -51,6 +51,7 @@ from edgeopt.quant.range_choosers import entropy_range, expected_mse, mse_range,
 from edgeopt.quant.registry import Batch, ProgressCallback
 from edgeopt.runtime.memory import return_freed_memory
 from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES, PACKED_RANGE_OUTPUTS, RANGE_SUFFIXES
+from edgeopt.runtime.tap_gather import TapGather
 
 __all__ = ["BatchHook", "CalibrationResult", "TensorCalibration", "calibrate", "same_values_aliases"]
 
@@ -65,6 +66,11 @@ class BatchHook(Protocol):
     A hook whose statistics do not depend on how samples are batched (sums, maxima over all
     samples) sets a class attribute ``groupable = True``: the pass may then hand it several
     batch-1 samples run as one batch. Without it, calibration runs the samples one by one.
+    A hook lists in ``tensors`` what it reads whole from ``outputs``. One that can take sampled
+    positions of some of them instead lists those in ``gathers`` (output name ->
+    :class:`~edgeopt.runtime.tap_gather.TapGather`) and the tensors it still needs whole then in
+    ``whole_tensors``; ``outputs`` holds the gathers and their rows' stream indices
+    (``TAP_STREAM_INPUT``), unless a gather's tensor comes whole anyway.
     """
 
     def update(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None: ...
@@ -326,8 +332,9 @@ class _Observation:
     def __init__(self, names: Sequence[str], config: CalibrationConfig, *, inputs: set[str],
                  whole: Sequence[str], packed: Sequence[str], for_hooks: Sequence[str] = (),
                  channel_means: Mapping[str, tuple[int, int]] | None = None,
-                 floors: Mapping[str, float] | None = None) -> None:
+                 floors: Mapping[str, float] | None = None, gathers: Mapping[str, TapGather] | None = None) -> None:
         self.observers = {name: _TensorObserver(name, config) for name in names}
+        self.gathers = dict(gathers or {})  # for hooks: output name -> sampled positions of a tensor
         self.inputs = [name for name in names if name in inputs]
         self.whole, self.packed = list(whole), _PackedRanges(packed)
         self.floors = dict(floors or {})
@@ -347,7 +354,7 @@ class _Observation:
         """The session outputs one run must return."""
         means = [name + suffix for name in self.channel_means for suffix in CHANNEL_MEAN_SUFFIXES]
         return [*self.full, *_range_names(self.reduced), *(PACKED_RANGE_OUTPUTS if self.packed.names else ()),
-                *means]
+                *means, *self.gathers]
 
     def update(self, feed: Batch, outputs: Mapping[str, np.ndarray], samples: int = 1) -> None:
         """One run's tensors; ``samples`` batch-1 samples stacked on axis 0 when they ran as one batch."""
@@ -425,7 +432,8 @@ def calibrate(
     # histograms and hooks need the whole tensor. Hooks that only want channel means get them
     # reduced inside ONNX Runtime too, unless the tensor comes whole anyway (another hook reads it).
     mean_hooks = [hook for hook in hooks if getattr(hook, "channel_means", False)]
-    read_whole = {t for hook in hooks if hook not in mean_hooks for t in getattr(hook, "tensors", ())}
+    read_whole = {t for hook in hooks if hook not in mean_hooks
+                  for t in getattr(hook, "whole_tensors", getattr(hook, "tensors", ()))}
     observed = {name for name in names if name not in input_names}
     mean_axes = {t: axis for hook in mean_hooks for t, axis in hook.tensors.items() if t in observed}
     no_rank = set(mean_axes) - set(_channel_mean_axes(model, mean_axes))  # their means: from the whole tensor
@@ -441,11 +449,17 @@ def calibrate(
     whole += [t for t in wanted_means if t not in means]  # rank unknown: fetched whole after all
     reduced = [n for n in computed if n not in whole]
     packed = _float32_outputs(model, reduced)
+    # sampled positions of a tensor, for a hook, unless it comes whole anyway (the hook reads it whole then)
+    gathers = {output: gather for hook in hooks for output, gather in getattr(hook, "gathers", {}).items()
+               if gather.source not in {*whole, *for_hooks, *model_outputs}}
     observation = _Observation([n for n in names if n not in aliases], config, inputs=input_names, whole=whole,
-                               packed=packed, for_hooks=for_hooks, channel_means=means, floors=_floors(model, packed))
+                               packed=packed, for_hooks=for_hooks, channel_means=means, floors=_floors(model, packed),
+                               gathers=gathers)
     fetch = list(dict.fromkeys([*model_outputs, *observation.fetch]))
-    group = group_size(specs, hooks, fetched_bytes=fetched_bytes(model, observation.full))
-    runner = Runner(model, observation, fetch, group=group, width=runs_in_flight(model, observation.full, group))
+    gathered_bytes = sum(gather.row_bytes for gather in gathers.values())
+    group = group_size(specs, hooks, fetched_bytes=fetched_bytes(model, observation.full) + gathered_bytes)
+    width = runs_in_flight(model, observation.full, group, gathered_bytes=gathered_bytes)
+    runner = Runner(model, observation, fetch, group=group, width=width)
     total, done = _length(data), 0
     runs = runner.run_all(groups(data, specs, runner.group))
 

@@ -9,7 +9,8 @@ cancel in the layer's output; all it needs of the data is the correlation
 convolution (``weight [M, 1, k...]``, ``group > 1``) that is a ``K x K``
 matrix per input channel (``K = k*k`` taps), small enough to gather in the
 calibration pass itself, beside the ranges: :class:`DepthwiseCorrelationHook`
-reads each layer's input batch by batch and sums ``x x^T`` over
+reads each layer's input batch by batch (only the taps it needs, gathered inside
+ONNX Runtime, where the input's shape allows: ``DepthwiseCorrelationHook.gathers``) and sums ``x x^T`` over
 :data:`POSITIONS` output positions of each sample (one in each band of rows
 and each band of columns, offset from sample to sample; every position of a
 smaller feature map), the even and the odd samples apart. The samples' count, not the feature
@@ -55,6 +56,7 @@ from edgeopt.quant.config import PerChannel, PerTensor
 from edgeopt.quant.gptq import gptq_from_gram, output_error
 from edgeopt.quant.primitives import quantize_per_channel
 from edgeopt.runtime.memory import MMAP_THRESHOLD_BYTES
+from edgeopt.runtime.tap_gather import TAP_STREAM_INPUT, TapGather, check_stream
 
 __all__ = ["DEFAULT_MAX_SHARE", "POSITIONS", "DepthwiseCorrelationHook", "DepthwiseInputs", "is_depthwise",
            "round_depthwise", "statistics_share"]
@@ -184,9 +186,28 @@ class DepthwiseCorrelationHook:
         self._seen: dict[str, int] = {}
         self._tap_cache: dict[tuple, tuple[np.ndarray, list]] = {}
         self._waiting: dict[tuple[str, int], list[np.ndarray]] = {}  # taps not yet in the sums, by layer and fold
+        #: What :meth:`update` takes instead of a layer's whole input where a calibration pass can give it: the
+        #: taps of the layer's positions gathered inside ONNX Runtime (output name -> gather), a few hundred KB
+        #: a sample where a 224x224 MobileNetV2's inputs are 15 MB (:mod:`edgeopt.runtime.tap_gather`).
+        self.gathers: dict[str, TapGather] = {}
+        self._gathered: dict[str, str] = {}  # layer -> its gather's output
+        for name, node in self._layers.items():
+            spatial = _gatherable_spatial(model, node, self._weights[name].ndim)
+            if spatial is not None:
+                output = f"{name}__edgeopt_taps"
+                index, _ = self._taps(name, node, spatial)
+                itemsize = eir.numpy_dtype(node.inputs[0]).itemsize
+                self.gathers[output] = TapGather(node.inputs[0].name, index, int(node.inputs[0].shape[1]), itemsize)
+                self._gathered[name] = output
+        self.whole_tensors = tuple(dict.fromkeys(node.inputs[0].name for name, node in self._layers.items()
+                                                 if name not in self._gathered))
 
     def update(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         for name, node in self._layers.items():
+            gathered = outputs.get(self._gathered.get(name, ""))
+            if gathered is not None:
+                self._add_gathered(name, node, gathered, outputs.get(TAP_STREAM_INPUT))
+                continue
             tensor = node.inputs[0].name
             batch = outputs[tensor] if tensor in outputs else feed.get(tensor)
             if batch is None:
@@ -213,6 +234,19 @@ class DepthwiseCorrelationHook:
             if padding[phase] is not None:
                 np.copyto(taps, 0, where=padding[phase])  # the zero padding
             self._buffer(name, stream % 2, taps.reshape(channels, -1, width))
+
+    def _add_gathered(self, name: str, node: ir.Node, gathered: np.ndarray, stream: np.ndarray | None) -> None:
+        """Fold the taps of a run's samples gathered in ONNX Runtime (``[B, C, P K]``) into the layer's sums."""
+        first = self._seen.get(name, 0)
+        check_stream(stream, gathered, first, f"the input of {name!r}", "calibrate it with --no-depthwise-gptq")
+        self._seen[name] = first + gathered.shape[0]
+        _, padding = self._taps(name, node, tuple(node.inputs[0].shape)[2:])
+        channels, width = gathered.shape[1], int(np.prod(self._weights[name].shape[2:]))
+        for taps, index in zip(gathered, stream.tolist()):
+            phase = index % _PHASES
+            if padding[phase] is not None:
+                np.copyto(taps, 0, where=padding[phase])
+            self._buffer(name, index % 2, taps.reshape(channels, -1, width))
 
     def _buffer(self, name: str, fold: int, taps: np.ndarray) -> None:
         """Keep ``taps [C, rows, K]`` until :data:`_FOLD_ROWS` rows of the layer's fold are waiting (or
@@ -279,6 +313,26 @@ class DepthwiseCorrelationHook:
                 folds = sums[seen] / np.maximum(rows[seen], 1)[:, :, None, None]
                 results[name] = DepthwiseInputs(folds=folds, rows=rows[seen].copy())
         return results
+
+
+def _gatherable_spatial(model: ir.Model, node: ir.Node, rank: int) -> tuple[int, ...] | None:
+    """The spatial dims of a depthwise layer's input when its taps can be gathered inside ONNX Runtime: made
+    by a node (a graph input is in the feed already), of the weight's rank, its channels and spatial dims
+    static, and its batch dim that of every graph input (the same literal or the same symbol), so that its
+    rows are the run's rows."""
+    value = node.inputs[0]
+    dims = list(value.shape.dims) if value.shape is not None else []
+    dtype = eir.numpy_dtype(value)
+    if (value.producer() is None or len(dims) != rank or dtype is None or not np.issubdtype(dtype, np.floating)
+            or not all(isinstance(dim, int) and dim > 0 for dim in dims[1:])):
+        return None
+    batch = dims[0]
+    if not isinstance(batch, int) and getattr(batch, "value", None) is None:
+        return None
+    inputs = list(model.graph.inputs)
+    if not inputs or not all(i.shape is not None and len(i.shape) and i.shape.dims[0] == batch for i in inputs):
+        return None
+    return tuple(dims[2:])
 
 
 def _gram(taps: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ from edgeopt.data import LabelledFeed, check_feed, with_origin
 from edgeopt.errors import DataError
 from edgeopt.quant.registry import Batch
 from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES, RANGE_SUFFIXES, OrtSession, range_session
+from edgeopt.runtime.tap_gather import TAP_STREAM_INPUT
 
 __all__ = ["GROUP_FETCH_BYTES", "GROUP_INPUT_BYTES", "GROUP_SIZE", "RUNS_IN_FLIGHT", "RUN_AHEAD_FETCH_BYTES",
            "Runner", "fetched_bytes", "group_size", "groups", "runs_in_flight"]
@@ -51,8 +52,9 @@ GROUP_FETCH_BYTES = 64 << 20  # whole tensors returned per group (histograms): a
 #: (a 224x224 MobileNetV2), while two runs side by side keep both cores busy.
 RUNS_IN_FLIGHT = 2
 #: Runs go ahead of the observers only while what a run returns whole is at most this size: two more
-#: batches are alive then. (A 224x224 MobileNetV2's depthwise inputs, 15 MB a sample, fetched for depthwise
-#: GPTQ, raised its peak RSS by 60 MB, past ONNX Runtime's own calibration's.)
+#: batches are alive then. (A 224x224 MobileNetV2's depthwise inputs, 15 MB a sample, fetched whole for depthwise
+#: GPTQ, raised its peak RSS by 60 MB, past ONNX Runtime's own calibration's. Their sampled taps, gathered in
+#: the session instead, are 2 MB.)
 RUN_AHEAD_FETCH_BYTES = 4 << 20
 _MATCH_TOLERANCE = 1e-5  # of a tensor's magnitude: summation order, not mixed-up samples (see _matches)
 
@@ -75,12 +77,12 @@ def fetched_bytes(model: ir.Model, names: Iterable[str]) -> int:
     return sum(size or 0 for size in _sample_bytes(model, names))
 
 
-def runs_in_flight(model: ir.Model, whole: Sequence[str], group: int) -> int:
+def runs_in_flight(model: ir.Model, whole: Sequence[str], group: int, *, gathered_bytes: int = 0) -> int:
     """How many groups run at once: :data:`RUNS_IN_FLIGHT` (at most one per core) when the tensors a
-    run returns whole (``whole``, ``group`` samples a run) are of known shapes and at most
-    :data:`RUN_AHEAD_FETCH_BYTES` in all, else 1."""
+    run returns whole (``whole``, ``group`` samples a run) are of known shapes and, with the
+    ``gathered_bytes`` a sample of tap gathers, at most :data:`RUN_AHEAD_FETCH_BYTES` in all, else 1."""
     sizes = _sample_bytes(model, whole)
-    if any(size is None for size in sizes) or sum(sizes) * group > RUN_AHEAD_FETCH_BYTES:
+    if any(size is None for size in sizes) or (sum(sizes) + gathered_bytes) * group > RUN_AHEAD_FETCH_BYTES:
         return 1
     return max(1, min(RUNS_IN_FLIGHT, os.cpu_count() or 1))
 
@@ -141,55 +143,74 @@ class Runner:
         observation = self.observation
         return range_session(self.model, observation.full, observation.reduced, packed=observation.packed.names,
                              floors=observation.floors, channel_means=observation.channel_means,
-                             threads=self.threads, free_batch=free_batch)
+                             gathers=observation.gathers, threads=self.threads, free_batch=free_batch)
 
     def run_all(self, feed_groups: Iterable[list[dict]]) -> Iterator[tuple[dict, dict, int]]:
         """:meth:`run` of every group, in order. The first runs alone (it decides whether groups run as
         one batch); then :attr:`width` groups run at once, on as many of ONNX Runtime's threads."""
-        pending = iter(feed_groups)
+        pending = self._numbered(feed_groups)
         first = next(pending, None)
         if first is None:
             return
-        yield from self.run(first)
+        yield from self.run(*first)
         if self.width == 1:
-            for feeds in pending:
-                yield from self.run(feeds)
+            for feeds, row in pending:
+                yield from self.run(feeds, row)
             return
         with ThreadPoolExecutor(max_workers=self.width, thread_name_prefix="edgeopt-run") as pool:
             running: deque = deque()
-            for feeds in pending:
-                running.append(pool.submit(self._run_list, feeds))
+            for feeds, row in pending:
+                running.append(pool.submit(self._run_list, feeds, row))
                 if len(running) >= self.width:
                     yield from running.popleft().result()
             while running:
                 yield from running.popleft().result()
 
-    def _run_list(self, feeds: list[dict]) -> list[tuple[dict, dict, int]]:
-        return list(self.run(feeds))
+    @staticmethod
+    def _numbered(feed_groups: Iterable[list[dict]]) -> Iterator[tuple[list[dict], int]]:
+        """Each group with the index in the stream of its first row (batch dim 0 of its feeds)."""
+        row = 0
+        for feeds in feed_groups:
+            yield feeds, row
+            row += sum(_rows(feed) for feed in feeds)
 
-    def run(self, feeds: list[dict]) -> Iterator[tuple[dict, dict, int]]:
-        """``(feed, outputs, samples)``: the group as one run, or each feed alone."""
+    def _run_list(self, feeds: list[dict], row: int) -> list[tuple[dict, dict, int]]:
+        return list(self.run(feeds, row))
+
+    def run(self, feeds: list[dict], row: int = 0) -> Iterator[tuple[dict, dict, int]]:
+        """``(feed, outputs, samples)``: the group as one run, or each feed alone; ``row``: the index in the
+        stream of the group's first row, for the tap gathers (whose outputs come with their rows' indices)."""
         if self.grouped and len(feeds) > 1:
             joined = {name: np.concatenate([feed[name] for feed in feeds]) for name in feeds[0]}
-            outputs = self._try_group(joined, feeds)
+            outputs = self._try_group(joined, feeds, row)
             if outputs is not None:
                 yield joined, outputs, len(feeds)
                 return
         for feed in feeds:
             try:
-                outputs = self.session.run(feed, self.fetch) if self.fetch else {}
+                outputs = self._run(feed, self.fetch, row) if self.fetch else {}
             except DataError as error:
                 raise with_origin(error, feed) from None
+            row += _rows(feed)
             yield feed, outputs, 1
 
-    def _try_group(self, feed: dict, feeds: list[dict]) -> dict | None:
+    def _run(self, feed: Mapping[str, np.ndarray], names: Sequence[str], row: int) -> dict:
+        """One session run; with tap gathers, the stream index of each row fed and returned."""
+        if not self.observation.gathers:
+            return self.session.run(feed, names)
+        stream = np.arange(row, row + _rows(feed), dtype=np.int64)
+        outputs = self.session.run({**feed, TAP_STREAM_INPUT: stream}, names)
+        outputs[TAP_STREAM_INPUT] = stream
+        return outputs
+
+    def _try_group(self, feed: dict, feeds: list[dict], row: int) -> dict | None:
         names = list(dict.fromkeys([*self.fetch, *self.outputs]))
         try:
-            outputs = self.session.run(feed, names)
+            outputs = self._run(feed, names, row)
         except DataError:
             outputs = None
         if (outputs is not None and all(outputs[o].shape[:1] == (len(feeds),) for o in self.outputs)
-                and (not self.unverified or self._same_as_single_runs(outputs, feeds, names))):
+                and (not self.unverified or self._same_as_single_runs(outputs, feeds, names, row))):
             self.unverified = False
             return outputs
         with self._fallback:  # once, whichever of the runs in flight finds it
@@ -199,12 +220,22 @@ class Runner:
                 self.grouped = False
         return None
 
-    def _same_as_single_runs(self, outputs: Mapping[str, np.ndarray], feeds: list[dict], names: list[str]) -> bool:
+    def _same_as_single_runs(self, outputs: Mapping[str, np.ndarray], feeds: list[dict], names: list[str],
+                             row: int) -> bool:
         try:
-            singles = [self.session.run(feed, names) for feed in feeds]
+            singles = []
+            for feed in feeds:
+                singles.append(self._run(feed, names, row))
+                row += _rows(feed)
         except DataError:
             return False
         return all(_matches(outputs[name], _joined(name, [single[name] for single in singles])) for name in names)
+
+
+def _rows(feed: Mapping[str, np.ndarray]) -> int:
+    """Rows of a feed: the batch dim of its first input (a scalar input: 1)."""
+    first = next(iter(feed.values()), None)
+    return int(first.shape[0]) if first is not None and np.ndim(first) else 1
 
 
 def _joined(name: str, parts: list[np.ndarray]) -> np.ndarray | None:
