@@ -80,3 +80,33 @@ def test_int4s_moments_are_the_mean_square_and_the_mean_of_each_channel():
     np.testing.assert_allclose(seen.mean_square, _EXPECTED[ChannelMomentsHook], rtol=1e-6)
     np.testing.assert_allclose(seen.mean, _EXPECTED[ChannelMeanHook], rtol=1e-6)
     np.testing.assert_array_equal(one_by_one.result()["x"].mean, seen.mean)
+
+
+def test_means_reduced_in_onnx_runtime_sum_as_each_tensor_s_own_and_mix_with_whole_ones():
+    """The hook sums the runs' reduced means of all its tensors as one vector: exactly each tensor's own
+    running sums, a channel whose mean is not finite left out of that run, a whole tensor beside them."""
+    from edgeopt.quant.channel_stats import ChannelMeanObserver
+    from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES
+
+    mean_suffix, size_suffix = CHANNEL_MEAN_SUFFIXES
+
+    rng = np.random.default_rng(3)
+    runs = [{"a": rng.standard_normal(4).astype(np.float32), "b": rng.standard_normal(2).astype(np.float32)}
+            for _ in range(5)]
+    runs[2]["b"][1] = np.nan
+    hook = ChannelMeanHook({"a": 1, "b": 1, "w": 1})
+    reference = {name: ChannelMeanObserver() for name in ("a", "b")}
+    for index, run in enumerate(runs):
+        sizes = {"a": np.int64(4 * (index + 7)), "b": np.int64(2 * 9)}
+        outputs = {**{name + mean_suffix: mean for name, mean in run.items()},
+                   **{name + size_suffix: size for name, size in sizes.items()},
+                   "w": _SAMPLES[index:index + 1].reshape(1, 3, 5)}
+        hook.update({}, outputs)
+        for name, mean in run.items():
+            reference[name].update_mean(mean, int(sizes[name]) // mean.size)
+    seen = hook.result()
+    for name in ("a", "b"):
+        assert np.array_equal(seen[name], reference[name].result().mean)
+    np.testing.assert_allclose(seen["b"][1], np.mean([run["b"][1] for run in runs if np.isfinite(run["b"][1])],
+                                                     dtype=np.float64), rtol=1e-12)
+    np.testing.assert_allclose(seen["w"], _SAMPLES[:5].astype(np.float64).reshape(5, 3, 5).mean(axis=(0, 2)))

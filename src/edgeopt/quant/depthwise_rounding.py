@@ -195,9 +195,11 @@ class DepthwiseCorrelationHook:
             spatial = _gatherable_spatial(model, node, self._weights[name].ndim)
             if spatial is not None:
                 output = f"{name}__edgeopt_taps"
-                index, _ = self._taps(name, node, spatial)
-                itemsize = eir.numpy_dtype(node.inputs[0]).itemsize
-                self.gathers[output] = TapGather(node.inputs[0].name, index, int(node.inputs[0].shape[1]), itemsize)
+                index, padding = self._taps(name, node, spatial)
+                inside = None if all(mask is None for mask in padding) else np.array(
+                    [np.ones(index.shape[1], bool) if mask is None else ~mask for mask in padding])
+                self.gathers[output] = TapGather(node.inputs[0].name, index, int(node.inputs[0].shape[1]),
+                                                 eir.numpy_dtype(node.inputs[0]), inside)
                 self._gathered[name] = output
         self.whole_tensors = tuple(dict.fromkeys(node.inputs[0].name for name, node in self._layers.items()
                                                  if name not in self._gathered))
@@ -240,12 +242,8 @@ class DepthwiseCorrelationHook:
         first = self._seen.get(name, 0)
         check_stream(stream, gathered, first, f"the input of {name!r}", "calibrate it with --no-depthwise-gptq")
         self._seen[name] = first + gathered.shape[0]
-        _, padding = self._taps(name, node, tuple(node.inputs[0].shape)[2:])
         channels, width = gathered.shape[1], int(np.prod(self._weights[name].shape[2:]))
-        for taps, index in zip(gathered, stream.tolist()):
-            phase = index % _PHASES
-            if padding[phase] is not None:
-                np.copyto(taps, 0, where=padding[phase])
+        for taps, index in zip(gathered, stream.tolist()):  # the padding's taps are 0 already (TapGather.inside)
             self._buffer(name, index % 2, taps.reshape(channels, -1, width))
 
     def _buffer(self, name: str, fold: int, taps: np.ndarray) -> None:

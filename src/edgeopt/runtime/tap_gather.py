@@ -38,12 +38,15 @@ class TapGather:
     source: str
     table: np.ndarray
     channels: int
-    itemsize: int = 4
+    dtype: np.dtype = np.dtype(np.float32)  # the source's
+    #: Which positions of ``table`` read the value, by phase (bool ``[phases, T]``): the others give 0 (a
+    #: convolution's zero padding, whose taps point at any position of the map). None: all of them.
+    inside: np.ndarray | None = None
 
     @property
     def row_bytes(self) -> int:
         """Bytes returned per row (sample)."""
-        return self.channels * self.table.shape[1] * self.itemsize
+        return self.channels * self.table.shape[1] * np.dtype(self.dtype).itemsize
 
 
 def check_stream(stream: np.ndarray | None, gathered: np.ndarray, first: int, where: str, remedy: str) -> np.ndarray:
@@ -67,7 +70,7 @@ def add_tap_gather_nodes(graph, gathers: Mapping[str, TapGather]) -> None:
     helper = onnx.helper
     graph.input.append(helper.make_tensor_value_info(TAP_STREAM_INPUT, onnx.TensorProto.INT64, ["edgeopt_rows"]))
     constant = _Constants(graph)
-    zero, one, two = constant("zero", [0]), constant("one", [1]), constant("two", [2])
+    start, one, two = constant("start", [0]), constant("one", [1]), constant("two", [2])
 
     def node(op_type: str, inputs: list[str], name: str, **attributes) -> None:
         graph.node.append(helper.make_node(op_type, inputs, [name], name=name, **attributes))
@@ -82,10 +85,17 @@ def add_tap_gather_nodes(graph, gathers: Mapping[str, TapGather]) -> None:
         node("Reshape", [stem + "_rows", constant(f"rows_{taps}", [-1, 1, taps])], stem + "_index")
         node("Reshape", [gather.source, flat], stem + "_flat")  # [N, C, H W]
         node("Shape", [stem + "_flat"], stem + "_shape")
-        node("Slice", [stem + "_shape", zero, two], stem + "_rows_channels")
+        node("Slice", [stem + "_shape", start, two], stem + "_rows_channels")
         node("Concat", [stem + "_rows_channels", one], stem + "_target", axis=0)  # [N, C, 1]
         node("Expand", [stem + "_index", stem + "_target"], stem + "_indices")
-        node("GatherElements", [stem + "_flat", stem + "_indices"], output, axis=2)
+        values = output if gather.inside is None else stem + "_values"
+        node("GatherElements", [stem + "_flat", stem + "_indices"], values, axis=2)
+        if gather.inside is not None:
+            inside = constant(stem + "_inside", gather.inside, np.bool_)
+            node("Gather", [inside, stem + "_phase"], stem + "_inside_rows", axis=0)
+            node("Reshape", [stem + "_inside_rows", constant(f"rows_{taps}", [-1, 1, taps])], stem + "_inside_index")
+            zero = constant(f"zero_{np.dtype(gather.dtype).name}", 0, gather.dtype)
+            node("Where", [stem + "_inside_index", values, zero], output)  # a NaN under the padding gives 0 too
         graph.output.append(onnx.ValueInfoProto(name=output))
 
 
@@ -95,9 +105,10 @@ class _Constants:
     def __init__(self, graph) -> None:
         self.graph, self.names = graph, set()
 
-    def __call__(self, name: str, value) -> str:
+    def __call__(self, name: str, value, dtype=np.int64) -> str:
         name = "__edgeopt_tap_" + name
         if name not in self.names:
             self.names.add(name)
-            self.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(value, dtype=np.int64), name))
+            self.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
+
