@@ -258,12 +258,18 @@ class DepthwiseCorrelationHook:
 
     def _flush(self, name: str, fold: int) -> None:
         waiting = self._waiting.pop((name, fold), [])
-        if waiting:
-            self._fold_in(name, fold, waiting[0] if len(waiting) == 1 else np.concatenate(waiting, axis=1))
+        if not waiting:
+            return
+        # copied straight into one float64 array: concatenating first and converting after took twice the time
+        taps = np.empty((waiting[0].shape[0], sum(part.shape[1] for part in waiting), waiting[0].shape[2]))
+        start = 0
+        for part in waiting:
+            taps[:, start:start + part.shape[1]] = part
+            start += part.shape[1]
+        self._fold_in(name, fold, taps)
 
     def _fold_in(self, name: str, fold: int, taps: np.ndarray) -> None:
-        """Add the correlations of ``taps [C, rows, K]`` to the layer's sums of ``fold``."""
-        taps = taps.astype(np.float64)
+        """Add the correlations of ``taps [C, rows, K]`` (float64) to the layer's sums of ``fold``."""
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf: found below, left out
             gram = _gram(taps)
         rows = np.full(taps.shape[0], taps.shape[1], dtype=np.int64)
