@@ -218,3 +218,18 @@ def test_a_dataloaders_batches_for_a_batch_1_model_are_cut_into_samples():
     assert IterableSource(iter(batches), [spec("input", (1, 1, 8, 8))]).num_samples is None
     dynamic = IterableSource(batches, [spec("input", ("N", 1, 8, 8))])  # a model of dynamic batch takes them whole
     assert dynamic.num_samples == 2 and [feed["input"].shape[0] for feed in dynamic] == [32, 32]
+
+
+def test_a_batch_a_source_checked_against_the_same_inputs_is_not_checked_again():
+    from edgeopt.data import LabelledFeed, checked_feed, dataset_from_arrays
+
+    specs = (spec("x", (1, 4)),)
+    batch = next(iter(dataset_from_arrays({"x": np.zeros((3, 4), np.float32)}, specs)))
+    assert isinstance(batch, LabelledFeed) and batch.checked == specs
+    assert checked_feed(specs, batch, where="t") is batch  # checked once, by the source
+    other = (spec("x", (1, 5)),)  # another model's inputs: checked against them
+    with pytest.raises(DataError, match="x"):
+        checked_feed(other, batch, where="t")
+    unchecked = LabelledFeed({"x": np.full((1, 4), np.nan, np.float32)}, "t")  # labelled, never checked
+    with pytest.raises(DataError, match="NaN"):
+        checked_feed(specs, unchecked, where="t")

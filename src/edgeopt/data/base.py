@@ -55,13 +55,21 @@ Feed = dict[str, np.ndarray]
 
 class LabelledFeed(dict):
     """A checked batch that knows where it came from (a file and sample), so an error found past the
-    data checks (ONNX Runtime refusing token ids beyond the vocabulary) can name it too."""
+    data checks (ONNX Runtime refusing token ids beyond the vocabulary) can name it too, and the model
+    inputs it was checked against (``checked``; a consumer with the same ones need not check it again)."""
 
-    __slots__ = ("where",)
+    __slots__ = ("where", "checked")
 
-    def __init__(self, feed: Mapping[str, np.ndarray], where: str) -> None:
+    def __init__(self, feed: Mapping[str, np.ndarray], where: str, checked: tuple[InputSpec, ...] = ()) -> None:
         super().__init__(feed)
-        self.where = where
+        self.where, self.checked = where, checked
+
+
+def checked_feed(specs: Sequence[InputSpec], batch: Mapping[str, object], *, where: str) -> dict[str, np.ndarray]:
+    """:func:`check_feed` of ``batch``, unless a data source checked it against the same ``specs`` already."""
+    if isinstance(batch, LabelledFeed) and batch.checked and batch.checked == tuple(specs):
+        return batch
+    return check_feed(specs, batch, where=where)
 
 
 def with_origin(error: DataError, feed: Mapping[str, np.ndarray]) -> DataError:
@@ -88,7 +96,7 @@ class DataSource(ABC):
 
     def __iter__(self) -> Iterator[Feed]:
         for feed, where in self._feeds():
-            yield LabelledFeed(check_feed(self._specs, feed, where=where), where)
+            yield LabelledFeed(check_feed(self._specs, feed, where=where), where, self._specs)
 
     def __len__(self) -> int:
         count = self.num_samples
@@ -382,7 +390,7 @@ class AlsoCheckedSource(DataSource):
         for feed, where in self._feeds():
             checked = check_feed(self._specs, feed, where=where)
             check_feed(self._other, checked, where=f"{where} (for the {self._model})")
-            yield LabelledFeed(checked, where)
+            yield LabelledFeed(checked, where, self._specs)
 
     def _feeds(self) -> Iterator[tuple[Mapping[str, object], str]]:
         return self._source._feeds()

@@ -33,7 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.data import LabelledFeed, check_feed, with_origin
+from edgeopt.data import LabelledFeed, checked_feed, with_origin
 from edgeopt.errors import DataError
 from edgeopt.quant.registry import Batch
 from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES, RANGE_SUFFIXES, OrtSession, range_session
@@ -105,7 +105,7 @@ def groups(data: Iterable[Batch], specs: Sequence[eir.InputSpec], size: int) -> 
         where = getattr(batch, "where", None) or f"calibration batch {index + 1}"
         # copies: a data loader may refill its arrays in place for the next batch while this one waits in
         # its group, or is observed as the next one runs
-        checked = check_feed(specs, batch, where=where)
+        checked = checked_feed(specs, batch, where=where)
         feed = LabelledFeed({name: np.array(array) for name, array in checked.items()}, where)
         if group and (len(group) == size or not _same_shapes(feed, group[0])):
             yield group
