@@ -470,7 +470,7 @@ def calibrate(
     # Observing a batch overlaps ONNX Runtime's runs of the next ones (two at once where they return little
     # whole, see runs_in_flight): one worker thread observes the tensors (histograms), another feeds the
     # hooks, each taking the batches in order and at most one behind, so results are those of a plain loop
-    # and no more than two batches' outputs are alive at once, four while runs go ahead.
+    # and no more than two batches' outputs are alive at once, six while runs go ahead (four queued).
     with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeopt-observe") as worker,
           ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeopt-hooks") as hook_worker):
         pending = []
