@@ -52,9 +52,9 @@ GROUP_FETCH_BYTES = 64 << 20  # whole tensors returned per group (histograms): a
 #: (a 224x224 MobileNetV2), while two runs side by side keep both cores busy.
 RUNS_IN_FLIGHT = 2
 #: Runs go ahead of the observers only while what a run returns whole is at most this size: four more
-#: batches are alive then (two running, two queued). (A 224x224 MobileNetV2's depthwise inputs, 15 MB a sample, fetched whole for depthwise
-#: GPTQ, raised its peak RSS by 60 MB, past ONNX Runtime's own calibration's. Their sampled taps, gathered in
-#: the session instead, are 2 MB.)
+#: batches are alive then (two running, two queued). (A 224x224 MobileNetV2's depthwise inputs, 15 MB a
+#: sample, fetched whole for depthwise GPTQ, raised its peak RSS by 60 MB, past ONNX Runtime's own
+#: calibration's. Their sampled taps, gathered in the session instead, are 2 MB.)
 RUN_AHEAD_FETCH_BYTES = 4 << 20
 #: Groups handed to ONNX Runtime ahead, per run in flight: while the observers are busy with a batch (a hook
 #: slower on one than the runs), the next runs go on instead of waiting for the observers to ask for them
@@ -150,14 +150,15 @@ class Runner:
                              gathers=observation.gathers, threads=self.threads, free_batch=free_batch)
 
     def run_all(self, feed_groups: Iterable[list[dict]]) -> Iterator[tuple[dict, dict, int]]:
-        """:meth:`run` of every group, in order. The first runs alone (it decides whether groups run as
-        one batch); then :attr:`width` groups run at once, on as many of ONNX Runtime's threads, and as
-        many again wait their turn (:data:`QUEUED_PER_RUN`)."""
+        """:meth:`run` of every group, in order. The first runs alone when samples are grouped (it decides
+        whether groups run as one batch); then :attr:`width` groups run at once, on as many of ONNX
+        Runtime's threads, and as many again wait their turn (:data:`QUEUED_PER_RUN`)."""
         pending = self._numbered(feed_groups)
-        first = next(pending, None)
-        if first is None:
-            return
-        yield from self.run(*first)
+        if self.grouped:
+            first = next(pending, None)
+            if first is None:
+                return
+            yield from self.run(*first)
         if self.width == 1:
             for feeds, row in pending:
                 yield from self.run(feeds, row)
