@@ -69,9 +69,11 @@ POSITIONS = 8
 _CHUNK = 16
 #: Sample ``i`` of a large feature map takes the positions of set ``i mod 8`` (:func:`_positions`).
 _PHASES = 8
-#: Tap rows of a layer's fold gathered before their correlations are summed: 16 samples' worth. One sample at a
-#: time (a 224x224 model runs its samples one by one) took twice the time (MobileNetV2: 0.28 against 0.15 s).
-_FOLD_ROWS = 16 * POSITIONS
+#: Tap rows of a layer's fold gathered before their correlations are summed: 2 samples' worth (a wide layer's
+#: fewer: see _TEMPORARY_BYTES). One sample at a time (a 224x224 model runs its samples one by one) took 15 %
+#: more time than 2, 4 or 16 did (the hook alone on a 224x224 MobileNetV2's 64 samples: 0.17 against 0.14-0.15 s),
+#: and 16 held up to 2 MB of taps a sample waiting, 5-8 MB more peak RSS than 2 did with its runs in flight.
+_FOLD_ROWS = 2 * POSITIONS
 #: The size kept under glibc's mmap threshold (pinned by :mod:`edgeopt.runtime.memory`) by the temporaries of
 #: folding taps and of rounding: a larger one is mapped afresh and page-faulted in at every use.
 _TEMPORARY_BYTES = MMAP_THRESHOLD_BYTES * 3 // 4
