@@ -96,3 +96,25 @@ def test_a_layer_whose_rows_may_not_be_the_run_s_is_read_whole():
                        [*weights, target])
     hook = DepthwiseCorrelationHook(model, LAYERS)
     assert list(hook.gathers) == ["dw1__edgeopt_taps"] and hook.whole_tensors == ("t",)
+
+
+def test_a_1d_depthwise_layer_is_gathered_as_its_whole_input_gives_it(monkeypatch):
+    """A temporal convolution's input [N, C, 40]: 8 positions of 40 a sample, the first and last padded."""
+    rng = np.random.default_rng(2)
+    weight = numpy_helper.from_array(rng.standard_normal((CHANNELS, 1, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Conv", ["r", "w"], ["y"], name="dw1", group=CHANNELS, pads=[1, 1])]
+    model = make_model(nodes, [("x", [1, CHANNELS, 40])], [("y", [1, CHANNELS, 40])], [weight])
+    data = [{"x": rng.standard_normal((1, CHANNELS, 40)).astype(np.float32)} for _ in range(21)]
+    hook = DepthwiseCorrelationHook(model, ["dw1"])
+    assert list(hook.gathers) == ["dw1__edgeopt_taps"]
+    monkeypatch.setattr(DepthwiseCorrelationHook, "_add", lambda *args: pytest.fail("read whole"))
+    calibrate(model, iter(data), ["x", "r", "y"], CalibrationConfig(), hooks=[hook])
+    gathered = hook.result()["dw1"]
+    monkeypatch.undo()
+    whole = DepthwiseCorrelationHook(model, ["dw1"])
+    session = observing_session(model, ["r"])
+    for feed in data:
+        whole.update(feed, session.run(feed))
+    expected = whole.result()["dw1"]
+    assert np.array_equal(gathered.rows, expected.rows) and np.array_equal(gathered.folds, expected.folds)
