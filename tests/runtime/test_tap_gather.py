@@ -12,7 +12,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeopt.errors import DataError
+from edgeopt.errors import DataError, ModelError
 from edgeopt.runtime.ort import observing_session, range_session
 from edgeopt.runtime.tap_gather import TAP_STREAM_INPUT, TapGather, check_stream
 
@@ -65,7 +65,7 @@ def test_a_tensor_with_more_rows_than_the_run_comes_back_with_them_and_the_check
     feed = {"x": np.ones((1, CHANNELS, SIDE, SIDE), np.float32), TAP_STREAM_INPUT: stream}
     taps = session.run(feed, ["taps"])["taps"]
     assert taps.shape[0] == 2
-    with pytest.raises(RuntimeError, match="do not match the rows of the run.*the remedy"):
+    with pytest.raises(ModelError, match="do not match the rows of the run.*the remedy"):
         check_stream(stream, taps, 0, "relu2", "the remedy")
 
 
@@ -80,7 +80,7 @@ def test_a_tensor_with_fewer_rows_than_the_run_fails_to_run():
 
 @pytest.mark.parametrize("stream", [None, np.array([1]), np.array([0, 2]), np.array([[0, 1]])])
 def test_the_stream_must_number_the_rows_on_from_the_first(stream):
-    with pytest.raises(RuntimeError, match="do not match"):
+    with pytest.raises(ModelError, match="do not match"):
         check_stream(stream, np.zeros((2, 3, 4)), 0, "t", "r")
 
 

@@ -12,7 +12,7 @@ stream only, however samples are grouped into runs.
 
 A tensor whose rows are not the run's rows (its batch does not follow the
 inputs') fails to run or comes back with another number of rows, which the
-hook checks against the stream it is given (:func:`check_stream`).
+hook checks against the stream it is given (:func:`check_stream`: a ModelError, one clear line).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+
+from edgeopt.errors import ModelError
 
 __all__ = ["TAP_STREAM_INPUT", "TapGather", "add_tap_gather_nodes", "check_stream"]
 
@@ -52,7 +54,7 @@ class TapGather:
 def check_stream(stream: np.ndarray | None, gathered: np.ndarray, first: int, where: str, remedy: str) -> np.ndarray:
     """The stream indices of ``gathered``'s rows, checked: one per row, counting on from ``first``."""
     if stream is None or not np.array_equal(stream, np.arange(first, first + gathered.shape[0])):
-        raise RuntimeError(f"the taps gathered from {where} do not match the rows of the run: its batch does not "
+        raise ModelError(f"the taps gathered from {where} do not match the rows of the run: its batch does not "
                            f"follow the model's inputs ({remedy})")
     return stream
 
