@@ -33,7 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgeopt import ir as eir
-from edgeopt.data import LabelledFeed, checked_feed, with_origin
+from edgeopt.data import LabelledFeed, batch_rows, checked_feed, with_origin
 from edgeopt.errors import DataError
 from edgeopt.quant.registry import Batch
 from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES, RANGE_SUFFIXES, OrtSession, range_session
@@ -178,7 +178,7 @@ class Runner:
         row = 0
         for feeds in feed_groups:
             yield feeds, row
-            row += sum(_rows(feed) for feed in feeds)
+            row += sum(batch_rows(feed) for feed in feeds)
 
     def _run_list(self, feeds: list[dict], row: int) -> list[tuple[dict, dict, int]]:
         return list(self.run(feeds, row))
@@ -197,14 +197,14 @@ class Runner:
                 outputs = self._run(feed, self.fetch, row) if self.fetch else {}
             except DataError as error:
                 raise with_origin(error, feed) from None
-            row += _rows(feed)
+            row += batch_rows(feed)
             yield feed, outputs, 1
 
     def _run(self, feed: Mapping[str, np.ndarray], names: Sequence[str], row: int) -> dict:
         """One session run; with tap gathers, the stream index of each row fed and returned."""
         if not self.observation.gathers:
             return self.session.run(feed, names)
-        stream = np.arange(row, row + _rows(feed), dtype=np.int64)
+        stream = np.arange(row, row + batch_rows(feed), dtype=np.int64)
         outputs = self.session.run({**feed, TAP_STREAM_INPUT: stream}, names)
         outputs[TAP_STREAM_INPUT] = stream
         return outputs
@@ -232,16 +232,10 @@ class Runner:
             singles = []
             for feed in feeds:
                 singles.append(self._run(feed, names, row))
-                row += _rows(feed)
+                row += batch_rows(feed)
         except DataError:
             return False
         return all(_matches(outputs[name], _joined(name, [single[name] for single in singles])) for name in names)
-
-
-def _rows(feed: Mapping[str, np.ndarray]) -> int:
-    """Rows of a feed: the batch dim of its first input (a scalar input: 1)."""
-    first = next(iter(feed.values()), None)
-    return int(first.shape[0]) if first is not None and np.ndim(first) else 1
 
 
 def _joined(name: str, parts: list[np.ndarray]) -> np.ndarray | None:
