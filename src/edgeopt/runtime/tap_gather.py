@@ -55,7 +55,7 @@ def check_stream(stream: np.ndarray | None, gathered: np.ndarray, first: int, wh
     """The stream indices of ``gathered``'s rows, checked: one per row, counting on from ``first``."""
     if stream is None or not np.array_equal(stream, np.arange(first, first + gathered.shape[0])):
         raise ModelError(f"the taps gathered from {where} do not match the rows of the run: its batch does not "
-                           f"follow the model's inputs ({remedy})")
+                         f"follow the model's inputs ({remedy})")
     return stream
 
 
@@ -77,13 +77,17 @@ def add_tap_gather_nodes(graph, gathers: Mapping[str, TapGather]) -> None:
     def node(op_type: str, inputs: list[str], name: str, **attributes) -> None:
         graph.node.append(helper.make_node(op_type, inputs, [name], name=name, **attributes))
 
+    phase_of = {}  # each row's phase, by number of phases: one node for the gathers sharing it
     for output, gather in gathers.items():
         phases, taps = gather.table.shape
+        if phases not in phase_of:
+            phase_of[phases] = f"__edgeopt_tap_phase_{phases}"
+            node("Mod", [TAP_STREAM_INPUT, constant(f"phases_{phases}", phases)], phase_of[phases])
+        phase = phase_of[phases]
         stem = output + "__edgeopt_tap"
         table = constant(stem + "_table", gather.table)
         flat = constant(f"flat_{gather.channels}", [0, gather.channels, -1])
-        node("Mod", [TAP_STREAM_INPUT, constant(f"phases_{phases}", phases)], stem + "_phase")
-        node("Gather", [table, stem + "_phase"], stem + "_rows", axis=0)  # [stream rows, T]
+        node("Gather", [table, phase], stem + "_rows", axis=0)  # [stream rows, T]
         node("Reshape", [stem + "_rows", constant(f"rows_{taps}", [-1, 1, taps])], stem + "_index")
         node("Reshape", [gather.source, flat], stem + "_flat")  # [N, C, H W]
         node("Shape", [stem + "_flat"], stem + "_shape")
@@ -94,7 +98,7 @@ def add_tap_gather_nodes(graph, gathers: Mapping[str, TapGather]) -> None:
         node("GatherElements", [stem + "_flat", stem + "_indices"], values, axis=2)
         if gather.inside is not None:
             inside = constant(stem + "_inside", gather.inside, np.bool_)
-            node("Gather", [inside, stem + "_phase"], stem + "_inside_rows", axis=0)
+            node("Gather", [inside, phase], stem + "_inside_rows", axis=0)
             node("Reshape", [stem + "_inside_rows", constant(f"rows_{taps}", [-1, 1, taps])], stem + "_inside_index")
             zero = constant(f"zero_{np.dtype(gather.dtype).name}", 0, gather.dtype)
             node("Where", [stem + "_inside_index", values, zero], output)  # a NaN under the padding gives 0 too
@@ -102,7 +106,7 @@ def add_tap_gather_nodes(graph, gathers: Mapping[str, TapGather]) -> None:
 
 
 class _Constants:
-    """int64 initializers of a protobuf graph, each added once by name."""
+    """Initializers of a protobuf graph (int64 unless told), each added once by name."""
 
     def __init__(self, graph) -> None:
         self.graph, self.names = graph, set()
