@@ -118,3 +118,31 @@ def test_a_1d_depthwise_layer_is_gathered_as_its_whole_input_gives_it(monkeypatc
         whole.update(feed, session.run(feed))
     expected = whole.result()["dw1"]
     assert np.array_equal(gathered.rows, expected.rows) and np.array_equal(gathered.folds, expected.folds)
+
+
+def test_the_taps_on_the_padding_are_zero_even_where_the_map_is_infinite(monkeypatch):
+    """A padded tap points at a border position of the map (its index clipped) and gets that value from ONNX
+    Runtime: the hook zeroes it, as on the whole tensor. The map infinite on its borders in some samples (x
+    scaled by 1e38 before the Relu): a padded tap left infinite would drop its position from the sums, where
+    the whole tensor's keeps it."""
+    model = _net(1)
+    scale = numpy_helper.from_array(np.array(1e38, np.float32), "scale")
+    model.graph.initializers["scale"] = ir.Value(name="scale", const_value=ir.from_proto(scale))
+    relu = next(node for node in model.graph if node.op_type == "Relu")
+    scaled = ir.node("Mul", [relu.inputs[0], model.graph.initializers["scale"]], name="scaled")
+    model.graph.insert_before(relu, scaled)
+    relu.replace_input_with(0, scaled.outputs[0])
+    data = _data(1)
+    for index, feed in enumerate(data):
+        feed["x"] = np.clip(feed["x"], -1.0, 1.0)
+        if index % 3 == 0:
+            feed["x"][:, :, [0, -1], :] = 10.0
+            feed["x"][:, :, :, [0, -1]] = 10.0
+    hook = _calibrated(model, data, CalibrationMethod.MINMAX, monkeypatch)
+    assert hook.whole_reads == []
+    gathered, expected = hook.result(), _from_whole_tensors(model, data)
+    for name in LAYERS:
+        assert np.array_equal(gathered[name].rows, expected[name].rows)
+        assert np.array_equal(gathered[name].folds, expected[name].folds)
+    sampled = len(data) * 8 // 2  # positions a fold would have without infinities: some taps hold them
+    assert 0 < expected["dw1"].rows.min() < sampled and expected["dw1"].rows.max() <= sampled

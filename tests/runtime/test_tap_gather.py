@@ -83,16 +83,3 @@ def test_the_stream_must_number_the_rows_on_from_the_first(stream):
     with pytest.raises(ModelError, match="do not match"):
         check_stream(stream, np.zeros((2, 3, 4)), 0, "t", "r")
 
-
-def test_positions_outside_the_map_give_zero_even_over_a_nan():
-    """A convolution's padding: taps flagged outside (``inside`` False) read 0, whatever the map holds there."""
-    model = _model("N")
-    inside = np.array([[True, False, True], [False, False, True], [True, True, True]])
-    x = np.random.default_rng(7).standard_normal((3, CHANNELS, SIDE, SIDE)).astype(np.float32)
-    x[:, :, 0, 0] = np.nan  # position 0, which the padding's taps point at
-    stream = np.arange(3, dtype=np.int64)
-    session = range_session(model, [], [], gathers={"taps": TapGather("relu", TABLE, CHANNELS, inside=inside)})
-    taps = session.run({"x": x, TAP_STREAM_INPUT: stream}, ["taps"])["taps"]
-    expected = np.where(inside[stream % 3][:, None, :], _expected(np.maximum(x, 0), stream), 0.0)
-    np.testing.assert_array_equal(taps, expected)
-    assert np.isnan(taps).sum() == CHANNELS * 2  # phases 0 and 2 read position 0 inside the map

@@ -195,25 +195,23 @@ class DepthwiseCorrelationHook:
         #: taps of the layer's positions gathered inside ONNX Runtime (output name -> gather), a few hundred KB
         #: a sample where a 224x224 MobileNetV2's inputs are 15 MB (:mod:`edgeopt.runtime.tap_gather`).
         self.gathers: dict[str, TapGather] = {}
-        self._gathered: dict[str, str] = {}  # layer -> its gather's output
+        self._gathered: dict[str, tuple[str, tuple[int, ...]]] = {}  # layer -> its gather's output, input spatial dims
         for name, node in self._layers.items():
             spatial = _gatherable_spatial(model, node, self._weights[name].ndim)
             if spatial is not None:
                 output = f"{name}__edgeopt_taps"
-                index, padding = self._taps(name, node, spatial)
-                inside = None if all(mask is None for mask in padding) else np.array(
-                    [np.ones(index.shape[1], bool) if mask is None else ~mask for mask in padding])
-                self.gathers[output] = TapGather(node.inputs[0].name, index, int(node.inputs[0].shape[1]),
-                                                 eir.numpy_dtype(node.inputs[0]), inside)
-                self._gathered[name] = output
+                self.gathers[output] = TapGather(node.inputs[0].name, self._taps(name, node, spatial)[0],
+                                                 int(node.inputs[0].shape[1]), eir.numpy_dtype(node.inputs[0]))
+                self._gathered[name] = (output, spatial)
         self.whole_tensors = tuple(dict.fromkeys(node.inputs[0].name for name, node in self._layers.items()
                                                  if name not in self._gathered))
 
     def update(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         for name, node in self._layers.items():
-            gathered = outputs.get(self._gathered.get(name, ""))
+            output, spatial = self._gathered.get(name, ("", ()))
+            gathered = outputs.get(output)
             if gathered is not None:
-                self._add_gathered(name, node, gathered, outputs.get(TAP_STREAM_INPUT))
+                self._add_gathered(name, node, gathered, outputs.get(TAP_STREAM_INPUT), spatial)
                 continue
             tensor = node.inputs[0].name
             batch = outputs[tensor] if tensor in outputs else feed.get(tensor)
@@ -234,22 +232,28 @@ class DepthwiseCorrelationHook:
         index, padding = self._taps(name, node, batch.shape[2:])
         first = self._seen.get(name, 0)
         self._seen[name] = first + count
-        width = int(np.prod(self._weights[name].shape[2:]))
         for sample, stream in enumerate(range(first, first + count)):  # its place in the stream: phase and fold
-            phase = stream % _PHASES
-            taps = planes[sample].take(index[phase], axis=1)  # [C, P K]
-            if padding[phase] is not None:
-                np.copyto(taps, 0, where=padding[phase])  # the zero padding
-            self._buffer(name, stream % 2, taps.reshape(channels, -1, width))
+            self._add_sample(name, planes[sample].take(index[stream % _PHASES], axis=1), stream, padding)
 
-    def _add_gathered(self, name: str, node: ir.Node, gathered: np.ndarray, stream: np.ndarray | None) -> None:
+    def _add_gathered(self, name: str, node: ir.Node, gathered: np.ndarray, stream: np.ndarray | None,
+                      spatial: tuple[int, ...]) -> None:
         """Fold the taps of a run's samples gathered in ONNX Runtime (``[B, C, P K]``) into the layer's sums."""
         first = self._seen.get(name, 0)
         check_stream(stream, gathered, first, f"the input of {name!r}", "calibrate it with --no-depthwise-gptq")
         self._seen[name] = first + gathered.shape[0]
-        channels, width = gathered.shape[1], int(np.prod(self._weights[name].shape[2:]))
-        for taps, index in zip(gathered, stream.tolist()):  # the padding's taps are 0 already (TapGather.inside)
-            self._buffer(name, index % 2, taps.reshape(channels, -1, width))
+        padding = self._taps(name, node, spatial)[1]
+        if not gathered.flags.writeable:
+            gathered = gathered.copy()
+        for taps, index in zip(gathered, stream.tolist()):
+            self._add_sample(name, taps, index, padding)
+
+    def _add_sample(self, name: str, taps: np.ndarray, stream: int, padding: list) -> None:
+        """One sample's taps ``[C, P K]`` (written over), the ``stream``-th: those on the zero padding (whose
+        index points at some position of the map, whatever it holds) set to 0, then buffered for its fold."""
+        phase = stream % _PHASES
+        if padding[phase] is not None:
+            np.copyto(taps, 0, where=padding[phase])
+        self._buffer(name, stream % 2, taps.reshape(taps.shape[0], -1, int(np.prod(self._weights[name].shape[2:]))))
 
     def _buffer(self, name: str, fold: int, taps: np.ndarray) -> None:
         """Keep ``taps [C, rows, K]`` until :data:`_FOLD_ROWS` rows of the layer's fold are waiting (or

@@ -35,15 +35,13 @@ TAP_STREAM_INPUT = "edgeopt_tap_stream"
 class TapGather:
     """Gather from tensor ``source`` (``[N, C, *spatial]``, spatial dims static) the flattened positions
     ``table[phase]`` (int64 ``[phases, T]``, each in ``[0, prod(spatial))``) of each row, its phase the
-    row's stream index modulo ``phases``."""
+    row's stream index modulo ``phases``. (A convolution's zero padding is the caller's to apply: a tap
+    on it points at some position of the map, whose value it gets.)"""
 
     source: str
     table: np.ndarray
     channels: int
     dtype: np.dtype = np.dtype(np.float32)  # the source's
-    #: Which positions of ``table`` read the value, by phase (bool ``[phases, T]``): the others give 0 (a
-    #: convolution's zero padding, whose taps point at any position of the map). None: all of them.
-    inside: np.ndarray | None = None
 
     @property
     def row_bytes(self) -> int:
@@ -83,25 +81,17 @@ def add_tap_gather_nodes(graph, gathers: Mapping[str, TapGather]) -> None:
         if phases not in phase_of:
             phase_of[phases] = f"__edgeopt_tap_phase_{phases}"
             node("Mod", [TAP_STREAM_INPUT, constant(f"phases_{phases}", phases)], phase_of[phases])
-        phase = phase_of[phases]
         stem = output + "__edgeopt_tap"
         table = constant(stem + "_table", gather.table)
         flat = constant(f"flat_{gather.channels}", [0, gather.channels, -1])
-        node("Gather", [table, phase], stem + "_rows", axis=0)  # [stream rows, T]
+        node("Gather", [table, phase_of[phases]], stem + "_rows", axis=0)  # [stream rows, T]
         node("Reshape", [stem + "_rows", constant(f"rows_{taps}", [-1, 1, taps])], stem + "_index")
         node("Reshape", [gather.source, flat], stem + "_flat")  # [N, C, H W]
         node("Shape", [stem + "_flat"], stem + "_shape")
         node("Slice", [stem + "_shape", start, two], stem + "_rows_channels")
         node("Concat", [stem + "_rows_channels", one], stem + "_target", axis=0)  # [N, C, 1]
         node("Expand", [stem + "_index", stem + "_target"], stem + "_indices")
-        values = output if gather.inside is None else stem + "_values"
-        node("GatherElements", [stem + "_flat", stem + "_indices"], values, axis=2)
-        if gather.inside is not None:
-            inside = constant(stem + "_inside", gather.inside, np.bool_)
-            node("Gather", [inside, phase], stem + "_inside_rows", axis=0)
-            node("Reshape", [stem + "_inside_rows", constant(f"rows_{taps}", [-1, 1, taps])], stem + "_inside_index")
-            zero = constant(f"zero_{np.dtype(gather.dtype).name}", 0, gather.dtype)
-            node("Where", [stem + "_inside_index", values, zero], output)  # a NaN under the padding gives 0 too
+        node("GatherElements", [stem + "_flat", stem + "_indices"], output, axis=2)
         graph.output.append(onnx.ValueInfoProto(name=output))
 
 
