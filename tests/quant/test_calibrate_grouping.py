@@ -19,7 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeopt import ir as eir
 from edgeopt.quant import CalibrationConfig, calibrate
-from edgeopt.runtime.ort import batch_one_reshapes, observing_session, range_session
+from edgeopt.runtime.ort import observing_session
+from edgeopt.runtime.range_session import batch_one_reshapes, range_session
 
 SAMPLES = 40  # groups of 16, 16 and 8
 FALLBACK_MESSAGE = "the model does not batch"

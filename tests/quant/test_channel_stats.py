@@ -86,7 +86,7 @@ def test_means_reduced_in_onnx_runtime_sum_as_each_tensor_s_own_and_mix_with_who
     """The hook sums the runs' reduced means of all its tensors as one vector: exactly each tensor's own
     running sums, a channel whose mean is not finite left out of that run, a whole tensor beside them."""
     from edgeopt.quant.channel_stats import ChannelMeanObserver
-    from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES
+    from edgeopt.runtime.range_session import CHANNEL_MEAN_SUFFIXES
 
     mean_suffix, size_suffix = CHANNEL_MEAN_SUFFIXES
 

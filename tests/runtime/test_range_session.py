@@ -14,7 +14,8 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES, PACKED_RANGE_OUTPUTS, observing_session, range_session
+from edgeopt.runtime.ort import observing_session
+from edgeopt.runtime.range_session import CHANNEL_MEAN_SUFFIXES, PACKED_RANGE_OUTPUTS, range_session
 
 CHANNELS = 16
 

@@ -13,7 +13,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeopt.errors import DataError, ModelError
-from edgeopt.runtime.ort import observing_session, range_session
+from edgeopt.runtime.ort import observing_session
+from edgeopt.runtime.range_session import range_session
 from edgeopt.runtime.tap_gather import TAP_STREAM_INPUT, TapGather, check_stream
 
 CHANNELS, SIDE = 5, 6

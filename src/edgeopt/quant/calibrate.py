@@ -50,7 +50,7 @@ from edgeopt.quant.observers import HistogramObserver, HistogramStats, MinMaxObs
 from edgeopt.quant.range_choosers import entropy_range, expected_mse, mse_range, percentile_range
 from edgeopt.quant.registry import Batch, ProgressCallback
 from edgeopt.runtime.memory import return_freed_memory
-from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES, PACKED_RANGE_OUTPUTS, RANGE_SUFFIXES
+from edgeopt.runtime.range_session import CHANNEL_MEAN_SUFFIXES, PACKED_RANGE_OUTPUTS, RANGE_SUFFIXES
 from edgeopt.runtime.tap_gather import TapGather
 
 __all__ = ["BatchHook", "CalibrationResult", "TensorCalibration", "calibrate", "same_values_aliases"]

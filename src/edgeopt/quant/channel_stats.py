@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from edgeopt.quant.gptq import gptq_factor
-from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES
+from edgeopt.runtime.range_session import CHANNEL_MEAN_SUFFIXES
 
 __all__ = [
     "ChannelAbsMax",

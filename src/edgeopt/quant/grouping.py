@@ -36,7 +36,8 @@ from edgeopt import ir as eir
 from edgeopt.data import LabelledFeed, batch_rows, checked_feed, with_origin
 from edgeopt.errors import DataError
 from edgeopt.quant.registry import Batch
-from edgeopt.runtime.ort import CHANNEL_MEAN_SUFFIXES, RANGE_SUFFIXES, OrtSession, range_session
+from edgeopt.runtime.ort import OrtSession
+from edgeopt.runtime.range_session import CHANNEL_MEAN_SUFFIXES, RANGE_SUFFIXES, range_session
 from edgeopt.runtime.tap_gather import TAP_STREAM_INPUT
 
 __all__ = ["GROUP_FETCH_BYTES", "GROUP_INPUT_BYTES", "GROUP_SIZE", "QUEUED_PER_RUN", "RUNS_IN_FLIGHT",
