@@ -94,3 +94,52 @@ def test_channel_means_through_global_average_pool_match_numpy(samples):
         np.testing.assert_allclose(outputs[name + CHANNEL_MEAN_SUFFIXES[0]], whole[name].mean(axis=axes),
                                    rtol=1e-5, atol=1e-6 * float(np.abs(whole[name]).max()))
         assert int(outputs[name + CHANNEL_MEAN_SUFFIXES[1]]) == whole[name].size, name
+
+
+def _layers_model(batch: int | str) -> ir.Model:
+    """x [batch, 16, 8, 8] -> Conv+Relu a (16 channels) -> Conv+Relu b (24) -> Conv+Clip c (32) -> Conv d (24):
+    tensors whose pooled maxes and means ONNX Runtime bundles, two of channels a multiple of 16, two not."""
+    rng = np.random.default_rng(3)
+    shapes = {"wa": (16, 16), "wb": (24, 16), "wc": (32, 24), "wd": (24, 32)}
+    weights = [numpy_helper.from_array((rng.standard_normal((*s, 3, 3)) / 8).astype(np.float32), n)
+               for n, s in shapes.items()]
+    weights += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", 0.0), ("hi", 6.0))]
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["ca"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["ca"], ["a"]),
+             helper.make_node("Conv", ["a", "wb"], ["cb"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["cb"], ["b"]),
+             helper.make_node("Conv", ["b", "wc"], ["cc"], pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["cc", "lo", "hi"], ["c"]),
+             helper.make_node("Conv", ["c", "wd"], ["d"], pads=[1, 1, 1, 1])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 16, 8, 8])]
+    outputs = [helper.make_tensor_value_info("d", TensorProto.FLOAT, [batch, 24, 8, 8])]
+    graph = helper.make_graph(nodes, "bundles", inputs, outputs, initializer=weights)
+    opsets = [helper.make_opsetid("", 17)]
+    proto = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
+    return ir.from_proto(onnx.shape_inference.infer_shapes(proto, strict_mode=True))
+
+
+@pytest.mark.parametrize(("batch", "samples"), [(1, 1), ("N", 3)])
+def test_bundled_pooled_maxes_and_means_are_those_of_each_tensor_s_own_nodes(batch, samples, monkeypatch):
+    """The tensors' pooled maxes and channel means, concatenated in ONNX Runtime and taken apart after, give
+    bit for bit what each tensor's own Reduce nodes give (a session built without bundles)."""
+    from edgeopt.runtime import range_session as module
+
+    model = _layers_model(batch)
+    feed = {"x": np.random.default_rng(4).standard_normal((samples, 16, 8, 8)).astype(np.float32)}
+    tensors = ["a", "b", "c", "d"]
+    kwargs = {"packed": tensors, "floors": {"a": 0.0, "b": 0.0, "c": 0.0},
+              "channel_means": dict.fromkeys(tensors, (1, 4)), "free_batch": batch == "N"}
+    names = [*PACKED_RANGE_OUTPUTS, *(name + suffix for name in tensors for suffix in CHANNEL_MEAN_SUFFIXES)]
+    bundled = range_session(model, [], [], **kwargs)
+    sources = {output.name for output in bundled._session.get_outputs()}
+    # maxes of a, c (16, 32 channels) and of b; means of a, c and of b, d: a multiple of 16 apart
+    assert {"__edgeopt_pooled_max_0", "__edgeopt_channel_means_0", "__edgeopt_channel_means_1"} <= sources
+    assert set(bundled.output_names) >= set(names) and not sources & {n for n in names if "channel_mean" in n}
+    monkeypatch.setattr(module, "_bundles", lambda *args, **kw: [])
+    alone = range_session(model, [], [], **kwargs)
+    expected, actual = alone.run(feed, names), bundled.run(feed, names)
+    for name in names:
+        assert actual[name].dtype == expected[name].dtype and actual[name].shape == expected[name].shape, name
+        assert np.array_equal(actual[name], expected[name]), name
+    whole = observing_session(model, tensors).run(feed)
+    assert np.array_equal(actual[PACKED_RANGE_OUTPUTS[1]], [whole[name].max() for name in tensors])
+    assert int(actual["d" + CHANNEL_MEAN_SUFFIXES[1]]) == whole["d"].size

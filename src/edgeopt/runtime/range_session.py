@@ -5,6 +5,7 @@ max, its channel means, sampled taps)."""
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -14,7 +15,8 @@ from edgeopt import ir as eir
 from edgeopt.runtime.ort import OrtSession, _with_all_outputs
 from edgeopt.runtime.tap_gather import TapGather, add_tap_gather_nodes
 
-__all__ = ["CHANNEL_MEAN_SUFFIXES", "PACKED_RANGE_OUTPUTS", "RANGE_SUFFIXES", "batch_one_reshapes", "range_session"]
+__all__ = ["CHANNEL_MEAN_SUFFIXES", "PACKED_RANGE_OUTPUTS", "RANGE_SUFFIXES", "RangeSession", "batch_one_reshapes",
+           "range_session"]
 
 
 RANGE_SUFFIXES = ("__edgeopt_min", "__edgeopt_max")
@@ -64,7 +66,7 @@ def _follow_batch(graph, targets: Mapping[str, np.ndarray]) -> None:
 
 
 def _add_range_nodes(graph, reduced: Sequence[str], packed: Sequence[str], floors: Mapping[str, float],
-                     pooled: Collection[str]) -> None:
+                     pooled: Collection[str], bundles: Sequence[_Bundle] = ()) -> str | None:
     """ReduceMin/ReduceMax over all axes of each tensor: two scalar outputs per tensor of ``reduced``,
     and for ``packed`` (all float32) two 1-D outputs :data:`PACKED_RANGE_OUTPUTS` in their order.
 
@@ -73,34 +75,127 @@ def _add_range_nodes(graph, reduced: Sequence[str], packed: Sequence[str], floor
     above 0 never moves it). Its max is taken by GlobalMaxPool first when it is 4-D (``pooled``): ONNX
     Runtime runs that pooling in the blocked channel layout of the Conv that made the tensor, where a
     Reduce needs the tensor reordered to NCHW first (a ReLU6 output of a 224x224 MobileNetV2 took
-    longer to reorder than to compute). Max pooling is exact: the max is the Reduce's."""
+    longer to reorder than to compute). Max pooling is exact: the max is the Reduce's.
+
+    The pooled maxes of the tensors of each of ``bundles`` are concatenated into one output instead
+    (:class:`_Bundle`), whose per-tensor maxes :class:`RangeSession` takes: then the packed maxes of the
+    others come in the output returned (None: all in ``PACKED_RANGE_OUTPUTS[1]``)."""
     helper = onnx.helper
     for name in reduced:
         for op_type, suffix in zip(("ReduceMin", "ReduceMax"), RANGE_SUFFIXES):
             graph.node.append(helper.make_node(op_type, [name], [name + suffix], keepdims=0, name=name + suffix))
             graph.output.append(onnx.ValueInfoProto(name=name + suffix))
     if not packed:
-        return
+        return None
+    bundled = {name for bundle in bundles for name in bundle.names}
+    for bundle in bundles:
+        _add_pooled_bundle(graph, bundle, "GlobalMaxPool")
     # Each tensor flattened (a view), then reduced keeping its one axis: shape [1], ready to concatenate.
     flat_shape = "__edgeopt_flat_shape"
     graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], np.int64), flat_shape))
     for name in packed:
         low, high = (name + suffix for suffix in RANGE_SUFFIXES)
+        if name in floors:
+            graph.initializer.append(onnx.numpy_helper.from_array(np.array([floors[name]], np.float32), low))
+        if name in bundled:
+            continue
         source = name
         if name in floors and name in pooled:
             source = name + "__edgeopt_pooled"
             graph.node.append(helper.make_node("GlobalMaxPool", [name], [source], name=source))
         graph.node.append(helper.make_node("Reshape", [source, flat_shape], [name + "__edgeopt_flat"],
                                            name=name + "__edgeopt_flat"))
-        if name in floors:
-            graph.initializer.append(onnx.numpy_helper.from_array(np.array([floors[name]], np.float32), low))
-        else:
+        if name not in floors:
             graph.node.append(helper.make_node("ReduceMin", [name + "__edgeopt_flat"], [low], keepdims=1, name=low))
         graph.node.append(helper.make_node("ReduceMax", [name + "__edgeopt_flat"], [high], keepdims=1, name=high))
-    for suffix, output in zip(RANGE_SUFFIXES, PACKED_RANGE_OUTPUTS):
-        graph.node.append(helper.make_node("Concat", [name + suffix for name in packed], [output], axis=0,
-                                           name=output))
-        graph.output.append(onnx.ValueInfoProto(name=output))
+    rest = [name for name in packed if name not in bundled]
+    highs = PACKED_RANGE_OUTPUTS[1] if not bundled else _UNBUNDLED_MAXES if rest else None
+    for names, suffix, output in ((packed, RANGE_SUFFIXES[0], PACKED_RANGE_OUTPUTS[0]),
+                                  (rest, RANGE_SUFFIXES[1], highs)):
+        if output is not None:
+            graph.node.append(helper.make_node("Concat", [name + suffix for name in names], [output], axis=0,
+                                               name=output))
+            graph.output.append(onnx.ValueInfoProto(name=output))
+    return highs
+
+
+#: The packed maxes of the tensors not in a bundle, when some are (RangeSession puts them in their places).
+_UNBUNDLED_MAXES = "__edgeopt_packed_unbundled_max"
+
+
+@dataclass(frozen=True)
+class _Bundle:
+    """4-D tensors of static channels whose pooled ``[N, C, 1, 1]`` (max or mean) ONNX Runtime
+    concatenates along the channels into one output: in its blocked layout, where each pooled tensor
+    alone would be reordered to NCHW and reduced by nodes of its own (a 224x224 MobileNetV2's 35 ReLU6
+    maxes and 49 channel means: 250 small nodes a run). ``output``: the concatenation (maxes) or its
+    channel means ``[sum C]``; ``size``: the element count of the concatenation (means)."""
+
+    names: tuple[str, ...]
+    channels: tuple[int, ...]
+    output: str
+    size: str | None = None
+    areas: tuple[int, ...] = ()
+
+    @property
+    def bounds(self) -> np.ndarray:
+        return np.cumsum([0, *self.channels])
+
+
+#: ONNX Runtime's channel block on x86 with AVX-512 (8 with AVX2, which divides it).
+_CHANNEL_BLOCK = 16
+
+
+def _bundles(names: Sequence[str], values: Mapping[str, ir.Value], stem: str,
+             areas: Mapping[str, int] | None = None) -> list[_Bundle]:
+    """The 4-D tensors of ``names`` of static channels, by their batch dim (the same literal or symbol) and
+    dtype, so that their pooled tensors concatenate, in bundles of two or more (with ``areas``: those it
+    knows only). Those whose channels are a multiple of :data:`_CHANNEL_BLOCK` are bundled apart: ONNX
+    Runtime concatenates blocked tensors in their layout only when every one is (a 224x224 MobileNetV2's
+    24 and 3 channel tensors among its 51 made it reorder them all)."""
+    by_batch: dict[tuple, list[tuple[str, int]]] = {}
+    for name in names:
+        dims = _dims(values.get(name))
+        if len(dims) != 4 or not isinstance(dims[1], int) or dims[1] <= 0 or (areas is not None and name not in areas):
+            continue
+        batch = dims[0] if isinstance(dims[0], int) else getattr(dims[0], "value", None)
+        if batch is not None:
+            aligned = dims[1] % _CHANNEL_BLOCK == 0
+            by_batch.setdefault((batch, values[name].dtype, aligned), []).append((name, dims[1]))
+    members = [group for group in by_batch.values() if len(group) > 1]
+    bundles = []
+    for index, group in enumerate(members):
+        output = f"__edgeopt_{stem}_{index}"
+        bundles.append(_Bundle(names=tuple(name for name, _ in group), channels=tuple(c for _, c in group),
+                               output=output, size=output + "_size" if areas is not None else None,
+                               areas=tuple(areas[name] for name, _ in group) if areas is not None else ()))
+    return bundles
+
+
+def _add_pooled_bundle(graph, bundle: _Bundle, pooling: str, opset: int = 13) -> None:
+    """``pooling`` of each tensor of ``bundle``, concatenated on the channels; for a mean bundle, the channel
+    means of that and its size."""
+    helper = onnx.helper
+    pooled = [f"{bundle.output}_{index}" for index in range(len(bundle.names))]
+    for name, output in zip(bundle.names, pooled):
+        graph.node.append(helper.make_node(pooling, [name], [output], name=output))
+    joined = bundle.output if bundle.size is None else bundle.output + "_joined"
+    graph.node.append(helper.make_node("Concat", pooled, [joined], axis=1, name=joined))
+    if bundle.size is not None:
+        graph.node.append(helper.make_node("Size", [joined], [bundle.size], name=bundle.size))
+        graph.node.append(_reduce_mean(graph, joined, bundle.output, [0, 2, 3], opset))
+        graph.output.append(onnx.ValueInfoProto(name=bundle.size))
+    graph.output.append(onnx.ValueInfoProto(name=bundle.output))
+
+
+def _reduce_mean(graph, source: str, output: str, axes: Sequence[int], opset: int):
+    """A ReduceMean of ``axes`` (keepdims 0); its axes an input (added to ``graph``) from opset 18 on."""
+    helper = onnx.helper
+    if opset >= 18:
+        axes_name = output + "_axes"
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array(axes, np.int64), axes_name))
+        return helper.make_node("ReduceMean", [source, axes_name], [output], keepdims=0, name=output)
+    return helper.make_node("ReduceMean", [source], [output], axes=list(axes), keepdims=0, name=output)
 
 
 def _dims(value: ir.Value | None) -> tuple:
@@ -111,15 +206,21 @@ CHANNEL_MEAN_SUFFIXES = ("__edgeopt_channel_mean", "__edgeopt_size")
 
 
 def _add_channel_mean_nodes(graph, channel_means: Mapping[str, tuple[int, int]], opset: int,
-                            areas: Mapping[str, int]) -> None:
+                            areas: Mapping[str, int], bundles: Sequence[_Bundle] = ()) -> None:
     """For each tensor (name -> (channel axis, rank)): its mean over every other axis ([C]) and its
     number of elements (a scalar), so a caller gets per-channel sums without fetching the tensor.
 
     An NCHW tensor whose H * W ``areas`` knows is averaged by GlobalAveragePool first, in ONNX Runtime's
     blocked channel layout as the max of :func:`_add_range_nodes`, its size counted from the pooled
-    ``[N, C, 1, 1]``. The mean of the pooled means is the tensor's mean, up to float rounding."""
+    ``[N, C, 1, 1]``. The mean of the pooled means is the tensor's mean, up to float rounding. Those of
+    ``bundles`` come in their bundle's outputs (:class:`_Bundle`), taken apart by :class:`RangeSession`."""
     helper = onnx.helper
+    for bundle in bundles:
+        _add_pooled_bundle(graph, bundle, "GlobalAveragePool", opset)
+    bundled = {name for bundle in bundles for name in bundle.names}
     for name, (axis, rank) in channel_means.items():
+        if name in bundled:
+            continue
         mean, size = (name + suffix for suffix in CHANNEL_MEAN_SUFFIXES)
         source, axes = name, [a for a in range(rank) if a != axis]
         if name in areas:
@@ -130,12 +231,7 @@ def _add_channel_mean_nodes(graph, channel_means: Mapping[str, tuple[int, int]],
             graph.node.append(helper.make_node("Mul", [size + "_pooled", size + "_area"], [size], name=size))
         else:
             graph.node.append(helper.make_node("Size", [name], [size], name=size))
-        if opset >= 18:  # ReduceMean takes its axes as an input from opset 18 on
-            axes_name = mean + "_axes"
-            graph.initializer.append(onnx.numpy_helper.from_array(np.array(axes, np.int64), axes_name))
-            graph.node.append(helper.make_node("ReduceMean", [source, axes_name], [mean], keepdims=0, name=mean))
-        else:
-            graph.node.append(helper.make_node("ReduceMean", [source], [mean], axes=axes, keepdims=0, name=mean))
+        graph.node.append(_reduce_mean(graph, source, mean, axes, opset))
         graph.output.extend([onnx.ValueInfoProto(name=mean), onnx.ValueInfoProto(name=size)])
 
 
@@ -153,7 +249,7 @@ def range_session(model: ir.Model, full: Sequence[str], reduced: Sequence[str], 
                   packed: Sequence[str] = (), floors: Mapping[str, float] | None = None,
                   channel_means: Mapping[str, tuple[int, int]] | None = None,
                   gathers: Mapping[str, TapGather] | None = None,
-                  threads: int | None = None, free_batch: bool = False) -> OrtSession:
+                  threads: int | None = None, free_batch: bool = False) -> RangeSession:
     """A session returning the tensors ``full`` whole and, for each of ``reduced`` and ``packed``, only
     its min and max.
 
@@ -180,12 +276,83 @@ def range_session(model: ir.Model, full: Sequence[str], reduced: Sequence[str], 
     wanted = set(packed)
     floors = {name: float(floor) for name, floor in (floors or {}).items() if name in wanted and floor >= 0}
     pooled = {name for name in floors if len(_dims(values.get(name))) == 4}
-    _add_range_nodes(proto.graph, reduced, packed, floors, pooled)
+    max_bundles = _bundles([name for name in packed if name in pooled], values, "pooled_max")
+    highs = _add_range_nodes(proto.graph, reduced, packed, floors, pooled, max_bundles)
+    mean_bundles = []
     if channel_means:
-        _add_channel_mean_nodes(proto.graph, channel_means, eir.default_opset(model),
-                                _nchw_areas(values, channel_means))
+        areas = _nchw_areas(values, channel_means)
+        mean_bundles = _bundles(list(channel_means), values, "channel_means", areas)
+        _add_channel_mean_nodes(proto.graph, channel_means, eir.default_opset(model), areas, mean_bundles)
     add_tap_gather_nodes(proto.graph, gathers or {})
     # Between runs the observers' numpy work needs the cores that spinning ORT threads would hold. In
     # ONNX Runtime's default order the pooled reductions kept a 224x224 MobileNetV2's ReLU6 outputs
     # alive to the end of each run: 17 MB more peak RSS.
-    return OrtSession(prepared, threads=threads, spin=False, early_free=True)
+    return RangeSession(prepared, packed=packed, unbundled_maxes=highs, max_bundles=max_bundles,
+                        mean_bundles=mean_bundles, threads=threads, spin=False, early_free=True)
+
+
+class RangeSession(OrtSession):
+    """The session of :func:`range_session`. Its outputs are those asked for: the outputs of a bundle
+    (:class:`_Bundle`) are taken apart into the packed maxes and the channel means they hold, as
+    ``PACKED_RANGE_OUTPUTS[1]`` and ``{name}`` + :data:`CHANNEL_MEAN_SUFFIXES`, exactly the values the
+    nodes of each tensor would give (a max is exact, and ONNX Runtime's ReduceMean of the concatenated
+    pooled means gives each channel's mean as that of the tensor alone does)."""
+
+    def __init__(self, model, *, packed: Sequence[str], unbundled_maxes: str | None, max_bundles: Sequence[_Bundle],
+                 mean_bundles: Sequence[_Bundle], **options) -> None:
+        super().__init__(model, **options)
+        self._max_bundles, self._mean_bundles = list(max_bundles), list(mean_bundles)
+        self._derived: dict[str, tuple[str, ...]] = {}  # output -> the session outputs it is taken from
+        position = {name: index for index, name in enumerate(packed)}
+        self._unbundled = unbundled_maxes
+        self._unbundled_at = np.array([position[name] for name in packed
+                                       if not any(name in bundle.names for bundle in max_bundles)], dtype=np.int64)
+        self._bundled_at = [np.array([position[name] for name in bundle.names], dtype=np.int64)
+                            for bundle in max_bundles]
+        self._count = len(packed)
+        if max_bundles:
+            self._derived[PACKED_RANGE_OUTPUTS[1]] = (*([unbundled_maxes] if unbundled_maxes else []),
+                                                      *(bundle.output for bundle in max_bundles))
+        for bundle in mean_bundles:
+            for name in bundle.names:
+                for suffix in CHANNEL_MEAN_SUFFIXES:
+                    self._derived[name + suffix] = (bundle.output, bundle.size)
+        sources = {source for outputs in self._derived.values() for source in outputs}
+        self.output_names = [*(name for name in self.output_names if name not in sources), *self._derived]
+
+    def run(self, feed: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        names = list(output_names) if output_names is not None else self.output_names
+        wanted = [name for name in names if name not in self._derived]
+        wanted += [source for name in names for source in self._derived.get(name, ()) if source not in wanted]
+        outputs = super().run(feed, list(dict.fromkeys(wanted)))
+        derived = {}
+        if PACKED_RANGE_OUTPUTS[1] in self._derived and PACKED_RANGE_OUTPUTS[1] in names:
+            derived[PACKED_RANGE_OUTPUTS[1]] = self._packed_maxes(outputs)
+        for bundle in self._mean_bundles:
+            if any(name + suffix in names for name in bundle.names for suffix in CHANNEL_MEAN_SUFFIXES):
+                derived.update(_bundle_means(bundle, outputs[bundle.output], outputs[bundle.size]))
+        return {name: derived[name] if name in derived else outputs[name] for name in names}
+
+    def _packed_maxes(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        highs = np.empty(self._count, dtype=np.float32)
+        if self._unbundled:
+            highs[self._unbundled_at] = outputs[self._unbundled]
+        for bundle, at in zip(self._max_bundles, self._bundled_at):
+            pooled = outputs[bundle.output]
+            # a NaN stays (the batch's extreme is then not finite, and the batch skipped for the tensor),
+            # where ONNX Runtime's ReduceMax keeps or drops it by its position
+            channels = np.max(pooled.reshape(pooled.shape[0], -1), axis=0, initial=-np.inf)
+            highs[at] = np.maximum.reduceat(channels, bundle.bounds[:-1])
+        return highs
+
+
+def _bundle_means(bundle: _Bundle, means: np.ndarray, size: np.ndarray) -> dict[str, np.ndarray]:
+    """Each tensor's channel means and element count (``{name}`` + :data:`CHANNEL_MEAN_SUFFIXES`) from its
+    bundle's: the means ``[sum C]`` in the order of the tensors, and the count of the pooled means
+    (``N sum C``), ``N`` times each tensor's channels times its ``areas``."""
+    rows = int(size) // max(int(bundle.bounds[-1]), 1)
+    parts = {}
+    for name, start, stop, area in zip(bundle.names, bundle.bounds[:-1], bundle.bounds[1:], bundle.areas):
+        parts[name + CHANNEL_MEAN_SUFFIXES[0]] = means[start:stop]
+        parts[name + CHANNEL_MEAN_SUFFIXES[1]] = np.array(rows * (stop - start) * area, dtype=size.dtype)
+    return parts
