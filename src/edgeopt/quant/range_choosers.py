@@ -69,8 +69,13 @@ class _KlDivergence:
     def __init__(self, counts: np.ndarray, num_levels: int) -> None:
         self.counts, self.num_levels = np.asarray(counts, dtype=np.int64), num_levels
         self.mass = np.concatenate([[0], np.cumsum(self.counts)])
-        self.filled = np.concatenate([[0], np.cumsum(self.counts > 0)])
+        # the prefix sums the groups read, as float64 (integers below 2**53: exact), so that their
+        # differences and quotients are float arithmetic, not integer-to-float conversions
+        self.mass_float = self.mass.astype(np.float64)
+        self.filled = np.concatenate([[0.0], np.cumsum(self.counts > 0, dtype=np.float64)])
         self.information = np.concatenate([[0.0], np.cumsum(self.counts * np.log(np.maximum(self.counts, 1)))])
+        # ceil(g s / L) by a shift when L is a power of two (int8's 128 and 256 levels): what the division gives
+        self._shift = num_levels.bit_length() - 1 if num_levels & (num_levels - 1) == 0 else None
 
     def __call__(self, stops: np.ndarray) -> np.ndarray:
         rows = max(1, _KL_CHUNK_ELEMENTS // self.num_levels)  # candidates x levels matrices stay small
@@ -79,11 +84,13 @@ class _KlDivergence:
     def _divergences(self, stops: np.ndarray) -> np.ndarray:
         mass, levels = self.mass, self.num_levels
         total = float(mass[-1])
-        bounds = (np.arange(levels + 1) * stops[:, None] + levels - 1) // levels  # ceil(g s / L)
-        group_mass = np.diff(mass[bounds], axis=1)
-        level = group_mass / np.maximum(np.diff(self.filled[bounds], axis=1), 1)  # m_g
-        log_level = np.zeros_like(level)
-        np.log(level, out=log_level, where=group_mass > 0)
+        bounds = np.arange(levels + 1) * stops[:, None] + (levels - 1)
+        bounds = bounds >> self._shift if self._shift is not None else bounds // levels  # ceil(g s / L)
+        group_mass = np.diff(self.mass_float[bounds], axis=1)
+        level = group_mass / np.maximum(np.diff(self.filled[bounds], axis=1), 1.0)  # m_g
+        # log m_g of the empty groups is never used (times G_g = 0; bin s - 1 is in an empty group only when it
+        # is empty): any finite number does, and a plain log is 5x faster than one masked by where=
+        log_level = np.log(np.maximum(level, np.finfo(np.float64).tiny))
         last = self.counts[stops - 1]
         weighted = (group_mass * log_level).sum(axis=1) - last * log_level[:, -1]  # sum_g G'_g log m_g
         kept = mass[stops]
