@@ -128,7 +128,7 @@ class _Bundle:
     """4-D tensors of static channels whose pooled ``[N, C, 1, 1]`` (max or mean) ONNX Runtime
     concatenates along the channels into one output: in its blocked layout, where each pooled tensor
     alone would be reordered to NCHW and reduced by nodes of its own (a 224x224 MobileNetV2's 35 ReLU6
-    maxes and 49 channel means: 250 small nodes a run). ``output``: the concatenation (maxes) or its
+    maxes and 49 channel means: about 300 small nodes a run). ``output``: the concatenation (maxes) or its
     channel means ``[sum C]``; ``size``: the element count of the concatenation (means)."""
 
     names: tuple[str, ...]
