@@ -143,3 +143,26 @@ def test_bundled_pooled_maxes_and_means_are_those_of_each_tensor_s_own_nodes(bat
     whole = observing_session(model, tensors).run(feed)
     assert np.array_equal(actual[PACKED_RANGE_OUTPUTS[1]], [whole[name].max() for name in tensors])
     assert int(actual["d" + CHANNEL_MEAN_SUFFIXES[1]]) == whole["d"].size
+
+
+def test_a_tensor_whose_channels_are_not_those_declared_is_reduced_alone(caplog):
+    """The model declares 32 channels for a (it has 16): concatenated, every tensor after it would be read
+    at the wrong place. The first run finds the bundles' channels short and the session reduces each tensor
+    alone from then on, giving what a session without bundles gives."""
+    model = _layers_model(1)
+    model.graph.node(1).outputs[0].shape = ir.Shape([1, 32, 8, 8])  # the Relu's a
+    tensors = ["a", "b", "c", "d"]
+    kwargs = {"packed": tensors, "floors": {"a": 0.0, "b": 0.0, "c": 0.0},
+              "channel_means": dict.fromkeys(tensors, (1, 4))}
+    names = [*PACKED_RANGE_OUTPUTS, *(name + suffix for name in tensors for suffix in CHANNEL_MEAN_SUFFIXES)]
+    session = range_session(model, [], [], **kwargs)
+    feed = {"x": np.random.default_rng(5).standard_normal((1, 16, 8, 8)).astype(np.float32)}
+    whole = observing_session(model, tensors).run(feed)
+    with caplog.at_level("INFO", logger="edgeopt.runtime.range_session"):
+        for _ in range(2):
+            outputs = session.run(feed, names)
+            assert np.array_equal(outputs[PACKED_RANGE_OUTPUTS[1]], [whole[name].max() for name in tensors])
+            for name in tensors:
+                np.testing.assert_allclose(outputs[name + CHANNEL_MEAN_SUFFIXES[0]], whole[name].mean(axis=(0, 2, 3)),
+                                           rtol=1e-5, atol=1e-6)
+    assert caplog.text.count("channels differ from the model's shapes") == 1

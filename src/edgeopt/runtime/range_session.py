@@ -4,7 +4,10 @@ max, its channel means, sampled taps)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+import functools
+import logging
+import threading
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +21,7 @@ from edgeopt.runtime.tap_gather import TapGather, add_tap_gather_nodes
 __all__ = ["CHANNEL_MEAN_SUFFIXES", "PACKED_RANGE_OUTPUTS", "RANGE_SUFFIXES", "RangeSession", "batch_one_reshapes",
            "range_session"]
 
+logger = logging.getLogger(__name__)
 
 RANGE_SUFFIXES = ("__edgeopt_min", "__edgeopt_max")
 PACKED_RANGE_OUTPUTS = tuple("__edgeopt_packed" + suffix for suffix in RANGE_SUFFIXES)
@@ -267,6 +271,16 @@ def range_session(model: ir.Model, full: Sequence[str], reduced: Sequence[str], 
     (outputs ``{name}`` + :data:`CHANNEL_MEAN_SUFFIXES`). ``gathers`` (output name -> :class:`TapGather`) adds
     sampled positions of tensors, and the input ``TAP_STREAM_INPUT`` they need (:mod:`.tap_gather`).
     """
+    options = {"packed": packed, "floors": floors, "channel_means": channel_means, "gathers": gathers,
+               "threads": threads, "free_batch": free_batch}
+    return _session(model, full, reduced, bundled=True, **options)
+
+
+def _session(model: ir.Model, full: Sequence[str], reduced: Sequence[str], *, bundled: bool,
+             packed: Sequence[str], floors: Mapping[str, float] | None,
+             channel_means: Mapping[str, tuple[int, int]] | None, gathers: Mapping[str, TapGather] | None,
+             threads: int | None, free_batch: bool) -> RangeSession:
+    """:func:`range_session`, its pooled tensors in bundles or not (``bundled``)."""
     prepared = _with_all_outputs(model, full)
     proto = prepared.proto
     values = eir.values_by_name(model)
@@ -276,19 +290,23 @@ def range_session(model: ir.Model, full: Sequence[str], reduced: Sequence[str], 
     wanted = set(packed)
     floors = {name: float(floor) for name, floor in (floors or {}).items() if name in wanted and floor >= 0}
     pooled = {name for name in floors if len(_dims(values.get(name))) == 4}
-    max_bundles = _bundles([name for name in packed if name in pooled], values, "pooled_max")
+    max_bundles = _bundles([name for name in packed if name in pooled], values, "pooled_max") if bundled else []
     highs = _add_range_nodes(proto.graph, reduced, packed, floors, pooled, max_bundles)
     mean_bundles = []
     if channel_means:
         areas = _nchw_areas(values, channel_means)
-        mean_bundles = _bundles(list(channel_means), values, "channel_means", areas)
+        mean_bundles = _bundles(list(channel_means), values, "channel_means", areas) if bundled else []
         _add_channel_mean_nodes(proto.graph, channel_means, eir.default_opset(model), areas, mean_bundles)
     add_tap_gather_nodes(proto.graph, gathers or {})
+    options = {"packed": packed, "floors": floors, "channel_means": channel_means, "gathers": gathers,
+               "threads": threads, "free_batch": free_batch}
+    unbundled = functools.partial(_session, model, full, reduced, bundled=False, **options) if bundled else None
     # Between runs the observers' numpy work needs the cores that spinning ORT threads would hold. In
     # ONNX Runtime's default order the pooled reductions kept a 224x224 MobileNetV2's ReLU6 outputs
     # alive to the end of each run: 17 MB more peak RSS.
     return RangeSession(prepared, packed=packed, unbundled_maxes=highs, max_bundles=max_bundles,
-                        mean_bundles=mean_bundles, threads=threads, spin=False, early_free=True)
+                        mean_bundles=mean_bundles, unbundled=unbundled, threads=threads, spin=False,
+                        early_free=True)
 
 
 class RangeSession(OrtSession):
@@ -296,11 +314,16 @@ class RangeSession(OrtSession):
     (:class:`_Bundle`) are taken apart into the packed maxes and the channel means they hold, as
     ``PACKED_RANGE_OUTPUTS[1]`` and ``{name}`` + :data:`CHANNEL_MEAN_SUFFIXES`, exactly the values the
     nodes of each tensor would give (a max is exact, and ONNX Runtime's ReduceMean of the concatenated
-    pooled means gives each channel's mean as that of the tensor alone does)."""
+    pooled means gives each channel's mean as that of the tensor alone does). A run whose bundles hold
+    other channels than the model declares (a wrong shape in the model) makes the session without bundles
+    and runs on it from then on."""
 
     def __init__(self, model, *, packed: Sequence[str], unbundled_maxes: str | None, max_bundles: Sequence[_Bundle],
-                 mean_bundles: Sequence[_Bundle], **options) -> None:
+                 mean_bundles: Sequence[_Bundle], unbundled: Callable[[], RangeSession] | None = None,
+                 **options) -> None:
         super().__init__(model, **options)
+        # the session without bundles, made when a run finds a bundle's channels other than the model declares
+        self._make_fallback, self._fallback, self._switch = unbundled, None, threading.Lock()
         self._max_bundles, self._mean_bundles = list(max_bundles), list(mean_bundles)
         self._derived: dict[str, tuple[str, ...]] = {}  # output -> the session outputs it is taken from
         position = {name: index for index, name in enumerate(packed)}
@@ -321,10 +344,18 @@ class RangeSession(OrtSession):
         self.output_names = [*(name for name in self.output_names if name not in sources), *self._derived]
 
     def run(self, feed: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        if self._fallback is not None:
+            return self._fallback.run(feed, output_names)
         names = list(output_names) if output_names is not None else self.output_names
         wanted = [name for name in names if name not in self._derived]
         wanted += [source for name in names for source in self._derived.get(name, ()) if source not in wanted]
         outputs = super().run(feed, list(dict.fromkeys(wanted)))
+        if not self._as_declared(outputs):
+            with self._switch:  # once, whichever of the runs in flight finds it
+                if self._fallback is None:
+                    logger.info("a tensor's channels differ from the model's shapes: its statistics reduced alone")
+                    self._fallback = self._make_fallback()
+            return self._fallback.run(feed, output_names)
         derived = {}
         if PACKED_RANGE_OUTPUTS[1] in self._derived and PACKED_RANGE_OUTPUTS[1] in names:
             derived[PACKED_RANGE_OUTPUTS[1]] = self._packed_maxes(outputs)
@@ -332,6 +363,16 @@ class RangeSession(OrtSession):
             if any(name + suffix in names for name in bundle.names for suffix in CHANNEL_MEAN_SUFFIXES):
                 derived.update(_bundle_means(bundle, outputs[bundle.output], outputs[bundle.size]))
         return {name: derived[name] if name in derived else outputs[name] for name in names}
+
+    def _as_declared(self, outputs: Mapping[str, np.ndarray]) -> bool:
+        """Whether the bundles in ``outputs`` hold the channels the model declares of their tensors (a
+        wrongly declared shape would shift every tensor after it in the concatenation)."""
+        for bundle in (*self._max_bundles, *self._mean_bundles):
+            array = outputs.get(bundle.output)
+            axis = 1 if bundle.size is None else 0
+            if array is not None and (array.ndim <= axis or array.shape[axis] != bundle.bounds[-1]):
+                return False
+        return True
 
     def _packed_maxes(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
         highs = np.empty(self._count, dtype=np.float32)
