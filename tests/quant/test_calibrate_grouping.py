@@ -296,3 +296,31 @@ def test_runs_go_ahead_only_while_what_they_return_whole_is_small_and_known(monk
     assert grouping.runs_in_flight(model, ["conv"], 1) == 1
     monkeypatch.setattr(grouping.os, "cpu_count", lambda: 1)
     assert grouping.runs_in_flight(model, [], 16) == 1
+
+
+def test_observing_on_the_calling_thread_gives_what_the_worker_threads_give(monkeypatch):
+    # runs returning little whole are observed between runs on the calling thread, others beside the runs on
+    # worker threads: the same statistics, batches handed to the hooks in the same order, the same progress
+    import importlib
+
+    from edgeopt.quant import CalibrationMethod
+
+    calibrate_module = importlib.import_module("edgeopt.quant.calibrate")  # (the package's calibrate is the function)
+    model, data = _conv_relu(), _samples((1, 3, 8, 8), seed=6)
+    names = _tensor_names(model)
+    chosen = []
+    observe = calibrate_module._observe_runs
+    monkeypatch.setattr(calibrate_module, "_observe_runs",
+                        lambda *args, inline, **kw: (chosen.append(inline), observe(*args, inline=inline, **kw))[1])
+    results = []
+    for limit in (calibrate_module.INLINE_OBSERVATION_BYTES, 0):  # 0: nothing is light enough, threads
+        monkeypatch.setattr(calibrate_module, "INLINE_OBSERVATION_BYTES", limit)
+        for method in (CalibrationMethod.MINMAX, CalibrationMethod.PERCENTILE):
+            hook, progress = _OrderHook(), []
+            result = calibrate(model, data, names, CalibrationConfig(method=method), hooks=[hook],
+                               progress=lambda done, total: progress.append((done, total)))
+            ranges = {name: (result.tensors[name].range, dict(result.tensors[name].ranges)) for name in names}
+            results.append((ranges, hook.seen, result.num_batches, progress))
+    assert chosen == [True, True, False, False]
+    assert results[0] == results[2] and results[1] == results[3]
+    assert results[1][3] == [(done, SAMPLES) for done in range(1, SAMPLES + 1)]

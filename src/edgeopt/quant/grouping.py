@@ -41,7 +41,7 @@ from edgeopt.runtime.range_session import CHANNEL_MEAN_SUFFIXES, RANGE_SUFFIXES,
 from edgeopt.runtime.tap_gather import TAP_STREAM_INPUT
 
 __all__ = ["GROUP_FETCH_BYTES", "GROUP_INPUT_BYTES", "GROUP_SIZE", "QUEUED_PER_RUN", "RUNS_IN_FLIGHT",
-           "RUN_AHEAD_FETCH_BYTES", "Runner", "fetched_bytes", "group_size", "groups", "runs_in_flight"]
+           "RUN_AHEAD_FETCH_BYTES", "Runner", "fetched_bytes", "group_size", "groups", "run_bytes", "runs_in_flight"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +82,19 @@ def fetched_bytes(model: ir.Model, names: Iterable[str]) -> int:
     return sum(size or 0 for size in _sample_bytes(model, names))
 
 
+def run_bytes(model: ir.Model, whole: Sequence[str], group: int, *, gathered_bytes: int = 0) -> int | None:
+    """Bytes a run of ``group`` samples returns: the tensors ``whole`` and ``gathered_bytes`` a sample of
+    tap gathers; None when a tensor's shape is not static."""
+    sizes = _sample_bytes(model, whole)
+    return None if any(size is None for size in sizes) else (sum(sizes) + gathered_bytes) * group
+
+
 def runs_in_flight(model: ir.Model, whole: Sequence[str], group: int, *, gathered_bytes: int = 0) -> int:
     """How many groups run at once: :data:`RUNS_IN_FLIGHT` (at most one per core) when the tensors a
     run returns whole (``whole``, ``group`` samples a run) are of known shapes and, with the
     ``gathered_bytes`` a sample of tap gathers, at most :data:`RUN_AHEAD_FETCH_BYTES` in all, else 1."""
-    sizes = _sample_bytes(model, whole)
-    if any(size is None for size in sizes) or (sum(sizes) + gathered_bytes) * group > RUN_AHEAD_FETCH_BYTES:
+    size = run_bytes(model, whole, group, gathered_bytes=gathered_bytes)
+    if size is None or size > RUN_AHEAD_FETCH_BYTES:
         return 1
     return max(1, min(RUNS_IN_FLIGHT, os.cpu_count() or 1))
 
