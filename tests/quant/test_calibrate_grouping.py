@@ -289,10 +289,12 @@ def test_runs_go_ahead_only_while_what_they_return_whole_is_small_and_known(monk
 
     monkeypatch.setattr(grouping.os, "cpu_count", lambda: 2)
     model = _conv_relu()  # conv and y: 4 x 8 x 8 float32 = 1 KiB a sample each
+    assert grouping.run_bytes(model, ["conv", "y"], 16, gathered_bytes=100) == (2048 + 100) * 16
     assert grouping.runs_in_flight(model, [], 16) == 2
     assert grouping.runs_in_flight(model, ["conv", "y"], 16) == 2
     assert grouping.runs_in_flight(model, ["conv", "y"], grouping.RUN_AHEAD_FETCH_BYTES // 2048 + 1) == 1
     model.graph.node(0).outputs[0].shape = ir.Shape(["n", 4, 8, 8])  # not static: its size is unknown
+    assert grouping.run_bytes(model, ["conv"], 1) is None and grouping.run_bytes(model, [], 1) == 0
     assert grouping.runs_in_flight(model, ["conv"], 1) == 1
     monkeypatch.setattr(grouping.os, "cpu_count", lambda: 1)
     assert grouping.runs_in_flight(model, [], 16) == 1
