@@ -96,15 +96,15 @@ def add_tap_gather_nodes(graph, gathers: Mapping[str, TapGather]) -> None:
 
 
 class _Constants:
-    """Initializers of a protobuf graph (int64 unless told), each added once by name."""
+    """int64 initializers of a protobuf graph, each added once by name."""
 
     def __init__(self, graph) -> None:
         self.graph, self.names = graph, set()
 
-    def __call__(self, name: str, value, dtype=np.int64) -> str:
+    def __call__(self, name: str, value) -> str:
         name = "__edgeopt_tap_" + name
         if name not in self.names:
             self.names.add(name)
-            self.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+            self.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(value, dtype=np.int64), name))
         return name
 
