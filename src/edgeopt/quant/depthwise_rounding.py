@@ -185,6 +185,7 @@ class DepthwiseCorrelationHook:
                         if name in by_name and is_depthwise(by_name[name])}
         self.layers = frozenset(self._layers)
         self._weights = {name: eir.constant_array(node.inputs[1]) for name, node in self._layers.items()}
+        self._window = {name: int(np.prod(weight.shape[2:])) for name, weight in self._weights.items()}  # taps
         self.tensors = tuple(dict.fromkeys(node.inputs[0].name for node in self._layers.values()))
         self._sums: dict[str, np.ndarray] = {}
         self._rows: dict[str, np.ndarray] = {}
@@ -253,7 +254,7 @@ class DepthwiseCorrelationHook:
         phase = stream % _PHASES
         if padding[phase] is not None:
             np.copyto(taps, 0, where=padding[phase])
-        self._buffer(name, stream % 2, taps.reshape(taps.shape[0], -1, int(np.prod(self._weights[name].shape[2:]))))
+        self._buffer(name, stream % 2, taps.reshape(taps.shape[0], -1, self._window[name]))
 
     def _buffer(self, name: str, fold: int, taps: np.ndarray) -> None:
         """Keep ``taps [C, rows, K]`` until :data:`_FOLD_ROWS` rows of the layer's fold are waiting (or
