@@ -141,8 +141,9 @@ class _Bundle:
     size: str | None = None
     areas: tuple[int, ...] = ()
 
-    @property
+    @functools.cached_property
     def bounds(self) -> np.ndarray:
+        """Where each tensor's channels start in the concatenation, and their total last."""
         return np.cumsum([0, *self.channels])
 
 
@@ -253,7 +254,7 @@ def range_session(model: ir.Model, full: Sequence[str], reduced: Sequence[str], 
                   packed: Sequence[str] = (), floors: Mapping[str, float] | None = None,
                   channel_means: Mapping[str, tuple[int, int]] | None = None,
                   gathers: Mapping[str, TapGather] | None = None,
-                  threads: int | None = None, free_batch: bool = False) -> RangeSession:
+                  threads: int | None = None, free_batch: bool = False, bundled: bool = True) -> RangeSession:
     """A session returning the tensors ``full`` whole and, for each of ``reduced`` and ``packed``, only
     its min and max.
 
@@ -270,17 +271,12 @@ def range_session(model: ir.Model, full: Sequence[str], reduced: Sequence[str], 
     ``channel_means`` (name -> (channel axis, rank)) adds each tensor's per-channel mean and size
     (outputs ``{name}`` + :data:`CHANNEL_MEAN_SUFFIXES`). ``gathers`` (output name -> :class:`TapGather`) adds
     sampled positions of tensors, and the input ``TAP_STREAM_INPUT`` they need (:mod:`.tap_gather`).
+    ``bundled``: pooled maxes and means in bundles (:class:`_Bundle`; the session without them is its
+    fallback, see :class:`RangeSession`).
     """
-    options = {"packed": packed, "floors": floors, "channel_means": channel_means, "gathers": gathers,
-               "threads": threads, "free_batch": free_batch}
-    return _session(model, full, reduced, bundled=True, **options)
-
-
-def _session(model: ir.Model, full: Sequence[str], reduced: Sequence[str], *, bundled: bool,
-             packed: Sequence[str], floors: Mapping[str, float] | None,
-             channel_means: Mapping[str, tuple[int, int]] | None, gathers: Mapping[str, TapGather] | None,
-             threads: int | None, free_batch: bool) -> RangeSession:
-    """:func:`range_session`, its pooled tensors in bundles or not (``bundled``)."""
+    fallback = functools.partial(range_session, model, full, reduced, packed=packed, floors=floors,
+                                 channel_means=channel_means, gathers=gathers, threads=threads,
+                                 free_batch=free_batch, bundled=False) if bundled else None
     prepared = _with_all_outputs(model, full)
     proto = prepared.proto
     values = eir.values_by_name(model)
@@ -298,15 +294,11 @@ def _session(model: ir.Model, full: Sequence[str], reduced: Sequence[str], *, bu
         mean_bundles = _bundles(list(channel_means), values, "channel_means", areas) if bundled else []
         _add_channel_mean_nodes(proto.graph, channel_means, eir.default_opset(model), areas, mean_bundles)
     add_tap_gather_nodes(proto.graph, gathers or {})
-    options = {"packed": packed, "floors": floors, "channel_means": channel_means, "gathers": gathers,
-               "threads": threads, "free_batch": free_batch}
-    unbundled = functools.partial(_session, model, full, reduced, bundled=False, **options) if bundled else None
     # Between runs the observers' numpy work needs the cores that spinning ORT threads would hold. In
     # ONNX Runtime's default order the pooled reductions kept a 224x224 MobileNetV2's ReLU6 outputs
     # alive to the end of each run: 17 MB more peak RSS.
     return RangeSession(prepared, packed=packed, unbundled_maxes=highs, max_bundles=max_bundles,
-                        mean_bundles=mean_bundles, unbundled=unbundled, threads=threads, spin=False,
-                        early_free=True)
+                        mean_bundles=mean_bundles, fallback=fallback, threads=threads, spin=False, early_free=True)
 
 
 class RangeSession(OrtSession):
@@ -319,15 +311,15 @@ class RangeSession(OrtSession):
     and runs on it from then on."""
 
     def __init__(self, model, *, packed: Sequence[str], unbundled_maxes: str | None, max_bundles: Sequence[_Bundle],
-                 mean_bundles: Sequence[_Bundle], unbundled: Callable[[], RangeSession] | None = None,
+                 mean_bundles: Sequence[_Bundle], fallback: Callable[[], RangeSession] | None = None,
                  **options) -> None:
         super().__init__(model, **options)
         # the session without bundles, made when a run finds a bundle's channels other than the model declares
-        self._make_fallback, self._fallback, self._switch = unbundled, None, threading.Lock()
+        self._make_fallback, self._fallback, self._switch = fallback, None, threading.Lock()
         self._max_bundles, self._mean_bundles = list(max_bundles), list(mean_bundles)
         self._derived: dict[str, tuple[str, ...]] = {}  # output -> the session outputs it is taken from
         position = {name: index for index, name in enumerate(packed)}
-        self._unbundled = unbundled_maxes
+        self._unbundled_maxes = unbundled_maxes
         self._unbundled_at = np.array([position[name] for name in packed
                                        if not any(name in bundle.names for bundle in max_bundles)], dtype=np.int64)
         self._bundled_at = [np.array([position[name] for name in bundle.names], dtype=np.int64)
@@ -376,8 +368,8 @@ class RangeSession(OrtSession):
 
     def _packed_maxes(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
         highs = np.empty(self._count, dtype=np.float32)
-        if self._unbundled:
-            highs[self._unbundled_at] = outputs[self._unbundled]
+        if self._unbundled_maxes:
+            highs[self._unbundled_at] = outputs[self._unbundled_maxes]
         for bundle, at in zip(self._max_bundles, self._bundled_at):
             pooled = outputs[bundle.output]
             # a NaN stays (the batch's extreme is then not finite, and the batch skipped for the tensor),
