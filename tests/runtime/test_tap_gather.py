@@ -83,4 +83,3 @@ def test_a_tensor_with_fewer_rows_than_the_run_fails_to_run():
 def test_the_stream_must_number_the_rows_on_from_the_first(stream):
     with pytest.raises(ModelError, match="do not match"):
         check_stream(stream, np.zeros((2, 3, 4)), 0, "t", "r")
-
